@@ -1,0 +1,248 @@
+"""The aiohttp side: turn an inbound request into a ProxyRequest and the answer back."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import (
+    PROXY_ERROR_HEADER,
+    InvalidRequest,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTooLarge,
+    normalise_error,
+)
+from proxy.headers import for_caller, for_upstream, has_bad_value
+from proxy.logs import event
+from proxy.messages import Body, ProxyRequest, ProxyResponse
+from proxy.rewrite import REWRITTEN_HEADERS, rewrite_url
+from proxy.target import Target, parse_target
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CHUNK = 64 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+# Upstream headers worth keeping on an error answer.
+ERROR_KEPT_HEADERS = (
+    "Retry-After",
+    "X-Ratelimit-Reset",
+    "X-Ratelimit-Limit",
+    "X-Ratelimit-Remaining",
+)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the access log and metrics learn about one request while it is answered."""
+
+    request_id: str = ""
+    caller: str = "-"
+    account: str = "-"
+    cache_status: str = "-"
+    upstream_status: int | None = None
+    bytes_sent: int = 0
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def exchange_of(request: web.Request) -> Exchange:
+    found = request.get(EXCHANGE)
+    if found is None:
+        found = request[EXCHANGE] = Exchange()
+    return found
+
+
+def request_id(headers: CIMultiDictProxy[str]) -> str:
+    given = headers.get("X-Request-ID", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def guard(request: web.Request) -> Target:
+    """The checks that come before routing: method and request target."""
+    if request.method not in METHODS:
+        raise MethodNotAllowed(f"Method {request.method} is not proxied")
+    return parse_target(request.raw_path)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    from proxy.app import CONTEXT  # the context is created by the app; import late to avoid a cycle
+
+    ctx = request.app[CONTEXT]
+    info = exchange_of(request)
+    target = guard(request)
+    bad = has_bad_value(request.headers.items())
+    if bad is not None:
+        raise InvalidRequest(f"Header {bad} contains CR, LF or NUL")
+    caller = ctx.callers.identify(request.headers)
+    info.caller, info.account = caller.name, caller.account
+    server = ctx.settings.server
+    body = await read_body(request, server.max_body_size, server.replay_body_size)
+    loop = asyncio.get_running_loop()
+    headers = for_upstream(request.headers.items(), ctx.callers.header_names)
+    headers["X-Request-ID"] = info.request_id
+    proxy_request = ProxyRequest(
+        method=request.method,
+        path=target.path,
+        query=target.query,
+        headers=CIMultiDictProxy(headers),
+        body=body,
+        account=caller.account,
+        caller=caller.name,
+        request_id=info.request_id,
+        deadline=loop.time() + ctx.settings.upstream.total_timeout,
+    )
+    try:
+        response = await ctx.pipeline.send(proxy_request)
+    except ProxyError:
+        if isinstance(body, _CappedStream) and body.exceeded:
+            raise RequestTooLarge(_too_large(server.max_body_size)) from None
+        raise
+    info.cache_status = response.cache_status
+    info.upstream_status = response.upstream_status
+    public = URL(server.public_url) if server.public_url else _origin_of(request)
+    return await answer(request, response, ctx.settings.upstream.url, public)
+
+
+def _origin_of(request: web.Request) -> URL:
+    try:
+        return URL.build(scheme=request.scheme, authority=request.host)
+    except (ValueError, TypeError):
+        return URL.build(scheme=request.scheme, host="localhost")
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit} bytes"
+
+
+async def read_body(request: web.Request, limit: int, replay_limit: int) -> Body:
+    """The body in memory when it is small (replayable), else a capped stream."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge(_too_large(limit))
+    head = bytearray()
+    while len(head) <= replay_limit:
+        chunk = await request.content.read(CHUNK)
+        if not chunk:
+            return bytes(head)
+        head += chunk
+        if len(head) > limit:
+            raise RequestTooLarge(_too_large(limit))
+    return _CappedStream(bytes(head), request, limit)
+
+
+class _CappedStream:
+    """A one-shot body stream that stops at ``limit`` bytes and remembers why."""
+
+    def __init__(self, head: bytes, request: web.Request, limit: int) -> None:
+        self.head = head
+        self.request = request
+        self.limit = limit
+        self.exceeded = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        size = len(self.head)
+        yield self.head
+        while chunk := await self.request.content.read(CHUNK):
+            size += len(chunk)
+            if size > self.limit:
+                self.exceeded = True
+                raise RequestTooLarge(_too_large(self.limit))
+            yield chunk
+
+
+async def answer(
+    request: web.Request, response: ProxyResponse, upstream: URL, public: URL
+) -> web.StreamResponse:
+    info = exchange_of(request)
+    if response.status >= 400:
+        return await error_answer(request, response)
+    headers = for_caller(response.headers.items())
+    for name in REWRITTEN_HEADERS:
+        values = headers.getall(name, [])
+        if values:
+            del headers[name]
+            for value in values:
+                headers.add(name, rewrite_url(value, upstream, public))
+    headers["X-Request-ID"] = info.request_id
+    headers["X-Cache"] = response.cache_status
+    if response.age is not None:
+        headers["Age"] = str(response.age)
+    if isinstance(response.body, bytes):
+        info.bytes_sent = len(response.body)
+        return web.Response(status=response.status, headers=headers, body=response.body or None)
+    return await stream_answer(request, response, headers)
+
+
+async def stream_answer(
+    request: web.Request, response: ProxyResponse, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    info = exchange_of(request)
+    length = response.headers.get("Content-Length")
+    out = web.StreamResponse(status=response.status, headers=headers)
+    if length is not None and length.isdigit() and "Content-Encoding" not in response.headers:
+        out.content_length = int(length)
+    assert not isinstance(response.body, bytes)
+    try:
+        await out.prepare(request)
+        async for chunk in response.body:
+            await out.write(chunk)
+            info.bytes_sent += len(chunk)
+        await out.write_eof()
+    except ProxyError as e:
+        # Headers are gone already: the only honest signal left is a broken connection.
+        event("upstream_body_failed", request_id=info.request_id, error=e.code)
+        _abort(request)
+    except (ConnectionResetError, asyncio.CancelledError):
+        event("client_disconnected", request_id=info.request_id)
+        _abort(request)
+    finally:
+        await response.release()
+    return out
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def error_answer(request: web.Request, response: ProxyResponse) -> web.Response:
+    info = exchange_of(request)
+    raw = await response.read(limit=ERROR_BODY_LIMIT)
+    status, headers, body = normalise_error(response.status, response.headers, raw)
+    out = web.Response(status=status, headers=headers, body=body)
+    for name in ERROR_KEPT_HEADERS:
+        if name in response.headers:
+            out.headers[name] = response.headers[name]
+    out.headers["X-Request-ID"] = info.request_id
+    out.headers["X-Cache"] = response.cache_status
+    info.bytes_sent = len(body)
+    return out
+
+
+def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
+    status, headers, body = normalise_error(error.status, {}, _json(error))
+    out = web.Response(status=status, headers=headers, body=body)
+    out.headers.update(error.headers())
+    out.headers[PROXY_ERROR_HEADER] = "1"
+    out.headers["X-Request-ID"] = request_id
+    return out
+
+
+def _json(error: ProxyError) -> bytes:
+    from proxy.errors import error_body
+
+    return error_body(error)

@@ -1,0 +1,84 @@
+"""The request and response that travel through the proxy's layers.
+
+Each layer (cache, budget, auth, upstream) is a :class:`Layer`: one ``send``
+that takes a :class:`ProxyRequest` and returns a :class:`ProxyResponse`, usually
+by calling the next layer. Headers are always in the upstream's form here;
+rewriting for the caller happens once, when answering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# A body is held in memory (replayable), streamed once, or absent.
+Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    method: str
+    path: str  # raw, percent-encoded, under /v1/
+    query: str  # raw, without "?"
+    headers: CIMultiDictProxy[str]  # already filtered for the upstream
+    body: Body = None
+    account: str = "default"
+    caller: str = "anonymous"
+    request_id: str = ""
+    # Absolute event-loop time after which nobody waits for an answer any more.
+    deadline: float = float("inf")
+
+    @property
+    def path_qs(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+    @property
+    def replayable(self) -> bool:
+        return self.body is None or isinstance(self.body, bytes)
+
+    def with_headers(self, **updates: str) -> ProxyRequest:
+        headers = CIMultiDict(self.headers)
+        for name, value in updates.items():
+            headers[name.replace("_", "-")] = value
+        return replace(self, headers=CIMultiDictProxy(headers))
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class ProxyResponse:
+    status: int
+    headers: CIMultiDict[str]
+    # bytes when held whole (cache hits, small answers), else a one-shot stream.
+    body: bytes | AsyncIterator[bytes] = b""
+    # Frees the upstream connection; safe to call more than once.
+    release: Callable[[], Awaitable[None]] = field(default=_nothing)
+    cache_status: str = "BYPASS"
+    upstream_status: int | None = None
+    age: int | None = None
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (at most ``limit`` bytes are kept), releasing the stream."""
+        if isinstance(self.body, bytes):
+            return self.body if limit is None else self.body[:limit]
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self.body:
+                if limit is None or size < limit:
+                    chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            await self.release()
+        data = b"".join(chunks)
+        self.body = data if limit is None else data[:limit]
+        return self.body
+
+
+class Layer(Protocol):
+    async def send(self, request: ProxyRequest) -> ProxyResponse: ...

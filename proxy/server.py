@@ -1,0 +1,125 @@
+"""A server's life: start listening, wait for a signal, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
+from proxy.logs import event, log
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is one line for the operator."""
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers unparsable requests itself; make those answers JSON too."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        reason = type(exc).__name__ if exc is not None else "error"
+        if status >= 500:
+            log.error("unhandled_error", exc_info=exc)
+        else:
+            event("bad_http_request", status=status, reason=reason)
+        description = (
+            f"The request could not be parsed as HTTP ({reason})"
+            if status == 400
+            else "Internal proxy error"
+        )
+        body = {"error": code_for(status), "error_description": description}
+        response = web.Response(
+            status=status,
+            body=json.dumps(body).encode(),
+            headers={
+                "Content-Type": JSON_CONTENT_TYPE,
+                "Cache-Control": "no-store",
+                PROXY_ERROR_HEADER: "1",
+            },
+        )
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
+
+
+async def start(app: web.Application, host: str, port: int, grace: float) -> Runner:
+    """Start listening; a busy port or bad address becomes one :class:`StartupError` line."""
+    runner = Runner(app, access_log=None, shutdown_timeout=grace, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"cannot listen on {host}:{port}: the port is already in use"
+            ) from None
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port actually bound (useful when 0 asked the kernel to choose)."""
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        for sock in sockets:
+            return int(sock.getsockname()[1])
+    raise RuntimeError("not listening")
+
+
+async def wait_for_signal(
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> str:
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(sig.name)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await stop
+    finally:
+        for sig in signals:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+async def run_until_signal(runners: Sequence[web.AppRunner]) -> None:
+    name = await wait_for_signal()
+    event("shutdown", signal=name)
+    for runner in runners:
+        await runner.cleanup()
+    event("stopped")

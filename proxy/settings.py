@@ -1,0 +1,409 @@
+"""Typed, frozen settings: defaults, then a TOML file, then ``KOUNTA_PROXY_*`` variables.
+
+Every section is a frozen dataclass; the loader walks the type hints, so adding a
+field to a dataclass is all it takes to make a new key configurable from the file
+and from the environment. Problems surface as one :class:`ConfigError` naming the
+key, never as a traceback.
+
+Environment variables name the key path with double underscores::
+
+    KOUNTA_PROXY_SERVER__PORT=8081
+    KOUNTA_PROXY_ACCOUNTS__DEFAULT__CLIENT_SECRET=...
+    KOUNTA_PROXY_ACCOUNTS__DEFAULT__CLIENT_SECRET_FILE=/run/secrets/kounta
+
+Any :class:`Secret` field may instead be read from a file named by ``<key>_file``
+(in TOML or the environment), which is how Docker secrets are mounted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from yarl import URL
+
+ENV_PREFIX = "KOUNTA_PROXY_"
+DEFAULT_CONFIG_PATH = Path("kounta-proxy.toml")
+MASK = "********"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for one line on a terminal."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class Invalid(ValueError):
+    """Raised by a section's ``__post_init__``; the loader adds the section path."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK!r})" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http_url(key: str, value: str, *, https_unless_loopback: bool) -> None:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise Invalid(key, f"must be an absolute http(s) URL, got {value!r}")
+    if url.query_string or url.fragment:
+        raise Invalid(key, "must not carry a query or fragment")
+    if https_unless_loopback and url.scheme != "https" and not is_loopback_host(url.host):
+        raise Invalid(key, "must use https (plain http is only allowed for loopback hosts)")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Where callers reach the proxy; paging and Location URLs are rewritten onto it.
+    # Empty: taken from each request's own scheme and Host header.
+    public_url: str = ""
+    max_body_size: int = 10 * 1024 * 1024
+    # Bodies up to this size are held in memory so a request can be resent once
+    # (after a token refresh); larger ones are streamed and never resent.
+    replay_body_size: int = 1024 * 1024
+    # In-flight requests get this long to finish after SIGTERM.
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
+        if self.public_url:
+            _check_http_url("public_url", self.public_url, https_unless_loopback=False)
+        if self.max_body_size < 0:
+            raise Invalid("max_body_size", "must not be negative")
+        if self.replay_body_size < 0:
+            raise Invalid("replay_body_size", "must not be negative")
+        if self.shutdown_grace < 0:
+            raise Invalid("shutdown_grace", "must not be negative")
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str = "https://api.kounta.com"
+    # PEM bundle to verify the upstream's certificate; empty: the system's trust store.
+    ca_bundle: str = ""
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    total_timeout: float = 60.0
+    pool_size: int = 100
+
+    def __post_init__(self) -> None:
+        _check_http_url("base_url", self.base_url, https_unless_loopback=True)
+        if self.ca_bundle and not Path(self.ca_bundle).is_file():
+            raise Invalid("ca_bundle", f"no such file: {self.ca_bundle}")
+        for name in ("connect_timeout", "read_timeout", "total_timeout"):
+            if getattr(self, name) <= 0:
+                raise Invalid(name, "must be greater than 0")
+        if self.pool_size < 1:
+            raise Invalid("pool_size", "must be at least 1")
+
+    @property
+    def url(self) -> URL:
+        return URL(self.base_url.rstrip("/"))
+
+
+AccountMode = Literal["oauth", "basic", "static"]
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    mode: AccountMode = "static"
+    # static: the bearer token sent as is.
+    token: Secret = Secret("")
+    # basic and oauth: the add-on's credentials.
+    client_id: str = ""
+    client_secret: Secret = Secret("")
+
+    def __post_init__(self) -> None:
+        if self.mode == "static" and not self.token:
+            raise Invalid("token", "is required when mode = 'static'")
+        if self.mode in ("basic", "oauth") and not (self.client_id and self.client_secret):
+            raise Invalid("client_id", f"client_id and client_secret are required for {self.mode}")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Cache, token files and other state live under this directory.
+    state_dir: str = "state"
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    accounts: dict[str, AccountSettings] = field(default_factory=dict)
+    default_account: str = ""
+
+    def __post_init__(self) -> None:
+        if self.default_account and self.default_account not in self.accounts:
+            raise Invalid("default_account", f"names no account: {self.default_account!r}")
+
+    @property
+    def account_name(self) -> str:
+        """The account used when a caller names none."""
+        return self.default_account or next(iter(sorted(self.accounts)), "")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults, then the TOML file (``path`` or ``./kounta-proxy.toml`` if present), then env."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    elif DEFAULT_CONFIG_PATH.is_file():
+        raw = read_toml(DEFAULT_CONFIG_PATH)
+    merge_env(raw, env)
+    settings: Settings = build(Settings, raw, "")
+    return settings
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+
+
+def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Fold ``KOUNTA_PROXY_A__B=v`` into ``raw["a"]["b"] = "v"`` (typed later)."""
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(name, "malformed variable name (empty part between '__')")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(name, f"conflicts with the scalar key {part!r}")
+            node = child
+        node[parts[-1]] = _EnvValue(value)
+
+
+class _EnvValue(str):
+    """A string from the environment: converted to the field's type when built."""
+
+
+def build(cls: type[Any], raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"must be a table, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else key
+        if key.endswith("_file") and key[:-5] in names and hints[key[:-5]] is Secret:
+            if key[:-5] in raw:
+                raise ConfigError(key_path, f"set either {key[:-5]} or {key}, not both")
+            kwargs[key[:-5]] = Secret(_read_secret_file(key_path, value))
+            continue
+        if key not in names:
+            raise ConfigError(key_path, "unknown key")
+        kwargs[key] = convert(hints[key], value, key_path)
+    try:
+        return cls(**kwargs)
+    except Invalid as e:
+        raise ConfigError(f"{path}.{e.key}" if path else e.key, e.problem) from None
+
+
+def _read_secret_file(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a file path")
+    try:
+        return Path(value).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            key, f"cannot read secret file {value}: {getattr(e, 'strerror', None) or e}"
+        ) from None
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value == "" and isinstance(value, _EnvValue):
+            return None
+        return convert(options[0], value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(path, f"must be one of {choices}, got {value!r}")
+        return str(value)
+    if origin is dict:
+        _, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a table, got {_kind(value)}")
+        return {k: convert(value_type, v, f"{path}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if isinstance(value, _EnvValue):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be an array, got {_kind(value)}")
+        return tuple(convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build(typing.cast(type[Any], tp), value, path)
+    if tp is Secret:
+        return Secret(_scalar(str, value, path))
+    if tp in (str, int, float, bool):
+        return _scalar(tp, value, path)
+    raise ConfigError(path, f"unsupported setting type {tp!r}")  # pragma: no cover
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _scalar(tp: type[Any], value: Any, path: str) -> Any:
+    if isinstance(value, _EnvValue):
+        return _from_env(tp, str(value), path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not tp:
+        raise ConfigError(path, f"must be {_TYPE_NAMES[tp]}, got {_kind(value)}")
+    return value
+
+
+def _from_env(tp: type[Any], text: str, path: str) -> Any:
+    if tp is str:
+        return text
+    if tp is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(path, f"must be true or false, got {text!r}")
+    try:
+        return tp(text)
+    except ValueError:
+        raise ConfigError(path, f"must be {_TYPE_NAMES[tp]}, got {text!r}") from None
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _kind(value: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        dict: "a table",
+        list: "an array",
+    }.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------- showing
+
+
+def masked(settings: Any) -> Any:
+    """The settings as plain data with every secret replaced by a mask."""
+    if isinstance(settings, Secret):
+        return MASK if settings else ""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return {f.name: masked(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+    if isinstance(settings, dict):
+        return {k: masked(v) for k, v in settings.items()}
+    if isinstance(settings, tuple | list):
+        return [masked(v) for v in settings]
+    return settings
+
+
+def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Render :func:`masked` output as TOML (tables after scalars, as TOML requires)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            tables.extend((f"[{key}]", item) for item in value)
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in tables:
+        if key.startswith("["):
+            name = f"{prefix}{key[1:-1]}"
+            lines.append(f"\n[[{name}]]")
+            lines.append(to_toml(value, f"{name}.").strip("\n"))
+        else:
+            name = f"{prefix}{key}"
+            body = to_toml(value, f"{name}.")
+            if not body.lstrip("\n").startswith("["):
+                lines.append(f"\n[{name}]")
+            if body.strip():
+                lines.append(body.rstrip("\n") if body.startswith("\n") else body.strip("\n"))
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value is None:
+        return '""'
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,82 @@
+"""Which upstream URL a request target may reach (pure).
+
+The upstream host is fixed: a request target is accepted only in origin form
+(``/v1/...``), and anything that could make a path mean something else once a
+server decodes it is refused rather than "cleaned". Path and query are then
+passed on byte for byte, because Kounta's paging cursors are opaque.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from yarl import URL
+
+from proxy.errors import InvalidRequest, NotFound
+
+API_PREFIX = "/v1/"
+# RFC 3986 pchar plus "/" and "%" (escapes are checked separately).
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+_QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%\[\]|{}^`\"<> ]*")
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_FORBIDDEN_ESCAPES = re.compile(r"%(2f|5c|00|0a|0d|2e)", re.IGNORECASE)
+
+
+class InvalidTarget(InvalidRequest):
+    code = "invalid_request_target"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    path: str  # raw, still percent-encoded
+    query: str  # raw, without "?"; "" when absent
+
+    @property
+    def path_qs(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+def parse_target(raw: str) -> Target:
+    """Accept an origin-form target under ``/v1/`` or raise a 400/404 :class:`ProxyError`."""
+    if not raw.startswith("/"):
+        raise InvalidTarget("Only origin-form request targets (/v1/...) are accepted")
+    if raw.startswith("//"):
+        raise InvalidTarget("The request target must not start with '//'")
+    path, sep, query = raw.partition("?")
+    _check_path(path)
+    if sep:
+        _check_query(query)
+    if not path.startswith(API_PREFIX):
+        raise NotFound(f"No such endpoint: only {API_PREFIX}... is proxied")
+    return Target(path=path, query=query)
+
+
+def _check_path(path: str) -> None:
+    if "\\" in path:
+        raise InvalidTarget("Backslashes are not allowed in the path")
+    if "//" in path:
+        raise InvalidTarget("Empty path segments ('//') are not allowed")
+    if not _PATH_CHARS.fullmatch(path):
+        raise InvalidTarget("The path contains characters that must be percent-encoded")
+    if _ESCAPE.search(path):
+        raise InvalidTarget("The path contains a malformed percent-escape")
+    if _FORBIDDEN_ESCAPES.search(path):
+        raise InvalidTarget("Encoded '/', '\\', '.', NUL, CR or LF are not allowed in the path")
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise InvalidTarget("Dot segments ('.' or '..') are not allowed in the path")
+
+
+def _check_query(query: str) -> None:
+    if not _QUERY_CHARS.fullmatch(query) or " " in query:
+        raise InvalidTarget("The query contains characters that must be percent-encoded")
+    if _ESCAPE.search(query):
+        raise InvalidTarget("The query contains a malformed percent-escape")
+    if re.search(r"%(00|0a|0d)", query, re.IGNORECASE):
+        raise InvalidTarget("Encoded NUL, CR or LF are not allowed in the query")
+
+
+def upstream_url(base: URL, target: Target) -> URL:
+    """``base`` + path + query, without re-encoding anything the caller sent."""
+    prefix = str(base.origin()) + base.raw_path.rstrip("/")
+    return URL(prefix + target.path_qs, encoded=True)

@@ -1,0 +1,100 @@
+"""Shared fixtures: the sandbox and the proxy on real loopback sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.app import create_app
+from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_sandbox_app
+from proxy.server import bound_port, start
+from proxy.settings import AccountSettings, Secret, ServerSettings, Settings, UpstreamSettings
+
+TOKEN = "sandbox-token"
+
+
+@dataclass
+class Sandbox:
+    url: str
+    state: SandboxState
+    app: web.Application
+
+
+@dataclass
+class Proxy:
+    url: str
+    app: web.Application
+    settings: Settings
+    registry: CollectorRegistry
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = await start(app, "127.0.0.1", 0, 2.0)
+    return runner, bound_port(runner)
+
+
+@pytest.fixture
+def sandbox_config() -> SandboxConfig:
+    """Override in a test module for a differently configured sandbox."""
+    return SandboxConfig(
+        bearer_tokens=(TOKEN,), rate_per_minute_bearer=100_000, rate_per_minute_basic=100_000
+    )
+
+
+@pytest.fixture
+async def sandbox(sandbox_config: SandboxConfig) -> AsyncIterator[Sandbox]:
+    app = create_sandbox_app(sandbox_config)
+    runner, port = await serve(app)
+    yield Sandbox(url=f"http://127.0.0.1:{port}", state=app[SANDBOX_STATE], app=app)
+    await runner.cleanup()
+
+
+def proxy_settings(upstream_url: str, tmp_path: Any, **sections: Any) -> Settings:
+    """Settings for a proxy in front of ``upstream``; keyword arguments replace whole sections
+    or top-level keys (e.g. ``server=ServerSettings(...)``)."""
+    base = Settings(
+        state_dir=str(tmp_path / "state"),
+        server=ServerSettings(host="127.0.0.1", port=0),
+        upstream=UpstreamSettings(
+            base_url=upstream_url, connect_timeout=2, read_timeout=5, total_timeout=10
+        ),
+        accounts={"main": AccountSettings(mode="static", token=Secret(TOKEN))},
+    )
+    return dataclasses.replace(base, **sections)
+
+
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Any) -> AsyncIterator[MakeProxy]:
+    runners: list[web.AppRunner] = []
+
+    async def make(settings: Settings, **kwargs: Any) -> Proxy:
+        registry = kwargs.pop("registry", None) or CollectorRegistry()
+        app = create_app(settings, registry=registry, **kwargs)
+        runner, port = await serve(app)
+        runners.append(runner)
+        return Proxy(url=f"http://127.0.0.1:{port}", app=app, settings=settings, registry=registry)
+
+    yield make
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any) -> Proxy:
+    return await make_proxy(proxy_settings(sandbox.url, tmp_path))
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=True) as session:
+        yield session

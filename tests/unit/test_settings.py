@@ -1,0 +1,139 @@
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import ConfigError, Secret, Settings, load, masked, to_toml
+
+NO_ENV: dict[str, str] = {}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kounta-proxy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load(None, NO_ENV)
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 8080
+    assert settings.upstream.base_url == "https://api.kounta.com"
+    assert settings.server.max_body_size == 10 * 1024 * 1024
+
+
+def test_file_then_env_override(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [server]
+        port = 9000
+        [upstream]
+        connect_timeout = 2
+        [accounts.main]
+        mode = "static"
+        token = "from-file"
+        """,
+    )
+    env = {
+        "KOUNTA_PROXY_SERVER__PORT": "9100",
+        "KOUNTA_PROXY_ACCOUNTS__MAIN__TOKEN": "from-env",
+        "OTHER": "x",
+    }
+    settings = load(path, env)
+    assert settings.server.port == 9100
+    assert settings.upstream.connect_timeout == 2.0
+    assert settings.accounts["main"].token.reveal() == "from-env"
+    assert settings.account_name == "main"
+
+
+def test_secret_from_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-value\n")
+    path = write(
+        tmp_path,
+        f'[accounts.a]\nmode = "basic"\nclient_id = "id"\nclient_secret_file = "{secret}"\n',
+    )
+    settings = load(path, NO_ENV)
+    assert settings.accounts["a"].client_secret.reveal() == "s3cr3t-value"
+
+
+def test_secret_file_from_env(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("tok")
+    env = {"KOUNTA_PROXY_ACCOUNTS__A__TOKEN_FILE": str(secret)}
+    assert load(write(tmp_path, ""), env).accounts["a"].token.reveal() == "tok"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[server]\nprot = 1\n", {}, "server.prot: unknown key"),
+        ('[server]\nport = "80"\n', {}, "server.port: must be an integer, got a string"),
+        ("[server]\nport = 70000\n", {}, "server.port: must be between 0 and 65535"),
+        (
+            "",
+            {"KOUNTA_PROXY_SERVER__PORT": "eighty"},
+            "server.port: must be an integer, got 'eighty'",
+        ),
+        (
+            '[upstream]\nbase_url = "ftp://x"\n',
+            {},
+            "upstream.base_url: must be an absolute http(s) URL",
+        ),
+        (
+            '[upstream]\nbase_url = "http://api.kounta.com"\n',
+            {},
+            "upstream.base_url: must use https",
+        ),
+        ('[upstream]\nca_bundle = "/nope.pem"\n', {}, "upstream.ca_bundle: no such file"),
+        ("[upstream]\nread_timeout = 0\n", {}, "upstream.read_timeout: must be greater than 0"),
+        ('[log]\nlevel = "loud"\n', {}, "log.level: must be one of"),
+        ('[accounts.a]\nmode = "static"\n', {}, "accounts.a.token: is required"),
+        (
+            '[accounts.a]\nmode = "basic"\nclient_secret_file = "/nonexistent/secret"\n',
+            {},
+            "accounts.a.client_secret_file: cannot read secret file",
+        ),
+        ("server = 3\n", {}, "server: must be a table, got an integer"),
+        ("[server\n", {}, "is not valid TOML"),
+        ('default_account = "x"\n', {}, "default_account: names no account"),
+    ],
+)
+def test_bad_configuration_names_key_and_problem(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(tmp_path / "absent.toml", NO_ENV)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.state_dir = "x"  # type: ignore[misc]
+
+
+def test_secrets_are_masked_in_repr_and_dump(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[accounts.a]\nmode = "basic"\nclient_id = "id"\nclient_secret = "hunter2-secret"\n',
+    )
+    settings = load(path, NO_ENV)
+    assert "hunter2-secret" not in repr(settings)
+    dumped = to_toml(masked(settings))
+    assert "hunter2-secret" not in dumped
+    assert 'client_secret = "********"' in dumped
+    assert "[accounts.a]" in dumped
+
+
+def test_secret_type() -> None:
+    s = Secret("x")
+    assert str(s) == "Secret('********')" and s.reveal() == "x" and s == Secret("x") and bool(s)
+    assert not Secret("")

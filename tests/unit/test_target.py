@@ -1,0 +1,103 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from yarl import URL
+
+from proxy.errors import NotFound
+from proxy.target import InvalidTarget, Target, parse_target, upstream_url
+
+BASE = URL("https://api.kounta.com")
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "query"),
+    [
+        ("/v1/companies/me.json", "/v1/companies/me.json", ""),
+        (
+            "/v1/companies/5/products?cursor=abc%2Fdef==",
+            "/v1/companies/5/products",
+            "cursor=abc%2Fdef==",
+        ),
+        (
+            "/v1/orders/complete?created_gte=2024-01-01&value_gt=5",
+            "/v1/orders/complete",
+            "created_gte=2024-01-01&value_gt=5",
+        ),
+        ("/v1/companies/5/customers/9?", "/v1/companies/5/customers/9", ""),
+        ("/v1/a%20b", "/v1/a%20b", ""),
+    ],
+)
+def test_accepts_origin_form_under_v1(raw: str, path: str, query: str) -> None:
+    assert parse_target(raw) == Target(path, query)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://evil.example/v1/companies/me",
+        "evil.example:443",
+        "//evil.example/v1/x",
+        "/v1//evil.example",
+        "/v1/\\evil",
+        "/v1/../admin",
+        "/v1/./x",
+        "/v1/%2e%2e/x",
+        "/v1/a%2Fb",
+        "/v1/a%5cb",
+        "/v1/a%00b",
+        "/v1/a%0d%0aX: y",
+        "/v1/a%zz",
+        "/v1/a b",
+        "/v1/x?a=%00",
+        "/v1/x?a=b\r\nX-Evil: 1",
+        "*",
+    ],
+)
+def test_rejects_targets_that_could_steer_or_smuggle(raw: str) -> None:
+    with pytest.raises(InvalidTarget) as info:
+        parse_target(raw)
+    assert info.value.status == 400
+    assert info.value.code == "invalid_request_target"
+
+
+@pytest.mark.parametrize("raw", ["/", "/v2/x", "/admin", "/v1", "/metrics"])
+def test_outside_v1_is_not_found(raw: str) -> None:
+    with pytest.raises(NotFound):
+        parse_target(raw)
+
+
+def test_upstream_url_keeps_path_and_query_byte_for_byte() -> None:
+    target = parse_target("/v1/companies/5/products?cursor=a%2Bb%3D&x=%7E")
+    url = upstream_url(URL("https://api.kounta.com"), target)
+    assert str(url) == "https://api.kounta.com/v1/companies/5/products?cursor=a%2Bb%3D&x=%7E"
+
+
+def test_upstream_url_with_base_path() -> None:
+    url = upstream_url(URL("http://127.0.0.1:9000/kounta/"), Target("/v1/x", "a=1"))
+    assert str(url) == "http://127.0.0.1:9000/kounta/v1/x?a=1"
+
+
+@given(st.text(max_size=80))
+def test_any_accepted_target_reaches_only_the_configured_origin(suffix: str) -> None:
+    for raw in (suffix, "/v1/" + suffix, "/" + suffix):
+        try:
+            target = parse_target(raw)
+        except (InvalidTarget, NotFound):
+            continue
+        for base in (BASE, URL("http://127.0.0.1:8081")):
+            url = upstream_url(base, target)
+            assert (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
+            assert url.raw_path.startswith("/v1/")
+
+
+@given(st.binary(max_size=60))
+def test_arbitrary_bytes_never_escape_the_origin(data: bytes) -> None:
+    raw = "/v1/" + data.decode("latin-1")
+    try:
+        target = parse_target(raw)
+    except (InvalidTarget, NotFound):
+        return
+    url = upstream_url(BASE, target)
+    assert url.host == "api.kounta.com"
+    assert url.scheme == "https"
+    assert url.port == 443
