@@ -82,8 +82,16 @@ def _pipeline_ctx(
 
 
 def build_pipeline(ctx: Context, upstream: Layer) -> Layer:
-    """cache → budget → auth → upstream (outermost first)."""
-    return Authenticator(upstream, ctx.providers)
+    """The layers, built from the bottom up; a request meets them in the reverse order:
+
+    cache → retry/breaker → auth → budget → upstream
+    """
+    layer: Layer = upstream
+    # budget: every upstream request (revalidations and auth resends included) takes a token.
+    layer = Authenticator(layer, ctx.providers)
+    # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
+    # cache: outermost, so fresh hits cost nothing below it.
+    return layer
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
