@@ -33,6 +33,11 @@ class Context:
     clock: Clock = time.time
     pipeline: Layer = field(init=False)
     providers: dict[str, TokenProvider] = field(default_factory=dict)
+    # Readiness checks by name: each returns None when fine, else what is wrong (one line).
+    # /readyz on the admin listener runs them all.
+    checks: dict[str, Callable[[], str | None]] = field(default_factory=dict)
+    # Routes a feature offers on the admin listener (e.g. cache purge, budget status).
+    admin_routes: list[web.RouteDef] = field(default_factory=list)
 
 
 CONTEXT = web.AppKey("context", Context)
