@@ -21,19 +21,20 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture
-async def https_sandbox(ca: trustme.CA) -> AsyncIterator[str]:
-    cert = ca.issue_cert("127.0.0.1", "localhost")
+async def serve_https(cert: trustme.LeafCert) -> tuple[web.AppRunner, str]:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
-    runner = web.AppRunner(
-        create_sandbox_app(SandboxConfig(bearer_tokens=(TOKEN,))), access_log=None
-    )
+    app = create_sandbox_app(SandboxConfig(bearer_tokens=(TOKEN,)))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"https://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    return runner, f"https://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.fixture
+async def https_sandbox(ca: trustme.CA) -> AsyncIterator[str]:
+    runner, url = await serve_https(ca.issue_cert("127.0.0.1", "localhost"))
+    yield url
     await runner.cleanup()
 
 
@@ -71,17 +72,8 @@ async def test_unknown_ca_is_refused_with_502(
 async def test_wrong_host_name_is_refused(
     make_proxy: MakeProxy, ca: trustme.CA, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
-    cert = ca.issue_cert("other.example")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
-    runner = web.AppRunner(
-        create_sandbox_app(SandboxConfig(bearer_tokens=(TOKEN,))), access_log=None
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
+    runner, url = await serve_https(ca.issue_cert("other.example"))
     try:
-        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
         bundle = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(str(bundle))
         proxy = await make_proxy(
