@@ -328,16 +328,42 @@ async def test_upstream_errors_are_normalised(
         }
 
 
-async def test_truncated_upstream_body_breaks_the_answer(
+async def test_truncated_small_body_becomes_502(
     proxy: Proxy, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     sandbox.state.inject_drop()
-    with pytest.raises(aiohttp.ClientPayloadError):
-        async with client.get(f"{proxy.url}/v1/companies/5001/products.json") as r:
-            await r.read()
+    async with client.get(f"{proxy.url}/v1/companies/5001/products.json") as r:
+        assert r.status == 502
+        body = await r.json()
+        assert body["error"] == "upstream_truncated"
     # the proxy is still healthy afterwards
     async with client.get(f"{proxy.url}/v1/companies/me.json") as r:
         assert r.status == 200
+
+
+async def test_truncated_streamed_body_breaks_the_answer(
+    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    async def big_then_cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 4 * 1024 * 1024
+        await resp.prepare(request)
+        await resp.write(b"[" + b"0," * 300_000)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", big_then_cut)
+    runner, port = await serve(app)
+    try:
+        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(f"{p.url}/v1/big") as r:
+                assert r.status == 200
+                await r.read()
+    finally:
+        await runner.cleanup()
 
 
 async def test_client_disconnect_mid_answer_releases_upstream(
