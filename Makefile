@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo check venv lint types test bench clean
+.PHONY: demo check venv lint types test bench clean ops-lint lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,24 @@ types: venv
 test: venv
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=80 -q
 
-# Everything CI runs: lint, types, all tests.
-check: lint types test
+# The container and monitoring files: Dockerfile, compose file, Prometheus config and alerts.
+# promtool comes with Debian's "prometheus" package (.ci/run installs it).
+ops-lint: venv
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	promtool check rules config/alerts.yml
+	promtool test rules config/alerts.test.yml
+	promtool check config config/prometheus.yml
+
+# The pinned runtime dependencies the image installs (after changing pyproject.toml).
+lock:
+	rm -rf build/lock && $(PYTHON) -m venv build/lock
+	build/lock/bin/pip install --quiet .
+	{ sed -n '1,3p' requirements.lock; build/lock/bin/pip freeze --exclude kounta-proxy; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf build/lock
+
+# Everything CI runs: lint, types, the ops files, all tests.
+check: lint types ops-lint test
 
 bench: venv
 	$(BIN)/python -m bench.run

@@ -6,19 +6,26 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.auth import Authenticator, TokenProvider, provider_for
+from proxy.budget import Budget
+from proxy.budget import status_handler as budget_status
+from proxy.cache import Cache
+from proxy.cache import install as install_cache
+from proxy.cache_store import CacheStore
 from proxy.callers import Callers
 from proxy.errors import ProxyError, code_for
 from proxy.handlers import exchange_of, guard, handle, proxy_error_answer, request_id
 from proxy.logs import event, log
 from proxy.messages import Layer
 from proxy.metrics import Metrics
+from proxy.retry import Retry
 from proxy.routes import template
 from proxy.settings import Settings
-from proxy.upstream import Upstream, create_session
+from proxy.upstream import UPSTREAM_SECONDS, Upstream, create_session
 
 Clock = Callable[[], float]
 
@@ -33,11 +40,21 @@ class Context:
     clock: Clock = time.time
     pipeline: Layer = field(init=False)
     providers: dict[str, TokenProvider] = field(default_factory=dict)
+    # The one client session (upstream requests and token requests); set at startup.
+    session: aiohttp.ClientSession | None = None
     # Readiness checks by name: each returns None when fine, else what is wrong (one line).
     # /readyz on the admin listener runs them all.
     checks: dict[str, Callable[[], str | None]] = field(default_factory=dict)
     # Routes a feature offers on the admin listener (e.g. cache purge, budget status).
     admin_routes: list[web.RouteDef] = field(default_factory=list)
+    # The rate budget and the retry/breaker layers (set when the pipeline is built).
+    budget: Budget | None = None
+    retry: Retry | None = None
+    # The ETag cache: its store is opened at startup, the layer built with the pipeline.
+    cache_store: CacheStore | None = None
+    cache: Cache | None = None
+    # Set at the first SIGTERM/SIGINT: /readyz fails at once so traffic moves elsewhere.
+    shutting_down: bool = False
 
 
 CONTEXT = web.AppKey("context", Context)
@@ -55,15 +72,23 @@ def create_app(
         middlewares=[access_middleware, error_middleware],
         client_max_size=settings.server.max_body_size,
     )
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
     ctx = Context(
-        settings=settings,
-        metrics=Metrics(registry if registry is not None else CollectorRegistry()),
-        callers=Callers(settings),
-        clock=clock,
+        settings=settings, metrics=metrics, callers=Callers(settings, metrics), clock=clock
     )
-    ctx.providers = {name: provider_for(a) for name, a in settings.accounts.items()}
+    ctx.providers = {
+        name: provider_for(
+            a, name=name, state_dir=settings.state_dir, clock=clock, metrics=ctx.metrics
+        )
+        for name, a in settings.accounts.items()
+    }
+    for name, provider in ctx.providers.items():
+        ctx.checks[f"credentials:{name}"] = provider.problem
     app[CONTEXT] = ctx
+    ctx.admin_routes.append(web.get("/budget", budget_status))
+    install_cache(app, ctx)  # before the pipeline: the store must be open when it is built
     app.cleanup_ctx.append(_pipeline_ctx(upstream))
+    app.cleanup_ctx.append(_credentials_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
@@ -73,17 +98,29 @@ def _pipeline_ctx(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def pipeline(app: web.Application) -> AsyncIterator[None]:
         ctx = app[CONTEXT]
-        session = None
+        # Created even when tests swap the upstream layer: token requests use it too.
+        session = ctx.session = create_session(ctx.settings.upstream)
         bottom = upstream
         if bottom is None:
-            session = create_session(ctx.settings.upstream)
-            bottom = Upstream(ctx.settings.upstream, session)
+            bottom = Upstream(ctx.settings.upstream, session, ctx.metrics)
         ctx.pipeline = build_pipeline(ctx, bottom)
         yield
-        if session is not None:
-            await session.close()
+        if ctx.budget is not None:
+            await ctx.budget.close()
+        await session.close()
 
     return pipeline
+
+
+async def _credentials_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load token files and start background refresh; stop it before the session closes."""
+    ctx = app[CONTEXT]
+    assert ctx.session is not None
+    for provider in ctx.providers.values():
+        await provider.start(ctx.session)
+    yield
+    for provider in ctx.providers.values():
+        await provider.stop()
 
 
 def build_pipeline(ctx: Context, upstream: Layer) -> Layer:
@@ -93,9 +130,14 @@ def build_pipeline(ctx: Context, upstream: Layer) -> Layer:
     """
     layer: Layer = upstream
     # budget: every upstream request (revalidations and auth resends included) takes a token.
-    layer = Authenticator(layer, ctx.providers)
+    layer = ctx.budget = Budget(layer, ctx.settings, ctx.metrics)
+    layer = Authenticator(layer, ctx.providers, ctx.metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
+    accounts = ctx.settings.accounts
+    layer = ctx.retry = Retry(layer, ctx.settings.retry, accounts, ctx.metrics)
     # cache: outermost, so fresh hits cost nothing below it.
+    if ctx.cache_store is not None:
+        layer = ctx.cache = Cache(layer, ctx.cache_store, ctx.settings, ctx.metrics, ctx.clock)
     return layer
 
 
@@ -133,6 +175,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     metrics = ctx.metrics
     started = time.perf_counter()
     status = 500
+    upstream_seconds: list[float] = []
+    UPSTREAM_SECONDS.set(upstream_seconds)
     metrics.in_flight.inc()
     try:
         response = await handler(request)
@@ -159,4 +203,5 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
             upstream_status=info.upstream_status,
             bytes=info.bytes_sent,
             ms=round(elapsed * 1000, 2),
+            upstream_ms=round(sum(upstream_seconds) * 1000, 2) if upstream_seconds else None,
         )

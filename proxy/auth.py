@@ -1,70 +1,646 @@
-"""Credentials for the upstream: one token provider per account.
+"""Credentials for the upstream: one token provider per account, and the layer that uses them.
 
-A provider answers one question, ``authorization()``: the value of the
-``Authorization`` header to send now. :class:`Authenticator` is the layer that
-puts it on every upstream request, replacing whatever the caller sent.
+A provider answers ``authorization(deadline)``: the ``Authorization`` header to send now.
+:class:`Authenticator` puts it on every upstream request (replacing whatever the caller
+sent) and, when Kounta answers 401 because the token is invalid or expired, renews the token
+once and resends the request once, if its body can be sent again.
+
+Modes (``accounts.NAME.mode``):
+
+- ``static``: a fixed bearer token; ``basic``: HTTP Basic with the add-on's id and secret.
+- ``oauth``: :class:`OAuthProvider`. Tokens come from the token URL (refresh_token grant, or
+  client_credentials), built with authlib's client pieces (``prepare_token_request``,
+  ``ClientAuth``, ``OAuth2Token``, ``OAuth2Error``) and sent on the proxy's own aiohttp
+  session. The token file (:mod:`proxy.token_store`) keeps them across restarts.
+
+OAuth states (metric ``kounta_proxy_token_state``, one log line per change)::
+
+    pending          a refresh token but no access token yet: the first refresh is due
+    valid            an access token that works (refreshed in the background before expiry)
+    unavailable      the token endpoint failed (down, slow, 5xx); retried with backoff+jitter
+    needs_authorize  no refresh token, or Kounta said invalid_grant: run `kounta-proxy authorize`
+    rejected         Kounta refused the client id/secret (invalid_client)
+
+At most one token request per account is in flight; every request that needs a token
+shares its result or its error (single flight).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Mapping
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
-from proxy.errors import TokenUnavailable
+import aiohttp
+from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc6749 import OAuth2Token
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
+
+from proxy.errors import CredentialsRejected, TokenUnavailable
+from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
 from proxy.settings import AccountSettings
+from proxy.token_store import StoredToken, TokenFile, TokenFileError
+
+Clock = Callable[[], float]
+INF = float("inf")
+ERROR_BODY_LIMIT = 64 * 1024
+TOKEN_BODY_LIMIT = 64 * 1024
+RETRY_BASE = 0.5
+# How often a provider with no usable refresh token looks for a newly authorized token file.
+AUTHORIZE_POLL = 5.0
+# The background refresh never asks again sooner than this after a token arrived.
+MIN_REFRESH_GAP = 1.0
+
+PENDING, VALID, UNAVAILABLE = "pending", "valid", "unavailable"
+NEEDS_AUTHORIZE, REJECTED, STATIC = "needs_authorize", "rejected", "static"
+STATES = (PENDING, VALID, UNAVAILABLE, NEEDS_AUTHORIZE, REJECTED, STATIC)
+# Token endpoint errors that retrying cannot fix.
+PERMANENT_ERRORS = frozenset(
+    {"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type"}
+)
 
 
 class TokenProvider(Protocol):
-    async def authorization(self) -> str: ...
+    account: str
+    # Whether a failed token can be replaced (a 401 is worth a refresh and a resend).
+    renewable: bool
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def expires_at(self) -> float | None: ...
+
+    async def authorization(self, deadline: float = INF) -> str: ...
+
+    async def renew(self, failed: str, deadline: float = INF) -> str: ...
+
+    def invalidate(self, failed: str) -> None: ...
+
+    def problem(self) -> str | None: ...
+
+    async def start(self, session: aiohttp.ClientSession) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
-class StaticToken:
+class _Fixed:
+    """A credential that never changes: nothing to refresh, nothing to start."""
+
+    renewable = False
+    state = STATIC
+    expires_at: float | None = None
+
+    def __init__(self, account: str, header: str) -> None:
+        self.account = account
+        self._header = header
+
+    async def authorization(self, deadline: float = INF) -> str:
+        return self._header
+
+    async def renew(self, failed: str, deadline: float = INF) -> str:
+        return self._header
+
+    def invalidate(self, failed: str) -> None:
+        return None
+
+    def problem(self) -> str | None:
+        return None
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.account!r}, ****)"
+
+
+class StaticToken(_Fixed):
     """A fixed bearer token (tests, benchmarks, short scripts)."""
 
-    def __init__(self, token: str) -> None:
-        self._header = f"Bearer {token}"
-
-    async def authorization(self) -> str:
-        return self._header
-
-    def __repr__(self) -> str:
-        return "StaticToken(****)"
+    def __init__(self, token: str, account: str = "default") -> None:
+        super().__init__(account, f"Bearer {token}")
 
 
-class BasicCredentials:
+class BasicCredentials(_Fixed):
     """Kounta's testing mode: HTTP Basic with the add-on's id and secret."""
 
-    def __init__(self, client_id: str, client_secret: str) -> None:
+    def __init__(self, client_id: str, client_secret: str, account: str = "default") -> None:
         pair = f"{client_id}:{client_secret}".encode()
-        self._header = "Basic " + base64.b64encode(pair).decode("ascii")
+        super().__init__(account, "Basic " + base64.b64encode(pair).decode("ascii"))
 
-    async def authorization(self) -> str:
-        return self._header
+
+def token_path(name: str, account: AccountSettings, state_dir: str) -> Path:
+    return (
+        Path(account.token_path)
+        if account.token_path
+        else Path(state_dir) / "tokens" / f"{name}.json"
+    )
+
+
+def provider_for(
+    account: AccountSettings,
+    *,
+    name: str = "default",
+    state_dir: str = "state",
+    clock: Clock = time.time,
+    metrics: Metrics | None = None,
+) -> TokenProvider:
+    if account.mode in ("static", "basic") and metrics is not None:
+        metrics.token_state.labels(name, STATIC).set(1)
+    if account.mode == "static":
+        return StaticToken(account.token.reveal(), name)
+    if account.mode == "basic":
+        return BasicCredentials(account.client_id, account.client_secret.reveal(), name)
+    file = TokenFile(token_path(name, account, state_dir))
+    return OAuthProvider(name, account, file, clock=clock, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- token endpoint
+
+
+def parse_token_response(status: int, body: bytes, now: float) -> OAuth2Token:
+    """A token endpoint answer as an ``OAuth2Token`` (``expires_at`` from ``now``), or
+    ``OAuth2Error`` with the endpoint's ``error`` code (``temporarily_unavailable`` when it
+    gave none). Pure: no clock, no I/O."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if status == 200 and isinstance(data, dict) and isinstance(data.get("access_token"), str):
+        params = dict(data)
+        expires_in = params.get("expires_in")
+        expires_at: float | None = None
+        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+            expires_at = now + float(expires_in)
+        params.pop("expires_at", None)  # only our own clock's idea of expiry counts
+        token = OAuth2Token(params)
+        if expires_at is not None:
+            token["expires_at"] = expires_at  # authlib would round it to whole seconds
+        return token
+    code = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(code, str) or not code or status >= 500 or status == 429:
+        code = "temporarily_unavailable"
+    raise OAuth2Error(error=code, status_code=status)
+
+
+async def request_token(
+    session: aiohttp.ClientSession,
+    account: AccountSettings,
+    grant: str,
+    now: float,
+    **params: str,
+) -> OAuth2Token:
+    """One token request (client authentication by ``account.token_auth``); raises
+    ``OAuth2Error`` (``temporarily_unavailable`` for network failures and timeouts)."""
+    body = prepare_token_request(grant, **params)
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    auth = ClientAuth(account.client_id, account.client_secret.reveal(), account.token_auth)
+    url, headers, body = auth.prepare("POST", account.token_url, headers, body)
+    timeout = aiohttp.ClientTimeout(total=account.token_timeout)
+    try:
+        async with session.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as response:
+            raw = await response.content.read(TOKEN_BODY_LIMIT)
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        raise OAuth2Error(error="temporarily_unavailable") from None
+    return parse_token_response(status, raw, now)
+
+
+def is_token_failure(body: bytes) -> bool:
+    """Whether a 401 body says the access token is invalid or expired (Kounta's wording)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        text = body.decode("utf-8", errors="replace").lower()
+        return "token" in text and ("expired" in text or "invalid" in text)
+    if not isinstance(data, dict):
+        return False
+    code = str(data.get("error", "")).lower()
+    text = str(data.get("error_description", "")).lower()
+    return code in ("invalid_token", "expired_token") or (
+        "token" in text and ("expired" in text or "invalid" in text)
+    )
+
+
+def refresh_due(token: StoredToken, leeway: float) -> float | None:
+    """When to refresh: ``leeway`` before expiry, but no earlier than half the lifetime."""
+    if token.expires_at is None:
+        return None
+    lifetime = token.expires_at - token.obtained_at if token.obtained_at else INF
+    return token.expires_at - min(leeway, lifetime / 2)
+
+
+def backoff(failures: int, cap: float, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: a random pause in [half, all] of base * 2^n, capped."""
+    ceiling = min(cap, RETRY_BASE * 2.0 ** max(0, failures - 1))
+    return float(ceiling * (0.5 + rng() / 2))
+
+
+def _bearer(token: StoredToken) -> str:
+    return f"Bearer {token.access_token}"
+
+
+# --------------------------------------------------------------------------- OAuth provider
+
+
+class OAuthProvider:
+    renewable = True
+
+    def __init__(
+        self,
+        account: str,
+        settings: AccountSettings,
+        file: TokenFile,
+        *,
+        clock: Clock = time.time,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.account = account
+        self.settings = settings
+        self.file = file
+        self.clock = clock
+        self.metrics = metrics
+        self._token: StoredToken | None = None
+        self._state = ""  # set (and logged) by start()
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: asyncio.Task[StoredToken] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._failures = 0
+        self._file_mtime: int | None = None
 
     def __repr__(self) -> str:
-        return "BasicCredentials(****)"
+        return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
+
+    @property
+    def state(self) -> str:
+        return self._state or PENDING
+
+    @property
+    def expires_at(self) -> float | None:
+        return self._token.expires_at if self._token is not None else None
+
+    # --- life cycle
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._load()
+        self._runner = asyncio.create_task(self._run(), name=f"token-refresh-{self.account}")
+
+    async def stop(self) -> None:
+        for task in (self._runner, self._inflight):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._runner = self._inflight = None
+
+    def _load(self) -> None:
+        self._file_mtime = self.file.mtime()
+        try:
+            stored = self.file.read()
+        except TokenFileError as e:
+            event("token_file_unreadable", logging.ERROR, account=self.account, reason=str(e))
+            stored = None
+        if stored is not None:
+            self._adopt(stored)
+        elif self._refresh_token() or self.settings.grant == "client_credentials":
+            self._set_state(PENDING, "no access token yet")
+        else:
+            self._set_state(NEEDS_AUTHORIZE, "no token file and no refresh token")
+
+    # --- what requests call
+
+    async def authorization(self, deadline: float = INF) -> str:
+        token = self._token
+        if token is not None and token.usable(self.clock()):
+            return _bearer(token)
+        self._check_usable()
+        return _bearer(await self._wait(self._refresh(None), deadline))
+
+    async def renew(self, failed: str, deadline: float = INF) -> str:
+        """A header other than ``failed``: refreshes unless another request already did."""
+        token = self._token
+        if token is not None and _bearer(token) != failed and token.usable(self.clock()):
+            return _bearer(token)
+        self._check_usable()
+        return _bearer(await self._wait(self._refresh(failed), deadline))
+
+    def invalidate(self, failed: str) -> None:
+        """Kounta refused ``failed`` but the request cannot wait: refresh in the background."""
+        if self._token is not None and _bearer(self._token) == failed:
+            with contextlib.suppress(TokenUnavailable):
+                self._check_usable()
+                self._refresh(failed)
+
+    def problem(self) -> str | None:
+        """For /readyz: None when requests can get a token."""
+        if self._state in (NEEDS_AUTHORIZE, REJECTED):
+            self._reload_if_changed()
+        if self._state in (NEEDS_AUTHORIZE, REJECTED):
+            return self._rejection().description
+        token = self._token
+        if self._state == UNAVAILABLE and not (token and token.usable(self.clock())):
+            return f"account {self.account!r}: no valid access token; the token endpoint is failing"
+        return None
+
+    def _check_usable(self) -> None:
+        """Fail fast: no waiting when no refresh can help right now."""
+        if self._state in (NEEDS_AUTHORIZE, REJECTED):
+            self._reload_if_changed()
+            token = self._token
+            if self._state in (NEEDS_AUTHORIZE, REJECTED):
+                raise self._rejection()
+            if token is not None and token.usable(self.clock()):
+                return
+        if self._state == UNAVAILABLE and self._inflight is None:
+            raise TokenUnavailable(
+                f"The token endpoint for account {self.account!r} is failing; "
+                "the proxy retries in the background"
+            )
+
+    def _rejection(self) -> CredentialsRejected:
+        if self._state == REJECTED:
+            return CredentialsRejected(
+                f"Kounta rejected the client credentials of account {self.account!r} "
+                "(invalid_client); check client_id and client_secret",
+                code="invalid_client",
+            )
+        return CredentialsRejected(
+            f"Account {self.account!r} has no working refresh token; "
+            f"run `kounta-proxy authorize --account {self.account}` to authorize it again"
+        )
+
+    async def _wait(self, task: asyncio.Task[StoredToken], deadline: float) -> StoredToken:
+        left = min(self.settings.token_wait, deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, left))
+        except TimeoutError:
+            raise TokenUnavailable(
+                f"The token endpoint for account {self.account!r} is slow; "
+                "the proxy keeps trying in the background"
+            ) from None
+
+    # --- single flight
+
+    def _refresh(self, failed: str | None) -> asyncio.Task[StoredToken]:
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._refresh_locked(failed))
+            self._inflight.add_done_callback(self._refreshed)
+        return self._inflight
+
+    def _refreshed(self, task: asyncio.Task[StoredToken]) -> None:
+        self._inflight = None
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here, so nobody sees "never retrieved"
+        if error is None:
+            self._failures = 0
+        elif not isinstance(error, CredentialsRejected):
+            self._failures += 1
+        self._wake.set()
+
+    async def _refresh_locked(self, failed: str | None) -> StoredToken:
+        try:
+            async with self.file.locked(self.settings.token_timeout * 3):
+                return await self._refresh_or_adopt(failed)
+        except TokenFileError as e:
+            self._set_state(UNAVAILABLE, "token file locked or unreadable")
+            event("token_file_error", logging.ERROR, account=self.account, reason=str(e))
+            raise TokenUnavailable(
+                f"The token file of account {self.account!r} is unusable"
+            ) from None
+
+    async def _refresh_or_adopt(self, failed: str | None) -> StoredToken:
+        stored = self.file.read()
+        self._file_mtime = self.file.mtime()
+        held = self._token.access_token if self._token is not None else None
+        if stored is not None and self._fresh_from_elsewhere(stored, held, failed):
+            # Another process (or `authorize`) refreshed while we waited for the lock.
+            self._adopt(stored)
+            self._count("adopted")
+            return stored
+        refresh_token = (stored.refresh_token if stored else "") or self._refresh_token()
+        token = await self._fetch(refresh_token)
+        new = StoredToken(
+            access_token=str(token["access_token"]),
+            # No refresh token in the answer: the old one stays (rotation is unknown).
+            refresh_token=str(token.get("refresh_token") or refresh_token),
+            expires_at=token.get("expires_at"),
+            obtained_at=self.clock(),
+        )
+        await self._persist(new)  # before first use: a rotated refresh token must not be lost
+        self._adopt(new)
+        event(
+            "token_refreshed",
+            account=self.account,
+            expires_in=None if new.expires_at is None else round(new.expires_at - self.clock()),
+            rotated=new.refresh_token != refresh_token,
+        )
+        return new
+
+    def _fresh_from_elsewhere(
+        self, stored: StoredToken, held: str | None, failed: str | None
+    ) -> bool:
+        if stored.access_token == held or not stored.usable(self.clock()):
+            return False
+        if failed is not None and _bearer(stored) == failed:
+            return False
+        due = refresh_due(stored, self.settings.refresh_leeway)
+        return due is None or self.clock() < due
+
+    async def _persist(self, token: StoredToken) -> None:
+        try:
+            await asyncio.to_thread(self.file.write, token)  # fsync: off the event loop
+            self._file_mtime = self.file.mtime()
+        except TokenFileError as e:
+            # Keep going with the token in memory; the operator must fix the file.
+            event("token_file_error", logging.ERROR, account=self.account, reason=str(e))
+
+    def _refresh_token(self) -> str:
+        return (
+            self._token.refresh_token if self._token else ""
+        ) or self.settings.refresh_token.reveal()
+
+    # --- the token request
+
+    async def _fetch(self, refresh_token: str) -> OAuth2Token:
+        grant = self.settings.grant
+        if grant == "refresh_token" and not refresh_token:
+            self._set_state(NEEDS_AUTHORIZE, "no refresh token")
+            raise self._rejection()
+        started = time.perf_counter()
+        try:
+            token = await self._post(grant, refresh_token)
+        except OAuth2Error as e:
+            raise self._failed(e.error or "temporarily_unavailable") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.token_request_duration.labels(self.account).observe(
+                    time.perf_counter() - started
+                )
+        self._count("ok")
+        return token
+
+    async def _post(self, grant: str, refresh_token: str) -> OAuth2Token:
+        if self._session is None:
+            raise OAuth2Error(error="temporarily_unavailable")
+        extra = {"refresh_token": refresh_token} if grant == "refresh_token" else {}
+        return await request_token(self._session, self.settings, grant, self.clock(), **extra)
+
+    def _failed(self, code: str) -> TokenUnavailable:
+        if code in PERMANENT_ERRORS:
+            self._count("rejected")
+            client = code in ("invalid_client", "unauthorized_client")
+            self._set_state(REJECTED if client else NEEDS_AUTHORIZE, code)
+            return self._rejection()
+        self._count("unavailable")
+        self._set_state(UNAVAILABLE, code)
+        return TokenUnavailable(
+            f"The token endpoint for account {self.account!r} failed ({code}); "
+            "the proxy retries in the background"
+        )
+
+    # --- state
+
+    def _adopt(self, token: StoredToken) -> None:
+        self._token = token
+        if self.metrics is not None:
+            self.metrics.token_expires_at.labels(self.account).set(token.expires_at or 0)
+        if token.usable(self.clock()):
+            self._set_state(VALID, "token obtained")
+        elif token.refresh_token or self.settings.grant == "client_credentials":
+            self._set_state(PENDING, "access token expired")
+        else:
+            self._set_state(NEEDS_AUTHORIZE, "no refresh token")
+        self._wake.set()
+
+    def _reload_if_changed(self) -> None:
+        mtime = self.file.mtime()
+        if mtime is None or mtime == self._file_mtime:
+            return
+        self._file_mtime = mtime
+        with contextlib.suppress(TokenFileError):
+            stored = self.file.read()
+            if stored is not None and stored != self._token:
+                self._adopt(stored)
+
+    def _set_state(self, state: str, reason: str) -> None:
+        if self.metrics is not None:
+            for name in STATES:
+                self.metrics.token_state.labels(self.account, name).set(1 if name == state else 0)
+        if state == self._state:
+            return
+        bad = state in (UNAVAILABLE, NEEDS_AUTHORIZE, REJECTED)
+        previous = self._state or "starting"
+        level = logging.WARNING if bad else logging.INFO
+        event(
+            "token_state",
+            level,
+            account=self.account,
+            state=state,
+            previous=previous,
+            reason=reason,
+        )
+        self._state = state
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.token_requests.labels(self.account, result).inc()
+
+    # --- background refresh
+
+    async def _run(self) -> None:
+        while True:
+            delay = self._next_delay()
+            self._wake.clear()
+            if delay is None or delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            if self._state in (NEEDS_AUTHORIZE, REJECTED):
+                self._reload_if_changed()
+                continue
+            if self._due():
+                with contextlib.suppress(TokenUnavailable):
+                    await asyncio.shield(self._refresh(None))
+
+    def _next_delay(self) -> float | None:
+        if self._inflight is not None:
+            return None  # woken when it finishes
+        if self._state in (NEEDS_AUTHORIZE, REJECTED):
+            return AUTHORIZE_POLL
+        if self._state == UNAVAILABLE:
+            return backoff(self._failures, self.settings.token_retry_max)
+        token = self._token
+        if token is None:
+            return 0.0
+        due = refresh_due(token, self.settings.refresh_leeway)
+        if due is None:
+            return None
+        # A token endpoint that hands out near-zero lifetimes must not be asked in a loop.
+        return max(0.0, due - self.clock(), token.obtained_at + MIN_REFRESH_GAP - self.clock())
+
+    def _due(self) -> bool:
+        if self._inflight is not None:
+            return False
+        if self._state in (PENDING, UNAVAILABLE) or self._token is None:
+            return True
+        due = refresh_due(self._token, self.settings.refresh_leeway)
+        now = self.clock()
+        return due is not None and now >= due and now >= self._token.obtained_at + MIN_REFRESH_GAP
 
 
-def provider_for(account: AccountSettings) -> TokenProvider:
-    if account.mode == "static":
-        return StaticToken(account.token.reveal())
-    if account.mode == "basic":
-        return BasicCredentials(account.client_id, account.client_secret.reveal())
-    raise NotImplementedError(f"account mode {account.mode!r} is not available yet")
+# --------------------------------------------------------------------------- the layer
 
 
 class Authenticator:
-    """Puts the account's credentials on each request."""
+    """Puts the account's credentials on each request; one refresh and resend on a token 401."""
 
-    def __init__(self, inner: Layer, providers: Mapping[str, TokenProvider]) -> None:
+    def __init__(
+        self,
+        inner: Layer,
+        providers: Mapping[str, TokenProvider],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.inner = inner
         self.providers = providers
+        self.metrics = metrics
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         provider = self.providers.get(request.account)
         if provider is None:
             raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
-        authorization = await provider.authorization()
-        return await self.inner.send(request.with_headers(Authorization=authorization))
+        authorization = await provider.authorization(request.deadline)
+        response = await self.inner.send(request.with_headers(Authorization=authorization))
+        if response.status != 401 or not provider.renewable:
+            return response
+        if not is_token_failure(await response.read(limit=ERROR_BODY_LIMIT)):
+            return response
+        if not request.replayable:
+            # The body is gone; the caller gets the 401, the next request a fresh token.
+            provider.invalidate(authorization)
+            self._count(request.account, "not_replayable")
+            return response
+        fresh = await provider.renew(authorization, request.deadline)
+        self._count(request.account, "resent")
+        # Once only: whatever this answers goes back, so a bad token can never loop.
+        return await self.inner.send(request.with_headers(Authorization=fresh))
+
+    def _count(self, account: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_resends.labels(account, outcome).inc()

@@ -1,12 +1,28 @@
-"""Who is calling, and on which account's behalf."""
+"""Who is calling, and on which account's behalf.
+
+A caller presents its key in the configured header (``inbound.key_header``, default
+``X-Proxy-Key``) or as ``Authorization: Bearer <key>``; each key belongs to one
+``[callers.NAME]`` table, whose name is what logs and metrics show. Keys are compared in
+constant time, and every configured key is compared, so timing tells nothing about which
+one nearly matched.
+
+Anonymous callers (no key) get the default account when that is safe: ``allow_anonymous``
+is set, or the proxy listens on loopback with one account or with no caller keys at all.
+A key in the key header that matches nobody is always refused; an unknown
+``Authorization: Bearer`` value is only refused when a key is required (it may be a caller's
+old Kounta token, which the proxy drops anyway).
+"""
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from proxy.settings import Settings
+from proxy.errors import CallerUnauthorized
+from proxy.metrics import Metrics
+from proxy.settings import Settings, is_loopback_host
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,13 +32,63 @@ class Caller:
 
 
 class Callers:
-    """Maps an inbound request to a caller. Until caller keys exist: the default account."""
+    """Maps an inbound request to a caller and the account it uses."""
 
-    # Headers that identify the caller to the proxy and must never reach Kounta.
-    header_names: frozenset[str] = frozenset()
-
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.default = Caller("anonymous", settings.account_name)
+        self.key_header = settings.inbound.key_header
+        # Headers that identify the caller to the proxy and must never reach Kounta.
+        self.header_names = frozenset({self.key_header.lower()})
+        self._keys = [
+            (caller.key.reveal().encode(), Caller(name, caller.account or settings.account_name))
+            for name, caller in sorted(settings.callers.items())
+        ]
+        loopback = is_loopback_host(settings.server.host)
+        self.anonymous_ok = settings.inbound.allow_anonymous or (
+            loopback and (len(settings.accounts) <= 1 or not self._keys)
+        )
+        self.metrics = metrics
 
     def identify(self, headers: CIMultiDictProxy[str]) -> Caller:
-        return self.default
+        key = headers.get(self.key_header)
+        if key is not None:
+            found = self._match(key)
+            return (
+                self._count(found)
+                if found
+                else self._refuse("unknown", "The caller key is not known")
+            )
+        bearer = _bearer(headers.get("Authorization", ""))
+        found = self._match(bearer) if bearer else None
+        if found is not None:
+            return self._count(found)
+        if self.anonymous_ok:
+            return self._count(self.default)
+        if bearer:
+            return self._refuse("unknown", "The caller key is not known")
+        return self._refuse(
+            "missing", f"A caller key is required in {self.key_header} or Authorization: Bearer"
+        )
+
+    def _match(self, key: str) -> Caller | None:
+        given = key.strip().encode()
+        found = None
+        for expected, caller in self._keys:
+            if hmac.compare_digest(given, expected):
+                found = caller
+        return found
+
+    def _count(self, caller: Caller) -> Caller:
+        if self.metrics is not None:
+            self.metrics.caller_requests.labels(caller.name, caller.account).inc()
+        return caller
+
+    def _refuse(self, reason: str, description: str) -> Caller:
+        if self.metrics is not None:
+            self.metrics.caller_rejections.labels(reason).inc()
+        raise CallerUnauthorized(description)
+
+
+def _bearer(value: str) -> str:
+    scheme, _, credentials = value.strip().partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from proxy.logs import configure, event
 from proxy.server import StartupError, bound_port, run_until_signal, start
 from proxy.settings import (
     AccountSettings,
+    AdminSettings,
     ConfigError,
     Secret,
     ServerSettings,
@@ -85,7 +87,52 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--state-dir", default="state/demo", help="cache and token directory (default %(default)s)"
     )
+    demo.add_argument(
+        "--admin-port",
+        type=int,
+        default=9464,
+        help="admin port for /metrics, /healthz, /readyz (default %(default)s; "
+        "a free one is chosen if it is taken)",
+    )
+    _authorize_parser(sub)
+    _cache_parser(sub)
     return p
+
+
+def _cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cache = sub.add_parser(
+        "cache",
+        help="show cache statistics or purge stored responses",
+        description="Work on the cache directory of the settings (cache.dir, default "
+        "<state_dir>/cache). A running proxy drops its in-memory copies within 2 seconds of a "
+        "purge; the admin endpoint POST /cache/purge takes effect at once.",
+    )
+    cache.add_argument("action", choices=("stats", "purge"), help="what to do")
+    _config_arg(cache)
+    cache.add_argument("--prefix", default="", help="purge only paths starting with this")
+    cache.add_argument("--account", default=None, help="purge only this account's entries")
+
+
+def _authorize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    authorize = sub.add_parser(
+        "authorize",
+        help="authorize an oauth account once (authorization-code flow)",
+        description="Print the Kounta authorize URL, receive the redirect on the loopback "
+        "redirect_uri (or a pasted redirect URL or code), exchange the code and write the "
+        "account's token file. The running proxy picks the new token up by itself.",
+    )
+    _config_arg(authorize)
+    authorize.add_argument("--account", default=None, help="account name (default: the default)")
+    authorize.add_argument("--open", action="store_true", help="open the URL in a browser")
+    authorize.add_argument(
+        "--paste", action="store_true", help="read the redirect URL from stdin, do not listen"
+    )
+    authorize.add_argument(
+        "--code", default=None, help="a code (or redirect URL) from an earlier run; no state check"
+    )
+    authorize.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the redirect"
+    )
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -107,8 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(load(args.config))
         if args.command == "sandbox":
             return sandbox(args.host, args.port, args.seed, tuple(args.token or ("sandbox-token",)))
+        if args.command == "authorize":
+            return authorize(args)
+        if args.command == "cache":
+            from proxy.cache import run_cli
+
+            return run_cli(load(args.config), args.action, args.prefix, args.account)
         if args.command == "demo":
-            return demo(args.port, args.sandbox_port, args.state_dir)
+            return demo(args.port, args.sandbox_port, args.state_dir, args.admin_port)
     except ConfigError as e:
         print(f"{PROG}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -118,6 +171,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1  # pragma: no cover - argparse rejects unknown commands
+
+
+def authorize(args: argparse.Namespace) -> int:
+    from proxy import authorize as flow
+    from proxy.auth import token_path
+
+    settings = load(args.config)
+    name = flow.pick_account(settings, args.account)
+    configure(settings.log.level, settings.log.format)
+    try:
+        token = asyncio.run(
+            flow.run(
+                settings,
+                name,
+                code=args.code,
+                paste=args.paste,
+                open_browser=args.open,
+                wait=args.timeout,
+            )
+        )
+    except flow.AuthorizeError as e:
+        print(f"{PROG}: authorize failed: {e}", file=sys.stderr)
+        return 1
+    path = token_path(name, settings.accounts[name], settings.state_dir)
+    lifetime = ""
+    if token.expires_at is not None:
+        lifetime = f", access token valid for {token.expires_at - token.obtained_at:.0f}s"
+    print(f"Authorized account {name!r}: token saved to {path}{lifetime}", flush=True)
+    event("authorized", account=name, token_file=str(path))
+    return 0
 
 
 def check_config(path: Path | None, *, as_json: bool) -> int:
@@ -136,19 +219,9 @@ def serve(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> None:
-    from proxy.app import create_app
+    from proxy import lifecycle
 
-    app = create_app(settings)
-    runner = await start(
-        app, settings.server.host, settings.server.port, settings.server.shutdown_grace
-    )
-    event(
-        "started",
-        listen=f"{settings.server.host}:{bound_port(runner)}",
-        upstream=settings.upstream.base_url,
-        settings=masked(settings),
-    )
-    await run_until_signal([runner])
+    await lifecycle.serve(settings)
 
 
 def sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> int:
@@ -168,20 +241,25 @@ async def _sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> 
 
 
 DEMO_TOKEN = "sandbox-token"  # noqa: S105 - the sandbox's public demo token, not a secret
+# The demo account runs in oauth mode against the sandbox's OAuth server, bootstrapped with
+# this refresh token (the sandbox accepts it as if issued earlier; it does not rotate).
+DEMO_REFRESH_TOKEN = "sandbox-demo-refresh"  # noqa: S105 - public demo value, not a secret
 
 
-def demo(port: int, sandbox_port: int, state_dir: str) -> int:
+def demo(port: int, sandbox_port: int, state_dir: str, admin_port: int = 9464) -> int:
     configure("info", "json")
-    asyncio.run(_demo(port, sandbox_port, state_dir))
+    asyncio.run(_demo(port, sandbox_port, state_dir, admin_port))
     return 0
 
 
-async def _demo(port: int, sandbox_port: int, state_dir: str) -> None:
-    from proxy.app import create_app
+async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -> None:
+    from proxy import lifecycle
     from proxy.sandbox import SandboxConfig, create_sandbox_app
 
     sandbox_runner = await start(
-        create_sandbox_app(SandboxConfig(bearer_tokens=(DEMO_TOKEN,))),
+        create_sandbox_app(
+            SandboxConfig(bearer_tokens=(DEMO_TOKEN,), refresh_tokens=(DEMO_REFRESH_TOKEN,))
+        ),
         "127.0.0.1",
         sandbox_port,
         5.0,
@@ -189,23 +267,50 @@ async def _demo(port: int, sandbox_port: int, state_dir: str) -> None:
     upstream_port = bound_port(sandbox_runner)
     settings = Settings(
         state_dir=state_dir,
-        server=ServerSettings(host="127.0.0.1", port=port),
+        server=ServerSettings(host="127.0.0.1", port=port, shutdown_grace=5.0),
         upstream=UpstreamSettings(base_url=f"http://127.0.0.1:{upstream_port}"),
-        accounts={"demo": AccountSettings(mode="static", token=Secret(DEMO_TOKEN))},
+        admin=AdminSettings(host="127.0.0.1", port=_free_or_any(admin_port)),
+        accounts={"demo": _demo_account(f"http://127.0.0.1:{upstream_port}")},
     )
+
+    def announce(proxy_port: int, admin: int | None) -> None:
+        event("demo_started", proxy=f"127.0.0.1:{proxy_port}", sandbox=f"127.0.0.1:{upstream_port}")
+        print(
+            f"kounta-proxy demo: proxy on http://127.0.0.1:{proxy_port}, "
+            f"sandbox on http://127.0.0.1:{upstream_port}, "
+            f"admin on http://127.0.0.1:{admin}\n"
+            f"try:  curl -i http://127.0.0.1:{proxy_port}/v1/companies/me.json\n"
+            f"      curl -i http://127.0.0.1:{proxy_port}/v1/companies/5001/products.json\n"
+            f"      curl -s http://127.0.0.1:{admin}/metrics\n"
+            "stop with Ctrl-C",
+            flush=True,
+        )
+
     try:
-        proxy_runner = await start(create_app(settings), "127.0.0.1", port, 5.0)
+        await lifecycle.serve(settings, extra=[sandbox_runner], announce=announce)
     except StartupError:
         await sandbox_runner.cleanup()
         raise
-    proxy_port = bound_port(proxy_runner)
-    event("demo_started", proxy=f"127.0.0.1:{proxy_port}", sandbox=f"127.0.0.1:{upstream_port}")
-    print(
-        f"kounta-proxy demo: proxy on http://127.0.0.1:{proxy_port}, "
-        f"sandbox on http://127.0.0.1:{upstream_port}\n"
-        f"try:  curl -i http://127.0.0.1:{proxy_port}/v1/companies/me.json\n"
-        f"      curl -i http://127.0.0.1:{proxy_port}/v1/companies/5001/products.json\n"
-        "stop with Ctrl-C",
-        flush=True,
+
+
+def _demo_account(sandbox_url: str) -> AccountSettings:
+    from proxy.sandbox import SandboxConfig
+
+    return AccountSettings(
+        mode="oauth",
+        client_id=SandboxConfig.client_id,
+        client_secret=Secret(SandboxConfig.client_secret),
+        token_url=f"{sandbox_url}/v1/token",
+        authorize_url=f"{sandbox_url}/authorize",
+        refresh_token=Secret(DEMO_REFRESH_TOKEN),
     )
-    await run_until_signal([proxy_runner, sandbox_runner])
+
+
+def _free_or_any(port: int) -> int:
+    """``port`` if it can be bound on loopback now, else 0 (any): the demo must start."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port

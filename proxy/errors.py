@@ -10,19 +10,23 @@ caller can tell them from Kounta's.
 Exceptions::
 
     ProxyError                      status, code, description (safe to show)
-    ├── InvalidRequest              400 invalid_request / invalid_request_target
+    ├── InvalidRequest              400 invalid_request
+    │   └── InvalidTarget           400 invalid_request_target (proxy.target)
     ├── NotFound                    404 not_found
     ├── MethodNotAllowed            405 method_not_allowed
     ├── RequestTooLarge             413 request_too_large
     ├── CallerUnauthorized          401 invalid_client (missing or unknown caller key)
     ├── RateLimited                 429 rate_limited (+ retry_after)
-    ├── TokenUnavailable            503 temporarily_unavailable / 502 invalid_grant
+    ├── TokenUnavailable            503 temporarily_unavailable (token endpoint down or slow)
+    │   └── CredentialsRejected     502 invalid_grant / invalid_client (run `authorize`)
     ├── OnlyIfCachedMiss            504 only_if_cached
+    ├── TooManyPages                422 too_many_pages (X-Proxy-All-Pages past paging.max_pages)
     └── UpstreamError               the upstream could not be used
         ├── UpstreamUnreachable     502 upstream_unreachable (refused, DNS, reset)
         ├── UpstreamTLSError        502 upstream_tls_error
         ├── UpstreamTimeout         504 upstream_timeout
-        └── UpstreamBodyError       502 upstream_truncated (body cut short)
+        ├── UpstreamBodyError       502 upstream_truncated (body cut short)
+        └── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
 """
 
 from __future__ import annotations
@@ -108,6 +112,13 @@ class TokenUnavailable(ProxyError):
     stale_ok = True
 
 
+class CredentialsRejected(TokenUnavailable):
+    """The token endpoint refused the account's refresh token or client credentials."""
+
+    status = 502
+    code = "invalid_grant"
+
+
 class OnlyIfCachedMiss(ProxyError):
     status = 504
     code = "only_if_cached"
@@ -134,6 +145,30 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamBodyError(UpstreamError):
     code = "upstream_truncated"
+
+
+class CircuitOpen(UpstreamError):
+    """Kounta failed too often in a row: the account's requests fail fast for a while."""
+
+    status = 503
+    code = "circuit_open"
+
+    def __init__(self, description: str, *, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+    def body(self) -> dict[str, object]:
+        return {**super().body(), "retry_after": self.retry_after}
+
+
+class TooManyPages(ProxyError):
+    """An ``X-Proxy-All-Pages`` list is longer than ``paging.max_pages``."""
+
+    status = 422
+    code = "too_many_pages"
 
 
 # --------------------------------------------------------------------------- normalising

@@ -12,6 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy import paging
 from proxy.errors import (
     PROXY_ERROR_HEADER,
     InvalidRequest,
@@ -100,6 +101,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request_id=info.request_id,
         deadline=loop.time() + ctx.settings.upstream.total_timeout,
     )
+    if paging.wanted(request):
+        public = URL(server.public_url) if server.public_url else _origin_of(request)
+        return await paging.all_pages(request, proxy_request, ctx.settings.upstream.url, public)
     try:
         response = await ctx.pipeline.send(proxy_request)
     except ProxyError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import IO, Any
@@ -30,13 +31,41 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``12:04:05.123 info    request  method=GET status=200 ...`` for a terminal.
+
+    Values with spaces are quoted, nested values are compact JSON; the level is
+    coloured only when ``color`` is set (a TTY without ``NO_COLOR``).
+    """
+
+    COLORS = {"debug": "2", "info": "32", "warning": "33", "error": "31", "critical": "1;31"}
+
+    def __init__(self, color: bool = False) -> None:
+        super().__init__()
+        self.color = color
+
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        tail = " ".join(f"{k}={v}" for k, v in fields.items())
-        text = f"{_iso(record.created)} {record.levelname.lower():7} {record.getMessage()}"
+        tail = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        level = record.levelname.lower()
+        shown = f"{level:7}"
+        if self.color:
+            shown = f"\x1b[{self.COLORS.get(level, '0')}m{shown}\x1b[0m"
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+        text = f"{clock}.{int(record.created % 1 * 1000):03d} {shown} {record.getMessage():16}"
         if record.exc_info and record.exc_info[0] is not None:
-            tail += f" exception={record.exc_info[0].__name__}: {record.exc_info[1]}"
+            tail += (
+                f" exception={_text_value(f'{record.exc_info[0].__name__}: {record.exc_info[1]}')}"
+            )
         return f"{text} {tail}".rstrip()
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def _iso(created: float) -> str:
@@ -47,8 +76,10 @@ def _iso(created: float) -> str:
 
 
 def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    color = out.isatty() and not os.environ.get("NO_COLOR")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(color=color))
     root = logging.getLogger(LOGGER)
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

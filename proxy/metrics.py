@@ -1,15 +1,44 @@
-"""Prometheus metrics on an injected registry (never the global one)."""
+"""Prometheus metrics on an injected registry (never the global one).
+
+One class, :class:`Metrics`, holds every metric as an attribute, in blocks by
+feature. Conventions: the ``kounta_proxy_`` prefix, base units (seconds, bytes),
+counters declared without ``_total`` (prometheus-client adds it), histograms on
+:data:`BUCKETS`. Labels hold only bounded, non-secret values: route templates
+(:func:`proxy.routes.template`), account names from the configuration, status
+codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from proxy import __version__
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# The kinds of upstream failure counted by ``upstream_errors``.
+UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # --- build
+        self.build_info = Info(
+            "kounta_proxy_build",
+            "The running build: proxy version, Python and aiohttp versions.",
+            registry=registry,
+        )
+        self.build_info.info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "aiohttp": aiohttp.__version__,
+            }
+        )
+        # --- requests (inbound, recorded by app.access_middleware)
         self.requests = Counter(
             "kounta_proxy_requests",
             "Requests answered, by method, route template, status class and cache status.",
@@ -28,6 +57,7 @@ class Metrics:
             "Requests being answered now.",
             registry=registry,
         )
+        # --- upstream (recorded by proxy.upstream.Upstream)
         self.upstream_requests = Counter(
             "kounta_proxy_upstream_requests",
             "Requests sent to the upstream, by method, route template and status.",
@@ -43,7 +73,172 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "kounta_proxy_upstream_errors",
-            "Upstream exchanges that failed without a response, by kind.",
+            "Upstream exchanges that failed, by kind: timeout, connect, tls, reset.",
             ["kind"],
+            registry=registry,
+        )
+        for kind in UPSTREAM_ERROR_KINDS:
+            # Pre-create the series so that rate() and alerts see a zero, not nothing.
+            self.upstream_errors.labels(kind)
+        # --- budget, retries and breaker (recorded by proxy.budget and proxy.retry)
+        self.budget_tokens = Gauge(
+            "kounta_proxy_budget_tokens",
+            "Requests an account may send to Kounta right now without waiting.",
+            ["account"],
+            registry=registry,
+        )
+        self.budget_queue = Gauge(
+            "kounta_proxy_budget_queue_length",
+            "Requests waiting for the account's rate budget.",
+            ["account"],
+            registry=registry,
+        )
+        self.budget_paused = Gauge(
+            "kounta_proxy_budget_paused_seconds",
+            "Seconds left of the pause after Kounta answered 429 (0: not paused).",
+            ["account"],
+            registry=registry,
+        )
+        self.budget_wait = Histogram(
+            "kounta_proxy_budget_wait_seconds",
+            "Time a request waited for the rate budget before being sent.",
+            ["account"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.budget_rejections = Counter(
+            "kounta_proxy_budget_rejections",
+            "Requests answered 429 (or stale) because the budget had no room in time, "
+            "by account and reason (deadline, queue_full).",
+            ["account", "reason"],
+            registry=registry,
+        )
+        self.budget_upstream_429 = Counter(
+            "kounta_proxy_budget_upstream_429",
+            "429 answers from Kounta itself (each pauses the account's budget).",
+            ["account"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "kounta_proxy_retries",
+            "Idempotent requests sent again, by method and reason (connect, timeout, 502, ...).",
+            ["method", "reason"],
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "kounta_proxy_breaker_state",
+            "Circuit breaker per account: 0 closed, 1 half-open (probing), 2 open (failing fast).",
+            ["account"],
+            registry=registry,
+        )
+        self.breaker_opened = Counter(
+            "kounta_proxy_breaker_opened",
+            "Times an account's breaker opened after consecutive upstream failures.",
+            ["account"],
+            registry=registry,
+        )
+        self.paging_pages = Counter(
+            "kounta_proxy_paging_pages",
+            "Pages gathered for X-Proxy-All-Pages requests.",
+            registry=registry,
+        )
+        # --- credentials (recorded by proxy.auth and proxy.callers)
+        self.token_state = Gauge(
+            "kounta_proxy_token_state",
+            "1 for the account's current token state (valid, refreshing, unavailable, "
+            "needs_authorize, rejected, static), 0 for the others.",
+            ["account", "state"],
+            registry=registry,
+        )
+        self.token_expires_at = Gauge(
+            "kounta_proxy_token_expires_at_seconds",
+            "When the account's access token expires (Unix time); 0 when unknown.",
+            ["account"],
+            registry=registry,
+        )
+        self.token_requests = Counter(
+            "kounta_proxy_token_requests",
+            "Requests to the token endpoint, by account and result "
+            "(ok, unavailable, rejected), plus tokens adopted from the shared file (adopted).",
+            ["account", "result"],
+            registry=registry,
+        )
+        self.token_request_duration = Histogram(
+            "kounta_proxy_token_request_duration_seconds",
+            "Time a token request took.",
+            ["account"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.auth_resends = Counter(
+            "kounta_proxy_auth_resends",
+            "Upstream 401s for an invalid or expired token, by account and outcome "
+            "(resent after a refresh, or not_replayable when the body could not be sent again).",
+            ["account", "outcome"],
+            registry=registry,
+        )
+        self.caller_requests = Counter(
+            "kounta_proxy_caller_requests",
+            "Inbound requests by caller name (from [callers.NAME], or anonymous) and account.",
+            ["caller", "account"],
+            registry=registry,
+        )
+        self.caller_rejections = Counter(
+            "kounta_proxy_caller_rejections",
+            "Inbound requests refused for a missing or unknown caller key.",
+            ["reason"],
+            registry=registry,
+        )
+        # --- cache (recorded by proxy.cache and proxy.cache_store)
+        self.cache_entries = Gauge(
+            "kounta_proxy_cache_entries",
+            "Responses stored in the disk cache (refreshed when stats are taken).",
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "kounta_proxy_cache_bytes",
+            "Bytes the disk cache occupies (refreshed when stats are taken).",
+            registry=registry,
+        )
+        self.cache_lookups = Counter(
+            "kounta_proxy_cache_lookups",
+            "Cache outcomes by result (hit, miss, revalidated, stale, bypass) and reason "
+            "(e.g. fresh, not_modified, changed, cold, error, while_revalidate, no_store).",
+            ["result", "reason"],
+            registry=registry,
+        )
+        self.cache_coalesced = Counter(
+            "kounta_proxy_cache_coalesced",
+            "Requests that waited for another request's fetch of the same key, by outcome "
+            "(shared, gave_up).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.cache_stores = Counter(
+            "kounta_proxy_cache_stores",
+            "Responses stored, or not stored and why (stored, not_storable, too_large, "
+            "truncated, disabled, invalidated).",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "kounta_proxy_cache_evictions",
+            "Disk cache values evicted to stay under cache.max_size.",
+            registry=registry,
+        )
+        self.cache_invalidations = Counter(
+            "kounta_proxy_cache_invalidations",
+            "Stored entries removed after writes through the proxy.",
+            registry=registry,
+        )
+        self.cache_store_errors = Counter(
+            "kounta_proxy_cache_store_errors",
+            "Disk cache operations that failed, by operation (read, write, delete, full).",
+            ["op"],
+            registry=registry,
+        )
+        self.cache_storing_disabled = Gauge(
+            "kounta_proxy_cache_storing_disabled",
+            "1 while storing is off because the disk is full, else 0.",
             registry=registry,
         )

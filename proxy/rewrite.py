@@ -8,14 +8,17 @@ upstream is moved onto the proxy's public URL; any other URL is left alone.
 
 from __future__ import annotations
 
+import re
+
 from yarl import URL
 
 REWRITTEN_HEADERS = ("X-Next-Page", "Location", "Content-Location")
+_NOT_URL = re.compile(r"[\x00-\x20\x7f]")
 
 
 def rewrite_url(value: str, upstream: URL, public: URL) -> str:
     """``value`` moved from ``upstream`` onto ``public`` if it points at ``upstream``."""
-    if not value or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in value):
+    if not value or _NOT_URL.search(value):
         return value  # not a URL a header could carry; leave it as it came
     try:
         url = URL(value, encoded=True)

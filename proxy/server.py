@@ -7,7 +7,8 @@ import contextlib
 import errno
 import json
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -73,7 +74,12 @@ class Runner(web.AppRunner):
 async def start(app: web.Application, host: str, port: int, grace: float) -> Runner:
     """Start listening; a busy port or bad address becomes one :class:`StartupError` line."""
     runner = Runner(app, access_log=None, shutdown_timeout=grace, handle_signals=False)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except OSError as e:
+        # A cleanup context could not open its files (cache, tokens): one line, no traceback.
+        where = f" ({e.filename})" if e.filename else ""
+        raise StartupError(f"cannot start: {e.strerror or e}{where}") from None
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     try:
         await site.start()
@@ -117,9 +123,23 @@ async def wait_for_signal(
                 loop.remove_signal_handler(sig)
 
 
-async def run_until_signal(runners: Sequence[web.AppRunner]) -> None:
+async def run_until_signal(
+    runners: Sequence[web.AppRunner],
+    on_signal: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop the runners one after the other.
+
+    ``on_signal`` runs first (readiness turns false at once). Each runner then stops
+    accepting, gives in-flight requests its ``shutdown_timeout`` to finish, and runs its
+    cleanup contexts (sessions, cache, token files). Runners later in the list keep
+    serving meanwhile: put the admin listener last so /readyz can say "shutting down".
+    A second signal during the drain is not caught and ends the process at once.
+    """
     name = await wait_for_signal()
+    if on_signal is not None:
+        on_signal(name)
+    started = time.monotonic()
     event("shutdown", signal=name)
     for runner in runners:
         await runner.cleanup()
-    event("stopped")
+    event("stopped", seconds=round(time.monotonic() - started, 3))

@@ -151,6 +151,8 @@ class UpstreamSettings:
 
 
 AccountMode = Literal["oauth", "basic", "static"]
+TokenAuth = Literal["client_secret_post", "client_secret_basic"]
+OAuthGrant = Literal["refresh_token", "client_credentials"]
 
 
 @dataclass(frozen=True)
@@ -161,12 +163,78 @@ class AccountSettings:
     # basic and oauth: the add-on's credentials.
     client_id: str = ""
     client_secret: Secret = Secret("")
+    # oauth: where tokens come from and how they are kept (see proxy/auth.py).
+    token_url: str = "https://api.kounta.com/v1/token"  # noqa: S105 - a URL
+    token_auth: TokenAuth = "client_secret_post"  # noqa: S105 - a method name
+    grant: OAuthGrant = "refresh_token"
+    # JSON token file (mode 0600); empty: <state_dir>/tokens/<account>.json. Not "token_file":
+    # that name reads the static token from a file.
+    token_path: str = ""
+    # A refresh token to start from while the token file holds none.
+    refresh_token: Secret = Secret("")
+    # Refresh this many seconds before expiry, but never earlier than half the lifetime.
+    refresh_leeway: float = 300.0
+    # How long a request waits for a token being fetched before it gets 503.
+    token_wait: float = 5.0
+    # Timeout of one token request; longest pause between retries while the endpoint fails.
+    token_timeout: float = 10.0
+    token_retry_max: float = 60.0
+    # kounta-proxy authorize: where the owner approves, and where the code comes back.
+    authorize_url: str = "https://my.kounta.com/authorize"
+    redirect_uri: str = "http://127.0.0.1:8765/callback"
+    # Requests a minute this account may send to Kounta; 0: the mode's default
+    # (180 for oauth and static, 60 for basic). See proxy/budget.py.
+    rate_per_minute: int = 0
+    # Requests that may go out back to back before the pace sets in; 0: rate_per_minute / 20.
+    burst: int = 0
 
     def __post_init__(self) -> None:
         if self.mode == "static" and not self.token:
             raise Invalid("token", "is required when mode = 'static'")
         if self.mode in ("basic", "oauth") and not (self.client_id and self.client_secret):
             raise Invalid("client_id", f"client_id and client_secret are required for {self.mode}")
+        _check_oauth(self)
+        _check_rate(self.rate_per_minute, self.burst)
+
+
+def _check_oauth(account: AccountSettings) -> None:
+    _check_http_url("token_url", account.token_url, https_unless_loopback=True)
+    _check_http_url("authorize_url", account.authorize_url, https_unless_loopback=True)
+    redirect = URL(account.redirect_uri)
+    if redirect.scheme not in ("http", "https") or not redirect.host:
+        problem = f"must be an absolute http(s) URL, got {account.redirect_uri!r}"
+        raise Invalid("redirect_uri", problem)
+    if account.refresh_leeway < 0:
+        raise Invalid("refresh_leeway", "must not be negative")
+    for name in ("token_wait", "token_timeout", "token_retry_max"):
+        if getattr(account, name) <= 0:
+            raise Invalid(name, "must be greater than 0")
+
+
+@dataclass(frozen=True)
+class InboundSettings:
+    # Header carrying a caller key (also accepted as "Authorization: Bearer <key>").
+    key_header: str = "X-Proxy-Key"
+    # Accept callers without a key even when listening beyond loopback.
+    allow_anonymous: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key_header or not all(c.isalnum() or c == "-" for c in self.key_header):
+            raise Invalid("key_header", f"must be a header name, got {self.key_header!r}")
+        if self.key_header.lower() in ("authorization", "host", "cookie"):
+            raise Invalid("key_header", f"must not be {self.key_header}")
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    # The caller's key (secret); the table's name is what logs and metrics show.
+    key: Secret = Secret("")
+    # The Kounta account this caller uses; empty: the default account.
+    account: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.key.reveal()) < 16:
+            raise Invalid("key", "is required and must be at least 16 characters")
 
 
 @dataclass(frozen=True)
@@ -176,23 +244,219 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The admin listener: /metrics, /healthz, /readyz and the features' admin routes."""
+
+    enabled: bool = True
+    # Loopback by default: the admin routes (cache purge, ...) have no authentication.
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
+        if not self.host:
+            raise Invalid("host", "must not be empty")
+
+
+def _check_rate(rate: int, burst: int) -> None:
+    if rate < 0:
+        raise Invalid("rate_per_minute", "must not be negative (0: the mode's default)")
+    if burst < 0:
+        raise Invalid("burst", "must not be negative (0: rate_per_minute / 20)")
+    if rate and burst > rate:
+        raise Invalid("burst", f"must not exceed rate_per_minute ({rate}), got {burst}")
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """How requests wait for the account's rate budget (the rates are per account)."""
+
+    # Longest a request waits for its turn before it is answered 429 (or stale from the
+    # cache); never longer than the request's own deadline (upstream.total_timeout).
+    max_wait: float = 10.0
+    # Requests waiting per account at most; beyond that new ones get 429 at once.
+    queue_size: int = 1000
+    # The period Kounta's limit applies to (a minute). Only tests shorten it.
+    window: float = 60.0
+    # Seconds added to the window so that network delays cannot push two requests sent a
+    # window apart into the same window on Kounta's side.
+    window_margin: float = 1.0
+    # After a 429 from Kounta without Retry-After or X-Ratelimit-Reset: the first pause,
+    # doubling with each further 429 up to backoff_max.
+    backoff_initial: float = 5.0
+    backoff_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_wait < 0:
+            raise Invalid("max_wait", "must not be negative")
+        if self.queue_size < 0:
+            raise Invalid("queue_size", "must not be negative")
+        if self.window <= 0:
+            raise Invalid("window", "must be greater than 0")
+        if self.window_margin < 0:
+            raise Invalid("window_margin", "must not be negative")
+        if self.backoff_initial <= 0:
+            raise Invalid("backoff_initial", "must be greater than 0")
+        if self.backoff_max < self.backoff_initial:
+            raise Invalid("backoff_max", "must be at least backoff_initial")
+
+
+# Kounta has no idempotency keys: a resent POST or PATCH can create a duplicate order.
+NEVER_RETRIED = ("POST", "PATCH")
+RETRYABLE = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """Resending failed idempotent requests, and the per-account circuit breaker."""
+
+    # Methods resent after a connection failure or a 502/503/504; PUT and DELETE may be
+    # added, POST and PATCH never.
+    methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
+    # Tries in all, the first included (1: never resend).
+    attempts: int = 3
+    # Pause before the first resend, doubling (with jitter) up to backoff_max.
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+    # Consecutive upstream failures after which an account's requests fail fast (0: never).
+    breaker_failures: int = 5
+    # Seconds the breaker stays open before one probe request is let through.
+    breaker_cooldown: float = 30.0
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if method.upper() in NEVER_RETRIED:
+                raise Invalid(
+                    "methods",
+                    f"{method} is never retried: Kounta has no idempotency keys, "
+                    "so a resent request can be processed twice",
+                )
+            if method.upper() not in RETRYABLE:
+                raise Invalid("methods", f"unknown method {method!r}; use {', '.join(RETRYABLE)}")
+        if self.attempts < 1:
+            raise Invalid("attempts", "must be at least 1")
+        if self.backoff_initial < 0:
+            raise Invalid("backoff_initial", "must not be negative")
+        if self.backoff_max < self.backoff_initial:
+            raise Invalid("backoff_max", "must be at least backoff_initial")
+        if self.breaker_failures < 0:
+            raise Invalid("breaker_failures", "must not be negative (0: no breaker)")
+        if self.breaker_cooldown <= 0:
+            raise Invalid("breaker_cooldown", "must be greater than 0")
+
+
+@dataclass(frozen=True)
+class PagingSettings:
+    """The X-Proxy-All-Pages helper."""
+
+    # Most pages one request may gather; a longer list is an error, never a silent cut.
+    max_pages: int = 100
+
+    def __post_init__(self) -> None:
+        if self.max_pages < 1:
+            raise Invalid("max_pages", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class CacheRule:
+    """Freshness for responses the upstream gives none: a path glob and three durations."""
+
+    # Glob over the path without ".json" (``*`` also matches "/"), e.g. "/v1/companies/*/sites*".
+    path: str = ""
+    # Seconds a stored response is served without asking Kounta (0: revalidate every time).
+    fresh_for: float = 0.0
+    # Seconds past freshness a stored response may still answer when Kounta fails.
+    stale_if_error: float = 0.0
+    # Seconds past freshness a stored response answers at once while it is refreshed.
+    stale_while_revalidate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise Invalid("path", f"must be a path glob starting with '/', got {self.path!r}")
+        for name in ("fresh_for", "stale_if_error", "stale_while_revalidate"):
+            if getattr(self, name) < 0:
+                raise Invalid(name, "must not be negative")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The ETag cache on disk (RFC 9111 private cache per account)."""
+
+    enabled: bool = True
+    # Empty: <state_dir>/cache.
+    dir: str = ""
+    # Bytes on disk at most; the least recently stored entries go first.
+    max_size: int = 1024**3
+    # Responses with larger bodies stream through uncached.
+    max_entry_size: int = 8 * 1024**2
+    # Bytes of recently used entries also kept in memory (0: none).
+    memory_size: int = 64 * 1024**2
+    # Seconds a request waits for another's fetch of the same key before fetching alone.
+    coalesce_wait: float = 10.0
+    rules: tuple[CacheRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_size", "max_entry_size", "memory_size"):
+            if getattr(self, name) < 0:
+                raise Invalid(name, "must not be negative")
+        if self.max_entry_size > self.max_size:
+            raise Invalid("max_entry_size", "must not exceed max_size")
+        if self.coalesce_wait <= 0:
+            raise Invalid("coalesce_wait", "must be greater than 0")
+
+    def directory(self, state_dir: str) -> Path:
+        return Path(self.dir) if self.dir else Path(state_dir) / "cache"
+
+
+@dataclass(frozen=True)
 class Settings:
     # Cache, token files and other state live under this directory.
     state_dir: str = "state"
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    paging: PagingSettings = field(default_factory=PagingSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     accounts: dict[str, AccountSettings] = field(default_factory=dict)
     default_account: str = ""
+    inbound: InboundSettings = field(default_factory=InboundSettings)
+    callers: dict[str, CallerSettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
+        _check_callers(self)
 
     @property
     def account_name(self) -> str:
         """The account used when a caller names none."""
         return self.default_account or next(iter(sorted(self.accounts)), "")
+
+
+def _check_callers(settings: Settings) -> None:
+    for name in [*settings.accounts, *settings.callers]:
+        # Names become file names (token files) and metric labels.
+        if not name or name.startswith(".") or not all(c.isalnum() or c in "_.-" for c in name):
+            kind = "accounts" if name in settings.accounts else "callers"
+            raise Invalid(f"{kind}.{name}", "names may hold only letters, digits, '_', '.', '-'")
+    keys: set[str] = set()
+    for name, caller in settings.callers.items():
+        if caller.account and caller.account not in settings.accounts:
+            raise Invalid(f"callers.{name}.account", f"names no account: {caller.account!r}")
+        if caller.key.reveal() in keys:
+            raise Invalid(f"callers.{name}.key", "is the same as another caller's key")
+        keys.add(caller.key.reveal())
+    exposed = not is_loopback_host(settings.server.host)
+    if exposed and not settings.callers and not settings.inbound.allow_anonymous:
+        raise Invalid(
+            "inbound.allow_anonymous",
+            f"server.host {settings.server.host!r} is reachable beyond loopback and no "
+            "[callers.NAME] keys are configured; add caller keys or set allow_anonymous = true",
+        )
 
 
 # --------------------------------------------------------------------------- loading

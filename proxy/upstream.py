@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -18,10 +20,17 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+from proxy.routes import template
 from proxy.settings import UpstreamSettings
 from proxy.target import Target, upstream_url
 
 CHUNK = 64 * 1024
+# Seconds spent waiting for upstream response headers during the current inbound request
+# (every attempt added); the access log reads it. None outside a request.
+UPSTREAM_SECONDS: ContextVar[list[float] | None] = ContextVar("upstream_seconds", default=None)
+# Bodies announced up to this size are read whole instead of streamed.
+SMALL_BODY = 64 * 1024
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
@@ -54,38 +63,62 @@ def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
     )
 
 
+def _ignore(kind: str) -> None:
+    pass
+
+
 @contextmanager
-def mapped_errors(settings: UpstreamSettings) -> Iterator[None]:
-    """Translate aiohttp's exceptions into :mod:`proxy.errors` (no secrets, no URLs)."""
+def mapped_errors(
+    settings: UpstreamSettings, failed: Callable[[str], None] = _ignore
+) -> Iterator[None]:
+    """Translate aiohttp's exceptions into :mod:`proxy.errors` (no secrets, no URLs).
+
+    ``failed`` hears the kind of each failure (timeout, connect, tls, reset) for the metrics.
+    """
     try:
         yield
     except UpstreamError:
         raise
-    except aiohttp.ConnectionTimeoutError:
-        raise UpstreamTimeout(
+    except (aiohttp.ClientError, OSError) as e:
+        failed(error_kind(e))
+        raise translate(settings, e) from None
+
+
+def error_kind(error: BaseException) -> str:
+    """The metric label for an aiohttp/OS failure: timeout, tls, connect or reset."""
+    if isinstance(error, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return "connect"
+    return "reset"
+
+
+def translate(settings: UpstreamSettings, error: BaseException) -> UpstreamError:
+    """The proxy's own error for an aiohttp/OS failure (most specific class first)."""
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(
             f"Connecting to the upstream took longer than {settings.connect_timeout:g}s "
             "(connect timeout)"
-        ) from None
-    except aiohttp.SocketTimeoutError:
-        raise UpstreamTimeout(
+        )
+    if isinstance(error, aiohttp.SocketTimeoutError):
+        return UpstreamTimeout(
             f"The upstream sent nothing for {settings.read_timeout:g}s (read timeout)"
-        ) from None
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise UpstreamTimeout(
+        )
+    if isinstance(error, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(
             f"The upstream exchange took longer than {settings.total_timeout:g}s (total timeout)"
-        ) from None
-    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as e:
-        raise UpstreamTLSError(f"TLS with the upstream failed: {_reason(e)}") from None
-    except aiohttp.ClientPayloadError:
-        raise UpstreamBodyError(
-            "The upstream closed the connection before the body ended"
-        ) from None
-    except aiohttp.ClientConnectorError as e:
-        raise UpstreamUnreachable(f"Cannot connect to the upstream: {_reason(e)}") from None
-    except aiohttp.ServerDisconnectedError:
-        raise UpstreamUnreachable("The upstream closed the connection without answering") from None
-    except (aiohttp.ClientError, OSError) as e:
-        raise UpstreamUnreachable(f"The upstream connection failed: {_reason(e)}") from None
+        )
+    if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return UpstreamTLSError(f"TLS with the upstream failed: {_reason(error)}")
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return UpstreamBodyError("The upstream closed the connection before the body ended")
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable(f"Cannot connect to the upstream: {_reason(error)}")
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return UpstreamUnreachable("The upstream closed the connection without answering")
+    return UpstreamUnreachable(f"The upstream connection failed: {_reason(error)}")
 
 
 def _reason(error: BaseException) -> str:
@@ -95,19 +128,32 @@ def _reason(error: BaseException) -> str:
     return type(error).__name__
 
 
+def _is_small(response: aiohttp.ClientResponse) -> bool:
+    length = response.content_length
+    return length is not None and length <= SMALL_BODY
+
+
 class Upstream:
     """The bottom layer: sends a request to the fixed upstream and streams the answer."""
 
-    def __init__(self, settings: UpstreamSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.base = settings.url
         self.session = session
+        self.metrics = metrics
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         url = upstream_url(self.base, Target(request.path, request.query))
         headers = CIMultiDict(request.headers)
         timeout = self._timeout(request.deadline)
-        with mapped_errors(self.settings):
+        route = template(request.path)
+        started = time.perf_counter()
+        with mapped_errors(self.settings, self._count_error):
             response = await self.session.request(
                 request.method,
                 url,
@@ -115,6 +161,26 @@ class Upstream:
                 data=request.body,
                 allow_redirects=False,
                 timeout=timeout,
+            )
+        took = time.perf_counter() - started
+        spent = UPSTREAM_SECONDS.get()
+        if spent is not None:
+            spent.append(took)
+        if self.metrics is not None:
+            self.metrics.upstream_duration.labels(route).observe(took)
+            self.metrics.upstream_requests.labels(request.method, route, response.status).inc()
+        if _is_small(response):
+            # One read and one write beat a stream for the common small JSON answer.
+            with mapped_errors(self.settings, self._count_error):
+                try:
+                    body = await response.read()
+                finally:
+                    response.release()
+            return ProxyResponse(
+                status=response.status,
+                headers=CIMultiDict(response.headers),
+                body=body,
+                upstream_status=response.status,
             )
         return ProxyResponse(
             status=response.status,
@@ -136,9 +202,13 @@ class Upstream:
             sock_read=self.settings.read_timeout,
         )
 
+    def _count_error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_errors.labels(kind).inc()
+
     async def _stream(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         try:
-            with mapped_errors(self.settings):
+            with mapped_errors(self.settings, self._count_error):
                 async for chunk in response.content.iter_chunked(CHUNK):
                     yield chunk
         finally:

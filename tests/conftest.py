@@ -65,7 +65,11 @@ def proxy_settings(upstream_url: str, tmp_path: Any, **sections: Any) -> Setting
         upstream=UpstreamSettings(
             base_url=upstream_url, connect_timeout=2, read_timeout=5, total_timeout=10
         ),
-        accounts={"main": AccountSettings(mode="static", token=Secret(TOKEN))},
+        # As high as the sandbox fixture's limit: tests of other features must not wait for
+        # the rate budget (tests/integration/test_budget.py sets its own low limits).
+        accounts={
+            "main": AccountSettings(mode="static", token=Secret(TOKEN), rate_per_minute=100_000)
+        },
     )
     return dataclasses.replace(base, **sections)
 

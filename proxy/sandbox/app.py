@@ -17,6 +17,7 @@ from .data import Record
 from .faults import Fault
 from .listing import QUERY_FILTERS, apply_filters, decode_cursor, encode_cursor, page_count
 from .negotiation import JSON_TYPE, accepts_json, error, etag_matches, wants_pretty
+from .oauth import add_oauth_routes
 from .routes import NotFound, Target, resolve
 from .state import SANDBOX_STATE, SandboxState
 from .store import Collection, ValidationError, dumps, etag_of
@@ -30,6 +31,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> web.Application:
     app = web.Application(middlewares=[api_middleware])
     app[SANDBOX_STATE] = state
     add_control_routes(app)
+    add_oauth_routes(app, state)
     # Only /v1/companies/ is claimed so that other /v1/ routes (e.g. an OAuth token endpoint)
     # can be added to the app later; unmatched paths become JSON 404s in the middleware.
     app.router.add_route("*", "/v1/companies/{tail:.*}", handle_api)

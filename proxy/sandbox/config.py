@@ -25,3 +25,14 @@ class SandboxConfig:
     # Whether /companies/me answers with a redirect to /companies/{c} is unverified for the real
     # API; this switch lets clients be tested against both behaviours.
     me_redirect: bool = False
+    # OAuth 2.0 server (proxy/sandbox/oauth.py).
+    access_token_lifetime: int = 3600
+    # Whether a refresh answer carries a new refresh token (and the old one dies); unknown
+    # for the real API, so clients are tested against both.
+    rotate_refresh_tokens: bool = False
+    # /authorize answers "access_denied" instead of approving.
+    oauth_deny: bool = False
+    # Allowed redirect URIs; empty: any loopback or https URI.
+    redirect_uris: tuple[str, ...] = ()
+    # Refresh tokens accepted from the start, as if issued earlier (bootstraps without /authorize).
+    refresh_tokens: tuple[str, ...] = ()

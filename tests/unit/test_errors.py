@@ -123,3 +123,30 @@ def test_any_error_becomes_valid_oauth_json(status: int, body: bytes, ctype: str
     assert isinstance(data["error_description"], str) and data["error_description"]
     assert headers["Content-Type"].startswith("application/json")
     out.decode("utf-8")
+
+
+def test_proxy_own_errors_have_their_own_codes() -> None:
+    from proxy.errors import (
+        CircuitOpen,
+        RequestTooLarge,
+        TooManyPages,
+        UpstreamTimeout,
+        UpstreamUnreachable,
+        error_body,
+    )
+    from proxy.target import InvalidTarget
+
+    cases = [
+        (UpstreamUnreachable("x"), 502, "upstream_unreachable"),
+        (UpstreamTimeout("x"), 504, "upstream_timeout"),
+        (RateLimited("x", retry_after=3), 429, "rate_limited"),
+        (CircuitOpen("x", retry_after=7), 503, "circuit_open"),
+        (InvalidTarget("x"), 400, "invalid_request_target"),
+        (RequestTooLarge("x"), 413, "request_too_large"),
+        (TooManyPages("x"), 422, "too_many_pages"),
+    ]
+    for error, status, code in cases:
+        out_status, _, out = normalise_error(error.status, {}, error_body(error))
+        assert (out_status, decode(out)["error"]) == (status, code)
+    assert CircuitOpen("x", retry_after=7).headers() == {"Retry-After": "7"}
+    assert CircuitOpen("x", retry_after=7).stale_ok

@@ -1,0 +1,353 @@
+"""The cache benchmark: the proxy against the sandbox on loopback, driven by wrk.
+
+Every server runs as its own process (sandbox, proxy with cache, proxy without cache,
+minimal aiohttp handler), so the numbers are the servers' and not the load generator's.
+One table: requests/s, p50, p99, upstream requests per client request, and the
+proxy's RSS after each scenario; then the target ratios from this same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+TOKEN = "bench-token"
+COMPANY = "/v1/companies/5001"
+FRESH = f"{COMPANY}/products.json"  # a rule makes it fresh for an hour
+REVALIDATED = f"{COMPANY}/customers.json"  # no rule: revalidated every time
+DURATION = 5
+CONNECTIONS = 32
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    upstream_per_request: float | None = None
+    rss_mb: float | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_wrk() -> str | None:
+    """wrk from Debian packages, installed if missing; None: use the aiohttp generator."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], capture_output=True, check=False)
+    return shutil.which("wrk")
+
+
+@contextmanager
+def process(args: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise SystemExit(f"bench: a server exited at start:\n{err[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on port {port}")
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def proxy_config(directory: Path, upstream: str, port: int, cache: bool) -> Path:
+    path = directory / f"proxy-{port}.toml"
+    path.write_text(
+        f'state_dir = "{directory / f"state-{port}"}"\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[upstream]\nbase_url = "{upstream}"\n'
+        '[log]\nlevel = "warning"\n'
+        "[admin]\nenabled = false\n"
+        f"[cache]\nenabled = {'true' if cache else 'false'}\n"
+        '[[cache.rules]]\npath = "/v1/companies/*/products"\nfresh_for = 3600.0\n'
+        f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- load
+
+
+def wrk(binary: str, url: str, headers: dict[str, str], script: Path | None) -> Result:
+    args = [binary, "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    if script is not None:
+        args += ["-s", str(script)]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return Result("", rps, _pct(out, "50%"), _pct(out, "99%"), total)
+
+
+def _pct(out: str, label: str) -> float:
+    match = re.search(rf"{re.escape(label)}\s+([\d.]+)(us|ms|s)", out)
+    if match is None:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+async def aio_load(url: str, headers: dict[str, str], unique: bool) -> Result:
+    """Fallback generator when wrk is unavailable (slower: compare ratios, not absolutes)."""
+    latencies: list[float] = []
+    stop = time.monotonic() + DURATION
+    counter = iter(range(10**12))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < stop:
+            target = f"{url}?start={next(counter) + 10**6}" if unique else url
+            started = time.perf_counter()
+            async with session.get(target, headers=headers) as r:
+                await r.read()
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(CONNECTIONS)))
+    latencies.sort()
+    n = len(latencies)
+    return Result("", n / DURATION, latencies[n // 2] * 1000, latencies[int(n * 0.99)] * 1000, n)
+
+
+MISS_SCRIPT = """
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format(nil, wrk.path .. "?start=" .. (tid * 100000000 + n + 1000000))
+end
+"""
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+class Bench:
+    def __init__(self, directory: Path, wrk_binary: str | None) -> None:
+        self.directory = directory
+        self.wrk = wrk_binary
+        self.sandbox_port = free_port()
+        self.sandbox = f"http://127.0.0.1:{self.sandbox_port}"
+        self.miss_script = directory / "miss.lua"
+        self.miss_script.write_text(MISS_SCRIPT)
+
+    def load(self, url: str, headers: dict[str, str] | None = None, unique: bool = False) -> Result:
+        headers = headers or {}
+        if self.wrk is not None:
+            return wrk(self.wrk, url, headers, self.miss_script if unique else None)
+        return asyncio.run(aio_load(url, headers, unique))
+
+    def served(self) -> int:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.sandbox}/_sandbox/stats") as r:  # loopback only
+            return int(json.load(r)["served"])
+
+    def measure(
+        self,
+        name: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        unique: bool = False,
+        pid: int | None = None,
+        count_upstream: bool = True,
+    ) -> Result:
+        before = self.served()
+        result = self.load(url, headers, unique)
+        result.name = name
+        if count_upstream:
+            result.upstream_per_request = (self.served() - before) / max(1, result.requests)
+        if pid is not None:
+            result.rss_mb = rss_mb(pid)
+        print(f"  {name:<34} {result.rps:>9.0f} req/s", file=sys.stderr, flush=True)
+        return result
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request) as r:
+        return r.read(), {k.lower(): v for k, v in r.headers.items()}
+
+
+def big_product(sandbox: str) -> str:
+    """A 500 KB record in the sandbox (a product with a long description)."""
+    import urllib.request
+
+    body = json.dumps({"name": "bench", "description": "x" * 500_000}).encode()
+    request = urllib.request.Request(
+        f"{sandbox}{COMPANY}/products.json",
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request) as r:
+        created = json.load(r)
+    return f"{COMPANY}/products/{created['id']}.json"
+
+
+def run() -> list[Result]:
+    binary = ensure_wrk()
+    print(f"load generator: {binary or 'aiohttp (wrk unavailable)'}", file=sys.stderr)
+    directory = Path(tempfile.mkdtemp(prefix="kounta-bench-"))
+    bench = Bench(directory, binary)
+    py = sys.executable
+    results: list[Result] = []
+    sandbox_args = [py, "-m", "proxy.sandbox", "--port", str(bench.sandbox_port)]
+    sandbox_args += ["--token", TOKEN, "--rate-bearer", "100000000"]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with process(sandbox_args, bench.sandbox_port):
+            big = big_product(bench.sandbox)
+            small_body, _ = fetch(bench.sandbox + FRESH, auth)
+            large_body, _ = fetch(bench.sandbox + big, auth)
+            (directory / "small.json").write_bytes(small_body)
+            (directory / "large.json").write_bytes(large_body)
+            results += scenarios_proxy(bench, py, big)
+            results += scenarios_passthrough(bench, py, big)
+            results += scenarios_minimal(bench, py)
+            results.append(bench.measure("sandbox direct: small", bench.sandbox + FRESH, auth))
+            results.append(bench.measure("sandbox direct: 500 KB", bench.sandbox + big, auth))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
+def scenarios_proxy(bench: Bench, py: str, big: str) -> list[Result]:
+    port = free_port()
+    config = proxy_config(bench.directory, bench.sandbox, port, cache=True)
+    base = f"http://127.0.0.1:{port}"
+    out: list[Result] = []
+    with process([py, "-m", "proxy", "serve", "--config", str(config)], port) as proc:
+        _, headers = fetch(base + FRESH)  # warm
+        fetch(base + REVALIDATED)
+        fetch(base + big)
+        m = bench.measure
+        out.append(m("proxy: fresh hit", base + FRESH, pid=proc.pid))
+        out.append(m("proxy: revalidated hit", base + REVALIDATED, pid=proc.pid))
+        out.append(m("proxy: miss", base + REVALIDATED, unique=True, pid=proc.pid))
+        inm = {"If-None-Match": headers["etag"]}
+        out.append(m("proxy: caller 304", base + FRESH, inm, pid=proc.pid))
+        out.append(m("proxy: 500 KB revalidated hit", base + big, pid=proc.pid))
+        out[-1].rss_mb = rss_mb(proc.pid)
+        peak = rss_mb(proc.pid, "VmHWM")
+        out.append(Result("proxy: peak RSS (VmHWM)", 0, 0, 0, 0, None, peak))
+    return out
+
+
+def scenarios_passthrough(bench: Bench, py: str, big: str) -> list[Result]:
+    port = free_port()
+    config = proxy_config(bench.directory, bench.sandbox, port, cache=False)
+    base = f"http://127.0.0.1:{port}"
+    with process([py, "-m", "proxy", "serve", "--config", str(config)], port) as proc:
+        fetch(base + REVALIDATED)
+        return [
+            bench.measure("pass-through: small", base + REVALIDATED, pid=proc.pid),
+            bench.measure("pass-through: 500 KB", base + big, pid=proc.pid),
+        ]
+
+
+def scenarios_minimal(bench: Bench, py: str) -> list[Result]:
+    out: list[Result] = []
+    for name, file in (("small", "small.json"), ("500 KB", "large.json")):
+        port = free_port()
+        args = [py, "-m", "bench.minimal", "--port", str(port)]
+        args += ["--file", str(bench.directory / file)]
+        with process(args, port) as proc:
+            url = f"http://127.0.0.1:{port}/x"
+            out.append(
+                bench.measure(f"minimal aiohttp: {name}", url, pid=proc.pid, count_upstream=False)
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| scenario | req/s | p50 ms | p99 ms | upstream/req | RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        up = "" if r.upstream_per_request is None else f"{r.upstream_per_request:.3f}"
+        rss = "" if r.rss_mb is None else f"{r.rss_mb:.0f}"
+        if r.requests == 0:
+            lines.append(f"| {r.name} | | | | | {rss} |")
+            continue
+        lines.append(f"| {r.name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {up} | {rss} |")
+    return "\n".join(lines)
+
+
+def ratios(results: list[Result]) -> str:
+    by = {r.name: r.rps for r in results}
+    rows = [
+        ("fresh hit / minimal aiohttp (small)", "proxy: fresh hit", "minimal aiohttp: small", 0.7),
+        (
+            "revalidated hit / pass-through (small)",
+            "proxy: revalidated hit",
+            "pass-through: small",
+            0.9,
+        ),
+        (
+            "500 KB revalidated hit / pass-through (500 KB)",
+            "proxy: 500 KB revalidated hit",
+            "pass-through: 500 KB",
+            0.9,
+        ),
+    ]
+    lines = ["| ratio | value | target | met |", "| --- | ---: | ---: | --- |"]
+    for label, a, b, target in rows:
+        value = by[a] / by[b] if by.get(b) else float("nan")
+        lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if value >= target else 'NO'} |")
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""``make bench``: run the benchmarks and print their tables (python -m bench.run).
+
+Each scenario module has ``run() -> results`` and its own table; add yours here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from bench import cache_bench
+
+
+def main() -> int:
+    if "--fleet" in sys.argv[1:]:
+        # The rate-budget scenario instead (two minutes by default; see bench/fleet.py):
+        # python -m bench.run --fleet [--seconds N --callers N --interval S --fresh-for S]
+        from bench import fleet
+
+        return fleet.main([a for a in sys.argv[1:] if a != "--fleet"])
+    started = time.monotonic()
+    results = cache_bench.run()
+    print("\n## Cache benchmark (loopback, wrk -t2 -c32 -d5s per row)\n")
+    print(cache_bench.table(results))
+    print()
+    print(cache_bench.ratios(results))
+    print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Kounta's request budget: one token bucket and one fair queue per account.
+
+Kounta allows a client about 180 requests a minute (60 with Basic auth) and answers
+the excess with a plain-text 429. The :class:`Budget` layer sits just above the
+upstream, so every request that reaches Kounta (revalidations and resends after a
+token refresh included) takes a token first, while fresh cache hits never get here.
+
+- :class:`Bucket` (pure, the clock passed in) holds ``burst`` tokens and refills at
+  the account's rate. It also keeps the send times of the last window, so that no
+  60-second window (plus a margin for network delays) ever sees more than the rate:
+  a plain token bucket would allow ``burst + rate`` in the first minute.
+- :class:`AccountBudget` makes requests wait for a token in a bounded queue, handing
+  tokens out round robin over callers so one busy caller cannot starve the others.
+  A request whose wait would pass its limit (``budget.max_wait``, never past the
+  request's deadline) gets :class:`~proxy.errors.RateLimited`, which the cache may
+  answer with a stale copy.
+- A 429 from Kounta pauses the account's bucket until ``Retry-After`` or
+  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429.
+  GET and HEAD are sent again when the pause ends within their limit; anything else
+  is answered 429 (a request Kounta refused is never resent on a caller's behalf
+  unless it is safe to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from aiohttp import web
+
+from proxy.clock import Clock, MonotonicClock
+from proxy.errors import RateLimited
+from proxy.logs import event
+from proxy.messages import Layer, ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+from proxy.settings import AccountSettings, BudgetSettings, Settings
+
+# Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
+DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
+RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
+# A pause Kounta asks for is honoured up to this long; anything longer is taken as a typo.
+LONGEST_PAUSE = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    per_window: int
+    burst: int
+    window: float  # seconds (a minute, except in tests)
+    margin: float  # seconds added to the window on our side
+
+    @property
+    def per_second(self) -> float:
+        # Paced over the window plus its margin, so the pace alone never fills a window.
+        return self.per_window / (self.window + self.margin)
+
+
+def rate_for(account: AccountSettings | None, budget: BudgetSettings) -> Rate:
+    """The account's own rate and burst, or its mode's defaults (burst: rate / 20)."""
+    mode = account.mode if account is not None else "static"
+    per_minute = (account.rate_per_minute if account else 0) or DEFAULT_RATES.get(mode, 180)
+    burst = (account.burst if account else 0) or max(1, per_minute // 20)
+    return Rate(per_minute, min(burst, per_minute), budget.window, budget.window_margin)
+
+
+class Bucket:
+    """Tokens for one account. Pure: every method takes the current (monotonic) time."""
+
+    def __init__(self, rate: Rate, now: float) -> None:
+        self.rate = rate
+        self.tokens = float(rate.burst)
+        self.updated = now
+        self.sent: deque[float] = deque()
+        self.paused_until = -math.inf
+        self.backoff = 0.0
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(float(self.rate.burst), self.tokens + elapsed * self.rate.per_second)
+        self.updated = max(self.updated, now)
+        horizon = now - (self.rate.window + self.rate.margin)
+        while self.sent and self.sent[0] <= horizon:
+            self.sent.popleft()
+
+    def ready_at(self, now: float) -> float:
+        """The earliest time a token can be taken (``now`` if one is there)."""
+        self._refill(now)
+        at = now
+        if self.tokens < 1:
+            at = now + (1 - self.tokens) / self.rate.per_second
+        if len(self.sent) >= self.rate.per_window:
+            at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
+        return max(at, self.paused_until)
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self.tokens -= 1
+        self.sent.append(now)
+
+    def available(self, now: float) -> float:
+        """Tokens that could be taken now (0 while paused or when the window is full)."""
+        self._refill(now)
+        if now < self.paused_until:
+            return 0.0
+        room = self.rate.per_window - len(self.sent)
+        return max(0.0, min(self.tokens, float(room)))
+
+    def pause(self, now: float, seconds: float | None, initial: float, longest: float) -> float:
+        """Kounta said 429: stop for ``seconds`` (or a growing backoff); returns the pause."""
+        if seconds is None:
+            if now < self.paused_until:
+                # Another request of the same wave: the pause already covers it.
+                return self.paused_until - now
+            self.backoff = initial if self.backoff == 0 else min(self.backoff * 2, longest)
+            seconds = self.backoff
+        seconds = min(max(0.0, seconds), LONGEST_PAUSE)
+        self.paused_until = max(self.paused_until, now + seconds)
+        # Start again with one request, then the steady pace: a burst would hit the wall again.
+        self._refill(now)
+        self.tokens = 1.0
+        self.updated = max(self.updated, self.paused_until)
+        return self.paused_until - now
+
+    def recovered(self) -> None:
+        self.backoff = 0.0
+
+
+def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
+    """Seconds Kounta asked us to wait: ``Retry-After`` (seconds or HTTP date), else
+    ``X-Ratelimit-Reset`` (epoch seconds, or seconds when small); None when neither says."""
+    retry_after = headers.get("Retry-After", "").strip()
+    if retry_after:
+        if retry_after.isdigit():
+            return float(retry_after)
+        try:
+            return parsedate_to_datetime(retry_after).timestamp() - wall_now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    reset = headers.get("X-Ratelimit-Reset", "").strip()
+    try:
+        value = float(reset)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    # Epoch timestamps are large; a small number is a delay in seconds.
+    return value - wall_now if value > 1e9 else value
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[None]
+    limit: float
+
+
+class AccountBudget:
+    """One account's bucket and its fair queue of waiting requests."""
+
+    def __init__(
+        self, name: str, rate: Rate, settings: BudgetSettings, clock: Clock, metrics: Metrics
+    ) -> None:
+        self.name = name
+        self.rate = rate
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.bucket = Bucket(rate, clock.now())
+        # caller -> its waiting requests; the order of keys is the round-robin order.
+        self.queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self.waiting = 0
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.upstream_429s = 0
+        self.rejected = 0
+        metrics.budget_tokens.labels(name).set_function(self.available)
+        metrics.budget_queue.labels(name).set_function(lambda: self.waiting)
+        metrics.budget_paused.labels(name).set_function(self.paused_for)
+        # Pre-create the counters' series so that rate() and alerts see a zero, not nothing.
+        metrics.budget_upstream_429.labels(name)
+        for reason in ("deadline", "queue_full"):
+            metrics.budget_rejections.labels(name, reason)
+
+    def available(self) -> float:
+        return self.bucket.available(self.clock.now())
+
+    def paused_for(self) -> float:
+        return max(0.0, self.bucket.paused_until - self.clock.now())
+
+    def limit_for(self, deadline: float) -> float:
+        return min(deadline, self.clock.now() + self.settings.max_wait)
+
+    async def acquire(self, caller: str, limit: float) -> float:
+        """Wait for a token until ``limit`` (clock time); returns the seconds waited."""
+        started = self.clock.now()
+        at = self.bucket.ready_at(started)
+        if self.waiting == 0 and at <= started:
+            self.bucket.take(started)
+            self.metrics.budget_wait.labels(self.name).observe(0.0)
+            return 0.0
+        if at > limit:
+            raise self._reject("deadline", at - started)
+        if self.waiting >= self.settings.queue_size:
+            raise self._reject("queue_full", at - started)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), limit)
+        self.queues.setdefault(caller, deque()).append(waiter)
+        self.waiting += 1
+        self._start_dispatcher()
+        await waiter.future
+        waited = self.clock.now() - started
+        self.metrics.budget_wait.labels(self.name).observe(waited)
+        return waited
+
+    def _reject(self, reason: str, wait: float) -> RateLimited:
+        self.rejected += 1
+        self.metrics.budget_rejections.labels(self.name, reason).inc()
+        backlog = self.waiting / self.rate.per_second
+        retry_after = math.ceil(max(wait, backlog))
+        if reason == "queue_full":
+            text = f"Too many requests are waiting for account {self.name!r}'s rate budget"
+        else:
+            text = (
+                f"Kounta's rate limit for account {self.name!r} leaves no room for this "
+                "request before its deadline"
+            )
+        event("budget_rejected", account=self.name, reason=reason, retry_after=retry_after)
+        return RateLimited(f"{text}; retry after {retry_after}s", retry_after=retry_after)
+
+    def _start_dispatcher(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def _dispatch(self) -> None:
+        """Hand out tokens to the waiters, one caller after another, until none wait."""
+        try:
+            while self.waiting:
+                now = self.clock.now()
+                self._expire(now)
+                if not self.waiting:
+                    break
+                at = self.bucket.ready_at(now)
+                if at <= now:
+                    self._grant(now)
+                    continue
+                # A waiter that joins while we sleep has a limit after `at` (else it was
+                # refused at once), so sleeping until the next token or the earliest
+                # limit never lets a limit pass unnoticed.
+                await self.clock.sleep(min(at, self._earliest_limit()) - now)
+        finally:
+            self._dispatcher = None
+
+    def _grant(self, now: float) -> None:
+        while self.queues:
+            caller, queue = self.queues.popitem(last=False)
+            waiter = queue.popleft()
+            self.waiting -= 1
+            if queue:
+                self.queues[caller] = queue  # to the back of the round
+            if not waiter.future.done():  # skip callers that went away
+                self.bucket.take(now)
+                waiter.future.set_result(None)
+                return
+
+    def _expire(self, now: float) -> None:
+        for caller in list(self.queues):
+            queue = self.queues[caller]
+            kept = deque(w for w in queue if not w.future.done() and w.limit > now)
+            for waiter in queue:
+                if not waiter.future.done() and waiter.limit <= now:
+                    at = self.bucket.ready_at(now)
+                    waiter.future.set_exception(self._reject("deadline", at - now))
+            self.waiting -= len(queue) - len(kept)
+            if kept:
+                self.queues[caller] = kept
+            else:
+                del self.queues[caller]
+
+    def _earliest_limit(self) -> float:
+        return min((w.limit for q in self.queues.values() for w in q), default=math.inf)
+
+    def upstream_limited(self, headers: Mapping[str, str], wall_now: float) -> float:
+        """Kounta answered 429: pause the bucket; returns the seconds of the pause."""
+        self.upstream_429s += 1
+        self.metrics.budget_upstream_429.labels(self.name).inc()
+        asked = pause_asked(headers, wall_now)
+        seconds = self.bucket.pause(
+            self.clock.now(), asked, self.settings.backoff_initial, self.settings.backoff_max
+        )
+        event("upstream_rate_limited", account=self.name, pause=round(seconds, 3), asked=asked)
+        return seconds
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.now()
+        return {
+            "rate": self.rate.per_window,
+            "window_seconds": self.rate.window,
+            "burst": self.rate.burst,
+            "tokens": round(self.bucket.available(now), 3),
+            "sent_in_window": len(self.bucket.sent),
+            "waiting": self.waiting,
+            "waiting_callers": len(self.queues),
+            "paused_for": round(self.paused_for(), 3),
+            "backoff": self.bucket.backoff,
+            "upstream_429s": self.upstream_429s,
+            "rejected": self.rejected,
+        }
+
+    async def close(self) -> None:
+        task, self._dispatcher = self._dispatcher, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class Budget:
+    """The layer: a token per upstream request, and what to do when Kounta says 429."""
+
+    def __init__(
+        self,
+        inner: Layer,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Clock | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.inner = inner
+        self.settings = settings.budget
+        self.metrics = metrics
+        self.clock = clock or MonotonicClock()
+        self.wall = wall
+        self.accounts = {
+            name: AccountBudget(
+                name, rate_for(a, settings.budget), settings.budget, self.clock, metrics
+            )
+            for name, a in settings.accounts.items()
+        }
+
+    def account(self, name: str) -> AccountBudget:
+        found = self.accounts.get(name)
+        if found is None:  # not configured (auth refuses it first); budget it all the same
+            rate = rate_for(None, self.settings)
+            found = self.accounts[name] = AccountBudget(
+                name, rate, self.settings, self.clock, self.metrics
+            )
+        return found
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        budget = self.account(request.account)
+        limit = budget.limit_for(request.deadline)
+        while True:
+            await budget.acquire(request.caller, limit)
+            response = await self.inner.send(request)
+            if response.status != 429:
+                budget.bucket.recovered()
+                return response
+            pause = budget.upstream_limited(response.headers, self.wall())
+            await response.release()
+            resend = request.method in RESENT_AFTER_429 and request.replayable
+            if not resend or self.clock.now() + pause > limit:
+                raise RateLimited(
+                    f"Kounta's rate limit was reached for account {request.account!r}; "
+                    f"retry after {math.ceil(pause)}s",
+                    retry_after=math.ceil(pause),
+                )
+
+    async def close(self) -> None:
+        for account in self.accounts.values():
+            await account.close()
+
+
+async def status_handler(request: web.Request) -> web.Response:
+    """Admin ``GET /budget``: each account's bucket, queue and breaker, as JSON."""
+    from proxy.app import CONTEXT  # the context is created by the app; import late (cycle)
+
+    ctx = request.app[CONTEXT]
+    accounts: dict[str, dict[str, Any]] = {}
+    if ctx.budget is not None:
+        accounts = {name: a.status() for name, a in sorted(ctx.budget.accounts.items())}
+    if ctx.retry is not None:
+        for name, breaker in sorted(ctx.retry.breakers.items()):
+            accounts.setdefault(name, {})["breaker"] = breaker.status()
+    return web.json_response({"accounts": accounts})

@@ -1,0 +1,740 @@
+"""The cache layer: applies :mod:`proxy.cache_policy`'s decisions and does the I/O.
+
+Outermost layer of the pipeline. For GET/HEAD it looks the key up, then matches on
+the decision: a fresh hit is answered from the store; a stale or missing entry is
+fetched (or revalidated with its ETag) in one shared *flight* per key, which every
+concurrent request for that key waits on. A flight is a task of its own, so it
+outlives the caller that started it, and it resolves two futures: ``head`` (the
+starter's answer, possibly a stream) and ``done`` (the whole result, for waiters).
+Unsafe methods pass through and invalidate what they may have changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, assert_never
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import errors
+from proxy.cache_policy import (
+    CALLER_CONDITIONALS,
+    ERROR_STATUSES,
+    UNSAFE_METHODS,
+    Entry,
+    FreshHit,
+    Invalidation,
+    Miss,
+    NotStorable,
+    OnlyIfCachedMiss,
+    RequestControl,
+    Revalidate,
+    ServeStale,
+    bypass,
+    cache_key,
+    invalidation,
+    lookup,
+    merge_304,
+    not_modified,
+    not_modified_headers,
+    parse_key,
+    request_control,
+    stale_on_error,
+    to_entry,
+    validators,
+)
+from proxy.cache_store import CacheStore, Stored
+from proxy.errors import ProxyError
+from proxy.logs import event
+from proxy.messages import Layer, ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+from proxy.settings import CacheSettings, Settings
+
+if TYPE_CHECKING:
+    from proxy.app import Context
+
+Clock = Callable[[], float]
+ERROR_BODY_LIMIT = 64 * 1024
+# Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
+TEE_DEPTH = 8
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a flight produced: an answer in memory or on disk, or a stream for its starter."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    cache_status: str  # MISS | REVALIDATED
+    upstream_status: int | None
+    stored: Stored | None = None  # body (bytes or on disk) to answer from
+    stream: ProxyResponse | None = None  # only the starter may use it
+    entry: Entry | None = None  # the entry answered from, for Age
+    reason: str = "cold"  # for the lookup metric
+
+    @property
+    def shareable(self) -> bool:
+        return self.stream is None
+
+
+class GoAlone(Exception):
+    """A waiter cannot share this flight's answer (not storable): it fetches on its own."""
+
+
+@dataclass(eq=False)
+class Flight:
+    key: str
+    request: ProxyRequest
+    sequence: int  # the store's invalidation count when it began
+    head: asyncio.Future[Outcome] = field(default_factory=asyncio.Future)
+    done: asyncio.Future[Outcome] = field(default_factory=asyncio.Future)
+    cancelled: bool = False  # invalidated while in flight: store nothing
+    starter_gone: bool = False
+    spilling: bool = False  # a large body is still being written; its pump settles ``done``
+    task: asyncio.Task[None] | None = None
+
+
+def _settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+        # Waiters may all have gone; mark it retrieved so asyncio does not complain.
+        future.add_done_callback(lambda f: f.exception())
+    else:
+        future.set_result(value)
+
+
+class Cache:
+    def __init__(
+        self,
+        inner: Layer,
+        store: CacheStore,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self.inner = inner
+        self.store = store
+        self.config: CacheSettings = settings.cache
+        self.origin = str(settings.upstream.url.origin())
+        self.read_timeout = settings.upstream.read_timeout
+        self.metrics = metrics
+        self.clock = clock
+        self.flights: dict[str, Flight] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._children: dict[tuple[str, str], Any] = {}
+
+    # ------------------------------------------------------------------ entry point
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        if request.method in UNSAFE_METHODS:
+            return await self._write(request)
+        headers = request.headers
+        control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
+        skip = bypass(request.method, headers, control)
+        if skip is not None:
+            self._count("bypass", skip.reason.split(" ")[0])
+            response = await self.inner.send(request)
+            response.cache_status = "BYPASS"
+            return response
+        key = cache_key(request.account, request.path, request.query, headers)
+        stored = await self.store.get(key)
+        return await self._decide(request, control, key, stored)
+
+    async def _decide(
+        self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
+    ) -> ProxyResponse:
+        now = self.clock()
+        decision = lookup(stored.entry if stored else None, request.headers, control, now)
+        if isinstance(decision, FreshHit):
+            assert stored is not None
+            self._count("hit", "fresh")
+            return self._from_store(request, stored, "HIT", decision.age)
+        if isinstance(decision, ServeStale):
+            assert stored is not None
+            self._count("stale", "while_revalidate" if decision.refresh else "max_stale")
+            if decision.refresh:
+                self._refresh(key, request, stored)
+            return self._from_store(request, stored, "STALE", decision.age)
+        if isinstance(decision, OnlyIfCachedMiss):
+            self._count("miss", "only_if_cached")
+            raise errors.OnlyIfCachedMiss(
+                "Nothing usable is stored for this request (Cache-Control: only-if-cached)"
+            )
+        if isinstance(decision, Revalidate | Miss):
+            # Another request may have stored it while this one read the disk.
+            newer = self.store.hot.get(key)
+            if newer is not None and newer is not stored:
+                return await self._decide(request, control, key, newer)
+            usable = isinstance(decision, Revalidate) or decision.stale is not None
+            return await self._fetch(request, key, stored if usable else None, decision)
+        assert_never(decision)
+
+    # ------------------------------------------------------------------ answering
+
+    def _from_store(
+        self, request: ProxyRequest, stored: Stored, status: str, age: float | None
+    ) -> ProxyResponse:
+        entry = stored.entry
+        return self._respond(
+            request,
+            entry.status,
+            entry.headers,
+            stored,
+            status,
+            None if age is None else int(age),
+        )
+
+    def _respond(
+        self,
+        request: ProxyRequest,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
+        stored: Stored | None,
+        cache_status: str,
+        age: int | None,
+        upstream_status: int | None = None,
+    ) -> ProxyResponse:
+        if not_modified(status, headers, request.headers):
+            self.metrics.cache_lookups.labels("not_modified", "caller_conditional").inc()
+            return ProxyResponse(
+                status=304,
+                headers=CIMultiDict(not_modified_headers(headers)),
+                body=b"",
+                cache_status=cache_status,
+                upstream_status=upstream_status,
+                age=age,
+            )
+        body: bytes | AsyncIterator[bytes] = b""
+        out_headers = CIMultiDict(headers)
+        if stored is not None and request.method != "HEAD":
+            body = stored.body if stored.body is not None else self.store.body(stored)
+            if stored.body is None:
+                out_headers["Content-Length"] = str(stored.entry.size)
+        return ProxyResponse(
+            status=status,
+            headers=out_headers,
+            body=body,
+            cache_status=cache_status,
+            upstream_status=upstream_status,
+            age=age,
+        )
+
+    def _answer(self, request: ProxyRequest, outcome: Outcome) -> ProxyResponse:
+        age = None
+        if outcome.entry is not None and outcome.cache_status != "MISS":
+            age = int(outcome.entry.age(self.clock()))
+        if outcome.stream is not None:
+            stream = outcome.stream
+            if request.method != "HEAD" and not not_modified(
+                outcome.status, outcome.headers, request.headers
+            ):
+                return stream
+            self._spawn(stream.release())
+        return self._respond(
+            request,
+            outcome.status,
+            outcome.headers,
+            outcome.stored,
+            outcome.cache_status,
+            age,
+            outcome.upstream_status,
+        )
+
+    # ------------------------------------------------------------------ fetching
+
+    async def _fetch(
+        self,
+        request: ProxyRequest,
+        key: str,
+        stale: Stored | None,
+        decision: Revalidate | Miss,
+    ) -> ProxyResponse:
+        if request.method == "HEAD" and isinstance(decision, Miss):
+            return await self._head(request, stale)
+        flight = self.flights.get(key)
+        try:
+            if flight is None:
+                flight = self._start(key, request, stale)
+                outcome = await asyncio.shield(flight.head)
+            else:
+                outcome = await self._wait(flight, request, stale)
+        except ProxyError as e:
+            if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
+                self._count("stale", "error")
+                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            self._count("miss", "error")
+            raise
+        failed = outcome.status in ERROR_STATUSES and outcome.stream is None
+        if failed and stale is not None and stale_on_error(stale.entry, self.clock()):
+            self._count("stale", f"upstream_{outcome.status}")
+            return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+        self._count(outcome.cache_status.lower(), outcome.reason)
+        return self._answer(request, outcome)
+
+    async def _wait(self, flight: Flight, request: ProxyRequest, stale: Stored | None) -> Outcome:
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(flight.done), self.config.coalesce_wait)
+            self.metrics.cache_coalesced.labels("shared").inc()
+            return outcome
+        except TimeoutError:
+            self.metrics.cache_coalesced.labels("gave_up").inc()
+        except GoAlone:
+            pass
+        alone = self._start(flight.key, request, stale, register=False)
+        return await asyncio.shield(alone.head)
+
+    async def _head(self, request: ProxyRequest, stale: Stored | None) -> ProxyResponse:
+        """A HEAD with nothing stored goes through as it is (there is no body to store)."""
+        try:
+            response = await self.inner.send(request)
+        except ProxyError as e:
+            if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
+                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            raise
+        response.cache_status = "MISS"
+        self._count("miss", "head")
+        return response
+
+    def _start(
+        self, key: str, request: ProxyRequest, stale: Stored | None, *, register: bool = True
+    ) -> Flight:
+        flight = Flight(key, request, self.store.sequence)
+        if register:
+            self.flights[key] = flight
+        flight.task = self._spawn(self._fly(flight, stale))
+        return flight
+
+    def _refresh(self, key: str, request: ProxyRequest, stored: Stored) -> None:
+        """One background revalidation per key (stale-while-revalidate)."""
+        if key in self.flights:
+            return
+        flight = self._start(key, replace(request, method="GET"), stored)
+        flight.starter_gone = True
+        flight.head.add_done_callback(self._drop_unwanted)
+
+    def _drop_unwanted(self, head: asyncio.Future[Outcome]) -> None:
+        if not head.cancelled() and head.exception() is None:
+            stream = head.result().stream
+            if stream is not None:
+                self._spawn(stream.release())
+
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _fly(self, flight: Flight, stale: Stored | None) -> None:
+        try:
+            outcome = await self._exchange(flight, stale)
+            _settle(flight.head, outcome)
+            if outcome.stream is None:
+                _settle(flight.done, outcome)
+        except BaseException as e:
+            failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
+            _settle(flight.head, failure)
+            _settle(flight.done, failure)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            if not flight.spilling:
+                _settle(flight.done, GoAlone())
+                self._unregister(flight)
+
+    def _unregister(self, flight: Flight) -> None:
+        if self.flights.get(flight.key) is flight:
+            del self.flights[flight.key]
+
+    async def _exchange(self, flight: Flight, stale: Stored | None) -> Outcome:
+        request = flight.request
+        headers = CIMultiDict(request.headers)
+        for name in CALLER_CONDITIONALS:
+            headers.popall(name, None)
+        entry = stale.entry if stale is not None else None
+        if entry is not None:
+            headers.update(validators(entry))
+        sent = replace(request, method="GET", headers=CIMultiDictProxy(headers))
+        request_time = self.clock()
+        response = await self.inner.send(sent)
+        response_time = self.clock()
+        items = tuple(response.headers.items())
+        if response.status == 304 and stale is not None and entry is not None:
+            await response.release()
+            merged = merge_304(entry, items, request_time, response_time, self.config.rules)
+            if merged is not None:
+                self._count("revalidated", "not_modified")
+                fresh = Stored(merged, stale.body, stale.body_key)
+                self._keep(flight, fresh)
+                return Outcome(
+                    merged.status,
+                    merged.headers,
+                    "REVALIDATED",
+                    304,
+                    stored=fresh,
+                    entry=merged,
+                    reason="not_modified",
+                )
+            return await self._exchange(flight, None)  # a different representation: fetch it
+        if entry is not None and response.status in (404, 410):
+            self.store.delete(flight.key)  # RFC 9111 4.4: the resource is gone
+        if response.status in ERROR_STATUSES:
+            body = await response.read(limit=ERROR_BODY_LIMIT)
+            return Outcome(
+                response.status,
+                items,
+                "MISS",
+                response.status,
+                stored=Stored(_placeholder(response.status, items, len(body)), body),
+                reason=f"upstream_{response.status}",
+            )
+        outcome = await self._take_body(flight, response, request_time, response_time)
+        outcome.reason = "changed" if entry is not None else "cold"
+        return outcome
+
+    async def _take_body(
+        self, flight: Flight, response: ProxyResponse, request_time: float, response_time: float
+    ) -> Outcome:
+        items = tuple(response.headers.items())
+        length = response.headers.get("Content-Length", "")
+        declared = int(length) if length.isdigit() else 0
+        entry = self._entry(flight, response.status, items, declared, request_time, response_time)
+        if isinstance(entry, NotStorable):
+            self.metrics.cache_stores.labels(_store_label(entry)).inc()
+            return Outcome(response.status, items, "MISS", response.status, stream=response)
+        sink = self.store.sink()
+        chunks = _chunks(response)
+        prefix: list[bytes] = []  # what the starter has not seen yet (at most SPILL_AT + a chunk)
+        try:
+            async for chunk in chunks:
+                prefix.append(chunk)
+                await sink.write(chunk)
+                if not sink.in_memory:
+                    break
+        except BaseException:
+            await sink.discard()
+            await response.release()
+            raise
+        if sink.in_memory:
+            body = bytes(sink.buffer)
+            final = self._entry(
+                flight, response.status, items, len(body), request_time, response_time
+            )
+            stored = Stored(final if isinstance(final, Entry) else entry, body)
+            if isinstance(final, Entry):
+                self._keep(flight, stored)
+            return Outcome(response.status, items, "MISS", response.status, stored=stored)
+        flight.spilling = True
+        return self._spill(
+            flight, response, chunks, prefix, sink, entry, (request_time, response_time)
+        )
+
+    def _spill(
+        self,
+        flight: Flight,
+        response: ProxyResponse,
+        chunks: AsyncIterator[bytes],
+        prefix: list[bytes],
+        sink: Any,
+        entry: Entry,
+        times: tuple[float, float],
+    ) -> Outcome:
+        """A large body: the starter streams it while the flight writes it to a file."""
+        queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(TEE_DEPTH)
+        items = tuple(response.headers.items())
+
+        async def feed(item: bytes | BaseException | None) -> None:
+            if flight.starter_gone:
+                return
+            try:
+                await asyncio.wait_for(queue.put(item), self.read_timeout)
+            except TimeoutError:
+                flight.starter_gone = True
+
+        async def pump() -> None:
+            size = sink.size
+            try:
+                for chunk in prefix:
+                    await feed(chunk)
+                prefix.clear()
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size <= self.config.max_entry_size:
+                        await sink.write(chunk)
+                    await feed(chunk)
+                await response.release()
+                await feed(None)
+                await self._commit(flight, sink, entry, size, items, *times)
+            except Exception as e:
+                await sink.discard()
+                await feed(e)
+                _settle(flight.done, e)
+            finally:
+                await response.release()
+                _settle(flight.done, GoAlone())
+                self._unregister(flight)
+
+        async def stream() -> AsyncIterator[bytes]:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        async def release() -> None:
+            flight.starter_gone = True
+            with contextlib.suppress(asyncio.QueueEmpty):
+                while True:
+                    queue.get_nowait()
+
+        self._spawn(pump())
+        out = ProxyResponse(
+            status=response.status,
+            headers=CIMultiDict(response.headers),
+            body=stream(),
+            release=release,
+            cache_status="MISS",
+            upstream_status=response.status,
+        )
+        return Outcome(response.status, items, "MISS", response.status, stream=out)
+
+    async def _commit(
+        self,
+        flight: Flight,
+        sink: Any,
+        entry: Entry,
+        size: int,
+        items: tuple[tuple[str, str], ...],
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        final = self._entry(flight, entry.status, items, size, request_time, response_time)
+        if not isinstance(final, Entry) or not self._may_store(flight, final):
+            await sink.discard()
+            _settle(flight.done, GoAlone())
+            return
+        path = await sink.finish()
+        stored = await self.store.commit_file(flight.key, final, path)
+        self.metrics.cache_stores.labels("stored").inc()
+        if stored is None:
+            _settle(flight.done, GoAlone())
+        else:
+            _settle(flight.done, Outcome(final.status, final.headers, "MISS", final.status, stored))
+
+    def _entry(
+        self,
+        flight: Flight,
+        status: int,
+        items: tuple[tuple[str, str], ...],
+        size: int,
+        request_time: float,
+        response_time: float,
+    ) -> Entry | NotStorable:
+        request = flight.request
+        return to_entry(
+            account=request.account,
+            path=request.path,
+            request_headers=request.headers,
+            request_control=request_control(request.headers.getall("Cache-Control", [])),
+            status=status,
+            headers=items,
+            size=size,
+            whole=True,
+            max_size=self.config.max_entry_size,
+            request_time=request_time,
+            response_time=response_time,
+            rules=self.config.rules,
+        )
+
+    def _may_store(self, flight: Flight, entry: Entry) -> bool:
+        if flight.cancelled or self.store.invalidated_since(
+            flight.sequence, entry.account, entry.path
+        ):
+            self.metrics.cache_stores.labels("invalidated").inc()
+            return False
+        if not self.store.writable:
+            self.metrics.cache_stores.labels("disabled").inc()
+        return True
+
+    def _keep(self, flight: Flight, stored: Stored) -> None:
+        if self._may_store(flight, stored.entry):
+            self.store.put(flight.key, stored)
+            self.metrics.cache_stores.labels("stored").inc()
+
+    # ------------------------------------------------------------------ writes
+
+    async def _write(self, request: ProxyRequest) -> ProxyResponse:
+        status: int | None = None
+        headers: tuple[tuple[str, str], ...] = ()
+        try:
+            response = await self.inner.send(request)
+            status, headers = response.status, tuple(response.headers.items())
+            response.cache_status = "BYPASS"
+            return response
+        finally:
+            inv = invalidation(
+                request.account, request.method, request.path, status, headers, self.origin
+            )
+            if inv is not None:
+                self.invalidate(inv)
+
+    def invalidate(self, inv: Invalidation) -> int:
+        for key, flight in list(self.flights.items()):
+            parts = parse_key(key)
+            if parts is not None and inv.covers(parts.account, parts.path):
+                flight.cancelled = True
+                del self.flights[key]
+        removed = self.store.invalidate(inv)
+        self.metrics.cache_invalidations.inc(removed)
+        return removed
+
+    def _count(self, result: str, reason: str) -> None:
+        # labels() costs as much as the rest of a fresh hit's decision: keep the children.
+        child = self._children.get((result, reason))
+        if child is None:
+            child = self._children[(result, reason)] = self.metrics.cache_lookups.labels(
+                result, reason
+            )
+        child.inc()
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _chunks(response: ProxyResponse) -> AsyncIterator[bytes]:
+    if isinstance(response.body, bytes):
+        if response.body:
+            yield response.body
+        return
+    async for chunk in response.body:
+        if chunk:
+            yield chunk
+
+
+def _placeholder(status: int, items: tuple[tuple[str, str], ...], size: int) -> Entry:
+    """An unstored entry wrapping an error answer, so it travels like any other."""
+    return Entry(status, items, "", "", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True, (), size)
+
+
+def _store_label(reason: NotStorable) -> str:
+    if "larger" in reason.reason:
+        return "too_large"
+    if "whole" in reason.reason:
+        return "truncated"
+    return "not_storable"
+
+
+# ---------------------------------------------------------------------- wiring and admin
+
+
+def install(app: web.Application, ctx: Context) -> None:
+    """Open the store at startup, register the readiness check and the admin routes."""
+    if not ctx.settings.cache.enabled:
+        return
+    app.cleanup_ctx.append(_store_ctx)
+    ctx.admin_routes.append(web.get("/cache/stats", stats_handler))
+    ctx.admin_routes.append(web.post("/cache/purge", purge_handler))
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    from proxy.app import CONTEXT
+
+    ctx = app[CONTEXT]
+    config = ctx.settings.cache
+    store = await CacheStore.open(
+        config.directory(ctx.settings.state_dir), config.max_size, config.memory_size
+    )
+    metrics = ctx.metrics
+    store.on_error = lambda op: metrics.cache_store_errors.labels(op).inc()
+    store.on_evict = metrics.cache_evictions.inc
+
+    def full() -> None:
+        metrics.cache_store_errors.labels("full").inc()
+        metrics.cache_storing_disabled.set(1)
+
+    store.on_full = full
+    ctx.cache_store = store
+    ctx.checks["cache"] = lambda: store.problem
+    watcher = asyncio.ensure_future(_watch(store, metrics))
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    if ctx.cache is not None:
+        await ctx.cache.close()
+    await store.close()
+
+
+async def _watch(store: CacheStore, metrics: Metrics) -> None:
+    """Pick up purges made by another process (the CLI) and keep the gauges current."""
+    while True:
+        await asyncio.sleep(2.0)
+        await store.check_epoch()
+        metrics.cache_storing_disabled.set(0 if store.writable else 1)
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    from proxy.app import CONTEXT
+
+    ctx = request.app[CONTEXT]
+    if ctx.cache_store is None:
+        return web.json_response({"enabled": False})
+    stats = await ctx.cache_store.stats()
+    ctx.metrics.cache_entries.set(stats["entries"])
+    ctx.metrics.cache_bytes.set(stats["bytes"])
+    return web.json_response({"enabled": True, **stats, "storing": ctx.cache_store.problem or "ok"})
+
+
+async def purge_handler(request: web.Request) -> web.Response:
+    """POST /cache/purge?prefix=/v1/...&account=NAME (both optional: all entries)."""
+    from proxy.app import CONTEXT
+
+    ctx = request.app[CONTEXT]
+    if ctx.cache_store is None:
+        raise errors.NotFound("The cache is disabled")
+    prefix = request.query.get("prefix", "")
+    account = request.query.get("account") or None
+    if prefix and not prefix.startswith("/"):
+        raise errors.InvalidRequest("prefix must be a path starting with '/'")
+    removed = await ctx.cache_store.purge(prefix, account)
+    event("cache_purged", prefix=prefix, account=account, removed=removed)
+    return web.json_response({"purged": removed})
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -> int:
+    """``kounta-proxy cache stats | purge``: works on the directory directly."""
+
+    async def go() -> dict[str, Any]:
+        config = settings.cache
+        store = await CacheStore.open(
+            config.directory(settings.state_dir), config.max_size, memory_size=0
+        )
+        try:
+            if action == "purge":
+                return {"purged": await store.purge(prefix, account)}
+            return await store.stats()
+        finally:
+            await store.close()
+
+    if prefix and not prefix.startswith("/"):
+        print(f"kounta-proxy: --prefix must be a path starting with '/', got {prefix!r}")
+        return 2
+    try:
+        print(json.dumps(asyncio.run(go())))
+    except OSError as e:
+        print(f"kounta-proxy: cannot use the cache directory: {e.strerror or e}")
+        return 1
+    return 0

@@ -1,0 +1,629 @@
+"""Pure cache decisions: RFC 9111 semantics for a cache private to one Kounta account.
+
+No I/O, no aiohttp, no clock of its own: every function takes ``now``. The driver
+(:mod:`proxy.cache`) matches on the small frozen decisions returned here::
+
+    lookup(...)  -> FreshHit | ServeStale | Revalidate | Miss | OnlyIfCachedMiss
+    bypass(...)  -> Bypass | None
+    to_entry(...) -> Entry | NotStorable
+    merge_304(...) -> Entry | None
+    invalidation(...) -> Invalidation | None
+
+The cache is *private* (RFC 9111 1, 3.5): each account has its own entries, so
+``private`` responses may be stored and ``s-maxage`` is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+from fnmatch import fnmatchcase
+from urllib.parse import urlsplit
+
+from proxy.settings import CacheRule
+
+KEY_VERSION = 1
+# Request headers that always select a representation (Kounta: format, indentation, page).
+SELECTING = ("Accept", "X-Pretty-Print", "X-Page")
+# Statuses a cache may store without explicit freshness (RFC 9110 15.1 "heuristically cacheable").
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Upstream answers for which a stored response may be served instead (RFC 5861 4).
+ERROR_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Never stored with an entry (RFC 9111 3.1: hop-by-hop; the rest is recomputed per answer).
+UNSTORED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "set-cookie",
+        "age",
+        "x-request-id",
+    }
+)
+# RFC 9111 3.2: not updated from a 304 (framing is the stored body's own).
+NOT_UPDATED_BY_304 = UNSTORED_HEADERS | {"content-range", "content-type", "etag"}
+# RFC 9110 15.4.5: what a 304 carries.
+NOT_MODIFIED_HEADERS = (
+    "ETag",
+    "Last-Modified",
+    "Cache-Control",
+    "Expires",
+    "Date",
+    "Vary",
+    "Content-Location",
+    "X-Next-Page",
+    "X-Pages",
+)
+# Caller headers the cache answers itself (RFC 9110 13.1.2, 13.1.3).
+CALLER_CONDITIONALS = ("If-None-Match", "If-Modified-Since")
+# Caller headers the cache does not evaluate: such requests go through untouched.
+UNHANDLED_CONDITIONALS = ("If-Match", "If-Unmodified-Since", "If-Range", "Range")
+
+Headers = Mapping[str, str]
+HeaderItems = tuple[tuple[str, str], ...]
+
+
+# --------------------------------------------------------------------------- directives
+
+
+def directives(values: Iterable[str]) -> dict[str, str | None]:
+    """Cache-Control directives (RFC 9111 5.2): lower-case names, unquoted arguments."""
+    out: dict[str, str | None] = {}
+    for value in values:
+        for part in value.split(","):
+            name, sep, arg = part.strip().partition("=")
+            name = name.strip().lower()
+            if name and name not in out:
+                out[name] = arg.strip().strip('"') if sep else None
+    return out
+
+
+def seconds(value: str | None) -> float | None:
+    """A delta-seconds argument (RFC 9111 1.2.2); invalid ones count as absent."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class RequestControl:
+    """The caller's Cache-Control (RFC 9111 5.2.1) and Pragma (5.4)."""
+
+    no_store: bool = False
+    no_cache: bool = False
+    max_age: float | None = None
+    max_stale: float | None = None  # math.inf for a bare max-stale
+    min_fresh: float | None = None
+    only_if_cached: bool = False
+
+
+def request_control(cache_control: Sequence[str], pragma: Sequence[str] = ()) -> RequestControl:
+    d = directives(cache_control)
+    max_age = seconds(d.get("max-age"))
+    no_cache = "no-cache" in d or max_age == 0
+    if not cache_control and any("no-cache" in p.lower() for p in pragma):
+        no_cache = True  # RFC 9111 5.4: Pragma only counts without Cache-Control
+    stale = d.get("max-stale", "")
+    return RequestControl(
+        no_store="no-store" in d,
+        no_cache=no_cache,
+        max_age=max_age,
+        max_stale=(math.inf if stale is None else seconds(stale)) if "max-stale" in d else None,
+        min_fresh=seconds(d.get("min-fresh")),
+        only_if_cached="only-if-cached" in d,
+    )
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def normalise_path(path: str) -> str:
+    """``/v1/x/5.json`` and ``/v1/x/5`` name one resource (Kounta's format suffix)."""
+    return path.removesuffix(".json")
+
+
+def cache_key(account: str, path: str, query: str, headers: Headers) -> str:
+    """The primary key (RFC 9111 4.1, 2): account + GET + path + raw query + selecting headers.
+
+    HEAD shares GET's key (RFC 9110 9.3.2: HEAD may be answered from a stored GET).
+    JSON keeps the parts apart, so distinct inputs never collide and keys can be parsed back.
+    """
+    selected = [headers.get(name) for name in SELECTING]
+    return json.dumps([KEY_VERSION, account, "GET", path, query, selected], separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyParts:
+    account: str
+    method: str
+    path: str
+    query: str
+    selected: tuple[str | None, ...]
+
+
+def parse_key(key: str) -> KeyParts | None:
+    """The parts of a key made by :func:`cache_key`, or None for anything else."""
+    try:
+        version, account, method, path, query, selected = json.loads(key)
+    except (ValueError, TypeError):
+        return None
+    if version != KEY_VERSION or not all(isinstance(v, str) for v in (account, path, query)):
+        return None
+    return KeyParts(account, method, path, query, tuple(selected))
+
+
+def vary_names(headers: Sequence[tuple[str, str]]) -> tuple[str, ...] | None:
+    """Vary names beyond the always-selecting ones; None for ``Vary: *`` (RFC 9111 4.1)."""
+    names: list[str] = []
+    for name, value in headers:
+        if name.lower() != "vary":
+            continue
+        for part in value.split(","):
+            part = part.strip()
+            if part == "*":
+                return None
+            # Accept-Encoding is the proxy's own business: it never forwards the caller's.
+            known = [s.lower() for s in SELECTING] + ["accept-encoding"]
+            if part and part.lower() not in known and part.lower() not in names:
+                names.append(part.lower())
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored response's metadata (the body is stored beside it)."""
+
+    status: int
+    headers: HeaderItems  # the upstream's form, without UNSTORED_HEADERS
+    account: str
+    path: str
+    request_time: float
+    response_time: float
+    initial_age: float  # RFC 9111 4.2.3 corrected_initial_age
+    fresh_for: float  # freshness lifetime, RFC 9111 4.2.1
+    stale_if_error: float
+    stale_while_revalidate: float
+    strict: bool  # no-cache / must-revalidate: never used unvalidated once stale
+    vary: tuple[tuple[str, str | None], ...]  # extra Vary names and the values stored with
+    size: int
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lower:
+                return value
+        return None
+
+    @property
+    def etag(self) -> str | None:
+        return self.header("ETag")
+
+    @property
+    def last_modified(self) -> str | None:
+        return self.header("Last-Modified")
+
+    def age(self, now: float) -> float:
+        """RFC 9111 4.2.3 current_age."""
+        return self.initial_age + max(0.0, now - self.response_time)
+
+    def staleness(self, now: float) -> float:
+        return self.age(now) - self.fresh_for
+
+    def selects(self, headers: Headers) -> bool:
+        """RFC 9111 4.1: the request's values of the stored Vary names match."""
+        return all(headers.get(name) == value for name, value in self.vary)
+
+
+@dataclass(frozen=True, slots=True)
+class NotStorable:
+    reason: str
+
+
+def rule_for(path: str, rules: Sequence[CacheRule]) -> CacheRule | None:
+    """The first operator rule whose glob matches the path (with or without ``.json``)."""
+    bare = normalise_path(path)
+    for rule in rules:
+        if fnmatchcase(bare, rule.path) or fnmatchcase(path, rule.path):
+            return rule
+    return None
+
+
+def http_date(value: str | None) -> float | None:
+    """An HTTP-date as epoch seconds (RFC 9110 5.6.7); invalid ones are None."""
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _all(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
+    lower = name.lower()
+    return [v for k, v in headers if k.lower() == lower]
+
+
+def to_entry(
+    *,
+    account: str,
+    path: str,
+    request_headers: Headers,
+    request_control: RequestControl,
+    status: int,
+    headers: Sequence[tuple[str, str]],
+    size: int,
+    whole: bool,
+    max_size: int,
+    request_time: float,
+    response_time: float,
+    rules: Sequence[CacheRule],
+) -> Entry | NotStorable:
+    """Whether a GET response may be stored (RFC 9111 3) and, if so, its entry."""
+    cc = directives(_all(headers, "Cache-Control"))
+    names = vary_names(headers)
+    reason = _unstorable(status, cc, headers, request_control, names, whole, size, max_size)
+    if reason is not None:
+        return NotStorable(reason)
+    assert names is not None
+    lifetime = freshness_lifetime(cc, headers, response_time)
+    rule = rule_for(path, rules)
+    explicit = lifetime is not None
+    has_validator = bool(_all(headers, "ETag") or _all(headers, "Last-Modified"))
+    if lifetime is None:
+        lifetime = rule.fresh_for if rule else 0.0
+    strict = "no-cache" in cc or "must-revalidate" in cc
+    if strict:
+        lifetime = 0.0 if "no-cache" in cc else lifetime
+    sie = seconds(cc.get("stale-if-error"))
+    swr = seconds(cc.get("stale-while-revalidate"))
+    entry = Entry(
+        status=status,
+        headers=tuple((k, v) for k, v in headers if k.lower() not in UNSTORED_HEADERS),
+        account=account,
+        path=path,
+        request_time=request_time,
+        response_time=response_time,
+        initial_age=initial_age(headers, request_time, response_time),
+        fresh_for=lifetime,
+        stale_if_error=0.0 if strict else (sie if sie is not None else _rule(rule, "sie")),
+        stale_while_revalidate=0.0 if strict else (swr if swr is not None else _rule(rule, "swr")),
+        strict=strict,
+        vary=tuple((n, request_headers.get(n)) for n in names),
+        size=size,
+    )
+    if status not in HEURISTIC_STATUSES and not explicit:
+        return NotStorable(f"status {status} without explicit freshness")
+    if not (has_validator or entry.fresh_for > 0 or entry.stale_if_error > 0):
+        return NotStorable("no validator and no freshness: nothing to reuse")
+    if status != 200 and not (has_validator or explicit):
+        return NotStorable(f"status {status} without validator or explicit freshness")
+    return entry
+
+
+def _rule(rule: CacheRule | None, which: str) -> float:
+    if rule is None:
+        return 0.0
+    return rule.stale_if_error if which == "sie" else rule.stale_while_revalidate
+
+
+def _unstorable(
+    status: int,
+    cc: Mapping[str, str | None],
+    headers: Sequence[tuple[str, str]],
+    req: RequestControl,
+    names: tuple[str, ...] | None,
+    whole: bool,
+    size: int,
+    max_size: int,
+) -> str | None:
+    if req.no_store:
+        return "request no-store"  # RFC 9111 5.2.1.5
+    if status < 200 or status in (206, 304):
+        return f"status {status} is not a final, complete response"  # RFC 9111 3, 3.3
+    if "no-store" in cc:
+        return "response no-store"  # RFC 9111 5.2.2.5
+    if _all(headers, "Set-Cookie"):
+        return "Set-Cookie"  # one caller's cookie must never reach another caller
+    if names is None:
+        return "Vary: *"  # RFC 9111 4.1: never matches
+    if not whole:
+        return "body did not arrive whole"  # RFC 9111 3.3: incomplete responses
+    if size > max_size:
+        return f"body larger than {max_size} bytes"
+    return None
+
+
+def freshness_lifetime(
+    cc: Mapping[str, str | None], headers: Sequence[tuple[str, str]], response_time: float
+) -> float | None:
+    """RFC 9111 4.2.1 for a private cache: max-age, else Expires - Date; None: not given."""
+    if "max-age" in cc:
+        value = seconds(cc["max-age"])
+        return value if value is not None else 0.0  # invalid max-age: stale (5.2.2.1)
+    expires = _all(headers, "Expires")
+    if expires:
+        at = http_date(expires[0])
+        if at is None:
+            return 0.0  # RFC 9111 5.3: an invalid Expires means "already expired"
+        date = http_date(next(iter(_all(headers, "Date")), None))
+        return max(0.0, at - (date if date is not None else response_time))
+    return None
+
+
+def initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: float) -> float:
+    """RFC 9111 4.2.3 corrected_initial_age."""
+    date = http_date(next(iter(_all(headers, "Date")), None))
+    apparent = max(0.0, now - date) if date is not None else 0.0
+    age = seconds(next(iter(_all(headers, "Age")), None)) or 0.0
+    return max(apparent, age + max(0.0, now - request_time))
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+@dataclass(frozen=True, slots=True)
+class Bypass:
+    """The cache stays out: neither looked up nor stored."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FreshHit:
+    entry: Entry
+    age: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStale:
+    """Answer the stale entry now (RFC 5861 3 stale-while-revalidate, or max-stale)."""
+
+    entry: Entry
+    age: float
+    refresh: bool  # start one background revalidation
+
+
+@dataclass(frozen=True, slots=True)
+class Revalidate:
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    # A stored response that cannot be used now but may answer if the upstream fails.
+    stale: Entry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OnlyIfCachedMiss:
+    """RFC 9111 5.2.1.7: nothing usable stored; answer 504."""
+
+
+Decision = FreshHit | ServeStale | Revalidate | Miss | OnlyIfCachedMiss
+
+
+def bypass(method: str, headers: Headers, control: RequestControl) -> Bypass | None:
+    """Requests the cache does not handle at all."""
+    if method not in ("GET", "HEAD"):
+        return Bypass(f"method {method}")
+    if control.no_store:
+        return Bypass("request no-store")
+    for name in UNHANDLED_CONDITIONALS:
+        if name in headers:
+            return Bypass(f"request has {name}")
+    return None
+
+
+def lookup(entry: Entry | None, headers: Headers, control: RequestControl, now: float) -> Decision:
+    """What to do with what is stored (RFC 9111 4, 4.2, 4.3; RFC 5861)."""
+    if entry is None or not entry.selects(headers):
+        return OnlyIfCachedMiss() if control.only_if_cached else Miss()
+    age = entry.age(now)
+    left = entry.fresh_for - age
+    if not control.no_cache and _fresh_enough(left, age, control):
+        return FreshHit(entry, age)
+    if left <= 0 and not control.no_cache and not entry.strict and control.max_age is None:
+        if control.max_stale is not None and -left <= control.max_stale:
+            return ServeStale(entry, age, refresh=False)  # RFC 9111 5.2.1.2
+        if -left <= entry.stale_while_revalidate and not control.only_if_cached:
+            return ServeStale(entry, age, refresh=True)
+    if control.only_if_cached:
+        return OnlyIfCachedMiss()
+    if entry.etag is not None or entry.last_modified is not None:
+        return Revalidate(entry)
+    return Miss(stale=entry)
+
+
+def _fresh_enough(left: float, age: float, control: RequestControl) -> bool:
+    if left <= 0:
+        return False
+    if control.max_age is not None and age > control.max_age:
+        return False  # RFC 9111 5.2.1.1
+    return control.min_fresh is None or left >= control.min_fresh  # 5.2.1.3
+
+
+def stale_on_error(entry: Entry | None, now: float) -> bool:
+    """RFC 5861 4 / RFC 9111 4.2.4: may this entry answer when the upstream fails?"""
+    if entry is None or entry.strict:
+        return False
+    return entry.staleness(now) <= entry.stale_if_error
+
+
+def validators(entry: Entry) -> dict[str, str]:
+    """Headers for revalidating a stored response (RFC 9111 4.3.1)."""
+    out: dict[str, str] = {}
+    if entry.etag is not None:
+        out["If-None-Match"] = entry.etag
+    if entry.last_modified is not None:
+        out["If-Modified-Since"] = entry.last_modified
+    return out
+
+
+def merge_304(
+    entry: Entry,
+    headers: Sequence[tuple[str, str]],
+    request_time: float,
+    response_time: float,
+    rules: Sequence[CacheRule],
+) -> Entry | None:
+    """Freshen a stored response with a 304 (RFC 9111 4.3.4, 3.2); None: it does not match.
+
+    A 304 whose strong ETag differs from the stored one selects nothing, so the caller
+    must fetch the full response.
+    """
+    new_tag = next(iter(_all(headers, "ETag")), None)
+    if new_tag is not None and entry.etag is not None and not weak_match(new_tag, entry.etag):
+        return None
+    updates = [(k, v) for k, v in headers if k.lower() not in NOT_UPDATED_BY_304]
+    replaced = {k.lower() for k, _ in updates}
+    merged = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(updates)
+    cc = directives(_all(merged, "Cache-Control"))
+    lifetime = freshness_lifetime(cc, merged, response_time)
+    if lifetime is None:
+        rule = rule_for(entry.path, rules)
+        lifetime = rule.fresh_for if rule else 0.0
+    if "no-cache" in cc:
+        lifetime = 0.0
+    return replace(
+        entry,
+        headers=merged,
+        request_time=request_time,
+        response_time=response_time,
+        initial_age=initial_age(merged, request_time, response_time),
+        fresh_for=lifetime,
+    )
+
+
+# --------------------------------------------------------------------------- caller conditionals
+
+
+def _tags(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def weak_match(a: str, b: str) -> bool:
+    """RFC 9110 8.8.3.2 weak comparison."""
+    return a.removeprefix("W/") == b.removeprefix("W/")
+
+
+def not_modified(
+    status: int, stored: Sequence[tuple[str, str]], headers: Headers, exists: bool = True
+) -> bool:
+    """Whether the caller's own conditionals make this answer a 304 (RFC 9110 13.1.2, 13.1.3,
+    13.2.2: If-None-Match wins over If-Modified-Since)."""
+    if status != 200:
+        return False
+    inm = headers.get("If-None-Match")
+    if inm is not None:
+        etag = next(iter(_all(stored, "ETag")), None)
+        tags = _tags(inm)
+        if "*" in tags:
+            return exists
+        return etag is not None and any(weak_match(t, etag) for t in tags)
+    ims = http_date(headers.get("If-Modified-Since"))
+    if ims is None:
+        return False
+    modified = http_date(next(iter(_all(stored, "Last-Modified")), None))
+    return modified is not None and modified <= ims
+
+
+def not_modified_headers(stored: Sequence[tuple[str, str]]) -> HeaderItems:
+    """The stored headers a 304 carries (RFC 9110 15.4.5)."""
+    wanted = {n.lower() for n in NOT_MODIFIED_HEADERS}
+    return tuple((k, v) for k, v in stored if k.lower() in wanted)
+
+
+# --------------------------------------------------------------------------- invalidation
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """Stored entries an unsafe request makes wrong (RFC 9111 4.4), for one account.
+
+    ``paths`` are normalised paths removed with every query and variant; ``lists_of``
+    names collections whose lists (any path where the name is followed only by filter
+    segments such as ``orders/complete``, or by nothing) are removed as well.
+    """
+
+    account: str
+    paths: frozenset[str]
+    lists_of: frozenset[str]
+
+    def covers(self, account: str, path: str) -> bool:
+        if account != self.account:
+            return False
+        bare = normalise_path(path)
+        if bare in self.paths:
+            return True
+        segments = bare.strip("/").split("/")
+        for i, segment in enumerate(segments):
+            if segment in self.lists_of and not any(_is_id(s) for s in segments[i + 1 :]):
+                return True
+        return False
+
+
+def _is_id(segment: str) -> bool:
+    return any(ch.isdigit() for ch in segment)
+
+
+def invalidation(
+    account: str,
+    method: str,
+    path: str,
+    status: int | None,
+    headers: Sequence[tuple[str, str]],
+    upstream_origin: str,
+) -> Invalidation | None:
+    """What a request through the proxy invalidates (RFC 9111 4.4).
+
+    After an unsafe method: the target (with and without ``.json``), the same-origin
+    Location and Content-Location, and the lists of the target's collection. ``status``
+    None means the outcome is unknown (timeout, broken connection): the upstream may have
+    processed it, so the entries go too. Answers 400-499 changed nothing and keep them.
+    """
+    if method not in UNSAFE_METHODS:
+        return None
+    if status is not None and 400 <= status < 500:
+        return None
+    paths = {normalise_path(path)}
+    for name in ("Location", "Content-Location"):
+        for value in _all(headers, name):
+            same = _same_origin_path(value, upstream_origin)
+            if same is not None:
+                paths.add(normalise_path(same))
+    kinds = {_collection(p) for p in paths} - {None}
+    return Invalidation(account, frozenset(paths), frozenset(k for k in kinds if k))
+
+
+def _collection(path: str) -> str | None:
+    """The collection a path is in: its last segment that is not an id."""
+    for segment in reversed(path.strip("/").split("/")):
+        if not _is_id(segment) and segment != "v1":
+            return segment
+    return None
+
+
+def _same_origin_path(value: str, origin: str) -> str | None:
+    try:
+        url = urlsplit(value)
+        base = urlsplit(origin)
+    except ValueError:
+        return None
+    if not url.scheme and not url.netloc:
+        return url.path or None
+    if (url.scheme, url.netloc) == (base.scheme, base.netloc):
+        return url.path or None
+    return None

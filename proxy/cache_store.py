@@ -1,0 +1,502 @@
+"""The cache's storage: diskcache on disk, a small LRU of hot entries in memory.
+
+Every disk operation runs on one worker thread, in submission order, so a delete
+queued after a write always wins and the event loop never waits on SQLite or the
+file system. The memory LRU is updated on the loop at once; it is what makes a
+fresh hit cost no thread hop (measured: a hop costs more than a whole hit).
+
+Large bodies are never held whole: :class:`BodySink` spills chunks to a temporary
+file as they arrive and hands the file to diskcache only once the body is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import diskcache  # type: ignore[import-untyped]
+
+from proxy.cache_policy import Entry, Invalidation, parse_key
+from proxy.logs import event
+
+T = TypeVar("T")
+# Bodies up to this size live inside the entry's record; larger ones are a separate value
+# (a file in diskcache's directory) so that freshening the headers never rewrites them.
+INLINE_BODY = 32 * 1024
+# Bodies up to this size are held in memory while fetched; larger ones spill to a file.
+SPILL_AT = 1024 * 1024
+CHUNK = 64 * 1024
+EPOCH_KEY = "__purge_epoch__"
+# After a full disk, storing is tried again after this many seconds.
+FULL_DISK_RETRY = 60.0
+DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An entry and its body: bytes, or the key of a body stored as its own value."""
+
+    entry: Entry
+    body: bytes | None
+    body_key: str | None = None
+
+
+def _is_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower()
+
+
+class HotEntries:
+    """A byte-bounded LRU of stored entries (on the event loop only)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: OrderedDict[str, Stored] = OrderedDict()
+
+    def get(self, key: str) -> Stored | None:
+        found = self.items.get(key)
+        if found is not None:
+            self.items.move_to_end(key)
+        return found
+
+    def put(self, key: str, stored: Stored) -> None:
+        self.pop(key)
+        size = len(stored.body) if stored.body is not None else 0
+        if stored.body is None or size > self.max_bytes // 8:
+            return
+        self.items[key] = stored
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= len(old.body or b"")
+
+    def pop(self, key: str) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old.body or b"")
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+
+
+class CacheStore:
+    """Entries by key, with the path index that invalidation and purge need."""
+
+    def __init__(self, directory: Path, max_size: int, memory_size: int) -> None:
+        self.directory = directory
+        self.max_size = max_size
+        self.hot = HotEntries(memory_size)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
+        self.disk: diskcache.Cache = _open(directory, max_size)
+        # (account, normalised path) -> keys; may name keys diskcache has evicted since.
+        self.paths: dict[tuple[str, str], set[str]] = {}
+        self.problem: str | None = None
+        self._retry_at = 0.0
+        self._pending: set[asyncio.Future[Any]] = set()
+        # Invalidations by sequence number, so a fetch that began before one does not store.
+        self.sequence = 0
+        self.recent: deque[tuple[int, Invalidation]] = deque(maxlen=1024)
+        self.epoch: int = 0
+        # Bumped by every write, delete and invalidation made on the loop.
+        self.changes = 0
+        self.on_error: Callable[[str], None] = lambda op: None
+        self.on_evict: Callable[[int], None] = lambda n: None
+        self.on_full: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------ life
+
+    @classmethod
+    async def open(cls, directory: Path, max_size: int, memory_size: int) -> CacheStore:
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(None, cls, directory, max_size, memory_size)
+        await store._run(store._load_index)
+        return store
+
+    def _load_index(self) -> None:
+        for key in self.disk.iterkeys():
+            parts = parse_key(key) if isinstance(key, str) else None
+            if parts is not None:
+                self._index(key, parts.account, parts.path)
+        self.epoch = int(self.disk.get(EPOCH_KEY, 0))
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._run(self.disk.close)
+        self.executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a write; it runs after every earlier one, and close() waits for it."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Wait until every queued write is on disk (tests, shutdown, CLI)."""
+        await self._run(lambda: None)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, key: str) -> Stored | None:
+        hot = self.hot.get(key)
+        if hot is not None:
+            return hot
+        changes = self.changes
+        try:
+            stored = await self._run(self._read, key)
+        except Exception as e:  # a broken record is a miss, never an error
+            self.on_error("read")
+            event("cache_read_failed", error=type(e).__name__)
+            return None
+        if self.changes != changes:
+            # Written or invalidated meanwhile: what was read may be older than that.
+            return self.hot.get(key)
+        if stored is not None:
+            self.hot.put(key, stored)
+        return stored
+
+    def _read(self, key: str) -> Stored | None:
+        value = self.disk.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Stored) or not isinstance(value.entry, Entry):
+            raise TypeError("not a cache record")
+        if value.body_key is None:
+            return value
+        if value.body_key not in self.disk:
+            self.disk.delete(key)  # its body was evicted: the record is useless
+            return None
+        if value.entry.size <= SPILL_AT:
+            body = self.disk.get(value.body_key)
+            if isinstance(body, bytes):
+                return Stored(value.entry, body, value.body_key)
+        return value
+
+    async def body(self, stored: Stored) -> AsyncIterator[bytes]:
+        """The stored body in chunks (from a file for large bodies, in bounded memory)."""
+        if stored.body is not None:
+            yield stored.body
+            return
+        assert stored.body_key is not None
+        handle: IO[bytes] | None = await self._run(self._open_body, stored.body_key)
+        if handle is None:
+            from proxy.errors import UpstreamBodyError
+
+            raise UpstreamBodyError("A stored body disappeared while it was read")
+        try:
+            while chunk := await self._run(handle.read, CHUNK):
+                yield chunk
+        finally:
+            await self._run(handle.close)
+
+    def _open_body(self, body_key: str) -> IO[bytes] | None:
+        value = self.disk.get(body_key, read=True)
+        if isinstance(value, bytes):
+            import io
+
+            return io.BytesIO(value)
+        return value  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ writes
+
+    @property
+    def writable(self) -> bool:
+        if self.problem is not None and time.monotonic() >= self._retry_at:
+            self.problem = None  # try again; the next failure logs nothing new
+        return self.problem is None
+
+    def put(self, key: str, stored: Stored) -> None:
+        """Store an entry whose body is in memory (or already stored under body_key)."""
+        self.changes += 1
+        self.hot.put(key, stored)
+        self._index(key, stored.entry.account, stored.entry.path)
+        if not self.writable:
+            return
+        if stored.body_key is not None:
+            # The body is on disk already (a 304 freshened the headers): write the record only.
+            self._later(self._write, key, Stored(stored.entry, None, stored.body_key))
+        elif stored.body is not None and len(stored.body) > INLINE_BODY:
+            body_key = f"body:{uuid.uuid4().hex}"
+            self.hot.put(key, Stored(stored.entry, stored.body, body_key))
+            self._later(self._write_split, key, Stored(stored.entry, None, body_key), stored.body)
+        else:
+            self._later(self._write, key, stored)
+
+    def _write(self, key: str, stored: Stored) -> None:
+        self._guarded(lambda: self._replace(key, stored))
+
+    def _write_split(self, key: str, record: Stored, body: bytes) -> None:
+        assert record.body_key is not None
+        body_key = record.body_key
+
+        def write() -> None:
+            self.disk.set(body_key, body)
+            self._replace(key, record)
+
+        self._guarded(write)
+
+    def _replace(self, key: str, stored: Stored) -> None:
+        old = self.disk.get(key)
+        self.disk.set(key, stored)
+        if isinstance(old, Stored) and old.body_key and old.body_key != stored.body_key:
+            self.disk.delete(old.body_key)
+        culled = self.disk.cull()
+        if culled:
+            self.on_evict(culled)
+
+    def _guarded(self, write: Callable[[], None]) -> bool:
+        try:
+            write()
+            return True
+        except Exception as e:
+            if _is_full(e):
+                self._disable(f"disk full: {e}")
+            else:
+                self.on_error("write")
+                event("cache_write_failed", error=type(e).__name__)
+            return False
+
+    def _disable(self, problem: str) -> None:
+        if self.problem is None:
+            event("cache_storing_disabled", problem=problem, retry_in=FULL_DISK_RETRY)
+            self.on_full()
+        self.problem = problem
+        self._retry_at = time.monotonic() + FULL_DISK_RETRY
+
+    def sink(self) -> BodySink:
+        return BodySink(self)
+
+    async def commit_file(self, key: str, entry: Entry, path: Path) -> Stored | None:
+        """Store a body that was spilled to ``path`` (copied into diskcache, then deleted)."""
+        body_key = f"body:{uuid.uuid4().hex}"
+        writable = self.writable
+
+        def write() -> bool:
+            try:
+                if not writable:
+                    return False
+                with path.open("rb") as f:
+                    return self._guarded(lambda: self._commit(key, entry, body_key, f))
+            finally:
+                path.unlink(missing_ok=True)
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, write)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        if not await asyncio.shield(future):
+            return None
+        self.changes += 1
+        self.hot.pop(key)
+        self._index(key, entry.account, entry.path)
+        return Stored(entry, None, body_key)
+
+    def _commit(self, key: str, entry: Entry, body_key: str, f: IO[bytes]) -> None:
+        self.disk.set(body_key, f, read=True)
+        self._replace(key, Stored(entry, None, body_key))
+
+    def delete(self, key: str) -> None:
+        self.changes += 1
+        self.hot.pop(key)
+        self._later(self._delete, [key])
+
+    def _delete(self, keys: list[str]) -> int:
+        removed = 0
+        for key in keys:
+            try:
+                old = self.disk.pop(key)
+                if isinstance(old, Stored) and old.body_key:
+                    self.disk.delete(old.body_key)
+                removed += old is not None
+            except DISK_ERRORS:
+                self.on_error("delete")
+        return removed
+
+    def _index(self, key: str, account: str, path: str) -> None:
+        from proxy.cache_policy import normalise_path
+
+        self.paths.setdefault((account, normalise_path(path)), set()).add(key)
+
+    # ------------------------------------------------------------------ invalidation, purge
+
+    def invalidate(self, inv: Invalidation) -> int:
+        """Remove every entry the invalidation covers; returns how many keys were known."""
+        self.sequence += 1
+        self.changes += 1
+        self.recent.append((self.sequence, inv))
+        keys = self._take(lambda account, path: inv.covers(account, path))
+        if keys:
+            self._later(self._delete, keys)
+        return len(keys)
+
+    def invalidated_since(self, sequence: int, account: str, path: str) -> bool:
+        """Whether an invalidation after ``sequence`` covers the path (a fetch begun before it
+        must not store what it got)."""
+        if self.recent and self.recent[0][0] > sequence + 1 and len(self.recent) == 1024:
+            return True  # history overflowed: assume the worst
+        return any(s > sequence and inv.covers(account, path) for s, inv in self.recent)
+
+    def _take(self, covers: Callable[[str, str], bool]) -> list[str]:
+        keys: list[str] = []
+        for account, path in [k for k in self.paths if covers(*k)]:
+            for key in self.paths.pop((account, path)):
+                self.hot.pop(key)
+                keys.append(key)
+        return keys
+
+    async def purge(self, prefix: str = "", account: str | None = None) -> int:
+        """Remove entries by path prefix and/or account; returns how many were on disk."""
+        keys = self._take(lambda a, p: (account is None or a == account) and p.startswith(prefix))
+        self.changes += 1
+        if not prefix and account is None:
+            self.hot.clear()
+            removed: int = await self._run(self._clear)
+            return removed
+        self.epoch += 1
+        removed = await self._run(self._delete, keys)
+        await self._run(self.disk.set, EPOCH_KEY, self.epoch)
+        return removed
+
+    def _clear(self) -> int:
+        count = sum(1 for k in self.disk.iterkeys() if isinstance(k, str) and parse_key(k))
+        self.disk.clear()
+        self.disk.set(EPOCH_KEY, self.epoch + 1)
+        self.epoch += 1
+        return count
+
+    async def check_epoch(self) -> None:
+        """Drop the memory copies when another process (the CLI) purged the disk."""
+        try:
+            epoch = int(await self._run(self.disk.get, EPOCH_KEY, 0))
+        except DISK_ERRORS:
+            return
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.hot.clear()
+
+    async def stats(self) -> dict[str, int]:
+        def count() -> dict[str, int]:
+            entries = sum(1 for k in self.disk.iterkeys() if isinstance(k, str) and parse_key(k))
+            return {"entries": entries, "bytes": int(self.disk.volume())}
+
+        result: dict[str, int] = await self._run(count)
+        result["memory_entries"] = len(self.hot.items)
+        result["memory_bytes"] = self.hot.bytes
+        return result
+
+
+class BodySink:
+    """A body being fetched: in memory up to SPILL_AT, then in a temporary file."""
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+        self.buffer = bytearray()
+        self.size = 0
+        self.path: Path | None = None
+        self._file: IO[bytes] | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self.buffer += chunk
+        if self._file is None and len(self.buffer) <= SPILL_AT:
+            return
+        if self._file is None:
+            self._file, self.path = await self.store._run(self._create)
+        if len(self.buffer) >= CHUNK:
+            data, self.buffer = bytes(self.buffer), bytearray()
+            await self.store._run(self._write_file, data)
+
+    def _write_file(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+
+    def _create(self) -> tuple[IO[bytes], Path]:
+        tmp = self.store.directory / "tmp"
+        tmp.mkdir(exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=tmp, prefix="body-")
+        return os.fdopen(fd, "wb"), Path(name)
+
+    async def finish(self) -> Path:
+        """Flush and close the file (only for spilled bodies)."""
+        assert self._file is not None
+        assert self.path is not None
+        f, data = self._file, bytes(self.buffer)
+        self.buffer = bytearray()
+
+        def close() -> None:
+            f.write(data)
+            f.close()
+
+        await self.store._run(close)
+        self._file = None
+        return self.path
+
+    async def discard(self) -> None:
+        f, path = self._file, self.path
+        self._file, self.path, self.buffer = None, None, bytearray()
+        if path is None:
+            return
+
+        def remove() -> None:
+            if f is not None:
+                f.close()
+            path.unlink(missing_ok=True)
+
+        await self.store._run(remove)
+
+
+def _open(directory: Path, max_size: int) -> diskcache.Cache:
+    """Open the cache; a corrupt one is moved aside and a fresh one made (one log line)."""
+    try:
+        return _probe(directory, max_size)
+    except (sqlite3.DatabaseError, OSError, diskcache.Timeout) as e:
+        aside = directory.with_name(f"{directory.name}.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            if directory.is_dir():
+                shutil.move(str(directory), aside)
+            elif directory.exists():
+                directory.rename(aside)
+        event("cache_dir_corrupt", dir=str(directory), moved_to=str(aside), error=str(e))
+        return _probe(directory, max_size)
+
+
+def _probe(directory: Path, max_size: int) -> diskcache.Cache:
+    directory.mkdir(parents=True, exist_ok=True)
+    disk = diskcache.Cache(
+        str(directory),
+        size_limit=max_size,
+        eviction_policy="least-recently-stored",
+        cull_limit=0,  # culled explicitly after each write, so evictions can be counted
+        statistics=False,
+    )
+    try:
+        disk.get(EPOCH_KEY)
+        len(disk)
+        for stale in (directory / "tmp").glob("body-*"):
+            stale.unlink(missing_ok=True)  # spilled bodies of a previous run
+    except BaseException:
+        disk.close()
+        raise
+    return disk

@@ -1,0 +1,109 @@
+"""The proxy's life as a process: check, start both listeners, serve, drain, stop.
+
+``startup`` → ``run_until_signal`` → ``shutdown`` (in :mod:`proxy.server`):
+
+1. preflight: the state directory and the cache directory must be writable
+   directories; otherwise one :class:`StartupError` line, exit 2.
+2. the proxy listener, then the admin listener (which shares the proxy's context);
+   a busy port is one line too.
+3. on SIGTERM/SIGINT: readiness false at once, the proxy stops accepting, in-flight
+   requests get ``server.shutdown_grace`` seconds, cleanup contexts close sessions,
+   cache and token files, then the admin listener stops. Exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.logs import event
+from proxy.server import StartupError, bound_port, run_until_signal, start
+from proxy.settings import Settings, masked
+
+Announce = Callable[[int, int | None], None]
+
+
+async def serve(
+    settings: Settings,
+    *,
+    extra: list[web.AppRunner] | None = None,
+    announce: Announce | None = None,
+) -> None:
+    """Run the proxy (and its admin listener) until a signal.
+
+    ``extra`` runners (the demo's sandbox) stop last; ``announce(port, admin_port)`` hears
+    the bound ports once both listeners are up.
+    """
+    from proxy.admin import start_admin
+    from proxy.app import CONTEXT, create_app
+
+    preflight(settings)
+    app = create_app(settings)
+    runner = await start(
+        app, settings.server.host, settings.server.port, settings.server.shutdown_grace
+    )
+    ctx = app[CONTEXT]
+    try:
+        admin = await start_admin(ctx)
+    except StartupError:
+        await runner.cleanup()
+        raise
+    event(
+        "started",
+        version=__version__,
+        listen=f"{settings.server.host}:{bound_port(runner)}",
+        admin=f"{settings.admin.host}:{bound_port(admin)}" if admin else "disabled",
+        upstream=settings.upstream.base_url,
+        settings=masked(settings),
+    )
+    if announce is not None:
+        announce(bound_port(runner), bound_port(admin) if admin else None)
+
+    def not_ready(signal_name: str) -> None:
+        ctx.shutting_down = True
+
+    runners = [runner, *([admin] if admin else []), *(extra or [])]
+    await run_until_signal(runners, on_signal=not_ready)
+
+
+def preflight(settings: Settings) -> None:
+    """Fail before listening when a directory the proxy must write to is unusable."""
+    for key, path in directories(settings):
+        check_writable(key, Path(path))
+
+
+def directories(settings: Settings) -> Iterator[tuple[str, str]]:
+    """``state_dir``, then each enabled section's ``directory(state_dir)`` (the cache's)
+    or its ``*_dir``/``dir``/``directory`` string settings, as the feature would resolve them."""
+    yield "state_dir", settings.state_dir
+    for section in dataclasses.fields(settings):
+        value: Any = getattr(settings, section.name)
+        if not dataclasses.is_dataclass(value) or isinstance(value, type):
+            continue
+        if getattr(value, "enabled", True) is False:
+            continue
+        resolve = getattr(value, "directory", None)
+        if callable(resolve):
+            yield f"{section.name}.dir", str(resolve(settings.state_dir))
+            continue
+        for f in dataclasses.fields(value):
+            found = getattr(value, f.name)
+            named_dir = f.name.endswith("_dir") or f.name in ("dir", "directory")
+            if named_dir and isinstance(found, str) and found:
+                yield f"{section.name}.{f.name}", found
+
+
+def check_writable(key: str, path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise StartupError(f"{key} {path} is not a writable directory: {reason}") from None

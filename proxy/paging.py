@@ -1,0 +1,172 @@
+"""``X-Proxy-All-Pages: 1``: a whole Kounta list as one JSON array.
+
+Kounta lists come 25 records a page, each page naming the next in ``X-Next-Page``.
+On request the proxy follows that chain itself, through its own pipeline (so each
+page is cached and takes a token from the budget like any other request), and
+streams the records out as one JSON array.
+
+A list longer than ``paging.max_pages`` is an error, never a silent cut: 422
+``too_many_pages`` when the first page already tells the count (``X-Pages``); else
+the connection is broken off when the cap is reached, so the array can never look
+complete. The same goes for a later page that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import InvalidRequest, ProxyError, TooManyPages, UpstreamError
+from proxy.logs import event
+from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.target import parse_target
+
+HEADER = "X-Proxy-All-Pages"
+# One page is 25 abridged records; anything near this is not a Kounta page.
+PAGE_LIMIT = 32 * 1024 * 1024
+_MARK = URL("http://all-pages.invalid")
+_ON = ("1", "true", "yes")
+_OFF = ("", "0", "false", "no")
+
+
+def wanted(request: web.Request) -> bool:
+    """Whether the caller asked for all pages (a bad value or method is a 400)."""
+    value = request.headers.get(HEADER, "").strip().lower()
+    if value in _OFF:
+        return False
+    if value not in _ON:
+        raise InvalidRequest(f"{HEADER} must be 1 (or absent), got {value[:20]!r}")
+    if request.method != "GET":
+        raise InvalidRequest(f"{HEADER} works with GET only, not {request.method}")
+    return True
+
+
+def next_request(first: ProxyRequest, url: str, upstream: URL, deadline: float) -> ProxyRequest:
+    """The request for an upstream ``X-Next-Page`` URL, which must be on the upstream."""
+    moved = _rewrite(url, upstream)
+    prefix = str(_MARK) + "/"
+    if not moved.startswith(prefix):
+        raise UpstreamError("Kounta's X-Next-Page points outside the upstream; not followed")
+    target = parse_target("/" + moved[len(prefix) :].partition("#")[0])
+    return replace(first, path=target.path, query=target.query, deadline=deadline)
+
+
+def _rewrite(url: str, upstream: URL) -> str:
+    from proxy.rewrite import rewrite_url
+
+    return rewrite_url(url, upstream, _MARK)
+
+
+def records_of(body: bytes) -> bytes:
+    """The bytes between the brackets of a page's JSON array (checked to be one)."""
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UpstreamError("A page of the list is not valid JSON") from None
+    if not isinstance(parsed, list):
+        raise InvalidRequest(f"{HEADER} needs a list endpoint; this one answered a JSON object")
+    return body.strip()[1:-1].strip()
+
+
+def without_header(request: ProxyRequest) -> ProxyRequest:
+    headers = CIMultiDict(request.headers)
+    headers.popall(HEADER, None)
+    return replace(request, headers=CIMultiDictProxy(headers))
+
+
+async def all_pages(
+    request: web.Request, first: ProxyRequest, upstream: URL, public: URL
+) -> web.StreamResponse:
+    """Answer a ``X-Proxy-All-Pages`` request: the streamed array, or the first page's own
+    answer (an error, a redirect, a 304) when that is not a 200."""
+    from proxy.handlers import answer, exchange_of  # handlers import this module
+
+    gatherer = AllPages(request, first, upstream)
+    response = await gatherer.ctx.pipeline.send(gatherer.first)
+    info = exchange_of(request)
+    info.cache_status = response.cache_status
+    info.upstream_status = response.upstream_status
+    if response.status != 200:
+        return await answer(request, response, upstream, public)
+    return await gatherer.answer(response)
+
+
+class AllPages:
+    """Gathers one caller's list, page by page, and streams it out."""
+
+    def __init__(self, request: web.Request, first: ProxyRequest, upstream: URL) -> None:
+        from proxy.app import CONTEXT  # created by the app; import late to avoid a cycle
+
+        self.ctx = request.app[CONTEXT]
+        self.request = request
+        self.first = without_header(first)
+        self.upstream = upstream
+        self.max_pages = self.ctx.settings.paging.max_pages
+
+    async def answer(self, response: ProxyResponse) -> web.StreamResponse:
+        """Stream the records of ``response`` (page one, a 200) and of every page after it."""
+        try:
+            self._check_announced(response)
+            records = records_of(await response.read(PAGE_LIMIT))
+        finally:
+            await response.release()
+        out = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                "Cache-Control": "no-store",
+            },
+        )
+        await out.prepare(self.request)
+        try:
+            await self._stream(out, response, records)
+        except (ProxyError, ConnectionResetError, asyncio.CancelledError) as e:
+            code = e.code if isinstance(e, ProxyError) else type(e).__name__
+            event("all_pages_failed", request_id=self.first.request_id, error=code)
+            if self.request.transport is not None:
+                self.request.transport.abort()
+        return out
+
+    def _check_announced(self, response: ProxyResponse) -> None:
+        pages = response.headers.get("X-Pages", "")
+        if pages.isdigit() and int(pages) > self.max_pages:
+            raise TooManyPages(self._too_many(f"has {pages} pages"))
+
+    def _too_many(self, what: str) -> str:
+        return (
+            f"The list {what}, more than paging.max_pages ({self.max_pages}); "
+            "fetch it page by page or raise the cap"
+        )
+
+    async def _stream(self, out: web.StreamResponse, page: ProxyResponse, records: bytes) -> None:
+        await out.write(b"[" + records)
+        written = bool(records)
+        pages = 1
+        seen = {self.first.path_qs}
+        loop = asyncio.get_running_loop()
+        while next_url := page.headers.get("X-Next-Page", ""):
+            if pages >= self.max_pages:
+                raise TooManyPages(self._too_many(f"goes on past {pages} pages"))
+            deadline = loop.time() + self.ctx.settings.upstream.total_timeout
+            request = next_request(self.first, next_url, self.upstream, deadline)
+            if request.path_qs in seen:
+                raise UpstreamError("Kounta's X-Next-Page chain loops back on itself")
+            seen.add(request.path_qs)
+            page = await self.ctx.pipeline.send(request)
+            if page.status != 200:
+                await page.release()
+                raise UpstreamError(f"Page {pages + 1} of the list answered {page.status}")
+            records = records_of(await page.read(PAGE_LIMIT))
+            if records:
+                await out.write((b"," if written else b"") + records)
+                written = True
+            pages += 1
+        await out.write(b"]")
+        await out.write_eof()
+        self.ctx.metrics.paging_pages.inc(pages)
+        event("all_pages", request_id=self.first.request_id, pages=pages)

@@ -1,0 +1,142 @@
+"""The per-account token file: JSON, mode 0600, replaced atomically, locked across processes.
+
+Layout (one object)::
+
+    {"access_token": "...", "refresh_token": "...", "token_type": "Bearer",
+     "expires_at": 1767225600.0, "obtained_at": 1767222000.0}
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the old
+file (and the directory fsynced), so a crash leaves either the old file or the new one, never
+half of one. ``<file>.lock`` is held with ``flock`` around read-refresh-write, so two proxies
+sharing the file neither refresh twice nor overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+LOCK_POLL = 0.01
+
+
+class TokenFileError(Exception):
+    """The token file cannot be read or written; the message names the file, never a token."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredToken:
+    access_token: str
+    refresh_token: str
+    expires_at: float | None
+    token_type: str = "Bearer"  # noqa: S105 - a token type, not a token
+    obtained_at: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"StoredToken(expires_at={self.expires_at!r}, ****)"
+
+    def usable(self, now: float) -> bool:
+        return bool(self.access_token) and (self.expires_at is None or now < self.expires_at)
+
+
+class TokenFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+
+    def read(self) -> StoredToken | None:
+        """The stored token, or None when there is no file yet."""
+        try:
+            raw = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenFileError(f"cannot read token file {self.path}: {_why(e)}") from None
+        try:
+            return _parse(json.loads(raw))
+        except (ValueError, TypeError, KeyError):
+            raise TokenFileError(f"token file {self.path} is not a valid token file") from None
+
+    def write(self, token: StoredToken) -> None:
+        """Atomically replace the file (tmp + fsync + rename + directory fsync)."""
+        data = json.dumps(asdict(token), indent=2).encode() + b"\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise TokenFileError(f"cannot write token file {self.path}: {_why(e)}") from None
+
+    def mtime(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    @contextlib.asynccontextmanager
+    async def locked(self, patience: float = 30.0) -> AsyncIterator[None]:
+        """Hold ``<file>.lock`` exclusively; polls so that cancelling never leaks a lock."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise TokenFileError(f"cannot open lock file {self.lock_path}: {_why(e)}") from None
+        try:
+            give_up = time.monotonic() + patience
+            while not _try_lock(fd):
+                if time.monotonic() > give_up:
+                    raise TokenFileError(f"token file {self.path} stayed locked for {patience:g}s")
+                await asyncio.sleep(LOCK_POLL)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _parse(data: Any) -> StoredToken:
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    expires_at = data.get("expires_at")
+    return StoredToken(
+        access_token=str(data.get("access_token") or ""),
+        refresh_token=str(data.get("refresh_token") or ""),
+        expires_at=None if expires_at is None else float(expires_at),
+        token_type=str(data.get("token_type") or "Bearer"),
+        obtained_at=float(data.get("obtained_at") or 0.0),
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _why(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or type(error).__name__

@@ -1,0 +1,317 @@
+"""The rate budget on an injected clock: no real waiting anywhere in here."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import CollectorRegistry
+
+from proxy.budget import AccountBudget, Bucket, Budget, Rate, pause_asked, rate_for
+from proxy.errors import RateLimited
+from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+from proxy.settings import AccountSettings, BudgetSettings, ConfigError, Secret, Settings, load
+
+
+class FakeClock:
+    """Monotonic time that only moves when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+def account_budget(
+    clock: FakeClock, per_window: int = 60, burst: int = 1, **settings: float
+) -> AccountBudget:
+    rate = Rate(per_window, burst, 60.0, 0.0)
+    return AccountBudget(
+        "main", rate, BudgetSettings(**settings), clock, Metrics(CollectorRegistry())
+    )
+
+
+# --- the bucket (pure) --------------------------------------------------------------------
+
+
+def test_bucket_gives_the_burst_then_paces() -> None:
+    bucket = Bucket(Rate(60, 3, 60.0, 0.0), now=0.0)
+    for _ in range(3):
+        assert bucket.ready_at(0.0) == 0.0
+        bucket.take(0.0)
+    assert bucket.ready_at(0.0) == pytest.approx(1.0)  # one token a second
+
+
+def test_no_window_ever_holds_more_than_the_rate() -> None:
+    """A plain bucket would allow burst + rate in the first window; this one never does."""
+    rate = Rate(10, 10, 60.0, 1.0)
+    bucket = Bucket(rate, now=0.0)
+    sent: list[float] = []
+    now = 0.0
+    while now < 300:
+        now = bucket.ready_at(now)
+        bucket.take(now)
+        sent.append(now)
+    for i, t in enumerate(sent):
+        in_window = [s for s in sent[i:] if s < t + 61.0]
+        assert len(in_window) <= 10, (t, in_window)
+    # ... and the long-run pace is still the rate.
+    assert 45 <= len(sent) <= 52
+
+
+def test_pause_uses_asked_time_else_a_growing_backoff() -> None:
+    bucket = Bucket(Rate(60, 5, 60.0, 0.0), now=0.0)
+    assert bucket.pause(0.0, 7.0, initial=5, longest=60) == 7.0
+    assert bucket.ready_at(1.0) == pytest.approx(7.0)
+    assert bucket.available(1.0) == 0.0
+    assert bucket.pause(10.0, None, initial=5, longest=60) == 5.0
+    assert bucket.pause(20.0, None, initial=5, longest=60) == 10.0
+    assert bucket.pause(40.0, None, initial=5, longest=60) == 20.0
+    bucket.recovered()
+    assert bucket.pause(100.0, None, initial=5, longest=60) == 5.0
+
+
+def test_a_wave_of_429s_grows_the_backoff_once() -> None:
+    bucket = Bucket(Rate(60, 5, 60.0, 0.0), now=0.0)
+    assert bucket.pause(0.0, None, initial=5, longest=60) == 5.0
+    assert bucket.pause(0.1, None, initial=5, longest=60) == pytest.approx(4.9)
+    assert bucket.pause(6.0, None, initial=5, longest=60) == 10.0
+
+
+def test_after_a_pause_the_pace_resumes_without_a_burst() -> None:
+    bucket = Bucket(Rate(60, 10, 60.0, 0.0), now=0.0)
+    bucket.pause(0.0, 5.0, initial=1, longest=60)
+    start = bucket.ready_at(0.0)
+    bucket.take(start)
+    assert bucket.ready_at(start) == pytest.approx(start + 1.0)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "12"}, 12.0),
+        (
+            {
+                "Retry-After": format_datetime(
+                    datetime.fromtimestamp(1_700_000_030, UTC), usegmt=True
+                )
+            },
+            30.0,
+        ),
+        ({"X-Ratelimit-Reset": "1700000045"}, 45.0),
+        ({"X-Ratelimit-Reset": "20"}, 20.0),
+        ({"Retry-After": "soon", "X-Ratelimit-Reset": "3"}, 3.0),
+        ({"X-Ratelimit-Reset": "nan"}, None),
+        ({"X-Ratelimit-Reset": "-5"}, None),
+        ({}, None),
+    ],
+)
+def test_pause_asked(headers: dict[str, str], expected: float | None) -> None:
+    got = pause_asked(headers, wall_now=1_700_000_000.0)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_default_rates_by_mode() -> None:
+    budget = BudgetSettings()
+    static = rate_for(AccountSettings(token=Secret("t")), budget)
+    basic = rate_for(
+        AccountSettings(mode="basic", client_id="c", client_secret=Secret("s")), budget
+    )
+    own = rate_for(AccountSettings(token=Secret("t"), rate_per_minute=30, burst=2), budget)
+    assert (static.per_window, static.burst) == (180, 9)
+    assert (basic.per_window, basic.burst) == (60, 3)
+    assert (own.per_window, own.burst) == (30, 2)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[accounts.a]\ntoken = "t"\nrate_per_minute = -1\n', "accounts.a.rate_per_minute"),
+        ('[accounts.a]\ntoken = "t"\nrate_per_minute = 10\nburst = 11\n', "accounts.a.burst"),
+        ("[budget]\nmax_wait = -1\n", "budget.max_wait"),
+        ("[budget]\nbackoff_initial = 10.0\nbackoff_max = 5.0\n", "budget.backoff_max"),
+        ('[retry]\nmethods = ["GET", "POST"]\n', "retry.methods"),
+        ('[retry]\nmethods = ["patch"]\n', "retry.methods"),
+        ('[retry]\nmethods = ["BREW"]\n', "retry.methods"),
+        ("[retry]\nattempts = 0\n", "retry.attempts"),
+        ("[paging]\nmax_pages = 0\n", "paging.max_pages"),
+    ],
+)
+def test_bad_budget_settings_are_config_errors(tmp_path: Path, toml: str, key: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load(path, env={})
+    assert e.value.key == key
+
+
+def test_post_retry_error_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[retry]\nmethods = ["GET", "POST"]\n')
+    with pytest.raises(ConfigError, match="idempotency"):
+        load(path, env={})
+
+
+def test_put_and_delete_may_be_enabled_from_env() -> None:
+    settings = load(None, env={"KOUNTA_PROXY_RETRY__METHODS": "GET,PUT,DELETE"})
+    assert settings.retry.methods == ("GET", "PUT", "DELETE")
+
+
+# --- the queue ----------------------------------------------------------------------------
+
+
+async def test_a_token_at_hand_is_taken_without_waiting() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock, burst=2)
+    assert await budget.acquire("a", clock.now() + 5) == 0.0
+    assert await budget.acquire("a", clock.now() + 5) == 0.0
+    assert budget.available() == 0.0
+
+
+async def test_waiters_are_served_round_robin_across_callers() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock)
+    order: list[str] = []
+
+    async def one(caller: str) -> None:
+        await budget.acquire(caller, clock.now() + 100)
+        order.append(caller)
+
+    busy = [asyncio.create_task(one("busy")) for _ in range(8)]
+    await asyncio.sleep(0)
+    light = [asyncio.create_task(one(name)) for name in ("light1", "light2")]
+    await asyncio.gather(*busy, *light)
+    # The busy caller queued 8 first; the two light callers still get the 3rd and 4th tokens.
+    assert order[:4] == ["busy", "busy", "light1", "light2"]
+    assert clock.now() == pytest.approx(1009.0)  # 10 tokens at one a second, 1 at hand
+
+
+async def test_a_wait_past_the_limit_is_refused_at_once_with_retry_after() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock)
+    await budget.acquire("a", clock.now() + 10)
+    started = clock.now()
+    with pytest.raises(RateLimited) as e:
+        await budget.acquire("a", clock.now() + 0.5)
+    assert clock.now() == started  # refused without waiting: the next token is 1 s away
+    assert e.value.retry_after == 1
+    assert e.value.stale_ok
+
+
+async def test_a_waiter_whose_limit_passes_in_the_queue_gets_429() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock)
+    await budget.acquire("a", clock.now() + 10)
+    # Five waiters ahead at one a second: a request with a 2.5 s limit cannot be served.
+    ahead = [asyncio.create_task(budget.acquire("a", clock.now() + 100)) for _ in range(5)]
+    await asyncio.sleep(0)
+    with pytest.raises(RateLimited):
+        await budget.acquire("a", clock.now() + 2.5)
+    await asyncio.gather(*ahead)
+    assert budget.rejected == 1
+    assert budget.waiting == 0
+
+
+async def test_a_full_queue_refuses_new_waiters() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock, queue_size=2)
+    await budget.acquire("a", clock.now() + 10)
+    ahead = [asyncio.create_task(budget.acquire("a", clock.now() + 100)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(RateLimited, match="Too many requests are waiting"):
+        await budget.acquire("b", clock.now() + 100)
+    await asyncio.gather(*ahead)
+
+
+async def test_a_cancelled_waiter_gives_its_turn_to_the_next() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock)
+    await budget.acquire("a", clock.now() + 10)
+    gone = asyncio.create_task(budget.acquire("a", clock.now() + 100))
+    stays = asyncio.create_task(budget.acquire("b", clock.now() + 100))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await stays
+    assert clock.now() == pytest.approx(1001.0)
+    assert budget.waiting == 0
+
+
+# --- the layer ----------------------------------------------------------------------------
+
+
+class Scripted:
+    """An upstream that answers from a list of statuses and counts what it was sent."""
+
+    def __init__(self, *answers: tuple[int, dict[str, str]]) -> None:
+        self.answers = list(answers)
+        self.sent: list[str] = []
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        self.sent.append(request.method)
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        body = b"Limit exceeded" if status == 429 else b"[]"
+        return ProxyResponse(status=status, headers=CIMultiDict(headers), body=body)
+
+
+def layer(upstream: Scripted, clock: FakeClock) -> Budget:
+    settings = Settings(
+        accounts={"main": AccountSettings(token=Secret("t"), rate_per_minute=60, burst=1)},
+        budget=BudgetSettings(backoff_initial=2.0, max_wait=30.0),
+    )
+    return Budget(upstream, settings, Metrics(CollectorRegistry()), clock, wall=lambda: 0.0)
+
+
+def request(clock: FakeClock, method: str = "GET", deadline: float = 60.0) -> ProxyRequest:
+    return ProxyRequest(
+        method=method,
+        path="/v1/companies/5001/products.json",
+        query="",
+        headers=CIMultiDictProxy(CIMultiDict()),
+        account="main",
+        deadline=clock.now() + deadline,
+    )
+
+
+async def test_upstream_429_pauses_then_get_is_sent_again() -> None:
+    clock = FakeClock()
+    upstream = Scripted((429, {"Retry-After": "7"}), (200, {}))
+    budget = layer(upstream, clock)
+    response = await budget.send(request(clock))
+    assert response.status == 200
+    assert upstream.sent == ["GET", "GET"]
+    assert clock.now() == pytest.approx(1007.0)  # waited out Kounta's Retry-After
+    assert budget.accounts["main"].upstream_429s == 1
+
+
+async def test_upstream_429_for_a_post_is_answered_429_and_not_resent() -> None:
+    clock = FakeClock()
+    upstream = Scripted((429, {}))
+    budget = layer(upstream, clock)
+    with pytest.raises(RateLimited) as e:
+        await budget.send(request(clock, "POST"))
+    assert upstream.sent == ["POST"]
+    assert e.value.retry_after == 2  # the first backoff step
+    # The account is paused for everyone: the next request waits out the backoff.
+    response = await budget.send(request(clock))
+    assert response.status == 200
+    assert clock.now() >= 1002.0
+
+
+async def test_upstream_429_past_the_deadline_is_answered_429() -> None:
+    clock = FakeClock()
+    upstream = Scripted((429, {"Retry-After": "120"}))
+    budget = layer(upstream, clock)
+    with pytest.raises(RateLimited) as e:
+        await budget.send(request(clock, deadline=60.0))
+    assert e.value.retry_after == 120
+    assert upstream.sent == ["GET"]

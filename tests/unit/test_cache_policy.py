@@ -1,0 +1,580 @@
+"""Table tests of the pure cache decisions (RFC 9111), one branch a row."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from proxy.cache_policy import (
+    Bypass,
+    Entry,
+    FreshHit,
+    Invalidation,
+    Miss,
+    NotStorable,
+    OnlyIfCachedMiss,
+    RequestControl,
+    Revalidate,
+    ServeStale,
+    bypass,
+    cache_key,
+    directives,
+    freshness_lifetime,
+    initial_age,
+    invalidation,
+    lookup,
+    merge_304,
+    not_modified,
+    not_modified_headers,
+    parse_key,
+    request_control,
+    rule_for,
+    stale_on_error,
+    to_entry,
+    validators,
+    vary_names,
+)
+from proxy.settings import CacheRule
+
+NOW = 1_700_000_000.0
+DATE = "Tue, 14 Nov 2023 22:13:20 GMT"  # == NOW
+LATER = "Tue, 14 Nov 2023 22:14:20 GMT"  # NOW + 60
+EARLIER = "Tue, 14 Nov 2023 22:12:20 GMT"  # NOW - 60
+
+
+def entry(**kw: Any) -> Entry:
+    base = Entry(
+        status=200,
+        headers=(("ETag", '"a"'), ("Content-Type", "application/json")),
+        account="main",
+        path="/v1/companies/5/customers.json",
+        request_time=NOW,
+        response_time=NOW,
+        initial_age=0.0,
+        fresh_for=0.0,
+        stale_if_error=0.0,
+        stale_while_revalidate=0.0,
+        strict=False,
+        vary=(),
+        size=2,
+    )
+    return replace(base, **kw)
+
+
+def store(headers: list[tuple[str, str]], status: int = 200, **kw: Any) -> Entry | NotStorable:
+    args: dict[str, Any] = {
+        "account": "main",
+        "path": "/v1/companies/5/sites.json",
+        "request_headers": {},
+        "request_control": RequestControl(),
+        "status": status,
+        "headers": headers,
+        "size": 10,
+        "whole": True,
+        "max_size": 100,
+        "request_time": NOW,
+        "response_time": NOW,
+        "rules": (),
+    }
+    args.update(kw)
+    return to_entry(**args)
+
+
+# --------------------------------------------------------------------------- directives
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([], {}),
+        (["max-age=60"], {"max-age": "60"}),
+        (["No-Cache, max-age=0"], {"no-cache": None, "max-age": "0"}),
+        (['private="x", max-age="5"'], {"private": "x", "max-age": "5"}),
+        (["max-age=1", "max-age=2"], {"max-age": "1"}),  # first wins
+        ([" , ,"], {}),
+    ],
+)
+def test_directives(values: list[str], expected: dict[str, str | None]) -> None:
+    assert directives(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("cc", "pragma", "expected"),
+    [
+        ([], [], RequestControl()),
+        (["no-store"], [], RequestControl(no_store=True)),
+        (["no-cache"], [], RequestControl(no_cache=True)),
+        (["max-age=0"], [], RequestControl(no_cache=True, max_age=0)),
+        (["max-age=30"], [], RequestControl(max_age=30)),
+        (["max-age=abc"], [], RequestControl()),
+        (["max-stale"], [], RequestControl(max_stale=math.inf)),
+        (["max-stale=10"], [], RequestControl(max_stale=10)),
+        (["min-fresh=5"], [], RequestControl(min_fresh=5)),
+        (["only-if-cached"], [], RequestControl(only_if_cached=True)),
+        ([], ["no-cache"], RequestControl(no_cache=True)),
+        (["max-age=30"], ["no-cache"], RequestControl(max_age=30)),  # RFC 9111 5.4
+    ],
+)
+def test_request_control(cc: list[str], pragma: list[str], expected: RequestControl) -> None:
+    assert request_control(cc, pragma) == expected
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (("main", "/v1/x", "", {}), ("other", "/v1/x", "", {})),
+        (("main", "/v1/x", "", {}), ("main", "/v1/x.json", "", {})),
+        (("main", "/v1/x", "a=1", {}), ("main", "/v1/x", "a=2", {})),
+        (("main", "/v1/x", "", {"Accept": "application/json"}), ("main", "/v1/x", "", {})),
+        (("main", "/v1/x", "", {"X-Page": "1"}), ("main", "/v1/x", "", {"X-Page": "2"})),
+        (("main", "/v1/x", "", {"X-Pretty-Print": "1"}), ("main", "/v1/x", "", {})),
+    ],
+)
+def test_keys_that_differ(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
+    assert cache_key(*a) != cache_key(*b)
+
+
+def test_key_ignores_headers_that_select_nothing() -> None:
+    assert cache_key("main", "/v1/x", "", {"X-Request-ID": "1"}) == cache_key(
+        "main", "/v1/x", "", {"X-Request-ID": "2"}
+    )
+
+
+text = st.text(max_size=20)
+headers_st = st.dictionaries(st.sampled_from(["Accept", "X-Page", "X-Pretty-Print"]), text)
+
+
+@given(text, text, text, headers_st, text, text, text, headers_st)
+def test_keys_are_injective_and_parse_back(
+    a1: str, p1: str, q1: str, h1: dict[str, str], a2: str, p2: str, q2: str, h2: dict[str, str]
+) -> None:
+    k1, k2 = cache_key(a1, p1, q1, h1), cache_key(a2, p2, q2, h2)
+    same = (a1, p1, q1, [h1.get(n) for n in ("Accept", "X-Pretty-Print", "X-Page")]) == (
+        a2,
+        p2,
+        q2,
+        [h2.get(n) for n in ("Accept", "X-Pretty-Print", "X-Page")],
+    )
+    assert (k1 == k2) == same
+    parts = parse_key(k1)
+    assert parts is not None
+    assert (parts.account, parts.path, parts.query, parts.method) == (a1, p1, q1, "GET")
+
+
+@pytest.mark.parametrize("key", ["", "nope", "[1]", '[2,"a","GET","/p","",[]]', "{}"])
+def test_parse_key_refuses_other_strings(key: str) -> None:
+    assert parse_key(key) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], ()),
+        ([("Vary", "Accept, X-Page")], ()),
+        ([("Vary", "Accept-Encoding")], ()),
+        ([("Vary", "X-Custom, x-custom"), ("Vary", "Y")], ("x-custom", "y")),
+        ([("Vary", "Accept, *")], None),
+    ],
+)
+def test_vary_names(headers: list[tuple[str, str]], expected: tuple[str, ...] | None) -> None:
+    assert vary_names(headers) == expected
+
+
+# --------------------------------------------------------------------------- storing
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "kw", "reason"),
+    [
+        ([("ETag", '"a"')], 200, {"request_control": RequestControl(no_store=True)}, "request"),
+        ([("ETag", '"a"')], 206, {}, "final"),
+        ([("ETag", '"a"')], 304, {}, "final"),
+        ([("ETag", '"a"')], 101, {}, "final"),
+        ([("ETag", '"a"'), ("Cache-Control", "no-store")], 200, {}, "no-store"),
+        ([("ETag", '"a"'), ("Set-Cookie", "a=b")], 200, {}, "Set-Cookie"),
+        ([("ETag", '"a"'), ("Vary", "*")], 200, {}, "Vary"),
+        ([("ETag", '"a"')], 200, {"whole": False}, "whole"),
+        ([("ETag", '"a"')], 200, {"size": 101}, "larger"),
+        ([("ETag", '"a"')], 302, {}, "explicit freshness"),
+        ([("Content-Type", "x")], 200, {}, "nothing to reuse"),
+        ([("X-A", "1")], 404, {"rules": (CacheRule("/v1/*", 10),)}, "without validator"),
+    ],
+)
+def test_not_storable(
+    headers: list[tuple[str, str]], status: int, kw: dict[str, Any], reason: str
+) -> None:
+    result = store(headers, status, **kw)
+    assert isinstance(result, NotStorable)
+    assert reason in result.reason
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "rules", "fresh_for", "sie", "swr", "strict"),
+    [
+        ([("ETag", '"a"')], 200, (), 0.0, 0.0, 0.0, False),
+        ([("Last-Modified", DATE)], 200, (), 0.0, 0.0, 0.0, False),
+        ([("Cache-Control", "max-age=30")], 200, (), 30.0, 0.0, 0.0, False),
+        ([("Cache-Control", "max-age=30, s-maxage=5")], 200, (), 30.0, 0.0, 0.0, False),
+        ([("Cache-Control", "private, max-age=9")], 200, (), 9.0, 0.0, 0.0, False),
+        ([("Cache-Control", "max-age=x"), ("ETag", '"a"')], 200, (), 0.0, 0.0, 0.0, False),
+        ([("Expires", LATER), ("Date", DATE)], 200, (), 60.0, 0.0, 0.0, False),
+        ([("Expires", LATER)], 200, (), 60.0, 0.0, 0.0, False),  # no Date: response time
+        ([("Expires", "0"), ("ETag", '"a"')], 200, (), 0.0, 0.0, 0.0, False),
+        (
+            [("ETag", '"a"')],
+            200,
+            (CacheRule("/v1/companies/*/sites", 10, 20, 30),),
+            10.0,
+            20.0,
+            30.0,
+            False,
+        ),
+        (
+            [("Cache-Control", "max-age=5, stale-if-error=7, stale-while-revalidate=8")],
+            200,
+            (CacheRule("/v1/*", 10, 20, 30),),
+            5.0,
+            7.0,
+            8.0,
+            False,
+        ),
+        (
+            [("ETag", '"a"'), ("Cache-Control", "no-cache, max-age=60")],
+            200,
+            (CacheRule("/v1/*", 10, 20, 30),),
+            0.0,
+            0.0,
+            0.0,
+            True,
+        ),
+        (
+            [("ETag", '"a"'), ("Cache-Control", "must-revalidate, max-age=60")],
+            200,
+            (),
+            60.0,
+            0.0,
+            0.0,
+            True,
+        ),
+        ([("ETag", '"a"')], 404, (), 0.0, 0.0, 0.0, False),
+        ([("Cache-Control", "max-age=5")], 302, (), 5.0, 0.0, 0.0, False),
+        ([("Cache-Control", "max-age=5")], 203, (), 5.0, 0.0, 0.0, False),
+    ],
+)
+def test_storable(
+    headers: list[tuple[str, str]],
+    status: int,
+    rules: tuple[CacheRule, ...],
+    fresh_for: float,
+    sie: float,
+    swr: float,
+    strict: bool,
+) -> None:
+    result = store(headers, status, rules=rules)
+    assert isinstance(result, Entry), result
+    assert (result.fresh_for, result.stale_if_error, result.stale_while_revalidate) == (
+        fresh_for,
+        sie,
+        swr,
+    )
+    assert result.strict is strict
+
+
+def test_stored_headers_drop_framing_and_per_answer_fields() -> None:
+    result = store(
+        [("ETag", '"a"'), ("Content-Length", "10"), ("Age", "3"), ("Connection", "close")]
+    )
+    assert isinstance(result, Entry)
+    assert result.headers == (("ETag", '"a"'),)
+    assert result.initial_age == 3.0
+
+
+def test_stored_vary_values_select() -> None:
+    asked = CIMultiDict({"X-Tenant": "a"})
+    result = store([("ETag", '"a"'), ("Vary", "X-Tenant")], request_headers=asked)
+    assert isinstance(result, Entry)
+    assert result.vary == (("x-tenant", "a"),)
+    assert result.selects(CIMultiDict({"X-TENANT": "a"}))
+    assert not result.selects(CIMultiDict({"x-tenant": "b"}))
+    assert not result.selects(CIMultiDict())
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/companies/5/sites.json", 1),
+        ("/v1/companies/5/sites", 1),
+        ("/v1/companies/5/products/9.json", 2),
+        ("/v1/companies/me.json", None),
+    ],
+)
+def test_rule_for(path: str, expected: int | None) -> None:
+    rules = (CacheRule("/v1/companies/*/sites", 1), CacheRule("/v1/companies/*/products/*", 2))
+    found = rule_for(path, rules)
+    assert (found.fresh_for if found else None) == expected
+
+
+def test_freshness_lifetime_absent_and_initial_age() -> None:
+    assert freshness_lifetime({}, [], NOW) is None
+    # apparent age from Date, plus the Age header and the response delay.
+    assert initial_age([("Date", EARLIER)], NOW, NOW) == 60.0
+    assert initial_age([("Age", "5")], NOW - 2, NOW) == 7.0
+    assert initial_age([("Date", "garbage")], NOW, NOW) == 0.0
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "cc", "expected"),
+    [
+        ("GET", {}, [], None),
+        ("HEAD", {}, [], None),
+        ("OPTIONS", {}, [], "method"),
+        ("GET", {}, ["no-store"], "no-store"),
+        ("GET", {"If-Match": '"a"'}, [], "If-Match"),
+        ("GET", {"Range": "bytes=0-1"}, [], "Range"),
+        ("GET", {"If-None-Match": '"a"'}, [], None),  # answered by the cache itself
+    ],
+)
+def test_bypass(method: str, headers: dict[str, str], cc: list[str], expected: str | None) -> None:
+    result = bypass(method, headers, request_control(cc))
+    if expected is None:
+        assert result is None
+    else:
+        assert isinstance(result, Bypass)
+        assert expected in result.reason
+
+
+FRESH = entry(fresh_for=60)
+STALE_ETAG = entry(response_time=NOW - 100, fresh_for=60)
+STALE_NO_VALIDATOR = entry(headers=(), response_time=NOW - 100, fresh_for=60)
+SWR = entry(response_time=NOW - 100, fresh_for=60, stale_while_revalidate=50)
+STRICT = entry(response_time=NOW - 100, fresh_for=60, strict=True, stale_while_revalidate=50)
+VARIED = entry(fresh_for=60, vary=(("x-tenant", "a"),))
+
+
+@pytest.mark.parametrize(
+    ("stored", "headers", "cc", "expected"),
+    [
+        (None, {}, [], Miss()),
+        (None, {}, ["only-if-cached"], OnlyIfCachedMiss()),
+        (VARIED, {"x-tenant": "b"}, [], Miss()),
+        (VARIED, {"x-tenant": "a"}, [], FreshHit(VARIED, 0.0)),
+        (FRESH, {}, [], FreshHit(FRESH, 0.0)),
+        (FRESH, {}, ["no-cache"], Revalidate(FRESH)),
+        (FRESH, {}, ["max-age=0"], Revalidate(FRESH)),
+        (FRESH, {}, ["min-fresh=61"], Revalidate(FRESH)),
+        (FRESH, {}, ["min-fresh=30"], FreshHit(FRESH, 0.0)),
+        (STALE_ETAG, {}, [], Revalidate(STALE_ETAG)),
+        (STALE_ETAG, {}, ["max-age=200"], Revalidate(STALE_ETAG)),
+        (entry(fresh_for=60, initial_age=30), {}, ["max-age=10"], None),
+        (STALE_ETAG, {}, ["max-stale"], ServeStale(STALE_ETAG, 100.0, refresh=False)),
+        (STALE_ETAG, {}, ["max-stale=50"], ServeStale(STALE_ETAG, 100.0, refresh=False)),
+        (STALE_ETAG, {}, ["max-stale=10"], Revalidate(STALE_ETAG)),
+        (STALE_ETAG, {}, ["only-if-cached"], OnlyIfCachedMiss()),
+        (STALE_NO_VALIDATOR, {}, [], Miss(stale=STALE_NO_VALIDATOR)),
+        (SWR, {}, [], ServeStale(SWR, 100.0, refresh=True)),
+        (SWR, {}, ["no-cache"], Revalidate(SWR)),
+        (STRICT, {}, [], Revalidate(STRICT)),
+        (STRICT, {}, ["max-stale"], Revalidate(STRICT)),
+    ],
+)
+def test_lookup(
+    stored: Entry | None, headers: dict[str, str], cc: list[str], expected: object
+) -> None:
+    result = lookup(stored, headers, request_control(cc), NOW)
+    if expected is None:  # max-age below the entry's age: revalidate
+        assert isinstance(result, Revalidate)
+    else:
+        assert result == expected
+
+
+@pytest.mark.parametrize(
+    ("stored", "ok"),
+    [
+        (None, False),
+        (entry(fresh_for=60), True),  # still fresh (the caller forced revalidation)
+        (entry(response_time=NOW - 100, fresh_for=60, stale_if_error=50), True),
+        (entry(response_time=NOW - 100, fresh_for=60, stale_if_error=30), False),
+        (entry(response_time=NOW - 100, fresh_for=60, stale_if_error=50, strict=True), False),
+    ],
+)
+def test_stale_on_error(stored: Entry | None, ok: bool) -> None:
+    assert stale_on_error(stored, NOW) is ok
+
+
+def test_validators() -> None:
+    assert validators(entry()) == {"If-None-Match": '"a"'}
+    both = entry(headers=(("ETag", 'W/"b"'), ("Last-Modified", DATE)))
+    assert validators(both) == {"If-None-Match": 'W/"b"', "If-Modified-Since": DATE}
+    assert validators(entry(headers=())) == {}
+
+
+# --------------------------------------------------------------------------- 304 merge
+
+
+def test_merge_304_freshens_headers_but_not_framing() -> None:
+    stored = entry(headers=(("ETag", '"a"'), ("Content-Type", "application/json"), ("X-A", "1")))
+    merged = merge_304(
+        stored,
+        [
+            ("ETag", '"a"'),
+            ("X-A", "2"),
+            ("Cache-Control", "max-age=30"),
+            ("Content-Length", "0"),
+            ("Content-Type", "text/plain"),
+        ],
+        NOW + 5,
+        NOW + 6,
+        (),
+    )
+    assert merged is not None
+    got = dict(merged.headers)
+    assert got["X-A"] == "2"
+    assert got["Content-Type"] == "application/json"
+    assert "Content-Length" not in got
+    assert merged.fresh_for == 30
+    assert merged.response_time == NOW + 6
+    assert merged.initial_age == 1.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "rules", "fresh_for"),
+    [
+        ([], (CacheRule("/v1/*", 12),), 12.0),
+        ([("ETag", 'W/"a"')], (), 0.0),  # weak match still selects
+        ([("Cache-Control", "no-cache, max-age=9")], (), 0.0),
+    ],
+)
+def test_merge_304_freshness(
+    headers: list[tuple[str, str]], rules: tuple[CacheRule, ...], fresh_for: float
+) -> None:
+    merged = merge_304(entry(), headers, NOW, NOW, rules)
+    assert merged is not None
+    assert merged.fresh_for == fresh_for
+
+
+def test_merge_304_with_another_etag_selects_nothing() -> None:
+    assert merge_304(entry(), [("ETag", '"b"')], NOW, NOW, ()) is None
+
+
+# --------------------------------------------------------------------------- caller conditionals
+
+STORED = (("ETag", 'W/"x"'), ("Last-Modified", DATE), ("X-Next-Page", "u"), ("X-Other", "1"))
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (200, {}, False),
+        (200, {"If-None-Match": '"x"'}, True),  # weak comparison
+        (200, {"If-None-Match": 'W/"x"'}, True),
+        (200, {"If-None-Match": '"y", W/"x"'}, True),
+        (200, {"If-None-Match": '"y"'}, False),
+        (200, {"If-None-Match": "*"}, True),
+        (404, {"If-None-Match": "*"}, False),
+        (200, {"If-Modified-Since": DATE}, True),
+        (200, {"If-Modified-Since": LATER}, True),
+        (200, {"If-Modified-Since": EARLIER}, False),
+        (200, {"If-Modified-Since": "garbage"}, False),
+        (200, {"If-None-Match": '"y"', "If-Modified-Since": LATER}, False),  # INM wins
+    ],
+)
+def test_not_modified(status: int, headers: dict[str, str], expected: bool) -> None:
+    assert not_modified(status, STORED, headers) is expected
+
+
+def test_not_modified_without_an_etag_or_date() -> None:
+    assert not not_modified(200, (), {"If-None-Match": '"x"'})
+    assert not not_modified(200, (), {"If-Modified-Since": DATE})
+
+
+def test_not_modified_headers() -> None:
+    assert not_modified_headers(STORED) == STORED[:3]
+
+
+# --------------------------------------------------------------------------- invalidation
+
+ORIGIN = "https://api.kounta.com"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "headers", "covered", "kept"),
+    [
+        (
+            "PUT",
+            "/v1/companies/5/customers/9.json",
+            200,
+            [],
+            [
+                "/v1/companies/5/customers/9",
+                "/v1/companies/5/customers/9.json",
+                "/v1/companies/5/customers.json",
+                "/v1/companies/5/customers",
+            ],
+            ["/v1/companies/5/customers/10.json", "/v1/companies/5/products.json"],
+        ),
+        (
+            "POST",
+            "/v1/companies/5/orders.json",
+            201,
+            [("Location", f"{ORIGIN}/v1/companies/5/orders/77.json")],
+            [
+                "/v1/companies/5/orders.json",
+                "/v1/companies/5/orders/77.json",
+                "/v1/companies/5/orders/complete.json",
+                "/v1/companies/5/orders/pending/accounts",
+                "/v1/companies/5/sites/3/orders.json",
+            ],
+            ["/v1/companies/5/orders/78.json", "/v1/companies/5/sites/3.json"],
+        ),
+        (
+            "DELETE",
+            "/v1/companies/5/products/9",
+            None,  # outcome unknown: invalidate anyway
+            [("Content-Location", "/v1/companies/5/products/9.json")],
+            ["/v1/companies/5/products/9.json", "/v1/companies/5/categories/2/products"],
+            ["/v1/companies/5/customers.json"],
+        ),
+        (
+            "PATCH",
+            "/v1/companies/5/customers/9.json",
+            204,
+            [("Location", "https://elsewhere.example/v1/companies/5/x/1")],
+            ["/v1/companies/5/customers/9"],
+            ["/v1/companies/5/x/1"],
+        ),
+    ],
+)
+def test_invalidation(
+    method: str,
+    path: str,
+    status: int | None,
+    headers: list[tuple[str, str]],
+    covered: list[str],
+    kept: list[str],
+) -> None:
+    inv = invalidation("main", method, path, status, headers, ORIGIN)
+    assert isinstance(inv, Invalidation)
+    for p in covered:
+        assert inv.covers("main", p), p
+        assert not inv.covers("other", p), p
+    for p in kept:
+        assert not inv.covers("main", p), p
+
+
+@pytest.mark.parametrize(
+    ("method", "status"), [("GET", 200), ("HEAD", 200), ("OPTIONS", 204), ("PUT", 404)]
+)
+def test_no_invalidation(method: str, status: int) -> None:
+    assert invalidation("main", method, "/v1/companies/5/x", status, [], ORIGIN) is None

@@ -1,0 +1,67 @@
+"""Log formatting: JSON lines and the terminal text format."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.logs import JsonFormatter, TextFormatter, configure, event
+
+
+def record(**fields: object) -> logging.LogRecord:
+    rec = logging.LogRecord("kounta_proxy", logging.INFO, __file__, 1, "started", None, None)
+    rec.fields = fields  # type: ignore[attr-defined]
+    return rec
+
+
+def test_text_format_quotes_values_with_spaces_and_shows_nested_data_as_json() -> None:
+    line = TextFormatter().format(
+        record(listen="127.0.0.1:8080", note="two words", empty="", settings={"a": [1]})
+    )
+    assert line.split()[1:3] == ["info", "started"]
+    assert 'listen=127.0.0.1:8080 note="two words" empty="" settings={"a":[1]}' in line
+    assert "\x1b[" not in line
+
+
+def test_text_format_colours_the_level_only_when_asked() -> None:
+    assert "\x1b[32minfo" in TextFormatter(color=True).format(record())
+
+
+def test_json_format_is_one_object_a_line() -> None:
+    line = JsonFormatter().format(record(note="a\nb"))
+    assert "\n" not in line
+    data = json.loads(line)
+    assert (data["event"], data["level"], data["note"]) == ("started", "info", "a\nb")
+    assert data["time"].endswith("Z")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure() rewires these loggers; put them back so caplog works in other tests."""
+    names = ("kounta_proxy", "aiohttp.server", "aiohttp.web", "aiohttp.client", "asyncio")
+    saved = [(logging.getLogger(n), logging.getLogger(n).handlers[:]) for n in names]
+    state = [(lg, lg.level, lg.propagate) for lg, _ in saved]
+    yield
+    for lg, handlers in saved:
+        lg.handlers[:] = handlers
+    for lg, level, propagate in state:
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_level_is_configurable() -> None:
+    out = io.StringIO()
+    configure("warning", "json", out)
+    event("quiet")
+    event("loud", level=logging.WARNING)
+    configure("debug", "text", out)
+    event("detail", level=logging.DEBUG)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert json.loads(lines[0])["event"] == "loud"
+    assert " debug " in lines[1] and "detail" in lines[1]

@@ -1,0 +1,178 @@
+"""Retries and the circuit breaker, on an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import CollectorRegistry
+
+from proxy.errors import (
+    CircuitOpen,
+    TokenUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+from proxy.retry import Breaker, BreakerState, Retry
+from proxy.settings import RetrySettings
+from tests.unit.test_budget import FakeClock
+
+Answer = int | Exception
+
+
+class Scripted:
+    def __init__(self, *answers: Answer) -> None:
+        self.answers = list(answers)
+        self.sent = 0
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        self.sent += 1
+        answer = self.answers.pop(0) if self.answers else 200
+        if isinstance(answer, Exception):
+            raise answer
+        return ProxyResponse(status=answer, headers=CIMultiDict(), body=b"{}")
+
+
+def retry(upstream: Scripted, clock: FakeClock, **settings: object) -> Retry:
+    options: dict[str, object] = {"attempts": 3, "breaker_failures": 0} | settings
+    return Retry(
+        upstream,
+        RetrySettings(**options),  # type: ignore[arg-type]
+        ["main"],
+        Metrics(CollectorRegistry()),
+        clock,
+        jitter=lambda: 1.0,
+    )
+
+
+def request(clock: FakeClock, method: str = "GET", deadline: float = 30.0) -> ProxyRequest:
+    return ProxyRequest(
+        method=method,
+        path="/v1/companies/5001/products.json",
+        query="",
+        headers=CIMultiDictProxy(CIMultiDict()),
+        body=b"{}" if method in ("POST", "PUT", "PATCH") else None,
+        account="main",
+        deadline=clock.now() + deadline,
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [UpstreamUnreachable("refused"), UpstreamTimeout("slow"), 502, 503, 504],
+)
+async def test_get_is_retried_with_growing_backoff(failure: Answer) -> None:
+    clock = FakeClock()
+    upstream = Scripted(failure, failure, 200)
+    response = await retry(upstream, clock, backoff_initial=0.5).send(request(clock))
+    assert response.status == 200
+    assert upstream.sent == 3
+    assert clock.now() == pytest.approx(1000.0 + 0.5 + 1.0)
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH", "PUT", "DELETE"])
+async def test_unsafe_methods_are_not_retried_by_default(method: str) -> None:
+    clock = FakeClock()
+    upstream = Scripted(UpstreamUnreachable("reset"))
+    with pytest.raises(UpstreamUnreachable):
+        await retry(upstream, clock).send(request(clock, method))
+    assert upstream.sent == 1
+
+
+async def test_put_is_retried_when_enabled() -> None:
+    clock = FakeClock()
+    upstream = Scripted(503, 200)
+    layer = retry(upstream, clock, methods=("GET", "PUT"))
+    assert (await layer.send(request(clock, "PUT"))).status == 200
+    assert upstream.sent == 2
+
+
+async def test_attempt_cap_returns_the_last_answer() -> None:
+    clock = FakeClock()
+    upstream = Scripted(503, 503, 503, 200)
+    response = await retry(upstream, clock, attempts=3).send(request(clock))
+    assert response.status == 503
+    assert upstream.sent == 3
+
+
+async def test_no_retry_that_would_pass_the_deadline() -> None:
+    clock = FakeClock()
+    upstream = Scripted(UpstreamTimeout("slow"), 200)
+    with pytest.raises(UpstreamTimeout):
+        await retry(upstream, clock, backoff_initial=5.0).send(request(clock, deadline=3.0))
+    assert upstream.sent == 1
+    assert clock.now() == 1000.0
+
+
+async def test_other_statuses_and_errors_are_not_retried() -> None:
+    clock = FakeClock()
+    upstream = Scripted(500, TokenUnavailable("no token"))
+    layer = retry(upstream, clock)
+    assert (await layer.send(request(clock))).status == 500
+    with pytest.raises(TokenUnavailable):
+        await layer.send(request(clock))
+    assert upstream.sent == 2
+
+
+async def test_breaker_opens_fails_fast_then_probes_and_closes() -> None:
+    clock = FakeClock()
+    upstream = Scripted(*[UpstreamUnreachable("down")] * 3)
+    layer = retry(upstream, clock, attempts=1, breaker_failures=3, breaker_cooldown=10.0)
+    for _ in range(3):
+        with pytest.raises(UpstreamUnreachable):
+            await layer.send(request(clock))
+    assert layer.breakers["main"].state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen) as e:
+        await layer.send(request(clock))
+    assert e.value.status == 503 and e.value.stale_ok and e.value.retry_after == 10
+    assert upstream.sent == 3  # failing fast: nothing sent
+    clock.t += 10
+    assert (await layer.send(request(clock))).status == 200  # the probe
+    assert layer.breakers["main"].state is BreakerState.CLOSED
+    assert upstream.sent == 4
+
+
+async def test_a_failed_probe_opens_the_breaker_again() -> None:
+    clock = FakeClock()
+    breaker = Breaker("main", failures=2, cooldown=5.0, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    clock.t += 5
+    assert breaker.admit() is True  # the probe
+    with pytest.raises(CircuitOpen):
+        breaker.admit()  # only one probe at a time
+    breaker.failed()
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen):
+        breaker.admit()
+
+
+async def test_an_abandoned_probe_lets_the_next_request_probe() -> None:
+    clock = FakeClock()
+    breaker = Breaker("main", failures=1, cooldown=1.0, clock=clock)
+    breaker.failed()
+    clock.t += 1
+    assert breaker.admit() is True
+    breaker.abandoned()
+    assert breaker.admit() is True
+
+
+async def test_breaker_counts_attempts_and_stops_retries_when_open() -> None:
+    clock = FakeClock()
+    upstream = Scripted(503, 503, 503, 503)
+    layer = retry(upstream, clock, attempts=5, breaker_failures=2)
+    with pytest.raises(CircuitOpen):
+        await layer.send(request(clock))
+    assert upstream.sent == 2
+
+
+async def test_tls_errors_count_for_the_breaker_but_are_not_retried() -> None:
+    clock = FakeClock()
+    upstream = Scripted(UpstreamError("tls"))
+    layer = retry(upstream, clock, breaker_failures=5)
+    with pytest.raises(UpstreamError):
+        await layer.send(request(clock))
+    assert upstream.sent == 1
+    assert layer.breakers["main"].failures == 1
