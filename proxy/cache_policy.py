@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
 from urllib.parse import urlsplit
 
+from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED
 from proxy.settings import CacheRule
 
 KEY_VERSION = 1
@@ -34,22 +35,7 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Upstream answers for which a stored response may be served instead (RFC 5861 4).
 ERROR_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Never stored with an entry (RFC 9111 3.1: hop-by-hop; the rest is recomputed per answer).
-UNSTORED_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-encoding",
-        "set-cookie",
-        "age",
-        "x-request-id",
-    }
-)
+UNSTORED_HEADERS = HOP_BY_HOP | RESPONSE_DROPPED | {"age", "x-request-id"}
 # RFC 9111 3.2: not updated from a 304 (framing is the stored body's own).
 NOT_UPDATED_BY_304 = UNSTORED_HEADERS | {"content-range", "content-type", "etag"}
 # RFC 9110 15.4.5: what a 304 carries.

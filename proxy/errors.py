@@ -90,10 +90,8 @@ class CallerUnauthorized(ProxyError):
         return {"WWW-Authenticate": f'Bearer error="{self.code}"'}
 
 
-class RateLimited(ProxyError):
-    status = 429
-    code = "rate_limited"
-    stale_ok = True
+class _RetryAfter(ProxyError):
+    """An error that tells the caller when to come back (``Retry-After`` + ``retry_after``)."""
 
     def __init__(self, description: str, *, retry_after: int) -> None:
         super().__init__(description)
@@ -104,6 +102,12 @@ class RateLimited(ProxyError):
 
     def body(self) -> dict[str, object]:
         return {**super().body(), "retry_after": self.retry_after}
+
+
+class RateLimited(_RetryAfter):
+    status = 429
+    code = "rate_limited"
+    stale_ok = True
 
 
 class TokenUnavailable(ProxyError):
@@ -147,21 +151,11 @@ class UpstreamBodyError(UpstreamError):
     code = "upstream_truncated"
 
 
-class CircuitOpen(UpstreamError):
+class CircuitOpen(_RetryAfter, UpstreamError):
     """Kounta failed too often in a row: the account's requests fail fast for a while."""
 
     status = 503
     code = "circuit_open"
-
-    def __init__(self, description: str, *, retry_after: int) -> None:
-        super().__init__(description)
-        self.retry_after = max(1, retry_after)
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
-    def body(self) -> dict[str, object]:
-        return {**super().body(), "retry_after": self.retry_after}
 
 
 class TooManyPages(ProxyError):

@@ -66,7 +66,7 @@ def sandbox_url() -> Iterator[str]:
         wait_until(lambda: get(f"{url}/_sandbox/stats")[0] == 200)
         yield url
     finally:
-        proc.terminate()
+        proc.kill()  # a test double: no need to wait for its own drain
         proc.wait(10)
 
 
@@ -79,7 +79,7 @@ state_dir = {json.dumps(state)}
 [server]
 host = "127.0.0.1"
 port = {port}
-shutdown_grace = 10.0
+shutdown_grace = {extra.pop("grace", "10.0")}
 [admin]
 port = {admin_port}
 [upstream]
@@ -163,6 +163,44 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, sandbox_u
     # Debug level, and still no secret anywhere in the log.
     for secret in (SECRET_TOKEN, CALLER_KEY, "caller-own-secret"):
         assert secret not in err
+
+
+def test_requests_longer_than_the_grace_are_cut_and_exit_is_still_0(
+    tmp_path: Path, sandbox_url: str
+) -> None:
+    port, admin_port = free_port(), free_port()
+    proc = start_serve(write_config(tmp_path, sandbox_url, port, admin_port, grace="0.5"))
+    admin = f"http://127.0.0.1:{admin_port}"
+    outcome: list[object] = []
+    try:
+        wait_until(lambda: get(f"{admin}/readyz")[0] == 200)
+        post_json(f"{sandbox_url}/_sandbox/faults", {"latency": 5, "count": 1})
+
+        def slow() -> None:
+            try:
+                outcome.append(
+                    get(
+                        f"http://127.0.0.1:{port}/v1/companies/me.json", {"X-Proxy-Key": CALLER_KEY}
+                    )[0]
+                )
+            except OSError as e:
+                outcome.append(type(e).__name__)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        wait_until(lambda: in_flight(admin) == 1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        elapsed = time.monotonic() - sent
+        thread.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+    assert code == 0
+    assert elapsed < 3, elapsed  # 0.5 s grace (+ as long again for the cancelled handler)
+    assert outcome and outcome[0] != 200
 
 
 def _refused(port: int) -> bool:
