@@ -149,7 +149,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure leaves as OAuth 2.0 JSON; nothing leaves as a traceback."""
     info = exchange_of(request)
     try:
-        guard(request)
+        info.target = guard(request)
         return await handler(request)
     except ProxyError as e:
         return proxy_error_answer(e, info.request_id)
@@ -186,10 +186,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
         route = template(request.path) if request.path.startswith("/v1/") else "other"
-        metrics.requests.labels(
-            request.method, route, f"{status // 100}xx", info.cache_status
-        ).inc()
-        metrics.request_duration.labels(route, info.cache_status).observe(elapsed)
+        metrics.request_done(request.method, route, status, info.cache_status, elapsed)
         event(
             "request",
             request_id=info.request_id,

@@ -48,6 +48,7 @@ class Exchange:
     caller: str = "-"
     account: str = "-"
     cache_status: str = "-"
+    target: Target | None = None
     upstream_status: int | None = None
     bytes_sent: int = 0
 
@@ -79,7 +80,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
     ctx = request.app[CONTEXT]
     info = exchange_of(request)
-    target = guard(request)
+    target = info.target or guard(request)
     bad = has_bad_value(request.headers.items())
     if bad is not None:
         raise InvalidRequest(f"Header {bad} contains CR, LF or NUL")
@@ -102,8 +103,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         deadline=loop.time() + ctx.settings.upstream.total_timeout,
     )
     if paging.wanted(request):
-        public = URL(server.public_url) if server.public_url else _origin_of(request)
-        return await paging.all_pages(request, proxy_request, ctx.settings.upstream.url, public)
+        upstream = ctx.settings.upstream.url
+        return await paging.all_pages(request, proxy_request, upstream, server.public_url)
     try:
         response = await ctx.pipeline.send(proxy_request)
     except ProxyError:
@@ -112,8 +113,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     info.cache_status = response.cache_status
     info.upstream_status = response.upstream_status
-    public = URL(server.public_url) if server.public_url else _origin_of(request)
-    return await answer(request, response, ctx.settings.upstream.url, public)
+    return await answer(request, response, ctx.settings.upstream.url, server.public_url)
 
 
 def _origin_of(request: web.Request) -> URL:
@@ -168,8 +168,13 @@ class _CappedStream:
             yield chunk
 
 
+def public_url(request: web.Request, configured: str) -> URL:
+    """The URL callers reach the proxy at: configured, else the request's own origin."""
+    return URL(configured) if configured else _origin_of(request)
+
+
 async def answer(
-    request: web.Request, response: ProxyResponse, upstream: URL, public: URL
+    request: web.Request, response: ProxyResponse, upstream: URL, public: str
 ) -> web.StreamResponse:
     info = exchange_of(request)
     if response.status >= 400:
@@ -179,8 +184,9 @@ async def answer(
         values = headers.getall(name, [])
         if values:
             del headers[name]
+            base = public_url(request, public)
             for value in values:
-                headers.add(name, rewrite_url(value, upstream, public))
+                headers.add(name, rewrite_url(value, upstream, base))
     headers["X-Request-ID"] = info.request_id
     headers["X-Cache"] = response.cache_status
     if response.age is not None:

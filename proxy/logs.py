@@ -68,11 +68,17 @@ def _text_value(value: Any) -> str:
     return text
 
 
+_last_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def _iso(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created % 1 * 1000):03d}Z"
-    )
+    second = int(created)
+    cached_second, prefix = _last_second[0]
+    if second != cached_second:
+        # strftime is the slow part; within one second every line shares the prefix.
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second[0] = (second, prefix)
+    return f"{prefix}.{int(created % 1 * 1000):03d}Z"
 
 
 def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> None:

@@ -11,6 +11,7 @@ codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -23,8 +24,25 @@ UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
 
 
 class Metrics:
+    def request_done(
+        self, method: str, route: str, status: int, cache: str, seconds: float
+    ) -> None:
+        """Count one answered request; label children are looked up once per label set."""
+        key = (method, route, status // 100, cache)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, route, f"{status // 100}xx", cache),
+                self.request_duration.labels(route, cache),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Bounded like the series themselves: label values are templates and enums.
+        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
         # --- build
         self.build_info = Info(
             "kounta_proxy_build",

@@ -80,7 +80,7 @@ def without_header(request: ProxyRequest) -> ProxyRequest:
 
 
 async def all_pages(
-    request: web.Request, first: ProxyRequest, upstream: URL, public: URL
+    request: web.Request, first: ProxyRequest, upstream: URL, public: str
 ) -> web.StreamResponse:
     """Answer a ``X-Proxy-All-Pages`` request: the streamed array, or the first page's own
     answer (an error, a redirect, a 304) when that is not a 200."""

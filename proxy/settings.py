@@ -18,6 +18,7 @@ Any :class:`Secret` field may instead be read from a file named by ``<key>_file`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import tomllib
@@ -145,8 +146,9 @@ class UpstreamSettings:
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
 
-    @property
+    @functools.cached_property
     def url(self) -> URL:
+        # Parsed once: read on every request.
         return URL(self.base_url.rstrip("/"))
 
 
