@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from proxy.settings import Settings
 from proxy.upstream import UPSTREAM_SECONDS, Upstream, create_session
 
 Clock = Callable[[], float]
+# Logged (never sent) when the caller hung up before the answer was complete, as nginx does.
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
@@ -182,6 +185,9 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_REQUEST
+        raise
     finally:
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started

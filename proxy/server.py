@@ -73,7 +73,15 @@ class Runner(web.AppRunner):
 
 async def start(app: web.Application, host: str, port: int, grace: float) -> Runner:
     """Start listening; a busy port or bad address becomes one :class:`StartupError` line."""
-    runner = Runner(app, access_log=None, shutdown_timeout=grace, handle_signals=False)
+    # handler_cancellation: a caller that hangs up cancels its handler, and with it the
+    # upstream request it was waiting on (shared cache fetches run in their own tasks).
+    runner = Runner(
+        app,
+        access_log=None,
+        shutdown_timeout=grace,
+        handle_signals=False,
+        handler_cancellation=True,
+    )
     try:
         await runner.setup()
     except OSError as e:

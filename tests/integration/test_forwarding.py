@@ -370,18 +370,39 @@ async def test_truncated_streamed_body_breaks_the_answer(
         await runner.cleanup()
 
 
-async def test_client_disconnect_mid_answer_releases_upstream(
+async def test_caller_hanging_up_cancels_its_upstream_request(
     proxy: Proxy, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    sandbox.state.inject_latency(0.5, count=1)
+    sandbox.state.inject_latency(5.0, count=1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     task = asyncio.create_task(
-        client.get(f"{proxy.url}/v1/companies/5001/products.json").__aenter__()
+        client.get(
+            f"{proxy.url}/v1/companies/5001/products.json", headers={"Cache-Control": "no-store"}
+        ).__aenter__()
     )
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.6)
+
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        return proxy.registry.get_sample_value(name, labels or {}) or 0.0
+
+    while sample("kounta_proxy_requests_in_flight") > 0:
+        assert loop.time() - started < 2.0, "the handler kept waiting on the upstream"
+        await asyncio.sleep(0.02)
+    # counted as nginx's 499 "client closed request", not as a proxy failure
+    closed = sample(
+        "kounta_proxy_requests_total",
+        {
+            "method": "GET",
+            "route": "/v1/companies/{id}/products",
+            "status_class": "4xx",
+            "cache": "-",
+        },
+    )
+    assert closed == 1
     async with client.get(f"{proxy.url}/v1/companies/me.json") as r:
         assert r.status == 200
 
