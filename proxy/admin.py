@@ -63,9 +63,7 @@ def run_checks(ctx: Context) -> dict[str, str | None]:
     results: dict[str, str | None] = {
         SHUTDOWN_CHECK: "the proxy is shutting down" if ctx.shutting_down else None
     }
-    checks = {f"token:{name}": provider.problem for name, provider in ctx.providers.items()}
-    checks.update(ctx.checks)  # a feature's own check of the same name wins
-    for name, check in checks.items():
+    for name, check in ctx.checks.items():
         try:
             problem = check()
         except Exception as e:

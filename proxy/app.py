@@ -19,7 +19,17 @@ from proxy.cache import install as install_cache
 from proxy.cache_store import CacheStore
 from proxy.callers import Callers
 from proxy.errors import ProxyError, code_for
-from proxy.handlers import exchange_of, guard, handle, proxy_error_answer, request_id
+from proxy.handlers import (
+    ASTERISK,
+    exchange_of,
+    expect_nothing,
+    guard,
+    handle,
+    options_answer,
+    proxy_error_answer,
+    request_id,
+    stamp_server,
+)
 from proxy.logs import event, log
 from proxy.messages import Layer
 from proxy.metrics import Metrics
@@ -86,13 +96,15 @@ def create_app(
         for name, a in settings.accounts.items()
     }
     for name, provider in ctx.providers.items():
-        ctx.checks[f"credentials:{name}"] = provider.problem
+        ctx.checks[f"token:{name}"] = provider.problem
     app[CONTEXT] = ctx
     ctx.admin_routes.append(web.get("/budget", budget_status))
     install_cache(app, ctx)  # before the pipeline: the store must be open when it is built
     app.cleanup_ctx.append(_pipeline_ctx(upstream))
     app.cleanup_ctx.append(_credentials_ctx)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # expect_nothing: 100 Continue only once the request passed its checks (handlers.read_body)
+    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_nothing)
+    app.on_response_prepare.append(stamp_server)
     return app
 
 
@@ -153,6 +165,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     info = exchange_of(request)
     try:
         info.target = guard(request)
+        if info.target is ASTERISK:  # OPTIONS *: no route matches "*"; answered here
+            return options_answer()
         return await handler(request)
     except ProxyError as e:
         return proxy_error_answer(e, info.request_id)

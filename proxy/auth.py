@@ -32,6 +32,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -181,10 +182,10 @@ def parse_token_response(status: int, body: bytes, now: float) -> OAuth2Token:
         data = None
     if status == 200 and isinstance(data, dict) and isinstance(data.get("access_token"), str):
         params = dict(data)
-        expires_in = params.get("expires_in")
-        expires_at: float | None = None
-        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-            expires_at = now + float(expires_in)
+        lifetime = _seconds(params.pop("expires_in", None))
+        expires_at = None if lifetime is None else now + lifetime
+        if lifetime is not None:
+            params["expires_in"] = lifetime
         params.pop("expires_at", None)  # only our own clock's idea of expiry counts
         token = OAuth2Token(params)
         if expires_at is not None:
@@ -194,6 +195,18 @@ def parse_token_response(status: int, body: bytes, now: float) -> OAuth2Token:
     if not isinstance(code, str) or not code or status >= 500 or status == 429:
         code = "temporarily_unavailable"
     raise OAuth2Error(error=code, status_code=status)
+
+
+def _seconds(value: object) -> float | None:
+    """``expires_in`` as seconds: a JSON number or a numeric string (some servers quote it);
+    None for anything else, which authlib must never see (it would call ``int()`` on it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 async def request_token(

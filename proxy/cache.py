@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, assert_never
@@ -213,7 +214,10 @@ class Cache:
             )
         body: bytes | AsyncIterator[bytes] = b""
         out_headers = CIMultiDict(headers)
-        if stored is not None and request.method != "HEAD":
+        if stored is not None and request.method == "HEAD":
+            # HEAD answers with the headers a GET would get, the body's length included.
+            out_headers["Content-Length"] = str(stored.entry.size)
+        elif stored is not None:
             body = stored.body if stored.body is not None else self.store.body(stored)
             if stored.body is None:
                 out_headers["Content-Length"] = str(stored.entry.size)
@@ -730,11 +734,22 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
             await store.close()
 
     if prefix and not prefix.startswith("/"):
-        print(f"kounta-proxy: --prefix must be a path starting with '/', got {prefix!r}")
+        print(
+            f"kounta-proxy: --prefix must be a path starting with '/', got {prefix!r}",
+            file=sys.stderr,
+        )
+        return 2
+    directory = settings.cache.directory(settings.state_dir)
+    if not directory.is_dir():
+        # Never create a cache where none was: the settings probably point elsewhere.
+        print(
+            f"kounta-proxy: no cache at {directory} (is --config the proxy's settings file?)",
+            file=sys.stderr,
+        )
         return 2
     try:
         print(json.dumps(asyncio.run(go())))
     except OSError as e:
-        print(f"kounta-proxy: cannot use the cache directory: {e.strerror or e}")
+        print(f"kounta-proxy: cannot use the cache directory: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0

@@ -25,11 +25,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import diskcache  # type: ignore[import-untyped]
 
-from proxy.cache_policy import Entry, Invalidation, parse_key
+from proxy.cache_policy import Entry, normalise_path, parse_key
 from proxy.logs import event
 
 T = TypeVar("T")
@@ -43,6 +43,26 @@ EPOCH_KEY = "__purge_epoch__"
 # After a full disk, storing is tried again after this many seconds.
 FULL_DISK_RETRY = 60.0
 DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+# What an entry costs the memory LRU besides its body (key, Entry, headers), so that
+# empty bodies (204s, empty lists) cannot fill memory with ever more entries.
+ENTRY_OVERHEAD = 512
+# Keys the path index holds at most; past that, invalidation and purge scan the disk.
+INDEX_LIMIT = 200_000
+
+
+class Covers(Protocol):
+    def covers(self, account: str, path: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """An operator's purge, remembered like an invalidation so in-flight fetches don't store."""
+
+    prefix: str
+    account: str | None
+
+    def covers(self, account: str, path: str) -> bool:
+        return (self.account is None or account == self.account) and path.startswith(self.prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,29 +96,45 @@ class HotEntries:
 
     def put(self, key: str, stored: Stored) -> None:
         self.pop(key)
-        size = len(stored.body) if stored.body is not None else 0
-        if stored.body is None or size > self.max_bytes // 8:
+        if stored.body is None:
+            return
+        size = _cost(key, stored)
+        if size > self.max_bytes // 8:
             return
         self.items[key] = stored
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self.items.popitem(last=False)
-            self.bytes -= len(old.body or b"")
+            old_key, old = self.items.popitem(last=False)
+            self.bytes -= _cost(old_key, old)
 
     def pop(self, key: str) -> None:
         old = self.items.pop(key, None)
         if old is not None:
-            self.bytes -= len(old.body or b"")
+            self.bytes -= _cost(key, old)
 
     def clear(self) -> None:
         self.items.clear()
         self.bytes = 0
 
 
+def _cost(key: str, stored: Stored) -> int:
+    return len(key) + len(stored.body or b"") + ENTRY_OVERHEAD
+
+
+def _intact(value: object) -> bool:
+    """A record of this version: a Stored whose Entry has every field (an Entry pickled by
+    an older version can lack some, which would only fail later, on the event loop)."""
+    if not isinstance(value, Stored) or not isinstance(value.entry, Entry):
+        return False
+    return all(hasattr(value.entry, name) for name in Entry.__slots__)
+
+
 class CacheStore:
     """Entries by key, with the path index that invalidation and purge need."""
 
-    def __init__(self, directory: Path, max_size: int, memory_size: int) -> None:
+    def __init__(
+        self, directory: Path, max_size: int, memory_size: int, index_limit: int = INDEX_LIMIT
+    ) -> None:
         self.directory = directory
         self.max_size = max_size
         self.hot = HotEntries(memory_size)
@@ -106,12 +142,16 @@ class CacheStore:
         self.disk: diskcache.Cache = _open(directory, max_size)
         # (account, normalised path) -> keys; may name keys diskcache has evicted since.
         self.paths: dict[tuple[str, str], set[str]] = {}
+        self.indexed = 0
+        self.index_limit = index_limit
+        # False once a key could not be indexed (limit reached): removals then scan the disk.
+        self.index_complete = True
         self.problem: str | None = None
         self._retry_at = 0.0
         self._pending: set[asyncio.Future[Any]] = set()
         # Invalidations by sequence number, so a fetch that began before one does not store.
         self.sequence = 0
-        self.recent: deque[tuple[int, Invalidation]] = deque(maxlen=1024)
+        self.recent: deque[tuple[int, Covers]] = deque(maxlen=1024)
         self.epoch: int = 0
         # Bumped by every write, delete and invalidation made on the loop.
         self.changes = 0
@@ -175,11 +215,18 @@ class CacheStore:
         return stored
 
     def _read(self, key: str) -> Stored | None:
-        value = self.disk.get(key)
-        if value is None:
+        try:
+            value = self.disk.get(key)
+            if value is not None and not _intact(value):
+                raise TypeError("not a cache record")
+        except Exception:
+            # A record that cannot be read never heals by itself: drop it, so the next
+            # fetch stores a good one instead of failing on it forever.
+            with contextlib.suppress(Exception):
+                self.disk.delete(key)
+            raise
+        if not isinstance(value, Stored):
             return None
-        if not isinstance(value, Stored) or not isinstance(value.entry, Entry):
-            raise TypeError("not a cache record")
         if value.body_key is None:
             return value
         if value.body_key not in self.disk:
@@ -255,7 +302,10 @@ class CacheStore:
         self._guarded(write)
 
     def _replace(self, key: str, stored: Stored) -> None:
-        old = self.disk.get(key)
+        try:
+            old = self.disk.get(key)
+        except Exception:  # a corrupt record is simply overwritten
+            old = None
         self.disk.set(key, stored)
         if isinstance(old, Stored) and old.body_key and old.body_key != stored.body_key:
             self.disk.delete(old.body_key)
@@ -331,21 +381,35 @@ class CacheStore:
         return removed
 
     def _index(self, key: str, account: str, path: str) -> None:
-        from proxy.cache_policy import normalise_path
-
-        self.paths.setdefault((account, normalise_path(path)), set()).add(key)
+        keys = self.paths.setdefault((account, normalise_path(path)), set())
+        if key in keys:
+            return
+        if self.indexed >= self.index_limit:
+            # Bounded memory whatever the number of distinct keys: stop indexing and let
+            # removals scan the disk instead (slower, but only past the limit).
+            if not keys:
+                del self.paths[(account, normalise_path(path))]
+            self.index_complete = False
+            return
+        keys.add(key)
+        self.indexed += 1
 
     # ------------------------------------------------------------------ invalidation, purge
 
-    def invalidate(self, inv: Invalidation) -> int:
+    def invalidate(self, inv: Covers) -> int:
         """Remove every entry the invalidation covers; returns how many keys were known."""
-        self.sequence += 1
-        self.changes += 1
-        self.recent.append((self.sequence, inv))
-        keys = self._take(lambda account, path: inv.covers(account, path))
+        self._remember(inv)
+        keys = self._take(inv.covers)
         if keys:
             self._later(self._delete, keys)
+        if not self.index_complete:
+            self._later(self._delete_matching, inv.covers)
         return len(keys)
+
+    def _remember(self, covers: Covers) -> None:
+        self.sequence += 1
+        self.changes += 1
+        self.recent.append((self.sequence, covers))
 
     def invalidated_since(self, sequence: int, account: str, path: str) -> bool:
         """Whether an invalidation after ``sequence`` covers the path (a fetch begun before it
@@ -360,18 +424,39 @@ class CacheStore:
             for key in self.paths.pop((account, path)):
                 self.hot.pop(key)
                 keys.append(key)
+        self.indexed -= len(keys)
+        if not self.index_complete:
+            for key in list(self.hot.items):
+                parts = parse_key(key)
+                if parts is not None and covers(parts.account, normalise_path(parts.path)):
+                    self.hot.pop(key)
         return keys
+
+    def _delete_matching(self, covers: Callable[[str, str], bool]) -> int:
+        """Delete every record on disk that ``covers`` names (the index is incomplete)."""
+        keys = []
+        for key in self.disk.iterkeys():
+            parts = parse_key(key) if isinstance(key, str) else None
+            if parts is not None and covers(parts.account, normalise_path(parts.path)):
+                keys.append(key)
+        return self._delete(keys)
 
     async def purge(self, prefix: str = "", account: str | None = None) -> int:
         """Remove entries by path prefix and/or account; returns how many were on disk."""
-        keys = self._take(lambda a, p: (account is None or a == account) and p.startswith(prefix))
-        self.changes += 1
+        purge = Purge(prefix, account)
+        self._remember(purge)  # a fetch in flight now must not store what it gets
+        keys = self._take(purge.covers)
         if not prefix and account is None:
             self.hot.clear()
+            self.paths.clear()
+            self.indexed, self.index_complete = 0, True
             removed: int = await self._run(self._clear)
             return removed
         self.epoch += 1
-        removed = await self._run(self._delete, keys)
+        if self.index_complete:
+            removed = await self._run(self._delete, keys)
+        else:
+            removed = await self._run(self._delete_matching, purge.covers)
         await self._run(self.disk.set, EPOCH_KEY, self.epoch)
         return removed
 

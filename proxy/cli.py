@@ -1,4 +1,4 @@
-"""``kounta-proxy``: serve, sandbox, demo, check-config."""
+"""``kounta-proxy``: serve, check-config, sandbox, demo, authorize, cache."""
 
 from __future__ import annotations
 
@@ -131,7 +131,10 @@ def _authorize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--code", default=None, help="a code (or redirect URL) from an earlier run; no state check"
     )
     authorize.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds to wait for the redirect"
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the redirect (default %(default)s)",
     )
 
 
@@ -203,16 +206,22 @@ def authorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_accounts(settings: Settings) -> Settings:
+    """What serve needs beyond valid keys: someone to call Kounta as."""
+    if not settings.accounts:
+        raise ConfigError("accounts", "no account configured: add an [accounts.NAME] table")
+    return settings
+
+
 def check_config(path: Path | None, *, as_json: bool) -> int:
-    settings = load(path)
+    settings = require_accounts(load(path))
     data = masked(settings)
     print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
     return 0
 
 
 def serve(settings: Settings) -> int:
-    if not settings.accounts:
-        raise ConfigError("accounts", "no account configured: add an [accounts.NAME] table")
+    require_accounts(settings)
     configure(settings.log.level, settings.log.format)
     asyncio.run(_serve(settings))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from yarl import URL
 
 from proxy import paging
 from proxy.errors import (
+    JSON_CONTENT_TYPE,
     PROXY_ERROR_HEADER,
     InvalidRequest,
     MethodNotAllowed,
@@ -21,7 +23,7 @@ from proxy.errors import (
     RequestTooLarge,
     normalise_error,
 )
-from proxy.headers import for_caller, for_upstream, has_bad_value
+from proxy.headers import SERVER_NAME, VIA, for_caller, for_upstream, has_bad_value
 from proxy.logs import event
 from proxy.messages import Body, ProxyRequest, ProxyResponse
 from proxy.rewrite import REWRITTEN_HEADERS, rewrite_url
@@ -38,6 +40,30 @@ ERROR_KEPT_HEADERS = (
     "X-Ratelimit-Remaining",
 )
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Closing(ProxyError):
+    """A refusal after which the rest of the connection's bytes cannot be trusted."""
+
+
+class FaultyFraming(_Closing, InvalidRequest):
+    pass
+
+
+class NotImplementedCoding(_Closing):
+    status = 501
+    code = "not_implemented"
+
+
+class HttpVersionNotSupported(_Closing):
+    status = 505
+    code = "http_version_not_supported"
+
+
+class ExpectationFailed(_Closing):
+    status = 417
+    code = "expectation_failed"
 
 
 @dataclass(slots=True)
@@ -69,10 +95,53 @@ def request_id(headers: CIMultiDictProxy[str]) -> str:
 
 
 def guard(request: web.Request) -> Target:
-    """The checks that come before routing: method and request target."""
+    """The checks that come before routing: version, method, framing and request target."""
+    if request.version not in ((1, 0), (1, 1)):
+        raise HttpVersionNotSupported("Only HTTP/1.0 and HTTP/1.1 are served")
     if request.method not in METHODS:
         raise MethodNotAllowed(f"Method {request.method} is not proxied")
+    check_framing(request)
+    if request.raw_path == "*" and request.method == "OPTIONS":
+        return ASTERISK
     return parse_target(request.raw_path)
+
+
+# OPTIONS * (RFC 9110 9.3.7) asks about the server itself; it is answered, never forwarded.
+ASTERISK = Target(path="*", query="")
+
+
+def check_framing(request: web.Request) -> None:
+    """Refuse what aiohttp's parser lets through but a careful proxy must not pass on."""
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if codings and request.version < (1, 1):
+        # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
+        raise FaultyFraming("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+    tokens = [t.strip().lower() for value in codings for t in value.split(",") if t.strip()]
+    if tokens and tokens != ["chunked"]:
+        # aiohttp frames "gzip, chunked" as chunked but does not undo the gzip (nginx: 501).
+        raise NotImplementedCoding("Only the chunked transfer coding is supported")
+    expect = request.headers.get("Expect")
+    if expect is not None and expect.strip().lower() != "100-continue":
+        raise ExpectationFailed("Only 'Expect: 100-continue' is supported")
+
+
+async def expect_nothing(request: web.Request) -> None:
+    """aiohttp would send 100 Continue before any check; :func:`read_body` sends it later."""
+
+
+def options_answer() -> web.Response:
+    allow = sorted(METHODS)
+    body = json.dumps({"allow": allow}).encode()
+    return web.Response(
+        status=200,
+        body=body,
+        headers={"Allow": ", ".join(allow), "Content-Type": JSON_CONTENT_TYPE},
+    )
+
+
+async def stamp_server(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer names the proxy, never a library version."""
+    response.headers["Server"] = SERVER_NAME
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -91,6 +160,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     headers = for_upstream(request.headers.items(), ctx.callers.header_names)
     headers["X-Request-ID"] = info.request_id
+    headers["Via"] = VIA
     proxy_request = ProxyRequest(
         method=request.method,
         path=target.path,
@@ -134,6 +204,9 @@ async def read_body(request: web.Request, limit: int, replay_limit: int) -> Body
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLarge(_too_large(limit))
+    if "Expect" in request.headers and request.version >= (1, 1):
+        # Checked and accepted: only now invite the body (RFC 9110 10.1.1).
+        await request.writer.write(CONTINUE)
     head = bytearray()
     while len(head) <= replay_limit:
         chunk = await request.content.read(CHUNK)
@@ -189,11 +262,15 @@ async def answer(
                 headers.add(name, rewrite_url(value, upstream, base))
     headers["X-Request-ID"] = info.request_id
     headers["X-Cache"] = response.cache_status
+    headers.add("Via", VIA)
     if response.age is not None:
         headers["Age"] = str(response.age)
     if isinstance(response.body, bytes):
         info.bytes_sent = len(response.body)
-        return web.Response(status=response.status, headers=headers, body=response.body or None)
+        out = web.Response(status=response.status, headers=headers, body=response.body or None)
+        if request.method == "HEAD" and not response.body:
+            _keep_head_length(out, response)
+        return out
     return await stream_answer(request, response, headers)
 
 
@@ -224,6 +301,16 @@ async def stream_answer(
     return out
 
 
+def _keep_head_length(out: web.Response, response: ProxyResponse) -> None:
+    """HEAD says the length GET would send, as nginx does, when it is known.
+
+    A compressed upstream length is not: the proxy would answer GET decoded.
+    """
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and "Content-Encoding" not in response.headers:
+        out.headers["Content-Length"] = length
+
+
 def _abort(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.abort()
@@ -239,6 +326,7 @@ async def error_answer(request: web.Request, response: ProxyResponse) -> web.Res
             out.headers[name] = response.headers[name]
     out.headers["X-Request-ID"] = info.request_id
     out.headers["X-Cache"] = response.cache_status
+    out.headers.add("Via", VIA)
     info.bytes_sent = len(body)
     return out
 
@@ -249,6 +337,9 @@ def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
     out.headers.update(error.headers())
     out.headers[PROXY_ERROR_HEADER] = "1"
     out.headers["X-Request-ID"] = request_id
+    if isinstance(error, _Closing | RequestTooLarge):
+        # The body was not read (or not trusted): close rather than parse it as a request.
+        out.force_close()
     return out
 
 

@@ -6,6 +6,9 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
+# Named without a version (nothing for a scanner to match); Via carries it both ways.
+SERVER_NAME = "kounta-proxy"
+VIA = f"1.1 {SERVER_NAME}"
 # RFC 9110 7.6.1: connection-specific fields never cross a proxy.
 HOP_BY_HOP = frozenset(
     {
@@ -32,6 +35,7 @@ REQUEST_DROPPED = frozenset(
         "x-forwarded-host",
         "x-forwarded-proto",
         "x-real-ip",
+        "via",  # replaced by the proxy's own entry: internal host names stay internal
     }
 )
 # The body the proxy sends on is already decoded and re-framed.

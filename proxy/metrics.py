@@ -163,7 +163,7 @@ class Metrics:
         # --- credentials (recorded by proxy.auth and proxy.callers)
         self.token_state = Gauge(
             "kounta_proxy_token_state",
-            "1 for the account's current token state (valid, refreshing, unavailable, "
+            "1 for the account's current token state (pending, valid, unavailable, "
             "needs_authorize, rejected, static), 0 for the others.",
             ["account", "state"],
             registry=registry,

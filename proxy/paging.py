@@ -3,7 +3,9 @@
 Kounta lists come 25 records a page, each page naming the next in ``X-Next-Page``.
 On request the proxy follows that chain itself, through its own pipeline (so each
 page is cached and takes a token from the budget like any other request), and
-streams the records out as one JSON array.
+streams the records out as one JSON array. A list whose first page has no
+``X-Next-Page`` but an ``X-Pages`` count (the older scheme) is gathered by asking
+for ``X-Page: 1, 2, ...`` instead.
 
 A list longer than ``paging.max_pages`` is an error, never a silent cut: 422
 ``too_many_pages`` when the first page already tells the count (``X-Pages``); else
@@ -27,6 +29,7 @@ from proxy.messages import ProxyRequest, ProxyResponse
 from proxy.target import parse_target
 
 HEADER = "X-Proxy-All-Pages"
+X_PAGE = "X-Page"
 # One page is 25 abridged records; anything near this is not a Kounta page.
 PAGE_LIMIT = 32 * 1024 * 1024
 _MARK = URL("http://all-pages.invalid")
@@ -47,13 +50,27 @@ def wanted(request: web.Request) -> bool:
 
 
 def next_request(first: ProxyRequest, url: str, upstream: URL, deadline: float) -> ProxyRequest:
-    """The request for an upstream ``X-Next-Page`` URL, which must be on the upstream."""
+    """The request for an upstream ``X-Next-Page`` URL, which must be on the upstream.
+
+    The reference promises an absolute URL but not its format: a path (``/v1/...``) is
+    taken as one on the upstream's origin."""
+    if url.startswith("/") and not url.startswith("//"):
+        url = str(upstream.origin()) + url
     moved = _rewrite(url, upstream)
     prefix = str(_MARK) + "/"
     if not moved.startswith(prefix):
         raise UpstreamError("Kounta's X-Next-Page points outside the upstream; not followed")
     target = parse_target("/" + moved[len(prefix) :].partition("#")[0])
     return replace(first, path=target.path, query=target.query, deadline=deadline)
+
+
+def numbered_request(first: ProxyRequest, page: ProxyResponse, number: int) -> ProxyRequest | None:
+    """The older scheme: page ``number`` (0-based ``X-Page``) if ``page``'s ``X-Pages`` says
+    the list has it, else None."""
+    total = page.headers.get("X-Pages", "").strip()
+    if not total.isdigit() or number >= int(total):
+        return None
+    return first.with_headers(X_Page=str(number))
 
 
 def _rewrite(url: str, upstream: URL) -> str:
@@ -132,6 +149,16 @@ class AllPages:
                 self.request.transport.abort()
         return out
 
+    def _next(
+        self, page: ProxyResponse, done: int, by_number: bool, deadline: float
+    ) -> ProxyRequest | None:
+        """The request for the page after ``page`` (``done`` pages so far), None at the end."""
+        if not by_number:
+            next_url = page.headers.get("X-Next-Page", "")
+            return next_request(self.first, next_url, self.upstream, deadline) if next_url else None
+        start = self.first.headers.get(X_PAGE, "0").strip()
+        return numbered_request(self.first, page, int(start) + done if start.isdigit() else done)
+
     def _check_announced(self, response: ProxyResponse) -> None:
         pages = response.headers.get("X-Pages", "")
         if pages.isdigit() and int(pages) > self.max_pages:
@@ -147,21 +174,27 @@ class AllPages:
         await out.write(b"[" + records)
         written = bool(records)
         pages = 1
-        seen = {self.first.path_qs}
+        # Lists without X-Next-Page may still be paged the older way (X-Page in, X-Pages out).
+        by_number = "X-Next-Page" not in page.headers
+        seen = {(self.first.path_qs, self.first.headers.get(X_PAGE))}
         loop = asyncio.get_running_loop()
-        while next_url := page.headers.get("X-Next-Page", ""):
+        while True:
+            deadline = loop.time() + self.ctx.settings.upstream.total_timeout
+            request = self._next(page, pages, by_number, deadline)
+            if request is None:
+                break
             if pages >= self.max_pages:
                 raise TooManyPages(self._too_many(f"goes on past {pages} pages"))
-            deadline = loop.time() + self.ctx.settings.upstream.total_timeout
-            request = next_request(self.first, next_url, self.upstream, deadline)
-            if request.path_qs in seen:
+            if (request.path_qs, request.headers.get(X_PAGE)) in seen:
                 raise UpstreamError("Kounta's X-Next-Page chain loops back on itself")
-            seen.add(request.path_qs)
+            seen.add((request.path_qs, request.headers.get(X_PAGE)))
             page = await self.ctx.pipeline.send(request)
             if page.status != 200:
                 await page.release()
                 raise UpstreamError(f"Page {pages + 1} of the list answered {page.status}")
-            records = records_of(await page.read(PAGE_LIMIT))
+            previous, records = records, records_of(await page.read(PAGE_LIMIT))
+            if by_number and records and records == previous:
+                raise UpstreamError("Kounta ignored X-Page: two pages came back the same")
             if records:
                 await out.write((b"," if written else b"") + records)
                 written = True

@@ -39,10 +39,20 @@ def rewrite_url(value: str, upstream: URL, public: URL) -> str:
 
 
 def _same_origin(url: URL, upstream: URL) -> bool:
+    """Same host and port; the scheme alone does not make another server.
+
+    An upstream behind a TLS terminator may name itself ``http://`` (or ``https://``)
+    whatever ``upstream.base_url`` says; such a link left alone would send the caller,
+    and whatever credentials it holds, straight past the proxy.
+    """
     scheme = url.scheme or upstream.scheme
-    if scheme != upstream.scheme or (url.host or "").lower() != (upstream.host or "").lower():
+    if scheme not in ("http", "https") or upstream.scheme not in ("http", "https"):
         return False
-    return (url.port or _default_port(scheme)) == (upstream.port or _default_port(scheme))
+    if (url.host or "").lower() != (upstream.host or "").lower():
+        return False
+    if url.explicit_port is None and upstream.explicit_port is None:
+        return True  # both on their scheme's default port
+    return (url.port or _default_port(scheme)) == (upstream.port or _default_port(upstream.scheme))
 
 
 def _default_port(scheme: str) -> int | None:

@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import errno
 import json
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
+from proxy.headers import SERVER_NAME
 from proxy.logs import event, log
 
 
@@ -40,12 +43,10 @@ class _JsonErrorHandler(RequestHandler):
             log.error("unhandled_error", exc_info=exc)
         else:
             event("bad_http_request", status=status, reason=reason)
-        description = (
-            f"The request could not be parsed as HTTP ({reason})"
-            if status == 400
-            else "Internal proxy error"
-        )
-        body = {"error": code_for(status), "error_description": description}
+        code, description = "", "Internal proxy error"
+        if status == 400:
+            status, code, description = _parse_failure(exc, reason)
+        body = {"error": code or code_for(status), "error_description": description}
         response = web.Response(
             status=status,
             body=json.dumps(body).encode(),
@@ -53,10 +54,37 @@ class _JsonErrorHandler(RequestHandler):
                 "Content-Type": JSON_CONTENT_TYPE,
                 "Cache-Control": "no-store",
                 PROXY_ERROR_HEADER: "1",
+                # No library versions; on_response_prepare does not run for these answers.
+                "Server": SERVER_NAME,
             },
         )
         response.force_close()
         return response
+
+
+# What aiohttp's parser raises for each limit (max_line_size, max_field_size, max_headers).
+_TOO_MANY_HEADERS = "Too many headers received"
+# A LineTooLong excerpt that starts like a request line (C parser: the URL; pure-Python
+# parser: the whole line) rather than like a header.
+_REQUEST_LINE = re.compile(rb"[A-Z]+ |/|\*|[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _parse_failure(exc: BaseException | None, reason: str) -> tuple[int, str, str]:
+    """Status, code and description for a request aiohttp could not parse.
+
+    Over-long targets get 414 and over-large header sections 431 (RFC 9110 15.5.15,
+    RFC 6585 5) instead of a bare 400, so a caller knows what to shorten.
+    """
+    if isinstance(exc, LineTooLong):
+        excerpt = (
+            bytes(exc.args[0]) if exc.args and isinstance(exc.args[0], bytes | bytearray) else b""
+        )
+        if _REQUEST_LINE.match(excerpt):
+            return 414, "uri_too_long", "The request target is longer than the proxy accepts"
+        return 431, "request_header_fields_too_large", "A request header line is too long"
+    if isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_HEADERS:
+        return 431, "request_header_fields_too_large", "The request has too many header lines"
+    return 400, "", f"The request could not be parsed as HTTP ({reason})"
 
 
 class _JsonErrorServer(Server):

@@ -116,6 +116,12 @@ def translate(settings: UpstreamSettings, error: BaseException) -> UpstreamError
         return UpstreamBodyError("The upstream closed the connection before the body ended")
     if isinstance(error, aiohttp.ClientConnectorError):
         return UpstreamUnreachable(f"Cannot connect to the upstream: {_reason(error)}")
+    if isinstance(error, aiohttp.ClientResponseError):
+        # Raised by the response parser (raise_for_status is never used): an over-large
+        # header section (aiohttp's 8190-byte line limit) or broken framing.
+        return UpstreamUnreachable(
+            "The upstream sent a response that is not valid HTTP (a header too large or malformed)"
+        )
     if isinstance(error, aiohttp.ServerDisconnectedError):
         return UpstreamUnreachable("The upstream closed the connection without answering")
     return UpstreamUnreachable(f"The upstream connection failed: {_reason(error)}")

@@ -88,7 +88,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert "config file not found" in result.stderr
 
 
-def test_serve_without_accounts_says_what_to_add(tmp_path: Path) -> None:
-    result = run("serve", cwd=tmp_path)
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_no_accounts_says_what_to_add(tmp_path: Path, command: str) -> None:
+    result = run(command, cwd=tmp_path)
     assert result.returncode == 2
     assert "no account configured" in result.stderr

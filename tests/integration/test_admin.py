@@ -80,8 +80,8 @@ async def test_healthz_and_readyz(admin: str, client: aiohttp.ClientSession) -> 
 async def test_readyz_fails_without_a_usable_token(
     proxy: Proxy, admin: str, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider = proxy.app[CONTEXT].providers["main"]
-    monkeypatch.setattr(provider, "problem", lambda: "no usable token: run kounta-proxy authorize")
+    checks = proxy.app[CONTEXT].checks
+    monkeypatch.setitem(checks, "token:main", lambda: "no usable token: run kounta-proxy authorize")
     async with client.get(f"{admin}/readyz") as r:
         assert r.status == 503
         body = await r.json()

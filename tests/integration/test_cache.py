@@ -117,11 +117,13 @@ async def test_head_is_answered_from_a_stored_get(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
 ) -> None:
     p = await make_proxy(cached(tmp_path, sandbox, rules=(CacheRule("/v1/*", fresh_for=60),)))
-    await get(client, p.url + LIST)
+    _, _, body = await get(client, p.url + LIST)
     async with client.head(p.url + LIST) as r:
         assert r.status == 200
         assert r.headers["X-Cache"] == "HIT"
         assert r.headers["ETag"]
+        assert r.headers["Content-Length"] == str(len(body))
+        assert await r.read() == b""
     assert sandbox.state.served() == 1
 
 
@@ -417,9 +419,24 @@ async def test_large_bodies_stream_and_are_stored_under_the_cap(
         assert got == body
         assert headers["X-Cache"] == ("REVALIDATED" if stored else "MISS")
         assert len(hits) == 2
+        await settle(p)  # the second fetch's pump may still be discarding its spill file
         assert not list((Path(ctx_of(p).cache_store.directory) / "tmp").glob("body-*"))
     finally:
         await runner.cleanup()
+
+
+async def test_a_purge_during_a_fetch_keeps_its_answer_out(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    p = await make_proxy(cached(tmp_path, sandbox, rules=(CacheRule("/v1/*", fresh_for=600),)))
+    sandbox.state.inject_latency(0.3, count=1)
+    fetching = asyncio.ensure_future(get(client, p.url + LIST))
+    await asyncio.sleep(0.1)
+    await ctx_of(p).cache_store.purge("/v1/companies/5001/", None)
+    assert (await fetching)[1]["X-Cache"] == "MISS"
+    # fetched before the purge finished: it may hold what the operator purged
+    assert (await get(client, p.url + LIST))[1]["X-Cache"] == "MISS"
+    assert sandbox.state.served() == 2
 
 
 async def test_purge_and_stats(
@@ -442,6 +459,11 @@ async def test_purge_and_stats(
 
 def test_cli_stats_and_purge(tmp_path: Any, capsys: Any) -> None:
     settings = proxy_settings("http://127.0.0.1:1", tmp_path)
+    # no cache directory yet: refused, and none is created behind the operator's back
+    assert run_cli(settings, "stats", "", None) == 2
+    assert "no cache at" in capsys.readouterr().err
+    assert not (tmp_path / "state" / "cache").exists()
+    (tmp_path / "state" / "cache").mkdir(parents=True)
     assert run_cli(settings, "stats", "", None) == 0
     assert '"entries": 0' in capsys.readouterr().out
     assert run_cli(settings, "purge", "/v1/", "main") == 0

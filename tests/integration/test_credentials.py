@@ -280,7 +280,7 @@ async def test_token_endpoint_down_gives_503_fast_and_recovers_in_the_background
     for _ in range(5):  # while the background retry waits, callers do not hammer the endpoint
         assert (await get(client, p.url + ME))[0] == 503
     assert time.perf_counter() - started < 1.0
-    assert p.app[CONTEXT].checks["credentials:main"]() is not None
+    assert p.app[CONTEXT].checks["token:main"]() is not None
     sandbox.state.clear_faults()
     for _ in range(100):
         if provider(p).state == "valid":
@@ -288,7 +288,7 @@ async def test_token_endpoint_down_gives_503_fast_and_recovers_in_the_background
         await asyncio.sleep(0.05)
     assert provider(p).state == "valid"
     assert (await get(client, p.url + ME))[0] == 200
-    assert p.app[CONTEXT].checks["credentials:main"]() is None
+    assert p.app[CONTEXT].checks["token:main"]() is None
 
 
 async def test_slow_token_endpoint_gives_503_within_token_wait(
@@ -322,7 +322,7 @@ async def test_invalid_grant_gives_502_with_the_authorize_hint_and_readiness_fal
     assert body["error"] == "invalid_grant"
     assert "kounta-proxy authorize" in body["error_description"]
     assert oauth(sandbox).token_requests == 1  # not one per request
-    problem = p.app[CONTEXT].checks["credentials:main"]()
+    problem = p.app[CONTEXT].checks["token:main"]()
     assert problem is not None and "authorize" in problem
     states = [r for r in caplog.records if r.getMessage() == "token_state"]
     assert [r.fields["state"] for r in states] == ["pending", "needs_authorize"]  # type: ignore[attr-defined]
@@ -337,7 +337,7 @@ async def test_invalid_grant_gives_502_with_the_authorize_hint_and_readiness_fal
     )
     os.utime(tmp_path / "tokens" / "main.json", ns=(time.time_ns(), time.time_ns() + 10**9))
     assert (await get(client, p.url + ME))[0] == 200
-    assert p.app[CONTEXT].checks["credentials:main"]() is None
+    assert p.app[CONTEXT].checks["token:main"]() is None
 
 
 @pytest.mark.parametrize("rotate", [True, False])

@@ -98,6 +98,11 @@ def store(headers: list[tuple[str, str]], status: int = 200, **kw: Any) -> Entry
         (['private="x", max-age="5"'], {"private": "x", "max-age": "5"}),
         (["max-age=1", "max-age=2"], {"max-age": "1"}),  # first wins
         ([" , ,"], {}),
+        # a comma inside quotes does not end the argument: no max-age smuggled in
+        (['ext="a, max-age=3600", max-age=1'], {"ext": "a, max-age=3600", "max-age": "1"}),
+        (['no-cache="Set-Cookie, X-A"'], {"no-cache": "Set-Cookie, X-A"}),
+        (['ext="x\\"y", Max-Age = 7'], {"ext": 'x"y', "max-age": "7"}),
+        (["max-age='60'"], {"max-age": "'60'"}),  # single quotes are not quotes
     ],
 )
 def test_directives(values: list[str], expected: dict[str, str | None]) -> None:
@@ -423,7 +428,7 @@ def test_validators() -> None:
 # --------------------------------------------------------------------------- 304 merge
 
 
-def test_merge_304_freshens_headers_but_not_framing() -> None:
+def test_merge_304_freshens_headers_including_content_type_but_not_framing() -> None:
     stored = entry(headers=(("ETag", '"a"'), ("Content-Type", "application/json"), ("X-A", "1")))
     merged = merge_304(
         stored,
@@ -441,7 +446,7 @@ def test_merge_304_freshens_headers_but_not_framing() -> None:
     assert merged is not None
     got = dict(merged.headers)
     assert got["X-A"] == "2"
-    assert got["Content-Type"] == "application/json"
+    assert got["Content-Type"] == "text/plain"  # RFC 9111 3.2: only framing is kept
     assert "Content-Length" not in got
     assert merged.fresh_for == 30
     assert merged.response_time == NOW + 6
@@ -464,6 +469,47 @@ def test_merge_304_freshness(
     assert merged.fresh_for == fresh_for
 
 
+def test_merge_304_ages_from_the_304_not_the_stored_date() -> None:
+    old = "Tue, 14 Nov 2023 21:56:40 GMT"  # NOW - 1000
+    stored = entry(headers=(("ETag", '"a"'), ("Date", old)), initial_age=0.0)
+    # A 304 without Date: the stored Date must not make the fresh answer 1000 s old.
+    merged = merge_304(stored, [("Cache-Control", "max-age=60")], NOW, NOW, ())
+    assert merged is not None
+    assert merged.initial_age == 0.0
+    assert isinstance(lookup(merged, {}, RequestControl(), NOW + 1), FreshHit)
+    # The 304's own Age counts (RFC 9111 4.2.3).
+    merged = merge_304(stored, [("Age", "50"), ("Date", DATE)], NOW, NOW, ())
+    assert merged is not None
+    assert merged.initial_age == 50.0
+
+
+def test_merge_304_takes_the_new_revalidation_rules() -> None:
+    stored = entry(stale_if_error=100.0, stale_while_revalidate=100.0)
+    merged = merge_304(stored, [("Cache-Control", "max-age=60, must-revalidate")], NOW, NOW, ())
+    assert merged is not None
+    assert (merged.strict, merged.stale_if_error, merged.stale_while_revalidate) == (
+        True,
+        0.0,
+        0.0,
+    )
+
+
+def test_proxy_revalidate_forbids_stale() -> None:
+    got = store(
+        [("ETag", '"a"'), ("Cache-Control", "max-age=9, proxy-revalidate, stale-if-error=60")]
+    )
+    assert isinstance(got, Entry)
+    assert (got.strict, got.fresh_for, got.stale_if_error) == (True, 9.0, 0.0)
+
+
+def test_vary_values_are_normalised() -> None:
+    varied = entry(fresh_for=60, vary=(("x-tenant", "a, b"),))
+    lines = CIMultiDict([("X-Tenant", "a"), ("X-Tenant", " b ")])
+    assert isinstance(lookup(varied, lines, RequestControl(), NOW), FreshHit)
+    assert isinstance(lookup(varied, {"X-Tenant": "a,b"}, RequestControl(), NOW), FreshHit)
+    assert isinstance(lookup(varied, {"X-Tenant": "a, c"}, RequestControl(), NOW), Miss)
+
+
 def test_merge_304_with_another_etag_selects_nothing() -> None:
     assert merge_304(entry(), [("ETag", '"b"')], NOW, NOW, ()) is None
 
@@ -483,6 +529,9 @@ STORED = (("ETag", 'W/"x"'), ("Last-Modified", DATE), ("X-Next-Page", "u"), ("X-
         (200, {"If-None-Match": '"y"'}, False),
         (200, {"If-None-Match": "*"}, True),
         (404, {"If-None-Match": "*"}, False),
+        (204, {"If-None-Match": "*"}, True),  # any 2xx (RFC 9110 13.2.1)
+        (200, CIMultiDict([("If-None-Match", '"y"'), ("If-None-Match", 'W/"x"')]), True),
+        (200, {"if-none-match": '"x"'}, True),  # a plain mapping, other case
         (200, {"If-Modified-Since": DATE}, True),
         (200, {"If-Modified-Since": LATER}, True),
         (200, {"If-Modified-Since": EARLIER}, False),
@@ -492,6 +541,18 @@ STORED = (("ETag", 'W/"x"'), ("Last-Modified", DATE), ("X-Next-Page", "u"), ("X-
 )
 def test_not_modified(status: int, headers: dict[str, str], expected: bool) -> None:
     assert not_modified(status, STORED, headers) is expected
+
+
+def test_not_modified_entity_tags_may_hold_commas() -> None:
+    stored = (("ETag", '"a,b"'),)
+    assert not_modified(200, stored, {"If-None-Match": '"z", "a,b"'})
+    assert not not_modified(200, stored, {"If-None-Match": '"a", "b"'})
+
+
+def test_if_modified_since_falls_back_to_the_stored_date() -> None:
+    # RFC 9111 4.3.2: no Last-Modified, so the stored Date stands in.
+    assert not_modified(200, (("Date", EARLIER),), {"If-Modified-Since": DATE})
+    assert not not_modified(200, (("Date", LATER),), {"If-Modified-Since": DATE})
 
 
 def test_not_modified_without_an_etag_or_date() -> None:
@@ -545,6 +606,14 @@ ORIGIN = "https://api.kounta.com"
             [("Content-Location", "/v1/companies/5/products/9.json")],
             ["/v1/companies/5/products/9.json", "/v1/companies/5/categories/2/products"],
             ["/v1/companies/5/customers.json"],
+        ),
+        (
+            "POST",
+            "/v1/companies/5/orders.json",
+            201,
+            [("Location", "orders/78.json"), ("Content-Location", "//api.kounta.com/v1/x/1")],
+            ["/v1/companies/5/orders/78.json", "/v1/x/1"],  # relative references resolved
+            ["/v1/companies/5/orders/79.json"],
         ),
         (
             "PATCH",

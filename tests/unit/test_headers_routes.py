@@ -29,6 +29,12 @@ def test_extra_caller_headers_are_dropped() -> None:
     assert "X-Proxy-Key" not in out
 
 
+def test_callers_via_chain_is_not_forwarded() -> None:
+    # the handler adds the proxy's own Via; the caller's may name internal hosts
+    out = for_upstream([("Via", "1.1 lb.internal.corp"), ("Accept", "*/*")])
+    assert "Via" not in out
+
+
 def test_response_headers() -> None:
     given = CIMultiDict(
         [

@@ -19,7 +19,9 @@ PUBLIC = URL("http://127.0.0.1:8080")
         ("https://API.KOUNTA.COM:443/v1/x", "http://127.0.0.1:8080/v1/x"),
         ("//api.kounta.com/v1/x?y=1", "http://127.0.0.1:8080/v1/x?y=1"),
         ("https://my.kounta.com/authorize", "https://my.kounta.com/authorize"),
-        ("http://api.kounta.com/v1/x", "http://api.kounta.com/v1/x"),
+        # the same host seen through a TLS terminator: still Kounta, still rewritten
+        ("http://api.kounta.com/v1/x", "http://127.0.0.1:8080/v1/x"),
+        ("ftp://api.kounta.com/v1/x", "ftp://api.kounta.com/v1/x"),
         ("https://api.kounta.com:8443/v1/x", "https://api.kounta.com:8443/v1/x"),
         ("/v1/relative", "/v1/relative"),
         ("https://evil.example/v1/x", "https://evil.example/v1/x"),
@@ -28,6 +30,15 @@ PUBLIC = URL("http://127.0.0.1:8080")
 )
 def test_rewrites_only_upstream_urls(value: str, expected: str) -> None:
     assert rewrite_url(value, UP, PUBLIC) == expected
+
+
+def test_scheme_alone_does_not_make_another_origin() -> None:
+    # An upstream behind a TLS terminator names itself https on the same host and port.
+    up = URL("http://127.0.0.1:9000")
+    assert rewrite_url("https://127.0.0.1:9000/v1/x?a=1", up, PUBLIC) == (
+        "http://127.0.0.1:8080/v1/x?a=1"
+    )
+    assert rewrite_url("https://127.0.0.1:9001/v1/x", up, PUBLIC) == "https://127.0.0.1:9001/v1/x"
 
 
 def test_public_url_with_path_prefix() -> None:

@@ -1,0 +1,69 @@
+"""The cache store on a real diskcache directory: memory bounds and damaged records."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.cache_policy import Entry, Invalidation, cache_key
+from proxy.cache_store import CacheStore, HotEntries, Stored
+
+
+def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:
+    entry = Entry(200, (("ETag", '"a"'),), account, path, 0, 0, 0, 60, 0, 0, False, (), len(body))
+    return cache_key(account, path, "", {}), Stored(entry, body)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CacheStore]:
+    opened = await CacheStore.open(tmp_path / "cache", 10**8, 10**6)
+    yield opened
+    await opened.close()
+
+
+def test_memory_lru_counts_entries_not_only_body_bytes() -> None:
+    hot = HotEntries(max_bytes=20_000)
+    for i in range(1000):
+        hot.put(*stored(f"/v1/x/{i}", body=b""))  # empty bodies cost memory too
+    assert 0 < len(hot.items) < 50
+    assert hot.bytes <= 20_000
+
+
+async def test_path_index_is_bounded_and_removals_still_reach_unindexed_keys(
+    store: CacheStore,
+) -> None:
+    store.index_limit = 3
+    for i in range(10):
+        store.put(*stored(f"/v1/companies/5/customers/{i}"))
+    store.put(*stored("/v1/companies/5/customers/9", account="other"))
+    assert store.indexed == 3
+    assert sum(len(keys) for keys in store.paths.values()) == 3
+    assert not store.index_complete
+    await store.flush()
+    store.hot.clear()
+    inv = Invalidation("main", frozenset({"/v1/companies/5/customers/8"}), frozenset())
+    store.invalidate(inv)
+    await store.flush()
+    assert await store.get(stored("/v1/companies/5/customers/8")[0]) is None
+    assert await store.get(stored("/v1/companies/5/customers/7")[0]) is not None
+    assert await store.get(stored("/v1/companies/5/customers/9", account="other")[0])
+    assert await store.purge("/v1/companies/5/customers/", "main") == 9
+    assert await store.get(stored("/v1/companies/5/customers/0")[0]) is None
+
+
+async def test_a_corrupt_record_is_a_miss_and_is_removed(store: CacheStore) -> None:
+    key, good = stored("/v1/x")
+    errors: list[str] = []
+    store.on_error = errors.append
+    await store._run(store.disk.set, key, "not a record")
+    assert await store.get(key) is None
+    assert errors == ["read"]
+    assert await store._run(store.disk.get, key) is None  # healed, not failing forever
+    store.put(key, good)
+    await store.flush()
+    store.hot.clear()
+    again = await store.get(key)
+    assert again is not None
+    assert again.body == b"[]"
