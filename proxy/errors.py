@@ -10,6 +10,11 @@ caller can tell them from Kounta's.
 Exceptions::
 
     ProxyError                      status, code, description (safe to show)
+    ├── ClosesConnection            the connection's remaining bytes cannot be trusted
+    │   ├── FaultyFraming           400 invalid_request (e.g. Transfer-Encoding in HTTP/1.0)
+    │   ├── NotImplementedCoding    501 not_implemented (a transfer coding other than chunked)
+    │   ├── HttpVersionNotSupported 505 http_version_not_supported
+    │   └── ExpectationFailed       417 expectation_failed (an Expect other than 100-continue)
     ├── InvalidRequest              400 invalid_request
     │   └── InvalidTarget           400 invalid_request_target (proxy.target)
     ├── NotFound                    404 not_found
@@ -65,6 +70,29 @@ class ProxyError(Exception):
 class InvalidRequest(ProxyError):
     status = 400
     code = "invalid_request"
+
+
+class ClosesConnection(ProxyError):
+    """A refusal after which the rest of the connection's bytes cannot be trusted."""
+
+
+class FaultyFraming(ClosesConnection, InvalidRequest):
+    pass
+
+
+class NotImplementedCoding(ClosesConnection):
+    status = 501
+    code = "not_implemented"
+
+
+class HttpVersionNotSupported(ClosesConnection):
+    status = 505
+    code = "http_version_not_supported"
+
+
+class ExpectationFailed(ClosesConnection):
+    status = 417
+    code = "expectation_failed"
 
 
 class NotFound(ProxyError):

@@ -17,8 +17,13 @@ from proxy import paging
 from proxy.errors import (
     JSON_CONTENT_TYPE,
     PROXY_ERROR_HEADER,
+    ClosesConnection,
+    ExpectationFailed,
+    FaultyFraming,
+    HttpVersionNotSupported,
     InvalidRequest,
     MethodNotAllowed,
+    NotImplementedCoding,
     ProxyError,
     RequestTooLarge,
     normalise_error,
@@ -41,29 +46,6 @@ ERROR_KEPT_HEADERS = (
 )
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class _Closing(ProxyError):
-    """A refusal after which the rest of the connection's bytes cannot be trusted."""
-
-
-class FaultyFraming(_Closing, InvalidRequest):
-    pass
-
-
-class NotImplementedCoding(_Closing):
-    status = 501
-    code = "not_implemented"
-
-
-class HttpVersionNotSupported(_Closing):
-    status = 505
-    code = "http_version_not_supported"
-
-
-class ExpectationFailed(_Closing):
-    status = 417
-    code = "expectation_failed"
 
 
 @dataclass(slots=True)
@@ -337,7 +319,7 @@ def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
     out.headers.update(error.headers())
     out.headers[PROXY_ERROR_HEADER] = "1"
     out.headers["X-Request-ID"] = request_id
-    if isinstance(error, _Closing | RequestTooLarge):
+    if isinstance(error, ClosesConnection | RequestTooLarge):
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()
     return out
