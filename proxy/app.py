@@ -183,6 +183,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return proxy_error_answer(error, info.request_id)
 
 
+# Route labels by path: most traffic repeats a few paths; bounded by clearing.
+_ROUTES: dict[str, str] = {}
+ROUTES_MAX = 4096
+
+
+def route_of(path: str) -> str:
+    """The metric/log route label of ``path`` (:func:`proxy.routes.template`), remembered."""
+    route = _ROUTES.get(path)
+    if route is None:
+        if len(_ROUTES) >= ROUTES_MAX:
+            _ROUTES.clear()
+        route = _ROUTES[path] = template(path) if path.startswith("/v1/") else "other"
+    return route
+
+
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line and the request metrics for every request."""
@@ -205,7 +220,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
-        route = template(request.path) if request.path.startswith("/v1/") else "other"
+        route = route_of(request.path)
         metrics.request_done(request.method, route, status, info.cache_status, elapsed)
         event(
             "request",

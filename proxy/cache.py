@@ -26,6 +26,7 @@ from proxy import errors
 from proxy.cache_policy import (
     CALLER_CONDITIONALS,
     ERROR_STATUSES,
+    SELECTING,
     UNSAFE_METHODS,
     Entry,
     FreshHit,
@@ -63,6 +64,8 @@ Clock = Callable[[], float]
 ERROR_BODY_LIMIT = 64 * 1024
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
 TEE_DEPTH = 8
+# Cache keys remembered per (account, path, query, selecting headers); cleared when full.
+KEYS_MAX = 4096
 
 
 @dataclass(slots=True)
@@ -130,6 +133,7 @@ class Cache:
         self.flights: dict[str, Flight] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._children: dict[tuple[str, str], Any] = {}
+        self._keys: dict[tuple[str | None, ...], str] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -144,9 +148,22 @@ class Cache:
             response = await self.inner.send(request)
             response.cache_status = "BYPASS"
             return response
-        key = cache_key(request.account, request.path, request.query, headers)
+        key = self._key(request)
         stored = await self.store.get(key)
         return await self._decide(request, control, key, stored)
+
+    def _key(self, request: ProxyRequest) -> str:
+        """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""
+        headers = request.headers
+        parts = (request.account, request.path, request.query, *map(headers.get, SELECTING))
+        key = self._keys.get(parts)
+        if key is None:
+            if len(self._keys) >= KEYS_MAX:
+                self._keys.clear()
+            key = self._keys[parts] = cache_key(
+                request.account, request.path, request.query, headers
+            )
+        return key
 
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
