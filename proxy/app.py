@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from proxy.callers import Callers
 from proxy.errors import ProxyError, code_for
 from proxy.handlers import (
     ASTERISK,
+    Exchange,
     exchange_of,
     expect_nothing,
     guard,
@@ -222,18 +224,30 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         elapsed = time.perf_counter() - started
         route = route_of(request.path)
         metrics.request_done(request.method, route, status, info.cache_status, elapsed)
-        event(
-            "request",
-            request_id=info.request_id,
-            caller=info.caller,
-            account=info.account,
-            method=request.method,
-            route=route,
-            path=request.path,
-            status=status,
-            cache=info.cache_status,
-            upstream_status=info.upstream_status,
-            bytes=info.bytes_sent,
-            ms=round(elapsed * 1000, 2),
-            upstream_ms=round(sum(upstream_seconds) * 1000, 2) if upstream_seconds else None,
-        )
+        if log.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
+            _access_line(request, info, route, status, elapsed, upstream_seconds)
+
+
+def _access_line(
+    request: web.Request,
+    info: Exchange,
+    route: str,
+    status: int,
+    elapsed: float,
+    upstream_seconds: list[float],
+) -> None:
+    event(
+        "request",
+        request_id=info.request_id,
+        caller=info.caller,
+        account=info.account,
+        method=request.method,
+        route=route,
+        path=request.path,
+        status=status,
+        cache=info.cache_status,
+        upstream_status=info.upstream_status,
+        bytes=info.bytes_sent,
+        ms=round(elapsed * 1000, 2),
+        upstream_ms=round(sum(upstream_seconds) * 1000, 2) if upstream_seconds else None,
+    )
