@@ -26,6 +26,7 @@ from proxy.errors import (
     NotImplementedCoding,
     ProxyError,
     RequestTooLarge,
+    error_body,
     normalise_error,
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller, for_upstream, has_bad_value
@@ -346,7 +347,7 @@ async def error_answer(request: web.Request, response: ProxyResponse) -> web.Res
 
 
 def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
-    status, headers, body = normalise_error(error.status, {}, _json(error))
+    status, headers, body = normalise_error(error.status, {}, error_body(error))
     out = web.Response(status=status, headers=headers, body=body)
     out.headers.update(error.headers())
     out.headers[PROXY_ERROR_HEADER] = "1"
@@ -355,9 +356,3 @@ def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()
     return out
-
-
-def _json(error: ProxyError) -> bytes:
-    from proxy.errors import error_body
-
-    return error_body(error)

@@ -99,6 +99,18 @@ def _check_http_url(key: str, value: str, *, https_unless_loopback: bool) -> Non
         raise Invalid(key, "must use https (plain http is only allowed for loopback hosts)")
 
 
+def _not_negative(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise Invalid(name, "must not be negative")
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise Invalid(name, "must be greater than 0")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
@@ -118,12 +130,7 @@ class ServerSettings:
             raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
         if self.public_url:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
-        if self.max_body_size < 0:
-            raise Invalid("max_body_size", "must not be negative")
-        if self.replay_body_size < 0:
-            raise Invalid("replay_body_size", "must not be negative")
-        if self.shutdown_grace < 0:
-            raise Invalid("shutdown_grace", "must not be negative")
+        _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace")
 
 
 @dataclass(frozen=True)
@@ -140,9 +147,7 @@ class UpstreamSettings:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
         if self.ca_bundle and not Path(self.ca_bundle).is_file():
             raise Invalid("ca_bundle", f"no such file: {self.ca_bundle}")
-        for name in ("connect_timeout", "read_timeout", "total_timeout"):
-            if getattr(self, name) <= 0:
-                raise Invalid(name, "must be greater than 0")
+        _positive(self, "connect_timeout", "read_timeout", "total_timeout")
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
 
@@ -206,11 +211,8 @@ def _check_oauth(account: AccountSettings) -> None:
     if redirect.scheme not in ("http", "https") or not redirect.host:
         problem = f"must be an absolute http(s) URL, got {account.redirect_uri!r}"
         raise Invalid("redirect_uri", problem)
-    if account.refresh_leeway < 0:
-        raise Invalid("refresh_leeway", "must not be negative")
-    for name in ("token_wait", "token_timeout", "token_retry_max"):
-        if getattr(account, name) <= 0:
-            raise Invalid(name, "must be greater than 0")
+    _not_negative(account, "refresh_leeway")
+    _positive(account, "token_wait", "token_timeout", "token_retry_max")
 
 
 @dataclass(frozen=True)
@@ -290,16 +292,8 @@ class BudgetSettings:
     backoff_max: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_wait < 0:
-            raise Invalid("max_wait", "must not be negative")
-        if self.queue_size < 0:
-            raise Invalid("queue_size", "must not be negative")
-        if self.window <= 0:
-            raise Invalid("window", "must be greater than 0")
-        if self.window_margin < 0:
-            raise Invalid("window_margin", "must not be negative")
-        if self.backoff_initial <= 0:
-            raise Invalid("backoff_initial", "must be greater than 0")
+        _not_negative(self, "max_wait", "queue_size", "window_margin")
+        _positive(self, "window", "backoff_initial")
         if self.backoff_max < self.backoff_initial:
             raise Invalid("backoff_max", "must be at least backoff_initial")
 
@@ -338,14 +332,12 @@ class RetrySettings:
                 raise Invalid("methods", f"unknown method {method!r}; use {', '.join(RETRYABLE)}")
         if self.attempts < 1:
             raise Invalid("attempts", "must be at least 1")
-        if self.backoff_initial < 0:
-            raise Invalid("backoff_initial", "must not be negative")
+        _not_negative(self, "backoff_initial")
         if self.backoff_max < self.backoff_initial:
             raise Invalid("backoff_max", "must be at least backoff_initial")
         if self.breaker_failures < 0:
             raise Invalid("breaker_failures", "must not be negative (0: no breaker)")
-        if self.breaker_cooldown <= 0:
-            raise Invalid("breaker_cooldown", "must be greater than 0")
+        _positive(self, "breaker_cooldown")
 
 
 @dataclass(frozen=True)
@@ -376,9 +368,7 @@ class CacheRule:
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
             raise Invalid("path", f"must be a path glob starting with '/', got {self.path!r}")
-        for name in ("fresh_for", "stale_if_error", "stale_while_revalidate"):
-            if getattr(self, name) < 0:
-                raise Invalid(name, "must not be negative")
+        _not_negative(self, "fresh_for", "stale_if_error", "stale_while_revalidate")
 
 
 @dataclass(frozen=True)
@@ -399,13 +389,10 @@ class CacheSettings:
     rules: tuple[CacheRule, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_size", "max_entry_size", "memory_size"):
-            if getattr(self, name) < 0:
-                raise Invalid(name, "must not be negative")
+        _not_negative(self, "max_size", "max_entry_size", "memory_size")
         if self.max_entry_size > self.max_size:
             raise Invalid("max_entry_size", "must not exceed max_size")
-        if self.coalesce_wait <= 0:
-            raise Invalid("coalesce_wait", "must be greater than 0")
+        _positive(self, "coalesce_wait")
 
     def directory(self, state_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "cache"
