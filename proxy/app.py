@@ -225,11 +225,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         route = route_of(request.path)
         metrics.request_done(request.method, route, status, info.cache_status, elapsed)
         if log.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
-            _access_line(request, info, route, status, elapsed, upstream_seconds)
+            access_line(request, info, route, status, elapsed, upstream_seconds)
 
 
-def _access_line(
-    request: web.Request,
+def access_line(
+    request: web.BaseRequest,
     info: Exchange,
     route: str,
     status: int,

@@ -131,6 +131,12 @@ class Bucket:
         self.backoff = 0.0
 
 
+def whole_seconds(seconds: float) -> int:
+    """A wait as Retry-After's whole seconds, rounded up, but not for float noise:
+    ``(now + 100.0) - now`` may be 100.00000000000001, which is 100, not 101."""
+    return max(0, math.ceil(round(seconds, 6)))
+
+
 def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
     """Seconds Kounta asked us to wait: ``Retry-After`` (seconds or HTTP date), else
     ``X-Ratelimit-Reset`` (epoch seconds, or seconds when small); None when neither says."""
@@ -219,7 +225,7 @@ class AccountBudget:
         self.rejected += 1
         self.metrics.budget_rejections.labels(self.name, reason).inc()
         backlog = self.waiting / self.rate.per_second
-        retry_after = math.ceil(max(wait, backlog))
+        retry_after = whole_seconds(max(wait, backlog))
         if reason == "queue_full":
             text = f"Too many requests are waiting for account {self.name!r}'s rate budget"
         else:
@@ -363,8 +369,8 @@ class Budget:
             if not resend or self.clock.now() + pause > limit:
                 raise RateLimited(
                     f"Kounta's rate limit was reached for account {request.account!r}; "
-                    f"retry after {math.ceil(pause)}s",
-                    retry_after=math.ceil(pause),
+                    f"retry after {whole_seconds(pause)}s",
+                    retry_after=whole_seconds(pause),
                 )
 
     async def close(self) -> None:

@@ -26,10 +26,12 @@ from proxy import errors
 from proxy.cache_policy import (
     CALLER_CONDITIONALS,
     ERROR_STATUSES,
+    NO_CONTROL,
     SELECTING,
     UNSAFE_METHODS,
     Entry,
     FreshHit,
+    Headers,
     Invalidation,
     Miss,
     NotStorable,
@@ -148,22 +150,39 @@ class Cache:
             response = await self.inner.send(request)
             response.cache_status = "BYPASS"
             return response
-        key = self._key(request)
+        key = self.key(request.account, request.path, request.query, request.headers)
         stored = await self.store.get(key)
         return await self._decide(request, control, key, stored)
 
-    def _key(self, request: ProxyRequest) -> str:
+    def key(self, account: str, path: str, query: str, headers: Headers) -> str:
         """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""
-        headers = request.headers
-        parts = (request.account, request.path, request.query, *map(headers.get, SELECTING))
+        parts = (account, path, query, *map(headers.get, SELECTING))
         key = self._keys.get(parts)
         if key is None:
             if len(self._keys) >= KEYS_MAX:
                 self._keys.clear()
-            key = self._keys[parts] = cache_key(
-                request.account, request.path, request.query, headers
-            )
+            key = self._keys[parts] = cache_key(account, path, query, headers)
         return key
+
+    def fresh_hit(
+        self, account: str, path: str, query: str, headers: Headers
+    ) -> tuple[Stored, int] | None:
+        """The stored 200 and its age, when a plain GET (no Cache-Control, no conditionals)
+        would be answered from memory as a fresh hit; else None, and nothing is counted.
+
+        Used by :mod:`proxy.fast`; :meth:`send` reaches the same answer the long way.
+        """
+        stored = self.store.hot.get(self.key(account, path, query, headers))
+        if stored is None or stored.body is None:
+            return None
+        entry = stored.entry
+        if entry.status != 200 or entry.vary:  # extra Vary names: compared the long way
+            return None
+        decision = lookup(entry, headers, NO_CONTROL, self.clock())
+        if not isinstance(decision, FreshHit):
+            return None
+        self._count("hit", "fresh")
+        return stored, int(decision.age)
 
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 from multidict import CIMultiDictProxy
 
@@ -48,27 +49,30 @@ class Callers:
             loopback and (len(settings.accounts) <= 1 or not self._keys)
         )
         self.metrics = metrics
+        # Metric children by caller: labels() costs more than the rest of identify().
+        self._children: dict[Caller, Any] = {}
 
     def identify(self, headers: CIMultiDictProxy[str]) -> Caller:
-        key = headers.get(self.key_header)
-        if key is not None:
-            found = self._match(key)
-            return (
-                self._count(found)
-                if found
-                else self._refuse("unknown", "The caller key is not known")
-            )
-        bearer = _bearer(headers.get("Authorization", ""))
-        found = self._match(bearer) if bearer else None
+        """The caller (counted), or :class:`CallerUnauthorized` (counted as a rejection)."""
+        found = self.find(headers)
         if found is not None:
-            return self._count(found)
-        if self.anonymous_ok:
-            return self._count(self.default)
-        if bearer:
+            return self.count(found)
+        if self.key_header in headers or _bearer(headers.get("Authorization", "")):
             return self._refuse("unknown", "The caller key is not known")
         return self._refuse(
             "missing", f"A caller key is required in {self.key_header} or Authorization: Bearer"
         )
+
+    def find(self, headers: CIMultiDictProxy[str]) -> Caller | None:
+        """The caller, or None when :meth:`identify` refuses; counts nothing."""
+        key = headers.get(self.key_header)
+        if key is not None:
+            return self._match(key)
+        bearer = _bearer(headers.get("Authorization", ""))
+        found = self._match(bearer) if bearer else None
+        if found is None and self.anonymous_ok:
+            return self.default
+        return found
 
     def _match(self, key: str) -> Caller | None:
         given = key.strip().encode()
@@ -78,9 +82,14 @@ class Callers:
                 found = caller
         return found
 
-    def _count(self, caller: Caller) -> Caller:
+    def count(self, caller: Caller) -> Caller:
         if self.metrics is not None:
-            self.metrics.caller_requests.labels(caller.name, caller.account).inc()
+            child = self._children.get(caller)
+            if child is None:
+                child = self._children[caller] = self.metrics.caller_requests.labels(
+                    caller.name, caller.account
+                )
+            child.inc()
         return caller
 
     def _refuse(self, reason: str, description: str) -> Caller:

@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from proxy import fast
 from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
 from proxy.headers import SERVER_NAME
 from proxy.logs import event, log
@@ -96,6 +97,8 @@ class Runner(web.AppRunner):
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorServer
+        # Fresh hits of plain GETs are answered in front of the application (proxy.fast).
+        server.request_handler = fast.wrap(self.app, server.request_handler)
         return server
 
 

@@ -33,6 +33,7 @@ class Proxy:
     app: web.Application
     settings: Settings
     registry: CollectorRegistry
+    runner: web.AppRunner
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
@@ -86,7 +87,8 @@ async def make_proxy(tmp_path: Any) -> AsyncIterator[MakeProxy]:
         app = create_app(settings, registry=registry, **kwargs)
         runner, port = await serve(app)
         runners.append(runner)
-        return Proxy(url=f"http://127.0.0.1:{port}", app=app, settings=settings, registry=registry)
+        url = f"http://127.0.0.1:{port}"
+        return Proxy(url=url, app=app, settings=settings, registry=registry, runner=runner)
 
     yield make
     for runner in reversed(runners):

@@ -11,7 +11,15 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from proxy.budget import AccountBudget, Bucket, Budget, Rate, pause_asked, rate_for
+from proxy.budget import (
+    AccountBudget,
+    Bucket,
+    Budget,
+    Rate,
+    pause_asked,
+    rate_for,
+    whole_seconds,
+)
 from proxy.errors import RateLimited
 from proxy.messages import ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
@@ -79,6 +87,17 @@ def test_pause_uses_asked_time_else_a_growing_backoff() -> None:
     assert bucket.pause(40.0, None, initial=5, longest=60) == 20.0
     bucket.recovered()
     assert bucket.pause(100.0, None, initial=5, longest=60) == 5.0
+
+
+def test_retry_after_rounds_up_whole_seconds_but_not_float_noise() -> None:
+    # At this clock reading (now + 100.0) - now is 100.00000000000023: a 100 s pause
+    # once came out as "Retry-After: 101" (the flaky test_budget integration test).
+    now = 1962.4018596534731
+    bucket = Bucket(Rate(60, 5, 60.0, 0.0), now=now)
+    pause = bucket.pause(now, 100.0, initial=5, longest=600)
+    assert pause > 100.0
+    assert whole_seconds(pause) == 100
+    assert [whole_seconds(s) for s in (0.0, 0.0004, 1.0, 1.001, 99.5, -3.0)] == [0, 1, 1, 2, 100, 0]
 
 
 def test_a_wave_of_429s_grows_the_backoff_once() -> None:

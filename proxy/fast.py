@@ -1,0 +1,137 @@
+"""The fresh-hit fast path: a plain GET of a fresh, stored answer, without the long way.
+
+Most reads a busy proxy answers are fresh hits on a few entries. The long way
+(:func:`proxy.app.access_middleware` → :func:`proxy.app.error_middleware` →
+:func:`proxy.handlers.handle` → the cache layer) spends most of such a request in
+machinery it does not need: routing, middleware calls, building a
+:class:`~proxy.messages.ProxyRequest` for the upstream, awaiting layers.
+
+This path sits in front of the application (:func:`wrap`, installed by
+:class:`proxy.server.Runner`) and answers only the plainest requests: GET over HTTP/1.x,
+no body, no Cache-Control or Pragma, no conditionals or ranges, no all-pages paging, no
+Connection options, a target and a caller the long way accepts, and an entry in the
+memory tier that is fresh, a 200, and without extra Vary names. Its answer is the one the
+long way gives (same headers from the same functions, same metrics, same access line).
+Anything else goes the long way, untouched: nothing here raises, refuses or counts a
+request it does not answer.
+
+It runs without an ``await``, so it cannot be cancelled half-way, and a scrape of the
+in-flight gauge (on the same event loop) could never see it: that gauge is not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.app import CONTEXT, access_line, route_of
+from proxy.cache import Cache
+from proxy.errors import ProxyError
+from proxy.handlers import Exchange, answer_headers, caller_view, request_id
+from proxy.headers import SERVER_NAME, has_bad_value
+from proxy.logs import log
+from proxy.paging import HEADER as ALL_PAGES
+from proxy.target import Target, parse_target
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+# Any of these sends a request the long way.
+LONG_WAY_HEADERS = (
+    "Content-Length",
+    "Transfer-Encoding",
+    "Expect",
+    "Cache-Control",
+    "Pragma",
+    "If-None-Match",
+    "If-Modified-Since",
+    "If-Match",
+    "If-Unmodified-Since",
+    "If-Range",
+    "Range",
+    ALL_PAGES,
+)
+# Connection values that name no other header (anything else may hide a selecting header).
+PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+VERSIONS = ((1, 1), (1, 0))
+TARGETS_MAX = 4096
+
+
+class FastPath:
+    """The request handler in front of the application's own (``inner``)."""
+
+    def __init__(self, app: web.Application, cache: Cache, inner: Handler) -> None:
+        self.ctx = app[CONTEXT]
+        self.cache = cache
+        self.inner = inner
+        self.upstream = self.ctx.settings.upstream.url
+        self.public = self.ctx.settings.server.public_url
+        # Accepted request targets (refusals are never remembered: the long way words them).
+        self._targets: dict[str, Target] = {}
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = self.answer(request)
+        if response is None:
+            return await self.inner(request)
+        return response
+
+    def answer(self, request: web.BaseRequest) -> web.Response | None:
+        """The fresh hit's answer, or None: the long way must answer."""
+        started = time.perf_counter()
+        if request.method != "GET" or request.version not in VERSIONS:
+            return None
+        headers = request.headers
+        for name in LONG_WAY_HEADERS:
+            if name in headers:
+                return None
+        connection = headers.get("Connection")
+        if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
+            return None
+        target = self._target(request.raw_path)
+        if target is None or has_bad_value(headers.items()) is not None:
+            return None
+        ctx = self.ctx
+        caller = ctx.callers.find(headers)
+        if caller is None:
+            return None
+        hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers)
+        if hit is None:
+            return None
+        ctx.callers.count(caller)
+        stored, age = hit
+        rid = request_id(headers)
+        view = caller_view(request, stored.entry.headers, self.upstream, self.public)
+        out_headers = answer_headers(view, rid, "HIT", age)
+        out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
+        body = stored.body
+        response = web.Response(status=200, headers=out_headers, body=body or None)
+        elapsed = time.perf_counter() - started
+        route = route_of(request.path)
+        ctx.metrics.request_done("GET", route, 200, "HIT", elapsed)
+        if log.isEnabledFor(logging.INFO):
+            info = Exchange(rid, caller.name, caller.account, "HIT", target)
+            info.bytes_sent = len(body or b"")
+            access_line(request, info, route, 200, elapsed, [])
+        return response
+
+    def _target(self, raw: str) -> Target | None:
+        target = self._targets.get(raw)
+        if target is None:
+            try:
+                target = parse_target(raw)
+            except ProxyError:
+                return None
+            if len(self._targets) >= TARGETS_MAX:
+                self._targets.clear()
+            self._targets[raw] = target
+        return target
+
+
+def wrap(app: web.Application, inner: Handler) -> Handler:
+    """``inner`` with the fast path in front, for a proxy application with a cache."""
+    ctx = app.get(CONTEXT)
+    if ctx is None or ctx.cache is None:
+        return inner
+    return FastPath(app, ctx.cache, inner)

@@ -1,0 +1,289 @@
+"""The fresh-hit fast path (proxy.fast): same answers as the long way, taken only when safe.
+
+Each test runs a real proxy in front of the sandbox and watches the application's own
+handler (the long way) behind the fast path, so it can tell which way a request went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from proxy.fast import FastPath
+from proxy.settings import CacheRule, CacheSettings, CallerSettings, RetrySettings, Secret
+from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+
+LIST = "/v1/companies/5001/customers.json"
+FRESH = (CacheRule("/v1/*", fresh_for=600),)
+# Headers every answer has with a value of its own.
+PER_ANSWER = {"x-request-id", "date", "age"}
+
+
+class LongWay:
+    """Counts the requests the fast path handed to the application."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        fast = proxy.runner.server.request_handler  # type: ignore[union-attr]
+        assert isinstance(fast, FastPath)
+        self.count = 0
+        inner = fast.inner
+
+        async def counted(request: web.BaseRequest) -> web.StreamResponse:
+            self.count += 1
+            return await inner(request)
+
+        fast.inner = counted
+
+
+async def get(
+    client: aiohttp.ClientSession, url: str, method: str = "GET", **headers: str
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
+    async with client.request(method, url, headers=headers) as r:
+        return r.status, r.headers, await r.read()
+
+
+def steady(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    return [(k.lower(), v) for k, v in headers.items() if k.lower() not in PER_ANSWER]
+
+
+async def fresh_proxy(make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, **kw: Any) -> Proxy:
+    cache = CacheSettings(rules=FRESH)
+    settings = proxy_settings(
+        sandbox.url, tmp_path, cache=cache, retry=RetrySettings(attempts=1), **kw
+    )
+    return await make_proxy(settings)
+
+
+async def test_a_plain_fresh_hit_skips_the_long_way_and_answers_the_same(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
+    long_way = LongWay(p)
+    status, headers, first = await get(client, p.url + LIST)
+    assert (status, headers["X-Cache"], long_way.count) == (200, "MISS", 1)
+    fast = [await get(client, p.url + LIST) for _ in range(3)]
+    assert long_way.count == 1  # none of the three went the long way
+    # An unknown Pragma changes nothing in the answer, but sends the request the long way.
+    slow = await get(client, p.url + LIST, Pragma="x-whatever")
+    assert long_way.count == 2
+    for status, headers, body in [*fast, slow]:
+        assert (status, headers["X-Cache"], body) == (200, "HIT", first)
+        assert int(headers["Age"]) >= 0
+        assert len(headers["X-Request-ID"]) == 32
+        assert headers["Server"] == "kounta-proxy"
+        assert headers["X-Next-Page"].startswith(p.url)  # rewritten onto the proxy
+    assert steady(fast[0][1]) == steady(slow[1])  # same headers, same order
+    ids = {headers["X-Request-ID"] for _, headers, _ in [*fast, slow]}
+    assert len(ids) == 4
+    assert sandbox.state.served("GET", LIST) == 1
+
+
+async def test_fast_hits_are_counted_like_the_long_way(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
+    long_way = LongWay(p)
+    await get(client, p.url + LIST)
+    sample = p.registry.get_sample_value
+
+    def counts() -> tuple[float | None, ...]:
+        return (
+            sample(
+                "kounta_proxy_requests_total",
+                {
+                    "method": "GET",
+                    "route": "/v1/companies/{id}/customers",
+                    "status_class": "2xx",
+                    "cache": "HIT",
+                },
+            ),
+            sample(
+                "kounta_proxy_request_duration_seconds_count",
+                {"route": "/v1/companies/{id}/customers", "cache": "HIT"},
+            ),
+            sample("kounta_proxy_cache_lookups_total", {"result": "hit", "reason": "fresh"}),
+            sample(
+                "kounta_proxy_caller_requests_total", {"caller": "anonymous", "account": "main"}
+            ),
+        )
+
+    await get(client, p.url + LIST)  # fast
+    after_fast = counts()
+    await get(client, p.url + LIST, Pragma="x-whatever")  # long way
+    after_slow = counts()
+    await get(client, p.url + LIST)  # fast
+    assert long_way.count == 2
+    assert after_fast == (1.0, 1.0, 1.0, 2.0)
+    assert after_slow == (2.0, 2.0, 2.0, 3.0)
+    assert counts() == (3.0, 3.0, 3.0, 4.0)
+    assert sample("kounta_proxy_requests_in_flight") == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        ("GET", {"Cache-Control": "no-cache"}, (200, "REVALIDATED")),
+        ("GET", {"Cache-Control": "max-age=0"}, (200, "REVALIDATED")),
+        ("GET", {"Pragma": "no-cache"}, (200, "REVALIDATED")),
+        ("GET", {"If-None-Match": "*"}, (304, "HIT")),
+        ("GET", {"If-Modified-Since": "Sat, 28 Nov 2099 00:00:00 GMT"}, (304, "HIT")),
+        ("GET", {"Range": "bytes=0-10"}, (200, "BYPASS")),
+        ("GET", {"If-Match": "*"}, (200, "BYPASS")),
+        ("GET", {"X-Proxy-All-Pages": "1"}, (200, "-")),
+        ("GET", {"X-Proxy-All-Pages": "yes please"}, (400, "-")),
+        ("GET", {"Connection": "X-Page"}, (200, "HIT")),
+        ("HEAD", {}, (200, "HIT")),
+        ("OPTIONS", {}, (204, "BYPASS")),
+    ],
+)
+async def test_anything_but_a_plain_get_goes_the_long_way(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    method: str,
+    headers: dict[str, str],
+    expected: tuple[int, str],
+) -> None:
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
+    long_way = LongWay(p)
+    await get(client, p.url + LIST)
+    status, got, _ = await get(client, p.url + LIST, method, **headers)
+    assert (status, got.get("X-Cache", "-")) == expected
+    assert long_way.count == 2
+
+
+async def test_bad_requests_are_refused_by_the_long_way_once(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    callers = {"shop": CallerSettings(key=Secret("shop-key-0123456789abcdef"))}
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path, callers=callers)
+    long_way = LongWay(p)
+    key = {"X-Proxy-Key": "shop-key-0123456789abcdef"}
+    status, _, _ = await get(client, p.url + LIST, **key)
+    status, headers, _ = await get(client, p.url + LIST, **key)
+    assert (status, headers["X-Cache"], long_way.count) == (200, "HIT", 1)
+    # A wrong key: refused once (not counted twice), in the long way's words.
+    status, headers, body = await get(client, p.url + LIST, **{"X-Proxy-Key": "wrong"})
+    assert status == 401 and b"not known" in body
+    sample = p.registry.get_sample_value
+    assert sample("kounta_proxy_caller_rejections_total", {"reason": "unknown"}) == 1
+    # A target the long way refuses, even though a similar one is stored.
+    odd = URL(p.url + "/v1/companies/5001%2Fcustomers.json", encoded=True)
+    async with client.get(odd, headers=key) as r:
+        status, body = r.status, await r.read()
+    assert status == 400 and b"invalid_request_target" in body
+    assert long_way.count == 3
+
+
+async def test_stale_entries_and_vary_go_the_long_way(
+    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    hits: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        headers = {"ETag": '"v1"', "Cache-Control": "max-age=600"}
+        if request.path == "/v1/varied":
+            headers["Vary"] = "X-Shop"
+        if request.path == "/v1/short":
+            headers["Cache-Control"] = "max-age=1"
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.json_response({"path": request.path}, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner, port = await serve(app)
+    try:
+        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        long_way = LongWay(p)
+        for path in ("/v1/varied", "/v1/short"):
+            await get(client, p.url + path, **{"X-Shop": "a"})
+        assert long_way.count == 2
+        status, headers, _ = await get(client, p.url + "/v1/varied", **{"X-Shop": "a"})
+        assert (status, headers["X-Cache"], long_way.count) == (200, "HIT", 3)
+        status, headers, _ = await get(client, p.url + "/v1/varied", **{"X-Shop": "b"})
+        assert (status, headers["X-Cache"], long_way.count) == (200, "MISS", 4)
+        status, headers, _ = await get(client, p.url + "/v1/short")
+        assert (headers["X-Cache"], long_way.count) == ("HIT", 4)  # fresh: the fast path
+        await asyncio.sleep(1.2)
+        status, headers, _ = await get(client, p.url + "/v1/short")
+        assert (headers["X-Cache"], long_way.count) == ("REVALIDATED", 5)
+        assert hits == ["/v1/varied", "/v1/short", "/v1/varied", "/v1/short"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_write_through_the_proxy_ends_fast_hits_at_once(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
+    customer = sorted(sandbox.state.store["customers"].records)[0]
+    one = f"/v1/companies/5001/customers/{customer}.json"
+    _, _, before = await get(client, p.url + one)
+    assert (await get(client, p.url + one))[1]["X-Cache"] == "HIT"
+    async with client.put(p.url + one, json={"first_name": "Renamed"}) as r:
+        assert r.status in (200, 204)
+    status, headers, after = await get(client, p.url + one)
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+    assert b"Renamed" in after and after != before
+
+
+async def test_fast_hits_write_the_access_line(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
+    await get(client, p.url + LIST)
+    _, headers, body = await get(client, p.url + LIST, **{"X-Request-ID": "trace-42"})
+    assert headers["X-Request-ID"] == "trace-42"
+    lines = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+    last = lines[-1]
+    assert last["request_id"] == "trace-42"
+    assert (last["status"], last["cache"], last["method"]) == (200, "HIT", "GET")
+    assert (last["caller"], last["account"], last["bytes"]) == ("anonymous", "main", len(body))
+    assert last["route"] == "/v1/companies/{id}/customers"
+    assert last["path"] == LIST and last["upstream_status"] is None
+
+
+async def test_keep_alive_and_http_1_0_over_one_connection(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any
+) -> None:
+    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
+    host, port = p.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET {LIST} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    writer.write(request * 3)  # pipelined: the first is a miss, then two fast hits
+    answers = [await read_answer(reader) for _ in range(3)]
+    assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 3
+    assert [a[1][b"x-cache"] for a in answers] == [b"MISS", b"HIT", b"HIT"]
+    assert answers[1][2] == answers[0][2] == answers[2][2]
+    writer.write(f"GET {LIST} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+    status, headers, body = await read_answer(reader)
+    assert (status, headers[b"x-cache"]) == (b"HTTP/1.0 200 OK", b"HIT")
+    assert body == answers[0][2]
+    writer.write(f"GET {LIST} HTTP/1.0\r\n\r\n".encode())
+    status, headers, _ = await read_answer(reader)
+    assert (status, headers[b"x-cache"]) == (b"HTTP/1.0 200 OK", b"HIT")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # HTTP/1.0 without keep-alive
+    writer.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
+    body = await reader.readexactly(int(headers[b"content-length"]))
+    return status, headers, body
