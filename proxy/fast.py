@@ -8,12 +8,13 @@ machinery it does not need: routing, middleware calls, building a
 
 This path sits in front of the application (:func:`wrap`, installed by
 :class:`proxy.server.Runner`) and answers only the plainest requests: GET over HTTP/1.x,
-no body, no Cache-Control or Pragma, no conditionals or ranges, no all-pages paging, no
-Connection options, a target and a caller the long way accepts, and an entry in the
-memory tier that is fresh, a 200, and without extra Vary names. Its answer is the one the
-long way gives (same headers from the same functions, same metrics, same access line).
-Anything else goes the long way, untouched: nothing here raises, refuses or counts a
-request it does not answer.
+no body, no Cache-Control or Pragma, no If-Match, If-Unmodified-Since or Range, no
+all-pages paging, no Connection options, a target and a caller the long way accepts, and
+an entry in the memory tier that is fresh, a 200, and without extra Vary names. The
+caller's own If-None-Match and If-Modified-Since are answered here too (304). Its answer
+is the one the long way gives (same headers from the same functions, same metrics, same
+access line). Anything else goes the long way, untouched: nothing here refuses or counts
+a request it does not answer.
 
 It runs without an ``await``, so it cannot be cancelled half-way, and a scrape of the
 in-flight gauge (on the same event loop) could never see it: that gauge is not touched.
@@ -45,8 +46,6 @@ LONG_WAY_HEADERS = (
     "Expect",
     "Cache-Control",
     "Pragma",
-    "If-None-Match",
-    "If-Modified-Since",
     "If-Match",
     "If-Unmodified-Since",
     "If-Range",
@@ -72,7 +71,11 @@ class FastPath:
         self._targets: dict[str, Target] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        response = self.answer(request)
+        try:
+            response = self.answer(request)
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+            response = None
         if response is None:
             return await self.inner(request)
         return response
@@ -100,20 +103,19 @@ class FastPath:
         if hit is None:
             return None
         ctx.callers.count(caller)
-        stored, age = hit
+        status, items, body, age = hit
         rid = request_id(headers)
-        view = caller_view(request, stored.entry.headers, self.upstream, self.public)
+        view = caller_view(request, items, self.upstream, self.public)
         out_headers = answer_headers(view, rid, "HIT", age)
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
-        body = stored.body
-        response = web.Response(status=200, headers=out_headers, body=body or None)
+        response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
         route = route_of(request.path)
-        ctx.metrics.request_done("GET", route, 200, "HIT", elapsed)
+        ctx.metrics.request_done("GET", route, status, "HIT", elapsed)
         if log.isEnabledFor(logging.INFO):
             info = Exchange(rid, caller.name, caller.account, "HIT", target)
-            info.bytes_sent = len(body or b"")
-            access_line(request, info, route, 200, elapsed, [])
+            info.bytes_sent = len(body)
+            access_line(request, info, route, status, elapsed, [])
         return response
 
     def _target(self, raw: str) -> Target | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ class LongWay:
     def __init__(self, proxy: Proxy) -> None:
         fast = proxy.runner.server.request_handler  # type: ignore[union-attr]
         assert isinstance(fast, FastPath)
+        self.fast = fast
         self.count = 0
         inner = fast.inner
 
@@ -61,13 +63,31 @@ async def fresh_proxy(make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, **
     return await make_proxy(settings)
 
 
-async def test_a_plain_fresh_hit_skips_the_long_way_and_answers_the_same(
+@dataclass
+class Warm:
+    """A proxy whose LIST entry is stored (that first request went the long way)."""
+
+    proxy: Proxy
+    long_way: LongWay
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@pytest.fixture
+async def warm(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
-) -> None:
+) -> Warm:
     p = await fresh_proxy(make_proxy, sandbox, tmp_path)
     long_way = LongWay(p)
-    status, headers, first = await get(client, p.url + LIST)
+    status, headers, body = await get(client, p.url + LIST)
     assert (status, headers["X-Cache"], long_way.count) == (200, "MISS", 1)
+    return Warm(p, long_way, headers, body)
+
+
+async def test_a_plain_fresh_hit_skips_the_long_way_and_answers_the_same(
+    warm: Warm, sandbox: Sandbox, client: aiohttp.ClientSession
+) -> None:
+    p, long_way, first = warm.proxy, warm.long_way, warm.body
     fast = [await get(client, p.url + LIST) for _ in range(3)]
     assert long_way.count == 1  # none of the three went the long way
     # An unknown Pragma changes nothing in the answer, but sends the request the long way.
@@ -86,11 +106,9 @@ async def test_a_plain_fresh_hit_skips_the_long_way_and_answers_the_same(
 
 
 async def test_fast_hits_are_counted_like_the_long_way(
-    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+    warm: Warm, client: aiohttp.ClientSession
 ) -> None:
-    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
-    long_way = LongWay(p)
-    await get(client, p.url + LIST)
+    p, long_way = warm.proxy, warm.long_way
     sample = p.registry.get_sample_value
 
     def counts() -> tuple[float | None, ...]:
@@ -132,8 +150,6 @@ async def test_fast_hits_are_counted_like_the_long_way(
         ("GET", {"Cache-Control": "no-cache"}, (200, "REVALIDATED")),
         ("GET", {"Cache-Control": "max-age=0"}, (200, "REVALIDATED")),
         ("GET", {"Pragma": "no-cache"}, (200, "REVALIDATED")),
-        ("GET", {"If-None-Match": "*"}, (304, "HIT")),
-        ("GET", {"If-Modified-Since": "Sat, 28 Nov 2099 00:00:00 GMT"}, (304, "HIT")),
         ("GET", {"Range": "bytes=0-10"}, (200, "BYPASS")),
         ("GET", {"If-Match": "*"}, (200, "BYPASS")),
         ("GET", {"X-Proxy-All-Pages": "1"}, (200, "-")),
@@ -144,20 +160,65 @@ async def test_fast_hits_are_counted_like_the_long_way(
     ],
 )
 async def test_anything_but_a_plain_get_goes_the_long_way(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
+    warm: Warm,
     client: aiohttp.ClientSession,
     method: str,
     headers: dict[str, str],
     expected: tuple[int, str],
 ) -> None:
-    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
-    long_way = LongWay(p)
-    await get(client, p.url + LIST)
-    status, got, _ = await get(client, p.url + LIST, method, **headers)
+    status, got, _ = await get(client, warm.proxy.url + LIST, method, **headers)
     assert (status, got.get("X-Cache", "-")) == expected
+    assert warm.long_way.count == 2
+
+
+async def test_callers_conditionals_get_the_long_ways_304_on_the_fast_path(
+    warm: Warm, client: aiohttp.ClientSession
+) -> None:
+    p, long_way, body = warm.proxy, warm.long_way, warm.body
+    etag = warm.headers["ETag"]
+    fast = await get(client, p.url + LIST, **{"If-None-Match": f'"nope", W/{etag}'})
+    assert long_way.count == 1
+    slow = await get(client, p.url + LIST, **{"If-None-Match": etag, "Pragma": "x-whatever"})
     assert long_way.count == 2
+    for status, got, content in (fast, slow):
+        assert (status, got["X-Cache"], got["ETag"], content) == (304, "HIT", etag, b"")
+        assert "Content-Type" not in got
+    assert steady(fast[1]) == steady(slow[1])
+    cases = [
+        ({"If-None-Match": '"nope"'}, 200),
+        ({"If-None-Match": "*"}, 304),
+        ({"If-Modified-Since": "Sat, 28 Nov 2099 00:00:00 GMT"}, 304),
+        ({"If-Modified-Since": "Sat, 28 Nov 1999 00:00:00 GMT"}, 200),
+        ({"If-Modified-Since": "not a date"}, 200),
+        # If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2)
+        ({"If-None-Match": '"nope"', "If-Modified-Since": "Sat, 28 Nov 2099 00:00:00 GMT"}, 200),
+    ]
+    for conditionals, expected in cases:
+        status, got, content = await get(client, p.url + LIST, **conditionals)
+        assert (status, got["X-Cache"]) == (expected, "HIT"), conditionals
+        assert content == (body if expected == 200 else b"")
+    assert long_way.count == 2
+    sample = p.registry.get_sample_value
+    labels = {"result": "not_modified", "reason": "caller_conditional"}
+    assert sample("kounta_proxy_cache_lookups_total", labels) == 4
+    route = {"method": "GET", "route": "/v1/companies/{id}/customers", "cache": "HIT"}
+    assert sample("kounta_proxy_requests_total", {**route, "status_class": "3xx"}) == 4
+    assert sample("kounta_proxy_requests_total", {**route, "status_class": "2xx"}) == 4
+
+
+async def test_a_failure_in_the_fast_path_leaves_the_answer_to_the_long_way(
+    warm: Warm, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    warm.long_way.fast.cache.fresh_hit = broken  # type: ignore[method-assign]
+    status, headers, again = await get(client, warm.proxy.url + LIST)
+    assert (status, headers["X-Cache"], again) == (200, "HIT", warm.body)
+    assert warm.long_way.count == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "fast_path_failed"
+    ]
 
 
 async def test_bad_requests_are_refused_by_the_long_way_once(
@@ -238,16 +299,11 @@ async def test_a_write_through_the_proxy_ends_fast_hits_at_once(
 
 
 async def test_fast_hits_write_the_access_line(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    caplog: pytest.LogCaptureFixture,
+    warm: Warm, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="kounta_proxy")
-    p = await fresh_proxy(make_proxy, sandbox, tmp_path)
-    await get(client, p.url + LIST)
-    _, headers, body = await get(client, p.url + LIST, **{"X-Request-ID": "trace-42"})
+    url = warm.proxy.url + LIST
+    _, headers, body = await get(client, url, **{"X-Request-ID": "trace-42"})
     assert headers["X-Request-ID"] == "trace-42"
     lines = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
     last = lines[-1]
