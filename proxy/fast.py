@@ -9,8 +9,8 @@ machinery it does not need: routing, middleware calls, building a
 This path sits in front of the application (:func:`wrap`, installed by
 :class:`proxy.server.Runner`) and answers only the plainest requests: GET over HTTP/1.x,
 no body, no Cache-Control or Pragma, no If-Match, If-Unmodified-Since or Range, no
-all-pages paging, no Connection options, a target and a caller the long way accepts, and
-an entry in the memory tier that is fresh, a 200, and without extra Vary names. The
+all-pages paging, no Connection options, a Host, target and caller the long way accepts,
+and an entry in the memory tier that is fresh, a 200, and without extra Vary names. The
 caller's own If-None-Match and If-Modified-Since are answered here too (304). Its answer
 is the one the long way gives (same headers from the same functions, same metrics, same
 access line). Anything else goes the long way, untouched: nothing here refuses or counts
@@ -35,7 +35,7 @@ from proxy.handlers import Exchange, answer_headers, caller_view, request_id
 from proxy.headers import SERVER_NAME, has_bad_value
 from proxy.logs import log
 from proxy.paging import HEADER as ALL_PAGES
-from proxy.target import Target, parse_target
+from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -89,6 +89,9 @@ class FastPath:
         for name in LONG_WAY_HEADERS:
             if name in headers:
                 return None
+        host = headers.get("Host")
+        if host is not None and not valid_host(host):
+            return None
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
             return None

@@ -34,7 +34,7 @@ from proxy.headers import SERVER_NAME, VIA, for_caller, for_upstream, has_bad_va
 from proxy.logs import event
 from proxy.messages import Body, ProxyRequest, ProxyResponse
 from proxy.rewrite import REWRITTEN_HEADERS, rewrite_url
-from proxy.target import Target, parse_target
+from proxy.target import Target, parse_target, valid_host
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CHUNK = 64 * 1024
@@ -94,6 +94,11 @@ def guard(request: web.Request) -> Target:
     if request.method not in METHODS:
         raise MethodNotAllowed(f"Method {request.method} is not proxied")
     check_framing(request)
+    host = request.headers.get("Host")
+    if host is not None and not valid_host(host):
+        # RFC 9112 3.2: a server MUST answer 400 to an invalid Host (missing or repeated
+        # in HTTP/1.1 is refused by aiohttp's parser already).
+        raise InvalidRequest("The Host header is not a valid host[:port]")
     if request.raw_path == "*" and request.method == "OPTIONS":
         return ASTERISK
     return parse_target(request.raw_path)

@@ -8,6 +8,7 @@ passed on byte for byte, because Kounta's paging cursors are opaque.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,16 @@ _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 _QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%\[\]|{}^`\"<> ]*")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _FORBIDDEN_ESCAPES = re.compile(r"%(2f|5c|00|0a|0d|2e)", re.IGNORECASE)
+
+
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ]; empty is allowed (RFC 9112 3.2).
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
+
+
+@functools.lru_cache(maxsize=256)
+def valid_host(value: str) -> bool:
+    """Whether a Host field value is ``host[:port]`` (callers send a handful: remembered)."""
+    return _HOST.fullmatch(value) is not None
 
 
 class InvalidTarget(InvalidRequest):

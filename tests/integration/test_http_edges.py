@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.settings import ServerSettings
+from proxy.settings import CacheRule, CacheSettings, ServerSettings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 
 
@@ -159,6 +159,24 @@ async def test_ambiguous_framing_is_refused_with_json_400(proxy: Proxy, sandbox:
         assert got.header("Content-Type") == "application/json; charset=utf-8", payload
         assert got.json()["error"] == "invalid_request", payload
     assert sandbox.state.served() == 0
+
+
+async def test_an_invalid_host_is_400_the_fast_way_and_the_long_way(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any
+) -> None:
+    # RFC 9112 3.2 (nginx: "client sent invalid host header"). The target is stored fresh,
+    # so with a good Host the same request is a fresh hit on the fast path.
+    cache = CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),))
+    p = await make_proxy(proxy_settings(sandbox.url, tmp_path, cache=cache))
+    fresh = request("GET", "/v1/companies/me.json")
+    assert (await answer_of(p.url, fresh)).status == 200
+    assert (await answer_of(p.url, fresh)).header("X-Cache") == "HIT"
+    for host in ("a b", "a/b", "x@evil"):
+        got = await answer_of(p.url, fresh.replace(b"Host: x", f"Host: {host}".encode()))
+        assert got.status == 400, host
+        assert got.json()["error"] == "invalid_request", host
+        assert "Host" in got.json()["error_description"], host
+    assert sandbox.state.served() == 1
 
 
 async def test_unknown_transfer_coding_is_501_like_nginx(proxy: Proxy, sandbox: Sandbox) -> None:

@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from proxy.errors import NotFound
-from proxy.target import InvalidTarget, Target, parse_target, upstream_url
+from proxy.target import InvalidTarget, Target, parse_target, upstream_url, valid_host
 
 BASE = URL("https://api.kounta.com")
 
@@ -101,3 +101,25 @@ def test_arbitrary_bytes_never_escape_the_origin(data: bytes) -> None:
     assert url.host == "api.kounta.com"
     assert url.scheme == "https"
     assert url.port == 443
+
+
+@pytest.mark.parametrize(
+    ("host", "valid"),
+    [
+        ("api.example.com", True),
+        ("localhost:8080", True),
+        ("127.0.0.1:9", True),
+        ("[::1]:8080", True),
+        ("", True),  # RFC 9112 3.2: empty is allowed
+        ("a.example:", True),  # an empty port is allowed by RFC 3986
+        ("a b", False),
+        ("a/b", False),
+        ("a\\b", False),
+        ("a@b", False),
+        ("[::1", False),
+        ("a:80:80", False),
+        ("a:http", False),
+    ],
+)
+def test_host_values(host: str, valid: bool) -> None:
+    assert valid_host(host) is valid
