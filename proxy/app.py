@@ -73,6 +73,9 @@ class Context:
 
 
 CONTEXT = web.AppKey("context", Context)
+# Set on the proxy application only (the admin application shares its CONTEXT): where
+# proxy.server.Runner may put the fresh-hit fast path in front.
+PROXY_APP = web.AppKey("proxy_app", bool)
 
 
 def create_app(
@@ -100,6 +103,7 @@ def create_app(
     for name, provider in ctx.providers.items():
         ctx.checks[f"token:{name}"] = provider.problem
     app[CONTEXT] = ctx
+    app[PROXY_APP] = True
     ctx.admin_routes.append(web.get("/budget", budget_status))
     install_cache(app, ctx)  # before the pipeline: the store must be open when it is built
     app.cleanup_ctx.append(_pipeline_ctx(upstream))

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.app import CONTEXT, access_line, route_of
+from proxy.app import CONTEXT, PROXY_APP, access_line, route_of
 from proxy.cache import Cache
 from proxy.errors import ProxyError
 from proxy.handlers import Exchange, answer_headers, caller_view, request_id
@@ -135,8 +135,9 @@ class FastPath:
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:
-    """``inner`` with the fast path in front, for a proxy application with a cache."""
+    """``inner`` with the fast path in front, for the proxy application with a cache
+    (not the admin application, which shares its context, nor the sandbox)."""
     ctx = app.get(CONTEXT)
-    if ctx is None or ctx.cache is None:
+    if not app.get(PROXY_APP) or ctx is None or ctx.cache is None:
         return inner
     return FastPath(app, ctx.cache, inner)

@@ -17,6 +17,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.admin import create_admin_app
+from proxy.app import CONTEXT
 from proxy.fast import FastPath
 from proxy.settings import CacheRule, CacheSettings, CallerSettings, RetrySettings, Secret
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
@@ -343,3 +345,17 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, 
     headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
     body = await reader.readexactly(int(headers[b"content-length"]))
     return status, headers, body
+
+
+async def test_the_admin_listener_never_answers_from_the_cache(
+    warm: Warm, client: aiohttp.ClientSession
+) -> None:
+    runner, port = await serve(create_admin_app(warm.proxy.app[CONTEXT]))
+    try:
+        assert not isinstance(runner.server.request_handler, FastPath)  # type: ignore[union-attr]
+        status, _, body = await get(client, f"http://127.0.0.1:{port}{LIST}")
+        assert status == 404 and body != warm.body
+        status, headers, _ = await get(client, warm.proxy.url + LIST)
+        assert (status, headers["X-Cache"]) == (200, "HIT")  # stored and fresh all along
+    finally:
+        await runner.cleanup()
