@@ -1,14 +1,18 @@
 """The cache benchmark: the proxy against the sandbox on loopback, driven by wrk.
 
 Every server runs as its own process (sandbox, proxy with cache, proxy without cache,
-minimal aiohttp handler), so the numbers are the servers' and not the load generator's.
-One table: requests/s, p50, p99, upstream requests per client request, and the
-proxy's RSS after each scenario; then the target ratios from this same run.
+minimal aiohttp handlers), all started before the first measurement. The scenarios are
+then measured in ROUNDS interleaved rounds (every scenario once per round), and each row
+reports the round with the median requests/s: this machine's speed drifts by tens of
+percent within a minute, and interleaving exposes every scenario to the same drift, so
+the ratios compare like with like. One table: requests/s, p50, p99, upstream requests per
+client request, and the proxy's RSS after each scenario; then the target ratios.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -29,8 +33,9 @@ TOKEN = "bench-token"
 COMPANY = "/v1/companies/5001"
 FRESH = f"{COMPANY}/products.json"  # a rule makes it fresh for an hour
 REVALIDATED = f"{COMPANY}/customers.json"  # no rule: revalidated every time
-DURATION = 5
+DURATION = 3
 CONNECTIONS = 32
+ROUNDS = 3
 
 
 @dataclass
@@ -135,11 +140,11 @@ def _pct(out: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-async def aio_load(url: str, headers: dict[str, str], unique: bool) -> Result:
+async def aio_load(url: str, headers: dict[str, str], unique: bool, run: int = 0) -> Result:
     """Fallback generator when wrk is unavailable (slower: compare ratios, not absolutes)."""
     latencies: list[float] = []
     stop = time.monotonic() + DURATION
-    counter = iter(range(10**12))
+    counter = iter(range(run * 10**9, 10**13))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while time.monotonic() < stop:
@@ -157,13 +162,14 @@ async def aio_load(url: str, headers: dict[str, str], unique: bool) -> Result:
     return Result("", n / DURATION, latencies[n // 2] * 1000, latencies[int(n * 0.99)] * 1000, n)
 
 
+# Unique queries: BASE differs per run, so a later round misses as the first did.
 MISS_SCRIPT = """
 local threads = 0
 function setup(thread) threads = threads + 1; thread:set("tid", threads) end
 local n = 0
 function request()
   n = n + 1
-  return wrk.format(nil, wrk.path .. "?start=" .. (tid * 100000000 + n + 1000000))
+  return wrk.format(nil, wrk.path .. "?start=" .. (BASE + tid * 100000000 + n))
 end
 """
 
@@ -178,13 +184,17 @@ class Bench:
         self.sandbox_port = free_port()
         self.sandbox = f"http://127.0.0.1:{self.sandbox_port}"
         self.miss_script = directory / "miss.lua"
-        self.miss_script.write_text(MISS_SCRIPT)
+        self.miss_runs = 0
 
     def load(self, url: str, headers: dict[str, str] | None = None, unique: bool = False) -> Result:
         headers = headers or {}
+        if unique:
+            self.miss_runs += 1
+            base = 1_000_000 + self.miss_runs * 1_000_000_000
+            self.miss_script.write_text(f"local BASE = {base}\n{MISS_SCRIPT}")
         if self.wrk is not None:
             return wrk(self.wrk, url, headers, self.miss_script if unique else None)
-        return asyncio.run(aio_load(url, headers, unique))
+        return asyncio.run(aio_load(url, headers, unique, self.miss_runs))
 
     def served(self) -> int:
         import urllib.request
@@ -236,79 +246,108 @@ def big_product(sandbox: str) -> str:
     return f"{COMPANY}/products/{created['id']}.json"
 
 
+@dataclass
+class Scenario:
+    name: str
+    url: str
+    headers: dict[str, str] | None = None
+    unique: bool = False
+    pid: int | None = None  # the process whose RSS is shown
+    count_upstream: bool = True
+
+
 def run() -> list[Result]:
     binary = ensure_wrk()
     print(f"load generator: {binary or 'aiohttp (wrk unavailable)'}", file=sys.stderr)
     directory = Path(tempfile.mkdtemp(prefix="kounta-bench-"))
     bench = Bench(directory, binary)
     py = sys.executable
-    results: list[Result] = []
     sandbox_args = [py, "-m", "proxy.sandbox", "--port", str(bench.sandbox_port)]
     sandbox_args += ["--token", TOKEN, "--rate-bearer", "100000000"]
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
-        with process(sandbox_args, bench.sandbox_port):
+        with contextlib.ExitStack() as servers:
+            servers.enter_context(process(sandbox_args, bench.sandbox_port))
             big = big_product(bench.sandbox)
             small_body, _ = fetch(bench.sandbox + FRESH, auth)
             large_body, _ = fetch(bench.sandbox + big, auth)
             (directory / "small.json").write_bytes(small_body)
             (directory / "large.json").write_bytes(large_body)
-            results += scenarios_proxy(bench, py, big)
-            results += scenarios_passthrough(bench, py, big)
-            results += scenarios_minimal(bench, py)
-            results.append(bench.measure("sandbox direct: small", bench.sandbox + FRESH, auth))
-            results.append(bench.measure("sandbox direct: 500 KB", bench.sandbox + big, auth))
+            scenarios, cached_pid = start_servers(servers, bench, py, big)
+            results = measure_rounds(bench, scenarios)
+            peak = rss_mb(cached_pid, "VmHWM")
+            results.insert(5, Result("proxy: peak RSS (VmHWM)", 0, 0, 0, 0, None, peak))
+            sandbox = bench.sandbox
+            results.append(bench.measure("sandbox direct: small", sandbox + FRESH, auth))
+            results.append(bench.measure("sandbox direct: 500 KB", sandbox + big, auth))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return results
 
 
-def scenarios_proxy(bench: Bench, py: str, big: str) -> list[Result]:
-    port = free_port()
-    config = proxy_config(bench.directory, bench.sandbox, port, cache=True)
-    base = f"http://127.0.0.1:{port}"
-    out: list[Result] = []
-    with process([py, "-m", "proxy", "serve", "--config", str(config)], port) as proc:
-        _, headers = fetch(base + FRESH)  # warm
-        fetch(base + REVALIDATED)
-        fetch(base + big)
-        m = bench.measure
-        out.append(m("proxy: fresh hit", base + FRESH, pid=proc.pid))
-        out.append(m("proxy: revalidated hit", base + REVALIDATED, pid=proc.pid))
-        out.append(m("proxy: miss", base + REVALIDATED, unique=True, pid=proc.pid))
-        inm = {"If-None-Match": headers["etag"]}
-        out.append(m("proxy: caller 304", base + FRESH, inm, pid=proc.pid))
-        out.append(m("proxy: 500 KB revalidated hit", base + big, pid=proc.pid))
-        out[-1].rss_mb = rss_mb(proc.pid)
-        peak = rss_mb(proc.pid, "VmHWM")
-        out.append(Result("proxy: peak RSS (VmHWM)", 0, 0, 0, 0, None, peak))
-    return out
-
-
-def scenarios_passthrough(bench: Bench, py: str, big: str) -> list[Result]:
-    port = free_port()
-    config = proxy_config(bench.directory, bench.sandbox, port, cache=False)
-    base = f"http://127.0.0.1:{port}"
-    with process([py, "-m", "proxy", "serve", "--config", str(config)], port) as proc:
-        fetch(base + REVALIDATED)
-        return [
-            bench.measure("pass-through: small", base + REVALIDATED, pid=proc.pid),
-            bench.measure("pass-through: 500 KB", base + big, pid=proc.pid),
-        ]
-
-
-def scenarios_minimal(bench: Bench, py: str) -> list[Result]:
-    out: list[Result] = []
-    for name, file in (("small", "small.json"), ("500 KB", "large.json")):
+def start_servers(
+    servers: contextlib.ExitStack, bench: Bench, py: str, big: str
+) -> tuple[list[Scenario], int]:
+    """Start the proxies and the minimal handlers, warm them; the scenarios, in order."""
+    proxies: dict[bool, tuple[str, int]] = {}
+    for cache in (True, False):
+        port = free_port()
+        config = proxy_config(bench.directory, bench.sandbox, port, cache=cache)
+        args = [py, "-m", "proxy", "serve", "--config", str(config)]
+        proc = servers.enter_context(process(args, port))
+        proxies[cache] = (f"http://127.0.0.1:{port}", proc.pid)
+    minimal: dict[str, tuple[str, int]] = {}
+    for file in ("small.json", "large.json"):
         port = free_port()
         args = [py, "-m", "bench.minimal", "--port", str(port)]
-        args += ["--file", str(bench.directory / file)]
-        with process(args, port) as proc:
-            url = f"http://127.0.0.1:{port}/x"
-            out.append(
-                bench.measure(f"minimal aiohttp: {name}", url, pid=proc.pid, count_upstream=False)
+        proc = servers.enter_context(process([*args, "--file", str(bench.directory / file)], port))
+        minimal[file] = (f"http://127.0.0.1:{port}/x", proc.pid)
+    (base, pid), (plain, plain_pid) = proxies[True], proxies[False]
+    _, headers = fetch(base + FRESH)  # warm: stored from here on
+    for url in (base + REVALIDATED, base + big, plain + REVALIDATED):
+        fetch(url)
+    inm = {"If-None-Match": headers["etag"]}
+    scenarios = [
+        Scenario("proxy: fresh hit", base + FRESH, pid=pid),
+        Scenario("proxy: revalidated hit", base + REVALIDATED, pid=pid),
+        Scenario("proxy: miss", base + REVALIDATED, unique=True, pid=pid),
+        Scenario("proxy: caller 304", base + FRESH, inm, pid=pid),
+        Scenario("proxy: 500 KB revalidated hit", base + big, pid=pid),
+        Scenario("pass-through: small", plain + REVALIDATED, pid=plain_pid),
+        Scenario("pass-through: 500 KB", plain + big, pid=plain_pid),
+    ]
+    for name, file in (("small", "small.json"), ("500 KB", "large.json")):
+        url, mpid = minimal[file]
+        scenarios.append(Scenario(f"minimal aiohttp: {name}", url, pid=mpid, count_upstream=False))
+    return scenarios, pid
+
+
+def measure_rounds(bench: Bench, scenarios: list[Scenario]) -> list[Result]:
+    """Every scenario once per round; per scenario, the round with the median req/s."""
+    runs: dict[str, list[Result]] = {s.name: [] for s in scenarios}
+    print("warm-up", file=sys.stderr, flush=True)
+    for s in scenarios:  # first requests fill memos and warm the interpreter
+        if bench.wrk is not None and not s.unique:
+            subprocess.run(
+                [bench.wrk, "-t1", "-c4", "-d1s", s.url], capture_output=True, check=True
             )
-    return out
+    for round_no in range(1, ROUNDS + 1):
+        print(f"round {round_no} of {ROUNDS}", file=sys.stderr, flush=True)
+        for s in scenarios:
+            runs[s.name].append(
+                bench.measure(s.name, s.url, s.headers, s.unique, s.pid, s.count_upstream)
+            )
+    results = []
+    for s in scenarios:
+        ordered = sorted(runs[s.name], key=lambda r: r.rps)
+        median = ordered[len(ordered) // 2]
+        if s.count_upstream:  # over every round: more requests, a steadier ratio
+            sent = sum(r.requests for r in ordered)
+            upstream = sum((r.upstream_per_request or 0.0) * r.requests for r in ordered)
+            median.upstream_per_request = upstream / max(1, sent)
+        median.rss_mb = max((r.rss_mb or 0.0) for r in ordered) or None
+        results.append(median)
+    return results
 
 
 # --------------------------------------------------------------------------- report

@@ -20,7 +20,10 @@ def main() -> int:
         return fleet.main([a for a in sys.argv[1:] if a != "--fleet"])
     started = time.monotonic()
     results = cache_bench.run()
-    print("\n## Cache benchmark (loopback, wrk -t2 -c32 -d5s per row)\n")
+    print(
+        f"\n## Cache benchmark (loopback, wrk -t2 -c{cache_bench.CONNECTIONS} "
+        f"-d{cache_bench.DURATION}s, median of {cache_bench.ROUNDS} interleaved rounds)\n"
+    )
     print(cache_bench.table(results))
     print()
     print(cache_bench.ratios(results))

@@ -185,7 +185,8 @@ class Cache:
             return None
         self._count("hit", "fresh")
         age = int(decision.age)
-        if not_modified(200, entry.headers, headers):
+        conditional = "If-None-Match" in headers or "If-Modified-Since" in headers
+        if conditional and not_modified(200, entry.headers, headers):
             self._count("not_modified", "caller_conditional")
             return 304, not_modified_headers(entry.headers), b"", age
         return 200, entry.headers, stored.body, age

@@ -32,7 +32,7 @@ from proxy.app import CONTEXT, PROXY_APP, access_line, route_of
 from proxy.cache import Cache
 from proxy.errors import ProxyError
 from proxy.handlers import Exchange, answer_headers, caller_view, request_id
-from proxy.headers import SERVER_NAME, has_bad_value
+from proxy.headers import SERVER_NAME
 from proxy.logs import log
 from proxy.paging import HEADER as ALL_PAGES
 from proxy.target import Target, parse_target, valid_host
@@ -67,8 +67,9 @@ class FastPath:
         self.inner = inner
         self.upstream = self.ctx.settings.upstream.url
         self.public = self.ctx.settings.server.public_url
-        # Accepted request targets (refusals are never remembered: the long way words them).
-        self._targets: dict[str, Target] = {}
+        # Accepted request targets and their route labels (refusals are never remembered:
+        # the long way words them).
+        self._targets: dict[str, tuple[Target, str]] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -95,9 +96,12 @@ class FastPath:
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
             return None
-        target = self._target(request.raw_path)
-        if target is None or has_bad_value(headers.items()) is not None:
+        # No CR, LF or NUL check on header values here: aiohttp's parsers (C and pure
+        # Python) refuse them before any handler runs; the long way checks again.
+        known = self._target(request)
+        if known is None:
             return None
+        target, route = known
         ctx = self.ctx
         caller = ctx.callers.find(headers)
         if caller is None:
@@ -113,7 +117,6 @@ class FastPath:
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
-        route = route_of(request.path)
         ctx.metrics.request_done("GET", route, status, "HIT", elapsed)
         if log.isEnabledFor(logging.INFO):
             info = Exchange(rid, caller.name, caller.account, "HIT", target)
@@ -121,17 +124,19 @@ class FastPath:
             access_line(request, info, route, status, elapsed, [])
         return response
 
-    def _target(self, raw: str) -> Target | None:
-        target = self._targets.get(raw)
-        if target is None:
+    def _target(self, request: web.BaseRequest) -> tuple[Target, str] | None:
+        """The request's target and route label, remembered by raw target."""
+        raw = request.raw_path
+        known = self._targets.get(raw)
+        if known is None:
             try:
                 target = parse_target(raw)
             except ProxyError:
                 return None
             if len(self._targets) >= TARGETS_MAX:
                 self._targets.clear()
-            self._targets[raw] = target
-        return target
+            known = self._targets[raw] = (target, route_of(request.path))
+        return known
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:

@@ -339,6 +339,21 @@ async def test_keep_alive_and_http_1_0_over_one_connection(
     writer.close()
 
 
+async def test_control_characters_in_headers_never_reach_the_fast_path(warm: Warm) -> None:
+    # The fast path does not look for CR, LF or NUL in header values: the parser refuses
+    # them first (JSON, via proxy.server), which this pins down.
+    host, port = warm.proxy.url.removeprefix("http://").split(":")
+    for bad in (b"a\x00b", b"a\rb", b"a\x01b"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET " + LIST.encode() + b" HTTP/1.1\r\nHost: x\r\nX-A: " + bad + b"\r\n\r\n")
+        status, headers, body = await read_answer(reader)
+        writer.close()
+        assert status.endswith(b" 400 Bad Request"), bad
+        assert headers[b"content-type"].startswith(b"application/json"), bad
+        assert b'"invalid_request"' in body, bad
+    assert warm.long_way.count == 1
+
+
 async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     status, *lines = head[:-4].split(b"\r\n")
