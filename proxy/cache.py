@@ -26,7 +26,6 @@ from proxy import errors
 from proxy.cache_policy import (
     CALLER_CONDITIONALS,
     ERROR_STATUSES,
-    NO_CONTROL,
     SELECTING,
     UNSAFE_METHODS,
     Entry,
@@ -42,6 +41,7 @@ from proxy.cache_policy import (
     ServeStale,
     bypass,
     cache_key,
+    fresh_age,
     invalidation,
     lookup,
     merge_304,
@@ -180,11 +180,11 @@ class Cache:
         entry = stored.entry
         if entry.status != 200 or entry.vary:  # extra Vary names: compared the long way
             return None
-        decision = lookup(entry, headers, NO_CONTROL, self.clock())
-        if not isinstance(decision, FreshHit):
+        fresh = fresh_age(entry, self.clock())
+        if fresh is None:
             return None
         self._count("hit", "fresh")
-        age = int(decision.age)
+        age = int(fresh)
         conditional = "If-None-Match" in headers or "If-Modified-Since" in headers
         if conditional and not_modified(200, entry.headers, headers):
             self._count("not_modified", "caller_conditional")

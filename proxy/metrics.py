@@ -10,17 +10,127 @@ codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import platform
-from typing import Any
+import time
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy import __version__
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
+
+
+class _Count:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _Observations:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a bucket's le is inclusive
+        self.sum += value
+
+
+Child = TypeVar("Child", _Count, _Observations)
+
+
+class _LoopFamily(Collector, Generic[Child]):
+    """A labelled metric for the hottest path: updated on the event loop only, so plain
+    floats and no lock (prometheus-client locks on every update, for threads we do not
+    have), and exposed exactly like prometheus-client's own. ``labels(...)`` returns a
+    child, as there."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._children: dict[tuple[str, ...], Child] = {}
+        registry.register(self)
+
+    def labels(self, *values: object) -> Child:
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
+            child = self._children[key] = self._child()
+        return child
+
+    def _child(self) -> Child:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+
+class LoopCounter(_LoopFamily[_Count]):
+    """A counter (``_total``, ``_created``); children have ``inc``."""
+
+    def _child(self) -> _Count:
+        return _Count()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for key, child in list(self._children.items()):
+            family.add_metric(key, child.value, created=child.created)
+        return [family]
+
+
+class LoopHistogram(_LoopFamily[_Observations]):
+    """A histogram (``_bucket``, ``_count``, ``_sum``); children have ``observe``."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.bounds = tuple(float(b) for b in buckets)
+        self._les = [repr(b) for b in self.bounds] + ["+Inf"]  # as prometheus-client writes them
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> _Observations:
+        return _Observations(self.bounds)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for key, child in list(self._children.items()):
+            cumulative = map(float, itertools.accumulate(child.counts))
+            buckets = list(zip(self._les, cumulative, strict=True))
+            family.add_metric(key, buckets, sum_value=child.sum)
+        return [family]
 
 
 class Metrics:
@@ -57,13 +167,13 @@ class Metrics:
             }
         )
         # --- requests (inbound, recorded by app.access_middleware)
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "kounta_proxy_requests",
             "Requests answered, by method, route template, status class and cache status.",
             ["method", "route", "status_class", "cache"],
             registry=registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             "kounta_proxy_request_duration_seconds",
             "Time to answer a request (to the end of the body).",
             ["route", "cache"],
@@ -195,7 +305,7 @@ class Metrics:
             ["account", "outcome"],
             registry=registry,
         )
-        self.caller_requests = Counter(
+        self.caller_requests = LoopCounter(
             "kounta_proxy_caller_requests",
             "Inbound requests by caller name (from [callers.NAME], or anonymous) and account.",
             ["caller", "account"],
@@ -218,7 +328,7 @@ class Metrics:
             "Bytes the disk cache occupies (refreshed when stats are taken).",
             registry=registry,
         )
-        self.cache_lookups = Counter(
+        self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
             "Cache outcomes by result (hit, miss, revalidated, stale, bypass) and reason "
             "(e.g. fresh, not_modified, changed, cold, error, while_revalidate, no_store).",

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from proxy.cache_policy import (
+    NO_CONTROL,
     Bypass,
     Entry,
     FreshHit,
@@ -25,6 +26,7 @@ from proxy.cache_policy import (
     bypass,
     cache_key,
     directives,
+    fresh_age,
     freshness_lifetime,
     initial_age,
     invalidation,
@@ -402,6 +404,24 @@ def test_lookup(
         assert isinstance(result, Revalidate)
     else:
         assert result == expected
+
+
+seconds_st = st.floats(min_value=0, max_value=10**6, allow_nan=False)
+
+
+@given(seconds_st, seconds_st, seconds_st, st.floats(-1000, 10**6), st.booleans())
+def test_fresh_age_is_lookups_fresh_hit_without_cache_control(
+    fresh_for: float, initial: float, swr: float, elapsed: float, strict: bool
+) -> None:
+    stored = entry(
+        fresh_for=fresh_for, initial_age=initial, stale_while_revalidate=swr, strict=strict
+    )
+    decision = lookup(stored, {}, NO_CONTROL, NOW + elapsed)
+    age = fresh_age(stored, NOW + elapsed)
+    if isinstance(decision, FreshHit):
+        assert age == decision.age
+    else:
+        assert age is None
 
 
 @pytest.mark.parametrize(
