@@ -7,7 +7,9 @@ handler (the long way) behind the fast path, so it can tell which way a request 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +173,62 @@ async def test_anything_but_a_plain_get_goes_the_long_way(
     status, got, _ = await get(client, warm.proxy.url + LIST, method, **headers)
     assert (status, got.get("X-Cache", "-")) == expected
     assert warm.long_way.count == 2
+
+
+def combinations(etag: str, count: int) -> list[tuple[str, dict[str, str]]]:
+    """Seeded, so a failure repeats: targets and request headers the fast path must read
+    exactly as the long way does (or leave to it)."""
+    rng = random.Random(20261128)
+    choices: dict[str, list[str | None]] = {
+        "Accept": [None, "*/*", "application/json", "text/html", "application/json, */*"],
+        "If-None-Match": [None] * 6 + [etag, f"W/{etag}", '"nope"', "*", f'"nope", {etag}', "x"],
+        "If-Modified-Since": [
+            None,
+            "Sat, 28 Nov 2099 00:00:00 GMT",
+            "Mon, 01 Jan 1990 00:00:00 GMT",
+            "x",
+        ],
+        "X-Pretty-Print": [None, "1"],
+        "X-Page": [None, "2"],
+        "Connection": [None, "keep-alive", "X-Page"],
+        "X-Request-ID": [None, "given-id-1", "bad id"],
+        "Authorization": [None, "Bearer somebody-elses-kounta-token"],
+    }
+    targets = [LIST, "/v1/companies/5001/customers", LIST + "?x=1", "/v1/companies/me.json"]
+    out = []
+    for _ in range(count):
+        headers = {}
+        for name, values in choices.items():
+            value = rng.choice(values)
+            if value is not None:
+                headers[name] = value
+        out.append((rng.choice(targets), headers))
+    return out
+
+
+async def test_the_fast_way_and_the_long_way_give_the_same_answers(
+    warm: Warm, client: aiohttp.ClientSession
+) -> None:
+    p, long_way = warm.proxy, warm.long_way
+    fast: collections.Counter[int] = collections.Counter()
+    for target, headers in combinations(warm.headers["ETag"], 150):
+        first = await get(client, p.url + target, **headers)  # stores what can be stored
+        before = long_way.count
+        plain = await get(client, p.url + target, **headers)
+        went_fast = long_way.count == before
+        if went_fast:
+            fast[plain[0]] += 1
+        slow = await get(client, p.url + target, Pragma="x-whatever", **headers)
+        assert long_way.count > before, (target, headers)  # the Pragma one went the long way
+        assert (plain[0], plain[2]) == (slow[0], slow[2]), (target, headers)
+        assert steady(plain[1]) == steady(slow[1]), (target, headers)
+        assert ("X-Request-ID" in plain[1]) == ("X-Request-ID" in slow[1])
+        if plain[1].get("X-Cache") == "HIT" and "Connection" not in headers:
+            assert went_fast, (target, headers)  # a plain fresh hit never takes the long way
+        if "X-Request-ID" in headers and headers["X-Request-ID"] == "given-id-1":
+            assert plain[1]["X-Request-ID"] == slow[1]["X-Request-ID"] == "given-id-1"
+        assert first[0] == plain[0] or first[1].get("X-Cache") == "MISS"
+    assert fast[200] >= 10 and fast[304] >= 5  # both kinds of fast answer were compared
 
 
 async def test_callers_conditionals_get_the_long_ways_304_on_the_fast_path(
