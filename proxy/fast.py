@@ -30,8 +30,9 @@ from aiohttp import web
 
 from proxy.app import CONTEXT, PROXY_APP, access_line, route_of
 from proxy.cache import Cache
+from proxy.cache_policy import UNHANDLED_CONDITIONALS
 from proxy.errors import ProxyError
-from proxy.handlers import Exchange, answer_headers, caller_view, request_id
+from proxy.handlers import VERSIONS, Exchange, answer_headers, caller_view, request_id
 from proxy.headers import SERVER_NAME
 from proxy.logs import log
 from proxy.paging import HEADER as ALL_PAGES
@@ -46,15 +47,11 @@ LONG_WAY_HEADERS = (
     "Expect",
     "Cache-Control",
     "Pragma",
-    "If-Match",
-    "If-Unmodified-Since",
-    "If-Range",
-    "Range",
+    *UNHANDLED_CONDITIONALS,
     ALL_PAGES,
 )
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-VERSIONS = ((1, 1), (1, 0))
 TARGETS_MAX = 4096
 
 
@@ -90,8 +87,7 @@ class FastPath:
         for name in LONG_WAY_HEADERS:
             if name in headers:
                 return None
-        host = headers.get("Host")
-        if host is not None and not valid_host(host):
+        if not valid_host(headers.get("Host")):
             return None
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:

@@ -36,6 +36,7 @@ from proxy.messages import Body, ProxyRequest, ProxyResponse
 from proxy.rewrite import REWRITTEN_HEADERS, rewrite_url
 from proxy.target import Target, parse_target, valid_host
 
+VERSIONS = ((1, 1), (1, 0))
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CHUNK = 64 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
@@ -89,13 +90,12 @@ def request_id(headers: CIMultiDictProxy[str]) -> str:
 
 def guard(request: web.Request) -> Target:
     """The checks that come before routing: version, method, framing and request target."""
-    if request.version not in ((1, 0), (1, 1)):
+    if request.version not in VERSIONS:
         raise HttpVersionNotSupported("Only HTTP/1.0 and HTTP/1.1 are served")
     if request.method not in METHODS:
         raise MethodNotAllowed(f"Method {request.method} is not proxied")
     check_framing(request)
-    host = request.headers.get("Host")
-    if host is not None and not valid_host(host):
+    if not valid_host(request.headers.get("Host")):
         # RFC 9112 3.2: a server MUST answer 400 to an invalid Host (missing or repeated
         # in HTTP/1.1 is refused by aiohttp's parser already).
         raise InvalidRequest("The Host header is not a valid host[:port]")

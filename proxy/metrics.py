@@ -14,6 +14,7 @@ import bisect
 import itertools
 import platform
 import time
+from abc import abstractmethod
 from typing import Any, Generic, TypeVar
 
 import aiohttp
@@ -77,11 +78,11 @@ class _LoopFamily(Collector, Generic[Child]):
             child = self._children[key] = self._child()
         return child
 
-    def _child(self) -> Child:
-        raise NotImplementedError
+    @abstractmethod
+    def _child(self) -> Child: ...
 
-    def _family(self) -> Metric:
-        raise NotImplementedError
+    @abstractmethod
+    def _family(self) -> Metric: ...
 
     def describe(self) -> list[Metric]:
         return [self._family()]

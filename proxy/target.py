@@ -29,9 +29,10 @@ _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)
 
 
 @functools.lru_cache(maxsize=256)
-def valid_host(value: str) -> bool:
-    """Whether a Host field value is ``host[:port]`` (callers send a handful: remembered)."""
-    return _HOST.fullmatch(value) is not None
+def valid_host(value: str | None) -> bool:
+    """Whether a Host field value is ``host[:port]`` or absent (callers send a handful:
+    remembered)."""
+    return value is None or _HOST.fullmatch(value) is not None
 
 
 class InvalidTarget(InvalidRequest):

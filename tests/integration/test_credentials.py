@@ -84,6 +84,17 @@ def seed_file(
     return token
 
 
+def seed_dead_token(sandbox: Sandbox, path: Path) -> StoredToken:
+    """A token file whose access token looks good for an hour but Kounta already refuses."""
+    return seed_file(
+        sandbox,
+        path,
+        access="dead-access",
+        server_expires=time.time() - 5,
+        expires_at=time.time() + 3600,
+    )
+
+
 async def get(client: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any]:
     async with client.get(url, **kw) as r:
         return r.status, await r.json(content_type=None)
@@ -200,13 +211,7 @@ async def test_post_on_expired_token_is_refreshed_once_and_resent_once(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
     path = tmp_path / "tokens" / "main.json"
-    seed_file(
-        sandbox,
-        path,
-        access="dead-access",
-        server_expires=time.time() - 5,
-        expires_at=time.time() + 3600,
-    )
+    seed_dead_token(sandbox, path)
     p = await make_proxy(settings_for(sandbox, tmp_path))
     orders = "/v1/companies/5001/customers.json"
     async with client.post(p.url + orders, json={"first_name": "A", "last_name": "B"}) as r:
@@ -220,13 +225,7 @@ async def test_body_over_the_replay_cap_is_not_resent_and_the_401_is_normalised(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
     path = tmp_path / "tokens" / "main.json"
-    seed_file(
-        sandbox,
-        path,
-        access="dead-access",
-        server_expires=time.time() - 5,
-        expires_at=time.time() + 3600,
-    )
+    seed_dead_token(sandbox, path)
     settings = settings_for(sandbox, tmp_path)
     settings = dataclasses.replace(
         settings, server=ServerSettings(host="127.0.0.1", port=0, replay_body_size=16)
