@@ -53,7 +53,7 @@ from proxy.cache_policy import (
     to_entry,
     validators,
 )
-from proxy.cache_store import CacheStore, Stored
+from proxy.cache_store import BodySink, CacheStore, Stored
 from proxy.errors import ProxyError
 from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
@@ -185,11 +185,18 @@ class Cache:
             return None
         self._count("hit", "fresh")
         age = int(fresh)
-        conditional = "If-None-Match" in headers or "If-Modified-Since" in headers
-        if conditional and not_modified(200, entry.headers, headers):
-            self._count("not_modified", "caller_conditional")
+        if self._caller_304(200, entry.headers, headers):
             return 304, not_modified_headers(entry.headers), b"", age
         return 200, entry.headers, stored.body, age
+
+    def _caller_304(self, status: int, stored: HeaderItems, headers: Headers) -> bool:
+        """Whether the caller's own conditionals make the answer a 304 (counted if so)."""
+        if not any(name in headers for name in CALLER_CONDITIONALS):
+            return False  # the common case, without parsing anything
+        if not not_modified(status, stored, headers):
+            return False
+        self._count("not_modified", "caller_conditional")
+        return True
 
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
@@ -245,8 +252,7 @@ class Cache:
         age: int | None,
         upstream_status: int | None = None,
     ) -> ProxyResponse:
-        if not_modified(status, headers, request.headers):
-            self._count("not_modified", "caller_conditional")
+        if self._caller_304(status, headers, request.headers):
             return ProxyResponse(
                 status=304,
                 headers=CIMultiDict(not_modified_headers(headers)),
@@ -255,23 +261,26 @@ class Cache:
                 upstream_status=upstream_status,
                 age=age,
             )
-        body: bytes | AsyncIterator[bytes] = b""
-        out_headers = CIMultiDict(headers)
-        if stored is not None and request.method == "HEAD":
-            # HEAD answers with the headers a GET would get, the body's length included.
-            out_headers["Content-Length"] = str(stored.entry.size)
-        elif stored is not None:
-            body = stored.body if stored.body is not None else self.store.body(stored)
-            if stored.body is None:
-                out_headers["Content-Length"] = str(stored.entry.size)
-        return ProxyResponse(
+        response = ProxyResponse(
             status=status,
-            headers=out_headers,
-            body=body,
+            headers=CIMultiDict(headers),
             cache_status=cache_status,
             upstream_status=upstream_status,
             age=age,
         )
+        if stored is None:
+            return response
+        if request.method == "HEAD":
+            # HEAD answers with the headers a GET would get, the body's length included.
+            response.headers["Content-Length"] = str(stored.entry.size)
+        elif stored.body is not None:
+            response.body = stored.body
+        else:
+            stream = self.store.body(stored)
+            # release() (the answer's finally) closes the file if the caller left early.
+            response.body, response.release = stream, stream.aclose
+            response.headers["Content-Length"] = str(stored.entry.size)
+        return response
 
     def _answer(self, request: ProxyRequest, outcome: Outcome) -> ProxyResponse:
         age = None
@@ -488,7 +497,7 @@ class Cache:
         response: ProxyResponse,
         chunks: AsyncIterator[bytes],
         prefix: list[bytes],
-        sink: Any,
+        sink: BodySink,
         entry: Entry,
         times: tuple[float, float],
     ) -> Outcome:
@@ -523,6 +532,7 @@ class Cache:
                 await feed(e)
                 _settle(flight.done, e)
             finally:
+                sink.abandon()  # cancelled mid-body: the open spill file goes too
                 await response.release()
                 _settle(flight.done, GoAlone())
                 self._unregister(flight)
@@ -556,7 +566,7 @@ class Cache:
     async def _commit(
         self,
         flight: Flight,
-        sink: Any,
+        sink: BodySink,
         entry: Entry,
         size: int,
         items: tuple[tuple[str, str], ...],

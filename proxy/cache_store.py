@@ -21,8 +21,8 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
@@ -72,6 +72,13 @@ class Stored:
     entry: Entry
     body: bytes | None
     body_key: str | None = None
+
+
+def _close_opened(opening: Future[IO[bytes] | None]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        handle = opening.result()
+        if handle is not None:
+            handle.close()
 
 
 def _is_full(error: BaseException) -> bool:
@@ -238,13 +245,22 @@ class CacheStore:
                 return Stored(value.entry, body, value.body_key)
         return value
 
-    async def body(self, stored: Stored) -> AsyncIterator[bytes]:
-        """The stored body in chunks (from a file for large bodies, in bounded memory)."""
+    async def body(self, stored: Stored) -> AsyncGenerator[bytes, None]:
+        """The stored body in chunks (from a file for large bodies, in bounded memory).
+
+        ``aclose()`` it when it is not read to the end: that closes the file at once.
+        """
         if stored.body is not None:
             yield stored.body
             return
         assert stored.body_key is not None
-        handle: IO[bytes] | None = await self._run(self._open_body, stored.body_key)
+        opening = self.executor.submit(self._open_body, stored.body_key)
+        try:
+            handle: IO[bytes] | None = await asyncio.wrap_future(opening)
+        except asyncio.CancelledError:
+            # The thread may still open it: close what it opens, nobody else will.
+            opening.add_done_callback(_close_opened)
+            raise
         if handle is None:
             from proxy.errors import UpstreamBodyError
 
@@ -253,7 +269,9 @@ class CacheStore:
             while chunk := await self._run(handle.read, CHUNK):
                 yield chunk
         finally:
-            await self._run(handle.close)
+            # On the loop: closing a file opened for reading does not block, and it must
+            # also work while the store shuts down and its thread takes no more work.
+            handle.close()
 
     def _open_body(self, body_key: str) -> IO[bytes] | None:
         value = self.disk.get(body_key, read=True)
@@ -537,6 +555,17 @@ class BodySink:
         await self.store._run(close)
         self._file = None
         return self.path
+
+    def abandon(self) -> None:
+        """Close and remove a file still being written, at once: for a fetch cancelled
+        (at shutdown) between writes, when no thread hop may be left to do it."""
+        f, path = self._file, self.path
+        if f is None:
+            return  # never spilled, finished or discarded: nothing is open
+        self._file, self.path = None, None
+        f.close()
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     async def discard(self) -> None:
         f, path = self._file, self.path

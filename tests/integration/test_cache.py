@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.app import CONTEXT
 from proxy.cache import run_cli
+from proxy.messages import ProxyRequest
 from proxy.settings import BudgetSettings, CacheRule, CacheSettings, RetrySettings, Settings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 
@@ -421,6 +424,79 @@ async def test_large_bodies_stream_and_are_stored_under_the_cap(
         assert len(hits) == 2
         await settle(p)  # the second fetch's pump may still be discarding its spill file
         assert not list((Path(ctx_of(p).cache_store.directory) / "tmp").glob("body-*"))
+    finally:
+        await runner.cleanup()
+
+
+def open_cache_files(directory: Path, glob: str = "*.val") -> list[str]:
+    """This process's open files under ``directory`` whose name matches ``glob``."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = Path(os.readlink(fd))
+            if target.is_relative_to(directory) and target.match(glob):
+                found.append(str(target))
+    return found
+
+
+async def test_a_stored_body_left_unread_is_closed_by_release(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    # A caller that hangs up mid-body ends in the answer's release(): that must close the
+    # stored body's file then and there, not whenever its generator is collected.
+    runner, url, body, _ = await big_upstream(3 * 1024 * 1024)
+    try:
+        p = await make_proxy(proxy_settings(url, tmp_path))
+        async with aiohttp.ClientSession() as client:
+            assert (await get(client, p.url + "/v1/big"))[2] == body
+        await settle(p)
+        directory = Path(ctx_of(p).cache_store.directory)
+        request = ProxyRequest(
+            method="GET",
+            path="/v1/big",
+            query="",
+            headers=CIMultiDictProxy(CIMultiDict({"Accept": "*/*"})),
+            account="main",
+        )
+        response = await ctx_of(p).cache.send(request)
+        assert (response.cache_status, response.upstream_status) == ("REVALIDATED", 304)
+        assert not isinstance(response.body, bytes)
+        first = await anext(aiter(response.body))  # streaming from its file now
+        assert first == body[: len(first)] and len(first) < len(body)
+        assert len(open_cache_files(directory)) == 1
+        await response.release()
+        assert open_cache_files(directory) == []
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_fetch_cancelled_at_shutdown_leaves_no_spill_file(
+    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    async def stalling(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"ETag": '"s"', "Content-Type": "application/json"})
+        out.enable_chunked_encoding()
+        await out.prepare(request)
+        await out.write(b"x" * (2 * 1024 * 1024))  # over SPILL_AT: written to a file
+        await asyncio.sleep(30)  # and then nothing more
+        return out
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", stalling)
+    runner, port = await serve(app)
+    try:
+        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        tmp = Path(ctx_of(p).cache_store.directory) / "tmp"
+        async with client.get(p.url + "/v1/slow") as r:
+            await r.content.readexactly(1024 * 1024)
+            for _ in range(100):  # until the flight has spilled to its file
+                if open_cache_files(tmp, "body-*"):
+                    break
+                await asyncio.sleep(0.02)
+            assert len(open_cache_files(tmp, "body-*")) == 1
+            await ctx_of(p).cache.close()  # what shutdown does to running flights
+        assert open_cache_files(tmp, "body-*") == []
+        assert list(tmp.glob("body-*")) == []
     finally:
         await runner.cleanup()
 
