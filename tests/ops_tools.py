@@ -1,7 +1,8 @@
 """Operations tools the tests need: Debian's ``prometheus`` package (promtool, prometheus).
 
 Installed with apt when missing (CI installs it in ``.ci/run`` already); a test is
-skipped, with the reason, only when the package cannot be installed here.
+skipped, with the reason, only when the package cannot be installed here, and fails
+instead when ``CI`` is set.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def prometheus_tool(name: str) -> str:
         _tried["install"] = _install()
     found = shutil.which(name)
     if not found:
-        pytest.skip(f"{name} is not installed and apt could not install it: {_tried['install']}")
+        why = f"{name} is not installed and apt could not install it: {_tried['install']}"
+        if os.environ.get("CI"):
+            pytest.fail(why)  # CI installs it (.ci/run): a missing tool there is a failure
+        pytest.skip(why)
     return found
 
 
