@@ -41,6 +41,16 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, bound_port(runner)
 
 
+async def serve_handler(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> tuple[web.AppRunner, str]:
+    """A one-handler upstream for every GET path on loopback; clean up its runner."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner, port = await serve(app)
+    return runner, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture
 def sandbox_config() -> SandboxConfig:
     """Override in a test module for a differently configured sandbox."""

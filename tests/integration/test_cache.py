@@ -20,7 +20,7 @@ from proxy.app import CONTEXT
 from proxy.cache import run_cli
 from proxy.messages import ProxyRequest
 from proxy.settings import BudgetSettings, CacheRule, CacheSettings, RetrySettings, Settings
-from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
 
 LIST = "/v1/companies/5001/customers.json"
 ONE = "/v1/companies/5001/customers/{}.json"
@@ -401,10 +401,8 @@ async def big_upstream(size: int) -> tuple[web.AppRunner, str, bytes, list[int]]
         await out.write_eof()
         return out
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner, port = await serve(app)
-    return runner, f"http://127.0.0.1:{port}", body, hits
+    runner, upstream = await serve_handler(handler)
+    return runner, upstream, body, hits
 
 
 @pytest.mark.parametrize(("cap", "stored"), [(8 * 1024 * 1024, True), (2 * 1024 * 1024, False)])
@@ -481,11 +479,9 @@ async def test_a_fetch_cancelled_at_shutdown_leaves_no_spill_file(
         await asyncio.sleep(30)  # and then nothing more
         return out
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", stalling)
-    runner, port = await serve(app)
+    runner, upstream = await serve_handler(stalling)
     try:
-        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        p = await make_proxy(proxy_settings(upstream, tmp_path))
         tmp = Path(ctx_of(p).cache_store.directory) / "tmp"
         async with client.get(p.url + "/v1/slow") as r:
             await r.content.readexactly(1024 * 1024)

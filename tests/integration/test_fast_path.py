@@ -23,7 +23,7 @@ from proxy.admin import create_admin_app
 from proxy.app import CONTEXT
 from proxy.fast import FastPath
 from proxy.settings import CacheRule, CacheSettings, CallerSettings, RetrySettings, Secret
-from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve, serve_handler
 
 LIST = "/v1/companies/5001/customers.json"
 FRESH = (CacheRule("/v1/*", fresh_for=600),)
@@ -320,11 +320,9 @@ async def test_stale_entries_and_vary_go_the_long_way(
             return web.Response(status=304, headers=headers)
         return web.json_response({"path": request.path}, headers=headers)
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner, port = await serve(app)
+    runner, upstream = await serve_handler(handler)
     try:
-        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        p = await make_proxy(proxy_settings(upstream, tmp_path))
         long_way = LongWay(p)
         for path in ("/v1/varied", "/v1/short"):
             await get(client, p.url + path, **{"X-Shop": "a"})

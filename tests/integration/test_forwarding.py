@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proxy.settings import ServerSettings
-from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve, serve_handler
 
 
 async def get_json(
@@ -357,11 +357,9 @@ async def test_truncated_streamed_body_breaks_the_answer(
         request.transport.abort()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", big_then_cut)
-    runner, port = await serve(app)
+    runner, upstream = await serve_handler(big_then_cut)
     try:
-        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        p = await make_proxy(proxy_settings(upstream, tmp_path))
         async with client.get(f"{p.url}/v1/big") as r:
             assert r.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
