@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxy.app import create_app
+from proxy.edge.app import create_app
+from proxy.listener import bound_port, start
 from proxy.logs import configure
 from proxy.sandbox import SANDBOX_STATE, SandboxConfig, create_sandbox_app
-from proxy.server import bound_port, start
 from proxy.settings import (
     AccountSettings,
     CacheRule,

@@ -11,8 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
+from proxy.auth import authorize as flow
+from proxy.auth.providers import token_path
+from proxy.cache.admin import run_cli
+from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import configure, event
-from proxy.server import StartupError, bound_port, run_until_signal, start
+from proxy.ops import lifecycle
+from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import (
     AccountSettings,
     AdminSettings,
@@ -160,8 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "authorize":
             return authorize(args)
         if args.command == "cache":
-            from proxy.cache import run_cli
-
             return run_cli(load(args.config), args.action, args.prefix, args.account)
         if args.command == "demo":
             return demo(args.port, args.sandbox_port, args.state_dir, args.admin_port)
@@ -177,9 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def authorize(args: argparse.Namespace) -> int:
-    from proxy import authorize as flow
-    from proxy.auth import token_path
-
     settings = load(args.config)
     name = flow.pick_account(settings, args.account)
     configure(settings.log.level, settings.log.format)
@@ -228,8 +228,6 @@ def serve(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> None:
-    from proxy import lifecycle
-
     await lifecycle.serve(settings)
 
 
@@ -240,8 +238,6 @@ def sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> int:
 
 
 async def _sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> None:
-    from proxy.sandbox import SandboxConfig, create_sandbox_app
-
     app = create_sandbox_app(SandboxConfig(seed=seed, bearer_tokens=tokens))
     runner = await start(app, host, port, 5.0)
     event("sandbox_started", listen=f"{host}:{bound_port(runner)}", seed=seed)
@@ -262,9 +258,6 @@ def demo(port: int, sandbox_port: int, state_dir: str, admin_port: int = 9464) -
 
 
 async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -> None:
-    from proxy import lifecycle
-    from proxy.sandbox import SandboxConfig, create_sandbox_app
-
     sandbox_runner = await start(
         create_sandbox_app(
             SandboxConfig(bearer_tokens=(DEMO_TOKEN,), refresh_tokens=(DEMO_REFRESH_TOKEN,))

@@ -15,6 +15,10 @@ from typing import Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # A body is held in memory (replayable), streamed once, or absent.
+# Sizes shared by every layer: a read or write chunk, and how much of an error body is read.
+CHUNK = 64 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+
 Body = bytes | AsyncIterable[bytes] | None
 
 
@@ -61,6 +65,14 @@ class ProxyResponse:
     cache_status: str = "BYPASS"
     upstream_status: int | None = None
     age: int | None = None
+    # Seconds spent waiting for upstream response headers for this answer, every attempt
+    # (retries, auth resends) added; None when no upstream request was made. Access log only.
+    upstream_seconds: float | None = None
+
+    def add_upstream_time(self, earlier: float | None) -> None:
+        """Count attempts made before this answer's own."""
+        if earlier is not None:
+            self.upstream_seconds = (self.upstream_seconds or 0.0) + earlier
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body (at most ``limit`` bytes are kept), releasing the stream."""

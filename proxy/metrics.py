@@ -186,7 +186,7 @@ class Metrics:
             "Requests being answered now.",
             registry=registry,
         )
-        # --- upstream (recorded by proxy.upstream.Upstream)
+        # --- upstream (recorded by proxy.pipeline.upstream.Upstream)
         self.upstream_requests = Counter(
             "kounta_proxy_upstream_requests",
             "Requests sent to the upstream, by method, route template and status.",
@@ -209,7 +209,7 @@ class Metrics:
         for kind in UPSTREAM_ERROR_KINDS:
             # Pre-create the series so that rate() and alerts see a zero, not nothing.
             self.upstream_errors.labels(kind)
-        # --- budget, retries and breaker (recorded by proxy.budget and proxy.retry)
+        # --- budget, retries and breaker (recorded by the pipeline's budget and retry layers)
         self.budget_tokens = Gauge(
             "kounta_proxy_budget_tokens",
             "Requests an account may send to Kounta right now without waiting.",
@@ -271,7 +271,7 @@ class Metrics:
             "Pages gathered for X-Proxy-All-Pages requests.",
             registry=registry,
         )
-        # --- credentials (recorded by proxy.auth and proxy.callers)
+        # --- credentials (recorded by proxy.auth.providers and proxy.edge.callers)
         self.token_state = Gauge(
             "kounta_proxy_token_state",
             "1 for the account's current token state (pending, valid, unavailable, "
@@ -318,7 +318,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        # --- cache (recorded by proxy.cache and proxy.cache_store)
+        # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
         self.cache_entries = Gauge(
             "kounta_proxy_cache_entries",
             "Responses stored in the disk cache (refreshed when stats are taken).",

@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.app import create_app
+from proxy.edge.app import create_app
+from proxy.listener import bound_port, start
 from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_sandbox_app
-from proxy.server import bound_port, start
 from proxy.settings import AccountSettings, Secret, ServerSettings, Settings, UpstreamSettings
 
 TOKEN = "sandbox-token"

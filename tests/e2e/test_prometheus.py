@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.admin import create_admin_app
-from proxy.app import CONTEXT
+from proxy.edge.services import SERVICES
+from proxy.ops.admin import create_admin_app
 from tests.conftest import Proxy, serve
 from tests.e2e.test_demo import free_port
 from tests.ops_tools import prometheus_tool
@@ -57,7 +57,7 @@ async def test_prometheus_scrapes_the_proxy_and_loads_the_alerts(
     proxy: Proxy, client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     binary = prometheus_tool("prometheus")
-    runner, admin_port = await serve(create_admin_app(proxy.app[CONTEXT]))
+    runner, admin_port = await serve(create_admin_app(proxy.app[SERVICES]))
     for path in ("/v1/companies/me.json", "/v1/companies/5001/products/1.json"):
         async with client.get(f"{proxy.url}{path}") as r:
             await r.read()

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.admin import create_admin_app
-from proxy.app import CONTEXT, Context
+from proxy.edge.services import SERVICES, Services
+from proxy.ops.admin import create_admin_app
 from proxy.settings import UpstreamSettings
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.ops_tools import prometheus_tool
@@ -33,7 +33,7 @@ async def start_admin() -> AsyncIterator[StartAdmin]:
     runners: list[web.AppRunner] = []
 
     async def start(proxy: Proxy) -> str:
-        runner, port = await serve(create_admin_app(proxy.app[CONTEXT]))
+        runner, port = await serve(create_admin_app(proxy.app[SERVICES]))
         runners.append(runner)
         return f"http://127.0.0.1:{port}"
 
@@ -80,7 +80,7 @@ async def test_healthz_and_readyz(admin: str, client: aiohttp.ClientSession) -> 
 async def test_readyz_fails_without_a_usable_token(
     proxy: Proxy, admin: str, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    checks = proxy.app[CONTEXT].checks
+    checks = proxy.app[SERVICES].checks
     monkeypatch.setitem(checks, "token:main", lambda: "no usable token: run kounta-proxy authorize")
     async with client.get(f"{admin}/readyz") as r:
         assert r.status == 503
@@ -92,7 +92,7 @@ async def test_readyz_fails_without_a_usable_token(
 async def test_readyz_names_failing_checks(
     proxy: Proxy, admin: str, client: aiohttp.ClientSession
 ) -> None:
-    ctx: Context = proxy.app[CONTEXT]
+    ctx: Services = proxy.app[SERVICES]
 
     def broken() -> str | None:
         raise RuntimeError("boom")
@@ -114,7 +114,7 @@ async def test_readyz_names_failing_checks(
 async def test_readyz_fails_once_shutting_down(
     proxy: Proxy, admin: str, client: aiohttp.ClientSession
 ) -> None:
-    proxy.app[CONTEXT].shutting_down = True
+    proxy.app[SERVICES].state.shutting_down = True
     async with client.get(f"{admin}/readyz") as r:
         assert r.status == 503
         assert (await r.json())["failing"] == ["shutdown"]
@@ -122,18 +122,25 @@ async def test_readyz_fails_once_shutting_down(
         assert r.status == 200
 
 
-async def test_feature_admin_routes_are_served_with_the_shared_context(
-    proxy: Proxy, start_admin: StartAdmin, client: aiohttp.ClientSession
+async def test_feature_admin_routes_are_served_with_the_shared_services(
+    proxy: Proxy, client: aiohttp.ClientSession
 ) -> None:
     async def stats(request: web.Request) -> web.Response:
-        ctx = request.app[CONTEXT]
-        return web.json_response({"accounts": sorted(ctx.settings.accounts)})
+        services = request.app[SERVICES]
+        return web.json_response({"accounts": sorted(services.settings.accounts)})
 
-    proxy.app[CONTEXT].admin_routes.append(web.get("/test/accounts", stats))
-    admin = await start_admin(proxy)
-    async with client.get(f"{admin}/test/accounts") as r:
-        assert r.status == 200
-        assert await r.json() == {"accounts": ["main"]}
+    built = proxy.app[SERVICES]
+    assert {r.path for r in built.admin_routes} == {"/budget", "/cache/stats", "/cache/purge"}
+    extended = dataclasses.replace(
+        built, admin_routes=(*built.admin_routes, web.get("/test/accounts", stats))
+    )
+    runner, port = await serve(create_admin_app(extended))
+    try:
+        async with client.get(f"http://127.0.0.1:{port}/test/accounts") as r:
+            assert r.status == 200
+            assert await r.json() == {"accounts": ["main"]}
+    finally:
+        await runner.cleanup()
 
 
 async def test_each_port_serves_only_its_own_paths(

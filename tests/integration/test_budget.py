@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from proxy.admin import create_admin_app
-from proxy.app import CONTEXT
+from proxy.edge.services import SERVICES
 from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.ops.admin import create_admin_app
 from proxy.sandbox import SandboxConfig
 from proxy.settings import (
     AccountSettings,
@@ -163,7 +163,7 @@ async def test_forced_upstream_429_pauses_and_recovers(
     assert body["retry_after"] == 3 and headers["Retry-After"] == "3"
     assert sandbox.state.served("POST") == 1
 
-    ctx = proxy.app[CONTEXT]
+    ctx = proxy.app[SERVICES]
     assert ctx.budget is not None
     main = ctx.budget.accounts["main"]
     assert main.upstream_429s == 2
@@ -233,7 +233,7 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
 ) -> None:
     retry = RetrySettings(attempts=1, breaker_failures=2, breaker_cooldown=0.3)
     proxy = await make_proxy(budget_settings(sandbox.url, tmp_path, rate=100_000, retry=retry))
-    admin_runner, admin_port = await serve(create_admin_app(proxy.app[CONTEXT]))
+    admin_runner, admin_port = await serve(create_admin_app(proxy.app[SERVICES]))
     status_url = f"http://127.0.0.1:{admin_port}/budget"
     try:
         sandbox.state.inject_status(502, count=2)

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.app import CONTEXT
-from proxy.cache import run_cli
+from proxy.cache.admin import run_cli
+from proxy.edge.services import SERVICES
 from proxy.messages import ProxyRequest
 from proxy.settings import BudgetSettings, CacheRule, CacheSettings, RetrySettings, Settings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
@@ -41,7 +41,7 @@ def cached(tmp_path: Any, sandbox: Sandbox, **cache: Any) -> Settings:
 
 
 def ctx_of(proxy: Proxy) -> Any:
-    return proxy.app[CONTEXT]
+    return proxy.app[SERVICES]
 
 
 async def settle(proxy: Proxy) -> None:
@@ -49,7 +49,7 @@ async def settle(proxy: Proxy) -> None:
     ctx = ctx_of(proxy)
     if ctx.cache is not None:
         await asyncio.gather(*list(ctx.cache.tasks), return_exceptions=True)
-    await ctx.cache_store.flush()
+    await ctx.store.flush()
 
 
 async def test_miss_then_revalidated_with_the_etag(
@@ -346,7 +346,7 @@ async def test_read_errors_count_as_misses(
     proxy: Proxy, sandbox: Sandbox, client: aiohttp.ClientSession, monkeypatch: Any
 ) -> None:
     await get(client, proxy.url + LIST)
-    store = ctx_of(proxy).cache_store
+    store = ctx_of(proxy).store
     await store.flush()
     store.hot.clear()
 
@@ -365,7 +365,7 @@ async def test_read_errors_count_as_misses(
 async def test_full_disk_disables_storing_but_keeps_answering(
     proxy: Proxy, sandbox: Sandbox, client: aiohttp.ClientSession, monkeypatch: Any
 ) -> None:
-    store = ctx_of(proxy).cache_store
+    store = ctx_of(proxy).store
 
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -421,7 +421,7 @@ async def test_large_bodies_stream_and_are_stored_under_the_cap(
         assert headers["X-Cache"] == ("REVALIDATED" if stored else "MISS")
         assert len(hits) == 2
         await settle(p)  # the second fetch's pump may still be discarding its spill file
-        assert not list((Path(ctx_of(p).cache_store.directory) / "tmp").glob("body-*"))
+        assert not list((Path(ctx_of(p).store.directory) / "tmp").glob("body-*"))
     finally:
         await runner.cleanup()
 
@@ -448,7 +448,7 @@ async def test_a_stored_body_left_unread_is_closed_by_release(
         async with aiohttp.ClientSession() as client:
             assert (await get(client, p.url + "/v1/big"))[2] == body
         await settle(p)
-        directory = Path(ctx_of(p).cache_store.directory)
+        directory = Path(ctx_of(p).store.directory)
         request = ProxyRequest(
             method="GET",
             path="/v1/big",
@@ -482,7 +482,7 @@ async def test_a_fetch_cancelled_at_shutdown_leaves_no_spill_file(
     runner, upstream = await serve_handler(stalling)
     try:
         p = await make_proxy(proxy_settings(upstream, tmp_path))
-        tmp = Path(ctx_of(p).cache_store.directory) / "tmp"
+        tmp = Path(ctx_of(p).store.directory) / "tmp"
         async with client.get(p.url + "/v1/slow") as r:
             await r.content.readexactly(1024 * 1024)
             for _ in range(100):  # until the flight has spilled to its file
@@ -504,7 +504,7 @@ async def test_a_purge_during_a_fetch_keeps_its_answer_out(
     sandbox.state.inject_latency(0.3, count=1)
     fetching = asyncio.ensure_future(get(client, p.url + LIST))
     await asyncio.sleep(0.1)
-    await ctx_of(p).cache_store.purge("/v1/companies/5001/", None)
+    await ctx_of(p).store.purge("/v1/companies/5001/", None)
     assert (await fetching)[1]["X-Cache"] == "MISS"
     # fetched before the purge finished: it may hold what the operator purged
     assert (await get(client, p.url + LIST))[1]["X-Cache"] == "MISS"
@@ -518,7 +518,7 @@ async def test_purge_and_stats(
     p = await make_proxy(settings)
     await get(client, p.url + LIST)
     await get(client, p.url + "/v1/companies/5001/products.json")
-    store = ctx_of(p).cache_store
+    store = ctx_of(p).store
     await store.flush()
     assert (await store.stats())["entries"] == 2
     assert await store.purge("/v1/companies/5001/products", None) == 1

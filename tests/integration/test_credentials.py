@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import CONTEXT
-from proxy.auth import OAuthProvider
+from proxy.auth.providers import OAuthProvider
+from proxy.auth.token_file import StoredToken, TokenFile
+from proxy.edge.services import SERVICES
 from proxy.sandbox import SandboxConfig
 from proxy.sandbox.oauth import SANDBOX_OAUTH, SandboxAuthServer
 from proxy.settings import AccountSettings, Secret, ServerSettings
-from proxy.token_store import StoredToken, TokenFile
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 
 SEED_REFRESH = "seed-refresh-token-0123456789"
@@ -69,7 +69,7 @@ def settings_for(sandbox: Sandbox, tmp_path: Path, **overrides: Any) -> Any:
 
 
 def provider(proxy: Proxy, name: str = "main") -> OAuthProvider:
-    found = proxy.app[CONTEXT].providers[name]
+    found = proxy.app[SERVICES].providers[name]
     assert isinstance(found, OAuthProvider)
     return found
 
@@ -279,7 +279,7 @@ async def test_token_endpoint_down_gives_503_fast_and_recovers_in_the_background
     for _ in range(5):  # while the background retry waits, callers do not hammer the endpoint
         assert (await get(client, p.url + ME))[0] == 503
     assert time.perf_counter() - started < 1.0
-    assert p.app[CONTEXT].checks["token:main"]() is not None
+    assert p.app[SERVICES].checks["token:main"]() is not None
     sandbox.state.clear_faults()
     for _ in range(100):
         if provider(p).state == "valid":
@@ -287,7 +287,7 @@ async def test_token_endpoint_down_gives_503_fast_and_recovers_in_the_background
         await asyncio.sleep(0.05)
     assert provider(p).state == "valid"
     assert (await get(client, p.url + ME))[0] == 200
-    assert p.app[CONTEXT].checks["token:main"]() is None
+    assert p.app[SERVICES].checks["token:main"]() is None
 
 
 async def test_slow_token_endpoint_gives_503_within_token_wait(
@@ -321,7 +321,7 @@ async def test_invalid_grant_gives_502_with_the_authorize_hint_and_readiness_fal
     assert body["error"] == "invalid_grant"
     assert "kounta-proxy authorize" in body["error_description"]
     assert oauth(sandbox).token_requests == 1  # not one per request
-    problem = p.app[CONTEXT].checks["token:main"]()
+    problem = p.app[SERVICES].checks["token:main"]()
     assert problem is not None and "authorize" in problem
     states = [r for r in caplog.records if r.getMessage() == "token_state"]
     assert [r.fields["state"] for r in states] == ["pending", "needs_authorize"]  # type: ignore[attr-defined]
@@ -336,7 +336,7 @@ async def test_invalid_grant_gives_502_with_the_authorize_hint_and_readiness_fal
     )
     os.utime(tmp_path / "tokens" / "main.json", ns=(time.time_ns(), time.time_ns() + 10**9))
     assert (await get(client, p.url + ME))[0] == 200
-    assert p.app[CONTEXT].checks["token:main"]() is None
+    assert p.app[SERVICES].checks["token:main"]() is None
 
 
 @pytest.mark.parametrize("rotate", [True, False])

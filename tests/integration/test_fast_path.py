@@ -1,4 +1,4 @@
-"""The fresh-hit fast path (proxy.fast): same answers as the long way, taken only when safe.
+"""The fresh-hit fast path (proxy.edge.fast): same answers as the long way, taken only when safe.
 
 Each test runs a real proxy in front of the sandbox and watches the application's own
 handler (the long way) behind the fast path, so it can tell which way a request went.
@@ -19,9 +19,9 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.admin import create_admin_app
-from proxy.app import CONTEXT
-from proxy.fast import FastPath
+from proxy.edge.fast import FastPath
+from proxy.edge.services import SERVICES
+from proxy.ops.admin import create_admin_app
 from proxy.settings import CacheRule, CacheSettings, CallerSettings, RetrySettings, Secret
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve, serve_handler
 
@@ -397,7 +397,7 @@ async def test_keep_alive_and_http_1_0_over_one_connection(
 
 async def test_control_characters_in_headers_never_reach_the_fast_path(warm: Warm) -> None:
     # The fast path does not look for CR, LF or NUL in header values: the parser refuses
-    # them first (JSON, via proxy.server), which this pins down.
+    # them first (JSON, via proxy.listener), which this pins down.
     host, port = warm.proxy.url.removeprefix("http://").split(":")
     for bad in (b"a\x00b", b"a\rb", b"a\x01b"):
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -421,7 +421,7 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, 
 async def test_the_admin_listener_never_answers_from_the_cache(
     warm: Warm, client: aiohttp.ClientSession
 ) -> None:
-    runner, port = await serve(create_admin_app(warm.proxy.app[CONTEXT]))
+    runner, port = await serve(create_admin_app(warm.proxy.app[SERVICES]))
     try:
         assert not isinstance(runner.server.request_handler, FastPath)  # type: ignore[union-attr]
         status, _, body = await get(client, f"http://127.0.0.1:{port}{LIST}")

@@ -42,7 +42,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.auth import parse_token_response
+from proxy.auth.endpoint import parse_token_response
 from proxy.settings import (
     AccountSettings,
     BudgetSettings,

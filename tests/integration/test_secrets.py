@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from yarl import URL
 
-from proxy import authorize
+from proxy.auth import authorize
 from proxy.cli import check_config
 from proxy.logs import LOGGER, configure
 from proxy.sandbox import SandboxConfig

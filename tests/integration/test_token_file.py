@@ -12,9 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError
 from proxy.sandbox import SandboxConfig
 from proxy.sandbox.oauth import SANDBOX_OAUTH
-from proxy.token_store import StoredToken, TokenFile, TokenFileError
 from tests.conftest import MakeProxy, Sandbox
 from tests.integration.test_credentials import SEED_REFRESH, FakeClock, settings_for
 
@@ -26,9 +26,9 @@ CRASHER = """
 import asyncio, os, sys
 from pathlib import Path
 import aiohttp
-from proxy.auth import OAuthProvider
+from proxy.auth.providers import OAuthProvider
 from proxy.settings import AccountSettings, Secret
-from proxy.token_store import TokenFile
+from proxy.auth.token_file import TokenFile
 
 when, url, path, refresh = sys.argv[1:5]
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 from authlib.oauth2 import OAuth2Error
 
-from proxy.auth import backoff, is_token_failure, parse_token_response, refresh_due
-from proxy.authorize import AuthorizeError, check_state, parse_redirect
+from proxy.auth.authorize import AuthorizeError, check_state, parse_redirect
+from proxy.auth.endpoint import parse_token_response
+from proxy.auth.layer import is_token_failure
+from proxy.auth.providers import refresh_due
+from proxy.auth.token_file import StoredToken
+from proxy.clock import backoff
 from proxy.settings import ConfigError, load
-from proxy.token_store import StoredToken
 
 
 def test_token_answer_gets_expiry_from_our_clock_with_subsecond_precision() -> None:
@@ -75,10 +78,10 @@ def test_refresh_leeway_is_five_minutes_or_half_the_lifetime() -> None:
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:
-    assert backoff(1, 60, rng=lambda: 1.0) == 0.5
-    assert backoff(4, 60, rng=lambda: 1.0) == 4.0
-    assert backoff(30, 60, rng=lambda: 1.0) == 60
-    assert backoff(30, 60, rng=lambda: 0.0) == 30
+    assert backoff(1, 0.5, 60, rng=lambda: 1.0) == 0.5
+    assert backoff(4, 0.5, 60, rng=lambda: 1.0) == 4.0
+    assert backoff(30, 0.5, 60, rng=lambda: 1.0) == 60
+    assert backoff(30, 0.5, 60, rng=lambda: 0.0) == 30
 
 
 def test_redirects_are_parsed_and_checked() -> None:

@@ -11,18 +11,18 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from proxy.budget import (
+from proxy.dates import whole_seconds
+from proxy.errors import RateLimited
+from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+from proxy.pipeline.budget import (
     AccountBudget,
     Bucket,
     Budget,
     Rate,
     pause_asked,
     rate_for,
-    whole_seconds,
 )
-from proxy.errors import RateLimited
-from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, BudgetSettings, ConfigError, Secret, Settings, load
 
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.cache_policy import (
+from proxy.cache.policy import (
     NO_CONTROL,
     Bypass,
     Entry,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cache_policy import Entry, Invalidation, cache_key
-from proxy.cache_store import CacheStore, HotEntries, Stored
+from proxy.cache.policy import Entry, Invalidation, cache_key
+from proxy.cache.store import CacheStore, HotEntries, Stored
 
 
 def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy import lifecycle
-from proxy.server import StartupError
+from proxy.listener import StartupError
+from proxy.ops import lifecycle
 from proxy.settings import AdminSettings, CacheSettings, ServerSettings, Settings
 from tests.conftest import proxy_settings
 

@@ -6,9 +6,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.edge.paging import HEADER, next_request, records_of, without_header
 from proxy.errors import InvalidRequest, ProxyError, UpstreamError
 from proxy.messages import ProxyRequest
-from proxy.paging import HEADER, next_request, records_of, without_header
 
 FIRST = ProxyRequest(
     method="GET",

@@ -15,7 +15,7 @@ from proxy.errors import (
 )
 from proxy.messages import ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.retry import Breaker, BreakerState, Retry
+from proxy.pipeline.retry import Breaker, BreakerState, Retry
 from proxy.settings import RetrySettings
 from tests.unit.test_budget import FakeClock
 

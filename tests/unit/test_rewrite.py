@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.rewrite import rewrite_url
+from proxy.edge.rewrite import rewrite_url
 
 UP = URL("https://api.kounta.com")
 PUBLIC = URL("http://127.0.0.1:8080")

@@ -1,17 +1,17 @@
 """The admin listener: metrics, liveness, readiness and the features' admin routes.
 
 It is a second aiohttp application on its own port (``[admin]``, default
-``127.0.0.1:9464``), sharing the proxy's :class:`~proxy.app.Context` under the same
-``CONTEXT`` key, so admin routes see the same cache, budget and token state. The
-main port never serves any of this: it answers only ``/v1/...``.
+``127.0.0.1:9464``), over the proxy's own :class:`~proxy.edge.services.Services`, so admin
+routes see the same cache, budget and token state. The main port never serves any of
+this: it answers only ``/v1/...``.
 
-- ``GET /metrics``: the Prometheus exposition of ``ctx.metrics.registry`` (text or
+- ``GET /metrics``: the Prometheus exposition of ``services.metrics.registry`` (text or
   OpenMetrics, as the scraper's ``Accept`` asks; gzip if it accepts it).
 - ``GET /healthz``: 200 while the process runs its event loop.
 - ``GET /readyz``: 200 when every account has a usable token (``token:NAME``), every
-  check in ``ctx.checks`` passes and the proxy is not shutting down, else 503; the JSON
-  body names each check and what is wrong.
-- every route in ``ctx.admin_routes`` (appended by features when the app is built).
+  check in ``services.checks`` passes and the proxy is not shutting down, else 503; the
+  JSON body names each check and what is wrong.
+- every route in ``services.admin_routes`` (cache stats and purge, budget status).
 """
 
 from __future__ import annotations
@@ -23,23 +23,23 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from proxy.app import CONTEXT, Context
+from proxy.edge.services import SERVICES, Services
 from proxy.errors import JSON_CONTENT_TYPE, code_for
+from proxy.listener import StartupError, bound_port, start
 from proxy.logs import event, log
-from proxy.server import StartupError, bound_port, start
 
 SHUTDOWN_CHECK = "shutdown"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_admin_app(ctx: Context) -> web.Application:
-    """The admin application over the proxy's own context."""
+def create_admin_app(services: Services) -> web.Application:
+    """The admin application over the proxy's own services."""
     app = web.Application(middlewares=[_json_errors])
-    app[CONTEXT] = ctx
-    app.router.add_get("/metrics", make_aiohttp_handler(ctx.metrics.registry))
+    app[SERVICES] = services
+    app.router.add_get("/metrics", make_aiohttp_handler(services.metrics.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_routes(ctx.admin_routes)
+    app.router.add_routes(services.admin_routes)
     return app
 
 
@@ -48,7 +48,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    results = run_checks(request.app[CONTEXT])
+    results = run_checks(request.app[SERVICES])
     failing = sorted(name for name, problem in results.items() if problem is not None)
     body = {
         "status": "not_ready" if failing else "ready",
@@ -58,12 +58,12 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(503 if failing else 200, body)
 
 
-def run_checks(ctx: Context) -> dict[str, str | None]:
+def run_checks(services: Services) -> dict[str, str | None]:
     """Every readiness check by name: None when fine, else one line saying what is wrong."""
     results: dict[str, str | None] = {
-        SHUTDOWN_CHECK: "the proxy is shutting down" if ctx.shutting_down else None
+        SHUTDOWN_CHECK: "the proxy is shutting down" if services.state.shutting_down else None
     }
-    for name, check in ctx.checks.items():
+    for name, check in services.checks.items():
         try:
             problem = check()
         except Exception as e:
@@ -93,14 +93,14 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     )
 
 
-async def start_admin(ctx: Context, grace: float = 5.0) -> web.AppRunner | None:
+async def start_admin(services: Services, grace: float = 5.0) -> web.AppRunner | None:
     """Start the admin listener if enabled; a busy port is a :class:`StartupError`."""
-    settings = ctx.settings.admin
+    settings = services.settings.admin
     if not settings.enabled:
         event("admin_disabled")
         return None
     try:
-        runner = await start(create_admin_app(ctx), settings.host, settings.port, grace)
+        runner = await start(create_admin_app(services), settings.host, settings.port, grace)
     except StartupError as e:
         raise StartupError(f"admin listener: {e}") from None
     event("admin_started", listen=f"{settings.host}:{bound_port(runner)}")

@@ -1,7 +1,7 @@
 """Pure cache decisions: RFC 9111 semantics for a cache private to one Kounta account.
 
 No I/O, no aiohttp, no clock of its own: every function takes ``now``. The driver
-(:mod:`proxy.cache`) matches on the small frozen decisions returned here::
+(:mod:`proxy.cache.layer`) matches on the small frozen decisions returned here::
 
     lookup(...)  -> FreshHit | ServeStale | Revalidate | Miss | OnlyIfCachedMiss
     bypass(...)  -> Bypass | None
@@ -20,11 +20,11 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from proxy.dates import http_date
 from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED
 from proxy.settings import CacheRule
 
@@ -281,16 +281,6 @@ def rule_for(path: str, rules: Sequence[CacheRule]) -> CacheRule | None:
     return None
 
 
-def http_date(value: str | None) -> float | None:
-    """An HTTP-date as epoch seconds (RFC 9110 5.6.7); invalid ones are None."""
-    if not value:
-        return None
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
 def _all(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
     lower = name.lower()
     return [v for k, v in headers if k.lower() == lower]
@@ -487,7 +477,7 @@ def fresh_age(entry: Entry, now: float) -> float | None:
     """The age of a stored response that is still fresh (RFC 9111 4.2), else None.
 
     What :func:`lookup` decides for a request without Cache-Control whose Vary values the
-    entry matches, in one step, for the fast path (:mod:`proxy.fast`).
+    entry matches, in one step, for the fast path (:mod:`proxy.edge.fast`).
     """
     age = entry.initial_age + max(0.0, now - entry.response_time)
     return age if entry.fresh_for - age > 0 else None

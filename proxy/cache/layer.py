@@ -1,4 +1,4 @@
-"""The cache layer: applies :mod:`proxy.cache_policy`'s decisions and does the I/O.
+"""The cache layer: applies :mod:`proxy.cache.policy`'s decisions and does the I/O.
 
 Outermost layer of the pipeline. For GET/HEAD it looks the key up, then matches on
 the decision: a fresh hit is answered from the store; a stale or missing entry is
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, assert_never
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
+from typing import Any, assert_never
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import errors
-from proxy.cache_policy import (
+from proxy.cache.flight import Flight, GoAlone, Outcome, settle
+from proxy.cache.policy import (
     CALLER_CONDITIONALS,
     ERROR_STATUSES,
     SELECTING,
@@ -53,68 +51,17 @@ from proxy.cache_policy import (
     to_entry,
     validators,
 )
-from proxy.cache_store import BodySink, CacheStore, Stored
+from proxy.cache.store import BodySink, CacheStore, Stored
+from proxy.clock import WallClock
 from proxy.errors import ProxyError
-from proxy.logs import event
-from proxy.messages import Layer, ProxyRequest, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import CacheSettings, Settings
 
-if TYPE_CHECKING:
-    from proxy.app import Context
-
-Clock = Callable[[], float]
-ERROR_BODY_LIMIT = 64 * 1024
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
 TEE_DEPTH = 8
 # Cache keys remembered per (account, path, query, selecting headers); cleared when full.
 KEYS_MAX = 4096
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What a flight produced: an answer in memory or on disk, or a stream for its starter."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    cache_status: str  # MISS | REVALIDATED
-    upstream_status: int | None
-    stored: Stored | None = None  # body (bytes or on disk) to answer from
-    stream: ProxyResponse | None = None  # only the starter may use it
-    entry: Entry | None = None  # the entry answered from, for Age
-    reason: str = "cold"  # for the lookup metric
-
-    @property
-    def shareable(self) -> bool:
-        return self.stream is None
-
-
-class GoAlone(Exception):
-    """A waiter cannot share this flight's answer (not storable): it fetches on its own."""
-
-
-@dataclass(eq=False)
-class Flight:
-    key: str
-    request: ProxyRequest
-    sequence: int  # the store's invalidation count when it began
-    head: asyncio.Future[Outcome] = field(default_factory=asyncio.Future)
-    done: asyncio.Future[Outcome] = field(default_factory=asyncio.Future)
-    cancelled: bool = False  # invalidated while in flight: store nothing
-    starter_gone: bool = False
-    spilling: bool = False  # a large body is still being written; its pump settles ``done``
-    task: asyncio.Task[None] | None = None
-
-
-def _settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(value, BaseException):
-        future.set_exception(value)
-        # Waiters may all have gone; mark it retrieved so asyncio does not complain.
-        future.add_done_callback(lambda f: f.exception())
-    else:
-        future.set_result(value)
 
 
 class Cache:
@@ -124,7 +71,7 @@ class Cache:
         store: CacheStore,
         settings: Settings,
         metrics: Metrics,
-        clock: Clock,
+        clock: WallClock,
     ) -> None:
         self.inner = inner
         self.store = store
@@ -172,7 +119,7 @@ class Cache:
         Cache-Control; If-None-Match and If-Modified-Since allowed) that a fresh 200 held in
         memory gives; else None, and nothing is counted.
 
-        Used by :mod:`proxy.fast`; :meth:`send` reaches the same answer the long way.
+        Used by :mod:`proxy.edge.fast`; :meth:`send` reaches the same answer the long way.
         """
         stored = self.store.hot.get(self.key(account, path, query, headers))
         if stored is None or stored.body is None:
@@ -315,6 +262,7 @@ class Cache:
         if request.method == "HEAD" and isinstance(decision, Miss):
             return await self._head(request, stale)
         flight = self.flights.get(key)
+        starter = flight is None
         try:
             if flight is None:
                 flight = self._start(key, request, stale)
@@ -332,7 +280,10 @@ class Cache:
             self._count("stale", f"upstream_{outcome.status}")
             return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
         self._count(outcome.cache_status.lower(), outcome.reason)
-        return self._answer(request, outcome)
+        answer = self._answer(request, outcome)
+        if starter:
+            answer.upstream_seconds = flight.upstream_seconds
+        return answer
 
     async def _wait(self, flight: Flight, request: ProxyRequest, stale: Stored | None) -> Outcome:
         try:
@@ -390,18 +341,18 @@ class Cache:
     async def _fly(self, flight: Flight, stale: Stored | None) -> None:
         try:
             outcome = await self._exchange(flight, stale)
-            _settle(flight.head, outcome)
+            settle(flight.head, outcome)
             if outcome.stream is None:
-                _settle(flight.done, outcome)
+                settle(flight.done, outcome)
         except BaseException as e:
             failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
-            _settle(flight.head, failure)
-            _settle(flight.done, failure)
+            settle(flight.head, failure)
+            settle(flight.done, failure)
             if not isinstance(e, Exception):
                 raise
         finally:
             if not flight.spilling:
-                _settle(flight.done, GoAlone())
+                settle(flight.done, GoAlone())
                 self._unregister(flight)
 
     def _unregister(self, flight: Flight) -> None:
@@ -420,6 +371,8 @@ class Cache:
         request_time = self.clock()
         response = await self.inner.send(sent)
         response_time = self.clock()
+        response.add_upstream_time(flight.upstream_seconds)  # a refetch after a 304
+        flight.upstream_seconds = response.upstream_seconds
         items = tuple(response.headers.items())
         if response.status == 304 and stale is not None and entry is not None:
             await response.release()
@@ -530,11 +483,11 @@ class Cache:
             except Exception as e:
                 await sink.discard()
                 await feed(e)
-                _settle(flight.done, e)
+                settle(flight.done, e)
             finally:
                 sink.abandon()  # cancelled mid-body: the open spill file goes too
                 await response.release()
-                _settle(flight.done, GoAlone())
+                settle(flight.done, GoAlone())
                 self._unregister(flight)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -576,15 +529,15 @@ class Cache:
         final = self._entry(flight, entry.status, items, size, request_time, response_time)
         if not isinstance(final, Entry) or not self._may_store(flight, final):
             await sink.discard()
-            _settle(flight.done, GoAlone())
+            settle(flight.done, GoAlone())
             return
         path = await sink.finish()
         stored = await self.store.commit_file(flight.key, final, path)
         self.metrics.cache_stores.labels("stored").inc()
         if stored is None:
-            _settle(flight.done, GoAlone())
+            settle(flight.done, GoAlone())
         else:
-            _settle(flight.done, Outcome(final.status, final.headers, "MISS", final.status, stored))
+            settle(flight.done, Outcome(final.status, final.headers, "MISS", final.status, stored))
 
     def _entry(
         self,
@@ -689,120 +642,3 @@ def _store_label(reason: NotStorable) -> str:
     if "whole" in reason.reason:
         return "truncated"
     return "not_storable"
-
-
-# ---------------------------------------------------------------------- wiring and admin
-
-
-def install(app: web.Application, ctx: Context) -> None:
-    """Open the store at startup, register the readiness check and the admin routes."""
-    if not ctx.settings.cache.enabled:
-        return
-    app.cleanup_ctx.append(_store_ctx)
-    ctx.admin_routes.append(web.get("/cache/stats", stats_handler))
-    ctx.admin_routes.append(web.post("/cache/purge", purge_handler))
-
-
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    from proxy.app import CONTEXT
-
-    ctx = app[CONTEXT]
-    config = ctx.settings.cache
-    store = await CacheStore.open(
-        config.directory(ctx.settings.state_dir), config.max_size, config.memory_size
-    )
-    metrics = ctx.metrics
-    store.on_error = lambda op: metrics.cache_store_errors.labels(op).inc()
-    store.on_evict = metrics.cache_evictions.inc
-
-    def full() -> None:
-        metrics.cache_store_errors.labels("full").inc()
-        metrics.cache_storing_disabled.set(1)
-
-    store.on_full = full
-    ctx.cache_store = store
-    ctx.checks["cache"] = lambda: store.problem
-    watcher = asyncio.ensure_future(_watch(store, metrics))
-    yield
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
-    if ctx.cache is not None:
-        await ctx.cache.close()
-    await store.close()
-
-
-async def _watch(store: CacheStore, metrics: Metrics) -> None:
-    """Pick up purges made by another process (the CLI) and keep the gauges current."""
-    while True:
-        await asyncio.sleep(2.0)
-        await store.check_epoch()
-        metrics.cache_storing_disabled.set(0 if store.writable else 1)
-
-
-async def stats_handler(request: web.Request) -> web.Response:
-    from proxy.app import CONTEXT
-
-    ctx = request.app[CONTEXT]
-    if ctx.cache_store is None:
-        return web.json_response({"enabled": False})
-    stats = await ctx.cache_store.stats()
-    ctx.metrics.cache_entries.set(stats["entries"])
-    ctx.metrics.cache_bytes.set(stats["bytes"])
-    return web.json_response({"enabled": True, **stats, "storing": ctx.cache_store.problem or "ok"})
-
-
-async def purge_handler(request: web.Request) -> web.Response:
-    """POST /cache/purge?prefix=/v1/...&account=NAME (both optional: all entries)."""
-    from proxy.app import CONTEXT
-
-    ctx = request.app[CONTEXT]
-    if ctx.cache_store is None:
-        raise errors.NotFound("The cache is disabled")
-    prefix = request.query.get("prefix", "")
-    account = request.query.get("account") or None
-    if prefix and not prefix.startswith("/"):
-        raise errors.InvalidRequest("prefix must be a path starting with '/'")
-    removed = await ctx.cache_store.purge(prefix, account)
-    event("cache_purged", prefix=prefix, account=account, removed=removed)
-    return web.json_response({"purged": removed})
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -> int:
-    """``kounta-proxy cache stats | purge``: works on the directory directly."""
-
-    async def go() -> dict[str, Any]:
-        config = settings.cache
-        store = await CacheStore.open(
-            config.directory(settings.state_dir), config.max_size, memory_size=0
-        )
-        try:
-            if action == "purge":
-                return {"purged": await store.purge(prefix, account)}
-            return await store.stats()
-        finally:
-            await store.close()
-
-    if prefix and not prefix.startswith("/"):
-        print(
-            f"kounta-proxy: --prefix must be a path starting with '/', got {prefix!r}",
-            file=sys.stderr,
-        )
-        return 2
-    directory = settings.cache.directory(settings.state_dir)
-    if not directory.is_dir():
-        # Never create a cache where none was: the settings probably point elsewhere.
-        print(
-            f"kounta-proxy: no cache at {directory} (is --config the proxy's settings file?)",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        print(json.dumps(asyncio.run(go())))
-    except OSError as e:
-        print(f"kounta-proxy: cannot use the cache directory: {e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0

@@ -29,12 +29,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
-from aiohttp import web
-
 from proxy.clock import Clock, MonotonicClock
+from proxy.dates import retry_after, whole_seconds
 from proxy.errors import RateLimited
 from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
@@ -131,23 +129,12 @@ class Bucket:
         self.backoff = 0.0
 
 
-def whole_seconds(seconds: float) -> int:
-    """A wait as Retry-After's whole seconds, rounded up, but not for float noise:
-    ``(now + 100.0) - now`` may be 100.00000000000001, which is 100, not 101."""
-    return max(0, math.ceil(round(seconds, 6)))
-
-
 def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
     """Seconds Kounta asked us to wait: ``Retry-After`` (seconds or HTTP date), else
     ``X-Ratelimit-Reset`` (epoch seconds, or seconds when small); None when neither says."""
-    retry_after = headers.get("Retry-After", "").strip()
-    if retry_after:
-        if retry_after.isdigit():
-            return float(retry_after)
-        try:
-            return parsedate_to_datetime(retry_after).timestamp() - wall_now
-        except (TypeError, ValueError, IndexError, OverflowError):
-            pass
+    asked = retry_after(headers.get("Retry-After"), wall_now)
+    if asked is not None:
+        return asked
     reset = headers.get("X-Ratelimit-Reset", "").strip()
     try:
         value = float(reset)
@@ -376,17 +363,3 @@ class Budget:
     async def close(self) -> None:
         for account in self.accounts.values():
             await account.close()
-
-
-async def status_handler(request: web.Request) -> web.Response:
-    """Admin ``GET /budget``: each account's bucket, queue and breaker, as JSON."""
-    from proxy.app import CONTEXT  # the context is created by the app; import late (cycle)
-
-    ctx = request.app[CONTEXT]
-    accounts: dict[str, dict[str, Any]] = {}
-    if ctx.budget is not None:
-        accounts = {name: a.status() for name, a in sorted(ctx.budget.accounts.items())}
-    if ctx.retry is not None:
-        for name, breaker in sorted(ctx.retry.breakers.items()):
-            accounts.setdefault(name, {})["breaker"] = breaker.status()
-    return web.json_response({"accounts": accounts})

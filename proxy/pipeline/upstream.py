@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -19,48 +17,14 @@ from proxy.errors import (
     UpstreamTLSError,
     UpstreamUnreachable,
 )
-from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.messages import CHUNK, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.routes import template
 from proxy.settings import UpstreamSettings
 from proxy.target import Target, upstream_url
 
-CHUNK = 64 * 1024
-# Seconds spent waiting for upstream response headers during the current inbound request
-# (every attempt added); the access log reads it. None outside a request.
-UPSTREAM_SECONDS: ContextVar[list[float] | None] = ContextVar("upstream_seconds", default=None)
 # Bodies announced up to this size are read whole instead of streamed.
 SMALL_BODY = 64 * 1024
-
-
-def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
-    """Verification is always on; only the trust anchors are configurable."""
-    ctx = ssl.create_default_context(cafile=settings.ca_bundle or None)
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=settings.pool_size,
-        ssl=ssl_context(settings),
-        ttl_dns_cache=300,
-        enable_cleanup_closed=False,
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=settings.total_timeout,
-        sock_connect=settings.connect_timeout,
-        sock_read=settings.read_timeout,
-    )
-    # No cookie jar: Kounta is stateless and one caller's cookies must not reach another's.
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-    )
 
 
 def _ignore(kind: str) -> None:
@@ -169,9 +133,6 @@ class Upstream:
                 timeout=timeout,
             )
         took = time.perf_counter() - started
-        spent = UPSTREAM_SECONDS.get()
-        if spent is not None:
-            spent.append(took)
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(route).observe(took)
             self.metrics.upstream_requests.labels(request.method, route, response.status).inc()
@@ -187,6 +148,7 @@ class Upstream:
                 headers=CIMultiDict(response.headers),
                 body=body,
                 upstream_status=response.status,
+                upstream_seconds=took,
             )
         return ProxyResponse(
             status=response.status,
@@ -194,6 +156,7 @@ class Upstream:
             body=self._stream(response),
             release=_releaser(response),
             upstream_status=response.status,
+            upstream_seconds=took,
         )
 
     def _timeout(self, deadline: float) -> aiohttp.ClientTimeout | None:

@@ -1,4 +1,10 @@
-"""A server's life: start listening, wait for a signal, drain, stop."""
+"""A listener's life: start listening, wait for a signal, drain, stop.
+
+Generic: the proxy, its admin port, the sandbox and ``authorize`` all listen through
+:func:`start`. An application may hand the listener a request-handler wrapper under
+:data:`WRAP_HANDLER` (the proxy's fresh-hit fast path); the listener knows nothing else
+of what it serves.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import json
 import re
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -17,7 +23,6 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from proxy import fast
 from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
 from proxy.headers import SERVER_NAME
 from proxy.logs import event, log
@@ -88,18 +93,32 @@ def _parse_failure(exc: BaseException | None, reason: str) -> tuple[int, str, st
     return 400, "", f"The request could not be parsed as HTTP ({reason})"
 
 
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+Wrapper = Callable[[web.Application, Handler], Handler]
+# Set by an application that wants a handler in front of its own (called once it started).
+WRAP_HANDLER: web.AppKey[Wrapper] = web.AppKey("wrap_handler")
+
+
 class _JsonErrorServer(Server):
     def __call__(self) -> RequestHandler:
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
 
+def customise(server: Server, app: web.Application) -> Server:
+    """The one place that reaches into aiohttp's private parts, for two things its public
+    API cannot do: answer unparsable requests as JSON (the protocol's ``handle_error``), and
+    put a handler in front of the application's once its startup built what it needs.
+    tests/unit/test_listener.py fails loudly if aiohttp changes either hook."""
+    server.__class__ = _JsonErrorServer
+    wrap = app.get(WRAP_HANDLER)
+    if wrap is not None:
+        server.request_handler = wrap(app, server.request_handler)
+    return server
+
+
 class Runner(web.AppRunner):
     async def _make_server(self) -> Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
-        # Fresh hits of plain GETs are answered in front of the application (proxy.fast).
-        server.request_handler = fast.wrap(self.app, server.request_handler)
-        return server
+        return customise(await super()._make_server(), self.app)
 
 
 async def start(app: web.Application, host: str, port: int, grace: float) -> Runner:

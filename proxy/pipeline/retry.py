@@ -21,10 +21,12 @@ from __future__ import annotations
 import enum
 import math
 import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from proxy.clock import Clock, MonotonicClock
+from proxy.clock import Clock, MonotonicClock, backoff
+from proxy.dates import retry_after
 from proxy.errors import CircuitOpen, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
@@ -142,6 +144,7 @@ class Retry:
         breaker = self.breaker(request.account)
         resendable = request.method in self.methods and request.replayable
         attempt = 1
+        spent: float | None = None  # upstream seconds of the attempts answered before
         while True:
             breaker.admit()
             try:
@@ -158,6 +161,7 @@ class Retry:
                 breaker.abandoned()
                 raise
             else:
+                response.add_upstream_time(spent)
                 if response.status not in RETRIED_STATUSES:
                     breaker.succeeded()
                     return response
@@ -166,6 +170,7 @@ class Retry:
                 reason = str(response.status)
                 if not (resendable and await self._pause(request, attempt, reason, asked)):
                     return response
+                spent = response.upstream_seconds
                 await response.release()
             attempt += 1
 
@@ -180,8 +185,7 @@ class Retry:
         if attempt >= self.settings.attempts:
             return False
         s = self.settings
-        ceiling = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1))
-        delay = ceiling * (0.5 + self.jitter() / 2)
+        delay = backoff(attempt, s.backoff_initial, s.backoff_max, self.jitter)
         if asked is not None:
             delay = max(delay, asked)
         if self.clock.now() + delay >= request.deadline:
@@ -204,5 +208,4 @@ def _reason(error: UpstreamError) -> str:
 
 
 def _retry_after(response: ProxyResponse) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
+    return retry_after(response.headers.get("Retry-After"), time.time())

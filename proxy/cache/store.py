@@ -29,8 +29,10 @@ from typing import IO, Any, Protocol, TypeVar
 
 import diskcache  # type: ignore[import-untyped]
 
-from proxy.cache_policy import Entry, normalise_path, parse_key
+from proxy.cache.policy import Entry, normalise_path, parse_key
+from proxy.errors import UpstreamBodyError
 from proxy.logs import event
+from proxy.messages import CHUNK
 
 T = TypeVar("T")
 # Bodies up to this size live inside the entry's record; larger ones are a separate value
@@ -38,7 +40,6 @@ T = TypeVar("T")
 INLINE_BODY = 32 * 1024
 # Bodies up to this size are held in memory while fetched; larger ones spill to a file.
 SPILL_AT = 1024 * 1024
-CHUNK = 64 * 1024
 EPOCH_KEY = "__purge_epoch__"
 # After a full disk, storing is tried again after this many seconds.
 FULL_DISK_RETRY = 60.0
@@ -262,8 +263,6 @@ class CacheStore:
             opening.add_done_callback(_close_opened)
             raise
         if handle is None:
-            from proxy.errors import UpstreamBodyError
-
             raise UpstreamBodyError("A stored body disappeared while it was read")
         try:
             while chunk := await self._run(handle.read, CHUNK):

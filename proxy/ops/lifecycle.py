@@ -1,10 +1,10 @@
 """The proxy's life as a process: check, start both listeners, serve, drain, stop.
 
-``startup`` → ``run_until_signal`` → ``shutdown`` (in :mod:`proxy.server`):
+``startup`` → ``run_until_signal`` → ``shutdown`` (in :mod:`proxy.listener`):
 
 1. preflight: the state directory and the cache directory must be writable
    directories; otherwise one :class:`StartupError` line, exit 2.
-2. the proxy listener, then the admin listener (which shares the proxy's context);
+2. the proxy listener, then the admin listener (over the proxy's services);
    a busy port is one line too.
 3. on SIGTERM/SIGINT: readiness false at once, the proxy stops accepting, in-flight
    requests get ``server.shutdown_grace`` seconds, cleanup contexts close sessions,
@@ -22,8 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
+from proxy.edge.app import create_app
+from proxy.edge.services import SERVICES
+from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import event
-from proxy.server import StartupError, bound_port, run_until_signal, start
+from proxy.ops.admin import start_admin
 from proxy.settings import Settings, masked
 
 Announce = Callable[[int, int | None], None]
@@ -40,17 +43,15 @@ async def serve(
     ``extra`` runners (the demo's sandbox) stop last; ``announce(port, admin_port)`` hears
     the bound ports once both listeners are up.
     """
-    from proxy.admin import start_admin
-    from proxy.app import CONTEXT, create_app
 
     preflight(settings)
     app = create_app(settings)
     runner = await start(
         app, settings.server.host, settings.server.port, settings.server.shutdown_grace
     )
-    ctx = app[CONTEXT]
+    services = app[SERVICES]
     try:
-        admin = await start_admin(ctx)
+        admin = await start_admin(services)
     except StartupError:
         await runner.cleanup()
         raise
@@ -66,7 +67,7 @@ async def serve(
         announce(bound_port(runner), bound_port(admin) if admin else None)
 
     def not_ready(signal_name: str) -> None:
-        ctx.shutting_down = True
+        services.state.shutting_down = True
 
     runners = [runner, *([admin] if admin else []), *(extra or [])]
     await run_until_signal(runners, on_signal=not_ready)

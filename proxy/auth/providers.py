@@ -11,7 +11,7 @@ Modes (``accounts.NAME.mode``):
 - ``oauth``: :class:`OAuthProvider`. Tokens come from the token URL (refresh_token grant, or
   client_credentials), built with authlib's client pieces (``prepare_token_request``,
   ``ClientAuth``, ``OAuth2Token``, ``OAuth2Error``) and sent on the proxy's own aiohttp
-  session. The token file (:mod:`proxy.token_store`) keeps them across restarts.
+  session. The token file (:mod:`proxy.auth.token_file`) keeps them across restarts.
 
 OAuth states (metric ``kounta_proxy_token_state``, one log line per change)::
 
@@ -30,31 +30,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
-import math
-import random
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
 from authlib.oauth2 import OAuth2Error
-from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749 import OAuth2Token
-from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
+from proxy.auth.endpoint import request_token
+from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError
+from proxy.clock import WallClock, backoff
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
-from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import AccountSettings
-from proxy.token_store import StoredToken, TokenFile, TokenFileError
 
-Clock = Callable[[], float]
 INF = float("inf")
-ERROR_BODY_LIMIT = 64 * 1024
 TOKEN_BODY_LIMIT = 64 * 1024
 RETRY_BASE = 0.5
 # How often a provider with no usable refresh token looks for a newly authorized token file.
@@ -156,7 +149,7 @@ def provider_for(
     *,
     name: str = "default",
     state_dir: str = "state",
-    clock: Clock = time.time,
+    clock: WallClock = time.time,
     metrics: Metrics | None = None,
 ) -> TokenProvider:
     if account.mode in ("static", "basic") and metrics is not None:
@@ -169,99 +162,12 @@ def provider_for(
     return OAuthProvider(name, account, file, clock=clock, metrics=metrics)
 
 
-# --------------------------------------------------------------------------- token endpoint
-
-
-def parse_token_response(status: int, body: bytes, now: float) -> OAuth2Token:
-    """A token endpoint answer as an ``OAuth2Token`` (``expires_at`` from ``now``), or
-    ``OAuth2Error`` with the endpoint's ``error`` code (``temporarily_unavailable`` when it
-    gave none). Pure: no clock, no I/O."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        data = None
-    if status == 200 and isinstance(data, dict) and isinstance(data.get("access_token"), str):
-        params = dict(data)
-        lifetime = _seconds(params.pop("expires_in", None))
-        expires_at = None if lifetime is None else now + lifetime
-        if lifetime is not None:
-            params["expires_in"] = lifetime
-        params.pop("expires_at", None)  # only our own clock's idea of expiry counts
-        token = OAuth2Token(params)
-        if expires_at is not None:
-            token["expires_at"] = expires_at  # authlib would round it to whole seconds
-        return token
-    code = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(code, str) or not code or status >= 500 or status == 429:
-        code = "temporarily_unavailable"
-    raise OAuth2Error(error=code, status_code=status)
-
-
-def _seconds(value: object) -> float | None:
-    """``expires_in`` as seconds: a JSON number or a numeric string (some servers quote it);
-    None for anything else, which authlib must never see (it would call ``int()`` on it)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-async def request_token(
-    session: aiohttp.ClientSession,
-    account: AccountSettings,
-    grant: str,
-    now: float,
-    **params: str,
-) -> OAuth2Token:
-    """One token request (client authentication by ``account.token_auth``); raises
-    ``OAuth2Error`` (``temporarily_unavailable`` for network failures and timeouts)."""
-    body = prepare_token_request(grant, **params)
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-    auth = ClientAuth(account.client_id, account.client_secret.reveal(), account.token_auth)
-    url, headers, body = auth.prepare("POST", account.token_url, headers, body)
-    timeout = aiohttp.ClientTimeout(total=account.token_timeout)
-    try:
-        async with session.post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-        ) as response:
-            raw = await response.content.read(TOKEN_BODY_LIMIT)
-            status = response.status
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        raise OAuth2Error(error="temporarily_unavailable") from None
-    return parse_token_response(status, raw, now)
-
-
-def is_token_failure(body: bytes) -> bool:
-    """Whether a 401 body says the access token is invalid or expired (Kounta's wording)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        text = body.decode("utf-8", errors="replace").lower()
-        return "token" in text and ("expired" in text or "invalid" in text)
-    if not isinstance(data, dict):
-        return False
-    code = str(data.get("error", "")).lower()
-    text = str(data.get("error_description", "")).lower()
-    return code in ("invalid_token", "expired_token") or (
-        "token" in text and ("expired" in text or "invalid" in text)
-    )
-
-
 def refresh_due(token: StoredToken, leeway: float) -> float | None:
     """When to refresh: ``leeway`` before expiry, but no earlier than half the lifetime."""
     if token.expires_at is None:
         return None
     lifetime = token.expires_at - token.obtained_at if token.obtained_at else INF
     return token.expires_at - min(leeway, lifetime / 2)
-
-
-def backoff(failures: int, cap: float, rng: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with jitter: a random pause in [half, all] of base * 2^n, capped."""
-    ceiling = min(cap, RETRY_BASE * 2.0 ** max(0, failures - 1))
-    return float(ceiling * (0.5 + rng() / 2))
 
 
 def _bearer(token: StoredToken) -> str:
@@ -280,7 +186,7 @@ class OAuthProvider:
         settings: AccountSettings,
         file: TokenFile,
         *,
-        clock: Clock = time.time,
+        clock: WallClock = time.time,
         metrics: Metrics | None = None,
     ) -> None:
         self.account = account
@@ -598,7 +504,7 @@ class OAuthProvider:
         if self._state in (NEEDS_AUTHORIZE, REJECTED):
             return AUTHORIZE_POLL
         if self._state == UNAVAILABLE:
-            return backoff(self._failures, self.settings.token_retry_max)
+            return backoff(self._failures, RETRY_BASE, self.settings.token_retry_max)
         token = self._token
         if token is None:
             return 0.0
@@ -616,44 +522,3 @@ class OAuthProvider:
         due = refresh_due(self._token, self.settings.refresh_leeway)
         now = self.clock()
         return due is not None and now >= due and now >= self._token.obtained_at + MIN_REFRESH_GAP
-
-
-# --------------------------------------------------------------------------- the layer
-
-
-class Authenticator:
-    """Puts the account's credentials on each request; one refresh and resend on a token 401."""
-
-    def __init__(
-        self,
-        inner: Layer,
-        providers: Mapping[str, TokenProvider],
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.inner = inner
-        self.providers = providers
-        self.metrics = metrics
-
-    async def send(self, request: ProxyRequest) -> ProxyResponse:
-        provider = self.providers.get(request.account)
-        if provider is None:
-            raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
-        authorization = await provider.authorization(request.deadline)
-        response = await self.inner.send(request.with_headers(Authorization=authorization))
-        if response.status != 401 or not provider.renewable:
-            return response
-        if not is_token_failure(await response.read(limit=ERROR_BODY_LIMIT)):
-            return response
-        if not request.replayable:
-            # The body is gone; the caller gets the 401, the next request a fresh token.
-            provider.invalidate(authorization)
-            self._count(request.account, "not_replayable")
-            return response
-        fresh = await provider.renew(authorization, request.deadline)
-        self._count(request.account, "resent")
-        # Once only: whatever this answers goes back, so a bad token can never loop.
-        return await self.inner.send(request.with_headers(Authorization=fresh))
-
-    def _count(self, account: str, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.auth_resends.labels(account, outcome).inc()

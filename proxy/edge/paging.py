@@ -23,6 +23,10 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.edge.answer import answer
+from proxy.edge.inbound import exchange_of
+from proxy.edge.rewrite import rewrite_url
+from proxy.edge.services import Services
 from proxy.errors import InvalidRequest, ProxyError, TooManyPages, UpstreamError
 from proxy.logs import event
 from proxy.messages import ProxyRequest, ProxyResponse
@@ -74,8 +78,6 @@ def numbered_request(first: ProxyRequest, page: ProxyResponse, number: int) -> P
 
 
 def _rewrite(url: str, upstream: URL) -> str:
-    from proxy.rewrite import rewrite_url
-
     return rewrite_url(url, upstream, _MARK)
 
 
@@ -97,33 +99,28 @@ def without_header(request: ProxyRequest) -> ProxyRequest:
 
 
 async def all_pages(
-    request: web.Request, first: ProxyRequest, upstream: URL, public: str
+    request: web.Request, first: ProxyRequest, services: Services
 ) -> web.StreamResponse:
     """Answer a ``X-Proxy-All-Pages`` request: the streamed array, or the first page's own
     answer (an error, a redirect, a 304) when that is not a 200."""
-    from proxy.handlers import answer, exchange_of  # handlers import this module
-
-    gatherer = AllPages(request, first, upstream)
-    response = await gatherer.ctx.pipeline.send(gatherer.first)
-    info = exchange_of(request)
-    info.cache_status = response.cache_status
-    info.upstream_status = response.upstream_status
+    upstream = services.settings.upstream.url
+    gatherer = AllPages(request, first, services)
+    response = await services.pipeline.send(gatherer.first)
+    exchange_of(request).took(response)
     if response.status != 200:
-        return await answer(request, response, upstream, public)
+        return await answer(request, response, upstream, services.settings.server.public_url)
     return await gatherer.answer(response)
 
 
 class AllPages:
     """Gathers one caller's list, page by page, and streams it out."""
 
-    def __init__(self, request: web.Request, first: ProxyRequest, upstream: URL) -> None:
-        from proxy.app import CONTEXT  # created by the app; import late to avoid a cycle
-
-        self.ctx = request.app[CONTEXT]
+    def __init__(self, request: web.Request, first: ProxyRequest, services: Services) -> None:
+        self.services = services
         self.request = request
         self.first = without_header(first)
-        self.upstream = upstream
-        self.max_pages = self.ctx.settings.paging.max_pages
+        self.upstream = services.settings.upstream.url
+        self.max_pages = self.services.settings.paging.max_pages
 
     async def answer(self, response: ProxyResponse) -> web.StreamResponse:
         """Stream the records of ``response`` (page one, a 200) and of every page after it."""
@@ -179,7 +176,7 @@ class AllPages:
         seen = {(self.first.path_qs, self.first.headers.get(X_PAGE))}
         loop = asyncio.get_running_loop()
         while True:
-            deadline = loop.time() + self.ctx.settings.upstream.total_timeout
+            deadline = loop.time() + self.services.settings.upstream.total_timeout
             request = self._next(page, pages, by_number, deadline)
             if request is None:
                 break
@@ -188,7 +185,7 @@ class AllPages:
             if (request.path_qs, request.headers.get(X_PAGE)) in seen:
                 raise UpstreamError("Kounta's X-Next-Page chain loops back on itself")
             seen.add((request.path_qs, request.headers.get(X_PAGE)))
-            page = await self.ctx.pipeline.send(request)
+            page = await self.services.pipeline.send(request)
             if page.status != 200:
                 await page.release()
                 raise UpstreamError(f"Page {pages + 1} of the list answered {page.status}")
@@ -201,5 +198,5 @@ class AllPages:
             pages += 1
         await out.write(b"]")
         await out.write_eof()
-        self.ctx.metrics.paging_pages.inc(pages)
+        self.services.metrics.paging_pages.inc(pages)
         event("all_pages", request_id=self.first.request_id, pages=pages)

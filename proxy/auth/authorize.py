@@ -22,11 +22,12 @@ from aiohttp import web
 from authlib.oauth2 import OAuth2Error
 from yarl import URL
 
-from proxy.auth import request_token, token_path
-from proxy.server import StartupError, start
+from proxy.auth.endpoint import request_token
+from proxy.auth.providers import token_path
+from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError
+from proxy.client import create_session
+from proxy.listener import StartupError, start
 from proxy.settings import AccountSettings, ConfigError, Settings, is_loopback_host
-from proxy.token_store import StoredToken, TokenFile, TokenFileError
-from proxy.upstream import create_session
 
 
 class AuthorizeError(Exception):

@@ -1,13 +1,13 @@
 """The fresh-hit fast path: a plain GET of a fresh, stored answer, without the long way.
 
 Most reads a busy proxy answers are fresh hits on a few entries. The long way
-(:func:`proxy.app.access_middleware` → :func:`proxy.app.error_middleware` →
-:func:`proxy.handlers.handle` → the cache layer) spends most of such a request in
+(:func:`~proxy.edge.middlewares.access_middleware` → ``error_middleware`` →
+:func:`proxy.edge.handlers.handle` → the cache layer) spends most of such a request in
 machinery it does not need: routing, middleware calls, building a
 :class:`~proxy.messages.ProxyRequest` for the upstream, awaiting layers.
 
 This path sits in front of the application (:func:`wrap`, installed by
-:class:`proxy.server.Runner`) and answers only the plainest requests: GET over HTTP/1.x,
+:class:`proxy.listener.Runner`) and answers only the plainest requests: GET over HTTP/1.x,
 no body, no Cache-Control or Pragma, no If-Match, If-Unmodified-Since or Range, no
 all-pages paging, no Connection options, a Host, target and caller the long way accepts,
 and an entry in the memory tier that is fresh, a 200, and without extra Vary names. The
@@ -28,14 +28,16 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.app import CONTEXT, PROXY_APP, access_line, route_of
-from proxy.cache import Cache
-from proxy.cache_policy import UNHANDLED_CONDITIONALS
+from proxy.cache.layer import Cache
+from proxy.cache.policy import UNHANDLED_CONDITIONALS
+from proxy.edge.answer import answer_headers, caller_view
+from proxy.edge.inbound import VERSIONS, Exchange, request_id
+from proxy.edge.middlewares import access_line, route_of
+from proxy.edge.paging import HEADER as ALL_PAGES
+from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.handlers import VERSIONS, Exchange, answer_headers, caller_view, request_id
 from proxy.headers import SERVER_NAME
 from proxy.logs import log
-from proxy.paging import HEADER as ALL_PAGES
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -58,12 +60,12 @@ TARGETS_MAX = 4096
 class FastPath:
     """The request handler in front of the application's own (``inner``)."""
 
-    def __init__(self, app: web.Application, cache: Cache, inner: Handler) -> None:
-        self.ctx = app[CONTEXT]
+    def __init__(self, services: Services, cache: Cache, inner: Handler) -> None:
+        self.services = services
         self.cache = cache
         self.inner = inner
-        self.upstream = self.ctx.settings.upstream.url
-        self.public = self.ctx.settings.server.public_url
+        self.upstream = self.services.settings.upstream.url
+        self.public = self.services.settings.server.public_url
         # Accepted request targets and their route labels (refusals are never remembered:
         # the long way words them).
         self._targets: dict[str, tuple[Target, str]] = {}
@@ -98,14 +100,14 @@ class FastPath:
         if known is None:
             return None
         target, route = known
-        ctx = self.ctx
-        caller = ctx.callers.find(headers)
+        services = self.services
+        caller = services.callers.find(headers)
         if caller is None:
             return None
         hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers)
         if hit is None:
             return None
-        ctx.callers.count(caller)
+        services.callers.count(caller)
         status, items, body, age = hit
         rid = request_id(headers)
         view = caller_view(request, items, self.upstream, self.public)
@@ -113,11 +115,11 @@ class FastPath:
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
-        ctx.metrics.request_done("GET", route, status, "HIT", elapsed)
+        services.metrics.request_done("GET", route, status, "HIT", elapsed)
         if log.isEnabledFor(logging.INFO):
             info = Exchange(rid, caller.name, caller.account, "HIT", target)
             info.bytes_sent = len(body)
-            access_line(request, info, route, status, elapsed, [])
+            access_line(request, info, route, status, elapsed)
         return response
 
     def _target(self, request: web.BaseRequest) -> tuple[Target, str] | None:
@@ -136,9 +138,9 @@ class FastPath:
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:
-    """``inner`` with the fast path in front, for the proxy application with a cache
-    (not the admin application, which shares its context, nor the sandbox)."""
-    ctx = app.get(CONTEXT)
-    if not app.get(PROXY_APP) or ctx is None or ctx.cache is None:
+    """``inner`` with the fast path in front, once the app's services are built; as is when
+    the cache is disabled."""
+    services = app[SERVICES]
+    if services.cache is None:
         return inner
-    return FastPath(app, ctx.cache, inner)
+    return FastPath(services, services.cache, inner)

@@ -1,0 +1,68 @@
+"""The auth layer: the account's credentials on every upstream request; on a 401 for an
+invalid or expired token, one renewal and one resend (when the body can be sent again)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from proxy.auth.providers import TokenProvider
+from proxy.errors import TokenUnavailable
+from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
+from proxy.metrics import Metrics
+
+
+def is_token_failure(body: bytes) -> bool:
+    """Whether a 401 body says the access token is invalid or expired (Kounta's wording)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        text = body.decode("utf-8", errors="replace").lower()
+        return "token" in text and ("expired" in text or "invalid" in text)
+    if not isinstance(data, dict):
+        return False
+    code = str(data.get("error", "")).lower()
+    text = str(data.get("error_description", "")).lower()
+    return code in ("invalid_token", "expired_token") or (
+        "token" in text and ("expired" in text or "invalid" in text)
+    )
+
+
+class Authenticator:
+    """Puts the account's credentials on each request; one refresh and resend on a token 401."""
+
+    def __init__(
+        self,
+        inner: Layer,
+        providers: Mapping[str, TokenProvider],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.inner = inner
+        self.providers = providers
+        self.metrics = metrics
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        provider = self.providers.get(request.account)
+        if provider is None:
+            raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
+        authorization = await provider.authorization(request.deadline)
+        response = await self.inner.send(request.with_headers(Authorization=authorization))
+        if response.status != 401 or not provider.renewable:
+            return response
+        if not is_token_failure(await response.read(limit=ERROR_BODY_LIMIT)):
+            return response
+        if not request.replayable:
+            # The body is gone; the caller gets the 401, the next request a fresh token.
+            provider.invalidate(authorization)
+            self._count(request.account, "not_replayable")
+            return response
+        fresh = await provider.renew(authorization, request.deadline)
+        self._count(request.account, "resent")
+        # Once only: whatever this answers goes back, so a bad token can never loop.
+        resent = await self.inner.send(request.with_headers(Authorization=fresh))
+        resent.add_upstream_time(response.upstream_seconds)
+        return resent
+
+    def _count(self, account: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_resends.labels(account, outcome).inc()

@@ -1,0 +1,189 @@
+"""The answer side: a :class:`~proxy.messages.ProxyResponse` rendered for the caller,
+its paging and location URLs moved onto the proxy, errors in the OAuth 2.0 shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.edge.inbound import exchange_of
+from proxy.edge.rewrite import REWRITTEN_HEADERS, rewrite_url
+from proxy.errors import (
+    PROXY_ERROR_HEADER,
+    ClosesConnection,
+    ProxyError,
+    RequestTooLarge,
+    error_body,
+    normalise_error,
+)
+from proxy.headers import SERVER_NAME, VIA, for_caller
+from proxy.logs import event
+from proxy.messages import ERROR_BODY_LIMIT, ProxyResponse
+
+# Upstream headers worth keeping on an error answer.
+ERROR_KEPT_HEADERS = (
+    "Retry-After",
+    "X-Ratelimit-Reset",
+    "X-Ratelimit-Limit",
+    "X-Ratelimit-Remaining",
+)
+
+
+async def stamp_server(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer names the proxy, never a library version."""
+    response.headers["Server"] = SERVER_NAME
+
+
+def _origin_of(request: web.BaseRequest) -> URL:
+    try:
+        return URL.build(scheme=request.scheme, authority=request.host)
+    except (ValueError, TypeError):
+        return URL.build(scheme=request.scheme, host="localhost")
+
+
+def public_url(request: web.BaseRequest, configured: str) -> URL:
+    """The URL callers reach the proxy at: configured, else the request's own origin."""
+    return URL(configured) if configured else _origin_of(request)
+
+
+async def answer(
+    request: web.Request, response: ProxyResponse, upstream: URL, public: str
+) -> web.StreamResponse:
+    info = exchange_of(request)
+    if response.status >= 400:
+        return await error_answer(request, response)
+    view = caller_view(request, tuple(response.headers.items()), upstream, public)
+    headers = answer_headers(view, info.request_id, response.cache_status, response.age)
+    if isinstance(response.body, bytes):
+        info.bytes_sent = len(response.body)
+        out = web.Response(status=response.status, headers=headers, body=response.body or None)
+        if request.method == "HEAD" and not response.body:
+            _keep_head_length(out, response)
+        return out
+    return await stream_answer(request, response, headers)
+
+
+HeaderItems = tuple[tuple[str, str], ...]
+
+
+# Upstream headers (plus where the caller reached the proxy) -> what the caller is shown.
+# Most answers repeat a few header sets (every fresh hit of an entry has the same one),
+# so the filtering and URL rewriting are done once per set; bounded by clearing.
+_VIEWS: dict[tuple[HeaderItems, URL, str, str, str], HeaderItems] = {}
+
+
+VIEWS_MAX = 1024
+
+
+def answer_headers(
+    view: HeaderItems, request_id: str, cache_status: str, age: int | None
+) -> CIMultiDict[str]:
+    """A successful answer's headers: the caller's view of the upstream's, then the proxy's."""
+    headers = CIMultiDict(view)
+    headers["X-Request-ID"] = request_id
+    headers["X-Cache"] = cache_status
+    headers.add("Via", VIA)
+    if age is not None:
+        headers["Age"] = str(age)
+    return headers
+
+
+def caller_view(
+    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str
+) -> HeaderItems:
+    """The upstream headers a caller may see, paging/location URLs moved onto the proxy."""
+    # The request's origin only matters when no public URL is configured.
+    scheme, host = ("", "") if public else (request.scheme, request.host)
+    key = (items, upstream, public, scheme, host)
+    view = _VIEWS.get(key)
+    if view is None:
+        if len(_VIEWS) >= VIEWS_MAX:
+            _VIEWS.clear()
+        view = _VIEWS[key] = _filter_and_rewrite(request, items, upstream, public)
+    return view
+
+
+def _filter_and_rewrite(
+    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str
+) -> HeaderItems:
+    headers = for_caller(items)
+    for name in REWRITTEN_HEADERS:
+        values = headers.getall(name, [])
+        if values:
+            del headers[name]
+            base = public_url(request, public)
+            for value in values:
+                headers.add(name, rewrite_url(value, upstream, base))
+    return tuple(headers.items())
+
+
+async def stream_answer(
+    request: web.Request, response: ProxyResponse, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    info = exchange_of(request)
+    length = response.headers.get("Content-Length")
+    out = web.StreamResponse(status=response.status, headers=headers)
+    if length is not None and length.isdigit() and "Content-Encoding" not in response.headers:
+        out.content_length = int(length)
+    assert not isinstance(response.body, bytes)
+    try:
+        await out.prepare(request)
+        async for chunk in response.body:
+            await out.write(chunk)
+            info.bytes_sent += len(chunk)
+        await out.write_eof()
+    except ProxyError as e:
+        # Headers are gone already: the only honest signal left is a broken connection.
+        event("upstream_body_failed", request_id=info.request_id, error=e.code)
+        _abort(request)
+    except (ConnectionResetError, asyncio.CancelledError):
+        event("client_disconnected", request_id=info.request_id)
+        _abort(request)
+    finally:
+        await response.release()
+    return out
+
+
+def _keep_head_length(out: web.Response, response: ProxyResponse) -> None:
+    """HEAD says the length GET would send, as nginx does, when it is known.
+
+    A compressed upstream length is not: the proxy would answer GET decoded.
+    """
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and "Content-Encoding" not in response.headers:
+        out.headers["Content-Length"] = length
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def error_answer(request: web.Request, response: ProxyResponse) -> web.Response:
+    info = exchange_of(request)
+    raw = await response.read(limit=ERROR_BODY_LIMIT)
+    status, headers, body = normalise_error(response.status, response.headers, raw)
+    out = web.Response(status=status, headers=headers, body=body)
+    for name in ERROR_KEPT_HEADERS:
+        if name in response.headers:
+            out.headers[name] = response.headers[name]
+    out.headers["X-Request-ID"] = info.request_id
+    out.headers["X-Cache"] = response.cache_status
+    out.headers.add("Via", VIA)
+    info.bytes_sent = len(body)
+    return out
+
+
+def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
+    status, headers, body = normalise_error(error.status, {}, error_body(error))
+    out = web.Response(status=status, headers=headers, body=body)
+    out.headers.update(error.headers())
+    out.headers[PROXY_ERROR_HEADER] = "1"
+    out.headers["X-Request-ID"] = request_id
+    if isinstance(error, ClosesConnection | RequestTooLarge):
+        # The body was not read (or not trusted): close rather than parse it as a request.
+        out.force_close()
+    return out

@@ -1,0 +1,59 @@
+"""The proxy application: ``init_app`` in the aiohttp way.
+
+One cleanup context builds the :class:`~proxy.edge.services.Services` at startup and
+closes them at cleanup; the middlewares and the one catch-all route read them from
+``app[SERVICES]``. The fresh-hit fast path is handed to the listener as the app's
+request-handler wrapper (:data:`proxy.listener.WRAP_HANDLER`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.clock import WallClock
+from proxy.edge import fast, services
+from proxy.edge.answer import stamp_server
+from proxy.edge.handlers import handle
+from proxy.edge.inbound import expect_nothing
+from proxy.edge.middlewares import access_middleware, error_middleware
+from proxy.edge.services import SERVICES
+from proxy.listener import WRAP_HANDLER
+from proxy.messages import Layer
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream: Layer | None = None,
+    registry: CollectorRegistry | None = None,
+    clock: WallClock = time.time,
+) -> web.Application:
+    """The proxy application; ``upstream`` replaces the real upstream layer in tests."""
+    app = web.Application(
+        middlewares=[access_middleware, error_middleware],
+        client_max_size=settings.server.max_body_size,
+    )
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    app.cleanup_ctx.append(_services_ctx(settings, metrics, clock, upstream))
+    # expect_nothing: 100 Continue only once the request passed its checks (inbound.read_body)
+    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_nothing)
+    app.on_response_prepare.append(stamp_server)
+    app[WRAP_HANDLER] = fast.wrap
+    return app
+
+
+def _services_ctx(
+    settings: Settings, metrics: Metrics, clock: WallClock, upstream: Layer | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        built = app[SERVICES] = await services.build(settings, metrics, clock, upstream)
+        yield
+        await services.close(built)
+
+    return ctx

@@ -1,0 +1,55 @@
+"""The proxy's one route handler: an inbound request through the pipeline and back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.edge import paging
+from proxy.edge.answer import answer
+from proxy.edge.inbound import CappedStream, exchange_of, guard, read_body, too_large
+from proxy.edge.services import SERVICES
+from proxy.errors import InvalidRequest, ProxyError, RequestTooLarge
+from proxy.headers import VIA, for_upstream, has_bad_value
+from proxy.messages import ProxyRequest
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    info = exchange_of(request)
+    target = info.target or guard(request)
+    bad = has_bad_value(request.headers.items())
+    if bad is not None:
+        raise InvalidRequest(f"Header {bad} contains CR, LF or NUL")
+    caller = services.callers.identify(request.headers)
+    info.caller, info.account = caller.name, caller.account
+    settings = services.settings
+    server = settings.server
+    body = await read_body(request, server.max_body_size, server.replay_body_size)
+    loop = asyncio.get_running_loop()
+    headers = for_upstream(request.headers.items(), services.callers.header_names)
+    headers["X-Request-ID"] = info.request_id
+    headers["Via"] = VIA
+    proxy_request = ProxyRequest(
+        method=request.method,
+        path=target.path,
+        query=target.query,
+        headers=CIMultiDictProxy(headers),
+        body=body,
+        account=caller.account,
+        caller=caller.name,
+        request_id=info.request_id,
+        deadline=loop.time() + settings.upstream.total_timeout,
+    )
+    if paging.wanted(request):
+        return await paging.all_pages(request, proxy_request, services)
+    try:
+        response = await services.pipeline.send(proxy_request)
+    except ProxyError:
+        if isinstance(body, CappedStream) and body.exceeded:
+            raise RequestTooLarge(too_large(server.max_body_size)) from None
+        raise
+    info.took(response)
+    return await answer(request, response, settings.upstream.url, server.public_url)

@@ -1,0 +1,181 @@
+"""The inbound side: checks before routing (version, method, framing, Host, target),
+the per-request :class:`Exchange` record, request ids and the request body."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.errors import (
+    JSON_CONTENT_TYPE,
+    ExpectationFailed,
+    FaultyFraming,
+    HttpVersionNotSupported,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotImplementedCoding,
+    RequestTooLarge,
+)
+from proxy.messages import CHUNK, Body, ProxyResponse
+from proxy.target import Target, parse_target, valid_host
+
+VERSIONS = ((1, 1), (1, 0))
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the access log and metrics learn about one request while it is answered."""
+
+    request_id: str = ""
+    caller: str = "-"
+    account: str = "-"
+    cache_status: str = "-"
+    target: Target | None = None
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+    bytes_sent: int = 0
+
+    def took(self, response: ProxyResponse) -> None:
+        """What the pipeline's answer tells the access log."""
+        self.cache_status = response.cache_status
+        self.upstream_status = response.upstream_status
+        self.upstream_seconds = response.upstream_seconds
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def exchange_of(request: web.Request) -> Exchange:
+    found = request.get(EXCHANGE)
+    if found is None:
+        found = request[EXCHANGE] = Exchange()
+    return found
+
+
+# Generated ids: 32 hex digits, as uuid4().hex, but a random per-process prefix and a
+# counter, unique without a system call per request.
+_ID_PREFIX = os.urandom(8).hex()
+
+
+_ID_NUMBERS = itertools.count(1)
+
+
+def request_id(headers: CIMultiDictProxy[str]) -> str:
+    """The caller's X-Request-ID when it is sane, else a new one."""
+    given = headers.get("X-Request-ID")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ID_NUMBERS):016x}"
+
+
+def guard(request: web.Request) -> Target:
+    """The checks that come before routing: version, method, framing and request target."""
+    if request.version not in VERSIONS:
+        raise HttpVersionNotSupported("Only HTTP/1.0 and HTTP/1.1 are served")
+    if request.method not in METHODS:
+        raise MethodNotAllowed(f"Method {request.method} is not proxied")
+    check_framing(request)
+    if not valid_host(request.headers.get("Host")):
+        # RFC 9112 3.2: a server MUST answer 400 to an invalid Host (missing or repeated
+        # in HTTP/1.1 is refused by aiohttp's parser already).
+        raise InvalidRequest("The Host header is not a valid host[:port]")
+    if request.raw_path == "*" and request.method == "OPTIONS":
+        return ASTERISK
+    return parse_target(request.raw_path)
+
+
+# OPTIONS * (RFC 9110 9.3.7) asks about the server itself; it is answered, never forwarded.
+ASTERISK = Target(path="*", query="")
+
+
+def check_framing(request: web.Request) -> None:
+    """Refuse what aiohttp's parser lets through but a careful proxy must not pass on."""
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if codings and request.version < (1, 1):
+        # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
+        raise FaultyFraming("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+    tokens = [t.strip().lower() for value in codings for t in value.split(",") if t.strip()]
+    if tokens and tokens != ["chunked"]:
+        # aiohttp frames "gzip, chunked" as chunked but does not undo the gzip (nginx: 501).
+        raise NotImplementedCoding("Only the chunked transfer coding is supported")
+    expect = request.headers.get("Expect")
+    if expect is not None and expect.strip().lower() != "100-continue":
+        raise ExpectationFailed("Only 'Expect: 100-continue' is supported")
+
+
+async def expect_nothing(request: web.Request) -> None:
+    """aiohttp would send 100 Continue before any check; :func:`read_body` sends it later."""
+
+
+def options_answer() -> web.Response:
+    allow = sorted(METHODS)
+    body = json.dumps({"allow": allow}).encode()
+    return web.Response(
+        status=200,
+        body=body,
+        headers={"Allow": ", ".join(allow), "Content-Type": JSON_CONTENT_TYPE},
+    )
+
+
+def too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit} bytes"
+
+
+async def read_body(request: web.Request, limit: int, replay_limit: int) -> Body:
+    """The body in memory when it is small (replayable), else a capped stream."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge(too_large(limit))
+    if "Expect" in request.headers and request.version >= (1, 1):
+        # Checked and accepted: only now invite the body (RFC 9110 10.1.1).
+        await request.writer.write(CONTINUE)
+    head = bytearray()
+    while len(head) <= replay_limit:
+        chunk = await request.content.read(CHUNK)
+        if not chunk:
+            return bytes(head)
+        head += chunk
+        if len(head) > limit:
+            raise RequestTooLarge(too_large(limit))
+    return CappedStream(bytes(head), request, limit)
+
+
+class CappedStream:
+    """A one-shot body stream that stops at ``limit`` bytes and remembers why."""
+
+    def __init__(self, head: bytes, request: web.Request, limit: int) -> None:
+        self.head = head
+        self.request = request
+        self.limit = limit
+        self.exceeded = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        size = len(self.head)
+        yield self.head
+        while chunk := await self.request.content.read(CHUNK):
+            size += len(chunk)
+            if size > self.limit:
+                self.exceeded = True
+                raise RequestTooLarge(too_large(self.limit))
+            yield chunk

@@ -1,0 +1,98 @@
+"""The two middlewares every request passes: the access log and metrics, then errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import lru_cache
+
+from aiohttp import web
+
+from proxy.edge.answer import proxy_error_answer
+from proxy.edge.inbound import ASTERISK, Exchange, exchange_of, guard, options_answer, request_id
+from proxy.edge.services import SERVICES
+from proxy.errors import ProxyError, code_for
+from proxy.logs import event, log
+from proxy.routes import template
+
+# Logged (never sent) when the caller hung up before the answer was complete, as nginx does.
+CLIENT_CLOSED_REQUEST = 499
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as OAuth 2.0 JSON; nothing leaves as a traceback."""
+    info = exchange_of(request)
+    try:
+        info.target = guard(request)
+        if info.target is ASTERISK:  # OPTIONS *: no route matches "*"; answered here
+            return options_answer()
+        return await handler(request)
+    except ProxyError as e:
+        return proxy_error_answer(e, info.request_id)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        description = e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text
+        error = ProxyError(description or e.reason, code=code_for(e.status))
+        error.status = e.status
+        return proxy_error_answer(error, info.request_id)
+    except Exception:
+        log.exception("unhandled_error", extra={"fields": {"request_id": info.request_id}})
+        error = ProxyError(f"Internal proxy error (request id {info.request_id})")
+        return proxy_error_answer(error, info.request_id)
+
+
+@lru_cache(maxsize=4096)  # most traffic repeats a few paths
+def route_of(path: str) -> str:
+    """The metric/log route label of ``path`` (:func:`proxy.routes.template`)."""
+    return template(path) if path.startswith("/v1/") else "other"
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line and the request metrics for every request."""
+    metrics = request.app[SERVICES].metrics
+    info = exchange_of(request)
+    info.request_id = request_id(request.headers)
+    started = time.perf_counter()
+    status = 500
+    metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_REQUEST
+        raise
+    finally:
+        metrics.in_flight.dec()
+        elapsed = time.perf_counter() - started
+        route = route_of(request.path)
+        metrics.request_done(request.method, route, status, info.cache_status, elapsed)
+        if log.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
+            access_line(request, info, route, status, elapsed)
+
+
+def access_line(
+    request: web.BaseRequest, info: Exchange, route: str, status: int, elapsed: float
+) -> None:
+    spent = info.upstream_seconds
+    event(
+        "request",
+        request_id=info.request_id,
+        caller=info.caller,
+        account=info.account,
+        method=request.method,
+        route=route,
+        path=request.path,
+        status=status,
+        cache=info.cache_status,
+        upstream_status=info.upstream_status,
+        bytes=info.bytes_sent,
+        ms=round(elapsed * 1000, 2),
+        upstream_ms=round(spent * 1000, 2) if spent else None,
+    )
