@@ -213,7 +213,7 @@ def promtool_parse_errors(exprs: Mapping[str, str], tmp_path: Path) -> str:
     if done.returncode == 0:
         return ""
     out = done.stdout + done.stderr
-    return "\n".join([out, *(f"{r}: {w}" for r, w in names.items() if r in out)])
+    return "\n".join([out, *(f"{r}: {w}" for r, w in names.items() if f'"{r}"' in out)])
 
 
 def load_yaml(path: Path) -> Any:
