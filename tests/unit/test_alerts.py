@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from proxy.metrics import BUCKETS
 from tests.ops_tools import prometheus_tool
 from tests.promql import (
     ROOT,
@@ -112,3 +113,11 @@ def test_promtool_accepts_the_rules_and_their_unit_tests() -> None:
     for args in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERT_TESTS)]):
         done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bucket_bounds_in_the_rules_are_bounds_the_histograms_have() -> None:
+    # le="1" would match nothing: the proxy writes bounds as Python floats (le="1.0").
+    bounds = {repr(float(b)) for b in BUCKETS}
+    used = set(re.findall(r'le="([^"]*)"', ALERTS.read_text()))
+    assert used, "no bucket bounds used"
+    assert used <= bounds, f"not bucket bounds: {used - bounds}"
