@@ -210,6 +210,12 @@ class Metrics:
             # Pre-create the series so that rate() and alerts see a zero, not nothing.
             self.upstream_errors.labels(kind)
         # --- budget, retries and breaker (recorded by the pipeline's budget and retry layers)
+        self.budget_limit = Gauge(
+            "kounta_proxy_budget_limit_per_minute",
+            "The account's configured rate: upstream requests allowed in any 60 s window.",
+            ["account"],
+            registry=registry,
+        )
         self.budget_tokens = Gauge(
             "kounta_proxy_budget_tokens",
             "Requests an account may send to Kounta right now without waiting.",
@@ -271,6 +277,17 @@ class Metrics:
             "Pages gathered for X-Proxy-All-Pages requests.",
             registry=registry,
         )
+        # --- shared state (recorded by the shared backend; the local one is always up)
+        self.shared_backend_up = Gauge(
+            "kounta_proxy_shared_backend_up",
+            "1 while the shared-state backend answers (always 1 for backend = local).",
+            registry=registry,
+        )
+        self.shared_degraded = Gauge(
+            "kounta_proxy_shared_degraded",
+            "1 while budget, tokens and cache run on this process's fallback (Redis away).",
+            registry=registry,
+        )
         # --- credentials (recorded by proxy.auth.providers and proxy.edge.callers)
         self.token_state = Gauge(
             "kounta_proxy_token_state",
@@ -282,6 +299,12 @@ class Metrics:
         self.token_expires_at = Gauge(
             "kounta_proxy_token_expires_at_seconds",
             "When the account's access token expires (Unix time); 0 when unknown.",
+            ["account"],
+            registry=registry,
+        )
+        self.token_refresh_leeway = Gauge(
+            "kounta_proxy_token_refresh_leeway_seconds",
+            "How long before expiry an oauth account's token is refreshed (refresh_leeway).",
             ["account"],
             registry=registry,
         )

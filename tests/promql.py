@@ -26,13 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Metrics (and labels on existing metrics) that the dashboard and alerts use before the proxy
 # exports them. Remove an entry once proxy/metrics.py has it: the test then checks the real one.
 ASSUMED_METRICS: dict[str, frozenset[str]] = {
-    # gauge: accounts.NAME.refresh_leeway (the alert "expiring soon" is relative to it)
-    "kounta_proxy_token_refresh_leeway_seconds": frozenset({"account"}),
-    # gauge: the account's configured rate_per_minute (the budget's limit)
-    "kounta_proxy_budget_limit_per_minute": frozenset({"account"}),
-    # gauges of the shared-state backend ([shared] backend = "redis"): 1/0
-    "kounta_proxy_shared_backend_up": frozenset(),
-    "kounta_proxy_shared_degraded": frozenset(),
     # prometheus-client's process collector (issue 13, item 3)
     "process_resident_memory_bytes": frozenset(),
     "process_cpu_seconds_total": frozenset(),

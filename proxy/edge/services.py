@@ -29,7 +29,7 @@ from proxy.edge.callers import Callers
 from proxy.messages import Layer
 from proxy.metrics import Metrics
 from proxy.pipeline import admin as pipeline_admin
-from proxy.pipeline.budget import Budget
+from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
 from proxy.settings import Settings
@@ -79,6 +79,7 @@ async def build(
 ) -> Services:
     """Open and wire everything; ``upstream`` replaces the real upstream layer in tests."""
     callers = Callers(settings, metrics)
+    describe(settings, metrics)
     providers = {
         name: provider_for(a, name=name, state_dir=settings.state_dir, clock=clock, metrics=metrics)
         for name, a in settings.accounts.items()
@@ -126,6 +127,16 @@ async def build(
         admin_routes=tuple(admin_routes),
         tasks=tasks,
     )
+
+
+def describe(settings: Settings, metrics: Metrics) -> None:
+    """The gauges that state the configuration (what the alerts and dashboard compare to)."""
+    metrics.shared_backend_up.set(1)
+    metrics.shared_degraded.set(0)
+    for name, account in settings.accounts.items():
+        metrics.budget_limit.labels(name).set(rate_for(account, settings.budget).per_window)
+        if account.mode == "oauth":
+            metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
 
 
 async def close(services: Services) -> None:
