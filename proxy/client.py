@@ -1,15 +1,33 @@
-"""The one aiohttp client session: TLS always verified, timeouts, no cookies.
+"""The one aiohttp client session: TLS always verified, timeouts, no cookies, no decoding.
 
 Upstream requests and token requests share it; ``kounta-proxy authorize`` makes its own.
+Bodies come as Kounta sent them (``auto_decompress`` off): the proxy checks and inflates
+gzip itself, within bounds (:mod:`proxy.coding`).
+
+An upstream that sends more bytes than its ``Content-Length`` gets nginx's reading: the
+first Content-Length bytes are the response, the rest is dropped and the connection is
+closed rather than reused (:class:`ExcessTolerant`). aiohttp's parser would otherwise fail
+the whole response on the bytes after it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import ssl
+from typing import Any, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 
+from proxy.logs import event
 from proxy.settings import UpstreamSettings
+
+# A response head (status line and fields) longer than this is never buffered for recovery.
+HEAD_LIMIT = 64 * 1024
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
@@ -20,8 +38,129 @@ def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
     return ctx
 
 
+class ExcessTolerant(ResponseHandler):
+    """A response handler that keeps a complete response followed by bytes that are not one.
+
+    Nothing changes for well-framed responses: the parser is only second-guessed after it
+    has failed (:class:`_ExcessGuard`).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._params: dict[str, Any] = {}
+        self.discarding = False
+
+    def set_response_params(self, **params: Any) -> None:
+        self._params = params
+        self.discarding = False
+        super().set_response_params(**params)
+        self._parser = cast(Any, _ExcessGuard(self, self._parser))
+
+    def fresh_parser(self) -> Any:
+        """A new parser made like the current one (the current one has failed)."""
+        ResponseHandler.set_response_params(self, **self._params)
+        return self._parser
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return  # more excess after the response: the connection closes when released
+        super().data_received(data)
+
+
+class _ExcessGuard:
+    """Stands in for the response parser and recovers the response it failed on, when the
+    failure is only bytes after a complete response."""
+
+    def __init__(self, handler: ExcessTolerant, parser: Any) -> None:
+        self.handler = handler
+        self.parser = parser
+        self.head = bytearray()  # bytes of a response whose head was not parsed yet
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+    def feed_data(self, data: bytes) -> Any:
+        payload = self.handler._payload
+        body_under_way = isinstance(payload, StreamReader) and not payload.is_eof()
+        try:
+            result = self.parser.feed_data(data)
+        except HttpProcessingError:
+            recovered = self._recover(data, payload if body_under_way else None)
+            if recovered is None:
+                raise
+            return recovered
+        if result[0]:
+            self.head.clear()
+        elif not body_under_way and len(self.head) + len(data) <= HEAD_LIMIT:
+            self.head += data
+        return result
+
+    def _recover(self, data: bytes, payload: Any) -> Any:
+        if payload is not None:
+            # The body under way ended in this data; the parser failed on what followed.
+            if not payload.is_eof():
+                return None
+            self._excess(len(data))  # at most this much; the body's end is inside
+            return ((), False, b"")
+        buf = bytes(self.head) + data
+        end = message_end(buf, self.handler._skip_payload)
+        if end is None or end >= len(buf):
+            return None
+        fresh = self.handler.fresh_parser()
+        self.parser, self.handler._parser = fresh, cast(Any, self)
+        self.head.clear()
+        result = fresh.feed_data(buf[:end])
+        self._excess(len(buf) - end)
+        return result
+
+    def _excess(self, size: int) -> None:
+        self.handler.force_close()
+        self.handler.discarding = True
+        event("upstream_excess_bytes", logging.WARNING, bytes=size, action="connection_closed")
+
+
+def message_end(buf: bytes, skip_payload: bool) -> int | None:
+    """Where the first final response in ``buf`` ends when framed by Content-Length (interim
+    1xx heads skipped); None when it is not (chunked, no length, a broken head)."""
+    pos = 0
+    while True:
+        end = buf.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return None
+        lines = buf[pos:end].split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            return None
+        status, body_at = int(parts[1]), end + 4
+        if 100 <= status < 200 and status != 101:
+            pos = body_at
+            continue
+        lengths = set()
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            lowered = name.strip().lower()
+            if lowered == b"transfer-encoding" or status == 101:
+                return None
+            if lowered == b"content-length":
+                lengths.add(value.strip())
+        if skip_payload or status in (204, 304):
+            return body_at
+        if len(lengths) != 1:
+            return None
+        length = lengths.pop()
+        return body_at + int(length) if length.isdigit() else None
+
+
+class Connector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector with :class:`ExcessTolerant` responses."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = cast(Any, functools.partial(ExcessTolerant, loop=self._loop))
+
+
 def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
+    connector = Connector(
         limit=settings.pool_size,
         ssl=ssl_context(settings),
         ttl_dns_cache=300,
@@ -37,6 +176,6 @@ def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
         connector=connector,
         timeout=timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=True,
+        auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     )

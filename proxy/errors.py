@@ -30,7 +30,8 @@ Exceptions::
         ├── UpstreamUnreachable     502 upstream_unreachable (refused, DNS, reset)
         ├── UpstreamTLSError        502 upstream_tls_error
         ├── UpstreamTimeout         504 upstream_timeout
-        ├── UpstreamBodyError       502 upstream_truncated (body cut short)
+        ├── UpstreamBodyError       502 upstream_truncated (body cut short, gzip incomplete/corrupt)
+        ├── UpstreamTooLarge        502 upstream_too_large (gzip inflates past the caps)
         └── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
 """
 
@@ -177,6 +178,12 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamBodyError(UpstreamError):
     code = "upstream_truncated"
+
+
+class UpstreamTooLarge(UpstreamError):
+    """A gzip body that inflates past ``upstream.max_inflated_size`` or its ratio cap."""
+
+    code = "upstream_too_large"
 
 
 class CircuitOpen(_RetryAfter, UpstreamError):

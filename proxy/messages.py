@@ -14,6 +14,8 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.coding import coding_of, inflate_prefix
+
 # A body is held in memory (replayable), streamed once, or absent.
 # Sizes shared by every layer: a read or write chunk, and how much of an error body is read.
 CHUNK = 64 * 1024
@@ -90,6 +92,13 @@ class ProxyResponse:
         data = b"".join(chunks)
         self.body = data if limit is None else data[:limit]
         return self.body
+
+    async def decoded(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of what the body says, for the proxy to read itself (error
+        bodies, 401 reasons, pages): gzip inflated within ``limit``, an unknown coding as
+        nothing. The body stays as it came, for the answer."""
+        raw = await self.read(limit)
+        return inflate_prefix(raw, coding_of(self.headers.items()), limit)
 
 
 class Layer(Protocol):

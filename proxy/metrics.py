@@ -26,7 +26,7 @@ from proxy import __version__
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
-UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
+UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
 
 
 class _Count:
@@ -202,7 +202,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "kounta_proxy_upstream_errors",
-            "Upstream exchanges that failed, by kind: timeout, connect, tls, reset.",
+            "Upstream exchanges that failed, by kind: timeout, connect, tls, reset, truncated "
+            "(a gzip body incomplete or corrupt), too_large (a gzip body past the caps).",
             ["kind"],
             registry=registry,
         )

@@ -142,9 +142,14 @@ class UpstreamSettings:
     read_timeout: float = 30.0
     total_timeout: float = 60.0
     pool_size: int = 100
+    # A gzip body from Kounta that inflates past either cap is refused (502 upstream_too_large):
+    # bytes in all, and times its compressed size (judged past the first MiB).
+    max_inflated_size: int = 64 * 1024**2
+    max_inflate_ratio: int = 200
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
+        _positive(self, "max_inflated_size", "max_inflate_ratio")
         if self.ca_bundle and not Path(self.ca_bundle).is_file():
             raise Invalid("ca_bundle", f"no such file: {self.ca_bundle}")
         _positive(self, "connect_timeout", "read_timeout", "total_timeout")

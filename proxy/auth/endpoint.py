@@ -11,6 +11,7 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749 import OAuth2Token
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
+from proxy.coding import coding_of, inflate_prefix
 from proxy.settings import AccountSettings
 
 TOKEN_BODY_LIMIT = 64 * 1024
@@ -63,7 +64,11 @@ async def request_token(
     """One token request (client authentication by ``account.token_auth``); raises
     ``OAuth2Error`` (``temporarily_unavailable`` for network failures and timeouts)."""
     body = prepare_token_request(grant, **params)
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Accept": "application/json",
+        "Accept-Encoding": "gzip",  # what inflate_prefix reads (the session inflates nothing)
+    }
     auth = ClientAuth(account.client_id, account.client_secret.reveal(), account.token_auth)
     url, headers, body = auth.prepare("POST", account.token_url, headers, body)
     timeout = aiohttp.ClientTimeout(total=account.token_timeout)
@@ -73,6 +78,8 @@ async def request_token(
         ) as response:
             raw = await response.content.read(TOKEN_BODY_LIMIT)
             status = response.status
+            coding = coding_of(response.headers.items())
     except (aiohttp.ClientError, TimeoutError, OSError):
         raise OAuth2Error(error="temporarily_unavailable") from None
-    return parse_token_response(status, raw, now)
+    # The session does not inflate: a gzip answer is inflated here, within the same limit.
+    return parse_token_response(status, inflate_prefix(raw, coding, TOKEN_BODY_LIMIT), now)

@@ -49,7 +49,7 @@ class Authenticator:
         response = await self.inner.send(request.with_headers(Authorization=authorization))
         if response.status != 401 or not provider.renewable:
             return response
-        if not is_token_failure(await response.read(limit=ERROR_BODY_LIMIT)):
+        if not is_token_failure(await response.decoded(ERROR_BODY_LIMIT)):
             return response
         if not request.replayable:
             # The body is gone; the caller gets the 401, the next request a fresh token.

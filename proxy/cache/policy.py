@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from proxy.coding import GZIP, IDENTITY, coding_of
 from proxy.dates import http_date
 from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED
 from proxy.settings import CacheRule
@@ -37,10 +38,11 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Upstream answers for which a stored response may be served instead (RFC 5861 4).
 ERROR_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Never stored with an entry (RFC 9111 3.1: hop-by-hop; the rest is recomputed per answer).
-UNSTORED_HEADERS = HOP_BY_HOP | RESPONSE_DROPPED | {"age", "x-request-id"}
-# RFC 9111 3.2: not updated from a 304 (framing is the stored body's own).
+# Content-Encoding is kept: the stored body is the representation as sent (gzip stays gzip).
+UNSTORED_HEADERS = (HOP_BY_HOP | RESPONSE_DROPPED | {"age", "x-request-id"}) - {"content-encoding"}
+# RFC 9111 3.2: not updated from a 304 (framing and coding are the stored body's own).
 # Content-Type is updated like any other field (cache-tests update304 checks it).
-NOT_UPDATED_BY_304 = UNSTORED_HEADERS | {"content-range", "etag"}
+NOT_UPDATED_BY_304 = UNSTORED_HEADERS | {"content-range", "etag", "content-encoding"}
 # RFC 9110 15.4.5: what a 304 carries.
 NOT_MODIFIED_HEADERS = (
     "ETag",
@@ -385,6 +387,9 @@ def _unstorable(
         return "Set-Cookie"  # one caller's cookie must never reach another caller
     if names is None:
         return "Vary: *"  # RFC 9111 4.1: never matches
+    coding = coding_of(headers)
+    if coding not in (IDENTITY, GZIP):
+        return f"content coding {coding} is not one the proxy checks"  # passed through only
     if not whole:
         return "body did not arrive whole"  # RFC 9111 3.3: incomplete responses
     if size > max_size:

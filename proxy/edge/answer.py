@@ -1,16 +1,26 @@
 """The answer side: a :class:`~proxy.messages.ProxyResponse` rendered for the caller,
-its paging and location URLs moved onto the proxy, errors in the OAuth 2.0 shape."""
+its paging and location URLs moved onto the proxy, errors in the OAuth 2.0 shape.
+
+A gzip body (as Kounta sent it, or as stored) goes as it is to a caller whose
+``Accept-Encoding`` takes gzip, and is inflated for any other (whole, with a
+Content-Length, up to :data:`~proxy.coding.INFLATE_WHOLE`; streamed in bounded pieces
+beyond); either way the answer says ``Vary: Accept-Encoding``. A coding the proxy does not
+know passes through with its ``Content-Encoding``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole, inflated
 from proxy.edge.inbound import exchange_of
 from proxy.edge.rewrite import REWRITTEN_HEADERS, rewrite_url
+from proxy.edge.services import SERVICES
 from proxy.errors import (
     PROXY_ERROR_HEADER,
     ClosesConnection,
@@ -55,24 +65,50 @@ async def answer(
     info = exchange_of(request)
     if response.status >= 400:
         return await error_answer(request, response)
-    view = caller_view(request, tuple(response.headers.items()), upstream, public)
+    accepts = caller_accepts_gzip(request)
+    items = tuple(response.headers.items())
+    view, inflate = caller_view(request, items, upstream, public, accepts)
     headers = answer_headers(view, info.request_id, response.cache_status, response.age)
+    if inflate and response.body:
+        if isinstance(response.body, bytes):
+            whole = inflate_whole(response.body, caps_of(request))
+            if whole is None:  # large (or broken): inflated while streamed
+                response.body = _once(response.body)
+            else:
+                response.body = whole
+                inflate = False
+        if not isinstance(response.body, bytes):
+            response.body = inflated(response.body, caps_of(request))
     if isinstance(response.body, bytes):
         info.bytes_sent = len(response.body)
         out = web.Response(status=response.status, headers=headers, body=response.body or None)
-        if request.method == "HEAD" and not response.body:
+        if request.method == "HEAD" and not response.body and not inflate:
             _keep_head_length(out, response)
         return out
-    return await stream_answer(request, response, headers)
+    return await stream_answer(request, response, headers, framed=not inflate)
+
+
+def caller_accepts_gzip(request: web.BaseRequest) -> bool:
+    return accepts_gzip(request.headers.getall("Accept-Encoding", ()))
+
+
+def caps_of(request: web.Request) -> Caps:
+    upstream = request.app[SERVICES].settings.upstream
+    return Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 HeaderItems = tuple[tuple[str, str], ...]
 
 
-# Upstream headers (plus where the caller reached the proxy) -> what the caller is shown.
-# Most answers repeat a few header sets (every fresh hit of an entry has the same one),
-# so the filtering and URL rewriting are done once per set; bounded by clearing.
-_VIEWS: dict[tuple[HeaderItems, URL, str, str, str], HeaderItems] = {}
+# Upstream headers (plus where the caller reached the proxy and whether it takes gzip) ->
+# what the caller is shown, and whether the body must be inflated for it. Most answers
+# repeat a few header sets (every fresh hit of an entry has the same one), so the
+# filtering and URL rewriting are done once per set; bounded by clearing.
+_VIEWS: dict[tuple[HeaderItems, URL, str, str, str, bool], tuple[HeaderItems, bool]] = {}
 
 
 VIEWS_MAX = 1024
@@ -92,23 +128,24 @@ def answer_headers(
 
 
 def caller_view(
-    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str
-) -> HeaderItems:
-    """The upstream headers a caller may see, paging/location URLs moved onto the proxy."""
+    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str, accepts: bool
+) -> tuple[HeaderItems, bool]:
+    """The upstream headers a caller may see, paging/location URLs moved onto the proxy,
+    and whether the body must be inflated for it (gzip, and ``accepts`` is False)."""
     # The request's origin only matters when no public URL is configured.
     scheme, host = ("", "") if public else (request.scheme, request.host)
-    key = (items, upstream, public, scheme, host)
+    key = (items, upstream, public, scheme, host, accepts)
     view = _VIEWS.get(key)
     if view is None:
         if len(_VIEWS) >= VIEWS_MAX:
             _VIEWS.clear()
-        view = _VIEWS[key] = _filter_and_rewrite(request, items, upstream, public)
+        view = _VIEWS[key] = _filter_and_rewrite(request, items, upstream, public, accepts)
     return view
 
 
 def _filter_and_rewrite(
-    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str
-) -> HeaderItems:
+    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str, accepts: bool
+) -> tuple[HeaderItems, bool]:
     headers = for_caller(items)
     for name in REWRITTEN_HEADERS:
         values = headers.getall(name, [])
@@ -117,16 +154,31 @@ def _filter_and_rewrite(
             base = public_url(request, public)
             for value in values:
                 headers.add(name, rewrite_url(value, upstream, base))
-    return tuple(headers.items())
+    coding = coding_of(items)
+    if coding == GZIP:
+        _add_vary(headers, "Accept-Encoding")
+        if accepts:
+            headers["Content-Encoding"] = GZIP
+    elif coding:
+        headers["Content-Encoding"] = coding  # not the proxy's to decode: as it came
+    return tuple(headers.items()), coding == GZIP and not accepts
+
+
+def _add_vary(headers: CIMultiDict[str], name: str) -> None:
+    """RFC 9110 12.5.5: the answer depends on ``name`` (unless Vary says so already)."""
+    listed = {v.strip().lower() for line in headers.getall("Vary", []) for v in line.split(",")}
+    if name.lower() not in listed and "*" not in listed:
+        headers.add("Vary", name)
 
 
 async def stream_answer(
-    request: web.Request, response: ProxyResponse, headers: CIMultiDict[str]
+    request: web.Request, response: ProxyResponse, headers: CIMultiDict[str], framed: bool = True
 ) -> web.StreamResponse:
+    """Stream the body; ``framed``: it is sent as it came, so its Content-Length holds."""
     info = exchange_of(request)
     length = response.headers.get("Content-Length")
     out = web.StreamResponse(status=response.status, headers=headers)
-    if length is not None and length.isdigit() and "Content-Encoding" not in response.headers:
+    if framed and length is not None and length.isdigit():
         out.content_length = int(length)
     assert not isinstance(response.body, bytes)
     try:
@@ -148,12 +200,10 @@ async def stream_answer(
 
 
 def _keep_head_length(out: web.Response, response: ProxyResponse) -> None:
-    """HEAD says the length GET would send, as nginx does, when it is known.
-
-    A compressed upstream length is not: the proxy would answer GET decoded.
-    """
+    """HEAD says the length GET would send, as nginx does, when it is known (not when GET
+    would be inflated for this caller: the caller of this only asks when it would not)."""
     length = response.headers.get("Content-Length", "")
-    if length.isdigit() and "Content-Encoding" not in response.headers:
+    if length.isdigit():
         out.headers["Content-Length"] = length
 
 
@@ -164,7 +214,7 @@ def _abort(request: web.Request) -> None:
 
 async def error_answer(request: web.Request, response: ProxyResponse) -> web.Response:
     info = exchange_of(request)
-    raw = await response.read(limit=ERROR_BODY_LIMIT)
+    raw = await response.decoded(ERROR_BODY_LIMIT)
     status, headers, body = normalise_error(response.status, response.headers, raw)
     out = web.Response(status=status, headers=headers, body=body)
     for name in ERROR_KEPT_HEADERS:

@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.cache.layer import Cache
-from proxy.cache.policy import UNHANDLED_CONDITIONALS
+from proxy.cache.policy import UNHANDLED_CONDITIONALS, HeaderItems
+from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.edge.answer import answer_headers, caller_view
 from proxy.edge.inbound import VERSIONS, Exchange, request_id
 from proxy.edge.middlewares import access_line, route_of
@@ -66,6 +67,8 @@ class FastPath:
         self.inner = inner
         self.upstream = self.services.settings.upstream.url
         self.public = self.services.settings.server.public_url
+        upstream = self.services.settings.upstream
+        self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
         # Accepted request targets and their route labels (refusals are never remembered:
         # the long way words them).
         self._targets: dict[str, tuple[Target, str]] = {}
@@ -104,13 +107,15 @@ class FastPath:
         caller = services.callers.find(headers)
         if caller is None:
             return None
-        hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers)
+        accepts = accepts_gzip(headers.getall("Accept-Encoding", ()))
+        body_for = None if accepts else self._plain
+        hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers, body_for)
         if hit is None:
             return None
         services.callers.count(caller)
         status, items, body, age = hit
         rid = request_id(headers)
-        view = caller_view(request, items, self.upstream, self.public)
+        view, _ = caller_view(request, items, self.upstream, self.public, accepts)
         out_headers = answer_headers(view, rid, "HIT", age)
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
@@ -121,6 +126,13 @@ class FastPath:
             info.bytes_sent = len(body)
             access_line(request, info, route, status, elapsed)
         return response
+
+    def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
+        """A stored body for a caller that does not take gzip: inflated here when small
+        (:func:`~proxy.coding.inflate_whole`, as the long way does), else None."""
+        if coding_of(items) != GZIP:
+            return body
+        return inflate_whole(body, self.caps)
 
     def _target(self, request: web.BaseRequest) -> tuple[Target, str] | None:
         """The request's target and route label, remembered by raw target."""

@@ -126,7 +126,7 @@ class AllPages:
         """Stream the records of ``response`` (page one, a 200) and of every page after it."""
         try:
             self._check_announced(response)
-            records = records_of(await response.read(PAGE_LIMIT))
+            records = records_of(await response.decoded(PAGE_LIMIT))
         finally:
             await response.release()
         out = web.StreamResponse(
@@ -189,7 +189,7 @@ class AllPages:
             if page.status != 200:
                 await page.release()
                 raise UpstreamError(f"Page {pages + 1} of the list answered {page.status}")
-            previous, records = records, records_of(await page.read(PAGE_LIMIT))
+            previous, records = records, records_of(await page.decoded(PAGE_LIMIT))
             if by_number and records and records == previous:
                 raise UpstreamError("Kounta ignored X-Page: two pages came back the same")
             if records:

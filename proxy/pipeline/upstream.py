@@ -1,4 +1,10 @@
-"""The one client session to Kounta, and the edge where aiohttp errors become ours."""
+"""The one client session to Kounta, and the edge where aiohttp errors become ours.
+
+Kounta is asked for gzip (``Accept-Encoding: gzip``) and its bodies are passed up as they
+came, ``Content-Encoding`` kept: a gzip body is checked as it arrives (complete, CRC32 and
+ISIZE right, within ``upstream.max_inflated_size`` and ``max_inflate_ratio``), so a body
+that fails never reaches the cache whole (:mod:`proxy.coding`).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ from contextlib import contextmanager
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.errors import (
     UpstreamBodyError,
     UpstreamError,
     UpstreamTimeout,
     UpstreamTLSError,
+    UpstreamTooLarge,
     UpstreamUnreachable,
 )
 from proxy.messages import CHUNK, ProxyRequest, ProxyResponse
@@ -23,8 +31,11 @@ from proxy.routes import template
 from proxy.settings import UpstreamSettings
 from proxy.target import Target, upstream_url
 
-# Bodies announced up to this size are read whole instead of streamed.
+# Bodies announced up to this size (as sent: compressed, for gzip) are read whole instead
+# of streamed; a gzip body is never held inflated.
 SMALL_BODY = 64 * 1024
+# Statuses that never carry a body (RFC 9110 6.4.1).
+NO_BODY = frozenset({204, 304})
 
 
 def _ignore(kind: str) -> None:
@@ -41,6 +52,12 @@ def mapped_errors(
     """
     try:
         yield
+    except UpstreamBodyError:
+        failed("truncated")
+        raise
+    except UpstreamTooLarge:
+        failed("too_large")
+        raise
     except UpstreamError:
         raise
     except (aiohttp.ClientError, OSError) as e:
@@ -116,10 +133,12 @@ class Upstream:
         self.base = settings.url
         self.session = session
         self.metrics = metrics
+        self.caps = Caps(settings.max_inflated_size, settings.max_inflate_ratio)
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         url = upstream_url(self.base, Target(request.path, request.query))
         headers = CIMultiDict(request.headers)
+        headers["Accept-Encoding"] = GZIP
         timeout = self._timeout(request.deadline)
         route = template(request.path)
         started = time.perf_counter()
@@ -131,11 +150,13 @@ class Upstream:
                 data=request.body,
                 allow_redirects=False,
                 timeout=timeout,
+                auto_decompress=False,
             )
         took = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(route).observe(took)
             self.metrics.upstream_requests.labels(request.method, route, response.status).inc()
+        gzip = _has_gzip_body(request.method, response)
         if _is_small(response):
             # One read and one write beat a stream for the common small JSON answer.
             with mapped_errors(self.settings, self._count_error):
@@ -143,6 +164,8 @@ class Upstream:
                     body = await response.read()
                 finally:
                     response.release()
+                if gzip:
+                    check(body, self.caps)
             return ProxyResponse(
                 status=response.status,
                 headers=CIMultiDict(response.headers),
@@ -153,7 +176,7 @@ class Upstream:
         return ProxyResponse(
             status=response.status,
             headers=CIMultiDict(response.headers),
-            body=self._stream(response),
+            body=self._stream(response, gzip),
             release=_releaser(response),
             upstream_status=response.status,
             upstream_seconds=took,
@@ -175,13 +198,23 @@ class Upstream:
         if self.metrics is not None:
             self.metrics.upstream_errors.labels(kind).inc()
 
-    async def _stream(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _stream(self, response: aiohttp.ClientResponse, gzip: bool) -> AsyncIterator[bytes]:
+        chunks: AsyncIterator[bytes] = response.content.iter_chunked(CHUNK)
+        if gzip:
+            chunks = checked(chunks, self.caps)
         try:
             with mapped_errors(self.settings, self._count_error):
-                async for chunk in response.content.iter_chunked(CHUNK):
+                async for chunk in chunks:
                     yield chunk
         finally:
             response.release()
+
+
+def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
+    """Whether the response carries a gzip body to check (not HEAD, 204 or 304)."""
+    if method == "HEAD" or response.status in NO_BODY:
+        return False
+    return coding_of(response.headers.items()) == GZIP
 
 
 def _releaser(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:

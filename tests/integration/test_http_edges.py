@@ -484,15 +484,23 @@ async def test_redirect_is_passed_back_with_location_on_the_proxy(
     assert len(upstream.seen) == 1  # not followed by the proxy
 
 
-async def test_gzip_from_upstream_is_decoded_and_reframed(scripted: Callable[..., Any]) -> None:
+async def test_gzip_from_upstream_goes_as_is_to_gzip_callers_and_inflated_to_others(
+    scripted: Callable[..., Any],
+) -> None:
     import gzip
 
     packed = gzip.compress(b'{"a":1}')
-    _, p = await scripted(ok(packed, "Content-Encoding: gzip"))
+    _, p = await scripted(*[ok(packed, "Content-Encoding: gzip")] * 2)
     got = await answer_of(p.url, request("GET", "/v1/a", "Accept-Encoding: gzip"))
+    assert got.body == packed
+    assert got.header("Content-Encoding") == "gzip"
+    assert got.header("Content-Length") == str(len(packed))
+    assert got.header("Vary") == "Accept-Encoding"
+    got = await answer_of(p.url, request("GET", "/v1/a"))
     assert got.body == b'{"a":1}'
     assert got.header("Content-Encoding") is None
     assert got.header("Content-Length") == "7"
+    assert got.header("Vary") == "Accept-Encoding"
 
 
 async def test_upstream_set_cookies_are_dropped(scripted: Callable[..., Any]) -> None:
