@@ -84,8 +84,10 @@ class RawUpstream:
     replies: list[bytes]
     seen: list[bytes] = field(default_factory=list)
     url: str = ""
+    connections: int = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while self.replies:
                 head = await reader.readuntil(b"\r\n\r\n")
