@@ -26,6 +26,7 @@ Exceptions::
     │   └── CredentialsRejected     502 invalid_grant / invalid_client (run `authorize`)
     ├── OnlyIfCachedMiss            504 only_if_cached
     ├── TooManyPages                422 too_many_pages (X-Proxy-All-Pages past paging.max_pages)
+    ├── StoredBodyError             500 stored_body_corrupt (found mid-stream: connection cut)
     └── UpstreamError               the upstream could not be used
         ├── UpstreamUnreachable     502 upstream_unreachable (refused, DNS, reset)
         ├── UpstreamTLSError        502 upstream_tls_error
@@ -198,6 +199,13 @@ class TooManyPages(ProxyError):
 
     status = 422
     code = "too_many_pages"
+
+
+class StoredBodyError(ProxyError):
+    """A stored body no longer matches its record (size or CRC32) while it is streamed: the
+    entry is dropped and the answer broken off, never sent as if whole."""
+
+    code = "stored_body_corrupt"
 
 
 # --------------------------------------------------------------------------- normalising

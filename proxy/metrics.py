@@ -392,6 +392,12 @@ class Metrics:
         )
         self.cache_storing_disabled = Gauge(
             "kounta_proxy_cache_storing_disabled",
-            "1 while storing is off because the disk is full, else 0.",
+            "1 while storing is off because the disk is full or writes keep failing, else 0.",
+            registry=registry,
+        )
+        self.cache_body_mismatches = Counter(
+            "kounta_proxy_cache_body_mismatches",
+            "Stored bodies that did not match their record when read (size or CRC32): "
+            "dropped and fetched again.",
             registry=registry,
         )

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.files import private_dir
+
 LOCK_POLL = 0.01
 
 
@@ -68,7 +70,7 @@ class TokenFile:
         """Atomically replace the file (tmp + fsync + rename + directory fsync)."""
         data = json.dumps(asdict(token), indent=2).encode() + b"\n"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.path.parent)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -91,7 +93,7 @@ class TokenFile:
     async def locked(self, patience: float = 30.0) -> AsyncIterator[None]:
         """Hold ``<file>.lock`` exclusively; polls so that cancelling never leaks a lock."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.path.parent)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise TokenFileError(f"cannot open lock file {self.lock_path}: {_why(e)}") from None

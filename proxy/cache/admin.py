@@ -27,8 +27,11 @@ def routes(store: CacheStore, metrics: Metrics) -> list[web.RouteDef]:
 
     async def stats(request: web.Request) -> web.Response:
         found = await store.stats()
-        metrics.cache_entries.set(found["entries"])
-        metrics.cache_bytes.set(found["bytes"])
+        entries, size = found["entries"], found["bytes"]
+        if isinstance(entries, int) and isinstance(size, int):
+            metrics.cache_entries.set(entries)
+            metrics.cache_bytes.set(size)
+        # Answered even when the disk cannot be counted: "error" and "storing" say why.
         return web.json_response({"enabled": True, **found, "storing": store.problem or "ok"})
 
     async def purge(request: web.Request) -> web.Response:

@@ -394,7 +394,7 @@ class Cache:
             merged = merge_304(entry, items, request_time, response_time, self.config.rules)
             if merged is not None:
                 self._count("revalidated", "not_modified")
-                fresh = Stored(merged, stale.body, stale.body_key)
+                fresh = replace(stale, entry=merged)  # the body (and its CRC32) as stored
                 self._keep(flight, fresh)
                 return Outcome(
                     merged.status,
@@ -547,7 +547,7 @@ class Cache:
             settle(flight.done, GoAlone())
             return
         path = await sink.finish()
-        stored = await self.store.commit_file(flight.key, final, path)
+        stored = await self.store.commit_file(flight.key, final, path, sink.crc)
         self.metrics.cache_stores.labels("stored").inc()
         if stored is None:
             settle(flight.done, GoAlone())

@@ -7,6 +7,15 @@ fresh hit cost no thread hop (measured: a hop costs more than a whole hit).
 
 Large bodies are never held whole: :class:`BodySink` spills chunks to a temporary
 file as they arrive and hands the file to diskcache only once the body is complete.
+
+A body stored apart from its record is checked when read: its size always, its CRC32
+(kept in the record) too; one that does not match (a file truncated, deleted or changed
+on disk) is dropped and the lookup is a miss, counted, so the answer comes from upstream
+instead of a wrong 200 or one that breaks off. Repeated write failures (a corrupt
+``cache.db``) turn storing off for a while like a full disk does, and say so in readiness.
+
+Directories the store creates are 0700 and its files 0600, whatever the umask
+(:class:`PrivateDisk`); directories that exist already are left as they are.
 """
 
 from __future__ import annotations
@@ -14,23 +23,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sqlite3
 import tempfile
 import time
 import uuid
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, NoReturn, Protocol, TypeVar
 
 import diskcache  # type: ignore[import-untyped]
 
 from proxy.cache.policy import Entry, normalise_path, parse_key
-from proxy.errors import UpstreamBodyError
+from proxy.errors import StoredBodyError
+from proxy.files import FILE_MODE, private_dir
 from proxy.logs import event
 from proxy.messages import CHUNK
 
@@ -49,6 +61,12 @@ DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 ENTRY_OVERHEAD = 512
 # Keys the path index holds at most; past that, invalidation and purge scan the disk.
 INDEX_LIMIT = 200_000
+# Write failures in a row (other than a full disk) after which storing is turned off.
+FAILURES_TO_DISABLE = 3
+
+
+class BodyMismatch(Exception):
+    """A stored body is not the one its record describes (size or CRC32)."""
 
 
 class Covers(Protocol):
@@ -73,6 +91,8 @@ class Stored:
     entry: Entry
     body: bytes | None
     body_key: str | None = None
+    # CRC32 of a body stored apart (None: not known, only the size is checked).
+    crc: int | None = None
 
 
 def _close_opened(opening: Future[IO[bytes] | None]) -> None:
@@ -134,7 +154,22 @@ def _intact(value: object) -> bool:
     an older version can lack some, which would only fail later, on the event loop)."""
     if not isinstance(value, Stored) or not isinstance(value.entry, Entry):
         return False
+    if not all(hasattr(value, name) for name in Stored.__slots__):
+        return False
     return all(hasattr(value.entry, name) for name in Entry.__slots__)
+
+
+def _matches(body: bytes, stored: Stored) -> bool:
+    if len(body) != stored.entry.size:
+        return False
+    return stored.crc is None or zlib.crc32(body) == stored.crc
+
+
+def _file_size(handle: IO[bytes]) -> int:
+    try:
+        return os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError, AttributeError):  # an in-memory value (BytesIO)
+        return len(handle.getbuffer()) if hasattr(handle, "getbuffer") else -1
 
 
 class CacheStore:
@@ -156,6 +191,7 @@ class CacheStore:
         self.index_complete = True
         self.problem: str | None = None
         self._retry_at = 0.0
+        self._failures = 0  # write failures in a row
         self._pending: set[asyncio.Future[Any]] = set()
         # Invalidations by sequence number, so a fetch that began before one does not store.
         self.sequence = 0
@@ -166,6 +202,8 @@ class CacheStore:
         self.on_error: Callable[[str], None] = lambda op: None
         self.on_evict: Callable[[int], None] = lambda n: None
         self.on_full: Callable[[], None] = lambda: None
+        self.on_disabled: Callable[[], None] = lambda: None
+        self.on_mismatch: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ life
 
@@ -211,6 +249,10 @@ class CacheStore:
         changes = self.changes
         try:
             stored = await self._run(self._read, key)
+        except BodyMismatch as e:  # dropped already: a miss, fetched again
+            self.on_mismatch()
+            event("cache_body_mismatch", logging.WARNING, problem=str(e))
+            return None
         except Exception as e:  # a broken record is a miss, never an error
             self.on_error("read")
             event("cache_read_failed", error=type(e).__name__)
@@ -236,15 +278,32 @@ class CacheStore:
         if not isinstance(value, Stored):
             return None
         if value.body_key is None:
+            if value.body is not None and len(value.body) != value.entry.size:
+                self._drop(key, value, "an inline body of the wrong size")
             return value
         if value.body_key not in self.disk:
             self.disk.delete(key)  # its body was evicted: the record is useless
             return None
         if value.entry.size <= SPILL_AT:
             body = self.disk.get(value.body_key)
-            if isinstance(body, bytes):
-                return Stored(value.entry, body, value.body_key)
+            if not isinstance(body, bytes) or not _matches(body, value):
+                self._drop(key, value, "a body missing, or of the wrong size or CRC32")
+            return Stored(value.entry, body, value.body_key, value.crc)
+        handle = self.disk.get(value.body_key, read=True)
+        size = -1 if handle is None else _file_size(handle)
+        if handle is not None:
+            handle.close()
+        if size != value.entry.size:
+            self._drop(key, value, f"a body file of {size} bytes, not {value.entry.size}")
         return value
+
+    def _drop(self, key: str, value: Stored, problem: str) -> None:
+        """Remove a record whose body does not match it, then say so (on the thread)."""
+        with contextlib.suppress(Exception):
+            self.disk.delete(key)
+            if value.body_key is not None:
+                self.disk.delete(value.body_key)
+        raise BodyMismatch(problem)
 
     async def body(self, stored: Stored) -> AsyncGenerator[bytes, None]:
         """The stored body in chunks (from a file for large bodies, in bounded memory).
@@ -255,7 +314,8 @@ class CacheStore:
             yield stored.body
             return
         assert stored.body_key is not None
-        opening = self.executor.submit(self._open_body, stored.body_key)
+        body_key = stored.body_key
+        opening = self.executor.submit(self._open_body, body_key)
         try:
             handle: IO[bytes] | None = await asyncio.wrap_future(opening)
         except asyncio.CancelledError:
@@ -263,14 +323,36 @@ class CacheStore:
             opening.add_done_callback(_close_opened)
             raise
         if handle is None:
-            raise UpstreamBodyError("A stored body disappeared while it was read")
+            self._mismatch(body_key, "a stored body disappeared before it was read")
+        crc, size = 0, 0
+        held = b""  # the last chunk goes out only once the whole body has been checked
         try:
             while chunk := await self._run(handle.read, CHUNK):
-                yield chunk
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+                if size > stored.entry.size:
+                    break
+                if held:
+                    yield held
+                held = chunk
         finally:
             # On the loop: closing a file opened for reading does not block, and it must
             # also work while the store shuts down and its thread takes no more work.
             handle.close()
+        if size != stored.entry.size or (stored.crc is not None and crc != stored.crc):
+            # Found only while streaming (changed after the lookup checked it): the
+            # caller's connection is broken off, so the answer never looks complete.
+            self._mismatch(body_key, "a stored body changed after it was stored")
+        yield held
+
+    def _mismatch(self, body_key: str, problem: str) -> NoReturn:
+        self.on_mismatch()
+        event("cache_body_mismatch", logging.WARNING, problem=problem)
+        self._later(self._delete_value, body_key)  # its record then reads as a miss
+        raise StoredBodyError(f"The cache found {problem}")
+
+    def _delete_value(self, body_key: str) -> None:
+        with contextlib.suppress(*DISK_ERRORS):
+            self.disk.delete(body_key)
 
     def _open_body(self, body_key: str) -> IO[bytes] | None:
         value = self.disk.get(body_key, read=True)
@@ -297,11 +379,14 @@ class CacheStore:
             return
         if stored.body_key is not None:
             # The body is on disk already (a 304 freshened the headers): write the record only.
-            self._later(self._write, key, Stored(stored.entry, None, stored.body_key))
+            record = Stored(stored.entry, None, stored.body_key, stored.crc)
+            self._later(self._write, key, record)
         elif stored.body is not None and len(stored.body) > INLINE_BODY:
             body_key = f"body:{uuid.uuid4().hex}"
-            self.hot.put(key, Stored(stored.entry, stored.body, body_key))
-            self._later(self._write_split, key, Stored(stored.entry, None, body_key), stored.body)
+            crc = zlib.crc32(stored.body)  # at most SPILL_AT bytes: well under a millisecond
+            self.hot.put(key, Stored(stored.entry, stored.body, body_key, crc))
+            record = Stored(stored.entry, None, body_key, crc)
+            self._later(self._write_split, key, record, stored.body)
         else:
             self._later(self._write, key, stored)
 
@@ -333,27 +418,41 @@ class CacheStore:
     def _guarded(self, write: Callable[[], None]) -> bool:
         try:
             write()
-            return True
         except Exception as e:
             if _is_full(e):
-                self._disable(f"disk full: {e}")
-            else:
-                self.on_error("write")
-                event("cache_write_failed", error=type(e).__name__)
+                self._disable(f"disk full: {e}", full=True)
+                return False
+            self.on_error("write")
+            self._failures += 1
+            event("cache_write_failed", logging.WARNING, error=type(e).__name__, detail=str(e))
+            if self._failures >= FAILURES_TO_DISABLE:
+                self._disable(f"{self._failures} writes in a row failed: {type(e).__name__}: {e}")
             return False
+        self._failures = 0
+        return True
 
-    def _disable(self, problem: str) -> None:
+    def _disable(self, problem: str, *, full: bool = False) -> None:
+        """Stop storing for FULL_DISK_RETRY seconds (readiness says why meanwhile)."""
+        problem = " ".join(problem.split())[:200]
         if self.problem is None:
-            event("cache_storing_disabled", problem=problem, retry_in=FULL_DISK_RETRY)
-            self.on_full()
+            event(
+                "cache_storing_disabled", logging.WARNING, problem=problem, retry_in=FULL_DISK_RETRY
+            )
+            if full:
+                self.on_full()
+            else:
+                self.on_disabled()
         self.problem = problem
         self._retry_at = time.monotonic() + FULL_DISK_RETRY
 
     def sink(self) -> BodySink:
         return BodySink(self)
 
-    async def commit_file(self, key: str, entry: Entry, path: Path) -> Stored | None:
-        """Store a body that was spilled to ``path`` (copied into diskcache, then deleted)."""
+    async def commit_file(
+        self, key: str, entry: Entry, path: Path, crc: int | None = None
+    ) -> Stored | None:
+        """Store a body that was spilled to ``path`` (copied into diskcache, then deleted);
+        ``crc``: its CRC32, checked whenever it is read back."""
         body_key = f"body:{uuid.uuid4().hex}"
         writable = self.writable
 
@@ -362,7 +461,7 @@ class CacheStore:
                 if not writable:
                     return False
                 with path.open("rb") as f:
-                    return self._guarded(lambda: self._commit(key, entry, body_key, f))
+                    return self._guarded(lambda: self._commit(key, entry, body_key, f, crc))
             finally:
                 path.unlink(missing_ok=True)
 
@@ -374,11 +473,11 @@ class CacheStore:
         self.changes += 1
         self.hot.pop(key)
         self._index(key, entry.account, entry.path)
-        return Stored(entry, None, body_key)
+        return Stored(entry, None, body_key, crc)
 
-    def _commit(self, key: str, entry: Entry, body_key: str, f: IO[bytes]) -> None:
+    def _commit(self, key: str, entry: Entry, body_key: str, f: IO[bytes], crc: int | None) -> None:
         self.disk.set(body_key, f, read=True)
-        self._replace(key, Stored(entry, None, body_key))
+        self._replace(key, Stored(entry, None, body_key, crc))
 
     def delete(self, key: str) -> None:
         self.changes += 1
@@ -494,12 +593,20 @@ class CacheStore:
             self.epoch = epoch
             self.hot.clear()
 
-    async def stats(self) -> dict[str, int]:
-        def count() -> dict[str, int]:
+    async def stats(self) -> dict[str, int | str | None]:
+        """Entries and bytes on disk and in memory; when the disk cannot be read, the disk's
+        counts are None and ``error`` says why (the admin route still answers JSON)."""
+
+        def count() -> dict[str, int | str | None]:
             entries = sum(1 for k in self.disk.iterkeys() if isinstance(k, str) and parse_key(k))
             return {"entries": entries, "bytes": int(self.disk.volume())}
 
-        result: dict[str, int] = await self._run(count)
+        try:
+            result = await self._run(count)
+        except Exception as e:
+            self.on_error("read")
+            error = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            result = {"entries": None, "bytes": None, "error": error}
         result["memory_entries"] = len(self.hot.items)
         result["memory_bytes"] = self.hot.bytes
         return result
@@ -512,6 +619,7 @@ class BodySink:
         self.store = store
         self.buffer = bytearray()
         self.size = 0
+        self.crc = 0  # CRC32 of what was written, checked whenever the body is read back
         self.path: Path | None = None
         self._file: IO[bytes] | None = None
 
@@ -521,6 +629,7 @@ class BodySink:
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        self.crc = zlib.crc32(chunk, self.crc)
         self.buffer += chunk
         if self._file is None and len(self.buffer) <= SPILL_AT:
             return
@@ -536,7 +645,7 @@ class BodySink:
 
     def _create(self) -> tuple[IO[bytes], Path]:
         tmp = self.store.directory / "tmp"
-        tmp.mkdir(exist_ok=True)
+        private_dir(tmp)
         fd, name = tempfile.mkstemp(dir=tmp, prefix="body-")
         return os.fdopen(fd, "wb"), Path(name)
 
@@ -595,10 +704,44 @@ def _open(directory: Path, max_size: int) -> diskcache.Cache:
         return _probe(directory, max_size)
 
 
+class PrivateDisk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache's files and directories, readable by the proxy's user only (0600 / 0700),
+    whatever the umask: they hold every account's Kounta data."""
+
+    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
+        # diskcache's own _write, with the subdirectories and the file made private.
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if "x" in mode else os.O_TRUNC)
+        for attempt in range(1, 11):
+            with contextlib.suppress(OSError):
+                private_dir(Path(full_path).parent)
+            try:
+                fd = os.open(full_path, flags, FILE_MODE)
+            except OSError:
+                if attempt == 10:  # as diskcache: another cache may remove the directory
+                    raise
+                continue
+            os.fchmod(fd, FILE_MODE)  # exactly 0600, whatever the umask
+            with open(fd, mode.replace("x", "w"), encoding=encoding) as writer:
+                size = 0
+                for chunk in iterator:
+                    size += len(chunk)
+                    writer.write(chunk)
+                return size
+        raise AssertionError("unreachable")
+
+
 def _probe(directory: Path, max_size: int) -> diskcache.Cache:
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
+    database = directory / "cache.db"
+    if not database.exists():
+        # SQLite gives its -wal and -shm files the database file's own mode.
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)
+            os.close(fd)
     disk = diskcache.Cache(
         str(directory),
+        disk=PrivateDisk,
         size_limit=max_size,
         eviction_policy="least-recently-stored",
         cull_limit=0,  # culled explicitly after each write, so evictions can be counted

@@ -167,7 +167,12 @@ async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
         metrics.cache_store_errors.labels("full").inc()
         metrics.cache_storing_disabled.set(1)
 
+    def disabled() -> None:
+        metrics.cache_storing_disabled.set(1)
+
     store.on_full = full
+    store.on_disabled = disabled
+    store.on_mismatch = metrics.cache_body_mismatches.inc
     return store
 
 

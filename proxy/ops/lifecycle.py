@@ -24,6 +24,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.edge.app import create_app
 from proxy.edge.services import SERVICES
+from proxy.files import private_dir
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import event
 from proxy.ops.admin import start_admin
@@ -102,7 +103,7 @@ def directories(settings: Settings) -> Iterator[tuple[str, str]]:
 
 def check_writable(key: str, path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        private_dir(path)  # 0700 when made here: it will hold Kounta data and tokens
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as e:
