@@ -66,8 +66,11 @@ def ensure_wrk() -> str | None:
 
 
 @contextmanager
-def process(args: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def process(
+    args: list[str], port: int, cwd: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server subprocess (run in ``cwd``: ``python -m`` imports from there first)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     try:
         wait_port(port, proc)
         yield proc
