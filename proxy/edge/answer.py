@@ -65,7 +65,8 @@ async def answer(
     info = exchange_of(request)
     if response.status >= 400:
         return await error_answer(request, response)
-    accepts = caller_accepts_gzip(request)
+    # A 206 range of a gzip stream cannot be inflated: it goes as it came, labelled.
+    accepts = response.status == 206 or caller_accepts_gzip(request)
     items = tuple(response.headers.items())
     view, inflate = caller_view(request, items, upstream, public, accepts)
     headers = answer_headers(view, info.request_id, response.cache_status, response.age)
@@ -159,9 +160,21 @@ def _filter_and_rewrite(
         _add_vary(headers, "Accept-Encoding")
         if accepts:
             headers["Content-Encoding"] = GZIP
+        else:
+            _weaken_etags(headers)
     elif coding:
         headers["Content-Encoding"] = coding  # not the proxy's to decode: as it came
     return tuple(headers.items()), coding == GZIP and not accepts
+
+
+def _weaken_etags(headers: CIMultiDict[str]) -> None:
+    """An inflated body is another representation: its ETag can only be weak (RFC 9110
+    8.8.1), as nginx's gunzip makes it. Conditionals compare weakly, so 304s still match."""
+    tags = headers.getall("ETag", [])
+    if tags:
+        del headers["ETag"]
+        for tag in tags:
+            headers.add("ETag", tag if tag.startswith("W/") else f"W/{tag}")
 
 
 def _add_vary(headers: CIMultiDict[str], name: str) -> None:

@@ -34,8 +34,8 @@ from proxy.target import Target, upstream_url
 # Bodies announced up to this size (as sent: compressed, for gzip) are read whole instead
 # of streamed; a gzip body is never held inflated.
 SMALL_BODY = 64 * 1024
-# Statuses that never carry a body (RFC 9110 6.4.1).
-NO_BODY = frozenset({204, 304})
+# Statuses whose body is not a whole gzip stream to check: none (RFC 9110 6.4.1), a range.
+NO_BODY = frozenset({204, 206, 304})
 
 
 def _ignore(kind: str) -> None:
@@ -138,7 +138,8 @@ class Upstream:
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         url = upstream_url(self.base, Target(request.path, request.query))
         headers = CIMultiDict(request.headers)
-        headers["Accept-Encoding"] = GZIP
+        # A range of a gzip stream cannot be checked or inflated: ranges are asked plain.
+        headers["Accept-Encoding"] = "identity" if "Range" in headers else GZIP
         timeout = self._timeout(request.deadline)
         route = template(request.path)
         started = time.perf_counter()

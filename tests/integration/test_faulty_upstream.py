@@ -157,6 +157,10 @@ async def test_a_stored_gzip_entry_is_answered_in_each_callers_coding(
             assert got.header("Content-Encoding") == ("gzip" if takes_gzip else None), accept
             assert got.header("Content-Length") == str(len(got.body))
             assert got.header("Vary") == "Accept-Encoding"
+            # The inflated body is another representation: its strong ETag turns weak.
+            assert got.header("ETag") == ('"v1"' if takes_gzip else 'W/"v1"'), accept
+    plain_304 = await answer_of(p.url, request("GET", "/v1/a", 'If-None-Match: W/"v1"'))
+    assert (plain_304.status, plain_304.body) == (304, b"")
     head = await answer_of(p.url, request("HEAD", "/v1/a", "Accept-Encoding: gzip"))
     assert (head.header("Content-Length"), head.header("Content-Encoding")) == (
         str(len(packed)),
@@ -261,3 +265,15 @@ async def test_bytes_past_the_content_length_are_dropped_and_the_connection_not_
         assert (got.status, got.body) == (200, b'{"a":1234}')
     assert len(raw.seen) == 3
     assert raw.connections == 3
+
+
+async def test_a_range_is_asked_plain_and_a_gzip_range_passes_through_labelled(
+    scripted: Scripted,
+) -> None:
+    piece = gzip.compress(DOC)[:100]  # a range of a gzip stream is no whole stream
+    raw, p = await scripted(
+        reply(piece, GZ, "Content-Range: bytes 0-99/999", status="206 Partial Content")
+    )
+    got = await answer_of(p.url, request("GET", "/v1/a", "Range: bytes=0-99"))
+    assert (got.status, got.body, got.header("Content-Encoding")) == (206, piece, "gzip")
+    assert "accept-encoding: identity" in raw.seen[0].decode().lower()
