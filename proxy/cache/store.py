@@ -159,6 +159,13 @@ def _intact(value: object) -> bool:
     return all(hasattr(value.entry, name) for name in Entry.__slots__)
 
 
+def _upgraded(value: object) -> object:
+    """A record stored before bodies had a CRC32: kept, checked by size only."""
+    if isinstance(value, Stored) and not hasattr(value, "crc"):
+        object.__setattr__(value, "crc", None)
+    return value
+
+
 def _matches(body: bytes, stored: Stored) -> bool:
     if len(body) != stored.entry.size:
         return False
@@ -266,7 +273,7 @@ class CacheStore:
 
     def _read(self, key: str) -> Stored | None:
         try:
-            value = self.disk.get(key)
+            value = _upgraded(self.disk.get(key))
             if value is not None and not _intact(value):
                 raise TypeError("not a cache record")
         except Exception:
@@ -342,7 +349,8 @@ class CacheStore:
             # Found only while streaming (changed after the lookup checked it): the
             # caller's connection is broken off, so the answer never looks complete.
             self._mismatch(body_key, "a stored body changed after it was stored")
-        yield held
+        if held:
+            yield held
 
     def _mismatch(self, body_key: str, problem: str) -> NoReturn:
         self.on_mismatch()

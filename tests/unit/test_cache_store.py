@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from proxy.cache.policy import Entry, Invalidation, cache_key
-from proxy.cache.store import CacheStore, HotEntries, Stored
+from proxy.cache.store import CacheStore, HotEntries, Stored, _intact, _upgraded
 
 
 def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:
@@ -67,3 +68,16 @@ async def test_a_corrupt_record_is_a_miss_and_is_removed(store: CacheStore) -> N
     again = await store.get(key)
     assert again is not None
     assert again.body == b"[]"
+
+
+def test_a_record_from_before_body_checksums_is_still_read() -> None:
+    record = Stored(
+        Entry(200, (), "main", "/v1/x", 0.0, 0.0, 0.0, 60.0, 0.0, 0.0, False, (), 10),
+        None,
+        "body:x",
+    )
+    old = pickle.loads(pickle.dumps(record))
+    object.__delattr__(old, "crc")  # as unpickled from a version without the field
+    assert not hasattr(old, "crc")
+    value = _upgraded(old)
+    assert isinstance(value, Stored) and _intact(value) and value.crc is None
