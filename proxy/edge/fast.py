@@ -11,7 +11,10 @@ This path sits in front of the application (:func:`wrap`, installed by
 no body, no Cache-Control or Pragma, no If-Match, If-Unmodified-Since or Range, no
 all-pages paging, no Connection options, a Host, target and caller the long way accepts,
 and an entry in the memory tier that is fresh, a 200, and without extra Vary names. The
-caller's own If-None-Match and If-Modified-Since are answered here too (304). Its answer
+caller's own If-None-Match and If-Modified-Since are answered here too (304). A stored
+gzip body goes as it is to a caller that accepts gzip; for one that does not it is inflated
+here when it inflates to at most 1 MiB (:func:`~proxy.coding.inflate_whole`), else the long
+way streams it inflated. Its answer
 is the one the long way gives (same headers from the same functions, same metrics, same
 access line). Anything else goes the long way, untouched: nothing here refuses or counts
 a request it does not answer.

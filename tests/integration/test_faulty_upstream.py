@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from proxy.coding import Caps, inflate_whole
 from proxy.settings import RetrySettings, UpstreamSettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings
 from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
@@ -235,8 +236,6 @@ async def test_a_401_with_a_gzip_body_is_read_inflated(scripted: Scripted) -> No
 
 
 def test_the_inflater_takes_members_and_padding_and_refuses_junk() -> None:
-    from proxy.coding import Caps, inflate_whole
-
     two = gzip.compress(b"[1,") + gzip.compress(b"2]")
     assert inflate_whole(two, Caps()) == b"[1,2]"
     assert inflate_whole(gzip.compress(b"[]") + b"\0" * 8, Caps()) == b"[]"
