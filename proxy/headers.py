@@ -27,7 +27,7 @@ REQUEST_DROPPED = frozenset(
         "host",
         "authorization",  # the account's credentials replace the caller's
         "content-length",  # recomputed from the body actually sent
-        "accept-encoding",  # the client session negotiates and decodes compression
+        "accept-encoding",  # the proxy asks for gzip itself (proxy.pipeline.upstream)
         "cookie",
         "expect",
         "forwarded",
@@ -38,7 +38,8 @@ REQUEST_DROPPED = frozenset(
         "via",  # replaced by the proxy's own entry: internal host names stay internal
     }
 )
-# The body the proxy sends on is already decoded and re-framed.
+# Framing is the proxy's own; Content-Encoding is set per caller when answering
+# (proxy.edge.answer: gzip as stored, or inflated).
 RESPONSE_DROPPED = frozenset({"content-length", "content-encoding", "set-cookie"})
 
 
