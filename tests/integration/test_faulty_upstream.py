@@ -14,10 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from proxy.auth.endpoint import request_token
+from proxy.client import create_session
 from proxy.coding import Caps, inflate_whole
-from proxy.settings import RetrySettings, UpstreamSettings
-from tests.conftest import MakeProxy, Proxy, proxy_settings
+from proxy.settings import AccountSettings, RetrySettings, Secret, UpstreamSettings
+from tests.conftest import MakeProxy, Proxy, proxy_settings, serve
 from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
 
 FRESH = "Cache-Control: max-age=600"
@@ -276,3 +279,33 @@ async def test_a_range_is_asked_plain_and_a_gzip_range_passes_through_labelled(
     got = await answer_of(p.url, request("GET", "/v1/a", "Range: bytes=0-99"))
     assert (got.status, got.body, got.header("Content-Encoding")) == (206, piece, "gzip")
     assert "accept-encoding: identity" in raw.seen[0].decode().lower()
+
+
+async def test_a_gzip_token_answer_is_read_inflated() -> None:
+    token = json.dumps({"access_token": "fresh", "token_type": "Bearer", "expires_in": 60})
+
+    async def endpoint(request: web.Request) -> web.Response:
+        assert request.headers["Accept-Encoding"] == "gzip"
+        packed = gzip.compress(token.encode())
+        return web.Response(body=packed, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/v1/token", endpoint)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}"
+    account = AccountSettings(
+        mode="oauth", client_id="c", client_secret=Secret("s"), token_url=f"{url}/v1/token"
+    )
+    session = create_session(UpstreamSettings(base_url=url))
+    try:
+        got = await request_token(session, account, "refresh_token", 0.0, refresh_token="r")
+    finally:
+        await session.close()
+        await runner.cleanup()
+    assert (got["access_token"], got["expires_at"]) == ("fresh", 60.0)
+
+
+@pytest.mark.parametrize("name", ["max_inflated_size", "max_inflate_ratio"])
+def test_the_caps_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        UpstreamSettings(**{name: 0})
