@@ -6,6 +6,7 @@ that answers with scripted bytes; callers are raw sockets too, so nothing is nor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import random
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from proxy.auth.endpoint import request_token
-from proxy.client import create_session
+from proxy.client import create_session, message_end
 from proxy.coding import Caps, inflate_whole
 from proxy.settings import AccountSettings, RetrySettings, Secret, UpstreamSettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve
@@ -309,3 +310,50 @@ async def test_a_gzip_token_answer_is_read_inflated() -> None:
 def test_the_caps_must_be_positive(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         UpstreamSettings(**{name: 0})
+
+
+async def test_excess_bytes_arriving_with_the_end_of_a_body_are_dropped_too(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    # The head and the body's start in one read, the body's end and the excess in the next.
+    async def serve_split(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"a":1')
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"234}" + b"x" * 26)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve_split, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        p = await make_proxy(proxy_settings(url, tmp_path, retry=RetrySettings(attempts=1)))
+        for _ in range(3):
+            got = await answer_of(p.url, request("GET", "/v1/a"))
+            assert (got.status, got.body) == (200, b'{"a":1234}')
+    finally:
+        server.close()
+
+
+OK_3 = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length:3\r\n\r\n"
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "end"),
+    [
+        (OK_3, len(OK_3) + 3),
+        (INTERIM, len(INTERIM) + 3),
+        (NO_CONTENT, len(NO_CONTENT)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\n\r\n", None),
+        (b"junk\r\n\r\n", None),
+    ],
+)
+def test_where_a_length_framed_response_ends(head: bytes, end: int | None) -> None:
+    assert message_end(head + b"abcdef", skip_payload=False) == end
