@@ -22,6 +22,7 @@ from proxy.settings import (
     AccountSettings,
     AdminSettings,
     ConfigError,
+    ConfigErrors,
     Secret,
     ServerSettings,
     Settings,
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(args.config, as_json=args.json)
         if args.command == "serve":
-            return serve(load(args.config))
+            return serve(load(args.config), args.config)
         if args.command == "sandbox":
             return sandbox(args.host, args.port, args.seed, tuple(args.token or ("sandbox-token",)))
         if args.command == "authorize":
@@ -169,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return demo(args.port, args.sandbox_port, args.state_dir, args.admin_port)
     except ConfigError as e:
-        print(f"{PROG}: config error: {e}", file=sys.stderr)
+        for line in e.lines() if isinstance(e, ConfigErrors) else [str(e)]:
+            print(f"{PROG}: config error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     except StartupError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
@@ -220,15 +222,16 @@ def check_config(path: Path | None, *, as_json: bool) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, config: Path | None = None) -> int:
     require_accounts(settings)
     configure(settings.log.level, settings.log.format)
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, config))
     return 0
 
 
-async def _serve(settings: Settings) -> None:
-    await lifecycle.serve(settings)
+async def _serve(settings: Settings, config: Path | None) -> None:
+    # SIGHUP reads the same file (and the environment, and secret files) again.
+    await lifecycle.serve(settings, load=lambda: require_accounts(load(config)))
 
 
 def sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> int:

@@ -184,10 +184,13 @@ async def wait_for_signal(
 async def run_until_signal(
     runners: Sequence[web.AppRunner],
     on_signal: Callable[[str], None] | None = None,
+    drain_delay: float = 0.0,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop the runners one after the other.
 
-    ``on_signal`` runs first (readiness turns false at once). Each runner then stops
+    ``on_signal`` runs first (readiness turns false at once). For ``drain_delay`` seconds
+    every runner goes on serving new requests as before (load balancers and a sidecar's
+    neighbour catch up with the readiness change meanwhile). Each runner then stops
     accepting, gives in-flight requests its ``shutdown_timeout`` to finish, and runs its
     cleanup contexts (sessions, cache, token files). Runners later in the list keep
     serving meanwhile: put the admin listener last so /readyz can say "shutting down".
@@ -197,7 +200,10 @@ async def run_until_signal(
     if on_signal is not None:
         on_signal(name)
     started = time.monotonic()
-    event("shutdown", signal=name)
+    event("shutdown", signal=name, drain_delay=drain_delay)
+    if drain_delay > 0:
+        await asyncio.sleep(drain_delay)
+        event("drain_delay_over", seconds=round(time.monotonic() - started, 3))
     for runner in runners:
         await runner.cleanup()
     event("stopped", seconds=round(time.monotonic() - started, 3))

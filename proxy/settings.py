@@ -18,6 +18,7 @@ Any :class:`Secret` field may instead be read from a file named by ``<key>_file`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import os
@@ -45,6 +46,18 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {problem}" if key else problem)
 
 
+class ConfigErrors(ConfigError):
+    """Every problem found in one load, so an operator fixes them all in one go."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        first = problems[0]
+        super().__init__(first.key, first.problem)
+
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.problems]
+
+
 class Invalid(ValueError):
     """Raised by a section's ``__post_init__``; the loader adds the section path."""
 
@@ -55,12 +68,16 @@ class Invalid(ValueError):
 
 
 class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or logs."""
+    """A string that never shows itself in ``repr``, ``str`` or logs.
 
-    __slots__ = ("_value",)
+    ``source`` names the ``*_file`` it was read from (shown by check-config; not secret).
+    """
 
-    def __init__(self, value: str) -> None:
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str = "") -> None:
         self._value = value
+        self.source = source
 
     def reveal(self) -> str:
         return self._value
@@ -124,13 +141,17 @@ class ServerSettings:
     replay_body_size: int = 1024 * 1024
     # In-flight requests get this long to finish after SIGTERM.
     shutdown_grace: float = 10.0
+    # After SIGTERM, keep serving new requests this long (readiness already false) before
+    # the listener closes: a sidecar's neighbour still reaches Kounta while it winds down.
+    # 0: close at once. 5 suits Kubernetes (endpoint removal takes a few seconds).
+    drain_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
         if self.public_url:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
-        _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace")
+        _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,13 @@ class UpstreamSettings:
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
+        if URL(self.base_url).path not in ("", "/"):
+            raise Invalid(
+                "base_url",
+                f"must be an origin without a path, got {self.base_url!r}: callers send "
+                "/v1/... and the proxy forwards that path as is (use "
+                f"{str(URL(self.base_url).origin())!r})",
+            )
         if self.ca_bundle and not Path(self.ca_bundle).is_file():
             raise Invalid("ca_bundle", f"no such file: {self.ca_bundle}")
         _positive(self, "connect_timeout", "read_timeout", "total_timeout")
@@ -419,11 +447,21 @@ class Settings:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
         _check_callers(self)
+        _check_ports(self)
 
     @property
     def account_name(self) -> str:
         """The account used when a caller names none."""
         return self.default_account or next(iter(sorted(self.accounts)), "")
+
+
+def _check_ports(settings: Settings) -> None:
+    admin, server = settings.admin, settings.server
+    if admin.enabled and admin.port and admin.port == server.port:
+        raise Invalid(
+            "admin.port",
+            f"is the same as server.port ({server.port}); the admin listener needs its own port",
+        )
 
 
 def _check_callers(settings: Settings) -> None:
@@ -463,7 +501,10 @@ def load(
     elif DEFAULT_CONFIG_PATH.is_file():
         raw = read_toml(DEFAULT_CONFIG_PATH)
     merge_env(raw, env)
-    settings: Settings = build(Settings, raw, "")
+    problems: list[ConfigError] = []
+    settings = build(Settings, raw, "", problems)
+    if problems or not isinstance(settings, Settings):
+        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
     return settings
 
 
@@ -500,26 +541,71 @@ class _EnvValue(str):
     """A string from the environment: converted to the field's type when built."""
 
 
-def build(cls: type[Any], raw: Any, path: str) -> Any:
+class _Broken:
+    """What a table with a problem builds to; its parent leaves the key out."""
+
+
+BROKEN = _Broken()
+
+
+def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | None = None) -> Any:
+    """``cls`` from a raw table. With ``problems``, every problem is recorded there and the
+    walk goes on (a broken table builds to :data:`BROKEN`); without, the first is raised."""
     if not isinstance(raw, dict):
-        raise ConfigError(path, f"must be a table, got {_kind(raw)}")
+        return _problem(problems, ConfigError(path, f"must be a table, got {_kind(raw)}"))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    broken = False
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
-        if key.endswith("_file") and key[:-5] in names and hints[key[:-5]] is Secret:
-            if key[:-5] in raw:
-                raise ConfigError(key_path, f"set either {key[:-5]} or {key}, not both")
-            kwargs[key[:-5]] = Secret(_read_secret_file(key_path, value))
+        try:
+            name, built = _build_key(hints, names, raw, key, value, key_path, problems)
+        except ConfigError as e:
+            _problem(problems, e)
+            broken = True
             continue
-        if key not in names:
-            raise ConfigError(key_path, "unknown key")
-        kwargs[key] = convert(hints[key], value, key_path)
+        if built is BROKEN:
+            broken = True
+        else:
+            kwargs[name] = built
+    if broken:
+        return BROKEN
     try:
         return cls(**kwargs)
     except Invalid as e:
-        raise ConfigError(f"{path}.{e.key}" if path else e.key, e.problem) from None
+        return _problem(problems, ConfigError(f"{path}.{e.key}" if path else e.key, e.problem))
+
+
+def _problem(problems: list[ConfigError] | None, error: ConfigError) -> _Broken:
+    if problems is None:
+        raise error
+    problems.append(error)
+    return BROKEN
+
+
+def _build_key(
+    hints: dict[str, Any],
+    names: set[str],
+    raw: dict[str, Any],
+    key: str,
+    value: Any,
+    key_path: str,
+    problems: list[ConfigError] | None,
+) -> tuple[str, Any]:
+    if key.endswith("_file") and key[:-5] in names and hints[key[:-5]] is Secret:
+        if key[:-5] in raw:
+            raise ConfigError(key_path, f"set either {key[:-5]} or {key}, not both")
+        return key[:-5], Secret(_read_secret_file(key_path, value), source=str(value))
+    if key not in names:
+        raise ConfigError(key_path, "unknown key" + _did_you_mean(key, names, hints))
+    return key, convert(hints[key], value, key_path, problems)
+
+
+def _did_you_mean(key: str, names: set[str], hints: dict[str, Any]) -> str:
+    known = sorted(names | {f"{n}_file" for n in names if hints[n] is Secret})
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _read_secret_file(key: str, value: Any) -> str:
@@ -533,13 +619,13 @@ def _read_secret_file(key: str, value: Any) -> str:
         ) from None
 
 
-def convert(tp: Any, value: Any, path: str) -> Any:
+def convert(tp: Any, value: Any, path: str, problems: list[ConfigError] | None = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value == "" and isinstance(value, _EnvValue):
             return None
-        return convert(options[0], value, path)
+        return convert(options[0], value, path, problems)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -550,16 +636,18 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         _, value_type = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(path, f"must be a table, got {_kind(value)}")
-        return {k: convert(value_type, v, f"{path}.{k}") for k, v in value.items()}
+        items = {k: convert(value_type, v, f"{path}.{k}", problems) for k, v in value.items()}
+        return BROKEN if any(v is BROKEN for v in items.values()) else items
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if isinstance(value, _EnvValue):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(path, f"must be an array, got {_kind(value)}")
-        return tuple(convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
+        built = tuple(convert(item_type, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+        return BROKEN if any(v is BROKEN for v in built) else built
     if dataclasses.is_dataclass(tp):
-        return build(typing.cast(type[Any], tp), value, path)
+        return build(typing.cast(type[Any], tp), value, path, problems)
     if tp is Secret:
         return Secret(_scalar(str, value, path))
     if tp in (str, int, float, bool):
@@ -614,6 +702,8 @@ def _kind(value: Any) -> str:
 def masked(settings: Any) -> Any:
     """The settings as plain data with every secret replaced by a mask."""
     if isinstance(settings, Secret):
+        if settings and settings.source:
+            return f"{MASK} (from {settings.source})"
         return MASK if settings else ""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
         return {f.name: masked(getattr(settings, f.name)) for f in dataclasses.fields(settings)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, assert_never
 
@@ -56,7 +56,7 @@ from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.settings import CacheSettings, Settings
+from proxy.settings import CacheRule, CacheSettings, Settings
 
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
 TEE_DEPTH = 8
@@ -72,10 +72,13 @@ class Cache:
         settings: Settings,
         metrics: Metrics,
         clock: WallClock,
+        current: Callable[[], Settings] | None = None,
     ) -> None:
         self.inner = inner
         self.store = store
         self.config: CacheSettings = settings.cache
+        # The live settings (a SIGHUP reload may change the rules); read per decision.
+        self.current = current or (lambda: settings)
         self.origin = str(settings.upstream.url.origin())
         self.read_timeout = settings.upstream.read_timeout
         self.metrics = metrics
@@ -84,6 +87,9 @@ class Cache:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._children: dict[tuple[str, str], Any] = {}
         self._keys: dict[tuple[str | None, ...], str] = {}
+
+    def rules(self) -> tuple[CacheRule, ...]:
+        return self.current().cache.rules
 
     # ------------------------------------------------------------------ entry point
 
@@ -376,7 +382,7 @@ class Cache:
         items = tuple(response.headers.items())
         if response.status == 304 and stale is not None and entry is not None:
             await response.release()
-            merged = merge_304(entry, items, request_time, response_time, self.config.rules)
+            merged = merge_304(entry, items, request_time, response_time, self.rules())
             if merged is not None:
                 self._count("revalidated", "not_modified")
                 fresh = Stored(merged, stale.body, stale.body_key)
@@ -561,7 +567,7 @@ class Cache:
             max_size=self.config.max_entry_size,
             request_time=request_time,
             response_time=response_time,
-            rules=self.config.rules,
+            rules=self.rules(),
         )
 
     def _may_store(self, flight: Flight, entry: Entry) -> bool:

@@ -178,6 +178,15 @@ class AccountBudget:
         for reason in ("deadline", "queue_full"):
             metrics.budget_rejections.labels(name, reason)
 
+    def retune(self, rate: Rate) -> None:
+        """A reload changed the account's rate: keep what was sent, cap the tokens."""
+        if rate == self.rate:
+            return
+        self.rate = self.bucket.rate = rate
+        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
+        self.metrics.budget_limit.labels(self.name).set(rate.per_window)
+        event("budget_rate_changed", account=self.name, rate=rate.per_window, burst=rate.burst)
+
     def available(self) -> float:
         return self.bucket.available(self.clock.now())
 
@@ -319,9 +328,13 @@ class Budget:
         metrics: Metrics,
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
+        current: Callable[[], Settings] | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
+        # The live settings: a SIGHUP reload may change the accounts' rates.
+        self.current = current or (lambda: settings)
+        self._tuned_to = settings
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
@@ -333,6 +346,11 @@ class Budget:
         }
 
     def account(self, name: str) -> AccountBudget:
+        live = self.current()
+        if live is not self._tuned_to:  # one identity check per request; retuned once per reload
+            self._tuned_to = live
+            for known, budget in self.accounts.items():
+                budget.retune(rate_for(live.accounts.get(known), self.settings))
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)
