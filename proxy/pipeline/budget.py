@@ -96,6 +96,26 @@ class Bucket:
             at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
         return max(at, self.paused_until)
 
+    def ready_after(self, now: float, ahead: int) -> float:
+        """When a token can be taken once ``ahead`` requests queued first have had theirs:
+        the pace (tokens now, then the refill rate) and the window cap, whichever is later.
+        An estimate that errs late only when some of those ahead give up first."""
+        at = self.ready_at(now)
+        if ahead <= 0:
+            return at
+        start = max(now, self.paused_until)
+        tokens = 1.0 if now < self.paused_until else self.tokens
+        at = max(at, start + max(0.0, ahead + 1 - tokens) / self.rate.per_second)
+        # The send that must have left the window first: already sent, or one of those ahead.
+        first = len(self.sent) + ahead + 1 - self.rate.per_window
+        if first > 0:
+            span = self.rate.window + self.rate.margin
+            if first <= len(self.sent):
+                at = max(at, self.sent[first - 1] + span)
+            else:
+                at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
+        return at
+
     def take(self, now: float) -> None:
         self._refill(now)
         self.tokens -= 1
@@ -204,8 +224,11 @@ class AccountBudget:
             self.bucket.take(started)
             self.metrics.budget_wait.labels(self.name).observe(0.0)
             return 0.0
-        if at > limit:
-            raise self._reject("deadline", at - started)
+        # The queue ahead counts: a request whose turn comes after its limit hears so now,
+        # with the time its turn would have come, instead of waiting for nothing.
+        turn = self.bucket.ready_after(started, self.ahead_of(caller))
+        if turn > limit:
+            raise self._reject("deadline", turn - started)
         if self.waiting >= self.settings.queue_size:
             raise self._reject("queue_full", at - started)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), limit)
@@ -217,10 +240,18 @@ class AccountBudget:
         self.metrics.budget_wait.labels(self.name).observe(waited)
         return waited
 
+    def ahead_of(self, caller: str) -> int:
+        """Waiters served before a new request of ``caller``: round robin serves one per
+        caller a round, so every other caller's first ``own + 1`` waiters at most."""
+        own = len(self.queues.get(caller, ()))
+        others = sum(min(len(q), own + 1) for c, q in self.queues.items() if c != caller)
+        return own + others
+
     def _reject(self, reason: str, wait: float) -> RateLimited:
         self.rejected += 1
         self.metrics.budget_rejections.labels(self.name, reason).inc()
-        backlog = self.waiting / self.rate.per_second
+        # A deadline's wait already counts the queue ahead; a full queue drains at the pace.
+        backlog = self.waiting / self.rate.per_second if reason == "queue_full" else 0.0
         retry_after = whole_seconds(max(wait, backlog))
         if reason == "queue_full":
             text = f"Too many requests are waiting for account {self.name!r}'s rate budget"
@@ -273,7 +304,7 @@ class AccountBudget:
             kept = deque(w for w in queue if not w.future.done() and w.limit > now)
             for waiter in queue:
                 if not waiter.future.done() and waiter.limit <= now:
-                    at = self.bucket.ready_at(now)
+                    at = self.bucket.ready_after(now, self.waiting - 1)
                     waiter.future.set_exception(self._reject("deadline", at - now))
             self.waiting -= len(queue) - len(kept)
             if kept:

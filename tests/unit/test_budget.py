@@ -334,3 +334,16 @@ async def test_upstream_429_past_the_deadline_is_answered_429() -> None:
         await budget.send(request(clock, deadline=60.0))
     assert e.value.retry_after == 120
     assert upstream.sent == ["GET"]
+
+
+def test_ready_after_counts_the_queue_ahead_by_pace_and_window() -> None:
+    paced = Bucket(Rate(per_window=60, burst=2, window=60.0, margin=0.0), now=0.0)
+    assert [paced.ready_after(0.0, ahead) for ahead in (0, 1, 2, 3)] == [0.0, 0.0, 1.0, 2.0]
+    # A window of 3: the fourth send waits for the first to leave it, whatever the pace.
+    capped = Bucket(Rate(per_window=3, burst=3, window=10.0, margin=0.5), now=0.0)
+    assert capped.ready_after(0.0, 2) == 0.0
+    assert capped.ready_after(0.0, 3) == 10.5
+    capped.take(0.0)
+    assert capped.ready_after(1.0, 2) == 10.5  # the one already sent leaves the window first
+    capped.pause(1.0, 20.0, 1.0, 60.0)
+    assert capped.ready_after(1.0, 0) == 21.0
