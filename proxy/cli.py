@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import socket
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from proxy.logs import configure, event
 from proxy.ops import lifecycle
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import (
+    DEFAULT_CONFIG_PATH,
     AccountSettings,
     AdminSettings,
     ConfigError,
@@ -216,10 +218,36 @@ def require_accounts(settings: Settings) -> Settings:
 
 
 def check_config(path: Path | None, *, as_json: bool) -> int:
+    """Validate as serve would (directories included, nothing created), print the effective
+    settings masked, and warn about what serve would start without (oauth tokens)."""
     settings = require_accounts(load(path))
+    problems = [ConfigError(key, p) for key, p in lifecycle.directory_problems(settings)]
+    if problems:
+        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
     data = masked(settings)
     print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
+    for line in token_warnings(settings, path):
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     return 0
+
+
+def token_warnings(settings: Settings, path: Path | None) -> list[str]:
+    """Oauth accounts that would start without a token, and the command that gives one."""
+    config = (
+        path if path is not None else DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+    )
+    where = f" --config {shlex.quote(str(config))}" if config is not None else ""
+    lines = []
+    for name, account in sorted(settings.accounts.items()):
+        if account.mode != "oauth" or account.grant != "refresh_token" or account.refresh_token:
+            continue
+        file = token_path(name, account, settings.state_dir)
+        if not file.is_file():
+            lines.append(
+                f"account {name!r} has no token yet ({file} does not exist); run: "
+                f"{PROG} authorize --account {shlex.quote(name)}{where}"
+            )
+    return lines
 
 
 def serve(settings: Settings, config: Path | None = None) -> int:

@@ -158,7 +158,7 @@ async def build(
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = Cache(layer, store, settings, metrics, clock, current=live.settings)
         checks["cache"] = lambda: store.problem
-        admin_routes += cache_admin.routes(store, metrics)
+        admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts))
         tasks = (asyncio.ensure_future(watch_store(store, metrics)),)
     for provider in providers.values():
         await provider.start(session)

@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.edge.services import SERVICES, Services
-from proxy.errors import JSON_CONTENT_TYPE, code_for
+from proxy.errors import JSON_CONTENT_TYPE, ProxyError, code_for
 from proxy.listener import StartupError, bound_port, start
 from proxy.logs import event, log
 
@@ -79,6 +79,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     """Unknown paths and wrong methods answer JSON here too."""
     try:
         return await handler(request)
+    except ProxyError as e:  # a feature route's refusal (e.g. a purge of an unknown account)
+        return _json(e.status, e.body())
     except web.HTTPException as e:
         if e.status < 400:
             raise

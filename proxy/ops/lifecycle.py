@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -151,6 +152,29 @@ def directories(settings: Settings) -> Iterator[tuple[str, str]]:
             named_dir = f.name.endswith("_dir") or f.name in ("dir", "directory")
             if named_dir and isinstance(found, str) and found:
                 yield f"{section.name}.{f.name}", found
+
+
+def directory_problems(settings: Settings) -> list[tuple[str, str]]:
+    """What :func:`preflight` would refuse, found without creating anything (check-config)."""
+    problems = []
+    for key, path in directories(settings):
+        problem = _unwritable(Path(path))
+        if problem is not None:
+            problems.append((key, f"{path} {problem}"))
+    return problems
+
+
+def _unwritable(path: Path) -> str | None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"is not a writable directory: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == path:
+            return "is not a writable directory: permission denied"
+        return f"cannot be created: {existing} is not writable"
+    return None
 
 
 def check_writable(key: str, path: Path) -> None:

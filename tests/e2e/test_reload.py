@@ -71,7 +71,12 @@ class Proxy:
                 stdout=subprocess.DEVNULL,
                 stderr=out,
             )
-        wait_until(lambda: get(f"{self.admin}/readyz")[0] == 200)
+        try:
+            wait_until(lambda: get(f"{self.admin}/readyz")[0] == 200)
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(self.log.read_text()) from None
 
     def write(self, **values: Any) -> None:
         text = config_text(self.upstream, self.port, self.admin_port, state=self.state, **values)

@@ -357,3 +357,15 @@ async def test_promtool_accepts_a_real_scrape(
     )
     out, _ = await asyncio.wait_for(check.communicate(scrape), 30)
     assert check.returncode == 0, out.decode()
+
+
+async def test_cache_purge_refuses_an_unknown_account(
+    admin: str, client: aiohttp.ClientSession
+) -> None:
+    async with client.post(f"{admin}/cache/purge?account=mian") as r:
+        assert r.status == 400
+        body = await r.json()
+    assert body["error"] == "invalid_request"
+    assert body["error_description"] == ("no account named 'mian' in the settings (accounts: main)")
+    async with client.post(f"{admin}/cache/purge?account=main") as r:
+        assert (r.status, await r.json()) == (200, {"purged": 0})
