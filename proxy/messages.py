@@ -63,6 +63,9 @@ class ProxyResponse:
     # Frees the upstream connection; safe to call more than once.
     release: Callable[[], Awaitable[None]] = field(default=_nothing)
     cache_status: str = "BYPASS"
+    # RFC 9211 Cache-Status parameters when the cache knows more than cache_status says
+    # (e.g. "fwd=uri-miss", "hit; detail=stale-while-revalidate"); "" derives them.
+    cache_detail: str = ""
     upstream_status: int | None = None
     age: int | None = None
     # Seconds spent waiting for upstream response headers for this answer, every attempt

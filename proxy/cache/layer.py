@@ -165,7 +165,10 @@ class Cache:
             self._count("stale", "while_revalidate" if decision.refresh else "max_stale")
             if decision.refresh:
                 self._refresh(key, request, stored)
-            return self._from_store(request, stored, "STALE", decision.age)
+            answer = self._from_store(request, stored, "STALE", decision.age)
+            why = "stale-while-revalidate" if decision.refresh else "max-stale"
+            answer.cache_detail = f"hit; detail={why}"
+            return answer
         if isinstance(decision, OnlyIfCachedMiss):
             self._count("miss", "only_if_cached")
             raise errors.OnlyIfCachedMiss(
@@ -177,7 +180,12 @@ class Cache:
             if newer is not None and newer is not stored:
                 return await self._decide(request, control, key, newer)
             usable = isinstance(decision, Revalidate) or decision.stale is not None
-            return await self._fetch(request, key, stored if usable else None, decision)
+            # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
+            fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
+            answer = await self._fetch(request, key, stored if usable else None, decision)
+            if not answer.cache_detail:
+                answer.cache_detail = f"fwd={fwd}"
+            return answer
         assert_never(decision)
 
     # ------------------------------------------------------------------ answering
@@ -278,17 +286,24 @@ class Cache:
         except ProxyError as e:
             if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
                 self._count("stale", "error")
-                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+                return self._stale_on_error(request, stale, f"detail={e.code}")
             self._count("miss", "error")
             raise
         failed = outcome.status in ERROR_STATUSES and outcome.stream is None
         if failed and stale is not None and stale_on_error(stale.entry, self.clock()):
             self._count("stale", f"upstream_{outcome.status}")
-            return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            why = f"fwd-status={outcome.status}; detail=stale-if-error"
+            return self._stale_on_error(request, stale, why)
         self._count(outcome.cache_status.lower(), outcome.reason)
         answer = self._answer(request, outcome)
         if starter:
             answer.upstream_seconds = flight.upstream_seconds
+        return answer
+
+    def _stale_on_error(self, request: ProxyRequest, stale: Stored, why: str) -> ProxyResponse:
+        answer = self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+        # RFC 9211: the stored answer stood in for a forward that failed (status or error).
+        answer.cache_detail = f"fwd=stale; {why}"
         return answer
 
     async def _wait(self, flight: Flight, request: ProxyRequest, stale: Stored | None) -> Outcome:

@@ -56,7 +56,16 @@ async def answer(
     if response.status >= 400:
         return await error_answer(request, response)
     view = caller_view(request, tuple(response.headers.items()), upstream, public)
-    headers = answer_headers(view, info.request_id, response.cache_status, response.age)
+    headers = answer_headers(
+        view,
+        info.request_id,
+        response.cache_status,
+        response.age,
+        caller=caller_value(info.caller, info.account),
+        cache=cache_status_value(
+            response.cache_status, response.cache_detail, response.upstream_status
+        ),
+    )
     if isinstance(response.body, bytes):
         info.bytes_sent = len(response.body)
         out = web.Response(status=response.status, headers=headers, body=response.body or None)
@@ -79,16 +88,62 @@ VIEWS_MAX = 1024
 
 
 def answer_headers(
-    view: HeaderItems, request_id: str, cache_status: str, age: int | None
+    view: HeaderItems,
+    request_id: str,
+    cache_status: str,
+    age: int | None,
+    *,
+    caller: str = "",
+    cache: str = "",
 ) -> CIMultiDict[str]:
     """A successful answer's headers: the caller's view of the upstream's, then the proxy's."""
     headers = CIMultiDict(view)
     headers["X-Request-ID"] = request_id
     headers["X-Cache"] = cache_status
+    add_cache_status(headers, cache or cache_status_value(cache_status))
+    if caller:
+        headers["X-Proxy-Caller"] = caller
     headers.add("Via", VIA)
     if age is not None:
         headers["Age"] = str(age)
     return headers
+
+
+# RFC 9211: this cache's name in Cache-Status, and what each X-Cache value says there
+# when the cache layer gave no detail of its own.
+CACHE_NAME = "kounta-proxy"
+CACHE_PARAMS = {
+    "HIT": "hit",
+    "STALE": "hit; detail=stale",
+    "REVALIDATED": "fwd=stale",
+    "MISS": "fwd=miss",
+    "BYPASS": "fwd=bypass",
+}
+
+
+def cache_status_value(
+    cache_status: str, detail: str = "", upstream_status: int | None = None
+) -> str:
+    """This proxy's Cache-Status member (RFC 9211), e.g. ``kounta-proxy; fwd=stale;
+    fwd-status=304``; ``fwd-status`` is the upstream's status when a request went there."""
+    params = detail or CACHE_PARAMS.get(cache_status, "fwd=bypass")
+    if upstream_status is not None and params.startswith("fwd=") and "fwd-status" not in params:
+        kind, _, rest = params.partition(";")
+        params = f"{kind}; fwd-status={upstream_status}" + (f";{rest}" if rest else "")
+    return f"{CACHE_NAME}; {params}"
+
+
+def add_cache_status(headers: CIMultiDict[str], member: str) -> None:
+    """Caches closer to the caller add their member last (RFC 9211 2): after the upstream's."""
+    earlier = headers.popall("Cache-Status", [])
+    headers["Cache-Status"] = ", ".join([*earlier, member])
+
+
+def caller_value(caller: str, account: str) -> str:
+    """``X-Proxy-Caller``: who the proxy took the caller for, and on which account."""
+    if caller in ("", "-"):
+        return ""
+    return f"{caller}; account={account}" if account not in ("", "-") else caller
 
 
 def caller_view(
@@ -172,17 +227,26 @@ async def error_answer(request: web.Request, response: ProxyResponse) -> web.Res
             out.headers[name] = response.headers[name]
     out.headers["X-Request-ID"] = info.request_id
     out.headers["X-Cache"] = response.cache_status
+    member = cache_status_value(
+        response.cache_status, response.cache_detail, response.upstream_status
+    )
+    out.headers["Cache-Status"] = member
+    caller = caller_value(info.caller, info.account)
+    if caller:
+        out.headers["X-Proxy-Caller"] = caller
     out.headers.add("Via", VIA)
     info.bytes_sent = len(body)
     return out
 
 
-def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
+def proxy_error_answer(error: ProxyError, request_id: str, caller: str = "") -> web.Response:
     status, headers, body = normalise_error(error.status, {}, error_body(error))
     out = web.Response(status=status, headers=headers, body=body)
     out.headers.update(error.headers())
     out.headers[PROXY_ERROR_HEADER] = "1"
     out.headers["X-Request-ID"] = request_id
+    if caller:
+        out.headers["X-Proxy-Caller"] = caller
     if isinstance(error, ClosesConnection | RequestTooLarge):
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from proxy.cache.layer import Cache
 from proxy.cache.policy import UNHANDLED_CONDITIONALS
-from proxy.edge.answer import answer_headers, caller_view
+from proxy.edge.answer import answer_headers, caller_value, caller_view
 from proxy.edge.inbound import VERSIONS, Exchange, request_id
 from proxy.edge.middlewares import access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
@@ -111,7 +111,9 @@ class FastPath:
         status, items, body, age = hit
         rid = request_id(headers)
         view = caller_view(request, items, self.upstream, self.public)
-        out_headers = answer_headers(view, rid, "HIT", age)
+        out_headers = answer_headers(
+            view, rid, "HIT", age, caller=caller_value(caller.name, caller.account)
+        )
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started

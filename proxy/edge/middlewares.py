@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from proxy.edge.answer import proxy_error_answer
+from proxy.edge.answer import caller_value, proxy_error_answer
 from proxy.edge.inbound import ASTERISK, Exchange, exchange_of, guard, options_answer, request_id
 from proxy.edge.services import SERVICES
 from proxy.errors import ProxyError, code_for
@@ -32,7 +32,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return options_answer()
         return await handler(request)
     except ProxyError as e:
-        return proxy_error_answer(e, info.request_id)
+        return proxy_error_answer(e, info.request_id, caller_value(info.caller, info.account))
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -64,6 +64,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
         status = response.status
+        if not info.bytes_sent:
+            info.bytes_sent = body_size(request, response)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST
@@ -77,6 +79,15 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
             access_line(request, info, route, status, elapsed)
 
 
+def body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Bytes of a whole body the handler returned (the proxy's own errors, OPTIONS): what
+    the access log reports when nothing streamed counted them."""
+    body = response.body if isinstance(response, web.Response) else None
+    if request.method == "HEAD" or not isinstance(body, bytes):
+        return 0
+    return len(body)
+
+
 def access_line(
     request: web.BaseRequest, info: Exchange, route: str, status: int, elapsed: float
 ) -> None:
@@ -87,6 +98,8 @@ def access_line(
         caller=info.caller,
         account=info.account,
         method=request.method,
+        client=request.remote,
+        user_agent=request.headers.get("User-Agent"),
         route=route,
         path=request.path,
         status=status,
