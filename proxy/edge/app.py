@@ -23,7 +23,7 @@ from proxy.edge.middlewares import access_middleware, error_middleware
 from proxy.edge.services import SERVICES
 from proxy.listener import WRAP_HANDLER
 from proxy.messages import Layer
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, Registry
 from proxy.settings import Settings
 
 
@@ -39,7 +39,7 @@ def create_app(
         middlewares=[access_middleware, error_middleware],
         client_max_size=settings.server.max_body_size,
     )
-    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics = Metrics(registry if registry is not None else Registry())
     app.cleanup_ctx.append(_services_ctx(settings, metrics, clock, upstream))
     # expect_nothing: 100 Continue only once the request passed its checks (inbound.read_body)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_nothing)

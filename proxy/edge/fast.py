@@ -107,7 +107,6 @@ class FastPath:
         hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers)
         if hit is None:
             return None
-        services.callers.count(caller)
         status, items, body, age = hit
         rid = request_id(headers)
         view = caller_view(request, items, self.upstream, self.public)
@@ -117,7 +116,9 @@ class FastPath:
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
-        services.metrics.request_done("GET", route, status, "HIT", elapsed)
+        services.metrics.request_done(
+            "GET", route, status, "HIT", elapsed, caller.name, caller.account
+        )
         if log.isEnabledFor(logging.INFO):
             info = Exchange(rid, caller.name, caller.account, "HIT", target)
             info.bytes_sent = len(body)

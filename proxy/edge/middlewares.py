@@ -74,7 +74,9 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
         route = route_of(request.path)
-        metrics.request_done(request.method, route, status, info.cache_status, elapsed)
+        metrics.request_done(
+            request.method, route, status, info.cache_status, elapsed, info.caller, info.account
+        )
         if log.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
             access_line(request, info, route, status, elapsed)
 

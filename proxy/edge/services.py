@@ -31,7 +31,7 @@ from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import Callers
 from proxy.messages import Layer
-from proxy.metrics import Metrics
+from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics
 from proxy.pipeline import admin as pipeline_admin
 from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
@@ -158,6 +158,7 @@ async def build(
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = Cache(layer, store, settings, metrics, clock, current=live.settings)
         checks["cache"] = lambda: store.problem
+        metrics.watch_store(store.gauges)
         admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts))
         tasks = (asyncio.ensure_future(watch_store(store, metrics)),)
     for provider in providers.values():
@@ -190,6 +191,9 @@ def describe(settings: Settings, metrics: Metrics) -> None:
     metrics.shared_degraded.set(0)
     for name, account in settings.accounts.items():
         metrics.budget_limit.labels(name).set(rate_for(account, settings.budget).per_window)
+        for kind in UPSTREAM_ERROR_KINDS:
+            # Pre-created, so that rate() and alerts see a zero, not nothing.
+            metrics.upstream_errors.labels(kind, name)
         if account.mode == "oauth":
             metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
 

@@ -136,7 +136,11 @@ class Retry:
         made = self.breakers[account] = Breaker(
             account, s.breaker_failures, s.breaker_cooldown, self.clock
         )
-        self.metrics.breaker_state.labels(account).set_function(lambda: made.state)
+        for state in BreakerState:
+            # One-hot, like the token's state: 1 for the current one, 0 for the others.
+            self.metrics.breaker_state.labels(account, state.name.lower()).set_function(
+                lambda state=state: 1 if made.state is state else 0  # type: ignore[misc]
+            )
         self.metrics.breaker_opened.labels(account)
         return made
 

@@ -202,18 +202,24 @@ async def test_requests_and_upstream_are_counted(
     # The cache status label is whatever the cache layer reports (a miss here).
     assert sorted((k[0], v) for k, v in counted.items()) == [("2xx", 1), ("4xx", 1)]
     upstream = "kounta_proxy_upstream_requests_total"
-    assert value(reg, upstream, method="GET", route=route, status="200") == 1
-    assert value(reg, upstream, method="GET", route=route, status="404") == 1
+    assert value(reg, upstream, method="GET", route=route, status="200", account="main") == 1
+    assert value(reg, upstream, method="GET", route=route, status="404", account="main") == 1
     assert value(reg, "kounta_proxy_upstream_duration_seconds_count", route=route) == 2
-    assert (
-        value(
-            reg,
-            "kounta_proxy_request_duration_seconds_count",
-            route=route,
-            cache=next(iter(counted))[1],
-        )
-        >= 1
-    )
+    duration = "kounta_proxy_request_duration_seconds_count"
+    for status_class, cache in counted:
+        labels = {"method": "GET", "route": route, "status_class": status_class}
+        assert value(reg, duration, **labels, cache=cache) == 1
+    # Every caller-facing request is labelled with its account (anonymous on loopback here).
+    accounts = {
+        s.labels["account"]
+        for family in reg.collect()
+        for s in family.samples
+        if s.name == "kounta_proxy_requests_total"
+    }
+    assert accounts == {"main"}
+    callers = "kounta_proxy_caller_requests_total"
+    assert value(reg, callers, caller="anonymous", account="main", status_class="4xx") == 1
+    assert value(reg, callers, caller="anonymous", account="main", status_class="2xx") == 2
     assert value(reg, "kounta_proxy_requests_in_flight") == 0
     info = [s for s in series(reg) if s[0] == "kounta_proxy_build_info"]
     assert len(info) == 1
@@ -333,11 +339,10 @@ async def test_upstream_errors_by_kind(
     async with client.get(f"{proxy.url}/v1/companies/me.json") as r:
         assert r.status in (502, 504)
         assert r.headers["X-Proxy-Error"] == "1"
-    assert value(proxy.registry, "kounta_proxy_upstream_errors_total", kind=kind) >= 1
+    errors = "kounta_proxy_upstream_errors_total"
+    assert value(proxy.registry, errors, kind=kind, account="main") >= 1
     others = [k for k in ("connect", "timeout", "reset", "tls") if k != kind]
-    assert all(
-        value(proxy.registry, "kounta_proxy_upstream_errors_total", kind=k) == 0 for k in others
-    )
+    assert all(value(proxy.registry, errors, kind=k, account="main") == 0 for k in others)
 
 
 # --------------------------------------------------------------------------- promtool
@@ -369,3 +374,33 @@ async def test_cache_purge_refuses_an_unknown_account(
     assert body["error_description"] == ("no account named 'mian' in the settings (accounts: main)")
     async with client.post(f"{admin}/cache/purge?account=main") as r:
         assert (r.status, await r.json()) == (200, {"purged": 0})
+
+
+async def test_cache_gauges_are_current_at_scrape_time(
+    proxy: Proxy, admin: str, client: aiohttp.ClientSession
+) -> None:
+    async def scraped() -> dict[str, float]:
+        async with client.get(f"{admin}/metrics") as r:
+            text = await r.text()
+        found = {}
+        for line in text.splitlines():
+            name, _, number = line.partition(" ")
+            if name in ("kounta_proxy_cache_entries", "kounta_proxy_cache_bytes"):
+                found[name] = float(number)
+        assert "_created" not in text and "process_open_fds" in text
+        return found
+
+    assert (await scraped())["kounta_proxy_cache_entries"] == 0
+    for path in ("/v1/companies/me.json", "/v1/companies/5001/sites.json"):
+        async with client.get(f"{proxy.url}{path}") as r:
+            assert r.status == 200
+    for _ in range(100):  # the store writes behind the answer, on its own thread
+        now = await scraped()
+        if now["kounta_proxy_cache_entries"] == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert now["kounta_proxy_cache_entries"] == 2  # no /cache/stats call needed
+    assert now["kounta_proxy_cache_bytes"] > 0
+    async with client.post(f"{admin}/cache/purge") as r:
+        assert r.status == 200
+    assert (await scraped())["kounta_proxy_cache_entries"] == 0

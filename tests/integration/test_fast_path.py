@@ -124,15 +124,22 @@ async def test_fast_hits_are_counted_like_the_long_way(
                     "route": "/v1/companies/{id}/customers",
                     "status_class": "2xx",
                     "cache": "HIT",
+                    "account": "main",
                 },
             ),
             sample(
                 "kounta_proxy_request_duration_seconds_count",
-                {"route": "/v1/companies/{id}/customers", "cache": "HIT"},
+                {
+                    "method": "GET",
+                    "route": "/v1/companies/{id}/customers",
+                    "status_class": "2xx",
+                    "cache": "HIT",
+                },
             ),
             sample("kounta_proxy_cache_lookups_total", {"result": "hit", "reason": "fresh"}),
             sample(
-                "kounta_proxy_caller_requests_total", {"caller": "anonymous", "account": "main"}
+                "kounta_proxy_caller_requests_total",
+                {"caller": "anonymous", "account": "main", "status_class": "2xx"},
             ),
         )
 
@@ -261,7 +268,12 @@ async def test_callers_conditionals_get_the_long_ways_304_on_the_fast_path(
     sample = p.registry.get_sample_value
     labels = {"result": "not_modified", "reason": "caller_conditional"}
     assert sample("kounta_proxy_cache_lookups_total", labels) == 4
-    route = {"method": "GET", "route": "/v1/companies/{id}/customers", "cache": "HIT"}
+    route = {
+        "method": "GET",
+        "route": "/v1/companies/{id}/customers",
+        "cache": "HIT",
+        "account": "main",
+    }
     assert sample("kounta_proxy_requests_total", {**route, "status_class": "3xx"}) == 4
     assert sample("kounta_proxy_requests_total", {**route, "status_class": "2xx"}) == 4
 

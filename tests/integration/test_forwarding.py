@@ -398,6 +398,7 @@ async def test_caller_hanging_up_cancels_its_upstream_request(
             "route": "/v1/companies/{id}/products",
             "status_class": "4xx",
             "cache": "-",
+            "account": "main",
         },
     )
     assert closed == 1
