@@ -69,6 +69,20 @@ def is_live(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in LIVE_KEYS)
 
 
+def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """The changed keys a reload applies, and those that need a restart (an account added
+    or removed needs one whatever its keys: its budget, breaker and token file are set up
+    at start)."""
+    both = old.accounts.keys() & new.accounts.keys()
+    live: list[str] = []
+    restart: list[str] = []
+    for key in changed_keys(old, new):
+        parts = key.split(".")
+        known = parts[0] != "accounts" or len(parts) < 2 or parts[1] in both
+        (live if known and is_live(key) else restart).append(key)
+    return live, restart
+
+
 def merge(running: Settings, new: Settings) -> Settings:
     """The running settings with the live parts of ``new``; a bad mix is a ConfigError."""
     try:
@@ -102,7 +116,7 @@ async def reload(services: Services, load: Loader) -> bool:
     current = services.live.current
     try:
         new = load()
-        changed = changed_keys(current.settings, new)
+        live, restart = split_changes(current.settings, new)
         merged = merge(current.settings, new)
     except ConfigError as e:
         lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
@@ -114,12 +128,8 @@ async def reload(services: Services, load: Loader) -> bool:
         await provider.stop()
     # The line is written under the more verbose of the two levels, then the new one holds.
     set_level(min(current.settings.log.level, merged.log.level, key=LEVELS.index))
-    event(
-        "reloaded",
-        logging.WARNING if any(not is_live(k) for k in changed) else logging.INFO,
-        changed=[k for k in changed if is_live(k)],
-        restart_needed=[k for k in changed if not is_live(k)],
-    )
+    level = logging.WARNING if restart else logging.INFO
+    event("reloaded", level, changed=live, restart_needed=restart)
     set_level(merged.log.level)
     return True
 
