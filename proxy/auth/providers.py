@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import enum
 import logging
 import time
 from pathlib import Path
@@ -55,9 +56,25 @@ AUTHORIZE_POLL = 5.0
 # The background refresh never asks again sooner than this after a token arrived.
 MIN_REFRESH_GAP = 1.0
 
-PENDING, VALID, UNAVAILABLE = "pending", "valid", "unavailable"
-NEEDS_AUTHORIZE, REJECTED, STATIC = "needs_authorize", "rejected", "static"
-STATES = (PENDING, VALID, UNAVAILABLE, NEEDS_AUTHORIZE, REJECTED, STATIC)
+
+class TokenState(enum.StrEnum):
+    """An account's token state: the ``state`` label of ``kounta_proxy_token_state``."""
+
+    PENDING = "pending"
+    VALID = "valid"
+    UNAVAILABLE = "unavailable"
+    NEEDS_AUTHORIZE = "needs_authorize"
+    REJECTED = "rejected"
+    STATIC = "static"
+
+
+PENDING, VALID, UNAVAILABLE = TokenState.PENDING, TokenState.VALID, TokenState.UNAVAILABLE
+NEEDS_AUTHORIZE, REJECTED, STATIC = (
+    TokenState.NEEDS_AUTHORIZE,
+    TokenState.REJECTED,
+    TokenState.STATIC,
+)
+STATES = tuple(TokenState)
 # Token endpoint errors that retrying cannot fix.
 PERMANENT_ERRORS = frozenset(
     {"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type"}
@@ -70,7 +87,7 @@ class TokenProvider(Protocol):
     renewable: bool
 
     @property
-    def state(self) -> str: ...
+    def state(self) -> TokenState: ...
 
     @property
     def expires_at(self) -> float | None: ...
@@ -195,7 +212,7 @@ class OAuthProvider:
         self.clock = clock
         self.metrics = metrics
         self._token: StoredToken | None = None
-        self._state = ""  # set (and logged) by start()
+        self._state: TokenState | None = None  # set (and logged) by start()
         self._session: aiohttp.ClientSession | None = None
         self._inflight: asyncio.Task[StoredToken] | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -207,7 +224,7 @@ class OAuthProvider:
         return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
 
     @property
-    def state(self) -> str:
+    def state(self) -> TokenState:
         return self._state or PENDING
 
     @property
@@ -459,7 +476,7 @@ class OAuthProvider:
             if stored is not None and stored != self._token:
                 self._adopt(stored)
 
-    def _set_state(self, state: str, reason: str) -> None:
+    def _set_state(self, state: TokenState, reason: str) -> None:
         if self.metrics is not None:
             for name in STATES:
                 self.metrics.token_state.labels(self.account, name).set(1 if name == state else 0)

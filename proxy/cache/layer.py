@@ -27,6 +27,7 @@ from proxy.cache.policy import (
     SELECTING,
     UNSAFE_METHODS,
     Entry,
+    Freshened,
     FreshHit,
     HeaderItems,
     Headers,
@@ -34,15 +35,18 @@ from proxy.cache.policy import (
     Miss,
     NotStorable,
     OnlyIfCachedMiss,
+    Refetch,
     RequestControl,
     Revalidate,
     ServeStale,
+    TakeBody,
+    UpstreamFailed,
+    answered,
     bypass,
     cache_key,
     fresh_age,
     invalidation,
     lookup,
-    merge_304,
     not_modified,
     not_modified_headers,
     parse_key,
@@ -54,7 +58,7 @@ from proxy.cache.policy import (
 from proxy.cache.store import BodySink, CacheStore, Stored
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
-from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import CacheSettings, Settings
 
@@ -94,7 +98,7 @@ class Cache:
         control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
         skip = bypass(request.method, headers, control)
         if skip is not None:
-            self._count("bypass", skip.reason.split(" ")[0])
+            self._count("bypass", skip.code)
             response = await self.inner.send(request)
             response.cache_status = "BYPASS"
             return response
@@ -177,7 +181,7 @@ class Cache:
     # ------------------------------------------------------------------ answering
 
     def _from_store(
-        self, request: ProxyRequest, stored: Stored, status: str, age: float | None
+        self, request: ProxyRequest, stored: Stored, status: CacheStatus, age: float | None
     ) -> ProxyResponse:
         entry = stored.entry
         return self._respond(
@@ -195,7 +199,7 @@ class Cache:
         status: int,
         headers: tuple[tuple[str, str], ...],
         stored: Stored | None,
-        cache_status: str,
+        cache_status: CacheStatus,
         age: int | None,
         upstream_status: int | None = None,
     ) -> ProxyResponse:
@@ -374,26 +378,29 @@ class Cache:
         response.add_upstream_time(flight.upstream_seconds)  # a refetch after a 304
         flight.upstream_seconds = response.upstream_seconds
         items = tuple(response.headers.items())
-        if response.status == 304 and stale is not None and entry is not None:
+        decision = answered(
+            entry, response.status, items, request_time, response_time, self.config.rules
+        )
+        if isinstance(decision, Freshened):
             await response.release()
-            merged = merge_304(entry, items, request_time, response_time, self.config.rules)
-            if merged is not None:
-                self._count("revalidated", "not_modified")
-                fresh = Stored(merged, stale.body, stale.body_key)
-                self._keep(flight, fresh)
-                return Outcome(
-                    merged.status,
-                    merged.headers,
-                    "REVALIDATED",
-                    304,
-                    stored=fresh,
-                    entry=merged,
-                    reason="not_modified",
-                )
-            return await self._exchange(flight, None)  # a different representation: fetch it
-        if entry is not None and response.status in (404, 410):
-            self.store.delete(flight.key)  # RFC 9111 4.4: the resource is gone
-        if response.status in ERROR_STATUSES:
+            self._count("revalidated", "not_modified")
+            fresh = Stored(
+                decision.entry, stale.body if stale else None, stale.body_key if stale else None
+            )
+            self._keep(flight, fresh)
+            return Outcome(
+                decision.entry.status,
+                decision.entry.headers,
+                "REVALIDATED",
+                304,
+                stored=fresh,
+                entry=decision.entry,
+                reason="not_modified",
+            )
+        if isinstance(decision, Refetch):
+            await response.release()
+            return await self._exchange(flight, None)
+        if isinstance(decision, UpstreamFailed):
             body = await response.read(limit=ERROR_BODY_LIMIT)
             return Outcome(
                 response.status,
@@ -403,6 +410,10 @@ class Cache:
                 stored=Stored(_placeholder(response.status, items, len(body)), body),
                 reason=f"upstream_{response.status}",
             )
+        if not isinstance(decision, TakeBody):
+            assert_never(decision)
+        if decision.forget:
+            self.store.delete(flight.key)
         outcome = await self._take_body(flight, response, request_time, response_time)
         outcome.reason = "changed" if entry is not None else "cold"
         return outcome
@@ -637,8 +648,4 @@ def _placeholder(status: int, items: tuple[tuple[str, str], ...], size: int) -> 
 
 
 def _store_label(reason: NotStorable) -> str:
-    if "larger" in reason.reason:
-        return "too_large"
-    if "whole" in reason.reason:
-        return "truncated"
-    return "not_storable"
+    return reason.code if reason.code in ("too_large", "truncated") else "not_storable"

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 from proxy.dates import http_date
@@ -267,8 +267,24 @@ class Entry:
         return all(vary_value(headers, name) == value for name, value in self.vary)
 
 
+NotStorableCode = Literal[
+    "request_no_store",
+    "not_final",
+    "no_store",
+    "set_cookie",
+    "vary_star",
+    "truncated",
+    "too_large",
+    "no_explicit_freshness",
+    "nothing_to_reuse",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class NotStorable:
+    """Why a response is not stored: ``code`` for labels and logs, ``reason`` for people."""
+
+    code: NotStorableCode
     reason: str
 
 
@@ -304,9 +320,9 @@ def to_entry(
     """Whether a GET response may be stored (RFC 9111 3) and, if so, its entry."""
     cc = directives(_all(headers, "Cache-Control"))
     names = vary_names(headers)
-    reason = _unstorable(status, cc, headers, request_control, names, whole, size, max_size)
-    if reason is not None:
-        return NotStorable(reason)
+    refused = _unstorable(status, cc, headers, request_control, names, whole, size, max_size)
+    if refused is not None:
+        return refused
     assert names is not None
     explicit = freshness_lifetime(cc, headers, response_time) is not None
     has_validator = bool(_all(headers, "ETag") or _all(headers, "Last-Modified"))
@@ -324,11 +340,13 @@ def to_entry(
         size=size,
     )
     if status not in HEURISTIC_STATUSES and not explicit:
-        return NotStorable(f"status {status} without explicit freshness")
+        return NotStorable("no_explicit_freshness", f"status {status} without explicit freshness")
     if not (has_validator or entry.fresh_for > 0 or entry.stale_if_error > 0):
-        return NotStorable("no validator and no freshness: nothing to reuse")
+        return NotStorable("nothing_to_reuse", "no validator and no freshness: nothing to reuse")
     if status != 200 and not (has_validator or explicit):
-        return NotStorable(f"status {status} without validator or explicit freshness")
+        return NotStorable(
+            "no_explicit_freshness", f"status {status} without validator or explicit freshness"
+        )
     return entry
 
 
@@ -374,21 +392,22 @@ def _unstorable(
     whole: bool,
     size: int,
     max_size: int,
-) -> str | None:
+) -> NotStorable | None:
     if req.no_store:
-        return "request no-store"  # RFC 9111 5.2.1.5
-    if status < 200 or status in (206, 304):
-        return f"status {status} is not a final, complete response"  # RFC 9111 3, 3.3
+        return NotStorable("request_no_store", "request no-store")  # RFC 9111 5.2.1.5
+    if status < 200 or status in (206, 304):  # RFC 9111 3, 3.3
+        return NotStorable("not_final", f"status {status} is not a final, complete response")
     if "no-store" in cc:
-        return "response no-store"  # RFC 9111 5.2.2.5
+        return NotStorable("no_store", "response no-store")  # RFC 9111 5.2.2.5
     if _all(headers, "Set-Cookie"):
-        return "Set-Cookie"  # one caller's cookie must never reach another caller
+        # one caller's cookie must never reach another caller
+        return NotStorable("set_cookie", "Set-Cookie")
     if names is None:
-        return "Vary: *"  # RFC 9111 4.1: never matches
-    if not whole:
-        return "body did not arrive whole"  # RFC 9111 3.3: incomplete responses
+        return NotStorable("vary_star", "Vary: *")  # RFC 9111 4.1: never matches
+    if not whole:  # RFC 9111 3.3: incomplete responses
+        return NotStorable("truncated", "body did not arrive whole")
     if size > max_size:
-        return f"body larger than {max_size} bytes"
+        return NotStorable("too_large", f"body larger than {max_size} bytes")
     return None
 
 
@@ -420,10 +439,14 @@ def initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: fl
 # --------------------------------------------------------------------------- lookup
 
 
+BypassCode = Literal["method", "no_store", "conditional"]
+
+
 @dataclass(frozen=True, slots=True)
 class Bypass:
-    """The cache stays out: neither looked up nor stored."""
+    """The cache stays out: neither looked up nor stored. ``code`` labels the lookup metric."""
 
+    code: BypassCode
     reason: str
 
 
@@ -464,12 +487,12 @@ Decision = FreshHit | ServeStale | Revalidate | Miss | OnlyIfCachedMiss
 def bypass(method: str, headers: Headers, control: RequestControl) -> Bypass | None:
     """Requests the cache does not handle at all."""
     if method not in ("GET", "HEAD"):
-        return Bypass(f"method {method}")
+        return Bypass("method", f"method {method}")
     if control.no_store:
-        return Bypass("request no-store")
+        return Bypass("no_store", "request no-store")
     for name in UNHANDLED_CONDITIONALS:
         if name in headers:
-            return Bypass(f"request has {name}")
+            return Bypass("conditional", f"request has {name}")
     return None
 
 
@@ -557,6 +580,54 @@ def merge_304(
         initial_age=initial_age(headers, request_time, response_time),
         **_reuse(cc, merged, response_time, rule_for(entry.path, rules)),
     )
+
+
+# --------------------------------------------------------------------------- upstream answers
+
+
+@dataclass(frozen=True, slots=True)
+class Freshened:
+    """A 304 for the stored response: answer it with refreshed headers (RFC 9111 4.3.4)."""
+
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Refetch:
+    """A 304 that selects another representation: fetch without validators."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """An error answer (429, 5xx): passed on, never stored; a stored response may stand in."""
+
+
+@dataclass(frozen=True, slots=True)
+class TakeBody:
+    """A full answer to read (and store if it may be). ``forget`` drops what was stored:
+    404 and 410 say the resource is gone (RFC 9111 4.4)."""
+
+    forget: bool
+
+
+Answered = Freshened | Refetch | UpstreamFailed | TakeBody
+
+
+def answered(
+    stored: Entry | None,
+    status: int,
+    headers: Sequence[tuple[str, str]],
+    request_time: float,
+    response_time: float,
+    rules: Sequence[CacheRule],
+) -> Answered:
+    """What to do with the upstream's answer to a fetch or a revalidation of ``stored``."""
+    if status == 304 and stored is not None:
+        merged = merge_304(stored, headers, request_time, response_time, rules)
+        return Refetch() if merged is None else Freshened(merged)
+    if status in ERROR_STATUSES:
+        return UpstreamFailed()
+    return TakeBody(forget=stored is not None and status in (404, 410))
 
 
 # --------------------------------------------------------------------------- caller conditionals

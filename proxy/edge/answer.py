@@ -21,7 +21,7 @@ from proxy.errors import (
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller
 from proxy.logs import event
-from proxy.messages import ERROR_BODY_LIMIT, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
 # Upstream headers worth keeping on an error answer.
 ERROR_KEPT_HEADERS = (
@@ -79,7 +79,7 @@ VIEWS_MAX = 1024
 
 
 def answer_headers(
-    view: HeaderItems, request_id: str, cache_status: str, age: int | None
+    view: HeaderItems, request_id: str, cache_status: CacheStatus, age: int | None
 ) -> CIMultiDict[str]:
     """A successful answer's headers: the caller's view of the upstream's, then the proxy's."""
     headers = CIMultiDict(view)
