@@ -70,9 +70,11 @@ class _LoopFamily(Collector, Generic[Child]):
         registry.register(self)
 
     def labels(self, *values: object) -> Child:
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
+        child = self._children.get(values)  # type: ignore[arg-type]  # str labels: hit at once
         if child is None:
+            key = tuple(str(v) for v in values)
+            if key in self._children:
+                return self._children[key]
             if len(key) != len(self.labelnames):
                 raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
             child = self._children[key] = self._child()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any, assert_never
@@ -64,8 +65,6 @@ from proxy.settings import CacheSettings, Settings
 
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
 TEE_DEPTH = 8
-# Cache keys remembered per (account, path, query, selecting headers); cleared when full.
-KEYS_MAX = 4096
 
 
 class Cache:
@@ -86,8 +85,6 @@ class Cache:
         self.clock = clock
         self.flights: dict[str, Flight] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._children: dict[tuple[str, str], Any] = {}
-        self._keys: dict[tuple[str | None, ...], str] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -108,13 +105,7 @@ class Cache:
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:
         """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""
-        parts = (account, path, query, *map(headers.get, SELECTING))
-        key = self._keys.get(parts)
-        if key is None:
-            if len(self._keys) >= KEYS_MAX:
-                self._keys.clear()
-            key = self._keys[parts] = cache_key(account, path, query, headers)
-        return key
+        return _key(account, path, query, *map(headers.get, SELECTING))
 
     def fresh_hit(
         self, account: str, path: str, query: str, headers: Headers
@@ -618,13 +609,7 @@ class Cache:
         return removed
 
     def _count(self, result: str, reason: str) -> None:
-        # labels() costs as much as the rest of a fresh hit's decision: keep the children.
-        child = self._children.get((result, reason))
-        if child is None:
-            child = self._children[(result, reason)] = self.metrics.cache_lookups.labels(
-                result, reason
-            )
-        child.inc()
+        self.metrics.cache_lookups.labels(result, reason).inc()
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -645,6 +630,12 @@ async def _chunks(response: ProxyResponse) -> AsyncIterator[bytes]:
 def _placeholder(status: int, items: tuple[tuple[str, str], ...], size: int) -> Entry:
     """An unstored entry wrapping an error answer, so it travels like any other."""
     return Entry(status, items, "", "", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True, (), size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(account: str, path: str, query: str, *selecting: str | None) -> str:
+    sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
+    return cache_key(account, path, query, sent)
 
 
 def _store_label(reason: NotStorable) -> str:
