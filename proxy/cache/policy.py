@@ -517,7 +517,8 @@ def lookup(entry: Entry | None, headers: Headers, control: RequestControl, now: 
     if left <= 0 and not control.no_cache and not entry.strict and control.max_age is None:
         if control.max_stale is not None and -left <= control.max_stale:
             return ServeStale(entry, age, refresh=False)  # RFC 9111 5.2.1.2
-        if -left <= entry.stale_while_revalidate and not control.only_if_cached:
+        swr = entry.stale_while_revalidate
+        if swr > 0 and -left <= swr and not control.only_if_cached:
             return ServeStale(entry, age, refresh=True)
     if control.only_if_cached:
         return OnlyIfCachedMiss()

@@ -702,3 +702,13 @@ def test_answered(
 def test_a_gone_resource_forgets_what_was_stored(status: int, forget: bool) -> None:
     assert answered(entry(), status, [], NOW, NOW, ()) == TakeBody(forget=forget)
     assert answered(None, status, [], NOW, NOW, ()) == TakeBody(forget=False)
+
+
+def test_no_stale_while_revalidate_at_the_instant_freshness_ends() -> None:
+    """Without stale-while-revalidate, a response whose age equals its lifetime is stale
+    and must be revalidated; it was once served stale at exactly that instant."""
+    stored = entry(fresh_for=0.0)
+    assert isinstance(lookup(stored, {}, NO_CONTROL, NOW), Revalidate)
+    assert isinstance(
+        lookup(entry(fresh_for=0.0, stale_while_revalidate=5.0), {}, NO_CONTROL, NOW), ServeStale
+    )
