@@ -42,7 +42,8 @@ REQUEST_DROPPED = frozenset(
 RESPONSE_DROPPED = frozenset({"content-length", "content-encoding", "set-cookie"})
 
 
-def _connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
+def connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """The lower-case field names a ``Connection`` header lists (RFC 9110 7.6.1)."""
     named: set[str] = set()
     for name, value in headers:
         if name.lower() == "connection":
@@ -54,7 +55,7 @@ def _filtered(
     headers: Iterable[tuple[str, str]], dropped: frozenset[str], extra: frozenset[str]
 ) -> CIMultiDict[str]:
     items = list(headers)
-    named = _connection_named(items)
+    named = connection_named(items)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in items:
         lower = name.lower()

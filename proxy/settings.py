@@ -387,9 +387,14 @@ class CacheSettings:
     # Seconds a request waits for another's fetch of the same key before fetching alone.
     coalesce_wait: float = 10.0
     rules: tuple[CacheRule, ...] = ()
+    # Seconds past freshness a stored GET may answer when Kounta cannot be reached at all
+    # (refused, reset, timed out); not after 5xx/429 answers, and never for responses that
+    # say must-revalidate, proxy-revalidate, no-cache or s-maxage. A rule's or the
+    # response's own stale-if-error wins where set. 0: off.
+    stale_if_error: float = 300.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_size", "max_entry_size", "memory_size")
+        _not_negative(self, "max_size", "max_entry_size", "memory_size", "stale_if_error")
         if self.max_entry_size > self.max_size:
             raise Invalid("max_entry_size", "must not exceed max_size")
         _positive(self, "coalesce_wait")

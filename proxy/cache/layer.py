@@ -59,12 +59,15 @@ from proxy.cache.policy import (
 from proxy.cache.store import BodySink, CacheStore, Stored
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
+from proxy.headers import SERVER_NAME
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import CacheSettings, Settings
 
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
 TEE_DEPTH = 8
+# Says a stored answer stands in for one the upstream failed to give (RFC 7234 5.5.2).
+STALE_WARNING = '111 - "Revalidation Failed"'
 
 
 class Cache:
@@ -224,6 +227,26 @@ class Cache:
             response.headers["Content-Length"] = str(stored.entry.size)
         return response
 
+    def _stale_ok(self, stale: Stored, error: ProxyError | None) -> bool:
+        """Whether ``stale`` may answer for a failed fetch: ``error`` raised, or (None) an
+        error status. An :class:`~proxy.errors.UpstreamError` (refused, reset, timed out,
+        the breaker open) means the origin could not be reached, which
+        ``cache.stale_if_error`` covers for every stored GET (policy.stale_on_error)."""
+        unreachable = isinstance(error, errors.UpstreamError)
+        default = self.config.stale_if_error
+        return stale_on_error(stale.entry, self.clock(), unreachable=unreachable, default=default)
+
+    def _stale(self, request: ProxyRequest, stale: Stored, why: str) -> ProxyResponse:
+        """The stored answer for a failed fetch, saying so (RFC 9111 5.5 Warning 111, as
+        RFC 7234 5.5.2 defined it, and an RFC 9211 Cache-Status member)."""
+        response = self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+        headers = response.headers
+        headers["Warning"] = STALE_WARNING
+        ours = f'{SERVER_NAME}; fwd=stale; detail="{why}"'
+        earlier = headers.get("Cache-Status")
+        headers["Cache-Status"] = f"{earlier}, {ours}" if earlier else ours
+        return response
+
     def _answer(self, request: ProxyRequest, outcome: Outcome) -> ProxyResponse:
         age = None
         if outcome.entry is not None and outcome.cache_status != "MISS":
@@ -265,15 +288,15 @@ class Cache:
             else:
                 outcome = await self._wait(flight, request, stale)
         except ProxyError as e:
-            if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
+            if e.stale_ok and stale is not None and self._stale_ok(stale, e):
                 self._count("stale", "error")
-                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+                return self._stale(request, stale, e.code)
             self._count("miss", "error")
             raise
         failed = outcome.status in ERROR_STATUSES and outcome.stream is None
-        if failed and stale is not None and stale_on_error(stale.entry, self.clock()):
+        if failed and stale is not None and self._stale_ok(stale, None):
             self._count("stale", f"upstream_{outcome.status}")
-            return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            return self._stale(request, stale, f"upstream_{outcome.status}")
         self._count(outcome.cache_status.lower(), outcome.reason)
         answer = self._answer(request, outcome)
         if starter:
@@ -297,8 +320,8 @@ class Cache:
         try:
             response = await self.inner.send(request)
         except ProxyError as e:
-            if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
-                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            if e.stale_ok and stale is not None and self._stale_ok(stale, e):
+                return self._stale(request, stale, e.code)
             raise
         response.cache_status = "MISS"
         self._count("miss", "head")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 from proxy.dates import http_date
-from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED
+from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_named
 from proxy.settings import CacheRule
 
 KEY_VERSION = 1
@@ -105,11 +105,41 @@ def _unquote(arg: str) -> str:
     return arg
 
 
+# RFC 9111 1.2.2: delta-seconds are ASCII digits only (str.isdigit() also takes "²" and
+# other scripts' digits, and float("²") raises).
+DELTA_SECONDS = re.compile(r"[0-9]+")
+# RFC 9111 1.2.2: a delta-seconds too large to hold is taken as 2^31.
+DELTA_SECONDS_MAX = 2.0**31
+
+
 def seconds(value: str | None) -> float | None:
-    """A delta-seconds argument (RFC 9111 1.2.2); invalid ones count as absent."""
-    if value is None or not value.strip().isdigit():
+    """A delta-seconds argument (RFC 9111 1.2.2); invalid ones count as absent.
+
+    "If a cache receives a delta-seconds value greater than the greatest integer it can
+    represent, or if any of its subsequent calculations overflows, the cache MUST consider
+    the value to be 2147483648 (2^31)": so huge values are clamped, never an overflow.
+    """
+    if value is None:
         return None
-    return float(value.strip())
+    value = value.strip()
+    if not DELTA_SECONDS.fullmatch(value):
+        return None
+    return min(float(value), DELTA_SECONDS_MAX)
+
+
+def age_value(values: Sequence[str]) -> float | None:
+    """The ``Age`` field (RFC 9111 5.1), or None when absent or invalid.
+
+    RFC 9111 5.1: "Although it is defined as a singleton header field, a cache encountering
+    a message with a list-based Age field value SHOULD use the first member of the field
+    value, discarding subsequent ones. If the field value (after discarding additional
+    members, as per above) is invalid (e.g., it contains something other than a
+    non-negative integer), a cache SHOULD ignore the field." So ``Age: 10, 20`` is 10, and
+    ``Age: 10s``, ``Age: -5``, ``Age: 1.5`` or ``Age: 10 junk`` are ignored, never read as
+    their numeric prefix.
+    """
+    members = split_list(", ".join(values))
+    return seconds(members[0]) if members else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +327,17 @@ def rule_for(path: str, rules: Sequence[CacheRule]) -> CacheRule | None:
     return None
 
 
+def storable_headers(headers: Sequence[tuple[str, str]]) -> HeaderItems:
+    """The fields stored with a response (RFC 9111 3.1): not the hop-by-hop ones, which
+    include every field the ``Connection`` header names (RFC 9110 7.6.1), nor the ones
+    recomputed for each answer. The stored ``Connection`` itself is dropped, so a field it
+    named would otherwise reach every later caller of a hit."""
+    named = connection_named(headers)
+    return tuple(
+        (k, v) for k, v in headers if k.lower() not in UNSTORED_HEADERS and k.lower() not in named
+    )
+
+
 def _all(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
     lower = name.lower()
     return [v for k, v in headers if k.lower() == lower]
@@ -329,7 +370,7 @@ def to_entry(
     reuse = _reuse(cc, headers, response_time, rule_for(path, rules))
     entry = Entry(
         status=status,
-        headers=tuple((k, v) for k, v in headers if k.lower() not in UNSTORED_HEADERS),
+        headers=storable_headers(headers),
         account=account,
         path=path,
         request_time=request_time,
@@ -351,9 +392,11 @@ def to_entry(
 
 
 # Directives after which a stored response is never used unvalidated once stale (RFC 9111
-# 5.2.2.2, 5.2.2.4). proxy-revalidate binds shared caches only (5.2.2.8); this cache serves
-# many callers of one account, so it is honoured too: never wrong beats one more hit.
-STRICT_DIRECTIVES = ("no-cache", "must-revalidate", "proxy-revalidate")
+# 5.2.2.2, 5.2.2.4). proxy-revalidate binds shared caches only (5.2.2.8), and s-maxage
+# implies it for them (5.2.2.10); this cache serves many callers of one account, so both
+# are honoured too: never wrong beats one more hit (DESIGN.md, "The cache is private per
+# account": s-maxage still does not change the freshness lifetime).
+STRICT_DIRECTIVES = ("no-cache", "must-revalidate", "proxy-revalidate", "s-maxage")
 
 
 def _reuse(
@@ -432,7 +475,7 @@ def initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: fl
     """RFC 9111 4.2.3 corrected_initial_age."""
     date = http_date(next(iter(_all(headers, "Date")), None))
     apparent = max(0.0, now - date) if date is not None else 0.0
-    age = seconds(next(iter(_all(headers, "Age")), None)) or 0.0
+    age = age_value(_all(headers, "Age")) or 0.0
     return max(apparent, age + max(0.0, now - request_time))
 
 
@@ -535,11 +578,35 @@ def _fresh_enough(left: float, age: float, control: RequestControl) -> bool:
     return control.min_fresh is None or left >= control.min_fresh  # 5.2.1.3
 
 
-def stale_on_error(entry: Entry | None, now: float) -> bool:
-    """RFC 5861 4 / RFC 9111 4.2.4: may this entry answer when the upstream fails?"""
+def stale_on_error(
+    entry: Entry | None, now: float, *, unreachable: bool = False, default: float = 0.0
+) -> bool:
+    """May this entry answer when the upstream fails (RFC 9111 4.2.4, RFC 5861 4)?
+
+    Two windows past freshness:
+
+    - the response's own ``stale-if-error`` or its cache rule's ``stale_if_error``: for any
+      failure (the upstream unreachable, a 5xx or 429 answer, the rate budget exhausted);
+    - ``default`` (``cache.stale_if_error``): only when the origin could not be reached at
+      all (``unreachable``: refused, reset, timed out, or the breaker failing fast), for
+      entries that name no window of their own. An explicit window wins where set, smaller
+      or larger; a response's ``stale-if-error=0`` is explicit too.
+
+    Never for an entry that must be revalidated once stale (``no-cache``,
+    ``must-revalidate``, ``proxy-revalidate``, ``s-maxage``: :data:`STRICT_DIRECTIVES`).
+    """
     if entry is None or entry.strict:
         return False
-    return entry.staleness(now) <= entry.stale_if_error
+    window = entry.stale_if_error
+    if unreachable and not _explicit_stale_if_error(entry):
+        window = default
+    return entry.staleness(now) <= window
+
+
+def _explicit_stale_if_error(entry: Entry) -> bool:
+    if entry.stale_if_error > 0:
+        return True
+    return "stale-if-error" in directives(_all(entry.headers, "Cache-Control"))
 
 
 def validators(entry: Entry) -> dict[str, str]:
@@ -567,7 +634,7 @@ def merge_304(
     new_tag = next(iter(_all(headers, "ETag")), None)
     if new_tag is not None and entry.etag is not None and not weak_match(new_tag, entry.etag):
         return None
-    updates = [(k, v) for k, v in headers if k.lower() not in NOT_UPDATED_BY_304]
+    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
     replaced = {k.lower() for k, _ in updates}
     merged = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(updates)
     cc = directives(_all(merged, "Cache-Control"))
