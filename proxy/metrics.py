@@ -270,7 +270,15 @@ class Metrics:
         )
         self.breaker_opened = Counter(
             "kounta_proxy_breaker_opened",
-            "Times an account's breaker opened after consecutive upstream failures.",
+            "Times a breaker of the account (its own or one of a route's) opened after "
+            "consecutive failed requests.",
+            ["account"],
+            registry=registry,
+        )
+        self.breaker_routes_open = Gauge(
+            "kounta_proxy_breaker_routes_open",
+            "Routes of the account whose own breaker is open or probing (5xx from Kounta "
+            "on that route), while the account's breaker may be closed.",
             ["account"],
             registry=registry,
         )

@@ -290,12 +290,20 @@ class BudgetSettings:
     # doubling with each further 429 up to backoff_max.
     backoff_initial: float = 5.0
     backoff_max: float = 60.0
+    # The longest pause a 429's Retry-After or X-Ratelimit-Reset can impose on the account;
+    # longer asks are cut to it (and logged). 0: backoff_max.
+    retry_after_max: float = 0.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_wait", "queue_size", "window_margin")
+        _not_negative(self, "max_wait", "queue_size", "window_margin", "retry_after_max")
         _positive(self, "window", "backoff_initial")
         if self.backoff_max < self.backoff_initial:
             raise Invalid("backoff_max", "must be at least backoff_initial")
+
+    @property
+    def longest_pause(self) -> float:
+        """The cap on a pause Kounta asks for: ``retry_after_max``, else ``backoff_max``."""
+        return self.retry_after_max or self.backoff_max
 
 
 # Kounta has no idempotency keys: a resent POST or PATCH can create a duplicate order.
