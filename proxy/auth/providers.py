@@ -41,7 +41,7 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Token
 
 from proxy.auth.endpoint import request_token
-from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError
+from proxy.auth.token_file import StoredToken, TokenFile, TokenFileCorrupt, TokenFileError
 from proxy.clock import WallClock, backoff
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
@@ -250,6 +250,17 @@ class OAuthProvider:
         self._file_mtime = self.file.mtime()
         try:
             stored = self.file.read()
+        except TokenFileCorrupt as e:
+            # Not an outage: the first refresh (at once, under the lock) sets the file aside
+            # and starts again from the configured refresh_token, if there is one.
+            event(
+                "token_file_corrupt",
+                logging.ERROR,
+                account=self.account,
+                reason=str(e),
+                fallback=self._fallback(),
+            )
+            stored = None
         except TokenFileError as e:
             event("token_file_unreadable", logging.ERROR, account=self.account, reason=str(e))
             stored = None
@@ -363,7 +374,7 @@ class OAuthProvider:
             ) from None
 
     async def _refresh_or_adopt(self, failed: str | None) -> StoredToken:
-        stored = self.file.read()
+        stored = self._read_or_set_aside()
         self._file_mtime = self.file.mtime()
         held = self._token.access_token if self._token is not None else None
         if stored is not None and self._fresh_from_elsewhere(stored, held, failed):
@@ -389,6 +400,30 @@ class OAuthProvider:
             rotated=new.refresh_token != refresh_token,
         )
         return new
+
+    def _read_or_set_aside(self) -> StoredToken | None:
+        """The token file (under the lock); a corrupt one is moved aside and counts as none,
+        so the configured refresh_token takes over instead of the account failing for good."""
+        try:
+            return self.file.read()
+        except TokenFileCorrupt:
+            aside = self.file.set_aside(self.clock())
+            event(
+                "token_file_set_aside",
+                logging.WARNING,
+                account=self.account,
+                moved_to=str(aside),
+                fallback=self._fallback(),
+            )
+            return None
+
+    def _fallback(self) -> str:
+        """What a refresh will use instead of the file's token (named, never shown)."""
+        if self._token is not None and self._token.refresh_token:
+            return "refresh_token held in memory"
+        if self.settings.grant == "client_credentials":
+            return "client_credentials grant"
+        return "configured refresh_token" if self.settings.refresh_token else "none"
 
     def _fresh_from_elsewhere(
         self, stored: StoredToken, held: str | None, failed: str | None
