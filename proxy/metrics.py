@@ -342,7 +342,8 @@ class Metrics:
         self.auth_resends = Counter(
             "kounta_proxy_auth_resends",
             "Upstream 401s for an invalid or expired token, by account and outcome "
-            "(resent after a refresh, or not_replayable when the body could not be sent again).",
+            "(resent after a refresh, not_replayable when the body could not be sent again, "
+            "refresh_floor when the token was younger than auth.refresh_floor).",
             ["account", "outcome"],
             registry=registry,
         )
