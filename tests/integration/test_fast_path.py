@@ -21,8 +21,8 @@ from yarl import URL
 
 from proxy.edge.fast import FastPath
 from proxy.edge.services import SERVICES
-from proxy.ops.admin import create_admin_app
 from proxy.headers import DEFAULT_FORWARDED
+from proxy.ops.admin import create_admin_app
 from proxy.settings import (
     CacheRule,
     CacheSettings,
