@@ -315,7 +315,8 @@ class AdminSettings:
     host: str = "127.0.0.1"
     port: int = 9464
     # Host header values (any port) the admin listener answers; others get 403 (DNS
-    # rebinding). Add the name Prometheus scrapes when the listener is reachable elsewhere.
+    # rebinding). Add the name Prometheus scrapes when the listener is reachable elsewhere;
+    # an entry in CIDR form (10.0.0.0/8) admits IP-address Hosts in that network.
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
 
     def __post_init__(self) -> None:
@@ -324,7 +325,12 @@ class AdminSettings:
         if not self.host:
             raise Invalid("host", "must not be empty")
         for host in self.allowed_hosts:
-            if not host or any(c in host for c in "/ ,\t@"):
+            if "/" in host:
+                try:
+                    ipaddress.ip_network(host, strict=False)
+                except ValueError:
+                    raise Invalid("allowed_hosts", f"not a network: {host!r}") from None
+            elif not host or any(c in host for c in " ,\t@"):
                 raise Invalid("allowed_hosts", f"must hold host names, got {host!r}")
 
     @property

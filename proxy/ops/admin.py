@@ -23,9 +23,11 @@ each with a JSON 403. Every answer says ``Server: kounta-proxy``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -40,6 +42,7 @@ from proxy.listener import LIMITS, StartupError, bound_port, start
 from proxy.logs import event, log
 from proxy.settings import AdminSettings
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SHUTDOWN_CHECK = "shutdown"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -92,14 +95,32 @@ def run_checks(services: Services) -> dict[str, str | None]:
     return results
 
 
-def allowed_hosts(services: Services) -> frozenset[str]:
-    """Host names the admin listener answers (lower case, without port or brackets): the
-    configured ones, and ``admin.host`` itself unless it is a wildcard address."""
+@dataclass(frozen=True, slots=True)
+class AllowedHosts:
+    """Host names the admin listener answers (lower case, without port or brackets), and
+    networks whose IP-address Hosts it answers (an IP literal cannot be DNS-rebound)."""
+
+    names: frozenset[str]
+    networks: tuple[IPNetwork, ...] = ()
+
+    def __contains__(self, host: object) -> bool:
+        if host in self.names:
+            return True
+        try:
+            address = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+def allowed_hosts(services: Services) -> AllowedHosts:
+    """``admin.allowed_hosts``, and ``admin.host`` itself unless it is a wildcard address."""
     admin = services.settings.admin
-    names = {_bare(h) for h in admin.allowed_hosts}
+    names = {_bare(h) for h in admin.allowed_hosts if "/" not in h}
     if admin.host not in WILDCARD_HOSTS:
         names.add(_bare(admin.host))
-    return frozenset(names)
+    networks = tuple(ipaddress.ip_network(h, strict=False) for h in admin.allowed_hosts if "/" in h)
+    return AllowedHosts(frozenset(names), networks)
 
 
 def _bare(host: str) -> str:
@@ -116,7 +137,7 @@ def host_name(value: str) -> str:
     return _bare(value)
 
 
-def _refusal(allowed: frozenset[str], request: web.Request) -> str | None:
+def _refusal(allowed: AllowedHosts, request: web.Request) -> str | None:
     """Why the request is refused, or None."""
     host = request.headers.get("Host")
     if host is not None and host_name(host) not in allowed:
@@ -144,7 +165,7 @@ def _origin_host(origin: str) -> str:
         return ""
 
 
-def _guard(allowed: frozenset[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _guard(allowed: AllowedHosts) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         """DNS rebinding and cross-site forms never reach an admin route."""

@@ -436,12 +436,14 @@ async def test_cross_site_purges_are_refused(
 async def test_configured_host_names_are_answered(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, start_admin: StartAdmin
 ) -> None:
-    admin_settings = AdminSettings(allowed_hosts=("localhost", "kounta-proxy"))
+    admin_settings = AdminSettings(allowed_hosts=("localhost", "kounta-proxy", "10.0.0.0/8"))
     proxy = await make_proxy(proxy_settings(sandbox.url, tmp_path, admin=admin_settings))
     admin = await start_admin(proxy)
     assert (await admin_raw(admin, "GET", "/metrics", "Host: kounta-proxy:9464"))[0] == 200
     assert (await admin_raw(admin, "GET", "/metrics", "Host: [::1]"))[0] == 403
     assert (await admin_raw(admin, "GET", "/metrics", "Host: 127.0.0.1"))[0] == 200  # admin.host
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 10.1.2.3:9464"))[0] == 200
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 11.1.2.3:9464"))[0] == 403
     assert exposure_warning(admin_settings) is None
     warning = exposure_warning(AdminSettings(host="0.0.0.0"))
     assert warning is not None and "beyond loopback" in warning
