@@ -28,6 +28,7 @@ from proxy.settings import (
     AccountSettings,
     CallerSettings,
     Secret,
+    ServerSettings,
     Settings,
     UpstreamSettings,
 )
@@ -330,3 +331,48 @@ async def test_header_values_that_are_not_utf8_are_refused(
     assert (status, body["error"]) == (400, "invalid_header_value")
     assert "User-Agent" in body["error_description"]
     assert len(upstream.seen) == seen
+
+
+# --------------------------------------------------------------------------- 2: slowloris
+
+
+async def test_trickling_connections_are_cut_and_capped(
+    make_proxy: MakeProxy, upstream: Upstream, tmp_path: Any
+) -> None:
+    server = ServerSettings(host="127.0.0.1", port=0, header_timeout=0.4, max_connections=40)
+    proxy = await make_proxy(dataclasses.replace(settings_for(upstream, tmp_path), server=server))
+    port = port_of(proxy)
+    loop = asyncio.get_running_loop()
+
+    async def trickle() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /v1/companies/5/orders HTTP/1.1\r\nHost: t\r\n")
+            for i in range(20):  # a header line every 0.1 s: never a complete head in time
+                try:
+                    answer = await asyncio.wait_for(reader.read(), 0.1)
+                except TimeoutError:
+                    writer.write(f"X-Slow-{i}: 1\r\n".encode())
+                    continue
+                return answer
+            return b"still open"
+        except ConnectionError:
+            return b"reset"
+        finally:
+            writer.close()
+
+    started = loop.time()
+    answers = await asyncio.gather(*(trickle() for _ in range(50)))
+    took = loop.time() - started
+    statuses = sorted(a.split(b" ", 2)[1] if a.startswith(b"HTTP/1.1") else a for a in answers)
+    assert statuses.count(b"408") == 40, statuses
+    assert len(statuses) - statuses.count(b"408") == 10  # 503 at once (or reset mid-write)
+    assert took < 2.0  # 20 lines at 0.1 s would take 2 s if the trickle kept them open
+    dropped = "kounta_proxy_connections_dropped_total"
+    registry = proxy.registry
+    assert registry.get_sample_value(dropped, {"reason": "header_timeout"}) == 40
+    assert registry.get_sample_value(dropped, {"reason": "max_connections"}) == 10
+    # The listener is free again for real callers.
+    status, _ = await raw(port, get("/v1/companies/5/nostore"))
+    assert status == 200
+    assert registry.get_sample_value("kounta_proxy_connections_open") == 0
