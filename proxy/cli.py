@@ -17,6 +17,7 @@ from proxy.cache.admin import run_cli
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import configure, event
 from proxy.ops import lifecycle
+from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import (
     AccountSettings,
@@ -215,6 +216,9 @@ def require_accounts(settings: Settings) -> Settings:
 
 def check_config(path: Path | None, *, as_json: bool) -> int:
     settings = require_accounts(load(path))
+    warning = exposure_warning(settings.admin)
+    if warning is not None:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     data = masked(settings)
     print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
     return 0

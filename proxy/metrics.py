@@ -27,6 +27,8 @@ from proxy import __version__
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
+# Why the listener closed a connection itself (proxy.listener.Limits).
+CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
 
 
 class _Count:
@@ -188,6 +190,21 @@ class Metrics:
             "Requests being answered now.",
             registry=registry,
         )
+        # --- connections (recorded by proxy.listener through the app's Limits)
+        self.connections_open = Gauge(
+            "kounta_proxy_connections_open",
+            "Connections open on the proxy port (server.max_connections caps them).",
+            registry=registry,
+        )
+        self.connections_dropped = Counter(
+            "kounta_proxy_connections_dropped",
+            "Connections the proxy closed to protect itself, by reason: header_timeout (no "
+            "complete request head within server.header_timeout), max_connections.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CONNECTION_DROP_REASONS:
+            self.connections_dropped.labels(reason)
         # --- upstream (recorded by proxy.pipeline.upstream.Upstream)
         self.upstream_requests = Counter(
             "kounta_proxy_upstream_requests",
@@ -335,7 +352,8 @@ class Metrics:
         self.auth_resends = Counter(
             "kounta_proxy_auth_resends",
             "Upstream 401s for an invalid or expired token, by account and outcome "
-            "(resent after a refresh, or not_replayable when the body could not be sent again).",
+            "(resent after a refresh, not_replayable when the body could not be sent again, "
+            "refresh_floor when the token was younger than auth.refresh_floor).",
             ["account", "outcome"],
             registry=registry,
         )

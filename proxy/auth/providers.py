@@ -96,6 +96,8 @@ class TokenProvider(Protocol):
 
     async def renew(self, failed: str, deadline: float = INF) -> str: ...
 
+    def may_renew(self, failed: str) -> bool: ...
+
     def invalidate(self, failed: str) -> None: ...
 
     def problem(self) -> str | None: ...
@@ -124,6 +126,9 @@ class _Fixed:
 
     def invalidate(self, failed: str) -> None:
         return None
+
+    def may_renew(self, failed: str) -> bool:
+        return False
 
     def problem(self) -> str | None:
         return None
@@ -168,6 +173,7 @@ def provider_for(
     state_dir: str = "state",
     clock: WallClock = time.time,
     metrics: Metrics | None = None,
+    refresh_floor: float = 30.0,
 ) -> TokenProvider:
     if account.mode in ("static", "basic") and metrics is not None:
         metrics.token_state.labels(name, STATIC).set(1)
@@ -176,7 +182,9 @@ def provider_for(
     if account.mode == "basic":
         return BasicCredentials(account.client_id, account.client_secret.reveal(), name)
     file = TokenFile(token_path(name, account, state_dir))
-    return OAuthProvider(name, account, file, clock=clock, metrics=metrics)
+    return OAuthProvider(
+        name, account, file, clock=clock, metrics=metrics, refresh_floor=refresh_floor
+    )
 
 
 def refresh_due(token: StoredToken, leeway: float) -> float | None:
@@ -188,7 +196,11 @@ def refresh_due(token: StoredToken, leeway: float) -> float | None:
 
 
 def _bearer(token: StoredToken) -> str:
-    return f"Bearer {token.access_token}"
+    return _bearer_of(token.access_token)
+
+
+def _bearer_of(access_token: str) -> str:
+    return f"Bearer {access_token}"
 
 
 # --------------------------------------------------------------------------- OAuth provider
@@ -205,8 +217,13 @@ class OAuthProvider:
         *,
         clock: WallClock = time.time,
         metrics: Metrics | None = None,
+        refresh_floor: float = 30.0,
     ) -> None:
         self.account = account
+        # A token this provider fetched less than this ago is not refreshed again because
+        # Kounta said "expired" (see may_renew).
+        self.refresh_floor = refresh_floor
+        self._fetched: tuple[str, float] | None = None  # the last token fetched here, when
         self.settings = settings
         self.file = file
         self.clock = clock
@@ -288,9 +305,22 @@ class OAuthProvider:
         self._check_usable()
         return _bearer(await self._wait(self._refresh(failed), deadline))
 
+    def may_renew(self, failed: str) -> bool:
+        """Whether a 401 for ``failed`` may cost a token request: not while ``failed`` is a
+        token fetched here less than ``refresh_floor`` ago (an endpoint that answers
+        "expired" to every call would otherwise make each call a token request).
+
+        A token read from the file (another process's, or a dead one at start) may always
+        be refreshed once: the floor only stops a second request for a token fetched here.
+        """
+        fetched = self._fetched
+        if fetched is None or _bearer_of(fetched[0]) != failed:
+            return True
+        return self.clock() - fetched[1] >= self.refresh_floor
+
     def invalidate(self, failed: str) -> None:
         """Kounta refused ``failed`` but the request cannot wait: refresh in the background."""
-        if self._token is not None and _bearer(self._token) == failed:
+        if self._token is not None and _bearer(self._token) == failed and self.may_renew(failed):
             with contextlib.suppress(TokenUnavailable):
                 self._check_usable()
                 self._refresh(failed)
@@ -393,6 +423,7 @@ class OAuthProvider:
         )
         await self._persist(new)  # before first use: a rotated refresh token must not be lost
         self._adopt(new)
+        self._fetched = (new.access_token, new.obtained_at)
         event(
             "token_refreshed",
             account=self.account,

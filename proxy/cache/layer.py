@@ -70,6 +70,18 @@ TEE_DEPTH = 8
 STALE_WARNING = '111 - "Revalidation Failed"'
 
 
+def refuse_repeated_vary(entry: Entry, headers: CIMultiDictProxy[str]) -> None:
+    """A header the stored answer varies on must come once: with two lines the upstream may
+    read the other one than the one the entry was selected by (the edge refuses repeated
+    Accept, X-Page and X-Pretty-Print the same way)."""
+    for name, _ in entry.vary:
+        if len(headers.getall(name, ())) > 1:
+            raise errors.InvalidRequest(
+                f"Header {name} is sent more than once; it selects the answer, so send it once",
+                code="repeated_header",
+            )
+
+
 class Cache:
     def __init__(
         self,
@@ -104,6 +116,8 @@ class Cache:
             return response
         key = self.key(request.account, request.path, request.query, request.headers)
         stored = await self.store.get(key)
+        if stored is not None:
+            refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:

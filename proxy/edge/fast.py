@@ -30,14 +30,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.cache.layer import Cache
-from proxy.cache.policy import UNHANDLED_CONDITIONALS
+from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS
 from proxy.edge.answer import answer_headers, caller_view
 from proxy.edge.inbound import VERSIONS, Exchange, request_id
 from proxy.edge.middlewares import access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.headers import SERVER_NAME
+from proxy.headers import SERVER_NAME, not_utf8, repeated
 from proxy.logs import log
 from proxy.target import Target, parse_target, valid_host
 
@@ -92,7 +92,10 @@ class FastPath:
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
             return None
         # No CR, LF or NUL check on header values here: aiohttp's parsers (C and pure
-        # Python) refuse them before any handler runs; the long way checks again.
+        # Python) refuse them before any handler runs; the long way checks again. Values
+        # that were not UTF-8 and repeated selecting headers: the long way refuses them.
+        if not_utf8(headers.items()) is not None or repeated(headers, SELECTING) is not None:
+            return None
         known = self._target(request)
         if known is None:
             return None

@@ -24,6 +24,7 @@ class Provider:
 
     account: str = "main"
     renewable: bool = True
+    young: bool = False  # the token is under the refresh floor
     issued: int = 1
     renewals: list[str] = field(default_factory=list)
     invalidated: list[str] = field(default_factory=list)
@@ -43,6 +44,9 @@ class Provider:
         self.renewals.append(failed)
         self.issued += 1
         return f"Bearer t{self.issued}"
+
+    def may_renew(self, failed: str) -> bool:
+        return not self.young
 
     def invalidate(self, failed: str) -> None:
         self.invalidated.append(failed)
@@ -151,3 +155,12 @@ async def test_an_account_without_credentials_is_refused_before_sending() -> Non
     with pytest.raises(TokenUnavailable, match="'other'"):
         await auth.send(request(account="other"))
     assert inner.seen == []
+
+
+async def test_a_token_under_the_refresh_floor_is_not_renewed() -> None:
+    inner = Scripted([(401, EXPIRED)])
+    provider = Provider(young=True)
+    auth, metrics = layer(inner, provider)
+    assert (await auth.send(request())).status == 401
+    assert provider.renewals == []
+    assert resends(metrics, "refresh_floor") == 1
