@@ -18,6 +18,7 @@ from proxy.cache.admin import run_cli
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import configure, event
 from proxy.ops import lifecycle
+from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import (
     DEFAULT_CONFIG_PATH,
@@ -224,6 +225,9 @@ def check_config(path: Path | None, *, as_json: bool) -> int:
     problems = [ConfigError(key, p) for key, p in lifecycle.directory_problems(settings)]
     if problems:
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
+    warning = exposure_warning(settings.admin)
+    if warning is not None:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     data = masked(settings)
     print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
     for line in token_warnings(settings, path):

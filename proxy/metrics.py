@@ -36,6 +36,8 @@ REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
+# Why the listener closed a connection itself (proxy.listener.Limits).
+CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
 
 
 class Registry(CollectorRegistry):
@@ -93,9 +95,11 @@ class _LoopFamily(Collector, Generic[Child]):
         registry.register(self)
 
     def labels(self, *values: object) -> Child:
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
+        child = self._children.get(values)  # type: ignore[arg-type]  # str labels: hit at once
         if child is None:
+            key = tuple(str(v) for v in values)
+            if key in self._children:
+                return self._children[key]
             if len(key) != len(self.labelnames):
                 raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
             child = self._children[key] = self._child()
@@ -266,6 +270,21 @@ class Metrics:
             "Requests being answered now.",
             registry=registry,
         )
+        # --- connections (recorded by proxy.listener through the app's Limits)
+        self.connections_open = Gauge(
+            "kounta_proxy_connections_open",
+            "Connections open on the proxy port (server.max_connections caps them).",
+            registry=registry,
+        )
+        self.connections_dropped = Counter(
+            "kounta_proxy_connections_dropped",
+            "Connections the proxy closed to protect itself, by reason: header_timeout (no "
+            "complete request head within server.header_timeout), max_connections.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CONNECTION_DROP_REASONS:
+            self.connections_dropped.labels(reason)
         # --- upstream (recorded by proxy.pipeline.upstream.Upstream)
         self.upstream_requests = Counter(
             "kounta_proxy_upstream_requests",
@@ -346,7 +365,15 @@ class Metrics:
         )
         self.breaker_opened = Counter(
             "kounta_proxy_breaker_opened",
-            "Times an account's breaker opened after consecutive upstream failures.",
+            "Times a breaker of the account (its own or one of a route's) opened after "
+            "consecutive failed requests.",
+            ["account"],
+            registry=registry,
+        )
+        self.breaker_routes_open = Gauge(
+            "kounta_proxy_breaker_routes_open",
+            "Routes of the account whose own breaker is open or probing (5xx from Kounta "
+            "on that route), while the account's breaker may be closed.",
             ["account"],
             registry=registry,
         )
@@ -403,7 +430,8 @@ class Metrics:
         self.auth_resends = Counter(
             "kounta_proxy_auth_resends",
             "Upstream 401s for an invalid or expired token, by account and outcome "
-            "(resent after a refresh, or not_replayable when the body could not be sent again).",
+            "(resent after a refresh, not_replayable when the body could not be sent again, "
+            "refresh_floor when the token was younger than auth.refresh_floor).",
             ["account", "outcome"],
             registry=registry,
         )

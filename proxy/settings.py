@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from proxy.headers import DEFAULT_FORWARDED, NEVER_FORWARDED, REQUIRED_FORWARDED
+
 ENV_PREFIX = "KOUNTA_PROXY_"
 DEFAULT_CONFIG_PATH = Path("kounta-proxy.toml")
 MASK = "********"
@@ -145,6 +147,11 @@ class ServerSettings:
     # the listener closes: a sidecar's neighbour still reaches Kounta while it winds down.
     # 0: close at once. 5 suits Kubernetes (endpoint removal takes a few seconds).
     drain_delay: float = 0.0
+    # Seconds a connection has to deliver a complete request head, from when it opens or
+    # the first byte of the next request arrives (slowloris); then 408 and close.
+    header_timeout: float = 10.0
+    # Open connections at most; one more is answered 503 and closed at once.
+    max_connections: int = 1000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -152,6 +159,9 @@ class ServerSettings:
         if self.public_url:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
         _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
+        _positive(self, "header_timeout")
+        if self.max_connections < 1:
+            raise Invalid("max_connections", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,9 @@ class UpstreamSettings:
     read_timeout: float = 30.0
     total_timeout: float = 60.0
     pool_size: int = 100
+    # The caller's request headers that go on to Kounta (an allowlist, any case); the
+    # required ones (Accept, Content-Type, Cache-Control, conditionals, X-Page, ...) must stay.
+    forward_headers: tuple[str, ...] = DEFAULT_FORWARDED
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
@@ -178,11 +191,36 @@ class UpstreamSettings:
         _positive(self, "connect_timeout", "read_timeout", "total_timeout")
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
+        _check_forwarded(self.forward_headers)
+
+    @functools.cached_property
+    def forwarded(self) -> frozenset[str]:
+        """``forward_headers`` in lower case, as :func:`proxy.headers.for_upstream` takes it."""
+        return frozenset(name.lower() for name in self.forward_headers)
 
     @functools.cached_property
     def url(self) -> URL:
         # Parsed once: read on every request.
         return URL(self.base_url.rstrip("/"))
+
+
+def _check_forwarded(names: tuple[str, ...]) -> None:
+    for name in names:
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise Invalid("forward_headers", f"must hold header names, got {name!r}")
+        lower = name.lower()
+        if lower in NEVER_FORWARDED or lower.startswith("proxy-"):
+            raise Invalid(
+                "forward_headers",
+                f"{name} is never forwarded (the proxy sets it, it is connection-specific, "
+                "or it asks a server to route, rewrite or change the method)",
+            )
+    given = {n.lower() for n in names}
+    missing = [n for n in REQUIRED_FORWARDED if n.lower() not in given]
+    if missing:
+        raise Invalid(
+            "forward_headers", f"must include {', '.join(missing)} (the proxy acts on it)"
+        )
 
 
 AccountMode = Literal["oauth", "basic", "static"]
@@ -209,6 +247,9 @@ class AccountSettings:
     refresh_token: Secret = Secret("")
     # Refresh this many seconds before expiry, but never earlier than half the lifetime.
     refresh_leeway: float = 300.0
+    # A token younger than this is not refreshed again on a 401 "expired"; unset: the
+    # [auth] refresh_floor.
+    refresh_floor: float | None = None
     # How long a request waits for a token being fetched before it gets 503.
     token_wait: float = 5.0
     # Timeout of one token request; longest pause between retries while the endpoint fails.
@@ -240,6 +281,8 @@ def _check_oauth(account: AccountSettings) -> None:
         problem = f"must be an absolute http(s) URL, got {account.redirect_uri!r}"
         raise Invalid("redirect_uri", problem)
     _not_negative(account, "refresh_leeway")
+    if account.refresh_floor is not None and account.refresh_floor < 0:
+        raise Invalid("refresh_floor", "must not be negative")
     _positive(account, "token_wait", "token_timeout", "token_retry_max")
 
 
@@ -270,6 +313,22 @@ class CallerSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """What all accounts' credentials share (per-account values override)."""
+
+    # Seconds after a refresh during which a 401 "expired" does not refresh again (the
+    # caller gets the 401): an endpoint that always says "expired" cannot force a token
+    # request per call.
+    refresh_floor: float = 30.0
+
+    def __post_init__(self) -> None:
+        _not_negative(self, "refresh_floor")
+
+    def floor_for(self, account: AccountSettings) -> float:
+        return self.refresh_floor if account.refresh_floor is None else account.refresh_floor
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -283,12 +342,29 @@ class AdminSettings:
     # Loopback by default: the admin routes (cache purge, ...) have no authentication.
     host: str = "127.0.0.1"
     port: int = 9464
+    # Host header values (any port) the admin listener answers; others get 403 (DNS
+    # rebinding). Add the name Prometheus scrapes when the listener is reachable elsewhere;
+    # an entry in CIDR form (10.0.0.0/8) admits IP-address Hosts in that network.
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
         if not self.host:
             raise Invalid("host", "must not be empty")
+        for host in self.allowed_hosts:
+            if "/" in host:
+                try:
+                    ipaddress.ip_network(host, strict=False)
+                except ValueError:
+                    raise Invalid("allowed_hosts", f"not a network: {host!r}") from None
+            elif not host or any(c in host for c in " ,\t@"):
+                raise Invalid("allowed_hosts", f"must hold host names, got {host!r}")
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the admin listener (no authentication) is reachable beyond loopback."""
+        return self.enabled and not is_loopback_host(self.host)
 
 
 def _check_rate(rate: int, burst: int) -> None:
@@ -318,12 +394,20 @@ class BudgetSettings:
     # doubling with each further 429 up to backoff_max.
     backoff_initial: float = 5.0
     backoff_max: float = 60.0
+    # The longest pause a 429's Retry-After or X-Ratelimit-Reset can impose on the account;
+    # longer asks are cut to it (and logged). 0: backoff_max.
+    retry_after_max: float = 0.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_wait", "queue_size", "window_margin")
+        _not_negative(self, "max_wait", "queue_size", "window_margin", "retry_after_max")
         _positive(self, "window", "backoff_initial")
         if self.backoff_max < self.backoff_initial:
             raise Invalid("backoff_max", "must be at least backoff_initial")
+
+    @property
+    def longest_pause(self) -> float:
+        """The cap on a pause Kounta asks for: ``retry_after_max``, else ``backoff_max``."""
+        return self.retry_after_max or self.backoff_max
 
 
 # Kounta has no idempotency keys: a resent POST or PATCH can create a duplicate order.
@@ -415,9 +499,14 @@ class CacheSettings:
     # Seconds a request waits for another's fetch of the same key before fetching alone.
     coalesce_wait: float = 10.0
     rules: tuple[CacheRule, ...] = ()
+    # Seconds past freshness a stored GET may answer when Kounta cannot be reached at all
+    # (refused, reset, timed out); not after 5xx/429 answers, and never for responses that
+    # say must-revalidate, proxy-revalidate, no-cache or s-maxage. A rule's or the
+    # response's own stale-if-error wins where set. 0: off.
+    stale_if_error: float = 300.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_size", "max_entry_size", "memory_size")
+        _not_negative(self, "max_size", "max_entry_size", "memory_size", "stale_if_error")
         if self.max_entry_size > self.max_size:
             raise Invalid("max_entry_size", "must not exceed max_size")
         _positive(self, "coalesce_wait")
@@ -442,12 +531,18 @@ class Settings:
     default_account: str = ""
     inbound: InboundSettings = field(default_factory=InboundSettings)
     callers: dict[str, CallerSettings] = field(default_factory=dict)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     def __post_init__(self) -> None:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
         _check_callers(self)
         _check_ports(self)
+        if self.inbound.key_header.lower() in self.upstream.forwarded:
+            raise Invalid(
+                "upstream.forward_headers",
+                f"must not include the caller key header {self.inbound.key_header}",
+            )
 
     @property
     def account_name(self) -> str:

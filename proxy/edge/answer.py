@@ -4,6 +4,7 @@ its paging and location URLs moved onto the proxy, errors in the OAuth 2.0 shape
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -21,7 +22,7 @@ from proxy.errors import (
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller
 from proxy.logs import event
-from proxy.messages import ERROR_BODY_LIMIT, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
 # Upstream headers worth keeping on an error answer.
 ERROR_KEPT_HEADERS = (
@@ -38,10 +39,14 @@ async def stamp_server(request: web.Request, response: web.StreamResponse) -> No
 
 
 def _origin_of(request: web.BaseRequest) -> URL:
+    return _origin(request.scheme, request.host)
+
+
+def _origin(scheme: str, host: str) -> URL:
     try:
-        return URL.build(scheme=request.scheme, authority=request.host)
+        return URL.build(scheme=scheme, authority=host)
     except (ValueError, TypeError):
-        return URL.build(scheme=request.scheme, host="localhost")
+        return URL.build(scheme=scheme, host="localhost")
 
 
 def public_url(request: web.BaseRequest, configured: str) -> URL:
@@ -78,19 +83,10 @@ async def answer(
 HeaderItems = tuple[tuple[str, str], ...]
 
 
-# Upstream headers (plus where the caller reached the proxy) -> what the caller is shown.
-# Most answers repeat a few header sets (every fresh hit of an entry has the same one),
-# so the filtering and URL rewriting are done once per set; bounded by clearing.
-_VIEWS: dict[tuple[HeaderItems, URL, str, str, str], HeaderItems] = {}
-
-
-VIEWS_MAX = 1024
-
-
 def answer_headers(
     view: HeaderItems,
     request_id: str,
-    cache_status: str,
+    cache_status: CacheStatus,
     age: int | None,
     *,
     caller: str = "",
@@ -111,7 +107,7 @@ def answer_headers(
 
 # RFC 9211: this cache's name in Cache-Status, and what each X-Cache value says there
 # when the cache layer gave no detail of its own.
-CACHE_NAME = "kounta-proxy"
+CACHE_NAME = SERVER_NAME
 CACHE_PARAMS = {
     "HIT": "hit",
     "STALE": "hit; detail=stale",
@@ -152,24 +148,19 @@ def caller_view(
     """The upstream headers a caller may see, paging/location URLs moved onto the proxy."""
     # The request's origin only matters when no public URL is configured.
     scheme, host = ("", "") if public else (request.scheme, request.host)
-    key = (items, upstream, public, scheme, host)
-    view = _VIEWS.get(key)
-    if view is None:
-        if len(_VIEWS) >= VIEWS_MAX:
-            _VIEWS.clear()
-        view = _VIEWS[key] = _filter_and_rewrite(request, items, upstream, public)
-    return view
+    return _view(items, upstream, public, scheme, host)
 
 
-def _filter_and_rewrite(
-    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str
-) -> HeaderItems:
+# Most answers repeat a few header sets (every fresh hit of an entry has the same one), so
+# the filtering and URL rewriting are done once per set and place the caller reached.
+@functools.lru_cache(maxsize=1024)
+def _view(items: HeaderItems, upstream: URL, public: str, scheme: str, host: str) -> HeaderItems:
     headers = for_caller(items)
     for name in REWRITTEN_HEADERS:
         values = headers.getall(name, [])
         if values:
             del headers[name]
-            base = public_url(request, public)
+            base = URL(public) if public else _origin(scheme, host)
             for value in values:
                 headers.add(name, rewrite_url(value, upstream, base))
     return tuple(headers.items())

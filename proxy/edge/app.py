@@ -21,7 +21,7 @@ from proxy.edge.handlers import handle
 from proxy.edge.inbound import expect_nothing
 from proxy.edge.middlewares import access_middleware, error_middleware
 from proxy.edge.services import SERVICES
-from proxy.listener import WRAP_HANDLER
+from proxy.listener import LIMITS, WRAP_HANDLER, Limits
 from proxy.messages import Layer
 from proxy.metrics import Metrics, Registry
 from proxy.settings import Settings
@@ -45,7 +45,21 @@ def create_app(
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_nothing)
     app.on_response_prepare.append(stamp_server)
     app[WRAP_HANDLER] = fast.wrap
+    app[LIMITS] = limits(settings, metrics)
     return app
+
+
+def limits(settings: Settings, metrics: Metrics | None = None) -> Limits:
+    """The listener's connection limits from ``[server]``, counted in ``metrics``."""
+    server = settings.server
+    if metrics is None:
+        return Limits(server.header_timeout, server.max_connections)
+    return Limits(
+        server.header_timeout,
+        server.max_connections,
+        on_drop=lambda reason: metrics.connections_dropped.labels(reason).inc(),
+        on_count=metrics.connections_open.set,
+    )
 
 
 def _services_ctx(

@@ -37,8 +37,6 @@ class Callers:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.default = Caller("anonymous", settings.account_name)
         self.key_header = settings.inbound.key_header
-        # Headers that identify the caller to the proxy and must never reach Kounta.
-        self.header_names = frozenset({self.key_header.lower()})
         self._keys = [
             (caller.key.reveal().encode(), Caller(name, caller.account or settings.account_name))
             for name, caller in sorted(settings.callers.items())

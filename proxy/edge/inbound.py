@@ -23,7 +23,7 @@ from proxy.errors import (
     NotImplementedCoding,
     RequestTooLarge,
 )
-from proxy.messages import CHUNK, Body, ProxyResponse
+from proxy.messages import CHUNK, Body, CacheStatus, ProxyResponse
 from proxy.target import Target, parse_target, valid_host
 
 VERSIONS = ((1, 1), (1, 0))
@@ -46,7 +46,7 @@ class Exchange:
     request_id: str = ""
     caller: str = "-"
     account: str = "-"
-    cache_status: str = "-"
+    cache_status: CacheStatus = "-"
     target: Target | None = None
     upstream_status: int | None = None
     upstream_seconds: float | None = None

@@ -11,11 +11,19 @@ from functools import lru_cache
 from aiohttp import web
 
 from proxy.edge.answer import caller_value, proxy_error_answer
-from proxy.edge.inbound import ASTERISK, Exchange, exchange_of, guard, options_answer, request_id
+from proxy.edge.inbound import (
+    ASTERISK,
+    METHODS,
+    Exchange,
+    exchange_of,
+    guard,
+    options_answer,
+    request_id,
+)
 from proxy.edge.services import SERVICES
 from proxy.errors import ProxyError, code_for
 from proxy.logs import event, log
-from proxy.routes import template
+from proxy.routes import OTHER, REFUSED, template
 
 # Logged (never sent) when the caller hung up before the answer was complete, as nginx does.
 CLIENT_CLOSED_REQUEST = 499
@@ -49,7 +57,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @lru_cache(maxsize=4096)  # most traffic repeats a few paths
 def route_of(path: str) -> str:
     """The metric/log route label of ``path`` (:func:`proxy.routes.template`)."""
-    return template(path) if path.startswith("/v1/") else "other"
+    return template(path) if path.startswith("/v1/") else OTHER
+
+
+def labels_of(request: web.BaseRequest, info: Exchange, status: int) -> tuple[str, str]:
+    """Method and route labels, both from fixed sets: a request refused before its caller
+    was known counts under ``refused`` (whatever path it named), a method the proxy does
+    not serve under ``OTHER``."""
+    method = request.method if request.method in METHODS else "OTHER"
+    if info.caller == "-" and status >= 400:
+        return method, REFUSED
+    return method, route_of(request.path)
 
 
 @web.middleware
@@ -73,9 +91,9 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
-        route = route_of(request.path)
+        method, route = labels_of(request, info, status)
         metrics.request_done(
-            request.method, route, status, info.cache_status, elapsed, info.caller, info.account
+            method, route, status, info.cache_status, elapsed, info.caller, info.account
         )
         if log.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
             access_line(request, info, route, status, elapsed)

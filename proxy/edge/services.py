@@ -131,7 +131,14 @@ async def build(
     callers = Callers(settings, metrics)
     describe(settings, metrics)
     providers = {
-        name: provider_for(a, name=name, state_dir=settings.state_dir, clock=clock, metrics=metrics)
+        name: provider_for(
+            a,
+            name=name,
+            state_dir=settings.state_dir,
+            clock=clock,
+            metrics=metrics,
+            refresh_floor=settings.auth.floor_for(a),
+        )
         for name, a in settings.accounts.items()
     }
     live = LiveRef(Live(settings, callers, providers))

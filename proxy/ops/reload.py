@@ -150,6 +150,7 @@ async def _providers(
             state_dir=merged.state_dir,
             clock=services.clock,
             metrics=services.metrics,
+            refresh_floor=merged.auth.floor_for(account),
         )
         await provider.start(services.session)
         replaced.append(providers[name])

@@ -15,7 +15,9 @@ token refresh included) takes a token first, while fresh cache hits never get he
   request's deadline) gets :class:`~proxy.errors.RateLimited`, which the cache may
   answer with a stale copy.
 - A 429 from Kounta pauses the account's bucket until ``Retry-After`` or
-  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429.
+  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429. An
+  asked pause is cut to ``budget.retry_after_max`` (default ``budget.backoff_max``): one
+  answer saying ``Retry-After: 999999999`` must not stop an account for days.
   GET and HEAD are sent again when the pause ends within their limit; anything else
   is answered 429 (a request Kounta refused is never resent on a caller's behalf
   unless it is safe to).
@@ -24,6 +26,7 @@ token refresh included) takes a token first, while fresh cache hits never get he
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -42,8 +45,6 @@ from proxy.settings import AccountSettings, BudgetSettings, Settings
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
-# A pause Kounta asks for is honoured up to this long; anything longer is taken as a typo.
-LONGEST_PAUSE = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +131,15 @@ class Bucket:
         return max(0.0, min(self.tokens, float(room)))
 
     def pause(self, now: float, seconds: float | None, initial: float, longest: float) -> float:
-        """Kounta said 429: stop for ``seconds`` (or a growing backoff); returns the pause."""
+        """Kounta said 429: stop for ``seconds`` (already capped, see :func:`capped`) or a
+        growing backoff up to ``longest``; returns the pause."""
         if seconds is None:
             if now < self.paused_until:
                 # Another request of the same wave: the pause already covers it.
                 return self.paused_until - now
             self.backoff = initial if self.backoff == 0 else min(self.backoff * 2, longest)
             seconds = self.backoff
-        seconds = min(max(0.0, seconds), LONGEST_PAUSE)
+        seconds = max(0.0, seconds)
         self.paused_until = max(self.paused_until, now + seconds)
         # Start again with one request, then the steady pace: a burst would hit the wall again.
         self._refill(now)
@@ -164,6 +166,18 @@ def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
         return None
     # Epoch timestamps are large; a small number is a delay in seconds.
     return value - wall_now if value > 1e9 else value
+
+
+def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
+    """The pause to honour for what Kounta asked, at most ``longest``; True when cut.
+
+    ``Retry-After`` is the upstream's word, not a command: an account paused for an hour
+    (or, as seen, 999999999 s) by one answer is an outage of our own making. Past
+    ``longest`` the proxy asks again, and the backoff grows if Kounta still says 429.
+    """
+    if asked is None or asked <= longest:
+        return asked, False
+    return longest, True
 
 
 @dataclass(slots=True)
@@ -320,10 +334,19 @@ class AccountBudget:
         self.upstream_429s += 1
         self.metrics.budget_upstream_429.labels(self.name).inc()
         asked = pause_asked(headers, wall_now)
+        honoured, cut = capped(asked, self.settings.longest_pause)
         seconds = self.bucket.pause(
-            self.clock.now(), asked, self.settings.backoff_initial, self.settings.backoff_max
+            self.clock.now(), honoured, self.settings.backoff_initial, self.settings.backoff_max
         )
-        event("upstream_rate_limited", account=self.name, pause=round(seconds, 3), asked=asked)
+        fields: dict[str, Any] = {"account": self.name, "pause": round(seconds, 3)}
+        if asked is not None:
+            fields["asked"] = round(asked, 3)
+        if cut:
+            # Said at warning level: the operator learns Kounta asked for more than we gave.
+            fields["capped_at"] = self.settings.longest_pause
+            event("upstream_rate_limited", logging.WARNING, **fields, capped=True)
+        else:
+            event("upstream_rate_limited", **fields)
         return seconds
 
     def status(self) -> dict[str, Any]:

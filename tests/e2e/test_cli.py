@@ -180,3 +180,36 @@ def test_cache_purge_of_an_unknown_account_is_an_error(tmp_path: Path) -> None:
     )
     result = run("cache", "purge", "--config", str(config), "--account", "main")
     assert (result.returncode, result.stdout.strip()) == (0, '{"purged": 0}')
+
+
+def test_check_config_warns_when_the_admin_listener_is_exposed(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[accounts.main]\nmode = "static"\ntoken = "t"\n')
+    quiet = run("check-config", "--config", str(config))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr
+    exposed = run("check-config", "--config", str(config), env={"KOUNTA_PROXY_ADMIN__HOST": "::"})
+    assert exposed.returncode == 0, exposed.stderr
+    assert exposed.stderr.count("\n") == 1  # one line
+    assert "warning: admin.host '::' is reachable beyond loopback" in exposed.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"KOUNTA_PROXY_UPSTREAM__FORWARD_HEADERS": "Accept,X-Original-URL"},
+            "upstream.forward_headers: X-Original-URL is never forwarded",
+        ),
+        ({"KOUNTA_PROXY_SERVER__HEADER_TIMEOUT": "0"}, "server.header_timeout: must be greater"),
+        ({"KOUNTA_PROXY_AUTH__REFRESH_FLOOR": "-1"}, "auth.refresh_floor: must not be negative"),
+        ({"KOUNTA_PROXY_ADMIN__ALLOWED_HOSTS": "a b"}, "admin.allowed_hosts: must hold host"),
+    ],
+)
+def test_new_limits_are_validated_in_one_line(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[accounts.main]\nmode = "static"\ntoken = "t"\n')
+    result = run("check-config", "--config", str(config), env=env)
+    assert result.returncode != 0
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import json
 import re
 import socket
 from asyncio.subprocess import PIPE, STDOUT
@@ -17,8 +18,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.edge.services import SERVICES, Services
-from proxy.ops.admin import create_admin_app
-from proxy.settings import UpstreamSettings
+from proxy.ops.admin import create_admin_app, exposure_warning
+from proxy.settings import AdminSettings, UpstreamSettings
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.ops_tools import prometheus_tool
 
@@ -404,3 +405,92 @@ async def test_cache_gauges_are_current_at_scrape_time(
     async with client.post(f"{admin}/cache/purge") as r:
         assert r.status == 200
     assert (await scraped())["kounta_proxy_cache_entries"] == 0
+
+
+# --------------------------------------------------------------------------- hostile browsers
+
+
+async def admin_raw(url: str, method: str, path: str, *lines: str, body: bytes = b"") -> Any:
+    """One request with exactly the Host/Origin a browser would send (aiohttp sets its own)."""
+    port = int(url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = [f"{method} {path} HTTP/1.1", *lines, f"Content-Length: {len(body)}"]
+    writer.write(("\r\n".join([*head, "Connection: close"]) + "\r\n\r\n").encode() + body)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head_bytes, _, payload = data.partition(b"\r\n\r\n")
+    status = int(head_bytes.split(b" ")[1])
+    assert b"\r\nServer: kounta-proxy\r\n" in head_bytes, head_bytes
+    return status, payload
+
+
+async def stored_entries(admin: str) -> int:
+    status, payload = await admin_raw(admin, "GET", "/cache/stats", "Host: localhost")
+    assert status == 200
+    return int(json.loads(payload)["entries"])
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:9464", "127.0.0.1:1", "[::1]:9464", "LOCALHOST"]
+)
+async def test_loopback_hosts_are_answered(admin: str, host: str) -> None:
+    for path in ("/metrics", "/budget", "/readyz"):
+        status, _ = await admin_raw(admin, "GET", path, f"Host: {host}")
+        assert status == 200, (path, host)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:9464", "127.0.0.1.evil.example"])
+async def test_a_foreign_host_is_refused_dns_rebinding(admin: str, host: str) -> None:
+    for path in ("/metrics", "/budget", "/cache/stats"):
+        status, payload = await admin_raw(admin, "GET", path, f"Host: {host}")
+        assert status == 403
+        assert json.loads(payload)["error"] == "access_denied"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ("Origin: http://evil.example",),
+        ("Origin: null",),
+        ("Content-Type: application/x-www-form-urlencoded",),
+        ("Content-Type: multipart/form-data; boundary=x",),
+        ("Content-Type: text/plain;charset=UTF-8",),
+        ("Sec-Fetch-Site: cross-site",),
+        ("Host: evil.example",),
+    ],
+    ids=["origin", "null-origin", "urlencoded", "multipart", "text-plain", "fetch-site", "host"],
+)
+async def test_cross_site_purges_are_refused(
+    proxy: Proxy, admin: str, client: aiohttp.ClientSession, lines: tuple[str, ...]
+) -> None:
+    async with client.get(f"{proxy.url}/v1/companies/5001/products.json") as r:
+        assert r.status == 200
+    entries = await stored_entries(admin)
+    assert entries >= 1
+    headers = lines if any(line.startswith("Host") for line in lines) else ("Host: 127.0.0.1",)
+    headers = (*headers, *(line for line in lines if not line.startswith("Host")))
+    status, payload = await admin_raw(admin, "POST", "/cache/purge", *headers, body=b"prefix=/")
+    assert status == 403
+    assert json.loads(payload)["error"] == "access_denied"
+    assert await stored_entries(admin) == entries
+    # The same purge from a local tool (curl -X POST) works.
+    status, payload = await admin_raw(
+        admin, "POST", "/cache/purge", "Host: 127.0.0.1:9464", "Origin: http://localhost:9464"
+    )
+    assert (status, json.loads(payload)["purged"]) == (200, entries)
+
+
+async def test_configured_host_names_are_answered(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, start_admin: StartAdmin
+) -> None:
+    admin_settings = AdminSettings(allowed_hosts=("localhost", "kounta-proxy", "10.0.0.0/8"))
+    proxy = await make_proxy(proxy_settings(sandbox.url, tmp_path, admin=admin_settings))
+    admin = await start_admin(proxy)
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: kounta-proxy:9464"))[0] == 200
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: [::1]"))[0] == 403
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 127.0.0.1"))[0] == 200  # admin.host
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 10.1.2.3:9464"))[0] == 200
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 11.1.2.3:9464"))[0] == 403
+    assert exposure_warning(admin_settings) is None
+    warning = exposure_warning(AdminSettings(host="0.0.0.0"))
+    assert warning is not None and "beyond loopback" in warning

@@ -57,7 +57,8 @@ async def test_cache_status_follows_rfc_9211_on_both_paths(
     sandbox.state.inject_status(503, b"down", count=5)
     status, got, _ = await call(client, "GET", url, Cache_Control="max-age=0")
     assert (status, got["X-Cache"]) == (200, "STALE")
-    assert got["Cache-Status"] == "kounta-proxy; fwd=stale; fwd-status=503; detail=stale-if-error"
+    assert got["Cache-Status"] == "kounta-proxy; fwd=stale; fwd-status=503; detail=upstream_503"
+    assert got["Warning"] == '111 - "Revalidation Failed"'
     sandbox.state.clear_faults()
     status, got, _ = await call(
         client, "POST", f"{keyed.url}{CUSTOMERS}.json", Content_Type="application/json"

@@ -184,10 +184,11 @@ async def test_a_get_the_budget_cannot_send_in_time_is_answered_stale(
     stored, other = (f"{proxy.url}{CUSTOMERS}/{n}.json" for n in customer_ids(sandbox)[:2])
     status, first, _ = await fetch(client, stored)
     assert status == 200
-    # Kounta asks for a 100 s pause: nothing can be sent within any request's wait now.
+    # Kounta asks for a 100 s pause, cut to budget.backoff_max (60 s): nothing can be sent
+    # within any request's wait now.
     sandbox.state.inject_status(429, b"Limit exceeded", headers={"Retry-After": "100"})
     status, body, headers = await fetch(client, other)
-    assert (status, body["error"], headers["Retry-After"]) == (429, "rate_limited", "100")
+    assert (status, body["error"], headers["Retry-After"]) == (429, "rate_limited", "60")
     assert headers["X-Proxy-Error"] == "1"
     status, again, headers = await fetch(client, stored)
     assert (status, again) == (200, first)  # the stored copy, instead of a 429
@@ -244,12 +245,16 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
         assert int(headers["Retry-After"]) >= 1
         assert sandbox.state.served("GET") == 2  # failing fast sent nothing
         async with client.get(status_url) as r:
-            assert (await r.json())["accounts"]["main"]["breaker"]["state"] == "open"
+            report = (await r.json())["accounts"]["main"]
+        # Kounta answered (502): the route's breaker opened, not the whole account's.
+        assert report["route_breakers"]["/v1/companies/{id}/customers/{id}"]["state"] == "open"
+        assert report["breaker"]["state"] == "closed"
         await asyncio.sleep(0.35)
         assert (await fetch(client, url))[0] == 200  # the probe
         async with client.get(status_url) as r:
             report = (await r.json())["accounts"]["main"]
         assert report["breaker"] == {"state": "closed", "consecutive_failures": 0, "open_for": 0.0}
+        assert report["route_breakers"] == {}
         assert report["rate"] == 100_000
     finally:
         await admin_runner.cleanup()
