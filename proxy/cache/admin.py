@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Collection
 from typing import Any
 
 from aiohttp import web
@@ -22,15 +23,14 @@ from proxy.metrics import Metrics
 from proxy.settings import Settings
 
 
-def routes(store: CacheStore, metrics: Metrics) -> list[web.RouteDef]:
-    """The admin routes over the running proxy's ``store``."""
+def routes(
+    store: CacheStore, metrics: Metrics, accounts: Collection[str] = ()
+) -> list[web.RouteDef]:
+    """The admin routes over the running proxy's ``store`` (``accounts``: the names a purge
+    may name; empty: any)."""
 
     async def stats(request: web.Request) -> web.Response:
         found = await store.stats()
-        entries, size = found["entries"], found["bytes"]
-        if isinstance(entries, int) and isinstance(size, int):
-            metrics.cache_entries.set(entries)
-            metrics.cache_bytes.set(size)
         # Answered even when the disk cannot be counted: "error" and "storing" say why.
         return web.json_response({"enabled": True, **found, "storing": store.problem or "ok"})
 
@@ -39,6 +39,8 @@ def routes(store: CacheStore, metrics: Metrics) -> list[web.RouteDef]:
         account = request.query.get("account") or None
         if prefix and not prefix.startswith("/"):
             raise errors.InvalidRequest("prefix must be a path starting with '/'")
+        if account is not None and accounts and account not in accounts:
+            raise errors.InvalidRequest(unknown_account(account, accounts))
         removed = await store.purge(prefix, account)
         event("cache_purged", prefix=prefix, account=account, removed=removed)
         return web.json_response({"purged": removed})
@@ -63,6 +65,9 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
 
     if prefix and not prefix.startswith("/"):
         return _fail(f"--prefix must be a path starting with '/', got {prefix!r}")
+    if account is not None and account not in settings.accounts:
+        # A typo would purge nothing and say {"purged": 0}, as if all were well.
+        return _fail(unknown_account(account, settings.accounts))
     directory = settings.cache.directory(settings.state_dir)
     if not directory.is_dir():
         # Never create a cache where none was: the settings probably point elsewhere.
@@ -72,6 +77,11 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
     except OSError as e:
         return _fail(f"cannot use the cache directory: {e.strerror or e}", status=1)
     return 0
+
+
+def unknown_account(account: str, accounts: Collection[str]) -> str:
+    known = ", ".join(sorted(accounts)) or "none"
+    return f"no account named {account!r} in the settings (accounts: {known})"
 
 
 def _fail(message: str, status: int = 2) -> int:

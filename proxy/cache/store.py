@@ -601,6 +601,17 @@ class CacheStore:
             self.epoch = epoch
             self.hot.clear()
 
+    def gauges(self) -> tuple[int, int]:
+        """Entries and bytes on disk, cheap enough for every scrape (on the event loop):
+        diskcache's own counters, kept by its triggers, less the keys that are not entries
+        (split bodies, counted over the key index, and the purge epoch)."""
+        keys = len(self.disk)
+        bodies = self.disk._sql(
+            "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ?", ("body:", "body;")
+        ).fetchone()[0]
+        epoch = 1 if EPOCH_KEY in self.disk else 0
+        return max(0, keys - int(bodies) - epoch), int(self.disk.volume())
+
     async def stats(self) -> dict[str, int | str | None]:
         """Entries and bytes on disk and in memory; when the disk cannot be read, the disk's
         counts are None and ``error`` says why (the admin route still answers JSON)."""

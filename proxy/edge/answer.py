@@ -11,6 +11,7 @@ know passes through with its ``Content-Encoding``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -31,7 +32,7 @@ from proxy.errors import (
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller
 from proxy.logs import event
-from proxy.messages import ERROR_BODY_LIMIT, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
 # Upstream headers worth keeping on an error answer.
 ERROR_KEPT_HEADERS = (
@@ -48,10 +49,14 @@ async def stamp_server(request: web.Request, response: web.StreamResponse) -> No
 
 
 def _origin_of(request: web.BaseRequest) -> URL:
+    return _origin(request.scheme, request.host)
+
+
+def _origin(scheme: str, host: str) -> URL:
     try:
-        return URL.build(scheme=request.scheme, authority=request.host)
+        return URL.build(scheme=scheme, authority=host)
     except (ValueError, TypeError):
-        return URL.build(scheme=request.scheme, host="localhost")
+        return URL.build(scheme=scheme, host="localhost")
 
 
 def public_url(request: web.BaseRequest, configured: str) -> URL:
@@ -69,7 +74,16 @@ async def answer(
     accepts = response.status == 206 or caller_accepts_gzip(request)
     items = tuple(response.headers.items())
     view, inflate = caller_view(request, items, upstream, public, accepts)
-    headers = answer_headers(view, info.request_id, response.cache_status, response.age)
+    headers = answer_headers(
+        view,
+        info.request_id,
+        response.cache_status,
+        response.age,
+        caller=caller_value(info.caller, info.account),
+        cache=cache_status_value(
+            response.cache_status, response.cache_detail, response.upstream_status
+        ),
+    )
     if inflate and response.body:
         if isinstance(response.body, bytes):
             whole = inflate_whole(response.body, caps_of(request))
@@ -105,27 +119,63 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 HeaderItems = tuple[tuple[str, str], ...]
 
 
-# Upstream headers (plus where the caller reached the proxy and whether it takes gzip) ->
-# what the caller is shown, and whether the body must be inflated for it. Most answers
-# repeat a few header sets (every fresh hit of an entry has the same one), so the
-# filtering and URL rewriting are done once per set; bounded by clearing.
-_VIEWS: dict[tuple[HeaderItems, URL, str, str, str, bool], tuple[HeaderItems, bool]] = {}
-
-
-VIEWS_MAX = 1024
-
-
 def answer_headers(
-    view: HeaderItems, request_id: str, cache_status: str, age: int | None
+    view: HeaderItems,
+    request_id: str,
+    cache_status: CacheStatus,
+    age: int | None,
+    *,
+    caller: str = "",
+    cache: str = "",
 ) -> CIMultiDict[str]:
     """A successful answer's headers: the caller's view of the upstream's, then the proxy's."""
     headers = CIMultiDict(view)
     headers["X-Request-ID"] = request_id
     headers["X-Cache"] = cache_status
+    add_cache_status(headers, cache or cache_status_value(cache_status))
+    if caller:
+        headers["X-Proxy-Caller"] = caller
     headers.add("Via", VIA)
     if age is not None:
         headers["Age"] = str(age)
     return headers
+
+
+# RFC 9211: this cache's name in Cache-Status, and what each X-Cache value says there
+# when the cache layer gave no detail of its own.
+CACHE_NAME = SERVER_NAME
+CACHE_PARAMS = {
+    "HIT": "hit",
+    "STALE": "hit; detail=stale",
+    "REVALIDATED": "fwd=stale",
+    "MISS": "fwd=miss",
+    "BYPASS": "fwd=bypass",
+}
+
+
+def cache_status_value(
+    cache_status: str, detail: str = "", upstream_status: int | None = None
+) -> str:
+    """This proxy's Cache-Status member (RFC 9211), e.g. ``kounta-proxy; fwd=stale;
+    fwd-status=304``; ``fwd-status`` is the upstream's status when a request went there."""
+    params = detail or CACHE_PARAMS.get(cache_status, "fwd=bypass")
+    if upstream_status is not None and params.startswith("fwd=") and "fwd-status" not in params:
+        kind, _, rest = params.partition(";")
+        params = f"{kind}; fwd-status={upstream_status}" + (f";{rest}" if rest else "")
+    return f"{CACHE_NAME}; {params}"
+
+
+def add_cache_status(headers: CIMultiDict[str], member: str) -> None:
+    """Caches closer to the caller add their member last (RFC 9211 2): after the upstream's."""
+    earlier = headers.popall("Cache-Status", [])
+    headers["Cache-Status"] = ", ".join([*earlier, member])
+
+
+def caller_value(caller: str, account: str) -> str:
+    """``X-Proxy-Caller``: who the proxy took the caller for, and on which account."""
+    if caller in ("", "-"):
+        return ""
+    return f"{caller}; account={account}" if account not in ("", "-") else caller
 
 
 def caller_view(
@@ -135,24 +185,23 @@ def caller_view(
     and whether the body must be inflated for it (gzip, and ``accepts`` is False)."""
     # The request's origin only matters when no public URL is configured.
     scheme, host = ("", "") if public else (request.scheme, request.host)
-    key = (items, upstream, public, scheme, host, accepts)
-    view = _VIEWS.get(key)
-    if view is None:
-        if len(_VIEWS) >= VIEWS_MAX:
-            _VIEWS.clear()
-        view = _VIEWS[key] = _filter_and_rewrite(request, items, upstream, public, accepts)
-    return view
+    return _view(items, upstream, public, scheme, host, accepts)
 
 
-def _filter_and_rewrite(
-    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str, accepts: bool
+# Upstream headers (plus where the caller reached the proxy and whether it takes gzip) ->
+# what the caller is shown, and whether the body must be inflated for it. Most answers
+# repeat a few header sets (every fresh hit of an entry has the same one), so the filtering
+# and URL rewriting are done once per set, place the caller reached and gzip or not.
+@functools.lru_cache(maxsize=1024)
+def _view(
+    items: HeaderItems, upstream: URL, public: str, scheme: str, host: str, accepts: bool
 ) -> tuple[HeaderItems, bool]:
     headers = for_caller(items)
     for name in REWRITTEN_HEADERS:
         values = headers.getall(name, [])
         if values:
             del headers[name]
-            base = public_url(request, public)
+            base = URL(public) if public else _origin(scheme, host)
             for value in values:
                 headers.add(name, rewrite_url(value, upstream, base))
     coding = coding_of(items)
@@ -235,17 +284,26 @@ async def error_answer(request: web.Request, response: ProxyResponse) -> web.Res
             out.headers[name] = response.headers[name]
     out.headers["X-Request-ID"] = info.request_id
     out.headers["X-Cache"] = response.cache_status
+    member = cache_status_value(
+        response.cache_status, response.cache_detail, response.upstream_status
+    )
+    out.headers["Cache-Status"] = member
+    caller = caller_value(info.caller, info.account)
+    if caller:
+        out.headers["X-Proxy-Caller"] = caller
     out.headers.add("Via", VIA)
     info.bytes_sent = len(body)
     return out
 
 
-def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
+def proxy_error_answer(error: ProxyError, request_id: str, caller: str = "") -> web.Response:
     status, headers, body = normalise_error(error.status, {}, error_body(error))
     out = web.Response(status=status, headers=headers, body=body)
     out.headers.update(error.headers())
     out.headers[PROXY_ERROR_HEADER] = "1"
     out.headers["X-Request-ID"] = request_id
+    if caller:
+        out.headers["X-Proxy-Caller"] = caller
     if isinstance(error, ClosesConnection | RequestTooLarge):
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()

@@ -15,7 +15,9 @@ token refresh included) takes a token first, while fresh cache hits never get he
   request's deadline) gets :class:`~proxy.errors.RateLimited`, which the cache may
   answer with a stale copy.
 - A 429 from Kounta pauses the account's bucket until ``Retry-After`` or
-  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429.
+  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429. An
+  asked pause is cut to ``budget.retry_after_max`` (default ``budget.backoff_max``): one
+  answer saying ``Retry-After: 999999999`` must not stop an account for days.
   GET and HEAD are sent again when the pause ends within their limit; anything else
   is answered 429 (a request Kounta refused is never resent on a caller's behalf
   unless it is safe to).
@@ -24,6 +26,7 @@ token refresh included) takes a token first, while fresh cache hits never get he
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -42,8 +45,6 @@ from proxy.settings import AccountSettings, BudgetSettings, Settings
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
-# A pause Kounta asks for is honoured up to this long; anything longer is taken as a typo.
-LONGEST_PAUSE = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,26 @@ class Bucket:
             at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
         return max(at, self.paused_until)
 
+    def ready_after(self, now: float, ahead: int) -> float:
+        """When a token can be taken once ``ahead`` requests queued first have had theirs:
+        the pace (tokens now, then the refill rate) and the window cap, whichever is later.
+        An estimate that errs late only when some of those ahead give up first."""
+        at = self.ready_at(now)
+        if ahead <= 0:
+            return at
+        start = max(now, self.paused_until)
+        tokens = 1.0 if now < self.paused_until else self.tokens
+        at = max(at, start + max(0.0, ahead + 1 - tokens) / self.rate.per_second)
+        # The send that must have left the window first: already sent, or one of those ahead.
+        first = len(self.sent) + ahead + 1 - self.rate.per_window
+        if first > 0:
+            span = self.rate.window + self.rate.margin
+            if first <= len(self.sent):
+                at = max(at, self.sent[first - 1] + span)
+            else:
+                at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
+        return at
+
     def take(self, now: float) -> None:
         self._refill(now)
         self.tokens -= 1
@@ -110,14 +131,15 @@ class Bucket:
         return max(0.0, min(self.tokens, float(room)))
 
     def pause(self, now: float, seconds: float | None, initial: float, longest: float) -> float:
-        """Kounta said 429: stop for ``seconds`` (or a growing backoff); returns the pause."""
+        """Kounta said 429: stop for ``seconds`` (already capped, see :func:`capped`) or a
+        growing backoff up to ``longest``; returns the pause."""
         if seconds is None:
             if now < self.paused_until:
                 # Another request of the same wave: the pause already covers it.
                 return self.paused_until - now
             self.backoff = initial if self.backoff == 0 else min(self.backoff * 2, longest)
             seconds = self.backoff
-        seconds = min(max(0.0, seconds), LONGEST_PAUSE)
+        seconds = max(0.0, seconds)
         self.paused_until = max(self.paused_until, now + seconds)
         # Start again with one request, then the steady pace: a burst would hit the wall again.
         self._refill(now)
@@ -144,6 +166,18 @@ def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
         return None
     # Epoch timestamps are large; a small number is a delay in seconds.
     return value - wall_now if value > 1e9 else value
+
+
+def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
+    """The pause to honour for what Kounta asked, at most ``longest``; True when cut.
+
+    ``Retry-After`` is the upstream's word, not a command: an account paused for an hour
+    (or, as seen, 999999999 s) by one answer is an outage of our own making. Past
+    ``longest`` the proxy asks again, and the backoff grows if Kounta still says 429.
+    """
+    if asked is None or asked <= longest:
+        return asked, False
+    return longest, True
 
 
 @dataclass(slots=True)
@@ -178,6 +212,15 @@ class AccountBudget:
         for reason in ("deadline", "queue_full"):
             metrics.budget_rejections.labels(name, reason)
 
+    def retune(self, rate: Rate) -> None:
+        """A reload changed the account's rate: keep what was sent, cap the tokens."""
+        if rate == self.rate:
+            return
+        self.rate = self.bucket.rate = rate
+        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
+        self.metrics.budget_limit.labels(self.name).set(rate.per_window)
+        event("budget_rate_changed", account=self.name, rate=rate.per_window, burst=rate.burst)
+
     def available(self) -> float:
         return self.bucket.available(self.clock.now())
 
@@ -195,8 +238,11 @@ class AccountBudget:
             self.bucket.take(started)
             self.metrics.budget_wait.labels(self.name).observe(0.0)
             return 0.0
-        if at > limit:
-            raise self._reject("deadline", at - started)
+        # The queue ahead counts: a request whose turn comes after its limit hears so now,
+        # with the time its turn would have come, instead of waiting for nothing.
+        turn = self.bucket.ready_after(started, self.ahead_of(caller))
+        if turn > limit:
+            raise self._reject("deadline", turn - started)
         if self.waiting >= self.settings.queue_size:
             raise self._reject("queue_full", at - started)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), limit)
@@ -208,10 +254,18 @@ class AccountBudget:
         self.metrics.budget_wait.labels(self.name).observe(waited)
         return waited
 
+    def ahead_of(self, caller: str) -> int:
+        """Waiters served before a new request of ``caller``: round robin serves one per
+        caller a round, so every other caller's first ``own + 1`` waiters at most."""
+        own = len(self.queues.get(caller, ()))
+        others = sum(min(len(q), own + 1) for c, q in self.queues.items() if c != caller)
+        return own + others
+
     def _reject(self, reason: str, wait: float) -> RateLimited:
         self.rejected += 1
         self.metrics.budget_rejections.labels(self.name, reason).inc()
-        backlog = self.waiting / self.rate.per_second
+        # A deadline's wait already counts the queue ahead; a full queue drains at the pace.
+        backlog = self.waiting / self.rate.per_second if reason == "queue_full" else 0.0
         retry_after = whole_seconds(max(wait, backlog))
         if reason == "queue_full":
             text = f"Too many requests are waiting for account {self.name!r}'s rate budget"
@@ -264,7 +318,7 @@ class AccountBudget:
             kept = deque(w for w in queue if not w.future.done() and w.limit > now)
             for waiter in queue:
                 if not waiter.future.done() and waiter.limit <= now:
-                    at = self.bucket.ready_at(now)
+                    at = self.bucket.ready_after(now, self.waiting - 1)
                     waiter.future.set_exception(self._reject("deadline", at - now))
             self.waiting -= len(queue) - len(kept)
             if kept:
@@ -280,10 +334,19 @@ class AccountBudget:
         self.upstream_429s += 1
         self.metrics.budget_upstream_429.labels(self.name).inc()
         asked = pause_asked(headers, wall_now)
+        honoured, cut = capped(asked, self.settings.longest_pause)
         seconds = self.bucket.pause(
-            self.clock.now(), asked, self.settings.backoff_initial, self.settings.backoff_max
+            self.clock.now(), honoured, self.settings.backoff_initial, self.settings.backoff_max
         )
-        event("upstream_rate_limited", account=self.name, pause=round(seconds, 3), asked=asked)
+        fields: dict[str, Any] = {"account": self.name, "pause": round(seconds, 3)}
+        if asked is not None:
+            fields["asked"] = round(asked, 3)
+        if cut:
+            # Said at warning level: the operator learns Kounta asked for more than we gave.
+            fields["capped_at"] = self.settings.longest_pause
+            event("upstream_rate_limited", logging.WARNING, **fields, capped=True)
+        else:
+            event("upstream_rate_limited", **fields)
         return seconds
 
     def status(self) -> dict[str, Any]:
@@ -319,9 +382,13 @@ class Budget:
         metrics: Metrics,
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
+        current: Callable[[], Settings] | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
+        # The live settings: a SIGHUP reload may change the accounts' rates.
+        self.current = current or (lambda: settings)
+        self._tuned_to = settings
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
@@ -333,6 +400,11 @@ class Budget:
         }
 
     def account(self, name: str) -> AccountBudget:
+        live = self.current()
+        if live is not self._tuned_to:  # one identity check per request; retuned once per reload
+            self._tuned_to = live
+            for known, budget in self.accounts.items():
+                budget.retune(rate_for(live.accounts.get(known), self.settings))
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)
