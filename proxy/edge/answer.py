@@ -153,6 +153,7 @@ CACHE_PARAMS = {
 }
 
 
+@functools.lru_cache(maxsize=256)  # a few dozen distinct members: build each once
 def cache_status_value(
     cache_status: str, detail: str = "", upstream_status: int | None = None
 ) -> str:
@@ -167,10 +168,14 @@ def cache_status_value(
 
 def add_cache_status(headers: CIMultiDict[str], member: str) -> None:
     """Caches closer to the caller add their member last (RFC 9211 2): after the upstream's."""
+    if "Cache-Status" not in headers:  # the common case: Kounta sends none
+        headers["Cache-Status"] = member
+        return
     earlier = headers.popall("Cache-Status", [])
     headers["Cache-Status"] = ", ".join([*earlier, member])
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: callers and accounts come from the settings
 def caller_value(caller: str, account: str) -> str:
     """``X-Proxy-Caller``: who the proxy took the caller for, and on which account."""
     if caller in ("", "-"):
