@@ -288,6 +288,13 @@ class Metrics:
             "1 while budget, tokens and cache run on this process's fallback (Redis away).",
             registry=registry,
         )
+        self.shared_calls = LoopCounter(
+            "kounta_proxy_shared_calls",
+            "Round trips to the shared backend (Redis), by operation (budget, pause, token_read, "
+            "token_write, token_lock, token_unlock) and result (ok, error).",
+            ["op", "result"],
+            registry=registry,
+        )
         # --- credentials (recorded by proxy.auth.providers and proxy.edge.callers)
         self.token_state = Gauge(
             "kounta_proxy_token_state",

@@ -33,6 +33,7 @@ from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
 from proxy.settings import Settings
+from proxy.shared import Backend, open_backend
 
 # A readiness check: None when fine, else one line saying what is wrong.
 Check = Callable[[], str | None]
@@ -57,6 +58,8 @@ class Services:
     session: aiohttp.ClientSession
     providers: Mapping[str, TokenProvider]
     budget: Budget
+    # Where budget and tokens are shared with other processes (local: nowhere).
+    shared: Backend
     retry: Retry
     cache: Cache | None  # None when cache.enabled = false
     store: CacheStore | None
@@ -64,6 +67,8 @@ class Services:
     pipeline: Layer
     # Readiness checks by name, run by /readyz on the admin listener.
     checks: Mapping[str, Check]
+    # Readiness details that do not fail readiness ("shared": "degraded").
+    details: Mapping[str, Check]
     # Routes the parts offer on the admin listener (cache stats and purge, budget status).
     admin_routes: tuple[web.RouteDef, ...]
     state: RunState = field(default_factory=RunState)
@@ -80,6 +85,8 @@ async def build(
     """Open and wire everything; ``upstream`` replaces the real upstream layer in tests."""
     callers = Callers(settings, metrics)
     describe(settings, metrics)
+    shared = open_backend(settings.shared, metrics)
+    await shared.start()
     providers = {
         name: provider_for(a, name=name, state_dir=settings.state_dir, clock=clock, metrics=metrics)
         for name, a in settings.accounts.items()
@@ -91,12 +98,13 @@ async def build(
         store = await open_store(settings, metrics) if settings.cache.enabled else None
     except BaseException:
         await session.close()
+        await shared.close()
         raise
     layer: Layer = (
         upstream if upstream is not None else Upstream(settings.upstream, session, metrics)
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
-    layer = budget = Budget(layer, settings, metrics)
+    layer = budget = Budget(layer, settings, metrics, shared=shared)
     layer = Authenticator(layer, providers, metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
@@ -119,11 +127,13 @@ async def build(
         session=session,
         providers=providers,
         budget=budget,
+        shared=shared,
         retry=retry,
         cache=cache,
         store=store,
         pipeline=layer,
         checks=checks,
+        details={"shared": shared.detail},
         admin_routes=tuple(admin_routes),
         tasks=tasks,
     )
@@ -152,6 +162,7 @@ async def close(services: Services) -> None:
     if services.store is not None:
         await services.store.close()
     await services.budget.close()
+    await services.shared.close()
     await services.session.close()
 
 

@@ -48,13 +48,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    results = run_checks(request.app[SERVICES])
+    services = request.app[SERVICES]
+    results = run_checks(services)
     failing = sorted(name for name, problem in results.items() if problem is not None)
-    body = {
+    body: dict[str, Any] = {
         "status": "not_ready" if failing else "ready",
         "failing": failing,
         "checks": {name: problem or "ok" for name, problem in sorted(results.items())},
     }
+    # Details say how the proxy runs without failing readiness (e.g. shared: degraded).
+    details = {name: note() for name, note in services.details.items()}
+    body["details"] = {name: note for name, note in sorted(details.items()) if note}
     return _json(503 if failing else 200, body)
 
 

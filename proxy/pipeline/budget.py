@@ -19,6 +19,12 @@ token refresh included) takes a token first, while fresh cache hits never get he
   GET and HEAD are sent again when the pause ends within their limit; anything else
   is answered 429 (a request Kounta refused is never resent on a caller's behalf
   unless it is safe to).
+
+Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis instead
+(:class:`SharedGate`; GCRA for pace and burst plus a sliding log for the window cap, one Lua
+script per request), so all replicas together stay under the rate, and a 429 seen by one
+pauses all. The fair round robin over callers stays per replica. While Redis is away each
+replica falls back to a local bucket at ``rate / shared.replicas``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import retry_after, whole_seconds
@@ -38,6 +44,8 @@ from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, BudgetSettings, Settings
+from proxy.shared import Backend, SharedUnavailable
+from proxy.shared.base import SharedBudget
 
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
@@ -101,6 +109,12 @@ class Bucket:
         self.tokens -= 1
         self.sent.append(now)
 
+    def record(self, now: float) -> None:
+        """A send granted elsewhere (the shared budget): counted in this window, so a fallback
+        to this bucket never adds its whole share on top of what was just sent."""
+        self._refill(now)
+        self.sent.append(now)
+
     def available(self, now: float) -> float:
         """Tokens that could be taken now (0 while paused or when the window is full)."""
         self._refill(now)
@@ -127,6 +141,116 @@ class Bucket:
 
     def recovered(self) -> None:
         self.backoff = 0.0
+
+
+class Gate(Protocol):
+    """Where an account's send slots come from: this process's bucket or the shared one."""
+
+    bucket: Bucket
+
+    async def try_take(self, now: float) -> float:
+        """Take a slot: 0.0, else the seconds until one may be there (nothing taken)."""
+        ...
+
+    def ready_at(self, now: float) -> float:
+        """The best known time a slot can be taken (no round trip)."""
+        ...
+
+    async def pause(self, now: float, seconds: float) -> None:
+        """Share a pause the local bucket has just taken (nothing to do locally)."""
+        ...
+
+    def mode(self) -> str: ...
+
+
+class LocalGate:
+    """Today's single process: the account's :class:`Bucket`, nothing shared."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    async def try_take(self, now: float) -> float:
+        at = self.bucket.ready_at(now)
+        if at > now:
+            return at - now
+        self.bucket.take(now)
+        return 0.0
+
+    def ready_at(self, now: float) -> float:
+        return self.bucket.ready_at(now)
+
+    async def pause(self, now: float, seconds: float) -> None:
+        return None
+
+    def mode(self) -> str:
+        return "local"
+
+
+class SharedGate:
+    """The account's rate shared by every replica (Redis), with a local fallback bucket at
+    this replica's share (``rate / replicas``) for while Redis is away. Sends granted by Redis
+    are recorded in the fallback's window too, so a failover never adds a fresh share on top."""
+
+    def __init__(
+        self,
+        account: str,
+        rate: Rate,
+        shared: SharedBudget,
+        backend: Backend,
+        replicas: int,
+        now: float,
+    ) -> None:
+        self.account = account
+        self.rate = rate
+        self.shared = shared
+        self.backend = backend
+        share = Rate(
+            max(1, rate.per_window // replicas),
+            max(1, rate.burst // replicas),
+            rate.window,
+            rate.margin,
+        )
+        self.bucket = Bucket(share, now)
+        self.local = LocalGate(self.bucket)
+        self._next_at = now
+
+    @property
+    def period(self) -> float:
+        return self.rate.window + self.rate.margin
+
+    async def try_take(self, now: float) -> float:
+        if self.backend.up:
+            try:
+                wait = await self.shared.take(
+                    self.account, self.rate.per_window, self.rate.burst, self.period
+                )
+            except SharedUnavailable:
+                pass  # degraded: the backend logged it; this request uses the fallback
+            else:
+                if wait <= 0:
+                    self.bucket.record(now)
+                self._next_at = now + wait
+                return wait
+        return await self.local.try_take(now)
+
+    def ready_at(self, now: float) -> float:
+        if self.backend.up:
+            return max(now, self._next_at)
+        return self.bucket.ready_at(now)
+
+    async def pause(self, now: float, seconds: float) -> None:
+        if not self.backend.up:
+            return
+        try:
+            left = await self.shared.pause(
+                self.account, seconds, self.rate.per_window, self.rate.burst, self.period
+            )
+        except SharedUnavailable:
+            return
+        self._next_at = max(self._next_at, now + left)
+
+    def mode(self) -> str:
+        return "shared" if self.backend.up else "degraded"
 
 
 def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
@@ -156,14 +280,22 @@ class AccountBudget:
     """One account's bucket and its fair queue of waiting requests."""
 
     def __init__(
-        self, name: str, rate: Rate, settings: BudgetSettings, clock: Clock, metrics: Metrics
+        self,
+        name: str,
+        rate: Rate,
+        settings: BudgetSettings,
+        clock: Clock,
+        metrics: Metrics,
+        gate: Gate | None = None,
     ) -> None:
         self.name = name
         self.rate = rate
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
-        self.bucket = Bucket(rate, clock.now())
+        self.gate: Gate = gate or LocalGate(Bucket(rate, clock.now()))
+        # The local bucket: the whole budget (local), or the fallback share (shared).
+        self.bucket = self.gate.bucket
         # caller -> its waiting requests; the order of keys is the round-robin order.
         self.queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self.waiting = 0
@@ -190,11 +322,14 @@ class AccountBudget:
     async def acquire(self, caller: str, limit: float) -> float:
         """Wait for a token until ``limit`` (clock time); returns the seconds waited."""
         started = self.clock.now()
-        at = self.bucket.ready_at(started)
-        if self.waiting == 0 and at <= started:
-            self.bucket.take(started)
-            self.metrics.budget_wait.labels(self.name).observe(0.0)
-            return 0.0
+        if self.waiting == 0:
+            wait = await self.gate.try_take(started)
+            if wait <= 0:
+                self.metrics.budget_wait.labels(self.name).observe(0.0)
+                return 0.0
+            at = started + wait
+        else:
+            at = self.gate.ready_at(started)
         if at > limit:
             raise self._reject("deadline", at - started)
         if self.waiting >= self.settings.queue_size:
@@ -235,10 +370,11 @@ class AccountBudget:
                 self._expire(now)
                 if not self.waiting:
                     break
-                at = self.bucket.ready_at(now)
-                if at <= now:
+                wait = await self.gate.try_take(now)
+                if wait <= 0:
                     self._grant(now)
                     continue
+                at = now + wait
                 # A waiter that joins while we sleep has a limit after `at` (else it was
                 # refused at once), so sleeping until the next token or the earliest
                 # limit never lets a limit pass unnoticed.
@@ -254,7 +390,6 @@ class AccountBudget:
             if queue:
                 self.queues[caller] = queue  # to the back of the round
             if not waiter.future.done():  # skip callers that went away
-                self.bucket.take(now)
                 waiter.future.set_result(None)
                 return
 
@@ -264,7 +399,7 @@ class AccountBudget:
             kept = deque(w for w in queue if not w.future.done() and w.limit > now)
             for waiter in queue:
                 if not waiter.future.done() and waiter.limit <= now:
-                    at = self.bucket.ready_at(now)
+                    at = self.gate.ready_at(now)
                     waiter.future.set_exception(self._reject("deadline", at - now))
             self.waiting -= len(queue) - len(kept)
             if kept:
@@ -290,6 +425,7 @@ class AccountBudget:
         now = self.clock.now()
         return {
             "rate": self.rate.per_window,
+            "mode": self.gate.mode(),
             "window_seconds": self.rate.window,
             "burst": self.rate.burst,
             "tokens": round(self.bucket.available(now), 3),
@@ -319,26 +455,33 @@ class Budget:
         metrics: Metrics,
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
+        shared: Backend | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
+        self.shared = shared
+        self.replicas = settings.shared.replicas
         self.accounts = {
-            name: AccountBudget(
-                name, rate_for(a, settings.budget), settings.budget, self.clock, metrics
-            )
+            name: self._budget_for(name, rate_for(a, settings.budget))
             for name, a in settings.accounts.items()
         }
+
+    def _budget_for(self, name: str, rate: Rate) -> AccountBudget:
+        gate: Gate | None = None
+        backend = self.shared
+        if backend is not None and backend.budget is not None:
+            now = self.clock.now()
+            gate = SharedGate(name, rate, backend.budget, backend, self.replicas, now)
+        return AccountBudget(name, rate, self.settings, self.clock, self.metrics, gate)
 
     def account(self, name: str) -> AccountBudget:
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)
-            found = self.accounts[name] = AccountBudget(
-                name, rate, self.settings, self.clock, self.metrics
-            )
+            found = self.accounts[name] = self._budget_for(name, rate)
         return found
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
@@ -352,6 +495,7 @@ class Budget:
                 return response
             pause = budget.upstream_limited(response.headers, self.wall())
             await response.release()
+            await budget.gate.pause(self.clock.now(), pause)
             resend = request.method in RESENT_AFTER_429 and request.replayable
             if not resend or self.clock.now() + pause > limit:
                 raise RateLimited(

@@ -1,0 +1,33 @@
+"""The local backend: nothing shared, today's single process (budget bucket, token file)."""
+
+from __future__ import annotations
+
+from proxy.metrics import Metrics
+from proxy.shared.base import UpCallback
+
+
+class LocalBackend:
+    kind = "local"
+    shared = False
+    budget = None
+    tokens = None
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    @property
+    def up(self) -> bool:
+        return True
+
+    def detail(self) -> str | None:
+        return None
+
+    def on_up(self, callback: UpCallback) -> None:
+        return None  # never away
+
+    async def start(self) -> None:
+        self.metrics.shared_backend_up.set(1)
+        self.metrics.shared_degraded.set(0)
+
+    async def close(self) -> None:
+        return None
