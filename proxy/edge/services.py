@@ -88,7 +88,15 @@ async def build(
     shared = open_backend(settings.shared, metrics)
     await shared.start()
     providers = {
-        name: provider_for(a, name=name, state_dir=settings.state_dir, clock=clock, metrics=metrics)
+        name: provider_for(
+            a,
+            name=name,
+            state_dir=settings.state_dir,
+            clock=clock,
+            metrics=metrics,
+            shared=shared,
+            shared_settings=settings.shared,
+        )
         for name, a in settings.accounts.items()
     }
     checks: dict[str, Check] = {f"token:{name}": p.problem for name, p in providers.items()}
