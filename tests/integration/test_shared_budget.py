@@ -26,7 +26,7 @@ from tests.redis_server import RedisServer
 WINDOW = 2.0  # real seconds standing for Kounta's minute
 LIMIT = 30  # requests per window, in the sandbox and the proxies alike
 ME = "/v1/companies/me.json"
-RUN_SECONDS = 4.5
+RUN_SECONDS = 3.5
 
 
 @pytest.fixture
