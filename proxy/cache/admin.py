@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,8 +22,13 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 
+# Tells the other replicas about a purge (proxy.cache.broadcast), given prefix and account.
+AnnouncePurge = Callable[[str, str | None], Awaitable[None]]
 
-def routes(store: CacheStore, metrics: Metrics) -> list[web.RouteDef]:
+
+def routes(
+    store: CacheStore, metrics: Metrics, announce: AnnouncePurge | None = None
+) -> list[web.RouteDef]:
     """The admin routes over the running proxy's ``store``."""
 
     async def stats(request: web.Request) -> web.Response:
@@ -38,6 +44,8 @@ def routes(store: CacheStore, metrics: Metrics) -> list[web.RouteDef]:
             raise errors.InvalidRequest("prefix must be a path starting with '/'")
         removed = await store.purge(prefix, account)
         event("cache_purged", prefix=prefix, account=account, removed=removed)
+        if announce is not None:
+            await announce(prefix, account)
         return web.json_response({"purged": removed})
 
     return [web.get("/cache/stats", stats), web.post("/cache/purge", purge)]

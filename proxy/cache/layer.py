@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, assert_never
 
@@ -84,6 +84,9 @@ class Cache:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._children: dict[tuple[str, str], Any] = {}
         self._keys: dict[tuple[str | None, ...], str] = {}
+        # Tells other replicas about an invalidation before the writer's answer goes out
+        # (proxy.cache.broadcast; None: this process is alone).
+        self.announce: Callable[[Invalidation], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ entry point
 
@@ -595,6 +598,8 @@ class Cache:
             )
             if inv is not None:
                 self.invalidate(inv)
+                if self.announce is not None:
+                    await self.announce(inv)
 
     def invalidate(self, inv: Invalidation) -> int:
         for key, flight in list(self.flights.items()):

@@ -21,6 +21,7 @@ from aiohttp import web
 from proxy.auth.layer import Authenticator
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
+from proxy.cache.broadcast import Broadcast
 from proxy.cache.layer import Cache
 from proxy.cache.store import CacheStore
 from proxy.client import create_session
@@ -122,8 +123,14 @@ async def build(
     if store is not None:
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = Cache(layer, store, settings, metrics, clock)
+        announce_purge: cache_admin.AnnouncePurge | None = None
+        if shared.events is not None:
+            # Invalidations to and from the other replicas (their stores are their own).
+            broadcast = Broadcast(cache, shared.events, metrics)
+            broadcast.start()
+            announce_purge = broadcast.announce_purge
         checks["cache"] = lambda: store.problem
-        admin_routes += cache_admin.routes(store, metrics)
+        admin_routes += cache_admin.routes(store, metrics, announce_purge)
         tasks = (asyncio.ensure_future(watch_store(store, metrics)),)
     for provider in providers.values():
         await provider.start(session)

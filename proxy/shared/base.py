@@ -57,6 +57,21 @@ class SharedTokens(Protocol):
         ...
 
 
+class SharedEvents(Protocol):
+    """Broadcasts between replicas (Redis pub/sub): fire and forget, at most once."""
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Send to every other replica listening on ``topic``; raises SharedUnavailable."""
+        ...
+
+    def listen(
+        self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
+    ) -> None:
+        """Call ``on_message`` for each message another replica sends on ``topic``, and
+        ``on_gap`` when listening resumes after a break (messages may have been missed)."""
+        ...
+
+
 class Backend(Protocol):
     kind: str
     # Whether state is shared with other processes at all (False for local).
@@ -67,6 +82,9 @@ class Backend(Protocol):
 
     @property
     def tokens(self) -> SharedTokens | None: ...
+
+    @property
+    def events(self) -> SharedEvents | None: ...
 
     @property
     def up(self) -> bool:

@@ -11,6 +11,7 @@ class LocalBackend:
     shared = False
     budget = None
     tokens = None
+    events = None
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics

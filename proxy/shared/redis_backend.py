@@ -7,6 +7,7 @@ never evicts them)::
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
     P:token:ACCOUNT         hash: version (grows by one per write), data (Fernet ciphertext)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
+    P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
 
 Every call has a timeout (``shared.timeout``). A call that fails on the connection marks
 the backend *degraded*: from then on calls fail fast with :class:`SharedUnavailable` (no
@@ -128,6 +129,7 @@ class RedisBackend:
         self._callbacks: list[UpCallback] = []
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
+        self._listeners: list[asyncio.Task[None]] = []
 
     @property
     def budget(self) -> RedisBackend:
@@ -135,6 +137,10 @@ class RedisBackend:
 
     @property
     def tokens(self) -> RedisBackend:
+        return self
+
+    @property
+    def events(self) -> RedisBackend:
         return self
 
     # --- health
@@ -157,10 +163,11 @@ class RedisBackend:
         self._probe = asyncio.create_task(self._watch(), name="shared-redis-probe")
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in [self._probe, *self._listeners]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()
 
     async def _watch(self) -> None:
@@ -269,6 +276,48 @@ class RedisBackend:
             if taken:
                 with contextlib.suppress(SharedUnavailable, rexc.LockError):
                     await self._run("token_unlock", lock.release)
+
+    # --- events
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        message = self._replica.encode() + b"|" + data
+        channel = self.key("events", topic)
+        await self._run("publish", lambda: self.client.publish(channel, message))
+
+    def listen(
+        self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
+    ) -> None:
+        task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
+        self._listeners.append(task)
+
+    async def _listen(
+        self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
+    ) -> None:
+        """Subscribe, deliver, and after any break subscribe again and report the gap."""
+        channel, own = self.key("events", topic), self._replica.encode() + b"|"
+        lost = False
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await pubsub.subscribe(channel)
+                if lost:
+                    lost = False
+                    event("shared_resubscribed", topic=topic)
+                    on_gap()
+                while True:
+                    message = await pubsub.get_message(timeout=PROBE_SECONDS)
+                    data = message.get("data") if message else None
+                    if isinstance(data, bytes) and not data.startswith(own):
+                        on_message(data.partition(b"|")[2])
+            except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
+                if not lost:
+                    event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
+                lost = True
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(PROBE_SECONDS / 2)
 
 
 def _why(error: BaseException) -> str:
