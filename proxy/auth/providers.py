@@ -301,7 +301,8 @@ class OAuthProvider:
             return self._rejection().description
         token = self._token
         if self._state == UNAVAILABLE and not (token and token.usable(self.clock())):
-            return f"account {self.account!r}: no valid access token; the token endpoint is failing"
+            failing = "token store" if self._store_failed else "token endpoint"
+            return f"account {self.account!r}: no valid access token; the {failing} is failing"
         return None
 
     def _check_usable(self) -> None:
