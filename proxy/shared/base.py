@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
-
-# Run when the shared store answers again after being away (e.g. to write back a token).
-UpCallback = Callable[[], Awaitable[None]]
 
 
 class SharedUnavailable(Exception):
@@ -93,10 +90,6 @@ class Backend(Protocol):
 
     def detail(self) -> str | None:
         """A readiness detail that does not fail readiness ("shared: degraded")."""
-        ...
-
-    def on_up(self, callback: UpCallback) -> None:
-        """Run ``callback`` each time the store comes back after being away."""
         ...
 
     async def start(self) -> None: ...

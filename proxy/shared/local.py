@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from proxy.metrics import Metrics
-from proxy.shared.base import UpCallback
 
 
 class LocalBackend:
@@ -22,9 +21,6 @@ class LocalBackend:
 
     def detail(self) -> str | None:
         return None
-
-    def on_up(self, callback: UpCallback) -> None:
-        return None  # never away
 
     async def start(self) -> None:
         self.metrics.shared_backend_up.set(1)

@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
-from proxy.shared.base import SharedUnavailable, TokenRecord, UpCallback
+from proxy.shared.base import SharedUnavailable, TokenRecord
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -126,7 +126,6 @@ class RedisBackend:
         self._up = False
         self._state = ""
         self._probe: asyncio.Task[None] | None = None
-        self._callbacks: list[UpCallback] = []
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
@@ -151,9 +150,6 @@ class RedisBackend:
 
     def detail(self) -> str | None:
         return None if self._up else "degraded"
-
-    def on_up(self, callback: UpCallback) -> None:
-        self._callbacks.append(callback)
 
     async def start(self) -> None:
         """Connect once (a Redis that is away at startup only means degraded) and probe."""
@@ -182,14 +178,7 @@ class RedisBackend:
         except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
             self._set_state(False, _why(e))
             return
-        was_up = self._up
         self._set_state(True, "answering")
-        if not was_up:
-            for callback in self._callbacks:
-                try:
-                    await callback()
-                except SharedUnavailable:
-                    return  # away again; the next probe retries
 
     def _set_state(self, up: bool, reason: str) -> None:
         self._up = up
