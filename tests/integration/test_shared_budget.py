@@ -7,6 +7,7 @@ seconds (Redis keeps real time, so the clock cannot be sped up as tests/test_bud
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from typing import Any
@@ -26,7 +27,7 @@ from tests.redis_server import RedisServer
 WINDOW = 2.0  # real seconds standing for Kounta's minute
 LIMIT = 30  # requests per window, in the sandbox and the proxies alike
 ME = "/v1/companies/me.json"
-RUN_SECONDS = 3.5
+RUN_SECONDS = 3.0
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ async def test_three_local_replicas_overrun_the_limit(
     """The control: the same load through three unshared budgets collects Kounta's 429s."""
     settings = shared_settings(sandbox, tmp_path, "redis://127.0.0.1:1/0", redis_prefix, "local")
     proxies = await three(make_proxy, settings)
-    await hammer(proxies, client, WINDOW)
+    await hammer(proxies, client, WINDOW / 2)
     assert sum(sandbox.state.limiter.refused.values()) > 0
 
 
@@ -129,9 +130,12 @@ async def test_a_429_seen_by_one_replica_pauses_all(
     redis_server: RedisServer,
     redis_prefix: str,
 ) -> None:
-    proxies = await three(
-        make_proxy, shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
+    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
+    # Room to wait out a 1 s pause (the other tests answer 429 after 1 s).
+    settings = dataclasses.replace(
+        settings, budget=dataclasses.replace(settings.budget, max_wait=5.0)
     )
+    proxies = await three(make_proxy, settings)
     sandbox.state.inject_status(429, count=1, headers={"Retry-After": "1"}, body=b"Limit exceeded")
     # A POST is never resent: replica A answers Kounta's 429 and shares the pause.
     status, body, _ = await fetch(client, proxies[0].url + ME, method="POST", json={})

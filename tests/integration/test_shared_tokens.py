@@ -26,7 +26,7 @@ from tests.integration.test_credentials import ME, SEED_REFRESH, account
 from tests.redis_server import RedisServer
 
 KEY = Fernet.generate_key().decode()
-LIFETIME = 3  # seconds an access token lives (refreshed after half of it)
+LIFETIME = 2  # seconds an access token lives (refreshed after half of it)
 
 
 @pytest.fixture
