@@ -125,6 +125,9 @@ class ServerSettings:
     replay_body_size: int = 1024 * 1024
     # In-flight requests get this long to finish after SIGTERM.
     shutdown_grace: float = 10.0
+    # Let several processes listen on the same port (SO_REUSEPORT); `serve --workers N` sets it
+    # in each worker.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -172,3 +174,57 @@ async def test_three_serve_processes_share_the_budget_and_survive_redis_going_aw
 
 async def _shared_again(client: aiohttp.ClientSession, admin: str) -> bool:
     return await gauge(client, admin, "kounta_proxy_shared_backend_up") == 1
+
+
+async def test_workers_with_the_local_backend_refuse_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "local.toml"
+    path.write_text(f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\n')
+    proc = await asyncio.create_subprocess_exec(
+        COMMAND, "serve", "--workers", "2", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "--workers: 2 workers need [shared] backend = 'redis'" in lines[0]
+
+
+async def requests_seen(client: aiohttp.ClientSession, admin: str) -> float:
+    async with client.get(f"{admin}/metrics") as r:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in (await r.text()).splitlines()
+            if line.startswith("kounta_proxy_requests_total{")
+        )
+
+
+@pytest.mark.slow
+async def test_two_workers_share_one_port_and_stop_together(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    path, port, admin = config(tmp_path, 0, sandbox.url, redis_server.url, redis_prefix)
+    with socket.socket() as s:  # admin + 1 must be free too
+        s.bind(("127.0.0.1", admin + 1))
+    proc = await asyncio.create_subprocess_exec(
+        COMMAND, "serve", "--workers", "2", "--config", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    admins = [f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{admin + 1}"]
+    try:
+        async with aiohttp.ClientSession() as client:
+            for url in admins:
+                await until(lambda u=url: ready(client, u), 20)
+            # New connections each time: the kernel spreads them over the workers.
+            fresh = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=fresh) as callers:
+                for _ in range(24):
+                    async with callers.get(f"http://127.0.0.1:{port}{ME}") as r:
+                        assert r.status == 200
+            seen = [await requests_seen(client, url) for url in admins]
+            assert sum(seen) == 24 and min(seen) > 0, seen
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        # Both workers drained and the parent exits 0, not killed.
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
