@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import socket
 import sys
 from collections.abc import Sequence
@@ -17,11 +18,14 @@ from proxy.cache.admin import run_cli
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import configure, event
 from proxy.ops import lifecycle, workers
+from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import (
+    DEFAULT_CONFIG_PATH,
     AccountSettings,
     AdminSettings,
     ConfigError,
+    ConfigErrors,
     Secret,
     ServerSettings,
     Settings,
@@ -169,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             if args.workers != 1:
                 return workers.run(require_accounts(load(args.config)), args.config, args.workers)
-            return serve(load(args.config))
+            return serve(load(args.config), args.config)
         if args.command == "sandbox":
             return sandbox(args.host, args.port, args.seed, tuple(args.token or ("sandbox-token",)))
         if args.command == "authorize":
@@ -179,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return demo(args.port, args.sandbox_port, args.state_dir, args.admin_port)
     except ConfigError as e:
-        print(f"{PROG}: config error: {e}", file=sys.stderr)
+        for line in e.lines() if isinstance(e, ConfigErrors) else [str(e)]:
+            print(f"{PROG}: config error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     except StartupError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
@@ -224,21 +229,51 @@ def require_accounts(settings: Settings) -> Settings:
 
 
 def check_config(path: Path | None, *, as_json: bool) -> int:
+    """Validate as serve would (directories included, nothing created), print the effective
+    settings masked, and warn about what serve would start without (oauth tokens)."""
     settings = require_accounts(load(path))
+    problems = [ConfigError(key, p) for key, p in lifecycle.directory_problems(settings)]
+    if problems:
+        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
+    warning = exposure_warning(settings.admin)
+    if warning is not None:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     data = masked(settings)
     print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
+    for line in token_warnings(settings, path):
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     return 0
 
 
-def serve(settings: Settings) -> int:
+def token_warnings(settings: Settings, path: Path | None) -> list[str]:
+    """Oauth accounts that would start without a token, and the command that gives one."""
+    config = (
+        path if path is not None else DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+    )
+    where = f" --config {shlex.quote(str(config))}" if config is not None else ""
+    lines = []
+    for name, account in sorted(settings.accounts.items()):
+        if account.mode != "oauth" or account.grant != "refresh_token" or account.refresh_token:
+            continue
+        file = token_path(name, account, settings.state_dir)
+        if not file.is_file():
+            lines.append(
+                f"account {name!r} has no token yet ({file} does not exist); run: "
+                f"{PROG} authorize --account {shlex.quote(name)}{where}"
+            )
+    return lines
+
+
+def serve(settings: Settings, config: Path | None = None) -> int:
     require_accounts(settings)
     configure(settings.log.level, settings.log.format)
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, config))
     return 0
 
 
-async def _serve(settings: Settings) -> None:
-    await lifecycle.serve(settings)
+async def _serve(settings: Settings, config: Path | None) -> None:
+    # SIGHUP reads the same file (and the environment, and secret files) again.
+    await lifecycle.serve(settings, load=lambda: require_accounts(load(config)))
 
 
 def sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> int:

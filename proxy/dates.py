@@ -61,13 +61,21 @@ def _year_of(now: float | None) -> int:
     return time.gmtime(now).tm_year
 
 
+# RFC 9110 10.2.3 delay-seconds: ASCII digits (str.isdigit() also takes "²", which float()
+# refuses with an exception).
+DELAY_SECONDS = re.compile(r"[0-9]+")
+
+
 def retry_after(value: str | None, wall_now: float) -> float | None:
-    """Seconds a ``Retry-After`` asks for (delay-seconds or an HTTP-date), or None."""
+    """Seconds a ``Retry-After`` asks for (delay-seconds or an HTTP-date), or None.
+
+    Not capped here: the caller decides how much of a long ask it honours.
+    """
     value = (value or "").strip()
     if not value:
         return None
-    if value.isdigit():
-        return float(value)
+    if DELAY_SECONDS.fullmatch(value):
+        return float(value)  # inf for a thousand digits, never an exception
     at = http_date(value, wall_now)
     return None if at is None else at - wall_now
 

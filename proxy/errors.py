@@ -104,6 +104,14 @@ class MethodNotAllowed(ProxyError):
     status = 405
     code = "method_not_allowed"
 
+    def __init__(self, description: str, *, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(description)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 15.5.6: a 405 MUST say which methods the target supports.
+        return {"Allow": ", ".join(self.allow)} if self.allow else {}
+
 
 class RequestTooLarge(ProxyError):
     status = 413

@@ -16,6 +16,8 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -32,8 +34,104 @@ class StartupError(Exception):
     """The server cannot start; the message is one line for the operator."""
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one connection may take: a deadline for each request head (slowloris) and a cap
+    on open connections. ``on_drop(reason)`` hears each connection closed for either
+    (``header_timeout``, ``max_connections``); ``on_count(n)`` the open connections."""
+
+    header_timeout: float = 10.0
+    max_connections: int = 1000
+    on_drop: Callable[[str], None] | None = None
+    on_count: Callable[[int], None] | None = None
+
+
+# Set by an application that wants limits other than the defaults.
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+# How long an idle keep-alive connection stays open after an answer (nginx's default); a
+# connection that sends nothing at all is closed after header_timeout instead.
+KEEPALIVE_TIMEOUT = 75.0
+HEADER_TIMEOUT, MAX_CONNECTIONS = "header_timeout", "max_connections"
+
+
+def _raw_answer(status: int, reason: str, code: str, description: str) -> bytes:
+    """A complete JSON error answer, written before (or instead of) any request."""
+    body = json.dumps({"error": code, "error_description": description}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {JSON_CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+        f"{PROXY_ERROR_HEADER}: 1\r\nServer: {SERVER_NAME}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class _JsonErrorHandler(RequestHandler):
-    """aiohttp answers unparsable requests itself; make those answers JSON too."""
+    """aiohttp answers unparsable requests itself; make those answers JSON too. Also keeps
+    :class:`Limits`: a request head must arrive within ``header_timeout`` (else 408 when some
+    of it came, or a silent close when nothing did, as nginx does), and a connection beyond
+    ``max_connections`` is answered 503 and closed before anything is read."""
+
+    def __init__(self, manager: Server, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.limits = limits
+        self.server = manager
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        count = len(self.server.connections)
+        if self.limits.on_count is not None:
+            self.limits.on_count(count)
+        if count > self.limits.max_connections:
+            self._drop(MAX_CONNECTIONS, _TOO_MANY)
+            return
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        server = self.server
+        super().connection_lost(exc)
+        if self.limits.on_count is not None:
+            self.limits.on_count(len(server.connections))
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._waiting():
+            # Bytes of a new request head: its deadline runs from the first of them.
+            self._head_bytes = True
+            if self._head_timer is None:
+                self._arm()
+        super().data_received(data)
+        if self._head_timer is not None and not self._waiting():
+            self._disarm()  # the head is complete: a request is being answered
+            self._head_bytes = False
+
+    def _waiting(self) -> bool:
+        """Whether the connection waits for a request head (none is being answered)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self._loop.call_later(self.limits.header_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _timed_out(self) -> None:
+        self._head_timer = None
+        if self._waiting():  # else a request is being answered: its head came in time
+            self._drop(HEADER_TIMEOUT, _TIMED_OUT if self._head_bytes else b"")
+
+    def _drop(self, reason: str, answer: bytes) -> None:
+        event("connection_dropped", reason=reason)
+        if self.limits.on_drop is not None:
+            self.limits.on_drop(reason)
+        if answer and self.transport is not None:
+            self.transport.write(answer)
+        self.force_close()
 
     def handle_error(
         self,
@@ -68,6 +166,15 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
+_TIMED_OUT = _raw_answer(
+    408, "Request Timeout", "request_timeout", "The request head did not arrive in time"
+)
+_TOO_MANY = _raw_answer(
+    503,
+    "Service Unavailable",
+    "temporarily_unavailable",
+    "The proxy has too many open connections; try again shortly",
+)
 # What aiohttp's parser raises for each limit (max_line_size, max_field_size, max_headers).
 _TOO_MANY_HEADERS = "Too many headers received"
 # A LineTooLong excerpt that starts like a request line (C parser: the URL; pure-Python
@@ -100,16 +207,21 @@ WRAP_HANDLER: web.AppKey[Wrapper] = web.AppKey("wrap_handler")
 
 
 class _JsonErrorServer(Server):
+    limits = Limits()
+
     def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        return _JsonErrorHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
 
 
 def customise(server: Server, app: web.Application) -> Server:
-    """The one place that reaches into aiohttp's private parts, for two things its public
-    API cannot do: answer unparsable requests as JSON (the protocol's ``handle_error``), and
-    put a handler in front of the application's once its startup built what it needs.
-    tests/unit/test_listener.py fails loudly if aiohttp changes either hook."""
+    """The one place that reaches into aiohttp's private parts, for what its public API
+    cannot do: answer unparsable requests as JSON (the protocol's ``handle_error``), keep a
+    deadline on request heads (the protocol's ``_waiter``: set while it waits for a request,
+    which is also what aiohttp's own keep-alive timer reads), and put a handler in front of
+    the application's once its startup built what it needs. tests/unit/test_listener.py
+    fails loudly if aiohttp changes any of these hooks."""
     server.__class__ = _JsonErrorServer
+    cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())
     wrap = app.get(WRAP_HANDLER)
     if wrap is not None:
         server.request_handler = wrap(app, server.request_handler)
@@ -133,6 +245,7 @@ async def start(
         shutdown_timeout=grace,
         handle_signals=False,
         handler_cancellation=True,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     try:
         await runner.setup()
@@ -188,10 +301,13 @@ async def wait_for_signal(
 async def run_until_signal(
     runners: Sequence[web.AppRunner],
     on_signal: Callable[[str], None] | None = None,
+    drain_delay: float = 0.0,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop the runners one after the other.
 
-    ``on_signal`` runs first (readiness turns false at once). Each runner then stops
+    ``on_signal`` runs first (readiness turns false at once). For ``drain_delay`` seconds
+    every runner goes on serving new requests as before (load balancers and a sidecar's
+    neighbour catch up with the readiness change meanwhile). Each runner then stops
     accepting, gives in-flight requests its ``shutdown_timeout`` to finish, and runs its
     cleanup contexts (sessions, cache, token files). Runners later in the list keep
     serving meanwhile: put the admin listener last so /readyz can say "shutting down".
@@ -201,7 +317,10 @@ async def run_until_signal(
     if on_signal is not None:
         on_signal(name)
     started = time.monotonic()
-    event("shutdown", signal=name)
+    event("shutdown", signal=name, drain_delay=drain_delay)
+    if drain_delay > 0:
+        await asyncio.sleep(drain_delay)
+        event("drain_delay_over", seconds=round(time.monotonic() - started, 3))
     for runner in runners:
         await runner.cleanup()
     event("stopped", seconds=round(time.monotonic() - started, 3))

@@ -100,3 +100,8 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     log.log(level, name, extra={"fields": fields})
+
+
+def set_level(level: str) -> None:
+    """Change the proxy's log level while it runs (a SIGHUP reload)."""
+    logging.getLogger(LOGGER).setLevel(level.upper())

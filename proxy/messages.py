@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -18,6 +18,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 # Sizes shared by every layer: a read or write chunk, and how much of an error body is read.
 CHUNK = 64 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
+
+# What the cache did for an answer (the X-Cache header, the access log's ``cache`` field and
+# the request metrics' ``cache`` label); "-" when no answer came from the pipeline.
+CacheStatus = Literal["HIT", "MISS", "REVALIDATED", "STALE", "BYPASS", "-"]
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -62,7 +66,10 @@ class ProxyResponse:
     body: bytes | AsyncIterator[bytes] = b""
     # Frees the upstream connection; safe to call more than once.
     release: Callable[[], Awaitable[None]] = field(default=_nothing)
-    cache_status: str = "BYPASS"
+    cache_status: CacheStatus = "BYPASS"
+    # RFC 9211 Cache-Status parameters when the cache knows more than cache_status says
+    # (e.g. "fwd=uri-miss", "hit; detail=stale-while-revalidate"); "" derives them.
+    cache_detail: str = ""
     upstream_status: int | None = None
     age: int | None = None
     # Seconds spent waiting for upstream response headers for this answer, every attempt

@@ -13,28 +13,53 @@ from __future__ import annotations
 import bisect
 import itertools
 import platform
-import time
 from abc import abstractmethod
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from proxy import __version__
 
+# The states of an account's circuit breaker, one-hot like the token's (``state`` label).
+BREAKER_STATES = ("closed", "half_open", "open")
+# Memoised request label children at most (label sets are bounded; this bounds the memo).
+REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset")
+# Why the listener closed a connection itself (proxy.listener.Limits).
+CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
+
+
+class Registry(CollectorRegistry):
+    """A registry that exposes no ``_created`` series.
+
+    prometheus-client adds ``<name>_created`` to every counter and histogram child: one
+    extra series each that no alert or dashboard reads. Its switch
+    (``disable_created_metrics()``) is process-wide; this drops them for this registry only.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in super().collect():
+            if metric.type in ("counter", "histogram", "summary"):
+                metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class _Count:
-    __slots__ = ("created", "value")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
         self.value = 0.0
-        self.created = time.time()
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
@@ -70,9 +95,11 @@ class _LoopFamily(Collector, Generic[Child]):
         registry.register(self)
 
     def labels(self, *values: object) -> Child:
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
+        child = self._children.get(values)  # type: ignore[arg-type]  # str labels: hit at once
         if child is None:
+            key = tuple(str(v) for v in values)
+            if key in self._children:
+                return self._children[key]
             if len(key) != len(self.labelnames):
                 raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
             child = self._children[key] = self._child()
@@ -89,7 +116,7 @@ class _LoopFamily(Collector, Generic[Child]):
 
 
 class LoopCounter(_LoopFamily[_Count]):
-    """A counter (``_total``, ``_created``); children have ``inc``."""
+    """A counter (``_total``); children have ``inc``."""
 
     def _child(self) -> _Count:
         return _Count()
@@ -100,7 +127,7 @@ class LoopCounter(_LoopFamily[_Count]):
     def collect(self) -> list[Metric]:
         family = self._family()
         for key, child in list(self._children.items()):
-            family.add_metric(key, child.value, created=child.created)
+            family.add_metric(key, child.value)
         return [family]
 
 
@@ -134,26 +161,81 @@ class LoopHistogram(_LoopFamily[_Observations]):
         return [family]
 
 
+class StoreGauges(Collector):
+    """The cache's entry and byte gauges, read from the store at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]], registry: CollectorRegistry) -> None:
+        self.read = read
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> list[Metric]:
+        try:
+            entries, size = self.read()
+        except Exception:  # a broken store must not break the scrape; its errors count elsewhere
+            return []
+        return list(self._families(entries, size))
+
+    def _families(self, entries: int | None = None, size: int | None = None) -> Iterable[Metric]:
+        found = GaugeMetricFamily(
+            "kounta_proxy_cache_entries", "Responses stored in the disk cache (at scrape time)."
+        )
+        occupied = GaugeMetricFamily(
+            "kounta_proxy_cache_bytes", "Bytes the disk cache occupies (at scrape time)."
+        )
+        if entries is not None and size is not None:
+            found.add_metric([], entries)
+            occupied.add_metric([], size)
+        return (found, occupied)
+
+
 class Metrics:
     def request_done(
-        self, method: str, route: str, status: int, cache: str, seconds: float
+        self,
+        method: str,
+        route: str,
+        status: int,
+        cache: str,
+        seconds: float,
+        caller: str = "-",
+        account: str = "-",
     ) -> None:
-        """Count one answered request; label children are looked up once per label set."""
-        key = (method, route, status // 100, cache)
+        """Count one answered request; label children are looked up once per label set.
+
+        ``caller`` and ``account`` are "-" for requests refused before the caller was known
+        (they count in ``requests`` only).
+        """
+        key = (method, route, status // 100, cache, caller, account)
         children = self._request_children.get(key)
         if children is None:
+            status_class = f"{status // 100}xx"
             children = (
-                self.requests.labels(method, route, f"{status // 100}xx", cache),
-                self.request_duration.labels(route, cache),
+                self.requests.labels(method, route, status_class, cache, account),
+                self.request_duration.labels(method, route, status_class, cache),
+                None
+                if caller == "-"
+                else self.caller_requests.labels(caller, account, status_class),
             )
+            if len(self._request_children) >= REQUEST_CHILDREN_MAX:
+                self._request_children.clear()
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if children[2] is not None:
+            children[2].inc()
+
+    def watch_store(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Expose the cache store's (entries, bytes), read at every scrape."""
+        StoreGauges(read, self.registry)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         # Bounded like the series themselves: label values are templates and enums.
-        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, int, str, str, str], tuple[Any, Any, Any]] = {}
+        # The process's own RSS, open file descriptors, CPU time (process_*), Linux only.
+        ProcessCollector(registry=registry)
         # --- build
         self.build_info = Info(
             "kounta_proxy_build",
@@ -170,14 +252,16 @@ class Metrics:
         # --- requests (inbound, recorded by app.access_middleware)
         self.requests = LoopCounter(
             "kounta_proxy_requests",
-            "Requests answered, by method, route template, status class and cache status.",
-            ["method", "route", "status_class", "cache"],
+            "Requests answered, by method, route template, status class, cache status and "
+            "account ('-' when refused before the caller was known).",
+            ["method", "route", "status_class", "cache", "account"],
             registry=registry,
         )
         self.request_duration = LoopHistogram(
             "kounta_proxy_request_duration_seconds",
-            "Time to answer a request (to the end of the body).",
-            ["route", "cache"],
+            "Time to answer a request (to the end of the body), by method, route template, "
+            "status class and cache status.",
+            ["method", "route", "status_class", "cache"],
             buckets=BUCKETS,
             registry=registry,
         )
@@ -186,11 +270,26 @@ class Metrics:
             "Requests being answered now.",
             registry=registry,
         )
+        # --- connections (recorded by proxy.listener through the app's Limits)
+        self.connections_open = Gauge(
+            "kounta_proxy_connections_open",
+            "Connections open on the proxy port (server.max_connections caps them).",
+            registry=registry,
+        )
+        self.connections_dropped = Counter(
+            "kounta_proxy_connections_dropped",
+            "Connections the proxy closed to protect itself, by reason: header_timeout (no "
+            "complete request head within server.header_timeout), max_connections.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CONNECTION_DROP_REASONS:
+            self.connections_dropped.labels(reason)
         # --- upstream (recorded by proxy.pipeline.upstream.Upstream)
         self.upstream_requests = Counter(
             "kounta_proxy_upstream_requests",
-            "Requests sent to the upstream, by method, route template and status.",
-            ["method", "route", "status"],
+            "Requests sent to the upstream, by method, route template, status and account.",
+            ["method", "route", "status", "account"],
             registry=registry,
         )
         self.upstream_duration = Histogram(
@@ -202,13 +301,10 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "kounta_proxy_upstream_errors",
-            "Upstream exchanges that failed, by kind: timeout, connect, tls, reset.",
-            ["kind"],
+            "Upstream exchanges that failed, by kind (timeout, connect, tls, reset) and account.",
+            ["kind", "account"],
             registry=registry,
         )
-        for kind in UPSTREAM_ERROR_KINDS:
-            # Pre-create the series so that rate() and alerts see a zero, not nothing.
-            self.upstream_errors.labels(kind)
         # --- budget, retries and breaker (recorded by the pipeline's budget and retry layers)
         self.budget_limit = Gauge(
             "kounta_proxy_budget_limit_per_minute",
@@ -262,13 +358,22 @@ class Metrics:
         )
         self.breaker_state = Gauge(
             "kounta_proxy_breaker_state",
-            "Circuit breaker per account: 0 closed, 1 half-open (probing), 2 open (failing fast).",
-            ["account"],
+            "1 for the account's current circuit breaker state (closed, half_open: probing, "
+            "open: failing fast), 0 for the others.",
+            ["account", "state"],
             registry=registry,
         )
         self.breaker_opened = Counter(
             "kounta_proxy_breaker_opened",
-            "Times an account's breaker opened after consecutive upstream failures.",
+            "Times a breaker of the account (its own or one of a route's) opened after "
+            "consecutive failed requests.",
+            ["account"],
+            registry=registry,
+        )
+        self.breaker_routes_open = Gauge(
+            "kounta_proxy_breaker_routes_open",
+            "Routes of the account whose own breaker is open or probing (5xx from Kounta "
+            "on that route), while the account's breaker may be closed.",
             ["account"],
             registry=registry,
         )
@@ -310,7 +415,7 @@ class Metrics:
             registry=registry,
         )
         self.token_expires_at = Gauge(
-            "kounta_proxy_token_expires_at_seconds",
+            "kounta_proxy_token_expiry_timestamp_seconds",
             "When the account's access token expires (Unix time); 0 when unknown.",
             ["account"],
             registry=registry,
@@ -338,14 +443,16 @@ class Metrics:
         self.auth_resends = Counter(
             "kounta_proxy_auth_resends",
             "Upstream 401s for an invalid or expired token, by account and outcome "
-            "(resent after a refresh, or not_replayable when the body could not be sent again).",
+            "(resent after a refresh, not_replayable when the body could not be sent again, "
+            "refresh_floor when the token was younger than auth.refresh_floor).",
             ["account", "outcome"],
             registry=registry,
         )
         self.caller_requests = LoopCounter(
             "kounta_proxy_caller_requests",
-            "Inbound requests by caller name (from [callers.NAME], or anonymous) and account.",
-            ["caller", "account"],
+            "Answered requests by caller name (from [callers.NAME], or anonymous), account and "
+            "status class.",
+            ["caller", "account", "status_class"],
             registry=registry,
         )
         self.caller_rejections = Counter(
@@ -355,16 +462,6 @@ class Metrics:
             registry=registry,
         )
         # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
-        self.cache_entries = Gauge(
-            "kounta_proxy_cache_entries",
-            "Responses stored in the disk cache (refreshed when stats are taken).",
-            registry=registry,
-        )
-        self.cache_bytes = Gauge(
-            "kounta_proxy_cache_bytes",
-            "Bytes the disk cache occupies (refreshed when stats are taken).",
-            registry=registry,
-        )
         self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
             "Cache outcomes by result (hit, miss, revalidated, stale, bypass) and reason "

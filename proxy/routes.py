@@ -1,48 +1,107 @@
-"""Route templates for metric labels and logs (pure).
+"""Route labels for metrics and logs, from a fixed, finite set (pure).
 
-Labels must never hold ids, cursors or anything a caller chose freely, or one
-client could create unbounded series. Known Kounta resource names are kept;
-every other segment becomes ``{id}``; very deep paths are cut.
+A label never holds an id, a cursor or anything a caller chose freely, and it is always
+one of :data:`LABELS`: Kounta's documented route templates (``/v1/companies/{id}/products``),
+:data:`OTHER` for any other path, and :data:`REFUSED` for requests the proxy refused before it
+knew the caller (counted by :mod:`proxy.edge.middlewares`). Matching walks a tree built once
+from :data:`TEMPLATES`, so a path that only *looks* like Kounta's (known words at any depth)
+cannot invent a label: 15,000 such requests used to create 228,000 series.
 """
 
 from __future__ import annotations
 
-RESOURCES = frozenset(
-    {
-        "v1",
-        "accounts",
-        "base",
-        "categories",
-        "companies",
-        "complete",
-        "customers",
-        "inventory",
-        "me",
-        "orders",
-        "payment_methods",
-        "pending",
-        "people",
-        "price_lists",
-        "products",
-        "registers",
-        "shifts",
-        "sites",
-        "staff",
-        "taxes",
-        "token",
-        "webhooks",
-    }
+from dataclasses import dataclass, field
+
+OTHER = "other"
+REFUSED = "refused"
+# Kounta's order filters: extra path segments that combine (orders/pending/accounts).
+ORDER_FILTERS = frozenset(
+    {"complete", "pending", "on_hold", "cancelled", "refunded", "accounts", "open", "closed"}
 )
-MAX_DEPTH = 8
+# Company resources (see shared/reference): each has a list and, where Kounta has them, records.
+_LISTS = (
+    "sites",
+    "products",
+    "categories",
+    "customers",
+    "people",
+    "price_lists",
+    "taxes",
+    "registers",
+    "staff",
+    "shifts",
+    "webhooks",
+    "orders",
+    "payment_methods",
+)
+_RECORDS = tuple(r for r in _LISTS if r != "payment_methods")
+_COMPANY = "/v1/companies/{id}"
+_SITE = _COMPANY + "/sites/{id}"
+TEMPLATES: tuple[str, ...] = (
+    "/v1/token",
+    "/v1/companies/me",
+    _COMPANY,
+    *(f"{_COMPANY}/{r}" for r in _LISTS),
+    *(f"{_COMPANY}/{r}/{{id}}" for r in _RECORDS),
+    f"{_COMPANY}/categories/{{id}}/products",
+    f"{_COMPANY}/price_lists/base",
+    *(f"{_COMPANY}/orders/{f}" for f in sorted(ORDER_FILTERS)),
+    f"{_COMPANY}/orders/{{filters}}",  # two or more filter segments
+    *(f"{_SITE}/{r}" for r in ("products", "categories", "orders", "inventory")),
+    f"{_SITE}/orders/{{filters}}",  # one or more filter segments
+)
+LABELS = frozenset((*TEMPLATES, OTHER, REFUSED))
+# A wildcard segment in TEMPLATES: any one path segment.
+_ANY = "{id}"
+_FILTERS = "{filters}"
+
+
+@dataclass
+class _Node:
+    literal: dict[str, _Node] = field(default_factory=dict)
+    wildcard: _Node | None = None
+    filters: str | None = None  # the label when the rest is one or more order filters
+    label: str | None = None  # the label when the path ends here
+
+
+def _tree(templates: tuple[str, ...]) -> _Node:
+    root = _Node()
+    for template in templates:
+        node = root
+        for segment in template.strip("/").split("/"):
+            if segment == _FILTERS:
+                node.filters = template
+                break
+            if segment == _ANY:
+                node.wildcard = node.wildcard or _Node()
+                node = node.wildcard
+            else:
+                node = node.literal.setdefault(segment, _Node())
+        else:
+            node.label = template
+    return root
+
+
+_ROOT = _tree(TEMPLATES)
 
 
 def template(path: str) -> str:
-    """``/v1/companies/5/products/9.json`` → ``/v1/companies/{id}/products/{id}``."""
+    """``/v1/companies/5/products/9.json`` → ``/v1/companies/{id}/products/{id}``; a path
+    matching no documented route → ``other``. Always a member of :data:`LABELS`."""
     segments = path.split("?", 1)[0].strip("/").split("/")
-    out: list[str] = []
-    for segment in segments[:MAX_DEPTH]:
-        name = segment.removesuffix(".json")
-        out.append(name if name in RESOURCES else "{id}")
-    if len(segments) > MAX_DEPTH:
-        out.append("...")
-    return "/" + "/".join(out)
+    segments[-1] = segments[-1].removesuffix(".json")
+    return _match(_ROOT, segments) or OTHER
+
+
+def _match(node: _Node, segments: list[str]) -> str | None:
+    """The label of the first template matching ``segments`` (literals before wildcards)."""
+    if not segments:
+        return node.label
+    head, rest = segments[0], segments[1:]
+    child = node.literal.get(head)
+    found = _match(child, rest) if child is not None else None
+    if found is None and node.wildcard is not None and head:
+        found = _match(node.wildcard, rest)
+    if found is None and node.filters is not None and all(s in ORDER_FILTERS for s in segments):
+        found = node.filters
+    return found

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import os
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from yarl import URL
+
+from proxy.headers import DEFAULT_FORWARDED, NEVER_FORWARDED, REQUIRED_FORWARDED
 
 ENV_PREFIX = "KOUNTA_PROXY_"
 DEFAULT_CONFIG_PATH = Path("kounta-proxy.toml")
@@ -46,6 +49,18 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {problem}" if key else problem)
 
 
+class ConfigErrors(ConfigError):
+    """Every problem found in one load, so an operator fixes them all in one go."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        first = problems[0]
+        super().__init__(first.key, first.problem)
+
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.problems]
+
+
 class Invalid(ValueError):
     """Raised by a section's ``__post_init__``; the loader adds the section path."""
 
@@ -56,12 +71,16 @@ class Invalid(ValueError):
 
 
 class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or logs."""
+    """A string that never shows itself in ``repr``, ``str`` or logs.
 
-    __slots__ = ("_value",)
+    ``source`` names the ``*_file`` it was read from (shown by check-config; not secret).
+    """
 
-    def __init__(self, value: str) -> None:
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str = "") -> None:
         self._value = value
+        self.source = source
 
     def reveal(self) -> str:
         return self._value
@@ -128,13 +147,25 @@ class ServerSettings:
     # Let several processes listen on the same port (SO_REUSEPORT); `serve --workers N` sets it
     # in each worker.
     reuse_port: bool = False
+    # After SIGTERM, keep serving new requests this long (readiness already false) before
+    # the listener closes: a sidecar's neighbour still reaches Kounta while it winds down.
+    # 0: close at once. 5 suits Kubernetes (endpoint removal takes a few seconds).
+    drain_delay: float = 0.0
+    # Seconds a connection has to deliver a complete request head, from when it opens or
+    # the first byte of the next request arrives (slowloris); then 408 and close.
+    header_timeout: float = 10.0
+    # Open connections at most; one more is answered 503 and closed at once.
+    max_connections: int = 1000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
         if self.public_url:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
-        _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace")
+        _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
+        _positive(self, "header_timeout")
+        if self.max_connections < 1:
+            raise Invalid("max_connections", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -146,19 +177,54 @@ class UpstreamSettings:
     read_timeout: float = 30.0
     total_timeout: float = 60.0
     pool_size: int = 100
+    # The caller's request headers that go on to Kounta (an allowlist, any case); the
+    # required ones (Accept, Content-Type, Cache-Control, conditionals, X-Page, ...) must stay.
+    forward_headers: tuple[str, ...] = DEFAULT_FORWARDED
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
+        if URL(self.base_url).path not in ("", "/"):
+            raise Invalid(
+                "base_url",
+                f"must be an origin without a path, got {self.base_url!r}: callers send "
+                "/v1/... and the proxy forwards that path as is (use "
+                f"{str(URL(self.base_url).origin())!r})",
+            )
         if self.ca_bundle and not Path(self.ca_bundle).is_file():
             raise Invalid("ca_bundle", f"no such file: {self.ca_bundle}")
         _positive(self, "connect_timeout", "read_timeout", "total_timeout")
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
+        _check_forwarded(self.forward_headers)
+
+    @functools.cached_property
+    def forwarded(self) -> frozenset[str]:
+        """``forward_headers`` in lower case, as :func:`proxy.headers.for_upstream` takes it."""
+        return frozenset(name.lower() for name in self.forward_headers)
 
     @functools.cached_property
     def url(self) -> URL:
         # Parsed once: read on every request.
         return URL(self.base_url.rstrip("/"))
+
+
+def _check_forwarded(names: tuple[str, ...]) -> None:
+    for name in names:
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise Invalid("forward_headers", f"must hold header names, got {name!r}")
+        lower = name.lower()
+        if lower in NEVER_FORWARDED or lower.startswith("proxy-"):
+            raise Invalid(
+                "forward_headers",
+                f"{name} is never forwarded (the proxy sets it, it is connection-specific, "
+                "or it asks a server to route, rewrite or change the method)",
+            )
+    given = {n.lower() for n in names}
+    missing = [n for n in REQUIRED_FORWARDED if n.lower() not in given]
+    if missing:
+        raise Invalid(
+            "forward_headers", f"must include {', '.join(missing)} (the proxy acts on it)"
+        )
 
 
 AccountMode = Literal["oauth", "basic", "static"]
@@ -185,6 +251,9 @@ class AccountSettings:
     refresh_token: Secret = Secret("")
     # Refresh this many seconds before expiry, but never earlier than half the lifetime.
     refresh_leeway: float = 300.0
+    # A token younger than this is not refreshed again on a 401 "expired"; unset: the
+    # [auth] refresh_floor.
+    refresh_floor: float | None = None
     # How long a request waits for a token being fetched before it gets 503.
     token_wait: float = 5.0
     # Timeout of one token request; longest pause between retries while the endpoint fails.
@@ -216,6 +285,8 @@ def _check_oauth(account: AccountSettings) -> None:
         problem = f"must be an absolute http(s) URL, got {account.redirect_uri!r}"
         raise Invalid("redirect_uri", problem)
     _not_negative(account, "refresh_leeway")
+    if account.refresh_floor is not None and account.refresh_floor < 0:
+        raise Invalid("refresh_floor", "must not be negative")
     _positive(account, "token_wait", "token_timeout", "token_retry_max")
 
 
@@ -246,6 +317,22 @@ class CallerSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """What all accounts' credentials share (per-account values override)."""
+
+    # Seconds after a refresh during which a 401 "expired" does not refresh again (the
+    # caller gets the 401): an endpoint that always says "expired" cannot force a token
+    # request per call.
+    refresh_floor: float = 30.0
+
+    def __post_init__(self) -> None:
+        _not_negative(self, "refresh_floor")
+
+    def floor_for(self, account: AccountSettings) -> float:
+        return self.refresh_floor if account.refresh_floor is None else account.refresh_floor
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -259,12 +346,29 @@ class AdminSettings:
     # Loopback by default: the admin routes (cache purge, ...) have no authentication.
     host: str = "127.0.0.1"
     port: int = 9464
+    # Host header values (any port) the admin listener answers; others get 403 (DNS
+    # rebinding). Add the name Prometheus scrapes when the listener is reachable elsewhere;
+    # an entry in CIDR form (10.0.0.0/8) admits IP-address Hosts in that network.
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
         if not self.host:
             raise Invalid("host", "must not be empty")
+        for host in self.allowed_hosts:
+            if "/" in host:
+                try:
+                    ipaddress.ip_network(host, strict=False)
+                except ValueError:
+                    raise Invalid("allowed_hosts", f"not a network: {host!r}") from None
+            elif not host or any(c in host for c in " ,\t@"):
+                raise Invalid("allowed_hosts", f"must hold host names, got {host!r}")
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the admin listener (no authentication) is reachable beyond loopback."""
+        return self.enabled and not is_loopback_host(self.host)
 
 
 def _check_rate(rate: int, burst: int) -> None:
@@ -294,12 +398,20 @@ class BudgetSettings:
     # doubling with each further 429 up to backoff_max.
     backoff_initial: float = 5.0
     backoff_max: float = 60.0
+    # The longest pause a 429's Retry-After or X-Ratelimit-Reset can impose on the account;
+    # longer asks are cut to it (and logged). 0: backoff_max.
+    retry_after_max: float = 0.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_wait", "queue_size", "window_margin")
+        _not_negative(self, "max_wait", "queue_size", "window_margin", "retry_after_max")
         _positive(self, "window", "backoff_initial")
         if self.backoff_max < self.backoff_initial:
             raise Invalid("backoff_max", "must be at least backoff_initial")
+
+    @property
+    def longest_pause(self) -> float:
+        """The cap on a pause Kounta asks for: ``retry_after_max``, else ``backoff_max``."""
+        return self.retry_after_max or self.backoff_max
 
 
 # Kounta has no idempotency keys: a resent POST or PATCH can create a duplicate order.
@@ -391,9 +503,14 @@ class CacheSettings:
     # Seconds a request waits for another's fetch of the same key before fetching alone.
     coalesce_wait: float = 10.0
     rules: tuple[CacheRule, ...] = ()
+    # Seconds past freshness a stored GET may answer when Kounta cannot be reached at all
+    # (refused, reset, timed out); not after 5xx/429 answers, and never for responses that
+    # say must-revalidate, proxy-revalidate, no-cache or s-maxage. A rule's or the
+    # response's own stale-if-error wins where set. 0: off.
+    stale_if_error: float = 300.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_size", "max_entry_size", "memory_size")
+        _not_negative(self, "max_size", "max_entry_size", "memory_size", "stale_if_error")
         if self.max_entry_size > self.max_size:
             raise Invalid("max_entry_size", "must not exceed max_size")
         _positive(self, "coalesce_wait")
@@ -472,12 +589,19 @@ class Settings:
     inbound: InboundSettings = field(default_factory=InboundSettings)
     callers: dict[str, CallerSettings] = field(default_factory=dict)
     shared: SharedSettings = field(default_factory=SharedSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     def __post_init__(self) -> None:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
         _check_callers(self)
         _check_shared(self)
+        _check_ports(self)
+        if self.inbound.key_header.lower() in self.upstream.forwarded:
+            raise Invalid(
+                "upstream.forward_headers",
+                f"must not include the caller key header {self.inbound.key_header}",
+            )
 
     @property
     def account_name(self) -> str:
@@ -492,6 +616,15 @@ def _check_shared(settings: Settings) -> None:
             "shared.token_key",
             f"is required with backend = 'redis' for oauth account {oauth[0]!r} (tokens are "
             "encrypted at rest in Redis); set shared.token_key_file",
+        )
+
+
+def _check_ports(settings: Settings) -> None:
+    admin, server = settings.admin, settings.server
+    if admin.enabled and admin.port and admin.port == server.port:
+        raise Invalid(
+            "admin.port",
+            f"is the same as server.port ({server.port}); the admin listener needs its own port",
         )
 
 
@@ -532,7 +665,10 @@ def load(
     elif DEFAULT_CONFIG_PATH.is_file():
         raw = read_toml(DEFAULT_CONFIG_PATH)
     merge_env(raw, env)
-    settings: Settings = build(Settings, raw, "")
+    problems: list[ConfigError] = []
+    settings = build(Settings, raw, "", problems)
+    if problems or not isinstance(settings, Settings):
+        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
     return settings
 
 
@@ -569,26 +705,71 @@ class _EnvValue(str):
     """A string from the environment: converted to the field's type when built."""
 
 
-def build(cls: type[Any], raw: Any, path: str) -> Any:
+class _Broken:
+    """What a table with a problem builds to; its parent leaves the key out."""
+
+
+BROKEN = _Broken()
+
+
+def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | None = None) -> Any:
+    """``cls`` from a raw table. With ``problems``, every problem is recorded there and the
+    walk goes on (a broken table builds to :data:`BROKEN`); without, the first is raised."""
     if not isinstance(raw, dict):
-        raise ConfigError(path, f"must be a table, got {_kind(raw)}")
+        return _problem(problems, ConfigError(path, f"must be a table, got {_kind(raw)}"))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    broken = False
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
-        if key.endswith("_file") and key[:-5] in names and hints[key[:-5]] is Secret:
-            if key[:-5] in raw:
-                raise ConfigError(key_path, f"set either {key[:-5]} or {key}, not both")
-            kwargs[key[:-5]] = Secret(_read_secret_file(key_path, value))
+        try:
+            name, built = _build_key(hints, names, raw, key, value, key_path, problems)
+        except ConfigError as e:
+            _problem(problems, e)
+            broken = True
             continue
-        if key not in names:
-            raise ConfigError(key_path, "unknown key")
-        kwargs[key] = convert(hints[key], value, key_path)
+        if built is BROKEN:
+            broken = True
+        else:
+            kwargs[name] = built
+    if broken:
+        return BROKEN
     try:
         return cls(**kwargs)
     except Invalid as e:
-        raise ConfigError(f"{path}.{e.key}" if path else e.key, e.problem) from None
+        return _problem(problems, ConfigError(f"{path}.{e.key}" if path else e.key, e.problem))
+
+
+def _problem(problems: list[ConfigError] | None, error: ConfigError) -> _Broken:
+    if problems is None:
+        raise error
+    problems.append(error)
+    return BROKEN
+
+
+def _build_key(
+    hints: dict[str, Any],
+    names: set[str],
+    raw: dict[str, Any],
+    key: str,
+    value: Any,
+    key_path: str,
+    problems: list[ConfigError] | None,
+) -> tuple[str, Any]:
+    if key.endswith("_file") and key[:-5] in names and hints[key[:-5]] is Secret:
+        if key[:-5] in raw:
+            raise ConfigError(key_path, f"set either {key[:-5]} or {key}, not both")
+        return key[:-5], Secret(_read_secret_file(key_path, value), source=str(value))
+    if key not in names:
+        raise ConfigError(key_path, "unknown key" + _did_you_mean(key, names, hints))
+    return key, convert(hints[key], value, key_path, problems)
+
+
+def _did_you_mean(key: str, names: set[str], hints: dict[str, Any]) -> str:
+    known = sorted(names | {f"{n}_file" for n in names if hints[n] is Secret})
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _read_secret_file(key: str, value: Any) -> str:
@@ -602,13 +783,13 @@ def _read_secret_file(key: str, value: Any) -> str:
         ) from None
 
 
-def convert(tp: Any, value: Any, path: str) -> Any:
+def convert(tp: Any, value: Any, path: str, problems: list[ConfigError] | None = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value == "" and isinstance(value, _EnvValue):
             return None
-        return convert(options[0], value, path)
+        return convert(options[0], value, path, problems)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -619,16 +800,18 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         _, value_type = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(path, f"must be a table, got {_kind(value)}")
-        return {k: convert(value_type, v, f"{path}.{k}") for k, v in value.items()}
+        items = {k: convert(value_type, v, f"{path}.{k}", problems) for k, v in value.items()}
+        return BROKEN if any(v is BROKEN for v in items.values()) else items
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if isinstance(value, _EnvValue):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(path, f"must be an array, got {_kind(value)}")
-        return tuple(convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
+        built = tuple(convert(item_type, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+        return BROKEN if any(v is BROKEN for v in built) else built
     if dataclasses.is_dataclass(tp):
-        return build(typing.cast(type[Any], tp), value, path)
+        return build(typing.cast(type[Any], tp), value, path, problems)
     if tp is Secret:
         return Secret(_scalar(str, value, path))
     if tp in (str, int, float, bool):
@@ -683,6 +866,8 @@ def _kind(value: Any) -> str:
 def masked(settings: Any) -> Any:
     """The settings as plain data with every secret replaced by a mask."""
     if isinstance(settings, Secret):
+        if settings and settings.source:
+            return f"{MASK} (from {settings.source})"
         return MASK if settings else ""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
         return {f.name: masked(getattr(settings, f.name)) for f in dataclasses.fields(settings)}

@@ -22,6 +22,11 @@ _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 _QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%\[\]|{}^`\"<> ]*")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _FORBIDDEN_ESCAPES = re.compile(r"%(2f|5c|00|0a|0d|2e)", re.IGNORECASE)
+# "%25" is an encoded "%": "%252e" decodes once to "%2e" and twice to ".".
+_ENCODED_PERCENT = re.compile(r"%25", re.IGNORECASE)
+_ESCAPED_BYTE = re.compile(r"%([0-9A-Fa-f]{2})")
+# Decoding rounds checked; more nested "%25" than this is refused outright.
+_MAX_DECODES = 4
 
 
 # RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ]; empty is allowed (RFC 9112 3.2).
@@ -75,8 +80,41 @@ def _check_path(path: str) -> None:
         raise InvalidTarget("The path contains a malformed percent-escape")
     if _FORBIDDEN_ESCAPES.search(path):
         raise InvalidTarget("Encoded '/', '\\', '.', NUL, CR or LF are not allowed in the path")
+    if _ENCODED_PERCENT.search(path):
+        _check_nested_escapes(path)
+    if "%" in path and not _utf8(path):
+        raise InvalidTarget(
+            "The path's percent-escapes are not valid UTF-8 (overlong or malformed sequences)"
+        )
     if any(segment in (".", "..") for segment in path.split("/")):
         raise InvalidTarget("Dot segments ('.' or '..') are not allowed in the path")
+
+
+def _check_nested_escapes(path: str) -> None:
+    """Refuse what a server that decodes twice (or more) would read as '/', '\\', '.' or a
+    control character: ``%252e``, ``%25252f``, any case."""
+    text = path
+    for _ in range(_MAX_DECODES):
+        text = _ENCODED_PERCENT.sub("%", text)
+        if _FORBIDDEN_ESCAPES.search(text) or not _utf8(text):
+            raise InvalidTarget(
+                "Double-encoded '/', '\\', '.', NUL, CR, LF or invalid UTF-8 are not allowed "
+                "in the path"
+            )
+        if not _ENCODED_PERCENT.search(text):
+            return
+    raise InvalidTarget("The path nests percent-encoding too deeply")
+
+
+def _utf8(path: str) -> bool:
+    """Whether the path's escaped bytes form valid UTF-8: strict decoding refuses overlong
+    forms (``%c0%ae`` for '.', ``%e0%80%af`` for '/'), surrogates and stray bytes."""
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(int(m.group(1), 16)), path).encode("latin-1")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _check_query(query: str) -> None:

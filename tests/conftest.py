@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.edge.app import create_app
 from proxy.listener import bound_port, start
+from proxy.metrics import Registry
 from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_sandbox_app
 from proxy.settings import AccountSettings, Secret, ServerSettings, Settings, UpstreamSettings
 
@@ -95,7 +96,7 @@ async def make_proxy(tmp_path: Any) -> AsyncIterator[MakeProxy]:
     runners: list[web.AppRunner] = []
 
     async def make(settings: Settings, **kwargs: Any) -> Proxy:
-        registry = kwargs.pop("registry", None) or CollectorRegistry()
+        registry = kwargs.pop("registry", None) or Registry()  # as the real app: no _created series
         app = create_app(settings, registry=registry, **kwargs)
         runner, port = await serve(app)
         runners.append(runner)

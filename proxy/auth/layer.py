@@ -51,6 +51,11 @@ class Authenticator:
             return response
         if not is_token_failure(await response.read(limit=ERROR_BODY_LIMIT)):
             return response
+        if not provider.may_renew(authorization):
+            # Refreshed moments ago and already "expired": the caller gets Kounta's 401
+            # (normalised like every error) rather than forcing one token request per call.
+            self._count(request.account, "refresh_floor")
+            return response
         if not request.replayable:
             # The body is gone; the caller gets the 401, the next request a fresh token.
             provider.invalidate(authorization)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import enum
 import logging
 import time
 from pathlib import Path
@@ -41,7 +42,13 @@ from authlib.oauth2.rfc6749 import OAuth2Token
 
 from proxy.auth.endpoint import request_token
 from proxy.auth.shared_tokens import SharedTokenStore
-from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError, TokenStore
+from proxy.auth.token_file import (
+    StoredToken,
+    TokenFile,
+    TokenFileCorrupt,
+    TokenFileError,
+    TokenStore,
+)
 from proxy.clock import WallClock, backoff
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
@@ -57,9 +64,25 @@ AUTHORIZE_POLL = 5.0
 # The background refresh never asks again sooner than this after a token arrived.
 MIN_REFRESH_GAP = 1.0
 
-PENDING, VALID, UNAVAILABLE = "pending", "valid", "unavailable"
-NEEDS_AUTHORIZE, REJECTED, STATIC = "needs_authorize", "rejected", "static"
-STATES = (PENDING, VALID, UNAVAILABLE, NEEDS_AUTHORIZE, REJECTED, STATIC)
+
+class TokenState(enum.StrEnum):
+    """An account's token state: the ``state`` label of ``kounta_proxy_token_state``."""
+
+    PENDING = "pending"
+    VALID = "valid"
+    UNAVAILABLE = "unavailable"
+    NEEDS_AUTHORIZE = "needs_authorize"
+    REJECTED = "rejected"
+    STATIC = "static"
+
+
+PENDING, VALID, UNAVAILABLE = TokenState.PENDING, TokenState.VALID, TokenState.UNAVAILABLE
+NEEDS_AUTHORIZE, REJECTED, STATIC = (
+    TokenState.NEEDS_AUTHORIZE,
+    TokenState.REJECTED,
+    TokenState.STATIC,
+)
+STATES = tuple(TokenState)
 # Token endpoint errors that retrying cannot fix.
 PERMANENT_ERRORS = frozenset(
     {"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type"}
@@ -72,7 +95,7 @@ class TokenProvider(Protocol):
     renewable: bool
 
     @property
-    def state(self) -> str: ...
+    def state(self) -> TokenState: ...
 
     @property
     def expires_at(self) -> float | None: ...
@@ -80,6 +103,8 @@ class TokenProvider(Protocol):
     async def authorization(self, deadline: float = INF) -> str: ...
 
     async def renew(self, failed: str, deadline: float = INF) -> str: ...
+
+    def may_renew(self, failed: str) -> bool: ...
 
     def invalidate(self, failed: str) -> None: ...
 
@@ -109,6 +134,9 @@ class _Fixed:
 
     def invalidate(self, failed: str) -> None:
         return None
+
+    def may_renew(self, failed: str) -> bool:
+        return False
 
     def problem(self) -> str | None:
         return None
@@ -155,6 +183,7 @@ def provider_for(
     metrics: Metrics | None = None,
     shared: Backend | None = None,
     shared_settings: SharedSettings | None = None,
+    refresh_floor: float = 30.0,
 ) -> TokenProvider:
     if account.mode in ("static", "basic") and metrics is not None:
         metrics.token_state.labels(name, STATIC).set(1)
@@ -168,6 +197,7 @@ def provider_for(
         token_store(name, account, state_dir, shared, shared_settings),
         clock=clock,
         metrics=metrics,
+        refresh_floor=refresh_floor,
     )
 
 
@@ -193,7 +223,11 @@ def refresh_due(token: StoredToken, leeway: float) -> float | None:
 
 
 def _bearer(token: StoredToken) -> str:
-    return f"Bearer {token.access_token}"
+    return _bearer_of(token.access_token)
+
+
+def _bearer_of(access_token: str) -> str:
+    return f"Bearer {access_token}"
 
 
 # --------------------------------------------------------------------------- OAuth provider
@@ -210,14 +244,19 @@ class OAuthProvider:
         *,
         clock: WallClock = time.time,
         metrics: Metrics | None = None,
+        refresh_floor: float = 30.0,
     ) -> None:
         self.account = account
+        # A token this provider fetched less than this ago is not refreshed again because
+        # Kounta said "expired" (see may_renew).
+        self.refresh_floor = refresh_floor
+        self._fetched: tuple[str, float] | None = None  # the last token fetched here, when
         self.settings = settings
         self.file = file
         self.clock = clock
         self.metrics = metrics
         self._token: StoredToken | None = None
-        self._state = ""  # set (and logged) by start()
+        self._state: TokenState | None = None  # set (and logged) by start()
         self._session: aiohttp.ClientSession | None = None
         self._inflight: asyncio.Task[StoredToken] | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -231,7 +270,7 @@ class OAuthProvider:
         return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
 
     @property
-    def state(self) -> str:
+    def state(self) -> TokenState:
         return self._state or PENDING
 
     @property
@@ -259,6 +298,17 @@ class OAuthProvider:
         self._file_mtime = self.file.mtime()
         try:
             stored = self.file.read()
+        except TokenFileCorrupt as e:
+            # Not an outage: the first refresh (at once, under the lock) sets the file aside
+            # and starts again from the configured refresh_token, if there is one.
+            event(
+                "token_file_corrupt",
+                logging.ERROR,
+                account=self.account,
+                reason=str(e),
+                fallback=self._fallback(),
+            )
+            stored = None
         except TokenFileError as e:
             event("token_file_unreadable", logging.ERROR, account=self.account, reason=str(e))
             stored = None
@@ -286,9 +336,22 @@ class OAuthProvider:
         self._check_usable()
         return _bearer(await self._wait(self._refresh(failed), deadline))
 
+    def may_renew(self, failed: str) -> bool:
+        """Whether a 401 for ``failed`` may cost a token request: not while ``failed`` is a
+        token fetched here less than ``refresh_floor`` ago (an endpoint that answers
+        "expired" to every call would otherwise make each call a token request).
+
+        A token read from the file (another process's, or a dead one at start) may always
+        be refreshed once: the floor only stops a second request for a token fetched here.
+        """
+        fetched = self._fetched
+        if fetched is None or _bearer_of(fetched[0]) != failed:
+            return True
+        return self.clock() - fetched[1] >= self.refresh_floor
+
     def invalidate(self, failed: str) -> None:
         """Kounta refused ``failed`` but the request cannot wait: refresh in the background."""
-        if self._token is not None and _bearer(self._token) == failed:
+        if self._token is not None and _bearer(self._token) == failed and self.may_renew(failed):
             with contextlib.suppress(TokenUnavailable):
                 self._check_usable()
                 self._refresh(failed)
@@ -374,7 +437,7 @@ class OAuthProvider:
             raise TokenUnavailable(self.file.unusable(self.account)) from None
 
     async def _refresh_or_adopt(self, failed: str | None) -> StoredToken:
-        stored = await self.file.fetch()
+        stored = await self._fetch_or_set_aside()
         self._file_mtime = self.file.mtime()
         held = self._token.access_token if self._token is not None else None
         if stored is not None and self._fresh_from_elsewhere(stored, held, failed):
@@ -395,6 +458,7 @@ class OAuthProvider:
         # another writer meanwhile wins (never overwritten by an older one).
         new = await self._persist(new)
         self._adopt(new)
+        self._fetched = (new.access_token, new.obtained_at)
         event(
             "token_refreshed",
             account=self.account,
@@ -402,6 +466,30 @@ class OAuthProvider:
             rotated=new.refresh_token != refresh_token,
         )
         return new
+
+    async def _fetch_or_set_aside(self) -> StoredToken | None:
+        """The stored token (under the lock); a corrupt one is moved aside and counts as none,
+        so the configured refresh_token takes over instead of the account failing for good."""
+        try:
+            return await self.file.fetch()
+        except TokenFileCorrupt:
+            aside = self.file.set_aside(self.clock())
+            event(
+                "token_file_set_aside",
+                logging.WARNING,
+                account=self.account,
+                moved_to=str(aside),
+                fallback=self._fallback(),
+            )
+            return None
+
+    def _fallback(self) -> str:
+        """What a refresh will use instead of the file's token (named, never shown)."""
+        if self._token is not None and self._token.refresh_token:
+            return "refresh_token held in memory"
+        if self.settings.grant == "client_credentials":
+            return "client_credentials grant"
+        return "configured refresh_token" if self.settings.refresh_token else "none"
 
     def _fresh_from_elsewhere(
         self, stored: StoredToken, held: str | None, failed: str | None
@@ -492,7 +580,7 @@ class OAuthProvider:
             if stored is not None and stored != self._token:
                 self._adopt(stored)
 
-    def _set_state(self, state: str, reason: str) -> None:
+    def _set_state(self, state: TokenState, reason: str) -> None:
         if self.metrics is not None:
             for name in STATES:
                 self.metrics.token_state.labels(self.account, name).set(1 if name == state else 0)

@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from proxy.auth.token_file import StoredToken, TokenFileError, parse_token
+from proxy.auth.token_file import StoredToken, TokenFileCorrupt, TokenFileError, parse_token
 from proxy.logs import event
 from proxy.settings import SharedSettings
 from proxy.shared import Backend, SharedUnavailable
@@ -40,6 +40,12 @@ POLL_SECONDS = 1.0
 
 class TokenStoreError(TokenFileError):
     """The shared token record cannot be used now (Redis away, locked too long, wrong key)."""
+
+
+class TokenRecordCorrupt(TokenStoreError, TokenFileCorrupt):
+    """The record decrypts with our key but holds no token: like a corrupt token file, the
+    provider sets it aside and starts again from the configured refresh_token. (A record that
+    does not decrypt is *not* this: it may be another key's, and is left alone.)"""
 
 
 class SharedTokenStore:
@@ -95,6 +101,12 @@ class SharedTokenStore:
         # The version first: a record we cannot decrypt can still be replaced (authorize).
         self._version = found.version
         self._record = self._decrypt(found.data)
+
+    def set_aside(self, now: float) -> str:
+        """Forget a corrupt record: the next save writes over its version (compare-and-set,
+        so a good record another replica stores meanwhile still wins)."""
+        self._record = None
+        return f"shared record version {self._version} (replaced by the next save)"
 
     # --- writing
 
@@ -204,6 +216,6 @@ class SharedTokenStore:
                 "with shared.token_key (another key?)"
             ) from None
         except (ValueError, TypeError, KeyError):
-            raise TokenStoreError(
+            raise TokenRecordCorrupt(
                 f"the shared token record of account {self.account!r} is not a token"
             ) from None

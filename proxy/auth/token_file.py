@@ -5,6 +5,9 @@ Layout (one object)::
     {"access_token": "...", "refresh_token": "...", "token_type": "Bearer",
      "expires_at": 1767225600.0, "obtained_at": 1767222000.0}
 
+A file that holds no token (corrupt) is moved aside as ``<file>.corrupt-<UTC time>`` by the
+provider, under the lock, and the account's configured ``refresh_token`` is used instead.
+
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the old
 file (and the directory fsynced), so a crash leaves either the old file or the new one, never
 half of one. ``<file>.lock`` is held with ``flock`` around read-refresh-write, so two proxies
@@ -30,6 +33,12 @@ LOCK_POLL = 0.01
 
 class TokenFileError(Exception):
     """The token file cannot be read or written; the message names the file, never a token."""
+
+
+class TokenFileCorrupt(TokenFileError):
+    """The file was read but holds no token: not JSON, not an object, a field of a wrong type
+    (a torn copy from a backup, an editor accident). It can be set aside; an unreadable file
+    (permissions, I/O) cannot, and is left to the operator."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +67,14 @@ class TokenStore(Protocol):
 
     def mtime(self) -> int | None: ...
 
-    async def fetch(self) -> StoredToken | None: ...
+    async def fetch(self) -> StoredToken | None:
+        """Raises :class:`TokenFileCorrupt` when what is stored holds no token."""
+        ...
+
+    def set_aside(self, now: float) -> Path | str:
+        """Put a corrupt record out of the way (under ``locked``) so the next save starts
+        afresh; returns where it went, for the log (no secrets)."""
+        ...
 
     async def save(self, token: StoredToken) -> StoredToken: ...
 
@@ -84,12 +100,32 @@ class TokenFile:
             raw = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError:
+            raise TokenFileCorrupt(f"token file {self.path} is not UTF-8 text") from None
+        except OSError as e:
             raise TokenFileError(f"cannot read token file {self.path}: {_why(e)}") from None
         try:
             return parse_token(json.loads(raw))
         except (ValueError, TypeError, KeyError):
-            raise TokenFileError(f"token file {self.path} is not a valid token file") from None
+            raise TokenFileCorrupt(f"token file {self.path} is not a valid token file") from None
+
+    def set_aside(self, now: float) -> Path:
+        """Move a corrupt file out of the way as ``<name>.corrupt-<UTC time>`` (kept, mode
+        0600, for whoever wants to look), so the next write starts afresh. Call it while
+        holding :meth:`locked`, so a good file another process just wrote is not the one
+        moved."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        try:
+            os.replace(self.path, aside)
+            _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise TokenFileError(f"cannot move token file {self.path} aside: {_why(e)}") from None
+        return aside
 
     def write(self, token: StoredToken) -> None:
         """Atomically replace the file (tmp + fsync + rename + directory fsync)."""

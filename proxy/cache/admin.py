@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -27,14 +27,16 @@ AnnouncePurge = Callable[[str, str | None], Awaitable[None]]
 
 
 def routes(
-    store: CacheStore, metrics: Metrics, announce: AnnouncePurge | None = None
+    store: CacheStore,
+    metrics: Metrics,
+    accounts: Collection[str] = (),
+    announce: AnnouncePurge | None = None,
 ) -> list[web.RouteDef]:
-    """The admin routes over the running proxy's ``store``."""
+    """The admin routes over the running proxy's ``store`` (``accounts``: the names a purge
+    may name; empty: any; ``announce``: tells the other replicas about a purge)."""
 
     async def stats(request: web.Request) -> web.Response:
         found = await store.stats()
-        metrics.cache_entries.set(found["entries"])
-        metrics.cache_bytes.set(found["bytes"])
         return web.json_response({"enabled": True, **found, "storing": store.problem or "ok"})
 
     async def purge(request: web.Request) -> web.Response:
@@ -42,6 +44,8 @@ def routes(
         account = request.query.get("account") or None
         if prefix and not prefix.startswith("/"):
             raise errors.InvalidRequest("prefix must be a path starting with '/'")
+        if account is not None and accounts and account not in accounts:
+            raise errors.InvalidRequest(unknown_account(account, accounts))
         removed = await store.purge(prefix, account)
         event("cache_purged", prefix=prefix, account=account, removed=removed)
         if announce is not None:
@@ -68,6 +72,9 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
 
     if prefix and not prefix.startswith("/"):
         return _fail(f"--prefix must be a path starting with '/', got {prefix!r}")
+    if account is not None and account not in settings.accounts:
+        # A typo would purge nothing and say {"purged": 0}, as if all were well.
+        return _fail(unknown_account(account, settings.accounts))
     directory = settings.cache.directory(settings.state_dir)
     if not directory.is_dir():
         # Never create a cache where none was: the settings probably point elsewhere.
@@ -77,6 +84,11 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
     except OSError as e:
         return _fail(f"cannot use the cache directory: {e.strerror or e}", status=1)
     return 0
+
+
+def unknown_account(account: str, accounts: Collection[str]) -> str:
+    known = ", ".join(sorted(accounts)) or "none"
+    return f"no account named {account!r} in the settings (accounts: {known})"
 
 
 def _fail(message: str, status: int = 2) -> int:

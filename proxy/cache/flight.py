@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Literal
 
 from proxy.cache.policy import Entry
 from proxy.cache.store import Stored
@@ -22,7 +23,7 @@ class Outcome:
 
     status: int
     headers: tuple[tuple[str, str], ...]
-    cache_status: str  # MISS | REVALIDATED
+    cache_status: Literal["MISS", "REVALIDATED"]
     upstream_status: int | None
     stored: Stored | None = None  # body (bytes or on disk) to answer from
     stream: ProxyResponse | None = None  # only the starter may use it

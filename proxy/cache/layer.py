@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, assert_never
@@ -27,6 +28,7 @@ from proxy.cache.policy import (
     SELECTING,
     UNSAFE_METHODS,
     Entry,
+    Freshened,
     FreshHit,
     HeaderItems,
     Headers,
@@ -34,15 +36,18 @@ from proxy.cache.policy import (
     Miss,
     NotStorable,
     OnlyIfCachedMiss,
+    Refetch,
     RequestControl,
     Revalidate,
     ServeStale,
+    TakeBody,
+    UpstreamFailed,
+    answered,
     bypass,
     cache_key,
     fresh_age,
     invalidation,
     lookup,
-    merge_304,
     not_modified,
     not_modified_headers,
     parse_key,
@@ -54,14 +59,26 @@ from proxy.cache.policy import (
 from proxy.cache.store import BodySink, CacheStore, Stored
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
-from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.settings import CacheSettings, Settings
+from proxy.settings import CacheRule, CacheSettings, Settings
 
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
 TEE_DEPTH = 8
-# Cache keys remembered per (account, path, query, selecting headers); cleared when full.
-KEYS_MAX = 4096
+# Says a stored answer stands in for one the upstream failed to give (RFC 7234 5.5.2).
+STALE_WARNING = '111 - "Revalidation Failed"'
+
+
+def refuse_repeated_vary(entry: Entry, headers: CIMultiDictProxy[str]) -> None:
+    """A header the stored answer varies on must come once: with two lines the upstream may
+    read the other one than the one the entry was selected by (the edge refuses repeated
+    Accept, X-Page and X-Pretty-Print the same way)."""
+    for name, _ in entry.vary:
+        if len(headers.getall(name, ())) > 1:
+            raise errors.InvalidRequest(
+                f"Header {name} is sent more than once; it selects the answer, so send it once",
+                code="repeated_header",
+            )
 
 
 class Cache:
@@ -72,21 +89,25 @@ class Cache:
         settings: Settings,
         metrics: Metrics,
         clock: WallClock,
+        current: Callable[[], Settings] | None = None,
     ) -> None:
         self.inner = inner
         self.store = store
         self.config: CacheSettings = settings.cache
+        # The live settings (a SIGHUP reload may change the rules); read per decision.
+        self.current = current or (lambda: settings)
         self.origin = str(settings.upstream.url.origin())
         self.read_timeout = settings.upstream.read_timeout
         self.metrics = metrics
         self.clock = clock
         self.flights: dict[str, Flight] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._children: dict[tuple[str, str], Any] = {}
-        self._keys: dict[tuple[str | None, ...], str] = {}
         # Tells other replicas about an invalidation before the writer's answer goes out
         # (proxy.cache.broadcast; None: this process is alone).
         self.announce: Callable[[Invalidation], Awaitable[None]] | None = None
+
+    def rules(self) -> tuple[CacheRule, ...]:
+        return self.current().cache.rules
 
     # ------------------------------------------------------------------ entry point
 
@@ -97,23 +118,19 @@ class Cache:
         control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
         skip = bypass(request.method, headers, control)
         if skip is not None:
-            self._count("bypass", skip.reason.split(" ")[0])
+            self._count("bypass", skip.code)
             response = await self.inner.send(request)
             response.cache_status = "BYPASS"
             return response
         key = self.key(request.account, request.path, request.query, request.headers)
         stored = await self.store.get(key)
+        if stored is not None:
+            refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:
         """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""
-        parts = (account, path, query, *map(headers.get, SELECTING))
-        key = self._keys.get(parts)
-        if key is None:
-            if len(self._keys) >= KEYS_MAX:
-                self._keys.clear()
-            key = self._keys[parts] = cache_key(account, path, query, headers)
-        return key
+        return _key(account, path, query, *map(headers.get, SELECTING))
 
     def fresh_hit(
         self, account: str, path: str, query: str, headers: Headers
@@ -162,7 +179,10 @@ class Cache:
             self._count("stale", "while_revalidate" if decision.refresh else "max_stale")
             if decision.refresh:
                 self._refresh(key, request, stored)
-            return self._from_store(request, stored, "STALE", decision.age)
+            answer = self._from_store(request, stored, "STALE", decision.age)
+            why = "stale-while-revalidate" if decision.refresh else "max-stale"
+            answer.cache_detail = f"hit; detail={why}"
+            return answer
         if isinstance(decision, OnlyIfCachedMiss):
             self._count("miss", "only_if_cached")
             raise errors.OnlyIfCachedMiss(
@@ -174,13 +194,18 @@ class Cache:
             if newer is not None and newer is not stored:
                 return await self._decide(request, control, key, newer)
             usable = isinstance(decision, Revalidate) or decision.stale is not None
-            return await self._fetch(request, key, stored if usable else None, decision)
+            # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
+            fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
+            answer = await self._fetch(request, key, stored if usable else None, decision)
+            if not answer.cache_detail:
+                answer.cache_detail = f"fwd={fwd}"
+            return answer
         assert_never(decision)
 
     # ------------------------------------------------------------------ answering
 
     def _from_store(
-        self, request: ProxyRequest, stored: Stored, status: str, age: float | None
+        self, request: ProxyRequest, stored: Stored, status: CacheStatus, age: float | None
     ) -> ProxyResponse:
         entry = stored.entry
         return self._respond(
@@ -198,7 +223,7 @@ class Cache:
         status: int,
         headers: tuple[tuple[str, str], ...],
         stored: Stored | None,
-        cache_status: str,
+        cache_status: CacheStatus,
         age: int | None,
         upstream_status: int | None = None,
     ) -> ProxyResponse:
@@ -230,6 +255,28 @@ class Cache:
             # release() (the answer's finally) closes the file if the caller left early.
             response.body, response.release = stream, stream.aclose
             response.headers["Content-Length"] = str(stored.entry.size)
+        return response
+
+    def _stale_ok(self, stale: Stored, error: ProxyError | None) -> bool:
+        """Whether ``stale`` may answer for a failed fetch: ``error`` raised, or (None) an
+        error status. An :class:`~proxy.errors.UpstreamError` (refused, reset, timed out,
+        the breaker open) means the origin could not be reached, which
+        ``cache.stale_if_error`` covers for every stored GET (policy.stale_on_error)."""
+        unreachable = isinstance(error, errors.UpstreamError)
+        default = self.config.stale_if_error
+        return stale_on_error(stale.entry, self.clock(), unreachable=unreachable, default=default)
+
+    def _stale(
+        self, request: ProxyRequest, stale: Stored, why: str, status: int | None = None
+    ) -> ProxyResponse:
+        """The stored answer for a failed fetch, saying so: Warning 111 (RFC 7234 5.5.2) and
+        the RFC 9211 parameters of the proxy's one Cache-Status member, which the edge adds
+        (``fwd=stale``, the upstream's status if it answered, and ``detail`` = the failure's
+        code, e.g. ``upstream_unreachable`` or ``upstream_503``, as the lookup metrics say)."""
+        response = self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+        response.headers["Warning"] = STALE_WARNING
+        forwarded = "fwd=stale" if status is None else f"fwd=stale; fwd-status={status}"
+        response.cache_detail = f"{forwarded}; detail={why}"
         return response
 
     def _answer(self, request: ProxyRequest, outcome: Outcome) -> ProxyResponse:
@@ -273,15 +320,16 @@ class Cache:
             else:
                 outcome = await self._wait(flight, request, stale)
         except ProxyError as e:
-            if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
+            if e.stale_ok and stale is not None and self._stale_ok(stale, e):
                 self._count("stale", "error")
-                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+                return self._stale(request, stale, e.code)
             self._count("miss", "error")
             raise
         failed = outcome.status in ERROR_STATUSES and outcome.stream is None
-        if failed and stale is not None and stale_on_error(stale.entry, self.clock()):
+        if failed and stale is not None and self._stale_ok(stale, None):
             self._count("stale", f"upstream_{outcome.status}")
-            return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            why = f"upstream_{outcome.status}"
+            return self._stale(request, stale, why, outcome.status)
         self._count(outcome.cache_status.lower(), outcome.reason)
         answer = self._answer(request, outcome)
         if starter:
@@ -305,8 +353,8 @@ class Cache:
         try:
             response = await self.inner.send(request)
         except ProxyError as e:
-            if e.stale_ok and stale is not None and stale_on_error(stale.entry, self.clock()):
-                return self._from_store(request, stale, "STALE", stale.entry.age(self.clock()))
+            if e.stale_ok and stale is not None and self._stale_ok(stale, e):
+                return self._stale(request, stale, e.code)
             raise
         response.cache_status = "MISS"
         self._count("miss", "head")
@@ -377,26 +425,29 @@ class Cache:
         response.add_upstream_time(flight.upstream_seconds)  # a refetch after a 304
         flight.upstream_seconds = response.upstream_seconds
         items = tuple(response.headers.items())
-        if response.status == 304 and stale is not None and entry is not None:
+        decision = answered(
+            entry, response.status, items, request_time, response_time, self.rules()
+        )
+        if isinstance(decision, Freshened):
             await response.release()
-            merged = merge_304(entry, items, request_time, response_time, self.config.rules)
-            if merged is not None:
-                self._count("revalidated", "not_modified")
-                fresh = Stored(merged, stale.body, stale.body_key)
-                self._keep(flight, fresh)
-                return Outcome(
-                    merged.status,
-                    merged.headers,
-                    "REVALIDATED",
-                    304,
-                    stored=fresh,
-                    entry=merged,
-                    reason="not_modified",
-                )
-            return await self._exchange(flight, None)  # a different representation: fetch it
-        if entry is not None and response.status in (404, 410):
-            self.store.delete(flight.key)  # RFC 9111 4.4: the resource is gone
-        if response.status in ERROR_STATUSES:
+            self._count("revalidated", "not_modified")
+            fresh = Stored(
+                decision.entry, stale.body if stale else None, stale.body_key if stale else None
+            )
+            self._keep(flight, fresh)
+            return Outcome(
+                decision.entry.status,
+                decision.entry.headers,
+                "REVALIDATED",
+                304,
+                stored=fresh,
+                entry=decision.entry,
+                reason="not_modified",
+            )
+        if isinstance(decision, Refetch):
+            await response.release()
+            return await self._exchange(flight, None)
+        if isinstance(decision, UpstreamFailed):
             body = await response.read(limit=ERROR_BODY_LIMIT)
             return Outcome(
                 response.status,
@@ -406,6 +457,10 @@ class Cache:
                 stored=Stored(_placeholder(response.status, items, len(body)), body),
                 reason=f"upstream_{response.status}",
             )
+        if not isinstance(decision, TakeBody):
+            assert_never(decision)
+        if decision.forget:
+            self.store.delete(flight.key)
         outcome = await self._take_body(flight, response, request_time, response_time)
         outcome.reason = "changed" if entry is not None else "cold"
         return outcome
@@ -564,7 +619,7 @@ class Cache:
             max_size=self.config.max_entry_size,
             request_time=request_time,
             response_time=response_time,
-            rules=self.config.rules,
+            rules=self.rules(),
         )
 
     def _may_store(self, flight: Flight, entry: Entry) -> bool:
@@ -612,13 +667,7 @@ class Cache:
         return removed
 
     def _count(self, result: str, reason: str) -> None:
-        # labels() costs as much as the rest of a fresh hit's decision: keep the children.
-        child = self._children.get((result, reason))
-        if child is None:
-            child = self._children[(result, reason)] = self.metrics.cache_lookups.labels(
-                result, reason
-            )
-        child.inc()
+        self.metrics.cache_lookups.labels(result, reason).inc()
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -641,9 +690,11 @@ def _placeholder(status: int, items: tuple[tuple[str, str], ...], size: int) -> 
     return Entry(status, items, "", "", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True, (), size)
 
 
+@functools.lru_cache(maxsize=4096)
+def _key(account: str, path: str, query: str, *selecting: str | None) -> str:
+    sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
+    return cache_key(account, path, query, sent)
+
+
 def _store_label(reason: NotStorable) -> str:
-    if "larger" in reason.reason:
-        return "too_large"
-    if "whole" in reason.reason:
-        return "truncated"
-    return "not_storable"
+    return reason.code if reason.code in ("too_large", "truncated") else "not_storable"

@@ -21,11 +21,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 from proxy.dates import http_date
-from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED
+from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_named
 from proxy.settings import CacheRule
 
 KEY_VERSION = 1
@@ -105,11 +105,41 @@ def _unquote(arg: str) -> str:
     return arg
 
 
+# RFC 9111 1.2.2: delta-seconds are ASCII digits only (str.isdigit() also takes "²" and
+# other scripts' digits, and float("²") raises).
+DELTA_SECONDS = re.compile(r"[0-9]+")
+# RFC 9111 1.2.2: a delta-seconds too large to hold is taken as 2^31.
+DELTA_SECONDS_MAX = 2.0**31
+
+
 def seconds(value: str | None) -> float | None:
-    """A delta-seconds argument (RFC 9111 1.2.2); invalid ones count as absent."""
-    if value is None or not value.strip().isdigit():
+    """A delta-seconds argument (RFC 9111 1.2.2); invalid ones count as absent.
+
+    "If a cache receives a delta-seconds value greater than the greatest integer it can
+    represent, or if any of its subsequent calculations overflows, the cache MUST consider
+    the value to be 2147483648 (2^31)": so huge values are clamped, never an overflow.
+    """
+    if value is None:
         return None
-    return float(value.strip())
+    value = value.strip()
+    if not DELTA_SECONDS.fullmatch(value):
+        return None
+    return min(float(value), DELTA_SECONDS_MAX)
+
+
+def age_value(values: Sequence[str]) -> float | None:
+    """The ``Age`` field (RFC 9111 5.1), or None when absent or invalid.
+
+    RFC 9111 5.1: "Although it is defined as a singleton header field, a cache encountering
+    a message with a list-based Age field value SHOULD use the first member of the field
+    value, discarding subsequent ones. If the field value (after discarding additional
+    members, as per above) is invalid (e.g., it contains something other than a
+    non-negative integer), a cache SHOULD ignore the field." So ``Age: 10, 20`` is 10, and
+    ``Age: 10s``, ``Age: -5``, ``Age: 1.5`` or ``Age: 10 junk`` are ignored, never read as
+    their numeric prefix.
+    """
+    members = split_list(", ".join(values))
+    return seconds(members[0]) if members else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,8 +297,24 @@ class Entry:
         return all(vary_value(headers, name) == value for name, value in self.vary)
 
 
+NotStorableCode = Literal[
+    "request_no_store",
+    "not_final",
+    "no_store",
+    "set_cookie",
+    "vary_star",
+    "truncated",
+    "too_large",
+    "no_explicit_freshness",
+    "nothing_to_reuse",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class NotStorable:
+    """Why a response is not stored: ``code`` for labels and logs, ``reason`` for people."""
+
+    code: NotStorableCode
     reason: str
 
 
@@ -279,6 +325,17 @@ def rule_for(path: str, rules: Sequence[CacheRule]) -> CacheRule | None:
         if fnmatchcase(bare, rule.path) or fnmatchcase(path, rule.path):
             return rule
     return None
+
+
+def storable_headers(headers: Sequence[tuple[str, str]]) -> HeaderItems:
+    """The fields stored with a response (RFC 9111 3.1): not the hop-by-hop ones, which
+    include every field the ``Connection`` header names (RFC 9110 7.6.1), nor the ones
+    recomputed for each answer. The stored ``Connection`` itself is dropped, so a field it
+    named would otherwise reach every later caller of a hit."""
+    named = connection_named(headers)
+    return tuple(
+        (k, v) for k, v in headers if k.lower() not in UNSTORED_HEADERS and k.lower() not in named
+    )
 
 
 def _all(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
@@ -304,16 +361,16 @@ def to_entry(
     """Whether a GET response may be stored (RFC 9111 3) and, if so, its entry."""
     cc = directives(_all(headers, "Cache-Control"))
     names = vary_names(headers)
-    reason = _unstorable(status, cc, headers, request_control, names, whole, size, max_size)
-    if reason is not None:
-        return NotStorable(reason)
+    refused = _unstorable(status, cc, headers, request_control, names, whole, size, max_size)
+    if refused is not None:
+        return refused
     assert names is not None
     explicit = freshness_lifetime(cc, headers, response_time) is not None
     has_validator = bool(_all(headers, "ETag") or _all(headers, "Last-Modified"))
     reuse = _reuse(cc, headers, response_time, rule_for(path, rules))
     entry = Entry(
         status=status,
-        headers=tuple((k, v) for k, v in headers if k.lower() not in UNSTORED_HEADERS),
+        headers=storable_headers(headers),
         account=account,
         path=path,
         request_time=request_time,
@@ -324,18 +381,22 @@ def to_entry(
         size=size,
     )
     if status not in HEURISTIC_STATUSES and not explicit:
-        return NotStorable(f"status {status} without explicit freshness")
+        return NotStorable("no_explicit_freshness", f"status {status} without explicit freshness")
     if not (has_validator or entry.fresh_for > 0 or entry.stale_if_error > 0):
-        return NotStorable("no validator and no freshness: nothing to reuse")
+        return NotStorable("nothing_to_reuse", "no validator and no freshness: nothing to reuse")
     if status != 200 and not (has_validator or explicit):
-        return NotStorable(f"status {status} without validator or explicit freshness")
+        return NotStorable(
+            "no_explicit_freshness", f"status {status} without validator or explicit freshness"
+        )
     return entry
 
 
 # Directives after which a stored response is never used unvalidated once stale (RFC 9111
-# 5.2.2.2, 5.2.2.4). proxy-revalidate binds shared caches only (5.2.2.8); this cache serves
-# many callers of one account, so it is honoured too: never wrong beats one more hit.
-STRICT_DIRECTIVES = ("no-cache", "must-revalidate", "proxy-revalidate")
+# 5.2.2.2, 5.2.2.4). proxy-revalidate binds shared caches only (5.2.2.8), and s-maxage
+# implies it for them (5.2.2.10); this cache serves many callers of one account, so both
+# are honoured too: never wrong beats one more hit (DESIGN.md, "The cache is private per
+# account": s-maxage still does not change the freshness lifetime).
+STRICT_DIRECTIVES = ("no-cache", "must-revalidate", "proxy-revalidate", "s-maxage")
 
 
 def _reuse(
@@ -374,21 +435,22 @@ def _unstorable(
     whole: bool,
     size: int,
     max_size: int,
-) -> str | None:
+) -> NotStorable | None:
     if req.no_store:
-        return "request no-store"  # RFC 9111 5.2.1.5
-    if status < 200 or status in (206, 304):
-        return f"status {status} is not a final, complete response"  # RFC 9111 3, 3.3
+        return NotStorable("request_no_store", "request no-store")  # RFC 9111 5.2.1.5
+    if status < 200 or status in (206, 304):  # RFC 9111 3, 3.3
+        return NotStorable("not_final", f"status {status} is not a final, complete response")
     if "no-store" in cc:
-        return "response no-store"  # RFC 9111 5.2.2.5
+        return NotStorable("no_store", "response no-store")  # RFC 9111 5.2.2.5
     if _all(headers, "Set-Cookie"):
-        return "Set-Cookie"  # one caller's cookie must never reach another caller
+        # one caller's cookie must never reach another caller
+        return NotStorable("set_cookie", "Set-Cookie")
     if names is None:
-        return "Vary: *"  # RFC 9111 4.1: never matches
-    if not whole:
-        return "body did not arrive whole"  # RFC 9111 3.3: incomplete responses
+        return NotStorable("vary_star", "Vary: *")  # RFC 9111 4.1: never matches
+    if not whole:  # RFC 9111 3.3: incomplete responses
+        return NotStorable("truncated", "body did not arrive whole")
     if size > max_size:
-        return f"body larger than {max_size} bytes"
+        return NotStorable("too_large", f"body larger than {max_size} bytes")
     return None
 
 
@@ -413,17 +475,21 @@ def initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: fl
     """RFC 9111 4.2.3 corrected_initial_age."""
     date = http_date(next(iter(_all(headers, "Date")), None))
     apparent = max(0.0, now - date) if date is not None else 0.0
-    age = seconds(next(iter(_all(headers, "Age")), None)) or 0.0
+    age = age_value(_all(headers, "Age")) or 0.0
     return max(apparent, age + max(0.0, now - request_time))
 
 
 # --------------------------------------------------------------------------- lookup
 
 
+BypassCode = Literal["method", "no_store", "conditional"]
+
+
 @dataclass(frozen=True, slots=True)
 class Bypass:
-    """The cache stays out: neither looked up nor stored."""
+    """The cache stays out: neither looked up nor stored. ``code`` labels the lookup metric."""
 
+    code: BypassCode
     reason: str
 
 
@@ -464,12 +530,12 @@ Decision = FreshHit | ServeStale | Revalidate | Miss | OnlyIfCachedMiss
 def bypass(method: str, headers: Headers, control: RequestControl) -> Bypass | None:
     """Requests the cache does not handle at all."""
     if method not in ("GET", "HEAD"):
-        return Bypass(f"method {method}")
+        return Bypass("method", f"method {method}")
     if control.no_store:
-        return Bypass("request no-store")
+        return Bypass("no_store", "request no-store")
     for name in UNHANDLED_CONDITIONALS:
         if name in headers:
-            return Bypass(f"request has {name}")
+            return Bypass("conditional", f"request has {name}")
     return None
 
 
@@ -494,7 +560,8 @@ def lookup(entry: Entry | None, headers: Headers, control: RequestControl, now: 
     if left <= 0 and not control.no_cache and not entry.strict and control.max_age is None:
         if control.max_stale is not None and -left <= control.max_stale:
             return ServeStale(entry, age, refresh=False)  # RFC 9111 5.2.1.2
-        if -left <= entry.stale_while_revalidate and not control.only_if_cached:
+        swr = entry.stale_while_revalidate
+        if swr > 0 and -left <= swr and not control.only_if_cached:
             return ServeStale(entry, age, refresh=True)
     if control.only_if_cached:
         return OnlyIfCachedMiss()
@@ -511,11 +578,35 @@ def _fresh_enough(left: float, age: float, control: RequestControl) -> bool:
     return control.min_fresh is None or left >= control.min_fresh  # 5.2.1.3
 
 
-def stale_on_error(entry: Entry | None, now: float) -> bool:
-    """RFC 5861 4 / RFC 9111 4.2.4: may this entry answer when the upstream fails?"""
+def stale_on_error(
+    entry: Entry | None, now: float, *, unreachable: bool = False, default: float = 0.0
+) -> bool:
+    """May this entry answer when the upstream fails (RFC 9111 4.2.4, RFC 5861 4)?
+
+    Two windows past freshness:
+
+    - the response's own ``stale-if-error`` or its cache rule's ``stale_if_error``: for any
+      failure (the upstream unreachable, a 5xx or 429 answer, the rate budget exhausted);
+    - ``default`` (``cache.stale_if_error``): only when the origin could not be reached at
+      all (``unreachable``: refused, reset, timed out, or the breaker failing fast), for
+      entries that name no window of their own. An explicit window wins where set, smaller
+      or larger; a response's ``stale-if-error=0`` is explicit too.
+
+    Never for an entry that must be revalidated once stale (``no-cache``,
+    ``must-revalidate``, ``proxy-revalidate``, ``s-maxage``: :data:`STRICT_DIRECTIVES`).
+    """
     if entry is None or entry.strict:
         return False
-    return entry.staleness(now) <= entry.stale_if_error
+    window = entry.stale_if_error
+    if unreachable and not _explicit_stale_if_error(entry):
+        window = default
+    return entry.staleness(now) <= window
+
+
+def _explicit_stale_if_error(entry: Entry) -> bool:
+    if entry.stale_if_error > 0:
+        return True
+    return "stale-if-error" in directives(_all(entry.headers, "Cache-Control"))
 
 
 def validators(entry: Entry) -> dict[str, str]:
@@ -543,7 +634,7 @@ def merge_304(
     new_tag = next(iter(_all(headers, "ETag")), None)
     if new_tag is not None and entry.etag is not None and not weak_match(new_tag, entry.etag):
         return None
-    updates = [(k, v) for k, v in headers if k.lower() not in NOT_UPDATED_BY_304]
+    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
     replaced = {k.lower() for k, _ in updates}
     merged = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(updates)
     cc = directives(_all(merged, "Cache-Control"))
@@ -557,6 +648,54 @@ def merge_304(
         initial_age=initial_age(headers, request_time, response_time),
         **_reuse(cc, merged, response_time, rule_for(entry.path, rules)),
     )
+
+
+# --------------------------------------------------------------------------- upstream answers
+
+
+@dataclass(frozen=True, slots=True)
+class Freshened:
+    """A 304 for the stored response: answer it with refreshed headers (RFC 9111 4.3.4)."""
+
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Refetch:
+    """A 304 that selects another representation: fetch without validators."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """An error answer (429, 5xx): passed on, never stored; a stored response may stand in."""
+
+
+@dataclass(frozen=True, slots=True)
+class TakeBody:
+    """A full answer to read (and store if it may be). ``forget`` drops what was stored:
+    404 and 410 say the resource is gone (RFC 9111 4.4)."""
+
+    forget: bool
+
+
+Answered = Freshened | Refetch | UpstreamFailed | TakeBody
+
+
+def answered(
+    stored: Entry | None,
+    status: int,
+    headers: Sequence[tuple[str, str]],
+    request_time: float,
+    response_time: float,
+    rules: Sequence[CacheRule],
+) -> Answered:
+    """What to do with the upstream's answer to a fetch or a revalidation of ``stored``."""
+    if status == 304 and stored is not None:
+        merged = merge_304(stored, headers, request_time, response_time, rules)
+        return Refetch() if merged is None else Freshened(merged)
+    if status in ERROR_STATUSES:
+        return UpstreamFailed()
+    return TakeBody(forget=stored is not None and status in (404, 410))
 
 
 # --------------------------------------------------------------------------- caller conditionals

@@ -494,6 +494,17 @@ class CacheStore:
             self.epoch = epoch
             self.hot.clear()
 
+    def gauges(self) -> tuple[int, int]:
+        """Entries and bytes on disk, cheap enough for every scrape (on the event loop):
+        diskcache's own counters, kept by its triggers, less the keys that are not entries
+        (split bodies, counted over the key index, and the purge epoch)."""
+        keys = len(self.disk)
+        bodies = self.disk._sql(
+            "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ?", ("body:", "body;")
+        ).fetchone()[0]
+        epoch = 1 if EPOCH_KEY in self.disk else 0
+        return max(0, keys - int(bodies) - epoch), int(self.disk.volume())
+
     async def stats(self) -> dict[str, int]:
         def count() -> dict[str, int]:
             entries = sum(1 for k in self.disk.iterkeys() if isinstance(k, str) and parse_key(k))

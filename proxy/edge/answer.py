@@ -4,6 +4,7 @@ its paging and location URLs moved onto the proxy, errors in the OAuth 2.0 shape
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -21,7 +22,7 @@ from proxy.errors import (
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller
 from proxy.logs import event
-from proxy.messages import ERROR_BODY_LIMIT, ProxyResponse
+from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
 # Upstream headers worth keeping on an error answer.
 ERROR_KEPT_HEADERS = (
@@ -38,10 +39,14 @@ async def stamp_server(request: web.Request, response: web.StreamResponse) -> No
 
 
 def _origin_of(request: web.BaseRequest) -> URL:
+    return _origin(request.scheme, request.host)
+
+
+def _origin(scheme: str, host: str) -> URL:
     try:
-        return URL.build(scheme=request.scheme, authority=request.host)
+        return URL.build(scheme=scheme, authority=host)
     except (ValueError, TypeError):
-        return URL.build(scheme=request.scheme, host="localhost")
+        return URL.build(scheme=scheme, host="localhost")
 
 
 def public_url(request: web.BaseRequest, configured: str) -> URL:
@@ -56,7 +61,16 @@ async def answer(
     if response.status >= 400:
         return await error_answer(request, response)
     view = caller_view(request, tuple(response.headers.items()), upstream, public)
-    headers = answer_headers(view, info.request_id, response.cache_status, response.age)
+    headers = answer_headers(
+        view,
+        info.request_id,
+        response.cache_status,
+        response.age,
+        caller=caller_value(info.caller, info.account),
+        cache=cache_status_value(
+            response.cache_status, response.cache_detail, response.upstream_status
+        ),
+    )
     if isinstance(response.body, bytes):
         info.bytes_sent = len(response.body)
         out = web.Response(status=response.status, headers=headers, body=response.body or None)
@@ -69,26 +83,63 @@ async def answer(
 HeaderItems = tuple[tuple[str, str], ...]
 
 
-# Upstream headers (plus where the caller reached the proxy) -> what the caller is shown.
-# Most answers repeat a few header sets (every fresh hit of an entry has the same one),
-# so the filtering and URL rewriting are done once per set; bounded by clearing.
-_VIEWS: dict[tuple[HeaderItems, URL, str, str, str], HeaderItems] = {}
-
-
-VIEWS_MAX = 1024
-
-
 def answer_headers(
-    view: HeaderItems, request_id: str, cache_status: str, age: int | None
+    view: HeaderItems,
+    request_id: str,
+    cache_status: CacheStatus,
+    age: int | None,
+    *,
+    caller: str = "",
+    cache: str = "",
 ) -> CIMultiDict[str]:
     """A successful answer's headers: the caller's view of the upstream's, then the proxy's."""
     headers = CIMultiDict(view)
     headers["X-Request-ID"] = request_id
     headers["X-Cache"] = cache_status
+    add_cache_status(headers, cache or cache_status_value(cache_status))
+    if caller:
+        headers["X-Proxy-Caller"] = caller
     headers.add("Via", VIA)
     if age is not None:
         headers["Age"] = str(age)
     return headers
+
+
+# RFC 9211: this cache's name in Cache-Status, and what each X-Cache value says there
+# when the cache layer gave no detail of its own.
+CACHE_NAME = SERVER_NAME
+CACHE_PARAMS = {
+    "HIT": "hit",
+    "STALE": "hit; detail=stale",
+    "REVALIDATED": "fwd=stale",
+    "MISS": "fwd=miss",
+    "BYPASS": "fwd=bypass",
+}
+
+
+def cache_status_value(
+    cache_status: str, detail: str = "", upstream_status: int | None = None
+) -> str:
+    """This proxy's Cache-Status member (RFC 9211), e.g. ``kounta-proxy; fwd=stale;
+    fwd-status=304``; ``fwd-status`` is the upstream's status when a request went there."""
+    params = detail or CACHE_PARAMS.get(cache_status, "fwd=bypass")
+    if upstream_status is not None and params.startswith("fwd=") and "fwd-status" not in params:
+        kind, _, rest = params.partition(";")
+        params = f"{kind}; fwd-status={upstream_status}" + (f";{rest}" if rest else "")
+    return f"{CACHE_NAME}; {params}"
+
+
+def add_cache_status(headers: CIMultiDict[str], member: str) -> None:
+    """Caches closer to the caller add their member last (RFC 9211 2): after the upstream's."""
+    earlier = headers.popall("Cache-Status", [])
+    headers["Cache-Status"] = ", ".join([*earlier, member])
+
+
+def caller_value(caller: str, account: str) -> str:
+    """``X-Proxy-Caller``: who the proxy took the caller for, and on which account."""
+    if caller in ("", "-"):
+        return ""
+    return f"{caller}; account={account}" if account not in ("", "-") else caller
 
 
 def caller_view(
@@ -97,24 +148,19 @@ def caller_view(
     """The upstream headers a caller may see, paging/location URLs moved onto the proxy."""
     # The request's origin only matters when no public URL is configured.
     scheme, host = ("", "") if public else (request.scheme, request.host)
-    key = (items, upstream, public, scheme, host)
-    view = _VIEWS.get(key)
-    if view is None:
-        if len(_VIEWS) >= VIEWS_MAX:
-            _VIEWS.clear()
-        view = _VIEWS[key] = _filter_and_rewrite(request, items, upstream, public)
-    return view
+    return _view(items, upstream, public, scheme, host)
 
 
-def _filter_and_rewrite(
-    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str
-) -> HeaderItems:
+# Most answers repeat a few header sets (every fresh hit of an entry has the same one), so
+# the filtering and URL rewriting are done once per set and place the caller reached.
+@functools.lru_cache(maxsize=1024)
+def _view(items: HeaderItems, upstream: URL, public: str, scheme: str, host: str) -> HeaderItems:
     headers = for_caller(items)
     for name in REWRITTEN_HEADERS:
         values = headers.getall(name, [])
         if values:
             del headers[name]
-            base = public_url(request, public)
+            base = URL(public) if public else _origin(scheme, host)
             for value in values:
                 headers.add(name, rewrite_url(value, upstream, base))
     return tuple(headers.items())
@@ -172,17 +218,26 @@ async def error_answer(request: web.Request, response: ProxyResponse) -> web.Res
             out.headers[name] = response.headers[name]
     out.headers["X-Request-ID"] = info.request_id
     out.headers["X-Cache"] = response.cache_status
+    member = cache_status_value(
+        response.cache_status, response.cache_detail, response.upstream_status
+    )
+    out.headers["Cache-Status"] = member
+    caller = caller_value(info.caller, info.account)
+    if caller:
+        out.headers["X-Proxy-Caller"] = caller
     out.headers.add("Via", VIA)
     info.bytes_sent = len(body)
     return out
 
 
-def proxy_error_answer(error: ProxyError, request_id: str) -> web.Response:
+def proxy_error_answer(error: ProxyError, request_id: str, caller: str = "") -> web.Response:
     status, headers, body = normalise_error(error.status, {}, error_body(error))
     out = web.Response(status=status, headers=headers, body=body)
     out.headers.update(error.headers())
     out.headers[PROXY_ERROR_HEADER] = "1"
     out.headers["X-Request-ID"] = request_id
+    if caller:
+        out.headers["X-Proxy-Caller"] = caller
     if isinstance(error, ClosesConnection | RequestTooLarge):
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()

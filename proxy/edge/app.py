@@ -21,9 +21,9 @@ from proxy.edge.handlers import handle
 from proxy.edge.inbound import expect_nothing
 from proxy.edge.middlewares import access_middleware, error_middleware
 from proxy.edge.services import SERVICES
-from proxy.listener import WRAP_HANDLER
+from proxy.listener import LIMITS, WRAP_HANDLER, Limits
 from proxy.messages import Layer
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, Registry
 from proxy.settings import Settings
 
 
@@ -39,13 +39,27 @@ def create_app(
         middlewares=[access_middleware, error_middleware],
         client_max_size=settings.server.max_body_size,
     )
-    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics = Metrics(registry if registry is not None else Registry())
     app.cleanup_ctx.append(_services_ctx(settings, metrics, clock, upstream))
     # expect_nothing: 100 Continue only once the request passed its checks (inbound.read_body)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_nothing)
     app.on_response_prepare.append(stamp_server)
     app[WRAP_HANDLER] = fast.wrap
+    app[LIMITS] = limits(settings, metrics)
     return app
+
+
+def limits(settings: Settings, metrics: Metrics | None = None) -> Limits:
+    """The listener's connection limits from ``[server]``, counted in ``metrics``."""
+    server = settings.server
+    if metrics is None:
+        return Limits(server.header_timeout, server.max_connections)
+    return Limits(
+        server.header_timeout,
+        server.max_connections,
+        on_drop=lambda reason: metrics.connections_dropped.labels(reason).inc(),
+        on_count=metrics.connections_open.set,
+    )
 
 
 def _services_ctx(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any
 
 from multidict import CIMultiDictProxy
 
@@ -38,8 +37,6 @@ class Callers:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.default = Caller("anonymous", settings.account_name)
         self.key_header = settings.inbound.key_header
-        # Headers that identify the caller to the proxy and must never reach Kounta.
-        self.header_names = frozenset({self.key_header.lower()})
         self._keys = [
             (caller.key.reveal().encode(), Caller(name, caller.account or settings.account_name))
             for name, caller in sorted(settings.callers.items())
@@ -49,14 +46,13 @@ class Callers:
             loopback and (len(settings.accounts) <= 1 or not self._keys)
         )
         self.metrics = metrics
-        # Metric children by caller: labels() costs more than the rest of identify().
-        self._children: dict[Caller, Any] = {}
 
     def identify(self, headers: CIMultiDictProxy[str]) -> Caller:
-        """The caller (counted), or :class:`CallerUnauthorized` (counted as a rejection)."""
+        """The caller, or :class:`CallerUnauthorized` (counted as a rejection). Answered
+        requests are counted per caller with their status when done (Metrics.request_done)."""
         found = self.find(headers)
         if found is not None:
-            return self.count(found)
+            return found
         if self.key_header in headers or _bearer(headers.get("Authorization", "")):
             return self._refuse("unknown", "The caller key is not known")
         return self._refuse(
@@ -81,16 +77,6 @@ class Callers:
             if hmac.compare_digest(given, expected):
                 found = caller
         return found
-
-    def count(self, caller: Caller) -> Caller:
-        if self.metrics is not None:
-            child = self._children.get(caller)
-            if child is None:
-                child = self._children[caller] = self.metrics.caller_requests.labels(
-                    caller.name, caller.account
-                )
-            child.inc()
-        return caller
 
     def _refuse(self, reason: str, description: str) -> Caller:
         if self.metrics is not None:

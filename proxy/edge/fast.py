@@ -22,6 +22,7 @@ in-flight gauge (on the same event loop) could never see it: that gauge is not t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,14 +30,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.cache.layer import Cache
-from proxy.cache.policy import UNHANDLED_CONDITIONALS
-from proxy.edge.answer import answer_headers, caller_view
+from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS
+from proxy.edge.answer import answer_headers, caller_value, caller_view
 from proxy.edge.inbound import VERSIONS, Exchange, request_id
 from proxy.edge.middlewares import access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.headers import SERVER_NAME
+from proxy.headers import SERVER_NAME, not_utf8, repeated
 from proxy.logs import log
 from proxy.target import Target, parse_target, valid_host
 
@@ -54,7 +55,6 @@ LONG_WAY_HEADERS = (
 )
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-TARGETS_MAX = 4096
 
 
 class FastPath:
@@ -66,9 +66,6 @@ class FastPath:
         self.inner = inner
         self.upstream = self.services.settings.upstream.url
         self.public = self.services.settings.server.public_url
-        # Accepted request targets and their route labels (refusals are never remembered:
-        # the long way words them).
-        self._targets: dict[str, tuple[Target, str]] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -95,7 +92,10 @@ class FastPath:
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
             return None
         # No CR, LF or NUL check on header values here: aiohttp's parsers (C and pure
-        # Python) refuse them before any handler runs; the long way checks again.
+        # Python) refuse them before any handler runs; the long way checks again. Values
+        # that were not UTF-8 and repeated selecting headers: the long way refuses them.
+        if not_utf8(headers.items()) is not None or repeated(headers, SELECTING) is not None:
+            return None
         known = self._target(request)
         if known is None:
             return None
@@ -107,15 +107,18 @@ class FastPath:
         hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers)
         if hit is None:
             return None
-        services.callers.count(caller)
         status, items, body, age = hit
         rid = request_id(headers)
         view = caller_view(request, items, self.upstream, self.public)
-        out_headers = answer_headers(view, rid, "HIT", age)
+        out_headers = answer_headers(
+            view, rid, "HIT", age, caller=caller_value(caller.name, caller.account)
+        )
         out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
-        services.metrics.request_done("GET", route, status, "HIT", elapsed)
+        services.metrics.request_done(
+            "GET", route, status, "HIT", elapsed, caller.name, caller.account
+        )
         if log.isEnabledFor(logging.INFO):
             info = Exchange(rid, caller.name, caller.account, "HIT", target)
             info.bytes_sent = len(body)
@@ -123,18 +126,18 @@ class FastPath:
         return response
 
     def _target(self, request: web.BaseRequest) -> tuple[Target, str] | None:
-        """The request's target and route label, remembered by raw target."""
-        raw = request.raw_path
-        known = self._targets.get(raw)
-        if known is None:
-            try:
-                target = parse_target(raw)
-            except ProxyError:
-                return None
-            if len(self._targets) >= TARGETS_MAX:
-                self._targets.clear()
-            known = self._targets[raw] = (target, route_of(request.path))
-        return known
+        """The request's target and route label; None when the long way must refuse it."""
+        try:
+            return _known_target(request.raw_path, request.path)
+        except ProxyError:
+            return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _known_target(raw: str, path: str) -> tuple[Target, str]:
+    """An accepted target and its route label, remembered by raw target (a refusal raises,
+    so it is never remembered: the long way words it)."""
+    return parse_target(raw), route_of(path)
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:

@@ -7,12 +7,13 @@ import asyncio
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from proxy.cache.policy import SELECTING
 from proxy.edge import paging
 from proxy.edge.answer import answer
 from proxy.edge.inbound import CappedStream, exchange_of, guard, read_body, too_large
 from proxy.edge.services import SERVICES
 from proxy.errors import InvalidRequest, ProxyError, RequestTooLarge
-from proxy.headers import VIA, for_upstream, has_bad_value
+from proxy.headers import VIA, for_upstream, has_bad_value, not_utf8, repeated
 from proxy.messages import ProxyRequest
 
 
@@ -20,16 +21,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     info = exchange_of(request)
     target = info.target or guard(request)
-    bad = has_bad_value(request.headers.items())
-    if bad is not None:
-        raise InvalidRequest(f"Header {bad} contains CR, LF or NUL")
+    check_headers(request)
     caller = services.callers.identify(request.headers)
     info.caller, info.account = caller.name, caller.account
     settings = services.settings
     server = settings.server
     body = await read_body(request, server.max_body_size, server.replay_body_size)
     loop = asyncio.get_running_loop()
-    headers = for_upstream(request.headers.items(), services.callers.header_names)
+    headers = for_upstream(request.headers.items(), settings.upstream.forwarded)
     headers["X-Request-ID"] = info.request_id
     headers["Via"] = VIA
     proxy_request = ProxyRequest(
@@ -53,3 +52,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     info.took(response)
     return await answer(request, response, settings.upstream.url, server.public_url)
+
+
+def check_headers(request: web.Request) -> None:
+    """Refuse header values the proxy cannot pass on faithfully, before anything reads them."""
+    items = request.headers.items()
+    bad = has_bad_value(items)
+    if bad is not None:
+        raise InvalidRequest(f"Header {bad} contains CR, LF or NUL")
+    bad = not_utf8(items)
+    if bad is not None:
+        raise InvalidRequest(f"Header {bad} is not valid UTF-8", code="invalid_header_value")
+    bad = repeated(request.headers, SELECTING)
+    if bad is not None:
+        raise InvalidRequest(
+            f"Header {bad} is sent more than once; it selects the answer, so send it once",
+            code="repeated_header",
+        )

@@ -23,13 +23,14 @@ from proxy.errors import (
     NotImplementedCoding,
     RequestTooLarge,
 )
-from proxy.messages import CHUNK, Body, ProxyResponse
+from proxy.messages import CHUNK, Body, CacheStatus, ProxyResponse
 from proxy.target import Target, parse_target, valid_host
 
 VERSIONS = ((1, 1), (1, 0))
 
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+ALLOWED = tuple(sorted(METHODS))
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -45,7 +46,7 @@ class Exchange:
     request_id: str = ""
     caller: str = "-"
     account: str = "-"
-    cache_status: str = "-"
+    cache_status: CacheStatus = "-"
     target: Target | None = None
     upstream_status: int | None = None
     upstream_seconds: float | None = None
@@ -89,7 +90,7 @@ def guard(request: web.Request) -> Target:
     if request.version not in VERSIONS:
         raise HttpVersionNotSupported("Only HTTP/1.0 and HTTP/1.1 are served")
     if request.method not in METHODS:
-        raise MethodNotAllowed(f"Method {request.method} is not proxied")
+        raise MethodNotAllowed(f"Method {request.method} is not proxied", allow=ALLOWED)
     check_framing(request)
     if not valid_host(request.headers.get("Host")):
         # RFC 9112 3.2: a server MUST answer 400 to an invalid Host (missing or repeated

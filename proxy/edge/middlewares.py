@@ -10,12 +10,20 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from proxy.edge.answer import proxy_error_answer
-from proxy.edge.inbound import ASTERISK, Exchange, exchange_of, guard, options_answer, request_id
+from proxy.edge.answer import caller_value, proxy_error_answer
+from proxy.edge.inbound import (
+    ASTERISK,
+    METHODS,
+    Exchange,
+    exchange_of,
+    guard,
+    options_answer,
+    request_id,
+)
 from proxy.edge.services import SERVICES
 from proxy.errors import ProxyError, code_for
 from proxy.logs import event, log
-from proxy.routes import template
+from proxy.routes import OTHER, REFUSED, template
 
 # Logged (never sent) when the caller hung up before the answer was complete, as nginx does.
 CLIENT_CLOSED_REQUEST = 499
@@ -32,7 +40,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return options_answer()
         return await handler(request)
     except ProxyError as e:
-        return proxy_error_answer(e, info.request_id)
+        return proxy_error_answer(e, info.request_id, caller_value(info.caller, info.account))
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -49,7 +57,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @lru_cache(maxsize=4096)  # most traffic repeats a few paths
 def route_of(path: str) -> str:
     """The metric/log route label of ``path`` (:func:`proxy.routes.template`)."""
-    return template(path) if path.startswith("/v1/") else "other"
+    return template(path) if path.startswith("/v1/") else OTHER
+
+
+def labels_of(request: web.BaseRequest, info: Exchange, status: int) -> tuple[str, str]:
+    """Method and route labels, both from fixed sets: a request refused before its caller
+    was known counts under ``refused`` (whatever path it named), a method the proxy does
+    not serve under ``OTHER``."""
+    method = request.method if request.method in METHODS else "OTHER"
+    if info.caller == "-" and status >= 400:
+        return method, REFUSED
+    return method, route_of(request.path)
 
 
 @web.middleware
@@ -64,6 +82,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
         status = response.status
+        if not info.bytes_sent:
+            info.bytes_sent = body_size(request, response)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST
@@ -71,10 +91,21 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
-        route = route_of(request.path)
-        metrics.request_done(request.method, route, status, info.cache_status, elapsed)
+        method, route = labels_of(request, info, status)
+        metrics.request_done(
+            method, route, status, info.cache_status, elapsed, info.caller, info.account
+        )
         if log.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
             access_line(request, info, route, status, elapsed)
+
+
+def body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Bytes of a whole body the handler returned (the proxy's own errors, OPTIONS): what
+    the access log reports when nothing streamed counted them."""
+    body = response.body if isinstance(response, web.Response) else None
+    if request.method == "HEAD" or not isinstance(body, bytes):
+        return 0
+    return len(body)
 
 
 def access_line(
@@ -87,6 +118,8 @@ def access_line(
         caller=info.caller,
         account=info.account,
         method=request.method,
+        client=request.remote,
+        user_agent=request.headers.get("User-Agent"),
         route=route,
         path=request.path,
         status=status,

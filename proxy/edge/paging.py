@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.edge.answer import answer
+from proxy.edge.answer import answer, caller_value
 from proxy.edge.inbound import exchange_of
 from proxy.edge.rewrite import rewrite_url
 from proxy.edge.services import Services
@@ -134,6 +134,8 @@ class AllPages:
             headers={
                 "Content-Type": "application/json; charset=utf-8",
                 "Cache-Control": "no-store",
+                "X-Request-ID": self.first.request_id,
+                "X-Proxy-Caller": caller_value(self.first.caller, self.first.account),
             },
         )
         await out.prepare(self.request)
@@ -145,6 +147,10 @@ class AllPages:
             if self.request.transport is not None:
                 self.request.transport.abort()
         return out
+
+    async def _write(self, out: web.StreamResponse, data: bytes) -> None:
+        await out.write(data)
+        exchange_of(self.request).bytes_sent += len(data)  # the access log's bytes
 
     def _next(
         self, page: ProxyResponse, done: int, by_number: bool, deadline: float
@@ -168,7 +174,7 @@ class AllPages:
         )
 
     async def _stream(self, out: web.StreamResponse, page: ProxyResponse, records: bytes) -> None:
-        await out.write(b"[" + records)
+        await self._write(out, b"[" + records)
         written = bool(records)
         pages = 1
         # Lists without X-Next-Page may still be paged the older way (X-Page in, X-Pages out).
@@ -193,10 +199,10 @@ class AllPages:
             if by_number and records and records == previous:
                 raise UpstreamError("Kounta ignored X-Page: two pages came back the same")
             if records:
-                await out.write((b"," if written else b"") + records)
+                await self._write(out, (b"," if written else b"") + records)
                 written = True
             pages += 1
-        await out.write(b"]")
+        await self._write(out, b"]")
         await out.write_eof()
         self.services.metrics.paging_pages.inc(pages)
         event("all_pages", request_id=self.first.request_id, pages=pages)

@@ -4,15 +4,19 @@
 files), puts the five ``send()`` layers together from the bottom up, and returns one
 :class:`Services`; :func:`close` undoes it in reverse. The application keeps it under
 :data:`SERVICES`; admin routes and readiness checks come from the parts they belong to.
-Nothing here is replaced after startup: the one thing that changes while serving, the
-shutting-down flag, lives in :class:`RunState`.
+Nothing here is replaced after startup. What changes while serving lives apart: the
+shutting-down flag in :class:`RunState`, and what a SIGHUP reload may change (log level,
+caller keys, cache rules, budget rates, account secrets) in one immutable :class:`Live`
+snapshot that :class:`LiveRef` holds and a reload replaces in one assignment. Whatever is
+derived from a snapshot (caller metric children, budget rates) is kept with or keyed by
+that snapshot, so nothing derived from an old one outlives a reload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -28,7 +32,7 @@ from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import Callers
 from proxy.messages import Layer
-from proxy.metrics import Metrics
+from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics
 from proxy.pipeline import admin as pipeline_admin
 from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
@@ -51,13 +55,51 @@ class RunState:
 
 
 @dataclass(frozen=True, slots=True)
-class Services:
+class Live:
+    """What a reload may change, as one value: swapped whole, never edited.
+
+    ``settings`` is the startup settings with the live parts (log level, ``[inbound]``,
+    ``[callers]``, cache rules, account rates and secrets) taken from the newest good file.
+    """
+
     settings: Settings
-    metrics: Metrics
     callers: Callers
+    providers: Mapping[str, TokenProvider]
+
+
+@dataclass(slots=True)
+class LiveRef:
+    """The current :class:`Live`; a reload assigns ``current`` once."""
+
+    current: Live
+
+    def settings(self) -> Settings:
+        return self.current.settings
+
+
+class LiveProviders(Mapping[str, TokenProvider]):
+    """The current snapshot's providers, for the auth layer (which must not see edge types)."""
+
+    def __init__(self, ref: LiveRef) -> None:
+        self.ref = ref
+
+    def __getitem__(self, name: str) -> TokenProvider:
+        return self.ref.current.providers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ref.current.providers)
+
+    def __len__(self) -> int:
+        return len(self.ref.current.providers)
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings  # as started; the live parts: live.current.settings
+    metrics: Metrics
+    live: LiveRef
     clock: WallClock
     session: aiohttp.ClientSession
-    providers: Mapping[str, TokenProvider]
     budget: Budget
     # Where budget and tokens are shared with other processes (local: nowhere).
     shared: Backend
@@ -75,6 +117,14 @@ class Services:
     state: RunState = field(default_factory=RunState)
     # Background tasks owned by the services (the store watcher), stopped by close().
     tasks: tuple[asyncio.Task[None], ...] = ()
+
+    @property
+    def callers(self) -> Callers:
+        return self.live.current.callers
+
+    @property
+    def providers(self) -> Mapping[str, TokenProvider]:
+        return self.live.current.providers
 
 
 SERVICES = web.AppKey("services", Services)
@@ -97,10 +147,12 @@ async def build(
             metrics=metrics,
             shared=shared,
             shared_settings=settings.shared,
+            refresh_floor=settings.auth.floor_for(a),
         )
         for name, a in settings.accounts.items()
     }
-    checks: dict[str, Check] = {f"token:{name}": p.problem for name, p in providers.items()}
+    live = LiveRef(Live(settings, callers, providers))
+    checks: dict[str, Check] = {f"token:{name}": _token_check(live, name) for name in providers}
     # Created even when tests swap the upstream layer: token requests use it too.
     session = create_session(settings.upstream)
     try:
@@ -113,8 +165,8 @@ async def build(
         upstream if upstream is not None else Upstream(settings.upstream, session, metrics)
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
-    layer = budget = Budget(layer, settings, metrics, shared=shared)
-    layer = Authenticator(layer, providers, metrics)
+    layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.settings)
+    layer = Authenticator(layer, LiveProviders(live), metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
     admin_routes = pipeline_admin.routes(budget, retry)
@@ -122,7 +174,7 @@ async def build(
     tasks: tuple[asyncio.Task[None], ...] = ()
     if store is not None:
         # cache: outermost, so fresh hits cost nothing below it.
-        layer = cache = Cache(layer, store, settings, metrics, clock)
+        layer = cache = Cache(layer, store, settings, metrics, clock, current=live.settings)
         announce_purge: cache_admin.AnnouncePurge | None = None
         if shared.events is not None:
             # Invalidations to and from the other replicas (their stores are their own).
@@ -130,17 +182,17 @@ async def build(
             broadcast.start()
             announce_purge = broadcast.announce_purge
         checks["cache"] = lambda: store.problem
-        admin_routes += cache_admin.routes(store, metrics, announce_purge)
+        metrics.watch_store(store.gauges)
+        admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts), announce_purge)
         tasks = (asyncio.ensure_future(watch_store(store, metrics)),)
     for provider in providers.values():
         await provider.start(session)
     return Services(
         settings=settings,
         metrics=metrics,
-        callers=callers,
+        live=live,
         clock=clock,
         session=session,
-        providers=providers,
         budget=budget,
         shared=shared,
         retry=retry,
@@ -154,12 +206,20 @@ async def build(
     )
 
 
+def _token_check(live: LiveRef, name: str) -> Check:
+    """Readiness of the account's current provider (a reload may replace it)."""
+    return lambda: live.current.providers[name].problem()
+
+
 def describe(settings: Settings, metrics: Metrics) -> None:
     """The gauges that state the configuration (what the alerts and dashboard compare to)."""
     metrics.shared_backend_up.set(1)
     metrics.shared_degraded.set(0)
     for name, account in settings.accounts.items():
         metrics.budget_limit.labels(name).set(rate_for(account, settings.budget).per_window)
+        for kind in UPSTREAM_ERROR_KINDS:
+            # Pre-created, so that rate() and alerts see a zero, not nothing.
+            metrics.upstream_errors.labels(kind, name)
         if account.mode == "oauth":
             metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
 

@@ -10,32 +10,54 @@ this: it answers only ``/v1/...``.
 - ``GET /healthz``: 200 while the process runs its event loop.
 - ``GET /readyz``: 200 when every account has a usable token (``token:NAME``), every
   check in ``services.checks`` passes and the proxy is not shutting down, else 503; the
-  JSON body names each check and what is wrong.
+  JSON body names each check and what is wrong, and ``details`` how the proxy runs without
+  failing readiness (``shared``: ``degraded`` while Redis is away).
 - every route in ``services.admin_routes`` (cache stats and purge, budget status).
+
+The admin routes have no authentication, so the listener guards against the two ways a
+browser could be made to reach them: a request whose ``Host`` is not a loopback name or one
+of ``admin.allowed_hosts`` (DNS rebinding) is refused, and a state-changing request (POST,
+PUT, PATCH, DELETE) with a foreign ``Origin``, a cross-site ``Sec-Fetch-Site`` or a form
+content type (what a cross-site form can send without a CORS preflight) is refused too,
+each with a JSON 403. Every answer says ``Server: kounta-proxy``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
+from yarl import URL
 
+from proxy.edge.answer import stamp_server
+from proxy.edge.app import limits
 from proxy.edge.services import SERVICES, Services
-from proxy.errors import JSON_CONTENT_TYPE, code_for
-from proxy.listener import StartupError, bound_port, start
+from proxy.errors import JSON_CONTENT_TYPE, ProxyError, code_for
+from proxy.listener import LIMITS, StartupError, bound_port, start
 from proxy.logs import event, log
+from proxy.settings import AdminSettings
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SHUTDOWN_CHECK = "shutdown"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# What an HTML form (or a "simple" cross-site fetch) can send without a CORS preflight.
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not binds
 
 
 def create_admin_app(services: Services) -> web.Application:
     """The admin application over the proxy's own services."""
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors, _guard(allowed_hosts(services))])
     app[SERVICES] = services
+    app[LIMITS] = limits(services.settings)
+    app.on_response_prepare.append(stamp_server)
     app.router.add_get("/metrics", make_aiohttp_handler(services.metrics.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -78,11 +100,96 @@ def run_checks(services: Services) -> dict[str, str | None]:
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class AllowedHosts:
+    """Host names the admin listener answers (lower case, without port or brackets), and
+    networks whose IP-address Hosts it answers (an IP literal cannot be DNS-rebound)."""
+
+    names: frozenset[str]
+    networks: tuple[IPNetwork, ...] = ()
+
+    def __contains__(self, host: object) -> bool:
+        if host in self.names:
+            return True
+        try:
+            address = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+def allowed_hosts(services: Services) -> AllowedHosts:
+    """``admin.allowed_hosts``, and ``admin.host`` itself unless it is a wildcard address."""
+    admin = services.settings.admin
+    names = {_bare(h) for h in admin.allowed_hosts if "/" not in h}
+    if admin.host not in WILDCARD_HOSTS:
+        names.add(_bare(admin.host))
+    networks = tuple(ipaddress.ip_network(h, strict=False) for h in admin.allowed_hosts if "/" in h)
+    return AllowedHosts(frozenset(names), networks)
+
+
+def _bare(host: str) -> str:
+    return host.strip().lower().removeprefix("[").removesuffix("]")
+
+
+def host_name(value: str) -> str:
+    """``example:9464`` → ``example``; ``[::1]:9464`` → ``::1`` (lower case)."""
+    value = value.strip()
+    if value.startswith("["):
+        return _bare(value.partition("]")[0])
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return _bare(value)
+
+
+def _refusal(allowed: AllowedHosts, request: web.Request) -> str | None:
+    """Why the request is refused, or None."""
+    host = request.headers.get("Host")
+    if host is not None and host_name(host) not in allowed:
+        return "The admin listener does not answer this Host (see admin.allowed_hosts)"
+    if request.method in SAFE_METHODS:
+        return None
+    origin = request.headers.get("Origin")
+    if origin is not None and (
+        origin == "null" or host_name(URL(origin).host or "") not in allowed
+    ):
+        return "Cross-origin requests may not change the admin state"
+    if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        return "Cross-site requests may not change the admin state"
+    media = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if media in FORM_TYPES:
+        return f"Requests with Content-Type {media} may not change the admin state"
+    return None
+
+
+def _origin_host(origin: str) -> str:
+    """The host of an ``Origin`` value; "" for ``null`` or anything unparsable (foreign)."""
+    try:
+        return host_name(URL(origin).host or "")
+    except (ValueError, TypeError):
+        return ""
+
+
+def _guard(allowed: AllowedHosts) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """DNS rebinding and cross-site forms never reach an admin route."""
+        problem = _refusal(allowed, request)
+        if problem is not None:
+            event("admin_refused", logging.WARNING, method=request.method, reason=problem)
+            return _json(403, {"error": "access_denied", "error_description": problem})
+        return await handler(request)
+
+    return guard
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Unknown paths and wrong methods answer JSON here too."""
     try:
         return await handler(request)
+    except ProxyError as e:  # a feature route's refusal (e.g. a purge of an unknown account)
+        return _json(e.status, e.body())
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -108,4 +215,18 @@ async def start_admin(services: Services, grace: float = 5.0) -> web.AppRunner |
     except StartupError as e:
         raise StartupError(f"admin listener: {e}") from None
     event("admin_started", listen=f"{settings.host}:{bound_port(runner)}")
+    warning = exposure_warning(services.settings.admin)
+    if warning is not None:
+        event("admin_exposed", logging.WARNING, warning=warning)
     return runner
+
+
+def exposure_warning(admin: AdminSettings) -> str | None:
+    """One line for the operator when the admin listener is reachable beyond loopback."""
+    if not admin.exposed:
+        return None
+    return (
+        f"admin.host {admin.host!r} is reachable beyond loopback and the admin routes "
+        "(cache purge, budget, metrics) have no authentication; keep the port on a private "
+        f"network (Host names answered: {', '.join(admin.allowed_hosts)})"
+    )

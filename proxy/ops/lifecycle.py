@@ -6,14 +6,22 @@
    directories; otherwise one :class:`StartupError` line, exit 2.
 2. the proxy listener, then the admin listener (over the proxy's services);
    a busy port is one line too.
-3. on SIGTERM/SIGINT: readiness false at once, the proxy stops accepting, in-flight
-   requests get ``server.shutdown_grace`` seconds, cleanup contexts close sessions,
-   cache and token files, then the admin listener stops. Exit 0.
+3. on SIGHUP: the configuration is read again and what may change live is applied
+   (:mod:`proxy.ops.reload`); connections and requests under way are untouched.
+4. on SIGTERM/SIGINT: readiness false at once; new requests are still served for
+   ``server.drain_delay`` seconds; then the proxy stops accepting, in-flight requests get
+   ``server.shutdown_grace`` seconds, cleanup contexts close sessions, cache and token
+   files, then the admin listener stops. Exit 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
+import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +31,10 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.edge.app import create_app
-from proxy.edge.services import SERVICES
+from proxy.edge.services import SERVICES, Services
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import event
+from proxy.ops import reload
 from proxy.ops.admin import start_admin
 from proxy.settings import Settings, masked
 
@@ -37,13 +46,25 @@ async def serve(
     *,
     extra: list[web.AppRunner] | None = None,
     announce: Announce | None = None,
+    load: reload.Loader | None = None,
 ) -> None:
     """Run the proxy (and its admin listener) until a signal.
 
     ``extra`` runners (the demo's sandbox) stop last; ``announce(port, admin_port)`` hears
-    the bound ports once both listeners are up.
+    the bound ports once both listeners are up; ``load`` reads the settings again on
+    SIGHUP (without it, SIGHUP is logged and ignored).
     """
+    reloads = Reloads(load)
+    with reloads.on_sighup():
+        await _serve(settings, extra, announce, reloads)
 
+
+async def _serve(
+    settings: Settings,
+    extra: list[web.AppRunner] | None,
+    announce: Announce | None,
+    reloads: Reloads,
+) -> None:
     preflight(settings)
     app = create_app(settings)
     server = settings.server
@@ -68,8 +89,41 @@ async def serve(
     def not_ready(signal_name: str) -> None:
         services.state.shutting_down = True
 
+    reloads.services = services
     runners = [runner, *([admin] if admin else []), *(extra or [])]
-    await run_until_signal(runners, on_signal=not_ready)
+    await run_until_signal(runners, on_signal=not_ready, drain_delay=settings.server.drain_delay)
+
+
+class Reloads:
+    """SIGHUP handling: one reload at a time, none before the services exist."""
+
+    def __init__(self, load: reload.Loader | None) -> None:
+        self.load = load
+        self.services: Services | None = None
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[bool]] = set()
+
+    @contextlib.contextmanager
+    def on_sighup(self) -> Iterator[None]:
+        """SIGHUP reloads while serving (its default action would end the process)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.signalled)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    def signalled(self) -> None:
+        if self.services is None or self.load is None:
+            event("reload_ignored", logging.WARNING, reason="not serving yet or no config")
+            return
+        task = asyncio.ensure_future(self.run(self.services, self.load))
+        self.tasks.add(task)  # a hard reference, or the task may be collected mid-way
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self, services: Services, load: reload.Loader) -> bool:
+        async with self.lock:
+            return await reload.reload(services, load)
 
 
 def preflight(settings: Settings) -> None:
@@ -97,6 +151,29 @@ def directories(settings: Settings) -> Iterator[tuple[str, str]]:
             named_dir = f.name.endswith("_dir") or f.name in ("dir", "directory")
             if named_dir and isinstance(found, str) and found:
                 yield f"{section.name}.{f.name}", found
+
+
+def directory_problems(settings: Settings) -> list[tuple[str, str]]:
+    """What :func:`preflight` would refuse, found without creating anything (check-config)."""
+    problems = []
+    for key, path in directories(settings):
+        problem = _unwritable(Path(path))
+        if problem is not None:
+            problems.append((key, f"{path} {problem}"))
+    return problems
+
+
+def _unwritable(path: Path) -> str | None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"is not a writable directory: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == path:
+            return "is not a writable directory: permission denied"
+        return f"cannot be created: {existing} is not writable"
+    return None
 
 
 def check_writable(key: str, path: Path) -> None:

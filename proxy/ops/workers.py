@@ -13,7 +13,10 @@ the proxy's own collectors (loop-local counters and histograms, callback gauges)
 used; Prometheus sums over the targets instead.
 
 The parent owns the signals: SIGTERM and SIGINT are forwarded to every worker, which drain as
-a single ``serve`` does; the parent exits when all have, with the worst exit code. A worker
+a single ``serve`` does; the parent exits when all have, with the worst exit code. SIGHUP is
+forwarded too: each worker reloads the configuration file itself (``proxy.ops.reload``), so a
+reload of the parent is a reload of every worker (the parent keeps no settings of its own
+that a reload could change). A worker
 that dies on its own stops the others (the supervisor — systemd, Kubernetes — restarts the
 whole set).
 """
@@ -64,12 +67,13 @@ def run(settings: Settings, config: Path | None, workers: int) -> int:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
-        stopping = True
+        if signum != signal.SIGHUP:
+            stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     while any(child.poll() is None for child in children):
         failed = [c for c in children if c.returncode not in (None, 0)]

@@ -1,4 +1,5 @@
-"""The admin listener's ``GET /budget``: each account's bucket, queue and breaker."""
+"""The admin listener's ``GET /budget``: each account's bucket, queue and breakers (its own
+and those of routes with recent failures)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def routes(budget: Budget, retry: Retry) -> list[web.RouteDef]:
         }
         for name, breaker in sorted(retry.breakers.items()):
             accounts.setdefault(name, {})["breaker"] = breaker.status()
+            routes = retry.routes.get(name, {})
+            # Only routes with recent failures are kept; most of the time this is empty.
+            accounts[name]["route_breakers"] = {
+                route: b.status() for route, b in sorted(routes.items())
+            }
         return web.json_response({"accounts": accounts})
 
     return [web.get("/budget", status)]

@@ -15,7 +15,9 @@ token refresh included) takes a token first, while fresh cache hits never get he
   request's deadline) gets :class:`~proxy.errors.RateLimited`, which the cache may
   answer with a stale copy.
 - A 429 from Kounta pauses the account's bucket until ``Retry-After`` or
-  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429.
+  ``X-Ratelimit-Reset`` when given, else for a backoff that doubles with each 429. An
+  asked pause is cut to ``budget.retry_after_max`` (default ``budget.backoff_max``): one
+  answer saying ``Retry-After: 999999999`` must not stop an account for days.
   GET and HEAD are sent again when the pause ends within their limit; anything else
   is answered 429 (a request Kounta refused is never resent on a caller's behalf
   unless it is safe to).
@@ -30,6 +32,7 @@ replica falls back to a local bucket at ``rate / shared.replicas``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -50,8 +53,6 @@ from proxy.shared.base import SharedBudget
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
-# A pause Kounta asks for is honoured up to this long; anything longer is taken as a typo.
-LONGEST_PAUSE = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,26 @@ class Bucket:
             at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
         return max(at, self.paused_until)
 
+    def ready_after(self, now: float, ahead: int) -> float:
+        """When a token can be taken once ``ahead`` requests queued first have had theirs:
+        the pace (tokens now, then the refill rate) and the window cap, whichever is later.
+        An estimate that errs late only when some of those ahead give up first."""
+        at = self.ready_at(now)
+        if ahead <= 0:
+            return at
+        start = max(now, self.paused_until)
+        tokens = 1.0 if now < self.paused_until else self.tokens
+        at = max(at, start + max(0.0, ahead + 1 - tokens) / self.rate.per_second)
+        # The send that must have left the window first: already sent, or one of those ahead.
+        first = len(self.sent) + ahead + 1 - self.rate.per_window
+        if first > 0:
+            span = self.rate.window + self.rate.margin
+            if first <= len(self.sent):
+                at = max(at, self.sent[first - 1] + span)
+            else:
+                at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
+        return at
+
     def take(self, now: float) -> None:
         self._refill(now)
         self.tokens -= 1
@@ -124,14 +145,15 @@ class Bucket:
         return max(0.0, min(self.tokens, float(room)))
 
     def pause(self, now: float, seconds: float | None, initial: float, longest: float) -> float:
-        """Kounta said 429: stop for ``seconds`` (or a growing backoff); returns the pause."""
+        """Kounta said 429: stop for ``seconds`` (already capped, see :func:`capped`) or a
+        growing backoff up to ``longest``; returns the pause."""
         if seconds is None:
             if now < self.paused_until:
                 # Another request of the same wave: the pause already covers it.
                 return self.paused_until - now
             self.backoff = initial if self.backoff == 0 else min(self.backoff * 2, longest)
             seconds = self.backoff
-        seconds = min(max(0.0, seconds), LONGEST_PAUSE)
+        seconds = max(0.0, seconds)
         self.paused_until = max(self.paused_until, now + seconds)
         # Start again with one request, then the steady pace: a burst would hit the wall again.
         self._refill(now)
@@ -156,8 +178,18 @@ class Gate(Protocol):
         """The best known time a slot can be taken (no round trip)."""
         ...
 
-    async def pause(self, now: float, seconds: float) -> None:
-        """Share a pause the local bucket has just taken (nothing to do locally)."""
+    def ready_after(self, now: float, ahead: int) -> float:
+        """The best known time a slot can be taken once ``ahead`` queued requests have had
+        theirs (no round trip)."""
+        ...
+
+    async def pause(self, now: float, seconds: float) -> float:
+        """Share a pause the local bucket has just taken (already capped); returns the pause
+        in effect, which another replica's 429 may have made longer."""
+        ...
+
+    def retune(self, rate: Rate) -> None:
+        """A reload changed the account's rate."""
         ...
 
     def mode(self) -> str: ...
@@ -179,8 +211,15 @@ class LocalGate:
     def ready_at(self, now: float) -> float:
         return self.bucket.ready_at(now)
 
-    async def pause(self, now: float, seconds: float) -> None:
-        return None
+    def ready_after(self, now: float, ahead: int) -> float:
+        return self.bucket.ready_after(now, ahead)
+
+    async def pause(self, now: float, seconds: float) -> float:
+        return seconds
+
+    def retune(self, rate: Rate) -> None:
+        self.bucket.rate = rate
+        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
 
     def mode(self) -> str:
         return "local"
@@ -199,20 +238,28 @@ class SharedGate:
         backend: Backend,
         replicas: int,
         now: float,
+        longest: float = math.inf,
     ) -> None:
         self.account = account
-        self.rate = rate
         self.shared = shared
         self.backend = backend
-        share = Rate(
-            max(1, rate.per_window // replicas),
-            max(1, rate.burst // replicas),
+        self.replicas = replicas
+        # The cap on a pause (``budget.retry_after_max``), applied to the shared pause too:
+        # another replica's 429 must not stop this one for longer than this one would.
+        self.longest = longest
+        self.rate = rate
+        self.bucket = Bucket(self._share(rate), now)
+        self.local = LocalGate(self.bucket)
+        self._next_at = now
+
+    def _share(self, rate: Rate) -> Rate:
+        """This replica's part of the rate: what the fallback bucket allows while degraded."""
+        return Rate(
+            max(1, rate.per_window // self.replicas),
+            max(1, rate.burst // self.replicas),
             rate.window,
             rate.margin,
         )
-        self.bucket = Bucket(share, now)
-        self.local = LocalGate(self.bucket)
-        self._next_at = now
 
     @property
     def period(self) -> float:
@@ -238,16 +285,49 @@ class SharedGate:
             return max(now, self._next_at)
         return self.bucket.ready_at(now)
 
-    async def pause(self, now: float, seconds: float) -> None:
+    def ready_after(self, now: float, ahead: int) -> float:
         if not self.backend.up:
-            return
+            return self.bucket.ready_after(now, ahead)
+        # Redis holds the shared bucket and asking it costs a round trip per request, so
+        # this falls back to a local estimate: the next slot Redis last named, then the
+        # account's whole pace for the requests ahead. Other replicas' sends can only make
+        # the real turn later, so this errs early: a request is never refused up front
+        # that could have had its turn; one that cannot is refused at its limit instead.
+        start = self.ready_at(now)
+        if ahead <= 0:
+            return start
+        return start + ahead / self.rate.per_second
+
+    async def pause(self, now: float, seconds: float) -> float:
+        if not self.backend.up:
+            return seconds
         try:
             left = await self.shared.pause(
                 self.account, seconds, self.rate.per_window, self.rate.burst, self.period
             )
         except SharedUnavailable:
-            return
+            return seconds
+        # The shared pause may be another replica's (a longer Retry-After, or another cap):
+        # cut like a local one, so no replica stops past its own budget.retry_after_max.
+        honoured, cut = capped(left, self.longest)
+        if cut:
+            event(
+                "shared_pause_capped",
+                logging.WARNING,
+                account=self.account,
+                asked=round(left, 3),
+                capped_at=self.longest,
+            )
+        left = honoured or 0.0
         self._next_at = max(self._next_at, now + left)
+        return max(seconds, left)
+
+    def retune(self, rate: Rate) -> None:
+        # The shared script takes the rate with each call, so only the fallback share moves.
+        self.rate = rate
+        share = self._share(rate)
+        self.bucket.rate = share
+        self.bucket.tokens = min(self.bucket.tokens, float(share.burst))
 
     def mode(self) -> str:
         return "shared" if self.backend.up else "degraded"
@@ -268,6 +348,18 @@ def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
         return None
     # Epoch timestamps are large; a small number is a delay in seconds.
     return value - wall_now if value > 1e9 else value
+
+
+def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
+    """The pause to honour for what Kounta asked, at most ``longest``; True when cut.
+
+    ``Retry-After`` is the upstream's word, not a command: an account paused for an hour
+    (or, as seen, 999999999 s) by one answer is an outage of our own making. Past
+    ``longest`` the proxy asks again, and the backoff grows if Kounta still says 429.
+    """
+    if asked is None or asked <= longest:
+        return asked, False
+    return longest, True
 
 
 @dataclass(slots=True)
@@ -310,6 +402,15 @@ class AccountBudget:
         for reason in ("deadline", "queue_full"):
             metrics.budget_rejections.labels(name, reason)
 
+    def retune(self, rate: Rate) -> None:
+        """A reload changed the account's rate: keep what was sent, cap the tokens."""
+        if rate == self.rate:
+            return
+        self.rate = rate
+        self.gate.retune(rate)
+        self.metrics.budget_limit.labels(self.name).set(rate.per_window)
+        event("budget_rate_changed", account=self.name, rate=rate.per_window, burst=rate.burst)
+
     def available(self) -> float:
         return self.bucket.available(self.clock.now())
 
@@ -327,11 +428,14 @@ class AccountBudget:
             if wait <= 0:
                 self.metrics.budget_wait.labels(self.name).observe(0.0)
                 return 0.0
-            at = started + wait
+            at = turn = started + wait
         else:
             at = self.gate.ready_at(started)
-        if at > limit:
-            raise self._reject("deadline", at - started)
+            # The queue ahead counts: a request whose turn comes after its limit hears so
+            # now, with the time its turn would have come, instead of waiting for nothing.
+            turn = self.gate.ready_after(started, self.ahead_of(caller))
+        if turn > limit:
+            raise self._reject("deadline", turn - started)
         if self.waiting >= self.settings.queue_size:
             raise self._reject("queue_full", at - started)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), limit)
@@ -343,10 +447,18 @@ class AccountBudget:
         self.metrics.budget_wait.labels(self.name).observe(waited)
         return waited
 
+    def ahead_of(self, caller: str) -> int:
+        """Waiters served before a new request of ``caller``: round robin serves one per
+        caller a round, so every other caller's first ``own + 1`` waiters at most."""
+        own = len(self.queues.get(caller, ()))
+        others = sum(min(len(q), own + 1) for c, q in self.queues.items() if c != caller)
+        return own + others
+
     def _reject(self, reason: str, wait: float) -> RateLimited:
         self.rejected += 1
         self.metrics.budget_rejections.labels(self.name, reason).inc()
-        backlog = self.waiting / self.rate.per_second
+        # A deadline's wait already counts the queue ahead; a full queue drains at the pace.
+        backlog = self.waiting / self.rate.per_second if reason == "queue_full" else 0.0
         retry_after = whole_seconds(max(wait, backlog))
         if reason == "queue_full":
             text = f"Too many requests are waiting for account {self.name!r}'s rate budget"
@@ -399,7 +511,7 @@ class AccountBudget:
             kept = deque(w for w in queue if not w.future.done() and w.limit > now)
             for waiter in queue:
                 if not waiter.future.done() and waiter.limit <= now:
-                    at = self.gate.ready_at(now)
+                    at = self.gate.ready_after(now, self.waiting - 1)
                     waiter.future.set_exception(self._reject("deadline", at - now))
             self.waiting -= len(queue) - len(kept)
             if kept:
@@ -415,10 +527,19 @@ class AccountBudget:
         self.upstream_429s += 1
         self.metrics.budget_upstream_429.labels(self.name).inc()
         asked = pause_asked(headers, wall_now)
+        honoured, cut = capped(asked, self.settings.longest_pause)
         seconds = self.bucket.pause(
-            self.clock.now(), asked, self.settings.backoff_initial, self.settings.backoff_max
+            self.clock.now(), honoured, self.settings.backoff_initial, self.settings.backoff_max
         )
-        event("upstream_rate_limited", account=self.name, pause=round(seconds, 3), asked=asked)
+        fields: dict[str, Any] = {"account": self.name, "pause": round(seconds, 3)}
+        if asked is not None:
+            fields["asked"] = round(asked, 3)
+        if cut:
+            # Said at warning level: the operator learns Kounta asked for more than we gave.
+            fields["capped_at"] = self.settings.longest_pause
+            event("upstream_rate_limited", logging.WARNING, **fields, capped=True)
+        else:
+            event("upstream_rate_limited", **fields)
         return seconds
 
     def status(self) -> dict[str, Any]:
@@ -456,9 +577,13 @@ class Budget:
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
         shared: Backend | None = None,
+        current: Callable[[], Settings] | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
+        # The live settings: a SIGHUP reload may change the accounts' rates.
+        self.current = current or (lambda: settings)
+        self._tuned_to = settings
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
@@ -474,10 +599,17 @@ class Budget:
         backend = self.shared
         if backend is not None and backend.budget is not None:
             now = self.clock.now()
-            gate = SharedGate(name, rate, backend.budget, backend, self.replicas, now)
+            gate = SharedGate(
+                name, rate, backend.budget, backend, self.replicas, now, self.settings.longest_pause
+            )
         return AccountBudget(name, rate, self.settings, self.clock, self.metrics, gate)
 
     def account(self, name: str) -> AccountBudget:
+        live = self.current()
+        if live is not self._tuned_to:  # one identity check per request; retuned once per reload
+            self._tuned_to = live
+            for known, budget in self.accounts.items():
+                budget.retune(rate_for(live.accounts.get(known), self.settings))
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)
@@ -495,7 +627,7 @@ class Budget:
                 return response
             pause = budget.upstream_limited(response.headers, self.wall())
             await response.release()
-            await budget.gate.pause(self.clock.now(), pause)
+            pause = await budget.gate.pause(self.clock.now(), pause)
             resend = request.method in RESENT_AFTER_429 and request.replayable
             if not resend or self.clock.now() + pause > limit:
                 raise RateLimited(

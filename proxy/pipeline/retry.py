@@ -9,16 +9,34 @@ and its own token from the rate budget.
 - A resend happens only when Kounta surely did not answer (the connection failed or
   timed out before any response) or answered 502, 503 or 504, with jittered
   exponential backoff, within the attempt cap and the request's deadline.
-- The :class:`Breaker` counts consecutive upstream failures per account. After
-  ``breaker_failures`` of them it opens: requests fail fast with
-  :class:`~proxy.errors.CircuitOpen` (503, or stale from the cache) for
-  ``breaker_cooldown`` seconds, then one probe is let through; its success closes
-  the breaker, its failure opens it again.
+- A :class:`Breaker` counts consecutive failed *requests* (a GET tried three times is one
+  failure, decided by its last attempt). After ``breaker_failures`` of them it opens:
+  requests fail fast with :class:`~proxy.errors.CircuitOpen` (503, or stale from the
+  cache) for ``breaker_cooldown`` seconds, then one probe is let through; its success
+  closes the breaker, its failure opens it again.
+
+What counts, and where (the choice, and why):
+
+- Kounta could not be reached (refused, reset, DNS, TLS, timeout): a failure of the
+  account's breaker and of the route's. Every path of the account would fail the same way,
+  so once the account's breaker is open all of them fail fast.
+- Kounta answered 502, 503 or 504 (after the resends), or broke off a body: a failure of
+  the route's breaker only (the account + route template, ``/v1/companies/{id}/orders``).
+  Kounta did answer, and one endpoint that is down, or a test's deliberate 5xx answers,
+  must not turn every other path of the account into ``503 circuit_open``.
+- Any other answer, a 500 included, is a success: it is one endpoint's own error, not a
+  sign that Kounta is away, and resending or failing fast would not help.
+- Failures of our own (no budget token, no access token, a caller that left) count for
+  nothing either way.
+
+Route breakers are kept only while they have something to say (failures or open), at most
+``ROUTES_MAX`` per account; past that a new route is watched by the account's breaker only.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import random
 import time
@@ -27,13 +45,22 @@ from typing import Any
 
 from proxy.clock import Clock, MonotonicClock, backoff
 from proxy.dates import retry_after
-from proxy.errors import CircuitOpen, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    CircuitOpen,
+    UpstreamBodyError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
+from proxy.routes import template
 from proxy.settings import RetrySettings
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
+# Route breakers kept per account at most (only routes with failures are kept at all).
+ROUTES_MAX = 256
 
 
 class BreakerState(enum.IntEnum):
@@ -45,8 +72,11 @@ class BreakerState(enum.IntEnum):
 class Breaker:
     """Counts consecutive upstream failures of one account and fails fast after too many."""
 
-    def __init__(self, account: str, failures: int, cooldown: float, clock: Clock) -> None:
+    def __init__(
+        self, account: str, failures: int, cooldown: float, clock: Clock, route: str = ""
+    ) -> None:
         self.account = account
+        self.route = route  # "": the account's breaker; else a route template
         self.threshold = failures
         self.cooldown = cooldown
         self.clock = clock
@@ -64,18 +94,33 @@ class Breaker:
             self.state = BreakerState.HALF_OPEN
         if self.state is BreakerState.HALF_OPEN and not self.probing:
             self.probing = True
-            event("breaker_probe", account=self.account)
+            event("breaker_probe", logging.INFO, **self._where())
             return True
         left = max(1, math.ceil(self.opened_at + self.cooldown - now))
+        where = f" on {self.route}" if self.route else ""
         raise CircuitOpen(
-            f"Kounta failed {self.failures} times in a row for account {self.account!r}; "
-            f"requests fail fast for another {left}s",
+            f"Kounta failed {self.failures} requests in a row for account {self.account!r}"
+            f"{where}; requests fail fast for another {left}s",
             retry_after=left,
+        )
+
+    @property
+    def is_open(self) -> bool:
+        """Open and not yet due for a probe: a resend now would only be refused."""
+        return self.state is BreakerState.OPEN and self.clock.now() < (
+            self.opened_at + self.cooldown
+        )
+
+    def _where(self) -> dict[str, str]:
+        return (
+            {"account": self.account, "route": self.route}
+            if self.route
+            else {"account": self.account}
         )
 
     def succeeded(self) -> None:
         if self.state is not BreakerState.CLOSED:
-            event("breaker_closed", account=self.account)
+            event("breaker_closed", logging.INFO, **self._where())
         self.state = BreakerState.CLOSED
         self.failures = 0
         self.probing = False
@@ -89,7 +134,7 @@ class Breaker:
         ):
             self.state = BreakerState.OPEN
             self.opened_at = self.clock.now()
-            event("breaker_opened", account=self.account, failures=self.failures)
+            event("breaker_opened", logging.WARNING, **self._where(), failures=self.failures)
             return True
         return False
 
@@ -107,7 +152,8 @@ class Breaker:
 
 
 class Retry:
-    """The layer: resends what is safe to resend; keeps one breaker per account."""
+    """The layer: resends what is safe to resend; keeps a breaker per account and per
+    account + route (see the module docstring for what each counts)."""
 
     def __init__(
         self,
@@ -125,6 +171,7 @@ class Retry:
         self.clock = clock or MonotonicClock()
         self.jitter = jitter
         self.breakers: dict[str, Breaker] = {}
+        self.routes: dict[str, dict[str, Breaker]] = {}
         for name in accounts:
             self.breaker(name)
 
@@ -136,53 +183,127 @@ class Retry:
         made = self.breakers[account] = Breaker(
             account, s.breaker_failures, s.breaker_cooldown, self.clock
         )
-        self.metrics.breaker_state.labels(account).set_function(lambda: made.state)
+        routes = self.routes[account] = {}
+        for state in BreakerState:
+            # One-hot, like the token's state: 1 for the current one, 0 for the others.
+            self.metrics.breaker_state.labels(account, state.name.lower()).set_function(
+                lambda state=state: 1 if made.state is state else 0  # type: ignore[misc]
+            )
+        self.metrics.breaker_routes_open.labels(account).set_function(
+            lambda: sum(1 for b in routes.values() if b.state is not BreakerState.CLOSED)
+        )
         self.metrics.breaker_opened.labels(account)
         return made
 
+    def route_breaker(self, account: str, route: str) -> Breaker | None:
+        """The breaker of one route of the account (None when too many are kept)."""
+        routes = self.routes[account]
+        found = routes.get(route)
+        if found is None and len(routes) < ROUTES_MAX:
+            s = self.settings
+            found = Breaker(account, s.breaker_failures, s.breaker_cooldown, self.clock, route)
+        return found
+
     async def send(self, request: ProxyRequest) -> ProxyResponse:
-        breaker = self.breaker(request.account)
+        host = self.breaker(request.account)
+        route = self.route_breaker(request.account, template(request.path))
+        probes = self._admit(host, route)
+        try:
+            response = await self._attempts(request, host, route)
+        except UpstreamBodyError:
+            self._ended(host, route, probes, host_failed=None, route_failed=True)
+            raise
+        except UpstreamError:
+            self._ended(host, route, probes, host_failed=True, route_failed=True)
+            raise
+        except BaseException:
+            self._ended(host, route, probes, host_failed=None, route_failed=None)
+            raise
+        failed = response.status in RETRIED_STATUSES
+        self._ended(host, route, probes, host_failed=False, route_failed=failed)
+        return response
+
+    def _admit(self, host: Breaker, route: Breaker | None) -> tuple[bool, bool]:
+        """Admit the request through both breakers (or raise CircuitOpen); which it probes."""
+        host_probe = host.admit()
+        try:
+            return host_probe, route.admit() if route is not None else False
+        except CircuitOpen:
+            if host_probe:
+                host.abandoned()
+            raise
+
+    def _ended(
+        self,
+        host: Breaker,
+        route: Breaker | None,
+        probes: tuple[bool, bool],
+        *,
+        host_failed: bool | None,
+        route_failed: bool | None,
+    ) -> None:
+        """Tell both breakers how the request ended (None: it says nothing of Kounta)."""
+        self._tell(host, host_failed, probes[0])
+        if route is None:
+            return
+        self._tell(route, route_failed, probes[1])
+        routes = self.routes[route.account]
+        if route.state is BreakerState.CLOSED and route.failures == 0:
+            routes.pop(route.route, None)  # nothing to remember
+        else:
+            routes[route.route] = route
+
+    def _tell(self, breaker: Breaker, failed: bool | None, probe: bool) -> None:
+        if failed is None:
+            if probe:  # another request may be the probe: leave its flag alone
+                breaker.abandoned()
+        elif not failed:
+            breaker.succeeded()
+        elif breaker.failed():
+            self.metrics.breaker_opened.labels(breaker.account).inc()
+
+    async def _attempts(
+        self, request: ProxyRequest, host: Breaker, route: Breaker | None
+    ) -> ProxyResponse:
+        """Send, and send again while it is safe and useful; the last answer or error."""
         resendable = request.method in self.methods and request.replayable
+        breakers = (host,) if route is None else (host, route)
         attempt = 1
         spent: float | None = None  # upstream seconds of the attempts answered before
         while True:
-            breaker.admit()
             try:
                 response = await self.inner.send(request)
             except (UpstreamUnreachable, UpstreamTimeout) as e:
                 # Raised before any response: Kounta did not answer this attempt.
-                self._failed(breaker)
-                if not (resendable and await self._pause(request, attempt, _reason(e), None)):
+                if not (
+                    resendable and await self._again(request, attempt, _reason(e), None, breakers)
+                ):
                     raise
-            except UpstreamError:
-                self._failed(breaker)
-                raise
-            except BaseException:
-                breaker.abandoned()
-                raise
             else:
                 response.add_upstream_time(spent)
                 if response.status not in RETRIED_STATUSES:
-                    breaker.succeeded()
                     return response
-                self._failed(breaker)
                 asked = _retry_after(response)
                 reason = str(response.status)
-                if not (resendable and await self._pause(request, attempt, reason, asked)):
+                if not (
+                    resendable and await self._again(request, attempt, reason, asked, breakers)
+                ):
                     return response
                 spent = response.upstream_seconds
                 await response.release()
             attempt += 1
 
-    def _failed(self, breaker: Breaker) -> None:
-        if breaker.failed():
-            self.metrics.breaker_opened.labels(breaker.account).inc()
-
-    async def _pause(
-        self, request: ProxyRequest, attempt: int, reason: str, asked: float | None
+    async def _again(
+        self,
+        request: ProxyRequest,
+        attempt: int,
+        reason: str,
+        asked: float | None,
+        breakers: tuple[Breaker, ...],
     ) -> bool:
-        """Sleep before the next attempt; False when no attempt is left in time or count."""
-        if attempt >= self.settings.attempts:
+        """Sleep before the next attempt; False when no attempt is left in time or count, or
+        when other requests opened a breaker meanwhile (a resend would only be refused)."""
+        if attempt >= self.settings.attempts or any(b.is_open for b in breakers):
             return False
         s = self.settings
         delay = backoff(attempt, s.backoff_initial, s.backoff_max, self.jitter)
@@ -200,7 +321,7 @@ class Retry:
             delay=round(delay, 3),
         )
         await self.clock.sleep(delay)
-        return True
+        return not any(b.is_open for b in breakers)
 
 
 def _reason(error: UpstreamError) -> str:

@@ -123,7 +123,8 @@ class Upstream:
         timeout = self._timeout(request.deadline)
         route = template(request.path)
         started = time.perf_counter()
-        with mapped_errors(self.settings, self._count_error):
+        count_error = self._error_counter(request.account)
+        with mapped_errors(self.settings, count_error):
             response = await self.session.request(
                 request.method,
                 url,
@@ -135,10 +136,12 @@ class Upstream:
         took = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(route).observe(took)
-            self.metrics.upstream_requests.labels(request.method, route, response.status).inc()
+            self.metrics.upstream_requests.labels(
+                request.method, route, response.status, request.account
+            ).inc()
         if _is_small(response):
             # One read and one write beat a stream for the common small JSON answer.
-            with mapped_errors(self.settings, self._count_error):
+            with mapped_errors(self.settings, count_error):
                 try:
                     body = await response.read()
                 finally:
@@ -153,7 +156,7 @@ class Upstream:
         return ProxyResponse(
             status=response.status,
             headers=CIMultiDict(response.headers),
-            body=self._stream(response),
+            body=self._stream(response, count_error),
             release=_releaser(response),
             upstream_status=response.status,
             upstream_seconds=took,
@@ -171,13 +174,18 @@ class Upstream:
             sock_read=self.settings.read_timeout,
         )
 
-    def _count_error(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.upstream_errors.labels(kind).inc()
+    def _error_counter(self, account: str) -> Callable[[str], None]:
+        def count(kind: str) -> None:
+            if self.metrics is not None:
+                self.metrics.upstream_errors.labels(kind, account).inc()
 
-    async def _stream(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        return count
+
+    async def _stream(
+        self, response: aiohttp.ClientResponse, count_error: Callable[[str], None]
+    ) -> AsyncIterator[bytes]:
         try:
-            with mapped_errors(self.settings, self._count_error):
+            with mapped_errors(self.settings, count_error):
                 async for chunk in response.content.iter_chunked(CHUNK):
                     yield chunk
         finally:

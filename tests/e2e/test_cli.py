@@ -93,3 +93,123 @@ def test_no_accounts_says_what_to_add(tmp_path: Path, command: str) -> None:
     result = run(command, cwd=tmp_path)
     assert result.returncode == 2
     assert "no account configured" in result.stderr
+
+
+STATIC = '[accounts.main]\nmode = "static"\ntoken = "t"\n'
+
+
+def test_check_config_reports_every_problem_at_once_with_suggestions(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        "[server]\nprot = 8081\n[admin]\nport = 'x'\n"
+        "[upstream]\nbase_url = 'https://api.kounta.com/v1'\n"
+        "[accounts.main]\nmode = 'static'\ntokn = 't'\nclient_secret_fle = 'x'\n"
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("kounta-proxy: config error: ") for line in lines)
+    text = result.stderr
+    assert "server.prot: unknown key (did you mean 'port'?)" in text
+    assert "admin.port: must be an integer, got a string" in text
+    assert "upstream.base_url: must be an origin without a path" in text
+    assert "'https://api.kounta.com'" in text
+    assert "accounts.main.tokn: unknown key (did you mean 'token'?)" in text
+    assert (
+        "accounts.main.client_secret_fle: unknown key (did you mean 'client_secret_file'?)" in text
+    )
+    assert len(lines) == 5, text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "[server]\nport = 8080\n[admin]\nport = 8080\n",
+            "admin.port: is the same as server.port (8080)",
+        ),
+        (
+            "state_dir = '{blocker}/state'\n",
+            "state_dir: {blocker}/state is not a writable directory: {blocker} is not a directory",
+        ),
+    ],
+)
+def test_check_config_refuses_what_serve_could_not_run(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    config = tmp_path / "c.toml"
+    config.write_text(content.format(blocker=blocker) + STATIC)
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 2, result.stdout
+    assert message.format(blocker=blocker) in result.stderr
+    # One line a problem (an unusable state_dir takes the cache directory under it along).
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("kounta-proxy: config error: ") for line in lines)
+    assert len(lines) == (2 if "state_dir" in content else 1), lines
+
+
+def test_check_config_creates_nothing_and_warns_of_a_missing_oauth_token(tmp_path: Path) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("oauth-secret-value-0001\n")
+    state = tmp_path / "not-yet"
+    config = tmp_path / "my config.toml"
+    config.write_text(
+        f"state_dir = '{state}'\n[accounts.shop]\nmode = 'oauth'\nclient_id = 'cid'\n"
+        f"client_secret_file = '{secret}'\n"
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert not state.exists()
+    assert f'client_secret = "******** (from {secret})"' in result.stdout
+    assert "oauth-secret-value-0001" not in result.stdout + result.stderr
+    (warning,) = result.stderr.strip().splitlines()
+    assert warning.startswith("kounta-proxy: warning: account 'shop' has no token yet")
+    assert warning.endswith(f"run: kounta-proxy authorize --account shop --config '{config}'")
+
+
+def test_cache_purge_of_an_unknown_account_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"state_dir = '{tmp_path}'\n" + STATIC)
+    (tmp_path / "cache").mkdir()
+    result = run("cache", "purge", "--config", str(config), "--account", "mian")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "kounta-proxy: no account named 'mian' in the settings (accounts: main)"
+    )
+    result = run("cache", "purge", "--config", str(config), "--account", "main")
+    assert (result.returncode, result.stdout.strip()) == (0, '{"purged": 0}')
+
+
+def test_check_config_warns_when_the_admin_listener_is_exposed(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[accounts.main]\nmode = "static"\ntoken = "t"\n')
+    quiet = run("check-config", "--config", str(config))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr
+    exposed = run("check-config", "--config", str(config), env={"KOUNTA_PROXY_ADMIN__HOST": "::"})
+    assert exposed.returncode == 0, exposed.stderr
+    assert exposed.stderr.count("\n") == 1  # one line
+    assert "warning: admin.host '::' is reachable beyond loopback" in exposed.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"KOUNTA_PROXY_UPSTREAM__FORWARD_HEADERS": "Accept,X-Original-URL"},
+            "upstream.forward_headers: X-Original-URL is never forwarded",
+        ),
+        ({"KOUNTA_PROXY_SERVER__HEADER_TIMEOUT": "0"}, "server.header_timeout: must be greater"),
+        ({"KOUNTA_PROXY_AUTH__REFRESH_FLOOR": "-1"}, "auth.refresh_floor: must not be negative"),
+        ({"KOUNTA_PROXY_ADMIN__ALLOWED_HOSTS": "a b"}, "admin.allowed_hosts: must hold host"),
+    ],
+)
+def test_new_limits_are_validated_in_one_line(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[accounts.main]\nmode = "static"\ntoken = "t"\n')
+    result = run("check-config", "--config", str(config), env=env)
+    assert result.returncode != 0
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr

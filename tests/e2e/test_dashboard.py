@@ -124,7 +124,7 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
         "kounta_proxy_budget_wait_seconds_bucket",
         "kounta_proxy_budget_wait_seconds_count",  # upstream requests per minute
         "kounta_proxy_budget_limit_per_minute",  # against the limit
-        "kounta_proxy_token_expires_at_seconds",
+        "kounta_proxy_token_expiry_timestamp_seconds",
         "kounta_proxy_breaker_state",
         "kounta_proxy_shared_backend_up",
         "kounta_proxy_shared_degraded",

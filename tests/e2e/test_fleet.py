@@ -200,16 +200,18 @@ async def requests_seen(client: aiohttp.ClientSession, admin: str) -> float:
 
 
 @pytest.mark.slow
-async def test_two_workers_share_one_port_and_stop_together(
+async def test_two_workers_share_one_port_reload_on_sighup_and_stop_together(
     tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
 ) -> None:
     path, port, admin = config(tmp_path, 0, sandbox.url, redis_server.url, redis_prefix)
     with socket.socket() as s:  # admin + 1 must be free too
         s.bind(("127.0.0.1", admin + 1))
-    proc = await asyncio.create_subprocess_exec(
-        COMMAND, "serve", "--workers", "2", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    log = tmp_path / "workers.log"
+    with log.open("wb") as out:  # the workers log to the parent's stderr
+        proc = await asyncio.create_subprocess_exec(
+            COMMAND, "serve", "--workers", "2", "--config", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=out,
+        )  # fmt: skip
     admins = [f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{admin + 1}"]
     try:
         async with aiohttp.ClientSession() as client:
@@ -223,6 +225,22 @@ async def test_two_workers_share_one_port_and_stop_together(
                         assert r.status == 200
             seen = [await requests_seen(client, url) for url in admins]
             assert sum(seen) == 24 and min(seen) > 0, seen
+
+            # SIGHUP to the parent is a reload of every worker; nothing stops.
+            path.write_text(
+                path.read_text().replace(
+                    "max_wait = 1.0", 'max_wait = 1.0\n[log]\nlevel = "warning"'
+                )
+            )
+            proc.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                return log.read_text().count('"event":"reloaded"') == 2
+
+            await until(reloaded, 10)
+            assert proc.returncode is None
+            for url in admins:
+                assert await ready(client, url)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import json
 import re
 import socket
 from asyncio.subprocess import PIPE, STDOUT
@@ -17,8 +18,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.edge.services import SERVICES, Services
-from proxy.ops.admin import create_admin_app
-from proxy.settings import UpstreamSettings
+from proxy.ops.admin import create_admin_app, exposure_warning
+from proxy.settings import AdminSettings, UpstreamSettings
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.ops_tools import prometheus_tool
 
@@ -202,18 +203,24 @@ async def test_requests_and_upstream_are_counted(
     # The cache status label is whatever the cache layer reports (a miss here).
     assert sorted((k[0], v) for k, v in counted.items()) == [("2xx", 1), ("4xx", 1)]
     upstream = "kounta_proxy_upstream_requests_total"
-    assert value(reg, upstream, method="GET", route=route, status="200") == 1
-    assert value(reg, upstream, method="GET", route=route, status="404") == 1
+    assert value(reg, upstream, method="GET", route=route, status="200", account="main") == 1
+    assert value(reg, upstream, method="GET", route=route, status="404", account="main") == 1
     assert value(reg, "kounta_proxy_upstream_duration_seconds_count", route=route) == 2
-    assert (
-        value(
-            reg,
-            "kounta_proxy_request_duration_seconds_count",
-            route=route,
-            cache=next(iter(counted))[1],
-        )
-        >= 1
-    )
+    duration = "kounta_proxy_request_duration_seconds_count"
+    for status_class, cache in counted:
+        labels = {"method": "GET", "route": route, "status_class": status_class}
+        assert value(reg, duration, **labels, cache=cache) == 1
+    # Every caller-facing request is labelled with its account (anonymous on loopback here).
+    accounts = {
+        s.labels["account"]
+        for family in reg.collect()
+        for s in family.samples
+        if s.name == "kounta_proxy_requests_total"
+    }
+    assert accounts == {"main"}
+    callers = "kounta_proxy_caller_requests_total"
+    assert value(reg, callers, caller="anonymous", account="main", status_class="4xx") == 1
+    assert value(reg, callers, caller="anonymous", account="main", status_class="2xx") == 2
     assert value(reg, "kounta_proxy_requests_in_flight") == 0
     info = [s for s in series(reg) if s[0] == "kounta_proxy_build_info"]
     assert len(info) == 1
@@ -333,11 +340,10 @@ async def test_upstream_errors_by_kind(
     async with client.get(f"{proxy.url}/v1/companies/me.json") as r:
         assert r.status in (502, 504)
         assert r.headers["X-Proxy-Error"] == "1"
-    assert value(proxy.registry, "kounta_proxy_upstream_errors_total", kind=kind) >= 1
+    errors = "kounta_proxy_upstream_errors_total"
+    assert value(proxy.registry, errors, kind=kind, account="main") >= 1
     others = [k for k in ("connect", "timeout", "reset", "tls") if k != kind]
-    assert all(
-        value(proxy.registry, "kounta_proxy_upstream_errors_total", kind=k) == 0 for k in others
-    )
+    assert all(value(proxy.registry, errors, kind=k, account="main") == 0 for k in others)
 
 
 # --------------------------------------------------------------------------- promtool
@@ -357,3 +363,134 @@ async def test_promtool_accepts_a_real_scrape(
     )
     out, _ = await asyncio.wait_for(check.communicate(scrape), 30)
     assert check.returncode == 0, out.decode()
+
+
+async def test_cache_purge_refuses_an_unknown_account(
+    admin: str, client: aiohttp.ClientSession
+) -> None:
+    async with client.post(f"{admin}/cache/purge?account=mian") as r:
+        assert r.status == 400
+        body = await r.json()
+    assert body["error"] == "invalid_request"
+    assert body["error_description"] == ("no account named 'mian' in the settings (accounts: main)")
+    async with client.post(f"{admin}/cache/purge?account=main") as r:
+        assert (r.status, await r.json()) == (200, {"purged": 0})
+
+
+async def test_cache_gauges_are_current_at_scrape_time(
+    proxy: Proxy, admin: str, client: aiohttp.ClientSession
+) -> None:
+    async def scraped() -> dict[str, float]:
+        async with client.get(f"{admin}/metrics") as r:
+            text = await r.text()
+        found = {}
+        for line in text.splitlines():
+            name, _, number = line.partition(" ")
+            if name in ("kounta_proxy_cache_entries", "kounta_proxy_cache_bytes"):
+                found[name] = float(number)
+        assert "_created" not in text and "process_open_fds" in text
+        return found
+
+    assert (await scraped())["kounta_proxy_cache_entries"] == 0
+    for path in ("/v1/companies/me.json", "/v1/companies/5001/sites.json"):
+        async with client.get(f"{proxy.url}{path}") as r:
+            assert r.status == 200
+    for _ in range(100):  # the store writes behind the answer, on its own thread
+        now = await scraped()
+        if now["kounta_proxy_cache_entries"] == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert now["kounta_proxy_cache_entries"] == 2  # no /cache/stats call needed
+    assert now["kounta_proxy_cache_bytes"] > 0
+    async with client.post(f"{admin}/cache/purge") as r:
+        assert r.status == 200
+    assert (await scraped())["kounta_proxy_cache_entries"] == 0
+
+
+# --------------------------------------------------------------------------- hostile browsers
+
+
+async def admin_raw(url: str, method: str, path: str, *lines: str, body: bytes = b"") -> Any:
+    """One request with exactly the Host/Origin a browser would send (aiohttp sets its own)."""
+    port = int(url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = [f"{method} {path} HTTP/1.1", *lines, f"Content-Length: {len(body)}"]
+    writer.write(("\r\n".join([*head, "Connection: close"]) + "\r\n\r\n").encode() + body)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head_bytes, _, payload = data.partition(b"\r\n\r\n")
+    status = int(head_bytes.split(b" ")[1])
+    assert b"\r\nServer: kounta-proxy\r\n" in head_bytes, head_bytes
+    return status, payload
+
+
+async def stored_entries(admin: str) -> int:
+    status, payload = await admin_raw(admin, "GET", "/cache/stats", "Host: localhost")
+    assert status == 200
+    return int(json.loads(payload)["entries"])
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:9464", "127.0.0.1:1", "[::1]:9464", "LOCALHOST"]
+)
+async def test_loopback_hosts_are_answered(admin: str, host: str) -> None:
+    for path in ("/metrics", "/budget", "/readyz"):
+        status, _ = await admin_raw(admin, "GET", path, f"Host: {host}")
+        assert status == 200, (path, host)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:9464", "127.0.0.1.evil.example"])
+async def test_a_foreign_host_is_refused_dns_rebinding(admin: str, host: str) -> None:
+    for path in ("/metrics", "/budget", "/cache/stats"):
+        status, payload = await admin_raw(admin, "GET", path, f"Host: {host}")
+        assert status == 403
+        assert json.loads(payload)["error"] == "access_denied"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ("Origin: http://evil.example",),
+        ("Origin: null",),
+        ("Content-Type: application/x-www-form-urlencoded",),
+        ("Content-Type: multipart/form-data; boundary=x",),
+        ("Content-Type: text/plain;charset=UTF-8",),
+        ("Sec-Fetch-Site: cross-site",),
+        ("Host: evil.example",),
+    ],
+    ids=["origin", "null-origin", "urlencoded", "multipart", "text-plain", "fetch-site", "host"],
+)
+async def test_cross_site_purges_are_refused(
+    proxy: Proxy, admin: str, client: aiohttp.ClientSession, lines: tuple[str, ...]
+) -> None:
+    async with client.get(f"{proxy.url}/v1/companies/5001/products.json") as r:
+        assert r.status == 200
+    entries = await stored_entries(admin)
+    assert entries >= 1
+    headers = lines if any(line.startswith("Host") for line in lines) else ("Host: 127.0.0.1",)
+    headers = (*headers, *(line for line in lines if not line.startswith("Host")))
+    status, payload = await admin_raw(admin, "POST", "/cache/purge", *headers, body=b"prefix=/")
+    assert status == 403
+    assert json.loads(payload)["error"] == "access_denied"
+    assert await stored_entries(admin) == entries
+    # The same purge from a local tool (curl -X POST) works.
+    status, payload = await admin_raw(
+        admin, "POST", "/cache/purge", "Host: 127.0.0.1:9464", "Origin: http://localhost:9464"
+    )
+    assert (status, json.loads(payload)["purged"]) == (200, entries)
+
+
+async def test_configured_host_names_are_answered(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, start_admin: StartAdmin
+) -> None:
+    admin_settings = AdminSettings(allowed_hosts=("localhost", "kounta-proxy", "10.0.0.0/8"))
+    proxy = await make_proxy(proxy_settings(sandbox.url, tmp_path, admin=admin_settings))
+    admin = await start_admin(proxy)
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: kounta-proxy:9464"))[0] == 200
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: [::1]"))[0] == 403
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 127.0.0.1"))[0] == 200  # admin.host
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 10.1.2.3:9464"))[0] == 200
+    assert (await admin_raw(admin, "GET", "/metrics", "Host: 11.1.2.3:9464"))[0] == 403
+    assert exposure_warning(admin_settings) is None
+    warning = exposure_warning(AdminSettings(host="0.0.0.0"))
+    assert warning is not None and "beyond loopback" in warning

@@ -184,10 +184,11 @@ async def test_a_get_the_budget_cannot_send_in_time_is_answered_stale(
     stored, other = (f"{proxy.url}{CUSTOMERS}/{n}.json" for n in customer_ids(sandbox)[:2])
     status, first, _ = await fetch(client, stored)
     assert status == 200
-    # Kounta asks for a 100 s pause: nothing can be sent within any request's wait now.
+    # Kounta asks for a 100 s pause, cut to budget.backoff_max (60 s): nothing can be sent
+    # within any request's wait now.
     sandbox.state.inject_status(429, b"Limit exceeded", headers={"Retry-After": "100"})
     status, body, headers = await fetch(client, other)
-    assert (status, body["error"], headers["Retry-After"]) == (429, "rate_limited", "100")
+    assert (status, body["error"], headers["Retry-After"]) == (429, "rate_limited", "60")
     assert headers["X-Proxy-Error"] == "1"
     status, again, headers = await fetch(client, stored)
     assert (status, again) == (200, first)  # the stored copy, instead of a 429
@@ -244,12 +245,16 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
         assert int(headers["Retry-After"]) >= 1
         assert sandbox.state.served("GET") == 2  # failing fast sent nothing
         async with client.get(status_url) as r:
-            assert (await r.json())["accounts"]["main"]["breaker"]["state"] == "open"
+            report = (await r.json())["accounts"]["main"]
+        # Kounta answered (502): the route's breaker opened, not the whole account's.
+        assert report["route_breakers"]["/v1/companies/{id}/customers/{id}"]["state"] == "open"
+        assert report["breaker"]["state"] == "closed"
         await asyncio.sleep(0.35)
         assert (await fetch(client, url))[0] == 200  # the probe
         async with client.get(status_url) as r:
             report = (await r.json())["accounts"]["main"]
         assert report["breaker"] == {"state": "closed", "consecutive_failures": 0, "open_for": 0.0}
+        assert report["route_breakers"] == {}
         assert report["rate"] == 100_000
     finally:
         await admin_runner.cleanup()
@@ -363,3 +368,34 @@ async def test_all_pages_breaks_off_rather_than_cut_silently(
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
     assert upstream.sent == (5 if where == "endless" else 1)
+
+
+async def test_a_request_whose_turn_comes_too_late_hears_429_at_once(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    """30 concurrent uncached GETs at 90 a minute (burst 4), a 1 s limit: about 19 fit; the
+    rest are told at once, with the time their turn would have come, not after 1 s."""
+    budget = BudgetSettings(window=6.0, window_margin=0.1, max_wait=1.0)
+    proxy = await make_proxy(budget_settings(sandbox.url, tmp_path, rate=90, budget=budget))
+    ids = customer_ids(sandbox)
+    started = time.monotonic()
+
+    async def one(n: int) -> tuple[int, float, str | None]:
+        status, _, headers = await fetch(client, f"{proxy.url}{CUSTOMERS}/{ids[n]}.json", n % 10)
+        return status, time.monotonic() - started, headers.get("Retry-After")
+
+    results = await asyncio.gather(*(one(n) for n in range(30)))
+    served = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(served) + len(refused) == 30
+    assert 15 <= len(served) <= 22, results
+    # Refused at once: before the first second's worth of tokens has even been handed out.
+    assert max(t for _, t, _ in refused) < 0.5, refused
+    # Retry-After: when the turn would have come (1-2 s at 14.75 a second), not 0, not 10.
+    assert {int(r or 0) for _, _, r in refused} <= {1, 2, 3}
+    assert all(t < 1.3 for _, t, _ in served)
+    sample = proxy.registry.get_sample_value
+    rejected = sample(
+        "kounta_proxy_budget_rejections_total", {"account": "main", "reason": "deadline"}
+    )
+    assert rejected == len(refused)

@@ -268,6 +268,11 @@ async def test_only_if_cached_and_no_store(
     assert headers["X-Cache"] == "BYPASS"
     assert sandbox.state.served() == 2
     assert sandbox.state.not_modified() == 0
+    # The documented label, from the decision's code (it once came from its prose: "request").
+    bypassed = proxy.registry.get_sample_value(
+        "kounta_proxy_cache_lookups_total", {"result": "bypass", "reason": "no_store"}
+    )
+    assert bypassed == 2
 
 
 async def test_writes_invalidate_target_and_lists(

@@ -164,6 +164,7 @@ async def test_200_concurrent_requests_on_a_just_expired_token_make_one_token_re
             assert warm == [200] and oauth(sandbox).token_requests == 1
             sandbox.state.add_bearer_token(provider(p)._token.access_token, time.time() - 1)  # type: ignore[union-attr]
             oauth(sandbox).counters.token_requests = 0
+            clock.now += 31  # past auth.refresh_floor: Kounta's 401 may cost a refresh
         if who_knows == "proxy_clock":
             clock.now += 3601  # the token expires exactly now, as far as the proxy knows
         statuses, elapsed = await fire(client, p.url, 200)
@@ -250,7 +251,8 @@ async def test_body_over_the_replay_cap_is_not_resent_and_the_401_is_normalised(
 async def test_a_401_after_the_refresh_goes_back_and_never_loops(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
-    p = await make_proxy(settings_for(sandbox, tmp_path))
+    # No floor: the token fetched a moment ago may be refreshed again on a 401.
+    p = await make_proxy(settings_for(sandbox, tmp_path, refresh_floor=0.0))
     assert (await get(client, p.url + ME))[0] == 200
     expired = json.dumps(
         {"error": "invalid_token", "error_description": "The access token provided has expired"}
@@ -263,6 +265,52 @@ async def test_a_401_after_the_refresh_goes_back_and_never_loops(
     assert status == 401 and body["error"] == "invalid_token"
     assert sandbox.state.served("GET", ME) - before == 2  # one send, one resend, no more
     assert oauth(sandbox).token_requests == 2  # the first token, one refresh
+
+
+def expire_everything(sandbox: Sandbox) -> None:
+    expired = json.dumps(
+        {"error": "invalid_token", "error_description": "The access token provided has expired"}
+    )
+    sandbox.state.inject_status(
+        401, expired.encode(), "application/json", count=None, path_prefix="/v1/companies"
+    )
+
+
+async def test_a_young_token_is_not_refreshed_again_on_401_expired(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """An endpoint that always says "expired" used to cost one token request per call."""
+    p = await make_proxy(settings_for(sandbox, tmp_path))  # auth.refresh_floor: 30 s
+    assert (await get(client, p.url + ME))[0] == 200
+    expire_everything(sandbox)
+    before = sandbox.state.served("GET", ME)
+    for _ in range(5):
+        status, body = await get(client, p.url + ME, headers={"Cache-Control": "no-cache"})
+        assert (status, body["error"]) == (401, "invalid_token")
+        assert "expired" in body["error_description"]
+    assert sandbox.state.served("GET", ME) - before == 5  # sent once each, never resent
+    assert oauth(sandbox).token_requests == 1  # the first token only
+    floored = p.registry.get_sample_value(
+        "kounta_proxy_auth_resends_total", {"account": "main", "outcome": "refresh_floor"}
+    )
+    assert floored == 5
+
+
+async def test_past_the_floor_one_refresh_and_one_resend(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    p = await make_proxy(settings_for(sandbox, tmp_path, refresh_floor=0.3))  # per account
+    assert (await get(client, p.url + ME))[0] == 200
+    expire_everything(sandbox)
+    assert (await get(client, p.url + ME))[0] == 401
+    assert oauth(sandbox).token_requests == 1
+    await asyncio.sleep(0.35)
+    before = sandbox.state.served("GET", ME)
+    assert (await get(client, p.url + ME))[0] == 401
+    assert sandbox.state.served("GET", ME) - before == 2  # refreshed, resent once
+    assert oauth(sandbox).token_requests == 2
+    assert (await get(client, p.url + ME))[0] == 401  # the new token is young again
+    assert oauth(sandbox).token_requests == 2
 
 
 async def test_token_endpoint_down_gives_503_fast_and_recovers_in_the_background(

@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.settings import ServerSettings
+from proxy.headers import DEFAULT_FORWARDED
+from proxy.settings import ServerSettings, UpstreamSettings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve, serve_handler
 
 
@@ -116,7 +117,11 @@ async def test_repeated_headers_and_hop_by_hop(
     app.router.add_route("*", "/{tail:.*}", echo)
     runner, port = await serve(app)
     try:
-        p = await make_proxy(proxy_settings(f"http://127.0.0.1:{port}", tmp_path))
+        base = f"http://127.0.0.1:{port}"
+        # Both allowed, so that only repetition and Connection decide here.
+        forward = (*DEFAULT_FORWARDED, "X-Tag", "X-Drop")
+        upstream = UpstreamSettings(base_url=base, forward_headers=forward)
+        p = await make_proxy(proxy_settings(base, tmp_path, upstream=upstream))
         headers = [
             ("X-Tag", "a"),
             ("X-Tag", "b"),
@@ -398,6 +403,7 @@ async def test_caller_hanging_up_cancels_its_upstream_request(
             "route": "/v1/companies/{id}/products",
             "status_class": "4xx",
             "cache": "-",
+            "account": "main",
         },
     )
     assert closed == 1

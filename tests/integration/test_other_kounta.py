@@ -448,6 +448,10 @@ def oauth_account(upstream: Upstream, **overrides: Any) -> AccountSettings:
         "token_url": f"{upstream.url}/v1/token.json",
         "refresh_token": Secret(FIRST_REFRESH),
         "rate_per_minute": 100_000,
+        # This look-alike expires tokens the moment a test says so, so a token is "expired"
+        # seconds after it was issued: the refresh floor (tested on its own in
+        # test_credentials.py) would rightly refuse to refresh it again.
+        "refresh_floor": 0.0,
         **overrides,
     }
     return AccountSettings(**values)

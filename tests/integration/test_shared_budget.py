@@ -10,16 +10,22 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.clock import MonotonicClock
 from proxy.edge.services import SERVICES
+from proxy.errors import RateLimited
+from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
+from proxy.pipeline.budget import AccountBudget, Rate, SharedGate
 from proxy.sandbox import SandboxConfig
 from proxy.settings import BudgetSettings, CacheSettings, Settings, SharedSettings
+from proxy.shared import RedisBackend
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, serve
 from tests.integration.test_budget import budget_settings, fetch
 from tests.redis_server import RedisServer
@@ -184,3 +190,77 @@ async def test_redis_away_degrades_and_comes_back(
             assert (await r.json())["details"] == {}
     finally:
         await admin_runner.cleanup()
+
+
+async def test_a_shared_pause_is_cut_to_retry_after_max(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Kounta's ``Retry-After: 999999999`` reaches Redis as ``budget.retry_after_max``: one
+    answer must not stop every replica for years."""
+    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
+    budget = dataclasses.replace(settings.budget, max_wait=5.0, retry_after_max=1.0)
+    proxies = await three(make_proxy, dataclasses.replace(settings, budget=budget))
+    sandbox.state.inject_status(
+        429, count=1, headers={"Retry-After": "999999999"}, body=b"Limit exceeded"
+    )
+    status, body, _ = await fetch(client, proxies[0].url + ME, method="POST", json={})
+    assert status == 429, body
+    assert body["error"] == "rate_limited" and "retry after 1s" in body["error_description"]
+    started = time.monotonic()
+    status, _, _ = await fetch(client, proxies[1].url + ME, caller=1)
+    assert status == 200  # replica B waited out the capped pause, not 999999999 s
+    assert 0.5 <= time.monotonic() - started < 3.0
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[RedisBackend]:
+    shared = RedisBackend(
+        SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        Metrics(CollectorRegistry()),
+    )
+    await shared.start()
+    yield shared
+    await shared.close()
+
+
+def gate_budget(backend: RedisBackend, rate: Rate, longest: float = 60.0) -> AccountBudget:
+    clock = MonotonicClock()
+    gate = SharedGate("main", rate, backend, backend, 1, clock.now(), longest)
+    metrics = Metrics(CollectorRegistry())
+    return AccountBudget("main", rate, BudgetSettings(), clock, metrics, gate)
+
+
+async def test_a_pause_another_replica_set_is_read_back_capped(backend: RedisBackend) -> None:
+    rate = Rate(per_window=60, burst=3, window=60.0, margin=1.0)
+    # Another replica (a longer retry_after_max, or an older version) paused for 100 s.
+    assert await backend.pause("main", 100.0, 60, 3, 61.0) > 99
+    gate = gate_budget(backend, rate, longest=2.0).gate
+    now = MonotonicClock().now()
+    assert await gate.pause(now, 0.5) == 2.0
+    assert gate.ready_at(now) <= now + 2.0
+
+
+async def test_the_queue_ahead_counts_with_the_shared_gate(backend: RedisBackend) -> None:
+    """A request whose turn (after the queue ahead of it) comes past its limit is refused at
+    once, as with the local bucket; the shared turn is estimated from the account's pace."""
+    rate = Rate(per_window=4, burst=1, window=2.0, margin=0.1)  # a slot every 0.525 s
+    budget = gate_budget(backend, rate)
+    now = budget.clock.now()
+    assert await budget.acquire("a", now + 5) == 0.0  # the burst
+    first = asyncio.create_task(budget.acquire("a", now + 5))  # queued for the next slot
+    await asyncio.sleep(0.05)
+    assert budget.waiting == 1
+    started = time.monotonic()
+    # Its turn comes after "a"'s: about 1.05 s away, past this limit of 0.8 s.
+    with pytest.raises(RateLimited) as refused:
+        await budget.acquire("b", budget.clock.now() + 0.8)
+    assert time.monotonic() - started < 0.3  # told now, not at its limit
+    assert refused.value.retry_after in (1, 2)  # about 1 s: whole seconds
+    assert budget.status()["mode"] == "shared"
+    assert await first > 0.3
+    await budget.close()

@@ -4,6 +4,7 @@ rotation-safe, and what a replica does while Redis is away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,9 @@ from cryptography.fernet import Fernet
 from prometheus_client import CollectorRegistry
 
 from proxy.auth.providers import OAuthProvider
+from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.edge.services import SERVICES
+from proxy.ops.reload import reload, split_changes
 from proxy.sandbox import SandboxConfig
 from proxy.sandbox.oauth import SANDBOX_OAUTH
 from proxy.settings import CacheSettings, Secret, Settings, SharedSettings
@@ -238,3 +241,39 @@ async def test_solo_refresh_while_redis_is_away_is_written_back(
         assert record["access_token"] in {held.access_token, provider(proxy)._token.access_token}  # type: ignore[union-attr]
     finally:
         await reader.aclose()
+
+
+async def test_a_reload_keeps_the_shared_token_store_and_shared_settings(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """SIGHUP with new credentials: the new provider reads the account's record in Redis (not
+    a token file nobody writes); a changed ``[shared]`` waits for a restart."""
+    settings = settings_for(sandbox, tmp_path, redis_server.url, redis_prefix)
+    proxy = await make_proxy(settings)
+    services = proxy.app[SERVICES]
+    assert (await get(client, proxy))[0] == 200
+    server = sandbox.app[SANDBOX_OAUTH]
+    requests = server.counters.by_client["sandbox-client"]
+    old = provider(proxy)
+
+    account = dataclasses.replace(settings.accounts["main"], refresh_token=Secret("not-" + KEY))
+    shared = dataclasses.replace(settings.shared, timeout=2.0, key_prefix=redis_prefix + "-new")
+    new = dataclasses.replace(settings, accounts={"main": account}, shared=shared)
+    live, restart = split_changes(settings, new)
+    assert live == ["accounts.main.refresh_token"]
+    assert restart == ["shared.key_prefix", "shared.timeout"]
+    assert await reload(services, lambda: new)
+
+    assert provider(proxy) is not old
+    assert isinstance(provider(proxy).file, SharedTokenStore)
+    assert services.live.current.settings.shared == settings.shared  # restart-only: kept
+    # The stored token serves at once: no token request with the new (unknown) refresh token.
+    assert (await get(client, proxy))[0] == 200
+    assert server.counters.by_client["sandbox-client"] == requests
+    assert (await stored(redis_client, redis_prefix))[0] == requests

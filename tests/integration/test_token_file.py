@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError
+from proxy.auth.token_file import StoredToken, TokenFile, TokenFileCorrupt, TokenFileError
 from proxy.sandbox import SandboxConfig
 from proxy.sandbox.oauth import SANDBOX_OAUTH
 from tests.conftest import MakeProxy, Sandbox
@@ -141,3 +142,67 @@ async def test_the_lock_excludes_a_second_holder(tmp_path: Path) -> None:
         with pytest.raises(TokenFileError, match="stayed locked"):
             async with b.locked(0.05):
                 pass
+
+
+CORRUPT = [
+    b'{"access_token": "leaked-access-value", "refresh_token": "leaked-refresh-value", ',
+    b'["leaked-access-value"]',
+    b'{"access_token": "leaked-access-value", "expires_at": "tomorrow"}',
+    b"\xff\xfeleaked-access-value\x00",
+    b"",
+]
+
+
+@pytest.mark.parametrize("content", CORRUPT, ids=["torn", "array", "bad-field", "binary", "empty"])
+async def test_a_corrupt_token_file_at_start_falls_back_to_the_configured_refresh_token(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    content: bytes,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    path = tmp_path / "tokens" / "main.json"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(content)
+    path.chmod(0o600)
+    p = await make_proxy(settings_for(sandbox, tmp_path))
+    async with client.get(p.url + ME) as r:
+        assert r.status == 200, await r.text()  # not an outage for the account
+    assert sandbox.app[SANDBOX_OAUTH].token_requests == 1  # the configured refresh_token
+    # The corrupt file is kept aside, as it was; a good one took its place.
+    [aside] = path.parent.glob("main.json.corrupt-*")
+    assert aside.read_bytes() == content
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o600
+    assert TokenFile(path).read() is not None
+    said = {r.getMessage(): r for r in caplog.records}
+    assert said["token_file_corrupt"].fields["fallback"] == "configured refresh_token"  # type: ignore[attr-defined]
+    assert said["token_file_set_aside"].fields["moved_to"] == str(aside)  # type: ignore[attr-defined]
+    logged = " ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    for secret in ("leaked-access-value", "leaked-refresh-value", SEED_REFRESH):
+        assert secret not in logged
+
+
+def test_a_corrupt_file_is_set_aside_under_a_new_name_each_time(tmp_path: Path) -> None:
+    file = TokenFile(tmp_path / "a.json")
+    names = []
+    for i in range(3):
+        file.path.write_text(f"not json {i}")
+        with pytest.raises(TokenFileCorrupt):
+            file.read()
+        names.append(file.set_aside(1_700_000_000.0).name)
+    assert names == [
+        "a.json.corrupt-20231114T221320Z",
+        "a.json.corrupt-20231114T221320Z-1",
+        "a.json.corrupt-20231114T221320Z-2",
+    ]
+    assert file.read() is None
+
+
+def test_an_unreadable_file_is_not_taken_for_a_corrupt_one(tmp_path: Path) -> None:
+    directory = tmp_path / "a.json"
+    directory.mkdir()  # reading it fails with an OS error: not ours to move
+    with pytest.raises(TokenFileError) as caught:
+        TokenFile(directory).read()
+    assert not isinstance(caught.value, TokenFileCorrupt)

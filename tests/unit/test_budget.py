@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from proxy.pipeline.budget import (
     Bucket,
     Budget,
     Rate,
+    capped,
     pause_asked,
     rate_for,
 )
@@ -132,12 +134,60 @@ def test_after_a_pause_the_pace_resumes_without_a_burst() -> None:
         ({"Retry-After": "soon", "X-Ratelimit-Reset": "3"}, 3.0),
         ({"X-Ratelimit-Reset": "nan"}, None),
         ({"X-Ratelimit-Reset": "-5"}, None),
+        ({"Retry-After": "\u00b2"}, None),  # not ASCII digits: ignored, never an exception
+        ({"Retry-After": "\u0661\u0662", "X-Ratelimit-Reset": "4"}, 4.0),
+        ({"Retry-After": "1e3"}, None),
+        ({"Retry-After": "-5"}, None),
+        ({"Retry-After": "999999999"}, 999999999.0),  # asked as sent; the cap comes later
         ({}, None),
     ],
 )
 def test_pause_asked(headers: dict[str, str], expected: float | None) -> None:
     got = pause_asked(headers, wall_now=1_700_000_000.0)
     assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_a_thousand_digit_retry_after_is_infinite_not_an_error() -> None:
+    assert pause_asked({"Retry-After": "9" * 1000}, wall_now=0.0) == math.inf
+    assert capped(math.inf, 60.0) == (60.0, True)
+
+
+@pytest.mark.parametrize(
+    ("asked", "longest", "expected"),
+    [
+        (None, 60.0, (None, False)),
+        (7.0, 60.0, (7.0, False)),
+        (60.0, 60.0, (60.0, False)),
+        (61.0, 60.0, (60.0, True)),
+        (999999999.0, 60.0, (60.0, True)),
+        (-3.0, 60.0, (-3.0, False)),  # a date in the past: Bucket.pause makes it 0
+    ],
+)
+def test_capped(asked: float | None, longest: float, expected: tuple[float | None, bool]) -> None:
+    assert capped(asked, longest) == expected
+
+
+@pytest.mark.parametrize(
+    ("retry_after_max", "backoff_max", "longest"),
+    [(0.0, 60.0, 60.0), (0.0, 5.0, 5.0), (600.0, 60.0, 600.0), (2.0, 60.0, 2.0)],
+)
+def test_retry_after_max_defaults_to_backoff_max(
+    retry_after_max: float, backoff_max: float, longest: float
+) -> None:
+    budget = BudgetSettings(
+        backoff_initial=1.0, backoff_max=backoff_max, retry_after_max=retry_after_max
+    )
+    assert budget.longest_pause == longest
+
+
+async def test_a_huge_retry_after_pauses_the_account_only_up_to_the_cap() -> None:
+    clock = FakeClock()
+    upstream = Scripted((429, {"Retry-After": "999999999"}), (200, {}))
+    budget = layer(upstream, clock)  # backoff_max 60 (the default cap), max_wait 30
+    with pytest.raises(RateLimited) as e:
+        await budget.send(request(clock))
+    assert e.value.retry_after == 60
+    assert budget.accounts["main"].paused_for() == pytest.approx(60.0)
 
 
 def test_default_rates_by_mode() -> None:
@@ -158,6 +208,7 @@ def test_default_rates_by_mode() -> None:
         ('[accounts.a]\ntoken = "t"\nrate_per_minute = -1\n', "accounts.a.rate_per_minute"),
         ('[accounts.a]\ntoken = "t"\nrate_per_minute = 10\nburst = 11\n', "accounts.a.burst"),
         ("[budget]\nmax_wait = -1\n", "budget.max_wait"),
+        ("[budget]\nretry_after_max = -1\n", "budget.retry_after_max"),
         ("[budget]\nbackoff_initial = 10.0\nbackoff_max = 5.0\n", "budget.backoff_max"),
         ('[retry]\nmethods = ["GET", "POST"]\n', "retry.methods"),
         ('[retry]\nmethods = ["patch"]\n', "retry.methods"),
@@ -332,5 +383,18 @@ async def test_upstream_429_past_the_deadline_is_answered_429() -> None:
     budget = layer(upstream, clock)
     with pytest.raises(RateLimited) as e:
         await budget.send(request(clock, deadline=60.0))
-    assert e.value.retry_after == 120
+    assert e.value.retry_after == 60  # cut to budget.backoff_max, still past the wait
     assert upstream.sent == ["GET"]
+
+
+def test_ready_after_counts_the_queue_ahead_by_pace_and_window() -> None:
+    paced = Bucket(Rate(per_window=60, burst=2, window=60.0, margin=0.0), now=0.0)
+    assert [paced.ready_after(0.0, ahead) for ahead in (0, 1, 2, 3)] == [0.0, 0.0, 1.0, 2.0]
+    # A window of 3: the fourth send waits for the first to leave it, whatever the pace.
+    capped = Bucket(Rate(per_window=3, burst=3, window=10.0, margin=0.5), now=0.0)
+    assert capped.ready_after(0.0, 2) == 0.0
+    assert capped.ready_after(0.0, 3) == 10.5
+    capped.take(0.0)
+    assert capped.ready_after(1.0, 2) == 10.5  # the one already sent leaves the window first
+    capped.pause(1.0, 20.0, 1.0, 60.0)
+    assert capped.ready_after(1.0, 0) == 21.0

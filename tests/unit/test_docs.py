@@ -185,7 +185,7 @@ def registered_metric_names() -> set[str]:
     """Exposition names: counters with ``_total``, info with ``_info``."""
     suffix = {"counter": "_total", "info": "_info"}
     registry = CollectorRegistry()
-    Metrics(registry)
+    Metrics(registry).watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
     return {m.name + suffix.get(m.type, "") for m in registry.collect()}
 
 

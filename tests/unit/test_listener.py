@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from proxy.listener import WRAP_HANDLER, Handler, Runner, bound_port, start
+from proxy.listener import LIMITS, WRAP_HANDLER, Handler, Limits, Runner, bound_port, start
 
 
 def test_the_private_hooks_still_exist() -> None:
@@ -64,4 +64,86 @@ async def test_the_wrapper_sees_requests_and_bad_requests_answer_json() -> None:
         assert b"application/json" in head
         assert json.loads(body)["error"] == "invalid_request"
     finally:
+        await runner.cleanup()
+
+
+def test_the_head_deadline_hooks_still_exist() -> None:
+    # _waiter: the future RequestHandler.start() awaits while no request is queued; aiohttp's
+    # own keep-alive timer reads it the same way. Server.connections: the open protocols.
+    assert "_waiter" in RequestHandler.start.__code__.co_names
+    assert "_waiter" in RequestHandler._process_keepalive.__code__.co_names
+    assert isinstance(Server.connections, property)
+    assert "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
+
+
+async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    data = await asyncio.wait_for(reader.read(), 5)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"application/json" in head and b"Server: kounta-proxy" in head, head
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+async def test_slow_heads_get_408_silent_ones_close_and_answers_are_not_cut() -> None:
+    drops: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)  # longer than the head deadline: not a head
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    app[LIMITS] = Limits(header_timeout=0.3, max_connections=10, on_drop=drops.append)
+    runner = await start(app, "127.0.0.1", 0, 1.0)
+    port = bound_port(runner)
+    loop = asyncio.get_running_loop()
+    try:
+        # slowloris: a header line every 0.1 s never completes the head in time
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = loop.time()
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+        for i in range(3):
+            await asyncio.sleep(0.1)
+            writer.write(f"X-Line-{i}: 1\r\n".encode())
+        status, body = await answer_of(reader)
+        assert (status, body["error"]) == (408, "request_timeout")
+        assert 0.25 < loop.time() - started < 1.5
+        writer.close()
+        # a connection that says nothing is closed without an answer
+        quiet, quiet_writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(quiet.read(), 5) == b""
+        quiet_writer.close()
+        # a slow answer and an idle keep-alive pause longer than the deadline are fine
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"done"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.4)
+        writer.close()
+        assert drops == ["header_timeout", "header_timeout"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_connections_beyond_the_cap_get_503_and_close() -> None:
+    drops: list[str] = []
+    counts: list[int] = []
+    app = web.Application()
+    app[LIMITS] = Limits(
+        header_timeout=5, max_connections=3, on_drop=drops.append, on_count=counts.append
+    )
+    runner = await start(app, "127.0.0.1", 0, 1.0)
+    port = bound_port(runner)
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, body = await answer_of(reader)
+        assert (status, body["error"]) == (503, "temporarily_unavailable")
+        writer.close()
+        assert drops == ["max_connections"]
+        assert max(counts) == 4
+    finally:
+        for _, w in held:
+            w.close()
         await runner.cleanup()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from proxy.metrics import BUCKETS, LoopCounter, LoopHistogram
+from proxy.metrics import BUCKETS, LoopCounter, LoopHistogram, Metrics, Registry
 
 VALUES = (0.0, 0.001, 0.0011, 0.003, 0.25, 0.26, 1, 29.9, 30, 31, 1e6)
 
@@ -42,8 +42,27 @@ def test_the_counter_exposes_what_prometheus_clients_does() -> None:
         b.labels(method, f"{status // 100}xx").inc(amount)
     assert exposition(ours) == exposition(theirs)
     assert ours.get_sample_value("y_total", {"method": "GET", "status_class": "2xx"}) == 3.5
-    created = ours.get_sample_value("y_created", {"method": "PUT", "status_class": "5xx"})
-    assert created is not None and created > 1_600_000_000
+    # No _created series: nothing reads them (proxy.metrics.Registry drops prometheus-client's).
+    assert ours.get_sample_value("y_created", {"method": "PUT", "status_class": "5xx"}) is None
+
+
+def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> None:
+    registry = Registry()
+    metrics = Metrics(registry)
+    metrics.upstream_requests.labels("GET", "/v1/companies/me", 200, "main").inc()
+    metrics.budget_wait.labels("main").observe(0.1)
+    metrics.request_done("GET", "/v1/companies/me", 404, "MISS", 0.01, "app", "main")
+    text = generate_latest(registry).decode()
+    assert "_created" not in text
+    assert "kounta_proxy_upstream_requests_total{" in text
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"):
+        assert registry.get_sample_value(name) is not None, name
+    labels = {"caller": "app", "account": "main", "status_class": "4xx"}
+    assert registry.get_sample_value("kounta_proxy_caller_requests_total", labels) == 1
+    # A plain registry keeps prometheus-client's own behaviour (the switch is per registry).
+    plain = CollectorRegistry()
+    Metrics(plain).budget_wait.labels("main").observe(0.1)
+    assert "kounta_proxy_budget_wait_seconds_created" in generate_latest(plain).decode()
 
 
 def test_families_without_children_are_still_described() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
@@ -9,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from proxy.errors import (
     CircuitOpen,
     TokenUnavailable,
+    UpstreamBodyError,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -159,13 +162,104 @@ async def test_an_abandoned_probe_lets_the_next_request_probe() -> None:
     assert breaker.admit() is True
 
 
-async def test_breaker_counts_attempts_and_stops_retries_when_open() -> None:
+ORDERS = "/v1/companies/5001/orders/7.json"
+
+
+def on(clock: FakeClock, path: str) -> ProxyRequest:
+    return replace(request(clock), path=path)
+
+
+async def test_the_breaker_counts_requests_not_attempts() -> None:
     clock = FakeClock()
-    upstream = Scripted(503, 503, 503, 503)
-    layer = retry(upstream, clock, attempts=5, breaker_failures=2)
-    with pytest.raises(CircuitOpen):
+    upstream = Scripted(*[UpstreamUnreachable("refused")] * 6)
+    layer = retry(upstream, clock, attempts=3, breaker_failures=2)
+    with pytest.raises(UpstreamUnreachable):
+        await layer.send(request(clock))  # three attempts, one failed request
+    assert upstream.sent == 3
+    assert (layer.breakers["main"].failures, layer.breakers["main"].state) == (
+        1,
+        BreakerState.CLOSED,
+    )
+    with pytest.raises(UpstreamUnreachable):
         await layer.send(request(clock))
-    assert upstream.sent == 2
+    assert layer.breakers["main"].state is BreakerState.OPEN
+    # Kounta cannot be reached: every path of the account fails fast now.
+    with pytest.raises(CircuitOpen):
+        await layer.send(on(clock, ORDERS))
+    assert upstream.sent == 6
+
+
+async def test_5xx_answers_open_only_their_routes_breaker() -> None:
+    clock = FakeClock()
+    upstream = Scripted(*[503] * 6)
+    layer = retry(upstream, clock, attempts=3, breaker_failures=2, breaker_cooldown=10.0)
+    for _ in range(2):
+        assert (await layer.send(request(clock))).status == 503
+    assert upstream.sent == 6
+    assert layer.breakers["main"].state is BreakerState.CLOSED  # Kounta did answer
+    route = "/v1/companies/{id}/products"
+    assert layer.routes["main"][route].state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen) as e:
+        await layer.send(on(clock, "/v1/companies/77/products"))  # the same route
+    assert route in e.value.description
+    assert (await layer.send(on(clock, ORDERS))).status == 200  # another route
+    assert upstream.sent == 7
+    samples = layer.metrics.breaker_routes_open.collect()[0].samples
+    assert [(x.labels, x.value) for x in samples] == [({"account": "main"}, 1.0)]
+    clock.t += 10
+    assert (await layer.send(request(clock))).status == 200  # the route's probe
+    assert layer.routes["main"] == {}  # a closed route breaker without failures is dropped
+
+
+async def test_a_500_is_one_endpoints_error_not_a_failure() -> None:
+    clock = FakeClock()
+    upstream = Scripted(*[500] * 5)
+    layer = retry(upstream, clock, breaker_failures=1)
+    assert [(await layer.send(request(clock))).status for _ in range(5)] == [500] * 5
+    assert layer.breakers["main"].failures == 0 and layer.routes["main"] == {}
+
+
+async def test_a_broken_body_counts_for_the_route_only() -> None:
+    clock = FakeClock()
+    upstream = Scripted(UpstreamBodyError("cut"), UpstreamBodyError("cut"))
+    layer = retry(upstream, clock, breaker_failures=2)
+    for _ in range(2):
+        with pytest.raises(UpstreamBodyError):
+            await layer.send(request(clock))
+    assert layer.breakers["main"].state is BreakerState.CLOSED
+    assert layer.routes["main"]["/v1/companies/{id}/products"].state is BreakerState.OPEN
+
+
+async def test_resends_stop_once_other_requests_opened_the_breaker() -> None:
+    clock = FakeClock()
+
+    class OpensTheBreaker(Scripted):
+        async def send(self, request: ProxyRequest) -> ProxyResponse:
+            layer.breakers["main"].failed()  # as if concurrent requests failed meanwhile
+            return await super().send(request)
+
+    upstream = OpensTheBreaker(503, 503, 503)
+    layer = retry(upstream, clock, attempts=5, breaker_failures=1)
+    assert (await layer.send(request(clock))).status == 503  # its own answer, not resent
+    assert upstream.sent == 1
+
+
+async def test_a_request_refused_by_its_route_leaves_the_accounts_probe_free() -> None:
+    clock = FakeClock()
+    upstream = Scripted(UpstreamUnreachable("down"))
+    layer = retry(upstream, clock, attempts=1, breaker_failures=1, breaker_cooldown=5.0)
+    with pytest.raises(UpstreamUnreachable):
+        await layer.send(request(clock))  # the account's breaker opens (threshold 1)
+    clock.t += 5
+    orders = layer.route_breaker("main", "/v1/companies/{id}/orders/{id}")
+    assert orders is not None
+    orders.failed()  # this route's breaker opened just now
+    layer.routes["main"][orders.route] = orders
+    with pytest.raises(CircuitOpen):
+        await layer.send(on(clock, ORDERS))  # the account's probe, refused by the route
+    assert layer.breakers["main"].probing is False
+    assert (await layer.send(request(clock))).status == 200  # so this one may probe
+    assert layer.breakers["main"].state is BreakerState.CLOSED
 
 
 async def test_tls_errors_count_for_the_breaker_but_are_not_retried() -> None:

@@ -168,3 +168,14 @@ def test_fault_set_consumes_counts_and_prefixes() -> None:
     assert [f.kind for f in faults.active()] == ["latency"]
     with pytest.raises(ValueError, match="count"):
         faults.add(Fault("drop", 0))
+
+
+def test_each_sandbox_gets_its_own_copy_of_the_remembered_data() -> None:
+    config = SandboxConfig(seed=4242)
+    first = generate(config)
+    first["customers"][0]["first_name"] = "Changed"
+    first["customers"].pop()
+    second = generate(config)
+    assert second["customers"][0]["first_name"] != "Changed"
+    assert len(second["customers"]) == len(first["customers"]) + 1
+    assert second == generate(config)

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.headers import DEFAULT_FORWARDED
 from proxy.settings import ConfigError, Secret, Settings, load, masked, to_toml
 
 NO_ENV: dict[str, str] = {}
@@ -182,3 +183,39 @@ def test_shared_token_key_from_a_file_is_a_masked_secret(tmp_path: Path) -> None
     settings = load(write(tmp_path, OAUTH), env)
     assert settings.shared.token_key.reveal().startswith("G6lV")
     assert "G6lV" not in to_toml(masked(settings))
+
+
+def test_hardening_defaults(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, '[accounts.a]\nmode = "static"\ntoken = "t"\n'), NO_ENV)
+    assert (settings.server.header_timeout, settings.server.max_connections) == (10.0, 1000)
+    assert settings.admin.allowed_hosts == ("localhost", "127.0.0.1", "::1", "[::1]")
+    assert settings.auth.floor_for(settings.accounts["a"]) == 30.0
+    assert {"accept", "x-page", "user-agent"} <= settings.upstream.forwarded
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[upstream]\nforward_headers = ['Accept']\n", "must include Content-Type"),
+        (
+            "[upstream]\nforward_headers = ['X-Forwarded-Host']\n",
+            "X-Forwarded-Host is never forwarded",
+        ),
+        ("[upstream]\nforward_headers = ['Bad Name']\n", "must hold header names"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections: must be at least 1"),
+        ("[accounts.a]\nmode = 'static'\ntoken = 't'\nrefresh_floor = -2\n", "refresh_floor"),
+    ],
+)
+def test_hardening_settings_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), NO_ENV)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_caller_key_header_is_never_forwarded(tmp_path: Path) -> None:
+    text = "[inbound]\nkey_header = 'X-Secret'\n[upstream]\nforward_headers = [{}]\n"
+    names = ", ".join(f"'{n}'" for n in ("X-Secret", *DEFAULT_FORWARDED))
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text.format(names)), NO_ENV)
+    assert "caller key header X-Secret" in str(info.value)

@@ -123,3 +123,58 @@ def test_arbitrary_bytes_never_escape_the_origin(data: bytes) -> None:
 )
 def test_host_values(host: str, valid: bool) -> None:
     assert valid_host(host) is valid
+
+
+# What a server that decodes once more, or reads overlong UTF-8, takes for '.', '/' or '\'.
+TRICKS = {".": ["2e", "c0%ae", "e0%80%ae", "f0%80%80%ae"], "/": ["2f", "c0%af", "e0%80%af"]}
+TRICKS["\\"] = ["5c", "c1%9c", "e0%81%9c"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/v1/%252e%252e/admin",
+        "/v1/a%252Fb",
+        "/v1/a%255C",
+        "/v1/a%25252e",
+        "/v1/a%252500",
+        "/v1/%c0%ae%c0%ae/x",
+        "/v1/a%C0%AFb",
+        "/v1/%e0%80%ae",
+        "/v1/%f0%80%80%ae",
+        "/v1/%ed%a0%80",  # a UTF-16 surrogate
+        "/v1/%ff",
+        "/v1/caf%c3",  # cut short
+        "/v1/%25c0%25ae",  # overlong, encoded twice
+    ],
+)
+def test_double_encoded_and_overlong_tricks_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidTarget) as info:
+        parse_target(raw)
+    assert info.value.code == "invalid_request_target"
+
+
+@pytest.mark.parametrize("raw", ["/v1/caf%C3%A9", "/v1/a%2541", "/v1/%e2%82%ac", "/v1/%2525"])
+def test_well_formed_escapes_still_pass(raw: str) -> None:
+    assert parse_target(raw).path == raw
+
+
+def _escaped(char: str, rng: st.DataObject, depth: int, upper: bool) -> str:
+    form = "%" + rng.draw(st.sampled_from(TRICKS[char]))
+    escaped = form.replace("%", "%" + "25" * depth)  # every byte encoded ``depth`` more times
+    return escaped.upper() if upper else escaped
+
+
+@given(
+    st.data(),
+    st.sampled_from(sorted(TRICKS)),
+    st.integers(0, 3),
+    st.booleans(),
+    st.text(alphabet="abc019", max_size=5),
+)
+def test_every_encoding_of_dot_slash_backslash_is_refused(
+    data: st.DataObject, char: str, depth: int, upper: bool, around: str
+) -> None:
+    raw = f"/v1/{around}{_escaped(char, data, depth, upper)}{around}/x"
+    with pytest.raises(InvalidTarget):
+        parse_target(raw)

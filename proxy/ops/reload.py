@@ -1,0 +1,170 @@
+"""SIGHUP: read the configuration again and apply what may change while serving.
+
+What may change live: ``log.level``, ``[inbound]``, ``[callers]`` (keys and accounts),
+``cache.rules``, and per account ``rate_per_minute``, ``burst`` and the credentials
+(``token``, ``client_id``, ``client_secret``, ``refresh_token``). They reach the running
+proxy as one new :class:`~proxy.edge.services.Live` snapshot, assigned once; requests
+already under way finish with the snapshot they started with. Everything else (listen
+addresses, the upstream, the cache directory and sizes, accounts added or removed, the
+whole ``[shared]`` section, ...) needs a restart: the reload keeps the running value and
+says so in its one log line. A replaced provider keeps the running token store: the shared
+one (Redis, ``[shared] backend = "redis"``) or the account's token file.
+A file that does not load is refused with one line, and the running settings stay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from proxy.auth.providers import TokenProvider, provider_for
+from proxy.edge.callers import Callers
+from proxy.edge.services import Live, Services
+from proxy.logs import event, set_level
+from proxy.settings import AccountSettings, ConfigError, ConfigErrors, Invalid, Settings
+
+# Flattened setting keys a reload applies at once (fnmatch patterns).
+LIVE_KEYS = (
+    "log.level",
+    "inbound.*",
+    "callers.*",
+    "cache.rules",
+    "accounts.*.rate_per_minute",
+    "accounts.*.burst",
+    *(f"accounts.*.{name}" for name in ("token", "client_id", "client_secret", "refresh_token")),
+)
+# Keys a reload never applies, whatever LIVE_KEYS says: the shared backend (its connection,
+# key prefix, token key, replica count) is opened once at start, and every budget gate and
+# token store holds it; `serve --workers` sets server.reuse_port for its workers.
+RESTART_KEYS = ("shared.*", "server.reuse_port")
+# Account settings that make a new token provider (credentials).
+CREDENTIALS = ("token", "client_id", "client_secret", "refresh_token")
+ACCOUNT_LIVE = (*CREDENTIALS, "rate_per_minute", "burst")
+
+Loader = Callable[[], Settings]
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted setting keys and their values (tables of tables walked; arrays kept whole)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        items: Mapping[str, Any] = {f.name: getattr(value, f.name) for f in fields}
+    elif isinstance(value, dict):
+        items = value
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, child in items.items():
+        flat.update(flatten(child, f"{prefix}.{key}" if prefix else key))
+    if not items and prefix:
+        flat[prefix] = {}
+    return flat
+
+
+def changed_keys(old: Settings, new: Settings) -> list[str]:
+    """Keys whose values differ (secrets compared by value, never shown)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or a[k] != b[k])
+
+
+def is_live(key: str) -> bool:
+    if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESTART_KEYS):
+        return False
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in LIVE_KEYS)
+
+
+def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """The changed keys a reload applies, and those that need a restart (an account added
+    or removed needs one whatever its keys: its budget, breaker and token file are set up
+    at start)."""
+    both = old.accounts.keys() & new.accounts.keys()
+    live: list[str] = []
+    restart: list[str] = []
+    for key in changed_keys(old, new):
+        parts = key.split(".")
+        known = parts[0] != "accounts" or len(parts) < 2 or parts[1] in both
+        (live if known and is_live(key) else restart).append(key)
+    return live, restart
+
+
+def merge(running: Settings, new: Settings) -> Settings:
+    """The running settings with the live parts of ``new``; a bad mix is a ConfigError."""
+    try:
+        accounts = {
+            name: _account(account, new.accounts.get(name))
+            for name, account in running.accounts.items()
+        }
+        return dataclasses.replace(
+            running,
+            log=dataclasses.replace(running.log, level=new.log.level),
+            inbound=new.inbound,
+            callers=new.callers,
+            cache=dataclasses.replace(running.cache, rules=new.cache.rules),
+            accounts=accounts,
+        )
+    except Invalid as e:
+        raise ConfigError(e.key, e.problem) from None
+
+
+def _account(running: AccountSettings, new: AccountSettings | None) -> AccountSettings:
+    if new is None:  # removed: needs a restart; keep serving it meanwhile
+        return running
+    try:
+        return dataclasses.replace(running, **{k: getattr(new, k) for k in ACCOUNT_LIVE})
+    except Invalid as e:
+        raise Invalid(f"accounts.{e.key}", e.problem) from None
+
+
+async def reload(services: Services, load: Loader) -> bool:
+    """Load the file again and swap in the new snapshot; False (one line) when refused."""
+    current = services.live.current
+    try:
+        new = load()
+        live, restart = split_changes(current.settings, new)
+        merged = merge(current.settings, new)
+    except ConfigError as e:
+        lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
+        event("reload_refused", logging.ERROR, error="; ".join(lines), kept="running settings")
+        return False
+    providers, replaced = await _providers(services, current, merged)
+    services.live.current = Live(merged, Callers(merged, services.metrics), providers)
+    for provider in replaced:
+        await provider.stop()
+    # The line is written under the more verbose of the two levels, then the new one holds.
+    set_level(min(current.settings.log.level, merged.log.level, key=LEVELS.index))
+    level = logging.WARNING if restart else logging.INFO
+    event("reloaded", level, changed=live, restart_needed=restart)
+    set_level(merged.log.level)
+    return True
+
+
+async def _providers(
+    services: Services, current: Live, merged: Settings
+) -> tuple[dict[str, TokenProvider], list[TokenProvider]]:
+    """The providers for ``merged``: new ones where an account's credentials changed."""
+    providers = dict(current.providers)
+    replaced: list[TokenProvider] = []
+    for name, account in merged.accounts.items():
+        before = current.settings.accounts[name]
+        if all(getattr(before, k) == getattr(account, k) for k in CREDENTIALS):
+            continue
+        provider = provider_for(
+            account,
+            name=name,
+            state_dir=merged.state_dir,
+            clock=services.clock,
+            metrics=services.metrics,
+            # The running backend and its settings: [shared] is restart-only, so a new
+            # provider of a shared account shares the same encrypted record in Redis.
+            shared=services.shared,
+            shared_settings=services.settings.shared,
+            refresh_floor=merged.auth.floor_for(account),
+        )
+        await provider.start(services.session)
+        replaced.append(providers[name])
+        providers[name] = provider
+    return providers, replaced
