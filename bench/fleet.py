@@ -1,6 +1,7 @@
 """A fleet of callers polling Kounta through the proxy, against the sandbox's real limit.
 
     python -m bench.fleet [--seconds 120] [--callers 12] [--interval 2.0] [--fresh-for 5]
+                          [--replicas 1] [--redis-url redis://...]
 
 Starts the sandbox (180 requests a minute per token, as Kounta) and the proxy in
 front of it on loopback ports, then lets ``--callers`` simulated services poll list
@@ -13,6 +14,11 @@ proxy's cache and rate budget have to make that work. Prints:
 - the age of the data callers got (the ``Age`` header; 0 for answers fresh from Kounta),
 - how the answers were served (X-Cache) and how long callers waited.
 
+With ``--replicas N`` (N > 1) it runs N proxies sharing one budget in Redis
+(``[shared] backend = "redis"``; a ``redis-server`` of its own on a free loopback port unless
+``--redis-url`` names one), callers spread over them, and also prints the Redis round trips
+per upstream request.
+
 Exits 1 when any caller saw a 429. Also ``python -m bench.run --fleet [options]``.
 """
 
@@ -20,14 +26,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import random
+import shutil
+import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy.edge.app import create_app
 from proxy.listener import bound_port, start
@@ -42,6 +56,7 @@ from proxy.settings import (
     Secret,
     ServerSettings,
     Settings,
+    SharedSettings,
     UpstreamSettings,
 )
 
@@ -57,6 +72,7 @@ class Tally:
     cache: Counter[str] = field(default_factory=Counter)
     ages: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
+    redis_calls: float = 0.0
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,15 +87,28 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--fresh-for", type=float, default=5.0, help="cache rule: seconds served without asking"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--replicas", type=int, default=1, help="proxies sharing one budget")
+    parser.add_argument("--redis-url", default="", help="Redis for --replicas > 1 (default: own)")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.callers < 1 or args.interval <= 0:
-        parser.error("--seconds, --callers and --interval must be positive")
+    # One prefix for the whole run: every replica must find the same budget keys.
+    args.key_prefix = f"fleet-{time.time_ns()}"
+    if args.seconds <= 0 or args.callers < 1 or args.interval <= 0 or args.replicas < 1:
+        parser.error("--seconds, --callers, --interval and --replicas must be positive")
     return args
 
 
-def settings_for(upstream: str, state_dir: str, args: argparse.Namespace) -> Settings:
+def settings_for(
+    upstream: str, state_dir: str, args: argparse.Namespace, redis_url: str = ""
+) -> Settings:
     rules = (CacheRule(path="/v1/*", fresh_for=args.fresh_for, stale_if_error=300.0),)
+    shared = SharedSettings()
+    if redis_url:
+        shared = SharedSettings(
+            backend="redis", url=redis_url, key_prefix=args.key_prefix,
+            replicas=args.replicas,
+        )  # fmt: skip
     return Settings(
+        shared=shared,
         state_dir=state_dir,
         server=ServerSettings(host="127.0.0.1", port=0),
         upstream=UpstreamSettings(base_url=upstream),
@@ -132,8 +161,31 @@ async def sample(counts: list[int], served: object, until: float) -> None:
         await asyncio.sleep(1.0)
 
 
+@contextlib.contextmanager
+def own_redis(directory: str) -> Iterator[str]:
+    """A redis-server of the bench's own on a free loopback port, without persistence."""
+    found = shutil.which("redis-server")
+    if found is None:
+        raise SystemExit("--replicas needs redis-server (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [found, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+            "--save", "", "--appendonly", "no"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.025)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def run(args: argparse.Namespace) -> Tally:
-    configure(level="error")
+    configure(level=os.environ.get("FLEET_LOG", "error"))
     sandbox_app = create_sandbox_app(SandboxConfig(rate_per_minute_bearer=args.limit))
     state = sandbox_app[SANDBOX_STATE]
     sandbox = await start(sandbox_app, "127.0.0.1", 0, 1.0)
@@ -141,25 +193,45 @@ async def run(args: argparse.Namespace) -> Tally:
     ids = {kind: sorted(state.store[kind].records) for kind in LISTS}
     tally = Tally()
     counts: list[int] = []
-    with tempfile.TemporaryDirectory() as state_dir:
-        proxy = await start(
-            create_app(settings_for(upstream, state_dir, args)), "127.0.0.1", 0, 1.0
-        )
-        base = f"http://127.0.0.1:{bound_port(proxy)}"
+    with tempfile.TemporaryDirectory() as state_dir, contextlib.ExitStack() as stack:
+        redis_url = args.redis_url
+        if args.replicas > 1 and not redis_url:
+            redis_url = stack.enter_context(own_redis(state_dir))
+        registries = [CollectorRegistry() for _ in range(args.replicas)]
+        proxies: list[web.AppRunner] = []
+        for i, registry in enumerate(registries):
+            settings = settings_for(upstream, f"{state_dir}/replica{i}", args, redis_url)
+            proxies.append(await start(create_app(settings, registry=registry), "127.0.0.1", 0, 1))
+        bases = [f"http://127.0.0.1:{bound_port(p)}" for p in proxies]
         until = time.monotonic() + args.seconds
         connector = aiohttp.TCPConnector(limit=args.callers * 2)
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
                 sampler = asyncio.create_task(sample(counts, state.served, until))
                 await asyncio.gather(
-                    *(poll(session, base, i, ids, until, args, tally) for i in range(args.callers))
+                    *(
+                        poll(session, bases[i % len(bases)], i, ids, until, args, tally)
+                        for i in range(args.callers)
+                    )
                 )
                 await sampler
         finally:
-            await proxy.cleanup()
+            tally.redis_calls = sum(_redis_calls(r) for r in registries)
+            for proxy in proxies:
+                await proxy.cleanup()
             await sandbox.cleanup()
     report(args, tally, counts, state.statuses())
     return tally
+
+
+def _redis_calls(registry: CollectorRegistry) -> float:
+    return sum(
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "kounta_proxy_shared_calls"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
 
 
 def report(
@@ -174,7 +246,8 @@ def report(
     waits = sorted(tally.waits) or [0.0]
     print(
         f"fleet: {args.callers} callers, one poll each ~{args.interval:g}s, {args.seconds:g}s, "
-        f"sandbox limit {args.limit}/min, cache fresh_for {args.fresh_for:g}s"
+        f"sandbox limit {args.limit}/min, cache fresh_for {args.fresh_for:g}s, "
+        f"{args.replicas} replica(s)"
     )
     print(f"caller requests:        {total} ({total / args.seconds * 60:.0f}/min asked)")
     print(f"upstream requests:      {sent} ({sent / args.seconds * 60:.0f}/min on average)")
@@ -190,8 +263,15 @@ def report(
     )
     print(
         f"caller wait (s):        p50 {_pct(waits, 50):.3f}, p95 {_pct(waits, 95):.3f}, "
-        f"max {waits[-1]:.3f}"
+        f"p99 {_pct(waits, 99):.3f}, max {waits[-1]:.3f}"
     )
+    if args.replicas > 1:
+        per = tally.redis_calls / total if total else 0.0
+        per_upstream = tally.redis_calls / sent if sent else 0.0
+        print(
+            f"redis round trips:      {tally.redis_calls:.0f} ({per:.2f} per caller request, "
+            f"{per_upstream:.2f} per upstream request; token/health probes included)"
+        )
 
 
 def _pct(values: list[float], pct: int) -> float:

@@ -17,7 +17,7 @@ from proxy.auth.providers import token_path
 from proxy.cache.admin import run_cli
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import configure, event
-from proxy.ops import lifecycle
+from proxy.ops import lifecycle, workers
 from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import (
@@ -54,6 +54,14 @@ def parser() -> argparse.ArgumentParser:
         "if present) and KOUNTA_PROXY_* environment variables.",
     )
     _config_arg(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes serving one port (N > 1 needs [shared] backend = 'redis'); worker K's "
+        "admin listener is on admin.port + K",
+    )
 
     check = sub.add_parser(
         "check-config",
@@ -163,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(args.config, as_json=args.json)
         if args.command == "serve":
+            if args.workers != 1:
+                return workers.run(require_accounts(load(args.config)), args.config, args.workers)
             return serve(load(args.config), args.config)
         if args.command == "sandbox":
             return sandbox(args.host, args.port, args.seed, tuple(args.token or ("sandbox-token",)))

@@ -233,7 +233,9 @@ class Runner(web.AppRunner):
         return customise(await super()._make_server(), self.app)
 
 
-async def start(app: web.Application, host: str, port: int, grace: float) -> Runner:
+async def start(
+    app: web.Application, host: str, port: int, grace: float, reuse_port: bool = False
+) -> Runner:
     """Start listening; a busy port or bad address becomes one :class:`StartupError` line."""
     # handler_cancellation: a caller that hangs up cancels its handler, and with it the
     # upstream request it was waiting on (shared cache fetches run in their own tasks).
@@ -251,7 +253,9 @@ async def start(app: web.Application, host: str, port: int, grace: float) -> Run
         # A cleanup context could not open its files (cache, tokens): one line, no traceback.
         where = f" ({e.filename})" if e.filename else ""
         raise StartupError(f"cannot start: {e.strerror or e}{where}") from None
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    site = web.TCPSite(
+        runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+    )
     try:
         await site.start()
     except OSError as e:

@@ -394,6 +394,19 @@ class Metrics:
             "1 while budget, tokens and cache run on this process's fallback (Redis away).",
             registry=registry,
         )
+        self.cache_broadcasts = Counter(
+            "kounta_proxy_cache_broadcasts",
+            "Cache invalidations between replicas, by result (sent, failed, received, ignored).",
+            ["result"],
+            registry=registry,
+        )
+        self.shared_calls = LoopCounter(
+            "kounta_proxy_shared_calls",
+            "Round trips to the shared backend (Redis), by operation (budget, pause, token_read, "
+            "token_write, token_lock, token_unlock) and result (ok, error).",
+            ["op", "result"],
+            registry=registry,
+        )
         # --- credentials (recorded by proxy.auth.providers and proxy.edge.callers)
         self.token_state = Gauge(
             "kounta_proxy_token_state",

@@ -17,6 +17,7 @@ Any :class:`Secret` field may instead be read from a file named by ``<key>_file`
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import difflib
 import functools
@@ -143,6 +144,9 @@ class ServerSettings:
     replay_body_size: int = 1024 * 1024
     # In-flight requests get this long to finish after SIGTERM.
     shutdown_grace: float = 10.0
+    # Let several processes listen on the same port (SO_REUSEPORT); `serve --workers N` sets it
+    # in each worker.
+    reuse_port: bool = False
     # After SIGTERM, keep serving new requests this long (readiness already false) before
     # the listener closes: a sidecar's neighbour still reaches Kounta while it winds down.
     # 0: close at once. 5 suits Kubernetes (endpoint removal takes a few seconds).
@@ -520,6 +524,59 @@ class CacheSettings:
         return Path(self.dir) if self.dir else Path(state_dir) / "cache"
 
 
+SharedBackendName = Literal["local", "redis"]
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """Where budget and tokens live when several processes front one account (docs/scaling.md)."""
+
+    # local: this process only (no Redis); redis: shared by every replica using the same url
+    # and key_prefix.
+    backend: SharedBackendName = "local"
+    # redis:// or rediss:// (TLS); a password in the URL works, password/password_file is better.
+    url: str = "redis://127.0.0.1:6379/0"
+    password: Secret = Secret("")
+    # Every key starts with this, so several deployments may share one Redis.
+    key_prefix: str = "kounta-proxy"
+    # Seconds any one Redis call may take (connect included) before Redis counts as away.
+    timeout: float = 0.5
+    # The replicas expected to share each account; while Redis is away each one sends at most
+    # rate / replicas.
+    replicas: int = 1
+    # Fernet key (32 url-safe base64 bytes) that encrypts tokens at rest in Redis; required
+    # with backend = "redis" when an account uses oauth.
+    token_key: Secret = Secret("")
+    # While Redis is away, refresh an expired token alone (may spend a rotating refresh token
+    # other replicas still hold) instead of answering 503 for the account.
+    solo_refresh: bool = False
+
+    def __post_init__(self) -> None:
+        scheme = URL(self.url).scheme if self.url else ""
+        if self.backend == "redis" and scheme not in ("redis", "rediss", "unix"):
+            raise Invalid("url", f"must be a redis://, rediss:// or unix:// URL, got {self.url!r}")
+        if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
+            raise Invalid("key_prefix", "must be a non-empty word without spaces")
+        _positive(self, "timeout")
+        if self.replicas < 1:
+            raise Invalid("replicas", "must be at least 1")
+        # Checked only where it is used: the local backend never reads it.
+        redis = self.backend == "redis"
+        if redis and self.token_key and not _is_fernet_key(self.token_key.reveal()):
+            raise Invalid(
+                "token_key",
+                "must be a Fernet key: 32 bytes in url-safe base64 (make one with "
+                "`openssl rand -base64 32 | tr '+/' '-_'`)",
+            )
+
+
+def _is_fernet_key(text: str) -> bool:
+    try:
+        return len(base64.urlsafe_b64decode(text.encode("ascii"))) == 32
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
 @dataclass(frozen=True)
 class Settings:
     # Cache, token files and other state live under this directory.
@@ -536,12 +593,14 @@ class Settings:
     default_account: str = ""
     inbound: InboundSettings = field(default_factory=InboundSettings)
     callers: dict[str, CallerSettings] = field(default_factory=dict)
+    shared: SharedSettings = field(default_factory=SharedSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
 
     def __post_init__(self) -> None:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
         _check_callers(self)
+        _check_shared(self)
         _check_ports(self)
         if self.inbound.key_header.lower() in self.upstream.forwarded:
             raise Invalid(
@@ -553,6 +612,16 @@ class Settings:
     def account_name(self) -> str:
         """The account used when a caller names none."""
         return self.default_account or next(iter(sorted(self.accounts)), "")
+
+
+def _check_shared(settings: Settings) -> None:
+    oauth = sorted(n for n, a in settings.accounts.items() if a.mode == "oauth")
+    if settings.shared.backend == "redis" and oauth and not settings.shared.token_key:
+        raise Invalid(
+            "shared.token_key",
+            f"is required with backend = 'redis' for oauth account {oauth[0]!r} (tokens are "
+            "encrypted at rest in Redis); set shared.token_key_file",
+        )
 
 
 def _check_ports(settings: Settings) -> None:

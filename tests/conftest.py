@@ -19,6 +19,8 @@ from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_san
 from proxy.settings import AccountSettings, Secret, ServerSettings, Settings, UpstreamSettings
 
 TOKEN = "sandbox-token"
+# Real redis-server fixtures (redis_server, redis_proc, redis_prefix).
+pytest_plugins = ["tests.redis_server"]
 
 
 @dataclass

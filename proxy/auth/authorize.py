@@ -11,6 +11,7 @@ Every failure is one line naming what went wrong and what to do; no token ever p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sys
 import time
@@ -20,14 +21,18 @@ from typing import TextIO
 
 from aiohttp import web
 from authlib.oauth2 import OAuth2Error
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from proxy.auth.endpoint import request_token
 from proxy.auth.providers import token_path
-from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError
+from proxy.auth.shared_tokens import SharedTokenStore
+from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError, TokenStore
 from proxy.client import create_session
 from proxy.listener import StartupError, start
+from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, ConfigError, Settings, is_loopback_host
+from proxy.shared import open_backend
 
 
 class AuthorizeError(Exception):
@@ -151,12 +156,32 @@ def _exchange_failure(code: str) -> str:
     return f"the token endpoint refused the code ({_safe(code)})"
 
 
-async def save(path: TokenFile, token: StoredToken) -> None:
+async def save(path: TokenStore, token: StoredToken) -> None:
+    """Store the new token under the account's lock (file lock, or Redis lock); with Redis the
+    write is a compare-and-set over the version read under that lock."""
     try:
         async with path.locked():
-            path.write(token)
+            # A record we cannot read (corrupt, another key) is replaced: that is the fix.
+            with contextlib.suppress(TokenFileError):
+                await path.fetch()
+            await path.save(token)
     except TokenFileError as e:
         raise AuthorizeError(str(e)) from None
+
+
+async def save_shared(settings: Settings, name: str, token: StoredToken) -> None:
+    """``[shared] backend = "redis"``: the token goes to Redis, where every replica reads it."""
+    backend = open_backend(settings.shared, Metrics(CollectorRegistry()))
+    await backend.start()
+    try:
+        if not backend.up or backend.tokens is None:
+            raise AuthorizeError(
+                f"the shared store at shared.url is not answering; the token was not saved "
+                f"(run `kounta-proxy authorize --account {name}` again when Redis is up)"
+            )
+        await save(SharedTokenStore(name, backend, backend.tokens, settings.shared), token)
+    finally:
+        await backend.close()
 
 
 def _listens(redirect_uri: str) -> bool:
@@ -207,6 +232,8 @@ async def run(
         redirect = await receive_redirect(account, wait, out)
     check_state(redirect, state)
     token = await exchange(settings, name, redirect.code)
-    file = TokenFile(token_path(name, account, settings.state_dir))
-    await save(file, token)
+    if settings.shared.backend == "redis":
+        await save_shared(settings, name, token)
+    else:
+        await save(TokenFile(token_path(name, account, settings.state_dir)), token)
     return token

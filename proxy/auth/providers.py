@@ -41,12 +41,20 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Token
 
 from proxy.auth.endpoint import request_token
-from proxy.auth.token_file import StoredToken, TokenFile, TokenFileCorrupt, TokenFileError
+from proxy.auth.shared_tokens import SharedTokenStore
+from proxy.auth.token_file import (
+    StoredToken,
+    TokenFile,
+    TokenFileCorrupt,
+    TokenFileError,
+    TokenStore,
+)
 from proxy.clock import WallClock, backoff
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
 from proxy.metrics import Metrics
-from proxy.settings import AccountSettings
+from proxy.settings import AccountSettings, SharedSettings
+from proxy.shared import Backend
 
 INF = float("inf")
 TOKEN_BODY_LIMIT = 64 * 1024
@@ -173,6 +181,8 @@ def provider_for(
     state_dir: str = "state",
     clock: WallClock = time.time,
     metrics: Metrics | None = None,
+    shared: Backend | None = None,
+    shared_settings: SharedSettings | None = None,
     refresh_floor: float = 30.0,
 ) -> TokenProvider:
     if account.mode in ("static", "basic") and metrics is not None:
@@ -181,10 +191,27 @@ def provider_for(
         return StaticToken(account.token.reveal(), name)
     if account.mode == "basic":
         return BasicCredentials(account.client_id, account.client_secret.reveal(), name)
-    file = TokenFile(token_path(name, account, state_dir))
     return OAuthProvider(
-        name, account, file, clock=clock, metrics=metrics, refresh_floor=refresh_floor
+        name,
+        account,
+        token_store(name, account, state_dir, shared, shared_settings),
+        clock=clock,
+        metrics=metrics,
+        refresh_floor=refresh_floor,
     )
+
+
+def token_store(
+    name: str,
+    account: AccountSettings,
+    state_dir: str,
+    shared: Backend | None = None,
+    shared_settings: SharedSettings | None = None,
+) -> TokenStore:
+    """The token file, or the encrypted record in Redis when the backend shares tokens."""
+    if shared is not None and shared.tokens is not None and shared_settings is not None:
+        return SharedTokenStore(name, shared, shared.tokens, shared_settings)
+    return TokenFile(token_path(name, account, state_dir))
 
 
 def refresh_due(token: StoredToken, leeway: float) -> float | None:
@@ -213,7 +240,7 @@ class OAuthProvider:
         self,
         account: str,
         settings: AccountSettings,
-        file: TokenFile,
+        file: TokenStore,
         *,
         clock: WallClock = time.time,
         metrics: Metrics | None = None,
@@ -236,6 +263,8 @@ class OAuthProvider:
         self._wake = asyncio.Event()
         self._failures = 0
         self._file_mtime: int | None = None
+        # Whether the last failure was the token store's (file, Redis), not the endpoint's.
+        self._store_failed = False
 
     def __repr__(self) -> str:
         return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
@@ -252,6 +281,7 @@ class OAuthProvider:
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
+        await self.file.start()
         self._load()
         self._runner = asyncio.create_task(self._run(), name=f"token-refresh-{self.account}")
 
@@ -262,6 +292,7 @@ class OAuthProvider:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._runner = self._inflight = None
+        await self.file.stop()
 
     def _load(self) -> None:
         self._file_mtime = self.file.mtime()
@@ -333,7 +364,8 @@ class OAuthProvider:
             return self._rejection().description
         token = self._token
         if self._state == UNAVAILABLE and not (token and token.usable(self.clock())):
-            return f"account {self.account!r}: no valid access token; the token endpoint is failing"
+            failing = "token store" if self._store_failed else "token endpoint"
+            return f"account {self.account!r}: no valid access token; the {failing} is failing"
         return None
 
     def _check_usable(self) -> None:
@@ -346,6 +378,8 @@ class OAuthProvider:
             if token is not None and token.usable(self.clock()):
                 return
         if self._state == UNAVAILABLE and self._inflight is None:
+            if self._store_failed:
+                raise TokenUnavailable(self.file.unusable(self.account))
             raise TokenUnavailable(
                 f"The token endpoint for account {self.account!r} is failing; "
                 "the proxy retries in the background"
@@ -397,14 +431,13 @@ class OAuthProvider:
             async with self.file.locked(self.settings.token_timeout * 3):
                 return await self._refresh_or_adopt(failed)
         except TokenFileError as e:
-            self._set_state(UNAVAILABLE, "token file locked or unreadable")
+            self._store_failed = True
+            self._set_state(UNAVAILABLE, "token store locked, unreadable or away")
             event("token_file_error", logging.ERROR, account=self.account, reason=str(e))
-            raise TokenUnavailable(
-                f"The token file of account {self.account!r} is unusable"
-            ) from None
+            raise TokenUnavailable(self.file.unusable(self.account)) from None
 
     async def _refresh_or_adopt(self, failed: str | None) -> StoredToken:
-        stored = self._read_or_set_aside()
+        stored = await self._fetch_or_set_aside()
         self._file_mtime = self.file.mtime()
         held = self._token.access_token if self._token is not None else None
         if stored is not None and self._fresh_from_elsewhere(stored, held, failed):
@@ -421,7 +454,9 @@ class OAuthProvider:
             expires_at=token.get("expires_at"),
             obtained_at=self.clock(),
         )
-        await self._persist(new)  # before first use: a rotated refresh token must not be lost
+        # Before first use: a rotated refresh token must not be lost. A newer token stored by
+        # another writer meanwhile wins (never overwritten by an older one).
+        new = await self._persist(new)
         self._adopt(new)
         self._fetched = (new.access_token, new.obtained_at)
         event(
@@ -432,11 +467,11 @@ class OAuthProvider:
         )
         return new
 
-    def _read_or_set_aside(self) -> StoredToken | None:
-        """The token file (under the lock); a corrupt one is moved aside and counts as none,
+    async def _fetch_or_set_aside(self) -> StoredToken | None:
+        """The stored token (under the lock); a corrupt one is moved aside and counts as none,
         so the configured refresh_token takes over instead of the account failing for good."""
         try:
-            return self.file.read()
+            return await self.file.fetch()
         except TokenFileCorrupt:
             aside = self.file.set_aside(self.clock())
             event(
@@ -466,13 +501,15 @@ class OAuthProvider:
         due = refresh_due(stored, self.settings.refresh_leeway)
         return due is None or self.clock() < due
 
-    async def _persist(self, token: StoredToken) -> None:
+    async def _persist(self, token: StoredToken) -> StoredToken:
         try:
-            await asyncio.to_thread(self.file.write, token)  # fsync: off the event loop
+            saved = await self.file.save(token)
             self._file_mtime = self.file.mtime()
+            return saved
         except TokenFileError as e:
             # Keep going with the token in memory; the operator must fix the file.
             event("token_file_error", logging.ERROR, account=self.account, reason=str(e))
+            return token
 
     def _refresh_token(self) -> str:
         return (
@@ -512,6 +549,7 @@ class OAuthProvider:
             self._set_state(REJECTED if client else NEEDS_AUTHORIZE, code)
             return self._rejection()
         self._count("unavailable")
+        self._store_failed = False
         self._set_state(UNAVAILABLE, code)
         return TokenUnavailable(
             f"The token endpoint for account {self.account!r} failed ({code}); "

@@ -23,9 +23,10 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.files import private_dir
 
@@ -57,6 +58,39 @@ class StoredToken:
         return bool(self.access_token) and (self.expires_at is None or now < self.expires_at)
 
 
+class TokenStore(Protocol):
+    """Where an OAuth account's token is kept: this file (local) or Redis (shared).
+
+    ``read`` and ``mtime`` are cheap and synchronous (the last known record and a change
+    marker); ``fetch`` asks the store itself and is called under ``locked``, the account's
+    refresh lock; ``save`` returns the token to use (a newer one, if another writer won)."""
+
+    def read(self) -> StoredToken | None: ...
+
+    def mtime(self) -> int | None: ...
+
+    async def fetch(self) -> StoredToken | None:
+        """Raises :class:`TokenFileCorrupt` when what is stored holds no token."""
+        ...
+
+    def set_aside(self, now: float) -> Path | str:
+        """Put a corrupt record out of the way (under ``locked``) so the next save starts
+        afresh; returns where it went, for the log (no secrets)."""
+        ...
+
+    async def save(self, token: StoredToken) -> StoredToken: ...
+
+    def locked(self, patience: float = 30.0) -> AbstractAsyncContextManager[None]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def unusable(self, account: str) -> str:
+        """What a request is told when the store fails (no paths, no secrets)."""
+        ...
+
+
 class TokenFile:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -73,7 +107,7 @@ class TokenFile:
         except OSError as e:
             raise TokenFileError(f"cannot read token file {self.path}: {_why(e)}") from None
         try:
-            return _parse(json.loads(raw))
+            return parse_token(json.loads(raw))
         except (ValueError, TypeError, KeyError):
             raise TokenFileCorrupt(f"token file {self.path} is not a valid token file") from None
 
@@ -118,6 +152,22 @@ class TokenFile:
         except OSError:
             return None
 
+    async def fetch(self) -> StoredToken | None:
+        return self.read()
+
+    async def save(self, token: StoredToken) -> StoredToken:
+        await asyncio.to_thread(self.write, token)  # fsync: off the event loop
+        return token
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def unusable(self, account: str) -> str:
+        return f"The token file of account {account!r} is unusable"
+
     @contextlib.asynccontextmanager
     async def locked(self, patience: float = 30.0) -> AsyncIterator[None]:
         """Hold ``<file>.lock`` exclusively; polls so that cancelling never leaks a lock."""
@@ -148,7 +198,7 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _parse(data: Any) -> StoredToken:
+def parse_token(data: Any) -> StoredToken:
     if not isinstance(data, dict):
         raise TypeError("not an object")
     expires_at = data.get("expires_at")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -22,12 +22,18 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 
+# Tells the other replicas about a purge (proxy.cache.broadcast), given prefix and account.
+AnnouncePurge = Callable[[str, str | None], Awaitable[None]]
+
 
 def routes(
-    store: CacheStore, metrics: Metrics, accounts: Collection[str] = ()
+    store: CacheStore,
+    metrics: Metrics,
+    accounts: Collection[str] = (),
+    announce: AnnouncePurge | None = None,
 ) -> list[web.RouteDef]:
     """The admin routes over the running proxy's ``store`` (``accounts``: the names a purge
-    may name; empty: any)."""
+    may name; empty: any; ``announce``: tells the other replicas about a purge)."""
 
     async def stats(request: web.Request) -> web.Response:
         found = await store.stats()
@@ -43,6 +49,8 @@ def routes(
             raise errors.InvalidRequest(unknown_account(account, accounts))
         removed = await store.purge(prefix, account)
         event("cache_purged", prefix=prefix, account=account, removed=removed)
+        if announce is not None:
+            await announce(prefix, account)
         return web.json_response({"purged": removed})
 
     return [web.get("/cache/stats", stats), web.post("/cache/purge", purge)]

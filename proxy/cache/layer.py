@@ -104,6 +104,9 @@ class Cache:
         self.clock = clock
         self.flights: dict[str, Flight] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        # Tells other replicas about an invalidation before the writer's answer goes out
+        # (proxy.cache.broadcast; None: this process is alone).
+        self.announce: Callable[[Invalidation], Awaitable[None]] | None = None
 
     def rules(self) -> tuple[CacheRule, ...]:
         return self.current().cache.rules
@@ -668,6 +671,8 @@ class Cache:
             )
             if inv is not None:
                 self.invalidate(inv)
+                if self.announce is not None:
+                    await self.announce(inv)
 
     def invalidate(self, inv: Invalidation) -> int:
         for key, flight in list(self.flights.items()):

@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.auth.layer import Authenticator
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
+from proxy.cache.broadcast import Broadcast
 from proxy.cache.layer import Cache
 from proxy.cache.store import CacheStore
 from proxy.client import create_session
@@ -37,6 +38,7 @@ from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
 from proxy.settings import Settings
+from proxy.shared import Backend, open_backend
 
 # A readiness check: None when fine, else one line saying what is wrong.
 Check = Callable[[], str | None]
@@ -99,6 +101,8 @@ class Services:
     clock: WallClock
     session: aiohttp.ClientSession
     budget: Budget
+    # Where budget and tokens are shared with other processes (local: nowhere).
+    shared: Backend
     retry: Retry
     cache: Cache | None  # None when cache.enabled = false
     store: CacheStore | None
@@ -106,6 +110,8 @@ class Services:
     pipeline: Layer
     # Readiness checks by name, run by /readyz on the admin listener.
     checks: Mapping[str, Check]
+    # Readiness details that do not fail readiness ("shared": "degraded").
+    details: Mapping[str, Check]
     # Routes the parts offer on the admin listener (cache stats and purge, budget status).
     admin_routes: tuple[web.RouteDef, ...]
     state: RunState = field(default_factory=RunState)
@@ -130,6 +136,8 @@ async def build(
     """Open and wire everything; ``upstream`` replaces the real upstream layer in tests."""
     callers = Callers(settings, metrics)
     describe(settings, metrics)
+    shared = open_backend(settings.shared, metrics)
+    await shared.start()
     providers = {
         name: provider_for(
             a,
@@ -137,6 +145,8 @@ async def build(
             state_dir=settings.state_dir,
             clock=clock,
             metrics=metrics,
+            shared=shared,
+            shared_settings=settings.shared,
             refresh_floor=settings.auth.floor_for(a),
         )
         for name, a in settings.accounts.items()
@@ -149,12 +159,13 @@ async def build(
         store = await open_store(settings, metrics) if settings.cache.enabled else None
     except BaseException:
         await session.close()
+        await shared.close()
         raise
     layer: Layer = (
         upstream if upstream is not None else Upstream(settings.upstream, session, metrics)
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
-    layer = budget = Budget(layer, settings, metrics, current=live.settings)
+    layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.settings)
     layer = Authenticator(layer, LiveProviders(live), metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
@@ -164,9 +175,15 @@ async def build(
     if store is not None:
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = Cache(layer, store, settings, metrics, clock, current=live.settings)
+        announce_purge: cache_admin.AnnouncePurge | None = None
+        if shared.events is not None:
+            # Invalidations to and from the other replicas (their stores are their own).
+            broadcast = Broadcast(cache, shared.events, metrics)
+            broadcast.start()
+            announce_purge = broadcast.announce_purge
         checks["cache"] = lambda: store.problem
         metrics.watch_store(store.gauges)
-        admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts))
+        admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts), announce_purge)
         tasks = (asyncio.ensure_future(watch_store(store, metrics)),)
     for provider in providers.values():
         await provider.start(session)
@@ -177,11 +194,13 @@ async def build(
         clock=clock,
         session=session,
         budget=budget,
+        shared=shared,
         retry=retry,
         cache=cache,
         store=store,
         pipeline=layer,
         checks=checks,
+        details={"shared": shared.detail},
         admin_routes=tuple(admin_routes),
         tasks=tasks,
     )
@@ -218,6 +237,7 @@ async def close(services: Services) -> None:
     if services.store is not None:
         await services.store.close()
     await services.budget.close()
+    await services.shared.close()
     await services.session.close()
 
 

@@ -10,7 +10,8 @@ this: it answers only ``/v1/...``.
 - ``GET /healthz``: 200 while the process runs its event loop.
 - ``GET /readyz``: 200 when every account has a usable token (``token:NAME``), every
   check in ``services.checks`` passes and the proxy is not shutting down, else 503; the
-  JSON body names each check and what is wrong.
+  JSON body names each check and what is wrong, and ``details`` how the proxy runs without
+  failing readiness (``shared``: ``degraded`` while Redis is away).
 - every route in ``services.admin_routes`` (cache stats and purge, budget status).
 
 The admin routes have no authentication, so the listener guards against the two ways a
@@ -69,13 +70,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    results = run_checks(request.app[SERVICES])
+    services = request.app[SERVICES]
+    results = run_checks(services)
     failing = sorted(name for name, problem in results.items() if problem is not None)
-    body = {
+    body: dict[str, Any] = {
         "status": "not_ready" if failing else "ready",
         "failing": failing,
         "checks": {name: problem or "ok" for name, problem in sorted(results.items())},
     }
+    # Details say how the proxy runs without failing readiness (e.g. shared: degraded).
+    details = {name: note() for name, note in services.details.items()}
+    body["details"] = {name: note for name, note in sorted(details.items()) if note}
     return _json(503 if failing else 200, body)
 
 

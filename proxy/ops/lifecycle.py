@@ -68,9 +68,8 @@ async def _serve(
 ) -> None:
     preflight(settings)
     app = create_app(settings)
-    runner = await start(
-        app, settings.server.host, settings.server.port, settings.server.shutdown_grace
-    )
+    server = settings.server
+    runner = await start(app, server.host, server.port, server.shutdown_grace, server.reuse_port)
     services = app[SERVICES]
     try:
         admin = await start_admin(services)

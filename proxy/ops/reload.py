@@ -5,8 +5,10 @@ What may change live: ``log.level``, ``[inbound]``, ``[callers]`` (keys and acco
 (``token``, ``client_id``, ``client_secret``, ``refresh_token``). They reach the running
 proxy as one new :class:`~proxy.edge.services.Live` snapshot, assigned once; requests
 already under way finish with the snapshot they started with. Everything else (listen
-addresses, the upstream, the cache directory and sizes, accounts added or removed, ...)
-needs a restart: the reload keeps the running value and says so in its one log line.
+addresses, the upstream, the cache directory and sizes, accounts added or removed, the
+whole ``[shared]`` section, ...) needs a restart: the reload keeps the running value and
+says so in its one log line. A replaced provider keeps the running token store: the shared
+one (Redis, ``[shared] backend = "redis"``) or the account's token file.
 A file that does not load is refused with one line, and the running settings stay.
 """
 
@@ -34,6 +36,10 @@ LIVE_KEYS = (
     "accounts.*.burst",
     *(f"accounts.*.{name}" for name in ("token", "client_id", "client_secret", "refresh_token")),
 )
+# Keys a reload never applies, whatever LIVE_KEYS says: the shared backend (its connection,
+# key prefix, token key, replica count) is opened once at start, and every budget gate and
+# token store holds it; `serve --workers` sets server.reuse_port for its workers.
+RESTART_KEYS = ("shared.*", "server.reuse_port")
 # Account settings that make a new token provider (credentials).
 CREDENTIALS = ("token", "client_id", "client_secret", "refresh_token")
 ACCOUNT_LIVE = (*CREDENTIALS, "rate_per_minute", "burst")
@@ -66,6 +72,8 @@ def changed_keys(old: Settings, new: Settings) -> list[str]:
 
 
 def is_live(key: str) -> bool:
+    if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESTART_KEYS):
+        return False
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in LIVE_KEYS)
 
 
@@ -150,6 +158,10 @@ async def _providers(
             state_dir=merged.state_dir,
             clock=services.clock,
             metrics=services.metrics,
+            # The running backend and its settings: [shared] is restart-only, so a new
+            # provider of a shared account shares the same encrypted record in Redis.
+            shared=services.shared,
+            shared_settings=services.settings.shared,
             refresh_floor=merged.auth.floor_for(account),
         )
         await provider.start(services.session)

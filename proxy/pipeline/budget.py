@@ -21,6 +21,12 @@ token refresh included) takes a token first, while fresh cache hits never get he
   GET and HEAD are sent again when the pause ends within their limit; anything else
   is answered 429 (a request Kounta refused is never resent on a caller's behalf
   unless it is safe to).
+
+Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis instead
+(:class:`SharedGate`; GCRA for pace and burst plus a sliding log for the window cap, one Lua
+script per request), so all replicas together stay under the rate, and a 429 seen by one
+pauses all. The fair round robin over callers stays per replica. While Redis is away each
+replica falls back to a local bucket at ``rate / shared.replicas``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import retry_after, whole_seconds
@@ -41,6 +47,8 @@ from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, BudgetSettings, Settings
+from proxy.shared import Backend, SharedUnavailable
+from proxy.shared.base import SharedBudget
 
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
@@ -122,6 +130,12 @@ class Bucket:
         self.tokens -= 1
         self.sent.append(now)
 
+    def record(self, now: float) -> None:
+        """A send granted elsewhere (the shared budget): counted in this window, so a fallback
+        to this bucket never adds its whole share on top of what was just sent."""
+        self._refill(now)
+        self.sent.append(now)
+
     def available(self, now: float) -> float:
         """Tokens that could be taken now (0 while paused or when the window is full)."""
         self._refill(now)
@@ -149,6 +163,174 @@ class Bucket:
 
     def recovered(self) -> None:
         self.backoff = 0.0
+
+
+class Gate(Protocol):
+    """Where an account's send slots come from: this process's bucket or the shared one."""
+
+    bucket: Bucket
+
+    async def try_take(self, now: float) -> float:
+        """Take a slot: 0.0, else the seconds until one may be there (nothing taken)."""
+        ...
+
+    def ready_at(self, now: float) -> float:
+        """The best known time a slot can be taken (no round trip)."""
+        ...
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        """The best known time a slot can be taken once ``ahead`` queued requests have had
+        theirs (no round trip)."""
+        ...
+
+    async def pause(self, now: float, seconds: float) -> float:
+        """Share a pause the local bucket has just taken (already capped); returns the pause
+        in effect, which another replica's 429 may have made longer."""
+        ...
+
+    def retune(self, rate: Rate) -> None:
+        """A reload changed the account's rate."""
+        ...
+
+    def mode(self) -> str: ...
+
+
+class LocalGate:
+    """Today's single process: the account's :class:`Bucket`, nothing shared."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    async def try_take(self, now: float) -> float:
+        at = self.bucket.ready_at(now)
+        if at > now:
+            return at - now
+        self.bucket.take(now)
+        return 0.0
+
+    def ready_at(self, now: float) -> float:
+        return self.bucket.ready_at(now)
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        return self.bucket.ready_after(now, ahead)
+
+    async def pause(self, now: float, seconds: float) -> float:
+        return seconds
+
+    def retune(self, rate: Rate) -> None:
+        self.bucket.rate = rate
+        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
+
+    def mode(self) -> str:
+        return "local"
+
+
+class SharedGate:
+    """The account's rate shared by every replica (Redis), with a local fallback bucket at
+    this replica's share (``rate / replicas``) for while Redis is away. Sends granted by Redis
+    are recorded in the fallback's window too, so a failover never adds a fresh share on top."""
+
+    def __init__(
+        self,
+        account: str,
+        rate: Rate,
+        shared: SharedBudget,
+        backend: Backend,
+        replicas: int,
+        now: float,
+        longest: float = math.inf,
+    ) -> None:
+        self.account = account
+        self.shared = shared
+        self.backend = backend
+        self.replicas = replicas
+        # The cap on a pause (``budget.retry_after_max``), applied to the shared pause too:
+        # another replica's 429 must not stop this one for longer than this one would.
+        self.longest = longest
+        self.rate = rate
+        self.bucket = Bucket(self._share(rate), now)
+        self.local = LocalGate(self.bucket)
+        self._next_at = now
+
+    def _share(self, rate: Rate) -> Rate:
+        """This replica's part of the rate: what the fallback bucket allows while degraded."""
+        return Rate(
+            max(1, rate.per_window // self.replicas),
+            max(1, rate.burst // self.replicas),
+            rate.window,
+            rate.margin,
+        )
+
+    @property
+    def period(self) -> float:
+        return self.rate.window + self.rate.margin
+
+    async def try_take(self, now: float) -> float:
+        if self.backend.up:
+            try:
+                wait = await self.shared.take(
+                    self.account, self.rate.per_window, self.rate.burst, self.period
+                )
+            except SharedUnavailable:
+                pass  # degraded: the backend logged it; this request uses the fallback
+            else:
+                if wait <= 0:
+                    self.bucket.record(now)
+                self._next_at = now + wait
+                return wait
+        return await self.local.try_take(now)
+
+    def ready_at(self, now: float) -> float:
+        if self.backend.up:
+            return max(now, self._next_at)
+        return self.bucket.ready_at(now)
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        if not self.backend.up:
+            return self.bucket.ready_after(now, ahead)
+        # Redis holds the shared bucket and asking it costs a round trip per request, so
+        # this falls back to a local estimate: the next slot Redis last named, then the
+        # account's whole pace for the requests ahead. Other replicas' sends can only make
+        # the real turn later, so this errs early: a request is never refused up front
+        # that could have had its turn; one that cannot is refused at its limit instead.
+        start = self.ready_at(now)
+        if ahead <= 0:
+            return start
+        return start + ahead / self.rate.per_second
+
+    async def pause(self, now: float, seconds: float) -> float:
+        if not self.backend.up:
+            return seconds
+        try:
+            left = await self.shared.pause(
+                self.account, seconds, self.rate.per_window, self.rate.burst, self.period
+            )
+        except SharedUnavailable:
+            return seconds
+        # The shared pause may be another replica's (a longer Retry-After, or another cap):
+        # cut like a local one, so no replica stops past its own budget.retry_after_max.
+        honoured, cut = capped(left, self.longest)
+        if cut:
+            event(
+                "shared_pause_capped",
+                logging.WARNING,
+                account=self.account,
+                asked=round(left, 3),
+                capped_at=self.longest,
+            )
+        left = honoured or 0.0
+        self._next_at = max(self._next_at, now + left)
+        return max(seconds, left)
+
+    def retune(self, rate: Rate) -> None:
+        # The shared script takes the rate with each call, so only the fallback share moves.
+        self.rate = rate
+        share = self._share(rate)
+        self.bucket.rate = share
+        self.bucket.tokens = min(self.bucket.tokens, float(share.burst))
+
+    def mode(self) -> str:
+        return "shared" if self.backend.up else "degraded"
 
 
 def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
@@ -190,14 +372,22 @@ class AccountBudget:
     """One account's bucket and its fair queue of waiting requests."""
 
     def __init__(
-        self, name: str, rate: Rate, settings: BudgetSettings, clock: Clock, metrics: Metrics
+        self,
+        name: str,
+        rate: Rate,
+        settings: BudgetSettings,
+        clock: Clock,
+        metrics: Metrics,
+        gate: Gate | None = None,
     ) -> None:
         self.name = name
         self.rate = rate
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
-        self.bucket = Bucket(rate, clock.now())
+        self.gate: Gate = gate or LocalGate(Bucket(rate, clock.now()))
+        # The local bucket: the whole budget (local), or the fallback share (shared).
+        self.bucket = self.gate.bucket
         # caller -> its waiting requests; the order of keys is the round-robin order.
         self.queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self.waiting = 0
@@ -216,8 +406,8 @@ class AccountBudget:
         """A reload changed the account's rate: keep what was sent, cap the tokens."""
         if rate == self.rate:
             return
-        self.rate = self.bucket.rate = rate
-        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
+        self.rate = rate
+        self.gate.retune(rate)
         self.metrics.budget_limit.labels(self.name).set(rate.per_window)
         event("budget_rate_changed", account=self.name, rate=rate.per_window, burst=rate.burst)
 
@@ -233,14 +423,17 @@ class AccountBudget:
     async def acquire(self, caller: str, limit: float) -> float:
         """Wait for a token until ``limit`` (clock time); returns the seconds waited."""
         started = self.clock.now()
-        at = self.bucket.ready_at(started)
-        if self.waiting == 0 and at <= started:
-            self.bucket.take(started)
-            self.metrics.budget_wait.labels(self.name).observe(0.0)
-            return 0.0
-        # The queue ahead counts: a request whose turn comes after its limit hears so now,
-        # with the time its turn would have come, instead of waiting for nothing.
-        turn = self.bucket.ready_after(started, self.ahead_of(caller))
+        if self.waiting == 0:
+            wait = await self.gate.try_take(started)
+            if wait <= 0:
+                self.metrics.budget_wait.labels(self.name).observe(0.0)
+                return 0.0
+            at = turn = started + wait
+        else:
+            at = self.gate.ready_at(started)
+            # The queue ahead counts: a request whose turn comes after its limit hears so
+            # now, with the time its turn would have come, instead of waiting for nothing.
+            turn = self.gate.ready_after(started, self.ahead_of(caller))
         if turn > limit:
             raise self._reject("deadline", turn - started)
         if self.waiting >= self.settings.queue_size:
@@ -289,10 +482,11 @@ class AccountBudget:
                 self._expire(now)
                 if not self.waiting:
                     break
-                at = self.bucket.ready_at(now)
-                if at <= now:
+                wait = await self.gate.try_take(now)
+                if wait <= 0:
                     self._grant(now)
                     continue
+                at = now + wait
                 # A waiter that joins while we sleep has a limit after `at` (else it was
                 # refused at once), so sleeping until the next token or the earliest
                 # limit never lets a limit pass unnoticed.
@@ -308,7 +502,6 @@ class AccountBudget:
             if queue:
                 self.queues[caller] = queue  # to the back of the round
             if not waiter.future.done():  # skip callers that went away
-                self.bucket.take(now)
                 waiter.future.set_result(None)
                 return
 
@@ -318,7 +511,7 @@ class AccountBudget:
             kept = deque(w for w in queue if not w.future.done() and w.limit > now)
             for waiter in queue:
                 if not waiter.future.done() and waiter.limit <= now:
-                    at = self.bucket.ready_after(now, self.waiting - 1)
+                    at = self.gate.ready_after(now, self.waiting - 1)
                     waiter.future.set_exception(self._reject("deadline", at - now))
             self.waiting -= len(queue) - len(kept)
             if kept:
@@ -353,6 +546,7 @@ class AccountBudget:
         now = self.clock.now()
         return {
             "rate": self.rate.per_window,
+            "mode": self.gate.mode(),
             "window_seconds": self.rate.window,
             "burst": self.rate.burst,
             "tokens": round(self.bucket.available(now), 3),
@@ -382,6 +576,7 @@ class Budget:
         metrics: Metrics,
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
+        shared: Backend | None = None,
         current: Callable[[], Settings] | None = None,
     ) -> None:
         self.inner = inner
@@ -392,12 +587,22 @@ class Budget:
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
+        self.shared = shared
+        self.replicas = settings.shared.replicas
         self.accounts = {
-            name: AccountBudget(
-                name, rate_for(a, settings.budget), settings.budget, self.clock, metrics
-            )
+            name: self._budget_for(name, rate_for(a, settings.budget))
             for name, a in settings.accounts.items()
         }
+
+    def _budget_for(self, name: str, rate: Rate) -> AccountBudget:
+        gate: Gate | None = None
+        backend = self.shared
+        if backend is not None and backend.budget is not None:
+            now = self.clock.now()
+            gate = SharedGate(
+                name, rate, backend.budget, backend, self.replicas, now, self.settings.longest_pause
+            )
+        return AccountBudget(name, rate, self.settings, self.clock, self.metrics, gate)
 
     def account(self, name: str) -> AccountBudget:
         live = self.current()
@@ -408,9 +613,7 @@ class Budget:
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)
-            found = self.accounts[name] = AccountBudget(
-                name, rate, self.settings, self.clock, self.metrics
-            )
+            found = self.accounts[name] = self._budget_for(name, rate)
         return found
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
@@ -424,6 +627,7 @@ class Budget:
                 return response
             pause = budget.upstream_limited(response.headers, self.wall())
             await response.release()
+            pause = await budget.gate.pause(self.clock.now(), pause)
             resend = request.method in RESENT_AFTER_429 and request.replayable
             if not resend or self.clock.now() + pause > limit:
                 raise RateLimited(

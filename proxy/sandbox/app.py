@@ -117,7 +117,7 @@ async def _guarded(
         limit = state.config.rate_per_minute_bearer
         if who.kind == "basic":
             limit = state.config.rate_per_minute_basic
-        if not state.limiter.allow(who.client, limit, now):
+        if not state.limiter.allow(state.rate_key(who.client), limit, now):
             # Plain text and no Retry-After: what the real API was seen to send.
             return web.Response(status=429, body=b"Limit exceeded", content_type="text/plain")
     try:

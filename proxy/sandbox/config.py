@@ -18,6 +18,8 @@ class SandboxConfig:
     client_secret: str = "sandbox-secret"  # noqa: S105
     rate_per_minute_bearer: int = 180
     rate_per_minute_basic: int = 60
+    # The period those rates apply to (a minute; tests of the shared budget shorten it).
+    rate_window: float = 60.0
     page_size: int = 25
     # None: build absolute URLs from the request (scheme://Host), so the sandbox works on any port.
     origin: str | None = None

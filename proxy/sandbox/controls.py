@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .oauth import SANDBOX_OAUTH
 from .state import SANDBOX_STATE, SandboxState
 
 
@@ -42,11 +43,17 @@ def _stats(state: SandboxState) -> dict[str, Any]:
         "not_modified": state.not_modified(),
         "by_status": {str(k): v for k, v in sorted(state.statuses().items())},
         "faults": [f.describe() for f in state.faults.active()],
+        "rate_limited": dict(state.limiter.refused),
     }
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(_stats(request.app[SANDBOX_STATE]))
+    body = _stats(request.app[SANDBOX_STATE])
+    oauth = request.app.get(SANDBOX_OAUTH)
+    if oauth is not None:
+        body["token_requests"] = dict(oauth.counters.by_client)
+        body["spent_refresh_tokens"] = oauth.counters.spent_refresh
+    return web.json_response(body)
 
 
 async def reset(request: web.Request) -> web.Response:

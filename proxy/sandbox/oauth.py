@@ -17,6 +17,8 @@ they expire and then answers with Kounta's 401 "has expired" body.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import secrets
 from collections.abc import Mapping
@@ -237,6 +239,10 @@ class _Revocation(RevocationEndpoint):  # type: ignore[misc]
 class _Counters:
     token_requests: int = 0
     grants: dict[str, int] = field(default_factory=dict)
+    # Token requests per client id (from the form or the Basic header), answered or not.
+    by_client: dict[str, int] = field(default_factory=dict)
+    # Refresh tokens presented that were already spent (rotation) or revoked.
+    spent_refresh: int = 0
 
 
 class SandboxAuthServer(AuthorizationServer):  # type: ignore[misc]
@@ -279,7 +285,9 @@ class SandboxAuthServer(AuthorizationServer):  # type: ignore[misc]
         self.by_access[issued.access_token] = issued
         if issued.refresh_token is not None:
             self.by_refresh[issued.refresh_token] = issued
-        self.state.add_bearer_token(issued.access_token, self.state.clock() + token["expires_in"])
+        self.state.add_bearer_token(
+            issued.access_token, self.state.clock() + token["expires_in"], issued.client_id
+        )
 
     def create_oauth2_request(self, request: Any) -> OAuth2Request:
         return request if isinstance(request, OAuth2Request) else _Request(request)
@@ -350,6 +358,11 @@ class SandboxAuthServer(AuthorizationServer):  # type: ignore[misc]
         self.counters.token_requests += 1
         grant = incoming.form.get("grant_type", "")
         self.counters.grants[grant] = self.counters.grants.get(grant, 0) + 1
+        client = _client_of(incoming)
+        self.counters.by_client[client] = self.counters.by_client.get(client, 0) + 1
+        presented = self.by_refresh.get(incoming.form.get("refresh_token", ""))
+        if grant == "refresh_token" and presented is not None and presented.revoked:
+            self.counters.spent_refresh += 1
         response: web.Response = self.create_token_response(incoming)
         return response
 
@@ -375,6 +388,17 @@ class SandboxAuthServer(AuthorizationServer):  # type: ignore[misc]
         incoming = await Incoming.read(request)
         response: web.Response = self.create_endpoint_response("revocation", incoming)
         return response
+
+
+def _client_of(incoming: Incoming) -> str:
+    """The client id a token request names (client_secret_post or client_secret_basic)."""
+    if incoming.form.get("client_id"):
+        return incoming.form["client_id"]
+    scheme, _, encoded = incoming.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            return base64.b64decode(encoded).decode().partition(":")[0]
+    return ""
 
 
 SANDBOX_OAUTH = web.AppKey("sandbox_oauth", SandboxAuthServer)

@@ -23,7 +23,10 @@ class SandboxState:
         self.clock = clock
         self.store = Store(self.config)
         self.tokens: dict[str, float | None] = dict.fromkeys(self.config.bearer_tokens)
-        self.limiter = SlidingWindowLimiter()
+        self.limiter = SlidingWindowLimiter(self.config.rate_window)
+        # Issued access token -> the OAuth client it was issued to: the rate limit is per client,
+        # so a refreshed token does not start a fresh window.
+        self.token_clients: dict[str, str] = {}
         self.faults = FaultSet()
         # Exact paths that skip auth and rate limiting (e.g. an OAuth token endpoint).
         self.public_paths: set[str] = set()
@@ -106,8 +109,18 @@ class SandboxState:
 
     # --- tokens and data ------------------------------------------------------------------
 
-    def add_bearer_token(self, token: str, expires_at: float | None = None) -> None:
+    def add_bearer_token(
+        self, token: str, expires_at: float | None = None, client: str | None = None
+    ) -> None:
         self.tokens[token] = expires_at
+        if client is not None:
+            self.token_clients[token] = client
+
+    def rate_key(self, principal: str) -> str:
+        """The rate-limit key: the OAuth client for issued tokens, else the principal."""
+        kind, _, credential = principal.partition(":")
+        client = self.token_clients.get(credential) if kind == "bearer" else None
+        return f"client:{client}" if client else principal
 
     def revoke_bearer_token(self, token: str) -> None:
         self.tokens.pop(token, None)

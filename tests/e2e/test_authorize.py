@@ -11,10 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
+from cryptography.fernet import Fernet
 from yarl import URL
 
 from proxy.sandbox.oauth import SANDBOX_OAUTH
 from tests.conftest import Sandbox
+from tests.redis_server import RedisServer
 
 
 def free_port() -> int:
@@ -167,3 +170,58 @@ async def test_pasted_redirect_or_code_is_exchanged(
     code, _, err = await run.finish()
     assert code == 0, err
     assert sandbox.app[SANDBOX_OAUTH].token_requests == 1
+
+
+async def test_authorize_with_the_redis_backend_writes_the_encrypted_record(
+    sandbox: Sandbox,
+    tmp_path: Path,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    key = Fernet.generate_key()
+    (tmp_path / "token.key").write_bytes(key)
+    config = write_config(tmp_path, sandbox)
+    config.write_text(
+        config.read_text().replace(
+            "[accounts.main]",
+            f'[shared]\nbackend = "redis"\nurl = "{redis_server.url}"\n'
+            f'key_prefix = "{redis_prefix}"\ntoken_key_file = "{tmp_path / "token.key"}"\n'
+            "[accounts.main]",
+        )
+    )
+    run = await start(config)
+    await browse(run, client)
+    code, out, err = await run.finish()
+    assert code == 0, err
+    assert not (tmp_path / "state" / "tokens" / "main.json").exists()  # Redis, not the file
+    reader = aioredis.Redis.from_url(redis_server.url)
+    try:
+        version, data = await reader.hmget(f"{redis_prefix}:token:main", ["version", "data"])
+    finally:
+        await reader.aclose()
+    assert int(version) == 1
+    stored = json.loads(Fernet(key).decrypt(data))
+    assert stored["access_token"] in sandbox.app[SANDBOX_OAUTH].by_access
+    assert stored["access_token"].encode() not in data
+    assert stored["access_token"] not in out + err
+
+
+async def test_authorize_with_redis_away_says_so_and_saves_nothing(
+    sandbox: Sandbox, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    (tmp_path / "token.key").write_bytes(Fernet.generate_key())
+    config = write_config(tmp_path, sandbox)
+    config.write_text(
+        config.read_text().replace(
+            "[accounts.main]",
+            f'[shared]\nbackend = "redis"\nurl = "redis://127.0.0.1:{free_port()}/0"\n'
+            f'timeout = 0.3\ntoken_key_file = "{tmp_path / "token.key"}"\n[accounts.main]',
+        )
+    )
+    run = await start(config)
+    await browse(run, client)
+    code, _, err = await run.finish()
+    assert code == 1
+    assert "the shared store at shared.url is not answering" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err

@@ -140,6 +140,51 @@ def test_secret_type() -> None:
     assert not Secret("")
 
 
+OAUTH = """
+[accounts.main]
+mode = "oauth"
+client_id = "id"
+client_secret = "secret"
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"KOUNTA_PROXY_SHARED__BACKEND": "redis"},
+            "shared.token_key: is required with backend = 'redis' for oauth account 'main'",
+        ),
+        (
+            {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__TOKEN_KEY": "short"},
+            "shared.token_key: must be a Fernet key",
+        ),
+        (
+            {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__URL": "http://x"},
+            "shared.url: must be a redis://, rediss:// or unix:// URL",
+        ),
+        ({"KOUNTA_PROXY_SHARED__REPLICAS": "0"}, "shared.replicas: must be at least 1"),
+        ({"KOUNTA_PROXY_SHARED__TIMEOUT": "0"}, "shared.timeout: must be greater than 0"),
+    ],
+)
+def test_shared_settings_refuse_bad_values_in_one_line(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, OAUTH), env)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_shared_token_key_from_a_file_is_a_masked_secret(tmp_path: Path) -> None:
+    key = tmp_path / "token.key"
+    key.write_text("G6lVdQ8yOXcSi9q3IPa7dxUiZ1r9JTJOOjRbySCXGHs=\n")
+    env = {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__TOKEN_KEY_FILE": str(key)}
+    settings = load(write(tmp_path, OAUTH), env)
+    assert settings.shared.token_key.reveal().startswith("G6lV")
+    assert "G6lV" not in to_toml(masked(settings))
+
+
 def test_hardening_defaults(tmp_path: Path) -> None:
     settings = load(write(tmp_path, '[accounts.a]\nmode = "static"\ntoken = "t"\n'), NO_ENV)
     assert (settings.server.header_timeout, settings.server.max_connections) == (10.0, 1000)

@@ -1,0 +1,30 @@
+"""The local backend: nothing shared, today's single process (budget bucket, token file)."""
+
+from __future__ import annotations
+
+from proxy.metrics import Metrics
+
+
+class LocalBackend:
+    kind = "local"
+    shared = False
+    budget = None
+    tokens = None
+    events = None
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    @property
+    def up(self) -> bool:
+        return True
+
+    def detail(self) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        self.metrics.shared_backend_up.set(1)
+        self.metrics.shared_degraded.set(0)
+
+    async def close(self) -> None:
+        return None

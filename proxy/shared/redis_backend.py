@@ -1,0 +1,314 @@
+"""The Redis backend: one connection pool, atomic scripts, health tracked.
+
+Keys (``P`` is ``shared.key_prefix``; none has a TTL, so ``maxmemory-policy volatile-lru``
+never evicts them)::
+
+    P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s)
+    P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
+    P:token:ACCOUNT         hash: version (grows by one per write), data (Fernet ciphertext)
+    P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
+    P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
+
+Every call has a timeout (``shared.timeout``). A call that fails on the connection marks
+the backend *degraded*: from then on calls fail fast with :class:`SharedUnavailable` (no
+request waits for a dead Redis) until the background probe, once a second, gets a PONG.
+Each change of state is one log line and moves the ``kounta_proxy_shared_backend_up`` and
+``kounta_proxy_shared_degraded`` gauges.
+
+Times in the scripts come from Redis (``TIME``), so replicas with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.lock import Lock
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.logs import event
+from proxy.metrics import Metrics
+from proxy.settings import SharedSettings
+from proxy.shared.base import SharedUnavailable, TokenRecord
+
+T = TypeVar("T")
+# How often the health probe pings (and so how soon a returning Redis is used again).
+PROBE_SECONDS = 1.0
+# Lock polling while another replica refreshes a token.
+LOCK_POLL = 0.05
+POOL_SIZE = 64
+
+# GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
+# ARGV: per_window, burst, period (window + margin, seconds), a unique member for the log.
+# Returns {1, "0"} when a slot was taken, else {0, "<seconds to wait>"}.
+TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local per_window = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local interval = period / per_window
+local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or now)
+local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or 0)
+if tat < now then tat = now end
+local wait = tat - (burst - 1) * interval - now
+if paused - now > wait then wait = paused - now end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
+local count = redis.call('ZCARD', KEYS[2])
+if count >= per_window then
+  local oldest = redis.call('ZRANGE', KEYS[2], count - per_window, count - per_window, 'WITHSCORES')
+  local free_at = tonumber(oldest[2]) + period
+  if free_at - now > wait then wait = free_at - now end
+end
+if wait > 0 then return {0, tostring(wait)} end
+redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval))
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+return {1, '0'}
+"""
+
+# Kounta said 429: every replica pauses until then, and starts again with one request and
+# then the pace (a burst would hit the wall again). ARGV: seconds, per_window, burst, period.
+PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or 0)
+local until_ = now + tonumber(ARGV[1])
+if paused > until_ then until_ = paused end
+redis.call('HSET', KEYS[1], 'paused', tostring(until_))
+local interval = tonumber(ARGV[4]) / tonumber(ARGV[2])
+local tat = until_ + (tonumber(ARGV[3]) - 1) * interval
+local old = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
+if tat > old then redis.call('HSET', KEYS[1], 'tat', tostring(tat)) end
+return tostring(until_ - now)
+"""
+
+# Compare-and-set: write only over the version the writer read (0: nothing stored yet), so an
+# older token never replaces a newer one. Returns the new version, or -1.
+CAS_SCRIPT = """
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if v ~= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'version', v + 1, 'data', ARGV[2])
+return v + 1
+"""
+
+_CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
+
+
+class RedisBackend:
+    kind = "redis"
+    shared = True
+
+    def __init__(self, settings: SharedSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.prefix = settings.key_prefix
+        self.timeout = settings.timeout
+        self.client = aioredis.Redis.from_url(
+            settings.url,
+            password=settings.password.reveal() or None,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            # No resends inside the client: a failure is reported at once and the caller
+            # falls back; the probe decides when Redis is back.
+            retry=Retry(NoBackoff(), 0),
+            max_connections=POOL_SIZE,
+        )
+        self._take = self.client.register_script(TAKE)
+        self._pause = self.client.register_script(PAUSE)
+        self._write_token = self.client.register_script(CAS_SCRIPT)
+        self._up = False
+        self._state = ""
+        self._probe: asyncio.Task[None] | None = None
+        self._replica = uuid.uuid4().hex[:12]
+        self._sent = 0
+        self._listeners: list[asyncio.Task[None]] = []
+
+    @property
+    def budget(self) -> RedisBackend:
+        return self
+
+    @property
+    def tokens(self) -> RedisBackend:
+        return self
+
+    @property
+    def events(self) -> RedisBackend:
+        return self
+
+    # --- health
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def detail(self) -> str | None:
+        return None if self._up else "degraded"
+
+    async def start(self) -> None:
+        """Connect once (a Redis that is away at startup only means degraded) and probe."""
+        await self._check()
+        if not self._up:
+            self._set_state(False, "no answer at startup")
+        self._probe = asyncio.create_task(self._watch(), name="shared-redis-probe")
+
+    async def close(self) -> None:
+        for task in [self._probe, *self._listeners]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.client.aclose()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)
+            await self._check()
+
+    async def _check(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.ping()
+        except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
+            self._set_state(False, _why(e))
+            return
+        self._set_state(True, "answering")
+
+    def _set_state(self, up: bool, reason: str) -> None:
+        self._up = up
+        self.metrics.shared_backend_up.set(1 if up else 0)
+        self.metrics.shared_degraded.set(0 if up else 1)
+        state = "shared" if up else "degraded"
+        if state != self._state:
+            previous, self._state = self._state or "starting", state
+            level = logging.INFO if up else logging.WARNING
+            event("shared_backend", level, state=state, previous=previous, reason=reason)
+
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float = 0.0) -> T:
+        if not self._up:
+            raise SharedUnavailable(f"shared store away ({op})")
+        try:
+            async with asyncio.timeout(limit or self.timeout):
+                result = await call()
+        except _CONNECTION_ERRORS as e:
+            self._set_state(False, f"{op}: {_why(e)}")
+            self.metrics.shared_calls.labels(op, "error").inc()
+            raise SharedUnavailable(f"shared store away ({op}: {_why(e)})") from None
+        except rexc.RedisError as e:
+            self.metrics.shared_calls.labels(op, "error").inc()
+            raise SharedUnavailable(f"shared store refused {op}: {_why(e)}") from None
+        self.metrics.shared_calls.labels(op, "ok").inc()
+        return result
+
+    def key(self, kind: str, account: str, suffix: str = "") -> str:
+        return f"{self.prefix}:{kind}:{account}{':' + suffix if suffix else ''}"
+
+    # --- budget
+
+    async def take(self, account: str, per_window: int, burst: int, period: float) -> float:
+        self._sent += 1
+        member = f"{self._replica}:{self._sent}"
+        keys = [self.key("budget", account), self.key("budget", account, "log")]
+        args: list[Any] = [per_window, burst, repr(float(period)), member]
+        taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
+        return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
+
+    async def pause(
+        self, account: str, seconds: float, per_window: int, burst: int, period: float
+    ) -> float:
+        keys = [self.key("budget", account)]
+        args: list[Any] = [repr(float(seconds)), per_window, burst, repr(float(period))]
+        left = await self._run("pause", lambda: self._pause(keys=keys, args=args))
+        return float(left)
+
+    # --- tokens
+
+    async def read_token(self, account: str) -> TokenRecord | None:
+        key = self.key("token", account)
+        found: list[Any] = await self._run(
+            "token_read", lambda: self.client.hmget(key, ["version", "data"])
+        )
+        version, data = found
+        if version is None or data is None:
+            return None
+        return TokenRecord(int(version), bytes(data))
+
+    async def write_token(self, account: str, data: bytes, expected: int) -> int | None:
+        keys = [self.key("token", account)]
+        args: list[Any] = [expected, data]
+        version = await self._run("token_write", lambda: self._write_token(keys=keys, args=args))
+        return None if int(version) < 0 else int(version)
+
+    @contextlib.asynccontextmanager
+    async def token_lock(self, account: str, ttl: float, patience: float) -> AsyncIterator[bool]:
+        """redis-py's Lock: SET NX PX with an owner token; release and extend are Lua scripts
+        that act only for the owner, so a lock that expired and was taken by another replica
+        is never released by us. A crash leaves it to expire."""
+        lock = Lock(
+            self.client,
+            self.key("token", account, "lock"),
+            timeout=ttl,
+            sleep=LOCK_POLL,
+            blocking_timeout=patience,
+            thread_local=False,
+        )
+        taken = await self._run("token_lock", lock.acquire, limit=patience + self.timeout)
+        try:
+            yield bool(taken)
+        finally:
+            if taken:
+                with contextlib.suppress(SharedUnavailable, rexc.LockError):
+                    await self._run("token_unlock", lock.release)
+
+    # --- events
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        message = self._replica.encode() + b"|" + data
+        channel = self.key("events", topic)
+        await self._run("publish", lambda: self.client.publish(channel, message))
+
+    def listen(
+        self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
+    ) -> None:
+        task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
+        self._listeners.append(task)
+
+    async def _listen(
+        self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
+    ) -> None:
+        """Subscribe, deliver, and after any break subscribe again and report the gap."""
+        channel, own = self.key("events", topic), self._replica.encode() + b"|"
+        lost = False
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await pubsub.subscribe(channel)
+                if lost:
+                    lost = False
+                    event("shared_resubscribed", topic=topic)
+                    on_gap()
+                while True:
+                    message = await pubsub.get_message(timeout=PROBE_SECONDS)
+                    data = message.get("data") if message else None
+                    if isinstance(data, bytes) and not data.startswith(own):
+                        on_message(data.partition(b"|")[2])
+            except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
+                if not lost:
+                    event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
+                lost = True
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(PROBE_SECONDS / 2)
+
+
+def _why(error: BaseException) -> str:
+    text = str(error).split("\n")[0][:120]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
