@@ -18,6 +18,11 @@ def main() -> int:
         from bench import fleet
 
         return fleet.main([a for a in sys.argv[1:] if a != "--fleet"])
+    if "--workers" in sys.argv[1:]:
+        # Fresh hits with serve --workers 1 and 2, on a Redis of its own (bench/workers_bench)
+        from bench import workers_bench
+
+        return workers_bench.main()
     started = time.monotonic()
     results = cache_bench.run()
     print(
