@@ -400,6 +400,14 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.cache_shared = Counter(
+            "kounta_proxy_cache_shared",
+            "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "
+            "error), put (ok, invalidated, error), lock (taken, waited, alone, error), unlock "
+            "(error), delete (ok, error).",
+            ["op", "result"],
+            registry=registry,
+        )
         self.shared_calls = LoopCounter(
             "kounta_proxy_shared_calls",
             "Round trips to the shared backend (Redis), by operation (budget, pause, token_read, "
