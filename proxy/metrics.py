@@ -411,7 +411,8 @@ class Metrics:
         self.shared_calls = LoopCounter(
             "kounta_proxy_shared_calls",
             "Round trips to the shared backend (Redis), by operation (budget, pause, token_read, "
-            "token_write, token_lock, token_unlock) and result (ok, error).",
+            "token_write, token_lock, token_unlock, publish, cache_get, cache_put, cache_lock, "
+            "cache_poll, cache_unlock, cache_invalidate, cache_delete) and result (ok, error).",
             ["op", "result"],
             registry=registry,
         )

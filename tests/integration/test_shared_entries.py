@@ -107,6 +107,8 @@ async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
     assert (status, headers["X-Cache"]) == (200, "MISS")
     assert sandbox.state.served("GET", LIST) == 1
     await asyncio.sleep(0.05)  # the store in Redis follows the answer
+    # A cold fetch: look up, take the fetch lock, store, release the lock.
+    assert round_trips([a]) == 4
     # B never fetched it: Redis gave it (one round trip), and the memory tier keeps it.
     before = round_trips([b])
     status, headers, again = await get(client, b.url + LIST)
