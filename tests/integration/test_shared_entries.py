@@ -18,7 +18,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.cache.shared import MIN_TTL, TTL_MARGIN, decode, digest
+from proxy.cache.policy import Entry
+from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
+from proxy.cache.store import Stored
 from proxy.edge.services import SERVICES
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
@@ -299,3 +301,63 @@ async def test_a_write_while_redis_is_frozen_reaches_redis_and_replicas_once_it_
             assert b"Yann" in (await redis.get(name) or b"Yann")
     finally:
         await redis.aclose()
+
+
+async def test_large_bodies_are_shared_up_to_max_entry_size_and_larger_ones_stream_through(
+    make_proxy: MakeProxy,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    served: list[str] = []
+    bodies = {"big": b"[" + b"1," * (1024 * 1024) + b"1]", "huge": b"[" + b"2," * 2_000_000 + b"2]"}
+
+    async def handler(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        served.append(name)
+        headers = {"Cache-Control": "max-age=600", "Content-Type": "application/json"}
+        return web.Response(body=bodies[name], headers=headers)
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/companies/5001/{name}.json", handler)
+    runner, port = await serve(upstream)
+    try:
+        a, b = await replicas(
+            make_proxy,
+            f"http://127.0.0.1:{port}",
+            tmp_path,
+            redis_server.url,
+            redis_prefix,
+            2,
+            max_entry_size=3 * 1024 * 1024,
+        )
+        for name in ("big", "huge"):  # 2 MB spills to a file while it streams; 4 MB too big
+            assert (await get(client, f"{a.url}/v1/companies/5001/{name}.json"))[2] == bodies[name]
+        await asyncio.sleep(0.2)
+        status, headers, body = await get(client, f"{b.url}/v1/companies/5001/big.json")
+        assert (status, headers["X-Cache"], body == bodies["big"]) == (200, "HIT", True)
+        huge = await get(client, f"{b.url}/v1/companies/5001/huge.json")
+        assert (huge[1]["X-Cache"], huge[2] == bodies["huge"]) == ("BYPASS", True)  # too large
+    finally:
+        await runner.cleanup()
+    assert served == ["big", "huge", "huge"]
+    assert len(await entry_keys(redis_client, redis_prefix)) == 1
+
+
+def test_records_are_checked_against_their_key_shape_and_crc32() -> None:
+    entry = Entry(200, (("ETag", '"1"'),), "main", "/v1/x", 1.0, 2.0, 0.0, 60.0, 0.0, 0.0,
+                  False, (("x-a", None),), 3)  # fmt: skip
+    record = encode("k", Stored(entry, b"abc"))
+    assert decode("k", record).entry == entry
+    assert decode("k", record).body == b"abc"
+    for key, data in [
+        ("other", record),  # another key's record
+        ("k", record[:-1]),  # truncated body
+        ("k", record[:-1] + b"x"),  # changed body
+        ("k", b"\x80\x04pickle"),  # not a record (and never unpickled)
+        ("k", record.replace(b'"status":200', b'"status":"200"')),  # wrong type
+    ]:
+        with pytest.raises(BadRecord):
+            decode(key, data)
