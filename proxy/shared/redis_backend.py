@@ -1,7 +1,7 @@
 """The Redis backend: one connection pool, atomic scripts, health tracked.
 
-Keys (``P`` is ``shared.key_prefix``; none has a TTL, so ``maxmemory-policy volatile-lru``
-never evicts them)::
+Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a TTL, so
+``maxmemory-policy volatile-lru`` evicts cache entries and never the others)::
 
     P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s)
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
@@ -346,9 +346,11 @@ class RedisBackend:
     async def cache_put(
         self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
     ) -> bool:
+        # Lua's redis.sha1hex names the same key when a path expires or is invalidated.
+        path_digest = hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()
         keys = [
             self._cache_key(account, "e", digest),
-            self._cache_key(account, "p", hashlib.sha1(path.encode()).hexdigest()),  # noqa: S324
+            self._cache_key(account, "p", path_digest),
             self._cache_key(account, "paths"),
             self._cache_key(account, "gen"),
         ]

@@ -22,7 +22,9 @@ from proxy.cache.policy import Entry
 from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
 from proxy.cache.store import Stored
 from proxy.edge.services import SERVICES
+from proxy.metrics import Metrics
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.shared import RedisBackend
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
 from tests.integration.test_shared_cache import first_id
@@ -361,3 +363,35 @@ def test_records_are_checked_against_their_key_shape_and_crc32() -> None:
     ]:
         with pytest.raises(BadRecord):
             decode(key, data)
+
+
+async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
+    redis_server: RedisServer, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    backend = RedisBackend(
+        SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        Metrics(CollectorRegistry()),
+    )
+    await backend.start()
+    try:
+        claim = await backend.cache_claim("main", "d1", "me", 5.0)
+        assert claim.owner == "me" and claim.gen == "0"
+        assert (await backend.cache_claim("main", "d1", "other", 5.0)).owner is None
+        assert await backend.cache_put("main", "d1", "/v1/a", b"one", 0.05, claim.gen)
+        await backend.cache_release("main", "d1", "other")  # not the owner: kept
+        assert (await backend.cache_poll("main", "d1")) == (b"one", True)
+        await backend.cache_release("main", "d1", "me")
+        assert (await backend.cache_poll("main", "d1")) == (b"one", False)
+        await asyncio.sleep(0.1)
+        assert await backend.cache_put("main", "d2", "/v1/b", b"two", 60, "0")
+        paths = f"{redis_prefix}:cache:main:paths"
+        assert await redis_client.zrange(paths, 0, -1) == [b"/v1/b"]
+        sets = [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:cache:main:p:*")]
+        assert len(sets) == 1 and await redis_client.ttl(sets[0]) == -1
+        # An invalidation counts first: a store begun before it is refused.
+        assert await backend.cache_drop("main", lambda path: path == "/v1/b") == 1
+        assert not await backend.cache_put("main", "d3", "/v1/c", b"three", 60, "0")
+        assert await backend.cache_get("main", "d2") is None
+        assert await redis_client.zrange(paths, 0, -1) == []
+    finally:
+        await backend.close()
