@@ -400,10 +400,19 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.cache_shared = Counter(
+            "kounta_proxy_cache_shared",
+            "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "
+            "error), put (ok, invalidated, error), lock (taken, waited, alone, error), unlock "
+            "(error), delete (ok, error).",
+            ["op", "result"],
+            registry=registry,
+        )
         self.shared_calls = LoopCounter(
             "kounta_proxy_shared_calls",
             "Round trips to the shared backend (Redis), by operation (budget, pause, token_read, "
-            "token_write, token_lock, token_unlock) and result (ok, error).",
+            "token_write, token_lock, token_unlock, publish, cache_get, cache_put, cache_lock, "
+            "cache_poll, cache_unlock, cache_invalidate, cache_delete) and result (ok, error).",
             ["op", "result"],
             registry=registry,
         )

@@ -97,6 +97,11 @@ class Broadcast:
     def gap(self) -> None:
         event("cache_purged_after_gap", logging.WARNING)
         self._purge("", None)
+        if self.cache.shared is not None:
+            # Redis is back: the writes this replica made meanwhile reach it at once.
+            task = asyncio.get_running_loop().create_task(self.cache.shared.catch_up())
+            self.cache.tasks.add(task)
+            task.add_done_callback(self.cache.tasks.discard)
 
     def _purge(self, prefix: str, account: str | None) -> None:
         task = asyncio.get_running_loop().create_task(self.cache.store.purge(prefix, account))

@@ -51,6 +51,12 @@ class Flight:
     spilling: bool = False  # a large body is still being written; its pump settles ``done``
     task: asyncio.Task[None] | None = None
     upstream_seconds: float | None = None  # for the starter's access line
+    # Shared cache (backend = "redis"): the fetch lock's owner token when this replica holds
+    # it, the account's invalidation count when the flight began (None: Redis away, nothing
+    # is stored there), and the entry to store there once the answer is out.
+    owner: str | None = None
+    gen: str | None = None
+    share: Stored | None = None
 
 
 def settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> None:

@@ -56,6 +56,7 @@ from proxy.cache.policy import (
     to_entry,
     validators,
 )
+from proxy.cache.shared import SharedEntries
 from proxy.cache.store import BodySink, CacheStore, Stored
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
@@ -107,6 +108,8 @@ class Cache:
         # Tells other replicas about an invalidation before the writer's answer goes out
         # (proxy.cache.broadcast; None: this process is alone).
         self.announce: Callable[[Invalidation], Awaitable[None]] | None = None
+        # Entries shared with the other replicas in Redis (None: this process's own only).
+        self.shared: SharedEntries | None = None
 
     def rules(self) -> tuple[CacheRule, ...]:
         return self.current().cache.rules
@@ -125,10 +128,31 @@ class Cache:
             response.cache_status = "BYPASS"
             return response
         key = self.key(request.account, request.path, request.query, request.headers)
-        stored = await self.store.get(key)
+        if self.shared is None:
+            stored = await self.store.get(key)
+        else:
+            stored = await self._lookup(self.shared, request.account, key)
         if stored is not None:
             refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
+
+    async def _lookup(self, shared: SharedEntries, account: str, key: str) -> Stored | None:
+        """Memory tier, then Redis (a hit there joins the memory tier), then the local disk."""
+        hot = self.store.hot.get(key)
+        if hot is not None:
+            return hot
+        sequence = self.store.sequence
+        found = await shared.get(account, key)
+        if found is None:
+            return await self.store.get(key)
+        entry = found.entry
+        if self.store.invalidated_since(sequence, entry.account, entry.path):
+            return await self.store.get(key)  # read before an invalidation: maybe older
+        newer = self.store.hot.get(key)
+        if newer is not None:
+            return newer  # stored here while Redis answered
+        self.store.promote(key, found)
+        return found
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:
         """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""
@@ -406,10 +430,11 @@ class Cache:
 
     async def _fly(self, flight: Flight, stale: Stored | None) -> None:
         try:
-            outcome = await self._exchange(flight, stale)
+            outcome = await self._obtain(flight, stale)
             settle(flight.head, outcome)
             if outcome.stream is None:
                 settle(flight.done, outcome)
+            await self._share(flight)  # after the answer went out, before the lock goes
         except BaseException as e:
             failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
             settle(flight.head, failure)
@@ -424,6 +449,58 @@ class Cache:
     def _unregister(self, flight: Flight) -> None:
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]
+        owner, flight.owner = flight.owner, None
+        if owner is not None and self.shared is not None:
+            # Only now: what the flight stored in Redis is there before waiters see it free.
+            self._spawn(self.shared.release(flight.request.account, flight.key, owner))
+
+    async def _obtain(self, flight: Flight, stale: Stored | None) -> Outcome:
+        """With shared entries: take the key's fetch lock in Redis, or wait for the replica
+        that holds it to store the entry and answer from that; else (Redis away, the
+        owner stored nothing, or it took longer than ``cache.coalesce_wait``) fetch here."""
+        shared = self.shared
+        if shared is None:
+            return await self._exchange(flight, stale)
+        account = flight.request.account
+        claim = await shared.claim(account, flight.key)
+        if claim is not None:
+            flight.gen, flight.owner = claim.gen, claim.owner
+            if claim.owner is None:
+                found = await shared.wait(account, flight.key, self.config.coalesce_wait)
+                if found is not None and self._usable(flight, found):
+                    self.store.promote(flight.key, found)
+                    entry = found.entry
+                    return Outcome(
+                        entry.status,
+                        entry.headers,
+                        "MISS",
+                        None,
+                        stored=found,
+                        entry=entry,
+                        reason="other_replica",
+                    )
+        return await self._exchange(flight, stale)
+
+    def _usable(self, flight: Flight, found: Stored) -> bool:
+        """Whether another replica's fresh entry answers this flight's request."""
+        entry = found.entry
+        if flight.cancelled or self.store.invalidated_since(
+            flight.sequence, entry.account, entry.path
+        ):
+            return False
+        return fresh_age(entry, self.clock()) is not None and entry.selects(flight.request.headers)
+
+    async def _share(self, flight: Flight) -> None:
+        """Store the flight's entry in Redis, unless an invalidation came meanwhile."""
+        stored, flight.share = flight.share, None
+        if stored is None or self.shared is None or flight.gen is None:
+            return
+        entry = stored.entry
+        if flight.cancelled or self.store.invalidated_since(
+            flight.sequence, entry.account, entry.path
+        ):
+            return
+        await self.shared.put(flight.key, stored, flight.gen, self.clock())
 
     async def _exchange(self, flight: Flight, stale: Stored | None) -> Outcome:
         request = flight.request
@@ -608,8 +685,15 @@ class Cache:
             settle(flight.done, GoAlone())
             return
         path = await sink.finish()
+        body = None
+        if self.shared is not None and flight.gen is not None:
+            # Read back before the store moves it: whole and checked (size), for Redis.
+            body = await self.store.read_spilled(path, size)
         stored = await self.store.commit_file(flight.key, final, path, sink.crc)
         self.metrics.cache_stores.labels("stored").inc()
+        if body is not None:
+            flight.share = Stored(final, body, None, sink.crc)
+            await self._share(flight)
         if stored is None:
             settle(flight.done, GoAlone())
         else:
@@ -654,6 +738,8 @@ class Cache:
         if self._may_store(flight, stored.entry):
             self.store.put(flight.key, stored)
             self.metrics.cache_stores.labels("stored").inc()
+            if self.shared is not None:
+                flight.share = stored  # to Redis by _share(), once the answer is out
 
     # ------------------------------------------------------------------ writes
 
@@ -671,8 +757,15 @@ class Cache:
             )
             if inv is not None:
                 self.invalidate(inv)
+                if self.shared is not None:
+                    # In Redis before the answer goes out, so no replica reads it back.
+                    await self.shared.drop(inv.account, inv.covers, self._resend(inv))
                 if self.announce is not None:
                     await self.announce(inv)
+
+    def _resend(self, inv: Invalidation) -> Callable[[], Awaitable[None]] | None:
+        announce = self.announce
+        return None if announce is None else functools.partial(announce, inv)
 
     def invalidate(self, inv: Invalidation) -> int:
         for key, flight in list(self.flights.items()):
@@ -688,6 +781,8 @@ class Cache:
         self.metrics.cache_lookups.labels(result, reason).inc()
 
     async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -378,6 +378,21 @@ class CacheStore:
             self.problem = None  # try again; the next failure logs nothing new
         return self.problem is None
 
+    def promote(self, key: str, stored: Stored) -> None:
+        """Hold an entry read from another tier (Redis) in memory, indexed so that an
+        invalidation removes it like one stored here."""
+        self.hot.put(key, stored)
+        self._index(key, stored.entry.account, stored.entry.path)
+
+    async def read_spilled(self, path: Path, size: int) -> bytes | None:
+        """A spilled body read back whole (for the shared store), or None if it is not
+        ``size`` bytes or cannot be read."""
+        try:
+            body = await self._run(path.read_bytes)
+        except OSError:
+            return None
+        return body if len(body) == size else None
+
     def put(self, key: str, stored: Stored) -> None:
         """Store an entry whose body is in memory (or already stored under body_key)."""
         self.changes += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -27,7 +28,8 @@ from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
 from proxy.cache.layer import Cache
-from proxy.cache.store import CacheStore
+from proxy.cache.shared import SharedEntries
+from proxy.cache.store import CacheStore, Purge
 from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import Callers
@@ -181,6 +183,19 @@ async def build(
             broadcast = Broadcast(cache, shared.events, metrics)
             broadcast.start()
             announce_purge = broadcast.announce_purge
+        if shared.cache is not None:
+            # Entries shared in Redis, with a fetch lock per key across replicas.
+            cache.shared = SharedEntries(
+                shared.cache,
+                metrics,
+                max_entry_size=settings.cache.max_entry_size,
+                stale_if_error=settings.cache.stale_if_error,
+                lock_ttl=settings.upstream.total_timeout,
+                accounts=tuple(settings.accounts),
+            )
+            if announce_purge is not None:
+                cache.shared.announce_purge_all = functools.partial(announce_purge, "", None)
+            announce_purge = _purging_shared(cache.shared, announce_purge)
         checks["cache"] = lambda: store.problem
         metrics.watch_store(store.gauges)
         admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts), announce_purge)
@@ -204,6 +219,20 @@ async def build(
         admin_routes=tuple(admin_routes),
         tasks=tasks,
     )
+
+
+def _purging_shared(
+    shared: SharedEntries, announce: cache_admin.AnnouncePurge | None
+) -> cache_admin.AnnouncePurge:
+    """An operator's purge: in Redis too, then told to the other replicas."""
+
+    async def purge(prefix: str, account: str | None) -> None:
+        resend = None if announce is None else functools.partial(announce, prefix, account)
+        await shared.drop(account, Purge(prefix, account).covers, resend)
+        if announce is not None:
+            await announce(prefix, account)
+
+    return purge
 
 
 def _token_check(live: LiveRef, name: str) -> Check:

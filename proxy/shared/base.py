@@ -69,6 +69,42 @@ class SharedEvents(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A fetch lock request's answer: ``owner`` is set when this replica took the lock,
+    ``gen`` is the account's invalidation count read in the same round trip (a store made
+    later is refused when an invalidation came in between)."""
+
+    owner: str | None
+    gen: str
+
+
+class SharedCache(Protocol):
+    """Cache entries shared by every replica (opaque records), a fetch lock per key and the
+    per-account invalidation count. Every method raises :class:`SharedUnavailable`."""
+
+    async def cache_get(self, account: str, digest: str) -> bytes | None: ...
+
+    async def cache_put(
+        self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
+    ) -> bool:
+        """Store record and body (one script: all or nothing) with a TTL, unless the
+        account's invalidation count is no longer ``gen``; returns whether it was stored."""
+        ...
+
+    async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim: ...
+
+    async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
+        """The stored record (or None) and whether the fetch lock is still held."""
+        ...
+
+    async def cache_release(self, account: str, digest: str, owner: str) -> None: ...
+
+    async def cache_drop(self, account: str, covers: Callable[[str], bool]) -> int:
+        """Count an invalidation, then delete every entry whose path ``covers`` names."""
+        ...
+
+
 class Backend(Protocol):
     kind: str
     # Whether state is shared with other processes at all (False for local).
@@ -82,6 +118,9 @@ class Backend(Protocol):
 
     @property
     def events(self) -> SharedEvents | None: ...
+
+    @property
+    def cache(self) -> SharedCache | None: ...
 
     @property
     def up(self) -> bool:

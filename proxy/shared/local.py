@@ -11,6 +11,7 @@ class LocalBackend:
     budget = None
     tokens = None
     events = None
+    cache = None
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics

@@ -1,13 +1,23 @@
 """The Redis backend: one connection pool, atomic scripts, health tracked.
 
-Keys (``P`` is ``shared.key_prefix``; none has a TTL, so ``maxmemory-policy volatile-lru``
-never evicts them)::
+Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a TTL, so
+``maxmemory-policy volatile-lru`` evicts cache entries and never the others)::
 
     P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s)
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
     P:token:ACCOUNT         hash: version (grows by one per write), data (Fernet ciphertext)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
     P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
+    P:cache:ACCOUNT:e:D     a cache entry (record + body) under D = sha256 of its cache key:
+                            the only keys with a TTL (the entry's reuse window)
+    P:cache:ACCOUNT:lock:D  the fetch lock of one key (owner token, PX = upstream total timeout)
+    P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
+    P:cache:ACCOUNT:paths   sorted set: the account's cached paths, by their latest expiry
+    P:cache:ACCOUNT:gen     the account's invalidation count (a store begun before one is refused)
+
+The path indexes let an invalidation or purge find an account's entries without SCAN (which
+walks the whole keyspace); they have no TTL (so eviction never loses them) and are pruned by
+expiry on every store, so they hold no more than the live entries.
 
 Every call has a timeout (``shared.timeout``). A call that fails on the connection marks
 the backend *degraded*: from then on calls fail fast with :class:`SharedUnavailable` (no
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +47,7 @@ from redis.backoff import NoBackoff
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
-from proxy.shared.base import SharedUnavailable, TokenRecord
+from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -98,6 +109,54 @@ redis.call('HSET', KEYS[1], 'version', v + 1, 'data', ARGV[2])
 return v + 1
 """
 
+# Store a cache entry unless the account saw an invalidation since the fetch began; prune the
+# account's expired paths, then index the entry. KEYS: entry, path set, paths, gen.
+# ARGV: gen read when the fetch began, record, ttl ms, digest, path, path-set key prefix.
+CACHE_PUT = """
+if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = now + tonumber(ARGV[3])
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('DEL', ARGV[6] .. redis.sha1hex(p))
+  redis.call('ZREM', KEYS[3], p)
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], expires, ARGV[4])
+local latest = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5]) or '0')
+if expires > latest then redis.call('ZADD', KEYS[3], expires, ARGV[5]) end
+return 1
+"""
+
+# Take a key's fetch lock if free, and read the account's invalidation count, in one trip.
+# KEYS: lock, gen. ARGV: owner, ttl ms. Returns {1 or 0, gen}.
+CACHE_CLAIM = """
+local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+return {taken and 1 or 0, redis.call('GET', KEYS[2]) or '0'}
+"""
+
+# Release a fetch lock only for its owner (one that expired and was taken again stays).
+CACHE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Delete the entries of the given paths and their indexes. KEYS: paths.
+# ARGV: entry key prefix, path-set key prefix, then the paths. Returns the entries deleted.
+CACHE_DROP = """
+local removed = 0
+for i = 3, #ARGV do
+  local set = ARGV[2] .. redis.sha1hex(ARGV[i])
+  for _, d in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+    removed = removed + redis.call('DEL', ARGV[1] .. d)
+  end
+  redis.call('DEL', set)
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+return removed
+"""
+
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
 
 
@@ -123,6 +182,10 @@ class RedisBackend:
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
         self._write_token = self.client.register_script(CAS_SCRIPT)
+        self._cache_put = self.client.register_script(CACHE_PUT)
+        self._cache_claim = self.client.register_script(CACHE_CLAIM)
+        self._cache_release = self.client.register_script(CACHE_RELEASE)
+        self._cache_drop = self.client.register_script(CACHE_DROP)
         self._up = False
         self._state = ""
         self._probe: asyncio.Task[None] | None = None
@@ -140,6 +203,10 @@ class RedisBackend:
 
     @property
     def events(self) -> RedisBackend:
+        return self
+
+    @property
+    def cache(self) -> RedisBackend:
         return self
 
     # --- health
@@ -266,6 +333,78 @@ class RedisBackend:
                 with contextlib.suppress(SharedUnavailable, rexc.LockError):
                     await self._run("token_unlock", lock.release)
 
+    # --- cache entries
+
+    def _cache_key(self, account: str, kind: str, name: str = "") -> str:
+        return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
+
+    async def cache_get(self, account: str, digest: str) -> bytes | None:
+        key = self._cache_key(account, "e", digest)
+        found: Any = await self._run("cache_get", lambda: self.client.get(key))
+        return None if found is None else bytes(found)
+
+    async def cache_put(
+        self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
+    ) -> bool:
+        # Lua's redis.sha1hex names the same key when a path expires or is invalidated.
+        path_digest = hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()
+        keys = [
+            self._cache_key(account, "e", digest),
+            self._cache_key(account, "p", path_digest),
+            self._cache_key(account, "paths"),
+            self._cache_key(account, "gen"),
+        ]
+        ttl_ms = max(1, int(ttl * 1000))
+        args: list[Any] = [gen, data, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
+        stored = await self._run("cache_put", lambda: self._cache_put(keys=keys, args=args))
+        return int(stored) == 1
+
+    async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim:
+        keys = [self._cache_key(account, "lock", digest), self._cache_key(account, "gen")]
+        args: list[Any] = [owner, max(1, int(ttl * 1000))]
+        taken, gen = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
+        return Claim(owner if int(taken) == 1 else None, _text(gen))
+
+    async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
+        entry = self._cache_key(account, "e", digest)
+        lock = self._cache_key(account, "lock", digest)
+
+        async def poll() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(entry)
+            pipe.exists(lock)
+            return await pipe.execute()
+
+        data, locked = await self._run("cache_poll", poll)
+        return data, bool(locked)
+
+    async def cache_release(self, account: str, digest: str, owner: str) -> None:
+        keys, args = [self._cache_key(account, "lock", digest)], [owner]
+        await self._run("cache_unlock", lambda: self._cache_release(keys=keys, args=args))
+
+    async def cache_drop(self, account: str, covers: Callable[[str], bool]) -> int:
+        """Two trips: count the invalidation and read the paths atomically (MULTI), so any
+        store racing with it is refused or listed; then delete what ``covers`` names."""
+        paths_key = self._cache_key(account, "paths")
+        gen = self._cache_key(account, "gen")
+
+        async def count() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.incr(gen)
+            pipe.zrange(paths_key, 0, -1)
+            return await pipe.execute()
+
+        _, paths = await self._run("cache_invalidate", count)
+        chosen = [p for p in map(_text, paths) if covers(p)]
+        if not chosen:
+            return 0
+        args: list[Any] = [self._cache_key(account, "e") + ":", self._cache_key(account, "p") + ":"]
+        args += chosen
+        removed = await self._run(
+            "cache_delete", lambda: self._cache_drop(keys=[paths_key], args=args)
+        )
+        return int(removed)
+
     # --- events
 
     async def publish(self, topic: str, data: bytes) -> None:
@@ -307,6 +446,10 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _why(error: BaseException) -> str:

@@ -1,0 +1,341 @@
+"""Cache entries shared by every replica in Redis (``[shared] backend = "redis"``).
+
+The cache layer (:mod:`proxy.cache.layer`) reads memory tier → Redis → local disk and, after a
+fetch, writes the entry to Redis too, when its body arrived whole and is at most
+``cache.max_entry_size``. Before a flight asks Kounta for a key it *claims* the key's fetch
+lock in Redis; a replica that finds the lock taken waits (polling, up to
+``cache.coalesce_wait``) for the owner's entry to appear and answers from it, or fetches alone
+once the owner has finished without storing one (its lock is gone). So a cold key fetched
+through every replica at once costs Kounta one request.
+
+Records are this module's own format, not the disk's pickles: unpickling what a network
+store hands back would run whatever someone able to write to Redis put there (OWASP:
+deserialisation of untrusted data). A record is JSON (the cache key it belongs to, the
+:class:`~proxy.cache.policy.Entry` fields, the body's CRC32) and then the body; a record
+for another key, of the wrong shape, or whose body does not match its size and CRC32 is a
+miss and is deleted.
+
+Redis failing never fails a request: every method here turns
+:class:`~proxy.shared.SharedUnavailable` into "not shared" (a miss, nothing stored, a fetch
+of this replica's own), counted in ``kounta_proxy_cache_shared_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy.cache.policy import Entry, normalise_path, parse_key
+from proxy.cache.store import Stored
+from proxy.logs import event
+from proxy.metrics import Metrics
+from proxy.shared import SharedUnavailable
+from proxy.shared.base import Claim, SharedCache
+
+MAGIC = b"KPC1\n"
+# Seconds a shared entry outlives its reuse window, and the least it is kept: its validators
+# still save a body when it is revalidated later.
+TTL_MARGIN = 60.0
+MIN_TTL = 60.0
+# How often a replica waiting for another's fetch looks for the entry (one round trip each).
+POLL_SECONDS = 0.05
+# Invalidations kept while Redis is away; past that, one purge of everything replaces them.
+MAX_PENDING = 1000
+# How often a replica holding invalidations Redis missed tries them again.
+RETRY_SECONDS = 0.25
+
+Resend = Callable[[], Awaitable[None]]
+# An invalidation Redis has not taken yet: account (None: all), what it covers, and how to
+# tell the other replicas again once it is applied.
+Pending = tuple[str | None, Callable[[str, str], bool], Resend | None]
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def encode(key: str, stored: Stored) -> bytes:
+    """One record: magic, 4-byte header length, JSON header, body (must be in memory)."""
+    assert stored.body is not None
+    entry = stored.entry
+    header = {
+        "key": key,
+        "crc": zlib.crc32(stored.body),
+        "entry": {
+            "status": entry.status,
+            "headers": [list(h) for h in entry.headers],
+            "account": entry.account,
+            "path": entry.path,
+            "request_time": entry.request_time,
+            "response_time": entry.response_time,
+            "initial_age": entry.initial_age,
+            "fresh_for": entry.fresh_for,
+            "stale_if_error": entry.stale_if_error,
+            "stale_while_revalidate": entry.stale_while_revalidate,
+            "strict": entry.strict,
+            "vary": [list(v) for v in entry.vary],
+            "size": entry.size,
+        },
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return MAGIC + len(raw).to_bytes(4, "big") + raw + stored.body
+
+
+class BadRecord(ValueError):
+    """A shared record that is not an intact entry for the key asked for."""
+
+
+def decode(key: str, data: bytes) -> Stored:
+    """The entry and body of a record for ``key``; raises :class:`BadRecord`."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise BadRecord("not a cache record")
+    start = len(MAGIC) + 4
+    end = start + int.from_bytes(data[len(MAGIC) : start], "big")
+    try:
+        header = json.loads(data[start:end])
+        fields = header["entry"]
+        entry = Entry(
+            status=_typed(fields["status"], int),
+            headers=tuple((_str(n), _str(v)) for n, v in fields["headers"]),
+            account=_str(fields["account"]),
+            path=_str(fields["path"]),
+            request_time=_number(fields["request_time"]),
+            response_time=_number(fields["response_time"]),
+            initial_age=_number(fields["initial_age"]),
+            fresh_for=_number(fields["fresh_for"]),
+            stale_if_error=_number(fields["stale_if_error"]),
+            stale_while_revalidate=_number(fields["stale_while_revalidate"]),
+            strict=_typed(fields["strict"], bool),
+            vary=tuple((_str(n), None if v is None else _str(v)) for n, v in fields["vary"]),
+            size=_typed(fields["size"], int),
+        )
+        crc = _typed(header["crc"], int)
+        owner = header["key"]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise BadRecord(f"a damaged record ({type(e).__name__})") from None
+    if owner != key:
+        raise BadRecord("a record of another key")
+    body = data[end:]
+    if len(body) != entry.size or zlib.crc32(body) != crc:
+        raise BadRecord("a body of the wrong size or CRC32")
+    return Stored(entry, body, None, crc)
+
+
+def _typed(value: Any, kind: type[Any]) -> Any:
+    if type(value) is not kind:
+        raise TypeError(f"{kind.__name__} expected")
+    return value
+
+
+def _str(value: Any) -> str:
+    return str(_typed(value, str))
+
+
+def _number(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise TypeError("number expected")
+    return float(value)
+
+
+def ttl_for(entry: Entry, now: float, stale_if_error: float) -> float:
+    """How long Redis keeps an entry: what is left of its freshness, plus the longest it may
+    still answer stale (its own stale-if-error or stale-while-revalidate, or the cache-wide
+    ``cache.stale_if_error``), plus a margin; at least :data:`MIN_TTL`."""
+    left = max(0.0, entry.fresh_for - entry.age(now))
+    stale = 0.0 if entry.strict else max(entry.stale_if_error, entry.stale_while_revalidate)
+    return max(MIN_TTL, left + max(stale, stale_if_error) + TTL_MARGIN)
+
+
+class SharedEntries:
+    """The cache layer's view of the shared store: never raises for Redis' sake."""
+
+    def __init__(
+        self,
+        backend: SharedCache,
+        metrics: Metrics,
+        *,
+        max_entry_size: int,
+        stale_if_error: float,
+        lock_ttl: float,
+        accounts: tuple[str, ...],
+    ) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.max_entry_size = max_entry_size
+        self.stale_if_error = stale_if_error
+        self.lock_ttl = lock_ttl
+        self.accounts = accounts
+        # Invalidations Redis did not take (it was away): replayed before this replica reads
+        # or writes Redis again, and by a retry task as soon as Redis answers; then told to
+        # the other replicas again (their copies of what Redis held may be old).
+        self.pending: list[Pending] = []
+        self.retrying: asyncio.Task[None] | None = None
+        # Tells every replica to purge everything (set by the wiring; None: alone).
+        self.announce_purge_all: Resend | None = None
+
+    def _count(self, op: str, result: str) -> None:
+        self.metrics.cache_shared.labels(op, result).inc()
+
+    async def _caught_up(self) -> bool:
+        """Whether every invalidation has reached Redis (replaying the ones that had not)."""
+        while self.pending:
+            account, covers, resend = self.pending[0]
+            if not await self._drop(account, covers):
+                return False
+            self.pending.pop(0)
+            if resend is not None:
+                await resend()
+        return True
+
+    async def _retry(self) -> None:
+        while True:
+            if await self._caught_up():
+                return
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def catch_up(self) -> None:
+        """Replay the invalidations Redis missed, now (the subscription is back)."""
+        await self._caught_up()
+
+    async def get(self, account: str, key: str) -> Stored | None:
+        name = digest(key)
+        if not await self._caught_up():
+            self._count("get", "error")
+            return None
+        try:
+            data = await self.backend.cache_get(account, name)
+        except SharedUnavailable:
+            self._count("get", "error")
+            return None
+        if data is None:
+            self._count("get", "miss")
+            return None
+        return await self._decoded(account, key, name, data)
+
+    async def _decoded(self, account: str, key: str, name: str, data: bytes) -> Stored | None:
+        try:
+            stored = decode(key, data)
+        except BadRecord as e:
+            self._count("get", "bad_record")
+            event("cache_shared_bad_record", logging.WARNING, problem=str(e))
+            await self._drop_one(account, key)
+            return None
+        self._count("get", "hit")
+        return stored
+
+    async def _drop_one(self, account: str, key: str) -> None:
+        """A damaged record is removed with its whole path (the index names it by path)."""
+        path = _path_of(key)
+        if path is None:
+            return
+        try:
+            await self.backend.cache_drop(account, lambda p: p == path)
+        except SharedUnavailable:
+            self._count("delete", "error")
+
+    def shareable(self, stored: Stored) -> bool:
+        return stored.body is not None and stored.entry.size <= self.max_entry_size
+
+    async def put(self, key: str, stored: Stored, gen: str, now: float) -> None:
+        """Store an entry whose body is in memory and arrived whole (the layer checked)."""
+        if not self.shareable(stored):
+            return
+        entry = stored.entry
+        ttl = ttl_for(entry, now, self.stale_if_error)
+        if not await self._caught_up():
+            self._count("put", "error")
+            return
+        path, record = normalise_path(entry.path), encode(key, stored)
+        try:
+            done = await self.backend.cache_put(entry.account, digest(key), path, record, ttl, gen)
+        except SharedUnavailable:
+            self._count("put", "error")
+            return
+        self._count("put", "ok" if done else "invalidated")
+
+    async def claim(self, account: str, key: str) -> Claim | None:
+        """Take the key's fetch lock, or learn it is taken (None: Redis is away)."""
+        if not await self._caught_up():
+            self._count("lock", "error")
+            return None
+        try:
+            claim = await self.backend.cache_claim(
+                account, digest(key), uuid.uuid4().hex, self.lock_ttl
+            )
+        except SharedUnavailable:
+            self._count("lock", "error")
+            return None
+        self._count("lock", "taken" if claim.owner is not None else "waited")
+        return claim
+
+    async def wait(self, account: str, key: str, patience: float) -> Stored | None:
+        """The entry another replica's fetch stores, or None once its lock is gone without
+        one (not storable, failed, owner died and the lock expired), Redis fails, or
+        ``patience`` runs out. Each look is one round trip."""
+        name = digest(key)
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                data, locked = await self.backend.cache_poll(account, name)
+            except SharedUnavailable:
+                self._count("lock", "alone")
+                return None
+            if data is not None:
+                return await self._decoded(account, key, name, data)
+            if not locked or time.monotonic() >= deadline:
+                self._count("lock", "alone")
+                return None
+            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+    async def release(self, account: str, key: str, owner: str) -> None:
+        try:
+            await self.backend.cache_release(account, digest(key), owner)
+        except SharedUnavailable:
+            self._count("unlock", "error")  # it expires by itself
+
+    async def drop(
+        self,
+        account: str | None,
+        covers: Callable[[str, str], bool],
+        resend: Resend | None = None,
+    ) -> None:
+        """Count an invalidation and delete what it covers in Redis, for one account or every
+        one. When Redis is away it is kept, replayed as soon as Redis answers (and before
+        this replica uses Redis again), and then ``resend`` tells the other replicas again."""
+        if self.pending or not await self._drop(account, covers):
+            if len(self.pending) >= MAX_PENDING:  # everything, once
+                self.pending = [(None, lambda account, path: True, self.announce_purge_all)]
+            else:
+                self.pending.append((account, covers, resend))
+            if self.retrying is None or self.retrying.done():
+                self.retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def close(self) -> None:
+        if self.retrying is not None:
+            self.retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.retrying
+
+    async def _drop(self, account: str | None, covers: Callable[[str, str], bool]) -> bool:
+        for name in self.accounts if account is None else (account,):
+            try:
+                await self.backend.cache_drop(name, functools.partial(covers, name))
+            except SharedUnavailable:
+                self._count("delete", "error")
+                return False
+            self._count("delete", "ok")
+        return True
+
+
+def _path_of(key: str) -> str | None:
+    parts = parse_key(key)
+    return None if parts is None else normalise_path(parts.path)

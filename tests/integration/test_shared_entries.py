@@ -1,0 +1,397 @@
+"""Cache entries shared in a real Redis by in-process replicas in front of one upstream:
+an entry one replica fetched is a hit on another, a cold burst across three replicas costs
+one upstream request, a write through one replica is never answered old by another after
+its answer, and Redis going away (stopped, or frozen) falls back to each replica's own
+store without stale or half-written entries."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.cache.policy import Entry
+from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
+from proxy.cache.store import Stored
+from proxy.edge.services import SERVICES
+from proxy.metrics import Metrics
+from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.shared import RedisBackend
+from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.integration.test_cache import LIST, ONE, get
+from tests.integration.test_shared_cache import first_id
+from tests.redis_server import RedisServer
+
+FRESH_FOR = 600
+
+
+def settings_for(
+    upstream: str, tmp_path: Any, name: str, url: str, prefix: str, **cache: Any
+) -> Settings:
+    return proxy_settings(
+        upstream,
+        tmp_path / name,
+        cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=FRESH_FOR),), **cache),
+        retry=RetrySettings(attempts=1),
+        shared=SharedSettings(backend="redis", url=url, key_prefix=prefix, timeout=0.3),
+    )
+
+
+async def replicas(
+    make_proxy: MakeProxy,
+    upstream: str,
+    tmp_path: Any,
+    url: str,
+    prefix: str,
+    count: int = 3,
+    **cache: Any,
+) -> list[Proxy]:
+    proxies = [
+        await make_proxy(
+            settings_for(upstream, tmp_path, f"r{i}", url, prefix, **cache),
+            registry=CollectorRegistry(),
+        )
+        for i in range(count)
+    ]
+    await asyncio.sleep(0.2)  # all subscribed
+    return proxies
+
+
+def sample(proxy: Proxy, name: str, **labels: str) -> float:
+    return proxy.registry.get_sample_value(name, labels) or 0.0  # type: ignore[attr-defined]
+
+
+def shared_op(proxy: Proxy, op: str, result: str) -> float:
+    return sample(proxy, "kounta_proxy_cache_shared_total", op=op, result=result)
+
+
+def round_trips(proxies: list[Proxy]) -> float:
+    """Redis round trips of the cache (every cache_* op of the shared backend)."""
+    total = 0.0
+    for proxy in proxies:
+        for metric in proxy.registry.collect():  # type: ignore[attr-defined]
+            for s in metric.samples:
+                if s.name == "kounta_proxy_shared_calls_total" and s.labels["op"].startswith(
+                    "cache_"
+                ):
+                    total += s.value
+    return total
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def entry_keys(redis: aioredis.Redis, prefix: str) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=f"{prefix}:cache:main:e:*")]
+
+
+async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    status, headers, body = await get(client, a.url + LIST)
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+    assert sandbox.state.served("GET", LIST) == 1
+    await asyncio.sleep(0.05)  # the store in Redis follows the answer
+    # A cold fetch: look up, take the fetch lock, store, release the lock.
+    assert round_trips([a]) == 4
+    # B never fetched it: Redis gave it (one round trip), and the memory tier keeps it.
+    before = round_trips([b])
+    status, headers, again = await get(client, b.url + LIST)
+    assert (status, headers["X-Cache"], again) == (200, "HIT", body)
+    assert round_trips([b]) - before == 1
+    assert shared_op(b, "get", "hit") == 1
+    before = round_trips([b])
+    assert (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT"
+    assert round_trips([b]) == before  # a fresh hit in memory: no Redis at all
+    assert sandbox.state.served("GET", LIST) == 1
+
+    # The record: this key's own, with its CRC32, and a TTL of the reuse window.
+    (name,) = await entry_keys(redis_client, redis_prefix)
+    key = next(iter(a.app[SERVICES].store.hot.items))  # type: ignore[union-attr]
+    assert name.decode().endswith(digest(key))
+    assert decode(key, await redis_client.get(name)).body == body
+    ttl = await redis_client.ttl(name)
+    assert FRESH_FOR + 300 < ttl <= FRESH_FOR + 300 + TTL_MARGIN
+    assert ttl >= MIN_TTL
+    # Only entries (and fetch locks) have a TTL: volatile-lru never evicts an index.
+    for other in [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")]:
+        if b":e:" not in other and b":lock:" not in other:
+            assert await redis_client.ttl(other) == -1, other
+
+
+async def test_a_damaged_record_in_redis_is_a_miss_and_is_dropped(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    body = (await get(client, a.url + LIST))[2]
+    await asyncio.sleep(0.05)
+    (name,) = await entry_keys(redis_client, redis_prefix)
+    record = await redis_client.get(name)
+    await redis_client.set(name, record[:-1] + bytes([record[-1] ^ 1]), px=60_000)
+    status, headers, got = await get(client, b.url + LIST)
+    assert (status, headers["X-Cache"], got) == (200, "MISS", body)  # fetched, not the bad one
+    assert shared_op(b, "get", "bad_record") == 1
+    assert sandbox.state.served("GET", LIST) == 2
+
+
+async def test_a_cold_burst_through_three_replicas_makes_one_upstream_request(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    proxies = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix)
+    sandbox.state.inject_latency(0.3, path_prefix=LIST)
+    before = round_trips(proxies)
+    results = await asyncio.gather(*(get(client, proxies[i % 3].url + LIST) for i in range(30)))
+    assert {status for status, _, _ in results} == {200}
+    assert len({body for _, _, body in results}) == 1
+    assert sandbox.state.served("GET", LIST) == 1
+    assert sum(shared_op(p, "lock", "taken") for p in proxies) == 1
+    assert sum(shared_op(p, "lock", "waited") for p in proxies) == 2
+    print(f"cold burst: 30 requests, 3 replicas, {round_trips(proxies) - before:.0f} round trips")
+
+
+async def test_waiters_go_alone_quickly_when_the_owner_stores_nothing(
+    make_proxy: MakeProxy,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    served: list[float] = []
+
+    async def private(request: web.Request) -> web.Response:
+        served.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        return web.json_response({"n": len(served)}, headers={"Cache-Control": "no-store"})
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/companies/5001/private.json", private)
+    runner, port = await serve(upstream)
+    try:
+        proxies = await replicas(
+            make_proxy,
+            f"http://127.0.0.1:{port}",
+            tmp_path,
+            redis_server.url,
+            redis_prefix,
+            coalesce_wait=10.0,
+        )
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(get(client, p.url + "/v1/companies/5001/private.json") for p in proxies)
+        )
+        took = time.monotonic() - started
+    finally:
+        await runner.cleanup()
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    # The owner fetched first; the others waited only for it (not coalesce_wait), then alone.
+    assert len(served) == 3
+    assert took < 2.0, took
+    assert served[1] - served[0] >= 0.25
+
+
+async def test_a_write_is_never_answered_old_from_redis_after_the_writers_answer(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    a, b, c = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix)
+    one = ONE.format(await first_id(client, a))
+    await get(client, a.url + one)
+    await asyncio.sleep(0.05)
+    assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"  # from Redis
+    async with client.put(a.url + one, json={"first_name": "Zed"}) as r:
+        assert r.status == 200
+    answered = time.monotonic()
+    # C has no copy of its own: it would read Redis, where the old one is already gone.
+    assert b"Zed" in (await get(client, c.url + one))[2]
+    while b"Zed" not in (await get(client, b.url + one))[2]:
+        assert time.monotonic() - answered < 1.0, "replica B still answers the old record"
+        await asyncio.sleep(0.01)
+    assert sandbox.state.served("GET", one) <= 3
+
+
+async def test_redis_stopped_and_restarted_falls_back_to_each_replicas_store(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_proc: RedisServer,
+    redis_prefix: str,
+) -> None:
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_proc.url, redis_prefix, 2)
+    one = ONE.format(await first_id(client, a))
+    redis_proc.stop()
+    sandbox.state.inject_latency(0.2, path_prefix=one)
+    # Per-replica single flight while Redis is away: a burst on A is one upstream request.
+    results = await asyncio.gather(*(get(client, a.url + one) for _ in range(10)))
+    assert {status for status, _, _ in results} == {200}
+    assert sandbox.state.served("GET", one) == 1
+    assert (await get(client, a.url + one))[1]["X-Cache"] == "HIT"  # its own store
+    assert (await get(client, b.url + one))[1]["X-Cache"] == "MISS"  # B: its own fetch
+    assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
+    assert shared_op(a, "lock", "error") + shared_op(a, "get", "error") >= 1
+    redis_proc.start()
+    deadline = time.monotonic() + 5
+    while shared_op(a, "put", "ok") == 0:  # back: entries go to Redis again
+        assert time.monotonic() < deadline, "A never used Redis again"
+        await get(client, a.url + LIST + f"?n={time.monotonic()}")
+        await asyncio.sleep(0.1)
+
+
+async def test_a_write_while_redis_is_frozen_reaches_redis_and_replicas_once_it_is_back(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_proc: RedisServer,
+    redis_prefix: str,
+) -> None:
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_proc.url, redis_prefix, 2)
+    one = ONE.format(await first_id(client, a))
+    await get(client, a.url + one)
+    await asyncio.sleep(0.05)
+    assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"  # B's copy, from Redis
+    assert redis_proc.proc is not None
+    redis_proc.proc.send_signal(signal.SIGSTOP)  # away, but keeps what it holds
+    try:
+        async with client.put(a.url + one, json={"first_name": "Yann"}) as r:
+            assert r.status == 200  # neither Redis nor B can hear of it now
+    finally:
+        redis_proc.proc.send_signal(signal.SIGCONT)
+    back = time.monotonic()
+    # A replays the invalidation in Redis as soon as it answers, then tells B again.
+    while b"Yann" not in (await get(client, b.url + one))[2]:
+        assert time.monotonic() - back < 3.0, "B still answers the record A's write changed"
+        await asyncio.sleep(0.05)
+    assert b"Yann" in (await get(client, a.url + one))[2]
+    redis = aioredis.Redis.from_url(redis_proc.url)
+    try:
+        for name in await entry_keys(redis, redis_prefix):
+            assert b"Yann" in (await redis.get(name) or b"Yann")
+    finally:
+        await redis.aclose()
+
+
+async def test_large_bodies_are_shared_up_to_max_entry_size_and_larger_ones_stream_through(
+    make_proxy: MakeProxy,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    served: list[str] = []
+    bodies = {"big": b"[" + b"1," * (1024 * 1024) + b"1]", "huge": b"[" + b"2," * 2_000_000 + b"2]"}
+
+    async def handler(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        served.append(name)
+        headers = {"Cache-Control": "max-age=600", "Content-Type": "application/json"}
+        return web.Response(body=bodies[name], headers=headers)
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/companies/5001/{name}.json", handler)
+    runner, port = await serve(upstream)
+    try:
+        a, b = await replicas(
+            make_proxy,
+            f"http://127.0.0.1:{port}",
+            tmp_path,
+            redis_server.url,
+            redis_prefix,
+            2,
+            max_entry_size=3 * 1024 * 1024,
+        )
+        for name in ("big", "huge"):  # 2 MB spills to a file while it streams; 4 MB too big
+            assert (await get(client, f"{a.url}/v1/companies/5001/{name}.json"))[2] == bodies[name]
+        await asyncio.sleep(0.2)
+        status, headers, body = await get(client, f"{b.url}/v1/companies/5001/big.json")
+        assert (status, headers["X-Cache"], body == bodies["big"]) == (200, "HIT", True)
+        huge = await get(client, f"{b.url}/v1/companies/5001/huge.json")
+        assert (huge[1]["X-Cache"], huge[2] == bodies["huge"]) == ("BYPASS", True)  # too large
+    finally:
+        await runner.cleanup()
+    assert served == ["big", "huge", "huge"]
+    assert len(await entry_keys(redis_client, redis_prefix)) == 1
+
+
+def test_records_are_checked_against_their_key_shape_and_crc32() -> None:
+    entry = Entry(200, (("ETag", '"1"'),), "main", "/v1/x", 1.0, 2.0, 0.0, 60.0, 0.0, 0.0,
+                  False, (("x-a", None),), 3)  # fmt: skip
+    record = encode("k", Stored(entry, b"abc"))
+    assert decode("k", record).entry == entry
+    assert decode("k", record).body == b"abc"
+    for key, data in [
+        ("other", record),  # another key's record
+        ("k", record[:-1]),  # truncated body
+        ("k", record[:-1] + b"x"),  # changed body
+        ("k", b"\x80\x04pickle"),  # not a record (and never unpickled)
+        ("k", record.replace(b'"status":200', b'"status":"200"')),  # wrong type
+    ]:
+        with pytest.raises(BadRecord):
+            decode(key, data)
+
+
+async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
+    redis_server: RedisServer, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    backend = RedisBackend(
+        SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        Metrics(CollectorRegistry()),
+    )
+    await backend.start()
+    try:
+        claim = await backend.cache_claim("main", "d1", "me", 5.0)
+        assert claim.owner == "me" and claim.gen == "0"
+        assert (await backend.cache_claim("main", "d1", "other", 5.0)).owner is None
+        assert await backend.cache_put("main", "d1", "/v1/a", b"one", 0.05, claim.gen)
+        await backend.cache_release("main", "d1", "other")  # not the owner: kept
+        assert (await backend.cache_poll("main", "d1")) == (b"one", True)
+        await backend.cache_release("main", "d1", "me")
+        assert (await backend.cache_poll("main", "d1")) == (b"one", False)
+        await asyncio.sleep(0.1)
+        assert await backend.cache_put("main", "d2", "/v1/b", b"two", 60, "0")
+        paths = f"{redis_prefix}:cache:main:paths"
+        assert await redis_client.zrange(paths, 0, -1) == [b"/v1/b"]
+        sets = [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:cache:main:p:*")]
+        assert len(sets) == 1 and await redis_client.ttl(sets[0]) == -1
+        # An invalidation counts first: a store begun before it is refused.
+        assert await backend.cache_drop("main", lambda path: path == "/v1/b") == 1
+        assert not await backend.cache_put("main", "d3", "/v1/c", b"three", 60, "0")
+        assert await backend.cache_get("main", "d2") is None
+        assert await redis_client.zrange(paths, 0, -1) == []
+    finally:
+        await backend.close()
