@@ -38,17 +38,27 @@ def config(directory: Path, upstream: str, redis: str, port: int, admin: int) ->
     return path
 
 
-def shared_calls(admin: int, workers: int) -> float:
-    """Redis round trips so far, summed over the workers' admin listeners."""
-    total = 0.0
-    for k in range(workers):
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin + k}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        total += sum(
-            float(m)
-            for m in re.findall(r"^kounta_proxy_shared_calls_total\{.*\} (\S+)$", text, re.M)
-        )
-    return total
+def shared_calls(admin: int) -> float:
+    """Redis round trips so far, from the admin listener (the parent's merges the workers)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(m) for m in re.findall(r"^kounta_proxy_shared_calls_total\{.*\} (\S+)$", text, re.M)
+    )
+
+
+def wait_ready(admin: int, proc: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
+    """Until /readyz says 200 (under --workers: every worker is ready)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the proxy exited with {proc.returncode}")
+        url = f"http://127.0.0.1:{admin}/readyz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit("the proxy did not get ready")
 
 
 def measure(
@@ -68,14 +78,13 @@ def measure(
     ]
     url = f"http://127.0.0.1:{port}{cache_bench.FRESH}"
     with cache_bench.process(args, port) as proc:
-        for k in range(workers):  # every worker's admin port up: all have started
-            cache_bench.wait_port(admin + k, proc)
+        wait_ready(admin, proc)  # every worker has started
         for _ in range(8 * workers):  # each worker stores the entry in its own memory tier
             cache_bench.fetch(url)
         subprocess.run([wrk, "-t1", "-c4", "-d1s", url], capture_output=True, check=True)
-        before = shared_calls(admin, workers)
+        before = shared_calls(admin)
         runs = [cache_bench.wrk(wrk, url, {}, None) for _ in range(ROUNDS)]
-        calls = shared_calls(admin, workers) - before
+        calls = shared_calls(admin) - before
     rps = statistics.median(r.rps for r in runs)
     return rps, calls / max(1, sum(r.requests for r in runs))
 

@@ -234,9 +234,16 @@ class Runner(web.AppRunner):
 
 
 async def start(
-    app: web.Application, host: str, port: int, grace: float, reuse_port: bool = False
+    app: web.Application,
+    host: str,
+    port: int,
+    grace: float,
+    reuse_port: bool = False,
+    *,
+    unix_path: str = "",
 ) -> Runner:
-    """Start listening; a busy port or bad address becomes one :class:`StartupError` line."""
+    """Start listening (on ``unix_path`` instead of host:port when given); a busy port or
+    bad address becomes one :class:`StartupError` line."""
     # handler_cancellation: a caller that hangs up cancels its handler, and with it the
     # upstream request it was waiting on (shared cache fetches run in their own tasks).
     runner = Runner(
@@ -253,18 +260,21 @@ async def start(
         # A cleanup context could not open its files (cache, tokens): one line, no traceback.
         where = f" ({e.filename})" if e.filename else ""
         raise StartupError(f"cannot start: {e.strerror or e}{where}") from None
-    site = web.TCPSite(
-        runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
-    )
+    site: web.BaseSite
+    if unix_path:
+        site = web.UnixSite(runner, unix_path, backlog=1024)
+    else:
+        site = web.TCPSite(
+            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+        )
+    where = unix_path or f"{host}:{port}"
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
         if e.errno == errno.EADDRINUSE:
-            raise StartupError(
-                f"cannot listen on {host}:{port}: the port is already in use"
-            ) from None
-        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            raise StartupError(f"cannot listen on {where}: the port is already in use") from None
+        raise StartupError(f"cannot listen on {where}: {e.strerror or e}") from None
     return runner
 
 

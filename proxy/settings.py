@@ -343,6 +343,9 @@ class LogSettings:
     format: Literal["json", "text"] = "json"
 
 
+UNIX_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on the BSDs and macOS
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     """The admin listener: /metrics, /healthz, /readyz and the features' admin routes."""
@@ -355,10 +358,15 @@ class AdminSettings:
     # rebinding). Add the name Prometheus scrapes when the listener is reachable elsewhere;
     # an entry in CIDR form (10.0.0.0/8) admits IP-address Hosts in that network.
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
+    # A Unix socket path to listen on instead of host:port. `serve --workers N` sets it for
+    # each worker (in a private 0700 directory) so that only the parent reaches the workers.
+    socket: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
+        if len(self.socket.encode()) > UNIX_PATH_MAX:
+            raise Invalid("socket", f"must be at most {UNIX_PATH_MAX} bytes (a Unix socket path)")
         if not self.host:
             raise Invalid("host", "must not be empty")
         for host in self.allowed_hosts:
@@ -373,7 +381,7 @@ class AdminSettings:
     @property
     def exposed(self) -> bool:
         """Whether the admin listener (no authentication) is reachable beyond loopback."""
-        return self.enabled and not is_loopback_host(self.host)
+        return self.enabled and not self.socket and not is_loopback_host(self.host)
 
 
 def _check_rate(rate: int, burst: int) -> None:

@@ -53,8 +53,14 @@ WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names,
 
 
 def create_admin_app(services: Services) -> web.Application:
-    """The admin application over the proxy's own services."""
-    app = web.Application(middlewares=[_json_errors, _guard(allowed_hosts(services))])
+    """The admin application over the proxy's own services.
+
+    On a Unix socket (``admin.socket``: a ``serve --workers`` worker, reached only by its
+    parent through a 0700 directory) the Host/Origin guard is left to the parent's
+    listener, which applies it before forwarding: a browser cannot reach a Unix socket."""
+    admin = services.settings.admin
+    guards = [] if admin.socket else [_guard(hosts_for(admin))]
+    app = web.Application(middlewares=[_json_errors, *guards])
     app[SERVICES] = services
     app[LIMITS] = limits(services.settings)
     app.on_response_prepare.append(stamp_server)
@@ -120,7 +126,11 @@ class AllowedHosts:
 
 def allowed_hosts(services: Services) -> AllowedHosts:
     """``admin.allowed_hosts``, and ``admin.host`` itself unless it is a wildcard address."""
-    admin = services.settings.admin
+    return hosts_for(services.settings.admin)
+
+
+def hosts_for(admin: AdminSettings) -> AllowedHosts:
+    """``admin.allowed_hosts``, and ``admin.host`` itself unless it is a wildcard address."""
     names = {_bare(h) for h in admin.allowed_hosts if "/" not in h}
     if admin.host not in WILDCARD_HOSTS:
         names.add(_bare(admin.host))
@@ -204,6 +214,17 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     )
 
 
+def middlewares(admin: AdminSettings) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    """The admin listener's JSON errors and Host/Origin guard, for another admin application
+    (the ``serve --workers`` parent's) to answer and refuse exactly as this one does."""
+    return [_json_errors, _guard(hosts_for(admin))]
+
+
+def json_answer(status: int, body: dict[str, Any]) -> web.Response:
+    """A JSON answer that is never cached, as every admin answer."""
+    return _json(status, body)
+
+
 async def start_admin(services: Services, grace: float = 5.0) -> web.AppRunner | None:
     """Start the admin listener if enabled; a busy port is a :class:`StartupError`."""
     settings = services.settings.admin
@@ -211,10 +232,16 @@ async def start_admin(services: Services, grace: float = 5.0) -> web.AppRunner |
         event("admin_disabled")
         return None
     try:
-        runner = await start(create_admin_app(services), settings.host, settings.port, grace)
+        runner = await start(
+            create_admin_app(services), settings.host, settings.port, grace,
+            unix_path=settings.socket,
+        )  # fmt: skip
     except StartupError as e:
         raise StartupError(f"admin listener: {e}") from None
-    event("admin_started", listen=f"{settings.host}:{bound_port(runner)}")
+    where = (
+        f"unix:{settings.socket}" if settings.socket else f"{settings.host}:{bound_port(runner)}"
+    )
+    event("admin_started", listen=where)
     warning = exposure_warning(services.settings.admin)
     if warning is not None:
         event("admin_exposed", logging.WARNING, warning=warning)

@@ -80,12 +80,14 @@ async def _serve(
         "started",
         version=__version__,
         listen=f"{settings.server.host}:{bound_port(runner)}",
-        admin=f"{settings.admin.host}:{bound_port(admin)}" if admin else "disabled",
+        admin=_admin_address(settings, admin),
         upstream=settings.upstream.base_url,
         settings=masked(settings),
     )
     if announce is not None:
-        announce(bound_port(runner), bound_port(admin) if admin else None)
+        announce(
+            bound_port(runner), bound_port(admin) if admin and not settings.admin.socket else None
+        )
 
     def not_ready(signal_name: str) -> None:
         services.state.shutting_down = True
@@ -93,6 +95,14 @@ async def _serve(
     reloads.services = services
     runners = [runner, *([admin] if admin else []), *(extra or [])]
     await run_until_signal(runners, on_signal=not_ready, drain_delay=settings.server.drain_delay)
+
+
+def _admin_address(settings: Settings, admin: web.AppRunner | None) -> str:
+    if admin is None:
+        return "disabled"
+    if settings.admin.socket:
+        return f"unix:{settings.admin.socket}"
+    return f"{settings.admin.host}:{bound_port(admin)}"
 
 
 class Reloads:

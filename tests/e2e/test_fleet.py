@@ -5,6 +5,8 @@ them degraded but serving, and its return brings the shared budget back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,9 +14,11 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.sandbox import SandboxConfig
 from tests.conftest import TOKEN, Sandbox
@@ -191,58 +195,172 @@ async def test_workers_with_the_local_backend_refuse_in_one_line(tmp_path: Path)
 
 
 async def requests_seen(client: aiohttp.ClientSession, admin: str) -> float:
+    return sum(
+        v for n, _, v in series(await scrape(client, admin)) if n == "kounta_proxy_requests_total"
+    )
+
+
+async def scrape(client: aiohttp.ClientSession, admin: str) -> str:
     async with client.get(f"{admin}/metrics") as r:
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in (await r.text()).splitlines()
-            if line.startswith("kounta_proxy_requests_total{")
-        )
+        assert r.status == 200
+        return await r.text()
 
 
-@pytest.mark.slow
-async def test_two_workers_share_one_port_reload_on_sighup_and_stop_together(
-    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
-) -> None:
-    path, port, admin = config(tmp_path, 0, sandbox.url, redis_server.url, redis_prefix)
-    with socket.socket() as s:  # admin + 1 must be free too
-        s.bind(("127.0.0.1", admin + 1))
+def series(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+def log_events(log: Path, name: str) -> list[dict[str, Any]]:
+    found = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") == name:
+                found.append(record)
+    return found
+
+
+async def answer(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with client.get(url) as r:
+        return r.status, await r.json()
+
+
+@contextlib.asynccontextmanager
+async def two_workers(
+    tmp_path: Path, upstream: str, redis_url: str, prefix: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path, int, str, list[int]]]:
+    """``serve --workers 2`` until the parent's /readyz says ready: the process, the config,
+    the proxy port, the parent's admin URL and the workers' pids."""
+    path, port, admin = config(tmp_path, 0, upstream, redis_url, prefix)
     log = tmp_path / "workers.log"
     with log.open("wb") as out:  # the workers log to the parent's stderr
         proc = await asyncio.create_subprocess_exec(
             COMMAND, "serve", "--workers", "2", "--config", str(path),
             stdout=asyncio.subprocess.DEVNULL, stderr=out,
         )  # fmt: skip
-    admins = [f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{admin + 1}"]
+    url = f"http://127.0.0.1:{admin}"
     try:
         async with aiohttp.ClientSession() as client:
-            for url in admins:
-                await until(lambda u=url: ready(client, u), 20)
-            # New connections each time: the kernel spreads them over the workers.
-            fresh = aiohttp.TCPConnector(force_close=True)
-            async with aiohttp.ClientSession(connector=fresh) as callers:
-                for _ in range(24):
-                    async with callers.get(f"http://127.0.0.1:{port}{ME}") as r:
-                        assert r.status == 200
-            seen = [await requests_seen(client, url) for url in admins]
-            assert sum(seen) == 24 and min(seen) > 0, seen
-
-            # SIGHUP to the parent is a reload of every worker; nothing stops.
-            path.write_text(
-                path.read_text().replace(
-                    "max_wait = 1.0", 'max_wait = 1.0\n[log]\nlevel = "warning"'
-                )
-            )
-            proc.send_signal(signal.SIGHUP)
-
-            async def reloaded() -> bool:
-                return log.read_text().count('"event":"reloaded"') == 2
-
-            await until(reloaded, 10)
-            assert proc.returncode is None
-            for url in admins:
-                assert await ready(client, url)
+            await until(lambda: ready(client, url), 20)
+        (started,) = log_events(log, "workers_started")
+        yield proc, path, port, url, started["pids"]
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        # Both workers drained and the parent exits 0, not killed.
+            await asyncio.wait_for(proc.wait(), 20)
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+async def test_two_workers_answer_one_admin_listener_reload_on_sighup_and_stop_together(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    log = tmp_path / "workers.log"
+    async with (
+        two_workers(tmp_path, sandbox.url, redis_server.url, redis_prefix) as found,
+        aiohttp.ClientSession() as client,
+    ):
+        proc, path, port, admin, pids = found
+        # New connections each time: the kernel spreads them over the workers.
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as callers:
+            for _ in range(20):
+                async with callers.get(f"http://127.0.0.1:{port}{ME}") as r:
+                    assert r.status == 200
+        text = await scrape(client, admin)
+        samples = series(text)
+        # The parent's one /metrics: the sum over both workers, one build_info series.
+        assert await requests_seen(client, admin) == 20
+        assert [v for n, _, v in samples if n == "kounta_proxy_build_info"] == [1.0]
+        assert [v for n, _, v in samples if n == "kounta_proxy_workers_up"] == [2.0]
+        assert text.count("# TYPE kounta_proxy_requests_total counter") == 1
+        # The workers' admin listeners are private Unix sockets, not admin.port + K.
+        listening = [r["listen"] for r in log_events(log, "admin_started") if "workers" not in r]
+        assert len(listening) == 2 and all(w.startswith("unix:") for w in listening), listening
+        sockets = sorted(w.removeprefix("unix:") for w in listening)
+        private = Path(sockets[0]).parent
+        assert private.stat().st_mode & 0o777 == 0o700
+        # Both workers served some (otherwise the sum above would prove little).
+        seen = []
+        for path_ in sockets:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path_)) as direct:
+                seen.append(await requests_seen(direct, "http://localhost"))
+        assert sum(seen) == 20 and min(seen) > 0, seen
+        admin_port = int(admin.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", admin_port + 1), 1).close()
+        # The parent keeps the admin guard: a foreign Host is refused.
+        async with client.get(f"{admin}/metrics", headers={"Host": "evil.example"}) as r:
+            assert r.status == 403 and (await r.json())["error"] == "access_denied"
+        # Other admin routes are forwarded to the workers.
+        async with client.get(f"{admin}/budget") as r:
+            assert r.status == 200, await r.text()
+
+        # SIGHUP to the parent is a reload of every worker; nothing stops.
+        path.write_text(
+            path.read_text().replace("max_wait = 1.0", 'max_wait = 1.0\n[log]\nlevel = "warning"')
+        )
+        proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return len(log_events(log, "reloaded")) == 2
+
+        await until(reloaded, 10)
+        assert proc.returncode is None and await ready(client, admin)
+
+        # A worker that does not answer: alive overall, not ready, one worker up.
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            assert (await answer(client, f"{admin}/healthz"))[0] == 200
+            status, body = await answer(client, f"{admin}/readyz")
+            assert status == 503 and body["failing"] == ["worker1:unreachable"], body
+            assert body["workers"]["0"]["status"] == "ready"
+            samples = series(await scrape(client, admin))
+            assert [v for n, _, v in samples if n == "kounta_proxy_workers_up"] == [1.0]
+            errors = {
+                labels["worker"]: v
+                for n, labels, v in samples
+                if n == "kounta_proxy_workers_scrape_errors_total"
+            }
+            assert errors == {"0": 0.0, "1": 1.0}
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        assert await ready(client, admin)
+
+        # SIGTERM to the parent: both workers drain, the parent exits 0, the sockets go.
+        proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert not any(running(pid) for pid in pids)
+        assert not private.exists()
+
+
+@pytest.mark.slow
+async def test_a_killed_worker_fails_readiness_and_stops_the_set(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with (
+        two_workers(tmp_path, sandbox.url, redis_server.url, redis_prefix) as found,
+        aiohttp.ClientSession() as client,
+    ):
+        proc, _, _, admin, pids = found
+        os.kill(pids[1], signal.SIGKILL)
+        # The parent sees it within its poll and stops the other (the supervisor restarts
+        # the set); until worker 0 is gone the parent answers alive but not ready.
+        (alive, _), (status, body) = await asyncio.gather(
+            answer(client, f"{admin}/healthz"), answer(client, f"{admin}/readyz")
+        )
+        assert alive == 200
+        assert status == 503 and "worker1:unreachable" in body["failing"], body
+        assert await asyncio.wait_for(proc.wait(), 20) != 0
+        assert not any(running(pid) for pid in pids)

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.cli import parser
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, WorkersMetrics
 from proxy.settings import Secret, Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,6 +186,7 @@ def registered_metric_names() -> set[str]:
     suffix = {"counter": "_total", "info": "_info"}
     registry = CollectorRegistry()
     Metrics(registry).watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
+    WorkersMetrics(registry, 1)  # the serve --workers parent's own
     return {m.name + suffix.get(m.type, "") for m in registry.collect()}
 
 
