@@ -1,7 +1,7 @@
 """A fleet of callers polling Kounta through the proxy, against the sandbox's real limit.
 
     python -m bench.fleet [--seconds 120] [--callers 12] [--interval 2.0] [--fresh-for 5]
-                          [--replicas 1] [--redis-url redis://...]
+                          [--replicas 1] [--workers 1] [--redis-url redis://...]
 
 Starts the sandbox (180 requests a minute per token, as Kounta) and the proxy in
 front of it on loopback ports, then lets ``--callers`` simulated services poll list
@@ -18,6 +18,13 @@ With ``--replicas N`` (N > 1) it runs N proxies sharing one budget in Redis
 (``[shared] backend = "redis"``; a ``redis-server`` of its own on a free loopback port unless
 ``--redis-url`` names one), callers spread over them, and also prints the Redis round trips
 per upstream request.
+
+``--workers W`` stands for ``serve --workers W`` on each replica: the bench runs its proxies
+in its own process, so it runs ``replicas x workers`` of them, each counted as one replica of
+the shared backend (``[shared] replicas = replicas x workers``, exactly what ``serve
+--workers`` sets for its workers), callers spread over them as the kernel spreads
+connections over the workers of one port. What it measures — the shared budget and cache
+across processes — is the same; per-core throughput is ``./dev bench --workers``'s job.
 
 Exits 1 when any caller saw a 429. Also ``python -m bench.run --fleet [options]``.
 """
@@ -88,13 +95,29 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--replicas", type=int, default=1, help="proxies sharing one budget")
-    parser.add_argument("--redis-url", default="", help="Redis for --replicas > 1 (default: own)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="serve --workers per replica (see the docstring)"
+    )
+    parser.add_argument(
+        "--redis-url", default="", help="Redis for replicas x workers > 1 (default: own)"
+    )
     args = parser.parse_args(argv)
     # One prefix for the whole run: every replica must find the same budget keys.
     args.key_prefix = f"fleet-{time.time_ns()}"
-    if args.seconds <= 0 or args.callers < 1 or args.interval <= 0 or args.replicas < 1:
-        parser.error("--seconds, --callers, --interval and --replicas must be positive")
+    if (
+        args.seconds <= 0
+        or args.callers < 1
+        or args.interval <= 0
+        or args.replicas < 1
+        or args.workers < 1
+    ):
+        parser.error("--seconds, --callers, --interval, --replicas and --workers must be positive")
     return args
+
+
+def processes(args: argparse.Namespace) -> int:
+    """Proxies the bench runs: every worker of every replica is one."""
+    return int(args.replicas * args.workers)
 
 
 def settings_for(
@@ -105,7 +128,7 @@ def settings_for(
     if redis_url:
         shared = SharedSettings(
             backend="redis", url=redis_url, key_prefix=args.key_prefix,
-            replicas=args.replicas,
+            replicas=processes(args),
         )  # fmt: skip
     return Settings(
         shared=shared,
@@ -195,9 +218,9 @@ async def run(args: argparse.Namespace) -> Tally:
     counts: list[int] = []
     with tempfile.TemporaryDirectory() as state_dir, contextlib.ExitStack() as stack:
         redis_url = args.redis_url
-        if args.replicas > 1 and not redis_url:
+        if processes(args) > 1 and not redis_url:
             redis_url = stack.enter_context(own_redis(state_dir))
-        registries = [CollectorRegistry() for _ in range(args.replicas)]
+        registries = [CollectorRegistry() for _ in range(processes(args))]
         proxies: list[web.AppRunner] = []
         for i, registry in enumerate(registries):
             settings = settings_for(upstream, f"{state_dir}/replica{i}", args, redis_url)
@@ -247,7 +270,7 @@ def report(
     print(
         f"fleet: {args.callers} callers, one poll each ~{args.interval:g}s, {args.seconds:g}s, "
         f"sandbox limit {args.limit}/min, cache fresh_for {args.fresh_for:g}s, "
-        f"{args.replicas} replica(s)"
+        f"{args.replicas} replica(s) x {args.workers} worker(s)"
     )
     print(f"caller requests:        {total} ({total / args.seconds * 60:.0f}/min asked)")
     print(f"upstream requests:      {sent} ({sent / args.seconds * 60:.0f}/min on average)")
@@ -265,7 +288,7 @@ def report(
         f"caller wait (s):        p50 {_pct(waits, 50):.3f}, p95 {_pct(waits, 95):.3f}, "
         f"p99 {_pct(waits, 99):.3f}, max {waits[-1]:.3f}"
     )
-    if args.replicas > 1:
+    if processes(args) > 1:
         per = tally.redis_calls / total if total else 0.0
         per_upstream = tally.redis_calls / sent if sent else 0.0
         print(

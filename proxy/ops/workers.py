@@ -104,7 +104,19 @@ def run(settings: Settings, config: Path | None, workers: int) -> int:
 
 async def _supervise(settings: Settings, config: Path | None, sockets: list[str]) -> int:
     admin = settings.admin.enabled
-    children = [_spawn(settings, config, len(sockets), path if admin else "") for path in sockets]
+    # The admin listener first: a busy admin.port is one line before any worker starts.
+    runner = await _start_admin(settings, sockets) if admin else None
+    try:
+        return await _watch(
+            [_spawn(settings, config, len(sockets), path if admin else "") for path in sockets]
+        )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _watch(children: list[subprocess.Popen[bytes]]) -> int:
+    """Forward signals to the workers until all have exited; the worst exit code."""
     event("workers_started", workers=len(children), pids=[c.pid for c in children])
     stopping = False
 
@@ -119,26 +131,14 @@ async def _supervise(settings: Settings, config: Path | None, sockets: list[str]
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, forward, signum)
-    runner = None
-    try:
-        if admin:
-            runner = await _start_admin(settings, sockets)
-        # poll() every child (any() would stop at the first one alive, and a dead worker
-        # after it would go unnoticed until that one exits).
-        while None in [child.poll() for child in children]:
-            failed = [c for c in children if c.returncode not in (None, 0)]
-            if failed and not stopping:
-                event("worker_exited", logging.ERROR, pid=failed[0].pid, code=failed[0].returncode)
-                forward(signal.SIGTERM)
-            await asyncio.sleep(POLL_SECONDS)
-    except StartupError:
-        forward(signal.SIGTERM)
-        for child in children:
-            await asyncio.to_thread(child.wait)
-        raise
-    finally:
-        if runner is not None:
-            await runner.cleanup()
+    # poll() every child (any() would stop at the first one alive, and a dead worker after
+    # it would go unnoticed until that one exits).
+    while None in [child.poll() for child in children]:
+        failed = [c for c in children if c.returncode not in (None, 0)]
+        if failed and not stopping:
+            event("worker_exited", logging.ERROR, pid=failed[0].pid, code=failed[0].returncode)
+            forward(signal.SIGTERM)
+        await asyncio.sleep(POLL_SECONDS)
     codes = [child.returncode for child in children]
     event("workers_stopped", codes=codes)
     return max(codes, key=abs)

@@ -194,6 +194,26 @@ async def test_workers_with_the_local_backend_refuse_in_one_line(tmp_path: Path)
     assert "--workers: 2 workers need [shared] backend = 'redis'" in lines[0]
 
 
+async def test_workers_with_a_busy_admin_port_refuse_in_one_line_before_starting(
+    tmp_path: Path,
+) -> None:
+    path, _, admin = config(tmp_path, 0, "http://127.0.0.1:9", "redis://127.0.0.1:9/0", "p")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", admin))
+        taken.listen()
+        proc = await asyncio.create_subprocess_exec(
+            COMMAND, "serve", "--workers", "2", "--config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].endswith(
+        f"admin listener: cannot listen on 127.0.0.1:{admin}: the port is already in use"
+    )
+    assert not any('"workers_started"' in line for line in lines), lines
+
+
 async def requests_seen(client: aiohttp.ClientSession, admin: str) -> float:
     return sum(
         v for n, _, v in series(await scrape(client, admin)) if n == "kounta_proxy_requests_total"

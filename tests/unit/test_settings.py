@@ -207,6 +207,7 @@ def test_hardening_defaults(tmp_path: Path) -> None:
             "Accept-Encoding is never forwarded",  # the proxy asks for gzip itself
         ),
         ("[server]\nmax_connections = 0\n", "server.max_connections: must be at least 1"),
+        (f"[admin]\nsocket = '/tmp/{'s' * 100}.sock'\n", "admin.socket: must be at most 104 bytes"),
         ("[accounts.a]\nmode = 'static'\ntoken = 't'\nrefresh_floor = -2\n", "refresh_floor"),
     ],
 )
