@@ -61,7 +61,7 @@ from proxy.errors import code_for
 from proxy.listener import StartupError, bound_port, start
 from proxy.logs import configure, event
 from proxy.metrics import WorkersMetrics
-from proxy.ops.admin import json_answer, middlewares
+from proxy.ops.admin import exposure_warning, json_answer, middlewares
 from proxy.ops.aggregate import merge_families, parse
 from proxy.settings import ConfigError, Settings
 
@@ -151,6 +151,9 @@ async def _start_admin(settings: Settings, sockets: list[str]) -> web.AppRunner:
     except StartupError as e:
         raise StartupError(f"admin listener: {e}") from None
     event("admin_started", listen=f"{admin.host}:{bound_port(runner)}", workers=len(sockets))
+    warning = exposure_warning(admin)
+    if warning is not None:
+        event("admin_exposed", logging.WARNING, warning=warning)
     return runner
 
 
