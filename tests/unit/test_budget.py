@@ -292,6 +292,27 @@ async def test_a_waiter_whose_limit_passes_in_the_queue_gets_429() -> None:
     assert budget.waiting == 0
 
 
+async def test_a_waiter_pushed_past_its_limit_by_a_newer_caller_hears_so_at_once() -> None:
+    clock = FakeClock()
+    budget = account_budget(clock)
+    await budget.acquire("busy", clock.now() + 10)
+    started = clock.now()
+    # Turns at 1, 2 and 3 s: all within a 3.5 s limit when they queue.
+    busy = [asyncio.create_task(budget.acquire("busy", started + 3.5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert budget.rejected == 0
+    # Round robin serves the newcomer second: busy's third turn moves to 4 s, past its limit,
+    # and it hears so when the newcomer joins, not when its limit comes (3.5 s).
+    late = asyncio.create_task(budget.acquire("late", started + 100))
+    await asyncio.sleep(0)
+    assert budget.rejected == 1
+    assert clock.now() <= started + 1  # the fake clock moves only as tokens are waited for
+    with pytest.raises(RateLimited):
+        await busy[2]
+    await asyncio.gather(late, *busy[:2])
+    assert budget.waiting == 0
+
+
 async def test_a_full_queue_refuses_new_waiters() -> None:
     clock = FakeClock()
     budget = account_budget(clock, queue_size=2)
