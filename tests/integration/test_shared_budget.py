@@ -124,7 +124,9 @@ async def test_three_local_replicas_overrun_the_limit(
     """The control: the same load through three unshared budgets collects Kounta's 429s."""
     settings = shared_settings(sandbox, tmp_path, "redis://127.0.0.1:1/0", redis_prefix, "local")
     proxies = await three(make_proxy, settings)
-    await hammer(proxies, client, WINDOW / 2)
+    # A whole window: three paces of about LIMIT / WINDOW each send about three times the
+    # limit, enough to overrun it even on a loaded machine (half a window once was not).
+    await hammer(proxies, client, WINDOW)
     assert sum(sandbox.state.limiter.refused.values()) > 0
 
 
