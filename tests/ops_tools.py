@@ -1,8 +1,9 @@
-"""Operations tools the tests need: Debian's ``prometheus`` package (promtool, prometheus).
+"""System tools the tests need from Debian's packages: ``prometheus`` (promtool, prometheus)
+and ``redis-server``.
 
-Installed with apt when missing (CI installs it in ``.ci/run`` already); a test is
-skipped, with the reason, only when the package cannot be installed here, and fails
-instead when ``CI`` is set.
+Installed with apt when missing (``./dev check`` installs them already); a test is skipped,
+with the reason, only when the package cannot be installed here, and fails instead when
+``CI`` is set.
 """
 
 from __future__ import annotations
@@ -13,35 +14,40 @@ import subprocess
 
 import pytest
 
-_tried: dict[str, str] = {}
+_tried: dict[str, str] = {}  # apt's outcome per package, tried once a run
 
 
-def prometheus_tool(name: str) -> str:
-    """The path of ``promtool`` or ``prometheus``; installs the package once if needed."""
+def system_tool(name: str, package: str) -> str:
+    """The path of command ``name`` from Debian package ``package``, installed if needed."""
     found = shutil.which(name)
     if found:
         return found
-    if "install" not in _tried:
-        _tried["install"] = _install()
+    if package not in _tried:
+        _tried[package] = _install(package)
     found = shutil.which(name)
     if not found:
-        why = f"{name} is not installed and apt could not install it: {_tried['install']}"
+        why = f"{name} is not installed and apt could not install it: {_tried[package]}"
         if os.environ.get("CI"):
-            pytest.fail(why)  # CI installs it (.ci/run): a missing tool there is a failure
+            pytest.fail(why)  # CI installs it (./dev check): a missing tool there is a failure
         pytest.skip(why)
     return found
 
 
-def _install() -> str:
+def prometheus_tool(name: str) -> str:
+    """The path of ``promtool`` or ``prometheus``."""
+    return system_tool(name, "prometheus")
+
+
+def _install(package: str) -> str:
     if shutil.which("apt-get") is None:
         return "no apt-get on this machine"
     if os.geteuid() != 0:
-        return "apt-get needs root (run: sudo apt-get install -y prometheus)"
+        return f"apt-get needs root (run: sudo apt-get install -y {package})"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         for cmd in (
             ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "prometheus"],
+            ["apt-get", "install", "-y", "-qq", package],
         ):
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
             if done.returncode != 0:

@@ -12,8 +12,6 @@ it is installed with apt if possible; otherwise the test is skipped, or fails wh
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -23,41 +21,11 @@ from pathlib import Path
 
 import pytest
 
-_tried: dict[str, str] = {}
+from tests.ops_tools import system_tool
 
 
 def redis_server_path() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if "install" not in _tried:
-        _tried["install"] = _install()
-    found = shutil.which("redis-server")
-    if not found:
-        why = f"redis-server is not installed and apt could not install it: {_tried['install']}"
-        if os.environ.get("CI"):
-            pytest.fail(why)  # .ci/run installs it (./dev check): missing there is a failure
-        pytest.skip(why)
-    return found
-
-
-def _install() -> str:
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "apt-get needs root (run: sudo apt-get install -y redis-server)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        for cmd in (
-            ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "redis-server"],
-        ):
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-            if done.returncode != 0:
-                return f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"apt-get failed: {e}"
-    return "installed"
+    return system_tool("redis-server", "redis-server")
 
 
 def free_port() -> int:
