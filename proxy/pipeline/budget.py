@@ -32,6 +32,7 @@ replica falls back to a local bucket at ``rate / shared.replicas``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -165,6 +166,10 @@ class Bucket:
         self.backoff = 0.0
 
 
+# How often a replica shares its pause again while it lasts (a restored Redis forgot it).
+KEEP_SECONDS = 1.0
+
+
 class Gate(Protocol):
     """Where an account's send slots come from: this process's bucket or the shared one."""
 
@@ -193,6 +198,8 @@ class Gate(Protocol):
         ...
 
     def mode(self) -> str: ...
+
+    async def close(self) -> None: ...
 
 
 class LocalGate:
@@ -224,6 +231,9 @@ class LocalGate:
     def mode(self) -> str:
         return "local"
 
+    async def close(self) -> None:
+        return None
+
 
 class SharedGate:
     """The account's rate shared by every replica (Redis), with a local fallback bucket at
@@ -251,6 +261,11 @@ class SharedGate:
         self.bucket = Bucket(self._share(rate), now)
         self.local = LocalGate(self.bucket)
         self._next_at = now
+        # The end of the last pause this replica shared: a Redis restored from an older
+        # snapshot (or emptied) forgets it, and it is shared again (never backwards), by
+        # the next take or by the keeper, once a second while the pause lasts.
+        self._paused_until = now
+        self._keeper: asyncio.Task[None] | None = None
 
     def _share(self, rate: Rate) -> Rate:
         """This replica's part of the rate: what the fallback bucket allows while degraded."""
@@ -269,8 +284,9 @@ class SharedGate:
         if self.backend.up:
             try:
                 wait = await self.shared.take(
-                    self.account, self.rate.per_window, self.rate.burst, self.period
+                    self.account, self.rate.per_window, self.rate.burst, self.period, self.longest
                 )
+                wait = await self._forgotten(now, wait)
             except SharedUnavailable:
                 pass  # degraded: the backend logged it; this request uses the fallback
             else:
@@ -279,6 +295,22 @@ class SharedGate:
                 self._next_at = now + wait
                 return wait
         return await self.local.try_take(now)
+
+    async def _forgotten(self, now: float, wait: float) -> float:
+        """The wait, or the pause this replica shared if Redis no longer has it (shared
+        again, so every replica honours it)."""
+        left = self._paused_until - now
+        if left <= wait + 0.5:
+            return wait
+        event("shared_pause_restored", logging.WARNING, account=self.account, pause=round(left, 3))
+        if wait <= 0:  # the slot Redis just granted is not used: the pause comes first
+            self.bucket.record(now)
+        return max(
+            wait,
+            await self.shared.pause(
+                self.account, left, self.rate.per_window, self.rate.burst, self.period
+            ),
+        )
 
     def ready_at(self, now: float) -> float:
         if self.backend.up:
@@ -320,7 +352,28 @@ class SharedGate:
             )
         left = honoured or 0.0
         self._next_at = max(self._next_at, now + left)
+        self._paused_until = max(self._paused_until, now + seconds)
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(self._keep(now))
         return max(seconds, left)
+
+    async def _keep(self, now: float) -> None:
+        """Share the pause again once a second while it lasts (PAUSE keeps the later end, so
+        this changes nothing unless Redis lost it: a restore, a flush, a failover)."""
+        started = time.monotonic()
+        while (left := self._paused_until - now - (time.monotonic() - started)) > KEEP_SECONDS:
+            await asyncio.sleep(KEEP_SECONDS)
+            if self.backend.up:
+                with contextlib.suppress(SharedUnavailable):
+                    await self.shared.pause(
+                        self.account, left - KEEP_SECONDS, self.rate.per_window,
+                        self.rate.burst, self.period,
+                    )  # fmt: skip
+
+    async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
 
     def retune(self, rate: Rate) -> None:
         # The shared script takes the rate with each call, so only the fallback share moves.
@@ -592,6 +645,7 @@ class AccountBudget:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.gate.close()
 
 
 class Budget:
