@@ -38,12 +38,19 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
     await client.aclose()
 
 
-async def backend_for(url: str, prefix: str, previous_format: str = "off") -> RedisBackend:
+async def backend_for(
+    url: str,
+    prefix: str,
+    previous_format: str = "off",
+    key: str = TOKEN_KEY,
+    previous_key: str = "",
+) -> RedisBackend:
     settings = SharedSettings(
         backend="redis",
         url=url,
         key_prefix=prefix,
-        token_key=Secret(TOKEN_KEY),
+        token_key=Secret(key),
+        token_key_previous=Secret(previous_key),
         previous_format=previous_format,  # type: ignore[arg-type]
     )
     backend = RedisBackend(settings, Metrics(CollectorRegistry()))
@@ -176,28 +183,14 @@ async def test_a_rotated_key_reads_what_the_previous_key_wrote_and_only_then(
     old_key = TOKEN_KEY
     new_key = "q0J1kO2m0bdM4m0dDUQtPqYz1jzXx0eG9bNaV2eQ1YE="
 
-    def settings(key: str, previous_key: str = "") -> SharedSettings:
-        return SharedSettings(
-            backend="redis",
-            url=redis_server.url,
-            key_prefix=redis_prefix,
-            token_key=Secret(key),
-            token_key_previous=Secret(previous_key),
-        )
-
-    async def open_backend(s: SharedSettings) -> RedisBackend:
-        backend = RedisBackend(s, Metrics(CollectorRegistry()))
-        await backend.start()
-        return backend
-
-    old = await open_backend(settings(old_key))
+    old = await backend_for(redis_server.url, redis_prefix, key=old_key)
     try:
         await SharedTokenStore("main", old, old, old.settings).save(TOKEN)
         record = encode(KEY, Stored(ENTRY, b"abc"))
         assert await old.cache_put("main", digest(KEY), "/v1/x", record, 60, "0")
     finally:
         await old.close()
-    rotating = await open_backend(settings(new_key, old_key))
+    rotating = await backend_for(redis_server.url, redis_prefix, key=new_key, previous_key=old_key)
     try:
         assert (
             await SharedTokenStore("main", rotating, rotating, rotating.settings).fetch() == TOKEN
@@ -205,7 +198,7 @@ async def test_a_rotated_key_reads_what_the_previous_key_wrote_and_only_then(
         assert await rotating.cache_get("main", digest(KEY), 1000) == record
     finally:
         await rotating.close()
-    rotated = await open_backend(settings(new_key))
+    rotated = await backend_for(redis_server.url, redis_prefix, key=new_key)
     try:
         with pytest.raises(TokenStoreError, match="cannot be decrypted"):
             await SharedTokenStore("main", rotated, rotated, rotated.settings).fetch()
