@@ -54,6 +54,10 @@ from proxy.shared.records import BadRecord
 # How often a replica looks for a record written elsewhere (a refresh, `authorize`) and writes
 # back a token it had to refresh alone.
 POLL_SECONDS = 1.0
+# After Redis comes back (it may have been restored from an older snapshot) or a rewound
+# record is seen, a refresh waits this long first: every live replica polls meanwhile and
+# writes back the newer token it holds, so nobody refreshes with a spent refresh token.
+REWIND_GRACE = 2.5 * POLL_SECONDS
 
 
 class TokenStoreError(TokenFileError):
@@ -89,6 +93,7 @@ class SharedTokenStore:
         # compare-and-set expects; -1: a malformed record).
         self._held = 0
         self._version = 0
+        self._rewound_at = 0.0
         # A token refreshed alone while Redis was away, and the version it replaces.
         self._pending: tuple[StoredToken, int] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -137,6 +142,7 @@ class SharedTokenStore:
         if self._record is None or stored >= self._held:
             self._adopt(found)
             return
+        self._rewound_at = time.monotonic()
         event(
             "token_record_older",
             logging.WARNING,
@@ -233,6 +239,7 @@ class SharedTokenStore:
 
     @contextlib.asynccontextmanager
     async def locked(self, patience: float = 30.0) -> AsyncIterator[None]:
+        await self._after_rewind()
         stack = contextlib.AsyncExitStack()
         try:
             taken = await stack.enter_async_context(
@@ -248,6 +255,15 @@ class SharedTokenStore:
             if not taken:
                 raise TokenStoreError(f"the refresh lock stayed taken for {patience:g}s")
             yield
+
+    async def _after_rewind(self) -> None:
+        """Before a refresh: if Redis just came back or was seen rewound, give the other
+        replicas time to write back a newer token than the one stored (outside the lock)."""
+        since = max(self.backend.back_since, self._rewound_at)
+        left = since + REWIND_GRACE - time.monotonic() if since else 0.0
+        if left > 0:
+            event("token_refresh_deferred", account=self.account, seconds=round(left, 3))
+            await asyncio.sleep(left)
 
     # --- background
 
