@@ -341,8 +341,6 @@ async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -
 
 
 def _demo_account(sandbox_url: str) -> AccountSettings:
-    from proxy.sandbox import SandboxConfig
-
     return AccountSettings(
         mode="oauth",
         client_id=SandboxConfig.client_id,
