@@ -18,7 +18,9 @@ WORKDIR /src
 COPY pyproject.toml README.md requirements.lock ./
 COPY proxy ./proxy
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
-    python3 -m venv /opt/kounta-proxy && /opt/kounta-proxy/bin/pip install --no-cache-dir --constraint requirements.lock .
+    python3 -m venv /opt/kounta-proxy \
+    && /opt/kounta-proxy/bin/pip install --no-cache-dir --require-hashes -r requirements.lock \
+    && /opt/kounta-proxy/bin/pip install --no-cache-dir --no-deps .
 
 # --- runtime: the same Python, the virtual environment, a non-root user (no compiler, no pip cache)
 FROM ${BASE}
