@@ -231,6 +231,12 @@ def require_accounts(settings: Settings) -> Settings:
 def check_config(path: Path | None, *, as_json: bool) -> int:
     """Validate as serve would (directories included, nothing created), print the effective
     settings masked, and warn about what serve would start without (oauth tokens)."""
+    if path is None and not DEFAULT_CONFIG_PATH.is_file():
+        print(
+            f"{PROG}: no config file ({DEFAULT_CONFIG_PATH} not found here, no --config): "
+            "defaults and KOUNTA_PROXY_* variables only",
+            file=sys.stderr,
+        )
     settings = require_accounts(load(path))
     problems = [ConfigError(key, p) for key, p in lifecycle.directory_problems(settings)]
     if problems:
@@ -238,8 +244,10 @@ def check_config(path: Path | None, *, as_json: bool) -> int:
     warning = exposure_warning(settings.admin)
     if warning is not None:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    data = masked(settings)
-    print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
+    if as_json:
+        print(json.dumps(masked(settings), indent=2))
+    else:
+        print(to_toml(masked(settings, files=True)), end="")
     for line in token_warnings(settings, path):
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     return 0

@@ -22,7 +22,9 @@ import dataclasses
 import difflib
 import functools
 import ipaddress
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -677,10 +679,11 @@ def load(
         raw = read_toml(path)
     elif DEFAULT_CONFIG_PATH.is_file():
         raw = read_toml(DEFAULT_CONFIG_PATH)
-    merge_env(raw, env)
+    variables = merge_env(raw, env)
     problems: list[ConfigError] = []
     settings = build(Settings, raw, "", problems)
     if problems or not isinstance(settings, Settings):
+        problems = [_from_variable(p, variables) for p in problems]
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
     return settings
 
@@ -697,8 +700,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
 
 
-def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Fold ``KOUNTA_PROXY_A__B=v`` into ``raw["a"]["b"] = "v"`` (typed later)."""
+def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Fold ``KOUNTA_PROXY_A__B=v`` into ``raw["a"]["b"] = "v"`` (typed later); returns each
+    folded key's path ("a.b") and the variable that set it."""
+    variables: dict[str, str] = {}
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -712,6 +717,41 @@ def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(name, f"conflicts with the scalar key {part!r}")
             node = child
         node[parts[-1]] = _EnvValue(value)
+        variables[".".join(parts)] = name
+    return variables
+
+
+def _from_variable(problem: ConfigError, variables: dict[str, str]) -> ConfigError:
+    """A problem with a key an environment variable set, told with the variable's name."""
+    names = [name for path, name in variables.items() if f"{path}.".startswith(f"{problem.key}.")]
+    if not names:
+        return problem
+    if not problem.problem.startswith("unknown key"):
+        return ConfigError(f"{', '.join(names)} ({problem.key})", problem.problem)
+    hints = [f"did you mean {ENV_PREFIX}{'__'.join(p).upper()}?" for p in map(_meant, names) if p]
+    return ConfigError(", ".join(names), "unknown setting" + (f" ({hints[0]})" if hints else ""))
+
+
+def _meant(name: str) -> list[str] | None:
+    """The setting a variable with a mistaken ``_``/``__`` split names, as path parts, if any."""
+    words = [w for w in name[len(ENV_PREFIX) :].lower().split("_") if w]
+    return _path_in(Settings, words)
+
+
+def _path_in(tp: Any, words: list[str]) -> list[str] | None:
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        fields: dict[str, Any] = {}
+        if dataclasses.is_dataclass(tp):
+            fields = typing.get_type_hints(tp)
+            fields |= {f"{k}_file": str for k, v in fields.items() if v is Secret}
+        for i in range(1, len(words) + 1):
+            key = "_".join(words[:i])
+            inner = fields.get(key) if fields else typing.get_args(tp)[1]
+            rest = _path_in(inner, words[i:]) if inner is not None else None
+            if rest is not None:
+                return [key, *rest]
+        return None
+    return [] if not words else None
 
 
 class _EnvValue(str):
@@ -876,27 +916,38 @@ def _kind(value: Any) -> str:
 # --------------------------------------------------------------------------- showing
 
 
-def masked(settings: Any) -> Any:
-    """The settings as plain data with every secret replaced by a mask."""
+def masked(settings: Any, *, files: bool = False) -> Any:
+    """The settings as plain data with every secret replaced by a mask. With ``files``, a
+    secret read from a file is ``NAME_file = PATH`` instead, so the data loads back the same."""
     if isinstance(settings, Secret):
         if settings and settings.source:
             return f"{MASK} (from {settings.source})"
         return MASK if settings else ""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
-        return {f.name: masked(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+        data = {}
+        for f in dataclasses.fields(settings):
+            value = getattr(settings, f.name)
+            if files and isinstance(value, Secret) and value and value.source:
+                data[f"{f.name}_file"] = value.source
+            else:
+                data[f.name] = masked(value, files=files)
+        return data
     if isinstance(settings, dict):
-        return {k: masked(v) for k, v in settings.items()}
+        return {k: masked(v, files=files) for k, v in settings.items()}
     if isinstance(settings, tuple | list):
-        return [masked(v) for v in settings]
+        return [masked(v, files=files) for v in settings]
     return settings
 
 
 def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Render :func:`masked` output as TOML (tables after scalars, as TOML requires)."""
+    """Render :func:`masked` output as TOML (tables after scalars, as TOML requires); a
+    setting that is not set (None) is a comment, so the text loads back as the same settings."""
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
+    for key, value in ((_toml_key(k), v) for k, v in data.items()):
+        if value is None:
+            lines.append(f"# {key}: not set")
+        elif isinstance(value, dict):
             tables.append((key, value))
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             tables.extend((f"[{key}]", item) for item in value)
@@ -924,6 +975,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if value is None:
-        return '""'
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(str(value), ensure_ascii=False)  # JSON's string escapes are TOML's
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)

@@ -75,7 +75,7 @@ def test_secret_file_from_env(tmp_path: Path) -> None:
         (
             "",
             {"KOUNTA_PROXY_SERVER__PORT": "eighty"},
-            "server.port: must be an integer, got 'eighty'",
+            "KOUNTA_PROXY_SERVER__PORT (server.port): must be an integer, got 'eighty'",
         ),
         (
             '[upstream]\nbase_url = "ftp://x"\n',
@@ -157,14 +157,20 @@ client_secret = "secret"
         ),
         (
             {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__TOKEN_KEY": "short"},
-            "shared.token_key: must be a Fernet key",
+            "KOUNTA_PROXY_SHARED__TOKEN_KEY (shared.token_key): must be a Fernet key",
         ),
         (
             {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__URL": "http://x"},
-            "shared.url: must be a redis://, rediss:// or unix:// URL",
+            "KOUNTA_PROXY_SHARED__URL (shared.url): must be a redis://, rediss:// or unix:// URL",
         ),
-        ({"KOUNTA_PROXY_SHARED__REPLICAS": "0"}, "shared.replicas: must be at least 1"),
-        ({"KOUNTA_PROXY_SHARED__TIMEOUT": "0"}, "shared.timeout: must be greater than 0"),
+        (
+            {"KOUNTA_PROXY_SHARED__REPLICAS": "0"},
+            "KOUNTA_PROXY_SHARED__REPLICAS (shared.replicas): must be at least 1",
+        ),
+        (
+            {"KOUNTA_PROXY_SHARED__TIMEOUT": "0"},
+            "KOUNTA_PROXY_SHARED__TIMEOUT (shared.timeout): must be greater than 0",
+        ),
     ],
 )
 def test_shared_settings_refuse_bad_values_in_one_line(
@@ -224,3 +230,65 @@ def test_the_caller_key_header_is_never_forwarded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text.format(names)), NO_ENV)
     assert "caller key header X-Secret" in str(info.value)
+
+
+def test_printed_settings_load_back_the_same(tmp_path: Path) -> None:
+    # check-config's TOML is a settings file: every setting, unset ones (None) included.
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file")
+    path = write(
+        tmp_path,
+        f"""
+        [server]
+        port = 9000
+        [accounts.main]
+        mode = "static"
+        token = "t0ken"
+        [accounts.other]
+        mode = "basic"
+        client_id = "cid"
+        client_secret_file = "{secret}"
+        [[cache.rules]]
+        path = "/v1/*"
+        fresh_for = 30
+        """,
+    )
+    settings = load(path, NO_ENV)
+    assert settings.accounts["main"].refresh_floor is None
+    printed = to_toml(masked(settings, files=True))
+    again = load(write(tmp_path, printed), NO_ENV)
+    assert masked(again) == masked(settings)
+    # The secret read from a file is read from that file again, not a mask.
+    assert again.accounts["other"].client_secret.reveal() == "from-a-file"
+    assert again.accounts["main"].token.reveal() == "********"  # masked: the only change
+    assert to_toml(masked(again, files=True)) == printed
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # One underscore where two belong: the variable, and the one it may have meant.
+        (
+            {"KOUNTA_PROXY_SERVER_PORT": "9000"},
+            "KOUNTA_PROXY_SERVER_PORT: unknown setting (did you mean KOUNTA_PROXY_SERVER__PORT?)",
+        ),
+        (
+            {"KOUNTA_PROXY_ACCOUNTS__MAIN__CLIENT_SECRETFILE": "/x"},
+            "KOUNTA_PROXY_ACCOUNTS__MAIN__CLIENT_SECRETFILE: unknown setting",
+        ),
+        ({"KOUNTA_PROXY_SERVR__PORT": "1"}, "KOUNTA_PROXY_SERVR__PORT: unknown setting"),
+        (
+            {"KOUNTA_PROXY_SERVER__PORT": "eighty"},
+            "KOUNTA_PROXY_SERVER__PORT (server.port): must be an integer, got 'eighty'",
+        ),
+        (
+            {"KOUNTA_PROXY_SERVER__PORT": "70000"},
+            "KOUNTA_PROXY_SERVER__PORT (server.port): must be between 0 and 65535",
+        ),
+    ],
+)
+def test_a_bad_variable_is_named(env: dict[str, str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, ""), env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
