@@ -249,7 +249,7 @@ class Metrics:
                 "aiohttp": aiohttp.__version__,
             }
         )
-        # --- requests (inbound, recorded by app.access_middleware)
+        # --- requests (inbound, recorded by edge.middlewares.access_middleware)
         self.requests = LoopCounter(
             "kounta_proxy_requests",
             "Requests answered, by method, route template, status class, cache status and "

@@ -247,7 +247,7 @@ class AccountSettings:
     # basic and oauth: the add-on's credentials.
     client_id: str = ""
     client_secret: Secret = Secret("")
-    # oauth: where tokens come from and how they are kept (see proxy/auth.py).
+    # oauth: where tokens come from and how they are kept (see proxy/auth/providers.py).
     token_url: str = "https://api.kounta.com/v1/token"  # noqa: S105 - a URL
     token_auth: TokenAuth = "client_secret_post"  # noqa: S105 - a method name
     grant: OAuthGrant = "refresh_token"
@@ -270,7 +270,7 @@ class AccountSettings:
     authorize_url: str = "https://my.kounta.com/authorize"
     redirect_uri: str = "http://127.0.0.1:8765/callback"
     # Requests a minute this account may send to Kounta; 0: the mode's default
-    # (180 for oauth and static, 60 for basic). See proxy/budget.py.
+    # (180 for oauth and static, 60 for basic). See proxy/pipeline/budget.py.
     rate_per_minute: int = 0
     # Requests that may go out back to back before the pace sets in; 0: rate_per_minute / 20.
     burst: int = 0

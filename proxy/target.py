@@ -55,7 +55,8 @@ class Target:
 
 
 def parse_target(raw: str) -> Target:
-    """Accept an origin-form target under ``/v1/`` or raise a 400/404 :class:`ProxyError`."""
+    """Accept an origin-form target under ``/v1/``, or raise a 400/404
+    :class:`~proxy.errors.ProxyError`."""
     if not raw.startswith("/"):
         raise InvalidTarget("Only origin-form request targets (/v1/...) are accepted")
     if raw.startswith("//"):

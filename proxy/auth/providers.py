@@ -1,9 +1,9 @@
-"""Credentials for the upstream: one token provider per account, and the layer that uses them.
+"""Credentials for the upstream: one token provider per account.
 
-A provider answers ``authorization(deadline)``: the ``Authorization`` header to send now.
-:class:`Authenticator` puts it on every upstream request (replacing whatever the caller
-sent) and, when Kounta answers 401 because the token is invalid or expired, renews the token
-once and resends the request once, if its body can be sent again.
+A provider answers ``authorization(deadline)``: the ``Authorization`` header to send now,
+and renews its token when told the one it gave was refused. The auth layer
+(:class:`~proxy.auth.layer.Authenticator`) puts that header on every upstream request and, on
+a 401 for an invalid or expired token, has it renewed and resends the request once.
 
 Modes (``accounts.NAME.mode``):
 

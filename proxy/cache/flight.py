@@ -2,8 +2,7 @@
 
 A :class:`Flight` is a task of its own, so it outlives the caller that started it. It
 resolves two futures: ``head`` (the starter's answer, possibly a stream) and ``done``
-(the whole result, for waiters). Large bodies spill to a file (:class:`~proxy.cache.store.BodySink`)
-while they stream to the starter.
+(the whole result, for waiters). The body itself (and its spill to a file) is the cache layer's.
 """
 
 from __future__ import annotations

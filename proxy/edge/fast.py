@@ -121,7 +121,7 @@ class FastPath:
         out_headers = answer_headers(
             view, rid, "HIT", age, caller=caller_value(caller.name, caller.account)
         )
-        out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
+        out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
         services.metrics.request_done(
