@@ -246,7 +246,7 @@ def test_printed_settings_load_back_the_same(tmp_path: Path) -> None:
         token = "t0ken"
         [accounts.other]
         mode = "basic"
-        client_id = "cid"
+        client_id = "c\\"i\\\\d\\t\\u007f é"
         client_secret_file = "{secret}"
         [[cache.rules]]
         path = "/v1/*"
@@ -262,6 +262,7 @@ def test_printed_settings_load_back_the_same(tmp_path: Path) -> None:
     assert again.accounts["other"].client_secret.reveal() == "from-a-file"
     assert again.accounts["main"].token.reveal() == "********"  # masked: the only change
     assert to_toml(masked(again, files=True)) == printed
+    assert again.accounts["other"].client_id == 'c"i\\d\t\x7f é'
 
 
 @pytest.mark.parametrize(
