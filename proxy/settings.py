@@ -43,12 +43,15 @@ MASK = "********"
 
 
 class ConfigError(Exception):
-    """A configuration problem, phrased for one line on a terminal."""
+    """A configuration problem, phrased for one line on a terminal. ``key`` is the setting's
+    path; ``label``, if given, is what the line names instead (an environment variable)."""
 
-    def __init__(self, key: str, problem: str) -> None:
+    def __init__(self, key: str, problem: str, *, label: str = "") -> None:
         self.key = key
         self.problem = problem
-        super().__init__(f"{key}: {problem}" if key else problem)
+        self.label = label
+        shown = label or key
+        super().__init__(f"{shown}: {problem}" if shown else problem)
 
 
 class ConfigErrors(ConfigError):
@@ -57,7 +60,7 @@ class ConfigErrors(ConfigError):
     def __init__(self, problems: list[ConfigError]) -> None:
         self.problems = problems
         first = problems[0]
-        super().__init__(first.key, first.problem)
+        super().__init__(first.key, first.problem, label=first.label)
 
     def lines(self) -> list[str]:
         return [str(p) for p in self.problems]
@@ -727,9 +730,11 @@ def _from_variable(problem: ConfigError, variables: dict[str, str]) -> ConfigErr
     if not names:
         return problem
     if not problem.problem.startswith("unknown key"):
-        return ConfigError(f"{', '.join(names)} ({problem.key})", problem.problem)
+        label = f"{', '.join(names)} ({problem.key})"
+        return ConfigError(problem.key, problem.problem, label=label)
     hints = [f"did you mean {ENV_PREFIX}{'__'.join(p).upper()}?" for p in map(_meant, names) if p]
-    return ConfigError(", ".join(names), "unknown setting" + (f" ({hints[0]})" if hints else ""))
+    unknown = "unknown setting" + (f" ({hints[0]})" if hints else "")
+    return ConfigError(problem.key, unknown, label=", ".join(names))
 
 
 def _meant(name: str) -> list[str] | None:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from proxy.headers import DEFAULT_FORWARDED
-from proxy.settings import ConfigError, Secret, Settings, load, masked, to_toml
+from proxy.settings import ConfigError, ConfigErrors, Secret, Settings, load, masked, to_toml
 
 NO_ENV: dict[str, str] = {}
 
@@ -293,3 +293,11 @@ def test_a_bad_variable_is_named(env: dict[str, str], message: str, tmp_path: Pa
         load(write(tmp_path, ""), env)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_variables_problem_keeps_the_settings_path_as_its_key(tmp_path: Path) -> None:
+    env = {"KOUNTA_PROXY_SERVER__PORT": "x", "KOUNTA_PROXY_ADMIN__PORT": "y"}
+    with pytest.raises(ConfigErrors) as info:
+        load(write(tmp_path, ""), env)
+    assert [p.key for p in info.value.problems] == ["admin.port", "server.port"]
+    assert str(info.value) == "KOUNTA_PROXY_ADMIN__PORT (admin.port): must be an integer, got 'y'"
