@@ -171,6 +171,8 @@ def test_every_lock_line_has_a_hash() -> None:
 @pytest.mark.slow
 def test_the_lock_matches_pyproject() -> None:
     # uv compiles pyproject.toml again, keeping the file's pins (network: the package index).
+    # The uv of the environment running the tests (a dev extra), so ./dev installs nothing.
+    assert (Path(sys.prefix) / "bin" / "uv").exists(), "no uv here: pip install -e '.[dev]'"
     done = subprocess.run(
         [str(ROOT / "dev"), "lock", "--check"],
         env={**os.environ, "VENV": sys.prefix},
