@@ -25,6 +25,9 @@ _FORBIDDEN_ESCAPES = re.compile(r"%(2f|5c|00|0a|0d|2e)", re.IGNORECASE)
 # "%25" is an encoded "%": "%252e" decodes once to "%2e" and twice to ".".
 _ENCODED_PERCENT = re.compile(r"%25", re.IGNORECASE)
 _ESCAPED_BYTE = re.compile(r"%([0-9A-Fa-f]{2})")
+# Where a segment's path parameters begin (RFC 3986 3.3): servlet stacks drop them before
+# resolving dot segments, so "..;x" (or "..%3bx", decoded first by some) means "..".
+_PARAMETERS = re.compile(r";|%3b", re.IGNORECASE)
 # Decoding rounds checked; more nested "%25" than this is refused outright.
 _MAX_DECODES = 4
 
@@ -86,8 +89,11 @@ def _check_path(path: str) -> None:
         raise InvalidTarget(
             "The path's percent-escapes are not valid UTF-8 (overlong or malformed sequences)"
         )
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise InvalidTarget("Dot segments ('.' or '..') are not allowed in the path")
+    if any(_PARAMETERS.split(segment, 1)[0] in (".", "..") for segment in path.split("/")):
+        raise InvalidTarget(
+            "Dot segments ('.' or '..', also with path parameters such as '..;') are not "
+            "allowed in the path"
+        )
 
 
 def _check_nested_escapes(path: str) -> None:

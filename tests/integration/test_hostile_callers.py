@@ -277,7 +277,18 @@ async def test_a_configured_header_is_forwarded_and_a_post_keeps_its_body(
 
 @pytest.mark.parametrize(
     "target",
-    ["/v1/%252e%252e/admin", "/v1/a%252Fb", "/v1/a%255c", "/v1/%c0%ae%c0%ae/x", "/v1/%e0%80%af"],
+    [
+        "/v1/%252e%252e/admin",
+        "/v1/a%252Fb",
+        "/v1/a%255c",
+        "/v1/%c0%ae%c0%ae/x",
+        "/v1/%e0%80%af",
+        # issue 17 item 14: dot segments with path parameters (servlet stacks drop ";...")
+        "/v1/companies/..;/admin",
+        "/v1/companies/5/.;/orders",
+        "/v1/companies/..;x=1/admin",
+        "/v1/companies/%2e%2e;/admin",
+    ],
 )
 async def test_encoded_path_tricks_are_refused_before_kounta(
     proxy: Proxy, upstream: Upstream, target: str

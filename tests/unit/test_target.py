@@ -178,3 +178,30 @@ def test_every_encoding_of_dot_slash_backslash_is_refused(
     raw = f"/v1/{around}{_escaped(char, data, depth, upper)}{around}/x"
     with pytest.raises(InvalidTarget):
         parse_target(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/v1/x/..;/y",
+        "/v1/x/.;/y",
+        "/v1/x/..;jsessionid=1/y",
+        "/v1/x/.;a=b",
+        "/v1/..;",
+        "/v1/x/%2e%2e;/y",
+        "/v1/x/.%2E;/y",
+        "/v1/x/%252e%252e;/y",
+        "/v1/x/..%3B/y",
+        "/v1/x/.%3bx/y",
+    ],
+)
+def test_dot_segments_with_path_parameters_are_refused(raw: str) -> None:
+    # Servlet stacks read "..;" as ".." (the parameter is dropped before the dot segment
+    # is resolved): /v1/x/..;/y would reach /v1/y there.
+    with pytest.raises(InvalidTarget):
+        parse_target(raw)
+
+
+@pytest.mark.parametrize("raw", ["/v1/x/a..;/y", "/v1/x/..a;/y", "/v1/x/...;/y", "/v1/x/.a;b/y", "/v1/x;a=1/y"])
+def test_other_segments_with_parameters_pass(raw: str) -> None:
+    assert parse_target(raw).path == raw
