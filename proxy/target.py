@@ -132,6 +132,27 @@ def _check_query(query: str) -> None:
         raise InvalidTarget("Encoded NUL, CR or LF are not allowed in the query")
 
 
+# RFC 3986 2.3: an escape of one of these means the character itself.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normal_escapes(text: str) -> str:
+    """``text`` with its percent-escapes normalised as RFC 3986 6.2.2.1-2 says: an escaped
+    unreserved character decoded (``%31`` -> ``1``, ``%7e`` -> ``~``), every other escape's
+    hex upper-cased (``%2f`` -> ``%2F``). Equivalent spellings of one URI become one; the
+    bytes a server decodes are unchanged. For cache keys: targets are still forwarded as sent.
+    Text with a malformed escape is not a URI and is returned as it is (decoding ``%A%41``
+    would make a new escape, ``%AA``)."""
+    if "%" not in text or _ESCAPE.search(text):
+        return text
+    return _ESCAPED_BYTE.sub(_normal_escape, text)
+
+
+def _normal_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
+
+
 def upstream_url(base: URL, target: Target) -> URL:
     """``base`` + path + query, without re-encoding anything the caller sent."""
     prefix = str(base.origin()) + base.raw_path.rstrip("/")
