@@ -34,24 +34,31 @@ class StartupError(Exception):
     """The server cannot start; the message is one line for the operator."""
 
 
+# How long an idle keep-alive connection stays open after an answer (nginx's default); a
+# connection that sends nothing at all is closed after header_timeout instead.
+KEEPALIVE_TIMEOUT = 75.0
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one connection may take: a deadline for each request head (slowloris) and a cap
-    on open connections. ``on_drop(reason)`` hears each connection closed for either
-    (``header_timeout``, ``max_connections``); ``on_count(n)`` the open connections."""
+    """What one connection may take: a deadline for each request head (slowloris), a cap on
+    open connections, and how long it may idle between requests. At the cap, the keep-alive
+    connection idle longest is closed to admit a new one (as nginx reuses idle connections);
+    only when none is idle is the new one refused. ``on_drop(reason)`` hears each connection
+    closed for these (``header_timeout``, ``max_connections``, ``keepalive_evicted``);
+    ``on_count(n)`` the open connections."""
 
     header_timeout: float = 10.0
     max_connections: int = 1000
     on_drop: Callable[[str], None] | None = None
     on_count: Callable[[int], None] | None = None
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
 
 
 # Set by an application that wants limits other than the defaults.
 LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
-# How long an idle keep-alive connection stays open after an answer (nginx's default); a
-# connection that sends nothing at all is closed after header_timeout instead.
-KEEPALIVE_TIMEOUT = 75.0
 HEADER_TIMEOUT, MAX_CONNECTIONS = "header_timeout", "max_connections"
+KEEPALIVE_EVICTED = "keepalive_evicted"
 
 
 def _raw_answer(status: int, reason: str, code: str, description: str) -> bytes:
@@ -69,7 +76,8 @@ class _JsonErrorHandler(RequestHandler):
     """aiohttp answers unparsable requests itself; make those answers JSON too. Also keeps
     :class:`Limits`: a request head must arrive within ``header_timeout`` (else 408 when some
     of it came, or a silent close when nothing did, as nginx does), and a connection beyond
-    ``max_connections`` is answered 503 and closed before anything is read."""
+    ``max_connections`` closes the keep-alive connection idle longest, or when none is idle
+    is answered 503 and closed before anything is read."""
 
     def __init__(self, manager: Server, *, limits: Limits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -77,16 +85,36 @@ class _JsonErrorHandler(RequestHandler):
         self.server = manager
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
+        # Requests whose head arrived, and when the last one did (for "idle longest").
+        self._requests = 0
+        self._last_request = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         count = len(self.server.connections)
         if self.limits.on_count is not None:
             self.limits.on_count(count)
-        if count > self.limits.max_connections:
+        if count > self.limits.max_connections and not self._make_room():
             self._drop(MAX_CONNECTIONS, _TOO_MANY)
             return
         self._arm()
+
+    def _make_room(self) -> bool:
+        """Whether this connection fits under the cap once the keep-alive connection idle
+        longest is closed (connections closed but not yet gone do not count)."""
+        others = [c for c in self.server.connections if c is not self and c.transport is not None]
+        if len(others) < self.limits.max_connections:
+            return True
+        idle = [c for c in others if isinstance(c, _JsonErrorHandler) and c._idle()]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c._last_request)._drop(KEEPALIVE_EVICTED, b"")
+        return True
+
+    def _idle(self) -> bool:
+        """Between requests on a kept-alive connection: one was answered, no byte of the
+        next has come (RFC 9112 9.3: such a connection may be closed at any time)."""
+        return self._requests > 0 and self._waiting() and not self._head_bytes
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
@@ -102,9 +130,11 @@ class _JsonErrorHandler(RequestHandler):
             if self._head_timer is None:
                 self._arm()
         super().data_received(data)
-        if self._head_timer is not None and not self._waiting():
+        if self._head_bytes and not self._waiting():
             self._disarm()  # the head is complete: a request is being answered
             self._head_bytes = False
+            self._requests += 1
+            self._last_request = self._loop.time()
 
     def _waiting(self) -> bool:
         """Whether the connection waits for a request head (none is being answered)."""
@@ -252,7 +282,7 @@ async def start(
         shutdown_timeout=grace,
         handle_signals=False,
         handler_cancellation=True,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        keepalive_timeout=app.get(LIMITS, Limits()).keepalive_timeout,
     )
     try:
         await runner.setup()

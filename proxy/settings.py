@@ -154,8 +154,11 @@ class ServerSettings:
     # Seconds a connection has to deliver a complete request head, from when it opens or
     # the first byte of the next request arrives (slowloris); then 408 and close.
     header_timeout: float = 10.0
-    # Open connections at most; one more is answered 503 and closed at once.
+    # Open connections at most; at the cap the keep-alive connection idle longest is closed
+    # to admit a new one, and only when none is idle is the new one answered 503 and closed.
     max_connections: int = 1000
+    # Seconds an idle keep-alive connection stays open after an answer (nginx's default 75).
+    keepalive_timeout: float = 75.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -164,6 +167,7 @@ class ServerSettings:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
         _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
         _positive(self, "header_timeout")
+        _positive(self, "keepalive_timeout")
         if self.max_connections < 1:
             raise Invalid("max_connections", "must be at least 1")
 

@@ -224,3 +224,13 @@ def test_the_caller_key_header_is_never_forwarded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text.format(names)), NO_ENV)
     assert "caller key header X-Secret" in str(info.value)
+
+
+def test_connection_limits_from_a_file(tmp_path: Path) -> None:
+    # issue 17 items 5 and 11: settings for body deadlines and idle keep-alive connections
+    text = '[server]\nkeepalive_timeout = 5\n[accounts.a]\nmode = "static"\ntoken = "t"\n'
+    settings = load(write(tmp_path, text), NO_ENV)
+    assert settings.server.keepalive_timeout == 5.0
+    assert load(write(tmp_path, text.replace("= 5", "= 75")), NO_ENV) != settings
+    with pytest.raises(ConfigError, match="keepalive_timeout"):
+        load(write(tmp_path, text.replace("= 5", "= 0")), NO_ENV)
