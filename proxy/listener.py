@@ -59,6 +59,10 @@ class Limits:
 LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
 HEADER_TIMEOUT, MAX_CONNECTIONS = "header_timeout", "max_connections"
 KEEPALIVE_EVICTED = "keepalive_evicted"
+# Set on an answer after which the connection closes as soon as it is written, without
+# aiohttp's lingering read of an unread request body (up to 10 s): for a caller too slow
+# to send its body, whose remaining bytes are not worth waiting for.
+CLOSE_AT_ONCE: web.ResponseKey[bool] = web.ResponseKey("close_at_once", bool)
 
 
 def _raw_answer(status: int, reason: str, code: str, description: str) -> bytes:
@@ -155,6 +159,14 @@ class _JsonErrorHandler(RequestHandler):
         if self._waiting():  # else a request is being answered: its head came in time
             self._drop(HEADER_TIMEOUT, _TIMED_OUT if self._head_bytes else b"")
 
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        finished = await super().finish_response(request, resp, start_time)
+        if resp.get(CLOSE_AT_ONCE):
+            self.force_close()  # the answer is written: the transport flushes it, then closes
+        return finished
+
     def _drop(self, reason: str, answer: bytes) -> None:
         event("connection_dropped", reason=reason)
         if self.limits.on_drop is not None:
@@ -248,7 +260,9 @@ def customise(server: Server, app: web.Application) -> Server:
     cannot do: answer unparsable requests as JSON (the protocol's ``handle_error``), keep a
     deadline on request heads (the protocol's ``_waiter``: set while it waits for a request,
     which is also what aiohttp's own keep-alive timer reads), and put a handler in front of
-    the application's once its startup built what it needs. tests/unit/test_listener.py
+    the application's once its startup built what it needs, and close a connection right
+    after an answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``; its
+    ``force_close`` skips the lingering read). tests/unit/test_listener.py
     fails loudly if aiohttp changes any of these hooks."""
     server.__class__ = _JsonErrorServer
     cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())

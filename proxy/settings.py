@@ -159,6 +159,13 @@ class ServerSettings:
     max_connections: int = 1000
     # Seconds an idle keep-alive connection stays open after an answer (nginx's default 75).
     keepalive_timeout: float = 75.0
+    # Seconds the proxy waits for a request body, from the end of the head to the end of
+    # the body (time it spends elsewhere meanwhile, e.g. queued for a budget token, does not
+    # count); then 408 and close.
+    body_timeout: float = 30.0
+    # Bytes a second a request body must keep up, judged after the first second of waiting
+    # (at least this many bytes for every second past the first); 0: no minimum.
+    body_min_rate: float = 100.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -167,7 +174,8 @@ class ServerSettings:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
         _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
         _positive(self, "header_timeout")
-        _positive(self, "keepalive_timeout")
+        _positive(self, "keepalive_timeout", "body_timeout")
+        _not_negative(self, "body_min_rate")
         if self.max_connections < 1:
             raise Invalid("max_connections", "must be at least 1")
 

@@ -74,6 +74,11 @@ def test_the_head_deadline_hooks_still_exist() -> None:
     assert "_waiter" in RequestHandler._process_keepalive.__code__.co_names
     assert isinstance(Server.connections, property)
     assert "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
+    # CLOSE_AT_ONCE: finish_response writes the answer; force_close then skips the lingering
+    # read of an unread body (start() checks _force_close before lingering).
+    params = list(inspect.signature(RequestHandler.finish_response).parameters)
+    assert params == ["self", "request", "resp", "start_time"]
+    assert "_force_close" in RequestHandler.start.__code__.co_names
 
 
 async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:

@@ -234,3 +234,11 @@ def test_connection_limits_from_a_file(tmp_path: Path) -> None:
     assert load(write(tmp_path, text.replace("= 5", "= 75")), NO_ENV) != settings
     with pytest.raises(ConfigError, match="keepalive_timeout"):
         load(write(tmp_path, text.replace("= 5", "= 0")), NO_ENV)
+    assert (settings.server.body_timeout, settings.server.body_min_rate) == (30.0, 100.0)
+    body = text.replace("keepalive_timeout = 5", "body_timeout = 5\nbody_min_rate = 0")
+    server = load(write(tmp_path, body), NO_ENV).server
+    assert (server.body_timeout, server.body_min_rate) == (5.0, 0.0)
+    with pytest.raises(ConfigError, match="body_timeout"):
+        load(write(tmp_path, body.replace("body_timeout = 5", "body_timeout = 0")), NO_ENV)
+    with pytest.raises(ConfigError, match="body_min_rate"):
+        load(write(tmp_path, body.replace("body_min_rate = 0", "body_min_rate = -1")), NO_ENV)
