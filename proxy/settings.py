@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from proxy.files import read_regular
 from proxy.headers import DEFAULT_FORWARDED, NEVER_FORWARDED, REQUIRED_FORWARDED
 
 ENV_PREFIX = "KOUNTA_PROXY_"
@@ -697,14 +698,19 @@ def load(
     return settings
 
 
+# Larger files are refused (a config or secret file is small; /dev/zero is endless).
+CONFIG_FILE_LIMIT = 16 * 1024**2
+SECRET_FILE_LIMIT = 1024**2
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_regular(path, CONFIG_FILE_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"cannot read config file {path}: {e}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError("", f"cannot read config file {path}: {reason}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
 
@@ -801,7 +807,7 @@ def _read_secret_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "must be a file path")
     try:
-        return Path(value).read_text(encoding="utf-8").strip()
+        return read_regular(Path(value), SECRET_FILE_LIMIT).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(
             key, f"cannot read secret file {value}: {getattr(e, 'strerror', None) or e}"
