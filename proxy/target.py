@@ -89,11 +89,16 @@ def _check_path(path: str) -> None:
         raise InvalidTarget(
             "The path's percent-escapes are not valid UTF-8 (overlong or malformed sequences)"
         )
-    if any(_PARAMETERS.split(segment, 1)[0] in (".", "..") for segment in path.split("/")):
+    if _dot_segment(path):
         raise InvalidTarget(
             "Dot segments ('.' or '..', also with path parameters such as '..;') are not "
             "allowed in the path"
         )
+
+
+def _dot_segment(path: str) -> bool:
+    """Whether a segment is '.' or '..', also once its path parameters are dropped."""
+    return any(_PARAMETERS.split(segment, 1)[0] in (".", "..") for segment in path.split("/"))
 
 
 def _check_nested_escapes(path: str) -> None:
@@ -102,10 +107,10 @@ def _check_nested_escapes(path: str) -> None:
     text = path
     for _ in range(_MAX_DECODES):
         text = _ENCODED_PERCENT.sub("%", text)
-        if _FORBIDDEN_ESCAPES.search(text) or not _utf8(text):
+        if _FORBIDDEN_ESCAPES.search(text) or _dot_segment(text) or not _utf8(text):
             raise InvalidTarget(
-                "Double-encoded '/', '\\', '.', NUL, CR, LF or invalid UTF-8 are not allowed "
-                "in the path"
+                "Double-encoded '/', '\\', '.', ';' after a dot segment, NUL, CR, LF or invalid "
+                "UTF-8 are not allowed in the path"
             )
         if not _ENCODED_PERCENT.search(text):
             return

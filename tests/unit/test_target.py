@@ -203,6 +203,8 @@ def test_every_encoding_of_dot_slash_backslash_is_refused(
         "/v1/x/%252e%252e;/y",
         "/v1/x/..%3B/y",
         "/v1/x/.%3bx/y",
+        "/v1/x/..%253B/y",
+        "/v1/x/..%25253b/y",
     ],
 )
 def test_dot_segments_with_path_parameters_are_refused(raw: str) -> None:
