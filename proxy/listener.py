@@ -89,9 +89,9 @@ class _JsonErrorHandler(RequestHandler):
         self.server = manager
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
-        # Requests whose head arrived, and when the last one did (for "idle longest").
+        # Requests whose head arrived, and when the last answer was written ("idle longest").
         self._requests = 0
-        self._last_request = 0.0
+        self._answered_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -112,7 +112,7 @@ class _JsonErrorHandler(RequestHandler):
         idle = [c for c in others if isinstance(c, _JsonErrorHandler) and c._idle()]
         if not idle:
             return False
-        min(idle, key=lambda c: c._last_request)._drop(KEEPALIVE_EVICTED, b"")
+        min(idle, key=lambda c: c._answered_at)._drop(KEEPALIVE_EVICTED, b"")
         return True
 
     def _idle(self) -> bool:
@@ -138,7 +138,6 @@ class _JsonErrorHandler(RequestHandler):
             self._disarm()  # the head is complete: a request is being answered
             self._head_bytes = False
             self._requests += 1
-            self._last_request = self._loop.time()
 
     def _waiting(self) -> bool:
         """Whether the connection waits for a request head (none is being answered)."""
@@ -163,6 +162,7 @@ class _JsonErrorHandler(RequestHandler):
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         finished = await super().finish_response(request, resp, start_time)
+        self._answered_at = self._loop.time()
         if resp.get(CLOSE_AT_ONCE):
             self.force_close()  # the answer is written: the transport flushes it, then closes
         return finished
@@ -261,8 +261,9 @@ def customise(server: Server, app: web.Application) -> Server:
     deadline on request heads (the protocol's ``_waiter``: set while it waits for a request,
     which is also what aiohttp's own keep-alive timer reads), and put a handler in front of
     the application's once its startup built what it needs, and close a connection right
-    after an answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``; its
-    ``force_close`` skips the lingering read). tests/unit/test_listener.py
+    after an answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``, which
+    also tells when a connection went idle; ``force_close`` skips the lingering read).
+    tests/unit/test_listener.py
     fails loudly if aiohttp changes any of these hooks."""
     server.__class__ = _JsonErrorServer
     cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())
