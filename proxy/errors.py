@@ -14,7 +14,8 @@ Exceptions::
     │   ├── FaultyFraming           400 invalid_request (e.g. Transfer-Encoding in HTTP/1.0)
     │   ├── NotImplementedCoding    501 not_implemented (a transfer coding other than chunked)
     │   ├── HttpVersionNotSupported 505 http_version_not_supported
-    │   └── ExpectationFailed       417 expectation_failed (an Expect other than 100-continue)
+    │   ├── ExpectationFailed       417 expectation_failed (an Expect other than 100-continue)
+    │   └── BodyTimeout             408 request_timeout (a request body too slow or too late)
     ├── InvalidRequest              400 invalid_request
     │   └── InvalidTarget           400 invalid_request_target (proxy.target)
     ├── NotFound                    404 not_found
@@ -95,6 +96,11 @@ class HttpVersionNotSupported(ClosesConnection):
 class ExpectationFailed(ClosesConnection):
     status = 417
     code = "expectation_failed"
+
+
+class BodyTimeout(ClosesConnection):
+    status = 408
+    code = "request_timeout"
 
 
 class NotFound(ProxyError):

@@ -37,7 +37,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 # The kinds of upstream failure counted by ``upstream_errors``.
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
 # Why the listener closed a connection itself (proxy.listener.Limits).
-CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
+CONNECTION_DROP_REASONS = ("header_timeout", "max_connections", "keepalive_evicted", "body_timeout")
 
 
 class Registry(CollectorRegistry):
@@ -279,7 +279,10 @@ class Metrics:
         self.connections_dropped = Counter(
             "kounta_proxy_connections_dropped",
             "Connections the proxy closed to protect itself, by reason: header_timeout (no "
-            "complete request head within server.header_timeout), max_connections.",
+            "complete request head within server.header_timeout), max_connections, "
+            "keepalive_evicted (an idle keep-alive connection closed to admit a new one at "
+            "the cap), body_timeout (a request body slower than server.body_min_rate or "
+            "later than server.body_timeout: 408).",
             ["reason"],
             registry=registry,
         )

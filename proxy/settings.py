@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from proxy.files import read_regular
 from proxy.headers import DEFAULT_FORWARDED, NEVER_FORWARDED, REQUIRED_FORWARDED
 
 ENV_PREFIX = "KOUNTA_PROXY_"
@@ -159,8 +160,18 @@ class ServerSettings:
     # Seconds a connection has to deliver a complete request head, from when it opens or
     # the first byte of the next request arrives (slowloris); then 408 and close.
     header_timeout: float = 10.0
-    # Open connections at most; one more is answered 503 and closed at once.
+    # Open connections at most; at the cap the keep-alive connection idle longest is closed
+    # to admit a new one, and only when none is idle is the new one answered 503 and closed.
     max_connections: int = 1000
+    # Seconds an idle keep-alive connection stays open after an answer (nginx's default 75).
+    keepalive_timeout: float = 75.0
+    # Seconds the proxy waits for a request body, from the end of the head to the end of
+    # the body (time it spends elsewhere meanwhile, e.g. queued for a budget token, does not
+    # count); then 408 and close.
+    body_timeout: float = 30.0
+    # Bytes a second a request body must keep up, judged after the first second of waiting
+    # (at least this many bytes for every second past the first); 0: no minimum.
+    body_min_rate: float = 100.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -169,6 +180,8 @@ class ServerSettings:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
         _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
         _positive(self, "header_timeout")
+        _positive(self, "keepalive_timeout", "body_timeout")
+        _not_negative(self, "body_min_rate")
         if self.max_connections < 1:
             raise Invalid("max_connections", "must be at least 1")
 
@@ -691,14 +704,19 @@ def load(
     return settings
 
 
+# Larger files are refused (a config or secret file is small; /dev/zero is endless).
+CONFIG_FILE_LIMIT = 16 * 1024**2
+SECRET_FILE_LIMIT = 1024**2
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_regular(path, CONFIG_FILE_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"cannot read config file {path}: {e}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError("", f"cannot read config file {path}: {reason}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
 
@@ -834,7 +852,7 @@ def _read_secret_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "must be a file path")
     try:
-        return Path(value).read_text(encoding="utf-8").strip()
+        return read_regular(Path(value), SECRET_FILE_LIMIT).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(
             key, f"cannot read secret file {value}: {getattr(e, 'strerror', None) or e}"

@@ -28,6 +28,7 @@ from proxy.coding import GZIP, IDENTITY, coding_of
 from proxy.dates import http_date
 from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_named
 from proxy.settings import CacheRule
+from proxy.target import normal_escapes
 
 KEY_VERSION = 1
 # Request headers that always select a representation (Kounta: format, indentation, page).
@@ -182,18 +183,23 @@ def request_control(cache_control: Sequence[str], pragma: Sequence[str] = ()) ->
 
 
 def normalise_path(path: str) -> str:
-    """``/v1/x/5.json`` and ``/v1/x/5`` name one resource (Kounta's format suffix)."""
-    return path.removesuffix(".json")
+    """``/v1/x/5.json`` and ``/v1/x/5`` name one resource (Kounta's format suffix), and so do
+    ``/v1/x/5`` and ``/v1/x/%35`` (RFC 3986 6.2.2: :func:`~proxy.target.normal_escapes`)."""
+    return normal_escapes(path).removesuffix(".json")
 
 
 def cache_key(account: str, path: str, query: str, headers: Headers) -> str:
-    """The primary key (RFC 9111 4.1, 2): account + GET + path + raw query + selecting headers.
+    """The primary key (RFC 9111 4.1, 2): account + GET + path + query + selecting headers.
 
     HEAD shares GET's key (RFC 9110 9.3.2: HEAD may be answered from a stored GET).
-    JSON keeps the parts apart, so distinct inputs never collide and keys can be parsed back.
+    Path and query are normalised as RFC 3986 6.2.2.1-2 says (escaped unreserved characters
+    decoded, other escapes upper-case), so every spelling of a resource has one key and one
+    invalidation reaches it. JSON keeps the parts apart, so distinct inputs never collide
+    and keys can be parsed back.
     """
     selected = [headers.get(name) for name in SELECTING]
-    return json.dumps([KEY_VERSION, account, "GET", path, query, selected], separators=(",", ":"))
+    parts = [KEY_VERSION, account, "GET", normal_escapes(path), normal_escapes(query), selected]
+    return json.dumps(parts, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from proxy.edge.rewrite import REWRITTEN_HEADERS, rewrite_url
 from proxy.edge.services import SERVICES
 from proxy.errors import (
     PROXY_ERROR_HEADER,
+    BodyTimeout,
     ClosesConnection,
     ProxyError,
     RequestTooLarge,
@@ -31,6 +32,7 @@ from proxy.errors import (
     normalise_error,
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller
+from proxy.listener import CLOSE_AT_ONCE
 from proxy.logs import event
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
@@ -312,4 +314,6 @@ def proxy_error_answer(error: ProxyError, request_id: str, caller: str = "") -> 
     if isinstance(error, ClosesConnection | RequestTooLarge):
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()
+    if isinstance(error, BodyTimeout):
+        out[CLOSE_AT_ONCE] = True  # and do not wait for the rest of a body too slow
     return out

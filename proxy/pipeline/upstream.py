@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.errors import (
+    ProxyError,
     UpstreamBodyError,
     UpstreamError,
     UpstreamTimeout,
@@ -61,6 +62,9 @@ def mapped_errors(
     except UpstreamError:
         raise
     except (aiohttp.ClientError, OSError) as e:
+        if isinstance(e.__cause__, ProxyError):
+            # The caller's streamed body failed (too large, too slow): not Kounta's fault.
+            raise e.__cause__ from None
         failed(error_kind(e))
         raise translate(settings, e) from None
 

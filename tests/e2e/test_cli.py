@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +274,32 @@ def test_a_variable_with_one_underscore_too_few_is_named(tmp_path: Path) -> None
         in result.stderr
     )
     assert "server_port" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize("which", ["token_file", "config"])
+def test_a_fifo_for_a_secret_or_the_config_is_one_line_not_a_hang(
+    tmp_path: Path, command: str, which: str
+) -> None:
+    """Issue 17 item 18: opening a FIFO with no writer blocks; a secret file or the config
+    file that is not a regular file is refused in one line instead."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[accounts.a]\nmode = "static"\ntoken_file = "{fifo}"\n')
+    target = fifo if which == "config" else config
+    try:
+        result = subprocess.run(
+            [COMMAND, command, "--config", str(target)], capture_output=True, text=True, timeout=10
+        )
+    finally:
+        release(fifo)  # a reader still blocked in open() (the old code) gets EOF and ends
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "not a regular file (a FIFO)" in lines[0] and str(fifo) in lines[0]
+
+
+def release(fifo: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))

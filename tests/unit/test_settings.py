@@ -1,4 +1,6 @@
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,3 +303,44 @@ def test_a_variables_problem_keeps_the_settings_path_as_its_key(tmp_path: Path) 
         load(write(tmp_path, ""), env)
     assert [p.key for p in info.value.problems] == ["admin.port", "server.port"]
     assert str(info.value) == "KOUNTA_PROXY_ADMIN__PORT (admin.port): must be an integer, got 'y'"
+
+
+def test_connection_limits_from_a_file(tmp_path: Path) -> None:
+    # issue 17 items 5 and 11: settings for body deadlines and idle keep-alive connections
+    text = '[server]\nkeepalive_timeout = 5\n[accounts.a]\nmode = "static"\ntoken = "t"\n'
+    settings = load(write(tmp_path, text), NO_ENV)
+    assert settings.server.keepalive_timeout == 5.0
+    assert load(write(tmp_path, text.replace("= 5", "= 75")), NO_ENV) != settings
+    with pytest.raises(ConfigError, match="keepalive_timeout"):
+        load(write(tmp_path, text.replace("= 5", "= 0")), NO_ENV)
+    assert (settings.server.body_timeout, settings.server.body_min_rate) == (30.0, 100.0)
+    body = text.replace("keepalive_timeout = 5", "body_timeout = 5\nbody_min_rate = 0")
+    server = load(write(tmp_path, body), NO_ENV).server
+    assert (server.body_timeout, server.body_min_rate) == (5.0, 0.0)
+    with pytest.raises(ConfigError, match="body_timeout"):
+        load(write(tmp_path, body.replace("body_timeout = 5", "body_timeout = 0")), NO_ENV)
+    with pytest.raises(ConfigError, match="body_min_rate"):
+        load(write(tmp_path, body.replace("body_min_rate = 0", "body_min_rate = -1")), NO_ENV)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: os.mkfifo(p), "not a regular file (a FIFO)"),
+        (lambda p: p.mkdir(), "not a regular file (a directory)"),
+        (lambda p: p.symlink_to("/dev/zero"), "not a regular file (a character device)"),
+        (lambda p: p.write_bytes(b"k" * (2 * 1024**2)), "larger than 1048576 bytes"),
+    ],
+    ids=["fifo", "directory", "device", "huge"],
+)
+def test_a_secret_file_that_is_not_a_small_regular_file_is_refused_at_once(
+    tmp_path: Path, make: Any, reason: str
+) -> None:
+    """Issue 17 item 18: never a blocking open (a FIFO waits for a writer) or an endless read."""
+    secret = tmp_path / "secret"
+    make(secret)
+    text = f'[accounts.a]\nmode = "static"\ntoken_file = "{secret}"\n'
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), NO_ENV)
+    assert info.value.key == "accounts.a.token_file"
+    assert f"cannot read secret file {secret}: {reason}" in str(info.value)
