@@ -33,6 +33,7 @@ Exceptions::
         ├── UpstreamTimeout         504 upstream_timeout
         ├── UpstreamBodyError       502 upstream_truncated (body cut short, gzip incomplete/corrupt)
         ├── UpstreamTooLarge        502 upstream_too_large (gzip inflates past the caps)
+        ├── UpstreamInvalid         502 upstream_invalid (a status outside 100-599)
         └── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
 """
 
@@ -193,6 +194,12 @@ class UpstreamTooLarge(UpstreamError):
     """A gzip body that inflates past ``upstream.max_inflated_size`` or its ratio cap."""
 
     code = "upstream_too_large"
+
+
+class UpstreamInvalid(UpstreamError):
+    """An answer no HTTP client may act on: a status outside 100-599 (RFC 9110 15)."""
+
+    code = "upstream_invalid"
 
 
 class CircuitOpen(_RetryAfter, UpstreamError):

@@ -35,7 +35,7 @@ BREAKER_STATES = ("closed", "half_open", "open")
 REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
-UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
+UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large", "invalid")
 # Why the listener closed a connection itself (proxy.listener.Limits).
 CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
 
@@ -302,7 +302,8 @@ class Metrics:
         self.upstream_errors = Counter(
             "kounta_proxy_upstream_errors",
             "Upstream exchanges that failed, by kind (timeout, connect, tls, reset, truncated: a "
-            "gzip body incomplete or corrupt, too_large: a gzip body past the caps) and account.",
+            "gzip body incomplete or corrupt, too_large: a gzip body past the caps, invalid: a "
+            "status outside 100-599) and account.",
             ["kind", "account"],
             registry=registry,
         )

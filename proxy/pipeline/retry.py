@@ -20,8 +20,11 @@ What counts, and where (the choice, and why):
 - Kounta could not be reached (refused, reset, DNS, TLS, timeout): a failure of the
   account's breaker and of the route's. Every path of the account would fail the same way,
   so once the account's breaker is open all of them fail fast.
-- Kounta answered 502, 503 or 504 (after the resends), or broke off a body: a failure of
-  the route's breaker only (the account + route template, ``/v1/companies/{id}/orders``).
+- Kounta answered 502, 503 or 504 (after the resends), broke off a body, or answered a
+  status outside 100-599: a failure of
+  the route's breaker only (the account + route, :func:`proxy.routes.breaker_key`: the
+  template, ``/v1/companies/{id}/orders``, or for an undocumented path the part a template
+  matched plus the next segment, ``/v1/companies/{id}/novel``, ``/v1/novel``).
   Kounta did answer, and one endpoint that is down, or a test's deliberate 5xx answers,
   must not turn every other path of the account into ``503 circuit_open``.
 - Any other answer, a 500 included, is a success: it is one endpoint's own error, not a
@@ -49,13 +52,14 @@ from proxy.errors import (
     CircuitOpen,
     UpstreamBodyError,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.routes import template
+from proxy.routes import breaker_key
 from proxy.settings import RetrySettings
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
@@ -206,11 +210,11 @@ class Retry:
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         host = self.breaker(request.account)
-        route = self.route_breaker(request.account, template(request.path))
+        route = self.route_breaker(request.account, breaker_key(request.path))
         probes = self._admit(host, route)
         try:
             response = await self._attempts(request, host, route)
-        except UpstreamBodyError:
+        except (UpstreamBodyError, UpstreamInvalid):
             self._ended(host, route, probes, host_failed=None, route_failed=True)
             raise
         except UpstreamError:

@@ -20,6 +20,7 @@ from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.errors import (
     UpstreamBodyError,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamTLSError,
     UpstreamTooLarge,
@@ -155,6 +156,13 @@ class Upstream:
                 auto_decompress=False,
             )
         took = time.perf_counter() - started
+        if not 100 <= response.status <= 599:
+            # RFC 9110 15: no client may act on it. Never passed on, never stored.
+            response.close()
+            count_error("invalid")
+            raise UpstreamInvalid(
+                f"The upstream answered with status {response.status}, outside 100-599"
+            )
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(route).observe(took)
             self.metrics.upstream_requests.labels(

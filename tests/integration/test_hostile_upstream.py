@@ -1,0 +1,101 @@
+"""A Kounta that misbehaves (issue 17): statuses outside HTTP's range, error bodies that
+echo the account's own secrets, gzip bodies refused at their first chunk, 503s on
+undocumented paths, and callers that stop reading a streamed answer. Upstreams are raw
+asyncio servers or one-handler aiohttp apps on loopback; callers are raw sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.settings import CacheSettings, RetrySettings, UpstreamSettings
+from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
+from tests.integration.test_faulty_upstream import reply
+from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
+
+FRESH = "Cache-Control: max-age=600"
+
+
+@pytest.fixture
+async def raw_proxy(make_proxy: MakeProxy, tmp_path: Any) -> AsyncIterator[Any]:
+    """A proxy (no retries, no breaker unless asked) in front of a scripted raw upstream."""
+    servers: list[asyncio.Server] = []
+
+    async def make(*replies: bytes, **sections: Any) -> tuple[RawUpstream, Proxy]:
+        raw, server = await start_raw(list(replies))
+        servers.append(server)
+        sections.setdefault("retry", RetrySettings(attempts=1, breaker_failures=0))
+        sections.setdefault("upstream", UpstreamSettings(base_url=raw.url, read_timeout=5))
+        return raw, await make_proxy(proxy_settings(raw.url, tmp_path, **sections))
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def sample(p: Proxy, name: str, labels: dict[str, str]) -> float:
+    return p.registry.get_sample_value(name, labels) or 0.0
+
+
+# -- 15: a status outside 100-599 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["600 Odd", "999 Nonsense", "099 Low"])
+@pytest.mark.parametrize("size", [200, 300_000], ids=["small", "streamed"])
+async def test_an_upstream_status_outside_http_is_502_upstream_invalid_and_never_stored(
+    raw_proxy: Any, status: str, size: int
+) -> None:
+    body = b'{"x":"' + b"y" * size + b'"}'
+    good = reply(b"{}", FRESH)
+    raw, p = await raw_proxy(reply(body, FRESH, status=status), good)
+    got = await answer_of(p.url, request("GET", "/v1/a"))
+    assert got.status == 502, got.body[:200]
+    assert got.json()["error"] == "upstream_invalid"
+    assert got.header("X-Proxy-Error") == "1"
+    # Not stored: the next request goes upstream again and is answered as Kounta answers.
+    got = await answer_of(p.url, request("GET", "/v1/a"))
+    assert (got.status, got.header("X-Cache"), got.body) == (200, "MISS", b"{}")
+    assert len(raw.seen) == 2
+    assert sample(p, "kounta_proxy_upstream_errors_total", {"kind": "invalid", "account": "main"})
+    counted = [
+        s.labels["status"]
+        for m in p.registry.collect()
+        if m.name == "kounta_proxy_upstream_requests"
+        for s in m.samples
+    ]
+    assert not [s for s in counted if not 100 <= int(s) <= 599]
+
+
+# -- 20: route breakers of undocumented paths ------------------------------------------------
+
+
+async def test_503s_on_one_undocumented_path_leave_the_other_undocumented_paths_alone(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        if request.path.startswith("/v1/broken"):
+            return web.json_response({"error": "down"}, status=503)
+        return web.json_response({"path": request.path})
+
+    runner, url = await serve_handler(handler)
+    retry = RetrySettings(attempts=1, breaker_failures=3, breaker_cooldown=60)
+    cache = CacheSettings(enabled=False)
+    p = await make_proxy(proxy_settings(url, tmp_path, retry=retry, cache=cache))
+    try:
+        for _ in range(7):
+            await answer_of(p.url, request("GET", "/v1/broken/thing.json"))
+        got = await answer_of(p.url, request("GET", "/v1/broken/thing.json"))
+        assert (got.status, got.json()["error"]) == (503, "circuit_open")
+        for path in ("/v1/elsewhere.json", "/v1/elsewhere/7.json", "/v1/companies/5/novel"):
+            got = await answer_of(p.url, request("GET", path))
+            assert got.status == 200, (path, got.body)
+        # An id is no new route: the same undocumented resource shares its breaker.
+        got = await answer_of(p.url, request("GET", "/v1/broken/other/9"))
+        assert (got.status, got.json()["error"]) == (503, "circuit_open")
+    finally:
+        await runner.cleanup()
