@@ -248,9 +248,20 @@ async def stream_answer(
     if framed and length is not None and length.isdigit():
         out.content_length = int(length)
     assert not isinstance(response.body, bytes)
+    chunks = aiter(response.body)
+    try:
+        # Decided before the head goes out: a body refused at its first chunk (a gzip body
+        # past the caps, a stored body that fails its check) is still a clean error answer.
+        first = await anext(chunks, b"")
+    except BaseException:
+        await response.release()
+        raise
     try:
         await out.prepare(request)
-        async for chunk in response.body:
+        if first:
+            await out.write(first)
+            info.bytes_sent += len(first)
+        async for chunk in chunks:
             await out.write(chunk)
             info.bytes_sent += len(chunk)
         await out.write_eof()

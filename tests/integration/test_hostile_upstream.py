@@ -7,6 +7,8 @@ asyncio servers or one-handler aiohttp apps on loopback; callers are raw sockets
 from __future__ import annotations
 
 import asyncio
+import gzip
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +17,7 @@ from aiohttp import web
 
 from proxy.settings import CacheSettings, RetrySettings, UpstreamSettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
-from tests.integration.test_faulty_upstream import reply
+from tests.integration.test_faulty_upstream import GZ, noise, reply
 from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
 
 FRESH = "Cache-Control: max-age=600"
@@ -26,11 +28,14 @@ async def raw_proxy(make_proxy: MakeProxy, tmp_path: Any) -> AsyncIterator[Any]:
     """A proxy (no retries, no breaker unless asked) in front of a scripted raw upstream."""
     servers: list[asyncio.Server] = []
 
-    async def make(*replies: bytes, **sections: Any) -> tuple[RawUpstream, Proxy]:
+    async def make(
+        *replies: bytes, upstream: dict[str, Any] | None = None, **sections: Any
+    ) -> tuple[RawUpstream, Proxy]:
         raw, server = await start_raw(list(replies))
         servers.append(server)
         sections.setdefault("retry", RetrySettings(attempts=1, breaker_failures=0))
-        sections.setdefault("upstream", UpstreamSettings(base_url=raw.url, read_timeout=5))
+        given = {"read_timeout": 5, **(upstream or {})}
+        sections["upstream"] = UpstreamSettings(base_url=raw.url, **given)
         return raw, await make_proxy(proxy_settings(raw.url, tmp_path, **sections))
 
     yield make
@@ -99,3 +104,27 @@ async def test_503s_on_one_undocumented_path_leave_the_other_undocumented_paths_
         assert (got.status, got.json()["error"]) == (503, "circuit_open")
     finally:
         await runner.cleanup()
+
+
+# -- 17: a streamed gzip body refused at its first chunk --------------------------------------
+
+
+@pytest.mark.parametrize("accept", ["Accept-Encoding: gzip", "Accept-Encoding: identity"])
+@pytest.mark.parametrize("storable", [False, True], ids=["no-store", "past-max_entry_size"])
+async def test_a_streamed_gzip_body_refused_at_its_first_chunk_is_a_clean_502(
+    raw_proxy: Any, caplog: pytest.LogCaptureFixture, accept: str, storable: bool
+) -> None:
+    packed = gzip.compress(noise(400_000))
+    assert len(packed) > 128 * 1024  # streamed, not read whole
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    headers = (GZ, FRESH) if storable else (GZ, "Cache-Control: no-store")
+    cache = CacheSettings(max_entry_size=64 * 1024)
+    _, p = await raw_proxy(
+        reply(packed, *headers), upstream={"max_inflated_size": 50_000}, cache=cache
+    )
+    got = await answer_of(p.url, request("GET", "/v1/a", accept))
+    assert got.status == 502, (got.status, got.headers)
+    assert got.json()["error"] == "upstream_too_large"
+    assert "max_inflated_size" in got.json()["error_description"]
+    logged = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+    assert [line["status"] for line in logged] == [502]
