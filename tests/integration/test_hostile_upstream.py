@@ -7,16 +7,25 @@ asyncio servers or one-handler aiohttp apps on loopback; callers are raw sockets
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
 
-from proxy.settings import CacheSettings, RetrySettings, UpstreamSettings
-from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
+from proxy.settings import (
+    AccountSettings,
+    CacheSettings,
+    RetrySettings,
+    Secret,
+    UpstreamSettings,
+)
+from tests.conftest import TOKEN, MakeProxy, Proxy, proxy_settings, serve_handler
 from tests.integration.test_faulty_upstream import GZ, noise, reply
 from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
 
@@ -128,3 +137,90 @@ async def test_a_streamed_gzip_body_refused_at_its_first_chunk_is_a_clean_502(
     assert "max_inflated_size" in got.json()["error_description"]
     logged = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
     assert [line["status"] for line in logged] == [502]
+
+
+# -- 16: an upstream that echoes the account's secrets ----------------------------------------
+
+SECRET = "client-secret-0123456789"
+
+
+def echo_app(status: int, coding: str = "") -> Any:
+    """An upstream that echoes the Authorization it got (decoded too, for Basic) in its
+    body, in a header, and in a Location query, as a debugging gateway might."""
+
+    async def handler(request: web.Request) -> web.Response:
+        sent = request.headers.get("Authorization", "")
+        credentials = sent.partition(" ")[2]
+        if sent.startswith("Basic "):
+            credentials += " " + base64.b64decode(credentials).decode()
+        body = json.dumps(
+            {"error": "echo", "error_description": f"you sent {sent} ({credentials})"}
+        ).encode()
+        headers = {
+            "X-Debug-Auth": sent,
+            "Location": f"https://api.kounta.com/v1/x?access_token={quote(credentials)}",
+            "Content-Type": "application/json",
+        }
+        if coding:
+            body, headers["Content-Encoding"] = gzip.compress(body), coding
+        return web.Response(status=status, body=body, headers=headers)
+
+    return handler
+
+
+@pytest.mark.parametrize("mode", ["static", "basic"])
+@pytest.mark.parametrize("coding", ["", "gzip"])
+@pytest.mark.parametrize("status", [400, 500, 302])
+async def test_the_accounts_secrets_never_reach_a_caller_from_an_upstream_echo(
+    make_proxy: MakeProxy,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    coding: str,
+    status: int,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    runner, url = await serve_handler(echo_app(status, coding))
+    if mode == "static":
+        account = AccountSettings(mode="static", token=Secret(TOKEN), rate_per_minute=100_000)
+        secrets = [TOKEN]
+    else:
+        account = AccountSettings(
+            mode="basic", client_id="add-on", client_secret=Secret(SECRET), rate_per_minute=100_000
+        )
+        pair = base64.b64encode(f"add-on:{SECRET}".encode()).decode()
+        secrets = [SECRET, pair]
+    settings = proxy_settings(url, tmp_path, accounts={"main": account})
+    p = await make_proxy(settings)
+    try:
+        for accept in ("Accept-Encoding: gzip", "Accept-Encoding: identity"):
+            got = await answer_of(p.url, request("GET", "/v1/a", accept))
+            assert got.status == status
+            wire = b"\r\n".join(f"{n}: {v}".encode() for n, v in got.headers) + got.body
+            if got.header("Content-Encoding") == "gzip":
+                wire += gzip.decompress(got.body)
+            for secret in secrets:
+                assert secret.encode() not in wire, (secret, wire[:600])
+                assert quote(secret, safe="").encode() not in wire
+            assert b"[redacted]" in wire
+    finally:
+        await runner.cleanup()
+    logged = "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
+    for secret in secrets:
+        assert secret not in logged
+
+
+async def test_a_2xx_body_passes_untouched_even_when_it_holds_the_token(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"note": f"token {TOKEN}"}, headers={"X-Echo": TOKEN})
+
+    runner, url = await serve_handler(handler)
+    p = await make_proxy(proxy_settings(url, tmp_path))
+    try:
+        got = await answer_of(p.url, request("GET", "/v1/a"))
+    finally:
+        await runner.cleanup()
+    assert (got.status, got.json()) == (200, {"note": f"token {TOKEN}"})
+    assert got.header("X-Echo") == "[redacted]"
