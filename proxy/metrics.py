@@ -35,9 +35,12 @@ BREAKER_STATES = ("closed", "half_open", "open")
 REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
-UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large", "invalid")
+UPSTREAM_ERROR_KINDS = (
+    *("timeout", "connect", "tls", "reset", "truncated", "too_large"),
+    *("invalid", "busy"),
+)
 # Why the listener closed a connection itself (proxy.listener.Limits).
-CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
+CONNECTION_DROP_REASONS = ("header_timeout", "max_connections", "send_timeout")
 
 
 class Registry(CollectorRegistry):
@@ -279,7 +282,8 @@ class Metrics:
         self.connections_dropped = Counter(
             "kounta_proxy_connections_dropped",
             "Connections the proxy closed to protect itself, by reason: header_timeout (no "
-            "complete request head within server.header_timeout), max_connections.",
+            "complete request head within server.header_timeout), max_connections, send_timeout "
+            "(a caller that stopped reading a streamed answer past server.send_timeout).",
             ["reason"],
             registry=registry,
         )
@@ -303,7 +307,8 @@ class Metrics:
             "kounta_proxy_upstream_errors",
             "Upstream exchanges that failed, by kind (timeout, connect, tls, reset, truncated: a "
             "gzip body incomplete or corrupt, too_large: a gzip body past the caps, invalid: a "
-            "status outside 100-599) and account.",
+            "status outside 100-599, busy: no free connection in the account's share) and "
+            "account.",
             ["kind", "account"],
             registry=registry,
         )

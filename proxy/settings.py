@@ -156,6 +156,10 @@ class ServerSettings:
     header_timeout: float = 10.0
     # Open connections at most; one more is answered 503 and closed at once.
     max_connections: int = 1000
+    # Seconds one write of a streamed answer may wait for a caller that stopped reading;
+    # then the caller's connection is closed and the upstream connection let go (nginx's
+    # send_timeout).
+    send_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -163,7 +167,7 @@ class ServerSettings:
         if self.public_url:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
         _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
-        _positive(self, "header_timeout")
+        _positive(self, "header_timeout", "send_timeout")
         if self.max_connections < 1:
             raise Invalid("max_connections", "must be at least 1")
 
@@ -184,10 +188,16 @@ class UpstreamSettings:
     # bytes in all, and times its compressed size (judged past the first MiB).
     max_inflated_size: int = 64 * 1024**2
     max_inflate_ratio: int = 200
+    # Upstream connections one account may hold at once (its share of pool_size), so callers
+    # of one account cannot take every connection; 0: pool_size shared equally by the
+    # accounts (at least 1 each). A request that waits connect_timeout for one gets
+    # 503 upstream_busy, which no circuit breaker counts.
+    account_pool_size: int = 0
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
         _positive(self, "max_inflated_size", "max_inflate_ratio")
+        _not_negative(self, "account_pool_size")
         if URL(self.base_url).path not in ("", "/"):
             raise Invalid(
                 "base_url",
@@ -201,6 +211,10 @@ class UpstreamSettings:
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
         _check_forwarded(self.forward_headers)
+
+    def account_share(self, accounts: int) -> int:
+        """Upstream connections each of ``accounts`` accounts may hold at once."""
+        return self.account_pool_size or max(1, self.pool_size // max(1, accounts))
 
     @functools.cached_property
     def forwarded(self) -> frozenset[str]:

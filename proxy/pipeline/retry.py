@@ -29,8 +29,9 @@ What counts, and where (the choice, and why):
   must not turn every other path of the account into ``503 circuit_open``.
 - Any other answer, a 500 included, is a success: it is one endpoint's own error, not a
   sign that Kounta is away, and resending or failing fast would not help.
-- Failures of our own (no budget token, no access token, a caller that left) count for
-  nothing either way.
+- Failures of our own (no budget token, no access token, a caller that left, no free
+  upstream connection in the account's share: ``503 upstream_busy``) count for nothing
+  either way.
 
 Route breakers are kept only while they have something to say (failures or open), at most
 ``ROUTES_MAX`` per account; past that a new route is watched by the account's breaker only.
@@ -51,6 +52,7 @@ from proxy.dates import retry_after
 from proxy.errors import (
     CircuitOpen,
     UpstreamBodyError,
+    UpstreamBusy,
     UpstreamError,
     UpstreamInvalid,
     UpstreamTimeout,
@@ -214,6 +216,10 @@ class Retry:
         probes = self._admit(host, route)
         try:
             response = await self._attempts(request, host, route)
+        except UpstreamBusy:
+            # The account's own connection share was in use: says nothing of Kounta.
+            self._ended(host, route, probes, host_failed=None, route_failed=None)
+            raise
         except (UpstreamBodyError, UpstreamInvalid):
             self._ended(host, route, probes, host_failed=None, route_failed=True)
             raise

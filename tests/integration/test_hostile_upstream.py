@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -21,8 +22,10 @@ from aiohttp import web
 from proxy.settings import (
     AccountSettings,
     CacheSettings,
+    CallerSettings,
     RetrySettings,
     Secret,
+    ServerSettings,
     UpstreamSettings,
 )
 from tests.conftest import TOKEN, MakeProxy, Proxy, proxy_settings, serve_handler
@@ -224,3 +227,147 @@ async def test_a_2xx_body_passes_untouched_even_when_it_holds_the_token(
         await runner.cleanup()
     assert (got.status, got.json()) == (200, {"note": f"token {TOKEN}"})
     assert got.header("X-Echo") == "[redacted]"
+
+
+# -- 6: callers that stop reading, and the pool the accounts share -----------------------------
+
+KEY_A = "caller-a-key-0123456789"
+KEY_B = "caller-b-key-0123456789"
+BIG = 48 * 1024 * 1024  # far more than loopback socket buffers hold
+
+
+class Streamer:
+    """An upstream: /v1/big streams BIG bytes (no-store) as fast as it is read; anything
+    else is a small JSON answer. Remembers when each big stream ended."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.ended: list[float] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not request.path.startswith("/v1/big"):
+            return web.json_response({"path": request.path})
+        out = web.StreamResponse(headers={"Cache-Control": "no-store"})
+        out.content_length = BIG
+        self.open += 1
+        try:
+            await out.prepare(request)
+            piece = b"x" * 65536
+            for _ in range(BIG // len(piece)):
+                await out.write(piece)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.open -= 1
+            self.ended.append(asyncio.get_running_loop().time())
+        return out
+
+
+async def stalled_reader(url: str, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A caller that asks for /v1/big, reads the head, then stops reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    writer.write(request("GET", "/v1/big", f"X-Proxy-Key: {key}"))
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer
+
+
+def two_accounts(url: str, tmp_path: Any, **sections: Any) -> Any:
+    token = "main-token-0123456789"
+    accounts = {
+        name: AccountSettings(mode="static", token=Secret(token), rate_per_minute=100_000)
+        for name in ("main", "shop")
+    }
+    callers = {
+        "a": CallerSettings(key=Secret(KEY_A), account="main"),
+        "b": CallerSettings(key=Secret(KEY_B), account="shop"),
+    }
+    return proxy_settings(url, tmp_path, accounts=accounts, callers=callers, **sections)
+
+
+async def test_stalled_readers_of_one_account_neither_pin_kounta_nor_starve_another(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    """Issue 17 item 6's attack, scaled down: pool_size 5, five callers of account A stop
+    reading a streamed answer; B's requests still go through at once, B's breaker stays
+    closed, and A's upstream connections are let go after server.send_timeout."""
+    upstream = Streamer()
+    runner, url = await serve_handler(upstream.handle)
+    settings = two_accounts(
+        url,
+        tmp_path,
+        upstream=UpstreamSettings(
+            base_url=url, pool_size=5, total_timeout=4, read_timeout=3, connect_timeout=1
+        ),
+        retry=RetrySettings(attempts=1, breaker_failures=2, breaker_cooldown=30),
+        server=ServerSettings(host="127.0.0.1", port=0, send_timeout=1.0),
+    )
+    p = await make_proxy(settings)
+    loop = asyncio.get_running_loop()
+    stalled = []
+    try:
+        started = loop.time()
+        for _ in range(5):
+            stalled.append(await stalled_reader(p.url, KEY_A))
+        statuses = []
+        for i in range(3):
+            got = await answer_of(p.url, request("GET", f"/v1/small/{i}", f"X-Proxy-Key: {KEY_B}"))
+            statuses.append(got.status)
+        assert statuses == [200, 200, 200]
+        assert loop.time() - started < 3.5  # none of them waited for a pool slot
+        # server.send_timeout: each stalled caller is cut off, and its upstream let go.
+        for _ in range(60):
+            if len(upstream.ended) == 5:
+                break
+            await asyncio.sleep(0.1)
+        assert len(upstream.ended) == 5, upstream.ended
+        assert max(upstream.ended) - started < 4.0
+        for reader, _ in stalled:
+            # The caller's connection was closed: what is left in buffers, then EOF.
+            while await asyncio.wait_for(reader.read(1 << 20), 5):
+                pass
+        dropped = sample(p, "kounta_proxy_connections_dropped_total", {"reason": "send_timeout"})
+        assert dropped == 5
+        shop = sample(p, "kounta_proxy_breaker_state", {"account": "shop", "state": "closed"})
+        assert shop == 1
+    finally:
+        for _, writer in stalled:
+            writer.close()
+        await runner.cleanup()
+
+
+async def test_waiting_for_a_pool_slot_is_503_upstream_busy_and_no_breaker_counts_it(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    upstream = Streamer()
+    runner, url = await serve_handler(upstream.handle)
+    settings = two_accounts(
+        url,
+        tmp_path,
+        upstream=UpstreamSettings(
+            base_url=url, pool_size=4, account_pool_size=1, connect_timeout=0.5, read_timeout=5
+        ),
+        retry=RetrySettings(attempts=2, backoff_initial=0.01, breaker_failures=1),
+        server=ServerSettings(host="127.0.0.1", port=0, send_timeout=30),
+        cache=CacheSettings(enabled=False),
+    )
+    p = await make_proxy(settings)
+    stalled = [await stalled_reader(p.url, KEY_A)]
+    try:
+        for _ in range(3):
+            got = await answer_of(p.url, request("GET", "/v1/small", f"X-Proxy-Key: {KEY_A}"))
+            assert (got.status, got.json()["error"]) == (503, "upstream_busy"), got.body
+            assert got.header("Retry-After") is not None
+        got = await answer_of(p.url, request("GET", "/v1/small", f"X-Proxy-Key: {KEY_B}"))
+        assert got.status == 200  # the other account has its own share
+        main = sample(p, "kounta_proxy_breaker_state", {"account": "main", "state": "closed"})
+        assert main == 1
+        assert sample(p, "kounta_proxy_breaker_routes_open", {"account": "main"}) == 0
+    finally:
+        for _, writer in stalled:
+            writer.close()
+        await runner.cleanup()
