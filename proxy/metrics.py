@@ -501,7 +501,7 @@ class Metrics:
         )
         self.cache_evictions = Counter(
             "kounta_proxy_cache_evictions",
-            "Disk cache values evicted to stay under cache.max_size.",
+            "Disk cache values evicted to stay under cache.max_size or an account's share of it.",
             registry=registry,
         )
         self.cache_invalidations = Counter(

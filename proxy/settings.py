@@ -286,8 +286,13 @@ class AccountSettings:
     rate_per_minute: int = 0
     # Requests that may go out back to back before the pace sets in; 0: rate_per_minute / 20.
     burst: int = 0
+    # The account's weight in the local cache tiers: it holds at most cache.max_size (and
+    # cache.memory_size) * cache_share / the sum of all accounts' cache_share.
+    cache_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.cache_share > 0:
+            raise Invalid("cache_share", f"must be greater than 0, got {self.cache_share}")
         if self.mode == "static" and not self.token:
             raise Invalid("token", "is required when mode = 'static'")
         if self.mode in ("basic", "oauth") and not (self.client_id and self.client_secret):

@@ -274,8 +274,9 @@ async def close(services: Services) -> None:
 
 async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
     config = settings.cache
+    shares = {name: account.cache_share for name, account in settings.accounts.items()}
     store = await CacheStore.open(
-        config.directory(settings.state_dir), config.max_size, config.memory_size
+        config.directory(settings.state_dir), config.max_size, config.memory_size, shares
     )
     store.on_error = lambda op: metrics.cache_store_errors.labels(op).inc()
     store.on_evict = metrics.cache_evictions.inc

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 
+from proxy.edge.services import SERVICES
 from proxy.settings import (
     AccountSettings,
     CacheSettings,
@@ -370,4 +371,51 @@ async def test_waiting_for_a_pool_slot_is_503_upstream_busy_and_no_breaker_count
     finally:
         for _, writer in stalled:
             writer.close()
+        await runner.cleanup()
+
+
+# -- 12: one account's reads do not evict another's entries --------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["disk", "memory"])
+async def test_one_accounts_large_reads_do_not_evict_another_accounts_entries(
+    make_proxy: MakeProxy, tmp_path: Any, tier: str
+) -> None:
+    sent: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        sent.append(request.path)
+        body = json.dumps({"path": request.path, "pad": "x" * 100_000}).encode()
+        return web.Response(
+            body=body, content_type="application/json", headers={"Cache-Control": "max-age=600"}
+        )
+
+    runner, url = await serve_handler(handler)
+    if tier == "disk":  # no memory tier: every hit comes from disk
+        cache = CacheSettings(max_size=3 * 1024**2, max_entry_size=256 * 1024, memory_size=0)
+    else:  # a disk far larger than the memory tier: memory alone decides (the fast path)
+        cache = CacheSettings(max_size=512 * 1024**2, memory_size=3 * 1024**2)
+    p = await make_proxy(two_accounts(url, tmp_path, cache=cache))
+    try:
+        for i in range(5):
+            got = await answer_of(p.url, request("GET", f"/v1/b/{i}", f"X-Proxy-Key: {KEY_B}"))
+            assert (got.status, got.header("X-Cache")) == (200, "MISS")
+        for i in range(60):  # 6 MB of account A: twice what the whole tier holds
+            got = await answer_of(p.url, request("GET", f"/v1/a/{i}", f"X-Proxy-Key: {KEY_A}"))
+            assert got.status == 200
+        if tier == "memory":
+            # Hits from disk look the same to a caller: the memory tier itself must hold them.
+            store = p.app[SERVICES].store
+            assert store is not None
+            held = [k for k in store.hot.items if "/v1/b/" in k]
+            assert len(held) == 5, len(held)
+        upstream_before = len(sent)
+        for i in range(5):
+            got = await answer_of(p.url, request("GET", f"/v1/b/{i}", f"X-Proxy-Key: {KEY_B}"))
+            assert (got.status, got.header("X-Cache")) == (200, "HIT"), i
+        assert len(sent) == upstream_before
+        # A still has its share: its most recent entries are hits.
+        got = await answer_of(p.url, request("GET", "/v1/a/59", f"X-Proxy-Key: {KEY_A}"))
+        assert got.header("X-Cache") == "HIT"
+    finally:
         await runner.cleanup()
