@@ -197,6 +197,7 @@ class Upstream:
         started = time.perf_counter()
         count_error = self._error_counter(request.account)
         slot = await self._slot(request, count_error)
+        begun = asyncio.get_running_loop().time()
         try:
             with mapped_errors(self.settings, count_error):
                 response = await self.session.request(
@@ -245,11 +246,14 @@ class Upstream:
                 upstream_status=response.status,
                 upstream_seconds=took,
             )
+        ended = self._watch(
+            response, slot, min(request.deadline, begun + self.settings.total_timeout)
+        )
         return ProxyResponse(
             status=response.status,
             headers=CIMultiDict(response.headers),
-            body=self._stream(response, gzip, count_error, slot),
-            release=_releaser(response, slot),
+            body=self._stream(response, gzip, count_error, ended),
+            release=_releaser(response, ended),
             upstream_status=response.status,
             upstream_seconds=took,
         )
@@ -265,6 +269,23 @@ class Upstream:
             sock_connect=self.settings.connect_timeout,
             sock_read=self.settings.read_timeout,
         )
+
+    def _watch(self, response: aiohttp.ClientResponse, slot: Release, deadline: float) -> Release:
+        """The exchange never outlives ``deadline`` (total_timeout, or the request's), even
+        while its answer waits on a caller that stopped reading: the connection is closed
+        then and the slot freed. Returns what ends the watch (and frees the slot)."""
+
+        def expire() -> None:
+            response.close()
+            slot()
+
+        watchdog = asyncio.get_running_loop().call_at(deadline, expire)
+
+        def ended() -> None:
+            watchdog.cancel()
+            slot()
+
+        return ended
 
     async def _slot(self, request: ProxyRequest, count_error: Callable[[str], None]) -> Release:
         try:

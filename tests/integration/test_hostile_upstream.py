@@ -427,3 +427,36 @@ async def test_one_accounts_large_reads_do_not_evict_another_accounts_entries(
         assert got.header("X-Cache") == "HIT"
     finally:
         await runner.cleanup()
+
+
+async def test_a_stalled_reader_never_holds_kounta_past_total_timeout(
+    make_proxy: MakeProxy, tmp_path: Any
+) -> None:
+    """Even with a long server.send_timeout, the upstream exchange ends at total_timeout."""
+    upstream = Streamer()
+    runner, url = await serve_handler(upstream.handle)
+    settings = two_accounts(
+        url,
+        tmp_path,
+        upstream=UpstreamSettings(base_url=url, total_timeout=2, read_timeout=2),
+        server=ServerSettings(host="127.0.0.1", port=0, send_timeout=60),
+    )
+    p = await make_proxy(settings)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer, status = await stalled_reader(p.url, KEY_A)
+    try:
+        assert status == 200
+        for _ in range(60):
+            if upstream.ended:
+                break
+            await asyncio.sleep(0.1)
+        assert upstream.ended and upstream.ended[0] - started < 3.5, upstream.ended
+        # The caller then finds its answer broken off (never complete-looking).
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+        assert received < BIG
+    finally:
+        writer.close()
+        await runner.cleanup()
