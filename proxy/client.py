@@ -159,9 +159,12 @@ class Connector(aiohttp.TCPConnector):
         self._factory = cast(Any, functools.partial(ExcessTolerant, loop=self._loop))
 
 
-def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
+def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.ClientSession:
+    """``accounts``: how many accounts share the pool; the connector holds every account's
+    share (``upstream.account_pool_size``) at once, so a request within its account's share
+    never waits in the connector, where a wait could not be told from a slow connect."""
     connector = Connector(
-        limit=settings.pool_size,
+        limit=max(settings.pool_size, settings.account_share(accounts) * accounts),
         ssl=ssl_context(settings),
         ttl_dns_cache=300,
         enable_cleanup_closed=False,

@@ -34,7 +34,10 @@ Exceptions::
         ├── UpstreamTimeout         504 upstream_timeout
         ├── UpstreamBodyError       502 upstream_truncated (body cut short, gzip incomplete/corrupt)
         ├── UpstreamTooLarge        502 upstream_too_large (gzip inflates past the caps)
-        └── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
+        ├── UpstreamInvalid         502 upstream_invalid (a status outside 100-599)
+        ├── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
+        └── UpstreamBusy            503 upstream_busy (+ retry_after; the account's
+                                    upstream connections all in use; no breaker counts it)
 """
 
 from __future__ import annotations
@@ -201,11 +204,25 @@ class UpstreamTooLarge(UpstreamError):
     code = "upstream_too_large"
 
 
+class UpstreamInvalid(UpstreamError):
+    """An answer no HTTP client may act on: a status outside 100-599 (RFC 9110 15)."""
+
+    code = "upstream_invalid"
+
+
 class CircuitOpen(_RetryAfter, UpstreamError):
     """Kounta failed too often in a row: the account's requests fail fast for a while."""
 
     status = 503
     code = "circuit_open"
+
+
+class UpstreamBusy(_RetryAfter, UpstreamError):
+    """Every upstream connection of the account's share stayed in use past the wait: the
+    proxy's own limit, not a sign that Kounta is away (breakers do not count it)."""
+
+    status = 503
+    code = "upstream_busy"
 
 
 class TooManyPages(ProxyError):

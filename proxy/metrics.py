@@ -35,9 +35,15 @@ BREAKER_STATES = ("closed", "half_open", "open")
 REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
-UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
+UPSTREAM_ERROR_KINDS = (
+    *("timeout", "connect", "tls", "reset", "truncated", "too_large"),
+    *("invalid", "busy"),
+)
 # Why the listener closed a connection itself (proxy.listener.Limits).
-CONNECTION_DROP_REASONS = ("header_timeout", "max_connections", "keepalive_evicted", "body_timeout")
+CONNECTION_DROP_REASONS = (
+    *("header_timeout", "max_connections", "keepalive_evicted", "body_timeout"),
+    "send_timeout",
+)
 
 
 class Registry(CollectorRegistry):
@@ -282,7 +288,8 @@ class Metrics:
             "complete request head within server.header_timeout), max_connections, "
             "keepalive_evicted (an idle keep-alive connection closed to admit a new one at "
             "the cap), body_timeout (a request body slower than server.body_min_rate or "
-            "later than server.body_timeout: 408).",
+            "later than server.body_timeout: 408), send_timeout (a caller that stopped reading "
+            "a streamed answer past server.send_timeout).",
             ["reason"],
             registry=registry,
         )
@@ -305,7 +312,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "kounta_proxy_upstream_errors",
             "Upstream exchanges that failed, by kind (timeout, connect, tls, reset, truncated: a "
-            "gzip body incomplete or corrupt, too_large: a gzip body past the caps) and account.",
+            "gzip body incomplete or corrupt, too_large: a gzip body past the caps, invalid: a "
+            "status outside 100-599, busy: no free connection in the account's share) and "
+            "account.",
             ["kind", "account"],
             registry=registry,
         )
@@ -498,7 +507,7 @@ class Metrics:
         )
         self.cache_evictions = Counter(
             "kounta_proxy_cache_evictions",
-            "Disk cache values evicted to stay under cache.max_size.",
+            "Disk cache values evicted to stay under cache.max_size or an account's share of it.",
             registry=registry,
         )
         self.cache_invalidations = Counter(

@@ -172,6 +172,10 @@ class ServerSettings:
     # Bytes a second a request body must keep up, judged after the first second of waiting
     # (at least this many bytes for every second past the first); 0: no minimum.
     body_min_rate: float = 100.0
+    # Seconds one write of a streamed answer may wait for a caller that stopped reading;
+    # then the caller's connection is closed and the upstream connection let go (nginx's
+    # send_timeout).
+    send_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -182,6 +186,7 @@ class ServerSettings:
         _positive(self, "header_timeout")
         _positive(self, "keepalive_timeout", "body_timeout")
         _not_negative(self, "body_min_rate")
+        _positive(self, "send_timeout")
         if self.max_connections < 1:
             raise Invalid("max_connections", "must be at least 1")
 
@@ -202,10 +207,16 @@ class UpstreamSettings:
     # bytes in all, and times its compressed size (judged past the first MiB).
     max_inflated_size: int = 64 * 1024**2
     max_inflate_ratio: int = 200
+    # Upstream connections one account may hold at once (its share of pool_size), so callers
+    # of one account cannot take every connection; 0: pool_size shared equally by the
+    # accounts (at least 1 each). A request that waits connect_timeout for one gets
+    # 503 upstream_busy, which no circuit breaker counts.
+    account_pool_size: int = 0
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
         _positive(self, "max_inflated_size", "max_inflate_ratio")
+        _not_negative(self, "account_pool_size")
         if URL(self.base_url).path not in ("", "/"):
             raise Invalid(
                 "base_url",
@@ -219,6 +230,10 @@ class UpstreamSettings:
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
         _check_forwarded(self.forward_headers)
+
+    def account_share(self, accounts: int) -> int:
+        """Upstream connections each of ``accounts`` accounts may hold at once."""
+        return self.account_pool_size or max(1, self.pool_size // max(1, accounts))
 
     @functools.cached_property
     def forwarded(self) -> frozenset[str]:
@@ -290,8 +305,13 @@ class AccountSettings:
     rate_per_minute: int = 0
     # Requests that may go out back to back before the pace sets in; 0: rate_per_minute / 20.
     burst: int = 0
+    # The account's weight in the local cache tiers: it holds at most cache.max_size (and
+    # cache.memory_size) * cache_share / the sum of all accounts' cache_share.
+    cache_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.cache_share > 0:
+            raise Invalid("cache_share", f"must be greater than 0, got {self.cache_share}")
         if self.mode == "static" and not self.token:
             raise Invalid("token", "is required when mode = 'static'")
         if self.mode in ("basic", "oauth") and not (self.client_id and self.client_secret):

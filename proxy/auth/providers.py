@@ -110,6 +110,10 @@ class TokenProvider(Protocol):
 
     def problem(self) -> str | None: ...
 
+    def secrets(self) -> tuple[str, ...]:
+        """The account's current secrets (tokens, client secret) to keep from callers."""
+        ...
+
     async def start(self, session: aiohttp.ClientSession) -> None: ...
 
     async def stop(self) -> None: ...
@@ -122,9 +126,10 @@ class _Fixed:
     state = STATIC
     expires_at: float | None = None
 
-    def __init__(self, account: str, header: str) -> None:
+    def __init__(self, account: str, header: str, *secrets: str) -> None:
         self.account = account
         self._header = header
+        self._secrets = (header.partition(" ")[2], *secrets)
 
     async def authorization(self, deadline: float = INF) -> str:
         return self._header
@@ -140,6 +145,9 @@ class _Fixed:
 
     def problem(self) -> str | None:
         return None
+
+    def secrets(self) -> tuple[str, ...]:
+        return self._secrets
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         return None
@@ -163,7 +171,8 @@ class BasicCredentials(_Fixed):
 
     def __init__(self, client_id: str, client_secret: str, account: str = "default") -> None:
         pair = f"{client_id}:{client_secret}".encode()
-        super().__init__(account, "Basic " + base64.b64encode(pair).decode("ascii"))
+        header = "Basic " + base64.b64encode(pair).decode("ascii")
+        super().__init__(account, header, client_secret)
 
 
 def token_path(name: str, account: AccountSettings, state_dir: str) -> Path:
@@ -355,6 +364,12 @@ class OAuthProvider:
             with contextlib.suppress(TokenUnavailable):
                 self._check_usable()
                 self._refresh(failed)
+
+    def secrets(self) -> tuple[str, ...]:
+        token = self._token
+        held = (token.access_token, token.refresh_token) if token is not None else ()
+        settings = self.settings
+        return (*held, settings.client_secret.reveal(), settings.refresh_token.reveal())
 
     def problem(self) -> str | None:
         """For /readyz: None when requests can get a token."""

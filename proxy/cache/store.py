@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import IO, Any, NoReturn, Protocol, TypeVar
 import diskcache  # type: ignore[import-untyped]
 
 from proxy.cache.policy import Entry, normalise_path, parse_key
+from proxy.cache.shares import Ledger
 from proxy.errors import StoredBodyError
 from proxy.files import FILE_MODE, private_dir
 from proxy.logs import event
@@ -111,15 +113,17 @@ def _is_full(error: BaseException) -> bool:
 class HotEntries:
     """A byte-bounded LRU of stored entries (on the event loop only)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, ledger: Ledger | None = None) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.items: OrderedDict[str, Stored] = OrderedDict()
+        self.ledger = ledger or Ledger()  # each account's share (proxy.cache.shares)
 
     def get(self, key: str) -> Stored | None:
         found = self.items.get(key)
         if found is not None:
             self.items.move_to_end(key)
+            self.ledger.touch(key)
         return found
 
     def put(self, key: str, stored: Stored) -> None:
@@ -131,18 +135,23 @@ class HotEntries:
             return
         self.items[key] = stored
         self.bytes += size
+        for victim in self.ledger.add(key, stored.entry.account, size):
+            self.pop(victim)
         while self.bytes > self.max_bytes:
             old_key, old = self.items.popitem(last=False)
             self.bytes -= _cost(old_key, old)
+            self.ledger.remove(old_key)
 
     def pop(self, key: str) -> None:
         old = self.items.pop(key, None)
         if old is not None:
             self.bytes -= _cost(key, old)
+            self.ledger.remove(key)
 
     def clear(self) -> None:
         self.items.clear()
         self.bytes = 0
+        self.ledger.clear()
 
 
 def _cost(key: str, stored: Stored) -> int:
@@ -183,11 +192,18 @@ class CacheStore:
     """Entries by key, with the path index that invalidation and purge need."""
 
     def __init__(
-        self, directory: Path, max_size: int, memory_size: int, index_limit: int = INDEX_LIMIT
+        self,
+        directory: Path,
+        max_size: int,
+        memory_size: int,
+        index_limit: int = INDEX_LIMIT,
+        shares: Mapping[str, float] | None = None,
     ) -> None:
         self.directory = directory
         self.max_size = max_size
-        self.hot = HotEntries(memory_size)
+        # shares: each account's weight in both tiers ([accounts.NAME] cache_share).
+        self.hot = HotEntries(memory_size, Ledger(memory_size, shares))
+        self.ledger = Ledger(max_size, shares)  # the disk's; used on the worker thread only
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
         self.disk: diskcache.Cache = _open(directory, max_size)
         # (account, normalised path) -> keys; may name keys diskcache has evicted since.
@@ -215,9 +231,16 @@ class CacheStore:
     # ------------------------------------------------------------------ life
 
     @classmethod
-    async def open(cls, directory: Path, max_size: int, memory_size: int) -> CacheStore:
+    async def open(
+        cls,
+        directory: Path,
+        max_size: int,
+        memory_size: int,
+        shares: Mapping[str, float] | None = None,
+    ) -> CacheStore:
         loop = asyncio.get_running_loop()
-        store = await loop.run_in_executor(None, cls, directory, max_size, memory_size)
+        make = functools.partial(cls, directory, max_size, memory_size, shares=shares)
+        store = await loop.run_in_executor(None, make)
         await store._run(store._load_index)
         return store
 
@@ -226,6 +249,8 @@ class CacheStore:
             parts = parse_key(key) if isinstance(key, str) else None
             if parts is not None:
                 self._index(key, parts.account, parts.path)
+                if self.ledger.active:
+                    self._count(key, self.disk.get(key))
         self.epoch = int(self.disk.get(EPOCH_KEY, 0))
 
     async def close(self) -> None:
@@ -434,9 +459,18 @@ class CacheStore:
         self.disk.set(key, stored)
         if isinstance(old, Stored) and old.body_key and old.body_key != stored.body_key:
             self.disk.delete(old.body_key)
+        self._count(key, stored)
         culled = self.disk.cull()
         if culled:
             self.on_evict(culled)
+
+    def _count(self, key: str, stored: object) -> None:
+        """Count a record in its account's share; evict the account's oldest past it."""
+        if isinstance(stored, Stored):
+            size = len(key) + stored.entry.size + ENTRY_OVERHEAD
+            evicted = self._delete(self.ledger.add(key, stored.entry.account, size))
+            if evicted:
+                self.on_evict(evicted)
 
     def _guarded(self, write: Callable[[], None]) -> bool:
         try:
@@ -510,6 +544,7 @@ class CacheStore:
     def _delete(self, keys: list[str]) -> int:
         removed = 0
         for key in keys:
+            self.ledger.remove(key)
             try:
                 old = self.disk.pop(key)
                 if isinstance(old, Stored) and old.body_key:
@@ -602,6 +637,7 @@ class CacheStore:
     def _clear(self) -> int:
         count = sum(1 for k in self.disk.iterkeys() if isinstance(k, str) and parse_key(k))
         self.disk.clear()
+        self.ledger.clear()
         self.disk.set(EPOCH_KEY, self.epoch + 1)
         self.epoch += 1
         return count

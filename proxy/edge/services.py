@@ -156,7 +156,7 @@ async def build(
     live = LiveRef(Live(settings, callers, providers))
     checks: dict[str, Check] = {f"token:{name}": _token_check(live, name) for name in providers}
     # Created even when tests swap the upstream layer: token requests use it too.
-    session = create_session(settings.upstream)
+    session = create_session(settings.upstream, len(settings.accounts))
     try:
         store = await open_store(settings, metrics) if settings.cache.enabled else None
     except BaseException:
@@ -164,7 +164,9 @@ async def build(
         await shared.close()
         raise
     layer: Layer = (
-        upstream if upstream is not None else Upstream(settings.upstream, session, metrics)
+        upstream
+        if upstream is not None
+        else Upstream(settings.upstream, session, metrics, len(settings.accounts))
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
     layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.settings)
@@ -272,8 +274,9 @@ async def close(services: Services) -> None:
 
 async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
     config = settings.cache
+    shares = {name: account.cache_share for name, account in settings.accounts.items()}
     store = await CacheStore.open(
-        config.directory(settings.state_dir), config.max_size, config.memory_size
+        config.directory(settings.state_dir), config.max_size, config.memory_size, shares
     )
     store.on_error = lambda op: metrics.cache_store_errors.labels(op).inc()
     store.on_evict = metrics.cache_evictions.inc

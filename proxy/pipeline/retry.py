@@ -20,14 +20,18 @@ What counts, and where (the choice, and why):
 - Kounta could not be reached (refused, reset, DNS, TLS, timeout): a failure of the
   account's breaker and of the route's. Every path of the account would fail the same way,
   so once the account's breaker is open all of them fail fast.
-- Kounta answered 502, 503 or 504 (after the resends), or broke off a body: a failure of
-  the route's breaker only (the account + route template, ``/v1/companies/{id}/orders``).
+- Kounta answered 502, 503 or 504 (after the resends), broke off a body, or answered a
+  status outside 100-599: a failure of
+  the route's breaker only (the account + route, :func:`proxy.routes.breaker_key`: the
+  template, ``/v1/companies/{id}/orders``, or for an undocumented path the part a template
+  matched plus the next segment, ``/v1/companies/{id}/novel``, ``/v1/novel``).
   Kounta did answer, and one endpoint that is down, or a test's deliberate 5xx answers,
   must not turn every other path of the account into ``503 circuit_open``.
 - Any other answer, a 500 included, is a success: it is one endpoint's own error, not a
   sign that Kounta is away, and resending or failing fast would not help.
-- Failures of our own (no budget token, no access token, a caller that left) count for
-  nothing either way.
+- Failures of our own (no budget token, no access token, a caller that left, no free
+  upstream connection in the account's share: ``503 upstream_busy``) count for nothing
+  either way.
 
 Route breakers are kept only while they have something to say (failures or open), at most
 ``ROUTES_MAX`` per account; past that a new route is watched by the account's breaker only.
@@ -48,14 +52,16 @@ from proxy.dates import retry_after
 from proxy.errors import (
     CircuitOpen,
     UpstreamBodyError,
+    UpstreamBusy,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.logs import event
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.routes import template
+from proxy.routes import breaker_key
 from proxy.settings import RetrySettings
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
@@ -206,11 +212,15 @@ class Retry:
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         host = self.breaker(request.account)
-        route = self.route_breaker(request.account, template(request.path))
+        route = self.route_breaker(request.account, breaker_key(request.path))
         probes = self._admit(host, route)
         try:
             response = await self._attempts(request, host, route)
-        except UpstreamBodyError:
+        except UpstreamBusy:
+            # The account's own connection share was in use: says nothing of Kounta.
+            self._ended(host, route, probes, host_failed=None, route_failed=None)
+            raise
+        except (UpstreamBodyError, UpstreamInvalid):
             self._ended(host, route, probes, host_failed=None, route_failed=True)
             raise
         except UpstreamError:

@@ -1,5 +1,11 @@
 """The one client session to Kounta, and the edge where aiohttp errors become ours.
 
+Each account holds at most its share of the upstream connections at once
+(``upstream.account_pool_size``, :class:`Slots`), from sending a request until its answer is
+released, so callers of one account that stop reading cannot take the connections every
+other account needs. A request that cannot get a slot within ``connect_timeout`` is
+``503 upstream_busy``: the proxy's own limit, which no circuit breaker counts.
+
 Kounta is asked for gzip (``Accept-Encoding: gzip``) and its bodies are passed up as they
 came, ``Content-Encoding`` kept: a gzip body is checked as it arrives (complete, CRC32 and
 ISIZE right, within ``upstream.max_inflated_size`` and ``max_inflate_ratio``), so a body
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -20,7 +27,9 @@ from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.errors import (
     ProxyError,
     UpstreamBodyError,
+    UpstreamBusy,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamTLSError,
     UpstreamTooLarge,
@@ -124,6 +133,47 @@ def _is_small(response: aiohttp.ClientResponse) -> bool:
     return length is not None and length <= SMALL_BODY
 
 
+Release = Callable[[], None]
+
+
+class Slots:
+    """Each account's share of the upstream connections: a slot is held from the request
+    until its answer is released (read, closed, or at the latest garbage collected)."""
+
+    def __init__(self, share: int, wait: float) -> None:
+        self.share = share
+        self.wait = wait
+        self.accounts: dict[str, asyncio.Semaphore] = {}
+
+    async def take(self, account: str, deadline: float) -> Release:
+        """A slot of ``account``'s share (its release, safe to call more than once), or
+        :class:`UpstreamBusy` when none came free in time."""
+        semaphore = self.accounts.get(account)
+        if semaphore is None:
+            semaphore = self.accounts[account] = asyncio.Semaphore(self.share)
+        if semaphore.locked():
+            wait = min(self.wait, deadline - asyncio.get_running_loop().time())
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise UpstreamBusy(
+                    f"All {self.share} upstream connections of account {account!r} stayed in "
+                    f"use for {max(0.0, wait):g}s (upstream.account_pool_size)",
+                    retry_after=1,
+                ) from None
+        else:
+            await semaphore.acquire()
+        held = [True]
+
+        def release() -> None:
+            if held:
+                held.clear()
+                semaphore.release()
+
+        return release
+
+
 class Upstream:
     """The bottom layer: sends a request to the fixed upstream and streams the answer."""
 
@@ -132,12 +182,14 @@ class Upstream:
         settings: UpstreamSettings,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        accounts: int = 1,
     ) -> None:
         self.settings = settings
         self.base = settings.url
         self.session = session
         self.metrics = metrics
         self.caps = Caps(settings.max_inflated_size, settings.max_inflate_ratio)
+        self.slots = Slots(settings.account_share(accounts), settings.connect_timeout)
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         url = upstream_url(self.base, Target(request.path, request.query))
@@ -148,17 +200,33 @@ class Upstream:
         route = template(request.path)
         started = time.perf_counter()
         count_error = self._error_counter(request.account)
-        with mapped_errors(self.settings, count_error):
-            response = await self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,
-                timeout=timeout,
-                auto_decompress=False,
-            )
+        slot = await self._slot(request, count_error)
+        begun = asyncio.get_running_loop().time()
+        try:
+            with mapped_errors(self.settings, count_error):
+                response = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=request.body,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    auto_decompress=False,
+                )
+        except BaseException:
+            slot()
+            raise
+        # A safety net: an answer dropped without being released still frees its slot.
+        weakref.finalize(response, slot)
         took = time.perf_counter() - started
+        if not 100 <= response.status <= 599:
+            # RFC 9110 15: no client may act on it. Never passed on, never stored.
+            response.close()
+            slot()
+            count_error("invalid")
+            raise UpstreamInvalid(
+                f"The upstream answered with status {response.status}, outside 100-599"
+            )
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(route).observe(took)
             self.metrics.upstream_requests.labels(
@@ -172,6 +240,7 @@ class Upstream:
                     body = await response.read()
                 finally:
                     response.release()
+                    slot()
                 if gzip:
                     check(body, self.caps)
             return ProxyResponse(
@@ -181,11 +250,14 @@ class Upstream:
                 upstream_status=response.status,
                 upstream_seconds=took,
             )
+        ended = self._watch(
+            response, slot, min(request.deadline, begun + self.settings.total_timeout)
+        )
         return ProxyResponse(
             status=response.status,
             headers=CIMultiDict(response.headers),
-            body=self._stream(response, gzip, count_error),
-            release=_releaser(response),
+            body=self._stream(response, gzip, count_error, ended),
+            release=_releaser(response, ended),
             upstream_status=response.status,
             upstream_seconds=took,
         )
@@ -202,6 +274,30 @@ class Upstream:
             sock_read=self.settings.read_timeout,
         )
 
+    def _watch(self, response: aiohttp.ClientResponse, slot: Release, deadline: float) -> Release:
+        """The exchange never outlives ``deadline`` (total_timeout, or the request's), even
+        while its answer waits on a caller that stopped reading: the connection is closed
+        then and the slot freed. Returns what ends the watch (and frees the slot)."""
+
+        def expire() -> None:
+            response.close()
+            slot()
+
+        watchdog = asyncio.get_running_loop().call_at(deadline, expire)
+
+        def ended() -> None:
+            watchdog.cancel()
+            slot()
+
+        return ended
+
+    async def _slot(self, request: ProxyRequest, count_error: Callable[[str], None]) -> Release:
+        try:
+            return await self.slots.take(request.account, request.deadline)
+        except UpstreamBusy:
+            count_error("busy")
+            raise
+
     def _error_counter(self, account: str) -> Callable[[str], None]:
         def count(kind: str) -> None:
             if self.metrics is not None:
@@ -210,7 +306,11 @@ class Upstream:
         return count
 
     async def _stream(
-        self, response: aiohttp.ClientResponse, gzip: bool, count_error: Callable[[str], None]
+        self,
+        response: aiohttp.ClientResponse,
+        gzip: bool,
+        count_error: Callable[[str], None],
+        slot: Release,
     ) -> AsyncIterator[bytes]:
         chunks: AsyncIterator[bytes] = response.content.iter_chunked(CHUNK)
         if gzip:
@@ -221,6 +321,7 @@ class Upstream:
                     yield chunk
         finally:
             response.release()
+            slot()
 
 
 def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
@@ -230,12 +331,13 @@ def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
     return coding_of(response.headers.items()) == GZIP
 
 
-def _releaser(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+def _releaser(response: aiohttp.ClientResponse, slot: Release) -> Callable[[], Awaitable[None]]:
     async def release() -> None:
         # close(), not release(): a half-read body must not go back to the pool.
         if not response.content.at_eof():
             response.close()
         else:
             response.release()
+        slot()
 
     return release
