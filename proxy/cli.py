@@ -16,7 +16,7 @@ from proxy.auth import authorize as flow
 from proxy.auth.providers import token_path
 from proxy.cache.admin import run_cli
 from proxy.listener import StartupError, bound_port, run_until_signal, start
-from proxy.logs import configure, event
+from proxy.logs import configure, event, set_worker, worker_from_env
 from proxy.ops import lifecycle, workers
 from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
@@ -59,8 +59,9 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="processes serving one port (N > 1 needs [shared] backend = 'redis'); worker K's "
-        "admin listener is on admin.port + K",
+        help="processes serving one port (N > 1 needs [shared] backend = 'redis'); the parent "
+        "serves the one admin listener on admin.port and merges the workers' metrics (each "
+        "worker's own admin listener is a private Unix socket)",
     )
 
     check = sub.add_parser(
@@ -267,6 +268,7 @@ def token_warnings(settings: Settings, path: Path | None) -> list[str]:
 def serve(settings: Settings, config: Path | None = None) -> int:
     require_accounts(settings)
     configure(settings.log.level, settings.log.format)
+    set_worker(worker_from_env())  # a `serve --workers N` worker: its lines say which
     asyncio.run(_serve(settings, config))
     return 0
 

@@ -35,6 +35,8 @@ BREAKER_STATES = ("closed", "half_open", "open")
 REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
+# Redis round trips: sub-millisecond on a host, a few ms across a zone, 0.5 s is the timeout.
+SHARED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
 # Why the listener closed a connection itself (proxy.listener.Limits).
 CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
@@ -518,6 +520,44 @@ class Metrics:
             "kounta_proxy_cache_body_mismatches",
             "Stored bodies that did not match their record when read (size or CRC32): "
             "dropped and fetched again.",
+            registry=registry,
+        )
+        # --- causes, latencies and the running configuration (operations)
+        self.token_failures = Counter(
+            "kounta_proxy_token_failures",
+            "Failed token requests by account and cause: dns, connect, tls, timeout, reset "
+            "(the token URL could not be used), http_4xx, http_5xx, invalid (no token in a 200).",
+            ["account", "kind"],
+            registry=registry,
+        )
+        self.shared_call_duration = LoopHistogram(
+            "kounta_proxy_shared_call_duration_seconds",
+            "Time a round trip to the shared backend (Redis) took, by operation (as "
+            "kounta_proxy_shared_calls_total), errors and timeouts included.",
+            ["op"],
+            SHARED_BUCKETS,
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "kounta_proxy_config_reloads",
+            "Configuration reloads (SIGHUP) by result: applied, unchanged, rejected (the file "
+            "was not valid; the running configuration stays), restart_needed (applied, but "
+            "some changes wait for a restart).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("applied", "unchanged", "rejected", "restart_needed"):
+            self.config_reloads.labels(result)
+        self.config_loaded = Gauge(
+            "kounta_proxy_config_loaded_timestamp_seconds",
+            "When the running configuration was loaded (Unix time): at start, then at each "
+            "reload that applied.",
+            registry=registry,
+        )
+        self.config_info = Info(
+            "kounta_proxy_config",
+            "The running configuration's hash (sha256 of the effective settings, secrets "
+            "included only as their own hashes, first 16 hex digits): compare replicas.",
             registry=registry,
         )
 

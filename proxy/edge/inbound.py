@@ -8,7 +8,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -23,6 +23,7 @@ from proxy.errors import (
     NotImplementedCoding,
     RequestTooLarge,
 )
+from proxy.logs import Trace
 from proxy.messages import CHUNK, Body, CacheStatus, ProxyResponse
 from proxy.target import Target, parse_target, valid_host
 
@@ -51,6 +52,10 @@ class Exchange:
     upstream_status: int | None = None
     upstream_seconds: float | None = None
     bytes_sent: int = 0
+    # The proxy's own error code when it answered one (and its log-only detail).
+    error: str | None = None
+    error_detail: str | None = None
+    trace: Trace = field(default_factory=Trace)
 
     def took(self, response: ProxyResponse) -> None:
         """What the pipeline's answer tells the access log."""

@@ -52,7 +52,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.logs import event
+from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.routes import template
@@ -205,6 +205,15 @@ class Retry:
         return found
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
+        try:
+            return await self._send(request)
+        except UpstreamError as e:
+            # For the access line: the failure an error answer, or a stale one, stands for.
+            now = trace()
+            now.failure, now.failure_detail = e.code, e.detail
+            raise
+
+    async def _send(self, request: ProxyRequest) -> ProxyResponse:
         host = self.breaker(request.account)
         route = self.route_breaker(request.account, template(request.path))
         probes = self._admit(host, route)
@@ -275,6 +284,13 @@ class Retry:
                 response = await self.inner.send(request)
             except (UpstreamUnreachable, UpstreamTimeout) as e:
                 # Raised before any response: Kounta did not answer this attempt.
+                debug(
+                    "upstream_attempt_failed",
+                    request_id=request.request_id,
+                    attempt=attempt,
+                    error=e.code,
+                    detail=e.detail,
+                )
                 if not (
                     resendable and await self._again(request, attempt, _reason(e), None, breakers)
                 ):
@@ -312,6 +328,7 @@ class Retry:
         if self.clock.now() + delay >= request.deadline:
             return False
         self.metrics.retries.labels(request.method, reason).inc()
+        trace().retries += 1
         event(
             "upstream_retry",
             request_id=request.request_id,
