@@ -11,8 +11,11 @@ codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import platform
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -560,6 +563,20 @@ class Metrics:
             "included only as their own hashes, first 16 hex digits): compare replicas.",
             registry=registry,
         )
+
+
+def config_hash(data: object) -> str:
+    """The first 16 hex digits of a sha256 over ``data`` (the masked effective settings) as
+    canonical JSON. Secrets are masked, never hashed: a hash in a metric must not let anyone
+    test a guessed key (their ``*_file`` source still counts)."""
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_applied(metrics: Metrics, data: object, now: float | None = None) -> None:
+    """The running configuration changed (start, or a reload that applied): its hash, when."""
+    metrics.config_info.info({"hash": config_hash(data)})
+    metrics.config_loaded.set(time.time() if now is None else now)
 
 
 class WorkersMetrics:

@@ -733,14 +733,15 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
-    broken = False
+    failed: set[str] = set()  # keys refused here (their field keeps its default)
+    broken = False  # a table below is broken: checks across fields could only mislead
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
         try:
             name, built = _build_key(hints, names, raw, key, value, key_path, problems)
         except ConfigError as e:
             _problem(problems, e)
-            broken = True
+            failed.add(key.removesuffix("_file"))
             continue
         if built is BROKEN:
             broken = True
@@ -749,9 +750,14 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
     if broken:
         return BROKEN
     try:
-        return cls(**kwargs)
+        made = cls(**kwargs)
     except Invalid as e:
+        # With a key refused above, the table's own checks still run (every problem at once,
+        # e.g. a misspelt key and a negative fresh_for in one rule); not one about that key.
+        if e.key in failed:
+            return BROKEN
         return _problem(problems, ConfigError(f"{path}.{e.key}" if path else e.key, e.problem))
+    return BROKEN if failed else made
 
 
 def _problem(problems: list[ConfigError] | None, error: ConfigError) -> _Broken:

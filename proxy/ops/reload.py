@@ -24,7 +24,15 @@ from proxy.auth.providers import TokenProvider, provider_for
 from proxy.edge.callers import Callers
 from proxy.edge.services import Live, Services
 from proxy.logs import event, set_level
-from proxy.settings import AccountSettings, ConfigError, ConfigErrors, Invalid, Settings
+from proxy.metrics import config_applied
+from proxy.settings import (
+    AccountSettings,
+    ConfigError,
+    ConfigErrors,
+    Invalid,
+    Settings,
+    masked,
+)
 
 # Flattened setting keys a reload applies at once (fnmatch patterns).
 LIVE_KEYS = (
@@ -129,6 +137,7 @@ async def reload(services: Services, load: Loader) -> bool:
     except ConfigError as e:
         lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
         event("reload_refused", logging.ERROR, error="; ".join(lines), kept="running settings")
+        services.metrics.config_reloads.labels("rejected").inc()
         return False
     providers, replaced = await _providers(services, current, merged)
     services.live.current = Live(merged, Callers(merged, services.metrics), providers)
@@ -139,7 +148,16 @@ async def reload(services: Services, load: Loader) -> bool:
     level = logging.WARNING if restart else logging.INFO
     event("reloaded", level, changed=live, restart_needed=restart)
     set_level(merged.log.level)
+    _count(services, live, restart, merged)
     return True
+
+
+def _count(services: Services, live: list[str], restart: list[str], merged: Settings) -> None:
+    """The reload metrics: its result, and the running configuration when it changed."""
+    result = "restart_needed" if restart else "applied" if live else "unchanged"
+    services.metrics.config_reloads.labels(result).inc()
+    if live:
+        config_applied(services.metrics, masked(merged))
 
 
 async def _providers(

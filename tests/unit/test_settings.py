@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from proxy.headers import DEFAULT_FORWARDED
-from proxy.settings import ConfigError, Secret, Settings, load, masked, to_toml
+from proxy.settings import ConfigError, ConfigErrors, Secret, Settings, load, masked, to_toml
 
 NO_ENV: dict[str, str] = {}
 
@@ -224,3 +224,16 @@ def test_the_caller_key_header_is_never_forwarded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text.format(names)), NO_ENV)
     assert "caller key header X-Secret" in str(info.value)
+
+
+def test_a_misspelt_key_does_not_hide_a_bad_value_in_the_same_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[accounts.main]\nmode = "static"\ntoken = "abcdefghijklmnop"\n\n'
+        '[[cache.rules]]\npath = "/v1/companies/*"\nfresh_fro = 10\nfresh_for = -3\n'
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load(path, {})
+    text = "\n".join(caught.value.lines())
+    assert "cache.rules[0].fresh_fro: unknown key" in text
+    assert "cache.rules[0].fresh_for: must not be negative" in text
