@@ -559,10 +559,11 @@ class Metrics:
         )
         self.config_info = Info(
             "kounta_proxy_config",
-            "The running configuration's hash (sha256 of the effective settings, secrets "
-            "included only as their own hashes, first 16 hex digits): compare replicas.",
+            "The running configuration's hash (the first 16 hex digits of a sha256 over the "
+            "effective settings, secrets masked): compare replicas.",
             registry=registry,
         )
+        self.config_info.info({"hash": ""})  # set at start (proxy.edge.services.describe)
 
 
 def config_hash(data: object) -> str:
