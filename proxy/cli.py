@@ -213,12 +213,12 @@ def authorize(args: argparse.Namespace) -> int:
     except flow.AuthorizeError as e:
         print(f"{PROG}: authorize failed: {e}", file=sys.stderr)
         return 1
-    path = token_path(name, settings.accounts[name], settings.state_dir)
+    where = flow.saved_where(settings, name)
     lifetime = ""
     if token.expires_at is not None:
         lifetime = f", access token valid for {token.expires_at - token.obtained_at:.0f}s"
-    print(f"Authorized account {name!r}: token saved to {path}{lifetime}", flush=True)
-    event("authorized", account=name, token_file=str(path))
+    print(f"Authorized account {name!r}: token saved to {where}{lifetime}", flush=True)
+    event("authorized", account=name, saved_to=where)
     return 0
 
 
@@ -252,17 +252,50 @@ def token_warnings(settings: Settings, path: Path | None) -> list[str]:
         path if path is not None else DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
     )
     where = f" --config {shlex.quote(str(config))}" if config is not None else ""
+    needing = [
+        name
+        for name, account in sorted(settings.accounts.items())
+        if account.mode == "oauth"
+        and account.grant == "refresh_token"
+        and not account.refresh_token
+    ]
+    if settings.shared.backend == "redis":
+        return _shared_token_warnings(settings, needing, where)
     lines = []
-    for name, account in sorted(settings.accounts.items()):
-        if account.mode != "oauth" or account.grant != "refresh_token" or account.refresh_token:
-            continue
-        file = token_path(name, account, settings.state_dir)
+    for name in needing:
+        file = token_path(name, settings.accounts[name], settings.state_dir)
         if not file.is_file():
             lines.append(
                 f"account {name!r} has no token yet ({file} does not exist); run: "
                 f"{PROG} authorize --account {shlex.quote(name)}{where}"
             )
     return lines
+
+
+# How long check-config waits for Redis to say whether the tokens are there.
+SHARED_CHECK_WAIT = 3.0
+
+
+def _shared_token_warnings(settings: Settings, names: list[str], where: str) -> list[str]:
+    """With ``[shared] backend = "redis"`` the tokens are in Redis: ask it (within
+    SHARED_CHECK_WAIT), or say that it cannot be told."""
+    if not names:
+        return []
+    store = flow.shared_store_name(settings)
+    configure("error", "json")  # the backend's own state lines are not check-config's output
+    found = asyncio.run(flow.shared_tokens_present(settings, names, SHARED_CHECK_WAIT))
+    if found is None:
+        listed = ", ".join(repr(n) for n in names)
+        return [
+            f"cannot tell whether account(s) {listed} have a token: the shared store "
+            f"({store}) did not answer within {SHARED_CHECK_WAIT:g}s"
+        ]
+    return [
+        f"account {name!r} has no token yet in the shared store ({store}); run: "
+        f"{PROG} authorize --account {shlex.quote(name)}{where}"
+        for name in names
+        if not found[name]
+    ]
 
 
 def serve(settings: Settings, config: Path | None = None) -> int:
