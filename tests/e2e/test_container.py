@@ -124,6 +124,12 @@ def test_the_base_is_an_argument_defaulting_to_the_official_image() -> None:
     )
 
 
+def test_no_volume_instruction_makes_anonymous_volumes() -> None:
+    # VOLUME would create an anonymous volume on every `docker run` that nobody removes; the
+    # state directory is mounted by the deployment instead (docs/container.md).
+    assert [args for inst, args in instructions() if inst == "VOLUME"] == []
+
+
 def test_entrypoint_is_the_command_and_serve_the_default() -> None:
     # `docker run IMAGE authorize --paste` must reach the authorize command.
     assert json.loads(one("ENTRYPOINT")) == ["kounta-proxy"]
@@ -253,6 +259,14 @@ def test_the_image_installs_and_starts(tmp_path: Path) -> None:
     )
     installed = sorted(normal(line) for line in frozen.stdout.split())
     assert installed == sorted(lock_lines()), "run: make lock"
+    # RUN: pip and setuptools leave the environment; everything below runs without them.
+    uninstall = next(args for inst, args in build if inst == "RUN" and "pip uninstall" in args)
+    done = subprocess.run(
+        uninstall.replace(VENV, str(venv)), shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    left = [p for p in venv.glob("lib/*/site-packages/*") if p.name in ("pip", "setuptools")]
+    assert left == [] and not (venv / "bin" / "pip").exists()
     # ENV: the state volume and wildcard listeners; the ports are left to the settings file.
     env = container_env(venv)
     assert env["KOUNTA_PROXY_STATE_DIR"] == "/var/lib/kounta-proxy"
