@@ -564,6 +564,13 @@ class Metrics:
             registry=registry,
         )
         self.config_info.info({"hash": ""})  # set at start (proxy.edge.services.describe)
+        self.caller_retired_keys = Counter(
+            "kounta_proxy_caller_retired_key_requests",
+            "Requests identified by a caller's previous key, still accepted for "
+            "inbound.key_overlap seconds after a reload changed it (0 again: all switched).",
+            ["caller"],
+            registry=registry,
+        )
 
 
 def config_hash(data: object) -> str:

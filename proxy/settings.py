@@ -301,12 +301,16 @@ class InboundSettings:
     key_header: str = "X-Proxy-Key"
     # Accept callers without a key even when listening beyond loopback.
     allow_anonymous: bool = False
+    # Seconds a caller's previous key is still accepted after a reload (SIGHUP) changed it,
+    # so callers can switch over without downtime; 0: refused at once.
+    key_overlap: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.key_header or not all(c.isalnum() or c == "-" for c in self.key_header):
             raise Invalid("key_header", f"must be a header name, got {self.key_header!r}")
         if self.key_header.lower() in ("authorization", "host", "cookie"):
             raise Invalid("key_header", f"must not be {self.key_header}")
+        _not_negative(self, "key_overlap")
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ class FastPath:
         if hit is None:
             return None
         status, items, body, age = hit
+        services.callers.note(caller)
         view, _ = caller_view(request, items, self.upstream, self.public, accepts)
         out_headers = answer_headers(
             view, rid, "HIT", age, caller=caller_value(caller.name, caller.account)

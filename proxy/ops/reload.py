@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.auth.providers import TokenProvider, provider_for
-from proxy.edge.callers import Callers
 from proxy.edge.services import Live, Services
 from proxy.logs import event, set_level
 from proxy.metrics import config_applied
@@ -140,7 +139,8 @@ async def reload(services: Services, load: Loader) -> bool:
         services.metrics.config_reloads.labels("rejected").inc()
         return False
     providers, replaced = await _providers(services, current, merged)
-    services.live.current = Live(merged, Callers(merged, services.metrics), providers)
+    callers = current.callers.rotated(merged, services.metrics)  # old keys: inbound.key_overlap
+    services.live.current = Live(merged, callers, providers)
     for provider in replaced:
         await provider.stop()
     # The line is written under the more verbose of the two levels, then the new one holds.
