@@ -47,6 +47,7 @@ from proxy.clock import Clock, MonotonicClock, backoff
 from proxy.dates import retry_after
 from proxy.errors import (
     CircuitOpen,
+    ProxyError,
     UpstreamBodyError,
     UpstreamError,
     UpstreamTimeout,
@@ -207,8 +208,9 @@ class Retry:
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         try:
             return await self._send(request)
-        except UpstreamError as e:
-            # For the access line: the failure an error answer, or a stale one, stands for.
+        except ProxyError as e:
+            # For the access line: the failure an error answer, or a stale one, stands for
+            # (Kounta unreachable, the breaker open, no budget in time, no token).
             now = trace()
             now.failure, now.failure_detail = e.code, e.detail
             raise

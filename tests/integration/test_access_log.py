@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from proxy.settings import (
     AccountSettings,
@@ -198,3 +199,24 @@ async def test_debug_level_traces_one_request(
         if r.getMessage() == "cache_lookup"
     )
     assert (lookup["result"], lookup["reason"]) == ("miss", "cold")
+
+
+async def test_a_stale_answer_names_the_failure_it_stood_in_for(
+    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, "kounta_proxy")
+
+    async def once(request: web.Request) -> web.Response:
+        return web.json_response({"v": 1}, headers={"ETag": '"v1"', "Cache-Control": "max-age=0"})
+
+    runner, url = await serve_handler(once)
+    settings = proxy_settings(url, tmp_path, retry=RetrySettings(attempts=1))
+    proxy = await make_proxy(settings)
+    async with client.get(f"{proxy.url}/v1/companies/me") as r:
+        assert r.status == 200
+    await runner.cleanup()  # Kounta goes away: the stored copy answers (cache.stale_if_error)
+    async with client.get(f"{proxy.url}/v1/companies/me") as r:
+        assert (r.status, r.headers["X-Cache"]) == (200, "STALE")
+    line = lines(caplog)[-1]
+    assert (line["status"], line["cache"], line["error"]) == (200, "STALE", "upstream_unreachable")
+    assert str(URL(url).port) in line["error_detail"]
