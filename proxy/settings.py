@@ -746,6 +746,9 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
         except ConfigError as e:
             _problem(problems, e)
             failed.add(key.removesuffix("_file"))
+            meant = difflib.get_close_matches(key, [f"{n}_file" for n in names] + [*names], 1, 0.6)
+            if meant and meant[0].removesuffix("_file") not in raw:
+                failed.add(meant[0].removesuffix("_file"))  # its default stands in: no checks
             continue
         if built is BROKEN:
             broken = True
