@@ -60,9 +60,14 @@ class ProxyError(Exception):
     # Retryable failures: a GET may be answered from a stale cache entry instead.
     stale_ok = False
 
-    def __init__(self, description: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, description: str, *, code: str | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(description)
         self.description = description
+        # For the log only, never the caller: what went wrong underneath (an address, an
+        # OS error), which could tell a caller about the proxy's network.
+        self.detail = detail
         if code is not None:
             self.code = code
 

@@ -11,8 +11,11 @@ codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import platform
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -35,6 +38,8 @@ BREAKER_STATES = ("closed", "half_open", "open")
 REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
+# Redis round trips: sub-millisecond on a host, a few ms across a zone, 0.5 s is the timeout.
+SHARED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 UPSTREAM_ERROR_KINDS = (
     *("timeout", "connect", "tls", "reset", "truncated", "too_large"),
     *("invalid", "busy"),
@@ -532,6 +537,66 @@ class Metrics:
             "dropped and fetched again.",
             registry=registry,
         )
+        # --- causes, latencies and the running configuration (operations)
+        self.token_failures = Counter(
+            "kounta_proxy_token_failures",
+            "Failed token requests by account and cause: dns, connect, tls, timeout, reset "
+            "(the token URL could not be used), http_4xx, http_5xx, invalid (no token in a 200).",
+            ["account", "kind"],
+            registry=registry,
+        )
+        self.shared_call_duration = LoopHistogram(
+            "kounta_proxy_shared_call_duration_seconds",
+            "Time a round trip to the shared backend (Redis) took, by operation (as "
+            "kounta_proxy_shared_calls_total), errors and timeouts included.",
+            ["op"],
+            SHARED_BUCKETS,
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "kounta_proxy_config_reloads",
+            "Configuration reloads (SIGHUP) by result: applied, unchanged, rejected (the file "
+            "was not valid; the running configuration stays), restart_needed (applied, but "
+            "some changes wait for a restart).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("applied", "unchanged", "rejected", "restart_needed"):
+            self.config_reloads.labels(result)
+        self.config_loaded = Gauge(
+            "kounta_proxy_config_loaded_timestamp_seconds",
+            "When the running configuration was loaded (Unix time): at start, then at each "
+            "reload that applied.",
+            registry=registry,
+        )
+        self.config_info = Info(
+            "kounta_proxy_config",
+            "The running configuration's hash (the first 16 hex digits of a sha256 over the "
+            "effective settings, secrets masked): compare replicas.",
+            registry=registry,
+        )
+        self.config_info.info({"hash": ""})  # set at start (proxy.edge.services.describe)
+        self.caller_retired_keys = Counter(
+            "kounta_proxy_caller_retired_key_requests",
+            "Requests identified by a caller's previous key, still accepted for "
+            "inbound.key_overlap seconds after a reload changed it (0 again: all switched).",
+            ["caller"],
+            registry=registry,
+        )
+
+
+def config_hash(data: object) -> str:
+    """The first 16 hex digits of a sha256 over ``data`` (the masked effective settings) as
+    canonical JSON. Secrets are masked, never hashed: a hash in a metric must not let anyone
+    test a guessed key (their ``*_file`` source still counts)."""
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_applied(metrics: Metrics, data: object, now: float | None = None) -> None:
+    """The running configuration changed (start, or a reload that applied): its hash, when."""
+    metrics.config_info.info({"hash": config_hash(data)})
+    metrics.config_loaded.set(time.time() if now is None else now)
 
 
 class WorkersMetrics:

@@ -339,12 +339,16 @@ class InboundSettings:
     key_header: str = "X-Proxy-Key"
     # Accept callers without a key even when listening beyond loopback.
     allow_anonymous: bool = False
+    # Seconds a caller's previous key is still accepted after a reload (SIGHUP) changed it,
+    # so callers can switch over without downtime; 0: refused at once.
+    key_overlap: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.key_header or not all(c.isalnum() or c == "-" for c in self.key_header):
             raise Invalid("key_header", f"must be a header name, got {self.key_header!r}")
         if self.key_header.lower() in ("authorization", "host", "cookie"):
             raise Invalid("key_header", f"must not be {self.key_header}")
+        _not_negative(self, "key_overlap")
 
 
 @dataclass(frozen=True)
@@ -816,14 +820,18 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
-    broken = False
+    failed: set[str] = set()  # keys refused here (their field keeps its default)
+    broken = False  # a table below is broken: checks across fields could only mislead
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
         try:
             name, built = _build_key(hints, names, raw, key, value, key_path, problems)
         except ConfigError as e:
             _problem(problems, e)
-            broken = True
+            failed.add(key.removesuffix("_file"))
+            meant = difflib.get_close_matches(key, [f"{n}_file" for n in names] + [*names], 1, 0.6)
+            if meant and meant[0].removesuffix("_file") not in raw:
+                failed.add(meant[0].removesuffix("_file"))  # its default stands in: no checks
             continue
         if built is BROKEN:
             broken = True
@@ -832,9 +840,14 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
     if broken:
         return BROKEN
     try:
-        return cls(**kwargs)
+        made = cls(**kwargs)
     except Invalid as e:
+        # With a key refused above, the table's own checks still run (every problem at once,
+        # e.g. a misspelt key and a negative fresh_for in one rule); not one about that key.
+        if e.key in failed:
+            return BROKEN
         return _problem(problems, ConfigError(f"{path}.{e.key}" if path else e.key, e.problem))
+    return BROKEN if failed else made
 
 
 def _problem(problems: list[ConfigError] | None, error: ConfigError) -> _Broken:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from proxy.auth.providers import TokenProvider
 from proxy.auth.scrub import credentials, scrubbed, spellings
 from proxy.errors import TokenUnavailable
+from proxy.logs import debug, trace
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 
@@ -48,6 +49,14 @@ class Authenticator:
         if provider is None:
             raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
         authorization = await provider.authorization(request.deadline)
+        debug(
+            "token_chosen",
+            request_id=request.request_id,
+            account=request.account,
+            provider=type(provider).__name__,
+            state=str(provider.state),
+            expires_at=provider.expires_at,
+        )
         response = await self._send(request, provider, authorization)
         # The token sent, and whatever the account holds now (a resend may have renewed it).
         secrets = spellings((credentials(authorization), *provider.secrets()))
@@ -73,6 +82,8 @@ class Authenticator:
             return response
         fresh = await provider.renew(authorization, request.deadline)
         self._count(request.account, "resent")
+        trace().retries += 1
+        debug("token_renewed_resend", request_id=request.request_id, account=request.account)
         # Once only: whatever this answers goes back, so a bad token can never loop.
         resent = await self.inner.send(request.with_headers(Authorization=fresh))
         resent.add_upstream_time(response.upstream_seconds)

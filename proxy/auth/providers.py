@@ -40,7 +40,7 @@ import aiohttp
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Token
 
-from proxy.auth.endpoint import request_token
+from proxy.auth.endpoint import FailureLog, TokenRequestFailed, request_token
 from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.auth.token_file import (
     StoredToken,
@@ -274,6 +274,7 @@ class OAuthProvider:
         self._file_mtime: int | None = None
         # Whether the last failure was the token store's (file, Redis), not the endpoint's.
         self._store_failed = False
+        self._causes = FailureLog(account, settings.token_url, metrics)
 
     def __repr__(self) -> str:
         return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
@@ -541,6 +542,9 @@ class OAuthProvider:
         started = time.perf_counter()
         try:
             token = await self._post(grant, refresh_token)
+        except TokenRequestFailed as e:
+            self._causes.report(e, self._failures + 1)
+            raise self._failed(e.error or "temporarily_unavailable") from None
         except OAuth2Error as e:
             raise self._failed(e.error or "temporarily_unavailable") from None
         finally:
@@ -549,6 +553,7 @@ class OAuthProvider:
                     time.perf_counter() - started
                 )
         self._count("ok")
+        self._causes.recovered()
         return token
 
     async def _post(self, grant: str, refresh_token: str) -> OAuth2Token:

@@ -60,6 +60,7 @@ from proxy.cache.shared import SharedEntries
 from proxy.cache.store import BodySink, CacheStore, Stored
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
+from proxy.logs import debug, trace
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import CacheRule, CacheSettings, Settings
@@ -371,7 +372,9 @@ class Cache:
             return self._stale(request, stale, why, outcome.status)
         self._count(outcome.cache_status.lower(), outcome.reason)
         answer = self._answer(request, outcome)
-        if starter:
+        if starter or outcome.upstream_status is not None:
+            # A waiter's answer came from the starter's exchange: its time, as nginx logs
+            # $upstream_response_time for a request answered by a locked cache fill.
             answer.upstream_seconds = flight.upstream_seconds
         return answer
 
@@ -379,6 +382,7 @@ class Cache:
         try:
             outcome = await asyncio.wait_for(asyncio.shield(flight.done), self.config.coalesce_wait)
             self.metrics.cache_coalesced.labels("shared").inc()
+            trace().fetched_by = flight.request.request_id  # the access line says whose
             return outcome
         except TimeoutError:
             self.metrics.cache_coalesced.labels("gave_up").inc()
@@ -779,6 +783,7 @@ class Cache:
 
     def _count(self, result: str, reason: str) -> None:
         self.metrics.cache_lookups.labels(result, reason).inc()
+        debug("cache_lookup", request_id=trace().request_id, result=result, reason=reason)
 
     async def close(self) -> None:
         if self.shared is not None:

@@ -9,7 +9,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
@@ -26,6 +26,7 @@ from proxy.errors import (
     NotImplementedCoding,
     RequestTooLarge,
 )
+from proxy.logs import Trace
 from proxy.messages import CHUNK, Body, CacheStatus, ProxyResponse
 from proxy.target import Target, parse_target, valid_host
 
@@ -54,6 +55,10 @@ class Exchange:
     upstream_status: int | None = None
     upstream_seconds: float | None = None
     bytes_sent: int = 0
+    # The proxy's own error code when it answered one (and its log-only detail).
+    error: str | None = None
+    error_detail: str | None = None
+    trace: Trace = field(default_factory=Trace)
 
     def took(self, response: ProxyResponse) -> None:
         """What the pipeline's answer tells the access log."""

@@ -34,12 +34,12 @@ from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import Callers
 from proxy.messages import Layer
-from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics
+from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, config_applied
 from proxy.pipeline import admin as pipeline_admin
 from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
-from proxy.settings import Settings
+from proxy.settings import Settings, masked
 from proxy.shared import Backend, open_backend
 
 # A readiness check: None when fine, else one line saying what is wrong.
@@ -246,6 +246,7 @@ def describe(settings: Settings, metrics: Metrics) -> None:
     """The gauges that state the configuration (what the alerts and dashboard compare to)."""
     metrics.shared_backend_up.set(1)
     metrics.shared_degraded.set(0)
+    config_applied(metrics, masked(settings))
     for name, account in settings.accounts.items():
         metrics.budget_limit.labels(name).set(rate_for(account, settings.budget).per_window)
         for kind in UPSTREAM_ERROR_KINDS:

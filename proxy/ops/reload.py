@@ -29,10 +29,17 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from proxy.auth.providers import TokenProvider, provider_for
-from proxy.edge.callers import Callers
 from proxy.edge.services import Live, Services
 from proxy.logs import event, set_level
-from proxy.settings import AccountSettings, ConfigError, ConfigErrors, Invalid, Settings
+from proxy.metrics import config_applied
+from proxy.settings import (
+    AccountSettings,
+    ConfigError,
+    ConfigErrors,
+    Invalid,
+    Settings,
+    masked,
+)
 
 # Flattened setting keys a reload applies at once (fnmatch patterns).
 LIVE_KEYS = (
@@ -141,6 +148,7 @@ async def reload(services: Services, load: Loader, read_timeout: float = READ_TI
     except ConfigError as e:
         lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
         event("reload_refused", logging.ERROR, error="; ".join(lines), kept="running settings")
+        services.metrics.config_reloads.labels("rejected").inc()
         return False
     except TimeoutError:
         error = (
@@ -150,7 +158,8 @@ async def reload(services: Services, load: Loader, read_timeout: float = READ_TI
         event("reload_refused", logging.ERROR, error=error, kept="running settings")
         return False
     providers, replaced = await _providers(services, current, merged)
-    services.live.current = Live(merged, Callers(merged, services.metrics), providers)
+    callers = current.callers.rotated(merged, services.metrics)  # old keys: inbound.key_overlap
+    services.live.current = Live(merged, callers, providers)
     for provider in replaced:
         await provider.stop()
     # The line is written under the more verbose of the two levels, then the new one holds.
@@ -158,7 +167,16 @@ async def reload(services: Services, load: Loader, read_timeout: float = READ_TI
     level = logging.WARNING if restart else logging.INFO
     event("reloaded", level, changed=live, restart_needed=restart)
     set_level(merged.log.level)
+    _count(services, live, restart, merged)
     return True
+
+
+def _count(services: Services, live: list[str], restart: list[str], merged: Settings) -> None:
+    """The reload metrics: its result, and the running configuration when it changed."""
+    result = "restart_needed" if restart else "applied" if live else "unchanged"
+    services.metrics.config_reloads.labels(result).inc()
+    if live:
+        config_applied(services.metrics, masked(merged))
 
 
 async def _providers(

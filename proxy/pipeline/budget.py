@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import retry_after, whole_seconds
 from proxy.errors import RateLimited
-from proxy.logs import event
+from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, BudgetSettings, Settings
@@ -647,8 +647,18 @@ class Budget:
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)
         limit = budget.limit_for(request.deadline)
+        now = trace()
         while True:
-            await budget.acquire(request.caller, limit)
+            waited = await budget.acquire(request.caller, limit)
+            now.budget_wait += waited
+            debug(
+                "budget_taken",
+                request_id=request.request_id,
+                account=request.account,
+                caller=request.caller,
+                waited_ms=round(waited * 1000, 2),
+                mode=budget.gate.mode(),
+            )
             response = await self.inner.send(request)
             if response.status != 429:
                 budget.bucket.recovered()
@@ -657,7 +667,9 @@ class Budget:
             await response.release()
             pause = await budget.gate.pause(self.clock.now(), pause)
             resend = request.method in RESENT_AFTER_429 and request.replayable
-            if not resend or self.clock.now() + pause > limit:
+            if resend and self.clock.now() + pause <= limit:
+                now.retries += 1
+            else:
                 raise RateLimited(
                     f"Kounta's rate limit was reached for account {request.account!r}; "
                     f"retry after {whole_seconds(pause)}s",

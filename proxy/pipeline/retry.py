@@ -51,6 +51,7 @@ from proxy.clock import Clock, MonotonicClock, backoff
 from proxy.dates import retry_after
 from proxy.errors import (
     CircuitOpen,
+    ProxyError,
     UpstreamBodyError,
     UpstreamBusy,
     UpstreamError,
@@ -58,7 +59,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.logs import event
+from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.routes import breaker_key
@@ -211,6 +212,16 @@ class Retry:
         return found
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
+        try:
+            return await self._send(request)
+        except ProxyError as e:
+            # For the access line: the failure an error answer, or a stale one, stands for
+            # (Kounta unreachable, the breaker open, no budget in time, no token).
+            now = trace()
+            now.failure, now.failure_detail = e.code, e.detail
+            raise
+
+    async def _send(self, request: ProxyRequest) -> ProxyResponse:
         host = self.breaker(request.account)
         route = self.route_breaker(request.account, breaker_key(request.path))
         probes = self._admit(host, route)
@@ -285,6 +296,13 @@ class Retry:
                 response = await self.inner.send(request)
             except (UpstreamUnreachable, UpstreamTimeout) as e:
                 # Raised before any response: Kounta did not answer this attempt.
+                debug(
+                    "upstream_attempt_failed",
+                    request_id=request.request_id,
+                    attempt=attempt,
+                    error=e.code,
+                    detail=e.detail,
+                )
                 if not (
                     resendable and await self._again(request, attempt, _reason(e), None, breakers)
                 ):
@@ -322,6 +340,7 @@ class Retry:
         if self.clock.now() + delay >= request.deadline:
             return False
         self.metrics.retries.labels(request.method, reason).inc()
+        trace().retries += 1
         event(
             "upstream_retry",
             request_id=request.request_id,

@@ -104,12 +104,14 @@ def translate(settings: UpstreamSettings, error: BaseException) -> UpstreamError
         return UpstreamTimeout(
             f"The upstream exchange took longer than {settings.total_timeout:g}s (total timeout)"
         )
+    # The OS's words (an address, a certificate's names) go to the log only (``detail``):
+    # a caller hears the code and a generic description.
     if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return UpstreamTLSError(f"TLS with the upstream failed: {_reason(error)}")
+        return UpstreamTLSError("TLS with the upstream failed", detail=_reason(error))
     if isinstance(error, aiohttp.ClientPayloadError):
         return UpstreamBodyError("The upstream closed the connection before the body ended")
     if isinstance(error, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(f"Cannot connect to the upstream: {_reason(error)}")
+        return UpstreamUnreachable("Cannot connect to the upstream", detail=_reason(error))
     if isinstance(error, aiohttp.ClientResponseError):
         # Raised by the response parser (raise_for_status is never used): an over-large
         # header section (aiohttp's 8190-byte line limit) or broken framing.
@@ -118,14 +120,13 @@ def translate(settings: UpstreamSettings, error: BaseException) -> UpstreamError
         )
     if isinstance(error, aiohttp.ServerDisconnectedError):
         return UpstreamUnreachable("The upstream closed the connection without answering")
-    return UpstreamUnreachable(f"The upstream connection failed: {_reason(error)}")
+    return UpstreamUnreachable("The upstream connection failed", detail=_reason(error))
 
 
 def _reason(error: BaseException) -> str:
-    os_error = getattr(error, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror
-    return type(error).__name__
+    """What the log hears: the exception and its words (an address, a certificate name)."""
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:500]
 
 
 def _is_small(response: aiohttp.ClientResponse) -> bool:

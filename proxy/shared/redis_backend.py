@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -260,6 +261,7 @@ class RedisBackend:
     async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float = 0.0) -> T:
         if not self._up:
             raise SharedUnavailable(f"shared store away ({op})")
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(limit or self.timeout):
                 result = await call()
@@ -270,6 +272,8 @@ class RedisBackend:
         except rexc.RedisError as e:
             self.metrics.shared_calls.labels(op, "error").inc()
             raise SharedUnavailable(f"shared store refused {op}: {_why(e)}") from None
+        finally:
+            self.metrics.shared_call_duration.labels(op).observe(time.perf_counter() - started)
         self.metrics.shared_calls.labels(op, "ok").inc()
         return result
 

@@ -35,6 +35,11 @@ def test_help_for_each_command(command: str) -> None:
     assert f"usage: kounta-proxy {command}" in result.stdout
 
 
+def test_serve_help_says_the_workers_admin_listeners_are_unix_sockets() -> None:
+    text = " ".join(run("serve", "--help").stdout.split())
+    assert "admin.port + K" not in text and "Unix socket" in text
+
+
 def test_python_dash_m_is_the_same_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True, timeout=30

@@ -196,6 +196,12 @@ def test_the_base_is_an_argument_defaulting_to_the_official_image() -> None:
     )
 
 
+def test_no_volume_instruction_makes_anonymous_volumes() -> None:
+    # VOLUME would create an anonymous volume on every `docker run` that nobody removes; the
+    # state directory is mounted by the deployment instead (docs/container.md).
+    assert [args for inst, args in instructions() if inst == "VOLUME"] == []
+
+
 def test_entrypoint_is_the_command_and_serve_the_default() -> None:
     # `docker run IMAGE authorize --paste` must reach the authorize command.
     assert json.loads(one("ENTRYPOINT")) == ["kounta-proxy"]
@@ -367,6 +373,16 @@ def test_the_image_installs_and_starts(tmp_path: Path) -> None:
     venv = install_as_the_image(tmp_path, sys.executable)
     # Pinned: what got installed is exactly requirements.lock, transitive packages included.
     assert installed(venv) == sorted(lock_lines()), "run: ./dev lock"
+    # RUN: pip and setuptools leave the environment; everything below runs without them.
+    uninstall = next(
+        args for inst, args in stages()[0] if inst == "RUN" and "pip uninstall" in args
+    )
+    done = subprocess.run(
+        uninstall.replace(VENV, str(venv)), shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    left = [p for p in venv.glob("lib/*/site-packages/*") if p.name in ("pip", "setuptools")]
+    assert left == [] and not (venv / "bin" / "pip").exists()
     # ENV: the state volume and wildcard listeners; the ports are left to the settings file.
     env = container_env(venv)
     assert env["KOUNTA_PROXY_STATE_DIR"] == "/var/lib/kounta-proxy"

@@ -317,6 +317,9 @@ async def test_two_workers_answer_one_admin_listener_reload_on_sighup_and_stop_t
             async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path_)) as direct:
                 seen.append(await requests_seen(direct, "http://localhost"))
         assert sum(seen) == 20 and min(seen) > 0, seen
+        # Every worker line says which worker wrote it; no _created series from the parent.
+        assert {r.get("worker") for r in log_events(log, "request")} == {0, 1}
+        assert "_created" not in text
         admin_port = int(admin.rsplit(":", 1)[1])
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", admin_port + 1), 1).close()

@@ -155,7 +155,12 @@ def test_sighup_reloads_live_settings_without_dropping_a_request(
     assert line["level"] == "warning"  # something still needs a restart
     # Caller keys, the budget rate and the log level apply at once.
     assert proxy.get("/v1/companies/me.json", NEW_KEY) == 200
-    assert proxy.get("/v1/companies/me.json", CALLER_KEY) == 401
+    # The previous key still works for inbound.key_overlap (rotation without downtime),
+    # counted as such; the reload is counted as well.
+    assert proxy.get("/v1/companies/me.json", CALLER_KEY) == 200
+    retired = 'kounta_proxy_caller_retired_key_requests_total{caller="app"}'
+    assert metric(proxy.admin, retired) == 1
+    assert metric(proxy.admin, 'kounta_proxy_config_reloads_total{result="restart_needed"}') == 1
     assert metric(proxy.admin, 'kounta_proxy_budget_limit_per_minute{account="main"}') == 120
     requests_before = len(proxy.named("request"))
     assert proxy.get("/v1/companies/me.json", NEW_KEY) == 200

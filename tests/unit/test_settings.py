@@ -344,3 +344,16 @@ def test_a_secret_file_that_is_not_a_small_regular_file_is_refused_at_once(
         load(write(tmp_path, text), NO_ENV)
     assert info.value.key == "accounts.a.token_file"
     assert f"cannot read secret file {secret}: {reason}" in str(info.value)
+
+
+def test_a_misspelt_key_does_not_hide_a_bad_value_in_the_same_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[accounts.main]\nmode = "static"\ntoken = "abcdefghijklmnop"\n\n'
+        '[[cache.rules]]\npath = "/v1/companies/*"\nfresh_fro = 10\nfresh_for = -3\n'
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load(path, {})
+    text = "\n".join(caught.value.lines())
+    assert "cache.rules[0].fresh_fro: unknown key" in text
+    assert "cache.rules[0].fresh_for: must not be negative" in text
