@@ -366,8 +366,9 @@ class Metrics:
         )
         self.breaker_opened = Counter(
             "kounta_proxy_breaker_opened",
-            "Times a breaker of the account (its own or one of a route's) opened after "
-            "consecutive failed requests.",
+            "Times a breaker of the account (its own or one of a route's) opened from closed "
+            "after consecutive failed requests (a failed probe is the same opening; one "
+            "request opening both is one).",
             ["account"],
             registry=registry,
         )
