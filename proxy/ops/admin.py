@@ -10,10 +10,11 @@ this: it answers only ``/v1/...``.
 - ``GET /healthz``: 200 while the process runs its event loop.
 - ``GET /livez``: 200 while the event loop turns (a heartbeat task ticks); 503 when the
   heartbeat is late by more than ``LOOP_STALL`` seconds (the loop is blocked or starved).
-- ``GET /readyz``: 200 when every account has a usable token (``token:NAME``), every
-  check in ``services.checks`` passes and the proxy is not shutting down, else 503; the
-  JSON body names each check and what is wrong, and ``details`` how the proxy runs without
-  failing readiness (``shared``: ``degraded`` while Redis is away).
+- ``GET /readyz``: 503 only when the proxy can serve nothing: shutting down (``shutdown``)
+  or no account with a usable token (``accounts``); the listener is up before this one
+  starts. Every other check in ``services.checks`` (one account's token, the cache) that
+  fails is named under ``degraded``; ``details`` says how the proxy runs (``shared``:
+  ``degraded`` while Redis is away).
 - every route in ``services.admin_routes`` (cache stats and purge, budget status).
 
 Access (DESIGN.md Resolutions, "Admin access"), each refusal a JSON 403:
@@ -59,6 +60,9 @@ from proxy.settings import AdminSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SHUTDOWN_CHECK = "shutdown"
+# Fails readiness when every account's token check (``token:NAME``) fails.
+ACCOUNTS_CHECK = "accounts"
+ACCOUNT_CHECK_PREFIX = "token:"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What an HTML form (or a "simple" cross-site fetch) can send without a CORS preflight.
@@ -150,12 +154,24 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness (DESIGN.md Resolutions): 503 only when the proxy can serve nothing, i.e.
+    it is shutting down or no account can get a token. A failing account, a cache that
+    cannot store, a degraded Redis: the proxy still serves, so they are named under
+    ``degraded`` (and in metrics), never a 503 that would take the pod out of its Service."""
     services = request.app[SERVICES]
     results = run_checks(services)
-    failing = sorted(name for name, problem in results.items() if problem is not None)
+    accounts = {name: p for name, p in results.items() if name.startswith(ACCOUNT_CHECK_PREFIX)}
+    results[ACCOUNTS_CHECK] = (
+        "no account can get a token" if accounts and all(accounts.values()) else None
+    )
+    failing = sorted(n for n in (SHUTDOWN_CHECK, ACCOUNTS_CHECK) if results[n] is not None)
+    degraded = sorted(
+        name for name, problem in results.items() if problem is not None and name not in failing
+    )
     body: dict[str, Any] = {
         "status": "not_ready" if failing else "ready",
         "failing": failing,
+        "degraded": degraded,
         "checks": {name: problem or "ok" for name, problem in sorted(results.items())},
     }
     # Details say how the proxy runs without failing readiness (e.g. shared: degraded).
@@ -165,7 +181,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def run_checks(services: Services) -> dict[str, str | None]:
-    """Every readiness check by name: None when fine, else one line saying what is wrong."""
+    """Every check by name: None when fine, else one line saying what is wrong."""
     results: dict[str, str | None] = {
         SHUTDOWN_CHECK: "the proxy is shutting down" if services.state.shutting_down else None
     }
@@ -173,7 +189,7 @@ def run_checks(services: Services) -> dict[str, str | None]:
         try:
             problem = check()
         except Exception as e:
-            # A broken check must fail readiness, not the endpoint.
+            # A broken check is a problem of its part, not of the endpoint.
             log.exception("readiness_check_failed", extra={"fields": {"check": name}})
             problem = f"the check raised {type(e).__name__}"
         results[name] = None if problem is None else " ".join(str(problem).split())

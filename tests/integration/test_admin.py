@@ -84,13 +84,14 @@ async def test_readyz_fails_without_a_usable_token(
     checks = proxy.app[SERVICES].checks
     monkeypatch.setitem(checks, "token:main", lambda: "no usable token: run kounta-proxy authorize")
     async with client.get(f"{admin}/readyz") as r:
-        assert r.status == 503
+        assert r.status == 503  # the only account: the proxy can serve nothing
         body = await r.json()
-    assert body["failing"] == ["token:main"]
+    assert body["failing"] == ["accounts"]
+    assert body["degraded"] == ["token:main"]
     assert body["checks"]["token:main"] == "no usable token: run kounta-proxy authorize"
 
 
-async def test_readyz_names_failing_checks(
+async def test_readyz_names_degraded_checks_without_failing(
     proxy: Proxy, admin: str, client: aiohttp.ClientSession
 ) -> None:
     ctx: Services = proxy.app[SERVICES]
@@ -98,16 +99,16 @@ async def test_readyz_names_failing_checks(
     def broken() -> str | None:
         raise RuntimeError("boom")
 
-    ctx.checks["token:main"] = lambda: "no usable token\nfor account main"
+    ctx.checks["token:other"] = lambda: "no usable token\nfor account other"
     ctx.checks["cache"] = lambda: None
     ctx.checks["broken"] = broken
     async with client.get(f"{admin}/readyz") as r:
-        assert r.status == 503
+        assert r.status == 200  # token:main still serves
         assert r.headers["Content-Type"].startswith("application/json")
         body = await r.json()
-    assert body["status"] == "not_ready"
-    assert body["failing"] == ["broken", "token:main"]
-    assert body["checks"]["token:main"] == "no usable token for account main"
+    assert (body["status"], body["failing"]) == ("ready", [])
+    assert body["degraded"] == ["broken", "token:other"]
+    assert body["checks"]["token:other"] == "no usable token for account other"
     assert body["checks"]["cache"] == "ok"
     assert "RuntimeError" in body["checks"]["broken"]
 
