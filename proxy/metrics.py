@@ -38,6 +38,11 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
 # Why the listener closed a connection itself (proxy.listener.Limits).
 CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
+# The label values the counters below are created with at 0 (``increase()`` counts the
+# first event only from a series that exists already).
+CACHE_STORE_OPS = ("read", "write", "delete", "full")
+TOKEN_RESULTS = ("ok", "unavailable", "rejected", "adopted")
+AUTH_RESEND_OUTCOMES = ("resent", "not_replayable", "refresh_floor")
 
 
 class Registry(CollectorRegistry):
@@ -225,6 +230,14 @@ class Metrics:
         children[1].observe(seconds)
         if children[2] is not None:
             children[2].inc()
+
+    def renewable_account(self, account: str) -> None:
+        """Create an oauth account's token and resend series at 0."""
+        for result in TOKEN_RESULTS:
+            self.token_requests.labels(account, result)
+        self.token_request_duration.labels(account)
+        for outcome in AUTH_RESEND_OUTCOMES:
+            self.auth_resends.labels(account, outcome)
 
     def watch_store(self, read: Callable[[], tuple[int, int]]) -> None:
         """Expose the cache store's (entries, bytes), read at every scrape."""
@@ -510,6 +523,8 @@ class Metrics:
             ["op"],
             registry=registry,
         )
+        for op in CACHE_STORE_OPS:
+            self.cache_store_errors.labels(op)
         self.cache_storing_disabled = Gauge(
             "kounta_proxy_cache_storing_disabled",
             "1 while storing is off because the disk is full or writes keep failing, else 0.",

@@ -251,6 +251,7 @@ def describe(settings: Settings, metrics: Metrics) -> None:
             metrics.upstream_errors.labels(kind, name)
         if account.mode == "oauth":
             metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
+            metrics.renewable_account(name)
 
 
 async def close(services: Services) -> None:
