@@ -326,6 +326,13 @@ class Metrics:
             ["account"],
             registry=registry,
         )
+        self.budget_effective = Gauge(
+            "kounta_proxy_budget_effective_per_minute",
+            "Upstream requests this process may send for the account in any 60 s window now: "
+            "the configured rate, or its share (rate / shared.replicas) while Redis is away.",
+            ["account"],
+            registry=registry,
+        )
         self.budget_tokens = Gauge(
             "kounta_proxy_budget_tokens",
             "Requests an account may send to Kounta right now without waiting.",
