@@ -495,8 +495,10 @@ class Metrics:
         # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
         self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
-            "Cache outcomes by result (hit, miss, revalidated, stale, bypass) and reason "
-            "(e.g. fresh, not_modified, changed, cold, error, while_revalidate, no_store).",
+            "Cache outcomes, one per answer, by result (the answer's X-Cache: hit, miss, "
+            "revalidated, stale, bypass) and reason (e.g. fresh, not_modified, changed, cold, "
+            "error, while_revalidate, no_store; for bypass, why the request or the answer is "
+            "not cacheable).",
             ["result", "reason"],
             registry=registry,
         )
