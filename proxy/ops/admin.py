@@ -261,7 +261,8 @@ def _token_presented(access: Access, request: web.Request) -> bool | None:
     scheme, _, presented = request.headers.get("Authorization", "").strip().partition(" ")
     if not access.token or scheme.lower() != "bearer":
         return None
-    return hmac.compare_digest(presented.strip().encode(), access.token)
+    # aiohttp keeps undecodable header bytes as surrogates: give them back, never raise.
+    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), access.token)
 
 
 def _refusal(access: Access, request: web.Request) -> str | None:

@@ -9,6 +9,7 @@ admin listener's own, exactly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -85,6 +86,9 @@ async def test_reads_keep_the_host_check_unless_the_token_is_presented(
     assert (await admin_raw(admin, "GET", path, POD_IP, bearer))[0] == 200
     wrong = f"Authorization: Bearer {ADMIN_TOKEN}x"
     assert (await admin_raw(admin, "GET", path, POD_IP, wrong))[0] == 403
+    assert (await admin_raw(admin, "GET", path, POD_IP, "Authorization: Bearer \xff\u00e9"))[
+        0
+    ] == 403
     assert (await admin_raw(admin, "GET", path, "Host: localhost:9464"))[0] == 200
 
 
@@ -190,3 +194,15 @@ async def test_livez_fails_when_the_event_loop_stops_turning(
         assert json.loads(payload)["loop_late"] > LOOP_STALL
     finally:
         await runner.cleanup()
+
+
+async def test_an_undecodable_token_is_refused_not_a_500(tokened: tuple[Proxy, str]) -> None:
+    port = int(tokened[1].rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /budget HTTP/1.1\r\nHost: 10.244.1.7\r\nAuthorization: Bearer \xc3\xff\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    head = (await asyncio.wait_for(reader.read(), 5)).split(b"\r\n", 1)[0]
+    writer.close()
+    assert head == b"HTTP/1.1 403 Forbidden"
