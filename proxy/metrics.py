@@ -49,6 +49,11 @@ CONNECTION_DROP_REASONS = (
     *("header_timeout", "max_connections", "keepalive_evicted", "body_timeout"),
     "send_timeout",
 )
+# The label values the counters below are created with at 0 (``increase()`` counts the
+# first event only from a series that exists already).
+CACHE_STORE_OPS = ("read", "write", "delete", "full")
+TOKEN_RESULTS = ("ok", "unavailable", "rejected", "adopted")
+AUTH_RESEND_OUTCOMES = ("resent", "not_replayable", "refresh_floor")
 
 
 class Registry(CollectorRegistry):
@@ -237,6 +242,14 @@ class Metrics:
         if children[2] is not None:
             children[2].inc()
 
+    def renewable_account(self, account: str) -> None:
+        """Create an oauth account's token and resend series at 0."""
+        for result in TOKEN_RESULTS:
+            self.token_requests.labels(account, result)
+        self.token_request_duration.labels(account)
+        for outcome in AUTH_RESEND_OUTCOMES:
+            self.auth_resends.labels(account, outcome)
+
     def watch_store(self, read: Callable[[], tuple[int, int]]) -> None:
         """Expose the cache store's (entries, bytes), read at every scrape."""
         StoreGauges(read, self.registry)
@@ -330,6 +343,13 @@ class Metrics:
             ["account"],
             registry=registry,
         )
+        self.budget_effective = Gauge(
+            "kounta_proxy_budget_effective_per_minute",
+            "Upstream requests this process may send for the account in any 60 s window now: "
+            "the configured rate, or its share (rate / shared.replicas) while Redis is away.",
+            ["account"],
+            registry=registry,
+        )
         self.budget_tokens = Gauge(
             "kounta_proxy_budget_tokens",
             "Requests an account may send to Kounta right now without waiting.",
@@ -383,8 +403,9 @@ class Metrics:
         )
         self.breaker_opened = Counter(
             "kounta_proxy_breaker_opened",
-            "Times a breaker of the account (its own or one of a route's) opened after "
-            "consecutive failed requests.",
+            "Times a breaker of the account (its own or one of a route's) opened from closed "
+            "after consecutive failed requests (a failed probe is the same opening; one "
+            "request opening both is one).",
             ["account"],
             registry=registry,
         )
@@ -491,8 +512,10 @@ class Metrics:
         # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
         self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
-            "Cache outcomes by result (hit, miss, revalidated, stale, bypass) and reason "
-            "(e.g. fresh, not_modified, changed, cold, error, while_revalidate, no_store).",
+            "Cache outcomes, one per answer, by result (the answer's X-Cache: hit, miss, "
+            "revalidated, stale, bypass) and reason (e.g. fresh, not_modified, changed, cold, "
+            "error, while_revalidate, no_store; for bypass, why the request or the answer is "
+            "not cacheable).",
             ["result", "reason"],
             registry=registry,
         )
@@ -526,6 +549,8 @@ class Metrics:
             ["op"],
             registry=registry,
         )
+        for op in CACHE_STORE_OPS:
+            self.cache_store_errors.labels(op)
         self.cache_storing_disabled = Gauge(
             "kounta_proxy_cache_storing_disabled",
             "1 while storing is off because the disk is full or writes keep failing, else 0.",

@@ -403,6 +403,10 @@ class AdminSettings:
     # A Unix socket path to listen on instead of host:port. `serve --workers N` sets it for
     # each worker (in a private 0700 directory) so that only the parent reaches the workers.
     socket: str = ""
+    # The admin token (from token_file): `Authorization: Bearer <token>` lifts the Host check
+    # of /budget and /cache/stats, and is what state-changing routes (cache purge) need when
+    # admin.host is not loopback; without it those routes are off there.
+    token: Secret = Secret("")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -22,7 +22,7 @@ class Outcome:
 
     status: int
     headers: tuple[tuple[str, str], ...]
-    cache_status: Literal["MISS", "REVALIDATED"]
+    cache_status: Literal["MISS", "REVALIDATED", "BYPASS"]  # BYPASS: an answer not storable
     upstream_status: int | None
     stored: Stored | None = None  # body (bytes or on disk) to answer from
     stream: ProxyResponse | None = None  # only the starter may use it

@@ -187,8 +187,7 @@ class Cache:
         age = int(fresh)
         conditional = any(name in headers for name in CALLER_CONDITIONALS)
         if conditional and not_modified(200, entry.headers, headers):
-            self._count("hit", "fresh")
-            self._count("not_modified", "caller_conditional")
+            self._count("hit", "fresh")  # the caller's own 304 is still one hit
             return 304, not_modified_headers(entry.headers), b"", age
         body = stored.body if body_for is None else body_for(entry.headers, stored.body)
         if body is None:
@@ -197,13 +196,11 @@ class Cache:
         return 200, entry.headers, body, age
 
     def _caller_304(self, status: int, stored: HeaderItems, headers: Headers) -> bool:
-        """Whether the caller's own conditionals make the answer a 304 (counted if so)."""
+        """Whether the caller's own conditionals make the answer a 304 (the lookup is
+        counted once, by what the cache did: one answer, one lookup)."""
         if not any(name in headers for name in CALLER_CONDITIONALS):
             return False  # the common case, without parsing anything
-        if not not_modified(status, stored, headers):
-            return False
-        self._count("not_modified", "caller_conditional")
-        return True
+        return not_modified(status, stored, headers)
 
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
@@ -237,7 +234,7 @@ class Cache:
             # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
             fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
             answer = await self._fetch(request, key, stored if usable else None, decision)
-            if not answer.cache_detail:
+            if not answer.cache_detail and answer.cache_status != "BYPASS":
                 answer.cache_detail = f"fwd={fwd}"
             return answer
         assert_never(decision)
@@ -325,6 +322,7 @@ class Cache:
             age = int(outcome.entry.age(self.clock()))
         if outcome.stream is not None:
             stream = outcome.stream
+            stream.cache_status = outcome.cache_status
             if request.method != "HEAD" and not not_modified(
                 outcome.status, outcome.headers, request.headers
             ):
@@ -526,7 +524,7 @@ class Cache:
         )
         if isinstance(decision, Freshened):
             await response.release()
-            self._count("revalidated", "not_modified")
+            # Counted by _fetch, once per answer (a background refresh answers nobody).
             # The body (and its CRC32) as stored; only the headers are freshened.
             fresh = (
                 replace(stale, entry=decision.entry)
@@ -561,7 +559,8 @@ class Cache:
         if decision.forget:
             self.store.delete(flight.key)
         outcome = await self._take_body(flight, response, request_time, response_time)
-        outcome.reason = "changed" if entry is not None else "cold"
+        if outcome.cache_status == "MISS":
+            outcome.reason = "changed" if entry is not None else "cold"
         return outcome
 
     async def _take_body(
@@ -573,7 +572,16 @@ class Cache:
         entry = self._entry(flight, response.status, items, declared, request_time, response_time)
         if isinstance(entry, NotStorable):
             self.metrics.cache_stores.labels(_store_label(entry)).inc()
-            return Outcome(response.status, items, "MISS", response.status, stream=response)
+            # Not a cacheable answer (docs/cache.md): X-Cache, Cache-Status and the lookup
+            # count all say BYPASS.
+            return Outcome(
+                response.status,
+                items,
+                "BYPASS",
+                response.status,
+                stream=response,
+                reason=entry.code,
+            )
         sink = self.store.sink()
         chunks = _chunks(response)
         prefix: list[bytes] = []  # what the starter has not seen yet (at most SPILL_AT + a chunk)

@@ -57,6 +57,9 @@ SPILL_AT = 1024 * 1024
 EPOCH_KEY = "__purge_epoch__"
 # After a full disk, storing is tried again after this many seconds.
 FULL_DISK_RETRY = 60.0
+# What the store writes (then deletes) to learn whether the disk takes writes again.
+PROBE_KEY = "__write_probe__"
+PROBE_SIZE = 4096
 DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 # What an entry costs the memory LRU besides its body (key, Entry, headers), so that
 # empty bodies (204s, empty lists) cannot fill memory with ever more entries.
@@ -399,9 +402,24 @@ class CacheStore:
 
     @property
     def writable(self) -> bool:
-        if self.problem is not None and time.monotonic() >= self._retry_at:
-            self.problem = None  # try again; the next failure logs nothing new
+        """Storing is on; once off, only :meth:`probe` turns it back on."""
         return self.problem is None
+
+    async def probe(self) -> bool:
+        """When storing is off and FULL_DISK_RETRY has passed, try a small write on the disk
+        thread; storing comes back only if it succeeds. Called on a timer, so an idle proxy
+        keeps saying the disk is full (and says so the moment it is not) without a request
+        to find out. True when storing is on afterwards."""
+        if self.problem is None or time.monotonic() < self._retry_at:
+            return self.problem is None
+        if await self._run(self._guarded, self._probe_write):
+            self.problem = None
+            event("cache_storing_enabled")
+        return self.problem is None
+
+    def _probe_write(self) -> None:
+        self.disk.set(PROBE_KEY, bytes(PROBE_SIZE))
+        self.disk.delete(PROBE_KEY)
 
     def promote(self, key: str, stored: Stored) -> None:
         """Hold an entry read from another tier (Redis) in memory, indexed so that an
@@ -489,7 +507,8 @@ class CacheStore:
         return True
 
     def _disable(self, problem: str, *, full: bool = False) -> None:
-        """Stop storing for FULL_DISK_RETRY seconds (readiness says why meanwhile)."""
+        """Stop storing until a probe (every FULL_DISK_RETRY seconds) succeeds; readiness
+        and the gauge say why meanwhile."""
         problem = " ".join(problem.split())[:200]
         if self.problem is None:
             event(

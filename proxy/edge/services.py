@@ -254,6 +254,7 @@ def describe(settings: Settings, metrics: Metrics) -> None:
             metrics.upstream_errors.labels(kind, name)
         if account.mode == "oauth":
             metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
+            metrics.renewable_account(name)
 
 
 async def close(services: Services) -> None:
@@ -296,8 +297,9 @@ async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
 
 
 async def watch_store(store: CacheStore, metrics: Metrics) -> None:
-    """Pick up purges made by another process (the CLI) and keep the gauges current."""
+    """Pick up purges made by another process (the CLI), probe a disk that was full, and
+    keep the gauges current."""
     while True:
         await asyncio.sleep(STORE_WATCH_SECONDS)
         await store.check_epoch()
-        metrics.cache_storing_disabled.set(0 if store.writable else 1)
+        metrics.cache_storing_disabled.set(0 if await store.probe() else 1)

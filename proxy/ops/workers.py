@@ -60,7 +60,7 @@ from proxy.errors import code_for
 from proxy.listener import StartupError, bound_port, start
 from proxy.logs import WORKER_ENV, configure, event
 from proxy.metrics import Registry, WorkersMetrics
-from proxy.ops.admin import exposure_warning, json_answer, middlewares
+from proxy.ops.admin import add_livez, exposure_warning, json_answer, middlewares
 from proxy.ops.aggregate import merge_families, parse
 from proxy.settings import ConfigError, Settings
 
@@ -247,6 +247,7 @@ def create_parent_app(settings: Settings, sockets: list[str]) -> web.Application
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_livez(app)  # the parent's own loop: workers answer their own /livez
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 

@@ -366,6 +366,11 @@ def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
 # milliseconds after a token is due on a busy loop, and such a request would wait its whole
 # limit for a 429 instead of hearing it at once.
 TURN_MARGIN = 0.05
+# Why the effective rate is the configured one, by the gate's mode.
+EFFECTIVE_REASONS = {
+    "local": "the configured rate (this process alone)",
+    "shared": "the configured rate, shared by every replica through Redis",
+}
 
 
 @dataclass(slots=True)
@@ -403,6 +408,7 @@ class AccountBudget:
         metrics.budget_tokens.labels(name).set_function(self.available)
         metrics.budget_queue.labels(name).set_function(lambda: self.waiting)
         metrics.budget_paused.labels(name).set_function(self.paused_for)
+        metrics.budget_effective.labels(name).set_function(lambda: self.effective()[0])
         # Pre-create the counters' series so that rate() and alerts see a zero, not nothing.
         metrics.budget_upstream_429.labels(name)
         for reason in ("deadline", "queue_full"):
@@ -570,10 +576,23 @@ class AccountBudget:
             event("upstream_rate_limited", **fields)
         return seconds
 
+    def effective(self) -> tuple[int, str]:
+        """What this process may send per window now, and why (``/budget``, the gauge)."""
+        mode = self.gate.mode()
+        if mode != "degraded":
+            return self.rate.per_window, EFFECTIVE_REASONS.get(mode, mode)
+        share = self.bucket.rate.per_window  # the fallback bucket runs at the share
+        return share, (
+            f"Redis is away: this replica's share, rate {self.rate.per_window} / shared.replicas"
+        )
+
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
+        effective, why = self.effective()
         return {
             "rate": self.rate.per_window,
+            "effective_rate": effective,
+            "effective_reason": why,
             "mode": self.gate.mode(),
             "window_seconds": self.rate.window,
             "burst": self.rate.burst,

@@ -133,16 +133,18 @@ class Breaker:
         self.probing = False
 
     def failed(self) -> bool:
-        """Count a failure; True when the breaker opened because of it."""
+        """Count a failure; True when it opened a closed breaker (a failed probe opens it
+        again, but that is the same outage, not a new opening)."""
         self.failures += 1
         self.probing = False
         if self.threshold and (
             self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold
         ):
+            was_closed = self.state is BreakerState.CLOSED
             self.state = BreakerState.OPEN
             self.opened_at = self.clock.now()
             event("breaker_opened", logging.WARNING, **self._where(), failures=self.failures)
-            return True
+            return was_closed
         return False
 
     def abandoned(self) -> None:
@@ -263,25 +265,31 @@ class Retry:
         host_failed: bool | None,
         route_failed: bool | None,
     ) -> None:
-        """Tell both breakers how the request ended (None: it says nothing of Kounta)."""
-        self._tell(host, host_failed, probes[0])
+        """Tell both breakers how the request ended (None: it says nothing of Kounta).
+        A request that opens both the account's and its route's breaker is one opening."""
+        opened = self._tell(host, host_failed, probes[0])
+        if route is not None:
+            opened = self._tell(route, route_failed, probes[1]) or opened
+        if opened:
+            self.metrics.breaker_opened.labels(host.account).inc()
         if route is None:
             return
-        self._tell(route, route_failed, probes[1])
         routes = self.routes[route.account]
         if route.state is BreakerState.CLOSED and route.failures == 0:
             routes.pop(route.route, None)  # nothing to remember
         else:
             routes[route.route] = route
 
-    def _tell(self, breaker: Breaker, failed: bool | None, probe: bool) -> None:
+    def _tell(self, breaker: Breaker, failed: bool | None, probe: bool) -> bool:
+        """True when the breaker opened (from closed) because of this request."""
         if failed is None:
             if probe:  # another request may be the probe: leave its flag alone
                 breaker.abandoned()
         elif not failed:
             breaker.succeeded()
-        elif breaker.failed():
-            self.metrics.breaker_opened.labels(breaker.account).inc()
+        else:
+            return breaker.failed()
+        return False
 
     async def _attempts(
         self, request: ProxyRequest, host: Breaker, route: Breaker | None

@@ -323,9 +323,13 @@ async def test_two_workers_answer_one_admin_listener_reload_on_sighup_and_stop_t
         admin_port = int(admin.rsplit(":", 1)[1])
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", admin_port + 1), 1).close()
-        # The parent keeps the admin guard: a foreign Host is refused.
-        async with client.get(f"{admin}/metrics", headers={"Host": "evil.example"}) as r:
+        # The parent keeps the admin guard: a foreign Host is refused (except by the
+        # probes and /metrics, which answer any Host, the pod IP included).
+        async with client.get(f"{admin}/budget", headers={"Host": "evil.example"}) as r:
             assert r.status == 403 and (await r.json())["error"] == "access_denied"
+        for probe in ("/metrics", "/livez"):
+            async with client.get(f"{admin}{probe}", headers={"Host": "10.244.1.7"}) as r:
+                assert r.status == 200, probe
         # Other admin routes are forwarded to the workers.
         async with client.get(f"{admin}/budget") as r:
             assert r.status == 200, await r.text()
