@@ -11,6 +11,7 @@ that exist.
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
 import importlib
 import inspect
@@ -488,8 +489,13 @@ def reference_problems(text: str, where: Path, module: str | None = None) -> lis
     if module is not None:
         owner = importlib.import_module(module)
         for match in ROLE.finditer(text):
-            if not hasattr(owner, match.group(1)) and not defines(owner, match.group(1)):
-                found.append(f"{match.group(1)}: not a name in {module}")
+            name = match.group(1)
+            if (
+                not hasattr(owner, name)
+                and not hasattr(builtins, name)
+                and not defines(owner, name)
+            ):
+                found.append(f"{name}: not a name in {module}")
     return found
 
 
