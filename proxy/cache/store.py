@@ -253,7 +253,8 @@ class CacheStore:
             if parts is not None:
                 self._index(key, parts.account, parts.path)
                 if self.ledger.active:
-                    self._count(key, self.disk.get(key))
+                    with contextlib.suppress(Exception):  # a corrupt record: a miss later
+                        self._count(key, self.disk.get(key))
         self.epoch = int(self.disk.get(EPOCH_KEY, 0))
 
     async def close(self) -> None:

@@ -57,3 +57,30 @@ async def test_the_disk_share_holds_across_a_restart_with_new_weights(tmp_path: 
         assert store.ledger.held["a"] <= store.ledger.limit("a")
     finally:
         await store.close()
+
+
+class Gone:
+    """Pickled into the cache, then removed: its record can no longer be read."""
+
+
+async def test_a_corrupt_record_does_not_stop_the_shares_being_counted_at_open(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "cache"
+    store = await CacheStore.open(directory, 10**7, 0)
+    key, good = stored("/v1/a/0", account="a")
+    store.put(key, good)
+    await store.flush()
+    global Gone
+    await store._run(store.disk.set, stored("/v1/a/1", account="a")[0], Gone())
+    await store.close()
+    saved, Gone = Gone, None  # type: ignore[misc]
+    try:
+        reopened = await CacheStore.open(directory, 10**7, 0, shares={"a": 1, "b": 1})
+    finally:
+        Gone = saved
+    try:
+        assert await reopened.get(key) is not None
+        assert reopened.ledger.held["a"] > 0
+    finally:
+        await reopened.close()
