@@ -7,10 +7,10 @@ handler (the long way) behind the fast path, so it can tell which way a request 
 from __future__ import annotations
 
 import asyncio
-import time
 import collections
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
