@@ -467,18 +467,20 @@ class Cache:
             flight.gen, flight.owner = claim.gen, claim.owner
             if claim.owner is None:
                 found = await shared.wait(account, flight.key, self.config.coalesce_wait)
-                if found is not None and self._usable(flight, found):
-                    self.store.promote(flight.key, found)
-                    entry = found.entry
-                    return Outcome(
-                        entry.status,
-                        entry.headers,
-                        "MISS",
-                        None,
-                        stored=found,
-                        entry=entry,
-                        reason="other_replica",
-                    )
+            else:  # the lock's last owner may have stored it since this flight's lookup
+                found = await shared.found(account, flight.key, claim.data)
+            if found is not None and self._usable(flight, found):
+                self.store.promote(flight.key, found)
+                entry = found.entry
+                return Outcome(
+                    entry.status,
+                    entry.headers,
+                    "MISS",
+                    None,
+                    stored=found,
+                    entry=entry,
+                    reason="other_replica",
+                )
         return await self._exchange(flight, stale)
 
     def _usable(self, flight: Flight, found: Stored) -> bool:

@@ -277,6 +277,10 @@ class SharedEntries:
         self._count("lock", "taken" if claim.owner is not None else "waited")
         return claim
 
+    async def found(self, account: str, key: str, data: bytes | None) -> Stored | None:
+        """The entry a claim found under the key once it took the lock (None: none, or bad)."""
+        return None if data is None else await self._decoded(account, key, digest(key), data)
+
     async def wait(self, account: str, key: str, patience: float) -> Stored | None:
         """The entry another replica's fetch stores, or None once its lock is gone without
         one (not storable, failed, owner died and the lock expired), Redis fails, or
