@@ -453,6 +453,12 @@ class RedisBackend:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
                 lost = True
+            except Exception as e:  # supervised: whatever it was, listen again
+                # Nothing may stop the listener for good (a replica that stops hearing
+                # invalidations serves old entries): log, count, listen again, report a gap.
+                event("shared_listener_failed", logging.ERROR, topic=topic, error=_why(e))
+                self.metrics.shared_listener_restarts.labels(topic).inc()
+                lost = True
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

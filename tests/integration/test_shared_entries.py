@@ -18,9 +18,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
-from proxy.cache.store import Stored
 from proxy.edge.services import SERVICES
 from proxy.metrics import Metrics
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
