@@ -14,6 +14,7 @@ Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a 
     P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
     P:cache:ACCOUNT:paths   sorted set: the account's cached paths, by their latest expiry
     P:cache:ACCOUNT:gen     the account's invalidation count (a store begun before one is refused)
+    P:epoch                 RUN_ID:RANDOM, named when replicas found the data of this run checked
 
 The path indexes let an invalidation or purge find an account's entries without SCAN (which
 walks the whole keyspace); they have no TTL (so eviction never loses them) and are pruned by
@@ -26,6 +27,16 @@ Each change of state is one log line and moves the ``kounta_proxy_shared_backend
 ``kounta_proxy_shared_degraded`` gauges.
 
 Times in the scripts come from Redis (``TIME``), so replicas with skewed clocks still agree.
+
+**Epochs.** A Redis that restarted may have come back from an older snapshot (or without its
+data), and a snapshot holds cache records that writes since invalidated. So the probe reads
+the server's ``run_id`` (new at every start) and ``P:epoch`` (``RUN_ID:RANDOM``) in one round
+trip; when either differs from what this replica accepted (or the key is gone: data lost),
+the data is from a new *epoch*: a replica that finds ``P:epoch`` not named for this run
+deletes the cache entries in Redis and then names a new epoch; every replica that used an
+older one purges its own store (its listeners' gap), logs and counts it, and only then uses
+Redis again. Every new connection of
+the data pool checks the run id too, so no request reads a restarted Redis before that.
 """
 
 from __future__ import annotations
@@ -161,6 +172,15 @@ end
 return removed
 """
 
+# Name a new epoch "RUN_ID:RANDOM" unless a replica named one for this run already; returns the
+# epoch. KEYS: epoch. ARGV: run id, the new name.
+NAME_EPOCH = """
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then return current end
+redis.call('SET', KEYS[1], ARGV[2])
+return ARGV[2]
+"""
+
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
 
 
@@ -173,16 +193,15 @@ class RedisBackend:
         self.metrics = metrics
         self.prefix = settings.key_prefix
         self.timeout = settings.timeout
-        self.client = aioredis.Redis.from_url(
-            settings.url,
-            password=settings.password.reveal() or None,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            # No resends inside the client: a failure is reported at once and the caller
-            # falls back; the probe decides when Redis is back.
-            retry=Retry(NoBackoff(), 0),
-            max_connections=POOL_SIZE,
-        )
+        self.client = self._connect(POOL_SIZE, self._check_epoch)
+        # The probe's own pool: it may talk to a Redis of a new epoch; the data pool may not.
+        self.prober = self._connect(2, None)
+        # The run id of the Redis whose data this replica checked (None: not yet).
+        self._run_id: str | None = None
+        self._epoch: str | None = None  # P:epoch as this replica accepted it
+        self._name_epoch = self.client.register_script(NAME_EPOCH)
+        self._gaps: list[Callable[[], None]] = []
+        self._closed = False
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
         self._write_token = self.client.register_script(CAS_SCRIPT)
@@ -196,6 +215,34 @@ class RedisBackend:
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
+
+    def _connect(
+        self, size: int, on_connect: Callable[[Any], Awaitable[None]] | None
+    ) -> aioredis.Redis:
+        settings = self.settings
+        return aioredis.Redis.from_url(
+            settings.url,
+            password=settings.password.reveal() or None,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            # No resends inside the client: a failure is reported at once and the caller
+            # falls back; the probe decides when Redis is back.
+            retry=Retry(NoBackoff(), 0),
+            max_connections=size,
+            redis_connect_func=on_connect,
+        )
+
+    async def _check_epoch(self, connection: Any) -> None:
+        """A new connection of the data pool: refused while the server is not the one whose
+        data this replica checked (a restart the probe has not handled yet)."""
+        await connection.on_connect()
+        await connection.send_command("INFO", "server")
+        try:
+            run_id = _run_id(await connection.read_response())
+        except rexc.ResponseError:
+            run_id = ""  # INFO refused: the probe goes by P:epoch alone
+        if self._run_id is not None and run_id != self._run_id:
+            raise rexc.ConnectionError("the shared store restarted (a new epoch)")
 
     @property
     def budget(self) -> RedisBackend:
@@ -230,12 +277,16 @@ class RedisBackend:
         self._probe = asyncio.create_task(self._watch(), name="shared-redis-probe")
 
     async def close(self) -> None:
+        # Listeners also stop by this flag: a cancel that lands as get_message's own
+        # timeout expires is swallowed (asyncio.timeout on 3.11), and the loop would go on.
+        self._closed = True
         for task in [self._probe, *self._listeners]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.client.aclose()
+        await self.prober.aclose()
 
     async def _watch(self) -> None:
         while True:
@@ -245,11 +296,52 @@ class RedisBackend:
     async def _check(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):
-                await self.client.ping()
+                pipe = self.prober.pipeline(transaction=False)
+                pipe.execute_command("INFO", "server")
+                pipe.get(self._epoch_key)
+                info, epoch = await pipe.execute(raise_on_error=False)
+            if isinstance(epoch, Exception):
+                raise epoch
+            # INFO refused (a managed Redis may rename it): only P:epoch tells an epoch.
+            run_id = "" if isinstance(info, rexc.ResponseError) else _run_id(info)
+            seen = None if epoch is None else _text(epoch)
+            if run_id != self._run_id or seen is None or seen != self._epoch:
+                # Not under the one timeout: deleting a large cache takes many round trips.
+                await self._new_epoch(run_id, seen)
         except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
             self._set_state(False, _why(e))
             return
         self._set_state(True, "answering")
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    async def _new_epoch(self, run_id: str, epoch: str | None) -> None:
+        """Redis restarted, or lost or rewound its data, or another replica found it so: what
+        it holds of the cache may be records that writes since invalidated. Unless a replica
+        did already for this run, delete them and then name the new epoch; purge this
+        replica's own store (the listeners' gap) if it used an older one."""
+        if epoch is None or not epoch.startswith(run_id + ":"):
+            removed = 0
+            async for batch in _batches(self.prober.scan_iter(match=self._cache_pattern)):
+                removed += int(await self.prober.unlink(*batch))
+            keys, args = [self._epoch_key], [run_id, f"{run_id}:{uuid.uuid4().hex}"]
+            epoch = _text(await self._name_epoch(keys=keys, args=args, client=self.prober))
+            event("shared_epoch_purged", logging.WARNING, removed=removed)
+        older = self._epoch
+        self._run_id, self._epoch = run_id, epoch
+        if older is None:
+            return  # this replica's first look: it holds nothing of an older epoch
+        self.metrics.shared_epoch_changes.inc()
+        event("shared_new_epoch", logging.WARNING)
+        for gap in self._gaps:
+            gap()
+
+    @property
+    def _cache_pattern(self) -> str:
+        escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in self.prefix)
+        return f"{escaped}:cache:*"
 
     def _set_state(self, up: bool, reason: str) -> None:
         self._up = up
@@ -428,6 +520,7 @@ class RedisBackend:
     ) -> None:
         task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
         self._listeners.append(task)
+        self._gaps.append(on_gap)  # a new epoch is a gap too
 
     async def _listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
@@ -435,7 +528,7 @@ class RedisBackend:
         """Subscribe, deliver, and after any break subscribe again and report the gap."""
         channel, own = self.key("events", topic), self._replica.encode() + b"|"
         lost = False
-        while True:
+        while not self._closed:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self.timeout):
@@ -444,7 +537,7 @@ class RedisBackend:
                     lost = False
                     event("shared_resubscribed", topic=topic)
                     on_gap()
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(timeout=PROBE_SECONDS)
                     data = message.get("data") if message else None
                     if isinstance(data, bytes) and not data.startswith(own):
@@ -463,6 +556,28 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
+
+
+def _run_id(info: Any) -> str:
+    """The server's run id from ``INFO server`` (parsed or raw); "" when not given."""
+    if isinstance(info, dict):
+        return str(info.get("run_id", ""))
+    text = _text(info) if isinstance(info, bytes | str) else ""
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.partition(":")[2].strip()
+    return ""
+
+
+async def _batches(keys: AsyncIterator[Any], size: int = 500) -> AsyncIterator[list[Any]]:
+    batch: list[Any] = []
+    async for key in keys:
+        batch.append(key)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _text(value: bytes | str) -> str:
