@@ -28,15 +28,8 @@ Each change of state is one log line and moves the ``kounta_proxy_shared_backend
 
 Times in the scripts come from Redis (``TIME``), so replicas with skewed clocks still agree.
 
-**Epochs.** A Redis that restarted may have come back from an older snapshot (or without its
-data), and a snapshot holds cache records that writes since invalidated. So the probe reads
-the server's ``run_id`` (new at every start) and ``P:epoch`` (``RUN_ID:RANDOM``) in one round
-trip; when either differs from what this replica accepted (or the key is gone: data lost),
-the data is from a new *epoch*: a replica that finds ``P:epoch`` not named for this run
-deletes the cache entries in Redis and then names a new epoch; every replica that used an
-older one purges its own store (its listeners' gap), logs and counts it, and only then uses
-Redis again. Every new connection of
-the data pool checks the run id too, so no request reads a restarted Redis before that.
+**Epochs** (:mod:`proxy.shared.epochs`): a restarted, rewound or emptied Redis is a new
+epoch; its cache entries are deleted and every replica purges its own before using it again.
 """
 
 from __future__ import annotations
@@ -59,6 +52,7 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
+from proxy.shared.epochs import Epochs
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -172,15 +166,6 @@ end
 return removed
 """
 
-# Name a new epoch "RUN_ID:RANDOM" unless a replica named one for this run already; returns the
-# epoch. KEYS: epoch. ARGV: run id, the new name.
-NAME_EPOCH = """
-local current = redis.call('GET', KEYS[1])
-if current and string.sub(current, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then return current end
-redis.call('SET', KEYS[1], ARGV[2])
-return ARGV[2]
-"""
-
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
 
 
@@ -193,14 +178,10 @@ class RedisBackend:
         self.metrics = metrics
         self.prefix = settings.key_prefix
         self.timeout = settings.timeout
-        self.client = self._connect(POOL_SIZE, self._check_epoch)
         # The probe's own pool: it may talk to a Redis of a new epoch; the data pool may not.
         self.prober = self._connect(2, None)
-        # The run id of the Redis whose data this replica checked (None: not yet).
-        self._run_id: str | None = None
-        self._epoch: str | None = None  # P:epoch as this replica accepted it
-        self._name_epoch = self.client.register_script(NAME_EPOCH)
-        self._gaps: list[Callable[[], None]] = []
+        self.epochs = Epochs(self.prober, self.prefix, metrics)
+        self.client = self._connect(POOL_SIZE, self.epochs.check_connection)
         self._closed = False
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
@@ -231,18 +212,6 @@ class RedisBackend:
             max_connections=size,
             redis_connect_func=on_connect,
         )
-
-    async def _check_epoch(self, connection: Any) -> None:
-        """A new connection of the data pool: refused while the server is not the one whose
-        data this replica checked (a restart the probe has not handled yet)."""
-        await connection.on_connect()
-        await connection.send_command("INFO", "server")
-        try:
-            run_id = _run_id(await connection.read_response())
-        except rexc.ResponseError:
-            run_id = ""  # INFO refused: the probe goes by P:epoch alone
-        if self._run_id is not None and run_id != self._run_id:
-            raise rexc.ConnectionError("the shared store restarted (a new epoch)")
 
     @property
     def budget(self) -> RedisBackend:
@@ -296,52 +265,14 @@ class RedisBackend:
     async def _check(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):
-                pipe = self.prober.pipeline(transaction=False)
-                pipe.execute_command("INFO", "server")
-                pipe.get(self._epoch_key)
-                info, epoch = await pipe.execute(raise_on_error=False)
-            if isinstance(epoch, Exception):
-                raise epoch
-            # INFO refused (a managed Redis may rename it): only P:epoch tells an epoch.
-            run_id = "" if isinstance(info, rexc.ResponseError) else _run_id(info)
-            seen = None if epoch is None else _text(epoch)
-            if run_id != self._run_id or seen is None or seen != self._epoch:
+                run_id, epoch = await self.epochs.read()
+            if self.epochs.changed(run_id, epoch):
                 # Not under the one timeout: deleting a large cache takes many round trips.
-                await self._new_epoch(run_id, seen)
+                await self.epochs.begin(run_id, epoch)
         except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
             self._set_state(False, _why(e))
             return
         self._set_state(True, "answering")
-
-    @property
-    def _epoch_key(self) -> str:
-        return f"{self.prefix}:epoch"
-
-    async def _new_epoch(self, run_id: str, epoch: str | None) -> None:
-        """Redis restarted, or lost or rewound its data, or another replica found it so: what
-        it holds of the cache may be records that writes since invalidated. Unless a replica
-        did already for this run, delete them and then name the new epoch; purge this
-        replica's own store (the listeners' gap) if it used an older one."""
-        if epoch is None or not epoch.startswith(run_id + ":"):
-            removed = 0
-            async for batch in _batches(self.prober.scan_iter(match=self._cache_pattern)):
-                removed += int(await self.prober.unlink(*batch))
-            keys, args = [self._epoch_key], [run_id, f"{run_id}:{uuid.uuid4().hex}"]
-            epoch = _text(await self._name_epoch(keys=keys, args=args, client=self.prober))
-            event("shared_epoch_purged", logging.WARNING, removed=removed)
-        older = self._epoch
-        self._run_id, self._epoch = run_id, epoch
-        if older is None:
-            return  # this replica's first look: it holds nothing of an older epoch
-        self.metrics.shared_epoch_changes.inc()
-        event("shared_new_epoch", logging.WARNING)
-        for gap in self._gaps:
-            gap()
-
-    @property
-    def _cache_pattern(self) -> str:
-        escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in self.prefix)
-        return f"{escaped}:cache:*"
 
     def _set_state(self, up: bool, reason: str) -> None:
         self._up = up
@@ -520,7 +451,7 @@ class RedisBackend:
     ) -> None:
         task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
         self._listeners.append(task)
-        self._gaps.append(on_gap)  # a new epoch is a gap too
+        self.epochs.gaps.append(on_gap)  # a new epoch is a gap too
 
     async def _listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
@@ -556,28 +487,6 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
-
-
-def _run_id(info: Any) -> str:
-    """The server's run id from ``INFO server`` (parsed or raw); "" when not given."""
-    if isinstance(info, dict):
-        return str(info.get("run_id", ""))
-    text = _text(info) if isinstance(info, bytes | str) else ""
-    for line in text.splitlines():
-        if line.startswith("run_id:"):
-            return line.partition(":")[2].strip()
-    return ""
-
-
-async def _batches(keys: AsyncIterator[Any], size: int = 500) -> AsyncIterator[list[Any]]:
-    batch: list[Any] = []
-    async for key in keys:
-        batch.append(key)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _text(value: bytes | str) -> str:
