@@ -18,7 +18,12 @@ WORKDIR /src
 COPY pyproject.toml README.md requirements.lock ./
 COPY proxy ./proxy
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
-    python3 -m venv /opt/kounta-proxy && /opt/kounta-proxy/bin/pip install --no-cache-dir --constraint requirements.lock .
+    python3 -m venv /opt/kounta-proxy \
+    && /opt/kounta-proxy/bin/pip install --no-cache-dir --require-hashes -r requirements.lock \
+    && /opt/kounta-proxy/bin/pip install --no-cache-dir --no-deps .
+# The running proxy needs neither pip nor setuptools: they leave the environment (nothing can
+# install into the image, and their advisories are not the proxy's).
+RUN /opt/kounta-proxy/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 # --- runtime: the same Python, the virtual environment, a non-root user (no compiler, no pip cache)
 FROM ${BASE}
@@ -44,8 +49,9 @@ ENV PATH="/opt/kounta-proxy/bin:$PATH" \
     KOUNTA_PROXY_SERVER__DRAIN_DELAY=5
 # Settings: mount a file at /etc/kounta-proxy/kounta-proxy.toml (read from the working
 # directory) and/or set KOUNTA_PROXY_* variables; secrets as *_FILE pointing at /run/secrets.
+# State (tokens, the cache): mount a named volume at /var/lib/kounta-proxy. No VOLUME here: it
+# would make an anonymous volume on every run that nobody removes (docs/container.md).
 WORKDIR /etc/kounta-proxy
-VOLUME ["/var/lib/kounta-proxy"]
 EXPOSE 8080 9464
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \

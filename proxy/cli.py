@@ -16,7 +16,7 @@ from proxy.auth import authorize as flow
 from proxy.auth.providers import token_path
 from proxy.cache.admin import run_cli
 from proxy.listener import StartupError, bound_port, run_until_signal, start
-from proxy.logs import configure, event
+from proxy.logs import configure, event, set_worker, worker_from_env
 from proxy.ops import lifecycle, workers
 from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
@@ -59,8 +59,9 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="processes serving one port (N > 1 needs [shared] backend = 'redis'); worker K's "
-        "admin listener is on admin.port + K",
+        help="processes serving one port (N > 1 needs [shared] backend = 'redis'); the parent "
+        "serves the one admin listener on admin.port and merges the workers' metrics (each "
+        "worker's own admin listener is a private Unix socket)",
     )
 
     check = sub.add_parser(
@@ -212,12 +213,12 @@ def authorize(args: argparse.Namespace) -> int:
     except flow.AuthorizeError as e:
         print(f"{PROG}: authorize failed: {e}", file=sys.stderr)
         return 1
-    path = token_path(name, settings.accounts[name], settings.state_dir)
+    where = flow.saved_where(settings, name)
     lifetime = ""
     if token.expires_at is not None:
         lifetime = f", access token valid for {token.expires_at - token.obtained_at:.0f}s"
-    print(f"Authorized account {name!r}: token saved to {path}{lifetime}", flush=True)
-    event("authorized", account=name, token_file=str(path))
+    print(f"Authorized account {name!r}: token saved to {where}{lifetime}", flush=True)
+    event("authorized", account=name, saved_to=where)
     return 0
 
 
@@ -231,6 +232,12 @@ def require_accounts(settings: Settings) -> Settings:
 def check_config(path: Path | None, *, as_json: bool) -> int:
     """Validate as serve would (directories included, nothing created), print the effective
     settings masked, and warn about what serve would start without (oauth tokens)."""
+    if path is None and not DEFAULT_CONFIG_PATH.is_file():
+        print(
+            f"{PROG}: no config file ({DEFAULT_CONFIG_PATH} not found here, no --config): "
+            "defaults and KOUNTA_PROXY_* variables only",
+            file=sys.stderr,
+        )
     settings = require_accounts(load(path))
     problems = [ConfigError(key, p) for key, p in lifecycle.directory_problems(settings)]
     if problems:
@@ -238,8 +245,10 @@ def check_config(path: Path | None, *, as_json: bool) -> int:
     warning = exposure_warning(settings.admin)
     if warning is not None:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    data = masked(settings)
-    print(json.dumps(data, indent=2) if as_json else to_toml(data), end="" if not as_json else "\n")
+    if as_json:
+        print(json.dumps(masked(settings), indent=2))
+    else:
+        print(to_toml(masked(settings, files=True)), end="")
     for line in token_warnings(settings, path):
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     return 0
@@ -251,11 +260,18 @@ def token_warnings(settings: Settings, path: Path | None) -> list[str]:
         path if path is not None else DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
     )
     where = f" --config {shlex.quote(str(config))}" if config is not None else ""
+    needing = [
+        name
+        for name, account in sorted(settings.accounts.items())
+        if account.mode == "oauth"
+        and account.grant == "refresh_token"
+        and not account.refresh_token
+    ]
+    if settings.shared.backend == "redis":
+        return _shared_token_warnings(settings, needing, where)
     lines = []
-    for name, account in sorted(settings.accounts.items()):
-        if account.mode != "oauth" or account.grant != "refresh_token" or account.refresh_token:
-            continue
-        file = token_path(name, account, settings.state_dir)
+    for name in needing:
+        file = token_path(name, settings.accounts[name], settings.state_dir)
         if not file.is_file():
             lines.append(
                 f"account {name!r} has no token yet ({file} does not exist); run: "
@@ -264,9 +280,36 @@ def token_warnings(settings: Settings, path: Path | None) -> list[str]:
     return lines
 
 
+# How long check-config waits for Redis to say whether the tokens are there.
+SHARED_CHECK_WAIT = 3.0
+
+
+def _shared_token_warnings(settings: Settings, names: list[str], where: str) -> list[str]:
+    """With ``[shared] backend = "redis"`` the tokens are in Redis: ask it (within
+    SHARED_CHECK_WAIT), or say that it cannot be told."""
+    if not names:
+        return []
+    store = flow.shared_store_name(settings)
+    configure("error", "json")  # the backend's own state lines are not check-config's output
+    found = asyncio.run(flow.shared_tokens_present(settings, names, SHARED_CHECK_WAIT))
+    if found is None:
+        listed = ", ".join(repr(n) for n in names)
+        return [
+            f"cannot tell whether account(s) {listed} have a token: the shared store "
+            f"({store}) did not answer within {SHARED_CHECK_WAIT:g}s"
+        ]
+    return [
+        f"account {name!r} has no token yet in the shared store ({store}); run: "
+        f"{PROG} authorize --account {shlex.quote(name)}{where}"
+        for name in names
+        if not found[name]
+    ]
+
+
 def serve(settings: Settings, config: Path | None = None) -> int:
     require_accounts(settings)
     configure(settings.log.level, settings.log.format)
+    set_worker(worker_from_env())  # a `serve --workers N` worker: its lines say which
     asyncio.run(_serve(settings, config))
     return 0
 
@@ -341,8 +384,6 @@ async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -
 
 
 def _demo_account(sandbox_url: str) -> AccountSettings:
-    from proxy.sandbox import SandboxConfig
-
     return AccountSettings(
         mode="oauth",
         client_id=SandboxConfig.client_id,

@@ -14,7 +14,8 @@ Exceptions::
     │   ├── FaultyFraming           400 invalid_request (e.g. Transfer-Encoding in HTTP/1.0)
     │   ├── NotImplementedCoding    501 not_implemented (a transfer coding other than chunked)
     │   ├── HttpVersionNotSupported 505 http_version_not_supported
-    │   └── ExpectationFailed       417 expectation_failed (an Expect other than 100-continue)
+    │   ├── ExpectationFailed       417 expectation_failed (an Expect other than 100-continue)
+    │   └── BodyTimeout             408 request_timeout (a request body too slow or too late)
     ├── InvalidRequest              400 invalid_request
     │   └── InvalidTarget           400 invalid_request_target (proxy.target)
     ├── NotFound                    404 not_found
@@ -33,7 +34,10 @@ Exceptions::
         ├── UpstreamTimeout         504 upstream_timeout
         ├── UpstreamBodyError       502 upstream_truncated (body cut short, gzip incomplete/corrupt)
         ├── UpstreamTooLarge        502 upstream_too_large (gzip inflates past the caps)
-        └── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
+        ├── UpstreamInvalid         502 upstream_invalid (a status outside 100-599)
+        ├── CircuitOpen             503 circuit_open (+ retry_after; failing fast)
+        └── UpstreamBusy            503 upstream_busy (+ retry_after; the account's
+                                    upstream connections all in use; no breaker counts it)
 """
 
 from __future__ import annotations
@@ -56,9 +60,14 @@ class ProxyError(Exception):
     # Retryable failures: a GET may be answered from a stale cache entry instead.
     stale_ok = False
 
-    def __init__(self, description: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, description: str, *, code: str | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(description)
         self.description = description
+        # For the log only, never the caller: what went wrong underneath (an address, an
+        # OS error), which could tell a caller about the proxy's network.
+        self.detail = detail
         if code is not None:
             self.code = code
 
@@ -95,6 +104,11 @@ class HttpVersionNotSupported(ClosesConnection):
 class ExpectationFailed(ClosesConnection):
     status = 417
     code = "expectation_failed"
+
+
+class BodyTimeout(ClosesConnection):
+    status = 408
+    code = "request_timeout"
 
 
 class NotFound(ProxyError):
@@ -195,11 +209,25 @@ class UpstreamTooLarge(UpstreamError):
     code = "upstream_too_large"
 
 
+class UpstreamInvalid(UpstreamError):
+    """An answer no HTTP client may act on: a status outside 100-599 (RFC 9110 15)."""
+
+    code = "upstream_invalid"
+
+
 class CircuitOpen(_RetryAfter, UpstreamError):
     """Kounta failed too often in a row: the account's requests fail fast for a while."""
 
     status = 503
     code = "circuit_open"
+
+
+class UpstreamBusy(_RetryAfter, UpstreamError):
+    """Every upstream connection of the account's share stayed in use past the wait: the
+    proxy's own limit, not a sign that Kounta is away (breakers do not count it)."""
+
+    status = 503
+    code = "upstream_busy"
 
 
 class TooManyPages(ProxyError):

@@ -34,24 +34,35 @@ class StartupError(Exception):
     """The server cannot start; the message is one line for the operator."""
 
 
+# How long an idle keep-alive connection stays open after an answer (nginx's default); a
+# connection that sends nothing at all is closed after header_timeout instead.
+KEEPALIVE_TIMEOUT = 75.0
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one connection may take: a deadline for each request head (slowloris) and a cap
-    on open connections. ``on_drop(reason)`` hears each connection closed for either
-    (``header_timeout``, ``max_connections``); ``on_count(n)`` the open connections."""
+    """What one connection may take: a deadline for each request head (slowloris), a cap on
+    open connections, and how long it may idle between requests. At the cap, the keep-alive
+    connection idle longest is closed to admit a new one (as nginx reuses idle connections);
+    only when none is idle is the new one refused. ``on_drop(reason)`` hears each connection
+    closed for these (``header_timeout``, ``max_connections``, ``keepalive_evicted``);
+    ``on_count(n)`` the open connections."""
 
     header_timeout: float = 10.0
     max_connections: int = 1000
     on_drop: Callable[[str], None] | None = None
     on_count: Callable[[int], None] | None = None
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
 
 
 # Set by an application that wants limits other than the defaults.
 LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
-# How long an idle keep-alive connection stays open after an answer (nginx's default); a
-# connection that sends nothing at all is closed after header_timeout instead.
-KEEPALIVE_TIMEOUT = 75.0
 HEADER_TIMEOUT, MAX_CONNECTIONS = "header_timeout", "max_connections"
+KEEPALIVE_EVICTED = "keepalive_evicted"
+# Set on an answer after which the connection closes as soon as it is written, without
+# aiohttp's lingering read of an unread request body (up to 10 s): for a caller too slow
+# to send its body, whose remaining bytes are not worth waiting for.
+CLOSE_AT_ONCE: web.ResponseKey[bool] = web.ResponseKey("close_at_once", bool)
 
 
 def _raw_answer(status: int, reason: str, code: str, description: str) -> bytes:
@@ -69,7 +80,8 @@ class _JsonErrorHandler(RequestHandler):
     """aiohttp answers unparsable requests itself; make those answers JSON too. Also keeps
     :class:`Limits`: a request head must arrive within ``header_timeout`` (else 408 when some
     of it came, or a silent close when nothing did, as nginx does), and a connection beyond
-    ``max_connections`` is answered 503 and closed before anything is read."""
+    ``max_connections`` closes the keep-alive connection idle longest, or when none is idle
+    is answered 503 and closed before anything is read."""
 
     def __init__(self, manager: Server, *, limits: Limits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -77,16 +89,36 @@ class _JsonErrorHandler(RequestHandler):
         self.server = manager
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
+        # Requests whose head arrived, and when the last answer was written ("idle longest").
+        self._requests = 0
+        self._answered_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         count = len(self.server.connections)
         if self.limits.on_count is not None:
             self.limits.on_count(count)
-        if count > self.limits.max_connections:
+        if count > self.limits.max_connections and not self._make_room():
             self._drop(MAX_CONNECTIONS, _TOO_MANY)
             return
         self._arm()
+
+    def _make_room(self) -> bool:
+        """Whether this connection fits under the cap once the keep-alive connection idle
+        longest is closed (connections closed but not yet gone do not count)."""
+        others = [c for c in self.server.connections if c is not self and c.transport is not None]
+        if len(others) < self.limits.max_connections:
+            return True
+        idle = [c for c in others if isinstance(c, _JsonErrorHandler) and c._idle()]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c._answered_at)._drop(KEEPALIVE_EVICTED, b"")
+        return True
+
+    def _idle(self) -> bool:
+        """Between requests on a kept-alive connection: one was answered, no byte of the
+        next has come (RFC 9112 9.3: such a connection may be closed at any time)."""
+        return self._requests > 0 and self._waiting() and not self._head_bytes
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
@@ -102,9 +134,10 @@ class _JsonErrorHandler(RequestHandler):
             if self._head_timer is None:
                 self._arm()
         super().data_received(data)
-        if self._head_timer is not None and not self._waiting():
+        if self._head_bytes and not self._waiting():
             self._disarm()  # the head is complete: a request is being answered
             self._head_bytes = False
+            self._requests += 1
 
     def _waiting(self) -> bool:
         """Whether the connection waits for a request head (none is being answered)."""
@@ -124,6 +157,15 @@ class _JsonErrorHandler(RequestHandler):
         self._head_timer = None
         if self._waiting():  # else a request is being answered: its head came in time
             self._drop(HEADER_TIMEOUT, _TIMED_OUT if self._head_bytes else b"")
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        finished = await super().finish_response(request, resp, start_time)
+        self._answered_at = self._loop.time()
+        if resp.get(CLOSE_AT_ONCE):
+            self.force_close()  # the answer is written: the transport flushes it, then closes
+        return finished
 
     def _drop(self, reason: str, answer: bytes) -> None:
         event("connection_dropped", reason=reason)
@@ -218,7 +260,10 @@ def customise(server: Server, app: web.Application) -> Server:
     cannot do: answer unparsable requests as JSON (the protocol's ``handle_error``), keep a
     deadline on request heads (the protocol's ``_waiter``: set while it waits for a request,
     which is also what aiohttp's own keep-alive timer reads), and put a handler in front of
-    the application's once its startup built what it needs. tests/unit/test_listener.py
+    the application's once its startup built what it needs, and close a connection right
+    after an answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``, which
+    also tells when a connection went idle; ``force_close`` skips the lingering read).
+    tests/unit/test_listener.py
     fails loudly if aiohttp changes any of these hooks."""
     server.__class__ = _JsonErrorServer
     cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())
@@ -252,7 +297,7 @@ async def start(
         shutdown_timeout=grace,
         handle_signals=False,
         handler_cancellation=True,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        keepalive_timeout=app.get(LIMITS, Limits()).keepalive_timeout,
     )
     try:
         await runner.setup()

@@ -11,10 +11,27 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import IO, Any
 
 LOGGER = "kounta_proxy"
 log = logging.getLogger(LOGGER)
+# Set by `serve --workers N` in each worker (proxy.ops.workers): every line says which wrote it.
+WORKER_ENV = "KOUNTA_WORKER_INDEX"
+_worker: list[int | None] = [None]
+
+
+def set_worker(index: int | None) -> None:
+    """Stamp every log line of this process with ``"worker": index`` (None: no field)."""
+    _worker[0] = index
+
+
+def worker_from_env() -> int | None:
+    """The worker index the ``serve --workers`` parent gave this process, if any."""
+    value = os.environ.get(WORKER_ENV, "")
+    return int(value) if value.isdigit() else None
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +41,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
+        if _worker[0] is not None:
+            entry["worker"] = _worker[0]
         entry.update(getattr(record, "fields", {}))
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
@@ -45,6 +64,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
+        if _worker[0] is not None:
+            fields = {"worker": _worker[0], **fields}
         tail = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         level = record.levelname.lower()
         shown = f"{level:7}"
@@ -105,3 +126,63 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
 def set_level(level: str) -> None:
     """Change the proxy's log level while it runs (a SIGHUP reload)."""
     logging.getLogger(LOGGER).setLevel(level.upper())
+
+
+def debug(name: str, **fields: Any) -> None:
+    """A ``debug`` event (``log.level = "debug"``), built only when someone reads it."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(name, extra={"fields": fields})
+
+
+# --------------------------------------------------------------------------- request trace
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the layers below the edge learn about one request, for its access line (the
+    edge creates one per request; the layers find it with :func:`trace`)."""
+
+    request_id: str = ""
+    budget_wait: float = 0.0  # seconds waited for the account's rate budget, all attempts
+    retries: int = 0  # upstream attempts after the first (resends, 429 and 401 resends)
+    fetched_by: str | None = None  # coalesced: the request id whose fetch answered this one
+    failure: str | None = None  # the last upstream failure's error code, if any
+    failure_detail: str | None = None  # what the log (never the caller) hears about it
+
+
+_TRACE: ContextVar[Trace | None] = ContextVar("kounta_proxy_trace", default=None)
+
+
+def begin_trace(request_id: str) -> Trace:
+    """A new trace for the request this task now answers (tasks it starts share it)."""
+    found = Trace(request_id)
+    _TRACE.set(found)
+    return found
+
+
+def trace() -> Trace:
+    """The current request's trace; a throwaway one outside any request."""
+    return _TRACE.get() or Trace()
+
+
+class Throttle:
+    """At most one log line per key every ``interval`` seconds; the lines held back are
+    counted and reported with the next one (``allow`` returns how many, or None: hold)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str) -> int | None:
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        self._last[key] = (now, 0)
+        return 0 if last is None else last[1]
+
+    def forget(self, key: str) -> None:
+        """The next line for ``key`` is shown at once (its condition ended)."""
+        self._last.pop(key, None)

@@ -11,8 +11,11 @@ codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import platform
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -35,9 +38,22 @@ BREAKER_STATES = ("closed", "half_open", "open")
 REQUEST_CHILDREN_MAX = 10_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The kinds of upstream failure counted by ``upstream_errors``.
-UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "truncated", "too_large")
+# Redis round trips: sub-millisecond on a host, a few ms across a zone, 0.5 s is the timeout.
+SHARED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+UPSTREAM_ERROR_KINDS = (
+    *("timeout", "connect", "tls", "reset", "truncated", "too_large"),
+    *("invalid", "busy"),
+)
 # Why the listener closed a connection itself (proxy.listener.Limits).
-CONNECTION_DROP_REASONS = ("header_timeout", "max_connections")
+CONNECTION_DROP_REASONS = (
+    *("header_timeout", "max_connections", "keepalive_evicted", "body_timeout"),
+    "send_timeout",
+)
+# The label values the counters below are created with at 0 (``increase()`` counts the
+# first event only from a series that exists already).
+CACHE_STORE_OPS = ("read", "write", "delete", "full")
+TOKEN_RESULTS = ("ok", "unavailable", "rejected", "adopted")
+AUTH_RESEND_OUTCOMES = ("resent", "not_replayable", "refresh_floor")
 
 
 class Registry(CollectorRegistry):
@@ -226,6 +242,14 @@ class Metrics:
         if children[2] is not None:
             children[2].inc()
 
+    def renewable_account(self, account: str) -> None:
+        """Create an oauth account's token and resend series at 0."""
+        for result in TOKEN_RESULTS:
+            self.token_requests.labels(account, result)
+        self.token_request_duration.labels(account)
+        for outcome in AUTH_RESEND_OUTCOMES:
+            self.auth_resends.labels(account, outcome)
+
     def watch_store(self, read: Callable[[], tuple[int, int]]) -> None:
         """Expose the cache store's (entries, bytes), read at every scrape."""
         StoreGauges(read, self.registry)
@@ -249,7 +273,7 @@ class Metrics:
                 "aiohttp": aiohttp.__version__,
             }
         )
-        # --- requests (inbound, recorded by app.access_middleware)
+        # --- requests (inbound, recorded by edge.middlewares.access_middleware)
         self.requests = LoopCounter(
             "kounta_proxy_requests",
             "Requests answered, by method, route template, status class, cache status and "
@@ -279,7 +303,11 @@ class Metrics:
         self.connections_dropped = Counter(
             "kounta_proxy_connections_dropped",
             "Connections the proxy closed to protect itself, by reason: header_timeout (no "
-            "complete request head within server.header_timeout), max_connections.",
+            "complete request head within server.header_timeout), max_connections, "
+            "keepalive_evicted (an idle keep-alive connection closed to admit a new one at "
+            "the cap), body_timeout (a request body slower than server.body_min_rate or "
+            "later than server.body_timeout: 408), send_timeout (a caller that stopped reading "
+            "a streamed answer past server.send_timeout).",
             ["reason"],
             registry=registry,
         )
@@ -302,7 +330,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "kounta_proxy_upstream_errors",
             "Upstream exchanges that failed, by kind (timeout, connect, tls, reset, truncated: a "
-            "gzip body incomplete or corrupt, too_large: a gzip body past the caps) and account.",
+            "gzip body incomplete or corrupt, too_large: a gzip body past the caps, invalid: a "
+            "status outside 100-599, busy: no free connection in the account's share) and "
+            "account.",
             ["kind", "account"],
             registry=registry,
         )
@@ -310,6 +340,13 @@ class Metrics:
         self.budget_limit = Gauge(
             "kounta_proxy_budget_limit_per_minute",
             "The account's configured rate: upstream requests allowed in any 60 s window.",
+            ["account"],
+            registry=registry,
+        )
+        self.budget_effective = Gauge(
+            "kounta_proxy_budget_effective_per_minute",
+            "Upstream requests this process may send for the account in any 60 s window now: "
+            "the configured rate, or its share (rate / shared.replicas) while Redis is away.",
             ["account"],
             registry=registry,
         )
@@ -366,8 +403,9 @@ class Metrics:
         )
         self.breaker_opened = Counter(
             "kounta_proxy_breaker_opened",
-            "Times a breaker of the account (its own or one of a route's) opened after "
-            "consecutive failed requests.",
+            "Times a breaker of the account (its own or one of a route's) opened from closed "
+            "after consecutive failed requests (a failed probe is the same opening; one "
+            "request opening both is one).",
             ["account"],
             registry=registry,
         )
@@ -396,8 +434,22 @@ class Metrics:
         )
         self.cache_broadcasts = Counter(
             "kounta_proxy_cache_broadcasts",
-            "Cache invalidations between replicas, by result (sent, failed, received, ignored).",
+            "Cache invalidations between replicas, by result (sent, failed, received, "
+            "rejected: a message that is not a change this replica can read).",
             ["result"],
+            registry=registry,
+        )
+        self.shared_listener_restarts = Counter(
+            "kounta_proxy_shared_listener_restarts",
+            "Times a pub/sub listener died (any error but a lost connection) and was started "
+            "again, by topic; the replica then purges as after a lost subscription.",
+            ["topic"],
+            registry=registry,
+        )
+        self.shared_epoch_changes = Counter(
+            "kounta_proxy_shared_epoch_changes",
+            "Times this replica found Redis restarted or its data lost or rewound (a new "
+            "epoch): the shared cache entries and this replica's own were purged.",
             registry=registry,
         )
         self.cache_shared = Counter(
@@ -478,11 +530,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
+        # --- cache (recorded by proxy.cache: answers, exchange, tiers, store, shared, broadcast)
         self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
-            "Cache outcomes by result (hit, miss, revalidated, stale, bypass) and reason "
-            "(e.g. fresh, not_modified, changed, cold, error, while_revalidate, no_store).",
+            "Cache outcomes, one per answer, by result (the answer's X-Cache: hit, miss, "
+            "revalidated, stale, bypass) and reason (e.g. fresh, not_modified, changed, cold, "
+            "error, while_revalidate, no_store; for bypass, why the request or the answer is "
+            "not cacheable).",
             ["result", "reason"],
             registry=registry,
         )
@@ -502,7 +556,7 @@ class Metrics:
         )
         self.cache_evictions = Counter(
             "kounta_proxy_cache_evictions",
-            "Disk cache values evicted to stay under cache.max_size.",
+            "Disk cache values evicted to stay under cache.max_size or an account's share of it.",
             registry=registry,
         )
         self.cache_invalidations = Counter(
@@ -516,6 +570,8 @@ class Metrics:
             ["op"],
             registry=registry,
         )
+        for op in CACHE_STORE_OPS:
+            self.cache_store_errors.labels(op)
         self.cache_storing_disabled = Gauge(
             "kounta_proxy_cache_storing_disabled",
             "1 while storing is off because the disk is full or writes keep failing, else 0.",
@@ -527,6 +583,66 @@ class Metrics:
             "dropped and fetched again.",
             registry=registry,
         )
+        # --- causes, latencies and the running configuration (operations)
+        self.token_failures = Counter(
+            "kounta_proxy_token_failures",
+            "Failed token requests by account and cause: dns, connect, tls, timeout, reset "
+            "(the token URL could not be used), http_4xx, http_5xx, invalid (no token in a 200).",
+            ["account", "kind"],
+            registry=registry,
+        )
+        self.shared_call_duration = LoopHistogram(
+            "kounta_proxy_shared_call_duration_seconds",
+            "Time a round trip to the shared backend (Redis) took, by operation (as "
+            "kounta_proxy_shared_calls_total), errors and timeouts included.",
+            ["op"],
+            SHARED_BUCKETS,
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "kounta_proxy_config_reloads",
+            "Configuration reloads (SIGHUP) by result: applied, unchanged, rejected (the file "
+            "was not valid; the running configuration stays), restart_needed (applied, but "
+            "some changes wait for a restart).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("applied", "unchanged", "rejected", "restart_needed"):
+            self.config_reloads.labels(result)
+        self.config_loaded = Gauge(
+            "kounta_proxy_config_loaded_timestamp_seconds",
+            "When the running configuration was loaded (Unix time): at start, then at each "
+            "reload that applied.",
+            registry=registry,
+        )
+        self.config_info = Info(
+            "kounta_proxy_config",
+            "The running configuration's hash (the first 16 hex digits of a sha256 over the "
+            "effective settings, secrets masked): compare replicas.",
+            registry=registry,
+        )
+        self.config_info.info({"hash": ""})  # set at start (proxy.edge.services.describe)
+        self.caller_retired_keys = Counter(
+            "kounta_proxy_caller_retired_key_requests",
+            "Requests identified by a caller's previous key, still accepted for "
+            "inbound.key_overlap seconds after a reload changed it (0 again: all switched).",
+            ["caller"],
+            registry=registry,
+        )
+
+
+def config_hash(data: object) -> str:
+    """The first 16 hex digits of a sha256 over ``data`` (the masked effective settings) as
+    canonical JSON. Secrets are masked, never hashed: a hash in a metric must not let anyone
+    test a guessed key (their ``*_file`` source still counts)."""
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_applied(metrics: Metrics, data: object, now: float | None = None) -> None:
+    """The running configuration changed (start, or a reload that applied): its hash, when."""
+    metrics.config_info.info({"hash": config_hash(data)})
+    metrics.config_loaded.set(time.time() if now is None else now)
 
 
 class WorkersMetrics:

@@ -105,3 +105,34 @@ def _match(node: _Node, segments: list[str]) -> str | None:
     if found is None and node.filters is not None and all(s in ORDER_FILTERS for s in segments):
         found = node.filters
     return found
+
+
+# A caller-chosen segment in a breaker key is cut to this many characters.
+KEY_SEGMENT_MAX = 64
+
+
+def breaker_key(path: str) -> str:
+    """What a route's circuit breaker watches: the template when one matches; else the part
+    of the path the templates know (ids as ``{id}``) and the next segment, so
+    ``/v1/novel/5`` → ``/v1/novel`` and ``/v1/companies/5/novel/7`` →
+    ``/v1/companies/{id}/novel``. Failures of one undocumented path fail that one fast,
+    not every other one. Not a metric label: it may hold a segment a caller chose."""
+    found = template(path)
+    if found != OTHER:
+        return found
+    segments = path.split("?", 1)[0].strip("/").split("/")
+    known: list[str] = []
+    node = _ROOT
+    for segment in segments:
+        segment = segment.removesuffix(".json")
+        child = node.literal.get(segment)
+        if child is not None:
+            known.append(segment)
+        elif node.wildcard is not None and segment:
+            known.append(_ANY)
+            child = node.wildcard
+        else:
+            known.append(_ANY if segment.isdigit() else segment[:KEY_SEGMENT_MAX])
+            break
+        node = child
+    return "/" + "/".join(known)

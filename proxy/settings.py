@@ -22,7 +22,9 @@ import dataclasses
 import difflib
 import functools
 import ipaddress
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -33,6 +35,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from proxy.files import read_regular
 from proxy.headers import DEFAULT_FORWARDED, NEVER_FORWARDED, REQUIRED_FORWARDED
 
 ENV_PREFIX = "KOUNTA_PROXY_"
@@ -41,12 +44,15 @@ MASK = "********"
 
 
 class ConfigError(Exception):
-    """A configuration problem, phrased for one line on a terminal."""
+    """A configuration problem, phrased for one line on a terminal. ``key`` is the setting's
+    path; ``label``, if given, is what the line names instead (an environment variable)."""
 
-    def __init__(self, key: str, problem: str) -> None:
+    def __init__(self, key: str, problem: str, *, label: str = "") -> None:
         self.key = key
         self.problem = problem
-        super().__init__(f"{key}: {problem}" if key else problem)
+        self.label = label
+        shown = label or key
+        super().__init__(f"{shown}: {problem}" if shown else problem)
 
 
 class ConfigErrors(ConfigError):
@@ -55,7 +61,7 @@ class ConfigErrors(ConfigError):
     def __init__(self, problems: list[ConfigError]) -> None:
         self.problems = problems
         first = problems[0]
-        super().__init__(first.key, first.problem)
+        super().__init__(first.key, first.problem, label=first.label)
 
     def lines(self) -> list[str]:
         return [str(p) for p in self.problems]
@@ -154,8 +160,22 @@ class ServerSettings:
     # Seconds a connection has to deliver a complete request head, from when it opens or
     # the first byte of the next request arrives (slowloris); then 408 and close.
     header_timeout: float = 10.0
-    # Open connections at most; one more is answered 503 and closed at once.
+    # Open connections at most; at the cap the keep-alive connection idle longest is closed
+    # to admit a new one, and only when none is idle is the new one answered 503 and closed.
     max_connections: int = 1000
+    # Seconds an idle keep-alive connection stays open after an answer (nginx's default 75).
+    keepalive_timeout: float = 75.0
+    # Seconds the proxy waits for a request body, from the end of the head to the end of
+    # the body (time it spends elsewhere meanwhile, e.g. queued for a budget token, does not
+    # count); then 408 and close.
+    body_timeout: float = 30.0
+    # Bytes a second a request body must keep up, judged after the first second of waiting
+    # (at least this many bytes for every second past the first); 0: no minimum.
+    body_min_rate: float = 100.0
+    # Seconds one write of a streamed answer may wait for a caller that stopped reading;
+    # then the caller's connection is closed and the upstream connection let go (nginx's
+    # send_timeout).
+    send_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -164,6 +184,9 @@ class ServerSettings:
             _check_http_url("public_url", self.public_url, https_unless_loopback=False)
         _not_negative(self, "max_body_size", "replay_body_size", "shutdown_grace", "drain_delay")
         _positive(self, "header_timeout")
+        _positive(self, "keepalive_timeout", "body_timeout")
+        _not_negative(self, "body_min_rate")
+        _positive(self, "send_timeout")
         if self.max_connections < 1:
             raise Invalid("max_connections", "must be at least 1")
 
@@ -184,10 +207,16 @@ class UpstreamSettings:
     # bytes in all, and times its compressed size (judged past the first MiB).
     max_inflated_size: int = 64 * 1024**2
     max_inflate_ratio: int = 200
+    # Upstream connections one account may hold at once (its share of pool_size), so callers
+    # of one account cannot take every connection; 0: pool_size shared equally by the
+    # accounts (at least 1 each). A request that waits connect_timeout for one gets
+    # 503 upstream_busy, which no circuit breaker counts.
+    account_pool_size: int = 0
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
         _positive(self, "max_inflated_size", "max_inflate_ratio")
+        _not_negative(self, "account_pool_size")
         if URL(self.base_url).path not in ("", "/"):
             raise Invalid(
                 "base_url",
@@ -201,6 +230,10 @@ class UpstreamSettings:
         if self.pool_size < 1:
             raise Invalid("pool_size", "must be at least 1")
         _check_forwarded(self.forward_headers)
+
+    def account_share(self, accounts: int) -> int:
+        """Upstream connections each of ``accounts`` accounts may hold at once."""
+        return self.account_pool_size or max(1, self.pool_size // max(1, accounts))
 
     @functools.cached_property
     def forwarded(self) -> frozenset[str]:
@@ -245,7 +278,7 @@ class AccountSettings:
     # basic and oauth: the add-on's credentials.
     client_id: str = ""
     client_secret: Secret = Secret("")
-    # oauth: where tokens come from and how they are kept (see proxy/auth.py).
+    # oauth: where tokens come from and how they are kept (see proxy/auth/providers.py).
     token_url: str = "https://api.kounta.com/v1/token"  # noqa: S105 - a URL
     token_auth: TokenAuth = "client_secret_post"  # noqa: S105 - a method name
     grant: OAuthGrant = "refresh_token"
@@ -268,12 +301,17 @@ class AccountSettings:
     authorize_url: str = "https://my.kounta.com/authorize"
     redirect_uri: str = "http://127.0.0.1:8765/callback"
     # Requests a minute this account may send to Kounta; 0: the mode's default
-    # (180 for oauth and static, 60 for basic). See proxy/budget.py.
+    # (180 for oauth and static, 60 for basic). See proxy/pipeline/budget.py.
     rate_per_minute: int = 0
     # Requests that may go out back to back before the pace sets in; 0: rate_per_minute / 20.
     burst: int = 0
+    # The account's weight in the local cache tiers: it holds at most cache.max_size (and
+    # cache.memory_size) * cache_share / the sum of all accounts' cache_share.
+    cache_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.cache_share > 0:
+            raise Invalid("cache_share", f"must be greater than 0, got {self.cache_share}")
         if self.mode == "static" and not self.token:
             raise Invalid("token", "is required when mode = 'static'")
         if self.mode in ("basic", "oauth") and not (self.client_id and self.client_secret):
@@ -301,12 +339,16 @@ class InboundSettings:
     key_header: str = "X-Proxy-Key"
     # Accept callers without a key even when listening beyond loopback.
     allow_anonymous: bool = False
+    # Seconds a caller's previous key is still accepted after a reload (SIGHUP) changed it,
+    # so callers can switch over without downtime; 0: refused at once.
+    key_overlap: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.key_header or not all(c.isalnum() or c == "-" for c in self.key_header):
             raise Invalid("key_header", f"must be a header name, got {self.key_header!r}")
         if self.key_header.lower() in ("authorization", "host", "cookie"):
             raise Invalid("key_header", f"must not be {self.key_header}")
+        _not_negative(self, "key_overlap")
 
 
 @dataclass(frozen=True)
@@ -361,6 +403,10 @@ class AdminSettings:
     # A Unix socket path to listen on instead of host:port. `serve --workers N` sets it for
     # each worker (in a private 0700 directory) so that only the parent reaches the workers.
     socket: str = ""
+    # The admin token (from token_file): `Authorization: Bearer <token>` lifts the Host check
+    # of /budget and /cache/stats, and is what state-changing routes (cache purge) need when
+    # admin.host is not loopback; without it those routes are off there.
+    token: Secret = Secret("")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -683,28 +729,36 @@ def load(
         raw = read_toml(path)
     elif DEFAULT_CONFIG_PATH.is_file():
         raw = read_toml(DEFAULT_CONFIG_PATH)
-    merge_env(raw, env)
+    variables = merge_env(raw, env)
     problems: list[ConfigError] = []
     settings = build(Settings, raw, "", problems)
     if problems or not isinstance(settings, Settings):
+        problems = [_from_variable(p, variables) for p in problems]
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
     return settings
 
 
+# Larger files are refused (a config or secret file is small; /dev/zero is endless).
+CONFIG_FILE_LIMIT = 16 * 1024**2
+SECRET_FILE_LIMIT = 1024**2
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_regular(path, CONFIG_FILE_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"cannot read config file {path}: {e}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError("", f"cannot read config file {path}: {reason}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
 
 
-def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Fold ``KOUNTA_PROXY_A__B=v`` into ``raw["a"]["b"] = "v"`` (typed later)."""
+def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Fold ``KOUNTA_PROXY_A__B=v`` into ``raw["a"]["b"] = "v"`` (typed later); returns each
+    folded key's path ("a.b") and the variable that set it."""
+    variables: dict[str, str] = {}
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -718,6 +772,43 @@ def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(name, f"conflicts with the scalar key {part!r}")
             node = child
         node[parts[-1]] = _EnvValue(value)
+        variables[".".join(parts)] = name
+    return variables
+
+
+def _from_variable(problem: ConfigError, variables: dict[str, str]) -> ConfigError:
+    """A problem with a key an environment variable set, told with the variable's name."""
+    names = [name for path, name in variables.items() if f"{path}.".startswith(f"{problem.key}.")]
+    if not names:
+        return problem
+    if not problem.problem.startswith("unknown key"):
+        label = f"{', '.join(names)} ({problem.key})"
+        return ConfigError(problem.key, problem.problem, label=label)
+    hints = [f"did you mean {ENV_PREFIX}{'__'.join(p).upper()}?" for p in map(_meant, names) if p]
+    unknown = "unknown setting" + (f" ({hints[0]})" if hints else "")
+    return ConfigError(problem.key, unknown, label=", ".join(names))
+
+
+def _meant(name: str) -> list[str] | None:
+    """The setting a variable with a mistaken ``_``/``__`` split names, as path parts, if any."""
+    words = [w for w in name[len(ENV_PREFIX) :].lower().split("_") if w]
+    return _path_in(Settings, words)
+
+
+def _path_in(tp: Any, words: list[str]) -> list[str] | None:
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        fields: dict[str, Any] = {}
+        if dataclasses.is_dataclass(tp):
+            fields = typing.get_type_hints(tp)
+            fields |= {f"{k}_file": str for k, v in fields.items() if v is Secret}
+        for i in range(1, len(words) + 1):
+            key = "_".join(words[:i])
+            inner = fields.get(key) if fields else typing.get_args(tp)[1]
+            rest = _path_in(inner, words[i:]) if inner is not None else None
+            if rest is not None:
+                return [key, *rest]
+        return None
+    return [] if not words else None
 
 
 class _EnvValue(str):
@@ -739,14 +830,18 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
-    broken = False
+    failed: set[str] = set()  # keys refused here (their field keeps its default)
+    broken = False  # a table below is broken: checks across fields could only mislead
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
         try:
             name, built = _build_key(hints, names, raw, key, value, key_path, problems)
         except ConfigError as e:
             _problem(problems, e)
-            broken = True
+            failed.add(key.removesuffix("_file"))
+            meant = difflib.get_close_matches(key, [f"{n}_file" for n in names] + [*names], 1, 0.6)
+            if meant and meant[0].removesuffix("_file") not in raw:
+                failed.add(meant[0].removesuffix("_file"))  # its default stands in: no checks
             continue
         if built is BROKEN:
             broken = True
@@ -755,9 +850,14 @@ def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | Non
     if broken:
         return BROKEN
     try:
-        return cls(**kwargs)
+        made = cls(**kwargs)
     except Invalid as e:
+        # With a key refused above, the table's own checks still run (every problem at once,
+        # e.g. a misspelt key and a negative fresh_for in one rule); not one about that key.
+        if e.key in failed:
+            return BROKEN
         return _problem(problems, ConfigError(f"{path}.{e.key}" if path else e.key, e.problem))
+    return BROKEN if failed else made
 
 
 def _problem(problems: list[ConfigError] | None, error: ConfigError) -> _Broken:
@@ -795,7 +895,7 @@ def _read_secret_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "must be a file path")
     try:
-        return Path(value).read_text(encoding="utf-8").strip()
+        return read_regular(Path(value), SECRET_FILE_LIMIT).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(
             key, f"cannot read secret file {value}: {getattr(e, 'strerror', None) or e}"
@@ -882,27 +982,38 @@ def _kind(value: Any) -> str:
 # --------------------------------------------------------------------------- showing
 
 
-def masked(settings: Any) -> Any:
-    """The settings as plain data with every secret replaced by a mask."""
+def masked(settings: Any, *, files: bool = False) -> Any:
+    """The settings as plain data with every secret replaced by a mask. With ``files``, a
+    secret read from a file is ``NAME_file = PATH`` instead, so the data loads back the same."""
     if isinstance(settings, Secret):
         if settings and settings.source:
             return f"{MASK} (from {settings.source})"
         return MASK if settings else ""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
-        return {f.name: masked(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+        data = {}
+        for f in dataclasses.fields(settings):
+            value = getattr(settings, f.name)
+            if files and isinstance(value, Secret) and value and value.source:
+                data[f"{f.name}_file"] = value.source
+            else:
+                data[f.name] = masked(value, files=files)
+        return data
     if isinstance(settings, dict):
-        return {k: masked(v) for k, v in settings.items()}
+        return {k: masked(v, files=files) for k, v in settings.items()}
     if isinstance(settings, tuple | list):
-        return [masked(v) for v in settings]
+        return [masked(v, files=files) for v in settings]
     return settings
 
 
 def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Render :func:`masked` output as TOML (tables after scalars, as TOML requires)."""
+    """Render :func:`masked` output as TOML (tables after scalars, as TOML requires); a
+    setting that is not set (None) is a comment, so the text loads back as the same settings."""
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
+    for key, value in ((_toml_key(k), v) for k, v in data.items()):
+        if value is None:
+            lines.append(f"# {key}: not set")
+        elif isinstance(value, dict):
             tables.append((key, value))
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             tables.extend((f"[{key}]", item) for item in value)
@@ -930,6 +1041,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if value is None:
-        return '""'
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # JSON's string escapes are TOML's; TOML also wants DEL escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)

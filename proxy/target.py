@@ -25,6 +25,9 @@ _FORBIDDEN_ESCAPES = re.compile(r"%(2f|5c|00|0a|0d|2e)", re.IGNORECASE)
 # "%25" is an encoded "%": "%252e" decodes once to "%2e" and twice to ".".
 _ENCODED_PERCENT = re.compile(r"%25", re.IGNORECASE)
 _ESCAPED_BYTE = re.compile(r"%([0-9A-Fa-f]{2})")
+# Where a segment's path parameters begin (RFC 3986 3.3): servlet stacks drop them before
+# resolving dot segments, so "..;x" (or "..%3bx", decoded first by some) means "..".
+_PARAMETERS = re.compile(r";|%3b", re.IGNORECASE)
 # Decoding rounds checked; more nested "%25" than this is refused outright.
 _MAX_DECODES = 4
 
@@ -55,7 +58,8 @@ class Target:
 
 
 def parse_target(raw: str) -> Target:
-    """Accept an origin-form target under ``/v1/`` or raise a 400/404 :class:`ProxyError`."""
+    """Accept an origin-form target under ``/v1/``, or raise a 400/404
+    :class:`~proxy.errors.ProxyError`."""
     if not raw.startswith("/"):
         raise InvalidTarget("Only origin-form request targets (/v1/...) are accepted")
     if raw.startswith("//"):
@@ -86,8 +90,16 @@ def _check_path(path: str) -> None:
         raise InvalidTarget(
             "The path's percent-escapes are not valid UTF-8 (overlong or malformed sequences)"
         )
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise InvalidTarget("Dot segments ('.' or '..') are not allowed in the path")
+    if _dot_segment(path):
+        raise InvalidTarget(
+            "Dot segments ('.' or '..', also with path parameters such as '..;') are not "
+            "allowed in the path"
+        )
+
+
+def _dot_segment(path: str) -> bool:
+    """Whether a segment is '.' or '..', also once its path parameters are dropped."""
+    return any(_PARAMETERS.split(segment, 1)[0] in (".", "..") for segment in path.split("/"))
 
 
 def _check_nested_escapes(path: str) -> None:
@@ -96,10 +108,10 @@ def _check_nested_escapes(path: str) -> None:
     text = path
     for _ in range(_MAX_DECODES):
         text = _ENCODED_PERCENT.sub("%", text)
-        if _FORBIDDEN_ESCAPES.search(text) or not _utf8(text):
+        if _FORBIDDEN_ESCAPES.search(text) or _dot_segment(text) or not _utf8(text):
             raise InvalidTarget(
-                "Double-encoded '/', '\\', '.', NUL, CR, LF or invalid UTF-8 are not allowed "
-                "in the path"
+                "Double-encoded '/', '\\', '.', ';' after a dot segment, NUL, CR, LF or invalid "
+                "UTF-8 are not allowed in the path"
             )
         if not _ENCODED_PERCENT.search(text):
             return
@@ -124,6 +136,27 @@ def _check_query(query: str) -> None:
         raise InvalidTarget("The query contains a malformed percent-escape")
     if re.search(r"%(00|0a|0d)", query, re.IGNORECASE):
         raise InvalidTarget("Encoded NUL, CR or LF are not allowed in the query")
+
+
+# RFC 3986 2.3: an escape of one of these means the character itself.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normal_escapes(text: str) -> str:
+    """``text`` with its percent-escapes normalised as RFC 3986 6.2.2.1-2 says: an escaped
+    unreserved character decoded (``%31`` -> ``1``, ``%7e`` -> ``~``), every other escape's
+    hex upper-cased (``%2f`` -> ``%2F``). Equivalent spellings of one URI become one; the
+    bytes a server decodes are unchanged. For cache keys: targets are still forwarded as sent.
+    Text with a malformed escape is not a URI and is returned as it is (decoding ``%A%41``
+    would make a new escape, ``%AA``)."""
+    if "%" not in text or _ESCAPE.search(text):
+        return text
+    return _ESCAPED_BYTE.sub(_normal_escape, text)
+
+
+def _normal_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
 
 
 def upstream_url(base: URL, target: Target) -> URL:

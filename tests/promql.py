@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from ruamel.yaml import YAML
 
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, WorkersMetrics
 from tests.ops_tools import prometheus_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,11 @@ def exported_metrics() -> dict[str, frozenset[str]]:
         if isinstance(name, str) and labels is not None:
             declared[name] = set(labels)
     names: dict[str, frozenset[str]] = {}
-    for family in metrics.registry.collect():
+    # The `serve --workers N` parent's own two, beside the workers' merged ones.
+    parent = WorkersMetrics(CollectorRegistry(), 1)
+    families = [*metrics.registry.collect(), *parent.registry.collect()]
+    declared |= {"kounta_proxy_workers_scrape_errors": {"worker"}}
+    for family in families:
         labels = declared.get(family.name, set()) | {
             k for s in family.samples for k in s.labels if k != "le"
         }

@@ -32,7 +32,7 @@ from proxy.client import create_session
 from proxy.listener import StartupError, start
 from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, ConfigError, Settings, is_loopback_host
-from proxy.shared import open_backend
+from proxy.shared import SharedUnavailable, open_backend
 
 
 class AuthorizeError(Exception):
@@ -184,6 +184,42 @@ async def save_shared(settings: Settings, name: str, token: StoredToken) -> None
         await save(store, token)
     finally:
         await backend.close()
+
+
+def shared_store_name(settings: Settings) -> str:
+    """Where shared tokens live, for people: Redis's host, port and database, never the
+    password or a user name in ``shared.url``."""
+    url = URL(settings.shared.url)
+    database = url.path.strip("/") or "0"
+    where = f"{url.host}:{url.port}" if url.host else settings.shared.url.split("@")[-1]
+    return f"Redis at {where}, db {database}, key prefix {settings.shared.key_prefix!r}"
+
+
+def saved_where(settings: Settings, name: str) -> str:
+    """Where ``authorize`` saved the account's token: the shared store or the token file."""
+    if settings.shared.backend == "redis":
+        return f"the shared store ({shared_store_name(settings)})"
+    return str(token_path(name, settings.accounts[name], settings.state_dir))
+
+
+async def shared_tokens_present(
+    settings: Settings, names: list[str], wait: float
+) -> dict[str, bool] | None:
+    """Whether Redis holds a token record for each account (only that it exists: nothing is
+    decrypted); None when Redis does not answer within ``wait`` seconds."""
+    backend = open_backend(settings.shared, Metrics(CollectorRegistry()))
+    try:
+        async with asyncio.timeout(wait):
+            await backend.start()
+            tokens = backend.tokens
+            if not backend.up or tokens is None:
+                return None
+            return {name: await tokens.read_token(name) is not None for name in names}
+    except (TimeoutError, SharedUnavailable):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await backend.close()
 
 
 def _listens(redirect_uri: str) -> bool:

@@ -1,5 +1,6 @@
 """The auth layer: the account's credentials on every upstream request; on a 401 for an
-invalid or expired token, one renewal and one resend (when the body can be sent again)."""
+invalid or expired token, one renewal and one resend (when the body can be sent again).
+What comes back has the account's secrets taken out (:mod:`proxy.auth.scrub`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 from collections.abc import Mapping
 
 from proxy.auth.providers import TokenProvider
+from proxy.auth.scrub import credentials, scrubbed, spellings
 from proxy.errors import TokenUnavailable
+from proxy.logs import debug, trace
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 
@@ -46,6 +49,22 @@ class Authenticator:
         if provider is None:
             raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
         authorization = await provider.authorization(request.deadline)
+        debug(
+            "token_chosen",
+            request_id=request.request_id,
+            account=request.account,
+            provider=type(provider).__name__,
+            state=str(provider.state),
+            expires_at=provider.expires_at,
+        )
+        response = await self._send(request, provider, authorization)
+        # The token sent, and whatever the account holds now (a resend may have renewed it).
+        secrets = spellings((credentials(authorization), *provider.secrets()))
+        return await scrubbed(response, secrets, request.method)
+
+    async def _send(
+        self, request: ProxyRequest, provider: TokenProvider, authorization: str
+    ) -> ProxyResponse:
         response = await self.inner.send(request.with_headers(Authorization=authorization))
         if response.status != 401 or not provider.renewable:
             return response
@@ -63,6 +82,8 @@ class Authenticator:
             return response
         fresh = await provider.renew(authorization, request.deadline)
         self._count(request.account, "resent")
+        trace().retries += 1
+        debug("token_renewed_resend", request_id=request.request_id, account=request.account)
         # Once only: whatever this answers goes back, so a bad token can never loop.
         resent = await self.inner.send(request.with_headers(Authorization=fresh))
         resent.add_upstream_time(response.upstream_seconds)

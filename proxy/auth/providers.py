@@ -1,9 +1,9 @@
-"""Credentials for the upstream: one token provider per account, and the layer that uses them.
+"""Credentials for the upstream: one token provider per account.
 
-A provider answers ``authorization(deadline)``: the ``Authorization`` header to send now.
-:class:`Authenticator` puts it on every upstream request (replacing whatever the caller
-sent) and, when Kounta answers 401 because the token is invalid or expired, renews the token
-once and resends the request once, if its body can be sent again.
+A provider answers ``authorization(deadline)``: the ``Authorization`` header to send now,
+and renews its token when told the one it gave was refused. The auth layer
+(:class:`~proxy.auth.layer.Authenticator`) puts that header on every upstream request and, on
+a 401 for an invalid or expired token, has it renewed and resends the request once.
 
 Modes (``accounts.NAME.mode``):
 
@@ -40,7 +40,7 @@ import aiohttp
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Token
 
-from proxy.auth.endpoint import request_token
+from proxy.auth.endpoint import FailureLog, TokenRequestFailed, request_token
 from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.auth.token_file import (
     StoredToken,
@@ -110,6 +110,10 @@ class TokenProvider(Protocol):
 
     def problem(self) -> str | None: ...
 
+    def secrets(self) -> tuple[str, ...]:
+        """The account's current secrets (tokens, client secret) to keep from callers."""
+        ...
+
     async def start(self, session: aiohttp.ClientSession) -> None: ...
 
     async def stop(self) -> None: ...
@@ -122,9 +126,10 @@ class _Fixed:
     state = STATIC
     expires_at: float | None = None
 
-    def __init__(self, account: str, header: str) -> None:
+    def __init__(self, account: str, header: str, *secrets: str) -> None:
         self.account = account
         self._header = header
+        self._secrets = (header.partition(" ")[2], *secrets)
 
     async def authorization(self, deadline: float = INF) -> str:
         return self._header
@@ -140,6 +145,9 @@ class _Fixed:
 
     def problem(self) -> str | None:
         return None
+
+    def secrets(self) -> tuple[str, ...]:
+        return self._secrets
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         return None
@@ -163,7 +171,8 @@ class BasicCredentials(_Fixed):
 
     def __init__(self, client_id: str, client_secret: str, account: str = "default") -> None:
         pair = f"{client_id}:{client_secret}".encode()
-        super().__init__(account, "Basic " + base64.b64encode(pair).decode("ascii"))
+        header = "Basic " + base64.b64encode(pair).decode("ascii")
+        super().__init__(account, header, client_secret)
 
 
 def token_path(name: str, account: AccountSettings, state_dir: str) -> Path:
@@ -265,6 +274,7 @@ class OAuthProvider:
         self._file_mtime: int | None = None
         # Whether the last failure was the token store's (file, Redis), not the endpoint's.
         self._store_failed = False
+        self._causes = FailureLog(account, settings.token_url, metrics)
 
     def __repr__(self) -> str:
         return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
@@ -355,6 +365,12 @@ class OAuthProvider:
             with contextlib.suppress(TokenUnavailable):
                 self._check_usable()
                 self._refresh(failed)
+
+    def secrets(self) -> tuple[str, ...]:
+        token = self._token
+        held = (token.access_token, token.refresh_token) if token is not None else ()
+        settings = self.settings
+        return (*held, settings.client_secret.reveal(), settings.refresh_token.reveal())
 
     def problem(self) -> str | None:
         """For /readyz: None when requests can get a token."""
@@ -526,6 +542,9 @@ class OAuthProvider:
         started = time.perf_counter()
         try:
             token = await self._post(grant, refresh_token)
+        except TokenRequestFailed as e:
+            self._causes.report(e, self._failures + 1)
+            raise self._failed(e.error or "temporarily_unavailable") from None
         except OAuth2Error as e:
             raise self._failed(e.error or "temporarily_unavailable") from None
         finally:
@@ -534,6 +553,7 @@ class OAuthProvider:
                     time.perf_counter() - started
                 )
         self._count("ok")
+        self._causes.recovered()
         return token
 
     async def _post(self, grant: str, refresh_token: str) -> OAuth2Token:

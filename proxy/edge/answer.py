@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -24,6 +24,7 @@ from proxy.edge.rewrite import REWRITTEN_HEADERS, rewrite_url
 from proxy.edge.services import SERVICES
 from proxy.errors import (
     PROXY_ERROR_HEADER,
+    BodyTimeout,
     ClosesConnection,
     ProxyError,
     RequestTooLarge,
@@ -31,6 +32,7 @@ from proxy.errors import (
     normalise_error,
 )
 from proxy.headers import SERVER_NAME, VIA, for_caller
+from proxy.listener import CLOSE_AT_ONCE
 from proxy.logs import event
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
@@ -248,12 +250,23 @@ async def stream_answer(
     if framed and length is not None and length.isdigit():
         out.content_length = int(length)
     assert not isinstance(response.body, bytes)
+    chunks = aiter(response.body)
     try:
-        await out.prepare(request)
-        async for chunk in response.body:
-            await out.write(chunk)
+        # Decided before the head goes out: a body refused at its first chunk (a gzip body
+        # past the caps, a stored body that fails its check) is still a clean error answer.
+        first = await anext(chunks, b"")
+    except BaseException:
+        await response.release()
+        raise
+    try:
+        await in_time(request, out.prepare(request))
+        if first:
+            await in_time(request, out.write(first))
+            info.bytes_sent += len(first)
+        async for chunk in chunks:
+            await in_time(request, out.write(chunk))
             info.bytes_sent += len(chunk)
-        await out.write_eof()
+        await in_time(request, out.write_eof())
     except ProxyError as e:
         # Headers are gone already: the only honest signal left is a broken connection.
         event("upstream_body_failed", request_id=info.request_id, error=e.code)
@@ -264,6 +277,24 @@ async def stream_answer(
     finally:
         await response.release()
     return out
+
+
+class CallerStalled(ConnectionResetError):
+    """A caller stopped reading for ``server.send_timeout``: handled as a caller that left
+    (its connection is cut, the upstream connection let go)."""
+
+
+async def in_time(request: web.Request, writing: Awaitable[object]) -> None:
+    """One write to the caller, within ``server.send_timeout`` (nginx's send_timeout: the
+    time one write may wait, not the whole answer's)."""
+    services = request.app[SERVICES]
+    try:
+        async with asyncio.timeout(services.settings.server.send_timeout):
+            await writing
+    except TimeoutError:
+        services.metrics.connections_dropped.labels("send_timeout").inc()
+        event("client_send_timeout", request_id=exchange_of(request).request_id)
+        raise CallerStalled("The caller stopped reading") from None
 
 
 def _keep_head_length(out: web.Response, response: ProxyResponse) -> None:
@@ -312,4 +343,6 @@ def proxy_error_answer(error: ProxyError, request_id: str, caller: str = "") -> 
     if isinstance(error, ClosesConnection | RequestTooLarge):
         # The body was not read (or not trusted): close rather than parse it as a request.
         out.force_close()
+    if isinstance(error, BodyTimeout):
+        out[CLOSE_AT_ONCE] = True  # and do not wait for the rest of a body too slow
     return out

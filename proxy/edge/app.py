@@ -53,12 +53,17 @@ def limits(settings: Settings, metrics: Metrics | None = None) -> Limits:
     """The listener's connection limits from ``[server]``, counted in ``metrics``."""
     server = settings.server
     if metrics is None:
-        return Limits(server.header_timeout, server.max_connections)
+        return Limits(
+            server.header_timeout,
+            server.max_connections,
+            keepalive_timeout=server.keepalive_timeout,
+        )
     return Limits(
         server.header_timeout,
         server.max_connections,
         on_drop=lambda reason: metrics.connections_dropped.labels(reason).inc(),
         on_count=metrics.connections_open.set,
+        keepalive_timeout=server.keepalive_timeout,
     )
 
 

@@ -11,16 +11,26 @@ is set, or the proxy listens on loopback with one account or with no caller keys
 A key in the key header that matches nobody is always refused; an unknown
 ``Authorization: Bearer`` value is only refused when a key is required (it may be a caller's
 old Kounta token, which the proxy drops anyway).
+
+Rotation: when a reload changes a caller's key (:meth:`Callers.rotated`), the previous key is
+still accepted for ``inbound.key_overlap`` seconds beside the new one, so callers can switch
+over without a refused request; each use is counted
+(``kounta_proxy_caller_retired_key_requests_total``). A caller removed from the settings loses
+every key at once: removing is revoking.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
 from proxy.errors import CallerUnauthorized
+from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import Settings, is_loopback_host
 
@@ -29,12 +39,22 @@ from proxy.settings import Settings, is_loopback_host
 class Caller:
     name: str
     account: str
+    retired: bool = False  # identified by a previous key, within its overlap
 
 
 class Callers:
     """Maps an inbound request to a caller and the account it uses."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.overlap = settings.inbound.key_overlap
+        # Previous keys still accepted until a clock time: (key, caller, until).
+        self._retired: list[tuple[bytes, Caller, float]] = []
         self.default = Caller("anonymous", settings.account_name)
         self.key_header = settings.inbound.key_header
         self._keys = [
@@ -52,6 +72,7 @@ class Callers:
         requests are counted per caller with their status when done (Metrics.request_done)."""
         found = self.find(headers)
         if found is not None:
+            self.note(found)
             return found
         if self.key_header in headers or _bearer(headers.get("Authorization", "")):
             return self._refuse("unknown", "The caller key is not known")
@@ -76,12 +97,56 @@ class Callers:
         for expected, caller in self._keys:
             if hmac.compare_digest(given, expected):
                 found = caller
+        if self._retired:
+            now = self.clock()
+            for expected, caller, until in self._retired:
+                if hmac.compare_digest(given, expected) and found is None and now < until:
+                    found = caller
         return found
+
+    def note(self, caller: Caller) -> None:
+        """Count a request answered for ``caller`` if a previous key identified it."""
+        if caller.retired and self.metrics is not None:
+            self.metrics.caller_retired_keys.labels(caller.name).inc()
+
+    def rotated(self, settings: Settings, metrics: Metrics | None = None) -> Callers:
+        """The callers of ``settings`` (a reload), still accepting for ``key_overlap``
+        seconds the previous key of every caller whose key changed (and keys retired
+        earlier whose overlap has not ended). A caller that is gone keeps no key."""
+        new = Callers(settings, metrics, self.clock)
+        current = {caller.name: key for key, caller in new._keys}
+        now = self.clock()
+        until = now + new.overlap
+        kept = [
+            (key, _moved(caller, new), end)
+            for key, caller, end in self._retired
+            if end > now and caller.name in current and key != current[caller.name]
+        ]
+        for key, caller in self._keys:
+            name = caller.name
+            if new.overlap > 0 and name in current and current[name] != key:
+                kept.append((key, _moved(caller, new), until))
+                event(
+                    "caller_key_retired",
+                    logging.INFO,
+                    caller=name,
+                    accepted_for=new.overlap,
+                )
+        new._retired = kept
+        return new
 
     def _refuse(self, reason: str, description: str) -> Caller:
         if self.metrics is not None:
             self.metrics.caller_rejections.labels(reason).inc()
         raise CallerUnauthorized(description)
+
+
+def _moved(caller: Caller, new: Callers) -> Caller:
+    """The caller as the new settings have it (a reload may have moved it to another account)."""
+    for _, found in new._keys:
+        if found.name == caller.name:
+            return Caller(found.name, found.account, retired=True)
+    return caller
 
 
 def _bearer(value: str) -> str:

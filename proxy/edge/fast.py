@@ -42,7 +42,7 @@ from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, repeated
-from proxy.logs import log
+from proxy.logs import begin_trace, log
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -112,16 +112,19 @@ class FastPath:
             return None
         accepts = accepts_gzip(headers.getall("Accept-Encoding", ()))
         body_for = None if accepts else self._plain
+        rid = request_id(headers)
+        if log.isEnabledFor(logging.DEBUG):
+            begin_trace(rid)  # the cache's debug events name the request
         hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers, body_for)
         if hit is None:
             return None
         status, items, body, age = hit
-        rid = request_id(headers)
+        services.callers.note(caller)
         view, _ = caller_view(request, items, self.upstream, self.public, accepts)
         out_headers = answer_headers(
             view, rid, "HIT", age, caller=caller_value(caller.name, caller.account)
         )
-        out_headers["Server"] = SERVER_NAME  # the long way: handlers.stamp_server
+        out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
         elapsed = time.perf_counter() - started
         services.metrics.request_done(

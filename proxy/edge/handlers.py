@@ -10,11 +10,21 @@ from multidict import CIMultiDictProxy
 from proxy.cache.policy import SELECTING
 from proxy.edge import paging
 from proxy.edge.answer import answer
-from proxy.edge.inbound import CappedStream, exchange_of, guard, read_body, too_large
-from proxy.edge.services import SERVICES
-from proxy.errors import InvalidRequest, ProxyError, RequestTooLarge
+from proxy.edge.inbound import (
+    BodyDeadline,
+    CappedStream,
+    exchange_of,
+    guard,
+    read_body,
+    too_large,
+)
+from proxy.edge.services import SERVICES, Services
+from proxy.errors import BodyTimeout, InvalidRequest, ProxyError, RequestTooLarge
 from proxy.headers import VIA, for_upstream, has_bad_value, not_utf8, repeated
+from proxy.logs import event
 from proxy.messages import ProxyRequest
+
+BODY_TIMEOUT = "body_timeout"
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -26,7 +36,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     info.caller, info.account = caller.name, caller.account
     settings = services.settings
     server = settings.server
-    body = await read_body(request, server.max_body_size, server.replay_body_size)
+    deadline = BodyDeadline(server.body_timeout, server.body_min_rate)
+    try:
+        body = await read_body(request, server.max_body_size, server.replay_body_size, deadline)
+    except BodyTimeout:
+        dropped(services)
+        raise
     loop = asyncio.get_running_loop()
     headers = for_upstream(request.headers.items(), settings.upstream.forwarded)
     headers["X-Request-ID"] = info.request_id
@@ -49,9 +64,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except ProxyError:
         if isinstance(body, CappedStream) and body.exceeded:
             raise RequestTooLarge(too_large(server.max_body_size)) from None
+        if deadline.timed_out:  # while streaming to Kounta: the exchange was abandoned
+            dropped(services)
+            raise BodyTimeout(deadline.description()) from None
         raise
     info.took(response)
     return await answer(request, response, settings.upstream.url, server.public_url)
+
+
+def dropped(services: Services) -> None:
+    """A request body too slow or too late: its connection is closed (408), and counted
+    with the listener's own drops."""
+    event("connection_dropped", reason=BODY_TIMEOUT)
+    services.metrics.connections_dropped.labels(BODY_TIMEOUT).inc()
 
 
 def check_headers(request: web.Request) -> None:

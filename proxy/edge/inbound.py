@@ -3,18 +3,21 @@ the per-request :class:`Exchange` record, request ids and the request body."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.errors import (
     JSON_CONTENT_TYPE,
+    BodyTimeout,
     ExpectationFailed,
     FaultyFraming,
     HttpVersionNotSupported,
@@ -23,6 +26,7 @@ from proxy.errors import (
     NotImplementedCoding,
     RequestTooLarge,
 )
+from proxy.logs import Trace
 from proxy.messages import CHUNK, Body, CacheStatus, ProxyResponse
 from proxy.target import Target, parse_target, valid_host
 
@@ -51,6 +55,10 @@ class Exchange:
     upstream_status: int | None = None
     upstream_seconds: float | None = None
     bytes_sent: int = 0
+    # The proxy's own error code when it answered one (and its log-only detail).
+    error: str | None = None
+    error_detail: str | None = None
+    trace: Trace = field(default_factory=Trace)
 
     def took(self, response: ProxyResponse) -> None:
         """What the pipeline's answer tells the access log."""
@@ -138,8 +146,63 @@ def too_large(limit: int) -> str:
     return f"The request body is larger than the limit of {limit} bytes"
 
 
-async def read_body(request: web.Request, limit: int, replay_limit: int) -> Body:
-    """The body in memory when it is small (replayable), else a capped stream."""
+class Readable(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class BodyDeadline:
+    """Reads a request body for as long as the caller keeps its pace (slowloris on bodies).
+
+    Only the time spent waiting for the caller's bytes counts (from the end of the head):
+    while the proxy is busy elsewhere (queued for a budget token, or Kounta slow to take
+    the bytes) the caller's bytes queue up and the next read returns at once. The wait may
+    last ``timeout`` seconds in all; past the first second, the caller must have sent
+    ``min_rate`` bytes for every second waited beyond it (0: no minimum). Either miss is a
+    :class:`~proxy.errors.BodyTimeout` (408, the connection closed).
+    """
+
+    def __init__(self, timeout: float, min_rate: float) -> None:
+        self.timeout = timeout
+        self.min_rate = min_rate
+        self.waited = 0.0
+        self.received = 0
+        self.timed_out = False
+
+    async def read(self, content: Readable) -> bytes:
+        """The next chunk of the body (b"" at its end) from ``content`` (``request.content``)."""
+        allowed = self._allowed()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            if allowed <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(allowed):
+                chunk = await content.read(CHUNK)
+        except TimeoutError:
+            self.timed_out = True
+            raise BodyTimeout(self.description()) from None
+        finally:
+            self.waited += loop.time() - started
+        self.received += len(chunk)
+        return chunk
+
+    def _allowed(self) -> float:
+        """Seconds the next read may wait."""
+        limit = self.timeout
+        if self.min_rate > 0:
+            limit = min(limit, 1.0 + self.received / self.min_rate)
+        return limit - self.waited
+
+    def description(self) -> str:
+        pace = f", at least {self.min_rate:g} bytes a second" if self.min_rate > 0 else ""
+        return f"The request body did not arrive in time ({self.timeout:g} s at most{pace})"
+
+
+async def read_body(
+    request: web.Request, limit: int, replay_limit: int, deadline: BodyDeadline
+) -> Body:
+    """The body in memory when it is small (replayable), else a capped stream; both read
+    within ``deadline``."""
     if not request.body_exists:
         return None
     length = request.content_length
@@ -150,22 +213,24 @@ async def read_body(request: web.Request, limit: int, replay_limit: int) -> Body
         await request.writer.write(CONTINUE)
     head = bytearray()
     while len(head) <= replay_limit:
-        chunk = await request.content.read(CHUNK)
+        chunk = await deadline.read(request.content)
         if not chunk:
             return bytes(head)
         head += chunk
         if len(head) > limit:
             raise RequestTooLarge(too_large(limit))
-    return CappedStream(bytes(head), request, limit)
+    return CappedStream(bytes(head), request, limit, deadline)
 
 
 class CappedStream:
-    """A one-shot body stream that stops at ``limit`` bytes and remembers why."""
+    """A one-shot body stream that stops at ``limit`` bytes or at its ``deadline`` and
+    remembers why (``exceeded``, ``deadline.timed_out``)."""
 
-    def __init__(self, head: bytes, request: web.Request, limit: int) -> None:
+    def __init__(self, head: bytes, request: web.Request, limit: int, deadline: BodyDeadline):
         self.head = head
         self.request = request
         self.limit = limit
+        self.deadline = deadline
         self.exceeded = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -174,7 +239,7 @@ class CappedStream:
     async def _chunks(self) -> AsyncIterator[bytes]:
         size = len(self.head)
         yield self.head
-        while chunk := await self.request.content.read(CHUNK):
+        while chunk := await self.deadline.read(self.request.content):
             size += len(chunk)
             if size > self.limit:
                 self.exceeded = True

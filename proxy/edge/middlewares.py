@@ -22,7 +22,7 @@ from proxy.edge.inbound import (
 )
 from proxy.edge.services import SERVICES
 from proxy.errors import ProxyError, code_for
-from proxy.logs import event, log
+from proxy.logs import begin_trace, event, log
 from proxy.routes import OTHER, REFUSED, template
 
 # Logged (never sent) when the caller hung up before the answer was complete, as nginx does.
@@ -40,6 +40,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return options_answer()
         return await handler(request)
     except ProxyError as e:
+        info.error, info.error_detail = e.code, e.detail
         return proxy_error_answer(e, info.request_id, caller_value(info.caller, info.account))
     except web.HTTPException as e:
         if e.status < 400:
@@ -47,10 +48,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         description = e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text
         error = ProxyError(description or e.reason, code=code_for(e.status))
         error.status = e.status
+        info.error = error.code
         return proxy_error_answer(error, info.request_id)
     except Exception:
         log.exception("unhandled_error", extra={"fields": {"request_id": info.request_id}})
         error = ProxyError(f"Internal proxy error (request id {info.request_id})")
+        info.error = error.code
         return proxy_error_answer(error, info.request_id)
 
 
@@ -76,6 +79,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     metrics = request.app[SERVICES].metrics
     info = exchange_of(request)
     info.request_id = request_id(request.headers)
+    info.trace = begin_trace(info.request_id)
     started = time.perf_counter()
     status = 500
     metrics.in_flight.inc()
@@ -108,10 +112,19 @@ def body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
     return len(body)
 
 
+# The query string as logged: the target's, cut to this many characters.
+QUERY_LOGGED = 1024
+
+
 def access_line(
     request: web.BaseRequest, info: Exchange, route: str, status: int, elapsed: float
 ) -> None:
+    """The access log line (nginx's ``$upstream_response_time`` and Envoy's response flags
+    are the models: ``upstream_ms`` whenever an upstream answer was used, ``error`` the
+    proxy's own error code, or the upstream failure a stale answer stood in for)."""
     spent = info.upstream_seconds
+    trace = info.trace
+    query = request.query_string
     event(
         "request",
         request_id=info.request_id,
@@ -122,10 +135,16 @@ def access_line(
         user_agent=request.headers.get("User-Agent"),
         route=route,
         path=request.path,
+        query=query[:QUERY_LOGGED] if query else None,
         status=status,
         cache=info.cache_status,
+        error=info.error or trace.failure,
+        error_detail=info.error_detail or trace.failure_detail,
         upstream_status=info.upstream_status,
         bytes=info.bytes_sent,
         ms=round(elapsed * 1000, 2),
-        upstream_ms=round(spent * 1000, 2) if spent else None,
+        upstream_ms=None if spent is None else round(spent * 1000, 2),
+        budget_wait_ms=round(trace.budget_wait * 1000, 2),
+        retries=trace.retries,
+        fetched_by=trace.fetched_by,
     )

@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.edge.answer import answer, caller_value
+from proxy.edge.answer import answer, caller_value, in_time
 from proxy.edge.inbound import exchange_of
 from proxy.edge.rewrite import rewrite_url
 from proxy.edge.services import Services
@@ -149,7 +149,7 @@ class AllPages:
         return out
 
     async def _write(self, out: web.StreamResponse, data: bytes) -> None:
-        await out.write(data)
+        await in_time(self.request, out.write(data))
         exchange_of(self.request).bytes_sent += len(data)  # the access log's bytes
 
     def _next(
@@ -203,6 +203,6 @@ class AllPages:
                 written = True
             pages += 1
         await self._write(out, b"]")
-        await out.write_eof()
+        await in_time(self.request, out.write_eof())
         self.services.metrics.paging_pages.inc(pages)
         event("all_pages", request_id=self.first.request_id, pages=pages)

@@ -8,32 +8,47 @@ this: it answers only ``/v1/...``.
 - ``GET /metrics``: the Prometheus exposition of ``services.metrics.registry`` (text or
   OpenMetrics, as the scraper's ``Accept`` asks; gzip if it accepts it).
 - ``GET /healthz``: 200 while the process runs its event loop.
-- ``GET /readyz``: 200 when every account has a usable token (``token:NAME``), every
-  check in ``services.checks`` passes and the proxy is not shutting down, else 503; the
-  JSON body names each check and what is wrong, and ``details`` how the proxy runs without
-  failing readiness (``shared``: ``degraded`` while Redis is away).
+- ``GET /livez``: 200 while the event loop turns (a heartbeat task ticks); 503 when the
+  heartbeat is late by more than ``LOOP_STALL`` seconds (the loop is blocked or starved).
+- ``GET /readyz``: 503 only when the proxy can serve nothing: shutting down (``shutdown``)
+  or no account with a usable token (``accounts``); the listener is up before this one
+  starts. Every other check in ``services.checks`` (one account's token, the cache) that
+  fails is named under ``degraded``; ``details`` says how the proxy runs (``shared``:
+  ``degraded`` while Redis is away).
 - every route in ``services.admin_routes`` (cache stats and purge, budget status).
 
-The admin routes have no authentication, so the listener guards against the two ways a
-browser could be made to reach them: a request whose ``Host`` is not a loopback name or one
-of ``admin.allowed_hosts`` (DNS rebinding) is refused, and a state-changing request (POST,
-PUT, PATCH, DELETE) with a foreign ``Origin``, a cross-site ``Sec-Fetch-Site`` or a form
-content type (what a cross-site form can send without a CORS preflight) is refused too,
-each with a JSON 403. Every answer says ``Server: kounta-proxy``.
+Access (DESIGN.md Resolutions, "Admin access"), each refusal a JSON 403:
+
+- the probes (``/healthz``, ``/readyz``, ``/livez``, ``/metrics``) answer any ``Host``: the
+  kubelet and pod scrapes send the pod IP, and they change nothing;
+- other reads (``/budget``, ``/cache/stats``) answer a ``Host`` that is a loopback name or in
+  ``admin.allowed_hosts`` (DNS rebinding), or a request with the admin token
+  (``Authorization: Bearer``, ``admin.token_file``, compared in constant time);
+- state-changing requests (POST, PUT, PATCH, DELETE): on a loopback ``admin.host``, the same
+  Host check; on any other, the admin token, and while no token is set they are off (a
+  ``Host: localhost`` is not access control). Either way a foreign ``Origin`` (anything but
+  the listener's own origin, exactly; unparsable is foreign), a cross-site
+  ``Sec-Fetch-Site`` or a form content type (what a cross-site form can send without a CORS
+  preflight) is refused.
+
+Every answer says ``Server: kounta-proxy``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
-from yarl import URL
 
 from proxy.edge.answer import stamp_server
 from proxy.edge.app import limits
@@ -45,11 +60,28 @@ from proxy.settings import AdminSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SHUTDOWN_CHECK = "shutdown"
+# Fails readiness when every account's token check (``token:NAME``) fails.
+ACCOUNTS_CHECK = "accounts"
+ACCOUNT_CHECK_PREFIX = "token:"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What an HTML form (or a "simple" cross-site fetch) can send without a CORS preflight.
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not binds
+# The heartbeat behind /livez: its period, and how late a tick may be before the loop
+# counts as stalled (long enough that a busy but turning loop never fails liveness).
+LOOP_TICK = 1.0
+LOOP_STALL = 10.0
+# Answer any Host: probes and scrapes address the pod IP, and these change nothing.
+PROBES = frozenset({"/healthz", "/readyz", "/livez", "/metrics"})
+# An RFC 6454 serialised origin: scheme, host (a name or a bracketed IPv6 literal), port.
+ORIGIN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._-]+)"
+                    r"(?::(?P<port>[0-9]{1,5}))?", re.IGNORECASE)  # fmt: skip
+DEFAULT_PORTS = {"http": 80, "https": 443}
+TURN_ON = (
+    "State-changing admin routes are off because admin.host is not loopback and no admin "
+    "token is set; set admin.token_file and send Authorization: Bearer <token> to turn them on"
+)
 
 
 def create_admin_app(services: Services) -> web.Application:
@@ -59,7 +91,7 @@ def create_admin_app(services: Services) -> web.Application:
     parent through a 0700 directory) the Host/Origin guard is left to the parent's
     listener, which applies it before forwarding: a browser cannot reach a Unix socket."""
     admin = services.settings.admin
-    guards = [] if admin.socket else [_guard(hosts_for(admin))]
+    guards = [] if admin.socket else [_guard(access_for(admin))]
     app = web.Application(middlewares=[_json_errors, *guards])
     app[SERVICES] = services
     app[LIMITS] = limits(services.settings)
@@ -67,6 +99,7 @@ def create_admin_app(services: Services) -> web.Application:
     app.router.add_get("/metrics", make_aiohttp_handler(services.metrics.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_livez(app)
     app.router.add_routes(services.admin_routes)
     return app
 
@@ -75,13 +108,70 @@ async def healthz(request: web.Request) -> web.Response:
     return _json(200, {"status": "alive"})
 
 
+class Heartbeat:
+    """A task that ticks every LOOP_TICK seconds: how late its last tick is tells whether
+    the event loop turns (a blocking call or a starved loop makes it late)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.worst = 0.0  # the largest lag seen, for the answer
+
+    async def run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LOOP_TICK)
+            self.last = time.monotonic()
+            self.worst = max(self.worst, self.last - before - LOOP_TICK)
+
+    def late(self) -> float:
+        """Seconds past the tick that should have come by now (0: on time)."""
+        return max(0.0, time.monotonic() - self.last - LOOP_TICK)
+
+
+HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
+
+
+def add_livez(app: web.Application) -> None:
+    """``GET /livez`` and the heartbeat behind it (for any admin application)."""
+
+    async def beating(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(app[HEARTBEAT].run())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app[HEARTBEAT] = Heartbeat()
+    app.cleanup_ctx.append(beating)
+    app.router.add_get("/livez", livez)
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: the process answers and its event loop turns (the heartbeat is on time).
+    Nothing else (no account, no disk, no Redis): a restart would not mend those."""
+    late = request.app[HEARTBEAT].late()
+    body = {"status": "alive" if late <= LOOP_STALL else "stalled", "loop_late": round(late, 3)}
+    return _json(200 if late <= LOOP_STALL else 503, body)
+
+
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness (DESIGN.md Resolutions): 503 only when the proxy can serve nothing, i.e.
+    it is shutting down or no account can get a token. A failing account, a cache that
+    cannot store, a degraded Redis: the proxy still serves, so they are named under
+    ``degraded`` (and in metrics), never a 503 that would take the pod out of its Service."""
     services = request.app[SERVICES]
     results = run_checks(services)
-    failing = sorted(name for name, problem in results.items() if problem is not None)
+    accounts = {name: p for name, p in results.items() if name.startswith(ACCOUNT_CHECK_PREFIX)}
+    results[ACCOUNTS_CHECK] = (
+        "no account can get a token" if accounts and all(accounts.values()) else None
+    )
+    failing = sorted(n for n in (SHUTDOWN_CHECK, ACCOUNTS_CHECK) if results[n] is not None)
+    degraded = sorted(
+        name for name, problem in results.items() if problem is not None and name not in failing
+    )
     body: dict[str, Any] = {
         "status": "not_ready" if failing else "ready",
         "failing": failing,
+        "degraded": degraded,
         "checks": {name: problem or "ok" for name, problem in sorted(results.items())},
     }
     # Details say how the proxy runs without failing readiness (e.g. shared: degraded).
@@ -91,7 +181,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def run_checks(services: Services) -> dict[str, str | None]:
-    """Every readiness check by name: None when fine, else one line saying what is wrong."""
+    """Every check by name: None when fine, else one line saying what is wrong."""
     results: dict[str, str | None] = {
         SHUTDOWN_CHECK: "the proxy is shutting down" if services.state.shutting_down else None
     }
@@ -99,7 +189,7 @@ def run_checks(services: Services) -> dict[str, str | None]:
         try:
             problem = check()
         except Exception as e:
-            # A broken check must fail readiness, not the endpoint.
+            # A broken check is a problem of its part, not of the endpoint.
             log.exception("readiness_check_failed", extra={"fields": {"check": name}})
             problem = f"the check raised {type(e).__name__}"
         results[name] = None if problem is None else " ".join(str(problem).split())
@@ -152,17 +242,48 @@ def host_name(value: str) -> str:
     return _bare(value)
 
 
-def _refusal(allowed: AllowedHosts, request: web.Request) -> str | None:
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What the guard needs: the Host names answered, whether ``admin.host`` is loopback,
+    and the admin token (b"": none)."""
+
+    allowed: AllowedHosts
+    loopback: bool
+    token: bytes = b""
+
+
+def access_for(admin: AdminSettings) -> Access:
+    return Access(hosts_for(admin), not admin.exposed, admin.token.reveal().encode())
+
+
+def _token_presented(access: Access, request: web.Request) -> bool | None:
+    """True: the admin token was presented; False: a wrong one; None: none (or none set)."""
+    scheme, _, presented = request.headers.get("Authorization", "").strip().partition(" ")
+    if not access.token or scheme.lower() != "bearer":
+        return None
+    # aiohttp keeps undecodable header bytes as surrogates: give them back, never raise.
+    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), access.token)
+
+
+def _refusal(access: Access, request: web.Request) -> str | None:
     """Why the request is refused, or None."""
+    safe = request.method in SAFE_METHODS
+    if safe and request.path in PROBES:
+        return None
+    token = _token_presented(access, request)
+    if token is False:
+        return "The admin token presented does not match admin.token_file"
+    if not safe and not access.loopback and not token:
+        if not access.token:
+            return TURN_ON
+        return "State-changing admin routes need the admin token (Authorization: Bearer)"
     host = request.headers.get("Host")
-    if host is not None and host_name(host) not in allowed:
+    if not token and host is not None and host_name(host) not in access.allowed:
         return "The admin listener does not answer this Host (see admin.allowed_hosts)"
-    if request.method in SAFE_METHODS:
+    if safe:
         return None
     origin = request.headers.get("Origin")
-    if origin is not None and (
-        origin == "null" or host_name(URL(origin).host or "") not in allowed
-    ):
+    if origin is not None and not same_origin(origin, host):
         return "Cross-origin requests may not change the admin state"
     if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
         return "Cross-site requests may not change the admin state"
@@ -172,19 +293,35 @@ def _refusal(allowed: AllowedHosts, request: web.Request) -> str | None:
     return None
 
 
-def _origin_host(origin: str) -> str:
-    """The host of an ``Origin`` value; "" for ``null`` or anything unparsable (foreign)."""
-    try:
-        return host_name(URL(origin).host or "")
-    except (ValueError, TypeError):
-        return ""
+def _origin_of(value: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``scheme://host[:port]``, exactly that; None otherwise."""
+    found = ORIGIN.fullmatch(value.strip())
+    if found is None:
+        return None
+    scheme = found["scheme"].lower()
+    port = int(found["port"]) if found["port"] else DEFAULT_PORTS.get(scheme)
+    if port is None or not 0 < port <= 65535:
+        return None
+    return scheme, _bare(found["host"]), port
 
 
-def _guard(allowed: AllowedHosts) -> Callable[..., Awaitable[web.StreamResponse]]:
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether ``Origin`` is the admin listener's own origin, ``http://`` + the request's
+    ``Host`` (RFC 6454: scheme, host and port all equal). Another port on the same machine,
+    another name for the same address, ``null`` and anything unparsable are foreign."""
+    if host is None:
+        return False
+    theirs = _origin_of(origin)
+    ours = _origin_of(f"http://{host.strip()}")
+    return theirs is not None and theirs == ours
+
+
+def _guard(access: Access) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """DNS rebinding and cross-site forms never reach an admin route."""
-        problem = _refusal(allowed, request)
+        """DNS rebinding, cross-site forms and unauthenticated writes on an exposed admin
+        port never reach an admin route."""
+        problem = _refusal(access, request)
         if problem is not None:
             event("admin_refused", logging.WARNING, method=request.method, reason=problem)
             return _json(403, {"error": "access_denied", "error_description": problem})
@@ -217,7 +354,7 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 def middlewares(admin: AdminSettings) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
     """The admin listener's JSON errors and Host/Origin guard, for another admin application
     (the ``serve --workers`` parent's) to answer and refuse exactly as this one does."""
-    return [_json_errors, _guard(hosts_for(admin))]
+    return [_json_errors, _guard(access_for(admin))]
 
 
 def json_answer(status: int, body: dict[str, Any]) -> web.Response:
@@ -252,8 +389,14 @@ def exposure_warning(admin: AdminSettings) -> str | None:
     """One line for the operator when the admin listener is reachable beyond loopback."""
     if not admin.exposed:
         return None
+    if not admin.token:
+        return (
+            f"admin.host {admin.host!r} is reachable beyond loopback: probes and /metrics "
+            "answer any Host, and state-changing admin routes (cache purge) are off until "
+            "admin.token_file is set"
+        )
     return (
-        f"admin.host {admin.host!r} is reachable beyond loopback and the admin routes "
-        "(cache purge, budget, metrics) have no authentication; keep the port on a private "
-        f"network (Host names answered: {', '.join(admin.allowed_hosts)})"
+        f"admin.host {admin.host!r} is reachable beyond loopback: probes and /metrics answer "
+        "any Host; /budget and /cache/stats answer the Host names in admin.allowed_hosts "
+        f"({', '.join(admin.allowed_hosts)}) or the admin token; writes need the admin token"
     )

@@ -41,10 +41,12 @@ MAX_PATTERNS = (
     "kounta_proxy_shared_degraded",
     "kounta_proxy_budget_tokens",  # the bucket lives in the shared backend: one for all
     "kounta_proxy_budget_paused_seconds",
+    "kounta_proxy_budget_effective_per_minute",  # one worker's (each worker is a replica)
     "kounta_proxy_cache_entries",  # the workers share one disk cache directory
     "kounta_proxy_cache_bytes",
     "kounta_proxy_cache_storing_disabled",
     "process_max_fds",
+    "kounta_proxy_config_loaded_timestamp_seconds",  # the latest load (a sum would be no time)
 )
 # Sample names merged by the minimum: when something started.
 MIN_PATTERNS = ("process_start_time_seconds", "*_created")

@@ -10,21 +10,36 @@ whole ``[shared]`` section, ...) needs a restart: the reload keeps the running v
 says so in its one log line. A replaced provider keeps the running token store: the shared
 one (Redis, ``[shared] backend = "redis"``) or the account's token file.
 A file that does not load is refused with one line, and the running settings stay.
+The files are read in a thread of their own, never on the event loop, within
+:data:`READ_TIMEOUT` seconds: a file that cannot be read in time (a stalled file system) is
+refused like a bad one, and a secret or config "file" that is not a regular file (a FIFO,
+a device) is refused at once (:func:`proxy.files.read_regular`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import fnmatch
+import functools
 import logging
+import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.auth.providers import TokenProvider, provider_for
-from proxy.edge.callers import Callers
 from proxy.edge.services import Live, Services
 from proxy.logs import event, set_level
-from proxy.settings import AccountSettings, ConfigError, ConfigErrors, Invalid, Settings
+from proxy.metrics import config_applied
+from proxy.settings import (
+    AccountSettings,
+    ConfigError,
+    ConfigErrors,
+    Invalid,
+    Settings,
+    masked,
+)
 
 # Flattened setting keys a reload applies at once (fnmatch patterns).
 LIVE_KEYS = (
@@ -45,6 +60,9 @@ CREDENTIALS = ("token", "client_id", "client_secret", "refresh_token")
 ACCOUNT_LIVE = (*CREDENTIALS, "rate_per_minute", "burst")
 
 Loader = Callable[[], Settings]
+# Seconds a reload may take to read the configuration and its secret files.
+READ_TIMEOUT = 10.0
+T = TypeVar("T")
 LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -119,19 +137,29 @@ def _account(running: AccountSettings, new: AccountSettings | None) -> AccountSe
         raise Invalid(f"accounts.{e.key}", e.problem) from None
 
 
-async def reload(services: Services, load: Loader) -> bool:
-    """Load the file again and swap in the new snapshot; False (one line) when refused."""
+async def reload(services: Services, load: Loader, read_timeout: float = READ_TIMEOUT) -> bool:
+    """Load the file again (in a thread, within ``read_timeout``) and swap in the new
+    snapshot; False (one line) when refused."""
     current = services.live.current
     try:
-        new = load()
+        new = await in_thread(load, read_timeout)
         live, restart = split_changes(current.settings, new)
         merged = merge(current.settings, new)
     except ConfigError as e:
         lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
         event("reload_refused", logging.ERROR, error="; ".join(lines), kept="running settings")
+        services.metrics.config_reloads.labels("rejected").inc()
+        return False
+    except TimeoutError:
+        error = (
+            f"the configuration and its secret files could not be read within {read_timeout:g} s"
+            " (a stalled file system?)"
+        )
+        event("reload_refused", logging.ERROR, error=error, kept="running settings")
         return False
     providers, replaced = await _providers(services, current, merged)
-    services.live.current = Live(merged, Callers(merged, services.metrics), providers)
+    callers = current.callers.rotated(merged, services.metrics)  # old keys: inbound.key_overlap
+    services.live.current = Live(merged, callers, providers)
     for provider in replaced:
         await provider.stop()
     # The line is written under the more verbose of the two levels, then the new one holds.
@@ -139,7 +167,16 @@ async def reload(services: Services, load: Loader) -> bool:
     level = logging.WARNING if restart else logging.INFO
     event("reloaded", level, changed=live, restart_needed=restart)
     set_level(merged.log.level)
+    _count(services, live, restart, merged)
     return True
+
+
+def _count(services: Services, live: list[str], restart: list[str], merged: Settings) -> None:
+    """The reload metrics: its result, and the running configuration when it changed."""
+    result = "restart_needed" if restart else "applied" if live else "unchanged"
+    services.metrics.config_reloads.labels(result).inc()
+    if live:
+        config_applied(services.metrics, masked(merged))
 
 
 async def _providers(
@@ -168,3 +205,32 @@ async def _providers(
         replaced.append(providers[name])
         providers[name] = provider
     return providers, replaced
+
+
+async def in_thread(work: Callable[[], T], patience: float) -> T:
+    """``work()`` in a daemon thread of its own, awaited for ``patience`` seconds at most.
+
+    Not the loop's default executor: a read that never returns would hold one of its
+    threads for good, and the interpreter waits for those at exit; a daemon thread is
+    simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():  # else timed out meanwhile
+            outcome()
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as e:  # handed to the awaiting task, whatever it is
+            error = e
+            outcome = functools.partial(done.set_exception, error)
+        else:
+            outcome = functools.partial(done.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="reload-read", daemon=True).start()
+    return await asyncio.wait_for(done, patience)

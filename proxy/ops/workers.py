@@ -52,16 +52,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
     generate_latest,
 )
 
 from proxy.edge.answer import stamp_server
 from proxy.errors import code_for
 from proxy.listener import StartupError, bound_port, start
-from proxy.logs import configure, event
-from proxy.metrics import WorkersMetrics
-from proxy.ops.admin import exposure_warning, json_answer, middlewares
+from proxy.logs import WORKER_ENV, configure, event
+from proxy.metrics import Registry, WorkersMetrics
+from proxy.ops.admin import add_livez, exposure_warning, json_answer, middlewares
 from proxy.ops.aggregate import merge_families, parse
 from proxy.settings import ConfigError, Settings
 
@@ -108,7 +107,10 @@ async def _supervise(settings: Settings, config: Path | None, sockets: list[str]
     runner = await _start_admin(settings, sockets) if admin else None
     try:
         return await _watch(
-            [_spawn(settings, config, len(sockets), path if admin else "") for path in sockets]
+            [
+                _spawn(settings, config, len(sockets), path if admin else "", k)
+                for k, path in enumerate(sockets)
+            ]
         )
     finally:
         if runner is not None:
@@ -158,10 +160,11 @@ async def _start_admin(settings: Settings, sockets: list[str]) -> web.AppRunner:
 
 
 def _spawn(
-    settings: Settings, config: Path | None, workers: int, admin_socket: str
+    settings: Settings, config: Path | None, workers: int, admin_socket: str, index: int
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        WORKER_ENV: str(index),  # every log line of the worker says which it is
         "KOUNTA_PROXY_SERVER__REUSE_PORT": "true",
         # Each worker is a replica: while Redis is away each sends rate / (replicas * workers).
         "KOUNTA_PROXY_SHARED__REPLICAS": str(settings.shared.replicas * workers),
@@ -200,7 +203,8 @@ class Parent:
     metrics: WorkersMetrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = WorkersMetrics(CollectorRegistry(), len(self.sockets))
+        # No _created series, as the workers' own registries (docs/operations.md).
+        self.metrics = WorkersMetrics(Registry(), len(self.sockets))
 
     async def ask(
         self, worker: Worker, method: str, path: str, seconds: float, **kwargs: Any
@@ -243,6 +247,7 @@ def create_parent_app(settings: Settings, sockets: list[str]) -> web.Application
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_livez(app)  # the parent's own loop: workers answer their own /livez
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 

@@ -43,7 +43,7 @@ from typing import Any
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import retry_after, whole_seconds
 from proxy.errors import RateLimited
-from proxy.logs import event
+from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
 from proxy.pipeline.gates import Bucket, Gate, LocalGate, Rate, SharedGate, capped
@@ -97,6 +97,11 @@ def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
 # milliseconds after a token is due on a busy loop, and such a request would wait its whole
 # limit for a 429 instead of hearing it at once.
 TURN_MARGIN = 0.05
+# Why the effective rate is the configured one, by the gate's mode.
+EFFECTIVE_REASONS = {
+    "local": "the configured rate (this process alone)",
+    "shared": "the configured rate, shared by every replica through Redis",
+}
 
 
 @dataclass(slots=True)
@@ -134,6 +139,7 @@ class AccountBudget:
         metrics.budget_tokens.labels(name).set_function(self.available)
         metrics.budget_queue.labels(name).set_function(lambda: self.waiting)
         metrics.budget_paused.labels(name).set_function(self.paused_for)
+        metrics.budget_effective.labels(name).set_function(lambda: self.effective()[0])
         # Pre-create the counters' series so that rate() and alerts see a zero, not nothing.
         metrics.budget_upstream_429.labels(name)
         for reason in ("deadline", "queue_full"):
@@ -301,10 +307,23 @@ class AccountBudget:
             event("upstream_rate_limited", **fields)
         return seconds
 
+    def effective(self) -> tuple[int, str]:
+        """What this process may send per window now, and why (``/budget``, the gauge)."""
+        mode = self.gate.mode()
+        if mode != "degraded":
+            return self.rate.per_window, EFFECTIVE_REASONS.get(mode, mode)
+        share = self.bucket.rate.per_window  # the fallback bucket runs at the share
+        return share, (
+            f"Redis is away: this replica's share, rate {self.rate.per_window} / shared.replicas"
+        )
+
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
+        effective, why = self.effective()
         return {
             "rate": self.rate.per_window,
+            "effective_rate": effective,
+            "effective_reason": why,
             "mode": self.gate.mode(),
             "window_seconds": self.rate.window,
             "burst": self.rate.burst,
@@ -379,8 +398,18 @@ class Budget:
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)
         limit = budget.limit_for(request.deadline)
+        now = trace()
         while True:
-            await budget.acquire(request.caller, limit)
+            waited = await budget.acquire(request.caller, limit)
+            now.budget_wait += waited
+            debug(
+                "budget_taken",
+                request_id=request.request_id,
+                account=request.account,
+                caller=request.caller,
+                waited_ms=round(waited * 1000, 2),
+                mode=budget.gate.mode(),
+            )
             response = await self.inner.send(request)
             if response.status != 429:
                 budget.bucket.recovered()
@@ -389,7 +418,9 @@ class Budget:
             await response.release()
             pause = await budget.gate.pause(self.clock.now(), pause)
             resend = request.method in RESENT_AFTER_429 and request.replayable
-            if not resend or self.clock.now() + pause > limit:
+            if resend and self.clock.now() + pause <= limit:
+                now.retries += 1
+            else:
                 raise RateLimited(
                     f"Kounta's rate limit was reached for account {request.account!r}; "
                     f"retry after {whole_seconds(pause)}s",

@@ -20,14 +20,18 @@ What counts, and where (the choice, and why):
 - Kounta could not be reached (refused, reset, DNS, TLS, timeout): a failure of the
   account's breaker and of the route's. Every path of the account would fail the same way,
   so once the account's breaker is open all of them fail fast.
-- Kounta answered 502, 503 or 504 (after the resends), or broke off a body: a failure of
-  the route's breaker only (the account + route template, ``/v1/companies/{id}/orders``).
+- Kounta answered 502, 503 or 504 (after the resends), broke off a body, or answered a
+  status outside 100-599: a failure of
+  the route's breaker only (the account + route, :func:`proxy.routes.breaker_key`: the
+  template, ``/v1/companies/{id}/orders``, or for an undocumented path the part a template
+  matched plus the next segment, ``/v1/companies/{id}/novel``, ``/v1/novel``).
   Kounta did answer, and one endpoint that is down, or a test's deliberate 5xx answers,
   must not turn every other path of the account into ``503 circuit_open``.
 - Any other answer, a 500 included, is a success: it is one endpoint's own error, not a
   sign that Kounta is away, and resending or failing fast would not help.
-- Failures of our own (no budget token, no access token, a caller that left) count for
-  nothing either way.
+- Failures of our own (no budget token, no access token, a caller that left, no free
+  upstream connection in the account's share: ``503 upstream_busy``) count for nothing
+  either way.
 
 Route breakers are kept only while they have something to say (failures or open), at most
 ``ROUTES_MAX`` per account; past that a new route is watched by the account's breaker only.
@@ -47,15 +51,18 @@ from proxy.clock import Clock, MonotonicClock, backoff
 from proxy.dates import retry_after
 from proxy.errors import (
     CircuitOpen,
+    ProxyError,
     UpstreamBodyError,
+    UpstreamBusy,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.logs import event
+from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.routes import template
+from proxy.routes import breaker_key
 from proxy.settings import RetrySettings
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
@@ -126,16 +133,18 @@ class Breaker:
         self.probing = False
 
     def failed(self) -> bool:
-        """Count a failure; True when the breaker opened because of it."""
+        """Count a failure; True when it opened a closed breaker (a failed probe opens it
+        again, but that is the same outage, not a new opening)."""
         self.failures += 1
         self.probing = False
         if self.threshold and (
             self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold
         ):
+            was_closed = self.state is BreakerState.CLOSED
             self.state = BreakerState.OPEN
             self.opened_at = self.clock.now()
             event("breaker_opened", logging.WARNING, **self._where(), failures=self.failures)
-            return True
+            return was_closed
         return False
 
     def abandoned(self) -> None:
@@ -205,12 +214,26 @@ class Retry:
         return found
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
+        try:
+            return await self._send(request)
+        except ProxyError as e:
+            # For the access line: the failure an error answer, or a stale one, stands for
+            # (Kounta unreachable, the breaker open, no budget in time, no token).
+            now = trace()
+            now.failure, now.failure_detail = e.code, e.detail
+            raise
+
+    async def _send(self, request: ProxyRequest) -> ProxyResponse:
         host = self.breaker(request.account)
-        route = self.route_breaker(request.account, template(request.path))
+        route = self.route_breaker(request.account, breaker_key(request.path))
         probes = self._admit(host, route)
         try:
             response = await self._attempts(request, host, route)
-        except UpstreamBodyError:
+        except UpstreamBusy:
+            # The account's own connection share was in use: says nothing of Kounta.
+            self._ended(host, route, probes, host_failed=None, route_failed=None)
+            raise
+        except (UpstreamBodyError, UpstreamInvalid):
             self._ended(host, route, probes, host_failed=None, route_failed=True)
             raise
         except UpstreamError:
@@ -242,25 +265,31 @@ class Retry:
         host_failed: bool | None,
         route_failed: bool | None,
     ) -> None:
-        """Tell both breakers how the request ended (None: it says nothing of Kounta)."""
-        self._tell(host, host_failed, probes[0])
+        """Tell both breakers how the request ended (None: it says nothing of Kounta).
+        A request that opens both the account's and its route's breaker is one opening."""
+        opened = self._tell(host, host_failed, probes[0])
+        if route is not None:
+            opened = self._tell(route, route_failed, probes[1]) or opened
+        if opened:
+            self.metrics.breaker_opened.labels(host.account).inc()
         if route is None:
             return
-        self._tell(route, route_failed, probes[1])
         routes = self.routes[route.account]
         if route.state is BreakerState.CLOSED and route.failures == 0:
             routes.pop(route.route, None)  # nothing to remember
         else:
             routes[route.route] = route
 
-    def _tell(self, breaker: Breaker, failed: bool | None, probe: bool) -> None:
+    def _tell(self, breaker: Breaker, failed: bool | None, probe: bool) -> bool:
+        """True when the breaker opened (from closed) because of this request."""
         if failed is None:
             if probe:  # another request may be the probe: leave its flag alone
                 breaker.abandoned()
         elif not failed:
             breaker.succeeded()
-        elif breaker.failed():
-            self.metrics.breaker_opened.labels(breaker.account).inc()
+        else:
+            return breaker.failed()
+        return False
 
     async def _attempts(
         self, request: ProxyRequest, host: Breaker, route: Breaker | None
@@ -275,6 +304,13 @@ class Retry:
                 response = await self.inner.send(request)
             except (UpstreamUnreachable, UpstreamTimeout) as e:
                 # Raised before any response: Kounta did not answer this attempt.
+                debug(
+                    "upstream_attempt_failed",
+                    request_id=request.request_id,
+                    attempt=attempt,
+                    error=e.code,
+                    detail=e.detail,
+                )
                 if not (
                     resendable and await self._again(request, attempt, _reason(e), None, breakers)
                 ):
@@ -312,6 +348,7 @@ class Retry:
         if self.clock.now() + delay >= request.deadline:
             return False
         self.metrics.retries.labels(request.method, reason).inc()
+        trace().retries += 1
         event(
             "upstream_retry",
             request_id=request.request_id,

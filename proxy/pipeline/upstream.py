@@ -1,5 +1,11 @@
 """The one client session to Kounta, and the edge where aiohttp errors become ours.
 
+Each account holds at most its share of the upstream connections at once
+(``upstream.account_pool_size``, :class:`Slots`), from sending a request until its answer is
+released, so callers of one account that stop reading cannot take the connections every
+other account needs. A request that cannot get a slot within ``connect_timeout`` is
+``503 upstream_busy``: the proxy's own limit, which no circuit breaker counts.
+
 Kounta is asked for gzip (``Accept-Encoding: gzip``) and its bodies are passed up as they
 came, ``Content-Encoding`` kept: a gzip body is checked as it arrives (complete, CRC32 and
 ISIZE right, within ``upstream.max_inflated_size`` and ``max_inflate_ratio``), so a body
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -18,8 +25,11 @@ from multidict import CIMultiDict
 
 from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.errors import (
+    ProxyError,
     UpstreamBodyError,
+    UpstreamBusy,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamTLSError,
     UpstreamTooLarge,
@@ -61,6 +71,9 @@ def mapped_errors(
     except UpstreamError:
         raise
     except (aiohttp.ClientError, OSError) as e:
+        if isinstance(e.__cause__, ProxyError):
+            # The caller's streamed body failed (too large, too slow): not Kounta's fault.
+            raise e.__cause__ from None
         failed(error_kind(e))
         raise translate(settings, e) from None
 
@@ -91,12 +104,14 @@ def translate(settings: UpstreamSettings, error: BaseException) -> UpstreamError
         return UpstreamTimeout(
             f"The upstream exchange took longer than {settings.total_timeout:g}s (total timeout)"
         )
+    # The OS's words (an address, a certificate's names) go to the log only (``detail``):
+    # a caller hears the code and a generic description.
     if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return UpstreamTLSError(f"TLS with the upstream failed: {_reason(error)}")
+        return UpstreamTLSError("TLS with the upstream failed", detail=_reason(error))
     if isinstance(error, aiohttp.ClientPayloadError):
         return UpstreamBodyError("The upstream closed the connection before the body ended")
     if isinstance(error, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(f"Cannot connect to the upstream: {_reason(error)}")
+        return UpstreamUnreachable("Cannot connect to the upstream", detail=_reason(error))
     if isinstance(error, aiohttp.ClientResponseError):
         # Raised by the response parser (raise_for_status is never used): an over-large
         # header section (aiohttp's 8190-byte line limit) or broken framing.
@@ -105,19 +120,59 @@ def translate(settings: UpstreamSettings, error: BaseException) -> UpstreamError
         )
     if isinstance(error, aiohttp.ServerDisconnectedError):
         return UpstreamUnreachable("The upstream closed the connection without answering")
-    return UpstreamUnreachable(f"The upstream connection failed: {_reason(error)}")
+    return UpstreamUnreachable("The upstream connection failed", detail=_reason(error))
 
 
 def _reason(error: BaseException) -> str:
-    os_error = getattr(error, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror
-    return type(error).__name__
+    """What the log hears: the exception and its words (an address, a certificate name)."""
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:500]
 
 
 def _is_small(response: aiohttp.ClientResponse) -> bool:
     length = response.content_length
     return length is not None and length <= SMALL_BODY
+
+
+Release = Callable[[], None]
+
+
+class Slots:
+    """Each account's share of the upstream connections: a slot is held from the request
+    until its answer is released (read, closed, or at the latest garbage collected)."""
+
+    def __init__(self, share: int, wait: float) -> None:
+        self.share = share
+        self.wait = wait
+        self.accounts: dict[str, asyncio.Semaphore] = {}
+
+    async def take(self, account: str, deadline: float) -> Release:
+        """A slot of ``account``'s share (its release, safe to call more than once), or
+        :class:`UpstreamBusy` when none came free in time."""
+        semaphore = self.accounts.get(account)
+        if semaphore is None:
+            semaphore = self.accounts[account] = asyncio.Semaphore(self.share)
+        if semaphore.locked():
+            wait = min(self.wait, deadline - asyncio.get_running_loop().time())
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise UpstreamBusy(
+                    f"All {self.share} upstream connections of account {account!r} stayed in "
+                    f"use for {max(0.0, wait):g}s (upstream.account_pool_size)",
+                    retry_after=1,
+                ) from None
+        else:
+            await semaphore.acquire()
+        held = [True]
+
+        def release() -> None:
+            if held:
+                held.clear()
+                semaphore.release()
+
+        return release
 
 
 class Upstream:
@@ -128,33 +183,51 @@ class Upstream:
         settings: UpstreamSettings,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        accounts: int = 1,
     ) -> None:
         self.settings = settings
         self.base = settings.url
         self.session = session
         self.metrics = metrics
         self.caps = Caps(settings.max_inflated_size, settings.max_inflate_ratio)
+        self.slots = Slots(settings.account_share(accounts), settings.connect_timeout)
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         url = upstream_url(self.base, Target(request.path, request.query))
         headers = CIMultiDict(request.headers)
         # A range of a gzip stream cannot be checked or inflated: ranges are asked plain.
         headers["Accept-Encoding"] = "identity" if "Range" in headers else GZIP
-        timeout = self._timeout(request.deadline)
         route = template(request.path)
-        started = time.perf_counter()
         count_error = self._error_counter(request.account)
-        with mapped_errors(self.settings, count_error):
-            response = await self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,
-                timeout=timeout,
-                auto_decompress=False,
-            )
+        slot = await self._slot(request, count_error)
+        started = time.perf_counter()  # the slot wait is not Kounta's time
+        begun = asyncio.get_running_loop().time()
+        try:
+            timeout = self._timeout(request.deadline)  # what is left after the slot wait
+            with mapped_errors(self.settings, count_error):
+                response = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=request.body,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    auto_decompress=False,
+                )
+        except BaseException:
+            slot()
+            raise
+        # A safety net: an answer dropped without being released still frees its slot.
+        weakref.finalize(response, slot)
         took = time.perf_counter() - started
+        if not 100 <= response.status <= 599:
+            # RFC 9110 15: no client may act on it. Never passed on, never stored.
+            response.close()
+            slot()
+            count_error("invalid")
+            raise UpstreamInvalid(
+                f"The upstream answered with status {response.status}, outside 100-599"
+            )
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(route).observe(took)
             self.metrics.upstream_requests.labels(
@@ -168,6 +241,7 @@ class Upstream:
                     body = await response.read()
                 finally:
                     response.release()
+                    slot()
                 if gzip:
                     check(body, self.caps)
             return ProxyResponse(
@@ -177,11 +251,14 @@ class Upstream:
                 upstream_status=response.status,
                 upstream_seconds=took,
             )
+        ended = self._watch(
+            response, slot, min(request.deadline, begun + self.settings.total_timeout)
+        )
         return ProxyResponse(
             status=response.status,
             headers=CIMultiDict(response.headers),
-            body=self._stream(response, gzip, count_error),
-            release=_releaser(response),
+            body=self._stream(response, gzip, count_error, ended),
+            release=_releaser(response, ended),
             upstream_status=response.status,
             upstream_seconds=took,
         )
@@ -198,6 +275,30 @@ class Upstream:
             sock_read=self.settings.read_timeout,
         )
 
+    def _watch(self, response: aiohttp.ClientResponse, slot: Release, deadline: float) -> Release:
+        """The exchange never outlives ``deadline`` (total_timeout, or the request's), even
+        while its answer waits on a caller that stopped reading: the connection is closed
+        then and the slot freed. Returns what ends the watch (and frees the slot)."""
+
+        def expire() -> None:
+            response.close()
+            slot()
+
+        watchdog = asyncio.get_running_loop().call_at(deadline, expire)
+
+        def ended() -> None:
+            watchdog.cancel()
+            slot()
+
+        return ended
+
+    async def _slot(self, request: ProxyRequest, count_error: Callable[[str], None]) -> Release:
+        try:
+            return await self.slots.take(request.account, request.deadline)
+        except UpstreamBusy:
+            count_error("busy")
+            raise
+
     def _error_counter(self, account: str) -> Callable[[str], None]:
         def count(kind: str) -> None:
             if self.metrics is not None:
@@ -206,7 +307,11 @@ class Upstream:
         return count
 
     async def _stream(
-        self, response: aiohttp.ClientResponse, gzip: bool, count_error: Callable[[str], None]
+        self,
+        response: aiohttp.ClientResponse,
+        gzip: bool,
+        count_error: Callable[[str], None],
+        slot: Release,
     ) -> AsyncIterator[bytes]:
         chunks: AsyncIterator[bytes] = response.content.iter_chunked(CHUNK)
         if gzip:
@@ -217,6 +322,7 @@ class Upstream:
                     yield chunk
         finally:
             response.release()
+            slot()
 
 
 def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
@@ -226,12 +332,13 @@ def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
     return coding_of(response.headers.items()) == GZIP
 
 
-def _releaser(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+def _releaser(response: aiohttp.ClientResponse, slot: Release) -> Callable[[], Awaitable[None]]:
     async def release() -> None:
         # close(), not release(): a half-read body must not go back to the pool.
         if not response.content.at_eof():
             response.close()
         else:
             response.release()
+        slot()
 
     return release

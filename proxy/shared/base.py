@@ -83,10 +83,12 @@ class SharedEvents(Protocol):
 class Claim:
     """A fetch lock request's answer: ``owner`` is set when this replica took the lock,
     ``gen`` is the account's invalidation count read in the same round trip (a store made
-    later is refused when an invalidation came in between)."""
+    later is refused when an invalidation came in between), and ``data`` the entry found
+    under the key once the lock was taken (the last owner's, stored before it let go)."""
 
     owner: str | None
     gen: str
+    data: bytes | None = None
 
 
 class SharedCache(Protocol):
@@ -106,7 +108,12 @@ class SharedCache(Protocol):
         account's invalidation count is no longer ``gen``; returns whether it was stored."""
         ...
 
-    async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim: ...
+    async def cache_claim(
+        self, account: str, digest: str, owner: str, ttl: float, limit: int
+    ) -> Claim:
+        """Take the key's fetch lock; the entry found once it is taken is verified and at
+        most ``limit`` bytes of body (else none)."""
+        ...
 
     async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
         """The stored record (or None) and whether the fetch lock is still held; raises as

@@ -190,11 +190,17 @@ async def test_authorize_with_the_redis_backend_writes_the_encrypted_record(
             "[accounts.main]",
         )
     )
+    before = await check_config(config)
+    assert "has no token yet in the shared store (Redis at 127.0.0.1:" in before
     run = await start(config)
     await browse(run, client)
     code, out, err = await run.finish()
     assert code == 0, err
     assert not (tmp_path / "state" / "tokens" / "main.json").exists()  # Redis, not the file
+    # It says where the token went, and check-config asks Redis rather than the file.
+    assert "token saved to the shared store (Redis at 127.0.0.1:" in out
+    assert "tokens/main.json" not in out
+    assert "no token yet" not in await check_config(config)
     reader = aioredis.Redis.from_url(redis_server.url)
     try:
         version, data = await reader.hmget(f"{redis_prefix}:token:main", ["version", "data"])
@@ -226,3 +232,24 @@ async def test_authorize_with_redis_away_says_so_and_saves_nothing(
     assert code == 1
     assert "the shared store at shared.url is not answering" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
+    # check-config cannot tell either, and says so (within its wait, no traceback).
+    said = await check_config(config)
+    assert "cannot tell whether account(s) 'main' have a token" in said
+    assert "Traceback" not in said and "no token yet" not in said
+
+
+async def check_config(config: Path) -> str:
+    """check-config's warnings (stderr); it must succeed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "check-config",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, err.decode()
+    return err.decode()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,11 @@ def test_help_for_each_command(command: str) -> None:
     result = run(command, "--help")
     assert result.returncode == 0
     assert f"usage: kounta-proxy {command}" in result.stdout
+
+
+def test_serve_help_says_the_workers_admin_listeners_are_unix_sockets() -> None:
+    text = " ".join(run("serve", "--help").stdout.split())
+    assert "admin.port + K" not in text and "Unix socket" in text
 
 
 def test_python_dash_m_is_the_same_command() -> None:
@@ -162,7 +169,7 @@ def test_check_config_creates_nothing_and_warns_of_a_missing_oauth_token(tmp_pat
     result = run("check-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert not state.exists()
-    assert f'client_secret = "******** (from {secret})"' in result.stdout
+    assert f'client_secret_file = "{secret}"' in result.stdout  # loads back as it was
     assert "oauth-secret-value-0001" not in result.stdout + result.stderr
     (warning,) = result.stderr.strip().splitlines()
     assert warning.startswith("kounta-proxy: warning: account 'shop' has no token yet")
@@ -198,11 +205,20 @@ def test_check_config_warns_when_the_admin_listener_is_exposed(tmp_path: Path) -
     [
         (
             {"KOUNTA_PROXY_UPSTREAM__FORWARD_HEADERS": "Accept,X-Original-URL"},
-            "upstream.forward_headers: X-Original-URL is never forwarded",
+            "KOUNTA_PROXY_UPSTREAM__FORWARD_HEADERS (upstream.forward_headers): X-Original-URL is never forwarded",
         ),
-        ({"KOUNTA_PROXY_SERVER__HEADER_TIMEOUT": "0"}, "server.header_timeout: must be greater"),
-        ({"KOUNTA_PROXY_AUTH__REFRESH_FLOOR": "-1"}, "auth.refresh_floor: must not be negative"),
-        ({"KOUNTA_PROXY_ADMIN__ALLOWED_HOSTS": "a b"}, "admin.allowed_hosts: must hold host"),
+        (
+            {"KOUNTA_PROXY_SERVER__HEADER_TIMEOUT": "0"},
+            "KOUNTA_PROXY_SERVER__HEADER_TIMEOUT (server.header_timeout): must be greater",
+        ),
+        (
+            {"KOUNTA_PROXY_AUTH__REFRESH_FLOOR": "-1"},
+            "KOUNTA_PROXY_AUTH__REFRESH_FLOOR (auth.refresh_floor): must not be negative",
+        ),
+        (
+            {"KOUNTA_PROXY_ADMIN__ALLOWED_HOSTS": "a b"},
+            "KOUNTA_PROXY_ADMIN__ALLOWED_HOSTS (admin.allowed_hosts): must hold host",
+        ),
     ],
 )
 def test_new_limits_are_validated_in_one_line(
@@ -213,3 +229,82 @@ def test_new_limits_are_validated_in_one_line(
     result = run("check-config", "--config", str(config), env=env)
     assert result.returncode != 0
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_check_config_prints_a_file_that_loads_back_the_same(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[server]\nport = 9000\n\n"
+        '[accounts.main]\nmode = "basic"\nclient_id = "cid"\n'
+        f'client_secret_file = "{secret}"\n\n'
+        '[accounts."shop.two"]\nmode = "static"\ntoken = "t0ken"\n'
+    )
+    env = {"KOUNTA_PROXY_STATE_DIR": str(tmp_path / "state")}
+    first = run("check-config", "--config", str(config), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "# refresh_floor: not set" in first.stdout  # never refresh_floor = ""
+    assert f'client_secret_file = "{secret}"' in first.stdout
+    printed = tmp_path / "printed.toml"
+    printed.write_text(first.stdout)
+    again = run("check-config", "--config", str(printed), env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+
+
+def test_check_config_says_first_when_no_file_is_read(tmp_path: Path) -> None:
+    env = {"KOUNTA_PROXY_ACCOUNTS__MAIN__MODE": "static", "KOUNTA_PROXY_ACCOUNTS__MAIN__TOKEN": "t"}
+    result = run("check-config", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("kounta-proxy: no config file (kounta-proxy.toml not found")
+    # With nothing else set either: the same line first, then the problem.
+    bare = run("check-config", cwd=tmp_path)
+    assert bare.returncode == 2
+    assert bare.stderr.splitlines()[0] == first
+    assert "no account configured" in bare.stderr.splitlines()[1]
+    # A file found in the working directory: no such line.
+    (tmp_path / "kounta-proxy.toml").write_text("")
+    found = run("check-config", cwd=tmp_path, env=env)
+    assert "no config file" not in found.stderr
+
+
+def test_a_variable_with_one_underscore_too_few_is_named(tmp_path: Path) -> None:
+    env = {"KOUNTA_PROXY_ACCOUNTS__MAIN__MODE": "static", "KOUNTA_PROXY_ACCOUNTS__MAIN__TOKEN": "t"}
+    result = run("check-config", cwd=tmp_path, env={**env, "KOUNTA_PROXY_SERVER_PORT": "9000"})
+    assert result.returncode == 2
+    assert (
+        "KOUNTA_PROXY_SERVER_PORT: unknown setting (did you mean KOUNTA_PROXY_SERVER__PORT?)"
+        in result.stderr
+    )
+    assert "server_port" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize("which", ["token_file", "config"])
+def test_a_fifo_for_a_secret_or_the_config_is_one_line_not_a_hang(
+    tmp_path: Path, command: str, which: str
+) -> None:
+    """Issue 17 item 18: opening a FIFO with no writer blocks; a secret file or the config
+    file that is not a regular file is refused in one line instead."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[accounts.a]\nmode = "static"\ntoken_file = "{fifo}"\n')
+    target = fifo if which == "config" else config
+    try:
+        result = subprocess.run(
+            [COMMAND, command, "--config", str(target)], capture_output=True, text=True, timeout=10
+        )
+    finally:
+        release(fifo)  # a reader still blocked in open() (the old code) gets EOF and ends
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "not a regular file (a FIFO)" in lines[0] and str(fifo) in lines[0]
+
+
+def release(fifo: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))

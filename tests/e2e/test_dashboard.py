@@ -128,6 +128,13 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
         "kounta_proxy_breaker_state",
         "kounta_proxy_shared_backend_up",
         "kounta_proxy_shared_degraded",
+        "kounta_proxy_shared_call_duration_seconds_bucket",  # Redis latency
+        "kounta_proxy_shared_calls_total",  # Redis errors
+        "kounta_proxy_workers_up",
+        "kounta_proxy_connections_open",
+        "kounta_proxy_connections_dropped_total",
+        "kounta_proxy_token_failures_total",
+        "kounta_proxy_config_reloads_total",
     }
     assert needed - used == set()
 

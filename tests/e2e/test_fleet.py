@@ -318,12 +318,19 @@ async def test_two_workers_answer_one_admin_listener_reload_on_sighup_and_stop_t
             async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path_)) as direct:
                 seen.append(await requests_seen(direct, "http://localhost"))
         assert sum(seen) == 20 and min(seen) > 0, seen
+        # Every worker line says which worker wrote it; no _created series from the parent.
+        assert {r.get("worker") for r in log_events(log, "request")} == {0, 1}
+        assert "_created" not in text
         admin_port = int(admin.rsplit(":", 1)[1])
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", admin_port + 1), 1).close()
-        # The parent keeps the admin guard: a foreign Host is refused.
-        async with client.get(f"{admin}/metrics", headers={"Host": "evil.example"}) as r:
+        # The parent keeps the admin guard: a foreign Host is refused (except by the
+        # probes and /metrics, which answer any Host, the pod IP included).
+        async with client.get(f"{admin}/budget", headers={"Host": "evil.example"}) as r:
             assert r.status == 403 and (await r.json())["error"] == "access_denied"
+        for probe in ("/metrics", "/livez"):
+            async with client.get(f"{admin}{probe}", headers={"Host": "10.244.1.7"}) as r:
+                assert r.status == 200, probe
         # Other admin routes are forwarded to the workers.
         async with client.get(f"{admin}/budget") as r:
             assert r.status == 200, await r.text()

@@ -7,18 +7,22 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 
 from proxy.edge.services import SERVICES
 from proxy.ops.admin import create_admin_app
-from tests.conftest import Proxy, serve
+from proxy.settings import RetrySettings
+from tests.conftest import MakeProxy, Proxy, proxy_settings, serve
 from tests.e2e.test_demo import free_port
 from tests.ops_tools import prometheus_tool
+from tests.promql import rules
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 DEADLINE = 25.0  # seconds for the whole exchange with Prometheus
+ALERT = "KountaProxyUpstreamErrorRatio"
 
 
 def adapted_config(tmp_path: Path, admin_port: int) -> Path:
@@ -101,6 +105,69 @@ async def test_prometheus_scrapes_the_proxy_and_loads_the_alerts(
         up = await poll(client, f"{api}/query?query=up", lambda d: len(d["result"]) > 0, deadline)
         assert up["result"][0]["value"][1] == "1"
     finally:
+        prom.terminate()
+        try:
+            await asyncio.wait_for(prom.wait(), 10)
+        except TimeoutError:
+            prom.kill()
+            await prom.wait()
+        log.close()
+        await runner.cleanup()
+
+
+@pytest.mark.slow
+async def test_the_error_ratio_alert_sees_a_pure_connect_error_outage(
+    make_proxy: MakeProxy, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Issue 18, 1, live: Kounta refuses every connection from the start, so the proxy has
+    connect errors and no upstream request series at all; the shipped rule's expression must
+    still say 100 % (the old one was empty: `A + B` with B missing)."""
+    binary = prometheus_tool("prometheus")
+    # No breaker: every request tries Kounta, so the errors go on growing between scrapes
+    # (with one, they grow once per probe, every breaker_cooldown).
+    retry = RetrySettings(breaker_failures=0)
+    proxy = await make_proxy(
+        proxy_settings(f"http://127.0.0.1:{free_port()}", tmp_path, retry=retry)
+    )
+    runner, admin_port = await serve(create_admin_app(proxy.app[SERVICES]))
+    expr = next(r["expr"] for r in rules(CONFIG / "alerts.yml") if r.get("alert") == ALERT)
+
+    async def outage() -> None:
+        while True:
+            async with client.get(f"{proxy.url}/v1/companies/me.json") as r:
+                assert r.status in (502, 503)
+            await asyncio.sleep(0.2)
+
+    sending = asyncio.ensure_future(outage())
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    prom = await asyncio.create_subprocess_exec(
+        binary,
+        f"--config.file={adapted_config(tmp_path, admin_port)}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        data = await poll(
+            client,
+            f"{api}/query?{urlencode({'query': expr})}",
+            lambda d: len(d["result"]) > 0,
+            time.monotonic() + DEADLINE,
+        )
+        assert [float(r["value"][1]) for r in data["result"]] == [1.0]
+        assert (
+            proxy.registry.get_sample_value(
+                "kounta_proxy_upstream_requests_total",
+                {"method": "GET", "route": "/v1/companies/me", "status": "200", "account": "main"},
+            )
+            is None
+        )  # no request series: the case the old rule missed
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
         prom.terminate()
         try:
             await asyncio.wait_for(prom.wait(), 10)

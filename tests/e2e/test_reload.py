@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -153,7 +155,12 @@ def test_sighup_reloads_live_settings_without_dropping_a_request(
     assert line["level"] == "warning"  # something still needs a restart
     # Caller keys, the budget rate and the log level apply at once.
     assert proxy.get("/v1/companies/me.json", NEW_KEY) == 200
-    assert proxy.get("/v1/companies/me.json", CALLER_KEY) == 401
+    # The previous key still works for inbound.key_overlap (rotation without downtime),
+    # counted as such; the reload is counted as well.
+    assert proxy.get("/v1/companies/me.json", CALLER_KEY) == 200
+    retired = 'kounta_proxy_caller_retired_key_requests_total{caller="app"}'
+    assert metric(proxy.admin, retired) == 1
+    assert metric(proxy.admin, 'kounta_proxy_config_reloads_total{result="restart_needed"}') == 1
     assert metric(proxy.admin, 'kounta_proxy_budget_limit_per_minute{account="main"}') == 120
     requests_before = len(proxy.named("request"))
     assert proxy.get("/v1/companies/me.json", NEW_KEY) == 200
@@ -188,3 +195,30 @@ def test_drain_delay_serves_new_requests_after_sigterm_then_closes(proxy_factory
     assert proxy.proc.wait(10) == 0
     names = [e["event"] for e in proxy.events()]
     assert names.index("shutdown") < names.index("drain_delay_over") < names.index("stopped")
+
+
+@pytest.mark.slow
+def test_a_fifo_for_a_secret_is_refused_and_serving_goes_on(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """Issue 17 item 18: a key_file that is a FIFO with no writer froze both listeners."""
+    proxy = proxy_factory()
+    assert proxy.get("/v1/companies/me.json", CALLER_KEY) == 200
+    fifo = tmp_path / "key-fifo"
+    os.mkfifo(fifo)
+    text = proxy.config.read_text()
+    proxy.config.write_text(text.replace(f'key = "{CALLER_KEY}"', f'key_file = "{fifo}"'))
+    proxy.proc.send_signal(signal.SIGHUP)
+    try:
+        wait_until(lambda: proxy.named("reload_refused"), timeout=5)
+        (refused,) = proxy.named("reload_refused")
+        assert "callers.app.key_file" in refused["error"]
+        assert "not a regular file (a FIFO)" in refused["error"]
+        assert refused["kept"] == "running settings"
+        # Both listeners answer, with the running settings.
+        assert get(f"{proxy.admin}/readyz", timeout=3)[0] == 200
+        assert get(f"{proxy.url}/v1/companies/me.json", {"X-Proxy-Key": CALLER_KEY}, 3)[0] == 200
+    finally:
+        with contextlib.suppress(OSError):  # the old code: a reader blocked in open()
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert proxy.stop() == 0

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.cache.admin import run_cli
 from proxy.edge.services import SERVICES
@@ -295,6 +296,35 @@ async def test_writes_invalidate_target_and_lists(
         assert h["X-Cache"] == "MISS", url
     assert b"Zed" in (await get(client, p.url + one))[2]
     assert (await get(client, p.url + other))[1]["X-Cache"] == "HIT"
+
+
+def respelled(path: str) -> str:
+    """The same resource, spelled with escapes RFC 3986 6.2.2 calls equivalent: the last
+    digit of the id and a letter of the collection percent-encoded, in both hex cases."""
+    stem, dot, suffix = path.rpartition(".")
+    head, digit = stem[:-1], stem[-1]
+    return head.replace("customers", "%63ustomer%73") + f"%{ord(digit):02x}".upper() + dot + suffix
+
+
+async def test_a_write_invalidates_every_spelling_of_its_target(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    # Issue 17 item 13: after PUT .../100001.json, .../10000%31.json stayed a HIT.
+    p = await make_proxy(cached(tmp_path, sandbox, rules=(CacheRule("/v1/*", fresh_for=600),)))
+    _, _, listed = await get(client, p.url + LIST)
+    one = ONE.format(__import__("json").loads(listed)[0]["id"])
+    other = respelled(one)
+    assert other != one and "%" in other
+    url = URL(p.url + other, encoded=True)  # as sent: yarl would decode "%31" itself
+    assert (await get(client, p.url + one))[1]["X-Cache"] == "MISS"
+    async with client.get(url) as r:
+        assert (r.status, r.headers["X-Cache"]) == (200, "HIT")  # one resource, one key
+    async with client.put(p.url + one, json={"first_name": "Zed"}) as r:
+        assert r.status == 200
+    async with client.get(url) as r:
+        assert (r.status, r.headers["X-Cache"]) == (200, "MISS")
+        assert b"Zed" in await r.read()
+    assert sandbox.state.served("GET", one) == 2  # the first MISS and the one after the write
 
 
 async def test_failed_write_keeps_entries(

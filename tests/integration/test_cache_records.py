@@ -47,14 +47,24 @@ async def pair(
     redis_prefix: str,
 ) -> Pair:
     a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
-    body = (await get(client, a.url + LIST))[2]
+    status, headers, body = await get(client, a.url + LIST)
+    assert status == 200, (status, body)
     for _ in range(100):  # the store lands just after the answer
         names = await entry_keys(redis_client, redis_prefix)
         if names:
             break
         await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"no entry in Redis: {headers.get('X-Cache')} {shared_ops(a)}")
     (name,) = names
     return Pair(a, b, body, name)
+
+
+def shared_ops(proxy: Proxy) -> dict[str, float]:
+    return {
+        f"{op}/{result}": shared_op(proxy, op, result)
+        for op, result in [("put", "ok"), ("put", "error"), ("put", "invalidated")]
+    }
 
 
 @pytest.fixture

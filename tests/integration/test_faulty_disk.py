@@ -6,6 +6,7 @@ a real upstream on loopback, real callers.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -172,7 +173,8 @@ async def test_a_corrupt_cache_db_is_a_storing_problem_and_stats_still_answer(
         async with aiohttp.ClientSession() as client:
             async with client.get(f"{admin}/readyz") as r:
                 ready = await r.json()
-                assert r.status == 503
+                assert r.status == 200  # a cache that cannot store is degraded, not unready
+                assert ready["degraded"] == ["cache"]
             async with client.get(f"{admin}/cache/stats") as r:
                 stats = await r.json()
                 assert r.status == 200
@@ -243,3 +245,43 @@ async def test_an_existing_directory_keeps_its_mode(
     assert mode(shared) == 0o750
     assert {mode(f) for f in body_files(p)} == {0o600}
     await asyncio.sleep(0)
+
+
+# -- issue 18, 4: an idle proxy keeps saying the disk is full ----------------------------
+
+
+async def test_an_idle_proxy_probes_the_full_disk_on_a_timer(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no traffic, storing must not read "ok" again while the disk is still full, and
+    must read ok again once space is back, without a request to find out."""
+    monkeypatch.setattr("proxy.cache.store.FULL_DISK_RETRY", 0.3)
+    monkeypatch.setattr("proxy.edge.services.STORE_WATCH_SECONDS", 0.1)
+    p = await make_proxy(proxy_settings(origin.url, tmp_path))
+    store = store_of(p)
+    writes = store.disk.set
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.disk.set = full  # type: ignore[method-assign]
+    assert (await fetch(f"{p.url}/v1/b/100"))[0] == 200
+    await store.flush()
+    gauge = "kounta_proxy_cache_storing_disabled"
+    assert p.registry.get_sample_value(gauge) == 1
+    await asyncio.sleep(1.5)  # five retry periods, no request: still full, still said so
+    assert p.registry.get_sample_value(gauge) == 1
+    assert "disk full" in str(p.app[SERVICES].checks["cache"]())
+    full_events = p.registry.get_sample_value(
+        "kounta_proxy_cache_store_errors_total", {"op": "full"}
+    )
+    assert full_events == 1  # one disk-full episode, however often it was probed
+    store.disk.set = writes  # type: ignore[method-assign]  # space is back
+    deadline = asyncio.get_running_loop().time() + 3
+    while p.registry.get_sample_value(gauge) != 0:
+        assert asyncio.get_running_loop().time() < deadline, "storing never came back"
+        await asyncio.sleep(0.05)
+    assert p.app[SERVICES].checks["cache"]() is None
+    assert (await fetch(f"{p.url}/v1/b/200"))[1] == "MISS"
+    await store.flush()
+    assert (await fetch(f"{p.url}/v1/b/200"))[1] == "HIT"

@@ -277,7 +277,18 @@ async def test_a_configured_header_is_forwarded_and_a_post_keeps_its_body(
 
 @pytest.mark.parametrize(
     "target",
-    ["/v1/%252e%252e/admin", "/v1/a%252Fb", "/v1/a%255c", "/v1/%c0%ae%c0%ae/x", "/v1/%e0%80%af"],
+    [
+        "/v1/%252e%252e/admin",
+        "/v1/a%252Fb",
+        "/v1/a%255c",
+        "/v1/%c0%ae%c0%ae/x",
+        "/v1/%e0%80%af",
+        # issue 17 item 14: dot segments with path parameters (servlet stacks drop ";...")
+        "/v1/companies/..;/admin",
+        "/v1/companies/5/.;/orders",
+        "/v1/companies/..;x=1/admin",
+        "/v1/companies/%2e%2e;/admin",
+    ],
 )
 async def test_encoded_path_tricks_are_refused_before_kounta(
     proxy: Proxy, upstream: Upstream, target: str
@@ -392,3 +403,39 @@ async def test_trickling_connections_are_cut_and_capped(
     status, _ = await raw(port, get("/v1/companies/5/nostore"))
     assert status == 200
     assert registry.get_sample_value("kounta_proxy_connections_open") == 0
+
+
+# --------------------------------------------------------------------------- 17.11: idle cap
+
+
+async def test_idle_keyless_keep_alives_cannot_lock_callers_out(
+    make_proxy: MakeProxy, upstream: Upstream, tmp_path: Any
+) -> None:
+    """Issue 17 item 11: connections that sent `OPTIONS *` (no key needed) and then idled on
+    keep-alive filled max_connections; a keyed caller now takes the oldest idle one's place."""
+    server = ServerSettings(host="127.0.0.1", port=0, max_connections=6)
+    proxy = await make_proxy(dataclasses.replace(settings_for(upstream, tmp_path), server=server))
+    port = port_of(proxy)
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+    try:
+        for reader, writer in idle:
+            writer.write(b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = await asyncio.wait_for(reader.readuntil(b"]}"), 5)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        for _ in range(3):  # each newcomer that stays closes one idle connection, oldest first
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            idle.append((reader, writer))
+            writer.write(get("/v1/companies/5/nostore").replace(b"close", b"keep-alive"))
+            answer = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        for reader, _ in idle[:3]:
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed without a word
+        for reader, _ in idle[3:]:
+            with pytest.raises(TimeoutError):  # still open, newcomers included
+                await asyncio.wait_for(reader.read(), 0.1)
+    finally:
+        for _, writer in idle:
+            writer.close()
+    dropped = "kounta_proxy_connections_dropped_total"
+    assert proxy.registry.get_sample_value(dropped, {"reason": "keepalive_evicted"}) == 3
+    assert proxy.registry.get_sample_value(dropped, {"reason": "max_connections"}) == 0

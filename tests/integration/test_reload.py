@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from typing import Any
 
 import aiohttp
@@ -61,3 +63,32 @@ def test_what_needs_a_restart_is_told_apart_from_what_applies_live(tmp_path: Any
     live, restart = split_changes(old, new)
     assert live == ["accounts.main.rate_per_minute", "accounts.main.token"]
     assert "cache.max_size" in restart and "accounts.extra.token" in restart
+
+
+async def test_a_reload_that_cannot_read_its_files_does_not_stall_the_listeners(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    """Issue 17 item 18: files are read in a thread with a deadline (a stalled file system,
+    a FIFO): the listeners answer meanwhile, and past the deadline the reload is refused."""
+    settings = proxy_settings(sandbox.url, tmp_path)
+    proxy = await make_proxy(settings)
+    services = proxy.app[SERVICES]
+    before = services.live.current
+    stalled = threading.Event()
+
+    def stuck() -> Any:
+        stalled.wait(10)  # as open() of a FIFO without a writer, or a hung NFS read
+        return settings
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reloading = asyncio.ensure_future(reload(services, stuck, read_timeout=0.5))
+    try:
+        async with client.get(f"{proxy.url}/v1/companies/me.json") as r:
+            assert r.status == 200  # answered while the reload waits for its files
+        assert loop.time() - started < 0.5
+        assert not await reloading
+    finally:
+        stalled.set()
+    assert 0.4 < loop.time() - started < 3
+    assert services.live.current is before

@@ -88,8 +88,8 @@ async def test_cache_records_of_the_previous_release_are_read_while_rolling(
     redis_server: RedisServer, redis_client: aioredis.Redis, redis_prefix: str, step: str
 ) -> None:
     name = f"{redis_prefix}:cache:main:e:{digest(KEY)}"
+    backend = await backend_for(redis_server.url, redis_prefix, step)  # (its epoch first)
     await redis_client.set(name, previous.encode(KEY, Stored(ENTRY, b"abc")), px=60_000)
-    backend = await backend_for(redis_server.url, redis_prefix, step)
     try:
         data = await backend.cache_get("main", digest(KEY), 1000)
         assert data is not None and decode(KEY, data).body == b"abc"

@@ -188,6 +188,8 @@ async def test_redis_away_degrades_and_comes_back(
             assert body["details"] == {"shared": "degraded"}
         fallback = services.budget.account("main").bucket.rate.per_window
         assert fallback == LIMIT // 3
+        # /budget and the gauge say what the replica may send now, and why (issue 18, 12).
+        assert await effective(client, admin_port, proxy) == (LIMIT, LIMIT // 3, LIMIT // 3)
         redis_proc.start()
         deadline = time.monotonic() + 5
         while services.metrics.shared_backend_up._value.get() != 1:
@@ -197,8 +199,23 @@ async def test_redis_away_degrades_and_comes_back(
         assert services.budget.account("main").status()["mode"] == "shared"
         async with client.get(readyz) as r:
             assert (await r.json())["details"] == {}
+        assert await effective(client, admin_port, proxy) == (LIMIT, LIMIT, LIMIT)
     finally:
         await admin_runner.cleanup()
+
+
+async def effective(
+    client: aiohttp.ClientSession, admin_port: int, proxy: Any
+) -> tuple[int, int, float | None]:
+    """/budget's configured and effective rate for "main", and the effective-rate gauge."""
+    async with client.get(f"http://127.0.0.1:{admin_port}/budget") as r:
+        main = (await r.json())["accounts"]["main"]
+    why = main["effective_reason"]
+    assert why and (main["effective_rate"] == main["rate"] or "replicas" in why), main
+    gauge = proxy.registry.get_sample_value(
+        "kounta_proxy_budget_effective_per_minute", {"account": "main"}
+    )
+    return main["rate"], main["effective_rate"], gauge
 
 
 async def test_a_shared_pause_is_cut_to_retry_after_max(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from proxy.metrics import BUCKETS
 from tests.ops_tools import prometheus_tool
@@ -121,3 +122,65 @@ def test_bucket_bounds_in_the_rules_are_bounds_the_histograms_have() -> None:
     used = set(re.findall(r'le="([^"]*)"', ALERTS.read_text()))
     assert used, "no bucket bounds used"
     assert used <= bounds, f"not bucket bounds: {used - bounds}"
+
+
+# The input an alert is about: without it there is nothing to fire on.
+SUBJECT = {"KountaProxyTokenExpiringSoon": {"kounta_proxy_token_expiry_timestamp_seconds"}}
+
+
+def _family(series_name: str) -> str:
+    """A histogram's ``_bucket``/``_count``/``_sum`` series belong to one input."""
+    for suffix in ("_bucket", "_count", "_sum"):
+        if series_name.endswith(suffix):
+            return series_name.removesuffix(suffix)
+    return series_name
+
+
+def _inputs(expr: str) -> set[str]:
+    return {_family(name) for name, _ in usage(expr).selectors}
+
+
+def _case_inputs(case: dict[str, Any]) -> set[str]:
+    return {_family(s["series"].partition("{")[0]) for s in case.get("input_series", [])}
+
+
+def test_every_alert_fires_with_each_of_its_other_inputs_absent() -> None:
+    """A series that does not exist yet (no 5xx ever, no request sent) must not silence an
+    alert whose condition another input shows: a case fires it with that series absent."""
+    cases = load_yaml(ALERT_TESTS)["tests"]
+    missing = []
+    for name, rule in alerts().items():
+        inputs = _inputs(str(rule["expr"]))
+        if len(inputs) < 2 or not inputs <= {_family(m) for m in known_metrics()}:
+            continue  # one input, or recorded series (the SLO rules)
+        for absent in sorted(inputs - SUBJECT.get(name, set())):
+            fired = any(
+                check["alertname"] == name and check.get("exp_alerts")
+                for case in cases
+                if absent not in _case_inputs(case) and _case_inputs(case) & inputs
+                for check in case.get("alert_rule_test", [])
+            )
+            if not fired:
+                missing.append(f"{name} without {absent}")
+    assert missing == []
+
+
+def test_every_alert_of_the_proxy_resolves_within_5_minutes_of_recovery() -> None:
+    """The recovery case: every alert of the first group fires at 19m, is quiet at 25m (all
+    conditions recover at 20m)."""
+    case = next(
+        c for c in load_yaml(ALERT_TESTS)["tests"] if "resolves within 5 minutes" in c["name"]
+    )
+    checks = case["alert_rule_test"]
+    first_group = {r["alert"] for r in load_yaml(ALERTS)["groups"][0]["rules"] if "alert" in r}
+    fired = {c["alertname"] for c in checks if c["eval_time"] == "19m" and c["exp_alerts"]}
+    quiet = {c["alertname"] for c in checks if c["eval_time"] == "25m" and not c["exp_alerts"]}
+    assert fired == first_group
+    assert quiet == first_group
+
+
+def test_a_failed_probe_is_no_new_opening_and_no_rule_window_is_longer_than_5m() -> None:
+    """Long windows keep an alert firing after recovery (the old breaker rule: 15 minutes)."""
+    for rule in load_yaml(ALERTS)["groups"][0]["rules"]:
+        windows = re.findall(r"\[(\d+)m\]", str(rule["expr"]))
+        assert all(int(w) <= 5 for w in windows), (rule.get("alert"), windows)

@@ -54,6 +54,9 @@ class Provider:
     def problem(self) -> str | None:
         return None
 
+    def secrets(self) -> tuple[str, ...]:
+        return ()
+
     async def start(self, session: aiohttp.ClientSession) -> None:
         pass
 

@@ -124,3 +124,12 @@ def test_each_profile_has_one_prometheus_and_grafana(profile: str) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(services()))
+def test_every_container_rotates_its_logs(name: str) -> None:
+    # One JSON line per request: without a size limit the json-file log grows without end.
+    logging = services()[name].get("logging", {})
+    options = logging.get("options", {})
+    assert logging.get("driver") in ("json-file", "local"), name
+    assert options.get("max-size") and int(options.get("max-file", "0")) >= 1, name

@@ -10,8 +10,15 @@ that exist.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
+import importlib
+import inspect
+import io
 import re
+import subprocess
+import tokenize
 import tomllib
 import typing
 from collections.abc import Iterator
@@ -263,6 +270,17 @@ def test_the_dev_script_installs_the_system_packages_the_tests_need() -> None:
     assert "apt-get update -qq" in shell_function("system_packages")
 
 
+def test_dev_help_names_every_command() -> None:
+    text = DEV.read_text(encoding="utf-8")
+    case = text.split("case $command in", 1)[1].split("esac", 1)[0]
+    commands = set(re.findall(r"^    ([a-z-]+)\)", case, re.M))
+    assert {"check", "venv", "lock"} <= commands
+    usage = subprocess.run([str(DEV), "help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0
+    listed = set(re.findall(r"^  \./dev ([a-z-]+)", usage.stdout, re.M))
+    assert listed == commands
+
+
 def test_the_makefile_only_forwards_to_dev() -> None:
     recipes = re.findall(r"^\t(.*)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
     assert recipes and set(recipes) == {"./dev $@"}
@@ -347,3 +365,186 @@ def test_the_changelog_has_one_unreleased_section_in_keep_a_changelog_form() -> 
     assert set(kinds) <= set(KEEP_A_CHANGELOG_KINDS)
     bullets = re.findall(r"^- (.*)$", unreleased, re.M)
     assert len(bullets) == len(set(bullets))
+
+
+# --------------------------------------------------------------------------- code references
+# Names of code in docstrings, comments and the docs must name code that exists: a dotted
+# reference (`proxy.edge.fast`, `answer.stamp_server`, `Flight.head`; backticks optional), a
+# path (`proxy/auth/layer.py`, `cache/flight.py`) and, in the code, a Sphinx role's bare name
+# (:class:`Authenticator` must be a name of the module it is written in, or of one of its
+# classes). `module.attr` must be defined in that module (not merely imported there); a
+# package may re-export. Setting paths (`server.port`, `accounts.NAME.token`) and file names
+# (`layer.py`) are not code references; a first name that is neither a module of the proxy nor
+# one of its classes (`os.environ`, `web.Request`) is left alone.
+
+MODULE_FILES = {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    for p in sorted((ROOT / "proxy").rglob("*.py"))
+}
+# Every dotted tail of a module's name, so `fast`, `edge.fast` and `proxy.edge.fast` all work.
+MODULE_TAILS: dict[str, set[str]] = {}
+for _name in MODULE_FILES:
+    _parts = _name.split(".")
+    for _i in range(len(_parts)):
+        MODULE_TAILS.setdefault(".".join(_parts[_i:]), set()).add(_name)
+CLASS_HOMES: dict[str, set[str]] = {}
+for _name, _path in MODULE_FILES.items():
+    for _node in ast.walk(ast.parse(_path.read_text(encoding="utf-8"))):
+        if isinstance(_node, ast.ClassDef):
+            CLASS_HOMES.setdefault(_node.name, set()).add(_name)
+FILE_SUFFIXES = {"py", "md", "toml", "yml", "yaml", "json", "lock", "txt", "conf", "db", "sh"}
+DOTTED = re.compile(r"(?<![\w./@:~-])~?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?![\w/-])")
+ROLE = re.compile(r":(?:class|func|meth|attr|data|exc|obj):`~?([A-Za-z_]\w*)`")
+PATH_REF = re.compile(r"(?<![\w./~-])((?:[\w-]+/)+[\w.-]+\.(?:py|md|toml|yml|yaml|json|lock))\b")
+
+
+def is_setting(ref: str) -> bool:
+    """``ref`` is a settings path or a section of one (``cache``, ``accounts.main.token``)."""
+    parts = ref.split(".")
+    for key in SETTING_KEYS:
+        names = key.replace(ITEM, "").split(".")
+        if len(parts) <= len(names) and all(
+            n in (r, ANY_NAME) or r == f"{n}_file" for n, r in zip(names, parts, strict=False)
+        ):
+            return True
+    return False
+
+
+def class_attributes(cls: type[Any]) -> set[str]:
+    """What ``cls.x`` may name: class attributes, annotations and ``self.x = ...`` targets."""
+    names = set(dir(cls))
+    for base in cls.__mro__:
+        names |= set(getattr(base, "__annotations__", {}))
+        if base.__module__ in MODULE_FILES:
+            tree = ast.parse(MODULE_FILES[base.__module__].read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and node.name == base.__name__:
+                    names |= {
+                        n.attr
+                        for n in ast.walk(node)
+                        if isinstance(n, ast.Attribute)
+                        and isinstance(n.ctx, ast.Store)
+                        and isinstance(n.value, ast.Name)
+                        and n.value.id == "self"
+                    }
+    return names
+
+
+def defines(owner: Any, name: str) -> bool:
+    """``owner.name`` exists: for a module, defined there (a package may re-export), or an
+    attribute of one of its classes (an instance named after its module: ``services.x``)."""
+    if inspect.isclass(owner):
+        return name in class_attributes(owner)
+    if hasattr(owner, name):
+        value = getattr(owner, name)
+        home = getattr(value, "__module__", None)
+        if not (inspect.isclass(value) or inspect.isroutine(value)) or hasattr(owner, "__path__"):
+            return True
+        return home == owner.__name__
+    own_classes = [
+        v for v in vars(owner).values() if inspect.isclass(v) and v.__module__ == owner.__name__
+    ]
+    return any(name in class_attributes(c) for c in own_classes)
+
+
+def resolves(owner: Any, names: list[str]) -> bool:
+    """``owner.a.b...`` exists; past an instance attribute its type is not followed."""
+    for name in names:
+        if not defines(owner, name):
+            return False
+        owner = getattr(owner, name, None)
+        if not (inspect.ismodule(owner) or inspect.isclass(owner)):
+            return True
+    return True
+
+
+def dotted_problem(ref: str) -> str | None:
+    """Why a dotted name in the text names no code, or None."""
+    parts = ref.split(".")
+    if parts[-1] in FILE_SUFFIXES or is_setting(ref):
+        return None
+    for i in range(len(parts) - 1, 0, -1):
+        homes = MODULE_TAILS.get(".".join(parts[:i]))
+        if homes:
+            if any(resolves(importlib.import_module(m), parts[i:]) for m in homes):
+                return None
+            return f"no {'.'.join(parts[i:])} in {' or '.join(sorted(homes))}"
+    for home in sorted(CLASS_HOMES.get(parts[0], ())):
+        if resolves(getattr(importlib.import_module(home), parts[0]), parts[1:]):
+            return None
+    return f"no such attribute of class {parts[0]}" if parts[0] in CLASS_HOMES else None
+
+
+def reference_problems(text: str, where: Path, module: str | None = None) -> list[str]:
+    """The dotted names, paths and (in ``module``'s text) role names that name nothing."""
+    found = []
+    for match in DOTTED.finditer(text):
+        problem = dotted_problem(match.group(1))
+        if problem:
+            found.append(f"{match.group(1)}: {problem}")
+    for match in PATH_REF.finditer(text):
+        bases = (ROOT, ROOT / "proxy", where.parent)
+        if not any((base / match.group(1)).exists() for base in bases):
+            found.append(f"{match.group(1)}: no such file")
+    if module is not None:
+        owner = importlib.import_module(module)
+        for match in ROLE.finditer(text):
+            name = match.group(1)
+            if (
+                not hasattr(owner, name)
+                and not hasattr(builtins, name)
+                and not defines(owner, name)
+            ):
+                found.append(f"{name}: not a name in {module}")
+    return found
+
+
+def commentary(path: Path) -> Iterator[str]:
+    """A module's docstrings and comments; a page's text outside fenced code."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".md":
+        yield prose(text)
+        return
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.string
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            yield ast.get_docstring(node, clean=False) or ""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*MODULE_FILES.values(), *pages()],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_code_references_name_code_that_exists(path: Path) -> None:
+    module = {p: m for m, p in MODULE_FILES.items()}.get(path)
+    found = [p for text in commentary(path) for p in reference_problems(text, path, module)]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("text", "module", "named"),
+    [
+        ("recorded by app.access_middleware", None, "access_middleware"),  # imported there
+        ("the long way: handlers.stamp_server", None, "stamp_server"),
+        ("see `proxy.cache.flight.Pump`", None, "Pump"),
+        ("see proxy/auth.py", None, "proxy/auth.py"),
+        (":class:`Authenticator` puts it on", "proxy.auth.providers", "Authenticator"),
+        ("``Flight.nonsense`` is set", None, "nonsense"),
+    ],
+)
+def test_the_reference_check_finds_stale_names(text: str, module: str | None, named: str) -> None:
+    [problem] = reference_problems(text, ROOT / "proxy" / "x.py", module)
+    assert named in problem
+
+
+def test_the_reference_check_passes_real_names_settings_and_files() -> None:
+    text = (
+        "`proxy.edge.middlewares.access_middleware`, answer.stamp_server, `Flight.head`,"
+        " :class:`OAuthProvider`, `server.port`, `accounts.main.client_secret_file`,"
+        " `cache.rules`, layer.py, `os.environ`, proxy/auth/layer.py, cache/flight.py,"
+        " services.admin_routes, proxy.sandbox.SandboxConfig"
+    )
+    assert reference_problems(text, ROOT / "proxy" / "x.py", "proxy.auth.providers") == []

@@ -12,7 +12,7 @@ from proxy.headers import (
     not_utf8,
     repeated,
 )
-from proxy.routes import LABELS, OTHER, TEMPLATES, template
+from proxy.routes import LABELS, OTHER, TEMPLATES, breaker_key, template
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
@@ -122,3 +122,19 @@ def test_random_paths_only_ever_give_known_labels() -> None:
         assert template("/" + "/".join(segments)) in LABELS
     assert len(LABELS) == len(TEMPLATES) + 2
     assert template("/v1/" + "/".join(["products"] * 20)) == OTHER
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("/v1/companies/5/products/9.json", "/v1/companies/{id}/products/{id}"),
+        ("/v1/novel/thing.json", "/v1/novel"),
+        ("/v1/novel/7/more", "/v1/novel"),
+        ("/v1/companies/5/novel/7", "/v1/companies/{id}/novel"),
+        ("/v1/companies/5/products/9/x/y", "/v1/companies/{id}/products/{id}/x"),
+        ("/v1/123/4", "/v1/{id}"),
+        ("/v1/" + "a" * 500, "/v1/" + "a" * 64),
+    ],
+)
+def test_breaker_keys_keep_undocumented_paths_apart_and_ids_together(path: str, key: str) -> None:
+    assert breaker_key(path) == key

@@ -74,6 +74,11 @@ def test_the_head_deadline_hooks_still_exist() -> None:
     assert "_waiter" in RequestHandler._process_keepalive.__code__.co_names
     assert isinstance(Server.connections, property)
     assert "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
+    # CLOSE_AT_ONCE: finish_response writes the answer; force_close then skips the lingering
+    # read of an unread body (start() checks _force_close before lingering).
+    params = list(inspect.signature(RequestHandler.finish_response).parameters)
+    assert params == ["self", "request", "resp", "start_time"]
+    assert "_force_close" in RequestHandler.start.__code__.co_names
 
 
 async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -146,4 +151,92 @@ async def test_connections_beyond_the_cap_get_503_and_close() -> None:
     finally:
         for _, w in held:
             w.close()
+        await runner.cleanup()
+
+
+async def keep_alive(
+    port: int, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+
+async def ask(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bytes:
+    """One keep-alive request on an open connection; its answer (the body is 'hello')."""
+    reader, writer = conn
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    return await asyncio.wait_for(reader.readuntil(b"hello"), 5)
+
+
+def hello_app(limits: Limits) -> web.Application:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app[LIMITS] = limits
+    return app
+
+
+async def test_at_the_cap_the_least_recently_used_idle_connection_makes_room() -> None:
+    """Issue 17 item 11: idle keep-alive connections filled the cap and locked callers out;
+    as nginx reuses idle connections, the one idle longest is closed to admit a new one."""
+    drops: list[str] = []
+    app = hello_app(Limits(header_timeout=5, max_connections=3, on_drop=drops.append))
+    runner = await start(app, "127.0.0.1", 0, 1.0)
+    port = bound_port(runner)
+    conns = await keep_alive(port, 3)
+    try:
+        for conn in (*conns, conns[0]):  # conns[1] is now the one idle longest
+            assert (await ask(conn)).startswith(b"HTTP/1.1 200")
+        newcomer = (await keep_alive(port, 1))[0]
+        conns.append(newcomer)
+        assert (await ask(newcomer)).startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(conns[1][0].read(), 5) == b""  # closed, silently
+        for conn in (conns[0], conns[2]):  # the others still serve
+            assert (await ask(conn)).startswith(b"HTTP/1.1 200")
+        assert drops == ["keepalive_evicted"]
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await runner.cleanup()
+
+
+async def test_at_the_cap_busy_connections_are_never_closed_for_a_newcomer() -> None:
+    drops: list[str] = []
+    app = hello_app(Limits(header_timeout=5, max_connections=3, on_drop=drops.append))
+    runner = await start(app, "127.0.0.1", 0, 1.0)
+    port = bound_port(runner)
+    conns = await keep_alive(port, 3)
+    try:
+        await ask(conns[0])
+        conns[0][1].write(b"GET /hello HTTP/1.1\r\n")  # idle no more: a head is arriving
+        conns[1][1].write(b"GET /hel")  # a first request, still arriving
+        await asyncio.sleep(0.05)  # conns[2] has sent nothing: not a keep-alive connection
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, body = await answer_of(reader)
+        assert (status, body["error"]) == (503, "temporarily_unavailable")
+        writer.close()
+        assert drops == ["max_connections"]
+        conns[0][1].write(b"Host: x\r\n\r\n")  # the head completes and is answered
+        assert (await asyncio.wait_for(conns[0][0].readuntil(b"hello"), 5)).startswith(
+            b"HTTP/1.1 200"
+        )
+    finally:
+        for _, w in conns:
+            w.close()
+        await runner.cleanup()
+
+
+async def test_keepalive_timeout_is_the_limits_own() -> None:
+    app = hello_app(Limits(header_timeout=5, keepalive_timeout=0.3))
+    runner = await start(app, "127.0.0.1", 0, 1.0)
+    loop = asyncio.get_running_loop()
+    conn = (await keep_alive(bound_port(runner), 1))[0]
+    try:
+        await ask(conn)
+        idle = loop.time()
+        assert await asyncio.wait_for(conn[0].read(), 5) == b""
+        assert 0.2 < loop.time() - idle < 2.0
+    finally:
+        conn[1].close()
         await runner.cleanup()

@@ -65,3 +65,16 @@ def test_level_is_configurable() -> None:
     assert len(lines) == 2
     assert json.loads(lines[0])["event"] == "loud"
     assert " debug " in lines[1] and "detail" in lines[1]
+
+
+def test_a_worker_stamps_every_line_with_its_index() -> None:
+    from proxy.logs import set_worker
+
+    set_worker(1)
+    try:
+        data = json.loads(JsonFormatter().format(record(note="x")))
+        text = TextFormatter().format(record(note="x"))
+    finally:
+        set_worker(None)
+    assert data["worker"] == 1 and "worker=1 note=x" in text
+    assert "worker" not in json.loads(JsonFormatter().format(record(note="x")))

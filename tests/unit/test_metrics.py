@@ -81,3 +81,34 @@ def test_labels_must_match_the_label_names() -> None:
     counter = LoopCounter("c", "Help.", ["a", "b"], CollectorRegistry())
     with pytest.raises(ValueError, match="labels"):
         counter.labels("only-one")
+
+
+def test_counters_start_with_every_known_label_set_at_zero() -> None:
+    """Issue 18, 3: a counter with no series loses its first event to increase() and leaves
+    a dashboard panel empty; every label set known from the configuration starts at 0."""
+    from proxy.edge.services import describe
+    from proxy.settings import AccountSettings, Secret, Settings
+
+    oauth = AccountSettings(
+        mode="oauth", client_id="c", client_secret=Secret("s"), refresh_token=Secret("r")
+    )
+    static = AccountSettings(mode="static", token=Secret("t"))
+    settings = Settings(accounts={"shop": oauth, "main": static})
+    metrics = Metrics(Registry())
+    describe(settings, metrics)
+    sample = metrics.registry.get_sample_value
+    for op in ("read", "write", "delete", "full"):
+        assert sample("kounta_proxy_cache_store_errors_total", {"op": op}) == 0, op
+    for result in ("ok", "unavailable", "rejected", "adopted"):
+        assert (
+            sample("kounta_proxy_token_requests_total", {"account": "shop", "result": result}) == 0
+        )
+    assert sample("kounta_proxy_token_request_duration_seconds_count", {"account": "shop"}) == 0
+    for outcome in ("resent", "not_replayable", "refresh_floor"):
+        labels = {"account": "shop", "outcome": outcome}
+        assert sample("kounta_proxy_auth_resends_total", labels) == 0, labels
+    # A static account requests no tokens and never resends: no series for it.
+    assert sample("kounta_proxy_token_requests_total", {"account": "main", "result": "ok"}) is None
+    assert (
+        sample("kounta_proxy_auth_resends_total", {"account": "main", "outcome": "resent"}) is None
+    )

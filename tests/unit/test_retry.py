@@ -270,3 +270,38 @@ async def test_tls_errors_count_for_the_breaker_but_are_not_retried() -> None:
         await layer.send(request(clock))
     assert upstream.sent == 1
     assert layer.breakers["main"].failures == 1
+
+
+def openings(layer: Retry) -> float:
+    return (
+        layer.metrics.registry.get_sample_value(
+            "kounta_proxy_breaker_opened_total", {"account": "main"}
+        )
+        or 0.0
+    )
+
+
+async def test_an_outage_is_one_opening_however_many_probes_fail() -> None:
+    """Issue 18, 2: failed probes are the same outage, not new openings; one request that
+    opens the account's and its route's breakers is one opening."""
+    clock = FakeClock()
+    upstream = Scripted(*[UpstreamUnreachable("down")] * 20)
+    layer = retry(upstream, clock, attempts=1, breaker_failures=2, breaker_cooldown=10.0)
+    for _ in range(2):
+        with pytest.raises(UpstreamUnreachable):
+            await layer.send(request(clock))
+    assert layer.breakers["main"].state is BreakerState.OPEN
+    assert openings(layer) == 1
+    for _ in range(5):  # five probes, each failing
+        clock.t += 10
+        with pytest.raises(UpstreamUnreachable):
+            await layer.send(request(clock))
+    assert openings(layer) == 1
+    clock.t += 10
+    upstream.answers = []
+    assert (await layer.send(request(clock))).status == 200  # closed again
+    upstream.answers = [UpstreamUnreachable("down")] * 2
+    for _ in range(2):
+        with pytest.raises(UpstreamUnreachable):
+            await layer.send(request(clock))
+    assert openings(layer) == 2  # a new outage after closing is a new opening

@@ -1,9 +1,11 @@
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy.headers import DEFAULT_FORWARDED
-from proxy.settings import ConfigError, Secret, Settings, load, masked, to_toml
+from proxy.settings import ConfigError, ConfigErrors, Secret, Settings, load, masked, to_toml
 
 NO_ENV: dict[str, str] = {}
 
@@ -75,7 +77,7 @@ def test_secret_file_from_env(tmp_path: Path) -> None:
         (
             "",
             {"KOUNTA_PROXY_SERVER__PORT": "eighty"},
-            "server.port: must be an integer, got 'eighty'",
+            "KOUNTA_PROXY_SERVER__PORT (server.port): must be an integer, got 'eighty'",
         ),
         (
             '[upstream]\nbase_url = "ftp://x"\n',
@@ -162,18 +164,25 @@ client_secret = "secret"
                 "KOUNTA_PROXY_SHARED__TOKEN_KEY": "G6lVdQ8yOXcSi9q3IPa7dxUiZ1r9JTJOOjRbySCXGHs=",
                 "KOUNTA_PROXY_SHARED__TOKEN_KEY_PREVIOUS": "short",
             },
-            "shared.token_key_previous: must be a Fernet key",
+            "KOUNTA_PROXY_SHARED__TOKEN_KEY_PREVIOUS (shared.token_key_previous): must be a "
+            "Fernet key",
         ),
         (
             {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__TOKEN_KEY": "short"},
-            "shared.token_key: must be a Fernet key",
+            "KOUNTA_PROXY_SHARED__TOKEN_KEY (shared.token_key): must be a Fernet key",
         ),
         (
             {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__URL": "http://x"},
-            "shared.url: must be a redis://, rediss:// or unix:// URL",
+            "KOUNTA_PROXY_SHARED__URL (shared.url): must be a redis://, rediss:// or unix:// URL",
         ),
-        ({"KOUNTA_PROXY_SHARED__REPLICAS": "0"}, "shared.replicas: must be at least 1"),
-        ({"KOUNTA_PROXY_SHARED__TIMEOUT": "0"}, "shared.timeout: must be greater than 0"),
+        (
+            {"KOUNTA_PROXY_SHARED__REPLICAS": "0"},
+            "KOUNTA_PROXY_SHARED__REPLICAS (shared.replicas): must be at least 1",
+        ),
+        (
+            {"KOUNTA_PROXY_SHARED__TIMEOUT": "0"},
+            "KOUNTA_PROXY_SHARED__TIMEOUT (shared.timeout): must be greater than 0",
+        ),
     ],
 )
 def test_shared_settings_refuse_bad_values_in_one_line(
@@ -242,3 +251,128 @@ def test_the_caller_key_header_is_never_forwarded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text.format(names)), NO_ENV)
     assert "caller key header X-Secret" in str(info.value)
+
+
+def test_printed_settings_load_back_the_same(tmp_path: Path) -> None:
+    # check-config's TOML is a settings file: every setting, unset ones (None) included.
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file")
+    path = write(
+        tmp_path,
+        f"""
+        [server]
+        port = 9000
+        [accounts.main]
+        mode = "static"
+        token = "t0ken"
+        [accounts.other]
+        mode = "basic"
+        client_id = "c\\"i\\\\d\\t\\u007f é"
+        client_secret_file = "{secret}"
+        [[cache.rules]]
+        path = "/v1/*"
+        fresh_for = 30
+        """,
+    )
+    settings = load(path, NO_ENV)
+    assert settings.accounts["main"].refresh_floor is None
+    printed = to_toml(masked(settings, files=True))
+    again = load(write(tmp_path, printed), NO_ENV)
+    assert masked(again) == masked(settings)
+    # The secret read from a file is read from that file again, not a mask.
+    assert again.accounts["other"].client_secret.reveal() == "from-a-file"
+    assert again.accounts["main"].token.reveal() == "********"  # masked: the only change
+    assert to_toml(masked(again, files=True)) == printed
+    assert again.accounts["other"].client_id == 'c"i\\d\t\x7f é'
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # One underscore where two belong: the variable, and the one it may have meant.
+        (
+            {"KOUNTA_PROXY_SERVER_PORT": "9000"},
+            "KOUNTA_PROXY_SERVER_PORT: unknown setting (did you mean KOUNTA_PROXY_SERVER__PORT?)",
+        ),
+        (
+            {"KOUNTA_PROXY_ACCOUNTS__MAIN__CLIENT_SECRETFILE": "/x"},
+            "KOUNTA_PROXY_ACCOUNTS__MAIN__CLIENT_SECRETFILE: unknown setting",
+        ),
+        ({"KOUNTA_PROXY_SERVR__PORT": "1"}, "KOUNTA_PROXY_SERVR__PORT: unknown setting"),
+        (
+            {"KOUNTA_PROXY_SERVER__PORT": "eighty"},
+            "KOUNTA_PROXY_SERVER__PORT (server.port): must be an integer, got 'eighty'",
+        ),
+        (
+            {"KOUNTA_PROXY_SERVER__PORT": "70000"},
+            "KOUNTA_PROXY_SERVER__PORT (server.port): must be between 0 and 65535",
+        ),
+    ],
+)
+def test_a_bad_variable_is_named(env: dict[str, str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, ""), env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_variables_problem_keeps_the_settings_path_as_its_key(tmp_path: Path) -> None:
+    env = {"KOUNTA_PROXY_SERVER__PORT": "x", "KOUNTA_PROXY_ADMIN__PORT": "y"}
+    with pytest.raises(ConfigErrors) as info:
+        load(write(tmp_path, ""), env)
+    assert [p.key for p in info.value.problems] == ["admin.port", "server.port"]
+    assert str(info.value) == "KOUNTA_PROXY_ADMIN__PORT (admin.port): must be an integer, got 'y'"
+
+
+def test_connection_limits_from_a_file(tmp_path: Path) -> None:
+    # issue 17 items 5 and 11: settings for body deadlines and idle keep-alive connections
+    text = '[server]\nkeepalive_timeout = 5\n[accounts.a]\nmode = "static"\ntoken = "t"\n'
+    settings = load(write(tmp_path, text), NO_ENV)
+    assert settings.server.keepalive_timeout == 5.0
+    assert load(write(tmp_path, text.replace("= 5", "= 75")), NO_ENV) != settings
+    with pytest.raises(ConfigError, match="keepalive_timeout"):
+        load(write(tmp_path, text.replace("= 5", "= 0")), NO_ENV)
+    assert (settings.server.body_timeout, settings.server.body_min_rate) == (30.0, 100.0)
+    body = text.replace("keepalive_timeout = 5", "body_timeout = 5\nbody_min_rate = 0")
+    server = load(write(tmp_path, body), NO_ENV).server
+    assert (server.body_timeout, server.body_min_rate) == (5.0, 0.0)
+    with pytest.raises(ConfigError, match="body_timeout"):
+        load(write(tmp_path, body.replace("body_timeout = 5", "body_timeout = 0")), NO_ENV)
+    with pytest.raises(ConfigError, match="body_min_rate"):
+        load(write(tmp_path, body.replace("body_min_rate = 0", "body_min_rate = -1")), NO_ENV)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: os.mkfifo(p), "not a regular file (a FIFO)"),
+        (lambda p: p.mkdir(), "not a regular file (a directory)"),
+        (lambda p: p.symlink_to("/dev/zero"), "not a regular file (a character device)"),
+        (lambda p: p.write_bytes(b"k" * (2 * 1024**2)), "larger than 1048576 bytes"),
+    ],
+    ids=["fifo", "directory", "device", "huge"],
+)
+def test_a_secret_file_that_is_not_a_small_regular_file_is_refused_at_once(
+    tmp_path: Path, make: Any, reason: str
+) -> None:
+    """Issue 17 item 18: never a blocking open (a FIFO waits for a writer) or an endless read."""
+    secret = tmp_path / "secret"
+    make(secret)
+    text = f'[accounts.a]\nmode = "static"\ntoken_file = "{secret}"\n'
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), NO_ENV)
+    assert info.value.key == "accounts.a.token_file"
+    assert f"cannot read secret file {secret}: {reason}" in str(info.value)
+
+
+def test_a_misspelt_key_does_not_hide_a_bad_value_in_the_same_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[accounts.main]\nmode = "static"\ntoken = "abcdefghijklmnop"\n\n'
+        '[[cache.rules]]\npath = "/v1/companies/*"\nfresh_fro = 10\nfresh_for = -3\n'
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load(path, {})
+    text = "\n".join(caught.value.lines())
+    assert "cache.rules[0].fresh_fro: unknown key" in text
+    assert "cache.rules[0].fresh_for: must not be negative" in text

@@ -1,10 +1,20 @@
+import re
+from urllib.parse import unquote_to_bytes
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
 from proxy.errors import NotFound
-from proxy.target import InvalidTarget, Target, parse_target, upstream_url, valid_host
+from proxy.target import (
+    InvalidTarget,
+    Target,
+    normal_escapes,
+    parse_target,
+    upstream_url,
+    valid_host,
+)
 
 BASE = URL("https://api.kounta.com")
 
@@ -178,3 +188,91 @@ def test_every_encoding_of_dot_slash_backslash_is_refused(
     raw = f"/v1/{around}{_escaped(char, data, depth, upper)}{around}/x"
     with pytest.raises(InvalidTarget):
         parse_target(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/v1/x/..;/y",
+        "/v1/x/.;/y",
+        "/v1/x/..;jsessionid=1/y",
+        "/v1/x/.;a=b",
+        "/v1/..;",
+        "/v1/x/%2e%2e;/y",
+        "/v1/x/.%2E;/y",
+        "/v1/x/%252e%252e;/y",
+        "/v1/x/..%3B/y",
+        "/v1/x/.%3bx/y",
+        "/v1/x/..%253B/y",
+        "/v1/x/..%25253b/y",
+    ],
+)
+def test_dot_segments_with_path_parameters_are_refused(raw: str) -> None:
+    # Servlet stacks read "..;" as ".." (the parameter is dropped before the dot segment
+    # is resolved): /v1/x/..;/y would reach /v1/y there.
+    with pytest.raises(InvalidTarget):
+        parse_target(raw)
+
+
+@pytest.mark.parametrize(
+    "raw", ["/v1/x/a..;/y", "/v1/x/..a;/y", "/v1/x/...;/y", "/v1/x/.a;b/y", "/v1/x;a=1/y"]
+)
+def test_other_segments_with_parameters_pass(raw: str) -> None:
+    assert parse_target(raw).path == raw
+
+
+# --------------------------------------------------------------------------- normal escapes
+
+UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+# Text as it may appear in a target: pchars, escapes (any case), and malformed "%".
+URI_TEXT = st.lists(
+    st.one_of(
+        st.sampled_from(UNRESERVED + "!$&'()*+,;=:@/?"),
+        st.integers(0, 255).map(lambda b: f"%{b:02x}"),
+        st.integers(0, 255).map(lambda b: f"%{b:02X}"),
+        st.sampled_from(["%", "%z", "%4", "%%41"]),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/v1/products/10000%31.json", "/v1/products/100001.json"),
+        ("/v1/%63ustomers/%7e%2D%5f", "/v1/customers/~-_"),
+        ("/v1/a%2fb%c3%a9", "/v1/a%2Fb%C3%A9"),
+        ("cursor=a%2bb%3d&x=%41", "cursor=a%2Bb%3D&x=A"),
+        ("/v1/100%", "/v1/100%"),
+        ("/v1/a%zz%4", "/v1/a%zz%4"),
+        ("/v1/%A%41", "/v1/%A%41"),
+        ("/v1/plain", "/v1/plain"),
+    ],
+)
+def test_normal_escapes_examples(raw: str, normal: str) -> None:
+    assert normal_escapes(raw) == normal
+
+
+@given(URI_TEXT)
+def test_normal_escapes_is_idempotent_and_keeps_the_decoded_bytes(text: str) -> None:
+    normal = normal_escapes(text)
+    assert normal_escapes(normal) == normal
+    assert unquote_to_bytes(normal) == unquote_to_bytes(text)  # one resource: same octets
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        assert normal == text  # not a URI: left alone
+        return
+    for escape in re.findall(r"%[0-9A-Fa-f]{2}", normal):
+        assert escape == escape.upper()  # 6.2.2.1: upper-case hex
+        assert chr(int(escape[1:], 16)) not in UNRESERVED  # 6.2.2.2: unreserved decoded
+
+
+@given(st.text(alphabet=UNRESERVED + "/;=", max_size=30), st.data())
+def test_every_spelling_of_one_target_normalises_alike(text: str, data: st.DataObject) -> None:
+    """Escaping any unreserved character, in either hex case, names the same resource."""
+    spelled = "".join(
+        (f"%{ord(c):02x}" if data.draw(st.booleans()) else f"%{ord(c):02X}")
+        if c in UNRESERVED and data.draw(st.booleans())
+        else c
+        for c in text
+    )
+    assert normal_escapes(spelled) == normal_escapes(text) == text
