@@ -5,7 +5,8 @@ Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a 
 
     P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s)
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
-    P:token:ACCOUNT         hash: version (grows by one per write), data (Fernet ciphertext)
+    P:token:ACCOUNT         hash: version (grows with every write), data (Fernet ciphertext),
+                            format (2; absent: written by the previous release)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
     P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
     P:cache:ACCOUNT:e:D     a cache entry (record + body) under D = sha256 of its cache key:
@@ -26,6 +27,11 @@ Each change of state is one log line and moves the ``kounta_proxy_shared_backend
 ``kounta_proxy_shared_degraded`` gauges.
 
 Times in the scripts come from Redis (``TIME``), so replicas with skewed clocks still agree.
+
+Everything read back is untrusted (:mod:`proxy.shared.records`): a cache record or message
+whose MAC does not verify, a cache record larger than the caller's limit (checked with
+``STRLEN`` before it is read) and a malformed token record raise
+:class:`~proxy.shared.records.BadRecord`, counted in ``kounta_proxy_shared_bad_records_total``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -49,6 +55,7 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
+from proxy.shared.records import BadRecord, RecordKeys
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -56,20 +63,46 @@ PROBE_SECONDS = 1.0
 # Lock polling while another replica refreshes a token.
 LOCK_POLL = 0.05
 POOL_SIZE = 64
+# The largest token record read (a Fernet token of a few hundred bytes in practice).
+MAX_TOKEN_RECORD = 64 * 1024
+# Token record formats read: absent (the previous release) and 2 (this one).
+TOKEN_FORMATS = (None, b"2")
+# The longest pause a caller without a cap of its own honours (seconds).
+NO_CAP = 1e9
+
+# A number read from a budget record, or the default for anything else (a damaged or hostile
+# value: not a number, NaN, infinite).
+NUM = """
+local function num(value, default)
+  local n = tonumber(value)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return default end
+  return n
+end
+"""
 
 # GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
-# ARGV: per_window, burst, period (window + margin, seconds), a unique member for the log.
+# ARGV: per_window, burst, period (window + margin, seconds), a unique member for the log,
+# the longest pause this replica honours (budget.retry_after_max).
 # Returns {1, "0"} when a slot was taken, else {0, "<seconds to wait>"}.
-TAKE = """
+TAKE = (
+    NUM
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local per_window = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local period = tonumber(ARGV[3])
 local interval = period / per_window
-local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or now)
-local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or 0)
+local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
+local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
 if tat < now then tat = now end
+-- A pace or a pause read back is cut to what this replica would take itself: a damaged or
+-- hostile record cannot stop it for longer, another replica's longer cap neither.
+-- (A pause also moves tat, so it is cut the same way; a pace wait is at most one interval.)
+local longest = tonumber(ARGV[5])
+if paused > now + longest then paused = now + longest end
+local slack = math.max(longest, interval)
+if tat - (burst - 1) * interval - now > slack then tat = now + slack + (burst - 1) * interval end
 local wait = tat - (burst - 1) * interval - now
 if paused - now > wait then wait = paused - now end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
@@ -80,34 +113,62 @@ if count >= per_window then
   if free_at - now > wait then wait = free_at - now end
 end
 if wait > 0 then return {0, tostring(wait)} end
-redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval))
+redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
 redis.call('ZADD', KEYS[2], now, ARGV[4])
 return {1, '0'}
 """
+)
 
 # Kounta said 429: every replica pauses until then, and starts again with one request and
 # then the pace (a burst would hit the wall again). ARGV: seconds, per_window, burst, period.
-PAUSE = """
+PAUSE = (
+    NUM
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or 0)
+local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
 local until_ = now + tonumber(ARGV[1])
 if paused > until_ then until_ = paused end
-redis.call('HSET', KEYS[1], 'paused', tostring(until_))
+redis.call('HSET', KEYS[1], 'paused', tostring(until_), 'format', '1')
 local interval = tonumber(ARGV[4]) / tonumber(ARGV[2])
 local tat = until_ + (tonumber(ARGV[3]) - 1) * interval
-local old = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
+local old = num(redis.call('HGET', KEYS[1], 'tat'), 0)
 if tat > old then redis.call('HSET', KEYS[1], 'tat', tostring(tat)) end
 return tostring(until_ - now)
 """
+)
 
-# Compare-and-set: write only over the version the writer read (0: nothing stored yet), so an
-# older token never replaces a newer one. Returns the new version, or -1.
+# Compare-and-set: write only over the version the writer read (0: nothing stored yet, -1: a
+# malformed record, which only a writer that saw it as such replaces), so an older token never
+# replaces a newer one. The new version is one more than the old, or ARGV[3] if higher (a
+# replica writing back the newer record it holds after a restore; `authorize`).
+# Returns the new version, or 0.
 CAS_SCRIPT = """
-local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if v ~= tonumber(ARGV[1]) then return -1 end
-redis.call('HSET', KEYS[1], 'version', v + 1, 'data', ARGV[2])
-return v + 1
+local raw = redis.call('HGET', KEYS[1], 'version')
+local v = 0
+if raw then
+  v = tonumber(raw)
+  if v == nil or v ~= v or v < 1 or v > 9007199254740991 or v ~= math.floor(v)
+    or not string.match(raw, '^[0-9]+$') then v = -1 end
+end
+if v ~= tonumber(ARGV[1]) then return 0 end
+local new = math.max(v + 1, tonumber(ARGV[3]), 1)
+redis.call('HSET', KEYS[1], 'version', string.format('%d', new), 'data', ARGV[2], 'format', '2')
+return new
+"""
+
+# A cache entry, unless it is larger than the reader's limit (then its size) or not a string
+# (then -1): nothing large is sent to a replica that would refuse it anyway.
+# KEYS: entry (and for a poll, the fetch lock). ARGV: the limit in bytes.
+CACHE_GET = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local locked = 0
+if KEYS[2] then locked = redis.call('EXISTS', KEYS[2]) end
+if kind == 'none' then return {false, locked} end
+if kind ~= 'string' then return {-1, locked} end
+local size = redis.call('STRLEN', KEYS[1])
+if size > tonumber(ARGV[1]) then return {size, locked} end
+return {redis.call('GET', KEYS[1]), locked}
 """
 
 # Store a cache entry unless the account saw an invalidation since the fetch began; prune the
@@ -164,6 +225,8 @@ _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSE
 class RedisBackend:
     kind = "redis"
     shared = True
+    # Bytes a cache record may hold on top of the body: envelope, entry header.
+    OVERHEAD = 1024 * 1024
 
     def __init__(self, settings: SharedSettings, metrics: Metrics) -> None:
         self.settings = settings
@@ -187,6 +250,12 @@ class RedisBackend:
         self._cache_claim = self.client.register_script(CACHE_CLAIM)
         self._cache_release = self.client.register_script(CACHE_RELEASE)
         self._cache_drop = self.client.register_script(CACHE_DROP)
+        self._cache_get = self.client.register_script(CACHE_GET)
+        self.records = RecordKeys.derive(
+            settings.token_key.reveal(),
+            settings.token_key_previous.reveal(),
+            settings.previous_format,
+        )
         self._up = False
         self._state = ""
         self._probe: asyncio.Task[None] | None = None
@@ -282,11 +351,14 @@ class RedisBackend:
 
     # --- budget
 
-    async def take(self, account: str, per_window: int, burst: int, period: float) -> float:
+    async def take(
+        self, account: str, per_window: int, burst: int, period: float, longest: float = NO_CAP
+    ) -> float:
         self._sent += 1
         member = f"{self._replica}:{self._sent}"
         keys = [self.key("budget", account), self.key("budget", account, "log")]
-        args: list[Any] = [per_window, burst, repr(float(period)), member]
+        cap = repr(float(min(longest, NO_CAP)))
+        args: list[Any] = [per_window, burst, repr(float(period)), member, cap]
         taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
         return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
 
@@ -301,20 +373,41 @@ class RedisBackend:
     # --- tokens
 
     async def read_token(self, account: str) -> TokenRecord | None:
+        """The record, None when there is none; raises :class:`BadRecord` for a malformed one
+        (a version that is not a positive integer, no data, too large, an unknown format, a
+        key of another type) and :class:`SharedUnavailable`."""
         key = self.key("token", account)
-        found: list[Any] = await self._run(
-            "token_read", lambda: self.client.hmget(key, ["version", "data"])
-        )
-        version, data = found
-        if version is None or data is None:
-            return None
-        return TokenRecord(int(version), bytes(data))
 
-    async def write_token(self, account: str, data: bytes, expected: int) -> int | None:
+        async def read() -> list[Any] | None:
+            try:
+                found: list[Any] = await self.client.hmget(key, ["version", "data", "format"])
+            except rexc.ResponseError as e:
+                if "WRONGTYPE" in str(e):
+                    return None  # a key of another type: malformed
+                raise
+            return found
+
+        found = await self._run("token_read", read)
+        if found is None:
+            self._bad("token", "the token record is not a hash")
+        if found[0] is None and found[1] is None:
+            return None
+        try:
+            return TokenRecord(_token_version(found), bytes(found[1]))
+        except BadRecord as e:
+            self._bad("token", str(e))
+
+    def _bad(self, kind: str, problem: str) -> NoReturn:
+        self.metrics.shared_bad_records.labels(kind).inc()
+        raise BadRecord(problem)
+
+    async def write_token(
+        self, account: str, data: bytes, expected: int, floor: int = 0
+    ) -> int | None:
         keys = [self.key("token", account)]
-        args: list[Any] = [expected, data]
+        args: list[Any] = [expected, data, floor]
         version = await self._run("token_write", lambda: self._write_token(keys=keys, args=args))
-        return None if int(version) < 0 else int(version)
+        return None if int(version) <= 0 else int(version)
 
     @contextlib.asynccontextmanager
     async def token_lock(self, account: str, ttl: float, patience: float) -> AsyncIterator[bool]:
@@ -342,10 +435,28 @@ class RedisBackend:
     def _cache_key(self, account: str, kind: str, name: str = "") -> str:
         return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
 
-    async def cache_get(self, account: str, digest: str) -> bytes | None:
+    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
+        data, _ = await self._get_entry("cache_get", account, digest, limit, poll=False)
+        return data
+
+    async def _get_entry(
+        self, op: str, account: str, digest: str, limit: int, *, poll: bool
+    ) -> tuple[bytes | None, bool]:
+        """The entry's payload (its size checked before it is read, its MAC verified) and
+        whether its fetch lock is held; raises :class:`BadRecord`."""
         key = self._cache_key(account, "e", digest)
-        found: Any = await self._run("cache_get", lambda: self.client.get(key))
-        return None if found is None else bytes(found)
+        keys = [key, self._cache_key(account, "lock", digest)] if poll else [key]
+        # The envelope and the entry's own header come on top of the body.
+        args: list[Any] = [limit + self.OVERHEAD]
+        found, locked = await self._run(op, lambda: self._cache_get(keys=keys, args=args))
+        if found is None:
+            return None, bool(locked)
+        if isinstance(found, int):
+            self._bad("cache", "a record too large or of another type")
+        try:
+            return self.records.open(key.encode(), bytes(found)), bool(locked)
+        except BadRecord as e:
+            self._bad("cache", str(e))
 
     async def cache_put(
         self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
@@ -359,7 +470,8 @@ class RedisBackend:
             self._cache_key(account, "gen"),
         ]
         ttl_ms = max(1, int(ttl * 1000))
-        args: list[Any] = [gen, data, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
+        record = self.records.seal(keys[0].encode(), data)
+        args: list[Any] = [gen, record, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
         stored = await self._run("cache_put", lambda: self._cache_put(keys=keys, args=args))
         return int(stored) == 1
 
@@ -369,18 +481,8 @@ class RedisBackend:
         taken, gen = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
         return Claim(owner if int(taken) == 1 else None, _text(gen))
 
-    async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
-        entry = self._cache_key(account, "e", digest)
-        lock = self._cache_key(account, "lock", digest)
-
-        async def poll() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.get(entry)
-            pipe.exists(lock)
-            return await pipe.execute()
-
-        data, locked = await self._run("cache_poll", poll)
-        return data, bool(locked)
+    async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
+        return await self._get_entry("cache_poll", account, digest, limit, poll=True)
 
     async def cache_release(self, account: str, digest: str, owner: str) -> None:
         keys, args = [self._cache_key(account, "lock", digest)], [owner]
@@ -412,9 +514,19 @@ class RedisBackend:
     # --- events
 
     async def publish(self, topic: str, data: bytes) -> None:
-        message = self._replica.encode() + b"|" + data
         channel = self.key("events", topic)
+        message = self.records.seal(channel.encode(), self._replica.encode() + b"|" + data)
         await self._run("publish", lambda: self.client.publish(channel, message))
+
+    def _opened(self, channel: str, data: bytes) -> bytes | None:
+        """A message's ``replica|payload``, or None (dropped and counted) when its MAC does
+        not verify."""
+        try:
+            return self.records.open(channel.encode(), data)
+        except BadRecord as e:
+            self.metrics.shared_bad_records.labels("message").inc()
+            event("shared_message_dropped", logging.WARNING, channel=channel, problem=str(e))
+            return None
 
     def listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
@@ -440,6 +552,8 @@ class RedisBackend:
                 while True:
                     message = await pubsub.get_message(timeout=PROBE_SECONDS)
                     data = message.get("data") if message else None
+                    if isinstance(data, bytes):
+                        data = self._opened(channel, data)
                     if isinstance(data, bytes) and not data.startswith(own):
                         on_message(data.partition(b"|")[2])
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
@@ -450,6 +564,20 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
+
+
+def _token_version(found: list[Any]) -> int:
+    """The version of a token record read as [version, data, format]; raises BadRecord."""
+    version, data, fmt = found
+    if not isinstance(version, bytes) or not version.isdigit() or len(version) > 16:
+        raise BadRecord("the token record's version is not a positive integer")
+    if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_RECORD:
+        raise BadRecord("the token record's data is missing or too large")
+    if fmt not in TOKEN_FORMATS:
+        raise BadRecord("the token record is of an unknown format")
+    if not 0 < int(version) < 2**53:
+        raise BadRecord("the token record's version is out of range")
+    return int(version)
 
 
 def _text(value: bytes | str) -> str:

@@ -16,10 +16,10 @@ from proxy.cache.broadcast import Purge, decode, encode
 from proxy.cache.policy import Invalidation
 from proxy.edge.services import SERVICES
 from proxy.ops.admin import create_admin_app
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: str) -> Settings:
@@ -28,7 +28,9 @@ def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: s
         tmp_path / name,
         cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),)),
         retry=RetrySettings(attempts=1),
-        shared=SharedSettings(backend="redis", url=url, key_prefix=prefix, timeout=0.3),
+        shared=SharedSettings(
+            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+        ),
     )
 
 
