@@ -33,6 +33,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -444,7 +445,12 @@ class OAuthProvider:
 
     async def _refresh_locked(self, failed: str | None) -> StoredToken:
         try:
-            async with self.file.locked(self.settings.token_timeout * 3):
+            patience = self.settings.token_timeout * 3
+            async with self.file.locked(patience, self._adoptable(failed)) as found:
+                if found is not None:  # stored by the replica holding the lock
+                    self._adopt(found)
+                    self._count("adopted")
+                    return found
                 return await self._refresh_or_adopt(failed)
         except TokenFileError as e:
             self._store_failed = True
@@ -506,6 +512,11 @@ class OAuthProvider:
         if self.settings.grant == "client_credentials":
             return "client_credentials grant"
         return "configured refresh_token" if self.settings.refresh_token else "none"
+
+    def _adoptable(self, failed: str | None) -> Callable[[StoredToken], bool]:
+        """Whether a token stored while we wait for the lock makes our refresh needless."""
+        held = self._token.access_token if self._token is not None else None
+        return lambda stored: self._fresh_from_elsewhere(stored, held, failed)
 
     def _fresh_from_elsewhere(
         self, stored: StoredToken, held: str | None, failed: str | None
