@@ -518,6 +518,15 @@ class RedisBackend:
         message = self.records.seal(channel.encode(), self._replica.encode() + b"|" + data)
         await self._run("publish", lambda: self.client.publish(channel, message))
 
+    def _deliver(self, topic: str, on_message: Callable[[bytes], None], data: bytes) -> None:
+        """A message the receiver cannot take (its decoder raised) is dropped and counted;
+        the listener goes on (one hostile message must not stop invalidation)."""
+        try:
+            on_message(data)
+        except Exception as e:  # any decoder failure: drop it, never die
+            self.metrics.shared_bad_records.labels("message").inc()
+            event("shared_message_dropped", logging.WARNING, topic=topic, problem=_why(e))
+
     def _opened(self, channel: str, data: bytes) -> bytes | None:
         """A message's ``replica|payload``, or None (dropped and counted) when its MAC does
         not verify."""
@@ -555,7 +564,7 @@ class RedisBackend:
                     if isinstance(data, bytes):
                         data = self._opened(channel, data)
                     if isinstance(data, bytes) and not data.startswith(own):
-                        on_message(data.partition(b"|")[2])
+                        self._deliver(topic, on_message, data.partition(b"|")[2])
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))

@@ -18,7 +18,7 @@ from proxy.edge.services import SERVICES
 from proxy.metrics import Metrics
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
-from tests.conftest import MakeProxy, Sandbox
+from tests.conftest import MakeProxy, Proxy, Sandbox
 from tests.integration.test_budget import fetch
 from tests.integration.test_shared_budget import (  # noqa: F401 - sandbox_config: a fixture
     ME,
@@ -27,6 +27,21 @@ from tests.integration.test_shared_budget import (  # noqa: F401 - sandbox_confi
 )
 from tests.integration.test_shared_tokens import wait_for
 from tests.redis_server import TOKEN_KEY, RedisServer
+
+
+@pytest.fixture
+async def capped_proxy(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> Proxy:
+    """A replica whose retry_after_max is 60 s and that waits at most 0.5 s for a slot."""
+    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
+    budget = dataclasses.replace(settings.budget, max_wait=0.5, retry_after_max=60.0)
+    proxy = await make_proxy(dataclasses.replace(settings, budget=budget))
+    return proxy
 
 
 async def other_replica_pauses(url: str, prefix: str, seconds: float) -> None:
@@ -43,16 +58,12 @@ async def other_replica_pauses(url: str, prefix: str, seconds: float) -> None:
 
 
 async def test_a_shared_pause_is_cut_to_the_reading_replicas_retry_after_max(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
+    capped_proxy: Proxy,
     client: aiohttp.ClientSession,
     redis_server: RedisServer,
     redis_prefix: str,
 ) -> None:
-    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
-    budget = dataclasses.replace(settings.budget, max_wait=0.5, retry_after_max=60.0)
-    proxy = await make_proxy(dataclasses.replace(settings, budget=budget))
+    proxy = capped_proxy
     await other_replica_pauses(redis_server.url, redis_prefix, 3600.0)
     status, body, headers = await fetch(client, proxy.url + ME)
     assert status == 429 and body["error"] == "rate_limited", body
@@ -64,18 +75,14 @@ async def test_a_shared_pause_is_cut_to_the_reading_replicas_retry_after_max(
     [("paused", "inf"), ("paused", "nan"), ("paused", "junk"), ("tat", "1e300"), ("tat", "nan")],
 )
 async def test_a_damaged_budget_record_is_not_a_pause_for_ever(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
+    capped_proxy: Proxy,
     client: aiohttp.ClientSession,
     redis_server: RedisServer,
     redis_prefix: str,
     field: str,
     value: str,
 ) -> None:
-    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
-    budget = dataclasses.replace(settings.budget, max_wait=0.5, retry_after_max=60.0)
-    proxy = await make_proxy(dataclasses.replace(settings, budget=budget))
+    proxy = capped_proxy
     writer = aioredis.Redis.from_url(redis_server.url)
     try:
         await writer.hset(f"{redis_prefix}:budget:main", field, value)

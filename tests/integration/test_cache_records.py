@@ -8,6 +8,7 @@ import asyncio
 import json
 import zlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -17,12 +18,39 @@ from cryptography.fernet import Fernet
 
 from proxy.edge.services import SERVICES
 from proxy.shared.records import RecordKeys
-from tests.conftest import MakeProxy, Sandbox
+from tests.conftest import MakeProxy, Proxy, Sandbox
 from tests.integration.test_cache import LIST, get
 from tests.integration.test_shared_entries import entry_keys, replicas, sample, shared_op
 from tests.redis_server import TOKEN_KEY, RedisServer
 
 KEYS = RecordKeys.derive(TOKEN_KEY)
+
+
+@dataclass
+class Pair:
+    """Two replicas on one Redis; A fetched LIST, so Redis holds its record under ``name``."""
+
+    a: Proxy
+    b: Proxy
+    body: bytes
+    name: bytes
+
+
+@pytest.fixture
+async def pair(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> Pair:
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    body = (await get(client, a.url + LIST))[2]
+    await asyncio.sleep(0.05)
+    (name,) = await entry_keys(redis_client, redis_prefix)
+    return Pair(a, b, body, name)
 
 
 @pytest.fixture
@@ -91,19 +119,14 @@ HOSTILE = {
 
 @pytest.mark.parametrize("change", HOSTILE.values(), ids=HOSTILE.keys())
 async def test_a_record_with_json_tricks_is_a_miss_deleted_and_counted(
-    make_proxy: MakeProxy,
+    pair: Pair,
     sandbox: Sandbox,
-    tmp_path: Any,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     redis_prefix: str,
     change: Callable[[dict[str, Any]], bytes],
 ) -> None:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
-    body = (await get(client, a.url + LIST))[2]
-    await asyncio.sleep(0.05)
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    b, body, name = pair.b, pair.body, pair.name
     record = unseal(name, await redis_client.get(name))
     await redis_client.set(name, seal(name, rewrite(record, change)), px=60_000)
     status, headers, got = await asyncio.wait_for(get(client, b.url + LIST), 10)
@@ -117,20 +140,13 @@ async def test_a_record_with_json_tricks_is_a_miss_deleted_and_counted(
 
 
 async def test_an_oversized_value_is_not_read_at_all(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
+    pair: Pair,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> None:
     """A value far over cache.max_entry_size under a cache key: its size is checked first
     (STRLEN), so a lookup neither reads it nor times out into degraded mode."""
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
-    body = (await get(client, a.url + LIST))[2]
-    await asyncio.sleep(0.05)
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    b, body, name = pair.b, pair.body, pair.name
     await redis_client.set(name, b"x" * (48 << 20), px=60_000)
     sent = (await redis_client.info("stats"))["total_net_output_bytes"]
     status, headers, got = await get(client, b.url + LIST)
@@ -143,20 +159,13 @@ async def test_an_oversized_value_is_not_read_at_all(
 
 
 async def test_a_record_without_a_valid_mac_is_never_served(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
+    pair: Pair,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> None:
     """Someone able to write Redis but without shared.token_key: a well-formed record with the
     body of their choice (unsigned, or signed with another key) is a miss, deleted, counted."""
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
-    body = (await get(client, a.url + LIST))[2]
-    await asyncio.sleep(0.05)
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    b, body, name = pair.b, pair.body, pair.name
     record = unseal(name, await redis_client.get(name))
     forged_body = b'[{"id": 1, "first_name": "Mallory"}]'
     forged = rewrite(record, entry(size=len(forged_body)))
@@ -185,19 +194,14 @@ async def test_a_record_without_a_valid_mac_is_never_served(
 
 
 async def test_a_forged_invalidation_message_is_dropped_and_counted(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
+    pair: Pair,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     redis_prefix: str,
 ) -> None:
     """An unsigned purge-everything message on the channel: every replica drops it (its cache
     stays), counts it, and keeps listening: a signed message afterwards still works."""
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
-    await get(client, a.url + LIST)
-    await asyncio.sleep(0.05)
+    b = pair.b
     assert (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT"
     received = sample(b, "kounta_proxy_cache_broadcasts_total", result="received")
     channel = f"{redis_prefix}:events:cache"

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from proxy.auth.shared_tokens import SharedTokenStore
+from proxy.auth.shared_tokens import SharedTokenStore, TokenStoreError
 from proxy.auth.token_file import StoredToken
 from proxy.cache.policy import Entry
 from proxy.cache.shared import decode, digest, encode
@@ -38,12 +38,19 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
     await client.aclose()
 
 
-async def backend_for(url: str, prefix: str, previous_format: str = "off") -> RedisBackend:
+async def backend_for(
+    url: str,
+    prefix: str,
+    previous_format: str = "off",
+    key: str = TOKEN_KEY,
+    previous_key: str = "",
+) -> RedisBackend:
     settings = SharedSettings(
         backend="redis",
         url=url,
         key_prefix=prefix,
-        token_key=Secret(TOKEN_KEY),
+        token_key=Secret(key),
+        token_key_previous=Secret(previous_key),
         previous_format=previous_format,  # type: ignore[arg-type]
     )
     backend = RedisBackend(settings, Metrics(CollectorRegistry()))
@@ -166,3 +173,58 @@ async def test_budget_records_roll_both_ways(
         await backend.close()
     taken, wait = await old_take(keys=keys, args=[60, 3, repr(61.0), "m1"])
     assert int(taken) == 0 and 49 < float(wait) <= 50.5
+
+
+async def test_a_rotated_key_reads_what_the_previous_key_wrote_and_only_then(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """shared.token_key_previous: tokens and cache records of the old key are read while the
+    replicas move; without it they are refused (a store error, a bad record)."""
+    old_key = TOKEN_KEY
+    new_key = "q0J1kO2m0bdM4m0dDUQtPqYz1jzXx0eG9bNaV2eQ1YE="
+
+    old = await backend_for(redis_server.url, redis_prefix, key=old_key)
+    try:
+        await SharedTokenStore("main", old, old, old.settings).save(TOKEN)
+        record = encode(KEY, Stored(ENTRY, b"abc"))
+        assert await old.cache_put("main", digest(KEY), "/v1/x", record, 60, "0")
+    finally:
+        await old.close()
+    rotating = await backend_for(redis_server.url, redis_prefix, key=new_key, previous_key=old_key)
+    try:
+        assert (
+            await SharedTokenStore("main", rotating, rotating, rotating.settings).fetch() == TOKEN
+        )
+        assert await rotating.cache_get("main", digest(KEY), 1000) == record
+    finally:
+        await rotating.close()
+    rotated = await backend_for(redis_server.url, redis_prefix, key=new_key)
+    try:
+        with pytest.raises(TokenStoreError, match="cannot be decrypted"):
+            await SharedTokenStore("main", rotated, rotated, rotated.settings).fetch()
+        with pytest.raises(BadRecord):
+            await rotated.cache_get("main", digest(KEY), 1000)
+    finally:
+        await rotated.close()
+
+
+async def test_authorize_wins_over_a_newer_token_a_replica_holds(
+    redis_server: RedisServer, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """After a flush, a replica writes back the token it holds (never backwards); a fresh
+    `authorize` still wins, since its version is above any a replica can hold."""
+    backend = await backend_for(redis_server.url, redis_prefix)
+    try:
+        replica = SharedTokenStore("main", backend, backend, backend.settings)
+        for n in range(3):
+            await replica.save(StoredToken(f"access-{n}", f"refresh-{n}", 4102444800.0))
+        await redis_client.delete(f"{redis_prefix}:token:main")  # a flush
+        assert (await replica.fetch()).access_token == "access-2"  # type: ignore[union-attr]
+        assert int(await redis_client.hget(f"{redis_prefix}:token:main", "version")) == 3
+        authorized = StoredToken("fresh", "fresh-refresh", 4102444800.0)
+        authorize = SharedTokenStore("main", backend, backend, backend.settings, supersede=True)
+        await authorize.fetch()
+        assert await authorize.save(authorized) == authorized
+        assert await replica.fetch() == authorized  # adopted, not overwritten
+    finally:
+        await backend.close()
