@@ -170,8 +170,8 @@ async def test_replicas_waiting_for_the_refresh_lock_adopt_the_new_token_without
     await put(1, "expired", 1.0)
     await redis_client.set(f"{key}:lock", "another-replica", px=5000)
     proxy = await make_proxy(settings_for(sandbox, tmp_path, redis_server.url, redis_prefix))
-    await asyncio.sleep(0.2)  # it found the expired token and waits for the lock
-    assert provider(proxy)._inflight is not None
+    # It found the expired token and waits for the lock.
+    await until(lambda: provider(proxy)._inflight is not None, 2.0)
     await put(2, "stored-by-the-lock-holder", time.time() + 60)
     with contextlib.suppress(AssertionError):
         await until(lambda: provider(proxy).expires_at != 1.0, 1.0)
