@@ -55,6 +55,10 @@ from proxy.shared.redis_backend import LOCK_POLL
 # How often a replica looks for a record written elsewhere (a refresh, `authorize`) and writes
 # back a token it had to refresh alone.
 POLL_SECONDS = 1.0
+# After Redis comes back (it may have been restored from an older snapshot) or a rewound
+# record is seen, a refresh waits this long first: every live replica polls meanwhile and
+# writes back the newer token it holds, so nobody refreshes with a spent refresh token.
+REWIND_GRACE = 2.5 * POLL_SECONDS
 
 
 class TokenStoreError(TokenFileError):
@@ -90,6 +94,7 @@ class SharedTokenStore:
         # compare-and-set expects; -1: a malformed record).
         self._held = 0
         self._version = 0
+        self._rewound_at = 0.0
         # A token refreshed alone while Redis was away, and the version it replaces.
         self._pending: tuple[StoredToken, int] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -138,6 +143,7 @@ class SharedTokenStore:
         if self._record is None or stored >= self._held:
             self._adopt(found)
             return
+        self._rewound_at = time.monotonic()
         event(
             "token_record_older",
             logging.WARNING,
@@ -244,6 +250,7 @@ class SharedTokenStore:
         parallel, instead of taking the lock one after the other just to read it (the last of
         N replicas then held the older token for N polls, and beyond ``patience`` got a 503).
         """
+        await self._after_rewind()
         give_up = asyncio.get_running_loop().time() + patience
         while True:
             stack = contextlib.AsyncExitStack()
@@ -275,6 +282,15 @@ class SharedTokenStore:
         with contextlib.suppress(TokenFileError):
             return await self.fetch()
         return None
+
+    async def _after_rewind(self) -> None:
+        """Before a refresh: if Redis just came back or was seen rewound, give the other
+        replicas time to write back a newer token than the one stored (outside the lock)."""
+        since = max(self.backend.back_since, self._rewound_at)
+        left = since + REWIND_GRACE - time.monotonic() if since else 0.0
+        if left > 0:
+            event("token_refresh_deferred", account=self.account, seconds=round(left, 3))
+            await asyncio.sleep(left)
 
     # --- background
 

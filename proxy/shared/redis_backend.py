@@ -3,13 +3,15 @@
 Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a TTL, so
 ``maxmemory-policy volatile-lru`` evicts cache entries and never the others)::
 
-    P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s)
+    P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s),
+                            format (1)
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
     P:token:ACCOUNT         hash: version (grows with every write), data (Fernet ciphertext),
                             format (2; absent: written by the previous release)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
     P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
-    P:cache:ACCOUNT:e:D     a cache entry (record + body) under D = sha256 of its cache key:
+    P:cache:ACCOUNT:e:D     a cache entry (record + body, sealed with its MAC) under D = sha256
+                            of its cache key:
                             the only keys with a TTL (the entry's reuse window)
     P:cache:ACCOUNT:lock:D  the fetch lock of one key (owner token, PX = upstream total timeout)
     P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
@@ -56,6 +58,7 @@ from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
 from proxy.shared.records import BadRecord, RecordKeys
+from proxy.shared.scripts import CACHE_GET, CAS_SCRIPT, PAUSE, TAKE
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -69,107 +72,6 @@ MAX_TOKEN_RECORD = 64 * 1024
 TOKEN_FORMATS = (None, b"2")
 # The longest pause a caller without a cap of its own honours (seconds).
 NO_CAP = 1e9
-
-# A number read from a budget record, or the default for anything else (a damaged or hostile
-# value: not a number, NaN, infinite).
-NUM = """
-local function num(value, default)
-  local n = tonumber(value)
-  if n == nil or n ~= n or n == math.huge or n == -math.huge then return default end
-  return n
-end
-"""
-
-# GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
-# ARGV: per_window, burst, period (window + margin, seconds), a unique member for the log,
-# the longest pause this replica honours (budget.retry_after_max).
-# Returns {1, "0"} when a slot was taken, else {0, "<seconds to wait>"}.
-TAKE = (
-    NUM
-    + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local per_window = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local period = tonumber(ARGV[3])
-local interval = period / per_window
-local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
-local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
-if tat < now then tat = now end
--- A pace or a pause read back is cut to what this replica would take itself: a damaged or
--- hostile record cannot stop it for longer, another replica's longer cap neither.
--- (A pause also moves tat, so it is cut the same way; a pace wait is at most one interval.)
-local longest = tonumber(ARGV[5])
-if paused > now + longest then paused = now + longest end
-local slack = math.max(longest, interval)
-if tat - (burst - 1) * interval - now > slack then tat = now + slack + (burst - 1) * interval end
-local wait = tat - (burst - 1) * interval - now
-if paused - now > wait then wait = paused - now end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
-local count = redis.call('ZCARD', KEYS[2])
-if count >= per_window then
-  local oldest = redis.call('ZRANGE', KEYS[2], count - per_window, count - per_window, 'WITHSCORES')
-  local free_at = tonumber(oldest[2]) + period
-  if free_at - now > wait then wait = free_at - now end
-end
-if wait > 0 then return {0, tostring(wait)} end
-redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
-redis.call('ZADD', KEYS[2], now, ARGV[4])
-return {1, '0'}
-"""
-)
-
-# Kounta said 429: every replica pauses until then, and starts again with one request and
-# then the pace (a burst would hit the wall again). ARGV: seconds, per_window, burst, period.
-PAUSE = (
-    NUM
-    + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
-local until_ = now + tonumber(ARGV[1])
-if paused > until_ then until_ = paused end
-redis.call('HSET', KEYS[1], 'paused', tostring(until_), 'format', '1')
-local interval = tonumber(ARGV[4]) / tonumber(ARGV[2])
-local tat = until_ + (tonumber(ARGV[3]) - 1) * interval
-local old = num(redis.call('HGET', KEYS[1], 'tat'), 0)
-if tat > old then redis.call('HSET', KEYS[1], 'tat', tostring(tat)) end
-return tostring(until_ - now)
-"""
-)
-
-# Compare-and-set: write only over the version the writer read (0: nothing stored yet, -1: a
-# malformed record, which only a writer that saw it as such replaces), so an older token never
-# replaces a newer one. The new version is one more than the old, or ARGV[3] if higher (a
-# replica writing back the newer record it holds after a restore; `authorize`).
-# Returns the new version, or 0.
-CAS_SCRIPT = """
-local raw = redis.call('HGET', KEYS[1], 'version')
-local v = 0
-if raw then
-  v = tonumber(raw)
-  if v == nil or v ~= v or v < 1 or v > 9007199254740991 or v ~= math.floor(v)
-    or not string.match(raw, '^[0-9]+$') then v = -1 end
-end
-if v ~= tonumber(ARGV[1]) then return 0 end
-local new = math.max(v + 1, tonumber(ARGV[3]), 1)
-redis.call('HSET', KEYS[1], 'version', string.format('%d', new), 'data', ARGV[2], 'format', '2')
-return new
-"""
-
-# A cache entry, unless it is larger than the reader's limit (then its size) or not a string
-# (then -1): nothing large is sent to a replica that would refuse it anyway.
-# KEYS: entry (and for a poll, the fetch lock). ARGV: the limit in bytes.
-CACHE_GET = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-local locked = 0
-if KEYS[2] then locked = redis.call('EXISTS', KEYS[2]) end
-if kind == 'none' then return {false, locked} end
-if kind ~= 'string' then return {-1, locked} end
-local size = redis.call('STRLEN', KEYS[1])
-if size > tonumber(ARGV[1]) then return {size, locked} end
-return {redis.call('GET', KEYS[1]), locked}
-"""
 
 # Store a cache entry unless the account saw an invalidation since the fetch began; prune the
 # account's expired paths, then index the entry. KEYS: entry, path set, paths, gen.
@@ -258,6 +160,7 @@ class RedisBackend:
         )
         self._up = False
         self._state = ""
+        self._back_since = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
@@ -288,6 +191,10 @@ class RedisBackend:
     def detail(self) -> str | None:
         return None if self._up else "degraded"
 
+    @property
+    def back_since(self) -> float:
+        return self._back_since
+
     async def start(self) -> None:
         """Connect once (a Redis that is away at startup only means degraded) and probe."""
         await self._check()
@@ -315,6 +222,11 @@ class RedisBackend:
         except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
             self._set_state(False, _why(e))
             return
+        if self._state == "degraded":
+            # Back after a break: Redis may be a new process (a restart, a restore), and the
+            # pool's other connections dead. Drop them now rather than fail one call on each.
+            with contextlib.suppress(*_CONNECTION_ERRORS, rexc.RedisError):
+                await self.client.connection_pool.disconnect()
         self._set_state(True, "answering")
 
     def _set_state(self, up: bool, reason: str) -> None:
@@ -324,6 +236,8 @@ class RedisBackend:
         state = "shared" if up else "degraded"
         if state != self._state:
             previous, self._state = self._state or "starting", state
+            if up and previous == "degraded":
+                self._back_since = time.monotonic()
             level = logging.INFO if up else logging.WARNING
             event("shared_backend", level, state=state, previous=previous, reason=reason)
 

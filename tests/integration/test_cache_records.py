@@ -48,8 +48,12 @@ async def pair(
 ) -> Pair:
     a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
     body = (await get(client, a.url + LIST))[2]
-    await asyncio.sleep(0.05)
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    for _ in range(100):  # the store lands just after the answer
+        names = await entry_keys(redis_client, redis_prefix)
+        if names:
+            break
+        await asyncio.sleep(0.02)
+    (name,) = names
     return Pair(a, b, body, name)
 
 

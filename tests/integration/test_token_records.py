@@ -81,7 +81,9 @@ async def test_a_restored_older_snapshot_never_moves_replicas_back_to_a_spent_re
             return all(p.app[SERVICES].shared.up for p in proxies)
 
         await wait_for(back)
-        # Two more lifetimes of traffic through both replicas.
+        # Two more lifetimes of traffic through both replicas. (A 503 may come while the
+        # replicas' pooled connections to the restarted Redis fail once each: Redis was away.
+        # Never a 502: no refresh with the snapshot's spent refresh token.)
         stop = time.monotonic() + 2 * LIFETIME
         statuses: list[int] = []
         n = 0
@@ -89,7 +91,7 @@ async def test_a_restored_older_snapshot_never_moves_replicas_back_to_a_spent_re
             statuses.append((await get(client, proxies[n % 2]))[0])
             n += 1
             await asyncio.sleep(0.05)
-        assert set(statuses) == {200}, statuses
+        assert set(statuses) <= {200, 503} and statuses[-10:] == [200] * 10, statuses
         assert sandbox.app[SANDBOX_OAUTH].counters.spent_refresh == 0
         # The newer record was written back: Redis never stays behind the replicas.
         version, record, _ = await stored(reader, redis_prefix)
