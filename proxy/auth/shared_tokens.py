@@ -251,7 +251,8 @@ class SharedTokenStore:
         N replicas then held the older token for N polls, and beyond ``patience`` got a 503).
         """
         await self._after_rewind()
-        give_up = asyncio.get_running_loop().time() + patience
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + patience
         while True:
             stack = contextlib.AsyncExitStack()
             try:
@@ -268,13 +269,15 @@ class SharedTokenStore:
                 if taken:
                     yield None
                     return
+            # The read takes its time from the pause, so the lock is asked as often as before.
+            next_try = loop.time() + LOCK_POLL
             found = await self._stored_while_waiting() if enough is not None else None
             if found is not None and enough is not None and enough(found):
                 yield found
                 return
-            if asyncio.get_running_loop().time() >= give_up:
+            if loop.time() >= give_up:
                 raise TokenStoreError(f"the refresh lock stayed taken for {patience:g}s")
-            await asyncio.sleep(LOCK_POLL)
+            await asyncio.sleep(max(0.0, next_try - loop.time()))
 
     async def _stored_while_waiting(self) -> StoredToken | None:
         """The record, read while another replica holds the lock (a bad record is dealt with
