@@ -248,7 +248,7 @@ class SharedTokenStore:
         Replicas due at the same moment all wait while one refreshes; each looks at the record
         between attempts, so all of them adopt the new token within one poll of its write, in
         parallel, instead of taking the lock one after the other just to read it (the last of
-        N replicas then held the older token for N polls, and beyond ``patience`` got a 503).
+        N replicas then held the older token for about N polls; past ``patience``, a 503).
         """
         await self._after_rewind()
         loop = asyncio.get_running_loop()
