@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -50,6 +50,7 @@ from proxy.settings import SharedSettings
 from proxy.shared import Backend, SharedUnavailable
 from proxy.shared.base import SharedTokens, TokenRecord
 from proxy.shared.records import BadRecord
+from proxy.shared.redis_backend import LOCK_POLL
 
 # How often a replica looks for a record written elsewhere (a refresh, `authorize`) and writes
 # back a token it had to refresh alone.
@@ -238,23 +239,52 @@ class SharedTokenStore:
     # --- the refresh lock
 
     @contextlib.asynccontextmanager
-    async def locked(self, patience: float = 30.0) -> AsyncIterator[None]:
+    async def locked(
+        self, patience: float = 30.0, enough: Callable[[StoredToken], bool] | None = None
+    ) -> AsyncIterator[StoredToken | None]:
+        """Hold the account's refresh lock (yields None), or stop waiting for it as soon as the
+        record holds a token ``enough`` accepts (yields that token, no lock held).
+
+        Replicas due at the same moment all wait while one refreshes; each looks at the record
+        between attempts, so all of them adopt the new token within one poll of its write, in
+        parallel, instead of taking the lock one after the other just to read it (the last of
+        N replicas then held the older token for about N polls; past ``patience``, a 503).
+        """
         await self._after_rewind()
-        stack = contextlib.AsyncExitStack()
-        try:
-            taken = await stack.enter_async_context(
-                self.tokens.token_lock(self.account, ttl=patience, patience=patience)
-            )
-        except SharedUnavailable as e:
-            if not self.solo:
-                raise TokenStoreError(f"cannot take the refresh lock: {e}") from None
-            event("token_solo_refresh", logging.WARNING, account=self.account)
-            yield
-            return
-        async with stack:
-            if not taken:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + patience
+        while True:
+            stack = contextlib.AsyncExitStack()
+            try:
+                taken = await stack.enter_async_context(
+                    self.tokens.token_lock(self.account, ttl=patience, patience=0.0)
+                )
+            except SharedUnavailable as e:
+                if not self.solo:
+                    raise TokenStoreError(f"cannot take the refresh lock: {e}") from None
+                event("token_solo_refresh", logging.WARNING, account=self.account)
+                yield None
+                return
+            async with stack:
+                if taken:
+                    yield None
+                    return
+            # The read takes its time from the pause, so the lock is asked as often as before.
+            next_try = loop.time() + LOCK_POLL
+            found = await self._stored_while_waiting() if enough is not None else None
+            if found is not None and enough is not None and enough(found):
+                yield found
+                return
+            if loop.time() >= give_up:
                 raise TokenStoreError(f"the refresh lock stayed taken for {patience:g}s")
-            yield
+            await asyncio.sleep(max(0.0, next_try - loop.time()))
+
+    async def _stored_while_waiting(self) -> StoredToken | None:
+        """The record, read while another replica holds the lock (a bad record is dealt with
+        under the lock, not here)."""
+        with contextlib.suppress(TokenFileError):
+            return await self.fetch()
+        return None
 
     async def _after_rewind(self) -> None:
         """Before a refresh: if Redis just came back or was seen rewound, give the other
