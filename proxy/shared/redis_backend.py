@@ -130,11 +130,15 @@ if expires > latest then redis.call('ZADD', KEYS[3], expires, ARGV[5]) end
 return 1
 """
 
-# Take a key's fetch lock if free, and read the account's invalidation count, in one trip.
-# KEYS: lock, gen. ARGV: owner, ttl ms. Returns {1 or 0, gen}.
+# Take a key's fetch lock if free, and read the account's invalidation count, in one trip;
+# the lock taken, look again: the entry stored by the lock's last owner (released just
+# before) is returned too, so a fetch begun on an older look does not go upstream again.
+# KEYS: lock, gen, entry. ARGV: owner, ttl ms. Returns {1 or 0, gen, entry or false}.
 CACHE_CLAIM = """
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-return {taken and 1 or 0, redis.call('GET', KEYS[2]) or '0'}
+local gen = redis.call('GET', KEYS[2]) or '0'
+if not taken then return {0, gen} end
+return {1, gen, redis.call('GET', KEYS[3])}
 """
 
 # Release a fetch lock only for its owner (one that expired and was taken again stays).
@@ -364,17 +368,24 @@ class RedisBackend:
         return int(stored) == 1
 
     async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim:
-        keys = [self._cache_key(account, "lock", digest), self._cache_key(account, "gen")]
+        keys = [
+            self._cache_key(account, "lock", digest),
+            self._cache_key(account, "gen"),
+            self._cache_key(account, "e", digest),
+        ]
         args: list[Any] = [owner, max(1, int(ttl * 1000))]
-        taken, gen = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
-        return Claim(owner if int(taken) == 1 else None, _text(gen))
+        found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
+        taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
+        return Claim(owner if taken == 1 else None, _text(gen), bytes(data) if data else None)
 
     async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
         entry = self._cache_key(account, "e", digest)
         lock = self._cache_key(account, "lock", digest)
 
         async def poll() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
+            # One snapshot (MULTI): read apart, the owner could store and release in between,
+            # and the waiter would see neither entry nor lock and fetch again.
+            pipe = self.client.pipeline(transaction=True)
             pipe.get(entry)
             pipe.exists(lock)
             return await pipe.execute()
@@ -445,6 +456,12 @@ class RedisBackend:
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
+                lost = True
+            except Exception as e:  # supervised: whatever it was, listen again
+                # Nothing may stop the listener for good (a replica that stops hearing
+                # invalidations serves old entries): log, count, listen again, report a gap.
+                event("shared_listener_failed", logging.ERROR, topic=topic, error=_why(e))
+                self.metrics.shared_listener_restarts.labels(topic).inc()
                 lost = True
             finally:
                 with contextlib.suppress(Exception):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -18,9 +18,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
-from proxy.cache.store import Stored
 from proxy.edge.services import SERVICES
 from proxy.metrics import Metrics
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
@@ -31,6 +31,7 @@ from tests.integration.test_shared_cache import first_id
 from tests.redis_server import RedisServer
 
 FRESH_FOR = 600
+T = TypeVar("T")
 
 
 def settings_for(
@@ -395,3 +396,62 @@ async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
         assert await redis_client.zrange(paths, 0, -1) == []
     finally:
         await backend.close()
+
+
+async def test_cold_bursts_over_three_replicas_cost_one_upstream_get_every_time(
+    make_proxy: MakeProxy,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """60 concurrent GETs of one cold record over 3 replicas, repeated: exactly one upstream
+    GET each time (a replica that takes the fetch lock looks again first; the owner's entry
+    is in Redis before its lock goes; a waiter's look at entry and lock is one snapshot)."""
+    served: dict[str, int] = {}
+
+    async def record(request: web.Request) -> web.Response:
+        served[request.path] = served.get(request.path, 0) + 1
+        return web.json_response({"id": request.match_info["n"]})
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/companies/5001/products/{n}.json", record)
+    runner, port = await serve(upstream)
+    try:
+        proxies = [
+            await make_proxy(
+                proxy_settings(
+                    f"http://127.0.0.1:{port}",
+                    tmp_path / f"r{i}",
+                    cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=60),)),
+                    retry=RetrySettings(attempts=1),
+                    shared=SharedSettings(
+                        backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=1
+                    ),
+                ),
+                registry=CollectorRegistry(),
+            )
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        for burst in range(BURSTS):
+            path = f"/v1/companies/5001/products/{burst}.json"
+            results = await asyncio.gather(
+                *(late(i * SPREAD, get(client, proxies[i % 3].url + path)) for i in range(60))
+            )
+            assert {status for status, _, _ in results} == {200}, burst
+            assert served[path] == 1, f"burst {burst}: {served[path]} upstream GETs"
+    finally:
+        await runner.cleanup()
+
+
+# Bursts in the coalescing test (each about 0.1 s here; 20 as the issue asks), and the
+# seconds between one request's start and the next (callers never all arrive at once: the
+# late ones meet a fetch that is finishing, where the races were).
+BURSTS = 20
+SPREAD = 0.002
+
+
+async def late(delay: float, work: Awaitable[T]) -> T:
+    await asyncio.sleep(delay)
+    return await work
