@@ -48,6 +48,7 @@ from proxy.cache.policy import (
 )
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries
+from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import trace
@@ -71,6 +72,7 @@ class Cache:
         *,
         flights: Flights | None = None,
         invalidator: Invalidator | None = None,
+        feeds: Feeds | None = None,
     ) -> None:
         """``entries``: the tier (a bare store: this process's own, for tests and tools);
         ``flights``: the registry the tier cancels in; ``invalidator``: where writes go
@@ -81,6 +83,8 @@ class Cache:
             entries = LocalEntries(entries, self.flights, metrics)
         self.entries = entries
         self.invalidator = invalidator or Invalidator(entries)
+        # Each account's webhook feed: whether rules with webhooks = true keep fresh_for.
+        self.feeds = feeds or Feeds(tuple(settings.accounts), enabled=False)
         self.config = settings.cache
         # The live settings (a SIGHUP reload may change the rules); read per decision.
         self.current = current or (lambda: settings)
