@@ -36,6 +36,7 @@ from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.cache.webhooks.health import Feeds
 from proxy.cache.webhooks.receiver import Receiver
+from proxy.cache.webhooks.verifier import Verifier
 from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import Callers
@@ -215,6 +216,12 @@ async def _build(
     receiver = None
     if cache is not None and settings.webhooks.enabled:
         receiver = webhook_receiver(settings, live, cache, shared, metrics)
+        verifier = Verifier(
+            cache, live.settings, functools.partial(spare_budget, budget), metrics.webhooks,
+            shared if isinstance(shared, RedisBackend) else None,
+        )  # fmt: skip
+        verifying = asyncio.ensure_future(verifier.run())
+        stack.push_async_callback(_cancel, verifying)
     # The providers of the live snapshot at close (a reload may have replaced them).
     stack.push_async_callback(_stop_providers, live)
     for provider in providers.values():
@@ -245,9 +252,11 @@ def webhook_receiver(
     """Deliveries go through the cache's invalidator; event ids are remembered in Redis
     when it is shared (every replica then knows a delivery was applied)."""
     accounts = tuple(settings.accounts)
+    feeds = cache.feeds
     for name in accounts:
         metrics.webhooks.start(name)
-    feeds = cache.feeds
+        gauge = metrics.webhooks.feed_healthy.labels(name)
+        gauge.set_function(functools.partial(feeds.health_value, name))
     marks = shared if isinstance(shared, RedisBackend) else None
     return Receiver(live.settings, cache.invalidator, feeds, metrics.webhooks, marks)
 
@@ -301,6 +310,13 @@ async def build_cache(
         broadcast.listen(invalidator.received, invalidator.gap)
         stack.push_async_callback(broadcast.close)
     return cache
+
+
+def spare_budget(budget: Budget, account: str) -> bool:
+    """Room for a request nobody waits for: none waiting for the account, 2 tokens at hand
+    (until budget priorities add classes)."""
+    bucket = budget.account(account)
+    return bucket.waiting == 0 and bucket.available() >= 2
 
 
 def store_problem(store: CacheStore) -> Check:

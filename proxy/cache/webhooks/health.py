@@ -10,16 +10,19 @@ announced lately (the verifier asks whether a change Kounta reports was announce
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.cache.invalidation import Change
+from proxy.messages import ProxyRequest
 
 Reason = Literal["ok", "disabled", "missed"]
 # Changes remembered per account for the verifier's question (newest last).
 RECENT_CHANGES = 1024
+# Webhook-fresh reads remembered per account for the verifier to pick from.
+RECENT_READS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,8 @@ class Feed:
     recent: deque[tuple[float, Change]] = field(
         default_factory=lambda: deque(maxlen=RECENT_CHANGES)
     )
+    # cache key -> the request of a recent webhook-fresh hit, oldest first.
+    reads: OrderedDict[str, ProxyRequest] = field(default_factory=OrderedDict)
 
 
 class Feeds:
@@ -65,6 +70,27 @@ class Feeds:
         feed = self.feeds.get(account)
         return feed is not None and decide(feed.state, self.now()).healthy
 
+    def health_value(self, account: str) -> float:
+        """1.0 while healthy, else 0.0 (the gauge's value)."""
+        return 1.0 if self.healthy(account) else 0.0
+
+    def read(self, account: str, key: str, request: ProxyRequest) -> None:
+        """A webhook-fresh entry answered ``request``: the verifier may pick it."""
+        feed = self.feeds.get(account)
+        if feed is None:
+            return
+        feed.reads[key] = request
+        feed.reads.move_to_end(key)
+        while len(feed.reads) > RECENT_READS:
+            feed.reads.popitem(last=False)
+
+    def pick(self, account: str) -> tuple[str, ProxyRequest] | None:
+        """The most recent webhook-fresh read not yet verified (taken off the list)."""
+        feed = self.feeds.get(account)
+        if feed is None or not feed.reads:
+            return None
+        return feed.reads.popitem(last=True)
+
     def delivered(self, account: str, change: Change) -> None:
         feed = self.feeds.get(account)
         if feed is not None:
@@ -77,6 +103,13 @@ class Feeds:
         if feed is None:
             return False
         return any(at >= since and change.covers(account, path) for at, change in feed.recent)
+
+    def distrusted_for(self, account: str, seconds: float) -> None:
+        """Another replica distrusts the feed for ``seconds`` more (read from Redis)."""
+        feed = self.feeds.get(account)
+        if feed is not None and seconds > 0:
+            until = max(feed.state.distrusted_until, self.now() + seconds)
+            feed.state = FeedState(feed.state.enabled, until)
 
     def distrust(self, account: str, seconds: float) -> bool:
         """Distrust the feed for ``seconds`` from now; True if it was healthy before."""

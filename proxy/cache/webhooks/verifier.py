@@ -1,0 +1,134 @@
+"""The verifier: does the account's feed still tell every change?
+
+Every ``webhooks.verify_every`` seconds, for each account whose feed is trusted and whose
+budget has room to spare (no request waiting and at least 2 tokens at hand, so a caller's
+request is never delayed), it revalidates one recently read webhook-fresh entry with
+Kounta (``Cache-Control: no-cache`` through the cache, as caller ``webhook-verifier``: the
+new version, if any, is stored). When Kounta says the entry changed and no delivery
+covering it arrives within :data:`DELIVERY_GRACE` seconds of the check, a delivery was
+missed: the feed is distrusted for ``webhooks.distrust_for`` (in Redis too, so every
+replica distrusts it), counted (``kounta_proxy_webhook_missed_total``) and logged once.
+
+Once a second it also reads from Redis whether another replica distrusts a feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.cache.layer import Cache
+from proxy.logs import event
+from proxy.metrics_webhooks import WebhookMetrics
+from proxy.settings import Settings
+from proxy.shared.base import SharedUnavailable
+
+# How long a delivery may lag behind the change the verifier saw before it counts as missed.
+DELIVERY_GRACE = 10.0
+TICK = 1.0  # seconds between looks at the shared distrust marks
+CALLER = "webhook-verifier"
+VERIFY_TIMEOUT = 30.0
+
+
+class Distrust(Protocol):
+    async def webhook_distrust(self, account: str, ttl: float) -> None: ...
+
+    async def webhook_distrusted(self, account: str) -> float: ...
+
+
+class Verifier:
+    def __init__(
+        self,
+        cache: Cache,
+        current: Callable[[], Settings],
+        spare: Callable[[str], bool],
+        metrics: WebhookMetrics,
+        shared: Distrust | None = None,
+    ) -> None:
+        self.cache = cache
+        self.feeds = cache.feeds
+        self.current = current
+        self.spare = spare
+        self.metrics = metrics
+        self.shared = shared
+        self.last: dict[str, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            settings = self.current()
+            for account in settings.accounts:
+                await self._share(account)
+                every = settings.webhooks.verify_every
+                now = time.monotonic()
+                if every > 0 and now - self.last.get(account, 0.0) >= every:
+                    self.last[account] = now
+                    try:
+                        await self.verify(account)
+                    except Exception as e:  # the verifier must go on whatever happened
+                        event("webhook_verify_failed", logging.WARNING, account=account,
+                              error=type(e).__name__)  # fmt: skip
+
+    async def _share(self, account: str) -> None:
+        if self.shared is None:
+            return
+        with contextlib.suppress(SharedUnavailable):
+            self.feeds.distrusted_for(account, await self.shared.webhook_distrusted(account))
+
+    async def verify(self, account: str) -> str:
+        """One verification for ``account``; returns the result counted."""
+        result = await self._verify(account)
+        self.metrics.verifications.labels(account, result).inc()
+        return result
+
+    async def _verify(self, account: str) -> str:
+        if not self.feeds.healthy(account) or not self.spare(account):
+            return "skipped"
+        picked = self.feeds.pick(account)
+        if picked is None:
+            return "skipped"
+        key, request = picked
+        stored = await self.cache.entries.lookup(account, key)
+        if stored is None:
+            return "skipped"  # dropped since (a delivery, most likely)
+        started = self.feeds.now()
+        headers = CIMultiDict(request.headers)
+        headers["Cache-Control"] = "no-cache"
+        check = replace(
+            request,
+            method="GET",
+            headers=CIMultiDictProxy(headers),
+            caller=CALLER,
+            request_id=f"verify-{uuid.uuid4().hex[:12]}",
+            deadline=asyncio.get_running_loop().time() + VERIFY_TIMEOUT,
+        )
+        response = await self.cache.send(check)
+        await response.release()
+        new_etag = response.headers.get("ETag")
+        if response.status != 200 or response.cache_status == "REVALIDATED":
+            return "unchanged"
+        if new_etag is not None and new_etag == stored.entry.etag:
+            return "unchanged"
+        await asyncio.sleep(DELIVERY_GRACE)
+        if self.feeds.announced_since(account, started - DELIVERY_GRACE, stored.entry.path):
+            return "changed"
+        await self._missed(account, stored.entry.path)
+        return "missed"
+
+    async def _missed(self, account: str, path: str) -> None:
+        seconds = self.current().webhooks.distrust_for
+        self.metrics.missed.labels(account).inc()
+        if self.feeds.distrust(account, seconds):
+            event("webhook_missed_change", logging.WARNING, account=account, path=path,
+                  distrust_for=seconds)  # fmt: skip
+        if self.shared is not None:
+            with contextlib.suppress(SharedUnavailable):
+                await self.shared.webhook_distrust(account, seconds)
