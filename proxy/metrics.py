@@ -524,7 +524,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
+        # --- cache (recorded by proxy.cache: answers, exchange, tiers, store, shared, broadcast)
         self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
             "Cache outcomes, one per answer, by result (the answer's X-Cache: hit, miss, "

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.cache.invalidation import Change, Invalidation, Purge
+from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.shared import SharedUnavailable
 from proxy.shared.base import SharedEvents
@@ -173,7 +175,14 @@ class Broadcast:
     def _run(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Applying a change here failed (the disk): said once, never left unretrieved.
+            error = task.exception()
+            event("cache_broadcast_not_applied", logging.WARNING, error=type(error).__name__)
 
     async def close(self) -> None:
         for task in list(self.tasks):

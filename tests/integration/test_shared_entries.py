@@ -455,3 +455,63 @@ SPREAD = 0.002
 async def late(delay: float, work: Awaitable[T]) -> T:
     await asyncio.sleep(delay)
     return await work
+
+
+async def test_a_redis_restored_from_an_older_snapshot_resurrects_no_invalidated_record(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_proc: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """An operator's restore (SAVE, a write, then a restart from that snapshot) brings back
+    a record the write invalidated: a replica sees Redis's new epoch and purges what may be
+    stale, so neither replica answers the pre-write body again."""
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_proc.url, redis_prefix, 2)
+    one = ONE.format(await first_id(client, a))
+    old = (await get(client, a.url + one))[2]
+    await asyncio.sleep(0.05)
+    assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"  # from Redis
+    redis = aioredis.Redis.from_url(redis_proc.url)
+    try:
+        await redis.save()  # the snapshot holds the entry
+    finally:
+        await redis.aclose()
+    async with client.put(a.url + one, json={"first_name": "Zed"}) as r:
+        assert r.status == 200
+    assert b"Zed" in (await get(client, b.url + one))[2]
+    redis_proc.stop()  # no save on the way down: the snapshot is what comes back
+    redis_proc.start()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for proxy in (a, b):
+            status, headers, body = await get(client, proxy.url + one)
+            assert status == 200
+            assert body != old, f"{proxy.url} answered the invalidated record ({headers})"
+        await asyncio.sleep(0.05)
+    assert sum(sample(p, "kounta_proxy_shared_epoch_changes_total") for p in (a, b)) >= 1
+
+
+async def test_a_redis_that_lost_its_data_is_a_new_epoch_and_every_replica_purges(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    await get(client, a.url + LIST)
+    await asyncio.sleep(0.05)
+    assert (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT"
+    assert await redis_client.get(f"{redis_prefix}:epoch") is not None
+    await redis_client.delete(f"{redis_prefix}:epoch")  # as after a FLUSHALL
+    deadline = time.monotonic() + 3
+    while sum(sample(p, "kounta_proxy_shared_epoch_changes_total") for p in (a, b)) < 2:
+        assert time.monotonic() < deadline, "a lost epoch went unnoticed"
+        await asyncio.sleep(0.05)
+    while (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT":
+        assert time.monotonic() < deadline, "B kept what an older epoch gave it"
+        await asyncio.sleep(0.05)
