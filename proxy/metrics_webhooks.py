@@ -63,6 +63,15 @@ class WebhookMetrics:
             registry=registry,
         )
 
+        self.registered = Gauge(
+            "kounta_proxy_webhook_registered",
+            "Webhooks registered at this proxy's address (webhooks.address) for the account, "
+            "as the last registration check found (webhooks.check_every); 0: none, the feed "
+            "is distrusted.",
+            ["account"],
+            registry=registry,
+        )
+
     def start(self, account: str) -> None:
         """Series at 0 for a configured account (so increase() sees the first event)."""
         self.missed.labels(account)

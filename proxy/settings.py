@@ -644,6 +644,9 @@ class WebhookSettings:
     distrust_for: float = 600.0
     # Seconds between verifier revalidations (spare budget only); 0: no verifier.
     verify_every: float = 60.0
+    # Seconds between checks that the account's webhooks are registered at `address`
+    # (spare budget only; needs address); 0: never.
+    check_every: float = 600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -653,7 +656,7 @@ class WebhookSettings:
         if not self.path.startswith("/") or self.path.endswith("/") or "?" in self.path:
             raise Invalid("path", f"must start with '/' and not end with one, got {self.path!r}")
         _positive(self, "max_body_size", "event_ttl")
-        _not_negative(self, "distrust_for", "verify_every")
+        _not_negative(self, "distrust_for", "verify_every", "check_every")
         if not re.fullmatch(r"[A-Za-z0-9-]+", self.signature_header):
             raise Invalid(
                 "signature_header", f"must be a header name, got {self.signature_header!r}"

@@ -218,7 +218,7 @@ async def _build(
         receiver = webhook_receiver(settings, live, cache, shared, metrics)
         verifier = Verifier(
             cache, live.settings, functools.partial(spare_budget, budget), metrics.webhooks,
-            shared if isinstance(shared, RedisBackend) else None,
+            shared if isinstance(shared, RedisBackend) else None, retry,
         )  # fmt: skip
         verifying = asyncio.ensure_future(verifier.run())
         stack.push_async_callback(_cancel, verifying)

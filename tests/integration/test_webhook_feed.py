@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from proxy.cache.webhooks import verifier
-from proxy.settings import CacheRule, CacheSettings
-from tests.conftest import MakeProxy, proxy_settings, serve_handler
+from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
+from tests.conftest import TOKEN, MakeProxy, Sandbox, proxy_settings, serve_handler
 from tests.integration.test_webhooks import PRODUCTS, Hooked, Upstream, start_hooked
 
 
@@ -121,3 +121,47 @@ async def test_without_webhooks_a_webhook_rule_uses_its_fallback(
         assert (await read(url))[0] == "REVALIDATED"
     finally:
         await runner.cleanup()
+
+
+async def test_the_registration_check_distrusts_a_feed_with_no_webhook_at_the_address(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(verifier, "TICK", 0.05)
+    address = "https://hooks.example.com"
+    hooks = WebhookSettings(
+        enabled=True, port=0, secret=Secret("s" * 20), address=address, check_every=0.1
+    )
+    rule = CacheRule(path="/v1/*", fresh_for=3600, webhooks=True)
+    settings = dataclasses.replace(
+        proxy_settings(sandbox.url, tmp_path), cache=CacheSettings(rules=(rule,)), webhooks=hooks
+    )
+    proxy = await make_proxy(settings)
+
+    def gauge(name: str) -> float | None:
+        return proxy.registry.get_sample_value(name, {"account": "main"})
+
+    async def until(name: str, value: float) -> None:
+        deadline = asyncio.get_running_loop().time() + 5
+        while gauge(name) != value:
+            assert asyncio.get_running_loop().time() < deadline, (name, gauge(name))
+            await asyncio.sleep(0.05)
+
+    await until("kounta_proxy_webhook_registered", 0)
+    assert gauge("kounta_proxy_webhook_feed_healthy") == 0
+    body = {"topic": "products/updated", "address": f"{address}/webhooks/kounta/main"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{sandbox.url}/v1/companies/5001/webhooks",
+            json=body,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as r,
+    ):
+        assert r.status == 201
+    await until("kounta_proxy_webhook_registered", 1)
+    assert gauge("kounta_proxy_webhook_feed_healthy") == 1
+    # The checks were the verifier's own requests, and went below the cache.
+    assert sandbox.state.served(path="/v1/companies/me/webhooks.json") >= 2

@@ -17,6 +17,11 @@ from proxy.cache.webhooks.health import Feeds, FeedState, Health, decide
         (FeedState(distrusted_until=1600.0), 1599.9, Health(False, "missed")),
         (FeedState(distrusted_until=1600.0), 1600.0, Health(True, "ok")),
         (FeedState(enabled=False, distrusted_until=1600.0), 2000.0, Health(False, "disabled")),
+        (FeedState(registered=False), 1000.0, Health(False, "unregistered")),
+        (FeedState(registered=True), 1000.0, Health(True, "ok")),
+        (FeedState(registered=None), 1000.0, Health(True, "ok")),
+        (FeedState(registered=True, distrusted_until=1600.0), 1000.0, Health(False, "missed")),
+        (FeedState(enabled=False, registered=False), 1000.0, Health(False, "disabled")),
     ],
 )
 def test_decide(state: FeedState, now: float, health: Health) -> None:
@@ -33,6 +38,14 @@ def test_feeds_distrust_and_recover() -> None:
     assert not feeds.healthy("a") and feeds.healthy("b")
     now[0] = 1600.0
     assert feeds.healthy("a")
+
+
+def test_a_registration_check_changes_the_state_only_when_it_finds_otherwise() -> None:
+    feeds = Feeds(("a",), enabled=True)
+    assert feeds.registered("a", False) is True and not feeds.healthy("a")
+    assert feeds.registered("a", False) is False
+    assert feeds.registered("a", True) is True and feeds.healthy("a")
+    assert feeds.registered("nobody", True) is False
 
 
 def test_announced_since() -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from proxy.cache.invalidation import Change
 from proxy.messages import ProxyRequest
 
-Reason = Literal["ok", "disabled", "missed"]
+Reason = Literal["ok", "disabled", "missed", "unregistered"]
 # Changes remembered per account for the verifier's question (newest last).
 RECENT_CHANGES = 1024
 # Webhook-fresh reads remembered per account for the verifier to pick from.
@@ -29,6 +29,8 @@ RECENT_READS = 64
 class FeedState:
     enabled: bool = True
     distrusted_until: float = 0.0  # wall clock; 0: never distrusted
+    # What the last registration check found: None not checked (yet, or no address).
+    registered: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class Health:
 def decide(state: FeedState, now: float) -> Health:
     if not state.enabled:
         return Health(False, "disabled")
+    if state.registered is False:
+        return Health(False, "unregistered")
     if now < state.distrusted_until:
         return Health(False, "missed")
     return Health(True, "ok")
@@ -109,7 +113,15 @@ class Feeds:
         feed = self.feeds.get(account)
         if feed is not None and seconds > 0:
             until = max(feed.state.distrusted_until, self.now() + seconds)
-            feed.state = FeedState(feed.state.enabled, until)
+            feed.state = replace(feed.state, distrusted_until=until)
+
+    def registered(self, account: str, found: bool) -> bool:
+        """The registration check's finding; True if it changes the state."""
+        feed = self.feeds.get(account)
+        if feed is None or feed.state.registered is found:
+            return False
+        feed.state = replace(feed.state, registered=found)
+        return True
 
     def distrust(self, account: str, seconds: float) -> bool:
         """Distrust the feed for ``seconds`` from now; True if it was healthy before."""
@@ -118,5 +130,5 @@ class Feeds:
             return False
         was = decide(feed.state, self.now()).healthy
         until = max(feed.state.distrusted_until, self.now() + seconds)
-        feed.state = FeedState(feed.state.enabled, until)
+        feed.state = replace(feed.state, distrusted_until=until)
         return was

@@ -78,9 +78,10 @@ class Answer:
 class Kounta:
     """JSON requests for one account through the given layers."""
 
-    def __init__(self, layer: Layer, account: str) -> None:
+    def __init__(self, layer: Layer, account: str, caller: str = CALLER) -> None:
         self.layer = layer
         self.account = account
+        self.caller = caller
 
     async def call(self, method: str, path: str, body: object = None, query: str = "") -> Answer:
         headers = CIMultiDict({"Accept": "application/json"})
@@ -95,8 +96,8 @@ class Kounta:
             headers=CIMultiDictProxy(headers),
             body=raw,
             account=self.account,
-            caller=CALLER,
-            request_id=f"cli-{uuid.uuid4().hex[:12]}",
+            caller=self.caller,
+            request_id=f"{self.caller}-{uuid.uuid4().hex[:12]}",
             deadline=asyncio.get_running_loop().time() + TIMEOUT,
         )
         response = await self.layer.send(request)

@@ -26,7 +26,10 @@ from typing import Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.layer import Cache
+from proxy.cache.webhooks import registration
+from proxy.errors import ProxyError
 from proxy.logs import event
+from proxy.messages import Layer
 from proxy.metrics_webhooks import WebhookMetrics
 from proxy.settings import Settings
 from proxy.shared.base import SharedUnavailable
@@ -52,14 +55,18 @@ class Verifier:
         spare: Callable[[str], bool],
         metrics: WebhookMetrics,
         shared: Distrust | None = None,
+        inner: Layer | None = None,
     ) -> None:
+        """``inner``: the layers below the cache, for the registration check."""
         self.cache = cache
         self.feeds = cache.feeds
         self.current = current
         self.spare = spare
         self.metrics = metrics
         self.shared = shared
+        self.inner = inner
         self.last: dict[str, float] = {}
+        self.last_check: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
@@ -76,6 +83,31 @@ class Verifier:
                     except Exception as e:  # the verifier must go on whatever happened
                         event("webhook_verify_failed", logging.WARNING, account=account,
                               error=type(e).__name__)  # fmt: skip
+                check = settings.webhooks.check_every
+                due = now - self.last_check.get(account, -check) >= check
+                if check > 0 and due and settings.webhooks.address and self.spare(account):
+                    self.last_check[account] = now
+                    await self.check(account)
+
+    async def check(self, account: str) -> int | None:
+        """Count the account's webhooks at this proxy's address; none: the feed is
+        distrusted until a check finds one. None when the check could not be made."""
+        if self.inner is None:
+            return None
+        settings = self.current()
+        try:
+            address = registration.address_for(settings, account, None)
+            found = await registration.Kounta(self.inner, account, CALLER).webhooks()
+        except (registration.RegistrationError, ProxyError) as e:
+            event("webhook_check_failed", logging.WARNING, account=account, error=str(e)[:200])
+            return None
+        count = sum(1 for hook in found if hook.get("address") == address)
+        self.metrics.registered.labels(account).set(count)
+        if self.feeds.registered(account, count > 0):
+            level = logging.INFO if count else logging.WARNING
+            event("webhook_registration", level, account=account, registered=count,
+                  address=address)  # fmt: skip
+        return count
 
     async def _share(self, account: str) -> None:
         if self.shared is None:
