@@ -52,7 +52,9 @@ async def test_a_missed_change_distrusts_the_feed_and_the_fallback_applies(quick
         await read(url)  # keeps the entry among the recent webhook-fresh reads
         await asyncio.sleep(0.05)
     assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 0
-    # fallback_fresh_for = 0: every read asks Kounta now, and says why.
+    # The stale entry was dropped at once; then fallback_fresh_for = 0: every read asks
+    # Kounta, and says why.
+    assert (await read(url))[0] == "MISS"
     before = h.upstream.hits[f"{PRODUCTS}/12"]
     cache, status = await read(url)
     assert cache == "REVALIDATED"

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.webhooks import verifier
 from proxy.edge.services import SERVICES
 from proxy.listener import bound_port
 from proxy.ops.lifecycle import start_webhooks
@@ -110,3 +112,52 @@ async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_s
             await redis.aclose()
     finally:
         await hooks.cleanup()
+
+
+async def test_a_missed_change_found_by_one_replica_distrusts_the_feed_on_both(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(verifier, "TICK", 0.05)
+    monkeypatch.setattr(verifier, "DELIVERY_GRACE", 0.3)
+    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+    proxies: list[Proxy] = []
+    for name, every in (("a", 0.1), ("b", 0.0)):
+        settings = proxy_settings(
+            sandbox.url,
+            tmp_path / name,
+            cache=CacheSettings(rules=(rule,)),
+            shared=SharedSettings(
+                backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3
+            ),
+            webhooks=WebhookSettings(
+                enabled=True, port=0, secret=Secret(SECRET), verify_every=every
+            ),
+        )
+        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
+    a, b = proxies
+    product = sandbox.state.store["products"].ids[0]
+    path = f"/v1/companies/5001/products/{product}.json"
+    for proxy in (a, b):
+        await get(client, proxy.url + path)
+    # Changed at a till, and no webhook is registered: no delivery will come.
+    sandbox.state.store.touch("products", product)
+    healthy = "kounta_proxy_webhook_feed_healthy"
+    deadline = time.monotonic() + 5
+    while b.registry.get_sample_value(healthy, {"account": "main"}) != 0:
+        assert time.monotonic() < deadline, "replica b still trusts the feed"
+        await get(client, a.url + path)  # a's verifier picks a recent webhook-fresh read
+        await asyncio.sleep(0.05)
+    assert a.registry.get_sample_value(healthy, {"account": "main"}) == 0
+    assert (
+        a.registry.get_sample_value("kounta_proxy_webhook_missed_total", {"account": "main"}) == 1
+    )
+    # b dropped its old copy (the verifier's invalidation) and asks Kounta from now on.
+    cache, record = await get(client, b.url + path)
+    assert cache in ("MISS", "REVALIDATED")
+    assert record["updated_at"] == sandbox.state.store["products"].records[product]["updated_at"]

@@ -3,11 +3,12 @@
 Every ``webhooks.verify_every`` seconds, for each account whose feed is trusted and whose
 budget has room to spare (no request waiting and at least 2 tokens at hand, so a caller's
 request is never delayed), it revalidates one recently read webhook-fresh entry with
-Kounta (``Cache-Control: no-cache`` through the cache, as caller ``webhook-verifier``: the
-new version, if any, is stored). When Kounta says the entry changed and no delivery
-covering it arrives within :data:`DELIVERY_GRACE` seconds of the check, a delivery was
-missed: the feed is distrusted for ``webhooks.distrust_for`` (in Redis too, so every
-replica distrusts it), counted (``kounta_proxy_webhook_missed_total``) and logged once.
+Kounta (``If-None-Match`` through the layers below the cache, as caller
+``webhook-verifier``, so no cache tier answers for Kounta). When Kounta says the entry
+changed and no delivery covering it arrives within :data:`DELIVERY_GRACE` seconds of the
+check, a delivery was missed: the entry is invalidated on every replica, the feed is
+distrusted for ``webhooks.distrust_for`` (in Redis too, so every replica distrusts it),
+counted (``kounta_proxy_webhook_missed_total``) and logged once.
 
 Once a second it also reads from Redis whether another replica distrusts a feed.
 """
@@ -25,6 +26,7 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.layer import Cache
 from proxy.cache.webhooks import registration
 from proxy.errors import ProxyError
@@ -131,9 +133,12 @@ class Verifier:
         stored = await self.cache.entries.lookup(account, key)
         if stored is None:
             return "skipped"  # dropped since (a delivery, most likely)
+        etag = stored.entry.etag
+        if etag is None or self.inner is None:
+            return "skipped"  # nothing to compare with
         started = self.feeds.now()
         headers = CIMultiDict(request.headers)
-        headers["Cache-Control"] = "no-cache"
+        headers["If-None-Match"] = etag
         check = replace(
             request,
             method="GET",
@@ -142,17 +147,18 @@ class Verifier:
             request_id=f"verify-{uuid.uuid4().hex[:12]}",
             deadline=asyncio.get_running_loop().time() + VERIFY_TIMEOUT,
         )
-        response = await self.cache.send(check)
+        # Below the cache: neither this process's tiers nor Redis may answer for Kounta.
+        response = await self.inner.send(check)
         await response.release()
-        new_etag = response.headers.get("ETag")
-        if response.status != 200 or response.cache_status == "REVALIDATED":
-            return "unchanged"
-        if new_etag is not None and new_etag == stored.entry.etag:
-            return "unchanged"
+        if response.status != 200 or response.headers.get("ETag") == etag:
+            return "unchanged"  # 304 (or an answer that says nothing)
+        path = stored.entry.path
         await asyncio.sleep(DELIVERY_GRACE)
-        if self.feeds.announced_since(account, started - DELIVERY_GRACE, stored.entry.path):
+        if self.feeds.announced_since(account, started - DELIVERY_GRACE, path):
             return "changed"
-        await self._missed(account, stored.entry.path)
+        # Missed: the stale entry goes everywhere at once, then the feed is distrusted.
+        await self.cache.invalidator.apply(Invalidation(account, frozenset({normalise_path(path)})))
+        await self._missed(account, path)
         return "missed"
 
     async def _missed(self, account: str, path: str) -> None:
