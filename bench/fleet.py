@@ -40,6 +40,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -305,6 +306,11 @@ def _pct(values: list[float], pct: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--webhooks" in argv:  # the webhooks scenario (bench/fleet_webhooks.py)
+        from bench import fleet_webhooks
+
+        return fleet_webhooks.main([a for a in argv if a != "--webhooks"])
     tally = asyncio.run(run(arguments(argv)))
     return 1 if tally.statuses.get(429, 0) else 0
 

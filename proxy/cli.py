@@ -1,13 +1,15 @@
-"""``kounta-proxy``: serve, check-config, sandbox, demo, authorize, cache."""
+"""``kounta-proxy``: serve, check-config, sandbox, demo, authorize, cache, webhooks."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shlex
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +17,12 @@ from proxy import __version__
 from proxy.auth import authorize as flow
 from proxy.auth.providers import token_path
 from proxy.cache.admin import run_cli
+from proxy.cache.webhooks import registration
+from proxy.edge.services import build, close
+from proxy.errors import ProxyError
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import configure, event, set_worker, worker_from_env
+from proxy.metrics import Metrics, Registry
 from proxy.ops import lifecycle, workers
 from proxy.ops.admin import exposure_warning
 from proxy.sandbox import SandboxConfig, create_sandbox_app
@@ -114,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _authorize_parser(sub)
     _cache_parser(sub)
+    _webhooks_parser(sub)
     return p
 
 
@@ -129,6 +136,26 @@ def _cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _config_arg(cache)
     cache.add_argument("--prefix", default="", help="purge only paths starting with this")
     cache.add_argument("--account", default=None, help="purge only this account's entries")
+
+
+def _webhooks_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    hooks = sub.add_parser(
+        "webhooks",
+        help="register, list or remove the account's Kounta webhooks",
+        description="sync: register the webhooks.subscribe topics at the address (a second "
+        "run changes nothing; a topic Kounta refuses is reported and skipped); list: the "
+        "company's webhooks; remove: delete those at the address. Through the account's "
+        "credentials and rate budget (docs/webhooks.md).",
+    )
+    hooks.add_argument("action", choices=("sync", "list", "remove"), help="what to do")
+    _config_arg(hooks)
+    hooks.add_argument("--account", default=None, help="account name (default: the default)")
+    hooks.add_argument(
+        "--address", default=None, help="https URL of the webhook listener (webhooks.address)"
+    )
+    hooks.add_argument(
+        "--dry-run", action="store_true", help="say what would change, change nothing"
+    )
 
 
 def _authorize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -181,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return authorize(args)
         if args.command == "cache":
             return run_cli(load(args.config), args.action, args.prefix, args.account)
+        if args.command == "webhooks":
+            return webhooks_command(args)
         if args.command == "demo":
             return demo(args.port, args.sandbox_port, args.state_dir, args.admin_port)
     except ConfigError as e:
@@ -220,6 +249,44 @@ def authorize(args: argparse.Namespace) -> int:
     print(f"Authorized account {name!r}: token saved to {where}{lifetime}", flush=True)
     event("authorized", account=name, saved_to=where)
     return 0
+
+
+def webhooks_command(args: argparse.Namespace) -> int:
+    settings = require_accounts(load(args.config))
+    name = args.account or settings.account_name
+    if name not in settings.accounts:
+        raise ConfigError("--account", f"names no account: {name!r}")
+    configure(settings.log.level, settings.log.format)
+    try:
+        address = None
+        if args.action != "list" or args.address or settings.webhooks.address:
+            address = registration.address_for(settings, name, args.address)
+        return asyncio.run(_webhooks(settings, name, args.action, address, args.dry_run))
+    except (registration.RegistrationError, ProxyError) as e:
+        print(f"{PROG}: webhooks {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
+async def _webhooks(
+    settings: Settings, name: str, action: str, address: str | None, dry_run: bool
+) -> int:
+    """Through the proxy's own pipeline below the cache: retry, credentials, budget."""
+    tool = dataclasses.replace(
+        settings,
+        cache=dataclasses.replace(settings.cache, enabled=False),
+        webhooks=dataclasses.replace(settings.webhooks, enabled=False),
+    )
+    services = await build(tool, Metrics(Registry()), time.time)
+    try:
+        kounta = registration.Kounta(services.pipeline, name)
+        if action == "list":
+            return await registration.show(kounta, address)
+        assert address is not None
+        if action == "remove":
+            return await registration.remove(kounta, address, dry_run=dry_run)
+        return await registration.sync(kounta, settings, address, dry_run=dry_run)
+    finally:
+        await close(services)
 
 
 def require_accounts(settings: Settings) -> Settings:

@@ -31,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.metrics_webhooks import WebhookMetrics
 
 # The states of an account's circuit breaker, one-hot like the token's (``state`` label).
 BREAKER_STATES = ("closed", "half_open", "open")
@@ -629,6 +630,7 @@ class Metrics:
             ["caller"],
             registry=registry,
         )
+        self.webhooks = WebhookMetrics(registry)
 
 
 def config_hash(data: object) -> str:

@@ -308,6 +308,9 @@ class AccountSettings:
     # The account's weight in the local cache tiers: it holds at most cache.max_size (and
     # cache.memory_size) * cache_share / the sum of all accounts' cache_share.
     cache_share: float = 1.0
+    # The Bearer secret Kounta sends back with this account's webhook deliveries (from
+    # webhook_secret_file); empty: webhooks.secret.
+    webhook_secret: Secret = Secret("")
 
     def __post_init__(self) -> None:
         if not self.cache_share > 0:
@@ -539,11 +542,19 @@ class CacheRule:
     stale_if_error: float = 0.0
     # Seconds past freshness a stored response answers at once while it is refreshed.
     stale_while_revalidate: float = 0.0
+    # fresh_for holds only while the account's webhook feed is healthy (docs/webhooks.md);
+    # otherwise fallback_fresh_for (0: revalidate every time).
+    webhooks: bool = False
+    fallback_fresh_for: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
             raise Invalid("path", f"must be a path glob starting with '/', got {self.path!r}")
-        _not_negative(self, "fresh_for", "stale_if_error", "stale_while_revalidate")
+        _not_negative(
+            self, "fresh_for", "stale_if_error", "stale_while_revalidate", "fallback_fresh_for"
+        )
+        if self.fallback_fresh_for > self.fresh_for:
+            raise Invalid("fallback_fresh_for", "must not exceed fresh_for")
 
 
 @dataclass(frozen=True)
@@ -576,6 +587,82 @@ class CacheSettings:
 
     def directory(self, state_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "cache"
+
+
+@dataclass(frozen=True)
+class WebhookTopic:
+    """What deliveries of the topics ``topic`` (a glob: ``orders/*``) purge, beside or
+    instead of the built-in map: path patterns with ``{company}``, ``{id}``, ``{site}``."""
+
+    topic: str = ""
+    purge: tuple[str, ...] = ()
+    # true: these patterns instead of the built-in ones; false: as well.
+    replace: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.topic or any(c.isspace() for c in self.topic):
+            raise Invalid("topic", f"must be a topic name or glob, got {self.topic!r}")
+        for pattern in self.purge:
+            if not pattern.startswith("/"):
+                raise Invalid("purge", f"must hold path patterns starting with '/': {pattern!r}")
+            unknown = set(re.findall(r"{([^}]*)}", pattern)) - {"company", "id", "site"}
+            if unknown:
+                raise Invalid("purge", f"unknown placeholder {{{sorted(unknown)[0]}}}")
+
+
+WebhookSignature = Literal["off", "hmac-sha256"]
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Deliveries from Kounta's webhooks, on a listener of their own (docs/webhooks.md)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9466
+    # Deliveries for account NAME arrive at {path}/NAME.
+    path: str = "/webhooks/kounta"
+    # Kounta sends it back as "Authorization: Bearer <secret>" (from secret_file); per
+    # account: [accounts.NAME] webhook_secret.
+    secret: Secret = Secret("")
+    max_body_size: int = 1024**2
+    # Kounta's own signature (HMAC-SHA256 over the raw body, hex or base64), checked when
+    # "hmac-sha256"; the key is the account's client_secret unless signature_key(_file).
+    signature: WebhookSignature = "off"
+    signature_header: str = "X-Kounta-Signature"
+    signature_key: Secret = Secret("")
+    topics: tuple[WebhookTopic, ...] = ()
+    # Topics `webhooks sync` registers; empty: created/updated/deleted of every mapped
+    # family, and orders/completed.
+    subscribe: tuple[str, ...] = ()
+    # Where Kounta reaches the listener (https unless loopback), for `webhooks sync`;
+    # {path}/NAME is added. --address overrides it.
+    address: str = ""
+    # Seconds an event id is remembered (a repeated delivery is applied once).
+    event_ttl: float = 86400.0
+    # After a missed change, seconds the account's feed is distrusted.
+    distrust_for: float = 600.0
+    # Seconds between verifier revalidations (spare budget only); 0: no verifier.
+    verify_every: float = 60.0
+    # Seconds between checks that the account's webhooks are registered at `address`
+    # (spare budget only; needs address); 0: never.
+    check_every: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise Invalid("port", f"must be between 0 and 65535, got {self.port}")
+        if not self.host:
+            raise Invalid("host", "must not be empty")
+        if not self.path.startswith("/") or self.path.endswith("/") or "?" in self.path:
+            raise Invalid("path", f"must start with '/' and not end with one, got {self.path!r}")
+        _positive(self, "max_body_size", "event_ttl")
+        _not_negative(self, "distrust_for", "verify_every", "check_every")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", self.signature_header):
+            raise Invalid(
+                "signature_header", f"must be a header name, got {self.signature_header!r}"
+            )
+        if self.address:
+            _check_http_url("address", self.address, https_unless_loopback=True)
 
 
 SharedBackendName = Literal["local", "redis"]
@@ -666,12 +753,14 @@ class Settings:
     callers: dict[str, CallerSettings] = field(default_factory=dict)
     shared: SharedSettings = field(default_factory=SharedSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     def __post_init__(self) -> None:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
         _check_callers(self)
         _check_ports(self)
+        _check_webhooks(self)
         if self.inbound.key_header.lower() in self.upstream.forwarded:
             raise Invalid(
                 "upstream.forward_headers",
@@ -690,6 +779,37 @@ def _check_ports(settings: Settings) -> None:
         raise Invalid(
             "admin.port",
             f"is the same as server.port ({server.port}); the admin listener needs its own port",
+        )
+
+
+def _check_webhooks(settings: Settings) -> None:
+    hooks = settings.webhooks
+    if not hooks.enabled:
+        return
+    if not settings.cache.enabled:
+        raise Invalid("webhooks.enabled", "needs cache.enabled = true (deliveries purge the cache)")
+    for name, account in sorted(settings.accounts.items()):
+        if not (account.webhook_secret or hooks.secret):
+            raise Invalid(
+                "webhooks.secret",
+                f"is required when webhooks are enabled (account {name!r} has no "
+                "webhook_secret); set webhooks.secret_file or accounts.NAME.webhook_secret_file",
+            )
+        key = hooks.signature_key or account.client_secret
+        if hooks.signature == "hmac-sha256" and not key:
+            raise Invalid(
+                "webhooks.signature_key",
+                f"is required with signature = 'hmac-sha256' for account {name!r}, which has "
+                "no client_secret",
+            )
+    taken = {settings.server.port: "server.port"}
+    if settings.admin.enabled and not settings.admin.socket:
+        taken[settings.admin.port] = "admin.port"
+    if hooks.port and hooks.port in taken:
+        raise Invalid(
+            "webhooks.port",
+            f"is the same as {taken[hooks.port]} ({hooks.port}); deliveries need their own "
+            "listener",
         )
 
 

@@ -48,7 +48,7 @@ def exported_metrics() -> dict[str, frozenset[str]]:
     metrics = Metrics(CollectorRegistry())
     metrics.watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
     declared: dict[str, set[str]] = {}
-    for value in vars(metrics).values():
+    for value in [*vars(metrics).values(), *vars(metrics.webhooks).values()]:
         name = getattr(value, "_name", None) or getattr(value, "name", None)
         labels = getattr(value, "_labelnames", None) or getattr(value, "labelnames", None)
         if isinstance(name, str) and labels is not None:

@@ -145,6 +145,10 @@ class Invalidator:
             # Account None: every account. When Redis is away it is kept and replayed, and
             # then told to the other replicas again (their copies of Redis' may be old).
             await self.shared.drop(_account(change), change.covers, self._resend(change))
+            # A lookup here between the two may have read Redis' old copy back into this
+            # process (the store's sequence had moved already): drop it again, now that
+            # Redis holds none.
+            removed += await self.local.apply(change)
         if self.announcer is not None:
             await self.announcer.publish(change)
         return removed

@@ -45,9 +45,11 @@ from proxy.cache.policy import (
     not_modified,
     not_modified_headers,
     request_control,
+    rule_for,
 )
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries
+from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import trace
@@ -71,6 +73,7 @@ class Cache:
         *,
         flights: Flights | None = None,
         invalidator: Invalidator | None = None,
+        feeds: Feeds | None = None,
     ) -> None:
         """``entries``: the tier (a bare store: this process's own, for tests and tools);
         ``flights``: the registry the tier cancels in; ``invalidator``: where writes go
@@ -81,6 +84,8 @@ class Cache:
             entries = LocalEntries(entries, self.flights, metrics)
         self.entries = entries
         self.invalidator = invalidator or Invalidator(entries)
+        # Each account's webhook feed: whether rules with webhooks = true keep fresh_for.
+        self.feeds = feeds or Feeds(tuple(settings.accounts), enabled=False)
         self.config = settings.cache
         # The live settings (a SIGHUP reload may change the rules); read per decision.
         self.current = current or (lambda: settings)
@@ -120,14 +125,36 @@ class Cache:
             refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
 
+    def _webhook_fresh(self, account: str, stored: Stored | None) -> tuple[Stored | None, str]:
+        """A webhook rule's entry, its freshness capped to ``fallback_fresh_for`` while the
+        account's feed is distrusted, and the Cache-Status detail saying which ("": no
+        webhook rule)."""
+        if stored is None:
+            return None, ""
+        rule = _webhook_rule(stored.entry.path, self.rules())
+        if rule is None:
+            return stored, ""
+        if self.feeds.healthy(account):
+            return stored, "webhooks"
+        entry = stored.entry
+        capped = replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
+        return replace(stored, entry=capped), "webhooks-fallback"
+
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
     ) -> ProxyResponse:
+        original = stored
+        stored, hooks = self._webhook_fresh(request.account, stored)
         decision = lookup(stored.entry if stored else None, request.headers, control, self.clock())
         if isinstance(decision, FreshHit):
             assert stored is not None
             self.answers.count("hit", "fresh")
-            return self.answers.from_store(request, stored, "HIT", decision.age)
+            answer = self.answers.from_store(request, stored, "HIT", decision.age)
+            if hooks:
+                answer.cache_detail = f"hit; detail={hooks}"
+                if hooks == "webhooks":
+                    self.feeds.read(request.account, key, request)
+            return answer
         if isinstance(decision, ServeStale):
             assert stored is not None
             self.answers.count("stale", "while_revalidate" if decision.refresh else "max_stale")
@@ -145,14 +172,14 @@ class Cache:
         if isinstance(decision, Revalidate | Miss):
             # Another request may have stored it while this one read the disk.
             newer = self.entries.hot(key)
-            if newer is not None and newer is not stored:
+            if newer is not None and newer is not original:
                 return await self._decide(request, control, key, newer)
             usable = isinstance(decision, Revalidate) or decision.stale is not None
             # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
             fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
             answer = await self._fetch(request, key, stored if usable else None, decision)
             if not answer.cache_detail and answer.cache_status != "BYPASS":
-                answer.cache_detail = f"fwd={fwd}"
+                answer.cache_detail = f"fwd={fwd}" + (f"; detail={hooks}" if hooks else "")
             return answer
         assert_never(decision)
 
@@ -178,6 +205,8 @@ class Cache:
         entry = stored.entry
         if entry.status != 200 or entry.vary:  # extra Vary names: compared the long way
             return None
+        if _webhook_rule(entry.path, self.rules()) is not None:
+            return None  # the feed's health decides, and Cache-Status says so: the long way
         fresh = fresh_age(entry, self.clock())
         if fresh is None:
             return None
@@ -301,3 +330,10 @@ class Cache:
 def _key(account: str, path: str, query: str, *selecting: str | None) -> str:
     sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
     return cache_key(account, path, query, sent)
+
+
+@functools.lru_cache(maxsize=4096)
+def _webhook_rule(path: str, rules: tuple[CacheRule, ...]) -> CacheRule | None:
+    """The rule for ``path`` if it opts in to webhooks (``webhooks = true``)."""
+    rule = rule_for(path, rules)
+    return rule if rule is not None and rule.webhooks else None

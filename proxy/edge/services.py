@@ -34,6 +34,9 @@ from proxy.cache.layer import Cache
 from proxy.cache.shared import SharedEntries
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
+from proxy.cache.webhooks.health import Feeds
+from proxy.cache.webhooks.receiver import Receiver
+from proxy.cache.webhooks.verifier import Verifier
 from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import Callers
@@ -45,6 +48,7 @@ from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
 from proxy.settings import Settings, masked
 from proxy.shared import Backend, open_backend
+from proxy.shared.redis_backend import RedisBackend
 
 # A readiness check: None when fine, else one line saying what is wrong.
 Check = Callable[[], str | None]
@@ -123,6 +127,8 @@ class Services:
     # What build() opened, in order; close() unwinds it.
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     state: RunState = field(default_factory=RunState)
+    # Webhook deliveries (its own listener; None unless webhooks.enabled).
+    webhooks: Receiver | None = None
 
     @property
     def callers(self) -> Callers:
@@ -207,6 +213,15 @@ async def _build(
         admin_routes += cache_admin.routes(store, cache.invalidator, tuple(settings.accounts))
         watcher = asyncio.ensure_future(watch_store(store, metrics))
         stack.push_async_callback(_cancel, watcher)
+    receiver = None
+    if cache is not None and settings.webhooks.enabled:
+        receiver = webhook_receiver(settings, live, cache, shared, metrics)
+        verifier = Verifier(
+            cache, live.settings, functools.partial(spare_budget, budget), metrics.webhooks,
+            shared if isinstance(shared, RedisBackend) else None, retry,
+        )  # fmt: skip
+        verifying = asyncio.ensure_future(verifier.run())
+        stack.push_async_callback(_cancel, verifying)
     # The providers of the live snapshot at close (a reload may have replaced them).
     stack.push_async_callback(_stop_providers, live)
     for provider in providers.values():
@@ -227,7 +242,23 @@ async def _build(
         details={"shared": shared.detail},
         admin_routes=tuple(admin_routes),
         stack=stack,
+        webhooks=receiver,
     )
+
+
+def webhook_receiver(
+    settings: Settings, live: LiveRef, cache: Cache, shared: Backend, metrics: Metrics
+) -> Receiver:
+    """Deliveries go through the cache's invalidator; event ids are remembered in Redis
+    when it is shared (every replica then knows a delivery was applied)."""
+    accounts = tuple(settings.accounts)
+    feeds = cache.feeds
+    for name in accounts:
+        metrics.webhooks.start(name)
+        gauge = metrics.webhooks.feed_healthy.labels(name)
+        gauge.set_function(functools.partial(feeds.health_value, name))
+    marks = shared if isinstance(shared, RedisBackend) else None
+    return Receiver(live.settings, cache.invalidator, feeds, metrics.webhooks, marks)
 
 
 async def build_cache(
@@ -271,6 +302,7 @@ async def build_cache(
         current,
         flights=flights,
         invalidator=invalidator,
+        feeds=Feeds(tuple(settings.accounts), enabled=settings.webhooks.enabled),
     )
     stack.push_async_callback(cache.close)
     if broadcast is not None:
@@ -278,6 +310,13 @@ async def build_cache(
         broadcast.listen(invalidator.received, invalidator.gap)
         stack.push_async_callback(broadcast.close)
     return cache
+
+
+def spare_budget(budget: Budget, account: str) -> bool:
+    """Room for a request nobody waits for: none waiting for the account, 2 tokens at hand
+    (until budget priorities add classes)."""
+    bucket = budget.account(account)
+    return bucket.waiting == 0 and bucket.available() >= 2
 
 
 def store_problem(store: CacheStore) -> Check:

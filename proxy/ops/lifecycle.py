@@ -72,8 +72,15 @@ async def _serve(
     runner = await start(app, server.host, server.port, server.shutdown_grace, server.reuse_port)
     services = app[SERVICES]
     try:
+        hooks = await start_webhooks(services)
+    except StartupError:
+        await runner.cleanup()
+        raise
+    try:
         admin = await start_admin(services)
     except StartupError:
+        if hooks is not None:
+            await hooks.cleanup()
         await runner.cleanup()
         raise
     event(
@@ -93,8 +100,25 @@ async def _serve(
         services.state.shutting_down = True
 
     reloads.services = services
-    runners = [runner, *([admin] if admin else []), *(extra or [])]
+    runners = [runner, *([hooks] if hooks else []), *([admin] if admin else []), *(extra or [])]
     await run_until_signal(runners, on_signal=not_ready, drain_delay=settings.server.drain_delay)
+
+
+async def start_webhooks(services: Services) -> web.AppRunner | None:
+    """The webhook listener, when webhooks are enabled: its own port, never the API's or
+    the admin listener's (deliveries come from Kounta through the company's ingress)."""
+    receiver = services.webhooks
+    if receiver is None:
+        return None
+    hooks, server = services.settings.webhooks, services.settings.server
+    try:
+        runner = await start(
+            receiver.app(), hooks.host, hooks.port, server.shutdown_grace, server.reuse_port
+        )
+    except StartupError as e:
+        raise StartupError(f"webhook listener: {e}") from None
+    event("webhooks_started", listen=f"{hooks.host}:{bound_port(runner)}", path=hooks.path)
+    return runner
 
 
 def _admin_address(settings: Settings, admin: web.AppRunner | None) -> str:

@@ -21,6 +21,7 @@ from .oauth import add_oauth_routes
 from .routes import NotFound, Target, resolve
 from .state import SANDBOX_STATE, SandboxState
 from .store import Collection, ValidationError, dumps, etag_of
+from .webhooks import SANDBOX_HOOKS, add_webhook_routes
 
 CONTROL_PREFIX = "/_sandbox/"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -32,6 +33,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> web.Application:
     app[SANDBOX_STATE] = state
     add_control_routes(app)
     add_oauth_routes(app, state)
+    add_webhook_routes(app, state.config.company_id)
     # Only /v1/companies/ is claimed so that other /v1/ routes (e.g. an OAuth token endpoint)
     # can be added to the app later; unmatched paths become JSON 404s in the middleware.
     app.router.add_route("*", "/v1/companies/{tail:.*}", handle_api)
@@ -186,16 +188,20 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             return _with_etag(request, resp, {}, etag)
         if method == "POST":
             record = state.store.create(target.kind, body)
+            request.app[SANDBOX_HOOKS].emit(target.kind, "created", record)
             resp = json_response(request, record, coll.full(record["id"])[0], status=201)
             loc = f"{origin_of(request, state.config)}{target.collection_path}/{record['id']}.json"
             resp.headers[hdrs.LOCATION] = loc
             return resp
         assert target.record_id is not None
         if method == "DELETE":
+            gone = dict(coll.records[target.record_id])
             state.store.delete(target.kind, target.record_id)
+            request.app[SANDBOX_HOOKS].emit(target.kind, "deleted", gone)
             return web.Response(status=204)
         updated = state.store.update(target.kind, target.record_id, body)
         assert updated is not None
+        request.app[SANDBOX_HOOKS].emit(target.kind, "updated", updated)
         return json_response(request, updated, coll.full(target.record_id)[0])
     except ValidationError as exc:
         return error(400, "invalid_request", str(exc))

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from .oauth import SANDBOX_OAUTH
 from .state import SANDBOX_STATE, SandboxState
+from .store import normalise_kind
+from .webhooks import SANDBOX_HOOKS
 
 
 def add_control_routes(app: web.Application) -> None:
@@ -135,7 +137,10 @@ async def touch(request: web.Request) -> web.Response:
     state = request.app[SANDBOX_STATE]
     try:
         spec = await _body(request)
-        state.touch(str(spec.get("kind")), int(spec.get("id")))  # type: ignore[arg-type]
+        kind = normalise_kind(str(spec.get("kind")))
+        record = state.store.touch(kind, int(spec.get("id")))  # type: ignore[arg-type]
+        # A change at a till: Kounta tells the webhooks, the proxy never saw it.
+        request.app[SANDBOX_HOOKS].emit(kind, "updated", record)
     except KeyError as exc:
         return web.json_response({"error": "not_found", "error_description": str(exc)}, status=404)
     except (ValueError, TypeError) as exc:

@@ -543,6 +543,30 @@ class RedisBackend:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
 
+    # --- webhooks (proxy.cache.webhooks): event ids seen, and feeds distrusted
+
+    async def webhook_seen(self, account: str, digest: str) -> bool:
+        """Whether the delivery ``digest`` (a sha256 hex, never an id in clear) was applied."""
+        key = self.key("webhook", account, f"seen:{digest}")
+        return bool(await self._run("webhook_seen", lambda: self.client.exists(key)))
+
+    async def webhook_remember(self, account: str, digest: str, ttl: float) -> None:
+        key = self.key("webhook", account, f"seen:{digest}")
+        ttl_ms = max(1, int(ttl * 1000))
+        await self._run("webhook_remember", lambda: self.client.set(key, b"1", px=ttl_ms))
+
+    async def webhook_distrust(self, account: str, ttl: float) -> None:
+        """Every replica distrusts the account's feed for ``ttl`` seconds (a missed change)."""
+        key = self.key("webhook", account, "distrusted")
+        ttl_ms = max(1, int(ttl * 1000))
+        await self._run("webhook_distrust", lambda: self.client.set(key, b"1", px=ttl_ms))
+
+    async def webhook_distrusted(self, account: str) -> float:
+        """Seconds the account's feed is still distrusted for (0: not)."""
+        key = self.key("webhook", account, "distrusted")
+        left = await self._run("webhook_distrusted", lambda: self.client.pttl(key))
+        return max(0.0, int(left) / 1000)
+
 
 def _token_version(found: list[Any]) -> int:
     """The version of a token record read as [version, data, format]; raises BadRecord."""

@@ -1,0 +1,294 @@
+"""Webhooks at fleet scale (issue 19): freshness pushed by Kounta instead of revalidation.
+
+    python -m bench.fleet --webhooks [--seconds 60] [--callers 20] [--replicas 3]
+                                     [--demand 10] [--change-every 5] [--drop-rate 0]
+
+Workload: the sandbox (180 requests a minute, as Kounta) with a webhook registered for
+``products/updated`` at replica 0's webhook listener; ``--replicas`` proxies sharing one
+budget and cache in a redis-server of the bench's own, each with the rule
+``/v1/companies/*/products*`` ``fresh_for = 3600``, ``webhooks = true`` (``verify_every =
+0``: every upstream request below is a caller's). 200 products are read once through every
+replica first (warm-up, excluded from the figures). Then ``--callers`` callers ask
+``--demand`` times the sandbox's limit in all, spread over the replicas, reading single
+products (and one list page in ten, measured apart), while one product is changed at a
+till (``/_sandbox/touch``: no proxy sees it) every ``--change-every`` seconds. A prober
+reads each changed product through every replica until all show the change.
+
+Prints, over the measured window: upstream requests per caller request, caller latency
+(records and list pages apart), time from each change to the first answer showing it
+through every replica (p50/p99/max) and from its delivery to that (p99), and the answers
+that showed a version older than the newest one changed more than 2 s before (target 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from bench.fleet import own_redis
+from proxy.edge.app import create_app
+from proxy.edge.services import SERVICES
+from proxy.listener import bound_port, start
+from proxy.logs import configure
+from proxy.ops.lifecycle import start_webhooks
+from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_sandbox_app
+from proxy.sandbox.webhooks import SANDBOX_HOOKS
+from proxy.settings import (
+    AccountSettings,
+    CacheRule,
+    CacheSettings,
+    LogSettings,
+    Secret,
+    ServerSettings,
+    Settings,
+    SharedSettings,
+    UpstreamSettings,
+    WebhookSettings,
+)
+
+TOKEN = "sandbox-token"
+COMPANY = "/v1/companies/5001"
+PRODUCTS = 200
+SECRET = "fleet-webhook-secret-0123456789"
+TOLERANCE = 2.0  # seconds: a change older than this must be visible in every answer
+
+
+@dataclass
+class Figures:
+    record_waits: list[float] = field(default_factory=list)
+    list_waits: list[float] = field(default_factory=list)
+    callers: int = 0
+    stale: int = 0
+    # product -> [(changed at, updated_at)], oldest first
+    changes: dict[int, list[tuple[float, str]]] = field(default_factory=dict)
+    visible: list[float] = field(default_factory=list)  # change -> every replica shows it
+    delivered: list[float] = field(default_factory=list)  # delivery -> every replica shows it
+    cache: dict[str, int] = field(default_factory=dict)
+
+
+def arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet --webhooks")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--callers", type=int, default=20)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--demand", type=float, default=10.0, help="times the sandbox limit")
+    parser.add_argument("--limit", type=int, default=180)
+    parser.add_argument("--change-every", type=float, default=5.0)
+    parser.add_argument("--drop-rate", type=float, default=0.0, help="deliveries the sandbox drops")
+    parser.add_argument("--seed", type=int, default=7)
+    return parser.parse_args(argv)
+
+
+def settings_for(upstream: str, state_dir: str, redis_url: str, prefix: str, n: int) -> Settings:
+    rule = CacheRule(path="/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+    return Settings(
+        state_dir=state_dir,
+        server=ServerSettings(host="127.0.0.1", port=0),
+        upstream=UpstreamSettings(base_url=upstream),
+        log=LogSettings(level="warning"),
+        accounts={"main": AccountSettings(mode="static", token=Secret(TOKEN))},
+        cache=CacheSettings(rules=(rule,)),
+        shared=SharedSettings(backend="redis", url=redis_url, key_prefix=prefix, replicas=n),
+        webhooks=WebhookSettings(enabled=True, port=0, secret=Secret(SECRET), verify_every=0),
+    )
+
+
+async def read(session: aiohttp.ClientSession, url: str) -> tuple[str, Any]:
+    async with session.get(url) as r:
+        body = await r.read()
+        return r.headers.get("X-Cache", "-"), json.loads(body) if r.status == 200 else None
+
+
+async def caller(
+    session: aiohttp.ClientSession, base: str, ids: list[int], i: int, until: float,
+    pause: float, figures: Figures,
+) -> None:  # fmt: skip
+    rnd = random.Random(i)
+    await asyncio.sleep(rnd.uniform(0, pause))
+    while time.monotonic() < until:
+        listing = rnd.random() < 0.1
+        product = rnd.choice(ids)
+        path = f"{COMPANY}/products.json" if listing else f"{COMPANY}/products/{product}.json"
+        started = time.monotonic()
+        cache, body = await read(session, base + path)
+        waited = time.monotonic() - started
+        figures.callers += 1
+        figures.cache[cache] = figures.cache.get(cache, 0) + 1
+        if listing:
+            figures.list_waits.append(waited)
+        else:
+            figures.record_waits.append(waited)
+            if body is not None and _older(figures, product, str(body.get("updated_at")), started):
+                figures.stale += 1
+        await asyncio.sleep(rnd.uniform(0.5, 1.5) * pause)
+
+
+def _older(figures: Figures, product: int, shown: str, asked: float) -> bool:
+    """Whether ``shown`` is older than the newest version changed TOLERANCE s before."""
+    due = [v for at, v in figures.changes.get(product, []) if at < asked - TOLERANCE]
+    return bool(due) and shown < due[-1]
+
+
+async def changer(
+    session: aiohttp.ClientSession, sandbox: str, bases: list[str], ids: list[int],
+    until: float, every: float, figures: Figures, state: SandboxState, log: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    rnd = random.Random(99)
+    probes: list[asyncio.Task[None]] = []
+    while time.monotonic() + every < until:
+        await asyncio.sleep(every)
+        product = rnd.choice(ids)
+        changed = time.monotonic()
+        wall = time.time()
+        async with session.post(
+            f"{sandbox}/_sandbox/touch", json={"kind": "products", "id": product}
+        ) as r:
+            assert r.status == 204
+        version = str(state.store["products"].records[product]["updated_at"])
+        figures.changes.setdefault(product, []).append((changed, version))
+        probes.append(
+            asyncio.create_task(
+                probe(session, bases, product, version, (changed, wall), figures, log)
+            )
+        )
+    await asyncio.gather(*probes)
+
+
+async def probe(
+    session: aiohttp.ClientSession, bases: list[str], product: int, version: str,
+    when: tuple[float, float], figures: Figures, log: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Read the changed product through every replica until all show ``version``; ``when``:
+    the change's monotonic and wall times."""
+    changed, wall = when
+    path = f"{COMPANY}/products/{product}.json"
+    pending = set(bases)
+    while pending and time.monotonic() - changed < 30:
+        for base in list(pending):
+            _, body = await read(session, base + path)
+            if body is not None and body.get("updated_at") == version:
+                pending.discard(base)
+        await asyncio.sleep(0.01)
+    if pending:
+        figures.visible.append(float("inf"))
+        return
+    figures.visible.append(time.monotonic() - changed)
+    seen = time.time()
+    sent = [
+        e["at"]
+        for e in log
+        if e.get("id") == product and e["at"] >= wall - 0.01 and e["outcome"] == "delivered"
+    ]
+    if sent:  # the sandbox logs when it sent each delivery
+        figures.delivered.append(seen - min(sent))
+
+
+async def run(args: argparse.Namespace) -> Figures:
+    configure(level=os.environ.get("FLEET_LOG", "error"))
+    sandbox_app = create_sandbox_app(SandboxConfig(rate_per_minute_bearer=args.limit))
+    state = sandbox_app[SANDBOX_STATE]
+    hooks_state = sandbox_app[SANDBOX_HOOKS]
+    hooks_state.behaviour.drop_rate = args.drop_rate
+    sandbox = await start(sandbox_app, "127.0.0.1", 0, 1.0)
+    upstream = f"http://127.0.0.1:{bound_port(sandbox)}"
+    ids = sorted(state.store["products"].records)[:PRODUCTS]
+    figures = Figures()
+    prefix = f"fleet-webhooks-{time.time_ns()}"
+    runners: list[web.AppRunner] = []
+    with tempfile.TemporaryDirectory() as state_dir, contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(own_redis(state_dir))
+        apps = []
+        for i in range(args.replicas):
+            settings = settings_for(upstream, f"{state_dir}/r{i}", redis_url, prefix, args.replicas)
+            app = create_app(settings, registry=CollectorRegistry())
+            runners.append(await start(app, "127.0.0.1", 0, 1))
+            apps.append(app)
+        listener = await start_webhooks(apps[0][SERVICES])
+        assert listener is not None
+        runners.append(listener)
+        bases = [f"http://127.0.0.1:{bound_port(r)}" for r in runners[: args.replicas]]
+        try:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=args.callers * 3)
+            ) as session:
+                address = f"http://127.0.0.1:{bound_port(listener)}/webhooks/kounta/main"
+                async with session.post(
+                    f"{upstream}{COMPANY}/webhooks",
+                    json={"topic": "products/updated", "address": address,
+                          "headers": {"Authorization": f"Bearer {SECRET}"}},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                ) as r:  # fmt: skip
+                    assert r.status == 201, await r.text()
+                for base in bases:  # warm-up, excluded
+                    for product in ids:
+                        await read(session, f"{base}{COMPANY}/products/{product}.json")
+                    await read(session, f"{base}{COMPANY}/products.json")
+                before = state.served()
+                until = time.monotonic() + args.seconds
+                per_second = args.demand * args.limit / 60
+                pause = args.callers / per_second
+                tasks = [
+                    caller(session, bases[i % len(bases)], ids, i, until, pause, figures)
+                    for i in range(args.callers)
+                ]
+                tasks.append(
+                    changer(session, upstream, bases, ids, until, args.change_every, figures,
+                            state, hooks_state.log)
+                )  # fmt: skip
+                await asyncio.gather(*tasks)
+                figures.cache["upstream"] = state.served() - before
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+            await sandbox.cleanup()
+    report(args, figures)
+    return figures
+
+
+def _pct(values: list[float], pct: int) -> float:
+    ordered = sorted(values) or [0.0]
+    return ordered[min(len(ordered) - 1, len(ordered) * pct // 100)]
+
+
+def report(args: argparse.Namespace, f: Figures) -> None:
+    upstream = f.cache.pop("upstream", 0)
+    print(
+        f"webhooks fleet: {args.callers} callers over {args.replicas} replicas asking "
+        f"{args.demand:g}x the sandbox limit ({args.limit}/min), {PRODUCTS} products pre-warmed, "
+        f"a change every {args.change_every:g}s, drop rate {args.drop_rate:g}, {args.seconds:g}s"
+    )
+    ratio = upstream / f.callers if f.callers else 0.0
+    print(f"caller requests:          {f.callers} ({f.callers / args.seconds * 60:.0f}/min)")
+    print(f"upstream requests:        {upstream} ({ratio:.3f} per caller request)")
+    print(f"served as (X-Cache):      {dict(sorted(f.cache.items()))}")
+    for name, waits in (("records", f.record_waits), ("list pages", f.list_waits)):
+        print(
+            f"caller latency, {name + ' (ms):':14}p50 {_pct(waits, 50) * 1000:.1f}, "
+            f"p99 {_pct(waits, 99) * 1000:.1f}"
+        )
+    p50, p99, top = _pct(f.visible, 50), _pct(f.visible, 99), max(f.visible, default=0)
+    print(
+        f"change -> every replica:  p50 {p50:.3f}s, p99 {p99:.3f}s, max {top:.3f}s "
+        f"over {len(f.visible)} changes"
+    )
+    print(
+        f"delivery -> visible:      p99 {_pct(f.delivered, 99):.3f}s ({len(f.delivered)} delivered)"
+    )
+    print(f"answers older than a change {TOLERANCE:g}s old: {f.stale}")
+
+
+def main(argv: list[str]) -> int:
+    figures = asyncio.run(run(arguments(argv)))
+    return 1 if figures.stale else 0
