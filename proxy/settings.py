@@ -604,8 +604,13 @@ class SharedSettings:
     # While Redis is away, refresh an expired token alone (may spend a rotating refresh token
     # other replicas still hold) instead of answering 503 for the account.
     solo_refresh: bool = False
+    # Entries kept (approximately) in the invalidation log (P:events:cache:log), so a replica
+    # that missed messages during a short gap replays them instead of purging its store;
+    # 0: no log (every gap purges).
+    invalidation_log: int = 10000
 
     def __post_init__(self) -> None:
+        _not_negative(self, "invalidation_log")
         scheme = URL(self.url).scheme if self.url else ""
         if self.backend == "redis" and scheme not in ("redis", "rediss", "unix"):
             raise Invalid("url", f"must be a redis://, rediss:// or unix:// URL, got {self.url!r}")

@@ -8,6 +8,8 @@ Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a 
     P:token:ACCOUNT         hash: version (grows by one per write), data (Fernet ciphertext)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
     P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
+    P:events:TOPIC:log      stream: the channel's messages, the last shared.invalidation_log
+                            (approximately), replayed after a gap (proxy.shared.log)
     P:cache:ACCOUNT:e:D     a cache entry (record + body) under D = sha256 of its cache key:
                             the only keys with a TTL (the entry's reuse window)
     P:cache:ACCOUNT:lock:D  the fetch lock of one key (owner token, PX = upstream total timeout)
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -54,6 +57,7 @@ from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
 from proxy.shared.epochs import Epochs
+from proxy.shared.log import Log, split
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -197,6 +201,7 @@ class RedisBackend:
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
+        self._logs: dict[str, Log] = {}
 
     def _connect(
         self, size: int, on_connect: Callable[[Any], Awaitable[None]] | None
@@ -445,38 +450,69 @@ class RedisBackend:
 
     # --- events
 
+    def _log(self, topic: str) -> Log:
+        """The topic's invalidation log: written with each message, read after a gap."""
+        if topic not in self._logs:
+            channel, length = self.key("events", topic), self.settings.invalidation_log
+            self._logs[topic] = Log(
+                self.client, channel + ":log", channel, length, self.metrics, self._epoch
+            )
+        return self._logs[topic]
+
+    def _epoch(self) -> str | None:
+        return self.epochs.epoch
+
     async def publish(self, topic: str, data: bytes) -> None:
-        message = self._replica.encode() + b"|" + data
-        channel = self.key("events", topic)
-        await self._run("publish", lambda: self.client.publish(channel, message))
+        log, sender = self._log(topic), self._replica.encode()
+        await self._run("publish", lambda: log.publish(sender, data))
 
     def listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
     ) -> None:
         task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
         self._listeners.append(task)
-        self.epochs.gaps.append(on_gap)  # a new epoch is a gap too
+        self.epochs.gaps.append(functools.partial(self._new_epoch, topic, on_gap))
+
+    def _new_epoch(self, topic: str, on_gap: Callable[[], None]) -> None:
+        """A new epoch is a gap that always purges (nothing of the old log is trusted)."""
+        self._log(topic).cursor.forget()
+        self.metrics.cache_gap_recoveries.labels("purged").inc()
+        on_gap()
 
     async def _listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
     ) -> None:
         """Subscribe, deliver, and after any break subscribe again and report the gap."""
-        channel, own = self.key("events", topic), self._replica.encode() + b"|"
+        channel, own, log = self.key("events", topic), self._replica.encode(), self._log(topic)
         lost = False
         while not self._closed:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub()
             try:
                 async with asyncio.timeout(self.timeout):
                     await pubsub.subscribe(channel)
+                    # Subscribed once Redis says so (a refusal, NOPERM, raises here).
+                    while not await _confirmed(pubsub):
+                        pass
+                # What a gap missed, from the log (None: unknown, purge); each call has the
+                # socket's timeout, and the log's length bounds the pages.
+                missed = await log.resume(after_gap=lost)
                 if lost:
                     lost = False
-                    event("shared_resubscribed", topic=topic)
-                    on_gap()
+                    event("shared_resubscribed", topic=topic, replayed=_count(missed))
+                    for entry in missed or ():
+                        if entry.sender != own:
+                            on_message(entry.data)
+                    if missed is None:
+                        on_gap()
                 while not self._closed:
                     message = await pubsub.get_message(timeout=PROBE_SECONDS)
+                    kind = message.get("type") if message else None
                     data = message.get("data") if message else None
-                    if isinstance(data, bytes) and not data.startswith(own):
-                        on_message(data.partition(b"|")[2])
+                    if kind == "message" and isinstance(data, bytes):
+                        delivered = split(data)
+                        log.cursor.heard(delivered)
+                        if delivered.sender != own:
+                            on_message(delivered.data)
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
@@ -486,11 +522,22 @@ class RedisBackend:
                 # invalidations serves old entries): log, count, listen again, report a gap.
                 event("shared_listener_failed", logging.ERROR, topic=topic, error=_why(e))
                 self.metrics.shared_listener_restarts.labels(topic).inc()
+                # What killed it may kill a replay too: this gap purges.
+                log.cursor.forget()
                 lost = True
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
+
+
+async def _confirmed(pubsub: Any) -> bool:
+    message = await pubsub.get_message(timeout=PROBE_SECONDS)
+    return bool(message) and message.get("type") == "subscribe"
+
+
+def _count(missed: list[Any] | None) -> int | str:
+    return "unknown" if missed is None else len(missed)
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,229 @@
+"""The invalidation log: what a replica missed during a gap, replayed instead of purged.
+
+Every message a replica publishes is also appended to a Redis stream, ``P:events:TOPIC:log``,
+in the same script and round trip (``XADD ... MAXLEN ~ N``, N = ``shared.invalidation_log``;
+0: no log). The message carries the entry's id (``SENDER;ID|DATA``; the previous release's
+readers take everything after the first ``|`` as before), so each replica's :class:`Cursor`
+remembers the last id it heard on its subscription (its own messages come back too).
+Delivery on one subscription is in publish order, so the cursor means "everything up to here
+was heard".
+
+After a gap (a lost subscription, a listener that died), once subscribed again,
+:func:`resume` reads the log after the cursor (``XRANGE``) and hands back exactly what was
+missed. It gives up (the caller purges this replica's whole store) when it cannot know what
+was missed: no cursor (a message without an id came from a replica of the previous release, or
+a listener that died of an error), Redis's epoch changed (:mod:`proxy.shared.epochs`: a
+restart or a restored snapshot always purges), or the log does not reach back to the cursor:
+ids count the entries (``0-1``, ``0-2``, ...), so the entry right after the cursor must still
+be there (not trimmed), and the log must not be gone or rewound.
+
+Entries are untrusted input like the messages: :func:`split` is the one place a delivered
+message or log entry is taken apart (and where a MAC is checked, when records carry one),
+and the data goes through the same decoder as a live message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from proxy.metrics import Metrics
+
+# Append the message to the log and publish it with the entry's id, in one round trip. Ids
+# count the entries (0-1, 0-2, ...: the last given one plus one, kept by the stream even when
+# trimmed empty), so a reader can tell whether anything after its cursor was trimmed.
+# KEYS: log, channel. ARGV: sender, data, the log's length (approximate). Returns the id.
+PUBLISH_LOGGED = """
+if redis.replicate_commands then redis.replicate_commands() end
+local id = '0-1'
+local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[1])
+if ok then
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local n = string.match(info[i + 1], '^0%-(%d+)$')
+      -- Not an id of ours (someone else's stream): Redis's own, and readers purge.
+      id = n and ('0-' .. string.format('%d', tonumber(n) + 1)) or '*'
+    end
+  end
+end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 's', ARGV[1], 'm', ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[1] .. ';' .. id .. '|' .. ARGV[2])
+return id
+"""
+
+# Entries read per XRANGE while replaying.
+PAGE = 200
+_ID = re.compile(rb"^([0-9]{1,20})-([0-9]{1,20})$")
+
+StreamId = tuple[int, int]
+
+
+def parse_id(value: bytes | str) -> StreamId | None:
+    """A stream id (``MS-SEQ``), or None for anything else."""
+    found = _ID.match(value.encode() if isinstance(value, str) else value)
+    return None if found is None else (int(found[1]), int(found[2]))
+
+
+def text_id(value: StreamId) -> str:
+    return f"{value[0]}-{value[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A message taken apart: who sent it, its log id (None: not logged), its data."""
+
+    sender: bytes
+    id: StreamId | None
+    data: bytes
+
+
+def split(message: bytes) -> Delivered:
+    """``SENDER;ID|DATA`` (or the previous release's ``SENDER|DATA``) taken apart."""
+    head, _, data = message.partition(b"|")
+    sender, _, given = head.partition(b";")
+    return Delivered(sender, parse_id(given) if given else None, data)
+
+
+@dataclass(slots=True)
+class Cursor:
+    """The last log id this replica heard on one subscription, in which epoch; ``last``
+    None: unknown (the next gap purges)."""
+
+    epoch: str | None = None
+    last: StreamId | None = None
+
+    def heard(self, delivered: Delivered) -> None:
+        if delivered.id is None:
+            self.last = None  # a change that was not logged: a gap cannot replay its kind
+        elif self.last is not None and delivered.id > self.last:
+            self.last = delivered.id
+
+    def forget(self) -> None:
+        self.last = None
+
+
+class Log:
+    """One topic's log: publishing into it and reading back what a gap missed."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key: str,
+        channel: str,
+        length: int,
+        metrics: Metrics,
+        epoch: Callable[[], str | None],
+    ) -> None:
+        self.client = client
+        self.key = key
+        self.channel = channel
+        self.length = length
+        self.metrics = metrics
+        self.epoch = epoch
+        self.cursor = Cursor()
+        self._publish = client.register_script(PUBLISH_LOGGED)
+
+    def publish(self, sender: bytes, data: bytes) -> Awaitable[Any]:
+        if self.length <= 0:
+            return self.client.publish(self.channel, sender + b"|" + data)
+        keys = [self.key, self.channel]
+        args: list[bytes | int] = [sender, data, self.length]
+        return self._publish(keys=keys, args=args)
+
+    async def resume(self, after_gap: bool) -> list[Delivered] | None:
+        """Just subscribed. The first time: remember where the log ends. After a gap: the
+        entries missed since the cursor, oldest first (None: unknown, purge everything);
+        the cursor then moves to the log's end either way."""
+        cursor, epoch = self.cursor, self.epoch()
+        if not after_gap:
+            cursor.epoch, cursor.last = epoch, await self._end()
+            return None
+        missed = None
+        # Ids count entries only as 0-N (see PUBLISH_LOGGED): any other cannot be followed.
+        if (
+            self.length > 0
+            and cursor.last is not None
+            and cursor.epoch == epoch
+            and not cursor.last[0]
+        ):
+            missed = await self._since(cursor.last)
+        self.metrics.cache_gap_recoveries.labels("purged" if missed is None else "replayed").inc()
+        if missed is None:
+            cursor.epoch, cursor.last = epoch, await self._end()
+        elif missed:
+            cursor.last = max(cursor.last or (0, 0), *(m.id for m in missed if m.id))
+        return missed
+
+    async def _end(self) -> StreamId | None:
+        """The last id the log has given (0-0: none yet); None without a log."""
+        if self.length <= 0:
+            return None
+        info = await self._info()
+        return (0, 0) if info is None else info.get("last")
+
+    async def _since(self, cursor: StreamId) -> list[Delivered] | None:
+        """Every entry after ``cursor``, or None when the log does not reach back to it."""
+        entries: list[Delivered] = []
+        start = "(" + text_id(cursor)
+        while True:
+            page: list[Any] = (
+                await self.client.xrange(self.key, min=start, max="+", count=PAGE) or []
+            )
+            for raw_id, fields in page:
+                entry = _entry(raw_id, fields)
+                if entry is None:
+                    return None  # not an entry this release writes: cannot tell what it held
+                entries.append(entry)
+            if len(page) < PAGE:
+                break
+            if len(entries) > 2 * self.length + PAGE:
+                return None  # more than the log should hold: a flood, not a gap to replay
+            start = "(" + _text(page[-1][0])
+        # Checked after reading: nothing after the cursor had been trimmed by then, so
+        # nothing read was missing. Ids count entries: the one after the cursor is there.
+        info = await self._info()
+        if info is None:
+            return None if cursor != (0, 0) or entries else entries
+        last, first = info.get("last", (0, 0)), info.get("first")
+        if last < cursor:
+            return None  # the log went back: restored or recreated
+        if first is None:
+            return entries if last == cursor else None  # trimmed empty past the cursor
+        return entries if first <= (cursor[0], cursor[1] + 1) else None
+
+    async def _info(self) -> dict[str, StreamId] | None:
+        """The log's last given id and its first entry's, or None when there is no log."""
+        try:
+            info: dict[Any, Any] = await self.client.xinfo_stream(self.key)
+        except rexc.ResponseError:
+            return None  # no such key
+        found: dict[str, StreamId] = {}
+        value = info.get("last-generated-id", info.get(b"last-generated-id"))
+        parsed = None if value is None else parse_id(value)
+        if parsed is not None:
+            found["last"] = parsed
+        first = info.get("first-entry", info.get(b"first-entry"))
+        if first:
+            parsed = parse_id(first[0])
+            if parsed is not None:
+                found["first"] = parsed
+        return found
+
+
+def _entry(raw_id: Any, fields: Any) -> Delivered | None:
+    entry_id = parse_id(raw_id) if isinstance(raw_id, bytes | str) else None
+    if entry_id is None or not isinstance(fields, dict):
+        return None
+    sender, data = fields.get(b"s"), fields.get(b"m")
+    if not isinstance(sender, bytes) or not isinstance(data, bytes) or len(fields) != 2:
+        return None
+    return Delivered(sender, entry_id, data)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
