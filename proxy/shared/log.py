@@ -152,11 +152,11 @@ class Log:
             and not cursor.last[0]
         ):
             missed = await self._since(cursor.last)
-        self.metrics.cache_gap_recoveries.labels("purged" if missed is None else "replayed").inc()
         if missed is None:
             cursor.epoch, cursor.last = epoch, await self._end()
         elif missed:
             cursor.last = max(cursor.last or (0, 0), *(m.id for m in missed if m.id))
+        self.metrics.cache_gap_recoveries.labels("purged" if missed is None else "replayed").inc()
         return missed
 
     async def _end(self) -> StreamId | None:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -20,7 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from proxy.metrics import Metrics
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.shared import RedisBackend
+from proxy.shared.log import Cursor, Delivered, split
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 from tests.integration.test_cache import LIST, ONE, get
 from tests.redis_server import RedisServer
@@ -213,3 +216,95 @@ async def test_a_restarted_redis_purges_everything_though_its_log_reaches_back(
         await redis.aclose()
     assert (await get(client, b.url + other))[1]["X-Cache"] == "MISS", "B kept an old epoch's"
     assert recoveries(b, "replayed") == 0
+
+
+class Listener:
+    """A backend listening on topic ``t`` as the default user, and one sending as WRITER."""
+
+    def __init__(self, server: RedisServer, prefix: str, length: int = 10000) -> None:
+        self.registry = CollectorRegistry()
+        settings = SharedSettings(
+            backend="redis", url=server.url, key_prefix=prefix, invalidation_log=length
+        )
+        writer = server.url.replace("redis://", f"redis://{WRITER}:pw@")
+        self.listener = RedisBackend(settings, Metrics(self.registry))
+        self.sender = RedisBackend(replace(settings, url=writer), Metrics(CollectorRegistry()))
+        self.got: list[bytes] = []
+        self.gaps = 0
+
+    async def __aenter__(self) -> Listener:
+        await self.listener.start()
+        await self.sender.start()
+        self.listener.listen("t", self.got.append, self._gap)
+        await asyncio.sleep(0.3)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.sender.close()
+        await self.listener.close()
+
+    def _gap(self) -> None:
+        self.gaps += 1
+
+    async def resumed(self) -> None:
+        deadline = time.monotonic() + 5
+        while self.how("replayed") + self.how("purged") < 1:
+            assert time.monotonic() < deadline, "the listener never came back"
+            await asyncio.sleep(0.05)
+
+    def how(self, how: str) -> float:
+        value = self.registry.get_sample_value(
+            "kounta_proxy_cache_gap_recoveries_total", {"how": how}
+        )
+        return float(value or 0.0)
+
+
+async def test_log_entries_and_unlogged_messages_that_cannot_be_followed_purge(
+    redis_proc: RedisServer, redis: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A log entry of a shape this release does not write, a message without a log id (the
+    previous release's, or anyone's), and a log turned off: the gap purges."""
+    log = f"{redis_prefix}:events:t:log"
+    async with Listener(redis_proc, redis_prefix) as one:
+        await cut(redis)
+        await one.sender.publish("t", b"missed")
+        await redis.xadd(log, {"s": "evil", "m": "x", "more": "y"}, id="0-2")
+        await mend(redis)
+        await one.resumed()
+        assert (one.how("purged"), one.gaps, one.got) == (1, 1, [])
+    async with Listener(redis_proc, f"{redis_prefix}-old") as two:
+        await redis.publish(f"{redis_prefix}-old:events:t", b"oldreplica|change")
+        await asyncio.sleep(0.2)
+        await cut(redis)
+        await two.sender.publish("t", b"missed")
+        await mend(redis)
+        await two.resumed()
+        assert (two.how("purged"), two.gaps, two.got) == (1, 1, [b"change"])
+    async with Listener(redis_proc, f"{redis_prefix}-off", length=0) as off:
+        await cut(redis)
+        await off.sender.publish("t", b"missed")
+        await mend(redis)
+        await off.resumed()
+        assert (off.how("purged"), off.gaps) == (1, 1)
+        assert not await redis.exists(f"{redis_prefix}-off:events:t:log")
+    # A good log, hostile data in an entry: replayed to the decoder, which judges it.
+    async with Listener(redis_proc, f"{redis_prefix}-ok") as ok:
+        await cut(redis)
+        await ok.sender.publish("t", b"\xff not a change")
+        await mend(redis)
+        await ok.resumed()
+        assert (ok.how("replayed"), ok.gaps, ok.got) == (1, 0, [b"\xff not a change"])
+
+
+def test_a_message_is_taken_apart_into_sender_log_id_and_data() -> None:
+    assert split(b"abc;0-7|{}") == Delivered(b"abc", (0, 7), b"{}")
+    assert split(b"abc|{}") == Delivered(b"abc", None, b"{}")  # the previous release's
+    for hostile in (b"abc;0-x|{}", b"abc;1-2-3|{}", b"abc;" + b"9" * 30 + b"-1|{}", b"abc;;|"):
+        assert split(hostile).id is None  # not a log id: the cursor is forgotten
+    cursor = Cursor(last=(0, 3))
+    cursor.heard(split(b"x;0-2|"))
+    assert cursor.last == (0, 3)  # never backwards
+    cursor.heard(split(b"x;0-9|"))
+    assert cursor.last == (0, 9)
+    cursor.heard(split(b"x|"))
+    assert cursor.last is None
