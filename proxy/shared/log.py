@@ -14,8 +14,10 @@ missed. It gives up (the caller purges this replica's whole store) when it canno
 was missed: no cursor (a message without an id came from a replica of the previous release, or
 a listener that died of an error), Redis's epoch changed (:mod:`proxy.shared.epochs`: a
 restart or a restored snapshot always purges), or the log does not reach back to the cursor:
-ids count the entries (``0-1``, ``0-2``, ...), so the entry right after the cursor must still
-be there (not trimmed), and the log must not be gone or rewound.
+the entry under the cursor's id must still be there and hold what was heard (a digest: the id
+in a message's header is not sealed, so a forged id ahead of the log purges rather than skips
+entries), or, before anything was heard, the entry right after it (ids count the entries:
+``0-1``, ``0-2``, ...); and the log must not be gone or rewound.
 
 Entries are untrusted input like the messages: :func:`split` is the one place a delivered
 message or log entry is taken apart (and where a MAC is checked, when records carry one),
@@ -24,6 +26,7 @@ and the data goes through the same decoder as a live message.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +84,10 @@ class Delivered:
     id: StreamId | None
     data: bytes
 
+    def digest(self) -> bytes:
+        """What the log holds under this id, as a digest (the header's id is not sealed)."""
+        return hashlib.sha256(self.sender + b"|" + self.data).digest()
+
 
 def split(message: bytes) -> Delivered:
     """``SENDER;ID|DATA`` (or the previous release's ``SENDER|DATA``) taken apart."""
@@ -91,20 +98,26 @@ def split(message: bytes) -> Delivered:
 
 @dataclass(slots=True)
 class Cursor:
-    """The last log id this replica heard on one subscription, in which epoch; ``last``
-    None: unknown (the next gap purges)."""
+    """The last log id this replica heard on one subscription (and a digest of what it said:
+    a replay starts only where the log holds the same), in which epoch; ``last`` None:
+    unknown (the next gap purges)."""
 
     epoch: str | None = None
     last: StreamId | None = None
+    digest: bytes | None = None
 
     def heard(self, delivered: Delivered) -> None:
         if delivered.id is None:
-            self.last = None  # a change that was not logged: a gap cannot replay its kind
+            self.forget()  # a change that was not logged: a gap cannot replay its kind
         elif self.last is not None and delivered.id > self.last:
-            self.last = delivered.id
+            self.last, self.digest = delivered.id, delivered.digest()
 
     def forget(self) -> None:
-        self.last = None
+        self.last = self.digest = None
+
+    def at(self, epoch: str | None, where: tuple[StreamId, bytes | None] | None) -> None:
+        self.epoch = epoch
+        self.last, self.digest = (None, None) if where is None else where
 
 
 class Log:
@@ -141,7 +154,7 @@ class Log:
         the cursor then moves to the log's end either way."""
         cursor, epoch = self.cursor, self.epoch()
         if not after_gap:
-            cursor.epoch, cursor.last = epoch, await self._end()
+            cursor.at(epoch, await self._end())
             return None
         missed = None
         # Ids count entries only as 0-N (see PUBLISH_LOGGED): any other cannot be followed.
@@ -151,25 +164,32 @@ class Log:
             and cursor.epoch == epoch
             and not cursor.last[0]
         ):
-            missed = await self._since(cursor.last)
+            missed = await self._since(cursor.last, cursor.digest)
         if missed is None:
-            cursor.epoch, cursor.last = epoch, await self._end()
+            cursor.at(epoch, await self._end())
         elif missed:
-            cursor.last = max(cursor.last or (0, 0), *(m.id for m in missed if m.id))
+            cursor.heard(missed[-1])
         self.metrics.cache_gap_recoveries.labels("purged" if missed is None else "replayed").inc()
         return missed
 
-    async def _end(self) -> StreamId | None:
-        """The last id the log has given (0-0: none yet); None without a log."""
+    async def _end(self) -> tuple[StreamId, bytes | None] | None:
+        """The last id the log has given (0-0: none yet) and its entry's digest (None: that
+        entry is gone); None without a log."""
         if self.length <= 0:
             return None
         info = await self._info()
-        return (0, 0) if info is None else info.get("last")
+        if info is None:
+            return (0, 0), None
+        tail = info.tail
+        if tail is not None and tail.id == info.last:
+            return info.last, tail.digest()
+        return info.last, None
 
-    async def _since(self, cursor: StreamId) -> list[Delivered] | None:
-        """Every entry after ``cursor``, or None when the log does not reach back to it."""
+    async def _since(self, cursor: StreamId, digest: bytes | None) -> list[Delivered] | None:
+        """Every entry after ``cursor``, or None when the log does not reach back to it (or
+        holds something else under it than what was heard)."""
         entries: list[Delivered] = []
-        start = "(" + text_id(cursor)
+        start = ("" if digest else "(") + text_id(cursor)
         while True:
             page: list[Any] = (
                 await self.client.xrange(self.key, min=start, max="+", count=PAGE) or []
@@ -179,6 +199,10 @@ class Log:
                 if entry is None:
                     return None  # not an entry this release writes: cannot tell what it held
                 entries.append(entry)
+            if digest is not None:
+                if not entries or entries[0].id != cursor or entries[0].digest() != digest:
+                    return None  # the entry last heard is gone, or was not what the log holds
+                entries, digest = entries[1:], None
             if len(page) < PAGE:
                 break
             if len(entries) > 2 * self.length + PAGE:
@@ -189,30 +213,42 @@ class Log:
         info = await self._info()
         if info is None:
             return None if cursor != (0, 0) or entries else entries
-        last, first = info.get("last", (0, 0)), info.get("first")
-        if last < cursor:
+        if info.last < cursor:
             return None  # the log went back: restored or recreated
-        if first is None:
-            return entries if last == cursor else None  # trimmed empty past the cursor
-        return entries if first <= (cursor[0], cursor[1] + 1) else None
+        if info.first is None:
+            return entries if info.last == cursor else None  # trimmed empty past the cursor
+        return entries if info.first <= (cursor[0], cursor[1] + 1) else None
 
-    async def _info(self) -> dict[str, StreamId] | None:
-        """The log's last given id and its first entry's, or None when there is no log."""
+    async def _info(self) -> LogInfo | None:
+        """The log's last given id, its first entry's and its last entry, or None when there
+        is no log."""
         try:
             info: dict[Any, Any] = await self.client.xinfo_stream(self.key)
         except rexc.ResponseError:
             return None  # no such key
-        found: dict[str, StreamId] = {}
-        value = info.get("last-generated-id", info.get(b"last-generated-id"))
-        parsed = None if value is None else parse_id(value)
-        if parsed is not None:
-            found["last"] = parsed
-        first = info.get("first-entry", info.get(b"first-entry"))
-        if first:
-            parsed = parse_id(first[0])
-            if parsed is not None:
-                found["first"] = parsed
-        return found
+        value = _field(info, "last-generated-id")
+        last = parse_id(value) if isinstance(value, bytes | str) else None
+        first, tail = _field(info, "first-entry"), _field(info, "last-entry")
+        return LogInfo(
+            last or (0, 0),
+            parse_id(first[0]) if _pair(first) and isinstance(first[0], bytes | str) else None,
+            _entry(*tail) if _pair(tail) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LogInfo:
+    last: StreamId
+    first: StreamId | None
+    tail: Delivered | None
+
+
+def _field(info: dict[Any, Any], name: str) -> Any:
+    return info.get(name, info.get(name.encode()))
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2
 
 
 def _entry(raw_id: Any, fields: Any) -> Delivered | None:
