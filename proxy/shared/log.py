@@ -40,7 +40,7 @@ from proxy.metrics import Metrics
 # Append the message to the log and publish it with the entry's id, in one round trip. Ids
 # count the entries (0-1, 0-2, ...: the last given one plus one, kept by the stream even when
 # trimmed empty), so a reader can tell whether anything after its cursor was trimmed.
-# KEYS: log, channel. ARGV: sender, data, the log's length (approximate). Returns the id.
+# KEYS: log. ARGV: sender, data, the log's length (approximate), channel. Returns the id.
 PUBLISH_LOGGED = """
 if redis.replicate_commands then redis.replicate_commands() end
 local id = '0-1'
@@ -55,7 +55,7 @@ if ok then
   end
 end
 id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 's', ARGV[1], 'm', ARGV[2])
-redis.call('PUBLISH', KEYS[2], ARGV[1] .. ';' .. id .. '|' .. ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[1] .. ';' .. id .. '|' .. ARGV[2])
 return id
 """
 
@@ -144,8 +144,8 @@ class Log:
     def publish(self, sender: bytes, data: bytes) -> Awaitable[Any]:
         if self.length <= 0:
             return self.client.publish(self.channel, sender + b"|" + data)
-        keys = [self.key, self.channel]
-        args: list[bytes | int] = [sender, data, self.length]
+        keys = [self.key]
+        args: list[bytes | int | str] = [sender, data, self.length, self.channel]
         return self._publish(keys=keys, args=args)
 
     async def resume(self, after_gap: bool) -> list[Delivered] | None:
