@@ -476,6 +476,13 @@ class Metrics:
             ["op", "result"],
             registry=registry,
         )
+        self.shared_bad_records = Counter(
+            "kounta_proxy_shared_bad_records",
+            "Records and messages read from Redis that failed their checks (malformed, too "
+            "large, MAC not verified), by kind (token, cache, message): never used.",
+            ["kind"],
+            registry=registry,
+        )
         # --- credentials (recorded by proxy.auth.providers and proxy.edge.callers)
         self.token_state = Gauge(
             "kounta_proxy_token_state",

@@ -2,7 +2,7 @@
 and :class:`BodySink`, a body being fetched that spills to a temporary file when large.
 
 Directories the store creates are 0700 and its files 0600, whatever the umask
-(:class:`PrivateDisk`); directories that exist already are left as they are.
+(:class:`~proxy.compat.diskcache.PrivateDisk`); directories that exist already are left as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import IO, Any
 import diskcache  # type: ignore[import-untyped]
 
 from proxy.cache.policy import parse_key
+from proxy.compat.diskcache import PrivateDisk, count_keys
 from proxy.files import FILE_MODE, private_dir
 from proxy.logs import event
 from proxy.messages import CHUNK
@@ -141,9 +142,7 @@ def disk_gauges(disk: diskcache.Cache) -> tuple[int, int]:
     kept by its triggers, less the keys that are not entries (split bodies, counted over
     the key index, and the purge epoch)."""
     keys = len(disk)
-    bodies = disk._sql(
-        "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ?", ("body:", "body;")
-    ).fetchone()[0]
+    bodies = count_keys(disk, "body:", "body;")
     epoch = 1 if EPOCH_KEY in disk else 0
     return max(0, keys - int(bodies) - epoch), int(disk.volume())
 
@@ -173,32 +172,6 @@ def open_disk(directory: Path, max_size: int) -> diskcache.Cache:
                 directory.rename(aside)
         event("cache_dir_corrupt", dir=str(directory), moved_to=str(aside), error=str(e))
         return _probe(directory, max_size)
-
-
-class PrivateDisk(diskcache.Disk):  # type: ignore[misc]
-    """diskcache's files and directories, readable by the proxy's user only (0600 / 0700),
-    whatever the umask: they hold every account's Kounta data."""
-
-    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
-        # diskcache's own _write, with the subdirectories and the file made private.
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if "x" in mode else os.O_TRUNC)
-        for attempt in range(1, 11):
-            with contextlib.suppress(OSError):
-                private_dir(Path(full_path).parent)
-            try:
-                fd = os.open(full_path, flags, FILE_MODE)
-            except OSError:
-                if attempt == 10:  # as diskcache: another cache may remove the directory
-                    raise
-                continue
-            os.fchmod(fd, FILE_MODE)  # exactly 0600, whatever the umask
-            with open(fd, mode.replace("x", "w"), encoding=encoding) as writer:
-                size = 0
-                for chunk in iterator:
-                    size += len(chunk)
-                    writer.write(chunk)
-                return size
-        raise AssertionError("unreachable")
 
 
 def _probe(directory: Path, max_size: int) -> diskcache.Cache:

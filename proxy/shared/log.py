@@ -2,9 +2,12 @@
 
 Every message a replica publishes is also appended to a Redis stream, ``P:events:TOPIC:log``,
 in the same script and round trip (``XADD ... MAXLEN ~ N``, N = ``shared.invalidation_log``;
-0: no log). The message carries the entry's id (``SENDER;ID|DATA``; the previous release's
-readers take everything after the first ``|`` as before), so each replica's :class:`Cursor`
-remembers the last id it heard on its subscription (its own messages come back too).
+0: no log). The log holds the message's body as sent (sealed with its MAC by the backend,
+:mod:`proxy.shared.records`), and the message carries the entry's id in front of it
+(``@ID|BODY``), so each replica's :class:`Cursor` remembers the last id it heard on its
+subscription (its own messages come back too). While replicas write the previous release's
+format (``shared.previous_format = "write"``) there is no log: their readers take messages
+as they were.
 Delivery on one subscription is in publish order, so the cursor means "everything up to here
 was heard".
 
@@ -19,9 +22,9 @@ in a message's header is not sealed, so a forged id ahead of the log purges rath
 entries), or, before anything was heard, the entry right after it (ids count the entries:
 ``0-1``, ``0-2``, ...); and the log must not be gone or rewound.
 
-Entries are untrusted input like the messages: :func:`split` is the one place a delivered
-message or log entry is taken apart (and where a MAC is checked, when records carry one),
-and the data goes through the same decoder as a live message.
+Entries are untrusted input like the messages: a body from the log is opened (its MAC
+checked) by the same function as a live message's, and its data goes through the same
+decoder; an entry of another shape means the replica purges.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from proxy.metrics import Metrics
+from proxy.shared.epochs import Epochs
 
 # Append the message to the log and publish it with the entry's id, in one round trip. Ids
 # count the entries (0-1, 0-2, ...: the last given one plus one, kept by the stream even when
 # trimmed empty), so a reader can tell whether anything after its cursor was trimmed.
-# KEYS: log. ARGV: sender, data, the log's length (approximate), channel. Returns the id.
+# KEYS: log. ARGV: body, the log's length (approximate), channel. Returns the id.
 PUBLISH_LOGGED = """
 if redis.replicate_commands then redis.replicate_commands() end
 local id = '0-1'
@@ -54,8 +58,8 @@ if ok then
     end
   end
 end
-id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 's', ARGV[1], 'm', ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. ';' .. id .. '|' .. ARGV[2])
+id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'm', ARGV[1])
+redis.call('PUBLISH', ARGV[3], '@' .. id .. '|' .. ARGV[1])
 return id
 """
 
@@ -78,22 +82,22 @@ def text_id(value: StreamId) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """A message taken apart: who sent it, its log id (None: not logged), its data."""
+    """A message or log entry: its log id (None: not logged) and its body as sent."""
 
-    sender: bytes
     id: StreamId | None
-    data: bytes
+    body: bytes
 
     def digest(self) -> bytes:
-        """What the log holds under this id, as a digest (the header's id is not sealed)."""
-        return hashlib.sha256(self.sender + b"|" + self.data).digest()
+        """What the log holds under this id, as a digest (the id in front is not sealed)."""
+        return hashlib.sha256(self.body).digest()
 
 
 def split(message: bytes) -> Delivered:
-    """``SENDER;ID|DATA`` (or the previous release's ``SENDER|DATA``) taken apart."""
-    head, _, data = message.partition(b"|")
-    sender, _, given = head.partition(b";")
-    return Delivered(sender, parse_id(given) if given else None, data)
+    """``@ID|BODY`` taken apart; any other message is a body that was not logged."""
+    if message.startswith(b"@"):
+        given, _, body = message[1:].partition(b"|")
+        return Delivered(parse_id(given), body)
+    return Delivered(None, message)
 
 
 @dataclass(slots=True)
@@ -126,33 +130,37 @@ class Log:
     def __init__(
         self,
         client: aioredis.Redis,
-        key: str,
         channel: str,
         length: int,
         metrics: Metrics,
-        epoch: Callable[[], str | None],
+        epochs: Epochs,
     ) -> None:
         self.client = client
-        self.key = key
+        self.key = channel + ":log"
         self.channel = channel
         self.length = length
         self.metrics = metrics
-        self.epoch = epoch
+        self.epochs = epochs
         self.cursor = Cursor()
         self._publish = client.register_script(PUBLISH_LOGGED)
 
-    def publish(self, sender: bytes, data: bytes) -> Awaitable[Any]:
+    def publish(self, body: bytes) -> Awaitable[Any]:
         if self.length <= 0:
-            return self.client.publish(self.channel, sender + b"|" + data)
-        keys = [self.key]
-        args: list[bytes | int | str] = [sender, data, self.length, self.channel]
-        return self._publish(keys=keys, args=args)
+            return self.client.publish(self.channel, body)
+        args: list[bytes | int | str] = [body, self.length, self.channel]
+        return self._publish(keys=[self.key], args=args)
+
+    def new_epoch(self, on_gap: Callable[[], None]) -> None:
+        """A new Redis epoch is a gap that always purges (nothing of the old log is trusted)."""
+        self.cursor.forget()
+        self.metrics.cache_gap_recoveries.labels("purged").inc()
+        on_gap()
 
     async def resume(self, after_gap: bool) -> list[Delivered] | None:
         """Just subscribed. The first time: remember where the log ends. After a gap: the
         entries missed since the cursor, oldest first (None: unknown, purge everything);
         the cursor then moves to the log's end either way."""
-        cursor, epoch = self.cursor, self.epoch()
+        cursor, epoch = self.cursor, self.epochs.epoch
         if not after_gap:
             cursor.at(epoch, await self._end())
             return None
@@ -251,14 +259,26 @@ def _pair(value: Any) -> bool:
     return isinstance(value, list | tuple) and len(value) == 2
 
 
+async def subscribed(pubsub: Any, channel: str) -> None:
+    """Subscribe, and return once Redis confirms it (a refusal, NOPERM, raises here)."""
+    await pubsub.subscribe(channel)
+    while True:
+        message = await pubsub.get_message(timeout=1.0)
+        if message and message.get("type") == "subscribe":
+            return
+
+
+def replayed(missed: list[Delivered] | None) -> int | str:
+    """For the log line: the entries replayed, or "unknown" (the store was purged)."""
+    return "unknown" if missed is None else len(missed)
+
+
 def _entry(raw_id: Any, fields: Any) -> Delivered | None:
     entry_id = parse_id(raw_id) if isinstance(raw_id, bytes | str) else None
-    if entry_id is None or not isinstance(fields, dict):
+    if entry_id is None or not isinstance(fields, dict) or len(fields) != 1:
         return None
-    sender, data = fields.get(b"s"), fields.get(b"m")
-    if not isinstance(sender, bytes) or not isinstance(data, bytes) or len(fields) != 2:
-        return None
-    return Delivered(sender, entry_id, data)
+    body = fields.get(b"m")
+    return Delivered(entry_id, body) if isinstance(body, bytes) else None
 
 
 def _text(value: bytes | str) -> str:

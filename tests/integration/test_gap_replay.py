@@ -21,12 +21,19 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from proxy.metrics import Metrics
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.settings import (
+    CacheRule,
+    CacheSettings,
+    RetrySettings,
+    Secret,
+    Settings,
+    SharedSettings,
+)
 from proxy.shared import RedisBackend
 from proxy.shared.log import Cursor, Delivered, split
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 from tests.integration.test_cache import LIST, ONE, get
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 WRITER = "writer"
 
@@ -37,7 +44,9 @@ def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: s
         tmp_path / name,
         cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),)),
         retry=RetrySettings(attempts=1),
-        shared=SharedSettings(backend="redis", url=url, key_prefix=prefix, timeout=0.3),
+        shared=SharedSettings(
+            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+        ),
     )
 
 
@@ -221,10 +230,17 @@ async def test_a_restarted_redis_purges_everything_though_its_log_reaches_back(
 class Listener:
     """A backend listening on topic ``t`` as the default user, and one sending as WRITER."""
 
-    def __init__(self, server: RedisServer, prefix: str, length: int = 10000) -> None:
+    def __init__(
+        self, server: RedisServer, prefix: str, length: int = 10000, compat: str = "off"
+    ) -> None:
         self.registry = CollectorRegistry()
         settings = SharedSettings(
-            backend="redis", url=server.url, key_prefix=prefix, invalidation_log=length
+            backend="redis",
+            url=server.url,
+            key_prefix=prefix,
+            invalidation_log=length,
+            token_key=Secret(TOKEN_KEY),
+            previous_format=compat,  # type: ignore[arg-type]
         )
         writer = server.url.replace("redis://", f"redis://{WRITER}:pw@")
         self.listener = RedisBackend(settings, Metrics(self.registry))
@@ -263,16 +279,18 @@ async def test_log_entries_and_unlogged_messages_that_cannot_be_followed_purge(
     redis_proc: RedisServer, redis: aioredis.Redis, redis_prefix: str
 ) -> None:
     """A log entry of a shape this release does not write, a message without a log id (the
-    previous release's, or anyone's), and a log turned off: the gap purges."""
+    previous release's, read while rolling), a log turned off, a sealed message replayed
+    under a forged id: the gap purges. A message whose MAC fails is dropped and changes
+    nothing: the gap still replays."""
     log = f"{redis_prefix}:events:t:log"
     async with Listener(redis_proc, redis_prefix) as one:
         await cut(redis)
         await one.sender.publish("t", b"missed")
-        await redis.xadd(log, {"s": "evil", "m": "x", "more": "y"}, id="0-2")
+        await redis.xadd(log, {"m": "x", "more": "y"}, id="0-2")
         await mend(redis)
         await one.resumed()
         assert (one.how("purged"), one.gaps, one.got) == (1, 1, [])
-    async with Listener(redis_proc, f"{redis_prefix}-old") as two:
+    async with Listener(redis_proc, f"{redis_prefix}-old", compat="read") as two:
         await redis.publish(f"{redis_prefix}-old:events:t", b"oldreplica|change")
         await asyncio.sleep(0.2)
         await cut(redis)
@@ -287,10 +305,13 @@ async def test_log_entries_and_unlogged_messages_that_cannot_be_followed_purge(
         await off.resumed()
         assert (off.how("purged"), off.gaps) == (1, 1)
         assert not await redis.exists(f"{redis_prefix}-off:events:t:log")
-    # A message with a forged log id (ahead of the log): what the log holds under it is
-    # not what was heard, so the gap purges rather than skip what it missed.
+    # A sealed message heard before, sent again under an id ahead of the log: what the log
+    # holds under that id is not what was heard, so the gap purges rather than skip entries.
     async with Listener(redis_proc, f"{redis_prefix}-forged") as forged:
-        await redis.publish(f"{redis_prefix}-forged:events:t", b"evil;0-5|change")
+        await forged.sender.publish("t", b"first")
+        await asyncio.sleep(0.2)
+        [(_, fields)] = await redis.xrange(f"{redis_prefix}-forged:events:t:log")
+        await redis.publish(f"{redis_prefix}-forged:events:t", b"@0-5|" + fields[b"m"])
         await asyncio.sleep(0.2)
         await cut(redis)
         for n in range(6):
@@ -298,9 +319,11 @@ async def test_log_entries_and_unlogged_messages_that_cannot_be_followed_purge(
         await mend(redis)
         await forged.resumed()
         assert (forged.how("purged"), forged.gaps) == (1, 1)
-    # A good log, hostile data in an entry: replayed to the decoder, which judges it.
+    # A good log; a forged message (no MAC) dropped; hostile data in an entry: replayed to
+    # the decoder, which judges it.
     async with Listener(redis_proc, f"{redis_prefix}-ok") as ok:
         await ok.sender.publish("t", b"heard")
+        await redis.publish(f"{redis_prefix}-ok:events:t", b"@0-9|evil|change")
         await asyncio.sleep(0.2)
         await cut(redis)
         await ok.sender.publish("t", b"\xff not a change")
@@ -310,15 +333,15 @@ async def test_log_entries_and_unlogged_messages_that_cannot_be_followed_purge(
         assert ok.got == [b"heard", b"\xff not a change"]
 
 
-def test_a_message_is_taken_apart_into_sender_log_id_and_data() -> None:
-    assert split(b"abc;0-7|{}") == Delivered(b"abc", (0, 7), b"{}")
-    assert split(b"abc|{}") == Delivered(b"abc", None, b"{}")  # the previous release's
-    for hostile in (b"abc;0-x|{}", b"abc;1-2-3|{}", b"abc;" + b"9" * 30 + b"-1|{}", b"abc;;|"):
+def test_a_message_is_taken_apart_into_log_id_and_body() -> None:
+    assert split(b"@0-7|sealed|x") == Delivered((0, 7), b"sealed|x")
+    assert split(b"abc|{}") == Delivered(None, b"abc|{}")  # not logged
+    for hostile in (b"@0-x|{}", b"@1-2-3|{}", b"@" + b"9" * 30 + b"-1|{}", b"@|"):
         assert split(hostile).id is None  # not a log id: the cursor is forgotten
     cursor = Cursor(last=(0, 3))
-    cursor.heard(split(b"x;0-2|"))
+    cursor.heard(split(b"@0-2|a"))
     assert cursor.last == (0, 3)  # never backwards
-    cursor.heard(split(b"x;0-9|"))
+    cursor.heard(split(b"@0-9|a"))
     assert cursor.last == (0, 9)
-    cursor.heard(split(b"x|"))
+    cursor.heard(split(b"x|a"))
     assert cursor.last is None

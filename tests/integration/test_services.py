@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from proxy.cache.store import CacheStore
 from proxy.edge import services
 from proxy.metrics import Metrics
-from proxy.settings import SharedSettings
+from proxy.settings import Secret, SharedSettings
 from tests.conftest import proxy_settings
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 async def test_a_failure_part_way_closes_what_was_opened(
@@ -27,7 +27,12 @@ async def test_a_failure_part_way_closes_what_was_opened(
     settings = proxy_settings(
         "http://127.0.0.1:9",
         tmp_path,
-        shared=SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        shared=SharedSettings(
+            backend="redis",
+            url=redis_server.url,
+            key_prefix=redis_prefix,
+            token_key=Secret(TOKEN_KEY),
+        ),
     )
     sessions: list[aiohttp.ClientSession] = []
     opened = services.create_session

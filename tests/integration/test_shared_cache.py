@@ -19,11 +19,12 @@ from proxy.cache.invalidation import Invalidation, Purge
 from proxy.edge.services import SERVICES
 from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.records import RecordKeys
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: str) -> Settings:
@@ -32,7 +33,9 @@ def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: s
         tmp_path / name,
         cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),)),
         retry=RetrySettings(attempts=1),
-        shared=SharedSettings(backend="redis", url=url, key_prefix=prefix, timeout=0.3),
+        shared=SharedSettings(
+            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+        ),
     )
 
 
@@ -175,9 +178,12 @@ async def test_a_hostile_message_is_dropped_and_counted_and_invalidation_goes_on
         b'{"v": 99, "account": "main", "paths": [], "lists_of": []}',
     )
     evil = aioredis.Redis.from_url(redis_server.url)
+    channel = f"{redis_prefix}:events:cache"
+    # Signed with the key (a replica's bug, or a key holder): past the MAC, the decoder's turn.
+    keys = RecordKeys.derive(TOKEN_KEY)
     try:
         for data in hostile:
-            await evil.publish(f"{redis_prefix}:events:cache", b"attacker|" + data)
+            await evil.publish(channel, keys.seal(channel.encode(), b"attacker|" + data))
     finally:
         await evil.aclose()
     async with client.put(a.url + one, json={"first_name": "Zed"}) as r:
@@ -202,7 +208,12 @@ async def test_a_listener_that_dies_is_restarted_counted_and_reports_a_gap(
     """Whatever kills the listener (here its callback raising), it subscribes again, logs,
     counts, and reports a gap (the replica purges as after a lost subscription)."""
     registry = CollectorRegistry()
-    settings = SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix)
+    settings = SharedSettings(
+        backend="redis",
+        url=redis_server.url,
+        key_prefix=redis_prefix,
+        token_key=Secret(TOKEN_KEY),
+    )
     listener = RedisBackend(settings, Metrics(registry))
     sender = RedisBackend(settings, Metrics(CollectorRegistry()))
     got: list[bytes] = []

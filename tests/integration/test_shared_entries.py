@@ -23,12 +23,13 @@ from proxy.cache.policy import Entry
 from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
 from proxy.edge.services import SERVICES
 from proxy.metrics import Metrics
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.records import RecordKeys
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
 from tests.integration.test_shared_cache import first_id
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 FRESH_FOR = 600
 T = TypeVar("T")
@@ -42,7 +43,9 @@ def settings_for(
         tmp_path / name,
         cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=FRESH_FOR),), **cache),
         retry=RetrySettings(attempts=1),
-        shared=SharedSettings(backend="redis", url=url, key_prefix=prefix, timeout=0.3),
+        shared=SharedSettings(
+            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+        ),
     )
 
 
@@ -129,7 +132,8 @@ async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
     (name,) = await entry_keys(redis_client, redis_prefix)
     key = next(iter(a.app[SERVICES].store.hot.items))  # type: ignore[union-attr]
     assert name.decode().endswith(digest(key))
-    assert decode(key, await redis_client.get(name)).body == body
+    sealed = await redis_client.get(name)
+    assert decode(key, RecordKeys.derive(TOKEN_KEY).open(name, sealed)).body == body
     ttl = await redis_client.ttl(name)
     assert FRESH_FOR + 300 < ttl <= FRESH_FOR + 300 + TTL_MARGIN
     assert ttl >= MIN_TTL
@@ -370,19 +374,24 @@ async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
     redis_server: RedisServer, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     backend = RedisBackend(
-        SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        SharedSettings(
+            backend="redis",
+            url=redis_server.url,
+            key_prefix=redis_prefix,
+            token_key=Secret(TOKEN_KEY),
+        ),
         Metrics(CollectorRegistry()),
     )
     await backend.start()
     try:
-        claim = await backend.cache_claim("main", "d1", "me", 5.0)
+        claim = await backend.cache_claim("main", "d1", "me", 5.0, 10)
         assert claim.owner == "me" and claim.gen == "0"
-        assert (await backend.cache_claim("main", "d1", "other", 5.0)).owner is None
+        assert (await backend.cache_claim("main", "d1", "other", 5.0, 10)).owner is None
         assert await backend.cache_put("main", "d1", "/v1/a", b"one", 0.05, claim.gen)
         await backend.cache_release("main", "d1", "other")  # not the owner: kept
-        assert (await backend.cache_poll("main", "d1")) == (b"one", True)
+        assert (await backend.cache_poll("main", "d1", 10)) == (b"one", True)
         await backend.cache_release("main", "d1", "me")
-        assert (await backend.cache_poll("main", "d1")) == (b"one", False)
+        assert (await backend.cache_poll("main", "d1", 10)) == (b"one", False)
         await asyncio.sleep(0.1)
         assert await backend.cache_put("main", "d2", "/v1/b", b"two", 60, "0")
         paths = f"{redis_prefix}:cache:main:paths"
@@ -392,7 +401,7 @@ async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
         # An invalidation counts first: a store begun before it is refused.
         assert await backend.cache_drop("main", lambda path: path == "/v1/b") == 1
         assert not await backend.cache_put("main", "d3", "/v1/c", b"three", 60, "0")
-        assert await backend.cache_get("main", "d2") is None
+        assert await backend.cache_get("main", "d2", 10) is None
         assert await redis_client.zrange(paths, 0, -1) == []
     finally:
         await backend.close()
@@ -426,7 +435,11 @@ async def test_cold_bursts_over_three_replicas_cost_one_upstream_get_every_time(
                     cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=60),)),
                     retry=RetrySettings(attempts=1),
                     shared=SharedSettings(
-                        backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=1
+                        backend="redis",
+                        url=redis_server.url,
+                        key_prefix=redis_prefix,
+                        timeout=1,
+                        token_key=Secret(TOKEN_KEY),
                     ),
                 ),
                 registry=CollectorRegistry(),
