@@ -19,8 +19,8 @@ a listener that died of an error), Redis's epoch changed (:mod:`proxy.shared.epo
 restart or a restored snapshot always purges), or the log does not reach back to the cursor:
 the entry under the cursor's id must still be there and hold what was heard (a digest: the id
 in a message's header is not sealed, so a forged id ahead of the log purges rather than skips
-entries), or, before anything was heard, the entry right after it (ids count the entries:
-``0-1``, ``0-2``, ...); and the log must not be gone or rewound.
+entries), and every entry after it up to the log's last id (ids count the entries: ``0-1``,
+``0-2``, ...; a trimmed or deleted one is a hole); and the log must not be gone or rewound.
 
 Entries are untrusted input like the messages: a body from the log is opened (its MAC
 checked) by the same function as a live message's, and its data goes through the same
@@ -63,8 +63,10 @@ redis.call('PUBLISH', ARGV[3], '@' .. id .. '|' .. ARGV[1])
 return id
 """
 
-# Entries read per XRANGE while replaying.
+# Entries read per XRANGE while replaying, and reads to the log's end (each round reads
+# what was added during the previous one).
 PAGE = 200
+ROUNDS = 3
 _ID = re.compile(rb"^([0-9]{1,20})-([0-9]{1,20})$")
 
 StreamId = tuple[int, int]
@@ -195,59 +197,68 @@ class Log:
 
     async def _since(self, cursor: StreamId, digest: bytes | None) -> list[Delivered] | None:
         """Every entry after ``cursor``, or None when the log does not reach back to it (or
-        holds something else under it than what was heard)."""
+        holds something else under it than what was heard, or has a hole: ids count the
+        entries, so a trimmed or deleted one shows)."""
+        if digest is not None:
+            found = await self._read(text_id(cursor), text_id(cursor))
+            if found is None or [(e.id, e.digest()) for e in found] != [(cursor, digest)]:
+                return None  # the entry last heard is gone, or was not what the log holds
         entries: list[Delivered] = []
-        start = ("" if digest else "(") + text_id(cursor)
+        expected = cursor
+        for _ in range(ROUNDS):
+            # Read to the end, then check the end is where the log stands (entries added
+            # meanwhile: another round); nothing read may be missing on the way.
+            found = await self._read("(" + text_id(expected), "+")
+            if found is None:
+                return None
+            for entry in found:
+                if entry.id != (0, expected[1] + 1):
+                    return None  # trimmed or deleted: cannot tell what it held
+                entries.append(entry)
+                expected = (0, expected[1] + 1)
+            info = await self._info()
+            if info is None:  # no log: only right if nothing was ever written
+                return entries if cursor == (0, 0) and not entries else None
+            if info.last == expected:
+                return entries
+            if info.last < expected:
+                return None  # the log went back: restored or recreated
+        return None
+
+    async def _read(self, start: str, end: str) -> list[Delivered] | None:
+        """The entries from ``start`` to ``end`` (at most what the log should hold), or None
+        when one is not of the shape this release writes, or there are too many."""
+        entries: list[Delivered] = []
         while True:
             page: list[Any] = (
-                await self.client.xrange(self.key, min=start, max="+", count=PAGE) or []
+                await self.client.xrange(self.key, min=start, max=end, count=PAGE) or []
             )
             for raw_id, fields in page:
                 entry = _entry(raw_id, fields)
                 if entry is None:
                     return None  # not an entry this release writes: cannot tell what it held
                 entries.append(entry)
-            if digest is not None:
-                if not entries or entries[0].id != cursor or entries[0].digest() != digest:
-                    return None  # the entry last heard is gone, or was not what the log holds
-                entries, digest = entries[1:], None
             if len(page) < PAGE:
-                break
+                return entries
             if len(entries) > 2 * self.length + PAGE:
                 return None  # more than the log should hold: a flood, not a gap to replay
             start = "(" + _text(page[-1][0])
-        # Checked after reading: nothing after the cursor had been trimmed by then, so
-        # nothing read was missing. Ids count entries: the one after the cursor is there.
-        info = await self._info()
-        if info is None:
-            return None if cursor != (0, 0) or entries else entries
-        if info.last < cursor:
-            return None  # the log went back: restored or recreated
-        if info.first is None:
-            return entries if info.last == cursor else None  # trimmed empty past the cursor
-        return entries if info.first <= (cursor[0], cursor[1] + 1) else None
 
     async def _info(self) -> LogInfo | None:
-        """The log's last given id, its first entry's and its last entry, or None when there
-        is no log."""
+        """The log's last given id and its last entry, or None when there is no log."""
         try:
             info: dict[Any, Any] = await self.client.xinfo_stream(self.key)
         except rexc.ResponseError:
             return None  # no such key
         value = _field(info, "last-generated-id")
         last = parse_id(value) if isinstance(value, bytes | str) else None
-        first, tail = _field(info, "first-entry"), _field(info, "last-entry")
-        return LogInfo(
-            last or (0, 0),
-            parse_id(first[0]) if _pair(first) and isinstance(first[0], bytes | str) else None,
-            _entry(*tail) if _pair(tail) else None,
-        )
+        tail = _field(info, "last-entry")
+        return LogInfo(last or (0, 0), _entry(*tail) if _pair(tail) else None)
 
 
 @dataclass(frozen=True, slots=True)
 class LogInfo:
     last: StreamId
-    first: StreamId | None
     tail: Delivered | None
 
 

@@ -305,6 +305,15 @@ async def test_log_entries_and_unlogged_messages_that_cannot_be_followed_purge(
         await off.resumed()
         assert (off.how("purged"), off.gaps) == (1, 1)
         assert not await redis.exists(f"{redis_prefix}-off:events:t:log")
+    # An entry deleted from the middle of what was missed (XDEL): a hole, so a purge.
+    async with Listener(redis_proc, f"{redis_prefix}-hole") as hole:
+        await cut(redis)
+        for n in range(3):
+            await hole.sender.publish("t", b"missed %d" % n)
+        await redis.xdel(f"{redis_prefix}-hole:events:t:log", "0-2")
+        await mend(redis)
+        await hole.resumed()
+        assert (hole.how("purged"), hole.gaps, hole.got) == (1, 1, [])
     # A sealed message heard before, sent again under an id ahead of the log: what the log
     # holds under that id is not what was heard, so the gap purges rather than skip entries.
     async with Listener(redis_proc, f"{redis_prefix}-forged") as forged:
