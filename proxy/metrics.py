@@ -453,6 +453,14 @@ class Metrics:
             "epoch): the shared cache entries and this replica's own were purged.",
             registry=registry,
         )
+        self.cache_gap_recoveries = Counter(
+            "kounta_proxy_cache_gap_recoveries",
+            "Gaps in the invalidations heard from other replicas (a lost subscription, a "
+            "listener restarted, a new Redis epoch), by how this replica recovered: replayed "
+            "(what it missed, read from the invalidation log) or purged (its whole store).",
+            ["how"],
+            registry=registry,
+        )
         self.cache_shared = Counter(
             "kounta_proxy_cache_shared",
             "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "

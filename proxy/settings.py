@@ -699,8 +699,13 @@ class SharedSettings:
     # Rolling upgrade from a release without record MACs: "write" writes the previous format
     # and reads both, "read" writes the new one and reads both, "off" reads only the new one.
     previous_format: PreviousFormat = "off"
+    # Entries kept (approximately) in the invalidation log (P:events:cache:log), so a replica
+    # that missed messages during a short gap replays them instead of purging its store;
+    # 0: no log (every gap purges).
+    invalidation_log: int = 10000
 
     def __post_init__(self) -> None:
+        _not_negative(self, "invalidation_log")
         scheme = URL(self.url).scheme if self.url else ""
         if self.backend == "redis" and scheme not in ("redis", "rediss", "unix"):
             raise Invalid("url", f"must be a redis://, rediss:// or unix:// URL, got {self.url!r}")

@@ -7,9 +7,11 @@ writer's answer goes out; every other replica applies it on arrival (millisecond
 contract is under a second), so no replica answers the old record as fresh after the
 writer's answer.
 
-A replica that loses its subscription (or whose listener died) cannot know what it missed:
-when it subscribes again it purges its whole store (the invalidator's ``gap``), trading hit
-rate for never serving a missed write.
+A replica that loses its subscription hears what it missed again when it subscribes again
+(the backend replays it from the invalidation log, :mod:`proxy.shared.log`, through the same
+decoder); when that cannot be known (the log does not reach back, a new Redis epoch, a
+listener that died) it purges its whole store (the invalidator's ``gap``), trading hit rate
+for never serving a missed write.
 
 Messages are untrusted input (anyone who can publish on Redis can send one): at most
 :data:`MAX_MESSAGE` bytes, nesting at most :data:`MAX_DEPTH`, exactly the fields of a known

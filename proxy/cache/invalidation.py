@@ -158,9 +158,9 @@ class Invalidator:
         await self.local.apply(change)
 
     async def gap(self, why: str) -> None:
-        """Changes may have been missed (a lost subscription, a listener that died, a Redis
-        that lost or rewound its data): purge everything here, then replay what Redis
-        missed of this replica's own changes."""
+        """Changes may have been missed and cannot be replayed from the invalidation log (it
+        does not reach back, a listener that died, a Redis that lost or rewound its data):
+        purge everything here, then replay what Redis missed of this replica's own changes."""
         event("cache_purged_after_gap", logging.WARNING, reason=why)
         await self.local.apply(Purge())
         if self.shared is not None:

@@ -74,8 +74,9 @@ class SharedEvents(Protocol):
     def listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
     ) -> None:
-        """Call ``on_message`` for each message another replica sends on ``topic``, and
-        ``on_gap`` when listening resumes after a break (messages may have been missed)."""
+        """Call ``on_message`` for each message another replica sends on ``topic``; after a
+        break, the messages missed meanwhile when they can be replayed (Redis: the
+        invalidation log), else ``on_gap`` (messages may have been missed)."""
         ...
 
 

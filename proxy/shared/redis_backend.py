@@ -10,6 +10,8 @@ Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a 
                             format (2; absent: written by the previous release)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
     P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
+    P:events:TOPIC:log      stream: the channel's messages, the last shared.invalidation_log
+                            (approximately), replayed after a gap (proxy.shared.log)
     P:cache:ACCOUNT:e:D     a cache entry (record + body, sealed with its MAC) under D = sha256
                             of its cache key:
                             the only keys with a TTL (the entry's reuse window)
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -62,6 +65,7 @@ from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
 from proxy.shared.epochs import Epochs
+from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.records import BadRecord, RecordKeys
 from proxy.shared.scripts import CACHE_GET, CAS_SCRIPT, PAUSE, TAKE
 
@@ -176,6 +180,7 @@ class RedisBackend:
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
+        self._logs: dict[str, Log] = {}
 
     def _connect(
         self, size: int, on_connect: Callable[[Any], Awaitable[None]] | None
@@ -484,10 +489,18 @@ class RedisBackend:
 
     # --- events
 
+    def _log(self, topic: str) -> Log:
+        """The topic's invalidation log (none while writing the previous release's format)."""
+        if topic not in self._logs:
+            length = 0 if self.records.write_previous else self.settings.invalidation_log
+            channel = self.key("events", topic)
+            self._logs[topic] = Log(self.client, channel, length, self.metrics, self.epochs)
+        return self._logs[topic]
+
     async def publish(self, topic: str, data: bytes) -> None:
-        channel = self.key("events", topic)
+        channel, log = self.key("events", topic), self._log(topic)
         message = self.records.seal(channel.encode(), self._replica.encode() + b"|" + data)
-        await self._run("publish", lambda: self.client.publish(channel, message))
+        await self._run("publish", lambda: log.publish(message))
 
     def _opened(self, channel: str, data: bytes) -> bytes | None:
         """A message's ``replica|payload``, or None (dropped and counted) when its MAC does
@@ -504,30 +517,47 @@ class RedisBackend:
     ) -> None:
         task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
         self._listeners.append(task)
-        self.epochs.gaps.append(on_gap)  # a new epoch is a gap too
+        # A new epoch is a gap too, and one that always purges.
+        self.epochs.gaps.append(functools.partial(self._log(topic).new_epoch, on_gap))
+
+    def _deliver(self, log: Log, delivered: Delivered, on_message: Callable[[bytes], None]) -> None:
+        """A message heard or replayed: its MAC checked (one place for both), the log's
+        cursor moved, and handed on unless this replica sent it."""
+        opened = self._opened(log.channel, delivered.body)
+        if opened is None:
+            return  # dropped and counted; nothing was missed for it
+        log.cursor.heard(delivered)
+        sender, _, data = opened.partition(b"|")
+        if sender != self._replica.encode():
+            on_message(data)
 
     async def _listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
     ) -> None:
         """Subscribe, deliver, and after any break subscribe again and report the gap."""
-        channel, own = self.key("events", topic), self._replica.encode() + b"|"
+        channel, log = self.key("events", topic), self._log(topic)
         lost = False
         while not self._closed:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub()
             try:
                 async with asyncio.timeout(self.timeout):
-                    await pubsub.subscribe(channel)
+                    await subscribed(pubsub, channel)
+                # What a gap missed, from the log (None: unknown, purge); each call has the
+                # socket's timeout, and the log's length bounds the pages.
+                missed = await log.resume(after_gap=lost)
                 if lost:
                     lost = False
-                    event("shared_resubscribed", topic=topic)
-                    on_gap()
+                    event("shared_resubscribed", topic=topic, replayed=replayed(missed))
+                    for entry in missed or ():
+                        self._deliver(log, entry, on_message)
+                    if missed is None:
+                        on_gap()
                 while not self._closed:
                     message = await pubsub.get_message(timeout=PROBE_SECONDS)
+                    kind = message.get("type") if message else None
                     data = message.get("data") if message else None
-                    if isinstance(data, bytes):
-                        data = self._opened(channel, data)
-                    if isinstance(data, bytes) and not data.startswith(own):
-                        on_message(data.partition(b"|")[2])
+                    if kind == "message" and isinstance(data, bytes):
+                        self._deliver(log, split(data), on_message)
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
@@ -537,6 +567,8 @@ class RedisBackend:
                 # invalidations serves old entries): log, count, listen again, report a gap.
                 event("shared_listener_failed", logging.ERROR, topic=topic, error=_why(e))
                 self.metrics.shared_listener_restarts.labels(topic).inc()
+                # What killed it may kill a replay too: this gap purges.
+                log.cursor.forget()
                 lost = True
             finally:
                 with contextlib.suppress(Exception):
