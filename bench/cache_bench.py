@@ -123,8 +123,14 @@ def proxy_config(directory: Path, upstream: str, port: int, cache: bool) -> Path
 # --------------------------------------------------------------------------- load
 
 
-def wrk(binary: str, url: str, headers: dict[str, str], script: Path | None) -> Result:
-    args = [binary, "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency"]
+def wrk(
+    binary: str,
+    url: str,
+    headers: dict[str, str],
+    script: Path | None,
+    connections: int | None = None,
+) -> Result:
+    args = [binary, "-t2", f"-c{connections or CONNECTIONS}", f"-d{DURATION}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     if script is not None:
@@ -132,6 +138,8 @@ def wrk(binary: str, url: str, headers: dict[str, str], script: Path | None) -> 
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    for problem in re.findall(r"^\s*(Non-2xx or 3xx responses: \d+|Socket errors: .*)$", out, re.M):
+        print(f"  wrk: {url}: {problem}", file=sys.stderr)  # a scenario that fails is no number
     return Result("", rps, _pct(out, "50%"), _pct(out, "99%"), total)
 
 
