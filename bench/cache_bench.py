@@ -47,6 +47,7 @@ class Result:
     requests: int
     upstream_per_request: float | None = None
     rss_mb: float | None = None
+    cpu_us: float | None = None  # the server process's CPU time per request (µs)
 
 
 def free_port() -> int:
@@ -93,6 +94,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
                 return
         time.sleep(0.05)
     raise SystemExit(f"bench: nothing listens on port {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0.0 where unreadable).
+    Less sensitive than req/s to what else runs on a shared machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float | None:

@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.cache_bench import ROUNDS, TOKEN, Result, free_port, process, rss_mb, wrk
+from bench.cache_bench import ROUNDS, TOKEN, Result, cpu_seconds, free_port, process, rss_mb, wrk
 
 COMPANY = "/v1/companies/5001"
 FRESH = f"{COMPANY}/products/1.json"  # fresh for an hour (the proxy's rule, nginx's location)
@@ -206,9 +206,12 @@ def measure(
                 headers = {"Authorization": f"Bearer {TOKEN}"}
                 if s.inm:
                     headers["If-None-Match"] = etags[name]
-                before = served(origin)
+                before, cpu = served(origin), cpu_seconds(pid)
                 result = wrk(wrk_binary, url + s.path, headers, None, connections)
                 result.upstream_per_request = (served(origin) - before) / max(1, result.requests)
+                if name.startswith("proxy"):  # nginx's pid is its master, not the worker
+                    spent = cpu_seconds(pid) - cpu
+                    result.cpu_us = spent * 1e6 / max(1, result.requests)
                 result.rss_mb = rss_mb(pid) if name.startswith("proxy") else None
                 runs.setdefault((s.key, name), []).append(result)
                 print(
@@ -225,6 +228,9 @@ def measure(
             upstream = sum((r.upstream_per_request or 0.0) * r.requests for r in ordered)
             median.upstream_per_request = upstream / max(1, sent)
             median.rss_mb = max(r.rss_mb or 0.0 for r in ordered) or None
+            if all(r.cpu_us is not None for r in ordered):  # over every round, as upstream/req
+                spent = sum((r.cpu_us or 0.0) * r.requests for r in ordered)
+                median.cpu_us = spent / max(1, sent)
             rows.append(Row(s, name, median))
     return rows
 
@@ -236,9 +242,9 @@ def table(rows: list[Row]) -> str:
     by = {(r.scenario.key, r.server): r.result for r in rows}
     nginx = "nginx proxy_cache"
     lines = [
-        "| scenario | server | req/s | p50 ms | p99 ms | upstream/req | / own fresh "
+        "| scenario | server | req/s | p50 ms | p99 ms | upstream/req | CPU µs/req | / own fresh "
         "| req/s vs nginx | p99 vs nginx | RSS MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         r = row.result
@@ -247,10 +253,11 @@ def table(rows: list[Row]) -> str:
         vs = f"{r.rps / ref.rps:.2f}" if ref and row.server != nginx else ""
         p99 = f"{r.p99_ms / ref.p99_ms:.1f}x" if ref and row.server != nginx and ref.p99_ms else ""
         rss = "" if r.rss_mb is None else f"{r.rss_mb:.0f}"
+        cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
         lines.append(
             f"| {row.scenario.label} | {row.server} | {r.rps:.0f} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {r.upstream_per_request or 0:.3f} | {r.rps / fresh.rps:.2f} | "
-            f"{vs} | {p99} | {rss} |"
+            f"{r.p99_ms:.2f} | {r.upstream_per_request or 0:.3f} | {cpu} | "
+            f"{r.rps / fresh.rps:.2f} | {vs} | {p99} | {rss} |"
         )
     return "\n".join(lines)
 
