@@ -116,16 +116,25 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
-def proxy_config(directory: Path, upstream: str, port: int, cache: bool) -> Path:
+def proxy_config(
+    directory: Path,
+    upstream: str,
+    port: int,
+    cache: bool,
+    *,
+    rule: str = "/v1/companies/*/products",
+    event_loop: str = "auto",
+) -> Path:
+    """A proxy's settings file: static token, no budget to speak of, ``rule`` fresh for an hour."""
     path = directory / f"proxy-{port}.toml"
     path.write_text(
         f'state_dir = "{directory / f"state-{port}"}"\n'
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nevent_loop = "{event_loop}"\n'
         f'[upstream]\nbase_url = "{upstream}"\n'
         '[log]\nlevel = "warning"\n'
         "[admin]\nenabled = false\n"
         f"[cache]\nenabled = {'true' if cache else 'false'}\n"
-        '[[cache.rules]]\npath = "/v1/companies/*/products"\nfresh_for = 3600.0\n'
+        f'[[cache.rules]]\npath = "{rule}"\nfresh_for = 3600.0\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
     )
     return path

@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import cache_bench
 from bench.cache_bench import ROUNDS, TOKEN, Result, cpu_seconds, free_port, process, rss_mb, wrk
 
 COMPANY = "/v1/companies/5001"
@@ -70,17 +71,10 @@ def ensure_nginx() -> str | None:
 
 
 def proxy_config(directory: Path, upstream: str, port: int, loop: str) -> Path:
-    path = directory / f"proxy-{loop}.toml"
-    path.write_text(
-        f'state_dir = "{directory / f"state-{loop}"}"\n'
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\nevent_loop = "{loop}"\n'
-        f'[upstream]\nbase_url = "{upstream}"\n'
-        '[log]\nlevel = "warning"\n'
-        "[admin]\nenabled = false\n"
-        '[[cache.rules]]\npath = "/v1/companies/*/products/*"\nfresh_for = 3600.0\n'
-        f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
+    """A proxy on ``loop`` whose rule makes products/* (FRESH) fresh for an hour."""
+    return cache_bench.proxy_config(
+        directory, upstream, port, True, rule="/v1/companies/*/products/*", event_loop=loop
     )
-    return path
 
 
 def nginx_config(directory: Path, port: int, origin_port: int) -> Path:

@@ -41,15 +41,6 @@ function request()
   return wrk.format(nil, "/v1/companies/5001/products/" .. math.random(0, N - 1) .. ".json")
 end
 """
-UNIQUE_SCRIPT = """
-local threads = 0
-function setup(thread) threads = threads + 1; thread:set("tid", threads) end
-local n = 0
-function request()
-  n = n + 1
-  return wrk.format(nil, "/v1/companies/5001/products/" .. ({base} + tid * 10000000 + n) .. ".json")
-end
-"""
 
 
 def config(directory: Path, upstream: str, port: int, admin: int) -> Path:
@@ -132,10 +123,9 @@ def measure(
     script = directory / "random.lua"
     script.write_text(RANDOM_SCRIPT.replace("{n}", str(level)))
     hit = wrk(binary, base + PATH.format(0), {}, script)
-    script = directory / "unique.lua"
-    script.write_text(
-        UNIQUE_SCRIPT.replace("{base}", str(1_000_000_000 * (1 + LEVELS.index(level))))
-    )
+    script = directory / "unique.lua"  # products/0.json?start=N: a new key every request
+    base_id = 1_000_000_000 * (1 + LEVELS.index(level))
+    script.write_text(f"local BASE = {base_id}\n{cache_bench.MISS_SCRIPT}")
     miss = wrk(binary, base + PATH.format(0), {}, script)
     rss = rss_mb(pid) or 0.0
     line = (
