@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", required=True, help="a directory holding the other proxy package")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--inm", action="store_true", help="also a caller's If-None-Match (304)")
+    p.add_argument("--connections", type=int, default=compare.DEFAULT_CONNECTIONS)
     args = p.parse_args(argv)
     binary = shutil.which("wrk")
     if binary is None:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, (url, pid) in servers.items():
                         headers = {"If-None-Match": etags[name]} if s.inm else {}
                         cpu = cpu_seconds(pid)
-                        r = wrk(binary, url + s.path, headers, None, compare.DEFAULT_CONNECTIONS)
+                        r = wrk(binary, url + s.path, headers, None, args.connections)
                         spent = (cpu_seconds(pid) - cpu) * 1e6 / max(1, r.requests)
                         results.setdefault((s.label, name), []).append((r.rps, spent, r.p99_ms))
     finally:
