@@ -161,10 +161,12 @@ class Connector(aiohttp.TCPConnector):
 
 def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.ClientSession:
     """``accounts``: how many accounts share the pool; the connector holds every account's
-    share (``upstream.account_pool_size``) at once, so a request within its account's share
-    never waits in the connector, where a wait could not be told from a slow connect."""
+    share (``upstream.account_pool_size``) at once, and one token request per account
+    besides, so a request within its account's share never waits in the connector, where a
+    wait could not be told from a slow connect (and would count for a breaker)."""
+    shares = max(settings.pool_size, settings.account_share(accounts) * accounts)
     connector = Connector(
-        limit=max(settings.pool_size, settings.account_share(accounts) * accounts),
+        limit=shares + accounts,
         ssl=ssl_context(settings),
         ttl_dns_cache=300,
         enable_cleanup_closed=False,

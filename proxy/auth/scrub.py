@@ -3,7 +3,8 @@
 An upstream that echoes the request (a debugging gateway, an error page quoting the
 ``Authorization`` header) would hand the account's bearer token to every caller of the
 account. So every header value of every answer, and the body of every answer that is not
-2xx (the ones the proxy reads and rewrites anyway, up to :data:`ERROR_BODY_LIMIT`), have
+2xx (error bodies, which the proxy reads and rewrites anyway, up to :data:`ERROR_BODY_LIMIT`;
+3xx bodies that small), have
 the account's current access token, refresh token and client secret replaced by
 :data:`REDACTED`, in the spellings an echo would use (as is, JSON-escaped,
 percent-encoded). 2xx bodies are the account's data and pass untouched.
@@ -75,6 +76,10 @@ async def scrubbed(response: ProxyResponse, secrets: tuple[str, ...], method: st
         return response
     response.headers = scrub_headers(response.headers, secrets)
     if 200 <= response.status < 300 or response.status in _NO_BODY or method == "HEAD":
+        return response
+    if response.status < 400 and not isinstance(response.body, bytes):
+        # A redirect body over 64 KiB streams through as it came: reading a prefix of it
+        # would cut it short (error bodies are read that far anyway).
         return response
     # Read as the error answer reads it: inflated, within ERROR_BODY_LIMIT.
     raw = await response.decoded(ERROR_BODY_LIMIT)

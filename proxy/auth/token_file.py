@@ -28,9 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy.files import private_dir
+from proxy.files import private_dir, read_regular
 
 LOCK_POLL = 0.01
+# A token file is a few hundred bytes; anything past this is not one (nor is a FIFO).
+TOKEN_FILE_LIMIT = 1024**2
 
 
 class TokenFileError(Exception):
@@ -99,7 +101,7 @@ class TokenFile:
     def read(self) -> StoredToken | None:
         """The stored token, or None when there is no file yet."""
         try:
-            raw = self.path.read_text(encoding="utf-8")
+            raw = read_regular(self.path, TOKEN_FILE_LIMIT).decode("utf-8")
         except FileNotFoundError:
             return None
         except UnicodeDecodeError:

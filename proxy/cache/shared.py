@@ -1,7 +1,7 @@
 """Cache entries shared by every replica in Redis (``[shared] backend = "redis"``).
 
-The cache layer (:mod:`proxy.cache.layer`) reads memory tier → Redis → local disk and, after a
-fetch, writes the entry to Redis too, when its body arrived whole and is at most
+The shared tier (:class:`proxy.cache.tiers.RedisEntries`) reads memory tier → Redis → local
+disk and, after a fetch, writes the entry to Redis too, when its body arrived whole and is at most
 ``cache.max_entry_size``. Before a flight asks Kounta for a key it *claims* the key's fetch
 lock in Redis; a replica that finds the lock taken waits (polling, up to
 ``cache.coalesce_wait``) for the owner's entry to appear and answers from it, or fetches alone
@@ -34,8 +34,9 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.cache.policy import Entry, normalise_path, parse_key
-from proxy.cache.store import Stored
+from proxy.cache.invalidation import normalise_path
+from proxy.cache.memory import Stored
+from proxy.cache.policy import Entry, parse_key
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.shared import SharedUnavailable
@@ -167,7 +168,9 @@ class SharedEntries:
         stale_if_error: float,
         lock_ttl: float,
         accounts: tuple[str, ...],
+        announce_all: Resend | None = None,
     ) -> None:
+        """``announce_all`` tells every replica to purge everything (None: alone)."""
         self.backend = backend
         self.metrics = metrics
         self.max_entry_size = max_entry_size
@@ -179,8 +182,7 @@ class SharedEntries:
         # the other replicas again (their copies of what Redis held may be old).
         self.pending: list[Pending] = []
         self.retrying: asyncio.Task[None] | None = None
-        # Tells every replica to purge everything (set by the wiring; None: alone).
-        self.announce_purge_all: Resend | None = None
+        self.announce_all = announce_all
 
     def _count(self, op: str, result: str) -> None:
         self.metrics.cache_shared.labels(op, result).inc()
@@ -277,6 +279,10 @@ class SharedEntries:
         self._count("lock", "taken" if claim.owner is not None else "waited")
         return claim
 
+    async def found(self, account: str, key: str, data: bytes | None) -> Stored | None:
+        """The entry a claim found under the key once it took the lock (None: none, or bad)."""
+        return None if data is None else await self._decoded(account, key, digest(key), data)
+
     async def wait(self, account: str, key: str, patience: float) -> Stored | None:
         """The entry another replica's fetch stores, or None once its lock is gone without
         one (not storable, failed, owner died and the lock expired), Redis fails, or
@@ -313,7 +319,7 @@ class SharedEntries:
         this replica uses Redis again), and then ``resend`` tells the other replicas again."""
         if self.pending or not await self._drop(account, covers):
             if len(self.pending) >= MAX_PENDING:  # everything, once
-                self.pending = [(None, lambda account, path: True, self.announce_purge_all)]
+                self.pending = [(None, lambda account, path: True, self.announce_all)]
             else:
                 self.pending.append((account, covers, resend))
             if self.retrying is None or self.retrying.done():

@@ -46,6 +46,7 @@ MAX_PATTERNS = (
     "kounta_proxy_cache_bytes",
     "kounta_proxy_cache_storing_disabled",
     "process_max_fds",
+    "kounta_proxy_config_loaded_timestamp_seconds",  # the latest load (a sum would be no time)
 )
 # Sample names merged by the minimum: when something started.
 MIN_PATTERNS = ("process_start_time_seconds", "*_created")

@@ -197,13 +197,13 @@ class Upstream:
         headers = CIMultiDict(request.headers)
         # A range of a gzip stream cannot be checked or inflated: ranges are asked plain.
         headers["Accept-Encoding"] = "identity" if "Range" in headers else GZIP
-        timeout = self._timeout(request.deadline)
         route = template(request.path)
-        started = time.perf_counter()
         count_error = self._error_counter(request.account)
         slot = await self._slot(request, count_error)
+        started = time.perf_counter()  # the slot wait is not Kounta's time
         begun = asyncio.get_running_loop().time()
         try:
+            timeout = self._timeout(request.deadline)  # what is left after the slot wait
             with mapped_errors(self.settings, count_error):
                 response = await self.session.request(
                     request.method,

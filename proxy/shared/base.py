@@ -73,10 +73,12 @@ class SharedEvents(Protocol):
 class Claim:
     """A fetch lock request's answer: ``owner`` is set when this replica took the lock,
     ``gen`` is the account's invalidation count read in the same round trip (a store made
-    later is refused when an invalidation came in between)."""
+    later is refused when an invalidation came in between), and ``data`` the entry found
+    under the key once the lock was taken (the last owner's, stored before it let go)."""
 
     owner: str | None
     gen: str
+    data: bytes | None = None
 
 
 class SharedCache(Protocol):

@@ -14,6 +14,7 @@ Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a 
     P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
     P:cache:ACCOUNT:paths   sorted set: the account's cached paths, by their latest expiry
     P:cache:ACCOUNT:gen     the account's invalidation count (a store begun before one is refused)
+    P:epoch                 RUN_ID:RANDOM, named when replicas found the data of this run checked
 
 The path indexes let an invalidation or purge find an account's entries without SCAN (which
 walks the whole keyspace); they have no TTL (so eviction never loses them) and are pruned by
@@ -26,6 +27,9 @@ Each change of state is one log line and moves the ``kounta_proxy_shared_backend
 ``kounta_proxy_shared_degraded`` gauges.
 
 Times in the scripts come from Redis (``TIME``), so replicas with skewed clocks still agree.
+
+**Epochs** (:mod:`proxy.shared.epochs`): a restarted, rewound or emptied Redis is a new
+epoch; its cache entries are deleted and every replica purges its own before using it again.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
+from proxy.shared.epochs import Epochs
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -130,11 +135,15 @@ if expires > latest then redis.call('ZADD', KEYS[3], expires, ARGV[5]) end
 return 1
 """
 
-# Take a key's fetch lock if free, and read the account's invalidation count, in one trip.
-# KEYS: lock, gen. ARGV: owner, ttl ms. Returns {1 or 0, gen}.
+# Take a key's fetch lock if free, and read the account's invalidation count, in one trip;
+# the lock taken, look again: the entry stored by the lock's last owner (released just
+# before) is returned too, so a fetch begun on an older look does not go upstream again.
+# KEYS: lock, gen, entry. ARGV: owner, ttl ms. Returns {1 or 0, gen, entry or false}.
 CACHE_CLAIM = """
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-return {taken and 1 or 0, redis.call('GET', KEYS[2]) or '0'}
+local gen = redis.call('GET', KEYS[2]) or '0'
+if not taken then return {0, gen} end
+return {1, gen, redis.call('GET', KEYS[3])}
 """
 
 # Release a fetch lock only for its owner (one that expired and was taken again stays).
@@ -170,16 +179,11 @@ class RedisBackend:
         self.metrics = metrics
         self.prefix = settings.key_prefix
         self.timeout = settings.timeout
-        self.client = aioredis.Redis.from_url(
-            settings.url,
-            password=settings.password.reveal() or None,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            # No resends inside the client: a failure is reported at once and the caller
-            # falls back; the probe decides when Redis is back.
-            retry=Retry(NoBackoff(), 0),
-            max_connections=POOL_SIZE,
-        )
+        # The probe's own pool: it may talk to a Redis of a new epoch; the data pool may not.
+        self.prober = self._connect(2, None)
+        self.epochs = Epochs(self.prober, self.prefix, metrics)
+        self.client = self._connect(POOL_SIZE, self.epochs.check_connection)
+        self._closed = False
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
         self._write_token = self.client.register_script(CAS_SCRIPT)
@@ -193,6 +197,22 @@ class RedisBackend:
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
+
+    def _connect(
+        self, size: int, on_connect: Callable[[Any], Awaitable[None]] | None
+    ) -> aioredis.Redis:
+        settings = self.settings
+        return aioredis.Redis.from_url(
+            settings.url,
+            password=settings.password.reveal() or None,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            # No resends inside the client: a failure is reported at once and the caller
+            # falls back; the probe decides when Redis is back.
+            retry=Retry(NoBackoff(), 0),
+            max_connections=size,
+            redis_connect_func=on_connect,
+        )
 
     @property
     def budget(self) -> RedisBackend:
@@ -227,12 +247,16 @@ class RedisBackend:
         self._probe = asyncio.create_task(self._watch(), name="shared-redis-probe")
 
     async def close(self) -> None:
+        # Listeners also stop by this flag: a cancel that lands as get_message's own
+        # timeout expires is swallowed (asyncio.timeout on 3.11), and the loop would go on.
+        self._closed = True
         for task in [self._probe, *self._listeners]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.client.aclose()
+        await self.prober.aclose()
 
     async def _watch(self) -> None:
         while True:
@@ -242,7 +266,10 @@ class RedisBackend:
     async def _check(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):
-                await self.client.ping()
+                run_id, epoch = await self.epochs.read()
+            if self.epochs.changed(run_id, epoch):
+                # Not under the one timeout: deleting a large cache takes many round trips.
+                await self.epochs.begin(run_id, epoch)
         except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
             self._set_state(False, _why(e))
             return
@@ -364,17 +391,24 @@ class RedisBackend:
         return int(stored) == 1
 
     async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim:
-        keys = [self._cache_key(account, "lock", digest), self._cache_key(account, "gen")]
+        keys = [
+            self._cache_key(account, "lock", digest),
+            self._cache_key(account, "gen"),
+            self._cache_key(account, "e", digest),
+        ]
         args: list[Any] = [owner, max(1, int(ttl * 1000))]
-        taken, gen = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
-        return Claim(owner if int(taken) == 1 else None, _text(gen))
+        found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
+        taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
+        return Claim(owner if taken == 1 else None, _text(gen), bytes(data) if data else None)
 
     async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
         entry = self._cache_key(account, "e", digest)
         lock = self._cache_key(account, "lock", digest)
 
         async def poll() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
+            # One snapshot (MULTI): read apart, the owner could store and release in between,
+            # and the waiter would see neither entry nor lock and fetch again.
+            pipe = self.client.pipeline(transaction=True)
             pipe.get(entry)
             pipe.exists(lock)
             return await pipe.execute()
@@ -421,6 +455,7 @@ class RedisBackend:
     ) -> None:
         task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
         self._listeners.append(task)
+        self.epochs.gaps.append(on_gap)  # a new epoch is a gap too
 
     async def _listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
@@ -428,7 +463,7 @@ class RedisBackend:
         """Subscribe, deliver, and after any break subscribe again and report the gap."""
         channel, own = self.key("events", topic), self._replica.encode() + b"|"
         lost = False
-        while True:
+        while not self._closed:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self.timeout):
@@ -437,7 +472,7 @@ class RedisBackend:
                     lost = False
                     event("shared_resubscribed", topic=topic)
                     on_gap()
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(timeout=PROBE_SECONDS)
                     data = message.get("data") if message else None
                     if isinstance(data, bytes) and not data.startswith(own):
@@ -445,6 +480,12 @@ class RedisBackend:
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
+                lost = True
+            except Exception as e:  # supervised: whatever it was, listen again
+                # Nothing may stop the listener for good (a replica that stops hearing
+                # invalidations serves old entries): log, count, listen again, report a gap.
+                event("shared_listener_failed", logging.ERROR, topic=topic, error=_why(e))
+                self.metrics.shared_listener_restarts.labels(topic).inc()
                 lost = True
             finally:
                 with contextlib.suppress(Exception):

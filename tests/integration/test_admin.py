@@ -308,7 +308,7 @@ async def test_series_stay_bounded_over_10000_distinct_ids(
     late = series(proxy.registry)
     assert len(late) == early, "new series appeared for new ids"
     assert len(late) < 1000
-    # kounta_proxy_config_info's hash is hex digits by design (of settings with tmp paths)
+    # The configuration's hash (kounta_proxy_config_info) is hex by design, one per process.
     labels = {v for _, pairs in late for k, v in pairs if k != "hash"}
     routes = {v for _, pairs in late for k, v in pairs if k == "route"}
     assert all(ROUTE_LABEL.fullmatch(r) for r in routes), routes

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -206,3 +208,27 @@ def test_an_unreadable_file_is_not_taken_for_a_corrupt_one(tmp_path: Path) -> No
     with pytest.raises(TokenFileError) as caught:
         TokenFile(directory).read()
     assert not isinstance(caught.value, TokenFileCorrupt)
+
+
+def test_a_token_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """Issue 17 item 18, for the token file: opening a FIFO waits for a writer."""
+    path = tmp_path / "main.json"
+    os.mkfifo(path)
+    result: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            TokenFile(path).read()
+        except BaseException as e:
+            result.append(e)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # the old code: release the blocked open() before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail("reading a FIFO token file blocked")
+    (error,) = result
+    assert isinstance(error, TokenFileError) and not isinstance(error, TokenFileCorrupt)
+    assert "not a regular file (a FIFO)" in str(error)

@@ -137,6 +137,8 @@ def test_a_malformed_exposition_is_refused() -> None:
         ("process_resident_memory_bytes", 3.0),
         ("process_cpu_seconds_total", 3.0),
         ("kounta_proxy_cache_lookups_total", 3.0),
+        ("kounta_proxy_config_loaded_timestamp_seconds", 2.0),  # the latest, not a sum
+        ("kounta_proxy_config_reloads_total", 3.0),  # each worker reloads on its own
     ],
 )
 def test_combiner_by_name(name: str, expected: float) -> None:
