@@ -47,6 +47,7 @@ class Result:
     requests: int
     upstream_per_request: float | None = None
     rss_mb: float | None = None
+    cpu_us: float | None = None  # the server process's CPU time per request (µs)
 
 
 def free_port() -> int:
@@ -95,6 +96,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"bench: nothing listens on port {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0.0 where unreadable).
+    Less sensitive than req/s to what else runs on a shared machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -105,16 +116,25 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
-def proxy_config(directory: Path, upstream: str, port: int, cache: bool) -> Path:
+def proxy_config(
+    directory: Path,
+    upstream: str,
+    port: int,
+    cache: bool,
+    *,
+    rule: str = "/v1/companies/*/products",
+    event_loop: str = "auto",
+) -> Path:
+    """A proxy's settings file: static token, no budget to speak of, ``rule`` fresh for an hour."""
     path = directory / f"proxy-{port}.toml"
     path.write_text(
         f'state_dir = "{directory / f"state-{port}"}"\n'
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nevent_loop = "{event_loop}"\n'
         f'[upstream]\nbase_url = "{upstream}"\n'
         '[log]\nlevel = "warning"\n'
         "[admin]\nenabled = false\n"
         f"[cache]\nenabled = {'true' if cache else 'false'}\n"
-        '[[cache.rules]]\npath = "/v1/companies/*/products"\nfresh_for = 3600.0\n'
+        f'[[cache.rules]]\npath = "{rule}"\nfresh_for = 3600.0\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
     )
     return path
@@ -123,8 +143,14 @@ def proxy_config(directory: Path, upstream: str, port: int, cache: bool) -> Path
 # --------------------------------------------------------------------------- load
 
 
-def wrk(binary: str, url: str, headers: dict[str, str], script: Path | None) -> Result:
-    args = [binary, "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency"]
+def wrk(
+    binary: str,
+    url: str,
+    headers: dict[str, str],
+    script: Path | None,
+    connections: int | None = None,
+) -> Result:
+    args = [binary, "-t2", f"-c{connections or CONNECTIONS}", f"-d{DURATION}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     if script is not None:
@@ -132,6 +158,8 @@ def wrk(binary: str, url: str, headers: dict[str, str], script: Path | None) -> 
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    for problem in re.findall(r"^\s*(Non-2xx or 3xx responses: \d+|Socket errors: .*)$", out, re.M):
+        print(f"  wrk: {url}: {problem}", file=sys.stderr)  # a scenario that fails is no number
     return Result("", rps, _pct(out, "50%"), _pct(out, "99%"), total)
 
 

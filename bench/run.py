@@ -1,6 +1,8 @@
-"""``make bench``: run the benchmarks and print their tables (python -m bench.run).
+"""``./dev bench``: run the benchmarks and print their tables (python -m bench.run).
 
 Each scenario module has ``run() -> results`` and its own table; add yours here.
+``--connections N`` sets wrk's connections for the comparison (default 32); ``--sizes`` runs
+the cache-size series instead (bench/sizes.py, several minutes).
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from bench import cache_bench
+from bench import cache_bench, compare
 
 
 def main() -> int:
@@ -23,15 +25,34 @@ def main() -> int:
         from bench import workers_bench
 
         return workers_bench.main()
+    if "--sizes" in sys.argv[1:]:
+        # Fresh hits and misses with 1k, 10k and 100k stored entries; start-up; RSS
+        from bench import sizes
+
+        return sizes.main()
+    connections = compare.DEFAULT_CONNECTIONS
+    if "--connections" in sys.argv[1:]:
+        connections = int(sys.argv[sys.argv.index("--connections") + 1])
     started = time.monotonic()
     results = cache_bench.run()
     print(
         f"\n## Cache benchmark (loopback, wrk -t2 -c{cache_bench.CONNECTIONS} "
-        f"-d{cache_bench.DURATION}s, median of {cache_bench.ROUNDS} interleaved rounds)\n"
+        f"-d{cache_bench.DURATION}s, median of {cache_bench.ROUNDS} interleaved rounds; "
+        "the proxy on its default loop)\n"
     )
     print(cache_bench.table(results))
     print()
     print(cache_bench.ratios(results))
+    rows, note = compare.run(connections)
+    print(
+        f"\n## The long way, both event loops, nginx (wrk -t2 -c{connections} "
+        f"-d{cache_bench.DURATION}s, median of {cache_bench.ROUNDS} interleaved rounds)\n"
+    )
+    print(compare.table(rows))
+    print()
+    print(compare.ratios(rows))
+    if note:
+        print(f"\n{note}")
     print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy import __version__
+from proxy import __version__, eventloop
 from proxy.auth import authorize as flow
 from proxy.auth.providers import token_path
 from proxy.cache.admin import run_cli
@@ -306,6 +306,7 @@ def check_config(path: Path | None, *, as_json: bool) -> int:
             file=sys.stderr,
         )
     settings = require_accounts(load(path))
+    eventloop.resolve(settings.server.event_loop)  # "uvloop" without uvloop: one line
     problems = [ConfigError(key, p) for key, p in lifecycle.directory_problems(settings)]
     if problems:
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
@@ -377,7 +378,7 @@ def serve(settings: Settings, config: Path | None = None) -> int:
     require_accounts(settings)
     configure(settings.log.level, settings.log.format)
     set_worker(worker_from_env())  # a `serve --workers N` worker: its lines say which
-    asyncio.run(_serve(settings, config))
+    eventloop.run(_serve(settings, config), settings.server.event_loop)
     return 0
 
 

@@ -95,7 +95,11 @@ class _JsonErrorHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self.limits = limits
         self.server = manager
+        # One timer per connection, not one per request: _head_since is when the pending
+        # request head began (loop time; None: none pending), and the timer, when it fires,
+        # drops the connection or sleeps again until that head's own deadline.
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None
         self._head_bytes = False
         # Requests whose head arrived, and when the last answer was written ("idle longest").
         self._requests = 0
@@ -109,7 +113,8 @@ class _JsonErrorHandler(RequestHandler):
         if count > self.limits.max_connections and not self._make_room():
             self._drop(MAX_CONNECTIONS, _TOO_MANY)
             return
-        self._arm()
+        self._head_since = protocol_loop(self).time()
+        self._arm(self._head_since)
 
     def _make_room(self) -> bool:
         """Whether this connection fits under the cap once the keep-alive connection idle
@@ -139,11 +144,15 @@ class _JsonErrorHandler(RequestHandler):
         if data and self._waiting():
             # Bytes of a new request head: its deadline runs from the first of them.
             self._head_bytes = True
-            if self._head_timer is None:
-                self._arm()
+            if self._head_since is None:
+                self._head_since = protocol_loop(self).time()
+                if self._head_timer is None:
+                    self._arm(self._head_since)
         super().data_received(data)
         if self._head_bytes and not self._waiting():
-            self._disarm()  # the head is complete: a request is being answered
+            # The head is complete: a request is being answered. The timer stays; when it
+            # fires it finds no head pending (cheaper than cancelling it for every request).
+            self._head_since = None
             self._head_bytes = False
             self._requests += 1
 
@@ -151,21 +160,28 @@ class _JsonErrorHandler(RequestHandler):
         """Whether the connection waits for a request head (none is being answered)."""
         return waiting_for_request(self)
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = protocol_loop(self).call_later(
-            self.limits.header_timeout, self._timed_out
+    def _arm(self, since: float) -> None:
+        self._head_timer = protocol_loop(self).call_at(
+            since + self.limits.header_timeout, self._timed_out
         )
 
     def _disarm(self) -> None:
+        self._head_since = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _timed_out(self) -> None:
         self._head_timer = None
-        if self._waiting():  # else a request is being answered: its head came in time
+        since = self._head_since
+        if since is None:
+            return  # no head pending: the next one's first bytes arm the timer again
+        if protocol_loop(self).time() < since + self.limits.header_timeout:
+            self._arm(since)  # a later head than the one this timer was armed for
+        elif self._waiting():
             self._drop(HEADER_TIMEOUT, _TIMED_OUT if self._head_bytes else b"")
+        else:  # a request is being answered: its head came in time
+            self._head_since = None
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None

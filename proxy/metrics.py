@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy import __version__
+from proxy import __version__, eventloop
 from proxy.metrics_webhooks import WebhookMetrics
 
 # The states of an account's circuit breaker, one-hot like the token's (``state`` label).
@@ -264,7 +264,8 @@ class Metrics:
         # --- build
         self.build_info = Info(
             "kounta_proxy_build",
-            "The running build: proxy version, Python and aiohttp versions.",
+            "The running build: proxy version, Python and aiohttp versions, and the event loop "
+            "(asyncio or uvloop).",
             registry=registry,
         )
         self.build_info.info(
@@ -272,6 +273,7 @@ class Metrics:
                 "version": __version__,
                 "python": platform.python_version(),
                 "aiohttp": aiohttp.__version__,
+                "event_loop": eventloop.running(),
             }
         )
         # --- requests (inbound, recorded by edge.middlewares.access_middleware)

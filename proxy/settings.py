@@ -176,6 +176,9 @@ class ServerSettings:
     # then the caller's connection is closed and the upstream connection let go (nginx's
     # send_timeout).
     send_timeout: float = 30.0
+    # The asyncio event loop: "auto" takes uvloop when installed (the `fast` extra, in the
+    # image), "asyncio" never does, "uvloop" requires it (serve stops with one line without it).
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -82,7 +82,7 @@ class Exchange:
                 if stale is not None
                 else Stored(decision.entry, None)
             )
-            self.entries.keep(flight, fresh)
+            self.entries.keep(flight, fresh, freshened=stale is not None)
             return Outcome(
                 decision.entry.status,
                 decision.entry.headers,

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from proxy.cache.disk import BodySink
 from proxy.cache.flight import Flight, Flights, Outcome
+from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry, fresh_age
@@ -44,8 +45,9 @@ class Entries(Protocol):
         """The flight's outcome: ``fetch()``, or what another replica fetched."""
         ...
 
-    def keep(self, flight: Flight, stored: Stored) -> None:
-        """Store what the flight got (unless a change covered it meanwhile)."""
+    def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
+        """Store what the flight got (unless a change covered it meanwhile); ``freshened``:
+        a 304 refreshed a stored entry (the same body; to disk at most once a second)."""
         ...
 
     def may_store(self, flight: Flight, entry: Entry) -> bool: ...
@@ -78,6 +80,7 @@ class LocalEntries:
         self.store = store
         self.flights = flights
         self.metrics = metrics
+        self.freshen = Throttle()
 
     @property
     def sequence(self) -> int:
@@ -106,10 +109,18 @@ class LocalEntries:
             self.metrics.cache_stores.labels("disabled").inc()
         return True
 
-    def keep(self, flight: Flight, stored: Stored) -> None:
+    def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         if self.may_store(flight, stored.entry):
-            self.store.put(flight.key, stored)
+            self._put(flight.key, stored, freshened)
             self.metrics.cache_stores.labels("stored").inc()
+
+    def _put(self, key: str, stored: Stored, freshened: bool) -> None:
+        """Memory and disk; a freshened entry held in memory reaches the disk at most once
+        a second (:mod:`proxy.cache.freshen`): the memory tier answers meanwhile."""
+        if freshened and key in self.store.hot.items and not self.freshen.due(key):
+            self.store.promote(key, stored)
+        else:
+            self.store.put(key, stored)
 
     async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
         path = await sink.finish()
@@ -210,9 +221,9 @@ class RedisEntries(LocalEntries):
             return False
         return fresh_age(entry, self.clock()) is not None and entry.selects(flight.request.headers)
 
-    def keep(self, flight: Flight, stored: Stored) -> None:
+    def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         if self.may_store(flight, stored.entry):
-            self.store.put(flight.key, stored)
+            self._put(flight.key, stored, freshened)
             self.metrics.cache_stores.labels("stored").inc()
             flight.to_share(stored)  # to Redis by finish(), once the answer is out
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, eventloop
 from proxy.edge.app import create_app
 from proxy.edge.services import SERVICES, Services
 from proxy.files import private_dir
@@ -86,6 +86,7 @@ async def _serve(
     event(
         "started",
         version=__version__,
+        event_loop=eventloop.running(),
         listen=f"{settings.server.host}:{bound_port(runner)}",
         admin=_admin_address(settings, admin),
         upstream=settings.upstream.base_url,

@@ -55,6 +55,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from proxy import eventloop
 from proxy.edge.answer import stamp_server
 from proxy.errors import code_for
 from proxy.listener import StartupError, bound_port, start
@@ -76,6 +77,7 @@ def check(settings: Settings, workers: int) -> None:
     """One line for each reason N workers cannot run with these settings."""
     if workers < 1:
         raise ConfigError("--workers", f"must be at least 1, got {workers}")
+    eventloop.resolve(settings.server.event_loop)  # one line here, not one per worker
     if workers == 1:
         return
     if settings.shared.backend == "local":

@@ -21,6 +21,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
+from itertools import product
 from pathlib import Path
 from types import ModuleType
 
@@ -147,6 +148,20 @@ def test_the_lock_pins_the_declared_dependencies() -> None:
     pinned = {pin for pin, _ in locked()}
     for requirement in declared:
         assert normal(requirement) in pinned, f"{requirement} not in requirements.lock: ./dev lock"
+
+
+def test_the_lock_pins_the_fast_extra() -> None:
+    # The image runs on uvloop: ./dev lock compiles with --extra fast, markers kept.
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = dict(locked())
+    for requirement in extra["fast"]:
+        pin, _, marker = requirement.partition(";")
+        assert normal(pin.strip()) in pinned, f"{pin} not in requirements.lock: ./dev lock"
+        locked_marker = pinned[normal(pin.strip())]
+        assert locked_marker is not None
+        for platform, implementation in product(("linux", "darwin", "win32"), ("CPython", "PyPy")):
+            env = {"sys_platform": platform, "platform_python_implementation": implementation}
+            assert locked_marker.evaluate(env) == Marker(marker).evaluate(env), env
 
 
 def test_the_lock_keeps_markers_for_every_admitted_python() -> None:
@@ -461,5 +476,6 @@ def test_the_image_installs_and_starts(tmp_path: Path) -> None:
             proc.kill()
         _, err = proc.communicate(timeout=10)
     assert '"event":"started"' in err
+    assert '"event_loop":"uvloop"' in err  # the lock's fast extra: the image runs on uvloop
     assert f'"admin":"127.0.0.1:{admin_port}"' in err
     assert "container-test-token" not in err

@@ -225,7 +225,8 @@ async def test_requests_and_upstream_are_counted(
     assert value(reg, "kounta_proxy_requests_in_flight") == 0
     info = [s for s in series(reg) if s[0] == "kounta_proxy_build_info"]
     assert len(info) == 1
-    assert {k for k, _ in info[0][1]} == {"version", "python", "aiohttp"}
+    assert {k for k, _ in info[0][1]} == {"version", "python", "aiohttp", "event_loop"}
+    assert dict(info[0][1])["event_loop"] == "asyncio"  # pytest's loop (e2e: test_event_loop)
 
 
 class TinyUpstream(asyncio.Protocol):

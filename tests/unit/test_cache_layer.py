@@ -13,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.layer import Cache
+from proxy.cache.policy import parse_key
 from proxy.cache.store import CacheStore
 from proxy.errors import UpstreamUnreachable
 from proxy.messages import ProxyRequest, ProxyResponse
@@ -182,3 +183,55 @@ async def test_an_error_answer_is_passed_on_and_not_stored(cache: Cache, inner: 
     assert (failed.status, await body_of(failed)) == (503, b"down")
     assert (await cache.send(request())).status == 200
     assert len(inner.sent) == 2
+
+
+async def test_a_304_freshens_memory_at_once_and_the_disk_record_once_a_second(
+    cache: Cache, store: CacheStore, inner: Scripted, clock: Clock
+) -> None:
+    # A key revalidated on every request: each 304 from Kounta freshens the entry in memory
+    # at once, its disk record at most once a second (proxy.cache.freshen); answers unchanged.
+    ticks = [0.0]
+    cache.entries.freshen.clock = lambda: ticks[0]  # the throttle's own monotonic clock
+    inner.answers = [answer(ETag='"a"'), *(answer(304, b"", ETag='"a"') for _ in range(4))]
+    assert await body_of(await cache.send(request())) == b"[1]"
+    [key] = store.hot.items
+
+    async def on_disk() -> float:
+        await store.flush()
+        return (await store._run(store.disk.get, key)).entry.response_time
+
+    stored_at = clock.now
+    assert await on_disk() == stored_at
+    for seconds in (0.0, 0.5, 0.9, 1.0):  # three 304s within a second, then one a second on
+        ticks[0] = seconds
+        clock.now += 5
+        again = await cache.send(request())
+        assert (again.status, await body_of(again)) == (200, b"[1]")
+        assert again.cache_status == "REVALIDATED"
+        assert store.hot.items[key].entry.response_time == clock.now  # memory: every 304
+        if seconds in (0.0, 1.0):
+            stored_at = clock.now
+        assert await on_disk() == stored_at, seconds  # disk: the first, then a second later
+    assert len(inner.sent) == 5  # every request still asked Kounta
+
+
+async def test_a_freshened_entry_not_held_in_memory_is_written_through(
+    tmp_path: Path, inner: Scripted, clock: Clock
+) -> None:
+    # No memory tier: the disk is the only copy, so every 304 reaches it (never a staler
+    # record answering while a fresher one was dropped).
+    store = await CacheStore.open(tmp_path / "nomem", 10**8, 0)
+    cache = Cache(inner, store, Settings(), Metrics(CollectorRegistry()), clock)
+    try:
+        inner.answers = [answer(ETag='"a"'), *(answer(304, b"", ETag='"a"') for _ in range(2))]
+        await body_of(await cache.send(request()))
+        for _ in range(2):
+            clock.now += 5
+            assert await body_of(await cache.send(request())) == b"[1]"
+            await store.flush()
+            keys = await store._run(lambda: list(store.disk.iterkeys()))
+            [key] = [k for k in keys if isinstance(k, str) and parse_key(k)]
+            assert (await store._run(store.disk.get, key)).entry.response_time == clock.now
+    finally:
+        await cache.close()
+        await store.close()

@@ -214,3 +214,38 @@ async def test_keepalive_timeout_is_the_limits_own() -> None:
     finally:
         conn[1].close()
         await runner.cleanup()
+
+
+async def test_each_head_on_a_busy_connection_gets_its_whole_deadline_and_no_more() -> None:
+    # One timer per connection (not one per request): quick requests for longer than the
+    # deadline are never cut, and a later slow head is cut header_timeout after its own first
+    # byte, neither earlier (the deadline of the connection's first head, still armed) nor
+    # never (that timer firing while the slow head is not yet due, and not arming again).
+    drops: list[str] = []
+    app = hello_app(Limits(header_timeout=0.3, on_drop=drops.append))
+    runner = await start(app, "127.0.0.1", 0, 1.0)
+    loop = asyncio.get_running_loop()
+    busy = conn = (await keep_alive(bound_port(runner), 1))[0]
+    try:
+        until = loop.time() + 0.8
+        while loop.time() < until:
+            assert (await ask(busy)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.05)
+        assert drops == []
+        # A new connection: a quick request, then a slow head 0.1 s later, while the timer
+        # armed when the connection opened is still due 0.2 s on.
+        reader, writer = conn = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+        assert (await ask(conn)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.1)
+        started = loop.time()
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+        await asyncio.sleep(0.25)
+        writer.write(b"X-Slow: 1\r\n")  # never ends the head
+        status, body = await answer_of(reader)
+        assert (status, body["error"]) == (408, "request_timeout")
+        assert 0.28 < loop.time() - started < 1.5
+        assert drops == ["header_timeout"]
+    finally:
+        busy[1].close()
+        conn[1].close()
+        await runner.cleanup()

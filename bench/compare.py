@@ -1,0 +1,287 @@
+"""The long way against the short way, under both event loops, and against nginx.
+
+Four scenarios on one upstream (bench/origin.py): a fresh hit of 8 KB (a cache rule), a
+revalidated 8 KB answer (no rule: every request asks the upstream with If-None-Match,
+coalesced), a revalidated 500 KB answer, and a caller's own If-None-Match on the revalidated
+path answered 304. Each is measured through a proxy on asyncio's loop, a proxy on uvloop and,
+when nginx is there (installed with apt like wrk), nginx ``proxy_cache`` configured by
+bench/nginx.conf. Every server is started first; then ROUNDS interleaved rounds, and per row
+the round with the median requests/s (cache_bench's reasoning). The ratios are the result:
+revalidated / fresh and INM / fresh within one server, upstream requests per caller request,
+uvloop / asyncio, and req/s and p99 against nginx's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import cache_bench
+from bench.cache_bench import ROUNDS, TOKEN, Result, cpu_seconds, free_port, process, rss_mb, wrk
+
+COMPANY = "/v1/companies/5001"
+FRESH = f"{COMPANY}/products/1.json"  # fresh for an hour (the proxy's rule, nginx's location)
+REVALIDATED = f"{COMPANY}/customers/1.json"  # no rule: asks the upstream every time
+LARGE = f"{COMPANY}/big/1.json"  # 500 KB, revalidated
+NGINX_CONF = Path(__file__).with_name("nginx.conf")
+LOOPS = ("asyncio", "uvloop")
+DEFAULT_CONNECTIONS = 32
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    label: str
+    path: str
+    inm: bool = False  # send the stored ETag as If-None-Match
+
+
+SCENARIOS = (
+    Scenario("fresh", "fresh hit, 8 KB", FRESH),
+    Scenario("reval", "revalidated, 8 KB", REVALIDATED),
+    Scenario("large", "revalidated, 500 KB", LARGE),
+    Scenario("inm", "caller If-None-Match → 304", REVALIDATED, inm=True),
+)
+
+
+def ensure_nginx() -> str | None:
+    """nginx from Debian packages, installed if missing (as root with apt); None: skip it."""
+    found = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0 and os.environ.get("KOUNTA_DEV_APT") != "0":
+        # policy-rc.d or not, the package may start a system nginx; the bench runs its own.
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx"],
+            capture_output=True,
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    return (
+        shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx") or None
+    )
+
+
+def proxy_config(directory: Path, upstream: str, port: int, loop: str) -> Path:
+    """A proxy on ``loop`` whose rule makes products/* (FRESH) fresh for an hour."""
+    return cache_bench.proxy_config(
+        directory, upstream, port, True, rule="/v1/companies/*/products/*", event_loop=loop
+    )
+
+
+def nginx_config(directory: Path, port: int, origin_port: int) -> Path:
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)  # as root nginx's worker is nobody: it must reach its cache
+    directory.parent.chmod(0o755)
+    text = NGINX_CONF.read_text()
+    for name, value in (
+        ("DIR", str(directory)),
+        ("PORT", str(port)),
+        ("ORIGIN_PORT", str(origin_port)),
+        ("TOKEN", TOKEN),
+    ):
+        text = text.replace(f"@{name}@", value)
+    path = directory / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:  # loopback only
+            r.read()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+
+def served(origin: str) -> int:
+    with urllib.request.urlopen(f"{origin}/_stats", timeout=10) as r:
+        return int(json.load(r)["served"])
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    server: str
+    result: Result
+
+
+def run(connections: int) -> tuple[list[Row], str]:
+    """Every (scenario, server) once per round; per pair the round with the median req/s."""
+    wrk_binary = shutil.which("wrk")
+    if wrk_binary is None:
+        raise SystemExit("bench: the comparison needs wrk (apt-get install wrk)")
+    nginx = ensure_nginx()
+    directory = Path(tempfile.mkdtemp(prefix="kounta-compare-"))
+    origin_port = free_port()
+    origin = f"http://127.0.0.1:{origin_port}"
+    py = sys.executable
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    servers: dict[str, tuple[str, int]] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                process([py, "-m", "bench.origin", "--port", str(origin_port)], origin_port)
+            )
+            for loop in LOOPS:
+                port = free_port()
+                config = proxy_config(directory, origin, port, loop)
+                proc = stack.enter_context(
+                    process([py, "-m", "proxy", "serve", "--config", str(config)], port)
+                )
+                servers[f"proxy, {loop}"] = (f"http://127.0.0.1:{port}", proc.pid)
+            if nginx:
+                port = free_port()
+                config = nginx_config(directory / "nginx", port, origin_port)
+                args = [
+                    nginx,
+                    "-p",
+                    str(config.parent),
+                    "-c",
+                    str(config),
+                    "-e",
+                    str(config.parent / "error.log"),
+                ]
+                proc = stack.enter_context(process(args, port))
+                servers["nginx proxy_cache"] = (f"http://127.0.0.1:{port}", proc.pid)
+            etags = warm(servers, auth)
+            rows = measure(wrk_binary, servers, etags, origin, connections)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    note = "" if nginx else "nginx: not installed (apt-get install nginx), no reference column"
+    return rows, note
+
+
+def warm(servers: dict[str, tuple[str, int]], auth: dict[str, str]) -> dict[str, str]:
+    """Store every path in every server (twice: nginx stores on the first, answers the second);
+    the ETag of the revalidated path per server, for the If-None-Match scenario."""
+    etags = {}
+    for name, (url, _) in servers.items():
+        for s in SCENARIOS:
+            for _ in range(2):
+                status, _ = get(url + s.path, auth)
+                if status != 200:
+                    raise SystemExit(f"bench: {name} answered {status} for {s.path}")
+        etags[name] = get(url + REVALIDATED, auth)[1]["etag"]
+        status, _ = get(url + REVALIDATED, {**auth, "If-None-Match": etags[name]})
+        if status != 304:
+            raise SystemExit(f"bench: {name} answered {status}, not 304, to its own ETag")
+    return etags
+
+
+def measure(
+    wrk_binary: str,
+    servers: dict[str, tuple[str, int]],
+    etags: dict[str, str],
+    origin: str,
+    connections: int,
+) -> list[Row]:
+    runs: dict[tuple[str, str], list[Result]] = {}
+    print("warm-up", file=sys.stderr, flush=True)
+    for url, _ in servers.values():
+        for s in SCENARIOS:
+            subprocess.run(
+                [wrk_binary, "-t1", "-c4", "-d1s", url + s.path], capture_output=True, check=True
+            )
+    for round_no in range(1, ROUNDS + 1):
+        print(f"round {round_no} of {ROUNDS} (c={connections})", file=sys.stderr, flush=True)
+        for s in SCENARIOS:
+            for name, (url, pid) in servers.items():
+                headers = {"Authorization": f"Bearer {TOKEN}"}
+                if s.inm:
+                    headers["If-None-Match"] = etags[name]
+                before, cpu = served(origin), cpu_seconds(pid)
+                result = wrk(wrk_binary, url + s.path, headers, None, connections)
+                result.upstream_per_request = (served(origin) - before) / max(1, result.requests)
+                if name.startswith("proxy"):  # nginx's pid is its master, not the worker
+                    spent = cpu_seconds(pid) - cpu
+                    result.cpu_us = spent * 1e6 / max(1, result.requests)
+                result.rss_mb = rss_mb(pid) if name.startswith("proxy") else None
+                runs.setdefault((s.key, name), []).append(result)
+                print(
+                    f"  {s.label:<28} {name:<18} {result.rps:>8.0f} req/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows = []
+    for s in SCENARIOS:
+        for name in servers:
+            ordered = sorted(runs[(s.key, name)], key=lambda r: r.rps)
+            median = ordered[len(ordered) // 2]
+            sent = sum(r.requests for r in ordered)
+            upstream = sum((r.upstream_per_request or 0.0) * r.requests for r in ordered)
+            median.upstream_per_request = upstream / max(1, sent)
+            median.rss_mb = max(r.rss_mb or 0.0 for r in ordered) or None
+            if all(r.cpu_us is not None for r in ordered):  # over every round, as upstream/req
+                spent = sum((r.cpu_us or 0.0) * r.requests for r in ordered)
+                median.cpu_us = spent / max(1, sent)
+            rows.append(Row(s, name, median))
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(rows: list[Row]) -> str:
+    by = {(r.scenario.key, r.server): r.result for r in rows}
+    nginx = "nginx proxy_cache"
+    lines = [
+        "| scenario | server | req/s | p50 ms | p99 ms | upstream/req | CPU µs/req | / own fresh "
+        "| req/s vs nginx | p99 vs nginx | RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        r = row.result
+        fresh = by[("fresh", row.server)]
+        ref = by.get((row.scenario.key, nginx))
+        vs = f"{r.rps / ref.rps:.2f}" if ref and row.server != nginx else ""
+        p99 = f"{r.p99_ms / ref.p99_ms:.1f}x" if ref and row.server != nginx and ref.p99_ms else ""
+        rss = "" if r.rss_mb is None else f"{r.rss_mb:.0f}"
+        cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
+        lines.append(
+            f"| {row.scenario.label} | {row.server} | {r.rps:.0f} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.upstream_per_request or 0:.3f} | {cpu} | "
+            f"{r.rps / fresh.rps:.2f} | {vs} | {p99} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> str:
+    """The proxy's own ratios per loop (targets from issue 21), and uvloop / asyncio."""
+    by = {(r.scenario.key, r.server): r.result for r in rows}
+    loops = [f"proxy, {loop}" for loop in LOOPS]
+    lines = [
+        "| ratio | " + " | ".join(loops) + " | target |",
+        "| --- | " + " | ".join("---:" for _ in loops) + " | ---: |",
+    ]
+    for key, label in (
+        ("reval", "revalidated 8 KB / fresh"),
+        ("inm", "INM 304 / fresh"),
+        ("large", "revalidated 500 KB / fresh"),
+    ):
+        values = [by[(key, loop)].rps / by[("fresh", loop)].rps for loop in loops]
+        target = "≥ 0.8" if key != "large" else ""
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {target} |")
+    for key, label in (
+        ("reval", "upstream/req, revalidated 8 KB"),
+        ("inm", "upstream/req, INM 304"),
+    ):
+        values = [by[(key, loop)].upstream_per_request or 0.0 for loop in loops]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " | unchanged |")
+    lines.append("")
+    lines.append("| scenario | uvloop / asyncio req/s | uvloop / asyncio p99 |")
+    lines.append("| --- | ---: | ---: |")
+    for s in SCENARIOS:
+        a, u = by[(s.key, loops[0])], by[(s.key, loops[1])]
+        lines.append(f"| {s.label} | {u.rps / a.rps:.2f} | {u.p99_ms / a.p99_ms:.2f} |")
+    return "\n".join(lines)
