@@ -55,6 +55,7 @@ from proxy.pipeline.gates import (
     LocalGate,
     Rate,
     SharedGate,
+    Waiting,
     capped,
     pause_asked,
     rate_for,
@@ -89,6 +90,8 @@ __all__ = [
 ]
 
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
+# In estimates, the other replicas' waiting requests of a class (no caller name has a "~").
+OTHERS = "~others"
 # A turn this close to a request's limit is as good as too late: the dispatcher wakes a few
 # milliseconds after a token is due on a busy loop, and such a request would wait its whole
 # limit for a 429 instead of hearing it at once.
@@ -144,6 +147,9 @@ class AccountBudget:
         self.vtime = 0.0
         self.recent: deque[tuple[float, str, str]] = deque()  # grants, for max_share
         self.waiting = 0
+        if isinstance(self.gate, SharedGate):  # the fleet's queue has classes too
+            self.gate.waiting = self.demand
+            self.gate.weights = self._weights_tuple()
         self._dispatcher: asyncio.Task[None] | None = None
         # Set when a request of a class the reserve does not hold back joins while the
         # dispatcher sleeps for a batch request the reserve holds back.
@@ -173,6 +179,27 @@ class AccountBudget:
         """A reload may have changed the weights or the reserve."""
         self.settings = settings
         self.weights = weights_of(settings.weights)
+        if isinstance(self.gate, SharedGate):
+            self.gate.weights = self._weights_tuple()
+
+    def _weights_tuple(self) -> tuple[float, float, float]:
+        w = self.weights
+        return (w["interactive"], w["standard"], w["batch"])
+
+    def by_class(self) -> tuple[int, int, int]:
+        """This process's waiting requests by class (interactive, standard, batch)."""
+        return self.demand()[0]
+
+    def demand(self) -> Waiting:
+        """This process's waiting requests by class, and how long the oldest of each has
+        waited (what the fleet's queue is told)."""
+        now = self.clock.now()
+        counts, ages = [], []
+        for klass in CLASSES:
+            live = [w for q in self.queues[klass].values() for w in q if not w.future.done()]
+            counts.append(len(live))
+            ages.append(max(0.0, now - min((w.started for w in live), default=now)))
+        return (counts[0], counts[1], counts[2]), (ages[0], ages[1], ages[2])
 
     def available(self) -> float:
         return self.bucket.available(self.clock.now())
@@ -194,7 +221,9 @@ class AccountBudget:
             if wait <= 0:
                 self.metrics.budget_wait.labels(self.name).observe(0.0)
                 return 0.0
-            at = turn = started + wait
+            at = started + wait
+            # Shared: other replicas' waiting requests may come first (the fleet's queue).
+            turn = max(at, self.gate.ready_after(started, self.ahead_of(caller, klass)))
         else:
             at = self.gate.ready_at(started)
             # The queue ahead counts: a request whose turn comes after its limit hears so
@@ -225,12 +254,15 @@ class AccountBudget:
         queues.setdefault(caller, deque()).append(waiter)
         self.waiting += 1
 
-    def state(self, now: float) -> QueueState:
-        """The queue as the pure discipline sees it (live waiters only)."""
+    def state(self, now: float, fleet: bool = False) -> QueueState:
+        """The queue as the pure discipline sees it (live waiters only). With ``fleet``, for
+        estimates: other replicas' waiting requests (shared) stand first in each class's round
+        as one caller, :data:`OTHERS`."""
         classes = {}
         caps: dict[str, float] = {}
+        others = self._others() if fleet else {}
         for klass, queues in self.queues.items():
-            callers = []
+            callers = [(OTHERS, others[klass])] if others.get(klass) else []
             for caller, queue in queues.items():
                 live = sum(1 for w in queue if not w.future.done())
                 if live:
@@ -241,15 +273,24 @@ class AccountBudget:
         recent = tuple(self.recent) if caps else ()
         return QueueState(classes, self.vtime, recent, self._span(), caps)
 
+    def _others(self) -> dict[str, int]:
+        if not isinstance(self.gate, SharedGate) or self.gate.mode() != "shared":
+            return {}
+        mine = self.by_class()
+        return {k: max(0, self.gate.fleet[i] - mine[i]) for i, k in enumerate(CLASSES)}
+
     def _span(self) -> float:
         return self.rate.window + self.rate.margin
 
     def ahead_of(self, caller: str, klass: str = DEFAULT_CLASS) -> int:
         """Waiters served before a new request of ``caller`` in ``klass``, in the order the
-        discipline would serve them if no one else joined."""
+        discipline would serve them if no one else joined. Shared, the fleet's queue counts:
+        other replicas' requests of the class all came first (the fleet is first come, first
+        served within a class), and those of other classes as the weights interleave them."""
         now = self.clock.now()
-        state = activated(self.state(now), klass)
+        state = activated(self.state(now, fleet=True), klass)
         queue = state.classes[klass]
+        others = dict(queue.callers).get(OTHERS, 0)
         own = dict(queue.callers).get(caller, 0)
         callers = (*queue.callers, (caller, 1))
         if own:  # keep the caller's place in the round
@@ -257,10 +298,12 @@ class AccountBudget:
         state = replace(state, classes={**state.classes, klass: replace(queue, callers=callers)})
         mine = 0
         for position, grant in enumerate(order(state, now)):
-            if grant == Grant(klass, caller):
+            if grant == Grant(klass, OTHERS):
+                others -= 1
+            elif grant == Grant(klass, caller):
                 mine += 1
                 if mine > own:
-                    return position
+                    return position + others
         return self.waiting  # not reached: the new request is in the state
 
     def _reject(self, reason: str, wait: float) -> RateLimited:
@@ -359,7 +402,10 @@ class AccountBudget:
         }
         taken: dict[tuple[str, str], int] = {}
         position = 0
-        for grant in order(self.state(now), now):
+        for grant in order(self.state(now, fleet=True), now):
+            if grant.caller == OTHERS:  # another replica's request: ahead, not ours to refuse
+                position += 1
+                continue
             key = (grant.klass, grant.caller)
             index = taken.get(key, 0)
             taken[key] = index + 1

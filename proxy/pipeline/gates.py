@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +19,14 @@ from proxy.dates import retry_after
 from proxy.logs import event
 from proxy.settings import AccountSettings, BudgetSettings
 from proxy.shared import Backend, SharedUnavailable
-from proxy.shared.base import SharedBudget
+from proxy.shared.base import ClassedAsk, SharedBudget
+
+# The classes in the order the shared script counts them (proxy.pipeline.queue.CLASSES).
+CLASS_ORDER = ("interactive", "standard", "batch")
+# A replica's waiting requests by class, and how long the oldest of each has waited.
+Waiting = tuple[tuple[int, int, int], tuple[float, float, float]]
+# Seconds a replica's registered demand stands without being refreshed (at least).
+DEMAND_TTL = 2.0
 
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
@@ -226,6 +233,12 @@ class SharedGate:
         self.bucket = Bucket(self._share(rate), now)
         self.local = LocalGate(self.bucket)
         self._next_at = now
+        # Set by the account's queue: its waiting requests by class, and the classes' weights.
+        # Without them the fleet has no classes (one shared bucket, first come first served).
+        self.waiting: Callable[[], Waiting] | None = None
+        self.weights: tuple[float, float, float] = (6.0, 3.0, 1.0)
+        # The whole fleet's waiting requests by class, as Redis last said.
+        self.fleet: tuple[int, int, int] = (0, 0, 0)
 
     def _share(self, rate: Rate) -> Rate:
         """This replica's part of the rate: what the fallback bucket allows while degraded."""
@@ -243,9 +256,7 @@ class SharedGate:
     async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
         if self.backend.up:
             try:
-                wait = await self.shared.take(
-                    self.account, self.rate.per_window, self.rate.burst, self.period
-                )
+                wait = await self._take(klass, reserve)
             except SharedUnavailable:
                 pass  # degraded: the backend logged it; this request uses the fallback
             else:
@@ -254,6 +265,28 @@ class SharedGate:
                 self._next_at = now + wait
                 return wait
         return await self.local.try_take(now, klass, reserve)
+
+    async def _take(self, klass: str, reserve: float) -> float:
+        rate = self.rate
+        if self.waiting is None:
+            return await self.shared.take(self.account, rate.per_window, rate.burst, self.period)
+        waiting, ages = self.waiting()
+        counts = list(waiting)
+        index = CLASS_ORDER.index(klass)
+        counts[index] = max(counts[index], 1)  # this request, queued or not
+        ask = ClassedAsk(
+            klass,
+            (counts[0], counts[1], counts[2]),
+            reserve,
+            self.weights,
+            max(DEMAND_TTL, 4 * self.period / rate.per_window),
+            ages,
+        )
+        taken = await self.shared.take_classed(
+            self.account, rate.per_window, rate.burst, self.period, ask
+        )
+        self.fleet = taken.fleet
+        return taken.wait
 
     def ready_at(self, now: float) -> float:
         if self.backend.up:
