@@ -49,6 +49,7 @@ from proxy.errors import RateLimited
 from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
+from proxy.pipeline.classstats import ClassStats
 from proxy.pipeline.gates import (
     Bucket,
     Gate,
@@ -75,20 +76,6 @@ from proxy.pipeline.queue import (
 from proxy.settings import BudgetSettings, Settings
 from proxy.shared import Backend
 
-# The bucket and gates moved to proxy.pipeline.gates; these names stay importable from here.
-__all__ = [
-    "AccountBudget",
-    "Bucket",
-    "Budget",
-    "Gate",
-    "LocalGate",
-    "Rate",
-    "SharedGate",
-    "capped",
-    "pause_asked",
-    "rate_for",
-]
-
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
 # In estimates, the other replicas' waiting requests of a class (no caller name has a "~").
 OTHERS = "~others"
@@ -108,6 +95,7 @@ class _Waiter:
     future: asyncio.Future[None]
     limit: float
     started: float = 0.0
+    klass: str = DEFAULT_CLASS
 
 
 def _no_cap(caller: str) -> float:
@@ -165,6 +153,12 @@ class AccountBudget:
         metrics.budget_upstream_429.labels(name)
         for reason in ("deadline", "queue_full"):
             metrics.budget_rejections.labels(name, reason)
+        # Per class: served, refused, recent waits and sends (GET /budget).
+        self.stats = ClassStats(self._span)
+        for klass in CLASSES:
+            metrics.budget_wait.labels(name, klass)
+            metrics.budget_served.labels(name, klass)
+            metrics.budget_refused.labels(name, klass)
 
     def retune(self, rate: Rate) -> None:
         """A reload changed the account's rate: keep what was sent, cap the tokens."""
@@ -219,7 +213,7 @@ class AccountBudget:
         if self.waiting == 0:
             wait = await self.gate.try_take(started, klass, self.reserve_for(klass))
             if wait <= 0:
-                self.metrics.budget_wait.labels(self.name).observe(0.0)
+                self._served(klass, 0.0, started)
                 return 0.0
             at = started + wait
             # Shared: other replicas' waiting requests may come first (the fleet's queue).
@@ -230,10 +224,10 @@ class AccountBudget:
             # now, with the time its turn would have come, instead of waiting for nothing.
             turn = self.gate.ready_after(started, self.ahead_of(caller, klass))
         if turn > limit - TURN_MARGIN:
-            raise self._reject("deadline", turn - started)
+            raise self._reject("deadline", turn - started, klass)
         if self.waiting >= self.settings.queue_size:
-            raise self._reject("queue_full", at - started)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), limit, started)
+            raise self._reject("queue_full", at - started, klass)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), limit, started, klass)
         self._enqueue(klass, caller, waiter)
         if self._held_back and klass != "batch":
             self._wake.set()
@@ -243,9 +237,15 @@ class AccountBudget:
         self._expire(started)
         self._start_dispatcher()
         await waiter.future
-        waited = self.clock.now() - started
-        self.metrics.budget_wait.labels(self.name).observe(waited)
+        now = self.clock.now()
+        waited = now - started
+        self._served(klass, waited, now)
         return waited
+
+    def _served(self, klass: str, waited: float, now: float) -> None:
+        self.metrics.budget_wait.labels(self.name, klass).observe(waited)
+        self.metrics.budget_served.labels(self.name, klass).inc()
+        self.stats.served(klass, waited, now)
 
     def _enqueue(self, klass: str, caller: str, waiter: _Waiter) -> None:
         queues = self.queues[klass]
@@ -306,9 +306,11 @@ class AccountBudget:
                     return position + others
         return self.waiting  # not reached: the new request is in the state
 
-    def _reject(self, reason: str, wait: float) -> RateLimited:
+    def _reject(self, reason: str, wait: float, klass: str) -> RateLimited:
         self.rejected += 1
+        self.stats.refused[klass] += 1
         self.metrics.budget_rejections.labels(self.name, reason).inc()
+        self.metrics.budget_refused.labels(self.name, klass).inc()
         # A deadline's wait already counts the queue ahead; a full queue drains at the pace.
         backlog = self.waiting / self.rate.per_second if reason == "queue_full" else 0.0
         retry_after = whole_seconds(max(wait, backlog))
@@ -412,7 +414,7 @@ class AccountBudget:
             waiter = lines[key][index]
             turn = self.gate.ready_after(now, position)
             if turn > waiter.limit - TURN_MARGIN:
-                waiter.future.set_exception(self._reject("deadline", turn - now))
+                waiter.future.set_exception(self._reject("deadline", turn - now, waiter.klass))
             else:
                 position += 1
 
@@ -424,7 +426,8 @@ class AccountBudget:
                 for waiter in queue:
                     if not waiter.future.done() and waiter.limit <= now:
                         at = self.gate.ready_after(now, self.waiting - 1)
-                        waiter.future.set_exception(self._reject("deadline", at - now))
+                        refusal = self._reject("deadline", at - now, waiter.klass)
+                        waiter.future.set_exception(refusal)
                 self.waiting -= len(queue) - len(kept)
                 if kept:
                     queues[caller] = kept
@@ -485,6 +488,7 @@ class AccountBudget:
             "backoff": self.bucket.backoff,
             "upstream_429s": self.upstream_429s,
             "rejected": self.rejected,
+            "classes": self.stats.status(now, self.by_class(), self.weights),
         }
 
     async def close(self) -> None:

@@ -9,10 +9,14 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import MakeProxy, Sandbox
+from proxy.edge.services import SERVICES
+from proxy.ops.admin import create_admin_app
+from tests.conftest import MakeProxy, Sandbox, serve
 from tests.integration.test_budget import (
     CUSTOMERS,
+    LIMIT,
     budget_settings,
+    caller_key,
     customer_ids,
     fast_sandbox,
     fetch,
@@ -70,3 +74,45 @@ async def test_interactive_callers_go_before_a_batch_caller_queued_first(
     assert max(done["interactive"]) < batch_times[6], (done, batch_times)
     # Lowered, it waits behind the interactive ones (round robin with caller0 in batch).
     assert done["lowered"][0] > max(done["interactive"]), done
+
+
+async def test_budget_and_metrics_show_the_classes(
+    make_proxy: MakeProxy, fast_sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    """An all-pages walk is batch, a plain read standard: GET /budget and the metrics say so
+    per class, and every class's series exists (at 0) before any request of it."""
+    proxy = await make_proxy(budget_settings(fast_sandbox.url, tmp_path, rate=100 * LIMIT))
+    sample = proxy.registry.get_sample_value
+    for klass in ("interactive", "standard", "batch"):
+        labels = {"account": "main", "class": klass}
+        assert sample("kounta_proxy_budget_served_total", labels) == 0
+        assert sample("kounta_proxy_budget_refused_total", labels) == 0
+        assert sample("kounta_proxy_budget_wait_seconds_count", labels) == 0
+    async with client.get(
+        f"{proxy.url}{CUSTOMERS}.json",
+        headers={"X-Proxy-Key": caller_key(0), "X-Proxy-All-Pages": "1"},
+    ) as r:
+        assert r.status == 200
+        await r.read()
+    status, _, _ = await fetch(
+        client, f"{proxy.url}{CUSTOMERS}/{customer_ids(fast_sandbox)[0]}.json"
+    )
+    assert status == 200
+    pages = fast_sandbox.state.served("GET") - 1
+    assert (
+        sample("kounta_proxy_budget_served_total", {"account": "main", "class": "batch"}) == pages
+    )
+    assert sample("kounta_proxy_budget_served_total", {"account": "main", "class": "standard"}) == 1
+    runner, port = await serve(create_admin_app(proxy.app[SERVICES]))
+    try:
+        async with client.get(f"http://127.0.0.1:{port}/budget") as r:
+            classes = (await r.json())["accounts"]["main"]["classes"]
+    finally:
+        await runner.cleanup()
+    assert classes["batch"]["served"] == pages and classes["standard"]["served"] == 1
+    assert classes["interactive"] == {
+        "weight": 6.0, "waiting": 0, "served": 0, "refused": 0,
+        "wait_p50": 0.0, "wait_p99": 0.0, "share": 0.0,
+    }  # fmt: skip
+    assert classes["batch"]["share"] == round(pages / (pages + 1), 3)
+    assert classes["batch"]["wait_p99"] >= classes["batch"]["wait_p50"] >= 0

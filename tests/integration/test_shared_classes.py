@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from proxy.clock import MonotonicClock
 from proxy.errors import RateLimited
 from proxy.metrics import Metrics
-from proxy.pipeline.budget import AccountBudget, Rate, SharedGate
+from proxy.pipeline.budget import AccountBudget
+from proxy.pipeline.gates import Rate, SharedGate
 from proxy.settings import BudgetSettings, SharedSettings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk

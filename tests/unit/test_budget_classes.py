@@ -9,7 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.metrics import Metrics
-from proxy.pipeline.budget import AccountBudget, Bucket, Rate
+from proxy.pipeline.budget import AccountBudget
+from proxy.pipeline.gates import Bucket, Rate
 from proxy.settings import BudgetSettings, ClassWeights, ConfigError, load
 
 FAR = 1e9  # a limit no test reaches
