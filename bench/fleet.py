@@ -26,6 +26,15 @@ the shared backend (``[shared] replicas = replicas x workers``, exactly what ``s
 connections over the workers of one port. What it measures — the shared budget and cache
 across processes — is the same; per-core throughput is ``./dev bench --workers``'s job.
 
+With ``--batch N`` and/or ``--interactive M`` it runs the budget-classes workload instead:
+N callers (priority batch) walking all customers with ``X-Proxy-All-Pages`` in a loop, and M
+callers (priority interactive) reading orders not yet cached (no cache rule) at
+``--interactive-rate`` requests a minute between them (default: half the limit). It prints the
+interactive wait p50/p99 (the ``kounta_proxy_budget_wait_seconds{class="interactive"}`` metric
+and the callers' own clock), the upstream requests as a share of the limit, and Kounta's 429s.
+``--reserve`` sets ``budget.reserve``. On a proxy without budget classes (the code before them)
+the same workload runs class-blind: the "before" numbers.
+
 Exits 1 when any caller saw a 429. Also ``python -m bench.run --fleet [options]``.
 """
 
@@ -34,6 +43,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import math
 import os
 import random
 import shutil
@@ -58,6 +69,7 @@ from proxy.logs import configure
 from proxy.sandbox import SANDBOX_STATE, SandboxConfig, create_sandbox_app
 from proxy.settings import (
     AccountSettings,
+    BudgetSettings,
     CacheRule,
     CacheSettings,
     CallerSettings,
@@ -82,6 +94,9 @@ class Tally:
     ages: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
     redis_calls: float = 0.0
+    batch_statuses: Counter[int] = field(default_factory=Counter)
+    # The interactive class's budget wait, from the metric's buckets: (upper bound, count).
+    wait_buckets: list[tuple[float, float]] = field(default_factory=list)
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +118,17 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--redis-url", default="", help="Redis for replicas x workers > 1 (default: own)"
     )
+    parser.add_argument("--batch", type=int, default=0, help="callers walking all pages")
+    parser.add_argument(
+        "--interactive", type=int, default=0, help="callers reading records not yet cached"
+    )
+    parser.add_argument(
+        "--interactive-rate",
+        type=float,
+        default=0.0,
+        help="requests a minute the interactive callers ask in all (default: limit / 2)",
+    )
+    parser.add_argument("--reserve", type=float, default=0.0, help="budget.reserve")
     args = parser.parse_args(argv)
     # One prefix for the whole run: every replica must find the same budget keys.
     args.key_prefix = f"fleet-{time.time_ns()}"
@@ -147,6 +173,80 @@ def settings_for(
         },
         cache=CacheSettings(rules=rules),
     )
+
+
+def classes_settings(
+    upstream: str, state_dir: str, args: argparse.Namespace, redis_url: str = ""
+) -> Settings:
+    """The budget-classes workload: no cache rule, batch and interactive callers (their
+    priority and the reserve only where this proxy knows them: the code before classes runs
+    the same workload class-blind)."""
+    base = settings_for(upstream, state_dir, args, redis_url)
+    fields = {f.name for f in dataclasses.fields(CallerSettings)}
+    callers = {}
+    for name, n, priority in (
+        ("batch", args.batch, "batch"),
+        ("till", args.interactive, "interactive"),
+    ):
+        for i in range(n):
+            extra = {"priority": priority} if "priority" in fields else {}
+            callers[f"{name}{i}"] = CallerSettings(
+                key=Secret(class_key(name, i)),
+                account="main",
+                **extra,  # type: ignore[arg-type]
+            )
+    budget = BudgetSettings()
+    if args.reserve and "reserve" in {f.name for f in dataclasses.fields(BudgetSettings)}:
+        budget = BudgetSettings(reserve=args.reserve)
+    return dataclasses.replace(base, callers=callers, cache=CacheSettings(rules=()), budget=budget)
+
+
+def class_key(name: str, i: int) -> str:
+    return f"fleet-{name}-key-{i:03d}-0000"
+
+
+async def walk(
+    session: aiohttp.ClientSession, base: str, i: int, until: float, tally: Tally
+) -> None:
+    """A nightly sync: the whole customer list, again and again."""
+    headers = {
+        "X-Proxy-Key": class_key("batch", i),
+        "X-Proxy-All-Pages": "1",
+        "X-Proxy-Priority": "batch",
+    }
+    while time.monotonic() < until:
+        pause = 0.1
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            async with session.get(f"{base}{COMPANY}/customers.json", headers=headers) as r:
+                await r.read()
+                tally.batch_statuses[r.status] += 1
+                if r.status == 429:  # as a well-behaved sync would: wait as told
+                    pause = max(pause, float(r.headers.get("Retry-After", "1") or 1))
+        await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
+
+
+async def read_new(
+    session: aiohttp.ClientSession,
+    base: str,
+    i: int,
+    orders: list[int],
+    until: float,
+    args: argparse.Namespace,
+    tally: Tally,
+) -> None:
+    """A till: one order it has not seen before, at random intervals (Poisson arrivals)."""
+    rnd = random.Random(args.seed * 1000 + 500 + i)
+    per_caller = (args.interactive_rate or args.limit / 2) / 60 / args.interactive
+    headers = {"X-Proxy-Key": class_key("till", i)}
+    await asyncio.sleep(rnd.expovariate(per_caller))
+    while time.monotonic() < until:
+        order = orders.pop()
+        started = time.monotonic()
+        async with session.get(f"{base}{COMPANY}/orders/{order}.json", headers=headers) as r:
+            await r.read()
+            tally.statuses[r.status] += 1
+        tally.waits.append(time.monotonic() - started)
+        await asyncio.sleep(rnd.expovariate(per_caller))
 
 
 def key(i: int) -> str:
@@ -226,8 +326,9 @@ async def run(args: argparse.Namespace) -> Tally:
             redis_url = stack.enter_context(own_redis(state_dir))
         registries = [CollectorRegistry() for _ in range(processes(args))]
         proxies: list[web.AppRunner] = []
+        make = classes_settings if classes(args) else settings_for
         for i, registry in enumerate(registries):
-            settings = settings_for(upstream, f"{state_dir}/replica{i}", args, redis_url)
+            settings = make(upstream, f"{state_dir}/replica{i}", args, redis_url)
             proxies.append(await start(create_app(settings, registry=registry), "127.0.0.1", 0, 1))
         bases = [f"http://127.0.0.1:{bound_port(p)}" for p in proxies]
         until = time.monotonic() + args.seconds
@@ -235,20 +336,98 @@ async def run(args: argparse.Namespace) -> Tally:
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
                 sampler = asyncio.create_task(sample(counts, state.served, until))
-                await asyncio.gather(
-                    *(
-                        poll(session, bases[i % len(bases)], i, ids, until, args, tally)
-                        for i in range(args.callers)
+                if classes(args):
+                    orders = list(reversed(ids["orders"]))
+                    await asyncio.gather(
+                        *(walk(session, bases[i % len(bases)], i, until, tally)
+                          for i in range(args.batch)),
+                        *(read_new(session, bases[(args.batch + i) % len(bases)], i, orders,
+                                   until, args, tally)
+                          for i in range(args.interactive)),
+                    )  # fmt: skip
+                else:
+                    await asyncio.gather(
+                        *(
+                            poll(session, bases[i % len(bases)], i, ids, until, args, tally)
+                            for i in range(args.callers)
+                        )
                     )
-                )
                 await sampler
         finally:
             tally.redis_calls = sum(_redis_calls(r) for r in registries)
+            tally.wait_buckets = _wait_buckets(registries)
             for proxy in proxies:
                 await proxy.cleanup()
             await sandbox.cleanup()
-    report(args, tally, counts, state.statuses())
+    if classes(args):
+        report_classes(args, tally, counts, state.statuses())
+    else:
+        report(args, tally, counts, state.statuses())
     return tally
+
+
+def classes(args: argparse.Namespace) -> bool:
+    return bool(args.batch or args.interactive)
+
+
+def _wait_buckets(registries: list[CollectorRegistry]) -> list[tuple[float, float]]:
+    """The interactive class's budget-wait buckets over every replica (cumulative counts);
+    empty on a proxy without classes."""
+    summed: dict[float, float] = {}
+    for registry in registries:
+        for metric in registry.collect():
+            if metric.name != "kounta_proxy_budget_wait_seconds":
+                continue
+            for s in metric.samples:
+                if s.name.endswith("_bucket") and s.labels.get("class") == "interactive":
+                    bound = float(s.labels["le"])
+                    summed[bound] = summed.get(bound, 0.0) + s.value
+    return sorted(summed.items())
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """histogram_quantile over cumulative buckets (linear within a bucket), as Prometheus."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (
+                (rank - below) / (count - below) if count > below else 0
+            )
+        lower, below = bound, count
+    return lower
+
+
+def report_classes(
+    args: argparse.Namespace, tally: Tally, counts: list[int], upstream: dict[int, int]
+) -> None:
+    sent = counts[-1] if counts else 0
+    allowed = args.limit * args.seconds / 60
+    waits = sorted(tally.waits) or [0.0]
+    asked = args.interactive_rate or args.limit / 2
+    p50, p99 = bucket_quantile(tally.wait_buckets, 0.5), bucket_quantile(tally.wait_buckets, 0.99)
+    metric = f"p50 {p50:.3f}, p99 {p99:.3f}" if p50 is not None and p99 is not None else "n/a"
+    print(
+        f"classes: {args.batch} batch walker(s), {args.interactive} interactive caller(s) asking "
+        f"{asked:g}/min, {args.seconds:g}s, sandbox limit {args.limit}/min, reserve "
+        f"{args.reserve:g}, {args.replicas} replica(s) x {args.workers} worker(s)"
+    )
+    print(f"interactive requests:   {len(tally.waits)} {dict(sorted(tally.statuses.items()))}")
+    print(f"interactive wait (metric, budget):  {metric}")
+    print(
+        f"interactive wait (callers' clock):  p50 {_pct(waits, 50):.3f}, "
+        f"p99 {_pct(waits, 99):.3f}, max {waits[-1]:.3f}"
+    )
+    print(f"batch walks:            {dict(sorted(tally.batch_statuses.items()))}")
+    print(
+        f"upstream requests:      {sent} ({sent / allowed:.1%} of the limit over the run, "
+        f"{sent / args.seconds * 60:.0f}/min)"
+    )
+    print(f"429s from the sandbox:  {upstream.get(429, 0)}")
 
 
 def _redis_calls(registry: CollectorRegistry) -> float:

@@ -37,6 +37,8 @@ class ProxyRequest:
     body: Body = None
     account: str = "default"
     caller: str = "anonymous"
+    # The budget class (interactive, standard, batch): the caller's, or lower if asked.
+    priority: str = "standard"
     request_id: str = ""
     # Absolute event-loop time after which nobody waits for an answer any more.
     deadline: float = float("inf")

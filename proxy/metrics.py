@@ -373,8 +373,9 @@ class Metrics:
         )
         self.budget_wait = Histogram(
             "kounta_proxy_budget_wait_seconds",
-            "Time a request waited for the rate budget before being sent.",
-            ["account"],
+            "Time a request waited for the rate budget before being sent, by account and "
+            "budget class (interactive, standard, batch).",
+            ["account", "class"],
             buckets=BUCKETS,
             registry=registry,
         )
@@ -383,6 +384,19 @@ class Metrics:
             "Requests answered 429 (or stale) because the budget had no room in time, "
             "by account and reason (deadline, queue_full).",
             ["account", "reason"],
+            registry=registry,
+        )
+        self.budget_served = Counter(
+            "kounta_proxy_budget_served",
+            "Requests that got a token from the account's rate budget, by budget class.",
+            ["account", "class"],
+            registry=registry,
+        )
+        self.budget_refused = Counter(
+            "kounta_proxy_budget_refused",
+            "Requests the rate budget refused (no room in time, or the queue full), by budget "
+            "class.",
+            ["account", "class"],
             registry=registry,
         )
         self.budget_upstream_429 = Counter(

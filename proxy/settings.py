@@ -363,10 +363,16 @@ class CallerSettings:
     key: Secret = Secret("")
     # The Kounta account this caller uses; empty: the default account.
     account: str = ""
+    # The caller's budget class (see budget.weights); X-Proxy-Priority can only lower it.
+    priority: Literal["interactive", "standard", "batch"] = "standard"
+    # The most of its class's tokens this caller takes while others of the class wait (1: no cap).
+    max_share: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.key.reveal()) < 16:
             raise Invalid("key", "is required and must be at least 16 characters")
+        if not 0 < self.max_share <= 1:
+            raise Invalid("max_share", f"must be above 0 and at most 1, got {self.max_share}")
 
 
 @dataclass(frozen=True)
@@ -446,6 +452,20 @@ def _check_rate(rate: int, burst: int) -> None:
 
 
 @dataclass(frozen=True)
+class ClassWeights:
+    """How the budget classes share the rate when they compete (weighted fair queuing)."""
+
+    interactive: float = 6.0
+    standard: float = 3.0
+    batch: float = 1.0
+
+    def __post_init__(self) -> None:
+        _not_negative(self, "interactive", "standard", "batch")
+        if not (self.interactive or self.standard or self.batch):
+            raise Invalid("interactive", "at least one class needs a weight above 0")
+
+
+@dataclass(frozen=True)
 class BudgetSettings:
     """How requests wait for the account's rate budget (the rates are per account)."""
 
@@ -466,9 +486,15 @@ class BudgetSettings:
     # The longest pause a 429's Retry-After or X-Ratelimit-Reset can impose on the account;
     # longer asks are cut to it (and logged). 0: backoff_max.
     retry_after_max: float = 0.0
+    # Shares of the rate by class when classes compete; an idle class's share goes to the rest.
+    weights: ClassWeights = field(default_factory=ClassWeights)
+    # The part of the burst's tokens and of the window's cap that batch requests never take.
+    reserve: float = 0.0
 
     def __post_init__(self) -> None:
         _not_negative(self, "max_wait", "queue_size", "window_margin", "retry_after_max")
+        if not 0 <= self.reserve < 1:
+            raise Invalid("reserve", f"must be at least 0 and below 1, got {self.reserve}")
         _positive(self, "window", "backoff_initial")
         if self.backoff_max < self.backoff_initial:
             raise Invalid("backoff_max", "must be at least backoff_initial")

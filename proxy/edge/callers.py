@@ -29,10 +29,14 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from proxy.errors import CallerUnauthorized
+from proxy.errors import CallerUnauthorized, InvalidRequest
 from proxy.logs import event
 from proxy.metrics import Metrics
+from proxy.pipeline.queue import CLASSES, DEFAULT_CLASS, lowered
 from proxy.settings import Settings, is_loopback_host
+
+# A request may lower its caller's budget class with this header (never raise it).
+PRIORITY_HEADER = "X-Proxy-Priority"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,21 @@ class Caller:
     name: str
     account: str
     retired: bool = False  # identified by a previous key, within its overlap
+    priority: str = DEFAULT_CLASS  # the caller's budget class ([callers.NAME] priority)
+
+    def priority_of(self, headers: CIMultiDictProxy[str]) -> str:
+        """The request's budget class: the caller's, or a lower one that ``X-Proxy-Priority``
+        asks for (a higher one is ignored: a caller cannot raise its own class)."""
+        values = headers.getall(PRIORITY_HEADER, [])
+        if not values:
+            return self.priority
+        asked = ",".join(values).strip().lower()
+        if asked not in CLASSES:
+            raise InvalidRequest(
+                f"Header {PRIORITY_HEADER} must be one of {', '.join(CLASSES)}",
+                code="invalid_priority",
+            )
+        return lowered(self.priority, asked)
 
 
 class Callers:
@@ -58,7 +77,10 @@ class Callers:
         self.default = Caller("anonymous", settings.account_name)
         self.key_header = settings.inbound.key_header
         self._keys = [
-            (caller.key.reveal().encode(), Caller(name, caller.account or settings.account_name))
+            (
+                caller.key.reveal().encode(),
+                Caller(name, caller.account or settings.account_name, priority=caller.priority),
+            )
             for name, caller in sorted(settings.callers.items())
         ]
         loopback = is_loopback_host(settings.server.host)
@@ -145,7 +167,7 @@ def _moved(caller: Caller, new: Callers) -> Caller:
     """The caller as the new settings have it (a reload may have moved it to another account)."""
     for _, found in new._keys:
         if found.name == caller.name:
-            return Caller(found.name, found.account, retired=True)
+            return Caller(found.name, found.account, retired=True, priority=found.priority)
     return caller
 
 

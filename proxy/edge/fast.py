@@ -36,6 +36,7 @@ from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.edge.answer import answer_headers, caller_value, caller_view
+from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.inbound import VERSIONS, Exchange, request_id
 from proxy.edge.middlewares import access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
@@ -56,6 +57,7 @@ LONG_WAY_HEADERS = (
     "Pragma",
     *UNHANDLED_CONDITIONALS,
     ALL_PAGES,
+    PRIORITY_HEADER,
 )
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})

@@ -34,6 +34,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     check_headers(request)
     caller = services.callers.identify(request.headers)
     info.caller, info.account = caller.name, caller.account
+    priority = caller.priority_of(request.headers)
     settings = services.settings
     server = settings.server
     deadline = BodyDeadline(server.body_timeout, server.body_min_rate)
@@ -54,6 +55,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         body=body,
         account=caller.account,
         caller=caller.name,
+        priority=priority,
         request_id=info.request_id,
         deadline=loop.time() + settings.upstream.total_timeout,
     )

@@ -118,7 +118,8 @@ class AllPages:
     def __init__(self, request: web.Request, first: ProxyRequest, services: Services) -> None:
         self.services = services
         self.request = request
-        self.first = without_header(first)
+        # A walk over a whole list is batch work: it never holds up interactive requests.
+        self.first = replace(without_header(first), priority="batch")
         self.upstream = services.settings.upstream.url
         self.max_pages = self.services.settings.paging.max_pages
 

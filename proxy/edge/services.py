@@ -43,7 +43,8 @@ from proxy.edge.callers import Callers
 from proxy.messages import Layer
 from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, config_applied
 from proxy.pipeline import admin as pipeline_admin
-from proxy.pipeline.budget import Budget, rate_for
+from proxy.pipeline.budget import Budget
+from proxy.pipeline.gates import rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
 from proxy.settings import Settings, masked

@@ -1,8 +1,9 @@
-"""Where an account's send slots come from: its :class:`Bucket` (pure, the clock passed in),
-and the :class:`Gate` that hands them out: :class:`LocalGate` (this process) or
-:class:`SharedGate` (Redis, for every replica; a local fallback bucket while Redis is away).
+"""Where an account's send slots come from: the pure :class:`Bucket` (token bucket plus the
+window's log), this process's :class:`LocalGate`, and the fleet's :class:`SharedGate` (Redis);
+and what a 429's headers ask for (:func:`pause_asked`, :func:`capped`).
 
-The budget's queueing and fairness (:mod:`proxy.pipeline.budget`) sit on top of a gate.
+The queue that decides who gets the next slot is :mod:`proxy.pipeline.queue` (pure) driven by
+:mod:`proxy.pipeline.budget`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,25 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.dates import retry_after
 from proxy.logs import event
+from proxy.settings import AccountSettings, BudgetSettings
 from proxy.shared import Backend, SharedUnavailable
-from proxy.shared.base import SharedBudget
+from proxy.shared.base import ClassedAsk, SharedBudget
+
+# The classes in the order the shared script counts them (proxy.pipeline.queue.CLASSES).
+CLASS_ORDER = ("interactive", "standard", "batch")
+# A replica's waiting requests by class, and how long the oldest of each has waited.
+Waiting = tuple[tuple[int, int, int], tuple[float, float, float]]
+# Seconds a replica's registered demand stands without being refreshed (at least).
+DEMAND_TTL = 2.0
+
+# Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
+DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +46,14 @@ class Rate:
     def per_second(self) -> float:
         # Paced over the window plus its margin, so the pace alone never fills a window.
         return self.per_window / (self.window + self.margin)
+
+
+def rate_for(account: AccountSettings | None, budget: BudgetSettings) -> Rate:
+    """The account's own rate and burst, or its mode's defaults (burst: rate / 20)."""
+    mode = account.mode if account is not None else "static"
+    per_minute = (account.rate_per_minute if account else 0) or DEFAULT_RATES.get(mode, 180)
+    burst = (account.burst if account else 0) or max(1, per_minute // 20)
+    return Rate(per_minute, min(burst, per_minute), budget.window, budget.window_margin)
 
 
 class Bucket:
@@ -53,14 +75,17 @@ class Bucket:
         while self.sent and self.sent[0] <= horizon:
             self.sent.popleft()
 
-    def ready_at(self, now: float) -> float:
-        """The earliest time a token can be taken (``now`` if one is there)."""
+    def ready_at(self, now: float, reserve: float = 0.0) -> float:
+        """The earliest time a token can be taken (``now`` if one is there), leaving the
+        ``reserve`` (a fraction) of the burst's tokens and of the window's cap untouched."""
         self._refill(now)
         at = now
-        if self.tokens < 1:
-            at = now + (1 - self.tokens) / self.rate.per_second
-        if len(self.sent) >= self.rate.per_window:
-            at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
+        need = min(float(self.rate.burst), 1 + reserve * self.rate.burst)
+        if self.tokens < need:
+            at = now + (need - self.tokens) / self.rate.per_second
+        cap = max(1, math.floor(self.rate.per_window * (1 - reserve) + 1e-9))
+        if len(self.sent) >= cap:
+            at = max(at, self.sent[-cap] + self.rate.window + self.rate.margin)
         return max(at, self.paused_until)
 
     def ready_after(self, now: float, ahead: int) -> float:
@@ -132,8 +157,10 @@ class Gate(Protocol):
 
     bucket: Bucket
 
-    async def try_take(self, now: float) -> float:
-        """Take a slot: 0.0, else the seconds until one may be there (nothing taken)."""
+    async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
+        """Take a slot for a request of ``klass``, leaving ``reserve`` (a fraction of the burst
+        and of the window's cap) untouched: 0.0, else the seconds until one may be there
+        (nothing taken)."""
         ...
 
     def ready_at(self, now: float) -> float:
@@ -165,8 +192,8 @@ class LocalGate:
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket
 
-    async def try_take(self, now: float) -> float:
-        at = self.bucket.ready_at(now)
+    async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
+        at = self.bucket.ready_at(now, reserve)
         if at > now:
             return at - now
         self.bucket.take(now)
@@ -223,6 +250,15 @@ class SharedGate:
         # the next take or by the keeper, once a second while the pause lasts.
         self._paused_until = now
         self._keeper: asyncio.Task[None] | None = None
+        # Set by the account's queue: its waiting requests by class, and the classes' weights.
+        # Without them the fleet has no classes (one shared bucket, first come first served).
+        self.waiting: Callable[[], Waiting] | None = None
+        self.weights: tuple[float, float, float] = (6.0, 3.0, 1.0)
+        # The whole fleet's waiting requests by class, as Redis last said.
+        self.fleet: tuple[int, int, int] = (0, 0, 0)
+        # This replica's part of it, as told in the same call (a request not queued yet
+        # included): the fleet less this is the other replicas' waiting requests.
+        self.mine: tuple[int, int, int] = (0, 0, 0)
 
     def _share(self, rate: Rate) -> Rate:
         """This replica's part of the rate: what the fallback bucket allows while degraded."""
@@ -237,12 +273,10 @@ class SharedGate:
     def period(self) -> float:
         return self.rate.window + self.rate.margin
 
-    async def try_take(self, now: float) -> float:
+    async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
         if self.backend.up:
             try:
-                wait = await self.shared.take(
-                    self.account, self.rate.per_window, self.rate.burst, self.period, self.longest
-                )
+                wait = await self._take(klass, reserve)
                 wait = await self._forgotten(now, wait)
             except SharedUnavailable:
                 pass  # degraded: the backend logged it; this request uses the fallback
@@ -251,7 +285,7 @@ class SharedGate:
                     self.bucket.record(now)
                 self._next_at = now + wait
                 return wait
-        return await self.local.try_take(now)
+        return await self.local.try_take(now, klass, reserve)
 
     async def _forgotten(self, now: float, wait: float) -> float:
         """The wait, or the pause this replica shared if Redis no longer has it (shared
@@ -268,6 +302,34 @@ class SharedGate:
                 self.account, left, self.rate.per_window, self.rate.burst, self.period
             ),
         )
+
+    async def _take(self, klass: str, reserve: float) -> float:
+        rate = self.rate
+        if self.waiting is None:
+            return await self.shared.take(
+                self.account, rate.per_window, rate.burst, self.period, self.longest
+            )
+        waiting, ages = self.waiting()
+        counts = list(waiting)
+        index = CLASS_ORDER.index(klass)
+        counts[index] = max(counts[index], 1)  # this request, queued or not
+        ask = ClassedAsk(
+            klass,
+            (counts[0], counts[1], counts[2]),
+            reserve,
+            self.weights,
+            max(DEMAND_TTL, 4 * self.period / rate.per_window),
+            ages,
+            self.longest,
+        )
+        taken = await self.shared.take_classed(
+            self.account, rate.per_window, rate.burst, self.period, ask
+        )
+        self.fleet = taken.fleet
+        if taken.wait <= 0:  # as the script counts: the request served is no longer waiting
+            counts[index] -= 1
+        self.mine = (counts[0], counts[1], counts[2])
+        return taken.wait
 
     def ready_at(self, now: float) -> float:
         if self.backend.up:
@@ -341,6 +403,23 @@ class SharedGate:
 
     def mode(self) -> str:
         return "shared" if self.backend.up else "degraded"
+
+
+def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
+    """Seconds Kounta asked us to wait: ``Retry-After`` (seconds or HTTP date), else
+    ``X-Ratelimit-Reset`` (epoch seconds, or seconds when small); None when neither says."""
+    asked = retry_after(headers.get("Retry-After"), wall_now)
+    if asked is not None:
+        return asked
+    reset = headers.get("X-Ratelimit-Reset", "").strip()
+    try:
+        value = float(reset)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    # Epoch timestamps are large; a small number is a delay in seconds.
+    return value - wall_now if value > 1e9 else value
 
 
 def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:

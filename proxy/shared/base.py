@@ -23,6 +23,34 @@ class TokenRecord:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ClassedAsk:
+    """A request for a send slot with budget classes: its class, this replica's waiting
+    requests by class (interactive, standard, batch; this one included), the fraction batch
+    leaves untouched, the classes' weights, how long the demand stands unrefreshed, and how
+    long each class's oldest request here has waited, and the longest pause it honours."""
+
+    klass: str
+    waiting: tuple[int, int, int]
+    reserve: float
+    weights: tuple[float, float, float]
+    demand_ttl: float
+    # Seconds the oldest waiting request of each class has waited here (0: none, or this one).
+    ages: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # The longest pause this replica honours (``budget.retry_after_max``): a shared pause, or
+    # a pace read back, counts for at most this long (as with :meth:`SharedBudget.take`).
+    longest: float = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """The answer: 0.0 when a slot was taken, else the seconds to wait; and the whole fleet's
+    waiting requests by class."""
+
+    wait: float
+    fleet: tuple[int, int, int]
+
+
 class SharedBudget(Protocol):
     """One account's rate shared by every replica."""
 
@@ -32,6 +60,14 @@ class SharedBudget(Protocol):
         """Take one send slot if the account has room: 0.0, else the seconds to wait (no slot
         taken); a shared pause counts for at most ``longest`` seconds (the caller's
         ``budget.retry_after_max``). Raises :class:`SharedUnavailable`."""
+        ...
+
+    async def take_classed(
+        self, account: str, per_window: int, burst: int, period: float, ask: ClassedAsk
+    ) -> Taken:
+        """:meth:`take` with budget classes fleet-wide: the slot goes to the class weighted
+        fair queuing picks among those the fleet has waiting. Raises
+        :class:`SharedUnavailable`."""
         ...
 
     async def pause(

@@ -1,11 +1,13 @@
 """The Redis backend: one connection pool, atomic scripts, health tracked.
 
-Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a TTL, so
-``maxmemory-policy volatile-lru`` evicts cache entries and never the others)::
+Keys (``P`` is ``shared.key_prefix``; only cache entries, fetch locks and the budget's demand
+hash have a TTL, so ``maxmemory-policy volatile-lru`` evicts those and never the others)::
 
     P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s),
                             format (1)
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
+    P:budget:ACCOUNT:demand hash: each replica's waiting requests by class and the classes'
+                            fair-queuing tags; a short TTL (a dead replica's demand expires)
     P:token:ACCOUNT         hash: version (grows with every write), data (Fernet ciphertext),
                             format (2; absent: written by the previous release)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
@@ -63,11 +65,11 @@ from redis.backoff import NoBackoff
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
-from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
+from proxy.shared.base import Claim, ClassedAsk, SharedUnavailable, Taken, TokenRecord
 from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.records import BadRecord, RecordKeys
-from proxy.shared.scripts import CACHE_GET, CAS_SCRIPT, PAUSE, TAKE
+from proxy.shared.scripts import CACHE_GET, CAS_SCRIPT, PAUSE, TAKE, TAKE_CLASSED
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -162,6 +164,7 @@ class RedisBackend:
         self._closed = False
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
+        self._take_classed = self.client.register_script(TAKE_CLASSED)
         self._write_token = self.client.register_script(CAS_SCRIPT)
         self._cache_put = self.client.register_script(CACHE_PUT)
         self._cache_claim = self.client.register_script(CACHE_CLAIM)
@@ -314,6 +317,28 @@ class RedisBackend:
         args: list[Any] = [per_window, burst, repr(float(period)), member, cap]
         taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
         return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
+
+    async def take_classed(
+        self, account: str, per_window: int, burst: int, period: float, ask: ClassedAsk
+    ) -> Taken:
+        self._sent += 1
+        member = f"{self._replica}:{self._sent}"
+        keys = [
+            self.key("budget", account),
+            self.key("budget", account, "log"),
+            self.key("budget", account, "demand"),
+        ]
+        ttl_ms = max(1, round(ask.demand_ttl * 1000))
+        args: list[Any] = [
+            per_window, burst, repr(float(period)), member, self._replica, ask.klass,
+            *ask.waiting, ttl_ms, repr(float(ask.reserve)), *(repr(float(w)) for w in ask.weights),
+            *(repr(float(a)) for a in ask.ages), repr(float(min(ask.longest, NO_CAP))),
+        ]  # fmt: skip
+        taken, wait, *fleet = await self._run(
+            "budget", lambda: self._take_classed(keys=keys, args=args)
+        )
+        waited = 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
+        return Taken(waited, (int(fleet[0]), int(fleet[1]), int(fleet[2])))
 
     async def pause(
         self, account: str, seconds: float, per_window: int, burst: int, period: float

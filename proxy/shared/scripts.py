@@ -16,6 +16,9 @@ end
 """
 
 # GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
+# TAKE_CLASSED below repeats its pace, pause and window lines (with budget classes): keep the
+# two in step. The proxy's budget uses TAKE_CLASSED; TAKE serves SharedBudget.take (a gate
+# without an account queue, and the tests).
 # ARGV: per_window, burst, period (window + margin, seconds), a unique member for the log,
 # the longest pause this replica honours (budget.retry_after_max).
 # Returns {1, "0"} when a slot was taken, else {0, "<seconds to wait>"}.
@@ -51,6 +54,135 @@ if wait > 0 then return {0, tostring(wait)} end
 redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
 redis.call('ZADD', KEYS[2], now, ARGV[4])
 return {1, '0'}
+"""
+)
+
+# TAKE with budget classes, fleet-wide (its pace, pause and window lines are TAKE's, hardened
+# the same way: keep the two in step): each replica registers its waiting requests by class
+# in the account's demand hash (one field per replica, "i s b expiry_ms"; the hash has a short
+# TTL, refreshed by every call, and an entry past its expiry is dropped: a dead replica's
+# demand goes away). When a slot is free, it goes to the class weighted fair queuing picks
+# among the classes the fleet has waiting (start tags "s:CLASS", virtual time "v" and "on:CLASS"
+# flags, kept in the same hash); a replica asking for another class is told to ask again
+# shortly. Batch leaves the reserve (a fraction of the burst and of the window's cap).
+# KEYS: budget, log, demand. ARGV: per_window, burst, period, member, replica, class,
+# waiting interactive, standard, batch (this replica's, this request included), ttl ms,
+# reserve, weight interactive, standard, batch, seconds the oldest waiting request of each
+# class has waited (0 for none), the longest pause this replica honours (budget.retry_after_max).
+# Within a class the oldest request in the fleet goes first.
+# Returns {taken 1/0, wait seconds, fleet waiting interactive, standard, batch}.
+TAKE_CLASSED = (
+    NUM
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now_ms = math.floor(now * 1000)
+local per_window = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local klass = ARGV[6]
+local ttl = tonumber(ARGV[10])
+local reserve = 0
+if klass == 'batch' then reserve = tonumber(ARGV[11]) end
+local classes = {'interactive', 'standard', 'batch'}
+local weights = {tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])}
+local mine = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
+local heads = {}
+for i = 1, 3 do heads[i] = now_ms - math.floor(tonumber(ARGV[14 + i]) * 1000) end
+local interval = period / per_window
+local function record(counts)
+  redis.call('HSET', KEYS[3], 'r:' .. ARGV[5], counts[1] .. ' ' .. counts[2] .. ' '
+    .. counts[3] .. ' ' .. heads[1] .. ' ' .. heads[2] .. ' ' .. heads[3] .. ' ' .. now_ms
+    .. ' ' .. (now_ms + ttl))
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+record(mine)
+local fleet = {0, 0, 0}
+-- The oldest waiting request of each class among replicas heard from lately (FIFO across
+-- the fleet within a class); a replica silent for longer may have let its requests go.
+local oldest = {math.huge, math.huge, math.huge}
+local lately = now_ms - math.floor((2 * interval + 0.1) * 1000)
+local fields = redis.call('HGETALL', KEYS[3])
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if string.sub(name, 1, 2) == 'r:' then
+    local r = {}
+    for n in string.gmatch(fields[i + 1], '%-?%d+') do r[#r + 1] = tonumber(n) end
+    if #r ~= 8 or r[8] < now_ms then
+      redis.call('HDEL', KEYS[3], name)
+    else
+      for c = 1, 3 do
+        fleet[c] = fleet[c] + r[c]
+        if r[c] > 0 and r[7] >= lately and r[3 + c] < oldest[c] then oldest[c] = r[3 + c] end
+      end
+    end
+  end
+end
+local function reply(taken, wait)
+  return {taken, tostring(wait), fleet[1], fleet[2], fleet[3]}
+end
+local extra = math.min(burst - 1, reserve * burst)
+local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
+local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
+if tat < now then tat = now end
+-- As in TAKE: a pace or a pause read back is cut to what this replica would take itself.
+local longest = tonumber(ARGV[18])
+if paused > now + longest then paused = now + longest end
+local room = math.max(longest, interval)
+if tat - (burst - 1) * interval - now > room then tat = now + room + (burst - 1) * interval end
+local wait = tat - (burst - 1 - extra) * interval - now
+if paused - now > wait then wait = paused - now end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
+local count = redis.call('ZCARD', KEYS[2])
+local cap = math.max(1, math.floor(per_window * (1 - reserve) + 1e-9))
+if count >= cap then
+  local oldest = redis.call('ZRANGE', KEYS[2], count - cap, count - cap, 'WITHSCORES')
+  local free_at = tonumber(oldest[2]) + period
+  if free_at - now > wait then wait = free_at - now end
+end
+if wait > 0 then return reply(0, wait) end
+local v = num(redis.call('HGET', KEYS[3], 'v'), 0)
+local best, best_finish, best_weight, starts = 0, math.huge, -1, {}
+for i = 1, 3 do
+  local start = num(redis.call('HGET', KEYS[3], 's:' .. classes[i]), 0)
+  local on = redis.call('HGET', KEYS[3], 'on:' .. classes[i])
+  if fleet[i] > 0 and on ~= '1' and start < v then start = v end
+  starts[i] = start
+  redis.call('HSET', KEYS[3], 's:' .. classes[i], tostring(start),
+    'on:' .. classes[i], fleet[i] > 0 and '1' or '0')
+  if fleet[i] > 0 then
+    local finish = math.huge
+    if weights[i] > 0 then finish = start + 1 / weights[i] end
+    local tie = finish == best_finish and weights[i] > best_weight
+    if best == 0 or finish < best_finish or tie then
+      best, best_finish, best_weight = i, finish, weights[i]
+    end
+  end
+end
+local me = 0
+for i = 1, 3 do if classes[i] == klass then me = i end end
+local slack = math.floor(interval * 500)
+if (best ~= 0 and best ~= me) or (me ~= 0 and heads[me] > oldest[me] + slack) then
+  -- The slot is another class's, or an older request's of this class on another replica:
+  -- that replica takes it; ask again within half an interval.
+  return reply(0, math.max(0.001, math.min(interval / 2, 0.05)))
+end
+redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+if me ~= 0 and weights[me] > 0 then starts[me] = starts[me] + 1 / weights[me] end
+if me ~= 0 then
+  redis.call('HSET', KEYS[3], 's:' .. klass, tostring(starts[me]))
+  if mine[me] > 0 then mine[me] = mine[me] - 1 end
+  if fleet[me] > 0 then fleet[me] = fleet[me] - 1 end
+end
+local low = math.huge
+for i = 1, 3 do
+  if fleet[i] > 0 and weights[i] > 0 and starts[i] < low then low = starts[i] end
+end
+if low == math.huge and me ~= 0 then low = starts[me] end
+if low ~= math.huge and low > v then redis.call('HSET', KEYS[3], 'v', tostring(low)) end
+record(mine)
+return reply(1, 0)
 """
 )
 

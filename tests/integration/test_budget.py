@@ -173,7 +173,10 @@ async def test_forced_upstream_429_pauses_and_recovers(
     assert sample("kounta_proxy_budget_paused_seconds", {"account": "main"}) > 2
     assert sample("kounta_proxy_budget_tokens", {"account": "main"}) == 0
     assert sample("kounta_proxy_budget_queue_length", {"account": "main"}) == 0
-    assert sample("kounta_proxy_budget_wait_seconds_count", {"account": "main"}) == 3
+    assert (
+        sample("kounta_proxy_budget_wait_seconds_count", {"account": "main", "class": "standard"})
+        == 3
+    )
 
 
 async def test_a_get_the_budget_cannot_send_in_time_is_answered_stale(

@@ -34,6 +34,7 @@ from proxy.metrics import Metrics
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.base import ClassedAsk
 from proxy.shared.records import BadRecord as BadSharedRecord
 from proxy.shared.records import RecordKeys
 from tests.conftest import TOKEN, serve
@@ -177,6 +178,34 @@ def test_any_budget_record_gives_a_finite_wait_within_the_cap(
     assert math.isfinite(wait) and 0.0 <= wait <= max(cap, 61.0 / 60) + 0.5, wait
     left = world.run(world.backend.pause("main", 0.5, 60, 3, 61.0))
     assert math.isfinite(left)
+
+
+@FUZZ
+@given(
+    fields=st.dictionaries(
+        st.sampled_from([b"tat", b"paused", b"format"]), FIELD_VALUES, max_size=3
+    ),
+    demand=st.dictionaries(
+        st.sampled_from([b"v", b"s:interactive", b"s:batch", b"on:batch", b"r:other"]),
+        FIELD_VALUES,
+        max_size=5,
+    ),
+    klass=st.sampled_from(["interactive", "standard", "batch"]),
+    cap=st.sampled_from([1.0, 10.0, 3600.0]),
+)
+def test_any_budget_record_gives_a_finite_wait_within_the_cap_with_classes(
+    world: World, fields: dict[bytes, bytes], demand: dict[bytes, bytes], klass: str, cap: float
+) -> None:
+    """The classed script (TAKE_CLASSED) reads the budget record as TAKE does, and its demand
+    hash too: damaged fields count as absent, a pause for at most this replica's cap."""
+    key = f"{world.prefix}:budget:main"
+    world.run(world.raw.delete(key + ":log", key + ":demand"))
+    world.run(put_hash(world.raw, key, fields))
+    world.run(put_hash(world.raw, key + ":demand", demand))
+    mine = [int(k == klass) for k in ("interactive", "standard", "batch")]
+    ask = ClassedAsk(klass, (mine[0], mine[1], mine[2]), 0.0, (6.0, 3.0, 1.0), 2.0, longest=cap)
+    taken = world.run(world.backend.take_classed("main", 60, 3, 61.0, ask))
+    assert math.isfinite(taken.wait) and 0.0 <= taken.wait <= max(cap, 61.0 / 60) + 0.5, taken
 
 
 ENTRY_FIELDS = [

@@ -22,7 +22,8 @@ from proxy.edge.services import SERVICES
 from proxy.errors import RateLimited
 from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
-from proxy.pipeline.budget import AccountBudget, Rate, SharedGate
+from proxy.pipeline.budget import AccountBudget
+from proxy.pipeline.gates import Rate, SharedGate
 from proxy.sandbox import SandboxConfig
 from proxy.settings import BudgetSettings, CacheSettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend

@@ -16,15 +16,8 @@ from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.messages import ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.pipeline.budget import (
-    AccountBudget,
-    Bucket,
-    Budget,
-    Rate,
-    capped,
-    pause_asked,
-    rate_for,
-)
+from proxy.pipeline.budget import AccountBudget, Budget
+from proxy.pipeline.gates import Bucket, Rate, capped, pause_asked, rate_for
 from proxy.settings import AccountSettings, BudgetSettings, ConfigError, Secret, Settings, load
 
 

@@ -50,7 +50,7 @@ def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> N
     registry = Registry()
     metrics = Metrics(registry)
     metrics.upstream_requests.labels("GET", "/v1/companies/me", 200, "main").inc()
-    metrics.budget_wait.labels("main").observe(0.1)
+    metrics.budget_wait.labels("main", "standard").observe(0.1)
     metrics.request_done("GET", "/v1/companies/me", 404, "MISS", 0.01, "app", "main")
     text = generate_latest(registry).decode()
     assert "_created" not in text
@@ -61,7 +61,7 @@ def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> N
     assert registry.get_sample_value("kounta_proxy_caller_requests_total", labels) == 1
     # A plain registry keeps prometheus-client's own behaviour (the switch is per registry).
     plain = CollectorRegistry()
-    Metrics(plain).budget_wait.labels("main").observe(0.1)
+    Metrics(plain).budget_wait.labels("main", "standard").observe(0.1)
     assert "kounta_proxy_budget_wait_seconds_created" in generate_latest(plain).decode()
 
 

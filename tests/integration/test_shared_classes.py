@@ -1,0 +1,130 @@
+"""Budget classes fleet-wide: three replicas (three backends, each its own replica id) on a
+real redis-server share one account's slots by class."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.clock import MonotonicClock
+from proxy.errors import RateLimited
+from proxy.metrics import Metrics
+from proxy.pipeline.budget import AccountBudget
+from proxy.pipeline.gates import Rate, SharedGate
+from proxy.settings import BudgetSettings, Secret, SharedSettings
+from proxy.shared import RedisBackend
+from proxy.shared.base import ClassedAsk
+from tests.redis_server import TOKEN_KEY, RedisServer
+
+RATE = Rate(per_window=20, burst=1, window=2.0, margin=0.1)  # a slot every 0.105 s
+FAR = 60.0
+
+
+@pytest.fixture
+async def backends(
+    redis_server: RedisServer, redis_prefix: str
+) -> AsyncIterator[list[RedisBackend]]:
+    made = []
+    for _ in range(3):
+        backend = RedisBackend(
+            SharedSettings(
+                backend="redis",
+                url=redis_server.url,
+                key_prefix=redis_prefix,
+                token_key=Secret(TOKEN_KEY),
+            ),
+            Metrics(CollectorRegistry()),
+        )
+        await backend.start()
+        made.append(backend)
+    yield made
+    for backend in made:
+        await backend.close()
+
+
+def replica(backend: RedisBackend, **settings: float) -> AccountBudget:
+    clock = MonotonicClock()
+    gate = SharedGate("main", RATE, backend, backend, 3, clock.now(), 60.0)
+    options = {"max_wait": FAR, **settings}
+    return AccountBudget(
+        "main",
+        RATE,
+        BudgetSettings(**options),
+        clock,
+        Metrics(CollectorRegistry()),
+        gate,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_replica_with_interactive_requests_gets_the_interactive_share(
+    backends: list[RedisBackend],
+) -> None:
+    """Two replicas with deep batch queues, one with a deep interactive queue: the slots go
+    6 : 1 by class across the fleet (replica-blind, each would get a third)."""
+    budgets = [replica(b) for b in backends]
+    served: Counter[str] = Counter()
+    deadline = time.monotonic() + FAR
+
+    async def one(budget: AccountBudget, klass: str) -> None:
+        await budget.acquire(klass, budget.clock.now() + FAR, klass)
+        if time.monotonic() < deadline:
+            served[klass] += 1
+
+    tasks = [
+        asyncio.create_task(one(budgets[i], "batch" if i < 2 else "interactive"))
+        for i in range(3)
+        for _ in range(40)
+    ]
+    await asyncio.sleep(3.5)  # about 33 slots
+    deadline = 0.0
+    assert sum(served.values()) >= 20, served
+    assert served["interactive"] >= 0.7 * sum(served.values()), served
+    assert served["batch"] >= 1, served  # weight 1: not starved
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for budget in budgets:
+        await budget.close()
+
+
+async def test_a_dead_replicas_demand_expires(backends: list[RedisBackend]) -> None:
+    dead, alive = backends[0], backends[1]
+    weights = (6.0, 3.0, 1.0)
+    # A replica registers five interactive requests, takes one slot, and is never heard again.
+    taken = await dead.take_classed(
+        "main", 20, 1, 2.1, ClassedAsk("interactive", (5, 0, 0), 0.0, weights, 0.5)
+    )
+    assert taken.wait == 0.0 and taken.fleet == (4, 0, 0)
+    batch = ClassedAsk("batch", (0, 0, 1), 0.0, weights, 0.5)
+    await asyncio.sleep(0.2)  # a slot is free again, but it is interactive's
+    refused = await alive.take_classed("main", 20, 1, 2.1, batch)
+    assert refused.wait > 0 and refused.fleet == (4, 0, 1)
+    await asyncio.sleep(0.5)  # the dead replica's demand has expired
+    later = await alive.take_classed("main", 20, 1, 2.1, batch)
+    assert later.wait == 0.0 and later.fleet[0] == 0
+
+
+async def test_the_429_at_once_counts_the_fleets_queue(backends: list[RedisBackend]) -> None:
+    """Replica A holds a deep batch queue; replica B's own queue is empty. A batch request on B
+    whose turn behind the fleet's queue comes after its limit is refused at once; an
+    interactive one with the same limit goes ahead of the batch queue and is served."""
+    a, b = replica(backends[0]), replica(backends[1])
+    waiting = [
+        asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch")) for _ in range(15)
+    ]
+    await asyncio.sleep(0.3)  # A's dispatcher has told Redis about its queue
+    started = time.monotonic()
+    with pytest.raises(RateLimited):
+        await b.acquire("export", b.clock.now() + 0.6, "batch")
+    assert time.monotonic() - started < 0.3  # at once, not at its limit
+    assert await b.acquire("till", b.clock.now() + 0.6, "interactive") < 0.6
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await a.close()
+    await b.close()

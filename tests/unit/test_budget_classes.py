@@ -1,0 +1,220 @@
+"""Budget classes in the account's queue, on a clock that moves only when the test says."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import Metrics
+from proxy.pipeline.budget import AccountBudget
+from proxy.pipeline.gates import Bucket, Rate
+from proxy.settings import BudgetSettings, ClassWeights, ConfigError, load
+
+FAR = 1e9  # a limit no test reaches
+
+
+class ManualClock:
+    """Monotonic time that moves only in :meth:`advance`; sleepers wake when their time comes."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.t + max(0.0, seconds), future))
+        await future
+
+    async def advance(self, seconds: float) -> None:
+        target = self.t + seconds
+        while True:
+            await settle()
+            due = [s for s in self.sleepers if s[0] <= target and not s[1].done()]
+            if not due:
+                break
+            at, future = min(due, key=lambda s: s[0])
+            self.t = max(self.t, at)
+            future.set_result(None)
+        self.t = target
+        self.sleepers = [s for s in self.sleepers if not s[1].done()]
+        await settle()
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def budget(
+    clock: ManualClock,
+    per_window: int = 60,
+    burst: int = 1,
+    shares: dict[str, float] | None = None,
+    **settings: object,
+) -> AccountBudget:
+    rate = Rate(per_window, burst, 60.0, 0.0)  # one token a second
+    options: dict[str, object] = {"max_wait": FAR, "queue_size": 10_000, **settings}
+    return AccountBudget(
+        "main",
+        rate,
+        BudgetSettings(**options),  # type: ignore[arg-type]
+        clock,
+        Metrics(CollectorRegistry()),
+        shares=lambda caller: (shares or {}).get(caller, 1.0),
+    )
+
+
+class Served:
+    """Starts requests and notes the order they get their tokens in."""
+
+    def __init__(self, account: AccountBudget) -> None:
+        self.account = account
+        self.order: list[str] = []
+        self.waits: dict[str, list[float]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, caller: str, klass: str, n: int = 1) -> None:
+        for _ in range(n):
+            self.tasks.append(asyncio.create_task(self._one(caller, klass)))
+
+    async def _one(self, caller: str, klass: str) -> None:
+        waited = await self.account.acquire(caller, FAR, klass)
+        self.order.append(klass)
+        self.waits.setdefault(klass, []).append(waited)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.account.close()
+
+
+async def test_an_interactive_request_goes_before_a_queued_batch_walk() -> None:
+    clock = ManualClock()
+    served = Served(budget(clock))
+    served.start("sync", "batch", 10)  # the first takes the token, nine wait
+    await settle()
+    served.start("till", "interactive")
+    await settle()
+    await clock.advance(1.0)
+    assert served.order == ["batch", "interactive"]
+    assert served.waits["interactive"] == [pytest.approx(1.0)]
+    await served.close()
+
+
+async def test_competing_classes_share_tokens_by_weight() -> None:
+    clock = ManualClock()
+    served = Served(budget(clock))
+    served.start("warm", "standard")  # takes the one token at hand
+    await settle()
+    for klass in ("batch", "standard", "interactive"):
+        served.start(klass, klass, 60)
+    await settle()
+    served.order.clear()
+    await clock.advance(20.0)
+    assert Counter(served.order) == {"interactive": 12, "standard": 6, "batch": 2}
+    await served.close()
+
+
+async def test_a_lone_batch_job_gets_the_whole_rate() -> None:
+    clock = ManualClock()
+    served = Served(budget(clock))
+    served.start("sync", "batch", 10)
+    await clock.advance(9.0)
+    assert served.order == ["batch"] * 10
+    await served.close()
+
+
+@pytest.mark.parametrize(("reserve", "batch_now", "interactive_wait"), [(0.2, 8, 0.0), (0, 10, 1)])
+async def test_the_reserve_keeps_tokens_for_interactive(
+    reserve: float, batch_now: int, interactive_wait: float
+) -> None:
+    """Burst 10, reserve 0.2: a batch walk takes 8 tokens at once and leaves 2, so a till
+    arriving right after finds one at hand (without the reserve it waits for the refill)."""
+    clock = ManualClock()
+    served = Served(budget(clock, burst=10, reserve=reserve))
+    served.start("sync", "batch", 20)
+    await settle()
+    assert served.order == ["batch"] * batch_now
+    served.start("till", "interactive")
+    await clock.advance(1.0)
+    assert served.waits["interactive"] == [pytest.approx(interactive_wait)]
+    await served.close()
+
+
+def test_batch_never_takes_the_reserved_part_of_the_window() -> None:
+    """Rate 10 a window, burst 10, reserve 0.2: batch sends 8 in a window; the rest of the
+    window (2) is left for the other classes."""
+    bucket = Bucket(Rate(10, 10, 60.0, 0.0), now=0.0)
+    now = 0.0
+    for _ in range(8):
+        now = bucket.ready_at(now, 0.2)
+        bucket.take(now)
+    assert now < 60
+    assert bucket.ready_at(now, 0.2) >= 60.0  # the window's cap for batch
+    assert bucket.ready_at(now) < 60.0  # the others still have room
+
+
+async def test_max_share_lets_the_other_callers_of_the_class_through() -> None:
+    clock = ManualClock()
+    served = Served(budget(clock, shares={"big": 0.5}))
+    order: list[str] = []
+
+    async def one(caller: str) -> None:
+        await served.account.acquire(caller, FAR, "batch")
+        order.append(caller)
+
+    tasks = [asyncio.create_task(one("big")) for _ in range(20)]
+    await clock.advance(9.0)  # "big" alone: ten tokens
+    tasks += [asyncio.create_task(one("small")) for _ in range(3)]
+    await settle()
+    order.clear()
+    await clock.advance(4.0)
+    assert order == ["small", "small", "small", "big"]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await served.close()
+
+
+async def test_a_deep_batch_queue_refuses_a_batch_request_but_not_an_interactive_one() -> None:
+    """The 429-at-once decision counts the requests served before this one: for an
+    interactive request the batch queue is (nearly) not ahead of it."""
+    clock = ManualClock()
+    account = budget(clock, max_wait=5.0)
+    served = Served(account)
+    served.start("sync", "batch", 5)
+    await settle()
+    with pytest.raises(Exception, match="leaves no room"):
+        await account.acquire("sync", clock.now() + 3.0, "batch")
+    served.start("till", "interactive")
+    await clock.advance(1.0)
+    assert served.order[-1] == "interactive"
+    await served.close()
+
+
+def test_weights_and_priorities_are_checked(tmp_path: object) -> None:
+    assert BudgetSettings().weights == ClassWeights(6.0, 3.0, 1.0)
+    with pytest.raises(ConfigError, match=r"budget\.weights\.batch\): must not be negative"):
+        load(env={"KOUNTA_PROXY_BUDGET__WEIGHTS__BATCH": "-1"})
+    with pytest.raises(ConfigError, match=r"budget\.weights\.interactive\): at least one"):
+        load(
+            env={
+                "KOUNTA_PROXY_BUDGET__WEIGHTS__INTERACTIVE": "0",
+                "KOUNTA_PROXY_BUDGET__WEIGHTS__STANDARD": "0",
+                "KOUNTA_PROXY_BUDGET__WEIGHTS__BATCH": "0",
+            }
+        )
+    with pytest.raises(ConfigError, match=r"budget\.reserve\): must be at least 0 and below 1"):
+        load(env={"KOUNTA_PROXY_BUDGET__RESERVE": "1"})
+    key = "KOUNTA_PROXY_CALLERS__TILL__KEY"
+    with pytest.raises(ConfigError, match=r"callers\.till\.priority\): must be one of"):
+        load(env={key: "k" * 20, "KOUNTA_PROXY_CALLERS__TILL__PRIORITY": "urgent"})
+    with pytest.raises(ConfigError, match=r"callers\.till\.max_share\): must be above 0"):
+        load(env={key: "k" * 20, "KOUNTA_PROXY_CALLERS__TILL__MAX_SHARE": "1.5"})
