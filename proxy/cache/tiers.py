@@ -20,7 +20,7 @@ from proxy.cache.flight import Flight, Flights, Outcome
 from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
-from proxy.cache.policy import Entry, fresh_age
+from proxy.cache.policy import Entry, FreshHit, lookup, request_control
 from proxy.cache.shared import SharedEntries
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
@@ -215,11 +215,15 @@ class RedisEntries(LocalEntries):
         )
 
     def _usable(self, flight: Flight, found: Stored) -> bool:
-        """Whether another replica's fresh entry answers this flight's request."""
+        """Whether another replica's entry answers this flight's request as a fresh hit, by
+        the same rule as a local one (:func:`~proxy.cache.policy.lookup`): never for a request
+        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1)."""
         entry = found.entry
         if self.stale(flight, entry):
             return False
-        return fresh_age(entry, self.clock()) is not None and entry.selects(flight.request.headers)
+        headers = flight.request.headers
+        control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
+        return isinstance(lookup(entry, headers, control, self.clock()), FreshHit)
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         if self.may_store(flight, stored.entry):

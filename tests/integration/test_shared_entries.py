@@ -137,9 +137,10 @@ async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
     ttl = await redis_client.ttl(name)
     assert FRESH_FOR + 300 < ttl <= FRESH_FOR + 300 + TTL_MARGIN
     assert ttl >= MIN_TTL
-    # Only entries (and fetch locks) have a TTL: volatile-lru never evicts an index.
+    # Only entries (and fetch locks, and the budget's per-class demand, which must expire
+    # with a dead replica) have a TTL: volatile-lru never evicts an index.
     for other in [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")]:
-        if b":e:" not in other and b":lock:" not in other:
+        if b":e:" not in other and b":lock:" not in other and not other.endswith(b":demand"):
             assert await redis_client.ttl(other) == -1, other
 
 
@@ -528,3 +529,23 @@ async def test_a_redis_that_lost_its_data_is_a_new_epoch_and_every_replica_purge
     while (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT":
         assert time.monotonic() < deadline, "B kept what an older epoch gave it"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("control", ["no-cache", "max-age=0"])
+async def test_a_callers_no_cache_is_never_answered_from_another_replicas_copy(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+    control: str,
+) -> None:
+    """RFC 9111 5.2.1.4 / 5.2.1.1: a request that asks for validation reaches Kounta, whether
+    the stored copy is this replica's own or one another replica put in Redis."""
+    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    assert (await get(client, a.url + LIST))[1]["X-Cache"] == "MISS"
+    await asyncio.sleep(0.05)  # the store in Redis follows the answer
+    status, headers, _ = await get(client, b.url + LIST, **{"Cache-Control": control})
+    assert status == 200
+    assert sandbox.state.served("GET", LIST) == 2, headers.get("X-Cache")
