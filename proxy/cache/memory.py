@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -71,3 +72,26 @@ class HotEntries:
 
 def _cost(key: str, stored: Stored) -> int:
     return len(key) + len(stored.body or b"") + ENTRY_OVERHEAD
+
+
+def intact(value: object) -> bool:
+    """A record of this version: a Stored whose Entry has every field (an Entry pickled by
+    an older version can lack some, which would only fail later, on the event loop)."""
+    if not isinstance(value, Stored) or not isinstance(value.entry, Entry):
+        return False
+    if not all(hasattr(value, name) for name in Stored.__slots__):
+        return False
+    return all(hasattr(value.entry, name) for name in Entry.__slots__)
+
+
+def upgraded(value: object) -> object:
+    """A record stored before bodies had a CRC32: kept, checked by size only."""
+    if isinstance(value, Stored) and not hasattr(value, "crc"):
+        object.__setattr__(value, "crc", None)
+    return value
+
+
+def matches(body: bytes, stored: Stored) -> bool:
+    if len(body) != stored.entry.size:
+        return False
+    return stored.crc is None or zlib.crc32(body) == stored.crc

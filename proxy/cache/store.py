@@ -47,7 +47,7 @@ from proxy.cache.disk import (
     probe_write,
 )
 from proxy.cache.invalidation import Change, Purge, normalise_path
-from proxy.cache.memory import ENTRY_OVERHEAD, HotEntries, Stored
+from proxy.cache.memory import ENTRY_OVERHEAD, HotEntries, Stored, intact, matches, upgraded
 from proxy.cache.policy import Entry, parse_key
 from proxy.cache.shares import Ledger
 from proxy.errors import StoredBodyError
@@ -69,29 +69,6 @@ FAILURES_TO_DISABLE = 3
 
 class BodyMismatch(Exception):
     """A stored body is not the one its record describes (size or CRC32)."""
-
-
-def _intact(value: object) -> bool:
-    """A record of this version: a Stored whose Entry has every field (an Entry pickled by
-    an older version can lack some, which would only fail later, on the event loop)."""
-    if not isinstance(value, Stored) or not isinstance(value.entry, Entry):
-        return False
-    if not all(hasattr(value, name) for name in Stored.__slots__):
-        return False
-    return all(hasattr(value.entry, name) for name in Entry.__slots__)
-
-
-def _upgraded(value: object) -> object:
-    """A record stored before bodies had a CRC32: kept, checked by size only."""
-    if isinstance(value, Stored) and not hasattr(value, "crc"):
-        object.__setattr__(value, "crc", None)
-    return value
-
-
-def _matches(body: bytes, stored: Stored) -> bool:
-    if len(body) != stored.entry.size:
-        return False
-    return stored.crc is None or zlib.crc32(body) == stored.crc
 
 
 class CacheStore:
@@ -225,8 +202,8 @@ class CacheStore:
 
     def _read(self, key: str) -> Stored | None:
         try:
-            value = _upgraded(self.disk.get(key))
-            if value is not None and not _intact(value):
+            value = upgraded(self.disk.get(key))
+            if value is not None and not intact(value):
                 raise TypeError("not a cache record")
         except Exception:
             # A record that cannot be read never heals by itself: drop it, so the next
@@ -245,7 +222,7 @@ class CacheStore:
             return None
         if value.entry.size <= SPILL_AT:
             body = self.disk.get(value.body_key)
-            if not isinstance(body, bytes) or not _matches(body, value):
+            if not isinstance(body, bytes) or not matches(body, value):
                 self._drop(key, value, "a body missing, or of the wrong size or CRC32")
             return Stored(value.entry, body, value.body_key, value.crc)
         handle = self.disk.get(value.body_key, read=True)

@@ -237,3 +237,63 @@ local size = redis.call('STRLEN', KEYS[1])
 if size > tonumber(ARGV[1]) then return {size, locked} end
 return {redis.call('GET', KEYS[1]), locked}
 """
+
+
+# Store a cache entry unless the account saw an invalidation since the fetch began; prune the
+# account's expired paths, then index the entry. KEYS: entry, path set, paths, gen.
+# ARGV: gen read when the fetch began, record, ttl ms, digest, path, path-set key prefix.
+CACHE_PUT = """
+if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = now + tonumber(ARGV[3])
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('DEL', ARGV[6] .. redis.sha1hex(p))
+  redis.call('ZREM', KEYS[3], p)
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], expires, ARGV[4])
+local latest = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5]) or '0')
+if expires > latest then redis.call('ZADD', KEYS[3], expires, ARGV[5]) end
+return 1
+"""
+
+# Take a key's fetch lock if free, and read the account's invalidation count, in one trip;
+# the lock taken, look again: the entry stored by the lock's last owner (released just
+# before) is returned too, so a fetch begun on an older look does not go upstream again.
+# KEYS: lock, gen, entry. ARGV: owner, ttl ms, the largest entry read.
+# Returns {1 or 0, gen, entry or false, or -1 for one too large or not a string}.
+CACHE_CLAIM = """
+local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local gen = redis.call('GET', KEYS[2]) or '0'
+if not taken then return {0, gen} end
+local kind = redis.call('TYPE', KEYS[3])['ok']
+if kind == 'none' then return {1, gen} end
+-- Larger than the caller's limit (ARGV[3]) or not a string: never sent, a bad record.
+if kind ~= 'string' or redis.call('STRLEN', KEYS[3]) > tonumber(ARGV[3]) then
+  return {1, gen, -1}
+end
+return {1, gen, redis.call('GET', KEYS[3])}
+"""
+
+# Release a fetch lock only for its owner (one that expired and was taken again stays).
+CACHE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Delete the entries of the given paths and their indexes. KEYS: paths.
+# ARGV: entry key prefix, path-set key prefix, then the paths. Returns the entries deleted.
+CACHE_DROP = """
+local removed = 0
+for i = 3, #ARGV do
+  local set = ARGV[2] .. redis.sha1hex(ARGV[i])
+  for _, d in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+    removed = removed + redis.call('DEL', ARGV[1] .. d)
+  end
+  redis.call('DEL', set)
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+return removed
+"""
