@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.invalidation import Invalidation
-from proxy.cache.memory import HotEntries, Stored
+from proxy.cache.memory import HotEntries, Stored, intact, upgraded
 from proxy.cache.policy import Entry, cache_key
-from proxy.cache.store import CacheStore, _intact, _upgraded
+from proxy.cache.store import CacheStore
 from proxy.metrics import Metrics
 
 
@@ -90,5 +90,5 @@ def test_a_record_from_before_body_checksums_is_still_read() -> None:
     old = pickle.loads(pickle.dumps(record))
     object.__delattr__(old, "crc")  # as unpickled from a version without the field
     assert not hasattr(old, "crc")
-    value = _upgraded(old)
-    assert isinstance(value, Stored) and _intact(value) and value.crc is None
+    value = upgraded(old)
+    assert isinstance(value, Stored) and intact(value) and value.crc is None
