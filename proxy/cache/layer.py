@@ -63,7 +63,7 @@ from proxy.errors import ProxyError
 from proxy.logs import debug, trace
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.settings import CacheRule, CacheSettings, Settings
+from proxy.settings import CacheRule, CacheSettings, LiveSettings, Settings, live_of
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
@@ -93,13 +93,14 @@ class Cache:
         settings: Settings,
         metrics: Metrics,
         clock: WallClock,
-        current: Callable[[], Settings] | None = None,
+        current: Callable[[], LiveSettings] | None = None,
     ) -> None:
         self.inner = inner
         self.store = store
         self.config: CacheSettings = settings.cache
         # The live settings (a SIGHUP reload may change the rules); read per decision.
-        self.current = current or (lambda: settings)
+        started = live_of(settings)
+        self.current = current or (lambda: started)
         self.origin = str(settings.upstream.url.origin())
         self.read_timeout = settings.upstream.read_timeout
         self.metrics = metrics

@@ -9,7 +9,9 @@ shutting-down flag in :class:`RunState`, and what a SIGHUP reload may change (lo
 caller keys, cache rules, budget rates, account secrets) in one immutable :class:`Live`
 snapshot that :class:`LiveRef` holds and a reload replaces in one assignment. Whatever is
 derived from a snapshot (caller metric children, budget rates) is kept with or keyed by
-that snapshot, so nothing derived from an old one outlives a reload.
+that snapshot, so nothing derived from an old one outlives a reload. :class:`Live` holds the live
+settings only (:class:`~proxy.settings.LiveSettings`), never a second whole ``Settings``:
+each part is built with its startup section and reads its live slice from it.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ from proxy.cache.shared import SharedEntries
 from proxy.cache.store import CacheStore, Purge
 from proxy.client import create_session
 from proxy.clock import WallClock
-from proxy.edge.callers import Callers
+from proxy.edge.callers import AdminToken, Callers
 from proxy.messages import Layer
 from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, config_applied
 from proxy.pipeline import admin as pipeline_admin
 from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
-from proxy.settings import Settings, masked
+from proxy.settings import LiveSettings, Settings, live_of, masked, with_live
 from proxy.shared import Backend, open_backend
 
 # A readiness check: None when fine, else one line saying what is wrong.
@@ -60,13 +62,17 @@ class RunState:
 class Live:
     """What a reload may change, as one value: swapped whole, never edited.
 
-    ``settings`` is the startup settings with the live parts (log level, ``[inbound]``,
-    ``[callers]``, cache rules, account rates and secrets) taken from the newest good file.
+    ``settings`` holds exactly the live settings (:mod:`proxy.settings.live`: log level,
+    ``[inbound]``, ``[callers]``, cache rules, account rates and secrets, the admin token) of
+    the newest good file; the rest is what the proxy started with (``Services.settings``).
+    ``callers``, ``providers`` and ``admin_token`` are made from them, each carrying over
+    what must outlive a reload (previous keys within their overlap, the token store).
     """
 
-    settings: Settings
+    settings: LiveSettings
     callers: Callers
     providers: Mapping[str, TokenProvider]
+    admin_token: AdminToken
 
 
 @dataclass(slots=True)
@@ -75,7 +81,8 @@ class LiveRef:
 
     current: Live
 
-    def settings(self) -> Settings:
+    def settings(self) -> LiveSettings:
+        """The live settings: what the parts that read them per request are handed."""
         return self.current.settings
 
 
@@ -97,7 +104,7 @@ class LiveProviders(Mapping[str, TokenProvider]):
 
 @dataclass(frozen=True, slots=True)
 class Services:
-    settings: Settings  # as started; the live parts: live.current.settings
+    settings: Settings  # as started; the live settings: in Live (self.live)
     metrics: Metrics
     live: LiveRef
     clock: WallClock
@@ -128,6 +135,11 @@ class Services:
     def providers(self) -> Mapping[str, TokenProvider]:
         return self.live.current.providers
 
+    def running(self) -> Settings:
+        """The settings the proxy runs with: as started, with the live ones of the last
+        reload (for reports: the ``reloaded`` line, the configuration hash)."""
+        return with_live(self.settings, self.live.current.settings)
+
 
 SERVICES = web.AppKey("services", Services)
 
@@ -153,7 +165,7 @@ async def build(
         )
         for name, a in settings.accounts.items()
     }
-    live = LiveRef(Live(settings, callers, providers))
+    live = LiveRef(Live(live_of(settings), callers, providers, AdminToken(settings.admin.token)))
     checks: dict[str, Check] = {f"token:{name}": _token_check(live, name) for name in providers}
     # Created even when tests swap the upstream layer: token requests use it too.
     session = create_session(settings.upstream, len(settings.accounts))

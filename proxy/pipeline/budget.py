@@ -46,7 +46,15 @@ from proxy.errors import RateLimited
 from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.settings import AccountSettings, BudgetSettings, Settings
+from proxy.settings import (
+    RATES,
+    AccountSettings,
+    BudgetSettings,
+    LiveSettings,
+    Settings,
+    applied,
+    live_of,
+)
 from proxy.shared import Backend, SharedUnavailable
 from proxy.shared.base import SharedBudget
 
@@ -624,13 +632,15 @@ class Budget:
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
         shared: Backend | None = None,
-        current: Callable[[], Settings] | None = None,
+        current: Callable[[], LiveSettings] | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
         # The live settings: a SIGHUP reload may change the accounts' rates.
-        self.current = current or (lambda: settings)
-        self._tuned_to = settings
+        started = live_of(settings)
+        self.current = current or (lambda: started)
+        self._tuned_to = started
+        self.started = settings.accounts
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
@@ -656,12 +666,17 @@ class Budget:
         if live is not self._tuned_to:  # one identity check per request; retuned once per reload
             self._tuned_to = live
             for known, budget in self.accounts.items():
-                budget.retune(rate_for(live.accounts.get(known), self.settings))
+                budget.retune(rate_for(self._live_account(known, live), self.settings))
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)
             found = self.accounts[name] = self._budget_for(name, rate)
         return found
+
+    def _live_account(self, name: str, live: LiveSettings) -> AccountSettings | None:
+        """The account as started, with its live rates."""
+        started, rates = self.started.get(name), live.accounts.get(name)
+        return started if started is None or rates is None else applied(started, rates, RATES)
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)

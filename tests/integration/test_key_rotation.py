@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.edge.callers import Callers
 from proxy.edge.services import SERVICES
 from proxy.ops.reload import reload
-from proxy.settings import CallerSettings, InboundSettings, Secret, Settings
+from proxy.settings import CallerSettings, InboundSettings, Secret, Settings, live_of
 from tests.conftest import MakeProxy, Sandbox, proxy_settings
 
 OLD = "old-key-0123456789abcdef"
@@ -78,9 +78,9 @@ def test_rotating_twice_within_the_overlap_keeps_both_earlier_keys_until_their_e
     now = [100.0]
     base = proxy_settings("http://127.0.0.1:9", tmp_path)
     callers = Callers(with_key(base, "k1-0123456789abcdef", 60), clock=lambda: now[0])
-    callers = callers.rotated(with_key(base, "k2-0123456789abcdef", 60))
+    callers = callers.rotated(live_of(with_key(base, "k2-0123456789abcdef", 60)))
     now[0] = 130.0
-    callers = callers.rotated(with_key(base, "k3-0123456789abcdef", 60))
+    callers = callers.rotated(live_of(with_key(base, "k3-0123456789abcdef", 60)))
     names = [callers.find(headers(f"k{i}-0123456789abcdef")) for i in (1, 2, 3)]
     assert [c.name if c else None for c in names] == ["app", "app", "app"]
     now[0] = 161.0  # k1's overlap (from 100) is over, k2's (from 130) is not

@@ -1,140 +1,39 @@
-"""Typed, frozen settings: defaults, then a TOML file, then ``KOUNTA_PROXY_*`` variables.
+"""The settings sections: one frozen dataclass per TOML table, and :class:`Settings`, the
+whole tree with the checks that span sections.
 
-Every section is a frozen dataclass; the loader walks the type hints, so adding a
-field to a dataclass is all it takes to make a new key configurable from the file
-and from the environment. Problems surface as one :class:`ConfigError` naming the
-key, never as a traceback.
-
-Environment variables name the key path with double underscores::
-
-    KOUNTA_PROXY_SERVER__PORT=8081
-    KOUNTA_PROXY_ACCOUNTS__DEFAULT__CLIENT_SECRET=...
-    KOUNTA_PROXY_ACCOUNTS__DEFAULT__CLIENT_SECRET_FILE=/run/secrets/kounta
-
-Any :class:`Secret` field may instead be read from a file named by ``<key>_file``
-(in TOML or the environment), which is how Docker secrets are mounted.
+Every section is a frozen dataclass; the loader (:mod:`proxy.settings.load`) walks the type
+hints, so adding a field to a dataclass is all it takes to make a new key configurable from
+the file and from the environment. Whether a reload (SIGHUP) applies it is declared in
+:mod:`proxy.settings.live`.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
-import difflib
 import functools
 import ipaddress
-import json
-import os
-import re
-import tomllib
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from yarl import URL
 
-from proxy.files import read_regular
 from proxy.headers import DEFAULT_FORWARDED, NEVER_FORWARDED, REQUIRED_FORWARDED
-
-ENV_PREFIX = "KOUNTA_PROXY_"
-DEFAULT_CONFIG_PATH = Path("kounta-proxy.toml")
-MASK = "********"
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased for one line on a terminal. ``key`` is the setting's
-    path; ``label``, if given, is what the line names instead (an environment variable)."""
-
-    def __init__(self, key: str, problem: str, *, label: str = "") -> None:
-        self.key = key
-        self.problem = problem
-        self.label = label
-        shown = label or key
-        super().__init__(f"{shown}: {problem}" if shown else problem)
-
-
-class ConfigErrors(ConfigError):
-    """Every problem found in one load, so an operator fixes them all in one go."""
-
-    def __init__(self, problems: list[ConfigError]) -> None:
-        self.problems = problems
-        first = problems[0]
-        super().__init__(first.key, first.problem, label=first.label)
-
-    def lines(self) -> list[str]:
-        return [str(p) for p in self.problems]
-
-
-class Invalid(ValueError):
-    """Raised by a section's ``__post_init__``; the loader adds the section path."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{key}: {problem}")
-
-
-class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or logs.
-
-    ``source`` names the ``*_file`` it was read from (shown by check-config; not secret).
-    """
-
-    __slots__ = ("_value", "source")
-
-    def __init__(self, value: str, source: str = "") -> None:
-        self._value = value
-        self.source = source
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return f"Secret({MASK!r})" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_http_url(key: str, value: str, *, https_unless_loopback: bool) -> None:
-    url = URL(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise Invalid(key, f"must be an absolute http(s) URL, got {value!r}")
-    if url.query_string or url.fragment:
-        raise Invalid(key, "must not carry a query or fragment")
-    if https_unless_loopback and url.scheme != "https" and not is_loopback_host(url.host):
-        raise Invalid(key, "must use https (plain http is only allowed for loopback hosts)")
-
-
-def _not_negative(section: object, *names: str) -> None:
-    for name in names:
-        if getattr(section, name) < 0:
-            raise Invalid(name, "must not be negative")
-
-
-def _positive(section: object, *names: str) -> None:
-    for name in names:
-        if getattr(section, name) <= 0:
-            raise Invalid(name, "must be greater than 0")
+from proxy.settings.base import (
+    Invalid,
+    Secret,
+    _check_http_url,
+    _not_negative,
+    _positive,
+    is_loopback_host,
+)
+from proxy.settings.handling import (
+    CallerSettings,
+    InboundSettings,
+    LogSettings,
+    PagingSettings,
+    RetrySettings,
+)
 
 
 @dataclass(frozen=True)
@@ -334,36 +233,6 @@ def _check_oauth(account: AccountSettings) -> None:
 
 
 @dataclass(frozen=True)
-class InboundSettings:
-    # Header carrying a caller key (also accepted as "Authorization: Bearer <key>").
-    key_header: str = "X-Proxy-Key"
-    # Accept callers without a key even when listening beyond loopback.
-    allow_anonymous: bool = False
-    # Seconds a caller's previous key is still accepted after a reload (SIGHUP) changed it,
-    # so callers can switch over without downtime; 0: refused at once.
-    key_overlap: float = 3600.0
-
-    def __post_init__(self) -> None:
-        if not self.key_header or not all(c.isalnum() or c == "-" for c in self.key_header):
-            raise Invalid("key_header", f"must be a header name, got {self.key_header!r}")
-        if self.key_header.lower() in ("authorization", "host", "cookie"):
-            raise Invalid("key_header", f"must not be {self.key_header}")
-        _not_negative(self, "key_overlap")
-
-
-@dataclass(frozen=True)
-class CallerSettings:
-    # The caller's key (secret); the table's name is what logs and metrics show.
-    key: Secret = Secret("")
-    # The Kounta account this caller uses; empty: the default account.
-    account: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.key.reveal()) < 16:
-            raise Invalid("key", "is required and must be at least 16 characters")
-
-
-@dataclass(frozen=True)
 class AuthSettings:
     """What all accounts' credentials share (per-account values override)."""
 
@@ -377,12 +246,6 @@ class AuthSettings:
 
     def floor_for(self, account: AccountSettings) -> float:
         return self.refresh_floor if account.refresh_floor is None else account.refresh_floor
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "text"] = "json"
 
 
 UNIX_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on the BSDs and macOS
@@ -471,60 +334,6 @@ class BudgetSettings:
     def longest_pause(self) -> float:
         """The cap on a pause Kounta asks for: ``retry_after_max``, else ``backoff_max``."""
         return self.retry_after_max or self.backoff_max
-
-
-# Kounta has no idempotency keys: a resent POST or PATCH can create a duplicate order.
-NEVER_RETRIED = ("POST", "PATCH")
-RETRYABLE = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
-
-
-@dataclass(frozen=True)
-class RetrySettings:
-    """Resending failed idempotent requests, and the per-account circuit breaker."""
-
-    # Methods resent after a connection failure or a 502/503/504; PUT and DELETE may be
-    # added, POST and PATCH never.
-    methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
-    # Tries in all, the first included (1: never resend).
-    attempts: int = 3
-    # Pause before the first resend, doubling (with jitter) up to backoff_max.
-    backoff_initial: float = 0.2
-    backoff_max: float = 5.0
-    # Consecutive upstream failures after which an account's requests fail fast (0: never).
-    breaker_failures: int = 5
-    # Seconds the breaker stays open before one probe request is let through.
-    breaker_cooldown: float = 30.0
-
-    def __post_init__(self) -> None:
-        for method in self.methods:
-            if method.upper() in NEVER_RETRIED:
-                raise Invalid(
-                    "methods",
-                    f"{method} is never retried: Kounta has no idempotency keys, "
-                    "so a resent request can be processed twice",
-                )
-            if method.upper() not in RETRYABLE:
-                raise Invalid("methods", f"unknown method {method!r}; use {', '.join(RETRYABLE)}")
-        if self.attempts < 1:
-            raise Invalid("attempts", "must be at least 1")
-        _not_negative(self, "backoff_initial")
-        if self.backoff_max < self.backoff_initial:
-            raise Invalid("backoff_max", "must be at least backoff_initial")
-        if self.breaker_failures < 0:
-            raise Invalid("breaker_failures", "must not be negative (0: no breaker)")
-        _positive(self, "breaker_cooldown")
-
-
-@dataclass(frozen=True)
-class PagingSettings:
-    """The X-Proxy-All-Pages helper."""
-
-    # Most pages one request may gather; a longer list is an error, never a silent cut.
-    max_pages: int = 100
-
-    def __post_init__(self) -> None:
-        if self.max_pages < 1:
-            raise Invalid("max_pages", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -707,337 +516,3 @@ def _check_callers(settings: Settings) -> None:
             f"server.host {settings.server.host!r} is reachable beyond loopback and no "
             "[callers.NAME] keys are configured; add caller keys or set allow_anonymous = true",
         )
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load(
-    path: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> Settings:
-    """Defaults, then the TOML file (``path`` or ``./kounta-proxy.toml`` if present), then env."""
-    env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_toml(path)
-    elif DEFAULT_CONFIG_PATH.is_file():
-        raw = read_toml(DEFAULT_CONFIG_PATH)
-    variables = merge_env(raw, env)
-    problems: list[ConfigError] = []
-    settings = build(Settings, raw, "", problems)
-    if problems or not isinstance(settings, Settings):
-        problems = [_from_variable(p, variables) for p in problems]
-        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
-    return settings
-
-
-# Larger files are refused (a config or secret file is small; /dev/zero is endless).
-CONFIG_FILE_LIMIT = 16 * 1024**2
-SECRET_FILE_LIMIT = 1024**2
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(read_regular(path, CONFIG_FILE_LIMIT).decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("", f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or e
-        raise ConfigError("", f"cannot read config file {path}: {reason}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("", f"{path} is not valid TOML: {e}") from None
-
-
-def merge_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
-    """Fold ``KOUNTA_PROXY_A__B=v`` into ``raw["a"]["b"] = "v"`` (typed later); returns each
-    folded key's path ("a.b") and the variable that set it."""
-    variables: dict[str, str] = {}
-    for name, value in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if not all(parts):
-            raise ConfigError(name, "malformed variable name (empty part between '__')")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(name, f"conflicts with the scalar key {part!r}")
-            node = child
-        node[parts[-1]] = _EnvValue(value)
-        variables[".".join(parts)] = name
-    return variables
-
-
-def _from_variable(problem: ConfigError, variables: dict[str, str]) -> ConfigError:
-    """A problem with a key an environment variable set, told with the variable's name."""
-    names = [name for path, name in variables.items() if f"{path}.".startswith(f"{problem.key}.")]
-    if not names:
-        return problem
-    if not problem.problem.startswith("unknown key"):
-        label = f"{', '.join(names)} ({problem.key})"
-        return ConfigError(problem.key, problem.problem, label=label)
-    hints = [f"did you mean {ENV_PREFIX}{'__'.join(p).upper()}?" for p in map(_meant, names) if p]
-    unknown = "unknown setting" + (f" ({hints[0]})" if hints else "")
-    return ConfigError(problem.key, unknown, label=", ".join(names))
-
-
-def _meant(name: str) -> list[str] | None:
-    """The setting a variable with a mistaken ``_``/``__`` split names, as path parts, if any."""
-    words = [w for w in name[len(ENV_PREFIX) :].lower().split("_") if w]
-    return _path_in(Settings, words)
-
-
-def _path_in(tp: Any, words: list[str]) -> list[str] | None:
-    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
-        fields: dict[str, Any] = {}
-        if dataclasses.is_dataclass(tp):
-            fields = typing.get_type_hints(tp)
-            fields |= {f"{k}_file": str for k, v in fields.items() if v is Secret}
-        for i in range(1, len(words) + 1):
-            key = "_".join(words[:i])
-            inner = fields.get(key) if fields else typing.get_args(tp)[1]
-            rest = _path_in(inner, words[i:]) if inner is not None else None
-            if rest is not None:
-                return [key, *rest]
-        return None
-    return [] if not words else None
-
-
-class _EnvValue(str):
-    """A string from the environment: converted to the field's type when built."""
-
-
-class _Broken:
-    """What a table with a problem builds to; its parent leaves the key out."""
-
-
-BROKEN = _Broken()
-
-
-def build(cls: type[Any], raw: Any, path: str, problems: list[ConfigError] | None = None) -> Any:
-    """``cls`` from a raw table. With ``problems``, every problem is recorded there and the
-    walk goes on (a broken table builds to :data:`BROKEN`); without, the first is raised."""
-    if not isinstance(raw, dict):
-        return _problem(problems, ConfigError(path, f"must be a table, got {_kind(raw)}"))
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    failed: set[str] = set()  # keys refused here (their field keeps its default)
-    broken = False  # a table below is broken: checks across fields could only mislead
-    for key, value in raw.items():
-        key_path = f"{path}.{key}" if path else key
-        try:
-            name, built = _build_key(hints, names, raw, key, value, key_path, problems)
-        except ConfigError as e:
-            _problem(problems, e)
-            failed.add(key.removesuffix("_file"))
-            meant = difflib.get_close_matches(key, [f"{n}_file" for n in names] + [*names], 1, 0.6)
-            if meant and meant[0].removesuffix("_file") not in raw:
-                failed.add(meant[0].removesuffix("_file"))  # its default stands in: no checks
-            continue
-        if built is BROKEN:
-            broken = True
-        else:
-            kwargs[name] = built
-    if broken:
-        return BROKEN
-    try:
-        made = cls(**kwargs)
-    except Invalid as e:
-        # With a key refused above, the table's own checks still run (every problem at once,
-        # e.g. a misspelt key and a negative fresh_for in one rule); not one about that key.
-        if e.key in failed:
-            return BROKEN
-        return _problem(problems, ConfigError(f"{path}.{e.key}" if path else e.key, e.problem))
-    return BROKEN if failed else made
-
-
-def _problem(problems: list[ConfigError] | None, error: ConfigError) -> _Broken:
-    if problems is None:
-        raise error
-    problems.append(error)
-    return BROKEN
-
-
-def _build_key(
-    hints: dict[str, Any],
-    names: set[str],
-    raw: dict[str, Any],
-    key: str,
-    value: Any,
-    key_path: str,
-    problems: list[ConfigError] | None,
-) -> tuple[str, Any]:
-    if key.endswith("_file") and key[:-5] in names and hints[key[:-5]] is Secret:
-        if key[:-5] in raw:
-            raise ConfigError(key_path, f"set either {key[:-5]} or {key}, not both")
-        return key[:-5], Secret(_read_secret_file(key_path, value), source=str(value))
-    if key not in names:
-        raise ConfigError(key_path, "unknown key" + _did_you_mean(key, names, hints))
-    return key, convert(hints[key], value, key_path, problems)
-
-
-def _did_you_mean(key: str, names: set[str], hints: dict[str, Any]) -> str:
-    known = sorted(names | {f"{n}_file" for n in names if hints[n] is Secret})
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _read_secret_file(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, "must be a file path")
-    try:
-        return read_regular(Path(value), SECRET_FILE_LIMIT).decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(
-            key, f"cannot read secret file {value}: {getattr(e, 'strerror', None) or e}"
-        ) from None
-
-
-def convert(tp: Any, value: Any, path: str, problems: list[ConfigError] | None = None) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value == "" and isinstance(value, _EnvValue):
-            return None
-        return convert(options[0], value, path, problems)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            choices = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(path, f"must be one of {choices}, got {value!r}")
-        return str(value)
-    if origin is dict:
-        _, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(path, f"must be a table, got {_kind(value)}")
-        items = {k: convert(value_type, v, f"{path}.{k}", problems) for k, v in value.items()}
-        return BROKEN if any(v is BROKEN for v in items.values()) else items
-    if origin is tuple:
-        (item_type, _) = typing.get_args(tp)
-        if isinstance(value, _EnvValue):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(path, f"must be an array, got {_kind(value)}")
-        built = tuple(convert(item_type, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
-        return BROKEN if any(v is BROKEN for v in built) else built
-    if dataclasses.is_dataclass(tp):
-        return build(typing.cast(type[Any], tp), value, path, problems)
-    if tp is Secret:
-        return Secret(_scalar(str, value, path))
-    if tp in (str, int, float, bool):
-        return _scalar(tp, value, path)
-    raise ConfigError(path, f"unsupported setting type {tp!r}")  # pragma: no cover
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _scalar(tp: type[Any], value: Any, path: str) -> Any:
-    if isinstance(value, _EnvValue):
-        return _from_env(tp, str(value), path)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not tp:
-        raise ConfigError(path, f"must be {_TYPE_NAMES[tp]}, got {_kind(value)}")
-    return value
-
-
-def _from_env(tp: type[Any], text: str, path: str) -> Any:
-    if tp is str:
-        return text
-    if tp is bool:
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        raise ConfigError(path, f"must be true or false, got {text!r}")
-    try:
-        return tp(text)
-    except ValueError:
-        raise ConfigError(path, f"must be {_TYPE_NAMES[tp]}, got {text!r}") from None
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _kind(value: Any) -> str:
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "a boolean",
-        dict: "a table",
-        list: "an array",
-    }.get(type(value), type(value).__name__)
-
-
-# --------------------------------------------------------------------------- showing
-
-
-def masked(settings: Any, *, files: bool = False) -> Any:
-    """The settings as plain data with every secret replaced by a mask. With ``files``, a
-    secret read from a file is ``NAME_file = PATH`` instead, so the data loads back the same."""
-    if isinstance(settings, Secret):
-        if settings and settings.source:
-            return f"{MASK} (from {settings.source})"
-        return MASK if settings else ""
-    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
-        data = {}
-        for f in dataclasses.fields(settings):
-            value = getattr(settings, f.name)
-            if files and isinstance(value, Secret) and value and value.source:
-                data[f"{f.name}_file"] = value.source
-            else:
-                data[f.name] = masked(value, files=files)
-        return data
-    if isinstance(settings, dict):
-        return {k: masked(v, files=files) for k, v in settings.items()}
-    if isinstance(settings, tuple | list):
-        return [masked(v, files=files) for v in settings]
-    return settings
-
-
-def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Render :func:`masked` output as TOML (tables after scalars, as TOML requires); a
-    setting that is not set (None) is a comment, so the text loads back as the same settings."""
-    lines: list[str] = []
-    tables: list[tuple[str, Any]] = []
-    for key, value in ((_toml_key(k), v) for k, v in data.items()):
-        if value is None:
-            lines.append(f"# {key}: not set")
-        elif isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            tables.extend((f"[{key}]", item) for item in value)
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, value in tables:
-        if key.startswith("["):
-            name = f"{prefix}{key[1:-1]}"
-            lines.append(f"\n[[{name}]]")
-            lines.append(to_toml(value, f"{name}.").strip("\n"))
-        else:
-            name = f"{prefix}{key}"
-            body = to_toml(value, f"{name}.")
-            if not body.lstrip("\n").startswith("["):
-                lines.append(f"\n[{name}]")
-            if body.strip():
-                lines.append(body.rstrip("\n") if body.startswith("\n") else body.strip("\n"))
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    # JSON's string escapes are TOML's; TOML also wants DEL escaped.
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
