@@ -63,7 +63,7 @@ from proxy.errors import ProxyError
 from proxy.logs import debug, trace
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.settings import CacheRule, CacheSettings, LiveSettings, Settings, live_of
+from proxy.settings import CacheRule, CacheSettings, LiveCache, Settings, live_of
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
@@ -93,13 +93,13 @@ class Cache:
         settings: Settings,
         metrics: Metrics,
         clock: WallClock,
-        current: Callable[[], LiveSettings] | None = None,
+        current: Callable[[], LiveCache] | None = None,
     ) -> None:
         self.inner = inner
         self.store = store
         self.config: CacheSettings = settings.cache
-        # The live settings (a SIGHUP reload may change the rules); read per decision.
-        started = live_of(settings)
+        # The cache's live slice (a SIGHUP reload may change the rules); read per decision.
+        started = live_of(settings).cache
         self.current = current or (lambda: started)
         self.origin = str(settings.upstream.url.origin())
         self.read_timeout = settings.upstream.read_timeout
@@ -114,7 +114,7 @@ class Cache:
         self.shared: SharedEntries | None = None
 
     def rules(self) -> tuple[CacheRule, ...]:
-        return self.current().cache.rules
+        return self.current().rules
 
     # ------------------------------------------------------------------ entry point
 

@@ -179,7 +179,7 @@ class AdminToken:
         return bool(self._token)
 
     def matches(self, presented: bytes) -> bool:
-        current = hmac.compare_digest(presented, self._token)
+        current = hmac.compare_digest(presented, self._token) and bool(self._token)
         previous = self._previous
         if previous is None:
             return current

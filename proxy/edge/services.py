@@ -41,7 +41,15 @@ from proxy.pipeline import admin as pipeline_admin
 from proxy.pipeline.budget import Budget, rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
-from proxy.settings import LiveSettings, Settings, live_of, masked, with_live
+from proxy.settings import (
+    LiveAccount,
+    LiveCache,
+    LiveSettings,
+    Settings,
+    live_of,
+    masked,
+    with_live,
+)
 from proxy.shared import Backend, open_backend
 
 # A readiness check: None when fine, else one line saying what is wrong.
@@ -82,8 +90,15 @@ class LiveRef:
     current: Live
 
     def settings(self) -> LiveSettings:
-        """The live settings: what the parts that read them per request are handed."""
         return self.current.settings
+
+    # Each part that reads its live slice per request is handed one of these.
+
+    def cache(self) -> LiveCache:
+        return self.current.settings.cache
+
+    def accounts(self) -> Mapping[str, LiveAccount]:
+        return self.current.settings.accounts
 
 
 class LiveProviders(Mapping[str, TokenProvider]):
@@ -181,7 +196,7 @@ async def build(
         else Upstream(settings.upstream, session, metrics, len(settings.accounts))
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
-    layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.settings)
+    layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.accounts)
     layer = Authenticator(layer, LiveProviders(live), metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
@@ -190,7 +205,7 @@ async def build(
     tasks: tuple[asyncio.Task[None], ...] = ()
     if store is not None:
         # cache: outermost, so fresh hits cost nothing below it.
-        layer = cache = Cache(layer, store, settings, metrics, clock, current=live.settings)
+        layer = cache = Cache(layer, store, settings, metrics, clock, current=live.cache)
         announce_purge: cache_admin.AnnouncePurge | None = None
         if shared.events is not None:
             # Invalidations to and from the other replicas (their stores are their own).

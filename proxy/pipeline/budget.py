@@ -50,7 +50,7 @@ from proxy.settings import (
     RATES,
     AccountSettings,
     BudgetSettings,
-    LiveSettings,
+    LiveAccount,
     Settings,
     applied,
     live_of,
@@ -632,12 +632,13 @@ class Budget:
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
         shared: Backend | None = None,
-        current: Callable[[], LiveSettings] | None = None,
+        current: Callable[[], Mapping[str, LiveAccount]] | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
-        # The live settings: a SIGHUP reload may change the accounts' rates.
-        started = live_of(settings)
+        # The budget's live slice, the accounts' live settings: a SIGHUP reload may change
+        # their rates.
+        started: Mapping[str, LiveAccount] = live_of(settings).accounts
         self.current = current or (lambda: started)
         self._tuned_to = started
         self.started = settings.accounts
@@ -673,9 +674,9 @@ class Budget:
             found = self.accounts[name] = self._budget_for(name, rate)
         return found
 
-    def _live_account(self, name: str, live: LiveSettings) -> AccountSettings | None:
+    def _live_account(self, name: str, live: Mapping[str, LiveAccount]) -> AccountSettings | None:
         """The account as started, with its live rates."""
-        started, rates = self.started.get(name), live.accounts.get(name)
+        started, rates = self.started.get(name), live.get(name)
         return started if started is None or rates is None else applied(started, rates, RATES)
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:

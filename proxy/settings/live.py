@@ -8,10 +8,14 @@ slice class of this module (:class:`LiveAccount`, ...) names the live fields of 
 whose other fields need a restart. Adding a live setting is adding it here, and to the part
 that reads it; ``tests/unit/test_live.py`` fails for a live key nothing reads.
 
-Each part is built with its startup section and reads its live slice from the current
-:class:`LiveSettings` (``Live.settings`` in :mod:`proxy.edge.services`), combining the two
-with :func:`applied` where it needs a whole section. :func:`with_live` is the same for the
-whole tree: the settings the proxy runs with, for reports (``reloaded``, the config hash).
+Each part is built with its startup section and reads only its live slice of the current
+:class:`LiveSettings` (``Live.settings`` in :mod:`proxy.edge.services`): the cache and the
+budget, which read theirs per request, are handed a function returning it
+(``LiveRef.cache``, ``LiveRef.accounts``); the callers, the token providers and the admin
+token are made anew from theirs by the reload, each carrying over what must outlive it.
+A part that needs a whole section combines the two with :func:`applied`. :func:`with_live`
+is the same for the whole tree: the settings the proxy runs with, for reports (the
+``reloaded`` line, the config hash).
 """
 
 from __future__ import annotations

@@ -104,8 +104,8 @@ def read_by_the_parts(live: LiveSettings) -> None:
     Callers(SETTINGS, metrics, live=live)  # [inbound], [callers]
     AdminToken(Secret("")).rotated(live.admin.token, live.inbound.key_overlap)
     store: Any = None  # rules() reads no store
-    Cache(Inner(), store, SETTINGS, metrics, time.time, current=lambda: live).rules()
-    Budget(Inner(), SETTINGS, metrics, current=lambda: live).account("main")
+    Cache(Inner(), store, SETTINGS, metrics, time.time, current=lambda: live.cache).rules()
+    Budget(Inner(), SETTINGS, metrics, current=lambda: live.accounts).account("main")
     for name, account in live.accounts.items():
         if reload.credentials_changed(started.accounts[name], account):
             applied(SETTINGS.accounts[name], account, CREDENTIALS)
