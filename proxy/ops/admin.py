@@ -33,8 +33,8 @@ Access (DESIGN.md Resolutions, "Admin access"), each refusal a JSON 403:
 
 The admin token is live: a SIGHUP that changes ``admin.token_file``'s content switches to the
 new token, and the previous one is still accepted for ``inbound.key_overlap`` seconds
-(:class:`~proxy.edge.callers.AdminToken`). The ``serve --workers`` parent's listener keeps
-the token it started with.
+(:class:`~proxy.edge.callers.AdminToken`); the ``serve --workers`` parent's listener reads
+the file again on SIGHUP too (:mod:`proxy.ops.workers`).
 
 Every answer says ``Server: kounta-proxy``.
 """
@@ -364,10 +364,12 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     )
 
 
-def middlewares(admin: AdminSettings) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+def middlewares(
+    admin: AdminSettings, tokens: Callable[[], AdminToken] | None = None
+) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
     """The admin listener's JSON errors and Host/Origin guard, for another admin application
     (the ``serve --workers`` parent's) to answer and refuse exactly as this one does."""
-    return [_json_errors, _guard(access_for(admin))]
+    return [_json_errors, _guard(access_for(admin, tokens))]
 
 
 def json_answer(status: int, body: dict[str, Any]) -> web.Response:
