@@ -89,9 +89,6 @@ class LiveRef:
 
     current: Live
 
-    def settings(self) -> LiveSettings:
-        return self.current.settings
-
     # Each part that reads its live slice per request is handed one of these.
 
     def cache(self) -> LiveCache:

@@ -39,9 +39,12 @@ class CallerSettings:
             raise Invalid("key", "is required and must be at least 16 characters")
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
 @dataclass(frozen=True)
 class LogSettings:
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: LogLevel = "info"
     format: Literal["json", "text"] = "json"
 
 

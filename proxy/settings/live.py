@@ -24,10 +24,10 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from proxy.settings.base import Invalid, Secret
-from proxy.settings.handling import CallerSettings, InboundSettings
+from proxy.settings.handling import CallerSettings, InboundSettings, LogLevel
 from proxy.settings.sections import CacheRule, Settings
 
 S = TypeVar("S")
@@ -37,7 +37,7 @@ FIXED_NAMES = {"names": "restart"}
 
 @dataclass(frozen=True)
 class LiveLog:
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: LogLevel = "info"
 
 
 @dataclass(frozen=True)
