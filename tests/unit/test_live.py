@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
+from pathlib import Path
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
@@ -164,3 +165,19 @@ def test_an_account_added_needs_a_restart_and_a_removed_one_keeps_serving() -> N
     assert live == [] and restart and all(k.startswith("accounts.") for k in restart)
     merged = with_live(SETTINGS, live_of(new))
     assert set(merged.accounts) == {"main", "other"}
+
+
+def test_the_reload_docs_name_every_live_key() -> None:
+    """docs/operations.md's Reload section lists what a SIGHUP applies: every live key (or its
+    whole section) is named there."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = text.split("\n## Reload\n", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for key in live_keys():
+        parts = key.split(".")
+        names = [f"`{key}`", f"`[{parts[0]}]`", f"`[{parts[0]}.*]`"]
+        if parts[1:2] == ["*"]:  # per account: listed by its own name ("per account `burst`")
+            names.append(f"`{parts[-1]}`")
+        if not any(name in section for name in names):
+            missing.append(key)
+    assert missing == []
