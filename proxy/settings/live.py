@@ -156,7 +156,7 @@ def with_live(running: Settings, live: LiveSettings) -> Settings:
 
 
 def _merge(tp: Any, running: Any, live: Any, path: str) -> Any:
-    if not _is_slice(tp) and tp is not LiveSettings:
+    if not _is_slice(tp):  # a whole section, a table of them or a value: the live one
         return live
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(tp):
@@ -164,7 +164,7 @@ def _merge(tp: Any, running: Any, live: Any, path: str) -> Any:
         where = f"{path}.{f.name}" if path else f.name
         table = _table_of(hint)
         old, new = getattr(running, f.name), getattr(live, f.name)
-        if table is not None and _is_slice(table):
+        if table is not None and f.metadata == FIXED_NAMES:
             changes[f.name] = {
                 name: item if name not in new else _merge(table, item, new[name], f"{where}.{name}")
                 for name, item in old.items()
