@@ -41,6 +41,7 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Token
 
 from proxy.auth.endpoint import FailureLog, TokenRequestFailed, request_token
+from proxy.auth.metrics import AuthMetrics
 from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.auth.token_file import (
     StoredToken,
@@ -52,7 +53,6 @@ from proxy.auth.token_file import (
 from proxy.clock import WallClock, backoff
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, SharedSettings
 from proxy.shared import Backend
 
@@ -189,7 +189,7 @@ def provider_for(
     name: str = "default",
     state_dir: str = "state",
     clock: WallClock = time.time,
-    metrics: Metrics | None = None,
+    metrics: AuthMetrics | None = None,
     shared: Backend | None = None,
     shared_settings: SharedSettings | None = None,
     refresh_floor: float = 30.0,
@@ -252,7 +252,7 @@ class OAuthProvider:
         file: TokenStore,
         *,
         clock: WallClock = time.time,
-        metrics: Metrics | None = None,
+        metrics: AuthMetrics | None = None,
         refresh_floor: float = 30.0,
     ) -> None:
         self.account = account

@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.auth.layer import Authenticator
+from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
@@ -118,6 +119,8 @@ class LiveProviders(Mapping[str, TokenProvider]):
 class Services:
     settings: Settings  # as started; the live settings: in Live (self.live)
     metrics: Metrics
+    # The auth package's own metrics group (on metrics.registry), for the token providers.
+    auth_metrics: AuthMetrics
     live: LiveRef
     clock: WallClock
     session: aiohttp.ClientSession
@@ -161,7 +164,8 @@ async def build(
 ) -> Services:
     """Open and wire everything; ``upstream`` replaces the real upstream layer in tests."""
     callers = Callers(settings, metrics)
-    describe(settings, metrics)
+    auth_metrics = AuthMetrics(metrics.registry)
+    describe(settings, metrics, auth_metrics)
     shared = open_backend(settings.shared, metrics)
     await shared.start()
     providers = {
@@ -170,7 +174,7 @@ async def build(
             name=name,
             state_dir=settings.state_dir,
             clock=clock,
-            metrics=metrics,
+            metrics=auth_metrics,
             shared=shared,
             shared_settings=settings.shared,
             refresh_floor=settings.auth.floor_for(a),
@@ -194,7 +198,7 @@ async def build(
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
     layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.accounts)
-    layer = Authenticator(layer, LiveProviders(live), metrics)
+    layer = Authenticator(layer, LiveProviders(live), auth_metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
     admin_routes = pipeline_admin.routes(budget, retry)
@@ -231,6 +235,7 @@ async def build(
     return Services(
         settings=settings,
         metrics=metrics,
+        auth_metrics=auth_metrics,
         live=live,
         clock=clock,
         session=session,
@@ -266,7 +271,7 @@ def _token_check(live: LiveRef, name: str) -> Check:
     return lambda: live.current.providers[name].problem()
 
 
-def describe(settings: Settings, metrics: Metrics) -> None:
+def describe(settings: Settings, metrics: Metrics, auth_metrics: AuthMetrics) -> None:
     """The gauges that state the configuration (what the alerts and dashboard compare to)."""
     metrics.shared_backend_up.set(1)
     metrics.shared_degraded.set(0)
@@ -277,8 +282,8 @@ def describe(settings: Settings, metrics: Metrics) -> None:
             # Pre-created, so that rate() and alerts see a zero, not nothing.
             metrics.upstream_errors.labels(kind, name)
         if account.mode == "oauth":
-            metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
-            metrics.renewable_account(name)
+            auth_metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
+            auth_metrics.renewable_account(name)
 
 
 async def close(services: Services) -> None:

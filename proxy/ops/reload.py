@@ -187,7 +187,7 @@ async def _providers(
             name=name,
             state_dir=services.settings.state_dir,
             clock=services.clock,
-            metrics=services.metrics,
+            metrics=services.auth_metrics,
             # The running backend and its settings: [shared] is restart-only, so a new
             # provider of a shared account shares the same encrypted record in Redis.
             shared=services.shared,
