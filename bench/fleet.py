@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from cryptography.fernet import Fernet
 from prometheus_client import CollectorRegistry
 
 from proxy.edge.app import create_app
@@ -104,6 +105,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # One prefix for the whole run: every replica must find the same budget keys.
     args.key_prefix = f"fleet-{time.time_ns()}"
+    # And one token key: cache records and messages are authenticated with it.
+    args.token_key = Fernet.generate_key().decode()
     if (
         args.seconds <= 0
         or args.callers < 1
@@ -128,7 +131,7 @@ def settings_for(
     if redis_url:
         shared = SharedSettings(
             backend="redis", url=redis_url, key_prefix=args.key_prefix,
-            replicas=processes(args),
+            replicas=processes(args), token_key=Secret(args.token_key),
         )  # fmt: skip
     return Settings(
         shared=shared,

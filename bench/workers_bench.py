@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+
 from bench import cache_bench
 from bench.fleet import own_redis
 
@@ -32,6 +34,7 @@ def config(directory: Path, upstream: str, redis: str, port: int, admin: int) ->
         f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
         '[[cache.rules]]\npath = "/v1/companies/*/products"\nfresh_for = 3600.0\n'
         f'[shared]\nbackend = "redis"\nurl = "{redis}"\nkey_prefix = "bench-{port}"\n'
+        f'token_key = "{Fernet.generate_key().decode()}"\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{cache_bench.TOKEN}"\n'
         "rate_per_minute = 100000000\n"
     )

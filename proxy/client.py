@@ -13,16 +13,22 @@ the whole response on the bytes after it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
+from proxy.compat.aiohttp import (
+    response_parser,
+    response_payload,
+    set_protocol_factory,
+    set_response_parser,
+    skips_payload,
+)
 from proxy.logs import event
 from proxy.settings import UpstreamSettings
 
@@ -54,12 +60,12 @@ class ExcessTolerant(ResponseHandler):
         self._params = params
         self.discarding = False
         super().set_response_params(**params)
-        self._parser = cast(Any, _ExcessGuard(self, self._parser))
+        set_response_parser(self, _ExcessGuard(self, response_parser(self)))
 
     def fresh_parser(self) -> Any:
         """A new parser made like the current one (the current one has failed)."""
         ResponseHandler.set_response_params(self, **self._params)
-        return self._parser
+        return response_parser(self)
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
@@ -80,7 +86,7 @@ class _ExcessGuard:
         return getattr(self.parser, name)
 
     def feed_data(self, data: bytes) -> Any:
-        payload = self.handler._payload
+        payload = response_payload(self.handler)
         body_under_way = isinstance(payload, StreamReader) and not payload.is_eof()
         try:
             result = self.parser.feed_data(data)
@@ -103,11 +109,12 @@ class _ExcessGuard:
             self._excess(len(data))  # at most this much; the body's end is inside
             return ((), False, b"")
         buf = bytes(self.head) + data
-        end = message_end(buf, self.handler._skip_payload)
+        end = message_end(buf, skips_payload(self.handler))
         if end is None or end >= len(buf):
             return None
         fresh = self.handler.fresh_parser()
-        self.parser, self.handler._parser = fresh, cast(Any, self)
+        self.parser = fresh
+        set_response_parser(self.handler, self)
         self.head.clear()
         result = fresh.feed_data(buf[:end])
         self._excess(len(buf) - end)
@@ -156,7 +163,7 @@ class Connector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._factory = cast(Any, functools.partial(ExcessTolerant, loop=self._loop))
+        set_protocol_factory(self, ExcessTolerant)
 
 
 def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.ClientSession:

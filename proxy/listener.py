@@ -25,6 +25,14 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from proxy.compat.aiohttp import (
+    HookedRunner,
+    make_protocol,
+    protocol_loop,
+    site_sockets,
+    swap_server_class,
+    waiting_for_request,
+)
 from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
 from proxy.headers import SERVER_NAME
 from proxy.logs import event, log
@@ -141,12 +149,13 @@ class _JsonErrorHandler(RequestHandler):
 
     def _waiting(self) -> bool:
         """Whether the connection waits for a request head (none is being answered)."""
-        waiter = self._waiter
-        return waiter is not None and not waiter.done()
+        return waiting_for_request(self)
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_timer = self._loop.call_later(self.limits.header_timeout, self._timed_out)
+        self._head_timer = protocol_loop(self).call_later(
+            self.limits.header_timeout, self._timed_out
+        )
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
@@ -162,7 +171,7 @@ class _JsonErrorHandler(RequestHandler):
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         finished = await super().finish_response(request, resp, start_time)
-        self._answered_at = self._loop.time()
+        self._answered_at = protocol_loop(self).time()
         if resp.get(CLOSE_AT_ONCE):
             self.force_close()  # the answer is written: the transport flushes it, then closes
         return finished
@@ -252,20 +261,19 @@ class _JsonErrorServer(Server):
     limits = Limits()
 
     def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
+        return make_protocol(self, _JsonErrorHandler, limits=self.limits)
 
 
 def customise(server: Server, app: web.Application) -> Server:
-    """The one place that reaches into aiohttp's private parts, for what its public API
-    cannot do: answer unparsable requests as JSON (the protocol's ``handle_error``), keep a
-    deadline on request heads (the protocol's ``_waiter``: set while it waits for a request,
-    which is also what aiohttp's own keep-alive timer reads), and put a handler in front of
-    the application's once its startup built what it needs, and close a connection right
-    after an answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``, which
-    also tells when a connection went idle; ``force_close`` skips the lingering read).
-    tests/unit/test_listener.py
-    fails loudly if aiohttp changes any of these hooks."""
-    server.__class__ = _JsonErrorServer
+    """Our protocol in place of aiohttp's, for what its public API cannot do: answer
+    unparsable requests as JSON (the protocol's ``handle_error``), keep a deadline on request
+    heads (whether the protocol waits for a request), close a connection right after an
+    answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``, which also tells
+    when a connection went idle; ``force_close`` skips the lingering read); and put a handler
+    in front of the application's once its startup built what it needs. Every private part
+    this touches is reached through :mod:`proxy.compat.aiohttp` (pinned by
+    tests/unit/test_compat.py)."""
+    swap_server_class(server, _JsonErrorServer)
     cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())
     wrap = app.get(WRAP_HANDLER)
     if wrap is not None:
@@ -273,9 +281,9 @@ def customise(server: Server, app: web.Application) -> Server:
     return server
 
 
-class Runner(web.AppRunner):
-    async def _make_server(self) -> Server:
-        return customise(await super()._make_server(), self.app)
+class Runner(HookedRunner):
+    def customise(self, server: Server) -> Server:
+        return customise(server, self.app)
 
 
 async def start(
@@ -326,9 +334,7 @@ async def start(
 def bound_port(runner: web.AppRunner) -> int:
     """The port actually bound (useful when 0 asked the kernel to choose)."""
     for site in runner.sites:
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        for sock in sockets:
+        for sock in site_sockets(site):
             return int(sock.getsockname()[1])
     raise RuntimeError("not listening")
 

@@ -426,8 +426,22 @@ class Metrics:
         )
         self.cache_broadcasts = Counter(
             "kounta_proxy_cache_broadcasts",
-            "Cache invalidations between replicas, by result (sent, failed, received, ignored).",
+            "Cache invalidations between replicas, by result (sent, failed, received, "
+            "rejected: a message that is not a change this replica can read).",
             ["result"],
+            registry=registry,
+        )
+        self.shared_listener_restarts = Counter(
+            "kounta_proxy_shared_listener_restarts",
+            "Times a pub/sub listener died (any error but a lost connection) and was started "
+            "again, by topic; the replica then purges as after a lost subscription.",
+            ["topic"],
+            registry=registry,
+        )
+        self.shared_epoch_changes = Counter(
+            "kounta_proxy_shared_epoch_changes",
+            "Times this replica found Redis restarted or its data lost or rewound (a new "
+            "epoch): the shared cache entries and this replica's own were purged.",
             registry=registry,
         )
         self.cache_shared = Counter(
@@ -446,6 +460,13 @@ class Metrics:
             ["op", "result"],
             registry=registry,
         )
+        self.shared_bad_records = Counter(
+            "kounta_proxy_shared_bad_records",
+            "Records and messages read from Redis that failed their checks (malformed, too "
+            "large, MAC not verified), by kind (token, cache, message): never used.",
+            ["kind"],
+            registry=registry,
+        )
         # --- callers (recorded by proxy.edge.callers)
         self.caller_requests = LoopCounter(
             "kounta_proxy_caller_requests",
@@ -460,7 +481,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        # --- cache (recorded by proxy.cache.layer and proxy.cache.store)
+        # --- cache (recorded by proxy.cache: answers, exchange, tiers, store, shared, broadcast)
         self.cache_lookups = LoopCounter(
             "kounta_proxy_cache_lookups",
             "Cache outcomes, one per answer, by result (the answer's X-Cache: hit, miss, "

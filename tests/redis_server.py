@@ -23,6 +23,10 @@ import pytest
 
 from tests.ops_tools import system_tool
 
+# Every ``backend = "redis"`` setup needs ``shared.token_key`` (tokens are encrypted and cache
+# records and messages authenticated with it): the tests' one key (a Fernet key, not secret).
+TOKEN_KEY = "G6lVdQ8yOXcSi9q3IPa7dxUiZ1r9JTJOOjRbySCXGHs="
+
 
 def redis_server_path() -> str:
     return system_tool("redis-server", "redis-server")

@@ -179,7 +179,9 @@ async def save_shared(settings: Settings, name: str, token: StoredToken) -> None
                 f"the shared store at shared.url is not answering; the token was not saved "
                 f"(run `kounta-proxy authorize --account {name}` again when Redis is up)"
             )
-        await save(SharedTokenStore(name, backend, backend.tokens, settings.shared), token)
+        # supersede: a fresh authorization wins over any token a replica holds.
+        store = SharedTokenStore(name, backend, backend.tokens, settings.shared, supersede=True)
+        await save(store, token)
     finally:
         await backend.close()
 

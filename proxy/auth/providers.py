@@ -13,13 +13,8 @@ Modes (``accounts.NAME.mode``):
   ``ClientAuth``, ``OAuth2Token``, ``OAuth2Error``) and sent on the proxy's own aiohttp
   session. The token file (:mod:`proxy.auth.token_file`) keeps them across restarts.
 
-OAuth states (metric ``kounta_proxy_token_state``, one log line per change)::
-
-    pending          a refresh token but no access token yet: the first refresh is due
-    valid            an access token that works (refreshed in the background before expiry)
-    unavailable      the token endpoint failed (down, slow, 5xx); retried with backoff+jitter
-    needs_authorize  no refresh token, or Kounta said invalid_grant: run `kounta-proxy authorize`
-    rejected         Kounta refused the client id/secret (invalid_client)
+The token state machine (states, when to refresh, what a failure means) is pure, in
+:mod:`proxy.auth.tokens`; the provider holds the state and does the I/O around it.
 
 At most one token request per account is in flight; every request that needs a token
 shares its result or its error (single flight).
@@ -28,19 +23,19 @@ shares its result or its error (single flight).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import enum
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import aiohttp
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Token
 
 from proxy.auth.endpoint import FailureLog, TokenRequestFailed, request_token
+from proxy.auth.fixed import BasicCredentials, StaticToken
+from proxy.auth.fixed import TokenProvider as TokenProvider  # where the layers look for it
 from proxy.auth.metrics import AuthMetrics
 from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.auth.token_file import (
@@ -50,129 +45,38 @@ from proxy.auth.token_file import (
     TokenFileError,
     TokenStore,
 )
-from proxy.clock import WallClock, backoff
+from proxy.auth.tokens import (
+    BAD,
+    INF,
+    NEEDS_AUTHORIZE,
+    PENDING,
+    REJECTED,
+    STATES,
+    STATIC,
+    STUCK,
+    UNAVAILABLE,
+    Failing,
+    Held,
+    Rejection,
+    Stop,
+    Timing,
+    TokenState,
+    adoptable,
+    bearer,
+    blocked,
+    issued,
+    may_renew,
+    next_wake,
+    on_endpoint_error,
+    problem,
+    refresh_now,
+    state_of,
+)
+from proxy.clock import WallClock
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
 from proxy.settings import AccountSettings, SharedSettings
 from proxy.shared import Backend
-
-INF = float("inf")
-TOKEN_BODY_LIMIT = 64 * 1024
-RETRY_BASE = 0.5
-# How often a provider with no usable refresh token looks for a newly authorized token file.
-AUTHORIZE_POLL = 5.0
-# The background refresh never asks again sooner than this after a token arrived.
-MIN_REFRESH_GAP = 1.0
-
-
-class TokenState(enum.StrEnum):
-    """An account's token state: the ``state`` label of ``kounta_proxy_token_state``."""
-
-    PENDING = "pending"
-    VALID = "valid"
-    UNAVAILABLE = "unavailable"
-    NEEDS_AUTHORIZE = "needs_authorize"
-    REJECTED = "rejected"
-    STATIC = "static"
-
-
-PENDING, VALID, UNAVAILABLE = TokenState.PENDING, TokenState.VALID, TokenState.UNAVAILABLE
-NEEDS_AUTHORIZE, REJECTED, STATIC = (
-    TokenState.NEEDS_AUTHORIZE,
-    TokenState.REJECTED,
-    TokenState.STATIC,
-)
-STATES = tuple(TokenState)
-# Token endpoint errors that retrying cannot fix.
-PERMANENT_ERRORS = frozenset(
-    {"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type"}
-)
-
-
-class TokenProvider(Protocol):
-    account: str
-    # Whether a failed token can be replaced (a 401 is worth a refresh and a resend).
-    renewable: bool
-
-    @property
-    def state(self) -> TokenState: ...
-
-    @property
-    def expires_at(self) -> float | None: ...
-
-    async def authorization(self, deadline: float = INF) -> str: ...
-
-    async def renew(self, failed: str, deadline: float = INF) -> str: ...
-
-    def may_renew(self, failed: str) -> bool: ...
-
-    def invalidate(self, failed: str) -> None: ...
-
-    def problem(self) -> str | None: ...
-
-    def secrets(self) -> tuple[str, ...]:
-        """The account's current secrets (tokens, client secret) to keep from callers."""
-        ...
-
-    async def start(self, session: aiohttp.ClientSession) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-class _Fixed:
-    """A credential that never changes: nothing to refresh, nothing to start."""
-
-    renewable = False
-    state = STATIC
-    expires_at: float | None = None
-
-    def __init__(self, account: str, header: str, *secrets: str) -> None:
-        self.account = account
-        self._header = header
-        self._secrets = (header.partition(" ")[2], *secrets)
-
-    async def authorization(self, deadline: float = INF) -> str:
-        return self._header
-
-    async def renew(self, failed: str, deadline: float = INF) -> str:
-        return self._header
-
-    def invalidate(self, failed: str) -> None:
-        return None
-
-    def may_renew(self, failed: str) -> bool:
-        return False
-
-    def problem(self) -> str | None:
-        return None
-
-    def secrets(self) -> tuple[str, ...]:
-        return self._secrets
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.account!r}, ****)"
-
-
-class StaticToken(_Fixed):
-    """A fixed bearer token (tests, benchmarks, short scripts)."""
-
-    def __init__(self, token: str, account: str = "default") -> None:
-        super().__init__(account, f"Bearer {token}")
-
-
-class BasicCredentials(_Fixed):
-    """Kounta's testing mode: HTTP Basic with the add-on's id and secret."""
-
-    def __init__(self, client_id: str, client_secret: str, account: str = "default") -> None:
-        pair = f"{client_id}:{client_secret}".encode()
-        header = "Basic " + base64.b64encode(pair).decode("ascii")
-        super().__init__(account, header, client_secret)
 
 
 def token_path(name: str, account: AccountSettings, state_dir: str) -> Path:
@@ -223,20 +127,8 @@ def token_store(
     return TokenFile(token_path(name, account, state_dir))
 
 
-def refresh_due(token: StoredToken, leeway: float) -> float | None:
-    """When to refresh: ``leeway`` before expiry, but no earlier than half the lifetime."""
-    if token.expires_at is None:
-        return None
-    lifetime = token.expires_at - token.obtained_at if token.obtained_at else INF
-    return token.expires_at - min(leeway, lifetime / 2)
-
-
 def _bearer(token: StoredToken) -> str:
-    return _bearer_of(token.access_token)
-
-
-def _bearer_of(access_token: str) -> str:
-    return f"Bearer {access_token}"
+    return bearer(token.access_token)
 
 
 # --------------------------------------------------------------------------- OAuth provider
@@ -275,6 +167,7 @@ class OAuthProvider:
         # Whether the last failure was the token store's (file, Redis), not the endpoint's.
         self._store_failed = False
         self._causes = FailureLog(account, settings.token_url, metrics)
+        self._timing = Timing(settings.refresh_leeway, settings.token_retry_max)
 
     def __repr__(self) -> str:
         return f"OAuthProvider({self.account!r}, state={self._state!r}, ****)"
@@ -324,10 +217,8 @@ class OAuthProvider:
             stored = None
         if stored is not None:
             self._adopt(stored)
-        elif self._refresh_token() or self.settings.grant == "client_credentials":
-            self._set_state(PENDING, "no access token yet")
         else:
-            self._set_state(NEEDS_AUTHORIZE, "no token file and no refresh token")
+            self._set_state(*state_of(None, self.clock(), self._can_refresh(None)))
 
     # --- what requests call
 
@@ -354,10 +245,7 @@ class OAuthProvider:
         A token read from the file (another process's, or a dead one at start) may always
         be refreshed once: the floor only stops a second request for a token fetched here.
         """
-        fetched = self._fetched
-        if fetched is None or _bearer_of(fetched[0]) != failed:
-            return True
-        return self.clock() - fetched[1] >= self.refresh_floor
+        return may_renew(self._fetched, failed, self.clock(), self.refresh_floor)
 
     def invalidate(self, failed: str) -> None:
         """Kounta refused ``failed`` but the request cannot wait: refresh in the background."""
@@ -374,32 +262,23 @@ class OAuthProvider:
 
     def problem(self) -> str | None:
         """For /readyz: None when requests can get a token."""
-        if self._state in (NEEDS_AUTHORIZE, REJECTED):
+        if self._state in STUCK:
             self._reload_if_changed()
-        if self._state in (NEEDS_AUTHORIZE, REJECTED):
-            return self._rejection().description
-        token = self._token
-        if self._state == UNAVAILABLE and not (token and token.usable(self.clock())):
-            failing = "token store" if self._store_failed else "token endpoint"
-            return f"account {self.account!r}: no valid access token; the {failing} is failing"
+        match problem(self._held(), self.clock()):
+            case Rejection():
+                return self._rejection().description
+            case Failing(store=store):
+                failing = "token store" if store else "token endpoint"
+                return f"account {self.account!r}: no valid access token; the {failing} is failing"
         return None
 
     def _check_usable(self) -> None:
         """Fail fast: no waiting when no refresh can help right now."""
-        if self._state in (NEEDS_AUTHORIZE, REJECTED):
+        if self._state in STUCK:
             self._reload_if_changed()
-            token = self._token
-            if self._state in (NEEDS_AUTHORIZE, REJECTED):
-                raise self._rejection()
-            if token is not None and token.usable(self.clock()):
-                return
-        if self._state == UNAVAILABLE and self._inflight is None:
-            if self._store_failed:
-                raise TokenUnavailable(self.file.unusable(self.account))
-            raise TokenUnavailable(
-                f"The token endpoint for account {self.account!r} is failing; "
-                "the proxy retries in the background"
-            )
+        stop = blocked(self._held())
+        if stop is not None:
+            raise self._stop(stop, "is failing")
 
     def _rejection(self) -> CredentialsRejected:
         if self._state == REJECTED:
@@ -411,6 +290,17 @@ class OAuthProvider:
         return CredentialsRejected(
             f"Account {self.account!r} has no working refresh token; "
             f"run `kounta-proxy authorize --account {self.account}` to authorize it again"
+        )
+
+    def _stop(self, stop: Stop, how: str) -> CredentialsRejected | TokenUnavailable:
+        """The error a request gets for ``stop`` (``how`` the endpoint fails)."""
+        if isinstance(stop, Rejection):
+            return self._rejection()
+        if stop.store:
+            return TokenUnavailable(self.file.unusable(self.account))
+        return TokenUnavailable(
+            f"The token endpoint for account {self.account!r} {how}; "
+            "the proxy retries in the background"
         )
 
     async def _wait(self, task: asyncio.Task[StoredToken], deadline: float) -> StoredToken:
@@ -444,7 +334,12 @@ class OAuthProvider:
 
     async def _refresh_locked(self, failed: str | None) -> StoredToken:
         try:
-            async with self.file.locked(self.settings.token_timeout * 3):
+            patience = self.settings.token_timeout * 3
+            async with self.file.locked(patience, self._adoptable(failed)) as found:
+                if found is not None:  # stored by the replica holding the lock
+                    self._adopt(found)
+                    self._count("adopted")
+                    return found
                 return await self._refresh_or_adopt(failed)
         except TokenFileError as e:
             self._store_failed = True
@@ -455,20 +350,20 @@ class OAuthProvider:
     async def _refresh_or_adopt(self, failed: str | None) -> StoredToken:
         stored = await self._fetch_or_set_aside()
         self._file_mtime = self.file.mtime()
-        held = self._token.access_token if self._token is not None else None
-        if stored is not None and self._fresh_from_elsewhere(stored, held, failed):
+        if stored is not None and self._adoptable(failed)(stored):
             # Another process (or `authorize`) refreshed while we waited for the lock.
             self._adopt(stored)
             self._count("adopted")
             return stored
         refresh_token = (stored.refresh_token if stored else "") or self._refresh_token()
         token = await self._fetch(refresh_token)
-        new = StoredToken(
-            access_token=str(token["access_token"]),
-            # No refresh token in the answer: the old one stays (rotation is unknown).
-            refresh_token=str(token.get("refresh_token") or refresh_token),
-            expires_at=token.get("expires_at"),
-            obtained_at=self.clock(),
+        fresh = token.get("refresh_token")
+        new = issued(
+            str(token["access_token"]),
+            str(fresh) if fresh else None,
+            token.get("expires_at"),
+            refresh_token,
+            self.clock(),
         )
         # Before first use: a rotated refresh token must not be lost. A newer token stored by
         # another writer meanwhile wins (never overwritten by an older one).
@@ -507,15 +402,12 @@ class OAuthProvider:
             return "client_credentials grant"
         return "configured refresh_token" if self.settings.refresh_token else "none"
 
-    def _fresh_from_elsewhere(
-        self, stored: StoredToken, held: str | None, failed: str | None
-    ) -> bool:
-        if stored.access_token == held or not stored.usable(self.clock()):
-            return False
-        if failed is not None and _bearer(stored) == failed:
-            return False
-        due = refresh_due(stored, self.settings.refresh_leeway)
-        return due is None or self.clock() < due
+    def _adoptable(self, failed: str | None) -> Callable[[StoredToken], bool]:
+        """Whether a token stored elsewhere (read under the lock, or while waiting for it)
+        makes our refresh needless."""
+        held = self._token.access_token if self._token is not None else None
+        leeway = self.settings.refresh_leeway
+        return lambda stored: adoptable(stored, held, failed, leeway, self.clock())
 
     async def _persist(self, token: StoredToken) -> StoredToken:
         try:
@@ -563,18 +455,15 @@ class OAuthProvider:
         return await request_token(self._session, self.settings, grant, self.clock(), **extra)
 
     def _failed(self, code: str) -> TokenUnavailable:
-        if code in PERMANENT_ERRORS:
+        stop = on_endpoint_error(code)
+        if isinstance(stop, Rejection):
             self._count("rejected")
-            client = code in ("invalid_client", "unauthorized_client")
-            self._set_state(REJECTED if client else NEEDS_AUTHORIZE, code)
-            return self._rejection()
-        self._count("unavailable")
-        self._store_failed = False
-        self._set_state(UNAVAILABLE, code)
-        return TokenUnavailable(
-            f"The token endpoint for account {self.account!r} failed ({code}); "
-            "the proxy retries in the background"
-        )
+            self._set_state(stop.state, code)
+        else:
+            self._count("unavailable")
+            self._store_failed = False
+            self._set_state(UNAVAILABLE, code)
+        return self._stop(stop, f"failed ({code})")
 
     # --- state
 
@@ -582,13 +471,19 @@ class OAuthProvider:
         self._token = token
         if self.metrics is not None:
             self.metrics.token_expires_at.labels(self.account).set(token.expires_at or 0)
-        if token.usable(self.clock()):
-            self._set_state(VALID, "token obtained")
-        elif token.refresh_token or self.settings.grant == "client_credentials":
-            self._set_state(PENDING, "access token expired")
-        else:
-            self._set_state(NEEDS_AUTHORIZE, "no refresh token")
+        self._set_state(*state_of(token, self.clock(), self._can_refresh(token)))
         self._wake.set()
+
+    def _can_refresh(self, token: StoredToken | None) -> bool:
+        """A refresh token to send (``token``'s, else the one held or configured), or no
+        need for one."""
+        held = token.refresh_token if token is not None else self._refresh_token()
+        return bool(held) or self.settings.grant == "client_credentials"
+
+    def _held(self) -> Held:
+        return Held(
+            self.state, self._token, self._inflight is not None, self._failures, self._store_failed
+        )
 
     def _reload_if_changed(self) -> None:
         mtime = self.file.mtime()
@@ -606,7 +501,7 @@ class OAuthProvider:
                 self.metrics.token_state.labels(self.account, name).set(1 if name == state else 0)
         if state == self._state:
             return
-        bad = state in (UNAVAILABLE, NEEDS_AUTHORIZE, REJECTED)
+        bad = state in BAD
         previous = self._state or "starting"
         level = logging.WARNING if bad else logging.INFO
         event(
@@ -632,7 +527,7 @@ class OAuthProvider:
             if delay is None or delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
-            if self._state in (NEEDS_AUTHORIZE, REJECTED):
+            if self._state in STUCK:
                 self._reload_if_changed()
                 continue
             if self._due():
@@ -640,26 +535,7 @@ class OAuthProvider:
                     await asyncio.shield(self._refresh(None))
 
     def _next_delay(self) -> float | None:
-        if self._inflight is not None:
-            return None  # woken when it finishes
-        if self._state in (NEEDS_AUTHORIZE, REJECTED):
-            return AUTHORIZE_POLL
-        if self._state == UNAVAILABLE:
-            return backoff(self._failures, RETRY_BASE, self.settings.token_retry_max)
-        token = self._token
-        if token is None:
-            return 0.0
-        due = refresh_due(token, self.settings.refresh_leeway)
-        if due is None:
-            return None
-        # A token endpoint that hands out near-zero lifetimes must not be asked in a loop.
-        return max(0.0, due - self.clock(), token.obtained_at + MIN_REFRESH_GAP - self.clock())
+        return next_wake(self._held(), self._timing, self.clock())
 
     def _due(self) -> bool:
-        if self._inflight is not None:
-            return False
-        if self._state in (PENDING, UNAVAILABLE) or self._token is None:
-            return True
-        due = refresh_due(self._token, self.settings.refresh_leeway)
-        now = self.clock()
-        return due is not None and now >= due and now >= self._token.obtained_at + MIN_REFRESH_GAP
+        return refresh_now(self._held(), self._timing, self.clock())

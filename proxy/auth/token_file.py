@@ -22,7 +22,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,7 +82,12 @@ class TokenStore(Protocol):
 
     async def save(self, token: StoredToken) -> StoredToken: ...
 
-    def locked(self, patience: float = 30.0) -> AbstractAsyncContextManager[None]: ...
+    def locked(
+        self, patience: float = 30.0, enough: Callable[[StoredToken], bool] | None = None
+    ) -> AbstractAsyncContextManager[StoredToken | None]:
+        """The account's refresh lock (yields None while held); a store may instead stop
+        waiting and yield a stored token that ``enough`` accepts, with no lock held."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -171,8 +176,11 @@ class TokenFile:
         return f"The token file of account {account!r} is unusable"
 
     @contextlib.asynccontextmanager
-    async def locked(self, patience: float = 30.0) -> AsyncIterator[None]:
-        """Hold ``<file>.lock`` exclusively; polls so that cancelling never leaks a lock."""
+    async def locked(
+        self, patience: float = 30.0, enough: Callable[[StoredToken], bool] | None = None
+    ) -> AsyncIterator[StoredToken | None]:
+        """Hold ``<file>.lock`` exclusively; polls so that cancelling never leaks a lock.
+        (``enough`` is not used: a local lock is held for a few milliseconds.)"""
         try:
             private_dir(self.path.parent)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -185,7 +193,7 @@ class TokenFile:
                     raise TokenFileError(f"token file {self.path} stayed locked for {patience:g}s")
                 await asyncio.sleep(LOCK_POLL)
             try:
-                yield
+                yield None
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:

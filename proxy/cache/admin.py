@@ -11,29 +11,30 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy import errors
+from proxy.cache.flight import Flights
+from proxy.cache.invalidation import Invalidator, Purge
 from proxy.cache.store import CacheStore
+from proxy.cache.tiers import LocalEntries
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 
-# Tells the other replicas about a purge (proxy.cache.broadcast), given prefix and account.
-AnnouncePurge = Callable[[str, str | None], Awaitable[None]]
-
 
 def routes(
     store: CacheStore,
-    metrics: Metrics,
+    invalidator: Invalidator,
     accounts: Collection[str] = (),
-    announce: AnnouncePurge | None = None,
 ) -> list[web.RouteDef]:
-    """The admin routes over the running proxy's ``store`` (``accounts``: the names a purge
-    may name; empty: any; ``announce``: tells the other replicas about a purge)."""
+    """The admin routes over the running proxy's ``store``; a purge goes through
+    ``invalidator`` (here, Redis, the other replicas). ``accounts``: the names a purge may
+    name (empty: any)."""
 
     async def stats(request: web.Request) -> web.Response:
         found = await store.stats()
@@ -47,10 +48,8 @@ def routes(
             raise errors.InvalidRequest("prefix must be a path starting with '/'")
         if account is not None and accounts and account not in accounts:
             raise errors.InvalidRequest(unknown_account(account, accounts))
-        removed = await store.purge(prefix, account)
+        removed = await invalidator.apply(Purge(prefix, account))
         event("cache_purged", prefix=prefix, account=account, removed=removed)
-        if announce is not None:
-            await announce(prefix, account)
         return web.json_response({"purged": removed})
 
     return [web.get("/cache/stats", stats), web.post("/cache/purge", purge)]
@@ -66,7 +65,9 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
         )
         try:
             if action == "purge":
-                return {"purged": await store.purge(prefix, account)}
+                # This process only: the running proxy sees it by the store's epoch.
+                local = LocalEntries(store, Flights(), Metrics(CollectorRegistry()))
+                return {"purged": await Invalidator(local).apply(Purge(prefix, account))}
             return await store.stats()
         finally:
             await store.close()

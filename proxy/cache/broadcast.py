@@ -1,13 +1,22 @@
 """Cache invalidations told to every replica (``[shared] backend = "redis"``).
 
-Each replica keeps its own store (disk and memory tier). A write through one replica
-invalidates its own entries at once (:mod:`proxy.cache.layer`); :class:`Broadcast` then
-publishes the same :class:`~proxy.cache.policy.Invalidation` before the writer's answer goes
-out, and every other replica applies it on arrival (milliseconds; the contract is under a
-second), so no replica answers the old record as fresh after the writer's answer.
+Each replica keeps its own store (disk and memory tier). A change made through one replica
+is applied there at once and then published by the
+:class:`~proxy.cache.invalidation.Invalidator` through :class:`Broadcast`, before the
+writer's answer goes out; every other replica applies it on arrival (milliseconds; the
+contract is under a second), so no replica answers the old record as fresh after the
+writer's answer.
 
-A replica that loses its subscription cannot know what it missed: when it subscribes again it
-purges its whole store (``on_gap``), trading hit rate for never serving a missed write.
+A replica that loses its subscription (or whose listener died) cannot know what it missed:
+when it subscribes again it purges its whole store (the invalidator's ``gap``), trading hit
+rate for never serving a missed write.
+
+Messages are untrusted input (anyone who can publish on Redis can send one): at most
+:data:`MAX_MESSAGE` bytes, nesting at most :data:`MAX_DEPTH`, exactly the fields of a known
+format version, paths that are paths; anything else is dropped and counted
+(``kounta_proxy_cache_broadcasts_total{result="rejected"}``), never raised. Format 1 is
+format 0 (the previous release: no ``v``) plus ``v`` and an optional ``patterns`` list, so
+replicas of both releases read what the other writes.
 """
 
 from __future__ import annotations
@@ -15,66 +24,137 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.cache.layer import Cache
-from proxy.cache.policy import Invalidation
+from proxy.cache.invalidation import Change, Invalidation, Purge
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.shared import SharedUnavailable
 from proxy.shared.base import SharedEvents
 
 TOPIC = "cache"
+VERSION = 1
+# Limits on a message read from the channel: bytes, nesting, paths listed, one path's bytes.
+MAX_MESSAGE = 256 * 1024
+MAX_DEPTH = 4
+MAX_ITEMS = 4096
+MAX_PATH = 4096
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_INVALIDATE = frozenset({"v", "account", "paths", "lists_of", "patterns"})
+_PURGE = frozenset({"v", "purge", "account"})
 
 
-@dataclass(frozen=True, slots=True)
-class Purge:
-    prefix: str
-    account: str | None
+class BadMessage(ValueError):
+    """A message that is not a change this replica can read."""
 
 
-def encode(change: Invalidation | Purge) -> bytes:
+def encode(change: Change) -> bytes:
+    body: dict[str, Any]
     if isinstance(change, Purge):
-        body: dict[str, Any] = {"purge": change.prefix, "account": change.account}
+        body = {"v": VERSION, "purge": change.prefix, "account": change.account}
     else:
         body = {
+            "v": VERSION,
             "account": change.account,
             "paths": sorted(change.paths),
             "lists_of": sorted(change.lists_of),
         }
+        if change.patterns:
+            body["patterns"] = sorted(change.patterns)
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode(data: bytes) -> Invalidation | Purge | None:
-    """The change, or None for anything else (a foreign or damaged message)."""
+def decode(data: bytes) -> Change:
+    """The change a message carries; raises :class:`BadMessage` for anything else."""
+    if len(data) > MAX_MESSAGE:
+        raise BadMessage(f"over {MAX_MESSAGE} bytes")
+    if _depth(data) > MAX_DEPTH:
+        raise BadMessage("nested too deep")
     try:
         body = json.loads(data)
-        if isinstance(body.get("purge"), str):
-            account = body.get("account")
-            return Purge(body["purge"], account if isinstance(account, str) else None)
-        account, paths, lists_of = body["account"], body["paths"], body["lists_of"]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    if not isinstance(account, str) or not all(isinstance(p, str) for p in [*paths, *lists_of]):
-        return None
-    return Invalidation(account, frozenset(paths), frozenset(lists_of))
+    except (ValueError, RecursionError) as e:
+        raise BadMessage(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(body, dict):
+        raise BadMessage("not an object")
+    version = body.get("v", 0)
+    if type(version) is not int or version not in (0, VERSION):
+        raise BadMessage("an unknown format version")
+    if "purge" in body:
+        _fields(body, _PURGE)
+        account = body.get("account")
+        return Purge(_path(body["purge"], prefix=True), None if account is None else _name(account))
+    _fields(body, _INVALIDATE, frozenset({"account", "paths", "lists_of"}))
+    return Invalidation(
+        _name(body["account"]),
+        _strings(body["paths"], _path),
+        _strings(body["lists_of"], _name),
+        _strings(body.get("patterns", []), _path),
+    )
+
+
+def _depth(data: bytes) -> int:
+    """How deep arrays and objects nest (strings skipped), without parsing."""
+    depth = deepest = 0
+    for byte in _STRINGS.sub(b"", data):
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def _fields(
+    body: dict[str, Any], allowed: frozenset[str], required: frozenset[str] = frozenset()
+) -> None:
+    if not set(body) <= allowed or not required <= set(body):
+        raise BadMessage("unexpected or missing fields")
+
+
+def _strings(value: Any, check: Callable[[Any], str]) -> frozenset[str]:
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise BadMessage("a list expected")
+    return frozenset(check(item) for item in value)
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PATH:
+        raise BadMessage("a name expected")
+    return value
+
+
+def _path(value: Any, prefix: bool = False) -> str:
+    if not isinstance(value, str) or len(value) > MAX_PATH:
+        raise BadMessage("a path expected")
+    if value.startswith("/") or (prefix and not value):
+        return value
+    raise BadMessage("a path expected")
 
 
 class Broadcast:
-    def __init__(self, cache: Cache, events: SharedEvents, metrics: Metrics) -> None:
-        self.cache = cache
+    """Publishes this replica's changes and hands the others' to ``received``."""
+
+    def __init__(self, events: SharedEvents, metrics: Metrics) -> None:
         self.events = events
         self.metrics = metrics
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
-        self.cache.announce = self.announce
-        self.events.listen(TOPIC, self.received, self.gap)
+    def listen(
+        self,
+        received: Callable[[Change], Awaitable[None]],
+        gap: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """From now on every other replica's change goes to ``received``, and ``gap`` hears
+        when changes may have been missed."""
+        self.events.listen(
+            TOPIC,
+            lambda data: self._received(data, received),
+            lambda: self._run(gap("resubscribed")),
+        )
 
-    async def announce_purge(self, prefix: str, account: str | None) -> None:
-        await self.announce(Purge(prefix, account))
-
-    async def announce(self, change: Invalidation | Purge) -> None:
+    async def publish(self, change: Change) -> None:
         try:
             await self.events.publish(TOPIC, encode(change))
         except SharedUnavailable:
@@ -83,27 +163,28 @@ class Broadcast:
             return
         self.metrics.cache_broadcasts.labels("sent").inc()
 
-    def received(self, data: bytes) -> None:
-        change = decode(data)
-        if change is None:
-            self.metrics.cache_broadcasts.labels("ignored").inc()
+    def _received(self, data: bytes, received: Callable[[Change], Awaitable[None]]) -> None:
+        try:
+            change = decode(data)
+        except BadMessage:
+            self.metrics.cache_broadcasts.labels("rejected").inc()
             return
-        if isinstance(change, Purge):
-            self._purge(change.prefix, change.account)
-        else:
-            self.cache.invalidate(change)
         self.metrics.cache_broadcasts.labels("received").inc()
+        self._run(received(change))
 
-    def gap(self) -> None:
-        event("cache_purged_after_gap", logging.WARNING)
-        self._purge("", None)
-        if self.cache.shared is not None:
-            # Redis is back: the writes this replica made meanwhile reach it at once.
-            task = asyncio.get_running_loop().create_task(self.cache.shared.catch_up())
-            self.cache.tasks.add(task)
-            task.add_done_callback(self.cache.tasks.discard)
+    def _run(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
 
-    def _purge(self, prefix: str, account: str | None) -> None:
-        task = asyncio.get_running_loop().create_task(self.cache.store.purge(prefix, account))
-        self.cache.tasks.add(task)
-        task.add_done_callback(self.cache.tasks.discard)
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Applying a change here failed (the disk): said once, never left unretrieved.
+            error = task.exception()
+            event("cache_broadcast_not_applied", logging.WARNING, error=type(error).__name__)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

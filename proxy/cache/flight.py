@@ -1,19 +1,35 @@
 """Single-flight fetches: one upstream fetch per cache key, shared by every waiter.
 
-A :class:`Flight` is a task of its own, so it outlives the caller that started it. It
-resolves two futures: ``head`` (the starter's answer, possibly a stream) and ``done``
-(the whole result, for waiters). The body itself (and its spill to a file) is the cache layer's.
+:class:`Flights` owns them: it *starts* a flight (a task of its own, so it outlives the
+caller that started it), lets a later request *join* it, lets a waiter that cannot share its
+answer *go alone*, *cancels* the flights a change covers, and *settles* each one exactly once.
+A :class:`Flight` resolves two futures: ``head`` (the starter's answer, possibly a stream)
+and ``done`` (the whole result, for waiters). A large body is written to a file by a
+:class:`Tee` while it streams to the starter; the tee then settles the flight.
+
+Nothing outside this module sets a flight's fields: the tier records its fetch lock with
+:meth:`Flight.claimed` and the entry it will share with :meth:`Flight.to_share`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import Literal
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from proxy.cache.policy import Entry
-from proxy.cache.store import Stored
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.cache.disk import BodySink
+from proxy.cache.invalidation import Change
+from proxy.cache.memory import Stored
+from proxy.cache.policy import Entry, parse_key
 from proxy.messages import ProxyRequest, ProxyResponse
+
+# Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
+TEE_DEPTH = 8
 
 
 @dataclass(slots=True)
@@ -29,33 +45,9 @@ class Outcome:
     entry: Entry | None = None  # the entry answered from, for Age
     reason: str = "cold"  # for the lookup metric
 
-    @property
-    def shareable(self) -> bool:
-        return self.stream is None
-
 
 class GoAlone(Exception):
     """A waiter cannot share this flight's answer (not storable): it fetches on its own."""
-
-
-@dataclass(eq=False)
-class Flight:
-    key: str
-    request: ProxyRequest
-    sequence: int  # the store's invalidation count when it began
-    head: asyncio.Future[Outcome] = field(default_factory=asyncio.Future)
-    done: asyncio.Future[Outcome] = field(default_factory=asyncio.Future)
-    cancelled: bool = False  # invalidated while in flight: store nothing
-    starter_gone: bool = False
-    spilling: bool = False  # a large body is still being written; its pump settles ``done``
-    task: asyncio.Task[None] | None = None
-    upstream_seconds: float | None = None  # for the starter's access line
-    # Shared cache (backend = "redis"): the fetch lock's owner token when this replica holds
-    # it, the account's invalidation count when the flight began (None: Redis away, nothing
-    # is stored there), and the entry to store there once the answer is out.
-    owner: str | None = None
-    gen: str | None = None
-    share: Stored | None = None
 
 
 def settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> None:
@@ -67,3 +59,242 @@ def settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> N
         future.add_done_callback(lambda f: f.exception())
     else:
         future.set_result(value)
+
+
+class Flight:
+    """One fetch of one key. Read by anyone; changed only here, by :class:`Flights` and by
+    :class:`Tee`."""
+
+    def __init__(self, key: str, request: ProxyRequest, sequence: int) -> None:
+        self.key = key
+        self.request = request
+        self.sequence = sequence  # the store's invalidation count when it began
+        self.head: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.cancelled = False  # invalidated while in flight: store nothing
+        self.starter_gone = False
+        self.spilling = False  # a large body is still being written; its tee settles ``done``
+        self.upstream_seconds: float | None = None  # for the starter's access line
+        # Shared entries (backend = "redis"): the fetch lock's owner token when this replica
+        # holds it, the account's invalidation count when the flight began (None: Redis
+        # away, nothing is stored there), and the entry to store there once the answer is out.
+        self.owner: str | None = None
+        self.gen: str | None = None
+        self.share: Stored | None = None
+
+    def claimed(self, gen: str, owner: str | None) -> None:
+        self.gen, self.owner = gen, owner
+
+    def to_share(self, stored: Stored) -> None:
+        self.share = stored
+
+    def take_share(self) -> Stored | None:
+        stored, self.share = self.share, None
+        return stored
+
+    def let_go(self) -> str | None:
+        """The fetch lock's owner token, once (None: not held)."""
+        owner, self.owner = self.owner, None
+        return owner
+
+    def took(self, upstream_seconds: float | None) -> None:
+        self.upstream_seconds = upstream_seconds
+
+
+# What a flight does (fetch and produce an outcome), and what follows once it is over
+# (the tier stores in Redis, then lets go of the fetch lock).
+Fly = Callable[[Flight], Awaitable[Outcome]]
+Finish = Callable[[Flight], Awaitable[None]]
+
+
+class Flights:
+    """The flights in progress, one per key, and every task they spawn."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, Flight] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
+
+    def __iter__(self) -> Iterator[Flight]:
+        return iter(list(self._by_key.values()))
+
+    def get(self, key: str) -> Flight | None:
+        return self._by_key.get(key)
+
+    def start(
+        self,
+        key: str,
+        request: ProxyRequest,
+        sequence: int,
+        fly: Fly,
+        finish: Finish,
+        *,
+        alone: bool = False,
+        unwanted: bool = False,
+    ) -> Flight:
+        """A new flight for ``key``; ``alone``: not joinable (a waiter that could not share);
+        ``unwanted``: nobody waits for its head (a background revalidation)."""
+        flight = Flight(key, request, sequence)
+        if not alone:
+            self._by_key[key] = flight
+        if unwanted:
+            flight.starter_gone = True
+            flight.head.add_done_callback(self._drop_unwanted)
+        self.spawn(self._run(flight, fly, finish))
+        return flight
+
+    async def join(self, flight: Flight, patience: float) -> Outcome:
+        """The flight's whole result; raises GoAlone (not shareable) or TimeoutError."""
+        return await asyncio.wait_for(asyncio.shield(flight.done), patience)
+
+    def cancel(self, change: Change) -> None:
+        """Flights whose key ``change`` covers store nothing, and later requests start anew."""
+        for key, flight in list(self._by_key.items()):
+            parts = parse_key(key)
+            if parts is not None and change.covers(parts.account, parts.path):
+                flight.cancelled = True
+                del self._by_key[key]
+
+    def spill(self, flight: Flight) -> None:
+        """The flight's body goes on in a :class:`Tee`, which settles it."""
+        flight.spilling = True
+
+    def settle(self, flight: Flight, finish: Finish) -> None:
+        """The flight is over: waiters that got nothing go alone, later requests start
+        anew, and ``finish`` runs (after the answer went out: to Redis, then the lock goes)."""
+        settle(flight.done, GoAlone())
+        if self._by_key.get(flight.key) is flight:
+            del self._by_key[flight.key]
+        self.spawn(finish(flight))
+
+    async def _run(self, flight: Flight, fly: Fly, finish: Finish) -> None:
+        try:
+            outcome = await fly(flight)
+            settle(flight.head, outcome)
+            if outcome.stream is None:
+                settle(flight.done, outcome)
+        except BaseException as e:
+            failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
+            settle(flight.head, failure)
+            settle(flight.done, failure)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            if not flight.spilling:
+                self.settle(flight, finish)
+
+    def _drop_unwanted(self, head: asyncio.Future[Outcome]) -> None:
+        if not head.cancelled() and head.exception() is None:
+            stream = head.result().stream
+            if stream is not None:
+                self.spawn(stream.release())
+
+    def spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+# Stores a spilled body once it is whole (size: its length): the waiters' outcome, or None
+# (discarded; the waiters go alone).
+Commit = Callable[[int], Awaitable[Outcome | None]]
+
+
+class Tee:
+    """A large body: the starter streams it while the flight writes it to a file.
+
+    Chunks go to the file (up to ``max_size`` bytes) and to a bounded queue the starter
+    reads; a starter that falls ``read_timeout`` behind is dropped and the file goes on.
+    When the body is complete ``commit`` stores it; then the flight is settled.
+    """
+
+    def __init__(
+        self,
+        flights: Flights,
+        flight: Flight,
+        response: ProxyResponse,
+        sink: BodySink,
+        *,
+        read_timeout: float,
+        max_size: int,
+    ) -> None:
+        self.flights, self.flight, self.response, self.sink = flights, flight, response, sink
+        self.read_timeout, self.max_size = read_timeout, max_size
+        self.queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(TEE_DEPTH)
+        flights.spill(flight)
+
+    def start(
+        self, prefix: list[bytes], chunks: AsyncIterator[bytes], commit: Commit, finish: Finish
+    ) -> ProxyResponse:
+        """Pump the body in a task of its own; the starter's answer streams it."""
+        self.flights.spawn(self._pump(prefix, chunks, commit, finish))
+        response = self.response
+        return ProxyResponse(
+            status=response.status,
+            headers=CIMultiDict(response.headers),
+            body=self._stream(),
+            release=self._release,
+            cache_status="MISS",
+            upstream_status=response.status,
+        )
+
+    async def _feed(self, item: bytes | BaseException | None) -> None:
+        if self.flight.starter_gone:
+            return
+        try:
+            await asyncio.wait_for(self.queue.put(item), self.read_timeout)
+        except TimeoutError:
+            self.flight.starter_gone = True
+
+    async def _pump(
+        self, prefix: list[bytes], chunks: AsyncIterator[bytes], commit: Commit, finish: Finish
+    ) -> None:
+        sink, size = self.sink, self.sink.size
+        try:
+            for chunk in prefix:
+                await self._feed(chunk)
+            prefix.clear()
+            async for chunk in chunks:
+                size += len(chunk)
+                if size <= self.max_size:
+                    await sink.write(chunk)
+                await self._feed(chunk)
+            await self.response.release()
+            await self._feed(None)
+            outcome = await commit(size)
+            if outcome is not None:
+                settle(self.flight.done, outcome)
+        except Exception as e:
+            await sink.discard()
+            await self._feed(e)
+            settle(self.flight.done, e)
+        finally:
+            sink.abandon()  # cancelled mid-body: the open spill file goes too
+            await self.response.release()
+            self.flights.settle(self.flight, finish)
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def _release(self) -> None:
+        self.flight.starter_gone = True
+        with contextlib.suppress(asyncio.QueueEmpty):
+            while True:
+                self.queue.get_nowait()

@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
+from proxy.cache.invalidation import Invalidation, is_id, normalise_path
 from proxy.coding import GZIP, IDENTITY, coding_of
 from proxy.dates import http_date
 from proxy.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_named
@@ -180,12 +181,6 @@ def request_control(cache_control: Sequence[str], pragma: Sequence[str] = ()) ->
 
 
 # --------------------------------------------------------------------------- keys
-
-
-def normalise_path(path: str) -> str:
-    """``/v1/x/5.json`` and ``/v1/x/5`` name one resource (Kounta's format suffix), and so do
-    ``/v1/x/5`` and ``/v1/x/%35`` (RFC 3986 6.2.2: :func:`~proxy.target.normal_escapes`)."""
-    return normal_escapes(path).removesuffix(".json")
 
 
 def cache_key(account: str, path: str, query: str, headers: Headers) -> str:
@@ -757,36 +752,6 @@ def not_modified_headers(stored: Sequence[tuple[str, str]]) -> HeaderItems:
 # --------------------------------------------------------------------------- invalidation
 
 
-@dataclass(frozen=True, slots=True)
-class Invalidation:
-    """Stored entries an unsafe request makes wrong (RFC 9111 4.4), for one account.
-
-    ``paths`` are normalised paths removed with every query and variant; ``lists_of``
-    names collections whose lists (any path where the name is followed only by filter
-    segments such as ``orders/complete``, or by nothing) are removed as well.
-    """
-
-    account: str
-    paths: frozenset[str]
-    lists_of: frozenset[str]
-
-    def covers(self, account: str, path: str) -> bool:
-        if account != self.account:
-            return False
-        bare = normalise_path(path)
-        if bare in self.paths:
-            return True
-        segments = bare.strip("/").split("/")
-        for i, segment in enumerate(segments):
-            if segment in self.lists_of and not any(_is_id(s) for s in segments[i + 1 :]):
-                return True
-        return False
-
-
-def _is_id(segment: str) -> bool:
-    return any(ch.isdigit() for ch in segment)
-
-
 def invalidation(
     account: str,
     method: str,
@@ -819,7 +784,7 @@ def invalidation(
 def _collection(path: str) -> str | None:
     """The collection a path is in: its last segment that is not an id."""
     for segment in reversed(path.strip("/").split("/")):
-        if not _is_id(segment) and segment != "v1":
+        if not is_id(segment) and segment != "v1":
             return segment
     return None
 

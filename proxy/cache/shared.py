@@ -1,7 +1,7 @@
 """Cache entries shared by every replica in Redis (``[shared] backend = "redis"``).
 
-The cache layer (:mod:`proxy.cache.layer`) reads memory tier → Redis → local disk and, after a
-fetch, writes the entry to Redis too, when its body arrived whole and is at most
+The shared tier (:class:`proxy.cache.tiers.RedisEntries`) reads memory tier → Redis → local
+disk and, after a fetch, writes the entry to Redis too, when its body arrived whole and is at most
 ``cache.max_entry_size``. Before a flight asks Kounta for a key it *claims* the key's fetch
 lock in Redis; a replica that finds the lock taken waits (polling, up to
 ``cache.coalesce_wait``) for the owner's entry to appear and answers from it, or fetches alone
@@ -11,9 +11,13 @@ through every replica at once costs Kounta one request.
 Records are this module's own format, not the disk's pickles: unpickling what a network
 store hands back would run whatever someone able to write to Redis put there (OWASP:
 deserialisation of untrusted data). A record is JSON (the cache key it belongs to, the
-:class:`~proxy.cache.policy.Entry` fields, the body's CRC32) and then the body; a record
-for another key, of the wrong shape, or whose body does not match its size and CRC32 is a
-miss and is deleted.
+:class:`~proxy.cache.policy.Entry` fields, the body's CRC32) and then the body, sealed by the
+backend with an HMAC-SHA256 (:mod:`proxy.shared.records`). Every field is checked as an
+upstream answer would be (a status in 100-599, header names that are tokens, values without
+CR, LF or NUL, finite non-negative times, no JSON constants, a bounded nesting depth and
+size): a record that fails, is for another key or account, is larger than
+``cache.max_entry_size`` (its size is checked before it is read), or whose MAC, size or CRC32
+does not match is a miss, is deleted and is counted ``bad_record``.
 
 Redis failing never fails a request: every method here turns
 :class:`~proxy.shared.SharedUnavailable` into "not shared" (a miss, nothing stored, a fetch
@@ -28,18 +32,22 @@ import functools
 import hashlib
 import json
 import logging
+import math
+import re
 import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.cache.policy import Entry, normalise_path, parse_key
-from proxy.cache.store import Stored
+from proxy.cache.invalidation import normalise_path
+from proxy.cache.memory import Stored
+from proxy.cache.policy import Entry, parse_key
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.shared import SharedUnavailable
 from proxy.shared.base import Claim, SharedCache
+from proxy.shared.records import BadRecord as BadSharedRecord
 
 MAGIC = b"KPC1\n"
 # Seconds a shared entry outlives its reuse window, and the least it is kept: its validators
@@ -100,27 +108,31 @@ def decode(key: str, data: bytes) -> Stored:
         raise BadRecord("not a cache record")
     start = len(MAGIC) + 4
     end = start + int.from_bytes(data[len(MAGIC) : start], "big")
+    if end > len(data):
+        raise BadRecord("a record cut short")
     try:
-        header = json.loads(data[start:end])
+        header = _header(data[start:end])
         fields = header["entry"]
         entry = Entry(
-            status=_typed(fields["status"], int),
-            headers=tuple((_str(n), _str(v)) for n, v in fields["headers"]),
+            status=_status(fields["status"]),
+            headers=tuple((_name(n), _value(v)) for n, v in _pairs(fields["headers"])),
             account=_str(fields["account"]),
             path=_str(fields["path"]),
-            request_time=_number(fields["request_time"]),
-            response_time=_number(fields["response_time"]),
-            initial_age=_number(fields["initial_age"]),
-            fresh_for=_number(fields["fresh_for"]),
-            stale_if_error=_number(fields["stale_if_error"]),
-            stale_while_revalidate=_number(fields["stale_while_revalidate"]),
+            request_time=_seconds(fields["request_time"], math.inf),
+            response_time=_seconds(fields["response_time"], math.inf),
+            initial_age=_seconds(fields["initial_age"]),
+            fresh_for=_seconds(fields["fresh_for"]),
+            stale_if_error=_seconds(fields["stale_if_error"]),
+            stale_while_revalidate=_seconds(fields["stale_while_revalidate"]),
             strict=_typed(fields["strict"], bool),
-            vary=tuple((_str(n), None if v is None else _str(v)) for n, v in fields["vary"]),
+            vary=tuple(
+                (_name(n), None if v is None else _value(v)) for n, v in _pairs(fields["vary"])
+            ),
             size=_typed(fields["size"], int),
         )
         crc = _typed(header["crc"], int)
         owner = header["key"]
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise BadRecord(f"a damaged record ({type(e).__name__})") from None
     if owner != key:
         raise BadRecord("a record of another key")
@@ -128,6 +140,99 @@ def decode(key: str, data: bytes) -> Stored:
     if len(body) != entry.size or zlib.crc32(body) != crc:
         raise BadRecord("a body of the wrong size or CRC32")
     return Stored(entry, body, None, crc)
+
+
+# RFC 9110 5.1: a field name is a token.
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 5.5: a field value holds no CR, LF, NUL (nor other controls but HTAB).
+BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The longest freshness or stale window a record may carry (RFC 9111 1.2.2: 2**31 s).
+LONGEST = float(2**31)
+# A record's header is a few KiB; no legitimate one nests deeper than this.
+MAX_HEADER = 1024 * 1024
+MAX_DEPTH = 8
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"JSON constant {name}")
+
+
+def _small_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:
+        raise ValueError("integer too large")
+    return int(text)
+
+
+def _small_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError("number too large")
+    return number
+
+
+def _depth(text: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings (checked before parsing, so a
+    hostile record cannot make the parser recurse)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _header(raw: bytes) -> Any:
+    if len(raw) > MAX_HEADER or _depth(raw) > MAX_DEPTH:
+        raise ValueError("header too large or too deep")
+    return json.loads(
+        raw, parse_constant=_no_constant, parse_int=_small_int, parse_float=_small_float
+    )
+
+
+def _status(value: Any) -> int:
+    status = int(_typed(value, int))
+    if not 100 <= status <= 599:
+        raise ValueError("status outside 100-599")
+    return status
+
+
+def _name(value: Any) -> str:
+    name = _str(value)
+    if not TOKEN.fullmatch(name):
+        raise ValueError("a header name that is not a token")
+    return name
+
+
+def _value(value: Any) -> str:
+    text = _str(value)
+    if BAD_VALUE.search(text):
+        raise ValueError("a header value with a control character")
+    return text
+
+
+def _pairs(value: Any) -> list[tuple[Any, Any]]:
+    if type(value) is not list or not all(type(p) is list and len(p) == 2 for p in value):
+        raise TypeError("a list of pairs expected")
+    return [(n, v) for n, v in value]
+
+
+def _seconds(value: Any, longest: float = LONGEST) -> float:
+    number = _number(value)
+    if not 0.0 <= number <= longest:
+        raise ValueError("a time out of range")
+    return number
 
 
 def _typed(value: Any, kind: type[Any]) -> Any:
@@ -167,7 +272,9 @@ class SharedEntries:
         stale_if_error: float,
         lock_ttl: float,
         accounts: tuple[str, ...],
+        announce_all: Resend | None = None,
     ) -> None:
+        """``announce_all`` tells every replica to purge everything (None: alone)."""
         self.backend = backend
         self.metrics = metrics
         self.max_entry_size = max_entry_size
@@ -179,8 +286,7 @@ class SharedEntries:
         # the other replicas again (their copies of what Redis held may be old).
         self.pending: list[Pending] = []
         self.retrying: asyncio.Task[None] | None = None
-        # Tells every replica to purge everything (set by the wiring; None: alone).
-        self.announce_purge_all: Resend | None = None
+        self.announce_all = announce_all
 
     def _count(self, op: str, result: str) -> None:
         self.metrics.cache_shared.labels(op, result).inc()
@@ -212,10 +318,12 @@ class SharedEntries:
             self._count("get", "error")
             return None
         try:
-            data = await self.backend.cache_get(account, name)
+            data = await self.backend.cache_get(account, name, self.max_entry_size)
         except SharedUnavailable:
             self._count("get", "error")
             return None
+        except BadSharedRecord as e:
+            return await self._bad(account, key, str(e))
         if data is None:
             self._count("get", "miss")
             return None
@@ -224,13 +332,20 @@ class SharedEntries:
     async def _decoded(self, account: str, key: str, name: str, data: bytes) -> Stored | None:
         try:
             stored = decode(key, data)
+            if stored.entry.account != account:
+                raise BadRecord("a record of another account")
         except BadRecord as e:
-            self._count("get", "bad_record")
-            event("cache_shared_bad_record", logging.WARNING, problem=str(e))
-            await self._drop_one(account, key)
-            return None
+            return await self._bad(account, key, str(e))
         self._count("get", "hit")
         return stored
+
+    async def _bad(self, account: str, key: str, problem: str) -> Stored | None:
+        """A bad record is a miss: counted, logged (what is wrong, never its contents) and
+        deleted."""
+        self._count("get", "bad_record")
+        event("cache_shared_bad_record", logging.WARNING, problem=problem)
+        await self._drop_one(account, key)
+        return None
 
     async def _drop_one(self, account: str, key: str) -> None:
         """A damaged record is removed with its whole path (the index names it by path)."""
@@ -269,13 +384,17 @@ class SharedEntries:
             return None
         try:
             claim = await self.backend.cache_claim(
-                account, digest(key), uuid.uuid4().hex, self.lock_ttl
+                account, digest(key), uuid.uuid4().hex, self.lock_ttl, self.max_entry_size
             )
         except SharedUnavailable:
             self._count("lock", "error")
             return None
         self._count("lock", "taken" if claim.owner is not None else "waited")
         return claim
+
+    async def found(self, account: str, key: str, data: bytes | None) -> Stored | None:
+        """The entry a claim found under the key once it took the lock (None: none, or bad)."""
+        return None if data is None else await self._decoded(account, key, digest(key), data)
 
     async def wait(self, account: str, key: str, patience: float) -> Stored | None:
         """The entry another replica's fetch stores, or None once its lock is gone without
@@ -285,10 +404,12 @@ class SharedEntries:
         deadline = time.monotonic() + patience
         while True:
             try:
-                data, locked = await self.backend.cache_poll(account, name)
+                data, locked = await self.backend.cache_poll(account, name, self.max_entry_size)
             except SharedUnavailable:
                 self._count("lock", "alone")
                 return None
+            except BadSharedRecord as e:
+                return await self._bad(account, key, str(e))
             if data is not None:
                 return await self._decoded(account, key, name, data)
             if not locked or time.monotonic() >= deadline:
@@ -313,7 +434,7 @@ class SharedEntries:
         this replica uses Redis again), and then ``resend`` tells the other replicas again."""
         if self.pending or not await self._drop(account, covers):
             if len(self.pending) >= MAX_PENDING:  # everything, once
-                self.pending = [(None, lambda account, path: True, self.announce_purge_all)]
+                self.pending = [(None, lambda account, path: True, self.announce_all)]
             else:
                 self.pending.append((account, covers, resend))
             if self.retrying is None or self.retrying.done():

@@ -1,69 +1,66 @@
 """The cache's storage: diskcache on disk, a small LRU of hot entries in memory.
 
-Every disk operation runs on one worker thread, in submission order, so a delete
-queued after a write always wins and the event loop never waits on SQLite or the
-file system. The memory LRU is updated on the loop at once; it is what makes a
-fresh hit cost no thread hop (measured: a hop costs more than a whole hit).
+Every disk operation runs on one worker thread, in submission order, so a delete queued
+after a write always wins and the event loop never waits on SQLite or the file system. The
+memory LRU is updated on the loop at once (a fresh hit costs no thread hop).
 
-Large bodies are never held whole: :class:`BodySink` spills chunks to a temporary
-file as they arrive and hands the file to diskcache only once the body is complete.
+Large bodies are never held whole: :class:`~proxy.cache.disk.BodySink` spills chunks to a
+temporary file as they arrive and hands the file to diskcache only once the body is complete.
 
 A body stored apart from its record is checked when read: its size always, its CRC32
 (kept in the record) too; one that does not match (a file truncated, deleted or changed
 on disk) is dropped and the lookup is a miss, counted, so the answer comes from upstream
 instead of a wrong 200 or one that breaks off. Repeated write failures (a corrupt
-``cache.db``) turn storing off for a while like a full disk does, and say so in readiness.
-
-Directories the store creates are 0700 and its files 0600, whatever the umask
-(:class:`PrivateDisk`); directories that exist already are left as they are.
+``cache.db``) turn storing off like a full disk does (readiness says so) until a probe
+succeeds. What happens is counted in the metrics the store is given (none for the CLI).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
+import io
 import logging
-import os
-import shutil
-import sqlite3
-import tempfile
 import time
 import uuid
 import zlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, NoReturn, Protocol, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 import diskcache  # type: ignore[import-untyped]
 
-from proxy.cache.policy import Entry, normalise_path, parse_key
+from proxy.cache.disk import (
+    DISK_ERRORS,
+    EPOCH_KEY,
+    SPILL_AT,
+    BodySink,
+    close_opened,
+    disk_gauges,
+    disk_stats,
+    file_size,
+    is_full,
+    open_disk,
+    probe_write,
+)
+from proxy.cache.invalidation import Change, Purge, normalise_path
+from proxy.cache.memory import ENTRY_OVERHEAD, HotEntries, Stored
+from proxy.cache.policy import Entry, parse_key
 from proxy.cache.shares import Ledger
 from proxy.errors import StoredBodyError
-from proxy.files import FILE_MODE, private_dir
 from proxy.logs import event
 from proxy.messages import CHUNK
+from proxy.metrics import Metrics
 
 T = TypeVar("T")
 # Bodies up to this size live inside the entry's record; larger ones are a separate value
 # (a file in diskcache's directory) so that freshening the headers never rewrites them.
 INLINE_BODY = 32 * 1024
-# Bodies up to this size are held in memory while fetched; larger ones spill to a file.
-SPILL_AT = 1024 * 1024
-EPOCH_KEY = "__purge_epoch__"
 # After a full disk, storing is tried again after this many seconds.
 FULL_DISK_RETRY = 60.0
-# What the store writes (then deletes) to learn whether the disk takes writes again.
-PROBE_KEY = "__write_probe__"
-PROBE_SIZE = 4096
-DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
-# What an entry costs the memory LRU besides its body (key, Entry, headers), so that
-# empty bodies (204s, empty lists) cannot fill memory with ever more entries.
-ENTRY_OVERHEAD = 512
 # Keys the path index holds at most; past that, invalidation and purge scan the disk.
 INDEX_LIMIT = 200_000
 # Write failures in a row (other than a full disk) after which storing is turned off.
@@ -72,93 +69,6 @@ FAILURES_TO_DISABLE = 3
 
 class BodyMismatch(Exception):
     """A stored body is not the one its record describes (size or CRC32)."""
-
-
-class Covers(Protocol):
-    def covers(self, account: str, path: str) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Purge:
-    """An operator's purge, remembered like an invalidation so in-flight fetches don't store."""
-
-    prefix: str
-    account: str | None
-
-    def covers(self, account: str, path: str) -> bool:
-        return (self.account is None or account == self.account) and path.startswith(self.prefix)
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """An entry and its body: bytes, or the key of a body stored as its own value."""
-
-    entry: Entry
-    body: bytes | None
-    body_key: str | None = None
-    # CRC32 of a body stored apart (None: not known, only the size is checked).
-    crc: int | None = None
-
-
-def _close_opened(opening: Future[IO[bytes] | None]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        handle = opening.result()
-        if handle is not None:
-            handle.close()
-
-
-def _is_full(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower()
-
-
-class HotEntries:
-    """A byte-bounded LRU of stored entries (on the event loop only)."""
-
-    def __init__(self, max_bytes: int, ledger: Ledger | None = None) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.items: OrderedDict[str, Stored] = OrderedDict()
-        self.ledger = ledger or Ledger()  # each account's share (proxy.cache.shares)
-
-    def get(self, key: str) -> Stored | None:
-        found = self.items.get(key)
-        if found is not None:
-            self.items.move_to_end(key)
-            self.ledger.touch(key)
-        return found
-
-    def put(self, key: str, stored: Stored) -> None:
-        self.pop(key)
-        if stored.body is None:
-            return
-        size = _cost(key, stored)
-        if size > self.max_bytes // 8:
-            return
-        self.items[key] = stored
-        self.bytes += size
-        for victim in self.ledger.add(key, stored.entry.account, size):
-            self.pop(victim)
-        while self.bytes > self.max_bytes:
-            old_key, old = self.items.popitem(last=False)
-            self.bytes -= _cost(old_key, old)
-            self.ledger.remove(old_key)
-
-    def pop(self, key: str) -> None:
-        old = self.items.pop(key, None)
-        if old is not None:
-            self.bytes -= _cost(key, old)
-            self.ledger.remove(key)
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.bytes = 0
-        self.ledger.clear()
-
-
-def _cost(key: str, stored: Stored) -> int:
-    return len(key) + len(stored.body or b"") + ENTRY_OVERHEAD
 
 
 def _intact(value: object) -> bool:
@@ -184,13 +94,6 @@ def _matches(body: bytes, stored: Stored) -> bool:
     return stored.crc is None or zlib.crc32(body) == stored.crc
 
 
-def _file_size(handle: IO[bytes]) -> int:
-    try:
-        return os.fstat(handle.fileno()).st_size
-    except (OSError, ValueError, AttributeError):  # an in-memory value (BytesIO)
-        return len(handle.getbuffer()) if hasattr(handle, "getbuffer") else -1
-
-
 class CacheStore:
     """Entries by key, with the path index that invalidation and purge need."""
 
@@ -200,6 +103,7 @@ class CacheStore:
         max_size: int,
         memory_size: int,
         index_limit: int = INDEX_LIMIT,
+        metrics: Metrics | None = None,
         shares: Mapping[str, float] | None = None,
     ) -> None:
         self.directory = directory
@@ -208,7 +112,7 @@ class CacheStore:
         self.hot = HotEntries(memory_size, Ledger(memory_size, shares))
         self.ledger = Ledger(max_size, shares)  # the disk's; used on the worker thread only
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
-        self.disk: diskcache.Cache = _open(directory, max_size)
+        self.disk: diskcache.Cache = open_disk(directory, max_size)
         # (account, normalised path) -> keys; may name keys diskcache has evicted since.
         self.paths: dict[tuple[str, str], set[str]] = {}
         self.indexed = 0
@@ -221,15 +125,11 @@ class CacheStore:
         self._pending: set[asyncio.Future[Any]] = set()
         # Invalidations by sequence number, so a fetch that began before one does not store.
         self.sequence = 0
-        self.recent: deque[tuple[int, Covers]] = deque(maxlen=1024)
+        self.recent: deque[tuple[int, Change]] = deque(maxlen=1024)
         self.epoch: int = 0
         # Bumped by every write, delete and invalidation made on the loop.
         self.changes = 0
-        self.on_error: Callable[[str], None] = lambda op: None
-        self.on_evict: Callable[[int], None] = lambda n: None
-        self.on_full: Callable[[], None] = lambda: None
-        self.on_disabled: Callable[[], None] = lambda: None
-        self.on_mismatch: Callable[[], None] = lambda: None
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ life
 
@@ -239,13 +139,36 @@ class CacheStore:
         directory: Path,
         max_size: int,
         memory_size: int,
+        metrics: Metrics | None = None,
         shares: Mapping[str, float] | None = None,
     ) -> CacheStore:
         loop = asyncio.get_running_loop()
-        make = functools.partial(cls, directory, max_size, memory_size, shares=shares)
+        make = functools.partial(
+            cls, directory, max_size, memory_size, INDEX_LIMIT, metrics, shares=shares
+        )
         store = await loop.run_in_executor(None, make)
         await store._run(store._load_index)
         return store
+
+    # What happens, counted (on the loop or the disk thread: the counters are thread-safe).
+
+    def _failed(self, op: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_store_errors.labels(op).inc()
+
+    def _evicted(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_evictions.inc(count)
+
+    def _mismatched(self) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_body_mismatches.inc()
+
+    def _stopped_storing(self, full: bool) -> None:
+        if self.metrics is not None:
+            if full:
+                self.metrics.cache_store_errors.labels("full").inc()
+            self.metrics.cache_storing_disabled.set(1)
 
     def _load_index(self) -> None:
         for key in self.disk.iterkeys():
@@ -286,11 +209,11 @@ class CacheStore:
         try:
             stored = await self._run(self._read, key)
         except BodyMismatch as e:  # dropped already: a miss, fetched again
-            self.on_mismatch()
+            self._mismatched()
             event("cache_body_mismatch", logging.WARNING, problem=str(e))
             return None
         except Exception as e:  # a broken record is a miss, never an error
-            self.on_error("read")
+            self._failed("read")
             event("cache_read_failed", error=type(e).__name__)
             return None
         if self.changes != changes:
@@ -326,7 +249,7 @@ class CacheStore:
                 self._drop(key, value, "a body missing, or of the wrong size or CRC32")
             return Stored(value.entry, body, value.body_key, value.crc)
         handle = self.disk.get(value.body_key, read=True)
-        size = -1 if handle is None else _file_size(handle)
+        size = -1 if handle is None else file_size(handle)
         if handle is not None:
             handle.close()
         if size != value.entry.size:
@@ -356,7 +279,7 @@ class CacheStore:
             handle: IO[bytes] | None = await asyncio.wrap_future(opening)
         except asyncio.CancelledError:
             # The thread may still open it: close what it opens, nobody else will.
-            opening.add_done_callback(_close_opened)
+            opening.add_done_callback(close_opened)
             raise
         if handle is None:
             self._mismatch(body_key, "a stored body disappeared before it was read")
@@ -382,7 +305,7 @@ class CacheStore:
             yield held
 
     def _mismatch(self, body_key: str, problem: str) -> NoReturn:
-        self.on_mismatch()
+        self._mismatched()
         event("cache_body_mismatch", logging.WARNING, problem=problem)
         self._later(self._delete_value, body_key)  # its record then reads as a miss
         raise StoredBodyError(f"The cache found {problem}")
@@ -394,33 +317,24 @@ class CacheStore:
     def _open_body(self, body_key: str) -> IO[bytes] | None:
         value = self.disk.get(body_key, read=True)
         if isinstance(value, bytes):
-            import io
-
             return io.BytesIO(value)
         return value  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ writes
 
     @property
-    def writable(self) -> bool:
-        """Storing is on; once off, only :meth:`probe` turns it back on."""
+    def writable(self) -> bool:  # once off, only probe() turns it back on
         return self.problem is None
 
     async def probe(self) -> bool:
-        """When storing is off and FULL_DISK_RETRY has passed, try a small write on the disk
-        thread; storing comes back only if it succeeds. Called on a timer, so an idle proxy
-        keeps saying the disk is full (and says so the moment it is not) without a request
-        to find out. True when storing is on afterwards."""
+        """Storing off and FULL_DISK_RETRY passed: a small write on the disk thread turns it
+        back on if it succeeds (on a timer: an idle proxy's gauge stays true). True if on."""
         if self.problem is None or time.monotonic() < self._retry_at:
             return self.problem is None
-        if await self._run(self._guarded, self._probe_write):
+        if await self._run(self._guarded, functools.partial(probe_write, self.disk)):
             self.problem = None
             event("cache_storing_enabled")
         return self.problem is None
-
-    def _probe_write(self) -> None:
-        self.disk.set(PROBE_KEY, bytes(PROBE_SIZE))
-        self.disk.delete(PROBE_KEY)
 
     def promote(self, key: str, stored: Stored) -> None:
         """Hold an entry read from another tier (Redis) in memory, indexed so that an
@@ -481,24 +395,24 @@ class CacheStore:
         self._count(key, stored)
         culled = self.disk.cull()
         if culled:
-            self.on_evict(culled)
+            self._evicted(culled)
 
     def _count(self, key: str, stored: object) -> None:
-        """Count a record in its account's share; evict the account's oldest past it."""
+        # A record counted in its account's share; the account's oldest evicted past it.
         if isinstance(stored, Stored):
             size = len(key) + stored.entry.size + ENTRY_OVERHEAD
             evicted = self._delete(self.ledger.add(key, stored.entry.account, size))
             if evicted:
-                self.on_evict(evicted)
+                self._evicted(evicted)
 
     def _guarded(self, write: Callable[[], None]) -> bool:
         try:
             write()
         except Exception as e:
-            if _is_full(e):
+            if is_full(e):
                 self._disable(f"disk full: {e}", full=True)
                 return False
-            self.on_error("write")
+            self._failed("write")
             self._failures += 1
             event("cache_write_failed", logging.WARNING, error=type(e).__name__, detail=str(e))
             if self._failures >= FAILURES_TO_DISABLE:
@@ -508,22 +422,18 @@ class CacheStore:
         return True
 
     def _disable(self, problem: str, *, full: bool = False) -> None:
-        """Stop storing until a probe (every FULL_DISK_RETRY seconds) succeeds; readiness
-        and the gauge say why meanwhile."""
+        """Stop storing until a probe succeeds (readiness and the gauge say why meanwhile)."""
         problem = " ".join(problem.split())[:200]
         if self.problem is None:
             event(
                 "cache_storing_disabled", logging.WARNING, problem=problem, retry_in=FULL_DISK_RETRY
             )
-            if full:
-                self.on_full()
-            else:
-                self.on_disabled()
+            self._stopped_storing(full)
         self.problem = problem
         self._retry_at = time.monotonic() + FULL_DISK_RETRY
 
     def sink(self) -> BodySink:
-        return BodySink(self)
+        return BodySink(self._run, self.directory)
 
     async def commit_file(
         self, key: str, entry: Entry, path: Path, crc: int | None = None
@@ -571,7 +481,7 @@ class CacheStore:
                     self.disk.delete(old.body_key)
                 removed += old is not None
             except DISK_ERRORS:
-                self.on_error("delete")
+                self._failed("delete")
         return removed
 
     def _index(self, key: str, account: str, path: str) -> None:
@@ -590,7 +500,7 @@ class CacheStore:
 
     # ------------------------------------------------------------------ invalidation, purge
 
-    def invalidate(self, inv: Covers) -> int:
+    def invalidate(self, inv: Change) -> int:
         """Remove every entry the invalidation covers; returns how many keys were known."""
         self._remember(inv)
         keys = self._take(inv.covers)
@@ -600,7 +510,7 @@ class CacheStore:
             self._later(self._delete_matching, inv.covers)
         return len(keys)
 
-    def _remember(self, covers: Covers) -> None:
+    def _remember(self, covers: Change) -> None:
         self.sequence += 1
         self.changes += 1
         self.recent.append((self.sequence, covers))
@@ -673,176 +583,19 @@ class CacheStore:
             self.hot.clear()
 
     def gauges(self) -> tuple[int, int]:
-        """Entries and bytes on disk, cheap enough for every scrape (on the event loop):
-        diskcache's own counters, kept by its triggers, less the keys that are not entries
-        (split bodies, counted over the key index, and the purge epoch)."""
-        keys = len(self.disk)
-        bodies = self.disk._sql(
-            "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ?", ("body:", "body;")
-        ).fetchone()[0]
-        epoch = 1 if EPOCH_KEY in self.disk else 0
-        return max(0, keys - int(bodies) - epoch), int(self.disk.volume())
+        """Entries and bytes on disk, cheap enough for every scrape (on the event loop)."""
+        return disk_gauges(self.disk)
 
     async def stats(self) -> dict[str, int | str | None]:
         """Entries and bytes on disk and in memory; when the disk cannot be read, the disk's
         counts are None and ``error`` says why (the admin route still answers JSON)."""
 
-        def count() -> dict[str, int | str | None]:
-            entries = sum(1 for k in self.disk.iterkeys() if isinstance(k, str) and parse_key(k))
-            return {"entries": entries, "bytes": int(self.disk.volume())}
-
         try:
-            result = await self._run(count)
+            result: dict[str, int | str | None] = await self._run(disk_stats, self.disk)
         except Exception as e:
-            self.on_error("read")
+            self._failed("read")
             error = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             result = {"entries": None, "bytes": None, "error": error}
         result["memory_entries"] = len(self.hot.items)
         result["memory_bytes"] = self.hot.bytes
         return result
-
-
-class BodySink:
-    """A body being fetched: in memory up to SPILL_AT, then in a temporary file."""
-
-    def __init__(self, store: CacheStore) -> None:
-        self.store = store
-        self.buffer = bytearray()
-        self.size = 0
-        self.crc = 0  # CRC32 of what was written, checked whenever the body is read back
-        self.path: Path | None = None
-        self._file: IO[bytes] | None = None
-
-    @property
-    def in_memory(self) -> bool:
-        return self._file is None
-
-    async def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        self.crc = zlib.crc32(chunk, self.crc)
-        self.buffer += chunk
-        if self._file is None and len(self.buffer) <= SPILL_AT:
-            return
-        if self._file is None:
-            self._file, self.path = await self.store._run(self._create)
-        if len(self.buffer) >= CHUNK:
-            data, self.buffer = bytes(self.buffer), bytearray()
-            await self.store._run(self._write_file, data)
-
-    def _write_file(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-
-    def _create(self) -> tuple[IO[bytes], Path]:
-        tmp = self.store.directory / "tmp"
-        private_dir(tmp)
-        fd, name = tempfile.mkstemp(dir=tmp, prefix="body-")
-        return os.fdopen(fd, "wb"), Path(name)
-
-    async def finish(self) -> Path:
-        """Flush and close the file (only for spilled bodies)."""
-        assert self._file is not None
-        assert self.path is not None
-        f, data = self._file, bytes(self.buffer)
-        self.buffer = bytearray()
-
-        def close() -> None:
-            f.write(data)
-            f.close()
-
-        await self.store._run(close)
-        self._file = None
-        return self.path
-
-    def abandon(self) -> None:
-        """Close and remove a file still being written, at once: for a fetch cancelled
-        (at shutdown) between writes, when no thread hop may be left to do it."""
-        f, path = self._file, self.path
-        if f is None:
-            return  # never spilled, finished or discarded: nothing is open
-        self._file, self.path = None, None
-        f.close()
-        if path is not None:
-            path.unlink(missing_ok=True)
-
-    async def discard(self) -> None:
-        f, path = self._file, self.path
-        self._file, self.path, self.buffer = None, None, bytearray()
-        if path is None:
-            return
-
-        def remove() -> None:
-            if f is not None:
-                f.close()
-            path.unlink(missing_ok=True)
-
-        await self.store._run(remove)
-
-
-def _open(directory: Path, max_size: int) -> diskcache.Cache:
-    """Open the cache; a corrupt one is moved aside and a fresh one made (one log line)."""
-    try:
-        return _probe(directory, max_size)
-    except (sqlite3.DatabaseError, OSError, diskcache.Timeout) as e:
-        aside = directory.with_name(f"{directory.name}.corrupt-{int(time.time())}")
-        with contextlib.suppress(OSError):
-            if directory.is_dir():
-                shutil.move(str(directory), aside)
-            elif directory.exists():
-                directory.rename(aside)
-        event("cache_dir_corrupt", dir=str(directory), moved_to=str(aside), error=str(e))
-        return _probe(directory, max_size)
-
-
-class PrivateDisk(diskcache.Disk):  # type: ignore[misc]
-    """diskcache's files and directories, readable by the proxy's user only (0600 / 0700),
-    whatever the umask: they hold every account's Kounta data."""
-
-    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
-        # diskcache's own _write, with the subdirectories and the file made private.
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if "x" in mode else os.O_TRUNC)
-        for attempt in range(1, 11):
-            with contextlib.suppress(OSError):
-                private_dir(Path(full_path).parent)
-            try:
-                fd = os.open(full_path, flags, FILE_MODE)
-            except OSError:
-                if attempt == 10:  # as diskcache: another cache may remove the directory
-                    raise
-                continue
-            os.fchmod(fd, FILE_MODE)  # exactly 0600, whatever the umask
-            with open(fd, mode.replace("x", "w"), encoding=encoding) as writer:
-                size = 0
-                for chunk in iterator:
-                    size += len(chunk)
-                    writer.write(chunk)
-                return size
-        raise AssertionError("unreachable")
-
-
-def _probe(directory: Path, max_size: int) -> diskcache.Cache:
-    private_dir(directory)
-    database = directory / "cache.db"
-    if not database.exists():
-        # SQLite gives its -wal and -shm files the database file's own mode.
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            os.fchmod(fd, FILE_MODE)
-            os.close(fd)
-    disk = diskcache.Cache(
-        str(directory),
-        disk=PrivateDisk,
-        size_limit=max_size,
-        eviction_policy="least-recently-stored",
-        cull_limit=0,  # culled explicitly after each write, so evictions can be counted
-        statistics=False,
-    )
-    try:
-        disk.get(EPOCH_KEY)
-        len(disk)
-        for stale in (directory / "tmp").glob("body-*"):
-            stale.unlink(missing_ok=True)  # spilled bodies of a previous run
-    except BaseException:
-        disk.close()
-        raise
-    return disk

@@ -1,8 +1,9 @@
 """The services a proxy application runs on, built once at startup and then frozen.
 
 :func:`build` opens what must be opened (the client session, the cache store, token
-files), puts the five ``send()`` layers together from the bottom up, and returns one
-:class:`Services`; :func:`close` undoes it in reverse. The application keeps it under
+files), each entered in one :class:`contextlib.AsyncExitStack` as it opens, puts the five
+``send()`` layers together from the bottom up, and returns one :class:`Services`;
+:func:`close` unwinds the stack. The application keeps it under
 :data:`SERVICES`; admin routes and readiness checks come from the parts they belong to.
 Nothing here is replaced after startup. What changes while serving lives apart: the
 shutting-down flag in :class:`RunState`, and what a SIGHUP reload may change (log level,
@@ -30,9 +31,12 @@ from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
+from proxy.cache.flight import Flights
+from proxy.cache.invalidation import Invalidator, Purge
 from proxy.cache.layer import Cache
 from proxy.cache.shared import SharedEntries
-from proxy.cache.store import CacheStore, Purge
+from proxy.cache.store import CacheStore
+from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import AdminToken, Callers
@@ -138,9 +142,9 @@ class Services:
     details: Mapping[str, Check]
     # Routes the parts offer on the admin listener (cache stats and purge, budget status).
     admin_routes: tuple[web.RouteDef, ...]
+    # What build() opened, in order; close() unwinds it.
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     state: RunState = field(default_factory=RunState)
-    # Background tasks owned by the services (the store watcher), stopped by close().
-    tasks: tuple[asyncio.Task[None], ...] = ()
 
     @property
     def callers(self) -> Callers:
@@ -162,12 +166,31 @@ SERVICES = web.AppKey("services", Services)
 async def build(
     settings: Settings, metrics: Metrics, clock: WallClock, upstream: Layer | None = None
 ) -> Services:
-    """Open and wire everything; ``upstream`` replaces the real upstream layer in tests."""
+    """Open and wire everything; ``upstream`` replaces the real upstream layer in tests.
+
+    Every resource that opens is entered in one exit stack as it opens, so a failure part
+    way unwinds exactly what was opened, and :func:`close` is that stack unwound."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        return await _build(stack, settings, metrics, clock, upstream)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+async def _build(
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    metrics: Metrics,
+    clock: WallClock,
+    upstream: Layer | None,
+) -> Services:
     callers = Callers(settings, metrics)
     auth_metrics = AuthMetrics(metrics.registry)
     describe(settings, metrics, auth_metrics)
     shared = open_backend(settings.shared, metrics)
     await shared.start()
+    stack.push_async_callback(shared.close)
     providers = {
         name: provider_for(
             a,
@@ -185,12 +208,7 @@ async def build(
     checks: dict[str, Check] = {f"token:{name}": _token_check(live, name) for name in providers}
     # Created even when tests swap the upstream layer: token requests use it too.
     session = create_session(settings.upstream, len(settings.accounts))
-    try:
-        store = await open_store(settings, metrics) if settings.cache.enabled else None
-    except BaseException:
-        await session.close()
-        await shared.close()
-        raise
+    stack.push_async_callback(session.close)
     layer: Layer = (
         upstream
         if upstream is not None
@@ -198,38 +216,27 @@ async def build(
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
     layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.accounts)
+    stack.push_async_callback(budget.close)
     layer = Authenticator(layer, LiveProviders(live), auth_metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
     admin_routes = pipeline_admin.routes(budget, retry)
     cache: Cache | None = None
-    tasks: tuple[asyncio.Task[None], ...] = ()
-    if store is not None:
+    store: CacheStore | None = None
+    if settings.cache.enabled:
+        store = await open_store(settings, metrics)
+        stack.push_async_callback(store.close)
         # cache: outermost, so fresh hits cost nothing below it.
-        layer = cache = Cache(layer, store, settings, metrics, clock, current=live.cache)
-        announce_purge: cache_admin.AnnouncePurge | None = None
-        if shared.events is not None:
-            # Invalidations to and from the other replicas (their stores are their own).
-            broadcast = Broadcast(cache, shared.events, metrics)
-            broadcast.start()
-            announce_purge = broadcast.announce_purge
-        if shared.cache is not None:
-            # Entries shared in Redis, with a fetch lock per key across replicas.
-            cache.shared = SharedEntries(
-                shared.cache,
-                metrics,
-                max_entry_size=settings.cache.max_entry_size,
-                stale_if_error=settings.cache.stale_if_error,
-                lock_ttl=settings.upstream.total_timeout,
-                accounts=tuple(settings.accounts),
-            )
-            if announce_purge is not None:
-                cache.shared.announce_purge_all = functools.partial(announce_purge, "", None)
-            announce_purge = _purging_shared(cache.shared, announce_purge)
-        checks["cache"] = lambda: store.problem
+        layer = cache = await build_cache(
+            stack, layer, store, settings, metrics, clock, shared, live.cache
+        )
+        checks["cache"] = store_problem(store)
         metrics.watch_store(store.gauges)
-        admin_routes += cache_admin.routes(store, metrics, tuple(settings.accounts), announce_purge)
-        tasks = (asyncio.ensure_future(watch_store(store, metrics)),)
+        admin_routes += cache_admin.routes(store, cache.invalidator, tuple(settings.accounts))
+        watcher = asyncio.ensure_future(watch_store(store, metrics))
+        stack.push_async_callback(_cancel, watcher)
+    # The providers of the live snapshot at close (a reload may have replaced them).
+    stack.push_async_callback(_stop_providers, live)
     for provider in providers.values():
         await provider.start(session)
     return Services(
@@ -248,22 +255,73 @@ async def build(
         checks=checks,
         details={"shared": shared.detail},
         admin_routes=tuple(admin_routes),
-        tasks=tasks,
+        stack=stack,
     )
 
 
-def _purging_shared(
-    shared: SharedEntries, announce: cache_admin.AnnouncePurge | None
-) -> cache_admin.AnnouncePurge:
-    """An operator's purge: in Redis too, then told to the other replicas."""
+async def build_cache(
+    stack: contextlib.AsyncExitStack,
+    inner: Layer,
+    store: CacheStore,
+    settings: Settings,
+    metrics: Metrics,
+    clock: WallClock,
+    shared: Backend,
+    current: Callable[[], LiveCache],
+) -> Cache:
+    """The cache's rooms, each built once and handed what it needs: flights, the tier
+    (chosen here, once), the broadcast, and the invalidator they all send changes to."""
+    config = settings.cache
+    flights = Flights()
+    broadcast = None if shared.events is None else Broadcast(shared.events, metrics)
+    entries: Entries = LocalEntries(store, flights, metrics)
+    records: SharedEntries | None = None
+    if shared.cache is not None:
+        # Entries shared in Redis, with a fetch lock per key across replicas.
+        records = SharedEntries(
+            shared.cache,
+            metrics,
+            max_entry_size=config.max_entry_size,
+            stale_if_error=config.stale_if_error,
+            lock_ttl=settings.upstream.total_timeout,
+            accounts=tuple(settings.accounts),
+            announce_all=None
+            if broadcast is None
+            else functools.partial(broadcast.publish, Purge()),
+        )
+        entries = RedisEntries(store, flights, metrics, records, clock, config.coalesce_wait)
+    invalidator = Invalidator(entries, records, broadcast)
+    cache = Cache(
+        inner,
+        entries,
+        settings,
+        metrics,
+        clock,
+        current,
+        flights=flights,
+        invalidator=invalidator,
+    )
+    stack.push_async_callback(cache.close)
+    if broadcast is not None:
+        # Invalidations from the other replicas (their stores are their own).
+        broadcast.listen(invalidator.received, invalidator.gap)
+        stack.push_async_callback(broadcast.close)
+    return cache
 
-    async def purge(prefix: str, account: str | None) -> None:
-        resend = None if announce is None else functools.partial(announce, prefix, account)
-        await shared.drop(account, Purge(prefix, account).covers, resend)
-        if announce is not None:
-            await announce(prefix, account)
 
-    return purge
+def store_problem(store: CacheStore) -> Check:
+    return lambda: store.problem
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _stop_providers(live: LiveRef) -> None:
+    for provider in live.current.providers.values():
+        await provider.stop()
 
 
 def _token_check(live: LiveRef, name: str) -> Check:
@@ -287,42 +345,21 @@ def describe(settings: Settings, metrics: Metrics, auth_metrics: AuthMetrics) ->
 
 
 async def close(services: Services) -> None:
-    """Stop token refreshes, then the cache's flights and store, then the session."""
-    for provider in services.providers.values():
-        await provider.stop()
-    for task in services.tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if services.cache is not None:
-        await services.cache.close()
-    if services.store is not None:
-        await services.store.close()
-    await services.budget.close()
-    await services.shared.close()
-    await services.session.close()
+    """Undo :func:`build`: every resource closed in the reverse order it was opened (token
+    refreshes first, then the cache's flights and store, the budget, the session, Redis)."""
+    await services.stack.aclose()
 
 
 async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
     config = settings.cache
     shares = {name: account.cache_share for name, account in settings.accounts.items()}
-    store = await CacheStore.open(
-        config.directory(settings.state_dir), config.max_size, config.memory_size, shares
+    return await CacheStore.open(
+        config.directory(settings.state_dir),
+        config.max_size,
+        config.memory_size,
+        metrics,
+        shares=shares,
     )
-    store.on_error = lambda op: metrics.cache_store_errors.labels(op).inc()
-    store.on_evict = metrics.cache_evictions.inc
-
-    def full() -> None:
-        metrics.cache_store_errors.labels("full").inc()
-        metrics.cache_storing_disabled.set(1)
-
-    def disabled() -> None:
-        metrics.cache_storing_disabled.set(1)
-
-    store.on_full = full
-    store.on_disabled = disabled
-    store.on_mismatch = metrics.cache_body_mismatches.inc
-    return store
 
 
 async def watch_store(store: CacheStore, metrics: Metrics) -> None:

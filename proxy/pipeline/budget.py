@@ -5,10 +5,10 @@ the excess with a plain-text 429. The :class:`Budget` layer sits just above the
 upstream, so every request that reaches Kounta (revalidations and resends after a
 token refresh included) takes a token first, while fresh cache hits never get here.
 
-- :class:`Bucket` (pure, the clock passed in) holds ``burst`` tokens and refills at
-  the account's rate. It also keeps the send times of the last window, so that no
-  60-second window (plus a margin for network delays) ever sees more than the rate:
-  a plain token bucket would allow ``burst + rate`` in the first minute.
+- :class:`~proxy.pipeline.gates.Bucket` (pure, the clock passed in) holds ``burst``
+  tokens and refills at the account's rate. It also keeps the send times of the last
+  window, so that no 60-second window (plus a margin for network delays) ever sees more
+  than the rate: a plain token bucket would allow ``burst + rate`` in the first minute.
 - :class:`AccountBudget` makes requests wait for a token in a bounded queue, handing
   tokens out round robin over callers so one busy caller cannot starve the others.
   A request whose wait would pass its limit (``budget.max_wait``, never past the
@@ -23,10 +23,10 @@ token refresh included) takes a token first, while fresh cache hits never get he
   unless it is safe to).
 
 Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis instead
-(:class:`SharedGate`; GCRA for pace and burst plus a sliding log for the window cap, one Lua
-script per request), so all replicas together stay under the rate, and a 429 seen by one
-pauses all. The fair round robin over callers stays per replica. While Redis is away each
-replica falls back to a local bucket at ``rate / shared.replicas``.
+(:class:`~proxy.pipeline.gates.SharedGate`; GCRA for pace and burst plus a sliding log for
+the window cap, one Lua script per request), so all replicas together stay under the rate,
+and a 429 seen by one pauses all. The fair round robin over callers stays per replica. While
+Redis is away each replica falls back to a local bucket at ``rate / shared.replicas``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import retry_after, whole_seconds
@@ -46,6 +46,7 @@ from proxy.errors import RateLimited
 from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
+from proxy.pipeline.gates import Bucket, Gate, LocalGate, Rate, SharedGate, capped
 from proxy.settings import (
     RATES,
     AccountSettings,
@@ -55,25 +56,24 @@ from proxy.settings import (
     applied,
     live_of,
 )
-from proxy.shared import Backend, SharedUnavailable
-from proxy.shared.base import SharedBudget
+from proxy.shared import Backend
+
+__all__ = [
+    "AccountBudget",
+    "Bucket",
+    "Budget",
+    "Gate",
+    "LocalGate",
+    "Rate",
+    "SharedGate",
+    "capped",
+    "pause_asked",
+    "rate_for",
+]
 
 # Requests a minute when an account sets none (Kounta: ~180 with OAuth, ~60 with Basic).
 DEFAULT_RATES: Mapping[str, int] = {"oauth": 180, "static": 180, "basic": 60}
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    per_window: int
-    burst: int
-    window: float  # seconds (a minute, except in tests)
-    margin: float  # seconds added to the window on our side
-
-    @property
-    def per_second(self) -> float:
-        # Paced over the window plus its margin, so the pace alone never fills a window.
-        return self.per_window / (self.window + self.margin)
 
 
 def rate_for(account: AccountSettings | None, budget: BudgetSettings) -> Rate:
@@ -82,263 +82,6 @@ def rate_for(account: AccountSettings | None, budget: BudgetSettings) -> Rate:
     per_minute = (account.rate_per_minute if account else 0) or DEFAULT_RATES.get(mode, 180)
     burst = (account.burst if account else 0) or max(1, per_minute // 20)
     return Rate(per_minute, min(burst, per_minute), budget.window, budget.window_margin)
-
-
-class Bucket:
-    """Tokens for one account. Pure: every method takes the current (monotonic) time."""
-
-    def __init__(self, rate: Rate, now: float) -> None:
-        self.rate = rate
-        self.tokens = float(rate.burst)
-        self.updated = now
-        self.sent: deque[float] = deque()
-        self.paused_until = -math.inf
-        self.backoff = 0.0
-
-    def _refill(self, now: float) -> None:
-        elapsed = max(0.0, now - self.updated)
-        self.tokens = min(float(self.rate.burst), self.tokens + elapsed * self.rate.per_second)
-        self.updated = max(self.updated, now)
-        horizon = now - (self.rate.window + self.rate.margin)
-        while self.sent and self.sent[0] <= horizon:
-            self.sent.popleft()
-
-    def ready_at(self, now: float) -> float:
-        """The earliest time a token can be taken (``now`` if one is there)."""
-        self._refill(now)
-        at = now
-        if self.tokens < 1:
-            at = now + (1 - self.tokens) / self.rate.per_second
-        if len(self.sent) >= self.rate.per_window:
-            at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
-        return max(at, self.paused_until)
-
-    def ready_after(self, now: float, ahead: int) -> float:
-        """When a token can be taken once ``ahead`` requests queued first have had theirs:
-        the pace (tokens now, then the refill rate) and the window cap, whichever is later.
-        An estimate that errs late only when some of those ahead give up first."""
-        at = self.ready_at(now)
-        if ahead <= 0:
-            return at
-        start = max(now, self.paused_until)
-        tokens = 1.0 if now < self.paused_until else self.tokens
-        at = max(at, start + max(0.0, ahead + 1 - tokens) / self.rate.per_second)
-        # The send that must have left the window first: already sent, or one of those ahead.
-        first = len(self.sent) + ahead + 1 - self.rate.per_window
-        if first > 0:
-            span = self.rate.window + self.rate.margin
-            if first <= len(self.sent):
-                at = max(at, self.sent[first - 1] + span)
-            else:
-                at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
-        return at
-
-    def take(self, now: float) -> None:
-        self._refill(now)
-        self.tokens -= 1
-        self.sent.append(now)
-
-    def record(self, now: float) -> None:
-        """A send granted elsewhere (the shared budget): counted in this window, so a fallback
-        to this bucket never adds its whole share on top of what was just sent."""
-        self._refill(now)
-        self.sent.append(now)
-
-    def available(self, now: float) -> float:
-        """Tokens that could be taken now (0 while paused or when the window is full)."""
-        self._refill(now)
-        if now < self.paused_until:
-            return 0.0
-        room = self.rate.per_window - len(self.sent)
-        return max(0.0, min(self.tokens, float(room)))
-
-    def pause(self, now: float, seconds: float | None, initial: float, longest: float) -> float:
-        """Kounta said 429: stop for ``seconds`` (already capped, see :func:`capped`) or a
-        growing backoff up to ``longest``; returns the pause."""
-        if seconds is None:
-            if now < self.paused_until:
-                # Another request of the same wave: the pause already covers it.
-                return self.paused_until - now
-            self.backoff = initial if self.backoff == 0 else min(self.backoff * 2, longest)
-            seconds = self.backoff
-        seconds = max(0.0, seconds)
-        self.paused_until = max(self.paused_until, now + seconds)
-        # Start again with one request, then the steady pace: a burst would hit the wall again.
-        self._refill(now)
-        self.tokens = 1.0
-        self.updated = max(self.updated, self.paused_until)
-        return self.paused_until - now
-
-    def recovered(self) -> None:
-        self.backoff = 0.0
-
-
-class Gate(Protocol):
-    """Where an account's send slots come from: this process's bucket or the shared one."""
-
-    bucket: Bucket
-
-    async def try_take(self, now: float) -> float:
-        """Take a slot: 0.0, else the seconds until one may be there (nothing taken)."""
-        ...
-
-    def ready_at(self, now: float) -> float:
-        """The best known time a slot can be taken (no round trip)."""
-        ...
-
-    def ready_after(self, now: float, ahead: int) -> float:
-        """The best known time a slot can be taken once ``ahead`` queued requests have had
-        theirs (no round trip)."""
-        ...
-
-    async def pause(self, now: float, seconds: float) -> float:
-        """Share a pause the local bucket has just taken (already capped); returns the pause
-        in effect, which another replica's 429 may have made longer."""
-        ...
-
-    def retune(self, rate: Rate) -> None:
-        """A reload changed the account's rate."""
-        ...
-
-    def mode(self) -> str: ...
-
-
-class LocalGate:
-    """Today's single process: the account's :class:`Bucket`, nothing shared."""
-
-    def __init__(self, bucket: Bucket) -> None:
-        self.bucket = bucket
-
-    async def try_take(self, now: float) -> float:
-        at = self.bucket.ready_at(now)
-        if at > now:
-            return at - now
-        self.bucket.take(now)
-        return 0.0
-
-    def ready_at(self, now: float) -> float:
-        return self.bucket.ready_at(now)
-
-    def ready_after(self, now: float, ahead: int) -> float:
-        return self.bucket.ready_after(now, ahead)
-
-    async def pause(self, now: float, seconds: float) -> float:
-        return seconds
-
-    def retune(self, rate: Rate) -> None:
-        self.bucket.rate = rate
-        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
-
-    def mode(self) -> str:
-        return "local"
-
-
-class SharedGate:
-    """The account's rate shared by every replica (Redis), with a local fallback bucket at
-    this replica's share (``rate / replicas``) for while Redis is away. Sends granted by Redis
-    are recorded in the fallback's window too, so a failover never adds a fresh share on top."""
-
-    def __init__(
-        self,
-        account: str,
-        rate: Rate,
-        shared: SharedBudget,
-        backend: Backend,
-        replicas: int,
-        now: float,
-        longest: float = math.inf,
-    ) -> None:
-        self.account = account
-        self.shared = shared
-        self.backend = backend
-        self.replicas = replicas
-        # The cap on a pause (``budget.retry_after_max``), applied to the shared pause too:
-        # another replica's 429 must not stop this one for longer than this one would.
-        self.longest = longest
-        self.rate = rate
-        self.bucket = Bucket(self._share(rate), now)
-        self.local = LocalGate(self.bucket)
-        self._next_at = now
-
-    def _share(self, rate: Rate) -> Rate:
-        """This replica's part of the rate: what the fallback bucket allows while degraded."""
-        return Rate(
-            max(1, rate.per_window // self.replicas),
-            max(1, rate.burst // self.replicas),
-            rate.window,
-            rate.margin,
-        )
-
-    @property
-    def period(self) -> float:
-        return self.rate.window + self.rate.margin
-
-    async def try_take(self, now: float) -> float:
-        if self.backend.up:
-            try:
-                wait = await self.shared.take(
-                    self.account, self.rate.per_window, self.rate.burst, self.period
-                )
-            except SharedUnavailable:
-                pass  # degraded: the backend logged it; this request uses the fallback
-            else:
-                if wait <= 0:
-                    self.bucket.record(now)
-                self._next_at = now + wait
-                return wait
-        return await self.local.try_take(now)
-
-    def ready_at(self, now: float) -> float:
-        if self.backend.up:
-            return max(now, self._next_at)
-        return self.bucket.ready_at(now)
-
-    def ready_after(self, now: float, ahead: int) -> float:
-        if not self.backend.up:
-            return self.bucket.ready_after(now, ahead)
-        # Redis holds the shared bucket and asking it costs a round trip per request, so
-        # this falls back to a local estimate: the next slot Redis last named, then the
-        # account's whole pace for the requests ahead. Other replicas' sends can only make
-        # the real turn later, so this errs early: a request is never refused up front
-        # that could have had its turn; one that cannot is refused at its limit instead.
-        start = self.ready_at(now)
-        if ahead <= 0:
-            return start
-        return start + ahead / self.rate.per_second
-
-    async def pause(self, now: float, seconds: float) -> float:
-        if not self.backend.up:
-            return seconds
-        try:
-            left = await self.shared.pause(
-                self.account, seconds, self.rate.per_window, self.rate.burst, self.period
-            )
-        except SharedUnavailable:
-            return seconds
-        # The shared pause may be another replica's (a longer Retry-After, or another cap):
-        # cut like a local one, so no replica stops past its own budget.retry_after_max.
-        honoured, cut = capped(left, self.longest)
-        if cut:
-            event(
-                "shared_pause_capped",
-                logging.WARNING,
-                account=self.account,
-                asked=round(left, 3),
-                capped_at=self.longest,
-            )
-        left = honoured or 0.0
-        self._next_at = max(self._next_at, now + left)
-        return max(seconds, left)
-
-    def retune(self, rate: Rate) -> None:
-        # The shared script takes the rate with each call, so only the fallback share moves.
-        self.rate = rate
-        share = self._share(rate)
-        self.bucket.rate = share
-        self.bucket.tokens = min(self.bucket.tokens, float(share.burst))
-
-    def mode(self) -> str:
-        return "shared" if self.backend.up else "degraded"
 
 
 def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
@@ -356,18 +99,6 @@ def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
         return None
     # Epoch timestamps are large; a small number is a delay in seconds.
     return value - wall_now if value > 1e9 else value
-
-
-def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
-    """The pause to honour for what Kounta asked, at most ``longest``; True when cut.
-
-    ``Retry-After`` is the upstream's word, not a command: an account paused for an hour
-    (or, as seen, 999999999 s) by one answer is an outage of our own making. Past
-    ``longest`` the proxy asks again, and the backoff grows if Kounta still says 429.
-    """
-    if asked is None or asked <= longest:
-        return asked, False
-    return longest, True
 
 
 # A turn this close to a request's limit is as good as too late: the dispatcher wakes a few
@@ -619,6 +350,7 @@ class AccountBudget:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.gate.close()
 
 
 class Budget:

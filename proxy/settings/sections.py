@@ -388,6 +388,7 @@ class CacheSettings:
 
 
 SharedBackendName = Literal["local", "redis"]
+PreviousFormat = Literal["off", "read", "write"]
 
 
 @dataclass(frozen=True)
@@ -407,12 +408,19 @@ class SharedSettings:
     # The replicas expected to share each account; while Redis is away each one sends at most
     # rate / replicas.
     replicas: int = 1
-    # Fernet key (32 url-safe base64 bytes) that encrypts tokens at rest in Redis; required
-    # with backend = "redis" when an account uses oauth.
+    # Fernet key (32 url-safe base64 bytes) that encrypts tokens at rest in Redis and, through
+    # HKDF, authenticates cache records and messages (HMAC-SHA256); required with
+    # backend = "redis".
     token_key: Secret = Secret("")
     # While Redis is away, refresh an expired token alone (may spend a rotating refresh token
     # other replicas still hold) instead of answering 503 for the account.
     solo_refresh: bool = False
+    # The key before the last rotation: still accepted for reading (tokens, record MACs) while
+    # the replicas move to the new token_key; never used for writing.
+    token_key_previous: Secret = Secret("")
+    # Rolling upgrade from a release without record MACs: "write" writes the previous format
+    # and reads both, "read" writes the new one and reads both, "off" reads only the new one.
+    previous_format: PreviousFormat = "off"
 
     def __post_init__(self) -> None:
         scheme = URL(self.url).scheme if self.url else ""
@@ -425,12 +433,21 @@ class SharedSettings:
             raise Invalid("replicas", "must be at least 1")
         # Checked only where it is used: the local backend never reads it.
         redis = self.backend == "redis"
-        if redis and self.token_key and not _is_fernet_key(self.token_key.reveal()):
+        if redis and not self.token_key:
             raise Invalid(
                 "token_key",
-                "must be a Fernet key: 32 bytes in url-safe base64 (make one with "
-                "`openssl rand -base64 32 | tr '+/' '-_'`)",
+                "is required with backend = 'redis' (it encrypts tokens and authenticates "
+                "cache records in Redis); make one with `openssl rand -base64 32 | tr '+/' '-_' "
+                "> token.key` and set shared.token_key_file",
             )
+        for name in ("token_key", "token_key_previous"):
+            key = getattr(self, name)
+            if redis and key and not _is_fernet_key(key.reveal()):
+                raise Invalid(
+                    name,
+                    "must be a Fernet key: 32 bytes in url-safe base64 (make one with "
+                    "`openssl rand -base64 32 | tr '+/' '-_'`)",
+                )
 
 
 def _is_fernet_key(text: str) -> bool:
@@ -463,7 +480,6 @@ class Settings:
         if self.default_account and self.default_account not in self.accounts:
             raise Invalid("default_account", f"names no account: {self.default_account!r}")
         _check_callers(self)
-        _check_shared(self)
         _check_ports(self)
         if self.inbound.key_header.lower() in self.upstream.forwarded:
             raise Invalid(
@@ -475,16 +491,6 @@ class Settings:
     def account_name(self) -> str:
         """The account used when a caller names none."""
         return self.default_account or next(iter(sorted(self.accounts)), "")
-
-
-def _check_shared(settings: Settings) -> None:
-    oauth = sorted(n for n, a in settings.accounts.items() if a.mode == "oauth")
-    if settings.shared.backend == "redis" and oauth and not settings.shared.token_key:
-        raise Invalid(
-            "shared.token_key",
-            f"is required with backend = 'redis' for oauth account {oauth[0]!r} (tokens are "
-            "encrypted at rest in Redis); set shared.token_key_file",
-        )
 
 
 def _check_ports(settings: Settings) -> None:

@@ -16,7 +16,8 @@ class SharedUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
-    """An encrypted token record as stored: ``version`` grows by one with every write."""
+    """An encrypted token record as stored: ``version`` grows with every write (by one, or
+    to a writer's floor: a record written back after a restore, ``authorize``)."""
 
     version: int
     data: bytes
@@ -25,9 +26,12 @@ class TokenRecord:
 class SharedBudget(Protocol):
     """One account's rate shared by every replica."""
 
-    async def take(self, account: str, per_window: int, burst: int, period: float) -> float:
+    async def take(
+        self, account: str, per_window: int, burst: int, period: float, longest: float = ...
+    ) -> float:
         """Take one send slot if the account has room: 0.0, else the seconds to wait (no slot
-        taken). Raises :class:`SharedUnavailable`."""
+        taken); a shared pause counts for at most ``longest`` seconds (the caller's
+        ``budget.retry_after_max``). Raises :class:`SharedUnavailable`."""
         ...
 
     async def pause(
@@ -40,11 +44,17 @@ class SharedBudget(Protocol):
 class SharedTokens(Protocol):
     """Versioned, encrypted token records and a lock per account."""
 
-    async def read_token(self, account: str) -> TokenRecord | None: ...
+    async def read_token(self, account: str) -> TokenRecord | None:
+        """The record or None; raises :class:`~proxy.shared.records.BadRecord` for a
+        malformed one."""
+        ...
 
-    async def write_token(self, account: str, data: bytes, expected: int) -> int | None:
-        """Write if the stored version is still ``expected`` (0: none stored); returns the new
-        version, or None when another writer came first."""
+    async def write_token(
+        self, account: str, data: bytes, expected: int, floor: int = ...
+    ) -> int | None:
+        """Write if the stored version is still ``expected`` (0: none stored, -1: a malformed
+        record); the new version is ``expected + 1`` or ``floor`` if higher. Returns it, or
+        None when another writer came first."""
         ...
 
     def token_lock(
@@ -73,17 +83,23 @@ class SharedEvents(Protocol):
 class Claim:
     """A fetch lock request's answer: ``owner`` is set when this replica took the lock,
     ``gen`` is the account's invalidation count read in the same round trip (a store made
-    later is refused when an invalidation came in between)."""
+    later is refused when an invalidation came in between), and ``data`` the entry found
+    under the key once the lock was taken (the last owner's, stored before it let go)."""
 
     owner: str | None
     gen: str
+    data: bytes | None = None
 
 
 class SharedCache(Protocol):
     """Cache entries shared by every replica (opaque records), a fetch lock per key and the
     per-account invalidation count. Every method raises :class:`SharedUnavailable`."""
 
-    async def cache_get(self, account: str, digest: str) -> bytes | None: ...
+    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
+        """The record (verified), or None; raises :class:`~proxy.shared.records.BadRecord`
+        for one whose MAC does not verify or whose body part is over ``limit`` bytes (its size
+        is checked before it is read)."""
+        ...
 
     async def cache_put(
         self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
@@ -92,10 +108,16 @@ class SharedCache(Protocol):
         account's invalidation count is no longer ``gen``; returns whether it was stored."""
         ...
 
-    async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim: ...
+    async def cache_claim(
+        self, account: str, digest: str, owner: str, ttl: float, limit: int
+    ) -> Claim:
+        """Take the key's fetch lock; the entry found once it is taken is verified and at
+        most ``limit`` bytes of body (else none)."""
+        ...
 
-    async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
-        """The stored record (or None) and whether the fetch lock is still held."""
+    async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
+        """The stored record (or None) and whether the fetch lock is still held; raises as
+        :meth:`cache_get`."""
         ...
 
     async def cache_release(self, account: str, digest: str, owner: str) -> None: ...
@@ -129,6 +151,12 @@ class Backend(Protocol):
 
     def detail(self) -> str | None:
         """A readiness detail that does not fail readiness ("shared: degraded")."""
+        ...
+
+    @property
+    def back_since(self) -> float:
+        """When (``time.monotonic()``) the store last came back after being away; 0 if it
+        never was away. Records read soon after may be older than before (a restore)."""
         ...
 
     async def start(self) -> None: ...

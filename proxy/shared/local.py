@@ -23,6 +23,10 @@ class LocalBackend:
     def detail(self) -> str | None:
         return None
 
+    @property
+    def back_since(self) -> float:
+        return 0.0
+
     async def start(self) -> None:
         self.metrics.shared_backend_up.set(1)
         self.metrics.shared_degraded.set(0)

@@ -3,17 +3,21 @@
 Keys (``P`` is ``shared.key_prefix``; only cache entries and fetch locks have a TTL, so
 ``maxmemory-policy volatile-lru`` evicts cache entries and never the others)::
 
-    P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s)
+    P:budget:ACCOUNT        hash: tat (GCRA theoretical arrival time), paused (until, epoch s),
+                            format (1)
     P:budget:ACCOUNT:log    sorted set: one member per send in the last window (score: time)
-    P:token:ACCOUNT         hash: version (grows by one per write), data (Fernet ciphertext)
+    P:token:ACCOUNT         hash: version (grows with every write), data (Fernet ciphertext),
+                            format (2; absent: written by the previous release)
     P:token:ACCOUNT:lock    the refresh lock: an owner token with a TTL (redis-py's Lock)
     P:events:TOPIC          a pub/sub channel (cache invalidations between replicas)
-    P:cache:ACCOUNT:e:D     a cache entry (record + body) under D = sha256 of its cache key:
+    P:cache:ACCOUNT:e:D     a cache entry (record + body, sealed with its MAC) under D = sha256
+                            of its cache key:
                             the only keys with a TTL (the entry's reuse window)
     P:cache:ACCOUNT:lock:D  the fetch lock of one key (owner token, PX = upstream total timeout)
     P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
     P:cache:ACCOUNT:paths   sorted set: the account's cached paths, by their latest expiry
     P:cache:ACCOUNT:gen     the account's invalidation count (a store begun before one is refused)
+    P:epoch                 RUN_ID:RANDOM, named when replicas found the data of this run checked
 
 The path indexes let an invalidation or purge find an account's entries without SCAN (which
 walks the whole keyspace); they have no TTL (so eviction never loses them) and are pruned by
@@ -26,6 +30,14 @@ Each change of state is one log line and moves the ``kounta_proxy_shared_backend
 ``kounta_proxy_shared_degraded`` gauges.
 
 Times in the scripts come from Redis (``TIME``), so replicas with skewed clocks still agree.
+
+Everything read back is untrusted (:mod:`proxy.shared.records`): a cache record or message
+whose MAC does not verify, a cache record larger than the caller's limit (checked with
+``STRLEN`` before it is read) and a malformed token record raise
+:class:`~proxy.shared.records.BadRecord`, counted in ``kounta_proxy_shared_bad_records_total``.
+
+**Epochs** (:mod:`proxy.shared.epochs`): a restarted, rewound or emptied Redis is a new
+epoch; its cache entries are deleted and every replica purges its own before using it again.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -49,6 +61,9 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
+from proxy.shared.epochs import Epochs
+from proxy.shared.records import BadRecord, RecordKeys
+from proxy.shared.scripts import CACHE_GET, CAS_SCRIPT, PAUSE, TAKE
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -56,59 +71,12 @@ PROBE_SECONDS = 1.0
 # Lock polling while another replica refreshes a token.
 LOCK_POLL = 0.05
 POOL_SIZE = 64
-
-# GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
-# ARGV: per_window, burst, period (window + margin, seconds), a unique member for the log.
-# Returns {1, "0"} when a slot was taken, else {0, "<seconds to wait>"}.
-TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local per_window = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local period = tonumber(ARGV[3])
-local interval = period / per_window
-local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or now)
-local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or 0)
-if tat < now then tat = now end
-local wait = tat - (burst - 1) * interval - now
-if paused - now > wait then wait = paused - now end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
-local count = redis.call('ZCARD', KEYS[2])
-if count >= per_window then
-  local oldest = redis.call('ZRANGE', KEYS[2], count - per_window, count - per_window, 'WITHSCORES')
-  local free_at = tonumber(oldest[2]) + period
-  if free_at - now > wait then wait = free_at - now end
-end
-if wait > 0 then return {0, tostring(wait)} end
-redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval))
-redis.call('ZADD', KEYS[2], now, ARGV[4])
-return {1, '0'}
-"""
-
-# Kounta said 429: every replica pauses until then, and starts again with one request and
-# then the pace (a burst would hit the wall again). ARGV: seconds, per_window, burst, period.
-PAUSE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or 0)
-local until_ = now + tonumber(ARGV[1])
-if paused > until_ then until_ = paused end
-redis.call('HSET', KEYS[1], 'paused', tostring(until_))
-local interval = tonumber(ARGV[4]) / tonumber(ARGV[2])
-local tat = until_ + (tonumber(ARGV[3]) - 1) * interval
-local old = tonumber(redis.call('HGET', KEYS[1], 'tat') or 0)
-if tat > old then redis.call('HSET', KEYS[1], 'tat', tostring(tat)) end
-return tostring(until_ - now)
-"""
-
-# Compare-and-set: write only over the version the writer read (0: nothing stored yet), so an
-# older token never replaces a newer one. Returns the new version, or -1.
-CAS_SCRIPT = """
-local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if v ~= tonumber(ARGV[1]) then return -1 end
-redis.call('HSET', KEYS[1], 'version', v + 1, 'data', ARGV[2])
-return v + 1
-"""
+# The largest token record read (a Fernet token of a few hundred bytes in practice).
+MAX_TOKEN_RECORD = 64 * 1024
+# Token record formats read: absent (the previous release) and 2 (this one).
+TOKEN_FORMATS = (None, b"2")
+# The longest pause a caller without a cap of its own honours (seconds).
+NO_CAP = 1e9
 
 # Store a cache entry unless the account saw an invalidation since the fetch began; prune the
 # account's expired paths, then index the entry. KEYS: entry, path set, paths, gen.
@@ -130,11 +98,22 @@ if expires > latest then redis.call('ZADD', KEYS[3], expires, ARGV[5]) end
 return 1
 """
 
-# Take a key's fetch lock if free, and read the account's invalidation count, in one trip.
-# KEYS: lock, gen. ARGV: owner, ttl ms. Returns {1 or 0, gen}.
+# Take a key's fetch lock if free, and read the account's invalidation count, in one trip;
+# the lock taken, look again: the entry stored by the lock's last owner (released just
+# before) is returned too, so a fetch begun on an older look does not go upstream again.
+# KEYS: lock, gen, entry. ARGV: owner, ttl ms, the largest entry read.
+# Returns {1 or 0, gen, entry or false, or -1 for one too large or not a string}.
 CACHE_CLAIM = """
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-return {taken and 1 or 0, redis.call('GET', KEYS[2]) or '0'}
+local gen = redis.call('GET', KEYS[2]) or '0'
+if not taken then return {0, gen} end
+local kind = redis.call('TYPE', KEYS[3])['ok']
+if kind == 'none' then return {1, gen} end
+-- Larger than the caller's limit (ARGV[3]) or not a string: never sent, a bad record.
+if kind ~= 'string' or redis.call('STRLEN', KEYS[3]) > tonumber(ARGV[3]) then
+  return {1, gen, -1}
+end
+return {1, gen, redis.call('GET', KEYS[3])}
 """
 
 # Release a fetch lock only for its owner (one that expired and was taken again stays).
@@ -164,22 +143,19 @@ _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSE
 class RedisBackend:
     kind = "redis"
     shared = True
+    # Bytes a cache record may hold on top of the body: envelope, entry header.
+    OVERHEAD = 1024 * 1024
 
     def __init__(self, settings: SharedSettings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.prefix = settings.key_prefix
         self.timeout = settings.timeout
-        self.client = aioredis.Redis.from_url(
-            settings.url,
-            password=settings.password.reveal() or None,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            # No resends inside the client: a failure is reported at once and the caller
-            # falls back; the probe decides when Redis is back.
-            retry=Retry(NoBackoff(), 0),
-            max_connections=POOL_SIZE,
-        )
+        # The probe's own pool: it may talk to a Redis of a new epoch; the data pool may not.
+        self.prober = self._connect(2, None)
+        self.epochs = Epochs(self.prober, self.prefix, metrics)
+        self.client = self._connect(POOL_SIZE, self.epochs.check_connection)
+        self._closed = False
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
         self._write_token = self.client.register_script(CAS_SCRIPT)
@@ -187,12 +163,35 @@ class RedisBackend:
         self._cache_claim = self.client.register_script(CACHE_CLAIM)
         self._cache_release = self.client.register_script(CACHE_RELEASE)
         self._cache_drop = self.client.register_script(CACHE_DROP)
+        self._cache_get = self.client.register_script(CACHE_GET)
+        self.records = RecordKeys.derive(
+            settings.token_key.reveal(),
+            settings.token_key_previous.reveal(),
+            settings.previous_format,
+        )
         self._up = False
         self._state = ""
+        self._back_since = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._replica = uuid.uuid4().hex[:12]
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
+
+    def _connect(
+        self, size: int, on_connect: Callable[[Any], Awaitable[None]] | None
+    ) -> aioredis.Redis:
+        settings = self.settings
+        return aioredis.Redis.from_url(
+            settings.url,
+            password=settings.password.reveal() or None,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            # No resends inside the client: a failure is reported at once and the caller
+            # falls back; the probe decides when Redis is back.
+            retry=Retry(NoBackoff(), 0),
+            max_connections=size,
+            redis_connect_func=on_connect,
+        )
 
     @property
     def budget(self) -> RedisBackend:
@@ -219,6 +218,10 @@ class RedisBackend:
     def detail(self) -> str | None:
         return None if self._up else "degraded"
 
+    @property
+    def back_since(self) -> float:
+        return self._back_since
+
     async def start(self) -> None:
         """Connect once (a Redis that is away at startup only means degraded) and probe."""
         await self._check()
@@ -227,12 +230,16 @@ class RedisBackend:
         self._probe = asyncio.create_task(self._watch(), name="shared-redis-probe")
 
     async def close(self) -> None:
+        # Listeners also stop by this flag: a cancel that lands as get_message's own
+        # timeout expires is swallowed (asyncio.timeout on 3.11), and the loop would go on.
+        self._closed = True
         for task in [self._probe, *self._listeners]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.client.aclose()
+        await self.prober.aclose()
 
     async def _watch(self) -> None:
         while True:
@@ -242,10 +249,18 @@ class RedisBackend:
     async def _check(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):
-                await self.client.ping()
+                run_id, epoch = await self.epochs.read()
+            if self.epochs.changed(run_id, epoch):
+                # Not under the one timeout: deleting a large cache takes many round trips.
+                await self.epochs.begin(run_id, epoch)
         except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
             self._set_state(False, _why(e))
             return
+        if self._state == "degraded":
+            # Back after a break: Redis may be a new process (a restart, a restore), and the
+            # pool's other connections dead. Drop them now rather than fail one call on each.
+            with contextlib.suppress(*_CONNECTION_ERRORS, rexc.RedisError):
+                await self.client.connection_pool.disconnect()
         self._set_state(True, "answering")
 
     def _set_state(self, up: bool, reason: str) -> None:
@@ -255,6 +270,8 @@ class RedisBackend:
         state = "shared" if up else "degraded"
         if state != self._state:
             previous, self._state = self._state or "starting", state
+            if up and previous == "degraded":
+                self._back_since = time.monotonic()
             level = logging.INFO if up else logging.WARNING
             event("shared_backend", level, state=state, previous=previous, reason=reason)
 
@@ -282,11 +299,14 @@ class RedisBackend:
 
     # --- budget
 
-    async def take(self, account: str, per_window: int, burst: int, period: float) -> float:
+    async def take(
+        self, account: str, per_window: int, burst: int, period: float, longest: float = NO_CAP
+    ) -> float:
         self._sent += 1
         member = f"{self._replica}:{self._sent}"
         keys = [self.key("budget", account), self.key("budget", account, "log")]
-        args: list[Any] = [per_window, burst, repr(float(period)), member]
+        cap = repr(float(min(longest, NO_CAP)))
+        args: list[Any] = [per_window, burst, repr(float(period)), member, cap]
         taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
         return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
 
@@ -301,20 +321,41 @@ class RedisBackend:
     # --- tokens
 
     async def read_token(self, account: str) -> TokenRecord | None:
+        """The record, None when there is none; raises :class:`BadRecord` for a malformed one
+        (a version that is not a positive integer, no data, too large, an unknown format, a
+        key of another type) and :class:`SharedUnavailable`."""
         key = self.key("token", account)
-        found: list[Any] = await self._run(
-            "token_read", lambda: self.client.hmget(key, ["version", "data"])
-        )
-        version, data = found
-        if version is None or data is None:
-            return None
-        return TokenRecord(int(version), bytes(data))
 
-    async def write_token(self, account: str, data: bytes, expected: int) -> int | None:
+        async def read() -> list[Any] | None:
+            try:
+                found: list[Any] = await self.client.hmget(key, ["version", "data", "format"])
+            except rexc.ResponseError as e:
+                if "WRONGTYPE" in str(e):
+                    return None  # a key of another type: malformed
+                raise
+            return found
+
+        found = await self._run("token_read", read)
+        if found is None:
+            self._bad("token", "the token record is not a hash")
+        if found[0] is None and found[1] is None:
+            return None
+        try:
+            return TokenRecord(_token_version(found), bytes(found[1]))
+        except BadRecord as e:
+            self._bad("token", str(e))
+
+    def _bad(self, kind: str, problem: str) -> NoReturn:
+        self.metrics.shared_bad_records.labels(kind).inc()
+        raise BadRecord(problem)
+
+    async def write_token(
+        self, account: str, data: bytes, expected: int, floor: int = 0
+    ) -> int | None:
         keys = [self.key("token", account)]
-        args: list[Any] = [expected, data]
+        args: list[Any] = [expected, data, floor]
         version = await self._run("token_write", lambda: self._write_token(keys=keys, args=args))
-        return None if int(version) < 0 else int(version)
+        return None if int(version) <= 0 else int(version)
 
     @contextlib.asynccontextmanager
     async def token_lock(self, account: str, ttl: float, patience: float) -> AsyncIterator[bool]:
@@ -342,10 +383,28 @@ class RedisBackend:
     def _cache_key(self, account: str, kind: str, name: str = "") -> str:
         return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
 
-    async def cache_get(self, account: str, digest: str) -> bytes | None:
+    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
+        data, _ = await self._get_entry("cache_get", account, digest, limit, poll=False)
+        return data
+
+    async def _get_entry(
+        self, op: str, account: str, digest: str, limit: int, *, poll: bool
+    ) -> tuple[bytes | None, bool]:
+        """The entry's payload (its size checked before it is read, its MAC verified) and
+        whether its fetch lock is held; raises :class:`BadRecord`."""
         key = self._cache_key(account, "e", digest)
-        found: Any = await self._run("cache_get", lambda: self.client.get(key))
-        return None if found is None else bytes(found)
+        keys = [key, self._cache_key(account, "lock", digest)] if poll else [key]
+        # The envelope and the entry's own header come on top of the body.
+        args: list[Any] = [limit + self.OVERHEAD]
+        found, locked = await self._run(op, lambda: self._cache_get(keys=keys, args=args))
+        if found is None:
+            return None, bool(locked)
+        if isinstance(found, int):
+            self._bad("cache", "a record too large or of another type")
+        try:
+            return self.records.open(key.encode(), bytes(found)), bool(locked)
+        except BadRecord as e:
+            self._bad("cache", str(e))
 
     async def cache_put(
         self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
@@ -359,28 +418,42 @@ class RedisBackend:
             self._cache_key(account, "gen"),
         ]
         ttl_ms = max(1, int(ttl * 1000))
-        args: list[Any] = [gen, data, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
+        record = self.records.seal(keys[0].encode(), data)
+        args: list[Any] = [gen, record, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
         stored = await self._run("cache_put", lambda: self._cache_put(keys=keys, args=args))
         return int(stored) == 1
 
-    async def cache_claim(self, account: str, digest: str, owner: str, ttl: float) -> Claim:
-        keys = [self._cache_key(account, "lock", digest), self._cache_key(account, "gen")]
-        args: list[Any] = [owner, max(1, int(ttl * 1000))]
-        taken, gen = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
-        return Claim(owner if int(taken) == 1 else None, _text(gen))
+    async def cache_claim(
+        self, account: str, digest: str, owner: str, ttl: float, limit: int
+    ) -> Claim:
+        keys = [
+            self._cache_key(account, "lock", digest),
+            self._cache_key(account, "gen"),
+            self._cache_key(account, "e", digest),
+        ]
+        args: list[Any] = [owner, max(1, int(ttl * 1000)), limit + self.OVERHEAD]
+        found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
+        taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
+        return Claim(owner if taken == 1 else None, _text(gen), self._claimed(keys[2], data))
 
-    async def cache_poll(self, account: str, digest: str) -> tuple[bytes | None, bool]:
-        entry = self._cache_key(account, "e", digest)
-        lock = self._cache_key(account, "lock", digest)
+    def _claimed(self, key: str, data: Any) -> bytes | None:
+        """The entry a claim found, verified; a bad one (too large, another type, a MAC that
+        does not verify) is counted and treated as none (the fetch then stores over it)."""
+        if data is None:
+            return None
+        if not isinstance(data, bytes):
+            self.metrics.shared_bad_records.labels("cache").inc()
+            return None
+        try:
+            return self.records.open(key.encode(), data)
+        except BadRecord:
+            self.metrics.shared_bad_records.labels("cache").inc()
+            return None
 
-        async def poll() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.get(entry)
-            pipe.exists(lock)
-            return await pipe.execute()
-
-        data, locked = await self._run("cache_poll", poll)
-        return data, bool(locked)
+    async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
+        # One script reads entry and lock together (read apart, the owner could store and
+        # release in between, and the waiter would see neither and fetch again).
+        return await self._get_entry("cache_poll", account, digest, limit, poll=True)
 
     async def cache_release(self, account: str, digest: str, owner: str) -> None:
         keys, args = [self._cache_key(account, "lock", digest)], [owner]
@@ -412,15 +485,26 @@ class RedisBackend:
     # --- events
 
     async def publish(self, topic: str, data: bytes) -> None:
-        message = self._replica.encode() + b"|" + data
         channel = self.key("events", topic)
+        message = self.records.seal(channel.encode(), self._replica.encode() + b"|" + data)
         await self._run("publish", lambda: self.client.publish(channel, message))
+
+    def _opened(self, channel: str, data: bytes) -> bytes | None:
+        """A message's ``replica|payload``, or None (dropped and counted) when its MAC does
+        not verify."""
+        try:
+            return self.records.open(channel.encode(), data)
+        except BadRecord as e:
+            self.metrics.shared_bad_records.labels("message").inc()
+            event("shared_message_dropped", logging.WARNING, channel=channel, problem=str(e))
+            return None
 
     def listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
     ) -> None:
         task = asyncio.create_task(self._listen(topic, on_message, on_gap), name=f"listen-{topic}")
         self._listeners.append(task)
+        self.epochs.gaps.append(on_gap)  # a new epoch is a gap too
 
     async def _listen(
         self, topic: str, on_message: Callable[[bytes], None], on_gap: Callable[[], None]
@@ -428,7 +512,7 @@ class RedisBackend:
         """Subscribe, deliver, and after any break subscribe again and report the gap."""
         channel, own = self.key("events", topic), self._replica.encode() + b"|"
         lost = False
-        while True:
+        while not self._closed:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self.timeout):
@@ -437,19 +521,41 @@ class RedisBackend:
                     lost = False
                     event("shared_resubscribed", topic=topic)
                     on_gap()
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(timeout=PROBE_SECONDS)
                     data = message.get("data") if message else None
+                    if isinstance(data, bytes):
+                        data = self._opened(channel, data)
                     if isinstance(data, bytes) and not data.startswith(own):
                         on_message(data.partition(b"|")[2])
             except (*_CONNECTION_ERRORS, rexc.RedisError) as e:
                 if not lost:
                     event("shared_unsubscribed", logging.WARNING, topic=topic, reason=_why(e))
                 lost = True
+            except Exception as e:  # supervised: whatever it was, listen again
+                # Nothing may stop the listener for good (a replica that stops hearing
+                # invalidations serves old entries): log, count, listen again, report a gap.
+                event("shared_listener_failed", logging.ERROR, topic=topic, error=_why(e))
+                self.metrics.shared_listener_restarts.labels(topic).inc()
+                lost = True
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
+
+
+def _token_version(found: list[Any]) -> int:
+    """The version of a token record read as [version, data, format]; raises BadRecord."""
+    version, data, fmt = found
+    if not isinstance(version, bytes) or not version.isdigit() or len(version) > 16:
+        raise BadRecord("the token record's version is not a positive integer")
+    if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_RECORD:
+        raise BadRecord("the token record's data is missing or too large")
+    if fmt not in TOKEN_FORMATS:
+        raise BadRecord("the token record is of an unknown format")
+    if not 0 < int(version) < 2**53:
+        raise BadRecord("the token record's version is out of range")
+    return int(version)
 
 
 def _text(value: bytes | str) -> str:

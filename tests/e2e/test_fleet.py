@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.sandbox import SandboxConfig
 from tests.conftest import TOKEN, Sandbox
 from tests.e2e.test_demo import COMMAND, free_port
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 WINDOW = 2.0
 LIMIT = 30
@@ -68,6 +68,7 @@ url = "{redis_url}"
 key_prefix = "{prefix}"
 replicas = 3
 timeout = 0.2
+token_key = "{TOKEN_KEY}"
 [accounts.main]
 mode = "static"
 token = "{TOKEN}"

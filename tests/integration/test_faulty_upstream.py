@@ -291,6 +291,18 @@ async def test_bytes_past_the_content_length_are_dropped_and_the_connection_not_
     assert raw.connections == 3
 
 
+async def test_a_304_carrying_a_body_revalidates_like_a_bare_one(scripted: Scripted) -> None:
+    # aiohttp alone reads the body as the next answer's status line and fails (a 502).
+    stored = reply(b'{"a":1234}', 'ETag: "v1"', "Cache-Control: max-age=0")
+    not_modified = b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 10\r\n\r\n'
+    raw, p = await scripted(stored, not_modified + b'{"a":1234}')
+    got = await answer_of(p.url, request("GET", "/v1/a"))
+    assert (got.status, got.body) == (200, b'{"a":1234}')
+    got = await answer_of(p.url, request("GET", "/v1/a"))
+    assert (got.status, got.body, got.header("X-Cache")) == (200, b'{"a":1234}', "REVALIDATED")
+    assert 'if-none-match: "v1"' in raw.seen[1].decode().lower()
+
+
 async def test_a_range_is_asked_plain_and_a_gzip_range_passes_through_labelled(
     scripted: Scripted,
 ) -> None:

@@ -15,7 +15,7 @@ from proxy.ops.reload import reload
 from proxy.settings import CacheRule, ConfigError, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 def count(registry: CollectorRegistry, op: str) -> float:
@@ -28,7 +28,12 @@ async def test_redis_round_trips_are_timed_by_operation(
 ) -> None:
     registry = CollectorRegistry()
     shared = RedisBackend(
-        SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        SharedSettings(
+            backend="redis",
+            url=redis_server.url,
+            key_prefix=redis_prefix,
+            token_key=Secret(TOKEN_KEY),
+        ),
         Metrics(registry),
     )
     await shared.start()

@@ -24,11 +24,11 @@ from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
 from proxy.pipeline.budget import AccountBudget, Rate, SharedGate
 from proxy.sandbox import SandboxConfig
-from proxy.settings import BudgetSettings, CacheSettings, Settings, SharedSettings
+from proxy.settings import BudgetSettings, CacheSettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, serve
 from tests.integration.test_budget import budget_settings, fetch
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 WINDOW = 2.0  # real seconds standing for Kounta's minute
 LIMIT = 30  # requests per window, in the sandbox and the proxies alike
@@ -56,7 +56,14 @@ def shared_settings(
         callers=20,
         cache=CacheSettings(enabled=False),  # every request goes upstream
         budget=BudgetSettings(window=WINDOW, window_margin=0.1, max_wait=1.0, backoff_initial=1),
-        shared=SharedSettings(backend=backend, url=url, key_prefix=prefix, replicas=3, **kw),  # type: ignore[arg-type]
+        shared=SharedSettings(
+            backend=backend,
+            url=url,
+            key_prefix=prefix,
+            replicas=3,
+            token_key=Secret(TOKEN_KEY),
+            **kw,
+        ),  # type: ignore[arg-type]
     )
 
 
@@ -239,7 +246,12 @@ async def test_a_shared_pause_is_cut_to_retry_after_max(
 @pytest.fixture
 async def backend(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[RedisBackend]:
     shared = RedisBackend(
-        SharedSettings(backend="redis", url=redis_server.url, key_prefix=redis_prefix),
+        SharedSettings(
+            backend="redis",
+            url=redis_server.url,
+            key_prefix=redis_prefix,
+            token_key=Secret(TOKEN_KEY),
+        ),
         Metrics(CollectorRegistry()),
     )
     await shared.start()

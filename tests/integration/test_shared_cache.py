@@ -10,16 +10,21 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from proxy.cache.broadcast import Purge, decode, encode
-from proxy.cache.policy import Invalidation
+from proxy.cache.broadcast import BadMessage, decode, encode
+from proxy.cache.invalidation import Invalidation, Purge
 from proxy.edge.services import SERVICES
+from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Settings, SharedSettings
+from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
+from proxy.shared import RedisBackend
+from proxy.shared.records import RecordKeys
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: str) -> Settings:
@@ -28,7 +33,9 @@ def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: s
         tmp_path / name,
         cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),)),
         retry=RetrySettings(attempts=1),
-        shared=SharedSettings(backend="redis", url=url, key_prefix=prefix, timeout=0.3),
+        shared=SharedSettings(
+            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+        ),
     )
 
 
@@ -125,10 +132,117 @@ async def test_a_purge_on_one_replica_purges_the_others(
         await asyncio.sleep(0.02)
 
 
-def test_foreign_or_damaged_messages_are_ignored() -> None:
+def test_foreign_damaged_or_hostile_messages_are_refused() -> None:
     for data in (b"", b"[]", b"null", b'{"account": 1, "paths": [], "lists_of": []}',
-                 b'{"account": "a", "paths": [1], "lists_of": []}', b"\xff"):  # fmt: skip
-        assert decode(data) is None
+                 b'{"account": "a", "paths": [1], "lists_of": []}', b"\xff",
+                 b"[" * 100_000 + b"]" * 100_000, b'{"a": ' * 50 + b"1" + b"}" * 50,
+                 b'{"v": 1, "account": "a", "paths": ["x"], "lists_of": []}',
+                 b'{"v": 1, "account": "a", "paths": [], "lists_of": [], "more": 1}',
+                 b'{"v": 2, "account": "a", "paths": [], "lists_of": []}',
+                 b'{"v": true, "account": "a", "paths": [], "lists_of": []}',
+                 b'{"v": 1, "purge": "v1", "account": null}',
+                 b'{"v": 1, "account": "a", "paths": ["/' + b"x" * 300_000 + b'"], "lists_of": []}',
+                 b'{"account": "a", "paths": ' + b'["/x"],' * 0 + b'"/x", "lists_of": []}'):  # fmt: skip
+        with pytest.raises(BadMessage):
+            decode(data)
     inv = Invalidation("main", frozenset({"/v1/x"}), frozenset({"orders"}))
     assert decode(encode(inv)) == inv
     assert decode(encode(Purge("/v1", None))) == Purge("/v1", None)
+    assert decode(encode(Purge("", "main"))) == Purge("", "main")
+    mid = Invalidation("main", frozenset(), frozenset(), frozenset({"/v1/c/5/sites/*/x*"}))
+    assert decode(encode(mid)) == mid
+    # The previous release's messages (no format version) are read as they were.
+    old = b'{"account":"main","paths":["/v1/x"],"lists_of":["orders"]}'
+    assert decode(old) == inv
+    assert decode(b'{"purge":"/v1","account":null}') == Purge("/v1", None)
+
+
+async def test_a_hostile_message_is_dropped_and_counted_and_invalidation_goes_on(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Deep nesting (RecursionError in json), a huge message, a wrong schema and an unknown
+    format version on the channel: each dropped and counted, and B still hears A's write."""
+    a, b = await pair(make_proxy, sandbox, tmp_path, redis_server.url, redis_prefix)
+    one = ONE.format(await first_id(client, a))
+    await get(client, b.url + one)
+    assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
+    hostile = (
+        b"[" * 200_000 + b"]" * 200_000,
+        b'{"v": 1, "account": "main", "paths": ["' + b"x" * 2_000_000 + b'"], "lists_of": []}',
+        b'{"v": 1, "account": "main", "paths": "/v1/x", "lists_of": []}',
+        b'{"v": 99, "account": "main", "paths": [], "lists_of": []}',
+    )
+    evil = aioredis.Redis.from_url(redis_server.url)
+    channel = f"{redis_prefix}:events:cache"
+    # Signed with the key (a replica's bug, or a key holder): past the MAC, the decoder's turn.
+    keys = RecordKeys.derive(TOKEN_KEY)
+    try:
+        for data in hostile:
+            await evil.publish(channel, keys.seal(channel.encode(), b"attacker|" + data))
+    finally:
+        await evil.aclose()
+    async with client.put(a.url + one, json={"first_name": "Zed"}) as r:
+        assert r.status == 200
+    answered = time.monotonic()
+    while b"Zed" not in (await get(client, b.url + one))[2]:
+        assert time.monotonic() - answered < 1.0, "replica B no longer hears invalidations"
+        await asyncio.sleep(0.01)
+    assert rejected(b) == len(hostile)
+
+
+def rejected(proxy: Proxy) -> float:
+    value = proxy.registry.get_sample_value(  # type: ignore[attr-defined]
+        "kounta_proxy_cache_broadcasts_total", {"result": "rejected"}
+    )
+    return float(value or 0.0)
+
+
+async def test_a_listener_that_dies_is_restarted_counted_and_reports_a_gap(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Whatever kills the listener (here its callback raising), it subscribes again, logs,
+    counts, and reports a gap (the replica purges as after a lost subscription)."""
+    registry = CollectorRegistry()
+    settings = SharedSettings(
+        backend="redis",
+        url=redis_server.url,
+        key_prefix=redis_prefix,
+        token_key=Secret(TOKEN_KEY),
+    )
+    listener = RedisBackend(settings, Metrics(registry))
+    sender = RedisBackend(settings, Metrics(CollectorRegistry()))
+    got: list[bytes] = []
+    gaps: list[float] = []
+
+    def on_message(data: bytes) -> None:
+        got.append(data)
+        if data == b"boom":
+            raise RecursionError("maximum recursion depth exceeded")
+
+    await listener.start()
+    await sender.start()
+    try:
+        listener.listen("t", on_message, lambda: gaps.append(time.monotonic()))
+        await asyncio.sleep(0.2)
+        await sender.publish("t", b"boom")
+        deadline = time.monotonic() + 3
+        while not gaps:
+            assert time.monotonic() < deadline, "no gap reported after the listener died"
+            await asyncio.sleep(0.02)
+        await sender.publish("t", b"after")
+        while b"after" not in got:
+            assert time.monotonic() < deadline, "the listener was not restarted"
+            await asyncio.sleep(0.02)
+            await sender.publish("t", b"after")
+    finally:
+        await sender.close()
+        await listener.close()
+    restarts = registry.get_sample_value(
+        "kounta_proxy_shared_listener_restarts_total", {"topic": "t"}
+    )
+    assert restarts == 1

@@ -4,10 +4,11 @@ rotation-safe, and what a replica does while Redis is away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,19 @@ def provider(proxy: Proxy) -> OAuthProvider:
     return found
 
 
+async def until(done: Callable[[], bool], within: float) -> None:
+    """Until ``done()`` holds; an AssertionError after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def settled(providers: list[OAuthProvider]) -> None:
+    """Until no provider is refreshing or due for a refresh (a condition, bounded)."""
+    await until(lambda: all(p._inflight is None and not p._due() for p in providers), 3.0)
+
+
 async def stored(client: aioredis.Redis, prefix: str) -> tuple[int, dict[str, Any], bytes]:
     version, data = await client.hmget(f"{prefix}:token:main", ["version", "data"])
     return int(version), json.loads(Fernet(KEY.encode()).decrypt(data)), data
@@ -122,13 +136,48 @@ async def test_three_replicas_refresh_once_per_lifetime_under_rotation(
     assert server.counters.spent_refresh == 0
     requests = server.counters.by_client["sandbox-client"]
     assert 2 <= requests <= run / (LIFETIME / 2) + 2, requests
-    # All three hold the same token, and Redis holds it encrypted only.
+    # All three hold the same token, and Redis holds it encrypted only. Checked once no replica
+    # is refreshing or due: while one stores a new token the others, due at the same moment,
+    # adopt it within a lock poll (see test_replicas_waiting_for_the_refresh_lock_...).
+    await settled([provider(p) for p in proxies])
     held = {provider(p)._token.access_token for p in proxies}  # type: ignore[union-attr]
     version, record, raw = await stored(redis_client, redis_prefix)
     assert version == requests
     assert held == {record["access_token"]}
     assert record["access_token"].encode() not in raw
     assert record["refresh_token"].encode() not in raw and b"refresh_token" not in raw
+
+
+async def test_replicas_waiting_for_the_refresh_lock_adopt_the_new_token_without_it(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_prefix: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """Another replica holds the lock and stores a new token: a replica waiting for the lock
+    adopts it at once instead of queueing for the lock only to read it (the cause of replicas
+    holding an older token for a lock poll per replica ahead of them)."""
+    key = f"{redis_prefix}:token:main"
+
+    async def put(version: int, access: str, expires_at: float) -> None:
+        record = {"access_token": access, "refresh_token": SEED_REFRESH, "expires_at": expires_at}
+        record["obtained_at"] = time.time() if version > 1 else 0.0
+        data = Fernet(KEY.encode()).encrypt(json.dumps(record).encode())
+        await redis_client.hset(key, mapping={"version": version, "data": data})
+
+    await put(1, "expired", 1.0)
+    await redis_client.set(f"{key}:lock", "another-replica", px=5000)
+    proxy = await make_proxy(settings_for(sandbox, tmp_path, redis_server.url, redis_prefix))
+    # It found the expired token and waits for the lock.
+    await until(lambda: provider(proxy)._inflight is not None, 2.0)
+    await put(2, "stored-by-the-lock-holder", time.time() + 60)
+    with contextlib.suppress(AssertionError):
+        await until(lambda: provider(proxy).expires_at != 1.0, 1.0)
+    assert provider(proxy)._token.access_token == "stored-by-the-lock-holder"  # type: ignore[union-attr]
+    assert await redis_client.get(f"{key}:lock") == b"another-replica"
+    assert sandbox.app[SANDBOX_OAUTH].counters.by_client.get("sandbox-client", 0) == 0
 
 
 async def test_unshared_replicas_spend_each_others_refresh_tokens(

@@ -8,8 +8,8 @@ from authlib.oauth2 import OAuth2Error
 from proxy.auth.authorize import AuthorizeError, check_state, parse_redirect
 from proxy.auth.endpoint import parse_token_response
 from proxy.auth.layer import is_token_failure
-from proxy.auth.providers import refresh_due
 from proxy.auth.token_file import StoredToken
+from proxy.auth.tokens import refresh_due
 from proxy.clock import backoff
 from proxy.settings import ConfigError, load
 

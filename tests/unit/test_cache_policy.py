@@ -11,13 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from proxy.cache.invalidation import Invalidation
 from proxy.cache.policy import (
     NO_CONTROL,
     Bypass,
     Entry,
     Freshened,
     FreshHit,
-    Invalidation,
     Miss,
     NotStorable,
     OnlyIfCachedMiss,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from proxy.cache.shares import Ledger
 from proxy.cache.store import CacheStore
+from proxy.metrics import Metrics
 from tests.unit.test_cache_store import stored
 
 
@@ -42,9 +45,8 @@ async def test_the_disk_share_holds_across_a_restart_with_new_weights(tmp_path: 
     await store.flush()
     await store.close()
     # Reopened with two accounts and 200 KB of disk each: a keeps its newest few, b its one.
-    store = await CacheStore.open(directory, 400_000, 0, shares={"a": 1, "b": 1})
-    evicted: list[int] = []
-    store.on_evict = evicted.append
+    registry = CollectorRegistry()
+    store = await CacheStore.open(directory, 400_000, 0, Metrics(registry), shares={"a": 1, "b": 1})
     try:
         kept_a = [i for i in range(10) if await store.get(stored(f"/v1/a/{i}", account="a")[0])]
         assert 1 <= len(kept_a) <= 4, kept_a
@@ -53,7 +55,8 @@ async def test_the_disk_share_holds_across_a_restart_with_new_weights(tmp_path: 
             store.put(*stored(f"/v1/a/new{i}", body=b"x" * 50_000, account="a"))
         await store.flush()
         assert await store.get(stored("/v1/b/0", account="b")[0]) is not None
-        assert sum(evicted) >= 5
+        evicted = registry.get_sample_value("kounta_proxy_cache_evictions_total")
+        assert evicted is not None and evicted >= 5
         assert store.ledger.held["a"] <= store.ledger.limit("a")
     finally:
         await store.close()

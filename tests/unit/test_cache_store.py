@@ -7,9 +7,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from proxy.cache.policy import Entry, Invalidation, cache_key
-from proxy.cache.store import CacheStore, HotEntries, Stored, _intact, _upgraded
+from proxy.cache.invalidation import Invalidation
+from proxy.cache.memory import HotEntries, Stored
+from proxy.cache.policy import Entry, cache_key
+from proxy.cache.store import CacheStore, _intact, _upgraded
+from proxy.metrics import Metrics
 
 
 def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:
@@ -18,8 +22,13 @@ def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, 
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[CacheStore]:
-    opened = await CacheStore.open(tmp_path / "cache", 10**8, 10**6)
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, registry: CollectorRegistry) -> AsyncIterator[CacheStore]:
+    opened = await CacheStore.open(tmp_path / "cache", 10**8, 10**6, Metrics(registry))
     yield opened
     await opened.close()
 
@@ -54,13 +63,15 @@ async def test_path_index_is_bounded_and_removals_still_reach_unindexed_keys(
     assert await store.get(stored("/v1/companies/5/customers/0")[0]) is None
 
 
-async def test_a_corrupt_record_is_a_miss_and_is_removed(store: CacheStore) -> None:
+async def test_a_corrupt_record_is_a_miss_and_is_removed(
+    store: CacheStore, registry: CollectorRegistry
+) -> None:
     key, good = stored("/v1/x")
-    errors: list[str] = []
-    store.on_error = errors.append
     await store._run(store.disk.set, key, "not a record")
     assert await store.get(key) is None
-    assert errors == ["read"]
+    for op, count in (("read", 1), ("write", 0), ("delete", 0)):
+        sample = registry.get_sample_value("kounta_proxy_cache_store_errors_total", {"op": op})
+        assert (sample or 0) == count, op
     assert await store._run(store.disk.get, key) is None  # healed, not failing forever
     store.put(key, good)
     await store.flush()

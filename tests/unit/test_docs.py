@@ -531,7 +531,7 @@ def test_code_references_name_code_that_exists(path: Path) -> None:
     [
         ("recorded by app.access_middleware", None, "access_middleware"),  # imported there
         ("the long way: handlers.stamp_server", None, "stamp_server"),
-        ("see `proxy.cache.flight.Tee`", None, "Tee"),
+        ("see `proxy.cache.flight.Pump`", None, "Pump"),
         ("see proxy/auth.py", None, "proxy/auth.py"),
         (":class:`Authenticator` puts it on", "proxy.auth.providers", "Authenticator"),
         ("``Flight.nonsense`` is set", None, "nonsense"),

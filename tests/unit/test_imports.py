@@ -1,6 +1,7 @@
 """The import rule: every import points down the ranks, nothing imports late, no cycles.
 
-Ranks (docs/design.md): 0 the shared vocabulary (top-level modules), 1 ``shared``,
+Ranks (docs/design.md): 0 the shared vocabulary (top-level modules, and ``compat``: the one
+module per library whose private parts we touch), 1 ``shared``,
 2 ``pipeline`` / ``cache`` / ``auth`` (which never import each other), 3 ``edge``,
 4 ``ops``, 5 ``cli`` (6 ``__main__``). The sandbox imports nothing of the proxy.
 """
@@ -13,7 +14,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "proxy"
-PACKAGE_RANKS = {"shared": 1, "pipeline": 2, "cache": 2, "auth": 2, "edge": 3, "ops": 4}
+PACKAGE_RANKS = {
+    "compat": 0,
+    "shared": 1,
+    "pipeline": 2,
+    "cache": 2,
+    "auth": 2,
+    "edge": 3,
+    "ops": 4,
+}
 MODULE_RANKS = {"cli": 5, "__main__": 6}
 
 

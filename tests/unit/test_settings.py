@@ -155,7 +155,17 @@ client_secret = "secret"
     [
         (
             {"KOUNTA_PROXY_SHARED__BACKEND": "redis"},
-            "shared.token_key: is required with backend = 'redis' for oauth account 'main'",
+            "shared.token_key: is required with backend = 'redis' (it encrypts tokens and "
+            "authenticates cache records in Redis); make one with `openssl rand",
+        ),
+        (
+            {
+                "KOUNTA_PROXY_SHARED__BACKEND": "redis",
+                "KOUNTA_PROXY_SHARED__TOKEN_KEY": "G6lVdQ8yOXcSi9q3IPa7dxUiZ1r9JTJOOjRbySCXGHs=",
+                "KOUNTA_PROXY_SHARED__TOKEN_KEY_PREVIOUS": "short",
+            },
+            "KOUNTA_PROXY_SHARED__TOKEN_KEY_PREVIOUS (shared.token_key_previous): must be a "
+            "Fernet key",
         ),
         (
             {"KOUNTA_PROXY_SHARED__BACKEND": "redis", "KOUNTA_PROXY_SHARED__TOKEN_KEY": "short"},
@@ -182,6 +192,15 @@ def test_shared_settings_refuse_bad_values_in_one_line(
         load(write(tmp_path, OAUTH), env)
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+def test_every_redis_setup_needs_a_token_key_not_only_oauth_accounts(tmp_path: Path) -> None:
+    """Cache records and messages are authenticated with a key derived from it (issue 17.8)."""
+    static = '[accounts.main]\nmode = "static"\ntoken = "t"\n'
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, static), {"KOUNTA_PROXY_SHARED__BACKEND": "redis"})
+    assert str(caught.value).startswith("shared.token_key: is required with backend = 'redis'")
+    assert "shared.token_key_file" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_shared_token_key_from_a_file_is_a_masked_secret(tmp_path: Path) -> None:

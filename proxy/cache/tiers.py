@@ -1,0 +1,242 @@
+"""Where entries live: one :class:`Entries` protocol, chosen once when the proxy is built.
+
+- :class:`LocalEntries`: this process's memory tier and disk (:mod:`proxy.cache.store`).
+- :class:`RedisEntries`: the memory tier, then the entries every replica shares in Redis
+  (:mod:`proxy.cache.shared`), then the local disk; a fetch lock per key across replicas.
+
+The driver (:mod:`proxy.cache.layer`) asks the tier, never which tier it is: look an entry
+up, *obtain* a flight's outcome (the shared tier may find another replica's entry instead of
+fetching), *keep* what a fetch got, *commit* a spilled body, *finish* a flight (to Redis, then
+let go of the lock) and *apply* a change here (flights cancelled, memory tier and disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Protocol
+
+from proxy.cache.disk import BodySink
+from proxy.cache.flight import Flight, Flights, Outcome
+from proxy.cache.invalidation import Change, Purge
+from proxy.cache.memory import Stored
+from proxy.cache.policy import Entry, fresh_age
+from proxy.cache.shared import SharedEntries
+from proxy.cache.store import CacheStore
+from proxy.clock import WallClock
+from proxy.metrics import Metrics
+
+Fetch = Callable[[], Awaitable[Outcome]]
+
+
+class Entries(Protocol):
+    @property
+    def sequence(self) -> int:
+        """The count of changes applied here (a flight begun before one must not store)."""
+        ...
+
+    def hot(self, key: str) -> Stored | None:
+        """The entry in the memory tier (no I/O: the fresh-hit fast path)."""
+        ...
+
+    async def lookup(self, account: str, key: str) -> Stored | None: ...
+
+    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+        """The flight's outcome: ``fetch()``, or what another replica fetched."""
+        ...
+
+    def keep(self, flight: Flight, stored: Stored) -> None:
+        """Store what the flight got (unless a change covered it meanwhile)."""
+        ...
+
+    def may_store(self, flight: Flight, entry: Entry) -> bool: ...
+
+    async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
+        """Store a body spilled to a file, now whole (None: it could not be stored)."""
+        ...
+
+    async def finish(self, flight: Flight) -> None:
+        """The flight is over and its answer is out."""
+        ...
+
+    def forget(self, key: str) -> None: ...
+
+    def sink(self) -> BodySink: ...
+
+    def body(self, stored: Stored) -> AsyncGenerator[bytes, None]: ...
+
+    async def apply(self, change: Change) -> int:
+        """Remove what ``change`` covers here (:class:`~proxy.cache.invalidation.LocalTier`)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalEntries:
+    """The memory tier and the disk of this process."""
+
+    def __init__(self, store: CacheStore, flights: Flights, metrics: Metrics) -> None:
+        self.store = store
+        self.flights = flights
+        self.metrics = metrics
+
+    @property
+    def sequence(self) -> int:
+        return self.store.sequence
+
+    def hot(self, key: str) -> Stored | None:
+        return self.store.hot.get(key)
+
+    async def lookup(self, account: str, key: str) -> Stored | None:
+        return await self.store.get(key)
+
+    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+        return await fetch()
+
+    def stale(self, flight: Flight, entry: Entry) -> bool:
+        """Whether a change came while the flight was out (what it got may be old)."""
+        return flight.cancelled or self.store.invalidated_since(
+            flight.sequence, entry.account, entry.path
+        )
+
+    def may_store(self, flight: Flight, entry: Entry) -> bool:
+        if self.stale(flight, entry):
+            self.metrics.cache_stores.labels("invalidated").inc()
+            return False
+        if not self.store.writable:
+            self.metrics.cache_stores.labels("disabled").inc()
+        return True
+
+    def keep(self, flight: Flight, stored: Stored) -> None:
+        if self.may_store(flight, stored.entry):
+            self.store.put(flight.key, stored)
+            self.metrics.cache_stores.labels("stored").inc()
+
+    async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
+        path = await sink.finish()
+        stored = await self.store.commit_file(flight.key, entry, path, sink.crc)
+        self.metrics.cache_stores.labels("stored").inc()
+        return stored
+
+    async def finish(self, flight: Flight) -> None:
+        return None
+
+    def forget(self, key: str) -> None:
+        self.store.delete(key)
+
+    def sink(self) -> BodySink:
+        return self.store.sink()
+
+    def body(self, stored: Stored) -> AsyncGenerator[bytes, None]:
+        return self.store.body(stored)
+
+    async def apply(self, change: Change) -> int:
+        self.flights.cancel(change)
+        if isinstance(change, Purge):
+            return await self.store.purge(change.prefix, change.account)
+        removed = self.store.invalidate(change)
+        self.metrics.cache_invalidations.inc(removed)
+        return removed
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisEntries(LocalEntries):
+    """The memory tier, then Redis (shared by every replica), then this process's disk."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        flights: Flights,
+        metrics: Metrics,
+        shared: SharedEntries,
+        clock: WallClock,
+        coalesce_wait: float,
+    ) -> None:
+        super().__init__(store, flights, metrics)
+        self.shared = shared
+        self.clock = clock
+        self.coalesce_wait = coalesce_wait
+
+    async def lookup(self, account: str, key: str) -> Stored | None:
+        """Memory tier, then Redis (a hit there joins the memory tier), then the local disk."""
+        hot = self.store.hot.get(key)
+        if hot is not None:
+            return hot
+        sequence = self.store.sequence
+        found = await self.shared.get(account, key)
+        if found is None:
+            return await self.store.get(key)
+        entry = found.entry
+        if self.store.invalidated_since(sequence, entry.account, entry.path):
+            return await self.store.get(key)  # read before an invalidation: maybe older
+        newer = self.store.hot.get(key)
+        if newer is not None:
+            return newer  # stored here while Redis answered
+        self.store.promote(key, found)
+        return found
+
+    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+        """Take the key's fetch lock in Redis, or wait for the replica that holds it to
+        store the entry and answer from that; else (Redis away, the owner stored nothing,
+        or it took longer than ``cache.coalesce_wait``) fetch here."""
+        account = flight.request.account
+        claim = await self.shared.claim(account, flight.key)
+        if claim is None:
+            return await fetch()
+        flight.claimed(claim.gen, claim.owner)
+        if claim.owner is None:
+            found = await self.shared.wait(account, flight.key, self.coalesce_wait)
+        else:  # the lock's last owner may have stored it since this flight's lookup
+            found = await self.shared.found(account, flight.key, claim.data)
+        if found is None or not self._usable(flight, found):
+            return await fetch()
+        self.store.promote(flight.key, found)
+        entry = found.entry
+        return Outcome(
+            entry.status,
+            entry.headers,
+            "MISS",
+            None,
+            stored=found,
+            entry=entry,
+            reason="other_replica",
+        )
+
+    def _usable(self, flight: Flight, found: Stored) -> bool:
+        """Whether another replica's fresh entry answers this flight's request."""
+        entry = found.entry
+        if self.stale(flight, entry):
+            return False
+        return fresh_age(entry, self.clock()) is not None and entry.selects(flight.request.headers)
+
+    def keep(self, flight: Flight, stored: Stored) -> None:
+        if self.may_store(flight, stored.entry):
+            self.store.put(flight.key, stored)
+            self.metrics.cache_stores.labels("stored").inc()
+            flight.to_share(stored)  # to Redis by finish(), once the answer is out
+
+    async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
+        path = await sink.finish()
+        body = None
+        if flight.gen is not None:
+            # Read back before the store moves it: whole and checked (size), for Redis.
+            body = await self.store.read_spilled(path, sink.size)
+        stored = await self.store.commit_file(flight.key, entry, path, sink.crc)
+        self.metrics.cache_stores.labels("stored").inc()
+        if body is not None:
+            flight.to_share(Stored(entry, body, None, sink.crc))
+        return stored
+
+    async def finish(self, flight: Flight) -> None:
+        """Store the flight's entry in Redis (unless a change came meanwhile), and only then
+        let go of the fetch lock: what it stored is there before waiters see it free."""
+        stored = flight.take_share()
+        if stored is not None and flight.gen is not None and not self.stale(flight, stored.entry):
+            await self.shared.put(flight.key, stored, flight.gen, self.clock())
+        owner = flight.let_go()
+        if owner is not None:
+            await self.shared.release(flight.request.account, flight.key, owner)
+
+    async def close(self) -> None:
+        await self.shared.close()

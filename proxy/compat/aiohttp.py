@@ -1,0 +1,203 @@
+"""Every touch of aiohttp's private parts, for what its public API cannot do.
+
+Server side (:mod:`proxy.listener`): build our own request protocol (a subclass answering
+unparsable requests as JSON, keeping head deadlines and the connection cap) in place of
+aiohttp's, which means swapping the class of the ``Server`` an ``AppRunner`` makes and
+building the protocol with the server's loop and keyword arguments; read whether a protocol
+waits for a request head (its ``_waiter``, which aiohttp's own keep-alive timer reads too);
+read the bound sockets of a site.
+
+Client side (:mod:`proxy.client`): a response protocol that recovers a complete response
+followed by excess bytes stands in the connector's protocol factory, wraps the protocol's
+parser, and reads its current payload and whether the response has no body (HEAD).
+
+Besides these names, the subclasses override methods aiohttp does not document as hooks
+(:data:`OVERRIDES`). :data:`PINS` lists every assumption; ``tests/unit/test_compat.py``
+checks each and names :data:`WRITTEN_AGAINST` when one fails after an upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import aiohttp
+from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+WRITTEN_AGAINST = "3.14.5"
+
+P = TypeVar("P", bound=RequestHandler)
+
+# --- server side
+
+
+def waiting_for_request(protocol: RequestHandler) -> bool:
+    """Whether the protocol waits for a request head (none is being answered)."""
+    waiter = protocol._waiter
+    return waiter is not None and not waiter.done()
+
+
+def protocol_loop(protocol: RequestHandler) -> asyncio.AbstractEventLoop:
+    return protocol._loop
+
+
+def make_protocol(server: Server, cls: type[P], **extra: Any) -> P:
+    """A protocol of class ``cls`` made as ``server`` makes its own (``Server.__call__``)."""
+    return cls(server, loop=server._loop, **server._kwargs, **extra)
+
+
+class HookedRunner(web.AppRunner):
+    """An ``AppRunner`` whose server passes through :meth:`customise` once made."""
+
+    def customise(self, server: Server) -> Server:
+        return server
+
+    async def _make_server(self) -> Server:
+        return self.customise(await super()._make_server())
+
+
+def swap_server_class(server: Server, cls: type[Server]) -> None:
+    """Make ``server`` an instance of ``cls`` (a subclass adding no state of its own but
+    class attributes), so that it builds ``cls``'s protocols."""
+    server.__class__ = cls
+
+
+def site_sockets(site: web.BaseSite) -> list[socket.socket]:
+    server = getattr(site, "_server", None)
+    return list(getattr(server, "sockets", None) or [])
+
+
+# --- client side
+
+
+def response_parser(protocol: ResponseHandler) -> Any:
+    return protocol._parser
+
+
+def set_response_parser(protocol: ResponseHandler, parser: Any) -> None:
+    protocol._parser = parser
+
+
+def response_payload(protocol: ResponseHandler) -> Any:
+    """The body stream of the response being read (or the last one)."""
+    return protocol._payload
+
+
+def skips_payload(protocol: ResponseHandler) -> bool:
+    """Whether the response being read has no body whatever its head says (HEAD)."""
+    return bool(protocol._skip_payload)
+
+
+def set_protocol_factory(
+    connector: aiohttp.TCPConnector, factory: Callable[..., ResponseHandler]
+) -> None:
+    """New connections of ``connector`` speak ``factory(loop=...)``'s protocol."""
+    connector._factory = cast(Any, functools.partial(factory, loop=connector._loop))
+
+
+# --- what the tests pin
+
+# Methods our subclasses override that aiohttp does not document as hooks, with the
+# parameters we rely on.
+OVERRIDES: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "RequestHandler.handle_error": (
+        RequestHandler.handle_error,
+        ("self", "request", "status", "exc", "message"),
+    ),
+    "RequestHandler.finish_response": (
+        RequestHandler.finish_response,
+        ("self", "request", "resp", "start_time"),
+    ),
+    "RequestHandler.data_received": (RequestHandler.data_received, ("self", "data")),
+    "RequestHandler.connection_made": (RequestHandler.connection_made, ("self", "transport")),
+    "RequestHandler.connection_lost": (RequestHandler.connection_lost, ("self", "exc")),
+    "ResponseHandler.set_response_params": (ResponseHandler.set_response_params, ("self",)),
+    "ResponseHandler.data_received": (ResponseHandler.data_received, ("self", "data")),
+}
+
+
+def _names(function: Callable[..., Any]) -> tuple[str, ...]:
+    code = getattr(function, "__code__", None)
+    return tuple(code.co_names) if code is not None else ()
+
+
+def _slots(cls: type) -> set[str]:
+    return {name for klass in cls.__mro__ for name in getattr(klass, "__slots__", ())}
+
+
+def _pins() -> dict[str, Callable[[], bool]]:
+    def params(function: Callable[..., Any], names: tuple[str, ...]) -> bool:
+        return tuple(inspect.signature(function).parameters)[: len(names)] == names
+
+    return {
+        "AppRunner._make_server is a coroutine function": lambda: inspect.iscoroutinefunction(
+            web.AppRunner._make_server
+        ),
+        "Server.__call__ makes RequestHandler(self, loop=self._loop, **self._kwargs)": lambda: (
+            {
+                "_loop",
+                "_kwargs",
+            }
+            <= set(_names(Server.__call__))
+        ),
+        "Server.__init__ sets request_handler, _loop and _kwargs": lambda: (
+            {
+                "request_handler",
+                "_loop",
+                "_kwargs",
+            }
+            <= set(_names(Server.__init__))
+        ),
+        "Server.connections lists the open protocols": lambda: isinstance(
+            Server.connections, property
+        ),
+        "RequestHandler._waiter is awaited by start() and read by _process_keepalive": lambda: (
+            "_waiter" in _slots(RequestHandler)
+            and "_waiter" in _names(RequestHandler.start)
+            and "_waiter" in _names(RequestHandler._process_keepalive)
+        ),
+        "RequestHandler.start() checks _force_close before lingering": lambda: (
+            "_force_close" in _names(RequestHandler.start)
+        ),
+        "RequestHandler has _loop, transport and keepalive_timeout": lambda: (
+            "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
+            and "_loop" in _slots(RequestHandler)
+            and "transport" in _slots(RequestHandler)
+        ),
+        "BaseSite keeps its asyncio server in _server": lambda: "_server" in _slots(web.BaseSite),
+        "ResponseHandler has _parser, _payload, _skip_payload and _loop": lambda: (
+            {
+                "_parser",
+                "_payload",
+                "_skip_payload",
+                "_loop",
+            }
+            <= set(_names(ResponseHandler.__init__)) | _slots(ResponseHandler)
+        ),
+        "ResponseHandler.data_received feeds self._parser and sets self._payload": lambda: (
+            {
+                "_parser",
+                "_payload",
+                "_skip_payload",
+            }
+            <= set(_names(ResponseHandler.data_received))
+        ),
+        "TCPConnector makes protocols with self._factory (a partial taking loop)": lambda: (
+            "_factory" in _names(aiohttp.BaseConnector.__init__)
+            and "_factory" in _names(aiohttp.TCPConnector._create_direct_connection)
+        ),
+        **{
+            f"{name}{names}": functools.partial(params, function, names)
+            for name, (function, names) in OVERRIDES.items()
+        },
+    }
+
+
+PINS = _pins()

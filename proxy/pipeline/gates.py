@@ -1,0 +1,355 @@
+"""Where an account's send slots come from: its :class:`Bucket` (pure, the clock passed in),
+and the :class:`Gate` that hands them out: :class:`LocalGate` (this process) or
+:class:`SharedGate` (Redis, for every replica; a local fallback bucket while Redis is away).
+
+The budget's queueing and fairness (:mod:`proxy.pipeline.budget`) sit on top of a gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.logs import event
+from proxy.shared import Backend, SharedUnavailable
+from proxy.shared.base import SharedBudget
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    per_window: int
+    burst: int
+    window: float  # seconds (a minute, except in tests)
+    margin: float  # seconds added to the window on our side
+
+    @property
+    def per_second(self) -> float:
+        # Paced over the window plus its margin, so the pace alone never fills a window.
+        return self.per_window / (self.window + self.margin)
+
+
+class Bucket:
+    """Tokens for one account. Pure: every method takes the current (monotonic) time."""
+
+    def __init__(self, rate: Rate, now: float) -> None:
+        self.rate = rate
+        self.tokens = float(rate.burst)
+        self.updated = now
+        self.sent: deque[float] = deque()
+        self.paused_until = -math.inf
+        self.backoff = 0.0
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(float(self.rate.burst), self.tokens + elapsed * self.rate.per_second)
+        self.updated = max(self.updated, now)
+        horizon = now - (self.rate.window + self.rate.margin)
+        while self.sent and self.sent[0] <= horizon:
+            self.sent.popleft()
+
+    def ready_at(self, now: float) -> float:
+        """The earliest time a token can be taken (``now`` if one is there)."""
+        self._refill(now)
+        at = now
+        if self.tokens < 1:
+            at = now + (1 - self.tokens) / self.rate.per_second
+        if len(self.sent) >= self.rate.per_window:
+            at = max(at, self.sent[-self.rate.per_window] + self.rate.window + self.rate.margin)
+        return max(at, self.paused_until)
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        """When a token can be taken once ``ahead`` requests queued first have had theirs:
+        the pace (tokens now, then the refill rate) and the window cap, whichever is later.
+        An estimate that errs late only when some of those ahead give up first."""
+        at = self.ready_at(now)
+        if ahead <= 0:
+            return at
+        start = max(now, self.paused_until)
+        tokens = 1.0 if now < self.paused_until else self.tokens
+        at = max(at, start + max(0.0, ahead + 1 - tokens) / self.rate.per_second)
+        # The send that must have left the window first: already sent, or one of those ahead.
+        first = len(self.sent) + ahead + 1 - self.rate.per_window
+        if first > 0:
+            span = self.rate.window + self.rate.margin
+            if first <= len(self.sent):
+                at = max(at, self.sent[first - 1] + span)
+            else:
+                at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
+        return at
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self.tokens -= 1
+        self.sent.append(now)
+
+    def record(self, now: float) -> None:
+        """A send granted elsewhere (the shared budget): counted in this window, so a fallback
+        to this bucket never adds its whole share on top of what was just sent."""
+        self._refill(now)
+        self.sent.append(now)
+
+    def available(self, now: float) -> float:
+        """Tokens that could be taken now (0 while paused or when the window is full)."""
+        self._refill(now)
+        if now < self.paused_until:
+            return 0.0
+        room = self.rate.per_window - len(self.sent)
+        return max(0.0, min(self.tokens, float(room)))
+
+    def pause(self, now: float, seconds: float | None, initial: float, longest: float) -> float:
+        """Kounta said 429: stop for ``seconds`` (already capped, see :func:`capped`) or a
+        growing backoff up to ``longest``; returns the pause."""
+        if seconds is None:
+            if now < self.paused_until:
+                # Another request of the same wave: the pause already covers it.
+                return self.paused_until - now
+            self.backoff = initial if self.backoff == 0 else min(self.backoff * 2, longest)
+            seconds = self.backoff
+        seconds = max(0.0, seconds)
+        self.paused_until = max(self.paused_until, now + seconds)
+        # Start again with one request, then the steady pace: a burst would hit the wall again.
+        self._refill(now)
+        self.tokens = 1.0
+        self.updated = max(self.updated, self.paused_until)
+        return self.paused_until - now
+
+    def recovered(self) -> None:
+        self.backoff = 0.0
+
+
+# How often a replica shares its pause again while it lasts (a restored Redis forgot it).
+KEEP_SECONDS = 1.0
+
+
+class Gate(Protocol):
+    """Where an account's send slots come from: this process's bucket or the shared one."""
+
+    bucket: Bucket
+
+    async def try_take(self, now: float) -> float:
+        """Take a slot: 0.0, else the seconds until one may be there (nothing taken)."""
+        ...
+
+    def ready_at(self, now: float) -> float:
+        """The best known time a slot can be taken (no round trip)."""
+        ...
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        """The best known time a slot can be taken once ``ahead`` queued requests have had
+        theirs (no round trip)."""
+        ...
+
+    async def pause(self, now: float, seconds: float) -> float:
+        """Share a pause the local bucket has just taken (already capped); returns the pause
+        in effect, which another replica's 429 may have made longer."""
+        ...
+
+    def retune(self, rate: Rate) -> None:
+        """A reload changed the account's rate."""
+        ...
+
+    def mode(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalGate:
+    """Today's single process: the account's :class:`Bucket`, nothing shared."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    async def try_take(self, now: float) -> float:
+        at = self.bucket.ready_at(now)
+        if at > now:
+            return at - now
+        self.bucket.take(now)
+        return 0.0
+
+    def ready_at(self, now: float) -> float:
+        return self.bucket.ready_at(now)
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        return self.bucket.ready_after(now, ahead)
+
+    async def pause(self, now: float, seconds: float) -> float:
+        return seconds
+
+    def retune(self, rate: Rate) -> None:
+        self.bucket.rate = rate
+        self.bucket.tokens = min(self.bucket.tokens, float(rate.burst))
+
+    def mode(self) -> str:
+        return "local"
+
+    async def close(self) -> None:
+        return None
+
+
+class SharedGate:
+    """The account's rate shared by every replica (Redis), with a local fallback bucket at
+    this replica's share (``rate / replicas``) for while Redis is away. Sends granted by Redis
+    are recorded in the fallback's window too, so a failover never adds a fresh share on top."""
+
+    def __init__(
+        self,
+        account: str,
+        rate: Rate,
+        shared: SharedBudget,
+        backend: Backend,
+        replicas: int,
+        now: float,
+        longest: float = math.inf,
+    ) -> None:
+        self.account = account
+        self.shared = shared
+        self.backend = backend
+        self.replicas = replicas
+        # The cap on a pause (``budget.retry_after_max``), applied to the shared pause too:
+        # another replica's 429 must not stop this one for longer than this one would.
+        self.longest = longest
+        self.rate = rate
+        self.bucket = Bucket(self._share(rate), now)
+        self.local = LocalGate(self.bucket)
+        self._next_at = now
+        # The end of the last pause this replica shared: a Redis restored from an older
+        # snapshot (or emptied) forgets it, and it is shared again (never backwards), by
+        # the next take or by the keeper, once a second while the pause lasts.
+        self._paused_until = now
+        self._keeper: asyncio.Task[None] | None = None
+
+    def _share(self, rate: Rate) -> Rate:
+        """This replica's part of the rate: what the fallback bucket allows while degraded."""
+        return Rate(
+            max(1, rate.per_window // self.replicas),
+            max(1, rate.burst // self.replicas),
+            rate.window,
+            rate.margin,
+        )
+
+    @property
+    def period(self) -> float:
+        return self.rate.window + self.rate.margin
+
+    async def try_take(self, now: float) -> float:
+        if self.backend.up:
+            try:
+                wait = await self.shared.take(
+                    self.account, self.rate.per_window, self.rate.burst, self.period, self.longest
+                )
+                wait = await self._forgotten(now, wait)
+            except SharedUnavailable:
+                pass  # degraded: the backend logged it; this request uses the fallback
+            else:
+                if wait <= 0:
+                    self.bucket.record(now)
+                self._next_at = now + wait
+                return wait
+        return await self.local.try_take(now)
+
+    async def _forgotten(self, now: float, wait: float) -> float:
+        """The wait, or the pause this replica shared if Redis no longer has it (shared
+        again, so every replica honours it)."""
+        left = self._paused_until - now
+        if left <= wait + 0.5:
+            return wait
+        event("shared_pause_restored", logging.WARNING, account=self.account, pause=round(left, 3))
+        if wait <= 0:  # the slot Redis just granted is not used: the pause comes first
+            self.bucket.record(now)
+        return max(
+            wait,
+            await self.shared.pause(
+                self.account, left, self.rate.per_window, self.rate.burst, self.period
+            ),
+        )
+
+    def ready_at(self, now: float) -> float:
+        if self.backend.up:
+            return max(now, self._next_at)
+        return self.bucket.ready_at(now)
+
+    def ready_after(self, now: float, ahead: int) -> float:
+        if not self.backend.up:
+            return self.bucket.ready_after(now, ahead)
+        # Redis holds the shared bucket and asking it costs a round trip per request, so
+        # this falls back to a local estimate: the next slot Redis last named, then the
+        # account's whole pace for the requests ahead. Other replicas' sends can only make
+        # the real turn later, so this errs early: a request is never refused up front
+        # that could have had its turn; one that cannot is refused at its limit instead.
+        start = self.ready_at(now)
+        if ahead <= 0:
+            return start
+        return start + ahead / self.rate.per_second
+
+    async def pause(self, now: float, seconds: float) -> float:
+        if not self.backend.up:
+            return seconds
+        try:
+            left = await self.shared.pause(
+                self.account, seconds, self.rate.per_window, self.rate.burst, self.period
+            )
+        except SharedUnavailable:
+            return seconds
+        # The shared pause may be another replica's (a longer Retry-After, or another cap):
+        # cut like a local one, so no replica stops past its own budget.retry_after_max.
+        honoured, cut = capped(left, self.longest)
+        if cut:
+            event(
+                "shared_pause_capped",
+                logging.WARNING,
+                account=self.account,
+                asked=round(left, 3),
+                capped_at=self.longest,
+            )
+        left = honoured or 0.0
+        self._next_at = max(self._next_at, now + left)
+        self._paused_until = max(self._paused_until, now + seconds)
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(self._keep(now))
+        return max(seconds, left)
+
+    async def _keep(self, now: float) -> None:
+        """Share the pause again once a second while it lasts (PAUSE keeps the later end, so
+        this changes nothing unless Redis lost it: a restore, a flush, a failover)."""
+        started = time.monotonic()
+        while (left := self._paused_until - now - (time.monotonic() - started)) > KEEP_SECONDS:
+            await asyncio.sleep(KEEP_SECONDS)
+            if self.backend.up:
+                with contextlib.suppress(SharedUnavailable):
+                    await self.shared.pause(
+                        self.account, left - KEEP_SECONDS, self.rate.per_window,
+                        self.rate.burst, self.period,
+                    )  # fmt: skip
+
+    async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+
+    def retune(self, rate: Rate) -> None:
+        # The shared script takes the rate with each call, so only the fallback share moves.
+        self.rate = rate
+        share = self._share(rate)
+        self.bucket.rate = share
+        self.bucket.tokens = min(self.bucket.tokens, float(share.burst))
+
+    def mode(self) -> str:
+        return "shared" if self.backend.up else "degraded"
+
+
+def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
+    """The pause to honour for what Kounta asked, at most ``longest``; True when cut.
+
+    ``Retry-After`` is the upstream's word, not a command: an account paused for an hour
+    (or, as seen, 999999999 s) by one answer is an outage of our own making. Past
+    ``longest`` the proxy asks again, and the backoff grows if Kounta still says 429.
+    """
+    if asked is None or asked <= longest:
+        return asked, False
+    return longest, True

@@ -1,0 +1,94 @@
+"""What the replicas share in Redis is untrusted input: format versions and record MACs.
+
+Anything able to write to Redis (a neighbour on its network, a stolen password, a restored
+backup) must not be able to make a replica serve a body of its choosing. So cache records and
+pub/sub messages travel in an envelope (format 2)::
+
+    b"KPR2" | HMAC-SHA256(mac_key, context + b"\\0" + payload) (32 bytes) | payload
+
+where ``context`` names where the payload belongs (the Redis key of a cache record, the
+channel of a message), so a record copied to another key or account does not verify. The
+MAC key is derived with HKDF-SHA256 from ``shared.token_key`` (one secret file for tokens and
+records); ``shared.token_key_previous`` is accepted for reading while the replicas move to a
+new key.
+
+Formats (``shared.previous_format`` decides what is written and read, for rolling upgrades):
+
+- format 1 (the previous release): the payload alone, no MAC;
+- format 2 (this release): the envelope above.
+
+``off`` (the default) writes and reads format 2 only; ``read`` writes 2 and still reads 1;
+``write`` writes 1 (what replicas of the previous release read) and reads both.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MAGIC = b"KPR2"
+TAG_SIZE = 32
+INFO = b"kounta-proxy shared record mac v2"
+# The format written by this release (what ``previous_format = "write"`` steps back from).
+FORMAT = 2
+
+
+class BadRecord(Exception):
+    """A record or message read from Redis that fails its checks (malformed, too large, not
+    authenticated): never trusted, counted, and treated as absent. The message says what is
+    wrong in general terms, never the record's contents."""
+
+
+def mac_key(token_key: str) -> bytes:
+    """The record MAC key derived from a Fernet token key (its 32 decoded bytes)."""
+    try:
+        secret = base64.urlsafe_b64decode(token_key.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        secret = token_key.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=INFO).derive(secret)
+
+
+@dataclass(frozen=True)
+class RecordKeys:
+    """The MAC keys: the current one signs and verifies, the previous one only verifies."""
+
+    current: bytes
+    previous: bytes | None = None
+    # Whether format 1 (no MAC) is written ("write") and read ("write", "read").
+    write_previous: bool = False
+    read_previous: bool = False
+
+    @classmethod
+    def derive(cls, token_key: str, previous: str = "", compat: str = "off") -> RecordKeys:
+        return cls(
+            mac_key(token_key),
+            mac_key(previous) if previous else None,
+            write_previous=compat == "write",
+            read_previous=compat in ("read", "write"),
+        )
+
+    def seal(self, context: bytes, payload: bytes) -> bytes:
+        if self.write_previous:
+            return payload
+        return MAGIC + _tag(self.current, context, payload) + payload
+
+    def open(self, context: bytes, data: bytes) -> bytes:
+        """The payload of a sealed record; raises :class:`BadRecord`."""
+        if not data.startswith(MAGIC):
+            if self.read_previous:
+                return data
+            raise BadRecord("no record MAC (written without shared.token_key, or forged)")
+        tag, payload = data[len(MAGIC) : len(MAGIC) + TAG_SIZE], data[len(MAGIC) + TAG_SIZE :]
+        for key in (self.current, self.previous):
+            if key is not None and hmac.compare_digest(tag, _tag(key, context, payload)):
+                return payload
+        raise BadRecord("the record MAC does not verify (another key, or forged)")
+
+
+def _tag(key: bytes, context: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, context + b"\0" + payload, hashlib.sha256).digest()

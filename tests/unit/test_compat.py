@@ -1,0 +1,148 @@
+"""aiohttp's and diskcache's private parts: every touch is in proxy/compat/, and each
+assumption it makes still holds for the installed version.
+
+When an upgrade breaks one, the failure names the library, the installed version, the
+assumption and the version proxy/compat/ was written against: adapt that module (and its pin),
+nothing else should need to change.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import aiohttp
+import diskcache  # type: ignore[import-untyped]
+import pytest
+
+from proxy.compat import aiohttp as compat_aiohttp
+from proxy.compat import diskcache as compat_diskcache
+
+ROOT = Path(__file__).resolve().parents[2] / "proxy"
+LIBRARIES: dict[str, tuple[ModuleType, ModuleType]] = {
+    "aiohttp": (aiohttp, compat_aiohttp),
+    "diskcache": (diskcache, compat_diskcache),
+}
+PINS = [
+    (library, name, check)
+    for library, (_, compat) in LIBRARIES.items()
+    for name, check in compat.PINS.items()
+]
+
+
+@pytest.mark.parametrize(("library", "name", "check"), PINS, ids=[p[1] for p in PINS])
+def test_each_private_part_we_use_is_still_there(
+    library: str, name: str, check: Callable[[], bool]
+) -> None:
+    module, compat = LIBRARIES[library]
+    installed = module.__version__
+    assert check(), (
+        f"{library} {installed}: {name!r} no longer holds; proxy/compat/{library}.py was written "
+        f"against {library} {compat.WRITTEN_AGAINST}: adapt it to {library} {installed}"
+    )
+
+
+def test_the_installed_versions_are_the_ones_compat_was_written_against() -> None:
+    """An upgrade (a new lock) must look at proxy/compat/ once: when the pins above pass
+    with the new version, set its WRITTEN_AGAINST to it."""
+    for library, (module, compat) in LIBRARIES.items():
+        assert module.__version__ == compat.WRITTEN_AGAINST, (
+            f"{library} {module.__version__} is installed; proxy/compat/{library}.py was written "
+            f"against {compat.WRITTEN_AGAINST}: check its pins (tests/unit/test_compat.py) "
+            f"and set WRITTEN_AGAINST = {module.__version__!r}"
+        )
+
+
+def library_privates() -> set[str]:
+    """The underscored (not dunder) names of the library classes the proxy builds on."""
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.web_protocol import RequestHandler
+    from aiohttp.web_server import Server
+
+    classes = (RequestHandler, Server, aiohttp.web.AppRunner, aiohttp.web.BaseSite)
+    classes += (ResponseHandler, aiohttp.TCPConnector, aiohttp.ClientSession)
+    classes += (diskcache.Disk, diskcache.Cache)
+    names: set[str] = set()
+    for cls in classes:
+        for klass in cls.__mro__:
+            init = getattr(vars(klass).get("__init__"), "__code__", None)  # instance attributes
+            found = [*vars(klass), *getattr(klass, "__slots__", ()), *getattr(init, "co_names", ())]
+            names.update(n for n in found if n.startswith("_") and not n.startswith("__"))
+    return names
+
+
+def library_names(tree: ast.Module) -> set[str]:
+    """Names a module binds to aiohttp's or diskcache's modules and classes."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            for alias in node.names:
+                root = (module or alias.name).split(".")[0]
+                if root in LIBRARIES:
+                    found.add(alias.asname or alias.name.split(".")[0])
+    return found
+
+
+def subclasses_a_library(node: ast.ClassDef, names: set[str]) -> bool:
+    def root(expr: ast.expr) -> str:
+        while isinstance(expr, ast.Attribute):
+            expr = expr.value
+        return expr.id if isinstance(expr, ast.Name) else ""
+
+    return any(root(base) in names for base in node.bases)
+
+
+def is_self_store(node: ast.Attribute) -> bool:
+    value = node.value
+    return isinstance(node.ctx, ast.Store) and isinstance(value, ast.Name) and value.id == "self"
+
+
+def own_names(trees: list[ast.Module]) -> set[str]:
+    """Names the proxy itself defines: module functions and classes, and the methods and
+    ``self`` attributes of its classes that do not subclass a library class."""
+    found: set[str] = set()
+    for tree in trees:
+        names = library_names(tree)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                found.add(node.name)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef) or subclasses_a_library(node, names):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef):
+                    found.add(inner.name)
+                elif isinstance(inner, ast.Attribute) and is_self_store(inner):
+                    found.add(inner.attr)
+    return found
+
+
+def touches(path: Path, privates: set[str], overridable: set[str]) -> list[str]:
+    """Uses in ``path`` of a library's private name that the proxy does not define itself,
+    and methods of a library subclass that override one of the library's private methods."""
+    where = path.relative_to(ROOT.parent)
+    tree = ast.parse(path.read_text())
+    names = library_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in privates:  # getattr(x, "_y")
+            found.append(f"{where}:{node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in privates:
+            found.append(f"{where}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ClassDef) and subclasses_a_library(node, names):
+            methods = [
+                i for i in node.body if isinstance(i, ast.FunctionDef | ast.AsyncFunctionDef)
+            ]
+            found += [f"{where}:{m.lineno}: def {m.name}" for m in methods if m.name in overridable]
+    return found
+
+
+def test_no_private_part_is_touched_outside_compat() -> None:
+    paths = [p for p in sorted(ROOT.rglob("*.py")) if p.parent.name != "compat"]
+    overridable = library_privates()
+    privates = overridable - own_names([ast.parse(p.read_text()) for p in paths])
+    found = [hit for path in paths for hit in touches(path, privates, overridable)]
+    assert not found, f"reach aiohttp's or diskcache's private parts through proxy/compat/: {found}"
