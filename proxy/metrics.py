@@ -1,9 +1,11 @@
 """Prometheus metrics on an injected registry (never the global one).
 
-One class, :class:`Metrics`, holds every metric as an attribute, in blocks by
-feature. Conventions: the ``kounta_proxy_`` prefix, base units (seconds, bytes),
-counters declared without ``_total`` (prometheus-client adds it), histograms on
-:data:`BUCKETS`. Labels hold only bounded, non-secret values: route templates
+:class:`Metrics` holds the registry's shared metrics as attributes, in blocks by feature;
+a package may declare its own group against the same registry instead (the auth package:
+:class:`proxy.auth.metrics.AuthMetrics`), handed to its constructors by
+:func:`proxy.edge.services.build`. Conventions: the ``kounta_proxy_`` prefix, base units
+(seconds, bytes), counters declared without ``_total`` (prometheus-client adds it),
+histograms on :data:`BUCKETS`. Labels hold only bounded, non-secret values: route templates
 (:func:`proxy.routes.template`), account names from the configuration, status
 codes, fixed enumerations. Never ids, raw paths, caller keys or tokens.
 """
@@ -53,8 +55,6 @@ CONNECTION_DROP_REASONS = (
 # The label values the counters below are created with at 0 (``increase()`` counts the
 # first event only from a series that exists already).
 CACHE_STORE_OPS = ("read", "write", "delete", "full")
-TOKEN_RESULTS = ("ok", "unavailable", "rejected", "adopted")
-AUTH_RESEND_OUTCOMES = ("resent", "not_replayable", "refresh_floor")
 
 
 class Registry(CollectorRegistry):
@@ -242,14 +242,6 @@ class Metrics:
         children[1].observe(seconds)
         if children[2] is not None:
             children[2].inc()
-
-    def renewable_account(self, account: str) -> None:
-        """Create an oauth account's token and resend series at 0."""
-        for result in TOKEN_RESULTS:
-            self.token_requests.labels(account, result)
-        self.token_request_duration.labels(account)
-        for outcome in AUTH_RESEND_OUTCOMES:
-            self.auth_resends.labels(account, outcome)
 
     def watch_store(self, read: Callable[[], tuple[int, int]]) -> None:
         """Expose the cache store's (entries, bytes), read at every scrape."""
@@ -500,48 +492,7 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
-        # --- credentials (recorded by proxy.auth.providers and proxy.edge.callers)
-        self.token_state = Gauge(
-            "kounta_proxy_token_state",
-            "1 for the account's current token state (pending, valid, unavailable, "
-            "needs_authorize, rejected, static), 0 for the others.",
-            ["account", "state"],
-            registry=registry,
-        )
-        self.token_expires_at = Gauge(
-            "kounta_proxy_token_expiry_timestamp_seconds",
-            "When the account's access token expires (Unix time); 0 when unknown.",
-            ["account"],
-            registry=registry,
-        )
-        self.token_refresh_leeway = Gauge(
-            "kounta_proxy_token_refresh_leeway_seconds",
-            "How long before expiry an oauth account's token is refreshed (refresh_leeway).",
-            ["account"],
-            registry=registry,
-        )
-        self.token_requests = Counter(
-            "kounta_proxy_token_requests",
-            "Requests to the token endpoint, by account and result "
-            "(ok, unavailable, rejected), plus tokens adopted from the shared file (adopted).",
-            ["account", "result"],
-            registry=registry,
-        )
-        self.token_request_duration = Histogram(
-            "kounta_proxy_token_request_duration_seconds",
-            "Time a token request took.",
-            ["account"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
-        self.auth_resends = Counter(
-            "kounta_proxy_auth_resends",
-            "Upstream 401s for an invalid or expired token, by account and outcome "
-            "(resent after a refresh, not_replayable when the body could not be sent again, "
-            "refresh_floor when the token was younger than auth.refresh_floor).",
-            ["account", "outcome"],
-            registry=registry,
-        )
+        # --- callers (recorded by proxy.edge.callers)
         self.caller_requests = LoopCounter(
             "kounta_proxy_caller_requests",
             "Answered requests by caller name (from [callers.NAME], or anonymous), account and "
@@ -609,13 +560,6 @@ class Metrics:
             registry=registry,
         )
         # --- causes, latencies and the running configuration (operations)
-        self.token_failures = Counter(
-            "kounta_proxy_token_failures",
-            "Failed token requests by account and cause: dns, connect, tls, timeout, reset "
-            "(the token URL could not be used), http_4xx, http_5xx, invalid (no token in a 200).",
-            ["account", "kind"],
-            registry=registry,
-        )
         self.shared_call_duration = LoopHistogram(
             "kounta_proxy_shared_call_duration_seconds",
             "Time a round trip to the shared backend (Redis) took, by operation (as "

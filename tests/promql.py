@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from ruamel.yaml import YAML
 
+from proxy.auth.metrics import AuthMetrics
 from proxy.metrics import Metrics, WorkersMetrics
 from tests.ops_tools import prometheus_tool
 
@@ -47,8 +48,9 @@ def exported_metrics() -> dict[str, frozenset[str]]:
     """Every series name the proxy exposes, with its labels (``_created`` left out)."""
     metrics = Metrics(CollectorRegistry())
     metrics.watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
+    auth = AuthMetrics(metrics.registry)  # the auth package's own group
     declared: dict[str, set[str]] = {}
-    for value in [*vars(metrics).values(), *vars(metrics.webhooks).values()]:
+    for value in [*vars(metrics).values(), *vars(metrics.webhooks).values(), *vars(auth).values()]:
         name = getattr(value, "_name", None) or getattr(value, "name", None)
         labels = getattr(value, "_labelnames", None) or getattr(value, "labelnames", None)
         if isinstance(name, str) and labels is not None:

@@ -13,9 +13,9 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749 import OAuth2Token
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
+from proxy.auth.metrics import AuthMetrics
 from proxy.coding import coding_of, inflate_prefix
 from proxy.logs import Throttle, event
-from proxy.metrics import Metrics
 from proxy.settings import AccountSettings
 
 TOKEN_BODY_LIMIT = 64 * 1024
@@ -42,7 +42,7 @@ FAILURE_LOG_INTERVAL = 60.0
 class FailureLog:
     """Why an account's token requests fail: counted by kind, logged rate-limited."""
 
-    def __init__(self, account: str, token_url: str, metrics: Metrics | None) -> None:
+    def __init__(self, account: str, token_url: str, metrics: AuthMetrics | None) -> None:
         self.account = account
         self.token_url = token_url.split("?", 1)[0].split("#", 1)[0]
         self.metrics = metrics

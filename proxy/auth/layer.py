@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider
 from proxy.auth.scrub import credentials, scrubbed, spellings
 from proxy.errors import TokenUnavailable
 from proxy.logs import debug, trace
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 
 
 def is_token_failure(body: bytes) -> bool:
@@ -38,7 +38,7 @@ class Authenticator:
         self,
         inner: Layer,
         providers: Mapping[str, TokenProvider],
-        metrics: Metrics | None = None,
+        metrics: AuthMetrics | None = None,
     ) -> None:
         self.inner = inner
         self.providers = providers

@@ -36,6 +36,7 @@ from authlib.oauth2.rfc6749 import OAuth2Token
 from proxy.auth.endpoint import FailureLog, TokenRequestFailed, request_token
 from proxy.auth.fixed import BasicCredentials, StaticToken
 from proxy.auth.fixed import TokenProvider as TokenProvider  # where the layers look for it
+from proxy.auth.metrics import AuthMetrics
 from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.auth.token_file import (
     StoredToken,
@@ -74,7 +75,6 @@ from proxy.auth.tokens import (
 from proxy.clock import WallClock
 from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, SharedSettings
 from proxy.shared import Backend
 
@@ -93,7 +93,7 @@ def provider_for(
     name: str = "default",
     state_dir: str = "state",
     clock: WallClock = time.time,
-    metrics: Metrics | None = None,
+    metrics: AuthMetrics | None = None,
     shared: Backend | None = None,
     shared_settings: SharedSettings | None = None,
     refresh_floor: float = 30.0,
@@ -144,7 +144,7 @@ class OAuthProvider:
         file: TokenStore,
         *,
         clock: WallClock = time.time,
-        metrics: Metrics | None = None,
+        metrics: AuthMetrics | None = None,
         refresh_floor: float = 30.0,
     ) -> None:
         self.account = account

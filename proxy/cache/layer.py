@@ -55,7 +55,7 @@ from proxy.errors import ProxyError
 from proxy.logs import trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.metrics import Metrics
-from proxy.settings import CacheRule, Settings
+from proxy.settings import CacheRule, LiveCache, Settings, live_of
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
@@ -69,7 +69,7 @@ class Cache:
         settings: Settings,
         metrics: Metrics,
         clock: WallClock,
-        current: Callable[[], Settings] | None = None,
+        current: Callable[[], LiveCache] | None = None,
         *,
         flights: Flights | None = None,
         invalidator: Invalidator | None = None,
@@ -87,8 +87,9 @@ class Cache:
         # Each account's webhook feed: whether rules with webhooks = true keep fresh_for.
         self.feeds = feeds or Feeds(tuple(settings.accounts), enabled=False)
         self.config = settings.cache
-        # The live settings (a SIGHUP reload may change the rules); read per decision.
-        self.current = current or (lambda: settings)
+        # The cache's live slice (a SIGHUP reload may change the rules); read per decision.
+        started = live_of(settings).cache
+        self.current = current or (lambda: started)
         self.origin = str(settings.upstream.url.origin())
         self.metrics = metrics
         self.clock = clock
@@ -100,7 +101,7 @@ class Cache:
         return self.flights.tasks
 
     def rules(self) -> tuple[CacheRule, ...]:
-        return self.current().cache.rules
+        return self.current().rules
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:
         """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""

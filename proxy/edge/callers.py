@@ -33,7 +33,7 @@ from proxy.errors import CallerUnauthorized, InvalidRequest
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.pipeline.queue import CLASSES, DEFAULT_CLASS, lowered
-from proxy.settings import Settings, is_loopback_host
+from proxy.settings import LiveSettings, Secret, Settings, is_loopback_host, live_of
 
 # A request may lower its caller's budget class with this header (never raise it).
 PRIORITY_HEADER = "X-Proxy-Priority"
@@ -69,22 +69,27 @@ class Callers:
         settings: Settings,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        live: LiveSettings | None = None,
     ) -> None:
+        """``settings`` as started; ``live`` the live slice (``[inbound]``, ``[callers]``) of
+        a reload, if any."""
+        live = live_of(settings) if live is None else live
+        self.settings = settings
         self.clock = clock
-        self.overlap = settings.inbound.key_overlap
+        self.overlap = live.inbound.key_overlap
         # Previous keys still accepted until a clock time: (key, caller, until).
         self._retired: list[tuple[bytes, Caller, float]] = []
         self.default = Caller("anonymous", settings.account_name)
-        self.key_header = settings.inbound.key_header
+        self.key_header = live.inbound.key_header
         self._keys = [
             (
                 caller.key.reveal().encode(),
                 Caller(name, caller.account or settings.account_name, priority=caller.priority),
             )
-            for name, caller in sorted(settings.callers.items())
+            for name, caller in sorted(live.callers.items())
         ]
         loopback = is_loopback_host(settings.server.host)
-        self.anonymous_ok = settings.inbound.allow_anonymous or (
+        self.anonymous_ok = live.inbound.allow_anonymous or (
             loopback and (len(settings.accounts) <= 1 or not self._keys)
         )
         self.metrics = metrics
@@ -131,11 +136,11 @@ class Callers:
         if caller.retired and self.metrics is not None:
             self.metrics.caller_retired_keys.labels(caller.name).inc()
 
-    def rotated(self, settings: Settings, metrics: Metrics | None = None) -> Callers:
-        """The callers of ``settings`` (a reload), still accepting for ``key_overlap``
+    def rotated(self, live: LiveSettings, metrics: Metrics | None = None) -> Callers:
+        """The callers of a reload's live settings, still accepting for ``key_overlap``
         seconds the previous key of every caller whose key changed (and keys retired
         earlier whose overlap has not ended). A caller that is gone keeps no key."""
-        new = Callers(settings, metrics, self.clock)
+        new = Callers(self.settings, metrics, self.clock, live)
         current = {caller.name: key for key, caller in new._keys}
         now = self.clock()
         until = now + new.overlap
@@ -174,3 +179,46 @@ def _moved(caller: Caller, new: Callers) -> Caller:
 def _bearer(value: str) -> str:
     scheme, _, credentials = value.strip().partition(" ")
     return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+class AdminToken:
+    """The admin token (``admin.token_file``) and, for ``inbound.key_overlap`` seconds after
+    a reload changed it, the previous one too (as a caller's key), so every client of the
+    admin routes can switch over without a refused request. A token removed is revoked at
+    once. Compared in constant time against both."""
+
+    def __init__(
+        self,
+        token: Secret,
+        clock: Callable[[], float] = time.monotonic,
+        previous: tuple[bytes, float] | None = None,
+    ) -> None:
+        self._token = token.reveal().encode()
+        self.clock = clock
+        self._previous = previous  # (token, accepted until this clock time)
+
+    def __bool__(self) -> bool:
+        return bool(self._token)
+
+    def matches(self, presented: bytes) -> bool:
+        current = hmac.compare_digest(presented, self._token) and bool(self._token)
+        previous = self._previous
+        if previous is None:
+            return current
+        older = hmac.compare_digest(presented, previous[0])
+        return current or (older and self.clock() < previous[1])
+
+    def rotated(self, token: Secret, overlap: float) -> AdminToken:
+        """The token of a reload's settings; the running one still accepted for ``overlap``
+        seconds if it changed (an earlier previous one until its own end)."""
+        new = token.reveal().encode()
+        previous = self._previous
+        if not new:
+            previous = None
+        elif new != self._token and self._token:
+            if overlap > 0:
+                previous = (self._token, self.clock() + overlap)
+                event("admin_token_retired", logging.INFO, accepted_for=overlap)
+            else:
+                previous = None
+        return AdminToken(token, self.clock, previous)

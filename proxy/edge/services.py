@@ -10,7 +10,9 @@ shutting-down flag in :class:`RunState`, and what a SIGHUP reload may change (lo
 caller keys, cache rules, budget rates, account secrets) in one immutable :class:`Live`
 snapshot that :class:`LiveRef` holds and a reload replaces in one assignment. Whatever is
 derived from a snapshot (caller metric children, budget rates) is kept with or keyed by
-that snapshot, so nothing derived from an old one outlives a reload.
+that snapshot, so nothing derived from an old one outlives a reload. :class:`Live` holds the live
+settings only (:class:`~proxy.settings.LiveSettings`), never a second whole ``Settings``:
+each part is built with its startup section and reads its live slice from it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.auth.layer import Authenticator
+from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
@@ -39,7 +42,7 @@ from proxy.cache.webhooks.receiver import Receiver
 from proxy.cache.webhooks.verifier import Verifier
 from proxy.client import create_session
 from proxy.clock import WallClock
-from proxy.edge.callers import Callers
+from proxy.edge.callers import AdminToken, Callers
 from proxy.messages import Layer
 from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, config_applied
 from proxy.pipeline import admin as pipeline_admin
@@ -47,7 +50,17 @@ from proxy.pipeline.budget import Budget
 from proxy.pipeline.gates import rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
-from proxy.settings import Settings, masked
+from proxy.settings import (
+    CallerSettings,
+    LiveAccount,
+    LiveBudget,
+    LiveCache,
+    LiveSettings,
+    Settings,
+    live_of,
+    masked,
+    with_live,
+)
 from proxy.shared import Backend, open_backend
 from proxy.shared.redis_backend import RedisBackend
 
@@ -69,13 +82,17 @@ class RunState:
 class Live:
     """What a reload may change, as one value: swapped whole, never edited.
 
-    ``settings`` is the startup settings with the live parts (log level, ``[inbound]``,
-    ``[callers]``, cache rules, account rates and secrets) taken from the newest good file.
+    ``settings`` holds exactly the live settings (:mod:`proxy.settings.live`: log level,
+    ``[inbound]``, ``[callers]``, cache rules, account rates and secrets, the admin token) of
+    the newest good file; the rest is what the proxy started with (``Services.settings``).
+    ``callers``, ``providers`` and ``admin_token`` are made from them, each carrying over
+    what must outlive a reload (previous keys within their overlap, the token store).
     """
 
-    settings: Settings
+    settings: LiveSettings
     callers: Callers
     providers: Mapping[str, TokenProvider]
+    admin_token: AdminToken
 
 
 @dataclass(slots=True)
@@ -84,8 +101,32 @@ class LiveRef:
 
     current: Live
 
-    def settings(self) -> Settings:
-        return self.current.settings
+    # Each part that reads its live slice per request is handed one of these.
+
+    def cache(self) -> LiveCache:
+        return self.current.settings.cache
+
+    def accounts(self) -> Mapping[str, LiveAccount]:
+        return self.current.settings.accounts
+
+    def budget(self) -> LiveBudget:
+        return self.current.settings.budget
+
+    def callers(self) -> Mapping[str, CallerSettings]:
+        return self.current.settings.callers
+
+    def running(self, started: Settings) -> Callable[[], Settings]:
+        """For a part that reads the whole tree (the webhooks): the settings as started with
+        the live ones, made once per reload."""
+        made: list[tuple[LiveSettings, Settings]] = []
+
+        def current() -> Settings:
+            live = self.current.settings
+            if not made or made[0][0] is not live:
+                made[:] = [(live, with_live(started, live))]
+            return made[0][1]
+
+        return current
 
 
 class LiveProviders(Mapping[str, TokenProvider]):
@@ -106,8 +147,10 @@ class LiveProviders(Mapping[str, TokenProvider]):
 
 @dataclass(frozen=True, slots=True)
 class Services:
-    settings: Settings  # as started; the live parts: live.current.settings
+    settings: Settings  # as started; the live settings: in Live (self.live)
     metrics: Metrics
+    # The auth package's own metrics group (on metrics.registry), for the token providers.
+    auth_metrics: AuthMetrics
     live: LiveRef
     clock: WallClock
     session: aiohttp.ClientSession
@@ -139,6 +182,11 @@ class Services:
     def providers(self) -> Mapping[str, TokenProvider]:
         return self.live.current.providers
 
+    def running(self) -> Settings:
+        """The settings the proxy runs with: as started, with the live ones of the last
+        reload (for reports: the ``reloaded`` line, the configuration hash)."""
+        return with_live(self.settings, self.live.current.settings)
+
 
 SERVICES = web.AppKey("services", Services)
 
@@ -166,7 +214,8 @@ async def _build(
     upstream: Layer | None,
 ) -> Services:
     callers = Callers(settings, metrics)
-    describe(settings, metrics)
+    auth_metrics = AuthMetrics(metrics.registry)
+    describe(settings, metrics, auth_metrics)
     shared = open_backend(settings.shared, metrics)
     await shared.start()
     stack.push_async_callback(shared.close)
@@ -176,14 +225,14 @@ async def _build(
             name=name,
             state_dir=settings.state_dir,
             clock=clock,
-            metrics=metrics,
+            metrics=auth_metrics,
             shared=shared,
             shared_settings=settings.shared,
             refresh_floor=settings.auth.floor_for(a),
         )
         for name, a in settings.accounts.items()
     }
-    live = LiveRef(Live(settings, callers, providers))
+    live = LiveRef(Live(live_of(settings), callers, providers, AdminToken(settings.admin.token)))
     checks: dict[str, Check] = {f"token:{name}": _token_check(live, name) for name in providers}
     # Created even when tests swap the upstream layer: token requests use it too.
     session = create_session(settings.upstream, len(settings.accounts))
@@ -194,9 +243,17 @@ async def _build(
         else Upstream(settings.upstream, session, metrics, len(settings.accounts))
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
-    layer = budget = Budget(layer, settings, metrics, shared=shared, current=live.settings)
+    layer = budget = Budget(
+        layer,
+        settings,
+        metrics,
+        shared=shared,
+        current=live.accounts,
+        classes=live.budget,
+        callers=live.callers,
+    )
     stack.push_async_callback(budget.close)
-    layer = Authenticator(layer, LiveProviders(live), metrics)
+    layer = Authenticator(layer, LiveProviders(live), auth_metrics)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
     layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
     admin_routes = pipeline_admin.routes(budget, retry)
@@ -207,7 +264,7 @@ async def _build(
         stack.push_async_callback(store.close)
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = await build_cache(
-            stack, layer, store, settings, metrics, clock, shared, live.settings
+            stack, layer, store, settings, metrics, clock, shared, live.cache
         )
         checks["cache"] = store_problem(store)
         metrics.watch_store(store.gauges)
@@ -218,8 +275,8 @@ async def _build(
     if cache is not None and settings.webhooks.enabled:
         receiver = webhook_receiver(settings, live, cache, shared, metrics)
         verifier = Verifier(
-            cache, live.settings, functools.partial(spare_budget, budget), metrics.webhooks,
-            shared if isinstance(shared, RedisBackend) else None, retry,
+            cache, live.running(settings), functools.partial(spare_budget, budget),
+            metrics.webhooks, shared if isinstance(shared, RedisBackend) else None, retry,
         )  # fmt: skip
         verifying = asyncio.ensure_future(verifier.run())
         stack.push_async_callback(_cancel, verifying)
@@ -230,6 +287,7 @@ async def _build(
     return Services(
         settings=settings,
         metrics=metrics,
+        auth_metrics=auth_metrics,
         live=live,
         clock=clock,
         session=session,
@@ -259,7 +317,7 @@ def webhook_receiver(
         gauge = metrics.webhooks.feed_healthy.labels(name)
         gauge.set_function(functools.partial(feeds.health_value, name))
     marks = shared if isinstance(shared, RedisBackend) else None
-    return Receiver(live.settings, cache.invalidator, feeds, metrics.webhooks, marks)
+    return Receiver(live.running(settings), cache.invalidator, feeds, metrics.webhooks, marks)
 
 
 async def build_cache(
@@ -270,7 +328,7 @@ async def build_cache(
     metrics: Metrics,
     clock: WallClock,
     shared: Backend,
-    current: Callable[[], Settings],
+    current: Callable[[], LiveCache],
 ) -> Cache:
     """The cache's rooms, each built once and handed what it needs: flights, the tier
     (chosen here, once), the broadcast, and the invalidator they all send changes to."""
@@ -340,7 +398,7 @@ def _token_check(live: LiveRef, name: str) -> Check:
     return lambda: live.current.providers[name].problem()
 
 
-def describe(settings: Settings, metrics: Metrics) -> None:
+def describe(settings: Settings, metrics: Metrics, auth_metrics: AuthMetrics) -> None:
     """The gauges that state the configuration (what the alerts and dashboard compare to)."""
     metrics.shared_backend_up.set(1)
     metrics.shared_degraded.set(0)
@@ -351,8 +409,8 @@ def describe(settings: Settings, metrics: Metrics) -> None:
             # Pre-created, so that rate() and alerts see a zero, not nothing.
             metrics.upstream_errors.labels(kind, name)
         if account.mode == "oauth":
-            metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
-            metrics.renewable_account(name)
+            auth_metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
+            auth_metrics.renewable_account(name)
 
 
 async def close(services: Services) -> None:

@@ -31,13 +31,17 @@ Access (DESIGN.md Resolutions, "Admin access"), each refusal a JSON 403:
   ``Sec-Fetch-Site`` or a form content type (what a cross-site form can send without a CORS
   preflight) is refused.
 
+The admin token is live: a SIGHUP that changes ``admin.token_file``'s content switches to the
+new token, and the previous one is still accepted for ``inbound.key_overlap`` seconds
+(:class:`~proxy.edge.callers.AdminToken`); the ``serve --workers`` parent's listener reads
+the file again on SIGHUP too (:mod:`proxy.ops.workers`).
+
 Every answer says ``Server: kounta-proxy``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
@@ -52,6 +56,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.edge.answer import stamp_server
 from proxy.edge.app import limits
+from proxy.edge.callers import AdminToken
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import JSON_CONTENT_TYPE, ProxyError, code_for
 from proxy.listener import LIMITS, StartupError, bound_port, start
@@ -91,7 +96,9 @@ def create_admin_app(services: Services) -> web.Application:
     parent through a 0700 directory) the Host/Origin guard is left to the parent's
     listener, which applies it before forwarding: a browser cannot reach a Unix socket."""
     admin = services.settings.admin
-    guards = [] if admin.socket else [_guard(access_for(admin))]
+    live = services.live
+    # The admin token is live: a reload may change it (the previous one kept for a while).
+    guards = [] if admin.socket else [_guard(access_for(admin, lambda: live.current.admin_token))]
     app = web.Application(middlewares=[_json_errors, *guards])
     app[SERVICES] = services
     app[LIMITS] = limits(services.settings)
@@ -245,24 +252,29 @@ def host_name(value: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Access:
     """What the guard needs: the Host names answered, whether ``admin.host`` is loopback,
-    and the admin token (b"": none)."""
+    and the current admin token (read per request: a reload may change it)."""
 
     allowed: AllowedHosts
     loopback: bool
-    token: bytes = b""
+    tokens: Callable[[], AdminToken]
 
 
-def access_for(admin: AdminSettings) -> Access:
-    return Access(hosts_for(admin), not admin.exposed, admin.token.reveal().encode())
+def access_for(admin: AdminSettings, tokens: Callable[[], AdminToken] | None = None) -> Access:
+    """The guard's view of ``admin``; ``tokens``: the live admin token (else the one
+    ``admin`` was loaded with, for good)."""
+    if tokens is None:
+        fixed = AdminToken(admin.token)
+        tokens = lambda: fixed  # noqa: E731
+    return Access(hosts_for(admin), not admin.exposed, tokens)
 
 
-def _token_presented(access: Access, request: web.Request) -> bool | None:
+def _token_presented(token: AdminToken, request: web.Request) -> bool | None:
     """True: the admin token was presented; False: a wrong one; None: none (or none set)."""
     scheme, _, presented = request.headers.get("Authorization", "").strip().partition(" ")
-    if not access.token or scheme.lower() != "bearer":
+    if not token or scheme.lower() != "bearer":
         return None
     # aiohttp keeps undecodable header bytes as surrogates: give them back, never raise.
-    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), access.token)
+    return token.matches(presented.strip().encode("utf-8", "surrogateescape"))
 
 
 def _refusal(access: Access, request: web.Request) -> str | None:
@@ -270,11 +282,12 @@ def _refusal(access: Access, request: web.Request) -> str | None:
     safe = request.method in SAFE_METHODS
     if safe and request.path in PROBES:
         return None
-    token = _token_presented(access, request)
+    tokens = access.tokens()
+    token = _token_presented(tokens, request)
     if token is False:
         return "The admin token presented does not match admin.token_file"
     if not safe and not access.loopback and not token:
-        if not access.token:
+        if not tokens:
             return TURN_ON
         return "State-changing admin routes need the admin token (Authorization: Bearer)"
     host = request.headers.get("Host")
@@ -351,10 +364,12 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     )
 
 
-def middlewares(admin: AdminSettings) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+def middlewares(
+    admin: AdminSettings, tokens: Callable[[], AdminToken] | None = None
+) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
     """The admin listener's JSON errors and Host/Origin guard, for another admin application
     (the ``serve --workers`` parent's) to answer and refuse exactly as this one does."""
-    return [_json_errors, _guard(access_for(admin))]
+    return [_json_errors, _guard(access_for(admin, tokens))]
 
 
 def json_answer(status: int, body: dict[str, Any]) -> web.Response:

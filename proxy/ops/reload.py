@@ -1,8 +1,12 @@
 """SIGHUP: read the configuration again and apply what may change while serving.
 
-What may change live: ``log.level``, ``[inbound]``, ``[callers]`` (keys and accounts),
-``cache.rules``, and per account ``rate_per_minute``, ``burst`` and the credentials
-(``token``, ``client_id``, ``client_secret``, ``refresh_token``). They reach the running
+What may change live is declared once, as the fields of
+:class:`~proxy.settings.live.LiveSettings` (:data:`LIVE_KEYS` is derived from it):
+``log.level``, ``[inbound]``, ``[callers]`` (keys and accounts), ``cache.rules``, per account
+``rate_per_minute``, ``burst`` and the credentials (``token``, ``client_id``,
+``client_secret``, ``refresh_token``), and ``admin.token`` (the content of
+``admin.token_file``; the previous token is still accepted for ``inbound.key_overlap``
+seconds, as a caller's previous key is). They reach the running
 proxy as one new :class:`~proxy.edge.services.Live` snapshot, assigned once; requests
 already under way finish with the snapshot they started with. Everything else (listen
 addresses, the upstream, the cache directory and sizes, accounts added or removed, the
@@ -33,31 +37,27 @@ from proxy.edge.services import Live, Services
 from proxy.logs import event, set_level
 from proxy.metrics import config_applied
 from proxy.settings import (
-    AccountSettings,
+    CREDENTIALS,
     ConfigError,
     ConfigErrors,
     Invalid,
+    LiveAccount,
+    LiveSettings,
     Settings,
+    applied,
+    live_keys,
+    live_of,
     masked,
+    with_live,
 )
+from proxy.settings.live import fixed_tables
 
-# Flattened setting keys a reload applies at once (fnmatch patterns).
-LIVE_KEYS = (
-    "log.level",
-    "inbound.*",
-    "callers.*",
-    "cache.rules",
-    "accounts.*.rate_per_minute",
-    "accounts.*.burst",
-    *(f"accounts.*.{name}" for name in ("token", "client_id", "client_secret", "refresh_token")),
-)
-# Keys a reload never applies, whatever LIVE_KEYS says: the shared backend (its connection,
-# key prefix, token key, replica count) is opened once at start, and every budget gate and
-# token store holds it; `serve --workers` sets server.reuse_port for its workers.
+# Keys a reload never applies, whatever proxy.settings.live says: the shared backend (its
+# connection, key prefix, token key, replica count) is opened once at start, and every budget
+# gate and token store holds it; `serve --workers` sets server.reuse_port for its workers.
 RESTART_KEYS = ("shared.*", "server.reuse_port")
-# Account settings that make a new token provider (credentials).
-CREDENTIALS = ("token", "client_id", "client_secret", "refresh_token")
-ACCOUNT_LIVE = (*CREDENTIALS, "rate_per_minute", "burst")
+# The live keys (fnmatch patterns), derived from proxy.settings.live.LiveSettings.
+LIVE_KEYS = live_keys()
 
 Loader = Callable[[], Settings]
 # Seconds a reload may take to read the configuration and its secret files.
@@ -99,12 +99,12 @@ def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
     """The changed keys a reload applies, and those that need a restart (an account added
     or removed needs one whatever its keys: its budget, breaker and token file are set up
     at start)."""
-    both = old.accounts.keys() & new.accounts.keys()
+    fixed = {name: getattr(old, name).keys() & getattr(new, name).keys() for name in fixed_tables()}
     live: list[str] = []
     restart: list[str] = []
     for key in changed_keys(old, new):
         parts = key.split(".")
-        known = parts[0] != "accounts" or len(parts) < 2 or parts[1] in both
+        known = parts[0] not in fixed or (len(parts) > 2 and parts[1] in fixed[parts[0]])
         (live if known and is_live(key) else restart).append(key)
     return live, restart
 
@@ -112,39 +112,20 @@ def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
 def merge(running: Settings, new: Settings) -> Settings:
     """The running settings with the live parts of ``new``; a bad mix is a ConfigError."""
     try:
-        accounts = {
-            name: _account(account, new.accounts.get(name))
-            for name, account in running.accounts.items()
-        }
-        return dataclasses.replace(
-            running,
-            log=dataclasses.replace(running.log, level=new.log.level),
-            inbound=new.inbound,
-            callers=new.callers,
-            cache=dataclasses.replace(running.cache, rules=new.cache.rules),
-            accounts=accounts,
-        )
+        return with_live(running, live_of(new))
     except Invalid as e:
         raise ConfigError(e.key, e.problem) from None
-
-
-def _account(running: AccountSettings, new: AccountSettings | None) -> AccountSettings:
-    if new is None:  # removed: needs a restart; keep serving it meanwhile
-        return running
-    try:
-        return dataclasses.replace(running, **{k: getattr(new, k) for k in ACCOUNT_LIVE})
-    except Invalid as e:
-        raise Invalid(f"accounts.{e.key}", e.problem) from None
 
 
 async def reload(services: Services, load: Loader, read_timeout: float = READ_TIMEOUT) -> bool:
     """Load the file again (in a thread, within ``read_timeout``) and swap in the new
     snapshot; False (one line) when refused."""
     current = services.live.current
+    running = services.running()
     try:
         new = await in_thread(load, read_timeout)
-        live, restart = split_changes(current.settings, new)
-        merged = merge(current.settings, new)
+        live, restart = split_changes(running, new)
+        merged = merge(running, new)
     except ConfigError as e:
         lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
         event("reload_refused", logging.ERROR, error="; ".join(lines), kept="running settings")
@@ -157,18 +138,29 @@ async def reload(services: Services, load: Loader, read_timeout: float = READ_TI
         )
         event("reload_refused", logging.ERROR, error=error, kept="running settings")
         return False
-    providers, replaced = await _providers(services, current, merged)
-    callers = current.callers.rotated(merged, services.metrics)  # old keys: inbound.key_overlap
-    services.live.current = Live(merged, callers, providers)
+    settings = live_of(merged)
+    providers, replaced = await _providers(services, current, settings)
+    # Previous caller keys and admin token still accepted for inbound.key_overlap seconds.
+    callers = current.callers.rotated(settings, services.metrics)
+    overlap = settings.inbound.key_overlap
+    admin_token = current.admin_token.rotated(settings.admin.token, overlap)
+    services.live.current = Live(settings, callers, providers, admin_token)
     for provider in replaced:
         await provider.stop()
-    # The line is written under the more verbose of the two levels, then the new one holds.
-    set_level(min(current.settings.log.level, merged.log.level, key=LEVELS.index))
-    level = logging.WARNING if restart else logging.INFO
-    event("reloaded", level, changed=live, restart_needed=restart)
-    set_level(merged.log.level)
+    announce(current.settings, settings, live, restart)
     _count(services, live, restart, merged)
     return True
+
+
+def announce(
+    before: LiveSettings, after: LiveSettings, live: list[str], restart: list[str]
+) -> None:
+    """The ``reloaded`` line, written under the more verbose of the two log levels; then
+    the new level holds."""
+    set_level(min(before.log.level, after.log.level, key=LEVELS.index))
+    level = logging.WARNING if restart else logging.INFO
+    event("reloaded", level, changed=live, restart_needed=restart)
+    set_level(after.log.level)
 
 
 def _count(services: Services, live: list[str], restart: list[str], merged: Settings) -> None:
@@ -180,31 +172,37 @@ def _count(services: Services, live: list[str], restart: list[str], merged: Sett
 
 
 async def _providers(
-    services: Services, current: Live, merged: Settings
+    services: Services, current: Live, settings: LiveSettings
 ) -> tuple[dict[str, TokenProvider], list[TokenProvider]]:
-    """The providers for ``merged``: new ones where an account's credentials changed."""
+    """The providers for the live ``settings``: new ones where an account's credentials
+    changed."""
     providers = dict(current.providers)
     replaced: list[TokenProvider] = []
-    for name, account in merged.accounts.items():
-        before = current.settings.accounts[name]
-        if all(getattr(before, k) == getattr(account, k) for k in CREDENTIALS):
+    for name, live in settings.accounts.items():
+        if not credentials_changed(current.settings.accounts[name], live):
             continue
+        account = applied(services.settings.accounts[name], live, CREDENTIALS)
         provider = provider_for(
             account,
             name=name,
-            state_dir=merged.state_dir,
+            state_dir=services.settings.state_dir,
             clock=services.clock,
-            metrics=services.metrics,
+            metrics=services.auth_metrics,
             # The running backend and its settings: [shared] is restart-only, so a new
             # provider of a shared account shares the same encrypted record in Redis.
             shared=services.shared,
             shared_settings=services.settings.shared,
-            refresh_floor=merged.auth.floor_for(account),
+            refresh_floor=services.settings.auth.floor_for(account),
         )
         await provider.start(services.session)
         replaced.append(providers[name])
         providers[name] = provider
     return providers, replaced
+
+
+def credentials_changed(before: LiveAccount, after: LiveAccount) -> bool:
+    """Whether a reload changed what the account's token provider is made from."""
+    return any(getattr(before, k) != getattr(after, k) for k in CREDENTIALS)
 
 
 async def in_thread(work: Callable[[], T], patience: float) -> T:

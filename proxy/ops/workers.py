@@ -28,7 +28,9 @@ root) can reach: no port to collide with, nothing a browser or another user can 
 
 The parent owns the signals: SIGTERM and SIGINT are forwarded to every worker, which drain as
 a single ``serve`` does; the parent exits when all have, with the worst exit code. SIGHUP is
-forwarded too: each worker reloads the configuration file itself (``proxy.ops.reload``). A
+forwarded too: each worker reloads the configuration file itself (``proxy.ops.reload``), and
+the parent reads it again for the one live setting its own listener uses, the admin token
+(the previous one still accepted for ``inbound.key_overlap`` seconds, as in a worker). A
 worker that dies on its own stops the others (the supervisor — systemd, Kubernetes — restarts
 the whole set).
 """
@@ -36,6 +38,7 @@ the whole set).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -43,7 +46,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,13 +60,15 @@ from prometheus_client import (
 
 from proxy import eventloop
 from proxy.edge.answer import stamp_server
+from proxy.edge.callers import AdminToken
 from proxy.errors import code_for
 from proxy.listener import StartupError, bound_port, start
 from proxy.logs import WORKER_ENV, configure, event
 from proxy.metrics import Registry, WorkersMetrics
 from proxy.ops.admin import add_livez, exposure_warning, json_answer, middlewares
 from proxy.ops.aggregate import merge_families, parse
-from proxy.settings import ConfigError, Settings
+from proxy.ops.reload import READ_TIMEOUT, in_thread
+from proxy.settings import ConfigError, Settings, load
 
 POLL_SECONDS = 0.2
 SCRAPE_TIMEOUT = 2.0  # per worker, for /metrics, /healthz and /readyz
@@ -103,31 +108,49 @@ def run(settings: Settings, config: Path | None, workers: int) -> int:
         return asyncio.run(_supervise(settings, config, sockets))
 
 
+@dataclass
+class AdminTokenRef:
+    """The parent listener's admin token; a SIGHUP replaces it (:func:`_reload_token`)."""
+
+    current: AdminToken
+
+
 async def _supervise(settings: Settings, config: Path | None, sockets: list[str]) -> int:
     admin = settings.admin.enabled
+    token = AdminTokenRef(AdminToken(settings.admin.token))
     # The admin listener first: a busy admin.port is one line before any worker starts.
-    runner = await _start_admin(settings, sockets) if admin else None
+    runner = await _start_admin(settings, sockets, token) if admin else None
     try:
         return await _watch(
             [
                 _spawn(settings, config, len(sockets), path if admin else "", k)
                 for k, path in enumerate(sockets)
-            ]
+            ],
+            functools.partial(_reload_token, token, config),
         )
     finally:
         if runner is not None:
             await runner.cleanup()
 
 
-async def _watch(children: list[subprocess.Popen[bytes]]) -> int:
-    """Forward signals to the workers until all have exited; the worst exit code."""
+async def _watch(
+    children: list[subprocess.Popen[bytes]],
+    on_reload: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Forward signals to the workers until all have exited; the worst exit code.
+    ``on_reload``: the parent's own part of a SIGHUP."""
     event("workers_started", workers=len(children), pids=[c.pid for c in children])
     stopping = False
+    reloads: set[asyncio.Task[None]] = set()
 
     def forward(signum: int) -> None:
         nonlocal stopping
         if signum != signal.SIGHUP:
             stopping = True
+        elif on_reload is not None:
+            task = asyncio.ensure_future(on_reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -148,10 +171,25 @@ async def _watch(children: list[subprocess.Popen[bytes]]) -> int:
     return max(codes, key=abs)
 
 
-async def _start_admin(settings: Settings, sockets: list[str]) -> web.AppRunner:
-    admin = settings.admin
+async def _reload_token(token: AdminTokenRef, config: Path | None) -> None:
+    """The configuration read again (in a thread) for the parent's admin token; a file that
+    does not load keeps the running token (the workers say why in their own lines)."""
     try:
-        runner = await start(create_parent_app(settings, sockets), admin.host, admin.port, GRACE)
+        settings = await in_thread(functools.partial(load, config), READ_TIMEOUT)
+    except (ConfigError, TimeoutError):
+        event("parent_reload_refused", logging.ERROR, kept="running admin token")
+        return
+    new = settings.admin.token
+    token.current = token.current.rotated(new, settings.inbound.key_overlap)
+
+
+async def _start_admin(
+    settings: Settings, sockets: list[str], token: AdminTokenRef | None = None
+) -> web.AppRunner:
+    admin = settings.admin
+    app = create_parent_app(settings, sockets, token)
+    try:
+        runner = await start(app, admin.host, admin.port, GRACE)
     except StartupError as e:
         raise StartupError(f"admin listener: {e}") from None
     event("admin_started", listen=f"{admin.host}:{bound_port(runner)}", workers=len(sockets))
@@ -240,9 +278,13 @@ class Parent:
 PARENT: web.AppKey[Parent] = web.AppKey("workers_parent", Parent)
 
 
-def create_parent_app(settings: Settings, sockets: list[str]) -> web.Application:
-    """The parent's admin application over the workers' admin sockets."""
-    app = web.Application(middlewares=middlewares(settings.admin))
+def create_parent_app(
+    settings: Settings, sockets: list[str], token: AdminTokenRef | None = None
+) -> web.Application:
+    """The parent's admin application over the workers' admin sockets; ``token``: the live
+    admin token (else the one ``settings`` has, for good)."""
+    tokens = None if token is None else (lambda: token.current)
+    app = web.Application(middlewares=middlewares(settings.admin, tokens))
     app[PARENT] = Parent(sockets)
     app.cleanup_ctx.append(_sessions)
     app.on_response_prepare.append(stamp_server)

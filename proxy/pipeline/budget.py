@@ -5,10 +5,7 @@ the excess with a plain-text 429. The :class:`Budget` layer sits just above the
 upstream, so every request that reaches Kounta (revalidations and resends after a
 token refresh included) takes a token first, while fresh cache hits never get here.
 
-- :class:`~proxy.pipeline.gates.Bucket` (pure, the clock passed in) holds ``burst``
-  tokens and refills at the account's rate. It also keeps the send times of the last
-  window, so that no 60-second window (plus a margin for network delays) ever sees more
-  than the rate: a plain token bucket would allow ``burst + rate`` in the first minute.
+- :class:`~proxy.pipeline.gates.Bucket` holds the account's tokens and its window's log.
 - :class:`AccountBudget` makes requests wait for a token in a bounded queue, handing
   tokens out by class (interactive, standard, batch: weighted fair queuing, see
   :mod:`proxy.pipeline.queue`) and round robin over callers within a class, so one busy
@@ -26,10 +23,7 @@ token refresh included) takes a token first, while fresh cache hits never get he
   unless it is safe to).
 
 Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis instead
-(:class:`~proxy.pipeline.gates.SharedGate`; GCRA for pace and burst plus a sliding log for
-the window cap, one Lua script per request), so all replicas together stay under the rate,
-and a 429 seen by one pauses all. The fair round robin over callers stays per replica. While
-Redis is away each replica falls back to a local bucket at ``rate / shared.replicas``.
+(:class:`~proxy.pipeline.gates.SharedGate`); the round robin over callers stays per replica.
 """
 
 from __future__ import annotations
@@ -58,6 +52,8 @@ from proxy.pipeline.gates import (
     SharedGate,
     Waiting,
     capped,
+    effective_rate,
+    live_rate,
     pause_asked,
     rate_for,
 )
@@ -73,7 +69,16 @@ from proxy.pipeline.queue import (
     served,
     weights_of,
 )
-from proxy.settings import BudgetSettings, Settings
+from proxy.settings import (
+    CLASS_SHARES,
+    BudgetSettings,
+    CallerSettings,
+    LiveAccount,
+    LiveBudget,
+    Settings,
+    applied,
+    live_of,
+)
 from proxy.shared import Backend
 
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
@@ -84,11 +89,6 @@ OTHERS = "~others"
 # milliseconds after a token is due on a busy loop, and such a request would wait its whole
 # limit for a 429 instead of hearing it at once.
 TURN_MARGIN = 0.05
-# Why the effective rate is the configured one, by the gate's mode.
-EFFECTIVE_REASONS = {
-    "local": "the configured rate (this process alone)",
-    "shared": "the configured rate, shared by every replica through Redis",
-}
 
 
 @dataclass(slots=True)
@@ -463,13 +463,7 @@ class AccountBudget:
 
     def effective(self) -> tuple[int, str]:
         """What this process may send per window now, and why (``/budget``, the gauge)."""
-        mode = self.gate.mode()
-        if mode != "degraded":
-            return self.rate.per_window, EFFECTIVE_REASONS.get(mode, mode)
-        share = self.bucket.rate.per_window  # the fallback bucket runs at the share
-        return share, (
-            f"Redis is away: this replica's share, rate {self.rate.per_window} / shared.replicas"
-        )
+        return effective_rate(self.gate, self.rate)
 
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
@@ -481,6 +475,7 @@ class AccountBudget:
             "mode": self.gate.mode(),
             "window_seconds": self.rate.window,
             "burst": self.rate.burst,
+            "reserve": self.settings.reserve,
             "tokens": round(self.bucket.available(now), 3),
             "sent_in_window": len(self.bucket.sent),
             "waiting": self.waiting,
@@ -511,13 +506,20 @@ class Budget:
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
         shared: Backend | None = None,
-        current: Callable[[], Settings] | None = None,
+        current: Callable[[], Mapping[str, LiveAccount]] | None = None,
+        classes: Callable[[], LiveBudget] | None = None,
+        callers: Callable[[], Mapping[str, CallerSettings]] | None = None,
     ) -> None:
         self.inner = inner
         self.settings = settings.budget
-        # The live settings: a SIGHUP reload may change the accounts' rates.
-        self.current = current or (lambda: settings)
-        self._tuned_to = settings
+        # The budget's live slices, a SIGHUP reload may change them: the accounts' rates,
+        # the classes' weights and reserve, the callers' max_share.
+        live = live_of(settings)
+        self.current = current or (lambda: live.accounts)
+        self.classes = classes or (lambda: live.budget)
+        self.callers = callers or (lambda: live.callers)
+        self._tuned_to: tuple[Mapping[str, LiveAccount], LiveBudget] = (live.accounts, live.budget)
+        self.started = settings.accounts
         self.metrics = metrics
         self.clock = clock or MonotonicClock()
         self.wall = wall
@@ -541,16 +543,18 @@ class Budget:
         )
 
     def max_share(self, caller: str) -> float:
-        found = self.current().callers.get(caller)
+        found = self.callers().get(caller)
         return found.max_share if found is not None else 1.0
 
     def account(self, name: str) -> AccountBudget:
-        live = self.current()
-        if live is not self._tuned_to:  # one identity check per request; retuned once per reload
-            self._tuned_to = live
+        live, classes = self.current(), self.classes()
+        tuned_to = self._tuned_to
+        if live is not tuned_to[0] or classes is not tuned_to[1]:  # retuned once per reload
+            self._tuned_to = (live, classes)
+            self.settings = applied(self.settings, classes, CLASS_SHARES)
             for known, budget in self.accounts.items():
-                budget.retune(rate_for(live.accounts.get(known), self.settings))
-                budget.reclass(live.budget)
+                budget.retune(live_rate(self.started.get(known), live.get(known), self.settings))
+                budget.reclass(self.settings)
         found = self.accounts.get(name)
         if found is None:  # not configured (auth refuses it first); budget it all the same
             rate = rate_for(None, self.settings)

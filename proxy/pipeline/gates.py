@@ -2,6 +2,14 @@
 window's log), this process's :class:`LocalGate`, and the fleet's :class:`SharedGate` (Redis);
 and what a 429's headers ask for (:func:`pause_asked`, :func:`capped`).
 
+The bucket (pure, the clock passed in) holds ``burst`` tokens and refills at the account's
+rate. It also keeps the send times of the last window, so that no 60-second window (plus a
+margin for network delays) ever sees more than the rate: a plain token bucket would allow
+``burst + rate`` in the first minute. The shared gate keeps the bucket in Redis (GCRA for
+pace and burst plus a sliding log for the window cap, one Lua script per request), so all
+replicas together stay under the rate, and a 429 seen by one pauses all; while Redis is away
+each replica falls back to a local bucket at ``rate / shared.replicas``.
+
 The queue that decides who gets the next slot is :mod:`proxy.pipeline.queue` (pure) driven by
 :mod:`proxy.pipeline.budget`.
 """
@@ -20,7 +28,7 @@ from typing import Protocol
 
 from proxy.dates import retry_after
 from proxy.logs import event
-from proxy.settings import AccountSettings, BudgetSettings
+from proxy.settings import RATES, AccountSettings, BudgetSettings, LiveAccount, applied
 from proxy.shared import Backend, SharedUnavailable
 from proxy.shared.base import ClassedAsk, SharedBudget
 
@@ -54,6 +62,31 @@ def rate_for(account: AccountSettings | None, budget: BudgetSettings) -> Rate:
     per_minute = (account.rate_per_minute if account else 0) or DEFAULT_RATES.get(mode, 180)
     burst = (account.burst if account else 0) or max(1, per_minute // 20)
     return Rate(per_minute, min(burst, per_minute), budget.window, budget.window_margin)
+
+
+def live_rate(
+    account: AccountSettings | None, rates: LiveAccount | None, budget: BudgetSettings
+) -> Rate:
+    """:func:`rate_for` the account as started with its live rates (a reload may change them)."""
+    if account is not None and rates is not None:
+        account = applied(account, rates, RATES)
+    return rate_for(account, budget)
+
+
+# Why the effective rate is the configured one, by the gate's mode.
+EFFECTIVE_REASONS = {
+    "local": "the configured rate (this process alone)",
+    "shared": "the configured rate, shared by every replica through Redis",
+}
+
+
+def effective_rate(gate: Gate, rate: Rate) -> tuple[int, str]:
+    """What this process may send per window through ``gate`` now, and why."""
+    mode = gate.mode()
+    if mode != "degraded":
+        return rate.per_window, EFFECTIVE_REASONS.get(mode, mode)
+    share = gate.bucket.rate.per_window  # the fallback bucket runs at the share
+    return share, f"Redis is away: this replica's share, rate {rate.per_window} / shared.replicas"
 
 
 class Bucket:

@@ -41,7 +41,7 @@ def sandbox_config() -> SandboxConfig:
 
 
 def config(
-    tmp_path: Path, i: int, upstream: str, redis_url: str, prefix: str
+    tmp_path: Path, i: int, upstream: str, redis_url: str, prefix: str, admin_extra: str = ""
 ) -> tuple[Path, int, int]:
     port, admin = free_port(), free_port()
     path = tmp_path / f"replica{i}.toml"
@@ -53,6 +53,7 @@ host = "127.0.0.1"
 port = {port}
 [admin]
 port = {admin}
+{admin_extra}
 [upstream]
 base_url = "{upstream}"
 [cache]
@@ -252,11 +253,11 @@ async def answer(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str
 
 @contextlib.asynccontextmanager
 async def two_workers(
-    tmp_path: Path, upstream: str, redis_url: str, prefix: str
+    tmp_path: Path, upstream: str, redis_url: str, prefix: str, admin_extra: str = ""
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path, int, str, list[int]]]:
     """``serve --workers 2`` until the parent's /readyz says ready: the process, the config,
     the proxy port, the parent's admin URL and the workers' pids."""
-    path, port, admin = config(tmp_path, 0, upstream, redis_url, prefix)
+    path, port, admin = config(tmp_path, 0, upstream, redis_url, prefix, admin_extra)
     log = tmp_path / "workers.log"
     with log.open("wb") as out:  # the workers log to the parent's stderr
         proc = await asyncio.create_subprocess_exec(
@@ -392,3 +393,42 @@ async def test_a_killed_worker_fails_readiness_and_stops_the_set(
         assert status == 503 and "worker1:unreachable" in body["failing"], body
         assert await asyncio.wait_for(proc.wait(), 20) != 0
         assert not any(running(pid) for pid in pids)
+
+
+@pytest.mark.slow
+async def test_the_workers_parent_rotates_the_admin_token_on_sighup(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Issue 18 item 19 under ``serve --workers``: the parent's listener guards the admin
+    routes, so it reads the token file again on SIGHUP; the previous token is kept for
+    inbound.key_overlap seconds."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("workers-admin-token-one-0001\n")
+    extra = f'token_file = "{token_file}"\n[inbound]\nkey_overlap = 2'
+    async with (
+        two_workers(tmp_path, sandbox.url, redis_server.url, redis_prefix, extra) as found,
+        aiohttp.ClientSession() as client,
+    ):
+        proc, _, _, admin, _ = found
+
+        async def status(token: str) -> int:
+            headers = {"Host": "elsewhere.example", "Authorization": f"Bearer {token}"}
+            async with client.get(f"{admin}/budget", headers=headers) as r:
+                return r.status
+
+        assert await status("workers-admin-token-one-0001") == 200
+        assert await status("workers-admin-token-two-0002") == 403
+        token_file.write_text("workers-admin-token-two-0002\n")
+        proc.send_signal(signal.SIGHUP)
+
+        async def rotated() -> bool:
+            return await status("workers-admin-token-two-0002") == 200
+
+        await until(rotated, 10)
+        assert await status("workers-admin-token-one-0001") == 200  # within the overlap
+
+        async def retired() -> bool:
+            return await status("workers-admin-token-one-0001") == 403
+
+        await until(retired, 6)
+        assert await status("workers-admin-token-two-0002") == 200

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.edge.callers import Callers
+from proxy.edge.callers import AdminToken, Callers
 from proxy.edge.services import SERVICES
 from proxy.ops.reload import reload
-from proxy.settings import CallerSettings, InboundSettings, Secret, Settings
+from proxy.settings import CallerSettings, InboundSettings, Secret, Settings, live_of
 from tests.conftest import MakeProxy, Sandbox, proxy_settings
 
 OLD = "old-key-0123456789abcdef"
@@ -78,11 +78,28 @@ def test_rotating_twice_within_the_overlap_keeps_both_earlier_keys_until_their_e
     now = [100.0]
     base = proxy_settings("http://127.0.0.1:9", tmp_path)
     callers = Callers(with_key(base, "k1-0123456789abcdef", 60), clock=lambda: now[0])
-    callers = callers.rotated(with_key(base, "k2-0123456789abcdef", 60))
+    callers = callers.rotated(live_of(with_key(base, "k2-0123456789abcdef", 60)))
     now[0] = 130.0
-    callers = callers.rotated(with_key(base, "k3-0123456789abcdef", 60))
+    callers = callers.rotated(live_of(with_key(base, "k3-0123456789abcdef", 60)))
     names = [callers.find(headers(f"k{i}-0123456789abcdef")) for i in (1, 2, 3)]
     assert [c.name if c else None for c in names] == ["app", "app", "app"]
     now[0] = 161.0  # k1's overlap (from 100) is over, k2's (from 130) is not
     names = [callers.find(headers(f"k{i}-0123456789abcdef")) for i in (1, 2, 3)]
     assert [c.name if c else None for c in names] == [None, "app", "app"]
+
+
+def test_the_admin_token_rotates_with_an_overlap_and_an_emptied_one_is_revoked() -> None:
+    now = [100.0]
+    first, second, third = (f"admin-token-{n}-0123456789".encode() for n in (1, 2, 3))
+    token = AdminToken(Secret(first.decode()), clock=lambda: now[0])
+    assert token.matches(first) and not token.matches(second)
+    token = token.rotated(Secret(second.decode()), 60)
+    assert token.matches(first) and token.matches(second)
+    now[0] = 130.0
+    token = token.rotated(Secret(second.decode()), 60)  # unchanged: the overlap runs on
+    now[0] = 161.0
+    assert not token.matches(first) and token.matches(second)
+    token = token.rotated(Secret(third.decode()), 0)  # no overlap: refused at once
+    assert not token.matches(second) and token.matches(third)
+    token = token.rotated(Secret(second.decode()), 60).rotated(Secret(""), 60)
+    assert not token and not any(token.matches(t) for t in (first, second, third, b""))

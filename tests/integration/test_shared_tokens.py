@@ -321,7 +321,7 @@ async def test_a_reload_keeps_the_shared_token_store_and_shared_settings(
 
     assert provider(proxy) is not old
     assert isinstance(provider(proxy).file, SharedTokenStore)
-    assert services.live.current.settings.shared == settings.shared  # restart-only: kept
+    assert services.running().shared == settings.shared  # restart-only: kept
     # The stored token serves at once: no token request with the new (unknown) refresh token.
     assert (await get(client, proxy))[0] == 200
     assert server.counters.by_client["sandbox-client"] == requests

@@ -21,7 +21,7 @@ from proxy.listener import bound_port
 from proxy.ops.lifecycle import start_webhooks
 from proxy.settings import CacheRule, CacheSettings, Secret, SharedSettings, WebhookSettings
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 SECRET = "replica-hook-secret-42"
 
@@ -48,7 +48,11 @@ async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_s
             tmp_path / name,
             cache=CacheSettings(rules=(rule,)),
             shared=SharedSettings(
-                backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3
+                backend="redis",
+                url=redis_server.url,
+                key_prefix=redis_prefix,
+                timeout=0.3,
+                token_key=Secret(TOKEN_KEY),
             ),
             # verify_every = 0: no verifier requests, so every upstream read below is a caller's.
             webhooks=WebhookSettings(enabled=True, port=0, secret=Secret(SECRET), verify_every=0),
@@ -133,7 +137,11 @@ async def test_a_missed_change_found_by_one_replica_distrusts_the_feed_on_both(
             tmp_path / name,
             cache=CacheSettings(rules=(rule,)),
             shared=SharedSettings(
-                backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3
+                backend="redis",
+                url=redis_server.url,
+                key_prefix=redis_prefix,
+                timeout=0.3,
+                token_key=Secret(TOKEN_KEY),
             ),
             webhooks=WebhookSettings(
                 enabled=True, port=0, secret=Secret(SECRET), verify_every=every

@@ -10,10 +10,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from proxy.auth.layer import Authenticator
+from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenState
 from proxy.errors import TokenUnavailable
 from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 
 EXPIRED = b'{"error": "invalid_token", "error_description": "The access token has expired"}'
 
@@ -82,13 +82,13 @@ def request(body: object = None, account: str = "main") -> ProxyRequest:
     return ProxyRequest("GET", "/v1/companies/me.json", "", headers, body=body, account=account)  # type: ignore[arg-type]
 
 
-def layer(inner: Scripted, provider: Provider) -> tuple[Authenticator, Metrics]:
-    metrics = Metrics(CollectorRegistry())
-    return Authenticator(inner, {"main": provider}, metrics), metrics
+def layer(inner: Scripted, provider: Provider) -> tuple[Authenticator, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return Authenticator(inner, {"main": provider}, AuthMetrics(registry)), registry
 
 
-def resends(metrics: Metrics, outcome: str) -> float | None:
-    return metrics.registry.get_sample_value(
+def resends(registry: CollectorRegistry, outcome: str) -> float | None:
+    return registry.get_sample_value(
         "kounta_proxy_auth_resends_total", {"account": "main", "outcome": outcome}
     )
 

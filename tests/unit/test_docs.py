@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.auth.metrics import AuthMetrics
 from proxy.cli import parser
 from proxy.metrics import Metrics, WorkersMetrics
 from proxy.settings import Secret, Settings, load
@@ -193,6 +194,7 @@ def registered_metric_names() -> set[str]:
     suffix = {"counter": "_total", "info": "_info"}
     registry = CollectorRegistry()
     Metrics(registry).watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
+    AuthMetrics(registry)  # the auth package's own group
     WorkersMetrics(registry, 1)  # the serve --workers parent's own
     return {m.name + suffix.get(m.type, "") for m in registry.collect()}
 

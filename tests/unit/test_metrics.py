@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from proxy.auth.metrics import AuthMetrics
 from proxy.metrics import BUCKETS, LoopCounter, LoopHistogram, Metrics, Registry
 
 VALUES = (0.0, 0.001, 0.0011, 0.003, 0.25, 0.26, 1, 29.9, 30, 31, 1e6)
@@ -95,7 +96,7 @@ def test_counters_start_with_every_known_label_set_at_zero() -> None:
     static = AccountSettings(mode="static", token=Secret("t"))
     settings = Settings(accounts={"shop": oauth, "main": static})
     metrics = Metrics(Registry())
-    describe(settings, metrics)
+    describe(settings, metrics, AuthMetrics(metrics.registry))
     sample = metrics.registry.get_sample_value
     for op in ("read", "write", "delete", "full"):
         assert sample("kounta_proxy_cache_store_errors_total", {"op": op}) == 0, op
