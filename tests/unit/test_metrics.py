@@ -6,7 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from proxy.auth.metrics import AuthMetrics
-from proxy.metrics import BUCKETS, LoopCounter, LoopHistogram, Metrics, Registry
+from proxy.collectors import LoopCounter, LoopHistogram
+from proxy.metrics import BUCKETS, Metrics, Registry
 
 VALUES = (0.0, 0.001, 0.0011, 0.003, 0.25, 0.26, 1, 29.9, 30, 31, 1e6)
 
