@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cache.invalidation import Invalidation
 from proxy.edge.services import SERVICES
-from proxy.settings import CacheRule, CacheSettings, SharedSettings
+from proxy.settings import CacheRule, CacheSettings, Secret, SharedSettings
 from tests.conftest import MakeProxy, Sandbox, proxy_settings
-from tests.redis_server import RedisServer
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 async def test_a_lookup_during_the_redis_drop_does_not_keep_the_old_copy(
@@ -29,7 +29,11 @@ async def test_a_lookup_during_the_redis_drop_does_not_keep_the_old_copy(
         tmp_path,
         cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=3600),)),
         shared=SharedSettings(
-            backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3
+            backend="redis",
+            url=redis_server.url,
+            key_prefix=redis_prefix,
+            timeout=0.3,
+            token_key=Secret(TOKEN_KEY),
         ),
     )
     proxy = await make_proxy(settings, registry=CollectorRegistry())
