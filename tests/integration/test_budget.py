@@ -134,7 +134,7 @@ async def test_a_busy_caller_does_not_starve_the_others(
         done[kind].append(time.monotonic() - started)
 
     busy = [asyncio.create_task(one("busy", 0, n)) for n in range(1, 41)]
-    await asyncio.sleep(0.05)  # the busy caller's 40 requests are queued first
+    await queued(proxy, 30)  # the busy caller's 40 requests are queued first
     await asyncio.gather(*(one("light", i, 100 + i) for i in range(1, 4)), *busy)
     busy_times = sorted(done["busy"])
     # Round robin: each light caller is served within the next few tokens, long before
@@ -402,3 +402,15 @@ async def test_a_request_whose_turn_comes_too_late_hears_429_at_once(
         "kounta_proxy_budget_rejections_total", {"account": "main", "reason": "deadline"}
     )
     assert rejected == len(refused)
+
+
+async def queued(proxy: Proxy, at_least: int, account: str = "main") -> None:
+    """Wait (5 s at most) until ``at_least`` requests wait in the account's budget queue: a
+    loaded machine may take longer than a fixed sleep to send them all."""
+    budget = proxy.app[SERVICES].budget
+    assert budget is not None
+    for _ in range(500):
+        if budget.accounts[account].waiting >= at_least:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"fewer than {at_least} requests queued")

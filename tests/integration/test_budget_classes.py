@@ -20,6 +20,7 @@ from tests.integration.test_budget import (
     customer_ids,
     fast_sandbox,
     fetch,
+    queued,
     sandbox_config,
 )
 
@@ -63,7 +64,7 @@ async def test_interactive_callers_go_before_a_batch_caller_queued_first(
         asyncio.create_task(one("batch", 0, n, **{"X-Proxy-Priority": "batch"}))
         for n in range(1, 31)
     ]
-    await asyncio.sleep(0.05)
+    await queued(proxy, 20)  # the batch requests are queued first
     await asyncio.gather(
         *(one("interactive", 1, 100 + i) for i in range(3)),
         # An interactive caller may lower its own request: this one waits with the batch.
