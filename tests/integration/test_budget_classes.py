@@ -45,7 +45,7 @@ async def test_an_unknown_priority_is_a_400_naming_the_header(
 async def test_interactive_callers_go_before_a_batch_caller_queued_first(
     make_proxy: MakeProxy, fast_sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
 ) -> None:
-    settings = budget_settings(fast_sandbox.url, tmp_path, burst=1, callers=3)
+    settings = budget_settings(fast_sandbox.url, tmp_path, rate=LIMIT // 4, burst=1, callers=3)
     callers = dict(settings.callers)
     callers["caller1"] = replace(callers["caller1"], priority="interactive")
     proxy = await make_proxy(replace(settings, callers=callers))
@@ -64,7 +64,7 @@ async def test_interactive_callers_go_before_a_batch_caller_queued_first(
         asyncio.create_task(one("batch", 0, n, **{"X-Proxy-Priority": "batch"}))
         for n in range(1, 31)
     ]
-    await queued(proxy, 20)  # the batch requests are queued first
+    await queued(proxy, 15)  # the batch requests are queued first
     await asyncio.gather(
         *(one("interactive", 1, 100 + i) for i in range(3)),
         # An interactive caller may lower its own request: this one waits with the batch.
