@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,24 +256,47 @@ async def two_workers(
     tmp_path: Path, upstream: str, redis_url: str, prefix: str, admin_extra: str = ""
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path, int, str, list[int]]]:
     """``serve --workers 2`` until the parent's /readyz says ready: the process, the config,
-    the proxy port, the parent's admin URL and the workers' pids."""
-    path, port, admin = config(tmp_path, 0, upstream, redis_url, prefix, admin_extra)
+    the proxy port, the parent's admin URL and the workers' pids. A free port taken by another
+    process between choosing and binding it (ports are chosen before the children start) is
+    one more try with new ports; anything else fails with the log's tail."""
     log = tmp_path / "workers.log"
-    with log.open("wb") as out:  # the workers log to the parent's stderr
-        proc = await asyncio.create_subprocess_exec(
-            COMMAND, "serve", "--workers", "2", "--config", str(path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=out,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{admin}"
-    try:
+    for attempt in range(3):
+        path, port, admin = config(tmp_path, 0, upstream, redis_url, prefix, admin_extra)
+        with log.open("wb") as out:  # the workers log to the parent's stderr
+            proc = await asyncio.create_subprocess_exec(
+                COMMAND, "serve", "--workers", "2", "--config", str(path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=out,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{admin}"
         async with aiohttp.ClientSession() as client:
-            await until(lambda: ready(client, url), 20)
+            if await started_or_exited(proc, lambda: ready(client, url), 40):
+                break
+        tail = log.read_text()[-2000:]
+        assert "already in use" in tail and attempt < 2, tail
+    try:
         (started,) = log_events(log, "workers_started")
         yield proc, path, port, url, started["pids"]
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 20)
+
+
+async def started_or_exited(
+    proc: asyncio.subprocess.Process, check: Callable[[], Awaitable[bool]], seconds: float
+) -> bool:
+    """True once ``check()`` holds; False if the process exited first or ``seconds`` passed
+    (then it is killed)."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if proc.returncode is not None:
+            return False
+        if time.monotonic() > deadline:
+            proc.kill()
+            await proc.wait()
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 def running(pid: int) -> bool:

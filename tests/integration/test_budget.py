@@ -395,8 +395,11 @@ async def test_a_request_whose_turn_comes_too_late_hears_429_at_once(
     refused = [r for r in results if r[0] == 429]
     assert len(served) + len(refused) == 30
     assert 15 <= len(served) <= 22, results
-    # Refused at once: before the first second's worth of tokens has even been handed out.
-    assert max(t for _, t, _ in refused) < 0.5, refused
+    # Refused at once, not after waiting out max_wait (1 s): on an idle machine within 0.1 s;
+    # 0.9 leaves room for a loaded one (30 connections opened at once took 0.65 s under a full
+    # test run), and every refusal comes before the last request that was served.
+    assert max(t for _, t, _ in refused) < 0.9, refused
+    assert max(t for _, t, _ in refused) < max(t for _, t, _ in served), results
     # Retry-After: when the turn would have come (1-2 s at 14.75 a second), not 0, not 10.
     assert {int(r or 0) for _, _, r in refused} <= {1, 2, 3}
     assert all(t < 1.3 for _, t, _ in served)
