@@ -286,20 +286,28 @@ class SharedEntries:
         # the other replicas again (their copies of what Redis held may be old).
         self.pending: list[Pending] = []
         self.retrying: asyncio.Task[None] | None = None
+        self.replaying = asyncio.Lock()
         self.announce_all = announce_all
 
     def _count(self, op: str, result: str) -> None:
         self.metrics.cache_shared.labels(op, result).inc()
 
     async def _caught_up(self) -> bool:
-        """Whether every invalidation has reached Redis (replaying the ones that had not)."""
-        while self.pending:
-            account, covers, resend = self.pending[0]
-            if not await self._drop(account, covers):
-                return False
-            self.pending.pop(0)
-            if resend is not None:
-                await resend()
+        """Whether every invalidation has reached Redis (replaying the ones that had not).
+        One replay at a time: a reader, the retry task and a resubscription may all ask at
+        once, and each invalidation is dropped, removed and told again exactly once."""
+        if not self.pending:
+            return True
+        async with self.replaying:
+            while self.pending:
+                head = self.pending[0]
+                account, covers, resend = head
+                if not await self._drop(account, covers):
+                    return False
+                if self.pending and self.pending[0] is head:  # else replaced meanwhile
+                    self.pending.pop(0)
+                if resend is not None:
+                    await resend()
         return True
 
     async def _retry(self) -> None:

@@ -549,3 +549,31 @@ async def test_a_callers_no_cache_is_never_answered_from_another_replicas_copy(
     status, headers, _ = await get(client, b.url + LIST, **{"Cache-Control": control})
     assert status == 200
     assert sandbox.state.served("GET", LIST) == 2, headers.get("X-Cache")
+
+
+async def test_invalidations_replayed_by_several_callers_at_once_are_each_replayed_once(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """A reader, the retry task and a resubscription may all replay the invalidations Redis
+    missed at the same moment: each is dropped and told to the other replicas once, in order,
+    none is skipped (popping the head after an await once removed the next one unreplayed, or
+    raised on an emptied list and killed the retry task)."""
+    (a,) = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 1)
+    entries = a.app[SERVICES].cache.entries
+    shared = entries.shared  # type: ignore[attr-defined]
+    told: list[str] = []
+
+    def resend(name: str) -> Any:
+        async def tell() -> None:
+            told.append(name)
+
+        return tell
+
+    shared.pending = [("main", lambda account, path: False, resend(n)) for n in "abc"]
+    await asyncio.gather(*(shared.catch_up() for _ in range(3)))
+    assert told == ["a", "b", "c"]
+    assert shared.pending == []
