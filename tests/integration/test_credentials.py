@@ -156,7 +156,12 @@ async def test_200_concurrent_requests_on_a_just_expired_token_make_one_token_re
     seed_file(
         sandbox, path, access="old-access", server_expires=server_expires, expires_at=now + 3600
     )
-    p = await make_proxy(settings_for(sandbox, tmp_path), clock=clock)
+    settings = settings_for(sandbox, tmp_path)
+    # A connection for each request: on a loaded machine the second hundred could otherwise
+    # wait past the tests' 2 s connect_timeout for a pool slot (503 upstream_busy), which is
+    # not what this test is about.
+    upstream = dataclasses.replace(settings.upstream, pool_size=200)
+    p = await make_proxy(dataclasses.replace(settings, upstream=upstream), clock=clock)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as client:
         warm, _ = await fire(client, p.url, 1)  # opens the pool; with upstream_401 it refreshes
