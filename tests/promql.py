@@ -3,7 +3,8 @@
 Parsing is promtool's (every expression becomes a recording rule in a temporary file and
 ``promtool check rules`` reads it). Names come from a small tokenizer here: metric selectors,
 their matcher labels and the labels of ``by``/``without``/``on``/``ignoring``/``group_*``,
-checked against what :class:`proxy.metrics.Metrics` registers.
+checked against what :class:`proxy.metrics.Metrics` and every package's group
+(:class:`proxy.edge.metrics.PackageMetrics`) register.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from ruamel.yaml import YAML
 
-from proxy.auth.metrics import AuthMetrics
-from proxy.metrics import Metrics, WorkersMetrics
+from proxy.edge.metrics import PackageMetrics
+from proxy.metrics import Metrics
+from proxy.ops.metrics import WorkersMetrics
 from tests.ops_tools import prometheus_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Metrics (and labels on existing metrics) that the dashboard and alerts use before the proxy
-# exports them. Remove an entry once proxy/metrics.py has it: the test then checks the real one.
+# exports them. Remove an entry once a metrics module declares it: the test then checks the real one.
 ASSUMED_METRICS: dict[str, frozenset[str]] = {}
 ASSUMED_LABELS: dict[str, frozenset[str]] = {}
 # Labels Prometheus adds to every scraped series, and its own series.
@@ -47,10 +49,10 @@ _SUFFIXES = {
 def exported_metrics() -> dict[str, frozenset[str]]:
     """Every series name the proxy exposes, with its labels (``_created`` left out)."""
     metrics = Metrics(CollectorRegistry())
-    metrics.watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
-    auth = AuthMetrics(metrics.registry)  # the auth package's own group
+    groups = PackageMetrics.on(metrics.registry)  # every package's own group
+    groups.cache.watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
     declared: dict[str, set[str]] = {}
-    for value in [*vars(metrics).values(), *vars(metrics.webhooks).values(), *vars(auth).values()]:
+    for value in [v for group in (metrics, *groups.groups()) for v in vars(group).values()]:
         name = getattr(value, "_name", None) or getattr(value, "name", None)
         labels = getattr(value, "_labelnames", None) or getattr(value, "labelnames", None)
         if isinstance(name, str) and labels is not None:

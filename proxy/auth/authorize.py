@@ -30,9 +30,9 @@ from proxy.auth.shared_tokens import SharedTokenStore
 from proxy.auth.token_file import StoredToken, TokenFile, TokenFileError, TokenStore
 from proxy.client import create_session
 from proxy.listener import StartupError, start
-from proxy.metrics import Metrics
 from proxy.settings import AccountSettings, ConfigError, Settings, is_loopback_host
 from proxy.shared import SharedUnavailable, open_backend
+from proxy.shared.metrics import SharedMetrics
 
 
 class AuthorizeError(Exception):
@@ -171,7 +171,7 @@ async def save(path: TokenStore, token: StoredToken) -> None:
 
 async def save_shared(settings: Settings, name: str, token: StoredToken) -> None:
     """``[shared] backend = "redis"``: the token goes to Redis, where every replica reads it."""
-    backend = open_backend(settings.shared, Metrics(CollectorRegistry()))
+    backend = open_backend(settings.shared, SharedMetrics(CollectorRegistry()))
     await backend.start()
     try:
         if not backend.up or backend.tokens is None:
@@ -207,7 +207,7 @@ async def shared_tokens_present(
 ) -> dict[str, bool] | None:
     """Whether Redis holds a token record for each account (only that it exists: nothing is
     decrypted); None when Redis does not answer within ``wait`` seconds."""
-    backend = open_backend(settings.shared, Metrics(CollectorRegistry()))
+    backend = open_backend(settings.shared, SharedMetrics(CollectorRegistry()))
     try:
         async with asyncio.timeout(wait):
             await backend.start()

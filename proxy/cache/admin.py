@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry
 from proxy import errors
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidator, Purge
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import LocalEntries
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.settings import Settings
 
 
@@ -66,7 +66,7 @@ def run_cli(settings: Settings, action: str, prefix: str, account: str | None) -
         try:
             if action == "purge":
                 # This process only: the running proxy sees it by the store's epoch.
-                local = LocalEntries(store, Flights(), Metrics(CollectorRegistry()))
+                local = LocalEntries(store, Flights(), CacheMetrics(CollectorRegistry()))
                 return {"purged": await Invalidator(local).apply(Purge(prefix, account))}
             return await store.stats()
         finally:

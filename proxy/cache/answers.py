@@ -9,6 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import errors
 from proxy.cache.flight import Flights, Outcome
 from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import (
     CALLER_CONDITIONALS,
     Entry,
@@ -23,7 +24,6 @@ from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import debug, trace
 from proxy.messages import CacheStatus, ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 
 # Says a stored answer stands in for one the upstream failed to give (RFC 7234 5.5.2).
 STALE_WARNING = '111 - "Revalidation Failed"'
@@ -46,7 +46,7 @@ class Answers:
         self,
         entries: Entries,
         flights: Flights,
-        metrics: Metrics,
+        metrics: CacheMetrics,
         clock: WallClock,
         stale_if_error: float,
     ) -> None:

@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.cache.invalidation import Change, Invalidation, Purge
+from proxy.cache.metrics import CacheMetrics
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.shared import SharedUnavailable
 from proxy.shared.base import SharedEvents
 
@@ -138,7 +138,7 @@ def _path(value: Any, prefix: bool = False) -> str:
 class Broadcast:
     """Publishes this replica's changes and hands the others' to ``received``."""
 
-    def __init__(self, events: SharedEvents, metrics: Metrics) -> None:
+    def __init__(self, events: SharedEvents, metrics: CacheMetrics) -> None:
         self.events = events
         self.metrics = metrics
         self.tasks: set[asyncio.Task[None]] = set()

@@ -13,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.flight import Flight, Flights, Outcome, Tee
 from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import (
     CALLER_CONDITIONALS,
     Entry,
@@ -30,7 +31,6 @@ from proxy.cache.policy import (
 from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.settings import CacheRule, Settings
 
 
@@ -40,7 +40,7 @@ class Exchange:
         inner: Layer,
         entries: Entries,
         flights: Flights,
-        metrics: Metrics,
+        metrics: CacheMetrics,
         clock: WallClock,
         rules: Callable[[], tuple[CacheRule, ...]],
         settings: Settings,

@@ -24,6 +24,7 @@ from proxy.cache.exchange import Exchange
 from proxy.cache.flight import Flight, Flights, GoAlone, Outcome
 from proxy.cache.invalidation import Invalidator
 from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import (
     CALLER_CONDITIONALS,
     ERROR_STATUSES,
@@ -54,7 +55,6 @@ from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.settings import CacheRule, LiveCache, Settings, live_of
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
@@ -67,7 +67,7 @@ class Cache:
         inner: Layer,
         entries: Entries | CacheStore,
         settings: Settings,
-        metrics: Metrics,
+        metrics: CacheMetrics,
         clock: WallClock,
         current: Callable[[], LiveCache] | None = None,
         *,

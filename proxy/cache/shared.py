@@ -42,9 +42,9 @@ from typing import Any
 
 from proxy.cache.invalidation import normalise_path
 from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, parse_key
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.shared import SharedUnavailable
 from proxy.shared.base import Claim, SharedCache
 from proxy.shared.records import BadRecord as BadSharedRecord
@@ -266,7 +266,7 @@ class SharedEntries:
     def __init__(
         self,
         backend: SharedCache,
-        metrics: Metrics,
+        metrics: CacheMetrics,
         *,
         max_entry_size: int,
         stale_if_error: float,

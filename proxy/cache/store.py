@@ -48,12 +48,12 @@ from proxy.cache.disk import (
 )
 from proxy.cache.invalidation import Change, Purge, normalise_path
 from proxy.cache.memory import ENTRY_OVERHEAD, HotEntries, Stored, intact, matches, upgraded
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, parse_key
 from proxy.cache.shares import Ledger
 from proxy.errors import StoredBodyError
 from proxy.logs import event
 from proxy.messages import CHUNK
-from proxy.metrics import Metrics
 
 T = TypeVar("T")
 # Bodies up to this size live inside the entry's record; larger ones are a separate value
@@ -80,7 +80,7 @@ class CacheStore:
         max_size: int,
         memory_size: int,
         index_limit: int = INDEX_LIMIT,
-        metrics: Metrics | None = None,
+        metrics: CacheMetrics | None = None,
         shares: Mapping[str, float] | None = None,
     ) -> None:
         self.directory = directory
@@ -116,7 +116,7 @@ class CacheStore:
         directory: Path,
         max_size: int,
         memory_size: int,
-        metrics: Metrics | None = None,
+        metrics: CacheMetrics | None = None,
         shares: Mapping[str, float] | None = None,
     ) -> CacheStore:
         loop = asyncio.get_running_loop()

@@ -20,11 +20,11 @@ from proxy.cache.flight import Flight, Flights, Outcome
 from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, FreshHit, lookup, request_control
 from proxy.cache.shared import SharedEntries
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
-from proxy.metrics import Metrics
 
 Fetch = Callable[[], Awaitable[Outcome]]
 
@@ -76,7 +76,7 @@ class Entries(Protocol):
 class LocalEntries:
     """The memory tier and the disk of this process."""
 
-    def __init__(self, store: CacheStore, flights: Flights, metrics: Metrics) -> None:
+    def __init__(self, store: CacheStore, flights: Flights, metrics: CacheMetrics) -> None:
         self.store = store
         self.flights = flights
         self.metrics = metrics
@@ -159,7 +159,7 @@ class RedisEntries(LocalEntries):
         self,
         store: CacheStore,
         flights: Flights,
-        metrics: Metrics,
+        metrics: CacheMetrics,
         shared: SharedEntries,
         clock: WallClock,
         coalesce_wait: float,

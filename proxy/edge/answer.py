@@ -292,7 +292,7 @@ async def in_time(request: web.Request, writing: Awaitable[object]) -> None:
         async with asyncio.timeout(services.settings.server.send_timeout):
             await writing
     except TimeoutError:
-        services.metrics.connections_dropped.labels("send_timeout").inc()
+        services.metric_groups.edge.connections_dropped.labels("send_timeout").inc()
         event("client_send_timeout", request_id=exchange_of(request).request_id)
         raise CallerStalled("The caller stopped reading") from None
 

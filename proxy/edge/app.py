@@ -19,6 +19,7 @@ from proxy.edge import fast, services
 from proxy.edge.answer import stamp_server
 from proxy.edge.handlers import handle
 from proxy.edge.inbound import expect_nothing
+from proxy.edge.metrics import EdgeMetrics, PackageMetrics
 from proxy.edge.middlewares import access_middleware, error_middleware
 from proxy.edge.services import SERVICES
 from proxy.listener import LIMITS, WRAP_HANDLER, Limits
@@ -40,16 +41,17 @@ def create_app(
         client_max_size=settings.server.max_body_size,
     )
     metrics = Metrics(registry if registry is not None else Registry())
-    app.cleanup_ctx.append(_services_ctx(settings, metrics, clock, upstream))
+    groups = PackageMetrics.on(metrics.registry)
+    app.cleanup_ctx.append(_services_ctx(settings, metrics, groups, clock, upstream))
     # expect_nothing: 100 Continue only once the request passed its checks (inbound.read_body)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_nothing)
     app.on_response_prepare.append(stamp_server)
     app[WRAP_HANDLER] = fast.wrap
-    app[LIMITS] = limits(settings, metrics)
+    app[LIMITS] = limits(settings, groups.edge)
     return app
 
 
-def limits(settings: Settings, metrics: Metrics | None = None) -> Limits:
+def limits(settings: Settings, metrics: EdgeMetrics | None = None) -> Limits:
     """The listener's connection limits from ``[server]``, counted in ``metrics``."""
     server = settings.server
     if metrics is None:
@@ -68,10 +70,14 @@ def limits(settings: Settings, metrics: Metrics | None = None) -> Limits:
 
 
 def _services_ctx(
-    settings: Settings, metrics: Metrics, clock: WallClock, upstream: Layer | None
+    settings: Settings,
+    metrics: Metrics,
+    groups: PackageMetrics,
+    clock: WallClock,
+    upstream: Layer | None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        built = app[SERVICES] = await services.build(settings, metrics, clock, upstream)
+        built = app[SERVICES] = await services.build(settings, metrics, clock, upstream, groups)
         yield
         await services.close(built)
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
+from proxy.edge.metrics import EdgeMetrics
 from proxy.errors import CallerUnauthorized, InvalidRequest
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.pipeline.queue import CLASSES, DEFAULT_CLASS, lowered
 from proxy.settings import LiveSettings, Secret, Settings, is_loopback_host, live_of
 
@@ -67,7 +67,7 @@ class Callers:
     def __init__(
         self,
         settings: Settings,
-        metrics: Metrics | None = None,
+        metrics: EdgeMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         live: LiveSettings | None = None,
     ) -> None:
@@ -136,7 +136,7 @@ class Callers:
         if caller.retired and self.metrics is not None:
             self.metrics.caller_retired_keys.labels(caller.name).inc()
 
-    def rotated(self, live: LiveSettings, metrics: Metrics | None = None) -> Callers:
+    def rotated(self, live: LiveSettings, metrics: EdgeMetrics | None = None) -> Callers:
         """The callers of a reload's live settings, still accepting for ``key_overlap``
         seconds the previous key of every caller whose key changed (and keys retired
         earlier whose overlap has not ended). A caller that is gone keeps no key."""

@@ -78,7 +78,7 @@ def dropped(services: Services) -> None:
     """A request body too slow or too late: its connection is closed (408), and counted
     with the listener's own drops."""
     event("connection_dropped", reason=BODY_TIMEOUT)
-    services.metrics.connections_dropped.labels(BODY_TIMEOUT).inc()
+    services.metric_groups.edge.connections_dropped.labels(BODY_TIMEOUT).inc()
 
 
 def check_headers(request: web.Request) -> None:

@@ -76,13 +76,14 @@ def labels_of(request: web.BaseRequest, info: Exchange, status: int) -> tuple[st
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line and the request metrics for every request."""
-    metrics = request.app[SERVICES].metrics
+    services = request.app[SERVICES]
+    metrics, in_flight = services.metrics, services.metric_groups.edge.in_flight
     info = exchange_of(request)
     info.request_id = request_id(request.headers)
     info.trace = begin_trace(info.request_id)
     started = time.perf_counter()
     status = 500
-    metrics.in_flight.inc()
+    in_flight.inc()
     try:
         response = await handler(request)
         status = response.status
@@ -93,7 +94,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = CLIENT_CLOSED_REQUEST
         raise
     finally:
-        metrics.in_flight.dec()
+        in_flight.dec()
         elapsed = time.perf_counter() - started
         method, route = labels_of(request, info, status)
         metrics.request_done(

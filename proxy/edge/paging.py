@@ -205,5 +205,5 @@ class AllPages:
             pages += 1
         await self._write(out, b"]")
         await in_time(self.request, out.write_eof())
-        self.services.metrics.paging_pages.inc(pages)
+        self.services.metric_groups.edge.paging_pages.inc(pages)
         event("all_pages", request_id=self.first.request_id, pages=pages)

@@ -27,24 +27,26 @@ import aiohttp
 from aiohttp import web
 
 from proxy.auth.layer import Authenticator
-from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidator, Purge
 from proxy.cache.layer import Cache
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.shared import SharedEntries
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.cache.webhooks.health import Feeds
+from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.cache.webhooks.receiver import Receiver
 from proxy.cache.webhooks.verifier import Verifier
 from proxy.client import create_session
 from proxy.clock import WallClock
 from proxy.edge.callers import AdminToken, Callers
+from proxy.edge.metrics import PackageMetrics
 from proxy.messages import Layer
-from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, config_applied
+from proxy.metrics import Metrics
 from proxy.pipeline import admin as pipeline_admin
 from proxy.pipeline.budget import Budget
 from proxy.pipeline.gates import rate_for
@@ -149,8 +151,8 @@ class LiveProviders(Mapping[str, TokenProvider]):
 class Services:
     settings: Settings  # as started; the live settings: in Live (self.live)
     metrics: Metrics
-    # The auth package's own metrics group (on metrics.registry), for the token providers.
-    auth_metrics: AuthMetrics
+    # Every package's own metrics group (on metrics.registry); each part was built with its own.
+    metric_groups: PackageMetrics
     live: LiveRef
     clock: WallClock
     session: aiohttp.ClientSession
@@ -192,15 +194,22 @@ SERVICES = web.AppKey("services", Services)
 
 
 async def build(
-    settings: Settings, metrics: Metrics, clock: WallClock, upstream: Layer | None = None
+    settings: Settings,
+    metrics: Metrics,
+    clock: WallClock,
+    upstream: Layer | None = None,
+    groups: PackageMetrics | None = None,
 ) -> Services:
     """Open and wire everything; ``upstream`` replaces the real upstream layer in tests.
+    ``groups``: the packages' metrics when the caller made them already (the app, for the
+    listener's connection counts), else made here on ``metrics.registry``.
 
     Every resource that opens is entered in one exit stack as it opens, so a failure part
     way unwinds exactly what was opened, and :func:`close` is that stack unwound."""
     stack = contextlib.AsyncExitStack()
     try:
-        return await _build(stack, settings, metrics, clock, upstream)
+        made = groups if groups is not None else PackageMetrics.on(metrics.registry)
+        return await _build(stack, settings, metrics, made, clock, upstream)
     except BaseException:
         await stack.aclose()
         raise
@@ -210,13 +219,13 @@ async def _build(
     stack: contextlib.AsyncExitStack,
     settings: Settings,
     metrics: Metrics,
+    groups: PackageMetrics,
     clock: WallClock,
     upstream: Layer | None,
 ) -> Services:
-    callers = Callers(settings, metrics)
-    auth_metrics = AuthMetrics(metrics.registry)
-    describe(settings, metrics, auth_metrics)
-    shared = open_backend(settings.shared, metrics)
+    callers = Callers(settings, groups.edge)
+    describe(settings, groups)
+    shared = open_backend(settings.shared, groups.shared)
     await shared.start()
     stack.push_async_callback(shared.close)
     providers = {
@@ -225,7 +234,7 @@ async def _build(
             name=name,
             state_dir=settings.state_dir,
             clock=clock,
-            metrics=auth_metrics,
+            metrics=groups.auth,
             shared=shared,
             shared_settings=settings.shared,
             refresh_floor=settings.auth.floor_for(a),
@@ -240,43 +249,43 @@ async def _build(
     layer: Layer = (
         upstream
         if upstream is not None
-        else Upstream(settings.upstream, session, metrics, len(settings.accounts))
+        else Upstream(settings.upstream, session, groups.pipeline, len(settings.accounts))
     )
     # budget: every upstream request (revalidations and auth resends included) takes a token.
     layer = budget = Budget(
         layer,
         settings,
-        metrics,
+        groups.pipeline,
         shared=shared,
         current=live.accounts,
         classes=live.budget,
         callers=live.callers,
     )
     stack.push_async_callback(budget.close)
-    layer = Authenticator(layer, LiveProviders(live), auth_metrics)
+    layer = Authenticator(layer, LiveProviders(live), groups.auth)
     # retry + breaker: only idempotent requests are retried, each attempt through auth+budget.
-    layer = retry = Retry(layer, settings.retry, settings.accounts, metrics)
+    layer = retry = Retry(layer, settings.retry, settings.accounts, groups.pipeline)
     admin_routes = pipeline_admin.routes(budget, retry)
     cache: Cache | None = None
     store: CacheStore | None = None
     if settings.cache.enabled:
-        store = await open_store(settings, metrics)
+        store = await open_store(settings, groups.cache)
         stack.push_async_callback(store.close)
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = await build_cache(
-            stack, layer, store, settings, metrics, clock, shared, live.cache
+            stack, layer, store, settings, groups.cache, clock, shared, live.cache
         )
         checks["cache"] = store_problem(store)
-        metrics.watch_store(store.gauges)
+        groups.cache.watch_store(store.gauges)
         admin_routes += cache_admin.routes(store, cache.invalidator, tuple(settings.accounts))
-        watcher = asyncio.ensure_future(watch_store(store, metrics))
+        watcher = asyncio.ensure_future(watch_store(store, groups.cache))
         stack.push_async_callback(_cancel, watcher)
     receiver = None
     if cache is not None and settings.webhooks.enabled:
-        receiver = webhook_receiver(settings, live, cache, shared, metrics)
+        receiver = webhook_receiver(settings, live, cache, shared, groups.webhooks)
         verifier = Verifier(
             cache, live.running(settings), functools.partial(spare_budget, budget),
-            metrics.webhooks, shared if isinstance(shared, RedisBackend) else None, retry,
+            groups.webhooks, shared if isinstance(shared, RedisBackend) else None, retry,
         )  # fmt: skip
         verifying = asyncio.ensure_future(verifier.run())
         stack.push_async_callback(_cancel, verifying)
@@ -287,7 +296,7 @@ async def _build(
     return Services(
         settings=settings,
         metrics=metrics,
-        auth_metrics=auth_metrics,
+        metric_groups=groups,
         live=live,
         clock=clock,
         session=session,
@@ -306,18 +315,18 @@ async def _build(
 
 
 def webhook_receiver(
-    settings: Settings, live: LiveRef, cache: Cache, shared: Backend, metrics: Metrics
+    settings: Settings, live: LiveRef, cache: Cache, shared: Backend, metrics: WebhookMetrics
 ) -> Receiver:
     """Deliveries go through the cache's invalidator; event ids are remembered in Redis
     when it is shared (every replica then knows a delivery was applied)."""
     accounts = tuple(settings.accounts)
     feeds = cache.feeds
     for name in accounts:
-        metrics.webhooks.start(name)
-        gauge = metrics.webhooks.feed_healthy.labels(name)
+        metrics.start(name)
+        gauge = metrics.feed_healthy.labels(name)
         gauge.set_function(functools.partial(feeds.health_value, name))
     marks = shared if isinstance(shared, RedisBackend) else None
-    return Receiver(live.running(settings), cache.invalidator, feeds, metrics.webhooks, marks)
+    return Receiver(live.running(settings), cache.invalidator, feeds, metrics, marks)
 
 
 async def build_cache(
@@ -325,7 +334,7 @@ async def build_cache(
     inner: Layer,
     store: CacheStore,
     settings: Settings,
-    metrics: Metrics,
+    metrics: CacheMetrics,
     clock: WallClock,
     shared: Backend,
     current: Callable[[], LiveCache],
@@ -398,19 +407,16 @@ def _token_check(live: LiveRef, name: str) -> Check:
     return lambda: live.current.providers[name].problem()
 
 
-def describe(settings: Settings, metrics: Metrics, auth_metrics: AuthMetrics) -> None:
+def describe(settings: Settings, groups: PackageMetrics) -> None:
     """The gauges that state the configuration (what the alerts and dashboard compare to)."""
-    metrics.shared_backend_up.set(1)
-    metrics.shared_degraded.set(0)
-    config_applied(metrics, masked(settings))
+    groups.shared.shared_backend_up.set(1)
+    groups.shared.shared_degraded.set(0)
+    groups.edge.config_applied(masked(settings))
     for name, account in settings.accounts.items():
-        metrics.budget_limit.labels(name).set(rate_for(account, settings.budget).per_window)
-        for kind in UPSTREAM_ERROR_KINDS:
-            # Pre-created, so that rate() and alerts see a zero, not nothing.
-            metrics.upstream_errors.labels(kind, name)
+        groups.pipeline.account(name, rate_for(account, settings.budget).per_window)
         if account.mode == "oauth":
-            auth_metrics.token_refresh_leeway.labels(name).set(account.refresh_leeway)
-            auth_metrics.renewable_account(name)
+            groups.auth.token_refresh_leeway.labels(name).set(account.refresh_leeway)
+            groups.auth.renewable_account(name)
 
 
 async def close(services: Services) -> None:
@@ -419,7 +425,7 @@ async def close(services: Services) -> None:
     await services.stack.aclose()
 
 
-async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
+async def open_store(settings: Settings, metrics: CacheMetrics) -> CacheStore:
     config = settings.cache
     shares = {name: account.cache_share for name, account in settings.accounts.items()}
     return await CacheStore.open(
@@ -431,7 +437,7 @@ async def open_store(settings: Settings, metrics: Metrics) -> CacheStore:
     )
 
 
-async def watch_store(store: CacheStore, metrics: Metrics) -> None:
+async def watch_store(store: CacheStore, metrics: CacheMetrics) -> None:
     """Pick up purges made by another process (the CLI), probe a disk that was full, and
     keep the gauges current."""
     while True:

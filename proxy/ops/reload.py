@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 from proxy.auth.providers import TokenProvider, provider_for
 from proxy.edge.services import Live, Services
 from proxy.logs import event, set_level
-from proxy.metrics import config_applied
 from proxy.settings import (
     CREDENTIALS,
     ConfigError,
@@ -129,7 +128,7 @@ async def reload(services: Services, load: Loader, read_timeout: float = READ_TI
     except ConfigError as e:
         lines = e.lines() if isinstance(e, ConfigErrors) else [str(e)]
         event("reload_refused", logging.ERROR, error="; ".join(lines), kept="running settings")
-        services.metrics.config_reloads.labels("rejected").inc()
+        services.metric_groups.edge.config_reloads.labels("rejected").inc()
         return False
     except TimeoutError:
         error = (
@@ -141,7 +140,7 @@ async def reload(services: Services, load: Loader, read_timeout: float = READ_TI
     settings = live_of(merged)
     providers, replaced = await _providers(services, current, settings)
     # Previous caller keys and admin token still accepted for inbound.key_overlap seconds.
-    callers = current.callers.rotated(settings, services.metrics)
+    callers = current.callers.rotated(settings, services.metric_groups.edge)
     overlap = settings.inbound.key_overlap
     admin_token = current.admin_token.rotated(settings.admin.token, overlap)
     services.live.current = Live(settings, callers, providers, admin_token)
@@ -166,9 +165,9 @@ def announce(
 def _count(services: Services, live: list[str], restart: list[str], merged: Settings) -> None:
     """The reload metrics: its result, and the running configuration when it changed."""
     result = "restart_needed" if restart else "applied" if live else "unchanged"
-    services.metrics.config_reloads.labels(result).inc()
+    services.metric_groups.edge.config_reloads.labels(result).inc()
     if live:
-        config_applied(services.metrics, masked(merged))
+        services.metric_groups.edge.config_applied(masked(merged))
 
 
 async def _providers(
@@ -187,7 +186,7 @@ async def _providers(
             name=name,
             state_dir=services.settings.state_dir,
             clock=services.clock,
-            metrics=services.auth_metrics,
+            metrics=services.metric_groups.auth,
             # The running backend and its settings: [shared] is restart-only, so a new
             # provider of a shared account shares the same encrypted record in Redis.
             shared=services.shared,

@@ -64,9 +64,10 @@ from proxy.edge.callers import AdminToken
 from proxy.errors import code_for
 from proxy.listener import StartupError, bound_port, start
 from proxy.logs import WORKER_ENV, configure, event
-from proxy.metrics import Registry, WorkersMetrics
+from proxy.metrics import Registry
 from proxy.ops.admin import add_livez, exposure_warning, json_answer, middlewares
 from proxy.ops.aggregate import merge_families, parse
+from proxy.ops.metrics import WorkersMetrics
 from proxy.ops.reload import READ_TIMEOUT, in_thread
 from proxy.settings import ConfigError, Settings, load
 

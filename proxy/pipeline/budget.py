@@ -42,7 +42,6 @@ from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.pipeline.classstats import ClassStats
 from proxy.pipeline.gates import (
     Bucket,
@@ -57,6 +56,7 @@ from proxy.pipeline.gates import (
     pause_asked,
     rate_for,
 )
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.pipeline.queue import (
     CLASSES,
     DEFAULT_CLASS,
@@ -113,7 +113,7 @@ class AccountBudget:
         rate: Rate,
         settings: BudgetSettings,
         clock: Clock,
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         gate: Gate | None = None,
         shares: Callable[[str], float] = _no_cap,
     ) -> None:
@@ -502,7 +502,7 @@ class Budget:
         self,
         inner: Layer,
         settings: Settings,
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
         shared: Backend | None = None,

@@ -61,7 +61,7 @@ from proxy.errors import (
 )
 from proxy.logs import debug, event, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.routes import breaker_key
 from proxy.settings import RetrySettings
 
@@ -169,7 +169,7 @@ class Retry:
         inner: Layer,
         settings: RetrySettings,
         accounts: Iterable[str],
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:

@@ -36,7 +36,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.messages import CHUNK, ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.routes import template
 from proxy.settings import UpstreamSettings
 from proxy.target import Target, upstream_url
@@ -182,7 +182,7 @@ class Upstream:
         self,
         settings: UpstreamSettings,
         session: aiohttp.ClientSession,
-        metrics: Metrics | None = None,
+        metrics: PipelineMetrics | None = None,
         accounts: int = 1,
     ) -> None:
         self.settings = settings

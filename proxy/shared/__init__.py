@@ -12,16 +12,16 @@ Two backends share one small interface (:class:`~proxy.shared.base.Backend`):
 
 from __future__ import annotations
 
-from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Backend, SharedUnavailable
 from proxy.shared.local import LocalBackend
+from proxy.shared.metrics import SharedMetrics
 from proxy.shared.redis_backend import RedisBackend
 
 __all__ = ["Backend", "LocalBackend", "RedisBackend", "SharedUnavailable", "open_backend"]
 
 
-def open_backend(settings: SharedSettings, metrics: Metrics) -> Backend:
+def open_backend(settings: SharedSettings, metrics: SharedMetrics) -> Backend:
     """The configured backend, not yet started (``await backend.start()``)."""
     if settings.backend == "redis":
         return RedisBackend(settings, metrics)

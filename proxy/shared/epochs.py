@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from proxy.logs import event
-from proxy.metrics import Metrics
+from proxy.shared.metrics import SharedMetrics
 
 # Name a new epoch "RUN_ID:RANDOM" unless a replica named one for this run already; returns
 # the epoch. KEYS: epoch. ARGV: run id, the new name.
@@ -38,7 +38,7 @@ return ARGV[2]
 
 
 class Epochs:
-    def __init__(self, prober: aioredis.Redis, prefix: str, metrics: Metrics) -> None:
+    def __init__(self, prober: aioredis.Redis, prefix: str, metrics: SharedMetrics) -> None:
         """``prober``: a client of its own (it may talk to a Redis of a new epoch)."""
         self.prober = prober
         self.prefix = prefix

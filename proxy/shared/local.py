@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.metrics import Metrics
+from proxy.shared.metrics import SharedMetrics
 
 
 class LocalBackend:
@@ -13,7 +13,7 @@ class LocalBackend:
     events = None
     cache = None
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: SharedMetrics) -> None:
         self.metrics = metrics
 
     @property

@@ -38,8 +38,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from proxy.metrics import Metrics
 from proxy.shared.epochs import Epochs
+from proxy.shared.metrics import SharedMetrics
 
 # Append the message to the log and publish it with the entry's id, in one round trip. Ids
 # count the entries (0-1, 0-2, ...: the last given one plus one, kept by the stream even when
@@ -134,7 +134,7 @@ class Log:
         client: aioredis.Redis,
         channel: str,
         length: int,
-        metrics: Metrics,
+        metrics: SharedMetrics,
         epochs: Epochs,
     ) -> None:
         self.client = client

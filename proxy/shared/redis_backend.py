@@ -63,11 +63,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.logs import event
-from proxy.metrics import Metrics
 from proxy.settings import SharedSettings
 from proxy.shared.base import Claim, ClassedAsk, SharedUnavailable, Taken, TokenRecord
 from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
+from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import BadRecord, RecordKeys
 from proxy.shared.scripts import (
     CACHE_CLAIM,
@@ -103,7 +103,7 @@ class RedisBackend:
     # Bytes a cache record may hold on top of the body: envelope, entry header.
     OVERHEAD = 1024 * 1024
 
-    def __init__(self, settings: SharedSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: SharedSettings, metrics: SharedMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.prefix = settings.key_prefix

@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from proxy.edge.services import SERVICES
-from proxy.metrics import Metrics
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.metrics import SharedMetrics
 from tests.conftest import MakeProxy, Proxy, Sandbox
 from tests.integration.test_budget import fetch
 from tests.integration.test_shared_budget import (  # noqa: F401 - sandbox_config: a fixture
@@ -48,7 +48,7 @@ async def other_replica_pauses(url: str, prefix: str, seconds: float) -> None:
     """A replica with a long retry_after_max (3600) shares Kounta's Retry-After: 3600."""
     backend = RedisBackend(
         SharedSettings(backend="redis", url=url, key_prefix=prefix, token_key=Secret(TOKEN_KEY)),
-        Metrics(CollectorRegistry()),
+        SharedMetrics(CollectorRegistry()),
     )
     await backend.start()
     try:

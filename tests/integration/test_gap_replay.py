@@ -20,7 +20,6 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import Metrics
 from proxy.settings import (
     CacheRule,
     CacheSettings,
@@ -31,6 +30,7 @@ from proxy.settings import (
 )
 from proxy.shared import RedisBackend
 from proxy.shared.log import Cursor, Delivered, split
+from proxy.shared.metrics import SharedMetrics
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 from tests.integration.test_cache import LIST, ONE, get
 from tests.redis_server import TOKEN_KEY, RedisServer
@@ -243,8 +243,10 @@ class Listener:
             previous_format=compat,  # type: ignore[arg-type]
         )
         writer = server.url.replace("redis://", f"redis://{WRITER}:pw@")
-        self.listener = RedisBackend(settings, Metrics(self.registry))
-        self.sender = RedisBackend(replace(settings, url=writer), Metrics(CollectorRegistry()))
+        self.listener = RedisBackend(settings, SharedMetrics(self.registry))
+        self.sender = RedisBackend(
+            replace(settings, url=writer), SharedMetrics(CollectorRegistry())
+        )
         self.got: list[bytes] = []
         self.gaps = 0
 

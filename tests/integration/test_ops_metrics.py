@@ -10,10 +10,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from proxy.edge.services import SERVICES
-from proxy.metrics import Metrics
 from proxy.ops.reload import reload
 from proxy.settings import CacheRule, ConfigError, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.metrics import SharedMetrics
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 from tests.redis_server import TOKEN_KEY, RedisServer
 
@@ -34,7 +34,7 @@ async def test_redis_round_trips_are_timed_by_operation(
             key_prefix=redis_prefix,
             token_key=Secret(TOKEN_KEY),
         ),
-        Metrics(registry),
+        SharedMetrics(registry),
     )
     await shared.start()
     try:

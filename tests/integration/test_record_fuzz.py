@@ -30,11 +30,11 @@ from proxy.cache.shared import BadRecord, decode, encode
 from proxy.cache.store import Stored
 from proxy.edge.app import create_app
 from proxy.edge.services import SERVICES
-from proxy.metrics import Metrics
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk
+from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import BadRecord as BadSharedRecord
 from proxy.shared.records import RecordKeys
 from tests.conftest import TOKEN, serve
@@ -95,7 +95,7 @@ def world(redis_server: RedisServer, redis_prefix: str) -> Iterator[World]:
         token_key=Secret(TOKEN_KEY),
         timeout=2.0,
     )
-    backend = RedisBackend(settings_, Metrics(CollectorRegistry()))
+    backend = RedisBackend(settings_, SharedMetrics(CollectorRegistry()))
     raw = aioredis.Redis.from_url(redis_server.url)
     loop.run_until_complete(backend.start())
     try:
@@ -397,7 +397,7 @@ def test_no_message_stops_the_listener(world: World, messages: list[tuple[bytes,
             seen.append(None)
 
     async def run() -> None:
-        listener = RedisBackend(world.backend.settings, Metrics(CollectorRegistry()))
+        listener = RedisBackend(world.backend.settings, SharedMetrics(CollectorRegistry()))
         await listener.start()
         try:
             listener.listen("fuzz", received, lambda: None)

@@ -18,9 +18,9 @@ from proxy.auth.token_file import StoredToken
 from proxy.cache.policy import Entry
 from proxy.cache.shared import decode, digest, encode
 from proxy.cache.store import Stored
-from proxy.metrics import Metrics
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import BadRecord
 from tests.integration import previous_release as previous
 from tests.redis_server import TOKEN_KEY, RedisServer
@@ -53,7 +53,7 @@ async def backend_for(
         token_key_previous=Secret(previous_key),
         previous_format=previous_format,  # type: ignore[arg-type]
     )
-    backend = RedisBackend(settings, Metrics(CollectorRegistry()))
+    backend = RedisBackend(settings, SharedMetrics(CollectorRegistry()))
     await backend.start()
     return backend
 

@@ -20,13 +20,14 @@ from prometheus_client import CollectorRegistry
 from proxy.clock import MonotonicClock
 from proxy.edge.services import SERVICES
 from proxy.errors import RateLimited
-from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
 from proxy.pipeline.budget import AccountBudget
 from proxy.pipeline.gates import Rate, SharedGate
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.sandbox import SandboxConfig
 from proxy.settings import BudgetSettings, CacheSettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.metrics import SharedMetrics
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, serve
 from tests.integration.test_budget import budget_settings, fetch
 from tests.redis_server import TOKEN_KEY, RedisServer
@@ -182,7 +183,7 @@ async def test_redis_away_degrades_and_comes_back(
         statuses = Counter([(await fetch(client, proxy.url + ME, caller=i))[0] for i in range(5)])
         assert statuses[200] >= LIMIT // 3 // 20 + 1 and set(statuses) <= {200, 429}
         assert services.budget.account("main").status()["mode"] == "degraded"
-        assert services.metrics.shared_degraded._value.get() == 1
+        assert services.metric_groups.shared.shared_degraded._value.get() == 1
         async with client.get(readyz) as r:
             body = await r.json()
             assert r.status == 200, body
@@ -193,7 +194,7 @@ async def test_redis_away_degrades_and_comes_back(
         assert await effective(client, admin_port, proxy) == (LIMIT, LIMIT // 3, LIMIT // 3)
         redis_proc.start()
         deadline = time.monotonic() + 5
-        while services.metrics.shared_backend_up._value.get() != 1:
+        while services.metric_groups.shared.shared_backend_up._value.get() != 1:
             assert time.monotonic() < deadline, "did not return to the shared budget"
             await asyncio.sleep(0.1)
         assert (await fetch(client, proxy.url + ME, caller=7))[0] == 200
@@ -253,7 +254,7 @@ async def backend(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator
             key_prefix=redis_prefix,
             token_key=Secret(TOKEN_KEY),
         ),
-        Metrics(CollectorRegistry()),
+        SharedMetrics(CollectorRegistry()),
     )
     await shared.start()
     yield shared
@@ -263,7 +264,7 @@ async def backend(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator
 def gate_budget(backend: RedisBackend, rate: Rate, longest: float = 60.0) -> AccountBudget:
     clock = MonotonicClock()
     gate = SharedGate("main", rate, backend, backend, 1, clock.now(), longest)
-    metrics = Metrics(CollectorRegistry())
+    metrics = PipelineMetrics(CollectorRegistry())
     return AccountBudget("main", rate, BudgetSettings(), clock, metrics, gate)
 
 

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry
 from proxy.cache.broadcast import BadMessage, decode, encode
 from proxy.cache.invalidation import Invalidation, Purge
 from proxy.edge.services import SERVICES
-from proxy.metrics import Metrics
 from proxy.ops.admin import create_admin_app
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import RecordKeys
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
@@ -214,8 +214,8 @@ async def test_a_listener_that_dies_is_restarted_counted_and_reports_a_gap(
         key_prefix=redis_prefix,
         token_key=Secret(TOKEN_KEY),
     )
-    listener = RedisBackend(settings, Metrics(registry))
-    sender = RedisBackend(settings, Metrics(CollectorRegistry()))
+    listener = RedisBackend(settings, SharedMetrics(registry))
+    sender = RedisBackend(settings, SharedMetrics(CollectorRegistry()))
     got: list[bytes] = []
     gaps: list[float] = []
 

@@ -13,12 +13,13 @@ from prometheus_client import CollectorRegistry
 
 from proxy.clock import MonotonicClock
 from proxy.errors import RateLimited
-from proxy.metrics import Metrics
 from proxy.pipeline.budget import AccountBudget
 from proxy.pipeline.gates import Rate, SharedGate
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import BudgetSettings, Secret, SharedSettings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk
+from proxy.shared.metrics import SharedMetrics
 from tests.redis_server import TOKEN_KEY, RedisServer
 
 RATE = Rate(per_window=20, burst=1, window=2.0, margin=0.1)  # a slot every 0.105 s
@@ -38,7 +39,7 @@ async def backends(
                 key_prefix=redis_prefix,
                 token_key=Secret(TOKEN_KEY),
             ),
-            Metrics(CollectorRegistry()),
+            SharedMetrics(CollectorRegistry()),
         )
         await backend.start()
         made.append(backend)
@@ -56,7 +57,7 @@ def replica(backend: RedisBackend, **settings: float) -> AccountBudget:
         RATE,
         BudgetSettings(**options),
         clock,
-        Metrics(CollectorRegistry()),
+        PipelineMetrics(CollectorRegistry()),
         gate,  # type: ignore[arg-type]
     )
 

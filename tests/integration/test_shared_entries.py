@@ -22,9 +22,9 @@ from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
 from proxy.edge.services import SERVICES
-from proxy.metrics import Metrics
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import RecordKeys
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
 from tests.integration.test_cache import LIST, ONE, get
@@ -381,7 +381,7 @@ async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
             key_prefix=redis_prefix,
             token_key=Secret(TOKEN_KEY),
         ),
-        Metrics(CollectorRegistry()),
+        SharedMetrics(CollectorRegistry()),
     )
     await backend.start()
     try:

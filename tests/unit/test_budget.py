@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.pipeline.budget import AccountBudget, Budget
 from proxy.pipeline.gates import Bucket, Rate, capped, pause_asked, rate_for
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import AccountSettings, BudgetSettings, ConfigError, Secret, Settings, load
 
 
@@ -40,7 +40,7 @@ def account_budget(
 ) -> AccountBudget:
     rate = Rate(per_window, burst, 60.0, 0.0)
     return AccountBudget(
-        "main", rate, BudgetSettings(**settings), clock, Metrics(CollectorRegistry())
+        "main", rate, BudgetSettings(**settings), clock, PipelineMetrics(CollectorRegistry())
     )
 
 
@@ -352,7 +352,7 @@ def layer(upstream: Scripted, clock: FakeClock) -> Budget:
         accounts={"main": AccountSettings(token=Secret("t"), rate_per_minute=60, burst=1)},
         budget=BudgetSettings(backoff_initial=2.0, max_wait=30.0),
     )
-    return Budget(upstream, settings, Metrics(CollectorRegistry()), clock, wall=lambda: 0.0)
+    return Budget(upstream, settings, PipelineMetrics(CollectorRegistry()), clock, wall=lambda: 0.0)
 
 
 def request(clock: FakeClock, method: str = "GET", deadline: float = 60.0) -> ProxyRequest:

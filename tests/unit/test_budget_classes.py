@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import Metrics
 from proxy.pipeline.budget import AccountBudget
 from proxy.pipeline.gates import Bucket, Rate
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import BudgetSettings, ClassWeights, ConfigError, load
 
 FAR = 1e9  # a limit no test reaches
@@ -65,7 +65,7 @@ def budget(
         rate,
         BudgetSettings(**options),  # type: ignore[arg-type]
         clock,
-        Metrics(CollectorRegistry()),
+        PipelineMetrics(CollectorRegistry()),
         shares=lambda caller: (shares or {}).get(caller, 1.0),
     )
 

@@ -13,11 +13,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.layer import Cache
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import parse_key
 from proxy.cache.store import CacheStore
 from proxy.errors import UpstreamUnreachable
 from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.settings import Settings
 
 LIST = "/v1/companies/5/customers.json"
@@ -79,7 +79,7 @@ async def inner() -> Scripted:
 
 @pytest.fixture
 async def cache(store: CacheStore, inner: Scripted, clock: Clock) -> AsyncIterator[Cache]:
-    layer = Cache(inner, store, Settings(), Metrics(CollectorRegistry()), clock)
+    layer = Cache(inner, store, Settings(), CacheMetrics(CollectorRegistry()), clock)
     yield layer
     await layer.close()
 
@@ -221,7 +221,7 @@ async def test_a_freshened_entry_not_held_in_memory_is_written_through(
     # No memory tier: the disk is the only copy, so every 304 reaches it (never a staler
     # record answering while a fresher one was dropped).
     store = await CacheStore.open(tmp_path / "nomem", 10**8, 0)
-    cache = Cache(inner, store, Settings(), Metrics(CollectorRegistry()), clock)
+    cache = Cache(inner, store, Settings(), CacheMetrics(CollectorRegistry()), clock)
     try:
         inner.answers = [answer(ETag='"a"'), *(answer(304, b"", ETag='"a"') for _ in range(2))]
         await body_of(await cache.send(request()))

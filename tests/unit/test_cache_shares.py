@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.shares import Ledger
 from proxy.cache.store import CacheStore
-from proxy.metrics import Metrics
 from tests.unit.test_cache_store import stored
 
 
@@ -46,7 +46,9 @@ async def test_the_disk_share_holds_across_a_restart_with_new_weights(tmp_path: 
     await store.close()
     # Reopened with two accounts and 200 KB of disk each: a keeps its newest few, b its one.
     registry = CollectorRegistry()
-    store = await CacheStore.open(directory, 400_000, 0, Metrics(registry), shares={"a": 1, "b": 1})
+    store = await CacheStore.open(
+        directory, 400_000, 0, CacheMetrics(registry), shares={"a": 1, "b": 1}
+    )
     try:
         kept_a = [i for i in range(10) if await store.get(stored(f"/v1/a/{i}", account="a")[0])]
         assert 1 <= len(kept_a) <= 4, kept_a

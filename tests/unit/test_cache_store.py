@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cache.invalidation import Invalidation
 from proxy.cache.memory import HotEntries, Stored, intact, upgraded
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, cache_key
 from proxy.cache.store import CacheStore
-from proxy.metrics import Metrics
 
 
 def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:
@@ -28,7 +28,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def store(tmp_path: Path, registry: CollectorRegistry) -> AsyncIterator[CacheStore]:
-    opened = await CacheStore.open(tmp_path / "cache", 10**8, 10**6, Metrics(registry))
+    opened = await CacheStore.open(tmp_path / "cache", 10**8, 10**6, CacheMetrics(registry))
     yield opened
     await opened.close()
 

@@ -28,9 +28,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.auth.metrics import AuthMetrics
 from proxy.cli import parser
-from proxy.metrics import Metrics, WorkersMetrics
+from proxy.edge.metrics import PackageMetrics
+from proxy.metrics import Metrics
+from proxy.ops.metrics import WorkersMetrics
 from proxy.settings import Secret, Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,8 +194,8 @@ def registered_metric_names() -> set[str]:
     """Exposition names: counters with ``_total``, info with ``_info``."""
     suffix = {"counter": "_total", "info": "_info"}
     registry = CollectorRegistry()
-    Metrics(registry).watch_store(lambda: (0, 0))  # the cache gauges (only with a store)
-    AuthMetrics(registry)  # the auth package's own group
+    Metrics(registry)
+    PackageMetrics.on(registry).cache.watch_store(lambda: (0, 0))  # (only with a store)
     WorkersMetrics(registry, 1)  # the serve --workers parent's own
     return {m.name + suffix.get(m.type, "") for m in registry.collect()}
 

@@ -16,11 +16,13 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.layer import Cache
+from proxy.cache.metrics import CacheMetrics
 from proxy.edge.callers import AdminToken, Callers
+from proxy.edge.metrics import EdgeMetrics
 from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
 from proxy.ops import reload
 from proxy.pipeline.budget import Budget
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import (
     CREDENTIALS,
     AccountSettings,
@@ -101,16 +103,17 @@ class Inner:
 
 def read_by_the_parts(live: LiveSettings) -> None:
     """What the running proxy does with a reload's live settings, part by part."""
-    metrics = Metrics(CollectorRegistry())
+    registry = CollectorRegistry()
     started = live_of(SETTINGS)
-    Callers(SETTINGS, metrics, live=live)  # [inbound], [callers]
+    Callers(SETTINGS, EdgeMetrics(registry), live=live)  # [inbound], [callers]
     AdminToken(Secret("")).rotated(live.admin.token, live.inbound.key_overlap)
     store: Any = None  # rules() reads no store
-    Cache(Inner(), store, SETTINGS, metrics, time.time, current=lambda: live.cache).rules()
+    cache = CacheMetrics(registry)
+    Cache(Inner(), store, SETTINGS, cache, time.time, current=lambda: live.cache).rules()
     budget = Budget(
         Inner(),
         SETTINGS,
-        metrics,
+        PipelineMetrics(registry),
         current=lambda: live.accounts,
         classes=lambda: live.budget,
         callers=lambda: live.callers,
@@ -200,7 +203,7 @@ def test_the_budget_follows_its_live_slices() -> None:
     budget = Budget(
         Inner(),
         SETTINGS,
-        Metrics(CollectorRegistry()),
+        PipelineMetrics(CollectorRegistry()),
         current=lambda: holder[0].accounts,
         classes=lambda: holder[0].budget,
         callers=lambda: holder[0].callers,

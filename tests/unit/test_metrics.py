@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from proxy.auth.metrics import AuthMetrics
 from proxy.collectors import LoopCounter, LoopHistogram
+from proxy.edge.metrics import PackageMetrics
 from proxy.metrics import BUCKETS, Metrics, Registry
+from proxy.pipeline.metrics import PipelineMetrics
 
 VALUES = (0.0, 0.001, 0.0011, 0.003, 0.25, 0.26, 1, 29.9, 30, 31, 1e6)
 
@@ -50,9 +51,9 @@ def test_the_counter_exposes_what_prometheus_clients_does() -> None:
 
 def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> None:
     registry = Registry()
-    metrics = Metrics(registry)
-    metrics.upstream_requests.labels("GET", "/v1/companies/me", 200, "main").inc()
-    metrics.budget_wait.labels("main", "standard").observe(0.1)
+    metrics, pipeline = Metrics(registry), PipelineMetrics(registry)
+    pipeline.upstream_requests.labels("GET", "/v1/companies/me", 200, "main").inc()
+    pipeline.budget_wait.labels("main", "standard").observe(0.1)
     metrics.request_done("GET", "/v1/companies/me", 404, "MISS", 0.01, "app", "main")
     text = generate_latest(registry).decode()
     assert "_created" not in text
@@ -63,7 +64,7 @@ def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> N
     assert registry.get_sample_value("kounta_proxy_caller_requests_total", labels) == 1
     # A plain registry keeps prometheus-client's own behaviour (the switch is per registry).
     plain = CollectorRegistry()
-    Metrics(plain).budget_wait.labels("main", "standard").observe(0.1)
+    PipelineMetrics(plain).budget_wait.labels("main", "standard").observe(0.1)
     assert "kounta_proxy_budget_wait_seconds_created" in generate_latest(plain).decode()
 
 
@@ -96,9 +97,9 @@ def test_counters_start_with_every_known_label_set_at_zero() -> None:
     )
     static = AccountSettings(mode="static", token=Secret("t"))
     settings = Settings(accounts={"shop": oauth, "main": static})
-    metrics = Metrics(Registry())
-    describe(settings, metrics, AuthMetrics(metrics.registry))
-    sample = metrics.registry.get_sample_value
+    registry = Registry()
+    describe(settings, PackageMetrics.on(registry))
+    sample = registry.get_sample_value
     for op in ("read", "write", "delete", "full"):
         assert sample("kounta_proxy_cache_store_errors_total", {"op": op}) == 0, op
     for result in ("ok", "unavailable", "rejected", "adopted"):

@@ -17,7 +17,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.metrics import Metrics
+from proxy.pipeline.metrics import PipelineMetrics
 from proxy.pipeline.retry import Breaker, BreakerState, Retry
 from proxy.settings import RetrySettings
 from tests.unit.test_budget import FakeClock
@@ -44,7 +44,7 @@ def retry(upstream: Scripted, clock: FakeClock, **settings: object) -> Retry:
         upstream,
         RetrySettings(**options),  # type: ignore[arg-type]
         ["main"],
-        Metrics(CollectorRegistry()),
+        PipelineMetrics(CollectorRegistry()),
         clock,
         jitter=lambda: 1.0,
     )
@@ -273,12 +273,11 @@ async def test_tls_errors_count_for_the_breaker_but_are_not_retried() -> None:
 
 
 def openings(layer: Retry) -> float:
-    return (
-        layer.metrics.registry.get_sample_value(
-            "kounta_proxy_breaker_opened_total", {"account": "main"}
-        )
-        or 0.0
-    )
+    samples = layer.metrics.breaker_opened.collect()[0].samples
+    found = [
+        s.value for s in samples if s.name.endswith("_total") and s.labels["account"] == "main"
+    ]
+    return found[0] if found else 0.0
 
 
 async def test_an_outage_is_one_opening_however_many_probes_fail() -> None:

@@ -36,11 +36,11 @@ from aiohttp import web
 
 from proxy.cache.invalidation import Invalidator
 from proxy.cache.webhooks.health import Feeds
+from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.cache.webhooks.payload import Unreadable, parse
 from proxy.cache.webhooks.purges import family_label, plan
 from proxy.errors import JSON_CONTENT_TYPE
 from proxy.logs import event
-from proxy.metrics_webhooks import WebhookMetrics
 from proxy.settings import Settings
 from proxy.shared.base import SharedUnavailable
 

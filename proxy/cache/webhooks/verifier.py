@@ -29,10 +29,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.layer import Cache
 from proxy.cache.webhooks import registration
+from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.errors import ProxyError
 from proxy.logs import event
 from proxy.messages import Layer
-from proxy.metrics_webhooks import WebhookMetrics
 from proxy.settings import Settings
 from proxy.shared.base import SharedUnavailable
 

@@ -1,5 +1,7 @@
-"""The webhook feature's metrics (:mod:`proxy.cache.webhooks`), on the registry that
-:class:`~proxy.metrics.Metrics` is given (it holds them as ``metrics.webhooks``)."""
+"""The webhooks package's metrics (:mod:`proxy.cache.webhooks`), declared against the
+injected registry: :func:`proxy.edge.services.build` makes one :class:`WebhookMetrics` (as
+part of :class:`proxy.edge.metrics.PackageMetrics`) and hands it to the receiver and the
+verifier."""
 
 from __future__ import annotations
 
