@@ -104,6 +104,7 @@ class Tally:
     batch_statuses: Counter[int] = field(default_factory=Counter)
     # The interactive class's budget wait, from the metric's buckets: (upper bound, count).
     wait_buckets: list[tuple[float, float]] = field(default_factory=list)
+    elapsed: float = 0.0  # from the first caller request to the last answer
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -377,7 +378,8 @@ async def run(args: argparse.Namespace) -> Tally:
             settings = make(upstream, f"{state_dir}/replica{i}", args, redis_url)
             proxies.append(await start(create_app(settings, registry=registry), "127.0.0.1", 0, 1))
         bases = [f"http://127.0.0.1:{bound_port(p)}" for p in proxies]
-        until = time.monotonic() + args.seconds
+        began = time.monotonic()
+        until = began + args.seconds
         connector = aiohttp.TCPConnector(limit=args.callers * 2)
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
@@ -399,6 +401,7 @@ async def run(args: argparse.Namespace) -> Tally:
                         )
                     )
                 await sampler
+                tally.elapsed = time.monotonic() - began  # callers' last requests included
         finally:
             tally.redis_calls = sum(_redis_calls(r) for r in registries)
             tally.wait_buckets = _wait_buckets(registries)
@@ -410,7 +413,7 @@ async def run(args: argparse.Namespace) -> Tally:
     else:
         report(args, tally, counts, state.statuses())
     if args.token_ttl:
-        report_tokens(args, refused, sandbox_app[SANDBOX_OAUTH])
+        report_tokens(args, refused, sandbox_app[SANDBOX_OAUTH], tally.elapsed)
     return tally
 
 
@@ -478,16 +481,18 @@ def report_classes(
     print(f"429s from the sandbox:  {upstream.get(429, 0)}")
 
 
-def report_tokens(args: argparse.Namespace, refused: list[int], oauth: SandboxAuthServer) -> None:
+def report_tokens(
+    args: argparse.Namespace, refused: list[int], oauth: SandboxAuthServer, elapsed: float
+) -> None:
     """Upstream 401s (in all, and per 10 s of the run) and token requests."""
     per = [b - a for a, b in zip(refused[:-10:10], refused[10::10], strict=True)]
-    ideal = args.seconds / (args.token_ttl / 2)
+    ideal = elapsed / (args.token_ttl / 2)
     rotation = "rotating" if args.rotate_refresh else "fixed"
     print(f"access tokens:          live {args.token_ttl:g}s, {rotation} refresh tokens")
     print(f"upstream 401s:          {refused[-1] if refused else 0} (per 10 s: {per or '-'})")
     print(
-        f"token requests:         {oauth.token_requests} (run time / half the lifetime: "
-        f"{ideal:.0f}; spent refresh tokens presented: {oauth.counters.spent_refresh})"
+        f"token requests:         {oauth.token_requests} (run time {elapsed:.0f}s / half the "
+        f"lifetime: {ideal:.1f}; spent refresh tokens presented: {oauth.counters.spent_refresh})"
     )
 
 
