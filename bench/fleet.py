@@ -35,6 +35,11 @@ and the callers' own clock), the upstream requests as a share of the limit, and 
 ``--reserve`` sets ``budget.reserve``. On a proxy without budget classes (the code before them)
 the same workload runs class-blind: the "before" numbers.
 
+``--token-ttl SECONDS`` runs the account in ``oauth`` mode against the sandbox's OAuth server,
+whose access tokens live that long (``--rotate-refresh``: each refresh answer carries a new
+refresh token and the old one dies); replicas share the token in Redis. It also prints the
+upstream 401s (each 10 s of the run) and the token requests.
+
 Exits 1 when any caller saw a 429. Also ``python -m bench.run --fleet [options]``.
 """
 
@@ -66,7 +71,8 @@ from prometheus_client import CollectorRegistry
 from proxy.edge.app import create_app
 from proxy.listener import bound_port, start
 from proxy.logs import configure
-from proxy.sandbox import SANDBOX_STATE, SandboxConfig, create_sandbox_app
+from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_sandbox_app
+from proxy.sandbox.oauth import SANDBOX_OAUTH, SandboxAuthServer
 from proxy.settings import (
     AccountSettings,
     BudgetSettings,
@@ -82,6 +88,7 @@ from proxy.settings import (
 )
 
 TOKEN = "sandbox-token"  # the sandbox's well-known dummy token
+REFRESH_TOKEN = "fleet-refresh"  # seeded in the bench's own sandbox
 COMPANY = "/v1/companies/5001"
 LISTS = ("products", "customers", "orders")
 HOT_RECORDS = 40  # records per kind that the fleet keeps asking about
@@ -97,6 +104,7 @@ class Tally:
     batch_statuses: Counter[int] = field(default_factory=Counter)
     # The interactive class's budget wait, from the metric's buckets: (upper bound, count).
     wait_buckets: list[tuple[float, float]] = field(default_factory=list)
+    elapsed: float = 0.0  # from the first caller request to the last answer
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,6 +137,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests a minute the interactive callers ask in all (default: limit / 2)",
     )
     parser.add_argument("--reserve", type=float, default=0.0, help="budget.reserve")
+    parser.add_argument(
+        "--token-ttl", type=float, default=0.0, help="oauth account: access-token lifetime (s)"
+    )
+    parser.add_argument(
+        "--rotate-refresh", action="store_true", help="oauth account: refresh tokens rotate"
+    )
     args = parser.parse_args(argv)
     # One prefix for the whole run: every replica must find the same budget keys.
     args.key_prefix = f"fleet-{time.time_ns()}"
@@ -140,8 +154,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         or args.interval <= 0
         or args.replicas < 1
         or args.workers < 1
+        or args.token_ttl < 0
     ):
         parser.error("--seconds, --callers, --interval, --replicas and --workers must be positive")
+    if args.rotate_refresh and not args.token_ttl:
+        parser.error("--rotate-refresh needs --token-ttl")
     return args
 
 
@@ -166,12 +183,37 @@ def settings_for(
         server=ServerSettings(host="127.0.0.1", port=0),
         upstream=UpstreamSettings(base_url=upstream),
         log=LogSettings(level="warning"),
-        accounts={"main": AccountSettings(mode="static", token=Secret(TOKEN))},
+        accounts={"main": account_for(upstream, args)},
         callers={
             f"service{i}": CallerSettings(key=Secret(key(i)), account="main")
             for i in range(args.callers)
         },
         cache=CacheSettings(rules=rules),
+    )
+
+
+def account_for(upstream: str, args: argparse.Namespace) -> AccountSettings:
+    """The static sandbox token, or with ``--token-ttl`` an oauth account on the sandbox's
+    OAuth server (bootstrapped with a refresh token the sandbox accepts as issued earlier)."""
+    if not args.token_ttl:
+        return AccountSettings(mode="static", token=Secret(TOKEN))
+    return AccountSettings(
+        mode="oauth",
+        client_id=SandboxConfig.client_id,
+        client_secret=Secret(SandboxConfig.client_secret),
+        token_url=f"{upstream}/v1/token",
+        refresh_token=Secret(REFRESH_TOKEN),
+    )
+
+
+def sandbox_config(args: argparse.Namespace) -> SandboxConfig:
+    if not args.token_ttl:
+        return SandboxConfig(rate_per_minute_bearer=args.limit)
+    return SandboxConfig(
+        rate_per_minute_bearer=args.limit,
+        access_token_lifetime=args.token_ttl,
+        rotate_refresh_tokens=args.rotate_refresh,
+        refresh_tokens=(REFRESH_TOKEN,),
     )
 
 
@@ -281,10 +323,14 @@ async def poll(
         await asyncio.sleep(rnd.uniform(0.5, 1.5) * args.interval)
 
 
-async def sample(counts: list[int], served: object, until: float) -> None:
-    """The sandbox's request count once a second (for per-minute and sliding-window rates)."""
+async def sample(
+    counts: list[int], served: object, until: float, state: SandboxState, refused: list[int]
+) -> None:
+    """The sandbox's request count (and its 401s) once a second (for per-minute and
+    sliding-window rates)."""
     while time.monotonic() < until + 1:
         counts.append(served())  # type: ignore[operator]
+        refused.append(state.statuses().get(401, 0))
         await asyncio.sleep(1.0)
 
 
@@ -313,13 +359,14 @@ def own_redis(directory: str) -> Iterator[str]:
 
 async def run(args: argparse.Namespace) -> Tally:
     configure(level=os.environ.get("FLEET_LOG", "error"))
-    sandbox_app = create_sandbox_app(SandboxConfig(rate_per_minute_bearer=args.limit))
+    sandbox_app = create_sandbox_app(sandbox_config(args))
     state = sandbox_app[SANDBOX_STATE]
     sandbox = await start(sandbox_app, "127.0.0.1", 0, 1.0)
     upstream = f"http://127.0.0.1:{bound_port(sandbox)}"
     ids = {kind: sorted(state.store[kind].records) for kind in LISTS}
     tally = Tally()
     counts: list[int] = []
+    refused: list[int] = []
     with tempfile.TemporaryDirectory() as state_dir, contextlib.ExitStack() as stack:
         redis_url = args.redis_url
         if processes(args) > 1 and not redis_url:
@@ -331,11 +378,12 @@ async def run(args: argparse.Namespace) -> Tally:
             settings = make(upstream, f"{state_dir}/replica{i}", args, redis_url)
             proxies.append(await start(create_app(settings, registry=registry), "127.0.0.1", 0, 1))
         bases = [f"http://127.0.0.1:{bound_port(p)}" for p in proxies]
-        until = time.monotonic() + args.seconds
+        began = time.monotonic()
+        until = began + args.seconds
         connector = aiohttp.TCPConnector(limit=args.callers * 2)
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
-                sampler = asyncio.create_task(sample(counts, state.served, until))
+                sampler = asyncio.create_task(sample(counts, state.served, until, state, refused))
                 if classes(args):
                     orders = list(reversed(ids["orders"]))
                     await asyncio.gather(
@@ -353,6 +401,7 @@ async def run(args: argparse.Namespace) -> Tally:
                         )
                     )
                 await sampler
+                tally.elapsed = time.monotonic() - began  # callers' last requests included
         finally:
             tally.redis_calls = sum(_redis_calls(r) for r in registries)
             tally.wait_buckets = _wait_buckets(registries)
@@ -363,6 +412,8 @@ async def run(args: argparse.Namespace) -> Tally:
         report_classes(args, tally, counts, state.statuses())
     else:
         report(args, tally, counts, state.statuses())
+    if args.token_ttl:
+        report_tokens(args, refused, sandbox_app[SANDBOX_OAUTH], tally.elapsed)
     return tally
 
 
@@ -428,6 +479,21 @@ def report_classes(
         f"{sent / args.seconds * 60:.0f}/min)"
     )
     print(f"429s from the sandbox:  {upstream.get(429, 0)}")
+
+
+def report_tokens(
+    args: argparse.Namespace, refused: list[int], oauth: SandboxAuthServer, elapsed: float
+) -> None:
+    """Upstream 401s (in all, and per 10 s of the run) and token requests."""
+    per = [b - a for a, b in zip(refused[:-10:10], refused[10::10], strict=True)]
+    ideal = elapsed / (args.token_ttl / 2)
+    rotation = "rotating" if args.rotate_refresh else "fixed"
+    print(f"access tokens:          live {args.token_ttl:g}s, {rotation} refresh tokens")
+    print(f"upstream 401s:          {refused[-1] if refused else 0} (per 10 s: {per or '-'})")
+    print(
+        f"token requests:         {oauth.token_requests} (run time {elapsed:.0f}s / half the "
+        f"lifetime: {ideal:.1f}; spent refresh tokens presented: {oauth.counters.spent_refresh})"
+    )
 
 
 def _redis_calls(registry: CollectorRegistry) -> float:

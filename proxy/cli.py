@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import shlex
 import socket
 import sys
@@ -95,6 +96,24 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="bearer token to accept (repeatable; default 'sandbox-token')",
+    )
+    sandbox.add_argument(
+        "--token-ttl",
+        type=_seconds,
+        default=SandboxConfig.access_token_lifetime,
+        metavar="SECONDS",
+        help="lifetime of the access tokens its OAuth server issues (default %(default)g)",
+    )
+    sandbox.add_argument(
+        "--rotate-refresh",
+        action="store_true",
+        help="refresh answers carry a new refresh token and the old one dies",
+    )
+    sandbox.add_argument(
+        "--refresh-token",
+        action="append",
+        default=None,
+        help="refresh token accepted as if issued earlier (repeatable)",
     )
 
     demo = sub.add_parser(
@@ -203,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return workers.run(require_accounts(load(args.config)), args.config, args.workers)
             return serve(load(args.config), args.config)
         if args.command == "sandbox":
-            return sandbox(args.host, args.port, args.seed, tuple(args.token or ("sandbox-token",)))
+            return sandbox(args.host, args.port, sandbox_config(args))
         if args.command == "authorize":
             return authorize(args)
         if args.command == "cache":
@@ -387,16 +406,43 @@ async def _serve(settings: Settings, config: Path | None) -> None:
     await lifecycle.serve(settings, load=lambda: require_accounts(load(config)))
 
 
-def sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> int:
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse prints the error on one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def sandbox_config(args: argparse.Namespace) -> SandboxConfig:
+    return SandboxConfig(
+        seed=args.seed,
+        bearer_tokens=tuple(args.token or ("sandbox-token",)),
+        access_token_lifetime=args.token_ttl,
+        rotate_refresh_tokens=args.rotate_refresh,
+        refresh_tokens=tuple(args.refresh_token or ()),
+    )
+
+
+def sandbox(host: str, port: int, config: SandboxConfig) -> int:
     configure("info", "json")
-    asyncio.run(_sandbox(host, port, seed, tokens))
+    asyncio.run(_sandbox(host, port, config))
     return 0
 
 
-async def _sandbox(host: str, port: int, seed: int, tokens: tuple[str, ...]) -> None:
-    app = create_sandbox_app(SandboxConfig(seed=seed, bearer_tokens=tokens))
+async def _sandbox(host: str, port: int, config: SandboxConfig) -> None:
+    app = create_sandbox_app(config)
     runner = await start(app, host, port, 5.0)
-    event("sandbox_started", listen=f"{host}:{bound_port(runner)}", seed=seed)
+    event(
+        "sandbox_started",
+        listen=f"{host}:{bound_port(runner)}",
+        seed=config.seed,
+        token_ttl=config.access_token_lifetime,
+        rotate_refresh=config.rotate_refresh_tokens,
+    )
     print(f"sandbox listening on http://{host}:{bound_port(runner)}", flush=True)
     await run_until_signal([runner])
 

@@ -42,6 +42,10 @@ class ProxyRequest:
     request_id: str = ""
     # Absolute event-loop time after which nobody waits for an answer any more.
     deadline: float = float("inf")
+    # Asked (with the deadline) for the Authorization header at the moment of sending, after
+    # the budget's wait: a short-lived token taken before that wait may expire in the queue.
+    # None: the headers as they are. The auth layer sets it; the upstream layer calls it.
+    authorize: Callable[[float], Awaitable[str]] | None = None
 
     @property
     def path_qs(self) -> str:

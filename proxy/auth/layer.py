@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 
 from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider
@@ -31,6 +32,31 @@ def is_token_failure(body: bytes) -> bool:
     )
 
 
+class Latest:
+    """The account's Authorization header as of the moment a request is sent: the upstream
+    layer asks for it after the budget's wait (``ProxyRequest.authorize``), so a short-lived
+    token never waits in the queue and reaches Kounta expired. Remembers what it gave:
+    ``given`` (the last, what a 401 refused) and ``sent`` (all of them, to scrub)."""
+
+    def __init__(self, provider: TokenProvider, given: str, sent: list[str]) -> None:
+        self.provider = provider
+        self.given = given
+        self.sent = sent
+        sent.append(given)
+
+    def on(self, request: ProxyRequest) -> ProxyRequest:
+        """``request`` carrying ``given`` now and asking again when it is sent (only a
+        renewable credential can change meanwhile)."""
+        request = request.with_headers(Authorization=self.given)
+        return replace(request, authorize=self) if self.provider.renewable else request
+
+    async def __call__(self, deadline: float) -> str:
+        self.given = await self.provider.authorization(deadline)
+        if self.given not in self.sent:
+            self.sent.append(self.given)
+        return self.given
+
+
 class Authenticator:
     """Puts the account's credentials on each request; one refresh and resend on a token 401."""
 
@@ -48,6 +74,7 @@ class Authenticator:
         provider = self.providers.get(request.account)
         if provider is None:
             raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
+        # Asked now too, so a request no token can serve fails before it waits for the budget.
         authorization = await provider.authorization(request.deadline)
         debug(
             "token_chosen",
@@ -57,19 +84,21 @@ class Authenticator:
             state=str(provider.state),
             expires_at=provider.expires_at,
         )
-        response = await self._send(request, provider, authorization)
-        # The token sent, and whatever the account holds now (a resend may have renewed it).
-        secrets = spellings((credentials(authorization), *provider.secrets()))
+        sent: list[str] = []
+        response = await self._send(request, provider, Latest(provider, authorization, sent))
+        # The tokens sent, and whatever the account holds now (a resend may have renewed it).
+        secrets = spellings((*map(credentials, sent), *provider.secrets()))
         return await scrubbed(response, secrets, request.method)
 
     async def _send(
-        self, request: ProxyRequest, provider: TokenProvider, authorization: str
+        self, request: ProxyRequest, provider: TokenProvider, latest: Latest
     ) -> ProxyResponse:
-        response = await self.inner.send(request.with_headers(Authorization=authorization))
+        response = await self.inner.send(latest.on(request))
         if response.status != 401 or not provider.renewable:
             return response
         if not is_token_failure(await response.decoded(ERROR_BODY_LIMIT)):
             return response
+        authorization = latest.given  # what the refused request carried
         if not provider.may_renew(authorization):
             # Refreshed moments ago and already "expired": the caller gets Kounta's 401
             # (normalised like every error) rather than forcing one token request per call.
@@ -85,7 +114,7 @@ class Authenticator:
         trace().retries += 1
         debug("token_renewed_resend", request_id=request.request_id, account=request.account)
         # Once only: whatever this answers goes back, so a bad token can never loop.
-        resent = await self.inner.send(request.with_headers(Authorization=fresh))
+        resent = await self.inner.send(Latest(provider, fresh, latest.sent).on(request))
         resent.add_upstream_time(response.upstream_seconds)
         return resent
 

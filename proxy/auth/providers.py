@@ -70,6 +70,7 @@ from proxy.auth.tokens import (
     on_endpoint_error,
     problem,
     refresh_now,
+    sendable,
     state_of,
 )
 from proxy.clock import WallClock
@@ -151,7 +152,7 @@ class OAuthProvider:
         # A token this provider fetched less than this ago is not refreshed again because
         # Kounta said "expired" (see may_renew).
         self.refresh_floor = refresh_floor
-        self._fetched: tuple[str, float] | None = None  # the last token fetched here, when
+        self._fetched: StoredToken | None = None  # the last token fetched here
         self.settings = settings
         self.file = file
         self.clock = clock
@@ -223,8 +224,9 @@ class OAuthProvider:
     # --- what requests call
 
     async def authorization(self, deadline: float = INF) -> str:
+        """The header for a request sent now (asked again after the budget's wait)."""
         token = self._token
-        if token is not None and token.usable(self.clock()):
+        if token is not None and sendable(token, self.clock()):
             return _bearer(token)
         self._check_usable()
         return _bearer(await self._wait(self._refresh(None), deadline))
@@ -232,7 +234,7 @@ class OAuthProvider:
     async def renew(self, failed: str, deadline: float = INF) -> str:
         """A header other than ``failed``: refreshes unless another request already did."""
         token = self._token
-        if token is not None and _bearer(token) != failed and token.usable(self.clock()):
+        if token is not None and _bearer(token) != failed and sendable(token, self.clock()):
             return _bearer(token)
         self._check_usable()
         return _bearer(await self._wait(self._refresh(failed), deadline))
@@ -369,7 +371,7 @@ class OAuthProvider:
         # another writer meanwhile wins (never overwritten by an older one).
         new = await self._persist(new)
         self._adopt(new)
-        self._fetched = (new.access_token, new.obtained_at)
+        self._fetched = new
         event(
             "token_refreshed",
             account=self.account,

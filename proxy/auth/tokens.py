@@ -14,8 +14,9 @@ States (metric ``kounta_proxy_token_state``, one log line per change)::
 Decisions: :func:`state_of` (a token held), :func:`blocked` (a request that needs a token:
 go on, or fail at once), :func:`problem` (readiness), :func:`on_endpoint_error`,
 :func:`next_wake` and :func:`refresh_now` (the background refresh), :func:`adoptable` (a
-token stored elsewhere makes our refresh needless), :func:`may_renew` (a 401 worth a token
-request), :func:`issued` (the token a token answer gives).
+token stored elsewhere makes our refresh needless), :func:`sendable` (a token a request may
+carry now), :func:`may_renew` (a 401 worth a token request), :func:`issued` (the token a
+token answer gives).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ RETRY_BASE = 0.5
 AUTHORIZE_POLL = 5.0
 # The background refresh never asks again sooner than this after a token arrived.
 MIN_REFRESH_GAP = 1.0
+# A token is not sent in its last moments, which the request's trip to Kounta could outlast:
+# this long before expiry, or a tenth of the lifetime for shorter-lived tokens.
+SEND_MARGIN = 1.0
 
 
 class TokenState(enum.StrEnum):
@@ -98,12 +102,26 @@ class Failing:
 Stop = Rejection | Failing
 
 
+def lifetime(token: StoredToken) -> float:
+    """How long ``token`` lives from when it came (INF: no expiry, or unknown arrival)."""
+    if token.expires_at is None or not token.obtained_at:
+        return INF
+    return max(0.0, token.expires_at - token.obtained_at)
+
+
 def refresh_due(token: StoredToken, leeway: float) -> float | None:
     """When to refresh: ``leeway`` before expiry, but no earlier than half the lifetime."""
     if token.expires_at is None:
         return None
-    lifetime = token.expires_at - token.obtained_at if token.obtained_at else INF
-    return token.expires_at - min(leeway, lifetime / 2)
+    return token.expires_at - min(leeway, lifetime(token) / 2)
+
+
+def sendable(token: StoredToken, now: float) -> bool:
+    """Whether a request sent now may carry ``token``: usable, and not in its last moments
+    (:data:`SEND_MARGIN`, at most a tenth of its lifetime), so it cannot expire on the way
+    and come back as a 401 that spends budget. Asked when the request is sent, after any
+    wait for the budget."""
+    return token.usable(now + min(SEND_MARGIN, lifetime(token) / 10))
 
 
 def state_of(token: StoredToken | None, now: float, can_refresh: bool) -> tuple[TokenState, str]:
@@ -191,12 +209,14 @@ def adoptable(
     return due is None or now < due
 
 
-def may_renew(fetched: tuple[str, float] | None, failed: str, now: float, floor: float) -> bool:
+def may_renew(fetched: StoredToken | None, failed: str, now: float, floor: float) -> bool:
     """Whether a 401 for ``failed`` may cost a token request: not while ``failed`` is the
-    token fetched here (``fetched``: access token, when) less than ``floor`` seconds ago."""
-    if fetched is None or bearer(fetched[0]) != failed:
+    token fetched here (``fetched``) less than ``floor`` seconds ago, nor less than half its
+    lifetime ago (a short-lived token is due for a refresh by then anyway; one past its end
+    by our own clock was refused for a good reason)."""
+    if fetched is None or bearer(fetched.access_token) != failed:
         return True
-    return now - fetched[1] >= floor
+    return now - fetched.obtained_at >= min(floor, lifetime(fetched) / 2)
 
 
 def issued(

@@ -200,6 +200,12 @@ class Upstream:
         route = template(request.path)
         count_error = self._error_counter(request.account)
         slot = await self._slot(request, count_error)
+        try:
+            if request.authorize is not None:  # the token as of now, after every wait
+                headers["Authorization"] = await request.authorize(request.deadline)
+        except BaseException:
+            slot()
+            raise
         started = time.perf_counter()  # the slot wait is not Kounta's time
         begun = asyncio.get_running_loop().time()
         try:

@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-bearer", type=int, default=180)
     parser.add_argument("--rate-basic", type=int, default=60)
     parser.add_argument("--page-size", type=int, default=25)
+    parser.add_argument("--token-ttl", type=float, default=3600.0, help="access-token lifetime")
+    parser.add_argument("--rotate-refresh", action="store_true", help="refresh tokens rotate")
+    parser.add_argument("--refresh-token", action="append", default=None, help="seeded")
     args = parser.parse_args(argv)
+    if not args.token_ttl > 0:
+        parser.error("--token-ttl must be a positive number of seconds")
     config = SandboxConfig(
         seed=args.seed,
         origin=args.origin,
@@ -28,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         rate_per_minute_bearer=args.rate_bearer,
         rate_per_minute_basic=args.rate_basic,
         page_size=args.page_size,
+        access_token_lifetime=args.token_ttl,
+        rotate_refresh_tokens=args.rotate_refresh,
+        refresh_tokens=tuple(args.refresh_token or ()),
     )
     web.run_app(create_sandbox_app(config), host=args.host, port=args.port, print=print)
 

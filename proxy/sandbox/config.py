@@ -28,7 +28,7 @@ class SandboxConfig:
     # API; this switch lets clients be tested against both behaviours.
     me_redirect: bool = False
     # OAuth 2.0 server (proxy/sandbox/oauth.py).
-    access_token_lifetime: int = 3600
+    access_token_lifetime: float = 3600
     # Whether a refresh answer carries a new refresh token (and the old one dies); unknown
     # for the real API, so clients are tested against both.
     rotate_refresh_tokens: bool = False

@@ -167,3 +167,35 @@ async def test_a_token_under_the_refresh_floor_is_not_renewed() -> None:
     assert (await auth.send(request())).status == 401
     assert provider.renewals == []
     assert resends(metrics, "refresh_floor") == 1
+
+
+@dataclass
+class Queued(Scripted):
+    """Like the upstream layer below the budget: asks for the Authorization header only
+    when it sends, after a wait during which the account's token was refreshed."""
+
+    provider: Provider | None = None
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        if self.provider is not None:
+            self.provider.issued += 1  # the background refresh, while the request waited
+        assert request.authorize is not None
+        return await super().send(request.with_headers(Authorization=await request.authorize(0)))
+
+
+async def test_the_token_is_taken_when_the_request_is_sent_not_before_the_budgets_wait() -> None:
+    provider = Provider()
+    inner = Queued([(401, EXPIRED), (200, b"{}")], provider=provider)
+    auth, _ = layer(inner, provider)
+    answer = await auth.send(request())
+    assert answer.status == 200
+    # Sent with the token of the moment (t2, not t1 from before the wait); the 401 names t2.
+    assert inner.seen == ["Bearer t2", "Bearer t4"]
+    assert provider.renewals == ["Bearer t2"]
+
+
+async def test_a_fixed_credential_is_not_asked_again_when_sent() -> None:
+    inner = Scripted([(200, b"{}")])
+    auth, _ = layer(inner, Provider(renewable=False))
+    await auth.send(request())
+    assert inner.seen == ["Bearer t1"]

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import math
 
-from bench.fleet import arguments, bucket_quantile, classes, classes_settings
+import pytest
+
+from bench.fleet import (
+    arguments,
+    bucket_quantile,
+    classes,
+    classes_settings,
+    sandbox_config,
+    settings_for,
+)
+from proxy import cli
 
 
 def test_bucket_quantile_interpolates_as_prometheus_does() -> None:
@@ -31,3 +41,40 @@ def test_the_classes_workload_has_no_cache_rule_and_classed_callers(tmp_path: ob
         ("till1", "interactive"),
         ("till2", "interactive"),
     ]
+
+
+def test_token_ttl_makes_the_account_oauth_against_a_short_lived_sandbox(tmp_path: object) -> None:
+    args = arguments(["--token-ttl", "10", "--rotate-refresh"])
+    settings = settings_for("http://127.0.0.1:1", str(tmp_path), args)
+    account = settings.accounts["main"]
+    assert account.mode == "oauth" and account.token_url == "http://127.0.0.1:1/v1/token"
+    config = sandbox_config(args)
+    assert config.access_token_lifetime == 10 and config.rotate_refresh_tokens
+    assert account.refresh_token.reveal() in config.refresh_tokens
+    static = arguments([])
+    assert (
+        settings_for("http://127.0.0.1:1", str(tmp_path), static).accounts["main"].mode == "static"
+    )
+    assert sandbox_config(static).access_token_lifetime == 3600
+
+
+def test_rotation_without_a_token_ttl_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        arguments(["--rotate-refresh"])
+    assert "--rotate-refresh needs --token-ttl" in capsys.readouterr().err
+
+
+def test_the_sandbox_command_takes_a_token_lifetime_and_rotation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = cli.parser().parse_args(
+        ["sandbox", "--token-ttl", "2.5", "--rotate-refresh", "--refresh-token", "r1"]
+    )
+    config = cli.sandbox_config(args)
+    assert (config.access_token_lifetime, config.rotate_refresh_tokens) == (2.5, True)
+    assert config.refresh_tokens == ("r1",)
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["sandbox", "--token-ttl", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "--token-ttl: must be a positive number of seconds" in err[-1]

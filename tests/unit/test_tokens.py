@@ -27,6 +27,7 @@ from proxy.auth.tokens import (
     on_endpoint_error,
     problem,
     refresh_now,
+    sendable,
     state_of,
 )
 
@@ -175,15 +176,42 @@ def test_a_token_stored_elsewhere_is_adopted_only_when_fresh_and_not_ours(
     ("fetched", "failed", "renew"),
     [
         (None, "Bearer a", True),
-        (("b", NOW), "Bearer a", True),  # not the one fetched here
-        (("a", NOW - 5.0), "Bearer a", False),  # fetched here moments ago
-        (("a", NOW - 30.0), "Bearer a", True),
+        (token("b"), "Bearer a", True),  # not the one fetched here
+        (token("a", age=5.0), "Bearer a", False),  # fetched here moments ago
+        (token("a", expires_in=None, age=5.0), "Bearer a", False),
+        (token("a", age=30.0), "Bearer a", True),
+        # A short-lived token: the floor is at most half its lifetime (when it is due anyway).
+        (token("a", expires_in=10.0, age=2.0), "Bearer a", False),
+        (token("a", expires_in=10.0, age=6.0), "Bearer a", True),
+        (token("a", expires_in=10.0, age=11.0), "Bearer a", True),  # expired by our clock too
     ],
 )
 def test_a_401_costs_a_token_request_unless_the_token_is_just_fetched(
-    fetched: tuple[str, float] | None, failed: str, renew: bool
+    fetched: StoredToken | None, failed: str, renew: bool
 ) -> None:
     assert may_renew(fetched, failed, NOW, floor=30.0) is renew
+
+
+@pytest.mark.parametrize(
+    ("held", "send"),
+    [
+        (VALID_TOKEN, True),
+        (token(expires_in=None), True),
+        (EXPIRED, False),
+        (StoredToken("", "r", None), False),
+        # Never in its last moments (it could expire on the way): 1 s, or a tenth of its life.
+        (token(age=3598.5), True),
+        (token(age=3599.5), False),
+        (token(expires_in=10.0, age=8.5), True),
+        (token(expires_in=10.0, age=9.5), False),
+        (token(expires_in=2.0, age=1.7), True),
+        (token(expires_in=2.0, age=1.85), False),
+        (StoredToken("a", "r", NOW + 1.5), True),  # no obtained_at: the whole margin
+        (StoredToken("a", "r", NOW + 0.5), False),
+    ],
+)
+def test_a_token_is_sent_only_with_time_left_for_the_trip(held: StoredToken, send: bool) -> None:
+    assert sendable(held, NOW) is send
 
 
 def test_an_answer_without_a_refresh_token_keeps_the_one_sent() -> None:
