@@ -2,7 +2,8 @@
 
 Each scenario module has ``run() -> results`` and its own table; add yours here.
 ``--connections N`` sets wrk's connections for the comparison (default 32); ``--sizes`` runs
-the cache-size series instead (bench/sizes.py, several minutes).
+the cache-size series instead (bench/sizes.py, several minutes); ``--startup`` start-up over
+100k stored entries (bench/startup.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def main() -> int:
         from bench import workers_bench
 
         return workers_bench.main()
+    if "--startup" in sys.argv[1:]:
+        # Start-up over 100k stored entries (bench/startup.py: --entries N --rounds R --old DIR)
+        from bench import startup
+
+        return startup.main([a for a in sys.argv[1:] if a != "--startup"])
     if "--sizes" in sys.argv[1:]:
         # Fresh hits and misses with 1k, 10k and 100k stored entries; start-up; RSS
         from bench import sizes

@@ -1,5 +1,7 @@
 """The store's files: diskcache opened with private modes (or moved aside when corrupt),
-and :class:`BodySink`, a body being fetched that spills to a temporary file when large.
+:class:`BodySink`, a body being fetched that spills to a temporary file when large, and the
+disk's keys looked through: what a change covers (:func:`covered`) and each account's share
+counted after start-up (:class:`Counting`).
 
 Directories the store creates are 0700 and its files 0600, whatever the umask
 (:class:`~proxy.compat.diskcache.PrivateDisk`); directories that exist already are left as they are.
@@ -7,8 +9,12 @@ Directories the store creates are 0700 and its files 0600, whatever the umask
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import functools
+import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -22,8 +28,18 @@ from typing import IO, Any
 
 import diskcache  # type: ignore[import-untyped]
 
-from proxy.cache.policy import parse_key
-from proxy.compat.diskcache import PrivateDisk, count_keys
+from proxy.cache.invalidation import Change, Purge, normalise_path
+from proxy.cache.policy import key_prefix, parse_key
+from proxy.compat.diskcache import (
+    TOP,
+    Cursor,
+    PrivateDisk,
+    count_keys,
+    keys_between,
+    keys_holding,
+    keys_listing,
+    rows_by_age,
+)
 from proxy.files import FILE_MODE, private_dir
 from proxy.logs import event
 from proxy.messages import CHUNK
@@ -37,6 +53,8 @@ PROBE_SIZE = 4096
 DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 # Runs a function on the store's one disk thread.
 Run = Callable[..., Awaitable[Any]]
+# Every cache key is a JSON array: it begins with "[", and "\\" is the character after it.
+KEYS = ("[", "\\")
 
 
 def close_opened(opening: Future[IO[bytes] | None]) -> None:
@@ -200,3 +218,88 @@ def _probe(directory: Path, max_size: int) -> diskcache.Cache:
         disk.close()
         raise
     return disk
+
+
+def covered(disk: diskcache.Cache, change: Change) -> list[str]:
+    """The keys on disk that ``change`` covers: what queries on the key index find for each of
+    its paths, patterns and lists (a superset: a key holds its path after the account's
+    prefix), each then checked with ``change.covers`` itself."""
+    found: set[str] = set()
+    for query in _queries(change):
+        found.update(query(disk))
+    keys = []
+    for key in found:
+        parts = parse_key(key)
+        if parts is not None and change.covers(parts.account, normalise_path(parts.path)):
+            keys.append(key)
+    return keys
+
+
+Query = Callable[[diskcache.Cache], list[str]]
+
+
+def _queries(change: Change) -> list[Query]:
+    """Queries on the keys that find every key ``change`` may cover."""
+    if isinstance(change, Purge):
+        if change.account is None:  # any account: the path comes after the method
+            text = '"GET",' + json.dumps(change.prefix)[:-1]
+            return [functools.partial(keys_holding, low=KEYS[0], high=KEYS[1], text=text)]
+        return [_prefixed(key_prefix(change.account, change.prefix))]
+    queries = [_prefixed(key_prefix(change.account, p)) for p in change.paths]
+    # A pattern's text before its first "*" begins every path it matches.
+    queries += [_prefixed(key_prefix(change.account, p.split("*")[0])) for p in change.patterns]
+    low = key_prefix(change.account)
+    for segment in change.lists_of:
+        name = "/" + json.dumps(segment)[1:-1]  # as it is written inside a key
+        queries.append(functools.partial(keys_listing, low=low, high=low + TOP, name=name))
+    return queries
+
+
+def _prefixed(prefix: str) -> Query:
+    return functools.partial(keys_between, low=prefix, high=prefix + TOP)
+
+
+# A page of records counted: (key, account, its size in the share, None if not tagged).
+Counted = list[tuple[str, str, int | None]]
+
+
+class Counting:
+    """The records on disk counted in their accounts' shares after start-up: a task that
+    counts a page at a time; :attr:`done` is set once it is over (at once when the shares
+    are not kept: one account)."""
+
+    def __init__(self, needed: bool) -> None:
+        self.done = asyncio.Event()
+        if not needed:
+            self.done.set()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, count: Callable[[], Awaitable[None]]) -> None:
+        if not self.done.is_set():
+            loop = asyncio.get_running_loop()
+            self.task = loop.create_task(self._counted(count), name="cache-count-shares")
+
+    async def _counted(self, count: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await count()
+        except Exception as e:  # shares partly counted; the disk's own limit still holds
+            event("cache_shares_not_counted", logging.WARNING, error=type(e).__name__)
+        finally:
+            self.done.set()
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    @staticmethod
+    def page(disk: diskcache.Cache, cursor: Cursor, limit: int) -> tuple[Counted, Cursor]:
+        """The next page of records older than ``cursor``, newest first, and the cursor."""
+        rows, cursor = rows_by_age(disk, *KEYS, cursor, limit)
+        counted: Counted = []
+        for key, tag in rows:
+            parts = parse_key(key)
+            if parts is not None:
+                counted.append((key, parts.account, tag if type(tag) is int else None))
+        return counted, cursor

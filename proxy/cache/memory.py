@@ -1,12 +1,18 @@
 """The memory tier: entries with their bodies, in a byte-bounded LRU on the event loop
-(what makes a fresh hit cost no thread hop), and :class:`Stored`, the unit every tier holds."""
+(what makes a fresh hit cost no thread hop), and :class:`Stored`, the unit every tier holds.
+
+The tier indexes its own keys by (account, normalised path), so an invalidation finds the ones
+it covers without looking at every entry; the disk's entries are found on the disk
+(:func:`proxy.cache.disk.covered`), so nothing in memory grows with the entries stored there."""
 
 from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.cache.invalidation import normalise_path
 from proxy.cache.policy import Entry
 from proxy.cache.shares import Ledger
 
@@ -34,6 +40,8 @@ class HotEntries:
         self.bytes = 0
         self.items: OrderedDict[str, Stored] = OrderedDict()
         self.ledger = ledger or Ledger()  # each account's share (proxy.cache.shares)
+        # (account, normalised path) -> the keys held of it (what invalidations look through)
+        self.paths: dict[tuple[str, str], set[str]] = {}
 
     def get(self, key: str) -> Stored | None:
         found = self.items.get(key)
@@ -51,23 +59,40 @@ class HotEntries:
             return
         self.items[key] = stored
         self.bytes += size
+        self.paths.setdefault(_where(stored), set()).add(key)
         for victim in self.ledger.add(key, stored.entry.account, size):
             self.pop(victim)
         while self.bytes > self.max_bytes:
-            old_key, old = self.items.popitem(last=False)
-            self.bytes -= _cost(old_key, old)
-            self.ledger.remove(old_key)
+            self.pop(next(iter(self.items)))
 
     def pop(self, key: str) -> None:
         old = self.items.pop(key, None)
         if old is not None:
             self.bytes -= _cost(key, old)
             self.ledger.remove(key)
+            where = _where(old)
+            keys = self.paths.get(where)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.paths[where]
+
+    def take(self, covers: Callable[[str, str], bool]) -> list[str]:
+        """Drop every entry whose (account, normalised path) ``covers`` names; their keys."""
+        keys = [key for where in [w for w in self.paths if covers(*w)] for key in self.paths[where]]
+        for key in keys:
+            self.pop(key)
+        return keys
 
     def clear(self) -> None:
         self.items.clear()
+        self.paths.clear()
         self.bytes = 0
         self.ledger.clear()
+
+
+def _where(stored: Stored) -> tuple[str, str]:
+    return stored.entry.account, normalise_path(stored.entry.path)
 
 
 def _cost(key: str, stored: Stored) -> int:

@@ -217,6 +217,12 @@ def parse_key(key: str) -> KeyParts | None:
     return KeyParts(account, method, path, query, tuple(selected))
 
 
+def key_prefix(account: str, path: str = "") -> str:
+    """What every key of ``account`` whose path begins with ``path`` begins with (JSON
+    escapes each character on its own, so a prefix of a path is a prefix of its key)."""
+    return json.dumps([KEY_VERSION, account, "GET", path], separators=(",", ":"))[:-2]
+
+
 def vary_names(headers: Sequence[tuple[str, str]]) -> tuple[str, ...] | None:
     """Vary names beyond the always-selecting ones; None for ``Vary: *`` (RFC 9111 4.1)."""
     names: list[str] = []

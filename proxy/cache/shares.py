@@ -8,15 +8,16 @@ default). The tier's global limit still applies besides (diskcache's ``size_limi
 memory LRU's byte cap). With one account a ledger is inactive and costs nothing.
 
 The store calls :meth:`Ledger.add` when it holds a key, :meth:`Ledger.remove` when it
-drops one, :meth:`Ledger.touch` when an entry is used (memory tier: least recently used)
-and :meth:`Ledger.clear` on a purge of everything. A ledger is used from one thread only
+drops one, :meth:`Ledger.touch` when an entry is used (memory tier: least recently used),
+:meth:`Ledger.older` for the disk's records found after start-up (older than every key added
+since) and :meth:`Ledger.clear` on a purge of everything. A ledger is used from one thread only
 (the memory tier's from the event loop, the disk tier's from the store's worker).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 class Ledger:
@@ -53,6 +54,31 @@ class Ledger:
             oldest = next(iter(keys))
             victims.append(oldest)
             self.remove(oldest)
+        return victims
+
+    def older(self, rows: Iterable[tuple[str, str, int]]) -> list[str]:
+        """Count keys stored before every key counted so far (``rows``: key, account, size,
+        newest first); a key counted already is left as it is. The keys to evict so each
+        account stays within its share (its oldest first)."""
+        if not self.active:
+            return []
+        accounts = set()
+        for key, account, size in rows:
+            if key in self.owner:
+                continue
+            keys = self.keys.setdefault(account, OrderedDict())
+            keys[key] = size
+            keys.move_to_end(key, last=False)
+            self.owner[key] = account
+            self.held[account] = self.held.get(account, 0) + size
+            accounts.add(account)
+        victims: list[str] = []
+        for account in sorted(accounts):
+            keys = self.keys[account]
+            while self.held[account] > self.limit(account) and keys:
+                oldest = next(iter(keys))
+                victims.append(oldest)
+                self.remove(oldest)
         return victims
 
     def touch(self, key: str) -> None:

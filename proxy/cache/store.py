@@ -13,6 +13,12 @@ on disk) is dropped and the lookup is a miss, counted, so the answer comes from 
 instead of a wrong 200 or one that breaks off. Repeated write failures (a corrupt
 ``cache.db``) turn storing off like a full disk does (readiness says so) until a probe
 succeeds. What happens is counted in the metrics the store is given (none for the CLI).
+
+Nothing walks the disk at start-up: what an invalidation or purge covers is found on the disk
+when it comes (:func:`~proxy.cache.disk.covered`, indexed queries on the keys), so opening
+costs the same over 100 entries as over a million, and memory does not grow with the entries
+on disk. With several accounts, each one's share of the disk is counted after start-up, in
+pages between other work, from the size each record is tagged with (never reading one).
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from proxy.cache.disk import (
     EPOCH_KEY,
     SPILL_AT,
     BodySink,
+    Counting,
     close_opened,
+    covered,
     disk_gauges,
     disk_stats,
     file_size,
@@ -46,11 +54,12 @@ from proxy.cache.disk import (
     open_disk,
     probe_write,
 )
-from proxy.cache.invalidation import Change, Purge, normalise_path
+from proxy.cache.invalidation import Change, Invalidation, Purge
 from proxy.cache.memory import ENTRY_OVERHEAD, HotEntries, Stored, intact, matches, upgraded
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, parse_key
 from proxy.cache.shares import Ledger
+from proxy.compat.diskcache import Cursor
 from proxy.errors import StoredBodyError
 from proxy.logs import event
 from proxy.messages import CHUNK
@@ -61,8 +70,8 @@ T = TypeVar("T")
 INLINE_BODY = 32 * 1024
 # After a full disk, storing is tried again after this many seconds.
 FULL_DISK_RETRY = 60.0
-# Keys the path index holds at most; past that, invalidation and purge scan the disk.
-INDEX_LIMIT = 200_000
+# Records counted per page when the shares are counted after start-up.
+COUNT_PAGE = 2000
 # Write failures in a row (other than a full disk) after which storing is turned off.
 FAILURES_TO_DISABLE = 3
 
@@ -72,14 +81,13 @@ class BodyMismatch(Exception):
 
 
 class CacheStore:
-    """Entries by key, with the path index that invalidation and purge need."""
+    """Entries by key: the memory tier, then the disk."""
 
     def __init__(
         self,
         directory: Path,
         max_size: int,
         memory_size: int,
-        index_limit: int = INDEX_LIMIT,
         metrics: CacheMetrics | None = None,
         shares: Mapping[str, float] | None = None,
     ) -> None:
@@ -90,12 +98,9 @@ class CacheStore:
         self.ledger = Ledger(max_size, shares)  # the disk's; used on the worker thread only
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
         self.disk: diskcache.Cache = open_disk(directory, max_size)
-        # (account, normalised path) -> keys; may name keys diskcache has evicted since.
-        self.paths: dict[tuple[str, str], set[str]] = {}
-        self.indexed = 0
-        self.index_limit = index_limit
-        # False once a key could not be indexed (limit reached): removals then scan the disk.
-        self.index_complete = True
+        # The records on disk counted in their accounts' shares after start-up (set at once
+        # when there are no shares to count).
+        self.counting = Counting(self.ledger.active)
         self.problem: str | None = None
         self._retry_at = 0.0
         self._failures = 0  # write failures in a row
@@ -120,11 +125,10 @@ class CacheStore:
         shares: Mapping[str, float] | None = None,
     ) -> CacheStore:
         loop = asyncio.get_running_loop()
-        make = functools.partial(
-            cls, directory, max_size, memory_size, INDEX_LIMIT, metrics, shares=shares
-        )
+        make = functools.partial(cls, directory, max_size, memory_size, metrics, shares=shares)
         store = await loop.run_in_executor(None, make)
-        await store._run(store._load_index)
+        store.epoch = int(await store._run(store.disk.get, EPOCH_KEY, 0))
+        store.counting.start(store._count_shares)
         return store
 
     # What happens, counted (on the loop or the disk thread: the counters are thread-safe).
@@ -147,17 +151,33 @@ class CacheStore:
                 self.metrics.cache_store_errors.labels("full").inc()
             self.metrics.cache_storing_disabled.set(1)
 
-    def _load_index(self) -> None:
-        for key in self.disk.iterkeys():
-            parts = parse_key(key) if isinstance(key, str) else None
-            if parts is not None:
-                self._index(key, parts.account, parts.path)
-                if self.ledger.active:
-                    with contextlib.suppress(Exception):  # a corrupt record: a miss later
-                        self._count(key, self.disk.get(key))
-        self.epoch = int(self.disk.get(EPOCH_KEY, 0))
+    async def _count_shares(self) -> None:
+        """Count what the disk held at start-up in its accounts' shares, a page at a time
+        (other disk work goes on between pages); writes meanwhile are counted as they come."""
+        cursor: Cursor = None
+        while True:
+            cursor = await self._run(self._count_page, cursor)
+            if cursor is None:
+                return
+
+    def _count_page(self, cursor: Cursor) -> Cursor:
+        rows, cursor = self.counting.page(self.disk, cursor, COUNT_PAGE)
+        counted = []
+        for key, account, size in rows:
+            if size is None:  # written before records were tagged with their size
+                with contextlib.suppress(Exception):  # a corrupt record: a miss later
+                    value = self.disk.get(key)
+                    if isinstance(value, Stored):
+                        counted.append((key, account, _share(key, value)))
+            else:
+                counted.append((key, account, size))
+        evicted = self._delete(self.ledger.older(counted))
+        if evicted:
+            self._evicted(evicted)
+        return cursor
 
     async def close(self) -> None:
+        await self.counting.stop()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self._run(self.disk.close)
@@ -314,10 +334,9 @@ class CacheStore:
         return self.problem is None
 
     def promote(self, key: str, stored: Stored) -> None:
-        """Hold an entry read from another tier (Redis) in memory, indexed so that an
-        invalidation removes it like one stored here."""
+        """Hold an entry read from another tier (Redis) in memory (an invalidation finds it
+        there like one stored here)."""
         self.hot.put(key, stored)
-        self._index(key, stored.entry.account, stored.entry.path)
 
     async def read_spilled(self, path: Path, size: int) -> bytes | None:
         """A spilled body read back whole (for the shared store), or None if it is not
@@ -332,7 +351,6 @@ class CacheStore:
         """Store an entry whose body is in memory (or already stored under body_key)."""
         self.changes += 1
         self.hot.put(key, stored)
-        self._index(key, stored.entry.account, stored.entry.path)
         if not self.writable:
             return
         if stored.body_key is not None:
@@ -366,21 +384,16 @@ class CacheStore:
             old = self.disk.get(key)
         except Exception:  # a corrupt record is simply overwritten
             old = None
-        self.disk.set(key, stored)
+        # Tagged with its size in its account's share: counted after a restart unread.
+        size = _share(key, stored)
+        self.disk.set(key, stored, tag=size)
         if isinstance(old, Stored) and old.body_key and old.body_key != stored.body_key:
             self.disk.delete(old.body_key)
-        self._count(key, stored)
-        culled = self.disk.cull()
+        # Counted in its account's share; the account's oldest evicted past it.
+        evicted = self._delete(self.ledger.add(key, stored.entry.account, size))
+        culled = evicted + self.disk.cull()
         if culled:
             self._evicted(culled)
-
-    def _count(self, key: str, stored: object) -> None:
-        # A record counted in its account's share; the account's oldest evicted past it.
-        if isinstance(stored, Stored):
-            size = len(key) + stored.entry.size + ENTRY_OVERHEAD
-            evicted = self._delete(self.ledger.add(key, stored.entry.account, size))
-            if evicted:
-                self._evicted(evicted)
 
     def _guarded(self, write: Callable[[], None]) -> bool:
         try:
@@ -436,7 +449,6 @@ class CacheStore:
             return None
         self.changes += 1
         self.hot.pop(key)
-        self._index(key, entry.account, entry.path)
         return Stored(entry, None, body_key, crc)
 
     def _commit(self, key: str, entry: Entry, body_key: str, f: IO[bytes], crc: int | None) -> None:
@@ -461,30 +473,14 @@ class CacheStore:
                 self._failed("delete")
         return removed
 
-    def _index(self, key: str, account: str, path: str) -> None:
-        keys = self.paths.setdefault((account, normalise_path(path)), set())
-        if key in keys:
-            return
-        if self.indexed >= self.index_limit:
-            # Bounded memory whatever the number of distinct keys: stop indexing and let
-            # removals scan the disk instead (slower, but only past the limit).
-            if not keys:
-                del self.paths[(account, normalise_path(path))]
-            self.index_complete = False
-            return
-        keys.add(key)
-        self.indexed += 1
-
     # ------------------------------------------------------------------ invalidation, purge
 
     def invalidate(self, inv: Change) -> int:
-        """Remove every entry the invalidation covers; returns how many keys were known."""
+        """Remove every entry the invalidation covers: from memory at once (returns how many),
+        from the disk after every write queued before it (counted there)."""
         self._remember(inv)
-        keys = self._take(inv.covers)
-        if keys:
-            self._later(self._delete, keys)
-        if not self.index_complete:
-            self._later(self._delete_matching, inv.covers)
+        keys = self.hot.take(inv.covers)
+        self._later(self._delete_covered, inv)
         return len(keys)
 
     def _remember(self, covers: Change) -> None:
@@ -499,45 +495,24 @@ class CacheStore:
             return True  # history overflowed: assume the worst
         return any(s > sequence and inv.covers(account, path) for s, inv in self.recent)
 
-    def _take(self, covers: Callable[[str, str], bool]) -> list[str]:
-        keys: list[str] = []
-        for account, path in [k for k in self.paths if covers(*k)]:
-            for key in self.paths.pop((account, path)):
-                self.hot.pop(key)
-                keys.append(key)
-        self.indexed -= len(keys)
-        if not self.index_complete:
-            for key in list(self.hot.items):
-                parts = parse_key(key)
-                if parts is not None and covers(parts.account, normalise_path(parts.path)):
-                    self.hot.pop(key)
-        return keys
-
-    def _delete_matching(self, covers: Callable[[str, str], bool]) -> int:
-        """Delete every record on disk that ``covers`` names (the index is incomplete)."""
-        keys = []
-        for key in self.disk.iterkeys():
-            parts = parse_key(key) if isinstance(key, str) else None
-            if parts is not None and covers(parts.account, normalise_path(parts.path)):
-                keys.append(key)
-        return self._delete(keys)
+    def _delete_covered(self, change: Change) -> int:
+        """Delete every record on disk that ``change`` covers (found on the disk)."""
+        removed = self._delete(covered(self.disk, change))
+        if removed and isinstance(change, Invalidation) and self.metrics is not None:
+            self.metrics.cache_invalidations.inc(removed)
+        return removed
 
     async def purge(self, prefix: str = "", account: str | None = None) -> int:
         """Remove entries by path prefix and/or account; returns how many were on disk."""
         purge = Purge(prefix, account)
         self._remember(purge)  # a fetch in flight now must not store what it gets
-        keys = self._take(purge.covers)
-        if not prefix and account is None:
+        if purge.everything:
             self.hot.clear()
-            self.paths.clear()
-            self.indexed, self.index_complete = 0, True
             removed: int = await self._run(self._clear)
             return removed
+        self.hot.take(purge.covers)
         self.epoch += 1
-        if self.index_complete:
-            removed = await self._run(self._delete, keys)
-        else:
-            removed = await self._run(self._delete_matching, purge.covers)
+        removed = await self._run(self._delete_covered, purge)
         await self._run(self.disk.set, EPOCH_KEY, self.epoch)
         return removed
 
@@ -576,3 +551,8 @@ class CacheStore:
         result["memory_entries"] = len(self.hot.items)
         result["memory_bytes"] = self.hot.bytes
         return result
+
+
+def _share(key: str, stored: Stored) -> int:
+    """What a record counts in its account's share of the disk."""
+    return len(key) + stored.entry.size + ENTRY_OVERHEAD

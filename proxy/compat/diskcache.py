@@ -5,7 +5,10 @@
   account's Kounta data, and diskcache has no mode option.
 - :func:`count_keys` reads the cache's ``_sql`` (diskcache's own query helper) to count the
   keys in a range in one indexed query, cheap enough for every scrape; the public API would
-  iterate every key.
+  iterate every key. :func:`keys_between`, :func:`keys_holding` and :func:`keys_listing`
+  list them the same way (what an invalidation covers), and :func:`rows_by_age` pages
+  through the keys with their tags, newest first (each account's share counted after
+  start-up without reading a value).
 
 :data:`PINS` lists the assumptions; ``tests/unit/test_compat.py`` checks each and names
 :data:`WRITTEN_AGAINST` when one fails after an upgrade.
@@ -59,6 +62,61 @@ def count_keys(cache: diskcache.Cache, low: str, high: str) -> int:
     return int(cache._sql(query, (low, high)).fetchone()[0])
 
 
+# Above every character a key can hold: ``prefix + TOP`` ends the range of keys with ``prefix``.
+TOP = "\U0010ffff"
+
+
+def keys_between(cache: diskcache.Cache, low: str, high: str) -> list[str]:
+    """The string keys ``low <= key < high``, in one query on the key index."""
+    query = "SELECT key FROM Cache WHERE key >= ? AND key < ?"
+    return [row[0] for row in cache._sql(query, (low, high)).fetchall()]
+
+
+def keys_holding(cache: diskcache.Cache, low: str, high: str, text: str) -> list[str]:
+    """The string keys ``low <= key < high`` that hold ``text``."""
+    query = "SELECT key FROM Cache WHERE key >= ? AND key < ? AND instr(key, ?) > 0"
+    return [row[0] for row in cache._sql(query, (low, high, text)).fetchall()]
+
+
+# Keys that may be a list of the collection "/NAME" (?3, as written in the key): NAME ends
+# the path (?4), or is followed by ".json" (?5; twice is normalised away too), or by a segment
+# that does not begin with a digit, or comes twice (the two may share a "/"). Left out: keys
+# where "/NAME/" comes once and is followed by a digit, an id under the collection (Kounta's
+# ids are numbers), the common case and never a list of it.
+LISTS = (
+    "SELECT key FROM Cache WHERE key >= ?1 AND key < ?2 AND instr(key, ?3) > 0"
+    " AND (instr(key, ?4) > 0 OR instr(key, ?5) > 0 OR instr(key, ?6) = 0"
+    " OR substr(key, instr(key, ?6) + length(?6), 1) NOT BETWEEN '0' AND '9'"
+    " OR instr(substr(key, instr(key, ?6) + length(?6) - 1), ?6) > 0)"
+)
+
+
+def keys_listing(cache: diskcache.Cache, low: str, high: str, name: str) -> list[str]:
+    """The string keys ``low <= key < high`` that may be lists of the collection ``name``
+    (``/`` and the segment, as written inside a key): a superset, checked by the caller."""
+    args = (low, high, name, name + '"', name + ".json", name + "/")
+    return [row[0] for row in cache._sql(LISTS, args).fetchall()]
+
+
+# (store_time, rowid) of the last row a page ended on; None: from the newest.
+Cursor = tuple[float, int] | None
+
+
+def rows_by_age(
+    cache: diskcache.Cache, low: str, high: str, cursor: Cursor, limit: int
+) -> tuple[list[tuple[str, Any]], Cursor]:
+    """Up to ``limit`` (key, tag) of the keys ``low <= key < high``, newest stored first,
+    older than ``cursor``; and the cursor after them (None: there are no more)."""
+    before = cursor or (float("inf"), 2**63 - 1)
+    query = (
+        "SELECT key, tag, store_time, rowid FROM Cache WHERE (store_time, rowid) < (?, ?)"
+        " ORDER BY store_time DESC, rowid DESC LIMIT ?"
+    )
+    rows = cache._sql(query, (*before, limit)).fetchall()
+    found = [(k, tag) for k, tag, _, _ in rows if isinstance(k, str) and low <= k < high]
+    return found, ((rows[-1][2], rows[-1][3]) if len(rows) == limit else None)
+
+
 def _pins() -> dict[str, Callable[[], bool]]:
     def names(function: Callable[..., Any]) -> set[str]:
         return set(function.__code__.co_names)
@@ -76,6 +134,13 @@ def _pins() -> dict[str, Callable[[], bool]]:
         ),
         "Cache's table is Cache(key, ...)": lambda: (
             "CREATE TABLE IF NOT EXISTS Cache" in inspect.getsource(diskcache.Cache.__init__)
+        ),
+        "Cache's rows have store_time and tag": lambda: all(
+            text in inspect.getsource(diskcache.Cache.__init__)
+            for text in ("store_time REAL", "tag BLOB")
+        ),
+        "least-recently-stored indexes store_time": lambda: (
+            "Cache_store_time" in diskcache.EVICTION_POLICY["least-recently-stored"]["init"]
         ),
     }
 

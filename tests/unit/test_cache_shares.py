@@ -50,6 +50,7 @@ async def test_the_disk_share_holds_across_a_restart_with_new_weights(tmp_path: 
         directory, 400_000, 0, CacheMetrics(registry), shares={"a": 1, "b": 1}
     )
     try:
+        await store.counting.done.wait()  # what the disk held, counted after start-up
         kept_a = [i for i in range(10) if await store.get(stored(f"/v1/a/{i}", account="a")[0])]
         assert 1 <= len(kept_a) <= 4, kept_a
         assert await store.get(stored("/v1/b/0", account="b")[0]) is not None
@@ -85,6 +86,7 @@ async def test_a_corrupt_record_does_not_stop_the_shares_being_counted_at_open(
     finally:
         Gone = saved
     try:
+        await reopened.counting.done.wait()
         assert await reopened.get(key) is not None
         assert reopened.ledger.held["a"] > 0
     finally:

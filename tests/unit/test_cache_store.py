@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import diskcache  # type: ignore[import-untyped]
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.cache.invalidation import Invalidation
+from proxy.cache.disk import covered
+from proxy.cache.invalidation import Change, Invalidation, Purge, normalise_path
 from proxy.cache.memory import HotEntries, Stored, intact, upgraded
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, cache_key
@@ -41,26 +44,55 @@ def test_memory_lru_counts_entries_not_only_body_bytes() -> None:
     assert hot.bytes <= 20_000
 
 
-async def test_path_index_is_bounded_and_removals_still_reach_unindexed_keys(
-    store: CacheStore,
+async def test_invalidations_and_purges_reach_entries_only_on_disk_after_a_restart(
+    tmp_path: Path,
 ) -> None:
-    store.index_limit = 3
-    for i in range(10):
-        store.put(*stored(f"/v1/companies/5/customers/{i}"))
-    store.put(*stored("/v1/companies/5/customers/9", account="other"))
-    assert store.indexed == 3
-    assert sum(len(keys) for keys in store.paths.values()) == 3
-    assert not store.index_complete
-    await store.flush()
-    store.hot.clear()
-    inv = Invalidation("main", frozenset({"/v1/companies/5/customers/8"}), frozenset())
-    store.invalidate(inv)
-    await store.flush()
-    assert await store.get(stored("/v1/companies/5/customers/8")[0]) is None
-    assert await store.get(stored("/v1/companies/5/customers/7")[0]) is not None
-    assert await store.get(stored("/v1/companies/5/customers/9", account="other")[0])
-    assert await store.purge("/v1/companies/5/customers/", "main") == 9
-    assert await store.get(stored("/v1/companies/5/customers/0")[0]) is None
+    directory = tmp_path / "cache"
+    store = await CacheStore.open(directory, 10**8, 10**6)
+    paths = [
+        "/v1/companies/5/customers/1.json",  # the target, with the format suffix
+        "/v1/companies/5/customers/2",
+        "/v1/companies/5/customers",  # a list of the collection: goes with a write to it
+        "/v1/companies/5/customers/complete",  # a filtered list: goes too
+        "/v1/companies/5/customers/3/orders",  # another collection's list: stays
+        "/v1/companies/5/sites/7/products",  # a pattern's
+        "/v1/companies/5/sites/7/products/9",  # not the pattern's (an id after it)
+        "/v1/companies/6/orders/1",
+        "/v1/companies/6/orders/10",  # a key whose path begins with another's
+    ]
+    for path in paths:
+        store.put(*stored(path))
+        store.put(*stored(path, account="other"))
+    await store.close()
+
+    store = await CacheStore.open(directory, 10**8, 10**6)  # nothing in memory
+    try:
+
+        async def left(account: str = "main") -> list[str]:
+            await store.flush()
+            return [p for p in paths if await store.get(stored(p, account=account)[0])]
+
+        store.invalidate(
+            Invalidation(
+                "main",
+                frozenset({"/v1/companies/5/customers/1", "/v1/companies/6/orders/1"}),
+                frozenset({"customers"}),
+                frozenset({"/v1/companies/5/sites/*/products"}),
+            )
+        )
+        assert await left() == [
+            "/v1/companies/5/customers/2",
+            "/v1/companies/5/customers/3/orders",
+            "/v1/companies/5/sites/7/products/9",
+            "/v1/companies/6/orders/10",
+        ]
+        assert await left("other") == paths  # another account's keys are never touched
+        assert await store.purge("/v1/companies/5/", "main") == 3
+        assert await left() == ["/v1/companies/6/orders/10"]
+        assert await store.purge("/v1/companies/6/", None) == 3  # every account's
+        assert await left() == [] and len(await left("other")) == len(paths) - 2
+    finally:
+        await store.close()
 
 
 async def test_a_corrupt_record_is_a_miss_and_is_removed(
@@ -92,3 +124,37 @@ def test_a_record_from_before_body_checksums_is_still_read() -> None:
     assert not hasattr(old, "crc")
     value = upgraded(old)
     assert isinstance(value, Stored) and intact(value) and value.crc is None
+
+
+async def test_what_the_disk_finds_for_a_change_is_what_the_change_covers(tmp_path: Path) -> None:
+    """:func:`~proxy.cache.disk.covered` narrows with queries on the keys; it must find
+    exactly the keys ``covers`` names, whatever the shapes of the paths around them."""
+    words = ["products", "5", "a1", "complete", "products.json", "pro%64ucts", 'q"uote']
+    paths = ["/" + "/".join(p) for n in (1, 2, 3) for p in itertools.product(words, repeat=n)]
+    keys = {
+        cache_key(account, path, query, {}): (account, path)
+        for account in ("main", "mai")
+        for path in paths + [p + ".json" for p in paths]
+        for query in ("", "next=/products/5", "x=/products")
+    }
+    disk = diskcache.Cache(str(tmp_path / "disk"))
+    with disk.transact():
+        for key in keys:
+            disk.set(key, 1)
+    changes: list[Change] = [
+        Invalidation("main", frozenset(), frozenset({"products"})),
+        Invalidation("main", frozenset(), frozenset({"complete", "5"})),
+        Invalidation("main", frozenset(), frozenset({'q"uote'})),
+        Invalidation("main", frozenset({"/products/5", "/a1"}), frozenset()),
+        Invalidation("main", frozenset(), frozenset(), frozenset({"/products/*/complete*"})),
+        Purge("/products/5", "main"),
+        Purge("/products", None),
+        Purge('/q"', None),
+    ]
+    try:
+        for change in changes:
+            wanted = {k for k, (a, p) in keys.items() if change.covers(a, normalise_path(p))}
+            assert wanted, change  # each change covers some keys: the test means something
+            assert set(covered(disk, change)) == wanted, change
+    finally:
+        disk.close()
