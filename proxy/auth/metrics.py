@@ -1,8 +1,9 @@
 """The auth package's metrics, declared against the injected registry (prometheus client's
 ``registry=`` idiom): token state, expiry, token requests and their failures, and resends
-after a 401. :func:`proxy.edge.services.build` makes one :class:`AuthMetrics` on the
-proxy's registry and hands it to the providers and the auth layer; the conventions are
-:mod:`proxy.metrics`'s (``kounta_proxy_`` prefix, base units, :data:`~proxy.metrics.BUCKETS`).
+after a 401. One :class:`AuthMetrics` is made with every other package's group
+(:class:`proxy.edge.metrics.PackageMetrics`) and handed to the providers and the auth
+layer; the conventions are :mod:`proxy.metrics`'s (``kounta_proxy_`` prefix, base units,
+:data:`~proxy.metrics.BUCKETS`).
 """
 
 from __future__ import annotations

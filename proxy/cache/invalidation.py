@@ -105,8 +105,8 @@ class LocalTier(Protocol):
         ...
 
 
-class SharedTier(Protocol):
-    """The entries shared in Redis (``proxy.cache.shared.SharedEntries``)."""
+class RedisTier(Protocol):
+    """The entries shared in Redis (``proxy.cache.redis_records.RedisRecords``)."""
 
     async def drop(
         self,
@@ -130,21 +130,21 @@ class Invalidator:
     def __init__(
         self,
         local: LocalTier,
-        shared: SharedTier | None = None,
+        records: RedisTier | None = None,
         announcer: Announcer | None = None,
     ) -> None:
         self.local = local
-        self.shared = shared
+        self.records = records
         self.announcer = announcer
 
     async def apply(self, change: Change) -> int:
         """A change made here: applied locally, in Redis, then told to the other replicas
         (all before the caller's answer goes out); returns the entries removed here."""
         removed = await self.local.apply(change)
-        if self.shared is not None:
+        if self.records is not None:
             # Account None: every account. When Redis is away it is kept and replayed, and
             # then told to the other replicas again (their copies of Redis' may be old).
-            await self.shared.drop(_account(change), change.covers, self._resend(change))
+            await self.records.drop(_account(change), change.covers, self._resend(change))
             # A lookup here between the two may have read Redis' old copy back into this
             # process (the store's sequence had moved already): drop it again, now that
             # Redis holds none.
@@ -163,8 +163,8 @@ class Invalidator:
         purge everything here, then replay what Redis missed of this replica's own changes."""
         event("cache_purged_after_gap", logging.WARNING, reason=why)
         await self.local.apply(Purge())
-        if self.shared is not None:
-            await self.shared.catch_up()
+        if self.records is not None:
+            await self.records.catch_up()
 
     def _resend(self, change: Change) -> Callable[[], Awaitable[None]] | None:
         announcer = self.announcer

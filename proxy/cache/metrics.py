@@ -1,9 +1,10 @@
 """The cache package's metrics, declared against the injected registry (prometheus client's
 ``registry=`` idiom): lookups, coalescing, stores, evictions, invalidations, the disk
 store's errors, the Redis tier's operations and the invalidations between replicas.
-:func:`proxy.edge.services.build` makes one :class:`CacheMetrics` on the proxy's registry and
-hands it to the cache's rooms; the conventions are :mod:`proxy.metrics`'s. The webhooks'
-own group is :class:`proxy.cache.webhooks.metrics.WebhookMetrics`.
+One :class:`CacheMetrics` is made with every other package's group
+(:class:`proxy.edge.metrics.PackageMetrics`) and handed to the cache's rooms; the
+conventions are :mod:`proxy.metrics`'s. The webhooks' own group is
+:class:`proxy.cache.webhooks.metrics.WebhookMetrics`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - :class:`LocalEntries`: this process's memory tier and disk (:mod:`proxy.cache.store`).
 - :class:`RedisEntries`: the memory tier, then the entries every replica shares in Redis
-  (:mod:`proxy.cache.shared`), then the local disk; a fetch lock per key across replicas.
+  (:mod:`proxy.cache.redis_records`), then the local disk; a fetch lock per key across replicas.
 
 The driver (:mod:`proxy.cache.layer`) asks the tier, never which tier it is: look an entry
 up, *obtain* a flight's outcome (the shared tier may find another replica's entry instead of
@@ -22,7 +22,7 @@ from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, FreshHit, lookup, request_control
-from proxy.cache.shared import SharedEntries
+from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 
@@ -158,12 +158,12 @@ class RedisEntries(LocalEntries):
         store: CacheStore,
         flights: Flights,
         metrics: CacheMetrics,
-        shared: SharedEntries,
+        records: RedisRecords,
         clock: WallClock,
         coalesce_wait: float,
     ) -> None:
         super().__init__(store, flights, metrics)
-        self.shared = shared
+        self.records = records
         self.clock = clock
         self.coalesce_wait = coalesce_wait
 
@@ -173,7 +173,7 @@ class RedisEntries(LocalEntries):
         if hot is not None:
             return hot
         sequence = self.store.sequence
-        found = await self.shared.get(account, key)
+        found = await self.records.get(account, key)
         if found is None:
             return await self.store.get(key)
         entry = found.entry
@@ -190,14 +190,14 @@ class RedisEntries(LocalEntries):
         store the entry and answer from that; else (Redis away, the owner stored nothing,
         or it took longer than ``cache.coalesce_wait``) fetch here."""
         account = flight.request.account
-        claim = await self.shared.claim(account, flight.key)
+        claim = await self.records.claim(account, flight.key)
         if claim is None:
             return await fetch()
         flight.claimed(claim.gen, claim.owner)
         if claim.owner is None:
-            found = await self.shared.wait(account, flight.key, self.coalesce_wait)
+            found = await self.records.wait(account, flight.key, self.coalesce_wait)
         else:  # the lock's last owner may have stored it since this flight's lookup
-            found = await self.shared.found(account, flight.key, claim.data)
+            found = await self.records.found(account, flight.key, claim.data)
         if found is None or not self._usable(flight, found):
             return await fetch()
         self.store.promote(flight.key, found)
@@ -246,10 +246,10 @@ class RedisEntries(LocalEntries):
         let go of the fetch lock: what it stored is there before waiters see it free."""
         stored = flight.take_share()
         if stored is not None and flight.gen is not None and not self.stale(flight, stored.entry):
-            await self.shared.put(flight.key, stored, flight.gen, self.clock())
+            await self.records.put(flight.key, stored, flight.gen, self.clock())
         owner = flight.let_go()
         if owner is not None:
-            await self.shared.release(flight.request.account, flight.key, owner)
+            await self.records.release(flight.request.account, flight.key, owner)
 
     async def close(self) -> None:
-        await self.shared.close()
+        await self.records.close()

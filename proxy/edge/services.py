@@ -34,7 +34,7 @@ from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidator, Purge
 from proxy.cache.layer import Cache
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.shared import SharedEntries
+from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.cache.webhooks.health import Feeds
@@ -345,10 +345,10 @@ async def build_cache(
     flights = Flights()
     broadcast = None if shared.events is None else Broadcast(shared.events, metrics)
     entries: Entries = LocalEntries(store, flights, metrics)
-    records: SharedEntries | None = None
+    records: RedisRecords | None = None
     if shared.cache is not None:
         # Entries shared in Redis, with a fetch lock per key across replicas.
-        records = SharedEntries(
+        records = RedisRecords(
             shared.cache,
             metrics,
             max_entry_size=config.max_entry_size,

@@ -1,10 +1,10 @@
 """The pipeline package's metrics, declared against the injected registry (prometheus
 client's ``registry=`` idiom): upstream exchanges, the rate budget, retries and circuit
-breakers. :func:`proxy.edge.services.build` makes one :class:`PipelineMetrics` on the
-proxy's registry and hands it to :class:`~proxy.pipeline.upstream.Upstream`,
-:class:`~proxy.pipeline.budget.Budget` and :class:`~proxy.pipeline.retry.Retry`; the
-conventions are :mod:`proxy.metrics`'s (``kounta_proxy_`` prefix, base units,
-:data:`~proxy.metrics.BUCKETS`).
+breakers. One :class:`PipelineMetrics` is made with every other package's group
+(:class:`proxy.edge.metrics.PackageMetrics`) and handed to
+:class:`~proxy.pipeline.upstream.Upstream`, :class:`~proxy.pipeline.budget.Budget` and
+:class:`~proxy.pipeline.retry.Retry`; the conventions are :mod:`proxy.metrics`'s
+(``kounta_proxy_`` prefix, base units, :data:`~proxy.metrics.BUCKETS`).
 """
 
 from __future__ import annotations

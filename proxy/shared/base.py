@@ -165,9 +165,7 @@ class SharedCache(Protocol):
 
 
 class Backend(Protocol):
-    kind: str
-    # Whether state is shared with other processes at all (False for local).
-    shared: bool
+    kind: str  # "local" or "redis": shared.backend
 
     @property
     def budget(self) -> SharedBudget | None: ...

@@ -7,7 +7,6 @@ from proxy.shared.metrics import SharedMetrics
 
 class LocalBackend:
     kind = "local"
-    shared = False
     budget = None
     tokens = None
     events = None

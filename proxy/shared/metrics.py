@@ -1,8 +1,8 @@
 """The shared package's metrics, declared against the injected registry (prometheus client's
 ``registry=`` idiom): whether the shared backend answers, Redis round trips and their
 latency, records that failed their checks, pub/sub listeners and epochs, and how a gap in
-the invalidations heard was recovered. :func:`proxy.edge.services.build` makes one
-:class:`SharedMetrics` on the proxy's registry and hands it to
+the invalidations heard was recovered. One :class:`SharedMetrics` is made with every other
+package's group (:class:`proxy.edge.metrics.PackageMetrics`) and handed to
 :func:`proxy.shared.open_backend`; the conventions are :mod:`proxy.metrics`'s.
 """
 

@@ -99,7 +99,6 @@ _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSE
 
 class RedisBackend:
     kind = "redis"
-    shared = True
     # Bytes a cache record may hold on top of the body: envelope, entry header.
     OVERHEAD = 1024 * 1024
 

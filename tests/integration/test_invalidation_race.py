@@ -48,9 +48,9 @@ async def test_a_lookup_during_the_redis_drop_does_not_keep_the_old_copy(
     store = proxy.app[SERVICES].store
     assert store is not None
     [key] = [k for k in store.hot.items if path in k]
-    shared = cache.invalidator.shared
-    assert shared is not None and cache.entries.hot(key) is not None
-    drop = shared.drop
+    records = cache.invalidator.records
+    assert records is not None and cache.entries.hot(key) is not None
+    drop = records.drop
 
     async def read_then_drop(*args: Any) -> None:
         # A caller's lookup lands after the local drop, before Redis' (as under load).
@@ -58,7 +58,7 @@ async def test_a_lookup_during_the_redis_drop_does_not_keep_the_old_copy(
         await cache.entries.lookup("main", key)
         await drop(*args)
 
-    shared.drop = read_then_drop  # type: ignore[method-assign]
+    records.drop = read_then_drop  # type: ignore[method-assign]
     await cache.invalidator.apply(Invalidation("main", frozenset({path.removesuffix(".json")})))
     assert cache.entries.hot(key) is None, "the old copy came back from Redis and stays"
     assert await cache.entries.lookup("main", key) is None

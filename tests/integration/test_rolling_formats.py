@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from proxy.auth.shared_tokens import SharedTokenStore, TokenStoreError
 from proxy.auth.token_file import StoredToken
 from proxy.cache.policy import Entry
-from proxy.cache.shared import decode, digest, encode
+from proxy.cache.redis_records import decode, digest, encode
 from proxy.cache.store import Stored
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
-from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
+from proxy.cache.redis_records import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
 from proxy.edge.services import SERVICES
 from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend

@@ -1,7 +1,6 @@
 """The webhooks package's metrics (:mod:`proxy.cache.webhooks`), declared against the
-injected registry: :func:`proxy.edge.services.build` makes one :class:`WebhookMetrics` (as
-part of :class:`proxy.edge.metrics.PackageMetrics`) and hands it to the receiver and the
-verifier."""
+injected registry: one :class:`WebhookMetrics` is made with every other package's group
+(:class:`proxy.edge.metrics.PackageMetrics`) and handed to the receiver and the verifier."""
 
 from __future__ import annotations
 

@@ -260,7 +260,7 @@ def ttl_for(entry: Entry, now: float, stale_if_error: float) -> float:
     return max(MIN_TTL, left + max(stale, stale_if_error) + TTL_MARGIN)
 
 
-class SharedEntries:
+class RedisRecords:
     """The cache layer's view of the shared store: never raises for Redis' sake."""
 
     def __init__(
