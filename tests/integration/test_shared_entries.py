@@ -564,7 +564,7 @@ async def test_invalidations_replayed_by_several_callers_at_once_are_each_replay
     raised on an emptied list and killed the retry task)."""
     (a,) = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 1)
     entries = a.app[SERVICES].cache.entries
-    shared = entries.shared  # type: ignore[attr-defined]
+    shared = entries.records  # type: ignore[attr-defined]
     told: list[str] = []
 
     def resend(name: str) -> Any:
