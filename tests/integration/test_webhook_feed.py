@@ -33,8 +33,9 @@ async def quick(
     make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Hooked]:
     monkeypatch.setattr(verifier, "TICK", 0.05)
-    monkeypatch.setattr(verifier, "DELIVERY_GRACE", 0.5)
-    async for h in start_hooked(make_proxy, tmp_path, verify_every=0.1, distrust_for=600):
+    async for h in start_hooked(
+        make_proxy, tmp_path, verify_every=0.1, distrust_for=600, delivery_grace=0.5
+    ):
         yield h
 
 

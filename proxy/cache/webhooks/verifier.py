@@ -5,8 +5,8 @@ budget has room to spare (no request waiting and at least 2 tokens at hand, so a
 request is never delayed), it revalidates one recently read webhook-fresh entry with
 Kounta (``If-None-Match`` through the layers below the cache, as caller
 ``webhook-verifier``, so no cache tier answers for Kounta). When Kounta says the entry
-changed and no delivery covering it arrives within :data:`DELIVERY_GRACE` seconds of the
-check, a delivery was missed: the entry is invalidated on every replica, the feed is
+changed and no delivery covering it arrives within ``webhooks.delivery_grace`` seconds of
+the check, a delivery was missed: the entry is invalidated on every replica, the feed is
 distrusted for ``webhooks.distrust_for`` (in Redis too, so every replica distrusts it),
 counted (``kounta_proxy_webhook_missed_total``) and logged once.
 
@@ -36,8 +36,6 @@ from proxy.metrics_webhooks import WebhookMetrics
 from proxy.settings import Settings
 from proxy.shared.base import SharedUnavailable
 
-# How long a delivery may lag behind the change the verifier saw before it counts as missed.
-DELIVERY_GRACE = 10.0
 TICK = 1.0  # seconds between looks at the shared distrust marks
 CALLER = "webhook-verifier"
 VERIFY_TIMEOUT = 30.0
@@ -153,8 +151,9 @@ class Verifier:
         if response.status != 200 or response.headers.get("ETag") == etag:
             return "unchanged"  # 304 (or an answer that says nothing)
         path = stored.entry.path
-        await asyncio.sleep(DELIVERY_GRACE)
-        if self.feeds.announced_since(account, started - DELIVERY_GRACE, path):
+        grace = self.current().webhooks.delivery_grace
+        await asyncio.sleep(grace)
+        if self.feeds.announced_since(account, started - grace, path):
             return "changed"
         # Missed: the stale entry goes everywhere at once, then the feed is distrusted.
         await self.cache.invalidator.apply(Invalidation(account, frozenset({normalise_path(path)})))
