@@ -371,11 +371,11 @@ async def build_cache(
     return cache
 
 
-def spare_budget(budget: Budget, account: str) -> bool:
-    """Room for a request nobody waits for: none waiting for the account, 2 tokens at hand
-    (until budget priorities add classes)."""
+async def spare_budget(budget: Budget, account: str) -> bool:
+    """Room for a request nobody waits for: none waiting for the account (fleet-wide on
+    Redis), 2 tokens at hand (the shared bucket's on Redis)."""
     bucket = budget.account(account)
-    return bucket.waiting == 0 and bucket.available() >= 2
+    return bucket.waiting == 0 and await bucket.gate.spare(bucket.clock.now(), 2.0)
 
 
 def store_problem(store: CacheStore) -> Check:

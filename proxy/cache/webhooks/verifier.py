@@ -1,10 +1,10 @@
 """The verifier: does the account's feed still tell every change?
 
 Every ``webhooks.verify_every`` seconds, for each account whose feed is trusted and whose
-budget has room to spare (no request waiting and at least 2 tokens at hand, so a caller's
-request is never delayed), it revalidates one recently read webhook-fresh entry with
-Kounta (``If-None-Match`` through the layers below the cache, as caller
-``webhook-verifier``, so no cache tier answers for Kounta). When Kounta says the entry
+budget has room to spare (no request waiting and at least 2 tokens at hand, fleet-wide on
+Redis, so a caller's request is never delayed), it revalidates one recently read
+webhook-fresh entry with Kounta (``If-None-Match`` through the layers below the cache, as
+caller ``webhook-verifier``, so no cache tier answers for Kounta). When Kounta says the entry
 changed and no delivery covering it arrives within ``webhooks.delivery_grace`` seconds of
 the check, a delivery was missed: the entry is invalidated on every replica, the feed is
 distrusted for ``webhooks.distrust_for`` (in Redis too, so every replica distrusts it),
@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -52,7 +52,7 @@ class Verifier:
         self,
         cache: Cache,
         current: Callable[[], Settings],
-        spare: Callable[[str], bool],
+        spare: Callable[[str], Awaitable[bool]],
         metrics: WebhookMetrics,
         shared: Distrust | None = None,
         inner: Layer | None = None,
@@ -85,7 +85,7 @@ class Verifier:
                               error=type(e).__name__)  # fmt: skip
                 check = settings.webhooks.check_every
                 due = now - self.last_check.get(account, -check) >= check
-                if check > 0 and due and settings.webhooks.address and self.spare(account):
+                if check > 0 and due and settings.webhooks.address and await self.spare(account):
                     self.last_check[account] = now
                     await self.check(account)
 
@@ -122,7 +122,7 @@ class Verifier:
         return result
 
     async def _verify(self, account: str) -> str:
-        if not self.feeds.healthy(account) or not self.spare(account):
+        if not self.feeds.healthy(account) or not await self.spare(account):
             return "skipped"
         picked = self.feeds.pick(account)
         if picked is None:
