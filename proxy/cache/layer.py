@@ -93,6 +93,9 @@ class Cache:
         self.origin = str(settings.upstream.url.origin())
         self.metrics = metrics
         self.clock = clock
+        # Told of each read of a webhook rule's entry (the refetcher; set while services
+        # are built).
+        self.on_read: Callable[[str, ProxyRequest], None] | None = None
         self.answers = Answers(entries, self.flights, metrics, clock, self.config.stale_if_error)
         self.exchange = Exchange(inner, entries, self.flights, metrics, clock, self.rules, settings)
 
@@ -121,6 +124,8 @@ class Cache:
             response.cache_status = "BYPASS"
             return response
         key = self.key(request.account, request.path, request.query, request.headers)
+        if self.on_read is not None and _webhook_rule(request.path, self.rules()) is not None:
+            self.on_read(key, request)
         stored = await self.entries.lookup(request.account, key)
         if stored is not None:
             refuse_repeated_vary(stored.entry, headers)

@@ -39,6 +39,7 @@ from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.cache.webhooks.health import Feeds
 from proxy.cache.webhooks.receiver import Receiver
+from proxy.cache.webhooks.refetch import Refetcher
 from proxy.cache.webhooks.verifier import Verifier
 from proxy.client import create_session
 from proxy.clock import WallClock
@@ -280,6 +281,10 @@ async def _build(
         )  # fmt: skip
         verifying = asyncio.ensure_future(verifier.run())
         stack.push_async_callback(_cancel, verifying)
+        if settings.webhooks.refetch:
+            refetcher = start_refetch(settings, live, cache, budget, metrics)
+            refetching = asyncio.ensure_future(refetcher.run())
+            stack.push_async_callback(_cancel, refetching)
     # The providers of the live snapshot at close (a reload may have replaced them).
     stack.push_async_callback(_stop_providers, live)
     for provider in providers.values():
@@ -318,6 +323,19 @@ def webhook_receiver(
         gauge.set_function(functools.partial(feeds.health_value, name))
     marks = shared if isinstance(shared, RedisBackend) else None
     return Receiver(live.running(settings), cache.invalidator, feeds, metrics.webhooks, marks)
+
+
+def start_refetch(
+    settings: Settings, live: LiveRef, cache: Cache, budget: Budget, metrics: Metrics
+) -> Refetcher:
+    """The refetcher, told of the cache's webhook-rule reads and applied changes; its
+    refetches go through the cache layer (docs/webhooks.md, Refetch)."""
+    spare = functools.partial(spare_budget, budget)
+    refetcher = Refetcher(live.running(settings), spare, metrics.webhooks)
+    refetcher.layer = cache
+    cache.on_read = refetcher.read
+    cache.invalidator.watchers.append(refetcher.changed)
+    return refetcher
 
 
 async def build_cache(

@@ -142,6 +142,7 @@ class Verifier:
             method="GET",
             headers=CIMultiDictProxy(headers),
             caller=CALLER,
+            priority="batch",
             request_id=f"verify-{uuid.uuid4().hex[:12]}",
             deadline=asyncio.get_running_loop().time() + VERIFY_TIMEOUT,
         )

@@ -1,0 +1,145 @@
+"""Refetch (webhooks.refetch, proxy.cache.webhooks.refetch): an entry a caller read is
+fetched again in the background once a delivery dropped it, so the next reader gets a HIT
+with the new body; never storing what a newer delivery invalidated meanwhile. Real proxy,
+real disk cache, the sandbox delivering (or a counting upstream held mid-answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from proxy.edge.services import SERVICES
+from proxy.listener import bound_port
+from proxy.ops.lifecycle import start_webhooks
+from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
+from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
+from tests.integration.test_webhooks import PRODUCTS, SECRET, Upstream, hooked_settings
+
+
+async def get(url: str) -> tuple[str, dict[str, object]]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, await r.text()
+        return r.headers["X-Cache"], json.loads(await r.read())
+
+
+def refetched(proxy: Proxy, outcome: str) -> float:
+    labels = {"account": "main", "outcome": outcome}
+    return proxy.registry.get_sample_value("kounta_proxy_webhook_refetches_total", labels) or 0.0
+
+
+async def until(check: object, what: str, seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_change_at_a_till_is_refetched_once_and_the_next_read_is_a_hit(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+    hooks = WebhookSettings(
+        enabled=True, port=0, secret=Secret(SECRET), verify_every=0, refetch=True,
+        refetch_window=60,
+    )  # fmt: skip
+    settings = proxy_settings(
+        sandbox.url, tmp_path, cache=CacheSettings(rules=(rule,)), webhooks=hooks
+    )
+    proxy = await make_proxy(settings)
+    listener = await start_webhooks(proxy.app[SERVICES])
+    assert listener is not None
+    try:
+        address = f"http://127.0.0.1:{bound_port(listener)}/webhooks/kounta/main"
+        body = {"topic": "products/updated", "address": address,
+                "headers": {"Authorization": f"Bearer {SECRET}"}}  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{sandbox.url}/v1/companies/5001/webhooks", json=body,
+                   headers={"Authorization": f"Bearer {TOKEN}"}) as r,
+        ):  # fmt: skip
+            assert r.status == 201
+        read_id, unread_id = sandbox.state.store["products"].ids[:2]
+        path = f"/v1/companies/5001/products/{read_id}.json"
+        cache, old = await get(proxy.url + path)
+        assert cache == "MISS"
+        served = sandbox.state.served(path=path)
+        # Changed at a till (the proxy never sees it): an unread product, then the read one.
+        for product in (unread_id, read_id):
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(f"{sandbox.url}/_sandbox/touch", json={"kind": "products", "id": product})
+                as r,
+            ):  # fmt: skip
+                assert r.status == 204
+        await until(lambda: refetched(proxy, "fetched") >= 1, "no refetch")
+        cache, new = await get(proxy.url + path)
+        assert cache == "HIT"
+        assert new["updated_at"] != old["updated_at"]
+        assert new == sandbox.state.store["products"].records[read_id]
+        # The refetch was the one upstream request; the unread product was not refetched.
+        assert sandbox.state.served(path=path) == served + 1
+        await asyncio.sleep(0.2)
+        assert refetched(proxy, "fetched") == 1
+        assert sandbox.state.served(path=f"/v1/companies/5001/products/{unread_id}.json") == 0
+    finally:
+        await listener.cleanup()
+
+
+class Held(Upstream):
+    """Answers with the version at the request's arrival, but only once ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.go.set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        path = request.path.removesuffix(".json")
+        self.hits[path] += 1
+        body = {"path": path, "version": self.version[path]}
+        await self.go.wait()
+        return web.json_response(body, headers={"ETag": f'"{body["version"]}"'})
+
+
+async def test_a_refetch_overtaken_by_a_newer_delivery_stores_nothing_old(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    upstream = Held()
+    runner, url = await serve_handler(upstream.handle)
+    settings = hooked_settings(url, tmp_path, verify_every=0, refetch=True, refetch_window=60)
+    proxy = await make_proxy(settings)
+    listener = await start_webhooks(proxy.app[SERVICES])
+    assert listener is not None
+    hook = f"http://127.0.0.1:{bound_port(listener)}/webhooks/kounta/main"
+
+    async def deliver() -> None:
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        body = {"topic": "products/updated", "id": 12}
+        async with aiohttp.ClientSession() as s, s.post(hook, json=body, headers=headers) as r:
+            assert r.status == 200
+
+    try:
+        target = f"{proxy.url}{PRODUCTS}/12"
+        assert (await get(target))[1]["version"] == 0
+        upstream.version[f"{PRODUCTS}/12"] = 1
+        upstream.go.clear()  # Kounta answers the refetch with version 1, slowly
+        await deliver()
+        await until(lambda: upstream.hits[f"{PRODUCTS}/12"] == 2, "the refetch did not start")
+        upstream.version[f"{PRODUCTS}/12"] = 2  # a newer change, delivered meanwhile
+        await deliver()
+        upstream.go.set()
+        # Version 1 is not stored (the newer delivery covered its fetch); the key is
+        # refetched once more and version 2 is what the next reader gets.
+        done = lambda: refetched(proxy, "fetched") + refetched(proxy, "hit")  # noqa: E731
+        await until(lambda: done() >= 2, "no second refetch")
+        cache, record = await get(target)
+        assert (cache, record["version"]) == ("HIT", 2)
+        assert refetched(proxy, "fetched") == 2
+        assert upstream.hits[f"{PRODUCTS}/12"] == 3
+    finally:
+        await listener.cleanup()
+        await runner.cleanup()
