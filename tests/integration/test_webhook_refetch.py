@@ -11,19 +11,42 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy.edge.services import SERVICES
 from proxy.listener import bound_port
 from proxy.ops.lifecycle import start_webhooks
-from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
+from proxy.settings import CacheRule, CacheSettings, Secret, SharedSettings, WebhookSettings
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
 from tests.integration.test_webhooks import PRODUCTS, SECRET, Upstream, hooked_settings
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 
 async def get(url: str) -> tuple[str, dict[str, object]]:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         assert r.status == 200, await r.text()
         return r.headers["X-Cache"], json.loads(await r.read())
+
+
+async def register(sandbox: Sandbox, listener: web.AppRunner) -> None:
+    address = f"http://127.0.0.1:{bound_port(listener)}/webhooks/kounta/main"
+    body = {"topic": "products/updated", "address": address,
+            "headers": {"Authorization": f"Bearer {SECRET}"}}  # fmt: skip
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{sandbox.url}/v1/companies/5001/webhooks", json=body,
+               headers={"Authorization": f"Bearer {TOKEN}"}) as r,
+    ):  # fmt: skip
+        assert r.status == 201
+
+
+async def touch(sandbox: Sandbox, product: object) -> None:
+    """A change at a till: the proxies never see it; Kounta (the sandbox) delivers it."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{sandbox.url}/_sandbox/touch", json={"kind": "products", "id": product}) as r,
+    ):
+        assert r.status == 204
 
 
 def refetched(proxy: Proxy, outcome: str) -> float:
@@ -53,15 +76,7 @@ async def test_a_change_at_a_till_is_refetched_once_and_the_next_read_is_a_hit(
     listener = await start_webhooks(proxy.app[SERVICES])
     assert listener is not None
     try:
-        address = f"http://127.0.0.1:{bound_port(listener)}/webhooks/kounta/main"
-        body = {"topic": "products/updated", "address": address,
-                "headers": {"Authorization": f"Bearer {SECRET}"}}  # fmt: skip
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(f"{sandbox.url}/v1/companies/5001/webhooks", json=body,
-                   headers={"Authorization": f"Bearer {TOKEN}"}) as r,
-        ):  # fmt: skip
-            assert r.status == 201
+        await register(sandbox, listener)
         read_id, unread_id = sandbox.state.store["products"].ids[:2]
         path = f"/v1/companies/5001/products/{read_id}.json"
         cache, old = await get(proxy.url + path)
@@ -69,12 +84,7 @@ async def test_a_change_at_a_till_is_refetched_once_and_the_next_read_is_a_hit(
         served = sandbox.state.served(path=path)
         # Changed at a till (the proxy never sees it): an unread product, then the read one.
         for product in (unread_id, read_id):
-            async with (
-                aiohttp.ClientSession() as s,
-                s.post(f"{sandbox.url}/_sandbox/touch", json={"kind": "products", "id": product})
-                as r,
-            ):  # fmt: skip
-                assert r.status == 204
+            await touch(sandbox, product)
         await until(lambda: refetched(proxy, "fetched") >= 1, "no refetch")
         cache, new = await get(proxy.url + path)
         assert cache == "HIT"
@@ -143,3 +153,50 @@ async def test_a_refetch_overtaken_by_a_newer_delivery_stores_nothing_old(
     finally:
         await listener.cleanup()
         await runner.cleanup()
+
+
+async def test_two_replicas_on_redis_refetch_with_one_upstream_request(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Deliveries to replica a only; both replicas' callers read the product. Both refetch
+    (b hears of the change by broadcast), and the shared fetch lock makes it one request."""
+    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+    proxies: list[Proxy] = []
+    for name in ("a", "b"):
+        shared = SharedSettings(
+            backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3,
+            token_key=Secret(TOKEN_KEY),
+        )  # fmt: skip
+        hooks = WebhookSettings(
+            enabled=True, port=0, secret=Secret(SECRET), verify_every=0, refetch=True
+        )
+        settings = proxy_settings(
+            sandbox.url, tmp_path / name, cache=CacheSettings(rules=(rule,)), shared=shared,
+            webhooks=hooks,
+        )  # fmt: skip
+        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
+    a, b = proxies
+    listener = await start_webhooks(a.app[SERVICES])
+    assert listener is not None
+    try:
+        await register(sandbox, listener)
+        product = sandbox.state.store["products"].ids[0]
+        path = f"/v1/companies/5001/products/{product}.json"
+        await asyncio.sleep(0.2)  # both replicas subscribed
+        _, old = await get(a.url + path)
+        await get(b.url + path)  # b's caller reads it too (from Redis, or a fetch of its own)
+        served = sandbox.state.served(path=path)
+        await touch(sandbox, product)
+        done = lambda p: refetched(p, "fetched") + refetched(p, "hit")  # noqa: E731
+        await until(lambda: done(a) >= 1 and done(b) >= 1, "both replicas refetch")
+        for proxy in (a, b):
+            cache, new = await get(proxy.url + path)
+            assert cache == "HIT" and new["updated_at"] != old["updated_at"]
+        assert sandbox.state.served(path=path) == served + 1
+        assert refetched(a, "fetched") + refetched(b, "fetched") == 1
+    finally:
+        await listener.cleanup()

@@ -54,7 +54,7 @@ class FakeCache:
         self.sent.append(request)
         self.arrived.put_nowait(request)
         await self.gate.wait()
-        return ProxyResponse(200, CIMultiDictProxy(CIMultiDict()), b"{}", cache_status="MISS")
+        return ProxyResponse(200, CIMultiDict(), b"{}", cache_status="MISS", upstream_status=200)
 
 
 def refetcher(enabled: bool = True) -> tuple[Refetcher, FakeCache, WebhookMetrics]:
@@ -120,3 +120,12 @@ def test_off_by_default_nothing_is_remembered_or_queued() -> None:
     r.read("k1", request(f"{P}/1"))
     r.changed(Purge(account="main"))
     assert not r.reads.at and not r.pending
+
+
+def test_a_purge_of_everything_is_not_refilled() -> None:
+    r, _, _ = refetcher()
+    r.read("k1", request(f"{P}/1"))
+    r.changed(Purge())
+    assert not r.pending
+    r.changed(Purge(account="main"))  # a delivery of an unknown family: the account
+    assert list(r.pending) == ["k1"]

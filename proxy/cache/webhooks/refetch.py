@@ -5,8 +5,8 @@ background after a change dropped it, so the next reader gets a HIT instead of a
   read (cache key -> when, and the request), at most :data:`READS`, and answers which of
   them a change covers among those read within ``webhooks.refetch_window`` seconds.
 - :class:`Refetcher` hears every change the cache's invalidator applies in this process
-  (a delivery received here, or told by another replica, a write through the proxy) and
-  queues the covered keys: coalesced per key (a key queued once however many changes
+  (a delivery received here, or told by another replica, a write through the proxy; not a
+  purge of every account) and queues the covered keys: coalesced per key (a key queued once however many changes
   cover it; one covered again while its refetch runs is fetched once more afterwards,
   since what was fetched may predate the newer change), at most :data:`QUEUE` waiting
   (more are dropped and counted). One worker sends them, one at a time and only with
@@ -17,8 +17,8 @@ background after a change dropped it, so the next reader gets a HIT instead of a
   its invalidation guard stores nothing a newer change covered meanwhile.
 
 Counted apart from callers' requests: ``kounta_proxy_webhook_refetches_total{account,outcome}``
-(``fetched``: Kounta was asked; ``hit``: already stored again, nothing sent; ``failed``;
-``dropped``: the queue was full).
+(``fetched``: Kounta was asked; ``hit``: already stored again, here or by another replica
+in Redis, nothing sent; ``failed``; ``dropped``: the queue was full).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cache.invalidation import Change
+from proxy.cache.invalidation import Change, Purge
 from proxy.cache.policy import CALLER_CONDITIONALS
 from proxy.errors import ProxyError
 from proxy.logs import event
@@ -104,8 +104,8 @@ class Refetcher:
     def changed(self, change: Change) -> None:
         """The invalidator applied ``change`` here: queue the recent reads it covers."""
         hooks = self.current().webhooks
-        if not hooks.refetch:
-            return
+        if not hooks.refetch or (isinstance(change, Purge) and change.account is None):
+            return  # off, or an operator's purge of everything (or a gap): not refilled
         for key, request in self.reads.covered(change, self.now(), hooks.refetch_window):
             self.enqueue(key, request)
 
@@ -174,7 +174,8 @@ class Refetcher:
             response = await self.layer.send(request)
             await response.read()
             if response.status < 400:
-                outcome = "hit" if response.cache_status == "HIT" else "fetched"
+                # Answered without asking Kounta: a hit, or another replica's fetch in Redis.
+                outcome = "hit" if response.upstream_status is None else "fetched"
         except Exception as e:  # the worker goes on whatever happened to one refetch
             level = logging.INFO if isinstance(e, ProxyError) else logging.WARNING
             event("webhook_refetch_failed", level, account=read.account, error=type(e).__name__)
