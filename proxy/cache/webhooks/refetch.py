@@ -6,9 +6,9 @@ background after a change dropped it, so the next reader gets a HIT instead of a
   them a change covers among those read within ``webhooks.refetch_window`` seconds.
 - :class:`Refetcher` hears every change the cache's invalidator applies in this process
   (a delivery received here, or told by another replica, a write through the proxy; not a
-  purge of every account) and queues the covered keys: coalesced per key (a key queued once however many changes
-  cover it; one covered again while its refetch runs is fetched once more afterwards,
-  since what was fetched may predate the newer change), at most :data:`QUEUE` waiting
+  purge of every account) and queues the covered keys: coalesced per key (a key queued
+  once however many changes cover it; one covered again while its refetch runs is fetched
+  once more afterwards, since what was fetched may predate the newer change), at most :data:`QUEUE` waiting
   (more are dropped and counted). One worker sends them, one at a time and only with
   spare budget (no request waiting for the account, fleet-wide on Redis, and at least 2
   tokens at hand, so a caller's request is never delayed), through the cache layer as
