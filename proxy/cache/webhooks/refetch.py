@@ -8,8 +8,8 @@ background after a change dropped it, so the next reader gets a HIT instead of a
   (a delivery received here, or told by another replica, a write through the proxy; not a
   purge of every account) and queues the covered keys: coalesced per key (a key queued
   once however many changes cover it; one covered again while its refetch runs is fetched
-  once more afterwards, since what was fetched may predate the newer change), at most :data:`QUEUE` waiting
-  (more are dropped and counted). One worker sends them, one at a time and only with
+  once more afterwards, since what was fetched may predate the newer change), at most
+  :data:`QUEUE` waiting (more are dropped and counted). One worker sends them, one at a time and only with
   spare budget (no request waiting for the account, fleet-wide on Redis, and at least 2
   tokens at hand, so a caller's request is never delayed), through the cache layer as
   caller ``webhook-refetch`` at batch priority: the cache's single flight per key (across
