@@ -4,17 +4,17 @@ background after a change dropped it, so the next reader gets a HIT instead of a
 - :class:`Reads` (pure, the clock passed in) remembers the webhook-rule entries callers
   read (cache key -> when, and the request), at most :data:`READS`, and answers which of
   them a change covers among those read within ``webhooks.refetch_window`` seconds.
-- :class:`Refetcher` hears every change the cache's invalidator applies in this process
-  (a delivery received here, or told by another replica, a write through the proxy; not a
-  purge of every account) and queues the covered keys: coalesced per key (a key queued
-  once however many changes cover it; one covered again while its refetch runs is fetched
-  once more afterwards, since what was fetched may predate the newer change), at most
-  :data:`QUEUE` waiting (more are dropped and counted). One worker sends them, one at a time and only with
-  spare budget (no request waiting for the account, fleet-wide on Redis, and at least 2
-  tokens at hand, so a caller's request is never delayed), through the cache layer as
-  caller ``webhook-refetch`` at batch priority: the cache's single flight per key (across
-  replicas on Redis) makes one upstream request of it however many replicas refetch, and
-  its invalidation guard stores nothing a newer change covered meanwhile.
+- :class:`Refetcher` hears every change the cache's invalidator applies in this process (a
+  delivery received here, or told by another replica, a write through the proxy; not a purge
+  of every account) and queues the covered keys: coalesced per key (a key queued once
+  however many changes cover it; one covered again while its refetch runs is fetched once
+  more afterwards, since what was fetched may predate the newer change), at most
+  :data:`QUEUE` waiting (more are dropped and counted). One worker sends them, one at a time
+  and only with spare budget (no request waiting for the account, fleet-wide on Redis, and
+  at least 2 tokens at hand, so a caller's request is never delayed), through the cache
+  layer as caller ``webhook-refetch`` at batch priority: the cache's single flight per key
+  (across replicas on Redis) makes one upstream request of it however many replicas refetch,
+  and its invalidation guard stores nothing a newer change covered meanwhile.
 
 Counted apart from callers' requests: ``kounta_proxy_webhook_refetches_total{account,outcome}``
 (``fetched``: Kounta was asked; ``hit``: already stored again, here or by another replica
