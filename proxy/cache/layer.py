@@ -146,6 +146,14 @@ class Cache:
         capped = replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
         return replace(stored, entry=capped), "webhooks-fallback"
 
+    def _fallback(self, account: str, path: str) -> float | None:
+        """A webhook rule's ``fallback_fresh_for`` while the account's feed is distrusted
+        (another replica's copy in Redis is fresh for no longer), else None."""
+        rule = _webhook_rule(path, self.rules())
+        if rule is None or self.feeds.healthy(account):
+            return None
+        return rule.fallback_fresh_for
+
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
     ) -> ProxyResponse:
@@ -295,9 +303,11 @@ class Cache:
         alone: bool = False,
         unwanted: bool = False,
     ) -> Flight:
+        cap = self._fallback(request.account, request.path)
+
         async def fly(flight: Flight) -> Outcome:
             fetch = functools.partial(self.exchange.run, flight, stale)
-            return await self.entries.obtain(flight, fetch)
+            return await self.entries.obtain(flight, fetch, cap)
 
         return self.flights.start(
             key,

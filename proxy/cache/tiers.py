@@ -13,6 +13,7 @@ let go of the lock) and *apply* a change here (flights cancelled, memory tier an
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from typing import Protocol
 
 from proxy.cache.disk import BodySink
@@ -41,8 +42,9 @@ class Entries(Protocol):
 
     async def lookup(self, account: str, key: str) -> Stored | None: ...
 
-    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
-        """The flight's outcome: ``fetch()``, or what another replica fetched."""
+    async def obtain(self, flight: Flight, fetch: Fetch, cap: float | None = None) -> Outcome:
+        """The flight's outcome: ``fetch()``, or what another replica fetched (fresh with
+        its ``fresh_for`` cut to ``cap`` when given: a webhook rule's fallback)."""
         ...
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
@@ -92,7 +94,7 @@ class LocalEntries:
     async def lookup(self, account: str, key: str) -> Stored | None:
         return await self.store.get(key)
 
-    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+    async def obtain(self, flight: Flight, fetch: Fetch, cap: float | None = None) -> Outcome:
         return await fetch()
 
     def stale(self, flight: Flight, entry: Entry) -> bool:
@@ -187,7 +189,7 @@ class RedisEntries(LocalEntries):
         self.store.promote(key, found)
         return found
 
-    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+    async def obtain(self, flight: Flight, fetch: Fetch, cap: float | None = None) -> Outcome:
         """Take the key's fetch lock in Redis, or wait for the replica that holds it to
         store the entry and answer from that; else (Redis away, the owner stored nothing,
         or it took longer than ``cache.coalesce_wait``) fetch here."""
@@ -200,7 +202,7 @@ class RedisEntries(LocalEntries):
             found = await self.shared.wait(account, flight.key, self.coalesce_wait)
         else:  # the lock's last owner may have stored it since this flight's lookup
             found = await self.shared.found(account, flight.key, claim.data)
-        if found is None or not self._usable(flight, found):
+        if found is None or not self._usable(flight, found, cap):
             return await fetch()
         self.store.promote(flight.key, found)
         entry = found.entry
@@ -214,11 +216,14 @@ class RedisEntries(LocalEntries):
             reason="other_replica",
         )
 
-    def _usable(self, flight: Flight, found: Stored) -> bool:
+    def _usable(self, flight: Flight, found: Stored, cap: float | None = None) -> bool:
         """Whether another replica's entry answers this flight's request as a fresh hit, by
         the same rule as a local one (:func:`~proxy.cache.policy.lookup`): never for a request
-        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1)."""
+        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1), and with its
+        ``fresh_for`` cut to ``cap`` (a webhook rule's fallback while the feed is distrusted)."""
         entry = found.entry
+        if cap is not None:
+            entry = replace(entry, fresh_for=min(entry.fresh_for, cap))
         if self.stale(flight, entry):
             return False
         headers = flight.request.headers

@@ -200,3 +200,40 @@ async def test_two_replicas_on_redis_refetch_with_one_upstream_request(
         assert refetched(a, "fetched") + refetched(b, "fetched") == 1
     finally:
         await listener.cleanup()
+
+
+async def test_a_distrusted_feed_revalidates_through_another_replicas_redis_copy(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """fallback_fresh_for = 0 while the feed is distrusted: a replica that finds another's
+    copy in Redis asks Kounta too, rather than answering it as fresh by its fresh_for."""
+    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+    proxies: list[Proxy] = []
+    for name in ("a", "b"):
+        shared = SharedSettings(
+            backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3,
+            token_key=Secret(TOKEN_KEY),
+        )  # fmt: skip
+        hooks = WebhookSettings(enabled=True, port=0, secret=Secret(SECRET), verify_every=0)
+        settings = proxy_settings(
+            sandbox.url, tmp_path / name, cache=CacheSettings(rules=(rule,)), shared=shared,
+            webhooks=hooks,
+        )  # fmt: skip
+        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
+    a, b = proxies
+    for proxy in proxies:  # a missed change was seen: the fallback applies everywhere
+        services = proxy.app[SERVICES]
+        assert services.cache is not None
+        services.cache.feeds.distrust("main", 600)
+    product = sandbox.state.store["products"].ids[0]
+    path = f"/v1/companies/5001/products/{product}.json"
+    _, old = await get(a.url + path)  # stored in Redis by a
+    await touch(sandbox, product)  # no webhook registered: no delivery
+    served = sandbox.state.served(path=path)
+    _, new = await get(b.url + path)
+    assert new["updated_at"] != old["updated_at"]
+    assert sandbox.state.served(path=path) == served + 1
