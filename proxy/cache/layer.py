@@ -29,6 +29,7 @@ from proxy.cache.policy import (
     ERROR_STATUSES,
     SELECTING,
     UNSAFE_METHODS,
+    Entry,
     FreshHit,
     HeaderItems,
     Headers,
@@ -132,27 +133,29 @@ class Cache:
         return await self._decide(request, control, key, stored)
 
     def _webhook_fresh(self, account: str, stored: Stored | None) -> tuple[Stored | None, str]:
-        """A webhook rule's entry, its freshness capped to ``fallback_fresh_for`` while the
-        account's feed is distrusted, and the Cache-Status detail saying which ("": no
-        webhook rule)."""
+        """A webhook rule's entry as :meth:`_held` holds it, and the Cache-Status detail
+        saying which ("": no webhook rule)."""
         if stored is None:
             return None, ""
-        rule = _webhook_rule(stored.entry.path, self.rules())
-        if rule is None:
+        if _webhook_rule(stored.entry.path, self.rules()) is None:
             return stored, ""
-        if self.feeds.healthy(account):
+        held = self._held(account, stored.entry)
+        if held is stored.entry:
             return stored, "webhooks"
-        entry = stored.entry
-        capped = replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
-        return replace(stored, entry=capped), "webhooks-fallback"
+        return replace(stored, entry=held), "webhooks-fallback"
 
-    def _fallback(self, account: str, path: str) -> float | None:
-        """A webhook rule's ``fallback_fresh_for`` while the account's feed is distrusted
-        (another replica's copy in Redis is fresh for no longer), else None."""
-        rule = _webhook_rule(path, self.rules())
-        if rule is None or self.feeds.healthy(account):
-            return None
-        return rule.fallback_fresh_for
+    def _held(self, account: str, entry: Entry) -> Entry:
+        """A webhook rule's entry keeps its ``fresh_for`` while the account's feed is
+        healthy and was trusted when the entry was stored; otherwise (distrusted now, or
+        stored before a distrust ended: a lost delivery may have left it stale) it is fresh
+        for ``fallback_fresh_for`` at most. Entries of other rules: unchanged."""
+        rule = _webhook_rule(entry.path, self.rules())
+        if rule is None:
+            return entry
+        healthy = self.feeds.healthy(account)
+        if healthy and entry.response_time >= self.feeds.trusted_since(account):
+            return entry
+        return replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
 
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
@@ -303,11 +306,12 @@ class Cache:
         alone: bool = False,
         unwanted: bool = False,
     ) -> Flight:
-        cap = self._fallback(request.account, request.path)
+        # Another replica's copy (Redis) is held to the same webhook rule as a local one.
+        hold = functools.partial(self._held, request.account)
 
         async def fly(flight: Flight) -> Outcome:
             fetch = functools.partial(self.exchange.run, flight, stale)
-            return await self.entries.obtain(flight, fetch, cap)
+            return await self.entries.obtain(flight, fetch, hold)
 
         return self.flights.start(
             key,

@@ -13,7 +13,6 @@ let go of the lock) and *apply* a change here (flights cancelled, memory tier an
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import replace
 from typing import Protocol
 
 from proxy.cache.disk import BodySink
@@ -28,6 +27,8 @@ from proxy.clock import WallClock
 from proxy.metrics import Metrics
 
 Fetch = Callable[[], Awaitable[Outcome]]
+# An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
+Hold = Callable[[Entry], Entry]
 
 
 class Entries(Protocol):
@@ -42,9 +43,9 @@ class Entries(Protocol):
 
     async def lookup(self, account: str, key: str) -> Stored | None: ...
 
-    async def obtain(self, flight: Flight, fetch: Fetch, cap: float | None = None) -> Outcome:
-        """The flight's outcome: ``fetch()``, or what another replica fetched (fresh with
-        its ``fresh_for`` cut to ``cap`` when given: a webhook rule's fallback)."""
+    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
+        """The flight's outcome: ``fetch()``, or what another replica fetched (its entry as
+        ``hold`` holds it, when given: a webhook rule's fallback)."""
         ...
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
@@ -94,7 +95,7 @@ class LocalEntries:
     async def lookup(self, account: str, key: str) -> Stored | None:
         return await self.store.get(key)
 
-    async def obtain(self, flight: Flight, fetch: Fetch, cap: float | None = None) -> Outcome:
+    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
         return await fetch()
 
     def stale(self, flight: Flight, entry: Entry) -> bool:
@@ -189,7 +190,7 @@ class RedisEntries(LocalEntries):
         self.store.promote(key, found)
         return found
 
-    async def obtain(self, flight: Flight, fetch: Fetch, cap: float | None = None) -> Outcome:
+    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
         """Take the key's fetch lock in Redis, or wait for the replica that holds it to
         store the entry and answer from that; else (Redis away, the owner stored nothing,
         or it took longer than ``cache.coalesce_wait``) fetch here."""
@@ -202,7 +203,7 @@ class RedisEntries(LocalEntries):
             found = await self.shared.wait(account, flight.key, self.coalesce_wait)
         else:  # the lock's last owner may have stored it since this flight's lookup
             found = await self.shared.found(account, flight.key, claim.data)
-        if found is None or not self._usable(flight, found, cap):
+        if found is None or not self._usable(flight, found, hold):
             return await fetch()
         self.store.promote(flight.key, found)
         entry = found.entry
@@ -216,14 +217,12 @@ class RedisEntries(LocalEntries):
             reason="other_replica",
         )
 
-    def _usable(self, flight: Flight, found: Stored, cap: float | None = None) -> bool:
+    def _usable(self, flight: Flight, found: Stored, hold: Hold | None = None) -> bool:
         """Whether another replica's entry answers this flight's request as a fresh hit, by
         the same rule as a local one (:func:`~proxy.cache.policy.lookup`): never for a request
-        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1), and with its
-        ``fresh_for`` cut to ``cap`` (a webhook rule's fallback while the feed is distrusted)."""
-        entry = found.entry
-        if cap is not None:
-            entry = replace(entry, fresh_for=min(entry.fresh_for, cap))
+        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1), and as
+        ``hold`` holds it (a webhook rule's fallback while the feed is distrusted)."""
+        entry = found.entry if hold is None else hold(found.entry)
         if self.stale(flight, entry):
             return False
         headers = flight.request.headers
