@@ -49,6 +49,28 @@ async def touch(sandbox: Sandbox, product: object) -> None:
         assert r.status == 204
 
 
+async def replicas(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Path, url: str, prefix: str,
+    refetch: bool = False,
+) -> list[Proxy]:  # fmt: skip
+    """Two replicas on one redis-server with the products rule (webhooks = true)."""
+    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+    proxies: list[Proxy] = []
+    for name in ("a", "b"):
+        shared = SharedSettings(
+            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+        )
+        hooks = WebhookSettings(
+            enabled=True, port=0, secret=Secret(SECRET), verify_every=0, refetch=refetch
+        )
+        settings = proxy_settings(
+            sandbox.url, tmp_path / name, cache=CacheSettings(rules=(rule,)), shared=shared,
+            webhooks=hooks,
+        )  # fmt: skip
+        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
+    return proxies
+
+
 def refetched(proxy: Proxy, outcome: str) -> float:
     labels = {"account": "main", "outcome": outcome}
     return proxy.registry.get_sample_value("kounta_proxy_webhook_refetches_total", labels) or 0.0
@@ -164,22 +186,7 @@ async def test_two_replicas_on_redis_refetch_with_one_upstream_request(
 ) -> None:
     """Deliveries to replica a only; both replicas' callers read the product. Both refetch
     (b hears of the change by broadcast), and the shared fetch lock makes it one request."""
-    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
-    proxies: list[Proxy] = []
-    for name in ("a", "b"):
-        shared = SharedSettings(
-            backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3,
-            token_key=Secret(TOKEN_KEY),
-        )  # fmt: skip
-        hooks = WebhookSettings(
-            enabled=True, port=0, secret=Secret(SECRET), verify_every=0, refetch=True
-        )
-        settings = proxy_settings(
-            sandbox.url, tmp_path / name, cache=CacheSettings(rules=(rule,)), shared=shared,
-            webhooks=hooks,
-        )  # fmt: skip
-        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
-    a, b = proxies
+    a, b = await replicas(make_proxy, sandbox, tmp_path, redis_server.url, redis_prefix, True)
     listener = await start_webhooks(a.app[SERVICES])
     assert listener is not None
     try:
@@ -211,19 +218,7 @@ async def test_a_distrusted_feed_revalidates_through_another_replicas_redis_copy
 ) -> None:
     """fallback_fresh_for = 0 while the feed is distrusted: a replica that finds another's
     copy in Redis asks Kounta too, rather than answering it as fresh by its fresh_for."""
-    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
-    proxies: list[Proxy] = []
-    for name in ("a", "b"):
-        shared = SharedSettings(
-            backend="redis", url=redis_server.url, key_prefix=redis_prefix, timeout=0.3,
-            token_key=Secret(TOKEN_KEY),
-        )  # fmt: skip
-        hooks = WebhookSettings(enabled=True, port=0, secret=Secret(SECRET), verify_every=0)
-        settings = proxy_settings(
-            sandbox.url, tmp_path / name, cache=CacheSettings(rules=(rule,)), shared=shared,
-            webhooks=hooks,
-        )  # fmt: skip
-        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
+    proxies = await replicas(make_proxy, sandbox, tmp_path, redis_server.url, redis_prefix)
     a, b = proxies
     for proxy in proxies:  # a missed change was seen: the fallback applies everywhere
         services = proxy.app[SERVICES]

@@ -51,6 +51,22 @@ TIMEOUT = 30.0
 DROPPED = (*CALLER_CONDITIONALS, "Cache-Control", "Pragma")
 
 
+def background(
+    read: ProxyRequest, caller: str, headers: CIMultiDict[str], timeout: float
+) -> ProxyRequest:
+    """``read`` sent again by background work (the refetcher, the verifier): a GET with
+    ``headers`` as ``caller`` at batch priority, with a request id and deadline of its own."""
+    return replace(
+        read,
+        method="GET",
+        headers=CIMultiDictProxy(headers),
+        caller=caller,
+        priority="batch",
+        request_id=f"{caller}-{uuid.uuid4().hex[:12]}",
+        deadline=asyncio.get_running_loop().time() + timeout,
+    )
+
+
 class Reads:
     """Webhook-rule entries callers read (cache key -> (when, request)), oldest first."""
 
@@ -159,15 +175,7 @@ class Refetcher:
         headers = CIMultiDict(read.headers)
         for name in DROPPED:
             headers.popall(name, None)
-        request = replace(
-            read,
-            method="GET",
-            headers=CIMultiDictProxy(headers),
-            caller=CALLER,
-            priority="batch",
-            request_id=f"refetch-{uuid.uuid4().hex[:12]}",
-            deadline=asyncio.get_running_loop().time() + TIMEOUT,
-        )
+        request = background(read, CALLER, headers, TIMEOUT)
         outcome = "failed"
         try:
             assert self.layer is not None, "the refetcher has no cache layer"

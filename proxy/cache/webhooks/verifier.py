@@ -19,16 +19,15 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.layer import Cache
 from proxy.cache.webhooks import registration
+from proxy.cache.webhooks.refetch import background
 from proxy.errors import ProxyError
 from proxy.logs import event
 from proxy.messages import Layer
@@ -137,15 +136,7 @@ class Verifier:
         started = self.feeds.now()
         headers = CIMultiDict(request.headers)
         headers["If-None-Match"] = etag
-        check = replace(
-            request,
-            method="GET",
-            headers=CIMultiDictProxy(headers),
-            caller=CALLER,
-            priority="batch",
-            request_id=f"verify-{uuid.uuid4().hex[:12]}",
-            deadline=asyncio.get_running_loop().time() + VERIFY_TIMEOUT,
-        )
+        check = background(request, CALLER, headers, VERIFY_TIMEOUT)
         # Below the cache: neither this process's tiers nor Redis may answer for Kounta.
         response = await self.inner.send(check)
         await response.release()
