@@ -4,7 +4,7 @@
                                      [--demand 10] [--change-every 5] [--drop 0]
                                      [--verify-every 0] [--distrust-for 600]
                                      [--delivery-grace 10] [--fallback-fresh-for 0]
-                                     [--products 200]
+                                     [--products 200] [--refetch]
 
 Workload: the sandbox (180 requests a minute, as Kounta) with a webhook registered for
 ``products/updated`` at replica 0's webhook listener; ``--replicas`` proxies sharing one
@@ -22,7 +22,9 @@ verifier's period; 0: off), it also measures feed health: when every replica mar
 feed unhealthy (from the start of the measured window), and, from then on, the answers
 older than ``--fallback-fresh-for`` allows (a version older than the newest one changed
 more than fallback_fresh_for + 2 s before; target 0), and prints the bound a user can rely
-on (detection time + fallback_fresh_for). The verifier's requests are counted apart.
+on (detection time + fallback_fresh_for). The verifier's requests are counted apart, and
+so are the refetcher's with ``--refetch`` (``webhooks.refetch``: a changed product read lately
+is fetched again in the background, so the next reader gets a HIT).
 
 Prints, over the measured window: upstream requests per caller request, caller latency
 (records and list pages apart), time from each change to the first answer showing it
@@ -112,6 +114,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--distrust-for", type=float, default=600.0)
     parser.add_argument("--delivery-grace", type=float, default=10.0)
     parser.add_argument("--fallback-fresh-for", type=float, default=0.0)
+    parser.add_argument("--refetch", action="store_true", help="webhooks.refetch = true")
     parser.add_argument("--products", type=int, default=PRODUCTS, help="pre-warmed and read")
     parser.add_argument("--seed", type=int, default=7)
     return parser.parse_args(argv)
@@ -144,6 +147,7 @@ def settings_for(
             secret=Secret(SECRET),
             verify_every=args.verify_every,
             distrust_for=args.distrust_for,
+            refetch=args.refetch,
             delivery_grace=args.delivery_grace,
         ),
     )
@@ -300,6 +304,7 @@ async def run(args: argparse.Namespace) -> Figures:
                     await read(session, f"{base}{COMPANY}/products.json")
                 before = state.served()
                 checks_before = verifications(apps)
+                refetched_before = refetches(apps)
                 started = time.monotonic()
                 until = started + args.seconds
                 per_second = args.demand * args.limit / 60
@@ -317,6 +322,7 @@ async def run(args: argparse.Namespace) -> Figures:
                 await asyncio.gather(*tasks)
                 figures.cache["upstream"] = state.served() - before
                 figures.cache["verifier"] = verifications(apps) - checks_before
+                figures.cache["refetch"] = refetches(apps) - refetched_before
                 figures.cache["dropped"] = sum(
                     1 for e in hooks_state.log if e.get("outcome") == "dropped"
                 )
@@ -332,13 +338,21 @@ async def run(args: argparse.Namespace) -> Figures:
 
 def verifications(apps: list[web.Application]) -> int:
     """The verifiers' upstream requests so far (their checks that asked Kounta)."""
+    name = "kounta_proxy_webhook_verifications_total"
+    return _sum(apps, name, "result", ("unchanged", "changed", "missed"))
+
+
+def refetches(apps: list[web.Application]) -> int:
+    """The refetchers' upstream requests so far (webhooks.refetch)."""
+    return _sum(apps, "kounta_proxy_webhook_refetches_total", "outcome", ("fetched",))
+
+
+def _sum(apps: list[web.Application], name: str, label: str, values: tuple[str, ...]) -> int:
     total = 0.0
     for app in apps:
         registry = app[SERVICES].metrics.registry
-        for result in ("unchanged", "changed", "missed"):
-            labels = {"account": "main", "result": result}
-            name = "kounta_proxy_webhook_verifications_total"
-            total += registry.get_sample_value(name, labels) or 0.0
+        for value in values:
+            total += registry.get_sample_value(name, {"account": "main", label: value}) or 0.0
     return int(total)
 
 
@@ -350,8 +364,9 @@ def _pct(values: list[float], pct: int) -> float:
 def report(args: argparse.Namespace, f: Figures) -> None:
     upstream = f.cache.pop("upstream", 0)
     checks = f.cache.pop("verifier", 0)
+    refetched = f.cache.pop("refetch", 0)
     dropped = f.cache.pop("dropped", 0)
-    upstream -= checks  # the verifier's requests, counted apart
+    upstream -= checks + refetched  # the verifier's and the refetcher's, counted apart
     print(
         f"webhooks fleet: {args.callers} callers over {args.replicas} replicas asking "
         f"{args.demand:g}x the sandbox limit ({args.limit}/min), {args.products} products "
@@ -363,6 +378,8 @@ def report(args: argparse.Namespace, f: Figures) -> None:
     print(f"upstream requests:        {upstream} ({ratio:.3f} per caller request)")
     if args.verify_every:
         print(f"verifier requests:        {checks} (apart; every {args.verify_every:g}s)")
+    if args.refetch:
+        print(f"refetch requests:         {refetched} (apart; webhooks.refetch)")
     print(f"served as (X-Cache):      {dict(sorted(f.cache.items()))}")
     for name, waits in (("records", f.record_waits), ("list pages", f.list_waits)):
         print(
