@@ -85,3 +85,5 @@ class WebhookMetrics:
         self.feed_healthy.labels(account).set(1)
         for outcome in ("applied", "unauthorized", "failed"):
             self.deliveries.labels(account, "other", outcome)
+        for outcome in ("fetched", "dropped"):
+            self.refetches.labels(account, outcome)
