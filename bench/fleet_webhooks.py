@@ -1,7 +1,10 @@
 """Webhooks at fleet scale (issue 19): freshness pushed by Kounta instead of revalidation.
 
     python -m bench.fleet --webhooks [--seconds 60] [--callers 20] [--replicas 3]
-                                     [--demand 10] [--change-every 5] [--drop-rate 0]
+                                     [--demand 10] [--change-every 5] [--drop 0]
+                                     [--verify-every 0] [--distrust-for 600]
+                                     [--delivery-grace 10] [--fallback-fresh-for 0]
+                                     [--products 200] [--refetch]
 
 Workload: the sandbox (180 requests a minute, as Kounta) with a webhook registered for
 ``products/updated`` at replica 0's webhook listener; ``--replicas`` proxies sharing one
@@ -13,6 +16,15 @@ replica first (warm-up, excluded from the figures). Then ``--callers`` callers a
 products (and one list page in ten, measured apart), while one product is changed at a
 till (``/_sandbox/touch``: no proxy sees it) every ``--change-every`` seconds. A prober
 reads each changed product through every replica until all show the change.
+
+With ``--drop`` (the sandbox drops that share of deliveries) and ``--verify-every`` (the
+verifier's period; 0: off), it also measures feed health: when every replica marked the
+feed unhealthy (from the start of the measured window), and, from then on, the answers
+older than ``--fallback-fresh-for`` allows (a version older than the newest one changed
+more than fallback_fresh_for + 2 s before; target 0), and prints the bound a user can rely
+on (detection time + fallback_fresh_for). The verifier's requests are counted apart, and
+so are the refetcher's with ``--refetch`` (``webhooks.refetch``: a changed product read lately
+is fetched again in the background, so the next reader gets a HIT).
 
 Prints, over the measured window: upstream requests per caller request, caller latency
 (records and list pages apart), time from each change to the first answer showing it
@@ -35,6 +47,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography.fernet import Fernet
 from prometheus_client import CollectorRegistry
 
 from bench.fleet import own_redis
@@ -62,6 +75,8 @@ TOKEN = "sandbox-token"
 COMPANY = "/v1/companies/5001"
 PRODUCTS = 200
 SECRET = "fleet-webhook-secret-0123456789"
+# Every replica of one run shares it (Redis records are authenticated with a key from it).
+TOKEN_KEY = Fernet.generate_key().decode()
 TOLERANCE = 2.0  # seconds: a change older than this must be visible in every answer
 
 
@@ -75,6 +90,11 @@ class Figures:
     changes: dict[int, list[tuple[float, str]]] = field(default_factory=dict)
     visible: list[float] = field(default_factory=list)  # change -> every replica shows it
     delivered: list[float] = field(default_factory=list)  # delivery -> every replica shows it
+    # Feed health (--drop): when every replica distrusted the feed (monotonic; 0: not yet),
+    # and the record answers read after that which fallback_fresh_for does not allow.
+    unhealthy_at: float = 0.0
+    stale_after: int = 0
+    answers_after: int = 0
     cache: dict[str, int] = field(default_factory=dict)
 
 
@@ -86,13 +106,27 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--demand", type=float, default=10.0, help="times the sandbox limit")
     parser.add_argument("--limit", type=int, default=180)
     parser.add_argument("--change-every", type=float, default=5.0)
-    parser.add_argument("--drop-rate", type=float, default=0.0, help="deliveries the sandbox drops")
+    parser.add_argument(
+        "--drop", "--drop-rate", dest="drop_rate", type=float, default=0.0,
+        help="the share of deliveries the sandbox drops (0..1)",
+    )  # fmt: skip
+    parser.add_argument("--verify-every", type=float, default=0.0, help="0: no verifier")
+    parser.add_argument("--distrust-for", type=float, default=600.0)
+    parser.add_argument("--delivery-grace", type=float, default=10.0)
+    parser.add_argument("--fallback-fresh-for", type=float, default=0.0)
+    parser.add_argument("--refetch", action="store_true", help="webhooks.refetch = true")
+    parser.add_argument("--products", type=int, default=PRODUCTS, help="pre-warmed and read")
     parser.add_argument("--seed", type=int, default=7)
     return parser.parse_args(argv)
 
 
-def settings_for(upstream: str, state_dir: str, redis_url: str, prefix: str, n: int) -> Settings:
-    rule = CacheRule(path="/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+def settings_for(
+    upstream: str, state_dir: str, redis_url: str, prefix: str, n: int, args: argparse.Namespace
+) -> Settings:
+    rule = CacheRule(
+        path="/v1/companies/*/products*", fresh_for=3600, webhooks=True,
+        fallback_fresh_for=args.fallback_fresh_for,
+    )  # fmt: skip
     return Settings(
         state_dir=state_dir,
         server=ServerSettings(host="127.0.0.1", port=0),
@@ -100,8 +134,22 @@ def settings_for(upstream: str, state_dir: str, redis_url: str, prefix: str, n: 
         log=LogSettings(level="warning"),
         accounts={"main": AccountSettings(mode="static", token=Secret(TOKEN))},
         cache=CacheSettings(rules=(rule,)),
-        shared=SharedSettings(backend="redis", url=redis_url, key_prefix=prefix, replicas=n),
-        webhooks=WebhookSettings(enabled=True, port=0, secret=Secret(SECRET), verify_every=0),
+        shared=SharedSettings(
+            backend="redis",
+            url=redis_url,
+            key_prefix=prefix,
+            replicas=n,
+            token_key=Secret(TOKEN_KEY),
+        ),
+        webhooks=WebhookSettings(
+            enabled=True,
+            port=0,
+            secret=Secret(SECRET),
+            verify_every=args.verify_every,
+            distrust_for=args.distrust_for,
+            refetch=args.refetch,
+            delivery_grace=args.delivery_grace,
+        ),
     )
 
 
@@ -113,7 +161,7 @@ async def read(session: aiohttp.ClientSession, url: str) -> tuple[str, Any]:
 
 async def caller(
     session: aiohttp.ClientSession, base: str, ids: list[int], i: int, until: float,
-    pause: float, figures: Figures,
+    pause: float, figures: Figures, fallback: float,
 ) -> None:  # fmt: skip
     rnd = random.Random(i)
     await asyncio.sleep(rnd.uniform(0, pause))
@@ -130,14 +178,21 @@ async def caller(
             figures.list_waits.append(waited)
         else:
             figures.record_waits.append(waited)
-            if body is not None and _older(figures, product, str(body.get("updated_at")), started):
+            shown = str(body.get("updated_at")) if body is not None else None
+            if shown is not None and _older(figures, product, shown, started):
                 figures.stale += 1
+            if shown is not None and figures.unhealthy_at and started > figures.unhealthy_at:
+                figures.answers_after += 1
+                if _older(figures, product, shown, started, fallback + TOLERANCE):
+                    figures.stale_after += 1
         await asyncio.sleep(rnd.uniform(0.5, 1.5) * pause)
 
 
-def _older(figures: Figures, product: int, shown: str, asked: float) -> bool:
-    """Whether ``shown`` is older than the newest version changed TOLERANCE s before."""
-    due = [v for at, v in figures.changes.get(product, []) if at < asked - TOLERANCE]
+def _older(
+    figures: Figures, product: int, shown: str, asked: float, tolerance: float = TOLERANCE
+) -> bool:
+    """Whether ``shown`` is older than the newest version changed ``tolerance`` s before."""
+    due = [v for at, v in figures.changes.get(product, []) if at < asked - tolerance]
     return bool(due) and shown < due[-1]
 
 
@@ -195,6 +250,16 @@ async def probe(
         figures.delivered.append(seen - min(sent))
 
 
+async def health(apps: list[web.Application], until: float, figures: Figures) -> None:
+    """Note when every replica distrusts the feed (each reads the mark in Redis once a
+    second), polled every 50 ms."""
+    feeds = [app[SERVICES].cache.feeds for app in apps]  # type: ignore[union-attr]
+    while time.monotonic() < until and not figures.unhealthy_at:
+        if not any(f.healthy("main") for f in feeds):
+            figures.unhealthy_at = time.monotonic()
+        await asyncio.sleep(0.05)
+
+
 async def run(args: argparse.Namespace) -> Figures:
     configure(level=os.environ.get("FLEET_LOG", "error"))
     sandbox_app = create_sandbox_app(SandboxConfig(rate_per_minute_bearer=args.limit))
@@ -203,7 +268,7 @@ async def run(args: argparse.Namespace) -> Figures:
     hooks_state.behaviour.drop_rate = args.drop_rate
     sandbox = await start(sandbox_app, "127.0.0.1", 0, 1.0)
     upstream = f"http://127.0.0.1:{bound_port(sandbox)}"
-    ids = sorted(state.store["products"].records)[:PRODUCTS]
+    ids = sorted(state.store["products"].records)[: args.products]
     figures = Figures()
     prefix = f"fleet-webhooks-{time.time_ns()}"
     runners: list[web.AppRunner] = []
@@ -211,7 +276,9 @@ async def run(args: argparse.Namespace) -> Figures:
         redis_url = stack.enter_context(own_redis(state_dir))
         apps = []
         for i in range(args.replicas):
-            settings = settings_for(upstream, f"{state_dir}/r{i}", redis_url, prefix, args.replicas)
+            settings = settings_for(
+                upstream, f"{state_dir}/r{i}", redis_url, prefix, args.replicas, args
+            )
             app = create_app(settings, registry=CollectorRegistry())
             runners.append(await start(app, "127.0.0.1", 0, 1))
             apps.append(app)
@@ -236,25 +303,57 @@ async def run(args: argparse.Namespace) -> Figures:
                         await read(session, f"{base}{COMPANY}/products/{product}.json")
                     await read(session, f"{base}{COMPANY}/products.json")
                 before = state.served()
-                until = time.monotonic() + args.seconds
+                checks_before = verifications(apps)
+                refetched_before = refetches(apps)
+                started = time.monotonic()
+                until = started + args.seconds
                 per_second = args.demand * args.limit / 60
                 pause = args.callers / per_second
                 tasks = [
-                    caller(session, bases[i % len(bases)], ids, i, until, pause, figures)
+                    caller(session, bases[i % len(bases)], ids, i, until, pause, figures,
+                           args.fallback_fresh_for)
                     for i in range(args.callers)
-                ]
+                ]  # fmt: skip
+                tasks.append(health(apps, until, figures))
                 tasks.append(
                     changer(session, upstream, bases, ids, until, args.change_every, figures,
                             state, hooks_state.log)
                 )  # fmt: skip
                 await asyncio.gather(*tasks)
                 figures.cache["upstream"] = state.served() - before
+                figures.cache["verifier"] = verifications(apps) - checks_before
+                figures.cache["refetch"] = refetches(apps) - refetched_before
+                figures.cache["dropped"] = sum(
+                    1 for e in hooks_state.log if e.get("outcome") == "dropped"
+                )
+                if figures.unhealthy_at:
+                    figures.unhealthy_at -= started
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
             await sandbox.cleanup()
     report(args, figures)
     return figures
+
+
+def verifications(apps: list[web.Application]) -> int:
+    """The verifiers' upstream requests so far (their checks that asked Kounta)."""
+    name = "kounta_proxy_webhook_verifications_total"
+    return _sum(apps, name, "result", ("unchanged", "changed", "missed"))
+
+
+def refetches(apps: list[web.Application]) -> int:
+    """The refetchers' upstream requests so far (webhooks.refetch)."""
+    return _sum(apps, "kounta_proxy_webhook_refetches_total", "outcome", ("fetched",))
+
+
+def _sum(apps: list[web.Application], name: str, label: str, values: tuple[str, ...]) -> int:
+    total = 0.0
+    for app in apps:
+        registry = app[SERVICES].metrics.registry
+        for value in values:
+            total += registry.get_sample_value(name, {"account": "main", label: value}) or 0.0
+    return int(total)
 
 
 def _pct(values: list[float], pct: int) -> float:
@@ -264,14 +363,23 @@ def _pct(values: list[float], pct: int) -> float:
 
 def report(args: argparse.Namespace, f: Figures) -> None:
     upstream = f.cache.pop("upstream", 0)
+    checks = f.cache.pop("verifier", 0)
+    refetched = f.cache.pop("refetch", 0)
+    dropped = f.cache.pop("dropped", 0)
+    upstream -= checks + refetched  # the verifier's and the refetcher's, counted apart
     print(
         f"webhooks fleet: {args.callers} callers over {args.replicas} replicas asking "
-        f"{args.demand:g}x the sandbox limit ({args.limit}/min), {PRODUCTS} products pre-warmed, "
-        f"a change every {args.change_every:g}s, drop rate {args.drop_rate:g}, {args.seconds:g}s"
+        f"{args.demand:g}x the sandbox limit ({args.limit}/min), {args.products} products "
+        f"pre-warmed, a change every {args.change_every:g}s, drop rate {args.drop_rate:g}, "
+        f"{args.seconds:g}s"
     )
     ratio = upstream / f.callers if f.callers else 0.0
     print(f"caller requests:          {f.callers} ({f.callers / args.seconds * 60:.0f}/min)")
     print(f"upstream requests:        {upstream} ({ratio:.3f} per caller request)")
+    if args.verify_every:
+        print(f"verifier requests:        {checks} (apart; every {args.verify_every:g}s)")
+    if args.refetch:
+        print(f"refetch requests:         {refetched} (apart; webhooks.refetch)")
     print(f"served as (X-Cache):      {dict(sorted(f.cache.items()))}")
     for name, waits in (("records", f.record_waits), ("list pages", f.list_waits)):
         print(
@@ -287,8 +395,31 @@ def report(args: argparse.Namespace, f: Figures) -> None:
         f"delivery -> visible:      p99 {_pct(f.delivered, 99):.3f}s ({len(f.delivered)} delivered)"
     )
     print(f"answers older than a change {TOLERANCE:g}s old: {f.stale}")
+    if args.drop_rate:
+        health_report(args, f, dropped)
+
+
+def health_report(args: argparse.Namespace, f: Figures, dropped: int) -> None:
+    print(f"deliveries dropped:       {dropped}")
+    if not f.unhealthy_at:
+        print(f"feed marked unhealthy:    not within {args.seconds:g}s")
+        return
+    fallback = args.fallback_fresh_for
+    print(f"feed marked unhealthy:    {f.unhealthy_at:.1f}s into the window (every replica)")
+    print(
+        f"answers after that older than fallback_fresh_for ({fallback:g}s) + {TOLERANCE:g}s "
+        f"allow: {f.stale_after} of {f.answers_after}"
+    )
+    print(
+        f"bound a user can rely on (this run): detection {f.unhealthy_at:.1f}s + "
+        f"fallback_fresh_for {fallback:g}s = {f.unhealthy_at + fallback:.1f}s "
+        f"(verify_every {args.verify_every:g}s, distrust_for {args.distrust_for:g}s)"
+    )
 
 
 def main(argv: list[str]) -> int:
-    figures = asyncio.run(run(arguments(argv)))
+    args = arguments(argv)
+    figures = asyncio.run(run(args))
+    if args.drop_rate:  # stale answers before detection are what is measured
+        return 1 if figures.stale_after or not figures.unhealthy_at else 0
     return 1 if figures.stale else 0

@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
+
 from proxy import __version__, eventloop
 from proxy.auth import authorize as flow
 from proxy.auth.providers import token_path
@@ -31,12 +33,15 @@ from proxy.settings import (
     DEFAULT_CONFIG_PATH,
     AccountSettings,
     AdminSettings,
+    CacheRule,
+    CacheSettings,
     ConfigError,
     ConfigErrors,
     Secret,
     ServerSettings,
     Settings,
     UpstreamSettings,
+    WebhookSettings,
     load,
     masked,
     to_toml,
@@ -137,6 +142,13 @@ def parser() -> argparse.ArgumentParser:
         help="admin port for /metrics, /healthz, /readyz (default %(default)s; "
         "a free one is chosen if it is taken)",
     )
+    demo.add_argument(
+        "--webhook-port",
+        type=int,
+        default=9466,
+        help="port the sandbox delivers its webhooks to (default %(default)s; "
+        "a free one is chosen if it is taken)",
+    )
     _authorize_parser(sub)
     _cache_parser(sub)
     _webhooks_parser(sub)
@@ -230,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "webhooks":
             return webhooks_command(args)
         if args.command == "demo":
-            return demo(args.port, args.sandbox_port, args.state_dir, args.admin_port)
+            return demo(
+                args.port, args.sandbox_port, args.state_dir, args.admin_port, args.webhook_port
+            )
     except ConfigError as e:
         for line in e.lines() if isinstance(e, ConfigErrors) else [str(e)]:
             print(f"{PROG}: config error: {line}", file=sys.stderr)
@@ -453,13 +467,26 @@ DEMO_TOKEN = "sandbox-token"  # noqa: S105 - the sandbox's public demo token, no
 DEMO_REFRESH_TOKEN = "sandbox-demo-refresh"  # noqa: S105 - public demo value, not a secret
 
 
-def demo(port: int, sandbox_port: int, state_dir: str, admin_port: int = 9464) -> int:
+# The demo's webhook: the sandbox sends it back with each delivery (a public demo value).
+DEMO_WEBHOOK_SECRET = "sandbox-demo-webhook-secret"  # noqa: S105 - public demo value
+# Products stay fresh for an hour while the webhook feed is healthy: a change at a till
+# (POST /_sandbox/touch) is delivered, dropped and refetched in the background.
+DEMO_RULE = CacheRule(path="/v1/companies/*/products*", fresh_for=3600, webhooks=True)
+DEMO_PRODUCT = 100001
+DEMO_COMPANY = 5001
+
+
+def demo(
+    port: int, sandbox_port: int, state_dir: str, admin_port: int = 9464, hook_port: int = 9466
+) -> int:
     configure("info", "json")
-    asyncio.run(_demo(port, sandbox_port, state_dir, admin_port))
+    asyncio.run(_demo(port, sandbox_port, state_dir, admin_port, hook_port))
     return 0
 
 
-async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -> None:
+async def _demo(
+    port: int, sandbox_port: int, state_dir: str, admin_port: int, hook_port: int
+) -> None:
     sandbox_runner = await start(
         create_sandbox_app(
             SandboxConfig(bearer_tokens=(DEMO_TOKEN,), refresh_tokens=(DEMO_REFRESH_TOKEN,))
@@ -469,15 +496,27 @@ async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -
         5.0,
     )
     upstream_port = bound_port(sandbox_runner)
+    hook_port = _free_port(hook_port)
     settings = Settings(
         state_dir=state_dir,
         server=ServerSettings(host="127.0.0.1", port=port, shutdown_grace=5.0),
         upstream=UpstreamSettings(base_url=f"http://127.0.0.1:{upstream_port}"),
         admin=AdminSettings(host="127.0.0.1", port=_free_or_any(admin_port)),
         accounts={"demo": _demo_account(f"http://127.0.0.1:{upstream_port}")},
+        cache=CacheSettings(rules=(DEMO_RULE,)),
+        webhooks=WebhookSettings(
+            enabled=True, port=hook_port, secret=Secret(DEMO_WEBHOOK_SECRET), refetch=True
+        ),
     )
+    try:
+        # The demo registers its own webhook, as `kounta-proxy webhooks sync` would at Kounta.
+        await _register_demo_webhook(f"http://127.0.0.1:{upstream_port}", hook_port)
+    except (aiohttp.ClientError, StartupError) as e:
+        await sandbox_runner.cleanup()
+        raise StartupError(f"registering the demo's webhook: {e}") from None
 
     def announce(proxy_port: int, admin: int | None) -> None:
+        product = f"http://127.0.0.1:{proxy_port}/v1/companies/{DEMO_COMPANY}/products/{DEMO_PRODUCT}.json"
         event("demo_started", proxy=f"127.0.0.1:{proxy_port}", sandbox=f"127.0.0.1:{upstream_port}")
         print(
             f"kounta-proxy demo: proxy on http://127.0.0.1:{proxy_port}, "
@@ -486,6 +525,12 @@ async def _demo(port: int, sandbox_port: int, state_dir: str, admin_port: int) -
             f"try:  curl -i http://127.0.0.1:{proxy_port}/v1/companies/me.json\n"
             f"      curl -i http://127.0.0.1:{proxy_port}/v1/companies/5001/products.json\n"
             f"      curl -s http://127.0.0.1:{admin}/metrics\n"
+            f"webhooks on http://127.0.0.1:{hook_port}: a change made elsewhere (at a till) "
+            "reaches the proxy in under a second:\n"
+            f"      curl -i {product}\n"
+            f"      curl -X POST http://127.0.0.1:{upstream_port}/_sandbox/touch "
+            f'-d \'{{"kind": "products", "id": {DEMO_PRODUCT}}}\'\n'
+            f"      curl -i {product}\n"
             "stop with Ctrl-C",
             flush=True,
         )
@@ -506,6 +551,37 @@ def _demo_account(sandbox_url: str) -> AccountSettings:
         authorize_url=f"{sandbox_url}/authorize",
         refresh_token=Secret(DEMO_REFRESH_TOKEN),
     )
+
+
+async def _register_demo_webhook(sandbox_url: str, hook_port: int) -> None:
+    """``products/updated`` deliveries to the demo's webhook listener, with its secret."""
+    address = f"http://127.0.0.1:{hook_port}/webhooks/kounta/demo"
+    body = {
+        "topic": "products/updated",
+        "address": address,
+        "format": "json",
+        "headers": {"Authorization": f"Bearer {DEMO_WEBHOOK_SECRET}"},
+    }
+    url = f"{sandbox_url}/v1/companies/{DEMO_COMPANY}/webhooks"
+    headers = {"Authorization": f"Bearer {DEMO_TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as r,
+    ):
+        if r.status != 201:
+            raise StartupError(f"the sandbox refused the demo's webhook: {r.status}")
+    event("demo_webhook_registered", address=address, topic="products/updated")
+
+
+def _free_port(port: int) -> int:
+    """``port`` if it can be bound on loopback now, else one the system picks: a number
+    known before the listener starts (the demo's webhook is registered at it first)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _free_or_any(port: int) -> int:

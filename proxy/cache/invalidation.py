@@ -136,6 +136,8 @@ class Invalidator:
         self.local = local
         self.records = records
         self.announcer = announcer
+        # Told of every change applied here, once applied (set while services are built).
+        self.watchers: list[Callable[[Change], None]] = []
 
     async def apply(self, change: Change) -> int:
         """A change made here: applied locally, in Redis, then told to the other replicas
@@ -151,11 +153,17 @@ class Invalidator:
             removed += await self.local.apply(change)
         if self.announcer is not None:
             await self.announcer.publish(change)
+        self._tell(change)
         return removed
 
     async def received(self, change: Change) -> None:
         """A change another replica made (it did Redis and the broadcast): local only."""
         await self.local.apply(change)
+        self._tell(change)
+
+    def _tell(self, change: Change) -> None:
+        for watcher in self.watchers:
+            watcher(change)
 
     async def gap(self, why: str) -> None:
         """Changes may have been missed and cannot be replayed from the invalidation log (it

@@ -30,6 +30,7 @@ from proxy.cache.policy import (
     ERROR_STATUSES,
     SELECTING,
     UNSAFE_METHODS,
+    Entry,
     FreshHit,
     HeaderItems,
     Headers,
@@ -93,6 +94,9 @@ class Cache:
         self.origin = str(settings.upstream.url.origin())
         self.metrics = metrics
         self.clock = clock
+        # Told of each read of a webhook rule's entry (the refetcher; set while services
+        # are built).
+        self.on_read: Callable[[str, ProxyRequest], None] | None = None
         self.answers = Answers(entries, self.flights, metrics, clock, self.config.stale_if_error)
         self.exchange = Exchange(inner, entries, self.flights, metrics, clock, self.rules, settings)
 
@@ -121,25 +125,37 @@ class Cache:
             response.cache_status = "BYPASS"
             return response
         key = self.key(request.account, request.path, request.query, request.headers)
+        if self.on_read is not None and _webhook_rule(request.path, self.rules()) is not None:
+            self.on_read(key, request)
         stored = await self.entries.lookup(request.account, key)
         if stored is not None:
             refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
 
     def _webhook_fresh(self, account: str, stored: Stored | None) -> tuple[Stored | None, str]:
-        """A webhook rule's entry, its freshness capped to ``fallback_fresh_for`` while the
-        account's feed is distrusted, and the Cache-Status detail saying which ("": no
-        webhook rule)."""
+        """A webhook rule's entry as :meth:`_held` holds it, and the Cache-Status detail
+        saying which ("": no webhook rule)."""
         if stored is None:
             return None, ""
-        rule = _webhook_rule(stored.entry.path, self.rules())
-        if rule is None:
+        if _webhook_rule(stored.entry.path, self.rules()) is None:
             return stored, ""
-        if self.feeds.healthy(account):
+        held = self._held(account, stored.entry)
+        if held is stored.entry:
             return stored, "webhooks"
-        entry = stored.entry
-        capped = replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
-        return replace(stored, entry=capped), "webhooks-fallback"
+        return replace(stored, entry=held), "webhooks-fallback"
+
+    def _held(self, account: str, entry: Entry) -> Entry:
+        """A webhook rule's entry keeps its ``fresh_for`` while the account's feed is
+        healthy and was trusted when the entry was stored; otherwise (distrusted now, or
+        stored before a distrust ended: a lost delivery may have left it stale) it is fresh
+        for ``fallback_fresh_for`` at most. Entries of other rules: unchanged."""
+        rule = _webhook_rule(entry.path, self.rules())
+        if rule is None:
+            return entry
+        healthy = self.feeds.healthy(account)
+        if healthy and entry.response_time >= self.feeds.trusted_since(account):
+            return entry
+        return replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
 
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
@@ -290,9 +306,12 @@ class Cache:
         alone: bool = False,
         unwanted: bool = False,
     ) -> Flight:
+        # Another replica's copy (Redis) is held to the same webhook rule as a local one.
+        hold = functools.partial(self._held, request.account)
+
         async def fly(flight: Flight) -> Outcome:
             fetch = functools.partial(self.exchange.run, flight, stale)
-            return await self.entries.obtain(flight, fetch)
+            return await self.entries.obtain(flight, fetch, hold)
 
         return self.flights.start(
             key,

@@ -27,6 +27,8 @@ from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 
 Fetch = Callable[[], Awaitable[Outcome]]
+# An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
+Hold = Callable[[Entry], Entry]
 
 
 class Entries(Protocol):
@@ -41,8 +43,9 @@ class Entries(Protocol):
 
     async def lookup(self, account: str, key: str) -> Stored | None: ...
 
-    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
-        """The flight's outcome: ``fetch()``, or what another replica fetched."""
+    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
+        """The flight's outcome: ``fetch()``, or what another replica fetched (its entry as
+        ``hold`` holds it, when given: a webhook rule's fallback)."""
         ...
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
@@ -92,7 +95,7 @@ class LocalEntries:
     async def lookup(self, account: str, key: str) -> Stored | None:
         return await self.store.get(key)
 
-    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
         return await fetch()
 
     def stale(self, flight: Flight, entry: Entry) -> bool:
@@ -185,7 +188,7 @@ class RedisEntries(LocalEntries):
         self.store.promote(key, found)
         return found
 
-    async def obtain(self, flight: Flight, fetch: Fetch) -> Outcome:
+    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
         """Take the key's fetch lock in Redis, or wait for the replica that holds it to
         store the entry and answer from that; else (Redis away, the owner stored nothing,
         or it took longer than ``cache.coalesce_wait``) fetch here."""
@@ -198,7 +201,7 @@ class RedisEntries(LocalEntries):
             found = await self.records.wait(account, flight.key, self.coalesce_wait)
         else:  # the lock's last owner may have stored it since this flight's lookup
             found = await self.records.found(account, flight.key, claim.data)
-        if found is None or not self._usable(flight, found):
+        if found is None or not self._usable(flight, found, hold):
             return await fetch()
         self.store.promote(flight.key, found)
         entry = found.entry
@@ -212,11 +215,12 @@ class RedisEntries(LocalEntries):
             reason="other_replica",
         )
 
-    def _usable(self, flight: Flight, found: Stored) -> bool:
+    def _usable(self, flight: Flight, found: Stored, hold: Hold | None = None) -> bool:
         """Whether another replica's entry answers this flight's request as a fresh hit, by
         the same rule as a local one (:func:`~proxy.cache.policy.lookup`): never for a request
-        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1)."""
-        entry = found.entry
+        that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1), and as
+        ``hold`` holds it (a webhook rule's fallback while the feed is distrusted)."""
+        entry = found.entry if hold is None else hold(found.entry)
         if self.stale(flight, entry):
             return False
         headers = flight.request.headers

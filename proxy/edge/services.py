@@ -40,6 +40,7 @@ from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.cache.webhooks.health import Feeds
 from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.cache.webhooks.receiver import Receiver
+from proxy.cache.webhooks.refetch import Refetcher
 from proxy.cache.webhooks.verifier import Verifier
 from proxy.client import create_session
 from proxy.clock import WallClock
@@ -289,6 +290,10 @@ async def _build(
         )  # fmt: skip
         verifying = asyncio.ensure_future(verifier.run())
         stack.push_async_callback(_cancel, verifying)
+        if settings.webhooks.refetch:
+            refetcher = start_refetch(settings, live, cache, budget, groups.webhooks)
+            refetching = asyncio.ensure_future(refetcher.run())
+            stack.push_async_callback(_cancel, refetching)
     # The providers of the live snapshot at close (a reload may have replaced them).
     stack.push_async_callback(_stop_providers, live)
     for provider in providers.values():
@@ -327,6 +332,19 @@ def webhook_receiver(
         gauge.set_function(functools.partial(feeds.health_value, name))
     marks = shared if isinstance(shared, RedisBackend) else None
     return Receiver(live.running(settings), cache.invalidator, feeds, metrics, marks)
+
+
+def start_refetch(
+    settings: Settings, live: LiveRef, cache: Cache, budget: Budget, metrics: WebhookMetrics
+) -> Refetcher:
+    """The refetcher, told of the cache's webhook-rule reads and applied changes; its
+    refetches go through the cache layer (docs/webhooks.md, Refetch)."""
+    spare = functools.partial(spare_budget, budget)
+    refetcher = Refetcher(live.running(settings), spare, metrics)
+    refetcher.layer = cache
+    cache.on_read = refetcher.read
+    cache.invalidator.watchers.append(refetcher.changed)
+    return refetcher
 
 
 async def build_cache(
@@ -380,11 +398,11 @@ async def build_cache(
     return cache
 
 
-def spare_budget(budget: Budget, account: str) -> bool:
-    """Room for a request nobody waits for: none waiting for the account, 2 tokens at hand
-    (until budget priorities add classes)."""
+async def spare_budget(budget: Budget, account: str) -> bool:
+    """Room for a request nobody waits for: none waiting for the account (fleet-wide on
+    Redis), 2 tokens at hand (the shared bucket's on Redis)."""
     bucket = budget.account(account)
-    return bucket.waiting == 0 and bucket.available() >= 2
+    return bucket.waiting == 0 and await bucket.gate.spare(bucket.clock.now(), 2.0)
 
 
 def store_problem(store: CacheStore) -> Check:

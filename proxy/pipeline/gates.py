@@ -214,6 +214,11 @@ class Gate(Protocol):
         """A reload changed the account's rate."""
         ...
 
+    async def spare(self, now: float, tokens: float) -> bool:
+        """Room for work nobody waits for: at least ``tokens`` at hand and, shared, no
+        request waiting anywhere in the fleet (nothing taken)."""
+        ...
+
     def mode(self) -> str: ...
 
     async def close(self) -> None: ...
@@ -247,6 +252,9 @@ class LocalGate:
 
     def mode(self) -> str:
         return "local"
+
+    async def spare(self, now: float, tokens: float) -> bool:
+        return self.bucket.available(now) >= tokens
 
     async def close(self) -> None:
         return None
@@ -436,6 +444,21 @@ class SharedGate:
 
     def mode(self) -> str:
         return "shared" if self.backend.up else "degraded"
+
+    async def spare(self, now: float, tokens: float) -> bool:
+        """The fleet's view (one read-only round trip): the shared bucket's tokens and every
+        replica's waiting requests; the fallback bucket's while Redis is away."""
+        if self.backend.up:
+            rate = self.rate
+            try:
+                room = await self.shared.room(
+                    self.account, rate.per_window, rate.burst, self.period, self.longest
+                )
+            except SharedUnavailable:
+                pass  # degraded: this replica's fallback share decides
+            else:
+                return room.tokens >= tokens and not any(room.fleet)
+        return await self.local.spare(now, tokens)
 
 
 def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:

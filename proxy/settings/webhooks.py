@@ -67,6 +67,13 @@ class WebhookSettings:
     # Seconds between checks that the account's webhooks are registered at `address`
     # (spare budget only; needs address); 0: never.
     check_every: float = 600.0
+    # Seconds a delivery may lag behind a change the verifier saw before the change counts
+    # as missed (Kounta's delivery delay is undocumented).
+    delivery_grace: float = 10.0
+    # Refetch in the background, with spare budget, the entries callers read within
+    # refetch_window seconds before a change dropped them (the next reader gets a HIT).
+    refetch: bool = False
+    refetch_window: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -76,7 +83,8 @@ class WebhookSettings:
         if not self.path.startswith("/") or self.path.endswith("/") or "?" in self.path:
             raise Invalid("path", f"must start with '/' and not end with one, got {self.path!r}")
         _positive(self, "max_body_size", "event_ttl")
-        _not_negative(self, "distrust_for", "verify_every", "check_every")
+        _not_negative(self, "distrust_for", "verify_every", "check_every", "delivery_grace",
+                      "refetch_window")  # fmt: skip
         if not re.fullmatch(r"[A-Za-z0-9-]+", self.signature_header):
             raise Invalid(
                 "signature_header", f"must be a header name, got {self.signature_header!r}"

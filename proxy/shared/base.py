@@ -51,6 +51,15 @@ class Taken:
     fleet: tuple[int, int, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Room:
+    """The shared bucket's slots at hand now and the fleet's waiting requests by class
+    (interactive, standard, batch): what background work may spend (:meth:`SharedBudget.room`)."""
+
+    tokens: float
+    fleet: tuple[int, int, int]
+
+
 class SharedBudget(Protocol):
     """One account's rate shared by every replica."""
 
@@ -74,6 +83,13 @@ class SharedBudget(Protocol):
         self, account: str, seconds: float, per_window: int, burst: int, period: float
     ) -> float:
         """Kounta said 429: pause the account for every replica; returns the pause left."""
+        ...
+
+    async def room(
+        self, account: str, per_window: int, burst: int, period: float, longest: float = ...
+    ) -> Room:
+        """The account's spare room fleet-wide, read only (nothing taken, nothing registered).
+        Raises :class:`SharedUnavailable`."""
         ...
 
 

@@ -64,11 +64,12 @@ from redis.backoff import NoBackoff
 
 from proxy.logs import event
 from proxy.settings import SharedSettings
-from proxy.shared.base import Claim, ClassedAsk, SharedUnavailable, Taken, TokenRecord
+from proxy.shared.base import Claim, ClassedAsk, Room, SharedUnavailable, Taken, TokenRecord
 from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import BadRecord, RecordKeys
+from proxy.shared.redis_webhooks import WebhookRecords
 from proxy.shared.scripts import (
     CACHE_CLAIM,
     CACHE_DROP,
@@ -77,6 +78,7 @@ from proxy.shared.scripts import (
     CACHE_RELEASE,
     CAS_SCRIPT,
     PAUSE,
+    SPARE,
     TAKE,
     TAKE_CLASSED,
 )
@@ -97,7 +99,7 @@ NO_CAP = 1e9
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
 
 
-class RedisBackend:
+class RedisBackend(WebhookRecords):
     kind = "redis"
     # Bytes a cache record may hold on top of the body: envelope, entry header.
     OVERHEAD = 1024 * 1024
@@ -115,6 +117,7 @@ class RedisBackend:
         self._take = self.client.register_script(TAKE)
         self._pause = self.client.register_script(PAUSE)
         self._take_classed = self.client.register_script(TAKE_CLASSED)
+        self._spare = self.client.register_script(SPARE)
         self._write_token = self.client.register_script(CAS_SCRIPT)
         self._cache_put = self.client.register_script(CACHE_PUT)
         self._cache_claim = self.client.register_script(CACHE_CLAIM)
@@ -297,6 +300,19 @@ class RedisBackend:
         args: list[Any] = [repr(float(seconds)), per_window, burst, repr(float(period))]
         left = await self._run("pause", lambda: self._pause(keys=keys, args=args))
         return float(left)
+
+    async def room(
+        self, account: str, per_window: int, burst: int, period: float, longest: float = NO_CAP
+    ) -> Room:
+        keys = [self.key("budget", account, s) for s in ("", "log", "demand")]
+        args: list[Any] = [
+            per_window,
+            burst,
+            repr(float(period)),
+            repr(float(min(longest, NO_CAP))),
+        ]
+        tokens, *fleet = await self._run("budget_room", lambda: self._spare(keys=keys, args=args))
+        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])))
 
     # --- tokens
 
@@ -549,30 +565,6 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
-
-    # --- webhooks (proxy.cache.webhooks): event ids seen, and feeds distrusted
-
-    async def webhook_seen(self, account: str, digest: str) -> bool:
-        """Whether the delivery ``digest`` (a sha256 hex, never an id in clear) was applied."""
-        key = self.key("webhook", account, f"seen:{digest}")
-        return bool(await self._run("webhook_seen", lambda: self.client.exists(key)))
-
-    async def webhook_remember(self, account: str, digest: str, ttl: float) -> None:
-        key = self.key("webhook", account, f"seen:{digest}")
-        ttl_ms = max(1, int(ttl * 1000))
-        await self._run("webhook_remember", lambda: self.client.set(key, b"1", px=ttl_ms))
-
-    async def webhook_distrust(self, account: str, ttl: float) -> None:
-        """Every replica distrusts the account's feed for ``ttl`` seconds (a missed change)."""
-        key = self.key("webhook", account, "distrusted")
-        ttl_ms = max(1, int(ttl * 1000))
-        await self._run("webhook_distrust", lambda: self.client.set(key, b"1", px=ttl_ms))
-
-    async def webhook_distrusted(self, account: str) -> float:
-        """Seconds the account's feed is still distrusted for (0: not)."""
-        key = self.key("webhook", account, "distrusted")
-        left = await self._run("webhook_distrusted", lambda: self.client.pttl(key))
-        return max(0.0, int(left) / 1000)
 
 
 def _token_version(found: list[Any]) -> int:

@@ -297,3 +297,45 @@ for i = 3, #ARGV do
 end
 return removed
 """
+
+# Spare room for background work (read only): the slots the shared bucket could grant now
+# (GCRA tokens, cut to the window's room; 0 while paused) and the fleet's waiting requests by
+# class (the demand hash's live entries, as TAKE_CLASSED counts them). Values read back are
+# hardened as in TAKE: a damaged tat or pause counts for at most ARGV[4] seconds.
+# KEYS: budget, log, demand. ARGV: per_window, burst, period, the longest pause honoured.
+# Returns {tokens (a number as text), fleet waiting interactive, standard, batch}.
+SPARE = (
+    NUM
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now_ms = math.floor(now * 1000)
+local per_window = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local longest = tonumber(ARGV[4])
+local interval = period / per_window
+local fleet = {0, 0, 0}
+local fields = redis.call('HGETALL', KEYS[3])
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 2) == 'r:' then
+    local r = {}
+    for n in string.gmatch(fields[i + 1], '%-?%d+') do r[#r + 1] = tonumber(n) end
+    if #r == 8 and r[8] >= now_ms then
+      for c = 1, 3 do fleet[c] = fleet[c] + math.max(0, r[c]) end
+    end
+  end
+end
+local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
+local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
+if tat < now then tat = now end
+if tat > now + longest + burst * interval then tat = now + longest + burst * interval end
+local tokens = 0
+if paused <= now then
+  tokens = math.min(burst, (now + burst * interval - tat) / interval)
+  local sent = redis.call('ZCOUNT', KEYS[2], now - period, '+inf')
+  tokens = math.max(0, math.min(tokens, per_window - sent))
+end
+return {tostring(tokens), fleet[1], fleet[2], fleet[3]}
+"""
+)

@@ -52,6 +52,8 @@ def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
             str(sandbox_port),
             "--state-dir",
             str(tmp_path / "state"),
+            "--webhook-port",
+            str(free_port()),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -83,6 +85,7 @@ def test_demo_prints_a_working_curl_line_and_stops_on_sigterm(
     demo: tuple[subprocess.Popen[str], int],
 ) -> None:
     proc, port = demo
+    started = wait_for_line(proc, r"sandbox on http://")
     line = wait_for_line(proc, r"curl -i http://")
     url = re.search(r"(http://\S+)", line)
     assert url is not None
@@ -102,6 +105,32 @@ def test_demo_prints_a_working_curl_line_and_stops_on_sigterm(
     status, _, body = get(f"http://127.0.0.1:{port}/v1/../secret")
     assert status in (400, 404)
     assert "error" in json.loads(body)
+
+    # A change made elsewhere (at a till) arrives through the demo's own webhook: the next
+    # reads show it, and the background refetch makes them HITs again.
+    sandbox = re.search(r"sandbox on (http://\S+),", started)
+    assert sandbox is not None
+    product = f"http://127.0.0.1:{port}/v1/companies/5001/products/100001.json"
+    assert get(product)[1]["X-Cache"] == "MISS"
+    status, headers, body = get(product)
+    assert (status, headers["X-Cache"]) == (200, "HIT")
+    assert "detail=webhooks" in headers["Cache-Status"]
+    old = json.loads(body)["updated_at"]
+    touch = urllib.request.Request(
+        f"{sandbox.group(1)}/_sandbox/touch",
+        data=json.dumps({"kind": "products", "id": 100001}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(touch, timeout=10) as r:
+        assert r.status == 204
+    touched = time.monotonic()
+    while True:
+        _, headers, body = get(product)
+        if json.loads(body)["updated_at"] != old and headers["X-Cache"] == "HIT":
+            break
+        assert time.monotonic() - touched < 5, "the change did not arrive"
+        time.sleep(0.02)
+    print(f"demo: a change at a till answered as a HIT after {time.monotonic() - touched:.3f} s")
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.cache.webhooks import verifier
+from proxy.edge.services import SERVICES
 from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
 from tests.conftest import TOKEN, MakeProxy, Sandbox, proxy_settings, serve_handler
 from tests.integration.test_webhooks import PRODUCTS, Hooked, Upstream, start_hooked
@@ -33,8 +34,9 @@ async def quick(
     make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Hooked]:
     monkeypatch.setattr(verifier, "TICK", 0.05)
-    monkeypatch.setattr(verifier, "DELIVERY_GRACE", 0.5)
-    async for h in start_hooked(make_proxy, tmp_path, verify_every=0.1, distrust_for=600):
+    async for h in start_hooked(
+        make_proxy, tmp_path, verify_every=0.1, distrust_for=600, delivery_grace=0.5
+    ):
         yield h
 
 
@@ -167,3 +169,25 @@ async def test_the_registration_check_distrusts_a_feed_with_no_webhook_at_the_ad
     assert gauge("kounta_proxy_webhook_feed_healthy") == 1
     # The checks were the verifier's own requests, and went below the cache.
     assert sandbox.state.served(path="/v1/companies/me/webhooks.json") >= 2
+
+
+async def test_entries_stored_before_a_distrust_ended_are_revalidated_once(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """A missed change means any entry may be stale: one not read while the feed was
+    distrusted must not be trusted again by fresh_for once the distrust ends."""
+    async for h in start_hooked(make_proxy, tmp_path, verify_every=0):
+        url = f"{h.proxy.url}{PRODUCTS}/12"
+        await read(url)
+        assert (await read(url))[0] == "HIT"
+        h.upstream.version[f"{PRODUCTS}/12"] += 1  # its delivery was lost
+        services = h.proxy.app[SERVICES]
+        assert services.cache is not None
+        services.cache.feeds.distrust("main", 0.3)  # another entry's missed change was found
+        await asyncio.sleep(0.4)  # nobody read product 12 meanwhile; the feed is trusted again
+        assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 1
+        cache, status = await read(url)
+        assert cache != "HIT" and "detail=webhooks-fallback" in status
+        assert h.upstream.hits[f"{PRODUCTS}/12"] == 2
+        # Stored anew after the distrust: trusted again.
+        assert (await read(url)) == ("HIT", "kounta-proxy; hit; detail=webhooks")

@@ -128,7 +128,6 @@ async def test_a_missed_change_found_by_one_replica_distrusts_the_feed_on_both(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(verifier, "TICK", 0.05)
-    monkeypatch.setattr(verifier, "DELIVERY_GRACE", 0.3)
     rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
     proxies: list[Proxy] = []
     for name, every in (("a", 0.1), ("b", 0.0)):
@@ -144,7 +143,11 @@ async def test_a_missed_change_found_by_one_replica_distrusts_the_feed_on_both(
                 token_key=Secret(TOKEN_KEY),
             ),
             webhooks=WebhookSettings(
-                enabled=True, port=0, secret=Secret(SECRET), verify_every=every
+                enabled=True,
+                port=0,
+                secret=Secret(SECRET),
+                verify_every=every,
+                delivery_grace=0.3,
             ),
         )
         proxies.append(await make_proxy(settings, registry=CollectorRegistry()))

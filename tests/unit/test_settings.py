@@ -376,3 +376,12 @@ def test_a_misspelt_key_does_not_hide_a_bad_value_in_the_same_table(tmp_path: Pa
     text = "\n".join(caught.value.lines())
     assert "cache.rules[0].fresh_fro: unknown key" in text
     assert "cache.rules[0].fresh_for: must not be negative" in text
+
+
+def test_the_webhook_delivery_grace_is_a_setting(tmp_path: Path) -> None:
+    base = '[accounts.main]\nmode = "static"\ntoken = "abcdefghijklmnop"\n\n[webhooks]\n'
+    assert load(write(tmp_path, base), NO_ENV).webhooks.delivery_grace == 10.0
+    settings = load(write(tmp_path, base + "delivery_grace = 2.5\n"), NO_ENV)
+    assert settings.webhooks.delivery_grace == 2.5
+    with pytest.raises(ConfigError, match=r"webhooks\.delivery_grace: must not be negative"):
+        load(write(tmp_path, base + "delivery_grace = -1\n"), NO_ENV)

@@ -78,6 +78,12 @@ class Feeds:
         """1.0 while healthy, else 0.0 (the gauge's value)."""
         return 1.0 if self.healthy(account) else 0.0
 
+    def trusted_since(self, account: str) -> float:
+        """When the account's feed was last trusted again (wall time; 0: never distrusted):
+        an entry stored before then may hold a change a lost delivery never announced."""
+        feed = self.feeds.get(account)
+        return 0.0 if feed is None else feed.state.distrusted_until
+
     def read(self, account: str, key: str, request: ProxyRequest) -> None:
         """A webhook-fresh entry answered ``request``: the verifier may pick it."""
         feed = self.feeds.get(account)

@@ -63,7 +63,14 @@ class WebhookMetrics:
             ["account", "result"],
             registry=registry,
         )
-
+        self.refetches = Counter(
+            "kounta_proxy_webhook_refetches",
+            "Background refetches of recently read entries a change dropped "
+            "(webhooks.refetch), by outcome: fetched (Kounta asked), hit (stored again "
+            "already), failed, dropped (the queue was full).",
+            ["account", "outcome"],
+            registry=registry,
+        )
         self.registered = Gauge(
             "kounta_proxy_webhook_registered",
             "Webhooks registered at this proxy's address (webhooks.address) for the account, "
@@ -79,3 +86,5 @@ class WebhookMetrics:
         self.feed_healthy.labels(account).set(1)
         for outcome in ("applied", "unauthorized", "failed"):
             self.deliveries.labels(account, "other", outcome)
+        for outcome in ("fetched", "hit", "failed", "dropped"):
+            self.refetches.labels(account, outcome)

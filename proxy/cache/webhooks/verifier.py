@@ -1,12 +1,12 @@
 """The verifier: does the account's feed still tell every change?
 
 Every ``webhooks.verify_every`` seconds, for each account whose feed is trusted and whose
-budget has room to spare (no request waiting and at least 2 tokens at hand, so a caller's
-request is never delayed), it revalidates one recently read webhook-fresh entry with
-Kounta (``If-None-Match`` through the layers below the cache, as caller
-``webhook-verifier``, so no cache tier answers for Kounta). When Kounta says the entry
-changed and no delivery covering it arrives within :data:`DELIVERY_GRACE` seconds of the
-check, a delivery was missed: the entry is invalidated on every replica, the feed is
+budget has room to spare (no request waiting and at least 2 tokens at hand, fleet-wide on
+Redis, so a caller's request is never delayed), it revalidates one recently read
+webhook-fresh entry with Kounta (``If-None-Match`` through the layers below the cache, as
+caller ``webhook-verifier``, so no cache tier answers for Kounta). When Kounta says the entry
+changed and no delivery covering it arrives within ``webhooks.delivery_grace`` seconds of
+the check, a delivery was missed: the entry is invalidated on every replica, the feed is
 distrusted for ``webhooks.distrust_for`` (in Redis too, so every replica distrusts it),
 counted (``kounta_proxy_webhook_missed_total``) and logged once.
 
@@ -19,25 +19,22 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.layer import Cache
 from proxy.cache.webhooks import registration
 from proxy.cache.webhooks.metrics import WebhookMetrics
+from proxy.cache.webhooks.refetch import background
 from proxy.errors import ProxyError
 from proxy.logs import event
 from proxy.messages import Layer
 from proxy.settings import Settings
 from proxy.shared.base import SharedUnavailable
 
-# How long a delivery may lag behind the change the verifier saw before it counts as missed.
-DELIVERY_GRACE = 10.0
 TICK = 1.0  # seconds between looks at the shared distrust marks
 CALLER = "webhook-verifier"
 VERIFY_TIMEOUT = 30.0
@@ -54,7 +51,7 @@ class Verifier:
         self,
         cache: Cache,
         current: Callable[[], Settings],
-        spare: Callable[[str], bool],
+        spare: Callable[[str], Awaitable[bool]],
         metrics: WebhookMetrics,
         shared: Distrust | None = None,
         inner: Layer | None = None,
@@ -87,7 +84,7 @@ class Verifier:
                               error=type(e).__name__)  # fmt: skip
                 check = settings.webhooks.check_every
                 due = now - self.last_check.get(account, -check) >= check
-                if check > 0 and due and settings.webhooks.address and self.spare(account):
+                if check > 0 and due and settings.webhooks.address and await self.spare(account):
                     self.last_check[account] = now
                     await self.check(account)
 
@@ -124,7 +121,7 @@ class Verifier:
         return result
 
     async def _verify(self, account: str) -> str:
-        if not self.feeds.healthy(account) or not self.spare(account):
+        if not self.feeds.healthy(account) or not await self.spare(account):
             return "skipped"
         picked = self.feeds.pick(account)
         if picked is None:
@@ -139,22 +136,16 @@ class Verifier:
         started = self.feeds.now()
         headers = CIMultiDict(request.headers)
         headers["If-None-Match"] = etag
-        check = replace(
-            request,
-            method="GET",
-            headers=CIMultiDictProxy(headers),
-            caller=CALLER,
-            request_id=f"verify-{uuid.uuid4().hex[:12]}",
-            deadline=asyncio.get_running_loop().time() + VERIFY_TIMEOUT,
-        )
+        check = background(request, CALLER, headers, VERIFY_TIMEOUT)
         # Below the cache: neither this process's tiers nor Redis may answer for Kounta.
         response = await self.inner.send(check)
         await response.release()
         if response.status != 200 or response.headers.get("ETag") == etag:
             return "unchanged"  # 304 (or an answer that says nothing)
         path = stored.entry.path
-        await asyncio.sleep(DELIVERY_GRACE)
-        if self.feeds.announced_since(account, started - DELIVERY_GRACE, path):
+        grace = self.current().webhooks.delivery_grace
+        await asyncio.sleep(grace)
+        if self.feeds.announced_since(account, started - grace, path):
             return "changed"
         # Missed: the stale entry goes everywhere at once, then the feed is distrusted.
         await self.cache.invalidator.apply(Invalidation(account, frozenset({normalise_path(path)})))
