@@ -42,6 +42,9 @@ class ProxyRequest:
     request_id: str = ""
     # Absolute event-loop time after which nobody waits for an answer any more.
     deadline: float = float("inf")
+    # Set on background requests nobody waits for (a cache refresh): whether it is still
+    # useful; the budget drops it instead of spending a token once this says False.
+    wanted: Callable[[], bool] | None = None
 
     @property
     def path_qs(self) -> str:

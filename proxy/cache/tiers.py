@@ -52,6 +52,10 @@ class Entries(Protocol):
 
     def may_store(self, flight: Flight, entry: Entry) -> bool: ...
 
+    def stale(self, flight: Flight, entry: Entry) -> bool:
+        """Whether a change came while the flight was out (what it got may be old)."""
+        ...
+
     async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
         """Store a body spilled to a file, now whole (None: it could not be stored)."""
         ...

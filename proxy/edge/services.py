@@ -33,7 +33,7 @@ from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidator, Purge
-from proxy.cache.layer import Cache
+from proxy.cache.layer import Cache, ExpectedWait
 from proxy.cache.shared import SharedEntries
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
@@ -264,7 +264,7 @@ async def _build(
         stack.push_async_callback(store.close)
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = await build_cache(
-            stack, layer, store, settings, metrics, clock, shared, live.cache
+            stack, layer, store, settings, metrics, clock, shared, live.cache, budget.expected_wait
         )
         checks["cache"] = store_problem(store)
         metrics.watch_store(store.gauges)
@@ -329,6 +329,7 @@ async def build_cache(
     clock: WallClock,
     shared: Backend,
     current: Callable[[], LiveCache],
+    busy: ExpectedWait | None = None,
 ) -> Cache:
     """The cache's rooms, each built once and handed what it needs: flights, the tier
     (chosen here, once), the broadcast, and the invalidator they all send changes to."""
@@ -343,7 +344,8 @@ async def build_cache(
             shared.cache,
             metrics,
             max_entry_size=config.max_entry_size,
-            stale_if_error=config.stale_if_error,
+            # Kept in Redis as long as a stale copy may still answer (error or busy budget).
+            stale_if_error=max(config.stale_if_error, config.stale_while_busy),
             lock_ttl=settings.upstream.total_timeout,
             accounts=tuple(settings.accounts),
             announce_all=None
@@ -362,6 +364,7 @@ async def build_cache(
         flights=flights,
         invalidator=invalidator,
         feeds=Feeds(tuple(settings.accounts), enabled=settings.webhooks.enabled),
+        busy=busy,
     )
     stack.push_async_callback(cache.close)
     if broadcast is not None:

@@ -99,7 +99,7 @@ class Verifier:
         settings = self.current()
         try:
             address = registration.address_for(settings, account, None)
-            found = await registration.Kounta(self.inner, account, CALLER).webhooks()
+            found = await registration.Kounta(self.inner, account, CALLER, "batch").webhooks()
         except (registration.RegistrationError, ProxyError) as e:
             event("webhook_check_failed", logging.WARNING, account=account, error=str(e)[:200])
             return None
@@ -144,6 +144,7 @@ class Verifier:
             method="GET",
             headers=CIMultiDictProxy(headers),
             caller=CALLER,
+            priority="batch",  # background work: never ahead of a caller's request
             request_id=f"verify-{uuid.uuid4().hex[:12]}",
             deadline=asyncio.get_running_loop().time() + VERIFY_TIMEOUT,
         )
