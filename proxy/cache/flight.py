@@ -50,6 +50,10 @@ class GoAlone(Exception):
     """A waiter cannot share this flight's answer (not storable): it fetches on its own."""
 
 
+class Dropped(Exception):
+    """A background refresh that is not needed: another replica's fetch of the key is out."""
+
+
 def settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> None:
     if future.done():
         return

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 from proxy.cache.disk import BodySink
-from proxy.cache.flight import Flight, Flights, Outcome
+from proxy.cache.flight import Dropped, Flight, Flights, Outcome
 from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
@@ -200,6 +200,9 @@ class RedisEntries(LocalEntries):
         if claim is None:
             return await fetch()
         flight.claimed(claim.gen, claim.owner)
+        if claim.owner is None and flight.request.wanted is not None:
+            # A background refresh while another replica fetches the key: that one will do.
+            raise Dropped(flight.key)
         if claim.owner is None:
             found = await self.shared.wait(account, flight.key, self.coalesce_wait)
         else:  # the lock's last owner may have stored it since this flight's lookup

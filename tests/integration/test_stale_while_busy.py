@@ -5,6 +5,7 @@ own that says what the stored response may allow."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from proxy.cache.flight import Dropped
 from proxy.cache.layer import Cache
 from proxy.edge.services import SERVICES
 from proxy.settings import (
@@ -22,8 +25,11 @@ from proxy.settings import (
     CallerSettings,
     Secret,
     Settings,
+    SharedSettings,
 )
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.integration.test_budget import queued
+from tests.redis_server import TOKEN_KEY, RedisServer
 
 KEY = "stale-busy-key-0123456789"
 CUSTOMERS = "/v1/companies/5001/customers"
@@ -61,15 +67,16 @@ def cache_of(proxy: Proxy) -> Cache:
     return cache
 
 
-async def refreshed(proxy: Proxy) -> list[BaseException | None]:
-    """Wait for the background refreshes under way; what each ended with (None: an answer)."""
-    ended: list[BaseException | None] = []
+async def refreshed(proxy: Proxy) -> list[type[BaseException] | None]:
+    """Wait for the background refreshes under way; what each ended with (None: an answer,
+    else the exception's type)."""
+    ended: list[type[BaseException] | None] = []
     for flight in list(cache_of(proxy).refreshes.values()):
         try:
             await asyncio.wait_for(asyncio.shield(flight.done), 5.0)
             ended.append(None)
         except Exception as e:
-            ended.append(e)
+            ended.append(type(e))
     return ended
 
 
@@ -239,3 +246,45 @@ async def test_stale_while_revalidate_refreshes_at_batch_priority(
         for klass in ("standard", "batch")
     }
     assert served == {"standard": 1, "batch": 1}
+
+
+async def test_replicas_on_redis_refresh_a_key_once_for_the_fleet(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Two replicas sharing the budget and the entries, both busy (requests queued): both
+    answer the stored copy at once, and one revalidation reaches Kounta for the two."""
+    shared = SharedSettings(
+        backend="redis", url=redis_server.url, key_prefix=redis_prefix, token_key=Secret(TOKEN_KEY)
+    )
+    a, b = [
+        await make_proxy(
+            dataclasses.replace(slow(sandbox.url, tmp_path / name), shared=shared),
+            registry=CollectorRegistry(),
+        )
+        for name in ("a", "b")
+    ]
+    ids = sorted(sandbox.state.store["customers"].records)
+    path = f"{CUSTOMERS}/{ids[0]}.json"
+    status, first, _, _ = await get(client, a.url + path)
+    assert status == 200
+    cold = [  # each replica's budget queue holds two caller requests
+        asyncio.create_task(get(client, f"{p.url}{CUSTOMERS}/{ids[n]}.json"))
+        for n, p in ((1, a), (2, a), (3, b), (4, b))
+    ]
+    await queued(a, 1)
+    await queued(b, 1)
+    answers = await asyncio.gather(get(client, a.url + path), get(client, b.url + path))
+    for status, body, headers, took in answers:
+        assert (status, headers["X-Cache"], body) == (200, "STALE", first), headers
+        assert headers["Cache-Status"] == BUSY
+        assert took < 0.25, took
+    # Each queued a refresh; the one that found the other's fetch lock was dropped at once.
+    ended = await refreshed(a) + await refreshed(b)
+    assert ended.count(None) <= 1 and set(ended) <= {None, Dropped}, ended
+    await asyncio.gather(*cold)
+    assert sandbox.state.served("GET", path) == 2  # the first fetch and one revalidation
