@@ -343,14 +343,8 @@ class AccountBudget:
                     break
                 wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
                 held_back = False
-                if wait > 0 and self.reserve_for(grant.klass) > 0:
-                    # The reserve holds batch back: a request of another class may still go.
-                    other = decide(state, now, frozenset({grant.klass}))
-                    held_back = other is None
-                    if other is not None:
-                        grant, first = other, wait
-                        wait = await self.gate.try_take(now, grant.klass)
-                        wait = 0.0 if wait <= 0 else min(first, wait)
+                if wait > 0 and (self.reserve_for(grant.klass) > 0 or self._fleet_classed()):
+                    grant, wait, held_back = await self._other_class(state, now, grant, wait)
                 if wait <= 0:
                     self._grant(grant, now)
                     continue
@@ -360,6 +354,30 @@ class AccountBudget:
                 await self._sleep(min(now + wait, self._earliest_limit()) - now, held_back)
         finally:
             self._dispatcher = None
+
+    def _fleet_classed(self) -> bool:
+        """Whether slots come from the fleet's discipline (Redis), which may give the next slot
+        to another class than the one this replica's own discipline picked."""
+        return isinstance(self.gate, SharedGate) and self.gate.mode() == "shared"
+
+    async def _other_class(
+        self, state: QueueState, now: float, grant: Grant, wait: float
+    ) -> tuple[Grant, float, bool]:
+        """The first pick's class gets no slot now: the reserve holds batch back, or (shared)
+        the fleet's discipline gives the slot to another class. This replica's other waiting
+        classes may still go, in its discipline's order (without this a replica whose own
+        order and the fleet's disagree asks for the wrong class until its requests time out,
+        and the slot stays unused). Returns the grant, the wait (0: taken) and whether only
+        batch waits here, held back by the reserve."""
+        tried = {grant.klass}
+        first = wait
+        while (other := decide(state, now, frozenset(tried))) is not None:
+            taken = await self.gate.try_take(now, other.klass, self.reserve_for(other.klass))
+            if taken <= 0:
+                return other, 0.0, False
+            tried.add(other.klass)
+            first = min(first, taken)
+        return grant, first, len(tried) == 1 and self.reserve_for(grant.klass) > 0
 
     async def _sleep(self, seconds: float, held_back: bool) -> None:
         if not held_back:

@@ -152,3 +152,21 @@ async def test_the_expected_wait_counts_the_fleets_queue_as_the_last_take_said(
     await asyncio.gather(*waiting, return_exceptions=True)
     await a.close()
     await b.close()
+
+
+async def test_a_replica_asks_for_the_class_the_fleet_serves_when_its_own_order_differs(
+    backends: list[RedisBackend],
+) -> None:
+    """The replica's own discipline puts its batch request first, the fleet's (Redis) its
+    standard one: the replica asks for the class the fleet serves instead of asking for batch
+    until the standard request's limit passes (and leaving the slots unused meanwhile)."""
+    a = replica(backends[0])
+    await a.acquire("warm", a.clock.now() + FAR, "standard")  # the burst's one token
+    a.starts["standard"] = 50.0  # this replica's own order: batch before standard
+    batch = asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch"))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await a.acquire("till", a.clock.now() + 2.0, "standard")
+    assert time.monotonic() - started < 1.0
+    assert await batch < 2.0
+    await a.close()
