@@ -205,9 +205,13 @@ class Flights:
         return task
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        """Cancel every task, and those a cancelled flight spawns as it settles (its finish)."""
+        for _ in range(3):  # a flight spawns one finish; a finish spawns nothing
+            if not self.tasks:
+                return
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
 
 # Stores a spilled body once it is whole (size: its length): the waiters' outcome, or None

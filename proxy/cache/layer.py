@@ -404,8 +404,9 @@ class Cache:
                 await self.invalidator.apply(inv)
 
     async def close(self) -> None:
-        await self.entries.close()
+        # Flights first: a flight cancelled here finishes against the tier (Redis) still open.
         await self.flights.close()
+        await self.entries.close()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -288,3 +288,31 @@ async def test_replicas_on_redis_refresh_a_key_once_for_the_fleet(
     assert ended.count(None) <= 1 and set(ended) <= {None, Dropped}, ended
     await asyncio.gather(*cold)
     assert sandbox.state.served("GET", path) == 2  # the first fetch and one revalidation
+
+
+async def test_closing_the_cache_leaves_no_refresh_task_behind(
+    make_proxy: MakeProxy,
+    upstream: tuple[Upstream, str],
+    tmp_path: Any,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """A refresh still waiting for its token when the proxy stops is cancelled, and so is
+    what it spawns as it settles (its finish, against Redis: before the tier closes)."""
+    _, base = upstream
+    shared = SharedSettings(
+        backend="redis", url=redis_server.url, key_prefix=redis_prefix, token_key=Secret(TOKEN_KEY)
+    )
+    proxy = await make_proxy(dataclasses.replace(slow(base, tmp_path), shared=shared))
+    url = f"{proxy.url}/v1/things/plain"
+    async with aiohttp.ClientSession() as client:
+        await get(client, url)
+        # With Redis the replica learns the budget is busy from its queue (a caller waiting).
+        waiting = asyncio.create_task(get(client, f"{proxy.url}/v1/things/private"))
+        await queued(proxy, 1)
+        assert (await get(client, url))[2]["X-Cache"] == "STALE"
+        await waiting
+    cache = cache_of(proxy)
+    assert cache.refreshes and cache.tasks
+    await cache.close()
+    assert not cache.tasks
