@@ -61,6 +61,21 @@ async def get(
         return r.status, await r.read(), r.headers, time.monotonic() - started
 
 
+async def stored_then_stale(client: aiohttp.ClientSession, url: str) -> Any:
+    """Store ``url`` (the one token at hand), then read it again at once: STALE; its headers."""
+    await get(client, url)
+    status, _, headers, _ = await get(client, url)
+    assert (status, headers["X-Cache"]) == (200, "STALE"), headers
+    return headers
+
+
+def on_redis(settings: Settings, server: RedisServer, prefix: str) -> Settings:
+    shared = SharedSettings(
+        backend="redis", url=server.url, key_prefix=prefix, token_key=Secret(TOKEN_KEY)
+    )
+    return dataclasses.replace(settings, shared=shared)
+
+
 def cache_of(proxy: Proxy) -> Cache:
     cache = proxy.app[SERVICES].cache
     assert cache is not None
@@ -216,9 +231,7 @@ async def test_a_refresh_is_dropped_when_a_write_invalidates_the_entry_meanwhile
     proxy = await make_proxy(slow(base, tmp_path))
     url = f"{proxy.url}/v1/things/plain"
     async with aiohttp.ClientSession() as client:
-        await get(client, url)
-        status, _, headers, _ = await get(client, url)
-        assert (status, headers["X-Cache"]) == (200, "STALE")
+        await stored_then_stale(client, url)
         async with client.put(url, json={}, headers={"X-Proxy-Key": KEY}) as r:
             assert r.status == 200  # standard: its token comes before the batch refresh
     [ended] = await refreshed(proxy)
@@ -233,9 +246,7 @@ async def test_stale_while_revalidate_refreshes_at_batch_priority(
     proxy = await make_proxy(slow(base, tmp_path))
     url = f"{proxy.url}/v1/things/swr"
     async with aiohttp.ClientSession() as client:
-        await get(client, url)
-        status, _, headers, _ = await get(client, url)
-    assert (status, headers["X-Cache"]) == (200, "STALE")
+        headers = await stored_then_stale(client, url)
     assert "stale-while-revalidate" in headers["Cache-Status"]
     assert await refreshed(proxy) == [None]
     assert kounta.seen[-1] == ("GET", "swr", '"swr-0"')
@@ -258,12 +269,9 @@ async def test_replicas_on_redis_refresh_a_key_once_for_the_fleet(
 ) -> None:
     """Two replicas sharing the budget and the entries, both busy (requests queued): both
     answer the stored copy at once, and one revalidation reaches Kounta for the two."""
-    shared = SharedSettings(
-        backend="redis", url=redis_server.url, key_prefix=redis_prefix, token_key=Secret(TOKEN_KEY)
-    )
     a, b = [
         await make_proxy(
-            dataclasses.replace(slow(sandbox.url, tmp_path / name), shared=shared),
+            on_redis(slow(sandbox.url, tmp_path / name), redis_server, redis_prefix),
             registry=CollectorRegistry(),
         )
         for name in ("a", "b")
@@ -300,10 +308,7 @@ async def test_closing_the_cache_leaves_no_refresh_task_behind(
     """A refresh still waiting for its token when the proxy stops is cancelled, and so is
     what it spawns as it settles (its finish, against Redis: before the tier closes)."""
     _, base = upstream
-    shared = SharedSettings(
-        backend="redis", url=redis_server.url, key_prefix=redis_prefix, token_key=Secret(TOKEN_KEY)
-    )
-    proxy = await make_proxy(dataclasses.replace(slow(base, tmp_path), shared=shared))
+    proxy = await make_proxy(on_redis(slow(base, tmp_path), redis_server, redis_prefix))
     url = f"{proxy.url}/v1/things/plain"
     async with aiohttp.ClientSession() as client:
         await get(client, url)
