@@ -39,6 +39,11 @@ the same workload runs class-blind: the "before" numbers.
 whose access tokens live that long (``--rotate-refresh``: each refresh answer carries a new
 refresh token and the old one dies); replicas share the token in Redis. It also prints the
 upstream 401s (each 10 s of the run) and the token requests.
+With ``--stale-while-busy S`` the proxies set ``cache.stale_while_busy = S`` (where they know
+it): a record stored and stale answers at once while the budget is busy. The report then also
+gives the callers' wait and the data age for single records, and the longest gap between two
+upstream requests for a hot record (how often a revalidation reaches it). ``--hot N`` sets
+how many records of each kind the callers read (default 40).
 
 Exits 1 when any caller saw a 429. Also ``python -m bench.run --fleet [options]``.
 """
@@ -49,6 +54,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -62,6 +68,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -105,6 +112,11 @@ class Tally:
     # The interactive class's budget wait, from the metric's buckets: (upper bound, count).
     wait_buckets: list[tuple[float, float]] = field(default_factory=list)
     elapsed: float = 0.0  # from the first caller request to the last answer
+    # Single records only: the callers' wait and the data's age; and the sandbox's requests
+    # by path once a second (when each record reached Kounta).
+    record_waits: list[float] = field(default_factory=list)
+    record_ages: list[float] = field(default_factory=list)
+    by_path: list[dict[str, int]] = field(default_factory=list)
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,6 +155,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rotate-refresh", action="store_true", help="oauth account: refresh tokens rotate"
     )
+    parser.add_argument(
+        "--stale-while-busy", type=float, default=0.0, help="cache.stale_while_busy (0: off)"
+    )
+    parser.add_argument(
+        "--hot", type=int, default=HOT_RECORDS, help="records per kind the callers read"
+    )
     args = parser.parse_args(argv)
     # One prefix for the whole run: every replica must find the same budget keys.
     args.key_prefix = f"fleet-{time.time_ns()}"
@@ -155,8 +173,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         or args.replicas < 1
         or args.workers < 1
         or args.token_ttl < 0
+        or args.hot < 1
     ):
-        parser.error("--seconds, --callers, --interval, --replicas and --workers must be positive")
+        parser.error(
+            "--seconds, --callers, --interval, --replicas, --workers and --hot must be positive"
+        )
     if args.rotate_refresh and not args.token_ttl:
         parser.error("--rotate-refresh needs --token-ttl")
     return args
@@ -188,7 +209,7 @@ def settings_for(
             f"service{i}": CallerSettings(key=Secret(key(i)), account="main")
             for i in range(args.callers)
         },
-        cache=CacheSettings(rules=rules),
+        cache=CacheSettings(rules=rules, **_stale_while_busy(args)),
     )
 
 
@@ -215,6 +236,15 @@ def sandbox_config(args: argparse.Namespace) -> SandboxConfig:
         rotate_refresh_tokens=args.rotate_refresh,
         refresh_tokens=(REFRESH_TOKEN,),
     )
+
+
+def _stale_while_busy(args: argparse.Namespace) -> dict[str, float]:
+    """``cache.stale_while_busy`` where asked and this proxy knows it (the code before it
+    runs the same workload without)."""
+    known = {f.name for f in dataclasses.fields(CacheSettings)}
+    if args.stale_while_busy and "stale_while_busy" in known:
+        return {"stale_while_busy": args.stale_while_busy}
+    return {}
 
 
 def classes_settings(
@@ -309,29 +339,64 @@ async def poll(
     await asyncio.sleep(rnd.uniform(0, args.interval))
     while time.monotonic() < until:
         kind = rnd.choice(LISTS)
-        if rnd.random() < 0.4:
+        record = rnd.random() >= 0.4
+        if not record:
             path = f"{COMPANY}/{kind}.json"
         else:
-            path = f"{COMPANY}/{kind}/{rnd.choice(ids[kind][:HOT_RECORDS])}.json"
+            path = f"{COMPANY}/{kind}/{rnd.choice(ids[kind][: args.hot])}.json"
         started = time.monotonic()
         async with session.get(base + path, headers=headers) as r:
             await r.read()
             tally.statuses[r.status] += 1
             tally.cache[r.headers.get("X-Cache", "-")] += 1
-            tally.ages.append(float(r.headers.get("Age", "0") or 0))
+            age = float(r.headers.get("Age", "0") or 0)
+            tally.ages.append(age)
         tally.waits.append(time.monotonic() - started)
+        if record:
+            tally.record_waits.append(tally.waits[-1])
+            tally.record_ages.append(age)
         await asyncio.sleep(rnd.uniform(0.5, 1.5) * args.interval)
 
 
 async def sample(
-    counts: list[int], served: object, until: float, state: SandboxState, refused: list[int]
+    counts: list[int],
+    served: object,
+    until: float,
+    state: SandboxState,
+    refused: list[int],
+    by_path: object = None,
+    tally: Any = None,
 ) -> None:
     """The sandbox's request count (and its 401s) once a second (for per-minute and
-    sliding-window rates)."""
+    sliding-window rates), and with ``by_path`` its counts by path (when each record reached
+    Kounta)."""
     while time.monotonic() < until + 1:
         counts.append(served())  # type: ignore[operator]
         refused.append(state.statuses().get(401, 0))
+        if by_path is not None:
+            tally.by_path.append(by_path())  # type: ignore[operator]
         await asyncio.sleep(1.0)
+
+
+def record_gaps(snapshots: list[dict[str, int]]) -> tuple[list[float], int]:
+    """For each single record that reached Kounta at least twice: the longest time (s, at the
+    one-second sampling) between two of its upstream requests; and how many reached it once
+    (within the run)."""
+    gaps, once = [], 0
+    paths = {p for snap in snapshots for p in snap if p.startswith("GET ") and _is_record(p)}
+    for path in paths:
+        seen = [i for i in range(1, len(snapshots)) if
+                snapshots[i].get(path, 0) > snapshots[i - 1].get(path, 0)]  # fmt: skip
+        if len(seen) < 2:
+            once += len(seen)
+            continue
+        gaps.append(float(max(b - a for a, b in itertools.pairwise(seen))))
+    return sorted(gaps), once
+
+
+def _is_record(key: str) -> bool:
+    tail = key.rsplit("/", 1)[-1].removesuffix(".json")
+    return tail.isdigit()
 
 
 @contextlib.contextmanager
@@ -383,7 +448,10 @@ async def run(args: argparse.Namespace) -> Tally:
         connector = aiohttp.TCPConnector(limit=args.callers * 2)
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
-                sampler = asyncio.create_task(sample(counts, state.served, until, state, refused))
+                by_path = None if classes(args) else state.served_by_path
+                sampler = asyncio.create_task(
+                    sample(counts, state.served, until, state, refused, by_path, tally)
+                )
                 if classes(args):
                     orders = list(reversed(ids["orders"]))
                     await asyncio.gather(
@@ -537,6 +605,20 @@ def report(
         f"caller wait (s):        p50 {_pct(waits, 50):.3f}, p95 {_pct(waits, 95):.3f}, "
         f"p99 {_pct(waits, 99):.3f}, max {waits[-1]:.3f}"
     )
+    if tally.record_waits:
+        rw, ra = sorted(tally.record_waits), sorted(tally.record_ages)
+        print(
+            f"records: caller wait:  p50 {_pct(rw, 50):.3f}, p99 {_pct(rw, 99):.3f} s; "
+            f"data age p50 {_pct(ra, 50):.0f}, p99 {_pct(ra, 99):.0f}, max {ra[-1]:.0f} s "
+            f"(stale_while_busy {args.stale_while_busy:g}, fresh_for {args.fresh_for:g})"
+        )
+    gaps, once = record_gaps(tally.by_path)
+    if gaps:
+        print(
+            f"records' longest gap between two upstream requests: p50 {_pct(gaps, 50):.0f}, "
+            f"p99 {_pct(gaps, 99):.0f}, max {gaps[-1]:.0f} s ({len(gaps)} records reached "
+            f"Kounta twice or more, {once} once)"
+        )
     if processes(args) > 1:
         per = tally.redis_calls / total if total else 0.0
         per_upstream = tally.redis_calls / sent if sent else 0.0

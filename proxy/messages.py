@@ -46,6 +46,9 @@ class ProxyRequest:
     # the budget's wait: a short-lived token taken before that wait may expire in the queue.
     # None: the headers as they are. The auth layer sets it; the upstream layer calls it.
     authorize: Callable[[float], Awaitable[str]] | None = None
+    # Set on background requests nobody waits for (a cache refresh): whether it is still
+    # useful; the budget drops it instead of spending a token once this says False.
+    wanted: Callable[[], bool] | None = None
 
     @property
     def path_qs(self) -> str:

@@ -50,6 +50,10 @@ class GoAlone(Exception):
     """A waiter cannot share this flight's answer (not storable): it fetches on its own."""
 
 
+class Dropped(Exception):
+    """A background refresh that is not needed: another replica's fetch of the key is out."""
+
+
 def settle(future: asyncio.Future[Outcome], value: Outcome | BaseException) -> None:
     if future.done():
         return
@@ -201,9 +205,13 @@ class Flights:
         return task
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        """Cancel every task, and those a cancelled flight spawns as it settles (its finish)."""
+        for _ in range(3):  # a flight spawns one finish; a finish spawns nothing
+            if not self.tasks:
+                return
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
 
 # Stores a spilled body once it is whole (size: its length): the waiters' outcome, or None

@@ -30,6 +30,7 @@ from proxy.cache.policy import (
     ERROR_STATUSES,
     SELECTING,
     UNSAFE_METHODS,
+    BusyStale,
     Entry,
     FreshHit,
     HeaderItems,
@@ -48,6 +49,7 @@ from proxy.cache.policy import (
     not_modified_headers,
     request_control,
     rule_for,
+    stale_while_busy,
 )
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries
@@ -60,6 +62,10 @@ from proxy.settings import CacheRule, LiveCache, Settings, live_of
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
+# Seconds a request of (account, caller, class) would now wait for a budget token (no I/O).
+ExpectedWait = Callable[[str, str, str], float]
+# Who background refreshes wait in the budget's batch class as (one round-robin turn).
+REFRESHER = "cache-refresh"
 
 
 class Cache:
@@ -75,10 +81,12 @@ class Cache:
         flights: Flights | None = None,
         invalidator: Invalidator | None = None,
         feeds: Feeds | None = None,
+        busy: ExpectedWait | None = None,
     ) -> None:
         """``entries``: the tier (a bare store: this process's own, for tests and tools);
         ``flights``: the registry the tier cancels in; ``invalidator``: where writes go
-        (default: this process only)."""
+        (default: this process only); ``busy``: the budget's expected wait, for
+        stale-while-busy (None: never busy)."""
         self.inner = inner
         self.flights = flights or Flights()
         if isinstance(entries, CacheStore):
@@ -99,6 +107,11 @@ class Cache:
         self.on_read: Callable[[str, ProxyRequest], None] | None = None
         self.answers = Answers(entries, self.flights, metrics, clock, self.config.stale_if_error)
         self.exchange = Exchange(inner, entries, self.flights, metrics, clock, self.rules, settings)
+        self.busy = busy
+        self.busy_after = settings.budget.busy_after
+        self.total_timeout = settings.upstream.total_timeout
+        # Background refreshes (stale-while-revalidate, stale-while-busy): one per key.
+        self.refreshes: dict[str, Flight] = {}
 
     @property
     def tasks(self) -> set[asyncio.Task[object]]:
@@ -175,8 +188,8 @@ class Cache:
         if isinstance(decision, ServeStale):
             assert stored is not None
             self.answers.count("stale", "while_revalidate" if decision.refresh else "max_stale")
-            if decision.refresh and key not in self.flights:  # one refresh per key
-                self._start(key, replace(request, method="GET"), stored, unwanted=True)
+            if decision.refresh:
+                self._refresh(key, request, stored)
             answer = self.answers.from_store(request, stored, "STALE", decision.age)
             why = "stale-while-revalidate" if decision.refresh else "max-stale"
             answer.cache_detail = f"hit; detail={why}"
@@ -192,6 +205,10 @@ class Cache:
             if newer is not None and newer is not original:
                 return await self._decide(request, control, key, newer)
             usable = isinstance(decision, Revalidate) or decision.stale is not None
+            if usable and stored is not None and request.method == "GET":
+                busy = self._busy_stale(request, control, key, stored)
+                if busy is not None:
+                    return busy
             # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
             fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
             answer = await self._fetch(request, key, stored if usable else None, decision)
@@ -199,6 +216,70 @@ class Cache:
                 answer.cache_detail = f"fwd={fwd}" + (f"; detail={hooks}" if hooks else "")
             return answer
         assert_never(decision)
+
+    def _busy_stale(
+        self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored
+    ) -> ProxyResponse | None:
+        """Stale-while-busy: the stored answer at once when the request's token is further off
+        than ``budget.busy_after`` (:func:`~proxy.cache.policy.stale_while_busy` decides), and
+        a refresh behind at batch priority; None: the request goes on as usual."""
+        expected = self.busy
+        if expected is None:
+            return None
+        entry = stored.entry
+        window = _busy_window(entry.path, self.rules(), self.config.stale_while_busy)
+        decision = stale_while_busy(
+            entry,
+            control,
+            self.clock(),
+            window=window,
+            wait=lambda: expected(request.account, request.caller, request.priority),
+            busy_after=self.busy_after,
+        )
+        if not isinstance(decision, BusyStale):
+            return None
+        self.answers.count("stale", "busy")
+        self._refresh(key, request, stored)
+        answer = self.answers.from_store(request, stored, "STALE", decision.age)
+        answer.cache_detail = "fwd=stale; detail=budget"
+        return answer
+
+    def _refresh(self, key: str, request: ProxyRequest, stored: Stored) -> None:
+        """A background revalidation of ``stored``, at batch priority, one per key (none
+        while one is out, or while a caller's fetch of the key is). Not joinable: a caller's
+        own fetch never waits behind it at batch priority. The budget drops it once it is no
+        longer useful: the entry was invalidated or replaced by a newer one meanwhile, or no
+        token comes within ``budget.max_wait``."""
+        if key in self.refreshes or key in self.flights:
+            return
+        started: list[Flight] = []
+
+        def wanted() -> bool:
+            return not started or self._still_wanted(started[0], stored)
+
+        background = replace(
+            request,
+            method="GET",
+            caller=REFRESHER,
+            priority="batch",
+            deadline=asyncio.get_running_loop().time() + self.total_timeout,
+            wanted=wanted,
+        )
+        flight = self._start(key, background, stored, alone=True, unwanted=True)
+        started.append(flight)
+        self.refreshes[key] = flight
+
+        def over(_: object) -> None:
+            if self.refreshes.get(key) is flight:
+                del self.refreshes[key]
+
+        flight.done.add_done_callback(over)
+
+    def _still_wanted(self, flight: Flight, stored: Stored) -> bool:
+        if self.entries.stale(flight, stored.entry):
+            return False  # invalidated since: the next caller fetches anew
+        current = self.entries.hot(flight.key)
+        return current is None or current.entry.response_time <= stored.entry.response_time
 
     def fresh_hit(
         self,
@@ -342,8 +423,9 @@ class Cache:
                 await self.invalidator.apply(inv)
 
     async def close(self) -> None:
-        await self.entries.close()
+        # Flights first: a flight cancelled here finishes against the tier (Redis) still open.
         await self.flights.close()
+        await self.entries.close()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -357,3 +439,13 @@ def _webhook_rule(path: str, rules: tuple[CacheRule, ...]) -> CacheRule | None:
     """The rule for ``path`` if it opts in to webhooks (``webhooks = true``)."""
     rule = rule_for(path, rules)
     return rule if rule is not None and rule.webhooks else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _busy_window(path: str, rules: tuple[CacheRule, ...], default: float) -> float:
+    """Seconds past freshness ``path``'s entries may answer while the budget is busy: its
+    rule's ``stale_while_busy`` where set, else ``cache.stale_while_busy``."""
+    rule = rule_for(path, rules)
+    if rule is not None and rule.stale_while_busy is not None:
+        return rule.stale_while_busy
+    return default

@@ -4,6 +4,7 @@ No I/O, no aiohttp, no clock of its own: every function takes ``now``. The drive
 (:mod:`proxy.cache.layer`) matches on the small frozen decisions returned here::
 
     lookup(...)  -> FreshHit | ServeStale | Revalidate | Miss | OnlyIfCachedMiss
+    stale_while_busy(...) -> BusyStale | NotBusyStale
     bypass(...)  -> Bypass | None
     to_entry(...) -> Entry | NotStorable
     merge_304(...) -> Entry | None
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -614,6 +615,66 @@ def stale_on_error(
     if unreachable and not _explicit_stale_if_error(entry):
         window = default
     return entry.staleness(now) <= window
+
+
+# Why a stored response does not answer at once while the budget is busy (the lookup
+# metric's and the debug line's reason; "busy" when it does).
+NotBusyStale = Literal[
+    "off", "fresh", "strict", "no_cache", "max_age", "min_fresh", "max_stale", "too_stale",
+    "not_busy",
+]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class BusyStale:
+    """Answer the stale entry now: the account's budget is busy (stale-while-busy). A
+    revalidation follows at batch priority."""
+
+    entry: Entry
+    age: float
+
+
+def stale_while_busy(
+    entry: Entry,
+    control: RequestControl,
+    now: float,
+    *,
+    window: float,
+    wait: Callable[[], float],
+    busy_after: float,
+) -> BusyStale | NotBusyStale:
+    """Whether a stale stored response answers a GET at once because the request would wait
+    ``wait()`` seconds for a budget token, more than ``busy_after``: only within ``window``
+    seconds past its freshness (``cache.stale_while_busy`` or its rule's; 0: off). ``wait``
+    is asked last, only when all else allows (an estimate with a cost, no I/O).
+
+    Never for an entry that must be revalidated once stale (``no-cache``, ``must-revalidate``,
+    ``proxy-revalidate``, ``s-maxage``: :data:`STRICT_DIRECTIVES`), nor for a caller who asks
+    for validation (``no-cache``, ``max-age``: RFC 9111 5.2.1.1, 5.2.1.4) or for freshness
+    (``min-fresh``, 5.2.1.3). A caller's ``max-stale=N`` bounds the staleness further
+    (5.2.1.2; ``max-stale=0`` opts out); a bare ``max-stale`` leaves the window as it is
+    (the proxy's bound holds: RFC 9111 4.2.4 lets a cache serve stale only where allowed).
+    """
+    if window <= 0:
+        return "off"
+    staleness = entry.staleness(now)
+    if staleness <= 0:
+        return "fresh"
+    if entry.strict:
+        return "strict"
+    if control.no_cache:
+        return "no_cache"
+    if control.max_age is not None:
+        return "max_age"
+    if control.min_fresh is not None:
+        return "min_fresh"
+    if control.max_stale is not None and staleness > control.max_stale:
+        return "max_stale"
+    if staleness > window:
+        return "too_stale"
+    if wait() <= busy_after:
+        return "not_busy"
+    return BusyStale(entry, entry.age(now))
 
 
 def _explicit_stale_if_error(entry: Entry) -> bool:

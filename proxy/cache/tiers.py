@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 from proxy.cache.disk import BodySink
-from proxy.cache.flight import Flight, Flights, Outcome
+from proxy.cache.flight import Dropped, Flight, Flights, Outcome
 from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
@@ -54,6 +54,10 @@ class Entries(Protocol):
         ...
 
     def may_store(self, flight: Flight, entry: Entry) -> bool: ...
+
+    def stale(self, flight: Flight, entry: Entry) -> bool:
+        """Whether a change came while the flight was out (what it got may be old)."""
+        ...
 
     async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
         """Store a body spilled to a file, now whole (None: it could not be stored)."""
@@ -197,6 +201,9 @@ class RedisEntries(LocalEntries):
         if claim is None:
             return await fetch()
         flight.claimed(claim.gen, claim.owner)
+        if claim.owner is None and flight.request.wanted is not None:
+            # A background refresh while another replica fetches the key: that one will do.
+            raise Dropped(flight.key)
         if claim.owner is None:
             found = await self.records.wait(account, flight.key, self.coalesce_wait)
         else:  # the lock's last owner may have stored it since this flight's lookup

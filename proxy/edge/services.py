@@ -32,7 +32,7 @@ from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidator, Purge
-from proxy.cache.layer import Cache
+from proxy.cache.layer import Cache, ExpectedWait
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
@@ -274,7 +274,15 @@ async def _build(
         stack.push_async_callback(store.close)
         # cache: outermost, so fresh hits cost nothing below it.
         layer = cache = await build_cache(
-            stack, layer, store, settings, groups.cache, clock, shared, live.cache
+            stack,
+            layer,
+            store,
+            settings,
+            groups.cache,
+            clock,
+            shared,
+            live.cache,
+            budget.expected_wait,
         )
         checks["cache"] = store_problem(store)
         groups.cache.watch_store(store.gauges)
@@ -356,6 +364,7 @@ async def build_cache(
     clock: WallClock,
     shared: Backend,
     current: Callable[[], LiveCache],
+    busy: ExpectedWait | None = None,
 ) -> Cache:
     """The cache's rooms, each built once and handed what it needs: flights, the tier
     (chosen here, once), the broadcast, and the invalidator they all send changes to."""
@@ -370,7 +379,8 @@ async def build_cache(
             shared.cache,
             metrics,
             max_entry_size=config.max_entry_size,
-            stale_if_error=config.stale_if_error,
+            # Kept in Redis as long as a stale copy may still answer (error or busy budget).
+            stale_if_error=max(config.stale_if_error, config.stale_while_busy),
             lock_ttl=settings.upstream.total_timeout,
             accounts=tuple(settings.accounts),
             announce_all=None
@@ -389,6 +399,7 @@ async def build_cache(
         flights=flights,
         invalidator=invalidator,
         feeds=Feeds(tuple(settings.accounts), enabled=settings.webhooks.enabled),
+        busy=busy,
     )
     stack.push_async_callback(cache.close)
     if broadcast is not None:

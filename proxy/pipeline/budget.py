@@ -6,9 +6,9 @@ upstream, so every request that reaches Kounta (revalidations and resends after 
 token refresh included) takes a token first, while fresh cache hits never get here.
 
 - :class:`~proxy.pipeline.gates.Bucket` holds the account's tokens and its window's log.
-- :class:`AccountBudget` makes requests wait for a token in a bounded queue, handing
-  tokens out by class (interactive, standard, batch: weighted fair queuing, see
-  :mod:`proxy.pipeline.queue`) and round robin over callers within a class, so one busy
+- :class:`~proxy.pipeline.account_budget.AccountBudget` makes requests wait for a token
+  in a bounded queue, handing tokens out by class (interactive, standard, batch: weighted fair
+  queuing, see :mod:`proxy.pipeline.queue`) and round robin over callers within a class, so one busy
   caller cannot starve the others and a batch walk cannot hold up a till. Batch requests
   never take the last ``budget.reserve`` of the burst and of the window's cap.
   A request whose wait would pass its limit (``budget.max_wait``, never past the
@@ -28,50 +28,19 @@ Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis ins
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import math
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
 
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
-from proxy.logs import debug, event, trace
+from proxy.logs import debug, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
-from proxy.pipeline.classstats import ClassStats
-from proxy.pipeline.gates import (
-    Bucket,
-    Gate,
-    LocalGate,
-    Rate,
-    SharedGate,
-    Waiting,
-    capped,
-    effective_rate,
-    live_rate,
-    pause_asked,
-    rate_for,
-)
+from proxy.pipeline.account_budget import AccountBudget
+from proxy.pipeline.gates import Gate, Rate, SharedGate, live_rate, rate_for
 from proxy.pipeline.metrics import PipelineMetrics
-from proxy.pipeline.queue import (
-    CLASSES,
-    DEFAULT_CLASS,
-    ClassQueue,
-    Grant,
-    QueueState,
-    activated,
-    decide,
-    order,
-    served,
-    weights_of,
-)
 from proxy.settings import (
     CLASS_SHARES,
-    BudgetSettings,
     CallerSettings,
     LiveAccount,
     LiveBudget,
@@ -81,418 +50,9 @@ from proxy.settings import (
 )
 from proxy.shared import Backend
 
+__all__ = ["AccountBudget", "Budget"]
+
 RESENT_AFTER_429 = frozenset({"GET", "HEAD"})
-
-# In estimates, the other replicas' waiting requests of a class (no caller name has a "~").
-OTHERS = "~others"
-# A turn this close to a request's limit is as good as too late: the dispatcher wakes a few
-# milliseconds after a token is due on a busy loop, and such a request would wait its whole
-# limit for a 429 instead of hearing it at once.
-TURN_MARGIN = 0.05
-
-
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[None]
-    limit: float
-    started: float = 0.0
-    klass: str = DEFAULT_CLASS
-
-
-def _no_cap(caller: str) -> float:
-    return 1.0
-
-
-class AccountBudget:
-    """One account's bucket and its queue of waiting requests: classes by weight, callers
-    round robin within a class (the discipline is :mod:`proxy.pipeline.queue`)."""
-
-    def __init__(
-        self,
-        name: str,
-        rate: Rate,
-        settings: BudgetSettings,
-        clock: Clock,
-        metrics: PipelineMetrics,
-        gate: Gate | None = None,
-        shares: Callable[[str], float] = _no_cap,
-    ) -> None:
-        self.name = name
-        self.rate = rate
-        self.settings = settings
-        self.clock = clock
-        self.metrics = metrics
-        self.gate: Gate = gate or LocalGate(Bucket(rate, clock.now()))
-        # The local bucket: the whole budget (local), or the fallback share (shared).
-        self.bucket = self.gate.bucket
-        # A caller's max_share (live settings: a reload may change it).
-        self.shares = shares
-        # class -> caller -> its waiting requests; the order of callers is the round robin.
-        self.queues: dict[str, OrderedDict[str, deque[_Waiter]]] = {
-            k: OrderedDict() for k in CLASSES
-        }
-        self.weights = weights_of(settings.weights)
-        self.starts = dict.fromkeys(CLASSES, 0.0)  # the classes' start tags
-        self.vtime = 0.0
-        self.recent: deque[tuple[float, str, str]] = deque()  # grants, for max_share
-        self.waiting = 0
-        if isinstance(self.gate, SharedGate):  # the fleet's queue has classes too
-            self.gate.waiting = self.demand
-            self.gate.weights = self._weights_tuple()
-        self._dispatcher: asyncio.Task[None] | None = None
-        # Set when a request of a class the reserve does not hold back joins while the
-        # dispatcher sleeps for a batch request the reserve holds back.
-        self._wake = asyncio.Event()
-        self._held_back = False
-        self.upstream_429s = 0
-        self.rejected = 0
-        metrics.budget_tokens.labels(name).set_function(self.available)
-        metrics.budget_queue.labels(name).set_function(lambda: self.waiting)
-        metrics.budget_paused.labels(name).set_function(self.paused_for)
-        metrics.budget_effective.labels(name).set_function(lambda: self.effective()[0])
-        # Pre-create the counters' series so that rate() and alerts see a zero, not nothing.
-        metrics.budget_upstream_429.labels(name)
-        for reason in ("deadline", "queue_full"):
-            metrics.budget_rejections.labels(name, reason)
-        # Per class: served, refused, recent waits and sends (GET /budget).
-        self.stats = ClassStats(self._span)
-        for klass in CLASSES:
-            metrics.budget_wait.labels(name, klass)
-            metrics.budget_served.labels(name, klass)
-            metrics.budget_refused.labels(name, klass)
-
-    def retune(self, rate: Rate) -> None:
-        """A reload changed the account's rate: keep what was sent, cap the tokens."""
-        if rate == self.rate:
-            return
-        self.rate = rate
-        self.gate.retune(rate)
-        self.metrics.budget_limit.labels(self.name).set(rate.per_window)
-        event("budget_rate_changed", account=self.name, rate=rate.per_window, burst=rate.burst)
-
-    def reclass(self, settings: BudgetSettings) -> None:
-        """A reload may have changed the weights or the reserve."""
-        self.settings = settings
-        self.weights = weights_of(settings.weights)
-        if isinstance(self.gate, SharedGate):
-            self.gate.weights = self._weights_tuple()
-
-    def _weights_tuple(self) -> tuple[float, float, float]:
-        w = self.weights
-        return (w["interactive"], w["standard"], w["batch"])
-
-    def by_class(self) -> tuple[int, int, int]:
-        """This process's waiting requests by class (interactive, standard, batch)."""
-        return self.demand()[0]
-
-    def demand(self) -> Waiting:
-        """This process's waiting requests by class, and how long the oldest of each has
-        waited (what the fleet's queue is told)."""
-        now = self.clock.now()
-        counts, ages = [], []
-        for klass in CLASSES:
-            live = [w for q in self.queues[klass].values() for w in q if not w.future.done()]
-            counts.append(len(live))
-            ages.append(max(0.0, now - min((w.started for w in live), default=now)))
-        return (counts[0], counts[1], counts[2]), (ages[0], ages[1], ages[2])
-
-    def available(self) -> float:
-        return self.bucket.available(self.clock.now())
-
-    def paused_for(self) -> float:
-        return max(0.0, self.bucket.paused_until - self.clock.now())
-
-    def limit_for(self, deadline: float) -> float:
-        return min(deadline, self.clock.now() + self.settings.max_wait)
-
-    def reserve_for(self, klass: str) -> float:
-        return self.settings.reserve if klass == "batch" else 0.0
-
-    async def acquire(self, caller: str, limit: float, klass: str = DEFAULT_CLASS) -> float:
-        """Wait for a token until ``limit`` (clock time); returns the seconds waited."""
-        started = self.clock.now()
-        if self.waiting == 0:
-            wait = await self.gate.try_take(started, klass, self.reserve_for(klass))
-            if wait <= 0:
-                self._served(klass, 0.0, started)
-                return 0.0
-            at = started + wait
-            # Shared: other replicas' waiting requests may come first (the fleet's queue).
-            turn = max(at, self.gate.ready_after(started, self.ahead_of(caller, klass)))
-        else:
-            at = self.gate.ready_at(started)
-            # The queue ahead counts: a request whose turn comes after its limit hears so
-            # now, with the time its turn would have come, instead of waiting for nothing.
-            turn = self.gate.ready_after(started, self.ahead_of(caller, klass))
-        if turn > limit - TURN_MARGIN:
-            raise self._reject("deadline", turn - started, klass)
-        if self.waiting >= self.settings.queue_size:
-            raise self._reject("queue_full", at - started, klass)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), limit, started, klass)
-        self._enqueue(klass, caller, waiter)
-        if self._held_back and klass != "batch":
-            self._wake.set()
-        # The newcomer may be served before some who queued earlier (a higher class, or round
-        # robin): whoever it pushes past their limit hears so now, not when the limit comes.
-        self._recheck(started)
-        self._expire(started)
-        self._start_dispatcher()
-        await waiter.future
-        now = self.clock.now()
-        waited = now - started
-        self._served(klass, waited, now)
-        return waited
-
-    def _served(self, klass: str, waited: float, now: float) -> None:
-        self.metrics.budget_wait.labels(self.name, klass).observe(waited)
-        self.metrics.budget_served.labels(self.name, klass).inc()
-        self.stats.served(klass, waited, now)
-
-    def _enqueue(self, klass: str, caller: str, waiter: _Waiter) -> None:
-        queues = self.queues[klass]
-        if not queues:  # the class joins at the current virtual time: no credit saved up
-            self.starts[klass] = max(self.starts[klass], self.vtime)
-        queues.setdefault(caller, deque()).append(waiter)
-        self.waiting += 1
-
-    def state(self, now: float, fleet: bool = False) -> QueueState:
-        """The queue as the pure discipline sees it (live waiters only). With ``fleet``, for
-        estimates: other replicas' waiting requests (shared) stand first in each class's round
-        as one caller, :data:`OTHERS`."""
-        classes = {}
-        caps: dict[str, float] = {}
-        others = self._others() if fleet else {}
-        for klass, queues in self.queues.items():
-            callers = [(OTHERS, others[klass])] if others.get(klass) else []
-            for caller, queue in queues.items():
-                live = sum(1 for w in queue if not w.future.done())
-                if live:
-                    callers.append((caller, live))
-                    if (share := self.shares(caller)) < 1.0:
-                        caps[caller] = share
-            classes[klass] = ClassQueue(self.weights[klass], self.starts[klass], tuple(callers))
-        recent = tuple(self.recent) if caps else ()
-        return QueueState(classes, self.vtime, recent, self._span(), caps)
-
-    def _others(self) -> dict[str, int]:
-        if not isinstance(self.gate, SharedGate) or self.gate.mode() != "shared":
-            return {}
-        mine = self.gate.mine  # what this replica told Redis when it said the fleet's
-        return {k: max(0, self.gate.fleet[i] - mine[i]) for i, k in enumerate(CLASSES)}
-
-    def _span(self) -> float:
-        return self.rate.window + self.rate.margin
-
-    def ahead_of(self, caller: str, klass: str = DEFAULT_CLASS) -> int:
-        """Waiters served before a new request of ``caller`` in ``klass``, in the order the
-        discipline would serve them if no one else joined. Shared, the fleet's queue counts:
-        other replicas' requests of the class all came first (the fleet is first come, first
-        served within a class), and those of other classes as the weights interleave them."""
-        now = self.clock.now()
-        state = activated(self.state(now, fleet=True), klass)
-        queue = state.classes[klass]
-        others = dict(queue.callers).get(OTHERS, 0)
-        own = dict(queue.callers).get(caller, 0)
-        callers = (*queue.callers, (caller, 1))
-        if own:  # keep the caller's place in the round
-            callers = tuple((c, n + 1 if c == caller else n) for c, n in queue.callers)
-        state = replace(state, classes={**state.classes, klass: replace(queue, callers=callers)})
-        mine = 0
-        for position, grant in enumerate(order(state, now)):
-            if grant == Grant(klass, OTHERS):
-                others -= 1
-            elif grant == Grant(klass, caller):
-                mine += 1
-                if mine > own:
-                    return position + others
-        return self.waiting  # not reached: the new request is in the state
-
-    def _reject(self, reason: str, wait: float, klass: str) -> RateLimited:
-        self.rejected += 1
-        self.stats.refused[klass] += 1
-        self.metrics.budget_rejections.labels(self.name, reason).inc()
-        self.metrics.budget_refused.labels(self.name, klass).inc()
-        # A deadline's wait already counts the queue ahead; a full queue drains at the pace.
-        backlog = self.waiting / self.rate.per_second if reason == "queue_full" else 0.0
-        retry_after = whole_seconds(max(wait, backlog))
-        if reason == "queue_full":
-            text = f"Too many requests are waiting for account {self.name!r}'s rate budget"
-        else:
-            text = (
-                f"Kounta's rate limit for account {self.name!r} leaves no room for this "
-                "request before its deadline"
-            )
-        event("budget_rejected", account=self.name, reason=reason, retry_after=retry_after)
-        return RateLimited(f"{text}; retry after {retry_after}s", retry_after=retry_after)
-
-    def _start_dispatcher(self) -> None:
-        if self._dispatcher is None:
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
-
-    async def _dispatch(self) -> None:
-        """Hand out tokens to the waiters as the discipline orders them, until none wait."""
-        try:
-            while self.waiting:
-                now = self.clock.now()
-                self._recheck(now)
-                self._expire(now)
-                state = self.state(now)
-                grant = decide(state, now)
-                if grant is None:
-                    break
-                wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
-                held_back = False
-                if wait > 0 and self.reserve_for(grant.klass) > 0:
-                    # The reserve holds batch back: a request of another class may still go.
-                    other = decide(state, now, frozenset({grant.klass}))
-                    held_back = other is None
-                    if other is not None:
-                        grant, first = other, wait
-                        wait = await self.gate.try_take(now, grant.klass)
-                        wait = 0.0 if wait <= 0 else min(first, wait)
-                if wait <= 0:
-                    self._grant(grant, now)
-                    continue
-                # A waiter that joins while we sleep has a limit after `at` (else it was
-                # refused at once), so sleeping until the next token or the earliest
-                # limit never lets a limit pass unnoticed.
-                await self._sleep(min(now + wait, self._earliest_limit()) - now, held_back)
-        finally:
-            self._dispatcher = None
-
-    async def _sleep(self, seconds: float, held_back: bool) -> None:
-        if not held_back:
-            await self.clock.sleep(seconds)
-            return
-        self._held_back = True
-        self._wake.clear()
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._held_back = False
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
-
-    def _grant(self, grant: Grant, now: float) -> None:
-        new = served(self.state(now), grant, now)
-        self.starts[grant.klass] = new.classes[grant.klass].start
-        self.vtime = new.vtime
-        self.recent.append((now, grant.klass, grant.caller))
-        while self.recent and self.recent[0][0] <= now - self._span():
-            self.recent.popleft()
-        queues = self.queues[grant.klass]
-        queue = queues.pop(grant.caller)
-        while queue:
-            waiter = queue.popleft()
-            self.waiting -= 1
-            if not waiter.future.done():  # skip requests whose caller went away
-                waiter.future.set_result(None)
-                break
-        if queue:
-            queues[grant.caller] = queue  # to the back of the class's round
-
-    def _recheck(self, now: float) -> None:
-        """Refuse at once each waiter whose turn, in the discipline's order behind those now
-        ahead of it, would come after its limit: requests that joined later can be served
-        before it, so the estimate it was admitted on may no longer hold."""
-        lines = {
-            (klass, caller): [w for w in queue if not w.future.done()]
-            for klass, queues in self.queues.items()
-            for caller, queue in queues.items()
-        }
-        taken: dict[tuple[str, str], int] = {}
-        position = 0
-        for grant in order(self.state(now, fleet=True), now):
-            if grant.caller == OTHERS:  # another replica's request: ahead, not ours to refuse
-                position += 1
-                continue
-            key = (grant.klass, grant.caller)
-            index = taken.get(key, 0)
-            taken[key] = index + 1
-            waiter = lines[key][index]
-            turn = self.gate.ready_after(now, position)
-            if turn > waiter.limit - TURN_MARGIN:
-                waiter.future.set_exception(self._reject("deadline", turn - now, waiter.klass))
-            else:
-                position += 1
-
-    def _expire(self, now: float) -> None:
-        for queues in self.queues.values():
-            for caller in list(queues):
-                queue = queues[caller]
-                kept = deque(w for w in queue if not w.future.done() and w.limit > now)
-                for waiter in queue:
-                    if not waiter.future.done() and waiter.limit <= now:
-                        at = self.gate.ready_after(now, self.waiting - 1)
-                        refusal = self._reject("deadline", at - now, waiter.klass)
-                        waiter.future.set_exception(refusal)
-                self.waiting -= len(queue) - len(kept)
-                if kept:
-                    queues[caller] = kept
-                else:
-                    del queues[caller]
-
-    def _earliest_limit(self) -> float:
-        return min(
-            (w.limit for qs in self.queues.values() for q in qs.values() for w in q),
-            default=math.inf,
-        )
-
-    def upstream_limited(self, headers: Mapping[str, str], wall_now: float) -> float:
-        """Kounta answered 429: pause the bucket; returns the seconds of the pause."""
-        self.upstream_429s += 1
-        self.metrics.budget_upstream_429.labels(self.name).inc()
-        asked = pause_asked(headers, wall_now)
-        honoured, cut = capped(asked, self.settings.longest_pause)
-        seconds = self.bucket.pause(
-            self.clock.now(), honoured, self.settings.backoff_initial, self.settings.backoff_max
-        )
-        fields: dict[str, Any] = {"account": self.name, "pause": round(seconds, 3)}
-        if asked is not None:
-            fields["asked"] = round(asked, 3)
-        if cut:
-            # Said at warning level: the operator learns Kounta asked for more than we gave.
-            fields["capped_at"] = self.settings.longest_pause
-            event("upstream_rate_limited", logging.WARNING, **fields, capped=True)
-        else:
-            event("upstream_rate_limited", **fields)
-        return seconds
-
-    def effective(self) -> tuple[int, str]:
-        """What this process may send per window now, and why (``/budget``, the gauge)."""
-        return effective_rate(self.gate, self.rate)
-
-    def status(self) -> dict[str, Any]:
-        now = self.clock.now()
-        effective, why = self.effective()
-        return {
-            "rate": self.rate.per_window,
-            "effective_rate": effective,
-            "effective_reason": why,
-            "mode": self.gate.mode(),
-            "window_seconds": self.rate.window,
-            "burst": self.rate.burst,
-            "reserve": self.settings.reserve,
-            "tokens": round(self.bucket.available(now), 3),
-            "sent_in_window": len(self.bucket.sent),
-            "waiting": self.waiting,
-            "waiting_callers": len({c for qs in self.queues.values() for c in qs}),
-            "paused_for": round(self.paused_for(), 3),
-            "backoff": self.bucket.backoff,
-            "upstream_429s": self.upstream_429s,
-            "rejected": self.rejected,
-            "classes": self.stats.status(now, self.by_class(), self.weights),
-        }
-
-    async def close(self) -> None:
-        task, self._dispatcher = self._dispatcher, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await self.gate.close()
 
 
 class Budget:
@@ -542,6 +102,11 @@ class Budget:
             name, rate, self.settings, self.clock, self.metrics, gate, self.max_share
         )
 
+    def expected_wait(self, account: str, caller: str, klass: str) -> float:
+        """Seconds a request of ``caller`` in ``klass`` would now wait for a token of
+        ``account`` (:meth:`AccountBudget.expected_wait`: no token taken, no round trip)."""
+        return self.account(account).expected_wait(caller, klass)
+
     def max_share(self, caller: str) -> float:
         found = self.callers().get(caller)
         return found.max_share if found is not None else 1.0
@@ -566,7 +131,7 @@ class Budget:
         limit = budget.limit_for(request.deadline)
         now = trace()
         while True:
-            waited = await budget.acquire(request.caller, limit, request.priority)
+            waited = await budget.acquire(request.caller, limit, request.priority, request.wanted)
             now.budget_wait += waited
             debug(
                 "budget_taken",

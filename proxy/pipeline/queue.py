@@ -15,8 +15,9 @@ its turn to callers of the class under their share (it is still served when only
 their share wait: the cap never leaves a token unused).
 
 :func:`decide` is a function of a :class:`QueueState` and the time; :func:`served` is the state
-after a grant, and :func:`order` the grants to come. :class:`proxy.pipeline.budget.AccountBudget`
-drives them with the real waiters and the real bucket.
+after a grant, and :func:`order` the grants to come.
+:class:`proxy.pipeline.account_budget.AccountBudget` drives them with the real waiters and the
+real bucket.
 """
 
 from __future__ import annotations

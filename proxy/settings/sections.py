@@ -326,6 +326,9 @@ class CacheRule:
     # otherwise fallback_fresh_for (0: revalidate every time).
     webhooks: bool = False
     fallback_fresh_for: float = 0.0
+    # Seconds past freshness it answers at once while the budget is busy; unset: the
+    # [cache] stale_while_busy.
+    stale_while_busy: float | None = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -335,6 +338,8 @@ class CacheRule:
         )
         if self.fallback_fresh_for > self.fresh_for:
             raise Invalid("fallback_fresh_for", "must not exceed fresh_for")
+        if self.stale_while_busy is not None and self.stale_while_busy < 0:
+            raise Invalid("stale_while_busy", "must not be negative")
 
 
 @dataclass(frozen=True)
@@ -358,9 +363,16 @@ class CacheSettings:
     # say must-revalidate, proxy-revalidate, no-cache or s-maxage. A rule's or the
     # response's own stale-if-error wins where set. 0: off.
     stale_if_error: float = 300.0
+    # Seconds past freshness a stored GET answers at once (X-Cache: STALE) while the account's
+    # budget is busy (a token further off than budget.busy_after), refreshed behind at batch
+    # priority; never for must-revalidate, proxy-revalidate, no-cache or s-maxage answers, nor
+    # for a caller's no-cache or max-stale=0. 0: off.
+    stale_while_busy: float = 0.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "max_size", "max_entry_size", "memory_size", "stale_if_error")
+        _not_negative(
+            self, "max_size", "max_entry_size", "memory_size", "stale_if_error", "stale_while_busy"
+        )
         if self.max_entry_size > self.max_size:
             raise Invalid("max_entry_size", "must not exceed max_size")
         _positive(self, "coalesce_wait")

@@ -129,3 +129,45 @@ async def test_the_429_at_once_counts_the_fleets_queue(backends: list[RedisBacke
     await asyncio.gather(*waiting, return_exceptions=True)
     await a.close()
     await b.close()
+
+
+async def test_the_expected_wait_counts_the_fleets_queue_as_the_last_take_said(
+    backends: list[RedisBackend],
+) -> None:
+    """Stale-while-busy's estimate (no round trip: a plain call): replica B's own queue is
+    empty, but once a take told it A's batch queue, a batch request on B expects to wait
+    behind it, and an interactive one does not."""
+    a, b = replica(backends[0]), replica(backends[1])
+    waiting = [
+        asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch")) for _ in range(15)
+    ]
+    await asyncio.sleep(0.3)  # A's dispatcher has told Redis about its queue
+    # B has not asked Redis since: it knows no queue, and errs toward "not busy".
+    assert b.expected_wait("export", "batch") < 0.25
+    await b.acquire("till", b.clock.now() + 0.6, "interactive")  # ahead of A's batch queue
+    assert b.gate.fleet[2] >= 10  # type: ignore[attr-defined]
+    assert b.expected_wait("export", "batch") > 1.0  # behind ~14 batch slots of 0.105 s
+    assert b.expected_wait("till", "interactive") < 0.25
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await a.close()
+    await b.close()
+
+
+async def test_a_replica_asks_for_the_class_the_fleet_serves_when_its_own_order_differs(
+    backends: list[RedisBackend],
+) -> None:
+    """The replica's own discipline puts its batch request first, the fleet's (Redis) its
+    standard one: the replica asks for the class the fleet serves instead of asking for batch
+    until the standard request's limit passes (and leaving the slots unused meanwhile)."""
+    a = replica(backends[0])
+    await a.acquire("warm", a.clock.now() + FAR, "standard")  # the burst's one token
+    a.starts["standard"] = 50.0  # this replica's own order: batch before standard
+    batch = asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch"))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await a.acquire("till", a.clock.now() + 2.0, "standard")
+    assert time.monotonic() - started < 1.0
+    assert await batch < 2.0
+    await a.close()

@@ -54,6 +54,8 @@ async def test_a_missed_change_distrusts_the_feed_and_the_fallback_applies(quick
         await read(url)  # keeps the entry among the recent webhook-fresh reads
         await asyncio.sleep(0.05)
     assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 0
+    # The verifier's checks are background work: budget class batch.
+    assert sample(h, "kounta_proxy_budget_served_total", account="main", **{"class": "batch"})
     # The stale entry was dropped at once; then fallback_fresh_for = 0: every read asks
     # Kounta, and says why.
     assert (await read(url))[0] == "MISS"
@@ -167,8 +169,15 @@ async def test_the_registration_check_distrusts_a_feed_with_no_webhook_at_the_ad
         assert r.status == 201
     await until("kounta_proxy_webhook_registered", 1)
     assert gauge("kounta_proxy_webhook_feed_healthy") == 1
-    # The checks were the verifier's own requests, and went below the cache.
+    # The checks were the verifier's own requests, and went below the cache, as batch.
     assert sandbox.state.served(path="/v1/companies/me/webhooks.json") >= 2
+    served = {
+        klass: proxy.registry.get_sample_value(
+            "kounta_proxy_budget_served_total", {"account": "main", "class": klass}
+        )
+        for klass in ("standard", "batch")
+    }
+    assert served["standard"] == 0 and (served["batch"] or 0) >= 2, served
 
 
 async def test_entries_stored_before_a_distrust_ended_are_revalidated_once(

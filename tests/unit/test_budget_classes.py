@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.errors import RateLimited
 from proxy.pipeline.budget import AccountBudget
 from proxy.pipeline.gates import Bucket, Rate
 from proxy.pipeline.metrics import PipelineMetrics
@@ -218,3 +219,55 @@ def test_weights_and_priorities_are_checked(tmp_path: object) -> None:
         load(env={key: "k" * 20, "KOUNTA_PROXY_CALLERS__TILL__PRIORITY": "urgent"})
     with pytest.raises(ConfigError, match=r"callers\.till\.max_share\): must be above 0"):
         load(env={key: "k" * 20, "KOUNTA_PROXY_CALLERS__TILL__MAX_SHARE": "1.5"})
+
+
+async def test_the_expected_wait_counts_the_queue_the_class_would_meet() -> None:
+    """What stale-while-busy asks: no token taken, the discipline's order counted."""
+    clock = ManualClock()
+    account = budget(clock)
+    assert account.expected_wait("till", "interactive") == 0.0  # a token at hand
+    served = Served(account)
+    served.start("sync", "batch", 6)  # the first takes the token, five wait
+    await settle()
+    assert account.expected_wait("till", "interactive") == pytest.approx(1.0)
+    assert account.expected_wait("other", "batch") == pytest.approx(2.0)  # round robin
+    assert account.expected_wait("sync", "batch") == pytest.approx(6.0)  # behind its own five
+    assert account.waiting == 5 and served.order == ["batch"]  # nothing taken by asking
+    await served.close()
+
+
+async def test_a_background_request_no_longer_wanted_is_dropped_and_its_turn_passes_on() -> None:
+    clock = ManualClock()
+    account = budget(clock)
+    served = Served(account)
+    served.start("warm", "standard")  # takes the one token at hand
+    await settle()
+    useful = [True]
+    background = asyncio.create_task(
+        account.acquire("cache-refresh", FAR, "batch", lambda: useful[0])
+    )
+    served.start("sync", "batch")
+    await settle()
+    useful[0] = False  # e.g. the entry was replaced meanwhile
+    await clock.advance(1.0)
+    with pytest.raises(RateLimited):
+        await background
+    assert served.order == ["standard", "batch"]  # the walker had the token at 1 s
+    assert account.rejected == 0  # nobody heard a refusal: not counted as one
+    assert account.stats.refused["batch"] == 0
+    await served.close()
+
+
+async def test_a_background_request_that_cannot_be_served_in_time_is_dropped_uncounted() -> None:
+    clock = ManualClock()
+    account = budget(clock)
+    served = Served(account)
+    served.start("sync", "batch", 5)
+    await settle()
+    with pytest.raises(RateLimited):
+        await account.acquire("cache-refresh", clock.now() + 2.0, "batch", lambda: True)
+    assert account.rejected == 0
+    with pytest.raises(RateLimited):  # a caller's request is refused and counted
+        await account.acquire("till", clock.now() + 2.0, "batch")
+    assert account.rejected == 1
+    await served.close()

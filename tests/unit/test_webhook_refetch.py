@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
-from proxy.metrics_webhooks import WebhookMetrics
 
 from proxy.cache.invalidation import Invalidation, Purge
 from proxy.cache.webhooks import refetch
+from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.cache.webhooks.refetch import Reads, Refetcher
 from proxy.messages import ProxyRequest, ProxyResponse
 from proxy.settings import Settings, WebhookSettings

@@ -78,10 +78,13 @@ class Answer:
 class Kounta:
     """JSON requests for one account through the given layers."""
 
-    def __init__(self, layer: Layer, account: str, caller: str = CALLER) -> None:
+    def __init__(
+        self, layer: Layer, account: str, caller: str = CALLER, priority: str = "standard"
+    ) -> None:
         self.layer = layer
         self.account = account
         self.caller = caller
+        self.priority = priority  # the budget class ("batch" for the verifier's checks)
 
     async def call(self, method: str, path: str, body: object = None, query: str = "") -> Answer:
         headers = CIMultiDict({"Accept": "application/json"})
@@ -97,6 +100,7 @@ class Kounta:
             body=raw,
             account=self.account,
             caller=self.caller,
+            priority=self.priority,
             request_id=f"{self.caller}-{uuid.uuid4().hex[:12]}",
             deadline=asyncio.get_running_loop().time() + TIMEOUT,
         )

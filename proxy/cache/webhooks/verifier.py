@@ -96,7 +96,7 @@ class Verifier:
         settings = self.current()
         try:
             address = registration.address_for(settings, account, None)
-            found = await registration.Kounta(self.inner, account, CALLER).webhooks()
+            found = await registration.Kounta(self.inner, account, CALLER, "batch").webhooks()
         except (registration.RegistrationError, ProxyError) as e:
             event("webhook_check_failed", logging.WARNING, account=account, error=str(e)[:200])
             return None
