@@ -149,8 +149,30 @@ class Flights:
         return flight
 
     async def join(self, flight: Flight, patience: float) -> Outcome:
-        """The flight's whole result; raises GoAlone (not shareable) or TimeoutError."""
-        return await asyncio.wait_for(asyncio.shield(flight.done), patience)
+        """The flight's whole result; raises GoAlone (not shareable) or TimeoutError.
+
+        ``asyncio.wait_for(asyncio.shield(flight.done), patience)`` without the two futures
+        and the task those add per waiter (most requests of a revalidated key are waiters):
+        a waiter's timeout or cancellation leaves ``flight.done`` alone all the same."""
+        done = flight.done
+        if not done.done():
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+
+            def wake(_: object = None) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            done.add_done_callback(wake)
+            timer = loop.call_later(patience, wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                done.remove_done_callback(wake)
+            if not done.done():
+                raise TimeoutError
+        return done.result()
 
     def cancel(self, change: Change) -> None:
         """Flights whose key ``change`` covers store nothing, and later requests start anew."""
