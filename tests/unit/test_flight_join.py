@@ -58,3 +58,32 @@ async def test_a_waiter_that_times_out_or_leaves_changes_nothing_for_the_others(
     assert len(f.done._callbacks) == 1  # type: ignore[attr-defined]
     settle(f.done, OUTCOME)
     assert await patient is OUTCOME
+
+
+async def test_each_waiter_times_out_at_its_own_deadline_and_the_rest_still_get_the_outcome() -> (
+    None
+):
+    flights = Flights()
+    f = flight()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    async def timed(patience: float) -> float | Outcome:
+        try:
+            return await flights.join(f, patience)
+        except TimeoutError:
+            return loop.time() - began
+
+    # A later waiter with less patience (a reload shortened coalesce_wait) goes first.
+    waiters = [asyncio.ensure_future(timed(p)) for p in (0.3, 5, 0.1, 0.2, 5)]
+    gone = asyncio.ensure_future(flights.join(f, 0.15))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.wait([waiters[0], waiters[2], waiters[3]], timeout=2)
+    first, _, short, middle, _ = (w.result() if w.done() else None for w in waiters)
+    assert isinstance(short, float) and isinstance(middle, float) and isinstance(first, float)
+    assert 0.1 <= short < middle < first < 2
+    assert first >= 0.3
+    settle(f.done, OUTCOME)
+    assert [await waiters[1], await waiters[4]] == [OUTCOME, OUTCOME]
+    assert f._timer is None  # type: ignore[attr-defined]  # nothing left scheduled
