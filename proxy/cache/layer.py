@@ -121,6 +121,8 @@ class Cache:
         self.current = current or (lambda: started)
         self.origin = str(settings.upstream.url.origin())
         self.metrics = metrics
+        # Counted for every joiner of a flight: the child looked up once.
+        self.coalesced = metrics.cache_coalesced.labels("shared")
         self.clock = clock
         self.answers = Answers(entries, self.flights, metrics, clock, self.config.stale_if_error)
         self.exchange = Exchange(inner, entries, self.flights, metrics, clock, self.rules, settings)
@@ -333,7 +335,7 @@ class Cache:
                 return None
             answer = 200, outcome.headers, body, age
         flight = pending.flight
-        self.metrics.cache_coalesced.labels("shared").inc()
+        self.coalesced.inc()
         trace().fetched_by = flight.request.request_id
         self.answers.count("revalidated", outcome.reason)
         return answer, flight.upstream_seconds
@@ -404,7 +406,7 @@ class Cache:
                 raise early
             else:
                 outcome = early
-            self.metrics.cache_coalesced.labels("shared").inc()
+            self.coalesced.inc()
             trace().fetched_by = flight.request.request_id  # the access line says whose
             return outcome
         except TimeoutError:
