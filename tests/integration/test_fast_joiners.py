@@ -227,3 +227,47 @@ async def test_a_joiner_that_gives_up_waits_once(
     finally:
         origin.gate.set()
         await runner.cleanup()
+
+
+async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s = setup
+    s.origin.gate.clear()
+    s.origin.asked.clear()
+    url = s.proxy.url + PATH
+    starter = asyncio.ensure_future(get(client, url))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    before = s.long_way.count
+    leaving = [
+        asyncio.ensure_future(get(client, url, **{"X-Request-ID": rid, **headers}))
+        for rid, headers in (("fast-leaver", {}), ("slow-leaver", SLOW))
+    ]
+    for _ in range(500):  # both wait with the starter
+        if s.sample("kounta_proxy_requests_in_flight") == 3:
+            break
+        await asyncio.sleep(0.01)
+    for task in leaving:
+        task.cancel()
+    await asyncio.gather(*leaving, return_exceptions=True)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while s.sample("kounta_proxy_requests_in_flight") > 1:  # the starter's still waits
+        assert loop.time() - began < 5
+        await asyncio.sleep(0.01)
+    s.origin.gate.set()
+    status, headers, _ = await starter
+    assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    assert s.long_way.count - before == 1  # the slow one; the fast one never went there
+    labels = {"method": "GET", "route": ROUTE, "cache": "-", "account": "main"}
+    assert s.sample("kounta_proxy_requests_total", {**labels, "status_class": "4xx"}) == 2
+    lines = {
+        r.fields["request_id"]: r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "request"
+    }
+    for rid in ("fast-leaver", "slow-leaver"):
+        assert (lines[rid]["status"], lines[rid]["cache"]) == (499, "-")
+    assert s.origin.served == ["-", s.origin.etag]
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
