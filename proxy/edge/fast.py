@@ -47,6 +47,7 @@ from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, repeated
 from proxy.logs import begin_trace, log
+from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -124,8 +125,7 @@ class FastPath:
         if hit is None:
             pending = self.cache.joinable(account, target.path, target.query, headers)
             return None if pending is None else Joiner(asked, pending)
-        info = Exchange(asked.request_id, asked.caller.name, account, "HIT", target)
-        return self._respond(request, asked, hit, info, "")
+        return self._respond(request, asked, hit, "HIT", "", None)
 
     def asked(self, request: web.BaseRequest) -> Asked | None:
         """What a plain GET the long way would accept asks for; None: not one."""
@@ -171,7 +171,7 @@ class FastPath:
         try:
             result = await self.cache.wait(pending)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
-            self._done(request, asked, info, CLIENT_CLOSED_REQUEST)
+            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", info)
             raise
         finally:
             metrics.in_flight.dec()
@@ -199,17 +199,19 @@ class FastPath:
         info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
         member = cache_status_value("REVALIDATED", "fwd=stale", outcome.upstream_status)
-        return self._respond(request, joiner.asked, answer, info, member)
+        return self._respond(request, joiner.asked, answer, "REVALIDATED", member, info)
 
     def _respond(
         self,
         request: web.BaseRequest,
         asked: Asked,
         answer: FastAnswer,
-        info: Exchange,
+        cache_status: CacheStatus,
         member: str,
+        info: Exchange | None,
     ) -> web.Response:
-        """The answer as the long way renders it (edge.answer), counted and logged."""
+        """The answer as the long way renders it (edge.answer), counted and logged (``info``:
+        what the access line says, made only when logged if None)."""
         status, items, body, age = answer
         caller = asked.caller
         self.services.callers.note(caller)
@@ -217,24 +219,36 @@ class FastPath:
         out_headers = answer_headers(
             view,
             asked.request_id,
-            info.cache_status,
+            cache_status,
             age,
             caller=caller_value(caller.name, caller.account),
             cache=member,
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
-        info.bytes_sent = len(body)
-        self._done(request, asked, info, status)
+        self._done(request, asked, status, cache_status, info, len(body))
         return response
 
-    def _done(self, request: web.BaseRequest, asked: Asked, info: Exchange, status: int) -> None:
+    def _done(
+        self,
+        request: web.BaseRequest,
+        asked: Asked,
+        status: int,
+        cache_status: CacheStatus,
+        info: Exchange | None,
+        sent: int = 0,
+    ) -> None:
         """The request metrics and access line, as the long way's access_middleware."""
         elapsed = time.perf_counter() - asked.started
+        caller = asked.caller
         self.services.metrics.request_done(
-            "GET", asked.route, status, info.cache_status, elapsed, info.caller, info.account
+            "GET", asked.route, status, cache_status, elapsed, caller.name, caller.account
         )
-        if log.isEnabledFor(logging.INFO):
+        if log.isEnabledFor(logging.INFO):  # the line's record only when someone reads it
+            if info is None:
+                info = Exchange(asked.request_id, caller.name, caller.account, cache_status)
+                info.target = asked.target
+            info.bytes_sent = sent
             access_line(request, info, asked.route, status, elapsed)
 
     def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
