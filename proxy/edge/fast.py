@@ -19,8 +19,15 @@ is the one the long way gives (same headers from the same functions, same metric
 access line). Anything else goes the long way, untouched: nothing here refuses or counts
 a request it does not answer.
 
-It runs without an ``await``, so it cannot be cancelled half-way, and a scrape of the
-in-flight gauge (on the same event loop) could never see it: that gauge is not touched.
+A fresh hit runs without an ``await``, so it cannot be cancelled half-way, and a scrape of
+the in-flight gauge (on the same event loop) could never see it: that gauge is not touched.
+
+The same plain GET of a stored 200 that a flight in progress is revalidating (no rule, or
+past its freshness) is a *joiner* (:meth:`FastPath.join`): it waits for the flight here,
+counted in flight meanwhile, and is answered here when the flight freshened the entry (the
+stored body, or the caller's 304 from the entry's headers), as the long way answers a
+joiner. Any other outcome goes the long way, which goes on from that outcome
+(:meth:`~proxy.cache.layer.Cache.handing_over`): nothing is waited for or fetched twice.
 """
 
 from __future__ import annotations
