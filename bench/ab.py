@@ -5,7 +5,9 @@ DIR holds the other ``proxy`` package, e.g. ``mkdir /tmp/old && git archive REV 
 imports that package first. Both trees serve bench/origin.py's paths (fresh hit 8 KB and
 revalidated 8 KB, ``--inm`` adds a caller's If-None-Match), each on asyncio's loop and on
 uvloop, in ``--rounds`` interleaved rounds; per row the medians of requests/s, the proxy's
-CPU time per request (steadier than req/s on a shared machine) and p99.
+CPU time per request (steadier than req/s on a shared machine), p99 and upstream requests per
+caller request, and the min-max over the rounds of req/s over the same server's fresh hit in
+the same round.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     origin_port = free_port()
     origin = f"http://127.0.0.1:{origin_port}"
     servers: dict[str, tuple[str, int]] = {}
-    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    # Each round's req/s over the same server's fresh hit in that round (min-max printed).
+    ratios: dict[tuple[str, str], list[float]] = {}
     try:
         with contextlib.ExitStack() as stack:
             origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
@@ -61,17 +65,26 @@ def main(argv: list[str] | None = None) -> int:
                 for s in scenarios:
                     for name, (url, pid) in servers.items():
                         headers = {"If-None-Match": etags[name]} if s.inm else {}
-                        cpu = cpu_seconds(pid)
+                        cpu, before = cpu_seconds(pid), compare.served(origin)
                         r = wrk(binary, url + s.path, headers, None, args.connections)
                         spent = (cpu_seconds(pid) - cpu) * 1e6 / max(1, r.requests)
-                        results.setdefault((s.label, name), []).append((r.rps, spent, r.p99_ms))
+                        up = (compare.served(origin) - before) / max(1, r.requests)
+                        row = (r.rps, spent, r.p99_ms, up)
+                        results.setdefault((s.key, name), []).append(row)
+                        fresh = results.get(("fresh", name))
+                        if fresh is not None:  # this round's fresh hit, same server
+                            ratios.setdefault((s.key, name), []).append(r.rps / fresh[-1][0])
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    print("| scenario | tree, loop | req/s | CPU µs/req | p99 ms |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for (label, name), runs in results.items():
-        rps, cpu, p99 = (statistics.median(column) for column in zip(*runs, strict=True))
-        print(f"| {label} | {name} | {rps:.0f} | {cpu:.1f} | {p99:.2f} |")
+    labels = {s.key: s.label for s in scenarios}
+    print("| scenario | tree, loop | req/s | CPU µs/req | p99 ms | upstream/req | / own fresh |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for (key, name), runs in results.items():
+        rps, cpu, p99, up = (statistics.median(column) for column in zip(*runs, strict=True))
+        each = ratios[(key, name)]
+        spread = f"{min(each):.2f}-{max(each):.2f}"
+        cells = f"{rps:.0f} | {cpu:.1f} | {p99:.2f} | {up:.3f} | {spread}"
+        print(f"| {labels[key]} | {name} | {cells} |")
     return 0
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -85,6 +87,45 @@ class Flight:
         self.owner: str | None = None
         self.gen: str | None = None
         self.share: Stored | None = None
+        # Waiters by deadline, one timer for the earliest, all woken when ``done`` is.
+        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._watching = False  # _wake_all is among done's callbacks
+
+    def waiter(self, patience: float) -> asyncio.Future[None]:
+        """A future resolved when ``done`` is, or ``patience`` seconds from now, whichever
+        comes first (cancelling it changes nothing else). One timer per flight, not one per
+        waiter: on asyncio's loop a cancelled timer stays in the heap until it is due."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        deadline = loop.time() + patience
+        if not self._watching:
+            self._watching = True
+            self.done.add_done_callback(self._wake_all)
+        heapq.heappush(self._waiting, (deadline, next(_ORDER), waiter))
+        if self._timer is None or deadline < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire, deadline)
+        return waiter
+
+    def _expire(self, until: float) -> None:
+        """The timer for ``until`` fired: waiters due by then are woken (done or not)."""
+        self._timer = None
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= until:
+            _wake(heapq.heappop(waiting)[2])
+        if waiting and not self.done.done():
+            when = waiting[0][0]
+            self._timer = asyncio.get_running_loop().call_at(when, self._expire, when)
+
+    def _wake_all(self, _: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, []
+        for _deadline, _order, waiter in waiting:
+            _wake(waiter)
 
     def claimed(self, gen: str, owner: str | None) -> None:
         self.gen, self.owner = gen, owner
@@ -103,6 +144,15 @@ class Flight:
 
     def took(self, upstream_seconds: float | None) -> None:
         self.upstream_seconds = upstream_seconds
+
+
+# Ties between waiters of the same deadline: first come, first woken (never compare futures).
+_ORDER = itertools.count()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # a waiter whose caller left is cancelled already
+        waiter.set_result(None)
 
 
 # What a flight does (fetch and produce an outcome), and what follows once it is over
@@ -153,8 +203,18 @@ class Flights:
         return flight
 
     async def join(self, flight: Flight, patience: float) -> Outcome:
-        """The flight's whole result; raises GoAlone (not shareable) or TimeoutError."""
-        return await asyncio.wait_for(asyncio.shield(flight.done), patience)
+        """The flight's whole result; raises GoAlone (not shareable) or TimeoutError.
+
+        ``asyncio.wait_for(asyncio.shield(flight.done), patience)`` without the two futures,
+        the task and the timer those add per waiter (most requests of a revalidated key are
+        waiters): one future each (:meth:`Flight.waiter`); a waiter's timeout or
+        cancellation leaves ``flight.done`` alone all the same."""
+        done = flight.done
+        if not done.done():
+            await flight.waiter(patience)
+            if not done.done():
+                raise TimeoutError
+        return done.result()
 
     def cancel(self, change: Change) -> None:
         """Flights whose key ``change`` covers store nothing, and later requests start anew."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import assert_never
 
 from proxy import errors
@@ -28,6 +30,7 @@ from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import (
     CALLER_CONDITIONALS,
     ERROR_STATUSES,
+    NO_CONTROL,
     SELECTING,
     UNSAFE_METHODS,
     BusyStale,
@@ -66,6 +69,32 @@ BodyFor = Callable[[HeaderItems, bytes], bytes | None]
 ExpectedWait = Callable[[str, str, str], float]
 # Who background refreshes wait in the budget's batch class as (one round-robin turn).
 REFRESHER = "cache-refresh"
+# Status, upstream headers, body and age of an answer the fast path sends.
+FastAnswer = tuple[int, HeaderItems, bytes, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A plain GET whose stored entry a flight in progress revalidates: the long way would
+    join that flight (:meth:`Cache.joinable`), at the point its lookup and decision left."""
+
+    key: str
+    flight: Flight
+    stale: Stored
+    decision: Revalidate
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What the edge got waiting on a pending request's flight, for the long way to go on
+    from (:meth:`Cache.handing_over`): the outcome, or what waiting raised."""
+
+    pending: Pending
+    result: Outcome | Exception
+
+
+# The flight a request already waited on at the edge, for the long way in the same task.
+_JOINED: ContextVar[Joined | None] = ContextVar("kounta_proxy_joined", default=None)
 
 
 class Cache:
@@ -101,6 +130,8 @@ class Cache:
         self.current = current or (lambda: started)
         self.origin = str(settings.upstream.url.origin())
         self.metrics = metrics
+        # Counted for every joiner of a flight: the child looked up once.
+        self.coalesced = metrics.cache_coalesced.labels("shared")
         self.clock = clock
         # Told of each read of a webhook rule's entry (the refetcher; set while services
         # are built).
@@ -140,6 +171,12 @@ class Cache:
         key = self.key(request.account, request.path, request.query, request.headers)
         if self.on_read is not None and _webhook_rule(request.path, self.rules()) is not None:
             self.on_read(key, request)
+        joined = _JOINED.get()
+        if joined is not None:
+            _JOINED.set(None)  # once: for this request only
+            on = joined.pending
+            if on.key == key and request.method == "GET":
+                return await self._forward(request, key, on.stale, on.decision, "", joined)
         stored = await self.entries.lookup(request.account, key)
         if stored is not None:
             refuse_repeated_vary(stored.entry, headers)
@@ -209,13 +246,27 @@ class Cache:
                 busy = self._busy_stale(request, control, key, stored)
                 if busy is not None:
                     return busy
-            # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
-            fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
-            answer = await self._fetch(request, key, stored if usable else None, decision)
-            if not answer.cache_detail and answer.cache_status != "BYPASS":
-                answer.cache_detail = f"fwd={fwd}" + (f"; detail={hooks}" if hooks else "")
-            return answer
+            return await self._forward(request, key, stored, decision, hooks)
         assert_never(decision)
+
+    async def _forward(
+        self,
+        request: ProxyRequest,
+        key: str,
+        stored: Stored | None,
+        decision: Revalidate | Miss,
+        hooks: str,
+        joined: Joined | None = None,
+    ) -> ProxyResponse:
+        """Fetch or revalidate (or join the flight doing so; ``joined``: joined at the edge
+        already), and say why in Cache-Status."""
+        usable = isinstance(decision, Revalidate) or decision.stale is not None
+        # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
+        fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
+        answer = await self._fetch(request, key, stored if usable else None, decision, joined)
+        if not answer.cache_detail and answer.cache_status != "BYPASS":
+            answer.cache_detail = f"fwd={fwd}" + (f"; detail={hooks}" if hooks else "")
+        return answer
 
     def _busy_stale(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored
@@ -288,7 +339,7 @@ class Cache:
         query: str,
         headers: Headers,
         body_for: BodyFor | None = None,
-    ) -> tuple[int, HeaderItems, bytes, int] | None:
+    ) -> FastAnswer | None:
         """Status, upstream headers, body and age of the answer to a plain GET (no
         Cache-Control; If-None-Match and If-Modified-Since allowed) that a fresh 200 held in
         memory gives; else None, and nothing is counted.
@@ -297,14 +348,10 @@ class Cache:
         it gives None the long way answers. Used by :mod:`proxy.edge.fast`; :meth:`send`
         reaches the same answer the long way.
         """
-        stored = self.entries.hot(self.key(account, path, query, headers))
-        if stored is None or stored.body is None:
+        found = self._plain(self.key(account, path, query, headers))
+        if found is None:
             return None
-        entry = stored.entry
-        if entry.status != 200 or entry.vary:  # extra Vary names: compared the long way
-            return None
-        if _webhook_rule(entry.path, self.rules()) is not None:
-            return None  # the feed's health decides, and Cache-Status says so: the long way
+        entry, stored_body = found[0].entry, found[1]
         fresh = fresh_age(entry, self.clock())
         if fresh is None:
             return None
@@ -313,27 +360,116 @@ class Cache:
         if conditional and not_modified(200, entry.headers, headers):
             self.answers.count("hit", "fresh")  # the caller's own 304 is still one hit
             return 304, not_modified_headers(entry.headers), b"", age
-        body = stored.body if body_for is None else body_for(entry.headers, stored.body)
+        body = stored_body if body_for is None else body_for(entry.headers, stored_body)
         if body is None:
             return None
         self.answers.count("hit", "fresh")
         return 200, entry.headers, body, age
 
+    def _plain(self, key: str) -> tuple[Stored, bytes] | None:
+        """The memory tier's entry for ``key`` if the fast path may answer from it: a 200
+        with its body in memory, no extra Vary names (compared the long way), no webhook
+        rule (the feed's health decides, and Cache-Status says so: the long way)."""
+        stored = self.entries.hot(key)
+        if stored is None or stored.body is None:
+            return None
+        entry = stored.entry
+        if entry.status != 200 or entry.vary:
+            return None
+        if _webhook_rule(entry.path, self.rules()) is not None:
+            return None
+        return stored, stored.body
+
+    # ------------------------------------------------------------------ joiners at the edge
+
+    def joinable(self, account: str, path: str, query: str, headers: Headers) -> Pending | None:
+        """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory a flight
+        in progress revalidates: where the long way would be when it joins that flight (its
+        lookup and decision made, without I/O); else None. Counts nothing."""
+        key = self.key(account, path, query, headers)
+        flight = self.flights.get(key)
+        if flight is None:
+            return None
+        found = self._plain(key)
+        if found is None:
+            return None
+        decision = lookup(found[0].entry, headers, NO_CONTROL, self.clock())
+        if not isinstance(decision, Revalidate):
+            return None
+        return Pending(key, flight, found[0], decision)
+
+    async def wait(self, pending: Pending) -> Outcome | Exception:
+        """The pending request's flight's outcome, or what waiting for it raised (the long
+        way's :meth:`_wait` decides what that means, see :meth:`handing_over`)."""
+        try:
+            return await self.flights.join(pending.flight, self.config.coalesce_wait)
+        except Exception as e:
+            return e
+
+    def joined(
+        self, pending: Pending, outcome: Outcome, headers: Headers, body_for: BodyFor | None
+    ) -> tuple[FastAnswer, float | None] | None:
+        """A joiner's answer when its flight freshened the stored 200 in memory (what the
+        long way's :meth:`_wait`, :meth:`_fetch` and :meth:`Answers.outcome` give, counted as
+        they count), and the upstream time it shares; None, counting nothing: the long way
+        goes on from ``outcome`` (:meth:`handing_over`)."""
+        stored, entry = outcome.stored, outcome.entry
+        if (
+            outcome.cache_status != "REVALIDATED"
+            or outcome.status != 200
+            or outcome.stream is not None
+            or stored is None
+            or stored.body is None
+            or entry is None
+        ):
+            return None
+        answer: FastAnswer
+        age = int(entry.age(self.clock()))
+        if self.answers.caller_304(200, outcome.headers, headers):
+            answer = 304, not_modified_headers(outcome.headers), b"", age
+        else:
+            body = stored.body if body_for is None else body_for(outcome.headers, stored.body)
+            if body is None:
+                return None
+            answer = 200, outcome.headers, body, age
+        flight = pending.flight
+        self.coalesced.inc()
+        trace().fetched_by = flight.request.request_id
+        self.answers.count("revalidated", outcome.reason)
+        return answer, flight.upstream_seconds
+
+    @staticmethod
+    @contextmanager
+    def handing_over(pending: Pending, result: Outcome | Exception) -> Iterator[None]:
+        """While the long way answers a request the edge waited on ``pending``'s flight for:
+        :meth:`send` goes on from ``result`` instead of looking up and waiting again."""
+        token = _JOINED.set(Joined(pending, result))
+        try:
+            yield
+        finally:
+            _JOINED.reset(token)
+
     # ------------------------------------------------------------------ fetching
 
     async def _fetch(
-        self, request: ProxyRequest, key: str, stale: Stored | None, decision: Revalidate | Miss
+        self,
+        request: ProxyRequest,
+        key: str,
+        stale: Stored | None,
+        decision: Revalidate | Miss,
+        joined: Joined | None = None,
     ) -> ProxyResponse:
         if request.method == "HEAD" and isinstance(decision, Miss):
             return await self._head(request, stale)
-        flight = self.flights.get(key)
+        flight = self.flights.get(key) if joined is None else joined.pending.flight
         starter = flight is None
         try:
             if flight is None:
                 flight = self._start(key, request, stale)
                 outcome = await asyncio.shield(flight.head)
             else:
-                outcome = await self._wait(flight, request, stale)
+                early = None if joined is None else joined.result
+                outcome = await self._wait(flight, request, stale, early)
         except ProxyError as e:
             if e.stale_ok and stale is not None and self.answers.stale_ok(stale, e):
                 self.answers.count("stale", "error")
@@ -353,10 +489,22 @@ class Cache:
             answer.upstream_seconds = flight.upstream_seconds
         return answer
 
-    async def _wait(self, flight: Flight, request: ProxyRequest, stale: Stored | None) -> Outcome:
+    async def _wait(
+        self,
+        flight: Flight,
+        request: ProxyRequest,
+        stale: Stored | None,
+        early: Outcome | Exception | None = None,
+    ) -> Outcome:
+        """The flight's outcome for a joiner (``early``: what the edge's wait got)."""
         try:
-            outcome = await self.flights.join(flight, self.config.coalesce_wait)
-            self.metrics.cache_coalesced.labels("shared").inc()
+            if early is None:
+                outcome = await self.flights.join(flight, self.config.coalesce_wait)
+            elif isinstance(early, Exception):
+                raise early
+            else:
+                outcome = early
+            self.coalesced.inc()
             trace().fetched_by = flight.request.request_id  # the access line says whose
             return outcome
         except TimeoutError:

@@ -16,6 +16,7 @@ The cache is *private* (RFC 9111 1, 3.5): each account has its own entries, so
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -797,8 +798,9 @@ def not_modified(
         return False  # RFC 9110 13.2.1: conditionals apply to 2xx answers only
     inm = field_values(headers, "If-None-Match")
     if inm:
-        etag = next(iter(_all(stored, "ETag")), None)
-        tags = _tags(inm)
+        etag = _etag(stored) if isinstance(stored, tuple) else _first_etag(stored)
+        short = len(inm) == 1 and len(inm[0]) <= MEMO_TAGS
+        tags = _caller_tags(inm[0]) if short else _tags(inm)
         if "*" in tags:
             return exists
         return etag is not None and any(weak_match(t, etag) for t in tags)
@@ -810,10 +812,38 @@ def not_modified(
     return modified is not None and modified <= ims
 
 
+def _first_etag(stored: Sequence[tuple[str, str]]) -> str | None:
+    return next(iter(_all(stored, "ETag")), None)
+
+
+# Per stored header set (an entry's, the same tuple for every answer from it): its ETag and
+# the headers its 304s carry, found once. Bounded like the other per-entry memos.
+_etag = functools.lru_cache(maxsize=1024)(_first_etag)
+
+
+# An If-None-Match line longer than this is parsed each time, never remembered.
+MEMO_TAGS = 256
+
+
+@functools.lru_cache(maxsize=1024)
+def _caller_tags(value: str) -> tuple[str, ...]:
+    """One If-None-Match line's entity tags; most callers repeat the one ETag they hold."""
+    return tuple(_tags((value,)))
+
+
+_NOT_MODIFIED = frozenset(n.lower() for n in NOT_MODIFIED_HEADERS)
+
+
 def not_modified_headers(stored: Sequence[tuple[str, str]]) -> HeaderItems:
     """The stored headers a 304 carries (RFC 9110 15.4.5)."""
-    wanted = {n.lower() for n in NOT_MODIFIED_HEADERS}
-    return tuple((k, v) for k, v in stored if k.lower() in wanted)
+    if isinstance(stored, tuple):
+        return _not_modified_headers(stored)
+    return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
+
+
+@functools.lru_cache(maxsize=1024)
+def _not_modified_headers(stored: HeaderItems) -> HeaderItems:
+    return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
 
 
 # --------------------------------------------------------------------------- invalidation

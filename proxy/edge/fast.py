@@ -19,31 +19,42 @@ is the one the long way gives (same headers from the same functions, same metric
 access line). Anything else goes the long way, untouched: nothing here refuses or counts
 a request it does not answer.
 
-It runs without an ``await``, so it cannot be cancelled half-way, and a scrape of the
-in-flight gauge (on the same event loop) could never see it: that gauge is not touched.
+A fresh hit runs without an ``await``, so it cannot be cancelled half-way, and a scrape of
+the in-flight gauge (on the same event loop) could never see it: that gauge is not touched.
+
+The same plain GET of a stored 200 that a flight in progress is revalidating (no rule, or
+past its freshness) is a *joiner* (:meth:`FastPath.join`): it waits for the flight here,
+counted in flight meanwhile, and is answered here when the flight freshened the entry (the
+stored body, or the caller's 304 from the entry's headers), as the long way answers a
+joiner. Any other outcome goes the long way, which goes on from that outcome
+(:meth:`~proxy.cache.layer.Cache.handing_over`): nothing is waited for or fetched twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.cache.layer import Cache
+from proxy.cache.flight import Outcome
+from proxy.cache.layer import BodyFor, Cache, FastAnswer, Pending
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
-from proxy.edge.answer import answer_headers, caller_value, caller_view
-from proxy.edge.callers import PRIORITY_HEADER
-from proxy.edge.inbound import VERSIONS, Exchange, request_id
-from proxy.edge.middlewares import access_line, route_of
+from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
+from proxy.edge.callers import PRIORITY_HEADER, Caller
+from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, request_id
+from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, repeated
 from proxy.logs import begin_trace, log
+from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -63,6 +74,28 @@ LONG_WAY_HEADERS = (
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
 
+@dataclass(slots=True)
+class Asked:
+    """A plain GET the fast path may answer, and what checking it learnt."""
+
+    started: float
+    request_id: str
+    caller: Caller
+    target: Target
+    route: str
+    accepts: bool  # the caller takes gzip
+    body_for: BodyFor | None
+
+
+@dataclass(slots=True)
+class Joiner:
+    """A plain GET whose stored entry a flight in progress revalidates: answered once the
+    flight settles (:meth:`FastPath.join`)."""
+
+    asked: Asked
+    pending: Pending
+
+
 class FastPath:
     """The request handler in front of the application's own (``inner``)."""
 
@@ -77,16 +110,32 @@ class FastPath:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
-            response = self.answer(request)
+            found = self.answer(request)
         except Exception:  # a bug here must not cost the caller its answer
             log.exception("fast_path_failed")
-            response = None
-        if response is None:
+            found = None
+        if found is None:
             return await self.inner(request)
-        return response
+        if isinstance(found, Joiner):
+            return await self.join(request, found)
+        return found
 
-    def answer(self, request: web.BaseRequest) -> web.Response | None:
-        """The fresh hit's answer, or None: the long way must answer."""
+    def answer(self, request: web.BaseRequest) -> web.Response | Joiner | None:
+        """The fresh hit's answer, a joiner of a revalidation in flight, or None: the long
+        way must answer."""
+        asked = self.asked(request)
+        if asked is None:
+            return None
+        target, headers = asked.target, request.headers
+        account = asked.caller.account
+        hit = self.cache.fresh_hit(account, target.path, target.query, headers, asked.body_for)
+        if hit is None:
+            pending = self.cache.joinable(account, target.path, target.query, headers)
+            return None if pending is None else Joiner(asked, pending)
+        return self._respond(request, asked, hit, "HIT", "", None)
+
+    def asked(self, request: web.BaseRequest) -> Asked | None:
+        """What a plain GET the long way would accept asks for; None: not one."""
         started = time.perf_counter()
         if request.method != "GET" or request.version not in VERSIONS:
             return None
@@ -107,36 +156,107 @@ class FastPath:
         known = self._target(request)
         if known is None:
             return None
-        target, route = known
-        services = self.services
-        caller = services.callers.find(headers)
+        caller = self.services.callers.find(headers)
         if caller is None:
             return None
         accepts = accepts_gzip(headers.getall("Accept-Encoding", ()))
-        body_for = None if accepts else self._plain
         rid = request_id(headers)
         if log.isEnabledFor(logging.DEBUG):
             begin_trace(rid)  # the cache's debug events name the request
-        hit = self.cache.fresh_hit(caller.account, target.path, target.query, headers, body_for)
-        if hit is None:
+        body_for = None if accepts else self._plain
+        return Asked(started, rid, caller, *known, accepts, body_for)
+
+    async def join(self, request: web.BaseRequest, joiner: Joiner) -> web.StreamResponse:
+        """Wait for the flight a joiner would join the long way; answer from its outcome
+        when it freshened the stored 200 (the long way's answer, headers, counts and access
+        line), else hand the outcome to the long way, which goes on from it."""
+        asked, pending = joiner.asked, joiner.pending
+        in_flight = self.services.metric_groups.edge.in_flight
+        info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
+        info.trace = begin_trace(asked.request_id)  # the flight's id goes in fetched_by
+        in_flight.inc()  # an await: a scrape may come meanwhile
+        try:
+            result = await self.cache.wait(pending)
+        except asyncio.CancelledError:  # the caller left: logged as the long way logs it
+            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", info)
+            raise
+        finally:
+            in_flight.dec()
+        response = None
+        if isinstance(result, Outcome):
+            try:
+                response = self._joined(request, joiner, result, info)
+            except Exception:
+                log.exception("fast_path_failed")
+        if response is not None:
+            return response
+        # The long way from where its wait would have ended; its access line counts the wait.
+        request[EXCHANGE] = Exchange(started=asked.started)
+        with self.cache.handing_over(pending, result):
+            return await self.inner(request)
+
+    def _joined(
+        self, request: web.BaseRequest, joiner: Joiner, outcome: Outcome, info: Exchange
+    ) -> web.Response | None:
+        asked = joiner.asked
+        found = self.cache.joined(joiner.pending, outcome, request.headers, asked.body_for)
+        if found is None:
             return None
-        status, items, body, age = hit
-        services.callers.note(caller)
-        view, _ = caller_view(request, items, self.upstream, self.public, accepts)
+        answer, info.upstream_seconds = found
+        info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
+        # What the long way's Cache._forward says: a stored answer was refreshed.
+        member = cache_status_value("REVALIDATED", "fwd=stale", outcome.upstream_status)
+        return self._respond(request, joiner.asked, answer, "REVALIDATED", member, info)
+
+    def _respond(
+        self,
+        request: web.BaseRequest,
+        asked: Asked,
+        answer: FastAnswer,
+        cache_status: CacheStatus,
+        member: str,
+        info: Exchange | None,
+    ) -> web.Response:
+        """The answer as the long way renders it (edge.answer), counted and logged (``info``:
+        what the access line says, made only when logged if None)."""
+        status, items, body, age = answer
+        caller = asked.caller
+        self.services.callers.note(caller)
+        view, _ = caller_view(request, items, self.upstream, self.public, asked.accepts)
         out_headers = answer_headers(
-            view, rid, "HIT", age, caller=caller_value(caller.name, caller.account)
+            view,
+            asked.request_id,
+            cache_status,
+            age,
+            caller=caller_value(caller.name, caller.account),
+            cache=member,
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
         response = web.Response(status=status, headers=out_headers, body=body or None)
-        elapsed = time.perf_counter() - started
-        services.metrics.request_done(
-            "GET", route, status, "HIT", elapsed, caller.name, caller.account
-        )
-        if log.isEnabledFor(logging.INFO):
-            info = Exchange(rid, caller.name, caller.account, "HIT", target)
-            info.bytes_sent = len(body)
-            access_line(request, info, route, status, elapsed)
+        self._done(request, asked, status, cache_status, info, len(body))
         return response
+
+    def _done(
+        self,
+        request: web.BaseRequest,
+        asked: Asked,
+        status: int,
+        cache_status: CacheStatus,
+        info: Exchange | None,
+        sent: int = 0,
+    ) -> None:
+        """The request metrics and access line, as the long way's access_middleware."""
+        elapsed = time.perf_counter() - asked.started
+        caller = asked.caller
+        self.services.metrics.request_done(
+            "GET", asked.route, status, cache_status, elapsed, caller.name, caller.account
+        )
+        if log.isEnabledFor(logging.INFO):  # the line's record only when someone reads it
+            if info is None:
+                info = Exchange(asked.request_id, caller.name, caller.account, cache_status)
+                info.target = asked.target
+            info.bytes_sent = sent
+            access_line(request, info, asked.route, status, elapsed)
 
     def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
         """A stored body for a caller that does not take gzip: inflated here when small

@@ -59,6 +59,9 @@ class Exchange:
     error: str | None = None
     error_detail: str | None = None
     trace: Trace = field(default_factory=Trace)
+    # perf_counter() when the request began, if before the middlewares (the fast path
+    # waited on a flight first); 0: when the access middleware saw it.
+    started: float = 0.0
 
     def took(self, response: ProxyResponse) -> None:
         """What the pipeline's answer tells the access log."""

@@ -81,7 +81,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     info = exchange_of(request)
     info.request_id = request_id(request.headers)
     info.trace = begin_trace(info.request_id)
-    started = time.perf_counter()
+    started = info.started or time.perf_counter()
     status = 500
     in_flight.inc()
     try:

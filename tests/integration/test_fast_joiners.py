@@ -1,0 +1,273 @@
+"""Joiners of a revalidation in flight on the fast path (proxy.edge.fast.FastPath.join).
+
+An upstream of the test's own holds each revalidation until the test lets it answer, so
+requests can be made to join it: some plain (the fast path), some with an unknown Pragma
+(the long way, joining the same flight). Both kinds must give the same answers, counts and
+access lines, and the upstream must be asked once per flight whatever way the joiners took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.settings import CacheSettings, RetrySettings
+from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
+from tests.integration.test_fast_path import LongWay, get, steady
+
+PATH = "/v1/things.json"
+ROUTE = "other"  # not a Kounta route the proxy knows
+Answer = tuple[int, CIMultiDictProxy[str], bytes]
+
+
+@dataclass
+class Origin:
+    """ETag ``etag``, no freshness (every request revalidates); a revalidation waits for
+    ``gate``. ``reply`` overrides the answer to a revalidation (status, ETag)."""
+
+    url: str = ""
+    etag: str = '"v1"'
+    body: bytes = b'{"things": [' + b'"thing", ' * 400 + b'"last"]}'
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+    reply: tuple[int, str] | None = None
+    served: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.served.append(request.headers.get("If-None-Match", "-"))
+        headers = {"ETag": self.etag, "Content-Type": "application/json", "X-Next-Page": ""}
+        headers["X-Next-Page"] = f"{self.url}{PATH}?page=2"
+        if request.headers.get("If-None-Match") is None:
+            return web.Response(body=self.body, headers=headers)
+        self.asked.set()
+        await self.gate.wait()
+        if self.reply is not None:
+            status, etag = self.reply
+            headers["ETag"] = etag
+            body = b'{"error": "busy"}' if status >= 500 else self.body.replace(b"last", b"new")
+            return web.Response(status=status, body=body, headers=headers)
+        if request.headers["If-None-Match"] == self.etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=self.body, headers=headers)
+
+
+@dataclass
+class Setup:
+    proxy: Proxy
+    origin: Origin
+    long_way: LongWay
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.proxy.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+async def setup(
+    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession
+) -> AsyncIterator[Setup]:
+    origin = Origin()
+    runner, origin.url = await serve_handler(origin.handle)
+    settings = proxy_settings(
+        origin.url, tmp_path, cache=CacheSettings(), retry=RetrySettings(attempts=1)
+    )
+    p = await make_proxy(settings)
+    long_way = LongWay(p)
+    status, headers, _ = await get(client, p.url + PATH)
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+    yield Setup(p, origin, long_way)
+    origin.gate.set()
+    await runner.cleanup()
+
+
+async def one_flight(
+    s: Setup, client: aiohttp.ClientSession, joiners: list[dict[str, str]]
+) -> tuple[Answer, list[Answer]]:
+    """A starter's revalidation held at the upstream, ``joiners`` sent meanwhile and all
+    waiting, then the upstream lets it answer: the starter's answer and theirs."""
+    s.origin.gate.clear()
+    s.origin.asked.clear()
+    url = s.proxy.url + PATH
+    starter = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "the-starter"}))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    waiting: list[Awaitable[Answer]] = [get(client, url, **h) for h in joiners]
+    tasks = [asyncio.ensure_future(w) for w in waiting]
+    in_flight = "kounta_proxy_requests_in_flight"
+    for _ in range(500):  # every one of them is waiting (fast path or long way)
+        if s.sample(in_flight) == 1 + len(joiners):
+            break
+        await asyncio.sleep(0.01)
+    assert s.sample(in_flight) == 1 + len(joiners)
+    s.origin.gate.set()
+    return await starter, list(await asyncio.gather(*tasks))
+
+
+SLOW = {"Pragma": "x-whatever"}  # changes nothing but the way the request takes
+
+
+async def test_joiners_of_a_revalidation_skip_the_long_way_and_answer_the_same(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s, etag = setup, setup.origin.etag
+    inm = {"If-None-Match": etag}
+    plain_gzip = {"Accept-Encoding": "identity"}
+    joiners = [{}, {}, inm, plain_gzip, {**SLOW}, {**SLOW, **inm}, {**SLOW, **plain_gzip}]
+    before = s.long_way.count
+    starter, answers = await one_flight(s, client, joiners)
+    # The starter and the three Pragma joiners went the long way; the four plain ones not.
+    assert s.long_way.count - before == 4
+    assert s.origin.served == ["-", etag]  # one revalidation for all eight
+    fast, slow = answers[:4], answers[4:]
+    assert starter[0] == 200 and starter[2] == s.origin.body
+    for status, headers, body in [starter, *answers]:
+        assert headers["X-Cache"] == "REVALIDATED"
+        assert headers["Cache-Status"] == "kounta-proxy; fwd=stale; fwd-status=304"
+        assert headers["Server"] == "kounta-proxy"
+        assert headers["X-Next-Page"] == f"{s.proxy.url}{PATH}?page=2"  # onto the proxy
+        assert int(headers["Age"]) >= 0
+        assert body == (b"" if status == 304 else s.origin.body)
+    # Same status, body and headers (same order), the fast way and the long way.
+    for (fast_status, fast_headers, fast_body), (status, headers, body) in zip(
+        [fast[1], fast[2], fast[3]], slow, strict=True
+    ):
+        assert (fast_status, fast_body) == (status, body)
+        assert steady(fast_headers) == steady(headers)
+    assert steady(fast[0][1]) == steady(starter[1])
+    assert [a[0] for a in answers] == [200, 200, 304, 200, 200, 304, 200]
+    assert fast[2][1]["ETag"] == etag and "Content-Type" not in fast[2][1]
+    # Counted as the long way counts a joiner: coalesced, a revalidated lookup each.
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 7
+    lookups = {"result": "revalidated", "reason": "not_modified"}
+    assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 8
+    labels = {"method": "GET", "route": ROUTE, "cache": "REVALIDATED", "account": "main"}
+    assert s.sample("kounta_proxy_requests_total", {**labels, "status_class": "2xx"}) == 6
+    assert s.sample("kounta_proxy_requests_total", {**labels, "status_class": "3xx"}) == 2
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+    lines = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+    by_id = {line["request_id"]: line for line in lines}
+    starter_line = by_id["the-starter"]
+    assert starter_line["fetched_by"] is None and starter_line["upstream_ms"] is not None
+    for _, headers, body in answers:
+        line = by_id[headers["X-Request-ID"]]
+        assert (line["cache"], line["upstream_status"]) == ("REVALIDATED", 304)
+        assert line["fetched_by"] == "the-starter"
+        assert line["upstream_ms"] == starter_line["upstream_ms"]
+        assert (line["bytes"], line["route"]) == (len(body), ROUTE)
+        assert line["ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [((200, '"v2"'), (200, "MISS")), ((503, '"v1"'), (503, "MISS"))],
+    ids=["changed", "failed"],
+)
+async def test_a_flight_that_did_not_freshen_hands_its_joiners_to_the_long_way(
+    setup: Setup,
+    client: aiohttp.ClientSession,
+    reply: tuple[int, str],
+    expected: tuple[int, str],
+) -> None:
+    s = setup
+    s.origin.reply = reply
+    before = s.long_way.count
+    starter, answers = await one_flight(s, client, [{}, {}, {**SLOW}])
+    # Each went the long way once (the plain ones after waiting at the edge), and the
+    # upstream was asked once: nobody fetched again after the flight.
+    assert s.long_way.count - before == 4
+    assert s.origin.served == ["-", s.origin.etag]
+    for status, headers, _ in [starter, *answers]:
+        assert (status, headers["X-Cache"]) == expected
+    (status, headers, body), slow = answers[0], answers[2]
+    assert (status, body) == (slow[0], slow[2])
+    assert steady(headers) == steady(slow[1])
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_joiner_that_gives_up_waits_once(
+    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    origin = Origin()
+    runner, origin.url = await serve_handler(origin.handle)
+    try:
+        cache = CacheSettings(coalesce_wait=0.3)
+        settings = proxy_settings(
+            origin.url, tmp_path, cache=cache, retry=RetrySettings(attempts=1)
+        )
+        p = await make_proxy(settings)
+        await get(client, p.url + PATH)
+        s = Setup(p, origin, LongWay(p))
+        url = p.url + PATH
+        starter = asyncio.ensure_future(get(client, url))
+        await asyncio.wait_for(origin.asked.wait(), 10)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        # Its wait times out; it goes alone (a second revalidation, also held) once.
+        joiner = asyncio.ensure_future(get(client, url))
+        for _ in range(500):
+            if len(origin.served) == 3:
+                break
+            await asyncio.sleep(0.01)
+        gave_up = loop.time() - began
+        assert len(origin.served) == 3
+        assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "gave_up"}) == 1
+        assert gave_up < 0.3 * 2  # one coalesce_wait, not one at the edge and another
+        origin.gate.set()
+        for status, headers, _ in (await starter, await joiner):
+            assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+        assert s.long_way.count == 2  # the starter, and the joiner after its one wait
+    finally:
+        origin.gate.set()
+        await runner.cleanup()
+
+
+async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s = setup
+    s.origin.gate.clear()
+    s.origin.asked.clear()
+    url = s.proxy.url + PATH
+    starter = asyncio.ensure_future(get(client, url))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    before = s.long_way.count
+    leaving = [
+        asyncio.ensure_future(get(client, url, **{"X-Request-ID": rid, **headers}))
+        for rid, headers in (("fast-leaver", {}), ("slow-leaver", SLOW))
+    ]
+    for _ in range(500):  # both wait with the starter
+        if s.sample("kounta_proxy_requests_in_flight") == 3:
+            break
+        await asyncio.sleep(0.01)
+    for task in leaving:
+        task.cancel()
+    await asyncio.gather(*leaving, return_exceptions=True)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while s.sample("kounta_proxy_requests_in_flight") > 1:  # the starter's still waits
+        assert loop.time() - began < 5
+        await asyncio.sleep(0.01)
+    s.origin.gate.set()
+    status, headers, _ = await starter
+    assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    assert s.long_way.count - before == 1  # the slow one; the fast one never went there
+    labels = {"method": "GET", "route": ROUTE, "cache": "-", "account": "main"}
+    assert s.sample("kounta_proxy_requests_total", {**labels, "status_class": "4xx"}) == 2
+    lines = {
+        r.fields["request_id"]: r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "request"
+    }
+    for rid in ("fast-leaver", "slow-leaver"):
+        assert (lines[rid]["status"], lines[rid]["cache"]) == (499, "-")
+    assert s.origin.served == ["-", s.origin.etag]
+    assert s.sample("kounta_proxy_requests_in_flight") == 0

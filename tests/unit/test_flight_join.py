@@ -1,0 +1,89 @@
+"""Flights.join: what a waiter of a flight gets, and what its leaving does not change.
+
+The fast path's joiners (proxy.edge.fast) and the long way's both wait here; a waiter that
+times out or is cancelled must leave the flight, its other waiters and the loop as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.cache.flight import Flight, Flights, GoAlone, Outcome, settle
+from proxy.messages import ProxyRequest
+
+
+def flight() -> Flight:
+    request = ProxyRequest("GET", "/v1/x", "", CIMultiDictProxy(CIMultiDict()), account="main")
+    return Flight("key", request, 0)
+
+
+OUTCOME = Outcome(200, (("ETag", '"v1"'),), "REVALIDATED", 304)
+
+
+async def test_waiters_get_the_outcome_or_the_failure_it_settled_with() -> None:
+    flights = Flights()
+    f = flight()
+    waiters = [asyncio.ensure_future(flights.join(f, 5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    settle(f.done, OUTCOME)
+    assert await asyncio.gather(*waiters) == [OUTCOME] * 3
+    assert await flights.join(f, 5) is OUTCOME  # settled already: at once
+    g = flight()
+    waiter = asyncio.ensure_future(flights.join(g, 5))
+    await asyncio.sleep(0)
+    settle(g.done, GoAlone())
+    with pytest.raises(GoAlone):
+        await waiter
+
+
+async def test_a_waiter_that_times_out_or_leaves_changes_nothing_for_the_others() -> None:
+    flights = Flights()
+    f = flight()
+    patient = asyncio.ensure_future(flights.join(f, 5))
+    leaving = asyncio.ensure_future(flights.join(f, 5))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(TimeoutError):
+        await flights.join(f, 0.05)
+    assert 0.05 <= loop.time() - began < 1
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert not f.done.done() and not patient.done()
+    # Those that left took their callbacks with them: only the patient one's is there.
+    assert len(f.done._callbacks) == 1  # type: ignore[attr-defined]
+    settle(f.done, OUTCOME)
+    assert await patient is OUTCOME
+
+
+async def test_each_waiter_times_out_at_its_own_deadline_and_the_rest_still_get_the_outcome() -> (
+    None
+):
+    flights = Flights()
+    f = flight()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    async def timed(patience: float) -> float | Outcome:
+        try:
+            return await flights.join(f, patience)
+        except TimeoutError:
+            return loop.time() - began
+
+    # A later waiter with less patience (a reload shortened coalesce_wait) goes first.
+    waiters = [asyncio.ensure_future(timed(p)) for p in (0.3, 5, 0.1, 0.2, 5)]
+    gone = asyncio.ensure_future(flights.join(f, 0.15))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.wait([waiters[0], waiters[2], waiters[3]], timeout=2)
+    first, _, short, middle, _ = (w.result() if w.done() else None for w in waiters)
+    assert isinstance(short, float) and isinstance(middle, float) and isinstance(first, float)
+    assert 0.1 <= short < middle < first < 2
+    assert first >= 0.3
+    settle(f.done, OUTCOME)
+    assert [await waiters[1], await waiters[4]] == [OUTCOME, OUTCOME]
+    assert f._timer is None  # type: ignore[attr-defined]  # nothing left scheduled

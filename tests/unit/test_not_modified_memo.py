@@ -1,0 +1,40 @@
+"""The 304 decision and headers, remembered per stored header set and per If-None-Match line
+(proxy.cache.policy): the same answers as parsing every time, whatever the input's shape."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from proxy.cache.policy import MEMO_TAGS, not_modified, not_modified_headers
+
+TAGS = ['"a"', 'W/"a"', '"b"', "*", '"a", "b"', 'W/"b", "a"', "x", ""]
+STORED = st.lists(
+    st.tuples(
+        st.sampled_from(["ETag", "etag", "Content-Type", "Vary", "Date", "X-Next-Page"]),
+        st.sampled_from(['"a"', 'W/"a"', '"b"', "text/plain", "Accept", "2"]),
+    ),
+    max_size=6,
+)
+
+
+@given(
+    stored=STORED,
+    lines=st.lists(st.sampled_from([*TAGS, '"a", ' + '"z", ' * MEMO_TAGS]), max_size=3),
+)
+def test_remembered_and_parsed_answers_agree(
+    stored: list[tuple[str, str]], lines: list[str]
+) -> None:
+    headers = CIMultiDict([("If-None-Match", line) for line in lines])
+    as_tuple, as_list = tuple(stored), list(stored)
+    for _ in range(2):  # the second time from the memo
+        assert not_modified(200, as_tuple, headers) == not_modified(200, as_list, headers)
+        assert not_modified_headers(as_tuple) == not_modified_headers(as_list)
+    assert not_modified(404, as_tuple, headers) is False
+
+
+def test_a_long_if_none_match_line_still_matches() -> None:
+    line = '"z", ' * MEMO_TAGS + '"a"'
+    assert not_modified(200, (("ETag", '"a"'),), CIMultiDict({"If-None-Match": line}))
+    assert not not_modified(200, (("ETag", '"b"'),), CIMultiDict({"If-None-Match": line}))
