@@ -35,7 +35,7 @@ def main() -> int:
         # Fresh hits and misses with 1k, 10k and 100k stored entries; start-up; RSS
         from bench import sizes
 
-        return sizes.main()
+        return sizes.main([a for a in sys.argv[1:] if a != "--sizes"])
     connections = compare.DEFAULT_CONNECTIONS
     if "--connections" in sys.argv[1:]:
         connections = int(sys.argv[sys.argv.index("--connections") + 1])
