@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 
 from bench import cache_bench, sizes
-from bench.cache_bench import TOKEN, cpu_seconds, free_port, process, wrk
+from bench.cache_bench import cpu_seconds, free_port, process, wrk
 from bench.fleet import own_redis
 from bench.workers_bench import shared_calls, wait_ready
 
@@ -38,20 +38,11 @@ HERE = str(Path(__file__).resolve().parent.parent)
 def config(
     directory: Path, upstream: str, redis: str, key: str, port: int, admin: int, memory: int
 ) -> Path:
-    path = directory / f"proxy-{port}.toml"
-    path.write_text(
-        f'state_dir = "{directory / f"state-{port}"}"\n'
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[upstream]\nbase_url = "{upstream}"\n'
-        '[log]\nlevel = "warning"\n'
-        f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
-        f"[cache]\nmemory_size = {memory}\n"
-        '[[cache.rules]]\npath = "/v1/companies/*/products/*"\nfresh_for = 3600.0\n'
-        f'[shared]\nbackend = "redis"\nurl = "{redis}"\nkey_prefix = "bench-tier"\n'
-        f'token_key = "{key}"\n'
-        f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
-    )
-    return path
+    """One proxy of the pair: its own directory, the shared Redis, prefix and key."""
+    own = directory / str(port)
+    own.mkdir()
+    shared = f'[shared]\nbackend = "redis"\nurl = "{redis}"\nkey_prefix = "bench-tier"\n'
+    return sizes.config(own, upstream, port, admin, memory, f'{shared}token_key = "{key}"\n')
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,10 @@ end
 """
 
 
-def config(directory: Path, upstream: str, port: int, admin: int) -> Path:
+def config(
+    directory: Path, upstream: str, port: int, admin: int, memory: int = MEMORY_SIZE, more: str = ""
+) -> Path:
+    """A proxy whose rule makes the products fresh for an hour; ``more``: further sections."""
     path = directory / "proxy-sizes.toml"
     path.write_text(
         f'state_dir = "{directory / "state"}"\n'
@@ -61,9 +64,10 @@ def config(directory: Path, upstream: str, port: int, admin: int) -> Path:
         f'[upstream]\nbase_url = "{upstream}"\n'
         '[log]\nlevel = "warning"\n'
         f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
-        f"[cache]\nmax_size = {8 * 1024**3}\nmemory_size = {MEMORY_SIZE}\n"
+        f"[cache]\nmax_size = {8 * 1024**3}\nmemory_size = {memory}\n"
         '[[cache.rules]]\npath = "/v1/companies/*/products/*"\nfresh_for = 3600.0\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
+        f"{more}"
     )
     return path
 
