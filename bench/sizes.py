@@ -128,14 +128,20 @@ def _write(store: CacheStore, batch: list[tuple[str, Stored]]) -> None:
 
 
 def start(
-    stack: contextlib.ExitStack, directory: Path, upstream: str, stored: int, tree: str, cwd: str
+    stack: contextlib.ExitStack,
+    directory: Path,
+    upstream: str,
+    stored: int,
+    tree: str,
+    cwd: str,
+    memory: int = MEMORY_SIZE,
 ) -> Level:
     """A proxy of the tree in ``cwd`` over a cache of ``stored`` entries (one fetched by a
     proxy of this tree, the others copied in before it starts)."""
     port, admin = free_port(), free_port()
     sub = directory / f"{len(tree)}-{stored}"
     sub.mkdir()
-    path = config(sub, upstream, port, admin)
+    path = config(sub, upstream, port, admin, memory)
     serve = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
     base = f"http://127.0.0.1:{port}"
     with process(serve, port):
@@ -202,6 +208,7 @@ def spread(levels: list[Level], pick: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run --sizes")
     p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
+    p.add_argument("--memory", type=float, default=MEMORY_SIZE / 1024**2, help="memory tier, MB")
     args = p.parse_args(argv)
     trees = [("this tree", HERE)] + ([("--old", args.old)] if args.old else [])
     binary = shutil.which("wrk")
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             origin = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
             stack.enter_context(process(origin, origin_port))
             levels = [
-                start(stack, directory, upstream, n, tree, cwd)
+                start(stack, directory, upstream, n, tree, cwd, int(args.memory * 1024**2))
                 for tree, cwd in trees
                 for n in LEVELS
             ]
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(directory, ignore_errors=True)
     print(
         f"\n## Cost as the cache grows (8 KB entries on disk, memory tier "
-        f"{MEMORY_SIZE // 1024**2} MB; wrk -t2 -c{cache_bench.CONNECTIONS} "
+        f"{args.memory:g} MB; wrk -t2 -c{cache_bench.CONNECTIONS} "
         f"-d{cache_bench.DURATION}s; min-max of {ROUNDS} interleaved rounds)\n"
     )
     print(
