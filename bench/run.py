@@ -3,7 +3,7 @@
 Each scenario module has ``run() -> results`` and its own table; add yours here.
 ``--connections N`` sets wrk's connections for the comparison (default 32); ``--sizes`` runs
 the cache-size series instead (bench/sizes.py, several minutes); ``--startup`` start-up over
-100k stored entries (bench/startup.py).
+100k stored entries (bench/startup.py); ``--redis-tier`` a Redis hit against a memory hit.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ def main() -> int:
         from bench import workers_bench
 
         return workers_bench.main()
+    if "--redis-tier" in sys.argv[1:]:
+        # A memory-tier miss answered from Redis against a memory hit (bench/redis_tier.py)
+        from bench import redis_tier
+
+        return redis_tier.main([a for a in sys.argv[1:] if a != "--redis-tier"])
     if "--startup" in sys.argv[1:]:
         # Start-up over 100k stored entries (bench/startup.py: --entries N --rounds R --old DIR)
         from bench import startup
@@ -35,7 +40,7 @@ def main() -> int:
         # Fresh hits and misses with 1k, 10k and 100k stored entries; start-up; RSS
         from bench import sizes
 
-        return sizes.main()
+        return sizes.main([a for a in sys.argv[1:] if a != "--sizes"])
     connections = compare.DEFAULT_CONNECTIONS
     if "--connections" in sys.argv[1:]:
         connections = int(sys.argv[sys.argv.index("--connections") + 1])

@@ -1,37 +1,47 @@
-"""Cost as the cache grows (python -m bench.run --sizes; several minutes, mostly filling).
+"""Cost as the cache grows (python -m bench.run --sizes; a few minutes).
 
-One proxy (its default event loop) in front of bench/origin.py, with a memory tier smaller
-than every set (MEMORY_SIZE), so most hits are read from disk. For 1k, 10k and 100k stored
-entries of 8 KB each: the fresh-hit rate over random stored keys, the miss → store rate
-(unique keys, each fetched and stored), the entries on disk and the proxy's RSS. Then the
-proxy is stopped and started again over the 100k entries: seconds to ready (/readyz 200) and
-to the first answer read from disk. Targets (issue 21): rates within 20 % of each other,
-ready in < 2 s, RSS ≤ cache.memory_size + 100 MB.
+Three proxies (their default event loop) in front of bench/origin.py, each over a cache of
+its own holding 1k, 10k or 100k entries of 8 KB (one product fetched through the proxy, then
+copied under the other ids as the store writes records: :func:`populate`), with a memory
+tier smaller than every set (MEMORY_SIZE), so most hits are read from disk. In ROUNDS
+interleaved rounds, for each proxy: the fresh-hit rate over random stored keys, the
+miss → store rate (unique keys, each fetched and stored) and the proxy's RSS (VmRSS: anonymous
++ file pages, and apart) after each run; min-max over the rounds. Start-up over 100k entries:
+``--startup`` (bench/startup.py). Targets (issue 21): the rates within 20 % of each other, RSS
+≤ cache.memory_size + 100 MB throughout.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
 from bench import cache_bench
-from bench.cache_bench import TOKEN, free_port, process, rss_mb, wait_port, wrk
+from bench.cache_bench import TOKEN, cpu_seconds, free_port, process, rss_mb, wrk
 from bench.workers_bench import wait_ready
+from proxy.cache.memory import Stored
+from proxy.cache.policy import cache_key
+from proxy.cache.store import CacheStore
+from proxy.cache.store import _share as share
 
 LEVELS = (1_000, 10_000, 100_000)
 MEMORY_SIZE = 4 * 1024**2  # below 1k x 8 KB: the memory tier never holds a whole set
 PATH = "/v1/companies/5001/products/{}.json"  # fresh for an hour (the rule below)
-FILL_CONNECTIONS = 32
+ROUNDS = 3
+HERE = str(Path(__file__).resolve().parent.parent)
+BATCH = 5000  # records copied in one transaction
 
 RANDOM_SCRIPT = """
 local N = {n}
@@ -43,7 +53,10 @@ end
 """
 
 
-def config(directory: Path, upstream: str, port: int, admin: int) -> Path:
+def config(
+    directory: Path, upstream: str, port: int, admin: int, memory: int = MEMORY_SIZE, more: str = ""
+) -> Path:
+    """A proxy whose rule makes the products fresh for an hour; ``more``: further sections."""
     path = directory / "proxy-sizes.toml"
     path.write_text(
         f'state_dir = "{directory / "state"}"\n'
@@ -51,33 +64,12 @@ def config(directory: Path, upstream: str, port: int, admin: int) -> Path:
         f'[upstream]\nbase_url = "{upstream}"\n'
         '[log]\nlevel = "warning"\n'
         f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
-        f"[cache]\nmax_size = {8 * 1024**3}\nmemory_size = {MEMORY_SIZE}\n"
+        f"[cache]\nmax_size = {8 * 1024**3}\nmemory_size = {memory}\n"
         '[[cache.rules]]\npath = "/v1/companies/*/products/*"\nfresh_for = 3600.0\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\nrate_per_minute = 100000000\n'
+        f"{more}"
     )
     return path
-
-
-async def fill(base: str, start: int, stop: int) -> float:
-    """Store ids start..stop-1 through the proxy; requests a second."""
-    ids = iter(range(start, stop))
-    began = time.monotonic()
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for n in ids:
-            async with session.get(base + PATH.format(n)) as r:
-                await r.read()
-                if r.status != 200:
-                    raise SystemExit(f"bench: fill answered {r.status}")
-
-    # No Accept (a selecting header) nor Accept-Encoding, as wrk sends none: the stored
-    # variant is the one wrk asks for.
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(
-        connector=connector, skip_auto_headers=("Accept", "Accept-Encoding")
-    ) as session:
-        await asyncio.gather(*(worker(session) for _ in range(FILL_CONNECTIONS)))
-    return (stop - start) / max(1e-9, time.monotonic() - began)
 
 
 def entries(admin: int) -> int:
@@ -87,98 +79,179 @@ def entries(admin: int) -> int:
     return int(float(found.group(1))) if found else -1
 
 
-def run() -> tuple[list[str], list[str]]:
+@dataclass
+class Level:
+    """One proxy over a cache of ``stored`` entries, and what its runs measured."""
+
+    tree: str
+    stored: int
+    base: str
+    admin: int
+    pid: int
+    hits: list[float] = field(default_factory=list)
+    hit_p99: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # µs of the proxy's CPU per fresh hit
+    misses: list[float] = field(default_factory=list)
+    miss_p99: list[float] = field(default_factory=list)
+    rss: list[tuple[float, float, float]] = field(default_factory=list)  # all, anon, file
+
+    def sample(self) -> None:
+        fields = ("VmRSS", "RssAnon", "RssFile")
+        found = [rss_mb(self.pid, name) or 0.0 for name in fields]
+        self.rss.append((found[0], found[1], found[2]))
+
+
+async def populate(directory: Path, count: int, first: int = 0) -> None:
+    """Copy the one stored product (products/0) under the ids ``first`` .. ``count`` - 1, as
+    the store writes records, BATCH to a transaction."""
+    store = await CacheStore.open(directory, 8 * 1024**3, 0)
+    try:
+        template = await store.get(cache_key("main", PATH.format(0), "", {}))
+        if template is None or template.body is None:
+            raise SystemExit("bench: the template entry was not stored")
+        for start in range(first, count, BATCH):
+            batch = []
+            for n in range(start, min(count, start + BATCH)):
+                path = PATH.format(n)
+                entry = dataclasses.replace(template.entry, path=path)
+                batch.append((cache_key("main", path, "", {}), Stored(entry, template.body)))
+            await store._run(_write, store, batch)
+    finally:
+        await store.close()
+
+
+def _write(store: CacheStore, batch: list[tuple[str, Stored]]) -> None:
+    """As the store writes a record (tagged with its share), many in one transaction."""
+    with store.disk.transact():
+        for key, stored in batch:
+            store.disk.set(key, stored, tag=share(key, stored))
+
+
+def start(
+    stack: contextlib.ExitStack,
+    directory: Path,
+    upstream: str,
+    stored: int,
+    tree: str,
+    cwd: str,
+    memory: int = MEMORY_SIZE,
+) -> Level:
+    """A proxy of the tree in ``cwd`` over a cache of ``stored`` entries (one fetched by a
+    proxy of this tree, the others copied in before it starts)."""
+    port, admin = free_port(), free_port()
+    sub = directory / f"{len(tree)}-{stored}"
+    sub.mkdir()
+    path = config(sub, upstream, port, admin, memory)
+    serve = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
+    base = f"http://127.0.0.1:{port}"
+    with process(serve, port):
+        cache_bench.fetch(base + PATH.format(0))  # the template, stored by the proxy itself
+    asyncio.run(populate(sub / "state" / "cache", stored, 1))
+    proc = subprocess.Popen(serve, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(_stop, proc)
+    wait_ready(admin, proc, 120.0)  # before issue 21, start-up walked every key
+    return Level(tree, stored, base, admin, proc.pid)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure(binary: str, directory: Path, level: Level, round_no: int) -> None:
+    script = directory / f"random-{level.stored}.lua"
+    script.write_text(RANDOM_SCRIPT.replace("{n}", str(level.stored)))
+    cpu = cpu_seconds(level.pid)
+    hit = wrk(binary, level.base + PATH.format(0), {}, script)
+    level.cpu.append((cpu_seconds(level.pid) - cpu) * 1e6 / max(1, hit.requests))
+    level.sample()
+    script = directory / "unique.lua"  # products/0.json?start=N: a new key every request
+    base_id = 1_000_000_000 * (1 + round_no)
+    script.write_text(f"local BASE = {base_id}\n{cache_bench.MISS_SCRIPT}")
+    miss = wrk(binary, level.base + PATH.format(0), {}, script)
+    level.sample()
+    level.hits.append(hit.rps)
+    level.hit_p99.append(hit.p99_ms)
+    level.misses.append(miss.rps)
+    level.miss_p99.append(miss.p99_ms)
+    print(
+        f"{level.tree} {level.stored}: hit {hit.rps:.0f}/s {level.cpu[-1]:.0f} µs, "
+        f"miss {miss.rps:.0f}/s, RSS {level.rss[-1]}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def span(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}"
+
+
+def row(level: Level) -> str:
+    peak = max(level.rss)
+    measured = (level.hits, level.hit_p99, level.cpu, level.misses, level.miss_p99)
+    hwm = rss_mb(level.pid, "VmHWM") or 0.0
+    cells = [level.tree, f"{level.stored:,}", f"{entries(level.admin):,}"]
+    cells += [span(values) for values in measured]
+    cells += [f"{peak[0]:.0f} ({peak[1]:.0f} + {peak[2]:.0f})", f"{hwm:.0f}"]
+    return f"| {' | '.join(cells)} |"
+
+
+def spread(levels: list[Level], pick: str) -> str:
+    """Largest / smallest median across the sizes (the goal: within 20 %)."""
+    medians = [statistics.median(getattr(level, pick)) for level in levels]
+    return f"{max(medians) / max(1e-9, min(medians)):.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run --sizes")
+    p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
+    p.add_argument("--memory", type=float, default=MEMORY_SIZE / 1024**2, help="memory tier, MB")
+    args = p.parse_args(argv)
+    trees = [("this tree", HERE)] + ([("--old", args.old)] if args.old else [])
     binary = shutil.which("wrk")
     if binary is None:
         raise SystemExit("bench: the size series needs wrk (apt-get install wrk)")
+    began = time.monotonic()
     directory = Path(tempfile.mkdtemp(prefix="kounta-sizes-"))
-    origin_port, port, admin = free_port(), free_port(), free_port()
-    origin = f"http://127.0.0.1:{origin_port}"
-    base = f"http://127.0.0.1:{port}"
-    path = config(directory, origin, port, admin)
-    serve = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
-    rows, notes = [], []
+    origin_port = free_port()
+    upstream = f"http://127.0.0.1:{origin_port}"
     try:
         with contextlib.ExitStack() as stack:
-            origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
-            stack.enter_context(process(origin_args, origin_port))
-            with process(serve, port) as proc:
-                stored = 0
-                for level in LEVELS:
-                    print(f"filling to {level} entries", file=sys.stderr, flush=True)
-                    fill_rate = asyncio.run(fill(base, stored, level))
-                    stored = level
-                    rows.append(measure(binary, directory, base, admin, proc.pid, level, fill_rate))
-                peak = rss_mb(proc.pid, "VmHWM")
-                notes.append(f"peak RSS (VmHWM) over the series: {peak:.0f} MB")
-            notes.extend(restart(serve, base, port, admin))
+            origin = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
+            stack.enter_context(process(origin, origin_port))
+            levels = [
+                start(stack, directory, upstream, n, tree, cwd, int(args.memory * 1024**2))
+                for tree, cwd in trees
+                for n in LEVELS
+            ]
+            print(f"filled in {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
+            for round_no in range(ROUNDS):
+                for level in levels if round_no % 2 == 0 else levels[::-1]:
+                    measure(binary, directory, level, round_no)
+            rows = [row(level) for level in levels]
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return rows, notes
-
-
-def measure(
-    binary: str, directory: Path, base: str, admin: int, pid: int, level: int, fill_rate: float
-) -> str:
-    script = directory / "random.lua"
-    script.write_text(RANDOM_SCRIPT.replace("{n}", str(level)))
-    hit = wrk(binary, base + PATH.format(0), {}, script)
-    script = directory / "unique.lua"  # products/0.json?start=N: a new key every request
-    base_id = 1_000_000_000 * (1 + LEVELS.index(level))
-    script.write_text(f"local BASE = {base_id}\n{cache_bench.MISS_SCRIPT}")
-    miss = wrk(binary, base + PATH.format(0), {}, script)
-    rss = rss_mb(pid) or 0.0
-    # Anonymous memory (the heap) apart from file pages (SQLite's mmap of the cache database,
-    # where diskcache keeps bodies under 32 KB): the kernel reclaims the latter at will.
-    anon, file = rss_mb(pid, "RssAnon") or 0.0, rss_mb(pid, "RssFile") or 0.0
-    line = (
-        f"| {level:,} | {entries(admin):,} | {hit.rps:.0f} | {hit.p99_ms:.2f} | {miss.rps:.0f} | "
-        f"{miss.p99_ms:.2f} | {fill_rate:.0f} | {rss:.0f} ({anon:.0f} + {file:.0f}) |"
-    )
-    print(line, file=sys.stderr, flush=True)
-    return line
-
-
-def restart(serve: list[str], base: str, port: int, admin: int) -> list[str]:
-    """Start the proxy again over the stored entries: to ready, to the first answer from disk."""
-    started = time.monotonic()
-    proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_port(port, proc)
-        wait_ready(admin, proc)
-        ready = time.monotonic() - started
-        with urllib.request.urlopen(base + PATH.format(LEVELS[-1] // 2), timeout=10) as r:
-            r.read()
-            cache = r.headers.get("X-Cache", "")
-        first = time.monotonic() - started
-        rss = rss_mb(proc.pid) or 0.0
-        anon = rss_mb(proc.pid, "RssAnon") or 0.0
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    return [
-        f"start-up over {LEVELS[-1]:,} stored entries: ready in {ready:.2f} s, first stored "
-        f"answer (X-Cache: {cache}) at {first:.2f} s, RSS then {rss:.0f} MB ({anon:.0f} anon)"
-    ]
-
-
-def main() -> int:
-    started = time.monotonic()
-    rows, notes = run()
     print(
         f"\n## Cost as the cache grows (8 KB entries on disk, memory tier "
-        f"{MEMORY_SIZE // 1024**2} MB; wrk -t2 -c{cache_bench.CONNECTIONS} "
-        f"-d{cache_bench.DURATION}s)\n"
+        f"{args.memory:g} MB; wrk -t2 -c{cache_bench.CONNECTIONS} "
+        f"-d{cache_bench.DURATION}s; min-max of {ROUNDS} interleaved rounds)\n"
     )
     print(
-        "| stored | entries | fresh hit req/s | hit p99 ms | miss → store req/s | miss p99 ms "
-        "| fill req/s (aiohttp client) | RSS MB (anon + file) |"
+        "| proxy | stored | entries at the end | fresh hit req/s | hit p99 ms | CPU µs per hit "
+        "| miss → store req/s | miss p99 ms | peak RSS MB (anon + file) | VmHWM MB |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for row in rows:
-        print(row)
-    print()
-    for note in notes:
-        print(note)
-    print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for line in rows:
+        print(line)
+    print("\nLargest / smallest median over the sizes (goal ≤ 1.20):\n")
+    for tree, _ in trees:
+        mine = [level for level in levels if level.tree == tree]
+        print(
+            f"- {tree}: fresh hit {spread(mine, 'hits')}, CPU per hit {spread(mine, 'cpu')}, "
+            f"miss → store {spread(mine, 'misses')}"
+        )
+    print(f"\n(whole run {time.monotonic() - began:.0f} s)", file=sys.stderr)
     return 0

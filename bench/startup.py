@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import shutil
 import statistics
@@ -29,38 +28,8 @@ from pathlib import Path
 from bench import sizes
 from bench.cache_bench import free_port, process, rss_mb
 from bench.workers_bench import wait_ready
-from proxy.cache.memory import Stored
-from proxy.cache.policy import cache_key
-from proxy.cache.store import CacheStore
-from proxy.cache.store import _share as share
 
 HERE = str(Path(__file__).resolve().parent.parent)
-BATCH = 5000
-
-
-async def populate(directory: Path, count: int) -> None:
-    """Copy the one stored product under ``count`` keys (the store's writer, batched)."""
-    store = await CacheStore.open(directory, 8 * 1024**3, 0)
-    try:
-        template = await store.get(cache_key("main", sizes.PATH.format(0), "", {}))
-        if template is None or template.body is None:
-            raise SystemExit("bench: the template entry was not stored")
-        for start in range(0, count, BATCH):
-            batch = []
-            for n in range(start, min(count, start + BATCH)):
-                path = sizes.PATH.format(n)
-                entry = dataclasses.replace(template.entry, path=path)
-                batch.append((cache_key("main", path, "", {}), Stored(entry, template.body)))
-            await store._run(_write, store, batch)
-    finally:
-        await store.close()
-
-
-def _write(store: CacheStore, batch: list[tuple[str, Stored]]) -> None:
-    """As the store writes a record (tagged with its share), many in one transaction."""
-    with store.disk.transact():
-        for key, stored in batch:
-            store.disk.set(key, stored, tag=share(key, stored))
 
 
 def start(
@@ -122,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             with process(serve, port), urllib.request.urlopen(base + sizes.PATH.format(0)) as r:
                 r.read()
             began = time.monotonic()
-            asyncio.run(populate(directory / "state" / "cache", args.entries))
+            asyncio.run(sizes.populate(directory / "state" / "cache", args.entries))
             print(f"{args.entries} entries in {time.monotonic() - began:.1f} s", file=sys.stderr)
             for round_no in range(args.rounds):
                 for name, cwd, command in trees if round_no % 2 == 0 else trees[::-1]:

@@ -51,6 +51,9 @@ EPOCH_KEY = "__purge_epoch__"
 PROBE_KEY = "__write_probe__"
 PROBE_SIZE = 4096
 DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+# Pages (4 KiB) of SQLite's page cache per connection: the B-tree's inner pages of 100k keys
+# fit; diskcache's default is 8,192 (32 MiB each).
+SQLITE_CACHE_PAGES = 1024
 # Runs a function on the store's one disk thread.
 Run = Callable[..., Awaitable[Any]]
 # Every cache key is a JSON array: it begins with "[", and "\\" is the character after it.
@@ -208,6 +211,11 @@ def _probe(directory: Path, max_size: int) -> diskcache.Cache:
         eviction_policy="least-recently-stored",
         cull_limit=0,  # culled explicitly after each write, so evictions can be counted
         statistics=False,
+        # SQLite's own memory, per connection (the store's thread, the scrapes' gauges): no
+        # memory map of the database (its pages counted in the process's RSS, up to 64 MB)
+        # and a small page cache; the kernel's page cache holds the file at no cost to RSS.
+        sqlite_mmap_size=0,
+        sqlite_cache_size=SQLITE_CACHE_PAGES,
     )
     try:
         disk.get(EPOCH_KEY)

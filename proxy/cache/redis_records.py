@@ -170,25 +170,25 @@ def _small_float(text: str) -> float:
     return number
 
 
+# One decoder for every record (json.loads with hooks builds a new one per call).
+_DECODER = json.JSONDecoder(
+    parse_constant=_no_constant, parse_int=_small_int, parse_float=_small_float
+)
+# A JSON string (escapes included; one left open runs to the end), and a bracket.
+STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+BRACKET = re.compile(rb"[\[\]{}]")
+
+
 def _depth(text: bytes) -> int:
     """The deepest nesting of ``[``/``{`` outside strings (checked before parsing, so a
-    hostile record cannot make the parser recurse)."""
+    hostile record cannot make the parser recurse). The strings are cut out and the
+    brackets found by regular expressions: a Python loop visits the brackets only."""
     depth = deepest = 0
-    in_string = escaped = False
-    for byte in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
+    for bracket in BRACKET.findall(STRING.sub(b"", text)):
+        if bracket in b"[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
+        else:
             depth -= 1
     return deepest
 
@@ -196,9 +196,7 @@ def _depth(text: bytes) -> int:
 def _header(raw: bytes) -> Any:
     if len(raw) > MAX_HEADER or _depth(raw) > MAX_DEPTH:
         raise ValueError("header too large or too deep")
-    return json.loads(
-        raw, parse_constant=_no_constant, parse_int=_small_int, parse_float=_small_float
-    )
+    return _DECODER.decode(raw.decode())  # UTF-8, as json.loads reads bytes written by encode
 
 
 def _status(value: Any) -> int:

@@ -497,7 +497,12 @@ class CacheStore:
 
     def _delete_covered(self, change: Change) -> int:
         """Delete every record on disk that ``change`` covers (found on the disk)."""
-        removed = self._delete(covered(self.disk, change))
+        try:
+            keys = covered(self.disk, change)
+        except DISK_ERRORS:  # as a delete that fails: counted, the store goes on
+            self._failed("delete")
+            return 0
+        removed = self._delete(keys)
         if removed and isinstance(change, Invalidation) and self.metrics is not None:
             self.metrics.cache_invalidations.inc(removed)
         return removed
