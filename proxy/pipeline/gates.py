@@ -117,9 +117,21 @@ class Bucket:
         if self.tokens < need:
             at = now + (need - self.tokens) / self.rate.per_second
         cap = max(1, math.floor(self.rate.per_window * (1 - reserve) + 1e-9))
-        if len(self.sent) >= cap:
-            at = max(at, self.sent[-cap] + self.rate.window + self.rate.margin)
-        return max(at, self.paused_until)
+        return max(at, self._spread(cap), self.paused_until)
+
+    def _spread(self, cap: int) -> float:
+        """When the window's log lets the next send go: the k-th latest send at least
+        ``(k - burst) / (cap - burst)`` of the window ago, for each k past the burst up to
+        ``cap`` (at ``cap`` the whole window: the hard cap). So under constant demand a burst
+        is paid back by a slightly slower pace while it leaves the window, not by a stall of
+        ``burst`` pace intervals a window later that every waiting request sits through."""
+        sent, span = self.sent, self.rate.window + self.rate.margin
+        n = len(sent)
+        at = sent[-cap] + span if n >= cap else -math.inf
+        burst = self.rate.burst
+        for k in range(burst + 1, min(n, cap - 1) + 1):  # none when the burst is the cap
+            at = max(at, sent[n - k] + (k - burst) * span / (cap - burst))
+        return at
 
     def ready_after(self, now: float, ahead: int) -> float:
         """When a token can be taken once ``ahead`` requests queued first have had theirs:

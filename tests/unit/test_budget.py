@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -70,6 +71,27 @@ def test_no_window_ever_holds_more_than_the_rate() -> None:
         assert len(in_window) <= 10, (t, in_window)
     # ... and the long-run pace is still the rate.
     assert 45 <= len(sent) <= 52
+
+
+def test_a_burst_is_paid_back_by_a_slower_pace_not_by_a_stall_a_window_later() -> None:
+    """Under constant demand the burst's sends fill the window a window later; the old bucket
+    then sent nothing for about ``burst`` pace intervals (every request waited through that
+    stall: the interactive p99 of bench.fleet --batch); now the pace slows a little while
+    the burst leaves the window, and no window holds more than the rate."""
+    rate = Rate(180, 9, 60.0, 1.0)
+    bucket = Bucket(rate, now=0.0)
+    sent: list[float] = []
+    now = 0.0
+    while now < 200:
+        now = bucket.ready_at(now)
+        bucket.take(now)
+        sent.append(now)
+    pace = 1 / rate.per_second
+    gaps = [b - a for a, b in itertools.pairwise(sent[9:])]
+    assert max(gaps) < 1.5 * pace, max(gaps)
+    for i, t in enumerate(sent):
+        assert sum(1 for s in sent[i:] if s < t + 61.0) <= 180
+    assert len(sent) >= 200 * rate.per_second  # the long-run pace is still the rate
 
 
 def test_pause_uses_asked_time_else_a_growing_backoff() -> None:
