@@ -97,6 +97,9 @@ class Bucket:
         self.tokens = float(rate.burst)
         self.updated = now
         self.sent: deque[float] = deque()
+        # _spread's last answer and what it was for (the rate, cap, and the log's length, first
+        # and last send): the queue asks for every waiter's turn while the log stays the same.
+        self._spread_memo: tuple[tuple[Rate, int, int, float, float], float] | None = None
         self.paused_until = -math.inf
         self.backoff = 0.0
 
@@ -127,10 +130,16 @@ class Bucket:
         ``burst`` pace intervals a window later that every waiting request sits through."""
         sent, span = self.sent, self.rate.window + self.rate.margin
         n = len(sent)
+        if n == 0:
+            return -math.inf
+        key = (self.rate, cap, n, sent[0], sent[-1])
+        if self._spread_memo is not None and self._spread_memo[0] == key:
+            return self._spread_memo[1]
         at = sent[-cap] + span if n >= cap else -math.inf
         burst = self.rate.burst
         for k in range(burst + 1, min(n, cap - 1) + 1):  # none when the burst is the cap
             at = max(at, sent[n - k] + (k - burst) * span / (cap - burst))
+        self._spread_memo = (key, at)
         return at
 
     def ready_after(self, now: float, ahead: int) -> float:

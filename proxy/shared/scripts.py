@@ -17,7 +17,9 @@ end
 
 # The window's spread (proxy.pipeline.gates.Bucket._spread): the k-th latest send at least
 # (k - burst) / (cap - burst) of the period ago, for each k past the burst below the cap, so
-# a burst is paid back by a slightly slower pace, not by a stall a window later. The wait.
+# a burst is paid back by a slightly slower pace, not by a stall a window later. The wait
+# (0: none). Asked only when the pace, the pause and the cap let a send go: a wait they give
+# may end before the spread's, and the request then asks again.
 SPREAD = """
 local function spread(log_key, count, cap, burst, period, now)
   local n = math.min(count, cap - 1)
@@ -68,8 +70,8 @@ if count >= per_window then
   local free_at = tonumber(oldest[2]) + period
   if free_at - now > wait then wait = free_at - now end
 end
-local spread_wait = spread(KEYS[2], count, per_window, burst, period, now)
-if spread_wait > wait then wait = spread_wait end
+-- Only when nothing else holds it back (the log's read costs more than the rest).
+if wait <= 0 then wait = spread(KEYS[2], count, per_window, burst, period, now) end
 if wait > 0 then return {0, tostring(wait)} end
 redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
 redis.call('ZADD', KEYS[2], now, ARGV[4])
@@ -161,8 +163,8 @@ if count >= cap then
   local free_at = tonumber(oldest[2]) + period
   if free_at - now > wait then wait = free_at - now end
 end
-local spread_wait = spread(KEYS[2], count, cap, burst, period, now)
-if spread_wait > wait then wait = spread_wait end
+-- Only when nothing else holds it back (the log's read costs more than the rest).
+if wait <= 0 then wait = spread(KEYS[2], count, cap, burst, period, now) end
 if wait > 0 then return reply(0, wait) end
 local v = num(redis.call('HGET', KEYS[3], 'v'), 0)
 local best, best_finish, best_weight, starts = 0, math.huge, -1, {}
