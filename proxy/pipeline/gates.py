@@ -97,6 +97,9 @@ class Bucket:
         self.tokens = float(rate.burst)
         self.updated = now
         self.sent: deque[float] = deque()
+        # _spread's last answer and what it was for (the rate, cap, and the log's length, first
+        # and last send): the queue asks for every waiter's turn while the log stays the same.
+        self._spread_memo: tuple[tuple[Rate, int, int, float, float], float] | None = None
         self.paused_until = -math.inf
         self.backoff = 0.0
 
@@ -117,9 +120,27 @@ class Bucket:
         if self.tokens < need:
             at = now + (need - self.tokens) / self.rate.per_second
         cap = max(1, math.floor(self.rate.per_window * (1 - reserve) + 1e-9))
-        if len(self.sent) >= cap:
-            at = max(at, self.sent[-cap] + self.rate.window + self.rate.margin)
-        return max(at, self.paused_until)
+        return max(at, self._spread(cap), self.paused_until)
+
+    def _spread(self, cap: int) -> float:
+        """When the window's log lets the next send go: the k-th latest send at least
+        ``(k - burst) / (cap - burst)`` of the window ago, for each k past the burst up to
+        ``cap`` (at ``cap`` the whole window: the hard cap). So under constant demand a burst
+        is paid back by a slightly slower pace while it leaves the window, not by a stall of
+        ``burst`` pace intervals a window later that every waiting request sits through."""
+        sent, span = self.sent, self.rate.window + self.rate.margin
+        n = len(sent)
+        if n == 0:
+            return -math.inf
+        key = (self.rate, cap, n, sent[0], sent[-1])
+        if self._spread_memo is not None and self._spread_memo[0] == key:
+            return self._spread_memo[1]
+        at = sent[-cap] + span if n >= cap else -math.inf
+        burst = self.rate.burst
+        for k in range(burst + 1, min(n, cap - 1) + 1):  # none when the burst is the cap
+            at = max(at, sent[n - k] + (k - burst) * span / (cap - burst))
+        self._spread_memo = (key, at)
+        return at
 
     def ready_after(self, now: float, ahead: int) -> float:
         """When a token can be taken once ``ahead`` requests queued first have had theirs:

@@ -15,6 +15,25 @@ local function num(value, default)
 end
 """
 
+# The window's spread (proxy.pipeline.gates.Bucket._spread): the k-th latest send at least
+# (k - burst) / (cap - burst) of the period ago, for each k past the burst below the cap, so
+# a burst is paid back by a slightly slower pace, not by a stall a window later. The wait
+# (0: none). Asked only when the pace, the pause and the cap let a send go: a wait they give
+# may end before the spread's, and the request then asks again.
+SPREAD = """
+local function spread(log_key, count, cap, burst, period, now)
+  local n = math.min(count, cap - 1)
+  local wait = 0
+  if n <= burst then return wait end
+  local log = redis.call('ZRANGE', log_key, count - n, -1, 'WITHSCORES')
+  for k = burst + 1, n do
+    local at = tonumber(log[2 * (n - k + 1)]) + (k - burst) * period / (cap - burst)
+    if at - now > wait then wait = at - now end
+  end
+  return wait
+end
+"""
+
 # GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
 # TAKE_CLASSED below repeats its pace, pause and window lines (with budget classes): keep the
 # two in step. The proxy's budget uses TAKE_CLASSED; TAKE serves SharedBudget.take (a gate
@@ -24,6 +43,7 @@ end
 # Returns {1, "0"} when a slot was taken, else {0, "<seconds to wait>"}.
 TAKE = (
     NUM
+    + SPREAD
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -50,6 +70,8 @@ if count >= per_window then
   local free_at = tonumber(oldest[2]) + period
   if free_at - now > wait then wait = free_at - now end
 end
+-- Only when nothing else holds it back (the log's read costs more than the rest).
+if wait <= 0 then wait = spread(KEYS[2], count, per_window, burst, period, now) end
 if wait > 0 then return {0, tostring(wait)} end
 redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
 redis.call('ZADD', KEYS[2], now, ARGV[4])
@@ -73,6 +95,7 @@ return {1, '0'}
 # Returns {taken 1/0, wait seconds, fleet waiting interactive, standard, batch}.
 TAKE_CLASSED = (
     NUM
+    + SPREAD
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -140,6 +163,8 @@ if count >= cap then
   local free_at = tonumber(oldest[2]) + period
   if free_at - now > wait then wait = free_at - now end
 end
+-- Only when nothing else holds it back (the log's read costs more than the rest).
+if wait <= 0 then wait = spread(KEYS[2], count, cap, burst, period, now) end
 if wait > 0 then return reply(0, wait) end
 local v = num(redis.call('HGET', KEYS[3], 'v'), 0)
 local best, best_finish, best_weight, starts = 0, math.huge, -1, {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from proxy.pipeline.metrics import PipelineMetrics
 from proxy.sandbox import SandboxConfig
 from proxy.settings import BudgetSettings, CacheSettings, Secret, Settings, SharedSettings
 from proxy.shared import RedisBackend
+from proxy.shared.base import ClassedAsk
 from proxy.shared.metrics import SharedMetrics
 from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, serve
 from tests.integration.test_budget import budget_settings, fetch
@@ -297,3 +299,29 @@ async def test_the_queue_ahead_counts_with_the_shared_gate(backend: RedisBackend
     assert budget.status()["mode"] == "shared"
     assert await first > 0.3
     await budget.close()
+
+
+@pytest.mark.parametrize("classed", [False, True])
+async def test_a_shared_burst_is_paid_back_by_a_slower_pace_not_a_stall(
+    backend: RedisBackend, classed: bool
+) -> None:
+    """As the local bucket (tests/unit/test_budget.py): under constant demand, the window
+    after a burst brings no stall of ``burst`` intervals (0.5 s here), and no window holds
+    more than the rate."""
+    per_window, burst, period = 20, 10, 1.0  # a slot every 0.05 s
+    ask = ClassedAsk("standard", (0, 1, 0), 0.0, (6.0, 3.0, 1.0), 2.0)
+    sent: list[float] = []
+    stop = time.monotonic() + 2.5 * period
+    while time.monotonic() < stop:
+        if classed:
+            wait = (await backend.take_classed("main", per_window, burst, period, ask)).wait
+        else:
+            wait = await backend.take("main", per_window, burst, period)
+        if wait <= 0:
+            sent.append(time.monotonic())
+        else:
+            await asyncio.sleep(wait)
+    gaps = [b - a for a, b in itertools.pairwise(sent[burst:])]
+    assert max(gaps) < 0.3, max(gaps)
+    for i, t in enumerate(sent):
+        assert sum(1 for s in sent[i:] if s < t + period - 0.01) <= per_window

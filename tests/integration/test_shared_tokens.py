@@ -130,6 +130,8 @@ async def test_three_replicas_refresh_once_per_lifetime_under_rotation(
 
     await asyncio.gather(*(caller(i) for i in range(6)))
     assert set(statuses) == {200}, statuses
+    # No replica sent a token past its end (a 401 resent behind the caller's back spends budget).
+    assert sandbox.state.statuses().get(401, 0) == 0, sandbox.state.statuses()
     server = sandbox.app[SANDBOX_OAUTH]
     # One token request per half lifetime for the whole fleet (plus the first), never a
     # refresh token that another replica had already spent.

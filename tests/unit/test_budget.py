@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -55,21 +56,41 @@ def test_bucket_gives_the_burst_then_paces() -> None:
     assert bucket.ready_at(0.0) == pytest.approx(1.0)  # one token a second
 
 
-def test_no_window_ever_holds_more_than_the_rate() -> None:
-    """A plain bucket would allow burst + rate in the first window; this one never does."""
-    rate = Rate(10, 10, 60.0, 1.0)
+def saturated(rate: Rate, seconds: float) -> list[float]:
+    """The send times of a bucket that always has a request waiting, for ``seconds``."""
     bucket = Bucket(rate, now=0.0)
     sent: list[float] = []
     now = 0.0
-    while now < 300:
+    while now < seconds:
         now = bucket.ready_at(now)
         bucket.take(now)
         sent.append(now)
+    return sent
+
+
+def test_no_window_ever_holds_more_than_the_rate() -> None:
+    """A plain bucket would allow burst + rate in the first window; this one never does."""
+    sent = saturated(Rate(10, 10, 60.0, 1.0), 300)
     for i, t in enumerate(sent):
         in_window = [s for s in sent[i:] if s < t + 61.0]
         assert len(in_window) <= 10, (t, in_window)
     # ... and the long-run pace is still the rate.
     assert 45 <= len(sent) <= 52
+
+
+def test_a_burst_is_paid_back_by_a_slower_pace_not_by_a_stall_a_window_later() -> None:
+    """Under constant demand the burst's sends fill the window a window later; the old bucket
+    then sent nothing for about ``burst`` pace intervals (every request waited through that
+    stall: the interactive p99 of bench.fleet --batch); now the pace slows a little while
+    the burst leaves the window, and no window holds more than the rate."""
+    rate = Rate(180, 9, 60.0, 1.0)
+    sent = saturated(rate, 200)
+    pace = 1 / rate.per_second
+    gaps = [b - a for a, b in itertools.pairwise(sent[9:])]
+    assert max(gaps) < 1.5 * pace, max(gaps)
+    for i, t in enumerate(sent):
+        assert sum(1 for s in sent[i:] if s < t + 61.0) <= 180
+    assert len(sent) >= 200 * rate.per_second  # the long-run pace is still the rate
 
 
 def test_pause_uses_asked_time_else_a_growing_backoff() -> None:
