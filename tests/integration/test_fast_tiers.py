@@ -1,0 +1,182 @@
+"""Memory-tier misses on the fast path (proxy.edge.fast.FastPath.look): a fresh entry found
+on disk or in Redis is answered without the long way, with the long way's answer (headers,
+counts, access line), and every request looks the tier up once whichever way it takes.
+
+The long way's own answer to the same lookup comes from a request with an unknown Pragma
+(it changes nothing but the way the request takes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from prometheus_client import CollectorRegistry
+
+from proxy.cache.memory import Stored
+from proxy.edge.services import SERVICES
+from proxy.settings import CacheSettings
+from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
+from tests.integration.test_fast_path import LongWay, get
+from tests.integration.test_shared_entries import settings_for, shared_op
+from tests.redis_server import RedisServer
+
+FRESH = "/v1/fresh.json"  # max-age=600: a fresh HIT
+STALE = "/v1/stale.json"  # max-age=0 and an ETag: revalidated every time
+SLOW = {"Pragma": "x-whatever"}
+PER_ANSWER = {"x-request-id", "date", "age"}
+Answer = tuple[int, CIMultiDictProxy[str], bytes]
+
+
+@dataclass
+class Origin:
+    url: str = ""
+    served: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b'{"things": [' + b'"thing", ' * 300 + b'"last"]}'
+
+    async def handle(self, request: web.Request) -> web.Response:
+        inm = request.headers.get("If-None-Match", "-")
+        self.served.append((request.path, inm))
+        age = "600" if request.path == FRESH else "0"
+        headers = {
+            "ETag": '"v1"',
+            "Cache-Control": f"max-age={age}",
+            "Content-Type": "application/json",
+            "X-Next-Page": f"{self.url}{request.path}?page=2",
+        }
+        if inm == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=self.body, headers=headers)
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    o = Origin()
+    runner, o.url = await serve_handler(o.handle)
+    yield o
+    await runner.cleanup()
+
+
+def steady(proxy: Proxy, headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """Headers in order, without per-answer values and the proxy's own URL."""
+    return [
+        (k.lower(), v.replace(proxy.url, "PROXY"))
+        for k, v in headers.items()
+        if k.lower() not in PER_ANSWER
+    ]
+
+
+def sample(proxy: Proxy, name: str, **labels: str) -> float:
+    return proxy.registry.get_sample_value(name, labels) or 0.0  # type: ignore[attr-defined]
+
+
+def hits(proxy: Proxy) -> float:
+    return sample(proxy, "kounta_proxy_cache_lookups_total", result="hit", reason="fresh")
+
+
+class Looks:
+    """Counts the tier's lookups of a proxy (its real lookup, wrapped)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        entries = proxy.app[SERVICES].cache.entries  # type: ignore[union-attr]
+        self.count = 0
+        real: Callable[[str, str], Awaitable[Stored | None]] = entries.lookup
+
+        async def counted(account: str, key: str) -> Stored | None:
+            self.count += 1
+            return await real(account, key)
+
+        entries.lookup = counted
+
+
+async def test_a_fresh_disk_hit_skips_the_long_way_and_answers_the_same(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    cache = CacheSettings(memory_size=0)  # nothing in memory: every hit is a disk hit
+    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
+    long_way, looks = LongWay(p), Looks(p)
+    first = await get(client, p.url + FRESH)
+    assert (first[0], first[1]["X-Cache"], long_way.count, looks.count) == (200, "MISS", 1, 1)
+    assert not p.app[SERVICES].store.hot.items  # type: ignore[union-attr]
+
+    fast = [await get(client, p.url + FRESH, **h) for h in ({}, {"If-None-Match": '"v1"'})]
+    assert long_way.count == 1  # both answered on the fast path, from the disk
+    slow = [await get(client, p.url + FRESH, **SLOW, **h) for h in ({}, {"If-None-Match": '"v1"'})]
+    assert long_way.count == 3
+    assert looks.count == 5  # one lookup each, whichever way it went
+    assert origin.served == [(FRESH, "-")]
+    for (fs, fh, fb), (ss, sh, sb) in zip(fast, slow, strict=True):
+        assert (fs, fb) == (ss, sb)
+        assert fh["X-Cache"] == "HIT" and fh["Cache-Status"] == sh["Cache-Status"]
+        assert steady(p, fh) == steady(p, sh)  # same headers, same order
+    assert [a[0] for a in fast] == [200, 304] and fast[0][2] == first[2]
+    assert hits(p) == 4  # a fresh hit each, counted once
+    lines = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+    fields = ("status", "cache", "route", "caller", "account", "bytes", "upstream_status")
+    assert [[f[n] for n in fields] for f in lines[1:3]] == [
+        [f[n] for n in fields] for f in lines[3:5]
+    ]
+    assert sample(p, "kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_stale_disk_entry_is_handed_to_the_long_way_without_a_second_lookup(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    cache = CacheSettings(memory_size=0)
+    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
+    long_way, looks = LongWay(p), Looks(p)
+    assert (await get(client, p.url + STALE))[1]["X-Cache"] == "MISS"
+    again = await get(client, p.url + STALE)
+    assert (again[0], again[1]["X-Cache"], again[2]) == (200, "REVALIDATED", origin.body)
+    assert again[1]["Cache-Status"] == "kounta-proxy; fwd=stale; fwd-status=304"
+    assert (long_way.count, looks.count) == (2, 2)  # the long way used the edge's lookup
+    assert origin.served == [(STALE, "-"), (STALE, '"v1"')]
+
+
+async def test_a_fresh_redis_hit_skips_the_long_way_and_answers_the_same(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    a, b, c = [
+        await make_proxy(
+            settings_for(origin.url, tmp_path, f"r{i}", redis_server.url, redis_prefix),
+            registry=CollectorRegistry(),
+        )
+        for i in range(3)
+    ]
+    assert (await get(client, a.url + FRESH))[1]["X-Cache"] == "MISS"
+    for _ in range(100):  # the store in Redis follows the answer
+        if shared_op(a, "put", "ok"):
+            break
+        await asyncio.sleep(0.01)
+    assert shared_op(a, "put", "ok") == 1
+    fast_way, slow_way = LongWay(b), LongWay(c)
+    fast_looks, slow_looks = Looks(b), Looks(c)
+    fast = await get(client, b.url + FRESH)
+    slow = await get(client, c.url + FRESH, **SLOW)
+    assert (fast_way.count, slow_way.count) == (0, 1)  # b answered on the fast path
+    assert (fast_looks.count, slow_looks.count) == (1, 1)
+    assert shared_op(b, "get", "hit") == shared_op(c, "get", "hit") == 1
+    assert (fast[0], fast[1]["X-Cache"], fast[2]) == (200, "HIT", slow[2])
+    assert steady(b, fast[1]) == steady(c, slow[1])
+    assert hits(b) == hits(c) == 1
+    # Promoted into b's memory tier as the long way promotes: the next one needs no lookup.
+    assert (await get(client, b.url + FRESH))[1]["X-Cache"] == "HIT"
+    assert (fast_looks.count, fast_way.count) == (1, 0)
+    assert origin.served == [(FRESH, "-")]
