@@ -371,7 +371,8 @@ class Cache:
 
     async def wait(self, pending: Pending) -> Outcome | Exception:
         """The pending request's flight's outcome, or what waiting for it raised (the long
-        way's :meth:`_wait` decides what that means, see :meth:`handing_over`)."""
+        way's :meth:`_wait` decides what that means, see
+        :func:`~proxy.cache.fastlook.handing_over`)."""
         try:
             return await self.flights.join(pending.flight, self.config.coalesce_wait)
         except Exception as e:
@@ -383,7 +384,7 @@ class Cache:
         """A joiner's answer when its flight freshened the stored 200 in memory (what the
         long way's :meth:`_wait`, :meth:`_fetch` and :meth:`Answers.outcome` give, counted as
         they count), and the upstream time it shares; None, counting nothing: the long way
-        goes on from ``outcome`` (:meth:`handing_over`)."""
+        goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
         stored, entry = outcome.stored, outcome.entry
         if (
             outcome.cache_status != "REVALIDATED"
