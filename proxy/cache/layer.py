@@ -419,24 +419,28 @@ class Cache:
         account: str,
         path: str,
         query: str,
-        headers: CIMultiDictProxy[str],
+        headers: Headers,
         body_for: BodyFor | None,
+        proxied: Callable[[], CIMultiDictProxy[str]],
     ) -> FastAnswer | Looked:
         """For a plain GET (as :meth:`fresh_hit` takes) the memory tier has nothing for: the
         tier's lookup (disk, Redis: promoted as :meth:`send` promotes), and the answer when
         it is a fresh 200 the long way would send as a plain HIT (same decision: the webhook
         hold, Vary, :func:`lookup`); else what was found, counting nothing, for the long way
-        (:func:`~proxy.cache.fastlook.handing_over`)."""
+        (:func:`~proxy.cache.fastlook.handing_over`). ``proxied``: the headers of the request
+        the long way would make (what a stored Vary selects by), only made when needed."""
         key = self.key(account, path, query, headers)
         looked = Looked(key, await self.entries.lookup(account, key))
         stored, hooks = self._webhook_fresh(account, looked.stored)
         if stored is None or stored.body is None or hooks or stored.entry.status != 200:
             return looked
-        try:
-            refuse_repeated_vary(stored.entry, headers)
-        except ProxyError:
-            return looked  # the long way refuses it
-        decision = lookup(stored.entry, headers, NO_CONTROL, self.clock())
+        selecting: Headers = headers
+        if stored.entry.vary:  # selected by the request made of the caller's, as in send()
+            try:
+                refuse_repeated_vary(stored.entry, selecting := proxied())
+            except ProxyError:
+                return looked  # the long way refuses it
+        decision = lookup(stored.entry, selecting, NO_CONTROL, self.clock())
         if not isinstance(decision, FreshHit):
             return looked
         age = int(decision.age)

@@ -32,7 +32,9 @@ joiner. Any other outcome goes the long way, which goes on from that outcome
 A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
 (the disk, or Redis then the disk: :meth:`~proxy.cache.layer.Cache.tier_hit`, which
 promotes what it finds into the memory tier as the long way's lookup does), counted in
-flight meanwhile; a fresh entry the long way would answer as a plain HIT is answered here,
+flight meanwhile; a fresh entry the long way would answer as a plain HIT (a stored Vary
+compared with the headers the long way would send, :func:`~proxy.headers.proxied`) is
+answered here,
 anything else (nothing found, stale, a webhook rule's entry, another Vary, a body on disk
 only) goes the long way with what was found, which decides from it without looking up
 again.
@@ -48,6 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from proxy.cache.fastlook import BodyFor, FastAnswer, Joined, Looked, Pending, handing_over
 from proxy.cache.flight import Outcome
@@ -61,7 +64,7 @@ from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.headers import SERVER_NAME, not_utf8, repeated
+from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
 from proxy.logs import begin_trace, log
 from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
@@ -124,6 +127,7 @@ class FastPath:
         self.public = self.services.settings.server.public_url
         upstream = self.services.settings.upstream
         self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
+        self.forwarded = upstream.forwarded
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -227,7 +231,12 @@ class FastPath:
         in_flight.inc()  # an await: a scrape may come meanwhile
         try:
             found = await self.cache.tier_hit(
-                caller.account, target.path, target.query, request.headers, asked.body_for
+                caller.account,
+                target.path,
+                target.query,
+                request.headers,
+                asked.body_for,
+                functools.partial(self._proxied, request.headers, asked.request_id),
             )
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
             info = Exchange(asked.request_id, caller.name, caller.account)
@@ -312,6 +321,10 @@ class FastPath:
                 info.target = asked.target
             info.bytes_sent = sent
             access_line(request, info, asked.route, status, elapsed)
+
+    def _proxied(self, headers: CIMultiDictProxy[str], rid: str) -> CIMultiDictProxy[str]:
+        """The headers of the request the long way would make (the handler's)."""
+        return CIMultiDictProxy(proxied(headers.items(), self.forwarded, rid))
 
     def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
         """A stored body for a caller that does not take gzip: inflated here when small

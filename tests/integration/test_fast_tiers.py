@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cache.memory import Stored
 from proxy.edge.services import SERVICES
-from proxy.settings import CacheSettings
+from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
 from tests.integration.test_fast_path import LongWay, get
 from tests.integration.test_shared_entries import settings_for, shared_op
@@ -30,6 +30,7 @@ from tests.redis_server import RedisServer
 
 FRESH = "/v1/fresh.json"  # max-age=600: a fresh HIT
 STALE = "/v1/stale.json"  # max-age=0 and an ETag: revalidated every time
+VARY = "/v1/vary.json"  # max-age=600, Vary: User-Agent (forwarded)
 SLOW = {"Pragma": "x-whatever"}
 PER_ANSWER = {"x-request-id", "date", "age"}
 Answer = tuple[int, CIMultiDictProxy[str], bytes]
@@ -44,13 +45,15 @@ class Origin:
     async def handle(self, request: web.Request) -> web.Response:
         inm = request.headers.get("If-None-Match", "-")
         self.served.append((request.path, inm))
-        age = "600" if request.path == FRESH else "0"
+        age = "0" if request.path == STALE else "600"
         headers = {
             "ETag": '"v1"',
             "Cache-Control": f"max-age={age}",
             "Content-Type": "application/json",
             "X-Next-Page": f"{self.url}{request.path}?page=2",
         }
+        if request.path == VARY:
+            headers["Vary"] = "User-Agent"
         if inm == '"v1"':
             return web.Response(status=304, headers=headers)
         return web.Response(body=self.body, headers=headers)
@@ -180,3 +183,42 @@ async def test_a_fresh_redis_hit_skips_the_long_way_and_answers_the_same(
     assert (await get(client, b.url + FRESH))[1]["X-Cache"] == "HIT"
     assert (fast_looks.count, fast_way.count) == (1, 0)
     assert origin.served == [(FRESH, "-")]
+
+
+async def test_a_disk_entry_with_vary_is_answered_as_the_long_way_selects_it(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    cache = CacheSettings(memory_size=0)
+    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
+    long_way, looks = LongWay(p), Looks(p)
+    en, fr = {"User-Agent": "till/1"}, {"User-Agent": "till/2"}
+    assert (await get(client, p.url + VARY, **en))[1]["X-Cache"] == "MISS"
+    fast = await get(client, p.url + VARY, **en)
+    assert (fast[0], fast[1]["X-Cache"], long_way.count) == (200, "HIT", 1)
+    slow = await get(client, p.url + VARY, **en, **SLOW)
+    assert steady(p, fast[1]) == steady(p, slow[1])
+    # Another agent: the stored answer does not select it, the long way fetches.
+    other = await get(client, p.url + VARY, **fr)
+    assert (other[0], other[1]["X-Cache"], long_way.count) == (200, "MISS", 3)
+    assert looks.count == 4
+    assert origin.served == [(VARY, "-"), (VARY, "-")]
+
+
+async def test_a_webhook_rules_disk_entry_goes_the_long_way_which_says_so(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    rule = CacheRule("/v1/*", fresh_for=600, webhooks=True)
+    settings = proxy_settings(
+        origin.url,
+        tmp_path,
+        cache=CacheSettings(memory_size=0, rules=(rule,)),
+        webhooks=WebhookSettings(enabled=True, port=0, secret=Secret("s" * 32)),
+    )
+    p = await make_proxy(settings)
+    long_way, looks = LongWay(p), Looks(p)
+    assert (await get(client, p.url + FRESH))[1]["X-Cache"] == "MISS"
+    plain = await get(client, p.url + FRESH)
+    slow = await get(client, p.url + FRESH, **SLOW)
+    assert (plain[1]["X-Cache"], long_way.count, looks.count) == ("HIT", 3, 3)
+    assert "detail=webhooks" in plain[1]["Cache-Status"]
+    assert steady(p, plain[1]) == steady(p, slow[1])
