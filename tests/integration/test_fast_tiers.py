@@ -9,7 +9,9 @@ The long way's own answer to the same lookup comes from a request with an unknow
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,3 +224,36 @@ async def test_a_webhook_rules_disk_entry_goes_the_long_way_which_says_so(
     assert (plain[1]["X-Cache"], long_way.count, looks.count) == ("HIT", 3, 3)
     assert "detail=webhooks" in plain[1]["Cache-Status"]
     assert steady(p, plain[1]) == steady(p, slow[1])
+
+
+async def test_a_caller_leaving_during_the_tier_lookup_is_logged_as_the_long_way_logs_it(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_proc: RedisServer,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    settings = settings_for(origin.url, tmp_path, "r", redis_proc.url, redis_prefix, memory_size=0)
+    shared = dataclasses.replace(settings.shared, timeout=3.0)  # longer than the caller waits
+    p = await make_proxy(dataclasses.replace(settings, shared=shared), registry=CollectorRegistry())
+    long_way = LongWay(p)
+    assert (await get(client, p.url + FRESH))[1]["X-Cache"] == "MISS"
+    assert redis_proc.proc is not None
+    redis_proc.proc.send_signal(signal.SIGSTOP)  # the lookup in Redis hangs (until its timeout)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            async with client.get(p.url + FRESH, timeout=aiohttp.ClientTimeout(total=0.3)):
+                pass
+        for _ in range(100):
+            lines = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+            if len(lines) == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        redis_proc.proc.send_signal(signal.SIGCONT)
+    assert [(f["status"], f["cache"]) for f in lines] == [(200, "MISS"), (499, "-")]
+    assert long_way.count == 1  # the second never reached the long way
+    assert sample(p, "kounta_proxy_requests_in_flight") == 0
