@@ -34,10 +34,9 @@ A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up he
 promotes what it finds into the memory tier as the long way's lookup does), counted in
 flight meanwhile; a fresh entry the long way would answer as a plain HIT (a stored Vary
 compared with the headers the long way would send, :func:`~proxy.headers.proxied`) is
-answered here,
-anything else (nothing found, stale, a webhook rule's entry, another Vary, a body on disk
-only) goes the long way with what was found, which decides from it without looking up
-again.
+answered here; anything else (nothing found, stale, a webhook rule's entry, another Vary, a
+body on disk only) goes the long way with what was found, which decides from it without
+looking up again.
 """
 
 from __future__ import annotations
