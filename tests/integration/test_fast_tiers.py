@@ -101,6 +101,15 @@ class Looks:
         entries.lookup = counted
 
 
+async def disk_only(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Any
+) -> tuple[Proxy, LongWay, Looks]:
+    """A proxy without a memory tier (every hit is a disk hit), its long way and lookups."""
+    cache = CacheSettings(memory_size=0)
+    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
+    return p, LongWay(p), Looks(p)
+
+
 async def test_a_fresh_disk_hit_skips_the_long_way_and_answers_the_same(
     make_proxy: MakeProxy,
     origin: Origin,
@@ -109,9 +118,7 @@ async def test_a_fresh_disk_hit_skips_the_long_way_and_answers_the_same(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kounta_proxy")
-    cache = CacheSettings(memory_size=0)  # nothing in memory: every hit is a disk hit
-    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
-    long_way, looks = LongWay(p), Looks(p)
+    p, long_way, looks = await disk_only(make_proxy, origin, tmp_path)
     first = await get(client, p.url + FRESH)
     assert (first[0], first[1]["X-Cache"], long_way.count, looks.count) == (200, "MISS", 1, 1)
     assert not p.app[SERVICES].store.hot.items  # type: ignore[union-attr]
@@ -139,9 +146,7 @@ async def test_a_fresh_disk_hit_skips_the_long_way_and_answers_the_same(
 async def test_a_stale_disk_entry_is_handed_to_the_long_way_without_a_second_lookup(
     make_proxy: MakeProxy, origin: Origin, tmp_path: Any, client: aiohttp.ClientSession
 ) -> None:
-    cache = CacheSettings(memory_size=0)
-    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
-    long_way, looks = LongWay(p), Looks(p)
+    p, long_way, looks = await disk_only(make_proxy, origin, tmp_path)
     assert (await get(client, p.url + STALE))[1]["X-Cache"] == "MISS"
     again = await get(client, p.url + STALE)
     assert (again[0], again[1]["X-Cache"], again[2]) == (200, "REVALIDATED", origin.body)
@@ -190,9 +195,7 @@ async def test_a_fresh_redis_hit_skips_the_long_way_and_answers_the_same(
 async def test_a_disk_entry_with_vary_is_answered_as_the_long_way_selects_it(
     make_proxy: MakeProxy, origin: Origin, tmp_path: Any, client: aiohttp.ClientSession
 ) -> None:
-    cache = CacheSettings(memory_size=0)
-    p = await make_proxy(proxy_settings(origin.url, tmp_path, cache=cache))
-    long_way, looks = LongWay(p), Looks(p)
+    p, long_way, looks = await disk_only(make_proxy, origin, tmp_path)
     en, fr = {"User-Agent": "till/1"}, {"User-Agent": "till/2"}
     assert (await get(client, p.url + VARY, **en))[1]["X-Cache"] == "MISS"
     fast = await get(client, p.url + VARY, **en)
