@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cache.memory import Stored
 from proxy.edge.services import SERVICES
-from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
-from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
-from tests.integration.test_fast_path import LongWay, get
+from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, WebhookSettings
+from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
+from tests.integration.test_fast_path import LIST, LongWay, get, same_answers
 from tests.integration.test_shared_entries import settings_for, shared_op
 from tests.redis_server import RedisServer
 
@@ -260,3 +260,16 @@ async def test_a_caller_leaving_during_the_tier_lookup_is_logged_as_the_long_way
     assert [(f["status"], f["cache"]) for f in lines] == [(200, "MISS"), (499, "-")]
     assert long_way.count == 1  # the second never reached the long way
     assert sample(p, "kounta_proxy_requests_in_flight") == 0
+
+
+async def test_disk_hits_the_fast_way_and_the_long_way_give_the_same_answers(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
+) -> None:
+    cache = CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),), memory_size=0)
+    settings = proxy_settings(sandbox.url, tmp_path, cache=cache, retry=RetrySettings(attempts=1))
+    p = await make_proxy(settings)
+    long_way = LongWay(p)
+    status, headers, _ = await get(client, p.url + LIST)
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+    await same_answers(p, long_way, headers["ETag"], client)
+    assert not p.app[SERVICES].store.hot.items  # type: ignore[union-attr]
