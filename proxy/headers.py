@@ -107,6 +107,17 @@ def for_upstream(
     return out
 
 
+def proxied(
+    headers: Iterable[tuple[str, str]], allowed: frozenset[str], request_id: str
+) -> CIMultiDict[str]:
+    """The headers of the request the proxy makes of a caller's (:func:`for_upstream`, its
+    request id and ``Via``): what the cache selects a stored answer by."""
+    out = for_upstream(headers, allowed)
+    out["X-Request-ID"] = request_id
+    out["Via"] = VIA
+    return out
+
+
 def for_caller(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """The upstream's headers that may go back to the caller."""
     items = list(headers)

@@ -14,21 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import assert_never
+
+from multidict import CIMultiDictProxy
 
 from proxy import errors
 from proxy.cache.answers import Answers, refuse_repeated_vary
 from proxy.cache.exchange import Exchange
+from proxy.cache.fastlook import (
+    BodyFor,
+    FastAnswer,
+    Joined,
+    Looked,
+    Pending,
+    plain_answer,
+    taken,
+)
 from proxy.cache.flight import Flight, Flights, GoAlone, Outcome
 from proxy.cache.invalidation import Invalidator
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import (
-    CALLER_CONDITIONALS,
     ERROR_STATUSES,
     NO_CONTROL,
     SELECTING,
@@ -48,7 +56,6 @@ from proxy.cache.policy import (
     fresh_age,
     invalidation,
     lookup,
-    not_modified,
     not_modified_headers,
     request_control,
     rule_for,
@@ -63,38 +70,10 @@ from proxy.logs import trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.settings import CacheRule, LiveCache, Settings, live_of
 
-# The body a fresh hit sends, from the stored headers and body (None: not here).
-BodyFor = Callable[[HeaderItems, bytes], bytes | None]
 # Seconds a request of (account, caller, class) would now wait for a budget token (no I/O).
 ExpectedWait = Callable[[str, str, str], float]
 # Who background refreshes wait in the budget's batch class as (one round-robin turn).
 REFRESHER = "cache-refresh"
-# Status, upstream headers, body and age of an answer the fast path sends.
-FastAnswer = tuple[int, HeaderItems, bytes, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A plain GET whose stored entry a flight in progress revalidates: the long way would
-    join that flight (:meth:`Cache.joinable`), at the point its lookup and decision left."""
-
-    key: str
-    flight: Flight
-    stale: Stored
-    decision: Revalidate
-
-
-@dataclass(frozen=True, slots=True)
-class Joined:
-    """What the edge got waiting on a pending request's flight, for the long way to go on
-    from (:meth:`Cache.handing_over`): the outcome, or what waiting raised."""
-
-    pending: Pending
-    result: Outcome | Exception
-
-
-# The flight a request already waited on at the edge, for the long way in the same task.
-_JOINED: ContextVar[Joined | None] = ContextVar("kounta_proxy_joined", default=None)
 
 
 class Cache:
@@ -171,13 +150,14 @@ class Cache:
         key = self.key(request.account, request.path, request.query, request.headers)
         if self.on_read is not None and _webhook_rule(request.path, self.rules()) is not None:
             self.on_read(key, request)
-        joined = _JOINED.get()
-        if joined is not None:
-            _JOINED.set(None)  # once: for this request only
-            on = joined.pending
-            if on.key == key and request.method == "GET":
-                return await self._forward(request, key, on.stale, on.decision, "", joined)
-        stored = await self.entries.lookup(request.account, key)
+        handed = taken(key, request.method)
+        if isinstance(handed, Joined):
+            on = handed.pending
+            return await self._forward(request, key, on.stale, on.decision, "", handed)
+        if handed is not None:
+            stored = handed.stored  # looked up at the edge already
+        else:
+            stored = await self.entries.lookup(request.account, key)
         if stored is not None:
             refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
@@ -355,16 +335,7 @@ class Cache:
         fresh = fresh_age(entry, self.clock())
         if fresh is None:
             return None
-        age = int(fresh)
-        conditional = any(name in headers for name in CALLER_CONDITIONALS)
-        if conditional and not_modified(200, entry.headers, headers):
-            self.answers.count("hit", "fresh")  # the caller's own 304 is still one hit
-            return 304, not_modified_headers(entry.headers), b"", age
-        body = stored_body if body_for is None else body_for(entry.headers, stored_body)
-        if body is None:
-            return None
-        self.answers.count("hit", "fresh")
-        return 200, entry.headers, body, age
+        return plain_answer(self.answers, entry, stored_body, int(fresh), headers, body_for)
 
     def _plain(self, key: str) -> tuple[Stored, bytes] | None:
         """The memory tier's entry for ``key`` if the fast path may answer from it: a 200
@@ -400,7 +371,8 @@ class Cache:
 
     async def wait(self, pending: Pending) -> Outcome | Exception:
         """The pending request's flight's outcome, or what waiting for it raised (the long
-        way's :meth:`_wait` decides what that means, see :meth:`handing_over`)."""
+        way's :meth:`_wait` decides what that means, see
+        :func:`~proxy.cache.fastlook.handing_over`)."""
         try:
             return await self.flights.join(pending.flight, self.config.coalesce_wait)
         except Exception as e:
@@ -412,7 +384,7 @@ class Cache:
         """A joiner's answer when its flight freshened the stored 200 in memory (what the
         long way's :meth:`_wait`, :meth:`_fetch` and :meth:`Answers.outcome` give, counted as
         they count), and the upstream time it shares; None, counting nothing: the long way
-        goes on from ``outcome`` (:meth:`handing_over`)."""
+        goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
         stored, entry = outcome.stored, outcome.entry
         if (
             outcome.cache_status != "REVALIDATED"
@@ -438,16 +410,42 @@ class Cache:
         self.answers.count("revalidated", outcome.reason)
         return answer, flight.upstream_seconds
 
-    @staticmethod
-    @contextmanager
-    def handing_over(pending: Pending, result: Outcome | Exception) -> Iterator[None]:
-        """While the long way answers a request the edge waited on ``pending``'s flight for:
-        :meth:`send` goes on from ``result`` instead of looking up and waiting again."""
-        token = _JOINED.set(Joined(pending, result))
-        try:
-            yield
-        finally:
-            _JOINED.reset(token)
+    def cold(self, account: str, path: str, query: str, headers: Headers) -> bool:
+        """Whether the memory tier has nothing for a plain GET (:meth:`tier_hit` may look)."""
+        return self.entries.hot(self.key(account, path, query, headers)) is None
+
+    async def tier_hit(
+        self,
+        account: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body_for: BodyFor | None,
+        proxied: Callable[[], CIMultiDictProxy[str]],
+    ) -> FastAnswer | Looked:
+        """For a plain GET (as :meth:`fresh_hit` takes) the memory tier has nothing for: the
+        tier's lookup (disk, Redis: promoted as :meth:`send` promotes), and the answer when
+        it is a fresh 200 the long way would send as a plain HIT (same decision: the webhook
+        hold, Vary, :func:`lookup`); else what was found, counting nothing, for the long way
+        (:func:`~proxy.cache.fastlook.handing_over`). ``proxied``: the headers of the request
+        the long way would make (what a stored Vary selects by), only made when needed."""
+        key = self.key(account, path, query, headers)
+        looked = Looked(key, await self.entries.lookup(account, key))
+        stored, hooks = self._webhook_fresh(account, looked.stored)
+        if stored is None or stored.body is None or hooks or stored.entry.status != 200:
+            return looked
+        selecting: Headers = headers
+        if stored.entry.vary:  # selected by the request made of the caller's, as in send()
+            try:
+                refuse_repeated_vary(stored.entry, selecting := proxied())
+            except ProxyError:
+                return looked  # the long way refuses it
+        decision = lookup(stored.entry, selecting, NO_CONTROL, self.clock())
+        if not isinstance(decision, FreshHit):
+            return looked
+        age = int(decision.age)
+        answer = plain_answer(self.answers, stored.entry, stored.body, age, headers, body_for)
+        return looked if answer is None else answer
 
     # ------------------------------------------------------------------ fetching
 

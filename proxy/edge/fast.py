@@ -27,7 +27,16 @@ past its freshness) is a *joiner* (:meth:`FastPath.join`): it waits for the flig
 counted in flight meanwhile, and is answered here when the flight freshened the entry (the
 stored body, or the caller's 304 from the entry's headers), as the long way answers a
 joiner. Any other outcome goes the long way, which goes on from that outcome
-(:meth:`~proxy.cache.layer.Cache.handing_over`): nothing is waited for or fetched twice.
+(:func:`~proxy.cache.fastlook.handing_over`): nothing is waited for or fetched twice.
+
+A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
+(the disk, or Redis then the disk: :meth:`~proxy.cache.layer.Cache.tier_hit`, which
+promotes what it finds into the memory tier as the long way's lookup does), counted in
+flight meanwhile; a fresh entry the long way would answer as a plain HIT (a stored Vary
+compared with the headers the long way would send, :func:`~proxy.headers.proxied`) is
+answered here; anything else (nothing found, stale, a webhook rule's entry, another Vary, a
+body on disk only) goes the long way with what was found, which decides from it without
+looking up again.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from proxy.cache.fastlook import BodyFor, FastAnswer, Joined, Looked, Pending, handing_over
 from proxy.cache.flight import Outcome
-from proxy.cache.layer import BodyFor, Cache, FastAnswer, Pending
+from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
@@ -52,7 +63,7 @@ from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.headers import SERVER_NAME, not_utf8, repeated
+from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
 from proxy.logs import begin_trace, log
 from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
@@ -96,6 +107,14 @@ class Joiner:
     pending: Pending
 
 
+@dataclass(slots=True)
+class Cold:
+    """A plain GET the memory tier has nothing for: the tier is looked up once, here
+    (:meth:`FastPath.look`)."""
+
+    asked: Asked
+
+
 class FastPath:
     """The request handler in front of the application's own (``inner``)."""
 
@@ -107,6 +126,7 @@ class FastPath:
         self.public = self.services.settings.server.public_url
         upstream = self.services.settings.upstream
         self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
+        self.forwarded = upstream.forwarded
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -118,11 +138,13 @@ class FastPath:
             return await self.inner(request)
         if isinstance(found, Joiner):
             return await self.join(request, found)
+        if isinstance(found, Cold):
+            return await self.look(request, found.asked)
         return found
 
-    def answer(self, request: web.BaseRequest) -> web.Response | Joiner | None:
-        """The fresh hit's answer, a joiner of a revalidation in flight, or None: the long
-        way must answer."""
+    def answer(self, request: web.BaseRequest) -> web.Response | Joiner | Cold | None:
+        """The fresh hit's answer, a joiner of a revalidation in flight, a request to look
+        the tier up for, or None: the long way must answer."""
         asked = self.asked(request)
         if asked is None:
             return None
@@ -131,7 +153,10 @@ class FastPath:
         hit = self.cache.fresh_hit(account, target.path, target.query, headers, asked.body_for)
         if hit is None:
             pending = self.cache.joinable(account, target.path, target.query, headers)
-            return None if pending is None else Joiner(asked, pending)
+            if pending is not None:
+                return Joiner(asked, pending)
+            cold = self.cache.cold(account, target.path, target.query, headers)
+            return Cold(asked) if cold else None
         return self._respond(request, asked, hit, "HIT", "", None)
 
     def asked(self, request: web.BaseRequest) -> Asked | None:
@@ -192,7 +217,45 @@ class FastPath:
             return response
         # The long way from where its wait would have ended; its access line counts the wait.
         request[EXCHANGE] = Exchange(started=asked.started)
-        with self.cache.handing_over(pending, result):
+        with handing_over(Joined(pending, result)):
+            return await self.inner(request)
+
+    async def look(self, request: web.BaseRequest, asked: Asked) -> web.StreamResponse:
+        """Look the tier up once for a plain GET the memory tier has nothing for; answer a
+        fresh entry as the long way answers a HIT (headers, counts, access line), else the
+        long way goes on from what was found."""
+        in_flight = self.services.metric_groups.edge.in_flight
+        target, caller = asked.target, asked.caller
+        found: FastAnswer | Looked | None = None
+        in_flight.inc()  # an await: a scrape may come meanwhile
+        try:
+            found = await self.cache.tier_hit(
+                caller.account,
+                target.path,
+                target.query,
+                request.headers,
+                asked.body_for,
+                functools.partial(self._proxied, request.headers, asked.request_id),
+            )
+        except asyncio.CancelledError:  # the caller left: logged as the long way logs it
+            info = Exchange(asked.request_id, caller.name, caller.account)
+            info.trace = begin_trace(asked.request_id)
+            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", info)
+            raise
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+        finally:
+            in_flight.dec()
+        if found is None:
+            return await self.inner(request)
+        if isinstance(found, Looked):
+            request[EXCHANGE] = Exchange(started=asked.started)  # the access line counts it
+            with handing_over(found):
+                return await self.inner(request)
+        try:
+            return self._respond(request, asked, found, "HIT", "", None)
+        except Exception:
+            log.exception("fast_path_failed")
             return await self.inner(request)
 
     def _joined(
@@ -257,6 +320,10 @@ class FastPath:
                 info.target = asked.target
             info.bytes_sent = sent
             access_line(request, info, asked.route, status, elapsed)
+
+    def _proxied(self, headers: CIMultiDictProxy[str], rid: str) -> CIMultiDictProxy[str]:
+        """The headers of the request the long way would make (the handler's)."""
+        return CIMultiDictProxy(proxied(headers.items(), self.forwarded, rid))
 
     def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
         """A stored body for a caller that does not take gzip: inflated here when small

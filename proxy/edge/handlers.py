@@ -20,7 +20,7 @@ from proxy.edge.inbound import (
 )
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import BodyTimeout, InvalidRequest, ProxyError, RequestTooLarge
-from proxy.headers import VIA, for_upstream, has_bad_value, not_utf8, repeated
+from proxy.headers import has_bad_value, not_utf8, proxied, repeated
 from proxy.logs import event
 from proxy.messages import ProxyRequest
 
@@ -44,9 +44,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         dropped(services)
         raise
     loop = asyncio.get_running_loop()
-    headers = for_upstream(request.headers.items(), settings.upstream.forwarded)
-    headers["X-Request-ID"] = info.request_id
-    headers["Via"] = VIA
+    headers = proxied(request.headers.items(), settings.upstream.forwarded, info.request_id)
     proxy_request = ProxyRequest(
         method=request.method,
         path=target.path,
