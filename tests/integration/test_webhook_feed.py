@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.webhooks import verifier
 from proxy.edge.services import SERVICES
 from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
@@ -246,3 +248,30 @@ async def test_a_list_page_finds_the_one_stale_record_among_many(
         await asyncio.sleep(0.05)
     assert asked() <= 2, "found, but only after checking records one by one"
     assert services.cache.feeds.healthy("main") is False
+
+
+async def test_a_change_delivered_after_the_entry_was_fetched_is_not_missed(
+    quick: Hooked,
+) -> None:
+    """A list page changes with each of its members: a delivery the receiver took for the
+    family after the page was fetched explains the change, even one older than the grace
+    (here the page outlived the purge, as a purge racing a fetch can leave it)."""
+    h = quick
+    url = f"{h.proxy.url}{PRODUCTS}"
+    assert (await read(url))[0] == "MISS"
+    fetched = time.time()
+    await asyncio.sleep(0.7)  # longer than delivery_grace (0.5) before any check
+    h.upstream.version[PRODUCTS] += 1
+    services = h.proxy.app[SERVICES]
+    assert services.cache is not None
+    change = Invalidation("main", frozenset({normalise_path(PRODUCTS)}))
+    services.cache.feeds.feeds["main"].recent.append((fetched, change))
+    assert (await read(url))[0] == "HIT"  # a webhook-fresh read: the verifier picks it
+    deadline = asyncio.get_running_loop().time() + 5
+    while not sample(
+        h, "kounta_proxy_webhook_verifications_total", account="main", result="changed"
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "not verified"
+        assert sample(h, "kounta_proxy_webhook_missed_total", account="main") == 0
+        await asyncio.sleep(0.05)
+    assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 1

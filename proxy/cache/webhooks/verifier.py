@@ -7,7 +7,8 @@ layers below the cache, as caller ``webhook-verifier`` (so no cache tier answers
 
 1. a suspect, if a list page named one: the record is revalidated (below);
 2. else a page of the list of a recently read record's family (:mod:`.witness`; the walk
-   follows ``X-Next-Page`` one page a check, then starts again): each cached member that
+   follows ``X-Next-Page`` one page a check while pages show cached members, then starts
+   again from the first page): each cached member that
    shows another value than the page in a field both show becomes a suspect — one request
    checks a page of records where a revalidation checks one;
 3. else a recently read webhook-fresh entry is revalidated (``If-None-Match``).
@@ -183,9 +184,6 @@ class Verifier:
         body = witness.decoded(
             await response.read(witness.MAX_BODY + 1), response.headers.get("Content-Encoding")
         )
-        after = witness.next_page(response.headers.get("X-Next-Page"), path)
-        if after is not None:
-            self.walk[account] = (after, read)
         found = 0
         for member_id, member in witness.members(body or b""):
             record = witness.member_path(path, member_id)
@@ -200,6 +198,10 @@ class Verifier:
             if cached is not None and witness.disagrees(member, cached):
                 self._suspect(account, key, replace(read, path=record, query=""))
                 found += 1
+        after = witness.next_page(response.headers.get("X-Next-Page"), path)
+        if after is not None and self.covered[account]:
+            # On to the next page while pages show cached members; past them, start again.
+            self.walk[account] = (after, read)
         return "suspect" if found else "listed"
 
     def _suspect(self, account: str, key: str, request: ProxyRequest) -> None:
