@@ -145,8 +145,10 @@ class Verifier:
             return "skipped"  # nothing to ask Kounta through
         suspects = self.suspects.get(account)
         choice = witness.choose(bool(suspects), self.covered.pop(account, None))
-        if suspects and choice == "suspect":
-            return await self._revalidate(account, *suspects.popitem(last=False))
+        while suspects and choice == "suspect":  # one a delivery dropped since: the next
+            result = await self._revalidate(account, *suspects.popitem(last=False))
+            if result != "skipped" or not suspects:
+                return result
         target = self._page(account) if choice == "list" else None
         if target is not None:
             return await self._witness(account, *target)
