@@ -110,3 +110,9 @@ def test_decoded_bodies() -> None:
     huge = b" " * (witness.MAX_BODY + 1)
     assert witness.decoded(huge, None) is None
     assert witness.decoded(gzip.compress(huge), "gzip") is None  # bounded while inflating
+
+
+def test_fingerprint_knows_a_member_again() -> None:
+    a = witness.fingerprint({"id": 1, "name": "a", "updated_at": "t1"})
+    assert a == witness.fingerprint({"updated_at": "t1", "name": "a", "id": 1})  # key order
+    assert a != witness.fingerprint({"id": 1, "name": "a", "updated_at": "t2"})

@@ -5,7 +5,9 @@ budget has room to spare (no request waiting and at least 2 tokens at hand, flee
 Redis, so a caller's request is never delayed), it sends one request to Kounta through the
 layers below the cache, as caller ``webhook-verifier`` (so no cache tier answers for Kounta):
 
-1. a suspect, if a list page named one: the record is revalidated (below);
+1. a suspect, if a list page named one: the record is revalidated (below). A list page
+   callers read lately (webhook-fresh, from the cache: no request) is compared with its
+   cached members first, so a record it contradicts is checked at once;
 2. else a page of the list of a recently read record's family (:mod:`.witness`; the walk
    follows ``X-Next-Page`` one page a check while pages show cached members, then starts
    again from the first page): each cached member that
@@ -33,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.layer import Cache
@@ -78,12 +80,16 @@ class Verifier:
         self.inner = inner
         self.last: dict[str, float] = {}
         self.last_check: dict[str, float] = {}
-        # Records a list page disagreed with, revalidated first (cache key -> request).
-        self.suspects: dict[str, OrderedDict[str, ProxyRequest]] = {}
+        # Records a list page disagreed with, revalidated first (cache key -> request and
+        # the member that named it).
+        self.suspects: dict[str, OrderedDict[str, tuple[ProxyRequest, str]]] = {}
         # The next list page to fetch and the record read it is asked like, per account.
         self.walk: dict[str, tuple[str, ProxyRequest]] = {}
         # Whether the last list page fetched showed a cached member (see witness.choose).
         self.covered: dict[str, bool] = {}
+        # Suspects a revalidation found unchanged, and the member that named them (oldest
+        # first): the same member again is the list's form, not a change.
+        self.cleared: OrderedDict[str, str] = OrderedDict()
 
     async def run(self) -> None:
         while True:
@@ -143,10 +149,16 @@ class Verifier:
             return "skipped"
         if self.inner is None:
             return "skipped"  # nothing to ask Kounta through
+        await self._cached_lists(account)
         suspects = self.suspects.get(account)
         choice = witness.choose(bool(suspects), self.covered.pop(account, None))
         while suspects and choice == "suspect":  # one a delivery dropped since: the next
-            result = await self._revalidate(account, *suspects.popitem(last=False))
+            key, (request, shown) = suspects.popitem(last=False)
+            result = await self._revalidate(account, key, request)
+            if result == "unchanged":  # the list's form differs: that member names it no more
+                self.cleared[key] = shown
+                while len(self.cleared) > SUSPECTS:
+                    self.cleared.popitem(last=False)
             if result != "skipped" or not suspects:
                 return result
         target = self._page(account) if choice == "list" else None
@@ -186,29 +198,60 @@ class Verifier:
         body = witness.decoded(
             await response.read(witness.MAX_BODY + 1), response.headers.get("Content-Encoding")
         )
-        found = 0
-        for member_id, member in witness.members(body or b""):
-            record = witness.member_path(path, member_id)
-            if record is None:
-                continue
-            key = self.cache.key(account, record, "", read.headers)
-            stored = await self.cache.entries.lookup(account, key)
-            if stored is None or stored.body is None or stored.entry.response_time >= started:
-                continue  # not cached, stored apart, or newer than the page
-            self.covered[account] = True
-            cached = witness.decoded(stored.body, stored.entry.header("Content-Encoding"))
-            if cached is not None and witness.disagrees(member, cached):
-                self._suspect(account, key, replace(read, path=record, query=""))
-                found += 1
+        covered, found = await self._compare(account, path, body or b"", started, read)
+        self.covered[account] = covered
         after = witness.next_page(response.headers.get("X-Next-Page"), path)
-        if after is not None and self.covered[account]:
+        if after is not None and covered:
             # On to the next page while pages show cached members; past them, start again.
             self.walk[account] = (after, read)
         return "suspect" if found else "listed"
 
-    def _suspect(self, account: str, key: str, request: ProxyRequest) -> None:
+    async def _compare(
+        self, account: str, path: str, body: bytes, as_of: float, read: ProxyRequest
+    ) -> tuple[bool, int]:
+        """Compare list page ``path`` (``body``, Kounta's as of ``as_of``) with its cached
+        members stored before then; those that disagree become suspects. Returns whether
+        any member was cached, and how many became suspects."""
+        headers = CIMultiDict(read.headers)
+        headers.popall("X-Page", None)  # a page's header, not its members'
+        covered, found = False, 0
+        for member_id, member in witness.members(body):
+            record = witness.member_path(path, member_id)
+            if record is None:
+                continue
+            key = self.cache.key(account, record, "", headers)
+            stored = await self.cache.entries.lookup(account, key)
+            if stored is None or stored.body is None or stored.entry.response_time >= as_of:
+                continue  # not cached, stored apart, or newer than the page
+            covered = True
+            shown = witness.fingerprint(member)
+            if self.cleared.get(key) == shown:
+                continue  # this member named it before and it was unchanged
+            cached = witness.decoded(stored.body, stored.entry.header("Content-Encoding"))
+            if cached is not None and witness.disagrees(member, cached):
+                request = replace(read, path=record, query="", headers=CIMultiDictProxy(headers))
+                self._suspect(account, key, request, shown)
+                found += 1
+        return covered, found
+
+    async def _cached_lists(self, account: str) -> None:
+        """Compare the list pages callers read lately (webhook-fresh, so as current as the
+        feed) with their cached members: no request, and a suspect is checked at once."""
+        seen: set[str] = set()
+        for read in self.feeds.recent(account):
+            if read.path in seen or witness.LIST.match(read.path) is None:
+                continue
+            seen.add(read.path)
+            key = self.cache.key(account, read.path, read.query, read.headers)
+            stored = await self.cache.entries.lookup(account, key)
+            if stored is None or stored.body is None:
+                continue
+            body = witness.decoded(stored.body, stored.entry.header("Content-Encoding"))
+            await self._compare(account, read.path, body or b"", stored.entry.response_time, read)
+
+    def _suspect(self, account: str, key: str, request: ProxyRequest, shown: str) -> None:
         suspects = self.suspects.setdefault(account, OrderedDict())
-        suspects[key] = request
+        suspects[key] = (request, shown)
         while len(suspects) > SUSPECTS:
             suspects.popitem(last=False)
 

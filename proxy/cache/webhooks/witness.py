@@ -105,6 +105,11 @@ def members(body: bytes) -> Iterator[tuple[str, Mapping[str, Any]]]:
                 yield str(ident), item
 
 
+def fingerprint(member: Mapping[str, Any]) -> str:
+    """The member as the page showed it (to know it again)."""
+    return json.dumps(member, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def disagrees(member: Mapping[str, Any], record: bytes) -> bool:
     """Whether the cached ``record`` (JSON bytes) shows another value than the list
     ``member`` in a field both show (ids aside); False when the record is not an object."""
