@@ -10,16 +10,17 @@ layers below the cache, as caller ``webhook-verifier`` (so no cache tier answers
    cached members first, so a record it contradicts is checked at once;
 2. else a page of the list of a recently read record's family (:mod:`.witness`; the walk
    follows ``X-Next-Page`` one page a check while pages show cached members, then starts
-   again from the first page): each cached member that
-   shows another value than the page in a field both show becomes a suspect — one request
-   checks a page of records where a revalidation checks one;
+   again from the first page): each cached member that shows another value than the page
+   in a field both show becomes a suspect — one request checks a page of records where a
+   revalidation checks one; after a page with no cached member, one check is step 3;
 3. else a recently read webhook-fresh entry is revalidated (``If-None-Match``).
 
 When a revalidation finds the entry changed and no delivery covering it arrived since the
 entry was fetched or within ``webhooks.delivery_grace`` seconds of the check, a delivery was
-missed: the entry is invalidated on every replica, the feed is
-distrusted for ``webhooks.distrust_for`` (in Redis too, so every replica distrusts it),
-counted (``kounta_proxy_webhook_missed_total``) and logged once.
+missed: the entry is invalidated on every replica, the feed is distrusted for
+``webhooks.distrust_for`` (in Redis too, so every replica distrusts it), counted
+(``kounta_proxy_webhook_missed_total``) and logged once. A suspect found unchanged is not
+named again by the same member as shown (a list may show a field in another form).
 
 Once a second it also reads from Redis whether another replica distrusts a feed.
 """
