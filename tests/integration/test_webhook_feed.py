@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from proxy.cache.invalidation import Invalidation, normalise_path
 from proxy.cache.webhooks import verifier
 from proxy.edge.services import SERVICES
 from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
-from tests.conftest import TOKEN, MakeProxy, Sandbox, proxy_settings, serve_handler
+from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
 from tests.integration.test_webhooks import PRODUCTS, Hooked, Upstream, start_hooked
 
 
@@ -200,3 +204,156 @@ async def test_entries_stored_before_a_distrust_ended_are_revalidated_once(
         assert h.upstream.hits[f"{PRODUCTS}/12"] == 2
         # Stored anew after the distrust: trusted again.
         assert (await read(url)) == ("HIT", "kounta-proxy; hit; detail=webhooks")
+
+
+@pytest.mark.parametrize(("list_read", "checks"), [(False, 2), (True, 1)])
+async def test_a_list_page_finds_the_one_stale_record_among_many(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    list_read: bool,
+    checks: int,
+) -> None:
+    """One of 25 cached products changed at a till and its delivery was lost. The verifier
+    fetches the list page and confirms the record it contradicts with the next check; when
+    callers read that page lately, the cached page names it and the first check confirms
+    it. Before, records were revalidated one by one, newest read first: 25 checks here."""
+    monkeypatch.setattr(verifier, "TICK", 0.05)
+    ready = asyncio.Event()  # no checks until every read is done
+    original = verifier.Verifier._verify
+
+    async def after_the_reads(self: verifier.Verifier, account: str) -> str:
+        await ready.wait()
+        return await original(self, account)
+
+    monkeypatch.setattr(verifier.Verifier, "_verify", after_the_reads)
+    hooks = WebhookSettings(
+        enabled=True, port=0, secret=Secret("s" * 20), verify_every=0.1, delivery_grace=0.2
+    )
+    rule = CacheRule(path="/v1/*", fresh_for=3600, webhooks=True)
+    settings = dataclasses.replace(
+        proxy_settings(sandbox.url, tmp_path), cache=CacheSettings(rules=(rule,)), webhooks=hooks
+    )
+    proxy = await make_proxy(settings)
+    company = f"{proxy.url}/v1/companies/5001"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as s:
+        async with s.get(f"{sandbox.url}/v1/companies/5001/products.json") as r:
+            ids = [p["id"] for p in await r.json()]
+        assert len(ids) >= 20
+        for i in ids:  # stored
+            async with s.get(f"{company}/products/{i}.json") as r:
+                assert r.status == 200
+        sandbox.state.store.touch("products", ids[0])  # changed at a till; no delivery
+        for i in ids:  # read webhook-fresh: the changed one is the oldest read
+            async with s.get(f"{company}/products/{i}.json") as r:
+                assert r.headers["X-Cache"] == "HIT"
+        for _ in range(2 if list_read else 0):  # stored (it shows the change), then read
+            async with s.get(f"{company}/products.json") as r:
+                assert r.status == 200
+
+    def asked() -> float:
+        return sum(
+            proxy.registry.get_sample_value(
+                "kounta_proxy_webhook_verifications_total", {"account": "main", "result": r}
+            )
+            or 0.0
+            for r in ("unchanged", "changed", "missed", "listed", "suspect")
+        )
+
+    ready.set()
+    deadline = asyncio.get_running_loop().time() + 5
+    while not proxy.registry.get_sample_value(
+        "kounta_proxy_webhook_missed_total", {"account": "main"}
+    ):
+        assert asyncio.get_running_loop().time() < deadline, f"not found in {asked()} checks"
+        await asyncio.sleep(0.05)
+    assert asked() == checks
+    services = proxy.app[SERVICES]
+    assert services.cache is not None and services.cache.feeds.healthy("main") is False
+
+
+async def test_a_change_delivered_after_the_entry_was_fetched_is_not_missed(
+    quick: Hooked,
+) -> None:
+    """A list page changes with each of its members: a delivery the receiver took for the
+    family after the page was fetched explains the change, even one older than the grace
+    (here the page outlived the purge, as a purge racing a fetch can leave it)."""
+    h = quick
+    url = f"{h.proxy.url}{PRODUCTS}"
+    assert (await read(url))[0] == "MISS"
+    fetched = time.time()
+    await asyncio.sleep(0.7)  # longer than delivery_grace (0.5) before any check
+    h.upstream.version[PRODUCTS] += 1
+    services = h.proxy.app[SERVICES]
+    assert services.cache is not None
+    change = Invalidation("main", frozenset({normalise_path(PRODUCTS)}))
+    services.cache.feeds.feeds["main"].recent.append((fetched, change))
+    assert (await read(url))[0] == "HIT"  # a webhook-fresh read: the verifier picks it
+    deadline = asyncio.get_running_loop().time() + 5
+    while not sample(
+        h, "kounta_proxy_webhook_verifications_total", account="main", result="changed"
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "not verified"
+        assert sample(h, "kounta_proxy_webhook_missed_total", account="main") == 0
+        await asyncio.sleep(0.05)
+    assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 1
+
+
+async def test_a_list_that_shows_a_field_otherwise_is_not_a_missed_change(
+    make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kounta's abridged list may show a field in another form than the record: the record
+    is a suspect once, its revalidation finds it unchanged, and the same member does not
+    name it again (no check wasted on it per page, no missed change)."""
+    monkeypatch.setattr(verifier, "TICK", 0.05)
+    asked: list[str] = []
+
+    async def kounta(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if request.path.endswith("/products.json"):
+            body: object = [{"id": 12, "name": "SHORT"}, {"id": 13, "name": "x"}]
+        else:
+            body = {"id": 12, "name": "Long name", "price": 3}
+        etag = f'"{len(json.dumps(body))}"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.json_response(body, headers={"ETag": etag})
+
+    runner, origin = await serve_handler(kounta)
+    try:
+        hooks = WebhookSettings(
+            enabled=True, port=0, secret=Secret("s" * 20), verify_every=0.1, delivery_grace=0.1
+        )
+        rule = CacheRule(path="/v1/*", fresh_for=3600, webhooks=True)
+        settings = dataclasses.replace(
+            proxy_settings(origin, tmp_path), cache=CacheSettings(rules=(rule,)), webhooks=hooks
+        )
+        proxy = await make_proxy(settings)
+        url = f"{proxy.url}{PRODUCTS}/12.json"
+        assert (await read(url))[0] == "MISS"
+
+        def result(name: str) -> float:
+            labels = {"account": "main", "result": name}
+            value = proxy.registry.get_sample_value(
+                "kounta_proxy_webhook_verifications_total", labels
+            )
+            return value or 0.0
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while result("listed") < 4:
+            assert asyncio.get_running_loop().time() < deadline, asked
+            assert (await read(url))[0] == "HIT"  # a webhook-fresh read to verify
+            await asyncio.sleep(0.05)
+        assert result("suspect") == 1 and result("unchanged") == 1
+        assert result("missed") == 0
+        assert sample_healthy(proxy) == 1
+    finally:
+        await runner.cleanup()
+
+
+def sample_healthy(proxy: Proxy) -> float:
+    value = proxy.registry.get_sample_value(
+        "kounta_proxy_webhook_feed_healthy", {"account": "main"}
+    )
+    return value or 0.0

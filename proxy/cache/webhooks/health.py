@@ -94,6 +94,11 @@ class Feeds:
         while len(feed.reads) > RECENT_READS:
             feed.reads.popitem(last=False)
 
+    def recent(self, account: str) -> list[ProxyRequest]:
+        """The recent webhook-fresh reads, newest first (left on the list)."""
+        feed = self.feeds.get(account)
+        return [] if feed is None else list(reversed(feed.reads.values()))
+
     def pick(self, account: str) -> tuple[str, ProxyRequest] | None:
         """The most recent webhook-fresh read not yet verified (taken off the list)."""
         feed = self.feeds.get(account)

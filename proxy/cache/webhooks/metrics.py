@@ -58,7 +58,8 @@ class WebhookMetrics:
         )
         self.verifications = Counter(
             "kounta_proxy_webhook_verifications",
-            "Verifier revalidations of webhook-fresh entries, by result (unchanged, changed, "
+            "Verifier checks, by result (unchanged, changed, missed: a revalidated entry; "
+            "listed, suspect: a list page fetched, a cached member disagreeing or not; "
             "skipped: no spare budget or nothing to verify).",
             ["account", "result"],
             registry=registry,
