@@ -55,8 +55,8 @@ class RedisSpace:
 
     def settings(self, **shared: Any) -> SharedSettings:
         """A replica's ``[shared]`` section on this space (the tests' token key)."""
-        options = {"url": self.url, "key_prefix": self.prefix, "token_key": Secret(TOKEN_KEY)}
-        return SharedSettings(backend="redis", **{**options, **shared})
+        options = {"backend": "redis", "url": self.url, "key_prefix": self.prefix}
+        return SharedSettings(**{**options, "token_key": Secret(TOKEN_KEY), **shared})
 
     @asynccontextmanager
     async def backend(
