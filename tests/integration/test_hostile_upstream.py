@@ -30,7 +30,7 @@ from proxy.settings import (
     UpstreamSettings,
 )
 from tests.conftest import TOKEN, MakeProxy, Proxy, proxy_settings, serve_handler
-from tests.integration.test_faulty_upstream import GZ, noise, reply
+from tests.integration.test_upstream_bodies import GZ, noise, reply
 from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
 
 FRESH = "Cache-Control: max-age=600"
