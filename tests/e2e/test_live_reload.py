@@ -1,5 +1,5 @@
 """Every live key, changed through a real SIGHUP of ``kounta-proxy serve``, takes effect; the
-admin token rotates with an overlap (issue 16 "Live configuration", issue 18 item 19)."""
+admin token rotates with an overlap."""
 
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def test_every_live_key_changed_by_sighup_takes_effect(
 def test_the_admin_token_rotates_by_sighup_with_an_overlap(
     tmp_path: Path, sandbox_url: str, token_endpoint: TokenEndpoint
 ) -> None:
-    """Issue 18 item 19: a new admin.token_file content by SIGHUP; the previous token is
+    """A new admin.token_file content by SIGHUP; the previous token is
     accepted for inbound.key_overlap seconds beside the new one, then refused."""
     proxy = LiveProxy(tmp_path, sandbox_url, token_endpoint.url, overlap=3)
     try:

@@ -1,6 +1,6 @@
-"""The shared budget record read back from a real Redis (issue 17 items 1 and 10): a pause is
-cut to the reading replica's own budget.retry_after_max, a damaged record is not a pause for
-ever, and a Redis restored from an older snapshot does not make a replica forget a pause."""
+"""The shared budget record read back from a real Redis as untrusted input: a pause is cut to the
+reading replica's own budget.retry_after_max, a damaged record is not a pause for ever, and a
+Redis restored from an older snapshot does not make a replica forget a pause."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Cache records and messages in a real Redis are untrusted input (issue 17 items 7, 8, 9):
-JSON tricks, oversized values and records or messages without a valid MAC are misses or
-dropped, deleted and counted; never served, never a 500, never read whole."""
+"""Cache records and messages in a real Redis are untrusted input: JSON tricks, oversized values
+and records or messages without a valid MAC are misses or dropped, deleted and counted; never
+served, never a 500, never read whole."""
 
 from __future__ import annotations
 

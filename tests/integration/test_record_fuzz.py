@@ -1,7 +1,7 @@
-"""Decoder fuzz (hypothesis) for everything read back from a real Redis (issue 17): token
-records, budget records, cache records and pub/sub messages. Never an exception past the
-decoder (only its documented "bad record" errors), never a 500 from a bad cache record, and a
-bad token record is :class:`~proxy.auth.shared_tokens.TokenStoreError` (the documented 503)."""
+"""Decoder fuzz (hypothesis) for everything read back from a real Redis: token records, budget
+records, cache records and pub/sub messages. Never an exception past the decoder (only its
+documented "bad record" errors), never a 500 from a bad cache record, and a bad token record is
+:class:`~proxy.auth.shared_tokens.TokenStoreError` (the documented 503)."""
 
 from __future__ import annotations
 

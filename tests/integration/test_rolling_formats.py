@@ -1,6 +1,6 @@
-"""Formats that can roll (issue 16): the previous release's record writers against this
-release's readers, and the reverse, on a real Redis. The previous release's code is kept as
-fixture code in :mod:`tests.integration.previous_release`."""
+"""Formats that can roll (a rolling upgrade with mixed replicas): the previous release's record
+writers against this release's readers, and the reverse, on a real Redis. The previous release's
+code is kept as fixture code in :mod:`tests.integration.previous_release`."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ async def test_redis_away_degrades_and_comes_back(
             assert body["details"] == {"shared": "degraded"}
         fallback = services.budget.account("main").bucket.rate.per_window
         assert fallback == LIMIT // 3
-        # /budget and the gauge say what the replica may send now, and why (issue 18, 12).
+        # /budget and the gauge say what the replica may send now, and why.
         assert await effective(client, admin_port, proxy) == (LIMIT, LIMIT // 3, LIMIT // 3)
         redis.start()
         deadline = time.monotonic() + 5

@@ -1,6 +1,6 @@
-"""Token records in Redis as untrusted, versioned input (issue 17 items 1 and 4): a Redis
-restored from an older snapshot never moves a replica back to a spent refresh token, and a
-malformed record is the documented 503, never a 500."""
+"""Token records in Redis as untrusted, versioned input: a Redis restored from an older snapshot
+never moves a replica back to a spent refresh token, and a malformed record is the documented
+503, never a 500."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End to end (issue 19): two replicas on a real redis-server, a products rule with
+"""Webhooks end to end: two replicas on a real redis-server, a products rule with
 webhooks = true, the sandbox delivering to one replica. A change made at a till (the
 proxies never see it) is answered through both within 5 s; a read of an unchanged product
 never reaches Kounta."""
