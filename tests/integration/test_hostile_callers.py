@@ -174,6 +174,9 @@ async def scrape(admin: str) -> list[str]:
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
+# A load test: thousands of requests down paths other tests cover too, so coverage (which
+# more than doubles its CPU time) is not traced while it runs (pytest-cov's no_cover).
+@pytest.mark.no_cover
 async def test_random_paths_keyed_or_not_leave_the_series_count_unchanged(
     proxy: Proxy,
 ) -> None:

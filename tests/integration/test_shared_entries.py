@@ -302,6 +302,9 @@ async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
         assert await redis_client.zrange(paths, 0, -1) == []
 
 
+# A load test: thousands of requests down paths other tests cover too, so coverage (which
+# more than doubles its CPU time) is not traced while it runs (pytest-cov's no_cover).
+@pytest.mark.no_cover
 async def test_cold_bursts_over_three_replicas_cost_one_upstream_get_every_time(
     replicas: Replicas, client: aiohttp.ClientSession
 ) -> None:
