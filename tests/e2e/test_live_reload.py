@@ -21,9 +21,6 @@ from proxy.ops.reload import LIVE_KEYS
 from tests.e2e.test_lifecycle import CALLER_KEY, SECRET_TOKEN, get, wait_until
 from tests.e2e.test_reload import Proxy, metric
 
-__all__ = ["sandbox_url"]
-from tests.e2e.test_lifecycle import sandbox_url
-
 KEY_2 = "e2e-app-key-after-reload-0002"
 MOVER = "e2e-mover-key-0003"
 SPARE = "e2e-spare-key-0004"

@@ -23,11 +23,8 @@ from tests.e2e.test_lifecycle import (
     get,
     in_flight,
     post_json,
-    sandbox_url,
     wait_until,
 )
-
-__all__ = ["sandbox_url"]  # the fixture, shared with test_lifecycle
 
 NEW_KEY = "e2e-new-caller-key-do-not-log-0001"
 
