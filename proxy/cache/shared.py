@@ -285,6 +285,9 @@ class SharedEntries:
         # or writes Redis again, and by a retry task as soon as Redis answers; then told to
         # the other replicas again (their copies of what Redis held may be old).
         self.pending: list[Pending] = []
+        # One replay at a time: lookups that arrive while it waits on Redis wait for it
+        # (each would otherwise pop an invalidation another is still replaying).
+        self.replaying = asyncio.Lock()
         self.retrying: asyncio.Task[None] | None = None
         self.announce_all = announce_all
 
@@ -293,13 +296,18 @@ class SharedEntries:
 
     async def _caught_up(self) -> bool:
         """Whether every invalidation has reached Redis (replaying the ones that had not)."""
-        while self.pending:
-            account, covers, resend = self.pending[0]
-            if not await self._drop(account, covers):
-                return False
-            self.pending.pop(0)
-            if resend is not None:
-                await resend()
+        if not self.pending:
+            return True
+        async with self.replaying:
+            while self.pending:
+                first = self.pending[0]
+                account, covers, resend = first
+                if not await self._drop(account, covers):
+                    return False
+                if self.pending and self.pending[0] is first:  # not replaced by a purge-all
+                    self.pending.pop(0)
+                if resend is not None:
+                    await resend()
         return True
 
     async def _retry(self) -> None:

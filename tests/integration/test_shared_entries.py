@@ -9,18 +9,28 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
-from proxy.cache.shared import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
+from proxy.cache.shared import (
+    MIN_TTL,
+    TTL_MARGIN,
+    BadRecord,
+    SharedEntries,
+    decode,
+    digest,
+    encode,
+)
 from proxy.edge.services import SERVICES
+from proxy.metrics import Metrics
 from proxy.shared.records import RecordKeys
 from tests.conftest import Proxy, Sandbox, serve
 from tests.integration.test_cache import LIST, ONE, get
@@ -406,3 +416,36 @@ async def test_a_callers_no_cache_is_never_answered_from_another_replicas_copy(
     status, headers, _ = await get(client, b.url + LIST, **{"Cache-Control": control})
     assert status == 200
     assert sandbox.state.served("GET", LIST) == 2, headers.get("X-Cache")
+
+
+async def test_invalidations_replayed_by_concurrent_lookups_are_each_dropped_and_resent_once(
+    redis_space: RedisSpace,
+) -> None:
+    """Invalidations Redis missed are replayed by whichever lookup comes first; lookups that
+    arrive together while the replay waits on Redis must neither raise (an IndexError, a 500
+    to their callers) nor drop an invalidation untold to the other replicas."""
+    resent: list[str] = []
+
+    def resend(name: str) -> Callable[[], Awaitable[None]]:
+        async def told() -> None:
+            resent.append(name)
+
+        return told
+
+    async with redis_space.backend() as backend:
+        entries = SharedEntries(
+            backend,
+            Metrics(CollectorRegistry()),
+            max_entry_size=1 << 20,
+            stale_if_error=0.0,
+            lock_ttl=5.0,
+            accounts=("main",),
+        )
+        entries.pending = [
+            ("main", lambda account, path, n=n: path == f"/v1/{n}", resend(f"/v1/{n}"))
+            for n in range(3)
+        ]
+        caught_up = await asyncio.gather(*(entries._caught_up() for _ in range(3)))
+        assert caught_up == [True, True, True]
+        assert sorted(resent) == ["/v1/0", "/v1/1", "/v1/2"]
+        assert entries.pending == []
