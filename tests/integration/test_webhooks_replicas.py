@@ -18,7 +18,7 @@ from proxy.edge.services import SERVICES
 from proxy.listener import bound_port
 from proxy.ops.lifecycle import start_webhooks
 from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
-from tests.conftest import TOKEN, Sandbox, proxy_settings
+from tests.conftest import TOKEN, Proxy, Sandbox, proxy_settings
 from tests.replicas import Replicas
 
 SECRET = "replica-hook-secret-42"
@@ -30,29 +30,36 @@ async def get(client: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, o
         return r.headers["X-Cache"], json.loads(await r.read())
 
 
-async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_stay_local(
-    replicas: Replicas,
-    sandbox: Sandbox,
-    client: aiohttp.ClientSession,
-    redis_client: aioredis.Redis,
-) -> None:
+async def two_replicas(
+    replicas: Replicas, sandbox: Sandbox, verify_every: tuple[float, float]
+) -> list[Proxy]:
+    """Replicas a and b on one Redis, a products rule with webhooks = true, each with its own
+    webhook listener and ``verify_every``."""
     rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
-    a, b = await replicas.start(
+    return await replicas.start(
         *(
             proxy_settings(
                 sandbox.url,
                 replicas.tmp_path / name,
                 cache=CacheSettings(rules=(rule,)),
                 shared=replicas.space.settings(timeout=0.3),
-                # verify_every = 0: no verifier requests, so every upstream read below is a
-                # caller's.
                 webhooks=WebhookSettings(
-                    enabled=True, port=0, secret=Secret(SECRET), verify_every=0
+                    enabled=True, port=0, secret=Secret(SECRET), verify_every=every
                 ),
             )
-            for name in ("a", "b")
+            for name, every in zip(("a", "b"), verify_every, strict=True)
         )
     )
+
+
+async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_stay_local(
+    replicas: Replicas,
+    sandbox: Sandbox,
+    client: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+) -> None:
+    # verify_every = 0: no verifier requests, so every upstream read below is a caller's.
+    a, b = await two_replicas(replicas, sandbox, (0.0, 0.0))
     hooks = await start_webhooks(a.app[SERVICES])
     assert hooks is not None
     try:
@@ -116,21 +123,7 @@ async def test_a_missed_change_found_by_one_replica_distrusts_the_feed_on_both(
 ) -> None:
     monkeypatch.setattr(verifier, "TICK", 0.05)
     monkeypatch.setattr(verifier, "DELIVERY_GRACE", 0.3)
-    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
-    a, b = await replicas.start(
-        *(
-            proxy_settings(
-                sandbox.url,
-                replicas.tmp_path / name,
-                cache=CacheSettings(rules=(rule,)),
-                shared=replicas.space.settings(timeout=0.3),
-                webhooks=WebhookSettings(
-                    enabled=True, port=0, secret=Secret(SECRET), verify_every=every
-                ),
-            )
-            for name, every in (("a", 0.1), ("b", 0.0))
-        )
-    )
+    a, b = await two_replicas(replicas, sandbox, (0.1, 0.0))
     product = sandbox.state.store["products"].ids[0]
     path = f"/v1/companies/5001/products/{product}.json"
     for proxy in (a, b):
