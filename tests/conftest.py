@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, settings
 from prometheus_client import CollectorRegistry
 
 from proxy.edge.app import create_app
@@ -19,8 +20,13 @@ from proxy.sandbox import SANDBOX_STATE, SandboxConfig, SandboxState, create_san
 from proxy.settings import AccountSettings, Secret, ServerSettings, Settings, UpstreamSettings
 
 TOKEN = "sandbox-token"
-# Real redis-server fixtures (redis_server, redis_proc, redis_prefix).
-pytest_plugins = ["tests.redis_server"]
+# Real redis-server fixtures (redis_server, redis_proc, redis_prefix) and replicas on them.
+pytest_plugins = ["tests.redis_server", "tests.replicas"]
+
+# Hypothesis on a shared 2-core machine: how long an example takes to make or run depends on
+# the machine's load, not on the code, so neither is a failure (the properties still are).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 @dataclass

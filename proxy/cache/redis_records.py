@@ -283,6 +283,9 @@ class RedisRecords:
         # or writes Redis again, and by a retry task as soon as Redis answers; then told to
         # the other replicas again (their copies of what Redis held may be old).
         self.pending: list[Pending] = []
+        # One replay at a time: lookups that arrive while it waits on Redis wait for it
+        # (each would otherwise pop an invalidation another is still replaying).
+        self.replaying = asyncio.Lock()
         self.retrying: asyncio.Task[None] | None = None
         self.replaying = asyncio.Lock()
         self.announce_all = announce_all

@@ -286,7 +286,7 @@ def test_a_variable_with_one_underscore_too_few_is_named(tmp_path: Path) -> None
 def test_a_fifo_for_a_secret_or_the_config_is_one_line_not_a_hang(
     tmp_path: Path, command: str, which: str
 ) -> None:
-    """Issue 17 item 18: opening a FIFO with no writer blocks; a secret file or the config
+    """Opening a FIFO with no writer blocks; a secret file or the config
     file that is not a regular file is refused in one line instead."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

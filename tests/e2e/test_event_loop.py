@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_demo import COMMAND, free_port
-from tests.e2e.test_lifecycle import CALLER_KEY, get, sandbox_url, wait_until, write_config
-
-__all__ = ["sandbox_url"]  # the fixture, imported for the tests below
+from tests.e2e.test_lifecycle import CALLER_KEY, get, wait_until, write_config
 
 pytest.importorskip("uvloop", reason="the dev extra installs kounta-proxy[fast] (uvloop)")
 

@@ -422,7 +422,7 @@ async def test_a_killed_worker_fails_readiness_and_stops_the_set(
 async def test_the_workers_parent_rotates_the_admin_token_on_sighup(
     tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Issue 18 item 19 under ``serve --workers``: the parent's listener guards the admin
+    """Under ``serve --workers``: the parent's listener guards the admin
     routes, so it reads the token file again on SIGHUP; the previous token is kept for
     inbound.key_overlap seconds."""
     token_file = tmp_path / "admin.token"

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -51,23 +50,6 @@ def wait_until(probe: Any, timeout: float = 15) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {probe}")
-
-
-@pytest.fixture
-def sandbox_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.sandbox", "--port", str(port), "--token", SECRET_TOKEN],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: get(f"{url}/_sandbox/stats")[0] == 200)
-        yield url
-    finally:
-        proc.kill()  # a test double: no need to wait for its own drain
-        proc.wait(10)
 
 
 def write_config(tmp_path: Path, upstream: str, port: int, admin_port: int, **extra: str) -> Path:

@@ -1,5 +1,5 @@
 """Every live key, changed through a real SIGHUP of ``kounta-proxy serve``, takes effect; the
-admin token rotates with an overlap (issue 16 "Live configuration", issue 18 item 19)."""
+admin token rotates with an overlap."""
 
 from __future__ import annotations
 
@@ -20,9 +20,6 @@ import pytest
 from proxy.ops.reload import LIVE_KEYS
 from tests.e2e.test_lifecycle import CALLER_KEY, SECRET_TOKEN, get, wait_until
 from tests.e2e.test_reload import Proxy, metric
-
-__all__ = ["sandbox_url"]
-from tests.e2e.test_lifecycle import sandbox_url
 
 KEY_2 = "e2e-app-key-after-reload-0002"
 MOVER = "e2e-mover-key-0003"
@@ -264,7 +261,7 @@ def test_every_live_key_changed_by_sighup_takes_effect(
 def test_the_admin_token_rotates_by_sighup_with_an_overlap(
     tmp_path: Path, sandbox_url: str, token_endpoint: TokenEndpoint
 ) -> None:
-    """Issue 18 item 19: a new admin.token_file content by SIGHUP; the previous token is
+    """A new admin.token_file content by SIGHUP; the previous token is
     accepted for inbound.key_overlap seconds beside the new one, then refused."""
     proxy = LiveProxy(tmp_path, sandbox_url, token_endpoint.url, overlap=3)
     try:

@@ -119,7 +119,7 @@ async def test_prometheus_scrapes_the_proxy_and_loads_the_alerts(
 async def test_the_error_ratio_alert_sees_a_pure_connect_error_outage(
     make_proxy: MakeProxy, client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """Issue 18, 1, live: Kounta refuses every connection from the start, so the proxy has
+    """Live: Kounta refuses every connection from the start, so the proxy has
     connect errors and no upstream request series at all; the shipped rule's expression must
     still say 100 % (the old one was empty: `A + B` with B missing)."""
     binary = prometheus_tool("prometheus")

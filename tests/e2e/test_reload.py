@@ -23,11 +23,8 @@ from tests.e2e.test_lifecycle import (
     get,
     in_flight,
     post_json,
-    sandbox_url,
     wait_until,
 )
-
-__all__ = ["sandbox_url"]  # the fixture, shared with test_lifecycle
 
 NEW_KEY = "e2e-new-caller-key-do-not-log-0001"
 
@@ -201,7 +198,7 @@ def test_drain_delay_serves_new_requests_after_sigterm_then_closes(proxy_factory
 def test_a_fifo_for_a_secret_is_refused_and_serving_goes_on(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
-    """Issue 17 item 18: a key_file that is a FIFO with no writer froze both listeners."""
+    """A key_file that is a FIFO with no writer froze both listeners."""
     proxy = proxy_factory()
     assert proxy.get("/v1/companies/me.json", CALLER_KEY) == 200
     fifo = tmp_path / "key-fifo"

@@ -283,6 +283,9 @@ async def pipelined(port: int, paths: list[str], connections: int) -> list[int]:
     return [status for result in results for status in result]
 
 
+# A load test: thousands of requests down paths other tests cover too, so coverage (which
+# more than doubles its CPU time) is not traced while it runs (pytest-cov's no_cover).
+@pytest.mark.no_cover
 @pytest.mark.slow
 async def test_series_stay_bounded_over_10000_distinct_ids(
     make_proxy: MakeProxy, tmp_path: Any

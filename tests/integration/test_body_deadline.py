@@ -1,4 +1,4 @@
-"""Deadlines on request bodies (issue 17 item 5), over real sockets.
+"""Deadlines on request bodies, over real sockets.
 
 A keyed caller that sent a POST head with ``Content-Length`` and then nothing (or a byte
 every few seconds) kept its connection forever: 30 of them filled ``max_connections``.

@@ -309,7 +309,7 @@ def respelled(path: str) -> str:
 async def test_a_write_invalidates_every_spelling_of_its_target(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
 ) -> None:
-    # Issue 17 item 13: after PUT .../100001.json, .../10000%31.json stayed a HIT.
+    # Found in review: after PUT .../100001.json, .../10000%31.json stayed a HIT.
     p = await make_proxy(cached(tmp_path, sandbox, rules=(CacheRule("/v1/*", fresh_for=600),)))
     _, _, listed = await get(client, p.url + LIST)
     one = ONE.format(__import__("json").loads(listed)[0]["id"])

@@ -1,4 +1,4 @@
-"""One answer, one lookup, one name (issue 18, 15): for every ``X-Cache`` value the answer
+"""One answer, one lookup, one name: for every ``X-Cache`` value the answer
 says, ``kounta_proxy_cache_lookups_total`` counts exactly one lookup whose ``result`` is that
 value, and ``Cache-Status`` says the same thing. Real sockets, a real disk cache, an origin
 of our own on loopback, the proxy's clock moved by the test.

@@ -1,13 +1,13 @@
-"""Cache records and messages in a real Redis are untrusted input (issue 17 items 7, 8, 9):
-JSON tricks, oversized values and records or messages without a valid MAC are misses or
-dropped, deleted and counted; never served, never a 500, never read whole."""
+"""Cache records and messages in a real Redis are untrusted input: JSON tricks, oversized values
+and records or messages without a valid MAC are misses or dropped, deleted and counted; never
+served, never a 500, never read whole."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,11 @@ from cryptography.fernet import Fernet
 
 from proxy.edge.services import SERVICES
 from proxy.shared.records import RecordKeys
-from tests.conftest import MakeProxy, Proxy, Sandbox
+from tests.conftest import Proxy, Sandbox
 from tests.integration.test_cache import LIST, get
-from tests.integration.test_shared_entries import entry_keys, replicas, sample, shared_op
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.integration.test_shared_entries import entry_keys, sample, shared_op
+from tests.redis_server import TOKEN_KEY
+from tests.replicas import Replicas, until
 
 KEYS = RecordKeys.derive(TOKEN_KEY)
 
@@ -34,30 +35,28 @@ class Pair:
     b: Proxy
     body: bytes
     name: bytes
+    prefix: str
 
 
 @pytest.fixture
 async def pair(
-    make_proxy: MakeProxy,
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: Any,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> Pair:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    a, b = await replicas.caching(sandbox.url)
     status, headers, body = await get(client, a.url + LIST)
     assert status == 200, (status, body)
     for _ in range(100):  # the store lands just after the answer
-        names = await entry_keys(redis_client, redis_prefix)
+        names = await entry_keys(redis_client, replicas.space.prefix)
         if names:
             break
         await asyncio.sleep(0.02)
     else:
         raise AssertionError(f"no entry in Redis: {headers.get('X-Cache')} {shared_ops(a)}")
     (name,) = names
-    return Pair(a, b, body, name)
+    return Pair(a, b, body, name, replicas.space.prefix)
 
 
 def shared_ops(proxy: Proxy) -> dict[str, float]:
@@ -65,13 +64,6 @@ def shared_ops(proxy: Proxy) -> dict[str, float]:
         f"{op}/{result}": shared_op(proxy, op, result)
         for op, result in [("put", "ok"), ("put", "error"), ("put", "invalidated")]
     }
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 def seal(name: bytes, record: bytes) -> bytes:
@@ -137,7 +129,6 @@ async def test_a_record_with_json_tricks_is_a_miss_deleted_and_counted(
     sandbox: Sandbox,
     client: aiohttp.ClientSession,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
     change: Callable[[dict[str, Any]], bytes],
 ) -> None:
     b, body, name = pair.b, pair.body, pair.name
@@ -149,7 +140,7 @@ async def test_a_record_with_json_tricks_is_a_miss_deleted_and_counted(
     assert shared_op(b, "get", "bad_record") == 1
     assert sandbox.state.served("GET", LIST) == 2
     # Deleted: what Redis holds now is B's own fetch, a good record.
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    (name,) = await entry_keys(redis_client, pair.prefix)
     assert unseal(name, await redis_client.get(name)) != rewrite(record, change)
 
 
@@ -211,24 +202,25 @@ async def test_a_forged_invalidation_message_is_dropped_and_counted(
     pair: Pair,
     client: aiohttp.ClientSession,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> None:
     """An unsigned purge-everything message on the channel: every replica drops it (its cache
     stays), counts it, and keeps listening: a signed message afterwards still works."""
     b = pair.b
     assert (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT"
     received = sample(b, "kounta_proxy_cache_broadcasts_total", result="received")
-    channel = f"{redis_prefix}:events:cache"
+    channel = f"{pair.prefix}:events:cache"
     purge = b"intruder|" + json.dumps({"purge": "", "account": None}).encode()
     await redis_client.publish(channel, purge)
     await redis_client.publish(channel, RecordKeys.derive(Fernet.generate_key().decode()).seal(
         channel.encode(), purge))  # fmt: skip
-    await asyncio.sleep(0.3)
-    # Neither applied (nor even parsed): dropped and counted.
+    # Both heard (in order) and neither applied (nor even parsed): dropped and counted.
+    await until(lambda: sample(b, "kounta_proxy_shared_bad_records_total", kind="message") >= 2)
     assert sample(b, "kounta_proxy_cache_broadcasts_total", result="received") == received
     assert sample(b, "kounta_proxy_cache_broadcasts_total", result="ignored") == 0
     assert sample(b, "kounta_proxy_shared_bad_records_total", kind="message") == 2
     # The listener is alive: a signed message is applied.
     await redis_client.publish(channel, seal(channel.encode(), purge))
-    await asyncio.sleep(0.3)
+    await until(
+        lambda: sample(b, "kounta_proxy_cache_broadcasts_total", result="received") > received
+    )
     assert sample(b, "kounta_proxy_cache_broadcasts_total", result="received") == received + 1

@@ -282,7 +282,7 @@ async def test_callers_conditionals_get_the_long_ways_304_on_the_fast_path(
         assert content == (body if expected == 200 else b"")
     assert long_way.count == 2
     sample = p.registry.get_sample_value
-    # A caller's 304 is one lookup, a hit (issue 18, 15): no second "not_modified" count.
+    # A caller's 304 is one lookup, a hit: no second "not_modified" count.
     labels = {"result": "not_modified", "reason": "caller_conditional"}
     assert sample("kounta_proxy_cache_lookups_total", labels) is None
     route = {

@@ -24,11 +24,20 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cache.memory import Stored
 from proxy.edge.services import SERVICES
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, WebhookSettings
+from proxy.settings import (
+    CacheRule,
+    CacheSettings,
+    RetrySettings,
+    Secret,
+    Settings,
+    SharedSettings,
+    WebhookSettings,
+)
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve_handler
 from tests.integration.test_fast_path import LIST, LongWay, get, same_answers
-from tests.integration.test_shared_entries import settings_for, shared_op
-from tests.redis_server import RedisServer
+from tests.integration.test_shared_entries import shared_op
+from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.replicas import caching
 
 FRESH = "/v1/fresh.json"  # max-age=600: a fresh HIT
 STALE = "/v1/stale.json"  # max-age=0 and an ETag: revalidated every time
@@ -36,6 +45,16 @@ VARY = "/v1/vary.json"  # max-age=600, Vary: User-Agent (forwarded)
 SLOW = {"Pragma": "x-whatever"}
 PER_ANSWER = {"x-request-id", "date", "age"}
 Answer = tuple[int, CIMultiDictProxy[str], bytes]
+
+
+def settings_for(
+    upstream: str, tmp_path: Any, name: str, url: str, prefix: str, **cache: Any
+) -> Settings:
+    """A caching replica on the Redis at ``url`` (tests/replicas.py's ``caching``)."""
+    space = SharedSettings(
+        backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
+    )
+    return caching(upstream, tmp_path / name, space, **cache)
 
 
 @dataclass

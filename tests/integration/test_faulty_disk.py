@@ -95,7 +95,7 @@ def mismatches(p: Proxy) -> float:
     return p.registry.get_sample_value("kounta_proxy_cache_body_mismatches_total") or 0.0
 
 
-# -- 10: stored body integrity on read -----------------------------------------------------
+# -- stored body integrity on read ---------------------------------------------------------
 
 
 def truncate(path: Path) -> None:
@@ -144,7 +144,7 @@ async def test_a_damaged_body_file_is_dropped_counted_and_fetched_again(
     assert await fetch(url) == (200, "HIT", want)
 
 
-# -- 11: a corrupt cache.db under a running proxy ------------------------------------------
+# -- a corrupt cache.db under a running proxy ----------------------------------------------
 
 
 def corrupt_database(directory: Path) -> None:
@@ -192,7 +192,7 @@ async def test_a_corrupt_cache_db_is_a_storing_problem_and_stats_still_answer(
     assert await fetch(f"{p.url}/v1/b/100") == (200, "MISS", body_of("/v1/b/100"))
 
 
-# -- 15: who may read the cache ------------------------------------------------------------
+# -- who may read the cache ----------------------------------------------------------------
 
 
 def mode(path: Path) -> int:
@@ -247,7 +247,7 @@ async def test_an_existing_directory_keeps_its_mode(
     await asyncio.sleep(0)
 
 
-# -- issue 18, 4: an idle proxy keeps saying the disk is full ----------------------------
+# -- an idle proxy keeps saying the disk is full ------------------------------------------
 
 
 async def test_an_idle_proxy_probes_the_full_disk_on_a_timer(

@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import aiohttp
 import pytest
@@ -21,56 +20,36 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from proxy.settings import (
-    CacheRule,
-    CacheSettings,
-    RetrySettings,
     Secret,
-    Settings,
     SharedSettings,
 )
 from proxy.shared import RedisBackend
 from proxy.shared.log import Cursor, Delivered, split
 from proxy.shared.metrics import SharedMetrics
-from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
+from tests.conftest import Proxy, Sandbox
 from tests.integration.test_cache import LIST, ONE, get
 from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.replicas import RedisSpace, Replicas, caching
 
 WRITER = "writer"
 
 
-def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: str) -> Settings:
-    return proxy_settings(
-        sandbox.url,
-        tmp_path / name,
-        cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),)),
-        retry=RetrySettings(attempts=1),
-        shared=SharedSettings(
-            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
-        ),
-    )
-
-
 @pytest.fixture
-async def redis(redis_proc: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_proc.url)
+async def redis(own_redis_space: RedisSpace) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(own_redis_space.url)
     await client.execute_command("ACL", "SETUSER", WRITER, "on", ">pw", "~*", "&*", "+@all")
     yield client
     await client.aclose()
 
 
-async def pair(
-    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, server: RedisServer, prefix: str
-) -> tuple[Proxy, Proxy]:
+async def pair(replicas: Replicas, sandbox: Sandbox) -> list[Proxy]:
     """A writes as its own user; B as the default one."""
-    a_url = server.url.replace("redis://", f"redis://{WRITER}:pw@")
-    a = await make_proxy(
-        settings_for(sandbox, tmp_path, "a", a_url, prefix), registry=CollectorRegistry()
+    shared = replicas.space.settings(timeout=0.3)
+    writer = replace(shared, url=shared.url.replace("redis://", f"redis://{WRITER}:pw@"))
+    return await replicas.start(
+        caching(sandbox.url, replicas.tmp_path / "a", writer),
+        caching(sandbox.url, replicas.tmp_path / "b", shared),
     )
-    b = await make_proxy(
-        settings_for(sandbox, tmp_path, "b", server.url, prefix), registry=CollectorRegistry()
-    )
-    await asyncio.sleep(0.3)  # both subscribed
-    return a, b
 
 
 async def two_ids(client: aiohttp.ClientSession, proxy: Proxy) -> tuple[str, str]:
@@ -151,20 +130,14 @@ class Gap:
 
 @pytest.fixture
 async def gap(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis: aioredis.Redis,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession, redis: aioredis.Redis
 ) -> Gap:
-    a, b = await pair(make_proxy, sandbox, tmp_path, redis_proc, redis_prefix)
+    a, b = await pair(own_replicas, sandbox)
     one, other = await two_ids(client, a)
     await cached_on_b(client, b, one, other)
     await cut(redis)
     old = await write_missed_by_b(client, a, b, one)
-    return Gap(client, redis, redis_prefix, b, one, other, old)
+    return Gap(client, redis, own_replicas.space.prefix, b, one, other, old)
 
 
 async def test_a_blip_replays_what_was_missed_and_keeps_the_rest(gap: Gap) -> None:
@@ -184,45 +157,27 @@ async def test_a_log_trimmed_past_what_the_replica_heard_purges_everything(gap: 
 
 
 async def test_a_restarted_redis_purges_everything_though_its_log_reaches_back(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """The snapshot holds the whole log (nothing missed as far as the log can tell), but a
     restart is a new epoch: what Redis held may be older than what replicas saw."""
-    a = await make_proxy(
-        settings_for(sandbox, tmp_path, "a", redis_proc.url, redis_prefix),
-        registry=CollectorRegistry(),
-    )
-    b = await make_proxy(
-        settings_for(sandbox, tmp_path, "b", redis_proc.url, redis_prefix),
-        registry=CollectorRegistry(),
-    )
-    await asyncio.sleep(0.3)
+    a, b = await own_replicas.caching(sandbox.url)
+    space = own_replicas.space
     one, other = await two_ids(client, a)
     await cached_on_b(client, b, one, other)
     async with client.put(a.url + one, json={"first_name": "Zed"}) as r:
         assert r.status == 200
-    redis = aioredis.Redis.from_url(redis_proc.url)
-    try:
-        assert await redis.xlen(f"{redis_prefix}:events:cache:log") == 1
+    async with space.client() as redis:
+        assert await redis.xlen(f"{space.prefix}:events:cache:log") == 1
         await redis.save()
-    finally:
-        await redis.aclose()
-    redis_proc.stop()
-    redis_proc.start()
+    space.server.stop()
+    space.server.start()
     deadline = time.monotonic() + 5
     while recoveries(b, "purged") < 1:
         assert time.monotonic() < deadline, "B did not see the new epoch"
         await asyncio.sleep(0.05)
-    redis = aioredis.Redis.from_url(redis_proc.url)
-    try:
-        await only_local(redis, redis_prefix)
-    finally:
-        await redis.aclose()
+    async with space.client() as redis:
+        await only_local(redis, space.prefix)
     assert (await get(client, b.url + other))[1]["X-Cache"] == "MISS", "B kept an old epoch's"
     assert recoveries(b, "replayed") == 0
 
@@ -243,6 +198,7 @@ class Listener:
             previous_format=compat,  # type: ignore[arg-type]
         )
         writer = server.url.replace("redis://", f"redis://{WRITER}:pw@")
+        self.space = RedisSpace(server, prefix)
         self.listener = RedisBackend(settings, SharedMetrics(self.registry))
         self.sender = RedisBackend(
             replace(settings, url=writer), SharedMetrics(CollectorRegistry())
@@ -254,7 +210,7 @@ class Listener:
         await self.listener.start()
         await self.sender.start()
         self.listener.listen("t", self.got.append, self._gap)
-        await asyncio.sleep(0.3)
+        await self.space.listening(1, topic="t")
         return self
 
     async def __aexit__(self, *_: object) -> None:

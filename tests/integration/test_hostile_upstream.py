@@ -1,4 +1,4 @@
-"""A Kounta that misbehaves (issue 17): statuses outside HTTP's range, error bodies that
+"""A Kounta that misbehaves: statuses outside HTTP's range, error bodies that
 echo the account's own secrets, gzip bodies refused at their first chunk, 503s on
 undocumented paths, and callers that stop reading a streamed answer. Upstreams are raw
 asyncio servers or one-handler aiohttp apps on loopback; callers are raw sockets.
@@ -30,8 +30,8 @@ from proxy.settings import (
     UpstreamSettings,
 )
 from tests.conftest import TOKEN, MakeProxy, Proxy, proxy_settings, serve_handler
-from tests.integration.test_faulty_upstream import GZ, noise, reply
 from tests.integration.test_http_edges import RawUpstream, answer_of, request, start_raw
+from tests.integration.test_upstream_bodies import GZ, noise, reply
 
 FRESH = "Cache-Control: max-age=600"
 
@@ -298,7 +298,7 @@ def two_accounts(url: str, tmp_path: Any, **sections: Any) -> Any:
 async def test_stalled_readers_of_one_account_neither_pin_kounta_nor_starve_another(
     make_proxy: MakeProxy, tmp_path: Any
 ) -> None:
-    """Issue 17 item 6's attack, scaled down: pool_size 5, five callers of account A stop
+    """A pool-pinning attack, scaled down: pool_size 5, five callers of account A stop
     reading a streamed answer; B's requests still go through at once, B's breaker stays
     closed, and A's upstream connections are let go after server.send_timeout."""
     upstream = Streamer()

@@ -4,39 +4,20 @@ replica 0 answered HIT with the old record for its whole freshness after a deliv
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from proxy.cache.invalidation import Invalidation
 from proxy.edge.services import SERVICES
-from proxy.settings import CacheRule, CacheSettings, Secret, SharedSettings
-from tests.conftest import MakeProxy, Sandbox, proxy_settings
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.conftest import Sandbox
+from tests.replicas import Replicas
 
 
 async def test_a_lookup_during_the_redis_drop_does_not_keep_the_old_copy(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Path,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox
 ) -> None:
-    settings = proxy_settings(
-        sandbox.url,
-        tmp_path,
-        cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=3600),)),
-        shared=SharedSettings(
-            backend="redis",
-            url=redis_server.url,
-            key_prefix=redis_prefix,
-            timeout=0.3,
-            token_key=Secret(TOKEN_KEY),
-        ),
-    )
-    proxy = await make_proxy(settings, registry=CollectorRegistry())
+    [proxy] = await replicas.caching(sandbox.url, 1)
     product = sandbox.state.store["products"].ids[0]
     path = f"/v1/companies/5001/products/{product}.json"
     async with aiohttp.ClientSession() as client:

@@ -11,11 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.edge.services import SERVICES
 from proxy.ops.reload import reload
-from proxy.settings import CacheRule, ConfigError, Secret, Settings, SharedSettings
-from proxy.shared import RedisBackend
-from proxy.shared.metrics import SharedMetrics
+from proxy.settings import CacheRule, ConfigError, Secret, Settings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.replicas import RedisSpace
 
 
 def count(registry: CollectorRegistry, op: str) -> float:
@@ -24,24 +22,12 @@ def count(registry: CollectorRegistry, op: str) -> float:
 
 
 async def test_redis_round_trips_are_timed_by_operation(
-    redis_server: RedisServer, redis_prefix: str
+    redis_space: RedisSpace,
 ) -> None:
     registry = CollectorRegistry()
-    shared = RedisBackend(
-        SharedSettings(
-            backend="redis",
-            url=redis_server.url,
-            key_prefix=redis_prefix,
-            token_key=Secret(TOKEN_KEY),
-        ),
-        SharedMetrics(registry),
-    )
-    await shared.start()
-    try:
+    async with redis_space.backend(registry) as shared:
         for _ in range(3):
             await shared.take("main", 100, 10, 0.6)
-    finally:
-        await shared.close()
     assert count(registry, "budget") == 3
     total = registry.get_sample_value(
         "kounta_proxy_shared_call_duration_seconds_sum", {"op": "budget"}

@@ -704,7 +704,7 @@ async def test_an_x_next_page_whose_scheme_differs_still_points_at_the_proxy(
 async def test_a_cursor_in_the_path_with_an_escaped_slash_is_refused_by_design(
     proxy: Proxy, other: Upstream, client: aiohttp.ClientSession
 ) -> None:
-    """Encoded slashes in the path are refused (issue 2's rule against path tricks), even
+    """Encoded slashes in the path are refused (the rule against path tricks), even
     though it costs a Kounta that kept its cursor in the path; the README says so."""
     status, headers, body = await fetch(client, "GET", f"{proxy.url}{C}/categories.json")
     assert status == 200, body

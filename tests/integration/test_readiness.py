@@ -1,4 +1,4 @@
-"""Readiness means "can serve" (issue 18, 5; DESIGN.md Resolutions "Readiness"): a failing
+"""Readiness means "can serve" (DESIGN.md Resolutions "Readiness"): a failing
 account or a full cache disk are details and metrics, never a 503 that takes the pod out of
 its Service; only "can serve nothing" (no usable account, shutting down) is.
 

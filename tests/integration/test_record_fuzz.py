@@ -1,7 +1,7 @@
-"""Decoder fuzz (hypothesis) for everything read back from a real Redis (issue 17): token
-records, budget records, cache records and pub/sub messages. Never an exception past the
-decoder (only its documented "bad record" errors), never a 500 from a bad cache record, and a
-bad token record is :class:`~proxy.auth.shared_tokens.TokenStoreError` (the documented 503)."""
+"""Decoder fuzz (hypothesis) for everything read back from a real Redis: token records, budget
+records, cache records and pub/sub messages. Never an exception past the decoder (only its
+documented "bad record" errors), never a 500 from a bad cache record, and a bad token record is
+:class:`~proxy.auth.shared_tokens.TokenStoreError` (the documented 503)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from proxy.cache.store import Stored
 from proxy.edge.app import create_app
 from proxy.edge.services import SERVICES
 from proxy.sandbox import SandboxConfig, create_sandbox_app
-from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk
 from proxy.shared.metrics import SharedMetrics
@@ -39,8 +38,8 @@ from proxy.shared.records import BadRecord as BadSharedRecord
 from proxy.shared.records import RecordKeys
 from tests.conftest import TOKEN, serve
 from tests.integration.test_cache import LIST
-from tests.integration.test_shared_entries import settings_for
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.redis_server import TOKEN_KEY
+from tests.replicas import RedisSpace, caching
 
 T = TypeVar("T")
 FUZZ = settings(
@@ -86,20 +85,13 @@ class World:
 
 
 @pytest.fixture
-def world(redis_server: RedisServer, redis_prefix: str) -> Iterator[World]:
+def world(redis_space: RedisSpace) -> Iterator[World]:
     loop = asyncio.new_event_loop()
-    settings_ = SharedSettings(
-        backend="redis",
-        url=redis_server.url,
-        key_prefix=redis_prefix,
-        token_key=Secret(TOKEN_KEY),
-        timeout=2.0,
-    )
-    backend = RedisBackend(settings_, SharedMetrics(CollectorRegistry()))
-    raw = aioredis.Redis.from_url(redis_server.url)
+    backend = RedisBackend(redis_space.settings(timeout=2.0), SharedMetrics(CollectorRegistry()))
+    raw = aioredis.Redis.from_url(redis_space.url)
     loop.run_until_complete(backend.start())
     try:
-        yield World(loop, backend, raw, redis_prefix)
+        yield World(loop, backend, raw, redis_space.prefix)
     finally:
         loop.run_until_complete(backend.close())
         loop.run_until_complete(raw.aclose())
@@ -290,7 +282,7 @@ class Rig:
 
 
 @pytest.fixture
-def rig(world: World, redis_server: RedisServer, tmp_path: Path) -> Iterator[Rig]:
+def rig(world: World, redis_space: RedisSpace, tmp_path: Path) -> Iterator[Rig]:
     """A sandbox, one proxy on the fuzz Redis, a client: all on the world's loop."""
     runners: list[web.AppRunner] = []
 
@@ -300,8 +292,8 @@ def rig(world: World, redis_server: RedisServer, tmp_path: Path) -> Iterator[Rig
         )
         runner, port = await serve(sandbox)
         runners.append(runner)
-        settings_ = settings_for(
-            f"http://127.0.0.1:{port}", tmp_path, "r", redis_server.url, world.prefix
+        settings_ = caching(
+            f"http://127.0.0.1:{port}", tmp_path / "r", redis_space.settings(timeout=0.3)
         )
         app = create_app(settings_, registry=CollectorRegistry())
         runner, port = await serve(app)

@@ -68,7 +68,7 @@ def test_what_needs_a_restart_is_told_apart_from_what_applies_live(tmp_path: Any
 async def test_a_reload_that_cannot_read_its_files_does_not_stall_the_listeners(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, client: aiohttp.ClientSession
 ) -> None:
-    """Issue 17 item 18: files are read in a thread with a deadline (a stalled file system,
+    """Files are read in a thread with a deadline (a stalled file system,
     a FIFO): the listeners answer meanwhile, and past the deadline the reload is refused."""
     settings = proxy_settings(sandbox.url, tmp_path)
     proxy = await make_proxy(settings)

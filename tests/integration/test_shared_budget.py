@@ -26,13 +26,12 @@ from proxy.pipeline.budget import AccountBudget
 from proxy.pipeline.gates import Rate, SharedGate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.sandbox import SandboxConfig
-from proxy.settings import BudgetSettings, CacheSettings, Secret, Settings, SharedSettings
+from proxy.settings import BudgetSettings, CacheSettings, Settings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk
-from proxy.shared.metrics import SharedMetrics
-from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, serve
+from tests.conftest import TOKEN, Proxy, Sandbox, serve
 from tests.integration.test_budget import budget_settings, fetch
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.replicas import RedisSpace, Replicas
 
 WINDOW = 2.0  # real seconds standing for Kounta's minute
 LIMIT = 30  # requests per window, in the sandbox and the proxies alike
@@ -50,29 +49,22 @@ def sandbox_config() -> SandboxConfig:
     )
 
 
-def shared_settings(
-    sandbox: Sandbox, tmp_path: Any, url: str, prefix: str, backend: str = "redis", **kw: Any
-) -> Settings:
+def shared_settings(sandbox: Sandbox, replicas: Replicas, **shared: Any) -> Settings:
+    """One of three replicas sharing the budget on ``replicas``' space (``shared`` changes
+    its ``[shared]`` section)."""
     return budget_settings(
         sandbox.url,
-        tmp_path,
+        replicas.tmp_path,
         rate=LIMIT,
         callers=20,
         cache=CacheSettings(enabled=False),  # every request goes upstream
         budget=BudgetSettings(window=WINDOW, window_margin=0.1, max_wait=1.0, backoff_initial=1),
-        shared=SharedSettings(
-            backend=backend,
-            url=url,
-            key_prefix=prefix,
-            replicas=3,
-            token_key=Secret(TOKEN_KEY),
-            **kw,
-        ),  # type: ignore[arg-type]
+        shared=replicas.space.settings(replicas=3, **shared),
     )
 
 
-async def three(make_proxy: MakeProxy, settings: Settings) -> list[Proxy]:
-    return [await make_proxy(settings, registry=CollectorRegistry()) for _ in range(3)]
+async def three(replicas: Replicas, settings: Settings) -> list[Proxy]:
+    return await replicas.start(settings, settings, settings, listening=False)
 
 
 async def hammer(
@@ -99,16 +91,9 @@ def window_counts(sandbox: Sandbox) -> int:
 
 
 async def test_three_replicas_stay_under_the_limit_together(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    proxies = await three(
-        make_proxy, shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
-    )
+    proxies = await three(replicas, shared_settings(sandbox, replicas))
     statuses = await hammer(proxies, client, RUN_SECONDS)
     # No window on the sandbox's side ever saw more than its limit: it never said 429.
     assert sandbox.state.limiter.refused == {}
@@ -126,15 +111,11 @@ async def test_three_replicas_stay_under_the_limit_together(
 
 
 async def test_three_local_replicas_overrun_the_limit(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """The control: the same load through three unshared budgets collects Kounta's 429s."""
-    settings = shared_settings(sandbox, tmp_path, "redis://127.0.0.1:1/0", redis_prefix, "local")
-    proxies = await three(make_proxy, settings)
+    settings = shared_settings(sandbox, replicas, backend="local", url="redis://127.0.0.1:1/0")
+    proxies = await three(replicas, settings)
     # A whole window: three paces of about LIMIT / WINDOW each send about three times the
     # limit, enough to overrun it even on a loaded machine (half a window once was not).
     await hammer(proxies, client, WINDOW)
@@ -142,19 +123,14 @@ async def test_three_local_replicas_overrun_the_limit(
 
 
 async def test_a_429_seen_by_one_replica_pauses_all(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
+    settings = shared_settings(sandbox, replicas)
     # Room to wait out a 1 s pause (the other tests answer 429 after 1 s).
     settings = dataclasses.replace(
         settings, budget=dataclasses.replace(settings.budget, max_wait=5.0)
     )
-    proxies = await three(make_proxy, settings)
+    proxies = await three(replicas, settings)
     sandbox.state.inject_status(429, count=1, headers={"Retry-After": "1"}, body=b"Limit exceeded")
     # A POST is never resent: replica A answers Kounta's 429 and shares the pause.
     status, body, _ = await fetch(client, proxies[0].url + ME, method="POST", json={})
@@ -166,21 +142,17 @@ async def test_a_429_seen_by_one_replica_pauses_all(
 
 
 async def test_redis_away_degrades_and_comes_back(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    settings = shared_settings(sandbox, tmp_path, redis_proc.url, redis_prefix, timeout=0.2)
-    proxy = await make_proxy(settings)
+    settings = shared_settings(sandbox, own_replicas, timeout=0.2)
+    proxy = await own_replicas.make_proxy(settings)
+    redis = own_replicas.space.server
     services = proxy.app[SERVICES]
     admin_runner, admin_port = await serve(create_admin_app(services))
     readyz = f"http://127.0.0.1:{admin_port}/readyz"
     try:
         assert (await fetch(client, proxy.url + ME))[0] == 200
-        redis_proc.stop()
+        redis.stop()
         # Serving on the local fallback (rate / replicas), ready, with a detail saying so.
         statuses = Counter([(await fetch(client, proxy.url + ME, caller=i))[0] for i in range(5)])
         assert statuses[200] >= LIMIT // 3 // 20 + 1 and set(statuses) <= {200, 429}
@@ -192,9 +164,9 @@ async def test_redis_away_degrades_and_comes_back(
             assert body["details"] == {"shared": "degraded"}
         fallback = services.budget.account("main").bucket.rate.per_window
         assert fallback == LIMIT // 3
-        # /budget and the gauge say what the replica may send now, and why (issue 18, 12).
+        # /budget and the gauge say what the replica may send now, and why.
         assert await effective(client, admin_port, proxy) == (LIMIT, LIMIT // 3, LIMIT // 3)
-        redis_proc.start()
+        redis.start()
         deadline = time.monotonic() + 5
         while services.metric_groups.shared.shared_backend_up._value.get() != 1:
             assert time.monotonic() < deadline, "did not return to the shared budget"
@@ -223,18 +195,13 @@ async def effective(
 
 
 async def test_a_shared_pause_is_cut_to_retry_after_max(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """Kounta's ``Retry-After: 999999999`` reaches Redis as ``budget.retry_after_max``: one
     answer must not stop every replica for years."""
-    settings = shared_settings(sandbox, tmp_path, redis_server.url, redis_prefix)
+    settings = shared_settings(sandbox, replicas)
     budget = dataclasses.replace(settings.budget, max_wait=5.0, retry_after_max=1.0)
-    proxies = await three(make_proxy, dataclasses.replace(settings, budget=budget))
+    proxies = await three(replicas, dataclasses.replace(settings, budget=budget))
     sandbox.state.inject_status(
         429, count=1, headers={"Retry-After": "999999999"}, body=b"Limit exceeded"
     )
@@ -248,19 +215,9 @@ async def test_a_shared_pause_is_cut_to_retry_after_max(
 
 
 @pytest.fixture
-async def backend(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[RedisBackend]:
-    shared = RedisBackend(
-        SharedSettings(
-            backend="redis",
-            url=redis_server.url,
-            key_prefix=redis_prefix,
-            token_key=Secret(TOKEN_KEY),
-        ),
-        SharedMetrics(CollectorRegistry()),
-    )
-    await shared.start()
-    yield shared
-    await shared.close()
+async def backend(redis_space: RedisSpace) -> AsyncIterator[RedisBackend]:
+    async with redis_space.backend() as started:
+        yield started
 
 
 def gate_budget(backend: RedisBackend, rate: Rate, longest: float = 60.0) -> AccountBudget:

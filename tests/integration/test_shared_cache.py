@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
 
 import aiohttp
 import pytest
@@ -18,38 +17,11 @@ from proxy.cache.broadcast import BadMessage, decode, encode
 from proxy.cache.invalidation import Invalidation, Purge
 from proxy.edge.services import SERVICES
 from proxy.ops.admin import create_admin_app
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
-from proxy.shared import RedisBackend
-from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import RecordKeys
-from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.conftest import Proxy, Sandbox, serve
 from tests.integration.test_cache import LIST, ONE, get
-from tests.redis_server import TOKEN_KEY, RedisServer
-
-
-def settings_for(sandbox: Sandbox, tmp_path: Any, name: str, url: str, prefix: str) -> Settings:
-    return proxy_settings(
-        sandbox.url,
-        tmp_path / name,
-        cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=600),)),
-        retry=RetrySettings(attempts=1),
-        shared=SharedSettings(
-            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
-        ),
-    )
-
-
-async def pair(
-    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, url: str, prefix: str
-) -> tuple[Proxy, Proxy]:
-    a = await make_proxy(
-        settings_for(sandbox, tmp_path, "a", url, prefix), registry=CollectorRegistry()
-    )
-    b = await make_proxy(
-        settings_for(sandbox, tmp_path, "b", url, prefix), registry=CollectorRegistry()
-    )
-    await asyncio.sleep(0.2)  # both subscribed
-    return a, b
+from tests.redis_server import TOKEN_KEY
+from tests.replicas import RedisSpace, Replicas
 
 
 async def first_id(client: aiohttp.ClientSession, proxy: Proxy) -> int:
@@ -57,14 +29,9 @@ async def first_id(client: aiohttp.ClientSession, proxy: Proxy) -> int:
 
 
 async def test_a_write_through_one_replica_reaches_the_others_within_a_second(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    a, b = await pair(make_proxy, sandbox, tmp_path, redis_server.url, redis_prefix)
+    a, b = await replicas.caching(sandbox.url)
     one = ONE.format(await first_id(client, a))
     for proxy in (a, b):
         await get(client, proxy.url + one)
@@ -85,23 +52,19 @@ async def test_a_write_through_one_replica_reaches_the_others_within_a_second(
 
 
 async def test_a_replica_that_lost_its_subscription_purges_when_it_resubscribes(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    a, b = await pair(make_proxy, sandbox, tmp_path, redis_proc.url, redis_prefix)
+    a, b = await own_replicas.caching(sandbox.url)
+    redis = own_replicas.space.server
     one = ONE.format(await first_id(client, a))
     await get(client, b.url + one)
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
-    redis_proc.stop()
+    redis.stop()
     # Redis away: replicas keep answering from their own stores.
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
     async with client.put(a.url + one, json={"first_name": "Yann"}) as r:
         assert r.status == 200  # B cannot hear of this one
-    redis_proc.start()
+    redis.start()
     deadline = time.monotonic() + 5
     while b"Yann" not in (await get(client, b.url + one))[2]:
         assert time.monotonic() < deadline, "B never dropped what it may have missed"
@@ -109,14 +72,9 @@ async def test_a_replica_that_lost_its_subscription_purges_when_it_resubscribes(
 
 
 async def test_a_purge_on_one_replica_purges_the_others(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    a, b = await pair(make_proxy, sandbox, tmp_path, redis_server.url, redis_prefix)
+    a, b = await replicas.caching(sandbox.url)
     one = ONE.format(await first_id(client, a))
     await get(client, b.url + one)
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
@@ -158,16 +116,11 @@ def test_foreign_damaged_or_hostile_messages_are_refused() -> None:
 
 
 async def test_a_hostile_message_is_dropped_and_counted_and_invalidation_goes_on(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """Deep nesting (RecursionError in json), a huge message, a wrong schema and an unknown
     format version on the channel: each dropped and counted, and B still hears A's write."""
-    a, b = await pair(make_proxy, sandbox, tmp_path, redis_server.url, redis_prefix)
+    a, b = await replicas.caching(sandbox.url)
     one = ONE.format(await first_id(client, a))
     await get(client, b.url + one)
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
@@ -177,8 +130,8 @@ async def test_a_hostile_message_is_dropped_and_counted_and_invalidation_goes_on
         b'{"v": 1, "account": "main", "paths": "/v1/x", "lists_of": []}',
         b'{"v": 99, "account": "main", "paths": [], "lists_of": []}',
     )
-    evil = aioredis.Redis.from_url(redis_server.url)
-    channel = f"{redis_prefix}:events:cache"
+    evil = aioredis.Redis.from_url(replicas.space.url)
+    channel = f"{replicas.space.prefix}:events:cache"
     # Signed with the key (a replica's bug, or a key holder): past the MAC, the decoder's turn.
     keys = RecordKeys.derive(TOKEN_KEY)
     try:
@@ -203,19 +156,11 @@ def rejected(proxy: Proxy) -> float:
 
 
 async def test_a_listener_that_dies_is_restarted_counted_and_reports_a_gap(
-    redis_server: RedisServer, redis_prefix: str
+    redis_space: RedisSpace,
 ) -> None:
     """Whatever kills the listener (here its callback raising), it subscribes again, logs,
     counts, and reports a gap (the replica purges as after a lost subscription)."""
     registry = CollectorRegistry()
-    settings = SharedSettings(
-        backend="redis",
-        url=redis_server.url,
-        key_prefix=redis_prefix,
-        token_key=Secret(TOKEN_KEY),
-    )
-    listener = RedisBackend(settings, SharedMetrics(registry))
-    sender = RedisBackend(settings, SharedMetrics(CollectorRegistry()))
     got: list[bytes] = []
     gaps: list[float] = []
 
@@ -224,11 +169,9 @@ async def test_a_listener_that_dies_is_restarted_counted_and_reports_a_gap(
         if data == b"boom":
             raise RecursionError("maximum recursion depth exceeded")
 
-    await listener.start()
-    await sender.start()
-    try:
+    async with redis_space.backend(registry) as listener, redis_space.backend() as sender:
         listener.listen("t", on_message, lambda: gaps.append(time.monotonic()))
-        await asyncio.sleep(0.2)
+        await redis_space.listening(1, topic="t")
         await sender.publish("t", b"boom")
         deadline = time.monotonic() + 3
         while not gaps:
@@ -239,9 +182,6 @@ async def test_a_listener_that_dies_is_restarted_counted_and_reports_a_gap(
             assert time.monotonic() < deadline, "the listener was not restarted"
             await asyncio.sleep(0.02)
             await sender.publish("t", b"after")
-    finally:
-        await sender.close()
-        await listener.close()
     restarts = registry.get_sample_value(
         "kounta_proxy_shared_listener_restarts_total", {"topic": "t"}
     )

@@ -16,36 +16,23 @@ from proxy.errors import RateLimited
 from proxy.pipeline.budget import AccountBudget
 from proxy.pipeline.gates import Rate, SharedGate
 from proxy.pipeline.metrics import PipelineMetrics
-from proxy.settings import BudgetSettings, Secret, SharedSettings
+from proxy.settings import BudgetSettings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk
-from proxy.shared.metrics import SharedMetrics
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.replicas import RedisSpace
 
 RATE = Rate(per_window=20, burst=1, window=2.0, margin=0.1)  # a slot every 0.105 s
 FAR = 60.0
 
 
 @pytest.fixture
-async def backends(
-    redis_server: RedisServer, redis_prefix: str
-) -> AsyncIterator[list[RedisBackend]]:
-    made = []
-    for _ in range(3):
-        backend = RedisBackend(
-            SharedSettings(
-                backend="redis",
-                url=redis_server.url,
-                key_prefix=redis_prefix,
-                token_key=Secret(TOKEN_KEY),
-            ),
-            SharedMetrics(CollectorRegistry()),
-        )
-        await backend.start()
-        made.append(backend)
-    yield made
-    for backend in made:
-        await backend.close()
+async def backends(redis_space: RedisSpace) -> AsyncIterator[list[RedisBackend]]:
+    async with (
+        redis_space.backend() as a,
+        redis_space.backend() as b,
+        redis_space.backend() as c,
+    ):
+        yield [a, b, c]
 
 
 def replica(backend: RedisBackend, **settings: float) -> AccountBudget:

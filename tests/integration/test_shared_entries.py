@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 import pytest
@@ -19,54 +19,26 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry
-from proxy.cache.redis_records import MIN_TTL, TTL_MARGIN, BadRecord, decode, digest, encode
+from proxy.cache.redis_records import (
+    MIN_TTL,
+    TTL_MARGIN,
+    BadRecord,
+    RedisRecords,
+    decode,
+    digest,
+    encode,
+)
 from proxy.edge.services import SERVICES
-from proxy.settings import CacheRule, CacheSettings, RetrySettings, Secret, Settings, SharedSettings
-from proxy.shared import RedisBackend
-from proxy.shared.metrics import SharedMetrics
 from proxy.shared.records import RecordKeys
-from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings, serve
+from tests.conftest import Proxy, Sandbox, serve
 from tests.integration.test_cache import LIST, ONE, get
 from tests.integration.test_shared_cache import first_id
-from tests.redis_server import TOKEN_KEY, RedisServer
+from tests.redis_server import TOKEN_KEY
+from tests.replicas import FRESH_FOR, RedisSpace, Replicas
 
-FRESH_FOR = 600
 T = TypeVar("T")
-
-
-def settings_for(
-    upstream: str, tmp_path: Any, name: str, url: str, prefix: str, **cache: Any
-) -> Settings:
-    return proxy_settings(
-        upstream,
-        tmp_path / name,
-        cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=FRESH_FOR),), **cache),
-        retry=RetrySettings(attempts=1),
-        shared=SharedSettings(
-            backend="redis", url=url, key_prefix=prefix, timeout=0.3, token_key=Secret(TOKEN_KEY)
-        ),
-    )
-
-
-async def replicas(
-    make_proxy: MakeProxy,
-    upstream: str,
-    tmp_path: Any,
-    url: str,
-    prefix: str,
-    count: int = 3,
-    **cache: Any,
-) -> list[Proxy]:
-    proxies = [
-        await make_proxy(
-            settings_for(upstream, tmp_path, f"r{i}", url, prefix, **cache),
-            registry=CollectorRegistry(),
-        )
-        for i in range(count)
-    ]
-    await asyncio.sleep(0.2)  # all subscribed
-    return proxies
 
 
 def sample(proxy: Proxy, name: str, **labels: str) -> float:
@@ -90,27 +62,17 @@ def round_trips(proxies: list[Proxy]) -> float:
     return total
 
 
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 async def entry_keys(redis: aioredis.Redis, prefix: str) -> list[bytes]:
     return [k async for k in redis.scan_iter(match=f"{prefix}:cache:main:e:*")]
 
 
 async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
-    make_proxy: MakeProxy,
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: Any,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> None:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    a, b = await replicas.caching(sandbox.url)
     status, headers, body = await get(client, a.url + LIST)
     assert (status, headers["X-Cache"]) == (200, "MISS")
     assert sandbox.state.served("GET", LIST) == 1
@@ -129,7 +91,7 @@ async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
     assert sandbox.state.served("GET", LIST) == 1
 
     # The record: this key's own, with its CRC32, and a TTL of the reuse window.
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    (name,) = await entry_keys(redis_client, replicas.space.prefix)
     key = next(iter(a.app[SERVICES].store.hot.items))  # type: ignore[union-attr]
     assert name.decode().endswith(digest(key))
     sealed = await redis_client.get(name)
@@ -139,24 +101,21 @@ async def test_an_entry_fetched_through_one_replica_is_a_hit_on_the_others(
     assert ttl >= MIN_TTL
     # Only entries (and fetch locks, and the budget's per-class demand, which must expire
     # with a dead replica) have a TTL: volatile-lru never evicts an index.
-    for other in [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")]:
+    for other in [k async for k in redis_client.scan_iter(match=f"{replicas.space.prefix}:*")]:
         if b":e:" not in other and b":lock:" not in other and not other.endswith(b":demand"):
             assert await redis_client.ttl(other) == -1, other
 
 
 async def test_a_damaged_record_in_redis_is_a_miss_and_is_dropped(
-    make_proxy: MakeProxy,
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: Any,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> None:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    a, b = await replicas.caching(sandbox.url)
     body = (await get(client, a.url + LIST))[2]
     await asyncio.sleep(0.05)
-    (name,) = await entry_keys(redis_client, redis_prefix)
+    (name,) = await entry_keys(redis_client, replicas.space.prefix)
     record = await redis_client.get(name)
     await redis_client.set(name, record[:-1] + bytes([record[-1] ^ 1]), px=60_000)
     status, headers, got = await get(client, b.url + LIST)
@@ -166,14 +125,9 @@ async def test_a_damaged_record_in_redis_is_a_miss_and_is_dropped(
 
 
 async def test_a_cold_burst_through_three_replicas_makes_one_upstream_request(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    proxies = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix)
+    proxies = await replicas.caching(sandbox.url, 3)
     sandbox.state.inject_latency(0.3, path_prefix=LIST)
     before = round_trips(proxies)
     results = await asyncio.gather(*(get(client, proxies[i % 3].url + LIST) for i in range(30)))
@@ -186,11 +140,7 @@ async def test_a_cold_burst_through_three_replicas_makes_one_upstream_request(
 
 
 async def test_waiters_go_alone_quickly_when_the_owner_stores_nothing(
-    make_proxy: MakeProxy,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, client: aiohttp.ClientSession
 ) -> None:
     served: list[float] = []
 
@@ -203,14 +153,7 @@ async def test_waiters_go_alone_quickly_when_the_owner_stores_nothing(
     upstream.router.add_get("/v1/companies/5001/private.json", private)
     runner, port = await serve(upstream)
     try:
-        proxies = await replicas(
-            make_proxy,
-            f"http://127.0.0.1:{port}",
-            tmp_path,
-            redis_server.url,
-            redis_prefix,
-            coalesce_wait=10.0,
-        )
+        proxies = await replicas.caching(f"http://127.0.0.1:{port}", 3, coalesce_wait=10.0)
         started = time.monotonic()
         results = await asyncio.gather(
             *(get(client, p.url + "/v1/companies/5001/private.json") for p in proxies)
@@ -226,14 +169,9 @@ async def test_waiters_go_alone_quickly_when_the_owner_stores_nothing(
 
 
 async def test_a_write_is_never_answered_old_from_redis_after_the_writers_answer(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    a, b, c = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix)
+    a, b, c = await replicas.caching(sandbox.url, 3)
     one = ONE.format(await first_id(client, a))
     await get(client, a.url + one)
     await asyncio.sleep(0.05)
@@ -250,16 +188,12 @@ async def test_a_write_is_never_answered_old_from_redis_after_the_writers_answer
 
 
 async def test_redis_stopped_and_restarted_falls_back_to_each_replicas_store(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_proc.url, redis_prefix, 2)
+    a, b = await own_replicas.caching(sandbox.url)
+    redis = own_replicas.space.server
     one = ONE.format(await first_id(client, a))
-    redis_proc.stop()
+    redis.stop()
     sandbox.state.inject_latency(0.2, path_prefix=one)
     # Per-replica single flight while Redis is away: a burst on A is one upstream request.
     results = await asyncio.gather(*(get(client, a.url + one) for _ in range(10)))
@@ -269,7 +203,7 @@ async def test_redis_stopped_and_restarted_falls_back_to_each_replicas_store(
     assert (await get(client, b.url + one))[1]["X-Cache"] == "MISS"  # B: its own fetch
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"
     assert shared_op(a, "lock", "error") + shared_op(a, "get", "error") >= 1
-    redis_proc.start()
+    redis.start()
     deadline = time.monotonic() + 5
     while shared_op(a, "put", "ok") == 0:  # back: entries go to Redis again
         assert time.monotonic() < deadline, "A never used Redis again"
@@ -278,46 +212,34 @@ async def test_redis_stopped_and_restarted_falls_back_to_each_replicas_store(
 
 
 async def test_a_write_while_redis_is_frozen_reaches_redis_and_replicas_once_it_is_back(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_proc.url, redis_prefix, 2)
+    a, b = await own_replicas.caching(sandbox.url)
+    proc = own_replicas.space.server.proc
     one = ONE.format(await first_id(client, a))
     await get(client, a.url + one)
     await asyncio.sleep(0.05)
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"  # B's copy, from Redis
-    assert redis_proc.proc is not None
-    redis_proc.proc.send_signal(signal.SIGSTOP)  # away, but keeps what it holds
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)  # away, but keeps what it holds
     try:
         async with client.put(a.url + one, json={"first_name": "Yann"}) as r:
             assert r.status == 200  # neither Redis nor B can hear of it now
     finally:
-        redis_proc.proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGCONT)
     back = time.monotonic()
     # A replays the invalidation in Redis as soon as it answers, then tells B again.
     while b"Yann" not in (await get(client, b.url + one))[2]:
         assert time.monotonic() - back < 3.0, "B still answers the record A's write changed"
         await asyncio.sleep(0.05)
     assert b"Yann" in (await get(client, a.url + one))[2]
-    redis = aioredis.Redis.from_url(redis_proc.url)
-    try:
-        for name in await entry_keys(redis, redis_prefix):
+    async with own_replicas.space.client() as redis:
+        for name in await entry_keys(redis, own_replicas.space.prefix):
             assert b"Yann" in (await redis.get(name) or b"Yann")
-    finally:
-        await redis.aclose()
 
 
 async def test_large_bodies_are_shared_up_to_max_entry_size_and_larger_ones_stream_through(
-    make_proxy: MakeProxy,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_client: aioredis.Redis,
-    redis_prefix: str,
+    replicas: Replicas, client: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
     served: list[str] = []
     bodies = {"big": b"[" + b"1," * (1024 * 1024) + b"1]", "huge": b"[" + b"2," * 2_000_000 + b"2]"}
@@ -332,15 +254,7 @@ async def test_large_bodies_are_shared_up_to_max_entry_size_and_larger_ones_stre
     upstream.router.add_get("/v1/companies/5001/{name}.json", handler)
     runner, port = await serve(upstream)
     try:
-        a, b = await replicas(
-            make_proxy,
-            f"http://127.0.0.1:{port}",
-            tmp_path,
-            redis_server.url,
-            redis_prefix,
-            2,
-            max_entry_size=3 * 1024 * 1024,
-        )
+        a, b = await replicas.caching(f"http://127.0.0.1:{port}", max_entry_size=3 * 1024 * 1024)
         for name in ("big", "huge"):  # 2 MB spills to a file while it streams; 4 MB too big
             assert (await get(client, f"{a.url}/v1/companies/5001/{name}.json"))[2] == bodies[name]
         await asyncio.sleep(0.2)
@@ -351,7 +265,7 @@ async def test_large_bodies_are_shared_up_to_max_entry_size_and_larger_ones_stre
     finally:
         await runner.cleanup()
     assert served == ["big", "huge", "huge"]
-    assert len(await entry_keys(redis_client, redis_prefix)) == 1
+    assert len(await entry_keys(redis_client, replicas.space.prefix)) == 1
 
 
 def test_records_are_checked_against_their_key_shape_and_crc32() -> None:
@@ -372,19 +286,9 @@ def test_records_are_checked_against_their_key_shape_and_crc32() -> None:
 
 
 async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
-    redis_server: RedisServer, redis_client: aioredis.Redis, redis_prefix: str
+    redis_space: RedisSpace, redis_client: aioredis.Redis
 ) -> None:
-    backend = RedisBackend(
-        SharedSettings(
-            backend="redis",
-            url=redis_server.url,
-            key_prefix=redis_prefix,
-            token_key=Secret(TOKEN_KEY),
-        ),
-        SharedMetrics(CollectorRegistry()),
-    )
-    await backend.start()
-    try:
+    async with redis_space.backend() as backend:
         claim = await backend.cache_claim("main", "d1", "me", 5.0, 10)
         assert claim.owner == "me" and claim.gen == "0"
         assert (await backend.cache_claim("main", "d1", "other", 5.0, 10)).owner is None
@@ -395,25 +299,24 @@ async def test_the_path_indexes_forget_expired_entries_and_keep_no_ttl(
         assert (await backend.cache_poll("main", "d1", 10)) == (b"one", False)
         await asyncio.sleep(0.1)
         assert await backend.cache_put("main", "d2", "/v1/b", b"two", 60, "0")
-        paths = f"{redis_prefix}:cache:main:paths"
+        paths = f"{redis_space.prefix}:cache:main:paths"
         assert await redis_client.zrange(paths, 0, -1) == [b"/v1/b"]
-        sets = [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:cache:main:p:*")]
+        sets = [
+            k async for k in redis_client.scan_iter(match=f"{redis_space.prefix}:cache:main:p:*")
+        ]
         assert len(sets) == 1 and await redis_client.ttl(sets[0]) == -1
         # An invalidation counts first: a store begun before it is refused.
         assert await backend.cache_drop("main", lambda path: path == "/v1/b") == 1
         assert not await backend.cache_put("main", "d3", "/v1/c", b"three", 60, "0")
         assert await backend.cache_get("main", "d2", 10) is None
         assert await redis_client.zrange(paths, 0, -1) == []
-    finally:
-        await backend.close()
 
 
+# A load test: thousands of requests down paths other tests cover too, so coverage (which
+# more than doubles its CPU time) is not traced while it runs (pytest-cov's no_cover).
+@pytest.mark.no_cover
 async def test_cold_bursts_over_three_replicas_cost_one_upstream_get_every_time(
-    make_proxy: MakeProxy,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    replicas: Replicas, client: aiohttp.ClientSession
 ) -> None:
     """60 concurrent GETs of one cold record over 3 replicas, repeated: exactly one upstream
     GET each time (a replica that takes the fetch lock looks again first; the owner's entry
@@ -428,26 +331,7 @@ async def test_cold_bursts_over_three_replicas_cost_one_upstream_get_every_time(
     upstream.router.add_get("/v1/companies/5001/products/{n}.json", record)
     runner, port = await serve(upstream)
     try:
-        proxies = [
-            await make_proxy(
-                proxy_settings(
-                    f"http://127.0.0.1:{port}",
-                    tmp_path / f"r{i}",
-                    cache=CacheSettings(rules=(CacheRule("/v1/*", fresh_for=60),)),
-                    retry=RetrySettings(attempts=1),
-                    shared=SharedSettings(
-                        backend="redis",
-                        url=redis_server.url,
-                        key_prefix=redis_prefix,
-                        timeout=1,
-                        token_key=Secret(TOKEN_KEY),
-                    ),
-                ),
-                registry=CollectorRegistry(),
-            )
-            for i in range(3)
-        ]
-        await asyncio.sleep(0.2)
+        proxies = await replicas.caching(f"http://127.0.0.1:{port}", 3, redis_timeout=1)
         for burst in range(BURSTS):
             path = f"/v1/companies/5001/products/{burst}.json"
             results = await asyncio.gather(
@@ -472,31 +356,23 @@ async def late(delay: float, work: Awaitable[T]) -> T:
 
 
 async def test_a_redis_restored_from_an_older_snapshot_resurrects_no_invalidated_record(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    own_replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """An operator's restore (SAVE, a write, then a restart from that snapshot) brings back
     a record the write invalidated: a replica sees Redis's new epoch and purges what may be
     stale, so neither replica answers the pre-write body again."""
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_proc.url, redis_prefix, 2)
+    a, b = await own_replicas.caching(sandbox.url)
     one = ONE.format(await first_id(client, a))
     old = (await get(client, a.url + one))[2]
     await asyncio.sleep(0.05)
     assert (await get(client, b.url + one))[1]["X-Cache"] == "HIT"  # from Redis
-    redis = aioredis.Redis.from_url(redis_proc.url)
-    try:
+    async with own_replicas.space.client() as redis:
         await redis.save()  # the snapshot holds the entry
-    finally:
-        await redis.aclose()
     async with client.put(a.url + one, json={"first_name": "Zed"}) as r:
         assert r.status == 200
     assert b"Zed" in (await get(client, b.url + one))[2]
-    redis_proc.stop()  # no save on the way down: the snapshot is what comes back
-    redis_proc.start()
+    own_replicas.space.server.stop()  # no save on the way down: the snapshot comes back
+    own_replicas.space.server.start()
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         for proxy in (a, b):
@@ -508,20 +384,17 @@ async def test_a_redis_restored_from_an_older_snapshot_resurrects_no_invalidated
 
 
 async def test_a_redis_that_lost_its_data_is_a_new_epoch_and_every_replica_purges(
-    make_proxy: MakeProxy,
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: Any,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
-    redis_prefix: str,
 ) -> None:
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    a, b = await replicas.caching(sandbox.url)
     await get(client, a.url + LIST)
     await asyncio.sleep(0.05)
     assert (await get(client, b.url + LIST))[1]["X-Cache"] == "HIT"
-    assert await redis_client.get(f"{redis_prefix}:epoch") is not None
-    await redis_client.delete(f"{redis_prefix}:epoch")  # as after a FLUSHALL
+    assert await redis_client.get(f"{replicas.space.prefix}:epoch") is not None
+    await redis_client.delete(f"{replicas.space.prefix}:epoch")  # as after a FLUSHALL
     deadline = time.monotonic() + 3
     while sum(sample(p, "kounta_proxy_shared_epoch_changes_total") for p in (a, b)) < 2:
         assert time.monotonic() < deadline, "a lost epoch went unnoticed"
@@ -533,17 +406,11 @@ async def test_a_redis_that_lost_its_data_is_a_new_epoch_and_every_replica_purge
 
 @pytest.mark.parametrize("control", ["no-cache", "max-age=0"])
 async def test_a_callers_no_cache_is_never_answered_from_another_replicas_copy(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
-    control: str,
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession, control: str
 ) -> None:
     """RFC 9111 5.2.1.4 / 5.2.1.1: a request that asks for validation reaches Kounta, whether
     the stored copy is this replica's own or one another replica put in Redis."""
-    a, b = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 2)
+    a, b = await replicas.caching(sandbox.url)
     assert (await get(client, a.url + LIST))[1]["X-Cache"] == "MISS"
     await asyncio.sleep(0.05)  # the store in Redis follows the answer
     status, headers, _ = await get(client, b.url + LIST, **{"Cache-Control": control})
@@ -551,29 +418,34 @@ async def test_a_callers_no_cache_is_never_answered_from_another_replicas_copy(
     assert sandbox.state.served("GET", LIST) == 2, headers.get("X-Cache")
 
 
-async def test_invalidations_replayed_by_several_callers_at_once_are_each_replayed_once(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    redis_server: RedisServer,
-    redis_prefix: str,
+async def test_invalidations_replayed_by_concurrent_lookups_are_each_dropped_and_resent_once(
+    redis_space: RedisSpace,
 ) -> None:
-    """A reader, the retry task and a resubscription may all replay the invalidations Redis
-    missed at the same moment: each is dropped and told to the other replicas once, in order,
-    none is skipped (popping the head after an await once removed the next one unreplayed, or
-    raised on an emptied list and killed the retry task)."""
-    (a,) = await replicas(make_proxy, sandbox.url, tmp_path, redis_server.url, redis_prefix, 1)
-    entries = a.app[SERVICES].cache.entries
-    shared = entries.records  # type: ignore[attr-defined]
-    told: list[str] = []
+    """Invalidations Redis missed are replayed by whichever lookup comes first; lookups that
+    arrive together while the replay waits on Redis must neither raise (an IndexError, a 500
+    to their callers) nor drop an invalidation untold to the other replicas."""
+    resent: list[str] = []
 
-    def resend(name: str) -> Any:
-        async def tell() -> None:
-            told.append(name)
+    def resend(name: str) -> Callable[[], Awaitable[None]]:
+        async def told() -> None:
+            resent.append(name)
 
-        return tell
+        return told
 
-    shared.pending = [("main", lambda account, path: False, resend(n)) for n in "abc"]
-    await asyncio.gather(*(shared.catch_up() for _ in range(3)))
-    assert told == ["a", "b", "c"]
-    assert shared.pending == []
+    async with redis_space.backend() as backend:
+        entries = RedisRecords(
+            backend,
+            CacheMetrics(CollectorRegistry()),
+            max_entry_size=1 << 20,
+            stale_if_error=0.0,
+            lock_ttl=5.0,
+            accounts=("main",),
+        )
+        entries.pending = [
+            ("main", lambda account, path, n=n: path == f"/v1/{n}", resend(f"/v1/{n}"))
+            for n in range(3)
+        ]
+        caught_up = await asyncio.gather(*(entries._caught_up() for _ in range(3)))
+        assert caught_up == [True, True, True]
+        assert sorted(resent) == ["/v1/0", "/v1/1", "/v1/2"]
+        assert entries.pending == []

@@ -211,7 +211,7 @@ def test_an_unreadable_file_is_not_taken_for_a_corrupt_one(tmp_path: Path) -> No
 
 
 def test_a_token_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path) -> None:
-    """Issue 17 item 18, for the token file: opening a FIFO waits for a writer."""
+    """For the token file: opening a FIFO waits for a writer."""
     path = tmp_path / "main.json"
     os.mkfifo(path)
     result: list[BaseException] = []

@@ -1,6 +1,6 @@
-"""Token records in Redis as untrusted, versioned input (issue 17 items 1 and 4): a Redis
-restored from an older snapshot never moves a replica back to a spent refresh token, and a
-malformed record is the documented 503, never a 500."""
+"""Token records in Redis as untrusted, versioned input: a Redis restored from an older snapshot
+never moves a replica back to a spent refresh token, and a malformed record is the documented
+503, never a 500."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from tests.integration.test_shared_tokens import (  # noqa: F401 - sandbox_confi
     wait_for,
 )
 from tests.redis_server import RedisServer
+from tests.replicas import Replicas
 
 
 @pytest.fixture
@@ -112,22 +113,18 @@ async def test_a_restored_older_snapshot_never_moves_replicas_back_to_a_spent_re
     [b"abc", b"1.5", b"-3", b"1e400", b"99999999999999999999999", b"", b"nan"],
 )
 async def test_a_malformed_token_record_is_a_503_with_a_readiness_detail_not_a_500(
-    make_proxy: MakeProxy,
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: object,
     client: aiohttp.ClientSession,
-    redis_proc: RedisServer,
-    redis_prefix: str,
+    redis_client: aioredis.Redis,
     version: bytes,
 ) -> None:
-    settings = settings_for(sandbox, tmp_path, redis_proc.url, redis_prefix)  # type: ignore[arg-type]
-    proxy = await make_proxy(settings)
+    space = replicas.space
+    proxy = await replicas.make_proxy(
+        settings_for(sandbox, replicas.tmp_path, space.url, space.prefix)
+    )
     assert (await get(client, proxy))[0] == 200
-    reader = aioredis.Redis.from_url(redis_proc.url)
-    try:
-        await reader.hset(f"{redis_prefix}:token:main", "version", version)
-    finally:
-        await reader.aclose()
+    await redis_client.hset(f"{space.prefix}:token:main", "version", version)
     expires_at = provider(proxy).expires_at
     assert expires_at is not None
     await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.3)  # a refresh is due

@@ -1,4 +1,4 @@
-"""End to end (issue 19): two replicas on a real redis-server, a products rule with
+"""Webhooks end to end: two replicas on a real redis-server, a products rule with
 webhooks = true, the sandbox delivering to one replica. A change made at a till (the
 proxies never see it) is answered through both within 5 s; a read of an unchanged product
 never reaches Kounta."""
@@ -8,20 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
 
 from proxy.cache.webhooks import verifier
 from proxy.edge.services import SERVICES
 from proxy.listener import bound_port
 from proxy.ops.lifecycle import start_webhooks
-from proxy.settings import CacheRule, CacheSettings, Secret, SharedSettings, WebhookSettings
-from tests.conftest import TOKEN, MakeProxy, Proxy, Sandbox, proxy_settings
-from tests.redis_server import TOKEN_KEY, RedisServer
+from proxy.settings import CacheRule, CacheSettings, Secret, WebhookSettings
+from tests.conftest import TOKEN, Proxy, Sandbox, proxy_settings
+from tests.replicas import Replicas
 
 SECRET = "replica-hook-secret-42"
 
@@ -32,33 +30,43 @@ async def get(client: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, o
         return r.headers["X-Cache"], json.loads(await r.read())
 
 
-async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_stay_local(
-    make_proxy: MakeProxy,
+async def two_replicas(
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: Path,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
-) -> None:
+    verify_every: tuple[float, float],
+    delivery_grace: float = 10.0,
+) -> list[Proxy]:
+    """Replicas a and b on one Redis, a products rule with webhooks = true, each with its own
+    webhook listener and ``verify_every``."""
     rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
-    proxies: list[Proxy] = []
-    for name in ("a", "b"):
-        settings = proxy_settings(
-            sandbox.url,
-            tmp_path / name,
-            cache=CacheSettings(rules=(rule,)),
-            shared=SharedSettings(
-                backend="redis",
-                url=redis_server.url,
-                key_prefix=redis_prefix,
-                timeout=0.3,
-                token_key=Secret(TOKEN_KEY),
-            ),
-            # verify_every = 0: no verifier requests, so every upstream read below is a caller's.
-            webhooks=WebhookSettings(enabled=True, port=0, secret=Secret(SECRET), verify_every=0),
+    return await replicas.start(
+        *(
+            proxy_settings(
+                sandbox.url,
+                replicas.tmp_path / name,
+                cache=CacheSettings(rules=(rule,)),
+                shared=replicas.space.settings(timeout=0.3),
+                webhooks=WebhookSettings(
+                    enabled=True,
+                    port=0,
+                    secret=Secret(SECRET),
+                    verify_every=every,
+                    delivery_grace=delivery_grace,
+                ),
+            )
+            for name, every in zip(("a", "b"), verify_every, strict=True)
         )
-        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
-    a, b = proxies
+    )
+
+
+async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_stay_local(
+    replicas: Replicas,
+    sandbox: Sandbox,
+    client: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+) -> None:
+    # verify_every = 0: no verifier requests, so every upstream read below is a caller's.
+    a, b = await two_replicas(replicas, sandbox, (0.0, 0.0))
     hooks = await start_webhooks(a.app[SERVICES])
     assert hooks is not None
     try:
@@ -74,7 +82,6 @@ async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_s
         changed_id, same_id = sandbox.state.store["products"].ids[:2]
         changed = f"/v1/companies/5001/products/{changed_id}.json"
         same = f"/v1/companies/5001/products/{same_id}.json"
-        await asyncio.sleep(0.2)  # both replicas subscribed
         old: dict[str, object] = {}
         for proxy in (a, b):
             for path in (changed, same):
@@ -107,51 +114,22 @@ async def test_an_out_of_band_change_reaches_both_replicas_and_unchanged_reads_s
         )
         assert delivered == 1
         # The event id is remembered in Redis (hashed, with a TTL) for every replica.
-        redis = aioredis.Redis.from_url(redis_server.url)
-        try:
-            seen = [k async for k in redis.scan_iter(f"{redis_prefix}:webhook:main:seen:*")]
-            assert len(seen) == 1
-            assert 0 < await redis.pttl(seen[0]) <= 86_400_000
-        finally:
-            await redis.aclose()
+        seen_keys = f"{replicas.space.prefix}:webhook:main:seen:*"
+        seen = [k async for k in redis_client.scan_iter(seen_keys)]
+        assert len(seen) == 1
+        assert 0 < await redis_client.pttl(seen[0]) <= 86_400_000
     finally:
         await hooks.cleanup()
 
 
 async def test_a_missed_change_found_by_one_replica_distrusts_the_feed_on_both(
-    make_proxy: MakeProxy,
+    replicas: Replicas,
     sandbox: Sandbox,
-    tmp_path: Path,
     client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(verifier, "TICK", 0.05)
-    rule = CacheRule("/v1/companies/*/products*", fresh_for=3600, webhooks=True)
-    proxies: list[Proxy] = []
-    for name, every in (("a", 0.1), ("b", 0.0)):
-        settings = proxy_settings(
-            sandbox.url,
-            tmp_path / name,
-            cache=CacheSettings(rules=(rule,)),
-            shared=SharedSettings(
-                backend="redis",
-                url=redis_server.url,
-                key_prefix=redis_prefix,
-                timeout=0.3,
-                token_key=Secret(TOKEN_KEY),
-            ),
-            webhooks=WebhookSettings(
-                enabled=True,
-                port=0,
-                secret=Secret(SECRET),
-                verify_every=every,
-                delivery_grace=0.3,
-            ),
-        )
-        proxies.append(await make_proxy(settings, registry=CollectorRegistry()))
-    a, b = proxies
+    a, b = await two_replicas(replicas, sandbox, (0.1, 0.0), delivery_grace=0.3)
     product = sandbox.state.store["products"].ids[0]
     path = f"/v1/companies/5001/products/{product}.json"
     for proxy in (a, b):

@@ -1,4 +1,4 @@
-"""BodyDeadline: only the time spent waiting for the caller counts (issue 17 item 5)."""
+"""BodyDeadline: only the time spent waiting for the caller counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One resource, one key, one invalidation (issue 17 item 13), whatever its spelling."""
+"""One resource, one key, one invalidation, whatever its spelling (RFC 3986 6.2.2)."""
 
 from __future__ import annotations
 

@@ -152,7 +152,7 @@ def hello_app(limits: Limits) -> web.Application:
 
 
 async def test_at_the_cap_the_least_recently_used_idle_connection_makes_room() -> None:
-    """Issue 17 item 11: idle keep-alive connections filled the cap and locked callers out;
+    """Idle keep-alive connections filled the cap and locked callers out;
     as nginx reuses idle connections, the one idle longest is closed to admit a new one."""
     drops: list[str] = []
     app = hello_app(Limits(header_timeout=5, max_connections=3, on_drop=drops.append))

@@ -87,7 +87,7 @@ def test_labels_must_match_the_label_names() -> None:
 
 
 def test_counters_start_with_every_known_label_set_at_zero() -> None:
-    """Issue 18, 3: a counter with no series loses its first event to increase() and leaves
+    """A counter with no series loses its first event to increase() and leaves
     a dashboard panel empty; every label set known from the configuration starts at 0."""
     from proxy.edge.services import describe
     from proxy.settings import AccountSettings, Secret, Settings

@@ -281,7 +281,7 @@ def openings(layer: Retry) -> float:
 
 
 async def test_an_outage_is_one_opening_however_many_probes_fail() -> None:
-    """Issue 18, 2: failed probes are the same outage, not new openings; one request that
+    """Failed probes are the same outage, not new openings; one request that
     opens the account's and its route's breakers is one opening."""
     clock = FakeClock()
     upstream = Scripted(*[UpstreamUnreachable("down")] * 20)

@@ -195,7 +195,7 @@ def test_shared_settings_refuse_bad_values_in_one_line(
 
 
 def test_every_redis_setup_needs_a_token_key_not_only_oauth_accounts(tmp_path: Path) -> None:
-    """Cache records and messages are authenticated with a key derived from it (issue 17.8)."""
+    """Cache records and messages are authenticated with a key derived from it."""
     static = '[accounts.main]\nmode = "static"\ntoken = "t"\n'
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, static), {"KOUNTA_PROXY_SHARED__BACKEND": "redis"})
@@ -325,7 +325,7 @@ def test_a_variables_problem_keeps_the_settings_path_as_its_key(tmp_path: Path) 
 
 
 def test_connection_limits_from_a_file(tmp_path: Path) -> None:
-    # issue 17 items 5 and 11: settings for body deadlines and idle keep-alive connections
+    # Settings for body deadlines and idle keep-alive connections
     text = '[server]\nkeepalive_timeout = 5\n[accounts.a]\nmode = "static"\ntoken = "t"\n'
     settings = load(write(tmp_path, text), NO_ENV)
     assert settings.server.keepalive_timeout == 5.0
@@ -355,7 +355,7 @@ def test_connection_limits_from_a_file(tmp_path: Path) -> None:
 def test_a_secret_file_that_is_not_a_small_regular_file_is_refused_at_once(
     tmp_path: Path, make: Any, reason: str
 ) -> None:
-    """Issue 17 item 18: never a blocking open (a FIFO waits for a writer) or an endless read."""
+    """Never a blocking open (a FIFO waits for a writer) or an endless read."""
     secret = tmp_path / "secret"
     make(secret)
     text = f'[accounts.a]\nmode = "static"\ntoken_file = "{secret}"\n'

@@ -1,7 +1,7 @@
-"""A faulty Kounta: compressed bodies cut short, corrupt or explosive, unknown codings, and
-more bytes than the Content-Length said. Each upstream is a raw asyncio server on loopback
-that answers with scripted bytes; callers are raw sockets too, so nothing is normalised.
-"""
+"""What Kounta's bodies may be, and what the proxy makes of them: compressed bodies cut short,
+corrupt or explosive, unknown codings, and more bytes than the Content-Length said. Each
+upstream is a raw asyncio server on loopback that answers with scripted bytes; callers are raw
+sockets too, so nothing is normalised."""
 
 from __future__ import annotations
 

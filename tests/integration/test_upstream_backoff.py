@@ -1,4 +1,5 @@
-"""A faulty Kounta over real sockets: Retry-After abuse, and what the breakers count."""
+"""How the proxy backs off a failing Kounta, over real sockets: a Retry-After is capped, and the
+breakers count requests (not attempts) per route and account."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[
         return r.status, json.loads(await r.read() or b"{}")
 
 
-# --------------------------------------------------------------------------- Retry-After (13)
+# --------------------------------------------------------------------------- Retry-After
 
 
 @pytest.mark.parametrize("asked", ["999999999", "Fri, 31 Dec 9999 23:59:59 GMT"])
@@ -71,7 +72,7 @@ async def test_retry_after_max_sets_its_own_cap(
     assert account.paused_for() == 0.0
 
 
-# --------------------------------------------------------------------------- breaker (14)
+# --------------------------------------------------------------------------- breakers
 
 
 async def test_deliberate_5xx_on_one_path_do_not_open_the_breaker_for_every_path(

@@ -1,0 +1,42 @@
+"""The e2e tests' Kounta: one sandbox subprocess for the session, reset before each test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.test_demo import free_port
+from tests.e2e.test_lifecycle import SECRET_TOKEN, get, wait_until
+
+
+@pytest.fixture(scope="session")
+def sandbox_process() -> Iterator[str]:
+    """``python -m proxy.sandbox`` on a free port (started once: its start-up, imports and
+    seeded data cost more than most of the tests using it); its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.sandbox", "--port", str(port), "--token", SECRET_TOKEN],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: get(f"{url}/_sandbox/stats")[0] == 200)
+        yield url
+    finally:
+        proc.kill()  # a test double: no need to wait for its own drain
+        proc.wait(10)
+
+
+@pytest.fixture
+def sandbox_url(sandbox_process: str) -> str:
+    """The session's sandbox as new: counters, faults and rate windows cleared, the records
+    seeded again (``POST /_sandbox/reset?data=1``)."""
+    reset = urllib.request.Request(f"{sandbox_process}/_sandbox/reset?data=1", method="POST")
+    with urllib.request.urlopen(reset, timeout=10) as r:
+        assert r.status == 200
+    return sandbox_process
