@@ -154,12 +154,29 @@ class Bucket:
         at = max(at, start + max(0.0, ahead + 1 - tokens) / self.rate.per_second)
         # The send that must have left the window first: already sent, or one of those ahead.
         first = len(self.sent) + ahead + 1 - self.rate.per_window
+        span = self.rate.window + self.rate.margin
         if first > 0:
-            span = self.rate.window + self.rate.margin
             if first <= len(self.sent):
                 at = max(at, self.sent[first - 1] + span)
             else:
                 at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
+        return max(at, self._spread_ahead(self.ready_at(now), ahead, span))
+
+    def _spread_ahead(self, first: float, ahead: int, span: float) -> float:
+        """The burst's payback (:meth:`_spread`) for the send behind ``ahead`` others: its
+        k-th latest send, whether one already sent or one of those ahead (the first of them
+        at ``first`` at the earliest), at least ``(k - burst) / (cap - burst)`` of the window
+        before it."""
+        cap, burst = self.rate.per_window, self.rate.burst
+        if cap <= burst:
+            return -math.inf
+        step, m = span / (cap - burst), ahead + 1
+        at = first
+        if ahead < cap:  # the first of those ahead is the ahead-th latest (at cap: the cap's)
+            at += max(0, ahead - burst) * step
+        sent, n = self.sent, len(self.sent)
+        for i in range(max(1, burst - ahead + 1), min(n, cap - m) + 1):
+            at = max(at, sent[n - i] + (ahead + i - burst) * step)  # the (ahead + i)-th latest
         return at
 
     def take(self, now: float) -> None:

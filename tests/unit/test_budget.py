@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections import deque
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -433,3 +434,44 @@ def test_ready_after_counts_the_queue_ahead_by_pace_and_window() -> None:
     assert capped.ready_after(1.0, 2) == 10.5  # the one already sent leaves the window first
     capped.pause(1.0, 20.0, 1.0, 60.0)
     assert capped.ready_after(1.0, 0) == 21.0
+
+
+def turn_by_taking(bucket: Bucket, now: float, ahead: int) -> float:
+    """When the request behind ``ahead`` others actually gets its token: each takes one at
+    the first moment ``ready_at`` allows (a copy of the bucket; the original untouched)."""
+    copy = Bucket(bucket.rate, bucket.updated)
+    copy.tokens, copy.sent = bucket.tokens, deque(bucket.sent)
+    copy.paused_until = bucket.paused_until
+    at = now
+    for _ in range(ahead + 1):
+        at = copy.ready_at(at)
+        copy.take(at)
+    return at
+
+
+@pytest.mark.parametrize(
+    ("rate", "sent_before"),
+    [
+        (Rate(90, 4, 6.0, 0.1), 0),  # a fresh bucket: the burst, then the spread pace
+        (Rate(90, 4, 6.0, 0.1), 30),  # a window part spent at the pace
+        (Rate(180, 9, 60.0, 1.0), 0),
+        (Rate(180, 9, 60.0, 1.0), 120),
+        (Rate(20, 1, 2.0, 0.1), 5),
+    ],
+)
+def test_ready_after_never_promises_a_turn_earlier_than_the_takes_give_it(
+    rate: Rate, sent_before: int
+) -> None:
+    """The 429-at-once decision trusts this estimate: a request told its turn fits within
+    its wait must get it by then (else it waits its whole limit for a 429). The estimate
+    follows the burst's payback by pace (``_spread``) for the requests ahead too, and is
+    never more than one pace interval late."""
+    bucket = Bucket(rate, now=0.0)
+    now = 0.0
+    for _ in range(sent_before):
+        now = bucket.ready_at(now)
+        bucket.take(now)
+    pace = 1 / rate.per_second
+    for ahead in range(0, 2 * rate.per_window, max(1, rate.per_window // 20)):
+        estimate, actual = bucket.ready_after(now, ahead), turn_by_taking(bucket, now, ahead)
+        assert actual - 1e-9 <= estimate <= actual + pace, (ahead, estimate, actual)
