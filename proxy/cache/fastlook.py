@@ -8,15 +8,38 @@ waiting or looking up again (:func:`handing_over`, :func:`taken`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from proxy.cache.answers import Answers
-from proxy.cache.flight import Flight, Outcome
+from multidict import CIMultiDictProxy
+from prometheus_client import Counter
+
+from proxy.cache.answers import Answers, refuse_repeated_vary
+from proxy.cache.flight import Flight, Flights, Outcome
 from proxy.cache.memory import Stored
-from proxy.cache.policy import Entry, HeaderItems, Headers, Revalidate, not_modified_headers
+from proxy.cache.policy import (
+    NO_CONTROL,
+    SELECTING,
+    Entry,
+    FreshHit,
+    HeaderItems,
+    Headers,
+    Revalidate,
+    cache_key,
+    fresh_age,
+    lookup,
+    not_modified_headers,
+    rule_for,
+)
+from proxy.cache.tiers import Entries
+from proxy.cache.webhooks.health import Feeds
+from proxy.clock import WallClock
+from proxy.errors import ProxyError
+from proxy.logs import trace
+from proxy.settings import CacheRule
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
@@ -27,7 +50,7 @@ FastAnswer = tuple[int, HeaderItems, bytes, int]
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A plain GET whose stored entry a flight in progress revalidates: the long way would
-    join that flight (:meth:`~proxy.cache.layer.Cache.joinable`), at the point its lookup
+    join that flight (:meth:`~proxy.cache.fastlook.FastLook.joinable`), at the point its lookup
     and decision left."""
 
     key: str
@@ -48,7 +71,7 @@ class Joined:
 @dataclass(frozen=True, slots=True)
 class Looked:
     """What the tier's lookup of ``key`` found (None: nothing) on a memory-tier miss the
-    fast path could not answer (:meth:`~proxy.cache.layer.Cache.tier_hit`): the long way
+    fast path could not answer (:meth:`~proxy.cache.fastlook.FastLook.tier_hit`): the long way
     decides from it instead of looking up again."""
 
     key: str
@@ -99,3 +122,208 @@ def plain_answer(
         return None
     answers.count("hit", "fresh")
     return 200, entry.headers, sent, age
+
+
+@functools.lru_cache(maxsize=4096)
+def webhook_rule(path: str, rules: tuple[CacheRule, ...]) -> CacheRule | None:
+    """The rule for ``path`` if it opts in to webhooks (``webhooks = true``)."""
+    rule = rule_for(path, rules)
+    return rule if rule is not None and rule.webhooks else None
+
+
+def webhook_fresh(
+    feeds: Feeds, rules: tuple[CacheRule, ...], account: str, stored: Stored | None
+) -> tuple[Stored | None, str]:
+    """A webhook rule's entry as :func:`held` holds it, and the Cache-Status detail saying
+    which ("": no webhook rule)."""
+    if stored is None:
+        return None, ""
+    if webhook_rule(stored.entry.path, rules) is None:
+        return stored, ""
+    kept = held(feeds, rules, account, stored.entry)
+    if kept is stored.entry:
+        return stored, "webhooks"
+    return replace(stored, entry=kept), "webhooks-fallback"
+
+
+def held(feeds: Feeds, rules: tuple[CacheRule, ...], account: str, entry: Entry) -> Entry:
+    """A webhook rule's entry keeps its ``fresh_for`` while the account's feed is healthy
+    and was trusted when the entry was stored; otherwise (distrusted now, or stored before a
+    distrust ended: a lost delivery may have left it stale) it is fresh for
+    ``fallback_fresh_for`` at most. Entries of other rules: unchanged."""
+    rule = webhook_rule(entry.path, rules)
+    if rule is None:
+        return entry
+    if feeds.healthy(account) and entry.response_time >= feeds.trusted_since(account):
+        return entry
+    return replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
+
+
+class FastLook:
+    """The cache as the fast path (:mod:`proxy.edge.fast`) asks it: a fresh hit in memory,
+    a flight to join, the tier's lookup on a memory-tier miss; the long way's decisions,
+    without its I/O, counted as it counts."""
+
+    def __init__(
+        self,
+        key: Callable[[str, str, str, Headers], str],
+        entries: Entries,
+        flights: Flights,
+        answers: Answers,
+        clock: WallClock,
+        rules: Callable[[], tuple[CacheRule, ...]],
+        feeds: Feeds,
+        coalesce_wait: float,
+        coalesced: Counter,
+    ) -> None:
+        self.key = key
+        self.entries = entries
+        self.flights = flights
+        self.answers = answers
+        self.clock = clock
+        self.rules = rules
+        self.feeds = feeds
+        self.coalesce_wait = coalesce_wait
+        self.coalesced = coalesced
+
+    def fresh_hit(
+        self,
+        account: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body_for: BodyFor | None = None,
+    ) -> FastAnswer | None:
+        """Status, upstream headers, body and age of the answer to a plain GET (no
+        Cache-Control; If-None-Match and If-Modified-Since allowed) that a fresh 200 held in
+        memory gives; else None, and nothing is counted.
+
+        ``body_for`` turns the stored body into the one to send (the caller's coding); when
+        it gives None the long way answers. Used by :mod:`proxy.edge.fast`;
+        :meth:`~proxy.cache.layer.Cache.send` reaches the same answer the long way.
+        """
+        found = self._plain(self.key(account, path, query, headers))
+        if found is None:
+            return None
+        entry, stored_body = found[0].entry, found[1]
+        fresh = fresh_age(entry, self.clock())
+        if fresh is None:
+            return None
+        return plain_answer(self.answers, entry, stored_body, int(fresh), headers, body_for)
+
+    def _plain(self, key: str) -> tuple[Stored, bytes] | None:
+        """The memory tier's entry for ``key`` if the fast path may answer from it: a 200
+        with its body in memory, no extra Vary names (compared the long way), no webhook
+        rule (the feed's health decides, and Cache-Status says so: the long way)."""
+        stored = self.entries.hot(key)
+        if stored is None or stored.body is None:
+            return None
+        entry = stored.entry
+        if entry.status != 200 or entry.vary:
+            return None
+        if webhook_rule(entry.path, self.rules()) is not None:
+            return None
+        return stored, stored.body
+
+    def joinable(self, account: str, path: str, query: str, headers: Headers) -> Pending | None:
+        """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory a flight
+        in progress revalidates: where the long way would be when it joins that flight (its
+        lookup and decision made, without I/O); else None. Counts nothing."""
+        key = self.key(account, path, query, headers)
+        flight = self.flights.get(key)
+        if flight is None:
+            return None
+        found = self._plain(key)
+        if found is None:
+            return None
+        decision = lookup(found[0].entry, headers, NO_CONTROL, self.clock())
+        if not isinstance(decision, Revalidate):
+            return None
+        return Pending(key, flight, found[0], decision)
+
+    async def wait(self, pending: Pending) -> Outcome | Exception:
+        """The pending request's flight's outcome, or what waiting for it raised (the long
+        way's :meth:`~proxy.cache.layer.Cache._wait` decides what that means, see
+        :func:`~proxy.cache.fastlook.handing_over`)."""
+        try:
+            return await self.flights.join(pending.flight, self.coalesce_wait)
+        except Exception as e:
+            return e
+
+    def joined(
+        self, pending: Pending, outcome: Outcome, headers: Headers, body_for: BodyFor | None
+    ) -> tuple[FastAnswer, float | None] | None:
+        """A joiner's answer when its flight freshened the stored 200 in memory (what the
+        long way's waiting, fetching and :meth:`Answers.outcome` give, counted as they
+        count), and the upstream time it shares; None, counting nothing: the long way goes
+        on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
+        stored, entry = outcome.stored, outcome.entry
+        if (
+            outcome.cache_status != "REVALIDATED"
+            or outcome.status != 200
+            or outcome.stream is not None
+            or stored is None
+            or stored.body is None
+            or entry is None
+        ):
+            return None
+        answer: FastAnswer
+        age = int(entry.age(self.clock()))
+        if self.answers.caller_304(200, outcome.headers, headers):
+            answer = 304, not_modified_headers(outcome.headers), b"", age
+        else:
+            body = stored.body if body_for is None else body_for(outcome.headers, stored.body)
+            if body is None:
+                return None
+            answer = 200, outcome.headers, body, age
+        flight = pending.flight
+        self.coalesced.inc()
+        trace().fetched_by = flight.request.request_id
+        self.answers.count("revalidated", outcome.reason)
+        return answer, flight.upstream_seconds
+
+    def cold(self, account: str, path: str, query: str, headers: Headers) -> bool:
+        """Whether the memory tier has nothing for a plain GET (:meth:`tier_hit` may look)."""
+        return self.entries.hot(self.key(account, path, query, headers)) is None
+
+    async def tier_hit(
+        self,
+        account: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body_for: BodyFor | None,
+        proxied: Callable[[], CIMultiDictProxy[str]],
+    ) -> FastAnswer | Looked:
+        """For a plain GET (as :meth:`fresh_hit` takes) the memory tier has nothing for: the
+        tier's lookup (disk, Redis: promoted as the long way's lookup promotes), and the
+        answer when it is a fresh 200 the long way would send as a plain HIT (same decision:
+        the webhook hold, Vary, :func:`lookup`); else what was found, counting nothing, for
+        the long way (:func:`~proxy.cache.fastlook.handing_over`). ``proxied``: the headers
+        of the request the long way would make (what a stored Vary selects by), only made
+        when needed."""
+        key = self.key(account, path, query, headers)
+        looked = Looked(key, await self.entries.lookup(account, key))
+        stored, hooks = webhook_fresh(self.feeds, self.rules(), account, looked.stored)
+        if stored is None or stored.body is None or hooks or stored.entry.status != 200:
+            return looked
+        selecting: Headers = headers
+        if stored.entry.vary:  # selected by the request made of the caller's, as in send()
+            try:
+                refuse_repeated_vary(stored.entry, selecting := proxied())
+            except ProxyError:
+                return looked  # the long way refuses it
+        decision = lookup(stored.entry, selecting, NO_CONTROL, self.clock())
+        if not isinstance(decision, FreshHit):
+            return looked
+        age = int(decision.age)
+        answer = plain_answer(self.answers, stored.entry, stored.body, age, headers, body_for)
+        return looked if answer is None else answer
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_key(account: str, path: str, query: str, *selecting: str | None) -> str:
+    """:func:`~proxy.cache.policy.cache_key`, remembered (the selecting headers' values in
+    :data:`~proxy.cache.policy.SELECTING`'s order)."""
+    sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
+    return cache_key(account, path, query, sent)

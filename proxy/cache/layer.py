@@ -8,6 +8,9 @@ exchange each (:mod:`proxy.cache.exchange`). Unsafe methods pass through and han
 may have changed to the :class:`~proxy.cache.invalidation.Invalidator`.
 
 Where entries live (this process, or Redis too) is the tier's business: nothing here asks.
+What the fast path asks without the long way is :class:`~proxy.cache.fastlook.FastLook`
+(``Cache.fast``); background refreshes (stale-while-revalidate, stale-while-busy) are
+:class:`~proxy.cache.refresh.Refreshes` (``Cache.background``).
 """
 
 from __future__ import annotations
@@ -15,22 +18,19 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from dataclasses import replace
 from typing import assert_never
-
-from multidict import CIMultiDictProxy
 
 from proxy import errors
 from proxy.cache.answers import Answers, refuse_repeated_vary
 from proxy.cache.exchange import Exchange
 from proxy.cache.fastlook import (
-    BodyFor,
-    FastAnswer,
+    FastLook,
     Joined,
-    Looked,
-    Pending,
-    plain_answer,
+    cached_key,
+    held,
     taken,
+    webhook_fresh,
+    webhook_rule,
 )
 from proxy.cache.flight import Flight, Flights, GoAlone, Outcome
 from proxy.cache.invalidation import Invalidator
@@ -38,11 +38,8 @@ from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import (
     ERROR_STATUSES,
-    NO_CONTROL,
     SELECTING,
     UNSAFE_METHODS,
-    BusyStale,
-    Entry,
     FreshHit,
     HeaderItems,
     Headers,
@@ -52,15 +49,11 @@ from proxy.cache.policy import (
     Revalidate,
     ServeStale,
     bypass,
-    cache_key,
-    fresh_age,
     invalidation,
     lookup,
-    not_modified_headers,
     request_control,
-    rule_for,
-    stale_while_busy,
 )
+from proxy.cache.refresh import ExpectedWait, Refreshes
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries
 from proxy.cache.webhooks.health import Feeds
@@ -69,11 +62,6 @@ from proxy.errors import ProxyError
 from proxy.logs import trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.settings import CacheRule, LiveCache, Settings, live_of
-
-# Seconds a request of (account, caller, class) would now wait for a budget token (no I/O).
-ExpectedWait = Callable[[str, str, str], float]
-# Who background refreshes wait in the budget's batch class as (one round-robin turn).
-REFRESHER = "cache-refresh"
 
 
 class Cache:
@@ -117,11 +105,23 @@ class Cache:
         self.on_read: Callable[[str, ProxyRequest], None] | None = None
         self.answers = Answers(entries, self.flights, metrics, clock, self.config.stale_if_error)
         self.exchange = Exchange(inner, entries, self.flights, metrics, clock, self.rules, settings)
-        self.busy = busy
-        self.busy_after = settings.budget.busy_after
-        self.total_timeout = settings.upstream.total_timeout
         # Background refreshes (stale-while-revalidate, stale-while-busy): one per key.
-        self.refreshes: dict[str, Flight] = {}
+        self.background = Refreshes(
+            entries, self.flights, self.answers, clock, self.rules, self._start, settings, busy
+        )
+        self.refreshes = self.background.running
+        # What the fast path asks (proxy.edge.fast).
+        self.fast = FastLook(
+            self.key,
+            entries,
+            self.flights,
+            self.answers,
+            clock,
+            self.rules,
+            self.feeds,
+            self.config.coalesce_wait,
+            self.coalesced,
+        )
 
     @property
     def tasks(self) -> set[asyncio.Task[object]]:
@@ -131,8 +131,8 @@ class Cache:
         return self.current().rules
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:
-        """:func:`cache_key`, remembered: its JSON encoding is a large part of a fresh hit."""
-        return _key(account, path, query, *map(headers.get, SELECTING))
+        """The key :func:`~proxy.cache.fastlook.cached_key` remembers."""
+        return cached_key(account, path, query, *map(headers.get, SELECTING))
 
     # ------------------------------------------------------------------ lookup → decide → act
 
@@ -148,7 +148,7 @@ class Cache:
             response.cache_status = "BYPASS"
             return response
         key = self.key(request.account, request.path, request.query, request.headers)
-        if self.on_read is not None and _webhook_rule(request.path, self.rules()) is not None:
+        if self.on_read is not None and webhook_rule(request.path, self.rules()) is not None:
             self.on_read(key, request)
         handed = taken(key, request.method)
         if isinstance(handed, Joined):
@@ -162,36 +162,11 @@ class Cache:
             refuse_repeated_vary(stored.entry, headers)
         return await self._decide(request, control, key, stored)
 
-    def _webhook_fresh(self, account: str, stored: Stored | None) -> tuple[Stored | None, str]:
-        """A webhook rule's entry as :meth:`_held` holds it, and the Cache-Status detail
-        saying which ("": no webhook rule)."""
-        if stored is None:
-            return None, ""
-        if _webhook_rule(stored.entry.path, self.rules()) is None:
-            return stored, ""
-        held = self._held(account, stored.entry)
-        if held is stored.entry:
-            return stored, "webhooks"
-        return replace(stored, entry=held), "webhooks-fallback"
-
-    def _held(self, account: str, entry: Entry) -> Entry:
-        """A webhook rule's entry keeps its ``fresh_for`` while the account's feed is
-        healthy and was trusted when the entry was stored; otherwise (distrusted now, or
-        stored before a distrust ended: a lost delivery may have left it stale) it is fresh
-        for ``fallback_fresh_for`` at most. Entries of other rules: unchanged."""
-        rule = _webhook_rule(entry.path, self.rules())
-        if rule is None:
-            return entry
-        healthy = self.feeds.healthy(account)
-        if healthy and entry.response_time >= self.feeds.trusted_since(account):
-            return entry
-        return replace(entry, fresh_for=min(entry.fresh_for, rule.fallback_fresh_for))
-
     async def _decide(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored | None
     ) -> ProxyResponse:
         original = stored
-        stored, hooks = self._webhook_fresh(request.account, stored)
+        stored, hooks = webhook_fresh(self.feeds, self.rules(), request.account, stored)
         decision = lookup(stored.entry if stored else None, request.headers, control, self.clock())
         if isinstance(decision, FreshHit):
             assert stored is not None
@@ -206,7 +181,7 @@ class Cache:
             assert stored is not None
             self.answers.count("stale", "while_revalidate" if decision.refresh else "max_stale")
             if decision.refresh:
-                self._refresh(key, request, stored)
+                self.background.refresh(key, request, stored)
             answer = self.answers.from_store(request, stored, "STALE", decision.age)
             why = "stale-while-revalidate" if decision.refresh else "max-stale"
             answer.cache_detail = f"hit; detail={why}"
@@ -223,7 +198,7 @@ class Cache:
                 return await self._decide(request, control, key, newer)
             usable = isinstance(decision, Revalidate) or decision.stale is not None
             if usable and stored is not None and request.method == "GET":
-                busy = self._busy_stale(request, control, key, stored)
+                busy = self.background.busy_stale(request, control, key, stored)
                 if busy is not None:
                     return busy
             return await self._forward(request, key, stored, decision, hooks)
@@ -247,205 +222,6 @@ class Cache:
         if not answer.cache_detail and answer.cache_status != "BYPASS":
             answer.cache_detail = f"fwd={fwd}" + (f"; detail={hooks}" if hooks else "")
         return answer
-
-    def _busy_stale(
-        self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored
-    ) -> ProxyResponse | None:
-        """Stale-while-busy: the stored answer at once when the request's token is further off
-        than ``budget.busy_after`` (:func:`~proxy.cache.policy.stale_while_busy` decides), and
-        a refresh behind at batch priority; None: the request goes on as usual."""
-        expected = self.busy
-        if expected is None:
-            return None
-        entry = stored.entry
-        window = _busy_window(entry.path, self.rules(), self.config.stale_while_busy)
-        decision = stale_while_busy(
-            entry,
-            control,
-            self.clock(),
-            window=window,
-            wait=lambda: expected(request.account, request.caller, request.priority),
-            busy_after=self.busy_after,
-        )
-        if not isinstance(decision, BusyStale):
-            return None
-        self.answers.count("stale", "busy")
-        self._refresh(key, request, stored)
-        answer = self.answers.from_store(request, stored, "STALE", decision.age)
-        answer.cache_detail = "fwd=stale; detail=budget"
-        return answer
-
-    def _refresh(self, key: str, request: ProxyRequest, stored: Stored) -> None:
-        """A background revalidation of ``stored``, at batch priority, one per key (none
-        while one is out, or while a caller's fetch of the key is). Not joinable: a caller's
-        own fetch never waits behind it at batch priority. The budget drops it once it is no
-        longer useful: the entry was invalidated or replaced by a newer one meanwhile, or no
-        token comes within ``budget.max_wait``."""
-        if key in self.refreshes or key in self.flights:
-            return
-        started: list[Flight] = []
-
-        def wanted() -> bool:
-            return not started or self._still_wanted(started[0], stored)
-
-        background = replace(
-            request,
-            method="GET",
-            caller=REFRESHER,
-            priority="batch",
-            deadline=asyncio.get_running_loop().time() + self.total_timeout,
-            wanted=wanted,
-        )
-        flight = self._start(key, background, stored, alone=True, unwanted=True)
-        started.append(flight)
-        self.refreshes[key] = flight
-
-        def over(_: object) -> None:
-            if self.refreshes.get(key) is flight:
-                del self.refreshes[key]
-
-        flight.done.add_done_callback(over)
-
-    def _still_wanted(self, flight: Flight, stored: Stored) -> bool:
-        if self.entries.stale(flight, stored.entry):
-            return False  # invalidated since: the next caller fetches anew
-        current = self.entries.hot(flight.key)
-        return current is None or current.entry.response_time <= stored.entry.response_time
-
-    def fresh_hit(
-        self,
-        account: str,
-        path: str,
-        query: str,
-        headers: Headers,
-        body_for: BodyFor | None = None,
-    ) -> FastAnswer | None:
-        """Status, upstream headers, body and age of the answer to a plain GET (no
-        Cache-Control; If-None-Match and If-Modified-Since allowed) that a fresh 200 held in
-        memory gives; else None, and nothing is counted.
-
-        ``body_for`` turns the stored body into the one to send (the caller's coding); when
-        it gives None the long way answers. Used by :mod:`proxy.edge.fast`; :meth:`send`
-        reaches the same answer the long way.
-        """
-        found = self._plain(self.key(account, path, query, headers))
-        if found is None:
-            return None
-        entry, stored_body = found[0].entry, found[1]
-        fresh = fresh_age(entry, self.clock())
-        if fresh is None:
-            return None
-        return plain_answer(self.answers, entry, stored_body, int(fresh), headers, body_for)
-
-    def _plain(self, key: str) -> tuple[Stored, bytes] | None:
-        """The memory tier's entry for ``key`` if the fast path may answer from it: a 200
-        with its body in memory, no extra Vary names (compared the long way), no webhook
-        rule (the feed's health decides, and Cache-Status says so: the long way)."""
-        stored = self.entries.hot(key)
-        if stored is None or stored.body is None:
-            return None
-        entry = stored.entry
-        if entry.status != 200 or entry.vary:
-            return None
-        if _webhook_rule(entry.path, self.rules()) is not None:
-            return None
-        return stored, stored.body
-
-    # ------------------------------------------------------------------ joiners at the edge
-
-    def joinable(self, account: str, path: str, query: str, headers: Headers) -> Pending | None:
-        """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory a flight
-        in progress revalidates: where the long way would be when it joins that flight (its
-        lookup and decision made, without I/O); else None. Counts nothing."""
-        key = self.key(account, path, query, headers)
-        flight = self.flights.get(key)
-        if flight is None:
-            return None
-        found = self._plain(key)
-        if found is None:
-            return None
-        decision = lookup(found[0].entry, headers, NO_CONTROL, self.clock())
-        if not isinstance(decision, Revalidate):
-            return None
-        return Pending(key, flight, found[0], decision)
-
-    async def wait(self, pending: Pending) -> Outcome | Exception:
-        """The pending request's flight's outcome, or what waiting for it raised (the long
-        way's :meth:`_wait` decides what that means, see
-        :func:`~proxy.cache.fastlook.handing_over`)."""
-        try:
-            return await self.flights.join(pending.flight, self.config.coalesce_wait)
-        except Exception as e:
-            return e
-
-    def joined(
-        self, pending: Pending, outcome: Outcome, headers: Headers, body_for: BodyFor | None
-    ) -> tuple[FastAnswer, float | None] | None:
-        """A joiner's answer when its flight freshened the stored 200 in memory (what the
-        long way's :meth:`_wait`, :meth:`_fetch` and :meth:`Answers.outcome` give, counted as
-        they count), and the upstream time it shares; None, counting nothing: the long way
-        goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
-        stored, entry = outcome.stored, outcome.entry
-        if (
-            outcome.cache_status != "REVALIDATED"
-            or outcome.status != 200
-            or outcome.stream is not None
-            or stored is None
-            or stored.body is None
-            or entry is None
-        ):
-            return None
-        answer: FastAnswer
-        age = int(entry.age(self.clock()))
-        if self.answers.caller_304(200, outcome.headers, headers):
-            answer = 304, not_modified_headers(outcome.headers), b"", age
-        else:
-            body = stored.body if body_for is None else body_for(outcome.headers, stored.body)
-            if body is None:
-                return None
-            answer = 200, outcome.headers, body, age
-        flight = pending.flight
-        self.coalesced.inc()
-        trace().fetched_by = flight.request.request_id
-        self.answers.count("revalidated", outcome.reason)
-        return answer, flight.upstream_seconds
-
-    def cold(self, account: str, path: str, query: str, headers: Headers) -> bool:
-        """Whether the memory tier has nothing for a plain GET (:meth:`tier_hit` may look)."""
-        return self.entries.hot(self.key(account, path, query, headers)) is None
-
-    async def tier_hit(
-        self,
-        account: str,
-        path: str,
-        query: str,
-        headers: Headers,
-        body_for: BodyFor | None,
-        proxied: Callable[[], CIMultiDictProxy[str]],
-    ) -> FastAnswer | Looked:
-        """For a plain GET (as :meth:`fresh_hit` takes) the memory tier has nothing for: the
-        tier's lookup (disk, Redis: promoted as :meth:`send` promotes), and the answer when
-        it is a fresh 200 the long way would send as a plain HIT (same decision: the webhook
-        hold, Vary, :func:`lookup`); else what was found, counting nothing, for the long way
-        (:func:`~proxy.cache.fastlook.handing_over`). ``proxied``: the headers of the request
-        the long way would make (what a stored Vary selects by), only made when needed."""
-        key = self.key(account, path, query, headers)
-        looked = Looked(key, await self.entries.lookup(account, key))
-        stored, hooks = self._webhook_fresh(account, looked.stored)
-        if stored is None or stored.body is None or hooks or stored.entry.status != 200:
-            return looked
-        selecting: Headers = headers
-        if stored.entry.vary:  # selected by the request made of the caller's, as in send()
-            try:
-                refuse_repeated_vary(stored.entry, selecting := proxied())
-            except ProxyError:
-                return looked  # the long way refuses it
-        decision = lookup(stored.entry, selecting, NO_CONTROL, self.clock())
-        if not isinstance(decision, FreshHit):
-            return looked
-        age = int(decision.age)
-        answer = plain_answer(self.answers, stored.entry, stored.body, age, headers, body_for)
-        return looked if answer is None else answer
 
     # ------------------------------------------------------------------ fetching
 
@@ -534,7 +310,7 @@ class Cache:
         unwanted: bool = False,
     ) -> Flight:
         # Another replica's copy (Redis) is held to the same webhook rule as a local one.
-        hold = functools.partial(self._held, request.account)
+        hold = functools.partial(held, self.feeds, self.rules(), request.account)
 
         async def fly(flight: Flight) -> Outcome:
             fetch = functools.partial(self.exchange.run, flight, stale)
@@ -572,26 +348,3 @@ class Cache:
         # Flights first: a flight cancelled here finishes against the tier (Redis) still open.
         await self.flights.close()
         await self.entries.close()
-
-
-@functools.lru_cache(maxsize=4096)
-def _key(account: str, path: str, query: str, *selecting: str | None) -> str:
-    sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
-    return cache_key(account, path, query, sent)
-
-
-@functools.lru_cache(maxsize=4096)
-def _webhook_rule(path: str, rules: tuple[CacheRule, ...]) -> CacheRule | None:
-    """The rule for ``path`` if it opts in to webhooks (``webhooks = true``)."""
-    rule = rule_for(path, rules)
-    return rule if rule is not None and rule.webhooks else None
-
-
-@functools.lru_cache(maxsize=4096)
-def _busy_window(path: str, rules: tuple[CacheRule, ...], default: float) -> float:
-    """Seconds past freshness ``path``'s entries may answer while the budget is busy: its
-    rule's ``stale_while_busy`` where set, else ``cache.stale_while_busy``."""
-    rule = rule_for(path, rules)
-    if rule is not None and rule.stale_while_busy is not None:
-        return rule.stale_while_busy
-    return default

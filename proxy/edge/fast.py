@@ -30,7 +30,7 @@ joiner. Any other outcome goes the long way, which goes on from that outcome
 (:func:`~proxy.cache.fastlook.handing_over`): nothing is waited for or fetched twice.
 
 A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
-(the disk, or Redis then the disk: :meth:`~proxy.cache.layer.Cache.tier_hit`, which
+(the disk, or Redis then the disk: :meth:`~proxy.cache.fastlook.FastLook.tier_hit`, which
 promotes what it finds into the memory tier as the long way's lookup does), counted in
 flight meanwhile; a fresh entry the long way would answer as a plain HIT (a stored Vary
 compared with the headers the long way would send, :func:`~proxy.headers.proxied`) is
@@ -150,12 +150,12 @@ class FastPath:
             return None
         target, headers = asked.target, request.headers
         account = asked.caller.account
-        hit = self.cache.fresh_hit(account, target.path, target.query, headers, asked.body_for)
+        hit = self.cache.fast.fresh_hit(account, target.path, target.query, headers, asked.body_for)
         if hit is None:
-            pending = self.cache.joinable(account, target.path, target.query, headers)
+            pending = self.cache.fast.joinable(account, target.path, target.query, headers)
             if pending is not None:
                 return Joiner(asked, pending)
-            cold = self.cache.cold(account, target.path, target.query, headers)
+            cold = self.cache.fast.cold(account, target.path, target.query, headers)
             return Cold(asked) if cold else None
         return self._respond(request, asked, hit, "HIT", "", None)
 
@@ -201,7 +201,7 @@ class FastPath:
         info.trace = begin_trace(asked.request_id)  # the flight's id goes in fetched_by
         in_flight.inc()  # an await: a scrape may come meanwhile
         try:
-            result = await self.cache.wait(pending)
+            result = await self.cache.fast.wait(pending)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
             self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", info)
             raise
@@ -229,7 +229,7 @@ class FastPath:
         found: FastAnswer | Looked | None = None
         in_flight.inc()  # an await: a scrape may come meanwhile
         try:
-            found = await self.cache.tier_hit(
+            found = await self.cache.fast.tier_hit(
                 caller.account,
                 target.path,
                 target.query,
@@ -262,7 +262,7 @@ class FastPath:
         self, request: web.BaseRequest, joiner: Joiner, outcome: Outcome, info: Exchange
     ) -> web.Response | None:
         asked = joiner.asked
-        found = self.cache.joined(joiner.pending, outcome, request.headers, asked.body_for)
+        found = self.cache.fast.joined(joiner.pending, outcome, request.headers, asked.body_for)
         if found is None:
             return None
         answer, info.upstream_seconds = found

@@ -32,9 +32,10 @@ from proxy.cache import admin as cache_admin
 from proxy.cache.broadcast import Broadcast
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidator, Purge
-from proxy.cache.layer import Cache, ExpectedWait
+from proxy.cache.layer import Cache
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.redis_records import RedisRecords
+from proxy.cache.refresh import ExpectedWait
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
 from proxy.cache.webhooks.health import Feeds
