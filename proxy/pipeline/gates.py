@@ -146,7 +146,7 @@ class Bucket:
         """When a token can be taken once ``ahead`` requests queued first have had theirs:
         the pace (tokens now, then the refill rate) and the window cap, whichever is later.
         An estimate that errs late only when some of those ahead give up first."""
-        at = self.ready_at(now)
+        at = soonest = self.ready_at(now)
         if ahead <= 0:
             return at
         start = max(now, self.paused_until)
@@ -160,7 +160,7 @@ class Bucket:
                 at = max(at, self.sent[first - 1] + span)
             else:
                 at = max(at, self.ready_after(now, first - len(self.sent) - 1) + span)
-        return max(at, self._spread_ahead(self.ready_at(now), ahead, span))
+        return max(at, self._spread_ahead(soonest, ahead, span))
 
     def _spread_ahead(self, first: float, ahead: int, span: float) -> float:
         """The burst's payback (:meth:`_spread`) for the send behind ``ahead`` others: its
