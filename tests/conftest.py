@@ -21,7 +21,8 @@ from proxy.settings import AccountSettings, Secret, ServerSettings, Settings, Up
 
 TOKEN = "sandbox-token"
 # Real redis-server fixtures (redis_server, redis_proc, redis_prefix) and replicas on them.
-pytest_plugins = ["tests.redis_server", "tests.replicas"]
+# A stalled test fails with its tasks' stacks instead of hanging the run (tests.stalls).
+pytest_plugins = ["tests.redis_server", "tests.replicas", "tests.stalls"]
 
 # Hypothesis on a shared 2-core machine: how long an example takes to make or run depends on
 # the machine's load, not on the code, so neither is a failure (the properties still are).
