@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import os
 import signal
 import sys
@@ -24,6 +25,8 @@ import pytest
 
 LIMIT = float(os.environ.get("KP_TEST_STALL_SECONDS", "150"))
 GRACE = 20.0
+FRAMES = ("cr_frame", "gi_frame", "ag_frame")
+AWAITS = ("cr_await", "gi_yieldfrom", "ag_await")
 
 
 class Stalled(Exception):
@@ -45,6 +48,8 @@ class _Watch:
         print(f"\n--- {self.what} stalled for {LIMIT:.0f}s; {len(tasks)} tasks:", file=sys.stderr)
         for task in tasks:
             print(f"{task.get_name()}: {_awaiting(task.get_coro())}", file=sys.stderr)
+        # A future no task resolves may wait on a thread (an executor's, the cache's store).
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         # From a signal handler: through the loop's self-pipe, which also wakes its select.
         for task in tasks:
             loop.call_soon_threadsafe(task.cancel, f"stalled for {LIMIT:.0f}s")
@@ -56,12 +61,19 @@ def _awaiting(coro: Any) -> str:
     only its outermost frame)."""
     where = []
     while coro is not None:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:  # a future, or a finished coroutine: the chain ends here
-            where.append(type(coro).__name__)
+        frame = next((getattr(coro, a) for a in FRAMES if getattr(coro, a, None)), None)
+        if frame is None:
+            # An async generator's __anext__ (a fixture's teardown) names its generator only
+            # among its referents; a future or a finished coroutine ends the chain.
+            inner = [r for r in gc.get_referents(coro) if getattr(r, "ag_frame", None)]
+            if inner:
+                coro = inner[0]
+                continue
+            futures = [r for r in gc.get_referents(coro) if isinstance(r, asyncio.Future)]
+            where.append(repr(futures[0] if futures else coro)[:300])
             break
         where.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        coro = next((getattr(coro, a) for a in AWAITS if getattr(coro, a, None)), None)
     return "\n    -> ".join(where)
 
 

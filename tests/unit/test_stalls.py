@@ -16,6 +16,14 @@ STALLING = """
 import asyncio
 import time
 
+import pytest
+
+
+@pytest.fixture
+async def stuck_on_the_way_out():
+    yield
+    await asyncio.get_running_loop().create_future()
+
 
 async def waits_for_an_event_nobody_sets(event):
     await event.wait()
@@ -27,6 +35,10 @@ async def test_async_stall():
 
 def test_sync_stall():
     time.sleep(60)
+
+
+async def test_teardown_stall(stuck_on_the_way_out):
+    pass
 
 
 async def test_after_the_stalls():
@@ -65,7 +77,10 @@ def test_a_stalled_test_fails_with_the_await_it_is_stuck_in_and_the_run_goes_on(
     )
     out = run.stdout + run.stderr
     assert run.returncode == 1, out
-    assert "2 failed, 1 passed" in out, out
+    assert "2 failed, 2 passed, 1 error" in out, out
     assert "test_async_stall stalled for 1s: tasks cancelled" in out, out
     assert "-> waits_for_an_event_nobody_sets (" in out, out  # the await chain, not select()
     assert "test_sync_stall: no end after 1s" in out, out
+    # A fixture's teardown: the generator it waits in, and the future it waits for.
+    assert "teardown of test_stalling.py::test_teardown_stall stalled for 1s" in out, out
+    assert "-> stuck_on_the_way_out (" in out and "-> <Future pending" in out, out
