@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -268,6 +267,7 @@ async def test_a_shared_burst_is_paid_back_by_a_slower_pace_not_a_stall(
     per_window, burst, period = 20, 10, 1.0  # a slot every 0.05 s
     ask = ClassedAsk("standard", (0, 1, 0), 0.0, (6.0, 3.0, 1.0), 2.0)
     sent: list[float] = []
+    waits: list[float] = []  # what Redis said to wait, once the burst was spent
     stop = time.monotonic() + 2.5 * period
     while time.monotonic() < stop:
         if classed:
@@ -277,8 +277,11 @@ async def test_a_shared_burst_is_paid_back_by_a_slower_pace_not_a_stall(
         if wait <= 0:
             sent.append(time.monotonic())
         else:
+            if len(sent) >= burst:
+                waits.append(wait)
             await asyncio.sleep(wait)
-    gaps = [b - a for a, b in itertools.pairwise(sent[burst:])]
-    assert max(gaps) < 0.3, max(gaps)
+    # No stall was asked for: each wait about a pace (0.05 s), never the burst's 0.5 s. (The
+    # waits the script said, not the gaps between sends: a loaded machine oversleeps.)
+    assert len(sent) > 2 * burst and max(waits) < 0.3, (len(sent), max(waits))
     for i, t in enumerate(sent):
         assert sum(1 for s in sent[i:] if s < t + period - 0.01) <= per_window
