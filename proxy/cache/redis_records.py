@@ -343,23 +343,28 @@ class RedisRecords:
             return None
         try:
             data = await self.backend.cache_get(account, name, self.max_entry_size)
+            if data is None:
+                self._count("get", "miss")
+                return None
+            return self._checked(account, key, data)
         except SharedUnavailable:
             self._count("get", "error")
             return None
-        except BadSharedRecord as e:
+        except (BadSharedRecord, BadRecord) as e:
             return await self._bad(account, key, str(e))
-        if data is None:
-            self._count("get", "miss")
-            return None
-        return await self._decoded(account, key, name, data)
 
     async def _decoded(self, account: str, key: str, name: str, data: bytes) -> Stored | None:
         try:
-            stored = decode(key, data)
-            if stored.entry.account != account:
-                raise BadRecord("a record of another account")
+            return self._checked(account, key, data)
         except BadRecord as e:
             return await self._bad(account, key, str(e))
+
+    def _checked(self, account: str, key: str, data: bytes) -> Stored:
+        """The entry of a record read for ``key`` of ``account`` (counted a hit); raises
+        :class:`BadRecord`."""
+        stored = decode(key, data)
+        if stored.entry.account != account:
+            raise BadRecord("a record of another account")
         self._count("get", "hit")
         return stored
 

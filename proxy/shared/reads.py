@@ -18,15 +18,20 @@ bad record); a value of another type answers ``WRONGTYPE`` (a bad record).
 
 When the connection fails (Redis closed it, the backend dropped its pool after a break, a
 reply that is not RESP), every read waiting on it fails with
-:class:`redis.exceptions.ConnectionError` and the next read connects again. A read given up
-(its caller's timeout) leaves its place in the queue: its reply is read and dropped, so the
-replies of the others stay in order.
+:class:`redis.exceptions.ConnectionError` and the next read connects again. One timer (not
+one per read) watches the oldest read: once its reply is ``shared.timeout`` late, every
+read waiting fails with :class:`redis.exceptions.TimeoutError` and the connection is closed
+(the replies after it would come later still). A read its caller gave up (cancelled) keeps
+its place in the queue: its reply is read and dropped, so the others stay in order. The
+backend counts each read as one ``cache_get`` round trip and turns these errors into
+"shared store away" (degraded), as for any other call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from typing import Any
 
@@ -71,7 +76,18 @@ class Reads:
         ``redis.exceptions.ConnectionError`` when the connection fails,
         ``redis.exceptions.TimeoutError`` when no reply came within the timeout,
         ``redis.exceptions.ResponseError`` for any other error reply."""
-        size, head, exists = await self._ask(_command(key), 3)
+        if self._writer is None:
+            await self._connect()
+        loop = asyncio.get_running_loop()
+        found: asyncio.Future[list[Reply]] = loop.create_future()
+        due = loop.time() + self.timeout
+        self._waiting.append((found, due))
+        if not self._unsent:
+            loop.call_soon(self._send)  # with the others of this turn
+        self._unsent.append(_command(key))
+        if self._watch is None:
+            self._watch = loop.call_at(due, self._overdue)
+        size, head, exists = await found
         for reply in (size, head, exists):
             if isinstance(reply, rexc.ResponseError):
                 if str(reply).startswith("WRONGTYPE"):
@@ -85,21 +101,6 @@ class Reads:
             return WRONG
         # Not whole: longer than HEAD (or replaced between the commands): the caller reads.
         return head if size == len(head) else LARGER
-
-    async def _ask(self, command: bytes, replies: int) -> list[Reply]:
-        """The ``replies`` replies to ``command`` (written with the others of this turn)."""
-        if self._writer is None:
-            await self._connect()
-        loop = asyncio.get_running_loop()
-        found: asyncio.Future[list[Reply]] = loop.create_future()
-        due = loop.time() + self.timeout
-        self._waiting.append((found, due))
-        if not self._unsent:
-            loop.call_soon(self._send)
-        self._unsent.append(command)
-        if self._watch is None:
-            self._watch = loop.call_at(due, self._overdue)
-        return await found
 
     def _send(self) -> None:
         unsent, self._unsent = self._unsent, []
@@ -167,6 +168,10 @@ class Reads:
             self._fail(why, connection)
         except rexc.ConnectionError as e:
             self._fail(e, connection)
+        except Exception as e:  # a bug here must not leave reads waiting for the timer
+            why = rexc.ConnectionError(f"the shared store's reads failed ({type(e).__name__})")
+            self._fail(why, connection)
+            raise
         finally:
             await self._let_go(connection)
 
@@ -205,6 +210,7 @@ class Reads:
         await self._let_go(connection)
 
 
+@functools.lru_cache(maxsize=4096)
 def _command(key: bytes) -> bytes:
     """``STRLEN key``, ``GETRANGE key 0 HEAD-1``, ``EXISTS key`` in RESP."""
     name = b"$%d\r\n%s\r\n" % (len(key), key)
