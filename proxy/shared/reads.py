@@ -4,10 +4,11 @@ A memory-tier miss answered from Redis costs one round trip; through redis-py's 
 pool, retry wrapper, command packing, per-call timeouts and parser) that round trip cost more
 CPU than a whole memory hit. Records are read here instead, on one connection taken from the
 backend's data pool (so it connected as every connection of that pool does: password, TLS,
-database, and the epoch check of :meth:`~proxy.shared.epochs.Epochs.check_connection`), with
-the commands written as they come and the replies read in order by one reader task: no
-connection is taken or given back per read, and replies that arrive together are read
-together.
+database, and the epoch check of :meth:`~proxy.shared.epochs.Epochs.check_connection`),
+whose transport is then taken over by a protocol of this module's own (:class:`_Replies`;
+redis-py's stream protocol is still told when it closes): the commands of one event-loop
+turn are written together, and the replies parsed as they arrive, in order (no reader
+task, no connection taken or given back per read).
 
 Each read is one round trip of three plain commands (no script): ``STRLEN key``,
 ``GETRANGE key 0 HEAD-1`` and ``EXISTS key``. A record of at most :data:`HEAD` bytes (the
@@ -39,8 +40,6 @@ import redis.exceptions as rexc
 
 # The most of a value read at once; a longer one is left to the caller.
 HEAD = 64 * 1024
-# The most read from the socket's buffer at once.
-READ_SIZE = 256 * 1024
 # What a read found: the value, None (no such key), or that the key holds a value of another
 # type or one longer than the limit (WRONG: never read), or a value longer than HEAD that is
 # within the limit (LARGER: the caller reads it).
@@ -58,17 +57,17 @@ class Reads:
         the longest a read waits for its reply (``shared.timeout``)."""
         self.pool = pool
         self.timeout = timeout
-        self._connection: Any = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._replies: _Replies | None = None
         # One future per read written and not yet answered, in the order written, with the
         # time its reply is due by.
         self._waiting: deque[tuple[asyncio.Future[list[Reply]], float]] = deque()
         # Commands of this turn of the event loop, written together at its end.
         self._unsent: list[bytes] = []
-        self._reader: asyncio.Task[None] | None = None
         # Due when the oldest read's reply is (armed while reads wait).
         self._watch: asyncio.TimerHandle | None = None
         self._connecting = asyncio.Lock()
+        # Connections being closed and given back to the pool.
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def get(self, key: bytes, limit: int) -> Found:
         """The string under ``key`` (None: no such key; :data:`WRONG`: longer than ``limit``
@@ -76,7 +75,7 @@ class Reads:
         ``redis.exceptions.ConnectionError`` when the connection fails,
         ``redis.exceptions.TimeoutError`` when no reply came within the timeout,
         ``redis.exceptions.ResponseError`` for any other error reply."""
-        if self._writer is None:
+        if self._replies is None:
             await self._connect()
         loop = asyncio.get_running_loop()
         found: asyncio.Future[list[Reply]] = loop.create_future()
@@ -104,8 +103,8 @@ class Reads:
 
     def _send(self) -> None:
         unsent, self._unsent = self._unsent, []
-        if self._writer is not None:
-            self._writer.write(b"".join(unsent))
+        if self._replies is not None:
+            self._replies.transport.write(b"".join(unsent))
         # else: the connection failed meanwhile, and its reads with it
 
     def _overdue(self) -> None:
@@ -120,67 +119,50 @@ class Reads:
         if due > loop.time():
             self._watch = loop.call_at(due, self._overdue)
             return
-        reader, self._reader = self._reader, None
         self._fail(rexc.TimeoutError("no reply from the shared store in time"))
-        if reader is not None:
-            reader.cancel()  # and it closes its connection
 
     async def _connect(self) -> None:
         async with self._connecting:
-            if self._writer is None:
+            if self._replies is None:
                 connection = await self.pool.get_connection()
-                # The connection's own streams (redis-py 8: ``_reader``, ``_writer``).
-                reader, writer = connection._reader, connection._writer
-                if reader is None or writer is None:
+                # The connection's own transport (redis-py 8: its ``_writer``), taken over.
+                writer = connection._writer
+                if writer is None or writer.transport.is_closing():
                     await self.pool.release(connection)
                     raise rexc.ConnectionError("the shared store's connection is closed")
-                self._connection, self._writer = connection, writer
-                self._reader = asyncio.get_running_loop().create_task(
-                    self._read(connection, reader), name="shared-redis-reads"
-                )
+                self._replies = _Replies(self, connection, writer.transport)
 
-    async def _read(self, connection: Any, reader: asyncio.StreamReader) -> None:
+    def _received(self, replies: _Replies, data: bytes) -> None:
+        """Replies arrived: each read whose three are whole is answered."""
+        if replies is not self._replies:
+            return  # a connection given up
         try:
-            rest = b""  # what came of replies not whole yet
-            while True:
-                # Whatever came (one await for all the replies that arrived together).
-                chunk = await reader.read(READ_SIZE)
-                if not chunk:
-                    raise EOFError("the shared store closed the connection")
-                data, at = rest + chunk if rest else chunk, 0
-                while self._waiting:
-                    # Each ask here is get's three commands: one reply each.
-                    parsed = _replies(data, at, 3)
-                    if parsed is None:
-                        break
-                    replies, at = parsed
-                    found = self._waiting.popleft()[0]
-                    if not found.done():  # else given up by its caller
-                        found.set_result(replies)
-                rest = data[at:]
-                if rest and not self._waiting:
-                    raise rexc.ConnectionError("a reply no read asked for")
-        except asyncio.CancelledError:
-            self._fail(rexc.ConnectionError("the shared store's reads closed"), connection)
-            raise
-        except (OSError, EOFError, IndexError, ValueError) as e:
-            why = rexc.ConnectionError(f"the shared store's connection failed ({e!r})")
-            self._fail(why, connection)
+            data, at = replies.rest + data if replies.rest else data, 0
+            while self._waiting:
+                parsed = _replies(data, at, 3)  # get's three commands: one reply each
+                if parsed is None:
+                    break
+                answer, at = parsed
+                found = self._waiting.popleft()[0]
+                if not found.done():  # else given up by its caller
+                    found.set_result(answer)
+            replies.rest = data[at:]
+            if replies.rest and not self._waiting:
+                raise rexc.ConnectionError("a reply no read asked for")
+        except (IndexError, ValueError) as e:
+            self._fail(rexc.ConnectionError(f"a reply that is not RESP ({type(e).__name__})"))
         except rexc.ConnectionError as e:
-            self._fail(e, connection)
-        except Exception as e:  # a bug here must not leave reads waiting for the timer
-            why = rexc.ConnectionError(f"the shared store's reads failed ({type(e).__name__})")
-            self._fail(why, connection)
-            raise
-        finally:
-            await self._let_go(connection)
+            self._fail(e)
 
-    def _fail(self, error: Exception, connection: Any = None) -> None:
-        """Every waiting read fails; the next one connects again. ``connection``: only if
-        it is still the one in use (a reader closing an old one fails nothing)."""
-        if connection is not None and connection is not self._connection:
-            return
-        self._writer = self._connection = None
+    def _lost(self, replies: _Replies, error: Exception | None) -> None:
+        if replies is self._replies:  # else failed, closed and given back already
+            why = f" ({error!r})" if error is not None else ""
+            self._fail(rexc.ConnectionError(f"the shared store's connection closed{why}"))
+
+    def _fail(self, error: Exception) -> None:
+        """Every waiting read fails, and the connection is closed; the next read connects
+        again."""
+        replies, self._replies = self._replies, None
         self._unsent = []
         while self._waiting:
             found = self._waiting.popleft()[0]
@@ -189,25 +171,51 @@ class Reads:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if replies is not None:
+            replies.transport.close()
+            task = asyncio.get_running_loop().create_task(self._let_go(replies.connection))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _let_go(self, connection: Any) -> None:
         """Close ``connection`` and give it back to the pool (it connects again there)."""
-        if connection is None:
-            return
         with contextlib.suppress(Exception):
             await connection.disconnect(nowait=True)
         with contextlib.suppress(Exception):
             await self.pool.release(connection)
 
     async def close(self) -> None:
-        task, self._reader = self._reader, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        connection = self._connection
         self._fail(rexc.ConnectionError("the shared store's reads closed"))
-        await self._let_go(connection)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _Replies(asyncio.Protocol):
+    """The reads' protocol on a connection taken over from redis-py's stream protocol:
+    replies are parsed as they arrive (no reader task). Its closing is still told to the
+    stream protocol, so redis-py's own disconnect goes on as usual."""
+
+    def __init__(self, reads: Reads, connection: Any, transport: Any) -> None:
+        self.reads, self.connection, self.transport = reads, connection, transport
+        self.stream: asyncio.BaseProtocol = transport.get_protocol()
+        self.rest = b""  # what came of replies not whole yet
+        transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.reads._received(self, data)
+
+    def eof_received(self) -> bool:
+        return False  # closed: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reads._lost(self, exc)
+        self.stream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.stream.resume_writing()
 
 
 @functools.lru_cache(maxsize=4096)

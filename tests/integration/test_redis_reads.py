@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.settings import Secret
 from proxy.shared import SharedUnavailable
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.reads import HEAD
 from proxy.shared.records import BadRecord
 from proxy.shared.redis_backend import RedisBackend
+from tests.redis_server import RedisServer
 from tests.replicas import RedisSpace, until
 
 
@@ -140,3 +143,18 @@ async def test_closing_fails_a_read_in_flight(own_redis_space: RedisSpace) -> No
         with pytest.raises(SharedUnavailable):
             await asyncio.wait_for(read, 2.0)
         await raw.execute_command("CLIENT", "UNPAUSE")
+
+
+async def test_reads_connect_as_the_pool_does_with_a_password(tmp_path: Path) -> None:
+    """The reads' connection is the data pool's: authenticated like every other call."""
+    server = RedisServer(tmp_path / "redis", password="s3cret pass")
+    server.start()
+    try:
+        space = RedisSpace(server, "pw")
+        async with space.backend(password=Secret("s3cret pass")) as backend:
+            assert backend.up
+            assert await backend.cache_put("main", "d1", "/v1/a", b"one", 60, "0")
+            assert await backend.cache_get("main", "d1", 100) == b"one"
+            assert await backend.cache_get("main", "d2", 100) is None
+    finally:
+        server.stop()
