@@ -118,7 +118,7 @@ async def test_a_stalled_redis_fails_reads_within_the_timeout(
     async with own_redis_space.backend(timeout=0.3) as backend, own_redis_space.client() as raw:
         assert await backend.cache_put("main", "d1", "/v1/a", b"one", 60, "0")
         assert await backend.cache_get("main", "d1", 100) == b"one"
-        await raw.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        await raw.execute_command("CLIENT", "PAUSE", 800, "ALL")
         began = time.monotonic()
         results = await asyncio.gather(
             *(backend.cache_get("main", "d1", 100) for _ in range(5)), return_exceptions=True
@@ -136,7 +136,7 @@ async def test_closing_fails_a_read_in_flight(own_redis_space: RedisSpace) -> No
     await backend.start()
     async with own_redis_space.client() as raw:
         assert await backend.cache_get("main", "d1", 100) is None  # connected
-        await raw.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        await raw.execute_command("CLIENT", "PAUSE", 400, "ALL")
         read = asyncio.ensure_future(backend.cache_get("main", "d1", 100))
         await asyncio.sleep(0.05)
         await backend.close()
