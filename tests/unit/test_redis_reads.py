@@ -1,12 +1,16 @@
-"""The pure parts of the Redis tier's read path: the reply parser of
+"""The pure parts of the Redis tier's read path: the record MAC, the reply parser of
 :mod:`proxy.shared.reads` (replies cut anywhere by the network) and the remembered parse of a
 record's header in :func:`proxy.cache.redis_records.decode` (what is remembered never lets a
 record through that the full checks refuse)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 import redis.exceptions as rexc
+from cryptography.fernet import Fernet
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +18,8 @@ from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.redis_records import BadRecord, decode, encode
 from proxy.shared.reads import _command, _replies
+from proxy.shared.records import BadRecord as SharedBadRecord
+from proxy.shared.records import RecordKeys, mac_key
 
 REPLIES = b"$5\r\nhello\r\n:1\r\n$0\r\n\r\n-WRONGTYPE no\r\n$-1\r\n:42\r\n"
 
@@ -66,3 +72,22 @@ def test_a_bad_header_is_refused_every_time() -> None:
     for _ in range(2):
         with pytest.raises(BadRecord, match="damaged"):
             decode("k1", bad)
+
+
+def test_the_record_mac_is_hmac_sha256_of_context_nul_payload_under_either_key() -> None:
+    """The HMAC state set up once per key gives the envelope's documented tag, for the
+    current key and (reading only) the previous one, and never mixes the two."""
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    context, payload = b"p:cache:main:e:d1", b"KPC1\n" + b"x" * 9000
+    sealed = RecordKeys.derive(old).seal(context, payload)
+    tag = hmac.new(mac_key(old), context + b"\0" + payload, hashlib.sha256).digest()
+    assert sealed == b"KPR2" + tag + payload
+    rotated = RecordKeys.derive(new, old)
+    assert rotated.open(context, sealed) == payload  # the previous key still reads
+    assert rotated.open(context, rotated.seal(context, payload)) == payload
+    with pytest.raises(SharedBadRecord):
+        RecordKeys.derive(new).open(context, sealed)
+    with pytest.raises(SharedBadRecord):
+        rotated.open(b"p:cache:main:e:d2", sealed)  # copied to another key
+    with pytest.raises(SharedBadRecord):
+        rotated.open(context, sealed[:-1] + b"y")
