@@ -33,7 +33,7 @@ class CacheMetrics:
             ["result"],
             registry=registry,
         )
-        self.cache_shared = Counter(
+        self.cache_shared = LoopCounter(  # on the event loop only (a Redis hit counts one)
             "kounta_proxy_cache_shared",
             "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "
             "error), put (ok, invalidated, error), lock (taken, waited, alone, error), unlock "

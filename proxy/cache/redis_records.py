@@ -67,6 +67,7 @@ Resend = Callable[[], Awaitable[None]]
 Pending = tuple[str | None, Callable[[str, str], bool], Resend | None]
 
 
+@functools.lru_cache(maxsize=4096)
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -110,8 +111,20 @@ def decode(key: str, data: bytes) -> Stored:
     end = start + int.from_bytes(data[len(MAGIC) : start], "big")
     if end > len(data):
         raise BadRecord("a record cut short")
+    raw = data[start:end]
+    entry, crc, owner = _parsed(raw) if len(raw) <= MEMO_HEADER else _parse(raw)
+    if owner != key:
+        raise BadRecord("a record of another key")
+    body = data[end:]
+    if len(body) != entry.size or zlib.crc32(body) != crc:
+        raise BadRecord("a body of the wrong size or CRC32")
+    return Stored(entry, body, None, crc)
+
+
+def _parse(raw: bytes) -> tuple[Entry, int, str]:
+    """A record's header: its entry, its body's CRC32 and the key it belongs to."""
     try:
-        header = _header(data[start:end])
+        header = _header(raw)
         fields = header["entry"]
         entry = Entry(
             status=_status(fields["status"]),
@@ -130,16 +143,18 @@ def decode(key: str, data: bytes) -> Stored:
             ),
             size=_typed(fields["size"], int),
         )
-        crc = _typed(header["crc"], int)
-        owner = header["key"]
+        return entry, _typed(header["crc"], int), _str(header["key"])
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise BadRecord(f"a damaged record ({type(e).__name__})") from None
-    if owner != key:
-        raise BadRecord("a record of another key")
-    body = data[end:]
-    if len(body) != entry.size or zlib.crc32(body) != crc:
-        raise BadRecord("a body of the wrong size or CRC32")
-    return Stored(entry, body, None, crc)
+
+
+# A header read again (the same entry from Redis, on every replica's memory-tier miss) is
+# parsed and checked once: the result of the same bytes is the same (a header that fails
+# raises, and is not remembered). Headers up to MEMO_HEADER bytes, the last MEMO_SIZE of
+# them (at most ~8 MiB with their entries).
+MEMO_HEADER = 4096
+MEMO_SIZE = 1024
+_parsed = functools.lru_cache(maxsize=MEMO_SIZE)(_parse)
 
 
 # RFC 9110 5.1: a field name is a token.
@@ -323,28 +338,33 @@ class RedisRecords:
 
     async def get(self, account: str, key: str) -> Stored | None:
         name = digest(key)
-        if not await self._caught_up():
+        if self.pending and not await self._caught_up():
             self._count("get", "error")
             return None
         try:
             data = await self.backend.cache_get(account, name, self.max_entry_size)
+            if data is None:
+                self._count("get", "miss")
+                return None
+            return self._checked(account, key, data)
         except SharedUnavailable:
             self._count("get", "error")
             return None
-        except BadSharedRecord as e:
+        except (BadSharedRecord, BadRecord) as e:
             return await self._bad(account, key, str(e))
-        if data is None:
-            self._count("get", "miss")
-            return None
-        return await self._decoded(account, key, name, data)
 
     async def _decoded(self, account: str, key: str, name: str, data: bytes) -> Stored | None:
         try:
-            stored = decode(key, data)
-            if stored.entry.account != account:
-                raise BadRecord("a record of another account")
+            return self._checked(account, key, data)
         except BadRecord as e:
             return await self._bad(account, key, str(e))
+
+    def _checked(self, account: str, key: str, data: bytes) -> Stored:
+        """The entry of a record read for ``key`` of ``account`` (counted a hit); raises
+        :class:`BadRecord`."""
+        stored = decode(key, data)
+        if stored.entry.account != account:
+            raise BadRecord("a record of another account")
         self._count("get", "hit")
         return stored
 

@@ -24,7 +24,7 @@ Formats (``shared.previous_format`` decides what is written and read, for rollin
 from __future__ import annotations
 
 import base64
-import hashlib
+import functools
 import hmac
 from dataclasses import dataclass
 
@@ -91,4 +91,13 @@ class RecordKeys:
 
 
 def _tag(key: bytes, context: bytes, payload: bytes) -> bytes:
-    return hmac.new(key, context + b"\0" + payload, hashlib.sha256).digest()
+    mac = _keyed(key).copy()  # the key's HMAC state, set up once (OpenSSL's, by name)
+    mac.update(context)
+    mac.update(b"\0")
+    mac.update(payload)
+    return mac.digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod="sha256")

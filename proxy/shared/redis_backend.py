@@ -68,6 +68,7 @@ from proxy.shared.base import Claim, ClassedAsk, Room, SharedUnavailable, Taken,
 from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.metrics import SharedMetrics
+from proxy.shared.reads import LARGER, Reads
 from proxy.shared.records import BadRecord, RecordKeys
 from proxy.shared.redis_webhooks import WebhookRecords
 from proxy.shared.scripts import (
@@ -124,6 +125,7 @@ class RedisBackend(WebhookRecords):
         self._cache_release = self.client.register_script(CACHE_RELEASE)
         self._cache_drop = self.client.register_script(CACHE_DROP)
         self._cache_get = self.client.register_script(CACHE_GET)
+        self.reads = Reads(self.client.connection_pool, settings.timeout)
         self.records = RecordKeys.derive(
             settings.token_key.reveal(),
             settings.token_key_previous.reveal(),
@@ -199,6 +201,7 @@ class RedisBackend(WebhookRecords):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.reads.close()
         await self.client.aclose()
         await self.prober.aclose()
 
@@ -236,13 +239,18 @@ class RedisBackend(WebhookRecords):
             level = logging.INFO if up else logging.WARNING
             event("shared_backend", level, state=state, previous=previous, reason=reason)
 
-    async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float = 0.0) -> T:
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = 0.0) -> T:
+        """``call()``, counted, within ``limit`` (0: ``shared.timeout``; None: the call keeps
+        to it by itself, as the pipelined reads do)."""
         if not self._up:
             raise SharedUnavailable(f"shared store away ({op})")
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(limit or self.timeout):
+            if limit is None:
                 result = await call()
+            else:
+                async with asyncio.timeout(limit or self.timeout):
+                    result = await call()
         except _CONNECTION_ERRORS as e:
             self._set_state(False, f"{op}: {_why(e)}")
             self.metrics.shared_calls.labels(op, "error").inc()
@@ -380,25 +388,22 @@ class RedisBackend(WebhookRecords):
         return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
 
     async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
-        data, _ = await self._get_entry("cache_get", account, digest, limit, poll=False)
-        return data
-
-    async def _get_entry(
-        self, op: str, account: str, digest: str, limit: int, *, poll: bool
-    ) -> tuple[bytes | None, bool]:
-        """The entry's payload (its size checked before it is read, its MAC verified) and
-        whether its fetch lock is held; raises :class:`BadRecord`."""
+        """The entry's payload, size checked before it is read (the envelope and header on
+        top of the body), MAC verified: one round trip on the pipelined connection
+        (:mod:`proxy.shared.reads`), one more (the script) for a large one; or BadRecord."""
         key = self._cache_key(account, "e", digest)
-        keys = [key, self._cache_key(account, "lock", digest)] if poll else [key]
-        # The envelope and the entry's own header come on top of the body.
-        args: list[Any] = [limit + self.OVERHEAD]
-        found, locked = await self._run(op, lambda: self._cache_get(keys=keys, args=args))
-        if found is None:
-            return None, bool(locked)
+        read = functools.partial(self.reads.get, key.encode(), limit + self.OVERHEAD)
+        found = await self._run("cache_get", read, None)
+        if found == LARGER:
+            call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
+            found, _ = await self._run("cache_get", call)
+        return None if found is None else self._opened_entry(key.encode(), found)
+
+    def _opened_entry(self, key: bytes, found: bytes | int) -> bytes:
         if isinstance(found, int):
             self._bad("cache", "a record too large or of another type")
         try:
-            return self.records.open(key.encode(), bytes(found)), bool(locked)
+            return self.records.open(key, found)
         except BadRecord as e:
             self._bad("cache", str(e))
 
@@ -448,8 +453,12 @@ class RedisBackend(WebhookRecords):
 
     async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
         # One script reads entry and lock together (read apart, the owner could store and
-        # release in between, and the waiter would see neither and fetch again).
-        return await self._get_entry("cache_poll", account, digest, limit, poll=True)
+        # release in between, and the waiter would see neither and fetch again); the
+        # entry's size is checked before it is read (the envelope and header on top).
+        key = self._cache_key(account, "e", digest)
+        keys, args = [key, self._cache_key(account, "lock", digest)], [limit + self.OVERHEAD]
+        found, locked = await self._run("cache_poll", lambda: self._cache_get(keys=keys, args=args))
+        return None if found is None else self._opened_entry(key.encode(), found), bool(locked)
 
     async def cache_release(self, account: str, digest: str, owner: str) -> None:
         keys, args = [self._cache_key(account, "lock", digest)], [owner]
