@@ -233,19 +233,25 @@ def _command(key: bytes) -> bytes:
 
 def _replies(data: bytes, at: int, count: int) -> tuple[list[Reply], int] | None:
     """``count`` RESP2/RESP3 replies (of the kinds the three commands give: a bulk string,
-    an integer, an error) from ``data[at:]`` and where they end; None: not all here yet."""
+    an integer, an error) from ``data[at:]`` and where they end; None: not all here yet.
+    What no read could be answered (a bulk string past :data:`HEAD`, a line longer than
+    that) fails at once rather than being kept until the timeout."""
     replies: list[Reply] = []
     for _ in range(count):
         end = data.find(b"\r\n", at)
         if end < 0:
+            if len(data) - at > HEAD:  # no reply these commands get has such a line
+                raise rexc.ConnectionError("a reply line longer than any real one")
             return None
         kind, line = data[at : at + 1], data[at + 1 : end]
         at = end + 2
         if kind == b"$":
             size = int(line)
-            if size < 0:
+            if size == -1:
                 replies.append(b"")
                 continue
+            if not 0 <= size <= HEAD:  # GETRANGE answers HEAD bytes at most
+                raise rexc.ConnectionError(f"a bulk reply of {size} bytes")
             if len(data) < at + size + 2:
                 return None
             replies.append(data[at : at + size])

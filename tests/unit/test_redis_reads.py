@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.redis_records import BadRecord, decode, encode
-from proxy.shared.reads import _command, _replies
+from proxy.shared.reads import HEAD, _command, _replies
 from proxy.shared.records import BadRecord as SharedBadRecord
 from proxy.shared.records import RecordKeys, mac_key
 
@@ -91,3 +91,25 @@ def test_the_record_mac_is_hmac_sha256_of_context_nul_payload_under_either_key()
         rotated.open(b"p:cache:main:e:d2", sealed)  # copied to another key
     with pytest.raises(SharedBadRecord):
         rotated.open(context, sealed[:-1] + b"y")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"$65537\r\n",  # a bulk string longer than GETRANGE can answer: never waited for
+        b"$99999999999\r\n",
+        b":" + b"9" * 5000 + b"\r\n",  # past int()'s digit limit
+        b"$-5\r\n",
+    ],
+)
+def test_a_reply_no_read_could_get_fails_the_connection_at_once(reply: bytes) -> None:
+    with pytest.raises((rexc.ConnectionError, ValueError)):
+        _replies(reply, 0, 1)
+
+
+def test_a_reply_line_that_never_ends_fails_the_connection_once_past_any_real_reply() -> None:
+    # Nothing a read asks for has a line (or value) past HEAD: a store that sends one is not
+    # answering, and what it sends is not kept while the timeout runs.
+    assert _replies(b"$3\r\nab", 0, 1) is None  # a real reply cut short: wait for the rest
+    with pytest.raises(rexc.ConnectionError):
+        _replies(b":" + b"1" * (HEAD + 100), 0, 1)
