@@ -40,9 +40,11 @@ class Origin:
     asked: asyncio.Event = field(default_factory=asyncio.Event)
     reply: tuple[int, str] | None = None
     served: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # X-Request-ID of each request
 
     async def handle(self, request: web.Request) -> web.Response:
         self.served.append(request.headers.get("If-None-Match", "-"))
+        self.ids.append(request.headers.get("X-Request-ID", "-"))
         headers = {"ETag": self.etag, "Content-Type": "application/json", "X-Next-Page": ""}
         headers["X-Next-Page"] = f"{self.url}{PATH}?page=2"
         if request.headers.get("If-None-Match") is None:
@@ -88,14 +90,18 @@ async def setup(
 
 
 async def one_flight(
-    s: Setup, client: aiohttp.ClientSession, joiners: list[dict[str, str]]
+    s: Setup,
+    client: aiohttp.ClientSession,
+    joiners: list[dict[str, str]],
+    starter_headers: dict[str, str] | None = None,
 ) -> tuple[Answer, list[Answer]]:
     """A starter's revalidation held at the upstream, ``joiners`` sent meanwhile and all
     waiting, then the upstream lets it answer: the starter's answer and theirs."""
     s.origin.gate.clear()
     s.origin.asked.clear()
     url = s.proxy.url + PATH
-    starter = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "the-starter"}))
+    sent = {"X-Request-ID": "the-starter"} if starter_headers is None else starter_headers
+    starter = asyncio.ensure_future(get(client, url, **sent))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     waiting: list[Awaitable[Answer]] = [get(client, url, **h) for h in joiners]
     tasks = [asyncio.ensure_future(w) for w in waiting]
@@ -107,6 +113,15 @@ async def one_flight(
     assert s.sample(in_flight) == 1 + len(joiners)
     s.origin.gate.set()
     return await starter, list(await asyncio.gather(*tasks))
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, Any]]:
+    """The access lines logged so far, by request id."""
+    return {
+        r.fields["request_id"]: r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "request"
+    }
 
 
 SLOW = {"Pragma": "x-whatever"}  # changes nothing but the way the request takes
@@ -122,8 +137,8 @@ async def test_joiners_of_a_revalidation_skip_the_long_way_and_answer_the_same(
     joiners = [{}, {}, inm, plain_gzip, {**SLOW}, {**SLOW, **inm}, {**SLOW, **plain_gzip}]
     before = s.long_way.count
     starter, answers = await one_flight(s, client, joiners)
-    # The starter and the three Pragma joiners went the long way; the four plain ones not.
-    assert s.long_way.count - before == 4
+    # The three Pragma joiners went the long way; the plain starter and joiners not.
+    assert s.long_way.count - before == 3
     assert s.origin.served == ["-", etag]  # one revalidation for all eight
     fast, slow = answers[:4], answers[4:]
     assert starter[0] == 200 and starter[2] == s.origin.body
@@ -164,21 +179,71 @@ async def test_joiners_of_a_revalidation_skip_the_long_way_and_answer_the_same(
         assert line["ms"] > 0
 
 
+async def test_the_starter_of_a_revalidation_skips_the_long_way_and_answers_the_same(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s, etag = setup, setup.origin.etag
+    inm = {"If-None-Match": etag}
+    # Four flights, each started by the first request (a plain one, then its Pragma twin:
+    # the long way) and joined by a plain one; the 200 twice, then the caller's 304 twice.
+    starts = [{}, {**SLOW}, {**inm}, {**SLOW, **inm}]
+    went, answered = [], []
+    for number, headers in enumerate(starts):
+        before = s.long_way.count
+        rid = f"starter-{number}"
+        starter, joiners = await one_flight(s, client, [{}], {"X-Request-ID": rid, **headers})
+        went.append(s.long_way.count - before)
+        answered.append(starter)
+        assert joiners[0][0] == 200 and joiners[0][1]["X-Cache"] == "REVALIDATED"
+    assert went == [0, 1, 0, 1]  # only the Pragma starters went the long way
+    assert s.origin.served == ["-"] + [etag] * 4  # one revalidation per flight
+    assert [a[0] for a in answered] == [200, 200, 304, 304]
+    for (fast_status, fast_headers, fast_body), (status, headers, body) in (
+        (answered[0], answered[1]),
+        (answered[2], answered[3]),
+    ):
+        assert (fast_status, fast_body) == (status, body)
+        assert steady(fast_headers) == steady(headers)  # same headers, same order
+        assert headers["X-Cache"] == "REVALIDATED"
+        assert headers["Cache-Status"] == "kounta-proxy; fwd=stale; fwd-status=304"
+        assert int(headers["Age"]) >= 0
+    assert answered[0][2] == s.origin.body and answered[2][2] == b""
+    assert answered[2][1]["ETag"] == etag
+    # Counted as the long way counts a starter: a revalidated lookup, nothing coalesced
+    # but the joiners.
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 4
+    lookups = {"result": "revalidated", "reason": "not_modified"}
+    assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 8
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+    lines = access_lines(caplog)
+    fast_200, slow_200, fast_304, slow_304 = (lines[f"starter-{n}"] for n in range(4))
+    for fast, slow in ((fast_200, slow_200), (fast_304, slow_304)):
+        for name in ("status", "cache", "upstream_status", "bytes", "route", "fetched_by"):
+            assert fast[name] == slow[name], name
+        assert fast["fetched_by"] is None and fast["upstream_ms"] is not None
+        assert (fast["cache"], fast["upstream_status"]) == ("REVALIDATED", 304)
+    assert s.origin.ids[1:] == [f"starter-{n}" for n in range(4)]
+
+
 @pytest.mark.parametrize(
-    ("reply", "expected"),
-    [((200, '"v2"'), (200, "MISS")), ((503, '"v1"'), (503, "MISS"))],
+    ("reply", "expected", "reason"),
+    [((200, '"v2"'), (200, "MISS"), "changed"), ((503, '"v1"'), (503, "MISS"), "upstream_503")],
     ids=["changed", "failed"],
 )
-async def test_a_flight_that_did_not_freshen_hands_its_joiners_to_the_long_way(
+async def test_a_flight_that_did_not_freshen_hands_its_starter_and_joiners_to_the_long_way(
     setup: Setup,
     client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
     reply: tuple[int, str],
     expected: tuple[int, str],
+    reason: str,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
     s = setup
     s.origin.reply = reply
     before = s.long_way.count
-    starter, answers = await one_flight(s, client, [{}, {}, {**SLOW}])
+    starter, answers = await one_flight(s, client, [{}, {}, {**SLOW}], starter_headers={})
     # Each went the long way once (the plain ones after waiting at the edge), and the
     # upstream was asked once: nobody fetched again after the flight.
     assert s.long_way.count - before == 4
@@ -189,7 +254,19 @@ async def test_a_flight_that_did_not_freshen_hands_its_joiners_to_the_long_way(
     assert (status, body) == (slow[0], slow[2])
     assert steady(headers) == steady(slow[1])
     assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    lookups = {"result": "miss", "reason": reason}
+    assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 4
     assert s.sample("kounta_proxy_requests_in_flight") == 0
+    # The starter (no X-Request-ID of its own) keeps one id: the one Kounta saw, answered
+    # and logged as its own fetch.
+    rid = starter[1]["X-Request-ID"]
+    assert s.origin.ids[-1] == rid
+    lines = access_lines(caplog)
+    line = lines[rid]
+    assert (line["status"], line["upstream_status"], line["fetched_by"]) == (status, reply[0], None)
+    assert line["upstream_ms"] is not None
+    for _, joiner, _ in answers:
+        assert lines[joiner["X-Request-ID"]]["fetched_by"] == rid
 
 
 async def test_a_joiner_that_gives_up_waits_once(
@@ -223,7 +300,7 @@ async def test_a_joiner_that_gives_up_waits_once(
         origin.gate.set()
         for status, headers, _ in (await starter, await joiner):
             assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
-        assert s.long_way.count == 2  # the starter, and the joiner after its one wait
+        assert s.long_way.count == 1  # the joiner after its one wait (the starter: fast)
     finally:
         origin.gate.set()
         await runner.cleanup()
@@ -270,4 +347,37 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
     for rid in ("fast-leaver", "slow-leaver"):
         assert (lines[rid]["status"], lines[rid]["cache"]) == (499, "-")
     assert s.origin.served == ["-", s.origin.etag]
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_starter_whose_caller_hangs_up_is_a_499_and_its_flight_goes_on(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s = setup
+    s.origin.gate.clear()
+    s.origin.asked.clear()
+    url = s.proxy.url + PATH
+    before = s.long_way.count
+    leaver = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "leaver"}))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    joiner = asyncio.ensure_future(get(client, url))  # joins the leaver's flight
+    for _ in range(500):
+        if s.sample("kounta_proxy_requests_in_flight") == 2:
+            break
+        await asyncio.sleep(0.01)
+    leaver.cancel()
+    await asyncio.gather(leaver, return_exceptions=True)
+    s.origin.gate.set()
+    status, headers, body = await joiner  # the flight went on without its starter
+    assert (status, headers["X-Cache"], body) == (200, "REVALIDATED", s.origin.body)
+    assert s.origin.served == ["-", s.origin.etag]
+    assert s.long_way.count == before
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while "leaver" not in access_lines(caplog):
+        assert loop.time() - began < 5
+        await asyncio.sleep(0.01)
+    line = access_lines(caplog)["leaver"]
+    assert (line["status"], line["cache"]) == (499, "-")
     assert s.sample("kounta_proxy_requests_in_flight") == 0
