@@ -234,12 +234,16 @@ class FastPath:
         info = Exchange(asked.request_id, caller.name, caller.account)
         # Before the flight: its task shares the trace (budget wait, retries, failures).
         info.trace = begin_trace(asked.request_id)
-        # The caller's own class: a request naming one (X-Proxy-Priority) goes the long way.
-        sent = pipeline_request(
-            request, self.services.settings, asked.target, None, caller, caller.priority,
-            asked.request_id,
-        )  # fmt: skip
-        pending = self.cache.fast.start(starter.startable, sent)
+        try:
+            # The caller's own class: a request naming one (X-Proxy-Priority) goes the long way.
+            sent = pipeline_request(
+                request, self.services.settings, asked.target, None, caller, caller.priority,
+                asked.request_id,
+            )  # fmt: skip
+            pending = self.cache.fast.start(starter.startable, sent)
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+            return await self.inner(request)
         return await self._settle(request, asked, pending, info)
 
     async def _settle(

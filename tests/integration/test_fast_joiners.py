@@ -381,3 +381,20 @@ async def test_a_starter_whose_caller_hangs_up_is_a_499_and_its_flight_goes_on(
     line = access_lines(caplog)["leaver"]
     assert (line["status"], line["cache"]) == (499, "-")
     assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_failure_starting_at_the_edge_leaves_the_starter_to_the_long_way(
+    setup: Setup, client: aiohttp.ClientSession
+) -> None:
+    s = setup
+    s.origin.gate.set()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    s.long_way.fast.cache.fast.start = broken  # type: ignore[method-assign]
+    before = s.long_way.count
+    status, headers, body = await get(client, s.proxy.url + PATH)
+    assert (status, headers["X-Cache"], body) == (200, "REVALIDATED", s.origin.body)
+    assert s.long_way.count - before == 1
+    assert s.origin.served == ["-", s.origin.etag]  # asked once, by the long way
