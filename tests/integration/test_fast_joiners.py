@@ -70,6 +70,21 @@ class Setup:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.proxy.registry.get_sample_value(name, labels or {}) or 0.0
 
+    def hold(self) -> str:
+        """The next revalidation waits at the upstream until ``origin.gate`` is set; the URL."""
+        self.origin.gate.clear()
+        self.origin.asked.clear()
+        return self.proxy.url + PATH
+
+    async def waiting(self, count: int) -> None:
+        """Until ``count`` requests are in flight (each waiting, the fast way or the long)."""
+        in_flight = "kounta_proxy_requests_in_flight"
+        for _ in range(500):
+            if self.sample(in_flight) == count:
+                break
+            await asyncio.sleep(0.01)
+        assert self.sample(in_flight) == count
+
 
 @pytest.fixture
 async def setup(
@@ -97,20 +112,13 @@ async def one_flight(
 ) -> tuple[Answer, list[Answer]]:
     """A starter's revalidation held at the upstream, ``joiners`` sent meanwhile and all
     waiting, then the upstream lets it answer: the starter's answer and theirs."""
-    s.origin.gate.clear()
-    s.origin.asked.clear()
-    url = s.proxy.url + PATH
+    url = s.hold()
     sent = {"X-Request-ID": "the-starter"} if starter_headers is None else starter_headers
     starter = asyncio.ensure_future(get(client, url, **sent))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     waiting: list[Awaitable[Answer]] = [get(client, url, **h) for h in joiners]
     tasks = [asyncio.ensure_future(w) for w in waiting]
-    in_flight = "kounta_proxy_requests_in_flight"
-    for _ in range(500):  # every one of them is waiting (fast path or long way)
-        if s.sample(in_flight) == 1 + len(joiners):
-            break
-        await asyncio.sleep(0.01)
-    assert s.sample(in_flight) == 1 + len(joiners)
+    await s.waiting(1 + len(joiners))
     s.origin.gate.set()
     return await starter, list(await asyncio.gather(*tasks))
 
@@ -311,9 +319,7 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
 ) -> None:
     caplog.set_level(logging.INFO, logger="kounta_proxy")
     s = setup
-    s.origin.gate.clear()
-    s.origin.asked.clear()
-    url = s.proxy.url + PATH
+    url = s.hold()
     starter = asyncio.ensure_future(get(client, url))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     before = s.long_way.count
@@ -321,10 +327,7 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
         asyncio.ensure_future(get(client, url, **{"X-Request-ID": rid, **headers}))
         for rid, headers in (("fast-leaver", {}), ("slow-leaver", SLOW))
     ]
-    for _ in range(500):  # both wait with the starter
-        if s.sample("kounta_proxy_requests_in_flight") == 3:
-            break
-        await asyncio.sleep(0.01)
+    await s.waiting(3)  # both wait with the starter
     for task in leaving:
         task.cancel()
     await asyncio.gather(*leaving, return_exceptions=True)
@@ -355,17 +358,12 @@ async def test_a_starter_whose_caller_hangs_up_is_a_499_and_its_flight_goes_on(
 ) -> None:
     caplog.set_level(logging.INFO, logger="kounta_proxy")
     s = setup
-    s.origin.gate.clear()
-    s.origin.asked.clear()
-    url = s.proxy.url + PATH
+    url = s.hold()
     before = s.long_way.count
     leaver = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "leaver"}))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     joiner = asyncio.ensure_future(get(client, url))  # joins the leaver's flight
-    for _ in range(500):
-        if s.sample("kounta_proxy_requests_in_flight") == 2:
-            break
-        await asyncio.sleep(0.01)
+    await s.waiting(2)
     leaver.cancel()
     await asyncio.gather(leaver, return_exceptions=True)
     s.origin.gate.set()
