@@ -396,3 +396,44 @@ async def test_a_failure_starting_at_the_edge_leaves_the_starter_to_the_long_way
     assert (status, headers["X-Cache"], body) == (200, "REVALIDATED", s.origin.body)
     assert s.long_way.count - before == 1
     assert s.origin.served == ["-", s.origin.etag]  # asked once, by the long way
+
+
+async def raw_answer(url: str, *lines: str) -> bytes:
+    """The whole answer, as sent, to a GET of PATH with these header lines (then closed)."""
+    host = url.removeprefix("http://")
+    address, port = host.split(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    head = "".join(f"{line}\r\n" for line in (f"Host: {host}", *lines, "Connection: close"))
+    writer.write(f"GET {PATH} HTTP/1.1\r\n{head}\r\n".encode())
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def masked(answer: bytes) -> bytes:
+    """``answer`` with the values that differ per answer (Date, Age) blanked."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = [
+        line.split(b":")[0] + b": -" if line.lower().startswith((b"date:", b"age:")) else line
+        for line in head.split(b"\r\n")
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def test_a_starters_304_is_the_long_ways_byte_for_byte(setup: Setup) -> None:
+    s = setup
+    s.origin.gate.set()
+    stored = await raw_answer(s.proxy.url)  # its own key (no Accept): stored
+    assert b"\r\nX-Cache: MISS\r\n" in stored
+    lines = (f"If-None-Match: {s.origin.etag}", "X-Request-ID: same-id")
+    before = s.long_way.count
+    fast = await raw_answer(s.proxy.url, *lines)  # starts its flight at the edge
+    assert s.long_way.count == before
+    slow = await raw_answer(s.proxy.url, *lines, "Pragma: x-whatever")  # the long way's
+    assert s.long_way.count == before + 1
+    assert fast.startswith(b"HTTP/1.1 304 Not Modified\r\n")
+    assert fast.endswith(b"\r\n\r\n")  # no body
+    assert masked(fast) == masked(slow)
+    assert b"\r\nX-Cache: REVALIDATED\r\n" in fast
+    assert s.origin.served == ["-", "-", s.origin.etag, s.origin.etag]  # one revalidation each
