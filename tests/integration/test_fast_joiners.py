@@ -190,12 +190,12 @@ async def test_joiners_of_a_revalidation_skip_the_long_way_and_answer_the_same(
 async def test_the_starter_of_a_revalidation_skips_the_long_way_and_answers_the_same(
     setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kounta_proxy")
-    s, etag = setup, setup.origin.etag
-    inm = {"If-None-Match": etag}
     # Four flights, each started by the first request (a plain one, then its Pragma twin:
     # the long way) and joined by a plain one; the 200 twice, then the caller's 304 twice.
+    s, etag = setup, setup.origin.etag
+    inm = {"If-None-Match": etag}
     starts = [{}, {**SLOW}, {**inm}, {**SLOW, **inm}]
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
     went, answered = [], []
     for number, headers in enumerate(starts):
         before = s.long_way.count
