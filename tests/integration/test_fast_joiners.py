@@ -342,11 +342,7 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
     assert s.long_way.count - before == 1  # the slow one; the fast one never went there
     labels = {"method": "GET", "route": ROUTE, "cache": "-", "account": "main"}
     assert s.sample("kounta_proxy_requests_total", {**labels, "status_class": "4xx"}) == 2
-    lines = {
-        r.fields["request_id"]: r.fields  # type: ignore[attr-defined]
-        for r in caplog.records
-        if r.getMessage() == "request"
-    }
+    lines = access_lines(caplog)
     for rid in ("fast-leaver", "slow-leaver"):
         assert (lines[rid]["status"], lines[rid]["cache"]) == (499, "-")
     assert s.origin.served == ["-", s.origin.etag]
@@ -356,10 +352,9 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
 async def test_a_starter_whose_caller_hangs_up_is_a_499_and_its_flight_goes_on(
     setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kounta_proxy")
-    s = setup
-    url = s.hold()
+    s, url = setup, setup.hold()
     before = s.long_way.count
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
     leaver = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "leaver"}))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     joiner = asyncio.ensure_future(get(client, url))  # joins the leaver's flight
