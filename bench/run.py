@@ -25,7 +25,7 @@ def main() -> int:
         # Fresh hits with serve --workers 1 and 2, on a Redis of its own (bench/workers_bench)
         from bench import workers_bench
 
-        return workers_bench.main()
+        return workers_bench.main([a for a in sys.argv[1:] if a != "--workers"])
     if "--redis-tier" in sys.argv[1:]:
         # A memory-tier miss answered from Redis against a memory hit (bench/redis_tier.py)
         from bench import redis_tier

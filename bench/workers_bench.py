@@ -1,27 +1,39 @@
-"""Fresh hits with ``kounta-proxy serve --workers 1`` and ``--workers 2`` (python -m bench.run
---workers): N processes on one port (SO_REUSEPORT), sharing state in a Redis of the bench's
-own. wrk shares the two cores with them, so the target is 1.3x, not 2x. Also counts the
-Redis round trips per request from the workers' own ``kounta_proxy_shared_calls_total``.
+"""The comparison's scenarios through ``kounta-proxy serve --workers 2`` against one process
+(python -m bench.run --workers): a fresh hit, a revalidated 8 KB and 500 KB answer and a
+caller's If-None-Match on bench/origin.py (bench/compare.py's scenarios), through one process
+(the default local backend), ``--workers 1`` and ``--workers 2`` (N processes on one port,
+SO_REUSEPORT, sharing state in a Redis of the bench's own), every server started first, then
+interleaved rounds. wrk shares the two cores with them, so the target is 1.3x, not 2x. Per row:
+req/s and p99 (the round with the median req/s), upstream requests per caller request (from
+the origin), and Redis round trips per request from the workers' own
+``kounta_proxy_shared_calls_total``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from bench import cache_bench
+from bench import cache_bench, compare
 from bench.fleet import own_redis
 
 ROUNDS = 3
+# (label, workers): None is one process on the local backend (no Redis).
+SERVERS: tuple[tuple[str, int | None], ...] = (
+    ("one process", None),
+    ("--workers 1", 1),
+    ("--workers 2", 2),
+)
 
 
 def config(directory: Path, upstream: str, redis: str, port: int, admin: int) -> Path:
@@ -32,7 +44,7 @@ def config(directory: Path, upstream: str, redis: str, port: int, admin: int) ->
         f'[upstream]\nbase_url = "{upstream}"\n'
         '[log]\nlevel = "warning"\n'
         f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
-        '[[cache.rules]]\npath = "/v1/companies/*/products"\nfresh_for = 3600.0\n'
+        '[[cache.rules]]\npath = "/v1/companies/*/products/*"\nfresh_for = 3600.0\n'
         f'[shared]\nbackend = "redis"\nurl = "{redis}"\nkey_prefix = "bench-{port}"\n'
         f'token_key = "{Fernet.generate_key().decode()}"\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{cache_bench.TOKEN}"\n'
@@ -64,55 +76,98 @@ def wait_ready(admin: int, proc: subprocess.Popen[bytes], seconds: float = 30.0)
     raise SystemExit("the proxy did not get ready")
 
 
-def measure(
-    wrk: str, directory: Path, upstream: str, redis: str, workers: int
-) -> tuple[float, float]:
-    port, admin = cache_bench.free_port(), cache_bench.free_port() + 100
-    path = config(directory, upstream, redis, port, admin)
-    args = [
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(path),
-        "--workers",
-        str(workers),
-    ]
-    url = f"http://127.0.0.1:{port}{cache_bench.FRESH}"
-    with cache_bench.process(args, port) as proc:
+@dataclass
+class Server:
+    label: str
+    url: str
+    admin: int | None  # the admin port whose /metrics counts Redis round trips
+
+
+def start(
+    stack: contextlib.ExitStack,
+    directory: Path,
+    upstream: str,
+    redis: str,
+    workers: int | None,
+) -> tuple[str, int | None]:
+    """A proxy on ``upstream`` (one process, or ``serve --workers N`` on ``redis``), every
+    path stored in every worker's memory tier: its URL and admin port."""
+    port = cache_bench.free_port()
+    if workers is None:
+        path = compare.proxy_config(directory, upstream, port, "auto")
+        args = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
+        stack.enter_context(cache_bench.process(args, port))
+        admin = None
+    else:
+        admin = cache_bench.free_port() + 100
+        path = config(directory, upstream, redis, port, admin)
+        args = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
+        proc = stack.enter_context(cache_bench.process([*args, "--workers", str(workers)], port))
         wait_ready(admin, proc)  # every worker has started
-        for _ in range(8 * workers):  # each worker stores the entry in its own memory tier
-            cache_bench.fetch(url)
-        subprocess.run([wrk, "-t1", "-c4", "-d1s", url], capture_output=True, check=True)
-        before = shared_calls(admin)
-        runs = [cache_bench.wrk(wrk, url, {}, None) for _ in range(ROUNDS)]
-        calls = shared_calls(admin) - before
-    rps = statistics.median(r.rps for r in runs)
-    return rps, calls / max(1, sum(r.requests for r in runs))
+    url = f"http://127.0.0.1:{port}"
+    for s in compare.SCENARIOS:
+        for _ in range(8 * (workers or 1)):  # each worker stores it in its own memory tier
+            cache_bench.fetch(url + s.path)
+    return url, admin
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run --workers")
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--connections", type=int, default=cache_bench.CONNECTIONS)
+    args = p.parse_args(argv)
     wrk = cache_bench.ensure_wrk()
     if wrk is None:
         print("--workers needs wrk", file=sys.stderr)
         return 1
     directory = Path(tempfile.mkdtemp(prefix="kounta-workers-"))
-    sandbox_port = cache_bench.free_port()
-    sandbox = [sys.executable, "-m", "proxy.sandbox", "--port", str(sandbox_port)]
-    sandbox += ["--token", cache_bench.TOKEN, "--rate-bearer", "100000000"]
+    origin_port = cache_bench.free_port()
+    origin = f"http://127.0.0.1:{origin_port}"
     started = time.monotonic()
+    # (scenario key, server label) -> per round (req/s, p99 ms, upstream/req, Redis/req)
+    rows: dict[tuple[str, str], list[tuple[float, float, float, float | None]]] = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(cache_bench.process(sandbox, sandbox_port))
+        origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
+        stack.enter_context(cache_bench.process(origin_args, origin_port))
         redis = stack.enter_context(own_redis(str(directory)))
-        upstream = f"http://127.0.0.1:{sandbox_port}"
-        results = {n: measure(wrk, directory, upstream, redis, n) for n in (1, 2)}
-    (one, calls1), (two, calls2) = results[1], results[2]
-    print(f"\n## Fresh hits by workers (wrk -t2 -c{cache_bench.CONNECTIONS}, median of {ROUNDS})\n")
-    print("| workers | req/s | Redis round trips per request |")
+        servers = [
+            Server(label, *start(stack, directory, origin, redis, workers))
+            for label, workers in SERVERS
+        ]
+        etag = cache_bench.fetch(servers[0].url + compare.REVALIDATED)[1]["etag"]
+        for round_no in range(1, args.rounds + 1):
+            print(f"round {round_no} of {args.rounds}", file=sys.stderr, flush=True)
+            for scenario in compare.SCENARIOS:
+                headers = {"If-None-Match": etag} if scenario.inm else {}
+                for server in servers:
+                    calls = None if server.admin is None else shared_calls(server.admin)
+                    served = compare.served(origin)
+                    r = cache_bench.wrk(wrk, server.url + scenario.path, headers, None,
+                                        args.connections)  # fmt: skip
+                    asked = max(1, r.requests)
+                    up = (compare.served(origin) - served) / asked
+                    redis_calls = None
+                    if calls is not None and server.admin is not None:
+                        redis_calls = (shared_calls(server.admin) - calls) / asked
+                    row = (r.rps, r.p99_ms, up, redis_calls)
+                    rows.setdefault((scenario.key, server.label), []).append(row)
+    print(f"\n## By workers (wrk -t2 -c{args.connections}, median of {args.rounds} rounds)\n")
+    print("| scenario | server | req/s | p99 ms | upstream/req | Redis round trips/req |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    medians: dict[tuple[str, str], float] = {}
+    for scenario in compare.SCENARIOS:
+        for label, _ in SERVERS:
+            runs = rows[(scenario.key, label)]
+            rps, p99, up, calls = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # median
+            medians[(scenario.key, label)] = rps
+            shown = "" if calls is None else f"{calls:.3f}"
+            print(f"| {scenario.label} | {label} | {rps:.0f} | {p99:.2f} | {up:.3f} | {shown} |")
+    print("\n| scenario | --workers 2 / one process | --workers 2 / --workers 1 |")
     print("| --- | ---: | ---: |")
-    print(f"| 1 | {one:.0f} | {calls1:.3f} |")
-    print(f"| 2 | {two:.0f} | {calls2:.3f} |")
-    print(f"\n2 workers / 1 worker: {two / one:.2f} (target 1.3)")
+    for scenario in compare.SCENARIOS:
+        two = medians[(scenario.key, "--workers 2")]
+        one, w1 = medians[(scenario.key, "one process")], medians[(scenario.key, "--workers 1")]
+        print(f"| {scenario.label} | {two / one:.2f} | {two / w1:.2f} |")
+    print("\n(target: no scenario below 1.0; 1.3 for fresh hits on two shared cores)")
     print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0

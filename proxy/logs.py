@@ -160,6 +160,11 @@ def begin_trace(request_id: str) -> Trace:
     return found
 
 
+def continue_trace(found: Trace) -> None:
+    """Go on with ``found``, begun for the same request earlier (the fast path's)."""
+    _TRACE.set(found)
+
+
 def trace() -> Trace:
     """The current request's trace; a throwaway one outside any request."""
     return _TRACE.get() or Trace()

@@ -8,6 +8,7 @@ waiting or looking up again (:func:`handing_over`, :func:`taken`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import trace
+from proxy.messages import ProxyRequest
 from proxy.settings import CacheRule
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
@@ -51,10 +53,22 @@ FastAnswer = tuple[int, HeaderItems, bytes, int]
 class Pending:
     """A plain GET whose stored entry a flight in progress revalidates: the long way would
     join that flight (:meth:`~proxy.cache.fastlook.FastLook.joinable`), at the point its lookup
-    and decision left."""
+    and decision left; ``starter``: the request started that flight at the edge
+    (:meth:`~proxy.cache.fastlook.FastLook.start`), where the long way would have started it."""
 
     key: str
     flight: Flight
+    stale: Stored
+    decision: Revalidate
+    starter: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Startable:
+    """A plain GET whose stored 200 in memory must be revalidated and no flight is out for:
+    the long way would start one (:meth:`~proxy.cache.fastlook.FastLook.startable`)."""
+
+    key: str
     stale: Stored
     decision: Revalidate
 
@@ -77,6 +91,11 @@ class Looked:
     key: str
     stored: Stored | None
 
+
+# Starts a caller's flight for (key, request, stale entry): the long way's own starter.
+Start = Callable[[str, ProxyRequest, Stored | None], Flight]
+# Whether stale-while-busy may answer a stale entry of this path (then the long way decides).
+MayBeBusy = Callable[[str], bool]
 
 # What a request already got at the edge, for the long way in the same task.
 _HANDED: ContextVar[Joined | Looked | None] = ContextVar("kounta_proxy_handed", default=None)
@@ -175,7 +194,11 @@ class FastLook:
         feeds: Feeds,
         coalesce_wait: float,
         coalesced: Counter,
+        start: Start,
+        may_be_busy: MayBeBusy,
     ) -> None:
+        """``start``: the cache's flight starter; ``may_be_busy``: whether stale-while-busy
+        may answer a path's stale entries (the long way asks the budget then)."""
         self.key = key
         self.entries = entries
         self.flights = flights
@@ -185,6 +208,8 @@ class FastLook:
         self.feeds = feeds
         self.coalesce_wait = coalesce_wait
         self.coalesced = coalesced
+        self._start = start
+        self.may_be_busy = may_be_busy
 
     def fresh_hit(
         self,
@@ -241,11 +266,38 @@ class FastLook:
             return None
         return Pending(key, flight, found[0], decision)
 
+    def startable(self, account: str, path: str, query: str, headers: Headers) -> Startable | None:
+        """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory must be
+        revalidated and no flight is out for: where the long way would be when it starts one
+        (its lookup and decision made, without I/O); else None. None too where
+        stale-while-busy may answer the entry (the long way asks the budget first). Counts
+        nothing."""
+        key = self.key(account, path, query, headers)
+        if key in self.flights:
+            return None
+        found = self._plain(key)
+        if found is None:
+            return None
+        stored = found[0]
+        decision = lookup(stored.entry, headers, NO_CONTROL, self.clock())
+        if not isinstance(decision, Revalidate) or self.may_be_busy(stored.entry.path):
+            return None
+        return Startable(key, stored, decision)
+
+    def start(self, startable: Startable, request: ProxyRequest) -> Pending:
+        """The long way's flight for ``request`` (the one the handler would make), started
+        here: the request is its starter (:meth:`wait` awaits its answer)."""
+        flight = self._start(startable.key, request, startable.stale)
+        return Pending(startable.key, flight, startable.stale, startable.decision, True)
+
     async def wait(self, pending: Pending) -> Outcome | Exception:
         """The pending request's flight's outcome, or what waiting for it raised (the long
         way's :meth:`~proxy.cache.layer.Cache._wait` decides what that means, see
-        :func:`~proxy.cache.fastlook.handing_over`)."""
+        :func:`~proxy.cache.fastlook.handing_over`); a starter's answer (a stream only it
+        may read) as the long way's starter awaits it, without a deadline of its own."""
         try:
+            if pending.starter:
+                return await asyncio.shield(pending.flight.head)
             return await self.flights.join(pending.flight, self.coalesce_wait)
         except Exception as e:
             return e
@@ -253,10 +305,10 @@ class FastLook:
     def joined(
         self, pending: Pending, outcome: Outcome, headers: Headers, body_for: BodyFor | None
     ) -> tuple[FastAnswer, float | None] | None:
-        """A joiner's answer when its flight freshened the stored 200 in memory (what the
-        long way's waiting, fetching and :meth:`Answers.outcome` give, counted as they
-        count), and the upstream time it shares; None, counting nothing: the long way goes
-        on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
+        """A joiner's (or the starter's) answer when its flight freshened the stored 200 in
+        memory (what the long way's waiting, fetching and :meth:`Answers.outcome` give,
+        counted as they count), and the upstream time it shares; None, counting nothing:
+        the long way goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
         stored, entry = outcome.stored, outcome.entry
         if (
             outcome.cache_status != "REVALIDATED"
@@ -277,8 +329,9 @@ class FastLook:
                 return None
             answer = 200, outcome.headers, body, age
         flight = pending.flight
-        self.coalesced.inc()
-        trace().fetched_by = flight.request.request_id
+        if not pending.starter:  # a joiner: counted and logged as the long way's _wait does
+            self.coalesced.inc()
+            trace().fetched_by = flight.request.request_id
         self.answers.count("revalidated", outcome.reason)
         return answer, flight.upstream_seconds
 

@@ -53,7 +53,7 @@ from proxy.cache.policy import (
     lookup,
     request_control,
 )
-from proxy.cache.refresh import ExpectedWait, Refreshes
+from proxy.cache.refresh import ExpectedWait, Refreshes, busy_window
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries
 from proxy.cache.webhooks.health import Feeds
@@ -121,6 +121,8 @@ class Cache:
             self.feeds,
             self.config.coalesce_wait,
             self.coalesced,
+            self._start,
+            self._may_be_busy,
         )
 
     @property
@@ -129,6 +131,13 @@ class Cache:
 
     def rules(self) -> tuple[CacheRule, ...]:
         return self.current().rules
+
+    def _may_be_busy(self, path: str) -> bool:
+        """Whether stale-while-busy may answer stale entries of ``path`` (then whether it
+        does is the budget's expected wait, asked by the long way: ``Refreshes.busy_stale``)."""
+        if self.background.busy is None:
+            return False
+        return busy_window(path, self.rules(), self.config.stale_while_busy) > 0
 
     def key(self, account: str, path: str, query: str, headers: Headers) -> str:
         """The key :func:`~proxy.cache.fastlook.cached_key` remembers."""
@@ -213,8 +222,8 @@ class Cache:
         hooks: str,
         joined: Joined | None = None,
     ) -> ProxyResponse:
-        """Fetch or revalidate (or join the flight doing so; ``joined``: joined at the edge
-        already), and say why in Cache-Status."""
+        """Fetch or revalidate (or join the flight doing so; ``joined``: joined, or started,
+        at the edge already), and say why in Cache-Status."""
         usable = isinstance(decision, Revalidate) or decision.stale is not None
         # RFC 9211 fwd: nothing stored for the URI, a stored one to refresh, or neither.
         fwd = "uri-miss" if stored is None else "stale" if usable else "miss"
@@ -236,11 +245,13 @@ class Cache:
         if request.method == "HEAD" and isinstance(decision, Miss):
             return await self._head(request, stale)
         flight = self.flights.get(key) if joined is None else joined.pending.flight
-        starter = flight is None
+        starter = flight is None or (joined is not None and joined.pending.starter)
         try:
             if flight is None:
                 flight = self._start(key, request, stale)
                 outcome = await asyncio.shield(flight.head)
+            elif joined is not None and joined.pending.starter:
+                outcome = _settled(joined.result)  # the edge started it and awaited its head
             else:
                 early = None if joined is None else joined.result
                 outcome = await self._wait(flight, request, stale, early)
@@ -348,3 +359,10 @@ class Cache:
         # Flights first: a flight cancelled here finishes against the tier (Redis) still open.
         await self.flights.close()
         await self.entries.close()
+
+
+def _settled(result: Outcome | Exception) -> Outcome:
+    """A flight's answer as awaiting its head gives it: the outcome, or what it raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result

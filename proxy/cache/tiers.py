@@ -21,7 +21,7 @@ from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import Entry, FreshHit, lookup, request_control
+from proxy.cache.policy import Entry, FreshHit, fresh_age, lookup, request_control
 from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
@@ -121,13 +121,15 @@ class LocalEntries:
             self._put(flight.key, stored, freshened)
             self.metrics.cache_stores.labels("stored").inc()
 
-    def _put(self, key: str, stored: Stored, freshened: bool) -> None:
+    def _put(self, key: str, stored: Stored, freshened: bool) -> bool:
         """Memory and disk; a freshened entry held in memory reaches the disk at most once
-        a second (:mod:`proxy.cache.freshen`): the memory tier answers meanwhile."""
+        a second (:mod:`proxy.cache.freshen`): the memory tier answers meanwhile. Whether
+        the disk got it."""
         if freshened and key in self.store.hot.items and not self.freshen.due(key):
             self.store.promote(key, stored)
-        else:
-            self.store.put(key, stored)
+            return False
+        self.store.put(key, stored)
+        return True
 
     async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
         path = await sink.finish()
@@ -235,10 +237,14 @@ class RedisEntries(LocalEntries):
         return isinstance(lookup(entry, headers, control, self.clock()), FreshHit)
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
+        """As the local tier keeps it, and to Redis by :meth:`finish` once the answer is out:
+        a freshened entry (the same body) as the disk gets it, at most once a second, unless
+        it is fresh now (another replica may answer from it at once)."""
         if self.may_store(flight, stored.entry):
-            self._put(flight.key, stored, freshened)
+            wrote = self._put(flight.key, stored, freshened)
             self.metrics.cache_stores.labels("stored").inc()
-            flight.to_share(stored)  # to Redis by finish(), once the answer is out
+            if wrote or fresh_age(stored.entry, self.clock()) is not None:
+                flight.to_share(stored)
 
     async def commit(self, flight: Flight, sink: BodySink, entry: Entry) -> Stored | None:
         path = await sink.finish()

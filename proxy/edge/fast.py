@@ -51,13 +51,22 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxy.cache.fastlook import BodyFor, FastAnswer, Joined, Looked, Pending, handing_over
+from proxy.cache.fastlook import (
+    BodyFor,
+    FastAnswer,
+    Joined,
+    Looked,
+    Pending,
+    Startable,
+    handing_over,
+)
 from proxy.cache.flight import Outcome
 from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER, Caller
+from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, request_id
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
@@ -108,6 +117,15 @@ class Joiner:
 
 
 @dataclass(slots=True)
+class Starter:
+    """A plain GET whose stored entry must be revalidated and no flight is out for: the
+    flight is started, and its answer awaited, here (:meth:`FastPath.start`)."""
+
+    asked: Asked
+    startable: Startable
+
+
+@dataclass(slots=True)
 class Cold:
     """A plain GET the memory tier has nothing for: the tier is looked up once, here
     (:meth:`FastPath.look`)."""
@@ -138,13 +156,15 @@ class FastPath:
             return await self.inner(request)
         if isinstance(found, Joiner):
             return await self.join(request, found)
+        if isinstance(found, Starter):
+            return await self.start(request, found)
         if isinstance(found, Cold):
             return await self.look(request, found.asked)
         return found
 
-    def answer(self, request: web.BaseRequest) -> web.Response | Joiner | Cold | None:
-        """The fresh hit's answer, a joiner of a revalidation in flight, a request to look
-        the tier up for, or None: the long way must answer."""
+    def answer(self, request: web.BaseRequest) -> web.Response | Joiner | Starter | Cold | None:
+        """The fresh hit's answer, a joiner of a revalidation in flight, the starter of one,
+        a request to look the tier up for, or None: the long way must answer."""
         asked = self.asked(request)
         if asked is None:
             return None
@@ -155,6 +175,9 @@ class FastPath:
             pending = self.cache.fast.joinable(account, target.path, target.query, headers)
             if pending is not None:
                 return Joiner(asked, pending)
+            startable = self.cache.fast.startable(account, target.path, target.query, headers)
+            if startable is not None:
+                return Starter(asked, startable)
             cold = self.cache.fast.cold(account, target.path, target.query, headers)
             return Cold(asked) if cold else None
         return self._respond(request, asked, hit, "HIT", "", None)
@@ -195,10 +218,38 @@ class FastPath:
         """Wait for the flight a joiner would join the long way; answer from its outcome
         when it freshened the stored 200 (the long way's answer, headers, counts and access
         line), else hand the outcome to the long way, which goes on from it."""
-        asked, pending = joiner.asked, joiner.pending
-        in_flight = self.services.metric_groups.edge.in_flight
+        asked = joiner.asked
         info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
         info.trace = begin_trace(asked.request_id)  # the flight's id goes in fetched_by
+        return await self._settle(request, asked, joiner.pending, info)
+
+    async def start(self, request: web.BaseRequest, starter: Starter) -> web.StreamResponse:
+        """Start the revalidation the long way would start for this request (the same
+        pipeline request, :func:`~proxy.edge.handlers.pipeline_request`) and await its
+        answer as the long way's starter does; answer here when it freshened the stored 200,
+        as a joiner is answered, else hand the outcome to the long way, which goes on from it
+        as the flight's starter."""
+        asked = starter.asked
+        caller = asked.caller
+        info = Exchange(asked.request_id, caller.name, caller.account)
+        # Before the flight: its task shares the trace (budget wait, retries, failures).
+        info.trace = begin_trace(asked.request_id)
+        try:
+            # The caller's own class: a request naming one (X-Proxy-Priority) goes the long way.
+            sent = pipeline_request(
+                request, self.services.settings, asked.target, None, caller, caller.priority,
+                asked.request_id,
+            )  # fmt: skip
+            pending = self.cache.fast.start(starter.startable, sent)
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+            return await self.inner(request)
+        return await self._settle(request, asked, pending, info)
+
+    async def _settle(
+        self, request: web.BaseRequest, asked: Asked, pending: Pending, info: Exchange
+    ) -> web.StreamResponse:
+        in_flight = self.services.metric_groups.edge.in_flight
         in_flight.inc()  # an await: a scrape may come meanwhile
         try:
             result = await self.cache.fast.wait(pending)
@@ -210,13 +261,14 @@ class FastPath:
         response = None
         if isinstance(result, Outcome):
             try:
-                response = self._joined(request, joiner, result, info)
+                response = self._joined(request, asked, pending, result, info)
             except Exception:
                 log.exception("fast_path_failed")
         if response is not None:
             return response
-        # The long way from where its wait would have ended; its access line counts the wait.
-        request[EXCHANGE] = Exchange(started=asked.started)
+        # The long way from where its wait would have ended; its access line counts the wait
+        # and keeps the request's id and trace (what the flight noted in it).
+        request[EXCHANGE] = Exchange(asked.request_id, trace=info.trace, started=asked.started)
         with handing_over(Joined(pending, result)):
             return await self.inner(request)
 
@@ -249,7 +301,9 @@ class FastPath:
         if found is None:
             return await self.inner(request)
         if isinstance(found, Looked):
-            request[EXCHANGE] = Exchange(started=asked.started)  # the access line counts it
+            # The access line counts the lookup; the request keeps its id.
+            trace = begin_trace(asked.request_id)
+            request[EXCHANGE] = Exchange(asked.request_id, trace=trace, started=asked.started)
             with handing_over(found):
                 return await self.inner(request)
         try:
@@ -259,17 +313,21 @@ class FastPath:
             return await self.inner(request)
 
     def _joined(
-        self, request: web.BaseRequest, joiner: Joiner, outcome: Outcome, info: Exchange
+        self,
+        request: web.BaseRequest,
+        asked: Asked,
+        pending: Pending,
+        outcome: Outcome,
+        info: Exchange,
     ) -> web.Response | None:
-        asked = joiner.asked
-        found = self.cache.fast.joined(joiner.pending, outcome, request.headers, asked.body_for)
+        found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for)
         if found is None:
             return None
         answer, info.upstream_seconds = found
         info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
         member = cache_status_value("REVALIDATED", "fwd=stale", outcome.upstream_status)
-        return self._respond(request, joiner.asked, answer, "REVALIDATED", member, info)
+        return self._respond(request, asked, answer, "REVALIDATED", member, info)
 
     def _respond(
         self,

@@ -10,6 +10,7 @@ from multidict import CIMultiDictProxy
 from proxy.cache.policy import SELECTING
 from proxy.edge import paging
 from proxy.edge.answer import answer
+from proxy.edge.callers import Caller
 from proxy.edge.inbound import (
     BodyDeadline,
     CappedStream,
@@ -22,7 +23,9 @@ from proxy.edge.services import SERVICES, Services
 from proxy.errors import BodyTimeout, InvalidRequest, ProxyError, RequestTooLarge
 from proxy.headers import has_bad_value, not_utf8, proxied, repeated
 from proxy.logs import event
-from proxy.messages import ProxyRequest
+from proxy.messages import Body, ProxyRequest
+from proxy.settings import Settings
+from proxy.target import Target
 
 BODY_TIMEOUT = "body_timeout"
 
@@ -43,19 +46,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except BodyTimeout:
         dropped(services)
         raise
-    loop = asyncio.get_running_loop()
-    headers = proxied(request.headers.items(), settings.upstream.forwarded, info.request_id)
-    proxy_request = ProxyRequest(
-        method=request.method,
-        path=target.path,
-        query=target.query,
-        headers=CIMultiDictProxy(headers),
-        body=body,
-        account=caller.account,
-        caller=caller.name,
-        priority=priority,
-        request_id=info.request_id,
-        deadline=loop.time() + settings.upstream.total_timeout,
+    proxy_request = pipeline_request(
+        request, settings, target, body, caller, priority, info.request_id
     )
     if paging.wanted(request):
         return await paging.all_pages(request, proxy_request, services)
@@ -70,6 +62,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     info.took(response)
     return await answer(request, response, settings.upstream.url, server.public_url)
+
+
+def pipeline_request(
+    request: web.BaseRequest,
+    settings: Settings,
+    target: Target,
+    body: Body,
+    caller: Caller,
+    priority: str,
+    rid: str,
+) -> ProxyRequest:
+    """What the pipeline is asked for an inbound request (also the fast path's, for a
+    revalidation it starts): the headers Kounta may see, the caller's account and class,
+    and the deadline of ``upstream.total_timeout`` from now."""
+    headers = proxied(request.headers.items(), settings.upstream.forwarded, rid)
+    return ProxyRequest(
+        method=request.method,
+        path=target.path,
+        query=target.query,
+        headers=CIMultiDictProxy(headers),
+        body=body,
+        account=caller.account,
+        caller=caller.name,
+        priority=priority,
+        request_id=rid,
+        deadline=asyncio.get_running_loop().time() + settings.upstream.total_timeout,
+    )
 
 
 def dropped(services: Services) -> None:

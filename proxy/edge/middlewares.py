@@ -22,7 +22,7 @@ from proxy.edge.inbound import (
 )
 from proxy.edge.services import SERVICES
 from proxy.errors import ProxyError, code_for
-from proxy.logs import begin_trace, event, log
+from proxy.logs import begin_trace, continue_trace, event, log
 from proxy.routes import OTHER, REFUSED, template
 
 # Logged (never sent) when the caller hung up before the answer was complete, as nginx does.
@@ -79,8 +79,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     services = request.app[SERVICES]
     metrics, in_flight = services.metrics, services.metric_groups.edge.in_flight
     info = exchange_of(request)
-    info.request_id = request_id(request.headers)
-    info.trace = begin_trace(info.request_id)
+    if info.started:  # handed over by the fast path, which gave it its id and trace
+        continue_trace(info.trace)
+    else:
+        info.request_id = request_id(request.headers)
+        info.trace = begin_trace(info.request_id)
     started = info.started or time.perf_counter()
     status = 500
     in_flight.inc()

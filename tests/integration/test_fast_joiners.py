@@ -40,9 +40,11 @@ class Origin:
     asked: asyncio.Event = field(default_factory=asyncio.Event)
     reply: tuple[int, str] | None = None
     served: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # X-Request-ID of each request
 
     async def handle(self, request: web.Request) -> web.Response:
         self.served.append(request.headers.get("If-None-Match", "-"))
+        self.ids.append(request.headers.get("X-Request-ID", "-"))
         headers = {"ETag": self.etag, "Content-Type": "application/json", "X-Next-Page": ""}
         headers["X-Next-Page"] = f"{self.url}{PATH}?page=2"
         if request.headers.get("If-None-Match") is None:
@@ -68,6 +70,21 @@ class Setup:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.proxy.registry.get_sample_value(name, labels or {}) or 0.0
 
+    def hold(self) -> str:
+        """The next revalidation waits at the upstream until ``origin.gate`` is set; the URL."""
+        self.origin.gate.clear()
+        self.origin.asked.clear()
+        return self.proxy.url + PATH
+
+    async def waiting(self, count: int) -> None:
+        """Until ``count`` requests are in flight (each waiting, the fast way or the long)."""
+        in_flight = "kounta_proxy_requests_in_flight"
+        for _ in range(500):
+            if self.sample(in_flight) == count:
+                break
+            await asyncio.sleep(0.01)
+        assert self.sample(in_flight) == count
+
 
 @pytest.fixture
 async def setup(
@@ -88,25 +105,31 @@ async def setup(
 
 
 async def one_flight(
-    s: Setup, client: aiohttp.ClientSession, joiners: list[dict[str, str]]
+    s: Setup,
+    client: aiohttp.ClientSession,
+    joiners: list[dict[str, str]],
+    starter_headers: dict[str, str] | None = None,
 ) -> tuple[Answer, list[Answer]]:
     """A starter's revalidation held at the upstream, ``joiners`` sent meanwhile and all
     waiting, then the upstream lets it answer: the starter's answer and theirs."""
-    s.origin.gate.clear()
-    s.origin.asked.clear()
-    url = s.proxy.url + PATH
-    starter = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "the-starter"}))
+    url = s.hold()
+    sent = {"X-Request-ID": "the-starter"} if starter_headers is None else starter_headers
+    starter = asyncio.ensure_future(get(client, url, **sent))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     waiting: list[Awaitable[Answer]] = [get(client, url, **h) for h in joiners]
     tasks = [asyncio.ensure_future(w) for w in waiting]
-    in_flight = "kounta_proxy_requests_in_flight"
-    for _ in range(500):  # every one of them is waiting (fast path or long way)
-        if s.sample(in_flight) == 1 + len(joiners):
-            break
-        await asyncio.sleep(0.01)
-    assert s.sample(in_flight) == 1 + len(joiners)
+    await s.waiting(1 + len(joiners))
     s.origin.gate.set()
     return await starter, list(await asyncio.gather(*tasks))
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, Any]]:
+    """The access lines logged so far, by request id."""
+    return {
+        r.fields["request_id"]: r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "request"
+    }
 
 
 SLOW = {"Pragma": "x-whatever"}  # changes nothing but the way the request takes
@@ -122,8 +145,8 @@ async def test_joiners_of_a_revalidation_skip_the_long_way_and_answer_the_same(
     joiners = [{}, {}, inm, plain_gzip, {**SLOW}, {**SLOW, **inm}, {**SLOW, **plain_gzip}]
     before = s.long_way.count
     starter, answers = await one_flight(s, client, joiners)
-    # The starter and the three Pragma joiners went the long way; the four plain ones not.
-    assert s.long_way.count - before == 4
+    # The three Pragma joiners went the long way; the plain starter and joiners not.
+    assert s.long_way.count - before == 3
     assert s.origin.served == ["-", etag]  # one revalidation for all eight
     fast, slow = answers[:4], answers[4:]
     assert starter[0] == 200 and starter[2] == s.origin.body
@@ -164,21 +187,71 @@ async def test_joiners_of_a_revalidation_skip_the_long_way_and_answer_the_same(
         assert line["ms"] > 0
 
 
+async def test_the_starter_of_a_revalidation_skips_the_long_way_and_answers_the_same(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Four flights, each started by the first request (a plain one, then its Pragma twin:
+    # the long way) and joined by a plain one; the 200 twice, then the caller's 304 twice.
+    s, etag = setup, setup.origin.etag
+    inm = {"If-None-Match": etag}
+    starts = [{}, {**SLOW}, {**inm}, {**SLOW, **inm}]
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    went, answered = [], []
+    for number, headers in enumerate(starts):
+        before = s.long_way.count
+        rid = f"starter-{number}"
+        starter, joiners = await one_flight(s, client, [{}], {"X-Request-ID": rid, **headers})
+        went.append(s.long_way.count - before)
+        answered.append(starter)
+        assert joiners[0][0] == 200 and joiners[0][1]["X-Cache"] == "REVALIDATED"
+    assert went == [0, 1, 0, 1]  # only the Pragma starters went the long way
+    assert s.origin.served == ["-"] + [etag] * 4  # one revalidation per flight
+    assert [a[0] for a in answered] == [200, 200, 304, 304]
+    for (fast_status, fast_headers, fast_body), (status, headers, body) in (
+        (answered[0], answered[1]),
+        (answered[2], answered[3]),
+    ):
+        assert (fast_status, fast_body) == (status, body)
+        assert steady(fast_headers) == steady(headers)  # same headers, same order
+        assert headers["X-Cache"] == "REVALIDATED"
+        assert headers["Cache-Status"] == "kounta-proxy; fwd=stale; fwd-status=304"
+        assert int(headers["Age"]) >= 0
+    assert answered[0][2] == s.origin.body and answered[2][2] == b""
+    assert answered[2][1]["ETag"] == etag
+    # Counted as the long way counts a starter: a revalidated lookup, nothing coalesced
+    # but the joiners.
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 4
+    lookups = {"result": "revalidated", "reason": "not_modified"}
+    assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 8
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+    lines = access_lines(caplog)
+    fast_200, slow_200, fast_304, slow_304 = (lines[f"starter-{n}"] for n in range(4))
+    for fast, slow in ((fast_200, slow_200), (fast_304, slow_304)):
+        for name in ("status", "cache", "upstream_status", "bytes", "route", "fetched_by"):
+            assert fast[name] == slow[name], name
+        assert fast["fetched_by"] is None and fast["upstream_ms"] is not None
+        assert (fast["cache"], fast["upstream_status"]) == ("REVALIDATED", 304)
+    assert s.origin.ids[1:] == [f"starter-{n}" for n in range(4)]
+
+
 @pytest.mark.parametrize(
-    ("reply", "expected"),
-    [((200, '"v2"'), (200, "MISS")), ((503, '"v1"'), (503, "MISS"))],
+    ("reply", "expected", "reason"),
+    [((200, '"v2"'), (200, "MISS"), "changed"), ((503, '"v1"'), (503, "MISS"), "upstream_503")],
     ids=["changed", "failed"],
 )
-async def test_a_flight_that_did_not_freshen_hands_its_joiners_to_the_long_way(
+async def test_a_flight_that_did_not_freshen_hands_its_starter_and_joiners_to_the_long_way(
     setup: Setup,
     client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
     reply: tuple[int, str],
     expected: tuple[int, str],
+    reason: str,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
     s = setup
     s.origin.reply = reply
     before = s.long_way.count
-    starter, answers = await one_flight(s, client, [{}, {}, {**SLOW}])
+    starter, answers = await one_flight(s, client, [{}, {}, {**SLOW}], starter_headers={})
     # Each went the long way once (the plain ones after waiting at the edge), and the
     # upstream was asked once: nobody fetched again after the flight.
     assert s.long_way.count - before == 4
@@ -189,7 +262,19 @@ async def test_a_flight_that_did_not_freshen_hands_its_joiners_to_the_long_way(
     assert (status, body) == (slow[0], slow[2])
     assert steady(headers) == steady(slow[1])
     assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    lookups = {"result": "miss", "reason": reason}
+    assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 4
     assert s.sample("kounta_proxy_requests_in_flight") == 0
+    # The starter (no X-Request-ID of its own) keeps one id: the one Kounta saw, answered
+    # and logged as its own fetch.
+    rid = starter[1]["X-Request-ID"]
+    assert s.origin.ids[-1] == rid
+    lines = access_lines(caplog)
+    line = lines[rid]
+    assert (line["status"], line["upstream_status"], line["fetched_by"]) == (status, reply[0], None)
+    assert line["upstream_ms"] is not None
+    for _, joiner, _ in answers:
+        assert lines[joiner["X-Request-ID"]]["fetched_by"] == rid
 
 
 async def test_a_joiner_that_gives_up_waits_once(
@@ -223,7 +308,7 @@ async def test_a_joiner_that_gives_up_waits_once(
         origin.gate.set()
         for status, headers, _ in (await starter, await joiner):
             assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
-        assert s.long_way.count == 2  # the starter, and the joiner after its one wait
+        assert s.long_way.count == 1  # the joiner after its one wait (the starter: fast)
     finally:
         origin.gate.set()
         await runner.cleanup()
@@ -234,9 +319,7 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
 ) -> None:
     caplog.set_level(logging.INFO, logger="kounta_proxy")
     s = setup
-    s.origin.gate.clear()
-    s.origin.asked.clear()
-    url = s.proxy.url + PATH
+    url = s.hold()
     starter = asyncio.ensure_future(get(client, url))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     before = s.long_way.count
@@ -244,10 +327,7 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
         asyncio.ensure_future(get(client, url, **{"X-Request-ID": rid, **headers}))
         for rid, headers in (("fast-leaver", {}), ("slow-leaver", SLOW))
     ]
-    for _ in range(500):  # both wait with the starter
-        if s.sample("kounta_proxy_requests_in_flight") == 3:
-            break
-        await asyncio.sleep(0.01)
+    await s.waiting(3)  # both wait with the starter
     for task in leaving:
         task.cancel()
     await asyncio.gather(*leaving, return_exceptions=True)
@@ -262,12 +342,93 @@ async def test_a_joiner_whose_caller_hangs_up_is_a_499_either_way(
     assert s.long_way.count - before == 1  # the slow one; the fast one never went there
     labels = {"method": "GET", "route": ROUTE, "cache": "-", "account": "main"}
     assert s.sample("kounta_proxy_requests_total", {**labels, "status_class": "4xx"}) == 2
-    lines = {
-        r.fields["request_id"]: r.fields  # type: ignore[attr-defined]
-        for r in caplog.records
-        if r.getMessage() == "request"
-    }
+    lines = access_lines(caplog)
     for rid in ("fast-leaver", "slow-leaver"):
         assert (lines[rid]["status"], lines[rid]["cache"]) == (499, "-")
     assert s.origin.served == ["-", s.origin.etag]
     assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_starter_whose_caller_hangs_up_is_a_499_and_its_flight_goes_on(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, url = setup, setup.hold()
+    before = s.long_way.count
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    leaver = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "leaver"}))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    joiner = asyncio.ensure_future(get(client, url))  # joins the leaver's flight
+    await s.waiting(2)
+    leaver.cancel()
+    await asyncio.gather(leaver, return_exceptions=True)
+    s.origin.gate.set()
+    status, headers, body = await joiner  # the flight went on without its starter
+    assert (status, headers["X-Cache"], body) == (200, "REVALIDATED", s.origin.body)
+    assert s.origin.served == ["-", s.origin.etag]
+    assert s.long_way.count == before
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while "leaver" not in access_lines(caplog):
+        assert loop.time() - began < 5
+        await asyncio.sleep(0.01)
+    line = access_lines(caplog)["leaver"]
+    assert (line["status"], line["cache"]) == (499, "-")
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_failure_starting_at_the_edge_leaves_the_starter_to_the_long_way(
+    setup: Setup, client: aiohttp.ClientSession
+) -> None:
+    s = setup
+    s.origin.gate.set()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    s.long_way.fast.cache.fast.start = broken  # type: ignore[method-assign]
+    before = s.long_way.count
+    status, headers, body = await get(client, s.proxy.url + PATH)
+    assert (status, headers["X-Cache"], body) == (200, "REVALIDATED", s.origin.body)
+    assert s.long_way.count - before == 1
+    assert s.origin.served == ["-", s.origin.etag]  # asked once, by the long way
+
+
+async def raw_answer(url: str, *lines: str) -> bytes:
+    """The whole answer, as sent, to a GET of PATH with these header lines (then closed)."""
+    host = url.removeprefix("http://")
+    address, port = host.split(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    head = "".join(f"{line}\r\n" for line in (f"Host: {host}", *lines, "Connection: close"))
+    writer.write(f"GET {PATH} HTTP/1.1\r\n{head}\r\n".encode())
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def masked(answer: bytes) -> bytes:
+    """``answer`` with the values that differ per answer (Date, Age) blanked."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = [
+        line.split(b":")[0] + b": -" if line.lower().startswith((b"date:", b"age:")) else line
+        for line in head.split(b"\r\n")
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def test_a_starters_304_is_the_long_ways_byte_for_byte(setup: Setup) -> None:
+    s = setup
+    s.origin.gate.set()
+    stored = await raw_answer(s.proxy.url)  # its own key (no Accept): stored
+    assert b"\r\nX-Cache: MISS\r\n" in stored
+    lines = (f"If-None-Match: {s.origin.etag}", "X-Request-ID: same-id")
+    before = s.long_way.count
+    fast = await raw_answer(s.proxy.url, *lines)  # starts its flight at the edge
+    assert s.long_way.count == before
+    slow = await raw_answer(s.proxy.url, *lines, "Pragma: x-whatever")  # the long way's
+    assert s.long_way.count == before + 1
+    assert fast.startswith(b"HTTP/1.1 304 Not Modified\r\n")
+    assert fast.endswith(b"\r\n\r\n")  # no body
+    assert masked(fast) == masked(slow)
+    assert b"\r\nX-Cache: REVALIDATED\r\n" in fast
+    assert s.origin.served == ["-", "-", s.origin.etag, s.origin.etag]  # one revalidation each

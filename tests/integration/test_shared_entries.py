@@ -7,6 +7,7 @@ store without stale or half-written entries."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -31,12 +32,13 @@ from proxy.cache.redis_records import (
     encode,
 )
 from proxy.edge.services import SERVICES
+from proxy.settings import CacheSettings
 from proxy.shared.records import RecordKeys
-from tests.conftest import Proxy, Sandbox, serve
+from tests.conftest import Proxy, Sandbox, serve, serve_handler
 from tests.integration.test_cache import LIST, ONE, get
 from tests.integration.test_shared_cache import first_id
 from tests.redis_server import TOKEN_KEY
-from tests.replicas import FRESH_FOR, RedisSpace, Replicas
+from tests.replicas import FRESH_FOR, RedisSpace, Replicas, caching, until
 
 T = TypeVar("T")
 
@@ -449,3 +451,54 @@ async def test_invalidations_replayed_by_concurrent_lookups_are_each_dropped_and
         assert caught_up == [True, True, True]
         assert sorted(resent) == ["/v1/0", "/v1/1", "/v1/2"]
         assert entries.pending == []
+
+
+async def test_a_304_reaches_redis_once_a_second_unless_it_makes_the_entry_fresh(
+    replicas: Replicas, client: aiohttp.ClientSession
+) -> None:
+    # A key revalidated on every request (no freshness): Kounta's 304 changes no body, so
+    # Redis gets it as the disk does, at most once a second (proxy.cache.freshen), not a
+    # whole record per revalidation. A 304 that makes the entry fresh goes at once: another
+    # replica may answer from it.
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"ETag": '"v1"'}
+        if request.query.get("fresh"):
+            headers["Cache-Control"] = "max-age=60"
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.json_response({"id": 1, "pad": "x" * 4000}, headers=headers)
+
+    runner, upstream = await serve_handler(handler)
+    try:
+        settings = caching(upstream, replicas.tmp_path / "r0", replicas.space.settings())
+        (p,) = await replicas.start(dataclasses.replace(settings, cache=CacheSettings()))
+        cache = p.app[SERVICES].cache
+        assert cache is not None
+        ticks = [0.0]
+        cache.entries.freshen.clock = lambda: ticks[0]  # type: ignore[attr-defined]
+
+        async def read(url: str, **headers: str) -> str:
+            status, answer, _ = await get(client, url, **headers)
+            await until(lambda: not cache.tasks, what="the flight's finish")
+            assert status == 200
+            return answer["X-Cache"]
+
+        def puts() -> float:
+            return shared_op(p, "put", "ok")
+
+        url = p.url + "/v1/things.json"
+        assert await read(url) == "MISS"
+        assert puts() == 1
+        for _ in range(3):  # within one second: the first 304 reaches Redis, not the others
+            assert await read(url) == "REVALIDATED"
+        assert puts() == 2
+        ticks[0] = 1.0  # a second later: the next one does
+        assert await read(url) == "REVALIDATED"
+        assert puts() == 3
+        fresh = p.url + "/v1/things.json?fresh=1"
+        assert await read(fresh) == "MISS"
+        for _ in range(2):  # no-cache asks Kounta; its 304 makes the entry fresh for 60 s
+            assert await read(fresh, **{"Cache-Control": "no-cache"}) == "REVALIDATED"
+        assert puts() == 6
+    finally:
+        await runner.cleanup()

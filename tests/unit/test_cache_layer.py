@@ -195,6 +195,7 @@ async def test_a_304_freshens_memory_at_once_and_the_disk_record_once_a_second(
     inner.answers = [answer(ETag='"a"'), *(answer(304, b"", ETag='"a"') for _ in range(4))]
     assert await body_of(await cache.send(request())) == b"[1]"
     [key] = store.hot.items
+    body = store.hot.items[key].body
 
     async def on_disk() -> float:
         await store.flush()
@@ -209,6 +210,7 @@ async def test_a_304_freshens_memory_at_once_and_the_disk_record_once_a_second(
         assert (again.status, await body_of(again)) == (200, b"[1]")
         assert again.cache_status == "REVALIDATED"
         assert store.hot.items[key].entry.response_time == clock.now  # memory: every 304
+        assert store.hot.items[key].body is body  # its metadata only: the body kept as is
         if seconds in (0.0, 1.0):
             stored_at = clock.now
         assert await on_disk() == stored_at, seconds  # disk: the first, then a second later
