@@ -6,7 +6,8 @@ and round robin over callers within a class, so one busy caller cannot starve th
 batch walk cannot hold up a till. Batch requests never take the last ``budget.reserve`` of the
 burst and of the window's cap. A request whose wait would pass its limit gets
 :class:`~proxy.errors.RateLimited` at once. :meth:`AccountBudget.expected_wait` estimates a
-request's wait without taking anything (the cache's stale-while-busy asks it).
+request's wait without taking anything; :meth:`AccountBudget.estimate` reads the fleet's
+state first (the cache's stale-while-busy asks it).
 
 The layer that drives it per request is :class:`proxy.pipeline.budget.Budget`.
 """
@@ -192,8 +193,16 @@ class AccountBudget:
         this process's queue in the discipline's order, and (shared) the other replicas'
         waiting requests and the next slot as the last take said (``TAKE_CLASSED``)."""
         now = self.clock.now()
-        ahead = self.ahead_of(caller, klass) if self.waiting or self._others() else 0
+        ahead = self.ahead_of(caller, klass) if self.waiting or any(self._others().values()) else 0
         return max(0.0, self.gate.ready_after(now, ahead) - now)
+
+    async def estimate(self, caller: str, klass: str = DEFAULT_CLASS) -> float:
+        """:meth:`expected_wait` on the fleet's state as it is now: shared, the gate reads it
+        first (one read-only round trip, at most every ``LOOK_SECONDS``, shared by callers at
+        once), so a replica whose own queue is empty still sees the bucket other replicas
+        drain and the requests they hold."""
+        await self.gate.look(self.clock.now())
+        return self.expected_wait(caller, klass)
 
     async def acquire(
         self, caller: str, limit: float, klass: str = DEFAULT_CLASS, wanted: Wanted | None = None

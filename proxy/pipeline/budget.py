@@ -102,10 +102,11 @@ class Budget:
             name, rate, self.settings, self.clock, self.metrics, gate, self.max_share
         )
 
-    def expected_wait(self, account: str, caller: str, klass: str) -> float:
+    async def expected_wait(self, account: str, caller: str, klass: str) -> float:
         """Seconds a request of ``caller`` in ``klass`` would now wait for a token of
-        ``account`` (:meth:`AccountBudget.expected_wait`: no token taken, no round trip)."""
-        return self.account(account).expected_wait(caller, klass)
+        ``account`` (:meth:`AccountBudget.estimate`: no token taken; shared, at most one
+        read-only round trip every ``LOOK_SECONDS``)."""
+        return await self.account(account).estimate(caller, klass)
 
     def max_share(self, caller: str) -> float:
         found = self.callers().get(caller)

@@ -311,8 +311,10 @@ class RedisBackend(WebhookRecords):
             repr(float(period)),
             repr(float(min(longest, NO_CAP))),
         ]
-        tokens, *fleet = await self._run("budget_room", lambda: self._spare(keys=keys, args=args))
-        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])))
+        tokens, *fleet, wait = await self._run(
+            "budget_room", lambda: self._spare(keys=keys, args=args)
+        )
+        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])), float(wait))
 
     # --- tokens
 

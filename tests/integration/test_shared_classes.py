@@ -118,22 +118,21 @@ async def test_the_429_at_once_counts_the_fleets_queue(backends: list[RedisBacke
     await b.close()
 
 
-async def test_the_expected_wait_counts_the_fleets_queue_as_the_last_take_said(
-    backends: list[RedisBackend],
-) -> None:
-    """Stale-while-busy's estimate (no round trip: a plain call): replica B's own queue is
-    empty, but once a take told it A's batch queue, a batch request on B expects to wait
-    behind it, and an interactive one does not."""
+async def test_the_expected_wait_counts_the_fleets_queue(backends: list[RedisBackend]) -> None:
+    """Stale-while-busy's estimate: replica B's own queue is empty and it has taken nothing,
+    but it reads the fleet's state (one read, kept for a short time): a batch request on B
+    expects to wait behind A's batch queue, an interactive one does not. The plain estimate
+    (no round trip) counts the fleet as the last read or take said."""
     a, b = replica(backends[0]), replica(backends[1])
     waiting = [
         asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch")) for _ in range(15)
     ]
     await asyncio.sleep(0.3)  # A's dispatcher has told Redis about its queue
-    # B has not asked Redis since: it knows no queue, and errs toward "not busy".
-    assert b.expected_wait("export", "batch") < 0.25
-    await b.acquire("till", b.clock.now() + 0.6, "interactive")  # ahead of A's batch queue
+    assert await b.estimate("export", "batch") > 1.0  # behind ~14 batch slots of 0.105 s
     assert b.gate.fleet[2] >= 10  # type: ignore[attr-defined]
-    assert b.expected_wait("export", "batch") > 1.0  # behind ~14 batch slots of 0.105 s
+    assert await b.estimate("till", "interactive") < 0.25
+    await b.acquire("till", b.clock.now() + 0.6, "interactive")  # ahead of A's batch queue
+    assert b.expected_wait("export", "batch") > 1.0
     assert b.expected_wait("till", "interactive") < 0.25
     for task in waiting:
         task.cancel()

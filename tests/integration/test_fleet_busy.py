@@ -1,0 +1,60 @@
+"""Stale-while-busy on a fleet (two replicas on a real redis-server, the sandbox upstream): the
+busy estimate sees the fleet's bucket, and a refresh waiting for its batch token holds no
+fetch lock another replica's caller would wait on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import MakeProxy, Proxy, Sandbox
+from tests.integration.test_budget import queued
+from tests.integration.test_stale_while_busy import (
+    BUSY,
+    CUSTOMERS,
+    get,
+    on_redis,
+    refreshed,
+    slow,
+)
+from tests.redis_server import RedisServer
+
+
+async def two(
+    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, server: RedisServer, prefix: str
+) -> list[Proxy]:
+    return [
+        await make_proxy(
+            on_redis(slow(sandbox.url, tmp_path / name), server, prefix),
+            registry=CollectorRegistry(),
+        )
+        for name in ("a", "b")
+    ]
+
+
+async def test_an_idle_replica_sees_the_fleets_bucket_busy(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Replica B's own queue is empty while replica A's callers wait for the shared bucket
+    (a token every 0.5 s): a stale read on B is answered at once from the cache, not sent to
+    wait behind A's queue (B has not taken a token since A's callers queued)."""
+    a, b = await two(make_proxy, sandbox, tmp_path, redis_server, redis_prefix)
+    ids = sorted(sandbox.state.store["customers"].records)
+    path = f"{CUSTOMERS}/{ids[0]}.json"
+    status, first, _, _ = await get(client, b.url + path)  # the one token at hand
+    assert status == 200
+    cold = [asyncio.create_task(get(client, f"{a.url}{CUSTOMERS}/{ids[n]}.json")) for n in (1, 2)]
+    await queued(a, 2)
+    status, body, headers, _ = await get(client, b.url + path)
+    assert (status, headers["X-Cache"], body) == (200, "STALE", first), headers
+    assert headers["Cache-Status"] == BUSY
+    await asyncio.gather(*cold)
+    await refreshed(b)
