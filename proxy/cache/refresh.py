@@ -16,7 +16,7 @@ from proxy.cache.memory import Stored
 from proxy.cache.policy import BusyStale, RequestControl, rule_for, stale_while_busy
 from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
-from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.messages import Prepaid, ProxyRequest, ProxyResponse
 from proxy.settings import CacheRule, Settings
 
 # Seconds a request of (account, caller, class) would now wait for a budget token (shared:
@@ -101,6 +101,7 @@ class Refreshes:
             priority="batch",
             deadline=asyncio.get_running_loop().time() + self.total_timeout,
             wanted=wanted,
+            prepaid=Prepaid(),  # with Redis, its token is taken before the key's fetch lock
         )
         flight = self._start(key, background, stored, alone=True, unwanted=True)
         started.append(flight)

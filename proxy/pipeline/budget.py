@@ -127,12 +127,36 @@ class Budget:
             found = self.accounts[name] = self._budget_for(name, rate)
         return found
 
+    async def prepay(self, request: ProxyRequest) -> None:
+        """Take ``request``'s token now, as its send would (same class, limit and
+        ``wanted``; :class:`~proxy.errors.RateLimited` when dropped or too late); its first
+        send then takes none. Nothing to do for a request without ``prepaid``."""
+        if request.prepaid is None or request.prepaid.paid:
+            return
+        budget = self.account(request.account)
+        limit = budget.limit_for(request.deadline)
+        waited = await budget.acquire(request.caller, limit, request.priority, request.wanted)
+        request.prepaid.paid = True
+        debug(
+            "budget_prepaid",
+            account=request.account,
+            caller=request.caller,
+            priority=request.priority,
+            waited_ms=round(waited * 1000, 2),
+        )
+
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)
         limit = budget.limit_for(request.deadline)
         now = trace()
+        prepaid = request.prepaid
         while True:
-            waited = await budget.acquire(request.caller, limit, request.priority, request.wanted)
+            if prepaid is not None and prepaid.spend():
+                waited = 0.0  # taken ahead (a background refresh, before its fetch lock)
+            else:
+                waited = await budget.acquire(
+                    request.caller, limit, request.priority, request.wanted
+                )
             now.budget_wait += waited
             debug(
                 "budget_taken",

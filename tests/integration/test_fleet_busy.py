@@ -35,6 +35,11 @@ async def two(
     ]
 
 
+def locks(proxy: Proxy, result: str) -> float:
+    labels = {"op": "lock", "result": result}
+    return proxy.registry.get_sample_value("kounta_proxy_cache_shared_total", labels) or 0.0
+
+
 async def test_an_idle_replica_sees_the_fleets_bucket_busy(
     make_proxy: MakeProxy,
     sandbox: Sandbox,
@@ -58,3 +63,29 @@ async def test_an_idle_replica_sees_the_fleets_bucket_busy(
     assert headers["Cache-Status"] == BUSY
     await asyncio.gather(*cold)
     await refreshed(b)
+
+
+async def test_a_queued_refresh_holds_no_fetch_lock_from_another_replicas_caller(
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Replica A answers a stale read at once (its callers queue) and queues the refresh at
+    batch priority; meanwhile a caller on replica B who opts out of stale (max-stale=0) takes
+    the key's fetch lock itself, instead of waiting on it for A's batch token and fetch."""
+    a, b = await two(make_proxy, sandbox, tmp_path, redis_server, redis_prefix)
+    ids = sorted(sandbox.state.store["customers"].records)
+    path = f"{CUSTOMERS}/{ids[0]}.json"
+    assert (await get(client, a.url + path))[0] == 200  # stored here and in Redis
+    cold = [asyncio.create_task(get(client, f"{a.url}{CUSTOMERS}/{ids[n]}.json")) for n in (1, 2)]
+    await queued(a, 2)
+    headers = (await get(client, a.url + path))[2]
+    assert headers["X-Cache"] == "STALE", headers  # and A's refresh waits for a batch token
+    status, _, headers, _ = await get(client, b.url + path, **{"Cache-Control": "max-stale=0"})
+    assert status == 200, headers
+    assert (locks(b, "taken"), locks(b, "waited")) == (1.0, 0.0)
+    await asyncio.gather(*cold)
+    await refreshed(a)
