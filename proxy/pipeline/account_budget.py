@@ -120,9 +120,12 @@ class AccountBudget:
             self.gate.weights = self._weights_tuple()
         self._dispatcher: asyncio.Task[None] | None = None
         # Set when a request of a class the reserve does not hold back joins while the
-        # dispatcher sleeps for a batch request the reserve holds back.
+        # dispatcher sleeps for a batch request the reserve holds back, or (shared) when the
+        # first request of a class joins while it sleeps.
         self._wake = asyncio.Event()
         self._held_back = False
+        # Shared: the dispatcher sleeps until its next ask of Redis (a class new here wakes it).
+        self._sleeping = False
         self.upstream_429s = 0
         self.rejected = 0
         metrics.budget_tokens.labels(name).set_function(self.available)
@@ -234,8 +237,12 @@ class AccountBudget:
             raise self._reject("queue_full", at - started, klass, background)
         future = asyncio.get_running_loop().create_future()
         waiter = _Waiter(future, limit, started, klass, wanted)
+        first = not self.queues[klass]
         self._enqueue(klass, caller, waiter)
-        if self._held_back and klass != "batch":
+        # Shared, the fleet learns of a class waiting here only when the dispatcher next asks
+        # Redis: the first of its class wakes it, or another replica's later request (of this
+        # class or a lower one) may take the slots until the dispatcher's sleep ends.
+        if (self._held_back and klass != "batch") or (self._sleeping and first):
             self._wake.set()
         # The newcomer may be served before some who queued earlier (a higher class, or round
         # robin): whoever it pushes past their limit hears so now, not when the limit comes.
@@ -389,17 +396,19 @@ class AccountBudget:
         return grant, first, len(tried) == 1 and self.reserve_for(grant.klass) > 0
 
     async def _sleep(self, seconds: float, held_back: bool) -> None:
-        if not held_back:
+        shared = self._fleet_classed()
+        if not held_back and not shared:
             await self.clock.sleep(seconds)
             return
-        self._held_back = True
+        self._held_back = held_back
+        self._sleeping = shared
         self._wake.clear()
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._held_back = False
+            self._held_back = self._sleeping = False
             for task in (sleeper, waker):
                 task.cancel()
             await asyncio.gather(sleeper, waker, return_exceptions=True)

@@ -35,13 +35,13 @@ async def backends(redis_space: RedisSpace) -> AsyncIterator[list[RedisBackend]]
         yield [a, b, c]
 
 
-def replica(backend: RedisBackend, **settings: float) -> AccountBudget:
+def replica(backend: RedisBackend, rate: Rate = RATE, **settings: float) -> AccountBudget:
     clock = MonotonicClock()
-    gate = SharedGate("main", RATE, backend, backend, 3, clock.now(), 60.0)
+    gate = SharedGate("main", rate, backend, backend, 3, clock.now(), 60.0)
     options = {"max_wait": FAR, **settings}
     return AccountBudget(
         "main",
-        RATE,
+        rate,
         BudgetSettings(**options),
         clock,
         PipelineMetrics(CollectorRegistry()),
@@ -156,4 +156,27 @@ async def test_a_replica_asks_for_the_class_the_fleet_serves_when_its_own_order_
     await a.acquire("till", a.clock.now() + 2.0, "standard")
     assert time.monotonic() - started < 1.0
     assert await batch < 2.0
+    await a.close()
+
+
+async def test_a_class_joining_a_replicas_queue_reaches_the_fleet_before_the_next_slot(
+    backends: list[RedisBackend],
+) -> None:
+    """Replica A's dispatcher sleeps until the next slot (a second off) for its batch request;
+    an interactive request joins A's queue. The fleet hears of it at once (the first of its
+    class wakes the dispatcher), not when that sleep ends: meanwhile another replica's later
+    request, or batch, would get the slot that is interactive's."""
+    slow = Rate(per_window=4, burst=1, window=4.0, margin=0.0)  # a slot a second
+    a = replica(backends[0], slow)
+    await a.acquire("warm", a.clock.now() + FAR, "standard")  # the burst's one token
+    batch = asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch"))
+    await asyncio.sleep(0.05)  # queued; the dispatcher sleeps until the next slot
+    till = asyncio.create_task(a.acquire("till", a.clock.now() + FAR, "interactive"))
+    await asyncio.sleep(0.2)
+    room = await backends[1].room("main", slow.per_window, slow.burst, slow.window)
+    assert room.fleet[0] == 1, room
+    assert await till < 1.2
+    for task in (batch, till):
+        task.cancel()
+    await asyncio.gather(batch, till, return_exceptions=True)
     await a.close()
