@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import MakeProxy, Proxy, Sandbox
@@ -23,12 +24,19 @@ from tests.integration.test_stale_while_busy import (
 from tests.redis_server import RedisServer
 
 
+@pytest.fixture
 async def two(
-    make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any, server: RedisServer, prefix: str
+    make_proxy: MakeProxy,
+    sandbox: Sandbox,
+    tmp_path: Any,
+    redis_server: RedisServer,
+    redis_prefix: str,
 ) -> list[Proxy]:
+    """Replicas a and b on one Redis, a slow budget (a token every 0.5 s) in front of the
+    sandbox."""
     return [
         await make_proxy(
-            on_redis(slow(sandbox.url, tmp_path / name), server, prefix),
+            on_redis(slow(sandbox.url, tmp_path / name), redis_server, redis_prefix),
             registry=CollectorRegistry(),
         )
         for name in ("a", "b")
@@ -41,17 +49,12 @@ def locks(proxy: Proxy, result: str) -> float:
 
 
 async def test_an_idle_replica_sees_the_fleets_bucket_busy(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    two: list[Proxy], sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """Replica B's own queue is empty while replica A's callers wait for the shared bucket
     (a token every 0.5 s): a stale read on B is answered at once from the cache, not sent to
     wait behind A's queue (B has not taken a token since A's callers queued)."""
-    a, b = await two(make_proxy, sandbox, tmp_path, redis_server, redis_prefix)
+    a, b = two
     ids = sorted(sandbox.state.store["customers"].records)
     path = f"{CUSTOMERS}/{ids[0]}.json"
     status, first, _, _ = await get(client, b.url + path)  # the one token at hand
@@ -66,17 +69,12 @@ async def test_an_idle_replica_sees_the_fleets_bucket_busy(
 
 
 async def test_a_queued_refresh_holds_no_fetch_lock_from_another_replicas_caller(
-    make_proxy: MakeProxy,
-    sandbox: Sandbox,
-    tmp_path: Any,
-    client: aiohttp.ClientSession,
-    redis_server: RedisServer,
-    redis_prefix: str,
+    two: list[Proxy], sandbox: Sandbox, client: aiohttp.ClientSession
 ) -> None:
     """Replica A answers a stale read at once (its callers queue) and queues the refresh at
     batch priority; meanwhile a caller on replica B who opts out of stale (max-stale=0) takes
     the key's fetch lock itself, instead of waiting on it for A's batch token and fetch."""
-    a, b = await two(make_proxy, sandbox, tmp_path, redis_server, redis_prefix)
+    a, b = two
     ids = sorted(sandbox.state.store["customers"].records)
     path = f"{CUSTOMERS}/{ids[0]}.json"
     assert (await get(client, a.url + path))[0] == 200  # stored here and in Redis
