@@ -59,6 +59,10 @@ OTHERS = "~others"
 # milliseconds after a token is due on a busy loop, and such a request would wait its whole
 # limit for a 429 instead of hearing it at once.
 TURN_MARGIN = 0.05
+# While Redis is away, the dispatcher asks again at least this often (the backend's probe
+# interval): a request is served by the shared bucket once Redis is back, not when the
+# fallback share's window frees.
+DEGRADED_ASK = 1.0
 
 
 @dataclass(slots=True)
@@ -367,7 +371,12 @@ class AccountBudget:
                 # A waiter that joins while we sleep has a limit after `at` (else it was
                 # refused at once), so sleeping until the next token or the earliest
                 # limit never lets a limit pass unnoticed.
-                await self._sleep(min(now + wait, self._earliest_limit()) - now, held_back)
+                until = min(now + wait, self._earliest_limit())
+                if isinstance(self.gate, SharedGate) and not self._fleet_classed():
+                    # Degraded: the fallback share's wait may be long (the replica's Redis
+                    # sends fill its window); Redis may be back within its next probe.
+                    until = min(until, now + DEGRADED_ASK)
+                await self._sleep(until - now, held_back)
         finally:
             self._dispatcher = None
 

@@ -180,3 +180,24 @@ async def test_a_class_joining_a_replicas_queue_reaches_the_fleet_before_the_nex
         task.cancel()
     await asyncio.gather(batch, till, return_exceptions=True)
     await a.close()
+
+
+async def test_a_queue_asks_redis_again_as_soon_as_it_is_back(
+    own_redis_space: RedisSpace,
+) -> None:
+    """Redis goes away while this replica's fallback share is spent (its Redis sends count in
+    it), so a queued request's fallback turn is seconds off. Redis is back within a second:
+    the request is served from the shared bucket then, not when the fallback's window frees
+    (its dispatcher asks again at least once a second while degraded)."""
+    rate = Rate(per_window=30, burst=30, window=6.0, margin=0.0)  # fallback: 10 per 6 s
+    async with own_redis_space.backend(timeout=0.2) as backend:
+        a = replica(backend, rate)
+        for _ in range(10):  # through Redis; they fill the fallback's window too
+            await a.acquire("warm", a.clock.now() + FAR, "standard")
+        own_redis_space.server.stop()
+        till = asyncio.create_task(a.acquire("till", a.clock.now() + FAR, "interactive"))
+        await asyncio.sleep(0.3)
+        assert a.gate.mode() == "degraded" and not till.done()
+        own_redis_space.server.start()
+        assert await till < 4.0  # the fallback's turn: about 6 s
+        await a.close()
