@@ -30,6 +30,8 @@ from proxy.messages import ProxyRequest
 Fetch = Callable[[], Awaitable[Outcome]]
 # Takes a background request's budget token ahead of its send (the budget's ``prepay``).
 Prepay = Callable[[ProxyRequest], Awaitable[None]]
+# Hands a token taken ahead but not spent to the account's next request (``refund``).
+Refund = Callable[[ProxyRequest], None]
 # An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
 Hold = Callable[[Entry], Entry]
 
@@ -172,14 +174,17 @@ class RedisEntries(LocalEntries):
         clock: WallClock,
         coalesce_wait: float,
         prepay: Prepay | None = None,
+        refund: Refund | None = None,
     ) -> None:
         """``prepay``: takes a background refresh's budget token before its fetch lock
-        (None: the refresh takes the lock first and its token when it sends)."""
+        (None: the refresh takes the lock first and its token when it sends); ``refund``:
+        passes on such a token the refresh did not spend."""
         super().__init__(store, flights, metrics)
         self.records = records
         self.clock = clock
         self.coalesce_wait = coalesce_wait
         self.prepay = prepay
+        self.refund = refund
         # Background refreshes' claims (owner tokens), let go of by finish().
         self._refreshing: dict[Flight, str] = {}
 
@@ -289,6 +294,8 @@ class RedisEntries(LocalEntries):
         refreshing = self._refreshing.pop(flight, None)
         if refreshing is not None:  # after the entry and the lock: a later refresh finds both
             await self.records.release_refresh(flight.request.account, flight.key, refreshing)
+        if self.refund is not None and flight.request.prepaid is not None:
+            self.refund(flight.request)  # its token, if it found the key fetched meanwhile
 
     async def close(self) -> None:
         await self.records.close()

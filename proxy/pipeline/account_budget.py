@@ -128,8 +128,11 @@ class AccountBudget:
         # first request of a class joins while it sleeps.
         self._wake = asyncio.Event()
         self._held_back = False
-        # Shared: the dispatcher sleeps until its next ask of Redis (a class new here wakes it).
+        # The dispatcher sleeps until its next ask (a refund, or shared a class new here, wakes
+        # it).
         self._sleeping = False
+        # Until when a refunded token waits for the next request (refund).
+        self._credit = -math.inf
         self.upstream_429s = 0
         self.rejected = 0
         metrics.budget_tokens.labels(name).set_function(self.available)
@@ -222,6 +225,9 @@ class AccountBudget:
         background = wanted is not None
         if wanted is not None and not wanted():
             raise self._reject("dropped", 0.0, klass, background)
+        if self.waiting == 0 and self._credited(started):
+            self._served(klass, 0.0, started)
+            return 0.0
         if self.waiting == 0:
             wait = await self.gate.try_take(started, klass, self.reserve_for(klass))
             if wait <= 0:
@@ -246,7 +252,9 @@ class AccountBudget:
         # Shared, the fleet learns of a class waiting here only when the dispatcher next asks
         # Redis: the first of its class wakes it, or another replica's later request (of this
         # class or a lower one) may take the slots until the dispatcher's sleep ends.
-        if (self._held_back and klass != "batch") or (self._sleeping and first):
+        if (self._held_back and klass != "batch") or (
+            self._sleeping and first and self._fleet_classed()
+        ):
             self._wake.set()
         # The newcomer may be served before some who queued earlier (a higher class, or round
         # robin): whoever it pushes past their limit hears so now, not when the limit comes.
@@ -258,6 +266,25 @@ class AccountBudget:
         waited = now - started
         self._served(klass, waited, now)
         return waited
+
+    def refund(self) -> None:
+        """A token taken but not spent (a background refresh that, once it had its token,
+        found the key fetched by another replica meanwhile): the next waiting request in the
+        discipline's order gets it next, or, with none waiting, the next request within one
+        pacing interval (after that it lapses, as an unused slot does)."""
+        now = self.clock.now()
+        self._credit = now + self.rate.window / self.rate.per_window
+        if self.waiting:  # the dispatcher takes it next (woken if it sleeps)
+            if self._sleeping:
+                self._wake.set()
+            self._start_dispatcher()
+
+    def _credited(self, now: float) -> bool:
+        """Whether a refunded token is at hand (it is then taken)."""
+        if self._credit < now:
+            return False
+        self._credit = -math.inf
+        return True
 
     def _served(self, klass: str, waited: float, now: float) -> None:
         self.metrics.budget_wait.labels(self.name, klass).observe(waited)
@@ -361,7 +388,10 @@ class AccountBudget:
                 grant = decide(state, now)
                 if grant is None:
                     break
-                wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
+                if self._credited(now):
+                    wait = 0.0
+                else:
+                    wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
                 held_back = False
                 if wait > 0 and (self.reserve_for(grant.klass) > 0 or self._fleet_classed()):
                     grant, wait, held_back = await self._other_class(state, now, grant, wait)
@@ -405,12 +435,8 @@ class AccountBudget:
         return grant, first, len(tried) == 1 and self.reserve_for(grant.klass) > 0
 
     async def _sleep(self, seconds: float, held_back: bool) -> None:
-        shared = self._fleet_classed()
-        if not held_back and not shared:
-            await self.clock.sleep(seconds)
-            return
         self._held_back = held_back
-        self._sleeping = shared
+        self._sleeping = True
         self._wake.clear()
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
         waker = asyncio.ensure_future(self._wake.wait())

@@ -145,6 +145,12 @@ class Budget:
             waited_ms=round(waited * 1000, 2),
         )
 
+    def refund(self, request: ProxyRequest) -> None:
+        """``request``'s token taken ahead was not spent (it was not sent): the account's
+        next request gets it (:meth:`AccountBudget.refund`). Nothing when none is left."""
+        if request.prepaid is not None and request.prepaid.spend():
+            self.account(request.account).refund()
+
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)
         limit = budget.limit_for(request.deadline)
