@@ -201,7 +201,8 @@ class AccountBudget:
         """Seconds a new request of ``caller`` in ``klass`` would wait for its token, estimated
         as :meth:`acquire` does before queueing it, without taking anything or asking Redis:
         this process's queue in the discipline's order, and (shared) the other replicas'
-        waiting requests and the next slot as the last take said (``TAKE_CLASSED``)."""
+        waiting requests and the next slot as the last take or read of the fleet said
+        (``TAKE_CLASSED``, or :meth:`estimate`'s ``SPARE``)."""
         now = self.clock.now()
         ahead = self.ahead_of(caller, klass) if self.waiting or any(self._others().values()) else 0
         return max(0.0, self.gate.ready_after(now, ahead) - now)
