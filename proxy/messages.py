@@ -28,6 +28,20 @@ CacheStatus = Literal["HIT", "MISS", "REVALIDATED", "STALE", "BYPASS", "-"]
 Body = bytes | AsyncIterable[bytes] | None
 
 
+@dataclass(slots=True)
+class Prepaid:
+    """A background request's budget token, taken ahead of its send (a cache refresh takes
+    it before the key's fetch lock, so while it waits it holds nothing another replica's
+    caller would wait on): the budget spends it on the first send instead of taking one."""
+
+    paid: bool = False
+
+    def spend(self) -> bool:
+        """Whether a token was taken ahead; once (a resend takes its own)."""
+        paid, self.paid = self.paid, False
+        return paid
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyRequest:
     method: str
@@ -49,6 +63,8 @@ class ProxyRequest:
     # Set on background requests nobody waits for (a cache refresh): whether it is still
     # useful; the budget drops it instead of spending a token once this says False.
     wanted: Callable[[], bool] | None = None
+    # Set on a background request that may take its budget token ahead (:class:`Prepaid`).
+    prepaid: Prepaid | None = None
 
     @property
     def path_qs(self) -> str:

@@ -207,7 +207,7 @@ class Cache:
                 return await self._decide(request, control, key, newer)
             usable = isinstance(decision, Revalidate) or decision.stale is not None
             if usable and stored is not None and request.method == "GET":
-                busy = self.background.busy_stale(request, control, key, stored)
+                busy = await self.background.busy_stale(request, control, key, stored)
                 if busy is not None:
                     return busy
             return await self._forward(request, key, stored, decision, hooks)

@@ -56,6 +56,8 @@ TTL_MARGIN = 60.0
 MIN_TTL = 60.0
 # How often a replica waiting for another's fetch looks for the entry (one round trip each).
 POLL_SECONDS = 0.05
+# The suffix of a key's background-refresh claim beside its fetch lock (claim_refresh).
+REFRESH = ":refresh"
 # Invalidations kept while Redis is away; past that, one purge of everything replaces them.
 MAX_PENDING = 1000
 # How often a replica holding invalidations Redis missed tries them again.
@@ -420,6 +422,21 @@ class RedisRecords:
             return None
         self._count("lock", "taken" if claim.owner is not None else "waited")
         return claim
+
+    async def claim_refresh(self, account: str, key: str) -> Claim | None:
+        """Claim the key's background refresh for the fleet (a lock of its own beside the
+        fetch lock, with the same TTL): ``owner`` None when another replica's refresh of the
+        key is queued or out; None when Redis is away (the refresh goes on alone)."""
+        try:
+            return await self.backend.cache_claim(
+                account, digest(key) + REFRESH, uuid.uuid4().hex, self.lock_ttl, 0
+            )
+        except SharedUnavailable:
+            return None
+
+    async def release_refresh(self, account: str, key: str, owner: str) -> None:
+        with contextlib.suppress(SharedUnavailable):  # it expires by itself
+            await self.backend.cache_release(account, digest(key) + REFRESH, owner)
 
     async def found(self, account: str, key: str, data: bytes | None) -> Stored | None:
         """The entry a claim found under the key once it took the lock (None: none, or bad)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from proxy.cache.answers import Answers
@@ -15,11 +16,12 @@ from proxy.cache.memory import Stored
 from proxy.cache.policy import BusyStale, RequestControl, rule_for, stale_while_busy
 from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
-from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.messages import Prepaid, ProxyRequest, ProxyResponse
 from proxy.settings import CacheRule, Settings
 
-# Seconds a request of (account, caller, class) would now wait for a budget token (no I/O).
-ExpectedWait = Callable[[str, str, str], float]
+# Seconds a request of (account, caller, class) would now wait for a budget token (shared:
+# at most one read-only round trip, cached for a short time).
+ExpectedWait = Callable[[str, str, str], Awaitable[float]]
 # Who background refreshes wait in the budget's batch class as (one round-robin turn).
 REFRESHER = "cache-refresh"
 # Starts a flight for (key, request, stale entry), alone (never joined), unwanted by callers.
@@ -54,7 +56,7 @@ class Refreshes:
         self.total_timeout = settings.upstream.total_timeout
         self.running: dict[str, Flight] = {}
 
-    def busy_stale(
+    async def busy_stale(
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored
     ) -> ProxyResponse | None:
         """Stale-while-busy: the stored answer at once when the request's token is further off
@@ -65,15 +67,13 @@ class Refreshes:
             return None
         entry = stored.entry
         window = busy_window(entry.path, self.rules(), self.default_window)
+        # The policy first as if the wait were long (pure), then the wait (it may read Redis).
         decision = stale_while_busy(
-            entry,
-            control,
-            self.clock(),
-            window=window,
-            wait=lambda: expected(request.account, request.caller, request.priority),
-            busy_after=self.busy_after,
+            entry, control, self.clock(), window=window, wait=lambda: math.inf, busy_after=0.0
         )
         if not isinstance(decision, BusyStale):
+            return None
+        if await expected(request.account, request.caller, request.priority) <= self.busy_after:
             return None
         self.answers.count("stale", "busy")
         self.refresh(key, request, stored)
@@ -101,6 +101,7 @@ class Refreshes:
             priority="batch",
             deadline=asyncio.get_running_loop().time() + self.total_timeout,
             wanted=wanted,
+            prepaid=Prepaid(),  # with Redis, its token is taken before the key's fetch lock
         )
         flight = self._start(key, background, stored, alone=True, unwanted=True)
         started.append(flight)

@@ -25,8 +25,13 @@ from proxy.cache.policy import Entry, FreshHit, fresh_age, lookup, request_contr
 from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
+from proxy.messages import ProxyRequest
 
 Fetch = Callable[[], Awaitable[Outcome]]
+# Takes a background request's budget token ahead of its send (the budget's ``prepay``).
+Prepay = Callable[[ProxyRequest], Awaitable[None]]
+# Hands a token taken ahead but not spent to the account's next request (``refund``).
+Refund = Callable[[ProxyRequest], None]
 # An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
 Hold = Callable[[Entry], Entry]
 
@@ -170,11 +175,20 @@ class RedisEntries(LocalEntries):
         records: RedisRecords,
         clock: WallClock,
         coalesce_wait: float,
+        prepay: Prepay | None = None,
+        refund: Refund | None = None,
     ) -> None:
+        """``prepay``: takes a background refresh's budget token before its fetch lock
+        (None: the refresh takes the lock first and its token when it sends); ``refund``:
+        passes on such a token the refresh did not spend."""
         super().__init__(store, flights, metrics)
         self.records = records
         self.clock = clock
         self.coalesce_wait = coalesce_wait
+        self.prepay = prepay
+        self.refund = refund
+        # Background refreshes' claims (owner tokens), let go of by finish().
+        self._refreshing: dict[Flight, str] = {}
 
     async def lookup(self, account: str, key: str) -> Stored | None:
         """Memory tier, then Redis (a hit there joins the memory tier), then the local disk."""
@@ -199,6 +213,8 @@ class RedisEntries(LocalEntries):
         store the entry and answer from that; else (Redis away, the owner stored nothing,
         or it took longer than ``cache.coalesce_wait``) fetch here."""
         account = flight.request.account
+        if flight.request.prepaid is not None and self.prepay is not None:
+            await self._queue(flight)
         claim = await self.records.claim(account, flight.key)
         if claim is None:
             return await fetch()
@@ -223,6 +239,20 @@ class RedisEntries(LocalEntries):
             entry=entry,
             reason="other_replica",
         )
+
+    async def _queue(self, flight: Flight) -> None:
+        """A background refresh: one per key for the fleet (its own claim in Redis, apart
+        from the fetch lock: another replica's refresh of the key, queued or out, drops
+        this one), then its batch token, and only then (back in :meth:`obtain`) the fetch
+        lock. While it waits for its token, another replica's caller who must fetch the key
+        takes the lock at once instead of waiting behind a batch request."""
+        assert self.prepay is not None
+        claim = await self.records.claim_refresh(flight.request.account, flight.key)
+        if claim is not None and claim.owner is None:
+            raise Dropped(flight.key)
+        if claim is not None and claim.owner is not None:
+            self._refreshing[flight] = claim.owner
+        await self.prepay(flight.request)
 
     def _usable(self, flight: Flight, found: Stored, hold: Hold | None = None) -> bool:
         """Whether another replica's entry answers this flight's request as a fresh hit, by
@@ -267,6 +297,11 @@ class RedisEntries(LocalEntries):
         owner = flight.let_go()
         if owner is not None:
             await self.records.release(flight.request.account, flight.key, owner)
+        refreshing = self._refreshing.pop(flight, None)
+        if refreshing is not None:  # after the entry and the lock: a later refresh finds both
+            await self.records.release_refresh(flight.request.account, flight.key, refreshing)
+        if self.refund is not None and flight.request.prepaid is not None:
+            self.refund(flight.request)  # its token, if it found the key fetched meanwhile
 
     async def close(self) -> None:
         await self.records.close()

@@ -37,7 +37,7 @@ from proxy.cache.metrics import CacheMetrics
 from proxy.cache.redis_records import RedisRecords
 from proxy.cache.refresh import ExpectedWait
 from proxy.cache.store import CacheStore
-from proxy.cache.tiers import Entries, LocalEntries, RedisEntries
+from proxy.cache.tiers import Entries, LocalEntries, Prepay, RedisEntries, Refund
 from proxy.cache.webhooks.health import Feeds
 from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.cache.webhooks.receiver import Receiver
@@ -284,6 +284,8 @@ async def _build(
             shared,
             live.cache,
             budget.expected_wait,
+            budget.prepay,
+            budget.refund,
         )
         checks["cache"] = store_problem(store)
         groups.cache.watch_store(store.gauges)
@@ -366,6 +368,8 @@ async def build_cache(
     shared: Backend,
     current: Callable[[], LiveCache],
     busy: ExpectedWait | None = None,
+    prepay: Prepay | None = None,
+    refund: Refund | None = None,
 ) -> Cache:
     """The cache's rooms, each built once and handed what it needs: flights, the tier
     (chosen here, once), the broadcast, and the invalidator they all send changes to."""
@@ -388,7 +392,9 @@ async def build_cache(
             if broadcast is None
             else functools.partial(broadcast.publish, Purge()),
         )
-        entries = RedisEntries(store, flights, metrics, records, clock, config.coalesce_wait)
+        entries = RedisEntries(
+            store, flights, metrics, records, clock, config.coalesce_wait, prepay, refund
+        )
     invalidator = Invalidator(entries, records, broadcast)
     cache = Cache(
         inner,

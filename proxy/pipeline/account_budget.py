@@ -6,7 +6,8 @@ and round robin over callers within a class, so one busy caller cannot starve th
 batch walk cannot hold up a till. Batch requests never take the last ``budget.reserve`` of the
 burst and of the window's cap. A request whose wait would pass its limit gets
 :class:`~proxy.errors.RateLimited` at once. :meth:`AccountBudget.expected_wait` estimates a
-request's wait without taking anything (the cache's stale-while-busy asks it).
+request's wait without taking anything; :meth:`AccountBudget.estimate` reads the fleet's
+state first (the cache's stale-while-busy asks it).
 
 The layer that drives it per request is :class:`proxy.pipeline.budget.Budget`.
 """
@@ -58,6 +59,10 @@ OTHERS = "~others"
 # milliseconds after a token is due on a busy loop, and such a request would wait its whole
 # limit for a 429 instead of hearing it at once.
 TURN_MARGIN = 0.05
+# While Redis is away, the dispatcher asks again at least this often (the backend's probe
+# interval): a request is served by the shared bucket once Redis is back, not when the
+# fallback share's window frees.
+DEGRADED_ASK = 1.0
 
 
 @dataclass(slots=True)
@@ -119,9 +124,15 @@ class AccountBudget:
             self.gate.weights = self._weights_tuple()
         self._dispatcher: asyncio.Task[None] | None = None
         # Set when a request of a class the reserve does not hold back joins while the
-        # dispatcher sleeps for a batch request the reserve holds back.
+        # dispatcher sleeps for a batch request the reserve holds back, or (shared) when the
+        # first request of a class joins while it sleeps.
         self._wake = asyncio.Event()
         self._held_back = False
+        # The dispatcher sleeps until its next ask (a refund, or shared a class new here, wakes
+        # it).
+        self._sleeping = False
+        # Until when a refunded token waits for the next request (refund).
+        self._credit = -math.inf
         self.upstream_429s = 0
         self.rejected = 0
         metrics.budget_tokens.labels(name).set_function(self.available)
@@ -190,10 +201,19 @@ class AccountBudget:
         """Seconds a new request of ``caller`` in ``klass`` would wait for its token, estimated
         as :meth:`acquire` does before queueing it, without taking anything or asking Redis:
         this process's queue in the discipline's order, and (shared) the other replicas'
-        waiting requests and the next slot as the last take said (``TAKE_CLASSED``)."""
+        waiting requests and the next slot as the last take or read of the fleet said
+        (``TAKE_CLASSED``, or :meth:`estimate`'s ``SPARE``)."""
         now = self.clock.now()
-        ahead = self.ahead_of(caller, klass) if self.waiting or self._others() else 0
+        ahead = self.ahead_of(caller, klass) if self.waiting or any(self._others().values()) else 0
         return max(0.0, self.gate.ready_after(now, ahead) - now)
+
+    async def estimate(self, caller: str, klass: str = DEFAULT_CLASS) -> float:
+        """:meth:`expected_wait` on the fleet's state as it is now: shared, the gate reads it
+        first (one read-only round trip, at most every ``LOOK_SECONDS``, shared by callers at
+        once), so a replica whose own queue is empty still sees the bucket other replicas
+        drain and the requests they hold."""
+        await self.gate.look(self.clock.now())
+        return self.expected_wait(caller, klass)
 
     async def acquire(
         self, caller: str, limit: float, klass: str = DEFAULT_CLASS, wanted: Wanted | None = None
@@ -206,6 +226,9 @@ class AccountBudget:
         background = wanted is not None
         if wanted is not None and not wanted():
             raise self._reject("dropped", 0.0, klass, background)
+        if self.waiting == 0 and self._credited(started):
+            self._served(klass, 0.0, started)
+            return 0.0
         if self.waiting == 0:
             wait = await self.gate.try_take(started, klass, self.reserve_for(klass))
             if wait <= 0:
@@ -225,8 +248,14 @@ class AccountBudget:
             raise self._reject("queue_full", at - started, klass, background)
         future = asyncio.get_running_loop().create_future()
         waiter = _Waiter(future, limit, started, klass, wanted)
+        first = not self.queues[klass]
         self._enqueue(klass, caller, waiter)
-        if self._held_back and klass != "batch":
+        # Shared, the fleet learns of a class waiting here only when the dispatcher next asks
+        # Redis: the first of its class wakes it, or another replica's later request (of this
+        # class or a lower one) may take the slots until the dispatcher's sleep ends.
+        if (self._held_back and klass != "batch") or (
+            self._sleeping and first and self._fleet_classed()
+        ):
             self._wake.set()
         # The newcomer may be served before some who queued earlier (a higher class, or round
         # robin): whoever it pushes past their limit hears so now, not when the limit comes.
@@ -238,6 +267,25 @@ class AccountBudget:
         waited = now - started
         self._served(klass, waited, now)
         return waited
+
+    def refund(self) -> None:
+        """A token taken but not spent (a background refresh that, once it had its token,
+        found the key fetched by another replica meanwhile): the next waiting request in the
+        discipline's order gets it next, or, with none waiting, the next request within one
+        pacing interval (after that it lapses, as an unused slot does)."""
+        now = self.clock.now()
+        self._credit = now + self.rate.window / self.rate.per_window
+        if self.waiting:  # the dispatcher takes it next (woken if it sleeps)
+            if self._sleeping:
+                self._wake.set()
+            self._start_dispatcher()
+
+    def _credited(self, now: float) -> bool:
+        """Whether a refunded token is at hand (it is then taken)."""
+        if self._credit < now:
+            return False
+        self._credit = -math.inf
+        return True
 
     def _served(self, klass: str, waited: float, now: float) -> None:
         self.metrics.budget_wait.labels(self.name, klass).observe(waited)
@@ -341,7 +389,10 @@ class AccountBudget:
                 grant = decide(state, now)
                 if grant is None:
                     break
-                wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
+                if self._credited(now):
+                    wait = 0.0
+                else:
+                    wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
                 held_back = False
                 if wait > 0 and (self.reserve_for(grant.klass) > 0 or self._fleet_classed()):
                     grant, wait, held_back = await self._other_class(state, now, grant, wait)
@@ -351,7 +402,12 @@ class AccountBudget:
                 # A waiter that joins while we sleep has a limit after `at` (else it was
                 # refused at once), so sleeping until the next token or the earliest
                 # limit never lets a limit pass unnoticed.
-                await self._sleep(min(now + wait, self._earliest_limit()) - now, held_back)
+                until = min(now + wait, self._earliest_limit())
+                if isinstance(self.gate, SharedGate) and not self._fleet_classed():
+                    # Degraded: the fallback share's wait may be long (the replica's Redis
+                    # sends fill its window); Redis may be back within its next probe.
+                    until = min(until, now + DEGRADED_ASK)
+                await self._sleep(until - now, held_back)
         finally:
             self._dispatcher = None
 
@@ -380,17 +436,15 @@ class AccountBudget:
         return grant, first, len(tried) == 1 and self.reserve_for(grant.klass) > 0
 
     async def _sleep(self, seconds: float, held_back: bool) -> None:
-        if not held_back:
-            await self.clock.sleep(seconds)
-            return
-        self._held_back = True
+        self._held_back = held_back
+        self._sleeping = True
         self._wake.clear()
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._held_back = False
+            self._held_back = self._sleeping = False
             for task in (sleeper, waker):
                 task.cancel()
             await asyncio.gather(sleeper, waker, return_exceptions=True)

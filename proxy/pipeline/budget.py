@@ -102,10 +102,11 @@ class Budget:
             name, rate, self.settings, self.clock, self.metrics, gate, self.max_share
         )
 
-    def expected_wait(self, account: str, caller: str, klass: str) -> float:
+    async def expected_wait(self, account: str, caller: str, klass: str) -> float:
         """Seconds a request of ``caller`` in ``klass`` would now wait for a token of
-        ``account`` (:meth:`AccountBudget.expected_wait`: no token taken, no round trip)."""
-        return self.account(account).expected_wait(caller, klass)
+        ``account`` (:meth:`AccountBudget.estimate`: no token taken; shared, at most one
+        read-only round trip every ``LOOK_SECONDS``)."""
+        return await self.account(account).estimate(caller, klass)
 
     def max_share(self, caller: str) -> float:
         found = self.callers().get(caller)
@@ -126,12 +127,42 @@ class Budget:
             found = self.accounts[name] = self._budget_for(name, rate)
         return found
 
+    async def prepay(self, request: ProxyRequest) -> None:
+        """Take ``request``'s token now, as its send would (same class, limit and
+        ``wanted``; :class:`~proxy.errors.RateLimited` when dropped or too late); its first
+        send then takes none. Nothing to do for a request without ``prepaid``."""
+        if request.prepaid is None or request.prepaid.paid:
+            return
+        budget = self.account(request.account)
+        limit = budget.limit_for(request.deadline)
+        waited = await budget.acquire(request.caller, limit, request.priority, request.wanted)
+        request.prepaid.paid = True
+        debug(
+            "budget_prepaid",
+            account=request.account,
+            caller=request.caller,
+            priority=request.priority,
+            waited_ms=round(waited * 1000, 2),
+        )
+
+    def refund(self, request: ProxyRequest) -> None:
+        """``request``'s token taken ahead was not spent (it was not sent): the account's
+        next request gets it (:meth:`AccountBudget.refund`). Nothing when none is left."""
+        if request.prepaid is not None and request.prepaid.spend():
+            self.account(request.account).refund()
+
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)
         limit = budget.limit_for(request.deadline)
         now = trace()
+        prepaid = request.prepaid
         while True:
-            waited = await budget.acquire(request.caller, limit, request.priority, request.wanted)
+            if prepaid is not None and prepaid.spend():
+                waited = 0.0  # taken ahead (a background refresh, before its fetch lock)
+            else:
+                waited = await budget.acquire(
+                    request.caller, limit, request.priority, request.wanted
+                )
             now.budget_wait += waited
             debug(
                 "budget_taken",

@@ -221,6 +221,8 @@ class Bucket:
 
 # How often a replica shares its pause again while it lasts (a restored Redis forgot it).
 KEEP_SECONDS = 1.0
+# How long the fleet's state read for an estimate (shared) stands before it is read again.
+LOOK_SECONDS = 0.1
 
 
 class Gate(Protocol):
@@ -241,6 +243,12 @@ class Gate(Protocol):
     def ready_after(self, now: float, ahead: int) -> float:
         """The best known time a slot can be taken once ``ahead`` queued requests have had
         theirs (no round trip)."""
+        ...
+
+    async def look(self, now: float) -> None:
+        """Bring what :meth:`ready_after` and the fleet's waiting requests say up to date
+        before an estimate: shared, one read-only round trip at most every
+        :data:`LOOK_SECONDS` (callers at once share it); local, nothing to do."""
         ...
 
     async def pause(self, now: float, seconds: float) -> float:
@@ -280,6 +288,9 @@ class LocalGate:
 
     def ready_after(self, now: float, ahead: int) -> float:
         return self.bucket.ready_after(now, ahead)
+
+    async def look(self, now: float) -> None:
+        return None
 
     async def pause(self, now: float, seconds: float) -> float:
         return seconds
@@ -338,6 +349,10 @@ class SharedGate:
         # This replica's part of it, as told in the same call (a request not queued yet
         # included): the fleet less this is the other replicas' waiting requests.
         self.mine: tuple[int, int, int] = (0, 0, 0)
+        # The last read of the fleet's state for an estimate (look): when, and the read
+        # under way that callers at once share.
+        self._looked = -math.inf
+        self._looking: asyncio.Task[None] | None = None
 
     def _share(self, rate: Rate) -> Rate:
         """This replica's part of the rate: what the fallback bucket allows while degraded."""
@@ -428,6 +443,27 @@ class SharedGate:
             return start
         return start + ahead / self.rate.per_second
 
+    async def look(self, now: float) -> None:
+        # Without a read, a replica whose own queue is empty would know the fleet only as its
+        # last take said (maybe long ago): "not busy" while other replicas drain the bucket.
+        if not self.backend.up or now - self._looked < LOOK_SECONDS:
+            return
+        if self._looking is None or self._looking.done():
+            self._looked = now
+            self._looking = asyncio.get_running_loop().create_task(self._look(now))
+        await asyncio.shield(self._looking)
+
+    async def _look(self, now: float) -> None:
+        rate = self.rate
+        try:
+            room = await self.shared.room(
+                self.account, rate.per_window, rate.burst, self.period, self.longest
+            )
+        except SharedUnavailable:
+            return  # degraded: the fallback bucket's estimate
+        self.fleet = room.fleet
+        self._next_at = now + room.ready_in
+
     async def pause(self, now: float, seconds: float) -> float:
         if not self.backend.up:
             return seconds
@@ -469,9 +505,10 @@ class SharedGate:
                     )  # fmt: skip
 
     async def close(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        for task in (self._keeper, self._looking):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def retune(self, rate: Rate) -> None:
         # The shared script takes the rate with each call, so only the fallback share moves.

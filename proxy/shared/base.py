@@ -58,6 +58,8 @@ class Room:
 
     tokens: float
     fleet: tuple[int, int, int]
+    # Seconds until the shared bucket grants its next slot (0: one at hand).
+    ready_in: float = 0.0
 
 
 class SharedBudget(Protocol):

@@ -18,6 +18,7 @@ hash have a TTL, so ``maxmemory-policy volatile-lru`` evicts those and never the
                             of its cache key:
                             the only keys with a TTL (the entry's reuse window)
     P:cache:ACCOUNT:lock:D  the fetch lock of one key (owner token, PX = upstream total timeout)
+    P:cache:ACCOUNT:lock:D:refresh  its background refresh's claim (the same), queued or out
     P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
     P:cache:ACCOUNT:paths   sorted set: the account's cached paths, by their latest expiry
     P:cache:ACCOUNT:gen     the account's invalidation count (a store begun before one is refused)
@@ -319,8 +320,10 @@ class RedisBackend(WebhookRecords):
             repr(float(period)),
             repr(float(min(longest, NO_CAP))),
         ]
-        tokens, *fleet = await self._run("budget_room", lambda: self._spare(keys=keys, args=args))
-        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])))
+        tokens, *fleet, wait = await self._run(
+            "budget_room", lambda: self._spare(keys=keys, args=args)
+        )
+        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])), float(wait))
 
     # --- tokens
 

@@ -327,8 +327,11 @@ return removed
 # (GCRA tokens, cut to the window's room; 0 while paused) and the fleet's waiting requests by
 # class (the demand hash's live entries, as TAKE_CLASSED counts them). Values read back are
 # hardened as in TAKE: a damaged tat or pause counts for at most ARGV[4] seconds.
+# Also the seconds until the next slot (0: one at hand) by the pace, the pause and the window's
+# cap, as TAKE counts them (not the burst's payback spread: an estimate, it errs early).
 # KEYS: budget, log, demand. ARGV: per_window, burst, period, the longest pause honoured.
-# Returns {tokens (a number as text), fleet waiting interactive, standard, batch}.
+# Returns {tokens (a number as text), fleet waiting interactive, standard, batch, seconds to
+# the next slot (a number as text)}.
 SPARE = (
     NUM
     + """
@@ -356,11 +359,17 @@ local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
 if tat < now then tat = now end
 if tat > now + longest + burst * interval then tat = now + longest + burst * interval end
 local tokens = 0
+local sent = redis.call('ZCOUNT', KEYS[2], now - period, '+inf')
 if paused <= now then
   tokens = math.min(burst, (now + burst * interval - tat) / interval)
-  local sent = redis.call('ZCOUNT', KEYS[2], now - period, '+inf')
   tokens = math.max(0, math.min(tokens, per_window - sent))
 end
-return {tostring(tokens), fleet[1], fleet[2], fleet[3]}
+local wait = math.max(0, tat - (burst - 1) * interval - now, paused - now)
+if sent >= per_window then
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[2], now - period, '+inf', 'WITHSCORES',
+    'LIMIT', sent - per_window, 1)
+  if #oldest == 2 then wait = math.max(wait, tonumber(oldest[2]) + period - now) end
+end
+return {tostring(tokens), fleet[1], fleet[2], fleet[3], tostring(wait)}
 """
 )

@@ -35,13 +35,13 @@ async def backends(redis_space: RedisSpace) -> AsyncIterator[list[RedisBackend]]
         yield [a, b, c]
 
 
-def replica(backend: RedisBackend, **settings: float) -> AccountBudget:
+def replica(backend: RedisBackend, rate: Rate = RATE, **settings: float) -> AccountBudget:
     clock = MonotonicClock()
-    gate = SharedGate("main", RATE, backend, backend, 3, clock.now(), 60.0)
+    gate = SharedGate("main", rate, backend, backend, 3, clock.now(), 60.0)
     options = {"max_wait": FAR, **settings}
     return AccountBudget(
         "main",
-        RATE,
+        rate,
         BudgetSettings(**options),
         clock,
         PipelineMetrics(CollectorRegistry()),
@@ -118,22 +118,21 @@ async def test_the_429_at_once_counts_the_fleets_queue(backends: list[RedisBacke
     await b.close()
 
 
-async def test_the_expected_wait_counts_the_fleets_queue_as_the_last_take_said(
-    backends: list[RedisBackend],
-) -> None:
-    """Stale-while-busy's estimate (no round trip: a plain call): replica B's own queue is
-    empty, but once a take told it A's batch queue, a batch request on B expects to wait
-    behind it, and an interactive one does not."""
+async def test_the_expected_wait_counts_the_fleets_queue(backends: list[RedisBackend]) -> None:
+    """Stale-while-busy's estimate: replica B's own queue is empty and it has taken nothing,
+    but it reads the fleet's state (one read, kept for a short time): a batch request on B
+    expects to wait behind A's batch queue, an interactive one does not. The plain estimate
+    (no round trip) counts the fleet as the last read or take said."""
     a, b = replica(backends[0]), replica(backends[1])
     waiting = [
         asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch")) for _ in range(15)
     ]
     await asyncio.sleep(0.3)  # A's dispatcher has told Redis about its queue
-    # B has not asked Redis since: it knows no queue, and errs toward "not busy".
-    assert b.expected_wait("export", "batch") < 0.25
-    await b.acquire("till", b.clock.now() + 0.6, "interactive")  # ahead of A's batch queue
+    assert await b.estimate("export", "batch") > 1.0  # behind ~14 batch slots of 0.105 s
     assert b.gate.fleet[2] >= 10  # type: ignore[attr-defined]
-    assert b.expected_wait("export", "batch") > 1.0  # behind ~14 batch slots of 0.105 s
+    assert await b.estimate("till", "interactive") < 0.25
+    await b.acquire("till", b.clock.now() + 0.6, "interactive")  # ahead of A's batch queue
+    assert b.expected_wait("export", "batch") > 1.0
     assert b.expected_wait("till", "interactive") < 0.25
     for task in waiting:
         task.cancel()
@@ -158,3 +157,47 @@ async def test_a_replica_asks_for_the_class_the_fleet_serves_when_its_own_order_
     assert time.monotonic() - started < 1.0
     assert await batch < 2.0
     await a.close()
+
+
+async def test_a_class_joining_a_replicas_queue_reaches_the_fleet_before_the_next_slot(
+    backends: list[RedisBackend],
+) -> None:
+    """Replica A's dispatcher sleeps until the next slot (a second off) for its batch request;
+    an interactive request joins A's queue. The fleet hears of it at once (the first of its
+    class wakes the dispatcher), not when that sleep ends: meanwhile another replica's later
+    request, or batch, would get the slot that is interactive's."""
+    slow = Rate(per_window=4, burst=1, window=4.0, margin=0.0)  # a slot a second
+    a = replica(backends[0], slow)
+    await a.acquire("warm", a.clock.now() + FAR, "standard")  # the burst's one token
+    batch = asyncio.create_task(a.acquire("sync", a.clock.now() + FAR, "batch"))
+    await asyncio.sleep(0.05)  # queued; the dispatcher sleeps until the next slot
+    till = asyncio.create_task(a.acquire("till", a.clock.now() + FAR, "interactive"))
+    await asyncio.sleep(0.2)
+    room = await backends[1].room("main", slow.per_window, slow.burst, slow.window)
+    assert room.fleet[0] == 1, room
+    assert await till < 1.2
+    for task in (batch, till):
+        task.cancel()
+    await asyncio.gather(batch, till, return_exceptions=True)
+    await a.close()
+
+
+async def test_a_queue_asks_redis_again_as_soon_as_it_is_back(
+    own_redis_space: RedisSpace,
+) -> None:
+    """Redis goes away while this replica's fallback share is spent (its Redis sends count in
+    it), so a queued request's fallback turn is seconds off. Redis is back within a second:
+    the request is served from the shared bucket then, not when the fallback's window frees
+    (its dispatcher asks again at least once a second while degraded)."""
+    rate = Rate(per_window=30, burst=30, window=6.0, margin=0.0)  # fallback: 10 per 6 s
+    async with own_redis_space.backend(timeout=0.2) as backend:
+        a = replica(backend, rate)
+        for _ in range(10):  # through Redis; they fill the fallback's window too
+            await a.acquire("warm", a.clock.now() + FAR, "standard")
+        own_redis_space.server.stop()
+        till = asyncio.create_task(a.acquire("till", a.clock.now() + FAR, "interactive"))
+        await asyncio.sleep(0.3)
+        assert a.gate.mode() == "degraded" and not till.done()
+        own_redis_space.server.start()
+        assert await till < 4.0  # the fallback's turn: about 6 s
+        await a.close()

@@ -88,3 +88,20 @@ async def test_without_redis_the_fallback_share_decides(unused_tcp_port: int) ->
         assert not await b.spare(now, 2.0)
     finally:
         await away.close()
+
+
+async def test_the_room_says_when_the_next_slot_comes(two: list[RedisBackend]) -> None:
+    """The read-only view names the next slot as a take would meet it: at hand, a pace
+    interval off once the burst is spent, and the window's oldest send's end at the cap."""
+    rate = Rate(per_window=3, burst=2, window=2.0, margin=0.0)  # a slot every 0.667 s
+    a = SharedGate("main", rate, two[0], two[0], 2, MonotonicClock().now(), 60.0)
+    assert (await two[1].room("main", 3, 2, a.period)).ready_in == 0.0
+    now = MonotonicClock().now()
+    for _ in range(2):
+        assert await a.try_take(now) == 0.0
+    paced = (await two[1].room("main", 3, 2, a.period)).ready_in
+    assert 0.5 < paced <= 0.67
+    # Read with a cap of two a window (and a large burst: no pace wait), the window is full:
+    # the next slot comes when the first send leaves it.
+    capped = await two[1].room("main", 2, 100, a.period)
+    assert 1.5 < capped.ready_in <= 2.0

@@ -271,3 +271,28 @@ async def test_a_background_request_that_cannot_be_served_in_time_is_dropped_unc
         await account.acquire("till", clock.now() + 2.0, "batch")
     assert account.rejected == 1
     await served.close()
+
+
+async def test_a_refunded_token_goes_to_the_next_request_not_to_waste() -> None:
+    """A background refresh took its token ahead and did not spend it: the next waiting
+    request gets it at once; with none waiting, the next request within a pacing interval
+    (the bucket untouched), and later none (it lapses)."""
+    clock = ManualClock()
+    account = budget(clock)  # a token a second, burst 1
+    served = Served(account)
+    served.start("sync", "batch", 2)  # the first takes the token, the second waits a second
+    await settle()
+    assert served.order == ["batch"]
+    account.refund()
+    await settle()
+    assert served.order == ["batch", "batch"] and account.waiting == 0
+    await clock.advance(2.0)  # the bucket's token is back
+    account.refund()
+    tokens = account.available()
+    assert await account.acquire("till", clock.now() + FAR, "interactive") == 0.0
+    assert account.available() == tokens  # the refunded token, not the bucket's
+    account.refund()
+    await clock.advance(1.5)  # past a pacing interval: lapsed
+    assert await account.acquire("till", clock.now() + FAR, "interactive") == 0.0
+    assert account.available() < tokens
+    await served.close()
