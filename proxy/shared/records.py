@@ -19,6 +19,9 @@ Formats (``shared.previous_format`` decides what is written and read, for rollin
 
 ``off`` (the default) writes and reads format 2 only; ``read`` writes 2 and still reads 1;
 ``write`` writes 1 (what replicas of the previous release read) and reads both.
+
+A token record (already Fernet-encrypted and authenticated) is checked for shape before it is
+decrypted: :func:`token_version`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import base64
 import functools
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -101,3 +105,23 @@ def _tag(key: bytes, context: bytes, payload: bytes) -> bytes:
 @functools.lru_cache(maxsize=8)
 def _keyed(key: bytes) -> hmac.HMAC:
     return hmac.new(key, digestmod="sha256")
+
+
+# The largest token record read (a Fernet token of a few hundred bytes in practice).
+MAX_TOKEN_RECORD = 64 * 1024
+# Token record formats read: absent (the previous release) and 2 (this one).
+TOKEN_FORMATS = (None, b"2")
+
+
+def token_version(found: list[Any]) -> int:
+    """The version of a token record read as [version, data, format]; raises BadRecord."""
+    version, data, fmt = found
+    if not isinstance(version, bytes) or not version.isdigit() or len(version) > 16:
+        raise BadRecord("the token record's version is not a positive integer")
+    if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_RECORD:
+        raise BadRecord("the token record's data is missing or too large")
+    if fmt not in TOKEN_FORMATS:
+        raise BadRecord("the token record is of an unknown format")
+    if not 0 < int(version) < 2**53:
+        raise BadRecord("the token record's version is out of range")
+    return int(version)

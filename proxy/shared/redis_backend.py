@@ -70,7 +70,7 @@ from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.reads import LARGER, Reads
-from proxy.shared.records import BadRecord, RecordKeys
+from proxy.shared.records import BadRecord, RecordKeys, token_version
 from proxy.shared.redis_webhooks import WebhookRecords
 from proxy.shared.scripts import (
     CACHE_CLAIM,
@@ -91,10 +91,6 @@ PROBE_SECONDS = 1.0
 # Lock polling while another replica refreshes a token.
 LOCK_POLL = 0.05
 POOL_SIZE = 64
-# The largest token record read (a Fernet token of a few hundred bytes in practice).
-MAX_TOKEN_RECORD = 64 * 1024
-# Token record formats read: absent (the previous release) and 2 (this one).
-TOKEN_FORMATS = (None, b"2")
 # The longest pause a caller without a cap of its own honours (seconds).
 NO_CAP = 1e9
 
@@ -348,7 +344,7 @@ class RedisBackend(WebhookRecords):
         if found[0] is None and found[1] is None:
             return None
         try:
-            return TokenRecord(_token_version(found), bytes(found[1]))
+            return TokenRecord(token_version(found), bytes(found[1]))
         except BadRecord as e:
             self._bad("token", str(e))
 
@@ -577,20 +573,6 @@ class RedisBackend(WebhookRecords):
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
-
-
-def _token_version(found: list[Any]) -> int:
-    """The version of a token record read as [version, data, format]; raises BadRecord."""
-    version, data, fmt = found
-    if not isinstance(version, bytes) or not version.isdigit() or len(version) > 16:
-        raise BadRecord("the token record's version is not a positive integer")
-    if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_RECORD:
-        raise BadRecord("the token record's data is missing or too large")
-    if fmt not in TOKEN_FORMATS:
-        raise BadRecord("the token record is of an unknown format")
-    if not 0 < int(version) < 2**53:
-        raise BadRecord("the token record's version is out of range")
-    return int(version)
 
 
 def _text(value: bytes | str) -> str:
