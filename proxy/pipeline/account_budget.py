@@ -55,9 +55,12 @@ from proxy.settings import BudgetSettings
 
 # In estimates, the other replicas' waiting requests of a class (no caller name has a "~").
 OTHERS = "~others"
-# A turn this close to a request's limit is as good as too late: the dispatcher wakes a few
-# milliseconds after a token is due on a busy loop, and such a request would wait its whole
-# limit for a 429 instead of hearing it at once.
+# At admission, a turn this close to a request's limit is as good as too late: the dispatcher
+# wakes a few milliseconds after a token is due on a busy loop, and such a request would wait
+# its whole limit for a 429 instead of hearing it at once. A request already waiting keeps its
+# place while its turn stays before its limit: each late wake-up moves the later turns a little
+# (a bucket at its burst banks none of the lateness; the burst's payback counts actual sends),
+# and one that has waited most of its limit is better served just before it than refused.
 TURN_MARGIN = 0.05
 # While Redis is away, the dispatcher asks again at least this often (the backend's probe
 # interval): a request is served by the shared bucket once Redis is back, not when the
@@ -491,7 +494,7 @@ class AccountBudget:
             taken[key] = index + 1
             waiter = lines[key][index]
             turn = self.gate.ready_after(now, position)
-            if turn > waiter.limit - TURN_MARGIN:
+            if turn > waiter.limit:
                 refusal = self._reject("deadline", turn - now, waiter.klass, bool(waiter.wanted))
                 waiter.future.set_exception(refusal)
             else:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.messages import ProxyRequest, ProxyResponse
+from proxy.pipeline.account_budget import TURN_MARGIN
 from proxy.pipeline.budget import AccountBudget, Budget
 from proxy.pipeline.gates import Bucket, Rate, capped, pause_asked, rate_for
 from proxy.pipeline.metrics import PipelineMetrics
@@ -326,6 +327,34 @@ async def test_a_waiter_pushed_past_its_limit_by_a_newer_caller_hears_so_at_once
         await busy[2]
     await asyncio.gather(late, *busy[:2])
     assert budget.waiting == 0
+
+
+class LateClock(FakeClock):
+    """A busy loop: every sleep ends ``late`` seconds after it was due."""
+
+    def __init__(self, late: float) -> None:
+        super().__init__()
+        self.late = late
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.late)
+
+
+async def test_a_waiter_whose_turn_drifts_toward_its_limit_is_served_not_refused() -> None:
+    # Each wake-up 5 ms late moves the later turns (a bucket at its burst banks none of the
+    # lateness): the sixth waiter, admitted 60 ms before its limit, comes within the admission
+    # margin of it. It is served (before its limit), not refused after waiting nearly all of it.
+    clock = LateClock(0.005)
+    budget = account_budget(clock)
+    await budget.acquire("a", clock.now() + 10)
+    started = clock.now()
+    ahead = [asyncio.create_task(budget.acquire("a", started + 100)) for _ in range(5)]
+    await asyncio.sleep(0)
+    turn = budget.gate.ready_after(started, 5)
+    waited = await budget.acquire("a", turn + TURN_MARGIN + 0.01)
+    assert budget.rejected == 0
+    assert turn - started + TURN_MARGIN - 0.04 < waited < turn - started + TURN_MARGIN + 0.01
+    await asyncio.gather(*ahead)
 
 
 async def test_a_full_queue_refuses_new_waiters() -> None:
