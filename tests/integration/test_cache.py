@@ -135,8 +135,18 @@ async def test_concurrent_requests_share_one_fetch(
     make_proxy: MakeProxy, sandbox: Sandbox, tmp_path: Any
 ) -> None:
     p = await make_proxy(cached(tmp_path, sandbox))
-    sandbox.state.inject_latency(0.3, count=1)
+    # The upstream answers after 1 s, and the 500 connections are open before: every request
+    # arrives while the one fetch is out (no cache rule, so one arriving after it would
+    # revalidate), even on a machine slowed by coverage and load.
+    sandbox.state.inject_latency(1.0, count=1)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def opened() -> int:
+            async with session.get(p.url + "/") as r:
+                return r.status
+
+        assert set(await asyncio.gather(*(opened() for _ in range(500)))) == {404}
+        assert sandbox.state.served() == 0
         results = await asyncio.gather(*(get(session, p.url + LIST) for _ in range(500)))
     assert {r[0] for r in results} == {200}
     assert len({r[2] for r in results}) == 1
