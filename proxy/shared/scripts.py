@@ -113,6 +113,7 @@ local mine = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
 local heads = {}
 for i = 1, 3 do heads[i] = now_ms - math.floor(tonumber(ARGV[14 + i]) * 1000) end
 local interval = period / per_window
+local FIFO_SLACK_MS = 10
 local function record(counts)
   redis.call('HSET', KEYS[3], 'r:' .. ARGV[5], counts[1] .. ' ' .. counts[2] .. ' '
     .. counts[3] .. ' ' .. heads[1] .. ' ' .. heads[2] .. ' ' .. heads[3] .. ' ' .. now_ms
@@ -186,7 +187,11 @@ for i = 1, 3 do
 end
 local me = 0
 for i = 1, 3 do if classes[i] == klass then me = i end end
-local slack = math.floor(interval * 500)
+-- First come, first served within a class: only a request younger than the oldest by less
+-- than the ages' own error (a round trip, a late event loop: a few ms) may take the slot.
+-- (Half an interval here let a younger request on a replica that asked first take the slot,
+-- and the older one waited a whole slot more.)
+local slack = math.min(FIFO_SLACK_MS, math.floor(interval * 500))
 if (best ~= 0 and best ~= me) or (me ~= 0 and heads[me] > oldest[me] + slack) then
   -- The slot is another class's, or an older request's of this class on another replica:
   -- that replica takes it; ask again within half an interval.

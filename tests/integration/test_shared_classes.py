@@ -201,3 +201,32 @@ async def test_a_queue_asks_redis_again_as_soon_as_it_is_back(
         own_redis_space.server.start()
         assert await till < 4.0  # the fallback's turn: about 6 s
         await a.close()
+
+
+async def test_a_slot_goes_to_the_oldest_request_of_its_class_in_the_fleet(
+    backends: list[RedisBackend],
+) -> None:
+    """Within a class the fleet is first come, first served: replica B's interactive request
+    came 20 ms before replica A's (less than half a pacing interval). A asks first when the
+    slot frees and is told to ask again shortly; B, asking next, gets the slot. (A margin of
+    half an interval gave it to the younger request: the older one waited a whole slot more,
+    the 3-replica interactive tail.)"""
+    a, b, c = backends
+    weights = (6.0, 3.0, 1.0)
+    per_window, burst, period = RATE.per_window, RATE.burst, RATE.window + RATE.margin
+
+    def ask(age: float) -> ClassedAsk:
+        return ClassedAsk("interactive", (1, 0, 0), 0.0, weights, 2.0, (age, 0.0, 0.0))
+
+    warm = ClassedAsk("standard", (0, 1, 0), 0.0, weights, 2.0)
+    assert (await c.take_classed("main", per_window, burst, period, warm)).wait == 0.0
+    started = time.monotonic()
+    told = await b.take_classed("main", per_window, burst, period, ask(0.0))
+    assert told.wait > 0.05  # the next slot is a pace off; B's request is registered
+    await asyncio.sleep(told.wait + 0.01)
+    younger = await a.take_classed(
+        "main", per_window, burst, period, ask(time.monotonic() - started - 0.02)
+    )
+    assert younger.wait > 0 and younger.fleet[0] == 2, younger
+    older = await b.take_classed("main", per_window, burst, period, ask(time.monotonic() - started))
+    assert older.wait == 0.0, older
