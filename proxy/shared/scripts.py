@@ -216,6 +216,25 @@ return reply(1, 0)
 """
 )
 
+# A slot taken and not used (AccountBudget.refund: a background refresh that found its key
+# fetched meanwhile) goes back to the fleet: its send leaves the window's log and the pace
+# moves back one interval (never before now), so the next replica to ask may have it.
+# KEYS: budget, log. ARGV: the member the take logged, per_window, period.
+# Returns 1, or 0 when the member is no longer in the log (nothing to give back).
+GIVE_BACK = (
+    NUM
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+local interval = tonumber(ARGV[3]) / tonumber(ARGV[2])
+local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
+if tat - interval > now then tat = tat - interval else tat = now end
+redis.call('HSET', KEYS[1], 'tat', tostring(tat), 'format', '1')
+return 1
+"""
+)
+
 # Kounta said 429: every replica pauses until then, and starts again with one request and
 # then the pace (a burst would hit the wall again). ARGV: seconds, per_window, burst, period.
 PAUSE = (

@@ -230,3 +230,24 @@ async def test_a_slot_goes_to_the_oldest_request_of_its_class_in_the_fleet(
     assert younger.wait > 0 and younger.fleet[0] == 2, younger
     older = await b.take_classed("main", per_window, burst, period, ask(time.monotonic() - started))
     assert older.wait == 0.0, older
+
+
+async def test_a_slot_refunded_with_none_waiting_here_goes_back_to_the_fleet(
+    backends: list[RedisBackend],
+) -> None:
+    """Replica A takes a slot for a background refresh and does not use it (refund) while
+    nothing waits on A: the slot goes back to the fleet, and replica B's next request has it
+    at once, once. (Kept as A's credit for a pacing interval, it lapsed: B waited for the
+    next slot, a second here, and the fleet sent one request fewer that window.)"""
+    slow = Rate(per_window=4, burst=1, window=4.0, margin=0.0)  # a slot a second
+    a, b = replica(backends[0], slow), replica(backends[1], slow)
+    assert await a.acquire("refresh", a.clock.now() + FAR, "batch") == 0.0  # the burst's one
+    given = a.refund()
+    if given is not None:  # None: kept as A's own credit
+        assert await given
+    started = time.monotonic()
+    await b.acquire("till", b.clock.now() + FAR, "interactive")
+    assert time.monotonic() - started < 0.5
+    assert await b.acquire("till", b.clock.now() + FAR, "interactive") > 0.5  # given once
+    await a.close()
+    await b.close()
