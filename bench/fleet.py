@@ -32,9 +32,10 @@ callers (priority interactive) reading orders not yet cached (no cache rule) at
 ``--interactive-rate`` requests a minute between them (default: half the limit). It prints the
 interactive wait p50/p99 (the ``kounta_proxy_budget_wait_seconds{class="interactive"}`` metric
 and the callers' own clock), the upstream requests as a share of the limit, and Kounta's 429s.
-``--reserve`` sets ``budget.reserve``. With ``--processes`` each replica is a ``kounta-proxy
-serve`` process of its own and the sandbox too, as a deployment runs them
-(:mod:`bench.fleet_processes`); by default they all share the callers' event loop. On a proxy without budget classes (the code before them)
+``--reserve`` sets ``budget.reserve``.
+With ``--processes`` each replica is a ``kounta-proxy serve`` process of its own and the
+sandbox too, as a deployment runs them (:mod:`bench.fleet_processes`); by default they all
+share the callers' event loop. On a proxy without budget classes (the code before them)
 the same workload runs class-blind: the "before" numbers.
 
 ``--token-ttl SECONDS`` runs the account in ``oauth`` mode against the sandbox's OAuth server,
