@@ -393,15 +393,17 @@ class AccountBudget:
 
     async def _dispatch(self) -> None:
         """Hand out tokens to the waiters as the discipline orders them, until none wait."""
-        try:
-            while self.waiting:
+        try:  # none left waiting: Redis must not go on counting those that left unserved
+            while self.waiting or (await self._forget() and self.waiting):
                 now = self.clock.now()
                 self._recheck(now)
                 self._expire(now)
                 state = self.state(now)
                 grant = decide(state, now)
-                if grant is None:
-                    break
+                if grant is None:  # none live: the loop's test drops the demand told to Redis
+                    if self.waiting:
+                        break
+                    continue
                 if self._credited(now):
                     wait = 0.0
                 else:
@@ -423,6 +425,9 @@ class AccountBudget:
                 await self._sleep(until - now, held_back)
         finally:
             self._dispatcher = None
+
+    async def _forget(self) -> bool:
+        return await self.gate.forget() if isinstance(self.gate, SharedGate) else False
 
     def _fleet_classed(self) -> bool:
         """Whether slots come from the fleet's discipline (Redis), which may give the next slot

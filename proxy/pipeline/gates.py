@@ -429,6 +429,16 @@ class SharedGate:
         self.mine = (counts[0], counts[1], counts[2])
         return taken.wait
 
+    async def forget(self) -> bool:
+        """Nothing waits here, but Redis still counts requests that left without a slot
+        (refused, dropped, their caller gone): drop this replica's demand entry, or the fleet
+        keeps their class's slots for them until it expires (seconds of idle slots)."""
+        if any(self.mine) and self.backend.up:
+            with contextlib.suppress(SharedUnavailable):
+                await self.shared.drop_demand(self.account)
+                self.mine = (0, 0, 0)
+        return True
+
     async def give_back(self) -> bool:
         """The slot this replica took last is not used: back to the fleet (its send leaves the
         shared window, the pace moves back one interval). False when there is none to give."""

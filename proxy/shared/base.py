@@ -101,6 +101,11 @@ class SharedBudget(Protocol):
         send has already left the window. Raises :class:`SharedUnavailable`."""
         ...
 
+    async def drop_demand(self, account: str) -> None:
+        """Nothing waits on this replica any more: the fleet stops counting its requests.
+        Raises :class:`SharedUnavailable`."""
+        ...
+
 
 class SharedTokens(Protocol):
     """Versioned, encrypted token records and a lock per account."""

@@ -21,6 +21,10 @@ class _Backend(Protocol):
 
     _replica: str
     _sent: int
+
+    @property
+    def client(self) -> Any: ...
+
     _take: Any
     _take_classed: Any
     _pause: Any
@@ -112,3 +116,8 @@ class BudgetRecords:
         args: list[Any] = [member, per_window, repr(float(period))]
         given = await self._run("budget", lambda: self._give_back(keys=keys, args=args))
         return int(given) == 1
+
+    async def drop_demand(self: _Backend, account: str) -> None:
+        """This replica has nothing waiting any more: its entry leaves the demand hash."""
+        key, field = self.key("budget", account, "demand"), f"r:{self._replica}"
+        await self._run("budget", lambda: self.client.hdel(key, field))

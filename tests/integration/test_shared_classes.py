@@ -251,3 +251,22 @@ async def test_a_slot_refunded_with_none_waiting_here_goes_back_to_the_fleet(
     assert await b.acquire("till", b.clock.now() + FAR, "interactive") > 0.5  # given once
     await a.close()
     await b.close()
+
+
+async def test_requests_that_leave_unserved_stop_holding_the_fleets_slots(
+    backends: list[RedisBackend],
+) -> None:
+    """Replica A's interactive request leaves before its slot (its caller went away): A's
+    demand entry goes once nothing waits there, and replica B's batch request gets the next
+    slot. (The entry stood until it expired, four pacing intervals here: the fleet kept the
+    slots for interactive requests no one was asking for, and B waited seconds.)"""
+    slow = Rate(per_window=4, burst=1, window=4.0, margin=0.0)  # a slot a second
+    a, b = replica(backends[0], slow), replica(backends[1], slow)
+    await a.acquire("warm", a.clock.now() + FAR, "standard")  # the burst's one token
+    till = asyncio.create_task(a.acquire("till", a.clock.now() + FAR, "interactive"))
+    await asyncio.sleep(0.1)  # A's dispatcher has told Redis of it
+    till.cancel()
+    await asyncio.gather(till, return_exceptions=True)
+    assert await b.acquire("sync", b.clock.now() + FAR, "batch") < 1.5  # the next slot: ~0.9 s
+    await a.close()
+    await b.close()
