@@ -39,14 +39,8 @@ class _Backend(Protocol):
 class BudgetRecords:
     """Mixed into the Redis backend (its connection, keys and error handling)."""
 
-    async def take(
-        self: _Backend,
-        account: str,
-        per_window: int,
-        burst: int,
-        period: float,
-        longest: float = NO_CAP,
-    ) -> float:
+    async def take(self: _Backend, account: str, per_window: int, burst: int, period: float,
+                   longest: float = NO_CAP) -> float:  # fmt: skip
         self._sent += 1
         member = f"{self._replica}:{self._sent}"
         keys = [self.key("budget", account), self.key("budget", account, "log")]
@@ -86,14 +80,8 @@ class BudgetRecords:
         left = await self._run("pause", lambda: self._pause(keys=keys, args=args))
         return float(left)
 
-    async def room(
-        self: _Backend,
-        account: str,
-        per_window: int,
-        burst: int,
-        period: float,
-        longest: float = NO_CAP,
-    ) -> Room:
+    async def room(self: _Backend, account: str, per_window: int, burst: int, period: float,
+                   longest: float = NO_CAP) -> Room:  # fmt: skip
         keys = [self.key("budget", account, s) for s in ("", "log", "demand")]
         args: list[Any] = [
             per_window,
