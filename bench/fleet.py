@@ -32,7 +32,10 @@ callers (priority interactive) reading orders not yet cached (no cache rule) at
 ``--interactive-rate`` requests a minute between them (default: half the limit). It prints the
 interactive wait p50/p99 (the ``kounta_proxy_budget_wait_seconds{class="interactive"}`` metric
 and the callers' own clock), the upstream requests as a share of the limit, and Kounta's 429s.
-``--reserve`` sets ``budget.reserve``. On a proxy without budget classes (the code before them)
+``--reserve`` sets ``budget.reserve``.
+With ``--processes`` each replica is a ``kounta-proxy serve`` process of its own and the
+sandbox too, as a deployment runs them (:mod:`bench.fleet_processes`); by default they all
+share the callers' event loop. On a proxy without budget classes (the code before them)
 the same workload runs class-blind: the "before" numbers.
 
 ``--token-ttl SECONDS`` runs the account in ``oauth`` mode against the sandbox's OAuth server,
@@ -160,6 +163,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hot", type=int, default=HOT_RECORDS, help="records per kind the callers read"
+    )
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="each replica a `kounta-proxy serve` process, the sandbox one too "
+        "(bench/fleet_processes.py; budget-classes workload)",
     )
     args = parser.parse_args(argv)
     # One prefix for the whole run: every replica must find the same budget keys.
@@ -638,7 +647,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench import fleet_webhooks
 
         return fleet_webhooks.main([a for a in argv if a != "--webhooks"])
-    tally = asyncio.run(run(arguments(argv)))
+    args = arguments(argv)
+    if args.processes:  # the fleet in its real shape
+        from bench import fleet_processes
+
+        tally = asyncio.run(fleet_processes.run_processes(args))
+    else:
+        tally = asyncio.run(run(args))
     return 1 if tally.statuses.get(429, 0) else 0
 
 

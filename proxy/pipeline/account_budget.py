@@ -136,6 +136,7 @@ class AccountBudget:
         self._sleeping = False
         # Until when a refunded token waits for the next request (refund).
         self._credit = -math.inf
+        self._giving: set[asyncio.Task[bool]] = set()  # slots given back to the fleet (refund)
         self.upstream_429s = 0
         self.rejected = 0
         metrics.budget_tokens.labels(name).set_function(self.available)
@@ -271,17 +272,26 @@ class AccountBudget:
         self._served(klass, waited, now)
         return waited
 
-    def refund(self) -> None:
+    def refund(self) -> asyncio.Task[bool] | None:
         """A token taken but not spent (a background refresh that, once it had its token,
         found the key fetched by another replica meanwhile): the next waiting request in the
         discipline's order gets it next, or, with none waiting, the next request within one
-        pacing interval (after that it lapses, as an unused slot does)."""
+        pacing interval (after that it lapses, as an unused slot does). Shared with none
+        waiting here, the slot goes back to the fleet instead (any replica's next request may
+        use it: here it would lapse unused while others wait); returns that call's task."""
         now = self.clock.now()
+        if not self.waiting and self._fleet_classed():
+            assert isinstance(self.gate, SharedGate)
+            task = asyncio.get_running_loop().create_task(self.gate.give_back())
+            self._giving.add(task)
+            task.add_done_callback(self._giving.discard)
+            return task
         self._credit = now + self.rate.window / self.rate.per_window
         if self.waiting:  # the dispatcher takes it next (woken if it sleeps)
             if self._sleeping:
                 self._wake.set()
             self._start_dispatcher()
+        return None
 
     def _credited(self, now: float) -> bool:
         """Whether a refunded token is at hand (it is then taken)."""
@@ -383,15 +393,17 @@ class AccountBudget:
 
     async def _dispatch(self) -> None:
         """Hand out tokens to the waiters as the discipline orders them, until none wait."""
-        try:
-            while self.waiting:
+        try:  # none left waiting: Redis must not go on counting those that left unserved
+            while self.waiting or (await self._forget() and self.waiting):
                 now = self.clock.now()
                 self._recheck(now)
                 self._expire(now)
                 state = self.state(now)
                 grant = decide(state, now)
-                if grant is None:
-                    break
+                if grant is None:  # none live: the loop's test drops the demand told to Redis
+                    if self.waiting:
+                        break
+                    continue
                 if self._credited(now):
                     wait = 0.0
                 else:
@@ -413,6 +425,9 @@ class AccountBudget:
                 await self._sleep(until - now, held_back)
         finally:
             self._dispatcher = None
+
+    async def _forget(self) -> bool:
+        return await self.gate.forget() if isinstance(self.gate, SharedGate) else False
 
     def _fleet_classed(self) -> bool:
         """Whether slots come from the fleet's discipline (Redis), which may give the next slot
@@ -578,4 +593,5 @@ class AccountBudget:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._giving, return_exceptions=True)
         await self.gate.close()

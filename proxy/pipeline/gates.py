@@ -353,6 +353,8 @@ class SharedGate:
         # under way that callers at once share.
         self._looked = -math.inf
         self._looking: asyncio.Task[None] | None = None
+        # The sends Redis logged for the slots this replica took last (give_back).
+        self.granted: deque[str] = deque(maxlen=16)
 
     def _share(self, rate: Rate) -> Rate:
         """This replica's part of the rate: what the fallback bucket allows while degraded."""
@@ -422,8 +424,31 @@ class SharedGate:
         self.fleet = taken.fleet
         if taken.wait <= 0:  # as the script counts: the request served is no longer waiting
             counts[index] -= 1
+            if taken.member:
+                self.granted.append(taken.member)
         self.mine = (counts[0], counts[1], counts[2])
         return taken.wait
+
+    async def forget(self) -> bool:
+        """Nothing waits here, but Redis still counts requests that left without a slot
+        (refused, dropped, their caller gone): drop this replica's demand entry, or the fleet
+        keeps their class's slots for them until it expires (seconds of idle slots)."""
+        if any(self.mine) and self.backend.up:
+            with contextlib.suppress(SharedUnavailable):
+                await self.shared.drop_demand(self.account)
+                self.mine = (0, 0, 0)
+        return True
+
+    async def give_back(self) -> bool:
+        """The slot this replica took last is not used: back to the fleet (its send leaves the
+        shared window, the pace moves back one interval). False when there is none to give."""
+        if not self.granted or not self.backend.up:
+            return False
+        member = self.granted.pop()
+        with contextlib.suppress(SharedUnavailable):
+            rate = self.rate
+            return await self.shared.give_back(self.account, member, rate.per_window, self.period)
+        return False
 
     def ready_at(self, now: float) -> float:
         if self.backend.up:

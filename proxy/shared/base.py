@@ -49,6 +49,8 @@ class Taken:
 
     wait: float
     fleet: tuple[int, int, int]
+    # The send logged for a slot taken (to give it back unused, ``give_back``); "" for none.
+    member: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,16 @@ class SharedBudget(Protocol):
         self, account: str, per_window: int, burst: int, period: float, longest: float = ...
     ) -> Room:
         """The account's spare room fleet-wide, read only (nothing taken, nothing registered).
+        Raises :class:`SharedUnavailable`."""
+        ...
+
+    async def give_back(self, account: str, member: str, per_window: int, period: float) -> bool:
+        """A slot taken (``Taken.member``) and not used goes back to the fleet; False when its
+        send has already left the window. Raises :class:`SharedUnavailable`."""
+        ...
+
+    async def drop_demand(self, account: str) -> None:
+        """Nothing waits on this replica any more: the fleet stops counting its requests.
         Raises :class:`SharedUnavailable`."""
         ...
 

@@ -65,12 +65,13 @@ from redis.backoff import NoBackoff
 
 from proxy.logs import event
 from proxy.settings import SharedSettings
-from proxy.shared.base import Claim, ClassedAsk, Room, SharedUnavailable, Taken, TokenRecord
+from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
 from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.reads import LARGER, Reads
 from proxy.shared.records import BadRecord, RecordKeys, token_version
+from proxy.shared.redis_budget import BudgetRecords
 from proxy.shared.redis_webhooks import WebhookRecords
 from proxy.shared.scripts import (
     CACHE_CLAIM,
@@ -79,6 +80,7 @@ from proxy.shared.scripts import (
     CACHE_PUT,
     CACHE_RELEASE,
     CAS_SCRIPT,
+    GIVE_BACK,
     PAUSE,
     SPARE,
     TAKE,
@@ -91,13 +93,11 @@ PROBE_SECONDS = 1.0
 # Lock polling while another replica refreshes a token.
 LOCK_POLL = 0.05
 POOL_SIZE = 64
-# The longest pause a caller without a cap of its own honours (seconds).
-NO_CAP = 1e9
 
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
 
 
-class RedisBackend(WebhookRecords):
+class RedisBackend(BudgetRecords, WebhookRecords):
     kind = "redis"
     # Bytes a cache record may hold on top of the body: envelope, entry header.
     OVERHEAD = 1024 * 1024
@@ -116,6 +116,7 @@ class RedisBackend(WebhookRecords):
         self._pause = self.client.register_script(PAUSE)
         self._take_classed = self.client.register_script(TAKE_CLASSED)
         self._spare = self.client.register_script(SPARE)
+        self._give_back = self.client.register_script(GIVE_BACK)
         self._write_token = self.client.register_script(CAS_SCRIPT)
         self._cache_put = self.client.register_script(CACHE_PUT)
         self._cache_claim = self.client.register_script(CACHE_CLAIM)
@@ -262,64 +263,6 @@ class RedisBackend(WebhookRecords):
 
     def key(self, kind: str, account: str, suffix: str = "") -> str:
         return f"{self.prefix}:{kind}:{account}{':' + suffix if suffix else ''}"
-
-    # --- budget
-
-    async def take(
-        self, account: str, per_window: int, burst: int, period: float, longest: float = NO_CAP
-    ) -> float:
-        self._sent += 1
-        member = f"{self._replica}:{self._sent}"
-        keys = [self.key("budget", account), self.key("budget", account, "log")]
-        cap = repr(float(min(longest, NO_CAP)))
-        args: list[Any] = [per_window, burst, repr(float(period)), member, cap]
-        taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
-        return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
-
-    async def take_classed(
-        self, account: str, per_window: int, burst: int, period: float, ask: ClassedAsk
-    ) -> Taken:
-        self._sent += 1
-        member = f"{self._replica}:{self._sent}"
-        keys = [
-            self.key("budget", account),
-            self.key("budget", account, "log"),
-            self.key("budget", account, "demand"),
-        ]
-        ttl_ms = max(1, round(ask.demand_ttl * 1000))
-        args: list[Any] = [
-            per_window, burst, repr(float(period)), member, self._replica, ask.klass,
-            *ask.waiting, ttl_ms, repr(float(ask.reserve)), *(repr(float(w)) for w in ask.weights),
-            *(repr(float(a)) for a in ask.ages), repr(float(min(ask.longest, NO_CAP))),
-        ]  # fmt: skip
-        taken, wait, *fleet = await self._run(
-            "budget", lambda: self._take_classed(keys=keys, args=args)
-        )
-        waited = 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
-        return Taken(waited, (int(fleet[0]), int(fleet[1]), int(fleet[2])))
-
-    async def pause(
-        self, account: str, seconds: float, per_window: int, burst: int, period: float
-    ) -> float:
-        keys = [self.key("budget", account)]
-        args: list[Any] = [repr(float(seconds)), per_window, burst, repr(float(period))]
-        left = await self._run("pause", lambda: self._pause(keys=keys, args=args))
-        return float(left)
-
-    async def room(
-        self, account: str, per_window: int, burst: int, period: float, longest: float = NO_CAP
-    ) -> Room:
-        keys = [self.key("budget", account, s) for s in ("", "log", "demand")]
-        args: list[Any] = [
-            per_window,
-            burst,
-            repr(float(period)),
-            repr(float(min(longest, NO_CAP))),
-        ]
-        tokens, *fleet, wait = await self._run(
-            "budget_room", lambda: self._spare(keys=keys, args=args)
-        )
-        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])), float(wait))
 
     # --- tokens
 

@@ -113,6 +113,7 @@ local mine = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
 local heads = {}
 for i = 1, 3 do heads[i] = now_ms - math.floor(tonumber(ARGV[14 + i]) * 1000) end
 local interval = period / per_window
+local FIFO_SLACK_MS = 10
 local function record(counts)
   redis.call('HSET', KEYS[3], 'r:' .. ARGV[5], counts[1] .. ' ' .. counts[2] .. ' '
     .. counts[3] .. ' ' .. heads[1] .. ' ' .. heads[2] .. ' ' .. heads[3] .. ' ' .. now_ms
@@ -186,7 +187,11 @@ for i = 1, 3 do
 end
 local me = 0
 for i = 1, 3 do if classes[i] == klass then me = i end end
-local slack = math.floor(interval * 500)
+-- First come, first served within a class: only a request younger than the oldest by less
+-- than the ages' own error (a round trip, a late event loop: a few ms) may take the slot.
+-- (Half an interval here let a younger request on a replica that asked first take the slot,
+-- and the older one waited a whole slot more.)
+local slack = math.min(FIFO_SLACK_MS, math.floor(interval * 500))
 if (best ~= 0 and best ~= me) or (me ~= 0 and heads[me] > oldest[me] + slack) then
   -- The slot is another class's, or an older request's of this class on another replica:
   -- that replica takes it; ask again within half an interval.
@@ -208,6 +213,25 @@ if low == math.huge and me ~= 0 then low = starts[me] end
 if low ~= math.huge and low > v then redis.call('HSET', KEYS[3], 'v', tostring(low)) end
 record(mine)
 return reply(1, 0)
+"""
+)
+
+# A slot taken and not used (AccountBudget.refund: a background refresh that found its key
+# fetched meanwhile) goes back to the fleet: its send leaves the window's log and the pace
+# moves back one interval (never before now), so the next replica to ask may have it.
+# KEYS: budget, log. ARGV: the member the take logged, per_window, period.
+# Returns 1, or 0 when the member is no longer in the log (nothing to give back).
+GIVE_BACK = (
+    NUM
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+local interval = tonumber(ARGV[3]) / tonumber(ARGV[2])
+local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
+if tat - interval > now then tat = tat - interval else tat = now end
+redis.call('HSET', KEYS[1], 'tat', tostring(tat), 'format', '1')
+return 1
 """
 )
 

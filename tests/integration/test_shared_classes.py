@@ -201,3 +201,72 @@ async def test_a_queue_asks_redis_again_as_soon_as_it_is_back(
         own_redis_space.server.start()
         assert await till < 4.0  # the fallback's turn: about 6 s
         await a.close()
+
+
+async def test_a_slot_goes_to_the_oldest_request_of_its_class_in_the_fleet(
+    backends: list[RedisBackend],
+) -> None:
+    """Within a class the fleet is first come, first served: replica B's interactive request
+    came 20 ms before replica A's (less than half a pacing interval). A asks first when the
+    slot frees and is told to ask again shortly; B, asking next, gets the slot. (A margin of
+    half an interval gave it to the younger request: the older one waited a whole slot more,
+    the 3-replica interactive tail.)"""
+    a, b, c = backends
+    weights = (6.0, 3.0, 1.0)
+    per_window, burst, period = RATE.per_window, RATE.burst, RATE.window + RATE.margin
+
+    def ask(age: float) -> ClassedAsk:
+        return ClassedAsk("interactive", (1, 0, 0), 0.0, weights, 2.0, (age, 0.0, 0.0))
+
+    warm = ClassedAsk("standard", (0, 1, 0), 0.0, weights, 2.0)
+    assert (await c.take_classed("main", per_window, burst, period, warm)).wait == 0.0
+    started = time.monotonic()
+    told = await b.take_classed("main", per_window, burst, period, ask(0.0))
+    assert told.wait > 0.05  # the next slot is a pace off; B's request is registered
+    await asyncio.sleep(told.wait + 0.01)
+    younger = await a.take_classed(
+        "main", per_window, burst, period, ask(time.monotonic() - started - 0.02)
+    )
+    assert younger.wait > 0 and younger.fleet[0] == 2, younger
+    older = await b.take_classed("main", per_window, burst, period, ask(time.monotonic() - started))
+    assert older.wait == 0.0, older
+
+
+async def test_a_slot_refunded_with_none_waiting_here_goes_back_to_the_fleet(
+    backends: list[RedisBackend],
+) -> None:
+    """Replica A takes a slot for a background refresh and does not use it (refund) while
+    nothing waits on A: the slot goes back to the fleet, and replica B's next request has it
+    at once, once. (Kept as A's credit for a pacing interval, it lapsed: B waited for the
+    next slot, a second here, and the fleet sent one request fewer that window.)"""
+    slow = Rate(per_window=4, burst=1, window=4.0, margin=0.0)  # a slot a second
+    a, b = replica(backends[0], slow), replica(backends[1], slow)
+    assert await a.acquire("refresh", a.clock.now() + FAR, "batch") == 0.0  # the burst's one
+    given = a.refund()
+    if given is not None:  # None: kept as A's own credit
+        assert await given
+    started = time.monotonic()
+    await b.acquire("till", b.clock.now() + FAR, "interactive")
+    assert time.monotonic() - started < 0.5
+    assert await b.acquire("till", b.clock.now() + FAR, "interactive") > 0.5  # given once
+    await a.close()
+    await b.close()
+
+
+async def test_requests_that_leave_unserved_stop_holding_the_fleets_slots(
+    backends: list[RedisBackend],
+) -> None:
+    """Replica A's interactive request leaves before its slot (its caller went away): A's
+    demand entry goes once nothing waits there, and replica B's batch request gets the next
+    slot. (The entry stood until it expired, four pacing intervals here: the fleet kept the
+    slots for interactive requests no one was asking for, and B waited seconds.)"""
+    slow = Rate(per_window=4, burst=1, window=4.0, margin=0.0)  # a slot a second
+    a, b = replica(backends[0], slow), replica(backends[1], slow)
+    await a.acquire("warm", a.clock.now() + FAR, "standard")  # the burst's one token
+    till = asyncio.create_task(a.acquire("till", a.clock.now() + FAR, "interactive"))
+    await asyncio.sleep(0.1)  # A's dispatcher has told Redis of it
+    till.cancel()
+    await asyncio.gather(till, return_exceptions=True)
+    assert await b.acquire("sync", b.clock.now() + FAR, "batch") < 1.5  # the next slot: ~0.9 s
+    await a.close()
+    await b.close()

@@ -1,0 +1,111 @@
+"""The shared budget's calls to Redis (:mod:`proxy.shared.scripts`), a part of
+:class:`~proxy.shared.redis_backend.RedisBackend`: take a slot (plain or with budget classes),
+give one back, share a pause, read the spare room. Keys: ``P:budget:ACCOUNT`` (and ``:log``,
+``:demand``), described in :mod:`proxy.shared.redis_backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from proxy.shared.base import ClassedAsk, Room, Taken
+
+T = TypeVar("T")
+# The longest pause a caller without a cap of its own honours (seconds).
+NO_CAP = 1e9
+
+
+class _Backend(Protocol):
+    """What the budget's calls use of the backend: its scripts, replica id and error handling."""
+
+    _replica: str
+    _sent: int
+
+    @property
+    def client(self) -> Any: ...
+
+    _take: Any
+    _take_classed: Any
+    _pause: Any
+    _spare: Any
+    _give_back: Any
+
+    def key(self, kind: str, account: str, suffix: str = "") -> str: ...
+
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float = 0.0) -> T: ...
+
+
+class BudgetRecords:
+    """Mixed into the Redis backend (its connection, keys and error handling)."""
+
+    async def take(self: _Backend, account: str, per_window: int, burst: int, period: float,
+                   longest: float = NO_CAP) -> float:  # fmt: skip
+        self._sent += 1
+        member = f"{self._replica}:{self._sent}"
+        keys = [self.key("budget", account), self.key("budget", account, "log")]
+        cap = repr(float(min(longest, NO_CAP)))
+        args: list[Any] = [per_window, burst, repr(float(period)), member, cap]
+        taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
+        return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
+
+    async def take_classed(
+        self: _Backend, account: str, per_window: int, burst: int, period: float, ask: ClassedAsk
+    ) -> Taken:
+        self._sent += 1
+        member = f"{self._replica}:{self._sent}"
+        keys = [
+            self.key("budget", account),
+            self.key("budget", account, "log"),
+            self.key("budget", account, "demand"),
+        ]
+        ttl_ms = max(1, round(ask.demand_ttl * 1000))
+        args: list[Any] = [
+            per_window, burst, repr(float(period)), member, self._replica, ask.klass,
+            *ask.waiting, ttl_ms, repr(float(ask.reserve)), *(repr(float(w)) for w in ask.weights),
+            *(repr(float(a)) for a in ask.ages), repr(float(min(ask.longest, NO_CAP))),
+        ]  # fmt: skip
+        taken, wait, *fleet = await self._run(
+            "budget", lambda: self._take_classed(keys=keys, args=args)
+        )
+        if int(taken) == 1:
+            return Taken(0.0, (int(fleet[0]), int(fleet[1]), int(fleet[2])), member)
+        return Taken(max(float(wait), 1e-3), (int(fleet[0]), int(fleet[1]), int(fleet[2])))
+
+    async def pause(
+        self: _Backend, account: str, seconds: float, per_window: int, burst: int, period: float
+    ) -> float:
+        keys = [self.key("budget", account)]
+        args: list[Any] = [repr(float(seconds)), per_window, burst, repr(float(period))]
+        left = await self._run("pause", lambda: self._pause(keys=keys, args=args))
+        return float(left)
+
+    async def room(self: _Backend, account: str, per_window: int, burst: int, period: float,
+                   longest: float = NO_CAP) -> Room:  # fmt: skip
+        keys = [self.key("budget", account, s) for s in ("", "log", "demand")]
+        args: list[Any] = [
+            per_window,
+            burst,
+            repr(float(period)),
+            repr(float(min(longest, NO_CAP))),
+        ]
+        tokens, *fleet, wait = await self._run(
+            "budget_room", lambda: self._spare(keys=keys, args=args)
+        )
+        return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])), float(wait))
+
+    async def give_back(
+        self: _Backend, account: str, member: str, per_window: int, period: float
+    ) -> bool:
+        """A slot taken (``member``, as :meth:`take_classed` answered) and not used goes back to
+        the fleet: its send leaves the window's log and the pace moves back one interval.
+        False when the send has already left the log."""
+        keys = [self.key("budget", account), self.key("budget", account, "log")]
+        args: list[Any] = [member, per_window, repr(float(period))]
+        given = await self._run("budget", lambda: self._give_back(keys=keys, args=args))
+        return int(given) == 1
+
+    async def drop_demand(self: _Backend, account: str) -> None:
+        """This replica has nothing waiting any more: its entry leaves the demand hash."""
+        key, field = self.key("budget", account, "demand"), f"r:{self._replica}"
+        await self._run("budget", lambda: self.client.hdel(key, field))
