@@ -12,6 +12,7 @@ let go of the lock) and *apply* a change here (flights cancelled, memory tier an
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
@@ -21,11 +22,15 @@ from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
+from proxy.cache.notes import Note
+from proxy.cache.notes import decode as decode_note
+from proxy.cache.notes import encode as encode_note
 from proxy.cache.policy import Entry, FreshHit, fresh_age, lookup, request_control
-from proxy.cache.redis_records import RedisRecords
+from proxy.cache.redis_records import POLL_SECONDS, BadRecord, RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 from proxy.messages import ProxyRequest
+from proxy.shared.base import Claim
 
 Fetch = Callable[[], Awaitable[Outcome]]
 # Takes a background request's budget token ahead of its send (the budget's ``prepay``).
@@ -34,6 +39,12 @@ Prepay = Callable[[ProxyRequest], Awaitable[None]]
 Refund = Callable[[ProxyRequest], None]
 # An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
 Hold = Callable[[Entry], Entry]
+# Another replica's 304 applied to the flight's stored entry (None: it does not apply).
+Adopt = Callable[[Note], Outcome | None]
+# What a 304 answered: the validators sent, its headers, request and response times.
+Revalidation = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], float, float]
+# After a waited-on lock is gone without a note, how long its note may still be on its way.
+NOTE_GRACE = 0.01
 
 
 class Entries(Protocol):
@@ -48,9 +59,22 @@ class Entries(Protocol):
 
     async def lookup(self, account: str, key: str) -> Stored | None: ...
 
-    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
+    async def obtain(
+        self, flight: Flight, fetch: Fetch, hold: Hold | None = None, adopt: Adopt | None = None
+    ) -> Outcome:
         """The flight's outcome: ``fetch()``, or what another replica fetched (its entry as
-        ``hold`` holds it, when given: a webhook rule's fallback)."""
+        ``hold`` holds it, when given: a webhook rule's fallback), or its 304 (``adopt``)."""
+        ...
+
+    def revalidated(
+        self,
+        flight: Flight,
+        sent: tuple[tuple[str, str], ...],
+        headers: tuple[tuple[str, str], ...],
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        """The flight's fetch was a 304 to ``sent`` (told to the replicas waiting on it)."""
         ...
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
@@ -104,8 +128,20 @@ class LocalEntries:
     async def lookup(self, account: str, key: str) -> Stored | None:
         return await self.store.get(key)
 
-    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
+    async def obtain(
+        self, flight: Flight, fetch: Fetch, hold: Hold | None = None, adopt: Adopt | None = None
+    ) -> Outcome:
         return await fetch()
+
+    def revalidated(
+        self,
+        flight: Flight,
+        sent: tuple[tuple[str, str], ...],
+        headers: tuple[tuple[str, str], ...],
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        return None
 
     def stale(self, flight: Flight, entry: Entry) -> bool:
         """Whether a change came while the flight was out (what it got may be old)."""
@@ -189,6 +225,8 @@ class RedisEntries(LocalEntries):
         self.refund = refund
         # Background refreshes' claims (owner tokens), let go of by finish().
         self._refreshing: dict[Flight, str] = {}
+        # Flights holding a fetch lock whose fetch was a 304: the note finish() leaves.
+        self._revalidated: dict[Flight, Revalidation] = {}
 
     async def lookup(self, account: str, key: str) -> Stored | None:
         """Memory tier, then Redis (a hit there joins the memory tier), then the local disk."""
@@ -208,14 +246,17 @@ class RedisEntries(LocalEntries):
         self.store.promote(key, found)
         return found
 
-    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
-        """Take the key's fetch lock in Redis, or wait for the replica that holds it to
-        store the entry and answer from that; else (Redis away, the owner stored nothing,
-        or it took longer than ``cache.coalesce_wait``) fetch here."""
+    async def obtain(
+        self, flight: Flight, fetch: Fetch, hold: Hold | None = None, adopt: Adopt | None = None
+    ) -> Outcome:
+        """Take the key's fetch lock in Redis, or wait for the replica that holds it: answer
+        from the entry it stores, or from its 304 (its note, ``adopt``); else (Redis away,
+        nothing usable, or it took longer than ``cache.coalesce_wait``) fetch here."""
         account = flight.request.account
+        began = self.clock()  # a note's 304 must come after this (proxy.cache.notes)
         if flight.request.prepaid is not None and self.prepay is not None:
             await self._queue(flight)
-        claim = await self.records.claim(account, flight.key)
+        claim = await self.records.claim(account, flight.key, wait=adopt is not None)
         if claim is None:
             return await fetch()
         flight.claimed(claim.gen, claim.owner)
@@ -223,10 +264,15 @@ class RedisEntries(LocalEntries):
             # A background refresh while another replica fetches the key: that one will do.
             raise Dropped(flight.key)
         if claim.owner is None:
-            found = await self.records.wait(account, flight.key, self.coalesce_wait)
+            other = await self._other(flight, claim, began, hold, adopt)
+            if isinstance(other, Outcome):
+                return other
+            found = other
         else:  # the lock's last owner may have stored it since this flight's lookup
             found = await self.records.found(account, flight.key, claim.data)
-        if found is None or not self._usable(flight, found, hold):
+        if found is None or not (
+            self._usable(flight, found, hold) or self._since(flight, found, began)
+        ):
             return await fetch()
         self.store.promote(flight.key, found)
         entry = found.entry
@@ -239,6 +285,76 @@ class RedisEntries(LocalEntries):
             entry=entry,
             reason="other_replica",
         )
+
+    async def _other(
+        self,
+        flight: Flight,
+        claim: Claim,
+        began: float,
+        hold: Hold | None,
+        adopt: Adopt | None,
+    ) -> Outcome | Stored | None:
+        """Wait for the fetch another replica holds the lock for: its note (heard at once
+        when it lets go), else a look at the entry every ``POLL_SECONDS`` while the lock is
+        held. An answer from its 304, the entry it stored, or None (fetch here)."""
+        account, key = flight.request.account, flight.key
+        if not claim.noted or claim.holder is None or adopt is None:
+            return await self.records.wait(account, key, self.coalesce_wait)
+        deadline = time.monotonic() + self.coalesce_wait
+        wait = POLL_SECONDS
+        while True:
+            data = await self.records.heard(account, key, claim.holder, wait)
+            if data is not None:
+                return await self._noted(flight, claim.holder, data, began, adopt)
+            found, locked = await self.records.poll(account, key)
+            if locked is None:
+                return None
+            if found is not None and self._usable(flight, found, hold):
+                return found
+            if not locked:
+                if wait == NOTE_GRACE:  # gone, and its note with it (lost, or none left)
+                    self.metrics.cache_shared.labels("lock", "alone").inc()
+                    return found
+                wait = NOTE_GRACE  # let go just now: its note may still be on its way
+                continue
+            if time.monotonic() >= deadline:
+                self.metrics.cache_shared.labels("lock", "alone").inc()
+                return None
+            wait = min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))
+
+    async def _noted(
+        self, flight: Flight, holder: str, data: bytes, began: float, adopt: Adopt
+    ) -> Outcome | Stored | None:
+        """The holder's note: its 304 applied here when it may answer this flight (it came
+        after the flight began, for the validators of this flight's entry, and no change
+        came meanwhile); else what it stored (looked for once), or None."""
+        account, key = flight.request.account, flight.key
+        try:
+            note = decode_note(data, key, holder)
+        except BadRecord:
+            self.metrics.cache_shared.labels("note", "bad_record").inc()
+            note = None
+        if note is not None and note.got == "304":
+            if note.response_time < began or self._changed(flight):
+                self.metrics.cache_shared.labels("note", "ignored").inc()
+                return None
+            outcome = adopt(note)
+            result = "ignored" if outcome is None else "adopted"
+            self.metrics.cache_shared.labels("note", result).inc()
+            return outcome
+        found, _ = await self.records.poll(account, key)
+        return found
+
+    def _changed(self, flight: Flight) -> bool:
+        request = flight.request
+        return flight.cancelled or self.store.invalidated_since(
+            flight.sequence, request.account, request.path
+        )
+
+    def _since(self, flight: Flight, found: Stored, began: float) -> bool:
+        """Whether another replica's entry was fetched after this flight began (it may
+        answer the flight's requests, fresh or not, as a flight of this replica's would)."""
+        return found.entry.response_time >= began and not self.stale(flight, found.entry)
 
     async def _queue(self, flight: Flight) -> None:
         """A background refresh: one per key for the fleet (its own claim in Redis, apart
@@ -265,6 +381,17 @@ class RedisEntries(LocalEntries):
         headers = flight.request.headers
         control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
         return isinstance(lookup(entry, headers, control, self.clock()), FreshHit)
+
+    def revalidated(
+        self,
+        flight: Flight,
+        sent: tuple[tuple[str, str], ...],
+        headers: tuple[tuple[str, str], ...],
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        if flight.owner is not None:
+            self._revalidated[flight] = (sent, headers, request_time, response_time)
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         """As the local tier keeps it, and to Redis by :meth:`finish` once the answer is out:
@@ -295,8 +422,12 @@ class RedisEntries(LocalEntries):
         if stored is not None and flight.gen is not None and not self.stale(flight, stored.entry):
             await self.records.put(flight.key, stored, flight.gen, self.clock())
         owner = flight.let_go()
+        revalidated = self._revalidated.pop(flight, None)
         if owner is not None:
-            await self.records.release(flight.request.account, flight.key, owner)
+            note = Note(owner, flight.key, "done")
+            if revalidated is not None and not self._changed(flight):
+                note = Note(owner, flight.key, "304", *revalidated)
+            await self.records.release(flight.request.account, flight.key, owner, encode_note(note))
         refreshing = self._refreshing.pop(flight, None)
         if refreshing is not None:  # after the entry and the lock: a later refresh finds both
             await self.records.release_refresh(flight.request.account, flight.key, refreshing)
