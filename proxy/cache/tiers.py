@@ -26,7 +26,7 @@ from proxy.cache.notes import Note
 from proxy.cache.notes import decode as decode_note
 from proxy.cache.notes import encode as encode_note
 from proxy.cache.policy import Entry, FreshHit, fresh_age, lookup, request_control
-from proxy.cache.redis_records import POLL_SECONDS, BadRecord, RedisRecords
+from proxy.cache.redis_records import BadRecord, RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 from proxy.messages import ProxyRequest
@@ -45,6 +45,9 @@ Adopt = Callable[[Note], Outcome | None]
 Revalidation = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], float, float]
 # After a waited-on lock is gone without a note, how long its note may still be on its way.
 NOTE_GRACE = 0.01
+# How often a flight that will hear the holder's note looks at the lock meanwhile (the note
+# wakes it at once; the look finds an owner that died, or a note that was lost).
+NOTED_POLL = 0.25
 
 
 class Entries(Protocol):
@@ -295,13 +298,13 @@ class RedisEntries(LocalEntries):
         adopt: Adopt | None,
     ) -> Outcome | Stored | None:
         """Wait for the fetch another replica holds the lock for: its note (heard at once
-        when it lets go), else a look at the entry every ``POLL_SECONDS`` while the lock is
-        held. An answer from its 304, the entry it stored, or None (fetch here)."""
+        when it lets go), else a look at the entry every ``NOTED_POLL`` seconds while the
+        lock is held. An answer from its 304, the entry it stored, or None (fetch here)."""
         account, key = flight.request.account, flight.key
         if not claim.noted or claim.holder is None or adopt is None:
             return await self.records.wait(account, key, self.coalesce_wait)
         deadline = time.monotonic() + self.coalesce_wait
-        wait = POLL_SECONDS
+        wait = min(NOTED_POLL, self.coalesce_wait)
         while True:
             data = await self.records.heard(account, key, claim.holder, wait)
             if data is not None:
@@ -311,16 +314,16 @@ class RedisEntries(LocalEntries):
                 return None
             if found is not None and self._usable(flight, found, hold):
                 return found
-            if not locked:
-                if wait == NOTE_GRACE:  # gone, and its note with it (lost, or none left)
-                    self.metrics.cache_shared.labels("lock", "alone").inc()
-                    return found
-                wait = NOTE_GRACE  # let go just now: its note may still be on its way
-                continue
+            if not locked:  # let go just now: its note may still be on its way
+                data = await self.records.heard(account, key, claim.holder, NOTE_GRACE)
+                if data is not None:
+                    return await self._noted(flight, claim.holder, data, began, adopt)
+                self.metrics.cache_shared.labels("lock", "alone").inc()  # lost, or none left
+                return found
             if time.monotonic() >= deadline:
                 self.metrics.cache_shared.labels("lock", "alone").inc()
                 return None
-            wait = min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))
+            wait = min(NOTED_POLL, max(0.0, deadline - time.monotonic()))
 
     async def _noted(
         self, flight: Flight, holder: str, data: bytes, began: float, adopt: Adopt

@@ -44,6 +44,7 @@ class Upstream:
             await asyncio.sleep(self.delay)
             self.answered[304] += 1
             return web.Response(status=304, headers={"ETag": etag})
+        await asyncio.sleep(self.delay)
         self.answered[200] += 1
         return web.json_response({"version": self.version}, headers={"ETag": etag})
 
@@ -96,6 +97,31 @@ async def test_a_replica_waiting_on_anothers_revalidation_answers_from_its_304(
         await runner.cleanup()
     assert upstream.answered == {304: 1}  # one revalidation for both replicas (was 2)
     assert shared_op(b, "note", "adopted") == 1
+
+
+async def test_a_replica_waiting_on_anothers_fetch_answers_from_the_entry_it_stored(
+    replicas: Replicas, client: aiohttp.ClientSession
+) -> None:
+    # Not a 304: the resource changed. The entry A stores is not fresh either (no rule), but
+    # it was fetched after B's request came, so it answers B as A's own flight answers A's.
+    upstream = Upstream()
+    runner, url = await serve_handler(upstream.handle)
+    try:
+        a, b = await start(replicas, url, 2)
+        assert await read(client, a) == ("MISS", "v1")
+        await settled(a)
+        assert (await read(client, b))[1] == "v1"
+        await settled(b)
+        upstream.answered.clear()
+        upstream.version, upstream.delay = "v2", 0.3
+        first = asyncio.create_task(read(client, a))
+        await until(lambda: shared_op(a, "lock", "taken") >= 2, what="A's fetch lock")
+        assert await read(client, b) == ("MISS", "v2")
+        assert await first == ("MISS", "v2")
+        await settled(a, b)
+    finally:
+        await runner.cleanup()
+    assert upstream.answered == {200: 1}  # was 2: B fetched again
 
 
 async def _holding(
