@@ -76,9 +76,8 @@ class Exchange:
         if isinstance(decision, Freshened):
             await response.release()
             if entry is not None:  # for the replicas waiting on this fetch (Redis)
-                self.entries.revalidated(
-                    flight, tuple(validators(entry).items()), items, request_time, response_time
-                )
+                asked = tuple(validators(entry).items())
+                self.entries.revalidated(flight, (asked, items, request_time, response_time))
             return self._freshened(flight, stale, decision, "not_modified")
         if isinstance(decision, Refetch):
             await response.release()

@@ -69,15 +69,8 @@ class Entries(Protocol):
         ``hold`` holds it, when given: a webhook rule's fallback), or its 304 (``adopt``)."""
         ...
 
-    def revalidated(
-        self,
-        flight: Flight,
-        sent: tuple[tuple[str, str], ...],
-        headers: tuple[tuple[str, str], ...],
-        request_time: float,
-        response_time: float,
-    ) -> None:
-        """The flight's fetch was a 304 to ``sent`` (told to the replicas waiting on it)."""
+    def revalidated(self, flight: Flight, answer: Revalidation) -> None:
+        """The flight's fetch was a 304 (told to the replicas waiting on it)."""
         ...
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
@@ -136,14 +129,7 @@ class LocalEntries:
     ) -> Outcome:
         return await fetch()
 
-    def revalidated(
-        self,
-        flight: Flight,
-        sent: tuple[tuple[str, str], ...],
-        headers: tuple[tuple[str, str], ...],
-        request_time: float,
-        response_time: float,
-    ) -> None:
+    def revalidated(self, flight: Flight, answer: Revalidation) -> None:
         return None
 
     def stale(self, flight: Flight, entry: Entry) -> bool:
@@ -385,16 +371,9 @@ class RedisEntries(LocalEntries):
         control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
         return isinstance(lookup(entry, headers, control, self.clock()), FreshHit)
 
-    def revalidated(
-        self,
-        flight: Flight,
-        sent: tuple[tuple[str, str], ...],
-        headers: tuple[tuple[str, str], ...],
-        request_time: float,
-        response_time: float,
-    ) -> None:
+    def revalidated(self, flight: Flight, answer: Revalidation) -> None:
         if flight.owner is not None:
-            self._revalidated[flight] = (sent, headers, request_time, response_time)
+            self._revalidated[flight] = answer
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         """As the local tier keeps it, and to Redis by :meth:`finish` once the answer is out:
