@@ -3,10 +3,11 @@
 The shared tier (:class:`proxy.cache.tiers.RedisEntries`) reads memory tier → Redis → local
 disk and, after a fetch, writes the entry to Redis too, when its body arrived whole and is at most
 ``cache.max_entry_size``. Before a flight asks Kounta for a key it *claims* the key's fetch
-lock in Redis; a replica that finds the lock taken waits (polling, up to
-``cache.coalesce_wait``) for the owner's entry to appear and answers from it, or fetches alone
-once the owner has finished without storing one (its lock is gone). So a cold key fetched
-through every replica at once costs Kounta one request.
+lock in Redis; a replica that finds the lock taken waits (up to ``cache.coalesce_wait``) for
+the owner's note, published as it lets go (:mod:`proxy.cache.notes`), and answers from the
+owner's 304 or the entry it stored, or fetches alone once the owner has finished with nothing
+it may answer from. So a cold key fetched through every replica at once costs Kounta one
+request, and so does a revalidation.
 
 Records are this module's own format, not the disk's pickles: unpickling what a network
 store hands back would run whatever someone able to write to Redis put there (OWASP:

@@ -214,8 +214,6 @@ class RedisEntries(LocalEntries):
         self.refund = refund
         # Background refreshes' claims (owner tokens), let go of by finish().
         self._refreshing: dict[Flight, str] = {}
-        # Flights holding a fetch lock whose fetch was a 304: the note finish() leaves.
-        self._revalidated: dict[Flight, Revalidation] = {}
 
     async def lookup(self, account: str, key: str) -> Stored | None:
         """Memory tier, then Redis (a hit there joins the memory tier), then the local disk."""
@@ -372,8 +370,15 @@ class RedisEntries(LocalEntries):
         return isinstance(lookup(entry, headers, control, self.clock()), FreshHit)
 
     def revalidated(self, flight: Flight, answer: Revalidation) -> None:
-        if flight.owner is not None:
-            self._revalidated[flight] = answer
+        """A 304 needs nothing stored in Redis for the waiters to answer from it: the lock
+        is let go at once, with the note, while this replica still answers its callers (the
+        freshened entry reaches Redis by :meth:`finish`, as :meth:`keep` decides)."""
+        if flight.owner is None or self._changed(flight):
+            return
+        owner = flight.let_go()
+        assert owner is not None
+        note = encode_note(Note(owner, flight.key, "304", *answer))
+        self.flights.spawn(self.records.release(flight.request.account, flight.key, owner, note))
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         """As the local tier keeps it, and to Redis by :meth:`finish` once the answer is out:
@@ -399,17 +404,15 @@ class RedisEntries(LocalEntries):
 
     async def finish(self, flight: Flight) -> None:
         """Store the flight's entry in Redis (unless a change came meanwhile), and only then
-        let go of the fetch lock: what it stored is there before waiters see it free."""
+        let go of the fetch lock: what it stored is there before waiters see it free (a 304
+        let go already, its note is what the waiters answer from: :meth:`revalidated`)."""
         stored = flight.take_share()
         if stored is not None and flight.gen is not None and not self.stale(flight, stored.entry):
             await self.records.put(flight.key, stored, flight.gen, self.clock())
         owner = flight.let_go()
-        revalidated = self._revalidated.pop(flight, None)
-        if owner is not None:
-            note = Note(owner, flight.key, "done")
-            if revalidated is not None and not self._changed(flight):
-                note = Note(owner, flight.key, "304", *revalidated)
-            await self.records.release(flight.request.account, flight.key, owner, encode_note(note))
+        if owner is not None:  # a 304 let go already (revalidated)
+            note = encode_note(Note(owner, flight.key, "done"))
+            await self.records.release(flight.request.account, flight.key, owner, note)
         refreshing = self._refreshing.pop(flight, None)
         if refreshing is not None:  # after the entry and the lock: a later refresh finds both
             await self.records.release_refresh(flight.request.account, flight.key, refreshing)
