@@ -62,6 +62,17 @@ def shared_calls(admin: int) -> float:
     )
 
 
+def notes(admin: int) -> dict[str, float]:
+    """Other workers' 304 notes heard by waiting flights so far, by result (proxy.cache.notes)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    pattern = r'^kounta_proxy_cache_shared_total\{op="note",result="(\w+)"\} (\S+)$'
+    counts: dict[str, float] = {}
+    for result, value in re.findall(pattern, text, re.M):
+        counts[result] = counts.get(result, 0.0) + float(value)
+    return counts
+
+
 def wait_ready(admin: int, proc: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
     """Until /readyz says 200 (under --workers: every worker is ready)."""
     deadline = time.monotonic() + seconds
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, workers in SERVERS
         ]
         etag = cache_bench.fetch(servers[0].url + compare.REVALIDATED)[1]["etag"]
+        noted: dict[str, dict[str, float]] = {}
         for round_no in range(1, args.rounds + 1):
             print(f"round {round_no} of {args.rounds}", file=sys.stderr, flush=True)
             for scenario in compare.SCENARIOS:
@@ -151,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                         redis_calls = (shared_calls(server.admin) - calls) / asked
                     row = (r.rps, r.p99_ms, up, redis_calls)
                     rows.setdefault((scenario.key, server.label), []).append(row)
+        for server in servers:
+            if server.admin is not None:
+                noted[server.label] = notes(server.admin)
     print(f"\n## By workers (wrk -t2 -c{args.connections}, median of {args.rounds} rounds)\n")
     print("| scenario | server | req/s | p99 ms | upstream/req | Redis round trips/req |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -169,5 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         one, w1 = medians[(scenario.key, "one process")], medians[(scenario.key, "--workers 1")]
         print(f"| {scenario.label} | {two / one:.2f} | {two / w1:.2f} |")
     print("\n(target: no scenario below 1.0; 1.3 for fresh hits on two shared cores)")
+    for server in servers:
+        if server.admin is not None:
+            heard = ", ".join(f"{k} {v:.0f}" for k, v in sorted(noted[server.label].items()))
+            print(f"\n{server.label}: other workers' 304 notes over the run: {heard or 'none'}")
     print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.cache.flight import Flight, Flights, Outcome, Tee
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
+from proxy.cache.notes import Note
 from proxy.cache.policy import (
     CALLER_CONDITIONALS,
     Entry,
@@ -74,24 +75,10 @@ class Exchange:
         )
         if isinstance(decision, Freshened):
             await response.release()
-            # Counted by the layer's _fetch, once per answer (a background refresh answers
-            # nobody).
-            # The body (and its CRC32) as stored; only the headers are freshened.
-            fresh = (
-                replace(stale, entry=decision.entry)
-                if stale is not None
-                else Stored(decision.entry, None)
-            )
-            self.entries.keep(flight, fresh, freshened=stale is not None)
-            return Outcome(
-                decision.entry.status,
-                decision.entry.headers,
-                "REVALIDATED",
-                304,
-                stored=fresh,
-                entry=decision.entry,
-                reason="not_modified",
-            )
+            if entry is not None:  # for the replicas waiting on this fetch (Redis)
+                asked = tuple(validators(entry).items())
+                self.entries.revalidated(flight, (asked, items, request_time, response_time))
+            return self._freshened(flight, stale, decision, "not_modified")
         if isinstance(decision, Refetch):
             await response.release()
             return await self.run(flight, None)
@@ -113,6 +100,41 @@ class Exchange:
         if outcome.cache_status == "MISS":
             outcome.reason = "changed" if entry is not None else "cold"
         return outcome
+
+    def _freshened(
+        self, flight: Flight, stale: Stored | None, decision: Freshened, reason: str
+    ) -> Outcome:
+        # Counted by the layer's _fetch, once per answer (a background refresh answers
+        # nobody).
+        # The body (and its CRC32) as stored; only the headers are freshened.
+        fresh = (
+            replace(stale, entry=decision.entry)
+            if stale is not None
+            else Stored(decision.entry, None)
+        )
+        self.entries.keep(flight, fresh, freshened=stale is not None)
+        return Outcome(
+            decision.entry.status,
+            decision.entry.headers,
+            "REVALIDATED",
+            304,
+            stored=fresh,
+            entry=decision.entry,
+            reason=reason,
+        )
+
+    def adopt(self, flight: Flight, stale: Stored | None, note: Note) -> Outcome | None:
+        """Another replica's 304 (its note, :mod:`proxy.cache.notes`) applied to this
+        flight's stored entry as if it were its own: only when it answered the validators
+        this entry would send (None: it does not apply; the flight fetches)."""
+        if stale is None or tuple(validators(stale.entry).items()) != note.sent:
+            return None
+        decision = answered(
+            stale.entry, 304, note.headers, note.request_time, note.response_time, self.rules()
+        )
+        if not isinstance(decision, Freshened):
+            return None
+        return self._freshened(flight, stale, decision, "other_replica")
 
     async def _take_body(
         self, flight: Flight, response: ProxyResponse, times: tuple[float, float]

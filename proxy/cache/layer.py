@@ -325,7 +325,9 @@ class Cache:
 
         async def fly(flight: Flight) -> Outcome:
             fetch = functools.partial(self.exchange.run, flight, stale)
-            return await self.entries.obtain(flight, fetch, hold)
+            # Another replica's 304 for the same stored entry, applied here (Redis).
+            adopt = functools.partial(self.exchange.adopt, flight, stale)
+            return await self.entries.obtain(flight, fetch, hold, adopt)
 
         return self.flights.start(
             key,

@@ -37,7 +37,7 @@ class CacheMetrics:
             "kounta_proxy_cache_shared",
             "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "
             "error), put (ok, invalidated, error), lock (taken, waited, alone, error), unlock "
-            "(error), delete (ok, error).",
+            "(error), delete (ok, error), note (adopted, ignored, bad_record).",
             ["op", "result"],
             registry=registry,
         )

@@ -3,10 +3,11 @@
 The shared tier (:class:`proxy.cache.tiers.RedisEntries`) reads memory tier → Redis → local
 disk and, after a fetch, writes the entry to Redis too, when its body arrived whole and is at most
 ``cache.max_entry_size``. Before a flight asks Kounta for a key it *claims* the key's fetch
-lock in Redis; a replica that finds the lock taken waits (polling, up to
-``cache.coalesce_wait``) for the owner's entry to appear and answers from it, or fetches alone
-once the owner has finished without storing one (its lock is gone). So a cold key fetched
-through every replica at once costs Kounta one request.
+lock in Redis; a replica that finds the lock taken waits (up to ``cache.coalesce_wait``) for
+the owner's note, published as it lets go (:mod:`proxy.cache.notes`), and answers from the
+owner's 304 or the entry it stored, or fetches alone once the owner has finished with nothing
+it may answer from. So a cold key fetched through every replica at once costs Kounta one
+request, and so does a revalidation.
 
 Records are this module's own format, not the disk's pickles: unpickling what a network
 store hands back would run whatever someone able to write to Redis put there (OWASP:
@@ -408,14 +409,20 @@ class RedisRecords:
             return
         self._count("put", "ok" if done else "invalidated")
 
-    async def claim(self, account: str, key: str) -> Claim | None:
-        """Take the key's fetch lock, or learn it is taken (None: Redis is away)."""
+    async def claim(self, account: str, key: str, *, wait: bool = False) -> Claim | None:
+        """Take the key's fetch lock, or learn it is taken (None: Redis is away); ``wait``:
+        if taken, be named among its waiters (its owner's note comes here: :meth:`heard`)."""
         if not await self._caught_up():
             self._count("lock", "error")
             return None
         try:
             claim = await self.backend.cache_claim(
-                account, digest(key), uuid.uuid4().hex, self.lock_ttl, self.max_entry_size
+                account,
+                digest(key),
+                uuid.uuid4().hex,
+                self.lock_ttl,
+                self.max_entry_size,
+                wait,
             )
         except SharedUnavailable:
             self._count("lock", "error")
@@ -446,26 +453,46 @@ class RedisRecords:
         """The entry another replica's fetch stores, or None once its lock is gone without
         one (not storable, failed, owner died and the lock expired), Redis fails, or
         ``patience`` runs out. Each look is one round trip."""
-        name = digest(key)
         deadline = time.monotonic() + patience
         while True:
-            try:
-                data, locked = await self.backend.cache_poll(account, name, self.max_entry_size)
-            except SharedUnavailable:
-                self._count("lock", "alone")
-                return None
-            except BadSharedRecord as e:
-                return await self._bad(account, key, str(e))
-            if data is not None:
-                return await self._decoded(account, key, name, data)
+            found, locked = await self.poll(account, key)
+            if found is not None or locked is None:
+                return found
             if not locked or time.monotonic() >= deadline:
                 self._count("lock", "alone")
                 return None
             await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
-    async def release(self, account: str, key: str, owner: str) -> None:
+    async def poll(self, account: str, key: str) -> tuple[Stored | None, bool | None]:
+        """The entry under the key (None: none, or a bad one) and whether its fetch lock is
+        still held (None: Redis failed; counted ``alone``). One round trip."""
+        name = digest(key)
         try:
-            await self.backend.cache_release(account, digest(key), owner)
+            data, locked = await self.backend.cache_poll(account, name, self.max_entry_size)
+        except SharedUnavailable:
+            self._count("lock", "alone")
+            return None, None
+        except BadSharedRecord as e:
+            return await self._bad(account, key, str(e)), None
+        if data is not None:
+            return await self._decoded(account, key, name, data), locked
+        return None, locked
+
+    async def heard(self, account: str, key: str, holder: str, seconds: float) -> bytes | None:
+        """The note the lock's ``holder`` left on letting go (MAC checked, not yet read),
+        heard within ``seconds``; None: none yet, or one that failed its MAC (counted)."""
+        try:
+            return await self.backend.cache_note(account, digest(key), holder, seconds)
+        except BadSharedRecord as e:
+            self._count("note", "bad_record")
+            event("cache_shared_bad_note", logging.WARNING, problem=str(e))
+            return None
+
+    async def release(self, account: str, key: str, owner: str, note: bytes | None = None) -> None:
+        """Let go of the fetch lock, leaving ``note`` (:mod:`proxy.cache.notes`) to the
+        replicas that waited on it."""
+        try:
+            await self.backend.cache_release(account, digest(key), owner, note)
         except SharedUnavailable:
             self._count("unlock", "error")  # it expires by itself
 

@@ -12,6 +12,7 @@ let go of the lock) and *apply* a change here (flights cancelled, memory tier an
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
@@ -21,11 +22,15 @@ from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
+from proxy.cache.notes import Note
+from proxy.cache.notes import decode as decode_note
+from proxy.cache.notes import encode as encode_note
 from proxy.cache.policy import Entry, FreshHit, fresh_age, lookup, request_control
-from proxy.cache.redis_records import RedisRecords
+from proxy.cache.redis_records import BadRecord, RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 from proxy.messages import ProxyRequest
+from proxy.shared.base import Claim
 
 Fetch = Callable[[], Awaitable[Outcome]]
 # Takes a background request's budget token ahead of its send (the budget's ``prepay``).
@@ -34,6 +39,15 @@ Prepay = Callable[[ProxyRequest], Awaitable[None]]
 Refund = Callable[[ProxyRequest], None]
 # An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
 Hold = Callable[[Entry], Entry]
+# Another replica's 304 applied to the flight's stored entry (None: it does not apply).
+Adopt = Callable[[Note], Outcome | None]
+# What a 304 answered: the validators sent, its headers, request and response times.
+Revalidation = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], float, float]
+# After a waited-on lock is gone without a note, how long its note may still be on its way.
+NOTE_GRACE = 0.01
+# How often a flight that will hear the holder's note looks at the lock meanwhile (the note
+# wakes it at once; the look finds an owner that died, or a note that was lost).
+NOTED_POLL = 0.25
 
 
 class Entries(Protocol):
@@ -48,9 +62,15 @@ class Entries(Protocol):
 
     async def lookup(self, account: str, key: str) -> Stored | None: ...
 
-    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
+    async def obtain(
+        self, flight: Flight, fetch: Fetch, hold: Hold | None = None, adopt: Adopt | None = None
+    ) -> Outcome:
         """The flight's outcome: ``fetch()``, or what another replica fetched (its entry as
-        ``hold`` holds it, when given: a webhook rule's fallback)."""
+        ``hold`` holds it, when given: a webhook rule's fallback), or its 304 (``adopt``)."""
+        ...
+
+    def revalidated(self, flight: Flight, answer: Revalidation) -> None:
+        """The flight's fetch was a 304 (told to the replicas waiting on it)."""
         ...
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
@@ -104,8 +124,13 @@ class LocalEntries:
     async def lookup(self, account: str, key: str) -> Stored | None:
         return await self.store.get(key)
 
-    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
+    async def obtain(
+        self, flight: Flight, fetch: Fetch, hold: Hold | None = None, adopt: Adopt | None = None
+    ) -> Outcome:
         return await fetch()
+
+    def revalidated(self, flight: Flight, answer: Revalidation) -> None:
+        return None
 
     def stale(self, flight: Flight, entry: Entry) -> bool:
         """Whether a change came while the flight was out (what it got may be old)."""
@@ -208,14 +233,17 @@ class RedisEntries(LocalEntries):
         self.store.promote(key, found)
         return found
 
-    async def obtain(self, flight: Flight, fetch: Fetch, hold: Hold | None = None) -> Outcome:
-        """Take the key's fetch lock in Redis, or wait for the replica that holds it to
-        store the entry and answer from that; else (Redis away, the owner stored nothing,
-        or it took longer than ``cache.coalesce_wait``) fetch here."""
+    async def obtain(
+        self, flight: Flight, fetch: Fetch, hold: Hold | None = None, adopt: Adopt | None = None
+    ) -> Outcome:
+        """Take the key's fetch lock in Redis, or wait for the replica that holds it: answer
+        from the entry it stores, or from its 304 (its note, ``adopt``); else (Redis away,
+        nothing usable, or it took longer than ``cache.coalesce_wait``) fetch here."""
         account = flight.request.account
+        began = self.clock()  # a note's 304 must come after this (proxy.cache.notes)
         if flight.request.prepaid is not None and self.prepay is not None:
             await self._queue(flight)
-        claim = await self.records.claim(account, flight.key)
+        claim = await self.records.claim(account, flight.key, wait=adopt is not None)
         if claim is None:
             return await fetch()
         flight.claimed(claim.gen, claim.owner)
@@ -223,10 +251,15 @@ class RedisEntries(LocalEntries):
             # A background refresh while another replica fetches the key: that one will do.
             raise Dropped(flight.key)
         if claim.owner is None:
-            found = await self.records.wait(account, flight.key, self.coalesce_wait)
+            other = await self._other(flight, claim, began, hold, adopt)
+            if isinstance(other, Outcome):
+                return other
+            found = other
         else:  # the lock's last owner may have stored it since this flight's lookup
             found = await self.records.found(account, flight.key, claim.data)
-        if found is None or not self._usable(flight, found, hold):
+        if found is None or not (
+            self._usable(flight, found, hold) or self._since(flight, found, began)
+        ):
             return await fetch()
         self.store.promote(flight.key, found)
         entry = found.entry
@@ -239,6 +272,76 @@ class RedisEntries(LocalEntries):
             entry=entry,
             reason="other_replica",
         )
+
+    async def _other(
+        self,
+        flight: Flight,
+        claim: Claim,
+        began: float,
+        hold: Hold | None,
+        adopt: Adopt | None,
+    ) -> Outcome | Stored | None:
+        """Wait for the fetch another replica holds the lock for: its note (heard at once
+        when it lets go), else a look at the entry every ``NOTED_POLL`` seconds while the
+        lock is held. An answer from its 304, the entry it stored, or None (fetch here)."""
+        account, key = flight.request.account, flight.key
+        if not claim.noted or claim.holder is None or adopt is None:
+            return await self.records.wait(account, key, self.coalesce_wait)
+        deadline = time.monotonic() + self.coalesce_wait
+        wait = min(NOTED_POLL, self.coalesce_wait)
+        while True:
+            data = await self.records.heard(account, key, claim.holder, wait)
+            if data is not None:
+                return await self._noted(flight, claim.holder, data, began, adopt)
+            found, locked = await self.records.poll(account, key)
+            if locked is None:
+                return None
+            if found is not None and self._usable(flight, found, hold):
+                return found
+            if not locked:  # let go just now: its note may still be on its way
+                data = await self.records.heard(account, key, claim.holder, NOTE_GRACE)
+                if data is not None:
+                    return await self._noted(flight, claim.holder, data, began, adopt)
+                self.metrics.cache_shared.labels("lock", "alone").inc()  # lost, or none left
+                return found
+            if time.monotonic() >= deadline:
+                self.metrics.cache_shared.labels("lock", "alone").inc()
+                return None
+            wait = min(NOTED_POLL, max(0.0, deadline - time.monotonic()))
+
+    async def _noted(
+        self, flight: Flight, holder: str, data: bytes, began: float, adopt: Adopt
+    ) -> Outcome | Stored | None:
+        """The holder's note: its 304 applied here when it may answer this flight (it came
+        after the flight began, for the validators of this flight's entry, and no change
+        came meanwhile); else what it stored (looked for once), or None."""
+        account, key = flight.request.account, flight.key
+        try:
+            note = decode_note(data, key, holder)
+        except BadRecord:
+            self.metrics.cache_shared.labels("note", "bad_record").inc()
+            note = None
+        if note is not None and note.got == "304":
+            if note.response_time < began or self._changed(flight):
+                self.metrics.cache_shared.labels("note", "ignored").inc()
+                return None
+            outcome = adopt(note)
+            result = "ignored" if outcome is None else "adopted"
+            self.metrics.cache_shared.labels("note", result).inc()
+            return outcome
+        found, _ = await self.records.poll(account, key)
+        return found
+
+    def _changed(self, flight: Flight) -> bool:
+        request = flight.request
+        return flight.cancelled or self.store.invalidated_since(
+            flight.sequence, request.account, request.path
+        )
+
+    def _since(self, flight: Flight, found: Stored, began: float) -> bool:
+        """Whether another replica's entry was fetched after this flight began (it may
+        answer the flight's requests, fresh or not, as a flight of this replica's would)."""
+        return found.entry.response_time >= began and not self.stale(flight, found.entry)
 
     async def _queue(self, flight: Flight) -> None:
         """A background refresh: one per key for the fleet (its own claim in Redis, apart
@@ -266,6 +369,19 @@ class RedisEntries(LocalEntries):
         control = request_control(headers.getall("Cache-Control", []), headers.getall("Pragma", []))
         return isinstance(lookup(entry, headers, control, self.clock()), FreshHit)
 
+    def revalidated(self, flight: Flight, answer: Revalidation) -> None:
+        """A 304 needs nothing stored in Redis for the waiters to answer from it: the lock
+        is let go at once, with the note, while this replica still answers its callers (the
+        freshened entry reaches Redis by :meth:`finish`, as :meth:`keep` decides)."""
+        if flight.owner is None or self._changed(flight):
+            return
+        owner = flight.let_go()
+        assert owner is not None
+        note = encode_note(Note(owner, flight.key, "304", *answer))
+        if note is None:  # too large to send: the waiters look for the entry
+            note = encode_note(Note(owner, flight.key, "done"))
+        self.flights.spawn(self.records.release(flight.request.account, flight.key, owner, note))
+
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         """As the local tier keeps it, and to Redis by :meth:`finish` once the answer is out:
         a freshened entry (the same body) as the disk gets it, at most once a second, unless
@@ -290,13 +406,15 @@ class RedisEntries(LocalEntries):
 
     async def finish(self, flight: Flight) -> None:
         """Store the flight's entry in Redis (unless a change came meanwhile), and only then
-        let go of the fetch lock: what it stored is there before waiters see it free."""
+        let go of the fetch lock: what it stored is there before waiters see it free (a 304
+        let go already, its note is what the waiters answer from: :meth:`revalidated`)."""
         stored = flight.take_share()
         if stored is not None and flight.gen is not None and not self.stale(flight, stored.entry):
             await self.records.put(flight.key, stored, flight.gen, self.clock())
         owner = flight.let_go()
-        if owner is not None:
-            await self.records.release(flight.request.account, flight.key, owner)
+        if owner is not None:  # a 304 let go already (revalidated)
+            note = encode_note(Note(owner, flight.key, "done"))
+            await self.records.release(flight.request.account, flight.key, owner, note)
         refreshing = self._refreshing.pop(flight, None)
         if refreshing is not None:  # after the entry and the lock: a later refresh finds both
             await self.records.release_refresh(flight.request.account, flight.key, refreshing)

@@ -151,11 +151,15 @@ class Claim:
     """A fetch lock request's answer: ``owner`` is set when this replica took the lock,
     ``gen`` is the account's invalidation count read in the same round trip (a store made
     later is refused when an invalidation came in between), and ``data`` the entry found
-    under the key once the lock was taken (the last owner's, stored before it let go)."""
+    under the key once the lock was taken (the last owner's, stored before it let go). When
+    another replica holds the lock: ``holder``, its owner token, and ``noted``, whether this
+    replica was named among its waiters (the owner's release then publishes its note here)."""
 
     owner: str | None
     gen: str
     data: bytes | None = None
+    holder: str | None = None
+    noted: bool = False
 
 
 class SharedCache(Protocol):
@@ -176,10 +180,11 @@ class SharedCache(Protocol):
         ...
 
     async def cache_claim(
-        self, account: str, digest: str, owner: str, ttl: float, limit: int
+        self, account: str, digest: str, owner: str, ttl: float, limit: int, wait: bool = False
     ) -> Claim:
         """Take the key's fetch lock; the entry found once it is taken is verified and at
-        most ``limit`` bytes of body (else none)."""
+        most ``limit`` bytes of body (else none). ``wait``: when another replica holds it,
+        be named among its waiters (to hear its note: :meth:`cache_note`)."""
         ...
 
     async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
@@ -187,7 +192,18 @@ class SharedCache(Protocol):
         :meth:`cache_get`."""
         ...
 
-    async def cache_release(self, account: str, digest: str, owner: str) -> None: ...
+    async def cache_release(
+        self, account: str, digest: str, owner: str, note: bytes | None = None
+    ) -> None:
+        """Let go of the lock (its owner only) and publish ``note`` to its waiters."""
+        ...
+
+    async def cache_note(
+        self, account: str, digest: str, holder: str, seconds: float
+    ) -> bytes | None:
+        """The note the lock's ``holder`` left on letting go, within ``seconds`` (None: none
+        heard); raises :class:`~proxy.shared.records.BadRecord` for one that fails its MAC."""
+        ...
 
     async def cache_drop(self, account: str, covers: Callable[[str], bool]) -> int:
         """Count an invalidation, then delete every entry whose path ``covers`` names."""

@@ -19,6 +19,9 @@ hash have a TTL, so ``maxmemory-policy volatile-lru`` evicts those and never the
                             the only keys with a TTL (the entry's reuse window)
     P:cache:ACCOUNT:lock:D  the fetch lock of one key (owner token, PX = upstream total timeout)
     P:cache:ACCOUNT:lock:D:refresh  its background refresh's claim (the same), queued or out
+    P:cache:ACCOUNT:lock:D:waiting  the replicas waiting on the lock (a set, the lock's TTL)
+    P:cache:notes:REPLICA   a channel: the notes lock owners leave that replica on letting go
+                            (proxy.shared.notes; the cache's calls: proxy.shared.redis_cache)
     P:cache:ACCOUNT:p:S     sorted set: the entries D of one path (S = sha1 of the path), by expiry
     P:cache:ACCOUNT:paths   sorted set: the account's cached paths, by their latest expiry
     P:cache:ACCOUNT:gen     the account's invalidation count (a store begun before one is refused)
@@ -50,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import time
 import uuid
@@ -65,13 +67,15 @@ from redis.backoff import NoBackoff
 
 from proxy.logs import event
 from proxy.settings import SharedSettings
-from proxy.shared.base import Claim, SharedUnavailable, TokenRecord
+from proxy.shared.base import SharedUnavailable, TokenRecord
 from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.metrics import SharedMetrics
-from proxy.shared.reads import LARGER, Reads
+from proxy.shared.notes import Notes
+from proxy.shared.reads import Reads
 from proxy.shared.records import BadRecord, RecordKeys, token_version
 from proxy.shared.redis_budget import BudgetRecords
+from proxy.shared.redis_cache import CacheRecords
 from proxy.shared.redis_webhooks import WebhookRecords
 from proxy.shared.scripts import (
     CACHE_CLAIM,
@@ -97,10 +101,8 @@ POOL_SIZE = 64
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError)
 
 
-class RedisBackend(BudgetRecords, WebhookRecords):
+class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
     kind = "redis"
-    # Bytes a cache record may hold on top of the body: envelope, entry header.
-    OVERHEAD = 1024 * 1024
 
     def __init__(self, settings: SharedSettings, metrics: SharedMetrics) -> None:
         self.settings = settings
@@ -134,6 +136,8 @@ class RedisBackend(BudgetRecords, WebhookRecords):
         self._back_since = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._replica = uuid.uuid4().hex[:12]
+        # Notes of other replicas' fetches this one waits on (proxy.shared.notes).
+        self.notes = Notes(self.client, self.key("cache", "notes", self._replica), self.timeout)
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
         self._logs: dict[str, Log] = {}
@@ -189,11 +193,13 @@ class RedisBackend(BudgetRecords, WebhookRecords):
         if not self._up:
             self._set_state(False, "no answer at startup")
         self._probe = asyncio.create_task(self._watch(), name="shared-redis-probe")
+        self.notes.start()
 
     async def close(self) -> None:
         # Listeners also stop by this flag: a cancel that lands as get_message's own
         # timeout expires is swallowed (asyncio.timeout on 3.11), and the loop would go on.
         self._closed = True
+        await self.notes.close()
         for task in [self._probe, *self._listeners]:
             if task is not None:
                 task.cancel()
@@ -324,111 +330,6 @@ class RedisBackend(BudgetRecords, WebhookRecords):
                 with contextlib.suppress(SharedUnavailable, rexc.LockError):
                     await self._run("token_unlock", lock.release)
 
-    # --- cache entries
-
-    def _cache_key(self, account: str, kind: str, name: str = "") -> str:
-        return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
-
-    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
-        """The entry's payload, size checked before it is read (the envelope and header on
-        top of the body), MAC verified: one round trip on the pipelined connection
-        (:mod:`proxy.shared.reads`), one more (the script) for a large one; or BadRecord."""
-        key = self._cache_key(account, "e", digest)
-        read = functools.partial(self.reads.get, key.encode(), limit + self.OVERHEAD)
-        found = await self._run("cache_get", read, None)
-        if found == LARGER:
-            call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
-            found, _ = await self._run("cache_get", call)
-        return None if found is None else self._opened_entry(key.encode(), found)
-
-    def _opened_entry(self, key: bytes, found: bytes | int) -> bytes:
-        if isinstance(found, int):
-            self._bad("cache", "a record too large or of another type")
-        try:
-            return self.records.open(key, found)
-        except BadRecord as e:
-            self._bad("cache", str(e))
-
-    async def cache_put(
-        self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
-    ) -> bool:
-        # Lua's redis.sha1hex names the same key when a path expires or is invalidated.
-        path_digest = hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()
-        keys = [
-            self._cache_key(account, "e", digest),
-            self._cache_key(account, "p", path_digest),
-            self._cache_key(account, "paths"),
-            self._cache_key(account, "gen"),
-        ]
-        ttl_ms = max(1, int(ttl * 1000))
-        record = self.records.seal(keys[0].encode(), data)
-        args: list[Any] = [gen, record, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
-        stored = await self._run("cache_put", lambda: self._cache_put(keys=keys, args=args))
-        return int(stored) == 1
-
-    async def cache_claim(
-        self, account: str, digest: str, owner: str, ttl: float, limit: int
-    ) -> Claim:
-        keys = [
-            self._cache_key(account, "lock", digest),
-            self._cache_key(account, "gen"),
-            self._cache_key(account, "e", digest),
-        ]
-        args: list[Any] = [owner, max(1, int(ttl * 1000)), limit + self.OVERHEAD]
-        found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
-        taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
-        return Claim(owner if taken == 1 else None, _text(gen), self._claimed(keys[2], data))
-
-    def _claimed(self, key: str, data: Any) -> bytes | None:
-        """The entry a claim found, verified; a bad one (too large, another type, a MAC that
-        does not verify) is counted and treated as none (the fetch then stores over it)."""
-        if data is None:
-            return None
-        if not isinstance(data, bytes):
-            self.metrics.shared_bad_records.labels("cache").inc()
-            return None
-        try:
-            return self.records.open(key.encode(), data)
-        except BadRecord:
-            self.metrics.shared_bad_records.labels("cache").inc()
-            return None
-
-    async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
-        # One script reads entry and lock together (read apart, the owner could store and
-        # release in between, and the waiter would see neither and fetch again); the
-        # entry's size is checked before it is read (the envelope and header on top).
-        key = self._cache_key(account, "e", digest)
-        keys, args = [key, self._cache_key(account, "lock", digest)], [limit + self.OVERHEAD]
-        found, locked = await self._run("cache_poll", lambda: self._cache_get(keys=keys, args=args))
-        return None if found is None else self._opened_entry(key.encode(), found), bool(locked)
-
-    async def cache_release(self, account: str, digest: str, owner: str) -> None:
-        keys, args = [self._cache_key(account, "lock", digest)], [owner]
-        await self._run("cache_unlock", lambda: self._cache_release(keys=keys, args=args))
-
-    async def cache_drop(self, account: str, covers: Callable[[str], bool]) -> int:
-        """Two trips: count the invalidation and read the paths atomically (MULTI), so any
-        store racing with it is refused or listed; then delete what ``covers`` names."""
-        paths_key = self._cache_key(account, "paths")
-        gen = self._cache_key(account, "gen")
-
-        async def count() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.incr(gen)
-            pipe.zrange(paths_key, 0, -1)
-            return await pipe.execute()
-
-        _, paths = await self._run("cache_invalidate", count)
-        chosen = [p for p in map(_text, paths) if covers(p)]
-        if not chosen:
-            return 0
-        args: list[Any] = [self._cache_key(account, "e") + ":", self._cache_key(account, "p") + ":"]
-        args += chosen
-        removed = await self._run(
-            "cache_delete", lambda: self._cache_drop(keys=[paths_key], args=args)
-        )
-        return int(removed)
-
     # --- events
 
     def _log(self, topic: str) -> Log:
@@ -516,10 +417,6 @@ class RedisBackend(BudgetRecords, WebhookRecords):
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PROBE_SECONDS / 2)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _why(error: BaseException) -> str:

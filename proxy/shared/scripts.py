@@ -311,12 +311,22 @@ return 1
 # Take a key's fetch lock if free, and read the account's invalidation count, in one trip;
 # the lock taken, look again: the entry stored by the lock's last owner (released just
 # before) is returned too, so a fetch begun on an older look does not go upstream again.
-# KEYS: lock, gen, entry. ARGV: owner, ttl ms, the largest entry read.
-# Returns {1 or 0, gen, entry or false, or -1 for one too large or not a string}.
+# The lock held by another: its owner token is returned, and the caller (ARGV[4], its
+# replica's notes channel suffix; empty: none) is added to the lock's waiters, to whom the
+# owner's release publishes its note (CACHE_RELEASE).
+# KEYS: lock, gen, entry, waiters. ARGV: owner, ttl ms, the largest entry read, waiter.
+# Returns {1, gen, entry or false, or -1 for one too large or not a string} when taken,
+# else {0, gen, the holder's token or false}.
 CACHE_CLAIM = """
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 local gen = redis.call('GET', KEYS[2]) or '0'
-if not taken then return {0, gen} end
+if not taken then
+  if ARGV[4] ~= '' and KEYS[4] then
+    redis.call('SADD', KEYS[4], ARGV[4])
+    redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  end
+  return {0, gen, redis.call('GET', KEYS[1]) or false}
+end
 local kind = redis.call('TYPE', KEYS[3])['ok']
 if kind == 'none' then return {1, gen} end
 -- Larger than the caller's limit (ARGV[3]) or not a string: never sent, a bad record.
@@ -326,10 +336,20 @@ end
 return {1, gen, redis.call('GET', KEYS[3])}
 """
 
-# Release a fetch lock only for its owner (one that expired and was taken again stays).
+# Release a fetch lock only for its owner (one that expired and was taken again stays), and
+# publish the owner's note (ARGV[2], sealed; empty: none) to the replicas waiting on it (at
+# most 64 channels ARGV[3] .. waiter). KEYS: lock, waiters (optional).
 CACHE_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if KEYS[2] then
+  local waiting = redis.call('SRANDMEMBER', KEYS[2], 64)
+  redis.call('DEL', KEYS[2])
+  if ARGV[2] ~= '' then
+    for _, r in ipairs(waiting) do redis.call('PUBLISH', ARGV[3] .. r, ARGV[2]) end
+  end
+end
+return 1
 """
 
 # Delete the entries of the given paths and their indexes. KEYS: paths.

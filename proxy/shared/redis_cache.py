@@ -1,0 +1,197 @@
+"""The cache's records in Redis (:mod:`proxy.cache.redis_records`), a part of
+:class:`~proxy.shared.redis_backend.RedisBackend`: entries, fetch locks, the notes a lock's
+owner leaves its waiters (:mod:`proxy.shared.notes`) and invalidations.
+
+Keys (``P`` is ``shared.key_prefix``)::
+
+    P:cache:ACCOUNT:e:D         a cache entry (record + body, sealed with its MAC), with a TTL
+    P:cache:ACCOUNT:lock:D      the fetch lock of one key (owner token, PX = upstream timeout)
+    P:cache:ACCOUNT:lock:D:waiting  the replicas waiting on it (a set, the lock's TTL), to
+                                whom its release publishes the owner's note
+    P:cache:notes:REPLICA       a channel: notes for one replica (HOLDER|note sealed over
+                                P:cache:ACCOUNT:note:D)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import redis.asyncio as aioredis
+
+from proxy.shared.base import Claim
+from proxy.shared.metrics import SharedMetrics
+from proxy.shared.notes import Notes
+from proxy.shared.reads import LARGER, Reads
+from proxy.shared.records import BadRecord, RecordKeys
+
+T = TypeVar("T")
+# The suffix of a fetch lock's waiters set.
+WAITING = ":waiting"
+
+
+class CacheRecords:
+    """Mixed into the Redis backend (its connections, scripts, keys and error handling)."""
+
+    # Bytes a cache record may hold on top of the body: envelope, entry header.
+    OVERHEAD = 1024 * 1024
+    prefix: str
+    client: aioredis.Redis
+    reads: Reads
+    records: RecordKeys
+    metrics: SharedMetrics
+    notes: Notes
+    _replica: str
+    _cache_put: Any
+    _cache_claim: Any
+    _cache_release: Any
+    _cache_drop: Any
+    _cache_get: Any
+
+    if TYPE_CHECKING:
+
+        async def _run(
+            self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = 0.0
+        ) -> T: ...
+
+        def _bad(self, kind: str, problem: str) -> NoReturn: ...
+
+        def key(self, kind: str, account: str, suffix: str = "") -> str: ...
+
+    def _cache_key(self, account: str, kind: str, name: str = "") -> str:
+        return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
+
+    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
+        """The entry's payload, size checked before it is read (the envelope and header on
+        top of the body), MAC verified: one round trip on the pipelined connection
+        (:mod:`proxy.shared.reads`), one more (the script) for a large one; or BadRecord."""
+        key = self._cache_key(account, "e", digest)
+        read = functools.partial(self.reads.get, key.encode(), limit + self.OVERHEAD)
+        found = await self._run("cache_get", read, None)
+        if found == LARGER:
+            call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
+            found, _ = await self._run("cache_get", call)
+        return None if found is None else self._opened_entry(key.encode(), found)
+
+    def _opened_entry(self, key: bytes, found: bytes | int) -> bytes:
+        if isinstance(found, int):
+            self._bad("cache", "a record too large or of another type")
+        try:
+            return self.records.open(key, found)
+        except BadRecord as e:
+            self._bad("cache", str(e))
+
+    async def cache_put(
+        self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
+    ) -> bool:
+        # Lua's redis.sha1hex names the same key when a path expires or is invalidated.
+        path_digest = hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()
+        keys = [
+            self._cache_key(account, "e", digest),
+            self._cache_key(account, "p", path_digest),
+            self._cache_key(account, "paths"),
+            self._cache_key(account, "gen"),
+        ]
+        ttl_ms = max(1, int(ttl * 1000))
+        record = self.records.seal(keys[0].encode(), data)
+        args: list[Any] = [gen, record, ttl_ms, digest, path, self._cache_key(account, "p") + ":"]
+        stored = await self._run("cache_put", lambda: self._cache_put(keys=keys, args=args))
+        return int(stored) == 1
+
+    async def cache_claim(
+        self, account: str, digest: str, owner: str, ttl: float, limit: int, wait: bool = False
+    ) -> Claim:
+        keys = [
+            self._cache_key(account, "lock", digest),
+            self._cache_key(account, "gen"),
+            self._cache_key(account, "e", digest),
+        ]
+        waiter = self._replica if wait and self.notes.subscribed else ""
+        if waiter:
+            keys.append(self._cache_key(account, "lock", digest + WAITING))
+        args: list[Any] = [owner, max(1, int(ttl * 1000)), limit + self.OVERHEAD, waiter]
+        found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
+        taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
+        if taken != 1:
+            holder = _text(data) if isinstance(data, bytes | str) else None
+            return Claim(None, _text(gen), holder=holder, noted=bool(waiter))
+        return Claim(owner, _text(gen), self._claimed(keys[2], data))
+
+    def _claimed(self, key: str, data: Any) -> bytes | None:
+        """The entry a claim found, verified; a bad one (too large, another type, a MAC that
+        does not verify) is counted and treated as none (the fetch then stores over it)."""
+        if data is None:
+            return None
+        if not isinstance(data, bytes):
+            self.metrics.shared_bad_records.labels("cache").inc()
+            return None
+        try:
+            return self.records.open(key.encode(), data)
+        except BadRecord:
+            self.metrics.shared_bad_records.labels("cache").inc()
+            return None
+
+    async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:
+        # One script reads entry and lock together (read apart, the owner could store and
+        # release in between, and the waiter would see neither and fetch again); the
+        # entry's size is checked before it is read (the envelope and header on top).
+        key = self._cache_key(account, "e", digest)
+        keys, args = [key, self._cache_key(account, "lock", digest)], [limit + self.OVERHEAD]
+        found, locked = await self._run("cache_poll", lambda: self._cache_get(keys=keys, args=args))
+        return None if found is None else self._opened_entry(key.encode(), found), bool(locked)
+
+    async def cache_release(
+        self, account: str, digest: str, owner: str, note: bytes | None = None
+    ) -> None:
+        """Let go of the lock (only its owner can) and publish ``note`` (sealed here) to the
+        replicas that waited on it: one script, one round trip."""
+        keys = [self._cache_key(account, "lock", digest)]
+        args: list[Any] = [owner]
+        if note is not None:
+            keys.append(self._cache_key(account, "lock", digest + WAITING))
+            sealed = self.records.seal(self._cache_key(account, "note", digest).encode(), note)
+            args += [owner.encode() + b"|" + sealed, self.key("cache", "notes") + ":"]
+        await self._run("cache_unlock", lambda: self._cache_release(keys=keys, args=args))
+
+    async def cache_note(
+        self, account: str, digest: str, holder: str, seconds: float
+    ) -> bytes | None:
+        """The note the lock's ``holder`` published on letting go, heard within ``seconds``
+        (None: none yet), MAC verified for this key; raises BadRecord."""
+        sealed = await self.notes.wait(holder, seconds)
+        if sealed is None:
+            return None
+        try:
+            return self.records.open(self._cache_key(account, "note", digest).encode(), sealed)
+        except BadRecord as e:
+            self.metrics.shared_bad_records.labels("message").inc()
+            raise BadRecord(f"a note: {e}") from None
+
+    async def cache_drop(self, account: str, covers: Callable[[str], bool]) -> int:
+        """Two trips: count the invalidation and read the paths atomically (MULTI), so any
+        store racing with it is refused or listed; then delete what ``covers`` names."""
+        paths_key = self._cache_key(account, "paths")
+        gen = self._cache_key(account, "gen")
+
+        async def count() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.incr(gen)
+            pipe.zrange(paths_key, 0, -1)
+            return await pipe.execute()
+
+        _, paths = await self._run("cache_invalidate", count)
+        chosen = [p for p in map(_text, paths) if covers(p)]
+        if not chosen:
+            return 0
+        args: list[Any] = [self._cache_key(account, "e") + ":", self._cache_key(account, "p") + ":"]
+        args += chosen
+        removed = await self._run(
+            "cache_delete", lambda: self._cache_drop(keys=[paths_key], args=args)
+        )
+        return int(removed)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
