@@ -8,7 +8,8 @@ and ``done`` (the whole result, for waiters). A large body is written to a file 
 :class:`Tee` while it streams to the starter; the tee then settles the flight.
 
 Nothing outside this module sets a flight's fields: the tier records its fetch lock with
-:meth:`Flight.claimed` and the entry it will share with :meth:`Flight.to_share`.
+:meth:`Flight.claimed` and the entry it will share with :meth:`Flight.to_share`; the fast
+path keeps its joiners' common start in ``Flight.joining`` (made once per flight).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class Flight:
         self.owner: str | None = None
         self.gen: str | None = None
         self.share: Stored | None = None
+        # The fast path's joiners' common start (a proxy.cache.fastlook.Pending), made once.
+        self.joining: object = None
         # Waiters by deadline, one timer for the earliest, all woken when ``done`` is.
         self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
         self._timer: asyncio.TimerHandle | None = None

@@ -705,24 +705,71 @@ def merge_304(
 
     A 304 whose strong ETag differs from the stored one selects nothing, so the caller
     must fetch the full response.
+
+    What depends on the headers alone (the match, the merged fields, how long they may be
+    reused) is remembered (:func:`_merged_304`): a revalidated key gets the same 304 over
+    and over, its Date changing once a second, and the stored headers it merges into are
+    the previous merge's.
     """
-    new_tag = next(iter(_all(headers, "ETag")), None)
-    if new_tag is not None and entry.etag is not None and not weak_match(new_tag, entry.etag):
+    if not isinstance(headers, tuple) or not isinstance(rules, tuple):
+        merged = _merge_304(entry.headers, tuple(headers), entry.path, tuple(rules))
+    else:
+        merged = _merged_304(entry.headers, headers, entry.path, rules)
+    if merged is None:
         return None
-    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
-    replaced = {k.lower() for k, _ in updates}
-    merged = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(updates)
-    cc = directives(_all(merged, "Cache-Control"))
+    fields, reuse = merged
     return replace(
         entry,
-        headers=merged,
+        headers=fields,
         request_time=request_time,
         response_time=response_time,
         # The freshened response is as old as the 304 (its own Date and Age), not as the
         # stored Date, which a 304 without Date would otherwise leave in place.
-        initial_age=initial_age(headers, request_time, response_time),
-        **_reuse(cc, merged, response_time, rule_for(entry.path, rules)),
+        initial_age=_initial_age(headers, request_time, response_time),
+        # An Expires without a Date counts from the response time: not remembered.
+        **(reuse or _reuse(_cc(fields), fields, response_time, rule_for(entry.path, rules))),
     )
+
+
+# The freshened fields and their reuse (None: it depends on the response time), or None: the
+# 304 does not match. What merge_304 derives from headers only, remembered.
+Merged304 = tuple[HeaderItems, dict[str, Any] | None] | None
+
+
+def _merge_304(
+    stored: HeaderItems, headers: HeaderItems, path: str, rules: tuple[CacheRule, ...]
+) -> Merged304:
+    new_tag = next(iter(_all(headers, "ETag")), None)
+    old_tag = next(iter(_all(stored, "ETag")), None)
+    if new_tag is not None and old_tag is not None and not weak_match(new_tag, old_tag):
+        return None
+    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
+    replaced = {k.lower() for k, _ in updates}
+    merged = tuple((k, v) for k, v in stored if k.lower() not in replaced) + tuple(updates)
+    cc = _cc(merged)
+    dated = http_date(next(iter(_all(merged, "Date")), None)) is not None
+    if "max-age" not in cc and _all(merged, "Expires") and not dated:
+        return merged, None
+    return merged, _reuse(cc, merged, 0.0, rule_for(path, rules))
+
+
+_merged_304 = functools.lru_cache(maxsize=1024)(_merge_304)
+
+
+def _cc(headers: HeaderItems) -> dict[str, str | None]:
+    return directives(_all(headers, "Cache-Control"))
+
+
+def _initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: float) -> float:
+    """:func:`initial_age` with the Date parsed once per value (a 304's Date changes once a
+    second)."""
+    date = _date_of(next(iter(_all(headers, "Date")), None))
+    apparent = max(0.0, now - date) if date is not None else 0.0
+    age = age_value(_all(headers, "Age")) or 0.0
+    return max(apparent, age + max(0.0, now - request_time))
+
+
+_date_of = functools.lru_cache(maxsize=64)(http_date)
 
 
 # --------------------------------------------------------------------------- upstream answers
