@@ -76,8 +76,9 @@ class Flight:
         self.key = key
         self.request = request
         self.sequence = sequence  # the store's invalidation count when it began
-        self.head: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._loop = loop = asyncio.get_running_loop()  # once: every waiter needs it
+        self.head: asyncio.Future[Outcome] = loop.create_future()
+        self.done: asyncio.Future[Outcome] = loop.create_future()
         self.cancelled = False  # invalidated while in flight: store nothing
         self.starter_gone = False
         self.spilling = False  # a large body is still being written; its tee settles ``done``
@@ -99,7 +100,7 @@ class Flight:
         """A future resolved when ``done`` is, or ``patience`` seconds from now, whichever
         comes first (cancelling it changes nothing else). One timer per flight, not one per
         waiter: on asyncio's loop a cancelled timer stays in the heap until it is due."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter: asyncio.Future[None] = loop.create_future()
         deadline = loop.time() + patience
         if not self._watching:
@@ -120,7 +121,7 @@ class Flight:
             _wake(heapq.heappop(waiting)[2])
         if waiting and not self.done.done():
             when = waiting[0][0]
-            self._timer = asyncio.get_running_loop().call_at(when, self._expire, when)
+            self._timer = self._loop.call_at(when, self._expire, when)
 
     def _wake_all(self, _: object) -> None:
         if self._timer is not None:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from proxy.cache.invalidation import Invalidation, is_id, normalise_path
@@ -846,11 +846,9 @@ def not_modified(
     inm = field_values(headers, "If-None-Match")
     if inm:
         etag = _etag(stored) if isinstance(stored, tuple) else _first_etag(stored)
-        short = len(inm) == 1 and len(inm[0]) <= MEMO_TAGS
-        tags = _caller_tags(inm[0]) if short else _tags(inm)
-        if "*" in tags:
-            return exists
-        return etag is not None and any(weak_match(t, etag) for t in tags)
+        if len(inm) == 1 and len(inm[0]) <= MEMO_TAGS:
+            return _line_matches(inm[0], etag, exists)
+        return _tags_match(_tags(inm), etag, exists)
     ims = http_date(next(iter(field_values(headers, "If-Modified-Since")), None))
     if ims is None:
         return False  # absent or not a valid HTTP-date: ignored (RFC 9110 13.1.3)
@@ -863,19 +861,52 @@ def _first_etag(stored: Sequence[tuple[str, str]]) -> str | None:
     return next(iter(_all(stored, "ETag")), None)
 
 
+_T = TypeVar("_T")
+
+
+class _Last(Generic[_T]):
+    """The value found for the last stored header tuple asked about, known by identity: an
+    entry's answers (a fresh hit's, a flight's joiners') all carry the one tuple, and an
+    lru_cache would hash all of it on every call. The tuple is held, so its id is not
+    reused while it is remembered."""
+
+    __slots__ = ("find", "last")
+
+    def __init__(self, find: Callable[[HeaderItems], _T]) -> None:
+        self.find = find
+        self.last: tuple[HeaderItems, _T] | None = None
+
+    def __call__(self, stored: HeaderItems) -> _T:
+        last = self.last  # one read: a (tuple, value) pair is replaced whole
+        if last is not None and last[0] is stored:
+            return last[1]
+        value = self.find(stored)
+        self.last = (stored, value)
+        return value
+
+
 # Per stored header set (an entry's, the same tuple for every answer from it): its ETag and
 # the headers its 304s carry, found once. Bounded like the other per-entry memos.
-_etag = functools.lru_cache(maxsize=1024)(_first_etag)
+_etag_memo = functools.lru_cache(maxsize=1024)(_first_etag)
+_etag = _Last(_etag_memo)
 
 
 # An If-None-Match line longer than this is parsed each time, never remembered.
 MEMO_TAGS = 256
 
 
+def _tags_match(tags: Sequence[str], etag: str | None, exists: bool) -> bool:
+    """Whether If-None-Match's entity tags match (RFC 9110 13.1.2: weak comparison)."""
+    if "*" in tags:
+        return exists
+    return etag is not None and any(weak_match(t, etag) for t in tags)
+
+
 @functools.lru_cache(maxsize=1024)
-def _caller_tags(value: str) -> tuple[str, ...]:
-    """One If-None-Match line's entity tags; most callers repeat the one ETag they hold."""
-    return tuple(_tags((value,)))
+def _line_matches(line: str, etag: str | None, exists: bool) -> bool:
+    """:func:`_tags_match` for one If-None-Match line, remembered: most callers repeat the
+    one ETag they hold, and an entry's ETag is the same for all its answers."""
+    return _tags_match(_tags((line,)), etag, exists)
 
 
 _NOT_MODIFIED = frozenset(n.lower() for n in NOT_MODIFIED_HEADERS)
@@ -884,13 +915,16 @@ _NOT_MODIFIED = frozenset(n.lower() for n in NOT_MODIFIED_HEADERS)
 def not_modified_headers(stored: Sequence[tuple[str, str]]) -> HeaderItems:
     """The stored headers a 304 carries (RFC 9110 15.4.5)."""
     if isinstance(stored, tuple):
-        return _not_modified_headers(stored)
+        return _last_not_modified(stored)
     return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
 
 
 @functools.lru_cache(maxsize=1024)
 def _not_modified_headers(stored: HeaderItems) -> HeaderItems:
     return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
+
+
+_last_not_modified = _Last(_not_modified_headers)
 
 
 # --------------------------------------------------------------------------- invalidation
