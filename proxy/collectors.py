@@ -1,7 +1,7 @@
-"""Collectors of our own on the injected registry: :class:`LoopCounter` and
-:class:`LoopHistogram` (the request path's counters and histograms without
-prometheus-client's per-child locks: every update is on the event loop) and
-:class:`StoreGauges` (the disk cache's entries and bytes, read at every scrape).
+"""Collectors of our own on the injected registry: :class:`LoopCounter`,
+:class:`LoopHistogram` and :class:`LoopGauge` (the request path's counters, histograms and
+in-flight gauge without prometheus-client's per-child locks: every update is on the event
+loop) and :class:`StoreGauges` (the disk cache's entries and bytes, read at every scrape).
 """
 
 from __future__ import annotations
@@ -126,6 +126,28 @@ class LoopHistogram(_LoopFamily[_Observations]):
             buckets = list(zip(self._les, cumulative, strict=True))
             family.add_metric(key, buckets, sum_value=child.sum)
         return [family]
+
+
+class LoopGauge(Collector):
+    """An unlabelled gauge updated on the event loop only (``inc``, ``dec``): a plain
+    number, read at scrape time, exposed as prometheus-client's ``Gauge``."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.value = 0.0
+        registry.register(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self.documentation, value=self.value)]
 
 
 class StoreGauges(Collector):

@@ -4,6 +4,8 @@ honoured, HEAD given the GET's length, large bodies streamed from the store)."""
 
 from __future__ import annotations
 
+import logging
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import errors
@@ -22,11 +24,13 @@ from proxy.cache.policy import (
 from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
-from proxy.logs import debug, trace
+from proxy.logs import debug, log, trace
 from proxy.messages import CacheStatus, ProxyRequest, ProxyResponse
 
 # Says a stored answer stands in for one the upstream failed to give (RFC 7234 5.5.2).
 STALE_WARNING = '111 - "Revalidation Failed"'
+# The caller's conditionals the cache answers, named once (checked on every answer).
+_NONE_MATCH, _MODIFIED_SINCE = CALLER_CONDITIONALS
 
 
 def refuse_repeated_vary(entry: Entry, headers: CIMultiDictProxy[str]) -> None:
@@ -58,12 +62,13 @@ class Answers:
 
     def count(self, result: str, reason: str) -> None:
         self.metrics.cache_lookups.labels(result, reason).inc()
-        debug("cache_lookup", request_id=trace().request_id, result=result, reason=reason)
+        if log.isEnabledFor(logging.DEBUG):  # the trace looked up only when someone reads it
+            debug("cache_lookup", request_id=trace().request_id, result=result, reason=reason)
 
     def caller_304(self, status: int, stored: HeaderItems, headers: Headers) -> bool:
         """Whether the caller's own conditionals make the answer a 304 (the lookup is
         counted once, by what the cache did: one answer, one lookup)."""
-        if not any(name in headers for name in CALLER_CONDITIONALS):
+        if _NONE_MATCH not in headers and _MODIFIED_SINCE not in headers:
             return False  # the common case, without parsing anything
         return not_modified(status, stored, headers)
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from multidict import CIMultiDictProxy
-from prometheus_client import Counter
 
 from proxy.cache.answers import Answers, refuse_repeated_vary
 from proxy.cache.flight import Flight, Flights, Outcome
@@ -90,6 +90,23 @@ class Looked:
 
     key: str
     stored: Stored | None
+
+
+class Unheld:
+    """The memory tier holds nothing for a plain GET (:meth:`FastLook.find`): the tier may be
+    looked up (:meth:`FastLook.tier_hit`)."""
+
+
+UNHELD = Unheld()
+
+# What the memory tier gives a plain GET (:meth:`FastLook.find`); None: the long way.
+Found = FastAnswer | Pending | Startable | Unheld | None
+
+
+class Counted(Protocol):
+    """A counter's child (the coalesced count)."""
+
+    def inc(self, amount: float = 1.0) -> None: ...
 
 
 # Starts a caller's flight for (key, request, stale entry): the long way's own starter.
@@ -193,7 +210,7 @@ class FastLook:
         rules: Callable[[], tuple[CacheRule, ...]],
         feeds: Feeds,
         coalesce_wait: float,
-        coalesced: Counter,
+        coalesced: Counted,
         start: Start,
         may_be_busy: MayBeBusy,
     ) -> None:
@@ -211,6 +228,35 @@ class FastLook:
         self._start = start
         self.may_be_busy = may_be_busy
 
+    def find(
+        self,
+        account: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body_for: BodyFor | None = None,
+    ) -> Found:
+        """What the memory tier gives a plain GET (no Cache-Control; If-None-Match and
+        If-Modified-Since allowed), with one key and one look: a fresh hit's answer
+        (:meth:`fresh_hit`), a flight to join (:meth:`joinable`), one to start
+        (:meth:`startable`), :data:`UNHELD` (:meth:`cold`), or None: the long way answers.
+        Counts only what a fresh hit counts."""
+        key = self.key(account, path, query, headers)
+        stored = self.entries.hot(key)
+        if stored is None:
+            return UNHELD
+        found = self._usable(stored)
+        if found is None:
+            return None
+        now = self.clock()
+        fresh = fresh_age(stored.entry, now)
+        if fresh is not None:
+            return plain_answer(self.answers, stored.entry, found, int(fresh), headers, body_for)
+        flight = self.flights.get(key)
+        if flight is not None:
+            return self._pending(key, flight, stored, headers, now)
+        return self._startable(key, stored, headers, now)
+
     def fresh_hit(
         self,
         account: str,
@@ -224,8 +270,9 @@ class FastLook:
         memory gives; else None, and nothing is counted.
 
         ``body_for`` turns the stored body into the one to send (the caller's coding); when
-        it gives None the long way answers. Used by :mod:`proxy.edge.fast`;
-        :meth:`~proxy.cache.layer.Cache.send` reaches the same answer the long way.
+        it gives None the long way answers. :meth:`find` gives the same for the fast path
+        (:mod:`proxy.edge.fast`); :meth:`~proxy.cache.layer.Cache.send` reaches the same
+        answer the long way.
         """
         found = self._plain(self.key(account, path, query, headers))
         if found is None:
@@ -237,18 +284,24 @@ class FastLook:
         return plain_answer(self.answers, entry, stored_body, int(fresh), headers, body_for)
 
     def _plain(self, key: str) -> tuple[Stored, bytes] | None:
-        """The memory tier's entry for ``key`` if the fast path may answer from it: a 200
-        with its body in memory, no extra Vary names (compared the long way), no webhook
-        rule (the feed's health decides, and Cache-Status says so: the long way)."""
+        """The memory tier's entry for ``key`` if the fast path may answer from it
+        (:meth:`_usable`), and its body."""
         stored = self.entries.hot(key)
-        if stored is None or stored.body is None:
+        if stored is None:
             return None
-        entry = stored.entry
-        if entry.status != 200 or entry.vary:
+        body = self._usable(stored)
+        return None if body is None else (stored, body)
+
+    def _usable(self, stored: Stored) -> bytes | None:
+        """The body of a stored entry the fast path may answer from: a 200 with its body in
+        memory, no extra Vary names (compared the long way), no webhook rule (the feed's
+        health decides, and Cache-Status says so: the long way); else None."""
+        entry, body = stored.entry, stored.body
+        if body is None or entry.status != 200 or entry.vary:
             return None
         if webhook_rule(entry.path, self.rules()) is not None:
             return None
-        return stored, stored.body
+        return body
 
     def joinable(self, account: str, path: str, query: str, headers: Headers) -> Pending | None:
         """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory a flight
@@ -261,10 +314,25 @@ class FastLook:
         found = self._plain(key)
         if found is None:
             return None
-        decision = lookup(found[0].entry, headers, NO_CONTROL, self.clock())
+        return self._pending(key, flight, found[0], headers, self.clock())
+
+    def _pending(
+        self, key: str, flight: Flight, stored: Stored, headers: Headers, now: float
+    ) -> Pending | None:
+        """A joiner of ``flight`` for ``stored`` (usable, :meth:`_usable`), or None. The
+        decision (a stale entry, no Vary names, no request directives) is the same for every
+        joiner of a flight when the entry allows no stale-while-revalidate, so then it is
+        made once per flight and stored entry (kept on the flight: ``Flight.joining``)."""
+        held = flight.joining
+        if isinstance(held, Pending) and held.stale is stored:
+            return held
+        decision = lookup(stored.entry, headers, NO_CONTROL, now)
         if not isinstance(decision, Revalidate):
             return None
-        return Pending(key, flight, found[0], decision)
+        pending = Pending(key, flight, stored, decision)
+        if stored.entry.stale_while_revalidate <= 0:  # else the decision depends on the time
+            flight.joining = pending
+        return pending
 
     def startable(self, account: str, path: str, query: str, headers: Headers) -> Startable | None:
         """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory must be
@@ -278,8 +346,12 @@ class FastLook:
         found = self._plain(key)
         if found is None:
             return None
-        stored = found[0]
-        decision = lookup(stored.entry, headers, NO_CONTROL, self.clock())
+        return self._startable(key, found[0], headers, self.clock())
+
+    def _startable(
+        self, key: str, stored: Stored, headers: Headers, now: float
+    ) -> Startable | None:
+        decision = lookup(stored.entry, headers, NO_CONTROL, now)
         if not isinstance(decision, Revalidate) or self.may_be_busy(stored.entry.path):
             return None
         return Startable(key, stored, decision)

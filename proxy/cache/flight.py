@@ -8,7 +8,8 @@ and ``done`` (the whole result, for waiters). A large body is written to a file 
 :class:`Tee` while it streams to the starter; the tee then settles the flight.
 
 Nothing outside this module sets a flight's fields: the tier records its fetch lock with
-:meth:`Flight.claimed` and the entry it will share with :meth:`Flight.to_share`.
+:meth:`Flight.claimed` and the entry it will share with :meth:`Flight.to_share`; the fast
+path keeps its joiners' common start in ``Flight.joining`` (made once per flight).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ class Flight:
         self.key = key
         self.request = request
         self.sequence = sequence  # the store's invalidation count when it began
-        self.head: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._loop = loop = asyncio.get_running_loop()  # once: every waiter needs it
+        self.head: asyncio.Future[Outcome] = loop.create_future()
+        self.done: asyncio.Future[Outcome] = loop.create_future()
         self.cancelled = False  # invalidated while in flight: store nothing
         self.starter_gone = False
         self.spilling = False  # a large body is still being written; its tee settles ``done``
@@ -87,6 +89,8 @@ class Flight:
         self.owner: str | None = None
         self.gen: str | None = None
         self.share: Stored | None = None
+        # The fast path's joiners' common start (a proxy.cache.fastlook.Pending), made once.
+        self.joining: object = None
         # Waiters by deadline, one timer for the earliest, all woken when ``done`` is.
         self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -96,7 +100,7 @@ class Flight:
         """A future resolved when ``done`` is, or ``patience`` seconds from now, whichever
         comes first (cancelling it changes nothing else). One timer per flight, not one per
         waiter: on asyncio's loop a cancelled timer stays in the heap until it is due."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter: asyncio.Future[None] = loop.create_future()
         deadline = loop.time() + patience
         if not self._watching:
@@ -117,7 +121,7 @@ class Flight:
             _wake(heapq.heappop(waiting)[2])
         if waiting and not self.done.done():
             when = waiting[0][0]
-            self._timer = asyncio.get_running_loop().call_at(when, self._expire, when)
+            self._timer = self._loop.call_at(when, self._expire, when)
 
     def _wake_all(self, _: object) -> None:
         if self._timer is not None:

@@ -50,7 +50,7 @@ class CacheMetrics:
             ["result", "reason"],
             registry=registry,
         )
-        self.cache_coalesced = Counter(
+        self.cache_coalesced = LoopCounter(  # once per joiner: no lock
             "kounta_proxy_cache_coalesced",
             "Requests that waited for another request's fetch of the same key, by outcome "
             "(shared, gave_up).",

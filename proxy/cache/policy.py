@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from proxy.cache.invalidation import Invalidation, is_id, normalise_path
@@ -705,24 +705,71 @@ def merge_304(
 
     A 304 whose strong ETag differs from the stored one selects nothing, so the caller
     must fetch the full response.
+
+    What depends on the headers alone (the match, the merged fields, how long they may be
+    reused) is remembered (:func:`_merged_304`): a revalidated key gets the same 304 over
+    and over, its Date changing once a second, and the stored headers it merges into are
+    the previous merge's.
     """
-    new_tag = next(iter(_all(headers, "ETag")), None)
-    if new_tag is not None and entry.etag is not None and not weak_match(new_tag, entry.etag):
+    if not isinstance(headers, tuple) or not isinstance(rules, tuple):
+        merged = _merge_304(entry.headers, tuple(headers), entry.path, tuple(rules))
+    else:
+        merged = _merged_304(entry.headers, headers, entry.path, rules)
+    if merged is None:
         return None
-    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
-    replaced = {k.lower() for k, _ in updates}
-    merged = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(updates)
-    cc = directives(_all(merged, "Cache-Control"))
+    fields, reuse = merged
     return replace(
         entry,
-        headers=merged,
+        headers=fields,
         request_time=request_time,
         response_time=response_time,
         # The freshened response is as old as the 304 (its own Date and Age), not as the
         # stored Date, which a 304 without Date would otherwise leave in place.
-        initial_age=initial_age(headers, request_time, response_time),
-        **_reuse(cc, merged, response_time, rule_for(entry.path, rules)),
+        initial_age=_initial_age(headers, request_time, response_time),
+        # An Expires without a Date counts from the response time: not remembered.
+        **(reuse or _reuse(_cc(fields), fields, response_time, rule_for(entry.path, rules))),
     )
+
+
+# The freshened fields and their reuse (None: it depends on the response time), or None: the
+# 304 does not match. What merge_304 derives from headers only, remembered.
+Merged304 = tuple[HeaderItems, dict[str, Any] | None] | None
+
+
+def _merge_304(
+    stored: HeaderItems, headers: HeaderItems, path: str, rules: tuple[CacheRule, ...]
+) -> Merged304:
+    new_tag = next(iter(_all(headers, "ETag")), None)
+    old_tag = next(iter(_all(stored, "ETag")), None)
+    if new_tag is not None and old_tag is not None and not weak_match(new_tag, old_tag):
+        return None
+    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
+    replaced = {k.lower() for k, _ in updates}
+    merged = tuple((k, v) for k, v in stored if k.lower() not in replaced) + tuple(updates)
+    cc = _cc(merged)
+    dated = http_date(next(iter(_all(merged, "Date")), None)) is not None
+    if "max-age" not in cc and _all(merged, "Expires") and not dated:
+        return merged, None
+    return merged, _reuse(cc, merged, 0.0, rule_for(path, rules))
+
+
+_merged_304 = functools.lru_cache(maxsize=1024)(_merge_304)
+
+
+def _cc(headers: HeaderItems) -> dict[str, str | None]:
+    return directives(_all(headers, "Cache-Control"))
+
+
+def _initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: float) -> float:
+    """:func:`initial_age` with the Date parsed once per value (a 304's Date changes once a
+    second)."""
+    date = _date_of(next(iter(_all(headers, "Date")), None))
+    apparent = max(0.0, now - date) if date is not None else 0.0
+    age = age_value(_all(headers, "Age")) or 0.0
+    return max(apparent, age + max(0.0, now - request_time))
+
+
+_date_of = functools.lru_cache(maxsize=64)(http_date)
 
 
 # --------------------------------------------------------------------------- upstream answers
@@ -799,11 +846,9 @@ def not_modified(
     inm = field_values(headers, "If-None-Match")
     if inm:
         etag = _etag(stored) if isinstance(stored, tuple) else _first_etag(stored)
-        short = len(inm) == 1 and len(inm[0]) <= MEMO_TAGS
-        tags = _caller_tags(inm[0]) if short else _tags(inm)
-        if "*" in tags:
-            return exists
-        return etag is not None and any(weak_match(t, etag) for t in tags)
+        if len(inm) == 1 and len(inm[0]) <= MEMO_TAGS:
+            return _line_matches(inm[0], etag, exists)
+        return _tags_match(_tags(inm), etag, exists)
     ims = http_date(next(iter(field_values(headers, "If-Modified-Since")), None))
     if ims is None:
         return False  # absent or not a valid HTTP-date: ignored (RFC 9110 13.1.3)
@@ -816,19 +861,52 @@ def _first_etag(stored: Sequence[tuple[str, str]]) -> str | None:
     return next(iter(_all(stored, "ETag")), None)
 
 
+_T = TypeVar("_T")
+
+
+class _Last(Generic[_T]):
+    """The value found for the last stored header tuple asked about, known by identity: an
+    entry's answers (a fresh hit's, a flight's joiners') all carry the one tuple, and an
+    lru_cache would hash all of it on every call. The tuple is held, so its id is not
+    reused while it is remembered."""
+
+    __slots__ = ("find", "last")
+
+    def __init__(self, find: Callable[[HeaderItems], _T]) -> None:
+        self.find = find
+        self.last: tuple[HeaderItems, _T] | None = None
+
+    def __call__(self, stored: HeaderItems) -> _T:
+        last = self.last  # one read: a (tuple, value) pair is replaced whole
+        if last is not None and last[0] is stored:
+            return last[1]
+        value = self.find(stored)
+        self.last = (stored, value)
+        return value
+
+
 # Per stored header set (an entry's, the same tuple for every answer from it): its ETag and
 # the headers its 304s carry, found once. Bounded like the other per-entry memos.
-_etag = functools.lru_cache(maxsize=1024)(_first_etag)
+_etag_memo = functools.lru_cache(maxsize=1024)(_first_etag)
+_etag = _Last(_etag_memo)
 
 
 # An If-None-Match line longer than this is parsed each time, never remembered.
 MEMO_TAGS = 256
 
 
+def _tags_match(tags: Sequence[str], etag: str | None, exists: bool) -> bool:
+    """Whether If-None-Match's entity tags match (RFC 9110 13.1.2: weak comparison)."""
+    if "*" in tags:
+        return exists
+    return etag is not None and any(weak_match(t, etag) for t in tags)
+
+
 @functools.lru_cache(maxsize=1024)
-def _caller_tags(value: str) -> tuple[str, ...]:
-    """One If-None-Match line's entity tags; most callers repeat the one ETag they hold."""
-    return tuple(_tags((value,)))
+def _line_matches(line: str, etag: str | None, exists: bool) -> bool:
+    """:func:`_tags_match` for one If-None-Match line, remembered: most callers repeat the
+    one ETag they hold, and an entry's ETag is the same for all its answers."""
+    return _tags_match(_tags((line,)), etag, exists)
 
 
 _NOT_MODIFIED = frozenset(n.lower() for n in NOT_MODIFIED_HEADERS)
@@ -837,13 +915,16 @@ _NOT_MODIFIED = frozenset(n.lower() for n in NOT_MODIFIED_HEADERS)
 def not_modified_headers(stored: Sequence[tuple[str, str]]) -> HeaderItems:
     """The stored headers a 304 carries (RFC 9110 15.4.5)."""
     if isinstance(stored, tuple):
-        return _not_modified_headers(stored)
+        return _last_not_modified(stored)
     return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
 
 
 @functools.lru_cache(maxsize=1024)
 def _not_modified_headers(stored: HeaderItems) -> HeaderItems:
     return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
+
+
+_last_not_modified = _Last(_not_modified_headers)
 
 
 # --------------------------------------------------------------------------- invalidation

@@ -58,6 +58,7 @@ from proxy.cache.fastlook import (
     Looked,
     Pending,
     Startable,
+    Unheld,
     handing_over,
 )
 from proxy.cache.flight import Outcome
@@ -73,7 +74,7 @@ from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
-from proxy.logs import begin_trace, log
+from proxy.logs import Trace, begin_trace, log
 from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
 
@@ -145,6 +146,7 @@ class FastPath:
         upstream = self.services.settings.upstream
         self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
         self.forwarded = upstream.forwarded
+        self.in_flight = services.metric_groups.edge.in_flight
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -168,19 +170,20 @@ class FastPath:
         asked = self.asked(request)
         if asked is None:
             return None
-        target, headers = asked.target, request.headers
+        target = asked.target
         account = asked.caller.account
-        hit = self.cache.fast.fresh_hit(account, target.path, target.query, headers, asked.body_for)
-        if hit is None:
-            pending = self.cache.fast.joinable(account, target.path, target.query, headers)
-            if pending is not None:
-                return Joiner(asked, pending)
-            startable = self.cache.fast.startable(account, target.path, target.query, headers)
-            if startable is not None:
-                return Starter(asked, startable)
-            cold = self.cache.fast.cold(account, target.path, target.query, headers)
-            return Cold(asked) if cold else None
-        return self._respond(request, asked, hit, "HIT", "", None)
+        found = self.cache.fast.find(
+            account, target.path, target.query, request.headers, asked.body_for
+        )
+        if found is None:
+            return None
+        if isinstance(found, Pending):
+            return Joiner(asked, found)
+        if isinstance(found, Startable):
+            return Starter(asked, found)
+        if isinstance(found, Unheld):
+            return Cold(asked)
+        return self._respond(request, asked, found, "HIT", "", None)
 
     def asked(self, request: web.BaseRequest) -> Asked | None:
         """What a plain GET the long way would accept asks for; None: not one."""
@@ -214,14 +217,14 @@ class FastPath:
         body_for = None if accepts else self._plain
         return Asked(started, rid, caller, *known, accepts, body_for)
 
-    async def join(self, request: web.BaseRequest, joiner: Joiner) -> web.StreamResponse:
+    def join(self, request: web.BaseRequest, joiner: Joiner) -> Awaitable[web.StreamResponse]:
         """Wait for the flight a joiner would join the long way; answer from its outcome
         when it freshened the stored 200 (the long way's answer, headers, counts and access
-        line), else hand the outcome to the long way, which goes on from it."""
+        line), else hand the outcome to the long way, which goes on from it. (Not a
+        coroutine of its own: one frame less for every joiner to suspend and resume.)"""
         asked = joiner.asked
-        info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
-        info.trace = begin_trace(asked.request_id)  # the flight's id goes in fetched_by
-        return await self._settle(request, asked, joiner.pending, info)
+        # The flight's id goes in fetched_by; the access line's record is made when logged.
+        return self._settle(request, asked, joiner.pending, begin_trace(asked.request_id))
 
     async def start(self, request: web.BaseRequest, starter: Starter) -> web.StreamResponse:
         """Start the revalidation the long way would start for this request (the same
@@ -231,9 +234,8 @@ class FastPath:
         as the flight's starter."""
         asked = starter.asked
         caller = asked.caller
-        info = Exchange(asked.request_id, caller.name, caller.account)
         # Before the flight: its task shares the trace (budget wait, retries, failures).
-        info.trace = begin_trace(asked.request_id)
+        noted = begin_trace(asked.request_id)
         try:
             # The caller's own class: a request naming one (X-Proxy-Priority) goes the long way.
             sent = pipeline_request(
@@ -244,31 +246,31 @@ class FastPath:
         except Exception:  # a bug here must not cost the caller its answer
             log.exception("fast_path_failed")
             return await self.inner(request)
-        return await self._settle(request, asked, pending, info)
+        return await self._settle(request, asked, pending, noted)
 
     async def _settle(
-        self, request: web.BaseRequest, asked: Asked, pending: Pending, info: Exchange
+        self, request: web.BaseRequest, asked: Asked, pending: Pending, noted: Trace
     ) -> web.StreamResponse:
-        in_flight = self.services.metric_groups.edge.in_flight
+        in_flight = self.in_flight
         in_flight.inc()  # an await: a scrape may come meanwhile
         try:
             result = await self.cache.fast.wait(pending)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
-            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", info)
+            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", _waited(asked, noted))
             raise
         finally:
             in_flight.dec()
         response = None
         if isinstance(result, Outcome):
             try:
-                response = self._joined(request, asked, pending, result, info)
+                response = self._joined(request, asked, pending, result, noted)
             except Exception:
                 log.exception("fast_path_failed")
         if response is not None:
             return response
         # The long way from where its wait would have ended; its access line counts the wait
         # and keeps the request's id and trace (what the flight noted in it).
-        request[EXCHANGE] = Exchange(asked.request_id, trace=info.trace, started=asked.started)
+        request[EXCHANGE] = Exchange(asked.request_id, trace=noted, started=asked.started)
         with handing_over(Joined(pending, result)):
             return await self.inner(request)
 
@@ -276,7 +278,7 @@ class FastPath:
         """Look the tier up once for a plain GET the memory tier has nothing for; answer a
         fresh entry as the long way answers a HIT (headers, counts, access line), else the
         long way goes on from what was found."""
-        in_flight = self.services.metric_groups.edge.in_flight
+        in_flight = self.in_flight
         target, caller = asked.target, asked.caller
         found: FastAnswer | Looked | None = None
         in_flight.inc()  # an await: a scrape may come meanwhile
@@ -318,15 +320,19 @@ class FastPath:
         asked: Asked,
         pending: Pending,
         outcome: Outcome,
-        info: Exchange,
+        noted: Trace,
     ) -> web.Response | None:
         found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for)
         if found is None:
             return None
-        answer, info.upstream_seconds = found
-        info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
+        answer, upstream_seconds = found
+        info = None
+        if log.isEnabledFor(logging.INFO):  # what the access line says, when it is written
+            info = _waited(asked, noted)
+            info.upstream_seconds = upstream_seconds
+            info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
-        member = cache_status_value("REVALIDATED", "fwd=stale", outcome.upstream_status)
+        member = _revalidated(outcome.upstream_status)
         return self._respond(request, asked, answer, "REVALIDATED", member, info)
 
     def _respond(
@@ -396,6 +402,20 @@ class FastPath:
             return _known_target(request.raw_path, request.path)
         except ProxyError:
             return None
+
+
+def _waited(asked: Asked, noted: Trace) -> Exchange:
+    """What the access line of a request that waited for a flight starts from."""
+    info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
+    info.trace = noted
+    return info
+
+
+@functools.lru_cache(maxsize=64)
+def _revalidated(upstream_status: int | None) -> str:
+    """The Cache-Status member of an answer a flight refreshed (the same for all its
+    joiners)."""
+    return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
 
 
 @functools.lru_cache(maxsize=4096)

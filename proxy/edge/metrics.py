@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from proxy.auth.metrics import AuthMetrics
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.webhooks.metrics import WebhookMetrics
+from proxy.collectors import LoopGauge
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.shared.metrics import SharedMetrics
 
@@ -35,7 +36,8 @@ class EdgeMetrics:
     answer) and by :mod:`proxy.ops.reload`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.in_flight = Gauge(
+        # Changed twice per request that waits (the fast path's joiners too): no lock.
+        self.in_flight = LoopGauge(
             "kounta_proxy_requests_in_flight",
             "Requests being answered now.",
             registry=registry,

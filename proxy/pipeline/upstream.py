@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import aiohttp
 from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
 
 from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.errors import (
@@ -175,6 +176,10 @@ class Slots:
         return release
 
 
+# Label children remembered by Upstream at most.
+LABELLED_MAX = 10_000
+
+
 class Upstream:
     """The bottom layer: sends a request to the fixed upstream and streams the answer."""
 
@@ -191,6 +196,26 @@ class Upstream:
         self.metrics = metrics
         self.caps = Caps(settings.max_inflated_size, settings.max_inflate_ratio)
         self.slots = Slots(settings.account_share(accounts), settings.connect_timeout)
+        # The metrics' label children per (method, route, status, account): prometheus
+        # client's labels() takes a lock and builds its key every time. Bounded like the
+        # series (templates, enumerations, configured accounts); cleared past the bound.
+        self._labelled: dict[tuple[str, str, int, str], tuple[Histogram, Counter]] = {}
+
+    def _children(
+        self, method: str, route: str, status: int, request: ProxyRequest
+    ) -> tuple[Histogram, Counter]:
+        key = (method, route, status, request.account)
+        found = self._labelled.get(key)
+        if found is None:
+            assert self.metrics is not None
+            found = (
+                self.metrics.upstream_duration.labels(route),
+                self.metrics.upstream_requests.labels(method, route, status, request.account),
+            )
+            if len(self._labelled) >= LABELLED_MAX:
+                self._labelled.clear()
+            self._labelled[key] = found
+        return found
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         url = upstream_url(self.base, Target(request.path, request.query))
@@ -235,10 +260,9 @@ class Upstream:
                 f"The upstream answered with status {response.status}, outside 100-599"
             )
         if self.metrics is not None:
-            self.metrics.upstream_duration.labels(route).observe(took)
-            self.metrics.upstream_requests.labels(
-                request.method, route, response.status, request.account
-            ).inc()
+            duration, count = self._children(request.method, route, response.status, request)
+            duration.observe(took)
+            count.inc()
         gzip = _has_gzip_body(request.method, response)
         if _is_small(response):
             # One read and one write beat a stream for the common small JSON answer.

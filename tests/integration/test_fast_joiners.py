@@ -19,6 +19,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from proxy.cache.fastlook import Pending
+from proxy.edge.fast import Joiner
 from proxy.settings import CacheSettings, RetrySettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
 from tests.integration.test_fast_path import LongWay, get, steady
@@ -432,3 +434,39 @@ async def test_a_starters_304_is_the_long_ways_byte_for_byte(setup: Setup) -> No
     assert masked(fast) == masked(slow)
     assert b"\r\nX-Cache: REVALIDATED\r\n" in fast
     assert s.origin.served == ["-", "-", s.origin.etag, s.origin.etag]  # one revalidation each
+
+
+async def test_joiners_share_one_start_and_answer_the_same_with_the_access_log_off(
+    setup: Setup, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The access line's record is made only when it is written; the joiners' lookup and
+    # decision once per flight (Flight.joining): same answers and counts as the long way's.
+    caplog.set_level(logging.WARNING, logger="kounta_proxy")
+    s, etag = setup, setup.origin.etag
+    fast = s.long_way.fast
+    seen: list[Pending] = []
+    join = fast.join
+
+    async def recording(request: web.BaseRequest, joiner: Joiner) -> web.StreamResponse:
+        seen.append(joiner.pending)
+        return await join(request, joiner)
+
+    fast.join = recording  # type: ignore[method-assign]
+    inm = {"If-None-Match": etag}
+    starter, answers = await one_flight(s, client, [{}, inm, {}, {**SLOW}, {**SLOW, **inm}])
+    assert len(seen) == 3 and all(p is seen[0] for p in seen)
+    assert not seen[0].starter and seen[0].flight.joining is seen[0]
+    assert s.origin.served == ["-", etag]
+    assert [a[0] for a in answers] == [200, 304, 200, 200, 304]
+    for (status, headers, body), (slow_status, slow_headers, slow_body) in (
+        (answers[0], answers[3]),
+        (answers[1], answers[4]),
+    ):
+        assert (status, body) == (slow_status, slow_body)
+        assert steady(headers) == steady(slow_headers)
+    assert steady(answers[0][1]) == steady(starter[1])
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 5
+    lookups = {"result": "revalidated", "reason": "not_modified"}
+    assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 6
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+    assert not access_lines(caplog)

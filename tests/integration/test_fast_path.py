@@ -301,7 +301,7 @@ async def test_a_failure_in_the_fast_path_leaves_the_answer_to_the_long_way(
     def broken(*args: Any) -> None:
         raise RuntimeError("a bug")
 
-    warm.long_way.fast.cache.fast.fresh_hit = broken  # type: ignore[method-assign]
+    warm.long_way.fast.cache.fast.find = broken  # type: ignore[method-assign]
     status, headers, again = await get(client, warm.proxy.url + LIST)
     assert (status, headers["X-Cache"], again) == (200, "HIT", warm.body)
     assert warm.long_way.count == 2

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy.collectors import LoopCounter, LoopHistogram
+from proxy.collectors import LoopCounter, LoopGauge, LoopHistogram
 from proxy.edge.metrics import PackageMetrics
 from proxy.metrics import BUCKETS, Metrics, Registry
 from proxy.pipeline.metrics import PipelineMetrics
@@ -47,6 +47,20 @@ def test_the_counter_exposes_what_prometheus_clients_does() -> None:
     assert ours.get_sample_value("y_total", {"method": "GET", "status_class": "2xx"}) == 3.5
     # No _created series: nothing reads them (proxy.metrics.Registry drops prometheus-client's).
     assert ours.get_sample_value("y_created", {"method": "PUT", "status_class": "5xx"}) is None
+
+
+def test_the_gauge_exposes_what_prometheus_clients_does() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    a = LoopGauge("z_in_flight", "Help.", ours)
+    b = Gauge("z_in_flight", "Help.", registry=theirs)
+    assert exposition(ours) == exposition(theirs)  # 0 before any change
+    for change in (1, 1, -1, 2.5, -3.5, 1):
+        for gauge in (a, b):
+            gauge.inc(change) if change > 0 else gauge.dec(-change)
+    assert exposition(ours) == exposition(theirs)
+    assert ours.get_sample_value("z_in_flight") == 1
+    with pytest.raises(ValueError, match=r"already|Duplicated"):
+        LoopGauge("z_in_flight", "Help.", ours)
 
 
 def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> None:

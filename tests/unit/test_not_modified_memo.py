@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from proxy.cache import policy
 from proxy.cache.policy import MEMO_TAGS, not_modified, not_modified_headers
 
 TAGS = ['"a"', 'W/"a"', '"b"', "*", '"a", "b"', 'W/"b", "a"', "x", ""]
@@ -38,3 +39,26 @@ def test_a_long_if_none_match_line_still_matches() -> None:
     line = '"z", ' * MEMO_TAGS + '"a"'
     assert not_modified(200, (("ETag", '"a"'),), CIMultiDict({"If-None-Match": line}))
     assert not not_modified(200, (("ETag", '"b"'),), CIMultiDict({"If-None-Match": line}))
+
+
+def test_the_last_entrys_answers_are_known_by_identity_and_never_mixed_up() -> None:
+    # Two entries' header tuples, equal but for the ETag, asked about in turn: each its own.
+    one = (("ETag", '"a"'), ("Content-Type", "application/json"), ("X-Other", "u"))
+    other = (("ETag", '"b"'), ("Content-Type", "application/json"), ("X-Other", "u"))
+    caller = CIMultiDict({"If-None-Match": '"a"'})
+    for _ in range(2):
+        assert not_modified(200, one, caller) is True
+        assert policy._etag.last is not None and policy._etag.last[0] is one
+        assert not_modified(200, other, caller) is False
+        assert not_modified_headers(one) == (("ETag", '"a"'),)
+        assert not_modified_headers(other) == (("ETag", '"b"'),)
+    # A copy equal by value (another entry's tuple) is answered by value, as before.
+    copy = tuple(pair for pair in one)
+    assert not_modified(200, copy, caller) is True
+
+
+@given(line=st.sampled_from([*TAGS, '"a" , W/"b"', 'W/"a", *']), etag=st.sampled_from(TAGS))
+def test_a_remembered_line_matches_as_its_parsed_tags_do(line: str, etag: str) -> None:
+    for exists in (True, False):
+        parsed = policy._tags_match(policy._tags((line,)), etag or None, exists)
+        assert policy._line_matches(line, etag or None, exists) is parsed
