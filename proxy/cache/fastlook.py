@@ -52,7 +52,7 @@ FastAnswer = tuple[int, HeaderItems, bytes, int]
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A plain GET whose stored entry a flight in progress revalidates: the long way would
-    join that flight (:meth:`~proxy.cache.fastlook.FastLook.joinable`), at the point its lookup
+    join that flight (:meth:`~proxy.cache.fastlook.FastLook.find`), at the point its lookup
     and decision left; ``starter``: the request started that flight at the edge
     (:meth:`~proxy.cache.fastlook.FastLook.start`), where the long way would have started it."""
 
@@ -66,7 +66,7 @@ class Pending:
 @dataclass(frozen=True, slots=True)
 class Startable:
     """A plain GET whose stored 200 in memory must be revalidated and no flight is out for:
-    the long way would start one (:meth:`~proxy.cache.fastlook.FastLook.startable`)."""
+    the long way would start one (:meth:`~proxy.cache.fastlook.FastLook.find`)."""
 
     key: str
     stale: Stored
@@ -237,10 +237,15 @@ class FastLook:
         body_for: BodyFor | None = None,
     ) -> Found:
         """What the memory tier gives a plain GET (no Cache-Control; If-None-Match and
-        If-Modified-Since allowed), with one key and one look: a fresh hit's answer
-        (:meth:`fresh_hit`), a flight to join (:meth:`joinable`), one to start
-        (:meth:`startable`), :data:`UNHELD` (:meth:`cold`), or None: the long way answers.
-        Counts only what a fresh hit counts."""
+        If-Modified-Since allowed), with one key and one look: a fresh hit's answer (status,
+        upstream headers, body and age of a fresh 200 held in memory; None when ``body_for``
+        gives no body in the caller's coding), a flight in progress to join (a
+        :class:`Pending`: where the long way would be when it joins, its lookup and decision
+        made without I/O), one to start (a :class:`Startable`; never where stale-while-busy
+        may answer the entry: the long way asks the budget first), :data:`UNHELD` (the
+        memory tier has nothing: :meth:`tier_hit` may look), or None: the long way answers.
+        Counts only what a fresh hit counts. :meth:`~proxy.cache.layer.Cache.send` reaches
+        the same answers the long way."""
         key = self.key(account, path, query, headers)
         stored = self.entries.hot(key)
         if stored is None:
@@ -257,41 +262,6 @@ class FastLook:
             return self._pending(key, flight, stored, headers, now)
         return self._startable(key, stored, headers, now)
 
-    def fresh_hit(
-        self,
-        account: str,
-        path: str,
-        query: str,
-        headers: Headers,
-        body_for: BodyFor | None = None,
-    ) -> FastAnswer | None:
-        """Status, upstream headers, body and age of the answer to a plain GET (no
-        Cache-Control; If-None-Match and If-Modified-Since allowed) that a fresh 200 held in
-        memory gives; else None, and nothing is counted.
-
-        ``body_for`` turns the stored body into the one to send (the caller's coding); when
-        it gives None the long way answers. :meth:`find` gives the same for the fast path
-        (:mod:`proxy.edge.fast`); :meth:`~proxy.cache.layer.Cache.send` reaches the same
-        answer the long way.
-        """
-        found = self._plain(self.key(account, path, query, headers))
-        if found is None:
-            return None
-        entry, stored_body = found[0].entry, found[1]
-        fresh = fresh_age(entry, self.clock())
-        if fresh is None:
-            return None
-        return plain_answer(self.answers, entry, stored_body, int(fresh), headers, body_for)
-
-    def _plain(self, key: str) -> tuple[Stored, bytes] | None:
-        """The memory tier's entry for ``key`` if the fast path may answer from it
-        (:meth:`_usable`), and its body."""
-        stored = self.entries.hot(key)
-        if stored is None:
-            return None
-        body = self._usable(stored)
-        return None if body is None else (stored, body)
-
     def _usable(self, stored: Stored) -> bytes | None:
         """The body of a stored entry the fast path may answer from: a 200 with its body in
         memory, no extra Vary names (compared the long way), no webhook rule (the feed's
@@ -302,19 +272,6 @@ class FastLook:
         if webhook_rule(entry.path, self.rules()) is not None:
             return None
         return body
-
-    def joinable(self, account: str, path: str, query: str, headers: Headers) -> Pending | None:
-        """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory a flight
-        in progress revalidates: where the long way would be when it joins that flight (its
-        lookup and decision made, without I/O); else None. Counts nothing."""
-        key = self.key(account, path, query, headers)
-        flight = self.flights.get(key)
-        if flight is None:
-            return None
-        found = self._plain(key)
-        if found is None:
-            return None
-        return self._pending(key, flight, found[0], headers, self.clock())
 
     def _pending(
         self, key: str, flight: Flight, stored: Stored, headers: Headers, now: float
@@ -333,20 +290,6 @@ class FastLook:
         if stored.entry.stale_while_revalidate <= 0:  # else the decision depends on the time
             flight.joining = pending
         return pending
-
-    def startable(self, account: str, path: str, query: str, headers: Headers) -> Startable | None:
-        """For a plain GET (as :meth:`fresh_hit` takes) whose stored 200 in memory must be
-        revalidated and no flight is out for: where the long way would be when it starts one
-        (its lookup and decision made, without I/O); else None. None too where
-        stale-while-busy may answer the entry (the long way asks the budget first). Counts
-        nothing."""
-        key = self.key(account, path, query, headers)
-        if key in self.flights:
-            return None
-        found = self._plain(key)
-        if found is None:
-            return None
-        return self._startable(key, found[0], headers, self.clock())
 
     def _startable(
         self, key: str, stored: Stored, headers: Headers, now: float
@@ -407,10 +350,6 @@ class FastLook:
         self.answers.count("revalidated", outcome.reason)
         return answer, flight.upstream_seconds
 
-    def cold(self, account: str, path: str, query: str, headers: Headers) -> bool:
-        """Whether the memory tier has nothing for a plain GET (:meth:`tier_hit` may look)."""
-        return self.entries.hot(self.key(account, path, query, headers)) is None
-
     async def tier_hit(
         self,
         account: str,
@@ -420,7 +359,7 @@ class FastLook:
         body_for: BodyFor | None,
         proxied: Callable[[], CIMultiDictProxy[str]],
     ) -> FastAnswer | Looked:
-        """For a plain GET (as :meth:`fresh_hit` takes) the memory tier has nothing for: the
+        """For a plain GET (as :meth:`find` takes) the memory tier has nothing for: the
         tier's lookup (disk, Redis: promoted as the long way's lookup promotes), and the
         answer when it is a fresh 200 the long way would send as a plain HIT (same decision:
         the webhook hold, Vary, :func:`lookup`); else what was found, counting nothing, for

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,6 +22,7 @@ from proxy.cache.policy import (
     weak_match,
 )
 from proxy.settings import CacheRule
+from tests.unit.test_cache_policy import entry
 
 NOW = 1_700_000_000.0
 DATE = "Tue, 14 Nov 2023 22:13:20 GMT"  # == NOW
@@ -36,46 +36,34 @@ RULES = st.sampled_from([(), (CacheRule("/v1/*", 12, stale_if_error=3),)])
 
 
 def stored(headers: Sequence[tuple[str, str]]) -> Entry:
-    return Entry(
-        status=200,
-        headers=tuple(headers),
-        account="main",
-        path="/v1/companies/5/customers.json",
-        request_time=NOW - 100,
-        response_time=NOW - 100,
-        initial_age=0.0,
-        fresh_for=0.0,
-        stale_if_error=0.0,
-        stale_while_revalidate=0.0,
-        strict=False,
-        vary=(),
-        size=2,
-    )
+    return entry(headers=tuple(headers), request_time=NOW - 100, response_time=NOW - 100)
 
 
 def merged_from_scratch(
-    entry: Entry,
+    old: Entry,
     headers: Sequence[tuple[str, str]],
     request_time: float,
     response_time: float,
     rules: Sequence[CacheRule],
 ) -> Entry | None:
-    """RFC 9111 4.3.4 as merge_304 did it before it remembered anything."""
-    new_tag = next((v for k, v in headers if k.lower() == "etag"), None)
-    if new_tag is not None and entry.etag is not None and not weak_match(new_tag, entry.etag):
+    """RFC 9111 4.3.4 from scratch: what merge_304 gave before it remembered anything."""
+    tags = [v for k, v in headers if k.lower() == "etag"]
+    if tags and old.etag is not None and not weak_match(tags[0], old.etag):
         return None
-    updates = [(k, v) for k, v in storable_headers(headers) if k.lower() not in NOT_UPDATED_BY_304]
-    replaced = {k.lower() for k, _ in updates}
-    merged = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(updates)
-    cc = directives([v for k, v in merged if k.lower() == "cache-control"])
-    reuse: dict[str, Any] = policy._reuse(cc, merged, response_time, rule_for(entry.path, rules))
+    fresh = [
+        pair for pair in storable_headers(headers) if pair[0].lower() not in NOT_UPDATED_BY_304
+    ]
+    names = {name.lower() for name, _ in fresh}
+    fields = (*[pair for pair in old.headers if pair[0].lower() not in names], *fresh)
+    lines = [v for k, v in fields if k.lower() == "cache-control"]
+    rule = rule_for(old.path, rules)
     return replace(
-        entry,
-        headers=merged,
+        old,
+        headers=fields,
         request_time=request_time,
         response_time=response_time,
         initial_age=initial_age(headers, request_time, response_time),
-        **reuse,
+        **policy._reuse(directives(lines), fields, response_time, rule),
     )
 
 
@@ -86,21 +74,21 @@ def test_remembered_and_fresh_merges_agree(
     rules: tuple[CacheRule, ...],
     later: float,
 ) -> None:
-    entry = stored(kept)
+    kept_entry = stored(kept)
     # The same 304 twice (the second from the memo), then later: an Expires without a Date
     # counts from the response time, which the memo must not keep.
     for at in (NOW, NOW, NOW + later):
-        expected = merged_from_scratch(entry, sent, at - 1, at, rules)
-        assert merge_304(entry, tuple(sent), at - 1, at, rules) == expected
-        assert merge_304(entry, list(sent), at - 1, at, list(rules)) == expected
+        expected = merged_from_scratch(kept_entry, sent, at - 1, at, rules)
+        assert merge_304(kept_entry, tuple(sent), at - 1, at, rules) == expected
+        assert merge_304(kept_entry, list(sent), at - 1, at, list(rules)) == expected
 
 
 def test_the_same_304_again_is_merged_from_the_memo() -> None:
-    entry = stored((("ETag", '"a"'), ("Content-Type", "application/json")))
+    kept = stored((("ETag", '"a"'), ("Content-Type", "application/json")))
     sent = (("ETag", '"a"'), ("Date", DATE), ("Cache-Control", "max-age=0"))
-    first = merge_304(entry, sent, NOW, NOW, ())
+    first = merge_304(kept, sent, NOW, NOW, ())
     hits = policy._merged_304.cache_info().hits
-    again = merge_304(entry, sent, NOW + 1, NOW + 2, ())
+    again = merge_304(kept, sent, NOW + 1, NOW + 2, ())
     assert policy._merged_304.cache_info().hits == hits + 1
     assert first is not None and again is not None
     assert again.headers == first.headers and again.response_time == NOW + 2
@@ -109,9 +97,9 @@ def test_the_same_304_again_is_merged_from_the_memo() -> None:
 
 def test_an_expires_without_date_counts_from_each_response_time() -> None:
     expires = "Tue, 14 Nov 2023 22:14:20 GMT"  # NOW + 60
-    entry = stored((("ETag", '"a"'),))
+    kept = stored((("ETag", '"a"'),))
     sent = (("Expires", expires),)
-    first = merge_304(entry, sent, NOW, NOW, ())
-    later = merge_304(entry, sent, NOW + 10, NOW + 10, ())
+    first = merge_304(kept, sent, NOW, NOW, ())
+    later = merge_304(kept, sent, NOW + 10, NOW + 10, ())
     assert first is not None and later is not None
     assert (first.fresh_for, later.fresh_for) == (60.0, 50.0)
