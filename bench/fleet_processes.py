@@ -118,16 +118,16 @@ def _stop(procs: list[Popen]) -> None:
 async def _sample(
     session: aiohttp.ClientSession, stats: str, until: float, counts: list[int]
 ) -> dict[int, int]:
-    """The sandbox's upstream count once a second; its statuses at the end."""
+    """The sandbox's upstream count once a second until a second past the end (as the
+    in-process run samples it); its statuses at the last sample."""
     statuses: dict[int, int] = {}
-    while True:
+    while time.monotonic() < until + 1:
         async with session.get(stats) as r:
             body = await r.json()
         counts.append(int(body["served"]))
         statuses = {int(k): int(v) for k, v in body["by_status"].items()}
-        if time.monotonic() >= until + 1:
-            return statuses
         await asyncio.sleep(1.0)
+    return statuses
 
 
 async def _scrape(session: aiohttp.ClientSession, admins: list[str], tally: Tally) -> None:

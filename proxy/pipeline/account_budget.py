@@ -280,9 +280,9 @@ class AccountBudget:
         waiting here, the slot goes back to the fleet instead (any replica's next request may
         use it: here it would lapse unused while others wait); returns that call's task."""
         now = self.clock.now()
-        if not self.waiting and self._fleet_classed():
-            assert isinstance(self.gate, SharedGate)
-            task = asyncio.get_running_loop().create_task(self.gate.give_back())
+        gate = self.gate
+        if not self.waiting and isinstance(gate, SharedGate) and gate.mode() == "shared":
+            task = asyncio.get_running_loop().create_task(gate.give_back())
             self._giving.add(task)
             task.add_done_callback(self._giving.discard)
             return task

@@ -436,7 +436,8 @@ class SharedGate:
         if any(self.mine) and self.backend.up:
             with contextlib.suppress(SharedUnavailable):
                 await self.shared.drop_demand(self.account)
-                self.mine = (0, 0, 0)
+                fleet = [max(0, f - m) for f, m in zip(self.fleet, self.mine, strict=True)]
+                self.fleet, self.mine = (fleet[0], fleet[1], fleet[2]), (0, 0, 0)
         return True
 
     async def give_back(self) -> bool:

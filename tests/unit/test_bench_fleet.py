@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,9 @@ from bench.fleet import (
     sandbox_config,
     settings_for,
 )
+from bench.fleet_processes import replica_config
 from proxy import cli
+from proxy.settings.load import load
 
 
 def test_bucket_quantile_interpolates_as_prometheus_does() -> None:
@@ -78,3 +81,24 @@ def test_the_sandbox_command_takes_a_token_lifetime_and_rotation(
             cli.parser().parse_args(["sandbox", "--token-ttl", bad])
         err = capsys.readouterr().err.strip().splitlines()
         assert "--token-ttl: must be a positive number of seconds" in err[-1]
+
+
+def test_processes_give_each_replica_the_in_process_runs_settings(tmp_path: Path) -> None:
+    """bench.fleet --processes writes each `serve` a TOML file: loaded as serve loads it, it
+    holds what the in-process run builds (callers and classes, no cache rule, the reserve)
+    plus the shared budget in Redis."""
+    args = arguments(["--processes", "--batch", "2", "--interactive", "3", "--replicas", "3",
+                      "--reserve", "0.2"])  # fmt: skip
+    config = tmp_path / "replica0.toml"
+    config.write_text(replica_config(args, "http://127.0.0.1:1", "redis://127.0.0.1:2/0",
+                                     tmp_path / "r0", 3, 4))  # fmt: skip
+    loaded = load(config, env={})
+    built = classes_settings("http://127.0.0.1:1", str(tmp_path), args)
+    assert {n: (c.key.reveal(), c.priority) for n, c in loaded.callers.items()} == {
+        n: (c.key.reveal(), c.priority) for n, c in built.callers.items()
+    }
+    assert loaded.cache.rules == () and loaded.budget.reserve == 0.2
+    assert (loaded.server.port, loaded.admin.port) == (3, 4)
+    shared = loaded.shared
+    assert (shared.backend, shared.replicas, shared.key_prefix) == ("redis", 3, args.key_prefix)
+    assert shared.token_key.reveal() == args.token_key
