@@ -53,16 +53,22 @@ async def test_a_missed_change_distrusts_the_feed_and_the_fallback_applies(quick
     assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 1
     h.upstream.version[f"{PRODUCTS}/12"] += 1  # changed at a till: no delivery
     deadline = asyncio.get_running_loop().time() + 5
+    seen = []
     while sample(h, "kounta_proxy_webhook_missed_total", account="main") < 1:
         assert asyncio.get_running_loop().time() < deadline, "the verifier saw nothing"
-        await read(url)  # keeps the entry among the recent webhook-fresh reads
+        seen.append((await read(url))[0])  # keeps the entry among the recent webhook-fresh reads
         await asyncio.sleep(0.05)
     assert sample(h, "kounta_proxy_webhook_feed_healthy", account="main") == 0
     # The verifier's checks are background work: budget class batch.
     assert sample(h, "kounta_proxy_budget_served_total", account="main", **{"class": "batch"})
-    # The stale entry was dropped at once; then fallback_fresh_for = 0: every read asks
-    # Kounta, and says why.
-    assert (await read(url))[0] == "MISS"
+    # The stale entry was dropped at once: the first read after the drop is a MISS (it may be
+    # one of the loop's, made before the count was looked at); then fallback_fresh_for = 0:
+    # every read asks Kounta, and says why.
+    after = [cache for cache in seen if cache != "HIT"]
+    if after:
+        assert after[0] == "MISS", seen
+    else:
+        assert (await read(url))[0] == "MISS"
     before = h.upstream.hits[f"{PRODUCTS}/12"]
     cache, status = await read(url)
     assert cache == "REVALIDATED"
