@@ -41,6 +41,17 @@ if (mode === 'origin') {
   const server = http.createServer((request, response) => {
     const url = new URL(request.url.replace(/^\/v1(?=\/|$)/, ''), base)
     const segments = url.pathname.split('/').slice(1)
+    // A body whose length is its connection's close (a Transfer-Encoding other than chunked,
+    // which a test sets: headers-store-Transfer-Encoding) ends only when the connection does:
+    // Node would hold it open until its keep-alive timeout, so close it after this response.
+    const end = response.end
+    response.end = function (...rest) {
+      const coding = String(response.getHeader('transfer-encoding') || 'chunked')
+      if (!response.headersSent && !/(^|,)\s*chunked\s*$/i.test(coding)) {
+        response.shouldKeepAlive = false
+      }
+      return end.apply(this, rest)
+    }
     const handler = handlers[segments.shift()]
     if (handler) handler(segments, request, response)
     else handleFile(url, request, response)
