@@ -15,7 +15,7 @@
 // MODE "stock" as the suite sends its requests, or "plain" without the two request headers
 // its client adds to every request to keep a browser's own cache out (`Pragma: foo`,
 // `Cache-Control: nothing-to-see-here`, with fetch's cache mode "no-store"; Node's fetch has no
-// cache). Any Cache-Control or Pragma
+// cache, and is asked for mode "force-cache", in which it adds no header of its own). Any Cache-Control or Pragma
 // sends a request the long way (proxy/edge/fast.py), so only "plain" reaches the fast path,
 // its joiners and the flight's starter; a test's own Cache-Control and Pragma stay.
 //
@@ -72,8 +72,11 @@ if (mode === 'origin') {
       if (init && Array.isArray(init.headers)) {
         const headers = init.headers.filter(([k, v]) => !hack.has(`${k.toLowerCase()}\n${v}`))
         // cache: 'no-store' is the other half of the hack: without those two headers, Node's
-        // fetch (undici, no cache of its own) would add Pragma and Cache-Control: no-cache.
-        if (headers.length < init.headers.length && init.cache === 'no-store') delete init.cache
+        // fetch (undici, no cache of its own) would add Pragma and Cache-Control: no-cache, as
+        // it would in its default mode to a request with a conditional; 'force-cache' adds none.
+        if (headers.length < init.headers.length && init.cache === 'no-store') {
+          init.cache = 'force-cache'
+        }
         init.headers = headers
       }
       return fetch(url, init)
