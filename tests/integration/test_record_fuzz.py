@@ -42,6 +42,10 @@ from tests.redis_server import TOKEN_KEY
 from tests.replicas import RedisSpace, caching
 
 T = TypeVar("T")
+# Thousands of generated records through paths other tests cover too: not traced by coverage
+# (pytest-cov's no_cover), which more than doubles their CPU time.
+pytestmark = pytest.mark.no_cover
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +33,7 @@ def test_any_bytes_are_a_change_or_refused(data: bytes) -> None:
     assert outcome(data) is None or isinstance(outcome(data), Invalidation | Purge)
 
 
+@pytest.mark.no_cover  # generated objects: coverage's tracing would double the time
 @settings(max_examples=300)
 @given(st.dictionaries(FIELDS, JSON, max_size=6))
 def test_any_object_with_the_right_names_is_a_change_or_refused(body: dict[str, Any]) -> None:
