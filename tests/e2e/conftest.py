@@ -6,9 +6,11 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_container import DEBIAN_PYTHON, Install
 from tests.e2e.test_demo import free_port
 from tests.e2e.test_lifecycle import SECRET_TOKEN, get, wait_until
 
@@ -40,3 +42,24 @@ def sandbox_url(sandbox_process: str) -> str:
     with urllib.request.urlopen(reset, timeout=10) as r:
         assert r.status == 200
     return sandbox_process
+
+
+@pytest.fixture(scope="session")
+def installs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Install]]:
+    """The image's install of the lock with this Python and with Debian's, both at once, in
+    the background: each is ~15 s of one core's unpacking and compiling."""
+    started = {sys.executable: Install(tmp_path_factory.mktemp("image"), sys.executable)}
+    if Path(DEBIAN_PYTHON).exists():
+        started[DEBIAN_PYTHON] = Install(tmp_path_factory.mktemp("debian"), DEBIAN_PYTHON)
+    yield started
+    for install in started.values():
+        install.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _installs_early(request: pytest.FixtureRequest) -> None:
+    """Start the installs with the session's first e2e test when a test that needs them is
+    selected: they run beside the e2e tests before them (mostly waiting on subprocesses)
+    instead of being waited for by test_container.py."""
+    if any("installs" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("installs")
