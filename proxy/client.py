@@ -8,12 +8,19 @@ An upstream that sends more bytes than its ``Content-Length`` gets nginx's readi
 first Content-Length bytes are the response, the rest is dropped and the connection is
 closed rather than reused (:class:`ExcessTolerant`). aiohttp's parser would otherwise fail
 the whole response on the bytes after it.
+
+Idle connections (docs/http-contract.md, "Idle upstream connections"): a pooled connection
+is reused only within ``upstream.keepalive_timeout`` of its last answer, shorter by default
+than common servers keep one, so the proxy, not the upstream, closes it; and only when the
+upstream has not closed it meanwhile (:func:`peer_closed`, a check before anything is
+written). aiohttp's own resend of a failed request is off: the retry layer decides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import ssl
 from typing import Any
 
@@ -23,6 +30,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from proxy.compat.aiohttp import (
+    CheckedReuse,
+    no_hidden_resends,
     response_parser,
     response_payload,
     set_protocol_factory,
@@ -158,12 +167,34 @@ def message_end(buf: bytes, skip_payload: bool) -> int | None:
         return body_at + int(length) if length.isdigit() else None
 
 
-class Connector(aiohttp.TCPConnector):
-    """aiohttp's TCP connector with :class:`ExcessTolerant` responses."""
+def peer_closed(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether an idle connection's socket has something to read: the peer's FIN or RST, or
+    bytes nobody asked for. Either way it cannot carry another request.
+
+    The event loop learns of a close only on its next turn; a request taken from the pool in
+    between would be written to a connection the upstream has already closed, and for a POST
+    nobody could then tell whether it was applied. A poll that waits for nothing sees what the
+    kernel already holds (urllib3's and curl's check before they reuse a connection)."""
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False  # not a socket transport: nothing to look at
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+class Connector(CheckedReuse):
+    """aiohttp's TCP connector with :class:`ExcessTolerant` responses, handing out a pooled
+    connection only while the upstream has not closed it (:func:`peer_closed`)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         set_protocol_factory(self, ExcessTolerant)
+
+    def reusable(self, transport: asyncio.Transport | None) -> bool:
+        return not peer_closed(transport)
 
 
 def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.ClientSession:
@@ -172,11 +203,15 @@ def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.Cli
     besides, so a request within its account's share never waits in the connector, where a
     wait could not be told from a slow connect (and would count for a breaker)."""
     shares = max(settings.pool_size, settings.account_share(accounts) * accounts)
+    idle = settings.keepalive_timeout
     connector = Connector(
         limit=shares + accounts,
         ssl=ssl_context(settings),
         ttl_dns_cache=300,
         enable_cleanup_closed=False,
+        # 0: a new connection for every request (aiohttp wants None with force_close).
+        force_close=idle == 0,
+        keepalive_timeout=idle or None,
     )
     timeout = aiohttp.ClientTimeout(
         total=settings.total_timeout,
@@ -184,10 +219,12 @@ def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.Cli
         sock_read=settings.read_timeout,
     )
     # No cookie jar: Kounta is stateless and one caller's cookies must not reach another's.
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     )
+    no_hidden_resends(session)
+    return session

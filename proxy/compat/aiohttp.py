@@ -9,7 +9,10 @@ read the bound sockets of a site.
 
 Client side (:mod:`proxy.client`): a response protocol that recovers a complete response
 followed by excess bytes stands in the connector's protocol factory, wraps the protocol's
-parser, and reads its current payload and whether the response has no body (HEAD).
+parser, and reads its current payload and whether the response has no body (HEAD). A
+connector checks each pooled connection before it is handed out again (:class:`CheckedReuse`,
+over the connector's ``_get``), and the session's own resend of a request whose connection
+failed is turned off (:func:`no_hidden_resends`), so the retry layer alone decides resends.
 
 Besides these names, the subclasses override methods aiohttp does not document as hooks
 (:data:`OVERRIDES`). :data:`PINS` lists every assumption; ``tests/unit/test_compat.py``
@@ -28,6 +31,9 @@ from typing import Any, TypeVar, cast
 import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
@@ -102,6 +108,32 @@ def set_protocol_factory(
     connector._factory = cast(Any, functools.partial(factory, loop=connector._loop))
 
 
+def no_hidden_resends(session: aiohttp.ClientSession) -> None:
+    """``session`` never sends a request again by itself when its connection fails.
+
+    aiohttp resends GET, HEAD, OPTIONS, TRACE, PUT and DELETE once on a closed or reset
+    connection, even after the request was written (so possibly applied), without the budget
+    token, the metric or ``retry.methods`` (where PUT and DELETE are opt-in) that the retry
+    layer applies. aiohttp's own test client turns it off the same way."""
+    session._retry_connection = False
+
+
+class CheckedReuse(aiohttp.TCPConnector):
+    """A TCP connector that asks :meth:`reusable` before it hands out a pooled connection
+    again; one that is not is closed (nothing was written to it) and the next pooled one, or
+    a new connection, is taken instead."""
+
+    def reusable(self, transport: asyncio.Transport | None) -> bool:
+        return True
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while True:
+            found = await super()._get(key, traces)
+            if found is None or self.reusable(found.transport):
+                return found
+            found.close()
+
+
 # --- what the tests pin
 
 # Methods our subclasses override that aiohttp does not document as hooks, with the
@@ -120,6 +152,7 @@ OVERRIDES: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "RequestHandler.connection_lost": (RequestHandler.connection_lost, ("self", "exc")),
     "ResponseHandler.set_response_params": (ResponseHandler.set_response_params, ("self",)),
     "ResponseHandler.data_received": (ResponseHandler.data_received, ("self", "data")),
+    "BaseConnector._get": (aiohttp.BaseConnector._get, ("self", "key", "traces")),
 }
 
 
@@ -192,6 +225,14 @@ def _pins() -> dict[str, Callable[[], bool]]:
         "TCPConnector makes protocols with self._factory (a partial taking loop)": lambda: (
             "_factory" in _names(aiohttp.BaseConnector.__init__)
             and "_factory" in _names(aiohttp.TCPConnector._create_direct_connection)
+        ),
+        "BaseConnector.connect takes a pooled connection with _get, a coroutine": lambda: (
+            "_get" in _names(aiohttp.BaseConnector.connect)
+            and inspect.iscoroutinefunction(aiohttp.BaseConnector._get)
+        ),
+        "ClientSession._request resends only while _retry_connection (in ATTRS) says so": lambda: (
+            "_retry_connection" in _names(aiohttp.ClientSession._request)
+            and "_retry_connection" in aiohttp.ClientSession.ATTRS
         ),
         **{
             f"{name}{names}": functools.partial(params, function, names)

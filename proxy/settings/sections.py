@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -116,11 +117,21 @@ class UpstreamSettings:
     # accounts (at least 1 each). A request that waits connect_timeout for one gets
     # 503 upstream_busy, which no circuit breaker counts.
     account_pool_size: int = 0
+    # Seconds an idle upstream connection is kept for reuse after its last answer. Below the
+    # idle timeouts of common servers (Node, Apache, uvicorn: 5 s; nginx 75 s; load balancers
+    # 60 s or more), so the proxy closes an idle connection before the upstream does: a POST
+    # written to a connection the upstream closes at that moment is lost or applied, and
+    # cannot be resent (docs/http-contract.md). 0: a new connection for every request.
+    keepalive_timeout: float = 4.0
 
     def __post_init__(self) -> None:
         _check_http_url("base_url", self.base_url, https_unless_loopback=True)
         _positive(self, "max_inflated_size", "max_inflate_ratio")
-        _not_negative(self, "account_pool_size")
+        _not_negative(self, "account_pool_size", "keepalive_timeout")
+        if not math.isfinite(self.keepalive_timeout):
+            raise Invalid(
+                "keepalive_timeout", f"must be a number of seconds, got {self.keepalive_timeout}"
+            )
         if URL(self.base_url).path not in ("", "/"):
             raise Invalid(
                 "base_url",

@@ -91,6 +91,22 @@ def test_secret_file_from_env(tmp_path: Path) -> None:
         ),
         ('[upstream]\nca_bundle = "/nope.pem"\n', {}, "upstream.ca_bundle: no such file"),
         ("[upstream]\nread_timeout = 0\n", {}, "upstream.read_timeout: must be greater than 0"),
+        (
+            "[upstream]\nkeepalive_timeout = -1\n",
+            {},
+            "upstream.keepalive_timeout: must not be negative",
+        ),
+        (
+            "[upstream]\nkeepalive_timeout = nan\n",
+            {},
+            "upstream.keepalive_timeout: must be a number of seconds, got nan",
+        ),
+        (
+            "",
+            {"KOUNTA_PROXY_UPSTREAM__KEEPALIVE_TIMEOUT": "4s"},
+            "KOUNTA_PROXY_UPSTREAM__KEEPALIVE_TIMEOUT (upstream.keepalive_timeout): must be a "
+            "number, got '4s'",
+        ),
         ('[log]\nlevel = "loud"\n', {}, "log.level: must be one of"),
         ('[accounts.a]\nmode = "static"\n', {}, "accounts.a.token: is required"),
         (
