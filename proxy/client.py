@@ -22,6 +22,7 @@ import asyncio
 import logging
 import select
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -185,26 +186,39 @@ def peer_closed(transport: asyncio.BaseTransport | None) -> bool:
     return bool(poller.poll(0))
 
 
+def _nothing() -> None:
+    pass
+
+
 class Connector(CheckedReuse):
     """aiohttp's TCP connector with :class:`ExcessTolerant` responses, handing out a pooled
-    connection only while the upstream has not closed it (:func:`peer_closed`)."""
+    connection only while the upstream has not closed it (:func:`peer_closed`); ``dropped``
+    hears each one that it had."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, dropped: Callable[[], None] = _nothing, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.dropped = dropped
         set_protocol_factory(self, ExcessTolerant)
 
     def reusable(self, transport: asyncio.Transport | None) -> bool:
-        return not peer_closed(transport)
+        if peer_closed(transport):
+            self.dropped()
+            return False
+        return True
 
 
-def create_session(settings: UpstreamSettings, accounts: int = 1) -> aiohttp.ClientSession:
+def create_session(
+    settings: UpstreamSettings, accounts: int = 1, dropped: Callable[[], None] = _nothing
+) -> aiohttp.ClientSession:
     """``accounts``: how many accounts share the pool; the connector holds every account's
     share (``upstream.account_pool_size``) at once, and one token request per account
     besides, so a request within its account's share never waits in the connector, where a
-    wait could not be told from a slow connect (and would count for a breaker)."""
+    wait could not be told from a slow connect (and would count for a breaker). ``dropped``
+    hears each pooled connection found closed by the upstream (:class:`Connector`)."""
     shares = max(settings.pool_size, settings.account_share(accounts) * accounts)
     idle = settings.keepalive_timeout
     connector = Connector(
+        dropped,
         limit=shares + accounts,
         ssl=ssl_context(settings),
         ttl_dns_cache=300,

@@ -246,7 +246,8 @@ async def _build(
     live = LiveRef(Live(live_of(settings), callers, providers, AdminToken(settings.admin.token)))
     checks: dict[str, Check] = {f"token:{name}": _token_check(live, name) for name in providers}
     # Created even when tests swap the upstream layer: token requests use it too.
-    session = create_session(settings.upstream, len(settings.accounts))
+    closed_idle = groups.pipeline.upstream_closed_idle.inc
+    session = create_session(settings.upstream, len(settings.accounts), closed_idle)
     stack.push_async_callback(session.close)
     layer: Layer = (
         upstream

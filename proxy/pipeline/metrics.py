@@ -49,6 +49,14 @@ class PipelineMetrics:
             ["kind", "account"],
             registry=registry,
         )
+        self.upstream_closed_idle = Counter(
+            "kounta_proxy_upstream_closed_idle_connections",
+            "Pooled upstream connections the upstream had already closed when one was about to "
+            "be reused: dropped before anything was written to them, the request sent on "
+            "another. Steady growth: the upstream keeps idle connections less long than "
+            "upstream.keepalive_timeout.",
+            registry=registry,
+        )
         self.budget_limit = Gauge(
             "kounta_proxy_budget_limit_per_minute",
             "The account's configured rate: upstream requests allowed in any 60 s window.",

@@ -150,7 +150,9 @@ async def test_a_pooled_connection_the_upstream_already_closed_is_never_written_
     # next request is sent before the event loop has run (so before aiohttp has read the
     # close). Nothing was written to the dead connection: the POST goes on a new one, once.
     kounta = await idle_closer()
-    session = create_session(UpstreamSettings(base_url=kounta.url, keepalive_timeout=60))
+    closed: list[None] = []
+    settings = UpstreamSettings(base_url=kounta.url, keepalive_timeout=60)
+    session = create_session(settings, dropped=lambda: closed.append(None))
     upstream = Upstream(UpstreamSettings(base_url=kounta.url), session)
     headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
     sent = ProxyRequest("POST", "/v1/orders", "", headers, body=b"{}", account="main")
@@ -166,6 +168,7 @@ async def test_a_pooled_connection_the_upstream_already_closed_is_never_written_
     assert (first.status, second.status) == (201, 201)
     assert kounta.applied == ["POST /v1/orders HTTP/1.1"] * 2
     assert (kounta.dropped, kounta.connections) == ([], 2)
+    assert len(closed) == 1  # kounta_proxy_upstream_closed_idle_connections_total
 
 
 async def test_a_get_dropped_on_a_stale_connection_is_resent_by_the_retry_layer(
