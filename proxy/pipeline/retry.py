@@ -5,7 +5,9 @@ and its own token from the rate budget.
 
 - Only the configured methods are resent (GET, HEAD, OPTIONS by default; PUT and
   DELETE may be added). POST and PATCH never are: Kounta has no idempotency keys,
-  and a resent order can become two orders.
+  and a resent order can become two orders. This layer is the only one that resends: the
+  HTTP client below does not (:mod:`proxy.client`), and it never writes a request onto a
+  pooled connection the upstream has already closed.
 - A resend happens only when Kounta surely did not answer (the connection failed or
   timed out before any response) or answered 502, 503 or 504, with jittered
   exponential backoff, within the attempt cap and the request's deadline.
