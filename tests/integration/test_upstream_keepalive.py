@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.client import create_session
+from proxy.client import create_session, peer_closed
 from proxy.errors import UpstreamUnreachable
 from proxy.messages import ProxyRequest
 from proxy.pipeline.upstream import Upstream
@@ -77,9 +77,14 @@ class IdleCloser:
     def cut(self) -> None:
         """Close every open connection at once, from this side (FIN sent before returning)."""
         for writer in self.open:
-            # On a duplicate: uvloop's transport sockets refuse shutdown(), the connection not.
-            with socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno())) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
+            shut(writer)
+
+
+def shut(writer: asyncio.StreamWriter) -> None:
+    """Close the connection now (the FIN is sent before this returns), the loop unaware. On a
+    duplicate: uvloop's transport sockets refuse shutdown(), the connection does not."""
+    with socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _length(head: bytes) -> int:
@@ -247,3 +252,27 @@ async def test_keepalive_timeout_0_opens_a_new_connection_for_every_request(
     for _ in range(3):
         assert (await answer_of(p.url, post())).status == 201
     assert (len(kounta.applied), kounta.connections) == (3, 3)
+
+
+async def test_peer_closed_tells_a_closed_or_dirty_idle_connection_from_a_usable_one() -> None:
+    sides: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+    server = await asyncio.start_server(lambda _, w: sides.put_nowait(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    opened = []
+    try:
+        for _ in range(3):
+            opened.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        quiet, dirty, closed = [await sides.get() for _ in range(3)]
+        # With no await in between, so that the client's event loop reads none of it first.
+        dirty.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # bytes nobody asked for
+        shut(closed)
+        time.sleep(0.02)  # noqa: ASYNC251 - on purpose: the loop must not run
+        found = [peer_closed(w.transport) for w in opened]
+    finally:
+        for w in opened:
+            w.close()
+        for w in (quiet, dirty, closed):
+            w.close()
+        server.close()
+    assert found == [False, True, True]
+    assert peer_closed(None)
