@@ -13,7 +13,9 @@ Idle connections (docs/http-contract.md, "Idle upstream connections"): a pooled 
 is reused only within ``upstream.keepalive_timeout`` of its last answer, shorter by default
 than common servers keep one, so the proxy, not the upstream, closes it; and only when the
 upstream has not closed it meanwhile (:func:`peer_closed`, a check before anything is
-written). aiohttp's own resend of a failed request is off: the retry layer decides.
+written), nor outlived the idle limit the upstream announced (``Keep-Alive: timeout=N``, less
+a margin: :func:`keepalive_hint`, as undici does). aiohttp's own resend of a failed request
+is off: the retry layer decides.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import asyncio
 import logging
 import select
 import ssl
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
@@ -44,6 +48,24 @@ from proxy.settings import UpstreamSettings
 
 # A response head (status line and fields) longer than this is never buffered for recovery.
 HEAD_LIMIT = 64 * 1024
+# An upstream's announced idle limit (Keep-Alive: timeout=N) is trusted less this much (at
+# most half of it): its clock starts when it sent an answer, ours when the head arrived here,
+# a network delay later. undici takes off 1-2 s the same way.
+HINT_MARGIN = 1.0
+
+
+def keepalive_hint(values: Iterable[str]) -> float | None:
+    """Seconds the upstream says it keeps an idle connection (the smallest ``timeout=N`` of
+    its ``Keep-Alive`` fields), or None when it says nothing readable."""
+    found: float | None = None
+    for value in values:
+        for part in value.split(","):
+            name, _, number = part.partition("=")
+            number = number.strip()
+            digits = number.isascii() and number.isdigit() and len(number) <= 9
+            if name.strip().lower() == "timeout" and digits:
+                found = int(number) if found is None else min(found, int(number))
+    return found
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
@@ -65,6 +87,18 @@ class ExcessTolerant(ResponseHandler):
         super().__init__(loop)
         self._params: dict[str, Any] = {}
         self.discarding = False
+        # time.monotonic() past which the upstream may have closed the idle connection.
+        self.reuse_until = float("inf")
+
+    def heard(self, messages: Iterable[tuple[Any, Any]]) -> None:
+        """Response heads arrived: note the idle limit the last one announced, if any."""
+        for message, _ in messages:
+            hint = keepalive_hint(message.headers.getall("Keep-Alive", ()))
+            self.reuse_until = (
+                float("inf")
+                if hint is None
+                else time.monotonic() + hint - min(HINT_MARGIN, hint / 2)
+            )
 
     def set_response_params(self, **params: Any) -> None:
         self._params = params
@@ -107,6 +141,7 @@ class _ExcessGuard:
             return recovered
         if result[0]:
             self.head.clear()
+            self.handler.heard(result[0])
         elif not body_under_way and len(self.head) + len(data) <= HEAD_LIMIT:
             self.head += data
         return result
@@ -192,16 +227,19 @@ def _nothing() -> None:
 
 class Connector(CheckedReuse):
     """aiohttp's TCP connector with :class:`ExcessTolerant` responses, handing out a pooled
-    connection only while the upstream has not closed it (:func:`peer_closed`); ``dropped``
-    hears each one that it had."""
+    connection only while the upstream has not closed it (:func:`peer_closed`) and its
+    announced idle limit has not passed; ``dropped`` hears each one the upstream had closed."""
 
     def __init__(self, dropped: Callable[[], None] = _nothing, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dropped = dropped
         set_protocol_factory(self, ExcessTolerant)
 
-    def reusable(self, transport: asyncio.Transport | None) -> bool:
-        if peer_closed(transport):
+    def reusable(self, connection: Connection) -> bool:
+        protocol = connection.protocol
+        if isinstance(protocol, ExcessTolerant) and time.monotonic() >= protocol.reuse_until:
+            return False  # past the upstream's own announced limit
+        if peer_closed(connection.transport):
             self.dropped()
             return False
         return True

@@ -123,13 +123,13 @@ class CheckedReuse(aiohttp.TCPConnector):
     again; one that is not is closed (nothing was written to it) and the next pooled one, or
     a new connection, is taken instead."""
 
-    def reusable(self, transport: asyncio.Transport | None) -> bool:
+    def reusable(self, connection: Connection) -> bool:
         return True
 
     async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
         while True:
             found = await super()._get(key, traces)
-            if found is None or self.reusable(found.transport):
+            if found is None or self.reusable(found):
                 return found
             found.close()
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.client import create_session, peer_closed
+from proxy.client import create_session, keepalive_hint, peer_closed
 from proxy.errors import UpstreamUnreachable
 from proxy.messages import ProxyRequest
 from proxy.pipeline.upstream import Upstream
@@ -36,10 +36,12 @@ class IdleCloser:
     """Answers each request, unless it arrives on a connection idle longer than ``idle``
     seconds since its last answer: then it is read and dropped unanswered, the connection
     closed (the server's idle close and the request crossed on the wire). ``drop_all``:
-    every request is read and dropped so. :meth:`cut` closes every open connection now."""
+    every request is read and dropped so. ``hint``: a Keep-Alive field on each answer.
+    :meth:`cut` closes every open connection now."""
 
     idle: float = 60.0
     drop_all: bool = False
+    hint: str = ""
     applied: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     connections: int = 0
@@ -62,8 +64,9 @@ class IdleCloser:
                     return
                 self.applied.append(line)
                 status = "201 Created" if line.startswith("POST") else "200 OK"
+                hint = f"Keep-Alive: {self.hint}\r\n" if self.hint else ""
                 writer.write(
-                    f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                    f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{hint}"
                     "Content-Length: 2\r\n\r\n{}".encode()
                 )
                 await writer.drain()
@@ -276,3 +279,35 @@ async def test_peer_closed_tells_a_closed_or_dirty_idle_connection_from_a_usable
         server.close()
     assert found == [False, True, True]
     assert peer_closed(None)
+
+
+async def test_a_connection_is_not_reused_past_the_idle_limit_the_upstream_announced(
+    make_proxy: MakeProxy, tmp_path: Any, idle_closer: Callable[..., Any]
+) -> None:
+    # Keep-Alive: timeout=1 (kept 0.8 s in truth): trusted less half of it, so after a 0.9 s
+    # pause the POST goes on a new connection although upstream.keepalive_timeout is 60 s.
+    kounta = await idle_closer(idle=0.8, hint="timeout=1, max=100")
+    p = await start_proxy(make_proxy, tmp_path, kounta.url, keepalive_timeout=60)
+    assert (await answer_of(p.url, post())).status == 201
+    await asyncio.sleep(0.9)
+    got = await answer_of(p.url, post())
+    assert got.status == 201, got.body
+    assert (len(kounta.applied), kounta.dropped, kounta.connections) == (2, [], 2)
+
+
+@pytest.mark.parametrize(
+    ("values", "seconds"),
+    [
+        (["timeout=5, max=100"], 5),
+        (["max=100,timeout=2"], 2),
+        ([" TIMEOUT = 3 "], 3),
+        (["timeout=5", "timeout=2"], 2),
+        (["timeout=0"], 0),
+        (["max=3"], None),
+        ([], None),
+        (["timeout=abc", "timeout=-1", "timeout=1.5", "timeout=\u00b2", "timeout="], None),
+        (["timeout=" + "9" * 10], None),
+    ],
+)
+def test_keepalive_hint_reads_only_a_plain_timeout(values: list[str], seconds: int | None) -> None:
+    assert keepalive_hint(values) == seconds
