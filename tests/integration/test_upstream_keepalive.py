@@ -3,8 +3,8 @@
 The upstreams are raw asyncio servers on loopback that count what they applied (answered)
 and what they dropped unanswered, so each test can say that an unsafe request reached the
 upstream at most once. The proxy's side (docs/http-contract.md, "Idle upstream
-connections"): connections idle longer than ``upstream.keepalive_timeout`` are never
-reused; a pooled connection the upstream has already closed is found before anything is
+connections"): connections idle longer than ``upstream.keepalive_timeout``, or than the
+upstream's own ``Keep-Alive: timeout=N`` less a margin, are never reused; a pooled connection the upstream has already closed is found before anything is
 written to it; a request written to a connection that then closes unanswered is resent only
 when its method is in ``retry.methods``.
 """
