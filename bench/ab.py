@@ -6,8 +6,9 @@ imports that package first. Both trees serve bench/origin.py's paths (fresh hit 
 revalidated 8 KB, ``--inm`` adds a caller's If-None-Match), each on asyncio's loop and on
 uvloop, in ``--rounds`` interleaved rounds; per row the medians of requests/s, the proxy's
 CPU time per request (steadier than req/s on a shared machine), p99 and upstream requests per
-caller request, and the min-max over the rounds of req/s over the same server's fresh hit in
-the same round.
+caller request, the proxy's CPU seconds per second of the run (``busy``: below 1 it waited,
+e.g. on the upstream), and the min-max over the rounds of req/s over the same server's fresh
+hit in the same round.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     origin_port = free_port()
     origin = f"http://127.0.0.1:{origin_port}"
     servers: dict[str, tuple[str, int]] = {}
-    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = {}
     # Each round's req/s over the same server's fresh hit in that round (min-max printed).
     ratios: dict[tuple[str, str], list[float]] = {}
     try:
@@ -67,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
                         headers = {"If-None-Match": etags[name]} if s.inm else {}
                         cpu, before = cpu_seconds(pid), compare.served(origin)
                         r = wrk(binary, url + s.path, headers, None, args.connections)
-                        spent = (cpu_seconds(pid) - cpu) * 1e6 / max(1, r.requests)
+                        used = cpu_seconds(pid) - cpu
+                        spent = used * 1e6 / max(1, r.requests)
                         up = (compare.served(origin) - before) / max(1, r.requests)
-                        row = (r.rps, spent, r.p99_ms, up)
+                        # CPU seconds per second of the run: how busy the proxy's one thread
+                        # was (a revalidating proxy idles while every caller waits on a flight).
+                        busy = used * r.rps / max(1, r.requests)
+                        row = (r.rps, spent, r.p99_ms, up, busy)
                         results.setdefault((s.key, name), []).append(row)
                         fresh = results.get(("fresh", name))
                         if fresh is not None:  # this round's fresh hit, same server
@@ -77,13 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     labels = {s.key: s.label for s in scenarios}
-    print("| scenario | tree, loop | req/s | CPU µs/req | p99 ms | upstream/req | / own fresh |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    head = "| scenario | tree, loop | req/s | CPU µs/req | p99 ms | upstream/req | busy |"
+    print(head + " / own fresh |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (key, name), runs in results.items():
-        rps, cpu, p99, up = (statistics.median(column) for column in zip(*runs, strict=True))
+        rps, cpu, p99, up, busy = (statistics.median(c) for c in zip(*runs, strict=True))
         each = ratios[(key, name)]
         spread = f"{min(each):.2f}-{max(each):.2f}"
-        cells = f"{rps:.0f} | {cpu:.1f} | {p99:.2f} | {up:.3f} | {spread}"
+        cells = f"{rps:.0f} | {cpu:.1f} | {p99:.2f} | {up:.3f} | {busy:.2f} | {spread}"
         print(f"| {labels[key]} | {name} | {cells} |")
     return 0
 

@@ -160,9 +160,10 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 # What a flight does (fetch and produce an outcome), and what follows once it is over
-# (the tier stores in Redis, then lets go of the fetch lock).
+# (the tier stores in Redis, then lets go of the fetch lock; None: nothing follows, and no
+# task is spawned for it).
 Fly = Callable[[Flight], Awaitable[Outcome]]
-Finish = Callable[[Flight], Awaitable[None]]
+Finish = Callable[[Flight], Awaitable[None] | None]
 
 
 class Flights:
@@ -238,7 +239,9 @@ class Flights:
         settle(flight.done, GoAlone())
         if self._by_key.get(flight.key) is flight:
             del self._by_key[flight.key]
-        self.spawn(finish(flight))
+        work = finish(flight)
+        if work is not None:
+            self.spawn(work)
 
     async def _run(self, flight: Flight, fly: Fly, finish: Finish) -> None:
         try:

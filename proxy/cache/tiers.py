@@ -88,8 +88,8 @@ class Entries(Protocol):
         """Store a body spilled to a file, now whole (None: it could not be stored)."""
         ...
 
-    async def finish(self, flight: Flight) -> None:
-        """The flight is over and its answer is out."""
+    def finish(self, flight: Flight) -> Awaitable[None] | None:
+        """The flight is over and its answer is out: what follows (None: nothing)."""
         ...
 
     def forget(self, key: str) -> None: ...
@@ -167,8 +167,8 @@ class LocalEntries:
         self.metrics.cache_stores.labels("stored").inc()
         return stored
 
-    async def finish(self, flight: Flight) -> None:
-        return None
+    def finish(self, flight: Flight) -> Awaitable[None] | None:
+        return None  # nothing follows here: no task per flight (proxy.cache.flight)
 
     def forget(self, key: str) -> None:
         self.store.delete(key)
@@ -404,7 +404,10 @@ class RedisEntries(LocalEntries):
             flight.to_share(Stored(entry, body, None, sink.crc))
         return stored
 
-    async def finish(self, flight: Flight) -> None:
+    def finish(self, flight: Flight) -> Awaitable[None] | None:
+        return self._finish(flight)
+
+    async def _finish(self, flight: Flight) -> None:
         """Store the flight's entry in Redis (unless a change came meanwhile), and only then
         let go of the fetch lock: what it stored is there before waiters see it free (a 304
         let go already, its note is what the waiters answer from: :meth:`revalidated`)."""

@@ -112,6 +112,19 @@ async def test_a_stale_answer_is_revalidated_with_its_etag(
     assert inner.sent[1].headers["If-None-Match"] == '"a"'
 
 
+async def test_a_flight_on_the_local_tier_leaves_no_task_behind(
+    cache: Cache, inner: Scripted, clock: Clock
+) -> None:
+    """Nothing follows a flight here (no Redis to store in, no fetch lock to let go): once it
+    is over no task is spawned for it (one per revalidation, on a hot key)."""
+    inner.answers = [answer(ETag='"a"'), answer(304, b"", ETag='"a"')]
+    await body_of(await cache.send(request()))
+    clock.now += 5
+    again = await cache.send(request())
+    assert (again.cache_status, await body_of(again)) == ("REVALIDATED", b"[1]")
+    assert not cache.tasks
+
+
 async def test_a_304_for_another_representation_fetches_it_whole(
     cache: Cache, inner: Scripted
 ) -> None:
