@@ -94,10 +94,14 @@ class Looked:
 
 class Unheld:
     """The memory tier holds nothing for a plain GET (:meth:`FastLook.find`): the tier may be
-    looked up (:meth:`FastLook.tier_hit`)."""
+    looked up (:meth:`FastLook.tier_hit`) under ``key``, the one :meth:`FastLook.find` made
+    (not made twice)."""
 
+    __slots__ = ("key",)
 
-UNHELD = Unheld()
+    def __init__(self, key: str) -> None:
+        self.key = key
+
 
 # What the memory tier gives a plain GET (:meth:`FastLook.find`); None: the long way.
 Found = FastAnswer | Pending | Startable | Unheld | None
@@ -242,14 +246,14 @@ class FastLook:
         gives no body in the caller's coding), a flight in progress to join (a
         :class:`Pending`: where the long way would be when it joins, its lookup and decision
         made without I/O), one to start (a :class:`Startable`; never where stale-while-busy
-        may answer the entry: the long way asks the budget first), :data:`UNHELD` (the
+        may answer the entry: the long way asks the budget first), :class:`Unheld` (the
         memory tier has nothing: :meth:`tier_hit` may look), or None: the long way answers.
         Counts only what a fresh hit counts. :meth:`~proxy.cache.layer.Cache.send` reaches
         the same answers the long way."""
         key = self.key(account, path, query, headers)
         stored = self.entries.hot(key)
         if stored is None:
-            return UNHELD
+            return Unheld(key)
         found = self._usable(stored)
         if found is None:
             return None
@@ -358,6 +362,7 @@ class FastLook:
         headers: Headers,
         body_for: BodyFor | None,
         proxied: Callable[[], CIMultiDictProxy[str]],
+        key: str | None = None,
     ) -> FastAnswer | Looked:
         """For a plain GET (as :meth:`find` takes) the memory tier has nothing for: the
         tier's lookup (disk, Redis: promoted as the long way's lookup promotes), and the
@@ -365,24 +370,27 @@ class FastLook:
         the webhook hold, Vary, :func:`lookup`); else what was found, counting nothing, for
         the long way (:func:`~proxy.cache.fastlook.handing_over`). ``proxied``: the headers
         of the request the long way would make (what a stored Vary selects by), only made
-        when needed."""
-        key = self.key(account, path, query, headers)
-        looked = Looked(key, await self.entries.lookup(account, key))
-        stored, hooks = webhook_fresh(self.feeds, self.rules(), account, looked.stored)
+        when needed; ``key``: the request's key when :meth:`find` made it already."""
+        if key is None:
+            key = self.key(account, path, query, headers)
+        found = await self.entries.lookup(account, key)
+        stored, hooks = webhook_fresh(self.feeds, self.rules(), account, found)
         if stored is None or stored.body is None or hooks or stored.entry.status != 200:
-            return looked
-        selecting: Headers = headers
-        if stored.entry.vary:  # selected by the request made of the caller's, as in send()
+            return Looked(key, found)
+        entry = stored.entry
+        if entry.vary:  # selected by the request made of the caller's, as in send()
             try:
-                refuse_repeated_vary(stored.entry, selecting := proxied())
+                refuse_repeated_vary(entry, selecting := proxied())
             except ProxyError:
-                return looked  # the long way refuses it
-        decision = lookup(stored.entry, selecting, NO_CONTROL, self.clock())
-        if not isinstance(decision, FreshHit):
-            return looked
-        age = int(decision.age)
-        answer = plain_answer(self.answers, stored.entry, stored.body, age, headers, body_for)
-        return looked if answer is None else answer
+                return Looked(key, found)  # the long way refuses it
+            decision = lookup(entry, selecting, NO_CONTROL, self.clock())
+            fresh = decision.age if isinstance(decision, FreshHit) else None
+        else:  # what lookup() decides without Vary names or request directives
+            fresh = fresh_age(entry, self.clock())
+        if fresh is None:
+            return Looked(key, found)
+        answer = plain_answer(self.answers, entry, stored.body, int(fresh), headers, body_for)
+        return Looked(key, found) if answer is None else answer
 
 
 @functools.lru_cache(maxsize=4096)

@@ -491,7 +491,9 @@ class CacheStore:
     def invalidated_since(self, sequence: int, account: str, path: str) -> bool:
         """Whether an invalidation after ``sequence`` covers the path (a fetch begun before it
         must not store what it got)."""
-        if self.recent and self.recent[0][0] > sequence + 1 and len(self.recent) == 1024:
+        if not self.recent:
+            return False
+        if self.recent[0][0] > sequence + 1 and len(self.recent) == 1024:
             return True  # history overflowed: assume the worst
         return any(s > sequence and inv.covers(account, path) for s, inv in self.recent)
 

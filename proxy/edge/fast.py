@@ -129,9 +129,10 @@ class Starter:
 @dataclass(slots=True)
 class Cold:
     """A plain GET the memory tier has nothing for: the tier is looked up once, here
-    (:meth:`FastPath.look`)."""
+    (:meth:`FastPath.look`), under ``key``."""
 
     asked: Asked
+    key: str
 
 
 class FastPath:
@@ -161,7 +162,7 @@ class FastPath:
         if isinstance(found, Starter):
             return await self.start(request, found)
         if isinstance(found, Cold):
-            return await self.look(request, found.asked)
+            return await self.look(request, found.asked, found.key)
         return found
 
     def answer(self, request: web.BaseRequest) -> web.Response | Joiner | Starter | Cold | None:
@@ -182,7 +183,7 @@ class FastPath:
         if isinstance(found, Startable):
             return Starter(asked, found)
         if isinstance(found, Unheld):
-            return Cold(asked)
+            return Cold(asked, found.key)
         return self._respond(request, asked, found, "HIT", "", None)
 
     def asked(self, request: web.BaseRequest) -> Asked | None:
@@ -274,7 +275,7 @@ class FastPath:
         with handing_over(Joined(pending, result)):
             return await self.inner(request)
 
-    async def look(self, request: web.BaseRequest, asked: Asked) -> web.StreamResponse:
+    async def look(self, request: web.BaseRequest, asked: Asked, key: str) -> web.StreamResponse:
         """Look the tier up once for a plain GET the memory tier has nothing for; answer a
         fresh entry as the long way answers a HIT (headers, counts, access line), else the
         long way goes on from what was found."""
@@ -290,6 +291,7 @@ class FastPath:
                 request.headers,
                 asked.body_for,
                 functools.partial(self._proxied, request.headers, asked.request_id),
+                key,
             )
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
             info = Exchange(asked.request_id, caller.name, caller.account)

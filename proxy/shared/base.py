@@ -166,10 +166,10 @@ class SharedCache(Protocol):
     """Cache entries shared by every replica (opaque records), a fetch lock per key and the
     per-account invalidation count. Every method raises :class:`SharedUnavailable`."""
 
-    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
-        """The record (verified), or None; raises :class:`~proxy.shared.records.BadRecord`
-        for one whose MAC does not verify or whose body part is over ``limit`` bytes (its size
-        is checked before it is read)."""
+    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | memoryview | None:
+        """The record (verified; a view of the reply it came in, or bytes), or None; raises
+        :class:`~proxy.shared.records.BadRecord` for one whose MAC does not verify or whose
+        body part is over ``limit`` bytes (its size is checked before it is read)."""
         ...
 
     async def cache_put(

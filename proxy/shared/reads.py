@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import redis.exceptions as rexc
@@ -45,8 +47,9 @@ HEAD = 64 * 1024
 # within the limit (LARGER: the caller reads it).
 WRONG = -1
 LARGER = -2
-Found = bytes | int | None
-Reply = bytes | int | rexc.ResponseError
+# A value is read as a view of the reply it came in (no copy: the reader copies what it keeps).
+Found = bytes | memoryview | int | None
+Reply = bytes | memoryview | int | rexc.ResponseError
 
 
 class Reads:
@@ -59,8 +62,8 @@ class Reads:
         self.timeout = timeout
         self._replies: _Replies | None = None
         # One future per read written and not yet answered, in the order written, with the
-        # time its reply is due by.
-        self._waiting: deque[tuple[asyncio.Future[list[Reply]], float]] = deque()
+        # time its reply is due by and the read's limit.
+        self._waiting: deque[tuple[asyncio.Future[Found], float, int]] = deque()
         # Commands of this turn of the event loop, written together at its end.
         self._unsent: list[bytes] = []
         # Due when the oldest read's reply is (armed while reads wait).
@@ -69,37 +72,32 @@ class Reads:
         # Connections being closed and given back to the pool.
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def get(self, key: bytes, limit: int) -> Found:
+    def get(self, key: bytes, limit: int) -> Awaitable[Found]:
         """The string under ``key`` (None: no such key; :data:`WRONG`: longer than ``limit``
         or not a string; :data:`LARGER`: longer than :data:`HEAD`, within ``limit``). Raises
         ``redis.exceptions.ConnectionError`` when the connection fails,
         ``redis.exceptions.TimeoutError`` when no reply came within the timeout,
-        ``redis.exceptions.ResponseError`` for any other error reply."""
+        ``redis.exceptions.ResponseError`` for any other error reply. (A future, answered
+        as its replies are parsed, once connected: no coroutine of its own per read.)"""
         if self._replies is None:
-            await self._connect()
+            return self._connected(key, limit)
+        return self._ask(key, limit)
+
+    async def _connected(self, key: bytes, limit: int) -> Found:
+        await self._connect()
+        return await self._ask(key, limit)
+
+    def _ask(self, key: bytes, limit: int) -> asyncio.Future[Found]:
         loop = asyncio.get_running_loop()
-        found: asyncio.Future[list[Reply]] = loop.create_future()
+        found: asyncio.Future[Found] = loop.create_future()
         due = loop.time() + self.timeout
-        self._waiting.append((found, due))
+        self._waiting.append((found, due, limit))
         if not self._unsent:
             loop.call_soon(self._send)  # with the others of this turn
         self._unsent.append(_command(key))
         if self._watch is None:
             self._watch = loop.call_at(due, self._overdue)
-        size, head, exists = await found
-        for reply in (size, head, exists):
-            if isinstance(reply, rexc.ResponseError):
-                if str(reply).startswith("WRONGTYPE"):
-                    return WRONG
-                raise reply
-        if not exists:
-            return None
-        if not isinstance(size, int) or not isinstance(head, bytes):
-            raise rexc.ConnectionError("a reply of an unexpected kind")
-        if size > limit:
-            return WRONG
-        # Not whole: longer than HEAD (or replaced between the commands): the caller reads.
-        return head if size == len(head) else LARGER
+        return found
 
     def _send(self) -> None:
         unsent, self._unsent = self._unsent, []
@@ -137,15 +135,25 @@ class Reads:
         if replies is not self._replies:
             return  # a connection given up
         try:
-            data, at = replies.rest + data if replies.rest else data, 0
+            at = 0
+            if replies.rest:
+                first = _first(replies.rest, data) if self._waiting else None
+                if first is None:
+                    data = replies.rest + data
+                else:  # the read cut short, completed from the head of data
+                    answer, at = first
+                    found, _, limit = self._waiting.popleft()
+                    if not found.done():
+                        _answer(found, answer, limit)
+            view = memoryview(data)
             while self._waiting:
-                parsed = _replies(data, at, 3)  # get's three commands: one reply each
+                parsed = _read(data, at, view)
                 if parsed is None:
                     break
                 answer, at = parsed
-                found = self._waiting.popleft()[0]
+                found, _, limit = self._waiting.popleft()
                 if not found.done():  # else given up by its caller
-                    found.set_result(answer)
+                    _answer(found, answer, limit)
             replies.rest = data[at:]
             if replies.rest and not self._waiting:
                 raise rexc.ConnectionError("a reply no read asked for")
@@ -216,6 +224,63 @@ class _Replies(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.stream.resume_writing()
+
+
+def _answer(found: asyncio.Future[Found], replies: list[Reply], limit: int) -> None:
+    """A read's three replies (``STRLEN``, ``GETRANGE``, ``EXISTS``) told to its waiter."""
+    size, head, exists = replies
+    for reply in replies:
+        if isinstance(reply, rexc.ResponseError):
+            if str(reply).startswith("WRONGTYPE"):
+                found.set_result(WRONG)
+            else:
+                found.set_exception(reply)
+            return
+    if not exists:
+        found.set_result(None)
+    elif not isinstance(size, int) or not isinstance(head, bytes | memoryview):
+        found.set_exception(rexc.ConnectionError("a reply of an unexpected kind"))
+    elif size > limit:
+        found.set_result(WRONG)
+    else:  # not whole: longer than HEAD (or replaced between the commands): the caller reads
+        found.set_result(head if size == len(head) else LARGER)
+
+
+# A read's replies as a string value gives them: its length, its bytes (up to HEAD), "it
+# exists" (the common case, read by one match; anything else by _replies).
+_VALUE = re.compile(rb":(\d{1,18})\r\n\$(\d{1,18})\r\n")
+
+
+def _read(data: bytes, at: int, view: memoryview | None = None) -> tuple[list[Reply], int] | None:
+    """One read's three replies from ``data[at:]`` and where they end (None: not all here
+    yet), as :func:`_replies` reads them; a string value as a slice of ``view`` (``data``'s),
+    when given."""
+    value = _VALUE.match(data, at)
+    if value is not None:
+        size, start = int(value[2]), value.end()
+        end = start + size
+        if size <= HEAD and data[end : end + 6] == b"\r\n:1\r\n":
+            head = data[start:end] if view is None else view[start:end]
+            return [int(value[1]), head, 1], end + 6
+    return _replies(data, at, 3)
+
+
+def _first(rest: bytes, data: bytes) -> tuple[list[Reply], int] | None:
+    """The read cut short in ``rest`` (what came of it before ``data``), when it is a string
+    value's (:data:`_VALUE`) and whole in ``rest`` and the head of ``data``: its replies, and
+    where they end in ``data``; None: ``rest + data`` is parsed as a whole. (Replies come in
+    chunks of up to 256 KiB, nearly each cutting a read in two: joining only that read's own
+    bytes saves copying the whole chunk.)"""
+    value = _VALUE.match(rest)
+    if value is None:
+        return None
+    end = value.end() + int(value[2]) + 6 - len(rest)  # the value, CRLF, ":1" CRLF
+    if not 0 < end <= len(data):
+        return None
+    parsed = _read(rest + data[:end], 0)
+    if parsed is None or parsed[1] != len(rest) + end:
+        return None
+    return parsed[0], end
 
 
 @functools.lru_cache(maxsize=4096)

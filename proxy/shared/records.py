@@ -30,7 +30,7 @@ import base64
 import functools
 import hmac
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -40,6 +40,10 @@ TAG_SIZE = 32
 INFO = b"kounta-proxy shared record mac v2"
 # The format written by this release (what ``previous_format = "write"`` steps back from).
 FORMAT = 2
+
+
+# A sealed record and its payload: bytes, or a view of the reply it was read from.
+Sealed = TypeVar("Sealed", bytes, memoryview)
 
 
 class BadRecord(Exception):
@@ -81,9 +85,10 @@ class RecordKeys:
             return payload
         return MAGIC + _tag(self.current, context, payload) + payload
 
-    def open(self, context: bytes, data: bytes) -> bytes:
-        """The payload of a sealed record; raises :class:`BadRecord`."""
-        if not data.startswith(MAGIC):
+    def open(self, context: bytes, data: Sealed) -> Sealed:
+        """The payload of a sealed record (a view of a view: no copy); raises
+        :class:`BadRecord`."""
+        if data[: len(MAGIC)] != MAGIC:
             if self.read_previous:
                 return data
             raise BadRecord("no record MAC (written without shared.token_key, or forged)")
@@ -94,7 +99,7 @@ class RecordKeys:
         raise BadRecord("the record MAC does not verify (another key, or forged)")
 
 
-def _tag(key: bytes, context: bytes, payload: bytes) -> bytes:
+def _tag(key: bytes, context: bytes, payload: bytes | memoryview) -> bytes:
     mac = _keyed(key).copy()  # the key's HMAC state, set up once (OpenSSL's, by name)
     mac.update(context)
     mac.update(b"\0")

@@ -63,7 +63,7 @@ class CacheRecords:
     def _cache_key(self, account: str, kind: str, name: str = "") -> str:
         return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
 
-    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | None:
+    async def cache_get(self, account: str, digest: str, limit: int) -> bytes | memoryview | None:
         """The entry's payload, size checked before it is read (the envelope and header on
         top of the body), MAC verified: one round trip on the pipelined connection
         (:mod:`proxy.shared.reads`), one more (the script) for a large one; or BadRecord."""
@@ -75,10 +75,12 @@ class CacheRecords:
             found, _ = await self._run("cache_get", call)
         return None if found is None else self._opened_entry(key.encode(), found)
 
-    def _opened_entry(self, key: bytes, found: bytes | int) -> bytes:
+    def _opened_entry(self, key: bytes, found: bytes | memoryview | int) -> bytes | memoryview:
         if isinstance(found, int):
             self._bad("cache", "a record too large or of another type")
         try:
+            if isinstance(found, memoryview):
+                return self.records.open(key, found)
             return self.records.open(key, found)
         except BadRecord as e:
             self._bad("cache", str(e))
@@ -140,7 +142,9 @@ class CacheRecords:
         key = self._cache_key(account, "e", digest)
         keys, args = [key, self._cache_key(account, "lock", digest)], [limit + self.OVERHEAD]
         found, locked = await self._run("cache_poll", lambda: self._cache_get(keys=keys, args=args))
-        return None if found is None else self._opened_entry(key.encode(), found), bool(locked)
+        return None if found is None else bytes(self._opened_entry(key.encode(), found)), bool(
+            locked
+        )
 
     async def cache_release(
         self, account: str, digest: str, owner: str, note: bytes | None = None

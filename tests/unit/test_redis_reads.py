@@ -5,8 +5,10 @@ record through that the full checks refuse)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import itertools
 
 import pytest
 import redis.exceptions as rexc
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.redis_records import BadRecord, decode, encode
-from proxy.shared.reads import HEAD, _command, _replies
+from proxy.shared.reads import HEAD, LARGER, WRONG, Reads, _command, _read, _replies
 from proxy.shared.records import BadRecord as SharedBadRecord
 from proxy.shared.records import RecordKeys, mac_key
 
@@ -113,3 +115,95 @@ def test_a_reply_line_that_never_ends_fails_the_connection_once_past_any_real_re
     assert _replies(b"$3\r\nab", 0, 1) is None  # a real reply cut short: wait for the rest
     with pytest.raises(rexc.ConnectionError):
         _replies(b":" + b"1" * (HEAD + 100), 0, 1)
+
+
+# One read's three replies as Redis sends them: STRLEN, GETRANGE, EXISTS (any kind each).
+REPLY = st.one_of(
+    st.integers(min_value=0, max_value=2 * HEAD).map(lambda n: b":%d\r\n" % n),
+    st.binary(max_size=64).map(lambda b: b"$%d\r\n%s\r\n" % (len(b), b)),
+    st.sampled_from([b"$-1\r\n", b":0\r\n", b":1\r\n", b"-WRONGTYPE no\r\n", b"-ERR x\r\n"]),
+)
+
+
+@given(
+    st.lists(st.tuples(REPLY, REPLY, REPLY), min_size=1, max_size=3),
+    st.binary(max_size=40),
+    st.integers(min_value=0),
+)
+def test_the_common_reads_shortcut_reads_what_the_full_parser_reads(
+    reads: list[tuple[bytes, bytes, bytes]], tail: bytes, cut: int
+) -> None:
+    """``_read`` (one match for a string value's replies) answers exactly as ``_replies``
+    does: the same replies and end, None for a cut, the same failure, wherever the data is
+    cut and whatever follows."""
+    data = b"".join(b"".join(r) for r in reads) + tail
+    for end in (len(data), cut % (len(data) + 1)):
+        at = 0
+        while True:
+            try:
+                expected = _replies(data[:end], at, 3)
+            except (rexc.ConnectionError, ValueError) as e:
+                with pytest.raises(type(e)):
+                    _read(data[:end], at)
+                break
+            got = _read(data[:end], at)
+            assert _same(got, expected)
+            if expected is None:
+                break
+            at = expected[1]
+
+
+def _same(got: object, expected: object) -> bool:
+    if isinstance(got, tuple) and isinstance(expected, tuple):
+        return _same(list(got[0]), list(expected[0])) and got[1] == expected[1]
+    if isinstance(got, list) and isinstance(expected, list):
+        return len(got) == len(expected) and all(map(_same, got, expected))
+    if isinstance(got, rexc.ResponseError) and isinstance(expected, rexc.ResponseError):
+        return str(got) == str(expected)
+    return type(got) is type(expected) and got == expected
+
+
+def test_the_common_reads_shortcut_takes_a_value_and_leaves_the_rest() -> None:
+    value = b"KPR2" + b"x" * 9000
+    data = b":%d\r\n$%d\r\n%s\r\n:1\r\n" % (len(value), len(value), value)
+    assert _read(data + b":0\r\n", 0) == ([len(value), value, 1], len(data))
+    assert _read(data[:-1], 0) is None
+
+
+class _Connection:
+    """What the reads know of a connection in these tests: what came of a reply so far."""
+
+    rest = b""
+
+
+# A read's replies as Redis sends them for a value, a missing key, another type.
+READ = st.one_of(
+    st.binary(max_size=300).map(lambda v: (b":%d\r\n$%d\r\n%s\r\n:1\r\n" % (len(v), len(v), v), v)),
+    st.just((b":0\r\n$0\r\n\r\n:0\r\n", None)),
+    st.just((b"-WRONGTYPE x\r\n-WRONGTYPE x\r\n:1\r\n", WRONG)),
+    st.just((b":70000\r\n$3\r\nabc\r\n:1\r\n", LARGER)),
+)
+
+
+@given(st.lists(READ, min_size=1, max_size=8), st.lists(st.integers(min_value=0), max_size=6))
+def test_replies_in_chunks_cut_anywhere_answer_every_read_as_one_chunk_does(
+    reads: list[tuple[bytes, bytes | int | None]], cuts: list[int]
+) -> None:
+    """Replies arrive in chunks that cut reads anywhere (the read cut short is completed
+    from the head of the next chunk, or parsed with the whole of it): each read gets its
+    own answer, in order, and nothing is left over."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Reads(None, 1.0)
+        connection = _Connection()
+        pending._replies = connection  # type: ignore[assignment]
+        futures = [loop.create_future() for _ in reads]
+        pending._waiting.extend((f, 0.0, 100_000) for f in futures)
+        data = b"".join(r for r, _ in reads)
+        points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        for start, end in itertools.pairwise(points):
+            pending._received(connection, data[start:end])  # type: ignore[arg-type]
+        assert [f.result() for f in futures] == [v for _, v in reads]
+        assert connection.rest == b"" and not pending._waiting
+    finally:
+        loop.close()
