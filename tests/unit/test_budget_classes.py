@@ -136,10 +136,11 @@ async def test_a_lone_batch_job_gets_the_whole_rate() -> None:
 async def test_the_reserve_keeps_tokens_for_interactive(
     reserve: float, batch_now: int, interactive_wait: float
 ) -> None:
-    """Burst 10, reserve 0.2: a batch walk takes 8 tokens at once and leaves 2, so a till
-    arriving right after finds one at hand (without the reserve it waits for the refill)."""
+    """Burst 10, reserve 0.2 (no headroom): a batch walk takes 8 tokens at once and leaves 2,
+    so a till arriving right after finds one at hand (without the reserve it waits for the
+    refill)."""
     clock = ManualClock()
-    served = Served(budget(clock, burst=10, reserve=reserve))
+    served = Served(budget(clock, burst=10, reserve=reserve, headroom=0))
     served.start("sync", "batch", 20)
     await settle()
     assert served.order == ["batch"] * batch_now
@@ -295,4 +296,58 @@ async def test_a_refunded_token_goes_to_the_next_request_not_to_waste() -> None:
     await clock.advance(1.5)  # past a pacing interval: lapsed
     assert await account.acquire("till", clock.now() + FAR, "interactive") == 0.0
     assert account.available() < tokens
+    await served.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "klass", "batch_at_once", "at_hand"),
+    [
+        ({}, "interactive", 2, 2),  # the default: batch leaves two tokens of the burst
+        ({}, "standard", 2, 2),  # for every class above batch
+        ({"headroom": 0}, "interactive", 4, 0),
+        ({"headroom": 1}, "interactive", 3, 1),
+        ({"headroom": 3}, "interactive", 1, 3),
+        ({"headroom": 9}, "interactive", 1, 3),  # at most all but one token of the burst
+        ({"weights": ClassWeights(6.0, 3.0, 2.0)}, "interactive", 2, 2),
+    ],
+)
+async def test_batch_leaves_the_headroom_at_hand_for_the_other_classes(
+    settings: dict[str, object], klass: str, batch_at_once: int, at_hand: int
+) -> None:
+    """Burst 4, a token a second: a batch walk takes the burst less the headroom at once and
+    then keeps the bucket spent at that level; requests of a higher class arriving ten
+    seconds later find the headroom's tokens at hand, and the next waits for the pace."""
+    clock = ManualClock()
+    served = Served(budget(clock, burst=4, **settings))
+    served.start("sync", "batch", 40)
+    await settle()
+    assert served.order == ["batch"] * batch_at_once
+    await clock.advance(10.0)
+    assert "interactive" not in served.order and len(served.order) >= 7
+    served.order.clear()
+    served.start("till", klass, at_hand + 1)
+    await settle()
+    assert served.order == [klass] * at_hand
+    await clock.advance(1.5)
+    assert served.order[: at_hand + 1] == [klass] * (at_hand + 1)
+    assert max(served.waits[klass]) > 0.5
+    await served.close()
+
+
+async def test_a_class_held_back_by_the_headroom_is_owed_a_turn_not_starved() -> None:
+    """Interactive requests at every token (more than the rate) and a batch walk, headroom 2:
+    the headroom holds batch back while interactive goes ahead, but only by two of batch's
+    turns (twelve interactive tokens at 6 : 1, after the six of its share); then batch is owed
+    its turn and takes it from the headroom, and the weights' 6 : 1 goes on (without that rule
+    batch got nothing)."""
+    clock = ManualClock()
+    served = Served(budget(clock, burst=4))
+    served.start("sync", "batch", 40)
+    await settle()
+    served.start("till", "interactive", 60)
+    served.order.clear()
+    await clock.advance(40.0)
+    letters = "".join(k[0].upper() for k in served.order)
+    assert letters[:34] == "I" * 18 + "B" + "I" * 6 + "B" + "I" * 6 + "B" + "I"
+    assert 4 <= letters.count("B") <= 7  # a seventh of the tokens, give or take the lag
     await served.close()
