@@ -473,6 +473,9 @@ class AccountBudget:
             await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     def _grant(self, grant: Grant, now: float) -> None:
+        if grant.caller not in self.queues[grant.klass]:  # left while the slot was asked for:
+            self._credit = now + self.rate.window / self.rate.per_window  # the next one has it
+            return
         new = served(self.state(now), grant, now)
         self.starts[grant.klass] = new.classes[grant.klass].start
         self.vtime = new.vtime
@@ -491,6 +494,8 @@ class AccountBudget:
                 continue
             waiter.future.set_result(None)
             break
+        else:  # all of them left meanwhile: the next one has the slot
+            self._credit = now + self.rate.window / self.rate.per_window
         if queue:
             queues[grant.caller] = queue  # to the back of the class's round
 

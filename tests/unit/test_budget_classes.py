@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.errors import RateLimited
 from proxy.pipeline.budget import AccountBudget
-from proxy.pipeline.gates import Bucket, Rate
+from proxy.pipeline.gates import Bucket, LocalGate, Rate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import BudgetSettings, ClassWeights, ConfigError, load
 
@@ -351,3 +352,56 @@ async def test_a_class_held_back_by_the_headroom_is_owed_a_turn_not_starved() ->
     assert letters[:34] == "I" * 18 + "B" + "I" * 6 + "B" + "I" * 6 + "B" + "I"
     assert 4 <= letters.count("B") <= 7  # a seventh of the tokens, give or take the lag
     await served.close()
+
+
+class HeldGate(LocalGate):
+    """The local bucket, whose ``try_take`` can be held like a Redis round trip in flight."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        super().__init__(bucket)
+        self.hold: asyncio.Event | None = None
+        self.asked = asyncio.Event()
+
+    async def try_take(self, now: float, *hold: Any) -> float:  # class, reserve, headroom
+        if self.hold is not None:
+            self.asked.set()
+            await self.hold.wait()
+        return await super().try_take(now, *hold)
+
+
+@pytest.mark.parametrize("joins_meanwhile", [True, False])
+async def test_a_slot_taken_for_a_caller_that_left_meanwhile_goes_to_the_next(
+    joins_meanwhile: bool,
+) -> None:
+    """The dispatcher asks the gate for a slot for caller a (a round trip on Redis); meanwhile
+    a's request leaves (its caller went away), and b's joins before the answer or after it.
+    The slot goes to b at once (the dispatcher died on a KeyError, and b waited for the next
+    request to start a new one; or the slot was lost, and b waited for the next)."""
+    clock = ManualClock()
+    gate = HeldGate(Bucket(Rate(60, 1, 60.0, 0.0), clock.now()))
+    account = AccountBudget(
+        "main",
+        gate.bucket.rate,
+        BudgetSettings(max_wait=FAR, queue_size=100),
+        clock,
+        PipelineMetrics(CollectorRegistry()),
+        gate,
+    )
+    assert await account.acquire("first", FAR) == 0.0  # the one token at hand
+    leaving = asyncio.create_task(account.acquire("a", FAR))
+    await settle()  # a waits; the dispatcher sleeps until the next token
+    gate.hold = asyncio.Event()
+    await clock.advance(1.0)
+    await gate.asked.wait()  # the dispatcher asks for a's slot
+    leaving.cancel()
+    if joins_meanwhile:
+        staying = asyncio.create_task(account.acquire("b", FAR))
+        await settle()
+    gate.hold.set()
+    gate.hold = None
+    await settle()
+    if not joins_meanwhile:
+        staying = asyncio.create_task(account.acquire("b", FAR))
+        await settle()
+    assert staying.done() and staying.result() == 0.0
+    await account.close()
