@@ -150,8 +150,10 @@ CANDIDATES = (
     Candidate("headroom 3", headroom=3),
     Candidate("headroom 2 + promote 0.34 s", headroom=2, promote=0.34),
     Candidate("headroom 2, owed after 1", headroom=2, owed=1),
-    Candidate("headroom 2, owed after 2 (chosen)", headroom=2, owed=2),
+    Candidate("headroom 2, owed after 2", headroom=2, owed=2),
+    Candidate("headroom 2, owed after 4", headroom=2, owed=4),
     Candidate("headroom 3, owed after 2", headroom=3, owed=2),
+    Candidate("headroom 3, owed after 4 (chosen)", headroom=3, owed=4),
 )
 
 

@@ -32,11 +32,11 @@ CLASSES: tuple[str, ...] = ("interactive", "standard", "batch")
 RANK = {name: i for i, name in enumerate(CLASSES)}
 DEFAULT_CLASS = "standard"
 # How far (in turns of its own) the other classes may go ahead of a class its headroom holds
-# back before it is owed a turn (:func:`owed`). One turn (six interactive tokens at 6 : 1)
-# cut into bursts of interactive requests often enough to show in their tail (modelled:
-# bench.classes_model); two bound batch's wait at 18 tokens of the others when they use the
-# whole rate (about 6 s at 180 a minute).
-OWED_TURNS = 2
+# back before it is owed a turn (:func:`owed`). One or two turns (6 or 12 interactive tokens at
+# 6 : 1) cut into bursts of interactive requests often enough to show in their tail (modelled:
+# bench.classes_model); four bound batch's wait at 30 tokens of the others when they use the
+# whole rate (about 10 s at 180 a minute), and batch keeps its weight's share.
+OWED_TURNS = 4
 
 
 def weights_of(weights: ClassWeights) -> dict[str, float]:

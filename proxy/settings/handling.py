@@ -151,7 +151,7 @@ class BudgetSettings:
     # Tokens of the burst batch requests leave for the other classes (its window's spread and
     # cap as many sends lower), so an interactive request arriving while batch keeps the
     # bucket spent finds one at hand. Unlike reserve, it leaves the rate whole.
-    headroom: int = 2
+    headroom: int = 3
     # A GET whose expected wait for a token is longer than this is "busy": the cache may
     # answer it from a stored copy up to cache.stale_while_busy past its freshness.
     busy_after: float = 0.25

@@ -68,7 +68,7 @@ class LiveBudget:
     # The budget classes' shares and the batch reserve (proxy.pipeline.budget.Budget).
     weights: ClassWeights = field(default_factory=ClassWeights)
     reserve: float = 0.0
-    headroom: int = 2
+    headroom: int = 3
 
 
 # The LiveBudget fields, applied to the budget section as started.

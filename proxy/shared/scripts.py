@@ -119,7 +119,7 @@ local heads = {}
 for i = 1, 3 do heads[i] = now_ms - math.floor(tonumber(ARGV[14 + i]) * 1000) end
 local interval = period / per_window
 local FIFO_SLACK_MS = 10
-local OWED_TURNS = 2 -- proxy.pipeline.queue.OWED_TURNS
+local OWED_TURNS = 4 -- proxy.pipeline.queue.OWED_TURNS
 local function record(counts)
   redis.call('HSET', KEYS[3], 'r:' .. ARGV[5], counts[1] .. ' ' .. counts[2] .. ' '
     .. counts[3] .. ' ' .. heads[1] .. ' ' .. heads[2] .. ' ' .. heads[3] .. ' ' .. now_ms
@@ -193,7 +193,7 @@ for i = 1, 3 do
   if weights[i] > 0 then finish[i] = start + 1 / weights[i] end
 end
 -- A free slot batch's hold keeps from batch: batch waits (it is no class's pick), the others
--- may have it. Unless the others' next turns are all more than two batch turns past
+-- may have it. Unless the others' next turns are all more than four batch turns past
 -- batch's (they went ahead while the headroom held batch back) or they have no weight: then
 -- batch takes it without the headroom (the reserve still holds), so batch is never starved
 -- (proxy.pipeline.queue.owed).

@@ -303,13 +303,14 @@ async def test_a_refunded_token_goes_to_the_next_request_not_to_waste() -> None:
 @pytest.mark.parametrize(
     ("settings", "klass", "batch_at_once", "at_hand"),
     [
-        ({}, "interactive", 2, 2),  # the default: batch leaves two tokens of the burst
-        ({}, "standard", 2, 2),  # for every class above batch
+        ({}, "interactive", 1, 3),  # the default: batch leaves three tokens of the burst
+        ({}, "standard", 1, 3),  # for every class above batch
         ({"headroom": 0}, "interactive", 4, 0),
+        ({"headroom": 2}, "interactive", 2, 2),
         ({"headroom": 1}, "interactive", 3, 1),
         ({"headroom": 3}, "interactive", 1, 3),
         ({"headroom": 9}, "interactive", 1, 3),  # at most all but one token of the burst
-        ({"weights": ClassWeights(6.0, 3.0, 2.0)}, "interactive", 2, 2),
+        ({"weights": ClassWeights(6.0, 3.0, 2.0), "headroom": 2}, "interactive", 2, 2),
     ],
 )
 async def test_batch_leaves_the_headroom_at_hand_for_the_other_classes(
@@ -336,21 +337,22 @@ async def test_batch_leaves_the_headroom_at_hand_for_the_other_classes(
 
 
 async def test_a_class_held_back_by_the_headroom_is_owed_a_turn_not_starved() -> None:
-    """Interactive requests at every token (more than the rate) and a batch walk, headroom 2:
-    the headroom holds batch back while interactive goes ahead, but only by two of batch's
-    turns (twelve interactive tokens at 6 : 1, after the six of its share); then batch is owed
-    its turn and takes it from the headroom, and the weights' 6 : 1 goes on (without that rule
+    """Interactive requests at every token (more than the rate) and a batch walk, headroom 3:
+    the headroom holds batch back while interactive goes ahead, but only by four of batch's
+    turns (24 interactive tokens at 6 : 1, after the six of its share); then batch is owed its
+    turn and takes it from the headroom, and the weights' 6 : 1 goes on (without that rule
     batch got nothing)."""
     clock = ManualClock()
     served = Served(budget(clock, burst=4))
     served.start("sync", "batch", 40)
     await settle()
-    served.start("till", "interactive", 60)
+    served.start("till", "interactive", 80)
     served.order.clear()
-    await clock.advance(40.0)
+    await clock.advance(60.0)
     letters = "".join(k[0].upper() for k in served.order)
-    assert letters[:34] == "I" * 18 + "B" + "I" * 6 + "B" + "I" * 6 + "B" + "I"
-    assert 4 <= letters.count("B") <= 7  # a seventh of the tokens, give or take the lag
+    assert letters[:31] == "I" * 30 + "B"
+    runs = letters[31:].split("B")[:4]  # the interactive tokens between batch's from then on
+    assert all(run in ("I" * 5, "I" * 6) for run in runs), letters
     await served.close()
 
 

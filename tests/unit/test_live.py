@@ -230,5 +230,5 @@ def test_the_budget_follows_its_live_slices() -> None:
         0.5,
         0.25,
     )
-    assert main.hold_for("batch") == (0.5, 1) and SETTINGS.budget.headroom == 2
+    assert main.hold_for("batch") == (0.5, 1) and SETTINGS.budget.headroom == 3
     assert main.settings.max_wait == SETTINGS.budget.max_wait  # restart-only: as started

@@ -73,12 +73,12 @@ def test_order_between_classes(
     ("waiting", "starts", "weights", "expected"),
     [
         # Batch held back by the headroom while interactive went ahead: owed a turn only once
-        # interactive's next turn is more than two batch turns (2 / 1) past batch's.
+        # interactive's next turn is more than four batch turns (4 / 1) past batch's.
         ({"interactive": 1, "batch": 1}, {}, W, False),
-        ({"interactive": 1, "batch": 1}, {"interactive": 2.0}, W, False),
-        ({"interactive": 1, "batch": 1}, {"interactive": 2.9}, W, True),
-        ({"interactive": 1, "standard": 1, "batch": 1}, {"interactive": 2.9}, W, False),
-        ({"interactive": 1, "standard": 1, "batch": 1}, {"interactive": 3, "standard": 3}, W, True),
+        ({"interactive": 1, "batch": 1}, {"interactive": 4.0}, W, False),
+        ({"interactive": 1, "batch": 1}, {"interactive": 4.9}, W, True),
+        ({"interactive": 1, "standard": 1, "batch": 1}, {"interactive": 4.9}, W, False),
+        ({"interactive": 1, "standard": 1, "batch": 1}, {"interactive": 5, "standard": 5}, W, True),
         # Alone it is owed nothing: the headroom holds (a lone batch job keeps it for whoever
         # comes); with only a class of weight 0 beside it, always (that class waits for it);
         # with no weight itself, never.
@@ -86,7 +86,7 @@ def test_order_between_classes(
         ({"standard": 1, "batch": 1}, {}, {**W, "standard": 0.0}, True),
         ({"interactive": 1, "batch": 1}, {"interactive": 9.0}, {**W, "batch": 0.0}, False),
         # With equal weights a turn is a sixth: owed sooner.
-        ({"interactive": 1, "batch": 1}, {"interactive": 0.4}, {**W, "batch": 6.0}, True),
+        ({"interactive": 1, "batch": 1}, {"interactive": 0.7}, {**W, "batch": 6.0}, True),
     ],
 )
 def test_a_held_back_class_is_owed_a_turn(
