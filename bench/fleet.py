@@ -32,7 +32,7 @@ callers (priority interactive) reading orders not yet cached (no cache rule) at
 ``--interactive-rate`` requests a minute between them (default: half the limit). It prints the
 interactive wait p50/p99 (the ``kounta_proxy_budget_wait_seconds{class="interactive"}`` metric
 and the callers' own clock), the upstream requests as a share of the limit, and Kounta's 429s.
-``--reserve`` sets ``budget.reserve``.
+``--reserve`` sets ``budget.reserve``, ``--headroom`` ``budget.headroom``.
 With ``--processes`` each replica is a ``kounta-proxy serve`` process of its own and the
 sandbox too, as a deployment runs them (:mod:`bench.fleet_processes`); by default they all
 share the callers' event loop. On a proxy without budget classes (the code before them)
@@ -152,6 +152,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests a minute the interactive callers ask in all (default: limit / 2)",
     )
     parser.add_argument("--reserve", type=float, default=0.0, help="budget.reserve")
+    parser.add_argument("--headroom", type=int, help="budget.headroom (default: the proxy's)")
     parser.add_argument(
         "--token-ttl", type=float, default=0.0, help="oauth account: access-token lifetime (s)"
     )
@@ -276,9 +277,12 @@ def classes_settings(
                 account="main",
                 **extra,  # type: ignore[arg-type]
             )
+    known = {f.name for f in dataclasses.fields(BudgetSettings)}
     budget = BudgetSettings()
-    if args.reserve and "reserve" in {f.name for f in dataclasses.fields(BudgetSettings)}:
+    if args.reserve and "reserve" in known:
         budget = BudgetSettings(reserve=args.reserve)
+    if args.headroom is not None and "headroom" in known:
+        budget = dataclasses.replace(budget, headroom=args.headroom)
     return dataclasses.replace(base, callers=callers, cache=CacheSettings(rules=()), budget=budget)
 
 
@@ -542,7 +546,8 @@ def report_classes(
     print(
         f"classes: {args.batch} batch walker(s), {args.interactive} interactive caller(s) asking "
         f"{asked:g}/min, {args.seconds:g}s, sandbox limit {args.limit}/min, reserve "
-        f"{args.reserve:g}, {args.replicas} replica(s) x {args.workers} worker(s)"
+        f"{args.reserve:g}, headroom {'default' if args.headroom is None else args.headroom}, "
+        f"{args.replicas} replica(s) x {args.workers} worker(s)"
     )
     print(f"interactive requests:   {len(tally.waits)} {dict(sorted(tally.statuses.items()))}")
     print(f"interactive wait (metric, budget):  {metric}")

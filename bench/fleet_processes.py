@@ -68,7 +68,9 @@ def replica_config(
         f'[log]\nlevel = "{level}"\n\n'
         f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n\n'
         f'[accounts.main]\nmode = "static"\ntoken = "{TOKEN}"\n\n'
-        f"[budget]\nreserve = {args.reserve!r}\n\n"
+        f"[budget]\nreserve = {args.reserve!r}\n"
+        + (f"headroom = {args.headroom}\n" if args.headroom is not None else "")
+        + "\n"
         f'[shared]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{args.key_prefix}"\n'
         f'replicas = {processes(args)}\ntoken_key = "{args.token_key}"\n\n' + "\n".join(callers)
     )

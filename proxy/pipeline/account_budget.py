@@ -3,8 +3,8 @@
 :class:`AccountBudget` makes requests wait for a token in a bounded queue, handing tokens out
 by class (interactive, standard, batch: weighted fair queuing, see :mod:`proxy.pipeline.queue`)
 and round robin over callers within a class, so one busy caller cannot starve the others and a
-batch walk cannot hold up a till. Batch requests never take the last ``budget.reserve`` of the
-burst and of the window's cap. A request whose wait would pass its limit gets
+batch walk cannot hold up a till. Batch never takes the last ``budget.reserve`` of the burst and
+window's cap, nor ``budget.headroom`` tokens. A request whose wait would pass its limit gets
 :class:`~proxy.errors.RateLimited` at once. :meth:`AccountBudget.expected_wait` estimates a
 request's wait without taking anything; :meth:`AccountBudget.estimate` reads the fleet's
 state first (the cache's stale-while-busy asks it).
@@ -15,7 +15,6 @@ The layer that drives it per request is :class:`proxy.pipeline.budget.Budget`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -34,11 +33,10 @@ from proxy.pipeline.gates import (
     Rate,
     SharedGate,
     Waiting,
-    capped,
     effective_rate,
-    pause_asked,
 )
 from proxy.pipeline.metrics import PipelineMetrics
+from proxy.pipeline.pauses import capped, pause_asked, said
 from proxy.pipeline.queue import (
     CLASSES,
     DEFAULT_CLASS,
@@ -48,6 +46,7 @@ from proxy.pipeline.queue import (
     activated,
     decide,
     order,
+    owed,
     served,
     weights_of,
 )
@@ -124,10 +123,10 @@ class AccountBudget:
         self.waiting = 0
         if isinstance(self.gate, SharedGate):  # the fleet's queue has classes too
             self.gate.waiting = self.demand
-            self.gate.weights = self._weights_tuple()
+            self.gate.weights, self.gate.hold = self._weights_tuple(), self.hold_for("batch")
         self._dispatcher: asyncio.Task[None] | None = None
-        # Set when a request of a class the reserve does not hold back joins while the
-        # dispatcher sleeps for a batch request the reserve holds back, or (shared) when the
+        # Set when a request of a class the reserve (or headroom) does not hold back joins while
+        # the dispatcher sleeps for a batch request it holds back, or (shared) when the
         # first request of a class joins while it sleeps.
         self._wake = asyncio.Event()
         self._held_back = False
@@ -168,7 +167,7 @@ class AccountBudget:
         self.settings = settings
         self.weights = weights_of(settings.weights)
         if isinstance(self.gate, SharedGate):
-            self.gate.weights = self._weights_tuple()
+            self.gate.weights, self.gate.hold = self._weights_tuple(), self.hold_for("batch")
 
     def _weights_tuple(self) -> tuple[float, float, float]:
         w = self.weights
@@ -198,8 +197,13 @@ class AccountBudget:
     def limit_for(self, deadline: float) -> float:
         return min(deadline, self.clock.now() + self.settings.max_wait)
 
-    def reserve_for(self, klass: str) -> float:
-        return self.settings.reserve if klass == "batch" else 0.0
+    def hold_for(self, klass: str, state: QueueState | None = None) -> tuple[float, int]:
+        """What a request of ``klass`` leaves in the bucket: batch the reserve and the headroom
+        (not the headroom when the queue's ``state`` says batch is owed a turn: :func:`owed`)."""
+        if klass != "batch":
+            return (0.0, 0)
+        waived = state is not None and owed(state, klass)
+        return (self.settings.reserve, 0 if waived else self.settings.headroom)
 
     def expected_wait(self, caller: str, klass: str = DEFAULT_CLASS) -> float:
         """Seconds a new request of ``caller`` in ``klass`` would wait for its token, estimated
@@ -234,7 +238,7 @@ class AccountBudget:
             self._served(klass, 0.0, started)
             return 0.0
         if self.waiting == 0:
-            wait = await self.gate.try_take(started, klass, self.reserve_for(klass))
+            wait = await self.gate.try_take(started, klass, *self.hold_for(klass))
             if wait <= 0:
                 self._served(klass, 0.0, started)
                 return 0.0
@@ -407,9 +411,10 @@ class AccountBudget:
                 if self._credited(now):
                     wait = 0.0
                 else:
-                    wait = await self.gate.try_take(now, grant.klass, self.reserve_for(grant.klass))
+                    hold = self.hold_for(grant.klass, state)
+                    wait = await self.gate.try_take(now, grant.klass, *hold)
                 held_back = False
-                if wait > 0 and (self.reserve_for(grant.klass) > 0 or self._fleet_classed()):
+                if wait > 0 and (any(self.hold_for(grant.klass, state)) or self._fleet_classed()):
                     grant, wait, held_back = await self._other_class(state, now, grant, wait)
                 if wait <= 0:
                     self._grant(grant, now)
@@ -446,12 +451,12 @@ class AccountBudget:
         tried = {grant.klass}
         first = wait
         while (other := decide(state, now, frozenset(tried))) is not None:
-            taken = await self.gate.try_take(now, other.klass, self.reserve_for(other.klass))
+            taken = await self.gate.try_take(now, other.klass, *self.hold_for(other.klass))
             if taken <= 0:
                 return other, 0.0, False
             tried.add(other.klass)
             first = min(first, taken)
-        return grant, first, len(tried) == 1 and self.reserve_for(grant.klass) > 0
+        return grant, first, len(tried) == 1 and any(self.hold_for(grant.klass, state))
 
     async def _sleep(self, seconds: float, held_back: bool) -> None:
         self._held_back = held_back
@@ -468,6 +473,9 @@ class AccountBudget:
             await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     def _grant(self, grant: Grant, now: float) -> None:
+        if grant.caller not in self.queues[grant.klass]:  # left while the slot was asked for:
+            self._credit = now + self.rate.window / self.rate.per_window  # the next one has it
+            return
         new = served(self.state(now), grant, now)
         self.starts[grant.klass] = new.classes[grant.klass].start
         self.vtime = new.vtime
@@ -486,6 +494,8 @@ class AccountBudget:
                 continue
             waiter.future.set_result(None)
             break
+        else:  # all of them left meanwhile: the next one has the slot
+            self._credit = now + self.rate.window / self.rate.per_window
         if queue:
             queues[grant.caller] = queue  # to the back of the class's round
 
@@ -551,15 +561,7 @@ class AccountBudget:
         seconds = self.bucket.pause(
             self.clock.now(), honoured, self.settings.backoff_initial, self.settings.backoff_max
         )
-        fields: dict[str, Any] = {"account": self.name, "pause": round(seconds, 3)}
-        if asked is not None:
-            fields["asked"] = round(asked, 3)
-        if cut:
-            # Said at warning level: the operator learns Kounta asked for more than we gave.
-            fields["capped_at"] = self.settings.longest_pause
-            event("upstream_rate_limited", logging.WARNING, **fields, capped=True)
-        else:
-            event("upstream_rate_limited", **fields)
+        said(self.name, seconds, asked, self.settings.longest_pause if cut else None)
         return seconds
 
     def effective(self) -> tuple[int, str]:
@@ -577,6 +579,7 @@ class AccountBudget:
             "window_seconds": self.rate.window,
             "burst": self.rate.burst,
             "reserve": self.settings.reserve,
+            "headroom": self.settings.headroom,
             "tokens": round(self.bucket.available(now), 3),
             "sent_in_window": len(self.bucket.sent),
             "waiting": self.waiting,

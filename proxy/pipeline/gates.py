@@ -1,6 +1,6 @@
 """Where an account's send slots come from: the pure :class:`Bucket` (token bucket plus the
-window's log), this process's :class:`LocalGate`, and the fleet's :class:`SharedGate` (Redis);
-and what a 429's headers ask for (:func:`pause_asked`, :func:`capped`).
+window's log), this process's :class:`LocalGate`, and the fleet's :class:`SharedGate` (Redis).
+What a 429's headers ask for is :mod:`proxy.pipeline.pauses`.
 
 The bucket (pure, the clock passed in) holds ``burst`` tokens and refills at the account's
 rate. It also keeps the send times of the last window, so that no 60-second window (plus a
@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.dates import retry_after
 from proxy.logs import event
+from proxy.pipeline.pauses import capped
 from proxy.settings import RATES, AccountSettings, BudgetSettings, LiveAccount, applied
 from proxy.shared import Backend, SharedUnavailable
 from proxy.shared.base import ClassedAsk, SharedBudget
@@ -62,6 +62,14 @@ def rate_for(account: AccountSettings | None, budget: BudgetSettings) -> Rate:
     per_minute = (account.rate_per_minute if account else 0) or DEFAULT_RATES.get(mode, 180)
     burst = (account.burst if account else 0) or max(1, per_minute // 20)
     return Rate(per_minute, min(burst, per_minute), budget.window, budget.window_margin)
+
+
+def headroom_for(rate: Rate, headroom: int) -> int:
+    """The tokens of the burst a batch request leaves (``budget.headroom``), at most all but
+    one: it waits for one more token at hand, and its window's spread and cap are that many
+    sends lower, so a request of another class arriving while batch keeps the bucket spent
+    finds them at hand."""
+    return max(0, min(headroom, rate.burst - 1))
 
 
 def live_rate(
@@ -99,7 +107,7 @@ class Bucket:
         self.sent: deque[float] = deque()
         # _spread's last answer and what it was for (the rate, cap, and the log's length, first
         # and last send): the queue asks for every waiter's turn while the log stays the same.
-        self._spread_memo: tuple[tuple[Rate, int, int, float, float], float] | None = None
+        self._spread_memo: tuple[tuple[Rate, int, int, int, float, float], float] | None = None
         self.paused_until = -math.inf
         self.backoff = 0.0
 
@@ -111,18 +119,20 @@ class Bucket:
         while self.sent and self.sent[0] <= horizon:
             self.sent.popleft()
 
-    def ready_at(self, now: float, reserve: float = 0.0) -> float:
+    def ready_at(self, now: float, reserve: float = 0.0, headroom: int = 0) -> float:
         """The earliest time a token can be taken (``now`` if one is there), leaving the
-        ``reserve`` (a fraction) of the burst's tokens and of the window's cap untouched."""
+        ``reserve`` (a fraction) of the burst's tokens and of the window's cap untouched, and
+        ``headroom`` tokens of the burst (:func:`headroom_for`: the burst's and the spread's)."""
         self._refill(now)
         at = now
-        need = min(float(self.rate.burst), 1 + reserve * self.rate.burst)
+        burst, keep = self.rate.burst, headroom_for(self.rate, headroom)
+        need = min(float(burst), 1 + reserve * burst + keep)
         if self.tokens < need:
             at = now + (need - self.tokens) / self.rate.per_second
         cap = max(1, math.floor(self.rate.per_window * (1 - reserve) + 1e-9))
-        return max(at, self._spread(cap), self.paused_until)
+        return max(at, self._spread(max(1, cap - keep), burst - keep), self.paused_until)
 
-    def _spread(self, cap: int) -> float:
+    def _spread(self, cap: int, burst: int) -> float:
         """When the window's log lets the next send go: the k-th latest send at least
         ``(k - burst) / (cap - burst)`` of the window ago, for each k past the burst up to
         ``cap`` (at ``cap`` the whole window: the hard cap). So under constant demand a burst
@@ -132,11 +142,10 @@ class Bucket:
         n = len(sent)
         if n == 0:
             return -math.inf
-        key = (self.rate, cap, n, sent[0], sent[-1])
+        key = (self.rate, cap, burst, n, sent[0], sent[-1])
         if self._spread_memo is not None and self._spread_memo[0] == key:
             return self._spread_memo[1]
         at = sent[-cap] + span if n >= cap else -math.inf
-        burst = self.rate.burst
         for k in range(burst + 1, min(n, cap - 1) + 1):  # none when the burst is the cap
             at = max(at, sent[n - k] + (k - burst) * span / (cap - burst))
         self._spread_memo = (key, at)
@@ -230,10 +239,12 @@ class Gate(Protocol):
 
     bucket: Bucket
 
-    async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
+    async def try_take(
+        self, now: float, klass: str = "standard", reserve: float = 0.0, headroom: int = 0
+    ) -> float:
         """Take a slot for a request of ``klass``, leaving ``reserve`` (a fraction of the burst
-        and of the window's cap) untouched: 0.0, else the seconds until one may be there
-        (nothing taken)."""
+        and of the window's cap) and ``headroom`` (tokens of the burst) untouched: 0.0, else
+        the seconds until one may be there (nothing taken)."""
         ...
 
     def ready_at(self, now: float) -> float:
@@ -276,8 +287,10 @@ class LocalGate:
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket
 
-    async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
-        at = self.bucket.ready_at(now, reserve)
+    async def try_take(
+        self, now: float, klass: str = "standard", reserve: float = 0.0, headroom: int = 0
+    ) -> float:
+        at = self.bucket.ready_at(now, reserve, headroom)
         if at > now:
             return at - now
         self.bucket.take(now)
@@ -344,6 +357,9 @@ class SharedGate:
         # Without them the fleet has no classes (one shared bucket, first come first served).
         self.waiting: Callable[[], Waiting] | None = None
         self.weights: tuple[float, float, float] = (6.0, 3.0, 1.0)
+        # Batch's reserve and headroom, told whatever the class asking: the script gives a slot
+        # batch's hold keeps from batch to another class at once.
+        self.hold: tuple[float, int] = (0.0, 0)
         # The whole fleet's waiting requests by class, as Redis last said.
         self.fleet: tuple[int, int, int] = (0, 0, 0)
         # This replica's part of it, as told in the same call (a request not queued yet
@@ -369,10 +385,12 @@ class SharedGate:
     def period(self) -> float:
         return self.rate.window + self.rate.margin
 
-    async def try_take(self, now: float, klass: str = "standard", reserve: float = 0.0) -> float:
+    async def try_take(
+        self, now: float, klass: str = "standard", reserve: float = 0.0, headroom: int = 0
+    ) -> float:
         if self.backend.up:
             try:
-                wait = await self._take(klass, reserve)
+                wait = await self._take(klass, reserve, headroom)
                 wait = await self._forgotten(now, wait)
             except SharedUnavailable:
                 pass  # degraded: the backend logged it; this request uses the fallback
@@ -381,7 +399,7 @@ class SharedGate:
                     self.bucket.record(now)
                 self._next_at = now + wait
                 return wait
-        return await self.local.try_take(now, klass, reserve)
+        return await self.local.try_take(now, klass, reserve, headroom)
 
     async def _forgotten(self, now: float, wait: float) -> float:
         """The wait, or the pause this replica shared if Redis no longer has it (shared
@@ -399,7 +417,7 @@ class SharedGate:
             ),
         )
 
-    async def _take(self, klass: str, reserve: float) -> float:
+    async def _take(self, klass: str, reserve: float, headroom: int) -> float:
         rate = self.rate
         if self.waiting is None:
             return await self.shared.take(
@@ -409,6 +427,7 @@ class SharedGate:
         counts = list(waiting)
         index = CLASS_ORDER.index(klass)
         counts[index] = max(counts[index], 1)  # this request, queued or not
+        reserve, headroom = self.hold  # batch's, whatever the class: the script applies them
         ask = ClassedAsk(
             klass,
             (counts[0], counts[1], counts[2]),
@@ -417,6 +436,7 @@ class SharedGate:
             max(DEMAND_TTL, 4 * self.period / rate.per_window),
             ages,
             self.longest,
+            headroom,
         )
         taken = await self.shared.take_classed(
             self.account, rate.per_window, rate.burst, self.period, ask
@@ -560,32 +580,3 @@ class SharedGate:
             else:
                 return room.tokens >= tokens and not any(room.fleet)
         return await self.local.spare(now, tokens)
-
-
-def pause_asked(headers: Mapping[str, str], wall_now: float) -> float | None:
-    """Seconds Kounta asked us to wait: ``Retry-After`` (seconds or HTTP date), else
-    ``X-Ratelimit-Reset`` (epoch seconds, or seconds when small); None when neither says."""
-    asked = retry_after(headers.get("Retry-After"), wall_now)
-    if asked is not None:
-        return asked
-    reset = headers.get("X-Ratelimit-Reset", "").strip()
-    try:
-        value = float(reset)
-    except ValueError:
-        return None
-    if not math.isfinite(value) or value < 0:
-        return None
-    # Epoch timestamps are large; a small number is a delay in seconds.
-    return value - wall_now if value > 1e9 else value
-
-
-def capped(asked: float | None, longest: float) -> tuple[float | None, bool]:
-    """The pause to honour for what Kounta asked, at most ``longest``; True when cut.
-
-    ``Retry-After`` is the upstream's word, not a command: an account paused for an hour
-    (or, as seen, 999999999 s) by one answer is an outage of our own making. Past
-    ``longest`` the proxy asks again, and the backoff grows if Kounta still says 429.
-    """
-    if asked is None or asked <= longest:
-        return asked, False
-    return longest, True

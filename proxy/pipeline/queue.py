@@ -31,6 +31,12 @@ from proxy.settings import ClassWeights
 CLASSES: tuple[str, ...] = ("interactive", "standard", "batch")
 RANK = {name: i for i, name in enumerate(CLASSES)}
 DEFAULT_CLASS = "standard"
+# How far (in turns of its own) the other classes may go ahead of a class its headroom holds
+# back before it is owed a turn (:func:`owed`). One or two turns (6 or 12 interactive tokens at
+# 6 : 1) cut into bursts of interactive requests often enough to show in their tail (modelled:
+# bench.classes_model); four bound batch's wait at 30 tokens of the others when they use the
+# whole rate (about 10 s at 180 a minute), and batch keeps its weight's share.
+OWED_TURNS = 4
 
 
 def weights_of(weights: ClassWeights) -> dict[str, float]:
@@ -90,6 +96,19 @@ def decide(state: QueueState, now: float, blocked: frozenset[str] = frozenset())
         return None
     klass = min(waiting)[3]
     return Grant(klass, _caller(state, klass, now))
+
+
+def owed(state: QueueState, klass: str) -> bool:
+    """Whether waiting ``klass`` is owed a turn: every other waiting class has its next turn
+    more than :data:`OWED_TURNS` turns of ``klass`` past its own (they went ahead while
+    ``klass`` was held back: ``budget.headroom``), or has no weight. It then takes a token
+    without its headroom, so headroom never starves a class with a weight (its lag stays
+    within those turns). Alone it is owed nothing: the headroom stays for whoever comes."""
+    queue = state.classes[klass]
+    others = [q.finish for k, q in state.classes.items() if k != klass and q.waiting]
+    if not queue.waiting or queue.weight <= 0 or not others:
+        return False
+    return min(others) > queue.finish + OWED_TURNS / queue.weight
 
 
 def _caller(state: QueueState, klass: str, now: float) -> str:

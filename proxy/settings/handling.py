@@ -148,13 +148,23 @@ class BudgetSettings:
     weights: ClassWeights = field(default_factory=ClassWeights)
     # The part of the burst's tokens and of the window's cap that batch requests never take.
     reserve: float = 0.0
+    # Tokens of the burst batch requests leave for the other classes (its window's spread and
+    # cap as many sends lower), so an interactive request arriving while batch keeps the
+    # bucket spent finds one at hand. Unlike reserve, it leaves the rate whole.
+    headroom: int = 3
     # A GET whose expected wait for a token is longer than this is "busy": the cache may
     # answer it from a stored copy up to cache.stale_while_busy past its freshness.
     busy_after: float = 0.25
 
     def __post_init__(self) -> None:
         _not_negative(
-            self, "max_wait", "queue_size", "window_margin", "retry_after_max", "busy_after"
+            self,
+            "max_wait",
+            "queue_size",
+            "window_margin",
+            "retry_after_max",
+            "busy_after",
+            "headroom",
         )
         if not 0 <= self.reserve < 1:
             raise Invalid("reserve", f"must be at least 0 and below 1, got {self.reserve}")

@@ -68,10 +68,11 @@ class LiveBudget:
     # The budget classes' shares and the batch reserve (proxy.pipeline.budget.Budget).
     weights: ClassWeights = field(default_factory=ClassWeights)
     reserve: float = 0.0
+    headroom: int = 3
 
 
 # The LiveBudget fields, applied to the budget section as started.
-CLASS_SHARES = ("weights", "reserve")
+CLASS_SHARES = ("weights", "reserve", "headroom")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class ClassedAsk:
     # The longest pause this replica honours (``budget.retry_after_max``): a shared pause, or
     # a pace read back, counts for at most this long (as with :meth:`SharedBudget.take`).
     longest: float = 1e9
+    # Tokens of the burst batch leaves (``budget.headroom``; the script ignores it otherwise).
+    headroom: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ class BudgetRecords:
             per_window, burst, repr(float(period)), member, self._replica, ask.klass,
             *ask.waiting, ttl_ms, repr(float(ask.reserve)), *(repr(float(w)) for w in ask.weights),
             *(repr(float(a)) for a in ask.ages), repr(float(min(ask.longest, NO_CAP))),
+            max(0, int(ask.headroom)),
         ]  # fmt: skip
         taken, wait, *fleet = await self._run(
             "budget", lambda: self._take_classed(keys=keys, args=args)

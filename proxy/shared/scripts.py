@@ -86,12 +86,15 @@ return {1, '0'}
 # demand goes away). When a slot is free, it goes to the class weighted fair queuing picks
 # among the classes the fleet has waiting (start tags "s:CLASS", virtual time "v" and "on:CLASS"
 # flags, kept in the same hash); a replica asking for another class is told to ask again
-# shortly. Batch leaves the reserve (a fraction of the burst and of the window's cap).
+# shortly. Batch leaves the reserve (a fraction of the burst and of the window's cap) and the
+# headroom (tokens of the burst; its window's spread and cap as many sends lower), as
+# proxy.pipeline.gates.Bucket.ready_at does.
 # KEYS: budget, log, demand. ARGV: per_window, burst, period, member, replica, class,
 # waiting interactive, standard, batch (this replica's, this request included), ttl ms,
 # reserve, weight interactive, standard, batch, seconds the oldest waiting request of each
-# class has waited (0 for none), the longest pause this replica honours (budget.retry_after_max).
-# Within a class the oldest request in the fleet goes first.
+# class has waited (0 for none), the longest pause this replica honours (budget.retry_after_max),
+# batch's headroom (tokens; a replica of an older release sends none: 0). Reserve and headroom
+# are batch's, sent whatever the class asking. Within a class the oldest request goes first.
 # Returns {taken 1/0, wait seconds, fleet waiting interactive, standard, batch}.
 TAKE_CLASSED = (
     NUM
@@ -105,8 +108,10 @@ local burst = tonumber(ARGV[2])
 local period = tonumber(ARGV[3])
 local klass = ARGV[6]
 local ttl = tonumber(ARGV[10])
-local reserve = 0
-if klass == 'batch' then reserve = tonumber(ARGV[11]) end
+-- Batch's hold: the reserve and the headroom (tokens), sent by every replica whatever its
+-- request's class, so that a slot batch may not take goes to another class at once.
+local reserve = math.max(0, num(ARGV[11], 0))
+local keep = math.max(0, math.min(burst - 1, math.floor(num(ARGV[19], 0))))
 local classes = {'interactive', 'standard', 'batch'}
 local weights = {tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])}
 local mine = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
@@ -114,6 +119,7 @@ local heads = {}
 for i = 1, 3 do heads[i] = now_ms - math.floor(tonumber(ARGV[14 + i]) * 1000) end
 local interval = period / per_window
 local FIFO_SLACK_MS = 10
+local OWED_TURNS = 4 -- proxy.pipeline.queue.OWED_TURNS
 local function record(counts)
   redis.call('HSET', KEYS[3], 'r:' .. ARGV[5], counts[1] .. ' ' .. counts[2] .. ' '
     .. counts[3] .. ' ' .. heads[1] .. ' ' .. heads[2] .. ' ' .. heads[3] .. ' ' .. now_ms
@@ -145,7 +151,6 @@ end
 local function reply(taken, wait)
   return {taken, tostring(wait), fleet[1], fleet[2], fleet[3]}
 end
-local extra = math.min(burst - 1, reserve * burst)
 local tat = num(redis.call('HGET', KEYS[1], 'tat'), now)
 local paused = num(redis.call('HGET', KEYS[1], 'paused'), 0)
 if tat < now then tat = now end
@@ -154,21 +159,29 @@ local longest = tonumber(ARGV[18])
 if paused > now + longest then paused = now + longest end
 local room = math.max(longest, interval)
 if tat - (burst - 1) * interval - now > room then tat = now + room + (burst - 1) * interval end
-local wait = tat - (burst - 1 - extra) * interval - now
-if paused - now > wait then wait = paused - now end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
 local count = redis.call('ZCARD', KEYS[2])
-local cap = math.max(1, math.floor(per_window * (1 - reserve) + 1e-9))
-if count >= cap then
-  local oldest = redis.call('ZRANGE', KEYS[2], count - cap, count - cap, 'WITHSCORES')
-  local free_at = tonumber(oldest[2]) + period
-  if free_at - now > wait then wait = free_at - now end
+-- The wait for a slot leaving `share` of the burst and of the window's cap and `kept` tokens.
+local function slot_wait(share, kept)
+  local extra = math.min(burst - 1, share * burst + kept)
+  local wait = tat - (burst - 1 - extra) * interval - now
+  if paused - now > wait then wait = paused - now end
+  local cap = math.max(1, math.floor(per_window * (1 - share) + 1e-9) - kept)
+  if count >= cap then
+    local oldest = redis.call('ZRANGE', KEYS[2], count - cap, count - cap, 'WITHSCORES')
+    local free_at = tonumber(oldest[2]) + period
+    if free_at - now > wait then wait = free_at - now end
+  end
+  -- Only when nothing else holds it back (the log's read costs more than the rest).
+  if wait <= 0 then wait = spread(KEYS[2], count, cap, burst - kept, period, now) end
+  return wait
 end
--- Only when nothing else holds it back (the log's read costs more than the rest).
-if wait <= 0 then wait = spread(KEYS[2], count, cap, burst, period, now) end
+local wait = slot_wait(0, 0)
 if wait > 0 then return reply(0, wait) end
+local me = 0
+for i = 1, 3 do if classes[i] == klass then me = i end end
 local v = num(redis.call('HGET', KEYS[3], 'v'), 0)
-local best, best_finish, best_weight, starts = 0, math.huge, -1, {}
+local starts, finish = {}, {}
 for i = 1, 3 do
   local start = num(redis.call('HGET', KEYS[3], 's:' .. classes[i]), 0)
   local on = redis.call('HGET', KEYS[3], 'on:' .. classes[i])
@@ -176,17 +189,33 @@ for i = 1, 3 do
   starts[i] = start
   redis.call('HSET', KEYS[3], 's:' .. classes[i], tostring(start),
     'on:' .. classes[i], fleet[i] > 0 and '1' or '0')
-  if fleet[i] > 0 then
-    local finish = math.huge
-    if weights[i] > 0 then finish = start + 1 / weights[i] end
-    local tie = finish == best_finish and weights[i] > best_weight
-    if best == 0 or finish < best_finish or tie then
-      best, best_finish, best_weight = i, finish, weights[i]
+  finish[i] = math.huge
+  if weights[i] > 0 then finish[i] = start + 1 / weights[i] end
+end
+-- A free slot batch's hold keeps from batch: batch waits (it is no class's pick), the others
+-- may have it. Unless the others' next turns are all more than four batch turns past
+-- batch's (they went ahead while the headroom held batch back) or they have no weight: then
+-- batch takes it without the headroom (the reserve still holds), so batch is never starved
+-- (proxy.pipeline.queue.owed).
+local held = 0
+if (reserve > 0 or keep > 0) and fleet[3] > 0 then
+  local other, others = math.huge, fleet[1] + fleet[2] > 0
+  for i = 1, 2 do
+    if fleet[i] > 0 and finish[i] < other then other = finish[i] end
+  end
+  if weights[3] > 0 and others and other > finish[3] + OWED_TURNS / weights[3] then keep = 0 end
+  if reserve > 0 or keep > 0 then held = slot_wait(reserve, keep) end
+end
+if me == 3 and held > 0 then return reply(0, held) end
+local best, best_finish, best_weight = 0, math.huge, -1
+for i = 1, 3 do
+  if fleet[i] > 0 and (i ~= 3 or held <= 0) then
+    local tie = finish[i] == best_finish and weights[i] > best_weight
+    if best == 0 or finish[i] < best_finish or tie then
+      best, best_finish, best_weight = i, finish[i], weights[i]
     end
   end
 end
-local me = 0
-for i = 1, 3 do if classes[i] == klass then me = i end end
 -- First come, first served within a class: only a request younger than the oldest by less
 -- than the ages' own error (a round trip, a late event loop: a few ms) may take the slot.
 -- (Half an interval here let a younger request on a replica that asked first take the slot,

@@ -109,6 +109,7 @@ allow_anonymous = {"true" if after else "false"}
 key_overlap = {v.get("overlap", 0 if after else 3600)}
 [budget]
 reserve = {0.25 if after else 0.0}
+headroom = {1 if after else 2}
 [budget.weights]
 interactive = {5 if after else 6}
 standard = {2 if after else 3}
@@ -196,7 +197,7 @@ def test_every_live_key_changed_by_sighup_takes_effect(
         assert proxy.call(CALLER_KEY, "X-Shop-Key")[0] == 401
         assert proxy.admin_read(ADMIN_1) == 200 and proxy.admin_read(ADMIN_2) == 403
         assert (budget(proxy, "main")["rate"], budget(proxy, "main")["burst"]) == (180, 9)
-        assert budget(proxy, "main")["reserve"] == 0.0
+        assert (budget(proxy, "main")["reserve"], budget(proxy, "main")["headroom"]) == (0.0, 2)
         assert budget(proxy, "main")["classes"]["batch"]["weight"] == 1
         assert proxy.named("request")  # info: request lines
 
@@ -217,10 +218,10 @@ def test_every_live_key_changed_by_sighup_takes_effect(
         # accounts.main.rate_per_minute and burst (the budget retunes on its next request).
         assert (budget(proxy, "main")["rate"], budget(proxy, "main")["burst"]) == (120, 4)
         assert metric(proxy.admin, 'kounta_proxy_budget_limit_per_minute{account="main"}') == 120
-        # budget.weights and budget.reserve (retuned with the rates).
+        # budget.weights, budget.reserve and budget.headroom (retuned with the rates).
         weights = {k: v["weight"] for k, v in budget(proxy, "main")["classes"].items()}
         assert weights == {"interactive": 5, "standard": 2, "batch": 2}
-        assert budget(proxy, "main")["reserve"] == 0.25
+        assert (budget(proxy, "main")["reserve"], budget(proxy, "main")["headroom"]) == (0.25, 1)
         # callers.mover.account: moved to main.
         assert proxy.call(MOVER, "X-Shop-Key")[0] == 200
         # accounts.spare.token.

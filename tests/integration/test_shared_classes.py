@@ -270,3 +270,41 @@ async def test_requests_that_leave_unserved_stop_holding_the_fleets_slots(
     assert await b.acquire("sync", b.clock.now() + FAR, "batch") < 1.5  # the next slot: ~0.9 s
     await a.close()
     await b.close()
+
+
+async def test_batch_leaves_the_headroom_fleet_wide_and_is_owed_its_turn(
+    backends: list[RedisBackend],
+) -> None:
+    """Burst 4, headroom 2 (``budget.headroom``), in the one script: replica A's batch walk
+    takes two slots at once and then waits while B's interactive requests find the other two
+    at hand. With B asking at every slot (more than the rate), a slot the weights give batch
+    goes to B at once while the headroom holds batch back (not "ask again": it would stay
+    unused), until the others are four batch turns ahead: then batch is owed and takes it.
+    (Weights 6 : 3 : 3, so a batch turn is two interactive tokens: a short test.)"""
+    a, b = backends[0], backends[1]
+    w, args = (6.0, 3.0, 3.0), ("main", 20, 4, 2.1)  # a slot every 0.105 s
+
+    def ask(klass: str, waiting: tuple[int, int, int]) -> ClassedAsk:
+        return ClassedAsk(klass, waiting, 0.0, w, 2.0, headroom=2)
+
+    assert [(await a.take_classed(*args, ask("batch", (0, 0, 9)))).wait for _ in range(2)] == [0, 0]
+    assert (await a.take_classed(*args, ask("batch", (0, 0, 9)))).wait > 0  # the headroom
+    assert [
+        (await b.take_classed(*args, ask("interactive", (9, 0, 0)))).wait for _ in range(2)
+    ] == [0, 0]
+    order = ""
+    end = time.monotonic() + 3.5
+    while time.monotonic() < end:
+        mine = await b.take_classed(*args, ask("interactive", (9, 0, 0)))
+        if mine.wait == 0:
+            order += "I"
+            continue
+        theirs = await a.take_classed(*args, ask("batch", (0, 0, 9)))
+        if theirs.wait == 0:
+            order += "B"
+            continue
+        await asyncio.sleep(min(mine.wait, theirs.wait))
+    # Slots 3 to 10 of B's (after the two of its share) went to B while batch waited, not
+    # left unused; then batch was owed its turn, and 2 : 1 went on. About 33 slots in all.
+    assert order.count("B") >= 4 and order.index("B") >= 6, order
+    assert order.count("I") >= 0.6 * len(order) and len(order) >= 20, order

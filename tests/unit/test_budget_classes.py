@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.errors import RateLimited
 from proxy.pipeline.budget import AccountBudget
-from proxy.pipeline.gates import Bucket, Rate
+from proxy.pipeline.gates import Bucket, LocalGate, Rate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import BudgetSettings, ClassWeights, ConfigError, load
 
@@ -136,10 +137,11 @@ async def test_a_lone_batch_job_gets_the_whole_rate() -> None:
 async def test_the_reserve_keeps_tokens_for_interactive(
     reserve: float, batch_now: int, interactive_wait: float
 ) -> None:
-    """Burst 10, reserve 0.2: a batch walk takes 8 tokens at once and leaves 2, so a till
-    arriving right after finds one at hand (without the reserve it waits for the refill)."""
+    """Burst 10, reserve 0.2 (no headroom): a batch walk takes 8 tokens at once and leaves 2,
+    so a till arriving right after finds one at hand (without the reserve it waits for the
+    refill)."""
     clock = ManualClock()
-    served = Served(budget(clock, burst=10, reserve=reserve))
+    served = Served(budget(clock, burst=10, reserve=reserve, headroom=0))
     served.start("sync", "batch", 20)
     await settle()
     assert served.order == ["batch"] * batch_now
@@ -296,3 +298,112 @@ async def test_a_refunded_token_goes_to_the_next_request_not_to_waste() -> None:
     assert await account.acquire("till", clock.now() + FAR, "interactive") == 0.0
     assert account.available() < tokens
     await served.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "klass", "batch_at_once", "at_hand"),
+    [
+        ({}, "interactive", 1, 3),  # the default: batch leaves three tokens of the burst
+        ({}, "standard", 1, 3),  # for every class above batch
+        ({"headroom": 0}, "interactive", 4, 0),
+        ({"headroom": 2}, "interactive", 2, 2),
+        ({"headroom": 1}, "interactive", 3, 1),
+        ({"headroom": 3}, "interactive", 1, 3),
+        ({"headroom": 9}, "interactive", 1, 3),  # at most all but one token of the burst
+        ({"weights": ClassWeights(6.0, 3.0, 2.0), "headroom": 2}, "interactive", 2, 2),
+    ],
+)
+async def test_batch_leaves_the_headroom_at_hand_for_the_other_classes(
+    settings: dict[str, object], klass: str, batch_at_once: int, at_hand: int
+) -> None:
+    """Burst 4, a token a second: a batch walk takes the burst less the headroom at once and
+    then keeps the bucket spent at that level; requests of a higher class arriving ten
+    seconds later find the headroom's tokens at hand, and the next waits for the pace."""
+    clock = ManualClock()
+    served = Served(budget(clock, burst=4, **settings))
+    served.start("sync", "batch", 40)
+    await settle()
+    assert served.order == ["batch"] * batch_at_once
+    await clock.advance(10.0)
+    assert "interactive" not in served.order and len(served.order) >= 7
+    served.order.clear()
+    served.start("till", klass, at_hand + 1)
+    await settle()
+    assert served.order == [klass] * at_hand
+    await clock.advance(1.5)
+    assert served.order[: at_hand + 1] == [klass] * (at_hand + 1)
+    assert max(served.waits[klass]) > 0.5
+    await served.close()
+
+
+async def test_a_class_held_back_by_the_headroom_is_owed_a_turn_not_starved() -> None:
+    """Interactive requests at every token (more than the rate) and a batch walk, headroom 3:
+    the headroom holds batch back while interactive goes ahead, but only by four of batch's
+    turns (24 interactive tokens at 6 : 1, after the six of its share); then batch is owed its
+    turn and takes it from the headroom, and the weights' 6 : 1 goes on (without that rule
+    batch got nothing)."""
+    clock = ManualClock()
+    served = Served(budget(clock, burst=4))
+    served.start("sync", "batch", 40)
+    await settle()
+    served.start("till", "interactive", 80)
+    served.order.clear()
+    await clock.advance(60.0)
+    letters = "".join(k[0].upper() for k in served.order)
+    assert letters[:31] == "I" * 30 + "B"
+    runs = letters[31:].split("B")[:4]  # the interactive tokens between batch's from then on
+    assert all(run in ("I" * 5, "I" * 6) for run in runs), letters
+    await served.close()
+
+
+class HeldGate(LocalGate):
+    """The local bucket, whose ``try_take`` can be held like a Redis round trip in flight."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        super().__init__(bucket)
+        self.hold: asyncio.Event | None = None
+        self.asked = asyncio.Event()
+
+    async def try_take(self, now: float, *hold: Any) -> float:  # class, reserve, headroom
+        if self.hold is not None:
+            self.asked.set()
+            await self.hold.wait()
+        return await super().try_take(now, *hold)
+
+
+@pytest.mark.parametrize("joins_meanwhile", [True, False])
+async def test_a_slot_taken_for_a_caller_that_left_meanwhile_goes_to_the_next(
+    joins_meanwhile: bool,
+) -> None:
+    """The dispatcher asks the gate for a slot for caller a (a round trip on Redis); meanwhile
+    a's request leaves (its caller went away), and b's joins before the answer or after it.
+    The slot goes to b at once (the dispatcher died on a KeyError, and b waited for the next
+    request to start a new one; or the slot was lost, and b waited for the next)."""
+    clock = ManualClock()
+    gate = HeldGate(Bucket(Rate(60, 1, 60.0, 0.0), clock.now()))
+    account = AccountBudget(
+        "main",
+        gate.bucket.rate,
+        BudgetSettings(max_wait=FAR, queue_size=100),
+        clock,
+        PipelineMetrics(CollectorRegistry()),
+        gate,
+    )
+    assert await account.acquire("first", FAR) == 0.0  # the one token at hand
+    leaving = asyncio.create_task(account.acquire("a", FAR))
+    await settle()  # a waits; the dispatcher sleeps until the next token
+    gate.hold = asyncio.Event()
+    await clock.advance(1.0)
+    await gate.asked.wait()  # the dispatcher asks for a's slot
+    leaving.cancel()
+    if joins_meanwhile:
+        staying = asyncio.create_task(account.acquire("b", FAR))
+        await settle()
+    gate.hold.set()
+    gate.hold = None
+    await settle()
+    if not joins_meanwhile:
+        staying = asyncio.create_task(account.acquire("b", FAR))
+        await settle()
+    assert staying.done() and staying.result() == 0.0
+    await account.close()

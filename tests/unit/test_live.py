@@ -197,8 +197,9 @@ def test_the_reload_docs_name_every_live_key() -> None:
 
 
 def test_the_budget_follows_its_live_slices() -> None:
-    """budget.weights, budget.reserve and a caller's max_share: a reload's new slices reach
-    the account's queue on its next request (one identity check), the rest stays."""
+    """budget.weights, budget.reserve, budget.headroom and a caller's max_share: a reload's
+    new slices reach the account's queue on its next request (one identity check), the rest
+    stays."""
     holder = [live_of(SETTINGS)]
     budget = Budget(
         Inner(),
@@ -214,7 +215,11 @@ def test_the_budget_follows_its_live_slices() -> None:
     new = dataclasses.replace(
         SETTINGS,
         budget=dataclasses.replace(
-            SETTINGS.budget, weights=ClassWeights(batch=4.0), reserve=0.5, max_wait=1.0
+            SETTINGS.budget,
+            weights=ClassWeights(batch=4.0),
+            reserve=0.5,
+            headroom=1,
+            max_wait=1.0,
         ),
         callers={"shop": shop},
     )
@@ -225,4 +230,5 @@ def test_the_budget_follows_its_live_slices() -> None:
         0.5,
         0.25,
     )
+    assert main.hold_for("batch") == (0.5, 1) and SETTINGS.budget.headroom == 3
     assert main.settings.max_wait == SETTINGS.budget.max_wait  # restart-only: as started

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.pipeline.queue import (
     CLASSES,
+    OWED_TURNS,
     ClassQueue,
     Grant,
     QueueState,
@@ -19,6 +20,7 @@ from proxy.pipeline.queue import (
     decide,
     lowered,
     order,
+    owed,
     served,
 )
 
@@ -65,6 +67,36 @@ def test_order_between_classes(
 ) -> None:
     state = state_of({k: [("c", n)] for k, n in waiting.items()}, weights)
     assert letters(order(state, 0.0, len(expected))) == expected
+
+
+@pytest.mark.parametrize(
+    ("waiting", "starts", "weights", "expected"),
+    [
+        # Batch held back by the headroom while interactive went ahead: owed a turn only once
+        # interactive's next turn is more than four batch turns (4 / 1) past batch's.
+        ({"interactive": 1, "batch": 1}, {}, W, False),
+        ({"interactive": 1, "batch": 1}, {"interactive": 4.0}, W, False),
+        ({"interactive": 1, "batch": 1}, {"interactive": 4.9}, W, True),
+        ({"interactive": 1, "standard": 1, "batch": 1}, {"interactive": 4.9}, W, False),
+        ({"interactive": 1, "standard": 1, "batch": 1}, {"interactive": 5, "standard": 5}, W, True),
+        # Alone it is owed nothing: the headroom holds (a lone batch job keeps it for whoever
+        # comes); with only a class of weight 0 beside it, always (that class waits for it);
+        # with no weight itself, never.
+        ({"batch": 3}, {"interactive": 5.0}, W, False),
+        ({"standard": 1, "batch": 1}, {}, {**W, "standard": 0.0}, True),
+        ({"interactive": 1, "batch": 1}, {"interactive": 9.0}, {**W, "batch": 0.0}, False),
+        # With equal weights a turn is a sixth: owed sooner.
+        ({"interactive": 1, "batch": 1}, {"interactive": 0.7}, {**W, "batch": 6.0}, True),
+    ],
+)
+def test_a_held_back_class_is_owed_a_turn(
+    waiting: dict[str, int], starts: dict[str, float], weights: dict[str, float], expected: bool
+) -> None:
+    state = state_of({k: [("c", n)] for k, n in waiting.items()}, weights)
+    classes = {
+        k: ClassQueue(q.weight, starts.get(k, 0.0), q.callers) for k, q in state.classes.items()
+    }
+    assert owed(QueueState(classes), "batch") is expected
 
 
 def test_round_robin_over_callers_within_a_class() -> None:
@@ -199,3 +231,44 @@ def test_a_waiting_class_with_a_weight_is_served_within_a_bound(
                 bound = sum(w / weight + 1 for k, w in weights.items() if k != klass) + 1
                 assert since[klass] <= bound, (weights, klass, since)
     assert not any(q.waiting for q in state.classes.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights=weights_st, ops=ops_st, held=st.sampled_from(CLASSES))
+def test_a_class_held_back_by_headroom_is_owed_a_turn_within_a_bound(
+    weights: dict[str, float], ops: list[str], held: str
+) -> None:
+    """One class is held back (``budget.headroom``: its token goes to any other class that
+    waits) unless :func:`owed` says the others went OWED_TURNS of its turns past it: while it
+    waits with weight w > 0, it is served within sum over the other classes of ((1 + lag) x
+    their weight / w + 1) grants, plus one (the plain bound with its lag of turns on top)."""
+    state = state_of({}, weights)
+    since: int | None = None  # grants since the held class was last served or joined
+    for op in ops + ["grant"] * 600:
+        if op != "grant":
+            state = activated(state, op)
+            queue = state.classes[op]
+            state = QueueState(
+                {
+                    **state.classes,
+                    op: ClassQueue(queue.weight, queue.start, (("c", queue.waiting + 1),)),
+                },
+                state.vtime,
+            )
+            if op == held and since is None:
+                since = 0
+            continue
+        blocked = frozenset() if owed(state, held) else frozenset({held})
+        grant = decide(state, 0.0, blocked) or decide(state, 0.0)  # alone, it goes
+        if grant is None:
+            continue
+        state = served(state, grant, 0.0)
+        if grant.klass == held:
+            since = 0 if state.classes[held].waiting else None
+        elif since is not None:
+            since += 1
+            weight = weights[held]
+            if weight > 0:
+                lag = 1 + OWED_TURNS
+                bound = sum(lag * w / weight + 1 for k, w in weights.items() if k != held) + 1
+                assert since <= bound, (weights, held, since)
