@@ -34,6 +34,29 @@ local function spread(log_key, count, cap, burst, period, now)
 end
 """
 
+# The wait for a slot (0: none) at the pace (``tat``), the pause and the window's log
+# (``count`` sends in it), leaving ``share`` of the burst and of the window's cap and ``kept``
+# tokens untaken (batch's reserve and headroom; 0 and 0 for everyone else), as
+# proxy.pipeline.gates.Bucket.ready_at. Uses SPREAD.
+SLOT_WAIT = """
+local function slot_wait(log_key, tat, paused, count, per_window, burst, period, now, share,
+                         kept)
+  local interval = period / per_window
+  local extra = math.min(burst - 1, share * burst + kept)
+  local wait = tat - (burst - 1 - extra) * interval - now
+  if paused - now > wait then wait = paused - now end
+  local cap = math.max(1, math.floor(per_window * (1 - share) + 1e-9) - kept)
+  if count >= cap then
+    local oldest = redis.call('ZRANGE', log_key, count - cap, count - cap, 'WITHSCORES')
+    local free_at = tonumber(oldest[2]) + period
+    if free_at - now > wait then wait = free_at - now end
+  end
+  -- Only when nothing else holds it back (the log's read costs more than the rest).
+  if wait <= 0 then wait = spread(log_key, count, cap, burst - kept, period, now) end
+  return wait
+end
+"""
+
 # GCRA for pace and burst plus a sliding log for the hard cap per window, in one script.
 # TAKE_CLASSED below repeats its pace, pause and window lines (with budget classes): keep the
 # two in step. The proxy's budget uses TAKE_CLASSED; TAKE serves SharedBudget.take (a gate
@@ -44,6 +67,7 @@ end
 TAKE = (
     NUM
     + SPREAD
+    + SLOT_WAIT
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -61,17 +85,9 @@ local longest = tonumber(ARGV[5])
 if paused > now + longest then paused = now + longest end
 local slack = math.max(longest, interval)
 if tat - (burst - 1) * interval - now > slack then tat = now + slack + (burst - 1) * interval end
-local wait = tat - (burst - 1) * interval - now
-if paused - now > wait then wait = paused - now end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
 local count = redis.call('ZCARD', KEYS[2])
-if count >= per_window then
-  local oldest = redis.call('ZRANGE', KEYS[2], count - per_window, count - per_window, 'WITHSCORES')
-  local free_at = tonumber(oldest[2]) + period
-  if free_at - now > wait then wait = free_at - now end
-end
--- Only when nothing else holds it back (the log's read costs more than the rest).
-if wait <= 0 then wait = spread(KEYS[2], count, per_window, burst, period, now) end
+local wait = slot_wait(KEYS[2], tat, paused, count, per_window, burst, period, now, 0, 0)
 if wait > 0 then return {0, tostring(wait)} end
 redis.call('HSET', KEYS[1], 'tat', tostring(tat + interval), 'format', '1')
 redis.call('ZADD', KEYS[2], now, ARGV[4])
@@ -99,6 +115,7 @@ return {1, '0'}
 TAKE_CLASSED = (
     NUM
     + SPREAD
+    + SLOT_WAIT
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -161,22 +178,10 @@ local room = math.max(longest, interval)
 if tat - (burst - 1) * interval - now > room then tat = now + room + (burst - 1) * interval end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - period)
 local count = redis.call('ZCARD', KEYS[2])
--- The wait for a slot leaving `share` of the burst and of the window's cap and `kept` tokens.
-local function slot_wait(share, kept)
-  local extra = math.min(burst - 1, share * burst + kept)
-  local wait = tat - (burst - 1 - extra) * interval - now
-  if paused - now > wait then wait = paused - now end
-  local cap = math.max(1, math.floor(per_window * (1 - share) + 1e-9) - kept)
-  if count >= cap then
-    local oldest = redis.call('ZRANGE', KEYS[2], count - cap, count - cap, 'WITHSCORES')
-    local free_at = tonumber(oldest[2]) + period
-    if free_at - now > wait then wait = free_at - now end
-  end
-  -- Only when nothing else holds it back (the log's read costs more than the rest).
-  if wait <= 0 then wait = spread(KEYS[2], count, cap, burst - kept, period, now) end
-  return wait
+local function held_wait(share, kept)
+  return slot_wait(KEYS[2], tat, paused, count, per_window, burst, period, now, share, kept)
 end
-local wait = slot_wait(0, 0)
+local wait = held_wait(0, 0)
 if wait > 0 then return reply(0, wait) end
 local me = 0
 for i = 1, 3 do if classes[i] == klass then me = i end end
@@ -204,7 +209,7 @@ if (reserve > 0 or keep > 0) and fleet[3] > 0 then
     if fleet[i] > 0 and finish[i] < other then other = finish[i] end
   end
   if weights[3] > 0 and others and other > finish[3] + OWED_TURNS / weights[3] then keep = 0 end
-  if reserve > 0 or keep > 0 then held = slot_wait(reserve, keep) end
+  if reserve > 0 or keep > 0 then held = held_wait(reserve, keep) end
 end
 if me == 3 and held > 0 then return reply(0, held) end
 local best, best_finish, best_weight = 0, math.huge, -1

@@ -193,6 +193,14 @@ def test_backlogged_classes_get_their_weighted_share(weights: dict[str, float], 
 ops_st = st.lists(st.one_of(st.sampled_from(CLASSES), st.just("grant")), min_size=1, max_size=300)
 
 
+def one_more_waiting(state: QueueState, klass: str) -> QueueState:
+    """``klass`` with one more request waiting (activated first, as a join does)."""
+    state = activated(state, klass)
+    queue = state.classes[klass]
+    waiting = ClassQueue(queue.weight, queue.start, (("c", queue.waiting + 1),))
+    return QueueState({**state.classes, klass: waiting}, state.vtime)
+
+
 @settings(max_examples=200, deadline=None)
 @given(weights=weights_st, ops=ops_st)
 def test_a_waiting_class_with_a_weight_is_served_within_a_bound(
@@ -204,15 +212,7 @@ def test_a_waiting_class_with_a_weight_is_served_within_a_bound(
     since: dict[str, int] = {}  # grants since each waiting class was last served or joined
     for op in ops + ["grant"] * 600:
         if op != "grant":
-            state = activated(state, op)
-            queue = state.classes[op]
-            state = QueueState(
-                {
-                    **state.classes,
-                    op: ClassQueue(queue.weight, queue.start, (("c", queue.waiting + 1),)),
-                },
-                state.vtime,
-            )
+            state = one_more_waiting(state, op)
             since.setdefault(op, 0)
             continue
         grant = decide(state, 0.0)
@@ -246,15 +246,7 @@ def test_a_class_held_back_by_headroom_is_owed_a_turn_within_a_bound(
     since: int | None = None  # grants since the held class was last served or joined
     for op in ops + ["grant"] * 600:
         if op != "grant":
-            state = activated(state, op)
-            queue = state.classes[op]
-            state = QueueState(
-                {
-                    **state.classes,
-                    op: ClassQueue(queue.weight, queue.start, (("c", queue.waiting + 1),)),
-                },
-                state.vtime,
-            )
+            state = one_more_waiting(state, op)
             if op == held and since is None:
                 since = 0
             continue
