@@ -116,18 +116,16 @@ class AccountBudget:
         self.queues: dict[str, OrderedDict[str, deque[_Waiter]]] = {
             k: OrderedDict() for k in CLASSES
         }
-        self.weights = weights_of(settings.weights)
+        self.reclass(settings)  # the weights, told to the fleet's queue when shared
         self.starts = dict.fromkeys(CLASSES, 0.0)  # the classes' start tags
         self.vtime = 0.0
         self.recent: deque[tuple[float, str, str]] = deque()  # grants, for max_share
         self.waiting = 0
         if isinstance(self.gate, SharedGate):  # the fleet's queue has classes too
             self.gate.waiting = self.demand
-            self.gate.weights, self.gate.hold = self._weights_tuple(), self.hold_for("batch")
         self._dispatcher: asyncio.Task[None] | None = None
-        # Set when a request of a class the reserve (or headroom) does not hold back joins while
-        # the dispatcher sleeps for a batch request it holds back, or (shared) when the
-        # first request of a class joins while it sleeps.
+        # Set when a request the reserve or headroom does not hold back joins while the
+        # dispatcher sleeps for one it holds back, or (shared) a class's first request joins.
         self._wake = asyncio.Event()
         self._held_back = False
         # The dispatcher sleeps until its next ask (a refund, or shared a class new here, wakes
@@ -198,8 +196,7 @@ class AccountBudget:
         return min(deadline, self.clock.now() + self.settings.max_wait)
 
     def hold_for(self, klass: str, state: QueueState | None = None) -> tuple[float, int]:
-        """What a request of ``klass`` leaves in the bucket: batch the reserve and the headroom
-        (not the headroom when the queue's ``state`` says batch is owed a turn: :func:`owed`)."""
+        """What ``klass`` leaves in the bucket: batch its reserve and headroom (unless owed)."""
         if klass != "batch":
             return (0.0, 0)
         waived = state is not None and owed(state, klass)
@@ -283,19 +280,22 @@ class AccountBudget:
         pacing interval (after that it lapses, as an unused slot does). Shared with none
         waiting here, the slot goes back to the fleet instead (any replica's next request may
         use it: here it would lapse unused while others wait); returns that call's task."""
-        now = self.clock.now()
         gate = self.gate
         if not self.waiting and isinstance(gate, SharedGate) and gate.mode() == "shared":
             task = asyncio.get_running_loop().create_task(gate.give_back())
             self._giving.add(task)
             task.add_done_callback(self._giving.discard)
             return task
-        self._credit = now + self.rate.window / self.rate.per_window
+        self._credit_slot(self.clock.now())
         if self.waiting:  # the dispatcher takes it next (woken if it sleeps)
             if self._sleeping:
                 self._wake.set()
             self._start_dispatcher()
         return None
+
+    def _credit_slot(self, now: float) -> None:
+        """A slot nobody here took: the next request's within a pacing interval."""
+        self._credit = now + self.rate.window / self.rate.per_window
 
     def _credited(self, now: float) -> bool:
         """Whether a refunded token is at hand (it is then taken)."""
@@ -408,13 +408,13 @@ class AccountBudget:
                     if self.waiting:
                         break
                     continue
+                hold = self.hold_for(grant.klass, state)
                 if self._credited(now):
                     wait = 0.0
                 else:
-                    hold = self.hold_for(grant.klass, state)
                     wait = await self.gate.try_take(now, grant.klass, *hold)
                 held_back = False
-                if wait > 0 and (any(self.hold_for(grant.klass, state)) or self._fleet_classed()):
+                if wait > 0 and (any(hold) or self._fleet_classed()):
                     grant, wait, held_back = await self._other_class(state, now, grant, wait)
                 if wait <= 0:
                     self._grant(grant, now)
@@ -474,7 +474,7 @@ class AccountBudget:
 
     def _grant(self, grant: Grant, now: float) -> None:
         if grant.caller not in self.queues[grant.klass]:  # left while the slot was asked for:
-            self._credit = now + self.rate.window / self.rate.per_window  # the next one has it
+            self._credit_slot(now)  # the next one has it
             return
         new = served(self.state(now), grant, now)
         self.starts[grant.klass] = new.classes[grant.klass].start
@@ -495,7 +495,7 @@ class AccountBudget:
             waiter.future.set_result(None)
             break
         else:  # all of them left meanwhile: the next one has the slot
-            self._credit = now + self.rate.window / self.rate.per_window
+            self._credit_slot(now)
         if queue:
             queues[grant.caller] = queue  # to the back of the class's round
 
