@@ -9,7 +9,8 @@ nothing else should need to change.
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -73,10 +74,10 @@ def library_privates() -> set[str]:
     return names
 
 
-def library_names(tree: ast.Module) -> set[str]:
-    """Names a module binds to aiohttp's or diskcache's modules and classes."""
+def library_names(nodes: Iterable[ast.AST]) -> set[str]:
+    """Names a module (its nodes) binds to aiohttp's or diskcache's modules and classes."""
     found = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import | ast.ImportFrom):
             module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
             for alias in node.names:
@@ -84,6 +85,22 @@ def library_names(tree: ast.Module) -> set[str]:
                 if root in LIBRARIES:
                     found.add(alias.asname or alias.name.split(".")[0])
     return found
+
+
+@dataclass(frozen=True)
+class Source:
+    """One module of proxy/, parsed and walked once (both checks below read every node)."""
+
+    where: Path
+    body: list[ast.stmt]
+    nodes: list[ast.AST]  # ast.walk's order
+    names: set[str]  # library_names
+
+    @classmethod
+    def read(cls, path: Path) -> Source:
+        tree = ast.parse(path.read_text())
+        nodes = list(ast.walk(tree))
+        return cls(path.relative_to(ROOT.parent), tree.body, nodes, library_names(nodes))
 
 
 def subclasses_a_library(node: ast.ClassDef, names: set[str]) -> bool:
@@ -100,17 +117,16 @@ def is_self_store(node: ast.Attribute) -> bool:
     return isinstance(node.ctx, ast.Store) and isinstance(value, ast.Name) and value.id == "self"
 
 
-def own_names(trees: list[ast.Module]) -> set[str]:
+def own_names(sources: list[Source]) -> set[str]:
     """Names the proxy itself defines: module functions and classes, and the methods and
     ``self`` attributes of its classes that do not subclass a library class."""
     found: set[str] = set()
-    for tree in trees:
-        names = library_names(tree)
-        for node in tree.body:
+    for source in sources:
+        for node in source.body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 found.add(node.name)
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.ClassDef) or subclasses_a_library(node, names):
+        for node in source.nodes:
+            if not isinstance(node, ast.ClassDef) or subclasses_a_library(node, source.names):
                 continue
             for inner in ast.walk(node):
                 if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -120,19 +136,17 @@ def own_names(trees: list[ast.Module]) -> set[str]:
     return found
 
 
-def touches(path: Path, privates: set[str], overridable: set[str]) -> list[str]:
-    """Uses in ``path`` of a library's private name that the proxy does not define itself,
+def touches(source: Source, privates: set[str], overridable: set[str]) -> list[str]:
+    """Uses in ``source`` of a library's private name that the proxy does not define itself,
     and methods of a library subclass that override one of the library's private methods."""
-    where = path.relative_to(ROOT.parent)
-    tree = ast.parse(path.read_text())
-    names = library_names(tree)
+    where = source.where
     found = []
-    for node in ast.walk(tree):
+    for node in source.nodes:
         if isinstance(node, ast.Constant) and node.value in privates:  # getattr(x, "_y")
             found.append(f"{where}:{node.lineno}: {node.value!r}")
         elif isinstance(node, ast.Attribute) and node.attr in privates:
             found.append(f"{where}:{node.lineno}: .{node.attr}")
-        elif isinstance(node, ast.ClassDef) and subclasses_a_library(node, names):
+        elif isinstance(node, ast.ClassDef) and subclasses_a_library(node, source.names):
             methods = [
                 i for i in node.body if isinstance(i, ast.FunctionDef | ast.AsyncFunctionDef)
             ]
@@ -142,7 +156,8 @@ def touches(path: Path, privates: set[str], overridable: set[str]) -> list[str]:
 
 def test_no_private_part_is_touched_outside_compat() -> None:
     paths = [p for p in sorted(ROOT.rglob("*.py")) if p.parent.name != "compat"]
+    sources = [Source.read(p) for p in paths]
     overridable = library_privates()
-    privates = overridable - own_names([ast.parse(p.read_text()) for p in paths])
-    found = [hit for path in paths for hit in touches(path, privates, overridable)]
+    privates = overridable - own_names(sources)
+    found = [hit for source in sources for hit in touches(source, privates, overridable)]
     assert not found, f"reach aiohttp's or diskcache's private parts through proxy/compat/: {found}"
