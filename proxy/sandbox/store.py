@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .config import SandboxConfig
-from .data import AEST, ORDER_STATUSES, Record, generate
+from .data import AEST, ORDER_STATUSES, Record, records
 
 KINDS = ("companies", "sites", "products", "customers", "orders")
 WRITABLE_KINDS = ("products", "customers", "orders")
@@ -170,10 +170,24 @@ def normalise_kind(kind: str) -> str:
     return kind
 
 
+class _Collections(dict[str, Collection]):
+    """The store's collections by kind, each made from the seeded records on first use."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def __missing__(self, kind: str) -> Collection:
+        if kind not in KINDS:
+            raise KeyError(kind)
+        made = self[kind] = Collection(kind, records(self.config, kind))
+        return made
+
+
 class Store:
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
-        self.collections = {k: Collection(k, v) for k, v in generate(config).items()}
+        self.collections = _Collections(config)
         self._last_stamp = 0
 
     def __getitem__(self, kind: str) -> Collection:
