@@ -21,7 +21,9 @@ is off: the retry layer decides.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import select
 import ssl
 import time
@@ -69,8 +71,26 @@ def keepalive_hint(values: Iterable[str]) -> float | None:
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
-    """Verification is always on; only the trust anchors are configurable."""
-    ctx = ssl.create_default_context(cafile=settings.ca_bundle or None)
+    """Verification is always on; only the trust anchors are configurable.
+
+    One context per trust-anchor file as it is on disk (its inode, size and mtime): loading a
+    CA bundle takes ~30 ms and every upstream session made its own (each worker, each proxy
+    of the tests). A bundle replaced or edited is loaded again."""
+    cafile = settings.ca_bundle or None
+    return _verifying_context(cafile, _file_stamp(cafile or ssl.get_default_verify_paths().cafile))
+
+
+def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
+    try:
+        found = os.stat(path) if path else None
+    except OSError:
+        found = None
+    return None if found is None else (found.st_ino, found.st_size, found.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _verifying_context(cafile: str | None, stamp: tuple[int, int, int] | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cafile)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

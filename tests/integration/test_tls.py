@@ -11,6 +11,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from proxy.client import ssl_context
 from proxy.sandbox import SandboxConfig, create_sandbox_app
 from proxy.settings import UpstreamSettings
 from tests.conftest import TOKEN, MakeProxy, proxy_settings
@@ -86,3 +87,22 @@ async def test_wrong_host_name_is_refused(
             assert (await r.json())["error"] == "upstream_tls_error"
     finally:
         await runner.cleanup()
+
+
+def test_a_bundle_is_loaded_once_and_again_when_it_changes_on_disk(tmp_path: Path) -> None:
+    """The verifying context is shared while the bundle is the same file unchanged; a bundle
+    replaced (new CA) is read again, not served from the memo."""
+    bundle = tmp_path / "ca.pem"
+    first, second = trustme.CA(), trustme.CA()
+    first.cert_pem.write_to_path(str(bundle))
+    settings = UpstreamSettings(base_url="https://127.0.0.1:1", ca_bundle=str(bundle))
+    ctx = ssl_context(settings)
+    assert ssl_context(settings) is ctx
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    before = ctx.get_ca_certs()
+    replaced = tmp_path / "ca.pem.new"
+    second.cert_pem.write_to_path(str(replaced))
+    replaced.replace(bundle)  # as a package manager or a mounted secret swaps the file
+    again = ssl_context(settings)
+    assert again is not ctx and again.get_ca_certs() != before
+    assert ssl_context(UpstreamSettings(base_url="https://127.0.0.1:1")) is not again
