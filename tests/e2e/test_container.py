@@ -342,9 +342,6 @@ class Install:
             command,
             shell=True,
             cwd=src,
-            # pip compiles into the venv as in the image, not into the session's bytecode dir
-            # (tests/conftest.py), which the image's own run would not see.
-            env={k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
