@@ -110,6 +110,7 @@ async def test_an_interactive_request_goes_before_a_queued_batch_walk() -> None:
     await served.close()
 
 
+@pytest.mark.no_cover  # a simulated minute of tokens: coverage's tracing would triple the time
 async def test_competing_classes_share_tokens_by_weight() -> None:
     clock = ManualClock()
     served = Served(budget(clock))
@@ -336,6 +337,7 @@ async def test_batch_leaves_the_headroom_at_hand_for_the_other_classes(
     await served.close()
 
 
+@pytest.mark.no_cover  # a simulated minute of tokens: coverage's tracing would triple the time
 async def test_a_class_held_back_by_the_headroom_is_owed_a_turn_not_starved() -> None:
     """Interactive requests at every token (more than the rate) and a batch walk, headroom 3:
     the headroom holds batch back while interactive goes ahead, but only by four of batch's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ def respell(text: str, data: st.DataObject) -> str:
     return "".join(out)
 
 
+@pytest.mark.no_cover  # generated spellings: coverage's tracing would double their time
 @given(PATHS, QUERIES, st.data())
 def test_every_spelling_has_one_key(path: str, query: str, data: st.DataObject) -> None:
     other_path, other_query = respell(path, data), respell(query, data)
@@ -34,6 +36,7 @@ def test_every_spelling_has_one_key(path: str, query: str, data: st.DataObject) 
     assert cache_key("a", other_path, other_query, headers) == cache_key("a", path, query, headers)
 
 
+@pytest.mark.no_cover  # generated spellings: coverage's tracing would double their time
 @given(PATHS, st.data())
 def test_a_write_in_one_spelling_covers_every_other(path: str, data: st.DataObject) -> None:
     written = respell(path, data)
