@@ -5,14 +5,18 @@ caller's If-None-Match on bench/origin.py (bench/compare.py's scenarios), throug
 SO_REUSEPORT, sharing state in a Redis of the bench's own), every server started first, then
 interleaved rounds. wrk shares the two cores with them, so the target is 1.3x, not 2x. Per row:
 req/s and p99 (the round with the median req/s), upstream requests per caller request (from
-the origin), and Redis round trips per request from the workers' own
-``kounta_proxy_shared_calls_total``.
+the origin), Redis round trips per request from the workers' own
+``kounta_proxy_shared_calls_total``, the server's CPU (its processes' user + system time per
+second of the run, in cores) and the machine's headroom (its idle cores over the run, from
+/proc/stat). ``--old DIR`` adds ``--workers 1`` and ``2`` of the proxy package in DIR (``git
+archive REV proxy | tar -x -C DIR``, as bench.ab) to the same interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -92,6 +96,34 @@ class Server:
     label: str
     url: str
     admin: int | None  # the admin port whose /metrics counts Redis round trips
+    pids: list[int]  # the server's processes (a parent and its workers)
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system seconds the processes have used (/proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def idle_seconds() -> float:
+    """The machine's idle core-seconds so far (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / TICKS
+
+
+def family(pid: int) -> list[int]:
+    """The process and its children (``serve --workers``: the parent and its workers)."""
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, children)]
+    return [pid]
 
 
 def start(
@@ -100,33 +132,40 @@ def start(
     upstream: str,
     redis: str,
     workers: int | None,
-) -> tuple[str, int | None]:
-    """A proxy on ``upstream`` (one process, or ``serve --workers N`` on ``redis``), every
-    path stored in every worker's memory tier: its URL and admin port."""
+    cwd: str | None = None,
+) -> tuple[str, int | None, list[int]]:
+    """A proxy on ``upstream`` (one process, or ``serve --workers N`` on ``redis``; the
+    package in ``cwd``, else this tree's), every path stored in every worker's memory tier:
+    its URL, admin port and processes."""
     port = cache_bench.free_port()
     if workers is None:
         path = compare.proxy_config(directory, upstream, port, "auto")
         args = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
-        stack.enter_context(cache_bench.process(args, port))
+        proc = stack.enter_context(cache_bench.process(args, port, cwd=cwd))
         admin = None
     else:
         admin = cache_bench.free_port() + 100
         path = config(directory, upstream, redis, port, admin)
         args = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
-        proc = stack.enter_context(cache_bench.process([*args, "--workers", str(workers)], port))
+        served = [*args, "--workers", str(workers)]
+        proc = stack.enter_context(cache_bench.process(served, port, cwd=cwd))
         wait_ready(admin, proc)  # every worker has started
     url = f"http://127.0.0.1:{port}"
     for s in compare.SCENARIOS:
         for _ in range(8 * (workers or 1)):  # each worker stores it in its own memory tier
             cache_bench.fetch(url + s.path)
-    return url, admin
+    return url, admin, family(proc.pid)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run --workers")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--connections", type=int, default=cache_bench.CONNECTIONS)
+    p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
     args = p.parse_args(argv)
+    chosen: list[tuple[str, int | None, str | None]] = [(lb, w, None) for lb, w in SERVERS]
+    if args.old:
+        chosen += [(f"{label}, --old", w, args.old) for label, w in SERVERS if w is not None]
     wrk = cache_bench.ensure_wrk()
     if wrk is None:
         print("--workers needs wrk", file=sys.stderr)
@@ -135,15 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     origin_port = cache_bench.free_port()
     origin = f"http://127.0.0.1:{origin_port}"
     started = time.monotonic()
-    # (scenario key, server label) -> per round (req/s, p99 ms, upstream/req, Redis/req)
-    rows: dict[tuple[str, str], list[tuple[float, float, float, float | None]]] = {}
+    # (scenario key, server label) -> per round (req/s, p99 ms, upstream/req, Redis/req,
+    # the server's CPU in cores, the machine's idle cores)
+    rows: dict[tuple[str, str], list[tuple[float, float, float, float | None, float, float]]]
+    rows = {}
     with contextlib.ExitStack() as stack:
         origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
         stack.enter_context(cache_bench.process(origin_args, origin_port))
         redis = stack.enter_context(own_redis(str(directory)))
         servers = [
-            Server(label, *start(stack, directory, origin, redis, workers))
-            for label, workers in SERVERS
+            Server(label, *start(stack, directory, origin, redis, workers, cwd))
+            for label, workers, cwd in chosen
         ]
         etag = cache_bench.fetch(servers[0].url + compare.REVALIDATED)[1]["etag"]
         noted: dict[str, dict[str, float]] = {}
@@ -154,35 +195,46 @@ def main(argv: list[str] | None = None) -> int:
                 for server in servers:
                     calls = None if server.admin is None else shared_calls(server.admin)
                     served = compare.served(origin)
+                    cpu, idle, began = cpu_seconds(server.pids), idle_seconds(), time.monotonic()
                     r = cache_bench.wrk(wrk, server.url + scenario.path, headers, None,
                                         args.connections)  # fmt: skip
+                    took = time.monotonic() - began
+                    busy = (cpu_seconds(server.pids) - cpu) / took
+                    spare = (idle_seconds() - idle) / took
                     asked = max(1, r.requests)
                     up = (compare.served(origin) - served) / asked
                     redis_calls = None
                     if calls is not None and server.admin is not None:
                         redis_calls = (shared_calls(server.admin) - calls) / asked
-                    row = (r.rps, r.p99_ms, up, redis_calls)
+                    row = (r.rps, r.p99_ms, up, redis_calls, busy, spare)
                     rows.setdefault((scenario.key, server.label), []).append(row)
         for server in servers:
             if server.admin is not None:
                 noted[server.label] = notes(server.admin)
     print(f"\n## By workers (wrk -t2 -c{args.connections}, median of {args.rounds} rounds)\n")
-    print("| scenario | server | req/s | p99 ms | upstream/req | Redis round trips/req |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| scenario | server | req/s | p99 ms | upstream/req | Redis round trips/req "
+          "| CPU (cores) | CPU µs/req | idle cores |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     medians: dict[tuple[str, str], float] = {}
     for scenario in compare.SCENARIOS:
-        for label, _ in SERVERS:
+        for label, _, _ in chosen:
             runs = rows[(scenario.key, label)]
-            rps, p99, up, calls = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # median
+            rps, p99, up, calls, busy, spare = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
             medians[(scenario.key, label)] = rps
             shown = "" if calls is None else f"{calls:.3f}"
-            print(f"| {scenario.label} | {label} | {rps:.0f} | {p99:.2f} | {up:.3f} | {shown} |")
-    print("\n| scenario | --workers 2 / one process | --workers 2 / --workers 1 |")
-    print("| --- | ---: | ---: |")
+            print(f"| {scenario.label} | {label} | {rps:.0f} | {p99:.2f} | {up:.3f} | {shown} "
+                  f"| {busy:.2f} | {busy / rps * 1e6:.0f} | {spare:.2f} |")  # fmt: skip
+    old = " | --workers 2, --old / one process | --workers 1, --old / one process" * bool(args.old)
+    print(f"\n| scenario | --workers 2 / one process | --workers 2 / --workers 1 "
+          f"| --workers 1 / one process{old} |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: |" + " ---: | ---: |" * bool(args.old))
     for scenario in compare.SCENARIOS:
-        two = medians[(scenario.key, "--workers 2")]
-        one, w1 = medians[(scenario.key, "one process")], medians[(scenario.key, "--workers 1")]
-        print(f"| {scenario.label} | {two / one:.2f} | {two / w1:.2f} |")
+        m = {label: medians[(scenario.key, label)] for label, _, _ in chosen}
+        two, one, w1 = m["--workers 2"], m["one process"], m["--workers 1"]
+        cells = [two / one, two / w1, w1 / one]
+        if args.old:
+            cells += [m["--workers 2, --old"] / one, m["--workers 1, --old"] / one]
+        print(f"| {scenario.label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     print("\n(target: no scenario below 1.0; 1.3 for fresh hits on two shared cores)")
     for server in servers:
         if server.admin is not None:

@@ -59,6 +59,10 @@ MIN_TTL = 60.0
 POLL_SECONDS = 0.05
 # The suffix of a key's background-refresh claim beside its fetch lock (claim_refresh).
 REFRESH = ":refresh"
+# A claim that takes the lock over a record larger than this reads only its first PEEK bytes
+# (the envelope and the entry's header) and the whole record only when the entry may answer
+# the flight: a revalidating flight over its own 500 KB entry does not read 500 KB each time.
+PEEK = 8192
 # Invalidations kept while Redis is away; past that, one purge of everything replaces them.
 MAX_PENDING = 1000
 # How often a replica holding invalidations Redis missed tries them again.
@@ -424,6 +428,7 @@ class RedisRecords:
                 self.lock_ttl,
                 self.max_entry_size,
                 wait,
+                PEEK,
             )
         except SharedUnavailable:
             self._count("lock", "error")
@@ -449,6 +454,23 @@ class RedisRecords:
     async def found(self, account: str, key: str, data: bytes | None) -> Stored | None:
         """The entry a claim found under the key once it took the lock (None: none, or bad)."""
         return None if data is None else await self._decoded(account, key, digest(key), data)
+
+    def peeked(self, account: str, key: str, head: bytes) -> Entry | None:
+        """The entry in a record's head (:meth:`claim`: its MAC not checked, so only to tell
+        whether to read the record whole); None when the head does not hold it whole, or is
+        not an entry of this key and account."""
+        if head[: len(MAGIC)] != MAGIC or len(head) < len(MAGIC) + 4:
+            return None
+        start = len(MAGIC) + 4
+        end = start + int.from_bytes(head[len(MAGIC) : start], "big")
+        if end > len(head):
+            return None
+        raw = head[start:end]
+        try:
+            entry, _, owner = _parsed(raw) if len(raw) <= MEMO_HEADER else _parse(raw)
+        except BadRecord:
+            return None
+        return entry if owner == key and entry.account == account else None
 
     async def wait(self, account: str, key: str, patience: float) -> Stored | None:
         """The entry another replica's fetch stores, or None once its lock is gone without

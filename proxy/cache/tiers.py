@@ -256,10 +256,8 @@ class RedisEntries(LocalEntries):
                 return other
             found = other
         else:  # the lock's last owner may have stored it since this flight's lookup
-            found = await self.records.found(account, flight.key, claim.data)
-        if found is None or not (
-            self._usable(flight, found, hold) or self._since(flight, found, began)
-        ):
+            found = await self._found(flight, claim, began, hold)
+        if found is None or not self._answers(flight, found.entry, began, hold):
             return await fetch()
         self.store.promote(flight.key, found)
         entry = found.entry
@@ -296,7 +294,7 @@ class RedisEntries(LocalEntries):
             found, locked = await self.records.poll(account, key)
             if locked is None:
                 return None
-            if found is not None and self._usable(flight, found, hold):
+            if found is not None and self._usable(flight, found.entry, hold):
                 return found
             if not locked:  # let go just now: its note may still be on its way
                 data = await self.records.heard(account, key, claim.holder, NOTE_GRACE)
@@ -332,16 +330,36 @@ class RedisEntries(LocalEntries):
         found, _ = await self.records.poll(account, key)
         return found
 
+    async def _found(
+        self, flight: Flight, claim: Claim, began: float, hold: Hold | None
+    ) -> Stored | None:
+        """The entry under the key once the flight took its lock: as the claim read it, or,
+        when it read only a large record's head, the record read whole (one more round trip)
+        only if the head's entry may answer the flight (else None: the flight fetches)."""
+        account, key = flight.request.account, flight.key
+        if not claim.head or claim.data is None:
+            return await self.records.found(account, key, claim.data)
+        entry = self.records.peeked(account, key, claim.data)
+        if entry is not None and not self._answers(flight, entry, began, hold):
+            self.metrics.cache_shared.labels("lock", "peeked").inc()
+            return None
+        return await self.records.get(account, key)  # whole, every check made
+
+    def _answers(self, flight: Flight, entry: Entry, began: float, hold: Hold | None) -> bool:
+        """Whether another replica's entry answers the flight: a fresh hit by this replica's
+        rules, or fetched since the flight began."""
+        return self._usable(flight, entry, hold) or self._since(flight, entry, began)
+
     def _changed(self, flight: Flight) -> bool:
         request = flight.request
         return flight.cancelled or self.store.invalidated_since(
             flight.sequence, request.account, request.path
         )
 
-    def _since(self, flight: Flight, found: Stored, began: float) -> bool:
+    def _since(self, flight: Flight, entry: Entry, began: float) -> bool:
         """Whether another replica's entry was fetched after this flight began (it may
         answer the flight's requests, fresh or not, as a flight of this replica's would)."""
-        return found.entry.response_time >= began and not self.stale(flight, found.entry)
+        return entry.response_time >= began and not self.stale(flight, entry)
 
     async def _queue(self, flight: Flight) -> None:
         """A background refresh: one per key for the fleet (its own claim in Redis, apart
@@ -357,12 +375,12 @@ class RedisEntries(LocalEntries):
             self._refreshing[flight] = claim.owner
         await self.prepay(flight.request)
 
-    def _usable(self, flight: Flight, found: Stored, hold: Hold | None = None) -> bool:
+    def _usable(self, flight: Flight, found: Entry, hold: Hold | None = None) -> bool:
         """Whether another replica's entry answers this flight's request as a fresh hit, by
         the same rule as a local one (:func:`~proxy.cache.policy.lookup`): never for a request
         that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1), and as
         ``hold`` holds it (a webhook rule's fallback while the feed is distrusted)."""
-        entry = found.entry if hold is None else hold(found.entry)
+        entry = found if hold is None else hold(found)
         if self.stale(flight, entry):
             return False
         headers = flight.request.headers

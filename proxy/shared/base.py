@@ -155,13 +155,16 @@ class Claim:
     later is refused when an invalidation came in between), and ``data`` the entry found
     under the key once the lock was taken (the last owner's, stored before it let go). When
     another replica holds the lock: ``holder``, its owner token, and ``noted``, whether this
-    replica was named among its waiters (the owner's release then publishes its note here)."""
+    replica was named among its waiters (the owner's release then publishes its note here).
+    ``head``: ``data`` is only the first bytes of an entry larger than the claim's ``peek``
+    (its MAC not checked: enough to read its entry's header, never to answer from)."""
 
     owner: str | None
     gen: str
     data: bytes | None = None
     holder: str | None = None
     noted: bool = False
+    head: bool = False
 
 
 class SharedCache(Protocol):
@@ -182,11 +185,19 @@ class SharedCache(Protocol):
         ...
 
     async def cache_claim(
-        self, account: str, digest: str, owner: str, ttl: float, limit: int, wait: bool = False
+        self,
+        account: str,
+        digest: str,
+        owner: str,
+        ttl: float,
+        limit: int,
+        wait: bool = False,
+        peek: int = 0,
     ) -> Claim:
         """Take the key's fetch lock; the entry found once it is taken is verified and at
-        most ``limit`` bytes of body (else none). ``wait``: when another replica holds it,
-        be named among its waiters (to hear its note: :meth:`cache_note`)."""
+        most ``limit`` bytes of body (else none); one larger than ``peek`` bytes (0: none)
+        comes as its first ``peek`` bytes (``Claim.head``). ``wait``: when another replica
+        holds it, be named among its waiters (to hear its note: :meth:`cache_note`)."""
         ...
 
     async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:

@@ -103,7 +103,14 @@ class CacheRecords:
         return int(stored) == 1
 
     async def cache_claim(
-        self, account: str, digest: str, owner: str, ttl: float, limit: int, wait: bool = False
+        self,
+        account: str,
+        digest: str,
+        owner: str,
+        ttl: float,
+        limit: int,
+        wait: bool = False,
+        peek: int = 0,
     ) -> Claim:
         keys = [
             self._cache_key(account, "lock", digest),
@@ -114,11 +121,15 @@ class CacheRecords:
         if waiter:
             keys.append(self._cache_key(account, "lock", digest + WAITING))
         args: list[Any] = [owner, max(1, int(ttl * 1000)), limit + self.OVERHEAD, waiter]
+        if peek > 0:
+            args.append(peek)
         found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
         taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
         if taken != 1:
             holder = _text(data) if isinstance(data, bytes | str) else None
             return Claim(None, _text(gen), holder=holder, noted=bool(waiter))
+        if len(found) > 3 and isinstance(data, bytes):  # a head: checked once read whole
+            return Claim(owner, _text(gen), self.records.unchecked(data), head=True)
         return Claim(owner, _text(gen), self._claimed(keys[2], data))
 
     def _claimed(self, key: str, data: Any) -> bytes | None:

@@ -348,9 +348,13 @@ return 1
 # The lock held by another: its owner token is returned, and the caller (ARGV[4], its
 # replica's notes channel suffix; empty: none) is added to the lock's waiters, to whom the
 # owner's release publishes its note (CACHE_RELEASE).
-# KEYS: lock, gen, entry, waiters. ARGV: owner, ttl ms, the largest entry read, waiter.
-# Returns {1, gen, entry or false, or -1 for one too large or not a string} when taken,
-# else {0, gen, the holder's token or false}.
+# An entry larger than ARGV[5] bytes (the peek; absent: none) is not sent whole: only its
+# first ARGV[5] bytes (its entry's header, for the caller to tell whether it may answer from
+# it; it reads it whole only then), and its size.
+# KEYS: lock, gen, entry, waiters. ARGV: owner, ttl ms, the largest entry read, waiter, peek.
+# Returns {1, gen, entry or false, or -1 for one too large or not a string} when taken, or
+# {1, gen, the entry's first ARGV[5] bytes, its size}; else {0, gen, the holder's token or
+# false}.
 CACHE_CLAIM = """
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 local gen = redis.call('GET', KEYS[2]) or '0'
@@ -364,8 +368,12 @@ end
 local kind = redis.call('TYPE', KEYS[3])['ok']
 if kind == 'none' then return {1, gen} end
 -- Larger than the caller's limit (ARGV[3]) or not a string: never sent, a bad record.
-if kind ~= 'string' or redis.call('STRLEN', KEYS[3]) > tonumber(ARGV[3]) then
-  return {1, gen, -1}
+if kind ~= 'string' then return {1, gen, -1} end
+local size = redis.call('STRLEN', KEYS[3])
+if size > tonumber(ARGV[3]) then return {1, gen, -1} end
+local peek = tonumber(ARGV[5] or '0')
+if peek > 0 and size > peek then
+  return {1, gen, redis.call('GETRANGE', KEYS[3], 0, peek - 1), size}
 end
 return {1, gen, redis.call('GET', KEYS[3])}
 """
