@@ -47,6 +47,8 @@ from proxy.target import Target, upstream_url
 SMALL_BODY = 64 * 1024
 # Statuses whose body is not a whole gzip stream to check: none (RFC 9110 6.4.1), a range.
 NO_BODY = frozenset({204, 206, 304})
+# Answers that never carry a body (RFC 9110 6.4.1): 204, 304, and any answer to HEAD.
+BODILESS = frozenset({204, 304})
 
 
 def _ignore(kind: str) -> None:
@@ -281,6 +283,20 @@ class Upstream:
                 upstream_status=response.status,
                 upstream_seconds=took,
             )
+        if response.status in BODILESS or request.method == "HEAD":
+            # Nothing follows the head (a revalidation's 304 from Kounta, most often): the
+            # exchange is over, so the connection and the slot go back now, with no watchdog
+            # timer and no stream reader. The answer keeps a stream's shape (an empty one)
+            # and its framing headers as they came, as a streamed answer does.
+            response.release()
+            slot()
+            return ProxyResponse(
+                status=response.status,
+                headers=CIMultiDict(response.headers),
+                body=_no_body(),
+                upstream_status=response.status,
+                upstream_seconds=took,
+            )
         ended = self._watch(
             response, slot, min(request.deadline, begun + self.settings.total_timeout)
         )
@@ -353,6 +369,12 @@ class Upstream:
         finally:
             response.release()
             slot()
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    """The body of an answer that has none: an empty stream."""
+    return
+    yield  # pragma: no cover - makes this an async generator
 
 
 def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
