@@ -3,8 +3,9 @@
 Each account holds at most its share of the upstream connections at once
 (``upstream.account_pool_size``, :class:`Slots`), from sending a request until its answer is
 released (an answer without a body: until its head came), so callers of one account that
-stop reading cannot take the connections every other account needs. A request that cannot get a slot within ``connect_timeout`` is
-``503 upstream_busy``: the proxy's own limit, which no circuit breaker counts.
+stop reading cannot take the connections every other account needs. A request that cannot
+get a slot within ``connect_timeout`` is ``503 upstream_busy``: the proxy's own limit, which
+no circuit breaker counts.
 
 Kounta is asked for gzip (``Accept-Encoding: gzip``) and its bodies are passed up as they
 came, ``Content-Encoding`` kept: a gzip body is checked as it arrives (complete, CRC32 and
