@@ -5,10 +5,12 @@ revalidated 8 KB answer (no rule: every request asks the upstream with If-None-M
 coalesced), a revalidated 500 KB answer, and a caller's own If-None-Match on the revalidated
 path answered 304. Each is measured through a proxy on asyncio's loop, a proxy on uvloop and,
 when nginx is there (installed with apt like wrk), nginx ``proxy_cache`` configured by
-bench/nginx.conf. Every server is started first; then ROUNDS interleaved rounds, and per row
+bench/nginx.conf. Every server is started first, pinned to one core (wrk and the upstream on
+the other: cache_bench.pin); then ROUNDS interleaved rounds (:func:`round_order`), and per row
 the round with the median requests/s (cache_bench's reasoning). The ratios are the result:
-revalidated / fresh and INM / fresh within one server, upstream requests per caller request,
-uvloop / asyncio, and req/s and p99 against nginx's.
+revalidated / fresh and INM / fresh within one server (the median of each round's own ratio,
+:func:`paired`), upstream requests per caller request, uvloop / asyncio, and req/s and p99
+against nginx's.
 """
 
 from __future__ import annotations
