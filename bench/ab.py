@@ -8,7 +8,8 @@ uvloop, in ``--rounds`` interleaved rounds; per row the medians of requests/s, t
 CPU time per request (steadier than req/s on a shared machine), p99 and upstream requests per
 caller request, the proxy's CPU seconds per second of the run (``busy``: below 1 it waited,
 e.g. on the upstream), and the min-max over the rounds of req/s over the same server's fresh
-hit in the same round.
+hit in the same round. Pinned as the comparison is (bench.cache_bench.pin:
+``KOUNTA_BENCH_PIN=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench import compare
-from bench.cache_bench import cpu_seconds, free_port, process, wrk
+from bench.cache_bench import LOAD, SERVER, cpu_seconds, free_port, process, wrk
 
 HERE = str(Path(__file__).resolve().parent.parent)
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
-            stack.enter_context(process(origin_args, origin_port))
+            stack.enter_context(process(origin_args, origin_port, role=LOAD))
             for tree, cwd in (("old", args.old), ("new", HERE)):
                 for loop in compare.LOOPS:
                     port = free_port()
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     sub.mkdir(exist_ok=True)
                     config = compare.proxy_config(sub, origin, port, loop)
                     serve = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
-                    proc = stack.enter_context(process(serve, port, cwd=cwd))
+                    proc = stack.enter_context(process(serve, port, cwd=cwd, role=SERVER))
                     servers[f"{tree}, {loop}"] = (f"http://127.0.0.1:{port}", proc.pid)
             etags = compare.warm(servers, {})
             for round_no in range(1, args.rounds + 1):
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, (url, pid) in servers.items():
                         headers = {"If-None-Match": etags[name]} if s.inm else {}
                         cpu, before = cpu_seconds(pid), compare.served(origin)
-                        r = wrk(binary, url + s.path, headers, None, args.connections)
+                        r = wrk(binary, url + s.path, headers, None, args.connections, LOAD)
                         used = cpu_seconds(pid) - cpu
                         spent = used * 1e6 / max(1, r.requests)
                         up = (compare.served(origin) - before) / max(1, r.requests)

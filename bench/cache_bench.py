@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +66,43 @@ def ensure_wrk() -> str | None:
     return shutil.which("wrk")
 
 
+# Pinning (``KOUNTA_BENCH_PIN=0`` turns it off): every measured server (proxies, nginx, the
+# minimal handlers) on the last core, the load (wrk) and the upstream on the other cores, the
+# same for every scenario and every server. Unpinned, the scheduler moves wrk's two threads,
+# the upstream and the server between the cores as it likes, and how soon the upstream's 304
+# gets a core moves the revalidating rows' rate from one run to the next (docs/performance.md,
+# "A steadier comparison"). With fewer than two cores nothing is pinned.
+SERVER, LOAD = "server", "load"
+
+
+def cpu_sets() -> dict[str, set[int]] | None:
+    """The cores of each role, or None: not pinned."""
+    if os.environ.get("KOUNTA_BENCH_PIN", "1") == "0" or not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return {SERVER: {cores[-1]}, LOAD: set(cores[:-1])}
+
+
+def pin(role: str | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child (and what it starts) to ``role``'s cores."""
+    sets = cpu_sets()
+    if role is None or sets is None:
+        return None
+    cores = sets[role]
+    return lambda: os.sched_setaffinity(0, cores)
+
+
 @contextmanager
 def process(
-    args: list[str], port: int, cwd: str | None = None
+    args: list[str], port: int, cwd: str | None = None, role: str | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server subprocess (run in ``cwd``: ``python -m`` imports from there first)."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    """A server subprocess (run in ``cwd``: ``python -m`` imports from there first), pinned
+    to ``role``'s cores when given (``pin``)."""
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, preexec_fn=pin(role)
+    )
     try:
         wait_port(port, proc)
         yield proc
@@ -149,13 +180,17 @@ def wrk(
     headers: dict[str, str],
     script: Path | None,
     connections: int | None = None,
+    role: str | None = None,
 ) -> Result:
+    """wrk against ``url``; pinned to ``role``'s cores when given (``pin``: LOAD)."""
     args = [binary, "-t2", f"-c{connections or CONNECTIONS}", f"-d{DURATION}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     if script is not None:
         args += ["-s", str(script)]
-    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [*args, url], capture_output=True, text=True, check=True, preexec_fn=pin(role)
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     for problem in re.findall(r"^\s*(Non-2xx or 3xx responses: \d+|Socket errors: .*)$", out, re.M):
@@ -224,7 +259,8 @@ class Bench:
             base = 1_000_000 + self.miss_runs * 1_000_000_000
             self.miss_script.write_text(f"local BASE = {base}\n{MISS_SCRIPT}")
         if self.wrk is not None:
-            return wrk(self.wrk, url, headers, self.miss_script if unique else None)
+            script = self.miss_script if unique else None
+            return wrk(self.wrk, url, headers, script, role=LOAD)
         return asyncio.run(aio_load(url, headers, unique, self.miss_runs))
 
     def served(self) -> int:
@@ -298,7 +334,7 @@ def run() -> list[Result]:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
         with contextlib.ExitStack() as servers:
-            servers.enter_context(process(sandbox_args, bench.sandbox_port))
+            servers.enter_context(process(sandbox_args, bench.sandbox_port, role=LOAD))
             big = big_product(bench.sandbox)
             small_body, _ = fetch(bench.sandbox + FRESH, auth)
             large_body, _ = fetch(bench.sandbox + big, auth)
@@ -325,13 +361,14 @@ def start_servers(
         port = free_port()
         config = proxy_config(bench.directory, bench.sandbox, port, cache=cache)
         args = [py, "-m", "proxy", "serve", "--config", str(config)]
-        proc = servers.enter_context(process(args, port))
+        proc = servers.enter_context(process(args, port, role=SERVER))
         proxies[cache] = (f"http://127.0.0.1:{port}", proc.pid)
     minimal: dict[str, tuple[str, int]] = {}
     for file in ("small.json", "large.json"):
         port = free_port()
         args = [py, "-m", "bench.minimal", "--port", str(port)]
-        proc = servers.enter_context(process([*args, "--file", str(bench.directory / file)], port))
+        args += ["--file", str(bench.directory / file)]
+        proc = servers.enter_context(process(args, port, role=SERVER))
         minimal[file] = (f"http://127.0.0.1:{port}/x", proc.pid)
     (base, pid), (plain, plain_pid) = proxies[True], proxies[False]
     _, headers = fetch(base + FRESH)  # warm: stored from here on

@@ -57,7 +57,8 @@ def main() -> int:
     rows, note = compare.run(connections)
     print(
         f"\n## The long way, both event loops, nginx (wrk -t2 -c{connections} "
-        f"-d{cache_bench.DURATION}s, median of {cache_bench.ROUNDS} interleaved rounds)\n"
+        f"-d{cache_bench.DURATION}s, {compare.ROUNDS} interleaved rounds: the round with the "
+        "median req/s, ratios the median of each round's own)\n"
     )
     print(compare.table(rows))
     print()

@@ -2,9 +2,10 @@
 
 Each account holds at most its share of the upstream connections at once
 (``upstream.account_pool_size``, :class:`Slots`), from sending a request until its answer is
-released, so callers of one account that stop reading cannot take the connections every
-other account needs. A request that cannot get a slot within ``connect_timeout`` is
-``503 upstream_busy``: the proxy's own limit, which no circuit breaker counts.
+released (an answer without a body: until its head came), so callers of one account that
+stop reading cannot take the connections every other account needs. A request that cannot
+get a slot within ``connect_timeout`` is ``503 upstream_busy``: the proxy's own limit, which
+no circuit breaker counts.
 
 Kounta is asked for gzip (``Accept-Encoding: gzip``) and its bodies are passed up as they
 came, ``Content-Encoding`` kept: a gzip body is checked as it arrives (complete, CRC32 and
@@ -47,6 +48,8 @@ from proxy.target import Target, upstream_url
 SMALL_BODY = 64 * 1024
 # Statuses whose body is not a whole gzip stream to check: none (RFC 9110 6.4.1), a range.
 NO_BODY = frozenset({204, 206, 304})
+# Answers that never carry a body (RFC 9110 6.4.1): 204, 304, and any answer to HEAD.
+BODILESS = frozenset({204, 304})
 
 
 def _ignore(kind: str) -> None:
@@ -281,6 +284,20 @@ class Upstream:
                 upstream_status=response.status,
                 upstream_seconds=took,
             )
+        if response.status in BODILESS or request.method == "HEAD":
+            # Nothing follows the head (a revalidation's 304 from Kounta, most often): the
+            # exchange is over, so the connection and the slot go back now, with no watchdog
+            # timer and no stream reader. The answer keeps a stream's shape (an empty one)
+            # and its framing headers as they came, as a streamed answer does.
+            response.release()
+            slot()
+            return ProxyResponse(
+                status=response.status,
+                headers=CIMultiDict(response.headers),
+                body=_no_body(),
+                upstream_status=response.status,
+                upstream_seconds=took,
+            )
         ended = self._watch(
             response, slot, min(request.deadline, begun + self.settings.total_timeout)
         )
@@ -353,6 +370,12 @@ class Upstream:
         finally:
             response.release()
             slot()
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    """The body of an answer that has none: an empty stream."""
+    return
+    yield  # pragma: no cover - makes this an async generator
 
 
 def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
