@@ -35,7 +35,7 @@ from proxy.edge.services import SERVICES, Services
 from proxy.files import private_dir
 from proxy.listener import StartupError, bound_port, run_until_signal, start
 from proxy.logs import event
-from proxy.ops import reload
+from proxy.ops import heap, reload
 from proxy.ops.admin import start_admin
 from proxy.settings import Settings, masked
 
@@ -83,26 +83,30 @@ async def _serve(
             await hooks.cleanup()
         await runner.cleanup()
         raise
-    event(
-        "started",
-        version=__version__,
-        event_loop=eventloop.running(),
-        listen=f"{settings.server.host}:{bound_port(runner)}",
-        admin=_admin_address(settings, admin),
-        upstream=settings.upstream.base_url,
-        settings=masked(settings),
-    )
-    if announce is not None:
-        announce(
-            bound_port(runner), bound_port(admin) if admin and not settings.admin.socket else None
+    with heap.frozen_heap():  # start-up's objects out of the collector's full passes
+        event(
+            "started",
+            version=__version__,
+            event_loop=eventloop.running(),
+            listen=f"{settings.server.host}:{bound_port(runner)}",
+            admin=_admin_address(settings, admin),
+            upstream=settings.upstream.base_url,
+            settings=masked(settings),
         )
+        if announce is not None:
+            announce(
+                bound_port(runner),
+                bound_port(admin) if admin and not settings.admin.socket else None,
+            )
 
-    def not_ready(signal_name: str) -> None:
-        services.state.shutting_down = True
+        def not_ready(signal_name: str) -> None:
+            services.state.shutting_down = True
 
-    reloads.services = services
-    runners = [runner, *([hooks] if hooks else []), *([admin] if admin else []), *(extra or [])]
-    await run_until_signal(runners, on_signal=not_ready, drain_delay=settings.server.drain_delay)
+        reloads.services = services
+        runners = [runner, *([hooks] if hooks else []), *([admin] if admin else []), *(extra or [])]
+        await run_until_signal(
+            runners, on_signal=not_ready, drain_delay=settings.server.drain_delay
+        )
 
 
 async def start_webhooks(services: Services) -> web.AppRunner | None:
@@ -159,7 +163,10 @@ class Reloads:
 
     async def run(self, services: Services, load: reload.Loader) -> bool:
         async with self.lock:
-            return await reload.reload(services, load)
+            applied = await reload.reload(services, load)
+        if applied:
+            heap.refreeze()  # the old settings' cycles collected, the new ones frozen
+        return applied
 
 
 def preflight(settings: Settings) -> None:

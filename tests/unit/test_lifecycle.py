@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import signal
 from pathlib import Path
@@ -92,3 +93,17 @@ async def test_admin_can_be_disabled(tmp_path: Path) -> None:
     assert admin is None
     await send_sigterm_once_handled()
     await asyncio.wait_for(task, 10)
+
+
+async def test_serve_freezes_start_ups_objects_and_unfreezes_them_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    settings = dataclasses.replace(
+        proxy_settings("http://127.0.0.1:9", tmp_path), admin=AdminSettings(enabled=False)
+    )
+    assert gc.get_freeze_count() == 0
+    task, _, _ = await start(settings)
+    assert gc.get_freeze_count() > 0  # frozen before it says it started
+    await send_sigterm_once_handled()
+    await asyncio.wait_for(task, 10)
+    assert gc.get_freeze_count() == 0
