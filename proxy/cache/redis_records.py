@@ -357,6 +357,10 @@ class RedisRecords:
         except (BadSharedRecord, BadRecord) as e:
             return await self._bad(account, key, str(e))
 
+    def joined(self) -> None:
+        """A lookup answered by another's read of the same key (no read of its own)."""
+        self._count("get", "joined")
+
     async def _decoded(self, account: str, key: str, name: str, data: bytes) -> Stored | None:
         try:
             return self._checked(account, key, data)
