@@ -62,13 +62,13 @@ class Tier:
         await self.entries.records.put(KEY, Stored(entry, BODY), claim.gen, now)
 
 
-async def tier(space: RedisSpace, tmp_path: Path, timeout: float = 2.0) -> AsyncIterator[Tier]:
+async def tier(space: RedisSpace, tmp_path: Path, redis_timeout: float = 2.0) -> AsyncIterator[Tier]:
     shared, cache = CollectorRegistry(), CollectorRegistry()
     metrics = CacheMetrics(cache)
     # No memory tier: every lookup reads Redis (as the bench's Redis-hit proxy does).
     store = await CacheStore.open(tmp_path / "cache", 10**8, 0, metrics)
     try:
-        async with space.backend(shared, timeout=timeout) as backend:
+        async with space.backend(shared, timeout=redis_timeout) as backend:
             records = RedisRecords(
                 backend, metrics, max_entry_size=1 << 20, stale_if_error=0.0, lock_ttl=5.0,
                 accounts=("main",),
@@ -115,7 +115,7 @@ async def test_a_tampered_record_is_refused_for_every_lookup_sharing_its_read(
 async def test_a_stalled_read_fails_every_lookup_sharing_it_within_the_timeout(
     own_redis_space: RedisSpace, tmp_path: Path
 ) -> None:
-    async for shared in tier(own_redis_space, tmp_path, timeout=0.3):
+    async for shared in tier(own_redis_space, tmp_path, redis_timeout=0.3):
         await shared.store()
         assert await shared.entries.lookup("main", KEY) is not None  # connected
         async with shared.space.client() as raw:
