@@ -62,7 +62,9 @@ class Tier:
         await self.entries.records.put(KEY, Stored(entry, BODY), claim.gen, now)
 
 
-async def tier(space: RedisSpace, tmp_path: Path, redis_timeout: float = 2.0) -> AsyncIterator[Tier]:
+async def tier(
+    space: RedisSpace, tmp_path: Path, redis_timeout: float = 2.0
+) -> AsyncIterator[Tier]:
     shared, cache = CollectorRegistry(), CollectorRegistry()
     metrics = CacheMetrics(cache)
     # No memory tier: every lookup reads Redis (as the bench's Redis-hit proxy does).
