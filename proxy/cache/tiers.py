@@ -265,7 +265,8 @@ class RedisEntries(LocalEntries):
         finally:
             if self._reading.get(key) is reading:
                 del self._reading[key]
-        _tell(reading.waiters, found)
+        if reading.waiters:
+            _tell(reading.waiters, found)
         return found
 
     async def obtain(
