@@ -265,8 +265,7 @@ class RedisEntries(LocalEntries):
         finally:
             if self._reading.get(key) is reading:
                 del self._reading[key]
-        if reading.waiters:
-            _tell(reading.waiters, found)
+        _tell(reading.waiters, found)
         return found
 
     async def obtain(

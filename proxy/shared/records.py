@@ -100,16 +100,16 @@ class RecordKeys:
 
 
 def _tag(key: bytes, context: bytes, payload: bytes | memoryview) -> bytes:
-    mac = _prefixed(key, context).copy()  # the state after key and context, set up once
+    mac = _keyed(key).copy()  # the key's HMAC state, set up once (OpenSSL's, by name)
+    mac.update(context)
+    mac.update(b"\0")
     mac.update(payload)
     return mac.digest()
 
 
-@functools.lru_cache(maxsize=4096)
-def _prefixed(key: bytes, context: bytes) -> hmac.HMAC:
-    """The HMAC state (OpenSSL's, by name) of ``key`` after ``context`` and its NUL: the
-    same for every read of one Redis key, so only the payload is hashed per record."""
-    return hmac.new(key, context + b"\0", "sha256")
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod="sha256")
 
 
 # The largest token record read (a Fernet token of a few hundred bytes in practice).

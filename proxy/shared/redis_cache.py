@@ -67,13 +67,13 @@ class CacheRecords:
         """The entry's payload, size checked before it is read (the envelope and header on
         top of the body), MAC verified: one round trip on the pipelined connection
         (:mod:`proxy.shared.reads`), one more (the script) for a large one; or BadRecord."""
-        key = _entry_key(self.prefix, account, digest)
-        read = functools.partial(self.reads.get, key, limit + self.OVERHEAD)
+        key = self._cache_key(account, "e", digest)
+        read = functools.partial(self.reads.get, key.encode(), limit + self.OVERHEAD)
         found = await self._run("cache_get", read, None)
         if found == LARGER:
             call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
             found, _ = await self._run("cache_get", call)
-        return None if found is None else self._opened_entry(key, found)
+        return None if found is None else self._opened_entry(key.encode(), found)
 
     def _opened_entry(self, key: bytes, found: bytes | memoryview | int) -> bytes | memoryview:
         if isinstance(found, int):
@@ -195,12 +195,6 @@ class CacheRecords:
             "cache_delete", lambda: self._cache_drop(keys=[paths_key], args=args)
         )
         return int(removed)
-
-
-@functools.lru_cache(maxsize=4096)
-def _entry_key(prefix: str, account: str, digest: str) -> bytes:
-    """The Redis key of a cache entry (:meth:`CacheRecords._cache_key`'s ``e``), as bytes."""
-    return f"{prefix}:cache:{account}:e:{digest}".encode()
 
 
 def _text(value: bytes | str) -> str:
