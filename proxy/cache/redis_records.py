@@ -157,7 +157,7 @@ def _parse(raw: bytes) -> tuple[Entry, int, str]:
 # raises, and is not remembered). Headers up to MEMO_HEADER bytes, the last MEMO_SIZE of
 # them: each header names its key, so as many as the keys a replica reads from Redis in turn
 # (1,024 made a Redis hit over 2,000 keys cost 1.2x as much: docs/performance.md); ~2 KB
-# each with its entry for a typical Kounta answer, at most ~32 MiB.
+# each with its entry for a typical Kounta answer (an estimate), at most ~32 MiB.
 MEMO_HEADER = 4096
 MEMO_SIZE = 4096
 _parsed = functools.lru_cache(maxsize=MEMO_SIZE)(_parse)
