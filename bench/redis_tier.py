@@ -5,7 +5,7 @@ Two proxies share one Redis of the bench's own (same key prefix and ``shared.tok
 each verifies what the other stored): *memory* has a memory tier that holds the whole set,
 *redis* one too small to hold any 8 KB entry (``cache.memory_size`` 16 KiB: an entry above an
 eighth of it is never held), so each of its requests misses the memory tier and is answered
-from Redis (its disk is empty: it never fetches). KEYS products, fetched once through
+from Redis (its disk is empty: it never fetches). KEYS (``--keys``) products, fetched once through
 *memory* (stored in Redis), are then asked at random through each in ROUNDS interleaved
 rounds: req/s, the proxy's CPU µs per request, p99, and Redis round trips per request (its
 own ``kounta_proxy_shared_calls_total``, as ``--workers`` counts them). Goal (issue 21): a
@@ -48,14 +48,22 @@ def config(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run --redis-tier")
     p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
+    p.add_argument(
+        "--keys",
+        type=int,
+        default=KEYS,
+        help=f"products asked at random (default {KEYS}; fewer: more lookups of one key at "
+        "once share a read, more: fewer do)",
+    )
     args = p.parse_args(argv)
+    keys = args.keys
     binary = shutil.which("wrk")
     if binary is None:
         raise SystemExit("bench: needs wrk (apt-get install wrk)")
     began = time.monotonic()
     directory = Path(tempfile.mkdtemp(prefix="kounta-tier-"))
     script = directory / "random.lua"
-    script.write_text(sizes.RANDOM_SCRIPT.replace("{n}", str(KEYS)))
+    script.write_text(sizes.RANDOM_SCRIPT.replace("{n}", str(keys)))
     origin_port = free_port()
     upstream = f"http://127.0.0.1:{origin_port}"
     key = Fernet.generate_key().decode()
@@ -76,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                     wait_ready(admin, proc)
                     proxies[f"{name}, {tree}"] = (f"http://127.0.0.1:{port}", admin, proc.pid)
             first = next(iter(proxies.values()))[0]
-            for n in range(KEYS):  # stored in Redis (and that proxy's memory tier)
+            for n in range(keys):  # stored in Redis (and that proxy's memory tier)
                 cache_bench.fetch(first + sizes.PATH.format(n))
             for url, _, _ in proxies.values():  # each: its memory tier filled, if it holds any
-                for n in range(KEYS):
+                for n in range(keys):
                     cache_bench.fetch(url + sizes.PATH.format(n))
             for round_no in range(ROUNDS):
                 order = list(proxies.items())
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(
-        f"\n## The Redis tier against the memory tier ({KEYS} keys of 8 KB at random, wrk -t2 "
+        f"\n## The Redis tier against the memory tier ({keys} keys of 8 KB at random, wrk -t2 "
         f"-c{cache_bench.CONNECTIONS} -d{cache_bench.DURATION}s, min-max of {ROUNDS} "
         "interleaved rounds)\n"
     )

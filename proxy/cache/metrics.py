@@ -36,7 +36,8 @@ class CacheMetrics:
         self.cache_shared = LoopCounter(  # on the event loop only (a Redis hit counts one)
             "kounta_proxy_cache_shared",
             "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "
-            "error), put (ok, invalidated, error), lock (taken, waited, alone, error), unlock "
+            "error, joined: answered by a read of the same key already in flight), put (ok, "
+            "invalidated, error), lock (taken, waited, alone, error), unlock "
             "(error), delete (ok, error), note (adopted, ignored, bad_record).",
             ["op", "result"],
             registry=registry,

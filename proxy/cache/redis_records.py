@@ -159,9 +159,11 @@ def _parse(raw: bytes) -> tuple[Entry, int, str]:
 # A header read again (the same entry from Redis, on every replica's memory-tier miss) is
 # parsed and checked once: the result of the same bytes is the same (a header that fails
 # raises, and is not remembered). Headers up to MEMO_HEADER bytes, the last MEMO_SIZE of
-# them (at most ~8 MiB with their entries).
+# them: each header names its key, so as many as the keys a replica reads from Redis in turn
+# (1,024 made a Redis hit over 2,000 keys cost 1.2x as much: docs/performance.md); ~2 KB
+# each with its entry for a typical Kounta answer (an estimate), at most ~32 MiB.
 MEMO_HEADER = 4096
-MEMO_SIZE = 1024
+MEMO_SIZE = 4096
 _parsed = functools.lru_cache(maxsize=MEMO_SIZE)(_parse)
 
 
@@ -360,6 +362,10 @@ class RedisRecords:
             return None
         except (BadSharedRecord, BadRecord) as e:
             return await self._bad(account, key, str(e))
+
+    def joined(self) -> None:
+        """A lookup answered by another's read of the same key (no read of its own)."""
+        self._count("get", "joined")
 
     async def _decoded(self, account: str, key: str, name: str, data: bytes) -> Stored | None:
         try:

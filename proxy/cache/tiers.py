@@ -12,9 +12,10 @@ let go of the lock) and *apply* a change here (flights cancelled, memory tier an
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from proxy.cache.disk import BodySink
 from proxy.cache.flight import Dropped, Flight, Flights, Outcome
@@ -48,6 +49,9 @@ NOTE_GRACE = 0.01
 # How often a flight that will hear the holder's note looks at the lock meanwhile (the note
 # wakes it at once; the look finds an owner that died, or a note that was lost).
 NOTED_POLL = 0.25
+# What a shared read's waiters get when its reader gave up (cancelled: its caller left):
+# each then reads on its own.
+ABANDONED = object()
 
 
 class Entries(Protocol):
@@ -214,6 +218,8 @@ class RedisEntries(LocalEntries):
         self.refund = refund
         # Background refreshes' claims (owner tokens), let go of by finish().
         self._refreshing: dict[Flight, str] = {}
+        # Reads of Redis in flight, by key (:meth:`_read`).
+        self._reading: dict[str, _Reading] = {}
 
     async def lookup(self, account: str, key: str) -> Stored | None:
         """Memory tier, then Redis (a hit there joins the memory tier), then the local disk."""
@@ -221,7 +227,7 @@ class RedisEntries(LocalEntries):
         if hot is not None:
             return hot
         sequence = self.store.sequence
-        found = await self.records.get(account, key)
+        found = await self._read(account, key, sequence)
         if found is None:
             return await self.store.get(key)
         entry = found.entry
@@ -231,6 +237,35 @@ class RedisEntries(LocalEntries):
         if newer is not None:
             return newer  # stored here while Redis answered
         self.store.promote(key, found)
+        return found
+
+    async def _read(self, account: str, key: str, sequence: int) -> Stored | None:
+        """The key's entry in Redis (:meth:`RedisRecords.get`: read, its MAC, key, size and
+        CRC32 checked). A lookup of a key already being read, with no invalidation since that
+        read was sent (the same ``sequence``), waits for its answer instead of sending its
+        own: one read, verified once, answers every lookup that came while it was out (a
+        hot key read by many callers at once costs one round trip). A read that fails
+        (Redis away, a bad record) answers each of them None, as it answers its own caller;
+        one whose caller gave up (cancelled) lets each of its waiters read on its own."""
+        reading = self._reading.get(key)
+        if reading is not None and reading.sequence == sequence and reading.account == account:
+            waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            reading.waiters.append(waiter)
+            shared = await waiter  # its own future: a waiter cancelled leaves the others be
+            if shared is not ABANDONED:
+                self.records.joined()
+                return cast("Stored | None", shared)
+            return await self._read(account, key, sequence)
+        self._reading[key] = reading = _Reading(account, sequence)
+        try:
+            found = await self.records.get(account, key)
+        except BaseException:
+            _tell(reading.waiters, ABANDONED)
+            raise
+        finally:
+            if self._reading.get(key) is reading:
+                del self._reading[key]
+        _tell(reading.waiters, found)
         return found
 
     async def obtain(
@@ -444,3 +479,20 @@ class RedisEntries(LocalEntries):
 
     async def close(self) -> None:
         await self.records.close()
+
+
+class _Reading:
+    """A read of one key in Redis in flight (:meth:`RedisEntries._read`): the account and the
+    invalidation sequence it was sent under, and the lookups waiting for its answer."""
+
+    __slots__ = ("account", "sequence", "waiters")
+
+    def __init__(self, account: str, sequence: int) -> None:
+        self.account, self.sequence = account, sequence
+        self.waiters: list[asyncio.Future[object]] = []
+
+
+def _tell(waiters: list[asyncio.Future[object]], answer: object) -> None:
+    for waiter in waiters:
+        if not waiter.done():  # else its lookup was cancelled meanwhile
+            waiter.set_result(answer)
