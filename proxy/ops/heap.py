@@ -1,6 +1,6 @@
 """Python's cyclic garbage collector while serving: start-up's objects frozen out of its way.
 
-Measured (docs/performance.md, "The tail at 128 connections: the collector's full passes"):
+Measured (docs/performance.md, "The tail: what sets the proxy's p99"):
 a revalidating proxy allocates enough that the collector's full pass (generation 2) runs
 every second or two, and each pass walks every object the process holds, the ~64,000 made at
 start-up included (the settings, the routes, aiohttp's and prometheus-client's tables):
