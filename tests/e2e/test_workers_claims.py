@@ -11,14 +11,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from tests.conftest import TOKEN, serve_handler
 from tests.e2e.test_demo import COMMAND, free_port
 from tests.e2e.test_fleet import ready, scrape, series, started_or_exited
+from tests.integration.test_shared_claims import BODY, large_v1
 from tests.redis_server import TOKEN_KEY, RedisServer
 
-BODY = b'{"pad":"' + b"x" * 500_000 + b'"}'
 SIZE = len(BODY)
 REQUESTS = 12
 
@@ -27,12 +26,7 @@ REQUESTS = 12
 async def test_two_workers_revalidating_a_large_entry_read_its_head_not_its_body(
     tmp_path: Path, redis_proc: RedisServer
 ) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        if request.headers.get("If-None-Match") == '"v1"':
-            return web.Response(status=304, headers={"ETag": '"v1"'})
-        return web.Response(body=BODY, headers={"ETag": '"v1"', "Content-Type": "application/json"})
-
-    runner, upstream = await serve_handler(handler)
+    runner, upstream = await serve_handler(large_v1)
     port, admin = free_port(), free_port()
     path = tmp_path / "workers.toml"
     path.write_text(

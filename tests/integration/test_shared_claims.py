@@ -20,6 +20,13 @@ from tests.replicas import Replicas, caching, until
 BODY = b'{"pad":"' + b"x" * 500_000 + b'"}'
 
 
+async def large_v1(request: web.Request) -> web.Response:
+    """An upstream of one 500 KB entry, ETag "v1", 304 on a matching If-None-Match."""
+    if request.headers.get("If-None-Match") == '"v1"':
+        return web.Response(status=304, headers={"ETag": '"v1"'})
+    return web.Response(body=BODY, headers={"ETag": '"v1"', "Content-Type": "application/json"})
+
+
 async def sent_bytes(redis: aioredis.Redis) -> int:
     return int((await redis.info("stats"))["total_net_output_bytes"])
 
@@ -30,12 +37,7 @@ async def test_a_revalidating_flight_does_not_read_the_large_body_it_holds_from_
     # No freshness: every request revalidates (one flight each, sequential). Each flight takes
     # the fetch lock; the 500 KB record under the key is this replica's own, stale, and no
     # answer for the flight: Redis sends its head, not 500 KB per flight.
-    async def handler(request: web.Request) -> web.Response:
-        if request.headers.get("If-None-Match") == '"v1"':
-            return web.Response(status=304, headers={"ETag": '"v1"'})
-        return web.Response(body=BODY, headers={"ETag": '"v1"', "Content-Type": "application/json"})
-
-    runner, upstream = await serve_handler(handler)
+    runner, upstream = await serve_handler(large_v1)
     try:
         space = own_replicas.space
         settings = caching(upstream, own_replicas.tmp_path / "r0", space.settings())
