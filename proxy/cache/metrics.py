@@ -37,8 +37,9 @@ class CacheMetrics:
             "kounta_proxy_cache_shared",
             "Shared cache (Redis) operations by op and result: get (hit, miss, bad_record, "
             "error, joined: answered by a read of the same key already in flight), put (ok, "
-            "invalidated, error), lock (taken, waited, alone, error), unlock "
-            "(error), delete (ok, error), note (adopted, ignored, bad_record).",
+            "invalidated, error), lock (taken, waited, alone, error, peeked: only a large "
+            "entry's head read), unlock (error), delete (ok, error), note (adopted, ignored, "
+            "bad_record).",
             ["op", "result"],
             registry=registry,
         )

@@ -27,6 +27,10 @@ from tests.redis_server import TOKEN_KEY, RedisServer
 
 WINDOW = 2.0
 LIMIT = 30
+# The budget's window_margin covers the time between a slot granted and its request reaching
+# the sandbox. In a whole-suite run on 2 loaded cores a process was descheduled for over 0.1 s
+# between the two (one refusal seen at 0.1), so the margin here is wider than that.
+MARGIN = 0.25
 ME = "/v1/companies/me.json"
 
 
@@ -60,7 +64,7 @@ base_url = "{upstream}"
 enabled = false
 [budget]
 window = {WINDOW}
-window_margin = 0.1
+window_margin = {MARGIN}
 max_wait = 1.0
 [shared]
 backend = "redis"
@@ -155,7 +159,7 @@ async def test_three_serve_processes_share_the_budget_and_survive_redis_going_aw
         statuses = await hammer(client, proxies, 3.0)
         assert sandbox.state.limiter.refused == {}
         sent = sandbox.state.served("GET", ME)
-        assert sent >= LIMIT * 3.0 / (WINDOW + 0.1) * 0.7, sent
+        assert sent >= LIMIT * 3.0 / (WINDOW + MARGIN) * 0.7, sent
         assert statuses[200] == sent and set(statuses) <= {200, 429}
         for admin in admins:
             assert await gauge(client, admin, "kounta_proxy_shared_backend_up") == 1
