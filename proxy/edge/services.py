@@ -428,10 +428,20 @@ def store_problem(store: CacheStore) -> Check:
     return lambda: store.problem
 
 
+# How long a background task has to end after a cancel before it is cancelled again.
+RECANCEL_SECONDS = 1.0
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    """Cancel a background loop and wait until it has ended. Cancelled again while it runs
+    on: on Python 3.11 a cancel that lands just as an ``asyncio.timeout`` inside the loop
+    (a Redis call's) expires can be swallowed, and the loop then goes on forever (seen: a
+    replica's close stalled on the webhook verifier's next tick)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=RECANCEL_SECONDS)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error
 
 
 async def _stop_providers(live: LiveRef) -> None:
