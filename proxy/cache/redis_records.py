@@ -113,6 +113,16 @@ class BadRecord(ValueError):
 def decode(key: str, data: bytes | memoryview) -> Stored:
     """The entry and body of a record for ``key`` (its body copied once from a view);
     raises :class:`BadRecord`."""
+    entry, crc, end = _envelope(key, data)
+    body = bytes(data[end:])
+    if len(body) != entry.size or zlib.crc32(body) != crc:
+        raise BadRecord("a body of the wrong size or CRC32")
+    return Stored(entry, body, None, crc)
+
+
+def _envelope(key: str, data: bytes | memoryview) -> tuple[Entry, int, int]:
+    """A record's entry for ``key``, its body's CRC32 and where its body starts (the whole
+    record or only its head); raises :class:`BadRecord`."""
     if data[: len(MAGIC)] != MAGIC or len(data) < len(MAGIC) + 4:
         raise BadRecord("not a cache record")
     start = len(MAGIC) + 4
@@ -123,10 +133,7 @@ def decode(key: str, data: bytes | memoryview) -> Stored:
     entry, crc, owner = _parsed(raw) if len(raw) <= MEMO_HEADER else _parse(raw)
     if owner != key:
         raise BadRecord("a record of another key")
-    body = bytes(data[end:])
-    if len(body) != entry.size or zlib.crc32(body) != crc:
-        raise BadRecord("a body of the wrong size or CRC32")
-    return Stored(entry, body, None, crc)
+    return entry, crc, end
 
 
 def _parse(raw: bytes) -> tuple[Entry, int, str]:
@@ -465,18 +472,11 @@ class RedisRecords:
         """The entry in a record's head (:meth:`claim`: its MAC not checked, so only to tell
         whether to read the record whole); None when the head does not hold it whole, or is
         not an entry of this key and account."""
-        if head[: len(MAGIC)] != MAGIC or len(head) < len(MAGIC) + 4:
-            return None
-        start = len(MAGIC) + 4
-        end = start + int.from_bytes(head[len(MAGIC) : start], "big")
-        if end > len(head):
-            return None
-        raw = head[start:end]
         try:
-            entry, _, owner = _parsed(raw) if len(raw) <= MEMO_HEADER else _parse(raw)
+            entry = _envelope(key, head)[0]
         except BadRecord:
             return None
-        return entry if owner == key and entry.account == account else None
+        return entry if entry.account == account else None
 
     async def wait(self, account: str, key: str, patience: float) -> Stored | None:
         """The entry another replica's fetch stores, or None once its lock is gone without
