@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from tests.redis_server import TOKEN_KEY, RedisServer
 WINDOW = 2.0
 LIMIT = 30
 # The budget's window_margin covers the time between a slot granted and its request reaching
-# the sandbox. In a whole-suite run on 2 loaded cores a process was descheduled for over 0.1 s
-# between the two (one refusal seen at 0.1), so the margin here is wider than that.
-MARGIN = 0.25
+# the sandbox (the production default is 1 s on Kounta's 60 s window). On 2 loaded cores that
+# time has passed 0.1 s (see steady_sandbox for the stall behind it), so the margin here is
+# wider than that.
+MARGIN = 0.4
 ME = "/v1/companies/me.json"
 
 
@@ -83,20 +85,41 @@ rate_per_minute = {LIMIT}
 
 
 @pytest.fixture
+def steady_sandbox() -> Iterator[None]:
+    """The sandbox stamps each arrival from this (pytest's) process. Late in a whole-suite run
+    its heap is hundreds of MB, and one full GC pass there stalled the sandbox for longer than
+    the budget's margin: a request granted before the stall arrived late, the request granted
+    a period after it on time, and the sandbox counted both in one window (one refusal, at
+    margin 0.1 and again at 0.25). Kounta is another machine and pays no such stall, so the
+    heap built so far is frozen out of the collector for the test (the proxies freeze theirs
+    after start, as ``serve`` does)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@pytest.fixture
 async def fleet(
-    tmp_path: Path, sandbox: Sandbox, redis_proc: RedisServer, redis_prefix: str
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis_proc: RedisServer,
+    redis_prefix: str,
+    steady_sandbox: None,
 ) -> AsyncIterator[list[tuple[str, str]]]:
     procs, urls = [], []
     for i in range(3):
         path, port, admin = config(tmp_path, i, sandbox.url, redis_proc.url, redis_prefix)
-        procs.append(
-            await asyncio.create_subprocess_exec(
-                COMMAND, "serve", "--config", str(path),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        )  # fmt: skip
+        with (tmp_path / f"replica{i}.log").open("wb") as log:  # read by replica_warnings
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    COMMAND, "serve", "--config", str(path),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=log,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            )  # fmt: skip
         urls.append((f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"))
     try:
         async with aiohttp.ClientSession() as client:
@@ -151,13 +174,13 @@ async def hammer(client: aiohttp.ClientSession, proxies: list[str], seconds: flo
 
 @pytest.mark.slow
 async def test_three_serve_processes_share_the_budget_and_survive_redis_going_away(
-    fleet: list[tuple[str, str]], sandbox: Sandbox, redis_proc: RedisServer
+    fleet: list[tuple[str, str]], sandbox: Sandbox, redis_proc: RedisServer, tmp_path: Path
 ) -> None:
     proxies = [p for p, _ in fleet]
     admins = [a for _, a in fleet]
     async with aiohttp.ClientSession() as client:
         statuses = await hammer(client, proxies, 3.0)
-        assert sandbox.state.limiter.refused == {}
+        assert sandbox.state.limiter.refused == {}, replica_warnings(tmp_path)
         sent = sandbox.state.served("GET", ME)
         assert sent >= LIMIT * 3.0 / (WINDOW + MARGIN) * 0.7, sent
         assert statuses[200] == sent and set(statuses) <= {200, 429}
@@ -180,6 +203,17 @@ async def test_three_serve_processes_share_the_budget_and_survive_redis_going_aw
             await until(lambda a=admin: _shared_again(client, a), 5)
         async with client.get(proxies[0] + ME) as r:
             assert r.status == 200
+
+
+def replica_warnings(tmp_path: Path) -> list[str]:
+    """The replicas' warnings (a Redis call timed out, degraded): what a refusal needs
+    explained."""
+    return [
+        f"{log.name}: {line}"
+        for log in sorted(tmp_path.glob("replica*.log"))
+        for line in log.read_text().splitlines()
+        if '"level":"warning"' in line or '"level":"error"' in line
+    ]
 
 
 async def _shared_again(client: aiohttp.ClientSession, admin: str) -> bool:
