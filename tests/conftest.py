@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,24 @@ def _forget_the_tests_apps() -> Iterator[None]:
     cached = getattr(web_app, "_cached_build_middleware", None)
     if cached is not None:
         cached.cache_clear()
+
+
+@pytest.fixture
+def steady_heap() -> Iterator[None]:
+    """For tests that time requests against the sandbox's window across processes or a shared
+    Redis clock: the heap the suite built so far is frozen out of the collector while the test
+    runs. Late in a whole-suite run it is hundreds of MB, and one full GC pass in this process
+    stalled the sandbox (or a replica between its granted slot and its send) for longer than
+    the budget's margin: a request granted before the stall arrived late, one granted a
+    period after it on time, and the sandbox counted both in one window (one refusal, seen in
+    CI at margins 0.1 and 0.25 s). Kounta is another machine and pays no such stall; the
+    proxies freeze their own start-up heap, as ``serve`` does."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass

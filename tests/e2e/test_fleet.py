@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ WINDOW = 2.0
 LIMIT = 30
 # The budget's window_margin covers the time between a slot granted and its request reaching
 # the sandbox (the production default is 1 s on Kounta's 60 s window). On 2 loaded cores that
-# time has passed 0.1 s (see steady_sandbox for the stall behind it), so the margin here is
+# time has passed 0.1 s (see tests/conftest.py's steady_heap for the stall behind it), so the margin here is
 # wider than that.
 MARGIN = 0.4
 ME = "/v1/companies/me.json"
@@ -85,29 +84,12 @@ rate_per_minute = {LIMIT}
 
 
 @pytest.fixture
-def steady_sandbox() -> Iterator[None]:
-    """The sandbox stamps each arrival from this (pytest's) process. Late in a whole-suite run
-    its heap is hundreds of MB, and one full GC pass there stalled the sandbox for longer than
-    the budget's margin: a request granted before the stall arrived late, the request granted
-    a period after it on time, and the sandbox counted both in one window (one refusal, at
-    margin 0.1 and again at 0.25). Kounta is another machine and pays no such stall, so the
-    heap built so far is frozen out of the collector for the test (the proxies freeze theirs
-    after start, as ``serve`` does)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-@pytest.fixture
 async def fleet(
     tmp_path: Path,
     sandbox: Sandbox,
     redis_proc: RedisServer,
     redis_prefix: str,
-    steady_sandbox: None,
+    steady_heap: None,
 ) -> AsyncIterator[list[tuple[str, str]]]:
     procs, urls = [], []
     for i in range(3):

@@ -90,7 +90,7 @@ def window_counts(sandbox: Sandbox) -> int:
 
 
 async def test_three_replicas_stay_under_the_limit_together(
-    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession
+    replicas: Replicas, sandbox: Sandbox, client: aiohttp.ClientSession, steady_heap: None
 ) -> None:
     proxies = await three(replicas, shared_settings(sandbox, replicas))
     statuses = await hammer(proxies, client, RUN_SECONDS)
