@@ -82,6 +82,11 @@ class _LoopFamily(Collector, Generic[Child]):
         return [self._family()]
 
 
+# A child of each family, for annotations (``labels(...)`` returns one).
+Count = _Count
+Observations = _Observations
+
+
 class LoopCounter(_LoopFamily[_Count]):
     """A counter (``_total``); children have ``inc``."""
 

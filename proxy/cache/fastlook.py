@@ -321,6 +321,27 @@ class FastLook:
         except Exception as e:
             return e
 
+    def waiter(self, pending: Pending) -> asyncio.Future[None] | None:
+        """A joiner's wake-up while its flight is out (:meth:`Flight.waiter`, its
+        ``coalesce_wait``), for the request's own task to await (no coroutine of ours in
+        between to suspend and resume), then :meth:`result`; None: a starter, or the flight
+        is over (:meth:`wait`)."""
+        flight = pending.flight
+        if pending.starter or flight.done.done():
+            return None
+        return flight.waiter(self.coalesce_wait)
+
+    def result(self, pending: Pending) -> Outcome | Exception:
+        """A joiner's outcome once its :meth:`waiter` woke, as :meth:`wait` gives it (a
+        TimeoutError: its ``coalesce_wait`` ran out first)."""
+        done = pending.flight.done
+        if not done.done():
+            return TimeoutError()
+        try:
+            return done.result()
+        except Exception as e:
+            return e
+
     def joined(
         self, pending: Pending, outcome: Outcome, headers: Headers, body_for: BodyFor | None
     ) -> tuple[FastAnswer, float | None] | None:

@@ -252,10 +252,15 @@ class FastPath:
     async def _settle(
         self, request: web.BaseRequest, asked: Asked, pending: Pending, noted: Trace
     ) -> web.StreamResponse:
-        in_flight = self.in_flight
+        in_flight, fast = self.in_flight, self.cache.fast
         in_flight.inc()  # an await: a scrape may come meanwhile
         try:
-            result = await self.cache.fast.wait(pending)
+            waiter = fast.waiter(pending)
+            if waiter is None:
+                result = await fast.wait(pending)
+            else:  # a joiner: its wake-up awaited here, one frame to suspend and resume
+                await waiter
+                result = fast.result(pending)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
             self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", _waited(asked, noted))
             raise

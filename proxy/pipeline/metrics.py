@@ -9,8 +9,9 @@ breakers. One :class:`PipelineMetrics` is made with every other package's group
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from proxy.collectors import LoopCounter, LoopHistogram
 from proxy.metrics import BUCKETS
 
 # The states of an account's circuit breaker, one-hot like the token's (``state`` label).
@@ -27,13 +28,13 @@ class PipelineMetrics:
     and :mod:`proxy.pipeline.retry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.upstream_requests = Counter(
+        self.upstream_requests = LoopCounter(
             "kounta_proxy_upstream_requests",
             "Requests sent to the upstream, by method, route template, status and account.",
             ["method", "route", "status", "account"],
             registry=registry,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "kounta_proxy_upstream_duration_seconds",
             "Time until the upstream's response headers arrived.",
             ["route"],
@@ -88,7 +89,7 @@ class PipelineMetrics:
             ["account"],
             registry=registry,
         )
-        self.budget_wait = Histogram(
+        self.budget_wait = LoopHistogram(
             "kounta_proxy_budget_wait_seconds",
             "Time a request waited for the rate budget before being sent, by account and "
             "budget class (interactive, standard, batch).",
@@ -103,7 +104,7 @@ class PipelineMetrics:
             ["account", "reason"],
             registry=registry,
         )
-        self.budget_served = Counter(
+        self.budget_served = LoopCounter(
             "kounta_proxy_budget_served",
             "Requests that got a token from the account's rate budget, by budget class.",
             ["account", "class"],

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 
 import aiohttp
 from multidict import CIMultiDict
-from prometheus_client import Counter, Histogram
 
 from proxy.coding import GZIP, Caps, check, checked, coding_of
+from proxy.collectors import Count, Observations
 from proxy.errors import (
     ProxyError,
     UpstreamBodyError,
@@ -202,11 +202,11 @@ class Upstream:
         # The metrics' label children per (method, route, status, account): prometheus
         # client's labels() takes a lock and builds its key every time. Bounded like the
         # series (templates, enumerations, configured accounts); cleared past the bound.
-        self._labelled: dict[tuple[str, str, int, str], tuple[Histogram, Counter]] = {}
+        self._labelled: dict[tuple[str, str, int, str], tuple[Observations, Count]] = {}
 
     def _children(
         self, method: str, route: str, status: int, request: ProxyRequest
-    ) -> tuple[Histogram, Counter]:
+    ) -> tuple[Observations, Count]:
         key = (method, route, status, request.account)
         found = self._labelled.get(key)
         if found is None:

@@ -470,3 +470,40 @@ async def test_joiners_share_one_start_and_answer_the_same_with_the_access_log_o
     assert s.sample("kounta_proxy_cache_lookups_total", lookups) == 6
     assert s.sample("kounta_proxy_requests_in_flight") == 0
     assert not access_lines(caplog)
+
+
+def awaited_from(coro: Any) -> list[str]:
+    """The coroutines a task's coroutine awaits through, outermost first."""
+    chain = []
+    while asyncio.iscoroutine(coro):
+        chain.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    return chain
+
+
+async def test_a_joiner_waits_in_its_own_task_with_no_coroutine_in_between(
+    setup: Setup, client: aiohttp.ClientSession
+) -> None:
+    # Most requests of a revalidated key are joiners: each suspends and resumes only the
+    # frames it must (the flight's waiter awaited where the answer is made), same answer.
+    s = setup
+    url = s.hold()
+    starter = asyncio.ensure_future(get(client, url))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    joiner = asyncio.ensure_future(get(client, url))
+    await s.waiting(2)
+    chains = {}
+    for task in asyncio.all_tasks():
+        chain = awaited_from(task.get_coro())
+        if "FastPath._settle" in chain:
+            coro = task.get_coro()
+            while coro.cr_code.co_qualname != "FastPath._settle":
+                coro = coro.cr_await
+            chains[coro.cr_frame.f_locals["pending"].starter] = chain
+    assert chains[False][-1] == "FastPath._settle", chains[False]  # awaits the future itself
+    assert chains[True][-1] == "FastLook.wait"  # the starter: the flight's head, shielded
+    s.origin.gate.set()
+    for status, headers, _ in (await starter, await joiner):
+        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 1
+    assert s.origin.served == ["-", s.origin.etag]

@@ -78,8 +78,8 @@ def test_the_proxy_registry_exposes_no_created_series_but_process_metrics() -> N
     assert registry.get_sample_value("kounta_proxy_caller_requests_total", labels) == 1
     # A plain registry keeps prometheus-client's own behaviour (the switch is per registry).
     plain = CollectorRegistry()
-    PipelineMetrics(plain).budget_wait.labels("main", "standard").observe(0.1)
-    assert "kounta_proxy_budget_wait_seconds_created" in generate_latest(plain).decode()
+    PipelineMetrics(plain).budget_rejections.labels("main", "deadline").inc()
+    assert "kounta_proxy_budget_rejections_created" in generate_latest(plain).decode()
 
 
 def test_families_without_children_are_still_described() -> None:
@@ -129,3 +129,43 @@ def test_counters_start_with_every_known_label_set_at_zero() -> None:
     assert (
         sample("kounta_proxy_auth_resends_total", {"account": "main", "outcome": "resent"}) is None
     )
+
+
+def test_every_revalidations_upstream_and_budget_metrics_are_lock_free_and_expose_the_same() -> (
+    None
+):
+    """What each upstream exchange updates (its duration and count, the budget's wait and
+    served count) takes no lock (issue 21: a revalidation's flight), exposed as before."""
+    ours = Registry()
+    pipeline = PipelineMetrics(ours)
+    each = {
+        "upstream_duration": ("route",),
+        "upstream_requests": ("method", "route", "status", "account"),
+        "budget_wait": ("account", "class"),
+        "budget_served": ("account", "class"),
+    }
+    theirs = Registry()
+    reference: dict[str, Counter | Histogram] = {}
+    for name, labels in each.items():
+        family = getattr(pipeline, name)
+        assert isinstance(family, LoopCounter | LoopHistogram), name
+        assert tuple(family.labelnames) == labels
+        if isinstance(family, LoopHistogram):
+            reference[name] = Histogram(
+                family.name, family.documentation, labels, buckets=BUCKETS, registry=theirs
+            )
+            assert family.bounds == tuple(float(b) for b in BUCKETS)
+        else:
+            reference[name] = Counter(family.name, family.documentation, labels, registry=theirs)
+    for value in VALUES:
+        for ours_or_theirs in (pipeline.__dict__, reference):
+            ours_or_theirs["upstream_duration"].labels("/v1/companies/{id}").observe(value)
+            ours_or_theirs["upstream_requests"].labels("GET", "/v1/x", 304, "main").inc()
+            ours_or_theirs["budget_wait"].labels("main", "standard").observe(value)
+            ours_or_theirs["budget_served"].labels("main", "standard").inc()
+    names = tuple(getattr(pipeline, name).name for name in each)
+    mine = sorted(line for line in exposition(ours) if line.startswith(names))
+    assert mine == sorted(line for line in exposition(theirs) if line.startswith(names))
+    assert len(mine) == 2 * (len(BUCKETS) + 3) + 2
+    labels = {"method": "GET", "route": "/v1/x", "status": "304", "account": "main"}
+    assert ours.get_sample_value("kounta_proxy_upstream_requests_total", labels) == len(VALUES)
