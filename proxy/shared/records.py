@@ -96,14 +96,22 @@ class RecordKeys:
     def open(self, context: bytes, data: Sealed) -> Sealed:
         """The payload of a sealed record (a view of a view: no copy); raises
         :class:`BadRecord`."""
+        return self.opened(context, data)[1]
+
+    def opened(self, context: bytes, data: Sealed) -> tuple[bytes, Sealed]:
+        """The verified MAC tag of a sealed record and its payload, as :meth:`open` gives
+        it; the tag is empty for a record of format 1 (read with ``read_previous``: no MAC).
+        A tag that verified names the payload for this context (HMAC-SHA256): the same tag
+        read again, verified again, is the same payload, so what was checked of it once
+        may be remembered by tag (:func:`proxy.cache.redis_records.decode`)."""
         if data[: len(MAGIC)] != MAGIC:
             if self.read_previous:
-                return data
+                return b"", data
             raise BadRecord("no record MAC (written without shared.token_key, or forged)")
         tag, payload = data[len(MAGIC) : len(MAGIC) + TAG_SIZE], data[len(MAGIC) + TAG_SIZE :]
         for key in (self.current, self.previous):
             if key is not None and hmac.compare_digest(tag, _tag(key, context, payload)):
-                return payload
+                return bytes(tag), payload
         raise BadRecord("the record MAC does not verify (another key, or forged)")
 
 
