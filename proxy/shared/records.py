@@ -120,12 +120,16 @@ def _tag(key: bytes, context: bytes, payload: bytes | memoryview) -> bytes:
     mac.update(context)
     mac.update(b"\0")
     mac.update(payload)
-    return mac.digest()
+    return mac.digest()  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=8)
-def _keyed(key: bytes) -> hmac.HMAC:
-    return hmac.new(key, digestmod="sha256")
+def _keyed(key: bytes) -> Any:
+    """The key's HMAC-SHA256 state: OpenSSL's own object where :mod:`hmac` wraps one (it
+    has the same ``copy``, ``update`` and ``digest``, without the wrapper's Python calls:
+    ~0.7 µs a record), else :mod:`hmac`'s."""
+    mac = hmac.new(key, digestmod="sha256")
+    return getattr(mac, "_hmac", None) or mac
 
 
 # The largest token record read (a Fernet token of a few hundred bytes in practice).

@@ -74,13 +74,13 @@ class CacheRecords:
         self, account: str, digest: str, limit: int
     ) -> tuple[bytes, bytes | memoryview] | None:
         """:meth:`cache_get`, with the record's verified MAC tag (empty: format 1, no MAC)."""
-        key = self._cache_key(account, "e", digest)
-        read = functools.partial(self.reads.get, key.encode(), limit + self.OVERHEAD)
+        key, name = _entry_key(self.prefix, account, digest)
+        read = functools.partial(self.reads.get, name, limit + self.OVERHEAD)
         found = await self._run("cache_get", read, None)
         if found == LARGER:
             call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
             found, _ = await self._run("cache_get", call)
-        return None if found is None else self._verified(key.encode(), found)
+        return None if found is None else self._verified(name, found)
 
     def _verified(
         self, key: bytes, found: bytes | memoryview | int
@@ -218,6 +218,14 @@ class CacheRecords:
             "cache_delete", lambda: self._cache_drop(keys=[paths_key], args=args)
         )
         return int(removed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _entry_key(prefix: str, account: str, digest: str) -> tuple[str, bytes]:
+    """An entry's Redis key (as ``_cache_key`` makes it), and in bytes: made once per key
+    read (as many as the read path's other per-key memos)."""
+    key = f"{prefix}:cache:{account}:e:{digest}"
+    return key, key.encode()
 
 
 def _text(value: bytes | str) -> str:
