@@ -77,7 +77,7 @@ class CacheRecords:
         key, name = _entry_key(self.prefix, account, digest)
         read = functools.partial(self.reads.get, name, limit + self.OVERHEAD)
         found = await self._run("cache_get", read, None)
-        if found == LARGER:
+        if isinstance(found, int) and found == LARGER:  # (a view compared with an int: slower)
             call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
             found, _ = await self._run("cache_get", call)
         return None if found is None else self._verified(name, found)
