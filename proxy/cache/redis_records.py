@@ -110,13 +110,24 @@ class BadRecord(ValueError):
     """A shared record that is not an intact entry for the key asked for."""
 
 
-def decode(key: str, data: bytes | memoryview) -> Stored:
+def decode(key: str, data: bytes | memoryview, tag: bytes = b"") -> Stored:
     """The entry and body of a record for ``key`` (its body copied once from a view);
-    raises :class:`BadRecord`."""
+    raises :class:`BadRecord`. ``tag``: the record's MAC tag as the backend verified it
+    (:meth:`~proxy.shared.records.RecordKeys.opened`; empty: none). A verified tag names its
+    record's bytes (HMAC-SHA256 over the Redis key and the record), so a record read again
+    under a tag that verified and decoded whole before is that record: its header and its
+    body's CRC32 are not checked again (its key and size are)."""
+    known = _verified.get(tag) if tag else None
+    if known is not None and known[0] == key and len(data) - known[3] == known[1].size:
+        return Stored(known[1], bytes(data[known[3] :]), None, known[2])
     entry, crc, end = _envelope(key, data)
     body = bytes(data[end:])
     if len(body) != entry.size or zlib.crc32(body) != crc:
         raise BadRecord("a body of the wrong size or CRC32")
+    if tag and end <= len(MAGIC) + 4 + MEMO_HEADER:  # remembered as the headers are
+        if len(_verified) >= MEMO_SIZE:
+            del _verified[next(iter(_verified))]  # the oldest
+        _verified[tag] = (key, entry, crc, end)
     return Stored(entry, body, None, crc)
 
 
@@ -172,6 +183,9 @@ def _parse(raw: bytes) -> tuple[Entry, int, str]:
 MEMO_HEADER = 4096
 MEMO_SIZE = 4096
 _parsed = functools.lru_cache(maxsize=MEMO_SIZE)(_parse)
+# Records that verified (by their MAC tag) and decoded whole: key, entry, CRC32 and where the
+# body starts, the last MEMO_SIZE of them (:func:`decode`; never a body).
+_verified: dict[bytes, tuple[str, Entry, int, int]] = {}
 
 
 # RFC 9110 5.1: a field name is a token.
@@ -359,11 +373,11 @@ class RedisRecords:
             self._count("get", "error")
             return None
         try:
-            data = await self.backend.cache_get(account, name, self.max_entry_size)
-            if data is None:
+            found = await self.backend.cache_read(account, name, self.max_entry_size)
+            if found is None:
                 self._count("get", "miss")
                 return None
-            return self._checked(account, key, data)
+            return self._checked(account, key, found[1], found[0])
         except SharedUnavailable:
             self._count("get", "error")
             return None
@@ -380,10 +394,12 @@ class RedisRecords:
         except BadRecord as e:
             return await self._bad(account, key, str(e))
 
-    def _checked(self, account: str, key: str, data: bytes | memoryview) -> Stored:
-        """The entry of a record read for ``key`` of ``account`` (counted a hit); raises
-        :class:`BadRecord`."""
-        stored = decode(key, data)
+    def _checked(
+        self, account: str, key: str, data: bytes | memoryview, tag: bytes = b""
+    ) -> Stored:
+        """The entry of a record read for ``key`` of ``account`` (counted a hit; ``tag``: its
+        verified MAC tag, :func:`decode`); raises :class:`BadRecord`."""
+        stored = decode(key, data, tag)
         if stored.entry.account != account:
             raise BadRecord("a record of another account")
         self._count("get", "hit")

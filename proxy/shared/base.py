@@ -177,6 +177,13 @@ class SharedCache(Protocol):
         body part is over ``limit`` bytes (its size is checked before it is read)."""
         ...
 
+    async def cache_read(
+        self, account: str, digest: str, limit: int
+    ) -> tuple[bytes, bytes | memoryview] | None:
+        """:meth:`cache_get`, with the record's MAC tag as verified (empty: a record of the
+        previous format, no MAC): the same tag names the same record."""
+        ...
+
     async def cache_put(
         self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
     ) -> bool:

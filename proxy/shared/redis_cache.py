@@ -67,23 +67,35 @@ class CacheRecords:
         """The entry's payload, size checked before it is read (the envelope and header on
         top of the body), MAC verified: one round trip on the pipelined connection
         (:mod:`proxy.shared.reads`), one more (the script) for a large one; or BadRecord."""
-        key = self._cache_key(account, "e", digest)
-        read = functools.partial(self.reads.get, key.encode(), limit + self.OVERHEAD)
+        found = await self.cache_read(account, digest, limit)
+        return None if found is None else found[1]
+
+    async def cache_read(
+        self, account: str, digest: str, limit: int
+    ) -> tuple[bytes, bytes | memoryview] | None:
+        """:meth:`cache_get`, with the record's verified MAC tag (empty: format 1, no MAC)."""
+        key, name = _entry_key(self.prefix, account, digest)
+        read = functools.partial(self.reads.get, name, limit + self.OVERHEAD)
         found = await self._run("cache_get", read, None)
-        if found == LARGER:
+        if isinstance(found, int) and found == LARGER:  # (a view compared with an int: slower)
             call = functools.partial(self._cache_get, keys=[key], args=[limit + self.OVERHEAD])
             found, _ = await self._run("cache_get", call)
-        return None if found is None else self._opened_entry(key.encode(), found)
+        return None if found is None else self._verified(name, found)
 
-    def _opened_entry(self, key: bytes, found: bytes | memoryview | int) -> bytes | memoryview:
+    def _verified(
+        self, key: bytes, found: bytes | memoryview | int
+    ) -> tuple[bytes, bytes | memoryview]:
         if isinstance(found, int):
             self._bad("cache", "a record too large or of another type")
         try:
             if isinstance(found, memoryview):
-                return self.records.open(key, found)
-            return self.records.open(key, found)
+                return self.records.opened(key, found)
+            return self.records.opened(key, found)
         except BadRecord as e:
             self._bad("cache", str(e))
+
+    def _opened_entry(self, key: bytes, found: bytes | memoryview | int) -> bytes | memoryview:
+        return self._verified(key, found)[1]
 
     async def cache_put(
         self, account: str, digest: str, path: str, data: bytes, ttl: float, gen: str
@@ -206,6 +218,14 @@ class CacheRecords:
             "cache_delete", lambda: self._cache_drop(keys=[paths_key], args=args)
         )
         return int(removed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _entry_key(prefix: str, account: str, digest: str) -> tuple[str, bytes]:
+    """An entry's Redis key (as ``_cache_key`` makes it), and in bytes: made once per key
+    read (as many as the read path's other per-key memos)."""
+    key = f"{prefix}:cache:{account}:e:{digest}"
+    return key, key.encode()
 
 
 def _text(value: bytes | str) -> str:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.cache import redis_records
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidation
 from proxy.cache.memory import Stored
@@ -178,3 +181,44 @@ async def test_a_lookup_after_an_invalidation_does_not_share_a_read_sent_before_
     assert after is not None and after.body == BODY
     assert await before is None  # read before the invalidation: not answered from Redis
     assert shared_tier.trips() == 2 and shared_tier.counted("joined") == 0
+
+
+async def test_a_record_read_again_is_verified_again_but_its_crc32_computed_once(
+    shared_tier: Tier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record read again under the MAC tag that verified it before is those bytes: its
+    body's CRC32 (and header) are not checked again; its MAC is, on every read."""
+    await shared_tier.store()
+    crcs: list[int] = []
+
+    def crc32(data: bytes, start: int = 0) -> int:
+        crcs.append(len(data))
+        return zlib.crc32(data, start)
+
+    monkeypatch.setattr(redis_records, "zlib", SimpleNamespace(crc32=crc32))
+    for _ in range(3):
+        found = await shared_tier.entries.lookup("main", KEY)
+        assert found is not None and found.body == BODY and found.crc == zlib.crc32(BODY)
+    assert crcs == [len(BODY)]  # three reads, one CRC32
+    async with shared_tier.space.client() as raw:  # the same header and tag, another body
+        sealed = bytearray(await raw.get(shared_tier.redis_key()))
+        sealed[-10] ^= 1
+        await raw.set(shared_tier.redis_key(), bytes(sealed), px=60_000)
+    assert await shared_tier.entries.lookup("main", KEY) is None  # the MAC still decides
+    assert shared_tier.counted("bad_record") == 1
+
+
+async def test_a_record_sealed_over_a_body_of_the_wrong_crc32_is_refused_on_every_read(
+    shared_tier: Tier,
+) -> None:
+    """A record whose MAC verifies (sealed by a replica holding the key) but whose body does
+    not match its CRC32 is never remembered as verified: refused each time it is read."""
+    await shared_tier.store()
+    async with shared_tier.space.client() as raw:
+        key = shared_tier.redis_key()
+        payload = shared_tier.backend.records.open(key.encode(), await raw.get(key))
+        wrong = payload[:-1] + bytes([payload[-1] ^ 1])
+        for _ in range(2):
+            await raw.set(key, shared_tier.backend.records.seal(key.encode(), wrong), px=60_000)
+            assert await shared_tier.entries.lookup("main", KEY) is None
+    assert shared_tier.counted("bad_record") == 2

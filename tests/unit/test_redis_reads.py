@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
-from proxy.cache.redis_records import BadRecord, _parsed, decode, encode
+from proxy.cache.redis_records import MEMO_SIZE, BadRecord, _parsed, _verified, decode, encode
 from proxy.shared.reads import HEAD, LARGER, WRONG, Reads, _command, _read, _replies
 from proxy.shared.records import BadRecord as SharedBadRecord
 from proxy.shared.records import RecordKeys, mac_key
@@ -78,6 +78,22 @@ def test_the_headers_of_thousands_of_keys_read_in_turn_are_each_parsed_once() ->
     for key, record in records:
         assert decode(key, record).body == b"abc"
     assert _parsed.cache_info().misses == parsed
+
+
+def test_a_remembered_tag_answers_only_its_key_and_size_and_is_bounded() -> None:
+    """A record remembered by its verified tag (:func:`decode`) is that record for its own
+    key and length only; the memo keeps the last ``MEMO_SIZE`` tags."""
+    record = encode("k1", Stored(ENTRY, b"abc"))
+    tag = b"t" * 32
+    assert decode("k1", record, tag).body == b"abc"
+    assert _verified[tag][0] == "k1"
+    with pytest.raises(BadRecord, match="another key"):
+        decode("k2", record, tag)
+    with pytest.raises(BadRecord, match="wrong size"):
+        decode("k1", record + b"d", tag)
+    for n in range(MEMO_SIZE):
+        decode("k1", record, n.to_bytes(32, "big"))
+    assert tag not in _verified and len(_verified) == MEMO_SIZE
 
 
 def test_a_bad_header_is_refused_every_time() -> None:
