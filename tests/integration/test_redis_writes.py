@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from proxy.compat.redispy import fast_writes
 from tests.redis_server import RedisServer
@@ -81,7 +83,11 @@ async def test_a_write_redis_does_not_read_fails_within_the_timeout(
     """Redis stopped (SIGSTOP) while a 64 MB command is written: the write fails with
     redis-py's TimeoutError within about the timeout (never a hang), the connection is
     dropped, and once Redis runs again the next command works on a new connection."""
-    client = aioredis.Redis.from_url(redis_proc.url, socket_timeout=0.5)
+    client = aioredis.Redis.from_url(
+        redis_proc.url,
+        socket_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),  # as the backend's
+    )
     fast_writes(client.connection_pool)
     assert redis_proc.proc is not None
     try:
