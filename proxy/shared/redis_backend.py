@@ -65,6 +65,7 @@ from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from proxy.compat.redispy import fast_writes
 from proxy.logs import event
 from proxy.settings import SharedSettings
 from proxy.shared.base import SharedUnavailable, TokenRecord
@@ -146,7 +147,7 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
         self, size: int, on_connect: Callable[[Any], Awaitable[None]] | None
     ) -> aioredis.Redis:
         settings = self.settings
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             settings.url,
             password=settings.password.reveal() or None,
             socket_timeout=settings.timeout,
@@ -157,6 +158,8 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
             max_connections=size,
             redis_connect_func=on_connect,
         )
+        fast_writes(client.connection_pool)  # no task per command written (proxy.compat.redispy)
+        return client
 
     @property
     def budget(self) -> RedisBackend:

@@ -17,14 +17,17 @@ from types import ModuleType
 import aiohttp
 import diskcache  # type: ignore[import-untyped]
 import pytest
+import redis
 
 from proxy.compat import aiohttp as compat_aiohttp
 from proxy.compat import diskcache as compat_diskcache
+from proxy.compat import redispy as compat_redis
 
 ROOT = Path(__file__).resolve().parents[2] / "proxy"
 LIBRARIES: dict[str, tuple[ModuleType, ModuleType]] = {
     "aiohttp": (aiohttp, compat_aiohttp),
     "diskcache": (diskcache, compat_diskcache),
+    "redis": (redis, compat_redis),
 }
 PINS = [
     (library, name, check)
@@ -40,7 +43,7 @@ def test_each_private_part_we_use_is_still_there(
     module, compat = LIBRARIES[library]
     installed = module.__version__
     assert check(), (
-        f"{library} {installed}: {name!r} no longer holds; proxy/compat/{library}.py was written "
+        f"{library} {installed}: {name!r} no longer holds; {compat.__name__} was written "
         f"against {library} {compat.WRITTEN_AGAINST}: adapt it to {library} {installed}"
     )
 
@@ -50,7 +53,7 @@ def test_the_installed_versions_are_the_ones_compat_was_written_against() -> Non
     with the new version, set its WRITTEN_AGAINST to it."""
     for library, (module, compat) in LIBRARIES.items():
         assert module.__version__ == compat.WRITTEN_AGAINST, (
-            f"{library} {module.__version__} is installed; proxy/compat/{library}.py was written "
+            f"{library} {module.__version__} is installed; {compat.__name__} was written "
             f"against {compat.WRITTEN_AGAINST}: check its pins (tests/unit/test_compat.py) "
             f"and set WRITTEN_AGAINST = {module.__version__!r}"
         )
