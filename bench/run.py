@@ -3,7 +3,9 @@
 Each scenario module has ``run() -> results`` and its own table; add yours here.
 ``--connections N`` sets wrk's connections for the comparison (default 32); ``--sizes`` runs
 the cache-size series instead (bench/sizes.py, several minutes); ``--startup`` start-up over
-100k stored entries (bench/startup.py); ``--redis-tier`` a Redis hit against a memory hit.
+100k stored entries (bench/startup.py); ``--redis-tier`` a Redis hit against a memory hit;
+``--workers`` ``serve --workers 1`` and ``2`` against one process; ``--fleet`` the rate
+budget's fleet scenario. Each mode takes its own options (its module's docstring).
 """
 
 from __future__ import annotations
@@ -13,8 +15,16 @@ import time
 
 from bench import cache_bench, compare
 
+USAGE = (
+    "usage: ./dev bench [--connections N] | --sizes | --startup | --redis-tier | --workers"
+    " | --fleet [their options]"
+)
+
 
 def main() -> int:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(f"{USAGE}\n\n{__doc__}")
+        return 0
     if "--fleet" in sys.argv[1:]:
         # The rate-budget scenario instead (two minutes by default; see bench/fleet.py):
         # python -m bench.run --fleet [--seconds N --callers N --interval S --fresh-for S]
@@ -41,9 +51,9 @@ def main() -> int:
         from bench import sizes
 
         return sizes.main([a for a in sys.argv[1:] if a != "--sizes"])
-    connections = compare.DEFAULT_CONNECTIONS
-    if "--connections" in sys.argv[1:]:
-        connections = int(sys.argv[sys.argv.index("--connections") + 1])
+    connections = _connections(sys.argv[1:])
+    if connections is None:
+        return 2
     started = time.monotonic()
     results = cache_bench.run()
     print(
@@ -67,6 +77,17 @@ def main() -> int:
         print(f"\n{note}")
     print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0
+
+
+def _connections(args: list[str]) -> int | None:
+    """The comparison's wrk connections from ``--connections N`` (the only option of the
+    default run); None, after one line on stderr, for anything else."""
+    if not args:
+        return compare.DEFAULT_CONNECTIONS
+    if len(args) == 2 and args[0] == "--connections" and args[1].isdigit() and int(args[1]) > 0:
+        return int(args[1])
+    print(f"bench: unknown or incomplete options {' '.join(args)!r}; {USAGE}", file=sys.stderr)
+    return None
 
 
 if __name__ == "__main__":
