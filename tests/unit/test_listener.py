@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
+import pytest
 from aiohttp import web
 
 from proxy.listener import LIMITS, WRAP_HANDLER, Handler, Limits, Runner, bound_port, start
@@ -249,3 +251,42 @@ async def test_each_head_on_a_busy_connection_gets_its_whole_deadline_and_no_mor
         busy[1].close()
         conn[1].close()
         await runner.cleanup()
+
+
+def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns() -> None:
+    """libuv accepts one connection per loop turn (libuv#3696): 64 connections waiting in
+    the listen queue took 64 turns, each as long as serving the open ones (a 300 ms wait
+    for the last of 128 under load). The listener accepts all that wait when it wakes; the
+    connections it accepted are served, and once stopped the port refuses."""
+    uvloop = pytest.importorskip("uvloop")
+    count = 64
+
+    async def main() -> None:
+        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0)
+        server = runner.server
+        assert server is not None
+        port = bound_port(runner)
+        clients = []
+        try:
+            for _ in range(count):  # connected by the kernel, not yet accepted
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+            loop, turns = asyncio.get_running_loop(), 0
+            while len(server.connections) < count and turns < 10 * count:
+                ticked = loop.create_future()
+                loop.call_soon(ticked.set_result, None)
+                await ticked
+                turns += 1
+            assert len(server.connections) == count
+            assert turns <= 4, f"{count} waiting connections took {turns} loop turns"
+            conns = [await asyncio.open_connection(sock=c) for c in clients]
+            answers = await asyncio.gather(*(ask(c) for c in conns))
+            assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+            for _, writer in conns:
+                writer.close()
+        finally:
+            await runner.cleanup()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port)).close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
