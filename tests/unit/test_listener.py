@@ -7,12 +7,16 @@ tests/unit/test_compat.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
+from typing import cast
 
 import pytest
 from aiohttp import web
 
+from proxy import listener
+from proxy.compat.aiohttp import site_server
 from proxy.listener import LIMITS, WRAP_HANDLER, Handler, Limits, Runner, bound_port, start
 
 
@@ -287,6 +291,37 @@ def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns() -> N
             await runner.cleanup()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port)).close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
+
+
+class _OutOfDescriptors:
+    def accept(self) -> tuple[socket.socket, object]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_out_of_descriptors_the_listener_pauses_accepting_and_resumes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr(listener, "ACCEPT_RETRY_DELAY", 0.05)
+
+    async def main() -> None:
+        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0)
+        try:
+            (site,) = runner.sites
+            accepting = site_server(site)
+            assert isinstance(accepting, listener._BatchAccept)
+            accepting._accept(cast(socket.socket, _OutOfDescriptors()))
+            assert not accepting.is_serving()
+            await asyncio.sleep(0.1)
+            assert accepting.is_serving()
+            conn = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+            assert (await ask(conn)).startswith(b"HTTP/1.1 200")
+            conn[1].close()
+        finally:
+            await runner.cleanup()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         r.run(main())
