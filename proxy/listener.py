@@ -306,6 +306,7 @@ def customise(server: Server, app: web.Application) -> Server:
 
 # How long accepting pauses when the process is out of descriptors or memory (asyncio's own).
 ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _BatchAccept(asyncio.AbstractServer):
@@ -315,7 +316,7 @@ class _BatchAccept(asyncio.AbstractServer):
     For uvloop: libuv accepts one connection per loop turn since 1.45 (libuv#3696), so a
     burst of connections (a client opening 128 at once) is accepted over 128 turns, each as
     long as it takes to serve the connections already open: the last one waited 300 ms
-    (docs/performance.md, "uvloop's tail at 128 connections"). Each accepted socket becomes
+    (docs/performance.md, "uvloop's connection start"). Each accepted socket becomes
     the loop's own transport (``connect_accepted_socket``) with the site's protocol."""
 
     def __init__(
@@ -356,9 +357,9 @@ class _BatchAccept(asyncio.AbstractServer):
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue  # gone before it was accepted
             except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    continue  # this connection's own error (aborted, a network's: accept(2))
                 # Out of descriptors or memory: stop accepting for a while, as asyncio does.
                 event("accept_paused", logging.ERROR, error=e.strerror or str(e))
                 self._unwatch()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import socket
 from typing import cast
 
@@ -296,12 +297,18 @@ def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns() -> N
         r.run(main())
 
 
-class _OutOfDescriptors:
+class _Failing:
+    """A listening socket whose accept fails with each of ``codes`` in turn."""
+
+    def __init__(self, *codes: int) -> None:
+        self.codes = list(codes)
+
     def accept(self) -> tuple[socket.socket, object]:
-        raise OSError(errno.EMFILE, "Too many open files")
+        code = self.codes.pop(0)
+        raise OSError(code, os.strerror(code))
 
 
-def test_out_of_descriptors_the_listener_pauses_accepting_and_resumes(
+def test_out_of_descriptors_the_listener_pauses_accepting_and_resumes_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     uvloop = pytest.importorskip("uvloop")
@@ -313,7 +320,11 @@ def test_out_of_descriptors_the_listener_pauses_accepting_and_resumes(
             (site,) = runner.sites
             accepting = site_server(site)
             assert isinstance(accepting, listener._BatchAccept)
-            accepting._accept(cast(socket.socket, _OutOfDescriptors()))
+            # One connection's own error (aborted, a network's): the next is accepted.
+            failing = _Failing(errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN)
+            accepting._accept(cast(socket.socket, failing))
+            assert accepting.is_serving() and not failing.codes
+            accepting._accept(cast(socket.socket, _Failing(errno.EMFILE)))
             assert not accepting.is_serving()
             await asyncio.sleep(0.1)
             assert accepting.is_serving()
