@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
+import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from proxy.compat.aiohttp import (
     HookedRunner,
     make_protocol,
     protocol_loop,
+    set_site_server,
+    site_server,
     site_sockets,
     swap_server_class,
     waiting_for_request,
@@ -45,6 +50,8 @@ class StartupError(Exception):
 # How long an idle keep-alive connection stays open after an answer (nginx's default); a
 # connection that sends nothing at all is closed after header_timeout instead.
 KEEPALIVE_TIMEOUT = 75.0
+# The listen queue: connections the kernel completes before the server accepts them.
+BACKLOG = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +304,116 @@ def customise(server: Server, app: web.Application) -> Server:
     return server
 
 
+# How long accepting pauses when the process is out of descriptors or memory (asyncio's own).
+ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _BatchAccept(asyncio.AbstractServer):
+    """A site's listening sockets, accepted from by this object: every connection waiting
+    when a socket turns readable (up to ``backlog``), as asyncio's own loop does.
+
+    For uvloop: libuv accepts one connection per loop turn since 1.45 (libuv#3696), so a
+    burst of connections (a client opening 128 at once) is accepted over 128 turns, each as
+    long as it takes to serve the connections already open: the last one waited 300 ms
+    (docs/performance.md, "uvloop's connection start"). Each accepted socket becomes
+    the loop's own transport (``connect_accepted_socket``) with the site's protocol."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.Protocol],
+        sockets: list[socket.socket],
+        backlog: int,
+    ) -> None:
+        self._loop, self._factory, self._backlog = loop, factory, backlog
+        self._sockets = sockets
+        self._starting: set[asyncio.Task[Any]] = set()
+        self._serving = False
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.listen(backlog)
+        self._watch()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def _watch(self) -> None:
+        if self._sockets and not self._serving:
+            self._serving = True
+            for sock in self._sockets:
+                self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _unwatch(self) -> None:
+        if self._serving:
+            self._serving = False
+            for sock in self._sockets:
+                self._loop.remove_reader(sock.fileno())
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(self._backlog):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    continue  # this connection's own error (aborted, a network's: accept(2))
+                # Out of descriptors or memory: stop accepting for a while, as asyncio does.
+                event("accept_paused", logging.ERROR, error=e.strerror or str(e))
+                self._unwatch()
+                self._loop.call_later(ACCEPT_RETRY_DELAY, self._watch)
+                return
+            conn.setblocking(False)
+            start = self._loop.connect_accepted_socket(self._factory, conn)
+            task = self._loop.create_task(start)
+            self._starting.add(task)
+            task.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task[Any]) -> None:
+        self._starting.discard(task)
+        if not task.cancelled():
+            task.exception()  # a connection reset while its transport was made: nothing to do
+
+    def close(self) -> None:
+        self._unwatch()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    async def wait_closed(self) -> None:
+        return None
+
+    async def start_serving(self) -> None:
+        self._watch()
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("a site's listener serves once started")
+
+
+async def _accept_in_batches(site: web.TCPSite, server: Server, backlog: int) -> None:
+    """Take over accepting from the loop's own server of a started ``site``: its listening
+    sockets (bound by the loop as for any site) stay open through copies, watched by a
+    :class:`_BatchAccept` making the same protocols."""
+    loop = asyncio.get_running_loop()
+    own, listening = site_server(site), site_sockets(site)
+    if own is None or not listening:
+        return
+    copies = [
+        socket.socket(s.family, s.type, s.proto, fileno=os.dup(s.fileno())) for s in listening
+    ]
+    own.close()
+    factory = cast(Callable[[], asyncio.Protocol], server)
+    set_site_server(site, _BatchAccept(loop, factory, copies, backlog))
+
+
 class Runner(HookedRunner):
     def customise(self, server: Server) -> Server:
         return customise(server, self.app)
@@ -331,14 +448,19 @@ async def start(
         raise StartupError(f"cannot start: {e.strerror or e}{where}") from None
     site: web.BaseSite
     if unix_path:
-        site = web.UnixSite(runner, unix_path, backlog=1024)
+        site = web.UnixSite(runner, unix_path, backlog=BACKLOG)
     else:
         site = web.TCPSite(
-            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+            runner, host, port, backlog=BACKLOG, reuse_address=True, reuse_port=reuse_port or None
         )
     where = unix_path or f"{host}:{port}"
     try:
         await site.start()
+        if isinstance(site, web.TCPSite) and not isinstance(
+            asyncio.get_running_loop(), asyncio.BaseEventLoop
+        ):
+            # uvloop: accept every waiting connection per turn, not one (_BatchAccept).
+            await _accept_in_batches(site, cast(Server, runner.server), BACKLOG)
     except OSError as e:
         await runner.cleanup()
         if e.errno == errno.EADDRINUSE:

@@ -80,6 +80,16 @@ def site_sockets(site: web.BaseSite) -> list[socket.socket]:
     return list(getattr(server, "sockets", None) or [])
 
 
+def site_server(site: web.BaseSite) -> asyncio.AbstractServer | None:
+    """The asyncio server a started site listens through (closed by ``site.stop()``)."""
+    return site._server
+
+
+def set_site_server(site: web.BaseSite, server: asyncio.AbstractServer) -> None:
+    """Make ``server`` the one ``site`` reports sockets of and closes when it stops."""
+    site._server = server
+
+
 # --- client side
 
 

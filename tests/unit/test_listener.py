@@ -7,10 +7,17 @@ tests/unit/test_compat.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import socket
+from typing import cast
 
+import pytest
 from aiohttp import web
 
+from proxy import listener
+from proxy.compat.aiohttp import site_server
 from proxy.listener import LIMITS, WRAP_HANDLER, Handler, Limits, Runner, bound_port, start
 
 
@@ -249,3 +256,83 @@ async def test_each_head_on_a_busy_connection_gets_its_whole_deadline_and_no_mor
         busy[1].close()
         conn[1].close()
         await runner.cleanup()
+
+
+def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns() -> None:
+    """libuv accepts one connection per loop turn (libuv#3696): 64 connections waiting in
+    the listen queue took 64 turns, each as long as serving the open ones (a 300 ms wait
+    for the last of 128 under load). The listener accepts all that wait when it wakes; the
+    connections it accepted are served, and once stopped the port refuses."""
+    uvloop = pytest.importorskip("uvloop")
+    count = 64
+
+    async def main() -> None:
+        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0)
+        server = runner.server
+        assert server is not None
+        port = bound_port(runner)
+        clients = []
+        try:
+            for _ in range(count):  # connected by the kernel, not yet accepted
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+            loop, turns = asyncio.get_running_loop(), 0
+            while len(server.connections) < count and turns < 10 * count:
+                ticked = loop.create_future()
+                loop.call_soon(ticked.set_result, None)
+                await ticked
+                turns += 1
+            assert len(server.connections) == count
+            assert turns <= 4, f"{count} waiting connections took {turns} loop turns"
+            conns = [await asyncio.open_connection(sock=c) for c in clients]
+            answers = await asyncio.gather(*(ask(c) for c in conns))
+            assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+            for _, writer in conns:
+                writer.close()
+        finally:
+            await runner.cleanup()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port)).close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
+
+
+class _Failing:
+    """A listening socket whose accept fails with each of ``codes`` in turn."""
+
+    def __init__(self, *codes: int) -> None:
+        self.codes = list(codes)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        code = self.codes.pop(0)
+        raise OSError(code, os.strerror(code))
+
+
+def test_out_of_descriptors_the_listener_pauses_accepting_and_resumes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr(listener, "ACCEPT_RETRY_DELAY", 0.05)
+
+    async def main() -> None:
+        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0)
+        try:
+            (site,) = runner.sites
+            accepting = site_server(site)
+            assert isinstance(accepting, listener._BatchAccept)
+            # One connection's own error (aborted, a network's): the next is accepted.
+            failing = _Failing(errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN)
+            accepting._accept(cast(socket.socket, failing))
+            assert accepting.is_serving() and not failing.codes
+            accepting._accept(cast(socket.socket, _Failing(errno.EMFILE)))
+            assert not accepting.is_serving()
+            await asyncio.sleep(0.1)
+            assert accepting.is_serving()
+            conn = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+            assert (await ask(conn)).startswith(b"HTTP/1.1 200")
+            conn[1].close()
+        finally:
+            await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
