@@ -398,7 +398,7 @@ class _BatchAccept(asyncio.AbstractServer):
         raise NotImplementedError("a site's listener serves once started")
 
 
-async def _accept_in_batches(site: web.TCPSite, server: Server, backlog: int) -> None:
+async def _accept_in_batches(site: web.BaseSite, server: Server, backlog: int) -> None:
     """Take over accepting from the loop's own server of a started ``site``: its listening
     sockets (bound by the loop as for any site) stay open through copies, watched by a
     :class:`_BatchAccept` making the same protocols."""
@@ -456,10 +456,9 @@ async def start(
     where = unix_path or f"{host}:{port}"
     try:
         await site.start()
-        if isinstance(site, web.TCPSite) and not isinstance(
-            asyncio.get_running_loop(), asyncio.BaseEventLoop
-        ):
-            # uvloop: accept every waiting connection per turn, not one (_BatchAccept).
+        if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+            # uvloop: accept every waiting connection per turn, not one (_BatchAccept); a
+            # Unix socket's path stays (the loop's server does not unlink it on close).
             await _accept_in_batches(site, cast(Server, runner.server), BACKLOG)
     except OSError as e:
         await runner.cleanup()

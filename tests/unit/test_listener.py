@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import socket
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -258,23 +259,40 @@ async def test_each_head_on_a_busy_connection_gets_its_whole_deadline_and_no_mor
         await runner.cleanup()
 
 
-def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns() -> None:
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns(
+    family: str, tmp_path: Path
+) -> None:
     """libuv accepts one connection per loop turn (libuv#3696): 64 connections waiting in
     the listen queue took 64 turns, each as long as serving the open ones (a 300 ms wait
-    for the last of 128 under load). The listener accepts all that wait when it wakes; the
-    connections it accepted are served, and once stopped the port refuses."""
+    for the last of 128 under load). The listener accepts all that wait when it wakes, on a
+    port or a Unix socket (whose path stays while it serves); the connections it accepted
+    are served, and once stopped the listener refuses."""
     uvloop = pytest.importorskip("uvloop")
     count = 64
+    path = str(tmp_path / "listen.sock")
+
+    def connect(port: int) -> socket.socket:
+        if family == "tcp":
+            return socket.create_connection(("127.0.0.1", port))
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     async def main() -> None:
-        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0)
+        unix_path = path if family == "unix" else ""
+        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0, unix_path=unix_path)
         server = runner.server
         assert server is not None
-        port = bound_port(runner)
+        port = 0 if unix_path else bound_port(runner)
         clients = []
         try:
             for _ in range(count):  # connected by the kernel, not yet accepted
-                clients.append(socket.create_connection(("127.0.0.1", port)))
+                clients.append(connect(port))
             loop, turns = asyncio.get_running_loop(), 0
             while len(server.connections) < count and turns < 10 * count:
                 ticked = loop.create_future()
@@ -291,7 +309,7 @@ def test_on_uvloop_a_burst_of_connections_is_accepted_in_a_few_loop_turns() -> N
         finally:
             await runner.cleanup()
         with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port)).close()
+            connect(port).close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         r.run(main())
