@@ -330,6 +330,7 @@ class _BatchAccept(asyncio.AbstractServer):
         self._sockets = sockets
         self._starting: set[asyncio.Task[Any]] = set()
         self._serving = False
+        self._closed = asyncio.Event()
         for sock in sockets:
             sock.setblocking(False)
             sock.listen(backlog)
@@ -381,6 +382,7 @@ class _BatchAccept(asyncio.AbstractServer):
         for sock in self._sockets:
             sock.close()
         self._sockets = []
+        self._closed.set()
 
     def is_serving(self) -> bool:
         return self._serving
@@ -395,7 +397,9 @@ class _BatchAccept(asyncio.AbstractServer):
         self._watch()
 
     async def serve_forever(self) -> None:
-        raise NotImplementedError("a site's listener serves once started")
+        """Serve until closed (a site's listener serves from the start; nothing calls this)."""
+        self._watch()
+        await self._closed.wait()
 
 
 async def _accept_in_batches(site: web.BaseSite, server: Server, backlog: int) -> None:

@@ -61,7 +61,7 @@ class CacheRecords:
         def key(self, kind: str, account: str, suffix: str = "") -> str: ...
 
     def _cache_key(self, account: str, kind: str, name: str = "") -> str:
-        return f"{self.prefix}:cache:{account}:{kind}{':' + name if name else ''}"
+        return _key(self.prefix, account, kind, name)
 
     async def cache_get(self, account: str, digest: str, limit: int) -> bytes | memoryview | None:
         """The entry's payload, size checked before it is read (the envelope and header on
@@ -224,8 +224,13 @@ class CacheRecords:
 def _entry_key(prefix: str, account: str, digest: str) -> tuple[str, bytes]:
     """An entry's Redis key (as ``_cache_key`` makes it), and in bytes: made once per key
     read (as many as the read path's other per-key memos)."""
-    key = f"{prefix}:cache:{account}:e:{digest}"
+    key = _key(prefix, account, "e", digest)
     return key, key.encode()
+
+
+def _key(prefix: str, account: str, kind: str, name: str = "") -> str:
+    """A cache key of ``account`` in Redis: its ``kind`` (entry, path, lock, ...) and name."""
+    return f"{prefix}:cache:{account}:{kind}{':' + name if name else ''}"
 
 
 def _text(value: bytes | str) -> str:

@@ -354,3 +354,22 @@ def test_out_of_descriptors_the_listener_pauses_accepting_and_resumes_it(
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         r.run(main())
+
+
+def test_on_uvloop_serve_forever_returns_once_the_listener_closes() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        runner = await start(hello_app(Limits()), "127.0.0.1", 0, 1.0)
+        (site,) = runner.sites
+        accepting = site_server(site)
+        assert isinstance(accepting, listener._BatchAccept)
+        serving = asyncio.create_task(accepting.serve_forever())
+        await asyncio.sleep(0.05)
+        assert not serving.done() and accepting.is_serving()
+        await runner.cleanup()
+        await asyncio.wait_for(serving, 2)
+        assert not accepting.is_serving() and accepting.sockets == ()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
