@@ -1,4 +1,5 @@
-"""Every touch of redis-py's private parts: how a connection writes a command.
+"""Every touch of redis-py's private parts: how a connection writes a command, its
+transport taken over, and the exception an error reply becomes.
 
 redis-py's asyncio connection writes each command under ``asyncio.wait_for(...,
 socket_timeout)``, which on Python 3.11 wraps the write in a task of its own: one more task,
@@ -9,6 +10,11 @@ the command at once and waits, under the same timeout, only when the transport c
 take it all (bytes left in its buffer), as redis-py's own send does; every error is handled
 as redis-py handles it (the connection dropped, ``TimeoutError`` or ``ConnectionError``
 raised). Measured on a real redis-server: 25-30 µs less CPU per command (docs/performance.md).
+
+:func:`taken_transport` and :func:`response_error` serve :mod:`proxy.shared.wire` (the backend's
+pipelined connection of plain RESP): the transport of a pool's connection, and an error reply
+as the exception redis-py raises for it (``NOSCRIPT`` a ``NoScriptError``, ``LOADING`` a
+``BusyLoadingError``, ...), so the backend handles both paths' errors alike.
 
 :data:`PINS` lists the assumptions; ``tests/unit/test_compat.py`` checks each and names
 :data:`WRITTEN_AGAINST` when one fails after an upgrade.
@@ -22,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis import exceptions as rexc
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 WRITTEN_AGAINST = "8.1.0"
@@ -88,6 +95,27 @@ def fast_writes(pool: ConnectionPool) -> None:
     pool.connection_class = made
 
 
+# redis-py's parsers' own mapping (a classmethod, untyped).
+_parse_error: Callable[[str], Any] = BaseParser.parse_error
+
+
+def taken_transport(connection: Any) -> asyncio.Transport | None:
+    """The transport of a pool's connected ``connection`` (redis-py 8: its ``_writer``'s),
+    for a protocol of the caller's own to take over; None when it is closed."""
+    writer = connection._writer
+    if writer is None or writer.transport.is_closing():
+        return None
+    transport: asyncio.Transport = writer.transport
+    return transport
+
+
+def response_error(text: str) -> rexc.RedisError:
+    """The exception redis-py's parsers make of the error reply ``text`` (without its
+    ``-``)."""
+    error: rexc.RedisError = _parse_error(text)
+    return error
+
+
 def _pins() -> dict[str, Callable[[], bool]]:
     send = inspect.signature(AbstractConnection.send_packed_command)
     source = inspect.getsource(AbstractConnection.send_packed_command)
@@ -114,6 +142,12 @@ def _pins() -> dict[str, Callable[[], bool]]:
         ),
         "AbstractConnection.disconnect(nowait=...)": lambda: (
             "nowait" in inspect.signature(AbstractConnection.disconnect).parameters
+        ),
+        "BaseParser.parse_error(text) maps NOSCRIPT and LOADING": lambda: (
+            isinstance(_parse_error("NOSCRIPT x"), rexc.NoScriptError)
+            and isinstance(_parse_error("LOADING x"), rexc.BusyLoadingError)
+            and type(_parse_error("WRONGTYPE x")) is rexc.ResponseError
+            and str(_parse_error("WRONGTYPE x")) == "WRONGTYPE x"
         ),
         "ConnectionPool.connection_class": lambda: (
             "self.connection_class" in inspect.getsource(ConnectionPool)

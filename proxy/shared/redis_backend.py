@@ -73,6 +73,7 @@ from proxy.shared.epochs import Epochs
 from proxy.shared.log import Delivered, Log, replayed, split, subscribed
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.notes import Notes
+from proxy.shared.piped import Script
 from proxy.shared.reads import Reads
 from proxy.shared.records import BadRecord, RecordKeys, token_version
 from proxy.shared.redis_budget import BudgetRecords
@@ -91,6 +92,7 @@ from proxy.shared.scripts import (
     TAKE,
     TAKE_CLASSED,
 )
+from proxy.shared.wire import Wire
 
 T = TypeVar("T")
 # How often the health probe pings (and so how soon a returning Redis is used again).
@@ -115,18 +117,23 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
         self.epochs = Epochs(self.prober, self.prefix, metrics)
         self.client = self._connect(POOL_SIZE, self.epochs.check_connection)
         self._closed = False
-        self._take = self.client.register_script(TAKE)
-        self._pause = self.client.register_script(PAUSE)
-        self._take_classed = self.client.register_script(TAKE_CLASSED)
-        self._spare = self.client.register_script(SPARE)
-        self._give_back = self.client.register_script(GIVE_BACK)
+        # The hot calls (the Redis tier's reads, the flight's scripts: the budget's slot,
+        # the fetch lock's claim and release) on one pipelined connection of plain RESP
+        # (proxy.shared.wire); the rest (large writes and reads, tokens, invalidations)
+        # through redis-py.
+        self.wire = Wire(self.client.connection_pool, settings.timeout)
+        self.reads = Reads(self.wire)
+        self._take = Script(self.wire, TAKE)
+        self._pause = Script(self.wire, PAUSE)
+        self._take_classed = Script(self.wire, TAKE_CLASSED)
+        self._spare = Script(self.wire, SPARE)
+        self._give_back = Script(self.wire, GIVE_BACK)
+        self._cache_claim = Script(self.wire, CACHE_CLAIM)
+        self._cache_release = Script(self.wire, CACHE_RELEASE)
         self._write_token = self.client.register_script(CAS_SCRIPT)
         self._cache_put = self.client.register_script(CACHE_PUT)
-        self._cache_claim = self.client.register_script(CACHE_CLAIM)
-        self._cache_release = self.client.register_script(CACHE_RELEASE)
         self._cache_drop = self.client.register_script(CACHE_DROP)
         self._cache_get = self.client.register_script(CACHE_GET)
-        self.reads = Reads(self.client.connection_pool, settings.timeout)
         self.records = RecordKeys.derive(
             settings.token_key.reveal(),
             settings.token_key_previous.reveal(),
@@ -208,7 +215,7 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.reads.close()
+        await self.wire.close()
         await self.client.aclose()
         await self.prober.aclose()
 
@@ -248,7 +255,7 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
 
     async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = 0.0) -> T:
         """``call()``, counted, within ``limit`` (0: ``shared.timeout``; None: the call keeps
-        to it by itself, as the pipelined reads do)."""
+        to it by itself, as the pipelined connection's calls do: :mod:`proxy.shared.wire`)."""
         if not self._up:
             raise SharedUnavailable(f"shared store away ({op})")
         started = time.perf_counter()

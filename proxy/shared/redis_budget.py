@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from proxy.shared.base import ClassedAsk, Room, Taken
+from proxy.shared.piped import Script
 
 T = TypeVar("T")
 # The longest pause a caller without a cap of its own honours (seconds).
@@ -25,15 +26,19 @@ class _Backend(Protocol):
     @property
     def client(self) -> Any: ...
 
-    _take: Any
-    _take_classed: Any
-    _pause: Any
-    _spare: Any
-    _give_back: Any
+    # Scripts on the pipelined connection (proxy.shared.piped), each called within the
+    # timeout by itself (so run with no limit of _run's own).
+    _take: Script
+    _take_classed: Script
+    _pause: Script
+    _spare: Script
+    _give_back: Script
 
     def key(self, kind: str, account: str, suffix: str = "") -> str: ...
 
-    async def _run(self, op: str, call: Callable[[], Awaitable[T]], limit: float = 0.0) -> T: ...
+    async def _run(
+        self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = 0.0
+    ) -> T: ...
 
 
 class BudgetRecords:
@@ -46,7 +51,7 @@ class BudgetRecords:
         keys = [self.key("budget", account), self.key("budget", account, "log")]
         cap = repr(float(min(longest, NO_CAP)))
         args: list[Any] = [per_window, burst, repr(float(period)), member, cap]
-        taken, wait = await self._run("budget", lambda: self._take(keys=keys, args=args))
+        taken, wait = await self._run("budget", lambda: self._take(keys, args), None)
         return 0.0 if int(taken) == 1 else max(float(wait), 1e-3)
 
     async def take_classed(
@@ -67,7 +72,7 @@ class BudgetRecords:
             max(0, int(ask.headroom)),
         ]  # fmt: skip
         taken, wait, *fleet = await self._run(
-            "budget", lambda: self._take_classed(keys=keys, args=args)
+            "budget", lambda: self._take_classed(keys, args), None
         )
         if int(taken) == 1:
             return Taken(0.0, (int(fleet[0]), int(fleet[1]), int(fleet[2])), member)
@@ -78,7 +83,7 @@ class BudgetRecords:
     ) -> float:
         keys = [self.key("budget", account)]
         args: list[Any] = [repr(float(seconds)), per_window, burst, repr(float(period))]
-        left = await self._run("pause", lambda: self._pause(keys=keys, args=args))
+        left = await self._run("pause", lambda: self._pause(keys, args), None)
         return float(left)
 
     async def room(self: _Backend, account: str, per_window: int, burst: int, period: float,
@@ -90,9 +95,7 @@ class BudgetRecords:
             repr(float(period)),
             repr(float(min(longest, NO_CAP))),
         ]
-        tokens, *fleet, wait = await self._run(
-            "budget_room", lambda: self._spare(keys=keys, args=args)
-        )
+        tokens, *fleet, wait = await self._run("budget_room", lambda: self._spare(keys, args), None)
         return Room(float(tokens), (int(fleet[0]), int(fleet[1]), int(fleet[2])), float(wait))
 
     async def give_back(
@@ -103,7 +106,7 @@ class BudgetRecords:
         False when the send has already left the log."""
         keys = [self.key("budget", account), self.key("budget", account, "log")]
         args: list[Any] = [member, per_window, repr(float(period))]
-        given = await self._run("budget", lambda: self._give_back(keys=keys, args=args))
+        given = await self._run("budget", lambda: self._give_back(keys, args), None)
         return int(given) == 1
 
     async def drop_demand(self: _Backend, account: str) -> None:

@@ -14,6 +14,7 @@ Keys (``P`` is ``shared.key_prefix``)::
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 from collections.abc import Awaitable, Callable
@@ -24,8 +25,10 @@ import redis.asyncio as aioredis
 from proxy.shared.base import Claim
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.notes import Notes
+from proxy.shared.piped import Script
 from proxy.shared.reads import LARGER, Reads
 from proxy.shared.records import BadRecord, RecordKeys
+from proxy.shared.wire import Wire
 
 T = TypeVar("T")
 # The suffix of a fetch lock's waiters set.
@@ -40,13 +43,14 @@ class CacheRecords:
     prefix: str
     client: aioredis.Redis
     reads: Reads
+    wire: Wire
     records: RecordKeys
     metrics: SharedMetrics
     notes: Notes
     _replica: str
     _cache_put: Any
-    _cache_claim: Any
-    _cache_release: Any
+    _cache_claim: Script  # on the pipelined connection (proxy.shared.piped)
+    _cache_release: Script
     _cache_drop: Any
     _cache_get: Any
 
@@ -135,7 +139,12 @@ class CacheRecords:
         args: list[Any] = [owner, max(1, int(ttl * 1000)), limit + self.OVERHEAD, waiter]
         if peek > 0:
             args.append(peek)
-        found = await self._run("cache_lock", lambda: self._cache_claim(keys=keys, args=args))
+        cap = limit + self.OVERHEAD  # the most of an entry the claim answers
+        try:
+            found = await self._run("cache_lock", lambda: self._cache_claim(keys, args, cap), None)
+        except asyncio.CancelledError:
+            self._forget_claim(keys[0], owner)
+            raise
         taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
         if taken != 1:
             holder = _text(data) if isinstance(data, bytes | str) else None
@@ -143,6 +152,14 @@ class CacheRecords:
         if len(found) > 3 and isinstance(data, bytes):  # a head: checked once read whole
             return Claim(owner, _text(gen), self.records.unchecked(data), head=True)
         return Claim(owner, _text(gen), self._claimed(keys[2], data))
+
+    def _forget_claim(self, key: str, owner: str) -> None:
+        """A claim its caller gave up may still run (its place on the pipelined connection
+        is kept): its lock, if it took it, is let go just after it, in order on the same
+        connection, rather than held by no one until its TTL. Best effort: unanswered."""
+        if self.wire.connected:
+            let_go = asyncio.ensure_future(self._cache_release([key], [owner]))
+            let_go.add_done_callback(_quiet)
 
     def _claimed(self, key: str, data: Any) -> bytes | None:
         """The entry a claim found, verified; a bad one (too large, another type, a MAC that
@@ -180,7 +197,7 @@ class CacheRecords:
             keys.append(self._cache_key(account, "lock", digest + WAITING))
             sealed = self.records.seal(self._cache_key(account, "note", digest).encode(), note)
             args += [owner.encode() + b"|" + sealed, self.key("cache", "notes") + ":"]
-        await self._run("cache_unlock", lambda: self._cache_release(keys=keys, args=args))
+        await self._run("cache_unlock", lambda: self._cache_release(keys, args), None)
 
     async def cache_note(
         self, account: str, digest: str, holder: str, seconds: float
@@ -231,6 +248,11 @@ def _entry_key(prefix: str, account: str, digest: str) -> tuple[str, bytes]:
 def _key(prefix: str, account: str, kind: str, name: str = "") -> str:
     """A cache key of ``account`` in Redis: its ``kind`` (entry, path, lock, ...) and name."""
     return f"{prefix}:cache:{account}:{kind}{':' + name if name else ''}"
+
+
+def _quiet(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: nobody waits for it
 
 
 def _text(value: bytes | str) -> str:

@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry
 from proxy.cache.redis_records import MEMO_SIZE, BadRecord, _parsed, _verified, decode, encode
-from proxy.shared.reads import HEAD, LARGER, WRONG, Reads, _command, _read, _replies
+from proxy.shared.reads import HEAD, LARGER, WRONG, _command, _read, _replies
+from proxy.shared.reads import READ as READ_KIND
 from proxy.shared.records import BadRecord as SharedBadRecord
 from proxy.shared.records import RecordKeys, mac_key
+from proxy.shared.wire import Wire
 
 REPLIES = b"$5\r\nhello\r\n:1\r\n$0\r\n\r\n-WRONGTYPE no\r\n$-1\r\n:42\r\n"
 
@@ -31,7 +33,7 @@ def test_replies_of_every_kind_are_read() -> None:
     assert first == [b"hello", 1, b""]
     second, end = _replies(REPLIES, at, 3) or ([], 0)
     assert isinstance(second[0], rexc.ResponseError) and str(second[0]) == "WRONGTYPE no"
-    assert second[1:] == [b"", 42] and end == len(REPLIES)
+    assert second[1:] == [None, 42] and end == len(REPLIES)
 
 
 @given(st.integers(min_value=0, max_value=len(REPLIES) - 1))
@@ -44,7 +46,7 @@ def test_replies_cut_anywhere_are_not_whole_until_they_are(cut: int) -> None:
 
 def test_a_reply_of_another_kind_fails_the_connection() -> None:
     with pytest.raises(rexc.ConnectionError):
-        _replies(b"*1\r\n:1\r\n", 0, 1)
+        _replies(b"%1\r\n:1\r\n:2\r\n", 0, 1)  # a map: no call gets one
 
 
 def test_the_command_is_three_plain_commands() -> None:
@@ -222,11 +224,11 @@ def test_replies_in_chunks_cut_anywhere_answer_every_read_as_one_chunk_does(
     own answer, in order, and nothing is left over."""
     loop = asyncio.new_event_loop()
     try:
-        pending = Reads(None, 1.0)
+        pending = Wire(None, 1.0)
         connection = _Connection()
         pending._replies = connection  # type: ignore[assignment]
         futures = [loop.create_future() for _ in reads]
-        pending._waiting.extend((f, 0.0, 100_000) for f in futures)
+        pending._waiting.extend((f, 0.0, READ_KIND, 100_000) for f in futures)
         data = b"".join(r for r, _ in reads)
         points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
         for start, end in itertools.pairwise(points):
