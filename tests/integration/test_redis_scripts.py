@@ -4,7 +4,7 @@ backend's pipelined connection of plain RESP (:mod:`proxy.shared.piped`,
 Redis forgot (``SCRIPT FLUSH``) sent again whole, a stopped Redis failing the calls within
 the timeout (degraded, as through redis-py), an error reply refused as redis-py's, a call
 its caller gave up keeping its reply's place, and the connection made as the pool makes its
-own (password, Unix socket)."""
+own (password, Unix socket, TLS)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from prometheus_client import CollectorRegistry
 
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import SharedUnavailable
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.redis_backend import RedisBackend
-from tests.redis_server import TOKEN_KEY, RedisServer, redis_server_path
+from tests.redis_server import TOKEN_KEY, RedisServer, free_port, redis_server_path
 from tests.replicas import RedisSpace, until
 
 
@@ -200,6 +201,39 @@ async def test_the_calls_work_on_a_unix_socket(tmp_path: Path) -> None:
         await backend.start()
         try:
             await until(lambda: backend.up, within=5.0, what="up on the socket")
+            await calls_work(backend)
+        finally:
+            await backend.close()
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 5.0)
+
+
+async def test_the_calls_work_over_tls(tmp_path: Path) -> None:
+    """``rediss://``: the pipelined connection is the pool's TLS connection, taken over."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    port = free_port()
+    args = [redis_server_path(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(tmp_path / "cert.pem"),
+            "--tls-key-file", str(tmp_path / "key.pem"),
+            "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "no",
+            "--dir", str(tmp_path), "--save", "", "--appendonly", "no"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
+        settings = SharedSettings(
+            backend="redis", url=url, key_prefix="tls", token_key=Secret(TOKEN_KEY)
+        )
+        backend = RedisBackend(settings, SharedMetrics(CollectorRegistry()))
+        await backend.start()
+        try:
+            await until(lambda: backend.up, within=10.0, what="up over TLS")
             await calls_work(backend)
         finally:
             await backend.close()
