@@ -9,8 +9,10 @@ own (password, Unix socket, TLS)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -182,31 +184,34 @@ async def test_the_calls_work_with_a_password(tmp_path: Path) -> None:
         server.stop()
 
 
-async def test_the_calls_work_on_a_unix_socket(tmp_path: Path) -> None:
-    path = tmp_path / "redis.sock"
-    args = [redis_server_path(), "--port", "0", "--unixsocket", str(path), "--dir",
-            str(tmp_path), "--save", "", "--appendonly", "no"]  # fmt: skip
+async def calls_work_on(args: list[str], url: str, ready: Callable[[], bool]) -> None:
+    """A redis-server started with ``args``; once ``ready()``, a backend on ``url`` whose
+    flights, puts and reads work."""
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        await until(path.exists, within=10.0, what="the Unix socket")
+        await until(ready, within=10.0, what="redis-server listening")
         settings = SharedSettings(
-            backend="redis",
-            url=f"unix://{path}?db=0",
-            key_prefix="unix",
-            token_key=Secret(TOKEN_KEY),
+            backend="redis", url=url, key_prefix="other", token_key=Secret(TOKEN_KEY)
         )
         backend = RedisBackend(settings, SharedMetrics(CollectorRegistry()))
         await backend.start()
         try:
-            await until(lambda: backend.up, within=5.0, what="up on the socket")
+            await until(lambda: backend.up, within=10.0, what="the backend up")
             await calls_work(backend)
         finally:
             await backend.close()
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 5.0)
+
+
+async def test_the_calls_work_on_a_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    args = [redis_server_path(), "--port", "0", "--unixsocket", str(path), "--dir",
+            str(tmp_path), "--save", "", "--appendonly", "no"]  # fmt: skip
+    await calls_work_on(args, f"unix://{path}?db=0", path.exists)
 
 
 async def test_the_calls_work_over_tls(tmp_path: Path) -> None:
@@ -222,24 +227,14 @@ async def test_the_calls_work_over_tls(tmp_path: Path) -> None:
             "--tls-key-file", str(tmp_path / "key.pem"),
             "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "no",
             "--dir", str(tmp_path), "--save", "", "--appendonly", "no"]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
-        settings = SharedSettings(
-            backend="redis", url=url, key_prefix="tls", token_key=Secret(TOKEN_KEY)
-        )
-        backend = RedisBackend(settings, SharedMetrics(CollectorRegistry()))
-        await backend.start()
-        try:
-            await until(lambda: backend.up, within=10.0, what="up over TLS")
-            await calls_work(backend)
-        finally:
-            await backend.close()
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 5.0)
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
+    await calls_work_on(args, url, lambda: listening(port))
+
+
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
 
 
 @pytest.mark.parametrize("op", ["claim", "take"])
