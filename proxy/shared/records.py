@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from proxy.compat.hashes import hmac_sha256
+
 MAGIC = b"KPR2"
 TAG_SIZE = 32
 INFO = b"kounta-proxy shared record mac v2"
@@ -125,11 +127,8 @@ def _tag(key: bytes, context: bytes, payload: bytes | memoryview) -> bytes:
 
 @functools.lru_cache(maxsize=8)
 def _keyed(key: bytes) -> Any:
-    """The key's HMAC-SHA256 state: OpenSSL's own object where :mod:`hmac` wraps one (it
-    has the same ``copy``, ``update`` and ``digest``, without the wrapper's Python calls:
-    ~0.7 µs a record), else :mod:`hmac`'s."""
-    mac = hmac.new(key, digestmod="sha256")
-    return getattr(mac, "_hmac", None) or mac
+    """The key's HMAC-SHA256 state, set up once (:func:`proxy.compat.hashes.hmac_sha256`)."""
+    return hmac_sha256(key)
 
 
 # The largest token record read (a Fernet token of a few hundred bytes in practice).

@@ -9,6 +9,8 @@ nothing else should need to change.
 from __future__ import annotations
 
 import ast
+import hmac
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import redis
 
 from proxy.compat import aiohttp as compat_aiohttp
 from proxy.compat import diskcache as compat_diskcache
+from proxy.compat import hashes as compat_hashes
 from proxy.compat import redispy as compat_redis
 
 ROOT = Path(__file__).resolve().parents[2] / "proxy"
@@ -28,7 +31,16 @@ LIBRARIES: dict[str, tuple[ModuleType, ModuleType]] = {
     "aiohttp": (aiohttp, compat_aiohttp),
     "diskcache": (diskcache, compat_diskcache),
     "redis": (redis, compat_redis),
+    "hmac": (hmac, compat_hashes),  # the standard library's: its version is Python's
 }
+
+
+def version(module: ModuleType) -> str:
+    """A library's version; a standard library module's is Python's minor version."""
+    found = getattr(module, "__version__", None)
+    return found if isinstance(found, str) else "{}.{}".format(*sys.version_info[:2])
+
+
 PINS = [
     (library, name, check)
     for library, (_, compat) in LIBRARIES.items()
@@ -41,7 +53,7 @@ def test_each_private_part_we_use_is_still_there(
     library: str, name: str, check: Callable[[], bool]
 ) -> None:
     module, compat = LIBRARIES[library]
-    installed = module.__version__
+    installed = version(module)
     assert check(), (
         f"{library} {installed}: {name!r} no longer holds; {compat.__name__} was written "
         f"against {library} {compat.WRITTEN_AGAINST}: adapt it to {library} {installed}"
@@ -52,10 +64,11 @@ def test_the_installed_versions_are_the_ones_compat_was_written_against() -> Non
     """An upgrade (a new lock) must look at proxy/compat/ once: when the pins above pass
     with the new version, set its WRITTEN_AGAINST to it."""
     for library, (module, compat) in LIBRARIES.items():
-        assert module.__version__ == compat.WRITTEN_AGAINST, (
-            f"{library} {module.__version__} is installed; {compat.__name__} was written "
+        installed = version(module)
+        assert installed == compat.WRITTEN_AGAINST, (
+            f"{library} {installed} is installed; {compat.__name__} was written "
             f"against {compat.WRITTEN_AGAINST}: check its pins (tests/unit/test_compat.py) "
-            f"and set WRITTEN_AGAINST = {module.__version__!r}"
+            f"and set WRITTEN_AGAINST = {installed!r}"
         )
 
 
@@ -67,7 +80,7 @@ def library_privates() -> set[str]:
 
     classes = (RequestHandler, Server, aiohttp.web.AppRunner, aiohttp.web.BaseSite)
     classes += (ResponseHandler, aiohttp.TCPConnector, aiohttp.ClientSession)
-    classes += (diskcache.Disk, diskcache.Cache)
+    classes += (diskcache.Disk, diskcache.Cache, hmac.HMAC)
     names: set[str] = set()
     for cls in classes:
         for klass in cls.__mro__:
