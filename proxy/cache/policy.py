@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
