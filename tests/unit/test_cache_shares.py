@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from proxy.cache.metrics import CacheMetrics
 from proxy.cache.memory import HotEntries, Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.shares import Ledger
 from proxy.cache.store import CacheStore
 from tests.unit.test_cache_store import stored
