@@ -4,10 +4,10 @@ One proxy (one process, the local tier, asyncio's loop unless ``--loop``) in fro
 bench/origin.py, pinned as bench/compare.py pins (the proxy on the server core, the origin
 and wrk on the other); ``wrk -t1 -c1`` on the revalidated path (no cache rule), so each
 request waits for its own conditional GET answered 304: the proxy's CPU per request is a
-flight's cost plus one answer's. With ``--old DIR`` the proxy package in DIR is measured
-too, round after round interleaved; ``--profile OUT`` records the (first) proxy with
-``py-spy record -f raw`` instead of measuring (docs/performance.md, "A revalidation's flight
-at half its CPU").
+flight's cost plus one answer's (``--connections N``: N at once, flights shared). With
+``--old DIR`` the proxy package in DIR is measured too, round after round interleaved;
+``--profile OUT`` records the (first) proxy with ``py-spy record -f raw`` instead of
+measuring (docs/performance.md, "A revalidation's flight at half its CPU").
 
     python -m bench.flight [--old DIR] [--rounds 3] [--seconds 5] [--profile OUT]
 """
@@ -28,10 +28,13 @@ from bench.cache_bench import LOAD, SERVER, TOKEN, cpu_seconds, free_port, pin, 
 from bench.compare import REVALIDATED, get, served
 
 
-def measure(wrk_binary: str, url: str, origin: str, pid: int, seconds: int) -> tuple[float, float]:
-    """CPU µs per request and upstream requests per request over one ``wrk -t1 -c1`` run."""
+def measure(
+    wrk_binary: str, url: str, origin: str, pid: int, seconds: int, connections: int = 1
+) -> tuple[float, float]:
+    """CPU µs per request and upstream requests per request over one ``wrk -t1`` run."""
     before, cpu = served(origin), cpu_seconds(pid)
-    args = [wrk_binary, "-t1", "-c1", f"-d{seconds}s", "-H", f"Authorization: Bearer {TOKEN}"]
+    args = [wrk_binary, "-t1", f"-c{connections}", f"-d{seconds}s"]
+    args += ["-H", f"Authorization: Bearer {TOKEN}"]
     out = subprocess.run(
         [*args, url], capture_output=True, text=True, check=True, preexec_fn=pin(LOAD)
     ).stdout
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
+    p.add_argument("--connections", type=int, default=1, help="wrk's (1: every request a flight)")
     p.add_argument("--profile", help="py-spy's raw output for the (new) proxy; no measuring")
     a = p.parse_args(argv)
     wrk_binary = shutil.which("wrk")
@@ -81,16 +85,21 @@ def main(argv: list[str] | None = None) -> int:
                 spy = [shutil.which("py-spy") or str(Path(py).with_name("py-spy")), "record"]
                 spy += ["-r", "500", "-d", str(a.seconds), "-f", "raw", "-o", a.profile]
                 with subprocess.Popen([*spy, "-p", str(pid)]) as recording:
-                    measured = measure(wrk_binary, url, origin, pid, a.seconds)
+                    measured = measure(wrk_binary, url, origin, pid, a.seconds, a.connections)
                     recording.wait()
-                print(f"profiled: {measured[0]:.0f} µs/req, upstream/req {measured[1]:.3f}")
+                spent, up = measured
+                print(
+                    f"profiled: {spent:.0f} µs/req, upstream/req {up:.3f}, µs per flight "
+                    f"(all of it) {spent / up:.0f}"
+                )
                 return 0
             found: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
             for round_no in range(a.rounds):
                 order = list(servers) if round_no % 2 == 0 else list(reversed(servers))
                 for name in order:
                     url, pid = servers[name]
-                    found[name].append(measure(wrk_binary, url, origin, pid, a.seconds))
+                    result = measure(wrk_binary, url, origin, pid, a.seconds, a.connections)
+                    found[name].append(result)
             for name, each in found.items():
                 cpu = [c for c, _ in each]
                 up = [u for _, u in each]
