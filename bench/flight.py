@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                     found[name].append(result)
             for name, each in found.items():
                 cpu = [c for c, _ in each]
-                up = [u for _, u in each]
+                ups = [u for _, u in each]
                 print(
                     f"{name}: CPU µs/req median {statistics.median(cpu):.0f} "
                     f"(min-max {min(cpu):.0f}-{max(cpu):.0f}), rounds "
                     f"{', '.join(f'{c:.0f}' for c in cpu)}; upstream/req "
-                    f"{min(up):.3f}-{max(up):.3f}"
+                    f"{min(ups):.3f}-{max(ups):.3f}"
                 )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
