@@ -28,14 +28,13 @@ Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis ins
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
-from proxy.logs import debug, log, trace
+from proxy.logs import debug, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.pipeline.account_budget import AccountBudget
 from proxy.pipeline.gates import Gate, Rate, SharedGate, live_rate, rate_for
@@ -165,16 +164,15 @@ class Budget:
                     request.caller, limit, request.priority, request.wanted
                 )
             now.budget_wait += waited
-            if log.isEnabledFor(logging.DEBUG):  # the gate's mode asked only when it is read
-                debug(
-                    "budget_taken",
-                    request_id=request.request_id,
-                    account=request.account,
-                    caller=request.caller,
-                    priority=request.priority,
-                    waited_ms=round(waited * 1000, 2),
-                    mode=budget.gate.mode(),
-                )
+            debug(
+                "budget_taken",
+                request_id=request.request_id,
+                account=request.account,
+                caller=request.caller,
+                priority=request.priority,
+                waited_ms=round(waited * 1000, 2),
+                mode=budget.gate.mode(),
+            )
             response = await self.inner.send(request)
             if response.status != 429:
                 budget.bucket.recovered()
