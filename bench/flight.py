@@ -7,7 +7,7 @@ request waits for its own conditional GET answered 304: the proxy's CPU per requ
 flight's cost plus one answer's (``--connections N``: N at once, flights shared). With
 ``--old DIR`` the proxy package in DIR is measured too, round after round interleaved;
 ``--profile OUT`` records the (first) proxy with ``py-spy record -f raw`` instead of
-measuring (docs/performance.md, "A revalidation's flight at half its CPU").
+measuring (docs/performance.md, "A revalidation's flight, part by part").
 
     python -m bench.flight [--old DIR] [--rounds 3] [--seconds 5] [--profile OUT]
 """
