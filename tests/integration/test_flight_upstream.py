@@ -1,7 +1,7 @@
 """What a revalidation's flight does once per exchange, and no more (issue 21,
-docs/performance.md "A revalidation's flight, part by part"): the upstream layer against a real Kounta of our own
-on loopback (raw asyncio: a 304 without a body to a conditional GET, else a body of the
-size asked), through the real aiohttp client session."""
+docs/performance.md "A revalidation's flight, part by part"): the upstream layer against a
+real Kounta of our own on loopback (raw asyncio: a 304 without a body to a conditional GET,
+else a body of the size asked), through the real aiohttp client session."""
 
 from __future__ import annotations
 
