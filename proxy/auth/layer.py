@@ -5,14 +5,16 @@ What comes back has the account's secrets taken out (:mod:`proxy.auth.scrub`).""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
-from dataclasses import replace
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider
 from proxy.auth.scrub import credentials, scrubbed, spellings
 from proxy.errors import TokenUnavailable
-from proxy.logs import debug, trace
+from proxy.logs import debug, log, trace
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
 
 
@@ -47,8 +49,10 @@ class Latest:
     def on(self, request: ProxyRequest) -> ProxyRequest:
         """``request`` carrying ``given`` now and asking again when it is sent (only a
         renewable credential can change meanwhile)."""
-        request = request.with_headers(Authorization=self.given)
-        return replace(request, authorize=self) if self.provider.renewable else request
+        headers = CIMultiDict(request.headers)
+        headers["Authorization"] = self.given
+        authorize = self if self.provider.renewable else request.authorize
+        return request.sent_as(request.method, CIMultiDictProxy(headers), authorize)
 
     async def __call__(self, deadline: float) -> str:
         self.given = await self.provider.authorization(deadline)
@@ -76,14 +80,15 @@ class Authenticator:
             raise TokenUnavailable(f"No credentials are configured for account {request.account!r}")
         # Asked now too, so a request no token can serve fails before it waits for the budget.
         authorization = await provider.authorization(request.deadline)
-        debug(
-            "token_chosen",
-            request_id=request.request_id,
-            account=request.account,
-            provider=type(provider).__name__,
-            state=str(provider.state),
-            expires_at=provider.expires_at,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the provider's state read only when it is
+            debug(
+                "token_chosen",
+                request_id=request.request_id,
+                account=request.account,
+                provider=type(provider).__name__,
+                state=str(provider.state),
+                expires_at=provider.expires_at,
+            )
         sent: list[str] = []
         response = await self._send(request, provider, Latest(provider, authorization, sent))
         # The tokens sent, and whatever the account holds now (a resend may have renewed it).

@@ -6,7 +6,6 @@ through when it cannot be stored."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -61,9 +60,10 @@ class Exchange:
         for name in CALLER_CONDITIONALS:
             headers.popall(name, None)
         entry = stale.entry if stale is not None else None
-        if entry is not None:
-            headers.update(validators(entry))
-        sent = replace(request, method="GET", headers=CIMultiDictProxy(headers))
+        asked = validators(entry) if entry is not None else None
+        if asked is not None:
+            headers.update(asked)
+        sent = request.sent_as("GET", CIMultiDictProxy(headers), request.authorize)
         request_time = self.clock()
         response = await self.inner.send(sent)
         response_time = self.clock()
@@ -75,9 +75,9 @@ class Exchange:
         )
         if isinstance(decision, Freshened):
             await response.release()
-            if entry is not None:  # for the replicas waiting on this fetch (Redis)
-                asked = tuple(validators(entry).items())
-                self.entries.revalidated(flight, (asked, items, request_time, response_time))
+            if asked is not None:  # for the replicas waiting on this fetch (Redis)
+                told = tuple(asked.items())
+                self.entries.revalidated(flight, (told, items, request_time, response_time))
             return self._freshened(flight, stale, decision, "not_modified")
         if isinstance(decision, Refetch):
             await response.release()
@@ -108,7 +108,7 @@ class Exchange:
         # nobody).
         # The body (and its CRC32) as stored; only the headers are freshened.
         fresh = (
-            replace(stale, entry=decision.entry)
+            Stored(decision.entry, stale.body, stale.body_key, stale.crc)  # replace(), faster
             if stale is not None
             else Stored(decision.entry, None)
         )

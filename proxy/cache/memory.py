@@ -51,6 +51,20 @@ class HotEntries:
         return found
 
     def put(self, key: str, stored: Stored) -> None:
+        old = self.items.get(key)
+        if (
+            old is not None
+            and stored.body is not None
+            and len(stored.body) == len(old.body or b"")
+            and stored.entry.path == old.entry.path
+            and stored.entry.account == old.entry.account
+        ):
+            # A 304 freshened it (the same body): what pop and put would leave, without
+            # their bookkeeping (same cost, same account and path: nothing else moves).
+            self.items[key] = stored
+            self.items.move_to_end(key)
+            self.ledger.touch(key)
+            return
         self.pop(key)
         if stored.body is None:
             return

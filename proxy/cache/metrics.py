@@ -59,7 +59,7 @@ class CacheMetrics:
             ["outcome"],
             registry=registry,
         )
-        self.cache_stores = Counter(
+        self.cache_stores = LoopCounter(  # once per flight (a 304 stored): no lock
             "kounta_proxy_cache_stores",
             "Responses stored, or not stored and why (stored, not_storable, too_large, "
             "truncated, disabled, invalidated).",

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -718,17 +718,16 @@ def merge_304(
     if merged is None:
         return None
     fields, reuse = merged
-    return replace(
-        entry,
-        headers=fields,
-        request_time=request_time,
-        response_time=response_time,
+    # An Expires without a Date counts from the response time: not remembered.
+    r = reuse or _reuse(_cc(fields), fields, response_time, rule_for(entry.path, rules))
+    return Entry(  # dataclasses.replace, without its look at every field
+        entry.status, fields, entry.account, entry.path, request_time, response_time,
         # The freshened response is as old as the 304 (its own Date and Age), not as the
         # stored Date, which a 304 without Date would otherwise leave in place.
-        initial_age=_initial_age(headers, request_time, response_time),
-        # An Expires without a Date counts from the response time: not remembered.
-        **(reuse or _reuse(_cc(fields), fields, response_time, rule_for(entry.path, rules))),
-    )
+        _initial_age(headers, request_time, response_time),
+        r["fresh_for"], r["stale_if_error"], r["stale_while_revalidate"], r["strict"],
+        entry.vary, entry.size,
+    )  # fmt: skip
 
 
 # The freshened fields and their reuse (None: it depends on the response time), or None: the
@@ -763,9 +762,17 @@ def _cc(headers: HeaderItems) -> dict[str, str | None]:
 def _initial_age(headers: Sequence[tuple[str, str]], request_time: float, now: float) -> float:
     """:func:`initial_age` with the Date parsed once per value (a 304's Date changes once a
     second)."""
-    date = _date_of(next(iter(_all(headers, "Date")), None))
+    first: str | None = None
+    ages: list[str] = []
+    for name, value in headers:  # one pass for both fields
+        lower = name.lower()
+        if lower == "date":
+            first = value if first is None else first
+        elif lower == "age":
+            ages.append(value)
+    date = _date_of(first)
     apparent = max(0.0, now - date) if date is not None else 0.0
-    age = age_value(_all(headers, "Age")) or 0.0
+    age = (age_value(ages) or 0.0) if ages else 0.0
     return max(apparent, age + max(0.0, now - request_time))
 
 

@@ -70,6 +70,8 @@ from proxy.settings import RetrySettings
 RETRIED_STATUSES = frozenset({502, 503, 504})
 # Route breakers kept per account at most (only routes with failures are kept at all).
 ROUTES_MAX = 256
+# Paths whose breaker key is remembered at most (cleared past it).
+KEYS_MAX = 10_000
 
 
 class BreakerState(enum.IntEnum):
@@ -183,6 +185,7 @@ class Retry:
         self.jitter = jitter
         self.breakers: dict[str, Breaker] = {}
         self.routes: dict[str, dict[str, Breaker]] = {}
+        self._keys: dict[str, str] = {}  # breaker_key per path (a revalidated key: the same)
         for name in accounts:
             self.breaker(name)
 
@@ -227,7 +230,12 @@ class Retry:
 
     async def _send(self, request: ProxyRequest) -> ProxyResponse:
         host = self.breaker(request.account)
-        route = self.route_breaker(request.account, breaker_key(request.path))
+        key = self._keys.get(request.path)
+        if key is None:
+            if len(self._keys) >= KEYS_MAX:
+                self._keys.clear()
+            key = self._keys[request.path] = breaker_key(request.path)
+        route = self.route_breaker(request.account, key)
         probes = self._admit(host, route)
         try:
             response = await self._attempts(request, host, route)

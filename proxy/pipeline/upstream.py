@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.coding import GZIP, Caps, check, checked, coding_of
 from proxy.collectors import Count, Observations
@@ -66,20 +67,30 @@ def mapped_errors(
     """
     try:
         yield
-    except UpstreamBodyError:
+    except Exception as e:
+        found = mapped(settings, e, failed)
+        if found is None:
+            raise
+        raise found from None
+
+
+def mapped(
+    settings: UpstreamSettings, error: Exception, failed: Callable[[str], None] = _ignore
+) -> ProxyError | None:
+    """What :func:`mapped_errors` raises for ``error`` (None: ``error`` itself)."""
+    if isinstance(error, UpstreamBodyError):
         failed("truncated")
-        raise
-    except UpstreamTooLarge:
+    elif isinstance(error, UpstreamTooLarge):
         failed("too_large")
-        raise
-    except UpstreamError:
-        raise
-    except (aiohttp.ClientError, OSError) as e:
-        if isinstance(e.__cause__, ProxyError):
+    elif isinstance(error, UpstreamError):
+        pass
+    elif isinstance(error, aiohttp.ClientError | OSError):
+        if isinstance(error.__cause__, ProxyError):
             # The caller's streamed body failed (too large, too slow): not Kounta's fault.
-            raise e.__cause__ from None
-        failed(error_kind(e))
-        raise translate(settings, e) from None
+            return error.__cause__
+        failed(error_kind(error))
+        return translate(settings, error)
+    return None
 
 
 def error_kind(error: BaseException) -> str:
@@ -203,6 +214,9 @@ class Upstream:
         # client's labels() takes a lock and builds its key every time. Bounded like the
         # series (templates, enumerations, configured accounts); cleared past the bound.
         self._labelled: dict[tuple[str, str, int, str], tuple[Observations, Count]] = {}
+        # Per path and query: its URL and route template (a revalidated key asks for the
+        # same path over and over). The base is fixed for the session's life.
+        self._targets: dict[str, tuple[URL, str]] = {}
 
     def _children(
         self, method: str, route: str, status: int, request: ProxyRequest
@@ -220,12 +234,23 @@ class Upstream:
             self._labelled[key] = found
         return found
 
+    def _target(self, request: ProxyRequest) -> tuple[URL, str]:
+        """The request's upstream URL and route template, made once per path and query."""
+        path_qs = request.path_qs
+        found = self._targets.get(path_qs)
+        if found is None:
+            url = upstream_url(self.base, Target(request.path, request.query))
+            found = (url, template(request.path))
+            if len(self._targets) >= LABELLED_MAX:
+                self._targets.clear()
+            self._targets[path_qs] = found
+        return found
+
     async def send(self, request: ProxyRequest) -> ProxyResponse:
-        url = upstream_url(self.base, Target(request.path, request.query))
+        url, route = self._target(request)
         headers = CIMultiDict(request.headers)
         # A range of a gzip stream cannot be checked or inflated: ranges are asked plain.
         headers["Accept-Encoding"] = "identity" if "Range" in headers else GZIP
-        route = template(request.path)
         count_error = self._error_counter(request.account)
         slot = await self._slot(request, count_error)
         try:
@@ -236,23 +261,22 @@ class Upstream:
             raise
         started = time.perf_counter()  # the slot wait is not Kounta's time
         begun = asyncio.get_running_loop().time()
-        try:
-            timeout = self._timeout(request.deadline)  # what is left after the slot wait
-            with mapped_errors(self.settings, count_error):
-                response = await self.session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=request.body,
-                    allow_redirects=False,
-                    timeout=timeout,
-                    auto_decompress=False,
-                )
-        except BaseException:
+        try:  # mapped_errors without a context manager's generator per request
+            response = await self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=request.body,
+                allow_redirects=False,
+                timeout=self._timeout(request.deadline),  # what is left after the slot wait
+                auto_decompress=False,
+            )
+        except BaseException as e:
             slot()
-            raise
-        # A safety net: an answer dropped without being released still frees its slot.
-        weakref.finalize(response, slot)
+            found = mapped(self.settings, e, count_error) if isinstance(e, Exception) else None
+            if found is None:
+                raise
+            raise found from None
         took = time.perf_counter() - started
         if not 100 <= response.status <= 599:
             # RFC 9110 15: no client may act on it. Never passed on, never stored.
@@ -288,8 +312,11 @@ class Upstream:
             # Nothing follows the head (a revalidation's 304 from Kounta, most often): the
             # exchange is over, so the connection and the slot go back now, with no watchdog
             # timer and no stream reader. The answer keeps a stream's shape (an empty one)
-            # and its framing headers as they came, as a streamed answer does.
-            response.release()
+            # and its framing headers as they came, as a streamed answer does. At its end
+            # aiohttp gave the connection back already (closed): release() would only mark
+            # a body stream nobody reads.
+            if not response.closed:
+                response.release()
             slot()
             return ProxyResponse(
                 status=response.status,
@@ -298,6 +325,9 @@ class Upstream:
                 upstream_status=response.status,
                 upstream_seconds=took,
             )
+        # A safety net: an answer dropped without being released still frees its slot (the
+        # answers above are over before anyone could drop them).
+        weakref.finalize(response, slot)
         ended = self._watch(
             response, slot, min(request.deadline, begun + self.settings.total_timeout)
         )

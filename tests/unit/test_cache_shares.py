@@ -3,10 +3,12 @@ on a real diskcache directory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.memory import HotEntries, Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.shares import Ledger
 from proxy.cache.store import CacheStore
@@ -91,3 +93,30 @@ async def test_a_corrupt_record_does_not_stop_the_shares_being_counted_at_open(
         assert reopened.ledger.held["a"] > 0
     finally:
         await reopened.close()
+
+
+def test_a_freshened_entry_replaced_in_memory_leaves_what_pop_and_put_would() -> None:
+    """A 304 puts the same body back with new headers once per flight (issue 21): the memory
+    tier replaces it in place; its order, bytes, paths and the account's ledger end as a
+    pop and a put would leave them, and a body of another size still goes the long way."""
+    mine, theirs = (HotEntries(10**5, Ledger(20_000, {"main": 1, "other": 1})) for _ in range(2))
+    keys = []
+    for i, account in enumerate(("main", "other", "main", "main")):
+        key, value = stored(f"/v1/companies/1/x/{i}", b"x" * 300, account)
+        keys.append(key)
+        for tier in (mine, theirs):
+            tier.put(key, value)
+    for key, body in ((keys[0], b"y" * 300), (keys[1], b"z" * 300), (keys[2], b"w" * 900)):
+        old = mine.items[key]
+        fresh = Stored(replace(old.entry, response_time=5.0), body)
+        mine.put(key, fresh)
+        theirs.pop(key)
+        theirs.put(key, fresh)
+        assert mine.items[key] is fresh
+    assert list(mine.items) == list(theirs.items) == [keys[3], keys[0], keys[1], keys[2]]
+    assert mine.bytes == theirs.bytes
+    assert mine.paths == theirs.paths
+    assert mine.ledger.held == theirs.ledger.held
+    assert {a: list(k) for a, k in mine.ledger.keys.items()} == {
+        a: list(k) for a, k in theirs.ledger.keys.items()
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from proxy.cache.metrics import CacheMetrics
 from proxy.collectors import LoopCounter, LoopGauge, LoopHistogram
 from proxy.edge.metrics import PackageMetrics
 from proxy.metrics import BUCKETS, Metrics, Registry
@@ -169,3 +170,22 @@ def test_every_revalidations_upstream_and_budget_metrics_are_lock_free_and_expos
     assert len(mine) == 2 * (len(BUCKETS) + 3) + 2
     labels = {"method": "GET", "route": "/v1/x", "status": "304", "account": "main"}
     assert ours.get_sample_value("kounta_proxy_upstream_requests_total", labels) == len(VALUES)
+
+
+def test_a_flights_store_count_is_lock_free_and_exposes_the_same() -> None:
+    """Every revalidation's 304 counts one store (``cache_stores``, "stored"): on the
+    loop-owned counter, exposed as prometheus-client's own would (issue 21: the flight)."""
+    ours = Registry()
+    cache = CacheMetrics(ours)
+    assert isinstance(cache.cache_stores, LoopCounter)
+    theirs = Registry()
+    reference = Counter(
+        cache.cache_stores.name, cache.cache_stores.documentation, ["result"], registry=theirs
+    )
+    for result in ("stored", "stored", "invalidated", "stored", "too_large"):
+        cache.cache_stores.labels(result).inc()
+        reference.labels(result).inc()
+    name = "kounta_proxy_cache_stores"
+    mine = sorted(line for line in exposition(ours) if line.startswith(name))
+    assert mine == sorted(line for line in exposition(theirs) if line.startswith(name))
+    assert ours.get_sample_value(f"{name}_total", {"result": "stored"}) == 3

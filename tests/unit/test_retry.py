@@ -304,3 +304,26 @@ async def test_an_outage_is_one_opening_however_many_probes_fail() -> None:
         with pytest.raises(UpstreamUnreachable):
             await layer.send(request(clock))
     assert openings(layer) == 2  # a new outage after closing is a new opening
+
+
+async def test_a_paths_breaker_key_is_worked_out_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revalidated key's flights ask for one path over and over (issue 21): its route
+    breaker's key is made the first time; a failure still counts on that route's breaker."""
+    from proxy.pipeline import retry as retry_module
+
+    calls: list[str] = []
+    real = retry_module.breaker_key
+
+    def counted(path: str) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(retry_module, "breaker_key", counted)
+    clock = FakeClock()
+    layer = retry(Scripted(200, 200, 503, 503, 503), clock, attempts=1)
+    for _ in range(3):
+        await layer.send(request(clock))
+    other = replace(request(clock), path="/v1/companies/5001/customers/1.json")
+    await layer.send(other)
+    assert calls == ["/v1/companies/5001/products.json", "/v1/companies/5001/customers/1.json"]
+    assert layer.routes["main"]["/v1/companies/{id}/customers/{id}"].failures == 1

@@ -33,6 +33,14 @@ def test_headers_are_copied_only_when_they_hold_a_secret() -> None:
     assert scrub_headers(clean, found) is clean
     dirty = CIMultiDict([("X", f"Bearer {SECRET}"), ("X", "ok")])
     assert scrub_headers(dirty, found).getall("X") == [f"Bearer {REDACTED}", "ok"]
+    # Looked for in the values joined: a secret in the last value, and none across two.
+    last = CIMultiDict([("A", "b"), ("Y", f"x{SECRET}")])
+    assert scrub_headers(last, found).getall("Y") == [f"x{REDACTED}"]
+    across = CIMultiDict([("A", SECRET[:5]), ("B", SECRET[5:])])
+    assert list(scrub_headers(across, spellings((f"{SECRET[:5]}\n{SECRET[5:]}",))).items()) == [
+        ("A", SECRET[:5]),
+        ("B", SECRET[5:]),
+    ]
 
 
 async def test_a_gzip_error_body_is_inflated_scrubbed_and_sent_plain() -> None:
