@@ -3,7 +3,8 @@
 Generic: the proxy, its admin port, the sandbox and ``authorize`` all listen through
 :func:`start`. An application may hand the listener a request-handler wrapper under
 :data:`WRAP_HANDLER` (the proxy's fresh-hit fast path); the listener knows nothing else
-of what it serves.
+of what it serves. A handler that also answers some requests without a task
+(:class:`AnswersNow`) gets them straight from the connection's protocol, as each is parsed.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -30,12 +32,17 @@ from aiohttp.web_server import Server
 
 from proxy.compat.aiohttp import (
     HookedRunner,
+    Message,
+    answer_in_protocol,
+    idle,
     make_protocol,
+    plain,
     protocol_loop,
     set_site_server,
     site_server,
     site_sockets,
     swap_server_class,
+    taken,
     waiting_for_request,
 )
 from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
@@ -111,6 +118,13 @@ class _JsonErrorHandler(RequestHandler):
         # Requests whose head arrived, and when the last answer was written ("idle longest").
         self._requests = 0
         self._answered_at = 0.0
+        # Answers given in the protocol (AnswersNow), and to whom; _took: in this feed.
+        self._answer = cast(_JsonErrorServer, manager).answer_now
+        self._remote: str | None = None
+        self._scheme = "http"
+        self._took = False
+        if self._answer is not None:
+            answer_in_protocol(self, self._take)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -122,6 +136,10 @@ class _JsonErrorHandler(RequestHandler):
             return
         self._head_since = protocol_loop(self).time()
         self._arm(self._head_since)
+        if self._answer is not None:  # what aiohttp's BaseRequest.remote and .scheme say
+            peer = transport.get_extra_info("peername")
+            self._remote = str(peer[0]) if isinstance(peer, list | tuple) else peer and str(peer)
+            self._scheme = "https" if transport.get_extra_info("sslcontext") else "http"
 
     def _make_room(self) -> bool:
         """Whether this connection fits under the cap once the keep-alive connection idle
@@ -155,13 +173,56 @@ class _JsonErrorHandler(RequestHandler):
                 self._head_since = protocol_loop(self).time()
                 if self._head_timer is None:
                     self._arm(self._head_since)
+        self._took = False
         super().data_received(data)
-        if self._head_bytes and not self._waiting():
+        if not self._head_bytes:
+            return
+        if not self._waiting():
             # The head is complete: a request is being answered. The timer stays; when it
             # fires it finds no head pending (cheaper than cancelling it for every request).
             self._head_since = None
             self._head_bytes = False
             self._requests += 1
+        elif self._took:
+            # Answered here (_take), and waiting again: a head is pending only when these
+            # bytes end inside one, and its deadline runs from now.
+            if data.endswith(b"\r\n\r\n"):
+                self._head_since = None
+                self._head_bytes = False
+            else:
+                self._head_since = protocol_loop(self).time()
+
+    def _take(self, messages: list[Message]) -> list[Message]:
+        """Answer the leading messages of a feed that the handler answers at once
+        (:class:`AnswersNow`), while the connection is idle and the transport takes writes;
+        the rest, from the first it does not answer, go to aiohttp in order."""
+        if not idle(self):
+            return messages
+        answer, transport = self._answer, self.transport
+        assert answer is not None
+        assert transport is not None
+        count = 0
+        for message, payload in messages:
+            if not plain(message, payload) or self.writing_paused:
+                break  # a caller not reading fills the buffer: aiohttp's send timeout
+            try:
+                out = answer(message, self._remote, self._scheme)
+            except Exception:  # a bug there must not cost the caller its answer
+                log.exception("answer_now_failed")
+                out = None
+            if out is None:
+                break
+            transport.write(out)
+            count += 1
+        if not count:
+            return messages
+        now = protocol_loop(self).time()
+        taken(self, count, now)
+        self._requests += count
+        self._answered_at = now
+        self.server.requests_count += count
+        self._took = True
+        return messages[count:]
 
     def _waiting(self) -> bool:
         """Whether the connection waits for a request head (none is being answered)."""
@@ -278,10 +339,26 @@ Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 Wrapper = Callable[[web.Application, Handler], Handler]
 # Set by an application that wants a handler in front of its own (called once it started).
 WRAP_HANDLER: web.AppKey[Wrapper] = web.AppKey("wrap_handler")
+AnswerNow = Callable[[RawRequestMessage, str | None, str], bytes | None]
+
+
+@runtime_checkable
+class AnswersNow(Protocol):
+    """A request handler that can also answer a request as soon as its head is parsed,
+    without a request object or a task: ``answer_now(message, remote, scheme)`` gives the
+    whole answer's bytes (as aiohttp would write its response on a kept-alive HTTP/1.1
+    connection), or None: the request goes to the handler as usual. Offered only GETs and
+    the like without a body over HTTP/1.1 that keep the connection, while the connection has
+    nothing else to answer first; it must count and log what it answers."""
+
+    def answer_now(
+        self, message: RawRequestMessage, remote: str | None, scheme: str
+    ) -> bytes | None: ...
 
 
 class _JsonErrorServer(Server):
     limits = Limits()
+    answer_now: AnswerNow | None = None
 
     def __call__(self) -> RequestHandler:
         return make_protocol(self, _JsonErrorHandler, limits=self.limits)
@@ -292,15 +369,18 @@ def customise(server: Server, app: web.Application) -> Server:
     unparsable requests as JSON (the protocol's ``handle_error``), keep a deadline on request
     heads (whether the protocol waits for a request), close a connection right after an
     answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``, which also tells
-    when a connection went idle; ``force_close`` skips the lingering read); and put a handler
-    in front of the application's once its startup built what it needs. Every private part
+    when a connection went idle; ``force_close`` skips the lingering read); put a handler
+    in front of the application's once its startup built what it needs; and let that handler
+    answer what it answers at once from the protocol (:class:`AnswersNow`). Every private part
     this touches is reached through :mod:`proxy.compat.aiohttp` (pinned by
     tests/unit/test_compat.py)."""
     swap_server_class(server, _JsonErrorServer)
     cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())
     wrap = app.get(WRAP_HANDLER)
     if wrap is not None:
-        server.request_handler = wrap(app, server.request_handler)
+        handler = server.request_handler = wrap(app, server.request_handler)
+        if isinstance(handler, AnswersNow):
+            cast(_JsonErrorServer, server).answer_now = handler.answer_now
     return server
 
 

@@ -49,7 +49,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from aiohttp.http import RawRequestMessage
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.fastlook import (
     BodyFor,
@@ -65,10 +66,11 @@ from proxy.cache.flight import Outcome
 from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
+from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER, Caller
 from proxy.edge.handlers import pipeline_request
-from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, request_id
+from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.services import SERVICES, Services
@@ -79,6 +81,7 @@ from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Found = FastAnswer | Pending | Startable | Unheld
 
 # Any of these sends a request the long way.
 LONG_WAY_HEADERS = (
@@ -168,16 +171,10 @@ class FastPath:
     def answer(self, request: web.BaseRequest) -> web.Response | Joiner | Starter | Cold | None:
         """The fresh hit's answer, a joiner of a revalidation in flight, the starter of one,
         a request to look the tier up for, or None: the long way must answer."""
-        asked = self.asked(request)
-        if asked is None:
+        looked = self._find(request)
+        if looked is None:
             return None
-        target = asked.target
-        account = asked.caller.account
-        found = self.cache.fast.find(
-            account, target.path, target.query, request.headers, asked.body_for
-        )
-        if found is None:
-            return None
+        asked, found = looked
         if isinstance(found, Pending):
             return Joiner(asked, found)
         if isinstance(found, Startable):
@@ -186,7 +183,42 @@ class FastPath:
             return Cold(asked, found.key)
         return self._respond(request, asked, found, "HIT", "", None)
 
-    def asked(self, request: web.BaseRequest) -> Asked | None:
+    def answer_now(
+        self, message: RawRequestMessage, remote: str | None, scheme: str
+    ) -> bytes | None:
+        """A fresh hit's whole answer as the connection's protocol writes it, as soon as the
+        head is parsed (:class:`proxy.listener.AnswersNow`): no request object, no task. The
+        same bytes, counts and access line as :meth:`answer`'s; None: anything else (a
+        joiner, a cold entry, not a plain GET), which aiohttp hands to :meth:`__call__`."""
+        head = Head(message, remote, scheme)
+        try:
+            looked = self._find(head)
+            if looked is None or not isinstance(looked[1], tuple):
+                return None
+            asked, found = looked[0], looked[1]
+            status, headers, body = self._parts(head, asked, found, "HIT", "")
+            out = render_response(status, headers, body)
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+            return None
+        self._done(head, asked, status, "HIT", None, len(body))
+        return out
+
+    def _find(
+        self, request: Incoming
+    ) -> tuple[Asked, FastAnswer | Pending | Startable | Unheld] | None:
+        """A plain GET and what the memory tier has for it; None: the long way answers."""
+        asked = self.asked(request)
+        if asked is None:
+            return None
+        target = asked.target
+        account = asked.caller.account
+        found = self.cache.fast.find(
+            account, target.path, target.query, request.headers, asked.body_for
+        )
+        return None if found is None else (asked, found)
+
+    def asked(self, request: Incoming) -> Asked | None:
         """What a plain GET the long way would accept asks for; None: not one."""
         started = time.perf_counter()
         if request.method != "GET" or request.version not in VERSIONS:
@@ -353,6 +385,20 @@ class FastPath:
     ) -> web.Response:
         """The answer as the long way renders it (edge.answer), counted and logged (``info``:
         what the access line says, made only when logged if None)."""
+        status, headers, body = self._parts(request, asked, answer, cache_status, member)
+        response = web.Response(status=status, headers=headers, body=body or None)
+        self._done(request, asked, status, cache_status, info, len(body))
+        return response
+
+    def _parts(
+        self,
+        request: Incoming,
+        asked: Asked,
+        answer: FastAnswer,
+        cache_status: CacheStatus,
+        member: str,
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        """The status, headers and body of the answer as the long way renders it."""
         status, items, body, age = answer
         caller = asked.caller
         self.services.callers.note(caller)
@@ -366,13 +412,11 @@ class FastPath:
             cache=member,
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
-        response = web.Response(status=status, headers=out_headers, body=body or None)
-        self._done(request, asked, status, cache_status, info, len(body))
-        return response
+        return status, out_headers, body
 
     def _done(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         asked: Asked,
         status: int,
         cache_status: CacheStatus,
@@ -403,7 +447,7 @@ class FastPath:
             return body
         return inflate_whole(body, self.caps)
 
-    def _target(self, request: web.BaseRequest) -> tuple[Target, str] | None:
+    def _target(self, request: Incoming) -> tuple[Target, str] | None:
         """The request's target and route label; None when the long way must refuse it."""
         try:
             return _known_target(request.raw_path, request.path)
