@@ -21,28 +21,23 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from proxy.answering import AnsweringProtocol, AnswerNow, AnswersNow
 from proxy.compat.aiohttp import (
     HookedRunner,
-    Message,
-    answer_in_protocol,
-    idle,
     make_protocol,
-    plain,
     protocol_loop,
     set_site_server,
     site_server,
     site_sockets,
     swap_server_class,
-    taken,
     waiting_for_request,
 )
 from proxy.errors import JSON_CONTENT_TYPE, PROXY_ERROR_HEADER, code_for
@@ -98,7 +93,7 @@ def _raw_answer(status: int, reason: str, code: str, description: str) -> bytes:
     return head.encode() + body
 
 
-class _JsonErrorHandler(RequestHandler):
+class _JsonErrorHandler(AnsweringProtocol):
     """aiohttp answers unparsable requests itself; make those answers JSON too. Also keeps
     :class:`Limits`: a request head must arrive within ``header_timeout`` (else 408 when some
     of it came, or a silent close when nothing did, as nginx does), and a connection beyond
@@ -106,7 +101,7 @@ class _JsonErrorHandler(RequestHandler):
     is answered 503 and closed before anything is read."""
 
     def __init__(self, manager: Server, *, limits: Limits, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+        super().__init__(manager, answer=cast(_JsonErrorServer, manager).answer_now, **kwargs)
         self.limits = limits
         self.server = manager
         # One timer per connection, not one per request: _head_since is when the pending
@@ -118,13 +113,6 @@ class _JsonErrorHandler(RequestHandler):
         # Requests whose head arrived, and when the last answer was written ("idle longest").
         self._requests = 0
         self._answered_at = 0.0
-        # Answers given in the protocol (AnswersNow), and to whom; _took: in this feed.
-        self._answer = cast(_JsonErrorServer, manager).answer_now
-        self._remote: str | None = None
-        self._scheme = "http"
-        self._took = False
-        if self._answer is not None:
-            answer_in_protocol(self, self._take)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -136,10 +124,6 @@ class _JsonErrorHandler(RequestHandler):
             return
         self._head_since = protocol_loop(self).time()
         self._arm(self._head_since)
-        if self._answer is not None:  # what aiohttp's BaseRequest.remote and .scheme say
-            peer = transport.get_extra_info("peername")
-            self._remote = str(peer[0]) if isinstance(peer, list | tuple) else peer and str(peer)
-            self._scheme = "https" if transport.get_extra_info("sslcontext") else "http"
 
     def _make_room(self) -> bool:
         """Whether this connection fits under the cap once the keep-alive connection idle
@@ -192,41 +176,14 @@ class _JsonErrorHandler(RequestHandler):
             else:
                 self._head_since = protocol_loop(self).time()
 
-    def _take(self, messages: list[Message]) -> list[Message]:
-        """Answer the leading messages of a feed that the handler answers at once
-        (:class:`AnswersNow`), while the connection is idle and the transport takes writes;
-        the rest, from the first it does not answer, go to aiohttp in order."""
-        if not idle(self):
-            return messages
-        answer, transport = self._answer, self.transport
-        assert answer is not None
-        assert transport is not None
-        count = 0
-        for message, payload in messages:
-            if not plain(message, payload) or self.writing_paused:
-                break  # a caller not reading fills the buffer: aiohttp's send timeout
-            try:
-                out = answer(message, self._remote, self._scheme)
-            except Exception:  # a bug there must not cost the caller its answer
-                log.exception("answer_now_failed")
-                out = None
-            if out is None:
-                break
-            transport.write(out)
-            count += 1
-        if not count:
-            return messages
-        now = protocol_loop(self).time()
-        taken(self, count, now)
+    def _waiting(self) -> bool:
+        """Whether the connection waits for a request head (none is being answered)."""
+        return waiting_for_request(self) and not self.parked()
+
+    def answered(self, count: int, now: float) -> None:
         self._requests += count
         self._answered_at = now
         self.server.requests_count += count
-        self._took = True
-        return messages[count:]
-
-    def _waiting(self) -> bool:
-        """Whether the connection waits for a request head (none is being answered)."""
-        return waiting_for_request(self)
 
     def _arm(self, since: float) -> None:
         self._head_timer = protocol_loop(self).call_at(
@@ -339,21 +296,6 @@ Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 Wrapper = Callable[[web.Application, Handler], Handler]
 # Set by an application that wants a handler in front of its own (called once it started).
 WRAP_HANDLER: web.AppKey[Wrapper] = web.AppKey("wrap_handler")
-AnswerNow = Callable[[RawRequestMessage, str | None, str], bytes | None]
-
-
-@runtime_checkable
-class AnswersNow(Protocol):
-    """A request handler that can also answer a request as soon as its head is parsed,
-    without a request object or a task: ``answer_now(message, remote, scheme)`` gives the
-    whole answer's bytes (as aiohttp would write its response on a kept-alive HTTP/1.1
-    connection), or None: the request goes to the handler as usual. Offered only GETs and
-    the like without a body over HTTP/1.1 that keep the connection, while the connection has
-    nothing else to answer first; it must count and log what it answers."""
-
-    def answer_now(
-        self, message: RawRequestMessage, remote: str | None, scheme: str
-    ) -> bytes | None: ...
 
 
 class _JsonErrorServer(Server):

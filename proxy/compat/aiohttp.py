@@ -10,7 +10,10 @@ read the bound sockets of a site. Answer a request in the protocol itself, as ea
 of each feed are offered to the listener first while the protocol is idle (its ``_waiter``,
 ``_messages``, ``_close``, ``_force_close``, ``_upgraded``, ``_payload_parser``); an answered
 message frees its parser slot (``message_consumed``) and restarts aiohttp's keep-alive clock
-(``_next_keepalive_close_time``, ``_keepalive_handle``); the answer's bytes are the ones
+(``_next_keepalive_close_time``, ``_keepalive_handle``); a request answered later is marked in
+progress for the graceful shutdown (``_request_in_progress``, ``_handler_waiter``), what
+comes behind it is held (``_pause_reading_for_buffer``) and then queued as aiohttp queues
+(``_messages``, ``_request_count``, ``_waiter``); the answer's bytes are the ones
 aiohttp writes for a ``web.Response`` (:func:`render_response`: its header rules, its
 ``_serialize_headers`` and Date).
 
@@ -156,6 +159,41 @@ def taken(protocol: RequestHandler, count: int, now: float) -> None:
             protocol._keepalive_handle = protocol._loop.call_at(
                 close_time, protocol._process_keepalive
             )
+
+
+def enqueue(protocol: RequestHandler, messages: list[Message]) -> None:
+    """Hand ``messages`` to aiohttp as its ``data_received`` does with what it parsed:
+    queued in order, the waiting ``start()`` woken, reading paused on a full queue."""
+    queue = protocol._messages
+    protocol._request_count += len(messages)
+    queue.extend(messages)
+    waiter = protocol._waiter
+    if messages and waiter is not None and not waiter.done():
+        waiter.set_result(None)
+    if not protocol._buffer_paused and len(queue) >= protocol._max_msg_queue_size:
+        protocol._pause_reading_for_buffer()
+
+
+def hold_reading(protocol: RequestHandler) -> None:
+    """Stop reading from the transport, as aiohttp does when its queue is full; undone by
+    :func:`release_reading` (or by ``start()`` once aiohttp's queue drains)."""
+    if not protocol._buffer_paused:
+        protocol._pause_reading_for_buffer()
+
+
+def release_reading(protocol: RequestHandler) -> None:
+    """Parse what the parser kept and read again, unless aiohttp's queue is still full."""
+    if protocol._buffer_paused:
+        protocol._resume_reading_if_drained()
+
+
+def answering(protocol: RequestHandler, busy: bool) -> None:
+    """Tell aiohttp's graceful shutdown that a request of ``protocol`` is being answered
+    outside a handler task (``busy``: it waits for it, as for a handler's), or no longer."""
+    protocol._request_in_progress = busy
+    waiter = protocol._handler_waiter
+    if not busy and waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def render_response(status: int, headers: CIMultiDict[str], body: bytes) -> bytes:
@@ -353,6 +391,15 @@ def _pins() -> dict[str, Callable[[], bool]]:
                 "_next_keepalive_close_time",
             }
             <= _slots(RequestHandler)
+        ),
+        "RequestHandler keeps the queue, pause and shutdown state enqueue/answering use": lambda: (
+            {"_request_count", "_request_in_progress", "_handler_waiter"} <= _slots(RequestHandler)
+            and {"_buffer_paused"} <= _slots(RequestHandler)
+            and callable(getattr(RequestHandler, "_pause_reading_for_buffer", None))
+            and callable(getattr(RequestHandler, "_resume_reading_if_drained", None))
+            and {"_request_in_progress", "_handler_waiter"} <= set(_names(RequestHandler.shutdown))
+            and {"_request_in_progress", "_handler_waiter"}
+            <= set(_names(RequestHandler._handle_request))
         ),
         "RequestHandler.data_received stops on _close/_force_close, feeds _parser": lambda: (
             {"_close", "_force_close", "_parser", "feed_data", "_messages", "_waiter"}

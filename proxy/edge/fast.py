@@ -29,6 +29,10 @@ stored body, or the caller's 304 from the entry's headers), as the long way answ
 joiner. Any other outcome goes the long way, which goes on from that outcome
 (:func:`~proxy.cache.fastlook.handing_over`): nothing is waited for or fetched twice.
 
+Fresh hits and joiners are answered in the connection's protocol as their heads are parsed
+(:meth:`FastPath.answer_now`; a joiner waits there as a :class:`Parked`, with no task) when
+the connection has nothing else to answer first; else here, in a task.
+
 A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
 (the disk, or Redis then the disk: :meth:`~proxy.cache.fastlook.FastLook.tier_hit`, which
 promotes what it finds into the memory tier as the long way's lookup does), counted in
@@ -42,16 +46,19 @@ looking up again.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.answering import handed_over
 from proxy.cache.fastlook import (
     BodyFor,
     FastAnswer,
@@ -82,6 +89,10 @@ from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Found = FastAnswer | Pending | Startable | Unheld
+Waiter = asyncio.Future[None]
+T = TypeVar("T")
+# What an answer is made into: a web.Response, or its bytes (written by the protocol).
+Make = Callable[[int, CIMultiDict[str], bytes], T]
 
 # Any of these sends a request the long way.
 LONG_WAY_HEADERS = (
@@ -138,6 +149,10 @@ class Cold:
     key: str
 
 
+def _response(status: int, headers: CIMultiDict[str], body: bytes) -> web.Response:
+    return web.Response(status=status, headers=headers, body=body or None)
+
+
 class FastPath:
     """The request handler in front of the application's own (``inner``)."""
 
@@ -153,6 +168,11 @@ class FastPath:
         self.in_flight = services.metric_groups.edge.in_flight
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        parked = handed_over(request)
+        if isinstance(parked, Parked):  # waited in the protocol; the long way goes on
+            return await self._hand_over(
+                request, parked.asked, parked.pending, parked.result, parked.noted
+            )
         try:
             found = self.answer(request)
         except Exception:  # a bug here must not cost the caller its answer
@@ -181,28 +201,35 @@ class FastPath:
             return Starter(asked, found)
         if isinstance(found, Unheld):
             return Cold(asked, found.key)
-        return self._respond(request, asked, found, "HIT", "", None)
+        return self._respond(request, asked, found, "HIT", "", None, _response)
 
     def answer_now(
         self, message: RawRequestMessage, remote: str | None, scheme: str
-    ) -> bytes | None:
+    ) -> bytes | Parked | None:
         """A fresh hit's whole answer as the connection's protocol writes it, as soon as the
-        head is parsed (:class:`proxy.listener.AnswersNow`): no request object, no task. The
+        head is parsed (:class:`proxy.answering.AnswersNow`): no request object, no task. The
         same bytes, counts and access line as :meth:`answer`'s; None: anything else (a
         joiner, a cold entry, not a plain GET), which aiohttp hands to :meth:`__call__`."""
         head = Head(message, remote, scheme)
         try:
             looked = self._find(head)
-            if looked is None or not isinstance(looked[1], tuple):
+            if looked is None:
                 return None
-            asked, found = looked[0], looked[1]
-            status, headers, body = self._parts(head, asked, found, "HIT", "")
-            out = render_response(status, headers, body)
+            asked, found = looked
+            if isinstance(found, Pending):
+                return self._park(head, asked, found)
+            if not isinstance(found, tuple):
+                return None
+            return self._respond(head, asked, found, "HIT", "", None, render_response)
         except Exception:  # a bug here must not cost the caller its answer
             log.exception("fast_path_failed")
             return None
-        self._done(head, asked, status, "HIT", None, len(body))
-        return out
+
+    def _park(self, head: Head, asked: Asked, pending: Pending) -> Parked | None:
+        """A joiner waiting in the protocol for its flight's wake-up (None: the flight is
+        over, or this is its starter: the long way)."""
+        waiter = self.cache.fast.waiter(pending)
+        return None if waiter is None else Parked(self, head, asked, pending, waiter)
 
     def _find(
         self, request: Incoming
@@ -301,13 +328,23 @@ class FastPath:
         response = None
         if isinstance(result, Outcome):
             try:
-                response = self._joined(request, asked, pending, result, noted)
+                response = self._joined(request, asked, pending, result, noted, _response)
             except Exception:
                 log.exception("fast_path_failed")
         if response is not None:
             return response
-        # The long way from where its wait would have ended; its access line counts the wait
-        # and keeps the request's id and trace (what the flight noted in it).
+        return await self._hand_over(request, asked, pending, result, noted)
+
+    async def _hand_over(
+        self,
+        request: web.BaseRequest,
+        asked: Asked,
+        pending: Pending,
+        result: Outcome | Exception,
+        noted: Trace,
+    ) -> web.StreamResponse:
+        """The long way from where a joiner's wait ended; its access line counts the wait
+        and keeps the request's id and trace (what the flight noted in it)."""
         request[EXCHANGE] = Exchange(asked.request_id, trace=noted, started=asked.started)
         with handing_over(Joined(pending, result)):
             return await self.inner(request)
@@ -348,19 +385,20 @@ class FastPath:
             with handing_over(found):
                 return await self.inner(request)
         try:
-            return self._respond(request, asked, found, "HIT", "", None)
+            return self._respond(request, asked, found, "HIT", "", None, _response)
         except Exception:
             log.exception("fast_path_failed")
             return await self.inner(request)
 
     def _joined(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         asked: Asked,
         pending: Pending,
         outcome: Outcome,
         noted: Trace,
-    ) -> web.Response | None:
+        make: Make[T],
+    ) -> T | None:
         found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for)
         if found is None:
             return None
@@ -372,33 +410,21 @@ class FastPath:
             info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
         member = _revalidated(outcome.upstream_status)
-        return self._respond(request, asked, answer, "REVALIDATED", member, info)
+        return self._respond(request, asked, answer, "REVALIDATED", member, info, make)
 
     def _respond(
-        self,
-        request: web.BaseRequest,
-        asked: Asked,
-        answer: FastAnswer,
-        cache_status: CacheStatus,
-        member: str,
-        info: Exchange | None,
-    ) -> web.Response:
-        """The answer as the long way renders it (edge.answer), counted and logged (``info``:
-        what the access line says, made only when logged if None)."""
-        status, headers, body = self._parts(request, asked, answer, cache_status, member)
-        response = web.Response(status=status, headers=headers, body=body or None)
-        self._done(request, asked, status, cache_status, info, len(body))
-        return response
-
-    def _parts(
         self,
         request: Incoming,
         asked: Asked,
         answer: FastAnswer,
         cache_status: CacheStatus,
         member: str,
-    ) -> tuple[int, CIMultiDict[str], bytes]:
-        """The status, headers and body of the answer as the long way renders it."""
+        info: Exchange | None,
+        make: Make[T],
+    ) -> T:
+        """The answer as the long way renders it (edge.answer; ``make``: a web.Response, or
+        its bytes in the protocol), counted and logged (``info``: what the access line says,
+        made only when logged if None)."""
         status, items, body, age = answer
         caller = asked.caller
         self.services.callers.note(caller)
@@ -412,7 +438,9 @@ class FastPath:
             cache=member,
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
-        return status, out_headers, body
+        response = make(status, out_headers, body)
+        self._done(request, asked, status, cache_status, info, len(body))
+        return response
 
     def _done(
         self,
@@ -453,6 +481,61 @@ class FastPath:
             return _known_target(request.raw_path, request.path)
         except ProxyError:
             return None
+
+
+class Parked:
+    """A joiner waiting in the connection's protocol (:class:`proxy.answering.Later`): no
+    task, its flight's wake-up calls back; answered as :meth:`FastPath.join` answers, or
+    handed to the long way with the same outcome (:meth:`FastPath.__call__`)."""
+
+    __slots__ = (
+        "asked", "context", "done", "fast", "head", "noted", "over", "pending", "result", "waiter",
+    )  # fmt: skip
+
+    def __init__(
+        self, fast: FastPath, head: Head, asked: Asked, pending: Pending, waiter: Waiter
+    ) -> None:
+        self.fast, self.head, self.asked, self.pending, self.waiter = (
+            fast, head, asked, pending, waiter,
+        )  # fmt: skip
+        # The flight notes in the joiner's own trace (fetched_by), as in a task of its own.
+        self.context = contextvars.copy_context()
+        self.noted = self.context.run(begin_trace, asked.request_id)
+        self.result: Outcome | Exception = TimeoutError()
+        self.done: Callable[[bytes | None], None] | None = None
+        self.over = False
+
+    def then(self, done: Callable[[bytes | None], None]) -> None:
+        self.done = done
+        self.fast.in_flight.inc()  # a scrape may come meanwhile
+        self.waiter.add_done_callback(self._woke, context=self.context)
+
+    def cancel(self) -> None:
+        """The caller left: logged as the long way logs it."""
+        if self.over:
+            return
+        self.over = True
+        self.waiter.remove_done_callback(self._woke)
+        fast, asked = self.fast, self.asked
+        fast.in_flight.dec()
+        fast._done(self.head, asked, CLIENT_CLOSED_REQUEST, "-", _waited(asked, self.noted))
+
+    def _woke(self, _: object) -> None:
+        if self.over or self.done is None:
+            return
+        self.over = True
+        fast = self.fast
+        fast.in_flight.dec()
+        result = self.result = fast.cache.fast.result(self.pending)
+        out = None
+        if isinstance(result, Outcome):
+            try:
+                out = fast._joined(
+                    self.head, self.asked, self.pending, result, self.noted, render_response
+                )
+            except Exception:
+                log.exception("fast_path_failed")
+        self.done(out)
 
 
 def _waited(asked: Asked, noted: Trace) -> Exchange:

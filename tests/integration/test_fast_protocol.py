@@ -14,6 +14,7 @@ import re
 import socket
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
@@ -21,9 +22,16 @@ from aiohttp.http_parser import HttpRequestParser
 from proxy.edge.fast import FastPath
 from proxy.settings import CacheSettings, RetrySettings, ServerSettings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
-from tests.integration.test_fast_path import FRESH, LIST
+from tests.integration.test_fast_joiners import PATH as JOINED
+from tests.integration.test_fast_joiners import (
+    Setup,
+    setup,  # noqa: F401 (a fixture)
+)
+from tests.integration.test_fast_path import FRESH, LIST, get
 
 HOST = "Host: x\r\n"
+# As aiohttp's client sends them: the stored variant the client's requests are.
+GZIP = "Accept: */*\r\nAccept-Encoding: gzip, deflate\r\n"
 
 
 class Handlers:
@@ -264,5 +272,70 @@ async def test_no_fast_answer_once_the_listener_shuts_down(opened: Opened) -> No
     await asyncio.sleep(0)
     writer.write(ask("s2"))
     assert await asyncio.wait_for(reader.read(), 5) == b""
+    await stopping
+    writer.close()
+
+
+@dataclasses.dataclass
+class Held:
+    """A revalidation held at the upstream (its starter through aiohttp's client), and a
+    raw connection whose requests join it."""
+
+    s: Setup
+    starter: asyncio.Future[Any]
+    handlers: Handlers
+    reader: Reader
+    writer: Writer
+
+
+@pytest.fixture
+async def held(setup: Setup, client: aiohttp.ClientSession) -> Held:  # noqa: F811
+    url = setup.hold()
+    starter = asyncio.ensure_future(get(client, url))
+    await asyncio.wait_for(setup.origin.asked.wait(), 10)
+    handlers = Handlers(setup.proxy)
+    return Held(setup, starter, handlers, *await connect(setup.proxy))
+
+
+async def test_a_joiner_waits_in_the_protocol_and_what_follows_it_waits_in_order(
+    held: Held,
+) -> None:
+    s, handlers, reader, writer = held.s, held.handlers, held.reader, held.writer
+    before = s.long_way.count
+    # A joiner, a request that goes the long way, another joiner: one write.
+    writer.write(
+        ask("j1", GZIP, path=JOINED)
+        + ask("j2", GZIP, "Pragma: x\r\n", path=JOINED)
+        + ask("j3", GZIP, path=JOINED)
+    )
+    await s.waiting(2)  # the starter and j1; j2 and j3 held back behind j1
+    assert s.long_way.count == before
+    s.origin.gate.set()
+    got = [await answer(reader) for _ in range(3)]
+    assert [field(a, b"X-Request-ID") for a in got] == [b"j1", b"j2", b"j3"]
+    assert field(got[0], b"X-Cache") == b"REVALIDATED"
+    assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in got)
+    # j2 the long way; j3, queued behind it, reached the handler (a flight of its own).
+    assert s.long_way.count - before == 1
+    assert s.origin.ids[-2:] == ["j2", "j3"]
+    assert handlers.count == 2  # j1 had no handler task
+    assert (await held.starter)[0] == 200
+    writer.close()
+
+
+async def test_a_joiner_waiting_in_the_protocol_is_answered_through_a_graceful_shutdown(
+    held: Held,
+) -> None:
+    s, reader, writer = held.s, held.reader, held.writer
+    writer.write(ask("g1", GZIP, path=JOINED))
+    await s.waiting(2)
+    stopping = asyncio.ensure_future(s.proxy.runner.cleanup())
+    await asyncio.sleep(0.2)  # idle connections are closed by now; the two wait
+    assert not stopping.done()
+    s.origin.gate.set()
+    got = await answer(reader)
+    assert (field(got, b"X-Request-ID"), field(got, b"X-Cache")) == (b"g1", b"REVALIDATED")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert (await held.starter)[0] == 200
     await stopping
     writer.close()
