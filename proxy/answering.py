@@ -47,8 +47,8 @@ class Later(Protocol):
 
 
 AnswerNow = Callable[[RawRequestMessage, str | None, str], bytes | Later | None]
-# Messages held back behind a parked request before reading pauses (aiohttp's queue size).
-MAX_HELD = 32
+# Bytes held back behind a parked request before reading pauses (aiohttp's read size).
+MAX_UNREAD = 2**16
 
 
 def handed_over(request: BaseRequest) -> Later | None:
@@ -91,6 +91,9 @@ class AnsweringProtocol(RequestHandler):
         self._parked: Later | None = None
         self._held: list[Message] = []
         self._handed: Later | None = None
+        # Bytes that came while a request waited here: parsed once it is answered (so a
+        # malformed or upgrading request behind it cannot be answered before it).
+        self._unread = b""
         if answer is not None:
             answer_in_protocol(self, self._take)
 
@@ -109,6 +112,14 @@ class AnsweringProtocol(RequestHandler):
             parked.cancel()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._parked is None:
+            super().data_received(data)
+            return
+        self._unread += data
+        if len(self._unread) >= MAX_UNREAD:
+            hold_reading(self)
+
     def parked(self) -> bool:
         """Whether a request waits in the protocol for its answer."""
         return self._parked is not None
@@ -117,11 +128,6 @@ class AnsweringProtocol(RequestHandler):
         """Answer the leading messages of a feed that the handler answers at once
         (:class:`AnswersNow`), while the connection is idle and the transport takes writes;
         the rest, from the first it does not answer, go to aiohttp in order."""
-        if self._parked is not None:  # held back behind the request waiting here
-            self._held.extend(messages)
-            if len(self._held) >= MAX_HELD:
-                hold_reading(self)
-            return []
         if not idle(self):
             return messages
         answer, transport = self._answer, self.transport
@@ -159,29 +165,32 @@ class AnsweringProtocol(RequestHandler):
         """``count`` requests were answered here at ``now`` (loop time)."""
 
     def _park(self, later: Later, messages: list[Message]) -> None:
-        """Wait in the protocol for ``later``, the first of ``messages``; the rest and what
-        comes after are held back until it is answered or handed to aiohttp."""
+        """Wait in the protocol for ``later``, the first of ``messages``; the rest and the
+        bytes that come meanwhile are held back until it is answered or handed to aiohttp."""
         self._parked, self._held = later, messages
         answering(self, True)  # a graceful shutdown waits for it as for a handler
-        if len(messages) >= MAX_HELD:
-            hold_reading(self)
         later.then(self._woken)
 
     def _woken(self, out: bytes | None) -> None:
         """The parked request's answer (None: aiohttp answers it, :func:`handed_over`)."""
         later, self._parked = self._parked, None
         held, self._held = self._held, []
+        unread, self._unread = self._unread, b""
         answering(self, False)
         if later is None or self.transport is None:
             return
         if out is None:
             self._handed = later
             enqueue(self, held)
-            return
-        self.transport.write(out)
-        self._answered(1)
-        rest = self._take(held[1:]) if len(held) > 1 else []
-        if rest:
-            enqueue(self, rest)
-        elif self._parked is None:
-            release_reading(self)
+        else:
+            self.transport.write(out)
+            self._answered(1)
+            rest = self._take(held[1:]) if len(held) > 1 else []
+            if rest:
+                enqueue(self, rest)
+            elif self._parked is not None:  # the next one waits here too
+                self._unread = unread
+                return
+        if unread:
+            self.data_received(unread)
+        release_reading(self)

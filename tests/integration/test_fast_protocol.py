@@ -302,16 +302,21 @@ async def test_a_joiner_waits_in_the_protocol_and_what_follows_it_waits_in_order
 ) -> None:
     s, handlers, reader, writer = held.s, held.handlers, held.reader, held.writer
     before = s.long_way.count
-    # A joiner, a request that goes the long way, another joiner: one write.
+    # A joiner, a request that goes the long way, another joiner: one write; then a
+    # malformed request.
     writer.write(
         ask("j1", GZIP, path=JOINED)
         + ask("j2", GZIP, "Pragma: x\r\n", path=JOINED)
         + ask("j3", GZIP, path=JOINED)
     )
     await s.waiting(2)  # the starter and j1; j2 and j3 held back behind j1
+    writer.write(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")  # refused, but after those
+    await asyncio.sleep(0.1)
     assert s.long_way.count == before
     s.origin.gate.set()
-    got = [await answer(reader) for _ in range(3)]
+    got = [await answer(reader) for _ in range(4)]
+    assert got.pop().startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
     assert [field(a, b"X-Request-ID") for a in got] == [b"j1", b"j2", b"j3"]
     assert field(got[0], b"X-Cache") == b"REVALIDATED"
     assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in got)
