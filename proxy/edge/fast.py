@@ -46,13 +46,12 @@ looking up again.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
@@ -60,7 +59,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.answering import handed_over
 from proxy.cache.fastlook import (
-    BodyFor,
     FastAnswer,
     Joined,
     Looked,
@@ -75,11 +73,12 @@ from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
-from proxy.edge.callers import PRIORITY_HEADER, Caller
+from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
+from proxy.edge.parked import Asked, Parked, traced, waited
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
@@ -107,19 +106,6 @@ LONG_WAY_HEADERS = (
 )
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-
-
-@dataclass(slots=True)
-class Asked:
-    """A plain GET the fast path may answer, and what checking it learnt."""
-
-    started: float
-    request_id: str
-    caller: Caller
-    target: Target
-    route: str
-    accepts: bool  # the caller takes gzip
-    body_for: BodyFor | None
 
 
 @dataclass(slots=True)
@@ -218,6 +204,8 @@ class FastPath:
             asked, found = looked
             if isinstance(found, Pending):
                 return self._park(head, asked, found)
+            if isinstance(found, Startable):
+                return self._start_now(head, asked, found)
             if not isinstance(found, tuple):
                 return None
             return self._respond(head, asked, found, "HIT", "", None, render_response)
@@ -225,11 +213,66 @@ class FastPath:
             log.exception("fast_path_failed")
             return None
 
-    def _park(self, head: Head, asked: Asked, pending: Pending) -> Parked | None:
-        """A joiner waiting in the protocol for its flight's wake-up (None: the flight is
-        over, or this is its starter: the long way)."""
-        waiter = self.cache.fast.waiter(pending)
-        return None if waiter is None else Parked(self, head, asked, pending, waiter)
+    def _park(self, head: Head, asked: Asked, pending: Pending) -> Parked | bytes | None:
+        """A joiner waiting in the protocol for its flight's wake-up; when the flight is
+        over already, its answer at once (None: the long way, as for a starter)."""
+        fast = self.cache.fast
+        waiter = fast.waiter(pending)
+        if waiter is not None:
+            return Parked(self, head, asked, pending, waiter, traced(asked.request_id))
+        result = fast.result(pending)
+        if pending.starter or not isinstance(result, Outcome):
+            return None
+        context, noted = traced(asked.request_id)
+        return context.run(
+            self._joined, head, asked, pending, result, noted, render_response
+        )  # fmt: skip
+
+    def begin(self, parked: Parked) -> None:
+        """A request starts waiting in the protocol (:class:`Parked`)."""
+        self.in_flight.inc()  # a scrape may come meanwhile
+
+    def settled(self, parked: Parked) -> bytes | None:
+        """A parked request's answer once its flight is done, as :meth:`join` (or
+        :meth:`start`) answers it; None, counting nothing: the long way goes on from
+        ``parked.result`` (:meth:`__call__`)."""
+        self.in_flight.dec()
+        pending = parked.pending
+        if not pending.starter:
+            result = self.cache.fast.result(pending)
+        else:  # the starter: the flight's head, as FastLook.wait gives it
+            try:
+                result = cast(Outcome, parked.waiter.result())
+            except (Exception, asyncio.CancelledError) as e:
+                result = e if isinstance(e, Exception) else TimeoutError()
+        parked.result = result
+        if not isinstance(result, Outcome):
+            return None
+        try:
+            return self._joined(
+                parked.head, parked.asked, pending, result, parked.noted, render_response
+            )  # fmt: skip
+        except Exception:
+            log.exception("fast_path_failed")
+            return None
+
+    def left(self, parked: Parked) -> None:
+        """A parked request's caller left: logged as the long way logs it."""
+        self.in_flight.dec()
+        asked = parked.asked
+        self._done(parked.head, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, parked.noted))
+
+    def _start_now(self, head: Head, asked: Asked, startable: Startable) -> Parked:
+        """The revalidation :meth:`start` would start, started here (in the request's own
+        context: the flight's task shares its trace), its answer awaited in the protocol."""
+        caller = asked.caller
+        context, noted = traced(asked.request_id)
+        sent = pipeline_request(
+            head, self.services.settings, asked.target, None, caller, caller.priority,
+            asked.request_id,
+        )  # fmt: skip
+        pending = context.run(self.cache.fast.start, startable, sent)
+        return Parked(self, head, asked, pending, pending.flight.head, (context, noted))
 
     def _find(
         self, request: Incoming
@@ -321,7 +364,7 @@ class FastPath:
                 await waiter
                 result = fast.result(pending)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
-            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", _waited(asked, noted))
+            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, noted))
             raise
         finally:
             in_flight.dec()
@@ -405,7 +448,7 @@ class FastPath:
         answer, upstream_seconds = found
         info = None
         if log.isEnabledFor(logging.INFO):  # what the access line says, when it is written
-            info = _waited(asked, noted)
+            info = waited(asked, noted)
             info.upstream_seconds = upstream_seconds
             info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
@@ -481,68 +524,6 @@ class FastPath:
             return _known_target(request.raw_path, request.path)
         except ProxyError:
             return None
-
-
-class Parked:
-    """A joiner waiting in the connection's protocol (:class:`proxy.answering.Later`): no
-    task, its flight's wake-up calls back; answered as :meth:`FastPath.join` answers, or
-    handed to the long way with the same outcome (:meth:`FastPath.__call__`)."""
-
-    __slots__ = (
-        "asked", "context", "done", "fast", "head", "noted", "over", "pending", "result", "waiter",
-    )  # fmt: skip
-
-    def __init__(
-        self, fast: FastPath, head: Head, asked: Asked, pending: Pending, waiter: Waiter
-    ) -> None:
-        self.fast, self.head, self.asked, self.pending, self.waiter = (
-            fast, head, asked, pending, waiter,
-        )  # fmt: skip
-        # The flight notes in the joiner's own trace (fetched_by), as in a task of its own.
-        self.context = contextvars.copy_context()
-        self.noted = self.context.run(begin_trace, asked.request_id)
-        self.result: Outcome | Exception = TimeoutError()
-        self.done: Callable[[bytes | None], None] | None = None
-        self.over = False
-
-    def then(self, done: Callable[[bytes | None], None]) -> None:
-        self.done = done
-        self.fast.in_flight.inc()  # a scrape may come meanwhile
-        self.waiter.add_done_callback(self._woke, context=self.context)
-
-    def cancel(self) -> None:
-        """The caller left: logged as the long way logs it."""
-        if self.over:
-            return
-        self.over = True
-        self.waiter.remove_done_callback(self._woke)
-        fast, asked = self.fast, self.asked
-        fast.in_flight.dec()
-        fast._done(self.head, asked, CLIENT_CLOSED_REQUEST, "-", _waited(asked, self.noted))
-
-    def _woke(self, _: object) -> None:
-        if self.over or self.done is None:
-            return
-        self.over = True
-        fast = self.fast
-        fast.in_flight.dec()
-        result = self.result = fast.cache.fast.result(self.pending)
-        out = None
-        if isinstance(result, Outcome):
-            try:
-                out = fast._joined(
-                    self.head, self.asked, self.pending, result, self.noted, render_response
-                )
-            except Exception:
-                log.exception("fast_path_failed")
-        self.done(out)
-
-
-def _waited(asked: Asked, noted: Trace) -> Exchange:
-    """What the access line of a request that waited for a flight starts from."""
-    info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
-    info.trace = noted
-    return info
 
 
 @functools.lru_cache(maxsize=64)
