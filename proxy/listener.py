@@ -3,7 +3,8 @@
 Generic: the proxy, its admin port, the sandbox and ``authorize`` all listen through
 :func:`start`. An application may hand the listener a request-handler wrapper under
 :data:`WRAP_HANDLER` (the proxy's fresh-hit fast path); the listener knows nothing else
-of what it serves.
+of what it serves. A handler that also answers some requests without a task
+(:class:`AnswersNow`) gets them straight from the connection's protocol, as each is parsed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from proxy.answering import AnsweringProtocol, AnswerNow, AnswersNow
 from proxy.compat.aiohttp import (
     HookedRunner,
     make_protocol,
@@ -91,7 +93,7 @@ def _raw_answer(status: int, reason: str, code: str, description: str) -> bytes:
     return head.encode() + body
 
 
-class _JsonErrorHandler(RequestHandler):
+class _JsonErrorHandler(AnsweringProtocol):
     """aiohttp answers unparsable requests itself; make those answers JSON too. Also keeps
     :class:`Limits`: a request head must arrive within ``header_timeout`` (else 408 when some
     of it came, or a silent close when nothing did, as nginx does), and a connection beyond
@@ -99,7 +101,7 @@ class _JsonErrorHandler(RequestHandler):
     is answered 503 and closed before anything is read."""
 
     def __init__(self, manager: Server, *, limits: Limits, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+        super().__init__(manager, answer=cast(_JsonErrorServer, manager).answer_now, **kwargs)
         self.limits = limits
         self.server = manager
         # One timer per connection, not one per request: _head_since is when the pending
@@ -155,17 +157,33 @@ class _JsonErrorHandler(RequestHandler):
                 self._head_since = protocol_loop(self).time()
                 if self._head_timer is None:
                     self._arm(self._head_since)
+        self._took = False
         super().data_received(data)
-        if self._head_bytes and not self._waiting():
+        if not self._head_bytes:
+            return
+        if not self._waiting():
             # The head is complete: a request is being answered. The timer stays; when it
             # fires it finds no head pending (cheaper than cancelling it for every request).
             self._head_since = None
             self._head_bytes = False
             self._requests += 1
+        elif self._took:
+            # Answered here (_take), and waiting again: a head is pending only when these
+            # bytes end inside one, and its deadline runs from now.
+            if data.endswith(b"\r\n\r\n"):
+                self._head_since = None
+                self._head_bytes = False
+            else:
+                self._head_since = protocol_loop(self).time()
 
     def _waiting(self) -> bool:
         """Whether the connection waits for a request head (none is being answered)."""
-        return waiting_for_request(self)
+        return waiting_for_request(self) and not self.parked()
+
+    def answered(self, count: int, now: float) -> None:
+        self._requests += count
+        self._answered_at = now
+        self.server.requests_count += count
 
     def _arm(self, since: float) -> None:
         self._head_timer = protocol_loop(self).call_at(
@@ -282,6 +300,7 @@ WRAP_HANDLER: web.AppKey[Wrapper] = web.AppKey("wrap_handler")
 
 class _JsonErrorServer(Server):
     limits = Limits()
+    answer_now: AnswerNow | None = None
 
     def __call__(self) -> RequestHandler:
         return make_protocol(self, _JsonErrorHandler, limits=self.limits)
@@ -292,15 +311,18 @@ def customise(server: Server, app: web.Application) -> Server:
     unparsable requests as JSON (the protocol's ``handle_error``), keep a deadline on request
     heads (whether the protocol waits for a request), close a connection right after an
     answer marked :data:`CLOSE_AT_ONCE` (the protocol's ``finish_response``, which also tells
-    when a connection went idle; ``force_close`` skips the lingering read); and put a handler
-    in front of the application's once its startup built what it needs. Every private part
+    when a connection went idle; ``force_close`` skips the lingering read); put a handler
+    in front of the application's once its startup built what it needs; and let that handler
+    answer what it answers at once from the protocol (:class:`AnswersNow`). Every private part
     this touches is reached through :mod:`proxy.compat.aiohttp` (pinned by
     tests/unit/test_compat.py)."""
     swap_server_class(server, _JsonErrorServer)
     cast(_JsonErrorServer, server).limits = app.get(LIMITS, Limits())
     wrap = app.get(WRAP_HANDLER)
     if wrap is not None:
-        server.request_handler = wrap(app, server.request_handler)
+        handler = server.request_handler = wrap(app, server.request_handler)
+        if isinstance(handler, AnswersNow):
+            cast(_JsonErrorServer, server).answer_now = handler.answer_now
     return server
 
 

@@ -5,7 +5,17 @@ unparsable requests as JSON, keeping head deadlines and the connection cap) in p
 aiohttp's, which means swapping the class of the ``Server`` an ``AppRunner`` makes and
 building the protocol with the server's loop and keyword arguments; read whether a protocol
 waits for a request head (its ``_waiter``, which aiohttp's own keep-alive timer reads too);
-read the bound sockets of a site.
+read the bound sockets of a site. Answer a request in the protocol itself, as each is parsed
+(:func:`answer_in_protocol`): the protocol's parser is wrapped so that the leading messages
+of each feed are offered to the listener first while the protocol is idle (its ``_waiter``,
+``_messages``, ``_close``, ``_force_close``, ``_upgraded``, ``_payload_parser``); an answered
+message frees its parser slot (``message_consumed``) and restarts aiohttp's keep-alive clock
+(``_next_keepalive_close_time``, ``_keepalive_handle``); a request answered later is marked in
+progress for the graceful shutdown (``_request_in_progress``, ``_handler_waiter``), what
+comes behind it is held (``_pause_reading_for_buffer``) and then queued as aiohttp queues
+(``_messages``, ``_request_count``, ``_waiter``); the answer's bytes are the ones
+aiohttp writes for a ``web.Response`` (:func:`render_response`: its header rules, its
+``_serialize_headers`` and Date).
 
 Client side (:mod:`proxy.client`): a response protocol that recovers a complete response
 followed by excess bytes stands in the connector's protocol factory, wraps the protocol's
@@ -33,9 +43,15 @@ from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.tracing import Trace
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_response import REASON_PHRASES
 from aiohttp.web_server import Server
+from multidict import CIMultiDict
 
 WRITTEN_AGAINST = "3.14.5"
 
@@ -57,6 +73,152 @@ def protocol_loop(protocol: RequestHandler) -> asyncio.AbstractEventLoop:
 def make_protocol(server: Server, cls: type[P], **extra: Any) -> P:
     """A protocol of class ``cls`` made as ``server`` makes its own (``Server.__call__``)."""
     return cls(server, loop=server._loop, **server._kwargs, **extra)
+
+
+Message = tuple[RawRequestMessage, StreamReader]
+# Offered the leading messages of a feed; gives back those aiohttp must handle (a tail).
+Take = Callable[[list[Message]], list[Message]]
+
+
+class _Answering:
+    """A protocol's request parser whose parsed messages pass through ``take`` first."""
+
+    __slots__ = ("limit", "parser", "take")
+
+    def __init__(self, parser: Any, take: Take, limit: int) -> None:
+        self.parser, self.take, self.limit = parser, take, limit
+
+    def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:
+        while True:
+            messages, upgraded, tail = self.parser.feed_data(data)
+            if not messages or upgraded:
+                return messages, upgraded, tail
+            rest = self.take(list(messages))
+            if rest or len(messages) < self.limit:
+                return rest, upgraded, tail
+            # All taken, and the parser stopped at its queue limit: parse what it kept.
+            data = b""
+
+    def message_consumed(self) -> None:
+        self.parser.message_consumed()
+
+    def set_upgraded(self, val: bool) -> None:
+        self.parser.set_upgraded(val)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+
+def answer_in_protocol(protocol: RequestHandler, take: Take) -> None:
+    """Offer every parsed message of ``protocol`` to ``take`` before aiohttp queues it.
+    ``take`` must only take messages while :func:`idle` says so, and call :func:`taken`
+    for what it took."""
+    protocol._parser = cast(Any, _Answering(protocol._parser, take, protocol._max_msg_queue_size))
+
+
+def idle(protocol: RequestHandler) -> bool:
+    """Whether a message parsed now would be the next one aiohttp handles, at once and in
+    the open: waiting for a request head, none queued, not closing, no upgrade or body
+    parser, and the transport not holding back writes."""
+    waiter = protocol._waiter
+    return (
+        waiter is not None
+        and not waiter.done()
+        and not protocol._messages
+        and not protocol._close
+        and not protocol._force_close
+        and not protocol._upgraded
+        and protocol._payload_parser is None
+        and not protocol.writing_paused
+    )
+
+
+def plain(message: RawRequestMessage, payload: StreamReader) -> bool:
+    """A request over HTTP/1.1 that keeps the connection, without a body or an upgrade."""
+    return (
+        payload is EMPTY_PAYLOAD
+        and message.version == HttpVersion11
+        and not message.should_close
+        and not message.upgrade
+        and not message.chunked
+    )
+
+
+def taken(protocol: RequestHandler, count: int, now: float) -> None:
+    """``count`` messages were answered outside aiohttp at ``now`` (loop time): their parser
+    slots are free, and the keep-alive clock runs from now, as after aiohttp's own answers
+    (``start()``)."""
+    parser = cast(Any, protocol._parser)
+    for _ in range(count):
+        parser.message_consumed()
+    timeout = protocol._keepalive_timeout
+    if timeout > 0 and protocol._keepalive:
+        close_time = now + timeout
+        protocol._next_keepalive_close_time = close_time
+        if protocol._keepalive_handle is None:
+            protocol._keepalive_handle = protocol._loop.call_at(
+                close_time, protocol._process_keepalive
+            )
+
+
+def enqueue(protocol: RequestHandler, messages: list[Message]) -> None:
+    """Hand ``messages`` to aiohttp as its ``data_received`` does with what it parsed:
+    queued in order, the waiting ``start()`` woken, reading paused on a full queue."""
+    queue = protocol._messages
+    protocol._request_count += len(messages)
+    queue.extend(messages)
+    waiter = protocol._waiter
+    if messages and waiter is not None and not waiter.done():
+        waiter.set_result(None)
+    if not protocol._buffer_paused and len(queue) >= protocol._max_msg_queue_size:
+        protocol._pause_reading_for_buffer()
+
+
+def hold_reading(protocol: RequestHandler) -> None:
+    """Stop reading from the transport, as aiohttp does when its queue is full; undone by
+    :func:`release_reading` (or by ``start()`` once aiohttp's queue drains)."""
+    if not protocol._buffer_paused:
+        protocol._pause_reading_for_buffer()
+
+
+def release_reading(protocol: RequestHandler) -> None:
+    """Parse what the parser kept and read again, unless aiohttp's queue is still full."""
+    if protocol._buffer_paused:
+        protocol._resume_reading_if_drained()
+
+
+def answering(protocol: RequestHandler, busy: bool) -> None:
+    """Tell aiohttp's graceful shutdown that a request of ``protocol`` is being answered
+    outside a handler task (``busy``: it waits for it, as for a handler's), or no longer."""
+    protocol._request_in_progress = busy
+    waiter = protocol._handler_waiter
+    if not busy and waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def render_response(status: int, headers: CIMultiDict[str], body: bytes) -> bytes:
+    """The bytes aiohttp writes for ``web.Response(status=status, headers=headers,
+    body=body or None)`` answering a GET on a kept-alive HTTP/1.1 connection
+    (``Response._start``, ``StreamResponse._prepare_headers``, the writer), with no
+    on_response_prepare hook: the caller applies its own first. ``headers`` is changed."""
+    if "Content-Length" in headers:
+        if should_remove_content_length("GET", status):
+            del headers["Content-Length"]
+    elif body or status != 304:
+        headers["Content-Length"] = str(len(body))
+    empty = must_be_empty_body("GET", status)
+    if empty:
+        if "Content-Length" in headers and should_remove_content_length("GET", status):
+            del headers["Content-Length"]
+        if "Transfer-Encoding" in headers:
+            del headers["Transfer-Encoding"]
+    elif int(headers["Content-Length"]) != 0:
+        headers.setdefault("Content-Type", "application/octet-stream")
+    if "Date" not in headers:
+        headers["Date"] = rfc822_formatted_time()
+    headers.setdefault("Server", SERVER_SOFTWARE)
+    head: bytes = _serialize_headers(f"HTTP/1.1 {status} {REASON_PHRASES.get(status, '')}", headers)
+    return head if empty or not body else head + body
 
 
 class HookedRunner(web.AppRunner):
@@ -213,6 +375,40 @@ def _pins() -> dict[str, Callable[[], bool]]:
             "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
             and "_loop" in _slots(RequestHandler)
             and "transport" in _slots(RequestHandler)
+        ),
+        "RequestHandler keeps the state answer_in_protocol reads and writes": lambda: (
+            {
+                "_parser",
+                "_messages",
+                "_close",
+                "_force_close",
+                "_upgraded",
+                "_payload_parser",
+                "_max_msg_queue_size",
+                "_keepalive",
+                "_keepalive_timeout",
+                "_keepalive_handle",
+                "_next_keepalive_close_time",
+            }
+            <= _slots(RequestHandler)
+        ),
+        "RequestHandler keeps the queue, pause and shutdown state enqueue/answering use": lambda: (
+            {"_request_count", "_request_in_progress", "_handler_waiter"} <= _slots(RequestHandler)
+            and {"_buffer_paused"} <= _slots(RequestHandler)
+            and callable(getattr(RequestHandler, "_pause_reading_for_buffer", None))
+            and callable(getattr(RequestHandler, "_resume_reading_if_drained", None))
+            and {"_request_in_progress", "_handler_waiter"} <= set(_names(RequestHandler.shutdown))
+            and {"_request_in_progress", "_handler_waiter"}
+            <= set(_names(RequestHandler._handle_request))
+        ),
+        "RequestHandler.data_received stops on _close/_force_close, feeds _parser": lambda: (
+            {"_close", "_force_close", "_parser", "feed_data", "_messages", "_waiter"}
+            <= set(_names(RequestHandler.data_received))
+        ),
+        "RequestHandler.start() frees parser slots and restarts the keep-alive clock": lambda: (
+            {"message_consumed", "_next_keepalive_close_time", "_keepalive_handle"}
+            <= set(_names(RequestHandler.start))
+            and "_next_keepalive_close_time" in _names(RequestHandler._process_keepalive)
         ),
         "BaseSite keeps its asyncio server in _server": lambda: "_server" in _slots(web.BaseSite),
         "ResponseHandler has _parser, _payload, _skip_payload and _loop": lambda: (

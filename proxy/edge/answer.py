@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole, inflated
-from proxy.edge.inbound import exchange_of
+from proxy.edge.inbound import Incoming, exchange_of
 from proxy.edge.rewrite import REWRITTEN_HEADERS, rewrite_url
 from proxy.edge.services import SERVICES
 from proxy.errors import (
@@ -186,7 +186,7 @@ def caller_value(caller: str, account: str) -> str:
 
 
 def caller_view(
-    request: web.BaseRequest, items: HeaderItems, upstream: URL, public: str, accepts: bool
+    request: Incoming, items: HeaderItems, upstream: URL, public: str, accepts: bool
 ) -> tuple[HeaderItems, bool]:
     """The upstream headers a caller may see, paging/location URLs moved onto the proxy,
     and whether the body must be inflated for it (gzip, and ``accepts`` is False)."""

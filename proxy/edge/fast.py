@@ -29,6 +29,10 @@ stored body, or the caller's 304 from the entry's headers), as the long way answ
 joiner. Any other outcome goes the long way, which goes on from that outcome
 (:func:`~proxy.cache.fastlook.handing_over`): nothing is waited for or fetched twice.
 
+Fresh hits and joiners are answered in the connection's protocol as their heads are parsed
+(:meth:`FastPath.answer_now`; a joiner waits there as a :class:`Parked`, with no task) when
+the connection has nothing else to answer first; else here, in a task.
+
 A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
 (the disk, or Redis then the disk: :meth:`~proxy.cache.fastlook.FastLook.tier_hit`, which
 promotes what it finds into the memory tier as the long way's lookup does), counted in
@@ -47,12 +51,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from aiohttp.http import RawRequestMessage
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.answering import handed_over
 from proxy.cache.fastlook import (
-    BodyFor,
     FastAnswer,
     Joined,
     Looked,
@@ -65,12 +71,14 @@ from proxy.cache.flight import Outcome
 from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
+from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
-from proxy.edge.callers import PRIORITY_HEADER, Caller
+from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
-from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, request_id
+from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
+from proxy.edge.parked import Asked, Parked, traced, waited
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
@@ -79,6 +87,11 @@ from proxy.messages import CacheStatus
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Found = FastAnswer | Pending | Startable | Unheld
+Waiter = asyncio.Future[None]
+T = TypeVar("T")
+# What an answer is made into: a web.Response, or its bytes (written by the protocol).
+Make = Callable[[int, CIMultiDict[str], bytes], T]
 
 # Any of these sends a request the long way.
 LONG_WAY_HEADERS = (
@@ -93,19 +106,6 @@ LONG_WAY_HEADERS = (
 )
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-
-
-@dataclass(slots=True)
-class Asked:
-    """A plain GET the fast path may answer, and what checking it learnt."""
-
-    started: float
-    request_id: str
-    caller: Caller
-    target: Target
-    route: str
-    accepts: bool  # the caller takes gzip
-    body_for: BodyFor | None
 
 
 @dataclass(slots=True)
@@ -135,6 +135,10 @@ class Cold:
     key: str
 
 
+def _response(status: int, headers: CIMultiDict[str], body: bytes) -> web.Response:
+    return web.Response(status=status, headers=headers, body=body or None)
+
+
 class FastPath:
     """The request handler in front of the application's own (``inner``)."""
 
@@ -150,6 +154,11 @@ class FastPath:
         self.in_flight = services.metric_groups.edge.in_flight
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        parked = handed_over(request)
+        if isinstance(parked, Parked):  # waited in the protocol; the long way goes on
+            return await self._hand_over(
+                request, parked.asked, parked.pending, parked.result, parked.noted
+            )
         try:
             found = self.answer(request)
         except Exception:  # a bug here must not cost the caller its answer
@@ -168,6 +177,107 @@ class FastPath:
     def answer(self, request: web.BaseRequest) -> web.Response | Joiner | Starter | Cold | None:
         """The fresh hit's answer, a joiner of a revalidation in flight, the starter of one,
         a request to look the tier up for, or None: the long way must answer."""
+        looked = self._find(request)
+        if looked is None:
+            return None
+        asked, found = looked
+        if isinstance(found, Pending):
+            return Joiner(asked, found)
+        if isinstance(found, Startable):
+            return Starter(asked, found)
+        if isinstance(found, Unheld):
+            return Cold(asked, found.key)
+        return self._respond(request, asked, found, "HIT", "", None, _response)
+
+    def answer_now(
+        self, message: RawRequestMessage, remote: str | None, scheme: str
+    ) -> bytes | Parked | None:
+        """A fresh hit's whole answer as the connection's protocol writes it, as soon as the
+        head is parsed (:class:`proxy.answering.AnswersNow`): no request object, no task. The
+        same bytes, counts and access line as :meth:`answer`'s; None: anything else (a
+        joiner, a cold entry, not a plain GET), which aiohttp hands to :meth:`__call__`."""
+        head = Head(message, remote, scheme)
+        try:
+            looked = self._find(head)
+            if looked is None:
+                return None
+            asked, found = looked
+            if isinstance(found, Pending):
+                return self._park(head, asked, found)
+            if isinstance(found, Startable):
+                return self._start_now(head, asked, found)
+            if not isinstance(found, tuple):
+                return None
+            return self._respond(head, asked, found, "HIT", "", None, render_response)
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+            return None
+
+    def _park(self, head: Head, asked: Asked, pending: Pending) -> Parked | bytes | None:
+        """A joiner waiting in the protocol for its flight's wake-up; when the flight is
+        over already, its answer at once (None: the long way, as for a starter)."""
+        fast = self.cache.fast
+        waiter = fast.waiter(pending)
+        if waiter is not None:
+            return Parked(self, head, asked, pending, waiter, traced(asked.request_id))
+        result = fast.result(pending)
+        if pending.starter or not isinstance(result, Outcome):
+            return None
+        context, noted = traced(asked.request_id)
+        return context.run(
+            self._joined, head, asked, pending, result, noted, render_response
+        )  # fmt: skip
+
+    def begin(self, parked: Parked) -> None:
+        """A request starts waiting in the protocol (:class:`Parked`)."""
+        self.in_flight.inc()  # a scrape may come meanwhile
+
+    def settled(self, parked: Parked) -> bytes | None:
+        """A parked request's answer once its flight is done, as :meth:`join` (or
+        :meth:`start`) answers it; None, counting nothing: the long way goes on from
+        ``parked.result`` (:meth:`__call__`)."""
+        self.in_flight.dec()
+        pending = parked.pending
+        if not pending.starter:
+            result = self.cache.fast.result(pending)
+        else:  # the starter: the flight's head, as FastLook.wait gives it
+            try:
+                result = cast(Outcome, parked.waiter.result())
+            except (Exception, asyncio.CancelledError) as e:
+                result = e if isinstance(e, Exception) else TimeoutError()
+        parked.result = result
+        if not isinstance(result, Outcome):
+            return None
+        try:
+            return self._joined(
+                parked.head, parked.asked, pending, result, parked.noted, render_response
+            )  # fmt: skip
+        except Exception:
+            log.exception("fast_path_failed")
+            return None
+
+    def left(self, parked: Parked) -> None:
+        """A parked request's caller left: logged as the long way logs it."""
+        self.in_flight.dec()
+        asked = parked.asked
+        self._done(parked.head, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, parked.noted))
+
+    def _start_now(self, head: Head, asked: Asked, startable: Startable) -> Parked:
+        """The revalidation :meth:`start` would start, started here (in the request's own
+        context: the flight's task shares its trace), its answer awaited in the protocol."""
+        caller = asked.caller
+        context, noted = traced(asked.request_id)
+        sent = pipeline_request(
+            head, self.services.settings, asked.target, None, caller, caller.priority,
+            asked.request_id,
+        )  # fmt: skip
+        pending = context.run(self.cache.fast.start, startable, sent)
+        return Parked(self, head, asked, pending, pending.flight.head, (context, noted))
+
+    def _find(
+        self, request: Incoming
+    ) -> tuple[Asked, FastAnswer | Pending | Startable | Unheld] | None:
+        """A plain GET and what the memory tier has for it; None: the long way answers."""
         asked = self.asked(request)
         if asked is None:
             return None
@@ -176,17 +286,9 @@ class FastPath:
         found = self.cache.fast.find(
             account, target.path, target.query, request.headers, asked.body_for
         )
-        if found is None:
-            return None
-        if isinstance(found, Pending):
-            return Joiner(asked, found)
-        if isinstance(found, Startable):
-            return Starter(asked, found)
-        if isinstance(found, Unheld):
-            return Cold(asked, found.key)
-        return self._respond(request, asked, found, "HIT", "", None)
+        return None if found is None else (asked, found)
 
-    def asked(self, request: web.BaseRequest) -> Asked | None:
+    def asked(self, request: Incoming) -> Asked | None:
         """What a plain GET the long way would accept asks for; None: not one."""
         started = time.perf_counter()
         if request.method != "GET" or request.version not in VERSIONS:
@@ -262,20 +364,30 @@ class FastPath:
                 await waiter
                 result = fast.result(pending)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
-            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", _waited(asked, noted))
+            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, noted))
             raise
         finally:
             in_flight.dec()
         response = None
         if isinstance(result, Outcome):
             try:
-                response = self._joined(request, asked, pending, result, noted)
+                response = self._joined(request, asked, pending, result, noted, _response)
             except Exception:
                 log.exception("fast_path_failed")
         if response is not None:
             return response
-        # The long way from where its wait would have ended; its access line counts the wait
-        # and keeps the request's id and trace (what the flight noted in it).
+        return await self._hand_over(request, asked, pending, result, noted)
+
+    async def _hand_over(
+        self,
+        request: web.BaseRequest,
+        asked: Asked,
+        pending: Pending,
+        result: Outcome | Exception,
+        noted: Trace,
+    ) -> web.StreamResponse:
+        """The long way from where a joiner's wait ended; its access line counts the wait
+        and keeps the request's id and trace (what the flight noted in it)."""
         request[EXCHANGE] = Exchange(asked.request_id, trace=noted, started=asked.started)
         with handing_over(Joined(pending, result)):
             return await self.inner(request)
@@ -316,43 +428,46 @@ class FastPath:
             with handing_over(found):
                 return await self.inner(request)
         try:
-            return self._respond(request, asked, found, "HIT", "", None)
+            return self._respond(request, asked, found, "HIT", "", None, _response)
         except Exception:
             log.exception("fast_path_failed")
             return await self.inner(request)
 
     def _joined(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         asked: Asked,
         pending: Pending,
         outcome: Outcome,
         noted: Trace,
-    ) -> web.Response | None:
+        make: Make[T],
+    ) -> T | None:
         found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for)
         if found is None:
             return None
         answer, upstream_seconds = found
         info = None
         if log.isEnabledFor(logging.INFO):  # what the access line says, when it is written
-            info = _waited(asked, noted)
+            info = waited(asked, noted)
             info.upstream_seconds = upstream_seconds
             info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
         member = _revalidated(outcome.upstream_status)
-        return self._respond(request, asked, answer, "REVALIDATED", member, info)
+        return self._respond(request, asked, answer, "REVALIDATED", member, info, make)
 
     def _respond(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         asked: Asked,
         answer: FastAnswer,
         cache_status: CacheStatus,
         member: str,
         info: Exchange | None,
-    ) -> web.Response:
-        """The answer as the long way renders it (edge.answer), counted and logged (``info``:
-        what the access line says, made only when logged if None)."""
+        make: Make[T],
+    ) -> T:
+        """The answer as the long way renders it (edge.answer; ``make``: a web.Response, or
+        its bytes in the protocol), counted and logged (``info``: what the access line says,
+        made only when logged if None)."""
         status, items, body, age = answer
         caller = asked.caller
         self.services.callers.note(caller)
@@ -366,13 +481,13 @@ class FastPath:
             cache=member,
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
-        response = web.Response(status=status, headers=out_headers, body=body or None)
+        response = make(status, out_headers, body)
         self._done(request, asked, status, cache_status, info, len(body))
         return response
 
     def _done(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         asked: Asked,
         status: int,
         cache_status: CacheStatus,
@@ -403,19 +518,12 @@ class FastPath:
             return body
         return inflate_whole(body, self.caps)
 
-    def _target(self, request: web.BaseRequest) -> tuple[Target, str] | None:
+    def _target(self, request: Incoming) -> tuple[Target, str] | None:
         """The request's target and route label; None when the long way must refuse it."""
         try:
             return _known_target(request.raw_path, request.path)
         except ProxyError:
             return None
-
-
-def _waited(asked: Asked, noted: Trace) -> Exchange:
-    """What the access line of a request that waited for a flight starts from."""
-    info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
-    info.trace = noted
-    return info
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,6 +14,7 @@ from proxy.edge.callers import Caller
 from proxy.edge.inbound import (
     BodyDeadline,
     CappedStream,
+    Incoming,
     exchange_of,
     guard,
     read_body,
@@ -65,7 +66,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def pipeline_request(
-    request: web.BaseRequest,
+    request: Incoming,
     settings: Settings,
     target: Target,
     body: Body,

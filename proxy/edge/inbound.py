@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.http import HttpVersion, RawRequestMessage
 from multidict import CIMultiDictProxy
 
 from proxy.errors import (
@@ -71,6 +72,58 @@ class Exchange:
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+class Incoming(Protocol):
+    """What the fast path and the access line read of a request: an aiohttp request, or
+    a :class:`Head` the connection's protocol parsed (no request object made)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def version(self) -> HttpVersion: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def raw_path(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def query_string(self) -> str: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+
+
+class Head:
+    """A parsed request head read as an aiohttp request reads it (``BaseRequest``'s path,
+    query string, host, remote and scheme), without making one."""
+
+    __slots__ = ("headers", "message", "method", "raw_path", "remote", "scheme", "version")
+
+    def __init__(self, message: RawRequestMessage, remote: str | None, scheme: str) -> None:
+        self.message = message
+        self.method: str = message.method
+        self.version: HttpVersion = message.version
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw_path: str = message.path
+        self.remote = remote
+        self.scheme = scheme
+
+    @property
+    def path(self) -> str:
+        return self.message.url.path
+
+    @property
+    def query_string(self) -> str:
+        return self.message.url.query_string
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("Host", "")
 
 
 def exchange_of(request: web.Request) -> Exchange:

@@ -15,6 +15,7 @@ from proxy.edge.inbound import (
     ASTERISK,
     METHODS,
     Exchange,
+    Incoming,
     exchange_of,
     guard,
     options_answer,
@@ -120,9 +121,7 @@ def body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
 QUERY_LOGGED = 1024
 
 
-def access_line(
-    request: web.BaseRequest, info: Exchange, route: str, status: int, elapsed: float
-) -> None:
+def access_line(request: Incoming, info: Exchange, route: str, status: int, elapsed: float) -> None:
     """The access log line (nginx's ``$upstream_response_time`` and Envoy's response flags
     are the models: ``upstream_ms`` whenever an upstream answer was used, ``error`` the
     proxy's own error code, or the upstream failure a stale answer stood in for)."""

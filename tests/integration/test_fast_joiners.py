@@ -20,7 +20,6 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.cache.fastlook import Pending
-from proxy.edge.fast import Joiner
 from proxy.settings import CacheSettings, RetrySettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
 from tests.integration.test_fast_path import LongWay, get, steady
@@ -445,13 +444,13 @@ async def test_joiners_share_one_start_and_answer_the_same_with_the_access_log_o
     s, etag = setup, setup.origin.etag
     fast = s.long_way.fast
     seen: list[Pending] = []
-    join = fast.join
+    park = fast._park
 
-    async def recording(request: web.BaseRequest, joiner: Joiner) -> web.StreamResponse:
-        seen.append(joiner.pending)
-        return await join(request, joiner)
+    def recording(head: Any, asked: Any, pending: Pending) -> Any:
+        seen.append(pending)  # joiners wait in the protocol (Parked)
+        return park(head, asked, pending)
 
-    fast.join = recording  # type: ignore[method-assign]
+    fast._park = recording  # type: ignore[method-assign]
     inm = {"If-None-Match": etag}
     starter, answers = await one_flight(s, client, [{}, inm, {}, {**SLOW}, {**SLOW, **inm}])
     assert len(seen) == 3 and all(p is seen[0] for p in seen)
@@ -481,27 +480,20 @@ def awaited_from(coro: Any) -> list[str]:
     return chain
 
 
-async def test_a_joiner_waits_in_its_own_task_with_no_coroutine_in_between(
+async def test_a_joiner_and_the_starter_wait_in_no_task(
     setup: Setup, client: aiohttp.ClientSession
 ) -> None:
-    # Most requests of a revalidated key are joiners: each suspends and resumes only the
-    # frames it must (the flight's waiter awaited where the answer is made), same answer.
+    # Most requests of a revalidated key are joiners: each waits in its connection's
+    # protocol (FastPath.answer_now, Parked) for the flight's wake-up, and the starter for
+    # the flight's head, with no task or coroutine of their own. Same answers.
     s = setup
     url = s.hold()
     starter = asyncio.ensure_future(get(client, url))
     await asyncio.wait_for(s.origin.asked.wait(), 10)
     joiner = asyncio.ensure_future(get(client, url))
     await s.waiting(2)
-    chains = {}
-    for task in asyncio.all_tasks():
-        chain = awaited_from(task.get_coro())
-        if "FastPath._settle" in chain:
-            coro = task.get_coro()
-            while coro.cr_code.co_qualname != "FastPath._settle":
-                coro = coro.cr_await
-            chains[coro.cr_frame.f_locals["pending"].starter] = chain
-    assert chains[False][-1] == "FastPath._settle", chains[False]  # awaits the future itself
-    assert chains[True][-1] == "FastLook.wait"  # the starter: the flight's head, shielded
+    chains = [awaited_from(task.get_coro()) for task in asyncio.all_tasks()]
+    assert not [c for c in chains if "FastPath._settle" in c or "FastPath.start" in c], chains
     s.origin.gate.set()
     for status, headers, _ in (await starter, await joiner):
         assert (status, headers["X-Cache"]) == (200, "REVALIDATED")

@@ -9,6 +9,7 @@ nothing else should need to change.
 from __future__ import annotations
 
 import ast
+import asyncio
 import hmac
 import sys
 from collections.abc import Callable, Iterable
@@ -20,6 +21,8 @@ import aiohttp
 import diskcache  # type: ignore[import-untyped]
 import pytest
 import redis
+from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.compat import aiohttp as compat_aiohttp
 from proxy.compat import diskcache as compat_diskcache
@@ -177,3 +180,40 @@ def test_no_private_part_is_touched_outside_compat() -> None:
     privates = overridable - own_names(sources)
     found = [hit for source in sources for hit in touches(source, privates, overridable)]
     assert not found, f"reach aiohttp's or diskcache's private parts through proxy/compat/: {found}"
+
+
+RENDERED = [
+    (200, {"Content-Type": "application/json", "ETag": '"a"'}, b'{"a": 1}'),
+    (200, {"Content-Type": "application/json"}, b""),
+    (200, {"X-A": "1"}, b"no type"),
+    (200, {"Content-Length": "5", "Content-Type": "text/plain"}, b"hello"),
+    (304, {"ETag": '"a"', "Content-Length": "9"}, b""),
+    (304, {"ETag": '"a"'}, b""),
+]
+
+
+@pytest.mark.parametrize(("status", "headers", "body"), RENDERED)
+async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
+    status: int, headers: dict[str, str], body: bytes
+) -> None:
+    """render_response against aiohttp's own server writing the same web.Response."""
+    headers = {**headers, "Date": "Sat, 05 Dec 2026 23:00:00 GMT", "Server": "s"}
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(status=status, headers=headers, body=body or None)
+
+    server = web.Server(handle)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = compat_aiohttp.site_sockets(site)[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        expected = compat_aiohttp.render_response(status, CIMultiDict(headers), body)
+        got = await asyncio.wait_for(reader.readexactly(len(expected)), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert got == expected

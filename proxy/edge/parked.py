@@ -1,0 +1,99 @@
+"""A request the fast path answers from the connection's protocol once its flight is
+done (:class:`Parked`): a joiner of a revalidation in flight, or the starter of one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxy.cache.fastlook import BodyFor, Pending
+from proxy.cache.flight import Outcome
+from proxy.edge.callers import Caller
+from proxy.edge.inbound import Exchange, Head
+from proxy.logs import Trace, begin_trace
+from proxy.target import Target
+
+
+@dataclass(slots=True)
+class Asked:
+    """A plain GET the fast path may answer, and what checking it learnt."""
+
+    started: float
+    request_id: str
+    caller: Caller
+    target: Target
+    route: str
+    accepts: bool  # the caller takes gzip
+    body_for: BodyFor | None
+
+
+class Settle(Protocol):
+    """What a parked request asks of the fast path (:class:`~proxy.edge.fast.FastPath`)."""
+
+    def begin(self, parked: Parked) -> None: ...
+    def settled(self, parked: Parked) -> bytes | None: ...
+    def left(self, parked: Parked) -> None: ...
+
+
+class Parked:
+    """A joiner of a revalidation, or its starter, waiting in the connection's protocol
+    (:class:`proxy.answering.Later`): no task, the flight's wake-up (a joiner's) or head (the
+    starter's) calls back; answered as :meth:`FastPath.join` answers, or handed to the long
+    way with the same outcome (:meth:`FastPath.__call__`)."""
+
+    __slots__ = (
+        "asked", "context", "done", "head", "noted", "over", "pending", "result", "settle",
+        "waiter",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        settle: Settle,
+        head: Head,
+        asked: Asked,
+        pending: Pending,
+        waiter: asyncio.Future[Any],
+        traced: tuple[contextvars.Context, Trace],
+    ) -> None:
+        self.settle, self.head, self.asked, self.pending, self.waiter = (
+            settle, head, asked, pending, waiter,
+        )  # fmt: skip
+        # The flight notes in the request's own trace (fetched_by), as in a task of its own.
+        self.context, self.noted = traced
+        self.result: Outcome | Exception = TimeoutError()
+        self.done: Callable[[bytes | None], None] | None = None
+        self.over = False
+
+    def then(self, done: Callable[[bytes | None], None]) -> None:
+        self.done = done
+        self.settle.begin(self)
+        self.waiter.add_done_callback(self._woke, context=self.context)
+
+    def cancel(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.waiter.remove_done_callback(self._woke)
+        self.settle.left(self)
+
+    def _woke(self, _: object) -> None:
+        if self.over or self.done is None:
+            return
+        self.over = True
+        self.done(self.settle.settled(self))
+
+
+def traced(request_id: str) -> tuple[contextvars.Context, Trace]:
+    """A context of the request's own with its trace begun, as a task of its own has."""
+    context = contextvars.copy_context()
+    return context, context.run(begin_trace, request_id)
+
+
+def waited(asked: Asked, noted: Trace) -> Exchange:
+    """What the access line of a request that waited for a flight starts from."""
+    info = Exchange(asked.request_id, asked.caller.name, asked.caller.account)
+    info.trace = noted
+    return info
