@@ -25,7 +25,10 @@ from proxy.compat.aiohttp import (
     Message,
     answer_in_protocol,
     answering,
+    close_later,
+    closing,
     enqueue,
+    hold_keepalive,
     hold_reading,
     idle,
     plain,
@@ -38,12 +41,14 @@ from proxy.logs import log
 
 class Later(Protocol):
     """An answer given once something it waits for is done: ``then(done)`` calls ``done``
-    once, from the loop, with the answer's bytes or None (the request goes to the handler,
-    which finds this object with :func:`handed_over`); ``cancel()``: the connection closed
-    first, ``done`` is never called."""
+        once, from the loop, with the answer's bytes or None (the request goes to the handler,
+        which finds this object with :func:`handed_over`); ``cancel()``: the connection closed
+        first, ``done`` is never called; ``dropped()``: handed to the handler, but the connection
+    closed before the handler took it."""
 
     def then(self, done: Callable[[bytes | None], None]) -> None: ...
     def cancel(self) -> None: ...
+    def dropped(self) -> None: ...
 
 
 AnswerNow = Callable[[RawRequestMessage, str | None, str], bytes | Later | None]
@@ -110,7 +115,16 @@ class AnsweringProtocol(RequestHandler):
             self._held = []
             answering(self, False)
             parked.cancel()
+        handed, self._handed = self._handed, None
+        if handed is not None:  # queued for aiohttp, which drops it now: nobody read it
+            handed.dropped()
         super().connection_lost(exc)
+
+    def close(self) -> None:
+        if self._parked is None:
+            super().close()
+        else:  # a shutdown closing idle connections: this one owes an answer first
+            close_later(self)
 
     def data_received(self, data: bytes) -> None:
         if self._parked is None:
@@ -145,8 +159,8 @@ class AnsweringProtocol(RequestHandler):
             if out is None:
                 break
             if not isinstance(out, bytes):  # answered once what it waits for is done
-                self._park(out, messages[count:])
                 self._answered(count)
+                self._park(out, messages[count:])  # after: its keep-alive clock stops
                 return []
             transport.write(out)
             count += 1
@@ -169,6 +183,7 @@ class AnsweringProtocol(RequestHandler):
         bytes that come meanwhile are held back until it is answered or handed to aiohttp."""
         self._parked, self._held = later, messages
         answering(self, True)  # a graceful shutdown waits for it as for a handler
+        hold_keepalive(self)  # not idle: aiohttp's keep-alive timer must not close it
         later.then(self._woken)
 
     def _woken(self, out: bytes | None) -> None:
@@ -181,10 +196,13 @@ class AnsweringProtocol(RequestHandler):
             return
         if out is None:
             self._handed = later
-            enqueue(self, held)
-        else:
+            enqueue(self, held[:1] if closing(self) else held)  # closing: aiohttp's loop
+        else:  # answers that one, then closes; what came behind it is not read
             self.transport.write(out)
             self._answered(1)
+            if closing(self):
+                super().close()
+                return
             rest = self._take(held[1:]) if len(held) > 1 else []
             if rest:
                 enqueue(self, rest)

@@ -331,6 +331,13 @@ class FastLook:
             return None
         return flight.waiter(self.coalesce_wait)
 
+    def abandon(self, pending: Pending) -> None:
+        """The request waiting for ``pending`` left before reading the flight's answer: a
+        starter's stream is let go (:meth:`~proxy.cache.flight.Flights.abandon`); a joiner
+        holds nothing."""
+        if pending.starter:
+            self.flights.abandon(pending.flight)
+
     def result(self, pending: Pending) -> Outcome | Exception:
         """A joiner's outcome once its :meth:`waiter` woke, as :meth:`wait` gives it (a
         TimeoutError: its ``coalesce_wait`` ran out first)."""

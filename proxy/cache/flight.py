@@ -259,6 +259,13 @@ class Flights:
             if not flight.spilling:
                 self.settle(flight, finish)
 
+    def abandon(self, flight: Flight) -> None:
+        """The starter of ``flight`` left before reading its head: a stream the head brings is
+        let go (a large body goes on to the store without it; an answer not storable gives
+        its upstream connection back), as for a flight nobody waited for."""
+        flight.starter_gone = True
+        flight.head.add_done_callback(self._drop_unwanted)
+
     def _drop_unwanted(self, head: asyncio.Future[Outcome]) -> None:
         if not head.cancelled() and head.exception() is None:
             stream = head.result().stream

@@ -11,7 +11,9 @@ of each feed are offered to the listener first while the protocol is idle (its `
 ``_messages``, ``_close``, ``_force_close``, ``_upgraded``, ``_payload_parser``); an answered
 message frees its parser slot (``message_consumed``) and restarts aiohttp's keep-alive clock
 (``_next_keepalive_close_time``, ``_keepalive_handle``); a request answered later is marked in
-progress for the graceful shutdown (``_request_in_progress``, ``_handler_waiter``), what
+progress for the graceful shutdown (``_request_in_progress``, ``_handler_waiter``) and
+its keep-alive clock stopped meanwhile (:func:`hold_keepalive`), a shutdown's close of idle
+connections left for after its answer (:func:`close_later`, ``_close``), what
 comes behind it is held (``_pause_reading_for_buffer``) and then queued as aiohttp queues
 (``_messages``, ``_request_count``, ``_waiter``); the answer's bytes are the ones
 aiohttp writes for a ``web.Response`` (:func:`render_response`: its header rules, its
@@ -159,6 +161,29 @@ def taken(protocol: RequestHandler, count: int, now: float) -> None:
             protocol._keepalive_handle = protocol._loop.call_at(
                 close_time, protocol._process_keepalive
             )
+
+
+def hold_keepalive(protocol: RequestHandler) -> None:
+    """No keep-alive close while a request of ``protocol`` waits outside a handler task (the
+    connection is not idle, though aiohttp's ``start()`` waits for a head): the clock starts
+    again with :func:`taken`, or with aiohttp's own next answer."""
+    handle = protocol._keepalive_handle
+    if handle is not None:
+        handle.cancel()
+        protocol._keepalive_handle = None
+
+
+def closing(protocol: RequestHandler) -> bool:
+    """Whether ``protocol`` was asked to close once its requests are answered."""
+    return bool(protocol._close)
+
+
+def close_later(protocol: RequestHandler) -> None:
+    """``RequestHandler.close()`` for a protocol whose request is answered outside a handler
+    task: closing, but its ``start()`` loop left waiting (``close()`` would cancel it), so
+    that the request can still be handed to it; it closes the connection once that is
+    answered, or :meth:`RequestHandler.close` ends it once the answer is written."""
+    protocol._close = True
 
 
 def enqueue(protocol: RequestHandler, messages: list[Message]) -> None:

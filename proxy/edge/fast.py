@@ -256,9 +256,13 @@ class FastPath:
             log.exception("fast_path_failed")
             return None
 
-    def left(self, parked: Parked) -> None:
-        """A parked request's caller left: logged as the long way logs it."""
-        self.in_flight.dec()
+    def left(self, parked: Parked, waiting: bool = True) -> None:
+        """A parked request's caller left (``waiting``: before its flight was done, else
+        once handed to the long way but before it began): logged as the long way logs it;
+        what the flight brings for a starter is let go."""
+        if waiting:
+            self.in_flight.dec()
+        self.cache.fast.abandon(parked.pending)
         asked = parked.asked
         self._done(parked.head, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, parked.noted))
 

@@ -35,7 +35,7 @@ class Settle(Protocol):
 
     def begin(self, parked: Parked) -> None: ...
     def settled(self, parked: Parked) -> bytes | None: ...
-    def left(self, parked: Parked) -> None: ...
+    def left(self, parked: Parked, waiting: bool = True) -> None: ...
 
 
 class Parked:
@@ -78,6 +78,10 @@ class Parked:
         self.over = True
         self.waiter.remove_done_callback(self._woke)
         self.settle.left(self)
+
+    def dropped(self) -> None:
+        """Handed to the long way, but the connection closed before it began."""
+        self.settle.left(self, waiting=False)
 
     def _woke(self, _: object) -> None:
         if self.over or self.done is None:

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.cache.fastlook import Pending
-from proxy.settings import CacheSettings, RetrySettings
+from proxy.settings import CacheSettings, RetrySettings, ServerSettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
 from tests.integration.test_fast_path import LongWay, get, steady
 
@@ -88,13 +88,23 @@ class Setup:
 
 
 @pytest.fixture
+def server_settings() -> dict[str, Any]:
+    """The proxy's ``[server]`` settings beyond the defaults (a test parametrizes it)."""
+    return {}
+
+
+@pytest.fixture
 async def setup(
-    make_proxy: MakeProxy, tmp_path: Any, client: aiohttp.ClientSession
+    make_proxy: MakeProxy,
+    tmp_path: Any,
+    client: aiohttp.ClientSession,
+    server_settings: dict[str, Any],
 ) -> AsyncIterator[Setup]:
     origin = Origin()
     runner, origin.url = await serve_handler(origin.handle)
+    server = ServerSettings(host="127.0.0.1", port=0, **server_settings)
     settings = proxy_settings(
-        origin.url, tmp_path, cache=CacheSettings(), retry=RetrySettings(attempts=1)
+        origin.url, tmp_path, cache=CacheSettings(), retry=RetrySettings(attempts=1), server=server
     )
     p = await make_proxy(settings)
     long_way = LongWay(p)

@@ -25,6 +25,7 @@ from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 from tests.integration.test_fast_joiners import PATH as JOINED
 from tests.integration.test_fast_joiners import (
     Setup,
+    server_settings,  # noqa: F401 (a fixture)
     setup,  # noqa: F401 (a fixture)
 )
 from tests.integration.test_fast_path import FRESH, LIST, get
@@ -328,10 +329,15 @@ async def test_a_joiner_waits_in_the_protocol_and_what_follows_it_waits_in_order
     writer.close()
 
 
+@pytest.mark.parametrize("changed", [False, True], ids=["freshened", "changed"])
 async def test_a_joiner_waiting_in_the_protocol_is_answered_through_a_graceful_shutdown(
-    held: Held,
+    held: Held, changed: bool
 ) -> None:
+    """Freshened: answered from the protocol; changed: handed to the long way, whose request
+    loop the shutdown's close of idle connections must not have ended."""
     s, reader, writer = held.s, held.reader, held.writer
+    if changed:
+        s.origin.reply = (200, '"v2"')
     writer.write(ask("g1", GZIP, path=JOINED))
     await s.waiting(2)
     stopping = asyncio.ensure_future(s.proxy.runner.cleanup())
@@ -339,8 +345,53 @@ async def test_a_joiner_waiting_in_the_protocol_is_answered_through_a_graceful_s
     assert not stopping.done()
     s.origin.gate.set()
     got = await answer(reader)
-    assert (field(got, b"X-Request-ID"), field(got, b"X-Cache")) == (b"g1", b"REVALIDATED")
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and field(got, b"X-Request-ID") == b"g1"
+    assert field(got, b"X-Cache") == (b"MISS" if changed else b"REVALIDATED")
+    assert (b'"new"' in got) is changed
     assert await asyncio.wait_for(reader.read(), 5) == b""
     assert (await held.starter)[0] == 200
     await stopping
+    writer.close()
+
+
+@pytest.mark.parametrize("server_settings", [{"keepalive_timeout": 0.3}])
+async def test_a_request_waiting_in_the_protocol_outlasts_the_keepalive_timeout(
+    held: Held,
+) -> None:
+    s, reader, writer = held.s, held.reader, held.writer
+    writer.write(ask("w1", GZIP, path=JOINED))
+    await s.waiting(2)
+    await asyncio.sleep(0.9)  # three keep-alive timeouts, the flight still out
+    s.origin.gate.set()
+    got = await answer(reader)
+    assert (field(got, b"X-Request-ID"), field(got, b"X-Cache")) == (b"w1", b"REVALIDATED")
+    assert (await held.starter)[0] == 200
+    # Idle once answered: the keep-alive timeout closes it again.
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_starter_that_left_lets_its_flights_stream_go_and_a_joiner_is_answered(
+    setup: Setup,  # noqa: F811
+) -> None:
+    s = setup
+    # The revalidation brings a changed body too large for memory: its starter would
+    # stream it while the flight stores it, and its joiners wait for the store.
+    s.origin.body = b'{"things": [' + b'"thing", ' * 200_000 + b'"last"]}'
+    s.origin.reply = (200, '"v2"')
+    s.hold()
+    _, gone = await connect(s.proxy)
+    gone.write(ask("st", GZIP, path=JOINED))  # the starter, waiting in the protocol
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    reader, writer = await connect(s.proxy)
+    writer.write(ask("jn", GZIP, path=JOINED))
+    await s.waiting(2)
+    gone.close()  # the starter's caller leaves before the flight's answer
+    await asyncio.sleep(0.2)
+    s.origin.gate.set()
+    # Answered once the flight stored the body: not after the upstream's read timeout
+    # (the flight waiting for a starter that will never read) nor coalesce_wait.
+    got = await answer(reader)
+    assert field(got, b"X-Request-ID") == b"jn"
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b'"new"]}')
     writer.close()
