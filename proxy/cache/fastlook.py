@@ -339,13 +339,15 @@ class FastLook:
             self.flights.abandon(pending.flight)
 
     def result(self, pending: Pending) -> Outcome | Exception:
-        """A joiner's outcome once its :meth:`waiter` woke, as :meth:`wait` gives it (a
-        TimeoutError: its ``coalesce_wait`` ran out first)."""
-        done = pending.flight.done
-        if not done.done():
+        """A joiner's outcome once its :meth:`waiter` woke, or a starter's once its flight's
+        head is there, as :meth:`wait` gives it (a TimeoutError: a joiner's ``coalesce_wait``
+        ran out first)."""
+        flight = pending.flight
+        future = flight.head if pending.starter else flight.done
+        if not future.done() or future.cancelled():
             return TimeoutError()
         try:
-            return done.result()
+            return future.result()
         except Exception as e:
             return e
 

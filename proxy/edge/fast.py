@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
@@ -83,7 +83,7 @@ from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
 from proxy.logs import Trace, begin_trace, log
-from proxy.messages import CacheStatus
+from proxy.messages import CacheStatus, ProxyRequest
 from proxy.target import Target, parse_target, valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -238,14 +238,7 @@ class FastPath:
         ``parked.result`` (:meth:`__call__`)."""
         self.in_flight.dec()
         pending = parked.pending
-        if not pending.starter:
-            result = self.cache.fast.result(pending)
-        else:  # the starter: the flight's head, as FastLook.wait gives it
-            try:
-                result = cast(Outcome, parked.waiter.result())
-            except (Exception, asyncio.CancelledError) as e:
-                result = e if isinstance(e, Exception) else TimeoutError()
-        parked.result = result
+        parked.result = result = self.cache.fast.result(pending)
         if not isinstance(result, Outcome):
             return None
         try:
@@ -269,14 +262,18 @@ class FastPath:
     def _start_now(self, head: Head, asked: Asked, startable: Startable) -> Parked:
         """The revalidation :meth:`start` would start, started here (in the request's own
         context: the flight's task shares its trace), its answer awaited in the protocol."""
-        caller = asked.caller
         context, noted = traced(asked.request_id)
-        sent = pipeline_request(
-            head, self.services.settings, asked.target, None, caller, caller.priority,
+        pending = context.run(self.cache.fast.start, startable, self._sent(head, asked))
+        return Parked(self, head, asked, pending, pending.flight.head, (context, noted))
+
+    def _sent(self, request: Incoming, asked: Asked) -> ProxyRequest:
+        """The pipeline request the long way's starter sends for ``request`` (its caller's
+        own class: a request naming one, X-Proxy-Priority, goes the long way)."""
+        caller = asked.caller
+        return pipeline_request(
+            request, self.services.settings, asked.target, None, caller, caller.priority,
             asked.request_id,
         )  # fmt: skip
-        pending = context.run(self.cache.fast.start, startable, sent)
-        return Parked(self, head, asked, pending, pending.flight.head, (context, noted))
 
     def _find(
         self, request: Incoming
@@ -340,16 +337,10 @@ class FastPath:
         as a joiner is answered, else hand the outcome to the long way, which goes on from it
         as the flight's starter."""
         asked = starter.asked
-        caller = asked.caller
         # Before the flight: its task shares the trace (budget wait, retries, failures).
         noted = begin_trace(asked.request_id)
         try:
-            # The caller's own class: a request naming one (X-Proxy-Priority) goes the long way.
-            sent = pipeline_request(
-                request, self.services.settings, asked.target, None, caller, caller.priority,
-                asked.request_id,
-            )  # fmt: skip
-            pending = self.cache.fast.start(starter.startable, sent)
+            pending = self.cache.fast.start(starter.startable, self._sent(request, asked))
         except Exception:  # a bug here must not cost the caller its answer
             log.exception("fast_path_failed")
             return await self.inner(request)

@@ -82,8 +82,6 @@ def mapped(
         failed("truncated")
     elif isinstance(error, UpstreamTooLarge):
         failed("too_large")
-    elif isinstance(error, UpstreamError):
-        pass
     elif isinstance(error, aiohttp.ClientError | OSError):
         if isinstance(error.__cause__, ProxyError):
             # The caller's streamed body failed (too large, too slow): not Kounta's fault.
