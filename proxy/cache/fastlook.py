@@ -331,6 +331,17 @@ class FastLook:
             return None
         return flight.waiter(self.coalesce_wait)
 
+    def waits(self, pending: Pending) -> bool:
+        """Whether ``pending`` is a joiner whose flight is still out (:meth:`listen` may wait
+        for it); False: a starter, or the flight is over (:meth:`result` at once)."""
+        return not pending.starter and not pending.flight.done.done()
+
+    def listen(self, pending: Pending, call: Callable[[], None]) -> None:
+        """As :meth:`waiter`, with a call instead of a future: ``call()`` made by the
+        joiner's flight's wake-up itself, or once its ``coalesce_wait`` ran out
+        (:meth:`~proxy.cache.flight.Flight.call`), then :meth:`result`."""
+        pending.flight.call(self.coalesce_wait, call)
+
     def abandon(self, pending: Pending) -> None:
         """The request waiting for ``pending`` left before reading the flight's answer: a
         starter's stream is let go (:meth:`~proxy.cache.flight.Flights.abandon`); a joiner

@@ -29,6 +29,8 @@ from proxy.cache.disk import BodySink
 from proxy.cache.invalidation import Change
 from proxy.cache.memory import Stored
 from proxy.cache.policy import Entry, parse_key
+from proxy.compat.tasks import eager_task
+from proxy.logs import log
 from proxy.messages import ProxyRequest, ProxyResponse
 
 # Chunks a streaming starter may fall behind the upstream before the flight stops feeding it.
@@ -92,7 +94,7 @@ class Flight:
         # The fast path's joiners' common start (a proxy.cache.fastlook.Pending), made once.
         self.joining: object = None
         # Waiters by deadline, one timer for the earliest, all woken when ``done`` is.
-        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[float, int, Wake]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._watching = False  # _wake_all is among done's callbacks
 
@@ -100,18 +102,32 @@ class Flight:
         """A future resolved when ``done`` is, or ``patience`` seconds from now, whichever
         comes first (cancelling it changes nothing else). One timer per flight, not one per
         waiter: on asyncio's loop a cancelled timer stays in the heap until it is due."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._wait(patience, waiter)
+        return waiter
+
+    def call(self, patience: float, call: Callable[[], None]) -> None:
+        """``call()`` when ``done`` is, or ``patience`` seconds from now, whichever comes
+        first, as :meth:`waiter` resolves its future, but made by the flight's wake-up itself:
+        no future, and no loop turn of its own before the call (a request waiting in its
+        connection's protocol, :class:`~proxy.edge.parked.Parked`, is answered there and
+        then). Once ``done`` is, ``call`` is made at the loop's next turn."""
+        if self.done.done():
+            self._loop.call_soon(_wake, call)
+            return
+        self._wait(patience, call)
+
+    def _wait(self, patience: float, wake: Wake) -> None:
         loop = self._loop
-        waiter: asyncio.Future[None] = loop.create_future()
         deadline = loop.time() + patience
         if not self._watching:
             self._watching = True
             self.done.add_done_callback(self._wake_all)
-        heapq.heappush(self._waiting, (deadline, next(_ORDER), waiter))
+        heapq.heappush(self._waiting, (deadline, next(_ORDER), wake))
         if self._timer is None or deadline < self._timer.when():
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = loop.call_at(deadline, self._expire, deadline)
-        return waiter
 
     def _expire(self, until: float) -> None:
         """The timer for ``until`` fired: waiters due by then are woken (done or not)."""
@@ -152,11 +168,20 @@ class Flight:
 
 # Ties between waiters of the same deadline: first come, first woken (never compare futures).
 _ORDER = itertools.count()
+# A waiter of a flight: a future to resolve (:meth:`Flight.waiter`) or a call to make
+# (:meth:`Flight.call`).
+Wake = asyncio.Future[None] | Callable[[], None]
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():  # a waiter whose caller left is cancelled already
-        waiter.set_result(None)
+def _wake(waiter: Wake) -> None:
+    if isinstance(waiter, asyncio.Future):
+        if not waiter.done():  # a waiter whose caller left is cancelled already
+            waiter.set_result(None)
+        return
+    try:
+        waiter()
+    except Exception:  # one waiter's failure must not cost the others their wake-up
+        log.exception("flight_wake_failed")
 
 
 # What a flight does (fetch and produce an outcome), and what follows once it is over
@@ -195,16 +220,20 @@ class Flights:
         *,
         alone: bool = False,
         unwanted: bool = False,
+        eager: bool = False,
     ) -> Flight:
         """A new flight for ``key``; ``alone``: not joinable (a waiter that could not share);
-        ``unwanted``: nobody waits for its head (a background revalidation)."""
+        ``unwanted``: nobody waits for its head (a background revalidation); ``eager``: its
+        task's first step runs now, within this call
+        (:func:`~proxy.compat.tasks.eager_task`: its request is out before the loop reads on)."""
         flight = Flight(key, request, sequence)
         if not alone:
             self._by_key[key] = flight
         if unwanted:
             flight.starter_gone = True
             flight.head.add_done_callback(self._drop_unwanted)
-        self.spawn(self._run(flight, fly, finish))
+        run = self._run(flight, fly, finish)
+        self.spawn(eager_task(run) if eager else run)
         return flight
 
     async def join(self, flight: Flight, patience: float) -> Outcome:

@@ -121,7 +121,8 @@ class Cache:
             self.feeds,
             self.config.coalesce_wait,
             self.coalesced,
-            self._start,
+            # Started at the edge: its request goes out before the loop reads on (eager).
+            functools.partial(self._start, eager=True),
             self._may_be_busy,
         )
 
@@ -319,6 +320,7 @@ class Cache:
         *,
         alone: bool = False,
         unwanted: bool = False,
+        eager: bool = False,
     ) -> Flight:
         # Another replica's copy (Redis) is held to the same webhook rule as a local one.
         hold = functools.partial(held, self.feeds, self.rules(), request.account)
@@ -337,6 +339,7 @@ class Cache:
             self.entries.finish,
             alone=alone,
             unwanted=unwanted,
+            eager=eager,
         )
 
     # ------------------------------------------------------------------ writes

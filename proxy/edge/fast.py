@@ -217,9 +217,8 @@ class FastPath:
         """A joiner waiting in the protocol for its flight's wake-up; when the flight is
         over already, its answer at once (None: the long way, as for a starter)."""
         fast = self.cache.fast
-        waiter = fast.waiter(pending)
-        if waiter is not None:
-            return Parked(self, head, asked, pending, waiter, traced(asked.request_id))
+        if fast.waits(pending):  # woken by the flight itself (listen)
+            return Parked(self, head, asked, pending, None, traced(asked.request_id))
         result = fast.result(pending)
         if pending.starter or not isinstance(result, Outcome):
             return None
@@ -231,6 +230,10 @@ class FastPath:
     def begin(self, parked: Parked) -> None:
         """A request starts waiting in the protocol (:class:`Parked`)."""
         self.in_flight.inc()  # a scrape may come meanwhile
+
+    def listen(self, parked: Parked) -> None:
+        """A parked joiner's flight calls it back when done (or its wait runs out)."""
+        self.cache.fast.listen(parked.pending, parked.woken)
 
     def settled(self, parked: Parked) -> bytes | None:
         """A parked request's answer once its flight is done, as :meth:`join` (or

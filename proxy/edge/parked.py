@@ -34,14 +34,16 @@ class Settle(Protocol):
     """What a parked request asks of the fast path (:class:`~proxy.edge.fast.FastPath`)."""
 
     def begin(self, parked: Parked) -> None: ...
+    def listen(self, parked: Parked) -> None: ...
     def settled(self, parked: Parked) -> bytes | None: ...
     def left(self, parked: Parked, waiting: bool = True) -> None: ...
 
 
 class Parked:
     """A joiner of a revalidation, or its starter, waiting in the connection's protocol
-    (:class:`proxy.answering.Later`): no task, the flight's wake-up (a joiner's) or head (the
-    starter's) calls back; answered as :meth:`FastPath.join` answers, or handed to the long
+    (:class:`proxy.answering.Later`): no task, the flight's wake-up itself (a joiner's,
+    :meth:`~proxy.cache.flight.Flight.call`: no future of its own) or its head (the starter's)
+    calls back; answered as :meth:`FastPath.join` answers, or handed to the long
     way with the same outcome (:meth:`FastPath.__call__`)."""
 
     __slots__ = (
@@ -55,7 +57,7 @@ class Parked:
         head: Head,
         asked: Asked,
         pending: Pending,
-        waiter: asyncio.Future[Any],
+        waiter: asyncio.Future[Any] | None,
         traced: tuple[contextvars.Context, Trace],
     ) -> None:
         self.settle, self.head, self.asked, self.pending, self.waiter = (
@@ -70,18 +72,26 @@ class Parked:
     def then(self, done: Callable[[bytes | None], None]) -> None:
         self.done = done
         self.settle.begin(self)
-        self.waiter.add_done_callback(self._woke, context=self.context)
+        if self.waiter is None:  # a joiner: its flight calls woken
+            self.settle.listen(self)
+        else:
+            self.waiter.add_done_callback(self._woke, context=self.context)
 
     def cancel(self) -> None:
         if self.over:
             return
         self.over = True
-        self.waiter.remove_done_callback(self._woke)
+        if self.waiter is not None:  # a joiner's call is left to find it over
+            self.waiter.remove_done_callback(self._woke)
         self.settle.left(self)
 
     def dropped(self) -> None:
         """Handed to the long way, but the connection closed before it began."""
         self.settle.left(self, waiting=False)
+
+    def woken(self) -> None:
+        """The flight is done, or the joiner's wait ran out: in the request's own context."""
+        self.context.run(self._woke, None)
 
     def _woke(self, _: object) -> None:
         if self.over or self.done is None:

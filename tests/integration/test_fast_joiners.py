@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.cache.fastlook import Pending
+from proxy.cache.flight import Flight
 from proxy.settings import CacheSettings, RetrySettings, ServerSettings
 from tests.conftest import MakeProxy, Proxy, proxy_settings, serve_handler
 from tests.integration.test_fast_path import LongWay, get, steady
@@ -509,3 +510,28 @@ async def test_a_joiner_and_the_starter_wait_in_no_task(
         assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
     assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 1
     assert s.origin.served == ["-", s.origin.etag]
+
+
+async def test_parked_joiners_are_called_by_their_flight_with_no_future_each(
+    setup: Setup, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A joiner waiting in its connection's protocol is called back by its flight's wake-up
+    # itself (Flight.call): no future of its own (Flight.waiter) to make, resolve and hear
+    # back from a turn later. Same answers and counts.
+    made: list[float] = []
+    waiter = Flight.waiter
+
+    def counted(flight: Flight, patience: float) -> asyncio.Future[None]:
+        made.append(patience)
+        return waiter(flight, patience)
+
+    monkeypatch.setattr(Flight, "waiter", counted)
+    s = setup
+    before = s.long_way.count
+    starter, joiners = await one_flight(s, client, [{}, {}, {}])
+    for status, headers, _ in [starter, *joiners]:
+        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    assert made == []
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    assert s.origin.served == ["-", s.origin.etag]
+    assert s.long_way.count == before

@@ -12,6 +12,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.fastlook import Startable
 from proxy.cache.layer import Cache
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import parse_key
@@ -250,3 +251,34 @@ async def test_a_freshened_entry_not_held_in_memory_is_written_through(
     finally:
         await cache.close()
         await store.close()
+
+
+async def test_a_flight_started_at_the_edge_is_sent_below_before_start_returns(
+    cache: Cache, inner: Scripted, clock: Clock
+) -> None:
+    """The fast path's starter (FastLook.start) is called while the loop handles the requests
+    it read in one turn: its flight's first step runs within that call (an eager task), so its
+    request is out below before the others are looked at (they join it meanwhile), and the
+    task is the current one for that step (aiohttp's timeouts cancel current_task())."""
+    inner.answers = [answer(ETag='"a"'), answer(304, b"", ETag='"a"')]
+    await body_of(await cache.send(request()))
+    clock.now += 5
+    seen: list[asyncio.Task[object] | None] = []
+    send = inner.send
+
+    async def noting(sent: ProxyRequest) -> ProxyResponse:
+        seen.append(asyncio.current_task())
+        return await send(sent)
+
+    inner.send = noting  # type: ignore[method-assign]
+    inner.gate = asyncio.Event()
+    found = cache.fast.find("main", LIST, "", CIMultiDictProxy(CIMultiDict()))
+    assert isinstance(found, Startable)
+    pending = cache.fast.start(found, request())
+    assert [r.headers.get("If-None-Match") for r in inner.sent] == [None, '"a"']  # at once
+    assert seen == [t for t in cache.tasks if t in seen] and len(seen) == 1
+    assert seen[0] is not None and seen[0] is not asyncio.current_task()
+    inner.gate.set()
+    outcome = await cache.fast.wait(pending)
+    assert not isinstance(outcome, Exception) and outcome.cache_status == "REVALIDATED"
+    assert len(inner.sent) == 2

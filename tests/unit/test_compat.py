@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextvars
 import hmac
 import sys
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from proxy.compat import aiohttp as compat_aiohttp
 from proxy.compat import diskcache as compat_diskcache
 from proxy.compat import hashes as compat_hashes
 from proxy.compat import redispy as compat_redis
+from proxy.compat import tasks as compat_tasks
 
 ROOT = Path(__file__).resolve().parents[2] / "proxy"
 LIBRARIES: dict[str, tuple[ModuleType, ModuleType]] = {
@@ -36,6 +38,9 @@ LIBRARIES: dict[str, tuple[ModuleType, ModuleType]] = {
     "redis": (redis, compat_redis),
     "hmac": (hmac, compat_hashes),  # the standard library's: its version is Python's
 }
+# asyncio's (the standard library's, its version Python's): pinned alike, but not among the
+# LIBRARIES whose names the private-part scan below looks for (asyncio's own are everywhere).
+ASYNCIO_PINS = list(compat_tasks.PINS.items())
 
 
 def version(module: ModuleType) -> str:
@@ -60,6 +65,17 @@ def test_each_private_part_we_use_is_still_there(
     assert check(), (
         f"{library} {installed}: {name!r} no longer holds; {compat.__name__} was written "
         f"against {library} {compat.WRITTEN_AGAINST}: adapt it to {library} {installed}"
+    )
+
+
+@pytest.mark.parametrize(("name", "check"), ASYNCIO_PINS, ids=[p[0] for p in ASYNCIO_PINS])
+def test_each_private_part_of_asyncio_we_use_is_still_there(
+    name: str, check: Callable[[], bool]
+) -> None:
+    installed = version(asyncio)
+    assert installed == compat_tasks.WRITTEN_AGAINST and check(), (
+        f"Python {installed}: {name!r} no longer holds, or was not checked on this version; "
+        f"{compat_tasks.__name__} was written against {compat_tasks.WRITTEN_AGAINST}"
     )
 
 
@@ -217,3 +233,47 @@ async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
     finally:
         await runner.cleanup()
     assert got == expected
+
+
+async def test_an_eager_tasks_first_step_runs_within_the_call_as_the_task() -> None:
+    """compat.tasks.eager_task: the first step (up to the first wait) at once, in the task's
+    own context and as the current task; then the loop drives it; cancelled before its first
+    scheduled step, the wait it is in is what is cancelled (its cleanup runs)."""
+    seen: list[object] = []
+    name: contextvars.ContextVar[str] = contextvars.ContextVar("name", default="outside")
+    gate = asyncio.get_running_loop().create_future()
+
+    async def flight() -> str:
+        name.set("inside")
+        seen.append(asyncio.current_task())
+        try:
+            await gate
+            seen.append(name.get())
+            return "over"
+        finally:
+            seen.append("cleaned up")
+
+    outer = asyncio.current_task()
+    task = compat_tasks.eager_task(flight())
+    assert seen == [task] and asyncio.current_task() is outer and name.get() == "outside"
+    assert "flight" in repr(task)
+    gate.set_result(None)
+    assert await task == "over"
+    assert seen == [task, "inside", "cleaned up"]
+    gate = asyncio.get_running_loop().create_future()
+    seen.clear()
+    waiting = compat_tasks.eager_task(flight())
+    waiting.cancel()  # before the loop ran any step of it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert seen == [waiting, "cleaned up"] and not gate.done()
+
+    async def fails() -> None:
+        raise ValueError("first step")
+
+    async def returns() -> int:
+        return 3
+
+    with pytest.raises(ValueError, match="first step"):
+        await compat_tasks.eager_task(fails())
+    assert await compat_tasks.eager_task(returns()) == 3

@@ -87,3 +87,33 @@ async def test_each_waiter_times_out_at_its_own_deadline_and_the_rest_still_get_
     settle(f.done, OUTCOME)
     assert [await waiters[1], await waiters[4]] == [OUTCOME, OUTCOME]
     assert f._timer is None  # type: ignore[attr-defined]  # nothing left scheduled
+
+
+async def test_a_call_is_made_by_the_wake_up_itself_at_its_deadline_or_after_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Flight.call: what a request waiting in its connection's protocol asks (no future):
+    # called within the flight's own wake-up, in order, each at most once; a failing call
+    # is logged and the rest still made; its patience runs out as a waiter's does.
+    f = flight()
+    made: list[str] = []
+    waiter = f.waiter(5)
+
+    def fail() -> None:
+        made.append("fails")
+        raise RuntimeError("one caller's bug")
+
+    f.call(5, lambda: made.append(f"first, done: {f.done.done()}"))
+    f.call(5, fail)
+    f.call(5, lambda: made.append(f"last, waiter resolved: {waiter.done()}"))
+    f.call(0.05, lambda: made.append(f"impatient, done: {f.done.done()}"))
+    await asyncio.sleep(0.2)
+    assert made == ["impatient, done: False"]
+    settle(f.done, OUTCOME)
+    await asyncio.sleep(0)  # one turn: done's callback (the wake-up) makes every call
+    assert made[1:] == ["first, done: True", "fails", "last, waiter resolved: True"]
+    assert [r.getMessage() for r in caplog.records] == ["flight_wake_failed"]
+    f.call(5, lambda: made.append("after"))  # the flight is over: at the next turn
+    assert made[-1] != "after"
+    await asyncio.sleep(0)
+    assert made[-1] == "after"
