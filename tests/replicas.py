@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,17 @@ class Replicas:
         if listening:
             await self.space.listening(len(proxies))
         return proxies
+
+    async def without_rules(self, upstream: str, count: int = 2) -> list[Proxy]:
+        """``count`` replicas (:func:`caching`) with no cache rule: fresh only when the
+        upstream says so."""
+        shared = self.space.settings()
+        return await self.start(
+            *(
+                replace(caching(upstream, self.tmp_path / f"r{i}", shared), cache=CacheSettings())
+                for i in range(count)
+            )
+        )
 
     async def caching(
         self, upstream: str, count: int = 2, *, redis_timeout: float = 0.3, **cache: Any

@@ -47,7 +47,7 @@ from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import Entry, parse_key
 from proxy.logs import event
 from proxy.shared import SharedUnavailable
-from proxy.shared.base import Claim, SharedCache
+from proxy.shared.base import Claim, SharedCache, SlotAsk
 from proxy.shared.records import BadRecord as BadSharedRecord
 
 MAGIC = b"KPC1\n"
@@ -443,9 +443,13 @@ class RedisRecords:
             return
         self._count("put", "ok" if done else "invalidated")
 
-    async def claim(self, account: str, key: str, *, wait: bool = False) -> Claim | None:
+    async def claim(
+        self, account: str, key: str, *, wait: bool = False, slot: SlotAsk | None = None
+    ) -> Claim | None:
         """Take the key's fetch lock, or learn it is taken (None: Redis is away); ``wait``:
-        if taken, be named among its waiters (its owner's note comes here: :meth:`heard`)."""
+        if taken, be named among its waiters (its owner's note comes here: :meth:`heard`);
+        ``slot``: the budget's slot asked in the same round trip, for the lock's owner only
+        (``Claim.taken``)."""
         if not await self._caught_up():
             self._count("lock", "error")
             return None
@@ -458,6 +462,7 @@ class RedisRecords:
                 self.max_entry_size,
                 wait,
                 PEEK,
+                slot,
             )
         except SharedUnavailable:
             self._count("lock", "error")

@@ -31,13 +31,32 @@ from proxy.cache.redis_records import BadRecord, RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 from proxy.messages import ProxyRequest
-from proxy.shared.base import Claim
+from proxy.shared.base import Claim, SlotAsk, Taken
 
 Fetch = Callable[[], Awaitable[Outcome]]
 # Takes a background request's budget token ahead of its send (the budget's ``prepay``).
 Prepay = Callable[[ProxyRequest], Awaitable[None]]
 # Hands a token taken ahead but not spent to the account's next request (``refund``).
 Refund = Callable[[ProxyRequest], None]
+
+
+class Ahead(Protocol):
+    """The budget's slot for a flight's upstream request, asked with the fetch lock's claim
+    (one round trip; Redis takes it only for the lock's owner): the budget's ``ahead``."""
+
+    def ask(self, request: ProxyRequest) -> SlotAsk | None:
+        """The slot's ask (None: the budget asks by itself when the request is sent)."""
+        ...
+
+    def took(self, request: ProxyRequest, slot: SlotAsk, taken: Taken) -> None:
+        """What Redis answered: a slot taken is the request's first send's."""
+        ...
+
+    def unspent(self, request: ProxyRequest) -> None:
+        """The flight is over: a slot it took with its claim and did not send goes back."""
+        ...
+
+
 # An entry as the cache's rules hold it now (a webhook rule's fallback may cut fresh_for).
 Hold = Callable[[Entry], Entry]
 # Another replica's 304 applied to the flight's stored entry (None: it does not apply).
@@ -206,16 +225,19 @@ class RedisEntries(LocalEntries):
         coalesce_wait: float,
         prepay: Prepay | None = None,
         refund: Refund | None = None,
+        ahead: Ahead | None = None,
     ) -> None:
         """``prepay``: takes a background refresh's budget token before its fetch lock
         (None: the refresh takes the lock first and its token when it sends); ``refund``:
-        passes on such a token the refresh did not spend."""
+        passes on such a token the refresh did not spend; ``ahead``: a caller's flight asks
+        its budget slot with its claim (None: when it sends)."""
         super().__init__(store, flights, metrics)
         self.records = records
         self.clock = clock
         self.coalesce_wait = coalesce_wait
         self.prepay = prepay
         self.refund = refund
+        self.ahead = ahead
         # Background refreshes' claims (owner tokens), let go of by finish().
         self._refreshing: dict[Flight, str] = {}
         # Reads of Redis in flight, by key (:meth:`_read`).
@@ -278,10 +300,16 @@ class RedisEntries(LocalEntries):
         began = self.clock()  # a note's 304 must come after this (proxy.cache.notes)
         if flight.request.prepaid is not None and self.prepay is not None:
             await self._queue(flight)
-        claim = await self.records.claim(account, flight.key, wait=adopt is not None)
+        request, ahead = flight.request, self.ahead
+        slot = None
+        if ahead is not None and request.prepaid is None and request.wanted is None:
+            slot = ahead.ask(request)
+        claim = await self.records.claim(account, flight.key, wait=adopt is not None, slot=slot)
         if claim is None:
             return await fetch()
         flight.claimed(claim.gen, claim.owner)
+        if claim.taken is not None and slot is not None and ahead is not None:
+            ahead.took(request, slot, claim.taken)
         if claim.owner is None and flight.request.wanted is not None:
             # A background refresh while another replica fetches the key: that one will do.
             raise Dropped(flight.key)
@@ -476,6 +504,8 @@ class RedisEntries(LocalEntries):
             await self.records.release_refresh(flight.request.account, flight.key, refreshing)
         if self.refund is not None and flight.request.prepaid is not None:
             self.refund(flight.request)  # its token, if it found the key fetched meanwhile
+        if self.ahead is not None:
+            self.ahead.unspent(flight.request)  # the slot its claim took, if never sent
 
     async def close(self) -> None:
         await self.records.close()

@@ -37,7 +37,7 @@ from proxy.cache.metrics import CacheMetrics
 from proxy.cache.redis_records import RedisRecords
 from proxy.cache.refresh import ExpectedWait
 from proxy.cache.store import CacheStore
-from proxy.cache.tiers import Entries, LocalEntries, Prepay, RedisEntries, Refund
+from proxy.cache.tiers import Ahead, Entries, LocalEntries, Prepay, RedisEntries, Refund
 from proxy.cache.webhooks.health import Feeds
 from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.cache.webhooks.receiver import Receiver
@@ -287,6 +287,7 @@ async def _build(
             budget.expected_wait,
             budget.prepay,
             budget.refund,
+            budget,
         )
         checks["cache"] = store_problem(store)
         groups.cache.watch_store(store.gauges)
@@ -371,6 +372,7 @@ async def build_cache(
     busy: ExpectedWait | None = None,
     prepay: Prepay | None = None,
     refund: Refund | None = None,
+    ahead: Ahead | None = None,
 ) -> Cache:
     """The cache's rooms, each built once and handed what it needs: flights, the tier
     (chosen here, once), the broadcast, and the invalidator they all send changes to."""
@@ -394,7 +396,7 @@ async def build_cache(
             else functools.partial(broadcast.publish, Purge()),
         )
         entries = RedisEntries(
-            store, flights, metrics, records, clock, config.coalesce_wait, prepay, refund
+            store, flights, metrics, records, clock, config.coalesce_wait, prepay, refund, ahead
         )
     invalidator = Invalidator(entries, records, broadcast)
     cache = Cache(

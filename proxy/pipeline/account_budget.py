@@ -6,11 +6,8 @@ and round robin over callers within a class, so one busy caller cannot starve th
 batch walk cannot hold up a till. Batch never takes the last ``budget.reserve`` of the burst and
 window's cap, nor ``budget.headroom`` tokens. A request whose wait would pass its limit gets
 :class:`~proxy.errors.RateLimited` at once. :meth:`AccountBudget.expected_wait` estimates a
-request's wait without taking anything; :meth:`AccountBudget.estimate` reads the fleet's
-state first (the cache's stale-while-busy asks it).
-
-The layer that drives it per request is :class:`proxy.pipeline.budget.Budget`.
-"""
+wait without taking anything (:meth:`AccountBudget.estimate`: the fleet's state read first).
+The layer that drives it per request is :class:`proxy.pipeline.budget.Budget`."""
 
 from __future__ import annotations
 
@@ -51,19 +48,17 @@ from proxy.pipeline.queue import (
     weights_of,
 )
 from proxy.settings import BudgetSettings
+from proxy.shared.base import SlotAsk, Taken
 
 # In estimates, the other replicas' waiting requests of a class (no caller name has a "~").
 OTHERS = "~others"
-# At admission, a turn this close to a request's limit is as good as too late: the dispatcher
-# wakes a few milliseconds after a token is due on a busy loop, and such a request would wait
-# its whole limit for a 429 instead of hearing it at once. A request already waiting keeps its
-# place while its turn stays before its limit: each late wake-up moves the later turns a little
-# (a bucket at its burst banks none of the lateness; the burst's payback counts actual sends),
-# and one that has waited most of its limit is better served just before it than refused.
+# At admission, a turn this close to a request's limit is as good as too late (the dispatcher
+# wakes a few ms late on a busy loop: it would wait its whole limit for a 429). A request
+# already waiting keeps its place while its turn stays before its limit (a late wake-up moves
+# the later turns a little; one that waited most of its limit is better served than refused).
 TURN_MARGIN = 0.05
-# While Redis is away, the dispatcher asks again at least this often (the backend's probe
-# interval): a request is served by the shared bucket once Redis is back, not when the
-# fallback share's window frees.
+# While Redis is away, the dispatcher asks again at least this often (the probe interval):
+# the shared bucket serves a request once Redis is back, not when the fallback's window frees.
 DEGRADED_ASK = 1.0
 
 
@@ -102,40 +97,31 @@ class AccountBudget:
         gate: Gate | None = None,
         shares: Callable[[str], float] = _no_cap,
     ) -> None:
-        self.name = name
-        self.rate = rate
-        self.settings = settings
-        self.clock = clock
-        self.metrics = metrics
+        self.name, self.rate, self.settings, self.clock, self.metrics = (
+            name, rate, settings, clock, metrics,
+        )  # fmt: skip
         self.gate: Gate = gate or LocalGate(Bucket(rate, clock.now()))
-        # The local bucket: the whole budget (local), or the fallback share (shared).
-        self.bucket = self.gate.bucket
-        # A caller's max_share (live settings: a reload may change it).
-        self.shares = shares
+        self.bucket = self.gate.bucket  # the whole budget (local), or the fallback share (shared)
+        self.shares = shares  # a caller's max_share (live settings: a reload may change it)
         # class -> caller -> its waiting requests; the order of callers is the round robin.
         self.queues: dict[str, OrderedDict[str, deque[_Waiter]]] = {
             k: OrderedDict() for k in CLASSES
         }
         self.reclass(settings)  # the weights, told to the fleet's queue when shared
-        self.starts = dict.fromkeys(CLASSES, 0.0)  # the classes' start tags
-        self.vtime = 0.0
+        self.starts, self.vtime = dict.fromkeys(CLASSES, 0.0), 0.0  # start tags, virtual time
         self.recent: deque[tuple[float, str, str]] = deque()  # grants, for max_share
         self.waiting = 0
         if isinstance(self.gate, SharedGate):  # the fleet's queue has classes too
             self.gate.waiting = self.demand
         self._dispatcher: asyncio.Task[None] | None = None
-        # Set when a request the reserve or headroom does not hold back joins while the
-        # dispatcher sleeps for one it holds back, or (shared) a class's first request joins.
+        # Set when a request the hold does not hold back joins while the dispatcher sleeps for
+        # one it holds back, or (shared) a class's first request joins.
         self._wake = asyncio.Event()
         self._held_back = False
-        # The dispatcher sleeps until its next ask (a refund, or shared a class new here, wakes
-        # it).
-        self._sleeping = False
-        # Until when a refunded token waits for the next request (refund).
-        self._credit = -math.inf
+        self._sleeping = False  # until its next ask (a refund, or a class new here, wakes it)
+        self._credit = -math.inf  # until when a refunded token waits for the next request
         self._giving: set[asyncio.Task[bool]] = set()  # slots given back to the fleet (refund)
-        self.upstream_429s = 0
-        self.rejected = 0
+        self.upstream_429s = self.rejected = 0
         metrics.budget_tokens.labels(name).set_function(self.available)
         metrics.budget_queue.labels(name).set_function(lambda: self.waiting)
         metrics.budget_paused.labels(name).set_function(self.paused_for)
@@ -274,12 +260,10 @@ class AccountBudget:
         return waited
 
     def refund(self) -> asyncio.Task[bool] | None:
-        """A token taken but not spent (a background refresh that, once it had its token,
-        found the key fetched by another replica meanwhile): the next waiting request in the
-        discipline's order gets it next, or, with none waiting, the next request within one
-        pacing interval (after that it lapses, as an unused slot does). Shared with none
-        waiting here, the slot goes back to the fleet instead (any replica's next request may
-        use it: here it would lapse unused while others wait); returns that call's task."""
+        """A token taken but not spent (a background refresh, or a flight's slot taken with
+        its fetch lock, that found the key fetched meanwhile): the next waiting request here
+        gets it, or with none waiting the next within one pacing interval (then it lapses);
+        shared with none waiting here, back to the fleet instead (returns that call's task)."""
         gate = self.gate
         if not self.waiting and isinstance(gate, SharedGate) and gate.mode() == "shared":
             task = asyncio.get_running_loop().create_task(gate.give_back())
@@ -292,6 +276,21 @@ class AccountBudget:
                 self._wake.set()
             self._start_dispatcher()
         return None
+
+    def ahead(self, klass: str) -> SlotAsk | None:
+        """A slot to ask with a flight's fetch lock (shared; nothing queued or credited here)."""
+        now = self.clock.now()
+        if self.waiting or self._credit >= now or not isinstance(self.gate, SharedGate):
+            return None
+        return self.gate.ahead(klass, now)
+
+    def took_ahead(self, slot: SlotAsk, taken: Taken) -> bool:
+        """Redis's answer to :meth:`ahead`'s ask; a slot taken is served as one taken at once."""
+        now = self.clock.now()
+        if not isinstance(self.gate, SharedGate) or not self.gate.took_ahead(slot, taken, now):
+            return False
+        self._served(slot.ask.klass, 0.0, now)
+        return True
 
     def _credit_slot(self, now: float) -> None:
         """A slot nobody here took: the next request's within a pacing interval."""

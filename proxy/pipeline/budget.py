@@ -49,6 +49,7 @@ from proxy.settings import (
     live_of,
 )
 from proxy.shared import Backend
+from proxy.shared.base import SlotAsk, Taken
 
 __all__ = ["AccountBudget", "Budget"]
 
@@ -89,6 +90,8 @@ class Budget:
             name: self._budget_for(name, rate_for(a, settings.budget))
             for name, a in settings.accounts.items()
         }
+        # Requests whose slot their flight's claim took (ask, took), by _ahead_key.
+        self._ahead: set[tuple[str, str, str, str]] = set()
 
     def _budget_for(self, name: str, rate: Rate) -> AccountBudget:
         gate: Gate | None = None
@@ -151,6 +154,34 @@ class Budget:
         if request.prepaid is not None and request.prepaid.spend():
             self.account(request.account).refund()
 
+    def ask(self, request: ProxyRequest) -> SlotAsk | None:
+        """The slot ``request``'s send would take at once, to ask with its flight's fetch
+        lock (one round trip; Redis takes it only for the lock's owner); None: asked when
+        sent (local, Redis away, requests queued here, or no request id to know it by)."""
+        if not request.request_id:
+            return None
+        return self.account(request.account).ahead(request.priority)
+
+    def took(self, request: ProxyRequest, slot: SlotAsk, taken: Taken) -> None:
+        """Redis's answer to :meth:`ask`: a slot taken is ``request``'s first send's."""
+        if self.account(request.account).took_ahead(slot, taken):
+            self._ahead.add(_ahead_key(request))
+
+    def unspent(self, request: ProxyRequest) -> None:
+        """``request``'s flight is over: a slot :meth:`took` kept for it and not sent goes
+        back (:meth:`AccountBudget.refund`)."""
+        if self._ahead and self._spent(request):
+            self.account(request.account).refund()
+
+    def _spent(self, request: ProxyRequest) -> bool:
+        """Whether ``request`` (the flight's, as the layers above made it: the same id,
+        account and target) had a slot kept for it (:meth:`took`); it is not kept any longer."""
+        key = _ahead_key(request)
+        if key not in self._ahead:
+            return False
+        self._ahead.discard(key)
+        return True
+
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         budget = self.account(request.account)
         limit = budget.limit_for(request.deadline)
@@ -159,6 +190,8 @@ class Budget:
         while True:
             if prepaid is not None and prepaid.spend():
                 waited = 0.0  # taken ahead (a background refresh, before its fetch lock)
+            elif self._ahead and self._spent(request):
+                waited = 0.0  # taken with its flight's fetch lock (ask)
             else:
                 waited = await budget.acquire(
                     request.caller, limit, request.priority, request.wanted
@@ -193,3 +226,9 @@ class Budget:
     async def close(self) -> None:
         for account in self.accounts.values():
             await account.close()
+
+
+def _ahead_key(request: ProxyRequest) -> tuple[str, str, str, str]:
+    """A flight's request as every layer's copy of it names it (a caller's X-Request-ID may
+    repeat: with the account and target, two flights never share one)."""
+    return request.request_id, request.account, request.path, request.query

@@ -30,7 +30,7 @@ from proxy.logs import event
 from proxy.pipeline.pauses import capped
 from proxy.settings import RATES, AccountSettings, BudgetSettings, LiveAccount, applied
 from proxy.shared import Backend, SharedUnavailable
-from proxy.shared.base import ClassedAsk, SharedBudget
+from proxy.shared.base import ClassedAsk, SharedBudget, SlotAsk, Taken
 
 # The classes in the order the shared script counts them (proxy.pipeline.queue.CLASSES).
 CLASS_ORDER = ("interactive", "standard", "batch")
@@ -423,31 +423,47 @@ class SharedGate:
             return await self.shared.take(
                 self.account, rate.per_window, rate.burst, self.period, self.longest
             )
-        waiting, ages = self.waiting()
-        counts = list(waiting)
-        index = CLASS_ORDER.index(klass)
-        counts[index] = max(counts[index], 1)  # this request, queued or not
-        reserve, headroom = self.hold  # batch's, whatever the class: the script applies them
-        ask = ClassedAsk(
-            klass,
-            (counts[0], counts[1], counts[2]),
-            reserve,
-            self.weights,
-            max(DEMAND_TTL, 4 * self.period / rate.per_window),
-            ages,
-            self.longest,
-            headroom,
-        )
+        ask = self._slot(klass).ask
         taken = await self.shared.take_classed(
             self.account, rate.per_window, rate.burst, self.period, ask
         )
+        return self._told(ask, taken)
+
+    def _slot(self, klass: str) -> SlotAsk:
+        assert self.waiting is not None
+        rate, (waiting, ages) = self.rate, self.waiting()
+        counts, index = list(waiting), CLASS_ORDER.index(klass)
+        counts[index] = max(counts[index], 1)  # this request, queued or not
+        reserve, headroom = self.hold  # batch's, whatever the class: the script applies them
+        demand_ttl = max(DEMAND_TTL, 4 * self.period / rate.per_window)
+        waits, weights = (counts[0], counts[1], counts[2]), self.weights
+        ask = ClassedAsk(klass, waits, reserve, weights, demand_ttl, ages, self.longest, headroom)
+        return SlotAsk(self.account, rate.per_window, rate.burst, self.period, ask)
+
+    def _told(self, ask: ClassedAsk, taken: Taken) -> float:
         self.fleet = taken.fleet
+        counts = list(ask.waiting)
         if taken.wait <= 0:  # as the script counts: the request served is no longer waiting
-            counts[index] -= 1
+            counts[CLASS_ORDER.index(ask.klass)] -= 1
             if taken.member:
                 self.granted.append(taken.member)
         self.mine = (counts[0], counts[1], counts[2])
         return taken.wait
+
+    def ahead(self, klass: str, now: float) -> SlotAsk | None:
+        """:meth:`try_take`'s ask, to send with a fetch lock's claim (one round trip); None
+        when this replica asks by itself (Redis away, no classes, a pause of its own)."""
+        if self.waiting is None or not self.backend.up or self._paused_until > now:
+            return None
+        return self._slot(klass)
+
+    def took_ahead(self, slot: SlotAsk, taken: Taken, now: float) -> bool:
+        """Redis's answer to :meth:`ahead`'s ask, told as :meth:`try_take`'s: whether taken."""
+        wait = self._told(slot.ask, taken)
+        if wait <= 0:
+            self.bucket.record(now)
+        self._next_at = now + wait
+        return wait <= 0
 
     async def forget(self) -> bool:
         """Nothing waits here, but Redis still counts requests that left without a slot

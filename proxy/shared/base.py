@@ -56,6 +56,20 @@ class Taken:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotAsk:
+    """A budget slot asked in the same round trip as a fetch lock's claim (the lock's owner
+    only: Redis takes it only when that claim took the lock, :meth:`SharedCache.cache_claim`),
+    for ``account`` at its rate (per window, burst, period), as :meth:`SharedBudget.take_classed`
+    asks."""
+
+    account: str
+    per_window: int
+    burst: int
+    period: float
+    ask: ClassedAsk
+
+
+@dataclass(frozen=True, slots=True)
 class Room:
     """The shared bucket's slots at hand now and the fleet's waiting requests by class
     (interactive, standard, batch): what background work may spend (:meth:`SharedBudget.room`)."""
@@ -165,6 +179,9 @@ class Claim:
     holder: str | None = None
     noted: bool = False
     head: bool = False
+    # The budget slot asked with the claim (``slot``), when the claim took the lock and Redis
+    # answered it (None: not asked, not the lock's owner, or the ask failed).
+    taken: Taken | None = None
 
 
 class SharedCache(Protocol):
@@ -200,11 +217,14 @@ class SharedCache(Protocol):
         limit: int,
         wait: bool = False,
         peek: int = 0,
+        slot: SlotAsk | None = None,
     ) -> Claim:
         """Take the key's fetch lock; the entry found once it is taken is verified and at
         most ``limit`` bytes of body (else none); one larger than ``peek`` bytes (0: none)
         comes as its first ``peek`` bytes (``Claim.head``). ``wait``: when another replica
-        holds it, be named among its waiters (to hear its note: :meth:`cache_note`)."""
+        holds it, be named among its waiters (to hear its note: :meth:`cache_note`).
+        ``slot``: a budget slot asked in the same round trip, taken only if this claim took
+        the lock (``Claim.taken``)."""
         ...
 
     async def cache_poll(self, account: str, digest: str, limit: int) -> tuple[bytes | None, bool]:

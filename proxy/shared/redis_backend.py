@@ -91,6 +91,7 @@ from proxy.shared.scripts import (
     SPARE,
     TAKE,
     TAKE_CLASSED,
+    TAKE_OWNED,
 )
 from proxy.shared.wire import Wire
 
@@ -126,6 +127,7 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
         self._take = Script(self.wire, TAKE)
         self._pause = Script(self.wire, PAUSE)
         self._take_classed = Script(self.wire, TAKE_CLASSED)
+        self._take_owned = Script(self.wire, TAKE_OWNED)
         self._spare = Script(self.wire, SPARE)
         self._give_back = Script(self.wire, GIVE_BACK)
         self._cache_claim = Script(self.wire, CACHE_CLAIM)

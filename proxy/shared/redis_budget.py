@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from proxy.shared.base import ClassedAsk, Room, Taken
+from proxy.shared.base import ClassedAsk, Room, SlotAsk, Taken
 from proxy.shared.piped import Script
 
 T = TypeVar("T")
@@ -17,11 +17,17 @@ T = TypeVar("T")
 NO_CAP = 1e9
 
 
-class _Backend(Protocol):
-    """What the budget's calls use of the backend: its scripts, replica id and error handling."""
+class _Names(Protocol):
+    """What a slot's keys and member are made of: the replica's id, its count of sends."""
 
     _replica: str
     _sent: int
+
+    def key(self, kind: str, account: str, suffix: str = "") -> str: ...
+
+
+class _Backend(_Names, Protocol):
+    """What the budget's calls use of the backend: its scripts, replica id and error handling."""
 
     @property
     def client(self) -> Any: ...
@@ -34,11 +40,35 @@ class _Backend(Protocol):
     _spare: Script
     _give_back: Script
 
-    def key(self, kind: str, account: str, suffix: str = "") -> str: ...
-
     async def _run(
         self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = 0.0
     ) -> T: ...
+
+
+def classed(backend: _Names, slot: SlotAsk) -> tuple[list[Any], list[Any]]:
+    """``TAKE_CLASSED``'s keys and arguments for ``slot`` (its member, a send of its own,
+    is ``args[3]``)."""
+    backend._sent += 1
+    account, ask = slot.account, slot.ask
+    keys = [backend.key("budget", account, s) for s in ("", "log", "demand")]
+    ttl_ms, member = max(1, round(ask.demand_ttl * 1000)), f"{backend._replica}:{backend._sent}"
+    args: list[Any] = [
+        slot.per_window, slot.burst, repr(float(slot.period)), member, backend._replica,
+        ask.klass, *ask.waiting, ttl_ms, repr(float(ask.reserve)),
+        *(repr(float(w)) for w in ask.weights), *(repr(float(a)) for a in ask.ages),
+        repr(float(min(ask.longest, NO_CAP))), max(0, int(ask.headroom)),
+    ]  # fmt: skip
+    return keys, args
+
+
+def taken_of(reply: Any, member: str) -> Taken | None:
+    """``TAKE_CLASSED``'s (or ``TAKE_OWNED``'s) reply; None: ``TAKE_OWNED`` ran for a claim
+    that did not take the lock (nothing taken, no demand told)."""
+    taken, wait, *fleet = reply
+    counts = (int(fleet[0]), int(fleet[1]), int(fleet[2]))
+    if int(taken) == 1:
+        return Taken(0.0, counts, member)
+    return None if int(taken) == -1 else Taken(max(float(wait), 1e-3), counts)
 
 
 class BudgetRecords:
@@ -57,26 +87,10 @@ class BudgetRecords:
     async def take_classed(
         self: _Backend, account: str, per_window: int, burst: int, period: float, ask: ClassedAsk
     ) -> Taken:
-        self._sent += 1
-        member = f"{self._replica}:{self._sent}"
-        keys = [
-            self.key("budget", account),
-            self.key("budget", account, "log"),
-            self.key("budget", account, "demand"),
-        ]
-        ttl_ms = max(1, round(ask.demand_ttl * 1000))
-        args: list[Any] = [
-            per_window, burst, repr(float(period)), member, self._replica, ask.klass,
-            *ask.waiting, ttl_ms, repr(float(ask.reserve)), *(repr(float(w)) for w in ask.weights),
-            *(repr(float(a)) for a in ask.ages), repr(float(min(ask.longest, NO_CAP))),
-            max(0, int(ask.headroom)),
-        ]  # fmt: skip
-        taken, wait, *fleet = await self._run(
-            "budget", lambda: self._take_classed(keys, args), None
-        )
-        if int(taken) == 1:
-            return Taken(0.0, (int(fleet[0]), int(fleet[1]), int(fleet[2])), member)
-        return Taken(max(float(wait), 1e-3), (int(fleet[0]), int(fleet[1]), int(fleet[2])))
+        keys, args = classed(self, SlotAsk(account, per_window, burst, period, ask))
+        reply = await self._run("budget", lambda: self._take_classed(keys, args), None)
+        # TAKE_CLASSED answers a slot or a wait (-1 is TAKE_OWNED's): anything else, a wait.
+        return taken_of(reply, args[3]) or Taken(1e-3, (0, 0, 0))
 
     async def pause(
         self: _Backend, account: str, seconds: float, per_window: int, burst: int, period: float

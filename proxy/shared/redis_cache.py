@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 
-from proxy.shared.base import Claim
+from proxy.shared.base import Claim, SharedUnavailable, SlotAsk, Taken
 from proxy.shared.metrics import SharedMetrics
 from proxy.shared.notes import Notes
 from proxy.shared.piped import Script
 from proxy.shared.reads import LARGER, Reads
 from proxy.shared.records import BadRecord, RecordKeys
+from proxy.shared.redis_budget import classed, taken_of
 from proxy.shared.wire import Wire
 
 T = TypeVar("T")
@@ -49,7 +50,9 @@ class CacheRecords:
     notes: Notes
     _replica: str
     _cache_put: Any
+    _sent: int
     _cache_claim: Script  # on the pipelined connection (proxy.shared.piped)
+    _take_owned: Script
     _cache_release: Script
     _cache_drop: Any
     _cache_get: Any
@@ -127,7 +130,11 @@ class CacheRecords:
         limit: int,
         wait: bool = False,
         peek: int = 0,
+        slot: SlotAsk | None = None,
     ) -> Claim:
+        """The fetch lock's claim (``CACHE_CLAIM``) and, with ``slot``, the budget's slot for
+        its owner (``TAKE_OWNED``) written right behind it: one round trip, and Redis runs
+        the take after the claim, so it takes a slot only if the claim took the lock."""
         keys = [
             self._cache_key(account, "lock", digest),
             self._cache_key(account, "gen"),
@@ -140,18 +147,45 @@ class CacheRecords:
         if peek > 0:
             args.append(peek)
         cap = limit + self.OVERHEAD  # the most of an entry the claim answers
+        took: asyncio.Future[Any] | None = None
+        owned = None if slot is None else classed(self, slot)
+
+        def claim() -> Awaitable[Any]:
+            nonlocal took
+            claimed = self._cache_claim(keys, args, cap)
+            if owned is not None and self.wire.connected:  # else the budget asks by itself
+                tkeys, targs = owned
+                sent = self._take_owned([*tkeys, keys[0]], [*targs, owner])
+                took = sent if isinstance(sent, asyncio.Future) else None
+            return claimed
+
         try:
-            found = await self._run("cache_lock", lambda: self._cache_claim(keys, args, cap), None)
+            found = await self._run("cache_lock", claim, None)
         except asyncio.CancelledError:
-            self._forget_claim(keys[0], owner)
+            self._forget_claim(keys[0], owner)  # a slot it took lapses, as a lost reply's
+            _drop(took)
+            raise
+        except BaseException:
+            _drop(took)
             raise
         taken, gen, data = int(found[0]), found[1], found[2] if len(found) > 2 else None
         if taken != 1:
+            _drop(took)  # not the owner: Redis took nothing (TAKE_OWNED's -1)
             holder = _text(data) if isinstance(data, bytes | str) else None
             return Claim(None, _text(gen), holder=holder, noted=bool(waiter))
+        slotted = None if took is None or owned is None else await self._slot(took, owned[1][3])
         if len(found) > 3 and isinstance(data, bytes):  # a head: checked once read whole
-            return Claim(owner, _text(gen), self.records.unchecked(data), head=True)
-        return Claim(owner, _text(gen), self._claimed(keys[2], data))
+            return Claim(owner, _text(gen), self.records.unchecked(data), head=True, taken=slotted)
+        return Claim(owner, _text(gen), self._claimed(keys[2], data), taken=slotted)
+
+    async def _slot(self, took: asyncio.Future[Any], member: str) -> Taken | None:
+        """The slot asked with a claim that took the lock (its reply came with the claim's);
+        None when the ask failed (the budget then asks by itself)."""
+        try:
+            return taken_of(await self._run("budget", lambda: took, None), member)
+        except SharedUnavailable:
+            took.add_done_callback(_quiet)  # not awaited when the backend was already down
+            return None
 
     def _forget_claim(self, key: str, owner: str) -> None:
         """A claim its caller gave up may still run (its place on the pipelined connection
@@ -248,6 +282,12 @@ def _entry_key(prefix: str, account: str, digest: str) -> tuple[str, bytes]:
 def _key(prefix: str, account: str, kind: str, name: str = "") -> str:
     """A cache key of ``account`` in Redis: its ``kind`` (entry, path, lock, ...) and name."""
     return f"{prefix}:cache:{account}:{kind}{':' + name if name else ''}"
+
+
+def _drop(took: asyncio.Future[Any] | None) -> None:
+    """A call's reply nobody will read (still answered in order on the connection)."""
+    if took is not None:
+        took.add_done_callback(_quiet)
 
 
 def _quiet(done: asyncio.Future[Any]) -> None:

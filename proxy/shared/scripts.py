@@ -250,6 +250,17 @@ return reply(1, 0)
 """
 )
 
+# TAKE_CLASSED for the owner of a fetch lock only, sent right after its claim (CACHE_CLAIM) on
+# the same connection, so that Redis runs it after that claim: a slot is taken only when the
+# lock (KEYS[4]) holds the claim's owner token (ARGV[20]), never by a replica that did not get
+# the lock. KEYS and ARGV otherwise TAKE_CLASSED's. Returns {-1, "0", 0, 0, 0} when not the owner.
+TAKE_OWNED = (
+    """
+if redis.call('GET', KEYS[4]) ~= ARGV[20] then return {-1, '0', 0, 0, 0} end
+"""
+    + TAKE_CLASSED
+)
+
 # A slot taken and not used (AccountBudget.refund: a background refresh that found its key
 # fetched meanwhile) goes back to the fleet: its send leaves the window's log and the pace
 # moves back one interval (never before now), so the next replica to ask may have it.

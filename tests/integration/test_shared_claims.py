@@ -5,6 +5,7 @@ only when that entry may answer the flight (fresh, or fetched since the flight b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -17,6 +18,7 @@ from tests.integration.test_cache import get
 from tests.integration.test_shared_entries import shared_op
 from tests.replicas import Replicas, caching, until
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BODY = b'{"pad":"' + b"x" * 500_000 + b'"}'
 
 
@@ -62,13 +64,10 @@ async def test_a_revalidating_flight_does_not_read_the_large_body_it_holds_from_
         await runner.cleanup()
 
 
-async def test_a_large_entry_another_replica_made_fresh_answers_the_flight_whole(
-    replicas: Replicas, client: aiohttp.ClientSession
-) -> None:
-    # A stores the entry not fresh; B's revalidation makes it fresh (max-age=600) and stores
-    # it in Redis at once; A's next flight finds B's entry fresh under the lock (from the
-    # record's head), reads it whole and answers from it: no upstream request.
-    served: list[str] = []
+def fresh_from_the_second(served: list[str], body: bytes) -> Handler:
+    """An upstream of one entry, ETag "v1", 304 on a matching If-None-Match: not fresh when
+    first served, fresh (max-age=600) from the second request on; ``served`` gets each
+    request's If-None-Match."""
 
     async def handler(request: web.Request) -> web.Response:
         served.append(request.headers.get("If-None-Match", ""))
@@ -78,19 +77,21 @@ async def test_a_large_entry_another_replica_made_fresh_answers_the_flight_whole
         }
         if request.headers.get("If-None-Match") == '"v1"':
             return web.Response(status=304, headers=headers)
-        return web.Response(body=BODY, headers={**headers, "Content-Type": "application/json"})
+        return web.Response(body=body, headers={**headers, "Content-Type": "application/json"})
 
-    runner, upstream = await serve_handler(handler)
+    return handler
+
+
+async def test_a_large_entry_another_replica_made_fresh_answers_the_flight_whole(
+    replicas: Replicas, client: aiohttp.ClientSession
+) -> None:
+    # A stores the entry not fresh; B's revalidation makes it fresh (max-age=600) and stores
+    # it in Redis at once; A's next flight finds B's entry fresh under the lock (from the
+    # record's head), reads it whole and answers from it: no upstream request.
+    served: list[str] = []
+    runner, upstream = await serve_handler(fresh_from_the_second(served, BODY))
     try:
-        space = replicas.space
-        no_rules = [
-            dataclasses.replace(
-                caching(upstream, replicas.tmp_path / f"r{i}", space.settings()),
-                cache=CacheSettings(),
-            )
-            for i in range(2)
-        ]
-        a, b = await replicas.start(*no_rules)
+        a, b = await replicas.without_rules(upstream)
         url = "/v1/things.json"
         first = await get(client, a.url + url)
         assert (first[1]["X-Cache"], first[2] == BODY) == ("MISS", True)
