@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
@@ -71,7 +71,7 @@ from proxy.cache.flight import Outcome
 from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
-from proxy.compat.aiohttp import render_response
+from proxy.compat.aiohttp import http_date, render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
@@ -79,6 +79,7 @@ from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, req
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Parked, traced, waited
+from proxy.edge.rendered import fill, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
@@ -466,14 +467,19 @@ class FastPath:
         status, items, body, age = answer
         caller = asked.caller
         self.services.callers.note(caller)
-        view, _ = caller_view(request, items, self.upstream, self.public, asked.accepts)
+        named = caller_value(caller.name, caller.account)
+        if make is render_response:  # its head rendered once per shape (edge.rendered)
+            public = self.public
+            where = ("", "") if public else (request.scheme, request.host)
+            view = (self.upstream, public, *where, asked.accepts)
+            shape = template(status, items, view, cache_status, member, named, len(body))
+            if shape is not None:
+                out = fill(shape, asked.request_id, age, http_date(), body)
+                self._done(request, asked, status, cache_status, info, len(body))
+                return cast(T, out)
+        shown, _ = caller_view(request, items, self.upstream, self.public, asked.accepts)
         out_headers = answer_headers(
-            view,
-            asked.request_id,
-            cache_status,
-            age,
-            caller=caller_value(caller.name, caller.account),
-            cache=member,
+            shown, asked.request_id, cache_status, age, caller=named, cache=member
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
         response = make(status, out_headers, body)

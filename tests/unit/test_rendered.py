@@ -1,0 +1,122 @@
+"""An answer's head rendered once per shape (proxy.edge.rendered): filled in, byte for byte
+what the long way's functions render for the same answer (caller_view, answer_headers,
+render_response), for every shape; a shape whose stored headers hold a slot's text has no
+template."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+from yarl import URL
+
+from proxy.cache.policy import not_modified_headers
+from proxy.compat.aiohttp import render_response
+from proxy.edge.answer import HeaderItems, answer_headers, header_view
+from proxy.edge.rendered import SLOTS, fill, template
+from proxy.headers import SERVER_NAME
+
+UPSTREAM = URL("https://api.kounta.com")
+DATE = "Sun, 06 Dec 2026 02:00:00 GMT"
+BODY = b'{"id": 1, "name": "50% off"}'
+STORED: HeaderItems = (
+    ("Content-Type", "application/json"),
+    ("ETag", '"v1"'),
+    ("Cache-Control", "max-age=60"),
+    ("Link", '<https://api.kounta.com/v1/companies/5/products.json?page=2>; rel="next"'),
+)
+GZIPPED: HeaderItems = (
+    ("Content-Type", "application/json"),
+    ("Content-Encoding", "gzip"),
+    ("ETag", '"v2"'),
+)
+
+
+def long_way(
+    status: int,
+    items: HeaderItems,
+    public: str,
+    host: str,
+    accepts: bool,
+    cache_status: str,
+    member: str,
+    caller: str,
+    rid: str,
+    age: int,
+    body: bytes,
+) -> bytes:
+    """What FastPath._respond renders without a template."""
+    scheme, host = ("", "") if public else ("http", host)
+    shown, _ = header_view(items, UPSTREAM, public, scheme, host, accepts)
+    headers = answer_headers(shown, rid, cache_status, age, caller=caller, cache=member)  # type: ignore[arg-type]
+    headers["Server"] = SERVER_NAME
+    return render_response(status, headers, body, date=DATE)
+
+
+def templated(
+    status: int,
+    items: HeaderItems,
+    public: str,
+    host: str,
+    accepts: bool,
+    cache_status: str,
+    member: str,
+    caller: str,
+    rid: str,
+    age: int,
+    body: bytes,
+) -> bytes | None:
+    scheme, host = ("", "") if public else ("http", host)
+    view = (UPSTREAM, public, scheme, host, accepts)
+    shape = template(status, items, view, cache_status, member, caller, len(body))  # type: ignore[arg-type]
+    return None if shape is None else fill(shape, rid, age, DATE.encode(), body)
+
+
+SHAPES = [
+    # status, stored headers, public URL, Host, takes gzip, X-Cache, Cache-Status, caller, body
+    (200, STORED, "", "proxy:8080", False, "HIT", "", "app; account=5", BODY),
+    (200, STORED, "https://proxy.example", "", False, "HIT", "", "", BODY),
+    (200, STORED, "", "other:1", True, "REVALIDATED", "kounta-proxy; fwd=stale", "", b""),
+    (200, GZIPPED, "", "proxy", True, "HIT", "", "app", gzip.compress(BODY)),
+    (200, GZIPPED, "", "proxy", False, "HIT", "", "app", BODY),
+    (304, not_modified_headers(STORED), "", "proxy", False, "HIT", "", "app", b""),
+    (304, not_modified_headers(GZIPPED), "", "proxy", False, "REVALIDATED", "", "", b""),
+    # A stored Date, Age, Cache-Status, X-Request-ID and a "%" in a value: kept in place.
+    (
+        200,
+        (
+            *STORED,
+            ("Date", "Sat, 05 Dec 2026 01:00:00 GMT"),
+            ("Cache-Status", "upstream; hit"),
+            ("X-Request-ID", "theirs"),
+            ("X-Discount", "100%d %(rid)s %%"),
+        ),
+        "",
+        "proxy",
+        False,
+        "HIT",
+        "",
+        "app",
+        BODY,
+    ),
+    (200, (("Content-Length", "28"), *STORED), "", "proxy", False, "HIT", "", "", BODY),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("rid", "age"), [("abc-1", 0), ("0f" * 16, 12345)])
+def test_a_filled_template_is_what_the_long_way_renders(
+    shape: tuple[object, ...], rid: str, age: int
+) -> None:
+    status, items, public, host, accepts, cache_status, member, caller, body = shape
+    args = (status, items, public, host, accepts, cache_status, member, caller, rid, age, body)
+    expected = long_way(*args)  # type: ignore[arg-type]
+    assert templated(*args) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [slot for _, _, slot in SLOTS])
+def test_stored_headers_holding_a_slot_give_no_template(name: str) -> None:
+    items = (*STORED, ("X-Note", f"see {name}"))
+    args = (200, items, "", "proxy", False, "HIT", "", "", "rid-1", 3, BODY)
+    assert templated(*args) is None  # type: ignore[arg-type]
+    assert b"see " + name.encode() in long_way(*args)  # type: ignore[arg-type]
