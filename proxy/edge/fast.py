@@ -82,7 +82,7 @@ from proxy.edge.parked import Asked, Parked, traced, waited
 from proxy.edge.rendered import fill, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
+from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
 from proxy.messages import CacheStatus, ProxyRequest
 from proxy.target import Target, parse_target, valid_host
@@ -105,6 +105,8 @@ LONG_WAY_HEADERS = (
     ALL_PAGES,
     PRIORITY_HEADER,
 )
+LONG_WAY_NAMES = frozenset(name.lower() for name in LONG_WAY_HEADERS)
+SELECTING_NAMES = frozenset(name.lower() for name in SELECTING)
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
@@ -296,18 +298,10 @@ class FastPath:
         if request.method != "GET" or request.version not in VERSIONS:
             return None
         headers = request.headers
-        for name in LONG_WAY_HEADERS:
-            if name in headers:
-                return None
-        if not valid_host(headers.get("Host")):
+        if not _plain_headers(headers) or not valid_host(headers.get("Host")):
             return None
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
-            return None
-        # No CR, LF or NUL check on header values here: aiohttp's parsers (C and pure
-        # Python) refuse them before any handler runs; the long way checks again. Values
-        # that were not UTF-8 and repeated selecting headers: the long way refuses them.
-        if not_utf8(headers.items()) is not None or repeated(headers, SELECTING) is not None:
             return None
         known = self._target(request)
         if known is None:
@@ -515,7 +509,7 @@ class FastPath:
     def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
         """A stored body for a caller that does not take gzip: inflated here when small
         (:func:`~proxy.coding.inflate_whole`, as the long way does), else None."""
-        if coding_of(items) != GZIP:
+        if _coding(items) != GZIP:
             return body
         return inflate_whole(body, self.caps)
 
@@ -525,6 +519,31 @@ class FastPath:
             return _known_target(request.raw_path, request.path)
         except ProxyError:
             return None
+
+
+def _plain_headers(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a GET's headers may take the fast path, looked through once: none of
+    :data:`LONG_WAY_HEADERS`, every value UTF-8 on the wire, no selecting header on two
+    lines (the long way refuses those: :func:`~proxy.headers.not_utf8`,
+    :func:`~proxy.headers.repeated`). No CR, LF or NUL check on values here: aiohttp's
+    parsers (C and pure Python) refuse them before any handler runs; the long way checks
+    again."""
+    selecting: list[str] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in LONG_WAY_NAMES:
+            return False
+        if not value.isascii() and not_utf8(((name, value),)) is not None:
+            return False
+        if lower in SELECTING_NAMES:
+            if lower in selecting:
+                return False
+            selecting.append(lower)
+    return True
+
+
+# The content coding of a stored entry's headers (a few hundred entries hot at most).
+_coding = functools.lru_cache(maxsize=4096)(coding_of)
 
 
 @functools.lru_cache(maxsize=64)
