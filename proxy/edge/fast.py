@@ -79,7 +79,7 @@ from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, req
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Parked, traced, waited
-from proxy.edge.rendered import fill, template
+from proxy.edge.rendered import Place, fill, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
@@ -151,6 +151,7 @@ class FastPath:
         self.inner = inner
         self.upstream = self.services.settings.upstream.url
         self.public = self.services.settings.server.public_url
+        self.place = Place(self.upstream, self.public)
         upstream = self.services.settings.upstream
         self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
         self.forwarded = upstream.forwarded
@@ -463,10 +464,11 @@ class FastPath:
         self.services.callers.note(caller)
         named = caller_value(caller.name, caller.account)
         if make is render_response:  # its head rendered once per shape (edge.rendered)
-            public = self.public
-            where = ("", "") if public else (request.scheme, request.host)
-            view = (self.upstream, public, *where, asked.accepts)
-            shape = template(status, items, view, cache_status, member, named, len(body))
+            scheme, host = ("", "") if self.public else (request.scheme, request.host)
+            shape = template(
+                status, items, self.place, scheme, host, asked.accepts, cache_status, member,
+                named, len(body),
+            )  # fmt: skip
             if shape is not None:
                 out = fill(shape, asked.request_id, age, http_date(), body)
                 self._done(request, asked, status, cache_status, info, len(body))

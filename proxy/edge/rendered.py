@@ -34,16 +34,26 @@ SLOTS = (
 )
 # Rendered heads kept (a handful per entry: status, caller, coding, Cache-Status).
 SHAPES = 4096
-# Where a caller reached the proxy, as the caller's view of stored headers takes it: the
-# upstream, the public URL, the scheme and host (both "" with a public URL), gzip or not.
-View = tuple[URL, str, str, str, bool]
+
+
+class Place:
+    """Where answers send callers (the upstream whose URLs are moved, the configured public
+    URL): one per fast path, a template's key by identity (hashed without hashing a URL)."""
+
+    __slots__ = ("public", "upstream")
+
+    def __init__(self, upstream: URL, public: str) -> None:
+        self.upstream, self.public = upstream, public
 
 
 @functools.lru_cache(maxsize=SHAPES)
 def template(
     status: int,
     items: HeaderItems,
-    view: View,
+    place: Place,
+    scheme: str,
+    host: str,
+    accepts: bool,
     cache_status: CacheStatus,
     member: str,
     caller: str,
@@ -52,8 +62,10 @@ def template(
     """The head of an answer of this shape (``length``: its body's) with ``%(rid)s``,
     ``%(age)d`` and ``%(date)s`` where its request id, Age and Date go (a stored Date: no
     slot), its other ``%`` doubled, and whether the body follows it (not for a 304): as
-    :func:`fill` fills it. None: no template (render this shape the long way)."""
-    shown, _ = header_view(items, *view)
+    :func:`fill` fills it. ``scheme`` and ``host``: where the caller reached the proxy
+    ("" with a public URL), ``accepts``: it takes gzip (as the caller's view of ``items``
+    takes them). None: no template (render this shape the long way)."""
+    shown, _ = header_view(items, place.upstream, place.public, scheme, host, accepts)
     rid, age, date = (slot for _, _, slot in SLOTS)
     headers = answer_headers(shown, rid, cache_status, 0, caller=caller, cache=member)
     headers["Age"] = age  # where answer_headers put it

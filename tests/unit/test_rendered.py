@@ -13,10 +13,11 @@ from yarl import URL
 from proxy.cache.policy import not_modified_headers
 from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import HeaderItems, answer_headers, header_view
-from proxy.edge.rendered import SLOTS, fill, template
+from proxy.edge.rendered import SLOTS, Place, fill, template
 from proxy.headers import SERVER_NAME
 
 UPSTREAM = URL("https://api.kounta.com")
+PLACES: dict[str, Place] = {}
 DATE = "Sun, 06 Dec 2026 02:00:00 GMT"
 BODY = b'{"id": 1, "name": "50% off"}'
 STORED: HeaderItems = (
@@ -48,7 +49,7 @@ def long_way(
     """What FastPath._respond renders without a template."""
     scheme, host = ("", "") if public else ("http", host)
     shown, _ = header_view(items, UPSTREAM, public, scheme, host, accepts)
-    headers = answer_headers(shown, rid, cache_status, age, caller=caller, cache=member)  # type: ignore[arg-type]
+    headers = answer_headers(shown, rid, cache_status, age, caller=caller, cache=member)
     headers["Server"] = SERVER_NAME
     return render_response(status, headers, body, date=DATE)
 
@@ -67,8 +68,19 @@ def templated(
     body: bytes,
 ) -> bytes | None:
     scheme, host = ("", "") if public else ("http", host)
-    view = (UPSTREAM, public, scheme, host, accepts)
-    shape = template(status, items, view, cache_status, member, caller, len(body))  # type: ignore[arg-type]
+    place = PLACES.setdefault(public, Place(UPSTREAM, public))
+    shape = template(
+        status,
+        items,
+        place,
+        scheme,
+        host,
+        accepts,
+        cache_status,
+        member,
+        caller,
+        len(body),
+    )
     return None if shape is None else fill(shape, rid, age, DATE.encode(), body)
 
 
@@ -110,13 +122,13 @@ def test_a_filled_template_is_what_the_long_way_renders(
 ) -> None:
     status, items, public, host, accepts, cache_status, member, caller, body = shape
     args = (status, items, public, host, accepts, cache_status, member, caller, rid, age, body)
-    expected = long_way(*args)  # type: ignore[arg-type]
-    assert templated(*args) == expected  # type: ignore[arg-type]
+    expected = long_way(*args)
+    assert templated(*args) == expected
 
 
 @pytest.mark.parametrize("name", [slot for _, _, slot in SLOTS])
 def test_stored_headers_holding_a_slot_give_no_template(name: str) -> None:
     items = (*STORED, ("X-Note", f"see {name}"))
     args = (200, items, "", "proxy", False, "HIT", "", "", "rid-1", 3, BODY)
-    assert templated(*args) is None  # type: ignore[arg-type]
-    assert b"see " + name.encode() in long_way(*args)  # type: ignore[arg-type]
+    assert templated(*args) is None
+    assert b"see " + name.encode() in long_way(*args)
