@@ -217,3 +217,36 @@ async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
     finally:
         await runner.cleanup()
     assert got == expected
+
+
+async def test_a_date_given_to_render_response_goes_where_aiohttp_puts_its_own() -> None:
+    """render_response(..., date=...) against aiohttp's own server, which adds its Date
+    after the Content-Length and Content-Type it adds."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(status=200, headers={"X-A": "1", "Server": "s"}, body=b"body")
+
+    server = web.Server(handle)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = compat_aiohttp.site_sockets(site)[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        got = head + await asyncio.wait_for(reader.readexactly(4), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    date = next(line for line in head.split(b"\r\n") if line.startswith(b"Date: "))[6:]
+    headers = CIMultiDict({"X-A": "1", "Server": "s"})
+    assert compat_aiohttp.render_response(200, headers, b"body", date=date.decode()) == got
+    # http_date: the Date render_response adds, encoded (a second may pass in between).
+    for _ in range(3):
+        rendered = compat_aiohttp.render_response(200, CIMultiDict(), b"")
+        now = compat_aiohttp.http_date()
+        if now in rendered:
+            break
+    assert b"\r\nDate: " + now + b"\r\n" in rendered
