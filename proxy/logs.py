@@ -34,6 +34,10 @@ def worker_from_env() -> int | None:
     return int(value) if value.isdigit() else None
 
 
+# One encoder for every line (json.dumps with these options builds one per call).
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":"))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -46,7 +50,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
-        return json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":"))
+        return _JSON.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
