@@ -12,7 +12,7 @@ import ast
 import asyncio
 import hmac
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -192,15 +192,14 @@ RENDERED = [
 ]
 
 
-@pytest.mark.parametrize(("status", "headers", "body"), RENDERED)
-async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
-    status: int, headers: dict[str, str], body: bytes
-) -> None:
-    """render_response against aiohttp's own server writing the same web.Response."""
-    headers = {**headers, "Date": "Sat, 05 Dec 2026 23:00:00 GMT", "Server": "s"}
+async def written_by_aiohttp(
+    response: web.Response, read: Callable[[asyncio.StreamReader], Awaitable[bytes]]
+) -> bytes:
+    """What aiohttp's own server writes for ``response`` answering a GET (``read``
+    reads it)."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(status=status, headers=headers, body=body or None)
+        return response
 
     server = web.Server(handle)
     runner = web.ServerRunner(server)
@@ -211,11 +210,22 @@ async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        expected = compat_aiohttp.render_response(status, CIMultiDict(headers), body)
-        got = await asyncio.wait_for(reader.readexactly(len(expected)), 5)
+        got = await asyncio.wait_for(read(reader), 5)
         writer.close()
     finally:
         await runner.cleanup()
+    return got
+
+
+@pytest.mark.parametrize(("status", "headers", "body"), RENDERED)
+async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
+    status: int, headers: dict[str, str], body: bytes
+) -> None:
+    """render_response against aiohttp's own server writing the same web.Response."""
+    headers = {**headers, "Date": "Sat, 05 Dec 2026 23:00:00 GMT", "Server": "s"}
+    expected = compat_aiohttp.render_response(status, CIMultiDict(headers), body)
+    response = web.Response(status=status, headers=headers, body=body or None)
+    got = await written_by_aiohttp(response, lambda r: r.readexactly(len(expected)))
     assert got == expected
 
 
@@ -223,24 +233,12 @@ async def test_a_date_given_to_render_response_goes_where_aiohttp_puts_its_own()
     """render_response(..., date=...) against aiohttp's own server, which adds its Date
     after the Content-Length and Content-Type it adds."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(status=200, headers={"X-A": "1", "Server": "s"}, body=b"body")
+    async def read(reader: asyncio.StreamReader) -> bytes:
+        return await reader.readuntil(b"\r\n\r\n") + await reader.readexactly(4)
 
-    server = web.Server(handle)
-    runner = web.ServerRunner(server)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = compat_aiohttp.site_sockets(site)[0].getsockname()[1]
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        got = head + await asyncio.wait_for(reader.readexactly(4), 5)
-        writer.close()
-    finally:
-        await runner.cleanup()
-    date = next(line for line in head.split(b"\r\n") if line.startswith(b"Date: "))[6:]
+    response = web.Response(status=200, headers={"X-A": "1", "Server": "s"}, body=b"body")
+    got = await written_by_aiohttp(response, read)
+    date = next(line for line in got.split(b"\r\n") if line.startswith(b"Date: "))[6:]
     headers = CIMultiDict({"X-A": "1", "Server": "s"})
     assert compat_aiohttp.render_response(200, headers, b"body", date=date.decode()) == got
     # http_date: the Date render_response adds, encoded (a second may pass in between).

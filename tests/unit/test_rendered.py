@@ -6,6 +6,8 @@ template."""
 from __future__ import annotations
 
 import gzip
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from yarl import URL
@@ -15,6 +17,7 @@ from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import HeaderItems, answer_headers, header_view
 from proxy.edge.rendered import SLOTS, Place, fill, template
 from proxy.headers import SERVER_NAME
+from proxy.messages import CacheStatus
 
 UPSTREAM = URL("https://api.kounta.com")
 PLACES: dict[str, Place] = {}
@@ -33,55 +36,37 @@ GZIPPED: HeaderItems = (
 )
 
 
-def long_way(
-    status: int,
-    items: HeaderItems,
-    public: str,
-    host: str,
-    accepts: bool,
-    cache_status: str,
-    member: str,
-    caller: str,
-    rid: str,
-    age: int,
-    body: bytes,
-) -> bytes:
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    items: HeaderItems
+    public: str  # the configured public URL ("": the caller's Host)
+    host: str
+    accepts: bool  # the caller takes gzip
+    cache_status: CacheStatus
+    member: str  # Cache-Status ("": the X-Cache value's)
+    caller: str  # X-Proxy-Caller
+    body: bytes
+
+    def where(self) -> tuple[str, str]:
+        return ("", "") if self.public else ("http", self.host)
+
+
+def long_way(a: Answer, rid: str, age: int) -> bytes:
     """What FastPath._respond renders without a template."""
-    scheme, host = ("", "") if public else ("http", host)
-    shown, _ = header_view(items, UPSTREAM, public, scheme, host, accepts)
-    headers = answer_headers(shown, rid, cache_status, age, caller=caller, cache=member)
+    shown, _ = header_view(a.items, UPSTREAM, a.public, *a.where(), a.accepts)
+    headers = answer_headers(shown, rid, a.cache_status, age, caller=a.caller, cache=a.member)
     headers["Server"] = SERVER_NAME
-    return render_response(status, headers, body, date=DATE)
+    return render_response(a.status, headers, a.body, date=DATE)
 
 
-def templated(
-    status: int,
-    items: HeaderItems,
-    public: str,
-    host: str,
-    accepts: bool,
-    cache_status: str,
-    member: str,
-    caller: str,
-    rid: str,
-    age: int,
-    body: bytes,
-) -> bytes | None:
-    scheme, host = ("", "") if public else ("http", host)
-    place = PLACES.setdefault(public, Place(UPSTREAM, public))
+def templated(a: Answer, rid: str, age: int) -> bytes | None:
+    place = PLACES.setdefault(a.public, Place(UPSTREAM, a.public))
     shape = template(
-        status,
-        items,
-        place,
-        scheme,
-        host,
-        accepts,
-        cache_status,
-        member,
-        caller,
-        len(body),
-    )
-    return None if shape is None else fill(shape, rid, age, DATE.encode(), body)
+        a.status, a.items, place, *a.where(), a.accepts, a.cache_status, a.member, a.caller,
+        len(a.body),
+    )  # fmt: skip
+    return None if shape is None else fill(shape, rid, age, DATE.encode(), a.body)
 
 
 SHAPES = [
@@ -118,17 +103,15 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("rid", "age"), [("abc-1", 0), ("0f" * 16, 12345)])
 def test_a_filled_template_is_what_the_long_way_renders(
-    shape: tuple[object, ...], rid: str, age: int
+    shape: tuple[Any, ...], rid: str, age: int
 ) -> None:
-    status, items, public, host, accepts, cache_status, member, caller, body = shape
-    args = (status, items, public, host, accepts, cache_status, member, caller, rid, age, body)
-    expected = long_way(*args)
-    assert templated(*args) == expected
+    answer = Answer(*shape)
+    assert templated(answer, rid, age) == long_way(answer, rid, age)
 
 
 @pytest.mark.parametrize("name", [slot for _, _, slot in SLOTS])
 def test_stored_headers_holding_a_slot_give_no_template(name: str) -> None:
     items = (*STORED, ("X-Note", f"see {name}"))
-    args = (200, items, "", "proxy", False, "HIT", "", "", "rid-1", 3, BODY)
-    assert templated(*args) is None
-    assert b"see " + name.encode() in long_way(*args)
+    answer = Answer(200, items, "", "proxy", False, "HIT", "", "", BODY)
+    assert templated(answer, "rid-1", 3) is None
+    assert b"see " + name.encode() in long_way(answer, "rid-1", 3)
