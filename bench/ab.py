@@ -9,7 +9,8 @@ CPU time per request (steadier than req/s on a shared machine), p99 and upstream
 caller request, the proxy's CPU seconds per second of the run (``busy``: below 1 it waited,
 e.g. on the upstream), and the min-max over the rounds of req/s over the same server's fresh
 hit in the same round. Pinned as the comparison is (bench.cache_bench.pin:
-``KOUNTA_BENCH_PIN=0`` turns it off).
+``KOUNTA_BENCH_PIN=0`` turns it off). ``--log-level info``: the proxies write an access line
+a request (to /dev/null), as a deployment does by default; the bench's own level is warning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--inm", action="store_true", help="also a caller's If-None-Match (304)")
     p.add_argument("--connections", type=int, default=compare.DEFAULT_CONNECTIONS)
+    p.add_argument(
+        "--log-level",
+        choices=("warning", "info"),
+        default="warning",
+        help="the proxies' log level (info: an access line a request, to /dev/null)",
+    )
     args = p.parse_args(argv)
     binary = shutil.which("wrk")
     if binary is None:
@@ -57,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                     port = free_port()
                     sub = directory / tree
                     sub.mkdir(exist_ok=True)
-                    config = compare.proxy_config(sub, origin, port, loop)
+                    config = compare.proxy_config(sub, origin, port, loop, args.log_level)
                     serve = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
-                    proc = stack.enter_context(process(serve, port, cwd=cwd, role=SERVER))
+                    err = subprocess.DEVNULL if args.log_level == "info" else subprocess.PIPE
+                    proc = stack.enter_context(
+                        process(serve, port, cwd=cwd, role=SERVER, stderr=err)
+                    )
                     servers[f"{tree}, {loop}"] = (f"http://127.0.0.1:{port}", proc.pid)
             etags = compare.warm(servers, {})
             for round_no in range(1, args.rounds + 1):

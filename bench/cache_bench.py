@@ -96,12 +96,17 @@ def pin(role: str | None) -> Callable[[], None] | None:
 
 @contextmanager
 def process(
-    args: list[str], port: int, cwd: str | None = None, role: str | None = None
+    args: list[str],
+    port: int,
+    cwd: str | None = None,
+    role: str | None = None,
+    stderr: int = subprocess.PIPE,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A server subprocess (run in ``cwd``: ``python -m`` imports from there first), pinned
-    to ``role``'s cores when given (``pin``)."""
+    to ``role``'s cores when given (``pin``); ``stderr``: DEVNULL for a server that logs a
+    line a request (nobody reads the pipe while it runs)."""
     proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, preexec_fn=pin(role)
+        args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd, preexec_fn=pin(role)
     )
     try:
         wait_port(port, proc)
@@ -155,14 +160,16 @@ def proxy_config(
     *,
     rule: str = "/v1/companies/*/products",
     event_loop: str = "auto",
+    log_level: str = "warning",
 ) -> Path:
-    """A proxy's settings file: static token, no budget to speak of, ``rule`` fresh for an hour."""
+    """A proxy's settings file: static token, no budget to speak of, ``rule`` fresh for an hour
+    (``log_level``: "info" writes an access line a request)."""
     path = directory / f"proxy-{port}.toml"
     path.write_text(
         f'state_dir = "{directory / f"state-{port}"}"\n'
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nevent_loop = "{event_loop}"\n'
         f'[upstream]\nbase_url = "{upstream}"\n'
-        '[log]\nlevel = "warning"\n'
+        f'[log]\nlevel = "{log_level}"\n'
         "[admin]\nenabled = false\n"
         f"[cache]\nenabled = {'true' if cache else 'false'}\n"
         f'[[cache.rules]]\npath = "{rule}"\nfresh_for = 3600.0\n'

@@ -86,11 +86,14 @@ def ensure_nginx() -> str | None:
     )
 
 
-def proxy_config(directory: Path, upstream: str, port: int, loop: str) -> Path:
+def proxy_config(
+    directory: Path, upstream: str, port: int, loop: str, log_level: str = "warning"
+) -> Path:
     """A proxy on ``loop`` whose rule makes products/* (FRESH) fresh for an hour."""
     return cache_bench.proxy_config(
-        directory, upstream, port, True, rule="/v1/companies/*/products/*", event_loop=loop
-    )
+        directory, upstream, port, True, rule="/v1/companies/*/products/*", event_loop=loop,
+        log_level=log_level,
+    )  # fmt: skip
 
 
 def nginx_config(directory: Path, port: int, origin_port: int) -> Path:

@@ -34,19 +34,32 @@ def worker_from_env() -> int | None:
     return int(value) if value.isdigit() else None
 
 
+# One encoder for every line (json.dumps with these options builds one per call).
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":"))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": _iso(record.created),
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
-        }
-        if _worker[0] is not None:
-            entry["worker"] = _worker[0]
-        entry.update(getattr(record, "fields", {}))
+        exception = None
         if record.exc_info and record.exc_info[0] is not None:
-            entry["exception"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
-        return json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":"))
+            exception = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        fields = getattr(record, "fields", {})
+        return json_line(
+            record.created, record.levelname.lower(), record.getMessage(), fields, exception
+        )
+
+
+def json_line(
+    created: float, level: str, message: str, fields: dict[str, Any], exception: str | None = None
+) -> str:
+    """One JSON log line (:class:`JsonFormatter`'s), without its newline."""
+    entry: dict[str, Any] = {"time": _iso(created), "level": level, "event": message}
+    if _worker[0] is not None:
+        entry["worker"] = _worker[0]
+    entry.update(fields)
+    if exception is not None:
+        entry["exception"] = exception
+    return _JSON.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -120,7 +133,45 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    log.log(level, name, extra={"fields": fields})
+    if not log.isEnabledFor(level):
+        return
+    handler = _direct(level)
+    if handler is None:
+        log.log(level, name, extra={"fields": fields})
+        return
+    # The line the logging call would write, without its record (a LogRecord, the caller's
+    # frame found, handlers looked up: more than half of an access line's cost).
+    created = time.time()
+    level_name = logging.getLevelName(level)
+    handler.acquire()
+    try:
+        line = json_line(created, level_name.lower(), name, fields)
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+    except RecursionError:
+        raise
+    except Exception:  # as StreamHandler.emit: reported by the handler, never raised
+        handler.handleError(log.makeRecord(LOGGER, level, __file__, 0, name, (), None))
+    finally:
+        handler.release()
+
+
+def _direct(level: int) -> logging.StreamHandler[IO[str]] | None:
+    """The handler :func:`configure` set up, when an event at ``level`` goes to it alone,
+    unfiltered, as a JSON line: :func:`event` writes that line itself; else None (the
+    logging call, e.g. a test capturing records)."""
+    handlers = log.handlers
+    if len(handlers) != 1 or log.propagate or log.filters or log.disabled:
+        return None
+    handler = handlers[0]
+    if (
+        type(handler) is not logging.StreamHandler
+        or type(handler.formatter) is not JsonFormatter
+        or handler.filters
+        or level < handler.level
+    ):
+        return None
+    return handler
 
 
 def set_level(level: str) -> None:

@@ -221,11 +221,14 @@ def answering(protocol: RequestHandler, busy: bool) -> None:
         waiter.set_result(None)
 
 
-def render_response(status: int, headers: CIMultiDict[str], body: bytes) -> bytes:
+def render_response(
+    status: int, headers: CIMultiDict[str], body: bytes, date: str | None = None
+) -> bytes:
     """The bytes aiohttp writes for ``web.Response(status=status, headers=headers,
     body=body or None)`` answering a GET on a kept-alive HTTP/1.1 connection
     (``Response._start``, ``StreamResponse._prepare_headers``, the writer), with no
-    on_response_prepare hook: the caller applies its own first. ``headers`` is changed."""
+    on_response_prepare hook: the caller applies its own first. ``headers`` is changed.
+    ``date``: the Date it adds when ``headers`` has none (default: aiohttp's, now)."""
     if "Content-Length" in headers:
         if should_remove_content_length("GET", status):
             del headers["Content-Length"]
@@ -240,10 +243,22 @@ def render_response(status: int, headers: CIMultiDict[str], body: bytes) -> byte
     elif int(headers["Content-Length"]) != 0:
         headers.setdefault("Content-Type", "application/octet-stream")
     if "Date" not in headers:
-        headers["Date"] = rfc822_formatted_time()
+        headers["Date"] = rfc822_formatted_time() if date is None else date
     headers.setdefault("Server", SERVER_SOFTWARE)
     head: bytes = _serialize_headers(f"HTTP/1.1 {status} {REASON_PHRASES.get(status, '')}", headers)
     return head if empty or not body else head + body
+
+
+_date: tuple[str, bytes] = ("", b"")
+
+
+def http_date() -> bytes:
+    """The Date :func:`render_response` adds now, encoded (once a second)."""
+    global _date
+    now = rfc822_formatted_time()
+    if now != _date[0]:
+        _date = (now, now.encode())
+    return _date[1]
 
 
 class HookedRunner(web.AppRunner):

@@ -195,6 +195,14 @@ def caller_view(
     return _view(items, upstream, public, scheme, host, accepts)
 
 
+def header_view(
+    items: HeaderItems, upstream: URL, public: str, scheme: str, host: str, accepts: bool
+) -> tuple[HeaderItems, bool]:
+    """:func:`caller_view` of a caller that reached ``scheme://host`` (both "" when
+    ``public`` is configured)."""
+    return _view(items, upstream, public, scheme, host, accepts)
+
+
 # Upstream headers (plus where the caller reached the proxy and whether it takes gzip) ->
 # what the caller is shown, and whether the body must be inflated for it. Most answers
 # repeat a few header sets (every fresh hit of an entry has the same one), so the filtering

@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
@@ -71,7 +71,7 @@ from proxy.cache.flight import Outcome
 from proxy.cache.layer import Cache
 from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
-from proxy.compat.aiohttp import render_response
+from proxy.compat.aiohttp import http_date, render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
@@ -79,9 +79,10 @@ from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, req
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Parked, traced, waited
+from proxy.edge.rendered import Place, fill, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
-from proxy.headers import SERVER_NAME, not_utf8, proxied, repeated
+from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
 from proxy.messages import CacheStatus, ProxyRequest
 from proxy.target import Target, parse_target, valid_host
@@ -104,6 +105,8 @@ LONG_WAY_HEADERS = (
     ALL_PAGES,
     PRIORITY_HEADER,
 )
+LONG_WAY_NAMES = frozenset(name.lower() for name in LONG_WAY_HEADERS)
+SELECTING_NAMES = frozenset(name.lower() for name in SELECTING)
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
@@ -148,6 +151,7 @@ class FastPath:
         self.inner = inner
         self.upstream = self.services.settings.upstream.url
         self.public = self.services.settings.server.public_url
+        self.place = Place(self.upstream, self.public)
         upstream = self.services.settings.upstream
         self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
         self.forwarded = upstream.forwarded
@@ -298,18 +302,10 @@ class FastPath:
         if request.method != "GET" or request.version not in VERSIONS:
             return None
         headers = request.headers
-        for name in LONG_WAY_HEADERS:
-            if name in headers:
-                return None
-        if not valid_host(headers.get("Host")):
+        if not _plain_headers(headers) or not valid_host(headers.get("Host")):
             return None
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
-            return None
-        # No CR, LF or NUL check on header values here: aiohttp's parsers (C and pure
-        # Python) refuse them before any handler runs; the long way checks again. Values
-        # that were not UTF-8 and repeated selecting headers: the long way refuses them.
-        if not_utf8(headers.items()) is not None or repeated(headers, SELECTING) is not None:
             return None
         known = self._target(request)
         if known is None:
@@ -469,14 +465,20 @@ class FastPath:
         status, items, body, age = answer
         caller = asked.caller
         self.services.callers.note(caller)
-        view, _ = caller_view(request, items, self.upstream, self.public, asked.accepts)
+        named = caller_value(caller.name, caller.account)
+        if make is render_response:  # its head rendered once per shape (edge.rendered)
+            scheme, host = ("", "") if self.public else (request.scheme, request.host)
+            shape = template(
+                status, items, self.place, scheme, host, asked.accepts, cache_status, member,
+                named, len(body),
+            )  # fmt: skip
+            if shape is not None:
+                out = fill(shape, asked.request_id, age, http_date(), body)
+                self._done(request, asked, status, cache_status, info, len(body))
+                return cast(T, out)
+        shown, _ = caller_view(request, items, self.upstream, self.public, asked.accepts)
         out_headers = answer_headers(
-            view,
-            asked.request_id,
-            cache_status,
-            age,
-            caller=caller_value(caller.name, caller.account),
-            cache=member,
+            shown, asked.request_id, cache_status, age, caller=named, cache=member
         )
         out_headers["Server"] = SERVER_NAME  # the long way: answer.stamp_server
         response = make(status, out_headers, body)
@@ -512,7 +514,7 @@ class FastPath:
     def _plain(self, items: HeaderItems, body: bytes) -> bytes | None:
         """A stored body for a caller that does not take gzip: inflated here when small
         (:func:`~proxy.coding.inflate_whole`, as the long way does), else None."""
-        if coding_of(items) != GZIP:
+        if _coding(items) != GZIP:
             return body
         return inflate_whole(body, self.caps)
 
@@ -522,6 +524,31 @@ class FastPath:
             return _known_target(request.raw_path, request.path)
         except ProxyError:
             return None
+
+
+def _plain_headers(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a GET's headers may take the fast path, looked through once: none of
+    :data:`LONG_WAY_HEADERS`, every value UTF-8 on the wire, no selecting header on two
+    lines (the long way refuses those: :func:`~proxy.headers.not_utf8`,
+    :func:`~proxy.headers.repeated`). No CR, LF or NUL check on values here: aiohttp's
+    parsers (C and pure Python) refuse them before any handler runs; the long way checks
+    again."""
+    selecting: list[str] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in LONG_WAY_NAMES:
+            return False
+        if not value.isascii() and not_utf8(((name, value),)) is not None:
+            return False
+        if lower in SELECTING_NAMES:
+            if lower in selecting:
+                return False
+            selecting.append(lower)
+    return True
+
+
+# The content coding of a stored entry's headers (a few hundred entries hot at most).
+_coding = functools.lru_cache(maxsize=4096)(coding_of)
 
 
 @functools.lru_cache(maxsize=64)

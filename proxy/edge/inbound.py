@@ -134,11 +134,9 @@ def exchange_of(request: web.Request) -> Exchange:
 
 
 # Generated ids: 32 hex digits, as uuid4().hex, but a random per-process prefix and a
-# counter, unique without a system call per request.
-_ID_PREFIX = os.urandom(8).hex()
-
-
-_ID_NUMBERS = itertools.count(1)
+# counter, unique without a system call per request: the prefix is the top 64 bits of
+# the counter's start (one number formatted, not two joined).
+_ID_NUMBERS = itertools.count((int.from_bytes(os.urandom(8)) << 64) + 1)
 
 
 def request_id(headers: CIMultiDictProxy[str]) -> str:
@@ -146,7 +144,7 @@ def request_id(headers: CIMultiDictProxy[str]) -> str:
     given = headers.get("X-Request-ID")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return f"{_ID_PREFIX}{next(_ID_NUMBERS):016x}"
+    return "%032x" % next(_ID_NUMBERS)  # noqa: UP031 (the cheapest way to format it)
 
 
 def guard(request: web.Request) -> Target:

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
 
 from proxy.edge.fast import FastPath
+from proxy.edge.rendered import template
 from proxy.settings import CacheSettings, RetrySettings, ServerSettings
 from tests.conftest import MakeProxy, Proxy, Sandbox, proxy_settings
 from tests.integration.test_fast_joiners import PATH as JOINED
@@ -138,6 +139,25 @@ async def test_fresh_hits_are_answered_without_a_handler_task_and_the_same_bytes
     assert fast.startswith(b"HTTP/1.1 304 Not Modified\r\n")
     assert steady(fast) == steady(slow)
     assert handlers.count == 4
+    writer.close()
+
+
+async def test_fresh_hits_in_the_protocol_fill_in_one_rendered_head(opened: Opened) -> None:
+    """The head is rendered once for the entry (proxy.edge.rendered); each answer has its
+    own request id, and a Date and Age as the long way's."""
+    _p, handlers, reader, writer = opened
+    template.cache_clear()
+    writer.write(ask("a%1") + ask("a2"))  # not a sane id: a new one, 32 hex digits
+    got = [await answer(reader) for _ in range(2)]
+    assert (template.cache_info().misses, template.cache_info().hits) == (1, 1)
+    assert re.fullmatch(rb"[0-9a-f]{32}", field(got[0], b"X-Request-ID"))
+    assert field(got[1], b"X-Request-ID") == b"a2"
+    assert re.fullmatch(rb"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", field(got[1], b"Date"))
+    assert field(got[1], b"Age").isdigit()
+    writer.write(ask("a3", "Pragma: x-whatever\r\n"))  # the long way, for comparison
+    slow = await answer(reader)
+    assert handlers.count == 2  # the warming request and this one
+    assert steady(got[0]) == steady(got[1]) == steady(slow)
     writer.close()
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import hmac
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -208,15 +208,14 @@ RENDERED = [
 ]
 
 
-@pytest.mark.parametrize(("status", "headers", "body"), RENDERED)
-async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
-    status: int, headers: dict[str, str], body: bytes
-) -> None:
-    """render_response against aiohttp's own server writing the same web.Response."""
-    headers = {**headers, "Date": "Sat, 05 Dec 2026 23:00:00 GMT", "Server": "s"}
+async def written_by_aiohttp(
+    response: web.Response, read: Callable[[asyncio.StreamReader], Awaitable[bytes]]
+) -> bytes:
+    """What aiohttp's own server writes for ``response`` answering a GET (``read``
+    reads it)."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(status=status, headers=headers, body=body or None)
+        return response
 
     server = web.Server(handle)
     runner = web.ServerRunner(server)
@@ -227,11 +226,22 @@ async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        expected = compat_aiohttp.render_response(status, CIMultiDict(headers), body)
-        got = await asyncio.wait_for(reader.readexactly(len(expected)), 5)
+        got = await asyncio.wait_for(read(reader), 5)
         writer.close()
     finally:
         await runner.cleanup()
+    return got
+
+
+@pytest.mark.parametrize(("status", "headers", "body"), RENDERED)
+async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
+    status: int, headers: dict[str, str], body: bytes
+) -> None:
+    """render_response against aiohttp's own server writing the same web.Response."""
+    headers = {**headers, "Date": "Sat, 05 Dec 2026 23:00:00 GMT", "Server": "s"}
+    expected = compat_aiohttp.render_response(status, CIMultiDict(headers), body)
+    response = web.Response(status=status, headers=headers, body=body or None)
+    got = await written_by_aiohttp(response, lambda r: r.readexactly(len(expected)))
     assert got == expected
 
 
@@ -277,3 +287,24 @@ async def test_an_eager_tasks_first_step_runs_within_the_call_as_the_task() -> N
     with pytest.raises(ValueError, match="first step"):
         await compat_tasks.eager_task(fails())
     assert await compat_tasks.eager_task(returns()) == 3
+
+
+async def test_a_date_given_to_render_response_goes_where_aiohttp_puts_its_own() -> None:
+    """render_response(..., date=...) against aiohttp's own server, which adds its Date
+    after the Content-Length and Content-Type it adds."""
+
+    async def read(reader: asyncio.StreamReader) -> bytes:
+        return await reader.readuntil(b"\r\n\r\n") + await reader.readexactly(4)
+
+    response = web.Response(status=200, headers={"X-A": "1", "Server": "s"}, body=b"body")
+    got = await written_by_aiohttp(response, read)
+    date = next(line for line in got.split(b"\r\n") if line.startswith(b"Date: "))[6:]
+    headers = CIMultiDict({"X-A": "1", "Server": "s"})
+    assert compat_aiohttp.render_response(200, headers, b"body", date=date.decode()) == got
+    # http_date: the Date render_response adds, encoded (a second may pass in between).
+    for _ in range(3):
+        rendered = compat_aiohttp.render_response(200, CIMultiDict(), b"")
+        now = compat_aiohttp.http_date()
+        if now in rendered:
+            break
+    assert b"\r\nDate: " + now + b"\r\n" in rendered

@@ -78,3 +78,60 @@ def test_a_worker_stamps_every_line_with_its_index() -> None:
         set_worker(None)
     assert data["worker"] == 1 and "worker=1 note=x" in text
     assert "worker" not in json.loads(JsonFormatter().format(record(note="x")))
+
+
+def anything(record: logging.LogRecord) -> bool:
+    return True
+
+
+class Unwritable(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("the log's pipe is gone")
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("worker", [None, 2])
+def test_an_event_to_the_configured_json_stream_is_the_records_line_without_a_record(
+    monkeypatch: pytest.MonkeyPatch, worker: int | None
+) -> None:
+    """configure()'s JSON stream alone: event() writes the line a LogRecord would be
+    formatted into (the same bytes), and makes no record; with anything else listening
+    (here a filter) the record goes through logging as before."""
+    from proxy.logs import set_worker
+
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    logging.setLogRecordFactory(counted)
+    monkeypatch.setattr("time.time", lambda: 1765000000.1234)
+    out = io.StringIO()
+    configure("info", "json", out)
+    set_worker(worker)
+    try:
+        fields = {"status": 200, "ms": 0.05, "path": '/v1/ä?x="1"', "query": None, "n": [1]}
+        event("request", **fields)
+        assert made == []
+        logging.getLogger("kounta_proxy").addFilter(anything)
+        event("request", **fields)
+        event("detail", level=logging.DEBUG)  # below the level: nothing either way
+    finally:
+        logging.getLogger("kounta_proxy").removeFilter(anything)
+        set_worker(None)
+        logging.setLogRecordFactory(factory)
+    assert len(made) == 1
+    direct, recorded = out.getvalue().splitlines(keepends=True)
+    assert direct == recorded
+    assert json.loads(direct)["time"] == "2025-12-06T05:46:40.123Z"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_an_event_the_log_cannot_take_is_reported_not_raised(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure("info", "json", Unwritable())
+    event("request", status=200)  # no exception
+    assert "the log's pipe is gone" in capsys.readouterr().err

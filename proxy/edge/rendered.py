@@ -1,0 +1,89 @@
+"""An answer's head rendered once per shape, the request's own values filled in per answer.
+
+Every fresh hit (and every joiner of a flight) of an entry is answered with the same head
+but for three values: its request id, its Age and its Date. Building the head the long way
+(the caller's view of the stored headers, :func:`~proxy.edge.answer.answer_headers`, a
+``CIMultiDict``, :func:`~proxy.compat.aiohttp.render_response`) costs several µs a request;
+here it is done once per shape (:func:`template`) by the same functions, with a slot in
+place of each of the three values, and an answer is the shape's bytes with its values put
+in (:func:`fill`): byte for byte what the long way renders.
+
+A shape is everything the head depends on besides those three values (status, stored
+headers, the caller's view of them, Cache-Status, X-Proxy-Caller, the body's length).
+Should a stored header hold a slot's text itself, that shape has no template (None): its
+answers are rendered the long way.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from yarl import URL
+
+from proxy.compat.aiohttp import render_response
+from proxy.edge.answer import HeaderItems, answer_headers, header_view
+from proxy.headers import SERVER_NAME
+from proxy.messages import CacheStatus
+
+# Each value's slot while a shape is rendered: text no header of ours holds (checked: a
+# slot found other than once gives no template), without "%", CR, LF or NUL.
+SLOTS = (
+    (b"rid", b"s", "kp-slot-request-id-5b0e4c7d"),
+    (b"age", b"d", "kp-slot-age-91d3aa26"),
+    (b"date", b"s", "kp-slot-date-0f6e72b3"),
+)
+# Rendered heads kept (a handful per entry: status, caller, coding, Cache-Status).
+SHAPES = 4096
+
+
+class Place:
+    """Where answers send callers (the upstream whose URLs are moved, the configured public
+    URL): one per fast path, a template's key by identity (hashed without hashing a URL)."""
+
+    __slots__ = ("public", "upstream")
+
+    def __init__(self, upstream: URL, public: str) -> None:
+        self.upstream, self.public = upstream, public
+
+
+@functools.lru_cache(maxsize=SHAPES)
+def template(
+    status: int,
+    items: HeaderItems,
+    place: Place,
+    scheme: str,
+    host: str,
+    accepts: bool,
+    cache_status: CacheStatus,
+    member: str,
+    caller: str,
+    length: int,
+) -> tuple[bytes, bool] | None:
+    """The head of an answer of this shape (``length``: its body's) with ``%(rid)s``,
+    ``%(age)d`` and ``%(date)s`` where its request id, Age and Date go (a stored Date: no
+    slot), its other ``%`` doubled, and whether the body follows it (not for a 304): as
+    :func:`fill` fills it. ``scheme`` and ``host``: where the caller reached the proxy
+    ("" with a public URL), ``accepts``: it takes gzip (as the caller's view of ``items``
+    takes them). None: no template (render this shape the long way)."""
+    shown, _ = header_view(items, place.upstream, place.public, scheme, host, accepts)
+    rid, age, date = (slot for _, _, slot in SLOTS)
+    headers = answer_headers(shown, rid, cache_status, 0, caller=caller, cache=member)
+    headers["Age"] = age  # where answer_headers put it
+    headers["Server"] = SERVER_NAME  # as FastPath._respond
+    rendered = render_response(status, headers, b"\0" * length, date=date)
+    head = rendered[: rendered.index(b"\r\n\r\n") + 4]
+    with_body = len(rendered) > len(head)
+    head = head.replace(b"%", b"%%")
+    for name, kind, slot in SLOTS:
+        found = head.count(slot.encode())
+        if found > 1 or (found == 0 and slot != date):
+            return None
+        head = head.replace(slot.encode(), b"%(" + name + b")" + kind)
+    return head, with_body
+
+
+def fill(shape: tuple[bytes, bool], request_id: str, age: int, date: bytes, body: bytes) -> bytes:
+    """An answer from its shape (:func:`template`) and its own values."""
+    head, with_body = shape
+    out = head % {b"rid": request_id.encode(), b"age": age, b"date": date}
+    return out + body if with_body else out
