@@ -536,7 +536,7 @@ def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | N
     :func:`~proxy.headers.repeated`). No CR, LF or NUL check on values here: aiohttp's
     parsers (C and pure Python) refuse them before any handler runs; the long way checks
     again. Returns the selecting headers' values in :data:`SELECTING`'s order (what
-    ``headers.get`` gives each: the cache key's), None when not plain."""
+    looking each name up gives: the cache key's), None when not plain."""
     selecting: dict[str, str] = {}
     for name, value in headers.items():
         lower = name.lower()
