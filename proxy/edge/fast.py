@@ -107,6 +107,8 @@ LONG_WAY_HEADERS = (
 )
 LONG_WAY_NAMES = frozenset(name.lower() for name in LONG_WAY_HEADERS)
 SELECTING_NAMES = frozenset(name.lower() for name in SELECTING)
+SELECTING_LOWER = tuple(name.lower() for name in SELECTING)
+NONE_SELECTED: tuple[str | None, ...] = (None,) * len(SELECTING)
 # Connection values that name no other header (anything else may hide a selecting header).
 PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
@@ -292,7 +294,7 @@ class FastPath:
         target = asked.target
         account = asked.caller.account
         found = self.cache.fast.find(
-            account, target.path, target.query, request.headers, asked.body_for
+            account, target.path, target.query, request.headers, asked.body_for, asked.selecting
         )
         return None if found is None else (asked, found)
 
@@ -302,7 +304,8 @@ class FastPath:
         if request.method != "GET" or request.version not in VERSIONS:
             return None
         headers = request.headers
-        if not _plain_headers(headers) or not valid_host(headers.get("Host")):
+        selecting = _plain_headers(headers)
+        if selecting is None or not valid_host(headers.get("Host")):
             return None
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
@@ -318,7 +321,7 @@ class FastPath:
         if log.isEnabledFor(logging.DEBUG):
             begin_trace(rid)  # the cache's debug events name the request
         body_for = None if accepts else self._plain
-        return Asked(started, rid, caller, *known, accepts, body_for)
+        return Asked(started, rid, caller, *known, accepts, body_for, selecting)
 
     def join(self, request: web.BaseRequest, joiner: Joiner) -> Awaitable[web.StreamResponse]:
         """Wait for the flight a joiner would join the long way; answer from its outcome
@@ -526,25 +529,28 @@ class FastPath:
             return None
 
 
-def _plain_headers(headers: CIMultiDictProxy[str]) -> bool:
+def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | None:
     """Whether a GET's headers may take the fast path, looked through once: none of
     :data:`LONG_WAY_HEADERS`, every value UTF-8 on the wire, no selecting header on two
     lines (the long way refuses those: :func:`~proxy.headers.not_utf8`,
     :func:`~proxy.headers.repeated`). No CR, LF or NUL check on values here: aiohttp's
     parsers (C and pure Python) refuse them before any handler runs; the long way checks
-    again."""
-    selecting: list[str] = []
+    again. Returns the selecting headers' values in :data:`SELECTING`'s order (what
+    looking each name up gives: the cache key's), None when not plain."""
+    selecting: dict[str, str] = {}
     for name, value in headers.items():
         lower = name.lower()
         if lower in LONG_WAY_NAMES:
-            return False
+            return None
         if not value.isascii() and not_utf8(((name, value),)) is not None:
-            return False
+            return None
         if lower in SELECTING_NAMES:
             if lower in selecting:
-                return False
-            selecting.append(lower)
-    return True
+                return None
+            selecting[lower] = value
+    if not selecting:
+        return NONE_SELECTED
+    return tuple(map(selecting.get, SELECTING_LOWER))
 
 
 # The content coding of a stored entry's headers (a few hundred entries hot at most).

@@ -28,6 +28,8 @@ class Asked:
     route: str
     accepts: bool  # the caller takes gzip
     body_for: BodyFor | None
+    # The request's SELECTING values in its order (None: not read; the key reads them).
+    selecting: tuple[str | None, ...] | None = None
 
 
 class Settle(Protocol):

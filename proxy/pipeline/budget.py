@@ -28,13 +28,14 @@ Shared (``[shared] backend = "redis"``): the account's bucket lives in Redis ins
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 
 from proxy.clock import Clock, MonotonicClock
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
-from proxy.logs import debug, trace
+from proxy.logs import debug, log, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.pipeline.account_budget import AccountBudget
 from proxy.pipeline.gates import Gate, Rate, SharedGate, live_rate, rate_for
@@ -197,15 +198,16 @@ class Budget:
                     request.caller, limit, request.priority, request.wanted
                 )
             now.budget_wait += waited
-            debug(
-                "budget_taken",
-                request_id=request.request_id,
-                account=request.account,
-                caller=request.caller,
-                priority=request.priority,
-                waited_ms=round(waited * 1000, 2),
-                mode=budget.gate.mode(),
-            )
+            if log.isEnabledFor(logging.DEBUG):  # its fields built only when someone reads it
+                debug(
+                    "budget_taken",
+                    request_id=request.request_id,
+                    account=request.account,
+                    caller=request.caller,
+                    priority=request.priority,
+                    waited_ms=round(waited * 1000, 2),
+                    mode=budget.gate.mode(),
+                )
             response = await self.inner.send(request)
             if response.status != 429:
                 budget.bucket.recovered()

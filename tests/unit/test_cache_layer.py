@@ -12,14 +12,14 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from proxy.cache.fastlook import Startable
+from proxy.cache.fastlook import Startable, Unheld, webhook_rule
 from proxy.cache.layer import Cache
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.policy import parse_key
 from proxy.cache.store import CacheStore
 from proxy.errors import UpstreamUnreachable
 from proxy.messages import ProxyRequest, ProxyResponse
-from proxy.settings import Settings
+from proxy.settings import CacheRule, Settings
 
 LIST = "/v1/companies/5/customers.json"
 
@@ -282,3 +282,39 @@ async def test_a_flight_started_at_the_edge_is_sent_below_before_start_returns(
     outcome = await cache.fast.wait(pending)
     assert not isinstance(outcome, Exception) and outcome.cache_status == "REVALIDATED"
     assert len(inner.sent) == 2
+
+
+async def test_the_key_made_from_the_selecting_values_read_is_the_headers_key(
+    cache: Cache, inner: Scripted
+) -> None:
+    """FastLook.find given the selecting headers' values (read by the fast path's one pass
+    over the headers) finds what the headers' own key finds, without reading them again."""
+    inner.answers = [answer(Cache_Control="max-age=60", ETag='"a"')]
+    await body_of(await cache.send(request(Accept="application/json", X_Page="2")))
+    bare = CIMultiDictProxy(CIMultiDict())
+    found = cache.fast.find("main", LIST, "", bare, None, ("application/json", None, "2"))
+    assert isinstance(found, tuple) and found[2] == b"[1]"
+    assert isinstance(cache.fast.find("main", LIST, "", bare), Unheld)  # the headers' key
+    other = cache.fast.find("main", LIST, "", bare, None, ("application/json", None, None))
+    assert isinstance(other, Unheld)
+
+
+async def test_a_paths_webhook_rule_is_looked_up_once_per_rules(
+    cache: Cache, inner: Scripted
+) -> None:
+    """Whether a fast hit's path has a webhook rule is remembered per path while the rules
+    stay the same object (no hashing of the rules per request); new rules (a reload) are
+    asked again."""
+    inner.answers = [answer(Cache_Control="max-age=60", ETag='"a"')]
+    await body_of(await cache.send(request()))
+    bare = CIMultiDictProxy(CIMultiDict())
+    assert isinstance(cache.fast.find("main", LIST, "", bare), tuple)
+    asked = webhook_rule.cache_info()
+    assert isinstance(cache.fast.find("main", LIST, "", bare), tuple)
+    assert webhook_rule.cache_info() == asked
+    hooked = (CacheRule(path="/v1/companies/*/customers", webhooks=True),)
+    cache.fast.rules = lambda: hooked
+    assert cache.fast.find("main", LIST, "", bare) is None  # the long way: the feed decides
+    plain = (CacheRule(path="/v1/companies/*/customers"),)
+    cache.fast.rules = lambda: plain
+    assert isinstance(cache.fast.find("main", LIST, "", bare), tuple)
