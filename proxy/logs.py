@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # the string encoder of ensure_ascii=False
 from typing import IO, Any
 
 LOGGER = "kounta_proxy"
@@ -141,12 +142,22 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
         return
     # The line the logging call would write, without its record (a LogRecord, the caller's
     # frame found, handlers looked up: more than half of an access line's cost).
+    _emit(handler, level, name, json_line, logging.getLevelName(level).lower(), name, fields)
+
+
+def _emit(
+    handler: logging.StreamHandler[IO[str]],
+    level: int,
+    name: str,
+    build: Callable[..., str],
+    *args: Any,
+) -> None:
+    """Write ``build(now, *args)`` and the handler's newline to the handler's stream, as
+    ``StreamHandler.emit`` does: under its lock, flushed, a failure reported, not raised."""
     created = time.time()
-    level_name = logging.getLevelName(level)
     handler.acquire()
     try:
-        line = json_line(created, level_name.lower(), name, fields)
-        handler.stream.write(line + handler.terminator)
+        handler.stream.write(build(created, *args) + handler.terminator)
         handler.flush()
     except RecursionError:
         raise
@@ -154,6 +165,76 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
         handler.handleError(log.makeRecord(LOGGER, level, __file__, 0, name, (), None))
     finally:
         handler.release()
+
+
+class Fixed:
+    """An event whose fields are the same keys in the same order every time (the access
+    line): ``write(*values)`` writes the line :func:`event` would with those keys, the same
+    bytes, from the keys encoded once and each value through json's own encodings (a str,
+    int, float, bool or None as the JSON encoder spells it; anything else by the encoder).
+    No field dict, no encoder built a line."""
+
+    __slots__ = ("_head", "_keys", "keys", "level", "name")
+
+    def __init__(self, name: str, keys: tuple[str, ...], level: int = logging.INFO) -> None:
+        self.name, self.keys, self.level = name, keys, level
+        level_name = logging.getLevelName(level).lower()
+        # What follows the time: '","level":"info","event":"request"'.
+        self._head = '",' + _JSON.encode({"level": level_name, "event": name})[1:-1]
+        self._keys = tuple(f",{encode_basestring(key)}:" for key in keys)
+
+    def write(self, *values: Any) -> None:
+        """The event with ``values`` (one for each of :attr:`keys`, in order)."""
+        if not log.isEnabledFor(self.level):
+            return
+        handler = _direct(self.level)
+        if handler is None:
+            fields = dict(zip(self.keys, values, strict=True))
+            log.log(self.level, self.name, extra={"fields": fields})
+            return
+        _emit(handler, self.level, self.name, self.line, values)
+
+    def line(self, created: float, values: tuple[Any, ...]) -> str:
+        """:func:`json_line`'s line for these values, without its newline."""
+        # _iso's text is digits and "-T:.Z": nothing in it JSON escapes.
+        head = f'{{"time":"{_iso(created)}{self._head}'
+        if _worker[0] is not None:
+            head += f',"worker":{_encoded(_worker[0])}'
+        # Locals: a global or attribute looked up per value costs as much as its encoding.
+        string, scalar, other = encode_basestring, _ENCODERS.get, _JSON.encode
+        fields = [
+            key
+            + (
+                string(value)
+                if type(value) is str
+                else "null"
+                if value is None
+                else scalar(type(value), other)(value)
+            )
+            for key, value in zip(self._keys, values, strict=True)
+        ]
+        return head + "".join(fields) + "}"
+
+
+def _float(value: float) -> str:
+    """A float as the JSON encoder spells it (repr; NaN and the infinities as JavaScript's)."""
+    text = float.__repr__(value)
+    return _NONFINITE.get(text, text)
+
+
+_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+# Exactly these types (a subclass, e.g. an enum, goes through the encoder).
+_ENCODERS: dict[type, Callable[[Any], str]] = {
+    str: encode_basestring,
+    int: int.__repr__,
+    float: _float,
+    bool: {True: "true", False: "false"}.__getitem__,
+    type(None): "null".format,  # format ignores its argument: "null"
+}
+
+
+def _encoded(value: Any) -> str:
+    return _ENCODERS.get(type(value), _JSON.encode)(value)
 
 
 def _direct(level: int) -> logging.StreamHandler[IO[str]] | None:

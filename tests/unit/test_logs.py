@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import io
 import json
 import logging
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.logs import JsonFormatter, TextFormatter, configure, event
 
@@ -99,29 +103,21 @@ def test_an_event_to_the_configured_json_stream_is_the_records_line_without_a_re
     (here a filter) the record goes through logging as before."""
     from proxy.logs import set_worker
 
-    made: list[logging.LogRecord] = []
-    factory = logging.getLogRecordFactory()
-
-    def counted(*args: object, **kwargs: object) -> logging.LogRecord:
-        made.append(factory(*args, **kwargs))
-        return made[-1]
-
-    logging.setLogRecordFactory(counted)
     monkeypatch.setattr("time.time", lambda: 1765000000.1234)
     out = io.StringIO()
     configure("info", "json", out)
     set_worker(worker)
-    try:
-        fields = {"status": 200, "ms": 0.05, "path": '/v1/ä?x="1"', "query": None, "n": [1]}
-        event("request", **fields)
-        assert made == []
-        logging.getLogger("kounta_proxy").addFilter(anything)
-        event("request", **fields)
-        event("detail", level=logging.DEBUG)  # below the level: nothing either way
-    finally:
-        logging.getLogger("kounta_proxy").removeFilter(anything)
-        set_worker(None)
-        logging.setLogRecordFactory(factory)
+    with capture_records() as made:
+        try:
+            fields = {"status": 200, "ms": 0.05, "path": '/v1/ä?x="1"', "query": None, "n": [1]}
+            event("request", **fields)
+            assert made == []
+            logging.getLogger("kounta_proxy").addFilter(anything)
+            event("request", **fields)
+            event("detail", level=logging.DEBUG)  # below the level: nothing either way
+        finally:
+            logging.getLogger("kounta_proxy").removeFilter(anything)
+            set_worker(None)
     assert len(made) == 1
     direct, recorded = out.getvalue().splitlines(keepends=True)
     assert direct == recorded
@@ -135,3 +131,135 @@ def test_an_event_the_log_cannot_take_is_reported_not_raised(
     configure("info", "json", Unwritable())
     event("request", status=200)  # no exception
     assert "the log's pipe is gone" in capsys.readouterr().err
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+
+
+class Shade(enum.StrEnum):
+    DARK = 'da"rk'
+
+
+AWKWARD: list[object] = [
+    "plain",
+    "",
+    'quo"te \\ back\\slash /',
+    "ä € 😀 ℵ",
+    "\x00\x01\x1f\n\r\t\x7f\u2028\u2029",
+    "\ud800 lone surrogate",
+    0.1,
+    -0.0,
+    1e300,
+    1e-7,
+    round(0.015 * 1000, 2),
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    None,
+    True,
+    False,
+    0,
+    -17,
+    2**100,
+    -(2**64),
+    Colour.RED,
+    Shade.DARK,
+    {"nested": ["ä", None, 1.5]},
+    [1, "two"],
+    (3, 4),
+    b"by\x00tes",
+    object,
+]
+
+
+def old_line(created: float, fields: dict[str, object]) -> str:
+    """The line as the logging record's formatter wrote it before Fixed, an encoder built
+    per line by json.dumps with the JSON format's options."""
+    from proxy.logs import _iso, _worker
+
+    entry: dict[str, object] = {"time": _iso(created), "level": "info", "event": "request"}
+    if _worker[0] is not None:
+        entry["worker"] = _worker[0]
+    entry.update(fields)
+    return json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("worker", [None, 3])
+def test_a_fixed_events_line_is_the_encoders_byte_for_byte(worker: int | None) -> None:
+    """Every awkward value in every place (first, middle, last), keys that need escaping,
+    with and without a worker: Fixed's line equals json.dumps's."""
+    from proxy.logs import Fixed, set_worker
+
+    keys = (*(f"k{i}" for i in range(len(AWKWARD))), 'q"u\\o\nte', "ünï")
+    fixed = Fixed("request", keys)
+    set_worker(worker)
+    try:
+        for shift in range(len(AWKWARD)):
+            values = [*AWKWARD[shift:], *AWKWARD[:shift], "x", 1.25]
+            fields = dict(zip(keys, values, strict=True))
+            assert fixed.line(1765000000.1234, tuple(values)) == old_line(1765000000.1234, fields)
+    finally:
+        set_worker(None)
+
+
+scalars = st.text() | st.integers() | st.floats() | st.none() | st.booleans() | st.binary()
+
+
+@given(st.lists(scalars, min_size=1, max_size=8), st.floats(0, 4e9))
+def test_a_fixed_events_line_is_the_encoders_for_any_scalars(
+    values: list[object], created: float
+) -> None:
+    from proxy.logs import Fixed
+
+    keys = tuple(f"f{i}" for i in range(len(values)))
+    fields = dict(zip(keys, values, strict=True))
+    assert Fixed("request", keys).line(created, tuple(values)) == old_line(created, fields)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_fixed_event_writes_the_records_line_and_reports_a_failed_write(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """configure()'s JSON stream: Fixed.write's line is the one logging's record makes
+    of the same fields (a filter on the logger sends it through logging, fields as given);
+    below the level nothing; an unwritable stream is reported, not raised."""
+    from proxy.logs import Fixed
+
+    fixed = Fixed("request", ("status", "path", "ms", "query"))
+    values = (200, '/v1/ä?x="1"', 0.05, None)
+    out = io.StringIO()
+    configure("info", "json", out)
+    logger = logging.getLogger("kounta_proxy")
+    with capture_records() as records:
+        fixed.write(*values)
+        assert records == []  # the line written without a record
+        logger.addFilter(anything)
+        try:
+            fixed.write(*values)
+        finally:
+            logger.removeFilter(anything)
+    direct, recorded = out.getvalue().splitlines(keepends=True)
+    assert direct == recorded and direct.endswith("}\n")
+    assert [r.fields for r in records] == [dict(zip(fixed.keys, values, strict=True))]  # type: ignore[attr-defined]
+    Fixed("quiet", ("n",), level=logging.DEBUG).write(1)
+    assert out.getvalue().count("\n") == 2
+    configure("info", "json", Unwritable())
+    fixed.write(*values)  # no exception
+    assert "the log's pipe is gone" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def capture_records() -> Iterator[list[logging.LogRecord]]:
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    logging.setLogRecordFactory(counted)
+    try:
+        yield made
+    finally:
+        logging.setLogRecordFactory(factory)
