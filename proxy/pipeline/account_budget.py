@@ -6,7 +6,8 @@ and round robin over callers within a class, so one busy caller cannot starve th
 batch walk cannot hold up a till. Batch never takes the last ``budget.reserve`` of the burst and
 window's cap, nor ``budget.headroom`` tokens. A request whose wait would pass its limit gets
 :class:`~proxy.errors.RateLimited` at once. :meth:`AccountBudget.expected_wait` estimates a
-wait without taking anything (:meth:`AccountBudget.estimate`: the fleet's state read first).
+wait without taking anything (:meth:`AccountBudget.estimate`: the fleet's state read first;
+the estimates are :class:`proxy.pipeline.estimates.Estimates`).
 The layer that drives it per request is :class:`proxy.pipeline.budget.Budget`."""
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.clock import Clock
@@ -23,6 +23,7 @@ from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.logs import debug, event
 from proxy.pipeline.classstats import ClassStats
+from proxy.pipeline.estimates import OTHERS, Estimates, Waiter, Wanted
 from proxy.pipeline.gates import (
     Bucket,
     Gate,
@@ -37,10 +38,8 @@ from proxy.pipeline.pauses import capped, pause_asked, said
 from proxy.pipeline.queue import (
     CLASSES,
     DEFAULT_CLASS,
-    ClassQueue,
     Grant,
     QueueState,
-    activated,
     decide,
     order,
     owed,
@@ -50,8 +49,6 @@ from proxy.pipeline.queue import (
 from proxy.settings import BudgetSettings
 from proxy.shared.base import SlotAsk, Taken
 
-# In estimates, the other replicas' waiting requests of a class (no caller name has a "~").
-OTHERS = "~others"
 # At admission, a turn this close to a request's limit is as good as too late (the dispatcher
 # wakes a few ms late on a busy loop: it would wait its whole limit for a 429). A request
 # already waiting keeps its place while its turn stays before its limit (a late wake-up moves
@@ -62,28 +59,11 @@ TURN_MARGIN = 0.05
 DEGRADED_ASK = 1.0
 
 
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[None]
-    limit: float
-    started: float = 0.0
-    klass: str = DEFAULT_CLASS
-    # A background request (nobody waits for its answer): whether it is still worth a token.
-    wanted: Wanted | None = None
-
-    def unwanted(self) -> bool:
-        return self.wanted is not None and not self.wanted()
-
-
-# A background request's test: is it still useful (False: drop it instead of sending it)?
-Wanted = Callable[[], bool]
-
-
 def _no_cap(caller: str) -> float:
     return 1.0
 
 
-class AccountBudget:
+class AccountBudget(Estimates):
     """One account's bucket and its queue of waiting requests: classes by weight, callers
     round robin within a class (the discipline is :mod:`proxy.pipeline.queue`)."""
 
@@ -97,19 +77,18 @@ class AccountBudget:
         gate: Gate | None = None,
         shares: Callable[[str], float] = _no_cap,
     ) -> None:
-        self.name, self.rate, self.settings, self.clock, self.metrics = (
-            name, rate, settings, clock, metrics,
-        )  # fmt: skip
+        self.name = name
+        self.rate = rate
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
         self.gate: Gate = gate or LocalGate(Bucket(rate, clock.now()))
         self.bucket = self.gate.bucket  # the whole budget (local), or the fallback share (shared)
         self.shares = shares  # a caller's max_share (live settings: a reload may change it)
-        # class -> caller -> its waiting requests; the order of callers is the round robin.
-        self.queues: dict[str, OrderedDict[str, deque[_Waiter]]] = {
-            k: OrderedDict() for k in CLASSES
-        }
+        self.queues = {k: OrderedDict() for k in CLASSES}  # class -> caller -> its waiters
         self.reclass(settings)  # the weights, told to the fleet's queue when shared
         self.starts, self.vtime = dict.fromkeys(CLASSES, 0.0), 0.0  # start tags, virtual time
-        self.recent: deque[tuple[float, str, str]] = deque()  # grants, for max_share
+        self.recent = deque()  # grants, for max_share
         self.waiting = 0
         if isinstance(self.gate, SharedGate):  # the fleet's queue has classes too
             self.gate.waiting = self.demand
@@ -188,16 +167,6 @@ class AccountBudget:
         waived = state is not None and owed(state, klass)
         return (self.settings.reserve, 0 if waived else self.settings.headroom)
 
-    def expected_wait(self, caller: str, klass: str = DEFAULT_CLASS) -> float:
-        """Seconds a new request of ``caller`` in ``klass`` would wait for its token, estimated
-        as :meth:`acquire` does before queueing it, without taking anything or asking Redis:
-        this process's queue in the discipline's order, and (shared) the other replicas'
-        waiting requests and the next slot as the last take or read of the fleet said
-        (``TAKE_CLASSED``, or :meth:`estimate`'s ``SPARE``)."""
-        now = self.clock.now()
-        ahead = self.ahead_of(caller, klass) if self.waiting or any(self._others().values()) else 0
-        return max(0.0, self.gate.ready_after(now, ahead) - now)
-
     async def estimate(self, caller: str, klass: str = DEFAULT_CLASS) -> float:
         """:meth:`expected_wait` on the fleet's state as it is now: shared, the gate reads it
         first (one read-only round trip, at most every ``LOOK_SECONDS``, shared by callers at
@@ -238,7 +207,7 @@ class AccountBudget:
         if self.waiting >= self.settings.queue_size:
             raise self._reject("queue_full", at - started, klass, background)
         future = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(future, limit, started, klass, wanted)
+        waiter = Waiter(future, limit, started, klass, wanted)
         first = not self.queues[klass]
         self._enqueue(klass, caller, waiter)
         # Shared, the fleet learns of a class waiting here only when the dispatcher next asks
@@ -308,64 +277,12 @@ class AccountBudget:
         self.metrics.budget_served.labels(self.name, klass).inc()
         self.stats.served(klass, waited, now)
 
-    def _enqueue(self, klass: str, caller: str, waiter: _Waiter) -> None:
+    def _enqueue(self, klass: str, caller: str, waiter: Waiter) -> None:
         queues = self.queues[klass]
         if not queues:  # the class joins at the current virtual time: no credit saved up
             self.starts[klass] = max(self.starts[klass], self.vtime)
         queues.setdefault(caller, deque()).append(waiter)
         self.waiting += 1
-
-    def state(self, now: float, fleet: bool = False) -> QueueState:
-        """The queue as the pure discipline sees it (live waiters only). With ``fleet``, for
-        estimates: other replicas' waiting requests (shared) stand first in each class's round
-        as one caller, :data:`OTHERS`."""
-        classes = {}
-        caps: dict[str, float] = {}
-        others = self._others() if fleet else {}
-        for klass, queues in self.queues.items():
-            callers = [(OTHERS, others[klass])] if others.get(klass) else []
-            for caller, queue in queues.items():
-                live = sum(1 for w in queue if not w.future.done())
-                if live:
-                    callers.append((caller, live))
-                    if (share := self.shares(caller)) < 1.0:
-                        caps[caller] = share
-            classes[klass] = ClassQueue(self.weights[klass], self.starts[klass], tuple(callers))
-        recent = tuple(self.recent) if caps else ()
-        return QueueState(classes, self.vtime, recent, self._span(), caps)
-
-    def _others(self) -> dict[str, int]:
-        if not isinstance(self.gate, SharedGate) or self.gate.mode() != "shared":
-            return {}
-        mine = self.gate.mine  # what this replica told Redis when it said the fleet's
-        return {k: max(0, self.gate.fleet[i] - mine[i]) for i, k in enumerate(CLASSES)}
-
-    def _span(self) -> float:
-        return self.rate.window + self.rate.margin
-
-    def ahead_of(self, caller: str, klass: str = DEFAULT_CLASS) -> int:
-        """Waiters served before a new request of ``caller`` in ``klass``, in the order the
-        discipline would serve them if no one else joined. Shared, the fleet's queue counts:
-        other replicas' requests of the class all came first (the fleet is first come, first
-        served within a class), and those of other classes as the weights interleave them."""
-        now = self.clock.now()
-        state = activated(self.state(now, fleet=True), klass)
-        queue = state.classes[klass]
-        others = dict(queue.callers).get(OTHERS, 0)
-        own = dict(queue.callers).get(caller, 0)
-        callers = (*queue.callers, (caller, 1))
-        if own:  # keep the caller's place in the round
-            callers = tuple((c, n + 1 if c == caller else n) for c, n in queue.callers)
-        state = replace(state, classes={**state.classes, klass: replace(queue, callers=callers)})
-        mine = 0
-        for position, grant in enumerate(order(state, now)):
-            if grant == Grant(klass, OTHERS):
-                others -= 1
-            elif grant == Grant(klass, caller):
-                mine += 1
-                if mine > own:
-                    return position + others
-        return self.waiting  # not reached: the new request is in the state
 
     def _reject(
         self, reason: str, wait: float, klass: str, background: bool = False
