@@ -231,7 +231,15 @@ class CacheRecords:
             keys.append(self._cache_key(account, "lock", digest + WAITING))
             sealed = self.records.seal(self._cache_key(account, "note", digest).encode(), note)
             args += [owner.encode() + b"|" + sealed, self.key("cache", "notes") + ":"]
-        await self._run("cache_unlock", lambda: self._cache_release(keys, args), None)
+
+        def release() -> Awaitable[Any]:
+            sent = self._cache_release(keys, args)
+            # At once: the waiting replicas hear it before this one answers its own callers
+            # (the flight's wake-up answers its joiners in the callbacks queued after this).
+            self.wire.flush()
+            return sent
+
+        await self._run("cache_unlock", release, None)
 
     async def cache_note(
         self, account: str, digest: str, holder: str, seconds: float

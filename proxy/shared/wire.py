@@ -119,9 +119,16 @@ class Wire:
         if self._watch is None:
             self._watch = loop.call_at(due, self._overdue)
 
+    def flush(self) -> None:
+        """Write this turn's calls now, not at the turn's end: for a call that others wait
+        on (the fetch lock's release and its note) when the rest of the turn is this
+        replica's own work (answering a flight's joiners: a millisecond and more)."""
+        if self._unsent:
+            self._send()
+
     def _send(self) -> None:
         unsent, self._unsent = self._unsent, []
-        if self._replies is not None:
+        if unsent and self._replies is not None:  # none: flushed already
             self._replies.transport.write(b"".join(unsent))
         # else: the connection failed meanwhile, and its calls with it
 
