@@ -413,8 +413,9 @@ def _is_record(key: str) -> bool:
 
 
 @contextlib.contextmanager
-def own_redis(directory: str) -> Iterator[str]:
-    """A redis-server of the bench's own on a free loopback port, without persistence."""
+def own_redis(directory: str, unix: str | None = None) -> Iterator[str]:
+    """A redis-server of the bench's own on a free loopback port, without persistence (and
+    on the Unix socket ``unix`` too, when given)."""
     found = shutil.which("redis-server")
     if found is None:
         raise SystemExit("--replicas needs redis-server (apt-get install redis-server)")
@@ -423,6 +424,8 @@ def own_redis(directory: str) -> Iterator[str]:
         port = s.getsockname()[1]
     args = [found, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
             "--save", "", "--appendonly", "no"]  # fmt: skip
+    if unix is not None:
+        args += ["--unixsocket", unix, "--unixsocketperm", "700"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):

@@ -3,13 +3,15 @@
 caller's If-None-Match on bench/origin.py (bench/compare.py's scenarios), through one process
 (the default local backend), ``--workers 1`` and ``--workers 2`` (N processes on one port,
 SO_REUSEPORT, sharing state in a Redis of the bench's own), every server started first, then
-interleaved rounds. wrk shares the two cores with them, so the target is 1.3x, not 2x. Per row:
-req/s and p99 (the round with the median req/s), upstream requests per caller request (from
-the origin), Redis round trips per request from the workers' own
-``kounta_proxy_shared_calls_total``, the server's CPU (its processes' user + system time per
-second of the run, in cores) and the machine's headroom (its idle cores over the run, from
-/proc/stat). ``--old DIR`` adds ``--workers 1`` and ``2`` of the proxy package in DIR (``git
-archive REV proxy | tar -x -C DIR``, as bench.ab) to the same interleaved rounds.
+interleaved rounds (every other one in the reverse order). wrk shares the two cores with them,
+so the target is 1.3x, not 2x. Per row: req/s and p99 (the round with the median req/s),
+upstream requests per caller request (from the origin), Redis round trips per request from the
+workers' own ``kounta_proxy_shared_calls_total``, the server's CPU (its processes' user +
+system time per second of the run, in cores) and the machine's headroom (its idle cores over
+the run, from /proc/stat). ``--old DIR`` adds ``--workers 1`` and ``2`` of the proxy package in
+DIR (``git archive REV proxy | tar -x -C DIR``, as bench.ab) to the same interleaved rounds;
+``--unix`` adds ``--workers 1`` and ``2`` on the same Redis over its Unix socket (``shared.url
+= "unix://..."``) instead of loopback TCP.
 """
 
 from __future__ import annotations
@@ -162,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--connections", type=int, default=cache_bench.CONNECTIONS)
     p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
+    p.add_argument("--unix", action="store_true", help="workers on Redis's Unix socket too")
     args = p.parse_args(argv)
-    chosen: list[tuple[str, int | None, str | None]] = [(lb, w, None) for lb, w in SERVERS]
-    if args.old:
-        chosen += [(f"{label}, --old", w, args.old) for label, w in SERVERS if w is not None]
+    # (label, workers, package directory, on the Unix socket)
+    chosen: list[tuple[str, int | None, str | None, bool]]
+    chosen = [(lb, w, None, False) for lb, w in SERVERS]
+    variants = [(", --old", args.old, False)] * bool(args.old)
+    variants += [(", unix", None, True)] * args.unix
+    for suffix, cwd, unix in variants:
+        chosen += [(label + suffix, w, cwd, unix) for label, w in SERVERS if w is not None]
     wrk = cache_bench.ensure_wrk()
     if wrk is None:
         print("--workers needs wrk", file=sys.stderr)
@@ -181,18 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
         stack.enter_context(cache_bench.process(origin_args, origin_port))
-        redis = stack.enter_context(own_redis(str(directory)))
+        socket_path = directory / "redis.sock"
+        redis = stack.enter_context(own_redis(str(directory), str(socket_path)))
         servers = [
-            Server(label, *start(stack, directory, origin, redis, workers, cwd))
-            for label, workers, cwd in chosen
-        ]
+            Server(label, *start(stack, directory, origin,
+                                 f"unix://{socket_path}?db=0" if unix else redis, workers, cwd))
+            for label, workers, cwd, unix in chosen
+        ]  # fmt: skip
         etag = cache_bench.fetch(servers[0].url + compare.REVALIDATED)[1]["etag"]
         noted: dict[str, dict[str, float]] = {}
         for round_no in range(1, args.rounds + 1):
             print(f"round {round_no} of {args.rounds}", file=sys.stderr, flush=True)
             for scenario in compare.SCENARIOS:
                 headers = {"If-None-Match": etag} if scenario.inm else {}
-                for server in servers:
+                # Every other round in the reverse order: a server's place in the round
+                # counts for 0.1-0.3 of a ratio on this machine (docs/performance.md).
+                for server in servers if round_no % 2 else servers[::-1]:
                     calls = None if server.admin is None else shared_calls(server.admin)
                     served = compare.served(origin)
                     cpu, idle, began = cpu_seconds(server.pids), idle_seconds(), time.monotonic()
@@ -217,23 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     medians: dict[tuple[str, str], float] = {}
     for scenario in compare.SCENARIOS:
-        for label, _, _ in chosen:
+        for label, *_ in chosen:
             runs = rows[(scenario.key, label)]
             rps, p99, up, calls, busy, spare = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
             medians[(scenario.key, label)] = rps
             shown = "" if calls is None else f"{calls:.3f}"
             print(f"| {scenario.label} | {label} | {rps:.0f} | {p99:.2f} | {up:.3f} | {shown} "
                   f"| {busy:.2f} | {busy / rps * 1e6:.0f} | {spare:.2f} |")  # fmt: skip
-    old = " | --workers 2, --old / one process | --workers 1, --old / one process" * bool(args.old)
+    more = "".join(
+        f" | --workers 2{suffix} / one process | --workers 1{suffix} / one process"
+        for suffix, *_ in variants
+    )
     print(f"\n| scenario | --workers 2 / one process | --workers 2 / --workers 1 "
-          f"| --workers 1 / one process{old} |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: |" + " ---: | ---: |" * bool(args.old))
+          f"| --workers 1 / one process{more} |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: |" + " ---: | ---: |" * len(variants))
     for scenario in compare.SCENARIOS:
-        m = {label: medians[(scenario.key, label)] for label, _, _ in chosen}
+        m = {label: medians[(scenario.key, label)] for label, *_ in chosen}
         two, one, w1 = m["--workers 2"], m["one process"], m["--workers 1"]
         cells = [two / one, two / w1, w1 / one]
-        if args.old:
-            cells += [m["--workers 2, --old"] / one, m["--workers 1, --old"] / one]
+        for suffix, *_ in variants:
+            cells += [m[f"--workers 2{suffix}"] / one, m[f"--workers 1{suffix}"] / one]
         print(f"| {scenario.label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     print("\n(target: no scenario below 1.0; 1.3 for fresh hits on two shared cores)")
     for server in servers:
