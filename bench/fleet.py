@@ -413,9 +413,9 @@ def _is_record(key: str) -> bool:
 
 
 @contextlib.contextmanager
-def own_redis(directory: str, unix: str | None = None) -> Iterator[str]:
+def own_redis(directory: str, unix: str | None = None, nice: int = 0) -> Iterator[str]:
     """A redis-server of the bench's own on a free loopback port, without persistence (and
-    on the Unix socket ``unix`` too, when given)."""
+    on the Unix socket ``unix`` too, when given), at ``nice`` (below 0: before the others)."""
     found = shutil.which("redis-server")
     if found is None:
         raise SystemExit("--replicas needs redis-server (apt-get install redis-server)")
@@ -426,6 +426,8 @@ def own_redis(directory: str, unix: str | None = None) -> Iterator[str]:
             "--save", "", "--appendonly", "no"]  # fmt: skip
     if unix is not None:
         args += ["--unixsocket", unix, "--unixsocketperm", "700"]
+    if nice:
+        args = ["nice", "-n", str(nice), *args]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):

@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=cache_bench.CONNECTIONS)
     p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
     p.add_argument("--unix", action="store_true", help="workers on Redis's Unix socket too")
+    p.add_argument("--redis-nice", type=int, default=0, help="redis-server's nice (-20..19)")
     args = p.parse_args(argv)
     # (label, workers, package directory, on the Unix socket)
     chosen: list[tuple[str, int | None, str | None, bool]]
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
         stack.enter_context(cache_bench.process(origin_args, origin_port))
         socket_path = directory / "redis.sock"
-        redis = stack.enter_context(own_redis(str(directory), str(socket_path)))
+        redis = stack.enter_context(own_redis(str(directory), str(socket_path), args.redis_nice))
         servers = [
             Server(label, *start(stack, directory, origin,
                                  f"unix://{socket_path}?db=0" if unix else redis, workers, cwd))
