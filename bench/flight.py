@@ -7,9 +7,13 @@ request waits for its own conditional GET answered 304: the proxy's CPU per requ
 flight's cost plus one answer's (``--connections N``: N at once, flights shared). With
 ``--old DIR`` the proxy package in DIR is measured too, round after round interleaved;
 ``--profile OUT`` records the (first) proxy with ``py-spy record -f raw`` instead of
-measuring (docs/performance.md, "A revalidation's flight, part by part").
+measuring (docs/performance.md, "A revalidation's flight, part by part"). ``--fresh``: the
+fresh-hit path instead (a cache rule, no flight); ``--log-level info``: an access line a
+request, to /dev/null (``--log-pipe``: to a pipe this process reads, as a container
+runtime's), as a deployment writes by default.
 
     python -m bench.flight [--old DIR] [--rounds 3] [--seconds 5] [--profile OUT]
+                           [--fresh] [--log-level info] [--log-pipe]
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import IO
 
 from bench import cache_bench
 from bench.cache_bench import LOAD, SERVER, TOKEN, cpu_seconds, free_port, pin, process
-from bench.compare import REVALIDATED, get, served
+from bench.compare import FRESH, REVALIDATED, get, served
 
 
 def measure(
@@ -43,6 +49,12 @@ def measure(
     return spent * 1e6 / max(1, total), (served(origin) - before) / max(1, total)
 
 
+def drain(stream: IO[bytes] | None) -> None:
+    """Read a proxy's stderr until it closes (the reader a deployment's log pipe has)."""
+    while stream is not None and stream.read1(1 << 16):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.flight")
     p.add_argument("--old", help="a directory holding the other proxy package")
@@ -51,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     p.add_argument("--connections", type=int, default=1, help="wrk's (1: every request a flight)")
     p.add_argument("--profile", help="py-spy's raw output for the (new) proxy; no measuring")
+    p.add_argument("--fresh", action="store_true", help="the fresh-hit path (no flight)")
+    p.add_argument("--log-level", choices=("warning", "info"), default="warning")
+    p.add_argument("--log-pipe", action="store_true", help="stderr a pipe read here, not /dev/null")
     a = p.parse_args(argv)
     wrk_binary = shutil.which("wrk")
     if wrk_binary is None:
@@ -69,12 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             servers = {}
             for name, tree in trees.items():
                 port = free_port()
+                rule = "/v1/companies/*/products/*" if a.fresh else "/v1/none"
                 config = cache_bench.proxy_config(
-                    directory, origin, port, True, rule="/v1/none", event_loop=a.loop
-                )
+                    directory, origin, port, True, rule=rule, event_loop=a.loop,
+                    log_level=a.log_level,
+                )  # fmt: skip
                 args = [py, "-m", "proxy", "serve", "--config", str(config)]
-                proc = stack.enter_context(process(args, port, cwd=tree, role=SERVER))
-                url = f"http://127.0.0.1:{port}{REVALIDATED}"
+                # An access line a request: nobody reads a pipe while it runs.
+                err = subprocess.DEVNULL if a.log_level == "info" else subprocess.PIPE
+                if a.log_pipe:  # read as a container runtime reads it, by a thread here
+                    err = subprocess.PIPE
+                proc = stack.enter_context(process(args, port, cwd=tree, role=SERVER, stderr=err))
+                if a.log_pipe:
+                    threading.Thread(target=drain, args=(proc.stderr,), daemon=True).start()
+                url = f"http://127.0.0.1:{port}{FRESH if a.fresh else REVALIDATED}"
                 for _ in range(3):
                     status, _ = get(url, {"Authorization": f"Bearer {TOKEN}"})
                     if status != 200:
@@ -88,10 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     measured = measure(wrk_binary, url, origin, pid, a.seconds, a.connections)
                     recording.wait()
                 spent, up = measured
-                print(
-                    f"profiled: {spent:.0f} µs/req, upstream/req {up:.3f}, µs per flight "
-                    f"(all of it) {spent / up:.0f}"
-                )
+                per_flight = f", µs per flight (all of it) {spent / up:.0f}" if up else ""
+                print(f"profiled: {spent:.0f} µs/req, upstream/req {up:.3f}{per_flight}")
                 return 0
             found: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
             for round_no in range(a.rounds):

@@ -219,13 +219,14 @@ def test_a_fixed_events_line_is_the_encoders_for_any_scalars(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_a_fixed_event_writes_the_records_line_and_reports_a_failed_write(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """configure()'s JSON stream: Fixed.write's line is the one logging's record makes
     of the same fields (a filter on the logger sends it through logging, fields as given);
     below the level nothing; an unwritable stream is reported, not raised."""
     from proxy.logs import Fixed
 
+    monkeypatch.setattr("time.time", lambda: 1765000000.1234)  # both lines in one millisecond
     fixed = Fixed("request", ("status", "path", "ms", "query"))
     values = (200, '/v1/ä?x="1"', 0.05, None)
     out = io.StringIO()
