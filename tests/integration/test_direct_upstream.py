@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.client import create_session
@@ -88,11 +91,14 @@ class Kounta:
 @contextlib.asynccontextmanager
 async def loopback(
     serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[str]:
-    """A raw asyncio server on loopback running ``serve`` per connection: its base URL."""
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    """A raw asyncio server on loopback running ``serve`` per connection (over TLS with
+    ``tls``): its base URL."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+    scheme = "https" if tls is not None else "http"
     async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        yield f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 @pytest.fixture
@@ -358,3 +364,29 @@ async def test_the_sessions_way_keeps_its_timeouts_for_a_request_without_deadlin
     finally:
         await made.session.close()
     assert made.session_requests == 1
+
+
+async def test_conditional_gets_over_verified_tls_go_direct_on_the_pooled_connection(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Over TLS (the certificate verified against the configured bundle by the session's
+    connect), the direct way writes the same head on the pooled TLS connection."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    found = Kounta()
+    async with loopback(found.serve, tls) as url:
+        settings = UpstreamSettings(base_url=url, ca_bundle=str(bundle))
+        made = Counted(settings, monkeypatch)
+        try:
+            await made.opened()
+            for _ in range(2):
+                response = await made.upstream.send(conditional())
+                assert response.status == 304
+        finally:
+            await made.session.close()
+    assert made.session_requests == 1
+    assert found.connections == 1
+    assert found.heads[2] == found.heads[1] == found.heads[0]
