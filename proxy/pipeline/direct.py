@@ -12,7 +12,7 @@ serialisation and its refusal of control characters), and reads the answer with 
 connection's own response protocol, set up as the session sets it up (the same C parser and
 its header limits, the read timeout, :class:`proxy.client.ExcessTolerant`'s recovery and
 ``Keep-Alive`` hint). Any answer is handled (a 304 most often, but a 200 with its body, an
-error status): :class:`DirectResponse` is the part of ``aiohttp.ClientResponse`` the
+error status): :class:`DirectResponse` is the part of aiohttp's ``ClientResponse`` the
 upstream layer reads. Errors are aiohttp's own exceptions, mapped by the layer as before.
 
 With no pooled connection (the first request, or after the upstream closed them) the
@@ -22,6 +22,8 @@ request takes the session's way, which opens one (the connect timeout, TLS verif
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
 from typing import Any
 
 import aiohttp
@@ -44,15 +46,28 @@ def direct_candidate(method: str, body: object, headers: CIMultiDict[str]) -> bo
 
 
 class DirectResponse:
-    """What the upstream layer reads of an ``aiohttp.ClientResponse``, for an answer read on
+    """What the upstream layer reads of aiohttp's ``ClientResponse``, for an answer read on
     a pooled connection: the connection goes back to the pool at the body's end (at once
     for an answer without one), or is closed when released before it."""
 
-    __slots__ = ("_connection", "_timer", "content", "content_length", "headers", "status")
+    __slots__ = (
+        "__weakref__",
+        "_connection",
+        "_timer",
+        "content",
+        "content_length",
+        "headers",
+        "status",
+    )
 
-    def __init__(self, connection: Any, timer: asyncio.TimerHandle | None) -> None:
+    def __init__(self, connection: Any, until: float) -> None:
         self._connection = connection
-        self._timer = timer
+        # The exchange's total time: one timer, from the request's write to its body's end.
+        # It holds the answer weakly: one dropped unreleased is collected (and its
+        # connection let go, as aiohttp's are) without waiting for the timer.
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_at(
+            until, _expire, weakref.ref(self)
+        )
         self.status = 0
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
         self.content: StreamReader = EMPTY_PAYLOAD
@@ -68,6 +83,13 @@ class DirectResponse:
             self._end(close=False)
         else:
             payload.on_eof(self.release)
+
+    def __del__(self) -> None:
+        # Dropped before its end (a caller that left a streamed body): the connection goes
+        # back, which closes it, its body unread (aiohttp's ClientResponse.__del__).
+        if self._connection is not None:
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._end(close=False)
 
     @property
     def closed(self) -> bool:
@@ -115,6 +137,12 @@ class DirectResponse:
         self._end(close=True)
 
 
+def _expire(answer: weakref.ref[DirectResponse]) -> None:
+    found = answer()
+    if found is not None:
+        found.expire()
+
+
 class Direct:
     """Sends conditional GETs to one upstream on the session's pooled connections."""
 
@@ -160,9 +188,7 @@ class Direct:
         if protocol is None or transport is None:
             connection.close()
             return None
-        loop = asyncio.get_running_loop()
-        response = DirectResponse(connection, None)
-        response._timer = loop.call_at(until, response.expire)
+        response = DirectResponse(connection, until)
         try:
             protocol.set_response_params(**self.params)
             transport.write(head)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -153,7 +155,9 @@ class Counted:
 
 @pytest.fixture
 async def counted(kounta: Kounta, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Counted]:
-    settings = UpstreamSettings(base_url=kounta.url, read_timeout=0.5, total_timeout=1.5)
+    settings = UpstreamSettings(
+        base_url=kounta.url, read_timeout=0.5, total_timeout=1.5, account_pool_size=1
+    )
     made = Counted(settings, monkeypatch)
     try:
         await made.opened()
@@ -223,7 +227,7 @@ async def test_a_200_with_a_body_answers_whole_and_the_connection_serves_again(
 ) -> None:
     """A changed entry: the direct way reads the body (whole when small, streamed when
     large) and gives the connection back at its end."""
-    raw = b"y" * size
+    raw = os.urandom(size)  # incompressible: the large one is streamed
     packed = gzip.compress(raw)
     kounta.answers.append(sends(gzipped(packed)))
     response = await counted.upstream.send(conditional())
@@ -390,3 +394,23 @@ async def test_conditional_gets_over_verified_tls_go_direct_on_the_pooled_connec
     assert made.session_requests == 1
     assert found.connections == 1
     assert found.heads[2] == found.heads[1] == found.heads[0]
+
+
+async def test_a_streamed_direct_answer_dropped_unread_lets_its_slot_and_connection_go(
+    kounta: Kounta, counted: Counted
+) -> None:
+    """A caller that leaves a streamed body unread: the account's slot is freed by the
+    layer's watchdog at the total timeout, as for an aiohttp answer; the body had all
+    arrived (within the protocol's buffer), so the connection went back to the pool clean
+    at its end and serves again (an answer collected before then lets its connection go:
+    tests/integration/test_fast_protocol.py's starter that left failed on an unclosed
+    connection before DirectResponse.__del__)."""
+    packed = gzip.compress(os.urandom(SMALL_BODY * 3))
+    kounta.answers.append(sends(gzipped(packed)))
+    response = await counted.upstream.send(conditional())
+    assert response.status == 200
+    assert counted.upstream.slots.accounts["main"].locked()
+    del response
+    gc.collect()
+    await asyncio.sleep(1.6)  # total_timeout 1.5
+    await counted.serves_again(kounta, connections=1, session_requests=1)
