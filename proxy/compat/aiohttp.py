@@ -19,12 +19,17 @@ comes behind it is held (``_pause_reading_for_buffer``) and then queued as aioht
 aiohttp writes for a ``web.Response`` (:func:`render_response`: its header rules, its
 ``_serialize_headers`` and Date).
 
-Client side (:mod:`proxy.client`): a response protocol that recovers a complete response
-followed by excess bytes stands in the connector's protocol factory, wraps the protocol's
-parser, and reads its current payload and whether the response has no body (HEAD). A
-connector checks each pooled connection before it is handed out again (:class:`CheckedReuse`,
-over the connector's ``_get``), and the session's own resend of a request whose connection
-failed is turned off (:func:`no_hidden_resends`), so the retry layer alone decides resends.
+Client side (:mod:`proxy.client`, :mod:`proxy.pipeline.direct`): a response protocol that
+recovers a complete response followed by excess bytes stands in the connector's protocol
+factory, wraps the protocol's parser, and reads its current payload and whether the response
+has no body (HEAD). A connector checks each pooled connection before it is handed out again
+(:class:`CheckedReuse`, over the connector's ``_get``), and the session's own resend of a
+request whose connection failed is turned off (:func:`no_hidden_resends`), so the retry
+layer alone decides resends. A flight's conditional GET may take a kept-alive connection
+from the connector's pool itself (:func:`pooled`, the connector's ``_get`` under the key a
+session's request uses, :func:`connection_key`) and read its answer with the connection's
+own protocol, set up as the session sets it up (:func:`response_params`: the session's
+defaults and the connector's ``_timeout_ceil_threshold``).
 
 Besides these names, the subclasses override methods aiohttp does not document as hooks
 (:data:`OVERRIDES`). :data:`PINS` lists every assumption; ``tests/unit/test_compat.py``
@@ -43,7 +48,7 @@ from typing import Any, TypeVar, cast
 import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.client_reqrep import ClientRequest, ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
@@ -54,6 +59,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_response import REASON_PHRASES
 from aiohttp.web_server import Server
 from multidict import CIMultiDict
+from yarl import URL
 
 WRITTEN_AGAINST = "3.14.5"
 
@@ -346,6 +352,54 @@ class CheckedReuse(aiohttp.TCPConnector):
             found.close()
 
 
+def connection_key(url: URL) -> ConnectionKey:
+    """The key a request of our session to ``url`` pools its connection under: no proxy,
+    the connector's own TLS context (``ssl=True``), no server_hostname override."""
+    host = url.raw_host or ""
+    return ConnectionKey(host, url.port, url.scheme == "https", True, None, None, None)
+
+
+async def pooled(connector: aiohttp.BaseConnector, key: ConnectionKey) -> Connection | None:
+    """A kept-alive connection for ``key`` from ``connector``'s pool, counted as acquired
+    against its limits and checked as its ``_get`` checks (:class:`CheckedReuse`), or None
+    when none is pooled. Its ``release()`` gives it back, ``close()`` closes it."""
+    return await connector._get(key, [])
+
+
+def response_params(connector: aiohttp.BaseConnector, read_timeout: float | None) -> dict[str, Any]:
+    """The keyword arguments ``ClientSession._request`` passes ``set_response_params`` for a
+    GET of a session made with the defaults (:func:`proxy.client.create_session`), no total
+    timer (the caller keeps its own), no decompression."""
+    return {
+        "timer": None,
+        "skip_payload": False,
+        "read_until_eof": False,
+        "auto_decompress": False,
+        "read_timeout": read_timeout,
+        "read_bufsize": SESSION_DEFAULTS["read_bufsize"],
+        "timeout_ceil_threshold": connector._timeout_ceil_threshold,
+        "max_line_size": SESSION_DEFAULTS["max_line_size"],
+        "max_field_size": SESSION_DEFAULTS["max_field_size"],
+        "max_headers": SESSION_DEFAULTS["max_headers"],
+    }
+
+
+def request_head(line: str, headers: CIMultiDict[str]) -> bytes:
+    """A request's line and header section as aiohttp's writer serialises them (a control
+    character in a name or value is refused with ValueError, as there)."""
+    head: bytes = _serialize_headers(line, headers)
+    return head
+
+
+# ClientSession's defaults for what the response parser takes (checked by a pin).
+SESSION_DEFAULTS = {
+    "read_bufsize": 2**18,
+    "max_line_size": 8190,
+    "max_field_size": 8190,
+    "max_headers": 128,
+}
+
+
 # --- what the tests pin
 
 # Methods our subclasses override that aiohttp does not document as hooks, with the
@@ -475,6 +529,35 @@ def _pins() -> dict[str, Callable[[], bool]]:
         "BaseConnector.connect takes a pooled connection with _get, a coroutine": lambda: (
             "_get" in _names(aiohttp.BaseConnector.connect)
             and inspect.iscoroutinefunction(aiohttp.BaseConnector._get)
+        ),
+        "ConnectionKey is (host, port, is_ssl, ssl, proxy, proxy_auth, proxy_headers_hash, "
+        "server_hostname) and a request's key is built from those": lambda: (
+            ConnectionKey._fields
+            == (
+                "host",
+                "port",
+                "is_ssl",
+                "ssl",
+                "proxy",
+                "proxy_auth",
+                "proxy_headers_hash",
+                "server_hostname",
+            )
+            and {"raw_host", "port", "scheme", "_ssl", "proxy", "proxy_auth", "server_hostname"}
+            <= set(_names(ClientRequest.connection_key.fget))  # type: ignore[attr-defined]
+        ),
+        "ClientSession's parser defaults are SESSION_DEFAULTS (set_response_params's)": lambda: (
+            all(
+                inspect.signature(aiohttp.ClientSession.__init__).parameters[name].default == value
+                for name, value in SESSION_DEFAULTS.items()
+            )
+            and set(SESSION_DEFAULTS) | {"timeout_ceil_threshold", "read_timeout", "timer"}
+            <= set(inspect.signature(ResponseHandler.set_response_params).parameters)
+        ),
+        "BaseConnector keeps _timeout_ceil_threshold; _get gives an acquired Connection": lambda: (
+            "_timeout_ceil_threshold" in _names(aiohttp.BaseConnector.__init__)
+            and "Connection" in _names(aiohttp.BaseConnector._get)
+            and "_acquired" in _names(aiohttp.BaseConnector._get)
         ),
         "ClientSession._request resends only while _retry_connection (in ATTRS) says so": lambda: (
             "_retry_connection" in _names(aiohttp.ClientSession._request)

@@ -39,6 +39,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.messages import CHUNK, ProxyRequest, ProxyResponse
+from proxy.pipeline.direct import Direct, DirectResponse, direct_candidate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.routes import template
 from proxy.settings import UpstreamSettings
@@ -142,12 +143,14 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:500]
 
 
-def _is_small(response: aiohttp.ClientResponse) -> bool:
+def _is_small(response: Answer) -> bool:
     length = response.content_length
     return length is not None and length <= SMALL_BODY
 
 
 Release = Callable[[], None]
+# An answer as the layer reads it: aiohttp's, or one read on a pooled connection directly.
+Answer = aiohttp.ClientResponse | DirectResponse
 
 
 class Slots:
@@ -215,6 +218,9 @@ class Upstream:
         # Per path and query: its URL and route template (a revalidated key asks for the
         # same path over and over). The base is fixed for the session's life.
         self._targets: dict[str, tuple[URL, str]] = {}
+        # A flight's conditional GET on a pooled connection, without the session's
+        # per-request machinery (proxy.pipeline.direct).
+        self.direct = Direct(session, self.base, settings.read_timeout)
 
     def _children(
         self, method: str, route: str, status: int, request: ProxyRequest
@@ -259,16 +265,22 @@ class Upstream:
             raise
         started = time.perf_counter()  # the slot wait is not Kounta's time
         begun = asyncio.get_running_loop().time()
+        response: Answer | None = None
         try:  # mapped_errors without a context manager's generator per request
-            response = await self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,
-                timeout=self._timeout(request.deadline),  # what is left after the slot wait
-                auto_decompress=False,
-            )
+            timeout = self._timeout(request.deadline)  # what is left after the slot wait
+            if direct_candidate(request.method, request.body, headers):
+                until = min(request.deadline, begun + self.settings.total_timeout)
+                response = await self.direct.send(url, headers, until)
+            if response is None:
+                response = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=request.body,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    auto_decompress=False,
+                )
         except BaseException as e:
             slot()
             found = mapped(self.settings, e, count_error) if isinstance(e, Exception) else None
@@ -338,10 +350,12 @@ class Upstream:
             upstream_seconds=took,
         )
 
-    def _timeout(self, deadline: float) -> aiohttp.ClientTimeout | None:
+    def _timeout(self, deadline: float) -> aiohttp.ClientTimeout:
         left = deadline - asyncio.get_running_loop().time()
         if left >= self.settings.total_timeout:
-            return None
+            # The session's own (total, connect and read timeouts). Not None: aiohttp reads
+            # ``timeout=None`` as ClientTimeout(total=None), no timeout at all.
+            return self.session.timeout
         if left <= 0:
             raise UpstreamTimeout("The request's deadline passed before it could be sent")
         return aiohttp.ClientTimeout(
@@ -350,7 +364,7 @@ class Upstream:
             sock_read=self.settings.read_timeout,
         )
 
-    def _watch(self, response: aiohttp.ClientResponse, slot: Release, deadline: float) -> Release:
+    def _watch(self, response: Answer, slot: Release, deadline: float) -> Release:
         """The exchange never outlives ``deadline`` (total_timeout, or the request's), even
         while its answer waits on a caller that stopped reading: the connection is closed
         then and the slot freed. Returns what ends the watch (and frees the slot)."""
@@ -383,7 +397,7 @@ class Upstream:
 
     async def _stream(
         self,
-        response: aiohttp.ClientResponse,
+        response: Answer,
         gzip: bool,
         count_error: Callable[[str], None],
         slot: Release,
@@ -406,14 +420,14 @@ async def _no_body() -> AsyncIterator[bytes]:
     yield  # pragma: no cover - makes this an async generator
 
 
-def _has_gzip_body(method: str, response: aiohttp.ClientResponse) -> bool:
+def _has_gzip_body(method: str, response: Answer) -> bool:
     """Whether the response carries a gzip body to check (not HEAD, 204 or 304)."""
     if method == "HEAD" or response.status in NO_BODY:
         return False
     return coding_of(response.headers.items()) == GZIP
 
 
-def _releaser(response: aiohttp.ClientResponse, slot: Release) -> Callable[[], Awaitable[None]]:
+def _releaser(response: Answer, slot: Release) -> Callable[[], Awaitable[None]]:
     async def release() -> None:
         # close(), not release(): a half-read body must not go back to the pool.
         if not response.content.at_eof():

@@ -21,6 +21,7 @@ from proxy.messages import ProxyRequest
 from proxy.pipeline import upstream as upstream_module
 from proxy.pipeline.upstream import SMALL_BODY, Upstream
 from proxy.settings import UpstreamSettings
+from tests.integration.test_direct_upstream import loopback
 
 
 class Kounta:
@@ -58,9 +59,7 @@ class Kounta:
 @pytest.fixture
 async def kounta() -> AsyncIterator[Kounta]:
     found = Kounta()
-    server = await asyncio.start_server(found.serve, "127.0.0.1", 0)
-    found.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    async with server:
+    async with loopback(found.serve) as found.url:
         yield found
 
 
