@@ -174,14 +174,36 @@ class Fixed:
     int, float, bool or None as the JSON encoder spells it; anything else by the encoder).
     No field dict, no encoder built a line."""
 
-    __slots__ = ("_head", "_keys", "keys", "level", "name")
+    __slots__ = ("_count", "_known", "_template", "all_keys", "keys", "level", "name")
 
-    def __init__(self, name: str, keys: tuple[str, ...], level: int = logging.INFO) -> None:
-        self.name, self.keys, self.level = name, keys, level
+    def __init__(
+        self,
+        name: str,
+        keys: tuple[str, ...],
+        level: int = logging.INFO,
+        known: dict[str, Any] | None = None,
+    ) -> None:
+        """``known``: fields with the same value in every line (encoded into the line's
+        template once); :attr:`keys` are the others, the values ``write`` takes."""
+        self.name, self.all_keys, self.level = name, keys, level
+        self._known = known = dict(known or {})
+        self.keys = tuple(key for key in keys if key not in known)
+        self._count = len(self.keys)
         level_name = logging.getLevelName(level).lower()
-        # What follows the time: '","level":"info","event":"request"'.
-        self._head = '",' + _JSON.encode({"level": level_name, "event": name})[1:-1]
-        self._keys = tuple(f",{encode_basestring(key)}:" for key in keys)
+        # The whole line as one %-template: the time, the worker field ("" without one),
+        # then each key and its value, encoded here when known, else a %s (the % of a key,
+        # the name or a known value doubled). After the time: '","level":"info",...'.
+        head = '",' + _JSON.encode({"level": level_name, "event": name})[1:-1]
+        parts = ['{"time":"%s', head.replace("%", "%%"), "%s"]
+        for key in keys:
+            parts.append(f",{encode_basestring(key)}:".replace("%", "%%"))
+            parts.append(_encoded(known[key]).replace("%", "%%") if key in known else "%s")
+        self._template = "".join(parts) + "}"
+
+    def knowing(self, **known: Any) -> Fixed:
+        """This event with ``known`` fields the same in every line: its ``write`` takes
+        the other fields' values, in order."""
+        return Fixed(self.name, self.all_keys, self.level, {**self._known, **known})
 
     def write(self, *values: Any) -> None:
         """The event with ``values`` (one for each of :attr:`keys`, in order)."""
@@ -189,31 +211,33 @@ class Fixed:
             return
         handler = _direct(self.level)
         if handler is None:
-            fields = dict(zip(self.keys, values, strict=True))
+            given = dict(zip(self.keys, values, strict=True))
+            known = self._known
+            fields = {key: given[key] if key in given else known[key] for key in self.all_keys}
             log.log(self.level, self.name, extra={"fields": fields})
             return
         _emit(handler, self.level, self.name, self.line, values)
 
     def line(self, created: float, values: tuple[Any, ...]) -> str:
         """:func:`json_line`'s line for these values, without its newline."""
-        # _iso's text is digits and "-T:.Z": nothing in it JSON escapes.
-        head = f'{{"time":"{_iso(created)}{self._head}'
-        if _worker[0] is not None:
-            head += f',"worker":{_encoded(_worker[0])}'
+        if len(values) != self._count:
+            raise ValueError(f"{self._count} values expected, {len(values)} given")
+        worker = _worker[0]
         # Locals: a global or attribute looked up per value costs as much as its encoding.
         string, scalar, other = encode_basestring, _ENCODERS.get, _JSON.encode
-        fields = [
-            key
-            + (
+        # _iso's text is digits and "-T:.Z": nothing in it JSON escapes.
+        return self._template % (
+            _iso(created),
+            "" if worker is None else f',"worker":{_encoded(worker)}',
+            *[
                 string(value)
                 if type(value) is str
                 else "null"
                 if value is None
                 else scalar(type(value), other)(value)
-            )
-            for key, value in zip(self._keys, values, strict=True)
-        ]
-        return head + "".join(fields) + "}"
+                for value in values
+            ],
+        )
 
 
 def _float(value: float) -> str:

@@ -76,7 +76,7 @@ from proxy.edge.answer import answer_headers, cache_status_value, caller_value, 
 from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
-from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, route_of
+from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Parked, traced, waited
 from proxy.edge.rendered import Place, fill, template
@@ -504,9 +504,12 @@ class FastPath:
             "GET", asked.route, status, cache_status, elapsed, caller.name, caller.account
         )
         if log.isEnabledFor(logging.INFO):  # the line's record only when someone reads it
-            if info is None:
-                info = Exchange(asked.request_id, caller.name, caller.account, cache_status)
-                info.target = asked.target
+            if info is None:  # nothing noted below the edge: the values held here
+                plain_line(
+                    request, asked.request_id, caller.name, caller.account, asked.route,
+                    status, cache_status, sent, elapsed,
+                )  # fmt: skip
+                return
             info.bytes_sent = sent
             access_line(request, info, asked.route, status, elapsed)
 

@@ -149,6 +149,19 @@ ACCESS = Fixed(
 )
 
 
+# The line of a request nothing below the edge noted anything for (plain_line): what an
+# untouched Exchange and trace give in access_line, encoded once.
+PLAIN = ACCESS.knowing(
+    error=None,
+    error_detail=None,
+    upstream_status=None,
+    upstream_ms=None,
+    budget_wait_ms=0.0,
+    retries=0,
+    fetched_by=None,
+)
+
+
 def access_line(request: Incoming, info: Exchange, route: str, status: int, elapsed: float) -> None:
     """The access log line (nginx's ``$upstream_response_time`` and Envoy's response flags
     are the models: ``upstream_ms`` whenever an upstream answer was used, ``error`` the
@@ -178,3 +191,26 @@ def access_line(request: Incoming, info: Exchange, route: str, status: int, elap
         trace.retries,
         trace.fetched_by,
     )
+
+
+def plain_line(
+    request: Incoming,
+    request_id: str,
+    caller: str,
+    account: str,
+    route: str,
+    status: int,
+    cache_status: str,
+    sent: int,
+    elapsed: float,
+) -> None:
+    """:func:`access_line`'s line for a request nothing below the edge noted anything for
+    (a fresh hit on the fast path: no error, no upstream, an untouched trace), from the
+    values the fast path holds: no :class:`Exchange` or trace made for it."""
+    query = request.query_string
+    PLAIN.write(
+        request_id, caller, account, request.method, request.remote,
+        request.headers.get("User-Agent"), route, request.path,
+        query[:QUERY_LOGGED] if query else None, status, cache_status, sent,
+        round(elapsed * 1000, 2),
+    )  # fmt: skip

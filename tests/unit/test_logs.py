@@ -217,6 +217,43 @@ def test_a_fixed_events_line_is_the_encoders_for_any_scalars(
     assert Fixed("request", keys).line(created, tuple(values)) == old_line(created, fields)
 
 
+@given(st.lists(scalars, min_size=1, max_size=8), st.data())
+def test_a_fixed_event_knowing_some_fields_writes_the_same_line(
+    values: list[object], data: st.DataObject
+) -> None:
+    """knowing(): the known fields encoded into the template once, the others given to
+    line() in order: the same bytes as json.dumps of them all (a % anywhere included)."""
+    from proxy.logs import Fixed
+
+    keys = tuple(f"f%{i}" for i in range(len(values)))
+    fields = dict(zip(keys, values, strict=True))
+    known = {k: v for k, v in fields.items() if data.draw(st.booleans())}
+    fixed = Fixed("re%squest", keys).knowing(**known)
+    rest = tuple(v for k, v in fields.items() if k not in known)
+    assert fixed.keys == tuple(k for k in keys if k not in known)
+    line = fixed.line(1765000000.1234, rest)
+    expected = old_line(1765000000.1234, fields)
+    assert line == expected.replace('"event":"request"', '"event":"re%squest"', 1)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_fixed_event_knowing_fields_gives_logging_all_fields_in_order() -> None:
+    """A filter on the logger: the record's fields are every key, known ones included, in
+    the event's order."""
+    from proxy.logs import Fixed
+
+    fixed = Fixed("request", ("a", "b", "c")).knowing(b=None)
+    configure("info", "json", io.StringIO())
+    logger = logging.getLogger("kounta_proxy")
+    with capture_records() as records:
+        logger.addFilter(anything)
+        try:
+            fixed.write(1, "x")
+        finally:
+            logger.removeFilter(anything)
+    assert [list(r.fields.items()) for r in records] == [[("a", 1), ("b", None), ("c", "x")]]  # type: ignore[attr-defined]
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_a_fixed_event_writes_the_records_line_and_reports_a_failed_write(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
