@@ -276,20 +276,25 @@ async def test_an_invalid_head_on_the_direct_way_is_the_sessions_clean_error(
     await counted.serves_again(kounta, connections=2, session_requests=2)
 
 
-async def test_an_upstream_that_closes_unanswered_is_the_sessions_error(
-    kounta: Kounta, counted: Counted
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (
+            lambda: sends(b"", close=True),
+            UpstreamUnreachable,
+            "closed the connection without answering",
+        ),
+        (lambda: hangs(3), UpstreamTimeout, "read timeout"),
+    ],
+    ids=["closed-unanswered", "silent-past-read-timeout"],
+)
+async def test_an_upstream_that_does_not_answer_is_the_sessions_error(
+    kounta: Kounta, counted: Counted, answer: Any, error: type[Exception], match: str
 ) -> None:
-    kounta.answers.append(sends(b"", close=True))
-    with pytest.raises(UpstreamUnreachable, match="closed the connection without answering"):
-        await counted.upstream.send(conditional())
-    assert not counted.upstream.slots.accounts["main"].locked()
-
-
-async def test_an_upstream_silent_past_the_read_timeout_is_a_read_timeout(
-    kounta: Kounta, counted: Counted
-) -> None:
-    kounta.answers.append(hangs(3))
-    with pytest.raises(UpstreamTimeout, match="read timeout"):
+    """Closed without a word, or silent past the read timeout: the session's own error, and
+    the account's slot free again."""
+    kounta.answers.append(answer())
+    with pytest.raises(error, match=match):
         await counted.upstream.send(conditional())
     assert not counted.upstream.slots.accounts["main"].locked()
 
