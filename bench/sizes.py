@@ -31,8 +31,8 @@ from pathlib import Path
 from bench import cache_bench
 from bench.cache_bench import TOKEN, cpu_seconds, free_port, process, rss_mb, wrk
 from bench.workers_bench import wait_ready
+from proxy.cache.keys import cache_key
 from proxy.cache.memory import Stored
-from proxy.cache.policy import cache_key
 from proxy.cache.store import CacheStore
 from proxy.cache.store import _share as share
 

@@ -9,19 +9,14 @@ import logging
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import errors
+from proxy.cache.entry import Entry
+from proxy.cache.fields import HeaderItems, Headers
 from proxy.cache.flight import Flights, Outcome
+from proxy.cache.lookup import stale_on_error
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import (
-    CALLER_CONDITIONALS,
-    Entry,
-    HeaderItems,
-    Headers,
-    not_modified,
-    not_modified_headers,
-    stale_on_error,
-)
 from proxy.cache.tiers import Entries
+from proxy.cache.validation import CALLER_CONDITIONALS, not_modified, not_modified_headers
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import debug, log, trace
@@ -123,7 +118,7 @@ class Answers:
         """Whether ``stale`` may answer for a failed fetch: ``error`` raised, or (None) an
         error status. An :class:`~proxy.errors.UpstreamError` (refused, reset, timed out,
         the breaker open) means the origin could not be reached, which
-        ``cache.stale_if_error`` covers for every stored GET (policy.stale_on_error)."""
+        ``cache.stale_if_error`` covers for every stored GET (lookup.stale_on_error)."""
         unreachable = isinstance(error, errors.UpstreamError)
         return stale_on_error(
             stale.entry, self.clock(), unreachable=unreachable, default=self.stale_if_error

@@ -29,7 +29,7 @@ from typing import IO, Any
 import diskcache  # type: ignore[import-untyped]
 
 from proxy.cache.invalidation import Change, Purge, normalise_path
-from proxy.cache.policy import key_prefix, parse_key
+from proxy.cache.keys import key_prefix, parse_key
 from proxy.compat.diskcache import (
     TOP,
     Cursor,
@@ -180,6 +180,15 @@ def probe_write(disk: diskcache.Cache) -> None:
     disk.delete(PROBE_KEY)
 
 
+class RecordDisk(PrivateDisk):
+    """The store's files, private (:class:`~proxy.compat.diskcache.PrivateDisk`), and its
+    records read back though a class they name has moved: records written before the cache's
+    decisions were split into modules (main d3a0c1d and earlier) name their Entry in the
+    module that held them all then."""
+
+    moved = {("proxy.cache.policy", "Entry"): ("proxy.cache.entry", "Entry")}
+
+
 def open_disk(directory: Path, max_size: int) -> diskcache.Cache:
     """Open the cache; a corrupt one is moved aside and a fresh one made (one log line)."""
     try:
@@ -206,7 +215,7 @@ def _probe(directory: Path, max_size: int) -> diskcache.Cache:
             os.close(fd)
     disk = diskcache.Cache(
         str(directory),
-        disk=PrivateDisk,
+        disk=RecordDisk,
         size_limit=max_size,
         eviction_policy="least-recently-stored",
         cull_limit=0,  # culled explicitly after each write, so evictions can be counted

@@ -1,5 +1,5 @@
 """One exchange with the upstream for a flight: the request made conditional on what is
-stored, the answer judged by :func:`proxy.cache.policy.answered`, and its body taken: kept
+stored, the answer judged by :func:`proxy.cache.validation.answered`, and its body taken: kept
 in memory and stored, or (large) teed to a file while it streams to the starter, or passed
 through when it cannot be stored."""
 
@@ -10,25 +10,23 @@ from typing import assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.cache.entry import Entry
+from proxy.cache.fields import HeaderItems, request_control
 from proxy.cache.flight import Flight, Flights, Outcome, Tee
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.notes import Note
-from proxy.cache.policy import (
+from proxy.cache.storable import NotStorable, to_entry
+from proxy.cache.tiers import Entries
+from proxy.cache.validation import (
     CALLER_CONDITIONALS,
-    Entry,
     Freshened,
-    HeaderItems,
-    NotStorable,
     Refetch,
     TakeBody,
     UpstreamFailed,
     answered,
-    request_control,
-    to_entry,
     validators,
 )
-from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyResponse
 from proxy.settings import CacheRule, Settings

@@ -19,23 +19,15 @@ from typing import Protocol
 from multidict import CIMultiDictProxy
 
 from proxy.cache.answers import Answers, refuse_repeated_vary
+from proxy.cache.entry import Entry
+from proxy.cache.fields import NO_CONTROL, HeaderItems, Headers
 from proxy.cache.flight import Flight, Flights, Outcome
+from proxy.cache.keys import SELECTING, cache_key
+from proxy.cache.lookup import FreshHit, Revalidate, fresh_age, lookup
 from proxy.cache.memory import Stored
-from proxy.cache.policy import (
-    NO_CONTROL,
-    SELECTING,
-    Entry,
-    FreshHit,
-    HeaderItems,
-    Headers,
-    Revalidate,
-    cache_key,
-    fresh_age,
-    lookup,
-    not_modified_headers,
-    rule_for,
-)
+from proxy.cache.storable import rule_for
 from proxy.cache.tiers import Entries
+from proxy.cache.validation import not_modified_headers
 from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
@@ -257,7 +249,7 @@ class FastLook:
         memory tier has nothing: :meth:`tier_hit` may look), or None: the long way answers.
         Counts only what a fresh hit counts. :meth:`~proxy.cache.layer.Cache.send` reaches
         the same answers the long way. ``selecting``: ``headers``' values of
-        :data:`~proxy.cache.policy.SELECTING`, in its order, when the caller read them already
+        :data:`~proxy.cache.keys.SELECTING`, in its order, when the caller read them already
         (no name on two lines); the key is then made from them."""
         if selecting is None:
             key = self.key(account, path, query, headers)
@@ -461,7 +453,7 @@ class FastLook:
 
 @functools.lru_cache(maxsize=4096)
 def cached_key(account: str, path: str, query: str, *selecting: str | None) -> str:
-    """:func:`~proxy.cache.policy.cache_key`, remembered (the selecting headers' values in
-    :data:`~proxy.cache.policy.SELECTING`'s order)."""
+    """:func:`~proxy.cache.keys.cache_key`, remembered (the selecting headers' values in
+    :data:`~proxy.cache.keys.SELECTING`'s order)."""
     sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
     return cache_key(account, path, query, sent)

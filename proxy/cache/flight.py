@@ -26,9 +26,10 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.cache.disk import BodySink
+from proxy.cache.entry import Entry
 from proxy.cache.invalidation import Change
+from proxy.cache.keys import parse_key
 from proxy.cache.memory import Stored
-from proxy.cache.policy import Entry, parse_key
 from proxy.compat.tasks import eager_task
 from proxy.logs import log
 from proxy.messages import ProxyRequest, ProxyResponse

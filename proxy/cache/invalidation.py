@@ -6,7 +6,7 @@ The vocabulary (pure, no I/O):
   with every query and variant), the lists of the ``lists_of`` collections, and ``patterns``
   naming lists anywhere in a path (``/v1/companies/5/sites/*/products*``: a ``*`` inside the
   pattern is one segment's characters, a trailing ``*`` anything that follows). A write
-  through the proxy makes one (:func:`proxy.cache.policy.invalidation`); a webhook names an
+  through the proxy makes one (:func:`invalidation`); a webhook names an
   object and every list that may hold it.
 - :class:`Purge`: an operator's purge: every path under ``prefix`` (``""``: all) of one
   account, or of every account (``account=None``). ``Purge(account="x")`` is "everything of
@@ -24,12 +24,16 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urljoin, urlsplit
 
+from proxy.cache.fields import values_of
 from proxy.logs import event
 from proxy.target import normal_escapes
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def normalise_path(path: str) -> str:
@@ -95,6 +99,56 @@ def _pattern(pattern: str) -> re.Pattern[str]:
     """``*`` inside: one segment's characters; a trailing ``*``: anything that follows."""
     body, tail = (pattern[:-1], ".*") if pattern.endswith("*") else (pattern, "")
     return re.compile("[^/]*".join(map(re.escape, body.split("*"))) + tail)
+
+
+def invalidation(
+    account: str,
+    method: str,
+    path: str,
+    status: int | None,
+    headers: Sequence[tuple[str, str]],
+    upstream_origin: str,
+) -> Invalidation | None:
+    """What a request through the proxy invalidates (RFC 9111 4.4).
+
+    After an unsafe method: the target (with and without ``.json``), the same-origin
+    Location and Content-Location, and the lists of the target's collection. ``status``
+    None means the outcome is unknown (timeout, broken connection): the upstream may have
+    processed it, so the entries go too. Answers 400-499 changed nothing and keep them.
+    """
+    if method not in UNSAFE_METHODS:
+        return None
+    if status is not None and 400 <= status < 500:
+        return None
+    paths = {normalise_path(path)}
+    for name in ("Location", "Content-Location"):
+        for value in values_of(headers, name):
+            same = _same_origin_path(value, upstream_origin, path)
+            if same is not None:
+                paths.add(normalise_path(same))
+    kinds = {_collection(p) for p in paths} - {None}
+    return Invalidation(account, frozenset(paths), frozenset(k for k in kinds if k))
+
+
+def _collection(path: str) -> str | None:
+    """The collection a path is in: its last segment that is not an id."""
+    for segment in reversed(path.strip("/").split("/")):
+        if not is_id(segment) and segment != "v1":
+            return segment
+    return None
+
+
+def _same_origin_path(value: str, origin: str, target: str) -> str | None:
+    """The path of a Location / Content-Location on the upstream's origin (relative
+    references resolved against the request's target, RFC 9110 10.2.2), else None."""
+    try:
+        url = urlsplit(urljoin(origin + target, value.strip()))
+        base = urlsplit(origin)
+    except ValueError:
+        return None
+    if (url.scheme, url.netloc) == (base.scheme, base.netloc):
+        return url.path or None
+    return None
 
 
 class LocalTier(Protocol):

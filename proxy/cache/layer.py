@@ -1,9 +1,12 @@
-"""The cache layer: applies :mod:`proxy.cache.policy`'s decisions and does the I/O.
+"""The cache layer: applies the pure decisions (:mod:`proxy.cache.lookup`,
+:mod:`proxy.cache.storable`, :mod:`proxy.cache.validation`, and
+:func:`~proxy.cache.invalidation.invalidation`) and does the I/O.
 
 Outermost layer of the pipeline, read top-down like hishel's loop. For GET/HEAD it looks
-the key up in its :class:`~proxy.cache.tiers.Entries`, asks the policy what to do, and acts:
-a fresh hit is answered from the store; a stale or missing entry is fetched (or revalidated
-with its ETag) in one shared flight per key (:mod:`proxy.cache.flight`), one upstream
+the key up in its :class:`~proxy.cache.tiers.Entries`, asks
+:func:`~proxy.cache.lookup.lookup` what to do, and acts: a fresh hit is answered from the
+store; a stale or missing entry is fetched (or revalidated with its ETag) in one shared
+flight per key (:mod:`proxy.cache.flight`), one upstream
 exchange each (:mod:`proxy.cache.exchange`). Unsafe methods pass through and hand what they
 may have changed to the :class:`~proxy.cache.invalidation.Invalidator`.
 
@@ -32,30 +35,25 @@ from proxy.cache.fastlook import (
     webhook_fresh,
     webhook_rule,
 )
+from proxy.cache.fields import HeaderItems, Headers, RequestControl, request_control
 from proxy.cache.flight import Flight, Flights, GoAlone, Outcome
-from proxy.cache.invalidation import Invalidator
-from proxy.cache.memory import Stored
-from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import (
-    ERROR_STATUSES,
-    SELECTING,
-    UNSAFE_METHODS,
+from proxy.cache.invalidation import UNSAFE_METHODS, Invalidator, invalidation
+from proxy.cache.keys import SELECTING
+from proxy.cache.lookup import (
     FreshHit,
-    HeaderItems,
-    Headers,
     Miss,
     OnlyIfCachedMiss,
-    RequestControl,
     Revalidate,
     ServeStale,
     bypass,
-    invalidation,
     lookup,
-    request_control,
 )
+from proxy.cache.memory import Stored
+from proxy.cache.metrics import CacheMetrics
 from proxy.cache.refresh import ExpectedWait, Refreshes, busy_window
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import Entries, LocalEntries
+from proxy.cache.validation import ERROR_STATUSES
 from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError

@@ -12,8 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.cache.entry import Entry
 from proxy.cache.invalidation import normalise_path
-from proxy.cache.policy import Entry
 from proxy.cache.shares import Ledger
 
 # What an entry costs the memory LRU besides its body (key, Entry, headers), so that

@@ -12,7 +12,7 @@ request, and so does a revalidation.
 Records are this module's own format, not the disk's pickles: unpickling what a network
 store hands back would run whatever someone able to write to Redis put there (OWASP:
 deserialisation of untrusted data). A record is JSON (the cache key it belongs to, the
-:class:`~proxy.cache.policy.Entry` fields, the body's CRC32) and then the body, sealed by the
+:class:`~proxy.cache.entry.Entry` fields, the body's CRC32) and then the body, sealed by the
 backend with an HMAC-SHA256 (:mod:`proxy.shared.records`). Every field is checked as an
 upstream answer would be (a status in 100-599, header names that are tokens, values without
 CR, LF or NUL, finite non-negative times, no JSON constants, a bounded nesting depth and
@@ -41,10 +41,11 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy.cache.entry import Entry
 from proxy.cache.invalidation import normalise_path
+from proxy.cache.keys import parse_key
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import Entry, parse_key
 from proxy.logs import event
 from proxy.shared import SharedUnavailable
 from proxy.shared.base import Claim, SharedCache, SlotAsk

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from proxy.cache.answers import Answers
+from proxy.cache.fields import RequestControl
 from proxy.cache.flight import Flight, Flights
+from proxy.cache.lookup import BusyStale, stale_while_busy
 from proxy.cache.memory import Stored
-from proxy.cache.policy import BusyStale, RequestControl, rule_for, stale_while_busy
+from proxy.cache.storable import rule_for
 from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
 from proxy.messages import Prepaid, ProxyRequest, ProxyResponse
@@ -60,14 +62,14 @@ class Refreshes:
         self, request: ProxyRequest, control: RequestControl, key: str, stored: Stored
     ) -> ProxyResponse | None:
         """Stale-while-busy: the stored answer at once when the request's token is further off
-        than ``budget.busy_after`` (:func:`~proxy.cache.policy.stale_while_busy` decides), and
+        than ``budget.busy_after`` (:func:`~proxy.cache.lookup.stale_while_busy` decides), and
         a refresh behind at batch priority; None: the request goes on as usual."""
         expected = self.busy
         if expected is None:
             return None
         entry = stored.entry
         window = busy_window(entry.path, self.rules(), self.default_window)
-        # The policy first as if the wait were long (pure), then the wait (it may read Redis).
+        # The decision first as if the wait were long (pure), then the wait (it may read Redis).
         decision = stale_while_busy(
             entry, control, self.clock(), window=window, wait=lambda: math.inf, busy_after=0.0
         )

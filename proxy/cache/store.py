@@ -54,10 +54,11 @@ from proxy.cache.disk import (
     open_disk,
     probe_write,
 )
+from proxy.cache.entry import Entry
 from proxy.cache.invalidation import Change, Invalidation, Purge
+from proxy.cache.keys import parse_key
 from proxy.cache.memory import ENTRY_OVERHEAD, HotEntries, Stored, intact, matches, upgraded
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import Entry, parse_key
 from proxy.cache.shares import Ledger
 from proxy.compat.diskcache import Cursor
 from proxy.errors import StoredBodyError

@@ -18,15 +18,17 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol, cast
 
 from proxy.cache.disk import BodySink
+from proxy.cache.entry import Entry
+from proxy.cache.fields import request_control
 from proxy.cache.flight import Dropped, Flight, Flights, Outcome
 from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
+from proxy.cache.lookup import FreshHit, fresh_age, lookup
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.notes import Note
 from proxy.cache.notes import decode as decode_note
 from proxy.cache.notes import encode as encode_note
-from proxy.cache.policy import Entry, FreshHit, fresh_age, lookup, request_control
 from proxy.cache.redis_records import BadRecord, RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
@@ -440,7 +442,7 @@ class RedisEntries(LocalEntries):
 
     def _usable(self, flight: Flight, found: Entry, hold: Hold | None = None) -> bool:
         """Whether another replica's entry answers this flight's request as a fresh hit, by
-        the same rule as a local one (:func:`~proxy.cache.policy.lookup`): never for a request
+        the same rule as a local one (:func:`~proxy.cache.lookup.lookup`): never for a request
         that asks for validation (``no-cache``, ``max-age=0``, RFC 9111 5.2.1), and as
         ``hold`` holds it (a webhook rule's fallback while the feed is distrusted)."""
         entry = found if hold is None else hold(found)

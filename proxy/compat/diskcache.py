@@ -2,7 +2,10 @@
 
 - :class:`PrivateDisk` overrides ``Disk._write`` (the one function that creates the value
   files and their directories) to make them 0600 / 0700 whatever the umask: they hold every
-  account's Kounta data, and diskcache has no mode option.
+  account's Kounta data, and diskcache has no mode option. Its ``fetch`` reads pickles as
+  ``Disk.fetch`` does (a file under ``Disk._directory``, or the row's value), with the
+  classes a record names looked up through :attr:`PrivateDisk.moved`: a class that moved to
+  another module after records were written still reads back.
 - :func:`count_keys` reads the cache's ``_sql`` (diskcache's own query helper) to count the
   keys in a range in one indexed query, cheap enough for every scrape; the public API would
   iterate every key. :func:`keys_between`, :func:`keys_holding` and :func:`keys_listing`
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, ClassVar
 
 import diskcache  # type: ignore[import-untyped]
 
@@ -30,9 +35,37 @@ from proxy.files import FILE_MODE, private_dir
 WRITTEN_AGAINST = "5.6.3"
 
 
+# Where a class that records were pickled with lives now: (module, name) -> (module, name).
+Moved = Mapping[tuple[str, str], tuple[str, str]]
+
+
+class Renamed(pickle.Unpickler):
+    """An unpickler that finds each class a pickle names where ``moved`` says it is now."""
+
+    def __init__(self, file: IO[bytes], moved: Moved) -> None:
+        super().__init__(file)
+        self.moved = moved
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(*self.moved.get((module, name), (module, name)))
+
+
 class PrivateDisk(diskcache.Disk):  # type: ignore[misc]
     """diskcache's files and directories, readable by the proxy's user only (0600 / 0700),
-    whatever the umask: they hold every account's Kounta data."""
+    whatever the umask: they hold every account's Kounta data. Pickled values are read
+    through :attr:`moved` (a subclass names its classes that moved; none here)."""
+
+    moved: ClassVar[Moved] = {}
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode != diskcache.core.MODE_PICKLE or not self.moved:
+            return super().fetch(mode, filename, value, read)
+        # diskcache's own MODE_PICKLE branch, with Renamed for pickle.load.
+        if value is None:
+            assert filename is not None  # diskcache stores a file's name with no value
+            with open(os.path.join(self._directory, filename), "rb") as reader:
+                return Renamed(reader, self.moved).load()
+        return Renamed(io.BytesIO(value), self.moved).load()
 
     def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
         # diskcache's own _write, with the subdirectories and the file made private.
@@ -128,6 +161,20 @@ def _pins() -> dict[str, Callable[[], bool]]:
         ),
         "Disk.store writes value files through self._write": lambda: (
             "_write" in names(diskcache.Disk.store)
+        ),
+        "Disk.fetch(self, mode, filename, value, read) loads a pickle from the value, or from"
+        " the file self._directory/filename when there is none": lambda: (
+            list(inspect.signature(diskcache.Disk.fetch).parameters)
+            == ["self", "mode", "filename", "value", "read"]
+            and all(
+                text in inspect.getsource(diskcache.Disk.fetch)
+                for text in (
+                    "elif mode == MODE_PICKLE:\n            if value is None:",
+                    "op.join(self._directory, filename), 'rb') as reader:\n"
+                    "                    return pickle.load(reader)",
+                    "return pickle.load(io.BytesIO(value))",
+                )
+            )
         ),
         "Cache._sql is a property giving the connection's execute": lambda: isinstance(
             diskcache.Cache.__dict__.get("_sql"), property

@@ -67,9 +67,11 @@ from proxy.cache.fastlook import (
     Unheld,
     handing_over,
 )
+from proxy.cache.fields import HeaderItems
 from proxy.cache.flight import Outcome
+from proxy.cache.keys import SELECTING
 from proxy.cache.layer import Cache
-from proxy.cache.policy import SELECTING, UNHANDLED_CONDITIONALS, HeaderItems
+from proxy.cache.lookup import UNHANDLED_CONDITIONALS
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.compat.aiohttp import http_date, render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxy.cache.policy import SELECTING
+from proxy.cache.keys import SELECTING
 from proxy.edge import paging
 from proxy.edge.answer import answer
 from proxy.edge.callers import Caller

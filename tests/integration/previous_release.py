@@ -12,7 +12,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from proxy.auth.token_file import StoredToken, parse_token
-from proxy.cache.policy import Entry
+from proxy.cache.entry import Entry
 from proxy.cache.store import Stored
 
 MAGIC = b"KPC1\n"

@@ -211,7 +211,7 @@ ENTRY_FIELDS = [
 
 
 def good_record(key: str) -> bytes:
-    from proxy.cache.policy import Entry
+    from proxy.cache.entry import Entry
 
     entry = Entry(200, (("ETag", '"1"'),), "main", "/v1/x", 1.0, 2.0, 0.0, 60.0, 0.0, 0.0,
                   False, (("x-a", None),), 3)  # fmt: skip

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from proxy.auth.shared_tokens import SharedTokenStore, TokenStoreError
 from proxy.auth.token_file import StoredToken
-from proxy.cache.policy import Entry
+from proxy.cache.entry import Entry
 from proxy.cache.redis_records import decode, digest, encode
 from proxy.cache.store import Stored
 from proxy.settings import Secret

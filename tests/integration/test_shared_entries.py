@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.cache.entry import Entry
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import Entry
 from proxy.cache.redis_records import (
     MIN_TTL,
     TTL_MARGIN,

@@ -19,11 +19,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.cache import redis_records
+from proxy.cache.entry import Entry
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidation
+from proxy.cache.keys import cache_key
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import Entry, cache_key
 from proxy.cache.redis_records import RedisRecords, digest
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import RedisEntries

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.cache.policy import cache_key, invalidation
+from proxy.cache.invalidation import invalidation
+from proxy.cache.keys import cache_key
 
 ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SEGMENT = st.text(alphabet=ALNUM + "-_~", min_size=1, max_size=8)

@@ -13,9 +13,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.fastlook import Startable, Unheld, webhook_rule
+from proxy.cache.keys import parse_key
 from proxy.cache.layer import Cache
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import parse_key
 from proxy.cache.store import CacheStore
 from proxy.errors import UpstreamUnreachable
 from proxy.messages import ProxyRequest, ProxyResponse

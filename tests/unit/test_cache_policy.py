@@ -11,43 +11,40 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.cache.invalidation import Invalidation
-from proxy.cache.policy import (
+from proxy.cache.entry import Entry
+from proxy.cache.fields import (
     NO_CONTROL,
+    RequestControl,
+    age_value,
+    directives,
+    request_control,
+    seconds,
+)
+from proxy.cache.invalidation import Invalidation, invalidation
+from proxy.cache.keys import cache_key, parse_key, vary_names
+from proxy.cache.lookup import (
     Bypass,
-    Entry,
-    Freshened,
     FreshHit,
     Miss,
-    NotStorable,
     OnlyIfCachedMiss,
-    Refetch,
-    RequestControl,
     Revalidate,
     ServeStale,
+    bypass,
+    fresh_age,
+    lookup,
+    stale_on_error,
+)
+from proxy.cache.storable import NotStorable, freshness_lifetime, initial_age, rule_for, to_entry
+from proxy.cache.validation import (
+    Freshened,
+    Refetch,
     TakeBody,
     UpstreamFailed,
-    age_value,
     answered,
-    bypass,
-    cache_key,
-    directives,
-    fresh_age,
-    freshness_lifetime,
-    initial_age,
-    invalidation,
-    lookup,
     merge_304,
     not_modified,
     not_modified_headers,
-    parse_key,
-    request_control,
-    rule_for,
-    seconds,
-    stale_on_error,
-    to_entry,
     validators,
-    vary_names,
 )
 from proxy.settings import CacheRule
 

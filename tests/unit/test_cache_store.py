@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,10 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.disk import covered
+from proxy.cache.entry import Entry
 from proxy.cache.invalidation import Change, Invalidation, Purge, normalise_path
+from proxy.cache.keys import cache_key
 from proxy.cache.memory import HotEntries, Stored, intact, upgraded
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.policy import Entry, cache_key
 from proxy.cache.store import CacheStore
 
 
@@ -124,6 +126,45 @@ def test_a_record_from_before_body_checksums_is_still_read() -> None:
     assert not hasattr(old, "crc")
     value = upgraded(old)
     assert isinstance(value, Stored) and intact(value) and value.crc is None
+
+
+# How a record pickled before the cache's decisions were split (main d3a0c1d and earlier)
+# names its Entry; pickle's protocol 2 names each class by module and name in plain text.
+NOW_NAMED = b"cproxy.cache.entry\nEntry\n"
+THEN_NAMED = b"cproxy.cache.policy\nEntry\n"
+
+
+def as_pickled_before_the_split(record: Stored) -> bytes:
+    data = pickle.dumps(record, protocol=2)
+    assert data.count(NOW_NAMED) == 1
+    return data.replace(NOW_NAMED, THEN_NAMED)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["in the database", "in a file"])
+async def test_a_record_pickled_before_the_split_is_still_read(tmp_path: Path, big: bool) -> None:
+    """Records on disk name their classes by module: an upgrade must not lose the disk."""
+    headers = (("ETag", '"a"'), ("X-Big", "x" * (40_000 if big else 10)))  # past 32 KiB: a file
+    entry = Entry(200, headers, "main", "/v1/x", 0, 0, 0, 60, 0, 0, False, (), 3)
+    key = cache_key("main", "/v1/x", "", {})
+    store = await CacheStore.open(tmp_path / "cache", 10**8, 10**6)
+    store.put(key, Stored(entry, b"[1]"))
+    await store.close()
+    with sqlite3.connect(tmp_path / "cache" / "cache.db") as db:
+        query = "SELECT filename, value FROM Cache WHERE key = ?"
+        [(filename, value)] = db.execute(query, (key,))
+        assert (filename is not None) == big
+        if filename is None:
+            old = as_pickled_before_the_split(pickle.loads(value))
+            db.execute("UPDATE Cache SET value = ? WHERE key = ?", (old, key))
+        else:
+            file = tmp_path / "cache" / filename
+            file.write_bytes(as_pickled_before_the_split(pickle.loads(file.read_bytes())))
+    store = await CacheStore.open(tmp_path / "cache", 10**8, 10**6)
+    try:
+        again = await store.get(key)
+    finally:
+        await store.close()
+    assert again is not None and again.entry == entry and again.body == b"[1]"
 
 
 async def test_what_the_disk_finds_for_a_change_is_what_the_change_covers(tmp_path: Path) -> None:

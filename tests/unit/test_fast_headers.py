@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cache.policy import SELECTING
+from proxy.cache.keys import SELECTING
 from proxy.edge.fast import _plain_headers
 
 

@@ -1,4 +1,4 @@
-"""A 304's merge into the stored entry, its header work remembered (proxy.cache.policy
+"""A 304's merge into the stored entry, its header work remembered (proxy.cache.validation
 merge_304): the same entries as merging from scratch every time, whatever the headers, the
 rules and the response time."""
 
@@ -10,17 +10,11 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.cache import policy
-from proxy.cache.policy import (
-    NOT_UPDATED_BY_304,
-    Entry,
-    directives,
-    initial_age,
-    merge_304,
-    rule_for,
-    storable_headers,
-    weak_match,
-)
+from proxy.cache import validation
+from proxy.cache.entry import Entry
+from proxy.cache.fields import directives
+from proxy.cache.storable import initial_age, reuse_windows, rule_for, storable_headers
+from proxy.cache.validation import NOT_UPDATED_BY_304, merge_304, weak_match
 from proxy.settings import CacheRule
 from tests.unit.test_cache_policy import entry
 
@@ -63,7 +57,7 @@ def merged_from_scratch(
         request_time=request_time,
         response_time=response_time,
         initial_age=initial_age(headers, request_time, response_time),
-        **policy._reuse(directives(lines), fields, response_time, rule),
+        **reuse_windows(directives(lines), fields, response_time, rule),
     )
 
 
@@ -87,9 +81,9 @@ def test_the_same_304_again_is_merged_from_the_memo() -> None:
     kept = stored((("ETag", '"a"'), ("Content-Type", "application/json")))
     sent = (("ETag", '"a"'), ("Date", DATE), ("Cache-Control", "max-age=0"))
     first = merge_304(kept, sent, NOW, NOW, ())
-    hits = policy._merged_304.cache_info().hits
+    hits = validation._merged_304.cache_info().hits
     again = merge_304(kept, sent, NOW + 1, NOW + 2, ())
-    assert policy._merged_304.cache_info().hits == hits + 1
+    assert validation._merged_304.cache_info().hits == hits + 1
     assert first is not None and again is not None
     assert again.headers == first.headers and again.response_time == NOW + 2
     assert again.initial_age == 2.0  # its own age, from its Date and its response time

@@ -1,5 +1,5 @@
 """The 304 decision and headers, remembered per stored header set and per If-None-Match line
-(proxy.cache.policy): the same answers as parsing every time, whatever the input's shape."""
+(proxy.cache.validation): the same answers as parsing every time, whatever the input's shape."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.cache import policy
-from proxy.cache.policy import MEMO_TAGS, not_modified, not_modified_headers
+from proxy.cache import validation
+from proxy.cache.validation import MEMO_TAGS, not_modified, not_modified_headers
 
 TAGS = ['"a"', 'W/"a"', '"b"', "*", '"a", "b"', 'W/"b", "a"', "x", ""]
 STORED = st.lists(
@@ -48,7 +48,7 @@ def test_the_last_entrys_answers_are_known_by_identity_and_never_mixed_up() -> N
     caller = CIMultiDict({"If-None-Match": '"a"'})
     for _ in range(2):
         assert not_modified(200, one, caller) is True
-        assert policy._etag.last is not None and policy._etag.last[0] is one
+        assert validation._etag.last is not None and validation._etag.last[0] is one
         assert not_modified(200, other, caller) is False
         assert not_modified_headers(one) == (("ETag", '"a"'),)
         assert not_modified_headers(other) == (("ETag", '"b"'),)
@@ -60,5 +60,5 @@ def test_the_last_entrys_answers_are_known_by_identity_and_never_mixed_up() -> N
 @given(line=st.sampled_from([*TAGS, '"a" , W/"b"', 'W/"a", *']), etag=st.sampled_from(TAGS))
 def test_a_remembered_line_matches_as_its_parsed_tags_do(line: str, etag: str) -> None:
     for exists in (True, False):
-        parsed = policy._tags_match(policy._tags((line,)), etag or None, exists)
-        assert policy._line_matches(line, etag or None, exists) is parsed
+        parsed = validation._tags_match(validation._tags((line,)), etag or None, exists)
+        assert validation._line_matches(line, etag or None, exists) is parsed

@@ -16,8 +16,8 @@ from cryptography.fernet import Fernet
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.cache.entry import Entry
 from proxy.cache.memory import Stored
-from proxy.cache.policy import Entry
 from proxy.cache.redis_records import MEMO_SIZE, BadRecord, _parsed, _verified, decode, encode
 from proxy.shared.reads import HEAD, LARGER, WRONG, _command, _read, _replies
 from proxy.shared.reads import READ as READ_KIND

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from proxy.cache.policy import not_modified_headers
+from proxy.cache.validation import not_modified_headers
 from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import HeaderItems, answer_headers, header_view
 from proxy.edge.rendered import SLOTS, Place, fill, template

@@ -1,4 +1,4 @@
-"""Table tests of the pure stale-while-busy decision (proxy.cache.policy.stale_while_busy):
+"""Table tests of the pure stale-while-busy decision (proxy.cache.lookup.stale_while_busy):
 stored response, caller's Cache-Control, staleness and expected wait: an answer or a reason."""
 
 from __future__ import annotations
@@ -7,14 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.cache.policy import (
-    BusyStale,
-    Entry,
-    RequestControl,
-    request_control,
-    stale_while_busy,
-    to_entry,
-)
+from proxy.cache.entry import Entry
+from proxy.cache.fields import RequestControl, request_control
+from proxy.cache.lookup import BusyStale, stale_while_busy
+from proxy.cache.storable import to_entry
 
 NOW = 1_700_000_000.0
 WINDOW = 60.0

@@ -34,7 +34,7 @@ from dataclasses import replace
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.invalidation import Change, Purge
-from proxy.cache.policy import CALLER_CONDITIONALS
+from proxy.cache.validation import CALLER_CONDITIONALS
 from proxy.cache.webhooks.metrics import WebhookMetrics
 from proxy.errors import ProxyError
 from proxy.logs import event
