@@ -28,15 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.cache.redis_records import (
-    BadRecord,
-    _header,
-    _name,
-    _pairs,
-    _seconds,
-    _str,
-    _value,
-)
+from proxy.cache.records import BadRecord, _header, _name, _pairs, _seconds, _str, _value
 
 FORMAT = 1
 MAX_NOTE = 32 * 1024

@@ -29,7 +29,8 @@ from proxy.cache.metrics import CacheMetrics
 from proxy.cache.notes import Note
 from proxy.cache.notes import decode as decode_note
 from proxy.cache.notes import encode as encode_note
-from proxy.cache.redis_records import BadRecord, RedisRecords
+from proxy.cache.records import BadRecord
+from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
 from proxy.messages import ProxyRequest

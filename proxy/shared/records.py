@@ -105,7 +105,7 @@ class RecordKeys:
         it; the tag is empty for a record of format 1 (read with ``read_previous``: no MAC).
         A tag that verified names the payload for this context (HMAC-SHA256): the same tag
         read again, verified again, is the same payload, so what was checked of it once
-        may be remembered by tag (:func:`proxy.cache.redis_records.decode`)."""
+        may be remembered by tag (:func:`proxy.cache.records.decode`)."""
         if data[: len(MAGIC)] != MAGIC:
             if self.read_previous:
                 return b"", data

@@ -97,7 +97,7 @@ def invalidation(account: str, paths: list[str], lists_of: list[str]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-# proxy/cache/redis_records.py: the cache record codec.
+# proxy/cache/redis_records.py (now proxy/cache/records.py): the cache record codec.
 def encode(key: str, stored: Stored) -> bytes:
     """One record: magic, 4-byte header length, JSON header, body (must be in memory)."""
     assert stored.body is not None

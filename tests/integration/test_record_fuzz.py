@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from proxy.auth.shared_tokens import SharedTokenStore, TokenStoreError
 from proxy.cache import broadcast
 from proxy.cache.invalidation import Purge
-from proxy.cache.redis_records import BadRecord, decode, encode
+from proxy.cache.records import BadRecord, decode, encode
 from proxy.cache.store import Stored
 from proxy.edge.app import create_app
 from proxy.edge.services import SERVICES

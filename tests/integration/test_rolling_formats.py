@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from proxy.auth.shared_tokens import SharedTokenStore, TokenStoreError
 from proxy.auth.token_file import StoredToken
 from proxy.cache.entry import Entry
-from proxy.cache.redis_records import decode, digest, encode
+from proxy.cache.records import decode, digest, encode
 from proxy.cache.store import Stored
 from proxy.settings import Secret
 from proxy.shared.records import BadRecord

@@ -22,15 +22,8 @@ from prometheus_client import CollectorRegistry
 from proxy.cache.entry import Entry
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.redis_records import (
-    MIN_TTL,
-    TTL_MARGIN,
-    BadRecord,
-    RedisRecords,
-    decode,
-    digest,
-    encode,
-)
+from proxy.cache.records import BadRecord, decode, digest, encode
+from proxy.cache.redis_records import MIN_TTL, TTL_MARGIN, RedisRecords
 from proxy.edge.services import SERVICES
 from proxy.settings import CacheSettings
 from proxy.shared.records import RecordKeys

@@ -18,14 +18,15 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.cache import redis_records
+from proxy.cache import records
 from proxy.cache.entry import Entry
 from proxy.cache.flight import Flights
 from proxy.cache.invalidation import Invalidation
 from proxy.cache.keys import cache_key
 from proxy.cache.memory import Stored
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.redis_records import RedisRecords, digest
+from proxy.cache.records import digest
+from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import RedisEntries
 from proxy.shared.redis_backend import RedisBackend
@@ -196,7 +197,7 @@ async def test_a_record_read_again_is_verified_again_but_its_crc32_computed_once
         crcs.append(len(data))
         return zlib.crc32(data, start)
 
-    monkeypatch.setattr(redis_records, "zlib", SimpleNamespace(crc32=crc32))
+    monkeypatch.setattr(records, "zlib", SimpleNamespace(crc32=crc32))
     for _ in range(3):
         found = await shared_tier.entries.lookup("main", KEY)
         assert found is not None and found.body == BODY and found.crc == zlib.crc32(BODY)

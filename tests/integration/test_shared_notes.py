@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.cache.notes import Note, encode
-from proxy.cache.redis_records import digest
+from proxy.cache.records import digest
 from proxy.edge.services import SERVICES
 from proxy.settings import CacheSettings
 from proxy.shared.records import BadRecord

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from proxy.cache.notes import MAX_NOTE, Note, decode, encode
-from proxy.cache.redis_records import BadRecord
+from proxy.cache.records import BadRecord
 
 NOTE = Note("holder", "key", "304", (("If-None-Match", '"v1"'),), (("ETag", '"v1"'),), 1.5, 2.5)
 

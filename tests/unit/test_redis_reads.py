@@ -1,6 +1,6 @@
 """The pure parts of the Redis tier's read path: the record MAC, the reply parser of
 :mod:`proxy.shared.reads` (replies cut anywhere by the network) and the remembered parse of a
-record's header in :func:`proxy.cache.redis_records.decode` (what is remembered never lets a
+record's header in :func:`proxy.cache.records.decode` (what is remembered never lets a
 record through that the full checks refuse)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from proxy.cache.entry import Entry
 from proxy.cache.memory import Stored
-from proxy.cache.redis_records import MEMO_SIZE, BadRecord, _parsed, _verified, decode, encode
+from proxy.cache.records import MEMO_SIZE, BadRecord, _parsed, _verified, decode, encode
 from proxy.shared.reads import HEAD, LARGER, WRONG, _command, _read, _replies
 from proxy.shared.reads import READ as READ_KIND
 from proxy.shared.records import BadRecord as SharedBadRecord

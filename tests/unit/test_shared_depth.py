@@ -1,4 +1,4 @@
-"""The nesting check of a shared record's header (proxy.cache.redis_records._depth) against the
+"""The nesting check of a shared record's header (proxy.cache.records._depth) against the
 byte-by-byte reading it replaced."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.cache.redis_records import _depth
+from proxy.cache.records import _depth
 
 
 def byte_by_byte(text: bytes) -> int:
