@@ -2,7 +2,7 @@
 
     python -m bench.classes_model [--runs 2000] [--seconds 60] [--slots]
 
-No proxy, no Redis, no machine. The account's real bucket (:class:`proxy.pipeline.gates.Bucket`:
+No proxy, no Redis, no machine. The account's real bucket (:class:`proxy.pipeline.bucket.Bucket`:
 pace, burst, the window's cap and the burst's spread, batch's ``budget.reserve`` and
 ``budget.headroom``) at 180 a minute, a burst of 9, starting full; two batch walkers always
 waiting (their pages' own time left out); three interactive callers each asking again an
@@ -32,7 +32,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from proxy.pipeline.gates import Bucket, Rate
+from proxy.pipeline.bucket import Bucket, Rate
 
 RATE = Rate(per_window=180, burst=9, window=60.0, margin=1.0)
 MEAN_PAUSE = 2.0  # seconds between an interactive caller's answer and its next request

@@ -50,8 +50,8 @@ from proxy.edge.metrics import PackageMetrics
 from proxy.messages import Layer
 from proxy.metrics import Metrics
 from proxy.pipeline import admin as pipeline_admin
+from proxy.pipeline.bucket import rate_for
 from proxy.pipeline.budget import Budget
-from proxy.pipeline.gates import rate_for
 from proxy.pipeline.retry import Retry
 from proxy.pipeline.upstream import Upstream
 from proxy.settings import (

@@ -22,17 +22,10 @@ from proxy.clock import Clock
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.logs import debug, event
+from proxy.pipeline.bucket import Bucket, Rate
 from proxy.pipeline.classstats import ClassStats
 from proxy.pipeline.estimates import OTHERS, Estimates, Waiter, Wanted
-from proxy.pipeline.gates import (
-    Bucket,
-    Gate,
-    LocalGate,
-    Rate,
-    SharedGate,
-    Waiting,
-    effective_rate,
-)
+from proxy.pipeline.gates import Gate, LocalGate, SharedGate, Waiting, effective_rate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.pipeline.pauses import capped, pause_asked, said
 from proxy.pipeline.queue import (

@@ -5,7 +5,7 @@ the excess with a plain-text 429. The :class:`Budget` layer sits just above the
 upstream, so every request that reaches Kounta (revalidations and resends after a
 token refresh included) takes a token first, while fresh cache hits never get here.
 
-- :class:`~proxy.pipeline.gates.Bucket` holds the account's tokens and its window's log.
+- :class:`~proxy.pipeline.bucket.Bucket` holds the account's tokens and its window's log.
 - :class:`~proxy.pipeline.account_budget.AccountBudget` makes requests wait for a token
   in a bounded queue, handing tokens out by class (interactive, standard, batch: weighted fair
   queuing, see :mod:`proxy.pipeline.queue`) and round robin over callers within a class, so one busy
@@ -38,7 +38,8 @@ from proxy.errors import RateLimited
 from proxy.logs import debug, log, trace
 from proxy.messages import Layer, ProxyRequest, ProxyResponse
 from proxy.pipeline.account_budget import AccountBudget
-from proxy.pipeline.gates import Gate, Rate, SharedGate, live_rate, rate_for
+from proxy.pipeline.bucket import Rate, live_rate, rate_for
+from proxy.pipeline.gates import Gate, SharedGate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import (
     CLASS_SHARES,

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.clock import Clock
-from proxy.pipeline.gates import Gate, Rate, SharedGate
+from proxy.pipeline.bucket import Rate
+from proxy.pipeline.gates import Gate, SharedGate
 from proxy.pipeline.queue import (
     CLASSES,
     DEFAULT_CLASS,

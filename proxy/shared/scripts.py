@@ -15,7 +15,7 @@ local function num(value, default)
 end
 """
 
-# The window's spread (proxy.pipeline.gates.Bucket._spread): the k-th latest send at least
+# The window's spread (proxy.pipeline.bucket.Bucket._spread): the k-th latest send at least
 # (k - burst) / (cap - burst) of the period ago, for each k past the burst below the cap, so
 # a burst is paid back by a slightly slower pace, not by a stall a window later. The wait
 # (0: none). Asked only when the pace, the pause and the cap let a send go: a wait they give
@@ -37,7 +37,7 @@ end
 # The wait for a slot (0: none) at the pace (``tat``), the pause and the window's log
 # (``count`` sends in it), leaving ``share`` of the burst and of the window's cap and ``kept``
 # tokens untaken (batch's reserve and headroom; 0 and 0 for everyone else), as
-# proxy.pipeline.gates.Bucket.ready_at. Uses SPREAD.
+# proxy.pipeline.bucket.Bucket.ready_at. Uses SPREAD.
 SLOT_WAIT = """
 local function slot_wait(log_key, tat, paused, count, per_window, burst, period, now, share,
                          kept)
@@ -104,7 +104,7 @@ return {1, '0'}
 # flags, kept in the same hash); a replica asking for another class is told to ask again
 # shortly. Batch leaves the reserve (a fraction of the burst and of the window's cap) and the
 # headroom (tokens of the burst; its window's spread and cap as many sends lower), as
-# proxy.pipeline.gates.Bucket.ready_at does.
+# proxy.pipeline.bucket.Bucket.ready_at does.
 # KEYS: budget, log, demand. ARGV: per_window, burst, period, member, replica, class,
 # waiting interactive, standard, batch (this replica's, this request included), ttl ms,
 # reserve, weight interactive, standard, batch, seconds the oldest waiting request of each

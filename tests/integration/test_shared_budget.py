@@ -21,8 +21,9 @@ from proxy.clock import MonotonicClock
 from proxy.edge.services import SERVICES
 from proxy.errors import RateLimited
 from proxy.ops.admin import create_admin_app
+from proxy.pipeline.bucket import Rate
 from proxy.pipeline.budget import AccountBudget
-from proxy.pipeline.gates import Rate, SharedGate
+from proxy.pipeline.gates import SharedGate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.sandbox import SandboxConfig
 from proxy.settings import BudgetSettings, CacheSettings, Settings

@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.clock import MonotonicClock
 from proxy.errors import RateLimited
+from proxy.pipeline.bucket import Rate
 from proxy.pipeline.budget import AccountBudget
-from proxy.pipeline.gates import Rate, SharedGate
+from proxy.pipeline.gates import SharedGate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import BudgetSettings
 from proxy.shared import RedisBackend

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import MonotonicClock
-from proxy.pipeline.gates import Rate, SharedGate
+from proxy.pipeline.bucket import Rate
+from proxy.pipeline.gates import SharedGate
 from proxy.settings import Secret, SharedSettings
 from proxy.shared import RedisBackend
 from proxy.shared.base import ClassedAsk

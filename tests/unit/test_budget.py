@@ -18,8 +18,8 @@ from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.messages import ProxyRequest, ProxyResponse
 from proxy.pipeline.account_budget import TURN_MARGIN
+from proxy.pipeline.bucket import Bucket, Rate, rate_for
 from proxy.pipeline.budget import AccountBudget, Budget
-from proxy.pipeline.gates import Bucket, Rate, rate_for
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.pipeline.pauses import capped, pause_asked
 from proxy.settings import AccountSettings, BudgetSettings, ConfigError, Secret, Settings, load

@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.errors import RateLimited
+from proxy.pipeline.bucket import Bucket, Rate
 from proxy.pipeline.budget import AccountBudget
-from proxy.pipeline.gates import Bucket, LocalGate, Rate
+from proxy.pipeline.gates import LocalGate
 from proxy.pipeline.metrics import PipelineMetrics
 from proxy.settings import BudgetSettings, ClassWeights, ConfigError, load
 
