@@ -147,7 +147,9 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
         self._probe: asyncio.Task[None] | None = None
         self._replica = uuid.uuid4().hex[:12]
         # Notes of other replicas' fetches this one waits on (proxy.shared.notes).
-        self.notes = Notes(self.client, self.key("cache", "notes", self._replica), self.timeout)
+        self.notes = Notes(
+            self.client.connection_pool, self.key("cache", "notes", self._replica), self.timeout
+        )
         self._sent = 0
         self._listeners: list[asyncio.Task[None]] = []
         self._logs: dict[str, Log] = {}

@@ -157,6 +157,10 @@ class CacheRecords:
                 tkeys, targs = owned
                 sent = self._take_owned([*tkeys, keys[0]], [*targs, owner])
                 took = sent if isinstance(sent, asyncio.Future) else None
+            # At once, as the release is: the flight's callers (and this replica's every
+            # connection, at times) wait on this round trip, while the rest of the turn is
+            # this replica's own work (the joiners that came with the starter parked).
+            self.wire.flush()
             return claimed
 
         try:

@@ -140,13 +140,13 @@ async def test_a_claim_its_caller_gave_up_keeps_its_place(own_redis_space: Redis
         assert later.owner == "later"
 
 
-def gone_within(url: str, key: str, seconds: float) -> bool:
-    """Whether ``key`` is gone from Redis within ``seconds``, asked by a client of its own
-    (blocking: the caller's event loop does not turn meanwhile)."""
+def gone_within(url: str, key: str, seconds: float, *, present: bool = False) -> bool:
+    """Whether ``key`` is gone from Redis (with ``present``: is there) within ``seconds``,
+    asked by a client of its own (blocking: the caller's event loop does not turn meanwhile)."""
     raw = redis.Redis.from_url(url)
     try:
         deadline = time.monotonic() + seconds
-        while raw.exists(key):
+        while bool(raw.exists(key)) != present:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
@@ -175,6 +175,28 @@ async def test_the_locks_release_is_written_before_the_rest_of_the_loop_turn(
             lambda: seen.append(gone_within(redis_space.url, lock, 2.0))
         )
         await release
+        assert seen == [True]
+        assert backend.up
+
+
+async def test_the_locks_claim_is_written_before_the_rest_of_the_loop_turn(
+    redis_space: RedisSpace,
+) -> None:
+    """The fetch lock's claim (and the budget's slot behind it) reaches Redis from the step
+    that claims, not at the end of the loop turn: the callbacks queued behind it (the
+    requests that came with the flight's starter, parked as its joiners) no longer hold back
+    the round trip the flight waits on. Before, it was written only after them (here: never
+    within the 0.5 s a callback keeps the loop busy)."""
+    async with redis_space.backend(timeout=2.0) as backend:
+        await flight(backend, 100)  # connected, scripts loaded
+        lock = f"{redis_space.prefix}:cache:main:lock:d1"
+        seen: list[bool] = []
+        claim = asyncio.ensure_future(backend.cache_claim("main", "d1", "owner1", 5.0, 1000))
+        # The joiners parked: busy callbacks queued after the claim's step.
+        asyncio.get_running_loop().call_soon(
+            lambda: seen.append(gone_within(redis_space.url, lock, 0.5, present=True))
+        )
+        assert (await claim).owner == "owner1"
         assert seen == [True]
         assert backend.up
 
