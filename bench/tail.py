@@ -9,6 +9,14 @@ collection (generation, start, duration: ``gc.callbacks``) on the same clock. Pe
 and p99 over the whole run (as wrk counts them) and in the steady part (the first and last
 0.3 s left out), each connection's first request, the full passes (generation 2) and how
 many of the steady p99 requests spanned one. docs/performance.md, "The tail", has results.
+
+``--entries 1000,10000,100000 [--loop asyncio] [--old DIR]``: the tail as the memory tier
+grows. Per level N, one proxy (each tree's, ``--old`` as bench.ab) with a memory tier large
+enough for N entries of 8 KB, filled through the proxy itself (N/2 products, fresh for an
+hour, and N/2 customers, revalidated on every request: each a miss, fetched and stored), then
+fresh hits over the products and revalidations over the customers, each request a random
+key (no coalescing: a revalidation a request). Per row also the objects the collector
+tracks (``gc.get_objects()``) and the RSS after the runs. Levels and trees interleaved.
 """
 
 from __future__ import annotations
@@ -27,11 +35,18 @@ import time
 from pathlib import Path
 
 from bench import compare
-from bench.cache_bench import TOKEN, free_port, process
+from bench.cache_bench import TOKEN, free_port, process, rss_mb, wait_port
 
 CLIENT = Path(__file__).with_name("tail_client.c")
 EDGE_NS = 300_000_000  # the steady part leaves out this much at each end
 PATHS = {"fresh": compare.FRESH, "reval": compare.REVALIDATED, "inm": compare.REVALIDATED}
+# The entries series: the scenario's path with the key's id, and the memory tier per entry.
+KEYED = {
+    "fresh": f"{compare.COMPANY}/products/%d.json",
+    "reval": f"{compare.COMPANY}/customers/%d.json",
+}
+PER_ENTRY = 12 * 1024  # 8 KB body + the tier's overhead, with room
+HERE = str(Path(__file__).resolve().parent.parent)
 
 
 def serve_recording(out: str, args: list[str]) -> int:
@@ -47,6 +62,7 @@ def serve_recording(out: str, args: list[str]) -> int:
 
     def dump(*_: object) -> None:
         Path(out).write_text(json.dumps(passes))
+        Path(out + ".objects").write_text(str(len(gc.get_objects())))
         passes.clear()
 
     gc.callbacks.append(record)
@@ -96,6 +112,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--connections", type=int, default=compare.DEFAULT_CONNECTIONS)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--scenarios", default="fresh,reval,inm")
+    p.add_argument("--entries", help="levels, e.g. 1000,10000,100000: the entries series")
+    p.add_argument("--loop", default="asyncio", choices=compare.LOOPS, help="with --entries")
+    p.add_argument("--old", help="with --entries: a directory holding another proxy package")
     args = p.parse_args(argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
@@ -104,6 +123,9 @@ def main(argv: list[str]) -> int:
     client = directory / "tail_client"
     subprocess.run([gcc, "-O2", "-pthread", "-o", str(client), str(CLIENT)], check=True)
     try:
+        if args.entries:
+            print(entries_table(measure_entries(directory, str(client), args), args))
+            return 0
         rows = measure(directory, str(client), args)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -161,6 +183,99 @@ def measure(
                 rows.append((scenario, name, summary(lines, passes, args.seconds)))
                 print(f"  {scenario} {name}: {rows[-1][2]['rps']:.0f} req/s", file=sys.stderr)
     return rows
+
+
+def run_client(client: str, port: int, path: str, env: dict[str, str], args_: list[str]) -> None:
+    command = [client, str(port), path, *args_, f"Authorization: Bearer {TOKEN}"]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, **env})
+
+
+def entries_config(directory: Path, origin: str, port: int, loop: str, stored: int) -> Path:
+    """compare's proxy with a memory tier large enough for ``stored`` entries of 8 KB."""
+    path = compare.proxy_config(directory, origin, port, loop)
+    memory = stored * PER_ENTRY + 64 * 1024**2
+    text = path.read_text().replace("[cache]\n", f"[cache]\nmemory_size = {memory}\n", 1)
+    path.write_text(text)
+    return path
+
+
+Row = tuple[str, int, str, dict[str, float]]
+
+
+def measure_entries(directory: Path, client: str, args: argparse.Namespace) -> list[Row]:
+    """The entries series: per level and tree, a filled proxy's fresh hits and revalidations
+    over random keys (see the module's docstring)."""
+    py, origin_port = sys.executable, free_port()
+    origin = f"http://127.0.0.1:{origin_port}"
+    levels = [int(n) for n in args.entries.split(",")]
+    trees = [("new", HERE)] + ([("old", args.old)] if args.old else [])
+    env = {**os.environ, "PYTHONPATH": HERE}  # bench from here, proxy from the tree's cwd
+    rows: list[Row] = []
+    with process([py, "-m", "bench.origin", "--port", str(origin_port)], origin_port):
+        for i, level in enumerate(levels):
+            for tree, cwd in trees if i % 2 == 0 else trees[::-1]:
+                port = free_port()
+                sub = directory / f"{tree}-{level}"
+                sub.mkdir()
+                config = entries_config(sub, origin, port, args.loop, level)
+                record = str(sub / "gc.json")
+                serve = [py, "-m", "bench.tail", "--serve-recording", record, "serve"]
+                proc = subprocess.Popen(
+                    [*serve, "--config", str(config)],
+                    cwd=cwd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    wait_port(port, proc)
+                    rows += entries_level(client, port, proc.pid, record, level, tree, args)
+                finally:
+                    proc.terminate()
+                    proc.wait(20)
+                shutil.rmtree(sub, ignore_errors=True)
+    return rows
+
+
+def entries_level(
+    client: str, port: int, pid: int, record: str, level: int, tree: str, a: argparse.Namespace
+) -> list[Row]:
+    began = time.monotonic()
+    for path in KEYED.values():  # each key once: a miss, fetched and stored
+        run_client(client, port, path, {"FILL": str(level // 2)}, ["32", "2", "600", os.devnull])
+    print(f"  {tree} {level}: filled in {time.monotonic() - began:.0f} s", file=sys.stderr)
+    rows = []
+    out = str(Path(record).with_name("latencies.txt"))
+    for scenario, path in KEYED.items():
+        os.kill(pid, signal.SIGUSR1)  # clear what filling recorded
+        time.sleep(0.3)
+        keys = {"KEYS": str(level // 2)}
+        run_client(client, port, path, keys, [str(a.connections), "2", str(a.seconds), out])
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        passes = json.loads(Path(record).read_text())
+        s = summary(Path(out).read_text().splitlines(), passes, a.seconds)
+        s["objects"] = float(Path(record + ".objects").read_text())
+        s["rss"] = rss_mb(pid, "VmRSS") or 0.0
+        rows.append((tree, level, scenario, s))
+        print(f"  {tree} {level} {scenario}: {s['rps']:.0f} req/s", file=sys.stderr)
+    return rows
+
+
+def entries_table(rows: list[Row], args: argparse.Namespace) -> str:
+    lines = [
+        f"c={args.connections}, {args.loop}, {args.seconds:g} s | tree | stored | req/s "
+        "| p50 / p99 ms, whole run | steady p50 / p99 ms | full GC passes | longest ms "
+        "| p99 spanning one | objects tracked | RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for tree, level, scenario, s in sorted(rows, key=lambda r: (r[2], r[1], r[0])):
+        lines.append(
+            f"| {scenario} | {tree} | {level:,} | {s['rps']:.0f} | {s['p50 all']:.2f} / "
+            f"{s['p99 all']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} | {s['full passes']:.0f} | "
+            f"{s['full max']:.1f} | {s['spanned']:.0%} | {s['objects']:,.0f} | {s['rss']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[tuple[str, str, dict[str, float]]], connections: int) -> str:

@@ -4,9 +4,11 @@ A revalidated entry whose upstream answers 304 keeps its body; only its headers 
 change. The memory tier takes every such change at once (every answer reads it from there);
 the disk record is rewritten at most once per :data:`FRESHEN_EVERY` seconds per key, so a key
 revalidated on every request (no cache rule) does not rewrite its record a hundred times a
-second. A record the disk did not get is at most that much older in freshness, which only
-makes it revalidate sooner (never served stale), and an entry that is not in the memory tier
-is always written through.
+second. Nor is it rewritten while the disk's queued writes are behind
+(:data:`~proxy.cache.store.WRITES_BEHIND`): 304s of many keys can come faster than the disk
+takes them. A record the disk did not get is older in freshness, which only makes it
+revalidate sooner (never served stale), and an entry that is not in the memory tier is always
+written through.
 """
 
 from __future__ import annotations

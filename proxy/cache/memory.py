@@ -3,7 +3,15 @@
 
 The tier indexes its own keys by (account, normalised path), so an invalidation finds the ones
 it covers without looking at every entry; the disk's entries are found on the disk
-(:func:`proxy.cache.disk.covered`), so nothing in memory grows with the entries stored there."""
+(:func:`proxy.cache.disk.covered`), so nothing in memory grows with the entries stored there.
+
+What the tier holds is out of the cyclic collector's walk: each :class:`Stored` and its
+:class:`~proxy.cache.entry.Entry` are untracked when put (they hold numbers, strings, bytes
+and tuples of them: no cycle can go through them; :func:`proxy.compat.collector.untrack`),
+so are the LRU's and the paths' dicts, and a path's index holds its one key as a string (a
+set only for a path stored under several keys). Tracked, 100,000 entries made a full pass
+walk ~330,000 objects: ~410 ms with nothing answered (docs/performance.md, "The tail as the
+cache grows")."""
 
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from proxy.cache.entry import Entry
 from proxy.cache.invalidation import normalise_path
 from proxy.cache.shares import Ledger
+from proxy.compat.collector import untrack
 
 # What an entry costs the memory LRU besides its body (key, Entry, headers), so that
 # empty bodies (204s, empty lists) cannot fill memory with ever more entries.
@@ -38,10 +47,15 @@ class HotEntries:
     def __init__(self, max_bytes: int, ledger: Ledger | None = None) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
+        # Neither the LRU nor the paths' index is walked by the collector (untracked after each
+        # insert, which tracks a dict again): a full pass would visit every entry's key and
+        # Stored through them, scattered over the tier's memory (~11 ms for 100,000 entries
+        # in a quiet process; its keys, tuples and strings, never lead back to a dict).
         self.items: OrderedDict[str, Stored] = OrderedDict()
         self.ledger = ledger or Ledger()  # each account's share (proxy.cache.shares)
-        # (account, normalised path) -> the keys held of it (what invalidations look through)
-        self.paths: dict[tuple[str, str], set[str]] = {}
+        # (account, normalised path) -> the key held of it, or the keys (several: a set) (what
+        # invalidations look through); a lone key is a string, which the collector never walks
+        self.paths: dict[tuple[str, str], str | set[str]] = {}
 
     def get(self, key: str) -> Stored | None:
         found = self.items.get(key)
@@ -61,7 +75,8 @@ class HotEntries:
         ):
             # A 304 freshened it (the same body): what pop and put would leave, without
             # their bookkeeping (same cost, same account and path: nothing else moves).
-            self.items[key] = stored
+            self.items[key] = _held(stored)
+            untrack(self.items)  # an insert tracks it again
             self.items.move_to_end(key)
             self.ledger.touch(key)
             return
@@ -71,9 +86,18 @@ class HotEntries:
         size = _cost(key, stored)
         if size > self.max_bytes // 8:
             return
-        self.items[key] = stored
+        self.items[key] = _held(stored)
         self.bytes += size
-        self.paths.setdefault(_where(stored), set()).add(key)
+        where = _where(stored)
+        known = self.paths.get(where)
+        if known is None or known == key:
+            self.paths[where] = key
+        elif isinstance(known, str):
+            self.paths[where] = {known, key}
+        else:
+            known.add(key)
+        untrack(self.items)  # each insert of a Stored (a tuple key) tracks them again
+        untrack(self.paths)
         for victim in self.ledger.add(key, stored.entry.account, size):
             self.pop(victim)
         while self.bytes > self.max_bytes:
@@ -86,23 +110,37 @@ class HotEntries:
             self.ledger.remove(key)
             where = _where(old)
             keys = self.paths.get(where)
-            if keys is not None:
+            if keys == key:
+                del self.paths[where]
+            elif isinstance(keys, set):
                 keys.discard(key)
-                if not keys:
-                    del self.paths[where]
+                if len(keys) == 1:
+                    self.paths[where] = keys.pop()
+                    untrack(self.paths)
 
     def take(self, covers: Callable[[str, str], bool]) -> list[str]:
         """Drop every entry whose (account, normalised path) ``covers`` names; their keys."""
-        keys = [key for where in [w for w in self.paths if covers(*w)] for key in self.paths[where]]
+        keys = [key for where in [w for w in self.paths if covers(*w)] for key in self._keys(where)]
         for key in keys:
             self.pop(key)
         return keys
+
+    def _keys(self, where: tuple[str, str]) -> list[str]:
+        found = self.paths[where]
+        return [found] if isinstance(found, str) else list(found)
 
     def clear(self) -> None:
         self.items.clear()
         self.paths.clear()
         self.bytes = 0
         self.ledger.clear()
+
+
+def _held(stored: Stored) -> Stored:
+    """``stored``, out of the collector's walk (with its entry) for as long as it is held."""
+    untrack(stored.entry)
+    untrack(stored)
+    return stored
 
 
 def _where(stored: Stored) -> tuple[str, str]:

@@ -69,6 +69,11 @@ T = TypeVar("T")
 # Bodies up to this size live inside the entry's record; larger ones are a separate value
 # (a file in diskcache's directory) so that freshening the headers never rewrites them.
 INLINE_BODY = 32 * 1024
+# Queued disk writes past which a 304's refresh of an entry held in memory skips the disk
+# (proxy.cache.freshen): with every request a revalidation of another key and an upstream
+# without a budget, 304s came faster than the disk took them and the queue grew without
+# bound (~1,000 a second; ~20 objects each for the collector to walk).
+WRITES_BEHIND = 256
 # After a full disk, storing is tried again after this many seconds.
 FULL_DISK_RETRY = 60.0
 # Records counted per page when the shares are counted after start-up.
@@ -333,6 +338,11 @@ class CacheStore:
             self.problem = None
             event("cache_storing_enabled")
         return self.problem is None
+
+    @property
+    def behind(self) -> bool:
+        """Whether the disk's queued writes are past :data:`WRITES_BEHIND`."""
+        return len(self._pending) >= WRITES_BEHIND
 
     def promote(self, key: str, stored: Stored) -> None:
         """Hold an entry read from another tier (Redis) in memory (an invalidation finds it

@@ -180,10 +180,14 @@ class LocalEntries:
     def _put(self, key: str, stored: Stored, freshened: bool) -> bool:
         """Memory and disk; a freshened entry held in memory reaches the disk at most once
         a second (:mod:`proxy.cache.freshen`): the memory tier answers meanwhile. Whether
-        the disk got it."""
-        if freshened and key in self.store.hot.items and not self.freshen.due(key):
-            self.store.promote(key, stored)
-            return False
+        it was due (the disk got it, or skipped it while its writes are behind)."""
+        if freshened and key in self.store.hot.items:
+            if not self.freshen.due(key):
+                self.store.promote(key, stored)
+                return False
+            if self.store.behind:  # the memory tier takes it; the disk's record stays older
+                self.store.promote(key, stored)
+                return True
         self.store.put(key, stored)
         return True
 

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import pickle
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import diskcache  # type: ignore[import-untyped]
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from proxy.cache.disk import covered
 from proxy.cache.entry import Entry
+from proxy.cache.flight import Flight, Flights
 from proxy.cache.invalidation import Change, Invalidation, Purge, normalise_path
 from proxy.cache.keys import cache_key
 from proxy.cache.memory import HotEntries, Stored, intact, upgraded
 from proxy.cache.metrics import CacheMetrics
-from proxy.cache.store import CacheStore
+from proxy.cache.store import WRITES_BEHIND, CacheStore
+from proxy.cache.tiers import LocalEntries
+from proxy.messages import ProxyRequest
 
 
 def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:
@@ -199,3 +206,90 @@ async def test_what_the_disk_finds_for_a_change_is_what_the_change_covers(tmp_pa
             assert set(covered(disk, change)) == wanted, change
     finally:
         disk.close()
+
+
+def tracked_now() -> int:
+    """The objects the cyclic collector walks, after a full pass (what it can untrack, such
+    as tuples of strings, untracked)."""
+    gc.collect()
+    return len(gc.get_objects())
+
+
+async def test_what_the_memory_tier_holds_is_out_of_the_collectors_walk(tmp_path: Path) -> None:
+    """Every full pass walks what the collector tracks: entries held while serving must not
+    add to it, or the pauses grow with the cache (docs/performance.md, "The tail as the
+    cache grows"). Held after a store, a read from disk and a 304's refresh alike."""
+    store = await CacheStore.open(tmp_path / "cache", 10**8, 10**7)
+    try:
+        await held_out_of_the_walk(store)
+    finally:
+        await store.close()
+
+
+async def held_out_of_the_walk(store: CacheStore) -> None:
+    before = tracked_now()
+    # one dict (a list of (key, Stored) pairs would be 2000 tracked tuples of its own)
+    entries = dict(stored(f"/v1/companies/5/products/{i}.json", b"x" * 100) for i in range(2000))
+    for key, value in entries.items():
+        store.put(key, value)
+    await store.flush()  # the disk's writes done (their futures and closures gone)
+    assert len(store.hot.items) == 2000
+    assert tracked_now() - before < 200  # three an entry (~6000) while the tier tracked them
+    store.hot.clear()
+    (key, value), (other, its) = list(entries.items())[:2]
+    read = await store.get(key)  # from disk: unpickled, then held in memory
+    assert read is not None and store.hot.items[key] is read
+    store.put(other, its)
+    refreshed = Stored(replace(its.entry, response_time=9.0), its.body)
+    store.put(other, refreshed)  # a 304's refresh: the same body, replaced in place
+    assert store.hot.items[other] is refreshed
+    assert not gc.is_tracked(store.hot.items) and not gc.is_tracked(store.hot.paths)
+    for held in store.hot.items.values():
+        assert not gc.is_tracked(held) and not gc.is_tracked(held.entry)
+    assert all(isinstance(keys, str) for keys in store.hot.paths.values()), store.hot.paths
+
+
+def test_a_paths_index_holds_a_lone_key_as_a_string_and_several_in_a_set() -> None:
+    """What invalidations look through: the same keys found whatever the index's shape."""
+    hot = HotEntries(10**6)
+    path = "/v1/companies/5/customers"
+    keys = [cache_key("main", path, f"page={n}", {}) for n in range(3)]
+    for key in keys:
+        hot.put(key, stored(path)[1])
+    where = ("main", normalise_path(path))
+    assert hot.paths[where] == set(keys)
+    hot.pop(keys[0])
+    hot.pop(keys[1])
+    assert hot.paths[where] == keys[2]
+    assert not gc.is_tracked(hot.paths)  # a set's key, one string again: out of the walk
+    hot.put(keys[0], stored(path)[1])
+    taken = hot.take(lambda account, p: p == normalise_path(path))
+    assert sorted(taken) == sorted([keys[0], keys[2]])
+    assert hot.paths == {} and hot.items == {}
+
+
+async def test_a_304s_refresh_skips_the_disk_while_its_writes_are_behind(tmp_path: Path) -> None:
+    """304s of many keys held in memory can come faster than the disk writes them: the
+    queue stays bounded (it grew by one write a 304, ~20 objects each for the collector);
+    the memory tier has every refresh, and entries not held in memory are still written."""
+    store = await CacheStore.open(tmp_path / "cache", 10**8, 10**7)
+    entries = LocalEntries(store, Flights(), CacheMetrics(CollectorRegistry()))
+    request = ProxyRequest("GET", "/v1/x", "", CIMultiDictProxy(CIMultiDict()), account="main")
+    held = [stored(f"/v1/companies/5/products/{i}.json", b"x" * 100) for i in range(600)]
+    for key, value in held:
+        store.hot.put(key, value)
+    writer = threading.Event()
+    store._later(writer.wait)  # the disk's one writer busy until the end
+    try:
+        for key, value in held:
+            refreshed = Stored(replace(value.entry, response_time=9.0), value.body)
+            entries.keep(Flight(key, request, store.sequence), refreshed, freshened=True)
+            assert store.hot.items[key] is refreshed
+        assert len(store._pending) <= WRITES_BEHIND + 1  # 601 before
+        key, value = stored("/v1/companies/5/products/new.json")
+        entries.keep(Flight(key, request, store.sequence), value)  # not held: written
+    finally:
+        writer.set()
+    await store.flush()
+    assert await store._run(store.disk.get, key) is not None
+    await store.close()

@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.compat import aiohttp as compat_aiohttp
+from proxy.compat import collector as compat_collector
 from proxy.compat import diskcache as compat_diskcache
 from proxy.compat import hashes as compat_hashes
 from proxy.compat import redispy as compat_redis
@@ -38,9 +39,14 @@ LIBRARIES: dict[str, tuple[ModuleType, ModuleType]] = {
     "redis": (redis, compat_redis),
     "hmac": (hmac, compat_hashes),  # the standard library's: its version is Python's
 }
-# asyncio's (the standard library's, its version Python's): pinned alike, but not among the
-# LIBRARIES whose names the private-part scan below looks for (asyncio's own are everywhere).
-ASYNCIO_PINS = list(compat_tasks.PINS.items())
+# asyncio's (the standard library's, its version Python's) and CPython's collector (its C
+# API through ctypes): pinned alike, to Python's minor version, but not among the LIBRARIES
+# whose names the private-part scan below looks for (asyncio's own are everywhere).
+PYTHON_PINS = [
+    (compat, name, check)
+    for compat in (compat_tasks, compat_collector)
+    for name, check in compat.PINS.items()
+]
 
 
 def version(module: ModuleType) -> str:
@@ -68,14 +74,14 @@ def test_each_private_part_we_use_is_still_there(
     )
 
 
-@pytest.mark.parametrize(("name", "check"), ASYNCIO_PINS, ids=[p[0] for p in ASYNCIO_PINS])
-def test_each_private_part_of_asyncio_we_use_is_still_there(
-    name: str, check: Callable[[], bool]
+@pytest.mark.parametrize(("compat", "name", "check"), PYTHON_PINS, ids=[p[1] for p in PYTHON_PINS])
+def test_each_private_part_of_python_we_use_is_still_there(
+    compat: ModuleType, name: str, check: Callable[[], bool]
 ) -> None:
     installed = version(asyncio)
-    assert installed == compat_tasks.WRITTEN_AGAINST and check(), (
+    assert installed == compat.WRITTEN_AGAINST and check(), (
         f"Python {installed}: {name!r} no longer holds, or was not checked on this version; "
-        f"{compat_tasks.__name__} was written against {compat_tasks.WRITTEN_AGAINST}"
+        f"{compat.__name__} was written against {compat.WRITTEN_AGAINST}"
     )
 
 
