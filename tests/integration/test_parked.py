@@ -1,19 +1,26 @@
-"""aiohttp's keep-alive timer while a request waits in its connection's protocol
-(proxy.answering, proxy.compat.aiohttp.hold_keepalive / release_keepalive): a parked request
-puts the connection's close off without cancelling the timer or arming a new one per park,
-and the connection is closed again once idle for ``keepalive_timeout`` after its answer."""
+"""What a request waiting in its connection's protocol (proxy.answering, proxy.edge.parked)
+costs: aiohttp's keep-alive timer (proxy.compat.aiohttp.hold_keepalive / release_keepalive):
+the connection's close put off without cancelling the timer or arming a new one per park,
+and closed again once idle for ``keepalive_timeout`` after the answer; a joiner's trace
+(proxy.edge.parked.joining): no context copied per joiner unless debug lines are written,
+its access line and debug lines as before."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.edge import fast, parked
+from proxy.logs import Trace
 from tests.integration.test_fast_joiners import PATH as JOINED
 from tests.integration.test_fast_joiners import (
     Setup,
+    one_flight,
     server_settings,  # noqa: F401 (a fixture)
     setup,  # noqa: F401 (a fixture)
 )
@@ -105,3 +112,48 @@ async def test_a_keepalive_timer_firing_during_a_park_closes_the_connection_once
     assert (await starter)[0] == 200
     assert await asyncio.wait_for(reader.read(), 5) == b""  # idle: closed again
     writer.close()
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_a_parked_joiner_has_a_context_of_its_own_only_for_debug_lines(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    level: int,
+) -> None:
+    made: list[str] = []
+    traced = parked.traced
+
+    def counted(request_id: str) -> tuple[contextvars.Context, Trace]:
+        made.append(request_id)
+        return traced(request_id)
+
+    monkeypatch.setattr(parked, "traced", counted)
+    monkeypatch.setattr(fast, "traced", counted)
+    caplog.set_level(level, logger="kounta_proxy")
+    s = setup
+    joiners = [{"X-Request-ID": f"j{i}"} for i in range(3)]
+    starter, answers = await one_flight(s, client, joiners)
+    for status, headers, _ in [starter, *answers]:
+        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    # The starter's context is its flight's (budget wait, retries); a joiner's only when
+    # debug lines read the current trace.
+    assert made == (
+        ["the-starter", "j0", "j1", "j2"] if level == logging.DEBUG else ["the-starter"]
+    )
+    fields = [getattr(r, "fields", {}) for r in caplog.records]
+    lines = {
+        f["request_id"]: f for f, r in zip(fields, caplog.records) if r.getMessage() == "request"
+    }
+    for joiner in joiners:
+        rid = joiner["X-Request-ID"]
+        assert lines[rid]["fetched_by"] == "the-starter"
+        assert lines[rid]["cache"] == "REVALIDATED"
+    assert lines["the-starter"]["fetched_by"] is None
+    looked = [
+        f["request_id"]
+        for f, r in zip(fields, caplog.records)
+        if r.getMessage() == "cache_lookup" and f["result"] == "revalidated"
+    ]
+    assert sorted(looked) == (["j0", "j1", "j2", "the-starter"] if level == logging.DEBUG else [])
