@@ -190,7 +190,7 @@ def release_keepalive(protocol: RequestHandler, handed: bool) -> None:
     answer). A timer that fired during the hold (rescheduled at :data:`HELD`), or any timer
     when handed over (the long way may outlast its old deadline, which would then reschedule
     it at :data:`HELD`), is dropped, so that the next close time arms a new one."""
-    handle = protocol._keepalive_handle
+    handle = cast(asyncio.TimerHandle | None, protocol._keepalive_handle)  # made by call_at
     if handle is not None and (handed or handle.when() >= HELD):
         handle.cancel()
         protocol._keepalive_handle = None
