@@ -33,6 +33,7 @@ from proxy.compat.aiohttp import (
     idle,
     plain,
     protocol_loop,
+    release_keepalive,
     release_reading,
     taken,
 )
@@ -183,7 +184,7 @@ class AnsweringProtocol(RequestHandler):
         bytes that come meanwhile are held back until it is answered or handed to aiohttp."""
         self._parked, self._held = later, messages
         answering(self, True)  # a graceful shutdown waits for it as for a handler
-        hold_keepalive(self)  # not idle: aiohttp's keep-alive timer must not close it
+        hold_keepalive(self)  # not idle: aiohttp's keep-alive check must not close it
         later.then(self._woken)
 
     def _woken(self, out: bytes | None) -> None:
@@ -194,6 +195,7 @@ class AnsweringProtocol(RequestHandler):
         answering(self, False)
         if later is None or self.transport is None:
             return
+        release_keepalive(self, handed=out is None)
         if out is None:
             self._handed = later
             enqueue(self, held[:1] if closing(self) else held)  # closing: aiohttp's loop

@@ -31,7 +31,7 @@ from proxy.cache.validation import not_modified_headers
 from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
-from proxy.logs import trace
+from proxy.logs import Trace, trace
 from proxy.messages import ProxyRequest
 from proxy.settings import CacheRule
 
@@ -380,12 +380,19 @@ class FastLook:
             return e
 
     def joined(
-        self, pending: Pending, outcome: Outcome, headers: Headers, body_for: BodyFor | None
+        self,
+        pending: Pending,
+        outcome: Outcome,
+        headers: Headers,
+        body_for: BodyFor | None,
+        noted: Trace | None = None,
     ) -> tuple[FastAnswer, float | None] | None:
         """A joiner's (or the starter's) answer when its flight freshened the stored 200 in
         memory (what the long way's waiting, fetching and :meth:`Answers.outcome` give,
         counted as they count), and the upstream time it shares; None, counting nothing:
-        the long way goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`)."""
+        the long way goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`).
+        ``noted``: the request's trace (default: the current one), where a joiner's
+        ``fetched_by`` goes."""
         stored, entry = outcome.stored, outcome.entry
         if (
             outcome.cache_status != "REVALIDATED"
@@ -408,7 +415,7 @@ class FastLook:
         flight = pending.flight
         if not pending.starter:  # a joiner: counted and logged as the long way's _wait does
             self.coalesced.inc()
-            trace().fetched_by = flight.request.request_id
+            (trace() if noted is None else noted).fetched_by = flight.request.request_id
         self.answers.count("revalidated", outcome.reason)
         return answer, flight.upstream_seconds
 

@@ -12,7 +12,8 @@ of each feed are offered to the listener first while the protocol is idle (its `
 message frees its parser slot (``message_consumed``) and restarts aiohttp's keep-alive clock
 (``_next_keepalive_close_time``, ``_keepalive_handle``); a request answered later is marked in
 progress for the graceful shutdown (``_request_in_progress``, ``_handler_waiter``) and
-its keep-alive clock stopped meanwhile (:func:`hold_keepalive`), a shutdown's close of idle
+its keep-alive close put off meanwhile (:func:`hold_keepalive`, :func:`release_keepalive`;
+aiohttp's ``_process_keepalive`` reschedules itself when fired early), a shutdown's close of idle
 connections left for after its answer (:func:`close_later`, ``_close``), what
 comes behind it is held (``_pause_reading_for_buffer``) and then queued as aiohttp queues
 (``_messages``, ``_request_count``, ``_waiter``); the answer's bytes are the ones
@@ -169,12 +170,28 @@ def taken(protocol: RequestHandler, count: int, now: float) -> None:
             )
 
 
+# A parked request's keep-alive close time (loop time, seconds): later than any park lasts,
+# and small enough for libuv's millisecond timers (uvloop). aiohttp's keep-alive check, if it
+# fires meanwhile, finds it not yet due and reschedules itself there.
+HELD = 1e12
+
+
 def hold_keepalive(protocol: RequestHandler) -> None:
     """No keep-alive close while a request of ``protocol`` waits outside a handler task (the
-    connection is not idle, though aiohttp's ``start()`` waits for a head): the clock starts
-    again with :func:`taken`, or with aiohttp's own next answer."""
-    handle = protocol._keepalive_handle
-    if handle is not None:
+    connection is not idle, though aiohttp's ``start()`` waits for a head): its close time is
+    put off (:data:`HELD`), the timer left armed (no cancel and no new timer per park); the
+    clock starts again with :func:`release_keepalive`, then :func:`taken`."""
+    protocol._next_keepalive_close_time = HELD
+
+
+def release_keepalive(protocol: RequestHandler, handed: bool) -> None:
+    """The request held by :func:`hold_keepalive` is over: answered here (:func:`taken` sets
+    the close time next) or ``handed`` to aiohttp (whose ``start()`` sets it after its
+    answer). A timer that fired during the hold (rescheduled at :data:`HELD`), or any timer
+    when handed over (the long way may outlast its old deadline, which would then reschedule
+    it at :data:`HELD`), is dropped, so that the next close time arms a new one."""
+    handle = cast(asyncio.TimerHandle | None, protocol._keepalive_handle)  # made by call_at
+    if handle is not None and (handed or handle.when() >= HELD):
         handle.cancel()
         protocol._keepalive_handle = None
 
@@ -498,6 +515,11 @@ def _pins() -> dict[str, Callable[[], bool]]:
         "RequestHandler.data_received stops on _close/_force_close, feeds _parser": lambda: (
             {"_close", "_force_close", "_parser", "feed_data", "_messages", "_waiter"}
             <= set(_names(RequestHandler.data_received))
+        ),
+        "RequestHandler._process_keepalive reschedules itself (call_at, _keepalive_handle) "
+        "while _next_keepalive_close_time is not yet due": lambda: (
+            {"call_at", "_keepalive_handle", "_next_keepalive_close_time"}
+            <= set(_names(RequestHandler._process_keepalive))
         ),
         "RequestHandler.start() frees parser slots and restarts the keep-alive clock": lambda: (
             {"message_consumed", "_next_keepalive_close_time", "_keepalive_handle"}

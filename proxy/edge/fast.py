@@ -80,7 +80,7 @@ from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line, route_of
 from proxy.edge.paging import HEADER as ALL_PAGES
-from proxy.edge.parked import Asked, Parked, traced, waited
+from proxy.edge.parked import Asked, Parked, joining, traced, waited
 from proxy.edge.rendered import Place, fill, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
@@ -226,7 +226,7 @@ class FastPath:
         over already, its answer at once (None: the long way, as for a starter)."""
         fast = self.cache.fast
         if fast.waits(pending):  # woken by the flight itself (listen)
-            return Parked(self, head, asked, pending, None, traced(asked.request_id))
+            return Parked(self, head, asked, pending, None, joining(asked.request_id))
         result = fast.result(pending)
         if pending.starter or not isinstance(result, Outcome):
             return None
@@ -441,7 +441,7 @@ class FastPath:
         noted: Trace,
         make: Make[T],
     ) -> T | None:
-        found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for)
+        found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for, noted)
         if found is None:
             return None
         answer, upstream_seconds = found

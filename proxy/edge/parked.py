@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -13,7 +14,7 @@ from proxy.cache.fastlook import BodyFor, Pending
 from proxy.cache.flight import Outcome
 from proxy.edge.callers import Caller
 from proxy.edge.inbound import Exchange, Head
-from proxy.logs import Trace, begin_trace
+from proxy.logs import Trace, begin_trace, log
 from proxy.target import Target
 
 
@@ -60,12 +61,13 @@ class Parked:
         asked: Asked,
         pending: Pending,
         waiter: asyncio.Future[Any] | None,
-        traced: tuple[contextvars.Context, Trace],
+        traced: tuple[contextvars.Context | None, Trace],
     ) -> None:
         self.settle, self.head, self.asked, self.pending, self.waiter = (
             settle, head, asked, pending, waiter,
         )  # fmt: skip
-        # The flight notes in the request's own trace (fetched_by), as in a task of its own.
+        # The flight notes in the request's own trace (fetched_by), as in a task of its own;
+        # a joiner's call is made in its own context only where one was made (:func:`joining`).
         self.context, self.noted = traced
         self.result: Outcome | Exception = TimeoutError()
         self.done: Callable[[bytes | None], None] | None = None
@@ -92,8 +94,13 @@ class Parked:
         self.settle.left(self, waiting=False)
 
     def woken(self) -> None:
-        """The flight is done, or the joiner's wait ran out: in the request's own context."""
-        self.context.run(self._woke, None)
+        """The flight is done, or the joiner's wait ran out: in the request's own context
+        when it has one (:func:`joining`)."""
+        context = self.context
+        if context is None:
+            self._woke(None)
+        else:
+            context.run(self._woke, None)
 
     def _woke(self, _: object) -> None:
         if self.over or self.done is None:
@@ -106,6 +113,16 @@ def traced(request_id: str) -> tuple[contextvars.Context, Trace]:
     """A context of the request's own with its trace begun, as a task of its own has."""
     context = contextvars.copy_context()
     return context, context.run(begin_trace, request_id)
+
+
+def joining(request_id: str) -> tuple[contextvars.Context | None, Trace]:
+    """A parked joiner's trace, and a context of its own for its answer only when debug lines
+    are written (``cache_lookup`` reads the current trace): otherwise nothing in a joiner's
+    answer reads the context, and its trace is handed down (``FastLook.joined`` notes
+    ``fetched_by`` in it; the access line reads it), so no context is copied per joiner."""
+    if log.isEnabledFor(logging.DEBUG):
+        return traced(request_id)
+    return None, Trace(request_id)
 
 
 def waited(asked: Asked, noted: Trace) -> Exchange:

@@ -1,0 +1,159 @@
+"""What a request waiting in its connection's protocol (proxy.answering, proxy.edge.parked)
+costs: aiohttp's keep-alive timer (proxy.compat.aiohttp.hold_keepalive / release_keepalive):
+the connection's close put off without cancelling the timer or arming a new one per park,
+and closed again once idle for ``keepalive_timeout`` after the answer; a joiner's trace
+(proxy.edge.parked.joining): no context copied per joiner unless debug lines are written,
+its access line and debug lines as before."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.edge import fast, parked
+from proxy.logs import Trace
+from tests.integration.test_fast_joiners import PATH as JOINED
+from tests.integration.test_fast_joiners import (
+    Setup,
+    one_flight,
+    server_settings,  # noqa: F401 (a fixture)
+    setup,  # noqa: F401 (a fixture)
+)
+from tests.integration.test_fast_path import get
+from tests.integration.test_fast_protocol import GZIP, answer, ask, connect, field
+
+
+def protocol_of(s: Setup, writer: asyncio.StreamWriter) -> Any:
+    """The proxy's protocol serving the raw connection ``writer`` writes to."""
+    ours = writer.get_extra_info("sockname")
+    server: Any = s.proxy.runner.server
+    (found,) = [
+        c
+        for c in server.connections
+        if c.transport is not None and c.transport.get_extra_info("peername") == ours
+    ]
+    return found
+
+
+async def joined(
+    s: Setup, client: aiohttp.ClientSession, writer: asyncio.StreamWriter, rid: str
+) -> asyncio.Future[Any]:
+    """A revalidation held at the upstream (its starter a client request) and ``rid`` on the
+    raw connection parked as its joiner; the starter's answer."""
+    starter = asyncio.ensure_future(get(client, s.hold()))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    writer.write(ask(rid, GZIP, path=JOINED))
+    await s.waiting(2)
+    return starter
+
+
+async def answered_once(
+    s: Setup, client: aiohttp.ClientSession
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection whose first request joined a revalidation and was answered (so
+    aiohttp's keep-alive timer is armed)."""
+    reader, writer = await connect(s.proxy)
+    starter = await joined(s, client, writer, "first")
+    s.origin.gate.set()
+    assert field(await answer(reader), b"X-Cache") == b"REVALIDATED"
+    assert (await starter)[0] == 200
+    return reader, writer
+
+
+async def test_a_parked_joiner_keeps_the_connections_keepalive_timer(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+) -> None:
+    s = setup
+    reader, writer = await answered_once(s, client)
+    protocol = protocol_of(s, writer)
+    armed = protocol._keepalive_handle  # by the first answer
+    assert armed is not None and not armed.cancelled()
+    starter = await joined(s, client, writer, "k2")
+    # Parked: the same timer, not cancelled (a cancelled one stays in asyncio's heap).
+    assert protocol._keepalive_handle is armed and not armed.cancelled()
+    s.origin.gate.set()
+    got = await answer(reader)
+    assert (field(got, b"X-Request-ID"), field(got, b"X-Cache")) == (b"k2", b"REVALIDATED")
+    assert (await starter)[0] == 200
+    # Answered: still that timer, its close time now a keep-alive timeout from the answer.
+    assert protocol._keepalive_handle is armed and not armed.cancelled()
+    loop = asyncio.get_running_loop()
+    timeout = protocol._keepalive_timeout
+    assert loop.time() < protocol._next_keepalive_close_time <= loop.time() + timeout
+    writer.close()
+
+
+@pytest.mark.parametrize("server_settings", [{"keepalive_timeout": 0.3}])
+@pytest.mark.parametrize("changed", [False, True], ids=["answered", "handed_over"])
+async def test_a_keepalive_timer_firing_during_a_park_closes_the_connection_once_idle(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    changed: bool,
+) -> None:
+    """The timer armed by the connection's previous answer fires while its next request is
+    parked (three timeouts): not closed then; answered (in the protocol, or handed to the
+    long way when the flight brings a changed body), then idle: closed by the timeout."""
+    s = setup
+    reader, writer = await answered_once(s, client)
+    starter = await joined(s, client, writer, "t2")
+    if changed:
+        s.origin.reply = (200, '"v2"')
+    await asyncio.sleep(0.9)  # the timer fired, the flight still out
+    s.origin.gate.set()
+    got = await answer(reader)
+    assert field(got, b"X-Request-ID") == b"t2"
+    assert field(got, b"X-Cache") == (b"MISS" if changed else b"REVALIDATED")
+    assert (await starter)[0] == 200
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # idle: closed again
+    writer.close()
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_a_parked_joiner_has_a_context_of_its_own_only_for_debug_lines(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    level: int,
+) -> None:
+    made: list[str] = []
+    traced = parked.traced
+
+    def counted(request_id: str) -> tuple[contextvars.Context, Trace]:
+        made.append(request_id)
+        return traced(request_id)
+
+    monkeypatch.setattr(parked, "traced", counted)
+    monkeypatch.setattr(fast, "traced", counted)
+    caplog.set_level(level, logger="kounta_proxy")
+    s = setup
+    joiners = [{"X-Request-ID": f"j{i}"} for i in range(3)]
+    starter, answers = await one_flight(s, client, joiners)
+    for status, headers, _ in [starter, *answers]:
+        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    # The starter's context is its flight's (budget wait, retries); a joiner's only when
+    # debug lines read the current trace.
+    assert made == (
+        ["the-starter", "j0", "j1", "j2"] if level == logging.DEBUG else ["the-starter"]
+    )
+    fields = [getattr(r, "fields", {}) for r in caplog.records]
+    lines = {
+        f["request_id"]: f for f, r in zip(fields, caplog.records) if r.getMessage() == "request"
+    }
+    for joiner in joiners:
+        rid = joiner["X-Request-ID"]
+        assert lines[rid]["fetched_by"] == "the-starter"
+        assert lines[rid]["cache"] == "REVALIDATED"
+    assert lines["the-starter"]["fetched_by"] is None
+    looked = [
+        f["request_id"]
+        for f, r in zip(fields, caplog.records)
+        if r.getMessage() == "cache_lookup" and f["result"] == "revalidated"
+    ]
+    assert sorted(looked) == (["j0", "j1", "j2", "the-starter"] if level == logging.DEBUG else [])
