@@ -39,7 +39,7 @@ import redis.exceptions as rexc
 
 from proxy.compat.redispy import response_error, taken_transport
 from proxy.logs import event
-from proxy.shared.wire import replies
+from proxy.shared.wire import bulk, replies
 
 # Notes heard before their waiter asked (the listener may run first), kept by holder.
 RECENT = 256
@@ -143,7 +143,7 @@ class Notes:
                 raise rexc.ConnectionError("the shared store's connection is closed")
             heard = _Heard(self, connection, transport)
             try:
-                transport.write(_command(b"SUBSCRIBE", self.channel.encode()))
+                transport.write(b"*2\r\n" + bulk(b"SUBSCRIBE") + bulk(self.channel))
                 await heard.confirmed
             except BaseException:
                 await heard.close()
@@ -273,7 +273,3 @@ def _line(data: bytes, at: int) -> tuple[bytes, int] | None:
             raise ValueError("a line longer than any pub/sub frame's")
         return None
     return data[at:end], end + 2
-
-
-def _command(*parts: bytes) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)

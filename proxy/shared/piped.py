@@ -24,7 +24,7 @@ from typing import Any
 
 import redis.exceptions as rexc
 
-from proxy.shared.wire import Kind, Parsed, Wire, replies
+from proxy.shared.wire import Kind, Parsed, Wire, bulk, replies
 
 # The longest bulk string a script's reply may hold, unless its call says otherwise.
 REPLY_CAP = 64 * 1024
@@ -44,7 +44,7 @@ class Script:
     ) -> Awaitable[Any]:
         """The script's reply (its bulk strings at most ``cap`` bytes each: a longer one
         fails the connection). Raises what redis-py's ``Script`` raises."""
-        tail = b"".join((_bulk(len(keys)), *(_bulk(k) for k in keys), *(_bulk(a) for a in args)))
+        tail = b"".join((bulk(len(keys)), *(bulk(k) for k in keys), *(bulk(a) for a in args)))
         count = 3 + len(keys) + len(args)
         command = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (count, self.sha, tail)
         return self.wire.send(command, self.kind, (cap, count, tail))
@@ -52,7 +52,7 @@ class Script:
     def _answer(self, found: asyncio.Future[Any], reply: Any, arg: Any) -> None:
         if isinstance(reply, rexc.NoScriptError) and arg[1]:
             cap, count, tail = arg
-            whole = b"*%d\r\n$4\r\nEVAL\r\n%s%s" % (count, _bulk(self.text), tail)
+            whole = b"*%d\r\n$4\r\nEVAL\r\n%s%s" % (count, bulk(self.text), tail)
             self.wire.again(found, whole, self.kind, (cap, 0, tail))  # EVAL: not again
         elif isinstance(reply, Exception):
             found.set_exception(reply)
@@ -63,18 +63,3 @@ class Script:
 def _parse(data: bytes, at: int, view: memoryview, arg: Any) -> Parsed:
     parsed = replies(data, at, 1, arg[0])
     return None if parsed is None else (parsed[0][0], parsed[1])
-
-
-def _bulk(value: Any) -> bytes:
-    """``value`` as a RESP bulk string, encoded as redis-py's ``Encoder`` encodes it."""
-    if isinstance(value, bytes | memoryview):
-        data = bytes(value)
-    elif isinstance(value, str):
-        data = value.encode()
-    elif isinstance(value, bool):
-        raise rexc.DataError("a bool is not an argument Redis takes")
-    elif isinstance(value, int | float):
-        data = repr(value).encode()
-    else:
-        raise rexc.DataError(f"an argument of type {type(value).__name__}")
-    return b"$%d\r\n%s\r\n" % (len(data), data)

@@ -305,3 +305,18 @@ def replies(data: bytes, at: int, count: int, cap: int, depth: int = 0) -> Parse
         else:
             raise rexc.ConnectionError("a reply of an unexpected kind")
     return found, at
+
+
+def bulk(value: Any) -> bytes:
+    """``value`` as a RESP bulk string, encoded as redis-py's ``Encoder`` encodes it."""
+    if isinstance(value, bytes | memoryview):
+        data = bytes(value)
+    elif isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bool):
+        raise rexc.DataError("a bool is not an argument Redis takes")
+    elif isinstance(value, int | float):
+        data = repr(value).encode()
+    else:
+        raise rexc.DataError(f"an argument of type {type(value).__name__}")
+    return b"$%d\r\n%s\r\n" % (len(data), data)
