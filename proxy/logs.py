@@ -6,8 +6,11 @@ formats a secret, because callers never pass one in.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import logging
+import operator
 import os
 import sys
 import time
@@ -22,11 +25,13 @@ log = logging.getLogger(LOGGER)
 # Set by `serve --workers N` in each worker (proxy.ops.workers): every line says which wrote it.
 WORKER_ENV = "KOUNTA_WORKER_INDEX"
 _worker: list[int | None] = [None]
+_worker_field = [""]  # the worker's member of a Fixed line: "" or ',"worker":N'
 
 
 def set_worker(index: int | None) -> None:
     """Stamp every log line of this process with ``"worker": index`` (None: no field)."""
     _worker[0] = index
+    _worker_field[0] = "" if index is None else f',"worker":{_encoded(index)}'
 
 
 def worker_from_env() -> int | None:
@@ -104,6 +109,9 @@ def _text_value(value: Any) -> str:
 
 
 _last_second: list[tuple[int, str]] = [(-1, "")]
+# A line's milliseconds and "Z", by int(created % 1 * 1000) (1000 when the product rounds
+# up to it, as the format "{:03d}" spelled it).
+_MILLIS = tuple(f".{milli:03d}Z" for milli in range(1001))
 
 
 def _iso(created: float) -> str:
@@ -113,12 +121,12 @@ def _iso(created: float) -> str:
         # strftime is the slow part; within one second every line shares the prefix.
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _last_second[0] = (second, prefix)
-    return f"{prefix}.{int(created % 1 * 1000):03d}Z"
+    return prefix + _MILLIS[int(created % 1 * 1000)]
 
 
 def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> None:
     out = stream or sys.stderr
-    handler = logging.StreamHandler(out)
+    handler = LineHandler(out)
     color = out.isatty() and not os.environ.get("NO_COLOR")
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(color=color))
     root = logging.getLogger(LOGGER)
@@ -146,25 +154,81 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 def _emit(
-    handler: logging.StreamHandler[IO[str]],
-    level: int,
-    name: str,
-    build: Callable[..., str],
-    *args: Any,
+    handler: LineHandler, level: int, name: str, build: Callable[..., str], *args: Any
 ) -> None:
-    """Write ``build(now, *args)`` and the handler's newline to the handler's stream, as
-    ``StreamHandler.emit`` does: under its lock, flushed, a failure reported, not raised."""
+    """Write ``build(now, *args)`` and a newline to the handler's stream, as
+    ``StreamHandler.emit`` does: under its lock, a failure reported, not raised."""
     created = time.time()
-    handler.acquire()
     try:
-        handler.stream.write(build(created, *args) + handler.terminator)
-        handler.flush()
+        with handler.lock:  # type: ignore[union-attr]  # a StreamHandler always has one
+            handler.put(build(created, *args))
     except RecursionError:
         raise
     except Exception:  # as StreamHandler.emit: reported by the handler, never raised
         handler.handleError(log.makeRecord(LOGGER, level, __file__, 0, name, (), None))
-    finally:
-        handler.release()
+
+
+# Encodings whose bytes for a line do not depend on what was written before (no BOM, no
+# shift state): a line encoded alone is the bytes the stream's own encoder writes.
+_STATELESS = frozenset({"utf-8", "ascii", "latin-1", "iso8859-1"})
+
+
+class LineHandler(logging.StreamHandler[IO[str]]):
+    """:func:`configure`'s handler: records as a ``StreamHandler``'s; :meth:`put` writes
+    a line the proxy built itself (an event's, the access line) with one ``write`` system
+    call straight to the stream's file descriptor, the bytes the stream would write (its
+    encoding and error handler), when the stream is a line-buffered text file on a
+    descriptor; else through the stream as before. Either way one line a write, flushed
+    at once: a crash loses at most the line being written."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._raw = self._raw_of(stream)
+
+    def setStream(self, stream: IO[str]) -> IO[str] | None:  # logging's name
+        old = super().setStream(stream)
+        self._raw = self._raw_of(self.stream)
+        return old
+
+    def put(self, text: str) -> None:
+        """``text`` and the newline, written and flushed (the caller holds the lock)."""
+        stream, raw = self.stream, self._raw
+        if raw is None or raw[0] is not stream:
+            stream.write(text + self.terminator)
+            stream.flush()
+            return
+        _, fd, encoding, errors = raw
+        data = (text + self.terminator).encode(encoding, errors)
+        try:
+            stream.flush()  # anything written through the stream (a part line) goes first
+            done = os.write(fd, data)
+        except BlockingIOError:  # a non-blocking descriptor, full: held as the stream would
+            done = 0
+        if done < len(data):  # the rest (a signal, or the above) through the stream's buffer
+            buffer = stream.buffer  # type: ignore[attr-defined]
+            buffer.write(data[done:])
+            buffer.flush()
+
+    @staticmethod
+    def _raw_of(stream: IO[str]) -> tuple[IO[str], int, str, str] | None:
+        """The stream, its descriptor, encoding and error handler, when :meth:`put` may
+        write to the descriptor itself: the process's own stderr or stdout (the deployed
+        log), a text file whose newline is "\\n" (POSIX) and that flushes every line, in a
+        stateless encoding."""
+        if stream is not sys.__stderr__ and stream is not sys.__stdout__:
+            return None  # any other text file may translate newlines; we cannot ask it
+        if type(stream) is not io.TextIOWrapper or os.linesep != "\n":
+            return None
+        if not (stream.line_buffering or stream.write_through):
+            return None
+        try:
+            fd = stream.fileno()
+            encoding = codecs.lookup(stream.encoding).name
+        except (OSError, ValueError, LookupError):  # no descriptor (io.UnsupportedOperation)
+            return None
+        if encoding not in _STATELESS:
+            return None
+        return stream, fd, encoding, stream.errors or "strict"
 
 
 class Fixed:
@@ -174,7 +238,10 @@ class Fixed:
     int, float, bool or None as the JSON encoder spells it; anything else by the encoder).
     No field dict, no encoder built a line."""
 
-    __slots__ = ("_count", "_known", "_template", "all_keys", "keys", "level", "name")
+    __slots__ = (
+        "_count", "_encoders", "_kinds", "_known", "_template", "all_keys", "keys", "level",
+        "name",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -182,13 +249,23 @@ class Fixed:
         keys: tuple[str, ...],
         level: int = logging.INFO,
         known: dict[str, Any] | None = None,
+        kinds: dict[str, object] | None = None,
     ) -> None:
         """``known``: fields with the same value in every line (encoded into the line's
-        template once); :attr:`keys` are the others, the values ``write`` takes."""
+        template once); :attr:`keys` are the others, the values ``write`` takes.
+        ``kinds``: fields whose value is always of one type (:meth:`typed`)."""
         self.name, self.all_keys, self.level = name, keys, level
         self._known = known = dict(known or {})
+        self._kinds = kinds = dict(kinds or {})
         self.keys = tuple(key for key in keys if key not in known)
         self._count = len(self.keys)
+        # Every value through its type's encoder, chosen here (typed); else None: each
+        # value's type tested in line().
+        self._encoders = (
+            tuple(_KINDS[kinds[key]] if key in kinds else _encoded for key in self.keys)
+            if kinds
+            else None
+        )
         level_name = logging.getLevelName(level).lower()
         # The whole line as one %-template: the time, the worker field ("" without one),
         # then each key and its value, encoded here when known, else a %s (the % of a key,
@@ -203,7 +280,17 @@ class Fixed:
     def knowing(self, **known: Any) -> Fixed:
         """This event with ``known`` fields the same in every line: its ``write`` takes
         the other fields' values, in order."""
-        return Fixed(self.name, self.all_keys, self.level, {**self._known, **known})
+        return Fixed(self.name, self.all_keys, self.level, {**self._known, **known}, self._kinds)
+
+    def typed(self, **kinds: object) -> Fixed:
+        """This event with each of ``kinds``' fields always of that type: ``str``,
+        ``int``, ``float`` or ``str | None`` (exactly: a subclass is spelled as its base,
+        so a bool is no int here). Its values are encoded by their type's encoder
+        without a test a value; the line is the same."""
+        unknown = [kind for kind in kinds.values() if kind not in _KINDS]
+        if unknown:
+            raise ValueError(f"no encoder for the kinds {unknown}")
+        return Fixed(self.name, self.all_keys, self.level, self._known, {**self._kinds, **kinds})
 
     def write(self, *values: Any) -> None:
         """The event with ``values`` (one for each of :attr:`keys`, in order)."""
@@ -222,13 +309,17 @@ class Fixed:
         """:func:`json_line`'s line for these values, without its newline."""
         if len(values) != self._count:
             raise ValueError(f"{self._count} values expected, {len(values)} given")
-        worker = _worker[0]
+        encoders = self._encoders
+        # _iso's text is digits and "-T:.Z": nothing in it JSON escapes.
+        if encoders is not None:
+            return self._template % (
+                _iso(created), _worker_field[0], *map(_call, encoders, values)
+            )  # fmt: skip
         # Locals: a global or attribute looked up per value costs as much as its encoding.
         string, scalar, other = encode_basestring, _ENCODERS.get, _JSON.encode
-        # _iso's text is digits and "-T:.Z": nothing in it JSON escapes.
         return self._template % (
             _iso(created),
-            "" if worker is None else f',"worker":{_encoded(worker)}',
+            _worker_field[0],
             *[
                 string(value)
                 if type(value) is str
@@ -261,7 +352,21 @@ def _encoded(value: Any) -> str:
     return _ENCODERS.get(type(value), _JSON.encode)(value)
 
 
-def _direct(level: int) -> logging.StreamHandler[IO[str]] | None:
+def _text_or_null(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
+
+_call = operator.call
+# Fixed.typed's kinds and their encoders.
+_KINDS: dict[object, Callable[[Any], str]] = {
+    str: encode_basestring,
+    int: int.__repr__,
+    float: _float,
+    str | None: _text_or_null,
+}
+
+
+def _direct(level: int) -> LineHandler | None:
     """The handler :func:`configure` set up, when an event at ``level`` goes to it alone,
     unfiltered, as a JSON line: :func:`event` writes that line itself; else None (the
     logging call, e.g. a test capturing records)."""
@@ -270,7 +375,7 @@ def _direct(level: int) -> logging.StreamHandler[IO[str]] | None:
         return None
     handler = handlers[0]
     if (
-        type(handler) is not logging.StreamHandler
+        type(handler) is not LineHandler
         or type(handler.formatter) is not JsonFormatter
         or handler.filters
         or level < handler.level

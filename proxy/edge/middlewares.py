@@ -150,7 +150,8 @@ ACCESS = Fixed(
 
 
 # The line of a request nothing below the edge noted anything for (plain_line): what an
-# untouched Exchange and trace give in access_line, encoded once.
+# untouched Exchange and trace give in access_line, encoded once; the other values' types
+# are plain_line's parameters', so each is encoded without a test of its type.
 PLAIN = ACCESS.knowing(
     error=None,
     error_detail=None,
@@ -159,6 +160,20 @@ PLAIN = ACCESS.knowing(
     budget_wait_ms=0.0,
     retries=0,
     fetched_by=None,
+).typed(
+    request_id=str,
+    caller=str,
+    account=str,
+    method=str,
+    client=str | None,
+    user_agent=str | None,
+    route=str,
+    path=str,
+    query=str | None,
+    status=int,
+    cache=str,
+    bytes=int,
+    ms=float,
 )
 
 

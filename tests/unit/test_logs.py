@@ -236,6 +236,60 @@ def test_a_fixed_event_knowing_some_fields_writes_the_same_line(
     assert line == expected.replace('"event":"request"', '"event":"re%squest"', 1)
 
 
+KINDS: dict[object, st.SearchStrategy[object]] = {
+    str: st.text() | st.just("\ud800 lone") | st.sampled_from(list(Shade)),
+    int: st.integers() | st.sampled_from(list(Colour)),
+    float: st.floats(),
+    str | None: st.none() | st.text(),
+}
+
+
+@given(st.lists(st.sampled_from(list(KINDS)), min_size=1, max_size=8), st.data())
+def test_a_typed_fixed_events_line_is_the_encoders_for_values_of_its_kinds(
+    kinds: list[object], data: st.DataObject
+) -> None:
+    """typed(): each typed field's value by its kind's encoder, the others as before,
+    some fields known: the same bytes as json.dumps of them all (an enum of the kind's
+    type included), with and without a worker."""
+    from proxy.logs import Fixed, set_worker
+
+    keys = tuple(f"f{i}" for i in range(len(kinds)))
+    values = [data.draw(KINDS[kind]) for kind in kinds]
+    fields = dict(zip(keys, values, strict=True))
+    typed = {k: kind for k, kind in zip(keys, kinds, strict=True) if data.draw(st.booleans())}
+    known = {k: v for k, v in fields.items() if data.draw(st.booleans())}
+    fixed = Fixed("request", keys).typed(**typed).knowing(**known)
+    rest = tuple(v for k, v in fields.items() if k not in known)
+    worker = data.draw(st.none() | st.integers(0, 64))
+    set_worker(worker)
+    try:
+        assert fixed.line(1765000000.1234, rest) == old_line(1765000000.1234, fields)
+    finally:
+        set_worker(None)
+
+
+def test_a_typed_fixed_event_takes_only_kinds_it_can_encode_and_every_value() -> None:
+    from proxy.logs import Fixed
+
+    with pytest.raises(ValueError, match="no encoder for the kinds"):
+        Fixed("request", ("a",)).typed(a=bytes)
+    fixed = Fixed("request", ("a", "b")).typed(a=str, b=int)
+    with pytest.raises(ValueError, match="2 values expected, 1 given"):
+        fixed.line(1765000000.1234, ("x",))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.0005, 0.999, 0.9995, 1 - 2**-40, 1 - 2**-52])
+def test_a_lines_time_is_the_formats_at_every_millisecond(fraction: float) -> None:
+    """_iso's milliseconds from a table: what f"{int(created % 1 * 1000):03d}" spelled."""
+    import time
+
+    from proxy.logs import _iso
+
+    created = 1765000000 + fraction
+    second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(created)))
+    assert _iso(created) == f"{second}.{int(created % 1 * 1000):03d}Z"
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_a_fixed_event_knowing_fields_gives_logging_all_fields_in_order() -> None:
     """A filter on the logger: the record's fields are every key, known ones included, in
