@@ -177,9 +177,9 @@ class LineHandler(logging.StreamHandler[IO[str]]):
     """:func:`configure`'s handler: records as a ``StreamHandler``'s; :meth:`put` writes
     a line the proxy built itself (an event's, the access line) with one ``write`` system
     call straight to the stream's file descriptor, the bytes the stream would write (its
-    encoding and error handler), when the stream is a line-buffered text file on a
-    descriptor; else through the stream as before. Either way one line a write, flushed
-    at once: a crash loses at most the line being written."""
+    encoding and error handler), when the stream is the process's own stderr or stdout
+    (:meth:`_raw_of`); else through the stream as before. Either way one line a write,
+    flushed at once: a crash loses at most the line being written."""
 
     def __init__(self, stream: IO[str]) -> None:
         super().__init__(stream)
