@@ -284,9 +284,11 @@ class Fixed:
 
     def typed(self, **kinds: object) -> Fixed:
         """This event with each of ``kinds``' fields always of that type: ``str``,
-        ``int``, ``float`` or ``str | None`` (exactly: a subclass is spelled as its base,
-        so a bool is no int here). Its values are encoded by their type's encoder
-        without a test a value; the line is the same."""
+        ``int``, ``float`` or ``str | None``. Its values are encoded by their type's
+        encoder without a test a value; the line is the same (a str or int subclass, such
+        as an enum, spelled as the JSON encoder spells it). The caller keeps to the kinds:
+        a bool given for an int would be spelled ``True``, another type is reported as a
+        failed line."""
         unknown = [kind for kind in kinds.values() if kind not in _KINDS]
         if unknown:
             raise ValueError(f"no encoder for the kinds {unknown}")
