@@ -6,8 +6,6 @@ formats a secret, because callers never pass one in.
 
 from __future__ import annotations
 
-import codecs
-import io
 import json
 import logging
 import operator
@@ -126,7 +124,7 @@ def _iso(created: float) -> str:
 
 def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> None:
     out = stream or sys.stderr
-    handler = LineHandler(out)
+    handler = logging.StreamHandler(out)
     color = out.isatty() and not os.environ.get("NO_COLOR")
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(color=color))
     root = logging.getLogger(LOGGER)
@@ -154,81 +152,25 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 def _emit(
-    handler: LineHandler, level: int, name: str, build: Callable[..., str], *args: Any
+    handler: logging.StreamHandler[IO[str]],
+    level: int,
+    name: str,
+    build: Callable[..., str],
+    *args: Any,
 ) -> None:
-    """Write ``build(now, *args)`` and a newline to the handler's stream, as
-    ``StreamHandler.emit`` does: under its lock, a failure reported, not raised."""
+    """Write ``build(now, *args)`` and the handler's newline to the handler's stream, as
+    ``StreamHandler.emit`` does: under its lock, flushed, a failure reported, not raised."""
     created = time.time()
+    handler.acquire()
     try:
-        with handler.lock:  # type: ignore[union-attr]  # a StreamHandler always has one
-            handler.put(build(created, *args))
+        handler.stream.write(build(created, *args) + handler.terminator)
+        handler.flush()
     except RecursionError:
         raise
     except Exception:  # as StreamHandler.emit: reported by the handler, never raised
         handler.handleError(log.makeRecord(LOGGER, level, __file__, 0, name, (), None))
-
-
-# Encodings whose bytes for a line do not depend on what was written before (no BOM, no
-# shift state): a line encoded alone is the bytes the stream's own encoder writes.
-_STATELESS = frozenset({"utf-8", "ascii", "latin-1", "iso8859-1"})
-
-
-class LineHandler(logging.StreamHandler[IO[str]]):
-    """:func:`configure`'s handler: records as a ``StreamHandler``'s; :meth:`put` writes
-    a line the proxy built itself (an event's, the access line) with one ``write`` system
-    call straight to the stream's file descriptor, the bytes the stream would write (its
-    encoding and error handler), when the stream is the process's own stderr or stdout
-    (:meth:`_raw_of`); else through the stream as before. Either way one line a write,
-    flushed at once: a crash loses at most the line being written."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__(stream)
-        self._raw = self._raw_of(stream)
-
-    def setStream(self, stream: IO[str]) -> IO[str] | None:  # logging's name
-        old = super().setStream(stream)
-        self._raw = self._raw_of(self.stream)
-        return old
-
-    def put(self, text: str) -> None:
-        """``text`` and the newline, written and flushed (the caller holds the lock)."""
-        stream, raw = self.stream, self._raw
-        if raw is None or raw[0] is not stream:
-            stream.write(text + self.terminator)
-            stream.flush()
-            return
-        _, fd, encoding, errors = raw
-        data = (text + self.terminator).encode(encoding, errors)
-        try:
-            stream.flush()  # anything written through the stream (a part line) goes first
-            done = os.write(fd, data)
-        except BlockingIOError:  # a non-blocking descriptor, full: held as the stream would
-            done = 0
-        if done < len(data):  # the rest (a signal, or the above) through the stream's buffer
-            buffer = stream.buffer  # type: ignore[attr-defined]
-            buffer.write(data[done:])
-            buffer.flush()
-
-    @staticmethod
-    def _raw_of(stream: IO[str]) -> tuple[IO[str], int, str, str] | None:
-        """The stream, its descriptor, encoding and error handler, when :meth:`put` may
-        write to the descriptor itself: the process's own stderr or stdout (the deployed
-        log), a text file whose newline is "\\n" (POSIX) and that flushes every line, in a
-        stateless encoding."""
-        if stream is not sys.__stderr__ and stream is not sys.__stdout__:
-            return None  # any other text file may translate newlines; we cannot ask it
-        if type(stream) is not io.TextIOWrapper or os.linesep != "\n":
-            return None
-        if not (stream.line_buffering or stream.write_through):
-            return None
-        try:
-            fd = stream.fileno()
-            encoding = codecs.lookup(stream.encoding).name
-        except (OSError, ValueError, LookupError):  # no descriptor (io.UnsupportedOperation)
-            return None
-        if encoding not in _STATELESS:
-            return None
-        return stream, fd, encoding, stream.errors or "strict"
+    finally:
+        handler.release()
 
 
 class Fixed:
@@ -368,7 +310,7 @@ _KINDS: dict[object, Callable[[Any], str]] = {
 }
 
 
-def _direct(level: int) -> LineHandler | None:
+def _direct(level: int) -> logging.StreamHandler[IO[str]] | None:
     """The handler :func:`configure` set up, when an event at ``level`` goes to it alone,
     unfiltered, as a JSON line: :func:`event` writes that line itself; else None (the
     logging call, e.g. a test capturing records)."""
@@ -377,7 +319,7 @@ def _direct(level: int) -> LineHandler | None:
         return None
     handler = handlers[0]
     if (
-        type(handler) is not LineHandler
+        type(handler) is not logging.StreamHandler
         or type(handler.formatter) is not JsonFormatter
         or handler.filters
         or level < handler.level
