@@ -117,3 +117,22 @@ async def test_a_call_is_made_by_the_wake_up_itself_at_its_deadline_or_after_don
     assert made[-1] != "after"
     await asyncio.sleep(0)
     assert made[-1] == "after"
+
+
+async def test_waiters_are_woken_by_deadline_then_arrival_and_each_expires_on_time() -> None:
+    # Every joiner of a flight waits as long (in order: appended, one timer for the first);
+    # a shorter patience (a reload changed coalesce_wait) goes in its deadline's place. When
+    # done, every waiter is woken in that order; before, each expires at its own deadline.
+    f = flight()
+    made: list[str] = []
+    for name, patience in (("a", 5), ("b", 5), ("short", 0.05), ("c", 5), ("mid", 3), ("d", 5)):
+        f.call(patience, lambda name=name: made.append(name))  # type: ignore[misc]
+    assert f._timer is not None and f._timer.when() == f._waiting[0][0]  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)
+    assert made == ["short"]
+    timer = f._timer  # type: ignore[attr-defined]
+    assert timer is not None and timer.when() == f._waiting[0][0]  # type: ignore[attr-defined]
+    settle(f.done, OUTCOME)
+    await asyncio.sleep(0)
+    assert made == ["short", "mid", "a", "b", "c", "d"]
+    assert f._timer is None and timer.cancelled()  # type: ignore[attr-defined]
