@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -150,6 +151,16 @@ class Flight:
         if waiting and not self.done.done():
             when = waiting[0][0]
             self._timer = self._loop.call_at(when, self._expire, when)
+
+    def wake(self) -> None:
+        """``done`` was just settled by the flight's own task: its waiters are woken now,
+        within that step, as ``done``'s callback would wake them at the loop's next turn
+        (a turn, its poll of the sockets, sooner for every flight), in a context of their own
+        as a callback's."""
+        if self._watching:
+            self._watching = False
+            self.done.remove_done_callback(self._wake_all)
+            contextvars.copy_context().run(self._wake_all, None)
 
     def _wake_all(self, _: object) -> None:
         if self._timer is not None:
@@ -292,6 +303,7 @@ class Flights:
             settle(flight.head, outcome)
             if outcome.stream is None:
                 settle(flight.done, outcome)
+                flight.wake()
         except BaseException as e:
             failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
             settle(flight.head, failure)
