@@ -152,14 +152,15 @@ class Flight:
             when = waiting[0][0]
             self._timer = self._loop.call_at(when, self._expire, when)
 
-    def wake(self) -> None:
-        """``done`` was just settled by the flight's own task: its waiters are woken now,
-        within that step, as ``done``'s callback would wake them at the loop's next turn
-        (a turn, its poll of the sockets, sooner for every flight), in a context of their own
-        as a callback's."""
-        if self._watching:
-            self._watching = False
+    def answered(self, outcome: Outcome) -> None:
+        """``done`` settled with ``outcome`` by the flight's own task, and its waiters woken
+        within that step, as ``done``'s callback would wake them at the loop's next turn (a
+        turn sooner for every flight), in a context of their own as a callback's."""
+        watching, self._watching = self._watching, False
+        if watching:  # the callback goes first: settling would schedule it
             self.done.remove_done_callback(self._wake_all)
+        settle(self.done, outcome)
+        if watching:
             contextvars.copy_context().run(self._wake_all, None)
 
     def _wake_all(self, _: object) -> None:
@@ -302,8 +303,7 @@ class Flights:
             outcome = await fly(flight)
             settle(flight.head, outcome)
             if outcome.stream is None:
-                settle(flight.done, outcome)
-                flight.wake()
+                flight.answered(outcome)  # its waiters woken in this step
         except BaseException as e:
             failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
             settle(flight.head, failure)
