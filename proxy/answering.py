@@ -160,7 +160,8 @@ class AnsweringProtocol(RequestHandler):
             if out is None:
                 break
             if not isinstance(out, bytes):  # answered once what it waits for is done
-                self._answered(count)
+                if count:  # a park answers nothing itself (most parks lead their feed)
+                    self._answered(count)
                 self._park(out, messages[count:])  # after: its keep-alive clock stops
                 return []
             transport.write(out)

@@ -15,9 +15,9 @@ path keeps its joiners' common start in ``Flight.joining`` (made once per flight
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
-import heapq
-import itertools
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -94,8 +94,9 @@ class Flight:
         self.share: Stored | None = None
         # The fast path's joiners' common start (a proxy.cache.fastlook.Pending), made once.
         self.joining: object = None
-        # Waiters by deadline, one timer for the earliest, all woken when ``done`` is.
-        self._waiting: list[tuple[float, int, Wake]] = []
+        # Waiters by deadline (ties: first come, first woken), one timer for the earliest,
+        # all woken when ``done`` is.
+        self._waiting: list[tuple[float, Wake]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._watching = False  # _wake_all is among done's callbacks
 
@@ -124,7 +125,15 @@ class Flight:
         if not self._watching:
             self._watching = True
             self.done.add_done_callback(self._wake_all)
-        heapq.heappush(self._waiting, (deadline, next(_ORDER), wake))
+        waiting = self._waiting
+        if not waiting or deadline >= waiting[-1][0]:
+            # In order (every joiner of a flight waits as long): the timer, when armed, is
+            # for the first of them already.
+            waiting.append((deadline, wake))
+            if self._timer is None:
+                self._timer = loop.call_at(deadline, self._expire, deadline)
+            return
+        waiting.insert(bisect.bisect_right(waiting, deadline, key=_due), (deadline, wake))
         if self._timer is None or deadline < self._timer.when():
             if self._timer is not None:
                 self._timer.cancel()
@@ -134,18 +143,32 @@ class Flight:
         """The timer for ``until`` fired: waiters due by then are woken (done or not)."""
         self._timer = None
         waiting = self._waiting
-        while waiting and waiting[0][0] <= until:
-            _wake(heapq.heappop(waiting)[2])
+        due = bisect.bisect_right(waiting, until, key=_due)
+        woken = waiting[:due]
+        del waiting[:due]
+        for _deadline, waiter in woken:
+            _wake(waiter)
         if waiting and not self.done.done():
             when = waiting[0][0]
             self._timer = self._loop.call_at(when, self._expire, when)
+
+    def answered(self, outcome: Outcome) -> None:
+        """``done`` settled with ``outcome`` by the flight's own task, and its waiters woken
+        within that step, as ``done``'s callback would wake them at the loop's next turn (a
+        turn sooner for every flight), in a context of their own as a callback's."""
+        watching, self._watching = self._watching, False
+        if watching:  # the callback goes first: settling would schedule it
+            self.done.remove_done_callback(self._wake_all)
+        settle(self.done, outcome)
+        if watching:
+            contextvars.copy_context().run(self._wake_all, None)
 
     def _wake_all(self, _: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         waiting, self._waiting = self._waiting, []
-        for _deadline, _order, waiter in waiting:
+        for _deadline, waiter in waiting:
             _wake(waiter)
 
     def claimed(self, gen: str, owner: str | None) -> None:
@@ -167,11 +190,13 @@ class Flight:
         self.upstream_seconds = upstream_seconds
 
 
-# Ties between waiters of the same deadline: first come, first woken (never compare futures).
-_ORDER = itertools.count()
 # A waiter of a flight: a future to resolve (:meth:`Flight.waiter`) or a call to make
 # (:meth:`Flight.call`).
 Wake = asyncio.Future[None] | Callable[[], None]
+
+
+def _due(waiting: tuple[float, Wake]) -> float:
+    return waiting[0]
 
 
 def _wake(waiter: Wake) -> None:
@@ -278,7 +303,7 @@ class Flights:
             outcome = await fly(flight)
             settle(flight.head, outcome)
             if outcome.stream is None:
-                settle(flight.done, outcome)
+                flight.answered(outcome)  # its waiters woken in this step
         except BaseException as e:
             failure = e if isinstance(e, Exception) else errors.UpstreamUnreachable("cancelled")
             settle(flight.head, failure)

@@ -227,7 +227,7 @@ def _first_etag(stored: Sequence[tuple[str, str]]) -> str | None:
 _T = TypeVar("_T")
 
 
-class _Last(Generic[_T]):
+class Last(Generic[_T]):
     """The value found for the last stored header tuple asked about, known by identity: an
     entry's answers (a fresh hit's, a flight's joiners') all carry the one tuple, and an
     lru_cache would hash all of it on every call. The tuple is held, so its id is not
@@ -251,7 +251,7 @@ class _Last(Generic[_T]):
 # Per stored header set (an entry's, the same tuple for every answer from it): its ETag and
 # the headers its 304s carry, found once. Bounded like the other per-entry memos.
 _etag_memo = functools.lru_cache(maxsize=1024)(_first_etag)
-_etag = _Last(_etag_memo)
+_etag = Last(_etag_memo)
 
 
 # An If-None-Match line longer than this is parsed each time, never remembered.
@@ -287,4 +287,4 @@ def _not_modified_headers(stored: HeaderItems) -> HeaderItems:
     return tuple((k, v) for k, v in stored if k.lower() in _NOT_MODIFIED)
 
 
-_last_not_modified = _Last(_not_modified_headers)
+_last_not_modified = Last(_not_modified_headers)

@@ -72,6 +72,7 @@ from proxy.cache.flight import Outcome
 from proxy.cache.keys import SELECTING
 from proxy.cache.layer import Cache
 from proxy.cache.lookup import UNHANDLED_CONDITIONALS
+from proxy.cache.validation import Last
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.compat.aiohttp import http_date, render_response
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
@@ -558,8 +559,10 @@ def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | N
     return tuple(map(selecting.get, SELECTING_LOWER))
 
 
-# The content coding of a stored entry's headers (a few hundred entries hot at most).
-_coding = functools.lru_cache(maxsize=4096)(coding_of)
+# The content coding of a stored entry's headers (a few hundred entries hot at most), the
+# last tuple's known by identity (a fresh hit's and a flight's joiners' answers all carry the
+# entry's one tuple: no hashing all of it per request).
+_coding = Last(functools.lru_cache(maxsize=4096)(coding_of))
 
 
 @functools.lru_cache(maxsize=64)

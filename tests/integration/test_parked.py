@@ -89,6 +89,32 @@ async def test_a_parked_joiner_keeps_the_connections_keepalive_timer(
     writer.close()
 
 
+async def test_a_park_leading_its_feed_records_no_answer(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+) -> None:
+    """A connection's first request parked as a joiner: nothing is answered yet, so no
+    answer is recorded for the connection (its last answer time, the server's count) while
+    it waits; its answer records one. The timer aiohttp armed when the connection came is
+    the one kept throughout."""
+    s = setup
+    reader, writer = await connect(s.proxy)
+    protocol = protocol_of(s, writer)
+    armed = protocol._keepalive_handle  # aiohttp's, from the connection's start
+    starter = await joined(s, client, writer, "p1")
+    assert protocol.parked()
+    assert protocol._answered_at == 0.0
+    counted = protocol.server.requests_count
+    s.origin.gate.set()
+    got = await answer(reader)
+    assert (field(got, b"X-Request-ID"), field(got, b"X-Cache")) == (b"p1", b"REVALIDATED")
+    assert (await starter)[0] == 200
+    assert protocol._answered_at > 0
+    assert protocol.server.requests_count >= counted + 1
+    assert protocol._keepalive_handle is armed and not armed.cancelled()
+    writer.close()
+
+
 @pytest.mark.parametrize("server_settings", [{"keepalive_timeout": 0.3}])
 @pytest.mark.parametrize("changed", [False, True], ids=["answered", "handed_over"])
 async def test_a_keepalive_timer_firing_during_a_park_closes_the_connection_once_idle(

@@ -6,7 +6,8 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.keys import SELECTING
-from proxy.edge.fast import _plain_headers
+from proxy.coding import GZIP, IDENTITY
+from proxy.edge.fast import _coding, _plain_headers
 
 
 def headers(*items: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -41,3 +42,26 @@ def test_the_selecting_values_are_what_the_headers_give_each(
 )
 def test_headers_the_long_way_takes_give_no_values(items: tuple[tuple[str, str], ...]) -> None:
     assert _plain_headers(headers(*items)) is None
+
+
+class Hashed(tuple[tuple[str, str], ...]):
+    """A stored header tuple that counts how often it is hashed."""
+
+    hashed = 0
+
+    def __hash__(self) -> int:
+        Hashed.hashed += 1
+        return super().__hash__()
+
+
+def test_a_stored_entrys_coding_is_known_by_identity_and_never_mixed_up() -> None:
+    """The coding the fast path reads of an entry's headers (every fresh hit and every joiner
+    of a flight carries the entry's one tuple): hashed once, not per request; another
+    entry's tuple, equal but for its coding, gets its own."""
+    gzipped = Hashed((("Content-Type", "application/json"), ("Content-Encoding", "gzip")))
+    plain = Hashed((("Content-Type", "application/json"), ("Content-Encoding", "identity")))
+    Hashed.hashed = 0
+    assert [_coding(gzipped) for _ in range(3)] == [GZIP] * 3
+    assert Hashed.hashed == 1
+    assert _coding(plain) == IDENTITY and _coding(gzipped) == GZIP
+    assert _coding(tuple(gzipped)) == GZIP  # an equal copy: by value, as before

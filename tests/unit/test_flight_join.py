@@ -117,3 +117,50 @@ async def test_a_call_is_made_by_the_wake_up_itself_at_its_deadline_or_after_don
     assert made[-1] != "after"
     await asyncio.sleep(0)
     assert made[-1] == "after"
+
+
+async def test_waiters_are_woken_by_deadline_then_arrival_and_each_expires_on_time() -> None:
+    # Every joiner of a flight waits as long (in order: appended, one timer for the first);
+    # a shorter patience (a reload changed coalesce_wait) goes in its deadline's place. When
+    # done, every waiter is woken in that order; before, each expires at its own deadline.
+    f = flight()
+    made: list[str] = []
+    for name, patience in (("a", 5), ("b", 5), ("short", 0.05), ("c", 5), ("mid", 3), ("d", 5)):
+        f.call(patience, lambda name=name: made.append(name))  # type: ignore[misc]
+    assert f._timer is not None and f._timer.when() == f._waiting[0][0]  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)
+    assert made == ["short"]
+    timer = f._timer  # type: ignore[attr-defined]
+    assert timer is not None and timer.when() == f._waiting[0][0]  # type: ignore[attr-defined]
+    settle(f.done, OUTCOME)
+    await asyncio.sleep(0)
+    assert made == ["short", "mid", "a", "b", "c", "d"]
+    assert f._timer is None and timer.cancelled()  # type: ignore[attr-defined]
+
+
+async def test_a_flights_own_task_wakes_its_waiters_in_its_last_step() -> None:
+    # The flight's answer settles ``done`` and wakes its waiters within the task's step (no
+    # loop turn between, as ``done``'s callback would take): before anything the step left
+    # for the next turn; a waiter's future and a caller's call alike, each once.
+    flights = Flights()
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+    gate = loop.create_future()
+
+    async def fly(_: Flight) -> Outcome:
+        await gate
+        loop.call_soon(made.append, "next turn")
+        return OUTCOME
+
+    f = flights.start("key", flight().request, 0, fly, lambda _: None)
+    f.call(5, lambda: made.append(f"called, done: {f.done.done()}"))
+    waiter = f.waiter(5)
+    waiter.add_done_callback(lambda _: made.append("waiter resolved"))
+    gate.set_result(None)
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert made[:2] == ["called, done: True", "next turn"]
+    assert sorted(made) == sorted(["called, done: True", "next turn", "waiter resolved"])
+    assert waiter.result() is None and f._timer is None  # type: ignore[attr-defined]
+    assert await flights.join(f, 5) is OUTCOME
+    await asyncio.gather(*flights.tasks)
