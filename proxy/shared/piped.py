@@ -44,7 +44,7 @@ class Script:
     ) -> Awaitable[Any]:
         """The script's reply (its bulk strings at most ``cap`` bytes each: a longer one
         fails the connection). Raises what redis-py's ``Script`` raises."""
-        tail = b"".join((bulk(len(keys)), *(bulk(k) for k in keys), *(bulk(a) for a in args)))
+        tail = b"".join([bulk(len(keys)), *map(bulk, keys), *map(bulk, args)])
         count = 3 + len(keys) + len(args)
         command = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (count, self.sha, tail)
         return self.wire.send(command, self.kind, (cap, count, tail))
