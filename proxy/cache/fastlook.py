@@ -32,6 +32,7 @@ from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import Trace, trace
+from proxy.memo import memo
 from proxy.messages import ProxyRequest
 from proxy.settings import CacheRule
 
@@ -158,7 +159,7 @@ def plain_answer(
     return 200, entry.headers, sent, age
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def webhook_rule(path: str, rules: tuple[CacheRule, ...]) -> CacheRule | None:
     """The rule for ``path`` if it opts in to webhooks (``webhooks = true``)."""
     rule = rule_for(path, rules)

@@ -86,6 +86,7 @@ from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
+from proxy.memo import memo
 from proxy.messages import CacheStatus, ProxyRequest
 from proxy.target import Target, parse_target, valid_host
 
@@ -569,7 +570,7 @@ def _revalidated(upstream_status: int | None) -> str:
     return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def _known_target(raw: str, path: str) -> tuple[Target, str]:
     """An accepted target and its route label, remembered by raw target (a refusal raises,
     so it is never remembered: the long way words it)."""
