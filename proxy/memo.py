@@ -25,6 +25,11 @@ from proxy.compat.collector import untrack
 
 R = TypeVar("R")
 _MISSING: Any = object()
+# Memos with an entry per cache key the fast path answers (its target, key, head): sized to
+# the keys the memory tier can hold (:func:`fit_keys`), ~1.4 KB an entry between them.
+PER_KEY: list[Memo[Any]] = []
+KEY_BYTES = 8192  # a stored answer's size, as the memory tier's keys are counted
+MOST_KEYS = 65_536  # ~90 MB of memos at most
 
 
 class MemoInfo(NamedTuple):
@@ -65,6 +70,10 @@ class Memo(Generic[R]):
         untrack(store)  # an insert of an object that may be tracked tracks a dict again
         return value
 
+    def grow(self, size: int) -> None:
+        """Hold up to ``size`` entries from now on (never fewer than before)."""
+        self.size = max(self.size, size)
+
     def cache_info(self) -> MemoInfo:
         return MemoInfo(self.hits, self.misses, self.size, len(self._store))
 
@@ -73,11 +82,24 @@ class Memo(Generic[R]):
         self.hits = self.misses = 0
 
 
-def memo(size: int) -> Callable[[Callable[..., R]], Memo[R]]:
+def memo(size: int, per_key: bool = False) -> Callable[[Callable[..., R]], Memo[R]]:
     """A decorator: ``@memo(4096)`` as ``@functools.lru_cache(maxsize=4096)`` (see
-    :class:`Memo`)."""
+    :class:`Memo`); ``per_key``: one of :data:`PER_KEY`."""
 
     def wrap(function: Callable[..., R]) -> Memo[R]:
-        return Memo(function, size)
+        made = Memo(function, size)
+        if per_key:
+            PER_KEY.append(made)
+        return made
 
     return wrap
+
+
+def fit_keys(memory_size: int) -> None:
+    """The :data:`PER_KEY` memos grown to the keys a memory tier of ``memory_size`` bytes
+    holds (entries of :data:`KEY_BYTES`; at most :data:`MOST_KEYS`). Smaller than the keys
+    asked over and over, every answer of a key that fell out paid for it again: fresh hits
+    over 5,000 keys ran at 0.6 of the rate over 500 (docs/performance.md)."""
+    keys = min(MOST_KEYS, memory_size // KEY_BYTES)
+    for each in PER_KEY:
+        each.grow(keys)

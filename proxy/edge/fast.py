@@ -560,7 +560,7 @@ def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | N
 
 
 # The content coding of a stored entry's headers (a few hundred entries hot at most).
-_coding = functools.lru_cache(maxsize=4096)(coding_of)
+_coding = memo(4096, per_key=True)(coding_of)
 
 
 @functools.lru_cache(maxsize=64)
@@ -570,7 +570,7 @@ def _revalidated(upstream_status: int | None) -> str:
     return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
 
 
-@memo(4096)
+@memo(4096, per_key=True)
 def _known_target(raw: str, path: str) -> tuple[Target, str]:
     """An accepted target and its route label, remembered by raw target (a refusal raises,
     so it is never remembered: the long way words it)."""

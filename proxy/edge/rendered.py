@@ -45,7 +45,7 @@ class Place:
         self.upstream, self.public = upstream, public
 
 
-@memo(SHAPES)
+@memo(SHAPES, per_key=True)
 def template(
     status: int,
     items: HeaderItems,
