@@ -22,6 +22,7 @@ tracks (``gc.get_objects()``) and the RSS after the runs. Levels and trees inter
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import compare
@@ -62,7 +64,11 @@ def serve_recording(out: str, args: list[str]) -> int:
 
     def dump(*_: object) -> None:
         Path(out).write_text(json.dumps(passes))
-        Path(out + ".objects").write_text(str(len(gc.get_objects())))
+        tracked = gc.get_objects()
+        Path(out + ".objects").write_text(str(len(tracked)))
+        kinds = collections.Counter(type(o).__qualname__ for o in tracked).most_common(12)
+        Path(out + ".types").write_text(json.dumps(kinds))
+        del tracked
         passes.clear()
 
     gc.callbacks.append(record)
@@ -115,6 +121,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--entries", help="levels, e.g. 1000,10000,100000: the entries series")
     p.add_argument("--loop", default="asyncio", choices=compare.LOOPS, help="with --entries")
     p.add_argument("--old", help="with --entries: a directory holding another proxy package")
+    p.add_argument(
+        "--profile",
+        help="with --entries: py-spy's raw output of the new tree's fresh phase, "
+        "one file a level (PROFILE-N.txt)",
+    )
+    p.add_argument(
+        "--types", action="store_true", help="with --entries: the types tracked most, per row"
+    )
     args = p.parse_args(argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
@@ -250,7 +264,10 @@ def entries_level(
         os.kill(pid, signal.SIGUSR1)  # clear what filling recorded
         time.sleep(0.3)
         keys = {"KEYS": str(level // 2)}
-        run_client(client, port, path, keys, [str(a.connections), "2", str(a.seconds), out])
+        with profiled(
+            pid, a, f"{a.profile}-{level}.txt" if tree == "new" and scenario == "fresh" else None
+        ):
+            run_client(client, port, path, keys, [str(a.connections), "2", str(a.seconds), out])
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
         passes = json.loads(Path(record).read_text())
@@ -259,7 +276,23 @@ def entries_level(
         s["rss"] = rss_mb(pid, "VmRSS") or 0.0
         rows.append((tree, level, scenario, s))
         print(f"  {tree} {level} {scenario}: {s['rps']:.0f} req/s", file=sys.stderr)
+        if a.types:
+            kinds = json.loads(Path(record + ".types").read_text())
+            print("    " + ", ".join(f"{k} {n:,}" for k, n in kinds), file=sys.stderr)
     return rows
+
+
+@contextlib.contextmanager
+def profiled(pid: int, a: argparse.Namespace, out: str | None) -> Iterator[None]:
+    """py-spy recording ``pid`` into ``out`` (raw, 500 a second) for the block's length."""
+    if not a.profile or out is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    command = [spy, "record", "-r", "500", "-d", f"{a.seconds:g}", "-f", "raw", "-o", out]
+    with subprocess.Popen([*command, "-p", str(pid)], stdout=subprocess.DEVNULL) as recording:
+        yield
+        recording.wait()
 
 
 def entries_table(rows: list[Row], args: argparse.Namespace) -> str:

@@ -9,7 +9,6 @@ waiting or looking up again (:func:`handing_over`, :func:`taken`).
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,6 +31,7 @@ from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.errors import ProxyError
 from proxy.logs import Trace, trace
+from proxy.memo import memo
 from proxy.messages import ProxyRequest
 from proxy.settings import CacheRule
 
@@ -39,8 +39,6 @@ from proxy.settings import CacheRule
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
 # Status, upstream headers, body and age of an answer the fast path sends.
 FastAnswer = tuple[int, HeaderItems, bytes, int]
-# Paths whose webhook rule (or none) a FastLook remembers before it starts over.
-WEBHOOK_PATHS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +156,7 @@ def plain_answer(
     return 200, entry.headers, sent, age
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096, per_key=True)
 def webhook_rule(path: str, rules: tuple[CacheRule, ...]) -> CacheRule | None:
     """The rule for ``path`` if it opts in to webhooks (``webhooks = true``)."""
     rule = rule_for(path, rules)
@@ -289,7 +287,7 @@ class FastLook:
             self._webhooks, self._webhooks_of = {}, rules
         found = self._webhooks.get(path)
         if found is None:
-            if len(self._webhooks) >= WEBHOOK_PATHS:
+            if len(self._webhooks) >= webhook_rule.size:  # as many as the memo's
                 self._webhooks.clear()
             found = self._webhooks[path] = webhook_rule(path, rules) is not None
         return found
@@ -458,7 +456,7 @@ class FastLook:
         return Looked(key, found) if answer is None else answer
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096, per_key=True)
 def cached_key(account: str, path: str, query: str, *selecting: str | None) -> str:
     """:func:`~proxy.cache.keys.cache_key`, remembered (the selecting headers' values in
     :data:`~proxy.cache.keys.SELECTING`'s order)."""

@@ -24,6 +24,7 @@ from proxy.cache.entry import Entry
 from proxy.cache.invalidation import normalise_path
 from proxy.cache.shares import Ledger
 from proxy.compat.collector import untrack
+from proxy.memo import fit_keys
 
 # What an entry costs the memory LRU besides its body (key, Entry, headers), so that
 # empty bodies (204s, empty lists) cannot fill memory with ever more entries.
@@ -46,6 +47,7 @@ class HotEntries:
 
     def __init__(self, max_bytes: int, ledger: Ledger | None = None) -> None:
         self.max_bytes = max_bytes
+        fit_keys(max_bytes)  # the per-key memos as large as the keys held here
         self.bytes = 0
         # Neither the LRU nor the paths' index is walked by the collector (untracked after each
         # insert, which tracks a dict again): a full pass would visit every entry's key and

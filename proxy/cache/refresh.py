@@ -5,7 +5,6 @@ batch priority). Not joinable by callers' own fetches; dropped once no longer us
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -18,6 +17,7 @@ from proxy.cache.memory import Stored
 from proxy.cache.storable import rule_for
 from proxy.cache.tiers import Entries
 from proxy.clock import WallClock
+from proxy.memo import memo
 from proxy.messages import Prepaid, ProxyRequest, ProxyResponse
 from proxy.settings import CacheRule, Settings
 
@@ -122,7 +122,7 @@ class Refreshes:
         return current is None or current.entry.response_time <= stored.entry.response_time
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def busy_window(path: str, rules: tuple[CacheRule, ...], default: float) -> float:
     """Seconds past freshness ``path``'s entries may answer while the budget is busy: its
     rule's ``stale_while_busy`` where set, else ``cache.stale_while_busy``."""

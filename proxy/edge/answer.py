@@ -34,6 +34,7 @@ from proxy.errors import (
 from proxy.headers import SERVER_NAME, VIA, for_caller
 from proxy.listener import CLOSE_AT_ONCE
 from proxy.logs import event
+from proxy.memo import memo
 from proxy.messages import ERROR_BODY_LIMIT, CacheStatus, ProxyResponse
 
 # Upstream headers worth keeping on an error answer.
@@ -207,7 +208,7 @@ def header_view(
 # what the caller is shown, and whether the body must be inflated for it. Most answers
 # repeat a few header sets (every fresh hit of an entry has the same one), so the filtering
 # and URL rewriting are done once per set, place the caller reached and gzip or not.
-@functools.lru_cache(maxsize=1024)
+@memo(1024)
 def _view(
     items: HeaderItems, upstream: URL, public: str, scheme: str, host: str, accepts: bool
 ) -> tuple[HeaderItems, bool]:

@@ -87,6 +87,7 @@ from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
+from proxy.memo import memo
 from proxy.messages import CacheStatus, ProxyRequest
 from proxy.target import Target, parse_target, valid_host
 
@@ -559,10 +560,10 @@ def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | N
     return tuple(map(selecting.get, SELECTING_LOWER))
 
 
-# The content coding of a stored entry's headers (a few hundred entries hot at most), the
-# last tuple's known by identity (a fresh hit's and a flight's joiners' answers all carry the
+# The content coding of a stored entry's headers (one per key held at most), the last
+# tuple's known by identity (a fresh hit's and a flight's joiners' answers all carry the
 # entry's one tuple: no hashing all of it per request).
-_coding = Last(functools.lru_cache(maxsize=4096)(coding_of))
+_coding = Last(memo(4096, per_key=True)(coding_of))
 
 
 @functools.lru_cache(maxsize=64)
@@ -572,7 +573,7 @@ def _revalidated(upstream_status: int | None) -> str:
     return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096, per_key=True)
 def _known_target(raw: str, path: str) -> tuple[Target, str]:
     """An accepted target and its route label, remembered by raw target (a refusal raises,
     so it is never remembered: the long way words it)."""

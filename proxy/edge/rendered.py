@@ -16,13 +16,12 @@ answers are rendered the long way.
 
 from __future__ import annotations
 
-import functools
-
 from yarl import URL
 
 from proxy.compat.aiohttp import render_response
 from proxy.edge.answer import HeaderItems, answer_headers, header_view
 from proxy.headers import SERVER_NAME
+from proxy.memo import memo
 from proxy.messages import CacheStatus
 
 # Each value's slot while a shape is rendered: text no header of ours holds (checked: a
@@ -46,7 +45,7 @@ class Place:
         self.upstream, self.public = upstream, public
 
 
-@functools.lru_cache(maxsize=SHAPES)
+@memo(SHAPES, per_key=True)
 def template(
     status: int,
     items: HeaderItems,

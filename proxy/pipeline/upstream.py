@@ -193,6 +193,9 @@ class Slots:
 
 # Label children remembered by Upstream at most.
 LABELLED_MAX = 10_000
+# Paths (with query) whose upstream URL is remembered: each URL and its tuple are walked by
+# every full garbage collection, and a URL costs ~3 µs to build again (once a flight).
+TARGETS = 1024
 
 
 class Upstream:
@@ -245,7 +248,7 @@ class Upstream:
         if found is None:
             url = upstream_url(self.base, Target(request.path, request.query))
             found = (url, template(request.path))
-            if len(self._targets) >= LABELLED_MAX:
+            if len(self._targets) >= TARGETS:
                 self._targets.clear()
             self._targets[path_qs] = found
         return found
