@@ -4,7 +4,8 @@ DIR holds the other ``proxy`` package, e.g. ``mkdir /tmp/old && git archive REV 
 -C /tmp/old``; its proxies run with DIR as their working directory, so ``python -m proxy``
 imports that package first. Both trees serve bench/origin.py's paths (fresh hit 8 KB and
 revalidated 8 KB, ``--inm`` adds a caller's If-None-Match), each on asyncio's loop and on
-uvloop, in ``--rounds`` interleaved rounds; per row the medians of requests/s, the proxy's
+uvloop, in ``--rounds`` interleaved rounds (each scenario's servers in an order turned by one
+each round: :func:`turned`); per row the medians of requests/s, the proxy's
 CPU time per request (steadier than req/s on a shared machine), p99 and upstream requests per
 caller request, the proxy's CPU seconds per second of the run (``busy``: below 1 it waited,
 e.g. on the upstream), and the min-max over the rounds of req/s over the same server's fresh
@@ -73,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     servers[f"{tree}, {loop}"] = (f"http://127.0.0.1:{port}", proc.pid)
             etags = compare.warm(servers, {})
+            names = list(servers)
             for round_no in range(1, args.rounds + 1):
                 print(f"round {round_no} of {args.rounds}", file=sys.stderr, flush=True)
                 for s in scenarios:
-                    for name, (url, pid) in servers.items():
+                    for name in turned(names, round_no - 1):
+                        url, pid = servers[name]
                         headers = {"If-None-Match": etags[name]} if s.inm else {}
                         cpu, before = cpu_seconds(pid), compare.served(origin)
                         r = wrk(binary, url + s.path, headers, None, args.connections, LOAD)
@@ -104,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         cells = f"{rps:.0f} | {cpu:.1f} | {p99:.2f} | {up:.3f} | {busy:.2f} | {spread}"
         print(f"| {labels[key]} | {name} | {cells} |")
     return 0
+
+
+def turned(names: list[str], round_no: int) -> list[str]:
+    """The servers' order in round ``round_no`` (from 0): turned by one each round, so that
+    no tree and loop is always measured first or last in a scenario (a fixed order read the
+    last server's fresh hit slower in every run, the same code in both trees included)."""
+    turn = round_no % len(names)
+    return names[turn:] + names[:turn]
 
 
 if __name__ == "__main__":
