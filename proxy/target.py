@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from proxy.compat.collector import untrack
 from proxy.errors import InvalidRequest, NotFound
 
 API_PREFIX = "/v1/"
@@ -71,9 +70,7 @@ def parse_target(raw: str) -> Target:
         _check_query(query)
     if not path.startswith(API_PREFIX):
         raise NotFound(f"No such endpoint: only {API_PREFIX}... is proxied")
-    target = Target(path=path, query=query)
-    untrack(target)  # two strings, no cycle: out of the collector's walk in memos (proxy.memo)
-    return target
+    return Target(path=path, query=query)
 
 
 def _check_path(path: str) -> None:

@@ -75,6 +75,7 @@ from proxy.cache.lookup import UNHANDLED_CONDITIONALS
 from proxy.cache.validation import Last
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.compat.aiohttp import http_date, render_response
+from proxy.compat.collector import untrack
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
@@ -576,8 +577,12 @@ def _revalidated(upstream_status: int | None) -> str:
 @memo(4096, per_key=True)
 def _known_target(raw: str, path: str) -> tuple[Target, str]:
     """An accepted target and its route label, remembered by raw target (a refusal raises,
-    so it is never remembered: the long way words it)."""
-    return parse_target(raw), route_of(path)
+    so it is never remembered: the long way words it). The target is kept by the memo, so
+    it is taken out of the collector's walk here (two strings, no cycle), not wherever a
+    target is parsed."""
+    target = parse_target(raw)
+    untrack(target)
+    return target, route_of(path)
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:
