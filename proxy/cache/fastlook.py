@@ -23,12 +23,13 @@ from proxy.cache.fields import NO_CONTROL, HeaderItems, Headers
 from proxy.cache.flight import Flight, Flights, Outcome
 from proxy.cache.keys import SELECTING, cache_key
 from proxy.cache.lookup import FreshHit, Revalidate, fresh_age, lookup
-from proxy.cache.memory import Stored
+from proxy.cache.memory import Kept, Stored
 from proxy.cache.storable import rule_for
 from proxy.cache.tiers import Entries
 from proxy.cache.validation import not_modified_headers
 from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
+from proxy.coding import GZIP, coding_of
 from proxy.errors import ProxyError
 from proxy.logs import Trace, trace
 from proxy.memo import memo
@@ -37,8 +38,9 @@ from proxy.settings import CacheRule
 
 # The body a fresh hit sends, from the stored headers and body (None: not here).
 BodyFor = Callable[[HeaderItems, bytes], bytes | None]
-# Status, upstream headers, body and age of an answer the fast path sends.
-FastAnswer = tuple[int, HeaderItems, bytes, int]
+# Status, upstream headers, body and age of an answer the fast path sends, and what the
+# fast path made of its entry while the memory tier holds it (None: not a held entry's).
+FastAnswer = tuple[int, HeaderItems, bytes, int, Kept | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,18 +144,28 @@ def plain_answer(
     age: int,
     headers: Headers,
     body_for: BodyFor | None,
+    kept: Kept | None = None,
 ) -> FastAnswer | None:
     """A fresh 200's answer to a plain GET (the caller's own 304, or the body in the
     caller's coding), counted as the long way counts a fresh hit; None, counting nothing,
-    when ``body_for`` gives no body (the long way streams it)."""
+    when ``body_for`` gives no body (the long way streams it). ``kept``: the memory tier's
+    record of the entry (its coding found once there)."""
     if answers.caller_304(200, entry.headers, headers):
         answers.count("hit", "fresh")  # the caller's own 304 is still one hit
-        return 304, not_modified_headers(entry.headers), b"", age
-    sent = body if body_for is None else body_for(entry.headers, body)
+        return 304, not_modified_headers(entry.headers), b"", age, kept
+    if body_for is None:
+        sent: bytes | None = body
+    elif kept is None:
+        sent = body_for(entry.headers, body)
+    else:  # only a gzip body is for body_for to inflate
+        coding = kept.coding
+        if coding is None:
+            coding = kept.coding = coding_of(entry.headers)
+        sent = body if coding != GZIP else body_for(entry.headers, body)
     if sent is None:
         return None
     answers.count("hit", "fresh")
-    return 200, entry.headers, sent, age
+    return 200, entry.headers, sent, age, kept
 
 
 @memo(4096, per_key=True)
@@ -223,10 +235,6 @@ class FastLook:
         self.coalesced = coalesced
         self._start = start
         self.may_be_busy = may_be_busy
-        # Whether a path has a webhook rule, for the rules object it was asked of (hashing
-        # the rules tuple for :func:`webhook_rule`'s cache cost a fast request ~1 µs).
-        self._webhooks: dict[str, bool] = {}
-        self._webhooks_of: tuple[CacheRule, ...] | None = None
 
     def find(
         self,
@@ -236,6 +244,7 @@ class FastLook:
         headers: Headers,
         body_for: BodyFor | None = None,
         selecting: tuple[str | None, ...] | None = None,
+        key: str | None = None,
     ) -> Found:
         """What the memory tier gives a plain GET (no Cache-Control; If-None-Match and
         If-Modified-Since allowed), with one key and one look: a fresh hit's answer (status,
@@ -248,49 +257,47 @@ class FastLook:
         Counts only what a fresh hit counts. :meth:`~proxy.cache.layer.Cache.send` reaches
         the same answers the long way. ``selecting``: ``headers``' values of
         :data:`~proxy.cache.keys.SELECTING`, in its order, when the caller read them already
-        (no name on two lines); the key is then made from them."""
-        if selecting is None:
-            key = self.key(account, path, query, headers)
-        else:
-            key = cached_key(account, path, query, *selecting)
-        stored = self.entries.hot(key)
+        (no name on two lines); the key is then made from them. ``key``: the request's key,
+        when the caller made it already (the fast path's :mod:`proxy.edge.known`)."""
+        if key is None:
+            if selecting is None:
+                key = self.key(account, path, query, headers)
+            else:
+                key = cached_key(account, path, query, *selecting)
+        entries = self.entries
+        stored = entries.hot(key)
         if stored is None:
             return Unheld(key)
-        found = self._usable(stored)
+        kept = entries.kept(key, stored)
+        found = self._usable(stored, kept)
         if found is None:
             return None
         now = self.clock()
         fresh = fresh_age(stored.entry, now)
         if fresh is not None:
-            return plain_answer(self.answers, stored.entry, found, int(fresh), headers, body_for)
+            entry = stored.entry
+            return plain_answer(self.answers, entry, found, int(fresh), headers, body_for, kept)
         flight = self.flights.get(key)
         if flight is not None:
             return self._pending(key, flight, stored, headers, now)
         return self._startable(key, stored, headers, now)
 
-    def _usable(self, stored: Stored) -> bytes | None:
+    def _usable(self, stored: Stored, kept: Kept) -> bytes | None:
         """The body of a stored entry the fast path may answer from: a 200 with its body in
         memory, no extra Vary names (compared the long way), no webhook rule (the feed's
-        health decides, and Cache-Status says so: the long way); else None."""
+        health decides, and Cache-Status says so: the long way); else None. Whether the
+        entry's path has a webhook rule is kept on its record (``kept``) for the rules it was
+        found under: a reload's new rules are asked at once."""
         entry, body = stored.entry, stored.body
         if body is None or entry.status != 200 or entry.vary:
             return None
-        if self._webhook(entry.path):
+        rules = self.rules()
+        if kept.rules is not rules:
+            kept.webhook = webhook_rule(entry.path, rules) is not None
+            kept.rules = rules
+        if kept.webhook:
             return None
         return body
-
-    def _webhook(self, path: str) -> bool:
-        """Whether ``path`` has a webhook rule (:func:`webhook_rule`), remembered per path
-        until the rules change (a reload gives a new tuple)."""
-        rules = self.rules()
-        if rules is not self._webhooks_of:
-            self._webhooks, self._webhooks_of = {}, rules
-        found = self._webhooks.get(path)
-        if found is None:
-            if len(self._webhooks) >= webhook_rule.size:  # as many as the memo's
-                self._webhooks.clear()
-            found = self._webhooks[path] = webhook_rule(path, rules) is not None
-        return found
 
     def _pending(
         self, key: str, flight: Flight, stored: Stored, headers: Headers, now: float
@@ -404,12 +411,12 @@ class FastLook:
         answer: FastAnswer
         age = int(entry.age(self.clock()))
         if self.answers.caller_304(200, outcome.headers, headers):
-            answer = 304, not_modified_headers(outcome.headers), b"", age
+            answer = 304, not_modified_headers(outcome.headers), b"", age, None
         else:
             body = stored.body if body_for is None else body_for(outcome.headers, stored.body)
             if body is None:
                 return None
-            answer = 200, outcome.headers, body, age
+            answer = 200, outcome.headers, body, age, None
         flight = pending.flight
         if not pending.starter:  # a joiner: counted and logged as the long way's _wait does
             self.coalesced.inc()
@@ -456,9 +463,15 @@ class FastLook:
         return Looked(key, found) if answer is None else answer
 
 
-@memo(4096, per_key=True)
-def cached_key(account: str, path: str, query: str, *selecting: str | None) -> str:
-    """:func:`~proxy.cache.keys.cache_key`, remembered (the selecting headers' values in
-    :data:`~proxy.cache.keys.SELECTING`'s order)."""
+def selected_key(account: str, path: str, query: str, selecting: tuple[str | None, ...]) -> str:
+    """:func:`~proxy.cache.keys.cache_key` from the selecting headers' values in
+    :data:`~proxy.cache.keys.SELECTING`'s order."""
     sent = {n: v for n, v in zip(SELECTING, selecting, strict=True) if v is not None}
     return cache_key(account, path, query, sent)
+
+
+@memo(4096)
+def cached_key(account: str, path: str, query: str, *selecting: str | None) -> str:
+    """:func:`selected_key`, remembered for the long way (the fast path keeps its keys on
+    its per-target records, :mod:`proxy.edge.known`, so this memo is not one per key)."""
+    return selected_key(account, path, query, selecting)

@@ -11,7 +11,11 @@ and tuples of them: no cycle can go through them; :func:`proxy.compat.collector.
 so are the LRU's and the paths' dicts, and a path's index holds its one key as a string (a
 set only for a path stored under several keys). Tracked, 100,000 entries made a full pass
 walk ~330,000 objects: ~410 ms with nothing answered (docs/performance.md, "The tail as the
-cache grows")."""
+cache grows").
+
+What the fast path learns of a held entry on its first look (its coding, whether its path has
+a webhook rule, its answer's head) is kept beside it (:class:`Kept`, :meth:`HotEntries.kept`)
+and dropped with it, rather than in memos keyed by the entry's headers or path."""
 
 from __future__ import annotations
 
@@ -42,6 +46,26 @@ class Stored:
     crc: int | None = None
 
 
+class Kept:
+    """What the fast path made of one held :class:`Stored` (``stored``), kept while the
+    memory tier holds it (:meth:`HotEntries.kept`): its body's coding (None: not yet
+    found), whether its path has a webhook rule under ``rules`` (the rules object it was
+    found for: a reload gives a new one, so the flag is found again at once), and its
+    answer's head for the last shape asked (``shape_of``: what the head depends on besides
+    the entry; ``shape``: the rendered head). Untracked: it holds strings, numbers,
+    bytes, tuples of them and the rules (alive anyway)."""
+
+    __slots__ = ("coding", "rules", "shape", "shape_of", "stored", "webhook")
+
+    def __init__(self, stored: Stored) -> None:
+        self.stored = stored
+        self.coding: str | None = None
+        self.rules: object = None
+        self.webhook = False
+        self.shape_of: tuple[int, str, str, bool, str] | None = None
+        self.shape: tuple[bytes, bool] | None = None
+
+
 class HotEntries:
     """A byte-bounded LRU of stored entries (on the event loop only)."""
 
@@ -58,6 +82,8 @@ class HotEntries:
         # (account, normalised path) -> the key held of it, or the keys (several: a set) (what
         # invalidations look through); a lone key is a string, which the collector never walks
         self.paths: dict[tuple[str, str], str | set[str]] = {}
+        # key -> what the fast path made of the entry held under it (dropped with it)
+        self.made: dict[str, Kept] = {}
 
     def get(self, key: str) -> Stored | None:
         found = self.items.get(key)
@@ -65,6 +91,16 @@ class HotEntries:
             self.items.move_to_end(key)
             self.ledger.touch(key)
         return found
+
+    def kept(self, key: str, stored: Stored) -> Kept:
+        """The fast path's record of ``stored``, held under ``key`` (:meth:`get` just gave
+        it): made on the first ask, made again once another entry is held there."""
+        made = self.made.get(key)
+        if made is None or made.stored is not stored:
+            made = self.made[key] = Kept(stored)
+            untrack(made)
+            untrack(self.made)
+        return made
 
     def put(self, key: str, stored: Stored) -> None:
         old = self.items.get(key)
@@ -79,6 +115,7 @@ class HotEntries:
             # their bookkeeping (same cost, same account and path: nothing else moves).
             self.items[key] = _held(stored)
             untrack(self.items)  # an insert tracks it again
+            self.made.pop(key, None)  # made of the old entry
             self.items.move_to_end(key)
             self.ledger.touch(key)
             return
@@ -108,6 +145,7 @@ class HotEntries:
     def pop(self, key: str) -> None:
         old = self.items.pop(key, None)
         if old is not None:
+            self.made.pop(key, None)
             self.bytes -= _cost(key, old)
             self.ledger.remove(key)
             where = _where(old)
@@ -134,6 +172,7 @@ class HotEntries:
     def clear(self) -> None:
         self.items.clear()
         self.paths.clear()
+        self.made.clear()
         self.bytes = 0
         self.ledger.clear()
 

@@ -24,7 +24,7 @@ from proxy.cache.flight import Dropped, Flight, Flights, Outcome
 from proxy.cache.freshen import Throttle
 from proxy.cache.invalidation import Change, Purge
 from proxy.cache.lookup import FreshHit, fresh_age, lookup
-from proxy.cache.memory import Stored
+from proxy.cache.memory import Kept, Stored
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.notes import Note
 from proxy.cache.notes import decode as decode_note
@@ -87,6 +87,11 @@ class Entries(Protocol):
         """The entry in the memory tier (no I/O: the fresh-hit fast path)."""
         ...
 
+    def kept(self, key: str, stored: Stored) -> Kept:
+        """What the fast path made of ``stored``, which :meth:`hot` just gave for ``key``
+        (:meth:`~proxy.cache.memory.HotEntries.kept`: dropped with the entry)."""
+        ...
+
     async def lookup(self, account: str, key: str) -> Stored | None: ...
 
     async def obtain(
@@ -147,6 +152,9 @@ class LocalEntries:
 
     def hot(self, key: str) -> Stored | None:
         return self.store.hot.get(key)
+
+    def kept(self, key: str, stored: Stored) -> Kept:
+        return self.store.hot.kept(key, stored)
 
     async def lookup(self, account: str, key: str) -> Stored | None:
         return await self.store.get(key)

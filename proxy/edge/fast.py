@@ -75,12 +75,12 @@ from proxy.cache.lookup import UNHANDLED_CONDITIONALS
 from proxy.cache.validation import Last
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.compat.aiohttp import http_date, render_response
-from proxy.compat.collector import untrack
 from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
-from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line, route_of
+from proxy.edge.known import known
+from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Parked, joining, traced, waited
 from proxy.edge.rendered import Place, fill, template
@@ -88,9 +88,8 @@ from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
-from proxy.memo import memo
 from proxy.messages import CacheStatus, ProxyRequest
-from proxy.target import Target, parse_target, valid_host
+from proxy.target import valid_host
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Found = FastAnswer | Pending | Startable | Unheld
@@ -293,18 +292,20 @@ class FastPath:
         self, request: Incoming
     ) -> tuple[Asked, FastAnswer | Pending | Startable | Unheld] | None:
         """A plain GET and what the memory tier has for it; None: the long way answers."""
-        asked = self.asked(request)
-        if asked is None:
+        looked = self.asked(request)
+        if looked is None:
             return None
+        asked, key = looked
         target = asked.target
-        account = asked.caller.account
         found = self.cache.fast.find(
-            account, target.path, target.query, request.headers, asked.body_for, asked.selecting
-        )
+            asked.caller.account, target.path, target.query, request.headers, asked.body_for,
+            asked.selecting, key,
+        )  # fmt: skip
         return None if found is None else (asked, found)
 
-    def asked(self, request: Incoming) -> Asked | None:
-        """What a plain GET the long way would accept asks for; None: not one."""
+    def asked(self, request: Incoming) -> tuple[Asked, str] | None:
+        """What a plain GET the long way would accept asks for, and its cache key (one
+        record per raw target: :func:`~proxy.edge.known.known`); None: not one."""
         started = time.perf_counter()
         if request.method != "GET" or request.version not in VERSIONS:
             return None
@@ -315,8 +316,9 @@ class FastPath:
         connection = headers.get("Connection")
         if connection is not None and connection.strip().lower() not in PLAIN_CONNECTION:
             return None
-        known = self._target(request)
-        if known is None:
+        try:
+            record = known(request.raw_path)
+        except ProxyError:  # the long way refuses it
             return None
         caller = self.services.callers.find(headers)
         if caller is None:
@@ -326,7 +328,9 @@ class FastPath:
         if log.isEnabledFor(logging.DEBUG):
             begin_trace(rid)  # the cache's debug events name the request
         body_for = None if accepts else self._plain
-        return Asked(started, rid, caller, *known, accepts, body_for, selecting)
+        target, route = record.target, record.route
+        asked = Asked(started, rid, caller, target, route, accepts, body_for, selecting)
+        return asked, record.key_for(caller.account, selecting)
 
     def join(self, request: web.BaseRequest, joiner: Joiner) -> Awaitable[web.StreamResponse]:
         """Wait for the flight a joiner would join the long way; answer from its outcome
@@ -470,16 +474,28 @@ class FastPath:
         """The answer as the long way renders it (edge.answer; ``make``: a web.Response, or
         its bytes in the protocol), counted and logged (``info``: what the access line says,
         made only when logged if None)."""
-        status, items, body, age = answer
+        status, items, body, age, kept = answer
         caller = asked.caller
         self.services.callers.note(caller)
         named = caller_value(caller.name, caller.account)
         if make is render_response:  # its head rendered once per shape (edge.rendered)
             scheme, host = ("", "") if self.public else (request.scheme, request.host)
-            shape = template(
-                status, items, self.place, scheme, host, asked.accepts, cache_status, member,
-                named, len(body),
-            )  # fmt: skip
+            accepts = asked.accepts
+            if kept is None or cache_status != "HIT" or member:
+                shape = template(
+                    status, items, self.place, scheme, host, accepts, cache_status, member,
+                    named, len(body),
+                )  # fmt: skip
+            else:  # a held entry's fresh hit: its last shape's head kept on its record
+                of = (status, scheme, host, accepts, named)  # the rest is the entry's
+                if kept.shape_of == of:
+                    shape = kept.shape
+                else:
+                    shape = template(
+                        status, items, self.place, scheme, host, accepts, cache_status, member,
+                        named, len(body),
+                    )  # fmt: skip
+                    kept.shape_of, kept.shape = of, shape
             if shape is not None:
                 out = fill(shape, asked.request_id, age, http_date(), body)
                 self._done(request, asked, status, cache_status, info, len(body))
@@ -529,13 +545,6 @@ class FastPath:
             return body
         return inflate_whole(body, self.caps)
 
-    def _target(self, request: Incoming) -> tuple[Target, str] | None:
-        """The request's target and route label; None when the long way must refuse it."""
-        try:
-            return _known_target(request.raw_path, request.path)
-        except ProxyError:
-            return None
-
 
 def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | None:
     """Whether a GET's headers may take the fast path, looked through once: none of
@@ -561,10 +570,10 @@ def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | N
     return tuple(map(selecting.get, SELECTING_LOWER))
 
 
-# The content coding of a stored entry's headers (one per key held at most), the last
-# tuple's known by identity (a fresh hit's and a flight's joiners' answers all carry the
-# entry's one tuple: no hashing all of it per request).
-_coding = Last(memo(4096, per_key=True)(coding_of))
+# The content coding of a stored entry's headers, the last tuple's known by identity (a
+# flight's joiners' answers all carry the entry's one tuple; a fresh hit of a held entry
+# finds it on the entry's record, proxy.cache.memory.Kept).
+_coding = Last(coding_of)
 
 
 @functools.lru_cache(maxsize=64)
@@ -572,17 +581,6 @@ def _revalidated(upstream_status: int | None) -> str:
     """The Cache-Status member of an answer a flight refreshed (the same for all its
     joiners)."""
     return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
-
-
-@memo(4096, per_key=True)
-def _known_target(raw: str, path: str) -> tuple[Target, str]:
-    """An accepted target and its route label, remembered by raw target (a refusal raises,
-    so it is never remembered: the long way words it). The target is kept by the memo, so
-    it is taken out of the collector's walk here (two strings, no cycle), not wherever a
-    target is parsed."""
-    target = parse_target(raw)
-    untrack(target)
-    return target, route_of(path)
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:

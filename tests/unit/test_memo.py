@@ -14,7 +14,7 @@ from proxy.cache.fastlook import webhook_rule
 from proxy.cache.memory import HotEntries
 from proxy.cache.refresh import busy_window
 from proxy.cache.validation import _merged_304
-from proxy.edge.fast import _known_target
+from proxy.edge.known import known
 from proxy.edge.rendered import Place, template
 from proxy.memo import MOST_KEYS, Memo, MemoInfo
 from proxy.pipeline.upstream import TARGETS, Upstream
@@ -39,7 +39,7 @@ def test_the_memos_at_their_bounds_add_nothing_for_the_collector_to_walk() -> No
     """Keys holding settings (the rules' tuple), a ``Place`` or a URL, and results holding a
     ``Target``: each a tracked tuple (and Target) per entry under ``functools.lru_cache``
     (~2 objects an entry, ~12,000 here), none now."""
-    for memoised in (webhook_rule, busy_window, _known_target, template, _merged_304):
+    for memoised in (webhook_rule, busy_window, known, template, _merged_304):
         memoised.cache_clear()
     place = Place(URL("https://api.kounta.com"), "")
     asked(place, -1)  # what the first calls make once (the rendering's own memos, imports)
@@ -47,7 +47,7 @@ def test_the_memos_at_their_bounds_add_nothing_for_the_collector_to_walk() -> No
     for i in range(2000):
         asked(place, i)
     assert webhook_rule.cache_info().currsize == 2001
-    assert _known_target.cache_info().currsize == 2001
+    assert known.cache_info().currsize == 2001
     assert tracked_now() - before < 200
 
 
@@ -56,8 +56,9 @@ def asked(place: Place, i: int) -> None:
     path = f"/v1/companies/5/products/{i}.json"
     webhook_rule(path, RULES)
     busy_window(path, RULES, 1.0)
-    found, _route = _known_target(path, path)
-    assert found == Target(path, "") and not gc.is_tracked(found)
+    found = known(path)
+    assert found.target == Target(path, "") and not gc.is_tracked(found.target)
+    assert not gc.is_tracked(found)
     items = (*ITEMS, ("Content-Length", str(i)))
     assert template(200, items, place, "http", "h", True, "HIT", "m", "", i) is not None
     _merged_304(ITEMS, (("ETag", f'"{i}"'),), f"/v1/companies/5/customers/{i}.json", RULES)
@@ -126,13 +127,13 @@ def test_the_per_key_memos_grow_to_the_keys_the_memory_tier_holds() -> None:
     (the least recently used key out each time: 0.6 of the rate over 5,000 keys); a memory
     tier of 64 MB holds ~8,000 answers of 8 KB, and as many targets are remembered."""
     HotEntries(64 * 1024**2)
-    assert _known_target.cache_info().maxsize >= 8192
+    assert known.cache_info().maxsize >= 8192
     paths = [f"/v1/companies/5/customers/{i}.json" for i in range(5000)]
     for path in paths:
-        _known_target(path, path)
-    hits = _known_target.cache_info().hits
+        known(path)
+    hits = known.cache_info().hits
     for path in paths:  # the same keys again, in the same order
-        _known_target(path, path)
-    assert _known_target.cache_info().hits == hits + 5000
+        known(path)
+    assert known.cache_info().hits == hits + 5000
     HotEntries(10**12)
     assert template.cache_info().maxsize == MOST_KEYS
