@@ -20,7 +20,9 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.cache.fastlook import cached_key, webhook_rule
 from proxy.edge.fast import FastPath
+from proxy.edge.rendered import template
 from proxy.edge.services import SERVICES
 from proxy.headers import DEFAULT_FORWARDED
 from proxy.ops.admin import create_admin_app
@@ -162,6 +164,39 @@ async def test_fast_hits_are_counted_like_the_long_way(
     assert after_slow == (2.0, 2.0, 2.0, 3.0)
     assert counts() == (3.0, 3.0, 3.0, 4.0)
     assert sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_fresh_hit_asks_no_per_key_memo_once_its_entry_was_answered(
+    warm: Warm, client: aiohttp.ClientSession
+) -> None:
+    """Its target, route and key come from one record per raw target (proxy.edge.known),
+    its entry's webhook flag, coding and rendered head from the entry's record in the memory
+    tier (proxy.cache.memory.Kept): the memos of the key, the head and the webhook rule are
+    not asked (each hashed its arguments on every fresh hit)."""
+    p = warm.proxy
+    assert (await get(client, p.url + LIST))[1]["X-Cache"] == "HIT"  # the records made
+    memos = (cached_key, template, webhook_rule)
+    before = [memo.cache_info() for memo in memos]
+    for _ in range(3):
+        status, headers, body = await get(client, p.url + LIST)
+        assert (status, headers["X-Cache"], body) == (200, "HIT", warm.body)
+    assert [memo.cache_info() for memo in memos] == before
+    assert warm.long_way.count == 1
+
+
+async def test_an_escaped_targets_fast_hit_is_labelled_as_the_long_way_labels_it(
+    warm: Warm, client: aiohttp.ClientSession
+) -> None:
+    """The route label is the decoded path's (the long way's ``request.path``), though the
+    fast path's record is keyed by the raw target."""
+    p = warm.proxy
+    escaped = URL(p.url + LIST.replace("customers", "cust%6Fmers"), encoded=True)
+    async with client.get(escaped) as r:
+        assert (r.status, r.headers["X-Cache"], await r.read()) == (200, "HIT", warm.body)
+    assert warm.long_way.count == 1  # the same entry (the key's escapes normalised), fast
+    labels = {"method": "GET", "route": "/v1/companies/{id}/customers", "status_class": "2xx"}
+    hits = {**labels, "cache": "HIT", "account": "main"}
+    assert p.registry.get_sample_value("kounta_proxy_requests_total", hits) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,10 @@ from proxy.cache.metrics import CacheMetrics
 from proxy.cache.store import WRITES_BEHIND, CacheStore
 from proxy.cache.tiers import LocalEntries
 from proxy.messages import ProxyRequest
+from proxy.settings import CacheRule
+
+# The cache rules a reload left (a tuple of settings: tracked, alive anyway).
+RULES_NOW = (CacheRule(path="/v1/companies/*/products*", fresh_for=60),)
 
 
 def stored(path: str, body: bytes = b"[]", account: str = "main") -> tuple[str, Stored]:
@@ -293,3 +297,50 @@ async def test_a_304s_refresh_skips_the_disk_while_its_writes_are_behind(tmp_pat
     await store.flush()
     assert await store._run(store.disk.get, key) is not None
     await store.close()
+
+
+def test_what_the_fast_path_makes_of_an_entry_is_kept_beside_it_and_dropped_with_it() -> None:
+    """One record per held entry (HotEntries.kept): the same while the entry is held, a new
+    one once another entry is held under the key (a 304's refresh in place included), gone
+    with the entry (popped, evicted, invalidated, cleared), out of the collector's walk."""
+    hot = HotEntries(10**6)
+    key, held = stored("/v1/companies/5/products/1.json", b"x" * 100)
+    hot.put(key, held)
+    made = hot.kept(key, held)
+    made.coding, made.webhook, made.rules = "gzip", True, ()
+    made.shape_of, made.shape = (200, "", "", True, "c"), (b"head", True)
+    assert hot.kept(key, held) is made
+    assert not gc.is_tracked(made) and not gc.is_tracked(hot.made)
+    refreshed = Stored(replace(held.entry, response_time=9.0), held.body)
+    hot.put(key, refreshed)  # in place: the old record (and the old Stored it holds) goes
+    assert key not in hot.made
+    again = hot.kept(key, refreshed)
+    assert again is not made and again.coding is None and again.shape is None
+    hot.pop(key)
+    assert hot.made == {}
+    small = HotEntries(20_000)  # room for a few entries: the rest evicted
+    keys = []
+    for i in range(40):
+        key, held = stored(f"/v1/companies/5/products/{i}.json", b"x" * 100)
+        small.put(key, held)
+        small.kept(key, held)
+        keys.append(key)
+    assert 0 < len(small.items) < 40 and set(small.made) == set(small.items)
+    small.take(lambda account, path: path.endswith(("/3.json", "/39.json")))
+    assert set(small.made) == set(small.items)
+    small.clear()
+    assert small.made == {}
+
+
+def test_the_fast_paths_records_of_held_entries_add_nothing_for_the_collector_to_walk() -> None:
+    hot = HotEntries(10**8)
+    entries = dict(stored(f"/v1/companies/5/products/{i}.json", b"x" * 100) for i in range(2000))
+    for key, value in entries.items():
+        hot.put(key, value)
+    before = tracked_now()
+    for key, value in entries.items():
+        made = hot.kept(key, value)
+        made.coding, made.rules, made.webhook = "", RULES_NOW, False
+        made.shape_of, made.shape = (200, "http", "h", True, "c"), (b"head" + key.encode(), True)
+    assert len(hot.made) == 2000
+    assert tracked_now() - before < 200  # a record each (2,000) if they were walked
