@@ -15,7 +15,8 @@ cache grows").
 
 What the fast path learns of a held entry on its first look (its coding, whether its path has
 a webhook rule, its answer's head) is kept beside it (:class:`Kept`, :meth:`HotEntries.kept`)
-and dropped with it, rather than in memos keyed by the entry's headers or path."""
+and dropped with it, rather than in memos keyed by the entry's headers or path; each record
+counts :data:`KEPT_BYTES` against the tier's bound while held."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from proxy.memo import fit_keys
 # What an entry costs the memory LRU besides its body (key, Entry, headers), so that
 # empty bodies (204s, empty lists) cannot fill memory with ever more entries.
 ENTRY_OVERHEAD = 512
+# What the fast path's record of a held entry costs the memory LRU (:class:`Kept`: its
+# rendered head ~850 bytes, the record and its shape's tuple), counted while it is held.
+KEPT_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +101,16 @@ class HotEntries:
         it): made on the first ask, made again once another entry is held there."""
         made = self.made.get(key)
         if made is None or made.stored is not stored:
+            if made is None:
+                self.bytes += KEPT_BYTES
             made = self.made[key] = Kept(stored)
             untrack(made)
             untrack(self.made)
+            while self.bytes > self.max_bytes:  # the least recently used go, never this key
+                oldest = next(iter(self.items))
+                if oldest == key:
+                    break
+                self.pop(oldest)
         return made
 
     def put(self, key: str, stored: Stored) -> None:
@@ -115,7 +126,7 @@ class HotEntries:
             # their bookkeeping (same cost, same account and path: nothing else moves).
             self.items[key] = _held(stored)
             untrack(self.items)  # an insert tracks it again
-            self.made.pop(key, None)  # made of the old entry
+            self._unmade(key)  # made of the old entry
             self.items.move_to_end(key)
             self.ledger.touch(key)
             return
@@ -145,7 +156,7 @@ class HotEntries:
     def pop(self, key: str) -> None:
         old = self.items.pop(key, None)
         if old is not None:
-            self.made.pop(key, None)
+            self._unmade(key)
             self.bytes -= _cost(key, old)
             self.ledger.remove(key)
             where = _where(old)
@@ -157,6 +168,10 @@ class HotEntries:
                 if len(keys) == 1:
                     self.paths[where] = keys.pop()
                     untrack(self.paths)
+
+    def _unmade(self, key: str) -> None:
+        if self.made.pop(key, None) is not None:
+            self.bytes -= KEPT_BYTES
 
     def take(self, covers: Callable[[str, str], bool]) -> list[str]:
         """Drop every entry whose (account, normalised path) ``covers`` names; their keys."""

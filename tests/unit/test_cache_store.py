@@ -21,7 +21,7 @@ from proxy.cache.entry import Entry
 from proxy.cache.flight import Flight, Flights
 from proxy.cache.invalidation import Change, Invalidation, Purge, normalise_path
 from proxy.cache.keys import cache_key
-from proxy.cache.memory import HotEntries, Stored, intact, upgraded
+from proxy.cache.memory import ENTRY_OVERHEAD, KEPT_BYTES, HotEntries, Stored, intact, upgraded
 from proxy.cache.metrics import CacheMetrics
 from proxy.cache.store import WRITES_BEHIND, CacheStore
 from proxy.cache.tiers import LocalEntries
@@ -344,3 +344,21 @@ def test_the_fast_paths_records_of_held_entries_add_nothing_for_the_collector_to
         made.shape_of, made.shape = (200, "http", "h", True, "c"), (b"head" + key.encode(), True)
     assert len(hot.made) == 2000
     assert tracked_now() - before < 200  # a record each (2,000) if they were walked
+
+
+def test_the_fast_paths_records_count_against_the_memory_tiers_bound() -> None:
+    """Each record (its rendered head ~1 KB) is counted while held: small entries with their
+    records never hold more than the tier's bytes (uncounted, a tier of 64 MB full of small
+    answers held ~100 MB of heads beside them)."""
+    hot = HotEntries(200_000)
+    for i in range(2000):
+        key, held = stored(f"/v1/companies/5/products/{i}.json", b"x" * 10)
+        hot.put(key, held)
+        assert hot.get(key) is held
+        hot.kept(key, held).shape = (b"h" * 900, True)
+        assert key in hot.items and key in hot.made  # the one just asked stays
+        assert hot.bytes <= hot.max_bytes
+    assert set(hot.made) == set(hot.items) and 0 < len(hot.items) < 2000
+    assert hot.bytes == sum(len(k) + 10 + ENTRY_OVERHEAD + KEPT_BYTES for k in hot.items)
+    hot.pop(next(iter(hot.items)))
+    assert hot.bytes == sum(len(k) + 10 + ENTRY_OVERHEAD + KEPT_BYTES for k in hot.items)
