@@ -17,6 +17,9 @@ hour, and N/2 customers, revalidated on every request: each a miss, fetched and 
 fresh hits over the products and revalidations over the customers, each request a random
 key (no coalescing: a revalidation a request). Per row also the objects the collector
 tracks (``gc.get_objects()``) and the RSS after the runs. Levels and trees interleaved.
+``--touch``: each product asked once more (in order) before the fresh phase, so that it
+measures a steady state, not first touches (at 100k, 3 s of random keys asks most products
+for the first time); ``--again N``: the fresh phase N times more over the same keys.
 """
 
 from __future__ import annotations
@@ -128,6 +131,19 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument(
         "--types", action="store_true", help="with --entries: the types tracked most, per row"
+    )
+    p.add_argument(
+        "--touch",
+        action="store_true",
+        help="with --entries: after the fill, each product asked once more (a fresh hit "
+        "each, in order) before the fresh phase: no first touches in it",
+    )
+    p.add_argument(
+        "--again",
+        type=int,
+        default=0,
+        help="with --entries: the fresh phase this many times more, over the same keys in the "
+        "same order (the client's seeds are fixed): first touches against a steady state",
     )
     args = p.parse_args(argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
@@ -258,15 +274,24 @@ def entries_level(
     for path in KEYED.values():  # each key once: a miss, fetched and stored
         run_client(client, port, path, {"FILL": str(level // 2)}, ["32", "2", "600", os.devnull])
     print(f"  {tree} {level}: filled in {time.monotonic() - began:.0f} s", file=sys.stderr)
+    if a.touch:
+        began = time.monotonic()
+        fill = {"FILL": str(level // 2)}
+        run_client(client, port, KEYED["fresh"], fill, ["32", "2", "600", os.devnull])
+        print(f"  {tree} {level}: touched in {time.monotonic() - began:.1f} s", file=sys.stderr)
     rows = []
     out = str(Path(record).with_name("latencies.txt"))
-    for scenario, path in KEYED.items():
+    phases: list[tuple[str, str, str | None]] = [("fresh", KEYED["fresh"], "")]
+    phases += [(f"fresh+{k}", KEYED["fresh"], f"-again{k}") for k in range(1, a.again + 1)]
+    phases.append(("reval", KEYED["reval"], None))
+    for scenario, path, suffix in phases:
         os.kill(pid, signal.SIGUSR1)  # clear what filling recorded
         time.sleep(0.3)
         keys = {"KEYS": str(level // 2)}
-        with profiled(
-            pid, a, f"{a.profile}-{level}.txt" if tree == "new" and scenario == "fresh" else None
-        ):
+        profile = (
+            f"{a.profile}-{level}{suffix}.txt" if tree == "new" and suffix is not None else None
+        )
+        with profiled(pid, a, profile):
             run_client(client, port, path, keys, [str(a.connections), "2", str(a.seconds), out])
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
