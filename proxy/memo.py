@@ -15,11 +15,13 @@ them): each key and result it keeps, and its store, are untracked
 and is walked (if at all) by itself. The least recently used entry goes past ``size``.
 
 A hit costs a Python call (``lru_cache``'s is C), so it does as little as it can: the
-arguments are hashed once (the store is keyed by that hash, each entry holding its
-arguments, compared on a hit: a tuple's hash is not cached, and a rendered head's key hashes
-every stored header; an OrderedDict's ``get`` and ``move_to_end`` each hashed it), and a
-function of one argument is called without packing it in a tuple. Two arguments of one hash
-(rare: 64 bits) share its slot, the later one replacing the other.
+arguments are hashed once (the store is keyed by that hash, a second dict holding each
+hash's arguments, compared on a hit: a tuple's hash is not cached, and a rendered head's key
+hashes every stored header; an OrderedDict's ``get`` and ``move_to_end`` each hashed it),
+and a function of one argument is called without packing it in a tuple. Two arguments of
+one hash (rare: 64 bits) share its slot, the later one replacing the other. A miss untracks
+the arguments and the result (each a C call through ctypes, ~0.3 µs) and nothing else: both
+dicts, keyed by ints and holding untracked objects, are never tracked again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar, cast
 from proxy.compat.collector import untrack
 
 R = TypeVar("R")
+_MISSING: Any = object()
 R_co = TypeVar("R_co", covariant=True)
 # Memos with an entry per cache key the fast path answers (its target, key, head): sized to
 # the keys the memory tier can hold (:func:`fit_keys`), ~1.4 KB an entry between them.
@@ -72,20 +75,20 @@ class Memo(Protocol[R_co]):
 
 def memoise(function: Callable[..., R], size: int) -> Memo[R]:
     """``function`` remembered for the last ``size`` argument tuples (see the module)."""
-    store: OrderedDict[int, tuple[Any, R]] = OrderedDict()  # hash -> (arguments, result)
+    store: OrderedDict[int, R] = OrderedDict()  # the arguments' hash -> the result
+    keys: dict[int, Any] = {}  # the arguments' hash -> the arguments
     untrack(store)
     get, to_end = store.get, store.move_to_end
     hits = misses = 0
     bound = size
 
     def keep(hashed: int, key: Any, value: R) -> R:
-        if store.pop(hashed, None) is None and len(store) >= bound:
-            store.popitem(last=False)
-        entry = (key, value)
+        if store.pop(hashed, _MISSING) is _MISSING and len(store) >= bound:
+            del keys[store.popitem(last=False)[0]]
         untrack(key)
         untrack(value)
-        untrack(entry)  # an int key and an untracked entry: the store is not tracked again
-        store[hashed] = entry
+        keys[hashed] = key  # int keys, untracked values: neither dict is tracked again
+        store[hashed] = value
         untrack(store)
         return value
 
@@ -94,22 +97,22 @@ def memoise(function: Callable[..., R], size: int) -> Memo[R]:
     def one(arg: Any) -> R:
         nonlocal hits, misses
         hashed = hash(arg)
-        found = get(hashed)
-        if found is not None and found[0] == arg:
+        found = get(hashed, _MISSING)
+        if found is not _MISSING and keys[hashed] == arg:
             hits += 1
             to_end(hashed)
-            return found[1]
+            return found  # type: ignore[no-any-return]
         misses += 1
         return keep(hashed, arg, function(arg))  # a raise is not remembered
 
     def many(*args: Any) -> R:
         nonlocal hits, misses
         hashed = hash(args)
-        found = get(hashed)
-        if found is not None and found[0] == args:
+        found = get(hashed, _MISSING)
+        if found is not _MISSING and keys[hashed] == args:
             hits += 1
             to_end(hashed)
-            return found[1]
+            return found  # type: ignore[no-any-return]
         misses += 1
         return keep(hashed, args, function(*args))  # a raise is not remembered
 
@@ -123,6 +126,7 @@ def memoise(function: Callable[..., R], size: int) -> Memo[R]:
     def cache_clear() -> None:
         nonlocal hits, misses
         store.clear()
+        keys.clear()
         hits = misses = 0
 
     made = functools.update_wrapper(one if _one_argument(function) else many, function)
