@@ -17,6 +17,13 @@ hour, and N/2 customers, revalidated on every request: each a miss, fetched and 
 fresh hits over the products and revalidations over the customers, each request a random
 key (no coalescing: a revalidation a request). Per row also the objects the collector
 tracks (``gc.get_objects()``) and the RSS after the runs. Levels and trees interleaved.
+Between the fill and the fresh phase each product is asked once more, in order (the
+"first touch" row: each a fresh hit of a key that has answered no fresh hit before, the rate
+over the whole pass), so that the fresh phase measures a steady state, not first touches (at
+100k, 3 s of random keys ask most products for the first time); ``--no-touch``: no such pass,
+the fresh phase's random keys touch them first as before. ``--again N``: the fresh phase N
+times more over the same keys. Each row's rate is also given against the smallest level's
+(same tree and phase): the goal is the fresh hit's within 20 % across the levels.
 """
 
 from __future__ import annotations
@@ -129,6 +136,20 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--types", action="store_true", help="with --entries: the types tracked most, per row"
     )
+    p.add_argument(
+        "--no-touch",
+        dest="touch",
+        action="store_false",
+        help="with --entries: no first-touch pass (each product asked once more, in order, "
+        "after the fill): the fresh phase touches most keys first at 100k",
+    )
+    p.add_argument(
+        "--again",
+        type=int,
+        default=0,
+        help="with --entries: the fresh phase this many times more, over the same keys in the "
+        "same order (the client's seeds are fixed): first touches against a steady state",
+    )
     args = p.parse_args(argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
@@ -180,7 +201,7 @@ def measure(
                 if scenario == "inm":
                     headers.append(f"If-None-Match: {etags[name]}")
                 out = directory / "latencies.txt"
-                record = directory / f"gc-{name.split(', ')[-1]}.json"
+                recorded = directory / f"gc-{name.split(', ')[-1]}.json"
                 proxy = name.startswith("proxy")
                 if proxy:
                     os.kill(pid, signal.SIGUSR1)  # clear what warming recorded
@@ -192,7 +213,7 @@ def measure(
                 if proxy:
                     os.kill(pid, signal.SIGUSR1)
                     time.sleep(0.2)
-                    passes = json.loads(record.read_text())
+                    passes = json.loads(recorded.read_text())
                 lines = out.read_text().splitlines()
                 rows.append((scenario, name, summary(lines, passes, args.seconds)))
                 print(f"  {scenario} {name}: {rows[-1][2]['rps']:.0f} req/s", file=sys.stderr)
@@ -260,18 +281,29 @@ def entries_level(
     print(f"  {tree} {level}: filled in {time.monotonic() - began:.0f} s", file=sys.stderr)
     rows = []
     out = str(Path(record).with_name("latencies.txt"))
-    for scenario, path in KEYED.items():
-        os.kill(pid, signal.SIGUSR1)  # clear what filling recorded
+    keys, touch = {"KEYS": str(level // 2)}, {"FILL": str(level // 2)}
+    # (row, path, the client's keys, seconds (None: until each key is asked), profile suffix)
+    phases: list[tuple[str, str, dict[str, str], float | None, str | None]] = []
+    if a.touch:
+        phases.append(("first touch", KEYED["fresh"], touch, None, "-touch"))
+    phases.append(("fresh", KEYED["fresh"], keys, a.seconds, ""))
+    for k in range(1, a.again + 1):
+        phases.append((f"fresh+{k}", KEYED["fresh"], keys, a.seconds, f"-again{k}"))
+    phases.append(("reval", KEYED["reval"], keys, a.seconds, None))
+    for scenario, path, env, seconds, suffix in phases:
+        os.kill(pid, signal.SIGUSR1)  # clear what the phase before recorded
         time.sleep(0.3)
-        keys = {"KEYS": str(level // 2)}
-        with profiled(
-            pid, a, f"{a.profile}-{level}.txt" if tree == "new" and scenario == "fresh" else None
-        ):
-            run_client(client, port, path, keys, [str(a.connections), "2", str(a.seconds), out])
+        profile = (
+            f"{a.profile}-{level}{suffix}.txt" if tree == "new" and suffix is not None else None
+        )
+        limit = str(a.seconds if seconds is not None else 600)
+        with profiled(pid, a, profile, seconds):
+            run_client(client, port, path, env, [str(a.connections), "2", limit, out])
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
         passes = json.loads(Path(record).read_text())
-        s = summary(Path(out).read_text().splitlines(), passes, a.seconds)
+        lines = Path(out).read_text().splitlines()
+        s = summary(lines, passes, span(lines) if seconds is None else seconds)
         s["objects"] = float(Path(record + ".objects").read_text())
         s["rss"] = rss_mb(pid, "VmRSS") or 0.0
         rows.append((tree, level, scenario, s))
@@ -282,29 +314,47 @@ def entries_level(
     return rows
 
 
+def span(lines: list[str]) -> float:
+    """Seconds from the first request sent to the last answer's end (a pass over the keys)."""
+    rows = [tuple(map(int, line.split())) for line in lines]
+    return (max(r[4] for r in rows) - min(r[2] for r in rows)) / 1e9
+
+
 @contextlib.contextmanager
-def profiled(pid: int, a: argparse.Namespace, out: str | None) -> Iterator[None]:
-    """py-spy recording ``pid`` into ``out`` (raw, 500 a second) for the block's length."""
+def profiled(
+    pid: int, a: argparse.Namespace, out: str | None, seconds: float | None
+) -> Iterator[None]:
+    """py-spy recording ``pid`` into ``out`` (raw, 500 a second) for the block's length
+    (``seconds``, or until the block ends: py-spy stopped by SIGINT, as Ctrl-C, writes it)."""
     if not a.profile or out is None:
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    command = [spy, "record", "-r", "500", "-d", f"{a.seconds:g}", "-f", "raw", "-o", out]
-    with subprocess.Popen([*command, "-p", str(pid)], stdout=subprocess.DEVNULL) as recording:
+    command = [spy, "record", "-r", "500", "-f", "raw", "-o", out, "-p", str(pid)]
+    if seconds is not None:
+        command += ["-d", f"{seconds:g}"]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL) as recording:
         yield
+        if seconds is None:
+            recording.send_signal(signal.SIGINT)
         recording.wait()
 
 
 def entries_table(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [
         f"c={args.connections}, {args.loop}, {args.seconds:g} s | tree | stored | req/s "
-        "| p50 / p99 ms, whole run | steady p50 / p99 ms | full GC passes | longest ms "
-        "| p99 spanning one | objects tracked | RSS MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| / smallest level | p50 / p99 ms, whole run | steady p50 / p99 ms | full GC passes "
+        "| longest ms | p99 spanning one | objects tracked | RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for tree, level, scenario, s in sorted(rows, key=lambda r: (r[2], r[1], r[0])):
+    phases = list(dict.fromkeys(r[2] for r in rows))  # in the order they ran
+    smallest = {}
+    for tree, _, scenario, s in sorted(rows, key=lambda r: r[1], reverse=True):
+        smallest[tree, scenario] = s["rps"]
+    for tree, level, scenario, s in sorted(rows, key=lambda r: (phases.index(r[2]), r[1], r[0])):
         lines.append(
-            f"| {scenario} | {tree} | {level:,} | {s['rps']:.0f} | {s['p50 all']:.2f} / "
+            f"| {scenario} | {tree} | {level:,} | {s['rps']:.0f} | "
+            f"{s['rps'] / smallest[tree, scenario]:.2f} | {s['p50 all']:.2f} / "
             f"{s['p99 all']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} | {s['full passes']:.0f} | "
             f"{s['full max']:.1f} | {s['spanned']:.0%} | {s['objects']:,.0f} | {s['rss']:.0f} |"
         )

@@ -15,7 +15,7 @@ from proxy.cache.entry import Entry
 from proxy.cache.fields import HeaderItems, Headers, age_value, directives, field_values, values_of
 from proxy.cache.storable import UNSTORED_HEADERS, reuse_windows, rule_for, storable_headers
 from proxy.dates import http_date
-from proxy.memo import Memo
+from proxy.memo import memoise
 from proxy.settings import CacheRule
 
 # Upstream answers for which a stored response may be served instead (RFC 5861 4).
@@ -107,7 +107,7 @@ def _merge_304(
     return merged, reuse_windows(cc, merged, 0.0, rule_for(path, rules))
 
 
-_merged_304 = Memo(_merge_304, 1024)
+_merged_304 = memoise(_merge_304, 1024)
 
 
 def _cc(headers: HeaderItems) -> dict[str, str | None]:

@@ -16,9 +16,9 @@ its keep-alive close put off meanwhile (:func:`hold_keepalive`, :func:`release_k
 aiohttp's ``_process_keepalive`` reschedules itself when fired early), a shutdown's close of idle
 connections left for after its answer (:func:`close_later`, ``_close``), what
 comes behind it is held (``_pause_reading_for_buffer``) and then queued as aiohttp queues
-(``_messages``, ``_request_count``, ``_waiter``); the answer's bytes are the ones
-aiohttp writes for a ``web.Response`` (:func:`render_response`: its header rules, its
-``_serialize_headers`` and Date).
+(``_messages``, ``_request_count``, ``_waiter``); the answer's bytes are the ones aiohttp
+writes for a ``web.Response`` (:func:`render_response`, :func:`render_head`: its header
+rules, its ``_serialize_headers`` and Date).
 
 Client side (:mod:`proxy.client`, :mod:`proxy.pipeline.direct`): a response protocol that
 recovers a complete response followed by excess bytes stands in the connector's protocol
@@ -247,29 +247,34 @@ def answering(protocol: RequestHandler, busy: bool) -> None:
 def render_response(
     status: int, headers: CIMultiDict[str], body: bytes, date: str | None = None
 ) -> bytes:
-    """The bytes aiohttp writes for ``web.Response(status=status, headers=headers,
-    body=body or None)`` answering a GET on a kept-alive HTTP/1.1 connection
-    (``Response._start``, ``StreamResponse._prepare_headers``, the writer), with no
-    on_response_prepare hook: the caller applies its own first. ``headers`` is changed.
-    ``date``: the Date it adds when ``headers`` has none (default: aiohttp's, now)."""
+    """The bytes aiohttp writes for ``web.Response(status=status, headers=headers, body=body or
+    None)`` answering a GET on a kept-alive HTTP/1.1 connection, with no on_response_prepare
+    hook (the caller applies its own first); ``headers`` is changed; ``date``: the Date it
+    adds when ``headers`` has none (default: aiohttp's, now)."""
+    head, with_body = render_head(status, headers, len(body), date)
+    return head + body if with_body else head
+
+
+def render_head(
+    status: int, headers: CIMultiDict[str], length: int, date: str | None = None
+) -> tuple[bytes, bool]:
+    """:func:`render_response`'s head for a body of ``length`` bytes (none made), and whether
+    the body follows it (for a GET, aiohttp drops Content-Length where the body is empty)."""
+    empty = must_be_empty_body("GET", status)
     if "Content-Length" in headers:
         if should_remove_content_length("GET", status):
             del headers["Content-Length"]
-    elif body or status != 304:
-        headers["Content-Length"] = str(len(body))
-    empty = must_be_empty_body("GET", status)
+    elif (length or status != 304) and not should_remove_content_length("GET", status):
+        headers["Content-Length"] = str(length)
     if empty:
-        if "Content-Length" in headers and should_remove_content_length("GET", status):
-            del headers["Content-Length"]
-        if "Transfer-Encoding" in headers:
-            del headers["Transfer-Encoding"]
+        headers.popall("Transfer-Encoding", None)
     elif int(headers["Content-Length"]) != 0:
         headers.setdefault("Content-Type", "application/octet-stream")
     if "Date" not in headers:
         headers["Date"] = rfc822_formatted_time() if date is None else date
     headers.setdefault("Server", SERVER_SOFTWARE)
     head: bytes = _serialize_headers(f"HTTP/1.1 {status} {REASON_PHRASES.get(status, '')}", headers)
-    return head if empty or not body else head + body
+    return head, not empty and length > 0
 
 
 _date: tuple[str, bytes] = ("", b"")

@@ -200,16 +200,13 @@ def header_view(
     items: HeaderItems, upstream: URL, public: str, scheme: str, host: str, accepts: bool
 ) -> tuple[HeaderItems, bool]:
     """:func:`caller_view` of a caller that reached ``scheme://host`` (both "" when
-    ``public`` is configured)."""
-    return _view(items, upstream, public, scheme, host, accepts)
+    ``public`` is configured), made anew: for a caller that remembers what it makes from it
+    (:func:`proxy.edge.rendered.template`), whose every call would miss :func:`_view`'s memo
+    and push out a view the long way asks again."""
+    return _shown(items, upstream, public, scheme, host, accepts)
 
 
-# Upstream headers (plus where the caller reached the proxy and whether it takes gzip) ->
-# what the caller is shown, and whether the body must be inflated for it. Most answers
-# repeat a few header sets (every fresh hit of an entry has the same one), so the filtering
-# and URL rewriting are done once per set, place the caller reached and gzip or not.
-@memo(1024)
-def _view(
+def _shown(
     items: HeaderItems, upstream: URL, public: str, scheme: str, host: str, accepts: bool
 ) -> tuple[HeaderItems, bool]:
     headers = for_caller(items)
@@ -230,6 +227,13 @@ def _view(
     elif coding:
         headers["Content-Encoding"] = coding  # not the proxy's to decode: as it came
     return tuple(headers.items()), coding == GZIP and not accepts
+
+
+# Upstream headers (plus where the caller reached the proxy and whether it takes gzip) ->
+# what the caller is shown, and whether the body must be inflated for it. Most answers
+# repeat a few header sets (every fresh hit of an entry has the same one), so the filtering
+# and URL rewriting are done once per set, place the caller reached and gzip or not.
+_view = memo(1024)(_shown)
 
 
 def _weaken_etags(headers: CIMultiDict[str]) -> None:

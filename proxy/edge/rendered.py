@@ -6,7 +6,10 @@ but for three values: its request id, its Age and its Date. Building the head th
 ``CIMultiDict``, :func:`~proxy.compat.aiohttp.render_response`) costs several µs a request;
 here it is done once per shape (:func:`template`) by the same functions, with a slot in
 place of each of the three values, and an answer is the shape's bytes with its values put
-in (:func:`fill`): byte for byte what the long way renders.
+in (:func:`fill`): byte for byte what the long way renders. A shape is made at each key's
+first fresh hit, so making it is kept cheap too: the head alone is rendered
+(:func:`~proxy.compat.aiohttp.render_head`, no body of its length), and the caller's view
+is made without going through the long way's memo of views (which it would only miss).
 
 A shape is everything the head depends on besides those three values (status, stored
 headers, the caller's view of them, Cache-Status, X-Proxy-Caller, the body's length).
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from yarl import URL
 
-from proxy.compat.aiohttp import render_response
+from proxy.compat.aiohttp import render_head
 from proxy.edge.answer import HeaderItems, answer_headers, header_view
 from proxy.headers import SERVER_NAME
 from proxy.memo import memo
@@ -69,9 +72,7 @@ def template(
     headers = answer_headers(shown, rid, cache_status, 0, caller=caller, cache=member)
     headers["Age"] = age  # where answer_headers put it
     headers["Server"] = SERVER_NAME  # as FastPath._respond
-    rendered = render_response(status, headers, b"\0" * length, date=date)
-    head = rendered[: rendered.index(b"\r\n\r\n") + 4]
-    with_body = len(rendered) > len(head)
+    head, with_body = render_head(status, headers, length, date=date)  # no body made
     head = head.replace(b"%", b"%%")
     for name, kind, slot in SLOTS:
         found = head.count(slot.encode())

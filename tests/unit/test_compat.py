@@ -211,6 +211,8 @@ RENDERED = [
     (200, {"Content-Length": "5", "Content-Type": "text/plain"}, b"hello"),
     (304, {"ETag": '"a"', "Content-Length": "9"}, b""),
     (304, {"ETag": '"a"'}, b""),
+    (204, {"ETag": '"a"', "Transfer-Encoding": "chunked"}, b""),
+    (204, {"ETag": '"a"'}, b""),
 ]
 
 
@@ -243,9 +245,12 @@ async def written_by_aiohttp(
 async def test_an_answer_rendered_in_the_protocol_is_what_aiohttp_writes(
     status: int, headers: dict[str, str], body: bytes
 ) -> None:
-    """render_response against aiohttp's own server writing the same web.Response."""
+    """render_response against aiohttp's own server writing the same web.Response, and
+    render_head (no body made) its head and whether the body follows."""
     headers = {**headers, "Date": "Sat, 05 Dec 2026 23:00:00 GMT", "Server": "s"}
     expected = compat_aiohttp.render_response(status, CIMultiDict(headers), body)
+    head, with_body = compat_aiohttp.render_head(status, CIMultiDict(headers), len(body))
+    assert (head + body if with_body else head) == expected
     response = web.Response(status=status, headers=headers, body=body or None)
     got = await written_by_aiohttp(response, lambda r: r.readexactly(len(expected)))
     assert got == expected

@@ -16,7 +16,7 @@ from proxy.cache.refresh import busy_window
 from proxy.cache.validation import _merged_304
 from proxy.edge.known import known
 from proxy.edge.rendered import Place, template
-from proxy.memo import MOST_KEYS, Memo, MemoInfo
+from proxy.memo import MOST_KEYS, MemoInfo, memoise
 from proxy.pipeline.upstream import TARGETS, Upstream
 from proxy.settings import CacheRule, UpstreamSettings
 from proxy.target import Target
@@ -71,7 +71,7 @@ def test_a_memo_holds_its_bound_and_drops_the_least_recently_used() -> None:
         calls.append((x, y))
         return (x, 2 * y)
 
-    memo = Memo(double, 3)
+    memo = memoise(double, 3)
     rule = RULES[0]
     assert memo(rule, 1) == (rule, 2)
     memo(rule, 2)
@@ -94,11 +94,95 @@ def test_a_memo_remembers_no_raise() -> None:
         calls.append(x)
         raise ValueError(x)
 
-    memo = Memo(refuse, 4)
+    memo = memoise(refuse, 4)
     for _ in range(2):
         with pytest.raises(ValueError, match="a"):
             memo("a")
     assert calls == ["a", "a"] and memo.cache_info().currsize == 0
+
+
+class Counted:
+    """A key that counts how often it is hashed, equal to another of the same name; the
+    hash given (default: the name's)."""
+
+    hashed = 0
+
+    def __init__(self, name: str, given: int | None = None) -> None:
+        self.name, self.given = name, given
+
+    def __hash__(self) -> int:
+        Counted.hashed += 1
+        return hash(self.name) if self.given is None else self.given
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Counted) and other.name == self.name
+
+
+@pytest.mark.parametrize("arguments", [1, 2])
+def test_a_memos_hit_hashes_its_arguments_once(arguments: int) -> None:
+    """A hit hashed its argument tuple twice (the store's ``get``, then ``move_to_end``):
+    a rendered head's key hashes every stored header each time. Once now, for a memo of one
+    argument (called without a tuple) as for one of several."""
+
+    def name(key: Counted, *more: object) -> str:
+        return key.name
+
+    def one(key: Counted) -> str:
+        return key.name
+
+    memo = memoise(one if arguments == 1 else name, 4)
+    key = Counted("a")
+    extra = ("place",) * (arguments - 1)
+    assert memo(key, *extra) == "a"
+    Counted.hashed = 0
+    assert memo(key, *extra) == "a"
+    assert memo(Counted("a"), *extra) == "a"  # equal, not the same object: a hit too
+    assert Counted.hashed == 2 and memo.cache_info().hits == 2
+
+
+@pytest.mark.parametrize("arguments", [1, 2])
+def test_keys_of_one_hash_never_answer_for_each_other(arguments: int) -> None:
+    """The store is keyed by the arguments' hash: a hit is one whose arguments are equal to
+    the entry's, whatever shares its hash (two keys of one hash, rare with 64 bits of
+    strings' hashes, share a slot: the later replaces the other)."""
+    calls: list[str] = []
+
+    def name(key: Counted, *more: object) -> str:
+        calls.append(key.name)
+        return key.name
+
+    memo = memoise(name, 4) if arguments == 2 else memoise(lambda key: name(key), 4)
+    extra = ("x",) * (arguments - 1)
+    a, b = Counted("a", 7), Counted("b", 7)
+    assert [memo(a, *extra), memo(b, *extra), memo(a, *extra), memo(a, *extra)] == list("abaa")
+    assert calls[:2] == ["a", "b"] and set(calls) == {"a", "b"}
+
+
+def test_a_one_argument_memo_holds_its_bound_and_untracks_what_it_keeps() -> None:
+    """The memo of one argument (the entry's coding, by its stored headers' tuple): least
+    recently used out past its bound, no raise remembered, nothing it keeps walked."""
+    place = Place(URL("https://api.kounta.com"), "")
+
+    def wrapped(i: int) -> tuple[Place, int]:
+        if i < 0:
+            raise ValueError(i)
+        return (place, i)
+
+    memo = memoise(wrapped, 3)
+    keys = [(place, i) for i in range(3)]
+    for key in keys:
+        assert memo(key[1]) == key and not gc.is_tracked(memo(key[1]))
+    memo(0)  # now the most recently used
+    memo(3)  # past the bound: 1 goes
+    hits = memo.cache_info().hits
+    for i in (0, 2, 3):
+        memo(i)
+    assert memo.cache_info().hits == hits + 3
+    memo(1)
+    assert memo.cache_info().misses == 5
+    with pytest.raises(ValueError):
+        memo(-1)
+    assert memo.cache_info().currsize == 3
 
 
 @pytest.fixture
@@ -136,4 +220,4 @@ def test_the_per_key_memos_grow_to_the_keys_the_memory_tier_holds() -> None:
         known(path)
     assert known.cache_info().hits == hits + 5000
     HotEntries(10**12)
-    assert template.cache_info().maxsize == MOST_KEYS
+    assert template.cache_info().maxsize == MOST_KEYS == template.size

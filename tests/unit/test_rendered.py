@@ -6,6 +6,7 @@ template."""
 from __future__ import annotations
 
 import gzip
+import tracemalloc
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from yarl import URL
 
 from proxy.cache.validation import not_modified_headers
 from proxy.compat.aiohttp import render_response
-from proxy.edge.answer import HeaderItems, answer_headers, header_view
+from proxy.edge.answer import HeaderItems, _view, answer_headers, header_view
 from proxy.edge.rendered import SLOTS, Place, fill, template
 from proxy.headers import SERVER_NAME
 from proxy.messages import CacheStatus
@@ -97,6 +98,8 @@ SHAPES = [
         BODY,
     ),
     (200, (("Content-Length", "28"), *STORED), "", "proxy", False, "HIT", "", "", BODY),
+    (204, STORED, "", "proxy", False, "HIT", "", "", b""),
+    (200, STORED, "", "proxy", False, "HIT", "", "", b"%" * 70_000),
 ]
 
 
@@ -115,3 +118,31 @@ def test_stored_headers_holding_a_slot_give_no_template(name: str) -> None:
     answer = Answer(200, items, "", "proxy", False, "HIT", "", "", BODY)
     assert templated(answer, "rid-1", 3) is None
     assert b"see " + name.encode() in long_way(answer, "rid-1", 3)
+
+
+def test_a_shapes_first_render_makes_no_body() -> None:
+    """A shape's head was learnt by rendering a body of its length (zeros) and cutting the
+    head off: 8 KB made and copied at each key's first fresh hit, a megabyte for a megabyte's
+    answer. Now only the head is made."""
+    place = PLACES.setdefault("", Place(UPSTREAM, ""))
+    template.cache_clear()
+    tracemalloc.start()
+    try:
+        shape = template(200, STORED, place, "http", "p", False, "HIT", "", "", 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert shape is not None and shape[1] and b"Content-Length: 1048576\r\n" in shape[0]
+    assert peak < 64 * 1024
+
+
+def test_a_shapes_first_render_leaves_the_long_ways_view_memo_alone() -> None:
+    """Each key's first fresh hit makes its shape once (the template's own memo keeps it):
+    through ``_view``'s memo of 1,024 views it only missed, and with more keys than that
+    pushed out the views the long way asks again."""
+    place = PLACES.setdefault("", Place(UPSTREAM, ""))
+    before = _view.cache_info()
+    for i in range(3):
+        items = (*STORED, ("Content-Length", str(i)))
+        assert template(200, items, place, "http", "p", False, "HIT", "", "", i) is not None
+    assert _view.cache_info() == before
