@@ -69,13 +69,15 @@ def shared_calls(admin: int) -> float:
 
 
 def notes(admin: int) -> dict[str, float]:
-    """Other workers' 304 notes heard by waiting flights so far, by result (proxy.cache.notes)."""
+    """Other workers' 304 notes heard by waiting flights so far, by result (proxy.cache.notes);
+    the fetch locks' claims (``lock taken``, ``lock waited``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
         text = r.read().decode()
-    pattern = r'^kounta_proxy_cache_shared_total\{op="note",result="(\w+)"\} (\S+)$'
+    pattern = r'^kounta_proxy_cache_shared_total\{op="(note|lock)",result="(\w+)"\} (\S+)$'
     counts: dict[str, float] = {}
-    for result, value in re.findall(pattern, text, re.M):
-        counts[result] = counts.get(result, 0.0) + float(value)
+    for op, result, value in re.findall(pattern, text, re.M):
+        name = result if op == "note" else f"{op} {result}"
+        counts[name] = counts.get(name, 0.0) + float(value)
     return counts
 
 
@@ -254,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     for server in servers:
         if server.admin is not None:
             heard = ", ".join(f"{k} {v:.0f}" for k, v in sorted(noted[server.label].items()))
-            print(f"\n{server.label}: other workers' 304 notes over the run: {heard or 'none'}")
+            print(
+                f"\n{server.label}: other workers' 304 notes (and claims) over the run: "
+                f"{heard or 'none'}"
+            )
     print(f"\n(whole run {time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0

@@ -45,7 +45,12 @@ class Script:
         """The script's reply (its bulk strings at most ``cap`` bytes each: a longer one
         fails the connection). Raises what redis-py's ``Script`` raises."""
         tail = b"".join([bulk(len(keys)), *map(bulk, keys), *map(bulk, args)])
-        count = 3 + len(keys) + len(args)
+        return self.packed(tail, 3 + len(keys) + len(args), cap)
+
+    def packed(self, tail: bytes, count: int, cap: int = REPLY_CAP) -> Awaitable[Any]:
+        """:meth:`__call__` with its keys and arguments packed already: ``tail``, the count
+        of keys and then the keys and arguments as bulk strings; ``count``, 3 + how many
+        keys and arguments (a caller that packs some of them once, for many calls)."""
         command = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (count, self.sha, tail)
         return self.wire.send(command, self.kind, (cap, count, tail))
 

@@ -28,7 +28,7 @@ from proxy.shared.notes import Notes
 from proxy.shared.piped import Script
 from proxy.shared.reads import LARGER, Reads
 from proxy.shared.records import BadRecord, RecordKeys
-from proxy.shared.redis_budget import classed, taken_of
+from proxy.shared.redis_budget import owned, taken_of
 from proxy.shared.wire import Wire
 
 T = TypeVar("T")
@@ -148,14 +148,14 @@ class CacheRecords:
             args.append(peek)
         cap = limit + self.OVERHEAD  # the most of an entry the claim answers
         took: asyncio.Future[Any] | None = None
-        owned = None if slot is None else classed(self, slot)
+        # The slot's ask, packed (its parts an account's asks share packed once).
+        asked = None if slot is None else owned(self, slot, keys[0], owner)
 
         def claim() -> Awaitable[Any]:
             nonlocal took
             claimed = self._cache_claim(keys, args, cap)
-            if owned is not None and self.wire.connected:  # else the budget asks by itself
-                tkeys, targs = owned
-                sent = self._take_owned([*tkeys, keys[0]], [*targs, owner])
+            if asked is not None and self.wire.connected:  # else the budget asks by itself
+                sent = self._take_owned.packed(asked[0], asked[1])
                 took = sent if isinstance(sent, asyncio.Future) else None
             # At once, as the release is: the flight's callers (and this replica's every
             # connection, at times) wait on this round trip, while the rest of the turn is
@@ -177,7 +177,7 @@ class CacheRecords:
             _drop(took)  # not the owner: Redis took nothing (TAKE_OWNED's -1)
             holder = _text(data) if isinstance(data, bytes | str) else None
             return Claim(None, _text(gen), holder=holder, noted=bool(waiter))
-        slotted = None if took is None or owned is None else await self._slot(took, owned[1][3])
+        slotted = None if took is None or asked is None else await self._slot(took, asked[2])
         if len(found) > 3 and isinstance(data, bytes):  # a head: checked once read whole
             return Claim(owner, _text(gen), self.records.unchecked(data), head=True, taken=slotted)
         return Claim(owner, _text(gen), self._claimed(keys[2], data), taken=slotted)

@@ -135,3 +135,65 @@ async def test_noscript_sends_the_script_whole_once_in_its_calls_place() -> None
     assert found.result() == b"k" and not wire._waiting
     with pytest.raises(rexc.NoScriptError):
         other.result()
+
+
+class _Names:
+    """What :func:`classed` and :func:`owned` use of a backend: its keys, replica, sends."""
+
+    _replica = "r-1"
+    _sent = 0
+
+    def key(self, kind: str, account: str, suffix: str = "") -> str:
+        return f"kp:{kind}:{account}{':' + suffix if suffix else ''}"
+
+
+SECONDS = st.floats(min_value=0, max_value=1e10, allow_nan=False)
+
+
+@given(
+    st.sampled_from(["main", "other account"]),
+    st.integers(1, 10**6),
+    st.integers(1, 1000),
+    st.sampled_from(["interactive", "standard", "batch"]),
+    st.tuples(st.integers(0, 10**4), st.integers(0, 10**4), st.integers(0, 10**4)),
+    st.tuples(SECONDS, SECONDS, SECONDS),
+    st.tuples(SECONDS, SECONDS, SECONDS),
+    SECONDS,
+    st.integers(-5, 50),
+)
+def test_a_slot_ask_packed_in_parts_is_the_one_packed_whole(
+    account: str,
+    per_window: int,
+    burst: int,
+    klass: str,
+    waiting: tuple[int, int, int],
+    weights: tuple[float, float, float],
+    ages: tuple[float, float, float],
+    longest: float,
+    headroom: int,
+) -> None:
+    # TAKE_OWNED with the claim's lock and owner: its parts an account's asks share packed
+    # once (owned), the same bytes and member as classed's keys and arguments packed whole.
+    from proxy.shared.base import ClassedAsk, SlotAsk
+    from proxy.shared.redis_budget import classed, owned  # (owned: new)
+
+    ask = ClassedAsk(klass, waiting, 0.25, weights, 5.0, ages, longest, headroom)
+    slot = SlotAsk(account, per_window, burst, 61.0, ask)
+    whole, parts = _Names(), _Names()
+
+    async def both() -> tuple[bytes, bytes]:
+        wire, connection = connected()
+        script = Script(wire, "return 1")
+        for _ in range(2):  # the second: its shared parts packed already
+            keys, args = classed(whole, slot)
+            script([*keys, "kp:cache:main:lock:d"], [*args, "owner"])
+            ours, ours_member = await written(connection), args[3]
+            connection.transport.written.clear()
+            tail, count, member = owned(parts, slot, "kp:cache:main:lock:d", "owner")
+            script.packed(tail, count)
+            assert member == ours_member
+            assert await written(connection) == ours
+            connection.transport.written.clear()
+        return ours, ours
+
+    asyncio.run(both())
