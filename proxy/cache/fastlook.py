@@ -9,6 +9,7 @@ waiting or looking up again (:func:`handing_over`, :func:`taken`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -31,7 +32,7 @@ from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.coding import GZIP, coding_of
 from proxy.errors import ProxyError
-from proxy.logs import Trace, trace
+from proxy.logs import Trace, log
 from proxy.memo import memo
 from proxy.messages import ProxyRequest
 from proxy.settings import CacheRule
@@ -396,8 +397,38 @@ class FastLook:
         memory (what the long way's waiting, fetching and :meth:`Answers.outcome` give,
         counted as they count), and the upstream time it shares; None, counting nothing:
         the long way goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`).
-        ``noted``: the request's trace (default: the current one), where a joiner's
-        ``fetched_by`` goes."""
+        ``noted``: the request's trace, where a joiner's ``fetched_by`` goes (None: nothing
+        reads it, :attr:`~proxy.edge.parked.Parked.noted`). What is the same for every
+        joiner of a flight (whether its outcome can be answered here, the lookups' count)
+        is made once per flight and outcome (:class:`Sharing`, ``Flight.answering``)."""
+        flight = pending.flight
+        sharing = flight.answering
+        if not isinstance(sharing, Sharing) or sharing.outcome is not outcome:
+            sharing = flight.answering = self._sharing(outcome)
+        body, entry, counted = sharing.body, sharing.entry, sharing.counted
+        if body is None or entry is None or counted is None:
+            return None
+        answer: FastAnswer
+        age = int(entry.age(self.clock()))
+        if self.answers.caller_304(200, outcome.headers, headers):
+            answer = 304, sharing.not_modified(), b"", age, None
+        else:
+            sent = body if body_for is None else body_for(outcome.headers, body)
+            if sent is None:
+                return None
+            answer = 200, outcome.headers, sent, age, None
+        if not pending.starter:  # a joiner: counted and logged as the long way's _wait does
+            self.coalesced.inc()
+            if noted is not None:
+                noted.fetched_by = flight.request.request_id
+        if log.isEnabledFor(logging.DEBUG):  # its cache_lookup line reads the current trace
+            self.answers.count("revalidated", outcome.reason)
+        else:  # what Answers.count counts
+            counted.inc()
+        return answer, flight.upstream_seconds
+
+    def _sharing(self, outcome: Outcome) -> Sharing:
+        """What every joiner's answer from ``outcome`` shares (:meth:`joined`)."""
         stored, entry = outcome.stored, outcome.entry
         if (
             outcome.cache_status != "REVALIDATED"
@@ -407,22 +438,9 @@ class FastLook:
             or stored.body is None
             or entry is None
         ):
-            return None
-        answer: FastAnswer
-        age = int(entry.age(self.clock()))
-        if self.answers.caller_304(200, outcome.headers, headers):
-            answer = 304, not_modified_headers(outcome.headers), b"", age, None
-        else:
-            body = stored.body if body_for is None else body_for(outcome.headers, stored.body)
-            if body is None:
-                return None
-            answer = 200, outcome.headers, body, age, None
-        flight = pending.flight
-        if not pending.starter:  # a joiner: counted and logged as the long way's _wait does
-            self.coalesced.inc()
-            (trace() if noted is None else noted).fetched_by = flight.request.request_id
-        self.answers.count("revalidated", outcome.reason)
-        return answer, flight.upstream_seconds
+            return Sharing(outcome, None, None, None)
+        counted = self.answers.metrics.cache_lookups.labels("revalidated", outcome.reason)
+        return Sharing(outcome, stored.body, entry, counted)
 
     async def tier_hit(
         self,
@@ -461,6 +479,31 @@ class FastLook:
             return Looked(key, found)
         answer = plain_answer(self.answers, entry, stored.body, int(fresh), headers, body_for)
         return Looked(key, found) if answer is None else answer
+
+
+class Sharing:
+    """What the answers of a flight's joiners share (:meth:`FastLook.joined`), made once per
+    flight and outcome: the stored body to answer from and its entry (None: the long way
+    answers), the lookups' count, and the 304's headers once one is asked for."""
+
+    __slots__ = ("_304", "body", "counted", "entry", "outcome")
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        body: bytes | None,
+        entry: Entry | None,
+        counted: Counted | None,
+    ) -> None:
+        self.outcome, self.body, self.entry, self.counted = outcome, body, entry, counted
+        self._304: HeaderItems | None = None
+
+    def not_modified(self) -> HeaderItems:
+        """The caller's own 304's headers (:func:`not_modified_headers`), made once."""
+        made = self._304
+        if made is None:
+            made = self._304 = not_modified_headers(self.outcome.headers)
+        return made
 
 
 def selected_key(account: str, path: str, query: str, selecting: tuple[str | None, ...]) -> str:

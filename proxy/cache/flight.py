@@ -9,7 +9,8 @@ and ``done`` (the whole result, for waiters). A large body is written to a file 
 
 Nothing outside this module sets a flight's fields: the tier records its fetch lock with
 :meth:`Flight.claimed` and the entry it will share with :meth:`Flight.to_share`; the fast
-path keeps its joiners' common start in ``Flight.joining`` (made once per flight).
+path keeps its joiners' common start in ``Flight.joining`` and their answers' common part
+in ``Flight.answering`` (each made once per flight).
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ class Flight:
         self.owner: str | None = None
         self.gen: str | None = None
         self.share: Stored | None = None
-        # The fast path's joiners' common start (a proxy.cache.fastlook.Pending), made once.
+        # The fast path's joiners' common start (a proxy.cache.fastlook.Pending) and their
+        # answers' common part (a proxy.cache.fastlook.Sharing), each made once.
         self.joining: object = None
+        self.answering: object = None
         # Waiters by deadline (ties: first come, first woken), one timer for the earliest,
         # all woken when ``done`` is.
         self._waiting: list[tuple[float, Wake]] = []

@@ -254,10 +254,10 @@ class FastPath:
         parked.result = result = self.cache.fast.result(pending)
         if not isinstance(result, Outcome):
             return None
+        # Its trace read only by an access line (below info, one never made stays unmade).
+        noted = parked.noted if log.isEnabledFor(logging.INFO) else parked.made
         try:
-            return self._joined(
-                parked.head, parked.asked, pending, result, parked.noted, render_response
-            )  # fmt: skip
+            return self._joined(parked.head, parked.asked, pending, result, noted, render_response)
         except Exception:
             log.exception("fast_path_failed")
             return None
@@ -445,7 +445,7 @@ class FastPath:
         asked: Asked,
         pending: Pending,
         outcome: Outcome,
-        noted: Trace,
+        noted: Trace | None,
         make: Make[T],
     ) -> T | None:
         found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for, noted)
@@ -453,7 +453,7 @@ class FastPath:
             return None
         answer, upstream_seconds = found
         info = None
-        if log.isEnabledFor(logging.INFO):  # what the access line says, when it is written
+        if log.isEnabledFor(logging.INFO) and noted is not None:  # the access line's values
             info = waited(asked, noted)
             info.upstream_seconds = upstream_seconds
             info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status

@@ -50,7 +50,7 @@ class Parked:
     way with the same outcome (:meth:`FastPath.__call__`)."""
 
     __slots__ = (
-        "asked", "context", "done", "head", "noted", "over", "pending", "result", "settle",
+        "_noted", "asked", "context", "done", "head", "over", "pending", "result", "settle",
         "waiter",
     )  # fmt: skip
 
@@ -61,17 +61,32 @@ class Parked:
         asked: Asked,
         pending: Pending,
         waiter: asyncio.Future[Any] | None,
-        traced: tuple[contextvars.Context | None, Trace],
+        traced: tuple[contextvars.Context | None, Trace | None],
     ) -> None:
         self.settle, self.head, self.asked, self.pending, self.waiter = (
             settle, head, asked, pending, waiter,
         )  # fmt: skip
         # The flight notes in the request's own trace (fetched_by), as in a task of its own;
-        # a joiner's call is made in its own context only where one was made (:func:`joining`).
-        self.context, self.noted = traced
+        # a joiner's call is made in its own context only where one was made (:func:`joining`),
+        # and its trace made only once something reads it (:attr:`noted`).
+        self.context, self._noted = traced
         self.result: Outcome | Exception = TimeoutError()
         self.done: Callable[[bytes | None], None] | None = None
         self.over = False
+
+    @property
+    def noted(self) -> Trace:
+        """The request's trace, made on its first read: a parked joiner's, below debug level,
+        is read only for its access line (when one is written) or by the long way."""
+        noted = self._noted
+        if noted is None:
+            noted = self._noted = Trace(self.asked.request_id)
+        return noted
+
+    @property
+    def made(self) -> Trace | None:
+        """The request's trace if it was made (:attr:`noted`); None: nothing read it yet."""
+        return self._noted
 
     def then(self, done: Callable[[bytes | None], None]) -> None:
         self.done = done
@@ -115,14 +130,15 @@ def traced(request_id: str) -> tuple[contextvars.Context, Trace]:
     return context, context.run(begin_trace, request_id)
 
 
-def joining(request_id: str) -> tuple[contextvars.Context | None, Trace]:
+def joining(request_id: str) -> tuple[contextvars.Context | None, Trace | None]:
     """A parked joiner's trace, and a context of its own for its answer only when debug lines
     are written (``cache_lookup`` reads the current trace): otherwise nothing in a joiner's
-    answer reads the context, and its trace is handed down (``FastLook.joined`` notes
-    ``fetched_by`` in it; the access line reads it), so no context is copied per joiner."""
+    answer reads the context, and its trace is made when first read (:attr:`Parked.noted`:
+    ``FastLook.joined`` notes ``fetched_by`` in it for the access line, the long way goes
+    on with it), so neither is made per joiner where no access line is written."""
     if log.isEnabledFor(logging.DEBUG):
         return traced(request_id)
-    return None, Trace(request_id)
+    return None, None
 
 
 def waited(asked: Asked, noted: Trace) -> Exchange:

@@ -535,3 +535,41 @@ async def test_parked_joiners_are_called_by_their_flight_with_no_future_each(
     assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
     assert s.origin.served == ["-", s.origin.etag]
     assert s.long_way.count == before
+
+
+async def test_a_flights_joiners_share_what_their_answers_have_in_common(
+    setup: Setup,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FastLook.joined: whether the outcome can be answered here, the lookups' count and a
+    # caller's 304 headers are made once per flight (Flight.answering), not once a joiner;
+    # the answers, counts and access lines as before.
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s, etag = setup, setup.origin.etag
+    looked = s.long_way.fast.cache.fast
+    lookups = looked.answers.metrics.cache_lookups
+    asked: list[tuple[object, ...]] = []
+    labels = lookups.labels
+
+    def counting(*values: object) -> Any:
+        asked.append(values)
+        return labels(*values)
+
+    monkeypatch.setattr(lookups, "labels", counting)
+    inm = {"If-None-Match": etag}
+    joiners = [{"X-Request-ID": f"j{i}", **(inm if i % 2 else {})} for i in range(4)]
+    starter, answers = await one_flight(s, client, joiners)
+    assert s.origin.served == ["-", etag]
+    assert starter[0] == 200 and [a[0] for a in answers] == [200, 304, 200, 304]
+    assert all(a[1]["X-Cache"] == "REVALIDATED" for a in [starter, *answers])
+    assert answers[0][2] == answers[2][2] == starter[2] and answers[1][2] == b""
+    assert answers[1][1]["ETag"] == answers[3][1]["ETag"] == etag
+    assert asked.count(("revalidated", "not_modified")) == 1  # was one an answer (5)
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 4
+    revalidated = {"result": "revalidated", "reason": "not_modified"}
+    assert s.sample("kounta_proxy_cache_lookups_total", revalidated) == 5
+    lines = access_lines(caplog)
+    assert [lines[f"j{i}"]["fetched_by"] for i in range(4)] == ["the-starter"] * 4
+    assert lines["the-starter"]["fetched_by"] is None

@@ -20,6 +20,7 @@ from proxy.logs import Trace
 from tests.integration.test_fast_joiners import PATH as JOINED
 from tests.integration.test_fast_joiners import (
     Setup,
+    access_lines,
     one_flight,
     server_settings,  # noqa: F401 (a fixture)
     setup,  # noqa: F401 (a fixture)
@@ -50,6 +51,16 @@ async def joined(
     writer.write(ask(rid, GZIP, path=JOINED))
     await s.waiting(2)
     return starter
+
+
+async def revalidated(s: Setup, client: aiohttp.ClientSession, count: int) -> list[dict[str, str]]:
+    """One flight with ``count`` joiners (X-Request-ID j0, j1, ...), every answer revalidated;
+    the joiners' headers."""
+    joiners = [{"X-Request-ID": f"j{i}"} for i in range(count)]
+    starter, answers = await one_flight(s, client, joiners)
+    for status, headers, _ in [starter, *answers]:
+        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    return joiners
 
 
 async def answered_once(
@@ -140,7 +151,7 @@ async def test_a_keepalive_timer_firing_during_a_park_closes_the_connection_once
     writer.close()
 
 
-@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO, logging.DEBUG])
 async def test_a_parked_joiner_has_a_context_of_its_own_only_for_debug_lines(
     setup: Setup,  # noqa: F811
     client: aiohttp.ClientSession,
@@ -148,38 +159,59 @@ async def test_a_parked_joiner_has_a_context_of_its_own_only_for_debug_lines(
     monkeypatch: pytest.MonkeyPatch,
     level: int,
 ) -> None:
-    made: list[str] = []
+    made: list[str] = []  # contexts
+    kept: list[str] = []  # a joiner's trace made on its own (Parked.noted)
     traced = parked.traced
 
     def counted(request_id: str) -> tuple[contextvars.Context, Trace]:
         made.append(request_id)
         return traced(request_id)
 
+    class Counted(Trace):
+        def __init__(self, request_id: str = "") -> None:
+            kept.append(request_id)
+            super().__init__(request_id)
+
     monkeypatch.setattr(parked, "traced", counted)
     monkeypatch.setattr(fast, "traced", counted)
+    monkeypatch.setattr(parked, "Trace", Counted)
     caplog.set_level(level, logger="kounta_proxy")
-    s = setup
-    joiners = [{"X-Request-ID": f"j{i}"} for i in range(3)]
-    starter, answers = await one_flight(s, client, joiners)
-    for status, headers, _ in [starter, *answers]:
-        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    joiners = await revalidated(setup, client, 3)
     # The starter's context is its flight's (budget wait, retries); a joiner's only when
-    # debug lines read the current trace.
+    # debug lines read the current trace. Below info no access line is written, so nothing
+    # reads a joiner's trace (fetched_by): none is made then.
     assert made == (
         ["the-starter", "j0", "j1", "j2"] if level == logging.DEBUG else ["the-starter"]
     )
+    assert sorted(kept) == (["j0", "j1", "j2"] if level == logging.INFO else [])
     fields = [getattr(r, "fields", {}) for r in caplog.records]
-    lines = {
-        f["request_id"]: f for f, r in zip(fields, caplog.records) if r.getMessage() == "request"
-    }
-    for joiner in joiners:
+    lines = access_lines(caplog)
+    assert len(lines) == (0 if level == logging.WARNING else 4)
+    for joiner in joiners if lines else []:
         rid = joiner["X-Request-ID"]
         assert lines[rid]["fetched_by"] == "the-starter"
         assert lines[rid]["cache"] == "REVALIDATED"
-    assert lines["the-starter"]["fetched_by"] is None
+    assert not lines or lines["the-starter"]["fetched_by"] is None
     looked = [
         f["request_id"]
         for f, r in zip(fields, caplog.records)
         if r.getMessage() == "cache_lookup" and f["result"] == "revalidated"
     ]
     assert sorted(looked) == (["j0", "j1", "j2", "the-starter"] if level == logging.DEBUG else [])
+
+
+async def test_a_parked_joiner_handed_to_the_long_way_gets_its_trace_there(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A flight whose answer the fast path cannot give (changed: a 200 with a new body) hands
+    # its parked joiners to the long way, which goes on with the trace made then.
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s = setup
+    s.origin.reply = (200, '"v2"')
+    joiners = [{"X-Request-ID": f"h{i}"} for i in range(2)]
+    starter, answers = await one_flight(s, client, joiners)
+    assert starter[0] == 200 and [a[0] for a in answers] == [200, 200]
+    assert answers[0][2] == answers[1][2] == starter[2]
+    assert [access_lines(caplog)[f"h{i}"]["fetched_by"] for i in range(2)] == ["the-starter"] * 2
