@@ -481,21 +481,19 @@ class FastPath:
         if make is render_response:  # its head rendered once per shape (edge.rendered)
             scheme, host = ("", "") if self.public else (request.scheme, request.host)
             accepts = asked.accepts
-            if kept is None or cache_status != "HIT" or member:
+            # a held entry's fresh hit: its last shape's head is kept on its record (the
+            # rest of the head is the entry's)
+            held = kept if cache_status == "HIT" and not member else None
+            of = (status, scheme, host, accepts, named)
+            if held is not None and held.shape_of == of:
+                shape = held.shape
+            else:
                 shape = template(
                     status, items, self.place, scheme, host, accepts, cache_status, member,
                     named, len(body),
                 )  # fmt: skip
-            else:  # a held entry's fresh hit: its last shape's head kept on its record
-                of = (status, scheme, host, accepts, named)  # the rest is the entry's
-                if kept.shape_of == of:
-                    shape = kept.shape
-                else:
-                    shape = template(
-                        status, items, self.place, scheme, host, accepts, cache_status, member,
-                        named, len(body),
-                    )  # fmt: skip
-                    kept.shape_of, kept.shape = of, shape
+                if held is not None:
+                    held.shape_of, held.shape = of, shape
             if shape is not None:
                 out = fill(shape, asked.request_id, age, http_date(), body)
                 self._done(request, asked, status, cache_status, info, len(body))
