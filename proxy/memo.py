@@ -38,10 +38,11 @@ R = TypeVar("R")
 _MISSING: Any = object()
 R_co = TypeVar("R_co", covariant=True)
 # Memos with an entry per cache key the fast path answers (its target, key, head): sized to
-# the keys the memory tier can hold (:func:`fit_keys`), ~1.4 KB an entry between them.
-PER_KEY: list[Memo[Any]] = []
+# the keys the memory tier can hold (:func:`fit_keys`), ~1.4 KB an entry between them; each
+# with the most entries it grows to (None: as many as the tier's keys).
+PER_KEY: list[tuple[Memo[Any], int | None]] = []
 KEY_BYTES = 8192  # a stored answer's size, as the memory tier's keys are counted
-MOST_KEYS = 65_536  # ~90 MB of memos at most
+MOST_KEYS = 65_536  # ~90 MB of memos at most (but those with no ceiling of their own)
 
 
 class MemoInfo(NamedTuple):
@@ -147,14 +148,18 @@ def _one_argument(function: Callable[..., Any]) -> bool:
     )
 
 
-def memo(size: int, per_key: bool = False) -> Callable[[Callable[..., R]], Memo[R]]:
+def memo(
+    size: int, per_key: bool = False, most: int | None = MOST_KEYS
+) -> Callable[[Callable[..., R]], Memo[R]]:
     """A decorator: ``@memo(4096)`` as ``@functools.lru_cache(maxsize=4096)`` (see
-    :func:`memoise`); ``per_key``: one of :data:`PER_KEY`."""
+    :func:`memoise`); ``per_key``: one of :data:`PER_KEY`, grown to ``most`` entries at most
+    (None: to every key the memory tier holds, for a memo whose entry costs a small part of
+    the entry it stands for)."""
 
     def wrap(function: Callable[..., R]) -> Memo[R]:
         made = memoise(function, size)
         if per_key:
-            PER_KEY.append(made)
+            PER_KEY.append((made, most))
         return made
 
     return wrap
@@ -162,9 +167,10 @@ def memo(size: int, per_key: bool = False) -> Callable[[Callable[..., R]], Memo[
 
 def fit_keys(memory_size: int) -> None:
     """The :data:`PER_KEY` memos grown to the keys a memory tier of ``memory_size`` bytes
-    holds (entries of :data:`KEY_BYTES`; at most :data:`MOST_KEYS`). Smaller than the keys
-    asked over and over, every answer of a key that fell out paid for it again: fresh hits
-    over 5,000 keys ran at 0.6 of the rate over 500 (docs/performance.md)."""
-    keys = min(MOST_KEYS, memory_size // KEY_BYTES)
-    for each in PER_KEY:
-        each.grow(keys)
+    holds (entries of :data:`KEY_BYTES`; at most each memo's own ceiling, :data:`MOST_KEYS`
+    unless it has none). Smaller than the keys asked over and over, every answer of a key
+    that fell out paid for it again: fresh hits over 5,000 keys ran at 0.6 of the rate over
+    500, and first touches at 100,000 keys re-parsed their targets (docs/performance.md)."""
+    keys = memory_size // KEY_BYTES
+    for each, most in PER_KEY:
+        each.grow(keys if most is None else min(most, keys))

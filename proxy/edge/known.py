@@ -14,6 +14,14 @@ remembered (the long way words the refusal).
 
 What the memo keeps is out of the collector's walk: the record and its target are
 untracked (strings and tuples of strings, no cycle), as :mod:`proxy.memo` keeps its own.
+
+The memo holds as many records as the memory tier holds keys of 8 KB
+(:func:`~proxy.memo.fit_keys`, with no ceiling of its own): a record with its key costs
+~0.5-0.6 KB, a fifteenth of the entry it stands for, and a key whose record fell out pays
+~30 µs on its next fresh hit (its target parsed and checked, its key made, another record
+pushed out). Capped at 65,536 as the other per-key memos are, a tier of 100,000 entries
+filled in order had its first keys' records pushed out by the last ones
+(docs/performance.md, "The cache-size series, part 2").
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ class Known:
         return key
 
 
-@memo(4096, per_key=True)
+@memo(4096, per_key=True, most=None)
 def known(raw: str) -> Known:
     """The record of an accepted raw target (a refusal raises, so it is never remembered).
     Its route label is the one the long way gives (:func:`~proxy.edge.middlewares.route_of`

@@ -9,8 +9,10 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.cache.keys import SELECTING, cache_key
+from proxy.cache.memory import HotEntries
 from proxy.edge.known import known
 from proxy.errors import ProxyError
+from proxy.memo import KEY_BYTES, MOST_KEYS
 from proxy.target import Target
 
 NONE = (None,) * len(SELECTING)
@@ -49,3 +51,21 @@ def test_the_route_is_the_decoded_paths_as_the_long_way_labels_it() -> None:
     escaped letter is that letter."""
     assert known("/v1/companies/5/cust%6Fmers.json").route == "/v1/companies/{id}/customers"
     assert known("/v1/companies/5/customers.json").route == "/v1/companies/{id}/customers"
+
+
+def test_a_records_kept_for_every_key_the_memory_tier_holds_past_the_other_memos_ceiling() -> None:
+    """A tier of 100,000 entries filled in order had its first keys' records pushed out by
+    the last 65,536 (the per-key memos' ceiling): each first fresh hit of one parsed its
+    target and made its key again (~30 µs)."""
+    more = MOST_KEYS + 4096
+    HotEntries((more + 4096) * KEY_BYTES)  # a tier that holds them all (no bytes taken)
+    known.cache_clear()
+    try:
+        first = known("/v1/companies/5/products/0.json")
+        for n in range(1, more):
+            known(f"/v1/companies/5/customers/{n}.json")
+        misses = known.cache_info().misses
+        assert known("/v1/companies/5/products/0.json") is first
+        assert known.cache_info().misses == misses
+    finally:
+        known.cache_clear()  # ~35 MB of records
