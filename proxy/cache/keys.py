@@ -4,6 +4,7 @@ response. Pure: no I/O."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,9 @@ from proxy.target import normal_escapes
 KEY_VERSION = 1
 # Request headers that always select a representation (Kounta: format, indentation, page).
 SELECTING = ("Accept", "X-Pretty-Print", "X-Page")
+# A character JSON writes other than as itself (``json.dumps``, ``ensure_ascii``): a quote,
+# a backslash, a control character, DEL and every non-ASCII one.
+_ESCAPED = re.compile(r"[^ !#-\[\]-~]")
 
 
 def cache_key(account: str, path: str, query: str, headers: Headers) -> str:
@@ -22,11 +26,26 @@ def cache_key(account: str, path: str, query: str, headers: Headers) -> str:
     Path and query are normalised as RFC 3986 6.2.2.1-2 says (escaped unreserved characters
     decoded, other escapes upper-case), so every spelling of a resource has one key and one
     invalidation reaches it. JSON keeps the parts apart, so distinct inputs never collide
-    and keys can be parsed back.
+    and keys can be parsed back: the key is ``json.dumps([KEY_VERSION, account, "GET",
+    path, query, [selecting values]], separators=(",", ":"))``, byte for byte, written
+    without building the list and walking it (~2 µs of ~3.5 in a loop, more on a cold
+    first touch).
     """
-    selected = [headers.get(name) for name in SELECTING]
-    parts = [KEY_VERSION, account, "GET", normal_escapes(path), normal_escapes(query), selected]
-    return json.dumps(parts, separators=(",", ":"))
+    selected = ",".join(map(_json, map(headers.get, SELECTING)))
+    return (
+        f'[{KEY_VERSION},{_json(account)},"GET",{_json(normal_escapes(path))},'
+        f"{_json(normal_escapes(query))},[{selected}]]"
+    )
+
+
+def _json(value: str | None) -> str:
+    """``json.dumps(value)``: a string with nothing to escape (the usual key's parts) as
+    itself in quotes, anything else by ``json.dumps``."""
+    if value is None:
+        return "null"
+    if type(value) is str and not _ESCAPED.search(value):
+        return f'"{value}"'
+    return json.dumps(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +70,9 @@ def parse_key(key: str) -> KeyParts | None:
 
 def key_prefix(account: str, path: str = "") -> str:
     """What every key of ``account`` whose path begins with ``path`` begins with (JSON
-    escapes each character on its own, so a prefix of a path is a prefix of its key)."""
-    return json.dumps([KEY_VERSION, account, "GET", path], separators=(",", ":"))[:-2]
+    escapes each character on its own, so a prefix of a path is a prefix of its key): the
+    key's text up to its path's closing quote."""
+    return f'[{KEY_VERSION},{_json(account)},"GET",{_json(path)[:-1]}'
 
 
 def vary_names(headers: Sequence[tuple[str, str]]) -> tuple[str, ...] | None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.cache.invalidation import invalidation
-from proxy.cache.keys import cache_key
+from proxy.cache.keys import KEY_VERSION, SELECTING, cache_key, key_prefix, parse_key
+from proxy.target import normal_escapes
 
 ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SEGMENT = st.text(alphabet=ALNUM + "-_~", min_size=1, max_size=8)
@@ -53,3 +56,50 @@ def test_escapes_of_reserved_characters_stay_distinct() -> None:
     assert cache_key("a", "/v1/x", "q=a%2fb", {}) == cache_key("a", "/v1/x", "q=a%2Fb", {})
     assert cache_key("a", "/v1/x", "q=a%2Fb", {}) != cache_key("a", "/v1/x", "q=a/b", {})
     assert cache_key("a", "/v1/x", "q%3D1", {}) != cache_key("a", "/v1/x", "q=1", {})
+
+
+# Any text: quotes, backslashes, control characters, DEL, non-ASCII, astral characters and
+# lone surrogates (what a decoded header or an escaped target could hold); ASCII alone and
+# the characters JSON escapes among plain ones, often, so that each escape is met alone.
+ANY_TEXT = st.one_of(
+    st.text(alphabet=st.sampled_from([chr(c) for c in range(0x80)]), max_size=12),
+    st.text(
+        alphabet=st.sampled_from('"\\\x00\x08\x1f\x7f\x80a/%~\u2028\ud800\udfff\U0001f600'),
+        max_size=6,
+    ),
+    st.text(alphabet=st.characters(exclude_categories=()), max_size=12),  # surrogates too
+)
+
+
+def old_key(account: str, path: str, query: str, selected: list[str | None]) -> str:
+    """The key as json.dumps wrote it (the format every stored key has)."""
+    parts = [KEY_VERSION, account, "GET", normal_escapes(path), normal_escapes(query), selected]
+    return json.dumps(parts, separators=(",", ":"))
+
+
+@given(
+    ANY_TEXT, ANY_TEXT, ANY_TEXT, st.lists(st.one_of(st.none(), ANY_TEXT), min_size=3, max_size=3)
+)
+def test_a_key_is_json_dumps_byte_for_byte(
+    account: str, path: str, query: str, selected: list[str | None]
+) -> None:
+    """Keys were written by json.dumps: stored entries and invalidations' prefixes must find
+    the same text whatever the parts hold."""
+    headers = {
+        name: value for name, value in zip(SELECTING, selected, strict=True) if value is not None
+    }
+    key = cache_key(account, path, query, headers)
+    assert key == old_key(account, path, query, selected)
+    parts = parse_key(key)
+    assert parts is not None and (parts.account, parts.path) == (account, normal_escapes(path))
+
+
+@given(ANY_TEXT, ANY_TEXT, ANY_TEXT)
+def test_a_key_prefix_is_json_dumps_and_begins_the_keys_it_covers(
+    account: str, path: str, more: str
+) -> None:
+    old = json.dumps([KEY_VERSION, account, "GET", path], separators=(",", ":"))[:-2]
+    assert key_prefix(account, path) == old
+    key = cache_key(account, path + more, "", {})
+    if normal_escapes(path + more) == path + more:  # no escape to normalise: its own path
+        assert key.startswith(key_prefix(account, path))
