@@ -15,8 +15,11 @@ grows. Per level N, one proxy (each tree's, ``--old`` as bench.ab) with a memory
 enough for N entries of 8 KB, filled through the proxy itself (N/2 products, fresh for an
 hour, and N/2 customers, revalidated on every request: each a miss, fetched and stored), then
 fresh hits over the products and revalidations over the customers, each request a random
-key (no coalescing: a revalidation a request). Per row also the objects the collector
-tracks (``gc.get_objects()``) and the RSS after the runs. Levels and trees interleaved.
+key (no coalescing: a revalidation a request). Per row also the proxy's CPU a request (user
+and system time of all its threads over the phase, by its requests: what a request costs,
+less moved than req/s by what else the machine runs), the objects the collector tracks
+(``gc.get_objects()``) and the RSS after the runs; the fill prints its rate and its CPU an
+entry. Levels and trees interleaved.
 Between the fill and the fresh phase each product is asked once more, in order (the
 "first touch" row: each a fresh hit of a key that has answered no fresh hit before, the rate
 over the whole pass), so that the fresh phase measures a steady state, not first touches (at
@@ -44,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import compare
-from bench.cache_bench import TOKEN, free_port, process, rss_mb, wait_port
+from bench.cache_bench import TOKEN, cpu_seconds, free_port, process, rss_mb, wait_port
 
 CLIENT = Path(__file__).with_name("tail_client.c")
 EDGE_NS = 300_000_000  # the steady part leaves out this much at each end
@@ -275,10 +278,15 @@ def measure_entries(directory: Path, client: str, args: argparse.Namespace) -> l
 def entries_level(
     client: str, port: int, pid: int, record: str, level: int, tree: str, a: argparse.Namespace
 ) -> list[Row]:
-    began = time.monotonic()
+    began, cpu = time.monotonic(), cpu_seconds(pid)
     for path in KEYED.values():  # each key once: a miss, fetched and stored
         run_client(client, port, path, {"FILL": str(level // 2)}, ["32", "2", "600", os.devnull])
-    print(f"  {tree} {level}: filled in {time.monotonic() - began:.0f} s", file=sys.stderr)
+    took, used = time.monotonic() - began, (cpu_seconds(pid) - cpu) / (level // 2 * 2)
+    print(
+        f"  {tree} {level}: filled in {took:.0f} s ({level / took:.0f} a second, the proxy's "
+        f"CPU {used * 1e6:.0f} µs an entry)",
+        file=sys.stderr,
+    )
     rows = []
     out = str(Path(record).with_name("latencies.txt"))
     keys, touch = {"KEYS": str(level // 2)}, {"FILL": str(level // 2)}
@@ -297,13 +305,16 @@ def entries_level(
             f"{a.profile}-{level}{suffix}.txt" if tree == "new" and suffix is not None else None
         )
         limit = str(a.seconds if seconds is not None else 600)
+        cpu = cpu_seconds(pid)
         with profiled(pid, a, profile, seconds):
             run_client(client, port, path, env, [str(a.connections), "2", limit, out])
+        cpu = cpu_seconds(pid) - cpu
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
         passes = json.loads(Path(record).read_text())
         lines = Path(out).read_text().splitlines()
         s = summary(lines, passes, span(lines) if seconds is None else seconds)
+        s["cpu"] = cpu / len(lines) * 1e6  # the proxy's, µs a request
         s["objects"] = float(Path(record + ".objects").read_text())
         s["rss"] = rss_mb(pid, "VmRSS") or 0.0
         rows.append((tree, level, scenario, s))
@@ -343,9 +354,11 @@ def profiled(
 def entries_table(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [
         f"c={args.connections}, {args.loop}, {args.seconds:g} s | tree | stored | req/s "
-        "| / smallest level | p50 / p99 ms, whole run | steady p50 / p99 ms | full GC passes "
-        "| longest ms | p99 spanning one | objects tracked | RSS MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| / smallest level | proxy CPU µs a request | p50 / p99 ms, whole run "
+        "| steady p50 / p99 ms | full GC passes | longest ms | p99 spanning one "
+        "| objects tracked | RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     phases = list(dict.fromkeys(r[2] for r in rows))  # in the order they ran
     smallest = {}
@@ -354,7 +367,7 @@ def entries_table(rows: list[Row], args: argparse.Namespace) -> str:
     for tree, level, scenario, s in sorted(rows, key=lambda r: (phases.index(r[2]), r[1], r[0])):
         lines.append(
             f"| {scenario} | {tree} | {level:,} | {s['rps']:.0f} | "
-            f"{s['rps'] / smallest[tree, scenario]:.2f} | {s['p50 all']:.2f} / "
+            f"{s['rps'] / smallest[tree, scenario]:.2f} | {s['cpu']:.0f} | {s['p50 all']:.2f} / "
             f"{s['p99 all']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} | {s['full passes']:.0f} | "
             f"{s['full max']:.1f} | {s['spanned']:.0%} | {s['objects']:,.0f} | {s['rss']:.0f} |"
         )
