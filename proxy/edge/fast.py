@@ -83,7 +83,7 @@ from proxy.edge.known import known
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Parked, joining, traced, waited
-from proxy.edge.rendered import Place, fill, template
+from proxy.edge.rendered import Place, fill, render_template, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
@@ -488,7 +488,9 @@ class FastPath:
             if held is not None and held.shape_of == of:
                 shape = held.shape
             else:
-                shape = template(
+                # a held entry's first shape is kept on its record alone (no memo entry)
+                render = render_template if held is not None and held.shape_of is None else template
+                shape = render(
                     status, items, self.place, scheme, host, accepts, cache_status, member,
                     named, len(body),
                 )  # fmt: skip

@@ -7,7 +7,8 @@ but for three values: its request id, its Age and its Date. Building the head th
 here it is done once per shape (:func:`template`) by the same functions, with a slot in
 place of each of the three values, and an answer is the shape's bytes with its values put
 in (:func:`fill`): byte for byte what the long way renders. A shape is made at each key's
-first fresh hit, so making it is kept cheap too: the head alone is rendered
+first fresh hit (:func:`render_template`; :func:`template` remembers the shapes no entry's
+record keeps), so making it is kept cheap too: the head alone is rendered
 (:func:`~proxy.compat.aiohttp.render_head`, no body of its length), and the caller's view
 is made without going through the long way's memo of views (which it would only miss).
 
@@ -48,8 +49,7 @@ class Place:
         self.upstream, self.public = upstream, public
 
 
-@memo(SHAPES, per_key=True)
-def template(
+def render_template(
     status: int,
     items: HeaderItems,
     place: Place,
@@ -80,6 +80,15 @@ def template(
             return None
         head = head.replace(slot.encode(), b"%(" + name + b")" + kind)
     return head, with_body
+
+
+# Shapes not kept elsewhere: a held entry keeps its last shape's head on its record in the
+# memory tier (:class:`~proxy.cache.memory.Kept`), so its first shape is made by
+# :func:`render_template` alone (in this memo too, the head was kept twice, and a first touch
+# of each of 100,000 keys paid the memo's hash of the entry's headers, its insert and an
+# eviction); the memo is for the rest: another shape of a held entry, answers of entries not
+# held (a joiner's, a revalidated one).
+template = memo(SHAPES, per_key=True)(render_template)
 
 
 def fill(shape: tuple[bytes, bool], request_id: str, age: int, date: bytes, body: bytes) -> bytes:
