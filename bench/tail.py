@@ -133,8 +133,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--old", help="with --entries: a directory holding another proxy package")
     p.add_argument(
         "--profile",
-        help="with --entries: py-spy's raw output of the new tree's fresh phase, "
-        "one file a level (PROFILE-N.txt)",
+        help="with --entries: py-spy's raw output of the new tree's phases, "
+        "PROFILE-N.txt (fresh), PROFILE-N-touch.txt, PROFILE-N-fill.txt, a level each",
     )
     p.add_argument(
         "--types", action="store_true", help="with --entries: the types tracked most, per row"
@@ -279,8 +279,11 @@ def entries_level(
     client: str, port: int, pid: int, record: str, level: int, tree: str, a: argparse.Namespace
 ) -> list[Row]:
     began, cpu = time.monotonic(), cpu_seconds(pid)
-    for path in KEYED.values():  # each key once: a miss, fetched and stored
-        run_client(client, port, path, {"FILL": str(level // 2)}, ["32", "2", "600", os.devnull])
+    fill = f"{a.profile}-{level}-fill.txt" if a.profile and tree == "new" else None
+    with profiled(pid, a, fill, None):
+        for path in KEYED.values():  # each key once: a miss, fetched and stored
+            args = ["32", "2", "600", os.devnull]
+            run_client(client, port, path, {"FILL": str(level // 2)}, args)
     took, used = time.monotonic() - began, (cpu_seconds(pid) - cpu) / (level // 2 * 2)
     print(
         f"  {tree} {level}: filled in {took:.0f} s ({level / took:.0f} a second, the proxy's "
