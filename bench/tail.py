@@ -19,7 +19,8 @@ key (no coalescing: a revalidation a request). Per row also the proxy's CPU a re
 and system time of all its threads over the phase, by its requests: what a request costs,
 less moved than req/s by what else the machine runs), the objects the collector tracks
 (``gc.get_objects()``) and the RSS after the runs; the fill prints its rate and its CPU an
-entry. Levels and trees interleaved.
+entry, and the next phase waits until the proxy is idle (its disk writes done). Levels and
+trees interleaved.
 Between the fill and the fresh phase each product is asked once more, in order (the
 "first touch" row: each a fresh hit of a key that has answered no fresh hit before, the rate
 over the whole pass), so that the fresh phase measures a steady state, not first touches (at
@@ -284,10 +285,12 @@ def entries_level(
         for path in KEYED.values():  # each key once: a miss, fetched and stored
             args = ["32", "2", "600", os.devnull]
             run_client(client, port, path, {"FILL": str(level // 2)}, args)
-    took, used = time.monotonic() - began, (cpu_seconds(pid) - cpu) / (level // 2 * 2)
+    took = time.monotonic() - began
+    settled = settle(pid)  # the fill's writes to the disk tier done
+    used = (cpu_seconds(pid) - cpu) / (level // 2 * 2)
     print(
         f"  {tree} {level}: filled in {took:.0f} s ({level / took:.0f} a second, the proxy's "
-        f"CPU {used * 1e6:.0f} µs an entry)",
+        f"CPU {used * 1e6:.0f} µs an entry, busy {settled:.1f} s after)",
         file=sys.stderr,
     )
     rows = []
@@ -326,6 +329,19 @@ def entries_level(
             kinds = json.loads(Path(record + ".types").read_text())
             print("    " + ", ".join(f"{k} {n:,}" for k, n in kinds), file=sys.stderr)
     return rows
+
+
+def settle(pid: int, most: float = 60.0) -> float:
+    """Seconds until ``pid`` is idle (under 5 % of a core over 0.25 s; ``most`` at most): the
+    fill's stores are written to the disk tier by its threads after their answers, and the
+    next phase would pay for them."""
+    began = time.monotonic()
+    while time.monotonic() - began < most:
+        cpu = cpu_seconds(pid)
+        time.sleep(0.25)
+        if cpu_seconds(pid) - cpu < 0.0125:
+            break
+    return time.monotonic() - began
 
 
 def span(lines: list[str]) -> float:
