@@ -19,9 +19,9 @@ The memo holds as many records as the memory tier holds keys of 8 KB
 (:func:`~proxy.memo.fit_keys`, with no ceiling of its own): a record with its key costs
 ~0.6 KB, a thirteenth of the 8 KB counted for it (so at most ~7.5 % of ``memory_size``
 beside the tier), and a key whose record fell out pays ~30 µs on its next fresh hit (its
-target parsed and checked, its key made, another record pushed out). Capped at 65,536 as the other per-key memos are, a tier of 100,000 entries
-filled in order had its first keys' records pushed out by the last ones
-(docs/performance.md, "The cache-size series, part 2").
+target parsed and checked, its key made, another record pushed out). Capped at 65,536 as
+the other per-key memos are, a tier of 100,000 entries filled in order had its first keys'
+records pushed out by the last ones (docs/performance.md, "The cache-size series, part 2").
 """
 
 from __future__ import annotations
