@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.auth.metrics import AuthMetrics
 from proxy.auth.providers import TokenProvider
-from proxy.auth.scrub import credentials, scrubbed, spellings
+from proxy.auth.scrub import credentials, scrubbed, scrubbed_now, spellings
 from proxy.errors import TokenUnavailable
 from proxy.logs import debug, log, trace
 from proxy.messages import ERROR_BODY_LIMIT, Layer, ProxyRequest, ProxyResponse
@@ -93,6 +93,8 @@ class Authenticator:
         response = await self._send(request, provider, Latest(provider, authorization, sent))
         # The tokens sent, and whatever the account holds now (a resend may have renewed it).
         secrets = spellings((*map(credentials, sent), *provider.secrets()))
+        if scrubbed_now(response, secrets, request.method):  # a 2xx or 304: no body to read
+            return response
         return await scrubbed(response, secrets, request.method)
 
     async def _send(

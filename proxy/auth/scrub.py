@@ -73,6 +73,19 @@ def scrub_headers(headers: CIMultiDict[str], secrets: tuple[str, ...]) -> CIMult
     return CIMultiDict((name, scrub_text(value, secrets)) for name, value in headers.items())
 
 
+def scrubbed_now(response: ProxyResponse, secrets: tuple[str, ...], method: str) -> bool:
+    """Whether ``response`` is scrubbed without reading anything: its headers are, and its
+    body is not looked at (2xx, no body); False: :func:`scrubbed` reads its body (an error's,
+    a redirect's), headers and all. What the auth layer does for most answers without a
+    coroutine."""
+    status = response.status
+    if not (200 <= status < 300 or status in _NO_BODY or method == "HEAD"):
+        return False
+    if secrets:
+        response.headers = scrub_headers(response.headers, secrets)
+    return True
+
+
 async def scrubbed(response: ProxyResponse, secrets: tuple[str, ...], method: str) -> ProxyResponse:
     """``response`` with ``secrets`` taken out of its headers and, unless 2xx, its body."""
     if not secrets:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.clock import Clock
+from proxy.collectors import Count, Observations
 from proxy.dates import whole_seconds
 from proxy.errors import RateLimited
 from proxy.logs import debug, event
@@ -104,9 +105,14 @@ class AccountBudget(Estimates):
             metrics.budget_rejections.labels(name, reason)
         # Per class: served, refused, recent waits and sends (GET /budget).
         self.stats = ClassStats(self._span)
+        # A class's wait and served children, looked up once (each request served counts
+        # in both; labels() takes a lock and builds its key every time).
+        self._counted: dict[str, tuple[Observations, Count]] = {}
         for klass in CLASSES:
-            metrics.budget_wait.labels(name, klass)
-            metrics.budget_served.labels(name, klass)
+            self._counted[klass] = (
+                metrics.budget_wait.labels(name, klass),
+                metrics.budget_served.labels(name, klass),
+            )
             metrics.budget_refused.labels(name, klass)
 
     def retune(self, rate: Rate) -> None:
@@ -265,9 +271,35 @@ class AccountBudget(Estimates):
         self._credit = -math.inf
         return True
 
+    def taken_at_once(self, klass: str, wanted: Wanted | None) -> bool:
+        """Whether a token was taken now without waiting, as :meth:`acquire` takes one when
+        nothing waits here: a refunded one, or (local) one from the bucket; served and
+        counted as that. False: nothing taken, :meth:`acquire` decides (shared, a request
+        waiting, a background request whose ``wanted`` it asks, or no token at hand). No
+        coroutine for the common case of a free local budget (a revalidation's flight)."""
+        if self.waiting or wanted is not None:
+            return False
+        now = self.clock.now()
+        if not self._credited(now):
+            gate = self.gate
+            if type(gate) is not LocalGate:
+                return False
+            bucket = gate.bucket
+            if bucket.ready_at(now, *self.hold_for(klass)) > now:
+                return False
+            bucket.take(now)
+        self._served(klass, 0.0, now)
+        return True
+
     def _served(self, klass: str, waited: float, now: float) -> None:
-        self.metrics.budget_wait.labels(self.name, klass).observe(waited)
-        self.metrics.budget_served.labels(self.name, klass).inc()
+        counted = self._counted.get(klass)
+        if counted is None:
+            counted = (
+                self.metrics.budget_wait.labels(self.name, klass),
+                self.metrics.budget_served.labels(self.name, klass),
+            )
+        counted[0].observe(waited)
+        counted[1].inc()
         self.stats.served(klass, waited, now)
 
     def _enqueue(self, klass: str, caller: str, waiter: Waiter) -> None:

@@ -194,6 +194,8 @@ class Budget:
                 waited = 0.0  # taken ahead (a background refresh, before its fetch lock)
             elif self._ahead and self._spent(request):
                 waited = 0.0  # taken with its flight's fetch lock (ask)
+            elif budget.taken_at_once(request.priority, request.wanted):
+                waited = 0.0  # free, local: taken without a coroutine
             else:
                 waited = await budget.acquire(
                     request.caller, limit, request.priority, request.wanted

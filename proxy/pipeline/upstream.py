@@ -221,6 +221,8 @@ class Upstream:
         # Per path and query: its URL and route template (a revalidated key asks for the
         # same path over and over). The base is fixed for the session's life.
         self._targets: dict[str, tuple[URL, str]] = {}
+        # Per account: what hears its request's failures (the error metric's kind).
+        self._counters: dict[str, Callable[[str], None]] = {}
         # A flight's conditional GET on a pooled connection, without the session's
         # per-request machinery (proxy.pipeline.direct).
         self.direct = Direct(session, self.base, settings.read_timeout)
@@ -392,11 +394,18 @@ class Upstream:
             raise
 
     def _error_counter(self, account: str) -> Callable[[str], None]:
-        def count(kind: str) -> None:
-            if self.metrics is not None:
-                self.metrics.upstream_errors.labels(kind, account).inc()
+        """The account's error counter, made once per account (not once per request)."""
+        found = self._counters.get(account)
+        if found is None:
 
-        return count
+            def found(kind: str) -> None:
+                if self.metrics is not None:
+                    self.metrics.upstream_errors.labels(kind, account).inc()
+
+            if len(self._counters) >= LABELLED_MAX:
+                self._counters.clear()
+            self._counters[account] = found
+        return found
 
     async def _stream(
         self,

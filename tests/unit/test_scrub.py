@@ -7,7 +7,15 @@ import json
 
 from multidict import CIMultiDict
 
-from proxy.auth.scrub import REDACTED, credentials, scrub_bytes, scrub_headers, scrubbed, spellings
+from proxy.auth.scrub import (
+    REDACTED,
+    credentials,
+    scrub_bytes,
+    scrub_headers,
+    scrubbed,
+    scrubbed_now,
+    spellings,
+)
 from proxy.messages import ProxyResponse
 
 SECRET = "abc/def+ghi=jkl"
@@ -52,3 +60,26 @@ async def test_a_gzip_error_body_is_inflated_scrubbed_and_sent_plain() -> None:
     assert response.headers["Content-Length"] == str(len(response.body))
     ok = ProxyResponse(200, CIMultiDict(), SECRET.encode())
     assert (await scrubbed(ok, spellings((SECRET,)), "GET")).body == SECRET.encode()
+
+
+async def test_an_answer_whose_body_is_not_read_is_scrubbed_at_once_as_scrubbed_does() -> None:
+    """``scrubbed_now``: a 2xx, a 304 or an answer to HEAD has its headers scrubbed there
+    and its body left as it came, as :func:`scrubbed` leaves them; an error's body is
+    ``scrubbed``'s to read (nothing touched)."""
+    secrets = spellings((SECRET,))
+    echo = f"x {SECRET} y".encode()
+    for status, method in ((200, "GET"), (204, "GET"), (304, "GET"), (404, "HEAD")):
+        now = ProxyResponse(status, CIMultiDict({"X-Echo": SECRET}), body=echo)
+        later = ProxyResponse(status, CIMultiDict({"X-Echo": SECRET}), body=echo)
+        assert scrubbed_now(now, secrets, method)
+        await scrubbed(later, secrets, method)
+        assert now.headers["X-Echo"] == later.headers["X-Echo"] == REDACTED
+        assert now.body == later.body == echo
+    for status in (301, 401, 500):
+        error = ProxyResponse(status, CIMultiDict({"X-Echo": SECRET}), body=echo)
+        assert not scrubbed_now(error, secrets, "GET")
+        assert error.headers["X-Echo"] == SECRET and error.body == echo
+        await scrubbed(error, secrets, "GET")
+        assert error.headers["X-Echo"] == REDACTED and REDACTED.encode() in error.body
+    bare = ProxyResponse(200, CIMultiDict({"X-Echo": SECRET}), body=echo)
+    assert scrubbed_now(bare, (), "GET") and bare.headers["X-Echo"] == SECRET
