@@ -80,7 +80,7 @@ def scrubbed_now(response: ProxyResponse, secrets: tuple[str, ...], method: str)
     coroutine."""
     status = response.status
     if not (200 <= status < 300 or status in _NO_BODY or method == "HEAD"):
-        return False
+        return False  # an error's or a redirect's body is read
     if secrets:
         response.headers = scrub_headers(response.headers, secrets)
     return True
@@ -88,11 +88,9 @@ def scrubbed_now(response: ProxyResponse, secrets: tuple[str, ...], method: str)
 
 async def scrubbed(response: ProxyResponse, secrets: tuple[str, ...], method: str) -> ProxyResponse:
     """``response`` with ``secrets`` taken out of its headers and, unless 2xx, its body."""
-    if not secrets:
+    if not secrets or scrubbed_now(response, secrets, method):
         return response
     response.headers = scrub_headers(response.headers, secrets)
-    if 200 <= response.status < 300 or response.status in _NO_BODY or method == "HEAD":
-        return response
     if response.status < 400 and not isinstance(response.body, bytes):
         # A redirect body over 64 KiB streams through as it came: reading a prefix of it
         # would cut it short (error bodies are read that far anyway).

@@ -282,12 +282,8 @@ class AccountBudget(Estimates):
         now = self.clock.now()
         if not self._credited(now):
             gate = self.gate
-            if type(gate) is not LocalGate:
+            if type(gate) is not LocalGate or gate.took(now, *self.hold_for(klass)) > 0:
                 return False
-            bucket = gate.bucket
-            if bucket.ready_at(now, *self.hold_for(klass)) > now:
-                return False
-            bucket.take(now)
         self._served(klass, 0.0, now)
         return True
 

@@ -113,6 +113,11 @@ class LocalGate:
     async def try_take(
         self, now: float, klass: str = "standard", reserve: float = 0.0, headroom: int = 0
     ) -> float:
+        return self.took(now, reserve, headroom)
+
+    def took(self, now: float, reserve: float = 0.0, headroom: int = 0) -> float:
+        """:meth:`try_take` without a coroutine: 0 when a token was taken now, else the
+        seconds until one is free."""
         at = self.bucket.ready_at(now, reserve, headroom)
         if at > now:
             return at - now
