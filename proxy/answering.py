@@ -4,9 +4,10 @@ request object, no handler task, no ``StreamResponse`` (for :mod:`proxy.listener
 A request handler that can answer some requests at once (:class:`AnswersNow`) is offered
 each leading message of a feed while the connection is idle; what it answers is written
 with one ``transport.write``; the first message it does not answer, and every one after it,
-goes to aiohttp in order. It may instead answer later (a :class:`Later`: the request waits in
-the protocol, later messages held back in order) and then either give the bytes or hand the
-request to aiohttp after all (:func:`handed_over`). aiohttp's private parts this needs are
+goes to aiohttp in order. It may instead answer later (a :class:`Later`, or a plain entry
+whose :class:`Host` answers it: the request waits in the protocol, later messages held back in
+order) and then either give the bytes or hand the request to aiohttp after all
+(:func:`handed_over`). aiohttp's private parts this needs are
 reached through :mod:`proxy.compat.aiohttp`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
@@ -52,7 +53,20 @@ class Later(Protocol):
     def dropped(self) -> None: ...
 
 
-AnswerNow = Callable[[RawRequestMessage, str | None, str], bytes | Later | None]
+class Host(Protocol):
+    """Where a request waiting as a plain entry (a tuple, :data:`Plain`, its host first: no
+    object of its own) waits: ``park(protocol, entry)`` once the protocol holds it;
+    ``unpark(protocol, entry)``: the connection closed first. The host answers it with
+    :meth:`AnsweringProtocol.woken` while the protocol is still :meth:`~AnsweringProtocol.
+    parked_on` it."""
+
+    def park(self, protocol: AnsweringProtocol, entry: Plain) -> None: ...
+    def unpark(self, protocol: AnsweringProtocol, entry: Plain) -> None: ...
+
+
+# A request waiting as a plain entry: its Host, then what the host keeps of it.
+Plain = tuple[Any, ...]
+AnswerNow = Callable[[RawRequestMessage, str | None, str], bytes | Later | Plain | None]
 # Bytes held back behind a parked request before reading pauses (aiohttp's read size).
 MAX_UNREAD = 2**16
 
@@ -78,7 +92,7 @@ class AnswersNow(Protocol):
 
     def answer_now(
         self, message: RawRequestMessage, remote: str | None, scheme: str
-    ) -> bytes | Later | None: ...
+    ) -> bytes | Later | Plain | None: ...
 
 
 class AnsweringProtocol(RequestHandler):
@@ -92,9 +106,10 @@ class AnsweringProtocol(RequestHandler):
         self._remote: str | None = None
         self._scheme = "http"
         self._took = False
-        # A request waiting in the protocol for its answer (a Later), the messages parsed
-        # from it on (held back, in order), and a Later whose request went to aiohttp.
-        self._parked: Later | None = None
+        # A request waiting in the protocol for its answer (a Later or a plain entry), the
+        # messages parsed from it on (held back, in order), and a Later whose request went
+        # to aiohttp.
+        self._parked: Later | Plain | None = None
         self._held: list[Message] = []
         self._handed: Later | None = None
         # Bytes that came while a request waited here: parsed once it is answered (so a
@@ -115,7 +130,10 @@ class AnsweringProtocol(RequestHandler):
         if parked is not None:
             self._held = []
             answering(self, False)
-            parked.cancel()
+            if type(parked) is tuple:
+                parked[0].unpark(self, parked)
+            else:
+                cast(Later, parked).cancel()
         handed, self._handed = self._handed, None
         if handed is not None:  # queued for aiohttp, which drops it now: nobody read it
             handed.dropped()
@@ -138,6 +156,10 @@ class AnsweringProtocol(RequestHandler):
     def parked(self) -> bool:
         """Whether a request waits in the protocol for its answer."""
         return self._parked is not None
+
+    def parked_on(self, entry: Plain) -> bool:
+        """Whether ``entry`` is the request waiting in the protocol (its caller still there)."""
+        return self._parked is entry
 
     def _take(self, messages: list[Message]) -> list[Message]:
         """Answer the leading messages of a feed that the handler answers at once
@@ -180,16 +202,20 @@ class AnsweringProtocol(RequestHandler):
     def answered(self, count: int, now: float) -> None:
         """``count`` requests were answered here at ``now`` (loop time)."""
 
-    def _park(self, later: Later, messages: list[Message]) -> None:
+    def _park(self, later: Later | Plain, messages: list[Message]) -> None:
         """Wait in the protocol for ``later``, the first of ``messages``; the rest and the
         bytes that come meanwhile are held back until it is answered or handed to aiohttp."""
         self._parked, self._held = later, messages
         answering(self, True)  # a graceful shutdown waits for it as for a handler
         hold_keepalive(self)  # not idle: aiohttp's keep-alive check must not close it
-        later.then(self._woken)
+        if type(later) is tuple:  # a plain entry: its host holds it
+            later[0].park(self, later)
+        else:
+            cast(Later, later).then(self.woken)
 
-    def _woken(self, out: bytes | None) -> None:
-        """The parked request's answer (None: aiohttp answers it, :func:`handed_over`)."""
+    def woken(self, out: bytes | None, handed: Later | None = None) -> None:
+        """The parked request's answer (None: aiohttp answers it, :func:`handed_over` finds
+        ``handed``, or the parked :class:`Later` itself)."""
         later, self._parked = self._parked, None
         held, self._held = self._held, []
         unread, self._unread = self._unread, b""
@@ -198,7 +224,7 @@ class AnsweringProtocol(RequestHandler):
             return
         release_keepalive(self, handed=out is None)
         if out is None:
-            self._handed = later
+            self._handed = handed if handed is not None else cast(Later, later)
             enqueue(self, held[:1] if closing(self) else held)  # closing: aiohttp's loop
         else:  # answers that one, then closes; what came behind it is not read
             self.transport.write(out)

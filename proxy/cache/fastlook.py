@@ -355,15 +355,10 @@ class FastLook:
         return flight.waiter(self.coalesce_wait)
 
     def waits(self, pending: Pending) -> bool:
-        """Whether ``pending`` is a joiner whose flight is still out (:meth:`listen` may wait
-        for it); False: a starter, or the flight is over (:meth:`result` at once)."""
+        """Whether ``pending`` is a joiner whose flight is still out (it may wait in the
+        flight's wake-up list, :meth:`~proxy.cache.flight.Flight.park`, for its
+        ``coalesce_wait``); False: a starter, or the flight is over (:meth:`result` at once)."""
         return not pending.starter and not pending.flight.done.done()
-
-    def listen(self, pending: Pending, call: Callable[[], None]) -> None:
-        """As :meth:`waiter`, with a call instead of a future: ``call()`` made by the
-        joiner's flight's wake-up itself, or once its ``coalesce_wait`` ran out
-        (:meth:`~proxy.cache.flight.Flight.call`), then :meth:`result`."""
-        pending.flight.call(self.coalesce_wait, call)
 
     def abandon(self, pending: Pending) -> None:
         """The request waiting for ``pending`` left before reading the flight's answer: a
@@ -398,7 +393,7 @@ class FastLook:
         counted as they count), and the upstream time it shares; None, counting nothing:
         the long way goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`).
         ``noted``: the request's trace, where a joiner's ``fetched_by`` goes (None: nothing
-        reads it, :attr:`~proxy.edge.parked.Parked.noted`). What is the same for every
+        reads it, :meth:`~proxy.edge.parked.Joiners.woken`). What is the same for every
         joiner of a flight (whether its outcome can be answered here, the lookups' count)
         is made once per flight and outcome (:class:`Sharing`, ``Flight.answering``)."""
         flight = pending.flight

@@ -102,6 +102,7 @@ class Flight:
         self._waiting: list[tuple[float, Wake]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._watching = False  # _wake_all is among done's callbacks
+        self._answer: Answer | None = None  # what answers the plain entries (park)
 
     def waiter(self, patience: float) -> asyncio.Future[None]:
         """A future resolved when ``done`` is, or ``patience`` seconds from now, whichever
@@ -111,16 +112,19 @@ class Flight:
         self._wait(patience, waiter)
         return waiter
 
-    def call(self, patience: float, call: Callable[[], None]) -> None:
-        """``call()`` when ``done`` is, or ``patience`` seconds from now, whichever comes
-        first, as :meth:`waiter` resolves its future, but made by the flight's wake-up itself:
-        no future, and no loop turn of its own before the call (a request waiting in its
-        connection's protocol, :class:`~proxy.edge.parked.Parked`, is answered there and
-        then). Once ``done`` is, ``call`` is made at the loop's next turn."""
+    def park(self, patience: float, entry: Plain, answer: Answer) -> None:
+        """``entry`` (a plain tuple: a request waiting in its connection's protocol,
+        :meth:`~proxy.edge.parked.Joiners.park`) waits in the wake-up list itself until
+        ``done`` is, or ``patience`` seconds from now, whichever comes first, as
+        :meth:`waiter`'s future would: no future, no call or object of its own. The entries
+        woken together are handed to ``answer`` (the same for every entry of a flight) in one
+        call, in order, within the wake-up (no loop turn of their own). Once ``done`` is,
+        ``answer([entry])`` is called at the loop's next turn."""
+        self._answer = answer
         if self.done.done():
-            self._loop.call_soon(_wake, call)
+            self._loop.call_soon(_answer, answer, [entry])
             return
-        self._wait(patience, call)
+        self._wait(patience, entry)
 
     def _wait(self, patience: float, wake: Wake) -> None:
         loop = self._loop
@@ -149,8 +153,7 @@ class Flight:
         due = bisect.bisect_right(waiting, until, key=_due)
         woken = waiting[:due]
         del waiting[:due]
-        for _deadline, waiter in woken:
-            _wake(waiter)
+        self._wake_each(woken)
         if waiting and not self.done.done():
             when = waiting[0][0]
             self._timer = self._loop.call_at(when, self._expire, when)
@@ -171,8 +174,19 @@ class Flight:
             self._timer.cancel()
             self._timer = None
         waiting, self._waiting = self._waiting, []
-        for _deadline, waiter in waiting:
-            _wake(waiter)
+        self._wake_each(waiting)
+
+    def _wake_each(self, woken: list[tuple[float, Wake]]) -> None:
+        """Futures resolved, then the plain entries answered together (:meth:`park`)."""
+        parked: list[Plain] = []
+        for _deadline, waiter in woken:
+            if isinstance(waiter, tuple):
+                parked.append(waiter)
+            else:
+                _wake(waiter)
+        answer = self._answer
+        if parked and answer is not None:  # set by every park
+            _answer(answer, parked)
 
     def claimed(self, gen: str, owner: str | None) -> None:
         self.gen, self.owner = gen, owner
@@ -193,23 +207,28 @@ class Flight:
         self.upstream_seconds = upstream_seconds
 
 
-# A waiter of a flight: a future to resolve (:meth:`Flight.waiter`) or a call to make
-# (:meth:`Flight.call`).
-Wake = asyncio.Future[None] | Callable[[], None]
+# A plain entry of a flight's wake-up list (:meth:`Flight.park`), and what answers those
+# woken together.
+Plain = tuple[Any, ...]
+Answer = Callable[[list[Plain]], None]
+# A waiter of a flight: a future to resolve (:meth:`Flight.waiter`) or a plain entry
+# (:meth:`Flight.park`).
+Wake = asyncio.Future[None] | Plain
 
 
 def _due(waiting: tuple[float, Wake]) -> float:
     return waiting[0]
 
 
-def _wake(waiter: Wake) -> None:
-    if isinstance(waiter, asyncio.Future):
-        if not waiter.done():  # a waiter whose caller left is cancelled already
-            waiter.set_result(None)
-        return
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # a waiter whose caller left is cancelled already
+        waiter.set_result(None)
+
+
+def _answer(answer: Answer, entries: list[Plain]) -> None:
     try:
-        waiter()
-    except Exception:  # one waiter's failure must not cost the others their wake-up
+        answer(entries)
+    except Exception:  # a failure answering them must not cost the others their wake-up
         log.exception("flight_wake_failed")
 
 

@@ -30,7 +30,8 @@ joiner. Any other outcome goes the long way, which goes on from that outcome
 (:func:`~proxy.cache.fastlook.handing_over`): nothing is waited for or fetched twice.
 
 Fresh hits and joiners are answered in the connection's protocol as their heads are parsed
-(:meth:`FastPath.answer_now`; a joiner waits there as a :class:`Parked`, with no task) when
+(:meth:`FastPath.answer_now`; a joiner waits there as a plain entry of its flight's wake-up
+list, :class:`~proxy.edge.parked.Joiners`, a starter as a :class:`Parked`, with no task) when
 the connection has nothing else to answer first; else here, in a task.
 
 A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
@@ -82,7 +83,7 @@ from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, req
 from proxy.edge.known import known
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line
 from proxy.edge.paging import HEADER as ALL_PAGES
-from proxy.edge.parked import Asked, Parked, joining, traced, waited
+from proxy.edge.parked import Asked, Joiners, Joining, Parked, traced, waited
 from proxy.edge.rendered import Place, fill, render_template, template
 from proxy.edge.services import SERVICES, Services
 from proxy.errors import ProxyError
@@ -162,6 +163,7 @@ class FastPath:
         self.caps = Caps(upstream.max_inflated_size, upstream.max_inflate_ratio)
         self.forwarded = upstream.forwarded
         self.in_flight = services.metric_groups.edge.in_flight
+        self.joiners = Joiners(self, cache.fast, self.in_flight)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         parked = handed_over(request)
@@ -201,7 +203,7 @@ class FastPath:
 
     def answer_now(
         self, message: RawRequestMessage, remote: str | None, scheme: str
-    ) -> bytes | Parked | None:
+    ) -> bytes | Parked | Joining | None:
         """A fresh hit's whole answer as the connection's protocol writes it, as soon as the
         head is parsed (:class:`proxy.answering.AnswersNow`): no request object, no task. The
         same bytes, counts and access line as :meth:`answer`'s; None: anything else (a
@@ -223,12 +225,13 @@ class FastPath:
             log.exception("fast_path_failed")
             return None
 
-    def _park(self, head: Head, asked: Asked, pending: Pending) -> Parked | bytes | None:
-        """A joiner waiting in the protocol for its flight's wake-up; when the flight is
-        over already, its answer at once (None: the long way, as for a starter)."""
+    def _park(self, head: Head, asked: Asked, pending: Pending) -> Joining | bytes | None:
+        """A joiner waiting in the protocol for its flight's wake-up (a plain entry of it,
+        :class:`Joiners`); when the flight is over already, its answer at once (None: the
+        long way, as for a starter)."""
         fast = self.cache.fast
-        if fast.waits(pending):  # woken by the flight itself (listen)
-            return Parked(self, head, asked, pending, None, joining(asked.request_id))
+        if fast.waits(pending):  # answered by the flight's wake-up itself
+            return self.joiners.entry(head, asked, pending)
         result = fast.result(pending)
         if pending.starter or not isinstance(result, Outcome):
             return None
@@ -241,23 +244,24 @@ class FastPath:
         """A request starts waiting in the protocol (:class:`Parked`)."""
         self.in_flight.inc()  # a scrape may come meanwhile
 
-    def listen(self, parked: Parked) -> None:
-        """A parked joiner's flight calls it back when done (or its wait runs out)."""
-        self.cache.fast.listen(parked.pending, parked.woken)
-
     def settled(self, parked: Parked) -> bytes | None:
-        """A parked request's answer once its flight is done, as :meth:`join` (or
-        :meth:`start`) answers it; None, counting nothing: the long way goes on from
-        ``parked.result`` (:meth:`__call__`)."""
+        """A parked starter's answer once its flight's head is there, as :meth:`start`
+        answers it; None, counting nothing: the long way goes on from ``parked.result``
+        (:meth:`__call__`)."""
         self.in_flight.dec()
         pending = parked.pending
         parked.result = result = self.cache.fast.result(pending)
         if not isinstance(result, Outcome):
             return None
-        # Its trace read only by an access line (below info, one never made stays unmade).
-        noted = parked.noted if log.isEnabledFor(logging.INFO) else parked.made
+        return self.answered(parked.head, parked.asked, pending, result, parked.noted)
+
+    def answered(
+        self, head: Head, asked: Asked, pending: Pending, outcome: Outcome, noted: Trace | None
+    ) -> bytes | None:
+        """A parked request's answer from its flight's ``outcome``, as :meth:`join` answers
+        it; None, counting nothing: the long way goes on from it."""
         try:
-            return self._joined(parked.head, parked.asked, pending, result, noted, render_response)
+            return self._joined(head, asked, pending, outcome, noted, render_response)
         except Exception:
             log.exception("fast_path_failed")
             return None
@@ -269,8 +273,11 @@ class FastPath:
         if waiting:
             self.in_flight.dec()
         self.cache.fast.abandon(parked.pending)
-        asked = parked.asked
-        self._done(parked.head, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, parked.noted))
+        self.gone(parked.head, parked.asked, parked.noted)
+
+    def gone(self, head: Head, asked: Asked, noted: Trace) -> None:
+        """A waiting request's caller left: logged as the long way logs it."""
+        self._done(head, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, noted))
 
     def _start_now(self, head: Head, asked: Asked, startable: Startable) -> Parked:
         """The revalidation :meth:`start` would start, started here (in the request's own

@@ -1,5 +1,6 @@
 """A request the fast path answers from the connection's protocol once its flight is
-done (:class:`Parked`): a joiner of a revalidation in flight, or the starter of one."""
+done: a joiner of a revalidation in flight, a plain entry of its flight's wake-up list
+answered by the wake-up itself (:class:`Joiners`), or the starter of one (:class:`Parked`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.cache.fastlook import BodyFor, Pending
-from proxy.cache.flight import Outcome
+from proxy.answering import AnsweringProtocol
+from proxy.cache.fastlook import BodyFor, FastLook, Pending
+from proxy.cache.flight import Outcome, Plain
+from proxy.collectors import LoopGauge
 from proxy.edge.callers import Caller
 from proxy.edge.inbound import Exchange, Head
 from proxy.logs import Trace, begin_trace, log
@@ -37,17 +40,19 @@ class Settle(Protocol):
     """What a parked request asks of the fast path (:class:`~proxy.edge.fast.FastPath`)."""
 
     def begin(self, parked: Parked) -> None: ...
-    def listen(self, parked: Parked) -> None: ...
     def settled(self, parked: Parked) -> bytes | None: ...
     def left(self, parked: Parked, waiting: bool = True) -> None: ...
+    def answered(
+        self, head: Head, asked: Asked, pending: Pending, outcome: Outcome, noted: Trace | None
+    ) -> bytes | None: ...
+    def gone(self, head: Head, asked: Asked, noted: Trace) -> None: ...
 
 
 class Parked:
-    """A joiner of a revalidation, or its starter, waiting in the connection's protocol
-    (:class:`proxy.answering.Later`): no task, the flight's wake-up itself (a joiner's,
-    :meth:`~proxy.cache.flight.Flight.call`: no future of its own) or its head (the starter's)
-    calls back; answered as :meth:`FastPath.join` answers, or handed to the long
-    way with the same outcome (:meth:`FastPath.__call__`)."""
+    """The starter of a revalidation waiting in the connection's protocol
+    (:class:`proxy.answering.Later`) for its flight's head, with no task; or a joiner handed
+    to the long way (:meth:`Joiners.woken`). Answered as :meth:`FastPath.start` answers, or
+    handed to the long way with the same outcome (:meth:`FastPath.__call__`)."""
 
     __slots__ = (
         "_noted", "asked", "context", "done", "head", "over", "pending", "result", "settle",
@@ -66,9 +71,8 @@ class Parked:
         self.settle, self.head, self.asked, self.pending, self.waiter = (
             settle, head, asked, pending, waiter,
         )  # fmt: skip
-        # The flight notes in the request's own trace (fetched_by), as in a task of its own;
-        # a joiner's call is made in its own context only where one was made (:func:`joining`),
-        # and its trace made only once something reads it (:attr:`noted`).
+        # The flight notes in the request's own trace, as in a task of its own; a joiner
+        # handed over has its trace made only once something reads it (:attr:`noted`).
         self.context, self._noted = traced
         self.result: Outcome | Exception = TimeoutError()
         self.done: Callable[[bytes | None], None] | None = None
@@ -76,8 +80,8 @@ class Parked:
 
     @property
     def noted(self) -> Trace:
-        """The request's trace, made on its first read: a parked joiner's, below debug level,
-        is read only for its access line (when one is written) or by the long way."""
+        """The request's trace, made on its first read (a joiner handed to the long way:
+        where none was made, :func:`joining`)."""
         noted = self._noted
         if noted is None:
             noted = self._noted = Trace(self.asked.request_id)
@@ -91,16 +95,14 @@ class Parked:
     def then(self, done: Callable[[bytes | None], None]) -> None:
         self.done = done
         self.settle.begin(self)
-        if self.waiter is None:  # a joiner: its flight calls woken
-            self.settle.listen(self)
-        else:
+        if self.waiter is not None:
             self.waiter.add_done_callback(self._woke, context=self.context)
 
     def cancel(self) -> None:
         if self.over:
             return
         self.over = True
-        if self.waiter is not None:  # a joiner's call is left to find it over
+        if self.waiter is not None:
             self.waiter.remove_done_callback(self._woke)
         self.settle.left(self)
 
@@ -108,20 +110,88 @@ class Parked:
         """Handed to the long way, but the connection closed before it began."""
         self.settle.left(self, waiting=False)
 
-    def woken(self) -> None:
-        """The flight is done, or the joiner's wait ran out: in the request's own context
-        when it has one (:func:`joining`)."""
-        context = self.context
-        if context is None:
-            self._woke(None)
-        else:
-            context.run(self._woke, None)
-
     def _woke(self, _: object) -> None:
         if self.over or self.done is None:
             return
         self.over = True
         self.done(self.settle.settled(self))
+
+
+# A joiner as it waits: a plain entry of its flight's wake-up list (Flight.park), no object
+# of its own: (its Joiners, head, asked, (context, trace) as joining gives them, pending).
+Joining = tuple["Joiners", Head, Asked, tuple[contextvars.Context | None, Trace | None], Pending]
+
+
+class Joiners:
+    """Where the fast path's joiners of a revalidation in flight wait in their connections'
+    protocols (:class:`proxy.answering.Host`): each a plain entry (:data:`Joining`) of its
+    flight's wake-up list (:meth:`~proxy.cache.flight.Flight.park`), with no object, future
+    or call chain of its own; the flight's wake-up hands the entries it woke to
+    :meth:`woken`, which answers them together (what they share looked at once), as
+    :meth:`FastPath.join` answers, or hands each to the long way with the same outcome."""
+
+    __slots__ = ("answer", "fast", "in_flight", "settle")
+
+    def __init__(self, settle: Settle, fast: FastLook, in_flight: LoopGauge) -> None:
+        self.settle, self.fast, self.in_flight = settle, fast, in_flight
+        self.answer = self.woken  # bound once: every flight's entries answered by it
+
+    def entry(self, head: Head, asked: Asked, pending: Pending) -> Joining:
+        """A joiner of ``pending``'s flight (still out, :meth:`FastLook.waits`) to park."""
+        return self, head, asked, joining(asked.request_id), pending
+
+    def park(self, protocol: AnsweringProtocol, entry: Plain) -> None:
+        """The protocol holds ``entry``: it waits in its flight's wake-up list."""
+        self.in_flight.inc()  # a scrape may come meanwhile
+        pending: Pending = entry[4]
+        pending.flight.park(self.fast.coalesce_wait, (protocol, entry), self.answer)
+
+    def unpark(self, protocol: AnsweringProtocol, entry: Plain) -> None:
+        """``entry``'s caller left first: logged as the long way logs it. The entry stays in
+        its flight's list until woken, then passed over (its protocol no longer holds it)."""
+        self.in_flight.dec()
+        _, head, asked, (_, noted), _ = entry
+        self.settle.gone(head, asked, noted or Trace(asked.request_id))
+
+    def woken(self, entries: list[Plain]) -> None:
+        """The entries a flight's wake-up woke (all of one flight, in order): each answered
+        from the flight's outcome, or handed to the long way with it (a TimeoutError: their
+        ``coalesce_wait`` ran out first)."""
+        first: Pending = entries[0][1][4]
+        result = self.fast.result(first)  # the same for every joiner of the flight
+        # A joiner's trace is read only by an access line (below info, none is made).
+        info = log.isEnabledFor(logging.INFO)
+        for protocol, entry in entries:
+            if protocol.parked_on(entry):  # else its caller left (unpark)
+                try:
+                    self._answer(protocol, entry, result, info)
+                except Exception:  # one joiner's failure must not cost the others theirs
+                    log.exception("flight_wake_failed")
+
+    def _answer(
+        self,
+        protocol: AnsweringProtocol,
+        entry: Joining,
+        result: Outcome | Exception,
+        info: bool,
+    ) -> None:
+        self.in_flight.dec()
+        _, head, asked, (context, noted), pending = entry
+        if noted is None and info:
+            noted = Trace(asked.request_id)
+        out = None
+        if isinstance(result, Outcome):
+            answered = self.settle.answered
+            if context is None:
+                out = answered(head, asked, pending, result, noted)
+            else:  # debug lines: in the request's own context (joining)
+                out = context.run(answered, head, asked, pending, result, noted)
+        if out is not None:
+            protocol.woken(out)
+            return
+        handed = Parked(self.settle, head, asked, pending, None, (context, noted))
+        handed.result, handed.over = result, True
+        protocol.woken(None, handed)
 
 
 def traced(request_id: str) -> tuple[contextvars.Context, Trace]:
@@ -133,9 +203,10 @@ def traced(request_id: str) -> tuple[contextvars.Context, Trace]:
 def joining(request_id: str) -> tuple[contextvars.Context | None, Trace | None]:
     """A parked joiner's trace, and a context of its own for its answer only when debug lines
     are written (``cache_lookup`` reads the current trace): otherwise nothing in a joiner's
-    answer reads the context, and its trace is made when first read (:attr:`Parked.noted`:
-    ``FastLook.joined`` notes ``fetched_by`` in it for the access line, the long way goes
-    on with it), so neither is made per joiner where no access line is written."""
+    answer reads the context, and its trace is made only when read (:meth:`Joiners.woken`
+    at info level: ``FastLook.joined`` notes ``fetched_by`` in it for the access line; or
+    :attr:`Parked.noted` once handed to the long way, which goes on with it), so neither is
+    made per joiner where no access line is written."""
     if log.isEnabledFor(logging.DEBUG):
         return traced(request_id)
     return None, None

@@ -215,3 +215,50 @@ async def test_a_parked_joiner_handed_to_the_long_way_gets_its_trace_there(
     assert starter[0] == 200 and [a[0] for a in answers] == [200, 200]
     assert answers[0][2] == answers[1][2] == starter[2]
     assert [access_lines(caplog)[f"h{i}"]["fetched_by"] for i in range(2)] == ["the-starter"] * 2
+
+
+async def test_parked_joiners_are_plain_entries_of_their_flight_answered_in_one_call(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each joiner waiting in its connection's protocol is a plain entry of its flight's
+    wake-up list (a tuple its protocol holds: no Parked object, no call chain of its own),
+    and the flight's wake-up answers them all in one call (Joiners.woken), passing over one
+    whose caller left meanwhile (its 499 logged when it left). Same answers and counts."""
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    s = setup
+    url = s.hold()
+    starter = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "the-starter"}))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    joiners = [
+        asyncio.ensure_future(get(client, url, **{"X-Request-ID": f"j{i}"})) for i in range(3)
+    ]
+    _, writer = await connect(s.proxy)
+    writer.write(ask("leaver", GZIP, path=JOINED))
+    await s.waiting(5)
+    fast_path = s.long_way.fast
+    (flight,) = list(fast_path.cache.fast.flights)
+    waiting = [w for _, w in flight._waiting]
+    assert len(waiting) == 4 and all(type(w) is tuple for w in waiting), waiting
+    for protocol, entry in waiting:
+        assert protocol.parked_on(entry) and entry[0] is fast_path.joiners
+    calls: list[list[str]] = []
+    answer = flight._answer
+
+    def counted(entries: list[Any]) -> None:
+        calls.append([e[2].request_id for _, e in entries])
+        answer(entries)
+
+    flight._answer = counted
+    writer.close()  # the leaver's caller hangs up while parked
+    await s.waiting(4)
+    assert access_lines(caplog)["leaver"]["status"] == 499
+    s.origin.gate.set()
+    for status, headers, _ in [await starter, *await asyncio.gather(*joiners)]:
+        assert (status, headers["X-Cache"]) == (200, "REVALIDATED")
+    assert [sorted(c) for c in calls] == [["j0", "j1", "j2", "leaver"]]  # one call
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+    lines = access_lines(caplog)
+    assert [lines[f"j{i}"]["fetched_by"] for i in range(3)] == ["the-starter"] * 3

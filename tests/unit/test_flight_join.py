@@ -89,34 +89,36 @@ async def test_each_waiter_times_out_at_its_own_deadline_and_the_rest_still_get_
     assert f._timer is None  # type: ignore[attr-defined]  # nothing left scheduled
 
 
-async def test_a_call_is_made_by_the_wake_up_itself_at_its_deadline_or_after_done(
+async def test_plain_entries_are_answered_together_by_the_wake_up_or_at_their_deadline(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Flight.call: what a request waiting in its connection's protocol asks (no future):
-    # called within the flight's own wake-up, in order, each at most once; a failing call
-    # is logged and the rest still made; its patience runs out as a waiter's does.
+    # Flight.park: what a request waiting in its connection's protocol asks (no future, no
+    # call of its own): the entries woken together are handed to the flight's answer in one
+    # call, in order, within the wake-up; an impatient one at its own deadline; a failing
+    # answer is logged and the next wake-up still answers; once done, at the next turn.
     f = flight()
-    made: list[str] = []
+    calls: list[list[tuple[object, ...]]] = []
     waiter = f.waiter(5)
 
-    def fail() -> None:
-        made.append("fails")
-        raise RuntimeError("one caller's bug")
+    def answer(entries: list[tuple[object, ...]]) -> None:
+        calls.append([(*e, f.done.done(), waiter.done()) for e in entries])
+        if entries[0] == ("fails",):
+            raise RuntimeError("one answer's bug")
 
-    f.call(5, lambda: made.append(f"first, done: {f.done.done()}"))
-    f.call(5, fail)
-    f.call(5, lambda: made.append(f"last, waiter resolved: {waiter.done()}"))
-    f.call(0.05, lambda: made.append(f"impatient, done: {f.done.done()}"))
+    for name, patience in (("a", 5), ("b", 5), ("impatient", 0.05), ("c", 5)):
+        f.park(patience, (name,), answer)
     await asyncio.sleep(0.2)
-    assert made == ["impatient, done: False"]
+    assert calls == [[("impatient", False, False)]]
     settle(f.done, OUTCOME)
-    await asyncio.sleep(0)  # one turn: done's callback (the wake-up) makes every call
-    assert made[1:] == ["first, done: True", "fails", "last, waiter resolved: True"]
-    assert [r.getMessage() for r in caplog.records] == ["flight_wake_failed"]
-    f.call(5, lambda: made.append("after"))  # the flight is over: at the next turn
-    assert made[-1] != "after"
+    await asyncio.sleep(0)  # one turn: done's callback (the wake-up) answers them at once
+    # Futures resolved first, then the entries in one call.
+    assert calls[1] == [("a", True, True), ("b", True, True), ("c", True, True)]
+    assert len(calls) == 2 and f._waiting == []  # type: ignore[attr-defined]
+    f.park(5, ("fails",), answer)  # the flight is over: at the next turn
+    assert len(calls) == 2
     await asyncio.sleep(0)
-    assert made[-1] == "after"
+    assert calls[2] == [("fails", True, True)]
+    assert [r.getMessage() for r in caplog.records] == ["flight_wake_failed"]
 
 
 async def test_waiters_are_woken_by_deadline_then_arrival_and_each_expires_on_time() -> None:
@@ -125,8 +127,12 @@ async def test_waiters_are_woken_by_deadline_then_arrival_and_each_expires_on_ti
     # done, every waiter is woken in that order; before, each expires at its own deadline.
     f = flight()
     made: list[str] = []
+
+    def answer(entries: list[tuple[object, ...]]) -> None:
+        made.extend(str(e[0]) for e in entries)
+
     for name, patience in (("a", 5), ("b", 5), ("short", 0.05), ("c", 5), ("mid", 3), ("d", 5)):
-        f.call(patience, lambda name=name: made.append(name))  # type: ignore[misc]
+        f.park(patience, (name,), answer)
     assert f._timer is not None and f._timer.when() == f._waiting[0][0]  # type: ignore[attr-defined]
     await asyncio.sleep(0.2)
     assert made == ["short"]
@@ -141,7 +147,7 @@ async def test_waiters_are_woken_by_deadline_then_arrival_and_each_expires_on_ti
 async def test_a_flights_own_task_wakes_its_waiters_in_its_last_step() -> None:
     # The flight's answer settles ``done`` and wakes its waiters within the task's step (no
     # loop turn between, as ``done``'s callback would take): before anything the step left
-    # for the next turn; a waiter's future and a caller's call alike, each once.
+    # for the next turn; a waiter's future and a plain entry alike, each once.
     flights = Flights()
     loop = asyncio.get_running_loop()
     made: list[str] = []
@@ -153,7 +159,7 @@ async def test_a_flights_own_task_wakes_its_waiters_in_its_last_step() -> None:
         return OUTCOME
 
     f = flights.start("key", flight().request, 0, fly, lambda _: None)
-    f.call(5, lambda: made.append(f"called, done: {f.done.done()}"))
+    f.park(5, ("entry",), lambda e: made.append(f"called, done: {f.done.done()}"))
     waiter = f.waiter(5)
     waiter.add_done_callback(lambda _: made.append("waiter resolved"))
     gate.set_result(None)
