@@ -11,7 +11,12 @@ system time per second of the run, in cores) and the machine's headroom (its idl
 the run, from /proc/stat). ``--old DIR`` adds ``--workers 1`` and ``2`` of the proxy package in
 DIR (``git archive REV proxy | tar -x -C DIR``, as bench.ab) to the same interleaved rounds;
 ``--unix`` adds ``--workers 1`` and ``2`` on the same Redis over its Unix socket (``shared.url
-= "unix://..."``) instead of loopback TCP.
+= "unix://..."``) instead of loopback TCP. ``--profile PREFIX`` measures nothing of the above:
+it starts ``--workers 2`` (``--profile-workers N``) alone and records each worker with
+``py-spy record -f raw`` while wrk runs ``--scenario`` (PREFIX-w1.txt, PREFIX-w2.txt, ...),
+then prints each worker's CPU µs a request of the run's requests, its time on a CPU and
+waiting on the run queue (/proc/PID/task/*/schedstat), upstream/req and the notes and claims
+counted over the run (``--no-spy``: the same run without py-spy).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,6 +167,91 @@ def start(
     return url, admin, family(proc.pid)
 
 
+def schedstat(pid: int) -> tuple[int, int, int, int]:
+    """The process's threads' time on a CPU and waiting on a run queue (ns) (/proc/PID/task/
+    */schedstat, summed), and its event loop's thread's voluntary and involuntary context
+    switches (/proc/PID/status: the times it slept, and was put off a CPU while runnable)."""
+    total = [0, 0, 0, 0]
+    for path in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError):
+            for i, value in enumerate(path.read_text().split()[:2]):
+                total[i] += int(value)
+    with contextlib.suppress(OSError):
+        found = re.findall(r"^(non)?voluntary_ctxt_switches:\s+(\d+)$",
+                           Path(f"/proc/{pid}/status").read_text(), re.M)  # fmt: skip
+        for non, count in found:
+            total[3 if non else 2] = int(count)
+    return total[0], total[1], total[2], total[3]
+
+
+def profile(
+    wrk: str,
+    prefix: str,
+    scenario: str,
+    seconds: int,
+    connections: int,
+    count: int = 2,
+    spied: bool = True,
+) -> int:
+    """``serve --workers N`` alone (``count``), each worker under ``py-spy record`` (unless not
+    ``spied``) during one wrk run of ``scenario`` (compare.SCENARIOS' key): per worker its raw
+    samples, its CPU µs a request (of all the run's requests: the workers' shares add up to
+    the server's), its time on a CPU and waiting to run (/proc schedstat), then
+    upstream/req and the notes and claims counted over the run."""
+    chosen = next((s for s in compare.SCENARIOS if s.key == scenario), None)
+    if chosen is None:
+        print(f"--scenario: one of {', '.join(s.key for s in compare.SCENARIOS)}", file=sys.stderr)
+        return 2
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    directory = Path(tempfile.mkdtemp(prefix="kounta-workers-"))
+    origin_port = cache_bench.free_port()
+    origin = f"http://127.0.0.1:{origin_port}"
+    with contextlib.ExitStack() as stack:
+        origin_args = [sys.executable, "-m", "bench.origin", "--port", str(origin_port)]
+        stack.enter_context(cache_bench.process(origin_args, origin_port))
+        redis = stack.enter_context(own_redis(str(directory)))
+        url, admin, pids = start(stack, directory, origin, redis, count)
+        assert admin is not None
+        headers = {}
+        if chosen.inm:
+            headers["If-None-Match"] = cache_bench.fetch(url + compare.REVALIDATED)[1]["etag"]
+        before = notes(admin)
+        served = compare.served(origin)
+        workers = pids[1:] or pids  # --workers 1 serves in its own process
+        cpu = [cpu_seconds([pid]) for pid in workers]
+        sched = [schedstat(pid) for pid in workers]
+        record = [spy, "record", "-r", "200", "-d", str(seconds), "-f", "raw"]
+        spies = [
+            subprocess.Popen([*record, "-o", f"{prefix}-w{n}.txt", "-p", str(pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for n, pid in enumerate(workers, 1) if spied
+        ]  # fmt: skip
+        saved = cache_bench.DURATION
+        cache_bench.DURATION = seconds
+        try:
+            r = cache_bench.wrk(wrk, url + chosen.path, headers, None, connections)
+        finally:
+            cache_bench.DURATION = saved
+        for s in spies:
+            s.wait()
+        asked = max(1, r.requests)
+        up = (compare.served(origin) - served) / asked
+        after = notes(admin)
+        for n, (pid, was, ran) in enumerate(zip(workers, cpu, sched, strict=True), 1):
+            spent = (cpu_seconds([pid]) - was) * 1e6 / asked
+            on, queued, slept, put_off = (b - a for a, b in zip(ran, schedstat(pid), strict=True))
+            samples = f"; samples {prefix}-w{n}.txt" if spied else ""
+            print(f"worker {n} (pid {pid}): {spent:.0f} µs/req; on a CPU {on / 1e3 / asked:.0f}, "
+                  f"waiting to run {queued / 1e3 / asked:.0f} µs/req; slept {slept / asked:.3f}, "
+                  f"put off {put_off / asked:.3f} times a request{samples}")  # fmt: skip
+        counted = ", ".join(f"{k} {after[k] - before.get(k, 0.0):.0f}" for k in sorted(after))
+        under = " (under py-spy)" if spied else ""
+        print(f"{chosen.label}: {r.rps:.0f} req/s{under}, upstream/req {up:.3f}")
+        print(f"notes and claims over the run: {counted or 'none'}")
+    shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run --workers")
     p.add_argument("--rounds", type=int, default=ROUNDS)
@@ -168,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", help="a directory holding another proxy package (as bench.ab)")
     p.add_argument("--unix", action="store_true", help="workers on Redis's Unix socket too")
     p.add_argument("--redis-nice", type=int, default=0, help="redis-server's nice (-20..19)")
+    p.add_argument("--profile", metavar="PREFIX", help="py-spy on both workers; no measuring")
+    p.add_argument("--scenario", default="reval", help="--profile's scenario (fresh, reval, ...)")
+    p.add_argument("--seconds", type=int, default=5, help="--profile's wrk run")
+    p.add_argument("--profile-workers", type=int, default=2, help="--profile's serve --workers")
+    p.add_argument("--no-spy", action="store_true", help="--profile's run without py-spy")
     args = p.parse_args(argv)
     # (label, workers, package directory, on the Unix socket)
     chosen: list[tuple[str, int | None, str | None, bool]]
@@ -180,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     if wrk is None:
         print("--workers needs wrk", file=sys.stderr)
         return 1
+    if args.profile:
+        return profile(
+            wrk, args.profile, args.scenario, args.seconds, args.connections,
+            args.profile_workers, not args.no_spy,
+        )  # fmt: skip
     directory = Path(tempfile.mkdtemp(prefix="kounta-workers-"))
     origin_port = cache_bench.free_port()
     origin = f"http://127.0.0.1:{origin_port}"

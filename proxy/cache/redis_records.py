@@ -314,6 +314,14 @@ class RedisRecords:
         except SharedUnavailable:
             self._count("unlock", "error")  # it expires by itself
 
+    def let_go(self, account: str, key: str, owner: str, note: bytes | None) -> None:
+        """:meth:`release`, written within this call and not waited on (no task: its reply
+        is only counted when it comes); for a 304's release, which nobody here waits on."""
+        try:
+            self.backend.cache_let_go(account, digest(key), owner, note)
+        except SharedUnavailable:
+            self._count("unlock", "error")  # it expires by itself
+
     async def drop(
         self,
         account: str | None,

@@ -33,7 +33,6 @@ from proxy.cache.records import BadRecord
 from proxy.cache.redis_records import RedisRecords
 from proxy.cache.store import CacheStore
 from proxy.clock import WallClock
-from proxy.compat.tasks import eager_task
 from proxy.messages import ProxyRequest
 from proxy.shared.base import Claim, SlotAsk, Taken
 
@@ -471,12 +470,13 @@ class RedisEntries(LocalEntries):
         is let go at once, with the note, while this replica still answers its callers (the
         freshened entry reaches Redis by :meth:`finish`, as :meth:`keep` decides).
 
-        At once means within this call: the release's first step (its script written to
-        Redis) runs here (:func:`~proxy.compat.tasks.eager_task`), not in a step of its own
-        queued behind the rest of this one (the 304 merged, the entry freshened, the flight
-        settled) and behind whatever the loop's next turn reads first: the other replicas'
-        flights waiting on this lock, and every connection parked on them, hear the note
-        that much sooner."""
+        At once means within this call: the release (its script) is written to Redis here
+        (:meth:`RedisRecords.let_go`), not in a step of its own queued behind the rest of
+        this one (the 304 merged, the entry freshened, the flight settled) and behind
+        whatever the loop's next turn reads first: the other replicas' flights waiting on
+        this lock, and every connection parked on them, hear the note that much sooner. And
+        in one step: no task, coroutine chain or later task step for a reply nobody here
+        waits on (a callback counts it)."""
         if flight.owner is None or self._changed(flight):
             return
         owner = flight.let_go()
@@ -484,8 +484,7 @@ class RedisEntries(LocalEntries):
         note = encode_note(Note(owner, flight.key, "304", *answer))
         if note is None:  # too large to send: the waiters look for the entry
             note = encode_note(Note(owner, flight.key, "done"))
-        release = self.records.release(flight.request.account, flight.key, owner, note)
-        self.flights.spawn(eager_task(release))
+        self.records.let_go(flight.request.account, flight.key, owner, note)
 
     def keep(self, flight: Flight, stored: Stored, *, freshened: bool = False) -> None:
         """As the local tier keeps it, and to Redis by :meth:`finish` once the answer is out:
@@ -510,7 +509,20 @@ class RedisEntries(LocalEntries):
         return stored
 
     def finish(self, flight: Flight) -> Awaitable[None] | None:
+        """:meth:`_finish`, in a task only when something of it goes to Redis: a flight with
+        nothing to store, no lock left to let go (a 304's went in :meth:`revalidated`; a
+        waiter holds none) and no refresh claim has its refund and slot handed back here,
+        in the flight's own step (no task and no later step per revalidation)."""
+        if flight.share is None and flight.owner is None and flight not in self._refreshing:
+            self._handed_back(flight)
+            return None
         return self._finish(flight)
+
+    def _handed_back(self, flight: Flight) -> None:
+        if self.refund is not None and flight.request.prepaid is not None:
+            self.refund(flight.request)  # its token, if it found the key fetched meanwhile
+        if self.ahead is not None:
+            self.ahead.unspent(flight.request)  # the slot its claim took, if never sent
 
     async def _finish(self, flight: Flight) -> None:
         """Store the flight's entry in Redis (unless a change came meanwhile), and only then
@@ -526,10 +538,7 @@ class RedisEntries(LocalEntries):
         refreshing = self._refreshing.pop(flight, None)
         if refreshing is not None:  # after the entry and the lock: a later refresh finds both
             await self.records.release_refresh(flight.request.account, flight.key, refreshing)
-        if self.refund is not None and flight.request.prepaid is not None:
-            self.refund(flight.request)  # its token, if it found the key fetched meanwhile
-        if self.ahead is not None:
-            self.ahead.unspent(flight.request)  # the slot its claim took, if never sent
+        self._handed_back(flight)
 
     async def close(self) -> None:
         await self.records.close()

@@ -238,6 +238,12 @@ class SharedCache(Protocol):
         """Let go of the lock (its owner only) and publish ``note`` to its waiters."""
         ...
 
+    def cache_let_go(self, account: str, digest: str, owner: str, note: bytes | None) -> None:
+        """:meth:`cache_release` written now, within this call, with no task or coroutine:
+        its reply only counted when it comes (nobody waits on it); raises
+        :class:`SharedUnavailable` at once when the shared store is away."""
+        ...
+
     async def cache_note(
         self, account: str, digest: str, holder: str, seconds: float
     ) -> bytes | None:

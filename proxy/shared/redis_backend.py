@@ -281,6 +281,28 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
         self.metrics.shared_calls.labels(op, "ok").inc()
         return result
 
+    def _run_off(self, op: str, call: Callable[[], Awaitable[Any]]) -> None:
+        """``call()`` made now and left to run, its reply counted as :meth:`_run` counts one
+        when it comes (a callback on its future: no task, when the pipelined connection is
+        up; a call that must connect first gets one). Raises :class:`SharedUnavailable` at
+        once when the store is away; later errors are only counted (nobody waits)."""
+        if not self._up:
+            raise SharedUnavailable(f"shared store away ({op})")
+        sent = asyncio.ensure_future(call())
+        sent.add_done_callback(functools.partial(self._ran_off, op, time.perf_counter()))
+
+    def _ran_off(self, op: str, started: float, done: asyncio.Future[Any]) -> None:
+        self.metrics.shared_call_duration.labels(op).observe(time.perf_counter() - started)
+        error = None if done.cancelled() else done.exception()  # retrieved: nobody waits
+        if error is None and not done.cancelled():
+            self.metrics.shared_calls.labels(op, "ok").inc()
+            return
+        if self._closed:
+            return  # the wire closed under it at shutdown: no error, as a cancelled call's
+        if isinstance(error, _CONNECTION_ERRORS):
+            self._set_state(False, f"{op}: {_why(error)}")
+        self.metrics.shared_calls.labels(op, "error").inc()
+
     def key(self, kind: str, account: str, suffix: str = "") -> str:
         return f"{self.prefix}:{kind}:{account}{':' + suffix if suffix else ''}"
 

@@ -63,6 +63,8 @@ class CacheRecords:
             self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = 0.0
         ) -> T: ...
 
+        def _run_off(self, op: str, call: Callable[[], Awaitable[Any]]) -> None: ...
+
         def _bad(self, kind: str, problem: str) -> NoReturn: ...
 
         def key(self, kind: str, account: str, suffix: str = "") -> str: ...
@@ -229,12 +231,7 @@ class CacheRecords:
     ) -> None:
         """Let go of the lock (only its owner can) and publish ``note`` (sealed here) to the
         replicas that waited on it: one script, one round trip."""
-        keys = [self._cache_key(account, "lock", digest)]
-        args: list[Any] = [owner]
-        if note is not None:
-            keys.append(self._cache_key(account, "lock", digest + WAITING))
-            sealed = self.records.seal(self._cache_key(account, "note", digest).encode(), note)
-            args += [owner.encode() + b"|" + sealed, self.key("cache", "notes") + ":"]
+        keys, args = self._release_of(account, digest, owner, note)
 
         def release() -> Awaitable[Any]:
             sent = self._cache_release(keys, args)
@@ -244,6 +241,28 @@ class CacheRecords:
             return sent
 
         await self._run("cache_unlock", release, None)
+
+    def cache_let_go(self, account: str, digest: str, owner: str, note: bytes | None) -> None:
+        """:meth:`cache_release` written and flushed within this call, as one step: no task,
+        no coroutine chain and no step of a task when its reply comes (a 304's release, which
+        nobody waits on: ``RedisEntries.revalidated``); the reply counted as ``_run`` counts
+        it, by a callback on its future."""
+        keys, args = self._release_of(account, digest, owner, note)
+        self._run_off("cache_unlock", lambda: self._cache_release(keys, args))
+        self.wire.flush()
+
+    def _release_of(
+        self, account: str, digest: str, owner: str, note: bytes | None
+    ) -> tuple[list[str], list[Any]]:
+        """The release script's keys and arguments: the lock, the owner; with ``note``, the
+        waiters' set, the note sealed for this key, and the notes channels' prefix."""
+        keys = [self._cache_key(account, "lock", digest)]
+        args: list[Any] = [owner]
+        if note is not None:
+            keys.append(self._cache_key(account, "lock", digest + WAITING))
+            sealed = self.records.seal(self._cache_key(account, "note", digest).encode(), note)
+            args += [owner.encode() + b"|" + sealed, self.key("cache", "notes") + ":"]
+        return keys, args
 
     async def cache_note(
         self, account: str, digest: str, holder: str, seconds: float
