@@ -625,3 +625,32 @@ async def test_a_wake_ups_joiners_are_answered_from_what_they_share_worked_out_o
     assert [lines[f"j{i}"]["fetched_by"] for i in range(6)] == ["the-starter"] * 6
     assert [lines[f"j{i}"]["status"] for i in range(6)] == [200, 304, 200, 200, 304, 200]
     assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_wake_ups_shape_without_a_template_is_rendered_the_long_way(
+    setup: Setup, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shape with no template (a stored header holding a slot's text: edge.rendered) is
+    # rendered by FastPath._respond for each joiner of the wake-up: the same answers.
+    import proxy.edge.together
+
+    monkeypatch.setattr(proxy.edge.together, "template", lambda *_: None)
+    s, inm = setup, {"If-None-Match": setup.origin.etag}
+    fast = s.long_way.fast
+    rendered: list[int] = []
+    respond = fast._respond
+
+    def recording(head: Any, asked: Any, answer: Any, *rest: Any) -> Any:
+        rendered.append(answer[0])
+        return respond(head, asked, answer, *rest)
+
+    monkeypatch.setattr(fast, "_respond", recording)
+    _, answers = await one_flight(s, client, [{}, inm, {}])
+    assert [a[0] for a in answers] == [200, 304, 200]
+    assert sorted(rendered) == [200, 200, 200, 304]  # the starter's too (FastPath._joined)
+    slow = [await get(client, s.proxy.url + PATH, **{**SLOW, **h}) for h in ({}, inm)]
+    for mine, theirs in ((answers[0], slow[0]), (answers[1], slow[1]), (answers[2], slow[0])):
+        assert (mine[0], mine[2]) == (theirs[0], theirs[2])
+        assert steady(mine[1]) == steady(theirs[1])
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
