@@ -397,9 +397,7 @@ class FastLook:
         joiner of a flight (whether its outcome can be answered here, the lookups' count)
         is made once per flight and outcome (:class:`Sharing`, ``Flight.answering``)."""
         flight = pending.flight
-        sharing = flight.answering
-        if not isinstance(sharing, Sharing) or sharing.outcome is not outcome:
-            sharing = flight.answering = self._sharing(outcome)
+        sharing = self.sharing(pending, outcome)
         body, entry, counted = sharing.body, sharing.entry, sharing.counted
         if body is None or entry is None or counted is None:
             return None
@@ -421,6 +419,16 @@ class FastLook:
         else:  # what Answers.count counts
             counted.inc()
         return answer, flight.upstream_seconds
+
+    def sharing(self, pending: Pending, outcome: Outcome) -> Sharing:
+        """What every answer from ``pending``'s flight's ``outcome`` shares, made once per
+        flight and outcome (``Flight.answering``): :meth:`joined`'s, and a wake-up's
+        (:class:`~proxy.edge.together.Together`)."""
+        flight = pending.flight
+        sharing = flight.answering
+        if not isinstance(sharing, Sharing) or sharing.outcome is not outcome:
+            sharing = flight.answering = self._sharing(outcome)
+        return sharing
 
     def _sharing(self, outcome: Outcome) -> Sharing:
         """What every joiner's answer from ``outcome`` shares (:meth:`joined`)."""

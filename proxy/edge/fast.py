@@ -76,16 +76,17 @@ from proxy.cache.lookup import UNHANDLED_CONDITIONALS
 from proxy.cache.validation import Last
 from proxy.coding import GZIP, Caps, accepts_gzip, coding_of, inflate_whole
 from proxy.compat.aiohttp import http_date, render_response
-from proxy.edge.answer import answer_headers, cache_status_value, caller_value, caller_view
+from proxy.edge.answer import answer_headers, caller_value, caller_view
 from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
 from proxy.edge.known import known
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line
 from proxy.edge.paging import HEADER as ALL_PAGES
-from proxy.edge.parked import Asked, Joiners, Joining, Parked, traced, waited
+from proxy.edge.parked import Asked, Joiners, Joining, Parked, Together, traced, waited
 from proxy.edge.rendered import Place, fill, render_template, template
 from proxy.edge.services import SERVICES, Services
+from proxy.edge.together import Path, revalidated, together
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
@@ -265,6 +266,12 @@ class FastPath:
         except Exception:
             log.exception("fast_path_failed")
             return None
+
+    def together(self, pending: Pending, outcome: Outcome, info: bool) -> Together | None:
+        """A wake-up's joiners' answer from what they share (:mod:`proxy.edge.together`)."""
+        path: Path = self.place, self.public, self.services.callers.note, self._done, self._respond
+        shared = together(self.cache.fast, pending, outcome, info, path)
+        return None if shared is None else shared.answer
 
     def left(self, parked: Parked, waiting: bool = True) -> None:
         """A parked request's caller left (``waiting``: before its flight was done, else
@@ -465,7 +472,7 @@ class FastPath:
             info.upstream_seconds = upstream_seconds
             info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
         # What the long way's Cache._forward says: a stored answer was refreshed.
-        member = _revalidated(outcome.upstream_status)
+        member = revalidated(outcome.upstream_status)
         return self._respond(request, asked, answer, "REVALIDATED", member, info, make)
 
     def _respond(
@@ -581,13 +588,6 @@ def _plain_headers(headers: CIMultiDictProxy[str]) -> tuple[str | None, ...] | N
 # flight's joiners' answers all carry the entry's one tuple; a fresh hit of a held entry
 # finds it on the entry's record, proxy.cache.memory.Kept).
 _coding = Last(coding_of)
-
-
-@functools.lru_cache(maxsize=64)
-def _revalidated(upstream_status: int | None) -> str:
-    """The Cache-Status member of an answer a flight refreshed (the same for all its
-    joiners)."""
-    return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
 
 
 def wrap(app: web.Application, inner: Handler) -> Handler:

@@ -46,6 +46,12 @@ class Settle(Protocol):
         self, head: Head, asked: Asked, pending: Pending, outcome: Outcome, noted: Trace | None
     ) -> bytes | None: ...
     def gone(self, head: Head, asked: Asked, noted: Trace) -> None: ...
+    def together(self, pending: Pending, outcome: Outcome, info: bool) -> Together | None: ...
+
+
+# A joiner's answer from what its wake-up's joiners share (proxy.edge.together): its bytes,
+# or None (the long way goes on from the outcome).
+Together = Callable[[Head, "Asked", Trace | None], bytes | None]
 
 
 class Parked:
@@ -161,10 +167,17 @@ class Joiners:
         result = self.fast.result(first)  # the same for every joiner of the flight
         # A joiner's trace is read only by an access line (below info, none is made).
         info = log.isEnabledFor(logging.INFO)
+        shared = None  # what their answers share, worked out once (proxy.edge.together)
+        # (debug lines: each answered in its own context, as FastPath.answered answers it)
+        if isinstance(result, Outcome) and not log.isEnabledFor(logging.DEBUG):
+            try:
+                shared = self.settle.together(first, result, info)
+            except Exception:
+                log.exception("fast_path_failed")
         for protocol, entry in entries:
             if protocol.parked_on(entry):  # else its caller left (unpark)
                 try:
-                    self._answer(protocol, entry, result, info)
+                    self._answer(protocol, entry, result, info, shared)
                 except Exception:  # one joiner's failure must not cost the others theirs
                     log.exception("flight_wake_failed")
 
@@ -174,13 +187,19 @@ class Joiners:
         entry: Joining,
         result: Outcome | Exception,
         info: bool,
+        shared: Together | None,
     ) -> None:
         self.in_flight.dec()
         _, head, asked, (context, noted), pending = entry
         if noted is None and info:
             noted = Trace(asked.request_id)
         out = None
-        if isinstance(result, Outcome):
+        if shared is not None:
+            try:
+                out = shared(head, asked, noted)
+            except Exception:
+                log.exception("fast_path_failed")
+        elif isinstance(result, Outcome):
             answered = self.settle.answered
             if context is None:
                 out = answered(head, asked, pending, result, noted)

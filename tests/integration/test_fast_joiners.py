@@ -573,3 +573,84 @@ async def test_a_flights_joiners_share_what_their_answers_have_in_common(
     lines = access_lines(caplog)
     assert [lines[f"j{i}"]["fetched_by"] for i in range(4)] == ["the-starter"] * 4
     assert lines["the-starter"]["fetched_by"] is None
+
+
+async def test_a_wake_ups_joiners_are_answered_from_what_they_share_worked_out_once(
+    setup: Setup,
+    monkeypatch: pytest.MonkeyPatch,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # proxy.edge.together: the clock (Age), Date, Cache-Status member and each shape's head
+    # are worked out once per wake-up, not once a joiner; joiners of different shapes (a
+    # 200 taking gzip, one not, a caller's 304) in one flight answer as the long way does.
+    s, etag = setup, setup.origin.etag
+    caplog.set_level(logging.INFO, logger="kounta_proxy")
+    reads: list[float] = []
+    looked = s.long_way.fast.cache.fast
+    clock = looked.clock
+
+    def counting() -> float:
+        now = clock()
+        reads.append(now)
+        return now
+
+    inm = {"If-None-Match": etag}
+    plain = {"Accept-Encoding": "identity"}
+    shapes: list[dict[str, str]] = [{}, inm, plain, {}, inm, plain]
+    joiners = [{"X-Request-ID": f"j{i}", **h} for i, h in enumerate(shapes)]
+    url = s.hold()
+    starter = asyncio.ensure_future(get(client, url, **{"X-Request-ID": "the-starter"}))
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    tasks = [asyncio.ensure_future(get(client, url, **h)) for h in joiners]
+    await s.waiting(1 + len(joiners))
+    monkeypatch.setattr(looked, "clock", counting)
+    s.origin.gate.set()
+    first = await starter
+    answers = list(await asyncio.gather(*tasks))
+    # the starter's answer reads the clock once, the six joiners' wake-up once (was 7)
+    assert len(reads) == 2
+    assert [a[0] for a in answers] == [200, 304, 200, 200, 304, 200]
+    assert all(a[1]["X-Cache"] == "REVALIDATED" for a in [first, *answers])
+    assert len({a[1]["Age"] for a in answers}) == 1
+    assert len({a[1]["Date"] for a in answers}) <= 2  # a second may turn
+    assert [a[1]["X-Request-ID"] for a in answers] == [f"j{i}" for i in range(6)]
+    slow = [await get(client, url, **{**SLOW, **h}) for h in ({}, inm, plain)]
+    for i, (status, headers, body) in enumerate(slow):
+        for mine in (answers[i], answers[i + 3]):
+            assert (mine[0], mine[2]) == (status, body)
+            assert steady(mine[1]) == steady(headers)
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 6
+    lines = access_lines(caplog)
+    assert [lines[f"j{i}"]["fetched_by"] for i in range(6)] == ["the-starter"] * 6
+    assert [lines[f"j{i}"]["status"] for i in range(6)] == [200, 304, 200, 200, 304, 200]
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
+
+
+async def test_a_wake_ups_shape_without_a_template_is_rendered_the_long_way(
+    setup: Setup, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shape with no template (a stored header holding a slot's text: edge.rendered) is
+    # rendered by FastPath._respond for each joiner of the wake-up: the same answers.
+    import proxy.edge.together
+
+    monkeypatch.setattr(proxy.edge.together, "template", lambda *_: None)
+    s, inm = setup, {"If-None-Match": setup.origin.etag}
+    fast = s.long_way.fast
+    rendered: list[int] = []
+    respond = fast._respond
+
+    def recording(head: Any, asked: Any, answer: Any, *rest: Any) -> Any:
+        rendered.append(answer[0])
+        return respond(head, asked, answer, *rest)
+
+    monkeypatch.setattr(fast, "_respond", recording)
+    _, answers = await one_flight(s, client, [{}, inm, {}])
+    assert [a[0] for a in answers] == [200, 304, 200]
+    assert sorted(rendered) == [200, 200, 200, 304]  # the starter's too (FastPath._joined)
+    slow = [await get(client, s.proxy.url + PATH, **{**SLOW, **h}) for h in ({}, inm)]
+    for mine, theirs in ((answers[0], slow[0]), (answers[1], slow[1]), (answers[2], slow[0])):
+        assert (mine[0], mine[2]) == (theirs[0], theirs[2])
+        assert steady(mine[1]) == steady(theirs[1])
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 3
+    assert s.sample("kounta_proxy_requests_in_flight") == 0

@@ -1,0 +1,150 @@
+"""A flight's parked joiners answered together, from what they share worked out once.
+
+A flight's wake-up hands every joiner it woke in the connections' protocols to
+:meth:`~proxy.edge.parked.Joiners.woken` in one call. Each joiner's answer from an outcome
+that freshened the stored 200 is the same but for the caller's own parts: its request id,
+its If-None-Match (a 304 or the body), whether it takes gzip, who it is, where it reached
+the proxy. What is the same for all of them is worked out here once per wake-up
+(:class:`Together`): the flight's sharing (:meth:`~proxy.cache.fastlook.FastLook.sharing`),
+the clock read and the Age, the ``Date``, the Cache-Status member, the plain (inflated) body
+for callers that do not take gzip, the upstream time and the fetching request's id, and a
+rendered head per shape (status, scheme and host, coding, caller) as the joiners ask for
+them; each joiner's answer is the shape's head with its request id filled in
+(:func:`~proxy.edge.rendered.fill`), counted and logged as
+:meth:`~proxy.edge.fast.FastPath.answered` counts and logs it, byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from proxy.cache.fastlook import BodyFor, FastAnswer, FastLook, Pending, Sharing
+from proxy.cache.flight import Outcome
+from proxy.compat.aiohttp import http_date, render_response
+from proxy.edge.answer import cache_status_value, caller_value
+from proxy.edge.callers import Caller
+from proxy.edge.inbound import Exchange, Head, Incoming
+from proxy.edge.parked import Asked, waited
+from proxy.edge.rendered import Place, fill, template
+from proxy.logs import Trace
+from proxy.messages import CacheStatus
+
+# FastPath._done and FastPath._respond as a wake-up's answers use them.
+Done = Callable[[Incoming, Asked, int, CacheStatus, "Exchange | None", int], None]
+Respond = Callable[
+    [Incoming, Asked, FastAnswer, CacheStatus, str, "Exchange | None", Callable[..., bytes]],
+    bytes,
+]
+
+
+@functools.lru_cache(maxsize=64)
+def revalidated(upstream_status: int | None) -> str:
+    """The Cache-Status member of an answer a flight refreshed (the same for all its
+    joiners)."""
+    return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
+
+
+# What a wake-up's answers take of the fast path: its place and public URL, its callers'
+# note, and its _done and _respond.
+Path = tuple[Place, str, Callable[[Caller], None], Done, Respond]
+
+
+def together(
+    fast: FastLook, pending: Pending, outcome: Outcome, info: bool, path: Path
+) -> Together | None:
+    """What the joiners of ``pending``'s flight woken with ``outcome`` share; None: it did
+    not freshen the stored 200 in memory (each goes the long way with it). ``info``: access
+    lines are written."""
+    sharing = fast.sharing(pending, outcome)
+    if sharing.body is None or sharing.entry is None or sharing.counted is None:
+        return None
+    member = revalidated(outcome.upstream_status)
+    return Together(fast, pending, outcome, sharing, member, info, path)
+
+
+class Together:
+    """What the answers of one wake-up's joiners share (the flight's outcome freshened the
+    stored 200: :func:`together`), and each joiner's answer from it (:meth:`answer`)."""
+
+    __slots__ = (
+        "age", "body", "caller_304", "coalesced", "counted", "date", "done", "fetched_by",
+        "headers", "info", "member", "not_modified", "note", "place", "plain", "plain_made",
+        "public", "respond", "shapes", "upstream_seconds", "upstream_status",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        fast: FastLook,
+        pending: Pending,
+        outcome: Outcome,
+        sharing: Sharing,
+        member: str,
+        info: bool,
+        path: Path,
+    ) -> None:
+        body, entry, counted = sharing.body, sharing.entry, sharing.counted
+        assert body is not None  # together() checked these
+        assert entry is not None
+        assert counted is not None
+        flight = pending.flight
+        self.body, self.not_modified, self.counted = body, sharing.not_modified, counted
+        self.age = int(entry.age(fast.clock()))  # the clock read once for all of them
+        self.headers, self.upstream_status = outcome.headers, outcome.upstream_status
+        self.caller_304 = fast.answers.caller_304
+        self.coalesced = fast.coalesced
+        self.fetched_by, self.upstream_seconds = flight.request.request_id, flight.upstream_seconds
+        self.member, self.info, self.date = member, info, http_date()
+        self.place, self.public, self.note, self.done, self.respond = path
+        self.plain: bytes | None = None
+        self.plain_made = False
+        self.shapes: dict[tuple[int, str, str, bool, str], tuple[bytes, bool] | None] = {}
+
+    def answer(self, head: Head, asked: Asked, noted: Trace | None) -> bytes | None:
+        """A joiner's answer, counted and logged as :meth:`FastPath.answered` does (a
+        joiner's ``FastLook.joined``, then ``FastPath._respond``); None, counting nothing:
+        the long way goes on from the outcome (the plain body too large to inflate)."""
+        if self.caller_304(200, self.headers, head.headers):
+            status, items, body = 304, self.not_modified(), b""
+        else:
+            status, items = 200, self.headers
+            sent = self.body if asked.body_for is None else self._plain(asked.body_for)
+            if sent is None:
+                return None
+            body = sent
+        self.coalesced.inc()  # counted and logged as the long way's _wait does
+        if noted is not None:
+            noted.fetched_by = self.fetched_by
+        self.counted.inc()
+        info = None
+        if self.info and noted is not None:  # the access line's values
+            info = waited(asked, noted)
+            info.upstream_seconds = self.upstream_seconds
+            info.cache_status, info.upstream_status = "REVALIDATED", self.upstream_status
+        caller = asked.caller
+        named = caller_value(caller.name, caller.account)
+        scheme, host = ("", "") if self.public else (head.scheme, head.host)
+        accepts = asked.accepts
+        of = (status, scheme, host, accepts, named)
+        shapes = self.shapes
+        if of in shapes:
+            shape = shapes[of]
+        else:
+            shape = shapes[of] = template(
+                status, items, self.place, scheme, host, accepts, "REVALIDATED", self.member,
+                named, len(body),
+            )  # fmt: skip
+        if shape is None:  # rendered the long way (edge.rendered), counted and logged there
+            answer = status, items, body, self.age, None
+            member = self.member
+            return self.respond(head, asked, answer, "REVALIDATED", member, info, render_response)
+        self.note(caller)
+        out = fill(shape, asked.request_id, self.age, self.date, body)
+        self.done(head, asked, status, "REVALIDATED", info, len(body))
+        return out
+
+    def _plain(self, body_for: BodyFor) -> bytes | None:
+        """The stored body for a caller that does not take gzip, made once a wake-up."""
+        if not self.plain_made:
+            self.plain, self.plain_made = body_for(self.headers, self.body), True
+        return self.plain
