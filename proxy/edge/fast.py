@@ -86,7 +86,7 @@ from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Asked, Joiners, Joining, Parked, Together, traced, waited
 from proxy.edge.rendered import Place, fill, render_template, template
 from proxy.edge.services import SERVICES, Services
-from proxy.edge.together import Path, revalidated, together
+from proxy.edge.together import Path, refreshed, revalidated, together
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
@@ -468,9 +468,7 @@ class FastPath:
         answer, upstream_seconds = found
         info = None
         if log.isEnabledFor(logging.INFO) and noted is not None:  # the access line's values
-            info = waited(asked, noted)
-            info.upstream_seconds = upstream_seconds
-            info.cache_status, info.upstream_status = "REVALIDATED", outcome.upstream_status
+            info = refreshed(asked, noted, upstream_seconds, outcome.upstream_status)
         # What the long way's Cache._forward says: a stored answer was refreshed.
         member = revalidated(outcome.upstream_status)
         return self._respond(request, asked, answer, "REVALIDATED", member, info, make)

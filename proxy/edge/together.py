@@ -45,6 +45,17 @@ def revalidated(upstream_status: int | None) -> str:
     return cache_status_value("REVALIDATED", "fwd=stale", upstream_status)
 
 
+def refreshed(
+    asked: Asked, noted: Trace, upstream_seconds: float | None, upstream_status: int | None
+) -> Exchange:
+    """What the access line of a request answered from its flight's refreshed entry says
+    (the fast path's joiners and starters, one by one or a wake-up's together)."""
+    info = waited(asked, noted)
+    info.upstream_seconds = upstream_seconds
+    info.cache_status, info.upstream_status = "REVALIDATED", upstream_status
+    return info
+
+
 # What a wake-up's answers take of the fast path: its place and public URL, its callers'
 # note, and its _done and _respond.
 Path = tuple[Place, str, Callable[[Caller], None], Done, Respond]
@@ -118,9 +129,7 @@ class Together:
         self.counted.inc()
         info = None
         if self.info and noted is not None:  # the access line's values
-            info = waited(asked, noted)
-            info.upstream_seconds = self.upstream_seconds
-            info.cache_status, info.upstream_status = "REVALIDATED", self.upstream_status
+            info = refreshed(asked, noted, self.upstream_seconds, self.upstream_status)
         caller = asked.caller
         named = caller_value(caller.name, caller.account)
         scheme, host = ("", "") if self.public else (head.scheme, head.host)
