@@ -9,7 +9,6 @@ waiting or looking up again (:func:`handing_over`, :func:`taken`).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,7 +31,6 @@ from proxy.cache.webhooks.health import Feeds
 from proxy.clock import WallClock
 from proxy.coding import GZIP, coding_of
 from proxy.errors import ProxyError
-from proxy.logs import Trace, log
 from proxy.memo import memo
 from proxy.messages import ProxyRequest
 from proxy.settings import CacheRule
@@ -380,50 +378,11 @@ class FastLook:
         except Exception as e:
             return e
 
-    def joined(
-        self,
-        pending: Pending,
-        outcome: Outcome,
-        headers: Headers,
-        body_for: BodyFor | None,
-        noted: Trace | None = None,
-    ) -> tuple[FastAnswer, float | None] | None:
-        """A joiner's (or the starter's) answer when its flight freshened the stored 200 in
-        memory (what the long way's waiting, fetching and :meth:`Answers.outcome` give,
-        counted as they count), and the upstream time it shares; None, counting nothing:
-        the long way goes on from ``outcome`` (:func:`~proxy.cache.fastlook.handing_over`).
-        ``noted``: the request's trace, where a joiner's ``fetched_by`` goes (None: nothing
-        reads it, :meth:`~proxy.edge.parked.Joiners.woken`). What is the same for every
-        joiner of a flight (whether its outcome can be answered here, the lookups' count)
-        is made once per flight and outcome (:class:`Sharing`, ``Flight.answering``)."""
-        flight = pending.flight
-        sharing = self.sharing(pending, outcome)
-        body, entry, counted = sharing.body, sharing.entry, sharing.counted
-        if body is None or entry is None or counted is None:
-            return None
-        answer: FastAnswer
-        age = int(entry.age(self.clock()))
-        if self.answers.caller_304(200, outcome.headers, headers):
-            answer = 304, sharing.not_modified(), b"", age, None
-        else:
-            sent = body if body_for is None else body_for(outcome.headers, body)
-            if sent is None:
-                return None
-            answer = 200, outcome.headers, sent, age, None
-        if not pending.starter:  # a joiner: counted and logged as the long way's _wait does
-            self.coalesced.inc()
-            if noted is not None:
-                noted.fetched_by = flight.request.request_id
-        if log.isEnabledFor(logging.DEBUG):  # its cache_lookup line reads the current trace
-            self.answers.count("revalidated", outcome.reason)
-        else:  # what Answers.count counts
-            counted.inc()
-        return answer, flight.upstream_seconds
-
     def sharing(self, pending: Pending, outcome: Outcome) -> Sharing:
         """What every answer from ``pending``'s flight's ``outcome`` shares, made once per
-        flight and outcome (``Flight.answering``): :meth:`joined`'s, and a wake-up's
-        (:class:`~proxy.edge.together.Together`)."""
+        flight and outcome (``Flight.answering``): whether it can be answered here (the
+        stored 200 in memory freshened), the lookups' count, the 304's headers; for every
+        wake-up's :class:`~proxy.edge.together.Together` (its joiners, or the starter)."""
         flight = pending.flight
         sharing = flight.answering
         if not isinstance(sharing, Sharing) or sharing.outcome is not outcome:
@@ -431,7 +390,7 @@ class FastLook:
         return sharing
 
     def _sharing(self, outcome: Outcome) -> Sharing:
-        """What every joiner's answer from ``outcome`` shares (:meth:`joined`)."""
+        """What every answer from ``outcome`` shares (:meth:`sharing`)."""
         stored, entry = outcome.stored, outcome.entry
         if (
             outcome.cache_status != "REVALIDATED"
@@ -485,9 +444,9 @@ class FastLook:
 
 
 class Sharing:
-    """What the answers of a flight's joiners share (:meth:`FastLook.joined`), made once per
-    flight and outcome: the stored body to answer from and its entry (None: the long way
-    answers), the lookups' count, and the 304's headers once one is asked for."""
+    """What the answers of a flight's joiners and starter share (:meth:`FastLook.sharing`),
+    made once per flight and outcome: the stored body to answer from and its entry (None:
+    the long way answers), the lookups' count, and the 304's headers once one is asked for."""
 
     __slots__ = ("_304", "body", "counted", "entry", "outcome")
 

@@ -83,10 +83,10 @@ from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, req
 from proxy.edge.known import known
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line
 from proxy.edge.paging import HEADER as ALL_PAGES
-from proxy.edge.parked import Asked, Joiners, Joining, Parked, Together, traced, waited
+from proxy.edge.parked import Answer, Asked, Joiners, Joining, Parked, traced, waited
 from proxy.edge.rendered import Place, fill, render_template, template
 from proxy.edge.services import SERVICES, Services
-from proxy.edge.together import Path, refreshed, revalidated, together
+from proxy.edge.together import Make, Path, Together, together
 from proxy.errors import ProxyError
 from proxy.headers import SERVER_NAME, not_utf8, proxied
 from proxy.logs import Trace, begin_trace, log
@@ -97,8 +97,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Found = FastAnswer | Pending | Startable | Unheld
 Waiter = asyncio.Future[None]
 T = TypeVar("T")
-# What an answer is made into: a web.Response, or its bytes (written by the protocol).
-Make = Callable[[int, CIMultiDict[str], bytes], T]
 
 # Any of these sends a request the long way.
 LONG_WAY_HEADERS = (
@@ -250,28 +248,26 @@ class FastPath:
         answers it; None, counting nothing: the long way goes on from ``parked.result``
         (:meth:`__call__`)."""
         self.in_flight.dec()
-        pending = parked.pending
+        head, asked, pending = parked.head, parked.asked, parked.pending
         parked.result = result = self.cache.fast.result(pending)
-        if not isinstance(result, Outcome):
-            return None
-        return self.answered(parked.head, parked.asked, pending, result, parked.noted)
+        return self._joined(head, asked, pending, result, parked.noted, render_response)
 
-    def answered(
-        self, head: Head, asked: Asked, pending: Pending, outcome: Outcome, noted: Trace | None
-    ) -> bytes | None:
-        """A parked request's answer from its flight's ``outcome``, as :meth:`join` answers
-        it; None, counting nothing: the long way goes on from it."""
-        try:
-            return self._joined(head, asked, pending, outcome, noted, render_response)
-        except Exception:
-            log.exception("fast_path_failed")
-            return None
-
-    def together(self, pending: Pending, outcome: Outcome, info: bool) -> Together | None:
+    def together(self, pending: Pending, outcome: Outcome, info: bool) -> Answer | None:
         """A wake-up's joiners' answer from what they share (:mod:`proxy.edge.together`)."""
-        path: Path = self.place, self.public, self.services.callers.note, self._done, self._respond
-        shared = together(self.cache.fast, pending, outcome, info, path)
+        shared = self._together(pending, outcome, info, render_response)
         return None if shared is None else shared.answer
+
+    def _together(
+        self, pending: Pending, outcome: Outcome, info: bool, make: Make[T]
+    ) -> Together[T] | None:
+        path: Path[T] = (
+            self.place,
+            self.public,
+            self.services.callers.note,
+            self._done,
+            self._respond,
+        )
+        return together(self.cache.fast, pending, outcome, info, path, make)
 
     def left(self, parked: Parked, waiting: bool = True) -> None:
         """A parked request's caller left (``waiting``: before its flight was done, else
@@ -388,12 +384,7 @@ class FastPath:
             raise
         finally:
             in_flight.dec()
-        response = None
-        if isinstance(result, Outcome):
-            try:
-                response = self._joined(request, asked, pending, result, noted, _response)
-            except Exception:
-                log.exception("fast_path_failed")
+        response = self._joined(request, asked, pending, result, noted, _response)
         if response is not None:
             return response
         return await self._hand_over(request, asked, pending, result, noted)
@@ -458,20 +449,21 @@ class FastPath:
         request: Incoming,
         asked: Asked,
         pending: Pending,
-        outcome: Outcome,
+        result: Outcome | Exception,
         noted: Trace | None,
         make: Make[T],
     ) -> T | None:
-        found = self.cache.fast.joined(pending, outcome, request.headers, asked.body_for, noted)
-        if found is None:
+        """One request's answer from its flight's ``result`` (a joiner, or the starter) as a
+        wake-up answers its joiners (:mod:`proxy.edge.together`): a wake-up of one; None,
+        counting nothing: the long way goes on from the result."""
+        if not isinstance(result, Outcome):
             return None
-        answer, upstream_seconds = found
-        info = None
-        if log.isEnabledFor(logging.INFO) and noted is not None:  # the access line's values
-            info = refreshed(asked, noted, upstream_seconds, outcome.upstream_status)
-        # What the long way's Cache._forward says: a stored answer was refreshed.
-        member = revalidated(outcome.upstream_status)
-        return self._respond(request, asked, answer, "REVALIDATED", member, info, make)
+        try:
+            shared = self._together(pending, result, log.isEnabledFor(logging.INFO), make)
+            return None if shared is None else shared.answer(request, asked, noted)
+        except Exception:  # a bug here must not cost the caller its answer
+            log.exception("fast_path_failed")
+            return None
 
     def _respond(
         self,
@@ -493,21 +485,20 @@ class FastPath:
         if make is render_response:  # its head rendered once per shape (edge.rendered)
             scheme, host = ("", "") if self.public else (request.scheme, request.host)
             accepts = asked.accepts
-            # a held entry's fresh hit: its last shape's head is kept on its record (the
-            # rest of the head is the entry's)
-            held = kept if cache_status == "HIT" and not member else None
+            # a held entry's fresh hit (``kept``; None: any other answer): its last shape's
+            # head is kept on its record (the rest of the head is the entry's)
             of = (status, scheme, host, accepts, named)
-            if held is not None and held.shape_of == of:
-                shape = held.shape
+            if kept is not None and kept.shape_of == of:
+                shape = kept.shape
             else:
                 # a held entry's first shape is kept on its record alone (no memo entry)
-                render = render_template if held is not None and held.shape_of is None else template
+                render = render_template if kept is not None and kept.shape_of is None else template
                 shape = render(
                     status, items, self.place, scheme, host, accepts, cache_status, member,
                     named, len(body),
                 )  # fmt: skip
-                if held is not None:
-                    held.shape_of, held.shape = of, shape
+                if kept is not None:
+                    kept.shape_of, kept.shape = of, shape
             if shape is not None:
                 out = fill(shape, asked.request_id, age, http_date(), body)
                 self._done(request, asked, status, cache_status, info, len(body))

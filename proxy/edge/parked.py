@@ -42,16 +42,13 @@ class Settle(Protocol):
     def begin(self, parked: Parked) -> None: ...
     def settled(self, parked: Parked) -> bytes | None: ...
     def left(self, parked: Parked, waiting: bool = True) -> None: ...
-    def answered(
-        self, head: Head, asked: Asked, pending: Pending, outcome: Outcome, noted: Trace | None
-    ) -> bytes | None: ...
     def gone(self, head: Head, asked: Asked, noted: Trace) -> None: ...
-    def together(self, pending: Pending, outcome: Outcome, info: bool) -> Together | None: ...
+    def together(self, pending: Pending, outcome: Outcome, info: bool) -> Answer | None: ...
 
 
 # A joiner's answer from what its wake-up's joiners share (proxy.edge.together): its bytes,
 # or None (the long way goes on from the outcome).
-Together = Callable[[Head, "Asked", Trace | None], bytes | None]
+Answer = Callable[[Head, "Asked", Trace | None], bytes | None]
 
 
 class Parked:
@@ -168,8 +165,7 @@ class Joiners:
         # A joiner's trace is read only by an access line (below info, none is made).
         info = log.isEnabledFor(logging.INFO)
         shared = None  # what their answers share, worked out once (proxy.edge.together)
-        # (debug lines: each answered in its own context, as FastPath.answered answers it)
-        if isinstance(result, Outcome) and not log.isEnabledFor(logging.DEBUG):
+        if isinstance(result, Outcome):
             try:
                 shared = self.settle.together(first, result, info)
             except Exception:
@@ -187,7 +183,7 @@ class Joiners:
         entry: Joining,
         result: Outcome | Exception,
         info: bool,
-        shared: Together | None,
+        shared: Answer | None,
     ) -> None:
         self.in_flight.dec()
         _, head, asked, (context, noted), pending = entry
@@ -196,15 +192,12 @@ class Joiners:
         out = None
         if shared is not None:
             try:
-                out = shared(head, asked, noted)
+                if context is None:
+                    out = shared(head, asked, noted)
+                else:  # debug lines: in the request's own context (joining)
+                    out = context.run(shared, head, asked, noted)
             except Exception:
                 log.exception("fast_path_failed")
-        elif isinstance(result, Outcome):
-            answered = self.settle.answered
-            if context is None:
-                out = answered(head, asked, pending, result, noted)
-            else:  # debug lines: in the request's own context (joining)
-                out = context.run(answered, head, asked, pending, result, noted)
         if out is not None:
             protocol.woken(out)
             return
@@ -223,7 +216,7 @@ def joining(request_id: str) -> tuple[contextvars.Context | None, Trace | None]:
     """A parked joiner's trace, and a context of its own for its answer only when debug lines
     are written (``cache_lookup`` reads the current trace): otherwise nothing in a joiner's
     answer reads the context, and its trace is made only when read (:meth:`Joiners.woken`
-    at info level: ``FastLook.joined`` notes ``fetched_by`` in it for the access line; or
+    at info level: ``Together.answer`` notes ``fetched_by`` in it for the access line; or
     :attr:`Parked.noted` once handed to the long way, which goes on with it), so neither is
     made per joiner where no access line is written."""
     if log.isEnabledFor(logging.DEBUG):
