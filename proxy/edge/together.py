@@ -92,9 +92,9 @@ class Together(Generic[T]):
 
     __slots__ = (
         "age", "body", "caller_304", "coalesced", "count", "counted", "date", "done",
-        "fetched_by", "headers", "info", "joiner", "make", "member", "not_modified", "note",
-        "place", "plain", "plain_made", "public", "reason", "rendered", "respond", "shapes",
-        "upstream_seconds", "upstream_status",
+        "fetched_by", "fill", "headers", "info", "joiner", "make", "member", "not_modified",
+        "note", "place", "plain", "plain_made", "public", "reason", "rendered", "respond",
+        "shapes", "upstream_seconds", "upstream_status",
     )  # fmt: skip
 
     def __init__(
@@ -126,6 +126,8 @@ class Together(Generic[T]):
         self.member, self.info, self.date = revalidated(outcome.upstream_status), info, http_date()
         self.place, self.public, self.note, self.done, self.respond = path
         self.make, self.rendered = make, make is render_response
+        # its bytes, as a shape's head filled in (rendered: the answer is bytes)
+        self.fill = cast(Callable[[tuple[bytes, bool], str, int, bytes, bytes], T], fill)
         self.plain: bytes | None = None
         self.plain_made = False
         self.shapes: dict[tuple[int, str, str, bool, str], tuple[bytes, bool] | None] = {}
@@ -170,9 +172,9 @@ class Together(Generic[T]):
                 )  # fmt: skip
             if shape is not None:
                 self.note(caller)
-                out = fill(shape, asked.request_id, self.age, self.date, body)
+                out = self.fill(shape, asked.request_id, self.age, self.date, body)
                 self.done(head, asked, status, "REVALIDATED", info, len(body))
-                return cast(T, out)
+                return out
         # rendered the long way (edge.answer; a shape without a template, edge.rendered, or
         # a web.Response), counted and logged there
         answer = status, items, body, self.age, None
