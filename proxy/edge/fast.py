@@ -260,13 +260,8 @@ class FastPath:
     def _together(
         self, pending: Pending, outcome: Outcome, info: bool, make: Make[T]
     ) -> Together[T] | None:
-        path: Path[T] = (
-            self.place,
-            self.public,
-            self.services.callers.note,
-            self._done,
-            self._respond,
-        )
+        note = self.services.callers.note
+        path: Path[T] = self.place, self.public, note, self._done, self._respond
         return together(self.cache.fast, pending, outcome, info, path, make)
 
     def left(self, parked: Parked, waiting: bool = True) -> None:
