@@ -43,12 +43,15 @@ class Origin:
     reply: tuple[int, str] | None = None
     served: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)  # X-Request-ID of each request
+    coding: str | None = None  # the body's Content-Encoding
 
     async def handle(self, request: web.Request) -> web.Response:
         self.served.append(request.headers.get("If-None-Match", "-"))
         self.ids.append(request.headers.get("X-Request-ID", "-"))
         headers = {"ETag": self.etag, "Content-Type": "application/json", "X-Next-Page": ""}
         headers["X-Next-Page"] = f"{self.url}{PATH}?page=2"
+        if self.coding is not None:
+            headers["Content-Encoding"] = self.coding
         if request.headers.get("If-None-Match") is None:
             return web.Response(body=self.body, headers=headers)
         self.asked.set()
@@ -72,11 +75,11 @@ class Setup:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.proxy.registry.get_sample_value(name, labels or {}) or 0.0
 
-    def hold(self) -> str:
+    def hold(self, path: str = PATH) -> str:
         """The next revalidation waits at the upstream until ``origin.gate`` is set; the URL."""
         self.origin.gate.clear()
         self.origin.asked.clear()
-        return self.proxy.url + PATH
+        return self.proxy.url + path
 
     async def waiting(self, count: int) -> None:
         """Until ``count`` requests are in flight (each waiting, the fast way or the long)."""
@@ -121,10 +124,11 @@ async def one_flight(
     client: aiohttp.ClientSession,
     joiners: list[dict[str, str]],
     starter_headers: dict[str, str] | None = None,
+    path: str = PATH,
 ) -> tuple[Answer, list[Answer]]:
     """A starter's revalidation held at the upstream, ``joiners`` sent meanwhile and all
     waiting, then the upstream lets it answer: the starter's answer and theirs."""
-    url = s.hold()
+    url = s.hold(path)
     sent = {"X-Request-ID": "the-starter"} if starter_headers is None else starter_headers
     starter = asyncio.ensure_future(get(client, url, **sent))
     await asyncio.wait_for(s.origin.asked.wait(), 10)

@@ -6,7 +6,9 @@ joiner answered in a request's task), at info and at debug level (each joiner's
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
+import os
 from typing import Any
 
 import aiohttp
@@ -18,6 +20,7 @@ from tests.integration.test_fast_joiners import (
     SLOW,
     Setup,
     access_lines,
+    one_flight,
     server_settings,  # noqa: F401 (a fixture)
     setup,  # noqa: F401 (a fixture)
 )
@@ -26,7 +29,7 @@ from tests.integration.test_fast_protocol import GZIP, Handlers, answer, ask, co
 from tests.integration.test_fast_protocol import steady as steady_bytes
 
 
-@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["info", "debug"])
 async def test_every_answer_from_a_flight_is_a_wake_ups_answer(
     level: int,
     setup: Setup,  # noqa: F811
@@ -111,3 +114,44 @@ async def test_every_answer_from_a_flight_is_a_wake_ups_answer(
 def steady(headers: Any) -> list[tuple[str, str]]:
     per_answer = {"date", "age", "x-request-id"}
     return [(k.lower(), v) for k, v in headers.items() if k.lower() not in per_answer]
+
+
+BIG = "/v1/big.json"
+
+
+@pytest.mark.parametrize(
+    ("size", "coding"),
+    [(500_000, None), (600_000, "gzip"), (1_500_000, "gzip")],
+    ids=["500KB", "gzip-inflated-here", "gzip-inflated-past-1MiB"],
+)
+async def test_large_bodies_of_either_coding_are_answered_as_the_long_way_answers(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    size: int,
+    coding: str | None,
+) -> None:
+    # The starter (not taking gzip) and joiners (taking it, not, a caller's 304) of a flight
+    # over a large stored body: the plain body inflated once (Together._plain), or, past
+    # 1 MiB, that caller handed to the long way, which streams it inflated.
+    s, etag = setup, setup.origin.etag
+    text = b'{"things": "' + os.urandom(size // 2).hex().encode() + b'"}'
+    s.origin.body = gzip.compress(text) if coding else text
+    s.origin.coding = coding
+    status, headers, _ = await get(client, s.proxy.url + BIG)
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+    plain, inm = {"Accept-Encoding": "identity"}, {"If-None-Match": etag}
+    shapes = [{}, plain, inm, {}]
+    before = s.long_way.count
+    starter, answers = await one_flight(s, client, shapes, {**plain, "X-Request-ID": "s"}, BIG)
+    handed = s.long_way.count - before
+    assert handed == (2 if size > 1024 * 1024 else 0)  # the two callers not taking gzip
+    assert s.origin.served[-1] == etag and s.origin.served.count(etag) == 1
+    assert [starter[0], *(a[0] for a in answers)] == [200, 200, 200, 304, 200]
+    slow = [await get(client, s.proxy.url + BIG, **{**SLOW, **h}) for h in ({}, plain, inm)]
+    for mine, theirs in zip([starter, *answers], [slow[1], *slow, slow[0]], strict=True):
+        assert (mine[0], mine[2]) == (theirs[0], theirs[2])
+        assert steady(mine[1]) == steady(theirs[1])
+        assert mine[1]["X-Cache"] == "REVALIDATED"
+    assert starter[2] == answers[0][2] == text
+    assert s.sample("kounta_proxy_cache_coalesced_total", {"outcome": "shared"}) == 4
+    assert s.sample("kounta_proxy_requests_in_flight") == 0
