@@ -297,22 +297,36 @@ def table(rows: list[Row]) -> str:
     nginx = "nginx proxy_cache"
     lines = [
         "| scenario | server | req/s | p50 ms | p99 ms | upstream/req | CPU µs/req | / own fresh "
-        "| req/s vs nginx | p99 vs nginx | RSS MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| req/s vs nginx | p99 vs nginx | = rate * shape | RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         r = row.result
         ref = by.get((row.scenario.key, nginx))
         vs = f"{r.rps / ref.rps:.2f}" if ref and row.server != nginx else ""
-        p99 = f"{r.p99_ms / ref.p99_ms:.1f}x" if ref and row.server != nginx and ref.p99_ms else ""
+        p99 = split = ""
+        if ref and row.server != nginx and ref.p99_ms:
+            rate, shape = p99_split(r, ref)
+            p99, split = f"{r.p99_ms / ref.p99_ms:.1f}x", f"{rate:.2f} * {shape:.2f}"
         rss = "" if r.rss_mb is None else f"{r.rss_mb:.0f}"
         cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
         lines.append(
             f"| {row.scenario.label} | {row.server} | {r.rps:.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.upstream_per_request or 0:.3f} | {cpu} | "
-            f"{row.own_fresh:.2f} | {vs} | {p99} | {rss} |"
+            f"{row.own_fresh:.2f} | {vs} | {p99} | {split} | {rss} |"
         )
     return "\n".join(lines)
+
+
+def p99_split(result: Result, ref: Result) -> tuple[float, float]:
+    """The p99 over the reference's, as (rate, shape) whose product it is. wrk's connections
+    are a closed loop, so each server's mean latency is connections / req/s (Little's law):
+    ``rate`` is the reference's req/s over this one's (how much longer this server's mean
+    latency is), ``shape`` the p99 / mean of this server over the reference's (how much longer
+    its tail is beyond its mean). A shape near 1 means the p99 ratio is the rate's, and only a
+    higher rate moves it (docs/performance.md, "The p99 against nginx's at 32 connections")."""
+    rate = ref.rps / result.rps
+    return rate, (result.p99_ms / ref.p99_ms) / rate
 
 
 def ratios(rows: list[Row]) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from bench import cache_bench
 from bench.cache_bench import LOAD, SERVER, Result, cpu_sets, pin
-from bench.compare import SCENARIOS, paired, round_order
+from bench.compare import SCENARIOS, Row, p99_split, paired, round_order, table
 
 NAMES = ["proxy, asyncio", "proxy, uvloop", "nginx proxy_cache"]
 
@@ -52,6 +52,25 @@ def test_each_round_is_paired_with_the_same_rounds_fresh_hit() -> None:
     assert by_cpu == [0.8, 0.5, 0.9]
     # nginx: no CPU read, so no CPU ratio (not a partial list)
     assert paired([result(10, None)] * 3, [result(20, None)] * 3) == ([0.5] * 3, [])
+
+
+def test_the_p99_against_nginx_is_split_into_the_rate_and_the_tails_shape() -> None:
+    # Little's law: at one connection count each mean latency is connections / req/s, so a
+    # server at half nginx's rate has twice its mean; a p99 3x nginx's is then 2 (rate) times
+    # 1.5 (its p99 / mean over nginx's).
+    proxy = Result("", 20000, 1.5, 3.0, 60000)
+    nginx = Result("", 40000, 0.7, 1.0, 120000)
+    rate, shape = p99_split(proxy, nginx)
+    assert (rate, shape) == (2.0, 1.5)
+    rows = [
+        Row(SCENARIOS[0], "proxy, asyncio", proxy),
+        Row(SCENARIOS[0], "nginx proxy_cache", nginx),
+    ]
+    for row in rows:
+        row.by_rps = [1.0]
+    proxy_line, nginx_line = table(rows).splitlines()[2:]
+    assert "| 3.0x | 2.00 * 1.50 |" in proxy_line
+    assert nginx_line.endswith("|  |  |  |")  # the reference has no ratio to itself
 
 
 def test_servers_go_on_the_last_core_and_the_load_on_the_others(
