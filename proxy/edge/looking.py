@@ -10,14 +10,13 @@ found (:meth:`~proxy.edge.fast.FastPath.__call__`), as the fast path's own looku
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from proxy.cache.fastlook import FastAnswer, Looked
 from proxy.collectors import LoopGauge
 from proxy.edge.inbound import Head
-from proxy.edge.parked import Asked, traced
+from proxy.edge.parked import Asked, joining
 from proxy.logs import Trace, log
 
 # What a tier lookup gives: a fresh answer, what the long way goes on from, or None (it
@@ -45,33 +44,39 @@ class Host(Protocol):
 class Looking:
     """A request waiting in its connection's protocol (:class:`proxy.answering.Later`) for
     its tier lookup, counted in flight meanwhile (as :meth:`FastPath.look` counts it). The
-    lookup runs in a task with the request's own context and trace (its debug lines name the
-    request); a caller that leaves cancels it, as it cancels a handler."""
+    lookup runs in a task, answered within that task's last step (no callback of its own on
+    the loop), in a context of the request's own with its trace begun only while debug lines
+    are written (:func:`~proxy.edge.parked.joining`; else the trace is made when read); a
+    caller that leaves cancels it, as it cancels a handler."""
 
-    __slots__ = ("asked", "context", "done", "found", "head", "host", "noted", "over", "task")
+    __slots__ = ("_noted", "asked", "done", "found", "head", "host", "over", "task")
 
     def __init__(self, host: Host, head: Head, asked: Asked, key: str) -> None:
         self.host, self.head, self.asked = host, head, asked
-        self.context: contextvars.Context
-        self.noted: Trace
-        self.context, self.noted = traced(asked.request_id)
-        lookup = host.tier(head, asked, key)
-        self.task = asyncio.get_running_loop().create_task(lookup, context=self.context)
+        context, self._noted = joining(asked.request_id)
+        lookup = self._look(host.tier(head, asked, key))
+        self.task = asyncio.get_running_loop().create_task(lookup, context=context)
         # What the long way goes on from once handed over (None: it looks again).
         self.found: Looked | None = None
         self.done: Callable[[bytes | None], None] | None = None
         self.over = False
 
+    @property
+    def noted(self) -> Trace:
+        """The request's trace (made on its first read where no debug lines are written)."""
+        noted = self._noted
+        if noted is None:
+            noted = self._noted = Trace(self.asked.request_id)
+        return noted
+
     def then(self, done: Callable[[bytes | None], None]) -> None:
         self.done = done
         self.host.in_flight.inc()  # an await: a scrape may come meanwhile
-        self.task.add_done_callback(self._looked, context=self.context)
 
     def cancel(self) -> None:
         if self.over:
             return
         self.over = True
-        self.task.remove_done_callback(self._looked)
         self.task.cancel()
         self.host.in_flight.dec()
         self.host.gone(self.head, self.asked, self.noted)
@@ -80,22 +85,29 @@ class Looking:
         """Handed to the long way, but the connection closed before it began."""
         self.host.gone(self.head, self.asked, self.noted)
 
-    def _looked(self, task: asyncio.Task[FastAnswer | Looked]) -> None:
+    async def _look(self, lookup: Tier) -> None:
+        found: Found = None
+        try:
+            found = await lookup
+        except asyncio.CancelledError:  # the caller left (over), or a shutdown: the long way
+            self._settle(None)
+            raise
+        except Exception:  # a bug there must not cost the caller its answer
+            log.exception("fast_path_failed")
+        self._settle(found)
+
+    def _settle(self, found: Found) -> None:
         if self.over or self.done is None:
             return
         self.over = True
         self.host.in_flight.dec()
-        self.done(self._answer(task))
+        try:
+            self.done(self._answer(found))
+        except Exception:  # (written by the protocol: nothing of the lookup's)
+            log.exception("fast_path_failed")
 
-    def _answer(self, task: asyncio.Task[FastAnswer | Looked]) -> bytes | None:
+    def _answer(self, found: Found) -> bytes | None:
         """The fresh answer's bytes; None: the long way answers (from :attr:`found`)."""
-        found: Found = None
-        if not task.cancelled():  # (a shutdown may cancel it: the long way looks again)
-            error = task.exception()
-            if error is None:
-                found = task.result()
-            else:  # a bug there must not cost the caller its answer
-                log.error("fast_path_failed", exc_info=error)
         if found is None or isinstance(found, Looked):
             self.found = found
             return None

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the origin fixture of test_fast_tiers.py is imported, then named as a parameter
 """Memory-tier misses answered in the connection's protocol (proxy.edge.looking.Looking): a
 fresh entry found on disk or in Redis is answered once its lookup is done, with no aiohttp
 request object or handler task, and the bytes the long way sends; anything else is handed
@@ -24,7 +25,6 @@ from tests.integration.test_fast_tiers import (
     FRESH,
     SLOW,
     STALE,
-    Looks,
     Origin,
     disk_only,
     origin,  # noqa: F401 (a fixture)
