@@ -138,3 +138,23 @@ async def test_a_tier_lookup_that_fails_leaves_the_answer_to_the_long_way(
     assert [r.getMessage() for r in caplog.records] == ["fast_path_failed"]
     assert sample(p, "kounta_proxy_requests_in_flight") == 0
     writer.close()
+
+
+async def test_a_long_pipeline_behind_a_tier_lookup_is_answered_whole_and_in_order(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Any
+) -> None:
+    """More requests in one write than aiohttp's parser gives at once (its queue limit, 32):
+    the parser goes on with what it kept while the first waits in the protocol, and what it
+    gives then waits behind the first, in order (it took the first's place before)."""
+    p, _, looks = await disk_only(make_proxy, origin, tmp_path)
+    reader, writer = await connect(p)
+    writer.write(ask("m", path=FRESH))
+    assert field(await answer(reader), b"X-Cache") == b"MISS"
+    count = 80
+    writer.write(b"".join(ask(f"p{n}", path=FRESH) for n in range(count)))
+    got = [await answer(reader) for _ in range(count)]
+    assert [field(a, b"X-Request-ID") for a in got] == [b"p%d" % n for n in range(count)]
+    assert {field(a, b"X-Cache") for a in got} == {b"HIT"}
+    assert looks.count == count + 1
+    assert sample(p, "kounta_proxy_requests_in_flight") == 0
+    writer.close()
