@@ -9,7 +9,10 @@ from Redis (its disk is empty: it never fetches). KEYS (``--keys``) products, fe
 *memory* (stored in Redis), are then asked at random through each in ROUNDS interleaved
 rounds: req/s, the proxy's CPU µs per request, p99, and Redis round trips per request (its
 own ``kounta_proxy_shared_calls_total``, as ``--workers`` counts them). Goal (issue 21): a
-Redis hit at most 1.5x a memory hit, record MACs included.
+Redis hit at most 1.5x a memory hit, record MACs included. Each tree has its own key prefix
+(the other tree may write records of another format). ``--profile PREFIX``: after the rounds,
+this tree's two proxies recorded by ``py-spy record -f raw`` (PREFIX-memory.txt,
+PREFIX-redis.txt) under one more wrk run each.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cryptography.fernet import Fernet
 from bench import cache_bench, sizes
 from bench.cache_bench import cpu_seconds, free_port, process, wrk
 from bench.fleet import own_redis
+from bench.tail import profiled
 from bench.workers_bench import shared_calls, wait_ready
 
 KEYS = 200
@@ -36,12 +40,19 @@ HERE = str(Path(__file__).resolve().parent.parent)
 
 
 def config(
-    directory: Path, upstream: str, redis: str, key: str, port: int, admin: int, memory: int
+    directory: Path,
+    upstream: str,
+    redis: str,
+    key: str,
+    port: int,
+    admin: int,
+    memory: int,
+    prefix: str = "bench-tier",
 ) -> Path:
     """One proxy of the pair: its own directory, the shared Redis, prefix and key."""
     own = directory / str(port)
     own.mkdir()
-    shared = f'[shared]\nbackend = "redis"\nurl = "{redis}"\nkey_prefix = "bench-tier"\n'
+    shared = f'[shared]\nbackend = "redis"\nurl = "{redis}"\nkey_prefix = "{prefix}"\n'
     return sizes.config(own, upstream, port, admin, memory, f'{shared}token_key = "{key}"\n')
 
 
@@ -55,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"products asked at random (default {KEYS}; fewer: more lookups of one key at "
         "once share a read, more: fewer do)",
     )
+    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"default {ROUNDS}")
+    p.add_argument("--profile", help="PREFIX: py-spy's raw output of this tree's two proxies")
     args = p.parse_args(argv)
+    rounds = args.rounds
     keys = args.keys
     binary = shutil.which("wrk")
     if binary is None:
@@ -75,21 +89,24 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(process(origin, origin_port))
             redis = stack.enter_context(own_redis(str(directory)))
             proxies: dict[str, tuple[str, int, int]] = {}
-            for tree, cwd in trees:
+            firsts = []
+            for number, (tree, cwd) in enumerate(trees):
+                prefix = f"bench-tier{number}"
                 for name, memory in (("memory hit", 64 * 1024**2), ("Redis hit", 16 * 1024)):
                     port, admin = free_port(), free_port()
-                    path = config(directory, upstream, redis, key, port, admin, memory)
+                    path = config(directory, upstream, redis, key, port, admin, memory, prefix)
                     serve = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
                     proc = stack.enter_context(process(serve, port, cwd=cwd))
                     wait_ready(admin, proc)
                     proxies[f"{name}, {tree}"] = (f"http://127.0.0.1:{port}", admin, proc.pid)
-            first = next(iter(proxies.values()))[0]
-            for n in range(keys):  # stored in Redis (and that proxy's memory tier)
-                cache_bench.fetch(first + sizes.PATH.format(n))
+                firsts.append(proxies[f"memory hit, {tree}"][0])
+            for first in firsts:  # stored in Redis (and that proxy's memory tier)
+                for n in range(keys):
+                    cache_bench.fetch(first + sizes.PATH.format(n))
             for url, _, _ in proxies.values():  # each: its memory tier filled, if it holds any
                 for n in range(keys):
                     cache_bench.fetch(url + sizes.PATH.format(n))
-            for round_no in range(ROUNDS):
+            for round_no in range(rounds):
                 order = list(proxies.items())
                 for name, (url, admin, pid) in order if round_no % 2 == 0 else order[::-1]:
                     cpu, calls = cpu_seconds(pid), shared_calls(admin)
@@ -100,11 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{name}: {r.rps:.0f}/s {spent:.0f} µs {trips:.2f} trips", file=sys.stderr
                     )
+            if args.profile:
+                for name, suffix in (("memory hit", "memory"), ("Redis hit", "redis")):
+                    url, _, pid = proxies[f"{name}, this tree"]
+                    with profiled(pid, args, f"{args.profile}-{suffix}.txt", None):
+                        r = wrk(binary, url + sizes.PATH.format(0), {}, script)
+                    print(f"profiled {name}: {r.rps:.0f}/s", file=sys.stderr)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(
         f"\n## The Redis tier against the memory tier ({keys} keys of 8 KB at random, wrk -t2 "
-        f"-c{cache_bench.CONNECTIONS} -d{cache_bench.DURATION}s, min-max of {ROUNDS} "
+        f"-c{cache_bench.CONNECTIONS} -d{cache_bench.DURATION}s, min-max of {rounds} "
         "interleaved rounds)\n"
     )
     print("| answered from | req/s | CPU µs/req | p99 ms | Redis round trips/req |")

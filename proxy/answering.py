@@ -164,7 +164,13 @@ class AnsweringProtocol(RequestHandler):
     def _take(self, messages: list[Message]) -> list[Message]:
         """Answer the leading messages of a feed that the handler answers at once
         (:class:`AnswersNow`), while the connection is idle and the transport takes writes;
-        the rest, from the first it does not answer, go to aiohttp in order."""
+        the rest, from the first it does not answer, go to aiohttp in order. Parked already on an
+        earlier message of the feed (the parser stops at aiohttp's queue limit, then parses
+        what it kept): held behind it, in order."""
+        if self._parked is not None:
+            self._held.extend(messages)
+            hold_reading(self)  # (what the parser kept is parsed on release_reading)
+            return []
         if not idle(self):
             return messages
         answer, transport = self._answer, self.transport
@@ -206,6 +212,8 @@ class AnsweringProtocol(RequestHandler):
         """Wait in the protocol for ``later``, the first of ``messages``; the rest and the
         bytes that come meanwhile are held back until it is answered or handed to aiohttp."""
         self._parked, self._held = later, messages
+        if len(messages) > 1:  # pipelined: the parser may have stopped at aiohttp's queue
+            hold_reading(self)  # limit, keeping the rest: parsed again by release_reading
         answering(self, True)  # a graceful shutdown waits for it as for a handler
         hold_keepalive(self)  # not idle: aiohttp's keep-alive check must not close it
         if type(later) is tuple:  # a plain entry: its host holds it

@@ -34,14 +34,12 @@ Fresh hits and joiners are answered in the connection's protocol as their heads 
 list, :class:`~proxy.edge.parked.Joiners`, a starter as a :class:`Parked`, with no task) when
 the connection has nothing else to answer first; else here, in a task.
 
-A plain GET the memory tier has nothing for (:class:`Cold`) looks the tier up here, once
-(the disk, or Redis then the disk: :meth:`~proxy.cache.fastlook.FastLook.tier_hit`, which
-promotes what it finds into the memory tier as the long way's lookup does), counted in
-flight meanwhile; a fresh entry the long way would answer as a plain HIT (a stored Vary
-compared with the headers the long way would send, :func:`~proxy.headers.proxied`) is
-answered here; anything else (nothing found, stale, a webhook rule's entry, another Vary, a
-body on disk only) goes the long way with what was found, which decides from it without
-looking up again.
+A plain GET the memory tier has nothing for looks the tier up once (the disk, or Redis then
+the disk: :meth:`~proxy.cache.fastlook.FastLook.tier_hit`, promoting what it finds as the
+long way's lookup does), counted in flight meanwhile, in the protocol
+(:class:`~proxy.edge.looking.Looking`) or else here (:class:`Cold`); a fresh entry the long
+way would answer as a plain HIT is answered here; anything else goes the long way with what
+was found, which decides from it without looking up again.
 """
 
 from __future__ import annotations
@@ -81,6 +79,7 @@ from proxy.edge.callers import PRIORITY_HEADER
 from proxy.edge.handlers import pipeline_request
 from proxy.edge.inbound import EXCHANGE, VERSIONS, Exchange, Head, Incoming, request_id
 from proxy.edge.known import known
+from proxy.edge.looking import Looking, Tier
 from proxy.edge.middlewares import CLIENT_CLOSED_REQUEST, access_line, plain_line
 from proxy.edge.paging import HEADER as ALL_PAGES
 from proxy.edge.parked import Answer, Asked, Joiners, Joining, Parked, traced, waited
@@ -119,8 +118,7 @@ PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
 @dataclass(slots=True)
 class Joiner:
-    """A plain GET whose stored entry a flight in progress revalidates: answered once the
-    flight settles (:meth:`FastPath.join`)."""
+    """A plain GET whose stored entry a flight in progress revalidates: :meth:`FastPath.join`."""
 
     asked: Asked
     pending: Pending
@@ -128,8 +126,7 @@ class Joiner:
 
 @dataclass(slots=True)
 class Starter:
-    """A plain GET whose stored entry must be revalidated and no flight is out for: the
-    flight is started, and its answer awaited, here (:meth:`FastPath.start`)."""
+    """A plain GET whose stored entry must be revalidated, no flight out: :meth:`FastPath.start`."""
 
     asked: Asked
     startable: Startable
@@ -137,8 +134,7 @@ class Starter:
 
 @dataclass(slots=True)
 class Cold:
-    """A plain GET the memory tier has nothing for: the tier is looked up once, here
-    (:meth:`FastPath.look`), under ``key``."""
+    """A plain GET the memory tier has nothing for: its tier looked up (:meth:`FastPath.look`)."""
 
     asked: Asked
     key: str
@@ -170,6 +166,8 @@ class FastPath:
             return await self._hand_over(
                 request, parked.asked, parked.pending, parked.result, parked.noted
             )
+        if isinstance(parked, Looking):  # looked the tier up in the protocol
+            return await self._went_on(request, parked.asked, parked.found)
         try:
             found = self.answer(request)
         except Exception:  # a bug here must not cost the caller its answer
@@ -202,7 +200,7 @@ class FastPath:
 
     def answer_now(
         self, message: RawRequestMessage, remote: str | None, scheme: str
-    ) -> bytes | Parked | Joining | None:
+    ) -> bytes | Parked | Joining | Looking | None:
         """A fresh hit's whole answer as the connection's protocol writes it, as soon as the
         head is parsed (:class:`proxy.answering.AnswersNow`): no request object, no task. The
         same bytes, counts and access line as :meth:`answer`'s; None: anything else (a
@@ -217,6 +215,8 @@ class FastPath:
                 return self._park(head, asked, found)
             if isinstance(found, Startable):
                 return self._start_now(head, asked, found)
+            if isinstance(found, Unheld):  # the tier looked up in a task, answered here
+                return Looking(self, head, asked, found.key)
             if not isinstance(found, tuple):
                 return None
             return self._respond(head, asked, found, "HIT", "", None, render_response)
@@ -273,7 +273,7 @@ class FastPath:
         self.cache.fast.abandon(parked.pending)
         self.gone(parked.head, parked.asked, parked.noted)
 
-    def gone(self, head: Head, asked: Asked, noted: Trace) -> None:
+    def gone(self, head: Incoming, asked: Asked, noted: Trace) -> None:
         """A waiting request's caller left: logged as the long way logs it."""
         self._done(head, asked, CLIENT_CLOSED_REQUEST, "-", waited(asked, noted))
 
@@ -399,44 +399,47 @@ class FastPath:
             return await self.inner(request)
 
     async def look(self, request: web.BaseRequest, asked: Asked, key: str) -> web.StreamResponse:
-        """Look the tier up once for a plain GET the memory tier has nothing for; answer a
-        fresh entry as the long way answers a HIT (headers, counts, access line), else the
-        long way goes on from what was found."""
-        in_flight = self.in_flight
-        target, caller = asked.target, asked.caller
+        """Look the tier up once (:meth:`tier`); answer a fresh entry as the long way answers
+        a HIT (headers, counts, access line), else the long way goes on from what was found."""
         found: FastAnswer | Looked | None = None
-        in_flight.inc()  # an await: a scrape may come meanwhile
+        self.in_flight.inc()  # an await: a scrape may come meanwhile
         try:
-            found = await self.cache.fast.tier_hit(
-                caller.account,
-                target.path,
-                target.query,
-                request.headers,
-                asked.body_for,
-                functools.partial(self._proxied, request.headers, asked.request_id),
-                key,
-            )
+            found = await self.tier(request, asked, key)
         except asyncio.CancelledError:  # the caller left: logged as the long way logs it
-            info = Exchange(asked.request_id, caller.name, caller.account)
-            info.trace = begin_trace(asked.request_id)
-            self._done(request, asked, CLIENT_CLOSED_REQUEST, "-", info)
+            self.gone(request, asked, begin_trace(asked.request_id))
             raise
         except Exception:  # a bug here must not cost the caller its answer
             log.exception("fast_path_failed")
         finally:
-            in_flight.dec()
-        if found is None:
-            return await self.inner(request)
-        if isinstance(found, Looked):
-            # The access line counts the lookup; the request keeps its id.
-            trace = begin_trace(asked.request_id)
-            request[EXCHANGE] = Exchange(asked.request_id, trace=trace, started=asked.started)
-            with handing_over(found):
-                return await self.inner(request)
+            self.in_flight.dec()
+        if found is None or isinstance(found, Looked):
+            return await self._went_on(request, asked, found)
         try:
             return self._respond(request, asked, found, "HIT", "", None, _response)
         except Exception:
             log.exception("fast_path_failed")
+            return await self.inner(request)
+
+    def tier(self, request: Incoming, asked: Asked, key: str) -> Tier:
+        target, headers = asked.target, request.headers  # (Looking's too)
+        proxied = functools.partial(self._proxied, headers, asked.request_id)
+        return self.cache.fast.tier_hit(
+            asked.caller.account, target.path, target.query, headers, asked.body_for, proxied, key
+        )
+
+    def hit(self, head: Head, asked: Asked, found: FastAnswer) -> bytes:  # (Looking's)
+        return self._respond(head, asked, found, "HIT", "", None, render_response)
+
+    async def _went_on(
+        self, request: web.BaseRequest, asked: Asked, found: Looked | None
+    ) -> web.StreamResponse:
+        """The long way after the tier's lookup: from what it found (None: it looks again)."""
+        if found is None:
+            return await self.inner(request)
+        # The access line counts the lookup; the request keeps its id.
+        trace = begin_trace(asked.request_id)
+        request[EXCHANGE] = Exchange(asked.request_id, trace=trace, started=asked.started)
+        with handing_over(found):
             return await self.inner(request)
 
     def _joined(
