@@ -262,3 +262,38 @@ async def test_parked_joiners_are_plain_entries_of_their_flight_answered_in_one_
     assert s.sample("kounta_proxy_requests_in_flight") == 0
     lines = access_lines(caplog)
     assert [lines[f"j{i}"]["fetched_by"] for i in range(3)] == ["the-starter"] * 3
+
+
+@pytest.mark.parametrize("lead", ["starter", "joiner"])
+async def test_a_park_leading_a_long_pipeline_answers_all_of_it_in_order(
+    setup: Setup,  # noqa: F811
+    client: aiohttp.ClientSession,
+    lead: str,
+) -> None:
+    """More requests in one write than aiohttp's parser gives at once (its queue limit, 32),
+    the first parked in the protocol as its flight's starter or as a joiner (a plain entry):
+    the rest wait behind it in order and what the parser kept is parsed once it is answered
+    (before, each request the parser gave next took the parked one's place, and what it kept
+    was never parsed: the connection hung)."""
+    s = setup
+    reader, writer = await connect(s.proxy)
+    count = 80
+    pipeline = b"".join(ask(f"p{n}", GZIP, path=JOINED) for n in range(count))
+    starter = None
+    if lead == "joiner":  # a client's flight out, held at the upstream: the first joins it
+        starter = asyncio.ensure_future(get(client, s.hold()))
+        await asyncio.wait_for(s.origin.asked.wait(), 10)
+    else:  # the first starts the flight, held at the upstream
+        s.hold()
+    writer.write(pipeline)
+    await asyncio.wait_for(s.origin.asked.wait(), 10)
+    await asyncio.sleep(0.05)  # (the pipeline read and parsed as far as the parser goes)
+    assert protocol_of(s, writer).parked()
+    s.origin.gate.set()
+    if starter is not None:
+        assert (await starter)[0] == 200
+    got = [await asyncio.wait_for(answer(reader), 10) for _ in range(count)]
+    assert [field(a, b"X-Request-ID") for a in got] == [b"p%d" % n for n in range(count)]
+    assert {field(a, b"X-Cache") for a in got} <= {b"REVALIDATED", b"HIT"}
+    await s.waiting(0)
+    writer.close()
