@@ -270,11 +270,10 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
                 async with asyncio.timeout(limit or self.timeout):
                     result = await call()
         except _CONNECTION_ERRORS as e:
-            self._set_state(False, f"{op}: {_why(e)}")
-            self.metrics.shared_calls.labels(op, "error").inc()
+            self._failed(op, e)
             raise SharedUnavailable(f"shared store away ({op}: {_why(e)})") from None
         except rexc.RedisError as e:
-            self.metrics.shared_calls.labels(op, "error").inc()
+            self._failed(op, e)
             raise SharedUnavailable(f"shared store refused {op}: {_why(e)}") from None
         finally:
             self.metrics.shared_call_duration.labels(op).observe(time.perf_counter() - started)
@@ -297,8 +296,11 @@ class RedisBackend(BudgetRecords, CacheRecords, WebhookRecords):
         if error is None and not done.cancelled():
             self.metrics.shared_calls.labels(op, "ok").inc()
             return
-        if self._closed:
-            return  # the wire closed under it at shutdown: no error, as a cancelled call's
+        if not self._closed:  # (closed under it at shutdown: no error, as a cancelled call)
+            self._failed(op, error)
+
+    def _failed(self, op: str, error: BaseException | None) -> None:
+        """A call that failed, counted; a connection's error marks the store away."""
         if isinstance(error, _CONNECTION_ERRORS):
             self._set_state(False, f"{op}: {_why(error)}")
         self.metrics.shared_calls.labels(op, "error").inc()
